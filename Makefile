@@ -1,0 +1,53 @@
+# lamina: every target is idempotent and works on a fresh Debian 12 machine as root.
+#   make demo   build and run an image from the embedded busybox base (does its own set-up)
+#   make test   the whole offline test suite (does its own set-up)
+
+SHELL := /bin/bash
+# Debian's interpreter: every user can run it (the one first on root's PATH may live under /root).
+PYTHON_SYSTEM ?= /usr/bin/python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc busybox-static python3-venv python3-dev \
+	uidmap slirp4netns bubblewrap fuse-overlayfs attr acl iproute2 psmisc util-linux \
+	podman skopeo docker-registry debootstrap chromium
+PYTEST_ARGS ?=
+
+.PHONY: install system-packages venv demo test lint bench bench-quick clean
+
+install: system-packages venv
+
+system-packages:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -z "$$missing" ]; then echo "system packages: all present"; \
+	elif [ "$$(id -u)" != 0 ]; then \
+		echo "make install: installing system packages needs root; as root run: apt-get update && apt-get install -y $$missing" >&2; exit 1; \
+	else \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON_SYSTEM) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/python -m lamina.demo
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check lamina unionfs builder runner store inspector tests bench
+	$(VENV)/bin/mypy
+
+bench: install
+	$(PY) -m bench $(BENCH_ARGS)
+
+bench-quick: install
+	$(PY) -m bench --quick
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,101 @@
+"""The ``lamina`` command: parse the command line, dispatch to a package, translate errors once.
+
+Each package (store, builder, runner, inspector) registers its own verbs through
+``<package>.commands.register(subparsers)``; every verb's parser sets ``handler`` to a function
+``handler(args) -> int``. This module owns only what is global: ``--root``, ``--log-level``,
+``--version``, logging set-up, and the error boundary that turns a :class:`LaminaError` into one line
+on stderr and docker's exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from lamina import __version__
+from lamina.config import resolve_root
+from lamina.errors import EXIT_LAMINA, LaminaError, UsageError
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class LaminaArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors become :class:`UsageError` (exit 125, one line)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def build_parser() -> LaminaArgumentParser:
+    parser = LaminaArgumentParser(
+        prog="lamina",
+        description="Build and run Docker/OCI images without root, on lamina's own union filesystem.",
+    )
+    parser.add_argument("--version", action="version", version=f"lamina version {__version__}")
+    parser.add_argument("--root", metavar="DIR", default=None,
+                        help="where images and containers are stored (env LAMINA_ROOT; "
+                             "default ~/.local/share/lamina, /var/lib/lamina for root)")
+    parser.add_argument("--log-level", default=os.environ.get("LAMINA_LOG_LEVEL", "warning"),
+                        choices=["debug", "info", "warning", "error", "critical"],
+                        help="how much lamina logs on stderr (default: warning)")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=LaminaArgumentParser)
+
+    from builder import commands as builder_commands
+    from inspector import commands as inspector_commands
+    from runner import commands as runner_commands
+    from store import commands as store_commands
+
+    for module in (store_commands, builder_commands, runner_commands, inspector_commands):
+        module.register(subparsers)
+    return parser
+
+
+def configure_logging(level_name: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level_name.upper()),
+        format="lamina: %(levelname)s: %(message)s" if level_name != "debug"
+        else "%(asctime)s %(name)s %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def run(argv: Sequence[str]) -> int:
+    parser = build_parser()
+    args = parser.parse_args(list(argv))
+    configure_logging(args.log_level)
+    args.root = resolve_root(args.root)
+    handler: Handler | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help(sys.stderr if args.command else sys.stdout)
+        return 0 if not args.command else EXIT_LAMINA
+    return handler(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lamina`` console script. The one place errors become exit codes."""
+    try:
+        return run(sys.argv[1:] if argv is None else argv)
+    except LaminaError as e:
+        print(f"lamina: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # Output piped into `head`: not an error of ours.
+        return 0
+    except OSError as e:
+        # An OS error that escaped every package boundary still gets one line, naming the file.
+        where = f": {e.filename}" if e.filename else ""
+        print(f"lamina: error: {e.strerror or e}{where}", file=sys.stderr)
+        log.debug("unhandled OSError", exc_info=True)
+        return EXIT_LAMINA
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""unionfs: a rootless overlay filesystem in pyfuse3 + trio."""

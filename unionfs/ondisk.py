@@ -1,0 +1,257 @@
+"""The one on-disk format of union layers: whiteouts, opaque directories, redirects, owner overrides.
+
+Every part of lamina that reads or writes a layer directory (the filesystem, the layer differ that
+turns an upper directory into a tar, the layer applier that turns a tar into a directory) goes through
+this module, so that there is exactly one definition of what a whiteout looks like.
+
+Reading is liberal, because layers come from everywhere:
+
+* a whiteout is a character device 0/0 (the kernel's overlayfs format) *or* an empty regular file
+  named ``.wh.NAME`` (the OCI tar format, and what fuse-overlayfs writes where mknod is refused);
+* a directory is opaque when it carries ``trusted.overlay.opaque=y`` or ``user.overlay.opaque=y`` or
+  contains a ``.wh..wh..opq`` file;
+* names starting with ``.wh.`` are markers and never appear in a merged view, and private
+  ``trusted.overlay.*`` / ``user.overlay.*`` xattrs are never shown.
+
+Writing is strict, because the kernel's overlayfs must accept what we leave behind:
+
+* a whiteout is a character device 0/0 where mknod is allowed (root, or any user inside a user
+  namespace since Linux 5.8) and falls back to ``.wh.NAME`` only where it is not;
+* an opaque marker is the ``trusted.`` xattr when we are root and the ``user.`` xattr otherwise (the
+  kernel reads the latter with ``-o userxattr``).
+
+Owner overrides: an unprivileged user without subordinate ids cannot chown. The intended uid, gid and
+permission bits are then kept in ``user.containers.override_stat`` as ``"UID:GID:0MODE"`` (the same
+attribute fuse-overlayfs and containers/storage use), reported by stat and written into exported tars.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass
+from enum import Enum
+
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+
+TRUSTED_OPAQUE = "trusted.overlay.opaque"
+USER_OPAQUE = "user.overlay.opaque"
+TRUSTED_REDIRECT = "trusted.overlay.redirect"
+USER_REDIRECT = "user.overlay.redirect"
+OWNER_OVERRIDE_XATTR = "user.containers.override_stat"
+
+# xattr namespaces that belong to the union machinery and must never be shown to, or set by, users.
+PRIVATE_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.", "user.fuseoverlayfs.")
+
+
+class XattrNamespace(Enum):
+    """Which namespace opaque and redirect markers are written in."""
+
+    TRUSTED = "trusted"
+    USER = "user"
+
+    @classmethod
+    def for_current_user(cls) -> XattrNamespace:
+        """``trusted.`` needs CAP_SYS_ADMIN in the initial namespace; everybody else uses ``user.``."""
+        return cls.TRUSTED if os.geteuid() == 0 and _in_initial_user_namespace() else cls.USER
+
+    @property
+    def opaque_xattr(self) -> str:
+        return TRUSTED_OPAQUE if self is XattrNamespace.TRUSTED else USER_OPAQUE
+
+    @property
+    def redirect_xattr(self) -> str:
+        return TRUSTED_REDIRECT if self is XattrNamespace.TRUSTED else USER_REDIRECT
+
+
+def _in_initial_user_namespace() -> bool:
+    try:
+        with open("/proc/self/uid_map") as f:
+            fields = f.read().split()
+    except OSError:
+        return True
+    # The initial namespace maps the whole 32-bit range starting at 0.
+    return fields[:3] == ["0", "0", "4294967295"]
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+
+def is_marker_name(name: str) -> bool:
+    """True for names that are union markers (``.wh.*``) and never appear in a merged view."""
+    return name.startswith(WHITEOUT_PREFIX)
+
+
+def whited_out_name(name: str) -> str | None:
+    """For a ``.wh.NAME`` file, the NAME it hides; None for other names and for the opaque marker."""
+    if name.startswith(WHITEOUT_PREFIX) and name != OPAQUE_MARKER:
+        return name[len(WHITEOUT_PREFIX):]
+    return None
+
+
+def is_whiteout_stat(st: os.stat_result) -> bool:
+    """True for the kernel's whiteout: a character device with device number 0/0."""
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def is_private_xattr(name: str) -> bool:
+    return name.startswith(PRIVATE_XATTR_PREFIXES) or name == OWNER_OVERRIDE_XATTR
+
+
+def _getxattr(path: str | int, name: str, dir_fd_name: str | None = None) -> bytes | None:
+    try:
+        if dir_fd_name is not None:
+            # os.getxattr has no dir_fd; go through /proc/self/fd so paths stay fd-relative.
+            return os.getxattr(f"/proc/self/fd/{path}/{dir_fd_name}", name, follow_symlinks=False)
+        return os.getxattr(path, name, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES):
+            return None
+        raise
+
+
+def has_opaque_xattr(path: str | int) -> bool:
+    """True when the directory at ``path`` (or open directory fd) carries an opaque xattr."""
+    for name in (TRUSTED_OPAQUE, USER_OPAQUE):
+        if _getxattr(path, name) == b"y":
+            return True
+    return False
+
+
+def is_opaque_dir(path: str | int, entry_names: set[str] | None = None) -> bool:
+    """True when the directory is opaque in any of the formats we read.
+
+    ``entry_names``, when the caller has listed the directory already, saves a second lookup for the
+    ``.wh..wh..opq`` file.
+    """
+    if has_opaque_xattr(path):
+        return True
+    if entry_names is not None:
+        return OPAQUE_MARKER in entry_names
+    try:
+        if isinstance(path, int):
+            os.stat(OPAQUE_MARKER, dir_fd=path, follow_symlinks=False)
+        else:
+            os.lstat(os.path.join(path, OPAQUE_MARKER))
+    except FileNotFoundError:
+        return False
+    except NotADirectoryError:
+        return False
+    return True
+
+
+def read_redirect(path: str | int) -> str | None:
+    """The overlay redirect of a directory (absolute ``/a/b`` or a sibling name), if any."""
+    for name in (TRUSTED_REDIRECT, USER_REDIRECT):
+        value = _getxattr(path, name)
+        if value:
+            return os.fsdecode(value)
+    return None
+
+
+# --- owner overrides -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OwnerOverride:
+    """The owner and permission bits a file is meant to have when we could not chown it for real."""
+
+    uid: int
+    gid: int
+    mode: int  # permission bits only (07777)
+
+    def encode(self) -> bytes:
+        return f"{self.uid}:{self.gid}:0{self.mode & 0o7777:o}".encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> OwnerOverride | None:
+        """Parse ``UID:GID:MODE[:TYPE]``; None when the value is malformed (never trusted blindly)."""
+        parts = raw.decode("ascii", "replace").split(":")
+        if len(parts) < 3:
+            return None
+        try:
+            return cls(int(parts[0]), int(parts[1]), int(parts[2], 8) & 0o7777)
+        except ValueError:
+            return None
+
+
+def read_owner_override(path: str | int) -> OwnerOverride | None:
+    raw = _getxattr(path, OWNER_OVERRIDE_XATTR)
+    return OwnerOverride.decode(raw) if raw is not None else None
+
+
+def write_owner_override(path: str | int, override: OwnerOverride) -> None:
+    os.setxattr(path, OWNER_OVERRIDE_XATTR, override.encode(), follow_symlinks=False)
+
+
+def effective_owner(path: str, st: os.stat_result) -> tuple[int, int, int]:
+    """(uid, gid, full st_mode) as an image should record them: the override wins over the real owner."""
+    override = read_owner_override(path) if not stat.S_ISLNK(st.st_mode) else None
+    if override is None:
+        return st.st_uid, st.st_gid, st.st_mode
+    return override.uid, override.gid, stat.S_IFMT(st.st_mode) | override.mode
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+
+class WhiteoutStyle(Enum):
+    CHAR_DEVICE = "chardev"
+    WH_FILE = "whfile"
+
+
+def make_whiteout(dir_fd: int, name: str, prefer: WhiteoutStyle = WhiteoutStyle.CHAR_DEVICE) -> WhiteoutStyle:
+    """Create a whiteout for ``name`` in the directory ``dir_fd``; return the style that was written.
+
+    A char 0/0 device is tried first (kernel format); where mknod is refused (EPERM: an unprivileged
+    user outside a user namespace) an empty ``.wh.NAME`` file is written instead.
+    """
+    if prefer is WhiteoutStyle.CHAR_DEVICE:
+        try:
+            os.mknod(name, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=dir_fd)
+            return WhiteoutStyle.CHAR_DEVICE
+        except PermissionError:
+            pass
+    fd = os.open(WHITEOUT_PREFIX + name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o000, dir_fd=dir_fd)
+    os.close(fd)
+    return WhiteoutStyle.WH_FILE
+
+
+def remove_whiteout(dir_fd: int, name: str) -> bool:
+    """Remove a whiteout for ``name`` in either format; True when one was there."""
+    removed = False
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if is_whiteout_stat(st):
+            os.unlink(name, dir_fd=dir_fd)
+            removed = True
+    except FileNotFoundError:
+        pass
+    try:
+        os.unlink(WHITEOUT_PREFIX + name, dir_fd=dir_fd)
+        removed = True
+    except FileNotFoundError:
+        pass
+    return removed
+
+
+def mark_opaque(path: str | int, namespace: XattrNamespace | None = None) -> None:
+    """Mark a directory opaque with the xattr the kernel reads (trusted as root, user otherwise)."""
+    ns = namespace or XattrNamespace.for_current_user()
+    try:
+        os.setxattr(path, ns.opaque_xattr, b"y", follow_symlinks=False)
+    except PermissionError:
+        if ns is XattrNamespace.USER:
+            raise
+        os.setxattr(path, USER_OPAQUE, b"y", follow_symlinks=False)
+
+
+def clear_opaque(path: str | int) -> None:
+    for name in (TRUSTED_OPAQUE, USER_OPAQUE):
+        try:
+            os.removexattr(path, name, follow_symlinks=False)
+        except OSError as e:
+            if e.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
+                raise
