@@ -50,8 +50,9 @@ def build_parser() -> LaminaArgumentParser:
     from inspector import commands as inspector_commands
     from runner import commands as runner_commands
     from store import commands as store_commands
+    from store import registry_commands
 
-    for module in (store_commands, builder_commands, runner_commands, inspector_commands):
+    for module in (store_commands, registry_commands, builder_commands, runner_commands, inspector_commands):
         module.register(subparsers)
     return parser
 
