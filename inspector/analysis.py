@@ -1,0 +1,353 @@
+"""Where every file of an image comes from: a pure pass over the layer directories, bottom to top.
+
+The union filesystem answers "which layer provides this file?" for one path at a time, at lookup.
+This module answers it for the whole image at once, plus the questions a union filesystem never
+asks: which lower copies a path *shadows*, which layer *deleted* it, and how many bytes each layer
+carries that nobody can see any more (dive's "wasted space").
+
+It replays the layers the way overlayfs stacks them, from the base upwards. Within one layer the
+order matters, as in the OCI applier: first the layer's whiteouts and opaque directories hide what
+lies below, then the layer's own entries land on top. A non-directory over a directory hides the
+whole lower subtree; a directory over a directory merges (unless the upper one is opaque). Markers
+are recognised only through :mod:`unionfs.ondisk`, the one definition of the on-disk format.
+
+Bytes are apparent sizes (``st_size`` of regular files and symlinks; a hard link counted once per
+layer), the size a layer tar carries, not the blocks the unpacked directory happens to use.
+
+Nothing here mounts or needs a store: the input is a list of directories, so tests can build
+layers by hand and the CLI can feed it the store's unpacked layers.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from unionfs import ondisk
+
+
+class Event(Enum):
+    """What a layer did to one path."""
+
+    ADDED = "added"          # the path did not exist below
+    CHANGED = "changed"      # the layer's copy shadows a lower copy
+    DELETED = "deleted"      # a whiteout for the path itself
+    HIDDEN = "hidden"        # gone with a parent: parent whited out, made opaque, or replaced by a file
+
+
+@dataclass(frozen=True)
+class PathEvent:
+    layer: int               # 0-based index, bottom layer first
+    event: Event
+    cause: str = ""          # for HIDDEN: the path whose whiteout/opaque/replacement hid this one
+
+
+@dataclass
+class LayerInput:
+    """One layer as the analysis sees it: its directory and what the image says about it."""
+
+    path: Path
+    digest: str = ""         # diff id ("sha256:...") or any identifier to show
+    instruction: str = ""    # the history entry's ``created_by``, cleaned for display
+
+
+@dataclass
+class _Copy:
+    """One layer's copy of a path."""
+
+    layer: int
+    is_dir: bool
+    size: int
+
+
+@dataclass
+class PathHistory:
+    """Everything the layers did to one path, bottom to top."""
+
+    path: str
+    events: list[PathEvent] = field(default_factory=list)
+    copies: list[_Copy] = field(default_factory=list)
+    visible: bool = False    # present in the merged image
+
+    @property
+    def provider(self) -> int | None:
+        """The layer whose copy the merged image shows, or None when the path is gone."""
+        return self.copies[-1].layer if self.visible and self.copies else None
+
+    @property
+    def is_dir(self) -> bool:
+        return bool(self.copies) and self.copies[-1].is_dir
+
+    @property
+    def shadowed(self) -> list[int]:
+        """Lower layers whose copy of this path sits under the provider's.
+
+        For a file, those copies are hidden (shadowed); for a directory they are merged with it.
+        Only copies since the last removal count: a copy that was deleted and later re-created is
+        not shadowed, it was removed (see :attr:`deleted_by`). A removal in layer L happens before
+        layer L's own entries land, so a copy in L itself survives it.
+        """
+        if self.provider is None:
+            return []
+        last_gone = max((e.layer for e in self.events if e.event in (Event.DELETED, Event.HIDDEN)),
+                        default=-1)
+        return [c.layer for c in self.copies[:-1] if c.layer >= last_gone]
+
+    @property
+    def deleted_by(self) -> list[PathEvent]:
+        """Whiteouts (own or a parent's) and opaque directories that removed a copy of this path."""
+        return [e for e in self.events if e.event in (Event.DELETED, Event.HIDDEN)]
+
+
+@dataclass
+class LayerReport:
+    index: int
+    path: Path
+    digest: str
+    instruction: str
+    size: int = 0                    # bytes of files and symlinks in this layer
+    files: int = 0                   # entries of any kind in this layer (markers excluded)
+    added: int = 0
+    changed: int = 0
+    deleted: int = 0                 # whiteouts of paths that existed below
+    wasted: int = 0                  # bytes of this layer hidden by later layers
+    whiteouts: list[str] = field(default_factory=list)     # paths this layer deletes
+    opaque_dirs: list[str] = field(default_factory=list)   # directories this layer makes opaque
+
+    @property
+    def is_empty(self) -> bool:
+        return self.files == 0 and not self.whiteouts and not self.opaque_dirs
+
+
+@dataclass
+class StackAnalysis:
+    layers: list[LayerReport]
+    paths: dict[str, PathHistory]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(layer.size for layer in self.layers)
+
+    @property
+    def wasted_bytes(self) -> int:
+        return sum(layer.wasted for layer in self.layers)
+
+    @property
+    def image_bytes(self) -> int:
+        """Bytes visible in the merged image."""
+        return self.total_bytes - self.wasted_bytes
+
+    @property
+    def efficiency(self) -> float:
+        """1 - wasted/total, as dive scores an image: 1.0 when no layer carries invisible bytes."""
+        total = self.total_bytes
+        return 1.0 if total == 0 else 1.0 - self.wasted_bytes / total
+
+    def history(self, path: str) -> PathHistory | None:
+        return self.paths.get(normalize(path))
+
+
+def normalize(path: str) -> str:
+    """``a/b/``, ``/a//b``, ``./a/b`` -> ``/a/b``; the root is ``/``. Never leaves the root."""
+    parts: list[str] = []
+    for part in path.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if parts:
+                parts.pop()
+            continue
+        parts.append(part)
+    return "/" + "/".join(parts)
+
+
+def _join(parent: str, name: str) -> str:
+    return f"/{name}" if parent == "/" else f"{parent}/{name}"
+
+
+@dataclass
+class _LayerScan:
+    """What one layer directory holds, markers already decoded."""
+
+    entries: list[tuple[str, bool, int, int, int]] = field(default_factory=list)  # path, is_dir, size, dev, ino
+    whiteouts: list[str] = field(default_factory=list)
+    opaque_dirs: list[str] = field(default_factory=list)
+
+
+def scan_layer(root: Path) -> _LayerScan:
+    """Walk one layer directory, sorting its entries into files, whiteouts and opaque directories."""
+    scan = _LayerScan()
+    if not root.is_dir():
+        raise FileNotFoundError(f"layer directory missing: {root}")
+    if ondisk.is_opaque_dir(str(root)):
+        scan.opaque_dirs.append("/")
+    stack: list[tuple[str, str]] = [(str(root), "/")]
+    while stack:
+        real_dir, merged_dir = stack.pop()
+        with os.scandir(real_dir) as it:
+            children = sorted(it, key=lambda e: e.name)
+        for entry in children:
+            name = entry.name
+            if ondisk.is_marker_name(name):
+                hidden = ondisk.whited_out_name(name)
+                if hidden is not None:
+                    scan.whiteouts.append(_join(merged_dir, hidden))
+                # The opaque marker file was already seen by is_opaque_dir on its directory.
+                continue
+            path = _join(merged_dir, name)
+            st = entry.stat(follow_symlinks=False)
+            if ondisk.is_whiteout_stat(st):
+                scan.whiteouts.append(path)
+                continue
+            is_dir = stat.S_ISDIR(st.st_mode)
+            size = st.st_size if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode) else 0
+            scan.entries.append((path, is_dir, size, st.st_dev, st.st_ino if st.st_nlink > 1 else 0))
+            if is_dir:
+                if ondisk.is_opaque_dir(entry.path):
+                    scan.opaque_dirs.append(path)
+                stack.append((entry.path, path))
+    return scan
+
+
+class _Merged:
+    """The merged tree while replaying: which paths are visible, as a parent -> children index."""
+
+    def __init__(self) -> None:
+        self.children: dict[str, set[str]] = {"/": set()}
+        self.visible: set[str] = {"/"}
+
+    def add(self, path: str, is_dir: bool) -> None:
+        self.visible.add(path)
+        if path != "/":
+            parent = path.rsplit("/", 1)[0] or "/"
+            self.children.setdefault(parent, set()).add(path)
+        if is_dir:
+            self.children.setdefault(path, set())
+
+    def subtree(self, path: str) -> Iterator[str]:
+        """``path``'s visible descendants (not ``path`` itself)."""
+        todo = list(self.children.get(path, ()))
+        while todo:
+            p = todo.pop()
+            yield p
+            todo.extend(self.children.get(p, ()))
+
+    def remove(self, path: str, keep_self: bool = False) -> list[str]:
+        """Drop ``path``'s subtree (and ``path`` unless ``keep_self``); return what was dropped."""
+        gone = list(self.subtree(path))
+        for p in gone:
+            self.visible.discard(p)
+            self.children.pop(p, None)
+        if keep_self:
+            self.children[path] = set()
+        elif path in self.visible:
+            self.visible.discard(path)
+            self.children.pop(path, None)
+            parent = path.rsplit("/", 1)[0] or "/"
+            self.children.get(parent, set()).discard(path)
+            gone.append(path)
+        return gone
+
+
+def analyze(layers: Sequence[LayerInput]) -> StackAnalysis:
+    """Replay ``layers`` (bottom first) and account for every path and every byte.
+
+    Error handling: a missing layer directory raises FileNotFoundError; unreadable entries raise
+    the OSError of the walk. Nothing is written.
+    """
+    reports = [LayerReport(i, layer.path, layer.digest, layer.instruction) for i, layer in enumerate(layers)]
+    histories: dict[str, PathHistory] = {}
+    merged = _Merged()
+
+    def history(path: str) -> PathHistory:
+        h = histories.get(path)
+        if h is None:
+            h = histories[path] = PathHistory(path)
+        return h
+
+    def hide(path: str, layer: int, cause: str, keep_self: bool = False) -> None:
+        for gone in merged.remove(path, keep_self=keep_self):
+            h = histories[gone]
+            h.visible = False
+            if gone == path and not keep_self and cause == path:
+                h.events.append(PathEvent(layer, Event.DELETED))
+            else:
+                h.events.append(PathEvent(layer, Event.HIDDEN, cause))
+
+    for index, layer in enumerate(layers):
+        report = reports[index]
+        scan = scan_layer(layer.path)
+
+        # First what this layer removes from below, then what it adds (the OCI applier's order).
+        for path in scan.whiteouts:
+            report.whiteouts.append(path)
+            if path in merged.visible:
+                report.deleted += 1
+                hide(path, index, cause=path)
+        for path in scan.opaque_dirs:
+            report.opaque_dirs.append(path)
+            if path in merged.visible:
+                hide(path, index, cause=path, keep_self=True)
+
+        seen_inodes: set[tuple[int, int]] = set()
+        for path, is_dir, size, dev, ino in scan.entries:
+            report.files += 1
+            if ino:
+                if (dev, ino) in seen_inodes:
+                    size = 0  # a hard link's bytes are carried once
+                seen_inodes.add((dev, ino))
+            report.size += size
+            h = history(path)
+            previous = h.copies[-1] if h.visible and h.copies else None
+            if previous is not None and not (is_dir and previous.is_dir):
+                # A non-directory replaces whatever was there; a directory replaces a non-directory.
+                if previous.is_dir:
+                    hide(path, index, cause=path, keep_self=True)
+                report.changed += 1
+                h.events.append(PathEvent(index, Event.CHANGED))
+            elif previous is None:
+                report.added += 1
+                h.events.append(PathEvent(index, Event.ADDED))
+            # else: a directory over a directory merges; it is scaffolding, not a change.
+            h.copies.append(_Copy(index, is_dir, size))
+            h.visible = True
+            merged.add(path, is_dir)
+
+    # Wasted bytes: every copy the merged image does not show.
+    for h in histories.values():
+        shown = h.copies[-1] if h.visible and h.copies else None
+        for copy in h.copies:
+            if copy is not shown:
+                reports[copy.layer].wasted += copy.size
+    return StackAnalysis(reports, histories)
+
+
+def clean_instruction(created_by: str) -> str:
+    """Docker's ``/bin/sh -c #(nop) COPY ...`` -> ``COPY ...``; ``/bin/sh -c cmd`` -> ``RUN cmd``."""
+    text = created_by.strip()
+    if text.startswith("/bin/sh -c #(nop) "):
+        return text[len("/bin/sh -c #(nop) "):].strip()
+    if text.startswith("/bin/sh -c "):
+        return "RUN " + text[len("/bin/sh -c "):].strip()
+    return text
+
+
+def instructions_for_layers(history: Sequence[dict[str, object]], layer_count: int) -> list[str]:
+    """Map an OCI config's ``history`` onto the non-empty layers, bottom first.
+
+    Entries with ``empty_layer: true`` (ENV, CMD, ...) made no layer. When the history does not
+    account for every layer (images from tools that drop it), the unmatched layers get "".
+    """
+    made_layers = [clean_instruction(str(entry.get("created_by", "")))
+                   for entry in history if not entry.get("empty_layer", False)]
+    if len(made_layers) != layer_count:
+        # Align from the top: the most recent history entries describe the most recent layers.
+        if len(made_layers) > layer_count:
+            made_layers = made_layers[len(made_layers) - layer_count:]
+        else:
+            made_layers = [""] * (layer_count - len(made_layers)) + made_layers
+    return made_layers
