@@ -1,0 +1,762 @@
+"""A client for the OCI distribution API (the protocol of Docker registries), standard library only.
+
+It deals in bytes, files and digests and knows nothing of the image store: ``store.registry_commands``
+glues the two together for ``lamina pull`` and ``lamina push``.
+
+Trust. Everything a registry sends is hostile until proven otherwise. Digests are parsed strictly
+(``sha256:`` and 64 lowercase hex digits) before any of them can name a file; a blob is streamed into a
+temporary file while its sha256 is computed, and the file is handed back only when the digest and
+the declared size match; a manifest fetched by digest must hash to that digest, and a manifest fetched
+by tag must hash to the ``Docker-Content-Digest`` the registry announces, if it announces one.
+Manifests and configs are read into memory only up to a size limit.
+
+Authentication follows the registry's ``WWW-Authenticate`` challenge, as docker and podman do: the
+first ``GET /v2/`` (the ping) tells whether the registry wants ``Basic`` credentials or a ``Bearer``
+token from a token server (``realm``, ``service``); tokens are fetched per repository scope
+(``repository:NAME:pull`` or ``pull,push``), with the user's credentials if any, and cached. A 401 on
+a later request is answered once by re-reading its challenge (it names the scope it wants).
+
+Transport. ``tls_verify=True`` means HTTPS with certificate checks and nothing else.
+``tls_verify=False`` is podman's ``--tls-verify=false``: HTTPS without certificate checks, falling back
+to plain HTTP when the server does not speak TLS (a test registry on 127.0.0.1). Redirects are followed
+(blob stores often answer with one), and credentials are never sent to another host.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.client
+import json
+import logging
+import os
+import platform
+import re
+import ssl
+import tempfile
+import urllib.parse
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from lamina import __version__
+from lamina.errors import RegistryError
+
+log = logging.getLogger(__name__)
+
+# Media types (OCI image spec and Docker's image manifest v2, schema 2).
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_SCHEMA1 = ("application/vnd.docker.distribution.manifest.v1+json",
+                  "application/vnd.docker.distribution.manifest.v1+prettyjws")
+IMAGE_MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
+INDEX_TYPES = (OCI_INDEX, DOCKER_MANIFEST_LIST)
+MANIFEST_ACCEPT = ", ".join((OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST))
+
+# Limits on what we hold in memory; real manifests and configs are a few KiB.
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+MAX_TOKEN_BYTES = 1024 * 1024
+MAX_ERROR_BYTES = 64 * 1024
+
+# Blobs up to this size go up in one PUT; larger ones in PATCH chunks of CHUNK_SIZE.
+MONOLITHIC_LIMIT = 32 * 1024 * 1024
+CHUNK_SIZE = 16 * 1024 * 1024
+READ_SIZE = 1024 * 1024
+MAX_REDIRECTS = 5
+
+DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
+# The distribution spec's grammar for repository names and tags.
+REPOSITORY_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*")
+TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+
+# platform.machine() → OCI architecture (and variant where one is customary).
+_ARCH = {
+    "x86_64": ("amd64", None), "amd64": ("amd64", None),
+    "aarch64": ("arm64", "v8"), "arm64": ("arm64", "v8"),
+    "armv7l": ("arm", "v7"), "armv6l": ("arm", "v6"),
+    "i386": ("386", None), "i686": ("386", None),
+    "ppc64le": ("ppc64le", None), "s390x": ("s390x", None), "riscv64": ("riscv64", None),
+}
+
+ProgressCallback = Callable[[int], None]
+
+
+def check_digest(digest: object, what: str = "digest") -> str:
+    """Return ``digest`` if it is ``sha256:`` + 64 lowercase hex digits, else raise RegistryError.
+
+    Every digest that comes from a registry passes through here before it can name a file.
+    """
+    if not isinstance(digest, str) or not DIGEST_RE.fullmatch(digest):
+        raise RegistryError(f"invalid or unsupported {what}: {str(digest)[:100]!r}")
+    return digest
+
+
+def sha256_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class Platform:
+    os: str
+    architecture: str
+    variant: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.os}/{self.architecture}" + (f"/{self.variant}" if self.variant else "")
+
+
+def host_platform() -> Platform:
+    """The platform of this machine in OCI terms (``linux/amd64``, ``linux/arm64/v8``...)."""
+    machine = platform.machine().lower()
+    architecture, variant = _ARCH.get(machine, (machine, None))
+    return Platform("linux", architecture, variant)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A manifest or index exactly as the registry sent it, with its verified digest."""
+
+    data: bytes
+    media_type: str
+    digest: str
+
+    def json(self) -> dict:
+        try:
+            value = json.loads(self.data)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise RegistryError(f"manifest {self.digest} is not valid JSON: {e}") from None
+        if not isinstance(value, dict):
+            raise RegistryError(f"manifest {self.digest} is not a JSON object")
+        return value
+
+    @property
+    def is_index(self) -> bool:
+        return self.media_type in INDEX_TYPES
+
+
+def manifest_media_type(data: bytes, header_type: str | None) -> str:
+    """The media type of a manifest: its own ``mediaType`` field, else the Content-Type header."""
+    try:
+        declared = json.loads(data).get("mediaType")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        declared = None
+    if isinstance(declared, str) and declared:
+        return declared
+    header = (header_type or "").split(";")[0].strip()
+    if header in IMAGE_MANIFEST_TYPES or header in INDEX_TYPES or header in DOCKER_SCHEMA1:
+        return header
+    # An OCI manifest may omit mediaType; tell a manifest from an index by its fields.
+    try:
+        value = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise RegistryError("registry sent a manifest that is not valid JSON") from None
+    if isinstance(value, dict) and "manifests" in value:
+        return OCI_INDEX
+    return OCI_MANIFEST
+
+
+def select_platform(index: dict, want: Platform | None = None) -> dict:
+    """The descriptor in an image index (or manifest list) that fits ``want`` (default: this host).
+
+    An exact variant match is preferred; an entry without a variant is accepted for any variant
+    (arm64 images often omit ``v8``). Raises RegistryError naming what the index offers.
+    """
+    want = want or host_platform()
+    entries = index.get("manifests")
+    if not isinstance(entries, list):
+        raise RegistryError("image index has no 'manifests' list")
+    candidates: list[tuple[int, dict]] = []
+    offered: list[str] = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            continue
+        plat = entry.get("platform") or {}
+        if not isinstance(plat, dict):
+            continue
+        os_name, arch, variant = plat.get("os"), plat.get("architecture"), plat.get("variant")
+        offered.append("/".join(str(p) for p in (os_name, arch, variant) if p))
+        if os_name != want.os or arch != want.architecture:
+            continue
+        if entry.get("mediaType") not in (None, *IMAGE_MANIFEST_TYPES):
+            continue
+        if variant == want.variant:
+            rank = 0
+        elif variant is None or want.variant is None:
+            rank = 1
+        else:
+            continue
+        candidates.append((rank, entry))
+    if not candidates:
+        raise RegistryError(f"the image index has no manifest for {want} "
+                            f"(it offers: {', '.join(offered) or 'nothing'})")
+    candidates.sort(key=lambda c: c[0])
+    return candidates[0][1]
+
+
+@dataclass
+class _Challenge:
+    scheme: str  # "basic" or "bearer"
+    params: dict[str, str] = field(default_factory=dict)
+
+
+def parse_www_authenticate(header: str) -> _Challenge | None:
+    """Parse ``Bearer realm="...",service="...",scope="..."`` or ``Basic realm="..."``."""
+    match = re.match(r"\s*([A-Za-z]+)\s*(.*)", header or "")
+    if not match:
+        return None
+    scheme = match.group(1).lower()
+    params = {key.lower(): (quoted if quoted is not None else bare)
+              for key, quoted, bare in ((m.group(1), m.group(2), m.group(3))
+                                        for m in re.finditer(r'([A-Za-z_]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))',
+                                                             match.group(2)))}
+    if scheme not in ("basic", "bearer"):
+        return None
+    return _Challenge(scheme, params)
+
+
+@dataclass
+class _Endpoint:
+    scheme: str
+    netloc: str
+    verify: bool
+
+
+class RegistryClient:
+    """One registry host (``host[:port]``), spoken to over the OCI distribution API.
+
+    Resource handling: keeps at most one open HTTP(S) connection, reused across requests;
+    :meth:`close` (or leaving a ``with`` block) closes it.
+
+    Error handling: every failure (unreachable host, refused credentials, HTTP error, a wrong
+    digest or size) raises :class:`RegistryError` with a one-line message naming the request.
+    """
+
+    def __init__(self, registry: str, *, tls_verify: bool = True,
+                 credentials: tuple[str, str] | None = None, timeout: float = 60.0) -> None:
+        if not registry or "/" in registry or any(c.isspace() for c in registry):
+            raise RegistryError(f"invalid registry host: {registry!r}")
+        self.registry = registry
+        self.tls_verify = tls_verify
+        self.credentials = credentials
+        self.timeout = timeout
+        self._endpoint: _Endpoint | None = None
+        self._challenge: _Challenge | None = None
+        self._tokens: dict[str, str] = {}
+        self._conn: http.client.HTTPConnection | None = None
+        self._conn_key: tuple[str, str, bool] | None = None
+        #: Every request sent, as ``(method, path)``; lets callers and tests count what was fetched.
+        self.requests: list[tuple[str, str]] = []
+
+    def __enter__(self) -> RegistryClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+            self._conn_key = None
+
+    # ----- transport -----
+
+    def _connection(self, scheme: str, netloc: str, verify: bool) -> http.client.HTTPConnection:
+        key = (scheme, netloc, verify)
+        if self._conn is not None and self._conn_key == key:
+            return self._conn
+        self.close()
+        conn: http.client.HTTPConnection
+        if scheme == "https":
+            context = ssl.create_default_context()
+            if not verify:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            conn = http.client.HTTPSConnection(netloc, timeout=self.timeout, context=context)
+        else:
+            conn = http.client.HTTPConnection(netloc, timeout=self.timeout)
+        self._conn, self._conn_key = conn, key
+        return conn
+
+    def _send(self, method: str, url: str, headers: dict[str, str],
+              body: bytes | BinaryIO | None, verify: bool) -> http.client.HTTPResponse:
+        """Send one request (no auth, no redirects); retry once on a stale keep-alive connection."""
+        parts = urllib.parse.urlsplit(url)
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        headers = {"User-Agent": f"lamina/{__version__}", **headers}
+        start = body.tell() if body is not None and not isinstance(body, bytes) else 0
+        for attempt in (1, 2):
+            conn = self._connection(parts.scheme, parts.netloc, verify)
+            reused = conn.sock is not None
+            try:
+                if body is not None and not isinstance(body, bytes):
+                    body.seek(start)
+                conn.request(method, target, body=body, headers=headers)
+                response = conn.getresponse()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
+                self.close()
+                if attempt == 1 and reused:
+                    log.debug("connection to %s went stale, reconnecting", parts.netloc)
+                    continue
+                raise RegistryError(f"{method} {url}: connection lost: {e}") from None
+            except ssl.SSLCertVerificationError as e:
+                self.close()
+                raise RegistryError(f"{method} {url}: TLS certificate not trusted ({e.verify_message}); "
+                                    "use --tls-verify=false for a registry without a trusted certificate") from None
+            except (OSError, http.client.HTTPException) as e:
+                self.close()
+                raise RegistryError(f"{method} {url}: {e}") from None
+            self.requests.append((method, parts.path))
+            log.debug("%s %s -> %d", method, url, response.status)
+            return response
+        raise AssertionError("unreachable")
+
+    def _base_url(self) -> str:
+        endpoint = self._ping()
+        return f"{endpoint.scheme}://{endpoint.netloc}"
+
+    def _ping(self) -> _Endpoint:
+        """``GET /v2/``: find the scheme that works and the authentication the registry wants."""
+        if self._endpoint is not None:
+            return self._endpoint
+        attempts = [("https", self.tls_verify)]
+        if not self.tls_verify:
+            attempts.append(("http", False))
+        last_error: RegistryError | None = None
+        for scheme, verify in attempts:
+            url = f"{scheme}://{self.registry}/v2/"
+            try:
+                response = self._send("GET", url, {}, None, verify)
+            except RegistryError as e:
+                log.debug("ping %s failed: %s", url, e)
+                last_error = e
+                continue
+            body = self._read_limited(response, MAX_ERROR_BYTES)
+            if response.status == 401:
+                self._challenge = parse_www_authenticate(response.getheader("WWW-Authenticate", ""))
+                if self._challenge is None:
+                    raise RegistryError(f"GET {url}: 401 without a usable WWW-Authenticate challenge")
+            elif response.status == 404 or response.status >= 500 or not 200 <= response.status < 300:
+                raise RegistryError(f"GET {url}: {response.status} {response.reason}: "
+                                    f"not an OCI registry? {_error_text(body)}")
+            self._endpoint = _Endpoint(scheme, self.registry, verify)
+            return self._endpoint
+        assert last_error is not None
+        raise RegistryError(f"cannot reach registry {self.registry}: {last_error}")
+
+    def ping(self) -> None:
+        """Check the registry answers the API and accepts our credentials (used by ``login``)."""
+        self._ping()
+        if self._challenge is not None:
+            response = self._request("GET", "/v2/", scope=None)
+            if response.status != 200:
+                raise self._fail("GET /v2/", response)
+            self._read_limited(response, MAX_ERROR_BYTES)
+
+    # ----- authentication -----
+
+    def _basic_header(self) -> str | None:
+        if self.credentials is None:
+            return None
+        user, password = self.credentials
+        return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+    def _auth_header(self, scope: str | None) -> str | None:
+        challenge = self._challenge
+        if challenge is None:
+            return None
+        if challenge.scheme == "basic":
+            return self._basic_header()
+        key = scope or ""
+        if key not in self._tokens:
+            self._tokens[key] = self._fetch_token(challenge, scope)
+        return f"Bearer {self._tokens[key]}"
+
+    def _fetch_token(self, challenge: _Challenge, scope: str | None) -> str:
+        """Ask the token server named by a Bearer challenge for a token (docker's token protocol)."""
+        realm = challenge.params.get("realm")
+        if not realm:
+            raise RegistryError(f"registry {self.registry} wants a Bearer token but names no realm")
+        parts = urllib.parse.urlsplit(realm)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise RegistryError(f"registry {self.registry} names an unusable token realm: {realm!r}")
+        if parts.scheme == "http" and self.tls_verify:
+            raise RegistryError(f"token realm {realm} is plain HTTP; use --tls-verify=false to allow it")
+        query = urllib.parse.parse_qsl(parts.query)
+        if challenge.params.get("service"):
+            query.append(("service", challenge.params["service"]))
+        if scope:
+            query.append(("scope", scope))
+        url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path or "/",
+                                       urllib.parse.urlencode(query), ""))
+        headers = {"Accept": "application/json"}
+        basic = self._basic_header()
+        if basic:
+            headers["Authorization"] = basic
+        response = self._send("GET", url, headers, None, self.tls_verify)
+        body = self._read_limited(response, MAX_TOKEN_BYTES)
+        if response.status == 401:
+            raise RegistryError(f"token server {parts.netloc} refused the credentials for {self.registry}"
+                                if self.credentials else
+                                f"token server {parts.netloc} wants credentials for {self.registry} (--creds or lamina login)")
+        if response.status != 200:
+            raise RegistryError(f"token server {parts.netloc}: {response.status} {response.reason}")
+        try:
+            answer = json.loads(body)
+            token = answer.get("token") or answer.get("access_token")
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            token = None
+        if not isinstance(token, str) or not token or any(c in token for c in "\r\n"):
+            raise RegistryError(f"token server {parts.netloc} sent no usable token")
+        return token
+
+    def _request(self, method: str, path_or_url: str, *, scope: str | None,
+                 headers: dict[str, str] | None = None, body: bytes | BinaryIO | None = None,
+                 follow_redirects: bool = True) -> http.client.HTTPResponse:
+        """One API request with authentication and redirects; the caller reads and closes the response."""
+        base = self._base_url()
+        url = path_or_url if "://" in path_or_url else base + path_or_url
+        origin = urllib.parse.urlsplit(base).netloc
+        headers = dict(headers or {})
+        retried_auth = False
+        for _ in range(MAX_REDIRECTS + 1):
+            netloc = urllib.parse.urlsplit(url).netloc
+            send_headers = dict(headers)
+            # Credentials go only to the registry itself, never to a host it redirects to.
+            if netloc == origin:
+                auth = self._auth_header(scope)
+                if auth:
+                    send_headers["Authorization"] = auth
+            verify = self.tls_verify if url.startswith("https:") else False
+            response = self._send(method, url, send_headers, body, verify)
+            sent_basic = send_headers.get("Authorization", "").startswith("Basic ")
+            if response.status == 401 and netloc == origin and not retried_auth and not sent_basic:
+                challenge = parse_www_authenticate(response.getheader("WWW-Authenticate", ""))
+                self._read_limited(response, MAX_ERROR_BYTES)
+                retried_auth = True
+                if challenge is None:
+                    break
+                self._challenge = challenge
+                wanted = challenge.params.get("scope") or scope
+                if challenge.scheme == "bearer":
+                    self._tokens[scope or ""] = self._fetch_token(challenge, wanted)
+                elif self.credentials is None:
+                    raise RegistryError(f"{method} {url}: registry {self.registry} wants credentials "
+                                        "(--creds USER:PASS or lamina login)")
+                continue
+            if follow_redirects and response.status in (301, 302, 303, 307, 308):
+                location = response.getheader("Location")
+                self._read_limited(response, MAX_ERROR_BYTES)
+                if not location:
+                    raise RegistryError(f"{method} {url}: redirect without a Location")
+                url = urllib.parse.urljoin(url, location)
+                if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+                    raise RegistryError(f"{method}: redirect to an unsupported URL {url!r}")
+                if response.status == 303:
+                    method, body = "GET", None
+                continue
+            return response
+        else:
+            raise RegistryError(f"{method} {path_or_url}: too many redirects")
+        return response
+
+    def _fail(self, what: str, response: http.client.HTTPResponse) -> RegistryError:
+        body = self._read_limited(response, MAX_ERROR_BYTES)
+        if response.status == 401:
+            hint = ("credentials refused" if self.credentials else
+                    "authentication required (--creds USER:PASS or lamina login)")
+            return RegistryError(f"{what} on {self.registry}: {hint}")
+        return RegistryError(f"{what} on {self.registry}: {response.status} {response.reason}"
+                             f"{': ' + _error_text(body) if body else ''}")
+
+    # ----- manifests -----
+
+    def get_manifest(self, repository: str, reference: str) -> Manifest:
+        """Fetch a manifest or index by tag or digest, and verify its digest."""
+        _check_repository(repository)
+        by_digest = reference.startswith("sha256:")
+        if by_digest:
+            check_digest(reference, "manifest digest")
+        elif not TAG_RE.fullmatch(reference):
+            raise RegistryError(f"invalid tag {reference!r}")
+        response = self._request("GET", f"/v2/{repository}/manifests/{reference}",
+                                 scope=f"repository:{repository}:pull", headers={"Accept": MANIFEST_ACCEPT})
+        if response.status == 404:
+            self._read_limited(response, MAX_ERROR_BYTES)
+            raise RegistryError(f"{self.registry}/{repository}:{reference}: manifest unknown")
+        if response.status != 200:
+            raise self._fail(f"GET manifest {repository}:{reference}", response)
+        data = self._read_limited(response, MAX_MANIFEST_BYTES, what=f"manifest {repository}:{reference}")
+        digest = sha256_digest(data)
+        announced = response.getheader("Docker-Content-Digest")
+        if by_digest and digest != reference:
+            raise RegistryError(f"registry {self.registry} sent a manifest for {repository}@{reference} "
+                                f"whose content has digest {digest}: refused")
+        if announced and announced.startswith("sha256:") and announced != digest:
+            raise RegistryError(f"registry {self.registry} announced manifest digest {announced} for "
+                                f"{repository}:{reference} but the content has digest {digest}: refused")
+        media_type = manifest_media_type(data, response.getheader("Content-Type"))
+        if media_type in DOCKER_SCHEMA1:
+            raise RegistryError(f"{repository}:{reference} is a Docker schema 1 manifest, which lamina does not read")
+        if media_type not in IMAGE_MANIFEST_TYPES and media_type not in INDEX_TYPES:
+            raise RegistryError(f"{repository}:{reference}: unsupported manifest type {media_type!r}")
+        return Manifest(data, media_type, digest)
+
+    def get_image_manifest(self, repository: str, reference: str,
+                           want: Platform | None = None) -> tuple[Manifest, Manifest | None]:
+        """The image manifest for ``reference``, going through an index to the host's platform.
+
+        Returns ``(manifest, index)``; ``index`` is None when the reference named a manifest directly.
+        """
+        first = self.get_manifest(repository, reference)
+        if not first.is_index:
+            return first, None
+        entry = select_platform(first.json(), want)
+        digest = check_digest(entry.get("digest"), "manifest digest in the index")
+        manifest = self.get_manifest(repository, digest)
+        if manifest.is_index:
+            raise RegistryError(f"{repository}@{digest}: an index inside an index is not supported")
+        return manifest, first
+
+    def put_manifest(self, repository: str, reference: str, data: bytes, media_type: str) -> str:
+        """Upload a manifest under a tag (or its digest); returns its digest."""
+        _check_repository(repository)
+        if not reference.startswith("sha256:") and not TAG_RE.fullmatch(reference):
+            raise RegistryError(f"invalid tag {reference!r}")
+        response = self._request("PUT", f"/v2/{repository}/manifests/{reference}",
+                                 scope=f"repository:{repository}:pull,push",
+                                 headers={"Content-Type": media_type, "Content-Length": str(len(data))},
+                                 body=data)
+        if response.status not in (200, 201, 202):
+            raise self._fail(f"PUT manifest {repository}:{reference}", response)
+        self._read_limited(response, MAX_ERROR_BYTES)
+        digest = sha256_digest(data)
+        announced = response.getheader("Docker-Content-Digest")
+        if announced and announced != digest:
+            raise RegistryError(f"registry stored manifest {repository}:{reference} as {announced}, expected {digest}")
+        return digest
+
+    # ----- blobs -----
+
+    def has_blob(self, repository: str, digest: str) -> bool:
+        """``HEAD`` a blob: True if the registry has it in this repository."""
+        _check_repository(repository)
+        check_digest(digest)
+        response = self._request("HEAD", f"/v2/{repository}/blobs/{digest}",
+                                 scope=f"repository:{repository}:pull")
+        response.read()
+        if response.status == 200:
+            return True
+        if response.status == 404:
+            return False
+        raise self._fail(f"HEAD blob {digest}", response)
+
+    def fetch_blob(self, repository: str, digest: str, directory: Path, *, size: int | None = None,
+                   max_size: int | None = None, progress: ProgressCallback | None = None) -> Path:
+        """Download a blob into a new temporary file under ``directory``, verified; return its path.
+
+        The file is returned only if its sha256 is ``digest`` and, when ``size`` is given, its length is
+        ``size``; otherwise it is removed and RegistryError raised. The caller owns the returned file.
+        """
+        _check_repository(repository)
+        check_digest(digest)
+        response = self._request("GET", f"/v2/{repository}/blobs/{digest}",
+                                 scope=f"repository:{repository}:pull")
+        if response.status != 200:
+            if response.status == 404:
+                self._read_limited(response, MAX_ERROR_BYTES)
+                raise RegistryError(f"{self.registry}/{repository}: blob {digest} unknown")
+            raise self._fail(f"GET blob {digest}", response)
+        limit = size if size is not None else max_size
+        hasher = hashlib.sha256()
+        received = 0
+        fd, name = tempfile.mkstemp(prefix=".pull-", suffix=".partial", dir=directory)
+        path = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                while True:
+                    try:
+                        chunk = response.read(READ_SIZE)
+                    except (OSError, http.client.HTTPException) as e:
+                        raise RegistryError(f"GET blob {digest}: download interrupted: {e}") from None
+                    if not chunk:
+                        break
+                    received += len(chunk)
+                    if limit is not None and received > limit:
+                        raise RegistryError(f"registry {self.registry} sent more than {limit} bytes for blob "
+                                            f"{digest}: refused")
+                    hasher.update(chunk)
+                    out.write(chunk)
+                    if progress is not None:
+                        progress(len(chunk))
+                out.flush()
+                os.fsync(out.fileno())
+            actual = "sha256:" + hasher.hexdigest()
+            if actual != digest:
+                raise RegistryError(f"registry {self.registry} sent blob {digest} whose content has digest "
+                                    f"{actual}: refused")
+            if size is not None and received != size:
+                raise RegistryError(f"blob {digest} is {received} bytes, the manifest says {size}: refused")
+            return path
+        except BaseException:
+            path.unlink(missing_ok=True)
+            self.close()  # the response may be half read
+            raise
+        finally:
+            response.close()
+
+    def fetch_small_blob(self, repository: str, digest: str, directory: Path, *,
+                         size: int | None = None, max_size: int = MAX_CONFIG_BYTES) -> bytes:
+        """A verified blob small enough to keep in memory (an image config)."""
+        path = self.fetch_blob(repository, digest, directory, size=size, max_size=max_size)
+        try:
+            return path.read_bytes()
+        finally:
+            path.unlink(missing_ok=True)
+
+    def upload_blob(self, repository: str, digest: str, path: Path, *, mount_from: str | None = None,
+                    chunk_size: int = CHUNK_SIZE, monolithic_limit: int = MONOLITHIC_LIMIT,
+                    progress: ProgressCallback | None = None) -> None:
+        """Upload the file ``path`` as blob ``digest``: one PUT if small, PATCH chunks if large.
+
+        With ``mount_from`` (another repository on the same registry) the registry is first asked to
+        mount the blob from there, which costs no upload when it can.
+        """
+        _check_repository(repository)
+        check_digest(digest)
+        scope = f"repository:{repository}:pull,push"
+        if mount_from:
+            _check_repository(mount_from)
+            scope += f" repository:{mount_from}:pull"
+            query = urllib.parse.urlencode({"mount": digest, "from": mount_from})
+        else:
+            query = ""
+        response = self._request("POST", f"/v2/{repository}/blobs/uploads/" + (f"?{query}" if query else ""),
+                                 scope=scope, headers={"Content-Length": "0"}, body=b"")
+        if response.status in (201, 202):
+            self._read_limited(response, MAX_ERROR_BYTES)
+        if response.status == 201 and mount_from:
+            log.debug("blob %s mounted from %s", digest, mount_from)
+            return
+        if response.status != 202:
+            raise self._fail(f"POST blob upload {digest}", response)
+        location = self._upload_location(response)
+        size = path.stat().st_size
+        with open(path, "rb") as src:
+            if size <= monolithic_limit:
+                url = _with_query(location, digest=digest)
+                response = self._request("PUT", url, scope=scope, body=src, follow_redirects=False,
+                                         headers={"Content-Type": "application/octet-stream",
+                                                  "Content-Length": str(size)})
+                if progress is not None:
+                    progress(size)
+            else:
+                offset = 0
+                while offset < size:
+                    chunk = src.read(chunk_size)
+                    end = offset + len(chunk) - 1
+                    response = self._request("PATCH", location, scope=scope, body=chunk, follow_redirects=False,
+                                             headers={"Content-Type": "application/octet-stream",
+                                                      "Content-Length": str(len(chunk)),
+                                                      "Content-Range": f"{offset}-{end}"})
+                    if response.status != 202:
+                        raise self._fail(f"PATCH blob {digest} bytes {offset}-{end}", response)
+                    self._read_limited(response, MAX_ERROR_BYTES)
+                    location = self._upload_location(response)
+                    offset += len(chunk)
+                    if progress is not None:
+                        progress(len(chunk))
+                response = self._request("PUT", _with_query(location, digest=digest), scope=scope,
+                                         body=b"", follow_redirects=False, headers={"Content-Length": "0"})
+        if response.status not in (201, 204):
+            raise self._fail(f"PUT blob {digest}", response)
+        self._read_limited(response, MAX_ERROR_BYTES)
+
+    def _read_limited(self, response: http.client.HTTPResponse, limit: int, what: str | None = None) -> bytes:
+        """Read a whole response body, refusing one longer than ``limit`` when ``what`` names it.
+
+        An error body longer than ``limit`` is cut short; the connection is then dropped, since the
+        rest of the body would otherwise be read as the next response.
+        """
+        length = response.getheader("Content-Length")
+        try:
+            if what is not None and length and length.isdigit() and int(length) > limit:
+                raise RegistryError(f"{what} is {length} bytes, more than the {limit} lamina accepts")
+            data = response.read(limit + 1)
+            if len(data) > limit:
+                if what is not None:
+                    raise RegistryError(f"{what} is larger than the {limit} bytes lamina accepts")
+                self.close()
+                return data[:limit]
+            response.read()
+            return data
+        except (OSError, http.client.HTTPException) as e:
+            self.close()
+            raise RegistryError(f"reading a response from {self.registry}: {e}") from None
+        except RegistryError:
+            self.close()
+            raise
+
+    def _upload_location(self, response: http.client.HTTPResponse) -> str:
+        location = response.getheader("Location")
+        if not location:
+            raise RegistryError(f"registry {self.registry} started an upload without a Location")
+        url = urllib.parse.urljoin(self._base_url() + "/", location)
+        if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+            raise RegistryError(f"registry {self.registry} sent an unusable upload location {location!r}")
+        return url
+
+
+def _check_repository(repository: str) -> None:
+    if not REPOSITORY_RE.fullmatch(repository) or len(repository) > 255:
+        raise RegistryError(f"invalid repository name {repository!r}")
+
+
+def _with_query(url: str, **params: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True) + list(params.items())
+    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
+
+
+def _error_text(body: bytes) -> str:
+    """The registry's error message from an ``{"errors": [...]}`` body, else the first line of text."""
+    try:
+        errors = json.loads(body).get("errors")
+        if isinstance(errors, list) and errors:
+            return "; ".join(f"{e.get('code', '')}: {e.get('message', '')}".strip(": ")
+                             for e in errors if isinstance(e, dict))
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        pass
+    text = body.decode("utf-8", "replace").strip().splitlines()
+    return text[0][:200] if text else ""
+
+
+def iter_layers(manifest: dict) -> Iterator[dict]:
+    """The layer descriptors of an image manifest, each with a checked digest and size."""
+    layers = manifest.get("layers")
+    if not isinstance(layers, list):
+        raise RegistryError("image manifest has no 'layers' list")
+    for layer in layers:
+        if not isinstance(layer, dict):
+            raise RegistryError("image manifest has a malformed layer entry")
+        check_digest(layer.get("digest"), "layer digest")
+        size = layer.get("size")
+        if not isinstance(size, int) or size < 0:
+            raise RegistryError(f"layer {layer.get('digest')} has no valid size")
+        yield layer
+
+
+def config_descriptor(manifest: dict) -> dict:
+    config = manifest.get("config")
+    if not isinstance(config, dict):
+        raise RegistryError("image manifest has no 'config'")
+    check_digest(config.get("digest"), "config digest")
+    size = config.get("size")
+    if not isinstance(size, int) or size < 0 or size > MAX_CONFIG_BYTES:
+        raise RegistryError(f"image config has no valid size ({size!r})")
+    return config
+

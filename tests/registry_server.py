@@ -1,0 +1,293 @@
+"""Registries for the tests, all bound to 127.0.0.1 only.
+
+- :func:`run_registry`: Debian's ``docker-registry`` (the Distribution server) on a free port, with
+  temporary storage, deletes enabled, an access log we can count requests in, and optional htpasswd
+  basic auth. It waits for ``/v2/`` to answer (with a deadline) and always stops the server.
+- :class:`FakeRegistry`: a tiny in-memory registry on ``http.server`` that can lie (serve a blob or a
+  manifest whose bytes do not match the digest) and can demand Bearer tokens from a fake token server,
+  for the tests a real registry cannot stage.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import http.server
+import json
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def bcrypt_hash(password: str) -> str | None:
+    """A bcrypt hash for an htpasswd file: ``htpasswd -nbB`` if installed, else libcrypt's blowfish."""
+    if shutil.which("htpasswd"):
+        out = subprocess.run(["htpasswd", "-nbB", "u", password], check=True, capture_output=True, text=True)
+        return out.stdout.strip().split(":", 1)[1]
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import crypt
+        hashed = crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH))
+    except (ImportError, AttributeError, OSError):
+        return None
+    return hashed if hashed and hashed.startswith("$2") else None
+
+
+@dataclass
+class RunningRegistry:
+    port: int
+    storage: Path
+    log_path: Path
+    process: subprocess.Popen[bytes]
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def access_log(self) -> list[tuple[str, str, int]]:
+        """``(method, path, status)`` of every request the registry has answered so far."""
+        entries = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            m = re.search(r'"(GET|HEAD|POST|PUT|PATCH|DELETE) (\S+) HTTP/[\d.]+" (\d+)', line)
+            if m:
+                entries.append((m.group(1), m.group(2), int(m.group(3))))
+        return entries
+
+    def blob_gets(self) -> list[str]:
+        """Digests of the blobs fetched (successful ``GET /v2/.../blobs/DIGEST``)."""
+        return [path.rsplit("/", 1)[1] for method, path, status in self.access_log()
+                if method == "GET" and "/blobs/sha256:" in path and status == 200]
+
+
+@contextlib.contextmanager
+def run_registry(tmp: Path, htpasswd: dict[str, str] | None = None, timeout: float = 20.0) -> Iterator[RunningRegistry]:
+    """Serve a fresh registry on 127.0.0.1; yields a :class:`RunningRegistry`, stops it on exit.
+
+    ``htpasswd`` maps users to passwords and turns on basic auth (bcrypt entries).
+    """
+    exe = shutil.which("docker-registry")
+    if exe is None:
+        raise RuntimeError("docker-registry is not installed (Debian package docker-registry)")
+    tmp.mkdir(parents=True, exist_ok=True)
+    storage = tmp / "storage"
+    storage.mkdir()
+    port = free_port()
+    config = [
+        "version: 0.1",
+        "log:",
+        "  level: info",
+        "  accesslog:",
+        "    disabled: false",
+        "storage:",
+        "  filesystem:",
+        f"    rootdirectory: {storage}",
+        "  delete:",
+        "    enabled: true",
+        "http:",
+        f"  addr: {HOST}:{port}",
+        f"  secret: {secrets.token_hex(16)}",
+    ]
+    if htpasswd is not None:
+        lines = []
+        for user, password in htpasswd.items():
+            hashed = bcrypt_hash(password)
+            if hashed is None:
+                raise RuntimeError("no bcrypt available (htpasswd or crypt blowfish) for an htpasswd file")
+            lines.append(f"{user}:{hashed}")
+        (tmp / "htpasswd").write_text("\n".join(lines) + "\n")
+        config += ["auth:", "  htpasswd:", "    realm: lamina-test", f"    path: {tmp / 'htpasswd'}"]
+    (tmp / "config.yml").write_text("\n".join(config) + "\n")
+    log_path = tmp / "registry.log"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen([exe, "serve", str(tmp / "config.yml")], stdout=log_file,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    registry = RunningRegistry(port, storage, log_path, process)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"docker-registry exited with {process.returncode}: "
+                                   f"{log_path.read_text(errors='replace')[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"http://{registry.address}/v2/", timeout=2):
+                    break
+            except urllib.error.HTTPError as e:
+                if e.code == 401:  # up, and wants credentials
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"docker-registry did not answer on {registry.address} within {timeout} s")
+            time.sleep(0.05)
+        yield registry
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+# ---------------------------------------------------------------------------------------------
+# A fake registry that can lie, and a fake token server.
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class FakeRegistry:
+    """An in-memory, read-only registry. Populate ``blobs`` and ``manifests`` then :meth:`serve`.
+
+    ``manifests`` maps ``(repository, tag_or_digest)`` to ``(media_type, bytes)``. Lies:
+    ``blob_override[digest] = bytes`` serves other bytes for a blob; ``manifest_digest_header``
+    overrides the Docker-Content-Digest header. With ``bearer`` set, every ``/v2/`` request needs a
+    token from the token server (which wants basic credentials ``token_user:token_password`` if set).
+    """
+
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    manifests: dict[tuple[str, str], tuple[str, bytes]] = field(default_factory=dict)
+    blob_override: dict[str, bytes] = field(default_factory=dict)
+    manifest_digest_header: dict[tuple[str, str], str] = field(default_factory=dict)
+    bearer: bool = False
+    token_user: str | None = None
+    token_password: str | None = None
+    requests: list[tuple[str, str, str | None]] = field(default_factory=list)
+    token_requests: list[dict[str, str]] = field(default_factory=list)
+    port: int = 0
+    _issued: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def add_blob(self, data: bytes) -> str:
+        digest = digest_of(data)
+        self.blobs[digest] = data
+        return digest
+
+    def add_manifest(self, repository: str, tag: str | None, media_type: str, data: bytes) -> str:
+        digest = digest_of(data)
+        self.manifests[(repository, digest)] = (media_type, data)
+        if tag:
+            self.manifests[(repository, tag)] = (media_type, data)
+        return digest
+
+    @contextlib.contextmanager
+    def serve(self) -> Iterator[FakeRegistry]:
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
+                self.send_response(status)
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            def _token(self) -> None:
+                query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(self.path).query))
+                fake.token_requests.append(query)
+                if fake.token_user is not None:
+                    want = "Basic " + base64.b64encode(f"{fake.token_user}:{fake.token_password}".encode()).decode()
+                    if self.headers.get("Authorization") != want:
+                        self._send(401, b'{"details":"bad credentials"}')
+                        return
+                token = secrets.token_hex(8)
+                fake._issued[token] = query.get("scope", "")
+                self._send(200, json.dumps({"token": token}).encode(), {"Content-Type": "application/json"})
+
+            def _authorized(self, scope: str) -> bool:
+                if not fake.bearer:
+                    return True
+                auth = self.headers.get("Authorization", "")
+                if auth.startswith("Bearer ") and fake._issued.get(auth[7:]) is not None:
+                    granted = fake._issued[auth[7:]]
+                    if scope == "" or scope in granted.split(" "):
+                        return True
+                challenge = f'Bearer realm="http://{fake.address}/token",service="fake-registry"'
+                if scope:
+                    challenge += f',scope="{scope}"'
+                self._send(401, b'{"errors":[{"code":"UNAUTHORIZED","message":"token required"}]}',
+                           {"WWW-Authenticate": challenge, "Content-Type": "application/json"})
+                return False
+
+            def do_GET(self) -> None:
+                path = urllib.parse.urlsplit(self.path).path
+                fake.requests.append((self.command, path, self.headers.get("Authorization")))
+                if path == "/token":
+                    self._token()
+                    return
+                if path == "/v2/":
+                    if self._authorized(""):
+                        self._send(200, b"{}")
+                    return
+                m = re.fullmatch(r"/v2/(.+)/(manifests|blobs)/([^/]+)", path)
+                if not m:
+                    self._send(404)
+                    return
+                repository, kind, ref = m.groups()
+                if not self._authorized(f"repository:{repository}:pull"):
+                    return
+                if kind == "blobs":
+                    if ref not in fake.blobs:
+                        self._send(404, b'{"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown"}]}')
+                        return
+                    data = fake.blob_override.get(ref, fake.blobs[ref])
+                    self._send(200, data, {"Content-Type": "application/octet-stream",
+                                           "Docker-Content-Digest": ref})
+                    return
+                if (repository, ref) not in fake.manifests:
+                    self._send(404, b'{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown"}]}')
+                    return
+                media_type, data = fake.manifests[(repository, ref)]
+                announced = fake.manifest_digest_header.get((repository, ref), digest_of(data))
+                self._send(200, data, {"Content-Type": media_type, "Docker-Content-Digest": announced})
+
+            do_HEAD = do_GET
+
+        server = http.server.ThreadingHTTPServer((HOST, 0), Handler)
+        server.daemon_threads = True
+        self.port = server.server_address[1]
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=5)
+
+
+__all__ = ["FakeRegistry", "RunningRegistry", "bcrypt_hash", "digest_of", "free_port", "run_registry"]

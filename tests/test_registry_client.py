@@ -1,0 +1,250 @@
+"""The OCI distribution client (store/registry.py) against Debian's real registry and a lying fake one."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import shutil
+import subprocess
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from registry_server import FakeRegistry, RunningRegistry, bcrypt_hash, digest_of, run_registry
+
+from lamina.errors import RegistryError
+from store.registry import (
+    DOCKER_MANIFEST,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    Platform,
+    RegistryClient,
+    host_platform,
+    parse_www_authenticate,
+    select_platform,
+)
+
+pytestmark = pytest.mark.skipif(shutil.which("docker-registry") is None, reason="docker-registry not installed")
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[RunningRegistry]:
+    with run_registry(tmp_path / "registry") as running:
+        yield running
+
+
+def make_layer(files: dict[str, bytes]) -> bytes:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in sorted(files.items()):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = 0
+            tar.addfile(info, io.BytesIO(data))
+    return gzip.compress(raw.getvalue(), mtime=0)
+
+
+def make_image(files: dict[str, bytes], arch: str | None = None) -> tuple[bytes, bytes, bytes]:
+    """(layer blob, config blob, OCI manifest bytes) of a one-layer image."""
+    layer = make_layer(files)
+    diff_id = digest_of(gzip.decompress(layer))
+    plat = arch or host_platform().architecture
+    config = json.dumps({"architecture": plat, "os": "linux", "config": {"Cmd": ["/bin/sh"]},
+                         "rootfs": {"type": "layers", "diff_ids": [diff_id]}}, sort_keys=True).encode()
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest_of(config),
+                   "size": len(config)},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest_of(layer),
+                    "size": len(layer)}],
+    }).encode()
+    return layer, config, manifest
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def test_push_and_pull_protocol_roundtrip(registry: RunningRegistry, tmp_path: Path) -> None:
+    big = bytes(range(256)) * 20000
+    layer, config, manifest = make_image({"etc/hello": b"hello\n", "big": big})
+    client = RegistryClient(registry.address, tls_verify=False)
+    assert not client.has_blob("lamina/test", digest_of(layer))
+    client.upload_blob("lamina/test", digest_of(layer), write(tmp_path / "layer", layer),
+                       chunk_size=4096, monolithic_limit=0)
+    client.upload_blob("lamina/test", digest_of(config), write(tmp_path / "config", config))
+    assert client.has_blob("lamina/test", digest_of(layer))
+    patches = [p for m, p, s in registry.access_log() if m == "PATCH"]
+    assert len(patches) == -(-len(layer) // 4096), "the layer went up in 4 KiB chunks"
+    assert client.put_manifest("lamina/test", "v1", manifest, OCI_MANIFEST) == digest_of(manifest)
+
+    got = client.get_manifest("lamina/test", "v1")
+    assert got.data == manifest and got.digest == digest_of(manifest) and got.media_type == OCI_MANIFEST
+    by_digest = client.get_manifest("lamina/test", digest_of(manifest))
+    assert by_digest.data == manifest
+    fetched = client.fetch_blob("lamina/test", digest_of(layer), tmp_path, size=len(layer))
+    assert fetched.read_bytes() == layer
+    assert client.fetch_small_blob("lamina/test", digest_of(config), tmp_path) == config
+    client.close()
+
+    if shutil.which("skopeo"):
+        out = subprocess.run(["skopeo", "inspect", "--tls-verify=false", "--raw",
+                              f"docker://{registry.address}/lamina/test:v1"],
+                             check=True, capture_output=True, timeout=60)
+        assert out.stdout == manifest
+
+
+def test_cross_repository_mount(registry: RunningRegistry, tmp_path: Path) -> None:
+    layer, _, _ = make_image({"a": b"a"})
+    path = write(tmp_path / "layer", layer)
+    with RegistryClient(registry.address, tls_verify=False) as client:
+        client.upload_blob("one/repo", digest_of(layer), path)
+        client.upload_blob("two/repo", digest_of(layer), path, mount_from="one/repo")
+        assert client.has_blob("two/repo", digest_of(layer))
+    puts = [p for m, p, s in registry.access_log() if m == "PUT" and p.startswith("/v2/two/")]
+    assert puts == [], "the second upload was a mount, not a copy"
+
+
+def test_missing_manifest_and_blob_are_clear_errors(registry: RunningRegistry, tmp_path: Path) -> None:
+    with RegistryClient(registry.address, tls_verify=False) as client:
+        with pytest.raises(RegistryError, match="manifest unknown"):
+            client.get_manifest("no/such", "latest")
+        with pytest.raises(RegistryError, match="unknown"):
+            client.fetch_blob("no/such", digest_of(b"x"), tmp_path)
+        with pytest.raises(RegistryError, match="invalid repository"):
+            client.get_manifest("../etc", "latest")
+        with pytest.raises(RegistryError, match="invalid or unsupported"):
+            client.fetch_blob("no/such", "sha256:../../etc/passwd", tmp_path)
+    assert list(tmp_path.glob(".pull-*")) == []
+
+
+def test_tls_verify_true_refuses_plain_http(registry: RunningRegistry) -> None:
+    with RegistryClient(registry.address, tls_verify=True, timeout=5) as client:
+        with pytest.raises(RegistryError, match="cannot reach registry"):
+            client.get_manifest("x/y", "latest")
+
+
+def test_index_picks_host_platform(registry: RunningRegistry, tmp_path: Path) -> None:
+    host = host_platform()
+    other = "s390x" if host.architecture != "s390x" else "amd64"
+    entries = []
+    with RegistryClient(registry.address, tls_verify=False) as client:
+        for arch in (other, host.architecture):
+            layer, config, manifest = make_image({"arch": arch.encode()}, arch=arch)
+            client.upload_blob("multi/img", digest_of(layer), write(tmp_path / "l", layer))
+            client.upload_blob("multi/img", digest_of(config), write(tmp_path / "c", config))
+            digest = client.put_manifest("multi/img", digest_of(manifest), manifest, OCI_MANIFEST)
+            entries.append({"mediaType": OCI_MANIFEST, "digest": digest, "size": len(manifest),
+                            "platform": {"os": "linux", "architecture": arch}})
+        index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}).encode()
+        client.put_manifest("multi/img", "latest", index, OCI_INDEX)
+        manifest, got_index = client.get_image_manifest("multi/img", "latest")
+        assert got_index is not None and got_index.data == index
+        assert manifest.digest == entries[1]["digest"]
+        with pytest.raises(RegistryError, match="no manifest for linux/riscv64.*offers: linux/"):
+            client.get_image_manifest("multi/img", "latest", Platform("linux", "riscv64"))
+
+
+def test_select_platform_variants() -> None:
+    index = {"manifests": [
+        {"digest": "a", "platform": {"os": "linux", "architecture": "arm", "variant": "v6"}},
+        {"digest": "b", "platform": {"os": "linux", "architecture": "arm", "variant": "v7"}},
+        {"digest": "c", "platform": {"os": "linux", "architecture": "arm64"}},
+        {"digest": "d", "platform": {"os": "unknown", "architecture": "unknown"}},
+    ]}
+    assert select_platform(index, Platform("linux", "arm", "v7"))["digest"] == "b"
+    assert select_platform(index, Platform("linux", "arm64", "v8"))["digest"] == "c"
+    with pytest.raises(RegistryError, match="linux/amd64"):
+        select_platform(index, Platform("linux", "amd64"))
+
+
+def test_parse_www_authenticate() -> None:
+    c = parse_www_authenticate('Bearer realm="https://auth.example/token",service="reg",'
+                               'scope="repository:a/b:pull,push"')
+    assert c is not None and c.scheme == "bearer"
+    assert c.params == {"realm": "https://auth.example/token", "service": "reg",
+                        "scope": "repository:a/b:pull,push"}
+    basic = parse_www_authenticate('Basic realm="x"')
+    assert basic is not None and basic.scheme == "basic"
+    assert parse_www_authenticate("Negotiate abc") is None
+
+
+def test_basic_auth_registry(tmp_path: Path) -> None:
+    if bcrypt_hash("secret") is None:
+        pytest.skip("neither htpasswd nor crypt's blowfish is available to write an htpasswd file")
+    layer, _, _ = make_image({"a": b"auth"})
+    with run_registry(tmp_path / "registry", htpasswd={"alice": "secret"}) as registry:
+        with RegistryClient(registry.address, tls_verify=False) as anonymous:
+            with pytest.raises(RegistryError, match="wants credentials|authentication required"):
+                anonymous.has_blob("auth/img", digest_of(layer))
+        with RegistryClient(registry.address, tls_verify=False, credentials=("alice", "wrong")) as wrong:
+            with pytest.raises(RegistryError, match="credentials refused"):
+                wrong.ping()
+        with RegistryClient(registry.address, tls_verify=False, credentials=("alice", "secret")) as client:
+            client.ping()
+            client.upload_blob("auth/img", digest_of(layer), write(tmp_path / "l", layer))
+            assert client.has_blob("auth/img", digest_of(layer))
+
+
+# --- a lying registry and a token server --------------------------------------------------------
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeRegistry]:
+    registry = FakeRegistry()
+    with registry.serve():
+        yield registry
+
+
+def test_lying_blob_is_refused_and_leaves_nothing(fake: FakeRegistry, tmp_path: Path) -> None:
+    digest = fake.add_blob(b"the real content")
+    fake.blob_override[digest] = b"something else!!"
+    with RegistryClient(fake.address, tls_verify=False) as client:
+        with pytest.raises(RegistryError, match=f"sent blob {digest} whose content has digest"):
+            client.fetch_blob("x/y", digest, tmp_path)
+        fake.blob_override[digest] = b"the real content plus a tail"
+        with pytest.raises(RegistryError, match="more than 16 bytes"):
+            client.fetch_blob("x/y", digest, tmp_path, size=16)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_lying_manifest_is_refused(fake: FakeRegistry) -> None:
+    _, _, manifest = make_image({"a": b"a"})
+    digest = fake.add_manifest("x/y", "v1", OCI_MANIFEST, manifest)
+    # Served under a digest that is not the hash of its bytes.
+    wrong = digest_of(b"another manifest")
+    fake.manifests[("x/y", wrong)] = (OCI_MANIFEST, manifest)
+    fake.manifest_digest_header[("x/y", "v1")] = wrong
+    with RegistryClient(fake.address, tls_verify=False) as client:
+        with pytest.raises(RegistryError, match="whose content has digest"):
+            client.get_manifest("x/y", wrong)
+        with pytest.raises(RegistryError, match="announced manifest digest"):
+            client.get_manifest("x/y", "v1")
+        assert client.get_manifest("x/y", digest).data == manifest
+
+
+def test_bearer_token_flow(fake: FakeRegistry, tmp_path: Path) -> None:
+    fake.bearer = True
+    fake.token_user, fake.token_password = "bob", "hunter2"
+    _, _, manifest = make_image({"a": b"a"})
+    fake.add_manifest("team/app", "latest", DOCKER_MANIFEST, manifest)
+    blob = fake.add_blob(b"blob bytes")
+    with RegistryClient(fake.address, tls_verify=False, credentials=("bob", "hunter2")) as client:
+        assert client.get_manifest("team/app", "latest").data == manifest
+        assert client.fetch_small_blob("team/app", blob, tmp_path) == b"blob bytes"
+    scopes = [q.get("scope") for q in fake.token_requests]
+    assert "repository:team/app:pull" in scopes
+    assert all(q.get("service") == "fake-registry" for q in fake.token_requests)
+    # The token went to the registry, the password only to the token server.
+    registry_auth = [auth for _, path, auth in fake.requests if path.startswith("/v2/team/")]
+    assert registry_auth and all(a is not None and a.startswith("Bearer ") for a in registry_auth)
+
+    with RegistryClient(fake.address, tls_verify=False, credentials=("bob", "wrong")) as client:
+        with pytest.raises(RegistryError, match="refused the credentials"):
+            client.get_manifest("team/app", "latest")
+    with RegistryClient(fake.address, tls_verify=False) as client:
+        with pytest.raises(RegistryError, match="wants credentials"):
+            client.get_manifest("team/app", "latest")
