@@ -1,9 +1,317 @@
-"""Command-line verbs of this package, registered into the ``lamina`` parser."""
+"""Command-line verbs of the inspector: ``which``, ``layers``, ``mount``, ``umount``.
+
+Handlers stay thin: they resolve names through the store, hand layer directories to
+:mod:`inspector.analysis` (which/layers) or :mod:`inspector.mounts` (mount/umount), and print.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from inspector import mounts
+from inspector.analysis import (
+    Event,
+    LayerInput,
+    PathHistory,
+    StackAnalysis,
+    analyze,
+    instructions_for_layers,
+    normalize,
+)
+from inspector.render import human_size, render_html, render_svg
+from lamina.errors import ContainerError, ContainerNotFound, ImageNotFound, NotFoundError, UsageError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this package's verbs to ``lamina``. Each verb sets ``handler(args) -> int``."""
+    p = subparsers.add_parser("which", help="which layer provides a path, what it shadows, who deleted it")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("--json", action="store_true", help="print the answer as JSON")
+    p.set_defaults(handler=cmd_which)
+
+    p = subparsers.add_parser("layers", help="per layer: instruction, size, added/changed/deleted, waste")
+    p.add_argument("image", metavar="IMAGE")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--html", metavar="FILE", type=Path, help="also write a self-contained HTML picture")
+    out.add_argument("--svg", metavar="FILE", type=Path, help="also write the picture as an SVG file")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.set_defaults(handler=cmd_layers)
+
+    p = subparsers.add_parser("mount", help="mount an image or a container's root through unionfs")
+    p.add_argument("--rw", action="store_true",
+                   help="writable: a scratch upper discarded at umount (image) or the container's upper")
+    p.add_argument("--upto", metavar="LAYER",
+                   help="mount only layers 1..LAYER (number as in `lamina layers`, or a digest prefix)")
+    p.add_argument("target", metavar="IMAGE|CONTAINER")
+    p.add_argument("directory", metavar="DIR", nargs="?", type=Path,
+                   help="mount point (default: a new directory under ROOT/mounts/)")
+    p.set_defaults(handler=cmd_mount)
+
+    p = subparsers.add_parser("umount", help="unmount a `lamina mount` and stop its server")
+    p.add_argument("directory", metavar="DIR", type=Path)
+    p.add_argument("--lazy", action="store_true", help="detach even if busy (fusermount3 -z)")
+    p.set_defaults(handler=cmd_umount)
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedImage:
+    reference: str
+    image: Any               # store.Image
+    inputs: list[LayerInput]
+
+
+def _load_image(root: Path, reference: str) -> LoadedImage:
+    from store import Store
+
+    image = Store.open(root).resolve_image(reference)
+    layers = list(image.layers)
+    history = image.config.get("history") or []
+    instructions = instructions_for_layers(history, len(layers))
+    inputs = [LayerInput(Path(layer.path), layer.diff_id, instruction)
+              for layer, instruction in zip(layers, instructions, strict=True)]
+    return LoadedImage(reference, image, inputs)
+
+
+def _analyze(loaded: LoadedImage) -> StackAnalysis:
+    try:
+        return analyze(loaded.inputs)
+    except FileNotFoundError as e:
+        raise NotFoundError(f"{loaded.reference}: {e} (store damaged? re-pull or rebuild the image)") from e
+
+
+def _short(digest: str) -> str:
+    return digest.split(":", 1)[-1][:12]
+
+
+# --- which ---------------------------------------------------------------------------------------
+
+
+def _describe(analysis: StackAnalysis, index: int) -> str:
+    layer = analysis.layers[index]
+    return f"layer {index + 1} ({_short(layer.digest)}) {layer.instruction or '(no history)'}"
+
+
+def which_report(analysis: StackAnalysis, h: PathHistory) -> dict[str, Any]:
+    def layer_info(index: int) -> dict[str, Any]:
+        layer = analysis.layers[index]
+        return {"layer": index + 1, "diff_id": layer.digest, "instruction": layer.instruction}
+
+    return {
+        "path": h.path,
+        "present": h.visible,
+        "type": "directory" if h.is_dir else "file",
+        "provided_by": layer_info(h.provider) if h.provider is not None else None,
+        "shadows": [layer_info(i) for i in h.shadowed],
+        "removed": [{**layer_info(e.layer), "how": e.event.value,
+                     **({"by": e.cause} if e.cause else {})} for e in h.deleted_by],
+        "history": [{**layer_info(e.layer), "event": e.event.value} for e in h.events],
+    }
+
+
+def cmd_which(args: argparse.Namespace) -> int:
+    loaded = _load_image(args.root, args.image)
+    analysis = _analyze(loaded)
+    path = normalize(args.path)
+    h = analysis.history(path)
+    if h is None or not h.events:
+        raise NotFoundError(f"{path}: no layer of {args.image} has it")
+    if args.json:
+        print(json.dumps(which_report(analysis, h), indent=2))
+        return 0
+
+    count = len(analysis.layers)
+    if h.provider is not None:
+        print(f"{path}: provided by layer {h.provider + 1} of {count}")
+        print(f"  digest       {analysis.layers[h.provider].digest}")
+        print(f"  instruction  {analysis.layers[h.provider].instruction or '(no history)'}")
+        verb = "merges with" if h.is_dir else "shadows"
+        for index in reversed(h.shadowed):
+            print(f"  {verb:<12} {_describe(analysis, index)}")
+    else:
+        print(f"{path}: not in the image (deleted)")
+    for event in h.deleted_by:
+        if event.event is Event.DELETED:
+            what = "whiteout"
+        else:
+            what = f"hidden by {event.cause}"
+            layer = analysis.layers[event.layer]
+            what += " (opaque directory)" if event.cause in layer.opaque_dirs else (
+                " (whiteout)" if event.cause in layer.whiteouts else " (replaced by a non-directory)")
+        print(f"  {'removed by':<12} {_describe(analysis, event.layer)}: {what}")
+    return 0
+
+
+# --- layers --------------------------------------------------------------------------------------
+
+
+def layers_table(analysis: StackAnalysis) -> list[str]:
+    rows = [("#", "DIFF ID", "SIZE", "ADDED", "CHANGED", "DELETED", "WASTED", "INSTRUCTION")]
+    for layer in reversed(analysis.layers):
+        rows.append((str(layer.index + 1), _short(layer.digest), human_size(layer.size), str(layer.added),
+                     str(layer.changed), str(layer.deleted), human_size(layer.wasted),
+                     layer.instruction or "(no history)"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    lines = []
+    for row in rows:
+        cells = [cell.rjust(w) if 2 <= i <= 6 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row[:-1], widths, strict=True))]
+        lines.append("  ".join(cells) + "  " + row[-1])
+    lines.append(f"efficiency {analysis.efficiency * 100:.1f}%: {human_size(analysis.wasted_bytes)} of "
+                 f"{human_size(analysis.total_bytes)} in layers is hidden by later layers")
+    return lines
+
+
+def _write_output(path: Path, text: str) -> None:
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {e.strerror}") from e
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    loaded = _load_image(args.root, args.image)
+    analysis = _analyze(loaded)
+    title = f"{args.image} ({loaded.image.id[:12]})"
+    if args.html:
+        _write_output(args.html, render_html(analysis, title))
+    if args.svg:
+        _write_output(args.svg, render_svg(analysis, title))
+    if args.json:
+        print(json.dumps({
+            "image": loaded.image.id,
+            "layers": [{"layer": layer.index + 1, "diff_id": layer.digest, "instruction": layer.instruction,
+                        "size": layer.size, "added": layer.added, "changed": layer.changed,
+                        "deleted": layer.deleted, "wasted": layer.wasted, "whiteouts": layer.whiteouts,
+                        "opaque_dirs": layer.opaque_dirs} for layer in analysis.layers],
+            "total_bytes": analysis.total_bytes,
+            "wasted_bytes": analysis.wasted_bytes,
+            "efficiency": analysis.efficiency,
+        }, indent=2))
+    else:
+        print("\n".join(layers_table(analysis)))
+    return 0
+
+
+# --- mount / umount ------------------------------------------------------------------------------
+
+
+def _select_upto(layers: list[Any], upto: str) -> int:
+    """How many bottom layers ``--upto`` keeps: a layer number 1..N or a unique digest prefix."""
+    if upto.isdigit():
+        n = int(upto)
+        if not 1 <= n <= len(layers):
+            raise UsageError(f"--upto {upto}: the image has layers 1..{len(layers)}")
+        return n
+    prefix = upto.removeprefix("sha256:").lower()
+    if len(prefix) < 4:
+        raise UsageError(f"--upto {upto}: give a layer number or at least 4 digits of a digest")
+    matches = {i for i, layer in enumerate(layers)
+               for digest in (layer.diff_id, getattr(layer, "digest", "") or "")
+               if digest.removeprefix("sha256:").startswith(prefix)}
+    if not matches:
+        raise UsageError(f"--upto {upto}: no layer of the image has that digest")
+    if len(matches) > 1:
+        raise UsageError(f"--upto {upto}: ambiguous, layers {', '.join(str(i + 1) for i in sorted(matches))}")
+    return matches.pop() + 1
+
+
+def _find_container(root: Path, name: str) -> tuple[Path, dict[str, Any]] | None:
+    """The runner's container directory and record for an id, unique id prefix or name."""
+    base = root / "containers"
+    if not base.is_dir() or not name or "/" in name:
+        return None
+    exact = base / name / "container.json"
+    candidates = [exact] if exact.is_file() else sorted(base.glob("*/container.json"))
+    matches = []
+    for record_path in candidates:
+        try:
+            record = json.loads(record_path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(record, dict):
+            continue
+        cid = record_path.parent.name
+        if cid == name or record.get("name") == name or (len(name) >= 4 and cid.startswith(name)):
+            matches.append((record_path.parent, record))
+    if len(matches) > 1:
+        raise UsageError(f"container {name!r} is ambiguous: {', '.join(m[0].name[:12] for m in matches)}")
+    return matches[0] if matches else None
+
+
+def _container_running(record: dict[str, Any]) -> bool:
+    pid = record.get("pid")
+    if record.get("state", record.get("status")) not in ("running", "created") or not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _mount_request(args: argparse.Namespace) -> mounts.StackRequest:
+    from store import Store
+
+    store = Store.open(args.root)
+    try:
+        image = store.resolve_image(args.target)
+    except ImageNotFound:
+        found = _find_container(args.root, args.target)
+        if found is None:
+            raise NotFoundError(f"no image or container named {args.target}") from None
+        return _container_request(args, store, *found)
+    layers = list(image.layers)
+    keep = _select_upto(layers, args.upto) if args.upto else len(layers)
+    lowers = [Path(layer.path) for layer in reversed(layers[:keep])]
+    return mounts.StackRequest(lowers=lowers, upper=None, work=None, source=args.target, image_id=image.id,
+                               container_id=None, layers=keep, scratch_rw=args.rw)
+
+
+def _container_request(args: argparse.Namespace, store: Any, directory: Path,
+                       record: dict[str, Any]) -> mounts.StackRequest:
+    if args.upto:
+        raise UsageError("--upto applies to images; mount the container's image to see its layers")
+    image_id = record.get("image_id")
+    if not isinstance(image_id, str):
+        raise ContainerError(f"container {directory.name[:12]}: its record names no image")
+    try:
+        image = store.resolve_image(image_id)
+    except ImageNotFound:
+        raise ContainerNotFound(f"{args.target} (its image {image_id[:12]} is gone)") from None
+    upper, work = directory / "upper", directory / "work"
+    if not upper.is_dir():
+        raise ContainerError(f"container {directory.name[:12]} has no upper directory: {upper}")
+    image_lowers = [Path(layer.path) for layer in reversed(list(image.layers))]
+    if args.rw:
+        if _container_running(record):
+            raise ContainerError(f"container {directory.name[:12]} is running; mount it without --rw "
+                                 f"(two writers on one upper directory corrupt it)")
+        work.mkdir(exist_ok=True)
+        return mounts.StackRequest(lowers=image_lowers, upper=upper, work=work, source=args.target,
+                                   image_id=image.id, container_id=directory.name,
+                                   layers=len(image_lowers))
+    # Read-only view: the container layer becomes the topmost lowerdir.
+    return mounts.StackRequest(lowers=[upper, *image_lowers], upper=None, work=None, source=args.target,
+                               image_id=image.id, container_id=directory.name, layers=len(image_lowers))
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    request = _mount_request(args)
+    state = mounts.mount_image_stack(args.root, request, args.directory)
+    print(state.mountpoint)
+    return 0
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    mounts.unmount(args.root, args.directory, lazy=args.lazy)
+    return 0

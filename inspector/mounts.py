@@ -1,0 +1,290 @@
+"""``lamina mount`` / ``lamina umount``: an image or a container's root, served by unionfs, left mounted.
+
+A CLI mount must outlive the ``lamina mount`` process, so the filesystem server is started
+detached (its own session, output to a log file) and what ``umount`` needs to find it again is
+written to ``ROOT/mounts/<id>/state.json``: the mount point, the server's pid, and which
+directories the mount created and must remove (a scratch upper for ``--rw``, a mount point it made).
+
+Speed: mounting must not depend on the image's size. Nothing here walks a layer: the lowerdirs are
+the store's unpacked layer directories as they are, and readiness is watched in
+``/proc/self/mountinfo`` (a stat on the mount point could block on a server still starting).
+
+Read-only and read-write: an image is mounted with no upper directory, so the kernel refuses writes
+(EROFS) and nothing can touch the store's layers. ``--rw`` adds a scratch upper that ``umount``
+throws away. A container's upper directory is shown read-only too, as the top lowerdir: the
+runner may be writing to it, and two overlays sharing one upperdir is undefined. ``--rw`` on a
+container uses the container's own upper and work directories, and is refused while it runs.
+
+Resource handling: :func:`mount_image_stack` leaves a server running and a state directory behind
+by design; :func:`unmount` is their only owner afterwards. If mounting fails, nothing is left.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from lamina.errors import MountError, UsageError
+
+log = logging.getLogger(__name__)
+
+MOUNTS_DIR = "mounts"
+STATE_FILE = "state.json"
+READY_TIMEOUT_S = 10.0
+EXIT_TIMEOUT_S = 3.0
+LAYER_XATTR_OPTION = "layer_xattr"
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")  # mountinfo writes space as \040
+
+
+@dataclass
+class MountState:
+    id: str
+    mountpoint: str
+    pid: int
+    source: str                   # what the user named: image reference or container
+    image_id: str
+    container_id: str | None
+    layers: int                   # image layers in the stack
+    writable: bool
+    scratch: str | None           # directory holding a --rw scratch upper/work, removed at umount
+    own_mountpoint: bool          # the mount point was created by us and is removed at umount
+    log: str
+
+    def save(self, state_dir: Path) -> None:
+        tmp = state_dir / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        tmp.replace(state_dir / STATE_FILE)
+
+
+@dataclass
+class StackRequest:
+    """What to mount: lowerdirs top first, and optionally a writable upper."""
+
+    lowers: list[Path]
+    upper: Path | None
+    work: Path | None
+    source: str
+    image_id: str
+    container_id: str | None
+    layers: int
+    scratch_rw: bool = False      # create a throwaway upper for --rw
+
+
+def mounts_root(root: Path) -> Path:
+    return root / MOUNTS_DIR
+
+
+def fuse_mountpoints() -> set[str]:
+    """Mount points of every FUSE filesystem in this mount namespace."""
+    found = set()
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            if fields[sep + 1].startswith("fuse"):
+                found.add(_OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), fields[4]))
+    return found
+
+
+def _server_alive(pid: int) -> bool:
+    """True when ``pid`` is still a unionfs server (guards against a recycled pid)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    try:
+        stat_fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        if stat_fields[0] == "Z":
+            return False
+    except (OSError, IndexError):
+        return False
+    return b"unionfs" in cmdline
+
+
+def mount_image_stack(root: Path, request: StackRequest, mountpoint: Path | None) -> MountState:
+    """Start a detached unionfs server for ``request`` and wait until the mount is up.
+
+    Error handling: raises :class:`MountError` (with the server's log) when the server exits or is
+    not ready in time, :class:`UsageError` when ``mountpoint`` is unusable; then nothing is left
+    mounted, running or recorded.
+    """
+    mount_id = secrets.token_hex(6)
+    state_dir = mounts_root(root) / mount_id
+    state_dir.mkdir(parents=True)
+    try:
+        return _mount(state_dir, mount_id, request, mountpoint)
+    except BaseException:
+        shutil.rmtree(state_dir, ignore_errors=True)
+        raise
+
+
+def _mount(state_dir: Path, mount_id: str, request: StackRequest, mountpoint: Path | None) -> MountState:
+    # Imported here: every lamina command builds the parser that imports this module.
+    from unionfs.mount import MountSpec, command_line
+
+    own_mountpoint = mountpoint is None
+    if mountpoint is None:
+        mountpoint = state_dir / "merged"
+        mountpoint.mkdir()
+    else:
+        mountpoint = mountpoint.absolute()
+        if not mountpoint.is_dir():
+            raise UsageError(f"mount point is not a directory: {mountpoint}")
+        if str(mountpoint.resolve()) in fuse_mountpoints():
+            raise UsageError(f"something is already mounted on {mountpoint}")
+        mountpoint = mountpoint.resolve()
+
+    lowers = list(request.lowers)
+    if not lowers:
+        # An image without layers (FROM scratch and nothing else) still mounts, as an empty root.
+        empty = state_dir / "empty"
+        empty.mkdir()
+        lowers = [empty]
+    upper, work, scratch = request.upper, request.work, None
+    if request.scratch_rw:
+        scratch = state_dir / "scratch"
+        upper, work = scratch / "upper", scratch / "work"
+        upper.mkdir(parents=True)
+        work.mkdir()
+
+    spec = MountSpec(lowers=lowers, upper=upper, work=work, mountpoint=mountpoint,
+                     options=[LAYER_XATTR_OPTION])
+    argv = command_line(spec)
+    log_path = state_dir / "unionfs.log"
+    log.debug("starting %s", argv)
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                                   start_new_session=True, close_fds=True)
+    try:
+        _wait_ready(process, mountpoint, log_path)
+    except BaseException:
+        _stop_server(process.pid, mountpoint)
+        process.wait()
+        raise
+
+    state = MountState(id=mount_id, mountpoint=str(mountpoint), pid=process.pid, source=request.source,
+                       image_id=request.image_id, container_id=request.container_id,
+                       layers=request.layers, writable=upper is not None,
+                       scratch=str(scratch) if scratch else None, own_mountpoint=own_mountpoint,
+                       log=str(log_path))
+    state.save(state_dir)
+    # The server is detached on purpose; stop Popen's finaliser from warning that it still runs.
+    process.returncode = 0
+    return state
+
+
+def _wait_ready(process: subprocess.Popen[bytes], mountpoint: Path, log_path: Path) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    target = str(mountpoint)
+    delay = 0.002
+    while True:
+        if process.poll() is not None:
+            raise MountError(f"unionfs exited with status {process.returncode} before mounting "
+                             f"{mountpoint}: {_tail(log_path)}")
+        if target in fuse_mountpoints():
+            return
+        if time.monotonic() > deadline:
+            raise MountError(f"unionfs did not mount {mountpoint} within {READY_TIMEOUT_S:.0f} s: "
+                             f"{_tail(log_path)}")
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.02)
+
+
+def _tail(path: Path, lines: int = 3) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "(no log)"
+    return " | ".join(text[-lines:]) or "(empty log)"
+
+
+def _fusermount_unmount(mountpoint: str, lazy: bool = False) -> tuple[bool, str]:
+    argv = ["fusermount3", "-u", *(["-z"] if lazy else []), mountpoint]
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30)
+    except FileNotFoundError as e:
+        raise MountError("fusermount3 not found: install the fuse3 package") from e
+    return result.returncode == 0, result.stderr.strip()
+
+
+def _stop_server(pid: int, mountpoint: Path | str) -> None:
+    """Unmount if mounted, then make sure the server is gone. Never raises."""
+    try:
+        if str(mountpoint) in fuse_mountpoints():
+            ok, _ = _fusermount_unmount(str(mountpoint))
+            if not ok:
+                _fusermount_unmount(str(mountpoint), lazy=True)
+    except (OSError, MountError):
+        log.debug("unmounting %s failed", mountpoint, exc_info=True)
+    _wait_exit(pid)
+
+
+def _wait_exit(pid: int) -> None:
+    deadline = time.monotonic() + EXIT_TIMEOUT_S
+    while _server_alive(pid):
+        if time.monotonic() > deadline:
+            # Seen here: a copy of the mount in another process's namespace keeps the server up.
+            log.info("unionfs server %d still running after unmount; terminating it", pid)
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                return
+            deadline = time.monotonic() + EXIT_TIMEOUT_S
+            while _server_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if _server_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+            return
+        time.sleep(0.01)
+
+
+def list_mounts(root: Path) -> list[tuple[Path, MountState]]:
+    """Every recorded mount (state directory, state); unreadable records are skipped with a warning."""
+    found = []
+    base = mounts_root(root)
+    if not base.is_dir():
+        return []
+    for state_path in sorted(base.glob(f"*/{STATE_FILE}")):
+        try:
+            found.append((state_path.parent, MountState(**json.loads(state_path.read_text()))))
+        except (OSError, ValueError, TypeError):
+            log.warning("ignoring unreadable mount record %s", state_path)
+    return found
+
+
+def find_mount(root: Path, directory: Path) -> tuple[Path, MountState]:
+    wanted = str(directory.absolute().resolve()) if directory.exists() else str(directory.absolute())
+    for state_dir, state in list_mounts(root):
+        if state.mountpoint == wanted or state.id == str(directory):
+            return state_dir, state
+    raise UsageError(f"not a lamina mount: {directory} (no record under {mounts_root(root)})")
+
+
+def unmount(root: Path, directory: Path, lazy: bool = False) -> MountState:
+    """Unmount a ``lamina mount``, stop its server, and remove what the mount created.
+
+    Error handling: :class:`UsageError` when ``directory`` is not a recorded mount;
+    :class:`MountError` when the mount is busy (a process has a file open or its cwd inside) and
+    ``lazy`` is false; the record is then kept so a later ``umount`` can finish.
+    """
+    state_dir, state = find_mount(root, directory)
+    if state.mountpoint in fuse_mountpoints():
+        ok, err = _fusermount_unmount(state.mountpoint, lazy=lazy)
+        if not ok:
+            raise MountError(f"cannot unmount {state.mountpoint}: {err or 'fusermount3 failed'}"
+                             f"{'' if lazy else ' (busy? close files there, or use --lazy)'}")
+    else:
+        log.info("%s was no longer mounted; removing its record", state.mountpoint)
+    _wait_exit(state.pid)
+    # The scratch upper and a mount point we made live in the state directory: all of it goes.
+    shutil.rmtree(state_dir, ignore_errors=True)
+    return state
