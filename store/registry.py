@@ -32,8 +32,8 @@ import logging
 import os
 import platform
 import re
+import secrets
 import ssl
-import tempfile
 import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -574,10 +574,11 @@ class RegistryClient:
         limit = size if size is not None else max_size
         hasher = hashlib.sha256()
         received = 0
-        fd, name = tempfile.mkstemp(prefix=".pull-", suffix=".partial", dir=directory)
-        path = Path(name)
+        # The store's temporary-file convention: a name starting with our pid, so that a cleaner can
+        # tell a crashed pull's leftovers from a live one's.
+        path = directory / f"{os.getpid()}.{secrets.token_hex(6)}.pull"
         try:
-            with os.fdopen(fd, "wb") as out:
+            with open(path, "xb") as out:
                 while True:
                     try:
                         chunk = response.read(READ_SIZE)

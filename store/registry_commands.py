@@ -1,9 +1,345 @@
-"""Command-line verbs for registries (pull, push, login), registered into the ``lamina`` parser."""
+"""``lamina pull``, ``lamina push``, ``lamina login`` and ``lamina logout``: the store meets a registry.
+
+Pull: the manifest (through an index to the host's platform) and the config are fetched and
+verified; each layer blob the store lacks is downloaded into the store's temporary directory,
+verified against its digest and size, and ingested; only then is the image recorded. A registry that
+lies about any digest is refused before anything is recorded, and blobs already ingested are just
+unreferenced blobs (content-addressed, verified), which ``system prune`` removes.
+
+Push: every blob the image names (layers, then config) is ``HEAD``-checked and uploaded only if the
+registry lacks it; then the manifest goes up exactly as the store holds it, so the digest the
+registry records is the digest lamina knows.
+"""
 
 from __future__ import annotations
 
 import argparse
+import getpass
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from lamina.errors import RegistryError, UsageError
+from store.reference import DEFAULT_REGISTRY, Reference
+from store.registry import (
+    DOCKER_MANIFEST,
+    IMAGE_MANIFEST_TYPES,
+    OCI_MANIFEST,
+    RegistryClient,
+    check_digest,
+    config_descriptor,
+    iter_layers,
+)
+from store.registry_auth import lookup_credentials, parse_creds, remove_credentials, store_credentials
+
+log = logging.getLogger(__name__)
+
+# Layer media types lamina can unpack (docker's and OCI's; gzip, zstd or plain tar).
+LAYER_TYPES = {
+    "application/vnd.oci.image.layer.v1.tar",
+    "application/vnd.oci.image.layer.v1.tar+gzip",
+    "application/vnd.oci.image.layer.v1.tar+zstd",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip",
+    "application/vnd.docker.image.rootfs.diff.tar",
+}
+
+
+def api_host(registry: str) -> str:
+    """The host that serves a registry's API (docker.io's lives at registry-1.docker.io)."""
+    return "registry-1.docker.io" if registry == DEFAULT_REGISTRY else registry
+
+
+class Progress:
+    """Docker-like per-blob progress lines on a terminal; silent when ``stream`` is None."""
+
+    def __init__(self, stream: TextIO | None) -> None:
+        self.stream = stream
+        self._last = 0.0
+
+    def line(self, text: str) -> None:
+        if self.stream is not None:
+            self.stream.write(f"\r\x1b[K{text}\n")
+            self.stream.flush()
+
+    def bar(self, label: str, total: int | None) -> _Bar:
+        return _Bar(self, label, total)
+
+
+class _Bar:
+    def __init__(self, progress: Progress, label: str, total: int | None) -> None:
+        self.progress, self.label, self.total, self.done = progress, label, total, 0
+        self._shown = 0.0
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        stream = self.progress.stream
+        now = time.monotonic()
+        if stream is None or now - self._shown < 0.1:
+            return
+        self._shown = now
+        if self.total:
+            filled = min(30, 30 * self.done // max(self.total, 1))
+            stream.write(f"\r\x1b[K{self.label} [{'=' * filled}>{' ' * (30 - filled)}] "
+                         f"{human_size(self.done)} / {human_size(self.total)}")
+        else:
+            stream.write(f"\r\x1b[K{self.label} {human_size(self.done)}")
+        stream.flush()
+
+    def finish(self, status: str) -> None:
+        self.progress.line(f"{self.label} {status}")
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1000
+    return f"{n:.1f}GB"
+
+
+def _progress_stream(quiet: bool) -> TextIO | None:
+    return sys.stderr if not quiet and sys.stderr.isatty() else None
+
+
+def _credentials(args: argparse.Namespace, registry: str) -> tuple[str, str] | None:
+    if getattr(args, "creds", None):
+        return parse_creds(args.creds)
+    return lookup_credentials(registry)
+
+
+def _open_store(root: Path) -> Any:
+    from store import Store
+
+    return Store.open(root)
+
+
+# ----- pull -----
+
+
+def pull_image(store: Any, ref: Reference, client: RegistryClient, progress: Progress) -> Any:
+    """Download ``ref`` into ``store`` (only the blobs it lacks) and record it; returns the Image.
+
+    Error handling: RegistryError for anything the registry refuses or gets wrong; the store then
+    holds no new image and no unverified byte.
+    """
+    repository = ref.repository
+    reference = ref.digest or ref.tag or "latest"
+    progress.line(f"Trying to pull {ref}...")
+    manifest, _index = client.get_image_manifest(repository, reference)
+    if manifest.media_type not in IMAGE_MANIFEST_TYPES:
+        raise RegistryError(f"{ref}: unsupported manifest type {manifest.media_type}")
+    doc = manifest.json()
+    config_desc = config_descriptor(doc)
+    layers = list(iter_layers(doc))
+    for layer in layers:
+        if layer.get("urls"):
+            raise RegistryError(f"{ref}: layer {layer['digest']} is a foreign layer (urls), not supported")
+        if layer.get("mediaType") not in LAYER_TYPES:
+            raise RegistryError(f"{ref}: layer {layer['digest']} has unsupported media type "
+                                f"{layer.get('mediaType')!r}")
+
+    tmp_dir = store.root / "tmp"
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    config_digest = config_desc["digest"]
+    if store.has_blob(config_digest):
+        config_bytes = store.blob_path(config_digest).read_bytes()
+    else:
+        config_bytes = client.fetch_small_blob(repository, config_digest, tmp_dir, size=config_desc["size"])
+    _check_config(ref, config_bytes, len(layers))
+
+    # Everything is downloaded and verified before anything enters the store: a registry that lies
+    # about the last layer leaves no trace of the first ones.
+    downloaded: list[tuple[str, Path]] = []
+    try:
+        for layer in layers:
+            digest, size = layer["digest"], layer["size"]
+            label = f"Copying blob {digest[7:19]}"
+            if store.has_blob(digest) or any(d == digest for d, _ in downloaded):
+                progress.line(f"{label} skipped: already exists")
+                continue
+            bar = progress.bar(label, size)
+            downloaded.append((digest, client.fetch_blob(repository, digest, tmp_dir, size=size, progress=bar)))
+            bar.finish("done")
+        progress.line(f"Copying config {config_digest[7:19]} done")
+        for digest, path in downloaded:
+            store.ingest_blob(path, digest)
+    finally:
+        for _, path in downloaded:
+            path.unlink(missing_ok=True)
+    progress.line("Writing manifest to image destination")
+    tags = [str(ref.with_tag(ref.tag))] if ref.tag else []
+    return store.import_image_from_manifest(manifest.data, config_bytes, tags)
+
+
+def _check_config(ref: Reference, config_bytes: bytes, layer_count: int) -> None:
+    try:
+        config = json.loads(config_bytes)
+    except (ValueError, UnicodeDecodeError):
+        raise RegistryError(f"{ref}: the image config is not valid JSON") from None
+    diff_ids = config.get("rootfs", {}).get("diff_ids") if isinstance(config, dict) else None
+    if not isinstance(diff_ids, list) or len(diff_ids) != layer_count:
+        raise RegistryError(f"{ref}: the config lists {len(diff_ids) if isinstance(diff_ids, list) else 'no'} "
+                            f"diff_ids for {layer_count} layers")
+    for diff_id in diff_ids:
+        check_digest(diff_id, "diff_id in the image config")
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    ref = Reference.parse(args.reference)
+    registry = ref.registry
+    store = _open_store(args.root)
+    progress = Progress(_progress_stream(args.quiet))
+    with RegistryClient(api_host(registry), tls_verify=args.tls_verify,
+                        credentials=_credentials(args, registry)) as client:
+        image = pull_image(store, ref, client, progress)
+    print(image.id)
+    return 0
+
+
+# ----- push -----
+
+
+def push_image(store: Any, image: Any, dest: Reference, client: RegistryClient, progress: Progress) -> tuple[str, int]:
+    """Upload ``image`` to ``dest`` (only the blobs the registry lacks), manifest last.
+
+    Returns the manifest's digest and size.
+    """
+    manifest_bytes, media_type = _stored_manifest(store, image)
+    if media_type not in (OCI_MANIFEST, DOCKER_MANIFEST):
+        raise RegistryError(f"cannot push a manifest of type {media_type}")
+    doc = json.loads(manifest_bytes)
+    repository = dest.repository
+    blobs = [(layer["digest"], "blob") for layer in iter_layers(doc)]
+    blobs.append((config_descriptor(doc)["digest"], "config"))
+    for digest, kind in blobs:
+        label = f"Copying {kind} {digest[7:19]}"
+        path = store.blob_path(digest)
+        if not path.is_file():
+            raise RegistryError(f"the store lacks blob {digest} of image {image.id[:12]} "
+                                "(run `lamina system check`)")
+        if client.has_blob(repository, digest):
+            progress.line(f"{label} skipped: already exists")
+            continue
+        bar = progress.bar(label, path.stat().st_size)
+        client.upload_blob(repository, digest, path, progress=bar)
+        bar.finish("done")
+    progress.line("Writing manifest to image destination")
+    digest = client.put_manifest(repository, dest.tag or dest.digest or "latest", manifest_bytes, media_type)
+    return digest, len(manifest_bytes)
+
+
+def _stored_manifest(store: Any, image: Any) -> tuple[bytes, str]:
+    """The image's manifest exactly as the store holds it, and its media type."""
+    data: bytes
+    if hasattr(store, "manifest_bytes"):
+        data = store.manifest_bytes(image)
+    else:
+        data = store.blob_path(image.manifest_digest).read_bytes()
+    doc = json.loads(data)
+    media_type = doc.get("mediaType") or OCI_MANIFEST
+    return data, media_type
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    store = _open_store(args.root)
+    image = store.resolve_image(args.source)
+    dest = Reference.parse(args.destination or args.source)
+    if dest.digest and not dest.tag:
+        raise UsageError(f"push: destination {dest} names a digest; give a tag")
+    progress = Progress(_progress_stream(args.quiet))
+    with RegistryClient(api_host(dest.registry), tls_verify=args.tls_verify,
+                        credentials=_credentials(args, dest.registry)) as client:
+        digest, size = push_image(store, image, dest, client, progress)
+    if not args.quiet:
+        print(f"{dest.tag}: digest: {digest} size: {size}")
+    return 0
+
+
+# ----- login / logout -----
+
+
+def _registry_arg(text: str) -> str:
+    text = text.removeprefix("https://").removeprefix("http://").rstrip("/")
+    if not text or "/" in text:
+        raise UsageError(f"login: expected a registry host[:port], got {text!r}")
+    return DEFAULT_REGISTRY if text in ("index.docker.io", "registry-1.docker.io") else text
+
+
+def cmd_login(args: argparse.Namespace) -> int:
+    registry = _registry_arg(args.registry)
+    user = args.username
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    elif args.password is not None:
+        password = args.password
+    else:
+        if not sys.stdin.isatty():
+            raise UsageError("login: no password given (use --password-stdin or -p)")
+        user = user or input("Username: ")
+        password = getpass.getpass("Password: ")
+    if not user:
+        raise UsageError("login: --username is required")
+    with RegistryClient(api_host(registry), tls_verify=args.tls_verify, credentials=(user, password)) as client:
+        client.ping()
+    path = store_credentials(registry, user, password)
+    log.debug("credentials for %s written to %s", registry, path)
+    print("Login Succeeded!")
+    return 0
+
+
+def cmd_logout(args: argparse.Namespace) -> int:
+    registry = _registry_arg(args.registry)
+    if not remove_credentials(registry):
+        raise UsageError(f"logout: not logged in to {registry}")
+    print(f"Removed login credentials for {registry}")
+    return 0
+
+
+def _tls_verify(text: str) -> bool:
+    value = text.lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _add_tls(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tls-verify", type=_tls_verify, nargs="?", const=True, default=True, metavar="BOOL",
+                        help="require HTTPS with a trusted certificate (default true); false also allows plain HTTP")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this package's verbs to ``lamina``. Each verb sets ``handler(args) -> int``."""
+    pull = subparsers.add_parser("pull", help="download an image from a registry",
+                                 description="Download an image (only the layers the store lacks).")
+    pull.add_argument("reference", metavar="REF", help="[HOST[:PORT]/]NAME[:TAG|@DIGEST]")
+    _add_tls(pull)
+    pull.add_argument("--creds", metavar="USER:PASS", help="credentials for the registry")
+    pull.add_argument("-q", "--quiet", action="store_true", help="no progress, only the image ID")
+    pull.set_defaults(handler=cmd_pull)
+
+    push = subparsers.add_parser("push", help="upload an image to a registry",
+                                 description="Upload an image (only the blobs the registry lacks).")
+    push.add_argument("source", metavar="IMAGE", help="image in the store (name or ID)")
+    push.add_argument("destination", metavar="DEST", nargs="?", help="[HOST[:PORT]/]NAME[:TAG] (default IMAGE)")
+    _add_tls(push)
+    push.add_argument("--creds", metavar="USER:PASS", help="credentials for the registry")
+    push.add_argument("-q", "--quiet", action="store_true", help="no progress and no digest line")
+    push.set_defaults(handler=cmd_push)
+
+    login = subparsers.add_parser("login", help="store credentials for a registry",
+                                  description="Check and store credentials (podman's auth.json).")
+    login.add_argument("registry", metavar="REGISTRY")
+    login.add_argument("-u", "--username")
+    login.add_argument("-p", "--password")
+    login.add_argument("--password-stdin", action="store_true")
+    _add_tls(login)
+    login.set_defaults(handler=cmd_login)
+
+    logout = subparsers.add_parser("logout", help="forget the credentials for a registry")
+    logout.add_argument("registry", metavar="REGISTRY")
+    logout.set_defaults(handler=cmd_logout)

@@ -118,7 +118,7 @@ def test_missing_manifest_and_blob_are_clear_errors(registry: RunningRegistry, t
             client.get_manifest("../etc", "latest")
         with pytest.raises(RegistryError, match="invalid or unsupported"):
             client.fetch_blob("no/such", "sha256:../../etc/passwd", tmp_path)
-    assert list(tmp_path.glob(".pull-*")) == []
+    assert list(tmp_path.glob("*.pull")) == []
 
 
 def test_tls_verify_true_refuses_plain_http(registry: RunningRegistry) -> None:
