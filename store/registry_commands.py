@@ -312,23 +312,26 @@ def _add_tls(parser: argparse.ArgumentParser) -> None:
                         help="require HTTPS with a trusted certificate (default true); false also allows plain HTTP")
 
 
+def _add_transfer_options(parser: argparse.ArgumentParser, quiet_help: str) -> None:
+    _add_tls(parser)
+    parser.add_argument("--creds", metavar="USER:PASS",
+                        help="credentials for the registry (default: those stored by lamina/podman login)")
+    parser.add_argument("-q", "--quiet", action="store_true", help=quiet_help)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this package's verbs to ``lamina``. Each verb sets ``handler(args) -> int``."""
     pull = subparsers.add_parser("pull", help="download an image from a registry",
                                  description="Download an image (only the layers the store lacks).")
     pull.add_argument("reference", metavar="REF", help="[HOST[:PORT]/]NAME[:TAG|@DIGEST]")
-    _add_tls(pull)
-    pull.add_argument("--creds", metavar="USER:PASS", help="credentials for the registry")
-    pull.add_argument("-q", "--quiet", action="store_true", help="no progress, only the image ID")
+    _add_transfer_options(pull, quiet_help="no progress, only the image ID")
     pull.set_defaults(handler=cmd_pull)
 
     push = subparsers.add_parser("push", help="upload an image to a registry",
                                  description="Upload an image (only the blobs the registry lacks).")
     push.add_argument("source", metavar="IMAGE", help="image in the store (name or ID)")
     push.add_argument("destination", metavar="DEST", nargs="?", help="[HOST[:PORT]/]NAME[:TAG] (default IMAGE)")
-    _add_tls(push)
-    push.add_argument("--creds", metavar="USER:PASS", help="credentials for the registry")
-    push.add_argument("-q", "--quiet", action="store_true", help="no progress and no digest line")
+    _add_transfer_options(push, quiet_help="no progress and no digest line")
     push.set_defaults(handler=cmd_push)
 
     login = subparsers.add_parser("login", help="store credentials for a registry",

@@ -165,7 +165,8 @@ class FakeRegistry:
 
     ``manifests`` maps ``(repository, tag_or_digest)`` to ``(media_type, bytes)``. Lies:
     ``blob_override[digest] = bytes`` serves other bytes for a blob; ``manifest_digest_header``
-    overrides the Docker-Content-Digest header. With ``bearer`` set, every ``/v2/`` request needs a
+    overrides the Docker-Content-Digest header. ``redirect_blobs`` answers blob GETs with a 307 to
+    ``http://localhost:PORT/blobstore/DIGEST`` (another host name, like a CDN). With ``bearer`` set, every ``/v2/`` request needs a
     token from the token server (which wants basic credentials ``token_user:token_password`` if set).
     """
 
@@ -174,6 +175,7 @@ class FakeRegistry:
     blob_override: dict[str, bytes] = field(default_factory=dict)
     manifest_digest_header: dict[tuple[str, str], str] = field(default_factory=dict)
     bearer: bool = False
+    redirect_blobs: bool = False
     token_user: str | None = None
     token_password: str | None = None
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)
@@ -249,6 +251,10 @@ class FakeRegistry:
                 if path == "/token":
                     self._token()
                     return
+                if path.startswith("/blobstore/"):
+                    data = fake.blobs.get(path.rsplit("/", 1)[1])
+                    self._send(200 if data is not None else 404, data or b"")
+                    return
                 if path == "/v2/":
                     if self._authorized(""):
                         self._send(200, b"{}")
@@ -263,6 +269,9 @@ class FakeRegistry:
                 if kind == "blobs":
                     if ref not in fake.blobs:
                         self._send(404, b'{"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown"}]}')
+                        return
+                    if fake.redirect_blobs:
+                        self._send(307, b"", {"Location": f"http://localhost:{fake.port}/blobstore/{ref}"})
                         return
                     data = fake.blob_override.get(ref, fake.blobs[ref])
                     self._send(200, data, {"Content-Type": "application/octet-stream",

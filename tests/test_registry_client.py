@@ -248,3 +248,13 @@ def test_bearer_token_flow(fake: FakeRegistry, tmp_path: Path) -> None:
     with RegistryClient(fake.address, tls_verify=False) as client:
         with pytest.raises(RegistryError, match="wants credentials"):
             client.get_manifest("team/app", "latest")
+
+
+def test_redirect_is_followed_without_leaking_the_token(fake: FakeRegistry, tmp_path: Path) -> None:
+    fake.bearer = True
+    fake.redirect_blobs = True
+    blob = fake.add_blob(b"served by a blob store elsewhere")
+    with RegistryClient(fake.address, tls_verify=False) as client:
+        assert client.fetch_small_blob("x/y", blob, tmp_path) == b"served by a blob store elsewhere"
+    redirected = [auth for _, path, auth in fake.requests if path.startswith("/blobstore/")]
+    assert redirected == [None]
