@@ -127,7 +127,8 @@ class PodmanEnv:
         self.user = user
         self.mount_program = mount_program
         self.graphroot = base / "root"
-        self.runroot = base / "runroot"
+        # The overlay driver refuses a runroot longer than 50 characters: keep it short, outside base.
+        self.runroot = Path(tempfile.mkdtemp(prefix="lpr-", dir="/tmp"))
         self.tmpdir = base / "tmp"
         self.home = base / "home"
         self.runtime_dir = base / "xdg-runtime"
@@ -149,7 +150,7 @@ class PodmanEnv:
         return f"{who}/{what}"
 
     def _write_layout(self) -> None:
-        for directory in (self.graphroot, self.runroot, self.tmpdir, self.home, self.runtime_dir,
+        for directory in (self.graphroot, self.tmpdir, self.home, self.runtime_dir,
                           self.base / "cni"):
             directory.mkdir(parents=True, exist_ok=True)
         self.runtime_dir.chmod(0o700)
@@ -177,7 +178,7 @@ class PodmanEnv:
         if self.rootless:
             assert self.user is not None
             self.base.chmod(0o755)
-            for path in [self.base, *self.base.rglob("*")]:
+            for path in [self.base, *self.base.rglob("*"), self.runroot]:
                 os.lchown(path, self.user.uid, self.user.gid)
             # Every ancestor must be searchable by the user, or podman fails with a puzzling EACCES.
             if not all(ancestor.stat().st_mode & 0o001 for ancestor in self.base.parents):
@@ -253,9 +254,10 @@ class PodmanEnv:
         for pid in self._pause_pids():
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
-        prefix = str(self.base.resolve()) + "/"
-        for mountpoint in sorted((m for m in _mountpoints() if m.startswith(prefix)), key=len, reverse=True):
+        prefixes = tuple(str(p.resolve()) + "/" for p in (self.base, self.runroot))
+        for mountpoint in sorted((m for m in _mountpoints() if m.startswith(prefixes)), key=len, reverse=True):
             subprocess.run(["umount", "-l", mountpoint], capture_output=True)
+        shutil.rmtree(self.runroot, ignore_errors=True)
         shutil.rmtree(self.base, ignore_errors=True)
         if self.base.exists():
             log.warning("could not remove podman environment %s", self.base)

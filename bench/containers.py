@@ -1,0 +1,367 @@
+"""Build, run and store suites: lamina against podman on the same busybox base and Dockerfiles.
+
+Every contestant (lamina as root, lamina as an unprivileged user, podman in each requested mode)
+gets a private store holding the same base image, imported from one rootfs tarball. Then, per
+repetition and per workload, the contestants take turns in a rotating order:
+
+- build: each Dockerfile of :data:`DOCKERFILES` with ``--no-cache`` (cold), then again at once
+  (cached rebuild);
+- run: ``run --rm BASE true`` start to exit, with the default network and with ``--network none``;
+- store: ``save -o FILE`` of the largest built image (docker-archive), then ``rmi`` and ``load -i``.
+
+The base layer stays in each store throughout, so a load writes the same new layers everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import logging
+import os
+import random
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import textwrap
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from bench.common import LAMINA, NOT_AVAILABLE, CommandFailed, Row, SuiteResult, timed
+from bench.lamina_cli import LaminaCli
+from bench.podman_env import (
+    FUSE_OVERLAYFS,
+    PodmanEnv,
+    PodmanUnavailable,
+    ensure_bench_user,
+    open_podman_env,
+)
+
+log = logging.getLogger(__name__)
+
+BASE_REF = "localhost/lamina-bench-base:latest"
+
+
+class PodmanMode(NamedTuple):
+    storage_driver: str
+    rootless: bool
+    mount_program: str | None = None
+
+
+PODMAN_MODES = {
+    "root/overlay": PodmanMode("overlay", rootless=False),
+    "root/vfs": PodmanMode("vfs", rootless=False),
+    "rootless/overlay": PodmanMode("overlay", rootless=True),
+    "rootless/fuse-overlayfs": PodmanMode("overlay", rootless=True, mount_program=FUSE_OVERLAYFS),
+}
+DEFAULT_PODMAN_MODES = ["root/overlay", "rootless/overlay", "rootless/fuse-overlayfs"]
+QUICK_PODMAN_MODES = ["root/overlay"]
+
+# Dockerfiles built by every contestant. "files" is also the image the store suite saves and loads.
+DOCKERFILES = {
+    "small": textwrap.dedent(f"""\
+        FROM {BASE_REF}
+        ENV GREETING=hello
+        WORKDIR /app
+        COPY hello.txt /app/
+        RUN echo "$GREETING" > /app/out.txt && cat /app/hello.txt >> /app/out.txt
+        CMD ["cat", "/app/out.txt"]
+        """),
+    "files": textwrap.dedent(f"""\
+        FROM {BASE_REF}
+        COPY tree/ /srv/tree/
+        COPY blob.bin /srv/blob.bin
+        RUN mkdir -p /data && i=0; while [ $i -lt {{n_files}} ]; do echo $i > /data/f$i; i=$((i+1)); done
+        RUN rm -f /bin/vi && chmod 0700 /data && ls -R /srv/tree | wc -l > /srv/count
+        RUN echo done > /srv/done
+        CMD ["cat", "/srv/done"]
+        """),
+}
+STORE_IMAGE = "files"
+
+
+@dataclass
+class Sizes:
+    """How big the build contexts are; --quick makes them tiny."""
+
+    n_files: int = 500
+    blob_bytes: int = 16 << 20
+
+    @classmethod
+    def quick(cls) -> Sizes:
+        return cls(n_files=20, blob_bytes=64 << 10)
+
+
+@dataclass
+class Contestant:
+    """One system under test: a lamina CLI or a podman environment, with what it cannot do."""
+
+    label: str
+    lamina: LaminaCli | None = None
+    podman: PodmanEnv | None = None
+    unavailable: dict[str, str] = field(default_factory=dict)  # verb -> note
+    broken: str | None = None  # set-up failed: every cell says so
+
+    @property
+    def rootless(self) -> bool:
+        if self.podman is not None:
+            return self.podman.rootless
+        return self.lamina is not None and self.lamina.user is not None
+
+    def command(self, args: list[str], *, timeout: float = 900) -> float:
+        if self.lamina is not None:
+            elapsed, _ = self.lamina.run(args, timeout=timeout)
+            return elapsed
+        assert self.podman is not None
+        elapsed, _ = timed(self.podman.argv(args), env=self.podman.environment(), timeout=timeout,
+                           stdin=subprocess.DEVNULL, **_user_kwargs(self.podman))
+        return elapsed
+
+    def note_for(self, verbs: tuple[str, ...]) -> str | None:
+        if self.broken:
+            return self.broken
+        for verb in verbs:
+            if verb in self.unavailable:
+                return self.unavailable[verb]
+        return None
+
+
+def _user_kwargs(podman: PodmanEnv) -> dict[str, Any]:
+    if podman.rootless and podman.user is not None:
+        return {"user": podman.user.uid, "group": podman.user.gid, "extra_groups": []}
+    return {}
+
+
+def make_busybox_tarball(dest: Path) -> Path:
+    """A busybox-static root (busybox + applet links, passwd, group, tmp) as an uncompressed tar."""
+    busybox = shutil.which("busybox") or "/bin/busybox"
+    with tempfile.TemporaryDirectory(prefix="bb-root-") as scratch:
+        root = Path(scratch)
+        for directory in ("bin", "etc", "tmp", "root", "proc", "dev", "sys"):
+            (root / directory).mkdir()
+        (root / "tmp").chmod(0o1777)
+        shutil.copy2(busybox, root / "bin" / "busybox")
+        # Installing from inside the root makes the links point at /bin/busybox, not the host path.
+        subprocess.run(["chroot", str(root), "/bin/busybox", "--install", "-s", "/bin"], check=True)
+        (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n")
+        (root / "etc" / "group").write_text("root:x:0:\nnogroup:x:65534:\n")
+        with tarfile.open(dest, "w") as tar:
+            for entry in sorted(root.iterdir()):
+                tar.add(entry, arcname=entry.name)
+    dest.chmod(0o644)
+    return dest
+
+
+def base_tarball(workdir: Path) -> tuple[Path, str]:
+    """The base rootfs tarball both sides import, and where it came from."""
+    dest = workdir / "base.tar"
+    try:
+        store_base = importlib.import_module("store.base")  # the store helper's embedded busybox base
+    except ImportError:
+        store_base = None
+    tarball_of = getattr(store_base, "default_base_tarball", None)
+    if tarball_of is not None:
+        shutil.copyfile(tarball_of(), dest)
+        dest.chmod(0o644)
+        return dest, "store.base.default_base_tarball()"
+    return make_busybox_tarball(dest), "bench: busybox-static root (as NOTES.md describes)"
+
+
+def write_contexts(workdir: Path, sizes: Sizes, seed: int = 20261127) -> dict[str, Path]:
+    """One build context per Dockerfile, readable by every user."""
+    rng = random.Random(seed)
+    contexts = {}
+    for name, text in DOCKERFILES.items():
+        context = workdir / "contexts" / name
+        context.mkdir(parents=True)
+        (context / "Dockerfile").write_text(text.replace("{n_files}", str(sizes.n_files)))
+        contexts[name] = context
+    (contexts["small"] / "hello.txt").write_text("hello from the build context\n")
+    tree = contexts["files"] / "tree"
+    for index in range(sizes.n_files):
+        path = tree / f"d{index % 10}" / f"file{index:04d}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(rng.randbytes(rng.randint(100, 4000)))
+    (contexts["files"] / "blob.bin").write_bytes(rng.randbytes(sizes.blob_bytes))
+    for path in [workdir, *workdir.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return contexts
+
+
+@contextlib.contextmanager
+def open_contestants(workdir: Path, podman_modes: list[str], lamina_modes: list[str],
+                     base_tar: Path) -> Iterator[list[Contestant]]:
+    """Every contestant set up, each with the base imported as :data:`BASE_REF`; torn down after."""
+    with contextlib.ExitStack() as stack:
+        contestants: list[Contestant] = []
+        user = None
+        if any(m == "rootless" for m in lamina_modes) or any(PODMAN_MODES[m].rootless for m in podman_modes):
+            try:
+                user = ensure_bench_user()
+            except (PodmanUnavailable, subprocess.CalledProcessError) as exc:
+                log.warning("no unprivileged user for rootless benchmarks: %s", exc)
+        for mode in lamina_modes:
+            contestant = Contestant(LAMINA if mode == "root" else f"{LAMINA} rootless")
+            contestants.append(contestant)
+            if mode == "rootless" and user is None:
+                contestant.broken = f"{NOT_AVAILABLE}: no unprivileged user"
+                continue
+            cli = LaminaCli(workdir / f"lamina-{mode}", user if mode == "rootless" else None)
+            contestant.lamina = cli
+            for verb in ("import", "build", "run", "save", "load", "rmi"):
+                note = cli.missing(verb)
+                if note:
+                    contestant.unavailable[verb] = note
+            if "import" in contestant.unavailable:
+                contestant.broken = contestant.unavailable["import"]
+                continue
+            try:
+                cli.run(["import", str(base_tar), BASE_REF], timeout=300)
+            except (CommandFailed, subprocess.TimeoutExpired) as exc:
+                contestant.broken = f"failed: importing the base: {exc}"
+        for mode in podman_modes:
+            spec = PODMAN_MODES[mode]
+            contestant = Contestant(f"podman {mode}")
+            contestants.append(contestant)
+            if spec.rootless and user is None:
+                contestant.broken = f"{NOT_AVAILABLE}: no unprivileged user"
+                continue
+            try:
+                podman = stack.enter_context(open_podman_env(
+                    storage_driver=spec.storage_driver, user=user if spec.rootless else None,
+                    mount_program=spec.mount_program, parent=workdir))
+            except PodmanUnavailable as exc:
+                contestant.broken = f"{NOT_AVAILABLE}: {exc}"
+                continue
+            contestant.podman = podman
+            done = podman.run(["import", str(base_tar), BASE_REF], check=False, timeout=300)
+            if done.returncode != 0:
+                contestant.broken = f"failed: podman import: {done.stderr.decode(errors='replace').strip()[-300:]}"
+        yield contestants
+
+
+def _rotated(items: list[Contestant], shift: int) -> list[Contestant]:
+    if not items:
+        return items
+    shift %= len(items)
+    return items[shift:] + items[:shift]
+
+
+def _measure(row: Row, contestant: Contestant, verbs: tuple[str, ...], action: Callable[[], float]) -> None:
+    note = contestant.note_for(verbs)
+    if note:
+        row.note(contestant.label, note)
+        return
+    try:
+        row.add(contestant.label, action())
+    except (CommandFailed, subprocess.TimeoutExpired, OSError) as exc:
+        log.warning("%s: %s: %s", row.label, contestant.label, exc)
+        row.note(contestant.label, f"failed: {str(exc)[:300]}")
+
+
+def _build_args(context: Path, tag: str, *, cold: bool, lamina: bool) -> list[str]:
+    args = ["build", "-t", tag, "-f", str(context / "Dockerfile")]
+    if cold:
+        args.append("--no-cache")
+    if not lamina:
+        args += ["--format", "docker"]  # the history and config lamina writes, too
+    return [*args, str(context)]
+
+
+def run_container_suites(*, quick: bool, reps: int, podman_modes: list[str], lamina_modes: list[str],
+                         suites: set[str]) -> list[SuiteResult]:
+    """Run the build, run and store suites (those named in ``suites``) with every contestant."""
+    sizes = Sizes.quick() if quick else Sizes()
+    workdir = Path(tempfile.mkdtemp(prefix="lamina-bench-", dir="/tmp"))
+    workdir.chmod(0o755)
+    try:
+        base_tar, base_origin = base_tarball(workdir)
+        contexts = write_contexts(workdir, sizes)
+        with open_contestants(workdir, podman_modes, lamina_modes, base_tar) as contestants:
+            systems = [c.label for c in contestants]
+            details: dict[str, Any] = {"base": base_origin, "base_ref": BASE_REF, "sizes": sizes.__dict__,
+                       "dockerfiles": {n: (contexts[n] / "Dockerfile").read_text() for n in contexts},
+                       "commands": {c.label: (c.podman.argv(["..."]) if c.podman else c.lamina.argv(["..."])
+                                              if c.lamina else None) for c in contestants}}
+            results = []
+            build_rows = {(name, cold): Row("build", f"{name}_{'cold' if cold else 'cached'}",
+                                            f"build `{name}`, {'cold (--no-cache)' if cold else 'cached rebuild'}")
+                          for name in DOCKERFILES for cold in (True, False)}
+            run_rows = {net: Row("run", f"run_{net}", f"run --rm BASE true, network {net}")
+                        for net in ("default", "none")}
+            save_row = Row("store", "save", f"save -o FILE (docker-archive) of the `{STORE_IMAGE}` image")
+            load_row = Row("store", "load", "load -i FILE (after rmi; base layer kept)")
+            built: set[str] = set()
+            for rep in range(reps):
+                log.info("containers: repetition %d/%d", rep + 1, reps)
+                shift = rep
+                if "build" in suites or "store" in suites:
+                    for name, context in contexts.items():
+                        if "build" not in suites and name != STORE_IMAGE:
+                            continue
+                        for contestant in _rotated(contestants, shift):
+                            shift += 1
+                            is_lamina = contestant.lamina is not None
+                            tag = f"localhost/bench-{name}:latest"
+                            for cold in (True, False):
+                                build = functools.partial(contestant.command, timeout=1800,
+                                                          args=_build_args(context, tag, cold=cold, lamina=is_lamina))
+                                _measure(build_rows[(name, cold)], contestant, ("build",), build)
+                            if build_rows[(name, False)].samples.get(contestant.label):
+                                built.add(f"{contestant.label}:{name}")
+                if "run" in suites:
+                    for net, extra in (("default", []), ("none", ["--network", "none"])):
+                        for contestant in _rotated(contestants, shift):
+                            shift += 1
+                            run = functools.partial(contestant.command, ["run", "--rm", *extra, BASE_REF, "true"],
+                                                    timeout=300)
+                            _measure(run_rows[net], contestant, ("run",), run)
+                if "store" in suites:
+                    tag = f"localhost/bench-{STORE_IMAGE}:latest"
+                    for contestant in _rotated(contestants, shift):
+                        shift += 1
+                        archive = workdir / "archives" / f"{contestant.label.replace(' ', '_').replace('/', '_')}.tar"
+                        archive.parent.mkdir(exist_ok=True)
+                        archive.parent.chmod(0o777)
+                        if f"{contestant.label}:{STORE_IMAGE}" not in built and not contestant.note_for(("build",)):
+                            save_row.note(contestant.label, "failed: the image to save was not built")
+                            load_row.note(contestant.label, "failed: the image to save was not built")
+                            continue
+                        with contextlib.suppress(FileNotFoundError):
+                            archive.unlink()
+                        save = functools.partial(contestant.command,
+                                                 ["save", "-o", str(archive), "--format", "docker-archive", tag])
+                        _measure(save_row, contestant, ("build", "save"), save)
+                        if not archive.exists():
+                            load_row.note(contestant.label, save_row.notes.get(contestant.label, "failed: no archive"))
+                            continue
+                        details.setdefault("archive_bytes", {})[contestant.label] = archive.stat().st_size
+
+                        def load(c: Contestant = contestant, a: Path = archive, t: str = tag) -> float:
+                            c.command(["rmi", "-f", t], timeout=300)
+                            return c.command(["load", "-i", str(a)], timeout=900)
+
+                        _measure(load_row, contestant, ("build", "save", "load", "rmi"), load)
+            if "build" in suites:
+                results.append(SuiteResult("build", systems, list(build_rows.values()), details=details))
+            if "run" in suites:
+                results.append(SuiteResult("run", systems, list(run_rows.values()), details=details))
+            if "store" in suites:
+                results.append(SuiteResult("store", systems, [save_row, load_row], details=details))
+            return results
+    finally:
+        _remove_tree(workdir)
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove a benchmark tree, including read-only directories a container left behind."""
+    def make_writable(function: Any, target: str, _exc: Any) -> None:
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(target), 0o755)
+            os.chmod(target, 0o755)
+        with contextlib.suppress(OSError):
+            function(target)
+    shutil.rmtree(path, onerror=make_writable)
