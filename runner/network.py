@@ -1,0 +1,166 @@
+"""Container networking: loopback, slirp4netns for outbound access, published ports.
+
+``none`` gives the container a network namespace with only ``lo``; ``slirp`` (the default, alias
+``bridge``) adds a tap device driven by slirp4netns in user mode (10.0.2.100/24, gateway 10.0.2.2,
+DNS 10.0.2.3), which needs no privilege; ``host`` shares the host's namespace. Published ports
+(``-p``) are slirp4netns host forwards added through its API socket.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import re
+import socket
+import struct
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from lamina.errors import ContainerError, UsageError
+
+log = logging.getLogger(__name__)
+
+NETWORK_MODES = ("slirp", "none", "host")
+SLIRP_GUEST_IP = "10.0.2.100"
+SLIRP_DNS = "10.0.2.3"
+
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+
+
+def normalize_network(mode: str) -> str:
+    mode = {"bridge": "slirp", "default": "slirp", "slirp4netns": "slirp"}.get(mode, mode)
+    if mode not in NETWORK_MODES:
+        raise UsageError(f"--network: unknown network {mode!r} (use bridge, slirp4netns, host or none)")
+    return mode
+
+
+@dataclass(frozen=True)
+class PortMapping:
+    host_ip: str
+    host_port: int
+    container_port: int
+    proto: str = "tcp"
+
+    def __str__(self) -> str:
+        return f"{self.host_ip}:{self.host_port}->{self.container_port}/{self.proto}"
+
+    def to_json(self) -> dict[str, object]:
+        return {"host_ip": self.host_ip, "host_port": self.host_port,
+                "container_port": self.container_port, "proto": self.proto}
+
+    @classmethod
+    def from_json(cls, d: dict[str, object]) -> PortMapping:
+        return cls(str(d["host_ip"]), int(d["host_port"]), int(d["container_port"]),  # type: ignore[call-overload]
+                   str(d["proto"]))
+
+
+_PORT_RE = re.compile(r"^(?:(?P<ip>\[[0-9a-fA-F:.]+\]|[0-9.]+):)?(?P<host>\d+):(?P<ctr>\d+)(?:/(?P<proto>tcp|udp))?$")
+
+
+def parse_port(text: str) -> PortMapping:
+    """``[IP:]HOSTPORT:CTRPORT[/tcp|udp]`` -> PortMapping; UsageError naming the flag otherwise."""
+    m = _PORT_RE.match(text)
+    if not m:
+        raise UsageError(f"-p {text}: expected [IP:]HOSTPORT:CONTAINERPORT[/tcp|udp]")
+    host_port, ctr_port = int(m["host"]), int(m["ctr"])
+    if not (0 < host_port < 65536 and 0 < ctr_port < 65536):
+        raise UsageError(f"-p {text}: port out of range")
+    ip = (m["ip"] or "0.0.0.0").strip("[]")
+    return PortMapping(ip, host_port, ctr_port, m["proto"] or "tcp")
+
+
+def loopback_up() -> None:
+    """Bring ``lo`` up in the current network namespace."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        ifreq = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, ifreq))[1]
+        fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+
+
+class Slirp:
+    """A slirp4netns process serving the network namespace of ``pid``.
+
+    Resource handling: owns the process and its API socket; :meth:`close` stops both (slirp4netns
+    also exits by itself when the namespace's last process is gone).
+    """
+
+    def __init__(self, pid: int, api_socket: Path) -> None:
+        self.api_socket = api_socket
+        ready_r, ready_w = os.pipe()
+        self._exit_r, self._exit_w = os.pipe()
+        try:
+            api_socket.unlink()
+        except FileNotFoundError:
+            pass
+        args = ["slirp4netns", "--configure", "--mtu=65520", "--disable-host-loopback",
+                f"--api-socket={api_socket}", f"--ready-fd={ready_w}", f"--exit-fd={self._exit_r}",
+                str(pid), "tap0"]
+        try:
+            self.process = subprocess.Popen(args, pass_fds=(ready_w, self._exit_r), stdin=subprocess.DEVNULL,
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                            start_new_session=True)
+        except OSError as e:
+            os.close(ready_r)
+            os.close(ready_w)
+            raise ContainerError(f"cannot start slirp4netns: {e.strerror}") from e
+        finally:
+            os.close(self._exit_r)
+        os.close(ready_w)
+        self._ready_r = ready_r
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                import select
+
+                ready, _, _ = select.select([self._ready_r], [], [], 0.05)
+                if ready:
+                    if os.read(self._ready_r, 1):
+                        return
+                    break
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    break
+        finally:
+            os.close(self._ready_r)
+        self.close()
+        err = self.process.stderr.read().decode(errors="replace").strip() if self.process.stderr else ""
+        raise ContainerError(f"slirp4netns did not start: {err or 'timeout'}")
+
+    def add_port(self, port: PortMapping) -> None:
+        request = {"execute": "add_hostfwd",
+                   "arguments": {"proto": port.proto, "host_addr": port.host_ip, "host_port": port.host_port,
+                                 "guest_addr": SLIRP_GUEST_IP, "guest_port": port.container_port}}
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(self.api_socket))
+            s.sendall(json.dumps(request).encode())
+            s.shutdown(socket.SHUT_WR)
+            reply = b""
+            while chunk := s.recv(4096):
+                reply += chunk
+        answer = json.loads(reply or b"{}")
+        if "error" in answer:
+            desc = answer["error"].get("desc", answer["error"]) if isinstance(answer["error"], dict) else answer["error"]
+            raise ContainerError(f"cannot publish port {port}: {desc}")
+
+    def close(self) -> None:
+        if self._exit_w >= 0:
+            os.close(self._exit_w)
+            self._exit_w = -1
+        try:
+            self.process.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        if self.process.stderr:
+            self.process.stderr.close()
+        try:
+            self.api_socket.unlink()
+        except FileNotFoundError:
+            pass

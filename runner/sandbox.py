@@ -1,0 +1,588 @@
+"""Run one command in a rootless sandbox over a union of image layers.
+
+The process tree (P is the caller, on the host)::
+
+    P  lamina: writes the id maps, runs slirp4netns, forwards signals, waits
+    └─ K  keeper: new user, mount, UTS, IPC (and network) namespaces; mounts the union by running
+       │  the unionfs server S in its mount namespace; then unshares a PID namespace and forks C
+       ├─ S  unionfs server (FUSE), lives in K's mount namespace
+       └─ C  container init, PID 1: a *nested* mount namespace, the root prepared, pivot_root,
+             privileges dropped, exec of the command
+
+Why a nested mount namespace: ``pivot_root`` moves the root of every process of the namespace whose
+root was the old one, and that would include the FUSE server. Why K and not P mounts: a FUSE mount
+made by root of the user namespace shows the image's owners correctly and needs no fusermount3; and
+it vanishes with the namespace, so a crash leaves no stale mount on the host.
+
+Synchronisation uses three close-on-exec pipes: *status* (K and C report JSON events to P: the
+namespaces exist, C's pid, or an error with an exit code; EOF means C has exec'd), *sync* (P tells
+K the id maps are written) and *go* (P tells C the network is ready, so the command never starts
+before its ports are published).
+
+Resource handling: :func:`start_sandbox` returns a :class:`Sandbox` that owns K (and through it S
+and C) and slirp4netns; :meth:`Sandbox.wait` reaps them and removes temporary state. If P dies, K
+and C get SIGKILL (parent-death signal) and the namespaces, mount included, disappear.
+
+Error handling: a failure before the command runs raises :class:`ContainerError` (or
+:class:`MountError`); a command that cannot be found or executed raises :class:`CommandNotFound`
+(127) or :class:`CommandNotInvokable` (126), as docker reports them.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import termios
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lamina.errors import CommandNotFound, CommandNotInvokable, ContainerError, LaminaError, MountError
+from runner import linux
+from runner.idmap import IdMapping, apply_mapping, current_mapping, is_mapped
+from runner.network import SLIRP_DNS, SLIRP_GUEST_IP, PortMapping, Slirp, loopback_up, normalize_network
+from runner.rootfs import MountRequest, make_init_layer, pivot_into, prepare_root
+from runner.userdb import resolve_user
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+                     signal.SIGUSR2, signal.SIGWINCH)
+UNION_READY_TIMEOUT = 15.0
+
+
+@dataclass
+class Mount:
+    """An extra mount for the sandbox: ``bind`` (a host path), ``tmpfs``, or ``cache`` (a bind of a
+    persistent host directory, as the builder's ``RUN --mount=type=cache``)."""
+
+    target: str
+    kind: str = "bind"
+    source: Path | None = None
+    readonly: bool = False
+    options: str = ""
+
+
+@dataclass
+class SandboxSpec:
+    """What to run and on which root. Either ``lowers`` (image layer directories, top first) with an
+    optional ``upper``/``work`` pair, or ``rootfs`` (a plain directory used as is).
+
+    ``user`` is ``user[:group]`` by name or number, resolved in the image's /etc/passwd and
+    /etc/group. ``env`` gets PATH and HOME defaults as docker gives them. ``stdin``/``stdout``/
+    ``stderr`` are file descriptors (None: inherit the caller's). ``terminal`` is the slave side of a
+    pty that becomes the command's controlling terminal and /dev/console. ``state_dir`` holds the
+    per-container files (hosts, hostname, resolv.conf, the init layer, the mount point); a temporary
+    one is made and removed when it is None.
+    """
+
+    argv: list[str]
+    lowers: list[Path] = field(default_factory=list)
+    upper: Path | None = None
+    work: Path | None = None
+    rootfs: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: str = "/"
+    user: str = "0"
+    network: str = "slirp"
+    mounts: list[Mount] = field(default_factory=list)
+    hostname: str = "lamina"
+    ports: list[PortMapping] = field(default_factory=list)
+    stdin: int | None = None
+    stdout: int | None = None
+    stderr: int | None = None
+    terminal: int | None = None
+    readonly_rootfs: bool = False
+    init: bool = False
+    state_dir: Path | None = None
+    union_options: list[str] = field(default_factory=lambda: ["allow_other", "default_permissions"])
+    union_log: Path | None = None
+    create_cwd: bool = True
+
+
+def _send(fd: int, **event: object) -> None:
+    try:
+        os.write(fd, (json.dumps(event) + "\n").encode())
+    except OSError:
+        pass
+
+
+def _exit_code(status: int) -> int:
+    if os.WIFEXITED(status):
+        return os.WEXITSTATUS(status)
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return 125
+
+
+def _hosts_file(hostname: str, network: str) -> str:
+    own_ip = SLIRP_GUEST_IP if network == "slirp" else "127.0.1.1"
+    return ("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+            f"{own_ip}\t{hostname}\n")
+
+
+def _resolv_conf(network: str) -> str:
+    if network == "slirp":
+        return f"nameserver {SLIRP_DNS}\n"
+    try:
+        with open("/etc/resolv.conf") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def write_etc_files(state_dir: Path, hostname: str, network: str) -> dict[str, str]:
+    """Write the per-container /etc files into ``state_dir``; return {name in /etc: host path}."""
+    contents = {"hosts": _hosts_file(hostname, network), "hostname": hostname + "\n",
+                "resolv.conf": _resolv_conf(network)}
+    paths = {}
+    for name, text in contents.items():
+        path = state_dir / name
+        if not path.exists():
+            path.write_text(text)
+        paths[name] = str(path)
+    return paths
+
+
+class Sandbox:
+    """A started sandbox; see the module docstring for what it owns."""
+
+    def __init__(self, keeper_pid: int, container_pid: int, slirp: Slirp | None, temp_dir: Path | None) -> None:
+        self.keeper_pid = keeper_pid
+        self.container_pid = container_pid
+        self._slirp = slirp
+        self._temp_dir = temp_dir
+        self.returncode: int | None = None
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            try:
+                os.kill(self.container_pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def wait(self) -> int:
+        """Wait for the command to exit; return its exit code (128+N when killed by signal N)."""
+        if self.returncode is None:
+            _, status = os.waitpid(self.keeper_pid, 0)
+            self.returncode = _exit_code(status)
+            self._cleanup()
+        return self.returncode
+
+    def _cleanup(self) -> None:
+        if self._slirp is not None:
+            self._slirp.close()
+            self._slirp = None
+        if self._temp_dir is not None:
+            shutil.rmtree(self._temp_dir, ignore_errors=True)
+            self._temp_dir = None
+
+
+def start_sandbox(spec: SandboxSpec) -> Sandbox:
+    """Start ``spec``'s command; return once it has been exec'd (or raise, leaving nothing behind)."""
+    network = normalize_network(spec.network)
+    if not spec.argv:
+        raise ContainerError("no command specified")
+    if spec.rootfs is None and not spec.lowers:
+        raise ContainerError("sandbox needs a rootfs or image layers")
+    mapping = current_mapping()
+    temp_dir = None
+    if spec.state_dir is None:
+        temp_dir = Path(tempfile.mkdtemp(prefix="lamina-sandbox-"))
+        os.chmod(temp_dir, 0o755)
+    state_dir = spec.state_dir or temp_dir
+    assert state_dir is not None
+    try:
+        etc_files = write_etc_files(state_dir, spec.hostname, network)
+        init_layer = make_init_layer(state_dir / "init") if spec.rootfs is None else None
+        merged = state_dir / "merged"
+        merged.mkdir(exist_ok=True)
+    except OSError as e:
+        if temp_dir is not None:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+        raise ContainerError(f"cannot prepare container state in {state_dir}: {e.strerror}") from e
+
+    status_r, status_w = os.pipe2(os.O_CLOEXEC)
+    sync_r, sync_w = os.pipe2(os.O_CLOEXEC)
+    go_r, go_w = os.pipe2(os.O_CLOEXEC)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # keeper
+        code = 125
+        try:
+            os.close(status_r)
+            os.close(sync_w)
+            os.close(go_w)
+            code = _keeper(spec, network, mapping, status_w, sync_r, go_r, str(merged), init_layer, etc_files)
+        except LaminaError as e:
+            _send(status_w, event="error", code=e.exit_code, message=str(e))
+        except OSError as e:
+            _send(status_w, event="error", code=125, message=f"{e.strerror or e}"
+                  + (f": {e.filename}" if e.filename else ""))
+        except BaseException as e:  # the child must never return into the caller's stack
+            _send(status_w, event="error", code=125, message=f"internal error: {e!r}")
+        finally:
+            os._exit(code)
+
+    os.close(status_w)
+    os.close(sync_r)
+    os.close(go_r)
+    slirp: Slirp | None = None
+    events = _EventReader(status_r)
+    try:
+        first = events.next()
+        if first is None or first.get("event") != "unshared":
+            _raise_event(first, "the sandbox did not start")
+        apply_mapping(pid, mapping)
+        if network == "slirp":
+            slirp = Slirp(pid, state_dir / "slirp.sock")
+        os.write(sync_w, b"1")
+        if slirp is not None:
+            slirp.wait_ready()
+            for port in spec.ports:
+                slirp.add_port(port)
+        os.write(go_w, b"1")
+        container_pid = 0
+        error: dict[str, object] | None = None
+        while (event := events.next()) is not None:
+            if event.get("event") == "pid":
+                container_pid = int(event["pid"])  # type: ignore[call-overload]
+            elif event.get("event") == "error" and error is None:
+                error = event
+        if error is not None or not container_pid:
+            _raise_event(error, "the sandbox exited before running the command")
+    except BaseException:
+        os.close(sync_w) if _fd_open(sync_w) else None
+        os.close(go_w) if _fd_open(go_w) else None
+        os.close(status_r)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.waitpid(pid, 0)
+        if slirp is not None:
+            slirp.close()
+        if temp_dir is not None:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+        raise
+    for fd in (sync_w, go_w, status_r):
+        if _fd_open(fd):
+            os.close(fd)
+    return Sandbox(pid, container_pid, slirp, temp_dir)
+
+
+def _fd_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+
+class _EventReader:
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._buffer = b""
+
+    def next(self) -> dict[str, object] | None:
+        while b"\n" not in self._buffer:
+            chunk = os.read(self._fd, 4096)
+            if not chunk:
+                return None
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        result: dict[str, object] = json.loads(line)
+        return result
+
+
+def _raise_event(event: dict[str, object] | None, fallback: str) -> None:
+    if event is None or event.get("event") != "error":
+        raise ContainerError(fallback)
+    code = int(event.get("code", 125))  # type: ignore[call-overload]
+    message = str(event.get("message", fallback))
+    if code == 127:
+        raise CommandNotFound(message)
+    if code == 126:
+        raise CommandNotInvokable(message)
+    if event.get("kind") == "mount":
+        raise MountError(message)
+    raise ContainerError(message)
+
+
+def run_sandboxed(spec: SandboxSpec) -> int:
+    """Run ``spec`` to completion and return its exit code (128+N if killed by signal N).
+
+    SIGINT, SIGTERM and friends received meanwhile are forwarded to the command when called from the
+    main thread. Raises as :func:`start_sandbox` does when the command cannot be started.
+    """
+    sandbox = start_sandbox(spec)
+    with forward_signals(sandbox):
+        return sandbox.wait()
+
+
+@contextmanager
+def forward_signals(sandbox: Sandbox) -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+    for sig in FORWARDED_SIGNALS:
+        if sig == signal.SIGWINCH:
+            continue
+        previous[sig] = signal.signal(sig, lambda signum, _frame: sandbox.send_signal(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# --- inside the namespaces ---------------------------------------------------------------------------
+
+
+def _keeper(spec: SandboxSpec, network: str, mapping: IdMapping, status_w: int, sync_r: int, go_r: int,
+            merged: str, init_layer: Path | None, etc_files: dict[str, str]) -> int:
+    os.setsid()
+    linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+    for sig in FORWARDED_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    flags = linux.CLONE_NEWUSER | linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC
+    if network != "host":
+        flags |= linux.CLONE_NEWNET
+    linux.unshare(flags)
+    _send(status_w, event="unshared")
+    if os.read(sync_r, 1) != b"1":
+        return 125
+    os.close(sync_r)
+    linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+    server = None
+    if spec.rootfs is not None:
+        root = str(spec.rootfs)
+    else:
+        assert init_layer is not None
+        server = _mount_union(spec, merged, init_layer)
+        root = merged
+    linux.unshare(linux.CLONE_NEWPID)
+    pid = os.fork()
+    if pid == 0:
+        code = 125
+        try:
+            _container_init(spec, network, root, status_w, go_r, etc_files)
+        except LaminaError as e:
+            code = e.exit_code
+            _send(status_w, event="error", code=code, message=str(e))
+        except OSError as e:
+            _send(status_w, event="error", code=125, message=f"{e.strerror or e}"
+                  + (f": {e.filename}" if e.filename else ""))
+        except BaseException as e:
+            _send(status_w, event="error", code=125, message=f"internal error: {e!r}")
+        finally:
+            os._exit(code)
+    os.close(go_r)
+    _send(status_w, event="pid", pid=pid)
+    os.close(status_w)
+    _, status = os.waitpid(pid, 0)
+    if server is not None:
+        _unmount_union(server, merged)
+    return _exit_code(status)
+
+
+def _mount_union(spec: SandboxSpec, merged: str, init_layer: Path) -> subprocess.Popen[bytes]:
+    from unionfs.mount import MountSpec, command_line
+
+    mount_spec = MountSpec(lowers=[*spec.lowers, init_layer], upper=spec.upper, work=spec.work,
+                           mountpoint=Path(merged), options=list(spec.union_options))
+    argv = command_line(mount_spec)
+    log_target = open(spec.union_log, "ab") if spec.union_log else None
+    before = os.stat(merged).st_dev
+    try:
+        server = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_target or subprocess.DEVNULL,
+                                  stderr=log_target, close_fds=True,
+                                  preexec_fn=lambda: linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL))
+    except OSError as e:
+        raise MountError(f"cannot start the union filesystem ({argv[0]}): {e.strerror}") from e
+    finally:
+        if log_target is not None:
+            log_target.close()
+    deadline = time.monotonic() + UNION_READY_TIMEOUT
+    delay = 0.001
+    while True:
+        if os.stat(merged).st_dev != before:
+            return server
+        if server.poll() is not None:
+            raise MountError(f"the union filesystem exited with status {server.returncode} before mounting")
+        if time.monotonic() > deadline:
+            server.kill()
+            raise MountError("the union filesystem did not become ready in time")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.02)
+
+
+def _unmount_union(server: subprocess.Popen[bytes], merged: str) -> None:
+    try:
+        linux.umount2(merged, 0)
+    except OSError:
+        try:
+            linux.umount2(merged, linux.MNT_DETACH)
+        except OSError:
+            pass
+    try:
+        server.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+def _container_init(spec: SandboxSpec, network: str, root: str, status_w: int, go_r: int,
+                    etc_files: dict[str, str]) -> None:
+    """PID 1 of the container: prepare the root, pivot, drop privileges, exec (never returns)."""
+    linux.unshare(linux.CLONE_NEWNS)
+    console = os.ttyname(spec.terminal) if spec.terminal is not None else None
+    user_mounts = [MountRequest(m.target, m.kind, str(m.source) if m.source else None, m.readonly, m.options)
+                   for m in spec.mounts]
+    prepare_root(root, cwd=spec.cwd, create_cwd=spec.create_cwd, etc_files=etc_files, mounts=user_mounts,
+                 console=console, own_netns=network != "host", readonly=spec.readonly_rootfs,
+                 gid5_mapped=is_mapped(5, "/proc/self/gid_map"))
+    user = resolve_user(spec.user, _existing(root, "/etc/passwd"), _existing(root, "/etc/group"))
+    if network != "host":
+        loopback_up()
+    try:
+        linux.sethostname(spec.hostname)
+    except OSError as e:
+        raise ContainerError(f"cannot set hostname {spec.hostname!r}: {e.strerror}") from e
+    if os.read(go_r, 1) != b"1":
+        raise ContainerError("aborted before start")
+    os.close(go_r)
+    pivot_into(root)
+
+    env = dict(spec.env)
+    env.setdefault("PATH", DEFAULT_PATH)
+    env.setdefault("HOSTNAME", spec.hostname)
+    env.setdefault("HOME", user.home)
+    _apply_stdio(spec)
+    if spec.init:
+        _run_init_reaper(spec, user, env, status_w)
+    _exec_command(spec.argv, env, spec.cwd, user, status_w, spec.terminal is not None)
+
+
+def _existing(root: str, path: str) -> str | None:
+    from runner.paths import resolve_in_root
+
+    resolved = resolve_in_root(root, path)
+    return resolved if os.path.isfile(resolved) else None
+
+
+def _apply_stdio(spec: SandboxSpec) -> None:
+    if spec.terminal is not None:
+        os.setsid()
+        fcntl.ioctl(spec.terminal, termios.TIOCSCTTY, 0)
+        for target in (0, 1, 2):
+            os.dup2(spec.terminal, target)
+        return
+    for fd, target in ((spec.stdin, 0), (spec.stdout, 1), (spec.stderr, 2)):
+        if fd is not None and fd != target:
+            os.dup2(fd, target)
+
+
+def _drop_privileges(user_uid: int, user_gid: int, groups: list[int]) -> None:
+    keep = linux.cap_mask(linux.DOCKER_DEFAULT_CAPS)
+    linux.restrict_capabilities(keep)
+    if _setgroups_allowed():
+        os.setgroups(groups)
+    try:
+        os.setresgid(user_gid, user_gid, user_gid)
+        os.setresuid(user_uid, user_uid, user_uid)
+    except OSError as e:
+        raise ContainerError(f"cannot switch to uid {user_uid} gid {user_gid}: {e.strerror} (ids outside the "
+                             "user namespace's map: is the user given subordinate ids in /etc/subuid?)") from e
+    linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
+
+
+def _setgroups_allowed() -> bool:
+    try:
+        with open("/proc/self/setgroups") as f:
+            return f.read().strip() == "allow"
+    except OSError:
+        return False
+
+
+def _exec_command(argv: list[str], env: dict[str, str], cwd: str, user, status_w: int, tty: bool) -> None:
+    try:
+        os.chdir(cwd or "/")
+    except OSError as e:
+        raise ContainerError(f"cannot enter working directory {cwd}: {e.strerror}") from e
+    _drop_privileges(user.uid, user.gid, user.groups)
+    linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+    for sig in range(1, signal.NSIG):
+        try:
+            signal.signal(sig, signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    os.closerange(3, status_w)
+    os.closerange(status_w + 1, 1 << 16)
+    program = argv[0]
+    try:
+        if "/" in program:
+            os.execve(program, argv, env)
+        else:
+            os.execvpe(program, argv, env)
+    except FileNotFoundError as e:
+        if "/" in program:
+            message = f'exec: "{program}": stat {program}: no such file or directory'
+        else:
+            message = f'exec: "{program}": executable file not found in $PATH'
+        raise CommandNotFound(message) from e
+    except PermissionError as e:
+        raise CommandNotInvokable(f'exec: "{program}": permission denied') from e
+    except OSError as e:
+        raise CommandNotInvokable(f'exec: "{program}": {e.strerror}') from e
+
+
+def _run_init_reaper(spec: SandboxSpec, user, env: dict[str, str], status_w: int) -> None:
+    """``--init``: stay as PID 1, run the command as a child, forward signals, reap every orphan."""
+    child = os.fork()
+    if child == 0:
+        code = 125
+        try:
+            if spec.terminal is not None:
+                os.setpgid(0, 0)
+                signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+                os.tcsetpgrp(0, os.getpid())
+            _exec_command(spec.argv, env, spec.cwd, user, status_w, spec.terminal is not None)
+        except LaminaError as e:
+            code = e.exit_code
+            _send(status_w, event="error", code=code, message=str(e))
+        except BaseException as e:
+            _send(status_w, event="error", code=125, message=f"internal error: {e!r}")
+        finally:
+            os._exit(code)
+    os.close(status_w)
+    for sig in FORWARDED_SIGNALS:
+        signal.signal(sig, lambda signum, _frame: _kill_quietly(child, signum))
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            os._exit(125)
+        if pid == child:
+            os._exit(_exit_code(status))
+
+
+def _kill_quietly(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
