@@ -276,19 +276,23 @@ class RegistryClient:
             if not verify:
                 context.check_hostname = False
                 context.verify_mode = ssl.CERT_NONE
-            conn = http.client.HTTPSConnection(netloc, timeout=self.timeout, context=context)
+            conn = http.client.HTTPSConnection(netloc, timeout=self.timeout, context=context,
+                                               blocksize=READ_SIZE)
         else:
-            conn = http.client.HTTPConnection(netloc, timeout=self.timeout)
+            conn = http.client.HTTPConnection(netloc, timeout=self.timeout, blocksize=READ_SIZE)
         self._conn, self._conn_key = conn, key
         return conn
 
     def _send(self, method: str, url: str, headers: dict[str, str],
-              body: bytes | BinaryIO | None, verify: bool) -> http.client.HTTPResponse:
-        """Send one request (no auth, no redirects); retry once on a stale keep-alive connection."""
+              body: bytes | BinaryIO | None, verify: bool, body_start: int = 0) -> http.client.HTTPResponse:
+        """Send one request (no auth, no redirects); retry once on a stale keep-alive connection.
+
+        A file body is sent from ``body_start`` on every attempt.
+        """
         parts = urllib.parse.urlsplit(url)
         target = parts.path + (f"?{parts.query}" if parts.query else "")
         headers = {"User-Agent": f"lamina/{__version__}", **headers}
-        start = body.tell() if body is not None and not isinstance(body, bytes) else 0
+        start = body_start
         for attempt in (1, 2):
             conn = self._connection(parts.scheme, parts.netloc, verify)
             reused = conn.sock is not None
@@ -422,6 +426,7 @@ class RegistryClient:
         url = path_or_url if "://" in path_or_url else base + path_or_url
         origin = urllib.parse.urlsplit(base).netloc
         headers = dict(headers or {})
+        body_start = body.tell() if body is not None and not isinstance(body, bytes) else 0
         retried_auth = False
         for _ in range(MAX_REDIRECTS + 1):
             netloc = urllib.parse.urlsplit(url).netloc
@@ -432,7 +437,7 @@ class RegistryClient:
                 if auth:
                     send_headers["Authorization"] = auth
             verify = self.tls_verify if url.startswith("https:") else False
-            response = self._send(method, url, send_headers, body, verify)
+            response = self._send(method, url, send_headers, body, verify, body_start)
             sent_basic = send_headers.get("Authorization", "").startswith("Basic ")
             if response.status == 401 and netloc == origin and not retried_auth and not sent_basic:
                 challenge = parse_www_authenticate(response.getheader("WWW-Authenticate", ""))

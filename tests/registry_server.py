@@ -166,7 +166,9 @@ class FakeRegistry:
     ``manifests`` maps ``(repository, tag_or_digest)`` to ``(media_type, bytes)``. Lies:
     ``blob_override[digest] = bytes`` serves other bytes for a blob; ``manifest_digest_header``
     overrides the Docker-Content-Digest header. ``redirect_blobs`` answers blob GETs with a 307 to
-    ``http://localhost:PORT/blobstore/DIGEST`` (another host name, like a CDN). With ``bearer`` set, every ``/v2/`` request needs a
+    ``http://localhost:PORT/blobstore/DIGEST`` (another host name, like a CDN). ``stall_after=N`` sends
+    the first N bytes of every blob, sets ``stalled`` and waits for ``release`` (at most 30 s), for
+    tests that kill a client mid-download. With ``bearer`` set, every ``/v2/`` request needs a
     token from the token server (which wants basic credentials ``token_user:token_password`` if set).
     """
 
@@ -176,6 +178,9 @@ class FakeRegistry:
     manifest_digest_header: dict[tuple[str, str], str] = field(default_factory=dict)
     bearer: bool = False
     redirect_blobs: bool = False
+    stall_after: int | None = None
+    stalled: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
     token_user: str | None = None
     token_password: str | None = None
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)
@@ -274,6 +279,17 @@ class FakeRegistry:
                         self._send(307, b"", {"Location": f"http://localhost:{fake.port}/blobstore/{ref}"})
                         return
                     data = fake.blob_override.get(ref, fake.blobs[ref])
+                    if fake.stall_after is not None and self.command == "GET":
+                        self.send_response(200)
+                        self.send_header("Content-Length", str(len(data)))
+                        self.end_headers()
+                        self.wfile.write(data[:fake.stall_after])
+                        self.wfile.flush()
+                        fake.stalled.set()
+                        fake.release.wait(30)
+                        with contextlib.suppress(OSError):
+                            self.wfile.write(data[fake.stall_after:])
+                        return
                     self._send(200, data, {"Content-Type": "application/octet-stream",
                                            "Docker-Content-Digest": ref})
                     return
@@ -294,6 +310,7 @@ class FakeRegistry:
         try:
             yield self
         finally:
+            self.release.set()
             server.shutdown()
             server.server_close()
             thread.join(timeout=5)
