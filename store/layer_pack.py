@@ -1,0 +1,250 @@
+"""Layer directory (unionfs on-disk format) to an OCI layer tar, deterministically.
+
+The same directory content always gives the same bytes: entries are sorted by their byte names,
+every header field is fixed (no user or group names, no access times, integer mtimes, devices 0/0
+except for device nodes), PAX extended headers appear only where the plain ustar header cannot hold a
+value (long names, xattrs, big numbers), and the gzip wrapper carries no file name and mtime 0.
+
+Translations from the on-disk format to the OCI one:
+
+* a whiteout in either on-disk form (char 0/0, or an empty ``.wh.NAME``) becomes ``.wh.NAME``;
+* an opaque directory (either xattr, or a ``.wh..wh..opq`` file) gets a ``DIR/.wh..wh..opq`` entry;
+* the owner recorded in the owner-override xattr wins over the real owner (``ondisk.effective_owner``);
+  an unprivileged user's own uid/gid and subordinate ranges are mapped back to container ids the way
+  rootless containers map them (own id = 0, subordinate range = 1..N);
+* union-private xattrs are never exported; other xattrs travel as ``SCHILY.xattr.*``;
+* hardlinked files (same inode) become one file and ``LNKTYPE`` entries pointing at the first name.
+
+A directory with overlay redirects cannot be expressed as a tar without its lower layers, so it is
+refused with :class:`LayerError`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import stat
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from lamina.errors import LayerError
+from store.blobs import HashingWriter
+from unionfs import ondisk
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class IdMap:
+    """Maps on-disk ids back to container ids: ``[(host_start, container_start, count), ...]``."""
+
+    uid_ranges: tuple[tuple[int, int, int], ...] = ()
+    gid_ranges: tuple[tuple[int, int, int], ...] = ()
+
+    @staticmethod
+    def _map(ranges: tuple[tuple[int, int, int], ...], host_id: int) -> int:
+        for host_start, container_start, count in ranges:
+            if host_start <= host_id < host_start + count:
+                return container_start + host_id - host_start
+        return host_id if not ranges else 65534
+
+    def uid(self, host_uid: int) -> int:
+        return self._map(self.uid_ranges, host_uid)
+
+    def gid(self, host_gid: int) -> int:
+        return self._map(self.gid_ranges, host_gid)
+
+    @classmethod
+    def for_current_user(cls) -> IdMap:
+        """Identity for root; the rootless mapping (own id = 0, subordinate ids = 1..N) otherwise."""
+        if os.geteuid() == 0:
+            return cls()
+        uid, gid = os.getuid(), os.getgid()
+        return cls(((uid, 0, 1),) + _subids("/etc/subuid", uid), ((gid, 0, 1),) + _subids("/etc/subgid", uid))
+
+
+def _subids(path: str, uid: int) -> tuple[tuple[int, int, int], ...]:
+    try:
+        import pwd
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
+    try:
+        with open(path) as f:
+            for line in f:
+                parts = line.strip().split(":")
+                if len(parts) == 3 and parts[0] in (user, str(uid)):
+                    return ((int(parts[1]), 1, int(parts[2])),)
+    except (OSError, ValueError):
+        pass
+    return ()
+
+
+@dataclass
+class PackResult:
+    diff_id: str
+    tar_size: int
+    digest: str | None  # of the compressed stream, when one was written
+    compressed_size: int | None
+
+
+_OPAQUE_ENTRY_MODE = 0o644
+
+
+class _Packer:
+    def __init__(self, root: Path, tar: tarfile.TarFile, idmap: IdMap, progress: Progress | None) -> None:
+        self.root = root
+        self.tar = tar
+        self.idmap = idmap
+        self.progress = progress
+        self.links: dict[tuple[int, int], str] = {}
+
+    def _header(self, name: str, kind: bytes, st: os.stat_result | None, path: str | None) -> tarfile.TarInfo:
+        info = tarfile.TarInfo(name)
+        info.type = kind
+        info.uname = info.gname = ""
+        if st is None:
+            info.mode, info.uid, info.gid, info.mtime = _OPAQUE_ENTRY_MODE, 0, 0, 0
+            return info
+        assert path is not None
+        uid, gid, mode = ondisk.effective_owner(path, st)
+        info.uid, info.gid = self.idmap.uid(uid), self.idmap.gid(gid)
+        info.mode = stat.S_IMODE(mode)
+        info.mtime = int(st.st_mtime)
+        if not stat.S_ISLNK(st.st_mode):
+            xattrs = _public_xattrs(path)
+            if xattrs:
+                pax: dict[str, str] = {}
+                binary = False
+                for key, value in xattrs:
+                    try:
+                        text = value.decode("utf-8")
+                    except UnicodeDecodeError:
+                        binary = True
+                        text = value.decode("utf-8", "surrogateescape")
+                    pax["SCHILY.xattr." + key] = text
+                if binary:
+                    pax["hdrcharset"] = "BINARY"
+                info.pax_headers = pax
+        return info
+
+    def _whiteout(self, rel_dir: str, hidden: str) -> None:
+        info = tarfile.TarInfo(rel_dir + ondisk.WHITEOUT_PREFIX + hidden)
+        info.type = tarfile.REGTYPE
+        info.uname = info.gname = ""
+        info.mode, info.uid, info.gid, info.mtime, info.size = 0o644, 0, 0, 0, 0
+        self.tar.addfile(info)
+
+    def pack_dir(self, abs_dir: str, rel_dir: str) -> None:
+        """Emit the entries of one directory (not the directory itself), sorted by byte name."""
+        with os.scandir(abs_dir) as it:
+            entries = sorted(it, key=lambda e: os.fsencode(e.name))
+        emitted: set[str] = set()
+        for entry in entries:
+            name = entry.name
+            if name == ondisk.OPAQUE_MARKER:
+                continue  # exported with its directory, from either opaque format
+            st = entry.stat(follow_symlinks=False)
+            hidden = ondisk.whited_out_name(name)
+            if hidden is None and ondisk.is_whiteout_stat(st):
+                hidden = name
+            if hidden is not None:
+                if hidden not in emitted:  # both on-disk formats for one name give one entry
+                    self._whiteout(rel_dir, hidden)
+                    emitted.add(hidden)
+                continue
+            self._entry(os.path.join(abs_dir, name), rel_dir + name, st)
+
+    def _entry(self, path: str, rel: str, st: os.stat_result) -> None:
+        mode = st.st_mode
+        if stat.S_ISDIR(mode):
+            if ondisk.read_redirect(path) is not None:
+                raise LayerError(f"{rel}: directory has an overlay redirect, which a layer tar cannot "
+                                 "express")
+            self.tar.addfile(self._header(rel, tarfile.DIRTYPE, st, path))
+            if ondisk.is_opaque_dir(path):
+                self.tar.addfile(self._header(rel + "/" + ondisk.OPAQUE_MARKER, tarfile.REGTYPE, None, None))
+            self.pack_dir(path, rel + "/")
+        elif stat.S_ISREG(mode):
+            key = (st.st_dev, st.st_ino)
+            if st.st_nlink > 1 and key in self.links:
+                info = self._header(rel, tarfile.LNKTYPE, st, path)
+                info.linkname = self.links[key]
+                self.tar.addfile(info)
+                return
+            if st.st_nlink > 1:
+                self.links[key] = rel
+            info = self._header(rel, tarfile.REGTYPE, st, path)
+            info.size = st.st_size
+            with open(path, "rb") as f:
+                self.tar.addfile(info, f)
+            if self.progress is not None:
+                self.progress(st.st_size)
+        elif stat.S_ISLNK(mode):
+            info = self._header(rel, tarfile.SYMTYPE, st, path)
+            info.linkname = os.readlink(path)
+            self.tar.addfile(info)
+        elif stat.S_ISFIFO(mode):
+            self.tar.addfile(self._header(rel, tarfile.FIFOTYPE, st, path))
+        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            info = self._header(rel, tarfile.CHRTYPE if stat.S_ISCHR(mode) else tarfile.BLKTYPE, st, path)
+            info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+            self.tar.addfile(info)
+        else:
+            log.debug("skipping socket %s: sockets are not part of images", rel)
+
+
+def _public_xattrs(path: str) -> list[tuple[str, bytes]]:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return []
+    result = []
+    for name in sorted(names):
+        if ondisk.is_private_xattr(name) or name.startswith("trusted.") or name == "security.selinux":
+            continue
+        try:
+            result.append((name, os.getxattr(path, name, follow_symlinks=False)))
+        except OSError:
+            continue
+    return result
+
+
+def pack_layer(src_dir: Path, out: BinaryIO | HashingWriter | None, compress: bool = True,
+               idmap: IdMap | None = None, progress: Progress | None = None) -> PackResult:
+    """Write the layer directory ``src_dir`` as a tar (gzip-compressed when ``compress``) to ``out``.
+
+    Returns the diff_id (sha256 of the plain tar) and, when compressing, the digest and size of the
+    compressed stream. ``out`` may be None to compute the diff_id only.
+    Error handling: a redirected directory raises :class:`LayerError`; I/O errors propagate.
+    """
+    if not src_dir.is_dir():
+        raise LayerError(f"layer directory {src_dir} does not exist")
+    idmap = idmap or IdMap.for_current_user()
+    blob = HashingWriter(out)
+    gz: gzip.GzipFile | None = None
+    if compress:
+        gz = gzip.GzipFile(filename="", mode="wb", fileobj=blob, mtime=0, compresslevel=6)  # type: ignore[arg-type,unused-ignore]
+        plain = HashingWriter(gz)  # type: ignore[arg-type,unused-ignore]
+    else:
+        plain = HashingWriter(blob)
+    tar = tarfile.open(fileobj=plain, mode="w|", format=tarfile.PAX_FORMAT,  # type: ignore[call-overload]
+                       encoding="utf-8", errors="surrogateescape")
+    try:
+        packer = _Packer(src_dir, tar, idmap, progress)
+        if ondisk.is_opaque_dir(str(src_dir)):
+            tar.addfile(packer._header(ondisk.OPAQUE_MARKER, tarfile.REGTYPE, None, None))
+        packer.pack_dir(str(src_dir), "")
+    finally:
+        tar.close()
+    if gz is not None:
+        gz.close()
+    return PackResult(diff_id=plain.digest, tar_size=plain.size,
+                      digest=blob.digest if compress else None,
+                      compressed_size=blob.size if compress else None)

@@ -1,0 +1,543 @@
+"""Layer tar (plain, gzip, zstd, xz, bzip2) to a layer directory in unionfs's on-disk format.
+
+The tar is hostile until proven otherwise. It is unpacked in three steps:
+
+1. **Decompress** into a temporary plain tar under the store's ``tmp`` directory, hashing it on the
+   way (that hash is the layer's diff_id) and stopping at a size limit (a decompression bomb never
+   fills the disk).
+2. **Validate** every member in a pure pass, before anything is created: names are normalised and
+   refused when absolute, when they contain ``..``, or when an ancestor is a symlink or a
+   non-directory made earlier in the same tar; hardlinks must name an earlier, non-directory member;
+   device nodes are refused where we cannot create them; sizes and counts are bounded. The result is
+   a plan of operations.
+3. **Execute** the plan into a fresh directory. Every path is walked component by component from a
+   directory fd with ``O_NOFOLLOW``, so even a plan the validator got wrong cannot write outside.
+   Directory metadata (modes, owners, mtimes) is applied last, deepest first, so a read-only
+   directory in the tar does not stop us filling it.
+
+OCI whiteouts become on-disk whiteouts (``ondisk.make_whiteout``: char 0/0 where mknod is allowed),
+``.wh..wh..opq`` becomes ``ondisk.mark_opaque``. Ownership is applied with chown when permitted; an
+unprivileged user instead records the intended owner and mode in the owner-override xattr and keeps
+the real mode readable for itself (``u+r`` on files, ``u+rwx`` on directories).
+
+The caller unpacks into a temporary directory and renames it into place; on any error the directory
+is removed here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import shutil
+import stat
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from lamina.errors import LayerError
+from store.blobs import CHUNK, HashingWriter, remove_tree, temp_name
+from store.compression import open_decompressed
+from unionfs import ondisk
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int], None]
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds beyond which a layer is refused as absurd (env ``LAMINA_MAX_LAYER_BYTES`` overrides)."""
+
+    max_total_bytes: int = int(os.environ.get("LAMINA_MAX_LAYER_BYTES", str(64 << 30)))
+    max_entries: int = 2_000_000
+    max_path_bytes: int = 4096
+    max_name_bytes: int = 255
+
+
+@dataclass
+class UnpackResult:
+    diff_id: str  # sha256 of the uncompressed tar
+    tar_size: int  # bytes of the uncompressed tar
+    compression: str | None
+    entries: int
+
+
+@dataclass
+class _Op:
+    kind: str  # dir file symlink hardlink fifo chr blk
+    path: tuple[str, ...]
+    member: tarfile.TarInfo
+    target: tuple[str, ...] = ()
+
+
+@dataclass
+class _Plan:
+    ops: list[_Op] = field(default_factory=list)
+    whiteouts: list[tuple[tuple[str, ...], str]] = field(default_factory=list)
+    opaque: list[tuple[str, ...]] = field(default_factory=list)
+
+
+def can_mknod_devices() -> bool:
+    """Whether real device nodes can be created here (root in the initial user namespace)."""
+    return os.geteuid() == 0 and ondisk.XattrNamespace.for_current_user() is ondisk.XattrNamespace.TRUSTED
+
+
+# --- step 1: decompress --------------------------------------------------------------------------
+
+
+def decompress_to(source: BinaryIO, out_path: Path, limits: Limits,
+                  progress: Progress | None = None) -> tuple[str, int, str | None]:
+    """Write the uncompressed bytes of ``source`` to ``out_path``; return (diff_id, size, compression)."""
+    stream, kind = open_decompressed(source)
+    with open(out_path, "xb") as out:
+        w = HashingWriter(out)
+        try:
+            while chunk := stream.read(CHUNK):
+                w.write(chunk)
+                if progress is not None:
+                    progress(len(chunk))
+                if w.size > limits.max_total_bytes + (1 << 20):
+                    raise LayerError(f"layer is larger than the limit of {limits.max_total_bytes} bytes "
+                                     "uncompressed (set LAMINA_MAX_LAYER_BYTES to allow it)")
+        except (OSError, EOFError, ValueError) as e:
+            if isinstance(e, LayerError):
+                raise
+            raise LayerError(f"corrupt {kind or 'tar'} layer stream: {e}") from None
+        except Exception as e:
+            if type(e).__module__.startswith("zstandard") or "Zstd" in type(e).__name__:
+                raise LayerError(f"corrupt zstd layer stream: {e}") from None
+            raise
+    return w.digest, w.size, kind
+
+
+# --- step 2: validate (pure) ---------------------------------------------------------------------
+
+
+def _components(name: str, member_name: str, limits: Limits, what: str = "entry") -> tuple[str, ...]:
+    if "\x00" in name:
+        raise LayerError(f"{what} {member_name!r}: NUL byte in path")
+    if name.startswith("/"):
+        raise LayerError(f"{what} {member_name!r}: absolute path {name!r} refused")
+    if len(name.encode("utf-8", "surrogateescape")) > limits.max_path_bytes:
+        raise LayerError(f"{what} {member_name!r}: path longer than {limits.max_path_bytes} bytes")
+    parts = tuple(p for p in name.split("/") if p not in ("", "."))
+    if ".." in parts:
+        raise LayerError(f"{what} {member_name!r}: '..' component in {name!r} refused")
+    for p in parts:
+        if len(p.encode("utf-8", "surrogateescape")) > limits.max_name_bytes:
+            raise LayerError(f"{what} {member_name!r}: name component longer than {limits.max_name_bytes} bytes")
+    return parts
+
+
+def _stored_size(member: tarfile.TarInfo) -> int:
+    if member.sparse:
+        sparse: list[tuple[int, int]] = member.sparse  # type: ignore[assignment]
+        return sum(length for _offset, length in sparse)
+    return member.size
+
+
+def validate(members: list[tarfile.TarInfo], archive_size: int, limits: Limits | None = None,
+             devices_allowed: bool | None = None) -> _Plan:
+    """Check every member of a layer tar and return what to do; raise LayerError on the first problem.
+
+    Pure: reads only the member list. ``archive_size`` is the size of the plain tar, to catch members
+    whose data would lie beyond its end.
+    """
+    limits = limits or Limits()
+    if devices_allowed is None:
+        devices_allowed = can_mknod_devices()
+    if len(members) > limits.max_entries:
+        raise LayerError(f"layer has {len(members)} entries, more than the limit of {limits.max_entries}")
+    kinds: dict[tuple[str, ...], str] = {}
+    plan = _Plan()
+    total = 0
+    whiteouts: dict[tuple[tuple[str, ...], str], None] = {}
+    for m in members:
+        path = _components(m.name, m.name, limits)
+        if not path:
+            if m.isdir():
+                continue  # the layer's root ("./"): its metadata is not part of the image
+            raise LayerError(f"entry {m.name!r}: a non-directory at the layer's root")
+        for i in range(1, len(path)):
+            ancestor = path[:i]
+            kind = kinds.get(ancestor)
+            if kind is None:
+                kinds[ancestor] = "dir"  # implied parent, created 0755
+            elif kind == "symlink":
+                raise LayerError(f"entry {m.name!r} is written through the symlink {'/'.join(ancestor)!r}")
+            elif kind != "dir":
+                raise LayerError(f"entry {m.name!r} lies below the non-directory {'/'.join(ancestor)!r}")
+        base = path[-1]
+        if base == ondisk.OPAQUE_MARKER:
+            plan.opaque.append(path[:-1])
+            continue
+        hidden = ondisk.whited_out_name(base)
+        if hidden is not None:
+            if hidden in ("", ".", "..") or "/" in hidden:
+                raise LayerError(f"entry {m.name!r}: malformed whiteout")
+            whiteouts[(path[:-1], hidden)] = None
+            continue
+        if m.isdir():
+            kind = "dir"
+        elif m.isreg():
+            kind = "file"
+            if m.size < 0 or m.size > limits.max_total_bytes:
+                raise LayerError(f"entry {m.name!r}: absurd size {m.size}")
+            total += m.size
+            if total > limits.max_total_bytes:
+                raise LayerError(f"layer unpacks to more than the limit of {limits.max_total_bytes} bytes")
+            if m.offset_data + _stored_size(m) > archive_size:
+                raise LayerError(f"entry {m.name!r}: data runs past the end of the tar (truncated or "
+                                 f"a lying size of {m.size})")
+        elif m.issym():
+            kind = "symlink"
+            if not m.linkname or "\x00" in m.linkname:
+                raise LayerError(f"entry {m.name!r}: empty or malformed symlink target")
+        elif m.islnk():
+            kind = "hardlink"
+            if m.linkname.startswith("/"):
+                raise LayerError(f"entry {m.name!r}: hardlink to absolute path {m.linkname!r} points "
+                                 "outside the layer")
+            target = _components(m.linkname, m.name, limits, "hardlink")
+            target_kind = kinds.get(target)
+            if not target:
+                raise LayerError(f"entry {m.name!r}: hardlink to the layer's root")
+            if target_kind is None:
+                raise LayerError(f"entry {m.name!r}: hardlink to missing target {m.linkname!r}")
+            if target_kind in ("dir", "whiteout"):
+                raise LayerError(f"entry {m.name!r}: hardlink to a {target_kind} {m.linkname!r}")
+            for i in range(1, len(target)):
+                if kinds.get(target[:i]) != "dir":
+                    raise LayerError(f"entry {m.name!r}: hardlink target {m.linkname!r} is reached "
+                                     "through a non-directory")
+            if target == path:
+                raise LayerError(f"entry {m.name!r}: hardlink to itself")
+            plan.ops.append(_Op("hardlink", path, m, target))
+            _replace(kinds, path, "file")
+            continue
+        elif m.isfifo():
+            kind = "fifo"
+        elif m.ischr() and m.devmajor == 0 and m.devminor == 0:
+            whiteouts[(path[:-1], base)] = None  # an overlayfs whiteout carried in a tar
+            continue
+        elif m.ischr() or m.isblk():
+            kind = "chr" if m.ischr() else "blk"
+            if not devices_allowed:
+                raise LayerError(f"entry {m.name!r}: device node {m.devmajor}:{m.devminor} cannot be "
+                                 "created without privileges")
+        else:
+            raise LayerError(f"entry {m.name!r}: unsupported tar entry type {m.type!r}")
+        plan.ops.append(_Op(kind, path, m))
+        if kind == "dir" and kinds.get(path) == "dir":
+            continue
+        _replace(kinds, path, kind)
+    for (parent, name) in whiteouts:
+        existing = kinds.get(parent + (name,))
+        if existing == "dir":
+            # A whiteout and a directory of the same name in one layer: the directory replaces the
+            # lower one entirely, which on disk is an opaque directory.
+            plan.opaque.append(parent + (name,))
+        elif existing is None:
+            plan.whiteouts.append((parent, name))
+    return plan
+
+
+def _replace(kinds: dict[tuple[str, ...], str], path: tuple[str, ...], kind: str) -> None:
+    if path in kinds and kinds[path] == "dir":
+        n = len(path)
+        for key in [k for k in kinds if len(k) > n and k[:n] == path]:
+            del kinds[key]
+    kinds[path] = kind
+
+
+# --- step 3: execute -----------------------------------------------------------------------------
+
+
+class _Extractor:
+    """Executes a validated plan below ``root_fd``; every path walk refuses symlinks."""
+
+    def __init__(self, root_fd: int, root_path: str, tar: tarfile.TarFile) -> None:
+        self.root_fd = root_fd
+        self.root_path = root_path
+        self.tar = tar
+        self.privileged = os.geteuid() == 0
+        self.deferred_dirs: dict[tuple[str, ...], tarfile.TarInfo | None] = {}
+        self._cache: tuple[tuple[str, ...], int] | None = None
+
+    def close(self) -> None:
+        if self._cache is not None:
+            os.close(self._cache[1])
+            self._cache = None
+
+    def _open_dir(self, path: tuple[str, ...], create: bool = True) -> int:
+        fd = os.dup(self.root_fd)
+        try:
+            for i, comp in enumerate(path):
+                try:
+                    nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    os.mkdir(comp, 0o700, dir_fd=fd)
+                    self.deferred_dirs.setdefault(path[:i + 1], None)
+                    nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = nfd
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def parent_fd(self, path: tuple[str, ...]) -> int:
+        """An fd of the parent directory of ``path`` (cached; do not close it)."""
+        parent = path[:-1]
+        if self._cache is not None and self._cache[0] == parent:
+            return self._cache[1]
+        self.close()
+        fd = self._open_dir(parent)
+        self._cache = (parent, fd)
+        return fd
+
+    def _clear_existing(self, pfd: int, path: tuple[str, ...]) -> None:
+        name = path[-1]
+        try:
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(name, dir_fd=pfd)
+            n = len(path)
+            for key in [k for k in self.deferred_dirs if k[:n] == path]:
+                del self.deferred_dirs[key]
+            self.close()
+        else:
+            os.unlink(name, dir_fd=pfd)
+
+    def run(self, plan: _Plan) -> None:
+        for op in plan.ops:
+            pfd = self.parent_fd(op.path)
+            name = op.path[-1]
+            if op.kind == "dir":
+                try:
+                    st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+                    if not stat.S_ISDIR(st.st_mode):
+                        os.unlink(name, dir_fd=pfd)
+                        raise FileNotFoundError
+                except FileNotFoundError:
+                    os.mkdir(name, 0o700, dir_fd=pfd)
+                self.deferred_dirs[op.path] = op.member
+                continue
+            self._clear_existing(pfd, op.path)
+            pfd = self.parent_fd(op.path)
+            if op.kind == "file":
+                self._write_file(pfd, name, op.member)
+            elif op.kind == "symlink":
+                os.symlink(op.member.linkname, name, dir_fd=pfd)
+                self._finish_symlink(pfd, name, op.member)
+            elif op.kind == "hardlink":
+                tfd = self._open_dir(op.target[:-1], create=False)
+                try:
+                    os.link(op.target[-1], name, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
+                finally:
+                    os.close(tfd)
+            elif op.kind == "fifo":
+                os.mkfifo(name, 0o600, dir_fd=pfd)
+                self._finish_special(pfd, name, op.member)
+            else:
+                kind = stat.S_IFCHR if op.kind == "chr" else stat.S_IFBLK
+                os.mknod(name, kind | 0o600, os.makedev(op.member.devmajor, op.member.devminor), dir_fd=pfd)
+                self._finish_special(pfd, name, op.member)
+        self.close()
+        for parent, name in plan.whiteouts:
+            fd = self._open_dir(parent)
+            try:
+                ondisk.make_whiteout(fd, name)
+            finally:
+                os.close(fd)
+        for path in plan.opaque:
+            if not path:
+                ondisk.mark_opaque(self.root_path)
+                continue
+            fd = self._open_dir(path[:-1])
+            try:
+                os.stat(path[-1], dir_fd=fd, follow_symlinks=False)
+                # By name below an fd we walked without following symlinks: ondisk's xattr calls
+                # use follow_symlinks=False, which os.setxattr refuses for a bare fd.
+                ondisk.mark_opaque(f"/proc/self/fd/{fd}/{path[-1]}")
+            except FileNotFoundError:
+                os.mkdir(path[-1], 0o700, dir_fd=fd)
+                self.deferred_dirs.setdefault(path, None)
+                ondisk.mark_opaque(f"/proc/self/fd/{fd}/{path[-1]}")
+            finally:
+                os.close(fd)
+        # Deepest first, so a directory made read-only does not stop us finishing its children.
+        for path in sorted(self.deferred_dirs, key=len, reverse=True):
+            member = self.deferred_dirs[path]
+            fd = self._open_dir(path, create=False)
+            try:
+                if member is None:
+                    self._apply_owner_mode(fd, 0, 0, stat.S_IFDIR | 0o755, is_dir=True)
+                else:
+                    self._apply_xattrs(fd, member)
+                    self._apply_owner_mode(fd, member.uid, member.gid, stat.S_IFDIR | member.mode, is_dir=True)
+                    os.utime(fd, ns=(_ns(member.mtime), _ns(member.mtime)))
+            finally:
+                os.close(fd)
+
+    def _write_file(self, pfd: int, name: str, member: tarfile.TarInfo) -> None:
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                     dir_fd=pfd)
+        try:
+            src = self.tar.extractfile(member)
+            if src is None:
+                raise LayerError(f"entry {member.name!r}: no data")
+            zero = bytes(CHUNK)
+            written = 0
+            while chunk := src.read(CHUNK):
+                # Runs of zeros become holes, so sparse files stay sparse on disk.
+                if len(chunk) == CHUNK and chunk == zero:
+                    os.lseek(fd, len(chunk), os.SEEK_CUR)
+                else:
+                    os.write(fd, chunk)
+                written += len(chunk)
+            if written != member.size:
+                raise LayerError(f"entry {member.name!r}: truncated data ({written} of {member.size} bytes)")
+            os.ftruncate(fd, member.size)
+            self._apply_xattrs(fd, member)
+            self._apply_owner_mode(fd, member.uid, member.gid, stat.S_IFREG | member.mode, is_dir=False)
+            os.utime(fd, ns=(_ns(member.mtime), _ns(member.mtime)))
+        finally:
+            os.close(fd)
+
+    def _finish_symlink(self, pfd: int, name: str, member: tarfile.TarInfo) -> None:
+        if self.privileged:
+            with contextlib.suppress(PermissionError, OSError):
+                os.chown(name, member.uid, member.gid, dir_fd=pfd, follow_symlinks=False)
+        os.utime(name, ns=(_ns(member.mtime), _ns(member.mtime)), dir_fd=pfd, follow_symlinks=False)
+
+    def _finish_special(self, pfd: int, name: str, member: tarfile.TarInfo) -> None:
+        # FIFOs and devices cannot be opened safely (open blocks or has side effects): use paths
+        # relative to the parent fd, which we just created the entry in.
+        proc_path = f"/proc/self/fd/{pfd}/{name}"
+        self._apply_xattrs(proc_path, member)
+        kind = stat.S_IFIFO if member.isfifo() else (stat.S_IFCHR if member.ischr() else stat.S_IFBLK)
+        self._apply_owner_mode(proc_path, member.uid, member.gid, kind | member.mode, is_dir=False,
+                               chmod=lambda m: os.chmod(name, m, dir_fd=pfd),
+                               chown=lambda u, g: os.chown(name, u, g, dir_fd=pfd, follow_symlinks=False))
+        os.utime(name, ns=(_ns(member.mtime), _ns(member.mtime)), dir_fd=pfd, follow_symlinks=False)
+
+    def _apply_owner_mode(self, target: int | str, uid: int, gid: int, mode: int, is_dir: bool,
+                          chmod: Callable[[int], None] | None = None,
+                          chown: Callable[[int, int], None] | None = None) -> None:
+        perms = mode & 0o7777
+        chmod = chmod or (lambda m: os.chmod(target, m))
+        chown = chown or (lambda u, g: os.chown(target, u, g))
+        chowned = False
+        if self.privileged:
+            try:
+                chown(uid, gid)
+                chowned = True
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.EINVAL):
+                    raise
+        if chowned:
+            chmod(perms)
+            return
+        # Unprivileged: keep what we need to read (and remove) the layer ourselves; record the rest.
+        disk = perms | (0o700 if is_dir else 0o600)
+        if (uid, gid) != (0, 0) or disk != perms:
+            override = ondisk.OwnerOverride(uid, gid, perms)
+            if isinstance(target, int):
+                # os.setxattr refuses an fd together with follow_symlinks=False; an fd never follows.
+                os.setxattr(target, ondisk.OWNER_OVERRIDE_XATTR, override.encode())
+            else:
+                ondisk.write_owner_override(target, override)
+        chmod(disk)
+
+    def _apply_xattrs(self, target: int | str, member: tarfile.TarInfo) -> None:
+        for key, value in member.pax_headers.items():
+            if not key.startswith("SCHILY.xattr."):
+                continue
+            name = key[len("SCHILY.xattr."):]
+            if ondisk.is_private_xattr(name):
+                log.debug("ignoring union-private xattr %s on %s", name, member.name)
+                continue
+            try:
+                os.setxattr(target, name, value.encode("utf-8", "surrogateescape"),
+                            follow_symlinks=not isinstance(target, str))
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EACCES, errno.EINVAL):
+                    raise
+                log.info("cannot keep xattr %s on %s: %s", name, member.name, e.strerror)
+
+
+def _ns(mtime: float) -> int:
+    return int(mtime * 1_000_000_000)
+
+
+# --- entry point ---------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _plain_tar(source: BinaryIO | Path, tmp_dir: Path, limits: Limits,
+               progress: Progress | None) -> Iterator[tuple[Path, str, int, str | None]]:
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    plain = temp_name(tmp_dir, "tar")
+    try:
+        if isinstance(source, Path):
+            with open(source, "rb") as f:
+                digest, size, kind = decompress_to(f, plain, limits, progress)
+        else:
+            digest, size, kind = decompress_to(source, plain, limits, progress)
+        yield plain, digest, size, kind
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            plain.unlink()
+
+
+def unpack_layer(source: BinaryIO | Path, dest: Path, tmp_dir: Path, limits: Limits | None = None,
+                 expected_diff_id: str | None = None, progress: Progress | None = None) -> UnpackResult:
+    """Unpack a layer tar into the new directory ``dest`` (which must not exist).
+
+    Resource handling: creates ``dest`` and a temporary plain tar in ``tmp_dir``; the temporary file
+    is always removed, and ``dest`` is removed when anything fails.
+    Error handling: a hostile or malformed tar raises :class:`LayerError` naming the entry; a
+    diff_id other than ``expected_diff_id`` raises :class:`LayerError` before anything is created.
+    """
+    limits = limits or Limits()
+    with _plain_tar(source, tmp_dir, limits, progress) as (plain, diff_id, size, kind):
+        if expected_diff_id is not None and diff_id != expected_diff_id:
+            raise LayerError(f"layer content does not match its diff_id: expected {expected_diff_id}, "
+                             f"got {diff_id}")
+        try:
+            tar = tarfile.open(plain, "r:", errorlevel=2)
+        except tarfile.TarError as e:
+            raise LayerError(f"not a tar archive: {e}") from None
+        with tar:
+            try:
+                members = tar.getmembers()
+            except (tarfile.TarError, UnicodeError) as e:
+                raise LayerError(f"malformed tar: {e}") from None
+            plan = validate(members, size, limits)
+            os.mkdir(dest, 0o700)
+            try:
+                root_fd = os.open(dest, _DIR_FLAGS)
+                extractor = _Extractor(root_fd, str(dest), tar)
+                try:
+                    extractor.run(plan)
+                finally:
+                    extractor.close()
+                    os.close(root_fd)
+                os.chmod(dest, 0o755)
+            except BaseException as e:
+                remove_tree(dest)
+                if isinstance(e, (tarfile.TarError, OSError)) and not isinstance(e, LayerError):
+                    raise LayerError(f"cannot unpack layer: {e}") from None
+                raise
+    return UnpackResult(diff_id=diff_id, tar_size=size, compression=kind, entries=len(members))
