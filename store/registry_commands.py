@@ -17,10 +17,11 @@ import argparse
 import getpass
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 from lamina.errors import RegistryError, UsageError
 from store.reference import DEFAULT_REGISTRY, Reference
@@ -34,6 +35,7 @@ from store.registry import (
     iter_layers,
 )
 from store.registry_auth import lookup_credentials, parse_creds, remove_credentials, store_credentials
+from store.store import Image, Store
 
 log = logging.getLogger(__name__)
 
@@ -110,16 +112,54 @@ def _credentials(args: argparse.Namespace, registry: str) -> tuple[str, str] | N
     return lookup_credentials(registry)
 
 
-def _open_store(root: Path) -> Any:
-    from store import Store
+class BlobLocations:
+    """Where on which registry each blob was last seen: ``ROOT/registry/blob-locations.json``.
 
+    Advisory only (as docker's blob info cache): a push asks the registry to mount a blob it lacks in
+    the destination repository from a repository that had it, which saves the upload; if the mount
+    fails the blob is simply uploaded. Concurrent writers may lose each other's entries, which costs
+    at most an upload.
+    """
+
+    MAX_REPOSITORIES = 4
+
+    def __init__(self, root: Path) -> None:
+        self.path = root / "registry" / "blob-locations.json"
+
+    def _load(self) -> dict[str, dict[str, list[str]]]:
+        try:
+            data = json.loads(self.path.read_bytes())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def repositories(self, registry: str, digest: str) -> list[str]:
+        found = self._load().get(registry, {}).get(digest, [])
+        return [r for r in found if isinstance(r, str)] if isinstance(found, list) else []
+
+    def record(self, registry: str, repository: str, digests: list[str]) -> None:
+        data = self._load()
+        known = data.setdefault(registry, {})
+        for digest in digests:
+            repos = [r for r in known.get(digest, []) if r != repository]
+            known[digest] = [repository, *repos][: self.MAX_REPOSITORIES]
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f"{os.getpid()}.{self.path.name}.tmp")
+            tmp.write_text(json.dumps(data, sort_keys=True))
+            os.replace(tmp, self.path)
+        except OSError as e:
+            log.debug("cannot record blob locations in %s: %s", self.path, e)
+
+
+def _open_store(root: Path) -> Store:
     return Store.open(root)
 
 
 # ----- pull -----
 
 
-def pull_image(store: Any, ref: Reference, client: RegistryClient, progress: Progress) -> Any:
+def pull_image(store: Store, ref: Reference, client: RegistryClient, progress: Progress) -> Image:
     """Download ``ref`` into ``store`` (only the blobs it lacks) and record it; returns the Image.
 
     Error handling: RegistryError for anything the registry refuses or gets wrong; the store then
@@ -171,7 +211,9 @@ def pull_image(store: Any, ref: Reference, client: RegistryClient, progress: Pro
             path.unlink(missing_ok=True)
     progress.line("Writing manifest to image destination")
     tags = [str(ref.with_tag(ref.tag))] if ref.tag else []
-    return store.import_image_from_manifest(manifest.data, config_bytes, tags)
+    image = store.import_image_from_manifest(manifest.data, config_bytes, tags)
+    BlobLocations(store.root).record(ref.registry, repository, [config_digest, *(d["digest"] for d in layers)])
+    return image
 
 
 def _check_config(ref: Reference, config_bytes: bytes, layer_count: int) -> None:
@@ -202,7 +244,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 # ----- push -----
 
 
-def push_image(store: Any, image: Any, dest: Reference, client: RegistryClient, progress: Progress) -> tuple[str, int]:
+def push_image(store: Store, image: Image, dest: Reference, client: RegistryClient, progress: Progress) -> tuple[str, int]:
     """Upload ``image`` to ``dest`` (only the blobs the registry lacks), manifest last.
 
     Returns the manifest's digest and size.
@@ -212,6 +254,7 @@ def push_image(store: Any, image: Any, dest: Reference, client: RegistryClient, 
         raise RegistryError(f"cannot push a manifest of type {media_type}")
     doc = json.loads(manifest_bytes)
     repository = dest.repository
+    locations = BlobLocations(store.root)
     blobs = [(layer["digest"], "blob") for layer in iter_layers(doc)]
     blobs.append((config_descriptor(doc)["digest"], "config"))
     for digest, kind in blobs:
@@ -223,23 +266,24 @@ def push_image(store: Any, image: Any, dest: Reference, client: RegistryClient, 
         if client.has_blob(repository, digest):
             progress.line(f"{label} skipped: already exists")
             continue
+        mount_from = next((r for r in locations.repositories(dest.registry, digest) if r != repository), None)
         bar = progress.bar(label, path.stat().st_size)
-        client.upload_blob(repository, digest, path, progress=bar)
+        client.upload_blob(repository, digest, path, mount_from=mount_from, progress=bar)
         bar.finish("done")
     progress.line("Writing manifest to image destination")
     digest = client.put_manifest(repository, dest.tag or dest.digest or "latest", manifest_bytes, media_type)
+    locations.record(dest.registry, repository, [d for d, _ in blobs])
     return digest, len(manifest_bytes)
 
 
-def _stored_manifest(store: Any, image: Any) -> tuple[bytes, str]:
+def _stored_manifest(store: Store, image: Image) -> tuple[bytes, str]:
     """The image's manifest exactly as the store holds it, and its media type."""
-    data: bytes
-    if hasattr(store, "manifest_bytes"):
-        data = store.manifest_bytes(image)
-    else:
-        data = store.blob_path(image.manifest_digest).read_bytes()
-    doc = json.loads(data)
-    media_type = doc.get("mediaType") or OCI_MANIFEST
+    data: bytes = store.manifest_bytes(image)
+    try:
+        media_type = json.loads(data).get("mediaType") or OCI_MANIFEST
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        raise RegistryError(f"the stored manifest of image {image.id[:12]} is malformed "
+                            "(run `lamina system check`)") from None
     return data, media_type
 
 

@@ -1,0 +1,350 @@
+"""`lamina pull` and `lamina push` against Debian's registry on 127.0.0.1, skopeo, and a lying registry."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import shutil
+import subprocess
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from registry_server import FakeRegistry, RunningRegistry, bcrypt_hash, digest_of, run_registry
+
+from store.registry import OCI_INDEX, OCI_MANIFEST, RegistryClient, host_platform
+
+pytestmark = pytest.mark.skipif(shutil.which("docker-registry") is None, reason="docker-registry not installed")
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[RunningRegistry]:
+    with run_registry(tmp_path / "registry") as running:
+        yield running
+
+
+def layer_blob(files: dict[str, bytes]) -> bytes:
+    """A gzip layer tar holding ``files`` (parents included), deterministic."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        dirs = sorted({str(Path(name).parents[i]) for name in files for i in range(len(Path(name).parts) - 1)})
+        for d in dirs:
+            info = tarfile.TarInfo(d)
+            info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, 0
+            tar.addfile(info)
+        for name, data in sorted(files.items()):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), 0o644, 0
+            tar.addfile(info, io.BytesIO(data))
+    return gzip.compress(raw.getvalue(), mtime=0)
+
+
+def upload_image(client: RegistryClient, repository: str, tag: str | None, layers: list[bytes],
+                 tmp: Path, arch: str | None = None) -> tuple[str, str]:
+    """Upload a ``layers`` image straight through the protocol client; returns (manifest, config) digests."""
+    diff_ids = [digest_of(gzip.decompress(blob)) for blob in layers]
+    config = json.dumps({
+        "architecture": arch or host_platform().architecture, "os": "linux",
+        "config": {"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        "history": [{"created_by": f"layer {i}"} for i in range(len(layers))],
+    }, sort_keys=True).encode()
+    for blob in [*layers, config]:
+        path = tmp / "upload"
+        path.write_bytes(blob)
+        if not client.has_blob(repository, digest_of(blob)):
+            client.upload_blob(repository, digest_of(blob), path)
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest_of(config),
+                   "size": len(config)},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest_of(b),
+                    "size": len(b)} for b in layers],
+    }).encode()
+    digest = client.put_manifest(repository, tag or digest_of(manifest), manifest, OCI_MANIFEST)
+    return digest, digest_of(config)
+
+
+def open_store(root: Path):  # type: ignore[no-untyped-def]
+    from store import Store
+
+    return Store.open(root)
+
+
+def store_state(root: Path) -> list[str]:
+    """Every file and directory under the store (but its lock and temporary directory)."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                  if p.name != "lock" and "tmp" not in p.relative_to(root).parts[:1])
+
+
+def test_pull_fetches_only_missing_layers(registry: RunningRegistry, tmp_path: Path, lamina_cmd) -> None:  # type: ignore[no-untyped-def]
+    a = layer_blob({"etc/a": b"A\n"})
+    b = layer_blob({"etc/b": b"B\n"})
+    c = layer_blob({"etc/c": b"C\n"})
+    with RegistryClient(registry.address, tls_verify=False) as client:
+        _, config1 = upload_image(client, "app/one", "v1", [a, b], tmp_path)
+        _, config2 = upload_image(client, "app/two", "v1", [a, b, c], tmp_path)
+
+    first = lamina_cmd("pull", "--tls-verify=false", f"{registry.address}/app/one:v1")
+    assert first.stdout.strip() == config1[7:]
+    assert "Copying" not in first.stderr  # not a terminal: no progress
+    assert sorted(registry.blob_gets()) == sorted([digest_of(a), digest_of(b), config1])
+
+    before = len(registry.blob_gets())
+    second = lamina_cmd("pull", "--tls-verify=false", f"{registry.address}/app/two:v1")
+    assert second.stdout.strip() == config2[7:]
+    assert sorted(registry.blob_gets()[before:]) == sorted([digest_of(c), config2])
+
+    store = open_store(tmp_path / "lamina-root")
+    image = store.resolve_image(f"{registry.address}/app/two:v1")
+    assert image.id == config2[7:]
+    assert [layer.digest for layer in image.layers] == [digest_of(a), digest_of(b), digest_of(c)]
+    assert (image.layers[2].path / "etc" / "c").read_bytes() == b"C\n"
+
+    # Pulling again downloads no blob at all.
+    before = len(registry.blob_gets())
+    lamina_cmd("pull", "-q", "--tls-verify=false", f"{registry.address}/app/two:v1")
+    assert registry.blob_gets()[before:] == []
+
+
+def make_store_images(root: Path, busybox_rootfs: Path, tmp: Path):  # type: ignore[no-untyped-def]
+    """Two lamina-made images in a store at ``root``: busybox, and busybox plus one layer."""
+    store = open_store(root)
+    base_layer = store.commit_layer(busybox_rootfs)
+    base = store.create_image([base_layer], {"config": {"Cmd": ["/bin/sh"]}}, tags=["local/base:1"])
+    extra = tmp / "extra"
+    (extra / "etc").mkdir(parents=True)
+    (extra / "etc" / "motd").write_bytes(b"pushed by lamina\n")
+    top_layer = store.commit_layer(extra)
+    child = store.create_image([base_layer, top_layer], {"config": {"Cmd": ["/bin/cat", "/etc/motd"]}},
+                               tags=["local/child:1"], base=base)
+    return store, base, child
+
+
+def blob_uploads(registry: RunningRegistry, since: int = 0) -> int:
+    """Blob uploads completed (the final PUT of each upload session)."""
+    return sum(1 for m, p, s in registry.access_log()[since:] if m == "PUT" and "/blobs/uploads/" in p)
+
+
+def test_push_then_pull_roundtrip_and_skopeo(registry: RunningRegistry, tmp_path: Path, lamina_cmd,  # type: ignore[no-untyped-def]
+                                             busybox_rootfs: Path) -> None:
+    src_root, dst_root = tmp_path / "src", tmp_path / "dst"
+    store, base, child = make_store_images(src_root, busybox_rootfs, tmp_path)
+
+    base_dest = f"{registry.address}/lamina/base:1"
+    pushed = lamina_cmd("push", "--tls-verify=false", "local/base:1", base_dest, root=src_root)
+    assert pushed.stdout.strip() == f"1: digest: {base.manifest_digest} size: {len(store.manifest_bytes(base))}"
+    assert blob_uploads(registry) == 2  # the layer and the config
+
+    # The child shares the base layer: only its own layer and config go up; the base layer is
+    # mounted from the repository lamina pushed it to.
+    dest = f"{registry.address}/lamina/child:1"
+    before = len(registry.access_log())
+    lamina_cmd("push", "--tls-verify=false", "local/child:1", dest, root=src_root)
+    assert blob_uploads(registry, before) == 2
+    mounts = [(p, s) for m, p, s in registry.access_log()[before:] if m == "POST" and "mount=" in p]
+    assert len(mounts) == 1 and mounts[0][1] == 201 and child.layers[0].digest[7:] in mounts[0][0]
+    # Within one repository, a new tag of a known image uploads nothing but the manifest.
+    before = len(registry.access_log())
+    lamina_cmd("push", "--tls-verify=false", "local/child:1", f"{registry.address}/lamina/child:2", root=src_root)
+    assert [m for m, p, s in registry.access_log()[before:] if m in ("POST", "PATCH", "PUT")] == ["PUT"]
+
+    layer_digests = [layer.digest for layer in child.layers]
+    if shutil.which("skopeo"):
+        raw = subprocess.run(["skopeo", "inspect", "--tls-verify=false", "--raw", f"docker://{dest}"],
+                             check=True, capture_output=True, timeout=60).stdout
+        assert raw == store.manifest_bytes(child)
+        inspected = json.loads(subprocess.run(["skopeo", "inspect", "--tls-verify=false", f"docker://{dest}"],
+                                              check=True, capture_output=True, timeout=60).stdout)
+        assert inspected["Layers"] == layer_digests
+        oci_dir = tmp_path / "oci"
+        subprocess.run(["skopeo", "copy", "--src-tls-verify=false", f"docker://{dest}", f"oci:{oci_dir}:x"],
+                       check=True, capture_output=True, timeout=120)
+        for digest in [*layer_digests, child.digest]:
+            assert (oci_dir / "blobs" / "sha256" / digest[7:]).is_file()
+
+    pulled = lamina_cmd("pull", "--tls-verify=false", dest, root=dst_root)
+    assert pulled.stdout.strip() == child.id
+    copy = open_store(dst_root).resolve_image(dest)
+    assert copy.config == child.config
+    assert copy.manifest_digest == child.manifest_digest
+    assert [layer.digest for layer in copy.layers] == layer_digests
+    assert [layer.diff_id for layer in copy.layers] == [layer.diff_id for layer in child.layers]
+    assert (copy.layers[-1].path / "etc" / "motd").read_bytes() == b"pushed by lamina\n"
+    assert (copy.layers[0].path / "bin" / "busybox").read_bytes() == (busybox_rootfs / "bin" / "busybox").read_bytes()
+
+
+def test_pull_index_picks_host_platform(registry: RunningRegistry, tmp_path: Path, lamina_cmd) -> None:  # type: ignore[no-untyped-def]
+    host = host_platform().architecture
+    other = "s390x" if host != "s390x" else "amd64"
+    entries = []
+    with RegistryClient(registry.address, tls_verify=False) as client:
+        for arch in (other, host):
+            digest, config = upload_image(client, "multi/app", None, [layer_blob({"arch": arch.encode()})],
+                                          tmp_path, arch=arch)
+            size = len(client.get_manifest("multi/app", digest).data)
+            entries.append(({"mediaType": OCI_MANIFEST, "digest": digest, "size": size,
+                             "platform": {"os": "linux", "architecture": arch}}, config))
+        index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX,
+                            "manifests": [e for e, _ in entries]}).encode()
+        client.put_manifest("multi/app", "latest", index, OCI_INDEX)
+    out = lamina_cmd("pull", "--tls-verify=false", f"{registry.address}/multi/app")
+    assert out.stdout.strip() == entries[1][1][7:]
+    image = open_store(tmp_path / "lamina-root").resolve_image(f"{registry.address}/multi/app:latest")
+    assert image.config["architecture"] == host
+
+
+@pytest.mark.allow_log(r".")
+def test_lying_registry_is_refused_and_store_untouched(tmp_path: Path, lamina_cmd) -> None:  # type: ignore[no-untyped-def]
+    good, bad = layer_blob({"good": b"good"}), layer_blob({"bad": b"bad"})
+    fake = FakeRegistry()
+    config = json.dumps({"architecture": host_platform().architecture, "os": "linux",
+                         "rootfs": {"type": "layers", "diff_ids": [digest_of(gzip.decompress(good)),
+                                                                   digest_of(gzip.decompress(bad))]}}).encode()
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest_of(config),
+                   "size": len(config)},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest_of(b),
+                    "size": len(b)} for b in (good, bad)],
+    }).encode()
+    for blob in (good, bad, config):
+        fake.add_blob(blob)
+    fake.add_manifest("evil/img", "latest", OCI_MANIFEST, manifest)
+    # The second layer is served with other bytes of the same length.
+    fake.blob_override[digest_of(bad)] = bytes(len(bad))
+    root = tmp_path / "lamina-root"
+    lamina_cmd("images", root=root)  # creates the store layout
+    before = store_state(root)
+    with fake.serve():
+        result = lamina_cmd("pull", "--tls-verify=false", f"{fake.address}/evil/img", check=False)
+        assert result.returncode == 125, result
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("lamina: error: ") and "refused" in lines[0]
+        assert digest_of(bad) in lines[0]
+
+        # A manifest served under a tag whose announced digest does not match.
+        fake.blob_override.clear()
+        fake.manifest_digest_header[("evil/img", "latest")] = digest_of(b"something else")
+        result = lamina_cmd("pull", "--tls-verify=false", f"{fake.address}/evil/img", check=False)
+        assert result.returncode == 125 and "refused" in result.stderr
+    assert store_state(root) == before
+    assert lamina_cmd("images", "-q", root=root).stdout.strip() == ""
+    assert lamina_cmd("system", "check", root=root, check=False).returncode == 0
+    assert [p for p in (root / "tmp").iterdir()] == [] if (root / "tmp").exists() else True
+
+
+def test_pull_with_basic_auth(tmp_path: Path, lamina_cmd) -> None:  # type: ignore[no-untyped-def]
+    if bcrypt_hash("pw") is None:
+        pytest.skip("neither htpasswd nor crypt's blowfish is available to write an htpasswd file")
+    with run_registry(tmp_path / "registry", htpasswd={"dave": "pw"}) as registry:
+        with RegistryClient(registry.address, tls_verify=False, credentials=("dave", "pw")) as client:
+            _, config = upload_image(client, "private/app", "v1", [layer_blob({"x": b"x"})], tmp_path)
+        ref = f"{registry.address}/private/app:v1"
+        denied = lamina_cmd("pull", "--tls-verify=false", ref, check=False,
+                            env={"REGISTRY_AUTH_FILE": str(tmp_path / "none.json")})
+        assert denied.returncode == 125 and "credentials" in denied.stderr
+        ok = lamina_cmd("pull", "--tls-verify=false", "--creds", "dave:pw", ref)
+        assert ok.stdout.strip() == config[7:]
+
+
+def test_pull_errors_are_one_line(tmp_path: Path, lamina_cmd) -> None:  # type: ignore[no-untyped-def]
+    from registry_server import free_port
+
+    port = free_port()  # nothing listens there
+    result = lamina_cmd("pull", "--tls-verify=false", f"127.0.0.1:{port}/x/y", check=False)
+    assert result.returncode == 125 and result.stderr.count("\n") == 1
+    assert "cannot reach registry" in result.stderr
+    result = lamina_cmd("pull", "Bad/Ref", check=False)
+    assert result.returncode == 125 and "invalid reference" in result.stderr
+
+
+@pytest.mark.unprivileged
+def test_pull_as_unprivileged_user(registry: RunningRegistry, tmp_path: Path, unpriv) -> None:  # type: ignore[no-untyped-def]
+    with RegistryClient(registry.address, tls_verify=False) as client:
+        _, config = upload_image(client, "user/app", "1", [layer_blob({"etc/who": b"me\n"})], tmp_path)
+    ref = f"{registry.address}/user/app:1"
+    pulled = unpriv.lamina("pull", "--tls-verify=false", ref)
+    assert pulled.returncode == 0, pulled.stderr
+    assert pulled.stdout.strip() == config[7:]
+    listed = unpriv.lamina("images", "-q")
+    assert listed.returncode == 0 and config[7:19] in listed.stdout
+
+
+def test_kill_during_pull_leaves_store_clean(tmp_path: Path, lamina_cmd) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import signal
+    import sys
+    import time
+
+    big = layer_blob({"big": os.urandom(2 << 20)})
+    config = json.dumps({"architecture": host_platform().architecture, "os": "linux",
+                         "rootfs": {"type": "layers", "diff_ids": [digest_of(gzip.decompress(big))]}}).encode()
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest_of(config),
+                   "size": len(config)},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest_of(big),
+                    "size": len(big)}],
+    }).encode()
+    fake = FakeRegistry(stall_after=1 << 20)
+    fake.add_blob(big)
+    fake.add_blob(config)
+    fake.add_manifest("slow/img", "latest", OCI_MANIFEST, manifest)
+    root = tmp_path / "lamina-root"
+    lamina_cmd("images", root=root)
+    before = store_state(root)
+    ref_text = f"{fake.address}/slow/img"
+    with fake.serve():
+        ref_text = f"{fake.address}/slow/img"
+        process = subprocess.Popen([sys.executable, "-m", "lamina", "--root", str(root), "pull", "-q",
+                                    "--tls-verify=false", ref_text],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            assert fake.stalled.wait(30), "the pull never reached the stalled blob"
+            deadline = time.monotonic() + 10
+            while not any(p.stat().st_size > 0 for p in (root / "tmp").glob("*.pull")):
+                assert time.monotonic() < deadline, "no partial download appeared"
+                time.sleep(0.05)
+        finally:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+        fake.release.set()
+        assert store_state(root) == before
+        assert lamina_cmd("system", "check", root=root, check=False).returncode == 0
+        fake.stall_after = None
+        out = lamina_cmd("pull", "-q", "--tls-verify=false", ref_text, root=root)
+        assert out.stdout.strip() == digest_of(config)[7:]
+    assert list((root / "tmp").glob("*.pull")) == []
+
+
+def test_progress_on_a_terminal_only(registry: RunningRegistry, tmp_path: Path) -> None:
+    import os
+    import pty
+    import sys
+
+    with RegistryClient(registry.address, tls_verify=False) as client:
+        _, config = upload_image(client, "tty/app", "1", [layer_blob({"t": b"t"})], tmp_path)
+    master, slave = pty.openpty()
+    try:
+        result = subprocess.run([sys.executable, "-m", "lamina", "--root", str(tmp_path / "root"), "pull",
+                                 "--tls-verify=false", f"{registry.address}/tty/app:1"],
+                                stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL, timeout=120)
+    finally:
+        os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO once the terminal has no writer left
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    shown = b"".join(chunks).decode()
+    assert result.returncode == 0
+    assert result.stdout.decode().strip() == config[7:]
+    assert "Copying blob" in shown and "Writing manifest" in shown
