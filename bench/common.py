@@ -92,7 +92,9 @@ def markdown_table(suite: SuiteResult) -> str:
     """Medians of every system and the ratio lamina / each competitor, one line per row."""
     lamina_systems = [s for s in suite.systems if s.startswith(LAMINA)]
     competitors = [s for s in suite.systems if not s.startswith(LAMINA)]
-    ratio_columns = [(mine, other) for mine in lamina_systems for other in competitors]
+    # Compare like with like: lamina as root with competitors running as root, rootless with rootless.
+    ratio_columns = [(mine, other) for mine in lamina_systems for other in competitors
+                     if ("rootless" in mine) == ("rootless" in other)]
     header = ["workload", *suite.systems, *(f"{m} / {o}" for m, o in ratio_columns)]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     footnotes: dict[str, int] = {}

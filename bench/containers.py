@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gzip
 import importlib
 import logging
 import os
 import random
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
 import textwrap
@@ -42,7 +44,9 @@ from bench.podman_env import (
 
 log = logging.getLogger(__name__)
 
-BASE_REF = "localhost/lamina-bench-base:latest"
+# lamina's embedded base (store.base), and the same layer imported into podman under this name.
+LAMINA_BASE_REF = "lamina/busybox:latest"
+PODMAN_BASE_REF = "localhost/lamina-bench-base:latest"
 
 
 class PodmanMode(NamedTuple):
@@ -62,19 +66,19 @@ QUICK_PODMAN_MODES = ["root/overlay"]
 
 # Dockerfiles built by every contestant. "files" is also the image the store suite saves and loads.
 DOCKERFILES = {
-    "small": textwrap.dedent(f"""\
-        FROM {BASE_REF}
+    "small": textwrap.dedent("""\
+        FROM {base}
         ENV GREETING=hello
         WORKDIR /app
         COPY hello.txt /app/
         RUN echo "$GREETING" > /app/out.txt && cat /app/hello.txt >> /app/out.txt
         CMD ["cat", "/app/out.txt"]
         """),
-    "files": textwrap.dedent(f"""\
-        FROM {BASE_REF}
+    "files": textwrap.dedent("""\
+        FROM {base}
         COPY tree/ /srv/tree/
         COPY blob.bin /srv/blob.bin
-        RUN mkdir -p /data && i=0; while [ $i -lt {{n_files}} ]; do echo $i > /data/f$i; i=$((i+1)); done
+        RUN mkdir -p /data && i=0; while [ $i -lt {n_files} ]; do echo $i > /data/f$i; i=$((i+1)); done
         RUN rm -f /bin/vi && chmod 0700 /data && ls -R /srv/tree | wc -l > /srv/count
         RUN echo done > /srv/done
         CMD ["cat", "/srv/done"]
@@ -104,6 +108,14 @@ class Contestant:
     podman: PodmanEnv | None = None
     unavailable: dict[str, str] = field(default_factory=dict)  # verb -> note
     broken: str | None = None  # set-up failed: every cell says so
+
+    @property
+    def kind(self) -> str:
+        return "lamina" if self.lamina is not None else "podman"
+
+    @property
+    def base_ref(self) -> str:
+        return LAMINA_BASE_REF if self.lamina is not None else PODMAN_BASE_REF
 
     @property
     def rootless(self) -> bool:
@@ -155,29 +167,50 @@ def make_busybox_tarball(dest: Path) -> Path:
     return dest
 
 
+ENSURE_BASE = ("import sys; from pathlib import Path; from store import Store; "
+               "from store.base import ensure_default_base; ensure_default_base(Store.open(Path(sys.argv[1])))")
+
+
 def base_tarball(workdir: Path) -> tuple[Path, str]:
-    """The base rootfs tarball both sides import, and where it came from."""
+    """The base rootfs tarball podman imports, and where it came from.
+
+    It is the very layer of lamina's embedded base (``store.base.ensure_default_base``), so both
+    sides start from identical files; before the store lands, a busybox root made here instead.
+    """
     dest = workdir / "base.tar"
     try:
-        store_base = importlib.import_module("store.base")  # the store helper's embedded busybox base
+        store_module = importlib.import_module("store")
+        base_module = importlib.import_module("store.base")
     except ImportError:
-        store_base = None
-    tarball_of = getattr(store_base, "default_base_tarball", None)
-    if tarball_of is not None:
-        shutil.copyfile(tarball_of(), dest)
-        dest.chmod(0o644)
-        return dest, "store.base.default_base_tarball()"
-    return make_busybox_tarball(dest), "bench: busybox-static root (as NOTES.md describes)"
+        return make_busybox_tarball(dest), "bench: busybox-static root (store.base not available)"
+    store = store_module.Store.open(workdir / "base-store")
+    image = base_module.ensure_default_base(store)
+    (layer,) = image.layers
+    blob = store.blob_path(layer.digest)
+    with (gzip.open(blob, "rb") if _is_gzip(blob) else open(blob, "rb")) as source, open(dest, "wb") as out:
+        shutil.copyfileobj(source, out, 1 << 20)
+    dest.chmod(0o644)
+    return dest, f"the layer of lamina's embedded base {LAMINA_BASE_REF} ({layer.diff_id[:19]})"
+
+
+def _is_gzip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
 
 
 def write_contexts(workdir: Path, sizes: Sizes, seed: int = 20261127) -> dict[str, Path]:
-    """One build context per Dockerfile, readable by every user."""
+    """One build context per Dockerfile, readable by every user.
+
+    Each holds ``Dockerfile.lamina`` and ``Dockerfile.podman``: the same text but for the base
+    image's name in each store.
+    """
     rng = random.Random(seed)
     contexts = {}
     for name, text in DOCKERFILES.items():
         context = workdir / "contexts" / name
         context.mkdir(parents=True)
-        (context / "Dockerfile").write_text(text.replace("{n_files}", str(sizes.n_files)))
+        for kind, base in (("lamina", LAMINA_BASE_REF), ("podman", PODMAN_BASE_REF)):
+            (context / f"Dockerfile.{kind}").write_text(text.format(base=base, n_files=sizes.n_files))
         contexts[name] = context
     (contexts["small"] / "hello.txt").write_text("hello from the build context\n")
     tree = contexts["files"] / "tree"
@@ -186,15 +219,19 @@ def write_contexts(workdir: Path, sizes: Sizes, seed: int = 20261127) -> dict[st
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(rng.randbytes(rng.randint(100, 4000)))
     (contexts["files"] / "blob.bin").write_bytes(rng.randbytes(sizes.blob_bytes))
-    for path in [workdir, *workdir.rglob("*")]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    # Only the contexts, and never through a symlink (chmod follows them: a base layer's
+    # bin/sh -> /bin/busybox would change the host's busybox).
+    top = workdir / "contexts"
+    for path in [top, *top.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod(0o755 if path.is_dir() else 0o644)
     return contexts
 
 
 @contextlib.contextmanager
 def open_contestants(workdir: Path, podman_modes: list[str], lamina_modes: list[str],
                      base_tar: Path) -> Iterator[list[Contestant]]:
-    """Every contestant set up, each with the base imported as :data:`BASE_REF`; torn down after."""
+    """Every contestant set up with the base in its store; torn down after."""
     with contextlib.ExitStack() as stack:
         contestants: list[Contestant] = []
         user = None
@@ -211,17 +248,15 @@ def open_contestants(workdir: Path, podman_modes: list[str], lamina_modes: list[
                 continue
             cli = LaminaCli(workdir / f"lamina-{mode}", user if mode == "rootless" else None)
             contestant.lamina = cli
-            for verb in ("import", "build", "run", "save", "load", "rmi"):
+            for verb in ("build", "run", "save", "load", "rmi"):
                 note = cli.missing(verb)
                 if note:
                     contestant.unavailable[verb] = note
-            if "import" in contestant.unavailable:
-                contestant.broken = contestant.unavailable["import"]
-                continue
-            try:
-                cli.run(["import", str(base_tar), BASE_REF], timeout=300)
-            except (CommandFailed, subprocess.TimeoutExpired) as exc:
-                contestant.broken = f"failed: importing the base: {exc}"
+            ensured = subprocess.run([sys.executable, "-c", ENSURE_BASE, str(cli.root)], capture_output=True,
+                                     text=True, timeout=300, **cli.subprocess_kwargs())
+            if ensured.returncode != 0:
+                last = (ensured.stderr.strip().splitlines() or ["?"])[-1]
+                contestant.broken = f"{NOT_AVAILABLE}: store.base.ensure_default_base: {last[:200]}"
         for mode in podman_modes:
             spec = PODMAN_MODES[mode]
             contestant = Contestant(f"podman {mode}")
@@ -237,7 +272,7 @@ def open_contestants(workdir: Path, podman_modes: list[str], lamina_modes: list[
                 contestant.broken = f"{NOT_AVAILABLE}: {exc}"
                 continue
             contestant.podman = podman
-            done = podman.run(["import", str(base_tar), BASE_REF], check=False, timeout=300)
+            done = podman.run(["import", str(base_tar), PODMAN_BASE_REF], check=False, timeout=300)
             if done.returncode != 0:
                 contestant.broken = f"failed: podman import: {done.stderr.decode(errors='replace').strip()[-300:]}"
         yield contestants
@@ -262,11 +297,11 @@ def _measure(row: Row, contestant: Contestant, verbs: tuple[str, ...], action: C
         row.note(contestant.label, f"failed: {str(exc)[:300]}")
 
 
-def _build_args(context: Path, tag: str, *, cold: bool, lamina: bool) -> list[str]:
-    args = ["build", "-t", tag, "-f", str(context / "Dockerfile")]
+def _build_args(context: Path, tag: str, *, cold: bool, kind: str) -> list[str]:
+    args = ["build", "-t", tag, "-f", str(context / f"Dockerfile.{kind}")]
     if cold:
         args.append("--no-cache")
-    if not lamina:
+    if kind == "podman":
         args += ["--format", "docker"]  # the history and config lamina writes, too
     return [*args, str(context)]
 
@@ -282,8 +317,10 @@ def run_container_suites(*, quick: bool, reps: int, podman_modes: list[str], lam
         contexts = write_contexts(workdir, sizes)
         with open_contestants(workdir, podman_modes, lamina_modes, base_tar) as contestants:
             systems = [c.label for c in contestants]
-            details: dict[str, Any] = {"base": base_origin, "base_ref": BASE_REF, "sizes": sizes.__dict__,
-                       "dockerfiles": {n: (contexts[n] / "Dockerfile").read_text() for n in contexts},
+            details: dict[str, Any] = {
+                "base": base_origin, "base_ref": {"lamina": LAMINA_BASE_REF, "podman": PODMAN_BASE_REF},
+                "sizes": sizes.__dict__,
+                "dockerfiles": {n: (contexts[n] / "Dockerfile.lamina").read_text() for n in contexts},
                        "commands": {c.label: (c.podman.argv(["..."]) if c.podman else c.lamina.argv(["..."])
                                               if c.lamina else None) for c in contestants}}
             results = []
@@ -304,11 +341,10 @@ def run_container_suites(*, quick: bool, reps: int, podman_modes: list[str], lam
                             continue
                         for contestant in _rotated(contestants, shift):
                             shift += 1
-                            is_lamina = contestant.lamina is not None
                             tag = f"localhost/bench-{name}:latest"
                             for cold in (True, False):
                                 build = functools.partial(contestant.command, timeout=1800,
-                                                          args=_build_args(context, tag, cold=cold, lamina=is_lamina))
+                                                          args=_build_args(context, tag, cold=cold, kind=contestant.kind))
                                 _measure(build_rows[(name, cold)], contestant, ("build",), build)
                             if build_rows[(name, False)].samples.get(contestant.label):
                                 built.add(f"{contestant.label}:{name}")
@@ -316,7 +352,7 @@ def run_container_suites(*, quick: bool, reps: int, podman_modes: list[str], lam
                     for net, extra in (("default", []), ("none", ["--network", "none"])):
                         for contestant in _rotated(contestants, shift):
                             shift += 1
-                            run = functools.partial(contestant.command, ["run", "--rm", *extra, BASE_REF, "true"],
+                            run = functools.partial(contestant.command, ["run", "--rm", *extra, contestant.base_ref, "true"],
                                                     timeout=300)
                             _measure(run_rows[net], contestant, ("run",), run)
                 if "store" in suites:
@@ -360,8 +396,9 @@ def _remove_tree(path: Path) -> None:
     """Remove a benchmark tree, including read-only directories a container left behind."""
     def make_writable(function: Any, target: str, _exc: Any) -> None:
         with contextlib.suppress(OSError):
-            os.chmod(os.path.dirname(target), 0o755)
-            os.chmod(target, 0o755)
+            os.chmod(os.path.dirname(target), 0o755)  # a directory we made or a container made in it
+            if not os.path.islink(target):  # chmod follows symlinks: never touch what one points to
+                os.chmod(target, 0o755)
         with contextlib.suppress(OSError):
             function(target)
     shutil.rmtree(path, onerror=make_writable)

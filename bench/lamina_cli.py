@@ -47,7 +47,8 @@ class LaminaCli:
     def argv(self, args: Sequence[str]) -> list[str]:
         return [*lamina_command(), "--root", str(self.root), *args]
 
-    def _kwargs(self) -> dict:
+    def subprocess_kwargs(self) -> dict:
+        """What subprocess.run needs to run a command as this CLI's user, with its environment."""
         env = dict(os.environ)
         if self.user is not None:
             env.update(HOME=str(self.home), USER=self.user.name, LOGNAME=self.user.name,
@@ -61,7 +62,7 @@ class LaminaCli:
         argv = self.argv(args)
         start = time.perf_counter()
         done = subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL,
-                              timeout=timeout, cwd=cwd, **self._kwargs())
+                              timeout=timeout, cwd=cwd, **self.subprocess_kwargs())
         elapsed = time.perf_counter() - start
         if check and done.returncode != 0:
             raise CommandFailed(argv, done)
@@ -73,8 +74,10 @@ class LaminaCli:
         if done.returncode == 0:
             return None
         last = (done.stderr.decode(errors="replace").strip().splitlines() or ["?"])[-1]
+        if "invalid choice" in last:
+            return f"{NOT_AVAILABLE}: lamina has no `{verb}` verb yet"
         who = f" as {self.user.name}" if self.user else ""
-        return f"{NOT_AVAILABLE}: `lamina {verb}`{who} exits {done.returncode} ({last[:140]})"
+        return f"{NOT_AVAILABLE}: `lamina {verb} --help`{who} exits {done.returncode} ({last[:140]})"
 
     def reset(self) -> None:
         """Forget every image, layer and cache: an empty store for a cold measurement."""
