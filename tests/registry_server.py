@@ -167,7 +167,7 @@ class FakeRegistry:
     ``blob_override[digest] = bytes`` serves other bytes for a blob; ``manifest_digest_header``
     overrides the Docker-Content-Digest header. ``redirect_blobs`` answers blob GETs with a 307 to
     ``http://localhost:PORT/blobstore/DIGEST`` (another host name, like a CDN). ``stall_after=N`` sends
-    the first N bytes of every blob, sets ``stalled`` and waits for ``release`` (at most 30 s), for
+    the first N bytes of every larger blob, sets ``stalled`` and waits for ``release`` (at most 30 s), for
     tests that kill a client mid-download. With ``bearer`` set, every ``/v2/`` request needs a
     token from the token server (which wants basic credentials ``token_user:token_password`` if set).
     """
@@ -279,12 +279,13 @@ class FakeRegistry:
                         self._send(307, b"", {"Location": f"http://localhost:{fake.port}/blobstore/{ref}"})
                         return
                     data = fake.blob_override.get(ref, fake.blobs[ref])
-                    if fake.stall_after is not None and self.command == "GET":
+                    if fake.stall_after is not None and self.command == "GET" and len(data) > fake.stall_after:
                         self.send_response(200)
                         self.send_header("Content-Length", str(len(data)))
                         self.end_headers()
-                        self.wfile.write(data[:fake.stall_after])
-                        self.wfile.flush()
+                        with contextlib.suppress(OSError):
+                            self.wfile.write(data[:fake.stall_after])
+                            self.wfile.flush()
                         fake.stalled.set()
                         fake.release.wait(30)
                         with contextlib.suppress(OSError):
