@@ -1,9 +1,514 @@
-"""Command-line verbs of this package, registered into the ``lamina`` parser."""
+"""Command-line verbs of the image store: images, tag, rmi, inspect, history, import, save, load, system.
+
+Output follows docker's (columns, 12-character IDs, "2 minutes ago", decimal human sizes), so that
+scripts and people used to docker read it without surprise.
+"""
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from lamina.errors import ContainerNotFound, ImageNotFound, LaminaError, StoreError, UsageError
+from store.archive import DOCKER_ARCHIVE, OCI_ARCHIVE, SaveItem, load, save
+from store.importer import import_tarball
+from store.progress import human_size
+from store.reference import Reference
+from store.store import Image, Store
+
+# --- formatting helpers --------------------------------------------------------------------------
+
+
+def human_duration(seconds: float) -> str:
+    """docker's units.HumanDuration: "Less than a second", "2 minutes", "About an hour", ..."""
+    s = int(seconds)
+    if s < 1:
+        return "Less than a second"
+    if s == 1:
+        return "1 second"
+    if s < 60:
+        return f"{s} seconds"
+    minutes = s // 60
+    if minutes == 1:
+        return "About a minute"
+    if minutes < 60:
+        return f"{minutes} minutes"
+    hours = round(s / 3600)
+    if hours == 1:
+        return "About an hour"
+    if hours < 48:
+        return f"{hours} hours"
+    if hours < 24 * 7 * 2:
+        return f"{hours // 24} days"
+    if hours < 24 * 30 * 2:
+        return f"{hours // 24 // 7} weeks"
+    if hours < 24 * 365 * 2:
+        return f"{hours // 24 // 30} months"
+    return f"{hours // 24 // 365} years"
+
+
+def since(when: dt.datetime | None) -> str:
+    if when is None:
+        return "N/A"
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return human_duration((dt.datetime.now(dt.UTC) - when).total_seconds()) + " ago"
+
+
+def print_table(rows: list[list[str]]) -> None:
+    """Left-aligned columns separated by at least three spaces, like docker's tabwriter."""
+    if not rows:
+        return
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = [cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])] + [row[-1]]
+        print("   ".join(cells).rstrip())
+
+
+def render_template(template: str, obj: Any) -> str:
+    """A small subset of Go templates, enough for scripts: ``{{.A.B}}`` and ``{{json .A}}``."""
+    def lookup(path: str) -> Any:
+        value = obj
+        for part in [p for p in path.split(".") if p]:
+            if isinstance(value, dict):
+                value = value.get(part)
+            else:
+                return None
+        return value
+
+    def substitute(m: re.Match[str]) -> str:
+        expr = m.group(1).strip()
+        as_json = expr.startswith("json ")
+        value = lookup(expr[5:].strip() if as_json else expr)
+        if as_json:
+            return json.dumps(value)
+        if value is None:
+            return "<no value>"
+        if isinstance(value, list):
+            return "[" + " ".join(str(v) for v in value) + "]"
+        if isinstance(value, dict):
+            return "map[" + " ".join(f"{k}:{v}" for k, v in value.items()) + "]"
+        return str(value)
+
+    return re.sub(r"\{\{(.*?)\}\}", substitute, template).replace("\\n", "\n")
+
+
+def _open(args: argparse.Namespace) -> Store:
+    return Store.open(args.root)
+
+
+# --- images --------------------------------------------------------------------------------------
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    store = _open(args)
+    images = sorted(store.images(), key=lambda i: (i.created or dt.datetime.min.replace(tzinfo=dt.UTC)),
+                    reverse=True)
+    if args.repository:
+        wanted = Reference.parse(args.repository)
+        explicit_tag = ":" in args.repository.rsplit("/", 1)[-1]
+        images = [i for i in images if any(
+            Reference.parse(t).name == wanted.name and (not explicit_tag or Reference.parse(t).tag == wanted.tag)
+            for t in i.tags)]
+    if args.format == "json":
+        print(json.dumps([image_summary(i) for i in images], indent=4))
+        return 0
+    if args.quiet:
+        seen: set[str] = set()
+        for image in images:
+            shown = image.id if args.no_trunc else image.short_id
+            if shown not in seen:
+                seen.add(shown)
+                print(shown)
+        return 0
+    rows = [["REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"]]
+    for image in images:
+        shown_id = ("sha256:" + image.id) if args.no_trunc else image.short_id
+        names: list[Reference | None] = [Reference.parse(t) for t in image.tags] or [None]
+        for ref in names:
+            repo = ref.familiar_name if ref else "<none>"
+            tag = (ref.tag or "<none>") if ref else "<none>"
+            rows.append([repo, tag, shown_id, since(image.created), human_size(image.size)])
+    if args.format and args.format != "table":
+        for image in images:
+            print(render_template(args.format, image_summary(image)))
+        return 0
+    print_table(rows)
+    return 0
+
+
+def image_summary(image: Image) -> dict[str, Any]:
+    created = image.created
+    return {
+        "Id": image.id, "ID": image.short_id, "RepoTags": image.tags, "Names": image.tags,
+        "Digest": image.manifest_digest,
+        "Created": int(created.timestamp()) if created else 0,
+        "CreatedAt": image.config.get("created"), "CreatedSince": since(created),
+        "Size": image.size,
+    }
+
+
+# --- tag, rmi ------------------------------------------------------------------------------------
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    store = _open(args)
+    image = store.resolve_image(args.source)
+    for target in args.target:
+        store.tag(image, target)
+    return 0
+
+
+def cmd_rmi(args: argparse.Namespace) -> int:
+    store = _open(args)
+    failures = 0
+    for name in args.images:
+        try:
+            for line in remove_image(store, name, args.force):
+                print(line)
+        except LaminaError as e:
+            if len(args.images) == 1:
+                raise
+            print(f"lamina: error: {e}", file=sys.stderr)
+            failures += 1
+    if failures:
+        raise StoreError(f"{failures} of {len(args.images)} images could not be removed")
+    return 0
+
+
+def remove_image(store: Store, name: str, force: bool) -> list[str]:
+    """docker's rmi: a tag with siblings is only untagged; the last name (or an ID) deletes."""
+    image = store.resolve_image(name)
+    lines: list[str] = []
+    by_tag = False
+    ref: Reference | None = None
+    try:
+        ref = Reference.parse(name)
+        by_tag = ref.tag is not None and ref.familiar in image.tags
+    except UsageError:
+        pass
+    users = store.containers_using(image.id)
+    if by_tag and ref is not None and len(image.tags) > 1:
+        store.untag(name)
+        return [f"Untagged: {ref.familiar}"]
+    if not by_tag and len(image.tags) > 1 and not force:
+        raise StoreError(f"unable to delete {image.short_id} (must be forced): image is referenced in "
+                         f"multiple repositories ({', '.join(image.tags)})")
+    if users:
+        if not force:
+            raise StoreError(f"image {name} is in use by container(s) {', '.join(u[:12] for u in users)}; "
+                             "remove them first or use -f to untag it")
+        for tag in image.tags:
+            store.untag(tag)
+            lines.append(f"Untagged: {tag}")
+        return lines
+    for tag in image.tags:
+        lines.append(f"Untagged: {tag}")
+    store.delete_image(image)
+    lines.append(f"Deleted: sha256:{image.id}")
+    return lines
+
+
+# --- inspect, history ----------------------------------------------------------------------------
+
+
+def image_inspect(store: Store, image: Image) -> dict[str, Any]:
+    cfg = image.config
+    return {
+        "Id": "sha256:" + image.id,
+        "Digest": image.manifest_digest,
+        "RepoTags": image.tags,
+        "RepoDigests": [f"{Reference.parse(t).familiar_name}@{image.manifest_digest}" for t in image.tags],
+        "Created": cfg.get("created"),
+        "Author": cfg.get("author", ""),
+        "Architecture": cfg.get("architecture"),
+        "Os": cfg.get("os"),
+        "Config": cfg.get("config", {}),
+        "RootFS": {"Type": "layers", "Layers": [layer.diff_id for layer in image.layers]},
+        "Size": image.size,
+        "History": cfg.get("history", []),
+        "Manifest": image.manifest,
+        "GraphDriver": {"Name": "lamina-unionfs",
+                        "Data": {"LowerDir": ":".join(str(p) for p in reversed(store.layer_paths(image)))}},
+    }
+
+
+def _inspect_container(root: Path, name: str) -> dict[str, Any] | None:
+    """The runner's view of a container, if the runner is installed and knows ``name``."""
+    try:
+        from runner import state
+    except ImportError:
+        return None
+    hook = getattr(state, "inspect_container", None)
+    try:
+        if hook is not None:
+            result = hook(root, name)
+            return dict(result) if result is not None else None
+        container_store = state.ContainerStore(root)
+        return dict(container_store.get(name).to_json())
+    except (ContainerNotFound, ImageNotFound):
+        return None
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    store = _open(args)
+    results: list[dict[str, Any]] = []
+    missing = []
+    for name in args.names:
+        found: dict[str, Any] | None = None
+        if args.type in ("image", None):
+            try:
+                found = image_inspect(store, store.resolve_image(name))
+            except ImageNotFound:
+                found = None
+        if found is None and args.type in ("container", None):
+            found = _inspect_container(args.root, name)
+        if found is None:
+            missing.append(name)
+        else:
+            results.append(found)
+    if args.format:
+        for obj in results:
+            print(render_template(args.format, obj))
+    else:
+        print(json.dumps(results, indent=4))
+    if missing:
+        raise ImageNotFound(", ".join(missing)) if args.type == "image" or len(missing) == len(args.names) \
+            else LaminaError(f"no such object: {', '.join(missing)}")
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    store = _open(args)
+    image = store.resolve_image(args.image)
+    rows = history_rows(image)
+    if args.format == "json":
+        print(json.dumps(rows, indent=4))
+        return 0
+    if args.quiet:
+        for row in rows:
+            print(row["id"] if args.no_trunc or row["id"] == "<missing>" else row["id"][:12])
+        return 0
+    table = [["IMAGE", "CREATED", "CREATED BY", "SIZE", "COMMENT"]]
+    for row in rows:
+        created_by = row["created_by"]
+        if not args.no_trunc and len(created_by) > 45:
+            created_by = created_by[:44] + "…"
+        shown = row["id"] if args.no_trunc or row["id"] == "<missing>" else row["id"][:12]
+        table.append([shown, since(row["created_at"]), created_by, human_size(row["size"]), row["comment"]])
+    print_table(table)
+    return 0
+
+
+def history_rows(image: Image) -> list[dict[str, Any]]:
+    """One row per history entry, newest first; empty layers have size 0."""
+    from store.store import parse_time
+
+    history = image.config.get("history") or [{} for _ in image.layers]
+    layers = iter(image.layers)
+    rows = []
+    for entry in history:
+        layer = None if entry.get("empty_layer") else next(layers, None)
+        rows.append({
+            "id": "", "created": entry.get("created"), "created_at": parse_time(entry.get("created")),
+            "created_by": entry.get("created_by", ""), "size": layer.size if layer else 0,
+            "comment": entry.get("comment", ""), "empty_layer": bool(entry.get("empty_layer")),
+        })
+    rows.reverse()
+    for i, row in enumerate(rows):
+        row["id"] = image.id if i == 0 else "<missing>"
+    return rows
+
+
+# --- import, save, load --------------------------------------------------------------------------
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    store = _open(args)
+    tags = [args.reference] if args.reference else []
+    for tag in tags:
+        Reference.parse(tag)
+    image = import_tarball(store, args.tarball, tags, args.change or [], args.message)
+    print(f"sha256:{image.id}")
+    return 0
+
+
+def cmd_save(args: argparse.Namespace) -> int:
+    store = _open(args)
+    if not args.output:
+        if sys.stdout.isatty():
+            raise UsageError("save: refusing to write an archive to a terminal; use -o FILE")
+        raise UsageError("save: -o FILE is required")
+    items: list[SaveItem] = []
+    for name in args.images:
+        image = store.resolve_image(name)
+        # By name: that name goes into the archive; by ID: none (as docker does).
+        refs: list[Reference] = []
+        try:
+            ref = Reference.parse(name)
+            if ref.familiar in image.tags:
+                refs = [ref]
+        except UsageError:
+            pass
+        items.append(SaveItem(image, refs))
+    save(store, items, Path(args.output), args.format)
+    return 0
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    store = _open(args)
+    if not args.input:
+        raise UsageError("load: -i FILE is required")
+    loaded = load(store, Path(args.input))
+    for image, tags in loaded:
+        if tags:
+            for tag in tags:
+                print(f"Loaded image: {Reference.parse(tag).familiar}")
+        else:
+            print(f"Loaded image ID: sha256:{image.id}")
+    return 0
+
+
+# --- system --------------------------------------------------------------------------------------
+
+
+def _dir_size(path: Path) -> int:
+    total = 0
+    for p in path.rglob("*"):
+        try:
+            st = p.lstat()
+        except OSError:
+            continue
+        total += st.st_blocks * 512
+    return total
+
+
+def cmd_system_df(args: argparse.Namespace) -> int:
+    store = _open(args)
+    images = store.images()
+    active = [i for i in images if store.image_in_use(i.id)]
+    blobs = list(store.blobs.all_digests())
+    blob_bytes = sum(store.blobs.size(d) for d in blobs)
+    layers_bytes = _dir_size(store.layers_dir)
+    used_layers = {layer.diff_id for image in images for layer in image.layers}
+    active_layers = {layer.diff_id for image in active for layer in image.layers}
+    layer_dirs = [p.name for p in store.layers_dir.iterdir()]
+    cache_dir = args.root / "build-cache"
+    cache_bytes = _dir_size(cache_dir) if cache_dir.exists() else 0
+    dangling = store.dangling_images()
+    rows = [["TYPE", "TOTAL", "ACTIVE", "SIZE", "RECLAIMABLE"],
+            ["Images", str(len(images)), str(len(active)), human_size(sum(i.size for i in images)),
+             human_size(sum(i.size for i in dangling))],
+            ["Layers (unpacked)", str(len(layer_dirs)), str(len(active_layers)), human_size(layers_bytes),
+             str(len([d for d in layer_dirs if "sha256:" + d not in used_layers])) + " unused"],
+            ["Blobs", str(len(blobs)), "-", human_size(blob_bytes), "-"],
+            ["Build cache", "-", "-", human_size(cache_bytes), "-"]]
+    print_table(rows)
+    return 0
+
+
+def cmd_system_prune(args: argparse.Namespace) -> int:
+    store = _open(args)
+    removed = 0
+    with store.lock():
+        for image in store.dangling_images() if not args.all else [
+                i for i in store.images() if not store.image_in_use(i.id)]:
+            for tag in image.tags:
+                store.untag(tag)
+            store.delete_image(image)
+            print(f"Deleted image: sha256:{image.id}")
+            removed += 1
+        n_blobs, n_layers, freed = store.gc()
+    print(f"Deleted {removed} images, {n_layers} layers, {n_blobs} blobs")
+    print(f"Total reclaimed space: {human_size(freed)}")
+    return 0
+
+
+def cmd_system_check(args: argparse.Namespace) -> int:
+    store = _open(args)
+    problems = store.check(verify_blobs=not args.quick)
+    if problems:
+        for problem in problems:
+            print(problem)
+        raise StoreError(f"store {args.root} has {len(problems)} problem(s)")
+    print(f"store {args.root}: ok")
+    return 0
+
+
+# --- registration --------------------------------------------------------------------------------
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this package's verbs to ``lamina``. Each verb sets ``handler(args) -> int``."""
+    p = subparsers.add_parser("images", help="list images")
+    p.add_argument("repository", nargs="?", help="only images of this repository[:tag]")
+    p.add_argument("-q", "--quiet", action="store_true", help="only IDs")
+    p.add_argument("--no-trunc", action="store_true", help="full IDs")
+    p.add_argument("--format", help="'json', 'table' or a template like '{{.ID}} {{.Size}}'")
+    p.set_defaults(handler=cmd_images)
+
+    p = subparsers.add_parser("tag", help="give an image another name")
+    p.add_argument("source")
+    p.add_argument("target", nargs="+")
+    p.set_defaults(handler=cmd_tag)
+
+    p = subparsers.add_parser("rmi", help="remove images (a tag with siblings is only untagged)")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("-f", "--force", action="store_true", help="untag an image in use instead of refusing")
+    p.set_defaults(handler=cmd_rmi)
+
+    p = subparsers.add_parser("inspect", help="low-level JSON of images (and containers)")
+    p.add_argument("names", nargs="+", metavar="NAME")
+    p.add_argument("-f", "--format", help="template like '{{.Config.Cmd}}' or '{{json .Config}}'")
+    p.add_argument("--type", choices=["image", "container"], default=None)
+    p.set_defaults(handler=cmd_inspect)
+
+    p = subparsers.add_parser("history", help="the layers of an image and what made them")
+    p.add_argument("image")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--no-trunc", action="store_true")
+    p.add_argument("--format", choices=["json", "table"], default="table")
+    p.set_defaults(handler=cmd_history)
+
+    p = subparsers.add_parser("import", help="make a one-layer image from a root filesystem tarball")
+    p.add_argument("tarball", help="a tar (plain, gzip, zstd, xz, bzip2), or - for stdin")
+    p.add_argument("reference", nargs="?", help="name[:tag] for the new image")
+    p.add_argument("-c", "--change", action="append", metavar="INSTRUCTION",
+                   help="apply a Dockerfile instruction (CMD, ENTRYPOINT, ENV, WORKDIR, USER, EXPOSE, "
+                        "LABEL, VOLUME, STOPSIGNAL); repeatable")
+    p.add_argument("-m", "--message", help="commit message for the history")
+    p.set_defaults(handler=cmd_import)
+
+    p = subparsers.add_parser("save", help="write images to a docker-archive or oci-archive tar")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("-o", "--output", metavar="FILE")
+    p.add_argument("--format", default=DOCKER_ARCHIVE, choices=[DOCKER_ARCHIVE, OCI_ARCHIVE])
+    p.set_defaults(handler=cmd_save)
+
+    p = subparsers.add_parser("load", help="load images from a docker-archive or oci-archive (maybe compressed)")
+    p.add_argument("-i", "--input", metavar="FILE")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(handler=cmd_load)
+
+    system = subparsers.add_parser("system", help="store maintenance: df, prune, check")
+    sub = system.add_subparsers(dest="system_command", metavar="COMMAND",
+                                parser_class=type(system))
+    p = sub.add_parser("df", help="disk usage of images, layers, blobs, build cache")
+    p.set_defaults(handler=cmd_system_df)
+    p = sub.add_parser("prune", help="remove dangling images and unreferenced layers and blobs")
+    p.add_argument("-a", "--all", action="store_true", help="also images with tags, unless in use")
+    p.add_argument("-f", "--force", action="store_true", help="do not ask (lamina never asks)")
+    p.set_defaults(handler=cmd_system_prune)
+    p = sub.add_parser("check", help="verify blobs, layers, images and tags")
+    p.add_argument("--quick", action="store_true", help="do not re-hash every blob")
+    p.set_defaults(handler=cmd_system_check)
+
+    def system_help(args: argparse.Namespace) -> int:
+        system.print_help(sys.stderr)
+        return 125
+    system.set_defaults(handler=system_help)

@@ -1,0 +1,425 @@
+"""Image archives: ``docker-archive`` and ``oci-archive``, saved and loaded (compressed or not).
+
+docker-archive (``docker save``): ``manifest.json`` (``Config``, ``RepoTags``, ``Layers``),
+``repositories``, the config as ``<id>.json`` and each layer as an uncompressed ``<diffid>/layer.tar``.
+oci-archive: an OCI image layout in a tar (``oci-layout``, ``index.json`` whose manifests carry
+``org.opencontainers.image.ref.name``, ``blobs/sha256/``).
+
+Loading never extracts the archive to disk: members are read through ``tarfile`` and streamed into
+the blob store, where digests are checked (``oci-archive`` blobs against their descriptors; every
+layer against the config's diff_ids when it is unpacked). An archive is written to a temporary file
+next to the destination and renamed at the end, so a failed save leaves no partial file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import posixpath
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from lamina.errors import FormatError, LaminaError, LayerError, UsageError
+from store.blobs import CHUNK, digest_hex, temp_name
+from store.compression import detect, open_decompressed
+from store.progress import ProgressBar
+from store.reference import Reference
+from store.store import (
+    OCI_CONFIG,
+    OCI_LAYER_GZIP,
+    OCI_LAYER_TAR,
+    OCI_LAYER_ZSTD,
+    OCI_MANIFEST,
+    Image,
+    Store,
+    canonical_json,
+    host_arch,
+)
+
+log = logging.getLogger(__name__)
+
+DOCKER_ARCHIVE = "docker-archive"
+OCI_ARCHIVE = "oci-archive"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+REF_NAME = "org.opencontainers.image.ref.name"
+CONTAINERD_NAME = "io.containerd.image.name"
+MAX_JSON = 64 << 20
+
+
+@dataclass
+class SaveItem:
+    image: Image
+    refs: list[Reference]  # the names to record for it (may be empty: saved by ID)
+
+
+# --- save ----------------------------------------------------------------------------------------
+
+
+class _HashingReader:
+    """Reads from ``src`` and hashes what it returns; used to check a layer while it is copied."""
+
+    def __init__(self, src: Any) -> None:
+        self.src = src
+        self.hasher = hashlib.sha256()
+        self.size = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.src.read(n)
+        self.hasher.update(data)
+        self.size += len(data)
+        return data
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o644
+    info.mtime = 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _add_dir(tar: tarfile.TarFile, name: str) -> None:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    info.mode = 0o755
+    tar.addfile(info)
+
+
+def _add_blob(tar: tarfile.TarFile, store: Store, digest: str, name: str, progress: ProgressBar) -> None:
+    path = store.blob_path(digest)
+    info = tar.gettarinfo(str(path), arcname=name)
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.mode = 0o644
+    with open(path, "rb") as f:
+        tar.addfile(info, f)
+    progress(info.size)
+
+
+def _add_plain_layer(tar: tarfile.TarFile, store: Store, layer: Any, name: str, progress: ProgressBar) -> None:
+    """Add the layer as an uncompressed tar, decompressing its blob on the fly and checking diff_id."""
+    info = tarfile.TarInfo(name)
+    info.size = layer.size
+    info.mode = 0o644
+    with open(store.blob_path(layer.digest), "rb") as f:
+        stream, _kind = open_decompressed(f)
+        reader = _HashingReader(stream)
+        try:
+            tar.addfile(info, reader)
+        except OSError as e:
+            raise FormatError(f"layer {layer.diff_id}: blob is shorter than its recorded size ({e})") from None
+        if "sha256:" + reader.hasher.hexdigest() != layer.diff_id or stream.read(1):
+            raise FormatError(f"layer {layer.diff_id}: stored blob does not match (run `lamina system check`)")
+    progress(layer.size)
+
+
+def save(store: Store, items: list[SaveItem], out: Path, fmt: str) -> None:
+    """Write ``items`` as a ``docker-archive`` or ``oci-archive`` tar at ``out``.
+
+    Resource handling: writes a temporary file next to ``out`` and renames it at the end; removes
+    it on any failure.
+    """
+    if fmt not in (DOCKER_ARCHIVE, OCI_ARCHIVE):
+        raise UsageError(f"save: --format must be docker-archive or oci-archive, not {fmt!r}")
+    out = out.absolute()
+    tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
+    total = sum(item.image.size for item in items)
+    progress = ProgressBar(f"Saving {len(items)} image(s)", total)
+    try:
+        with open(tmp, "xb") as f, tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            if fmt == DOCKER_ARCHIVE:
+                _save_docker(tar, store, items, progress)
+            else:
+                _save_oci(tar, store, items, progress)
+        os.rename(tmp, out)
+    except FileExistsError:
+        raise LaminaError(f"save: {tmp} exists (another save running?)") from None
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    progress.finish("done")
+
+
+def _save_docker(tar: tarfile.TarFile, store: Store, items: list[SaveItem], progress: ProgressBar) -> None:
+    manifest = []
+    repositories: dict[str, dict[str, str]] = {}
+    written: set[str] = set()
+    for item in items:
+        image = item.image
+        config_name = f"{image.id}.json"
+        if config_name not in written:
+            _add_bytes(tar, config_name, store.blobs.read(image.digest))
+            written.add(config_name)
+        layer_names = []
+        for layer in image.layers:
+            hex_ = digest_hex(layer.diff_id)
+            name = f"{hex_}/layer.tar"
+            if name not in written:
+                _add_dir(tar, hex_)
+                _add_plain_layer(tar, store, layer, name, progress)
+                written.add(name)
+            layer_names.append(name)
+        repo_tags = [r.familiar for r in item.refs if r.tag]
+        manifest.append({"Config": config_name, "RepoTags": repo_tags or None, "Layers": layer_names})
+        for ref in item.refs:
+            if ref.tag and image.layers:
+                repositories.setdefault(ref.familiar_name, {})[ref.tag] = digest_hex(image.layers[-1].diff_id)
+    _add_bytes(tar, "manifest.json", canonical_json(manifest))
+    _add_bytes(tar, "repositories", canonical_json(repositories))
+
+
+def _save_oci(tar: tarfile.TarFile, store: Store, items: list[SaveItem], progress: ProgressBar) -> None:
+    _add_bytes(tar, "oci-layout", canonical_json({"imageLayoutVersion": "1.0.0"}))
+    _add_dir(tar, "blobs")
+    _add_dir(tar, "blobs/sha256")
+    written: set[str] = set()
+    descriptors = []
+
+    def blob(digest: str) -> None:
+        if digest not in written:
+            _add_blob(tar, store, digest, f"blobs/sha256/{digest_hex(digest)}", progress)
+            written.add(digest)
+
+    for item in items:
+        image = item.image
+        for layer in image.layers:
+            blob(layer.digest)
+        blob(image.manifest["config"]["digest"])
+        blob(image.manifest_digest)
+        base = {"mediaType": image.manifest.get("mediaType", OCI_MANIFEST), "digest": image.manifest_digest,
+                "size": store.blobs.size(image.manifest_digest)}
+        # One descriptor per image: podman and skopeo refuse an index that lists an image twice.
+        if any(d["digest"] == image.manifest_digest for d in descriptors):
+            continue
+        refs = [r for r in item.refs if r.tag]
+        if refs:
+            base["annotations"] = {REF_NAME: str(refs[0]), CONTAINERD_NAME: str(refs[0])}
+        descriptors.append(base)
+    _add_bytes(tar, "index.json", canonical_json({"schemaVersion": 2, "mediaType": OCI_INDEX,
+                                                  "manifests": descriptors}))
+
+
+# --- load ----------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _open_archive(path: Path, store: Store) -> Iterator[tarfile.TarFile]:
+    """Open an archive for random access, decompressing it to a temporary file first if needed."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise UsageError(f"load: cannot open {path}: {e.strerror}") from None
+    tmp: Path | None = None
+    try:
+        kind = detect(f.read(6))
+        f.seek(0)
+        if kind is not None:
+            tmp = temp_name(store.tmp_dir, "archive")
+            stream, _ = open_decompressed(f)
+            progress = ProgressBar(f"Decompressing {path.name}", None)
+            with open(tmp, "xb") as out:
+                try:
+                    while chunk := stream.read(CHUNK):
+                        out.write(chunk)
+                        progress(len(chunk))
+                except (OSError, EOFError, ValueError) as e:
+                    raise FormatError(f"{path}: corrupt {kind} data: {e}") from None
+            f.close()
+            f = open(tmp, "rb")
+        try:
+            tar = tarfile.open(fileobj=f, mode="r:")
+        except tarfile.TarError:
+            raise FormatError(f"{path}: not a tar archive (nor a compressed one)") from None
+        with tar:
+            yield tar
+    finally:
+        f.close()
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+
+class _Archive:
+    def __init__(self, tar: tarfile.TarFile, path: Path) -> None:
+        self.tar = tar
+        self.path = path
+        try:
+            members = tar.getmembers()
+        except tarfile.TarError as e:
+            raise FormatError(f"{path}: malformed tar: {e}") from None
+        self.members = {posixpath.normpath(m.name.lstrip("/")): m for m in members}
+
+    def member(self, name: str, depth: int = 0) -> tarfile.TarInfo:
+        key = posixpath.normpath(name.lstrip("/"))
+        m = self.members.get(key)
+        if m is None or key.startswith("../"):
+            raise FormatError(f"{self.path}: archive lacks {name!r}")
+        if m.issym() or m.islnk():
+            # docker writes duplicate layers as symlinks to the first copy.
+            if depth > 8:
+                raise FormatError(f"{self.path}: {name!r}: too many links")
+            target = m.linkname if m.islnk() else posixpath.join(posixpath.dirname(key), m.linkname)
+            return self.member(target, depth + 1)
+        if not m.isreg():
+            raise FormatError(f"{self.path}: {name!r} is not a file")
+        return m
+
+    def open(self, name: str) -> IO[bytes]:
+        f = self.tar.extractfile(self.member(name))
+        assert f is not None
+        return f
+
+    def read_json(self, name: str) -> tuple[bytes, Any]:
+        m = self.member(name)
+        if m.size > MAX_JSON:
+            raise FormatError(f"{self.path}: {name} is implausibly large ({m.size} bytes)")
+        data = self.open(name).read()
+        try:
+            return data, json.loads(data)
+        except ValueError:
+            raise FormatError(f"{self.path}: {name} is not valid JSON") from None
+
+
+def _layer_media_type(store: Store, digest: str) -> str:
+    with open(store.blob_path(digest), "rb") as f:
+        kind = detect(f.read(6))
+    return {"gzip": OCI_LAYER_GZIP, "zstd": OCI_LAYER_ZSTD}.get(kind or "", OCI_LAYER_TAR)
+
+
+def load(store: Store, path: Path) -> list[tuple[Image, list[str]]]:
+    """Load every image of a docker-archive or oci-archive (detected, compressed or not).
+
+    Returns each loaded image with the names it was given. Error handling: FormatError for an
+    archive we do not understand; LayerError for a hostile layer. Nothing becomes visible in the
+    store for an image whose load failed.
+    """
+    with _open_archive(path, store) as tar:
+        archive = _Archive(tar, path)
+        if "manifest.json" in archive.members:
+            return _load_docker(store, archive)
+        if "index.json" in archive.members:
+            return _load_oci(store, archive)
+        raise FormatError(f"{path}: neither a docker-archive (manifest.json) nor an oci-archive (index.json)")
+
+
+def _ingest_member(store: Store, archive: _Archive, name: str, expected: str | None, label: str) -> str:
+    m = archive.member(name)
+    progress = ProgressBar(label, m.size)
+    with store.lock(shared=True):
+        digest = store.blobs.ingest(archive.open(name), expected, progress=progress)  # type: ignore[arg-type]
+    progress.finish("done")
+    return digest
+
+
+def _load_docker(store: Store, archive: _Archive) -> list[tuple[Image, list[str]]]:
+    _raw, manifest = archive.read_json("manifest.json")
+    if not isinstance(manifest, list):
+        raise FormatError(f"{archive.path}: manifest.json is not a list")
+    loaded = []
+    for entry in manifest:
+        try:
+            config_name, layer_names = entry["Config"], entry["Layers"]
+            repo_tags = entry.get("RepoTags") or []
+        except (KeyError, TypeError):
+            raise FormatError(f"{archive.path}: manifest.json entry lacks Config or Layers") from None
+        config_bytes, config = archive.read_json(config_name)
+        diff_ids = (config.get("rootfs") or {}).get("diff_ids") if isinstance(config, dict) else None
+        if not isinstance(diff_ids, list) or len(diff_ids) != len(layer_names):
+            raise FormatError(f"{archive.path}: {config_name} lists {len(diff_ids or [])} diff_ids for "
+                              f"{len(layer_names)} layers")
+        descs = []
+        for i, (name, diff_id) in enumerate(zip(layer_names, diff_ids, strict=True)):
+            digest = _ingest_member(store, archive, name, None, f"Copying blob {i + 1}/{len(layer_names)}")
+            descs.append({"mediaType": _layer_media_type(store, digest), "digest": digest,
+                          "size": store.blobs.size(digest)})
+            if descs[-1]["mediaType"] == OCI_LAYER_TAR and digest != diff_id:
+                raise LayerError(f"{archive.path}: {name} does not match diff_id {diff_id}")
+        config_digest = store.put_blob(config_bytes)
+        oci_manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                        "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": len(config_bytes)},
+                        "layers": descs}
+        tags = [str(Reference.parse(t)) for t in repo_tags]
+        image = store.import_image_from_manifest(canonical_json(oci_manifest), config_bytes, tags,
+                                                 progress=None)
+        loaded.append((image, tags))
+    return loaded
+
+
+def _manifest_list(archive: _Archive, index: Any) -> list[dict[str, Any]]:
+    manifests = index.get("manifests") if isinstance(index, dict) else None
+    if not isinstance(manifests, list):
+        raise FormatError(f"{archive.path}: index has no manifests list")
+    return manifests
+
+
+def _load_oci(store: Store, archive: _Archive) -> list[tuple[Image, list[str]]]:
+    _raw, index = archive.read_json("index.json")
+    loaded = []
+    for desc in _manifest_list(archive, index):
+        annotations = desc.get("annotations") or {}
+        media_type = desc.get("mediaType")
+        digest = desc.get("digest", "")
+        if media_type in (OCI_INDEX, DOCKER_LIST):
+            desc = _choose_from_index(archive, digest)
+            digest = desc["digest"]
+        manifest_bytes, manifest = _read_blob_json(archive, digest)
+        try:
+            config_desc = manifest["config"]
+            layer_descs = manifest["layers"]
+        except (KeyError, TypeError):
+            raise FormatError(f"{archive.path}: manifest {digest} lacks config or layers") from None
+        config_bytes, _config = _read_blob_json(archive, config_desc["digest"])
+        for i, layer in enumerate(layer_descs):
+            if not store.has_blob(layer["digest"]):
+                _ingest_member(store, archive, _blob_name(layer["digest"]), layer["digest"],
+                               f"Copying blob {i + 1}/{len(layer_descs)}")
+        store.put_blob(manifest_bytes)
+        tags = _oci_names(annotations)
+        image = store.import_image_from_manifest(manifest_bytes, config_bytes, tags)
+        loaded.append((image, tags))
+    return loaded
+
+
+def _blob_name(digest: str) -> str:
+    return f"blobs/sha256/{digest_hex(digest)}"
+
+
+def _read_blob_json(archive: _Archive, digest: str) -> tuple[bytes, Any]:
+    data, doc = archive.read_json(_blob_name(digest))
+    if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+        raise FormatError(f"{archive.path}: blob {digest} does not match its digest")
+    return data, doc
+
+
+def _choose_from_index(archive: _Archive, digest: str) -> dict[str, Any]:
+    _data, index = _read_blob_json(archive, digest)
+    arch = host_arch()
+    for desc in index.get("manifests", []):
+        platform = desc.get("platform") or {}
+        if platform.get("os", "linux") == "linux" and platform.get("architecture") == arch:
+            return dict(desc)
+    raise FormatError(f"{archive.path}: index {digest} has no image for linux/{arch}")
+
+
+def _oci_names(annotations: dict[str, str]) -> list[str]:
+    for key in (CONTAINERD_NAME, REF_NAME):
+        name = annotations.get(key)
+        if not name:
+            continue
+        # A bare ref.name like "latest" is a tag without a repository: it names no image we can use.
+        if "/" not in name and ":" not in name and key == REF_NAME:
+            continue
+        try:
+            return [str(Reference.parse(name))]
+        except UsageError:
+            log.info("ignoring unusable image name %r in the archive", name)
+    return []
