@@ -182,7 +182,7 @@ def _save_oci(tar: tarfile.TarFile, store: Store, items: list[SaveItem], progres
     _add_dir(tar, "blobs")
     _add_dir(tar, "blobs/sha256")
     written: set[str] = set()
-    descriptors = []
+    descriptors: list[dict[str, Any]] = []
 
     def blob(digest: str) -> None:
         if digest not in written:
