@@ -9,6 +9,7 @@ same busybox always gives the same layer digest and the same image ID.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from lamina.errors import ImageNotFound, StoreError
 from store.blobs import remove_tree, temp_name
+from store.reference import Reference
 from store.store import Image, Store
 
 log = logging.getLogger(__name__)
@@ -69,10 +71,11 @@ def make_busybox_root(root: Path, busybox: Path = BUSYBOX) -> float:
 
 def ensure_default_base(store: Store, reference: str = DEFAULT_BASE) -> Image:
     """The image ``lamina/busybox:latest``, building it from the host's busybox if missing."""
-    try:
-        return store.resolve_image(reference)
-    except ImageNotFound:
-        pass
+    key = Reference.parse(reference).tagged_key
+    image_id = store._read_tags().get(key)
+    if image_id is not None:
+        with contextlib.suppress(ImageNotFound):
+            return store.load_image(image_id)
     work = temp_name(store.tmp_dir, "base")
     work.mkdir(parents=True)
     try:

@@ -63,6 +63,7 @@ _DOCKER_TO_OCI_LAYER = {
     "application/vnd.docker.image.rootfs.diff.tar": OCI_LAYER_TAR,
     "application/vnd.docker.image.rootfs.diff.tar.zstd": OCI_LAYER_ZSTD,
 }
+DEFAULT_BASE_KEY = "docker.io/lamina/busybox:latest"
 _DIGEST_IN_TEXT = re.compile(r"sha256:([0-9a-f]{64})")
 _GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386", "ppc64le": "ppc64le",
            "s390x": "s390x", "riscv64": "riscv64"}
@@ -390,6 +391,10 @@ class Store:
                 return self.load_image(matches[0], tags)
             if len(matches) > 1:
                 raise UsageError(f"image ID prefix {ref_or_id!r} is ambiguous ({len(matches)} images)")
+        if ref is not None and ref.digest is None and ref.tagged_key == DEFAULT_BASE_KEY:
+            # The embedded base is built on first use, so `FROM lamina/busybox` works offline.
+            from store.base import ensure_default_base
+            return ensure_default_base(self)
         raise ImageNotFound(ref_or_id)
 
     def _finish_config(self, layers: list[Layer], config: dict[str, Any], base: Image | None) -> dict[str, Any]:
