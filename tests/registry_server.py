@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import gzip
 import hashlib
 import http.server
+import io
 import json
 import re
 import secrets
 import shutil
 import socket
 import subprocess
+import tarfile
 import threading
 import time
 import urllib.error
@@ -159,6 +162,42 @@ def digest_of(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+def layer_blob(files: dict[str, bytes]) -> bytes:
+    """A gzip layer tar holding ``files`` (parents included), deterministic."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        dirs = sorted({str(Path(name).parents[i]) for name in files for i in range(len(Path(name).parts) - 1)})
+        for d in dirs:
+            info = tarfile.TarInfo(d)
+            info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, 0
+            tar.addfile(info)
+        for name, data in sorted(files.items()):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), 0o644, 0
+            tar.addfile(info, io.BytesIO(data))
+    return gzip.compress(raw.getvalue(), mtime=0)
+
+
+def oci_image(layers: list[bytes], arch: str | None = None) -> tuple[bytes, bytes]:
+    """(config, OCI manifest) bytes of a linux image made of gzip ``layers`` (for this host by default)."""
+    from store.registry import OCI_MANIFEST, host_platform
+
+    config = json.dumps({
+        "architecture": arch or host_platform().architecture, "os": "linux",
+        "config": {"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]},
+        "rootfs": {"type": "layers", "diff_ids": [digest_of(gzip.decompress(blob)) for blob in layers]},
+        "history": [{"created_by": f"layer {i}"} for i in range(len(layers))],
+    }, sort_keys=True).encode()
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest_of(config),
+                   "size": len(config)},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest_of(blob),
+                    "size": len(blob)} for blob in layers],
+    }).encode()
+    return config, manifest
+
+
 @dataclass
 class FakeRegistry:
     """An in-memory, read-only registry. Populate ``blobs`` and ``manifests`` then :meth:`serve`.
@@ -196,6 +235,16 @@ class FakeRegistry:
         digest = digest_of(data)
         self.blobs[digest] = data
         return digest
+
+    def add_image(self, repository: str, tag: str, layers: list[bytes]) -> tuple[bytes, bytes]:
+        """Serve an image of ``layers`` as ``repository:tag``; returns (config, manifest) bytes."""
+        from store.registry import OCI_MANIFEST
+
+        config, manifest = oci_image(layers)
+        for blob in (*layers, config):
+            self.add_blob(blob)
+        self.add_manifest(repository, tag, OCI_MANIFEST, manifest)
+        return config, manifest
 
     def add_manifest(self, repository: str, tag: str | None, media_type: str, data: bytes) -> str:
         digest = digest_of(data)
@@ -317,4 +366,4 @@ class FakeRegistry:
             thread.join(timeout=5)
 
 
-__all__ = ["FakeRegistry", "RunningRegistry", "bcrypt_hash", "digest_of", "free_port", "run_registry"]
+__all__ = ["FakeRegistry", "RunningRegistry", "bcrypt_hash", "digest_of", "free_port", "layer_blob", "oci_image", "run_registry"]

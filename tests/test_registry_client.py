@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import gzip
-import io
 import json
 import shutil
 import subprocess
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from registry_server import FakeRegistry, RunningRegistry, bcrypt_hash, digest_of, run_registry
+from registry_server import FakeRegistry, RunningRegistry, bcrypt_hash, digest_of, layer_blob, oci_image, run_registry
 
 from lamina.errors import RegistryError
 from store.registry import (
@@ -35,31 +32,10 @@ def registry(tmp_path: Path) -> Iterator[RunningRegistry]:
         yield running
 
 
-def make_layer(files: dict[str, bytes]) -> bytes:
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in sorted(files.items()):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mtime = 0
-            tar.addfile(info, io.BytesIO(data))
-    return gzip.compress(raw.getvalue(), mtime=0)
-
-
 def make_image(files: dict[str, bytes], arch: str | None = None) -> tuple[bytes, bytes, bytes]:
     """(layer blob, config blob, OCI manifest bytes) of a one-layer image."""
-    layer = make_layer(files)
-    diff_id = digest_of(gzip.decompress(layer))
-    plat = arch or host_platform().architecture
-    config = json.dumps({"architecture": plat, "os": "linux", "config": {"Cmd": ["/bin/sh"]},
-                         "rootfs": {"type": "layers", "diff_ids": [diff_id]}}, sort_keys=True).encode()
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest_of(config),
-                   "size": len(config)},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest_of(layer),
-                    "size": len(layer)}],
-    }).encode()
+    layer = layer_blob(files)
+    config, manifest = oci_image([layer], arch)
     return layer, config, manifest
 
 

@@ -5,16 +5,21 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
+import pty
+import signal
 import shutil
 import subprocess
+import sys
 import tarfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from registry_server import FakeRegistry, RunningRegistry, bcrypt_hash, digest_of, run_registry
+from registry_server import FakeRegistry, RunningRegistry, bcrypt_hash, digest_of, layer_blob, oci_image, run_registry
 
-from store.registry import OCI_INDEX, OCI_MANIFEST, RegistryClient, host_platform
+from store.registry import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, RegistryClient, host_platform
 
 pytestmark = pytest.mark.skipif(shutil.which("docker-registry") is None, reason="docker-registry not installed")
 
@@ -25,44 +30,15 @@ def registry(tmp_path: Path) -> Iterator[RunningRegistry]:
         yield running
 
 
-def layer_blob(files: dict[str, bytes]) -> bytes:
-    """A gzip layer tar holding ``files`` (parents included), deterministic."""
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        dirs = sorted({str(Path(name).parents[i]) for name in files for i in range(len(Path(name).parts) - 1)})
-        for d in dirs:
-            info = tarfile.TarInfo(d)
-            info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, 0
-            tar.addfile(info)
-        for name, data in sorted(files.items()):
-            info = tarfile.TarInfo(name)
-            info.size, info.mode, info.mtime = len(data), 0o644, 0
-            tar.addfile(info, io.BytesIO(data))
-    return gzip.compress(raw.getvalue(), mtime=0)
-
-
 def upload_image(client: RegistryClient, repository: str, tag: str | None, layers: list[bytes],
                  tmp: Path, arch: str | None = None) -> tuple[str, str]:
     """Upload a ``layers`` image straight through the protocol client; returns (manifest, config) digests."""
-    diff_ids = [digest_of(gzip.decompress(blob)) for blob in layers]
-    config = json.dumps({
-        "architecture": arch or host_platform().architecture, "os": "linux",
-        "config": {"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]},
-        "rootfs": {"type": "layers", "diff_ids": diff_ids},
-        "history": [{"created_by": f"layer {i}"} for i in range(len(layers))],
-    }, sort_keys=True).encode()
+    config, manifest = oci_image(layers, arch)
     for blob in [*layers, config]:
         path = tmp / "upload"
         path.write_bytes(blob)
         if not client.has_blob(repository, digest_of(blob)):
             client.upload_blob(repository, digest_of(blob), path)
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest_of(config),
-                   "size": len(config)},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest_of(b),
-                    "size": len(b)} for b in layers],
-    }).encode()
     digest = client.put_manifest(repository, tag or digest_of(manifest), manifest, OCI_MANIFEST)
     return digest, digest_of(config)
 
@@ -85,7 +61,7 @@ def test_pull_fetches_only_missing_layers(registry: RunningRegistry, tmp_path: P
     c = layer_blob({"etc/c": b"C\n"})
     with RegistryClient(registry.address, tls_verify=False) as client:
         _, config1 = upload_image(client, "app/one", "v1", [a, b], tmp_path)
-        _, config2 = upload_image(client, "app/two", "v1", [a, b, c], tmp_path)
+        manifest2, config2 = upload_image(client, "app/two", "v1", [a, b, c], tmp_path)
 
     first = lamina_cmd("pull", "--tls-verify=false", f"{registry.address}/app/one:v1")
     assert first.stdout.strip() == config1[7:]
@@ -103,9 +79,11 @@ def test_pull_fetches_only_missing_layers(registry: RunningRegistry, tmp_path: P
     assert [layer.digest for layer in image.layers] == [digest_of(a), digest_of(b), digest_of(c)]
     assert (image.layers[2].path / "etc" / "c").read_bytes() == b"C\n"
 
-    # Pulling again downloads no blob at all.
+    # Pulling again, by tag or by digest, downloads no blob at all.
     before = len(registry.blob_gets())
     lamina_cmd("pull", "-q", "--tls-verify=false", f"{registry.address}/app/two:v1")
+    by_digest = lamina_cmd("pull", "-q", "--tls-verify=false", f"{registry.address}/app/two@{manifest2}")
+    assert by_digest.stdout.strip() == config2[7:]
     assert registry.blob_gets()[before:] == []
 
 
@@ -196,23 +174,10 @@ def test_pull_index_picks_host_platform(registry: RunningRegistry, tmp_path: Pat
     assert image.config["architecture"] == host
 
 
-@pytest.mark.allow_log(r".")
 def test_lying_registry_is_refused_and_store_untouched(tmp_path: Path, lamina_cmd) -> None:  # type: ignore[no-untyped-def]
     good, bad = layer_blob({"good": b"good"}), layer_blob({"bad": b"bad"})
     fake = FakeRegistry()
-    config = json.dumps({"architecture": host_platform().architecture, "os": "linux",
-                         "rootfs": {"type": "layers", "diff_ids": [digest_of(gzip.decompress(good)),
-                                                                   digest_of(gzip.decompress(bad))]}}).encode()
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest_of(config),
-                   "size": len(config)},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest_of(b),
-                    "size": len(b)} for b in (good, bad)],
-    }).encode()
-    for blob in (good, bad, config):
-        fake.add_blob(blob)
-    fake.add_manifest("evil/img", "latest", OCI_MANIFEST, manifest)
+    fake.add_image("evil/img", "latest", [good, bad])
     # The second layer is served with other bytes of the same length.
     fake.blob_override[digest_of(bad)] = bytes(len(bad))
     root = tmp_path / "lamina-root"
@@ -277,29 +242,12 @@ def test_pull_as_unprivileged_user(registry: RunningRegistry, tmp_path: Path, un
 
 
 def test_kill_during_pull_leaves_store_clean(tmp_path: Path, lamina_cmd) -> None:  # type: ignore[no-untyped-def]
-    import os
-    import signal
-    import sys
-    import time
-
     big = layer_blob({"big": os.urandom(2 << 20)})
-    config = json.dumps({"architecture": host_platform().architecture, "os": "linux",
-                         "rootfs": {"type": "layers", "diff_ids": [digest_of(gzip.decompress(big))]}}).encode()
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest_of(config),
-                   "size": len(config)},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest_of(big),
-                    "size": len(big)}],
-    }).encode()
     fake = FakeRegistry(stall_after=1 << 20)
-    fake.add_blob(big)
-    fake.add_blob(config)
-    fake.add_manifest("slow/img", "latest", OCI_MANIFEST, manifest)
+    config, _ = fake.add_image("slow/img", "latest", [big])
     root = tmp_path / "lamina-root"
     open_store(root)
     before = store_state(root)
-    ref_text = f"{fake.address}/slow/img"
     with fake.serve():
         ref_text = f"{fake.address}/slow/img"
         process = subprocess.Popen([sys.executable, "-m", "lamina", "--root", str(root), "pull", "-q",
@@ -326,10 +274,6 @@ def test_kill_during_pull_leaves_store_clean(tmp_path: Path, lamina_cmd) -> None
 
 
 def test_progress_on_a_terminal_only(registry: RunningRegistry, tmp_path: Path) -> None:
-    import os
-    import pty
-    import sys
-
     with RegistryClient(registry.address, tls_verify=False) as client:
         _, config = upload_image(client, "tty/app", "1", [layer_blob({"t": b"t"})], tmp_path)
     master, slave = pty.openpty()
@@ -353,3 +297,38 @@ def test_progress_on_a_terminal_only(registry: RunningRegistry, tmp_path: Path) 
     assert result.returncode == 0
     assert result.stdout.decode().strip() == config[7:]
     assert "Copying blob" in shown and "Writing manifest" in shown
+
+
+def test_hostile_layer_is_refused(tmp_path: Path, lamina_cmd) -> None:  # type: ignore[no-untyped-def]
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        info = tarfile.TarInfo("../../escaped")
+        info.size = 4
+        tar.addfile(info, io.BytesIO(b"evil"))
+    hostile = gzip.compress(raw.getvalue(), mtime=0)
+    fake = FakeRegistry()
+    fake.add_image("evil/tar", "latest", [hostile])
+    root = tmp_path / "deep" / "lamina-root"
+    with fake.serve():
+        result = lamina_cmd("pull", "--tls-verify=false", f"{fake.address}/evil/tar", root=root, check=False)
+    assert result.returncode == 125 and result.stderr.count("\n") == 1, result.stderr
+    assert ".." in result.stderr
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "deep" / "escaped").exists()
+    store = open_store(root)
+    assert store.images() == [] and store.check() == []
+
+
+@pytest.mark.skipif(shutil.which("skopeo") is None, reason="skopeo not installed")
+def test_pull_docker_format_written_by_skopeo(registry: RunningRegistry, tmp_path: Path, lamina_cmd) -> None:  # type: ignore[no-untyped-def]
+    with RegistryClient(registry.address, tls_verify=False) as client:
+        _, config = upload_image(client, "oci/app", "1", [layer_blob({"etc/x": b"x\n"})], tmp_path)
+    # skopeo converts it to Docker's schema 2 (other media types, same config).
+    subprocess.run(["skopeo", "copy", "--src-tls-verify=false", "--dest-tls-verify=false", "--format", "v2s2",
+                    f"docker://{registry.address}/oci/app:1", f"docker://{registry.address}/docker/app:1"],
+                   check=True, capture_output=True, timeout=120)
+    with RegistryClient(registry.address, tls_verify=False) as client:
+        assert client.get_manifest("docker/app", "1").media_type == DOCKER_MANIFEST
+    out = lamina_cmd("pull", "--tls-verify=false", f"{registry.address}/docker/app:1")
+    assert out.stdout.strip() == config[7:]
+    image = open_store(tmp_path / "lamina-root").resolve_image(f"{registry.address}/docker/app:1")
+    assert (image.layers[0].path / "etc" / "x").read_bytes() == b"x\n"
