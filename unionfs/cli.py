@@ -1,0 +1,115 @@
+"""lamina-unionfs: mount a union of directories (fuse-overlayfs's command line).
+
+Without ``-f`` the process forks: the parent waits on a pipe until the child's mount is ready, then
+exits 0 without printing anything; if the child fails, the parent prints its one-line error and exits
+1. Errors in the command line itself are found before forking.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from unionfs.options import OptionError, ServerOptions, parse_args
+
+log = logging.getLogger("unionfs")
+
+
+def _setup_logging(debug: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format="lamina-unionfs: %(levelname)s %(name)s: %(message)s")
+
+
+def _error(msg: str) -> int:
+    sys.stderr.write(f"lamina-unionfs: error: {msg}\n")
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        opts = parse_args(args)
+    except OptionError as e:
+        return _error(str(e))
+    if opts.foreground:
+        _setup_logging(opts.debug)
+        return _serve_foreground(opts)
+    return _daemonize(opts)
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.filename + ': ' if isinstance(e.filename, str) else ''}{e.strerror}"
+    return str(e) or type(e).__name__
+
+
+def _serve_foreground(opts: ServerOptions) -> int:
+    from unionfs.core import UnionError
+
+    try:
+        from unionfs.server import serve
+
+        serve(opts)
+    except (UnionError, OSError, RuntimeError) as e:
+        return _error(f"{opts.mountpoint}: {_describe(e)}")
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+def _daemonize(opts: ServerOptions) -> int:
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(wfd)
+        chunks = []
+        while True:
+            b = os.read(rfd, 4096)
+            if not b:
+                break
+            chunks.append(b)
+        os.close(rfd)
+        msg = b"".join(chunks).decode(errors="replace")
+        if msg == "ok":
+            return 0
+        if not msg:
+            os.waitpid(pid, 0)
+            return _error(f"{opts.mountpoint}: the filesystem process died before mounting")
+        os.waitpid(pid, 0)
+        sys.stderr.write(msg if msg.endswith("\n") else msg + "\n")
+        return 1
+    # child
+    os.close(rfd)
+    os.setsid()
+    code = 0
+    try:
+        _setup_logging(opts.debug)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+
+        def ready() -> None:
+            os.write(wfd, b"ok")
+            os.close(wfd)
+            # detach from the caller's output: whoever waits for our stdout/stderr to close must not hang
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, 1)
+            if opts.trace != "-":
+                os.dup2(null, 2)
+            os.close(null)
+
+        from unionfs.core import UnionError
+        from unionfs.server import serve
+
+        try:
+            serve(opts, ready=ready)
+        except (UnionError, OSError, RuntimeError) as e:
+            try:
+                os.write(wfd, f"lamina-unionfs: error: {opts.mountpoint}: {_describe(e)}\n".encode())
+            except OSError:
+                log.error("%s", _describe(e))
+            code = 1
+    except BaseException:
+        code = 1
+    os._exit(code)

@@ -1,0 +1,147 @@
+"""Nodes of the merged tree and the inode table.
+
+The filesystem owns its inode numbers (they double as FUSE node ids). A node is identified by the
+backing object that gives it its identity: the top lower copy for things that came from a lower layer
+(so the number survives copy-up, and two lower hardlinks share one node), the upper object for things
+created through the mount. The number encodes the layer slot and the backing st_ino, so it is the
+same after a remount; when that would collide with a live node (st_ino reuse, huge st_ino), a number
+from a private counter range is used instead.
+
+A node knows where it lives: ``in_upper`` (the upper has it at the node's merged path) and ``lowers``
+(the lower copy of a non-directory, or every lower directory merged into a directory, top first).
+Paths are computed from the parent chain, so renaming a directory moves everything below it at once.
+"""
+
+from __future__ import annotations
+
+import stat
+
+from unionfs.core.backing import Layer, join
+
+ROOT_INO = 1
+_SLOT_SHIFT = 48
+_FALLBACK_BASE = 0xFFFF << _SLOT_SHIFT
+
+Identity = tuple[int, int]  # (layer slot, backing st_ino)
+
+
+class Node:
+    """One object of the merged tree, as the kernel knows it."""
+
+    __slots__ = (
+        "ino", "kind", "parent", "name", "links", "lookups", "in_upper", "lowers", "opaque",
+        "identities", "deleted", "fds", "children", "rdev_cache",
+    )
+
+    def __init__(self, ino: int, kind: int, parent: Node | None, name: str) -> None:
+        self.ino = ino
+        self.kind = kind  # S_IFMT bits
+        self.parent = parent
+        self.name = name
+        # Other names (hard links) this node is known under, besides (parent, name).
+        self.links: list[tuple[Node, str]] = []
+        self.lookups = 0
+        self.in_upper = False
+        self.lowers: list[tuple[Layer, str]] = []
+        self.opaque = False  # directory: nothing below the upper copy merges in
+        self.identities: list[Identity] = []
+        self.deleted = False
+        self.fds: list[int] = []  # open backing descriptors (stat of unlinked-but-open files)
+        # Directory: children the kernel currently knows (name -> node); None for non-directories.
+        self.children: dict[str, Node] | None = {} if kind == stat.S_IFDIR else None
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == stat.S_IFDIR
+
+    def path(self) -> str:
+        """The merged path, relative to the root ('' for the root)."""
+        parts: list[str] = []
+        node: Node | None = self
+        while node is not None and node.parent is not None:
+            parts.append(node.name)
+            node = node.parent
+        return "/".join(reversed(parts))
+
+    def child_path(self, name: str) -> str:
+        return join(self.path(), name)
+
+    def __repr__(self) -> str:
+        return f"<Node {self.ino} {self.path()!r} upper={self.in_upper} lowers={len(self.lowers)}>"
+
+
+class InodeTable:
+    """ino -> node, identity -> node, and the kernel's lookup counts."""
+
+    def __init__(self) -> None:
+        self.by_ino: dict[int, Node] = {}
+        self.by_identity: dict[Identity, Node] = {}
+        self._fallback = _FALLBACK_BASE
+
+    def new_root(self) -> Node:
+        root = Node(ROOT_INO, stat.S_IFDIR, None, "")
+        root.lookups = 1  # the kernel never forgets the root
+        self.by_ino[ROOT_INO] = root
+        return root
+
+    def get(self, ino: int) -> Node | None:
+        return self.by_ino.get(ino)
+
+    def find(self, identity: Identity) -> Node | None:
+        return self.by_identity.get(identity)
+
+    def add(self, kind: int, parent: Node, name: str, identity: Identity | None) -> Node:
+        """A new node for ``identity``; its number derives from the identity unless that collides."""
+        ino = 0
+        if identity is not None and identity[1] < (1 << _SLOT_SHIFT):
+            ino = (identity[0] + 1) << _SLOT_SHIFT | identity[1]
+            if ino in self.by_ino:
+                ino = 0
+        if not ino:
+            self._fallback += 1
+            ino = self._fallback
+        node = Node(ino, kind, parent, name)
+        self.by_ino[ino] = node
+        if identity is not None:
+            self.add_identity(node, identity)
+        return node
+
+    def add_identity(self, node: Node, identity: Identity) -> None:
+        self.by_identity[identity] = node
+        node.identities.append(identity)
+
+    def drop_identities(self, node: Node) -> None:
+        for ident in node.identities:
+            if self.by_identity.get(ident) is node:
+                del self.by_identity[ident]
+        node.identities.clear()
+
+    def forget(self, node: Node, count: int) -> None:
+        node.lookups = max(0, node.lookups - count)
+        self.maybe_drop(node)
+
+    def maybe_drop(self, node: Node) -> None:
+        """Drop a node nobody refers to any more (no kernel lookups, no open files)."""
+        if node.lookups > 0 or node.fds or node.ino == ROOT_INO:
+            return
+        if self.by_ino.get(node.ino) is node:
+            del self.by_ino[node.ino]
+        self.drop_identities(node)
+        for parent, name in [(node.parent, node.name), *node.links]:
+            if parent is not None and parent.children is not None and parent.children.get(name) is node:
+                del parent.children[name]
+
+    def unlink_name(self, node: Node, parent: Node, name: str) -> None:
+        """Forget that ``node`` is known as ``parent/name`` (after unlink or rename away)."""
+        if parent.children is not None and parent.children.get(name) is node:
+            del parent.children[name]
+        if node.parent is parent and node.name == name:
+            if node.links:
+                node.parent, node.name = node.links.pop(0)
+            else:
+                node.deleted = True
+        else:
+            try:
+                node.links.remove((parent, name))
+            except ValueError:
+                pass

@@ -1,0 +1,505 @@
+"""Operations that change the merged tree: create, remove, rename, setattr, xattrs, open.
+
+Removing a name that a lower layer shows leaves a whiteout (char 0/0 where mknod is allowed, else
+``.wh.NAME``), written through the workdir and renamed over the old entry so the name never shows
+the lower object in between. A directory made where a lower name was whited out is opaque, so the
+hidden lower contents stay hidden.
+
+Renaming a directory that has lower contents does not copy them: the directory itself is copied up,
+gets ``*.overlay.redirect`` naming its lower path (the kernel's redirect_dir format), is renamed in
+the upper, and a whiteout hides the old name. A pure upper directory moved over a name that a lower
+shows is marked opaque instead.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Callable
+
+from unionfs import ondisk
+from unionfs.core.backing import (
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    exists_at,
+    getxattr_at,
+    join,
+    lstat_at,
+    open_dir_at,
+    remove_tree_at,
+    renameat2,
+    setxattr_at,
+)
+from unionfs.core.copyup import copy_up
+from unionfs.core.nodes import Node
+from unionfs.core.tree import LAYER_XATTR, Caller, UnionTree, check_name, ensure_writable
+
+
+def _groups_of(pid: int) -> set[int]:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return {int(g) for g in line.split()[1:]}
+    except OSError:
+        pass
+    return set()
+
+
+class UnionFS(UnionTree):
+    """The whole core: the merged tree plus every operation that changes it."""
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    def copy_up(self, node: Node, truncate: bool = False) -> None:
+        copy_up(self, node, truncate)
+
+    def _upper_fd(self) -> int:
+        ensure_writable(self)
+        assert self.upper is not None
+        return self.upper.fd
+
+    def whiteout(self, parent: Node, name: str) -> None:
+        """Replace whatever the upper has at ``parent/name`` with a whiteout."""
+        ufd = self._upper_fd()
+        ppath = parent.path()
+        path = join(ppath, name)
+        st = lstat_at(ufd, path)
+        if self.whiteout_style is ondisk.WhiteoutStyle.CHAR_DEVICE:
+            tmp = self.tmp_name()
+            os.mknod(tmp, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=self.work_fd)
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                renameat2(self.work_fd, tmp, ufd, path, RENAME_EXCHANGE)
+                remove_tree_at(self.work_fd, tmp)
+            else:
+                os.rename(tmp, path, src_dir_fd=self.work_fd, dst_dir_fd=ufd)
+        else:
+            pfd = open_dir_at(ufd, ppath)
+            try:
+                if not exists_at(pfd, ondisk.WHITEOUT_PREFIX + name):
+                    ondisk.make_whiteout(pfd, name, ondisk.WhiteoutStyle.WH_FILE)
+            finally:
+                os.close(pfd)
+            if st is not None:
+                remove_tree_at(ufd, path)
+        self.emit(f"whiteout /{path}")
+
+    def _upper_whiteout_at(self, ppath: str, name: str) -> str | None:
+        """'char' or 'file' when the upper holds a whiteout for ``name``; None otherwise."""
+        ufd = self._upper_fd()
+        st = lstat_at(ufd, join(ppath, name))
+        if st is not None and ondisk.is_whiteout_stat(st):
+            return "char"
+        if exists_at(ufd, join(ppath, ondisk.WHITEOUT_PREFIX + name)):
+            return "file"
+        return None
+
+    def mark_opaque(self, path: str) -> None:
+        ufd = self._upper_fd()
+        try:
+            setxattr_at(ufd, path, self.xattr_ns.opaque_xattr, b"y")
+        except PermissionError:
+            setxattr_at(ufd, path, ondisk.USER_OPAQUE, b"y")
+        self.emit(f"opaque /{path}")
+
+    def _forget_name(self, node: Node, parent: Node, name: str) -> None:
+        self.table.unlink_name(node, parent, name)
+        if node.deleted:
+            self.table.drop_identities(node)
+            if node.children:
+                for child in list(node.children.values()):
+                    child.deleted = True
+                    self.table.drop_identities(child)
+                node.children.clear()
+
+    def _check_free(self, parent: Node, name: str) -> None:
+        ensure_writable(self)
+        check_name(name)
+        if parent.deleted:
+            raise OSError(errno.ENOENT, "directory was removed")
+        if self.lookup(parent, name) is not None:
+            raise OSError(errno.EEXIST, "file exists", name)
+
+    # --- creating --------------------------------------------------------------------------------
+
+    def _create(self, parent: Node, name: str, caller: Caller, mode: int,
+                make: Callable[[int, str], None]) -> Node:
+        """Create an object with ``make(dir_fd, name)`` at ``parent/name`` owned by the caller."""
+        self._check_free(parent, name)
+        self.copy_up(parent)
+        ufd = self._upper_fd()
+        ppath = parent.path()
+        path = join(ppath, name)
+        is_dir = stat.S_ISDIR(mode)
+        wh = self._upper_whiteout_at(ppath, name)
+        opaque = is_dir and (wh is not None or self.lower_has(parent, name))
+        pst = os.stat(ppath or ".", dir_fd=ufd)
+        if wh == "char" or opaque:
+            # Build it in the workdir and swap it in: the name never shows the lower object.
+            tmp = self.tmp_name()
+            make(self.work_fd, tmp)
+            self._own(self.work_fd, tmp, caller, pst, mode)
+            if opaque:
+                setxattr_at(self.work_fd, tmp, self.xattr_ns.opaque_xattr, b"y") \
+                    if self._can_trusted() else setxattr_at(self.work_fd, tmp, ondisk.USER_OPAQUE, b"y")
+            if wh == "char" and is_dir:
+                renameat2(self.work_fd, tmp, ufd, path, RENAME_EXCHANGE)
+                os.unlink(tmp, dir_fd=self.work_fd)
+            else:
+                os.rename(tmp, path, src_dir_fd=self.work_fd, dst_dir_fd=ufd)
+            if wh == "file":
+                os.unlink(join(ppath, ondisk.WHITEOUT_PREFIX + name), dir_fd=ufd)
+            if opaque:
+                self.emit(f"opaque /{path}")
+        else:
+            pfd = open_dir_at(ufd, ppath)
+            try:
+                make(pfd, name)
+                self._own(pfd, name, caller, pst, mode)
+            finally:
+                os.close(pfd)
+            if wh == "file":
+                os.unlink(join(ppath, ondisk.WHITEOUT_PREFIX + name), dir_fd=ufd)
+        st = os.stat(path, dir_fd=ufd, follow_symlinks=False)
+        node = self.table.add(stat.S_IFMT(st.st_mode), parent, name, (0, st.st_ino))
+        node.in_upper = True
+        node.opaque = opaque
+        assert parent.children is not None
+        parent.children[name] = node
+        return node
+
+    def _can_trusted(self) -> bool:
+        return self.xattr_ns is ondisk.XattrNamespace.TRUSTED
+
+    def _own(self, dfd: int, name: str, caller: Caller, pst: os.stat_result, mode: int) -> None:
+        """Give a new object the caller's owner (group of a setgid parent), as the kernel would."""
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        uid = caller.uid
+        gid = pst.st_gid if pst.st_mode & stat.S_ISGID else caller.gid
+        is_link = stat.S_ISLNK(st.st_mode)
+        perm = mode & 0o7777
+        if stat.S_ISDIR(st.st_mode):
+            perm |= st.st_mode & stat.S_ISGID  # inherited from a setgid parent
+        if not is_link and stat.S_ISREG(st.st_mode) and perm & stat.S_ISGID and caller.uid != 0 \
+                and gid != caller.gid and gid not in _groups_of(caller.pid):
+            perm &= ~stat.S_ISGID  # the kernel drops setgid for a group the creator is not in
+        if (st.st_uid, st.st_gid) != (uid, gid):
+            try:
+                os.chown(name, uid, gid, dir_fd=dfd, follow_symlinks=False)
+            except PermissionError:
+                if not is_link:
+                    p = f"/proc/self/fd/{dfd}/{name}"
+                    ondisk.write_owner_override(p, ondisk.OwnerOverride(uid, gid, perm))
+        if not is_link and (st.st_mode & 0o7777) != perm or (not is_link and perm & 0o6000):
+            os.chmod(name, perm, dir_fd=dfd)
+
+    def create(self, parent: Node, name: str, mode: int, flags: int, caller: Caller) -> tuple[Node, int]:
+        """Create and open a regular file; returns the node and an open descriptor."""
+        fds: list[int] = []
+
+        def make(dfd: int, n: str) -> None:
+            acc = flags & os.O_ACCMODE
+            fds.append(os.open(n, acc | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
+                               mode & 0o7777, dir_fd=dfd))
+
+        try:
+            node = self._create(parent, name, caller, stat.S_IFREG | mode, make)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        node.fds.append(fds[0])
+        return node, fds[0]
+
+    def mkdir(self, parent: Node, name: str, mode: int, caller: Caller) -> Node:
+        return self._create(parent, name, caller, stat.S_IFDIR | mode,
+                            lambda dfd, n: os.mkdir(n, mode & 0o7777, dir_fd=dfd))
+
+    def mknod(self, parent: Node, name: str, mode: int, rdev: int, caller: Caller) -> Node:
+        return self._create(parent, name, caller, mode,
+                            lambda dfd, n: os.mknod(n, mode, rdev, dir_fd=dfd))
+
+    def symlink(self, parent: Node, name: str, target: str, caller: Caller) -> Node:
+        return self._create(parent, name, caller, stat.S_IFLNK | 0o777,
+                            lambda dfd, n: os.symlink(target, n, dir_fd=dfd))
+
+    def link(self, node: Node, parent: Node, name: str) -> Node:
+        self._check_free(parent, name)
+        if node.is_dir:
+            raise OSError(errno.EPERM, "hard link to a directory")
+        self.copy_up(node)
+        self.copy_up(parent)
+        ufd = self._upper_fd()
+        ppath = parent.path()
+        wh = self._upper_whiteout_at(ppath, name)
+        src = node.path()
+        if wh == "char":
+            os.unlink(join(ppath, name), dir_fd=ufd)
+        os.link(src, join(ppath, name), src_dir_fd=ufd, dst_dir_fd=ufd, follow_symlinks=False)
+        if wh == "file":
+            os.unlink(join(ppath, ondisk.WHITEOUT_PREFIX + name), dir_fd=ufd)
+        node.links.append((parent, name))
+        assert parent.children is not None
+        parent.children[name] = node
+        return node
+
+    # --- removing --------------------------------------------------------------------------------
+
+    def unlink(self, parent: Node, name: str) -> None:
+        ensure_writable(self)
+        node = self.lookup_existing(parent, name)
+        if node.is_dir:
+            raise OSError(errno.EISDIR, "is a directory", name)
+        self.copy_up(parent)
+        if self.lower_has(parent, name):
+            self.whiteout(parent, name)
+        else:
+            os.unlink(join(parent.path(), name), dir_fd=self._upper_fd())
+        self._forget_name(node, parent, name)
+
+    def rmdir(self, parent: Node, name: str) -> None:
+        ensure_writable(self)
+        node = self.lookup_existing(parent, name)
+        if not node.is_dir:
+            raise OSError(errno.ENOTDIR, "not a directory", name)
+        if self.list_dir(node):
+            raise OSError(errno.ENOTEMPTY, "directory not empty", name)
+        self.copy_up(parent)
+        if self.lower_has(parent, name):
+            self.whiteout(parent, name)
+        elif node.in_upper:
+            # merged-empty: what is left are whiteouts of lower entries
+            remove_tree_at(self._upper_fd(), join(parent.path(), name))
+        self._forget_name(node, parent, name)
+
+    # --- rename ----------------------------------------------------------------------------------
+
+    def rename(self, oldp: Node, oldn: str, newp: Node, newn: str, flags: int = 0) -> None:
+        ensure_writable(self)
+        check_name(newn)
+        src = self.lookup_existing(oldp, oldn)
+        dst = self.lookup(newp, newn)
+        if flags & RENAME_NOREPLACE and dst is not None:
+            raise OSError(errno.EEXIST, "file exists", newn)
+        if flags & RENAME_EXCHANGE:
+            if dst is None:
+                raise OSError(errno.ENOENT, "no such file", newn)
+            self._exchange(oldp, oldn, src, newp, newn, dst)
+            return
+        if dst is src:
+            return
+        if dst is not None:
+            if src.is_dir and not dst.is_dir:
+                raise OSError(errno.ENOTDIR, "not a directory", newn)
+            if not src.is_dir and dst.is_dir:
+                raise OSError(errno.EISDIR, "is a directory", newn)
+            if dst.is_dir and self.list_dir(dst):
+                raise OSError(errno.ENOTEMPTY, "directory not empty", newn)
+        self.copy_up(oldp)
+        self.copy_up(newp)
+        self.copy_up(src)
+        ufd = self._upper_fd()
+        old_path, new_path = oldp.child_path(oldn), newp.child_path(newn)
+        old_needs_whiteout = self.lower_has(oldp, oldn)
+        ust = lstat_at(ufd, new_path)
+        if ust is not None:
+            if stat.S_ISDIR(ust.st_mode):
+                _empty_dir(ufd, new_path)  # merged-empty: only whiteouts left in it
+            elif ondisk.is_whiteout_stat(ust) and src.is_dir:
+                os.unlink(new_path, dir_fd=ufd)
+        if src.is_dir:
+            self._prepare_moved_dir(src, old_path, new_path, newp, newn)
+        os.rename(old_path, new_path, src_dir_fd=ufd, dst_dir_fd=ufd)
+        if exists_at(ufd, join(newp.path(), ondisk.WHITEOUT_PREFIX + newn)):
+            os.unlink(join(newp.path(), ondisk.WHITEOUT_PREFIX + newn), dir_fd=ufd)
+        if old_needs_whiteout:
+            self.whiteout(oldp, oldn)
+        if dst is not None:
+            self._forget_name(dst, newp, newn)
+        self._move_name(src, oldp, oldn, newp, newn)
+
+    def _prepare_moved_dir(self, node: Node, old_path: str, new_path: str, newp: Node, newn: str) -> None:
+        """Keep a moved directory's lower contents (redirect) or hide the target's (opaque)."""
+        ufd = self._upper_fd()
+        if node.lowers and not node.opaque:
+            target = "/" + node.lowers[0][1]
+            current = getxattr_at(ufd, old_path, self.xattr_ns.redirect_xattr)
+            if current != os.fsencode(target):
+                try:
+                    setxattr_at(ufd, old_path, self.xattr_ns.redirect_xattr, os.fsencode(target))
+                except PermissionError:
+                    setxattr_at(ufd, old_path, ondisk.USER_REDIRECT, os.fsencode(target))
+            self.emit(f"redirect /{old_path} -> /{new_path}")
+        elif not node.opaque and self.lower_has(newp, newn):
+            self.mark_opaque(old_path)
+            node.opaque = True
+
+    def _move_name(self, node: Node, oldp: Node, oldn: str, newp: Node, newn: str) -> None:
+        assert oldp.children is not None and newp.children is not None
+        if oldp.children.get(oldn) is node:
+            del oldp.children[oldn]
+        if node.parent is oldp and node.name == oldn:
+            node.parent, node.name = newp, newn
+        else:
+            try:
+                node.links.remove((oldp, oldn))
+            except ValueError:
+                pass
+            node.links.append((newp, newn))
+        newp.children[newn] = node
+
+    def _exchange(self, oldp: Node, oldn: str, src: Node, newp: Node, newn: str, dst: Node) -> None:
+        self.copy_up(oldp)
+        self.copy_up(newp)
+        self.copy_up(src)
+        self.copy_up(dst)
+        ufd = self._upper_fd()
+        old_path, new_path = oldp.child_path(oldn), newp.child_path(newn)
+        if src.is_dir:
+            self._prepare_moved_dir(src, old_path, new_path, newp, newn)
+        if dst.is_dir:
+            self._prepare_moved_dir(dst, new_path, old_path, oldp, oldn)
+        renameat2(ufd, old_path, ufd, new_path, RENAME_EXCHANGE)
+        assert oldp.children is not None and newp.children is not None
+        oldp.children.pop(oldn, None)
+        newp.children.pop(newn, None)
+        for node, (p, n), (q, m) in ((src, (oldp, oldn), (newp, newn)), (dst, (newp, newn), (oldp, oldn))):
+            if node.parent is p and node.name == n:
+                node.parent, node.name = q, m
+            else:
+                if (p, n) in node.links:
+                    node.links.remove((p, n))
+                node.links.append((q, m))
+        newp.children[newn] = src
+        oldp.children[oldn] = dst
+
+    # --- attributes ------------------------------------------------------------------------------
+
+    def setattr(self, node: Node, *, mode: int | None = None, uid: int | None = None,
+                gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
+                mtime_ns: int | None = None, fd: int | None = None) -> None:
+        ensure_writable(self)
+        if not node.deleted:
+            self.copy_up(node, truncate=size == 0)
+        ufd = self._upper_fd()
+        path = node.path()
+        live_fd = node.fds[0] if node.deleted and node.fds else None
+        if node.deleted and live_fd is None:
+            raise OSError(errno.ENOENT, "file was removed")
+        target: str = f"/proc/self/fd/{live_fd}" if live_fd is not None else ""
+        st = os.fstat(live_fd) if live_fd is not None else os.stat(path or ".", dir_fd=ufd,
+                                                                   follow_symlinks=False)
+        is_link = stat.S_ISLNK(st.st_mode)
+        if size is not None:
+            tfd = fd if fd is not None else live_fd
+            if tfd is not None:
+                os.ftruncate(tfd, size)
+            else:
+                wfd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=ufd)
+                try:
+                    os.ftruncate(wfd, size)
+                finally:
+                    os.close(wfd)
+        override = None
+        if not is_link:
+            raw = getxattr_at(ufd, path, ondisk.OWNER_OVERRIDE_XATTR) if not target else None
+            override = ondisk.OwnerOverride.decode(raw) if raw else None
+        if uid is not None or gid is not None:
+            new_uid = uid if uid is not None else (override.uid if override else st.st_uid)
+            new_gid = gid if gid is not None else (override.gid if override else st.st_gid)
+            try:
+                if target:
+                    os.chown(target, new_uid, new_gid)
+                else:
+                    os.chown(path or ".", new_uid, new_gid, dir_fd=ufd, follow_symlinks=False)
+                if override is not None:
+                    os.removexattr(target or f"/proc/self/fd/{ufd}/{path}", ondisk.OWNER_OVERRIDE_XATTR)
+                    override = None
+            except PermissionError:
+                if is_link:
+                    raise
+                perm = override.mode if override else st.st_mode & 0o7777
+                if not stat.S_ISDIR(st.st_mode):
+                    perm &= ~0o6000  # chown clears setuid/setgid, as a real chown would
+                override = ondisk.OwnerOverride(new_uid, new_gid, perm)
+                ondisk.write_owner_override(target or f"/proc/self/fd/{ufd}/{path}", override)
+        if mode is not None and not is_link:
+            perm = mode & 0o7777
+            if override is not None:
+                override = ondisk.OwnerOverride(override.uid, override.gid, perm)
+                ondisk.write_owner_override(target or f"/proc/self/fd/{ufd}/{path}", override)
+                # keep the real mode usable by us: the override is what callers see
+                perm |= 0o700 if stat.S_ISDIR(st.st_mode) else 0o600
+            if target:
+                os.chmod(target, perm)
+            else:
+                os.chmod(path or ".", perm, dir_fd=ufd)
+        if atime_ns is not None or mtime_ns is not None:
+            cur = os.fstat(live_fd) if live_fd is not None else os.stat(
+                path or ".", dir_fd=ufd, follow_symlinks=False)
+            times = (atime_ns if atime_ns is not None else cur.st_atime_ns,
+                     mtime_ns if mtime_ns is not None else cur.st_mtime_ns)
+            if live_fd is not None:
+                os.utime(live_fd, ns=times)
+            else:
+                os.utime(path or ".", ns=times, dir_fd=ufd, follow_symlinks=False)
+
+    # --- xattrs ----------------------------------------------------------------------------------
+
+    def setxattr(self, node: Node, name: str, value: bytes, flags: int = 0) -> None:
+        ensure_writable(self)
+        if name == LAYER_XATTR or ondisk.is_private_xattr(name):
+            raise OSError(errno.EPERM, "private attribute", name)
+        self.copy_up(node)
+        setxattr_at(self._upper_fd(), node.path(), name, value, flags)
+
+    def removexattr(self, node: Node, name: str) -> None:
+        ensure_writable(self)
+        if name == LAYER_XATTR or ondisk.is_private_xattr(name):
+            raise OSError(errno.EPERM, "private attribute", name)
+        self.getxattr(node, name)  # ENODATA before any copy-up
+        self.copy_up(node)
+        from unionfs.core.backing import removexattr_at
+
+        removexattr_at(self._upper_fd(), node.path(), name)
+
+    # --- files -----------------------------------------------------------------------------------
+
+    def open(self, node: Node, flags: int) -> tuple[int, bool]:
+        """Open the node's backing file; writers get the upper copy. Returns (fd, in_upper)."""
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        if writable:
+            ensure_writable(self)
+            self.copy_up(node)
+        layer, path = self.backing(node)
+        keep = flags & (os.O_ACCMODE | os.O_SYNC | os.O_DSYNC)
+        fd = os.open(path, keep | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=layer.fd)
+        node.fds.append(fd)
+        return fd, layer.is_upper
+
+    def release(self, node: Node, fd: int) -> None:
+        try:
+            node.fds.remove(fd)
+        except ValueError:
+            pass
+        os.close(fd)
+        self.table.maybe_drop(node)
+
+    def fsyncdir(self, node: Node) -> None:
+        if not node.in_upper or self.upper is None:
+            return
+        fd = os.open(node.path() or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.upper.fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _empty_dir(fd: int, path: str) -> None:
+    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+    try:
+        for name in os.listdir(dfd):
+            remove_tree_at(dfd, name)
+    finally:
+        os.close(dfd)

@@ -1,0 +1,448 @@
+"""The merged tree: the layer stack, lookup through whiteouts/opaque/redirects, listings, attributes.
+
+Lookup follows the kernel's overlayfs (fs/overlayfs/namei.c): the upper first, then each lower
+directory merged into the parent, top first. A whiteout (char 0/0, or ``.wh.NAME`` in the same
+directory) ends the search; a non-directory ends it; a directory is merged with the directories of
+the same name below it until one of them is opaque. An ``*.overlay.redirect`` xattr on a directory
+redirects the search in the layers below to another path (absolute from the layer root, or a sibling
+name), which is how a renamed lower directory keeps its contents without copying them.
+
+Nothing here imports pyfuse3: errors are OSError with an errno, which the adapter translates.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from unionfs import ondisk
+from unionfs.core.backing import (
+    Layer,
+    exists_at,
+    getxattr_at,
+    join,
+    listxattr_at,
+    lstat_at,
+    remove_tree_at,
+    split,
+)
+from unionfs.core.nodes import InodeTable, Node
+
+log = logging.getLogger(__name__)
+
+LAYER_XATTR = "user.lamina.layer"
+NAME_MAX = 255
+WORK_SUBDIR = "work"
+
+
+class UnionError(Exception):
+    """A configuration problem found when opening the layers (one readable line)."""
+
+
+@dataclass
+class Caller:
+    """Who asks: the credentials of the process behind a request."""
+
+    uid: int = 0
+    gid: int = 0
+    pid: int = 0
+    umask: int = 0
+
+
+@dataclass
+class DirEntry:
+    """One entry of a merged listing, with a hint of where its top copy lives."""
+
+    name: str
+    layer: Layer
+    path: str
+    is_dir: bool
+
+
+def check_name(name: str) -> None:
+    if len(os.fsencode(name)) > NAME_MAX:
+        raise OSError(errno.ENAMETOOLONG, "name too long", name)
+
+
+class UnionTree:
+    """Layers, nodes and read-only operations on the merged tree."""
+
+    def __init__(
+        self,
+        lowers: list[str],
+        upper: str | None,
+        work: str | None,
+        *,
+        trace: Callable[[str], None] | None = None,
+        layer_xattr: bool = False,
+    ) -> None:
+        if not lowers and upper is None:
+            raise UnionError("no lowerdir given")
+        if upper is not None and work is None:
+            raise UnionError("upperdir needs a workdir")
+        self.trace = trace
+        self.layer_xattr = layer_xattr
+        self._fds: list[int] = []
+        try:
+            self.lowers = [
+                self._open_layer(p, 1 + i, f"lower:{i}:{p}", i) for i, p in enumerate(lowers)
+            ]
+            self.upper = self._open_layer(upper, 0, "upper", -1) if upper is not None else None
+            self.work_fd = -1
+            if work is not None and self.upper is not None:
+                self.work_fd = self._open_work(work)
+        except BaseException:
+            self.close()
+            raise
+        self.readonly = self.upper is None
+        self.xattr_ns = ondisk.XattrNamespace.for_current_user()
+        self.whiteout_style = self._probe_whiteout_style()
+        self.table = InodeTable()
+        self.root = self.table.new_root()
+        self.root.in_upper = self.upper is not None
+        self.root.lowers = [(layer, "") for layer in self.lowers]
+        self._tmp_counter = 0
+
+    # --- set-up ----------------------------------------------------------------------------------
+
+    def _open_layer(self, path: str, slot: int, label: str, index: int) -> Layer:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise UnionError(f"{path}: no such directory") from None
+        except NotADirectoryError:
+            raise UnionError(f"{path}: not a directory") from None
+        except OSError as e:
+            raise UnionError(f"{path}: {e.strerror}") from None
+        self._fds.append(fd)
+        return Layer(path=path, fd=fd, slot=slot, label=label, index=index, dev=os.fstat(fd).st_dev)
+
+    def _open_work(self, work: str) -> int:
+        """Open (creating if needed) WORK/work, emptied: leftovers of a crashed copy-up go away."""
+        assert self.upper is not None
+        try:
+            wfd = os.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise UnionError(f"{work}: {e.strerror}") from None
+        self._fds.append(wfd)
+        if os.fstat(wfd).st_dev != self.upper.dev:
+            raise UnionError(f"{work}: workdir and upperdir must be on the same filesystem")
+        remove_tree_at(wfd, WORK_SUBDIR)
+        os.mkdir(WORK_SUBDIR, 0o700, dir_fd=wfd)
+        fd = os.open(WORK_SUBDIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=wfd)
+        self._fds.append(fd)
+        return fd
+
+    def _probe_whiteout_style(self) -> ondisk.WhiteoutStyle:
+        if self.upper is None:
+            return ondisk.WhiteoutStyle.CHAR_DEVICE
+        probe = "whiteout-probe"
+        try:
+            os.mknod(probe, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=self.work_fd)
+        except PermissionError:
+            return ondisk.WhiteoutStyle.WH_FILE
+        os.unlink(probe, dir_fd=self.work_fd)
+        return ondisk.WhiteoutStyle.CHAR_DEVICE
+
+    def close(self) -> None:
+        for fd in self._fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds.clear()
+
+    def tmp_name(self) -> str:
+        self._tmp_counter += 1
+        return f"#{os.getpid():x}.{self._tmp_counter:x}"
+
+    def emit(self, line: str) -> None:
+        if self.trace is not None:
+            self.trace(line)
+
+    # --- lookup ----------------------------------------------------------------------------------
+
+    def node(self, ino: int) -> Node:
+        node = self.table.get(ino)
+        if node is None:
+            raise OSError(errno.ESTALE, "stale inode")
+        return node
+
+    def lookup(self, parent: Node, name: str) -> Node | None:
+        """The child ``name`` of ``parent`` in the merged view (no lookup count taken), or None."""
+        assert parent.children is not None
+        node = parent.children.get(name)
+        if node is not None:
+            return node
+        if ondisk.is_marker_name(name) or name in (".", ".."):
+            return None
+        check_name(name)
+        return self._resolve(parent, name)
+
+    def lookup_existing(self, parent: Node, name: str) -> Node:
+        node = self.lookup(parent, name)
+        if node is None:
+            raise OSError(errno.ENOENT, "no such file", name)
+        return node
+
+    def _resolve(self, parent: Node, name: str) -> Node | None:
+        if not parent.is_dir:
+            raise OSError(errno.ENOTDIR, "not a directory")
+        if parent.deleted:
+            return None
+        ppath = parent.path()
+        top_st: os.stat_result | None = None
+        in_upper = False
+        opaque = False
+        redirect: str | None = None
+        upper = self.upper
+        if parent.in_upper and upper is not None:
+            cpath = join(ppath, name)
+            st = lstat_at(upper.fd, cpath)
+            if st is not None:
+                if ondisk.is_whiteout_stat(st):
+                    return None
+                if not stat.S_ISDIR(st.st_mode):
+                    return self._node_for(parent, name, st, True, [], None)
+                top_st, in_upper = st, True
+                opaque = self._is_opaque(upper, cpath)
+                if not opaque:
+                    redirect = self._redirect(upper, cpath)
+            elif exists_at(upper.fd, join(ppath, ondisk.WHITEOUT_PREFIX + name)):
+                return None
+            if parent.opaque:
+                opaque = True
+        lowers: list[tuple[Layer, str]] = []
+        lower_st: os.stat_result | None = None
+        if not opaque:
+            parent_paths = {layer.index: path for layer, path in parent.lowers}
+            for layer in self.lowers:
+                if redirect is not None and redirect.startswith("/"):
+                    path = redirect.strip("/")
+                else:
+                    ppath_l = parent_paths.get(layer.index)
+                    if ppath_l is None:
+                        continue
+                    path = join(ppath_l, redirect or name)
+                st = lstat_at(layer.fd, path)
+                if st is None:
+                    head, tail = split(path)
+                    if exists_at(layer.fd, join(head, ondisk.WHITEOUT_PREFIX + tail)):
+                        break
+                    continue
+                if ondisk.is_whiteout_stat(st):
+                    break
+                if not stat.S_ISDIR(st.st_mode):
+                    if top_st is None:
+                        return self._node_for(parent, name, st, False, [(layer, path)], st)
+                    break
+                if top_st is None:
+                    top_st = st
+                if lower_st is None:
+                    lower_st = st
+                lowers.append((layer, path))
+                if self._is_opaque(layer, path):
+                    break
+                r = self._redirect(layer, path)
+                if r is not None:
+                    redirect = r  # applies to the layers below this one
+        if top_st is None:
+            return None
+        node = self._node_for(parent, name, top_st, in_upper, lowers, lower_st)
+        node.opaque = opaque and in_upper
+        return node
+
+    def _is_opaque(self, layer: Layer, path: str) -> bool:
+        for xname in (ondisk.TRUSTED_OPAQUE, ondisk.USER_OPAQUE):
+            if getxattr_at(layer.fd, path, xname) == b"y":
+                return True
+        return exists_at(layer.fd, join(path, ondisk.OPAQUE_MARKER))
+
+    def _redirect(self, layer: Layer, path: str) -> str | None:
+        for xname in (ondisk.TRUSTED_REDIRECT, ondisk.USER_REDIRECT):
+            value = getxattr_at(layer.fd, path, xname)
+            if value:
+                return os.fsdecode(value)
+        return None
+
+    def _node_for(self, parent: Node, name: str, st: os.stat_result, in_upper: bool,
+                  lowers: list[tuple[Layer, str]], lower_st: os.stat_result | None) -> Node:
+        """Find or make the node for a resolved object and remember it as ``parent``'s child."""
+        kind = stat.S_IFMT(st.st_mode)
+        if lower_st is not None and lowers:
+            identity = (lowers[0][0].slot, lower_st.st_ino)
+        else:
+            identity = (0, st.st_ino)
+        node = self.table.find(identity)
+        if node is not None and (node.kind != kind or node.deleted or (
+                node.is_dir and (node.parent is not parent or node.name != name))):
+            self.table.drop_identities(node)
+            node = None
+        if node is None:
+            node = self.table.add(kind, parent, name, identity)
+            node.in_upper = in_upper
+            node.lowers = lowers
+        elif (node.parent is not parent or node.name != name) and (parent, name) not in node.links:
+            node.links.append((parent, name))
+        assert parent.children is not None
+        parent.children[name] = node
+        return node
+
+    def lower_has(self, parent: Node, name: str) -> bool:
+        """True when a lower layer shows ``name`` under ``parent`` (so removing it needs a whiteout)."""
+        if parent.opaque:
+            return False
+        for layer, ppath in parent.lowers:
+            st = lstat_at(layer.fd, join(ppath, name))
+            if st is None:
+                if exists_at(layer.fd, join(ppath, ondisk.WHITEOUT_PREFIX + name)):
+                    return False
+                continue
+            return not ondisk.is_whiteout_stat(st)
+        return False
+
+    # --- attributes ------------------------------------------------------------------------------
+
+    def backing(self, node: Node) -> tuple[Layer, str]:
+        """Where the node's top copy lives: (layer, path in that layer)."""
+        if node.in_upper:
+            assert self.upper is not None
+            return self.upper, node.path()
+        if node.lowers:
+            return node.lowers[0]
+        raise OSError(errno.ESTALE, "node has no backing object")
+
+    def stat(self, node: Node) -> tuple[os.stat_result, ondisk.OwnerOverride | None]:
+        if node.deleted and node.fds:
+            fst = os.fstat(node.fds[0])
+            raw = _fgetxattr(node.fds[0], ondisk.OWNER_OVERRIDE_XATTR)
+            return fst, ondisk.OwnerOverride.decode(raw) if raw is not None else None
+        layer, path = self.backing(node)
+        st = lstat_at(layer.fd, path)
+        if st is None:
+            raise OSError(errno.ENOENT, "backing object vanished", path)
+        override = None
+        if not stat.S_ISLNK(st.st_mode):
+            raw = getxattr_at(layer.fd, path, ondisk.OWNER_OVERRIDE_XATTR)
+            if raw is not None:
+                override = ondisk.OwnerOverride.decode(raw)
+        return st, override
+
+    def readlink(self, node: Node) -> str:
+        layer, path = self.backing(node)
+        return os.readlink(path, dir_fd=layer.fd)
+
+    # --- listings --------------------------------------------------------------------------------
+
+    def list_dir(self, node: Node) -> list[DirEntry]:
+        """The merged entries of a directory (no '.' or '..'), upper first, whiteouts applied."""
+        if not node.is_dir:
+            raise OSError(errno.ENOTDIR, "not a directory")
+        if node.deleted:
+            return []
+        sources: list[tuple[Layer, str]] = []
+        if node.in_upper and self.upper is not None:
+            sources.append((self.upper, node.path()))
+        if not node.opaque:
+            sources.extend(node.lowers)
+        seen: dict[str, DirEntry] = {}
+        hidden: set[str] = set()
+        for layer, path in sources:
+            layer_hidden: list[str] = []
+            fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=layer.fd)
+            try:
+                with os.scandir(fd) as it:
+                    for entry in it:
+                        n = entry.name
+                        if n.startswith(ondisk.WHITEOUT_PREFIX):
+                            if n != ondisk.OPAQUE_MARKER:
+                                layer_hidden.append(n[4:])
+                            continue
+                        if n in seen or n in hidden:
+                            continue
+                        dt_dir = entry.is_dir(follow_symlinks=False)
+                        if not dt_dir and not entry.is_file(follow_symlinks=False) \
+                                and not entry.is_symlink():
+                            st = entry.stat(follow_symlinks=False)
+                            if ondisk.is_whiteout_stat(st):
+                                layer_hidden.append(n)
+                                continue
+                        seen[n] = DirEntry(n, layer, join(path, n), dt_dir)
+            finally:
+                os.close(fd)
+            hidden.update(layer_hidden)
+        return list(seen.values())
+
+    def entry_node(self, parent: Node, entry: DirEntry) -> tuple[Node, os.stat_result | None] | None:
+        """The node behind a listing entry (and its stat when that came for free), or None if gone."""
+        assert parent.children is not None
+        node = parent.children.get(entry.name)
+        if node is not None:
+            return node, None
+        if entry.is_dir:
+            node = self._resolve(parent, entry.name)
+            return (node, None) if node is not None else None
+        layer = entry.layer
+        st = lstat_at(layer.fd, entry.path)
+        if st is None or ondisk.is_whiteout_stat(st):
+            return None
+        if layer.is_upper:
+            node = self._node_for(parent, entry.name, st, True, [], None)
+        else:
+            node = self._node_for(parent, entry.name, st, False, [(layer, entry.path)], st)
+        return node, st
+
+    def override_of(self, node: Node, st: os.stat_result) -> ondisk.OwnerOverride | None:
+        if stat.S_ISLNK(st.st_mode):
+            return None
+        layer, path = self.backing(node)
+        raw = getxattr_at(layer.fd, path, ondisk.OWNER_OVERRIDE_XATTR)
+        return ondisk.OwnerOverride.decode(raw) if raw is not None else None
+
+    def statfs(self) -> os.statvfs_result:
+        layer = self.upper if self.upper is not None else self.lowers[0]
+        return os.statvfs(f"/proc/self/fd/{layer.fd}")
+
+    def is_empty_dir(self, node: Node) -> bool:
+        return not self.list_dir(node)
+
+    # --- xattrs ----------------------------------------------------------------------------------
+
+    def getxattr(self, node: Node, name: str) -> bytes:
+        if name == LAYER_XATTR and self.layer_xattr:
+            return self.backing(node)[0].label.encode()
+        if ondisk.is_private_xattr(name):
+            raise OSError(errno.ENODATA, "no such attribute")
+        layer, path = self.backing(node)
+        value = getxattr_at(layer.fd, path, name)
+        if value is None:
+            raise OSError(errno.ENODATA, "no such attribute")
+        return value
+
+    def listxattr(self, node: Node) -> list[str]:
+        layer, path = self.backing(node)
+        names = [n for n in listxattr_at(layer.fd, path) if not ondisk.is_private_xattr(n)]
+        if self.layer_xattr:
+            names.append(LAYER_XATTR)
+        return names
+
+    def upper_path_fd(self) -> int:
+        if self.upper is None:
+            raise OSError(errno.EROFS, "read-only union")
+        return self.upper.fd
+
+
+def _fgetxattr(fd: int, name: str) -> bytes | None:
+    try:
+        return os.getxattr(fd, name)
+    except OSError:
+        return None
+
+
+def ensure_writable(tree: UnionTree) -> None:
+    if tree.readonly:
+        raise OSError(errno.EROFS, "read-only union (no upperdir)")

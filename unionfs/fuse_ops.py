@@ -1,0 +1,502 @@
+"""The pyfuse3 adapter: one Operations class whose handlers delegate to the core.
+
+Error boundary: only ``FUSEError`` leaves a handler. An ``OSError`` from the core carries the errno
+the caller should see; anything else is a bug: it is logged once (with its traceback), answered with
+EIO, and switches the filesystem to fail-safe mode, where every later write is refused with EIO so a
+confused filesystem cannot damage the upper directory further.
+
+Every handler runs on the trio thread and (except copy-up data and big reads) never awaits, which
+is what pyfuse3 measures fastest. Large copy-ups run in a worker thread; other requests (even for
+the same file) wait for that copy-up on a trio.Event instead of blocking the loop.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import pyfuse3
+import trio
+
+from unionfs.core import Caller, DirEntry, UnionFS
+from unionfs.core.copyup import begin_copy_up, finish_copy_up
+from unionfs.core.nodes import Node
+
+log = logging.getLogger(__name__)
+
+# All changes go through the mount, so the kernel may cache names and attributes for a long time.
+CACHE_TIMEOUT = 86400.0
+# Copy-ups of files larger than this run in a worker thread (and writable opens defer them).
+THREAD_COPY_BYTES = 1 << 20
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def fuse_boundary(write: bool = False) -> Callable[[F], F]:
+    """Translate errors at the handler boundary (see the module docstring)."""
+
+    def decorate(func: F) -> F:
+        @functools.wraps(func)
+        async def wrapper(self: UnionOperations, *args: Any) -> Any:
+            if write and self.failed:
+                raise pyfuse3.FUSEError(errno.EIO)
+            try:
+                return await func(self, *args)
+            except pyfuse3.FUSEError:
+                raise
+            except OSError as e:
+                raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+            except Exception:
+                if not self.failed:
+                    log.exception("unexpected error in %s; fail-safe mode: writes now fail with EIO",
+                                  func.__name__)
+                self.failed = True
+                raise pyfuse3.FUSEError(errno.EIO) from None
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+@dataclass(eq=False)
+class FileHandle:
+    node: Node
+    fd: int
+    in_upper: bool
+    flags: int
+    pending_copy_up: bool = False  # writable open of a big lower file: copy-up deferred
+
+
+@dataclass(eq=False)
+class DirHandle:
+    node: Node
+    entries: list[DirEntry] = field(default_factory=list)
+    consumed: bool = False
+
+
+def _name(raw: bytes) -> str:
+    return os.fsdecode(raw)
+
+
+def _caller(ctx: pyfuse3.RequestContext) -> Caller:
+    return Caller(uid=ctx.uid, gid=ctx.gid, pid=ctx.pid, umask=ctx.umask)
+
+
+class UnionOperations(pyfuse3.Operations):
+    """pyfuse3 handlers over a :class:`UnionFS` core."""
+
+    def __init__(self, core: UnionFS, *, enable_acl: bool = False) -> None:
+        super().__init__()
+        self.core = core
+        self.enable_acl = enable_acl
+        self.failed = False
+        self.files: dict[int, FileHandle] = {}
+        self.dirs: dict[int, DirHandle] = {}
+        self._next_dir_fh = 1
+        self._copying: dict[int, trio.Event] = {}
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    def attrs(self, node: Node, st: os.stat_result | None = None) -> pyfuse3.EntryAttributes:
+        core = self.core
+        if st is None:
+            st, override = core.stat(node)
+        else:
+            override = core.override_of(node, st)
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.ino
+        a.generation = 0
+        a.entry_timeout = CACHE_TIMEOUT
+        a.attr_timeout = CACHE_TIMEOUT
+        if override is not None:
+            a.st_mode = stat.S_IFMT(st.st_mode) | override.mode
+            a.st_uid = override.uid
+            a.st_gid = override.gid
+        else:
+            a.st_mode = st.st_mode
+            a.st_uid = st.st_uid
+            a.st_gid = st.st_gid
+        if node.deleted:
+            a.st_nlink = 0
+        elif node.is_dir and (len(node.lowers) > 1 or (node.in_upper and node.lowers and not node.opaque)):
+            # A merged directory's subdirectories are not counted (the kernel's overlayfs says 1 too):
+            # a wrong count would make find(1) skip subdirectories; 1 tells it to look.
+            a.st_nlink = 1
+        else:
+            a.st_nlink = st.st_nlink
+        a.st_rdev = st.st_rdev
+        a.st_size = st.st_size
+        a.st_blocks = st.st_blocks
+        a.st_blksize = st.st_blksize
+        a.st_atime_ns = st.st_atime_ns
+        a.st_mtime_ns = st.st_mtime_ns
+        a.st_ctime_ns = st.st_ctime_ns
+        return a
+
+    def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
+        attrs = self.attrs(node)
+        node.lookups += 1
+        return attrs
+
+    def _mode(self, mode: int, ctx: pyfuse3.RequestContext) -> int:
+        return mode if self.enable_acl else mode & ~ctx.umask
+
+    async def copy_up(self, node: Node, truncate: bool = False) -> None:
+        """Copy up ``node``; big files in a worker thread, one copy at a time per node."""
+        while not node.in_upper:
+            event = self._copying.get(node.ino)
+            if event is not None:
+                await event.wait()
+                continue
+            big = (not truncate and node.kind == stat.S_IFREG
+                   and self.core.stat(node)[0].st_size > THREAD_COPY_BYTES)
+            if not big:
+                self.core.copy_up(node, truncate)
+                return
+            event = trio.Event()
+            self._copying[node.ino] = event
+            try:
+                job = begin_copy_up(self.core, node, truncate)
+                if job is None:
+                    return
+                try:
+                    await trio.to_thread.run_sync(job.copy_data)
+                except BaseException:
+                    job.close()
+                    raise
+                finish_copy_up(self.core, job)
+            finally:
+                del self._copying[node.ino]
+                event.set()
+
+    async def _wait_copying(self, node: Node) -> None:
+        while (event := self._copying.get(node.ino)) is not None:
+            await event.wait()
+
+    async def _upper_handle(self, h: FileHandle) -> None:
+        """Point a handle at the upper copy (after a deferred or concurrent copy-up)."""
+        if h.pending_copy_up:
+            await self.copy_up(h.node)
+            h.pending_copy_up = False
+        if not h.in_upper and h.node.in_upper and not h.node.deleted:
+            layer, path = self.core.backing(h.node)
+            keep = h.flags & (os.O_ACCMODE | os.O_SYNC | os.O_DSYNC)
+            new_fd = os.open(path, keep | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=layer.fd)
+            h.node.fds.append(new_fd)
+            self._swap_fd(h, new_fd)
+
+    def _swap_fd(self, h: FileHandle, new_fd: int) -> None:
+        old = h.fd
+        try:
+            h.node.fds.remove(old)
+        except ValueError:
+            pass
+        os.close(old)
+        del self.files[old]
+        h.fd = new_fd
+        h.in_upper = True
+        self.files[new_fd] = h
+
+    # --- lookups and attributes ------------------------------------------------------------------
+
+    @fuse_boundary()
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self.core.node(parent_inode)
+        n = _name(name)
+        if n == "..":
+            node: Node | None = parent.parent or parent
+        elif n == ".":
+            node = parent
+        else:
+            node = self.core.lookup(parent, n)
+        if node is None:
+            negative = pyfuse3.EntryAttributes()
+            negative.st_ino = 0
+            negative.entry_timeout = CACHE_TIMEOUT
+            return negative
+        return self._entry(node)
+
+    async def forget(self, inode_list: Any) -> None:
+        table = self.core.table
+        for ino, count in inode_list:
+            try:
+                node = table.get(ino)
+                if node is not None:
+                    table.forget(node, count)
+            except Exception:
+                log.exception("forget of inode %d failed", ino)
+
+    @fuse_boundary()
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self.attrs(self.core.node(inode))
+
+    @fuse_boundary(write=True)
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                      fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self.core.node(inode)
+        size = attr.st_size if fields.update_size else None
+        h = self.files.get(fh) if fh is not None else None
+        if not node.deleted:
+            await self.copy_up(node, truncate=size == 0)
+        if h is not None and not h.in_upper:
+            h.pending_copy_up = False
+            await self._upper_handle(h)
+        self.core.setattr(
+            node,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=size,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            fd=h.fd if h is not None and h.in_upper else None,
+        )
+        return self.attrs(node)
+
+    @fuse_boundary()
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return os.fsencode(self.core.readlink(self.core.node(inode)))
+
+    # --- creating and removing -------------------------------------------------------------------
+
+    @fuse_boundary(write=True)
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self.core.mknod(self.core.node(parent_inode), _name(name), self._mode(mode, ctx), rdev,
+                               _caller(ctx))
+        return self._entry(node)
+
+    @fuse_boundary(write=True)
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self.core.mkdir(self.core.node(parent_inode), _name(name), self._mode(mode, ctx), _caller(ctx))
+        return self._entry(node)
+
+    @fuse_boundary(write=True)
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self.core.symlink(self.core.node(parent_inode), _name(name), os.fsdecode(target), _caller(ctx))
+        return self._entry(node)
+
+    @fuse_boundary(write=True)
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self.core.node(inode)
+        await self.copy_up(node)
+        node = self.core.link(node, self.core.node(new_parent_inode), _name(new_name))
+        return self._entry(node)
+
+    @fuse_boundary(write=True)
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        parent = self.core.node(parent_inode)
+        child = self.core.lookup(parent, _name(name))
+        if child is not None:
+            await self._wait_copying(child)
+        self.core.unlink(parent, _name(name))
+
+    @fuse_boundary(write=True)
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.core.rmdir(self.core.node(parent_inode), _name(name))
+
+    @fuse_boundary(write=True)
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
+                     flags: int, ctx: pyfuse3.RequestContext) -> None:
+        core = self.core
+        oldp, newp = core.node(parent_inode_old), core.node(parent_inode_new)
+        src = core.lookup(oldp, _name(name_old))
+        if src is not None and not src.is_dir:
+            await self.copy_up(src)
+        dst = core.lookup(newp, _name(name_new))
+        if dst is not None and not dst.is_dir and flags & pyfuse3.RENAME_EXCHANGE:
+            await self.copy_up(dst)
+        core.rename(oldp, _name(name_old), newp, _name(name_new), flags)
+
+    # --- files -----------------------------------------------------------------------------------
+
+    @fuse_boundary()
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self.core.node(inode)
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        pending = False
+        if writable:
+            if self.failed or self.core.readonly:
+                raise pyfuse3.FUSEError(errno.EIO if self.failed else errno.EROFS)
+            if not node.in_upper:
+                if node.kind == stat.S_IFREG and self.core.stat(node)[0].st_size > THREAD_COPY_BYTES:
+                    # O_TRUNC reaches us later as setattr(size=0): copy no data for it.
+                    pending = True
+                else:
+                    await self.copy_up(node)
+            else:
+                await self._wait_copying(node)
+        if pending:
+            fd, in_upper = self.core.open(node, os.O_RDONLY)
+        else:
+            fd, in_upper = self.core.open(node, flags)
+        self.files[fd] = FileHandle(node, fd, in_upper, flags, pending)
+        info = pyfuse3.FileInfo(fh=fd)
+        info.keep_cache = True
+        return info
+
+    @fuse_boundary(write=True)
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        node, fd = self.core.create(self.core.node(parent_inode), _name(name), self._mode(mode, ctx), flags,
+                                    _caller(ctx))
+        self.files[fd] = FileHandle(node, fd, True, flags)
+        info = pyfuse3.FileInfo(fh=fd)
+        info.keep_cache = True
+        return info, self._entry(node)
+
+    @fuse_boundary()
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        h = self.files[fh]
+        if not h.in_upper and h.node.in_upper and not h.pending_copy_up:
+            await self._upper_handle(h)
+        return os.pread(h.fd, size, off)
+
+    @fuse_boundary(write=True)
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        h = self.files[fh]
+        if not h.in_upper:
+            await self._upper_handle(h)
+        return os.pwrite(h.fd, buf, off)
+
+    @fuse_boundary()
+    async def flush(self, fh: int) -> None:
+        return None
+
+    @fuse_boundary()
+    async def release(self, fh: int) -> None:
+        h = self.files.get(fh)
+        if h is None:
+            return
+        try:
+            if h.pending_copy_up and not self.failed:
+                await self.copy_up(h.node)  # a writable open copies up, even without a write
+        finally:
+            self.files.pop(h.fd, None)
+            self.core.release(h.node, h.fd)
+
+    @fuse_boundary()
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        h = self.files[fh]
+        if h.in_upper:
+            if datasync:
+                os.fdatasync(h.fd)
+            else:
+                os.fsync(h.fd)
+
+    # --- directories -----------------------------------------------------------------------------
+
+    @fuse_boundary()
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = self.core.node(inode)
+        if not node.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        fh = self._next_dir_fh
+        self._next_dir_fh += 1
+        self.dirs[fh] = DirHandle(node)
+        return fh
+
+    @fuse_boundary()
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        d = self.dirs[fh]
+        node = d.node
+        if start_id == 0:
+            if d.consumed or not d.entries:
+                d.entries = self.core.list_dir(node)
+            d.consumed = True
+            if not pyfuse3.readdir_reply(token, b".", self.attrs(node), 1):
+                return
+            start_id = 1
+        if start_id == 1:
+            parent = node.parent or node
+            if not pyfuse3.readdir_reply(token, b"..", self.attrs(parent), 2):
+                return
+            start_id = 2
+        entries = d.entries
+        core = self.core
+        attrs = self.attrs
+        reply = pyfuse3.readdir_reply
+        for i in range(start_id - 2, len(entries)):
+            entry = entries[i]
+            found = core.entry_node(node, entry)
+            if found is None:
+                continue  # removed since the listing was taken
+            child, st = found
+            try:
+                a = attrs(child, st)
+            except FileNotFoundError:
+                continue
+            if not reply(token, os.fsencode(entry.name), a, i + 3):
+                return
+            child.lookups += 1
+
+    @fuse_boundary()
+    async def releasedir(self, fh: int) -> None:
+        self.dirs.pop(fh, None)
+
+    @fuse_boundary()
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        self.core.fsyncdir(self.dirs[fh].node)
+
+    # --- misc ------------------------------------------------------------------------------------
+
+    @fuse_boundary()
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        sv = self.core.statfs()
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = sv.f_bsize
+        out.f_frsize = sv.f_frsize
+        out.f_blocks = sv.f_blocks
+        out.f_bfree = sv.f_bfree
+        out.f_bavail = sv.f_bavail
+        out.f_files = sv.f_files
+        out.f_ffree = sv.f_ffree
+        out.f_favail = sv.f_favail
+        out.f_namemax = 255
+        return out
+
+    @fuse_boundary()
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        return self.core.getxattr(self.core.node(inode), _name(name))
+
+    @fuse_boundary()
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return [os.fsencode(n) for n in self.core.listxattr(self.core.node(inode))]
+
+    @fuse_boundary(write=True)
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        node = self.core.node(inode)
+        await self.copy_up(node)
+        self.core.setxattr(node, _name(name), value)
+
+    @fuse_boundary(write=True)
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        node = self.core.node(inode)
+        self.core.getxattr(node, _name(name))
+        await self.copy_up(node)
+        self.core.removexattr(node, _name(name))
+
+    @fuse_boundary()
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        node = self.core.node(inode)
+        if mode & os.W_OK and self.core.readonly:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        a = self.attrs(node)
+        if ctx.uid == 0:
+            return not (mode & os.X_OK) or bool(a.st_mode & 0o111) or stat.S_ISDIR(a.st_mode)
+        if ctx.uid == a.st_uid:
+            bits = (a.st_mode >> 6) & 7
+        elif ctx.gid == a.st_gid:
+            bits = (a.st_mode >> 3) & 7
+        else:
+            bits = a.st_mode & 7
+        return (mode & 7) & ~bits == 0

@@ -1,0 +1,79 @@
+"""Running the filesystem: open the layers, mount, serve until unmounted or signalled.
+
+Imports of pyfuse3 and trio happen here, lazily, so the command line answers errors fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from typing import IO
+
+from unionfs.options import ServerOptions
+
+log = logging.getLogger(__name__)
+
+
+def open_trace(spec: str | None) -> tuple[Callable[[str], None] | None, IO[str] | None]:
+    if spec is None:
+        return None, None
+    if spec == "-":
+        stream: IO[str] = sys.stderr
+        owned = None
+    else:
+        stream = open(spec, "a", buffering=1)  # lives as long as the server
+        owned = stream
+
+    def emit(line: str) -> None:
+        stream.write(line + "\n")
+        stream.flush()
+
+    return emit, owned
+
+
+def serve(opts: ServerOptions, ready: Callable[[], None] | None = None) -> None:
+    """Mount and serve until unmounted (fusermount3 -u) or SIGTERM/SIGINT; then unmount and return.
+
+    ``ready`` is called once the mount is in place. Raises UnionError/OSError when the layers cannot
+    be opened or the mount fails.
+    """
+    import pyfuse3
+    import trio
+
+    from unionfs.core import UnionFS
+    from unionfs.fuse_ops import UnionOperations
+
+    os.umask(0)  # modes arrive from the kernel with the caller's umask applied
+    trace, trace_file = open_trace(opts.trace)
+    core = UnionFS(opts.lowers, opts.upper, opts.work, trace=trace, layer_xattr=opts.layer_xattr)
+    ops = UnionOperations(core, enable_acl=opts.enable_acl)
+    if opts.enable_acl:
+        ops.enable_acl = True
+    pyfuse3.init(ops, opts.mountpoint, opts.fuse_options())
+    mounted = True
+    try:
+        if ready is not None:
+            ready()
+
+        async def run() -> None:
+            async with trio.open_nursery() as nursery:
+                async def watch_signals() -> None:
+                    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+                        async for _ in sigs:
+                            pyfuse3.terminate()
+                            return
+
+                nursery.start_soon(watch_signals)
+                await pyfuse3.main(min_tasks=1, max_tasks=1)
+                nursery.cancel_scope.cancel()
+
+        trio.run(run)
+    finally:
+        if mounted:
+            pyfuse3.close(unmount=True)
+        core.close()
+        if trace_file is not None:
+            trace_file.close()
