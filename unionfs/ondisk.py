@@ -105,7 +105,7 @@ def _getxattr(path: str | int, name: str, dir_fd_name: str | None = None) -> byt
         if dir_fd_name is not None:
             # os.getxattr has no dir_fd; go through /proc/self/fd so paths stay fd-relative.
             return os.getxattr(f"/proc/self/fd/{path}/{dir_fd_name}", name, follow_symlinks=False)
-        return os.getxattr(path, name, follow_symlinks=not isinstance(path, int))
+        return os.getxattr(path, name, follow_symlinks=isinstance(path, int))
     except OSError as e:
         if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES):
             return None
@@ -183,7 +183,7 @@ def read_owner_override(path: str | int) -> OwnerOverride | None:
 
 
 def write_owner_override(path: str | int, override: OwnerOverride) -> None:
-    os.setxattr(path, OWNER_OVERRIDE_XATTR, override.encode(), follow_symlinks=not isinstance(path, int))
+    os.setxattr(path, OWNER_OVERRIDE_XATTR, override.encode(), follow_symlinks=isinstance(path, int))
 
 
 def effective_owner(path: str, st: os.stat_result) -> tuple[int, int, int]:
@@ -241,17 +241,17 @@ def mark_opaque(path: str | int, namespace: XattrNamespace | None = None) -> Non
     """Mark a directory opaque with the xattr the kernel reads (trusted as root, user otherwise)."""
     ns = namespace or XattrNamespace.for_current_user()
     try:
-        os.setxattr(path, ns.opaque_xattr, b"y", follow_symlinks=not isinstance(path, int))
+        os.setxattr(path, ns.opaque_xattr, b"y", follow_symlinks=isinstance(path, int))
     except PermissionError:
         if ns is XattrNamespace.USER:
             raise
-        os.setxattr(path, USER_OPAQUE, b"y", follow_symlinks=not isinstance(path, int))
+        os.setxattr(path, USER_OPAQUE, b"y", follow_symlinks=isinstance(path, int))
 
 
 def clear_opaque(path: str | int) -> None:
     for name in (TRUSTED_OPAQUE, USER_OPAQUE):
         try:
-            os.removexattr(path, name, follow_symlinks=not isinstance(path, int))
+            os.removexattr(path, name, follow_symlinks=isinstance(path, int))
         except OSError as e:
             if e.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
                 raise
