@@ -393,8 +393,8 @@ class RegistryClient:
         query = urllib.parse.parse_qsl(parts.query)
         if challenge.params.get("service"):
             query.append(("service", challenge.params["service"]))
-        if scope:
-            query.append(("scope", scope))
+        # Several scopes (a cross-repository mount) go as repeated parameters, as docker sends them.
+        query.extend(("scope", one) for one in (scope or "").split())
         url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path or "/",
                                        urllib.parse.urlencode(query), ""))
         headers = {"Accept": "application/json"}

@@ -84,11 +84,116 @@ class RunningRegistry:
                 if method == "GET" and "/blobs/sha256:" in path and status == 200]
 
 
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+@dataclass
+class TokenServer:
+    """Docker's token protocol for a real registry: RS256 JWTs signed with ``openssl``.
+
+    ``users`` maps user to password; a request with good basic credentials gets every action it
+    asks for, an anonymous one gets ``anonymous_actions`` (default none). ``requests`` records the
+    query of every token request.
+    """
+
+    tmp: Path
+    users: dict[str, str]
+    anonymous_actions: tuple[str, ...] = ()
+    service: str = "lamina-test-registry"
+    issuer: str = "lamina-test-issuer"
+    port: int = 0
+    requests: list[list[tuple[str, str]]] = field(default_factory=list)
+
+    @property
+    def key(self) -> Path:
+        return self.tmp / "token-key.pem"
+
+    @property
+    def cert(self) -> Path:
+        return self.tmp / "token-cert.pem"
+
+    @property
+    def realm(self) -> str:
+        return f"http://{HOST}:{self.port}/token"
+
+    def make_keys(self) -> None:
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(self.key),
+                        "-out", str(self.cert), "-days", "2", "-subj", "/CN=lamina-test-token-issuer"],
+                       check=True, capture_output=True, timeout=60)
+
+    def sign(self, claims: dict) -> str:
+        der = subprocess.run(["openssl", "x509", "-in", str(self.cert), "-outform", "DER"],
+                             check=True, capture_output=True, timeout=30).stdout
+        header = {"typ": "JWT", "alg": "RS256", "x5c": [base64.b64encode(der).decode()]}
+        signing_input = f"{_b64url(json.dumps(header).encode())}.{_b64url(json.dumps(claims).encode())}"
+        signature = subprocess.run(["openssl", "dgst", "-sha256", "-sign", str(self.key)],
+                                   input=signing_input.encode(), check=True, capture_output=True, timeout=30).stdout
+        return f"{signing_input}.{_b64url(signature)}"
+
+    def grant(self, query: list[tuple[str, str]], user: str | None) -> str:
+        access = []
+        for key, value in query:
+            if key != "scope":
+                continue
+            kind, _, rest = value.partition(":")
+            name, _, actions = rest.rpartition(":")
+            wanted = actions.split(",")
+            granted = wanted if user is not None else [a for a in wanted if a in self.anonymous_actions]
+            if granted:
+                access.append({"type": kind, "name": name, "actions": granted})
+        now = int(time.time())
+        return self.sign({"iss": self.issuer, "sub": user or "", "aud": self.service, "exp": now + 300,
+                          "nbf": now - 10, "iat": now, "jti": secrets.token_hex(8), "access": access})
+
+    @contextlib.contextmanager
+    def serve(self) -> Iterator[TokenServer]:
+        server_self = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                query = urllib.parse.parse_qsl(urllib.parse.urlsplit(self.path).query)
+                server_self.requests.append(query)
+                user = None
+                auth = self.headers.get("Authorization", "")
+                if auth.startswith("Basic "):
+                    name, _, password = base64.b64decode(auth[6:]).decode().partition(":")
+                    if server_self.users.get(name) != password:
+                        self.send_response(401)
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                    user = name
+                body = json.dumps({"token": server_self.grant(query, user)}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        server = http.server.ThreadingHTTPServer((HOST, 0), Handler)
+        server.daemon_threads = True
+        self.port = server.server_address[1]
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=5)
+
+
 @contextlib.contextmanager
-def run_registry(tmp: Path, htpasswd: dict[str, str] | None = None, timeout: float = 20.0) -> Iterator[RunningRegistry]:
+def run_registry(tmp: Path, htpasswd: dict[str, str] | None = None, token: TokenServer | None = None,
+                 timeout: float = 20.0) -> Iterator[RunningRegistry]:
     """Serve a fresh registry on 127.0.0.1; yields a :class:`RunningRegistry`, stops it on exit.
 
-    ``htpasswd`` maps users to passwords and turns on basic auth (bcrypt entries).
+    ``htpasswd`` maps users to passwords and turns on basic auth (bcrypt entries). ``token`` (a
+    serving :class:`TokenServer` with keys made) turns on Bearer-token auth instead.
     """
     exe = shutil.which("docker-registry")
     if exe is None:
@@ -121,6 +226,9 @@ def run_registry(tmp: Path, htpasswd: dict[str, str] | None = None, timeout: flo
             lines.append(f"{user}:{hashed}")
         (tmp / "htpasswd").write_text("\n".join(lines) + "\n")
         config += ["auth:", "  htpasswd:", "    realm: lamina-test", f"    path: {tmp / 'htpasswd'}"]
+    elif token is not None:
+        config += ["auth:", "  token:", f"    realm: {token.realm}", f"    service: {token.service}",
+                   f"    issuer: {token.issuer}", f"    rootcertbundle: {token.cert}"]
     (tmp / "config.yml").write_text("\n".join(config) + "\n")
     log_path = tmp / "registry.log"
     with open(log_path, "wb") as log_file:
@@ -366,4 +474,4 @@ class FakeRegistry:
             thread.join(timeout=5)
 
 
-__all__ = ["FakeRegistry", "RunningRegistry", "bcrypt_hash", "digest_of", "free_port", "layer_blob", "oci_image", "run_registry"]
+__all__ = ["FakeRegistry", "RunningRegistry", "bcrypt_hash", "digest_of", "TokenServer", "free_port", "layer_blob", "oci_image", "run_registry"]

@@ -9,7 +9,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from registry_server import FakeRegistry, RunningRegistry, bcrypt_hash, digest_of, layer_blob, oci_image, run_registry
+from registry_server import (
+    FakeRegistry,
+    RunningRegistry,
+    TokenServer,
+    bcrypt_hash,
+    digest_of,
+    layer_blob,
+    oci_image,
+    run_registry,
+)
 
 from lamina.errors import RegistryError
 from store.registry import (
@@ -234,3 +243,31 @@ def test_redirect_is_followed_without_leaking_the_token(fake: FakeRegistry, tmp_
         assert client.fetch_small_blob("x/y", blob, tmp_path) == b"served by a blob store elsewhere"
     redirected = [auth for _, path, auth in fake.requests if path.startswith("/blobstore/")]
     assert redirected == [None]
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed to sign tokens")
+def test_bearer_tokens_against_the_real_registry(tmp_path: Path) -> None:
+    token = TokenServer(tmp_path, users={"erin": "s3cret"}, anonymous_actions=("pull",))
+    token.make_keys()
+    layer, config, manifest = make_image({"tok": b"tok"})
+    with token.serve(), run_registry(tmp_path / "registry", token=token) as registry:
+        with RegistryClient(registry.address, tls_verify=False, credentials=("erin", "s3cret")) as client:
+            client.upload_blob("tok/one", digest_of(layer), write(tmp_path / "l", layer))
+            client.upload_blob("tok/one", digest_of(config), write(tmp_path / "c", config))
+            client.put_manifest("tok/one", "v1", manifest, OCI_MANIFEST)
+            client.upload_blob("tok/two", digest_of(layer), tmp_path / "l", mount_from="tok/one")
+        mounts = [s for m, p, s in registry.access_log() if m == "POST" and "mount=" in p]
+        assert mounts == [201]
+        assert any(m == "PUT" and s == 201 and p == "/v2/tok/one/manifests/v1" for m, p, s in registry.access_log())
+        asked = [[v for k, v in q if k == "scope"] for q in token.requests]
+        assert ["repository:tok/one:pull,push"] in asked
+        assert ["repository:tok/two:pull,push", "repository:tok/one:pull"] in asked
+        assert all(("service", token.service) in q for q in token.requests)
+        # Anonymous users may pull but not push.
+        with RegistryClient(registry.address, tls_verify=False) as anonymous:
+            assert anonymous.get_manifest("tok/one", "v1").data == manifest
+            with pytest.raises(RegistryError, match="authentication required|401"):
+                anonymous.upload_blob("tok/three", digest_of(layer), tmp_path / "l")
+        with RegistryClient(registry.address, tls_verify=False, credentials=("erin", "nope")) as wrong:
+            with pytest.raises(RegistryError, match="refused the credentials"):
+                wrong.get_manifest("tok/one", "v1")
