@@ -524,6 +524,9 @@ def unpack_layer(source: BinaryIO | Path, dest: Path, tmp_dir: Path, limits: Lim
                 members = tar.getmembers()
             except (tarfile.TarError, UnicodeError) as e:
                 raise LayerError(f"malformed tar: {e}") from None
+            except OSError as e:
+                # tarfile seeks to the next header: a size beyond the end makes that seek fail.
+                raise LayerError(f"malformed tar: a member's size runs past the end of the archive ({e})") from None
             plan = validate(members, size, limits)
             os.mkdir(dest, 0o700)
             try:

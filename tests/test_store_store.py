@@ -1,0 +1,199 @@
+"""The Store API the builder, runner and registry client use: blobs, layers, images, tags, gc, check."""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from lamina.errors import FormatError, ImageNotFound, LayerError, StoreError, UsageError
+from store import Store
+from store.base import DEFAULT_BASE, ensure_default_base
+from store.blobs import sha256_bytes
+from unionfs import ondisk
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store.open(tmp_path / "root")
+
+
+def upper_with(tmp_path: Path, name: str, files: dict[str, bytes]) -> Path:
+    upper = tmp_path / name
+    upper.mkdir()
+    for rel, data in files.items():
+        (upper / rel).parent.mkdir(parents=True, exist_ok=True)
+        (upper / rel).write_bytes(data)
+    return upper
+
+
+def test_ingest_blob_verifies_digest_and_leaves_nothing_on_mismatch(store: Store, tmp_path: Path) -> None:
+    data = b"hello blob"
+    good = sha256_bytes(data)
+    path = store.ingest_blob(io.BytesIO(data), good)
+    assert path == store.blob_path(good) and path.read_bytes() == data and store.has_blob(good)
+    wrong = "sha256:" + "0" * 64
+    with pytest.raises(FormatError, match="digest mismatch"):
+        store.ingest_blob(io.BytesIO(b"lies"), wrong)
+    assert not store.has_blob(wrong) and not store.has_blob(sha256_bytes(b"lies"))
+    assert os.listdir(store.tmp_dir) == []
+    f = tmp_path / "file"
+    f.write_bytes(b"from a path")
+    assert store.ingest_blob(f, sha256_bytes(b"from a path")).read_bytes() == b"from a path"
+    with pytest.raises(FormatError):
+        store.blob_path("sha256:../../etc/passwd")
+
+
+def test_commit_create_resolve_and_layer_paths(store: Store, tmp_path: Path) -> None:
+    base = ensure_default_base(store)
+    assert base.tags == ["lamina/busybox:latest"]
+    assert (store.layer_paths(base)[0] / "bin/busybox").is_file()
+    upper = upper_with(tmp_path, "upper", {"app/hello.txt": b"hi\n"})
+    fd = os.open(upper, os.O_RDONLY)
+    ondisk.make_whiteout(fd, "tmp")
+    os.close(fd)
+    layer = store.commit_layer(upper)
+    assert layer.path.is_dir() and (layer.path / "app/hello.txt").read_bytes() == b"hi\n"
+    assert store.commit_layer(upper).digest == layer.digest, "deterministic: same upper, same blob"
+    config = {"config": {"Cmd": ["cat", "/app/hello.txt"]},
+              "history": base.config["history"] + [{"created_by": "COPY hello.txt /app/"}]}
+    image = store.create_image(base.layers + [layer], config, tags=["app:1", "localhost:5000/app"], base=base)
+    assert image.config["rootfs"]["diff_ids"] == [base.layers[0].diff_id, layer.diff_id]
+    assert image.config["architecture"] and image.config["os"] == "linux"
+    for name in ("app:1", "docker.io/library/app:1", "localhost:5000/app:latest", image.id[:6],
+                 "sha256:" + image.id):
+        assert store.resolve_image(name).id == image.id
+    assert sorted(image.tags) == ["app:1", "localhost:5000/app:latest"]
+    assert store.layer_paths(image) == [base.layers[0].path, layer.path]
+    assert store.manifest_bytes(image) == store.blob_path(image.manifest_digest).read_bytes()
+    assert store.check() == []
+    with pytest.raises(ImageNotFound):
+        store.resolve_image("app:2")
+    with pytest.raises(ImageNotFound):
+        store.resolve_image("feedface")
+
+
+def test_history_is_completed_when_missing(store: Store, tmp_path: Path) -> None:
+    layer = store.commit_layer(upper_with(tmp_path, "u", {"f": b"1"}))
+    image = store.create_image([layer], {"config": {}})
+    assert len(image.config["history"]) == 1 and image.tags == []
+
+
+def test_tag_untag_delete_and_gc(store: Store, tmp_path: Path) -> None:
+    l1 = store.commit_layer(upper_with(tmp_path, "u1", {"shared": b"s"}))
+    l2 = store.commit_layer(upper_with(tmp_path, "u2", {"only-b": b"b"}))
+    a = store.create_image([l1], {"config": {"Cmd": ["a"]}}, tags=["a"])
+    b = store.create_image([l1, l2], {"config": {"Cmd": ["b"]}}, tags=["b"])
+    store.tag(a, "a:extra")
+    assert sorted(store.resolve_image("a").tags) == ["a:extra", "a:latest"]
+    assert store.untag("a:extra") == a.id
+    with pytest.raises(ImageNotFound):
+        store.untag("a:extra")
+    store.delete_image(b)
+    assert not l2.path.exists() and not store.has_blob(l2.digest), "b's own layer goes"
+    assert l1.path.exists() and store.has_blob(l1.digest), "the shared layer stays"
+    assert store.resolve_image("a").id == a.id and store.check() == []
+    with pytest.raises(ImageNotFound):
+        store.resolve_image("b")
+
+
+def test_image_in_use_and_gc_keeps_what_containers_name(store: Store, tmp_path: Path) -> None:
+    layer = store.commit_layer(upper_with(tmp_path, "u", {"f": b"1"}))
+    image = store.create_image([layer], {"config": {}}, tags=["used"])
+    assert not store.image_in_use(image.id)
+    container = store.root / "containers" / "c1"
+    container.mkdir(parents=True)
+    (container / "container.json").write_text(json.dumps({"image_id": image.id}))
+    assert store.image_in_use(image.id) and store.image_in_use("sha256:" + image.id)
+    stray = store.commit_layer(upper_with(tmp_path, "u2", {"g": b"2"}))  # referenced by nothing
+    blobs, layers, _ = store.gc()
+    assert (blobs, layers) == (1, 1) and not stray.path.exists()
+    assert layer.path.exists()
+
+
+def test_duplicate_import_and_manifest_mismatch(store: Store, tmp_path: Path) -> None:
+    layer = store.commit_layer(upper_with(tmp_path, "u", {"f": b"1"}))
+    image = store.create_image([layer], {"config": {}}, tags=["x"])
+    manifest = store.manifest_bytes(image)
+    config = store.blob_path(image.digest).read_bytes()
+    again = store.import_image_from_manifest(manifest, config, ["docker.io/library/y:2"])
+    assert again.id == image.id and sorted(again.tags) == ["x:latest", "y:2"]
+    with pytest.raises(FormatError, match="config"):
+        store.import_image_from_manifest(manifest, config.replace(b"{", b'{"x":1,', 1), [])
+    doc = json.loads(manifest)
+    doc["layers"][0]["digest"] = "sha256:" + "1" * 64
+    with pytest.raises(StoreError, match="not in the store"):
+        store.import_image_from_manifest(json.dumps(doc).encode(), config, [])
+
+
+def test_import_from_manifest_unpacks_missing_layers_and_checks_diff_ids(store: Store, tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("hello")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"hi"))
+    tar_bytes = buf.getvalue()
+    digest = sha256_bytes(tar_bytes)
+    store.ingest_blob(io.BytesIO(tar_bytes), digest)
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
+                         "rootfs": {"type": "layers", "diff_ids": [digest]}}).encode()
+    manifest = json.dumps({"schemaVersion": 2, "config": {"digest": sha256_bytes(config), "size": len(config)},
+                           "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                                       "digest": digest, "size": len(tar_bytes)}]}).encode()
+    image = store.import_image_from_manifest(manifest, config, ["pulled:1"])
+    assert (image.layers[0].path / "hello").read_bytes() == b"hi"
+    lying = config.replace(digest.encode(), b"sha256:" + b"2" * 64)
+    lying_manifest = manifest.replace(sha256_bytes(config).encode(), sha256_bytes(lying).encode())
+    with pytest.raises(LayerError, match="diff_id"):
+        store.import_image_from_manifest(lying_manifest, lying, ["liar:1"])
+    with pytest.raises(ImageNotFound):
+        store.resolve_image("liar:1")
+
+
+def test_bad_tag_is_a_usage_error(store: Store, tmp_path: Path) -> None:
+    layer = store.commit_layer(upper_with(tmp_path, "u", {"f": b"1"}))
+    with pytest.raises(UsageError):
+        store.create_image([layer], {"config": {}}, tags=["Bad Name"])
+
+
+def test_check_reports_corruption(store: Store, tmp_path: Path) -> None:
+    layer = store.commit_layer(upper_with(tmp_path, "u", {"f": b"1"}))
+    image = store.create_image([layer], {"config": {}}, tags=["x"])
+    os.chmod(store.blob_path(layer.digest), 0o644)
+    store.blob_path(layer.digest).write_bytes(b"flipped")
+    import shutil
+    shutil.rmtree(layer.path.parent)
+    problems = store.check()
+    assert any("does not match its digest" in p for p in problems)
+    assert any(f"layer {layer.diff_id} not unpacked" in p for p in problems)
+    assert image.id  # the image itself is still listed
+
+
+def test_exclusive_lock_blocks_another_process(store: Store) -> None:
+    code = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
+            "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)")
+    with store.lock():
+        held = subprocess.run([sys.executable, "-c", code, str(store.root / "lock")], capture_output=True)
+        assert held.returncode != 0 and b"BlockingIOError" in held.stderr
+        with store.lock(shared=True):  # re-entrant
+            pass
+    free = subprocess.run([sys.executable, "-c", code, str(store.root / "lock")], capture_output=True)
+    assert free.returncode == 0
+    assert fcntl.LOCK_EX
+
+
+def test_default_base_is_reproducible(tmp_path: Path) -> None:
+    a = ensure_default_base(Store.open(tmp_path / "a"))
+    b = Store.open(tmp_path / "b").resolve_image(DEFAULT_BASE)
+    assert a.id == b.id and a.layers[0].digest == b.layers[0].digest
+    root = a.layers[0].path
+    assert os.readlink(root / "bin/sh") == "/bin/busybox"
+    assert (root / "tmp").stat().st_mode & 0o7777 == 0o1777
+    assert "nobody" in (root / "etc/passwd").read_text()
