@@ -84,6 +84,21 @@ class RunningRegistry:
                 if method == "GET" and "/blobs/sha256:" in path and status == 200]
 
 
+@contextlib.contextmanager
+def serve_http(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[int]:
+    """Serve ``handler`` on 127.0.0.1 from a thread; yields the port, stops the server on exit."""
+    server = http.server.ThreadingHTTPServer((HOST, 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
 def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
@@ -174,17 +189,9 @@ class TokenServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-        server = http.server.ThreadingHTTPServer((HOST, 0), Handler)
-        server.daemon_threads = True
-        self.port = server.server_address[1]
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        try:
+        with serve_http(Handler) as port:
+            self.port = port
             yield self
-        finally:
-            server.shutdown()
-            server.server_close()
-            thread.join(timeout=5)
 
 
 @contextlib.contextmanager
@@ -460,18 +467,12 @@ class FakeRegistry:
 
             do_HEAD = do_GET
 
-        server = http.server.ThreadingHTTPServer((HOST, 0), Handler)
-        server.daemon_threads = True
-        self.port = server.server_address[1]
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        try:
-            yield self
-        finally:
-            self.release.set()
-            server.shutdown()
-            server.server_close()
-            thread.join(timeout=5)
+        with serve_http(Handler) as port:
+            self.port = port
+            try:
+                yield self
+            finally:
+                self.release.set()  # let a stalled handler finish before the server stops
 
 
 __all__ = ["FakeRegistry", "RunningRegistry", "bcrypt_hash", "digest_of", "TokenServer", "free_port", "layer_blob", "oci_image", "run_registry"]
