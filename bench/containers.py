@@ -7,9 +7,8 @@ repetition and per workload, the contestants take turns in a rotating order:
 - build: each Dockerfile of :data:`DOCKERFILES` with ``--no-cache`` (cold), then again at once
   (cached rebuild);
 - run: ``run --rm BASE true`` start to exit, with the default network and with ``--network none``;
-- store: ``save -o FILE`` of the largest built image (docker-archive), then ``rmi`` and ``load -i``.
-
-The base layer stays in each store throughout, so a load writes the same new layers everywhere.
+- store: ``import`` of one rootfs tarball (the base plus the "files" context), ``save -o FILE``
+  of that image (docker-archive), then ``rmi`` and ``load -i`` of the archive.
 """
 
 from __future__ import annotations
@@ -64,7 +63,7 @@ PODMAN_MODES = {
 DEFAULT_PODMAN_MODES = ["root/overlay", "rootless/overlay", "rootless/fuse-overlayfs"]
 QUICK_PODMAN_MODES = ["root/overlay"]
 
-# Dockerfiles built by every contestant. "files" is also the image the store suite saves and loads.
+# Dockerfiles built by every contestant.
 DOCKERFILES = {
     "small": textwrap.dedent("""\
         FROM {base}
@@ -84,7 +83,7 @@ DOCKERFILES = {
         CMD ["cat", "/srv/done"]
         """),
 }
-STORE_IMAGE = "files"
+STORE_REF = "localhost/bench-store:latest"
 
 
 @dataclass
@@ -248,7 +247,7 @@ def open_contestants(workdir: Path, podman_modes: list[str], lamina_modes: list[
                 continue
             cli = LaminaCli(workdir / f"lamina-{mode}", user if mode == "rootless" else None)
             contestant.lamina = cli
-            for verb in ("build", "run", "save", "load", "rmi"):
+            for verb in ("build", "run", "import", "save", "load", "rmi"):
                 note = cli.missing(verb)
                 if note:
                     contestant.unavailable[verb] = note
@@ -315,6 +314,8 @@ def run_container_suites(*, quick: bool, reps: int, podman_modes: list[str], lam
     try:
         base_tar, base_origin = base_tarball(workdir)
         contexts = write_contexts(workdir, sizes)
+        store_tar = make_store_tarball(base_tar, contexts["files"], workdir / "store.tar")
+        store_mib = store_tar.stat().st_size / (1 << 20)
         with open_contestants(workdir, podman_modes, lamina_modes, base_tar) as contestants:
             systems = [c.label for c in contestants]
             details: dict[str, Any] = {
@@ -329,16 +330,16 @@ def run_container_suites(*, quick: bool, reps: int, podman_modes: list[str], lam
                           for name in DOCKERFILES for cold in (True, False)}
             run_rows = {net: Row("run", f"run_{net}", f"run --rm BASE true, network {net}")
                         for net in ("default", "none")}
-            save_row = Row("store", "save", f"save -o FILE (docker-archive) of the `{STORE_IMAGE}` image")
-            load_row = Row("store", "load", "load -i FILE (after rmi; base layer kept)")
-            built: set[str] = set()
+            store_rows = {
+                "import": Row("store", "import", f"import a {store_mib:.0f} MiB rootfs tarball (after rmi)"),
+                "save": Row("store", "save", "save -o FILE (docker-archive) of that image"),
+                "load": Row("store", "load", "load -i FILE (after rmi)"),
+            }
             for rep in range(reps):
                 log.info("containers: repetition %d/%d", rep + 1, reps)
                 shift = rep
-                if "build" in suites or "store" in suites:
+                if "build" in suites:
                     for name, context in contexts.items():
-                        if "build" not in suites and name != STORE_IMAGE:
-                            continue
                         for contestant in _rotated(contestants, shift):
                             shift += 1
                             tag = f"localhost/bench-{name}:latest"
@@ -346,8 +347,6 @@ def run_container_suites(*, quick: bool, reps: int, podman_modes: list[str], lam
                                 build = functools.partial(contestant.command, timeout=1800,
                                                           args=_build_args(context, tag, cold=cold, kind=contestant.kind))
                                 _measure(build_rows[(name, cold)], contestant, ("build",), build)
-                            if build_rows[(name, False)].samples.get(contestant.label):
-                                built.add(f"{contestant.label}:{name}")
                 if "run" in suites:
                     for net, extra in (("default", []), ("none", ["--network", "none"])):
                         for contestant in _rotated(contestants, shift):
@@ -356,40 +355,62 @@ def run_container_suites(*, quick: bool, reps: int, podman_modes: list[str], lam
                                                     timeout=300)
                             _measure(run_rows[net], contestant, ("run",), run)
                 if "store" in suites:
-                    tag = f"localhost/bench-{STORE_IMAGE}:latest"
                     for contestant in _rotated(contestants, shift):
                         shift += 1
-                        archive = workdir / "archives" / f"{contestant.label.replace(' ', '_').replace('/', '_')}.tar"
-                        archive.parent.mkdir(exist_ok=True)
-                        archive.parent.chmod(0o777)
-                        if f"{contestant.label}:{STORE_IMAGE}" not in built and not contestant.note_for(("build",)):
-                            save_row.note(contestant.label, "failed: the image to save was not built")
-                            load_row.note(contestant.label, "failed: the image to save was not built")
-                            continue
-                        with contextlib.suppress(FileNotFoundError):
-                            archive.unlink()
-                        save = functools.partial(contestant.command,
-                                                 ["save", "-o", str(archive), "--format", "docker-archive", tag])
-                        _measure(save_row, contestant, ("build", "save"), save)
-                        if not archive.exists():
-                            load_row.note(contestant.label, save_row.notes.get(contestant.label, "failed: no archive"))
-                            continue
-                        details.setdefault("archive_bytes", {})[contestant.label] = archive.stat().st_size
-
-                        def load(c: Contestant = contestant, a: Path = archive, t: str = tag) -> float:
-                            c.command(["rmi", "-f", t], timeout=300)
-                            return c.command(["load", "-i", str(a)], timeout=900)
-
-                        _measure(load_row, contestant, ("build", "save", "load", "rmi"), load)
+                        _store_round(contestant, store_tar, workdir, rows=store_rows, details=details)
             if "build" in suites:
                 results.append(SuiteResult("build", systems, list(build_rows.values()), details=details))
             if "run" in suites:
                 results.append(SuiteResult("run", systems, list(run_rows.values()), details=details))
             if "store" in suites:
-                results.append(SuiteResult("store", systems, [save_row, load_row], details=details))
+                results.append(SuiteResult("store", systems, list(store_rows.values()), details=details))
             return results
     finally:
         _remove_tree(workdir)
+
+
+def make_store_tarball(base_tar: Path, files_context: Path, dest: Path) -> Path:
+    """The base rootfs plus the "files" context under /srv: the image the store suite moves around."""
+    with tarfile.open(base_tar) as base, tarfile.open(dest, "w") as out:
+        for member in base:
+            out.addfile(member, base.extractfile(member) if member.isfile() else None)
+        out.add(files_context / "tree", arcname="srv/tree")
+        out.add(files_context / "blob.bin", arcname="srv/blob.bin")
+    dest.chmod(0o644)
+    return dest
+
+
+def _store_round(contestant: Contestant, store_tar: Path, workdir: Path, *, rows: dict[str, Row],
+                 details: dict[str, Any]) -> None:
+    """import, save and load one image with one contestant; the untimed rmi in between empties the store."""
+    ref = STORE_REF
+    archive = workdir / "archives" / f"{contestant.label.replace(' ', '_').replace('/', '_')}.tar"
+    archive.parent.mkdir(exist_ok=True)
+    archive.parent.chmod(0o777)
+    with contextlib.suppress(FileNotFoundError):
+        archive.unlink()
+
+    def forget() -> None:
+        if contestant.note_for(("rmi",)) is None:
+            with contextlib.suppress(CommandFailed):
+                contestant.command(["rmi", "-f", ref], timeout=300)
+
+    forget()
+    _measure(rows["import"], contestant, ("import",),
+             functools.partial(contestant.command, ["import", str(store_tar), ref], timeout=900))
+    if not rows["import"].samples.get(contestant.label):
+        for key in ("save", "load"):
+            rows[key].note(contestant.label, rows["import"].notes.get(contestant.label, "failed: no image"))
+        return
+    _measure(rows["save"], contestant, ("save",),
+             functools.partial(contestant.command, ["save", "-o", str(archive), "--format", "docker-archive", ref]))
+    if not archive.exists():
+        rows["load"].note(contestant.label, rows["save"].notes.get(contestant.label, "failed: no archive"))
+        return
+    details.setdefault("archive_bytes", {})[contestant.label] = archive.stat().st_size
+    forget()
+    _measure(rows["load"], contestant, ("load", "rmi"),
+             functools.partial(contestant.command, ["load", "-i", str(archive)], timeout=900))
 
 
 def _remove_tree(path: Path) -> None:
