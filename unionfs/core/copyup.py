@@ -110,7 +110,11 @@ def finish_copy_up(tree: UnionTree, job: CopyJob) -> None:
         _discard(work, job.tmp)
         return
     upath = node.path()
+    ppath = upath.rpartition("/")[0] or "."
+    # Copy-up is not a change the user made: the parent keeps its times (as with the kernel).
+    pst = os.stat(ppath, dir_fd=tree.upper.fd)
     os.rename(job.tmp, upath, src_dir_fd=work, dst_dir_fd=tree.upper.fd)
+    os.utime(ppath, ns=(pst.st_atime_ns, pst.st_mtime_ns), dir_fd=tree.upper.fd)
     if node.is_dir:
         os.chmod(upath or ".", st.st_mode & 0o7777, dir_fd=tree.upper.fd)
     node.in_upper = True

@@ -1,0 +1,487 @@
+"""Unit tests of the pure core (unionfs.core) on plain directories: no FUSE, no kernel mount."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from unionfs import ondisk
+from unionfs.core import Caller, UnionError, UnionFS
+from unionfs.core.backing import RENAME_EXCHANGE, RENAME_NOREPLACE
+from unionfs.core.nodes import Node
+
+IS_ROOT = os.geteuid() == 0
+ME = Caller(uid=os.geteuid(), gid=os.getegid(), pid=os.getpid())
+
+
+class Layers:
+    def __init__(self, tmp: Path, nlowers: int = 2) -> None:
+        self.lowers = [tmp / f"l{i}" for i in range(nlowers)]
+        self.upper = tmp / "upper"
+        self.work = tmp / "work"
+        for d in [*self.lowers, self.upper, self.work]:
+            d.mkdir()
+        self.traces: list[str] = []
+
+    def open(self, **kw: object) -> UnionFS:
+        return UnionFS([str(p) for p in self.lowers], str(self.upper), str(self.work),
+                       trace=self.traces.append, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def layers(tmp_path: Path) -> Layers:
+    return Layers(tmp_path)
+
+
+def walk(fs: UnionFS, path: str) -> Node:
+    node = fs.root
+    for part in [p for p in path.split("/") if p]:
+        child = fs.lookup(node, part)
+        assert child is not None, f"{path}: {part} missing"
+        node = child
+    return node
+
+
+def names(fs: UnionFS, path: str = "") -> set[str]:
+    return {e.name for e in fs.list_dir(walk(fs, path))}
+
+
+def read(fs: UnionFS, path: str) -> bytes:
+    fd, _ = fs.open(walk(fs, path), os.O_RDONLY)
+    try:
+        return os.pread(fd, 1 << 20, 0)
+    finally:
+        fs.release(walk(fs, path), fd)
+
+
+def write_file(p: Path, data: str | bytes = "x", mode: int | None = None) -> Path:
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(data.encode() if isinstance(data, str) else data)
+    if mode is not None:
+        os.chmod(p, mode)
+    return p
+
+
+def whiteout(p: Path) -> None:
+    os.mknod(p, stat.S_IFCHR | 0o000, os.makedev(0, 0))
+
+
+needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (mknod, trusted xattrs, chown)")
+
+
+# --- 1. priority and merging ---------------------------------------------------------------------
+
+
+def test_upper_hides_lowers_and_directories_merge(layers: Layers) -> None:
+    l0, l1 = layers.lowers
+    write_file(l1 / "a", "bottom")
+    write_file(l0 / "a", "top")
+    write_file(layers.upper / "b", "up")
+    write_file(l1 / "b", "hidden")
+    write_file(l1 / "d" / "x", "1")
+    write_file(l0 / "d" / "y", "2")
+    write_file(layers.upper / "d" / "z", "3")
+    fs = layers.open()
+    assert read(fs, "a") == b"top"
+    assert read(fs, "b") == b"up"
+    assert names(fs) == {"a", "b", "d"}
+    assert names(fs, "d") == {"x", "y", "z"}
+    d = walk(fs, "d")
+    assert d.in_upper and [layer.index for layer, _ in d.lowers] == [0, 1]
+
+
+def test_nondirectory_above_directory_hides_it(layers: Layers) -> None:
+    l0, l1 = layers.lowers
+    write_file(l1 / "d" / "x")
+    write_file(l0 / "d", "file")
+    fs = layers.open()
+    assert not walk(fs, "d").is_dir
+    assert read(fs, "d") == b"file"
+
+
+# --- 2. reading every format ---------------------------------------------------------------------
+
+
+@needs_root
+def test_reads_char_device_whiteouts_and_trusted_opaque(layers: Layers) -> None:
+    l0, l1 = layers.lowers
+    write_file(l1 / "gone")
+    whiteout(l0 / "gone")
+    write_file(l1 / "op" / "hidden")
+    (l0 / "op").mkdir()
+    os.setxattr(l0 / "op", "trusted.overlay.opaque", b"y")
+    write_file(l0 / "op" / "shown")
+    fs = layers.open()
+    assert fs.lookup(fs.root, "gone") is None
+    assert "gone" not in names(fs)
+    assert names(fs, "op") == {"shown"}
+    assert fs.lookup(walk(fs, "op"), "hidden") is None
+    assert "trusted.overlay.opaque" not in fs.listxattr(walk(fs, "op"))
+
+
+def test_reads_wh_files_and_opq_marker_and_user_opaque(layers: Layers) -> None:
+    l0, l1 = layers.lowers
+    write_file(l1 / "gone")
+    write_file(l0 / ".wh.gone", "")
+    write_file(l1 / "op" / "hidden")
+    write_file(l0 / "op" / ".wh..wh..opq", "")
+    write_file(l0 / "op" / "shown")
+    write_file(l1 / "uop" / "hidden")
+    (l0 / "uop").mkdir()
+    os.setxattr(l0 / "uop", "user.overlay.opaque", b"y")
+    fs = layers.open()
+    assert fs.lookup(fs.root, "gone") is None
+    assert names(fs) == {"op", "uop"}
+    assert names(fs, "op") == {"shown"}
+    assert names(fs, "uop") == set()
+    assert fs.lookup(fs.root, ".wh.gone") is None
+
+
+def test_whiteout_in_upper_hides_all_lowers(layers: Layers) -> None:
+    l0, l1 = layers.lowers
+    write_file(l0 / "f")
+    write_file(l1 / "f")
+    write_file(layers.upper / ".wh.f", "")
+    fs = layers.open()
+    assert fs.lookup(fs.root, "f") is None and names(fs) == set()
+
+
+# --- 3/4. writing whiteouts and opaque directories -----------------------------------------------
+
+
+def test_unlink_leaves_whiteout_only_where_a_lower_has_the_name(layers: Layers) -> None:
+    write_file(layers.lowers[1] / "low")
+    fs = layers.open()
+    node = fs.create(fs.root, "mine", 0o644, os.O_WRONLY, ME)[0]
+    fs.release(node, node.fds[0])
+    fs.unlink(fs.root, "mine")
+    fs.unlink(fs.root, "low")
+    assert names(fs) == set()
+    entries = set(os.listdir(layers.upper))
+    if fs.whiteout_style is ondisk.WhiteoutStyle.CHAR_DEVICE:
+        assert entries == {"low"}
+        assert ondisk.is_whiteout_stat(os.lstat(layers.upper / "low"))
+    else:
+        assert entries == {".wh.low"}
+    assert "whiteout /low" in layers.traces
+    # a fresh core reads what was written
+    assert layers.open().lookup(layers.open().root, "low") is None
+
+
+def test_rm_rf_then_mkdir_gives_empty_opaque_directory(layers: Layers) -> None:
+    write_file(layers.lowers[1] / "d" / "a")
+    write_file(layers.lowers[0] / "d" / "b")
+    fs = layers.open()
+    d = walk(fs, "d")
+    fs.unlink(d, "a")
+    fs.unlink(d, "b")
+    fs.rmdir(fs.root, "d")
+    fs.mkdir(fs.root, "d", 0o755, ME)
+    assert names(fs, "d") == set()
+    assert fs.lookup(walk(fs, "d"), "a") is None  # lookups, not only the listing, see it empty
+    assert any(ondisk.is_opaque_dir(str(layers.upper / "d")) for _ in [0])
+    fresh = layers.open()
+    assert names(fresh, "d") == set()
+    assert "opaque /d" in layers.traces
+
+
+def test_rmdir_of_merged_directory(layers: Layers) -> None:
+    write_file(layers.lowers[1] / "d" / "a")
+    write_file(layers.lowers[0] / "full" / "keep")
+    fs = layers.open()
+    with pytest.raises(OSError) as e:
+        fs.rmdir(fs.root, "full")
+    assert e.value.errno == errno.ENOTEMPTY
+    fs.unlink(walk(fs, "d"), "a")
+    fs.rmdir(fs.root, "d")
+    assert names(fs) == {"full"}
+    assert names(layers.open()) == {"full"}
+
+
+def test_unlink_errors(layers: Layers) -> None:
+    write_file(layers.lowers[0] / "d" / "f")
+    fs = layers.open()
+    with pytest.raises(IsADirectoryError):
+        fs.unlink(fs.root, "d")
+    with pytest.raises(NotADirectoryError):
+        fs.rmdir(walk(fs, "d"), "f")
+    with pytest.raises(FileNotFoundError):
+        fs.unlink(fs.root, "nope")
+    with pytest.raises(FileExistsError):
+        fs.mkdir(fs.root, "d", 0o755, ME)
+    with pytest.raises(OSError) as e:
+        fs.mkdir(fs.root, "n" * 256, 0o755, ME)
+    assert e.value.errno == errno.ENAMETOOLONG
+    fs.mkdir(fs.root, "n" * 255, 0o755, ME)
+
+
+# --- 5. copy-up ----------------------------------------------------------------------------------
+
+
+def test_copy_up_preserves_data_mode_times_xattrs_and_keeps_holes(layers: Layers) -> None:
+    low = layers.lowers[1]
+    big = low / "d" / "sparse"
+    big.parent.mkdir()
+    with open(big, "wb") as f:
+        f.write(b"head")
+        f.seek(64 << 20)
+        f.write(b"tail")
+    os.chmod(big, 0o6755 if IS_ROOT else 0o755)
+    os.setxattr(big, "user.note", b"kept")
+    os.utime(big, ns=(1_000_000_000, 2_000_000_000))
+    os.utime(low / "d", ns=(3_000_000_000, 4_000_000_000))
+    fs = layers.open()
+    node = walk(fs, "d/sparse")
+    ino = node.ino
+    fs.setxattr(node, "user.other", b"1")
+    up = layers.upper / "d" / "sparse"
+    st = os.lstat(up)
+    assert st.st_size == (64 << 20) + 4
+    assert st.st_blocks * 512 < (1 << 20)  # still sparse
+    assert stat.S_IMODE(st.st_mode) == (0o6755 if IS_ROOT else 0o755)
+    assert st.st_mtime_ns == 2_000_000_000
+    assert os.getxattr(up, "user.note") == b"kept"
+    assert os.lstat(layers.upper / "d").st_mtime_ns == 4_000_000_000
+    with open(up, "rb") as f:
+        assert f.read(4) == b"head"
+    assert walk(fs, "d/sparse").ino == ino  # stable across copy-up
+    assert "copy-up /d from lower:1" in layers.traces and "copy-up /d/sparse from lower:1" in layers.traces
+
+
+def test_read_only_open_does_not_copy_up(layers: Layers) -> None:
+    write_file(layers.lowers[0] / "f", "data")
+    fs = layers.open()
+    assert read(fs, "f") == b"data"
+    assert os.listdir(layers.upper) == []
+    fd, in_upper = fs.open(walk(fs, "f"), os.O_RDWR)
+    fs.release(walk(fs, "f"), fd)
+    assert in_upper and (layers.upper / "f").read_text() == "data"
+
+
+def test_truncate_to_zero_copies_no_data(layers: Layers, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_file(layers.lowers[0] / "f", "x" * 100000)
+    fs = layers.open()
+    from unionfs.core import backing
+
+    def fail(*a: object) -> None:
+        raise AssertionError("data copied")
+
+    monkeypatch.setattr(backing, "copy_file_data", fail)
+    import unionfs.core.copyup as copyup_mod
+    monkeypatch.setattr(copyup_mod, "copy_file_data", fail)
+    fs.setattr(walk(fs, "f"), size=0)
+    assert (layers.upper / "f").read_bytes() == b""
+
+
+def test_copy_up_of_symlink_fifo_and_setgid_directory(layers: Layers) -> None:
+    low = layers.lowers[0]
+    (low / "sg").mkdir()
+    os.chmod(low / "sg", 0o2775)
+    os.symlink("target/../x", low / "sg" / "link")
+    os.utime(low / "sg" / "link", ns=(5_000_000_000, 6_000_000_000), follow_symlinks=False)
+    os.mkfifo(low / "sg" / "fifo", 0o640)
+    fs = layers.open()
+    fs.setattr(walk(fs, "sg/link"), atime_ns=5_000_000_000, mtime_ns=6_000_000_000)
+    fs.setattr(walk(fs, "sg/fifo"), mode=0o600)
+    up = layers.upper / "sg"
+    assert stat.S_IMODE(os.lstat(up).st_mode) == 0o2775
+    assert os.readlink(up / "link") == "target/../x"
+    assert os.lstat(up / "link").st_mtime_ns == 6_000_000_000
+    assert stat.S_ISFIFO(os.lstat(up / "fifo").st_mode)
+    assert stat.S_IMODE(os.lstat(up / "fifo").st_mode) == 0o600
+
+
+@needs_root
+def test_copy_up_preserves_owner_setuid_and_devices(layers: Layers) -> None:
+    low = layers.lowers[0]
+    f = write_file(low / "suid", "x")
+    os.chown(f, 1234, 5678)
+    os.chmod(f, 0o4755)
+    os.mknod(low / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    os.symlink("x", low / "sl")
+    os.chown(low / "sl", 42, 43, follow_symlinks=False)
+    fs = layers.open()
+    fs.setxattr(walk(fs, "suid"), "user.t", b"1")
+    fs.setxattr(walk(fs, "null"), "trusted.t", b"1")
+    fs.setattr(walk(fs, "sl"), mtime_ns=1)
+    st = os.lstat(layers.upper / "suid")
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1234, 5678, 0o4755)
+    st = os.lstat(layers.upper / "null")
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3)
+    st = os.lstat(layers.upper / "sl")
+    assert (st.st_uid, st.st_gid) == (42, 43)
+
+
+def test_workdir_is_cleaned_at_start(layers: Layers) -> None:
+    write_file(layers.work / "work" / "stale-copy", "half")
+    layers.open()
+    assert os.listdir(layers.work / "work") == []
+
+
+def test_bad_configuration_is_one_error(tmp_path: Path) -> None:
+    with pytest.raises(UnionError, match="no such directory"):
+        UnionFS([str(tmp_path / "missing")], None, None)
+
+
+def test_read_only_union_refuses_writes(layers: Layers) -> None:
+    write_file(layers.lowers[0] / "f")
+    fs = UnionFS([str(p) for p in layers.lowers], None, None)
+    for call in (lambda: fs.unlink(fs.root, "f"), lambda: fs.mkdir(fs.root, "d", 0o755, ME),
+                 lambda: fs.open(walk(fs, "f"), os.O_WRONLY), lambda: fs.setattr(walk(fs, "f"), mode=0)):
+        with pytest.raises(OSError) as e:
+            call()
+        assert e.value.errno == errno.EROFS
+
+
+# --- 6. rename -----------------------------------------------------------------------------------
+
+
+def test_rename_lower_directory_uses_redirect_not_copy(layers: Layers) -> None:
+    low = layers.lowers[1]
+    for i in range(50):
+        write_file(low / "src" / f"f{i}", str(i))
+    write_file(low / "src" / "sub" / "deep", "deep")
+    fs = layers.open()
+    fs.rename(fs.root, "src", fs.root, "dst")
+    assert names(fs) == {"dst"}
+    assert len(names(fs, "dst")) == 51
+    assert read(fs, "dst/sub/deep") == b"deep"
+    # only the directory itself was copied up
+    assert sorted(os.listdir(layers.upper / "dst")) == []
+    redirect = ondisk.read_redirect(str(layers.upper / "dst"))
+    assert redirect == "/src"
+    assert any(t.startswith("redirect /src -> /dst") for t in layers.traces)
+    fresh = layers.open()
+    assert names(fresh) == {"dst"} and len(names(fresh, "dst")) == 51
+    # renaming again keeps pointing at the lower path
+    fresh.rename(fresh.root, "dst", fresh.root, "again")
+    assert ondisk.read_redirect(str(layers.upper / "again")) == "/src"
+    assert read(layers.open(), "again/f7") == b"7"
+
+
+def test_rename_file_over_existing_and_over_whiteout(layers: Layers) -> None:
+    low = layers.lowers[0]
+    write_file(low / "a", "A")
+    write_file(low / "b", "B")
+    write_file(low / "c", "C")
+    fs = layers.open()
+    fs.rename(fs.root, "a", fs.root, "b")
+    assert names(fs) == {"b", "c"} and read(fs, "b") == b"A"
+    fs.unlink(fs.root, "c")
+    fs.rename(fs.root, "b", fs.root, "c")
+    assert names(fs) == {"c"} and read(fs, "c") == b"A"
+    assert names(layers.open()) == {"c"}
+
+
+def test_rename_noreplace_and_exchange(layers: Layers) -> None:
+    low = layers.lowers[0]
+    write_file(low / "a", "A")
+    write_file(low / "d" / "in-d")
+    fs = layers.open()
+    fs.mkdir(fs.root, "e", 0o755, ME)
+    with pytest.raises(FileExistsError):
+        fs.rename(fs.root, "a", fs.root, "d", RENAME_NOREPLACE)
+    fs.rename(fs.root, "d", fs.root, "e", RENAME_EXCHANGE)
+    assert names(fs, "e") == {"in-d"} and names(fs, "d") == set()
+    fs.rename(fs.root, "a", fs.root, "new", RENAME_NOREPLACE)
+    assert read(fs, "new") == b"A"
+    fresh = layers.open()
+    assert names(fresh, "e") == {"in-d"} and names(fresh, "d") == set()
+    assert names(fresh) == {"d", "e", "new"}
+
+
+def test_rename_directory_over_merged_directory_whose_entries_are_whited_out(layers: Layers) -> None:
+    write_file(layers.lowers[0] / "target" / "gone")
+    write_file(layers.lowers[0] / "src" / "keep")
+    fs = layers.open()
+    fs.unlink(walk(fs, "target"), "gone")
+    fs.rename(fs.root, "src", fs.root, "target")
+    assert names(fs, "target") == {"keep"}
+    assert names(layers.open(), "target") == {"keep"}
+
+
+def test_upper_directory_moved_over_lower_name_is_opaque(layers: Layers) -> None:
+    write_file(layers.lowers[0] / "t" / "lower-only")
+    fs = layers.open()
+    fs.mkdir(fs.root, "new", 0o755, ME)
+    walk(fs, "t")
+    fs.unlink(walk(fs, "t"), "lower-only")
+    fs.rmdir(fs.root, "t")
+    fs.rename(fs.root, "new", fs.root, "t")
+    assert names(fs, "t") == set()
+    assert names(layers.open(), "t") == set()
+
+
+def test_rename_away_directory_created_over_whiteout_keeps_whiteout(layers: Layers) -> None:
+    write_file(layers.lowers[0] / "d" / "x")
+    fs = layers.open()
+    fs.unlink(walk(fs, "d"), "x")
+    fs.rmdir(fs.root, "d")
+    fs.mkdir(fs.root, "d", 0o755, ME)
+    fs.rename(fs.root, "d", fs.root, "e")
+    assert names(fs) == {"e"}
+    assert names(layers.open()) == {"e"}
+
+
+# --- 7. inodes -----------------------------------------------------------------------------------
+
+
+def test_lower_hardlinks_share_a_node_and_copy_up_keeps_them_together(layers: Layers) -> None:
+    low = layers.lowers[0]
+    write_file(low / "a", "same")
+    os.link(low / "a", low / "b")
+    fs = layers.open()
+    a, b = walk(fs, "a"), walk(fs, "b")
+    assert a is b
+    fd, _ = fs.open(a, os.O_WRONLY)
+    os.pwrite(fd, b"SAME", 0)
+    fs.release(a, fd)
+    fs.rename(fs.root, "a", fs.root, "moved")
+    assert read(fs, "b") == b"SAME"
+    fresh = layers.open()
+    assert read(fresh, "b") == b"SAME" and read(fresh, "moved") == b"SAME"
+
+
+def test_inode_numbers_are_unique_and_stable_across_remounts(layers: Layers) -> None:
+    for i in range(20):
+        write_file(layers.lowers[i % 2] / f"f{i}")
+    write_file(layers.lowers[0] / "d" / "x")
+    write_file(layers.lowers[1] / "d" / "y")
+    fs = layers.open()
+    inos = {n: walk(fs, n).ino for n in names(fs)}
+    assert len(set(inos.values())) == len(inos)
+    assert fs.root.ino == 1
+    fresh = layers.open()
+    assert {n: walk(fresh, n).ino for n in names(fresh)} == inos
+
+
+def test_unlinked_open_file_stays_usable(layers: Layers) -> None:
+    fs = layers.open()
+    node, fd = fs.create(fs.root, "tmp", 0o600, os.O_RDWR, ME)
+    os.pwrite(fd, b"still here", 0)
+    fs.unlink(fs.root, "tmp")
+    assert node.deleted
+    st, _ = fs.stat(node)
+    assert st.st_size == 10
+    fs.setattr(node, size=5)
+    assert os.pread(fd, 100, 0) == b"still"
+    fs.release(node, fd)
+
+
+def test_long_paths_are_fd_relative(layers: Layers) -> None:
+    fs = layers.open()
+    node = fs.root
+    depth = 0
+    while depth * 200 < 3800:  # near PATH_MAX: longer than any full path could be
+        node = fs.mkdir(node, f"{depth:03d}" + "d" * 196, 0o755, ME)
+        depth += 1
+    child, fd = fs.create(node, "leaf", 0o644, os.O_WRONLY, ME)
+    os.write(fd, b"deep")
+    fs.release(child, fd)
+    assert fs.stat(child)[0].st_size == 4
+    fs.setxattr(child, "user.deep", b"1")
+    assert fs.getxattr(child, "user.deep") == b"1"
