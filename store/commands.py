@@ -109,12 +109,17 @@ def cmd_images(args: argparse.Namespace) -> int:
     store = _open(args)
     images = sorted(store.images(), key=lambda i: (i.created or dt.datetime.min.replace(tzinfo=dt.UTC)),
                     reverse=True)
+    wanted: Reference | None = None
+    explicit_tag = False
     if args.repository:
         wanted = Reference.parse(args.repository)
         explicit_tag = ":" in args.repository.rsplit("/", 1)[-1]
-        images = [i for i in images if any(
-            Reference.parse(t).name == wanted.name and (not explicit_tag or Reference.parse(t).tag == wanted.tag)
-            for t in i.tags)]
+
+    def shown(ref: Reference) -> bool:
+        return wanted is None or (ref.name == wanted.name and (not explicit_tag or ref.tag == wanted.tag))
+
+    if wanted is not None:
+        images = [i for i in images if any(shown(Reference.parse(t)) for t in i.tags)]
     if args.format == "json":
         print(json.dumps([image_summary(i) for i in images], indent=4))
         return 0
@@ -129,7 +134,7 @@ def cmd_images(args: argparse.Namespace) -> int:
     rows = [["REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"]]
     for image in images:
         shown_id = ("sha256:" + image.id) if args.no_trunc else image.short_id
-        names: list[Reference | None] = [Reference.parse(t) for t in image.tags] or [None]
+        names: list[Reference | None] = [r for r in map(Reference.parse, image.tags) if shown(r)] or [None]
         for ref in names:
             repo = ref.familiar_name if ref else "<none>"
             tag = (ref.tag or "<none>") if ref else "<none>"

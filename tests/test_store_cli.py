@@ -1,0 +1,166 @@
+"""The store's verbs through the real command line: images, tag, rmi, inspect, history, import, save,
+load, system df/prune/check; bad input gives one line and exit 125 with the store untouched."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import subprocess
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+Cli = Callable[..., subprocess.CompletedProcess[str]]
+
+
+def rootfs_tar(path: Path, files: dict[str, bytes], extra: list[tarfile.TarInfo] | None = None) -> Path:
+    with tarfile.open(path, "w:gz" if path.name.endswith("gz") else "w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o755
+            info.mtime = 1_600_000_000
+            tar.addfile(info, io.BytesIO(data))
+        for info in extra or []:
+            tar.addfile(info)
+    return path
+
+
+def store_snapshot(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if "tmp" not in p.parts and p.name != "lock")
+
+
+def test_images_tag_inspect_history(lamina_cmd: Cli, tmp_path: Path) -> None:
+    out = lamina_cmd("inspect", "--format", "{{.Id}}", "lamina/busybox").stdout.strip()
+    image_id = out.removeprefix("sha256:")
+    lamina_cmd("tag", "lamina/busybox", "mine:1", "localhost:5000/mine")
+    listing = lamina_cmd("images").stdout.splitlines()
+    assert listing[0].split() == ["REPOSITORY", "TAG", "IMAGE", "ID", "CREATED", "SIZE"]
+    rows = {tuple(line.split()[:3]) for line in listing[1:]}
+    assert rows == {("lamina/busybox", "latest", image_id[:12]), ("mine", "1", image_id[:12]),
+                    ("localhost:5000/mine", "latest", image_id[:12])}
+    assert "ago" in listing[1] and "MB" in listing[1]
+    assert lamina_cmd("images", "-q").stdout.split() == [image_id[:12]]
+    doc = json.loads(lamina_cmd("images", "--format", "json").stdout)
+    assert doc[0]["Id"] == image_id and "mine:1" in doc[0]["RepoTags"]
+    assert lamina_cmd("images", "mine").stdout.count("\n") == 2
+    inspected = json.loads(lamina_cmd("inspect", "mine:1").stdout)[0]
+    assert inspected["Id"] == "sha256:" + image_id and inspected["Config"]["Cmd"] == ["sh"]
+    assert inspected["RootFS"]["Layers"][0].startswith("sha256:")
+    history = lamina_cmd("history", "mine:1").stdout.splitlines()
+    assert history[0].split()[:3] == ["IMAGE", "CREATED", "CREATED"] and "busybox-static" in history[1]
+    missing = lamina_cmd("inspect", "nope:1", check=False)
+    assert missing.returncode == 125 and missing.stderr.count("\n") == 1 and "nope:1" in missing.stderr
+
+
+def test_rmi_untags_then_deletes_and_refuses_images_in_use(lamina_cmd: Cli, tmp_path: Path) -> None:
+    root = tmp_path / "lamina-root"
+    tar = rootfs_tar(tmp_path / "r.tar", {"bin/x": b"x"})
+    image_id = lamina_cmd("import", str(tar), "one:1").stdout.strip().removeprefix("sha256:")
+    lamina_cmd("tag", "one:1", "two:1")
+    assert lamina_cmd("rmi", "two:1").stdout.strip() == "Untagged: two:1"
+    refused = lamina_cmd("rmi", image_id[:12], check=False)
+    assert refused.returncode == 0, refused.stderr  # only one name left: deleting by ID is fine
+    image_id = lamina_cmd("import", str(tar), "one:1").stdout.strip().removeprefix("sha256:")
+    container = root / "containers" / "c1"
+    container.mkdir(parents=True)
+    (container / "container.json").write_text(json.dumps({"image_id": image_id}))
+    in_use = lamina_cmd("rmi", "one:1", check=False)
+    assert in_use.returncode == 125 and "in use" in in_use.stderr
+    forced = lamina_cmd("rmi", "-f", "one:1")
+    assert "Untagged: one:1" in forced.stdout
+    assert image_id[:12] in lamina_cmd("images", "-q").stdout, "still there, untagged, for the container"
+    assert lamina_cmd("system", "check").returncode == 0
+
+
+def test_import_with_changes_and_compression(lamina_cmd: Cli, tmp_path: Path) -> None:
+    tar = rootfs_tar(tmp_path / "r.tar.gz", {"bin/app": b"#!/bin/sh\necho app\n", "etc/conf": b"c"})
+    out = lamina_cmd("import", str(tar), "imported:v1", "--change", 'CMD ["/bin/app", "--flag"]',
+                     "-c", "ENV A=1 B=two", "-c", "WORKDIR /srv", "-c", "EXPOSE 8080",
+                     "-c", "ENTRYPOINT /bin/sh -c", "-m", "from a test")
+    assert out.stdout.startswith("sha256:")
+    cfg = json.loads(lamina_cmd("inspect", "imported:v1").stdout)[0]
+    assert cfg["Config"]["Cmd"] == ["/bin/app", "--flag"]
+    assert cfg["Config"]["Env"] == ["A=1", "B=two"] and cfg["Config"]["WorkingDir"] == "/srv"
+    assert cfg["Config"]["ExposedPorts"] == {"8080/tcp": {}}
+    assert cfg["Config"]["Entrypoint"] == ["/bin/sh", "-c", "/bin/sh -c"]
+    assert cfg["History"][0]["comment"] == "from a test"
+    bad = lamina_cmd("import", str(tar), "x", "-c", "RUN rm -rf /", check=False)
+    assert bad.returncode == 125 and "unsupported instruction 'RUN'" in bad.stderr
+
+
+def test_save_load_round_trip_both_formats_compressed_or_not(lamina_cmd: Cli, tmp_path: Path) -> None:
+    tar = rootfs_tar(tmp_path / "r.tar", {"hello": b"world"})
+    image_id = lamina_cmd("import", str(tar), "rt:1").stdout.strip()
+    for fmt in ("docker-archive", "oci-archive"):
+        archive = tmp_path / f"{fmt}.tar"
+        lamina_cmd("save", "--format", fmt, "-o", str(archive), "rt:1")
+        with tarfile.open(archive) as t:
+            names = t.getnames()
+        assert ("manifest.json" in names) if fmt == "docker-archive" else ("index.json" in names)
+        for variant in (archive, tmp_path / f"{fmt}.tar.gz"):
+            if variant.suffix == ".gz":
+                variant.write_bytes(gzip.compress(archive.read_bytes()))
+            other = tmp_path / f"other-{variant.name}"
+            loaded = lamina_cmd("load", "-i", str(variant), root=other)
+            assert loaded.stdout.strip() == "Loaded image: rt:1"
+            got = json.loads(lamina_cmd("inspect", "rt:1", root=other).stdout)[0]
+            assert got["Id"] == image_id
+            layer_dir = Path(got["GraphDriver"]["Data"]["LowerDir"])
+            assert (layer_dir / "hello").read_bytes() == b"world"
+            assert lamina_cmd("system", "check", root=other).stdout.strip().endswith("ok")
+
+
+def test_bad_input_is_one_line_exit_125_and_leaves_the_store_untouched(lamina_cmd: Cli, tmp_path: Path) -> None:
+    root = tmp_path / "lamina-root"
+    lamina_cmd("tag", "lamina/busybox", "keep:1")
+    before = store_snapshot(root)
+    link = tarfile.TarInfo("evil")
+    link.type = tarfile.SYMTYPE
+    link.linkname = "/etc"
+    hostile = rootfs_tar(tmp_path / "evil.tar", {}, [link])
+    with tarfile.open(hostile, "a") as t:
+        info = tarfile.TarInfo("evil/cron.d/x")
+        info.size = 1
+        t.addfile(info, io.BytesIO(b"x"))
+    not_archive = tmp_path / "junk.tar"
+    not_archive.write_bytes(b"junk" * 100)
+    cases = [
+        ("import", str(hostile), "evil:1"),
+        ("load", "-i", str(not_archive)),
+        ("load", "-i", str(tmp_path / "missing.tar")),
+        ("tag", "keep:1", "Not/Valid"),
+        ("save", "-o", str(tmp_path / "x.tar"), "--format", "zip", "keep:1"),
+        ("rmi", "no-such-image"),
+        ("images", "--bogus"),
+    ]
+    for args in cases:
+        result = lamina_cmd(*args, check=False)
+        assert result.returncode == 125, (args, result.stdout, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("lamina: error:"), (args, result.stderr)
+        assert "Traceback" not in result.stderr
+    assert "symlink" in lamina_cmd(*cases[0], check=False).stderr
+    assert store_snapshot(root) == before
+    assert not (tmp_path / "x.tar").exists()
+    assert not os.path.exists("/etc/cron.d/x")
+
+
+def test_system_df_prune_check(lamina_cmd: Cli, tmp_path: Path) -> None:
+    root = tmp_path / "lamina-root"
+    tar = rootfs_tar(tmp_path / "r.tar", {"a": b"1"})
+    lamina_cmd("import", str(tar))  # untagged: dangling
+    lamina_cmd("tag", "lamina/busybox", "kept")
+    df = lamina_cmd("system", "df").stdout
+    assert df.splitlines()[0].split()[:3] == ["TYPE", "TOTAL", "ACTIVE"] and "Images" in df
+    pruned = lamina_cmd("system", "prune").stdout
+    assert "Deleted 1 images" in pruned
+    assert len(lamina_cmd("images", "-q").stdout.split()) == 1
+    assert lamina_cmd("system", "check").stdout.strip().endswith(": ok")
+    (root / "blobs/sha256" / ("0" * 64)).write_bytes(b"corrupt")
+    check = lamina_cmd("system", "check", check=False)
+    assert check.returncode == 125 and "does not match its digest" in check.stdout
