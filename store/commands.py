@@ -126,10 +126,10 @@ def cmd_images(args: argparse.Namespace) -> int:
     if args.quiet:
         seen: set[str] = set()
         for image in images:
-            shown = image.id if args.no_trunc else image.short_id
-            if shown not in seen:
-                seen.add(shown)
-                print(shown)
+            id_text = image.id if args.no_trunc else image.short_id
+            if id_text not in seen:
+                seen.add(id_text)
+                print(id_text)
         return 0
     rows = [["REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"]]
     for image in images:

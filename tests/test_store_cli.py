@@ -12,7 +12,6 @@ import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
 
