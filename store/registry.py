@@ -406,7 +406,7 @@ class RegistryClient:
         if response.status == 401:
             raise RegistryError(f"token server {parts.netloc} refused the credentials for {self.registry}"
                                 if self.credentials else
-                                f"token server {parts.netloc} wants credentials for {self.registry} (--creds or lamina login)")
+                                f"{self.registry}: authentication required (--creds USER:PASS or lamina login)")
         if response.status != 200:
             raise RegistryError(f"token server {parts.netloc}: {response.status} {response.reason}")
         try:
@@ -450,7 +450,7 @@ class RegistryClient:
                 if challenge.scheme == "bearer":
                     self._tokens[scope or ""] = self._fetch_token(challenge, wanted)
                 elif self.credentials is None:
-                    raise RegistryError(f"{method} {url}: registry {self.registry} wants credentials "
+                    raise RegistryError(f"{self.registry}: authentication required "
                                         "(--creds USER:PASS or lamina login)")
                 continue
             if follow_redirects and response.status in (301, 302, 303, 307, 308):
@@ -472,9 +472,9 @@ class RegistryClient:
     def _fail(self, what: str, response: http.client.HTTPResponse) -> RegistryError:
         body = self._read_limited(response, MAX_ERROR_BYTES)
         if response.status == 401:
-            hint = ("credentials refused" if self.credentials else
-                    "authentication required (--creds USER:PASS or lamina login)")
-            return RegistryError(f"{what} on {self.registry}: {hint}")
+            if self.credentials:
+                return RegistryError(f"{what} on {self.registry}: credentials refused")
+            return RegistryError(f"{self.registry}: authentication required (--creds USER:PASS or lamina login)")
         return RegistryError(f"{what} on {self.registry}: {response.status} {response.reason}"
                              f"{': ' + _error_text(body) if body else ''}")
 

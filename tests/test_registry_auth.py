@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import shutil
 import stat
@@ -83,7 +84,24 @@ def test_login_logout_cli(tmp_path: Path, lamina_cmd) -> None:  # type: ignore[n
         auths = json.loads((tmp_path / "auth.json").read_text())["auths"]
         assert base64.b64decode(auths[registry.address]["auth"]) == b"carol:pw"
 
+        # pull and push find the stored credentials without --creds.
+        from registry_server import layer_blob, oci_image
+
+        from store.registry import OCI_MANIFEST, RegistryClient
+
+        layer = layer_blob({"a": b"a"})
+        config, manifest = oci_image([layer])
+        with RegistryClient(registry.address, tls_verify=False, credentials=("carol", "pw")) as client:
+            for blob, name in ((layer, "l"), (config, "c")):
+                (tmp_path / name).write_bytes(blob)
+                client.upload_blob("carol/app", "sha256:" + hashlib.sha256(blob).hexdigest(), tmp_path / name)
+            client.put_manifest("carol/app", "1", manifest, OCI_MANIFEST)
+        pulled = lamina_cmd("pull", "--tls-verify=false", f"{registry.address}/carol/app:1", env=env)
+        assert pulled.stdout.strip() == hashlib.sha256(config).hexdigest()
+
         lamina_cmd("logout", registry.address, env=env)
+        denied = lamina_cmd("pull", "--tls-verify=false", f"{registry.address}/carol/app:1", env=env, check=False)
+        assert denied.returncode == 125 and "authentication required" in denied.stderr
         assert json.loads((tmp_path / "auth.json").read_text())["auths"] == {}
         again = lamina_cmd("logout", registry.address, env=env, check=False)
         assert again.returncode == 125 and "not logged in" in again.stderr

@@ -163,7 +163,7 @@ def test_basic_auth_registry(tmp_path: Path) -> None:
     layer, _, _ = make_image({"a": b"auth"})
     with run_registry(tmp_path / "registry", htpasswd={"alice": "secret"}) as registry:
         with RegistryClient(registry.address, tls_verify=False) as anonymous:
-            with pytest.raises(RegistryError, match="wants credentials|authentication required"):
+            with pytest.raises(RegistryError, match="authentication required"):
                 anonymous.has_blob("auth/img", digest_of(layer))
         with RegistryClient(registry.address, tls_verify=False, credentials=("alice", "wrong")) as wrong:
             with pytest.raises(RegistryError, match="credentials refused"):
@@ -231,7 +231,7 @@ def test_bearer_token_flow(fake: FakeRegistry, tmp_path: Path) -> None:
         with pytest.raises(RegistryError, match="refused the credentials"):
             client.get_manifest("team/app", "latest")
     with RegistryClient(fake.address, tls_verify=False) as client:
-        with pytest.raises(RegistryError, match="wants credentials"):
+        with pytest.raises(RegistryError, match="authentication required"):
             client.get_manifest("team/app", "latest")
 
 
@@ -266,7 +266,7 @@ def test_bearer_tokens_against_the_real_registry(tmp_path: Path) -> None:
         # Anonymous users may pull but not push.
         with RegistryClient(registry.address, tls_verify=False) as anonymous:
             assert anonymous.get_manifest("tok/one", "v1").data == manifest
-            with pytest.raises(RegistryError, match="authentication required|401"):
+            with pytest.raises(RegistryError, match="authentication required"):
                 anonymous.upload_blob("tok/three", digest_of(layer), tmp_path / "l")
         with RegistryClient(registry.address, tls_verify=False, credentials=("erin", "nope")) as wrong:
             with pytest.raises(RegistryError, match="refused the credentials"):

@@ -210,7 +210,9 @@ def test_pull_with_basic_auth(tmp_path: Path, lamina_cmd) -> None:  # type: igno
         ref = f"{registry.address}/private/app:v1"
         denied = lamina_cmd("pull", "--tls-verify=false", ref, check=False,
                             env={"REGISTRY_AUTH_FILE": str(tmp_path / "none.json")})
-        assert denied.returncode == 125 and "credentials" in denied.stderr
+        assert denied.returncode == 125 and "authentication required" in denied.stderr
+        wrong = lamina_cmd("pull", "--tls-verify=false", "--creds", "dave:nope", ref, check=False)
+        assert wrong.returncode == 125 and "credentials refused" in wrong.stderr
         ok = lamina_cmd("pull", "--tls-verify=false", "--creds", "dave:pw", ref)
         assert ok.stdout.strip() == config[7:]
 
