@@ -28,6 +28,7 @@ from unionfs.core.backing import (
     listxattr_at,
     lstat_at,
     remove_tree_at,
+    setxattr_at,
     split,
 )
 from unionfs.core.nodes import InodeTable, Node
@@ -99,7 +100,7 @@ class UnionTree:
             self.close()
             raise
         self.readonly = self.upper is None
-        self.xattr_ns = ondisk.XattrNamespace.for_current_user()
+        self.xattr_ns = self._probe_xattr_namespace()
         self.whiteout_style = self._probe_whiteout_style()
         self.table = InodeTable()
         self.root = self.table.new_root()
@@ -136,6 +137,25 @@ class UnionTree:
         fd = os.open(WORK_SUBDIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=wfd)
         self._fds.append(fd)
         return fd
+
+    def _probe_xattr_namespace(self) -> ondisk.XattrNamespace:
+        """trusted.* when we may write it (root in the initial namespace), user.* otherwise.
+
+        Probed, not guessed from the uid map: a user namespace mapping every id still lacks
+        CAP_SYS_ADMIN over the initial namespace, which trusted.* needs.
+        """
+        guess = ondisk.XattrNamespace.for_current_user()
+        if self.upper is None or guess is ondisk.XattrNamespace.USER:
+            return guess
+        probe = "xattr-probe"
+        os.mkdir(probe, 0o700, dir_fd=self.work_fd)
+        try:
+            setxattr_at(self.work_fd, probe, ondisk.TRUSTED_OPAQUE, b"y")
+        except OSError:
+            return ondisk.XattrNamespace.USER
+        finally:
+            os.rmdir(probe, dir_fd=self.work_fd)
+        return ondisk.XattrNamespace.TRUSTED
 
     def _probe_whiteout_style(self) -> ondisk.WhiteoutStyle:
         if self.upper is None:
