@@ -1,0 +1,775 @@
+"""``lamina build``: a parsed Dockerfile to an image in the store, one step at a time.
+
+The life cycle of every step (``Builder._step``): print ``STEP n/N: ...``; ``expand`` the
+instruction's variables in the stage's scope; compute its cache key (:mod:`builder.cache`); on a hit,
+reuse the recorded layer and history line; on a miss, ``execute`` it (RUN, COPY, ADD and WORKDIR
+make a layer directory, which :meth:`Store.commit_layer` turns into a layer) and record the result;
+then ``update_config``. Only the target stage and the stages it needs (``FROM stage``,
+``COPY --from``, ``RUN --mount from=``) are built.
+
+Layers: RUN runs in the runner's sandbox over a union mount whose lowers are the layers so far and
+whose upper is a fresh directory; that upper, minus the empty mount points the sandbox made for
+``--mount`` targets, is the layer. COPY and ADD write the new files straight into a fresh directory
+(see :mod:`builder.fsops`). A step whose directory ends up empty adds no layer: its history entry
+says ``empty_layer``, like metadata-only instructions.
+
+Resource handling: every temporary directory lives under the store's ``tmp/`` and is removed when
+its step ends, whether it succeeded or not.
+
+Error handling: a malformed Dockerfile raises :class:`DockerfileError` before anything runs; a step
+that fails raises :class:`BuildError` (a RUN exiting non-zero: ``The command '...' returned a
+non-zero code: N``). Nothing is tagged and no image is recorded unless every step succeeded; layers
+of the steps that did succeed stay in the store as cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import logging
+import os
+import posixpath
+import shlex
+import shutil
+import stat
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from builder import dockerfile as df
+from builder.cache import BuildCache, chain_key
+from builder.context import BuildContext, has_glob
+from builder.dockerignore import IgnoreRules
+from builder.fsops import (
+    LayerView,
+    Ownership,
+    copy_view_entry,
+    ensure_parents,
+    prune_empty_dirs,
+    remove_existing,
+    resolve_dir_in_image,
+    set_owner_mode,
+)
+from builder.shellwords import Lexer
+from builder.variables import BuildArgs, StageScope
+from lamina.errors import BuildError, DockerfileError, ImageNotFound, LaminaError
+
+if TYPE_CHECKING:
+    from store import Image, Layer, Store
+
+log = logging.getLogger(__name__)
+
+BUILD_COMMENT = "lamina build"
+
+
+@dataclass
+class BuildOptions:
+    context: Path
+    dockerfile_text: str
+    dockerfile_path: Path | None  # None when read from stdin
+    dockerfile_name: str = "Dockerfile"
+    tags: list[str] = field(default_factory=list)
+    build_args: dict[str, str] = field(default_factory=dict)
+    target: str | None = None
+    no_cache: bool = False
+    pull: bool = False
+    labels: dict[str, str] = field(default_factory=dict)
+    quiet: bool = False
+
+
+class Output:
+    """docker/podman-like progress on a stream; quiet mode prints nothing (RUN output is captured
+    and shown only when the step fails)."""
+
+    def __init__(self, stream: TextIO, quiet: bool) -> None:
+        self.stream = stream
+        self.quiet = quiet
+
+    def line(self, text: str) -> None:
+        if not self.quiet:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass
+class StageState:
+    """A stage while (and after) it is built."""
+
+    stage: df.Stage
+    layers: list[Layer]
+    image: df.ImageConfig
+    base_config: dict[str, Any]  # the base image's full OCI config (architecture, os, history...)
+    history: list[dict[str, Any]]
+    scope: StageScope
+    key: str
+    base: Image | None
+
+    def view(self) -> LayerView:
+        return LayerView([layer.path for layer in reversed(self.layers)])
+
+    def full_config(self) -> dict[str, Any]:
+        cfg: dict[str, Any] = {k: v for k, v in self.base_config.items()
+                               if k not in ("rootfs", "history", "config", "created", "author")}
+        container_config = {k: v for k, v in self.image.config.items() if v not in (None, {}, [])}
+        cfg["config"] = container_config
+        if self.image.author:
+            cfg["author"] = self.image.author
+        elif self.base_config.get("author"):
+            cfg["author"] = self.base_config["author"]
+        cfg["history"] = self.history
+        cfg["created"] = self.history[-1]["created"] if self.history else _now()
+        return cfg
+
+
+class Builder:
+    """Builds one Dockerfile into one image. Use :func:`build` unless you need the pieces."""
+
+    def __init__(self, store: Store, options: BuildOptions, stream: TextIO | None = None) -> None:
+        self.store = store
+        self.options = options
+        self.out = Output(stream or sys.stdout, options.quiet)
+        self.cache = BuildCache(store.root / "build-cache")
+        ignore = IgnoreRules.for_build(options.context, options.dockerfile_path)
+        self.context = BuildContext(options.context, ignore, self.cache.stat_cache_path)
+        self.states: dict[int, StageState] = {}
+        self.step_number = 0
+        self.total_steps = 0
+        self.dockerfile: df.Dockerfile | None = None
+
+    # --- top level ---------------------------------------------------------------------------
+    def build(self) -> Image:
+        if not self.options.context.is_dir():
+            raise BuildError(f"build context {self.options.context} is not a directory")
+        parsed = df.parse(self.options.dockerfile_text, self.options.dockerfile_name)
+        self.dockerfile = parsed
+        self.lexer = Lexer(parsed.directives.escape)
+        self.build_args = BuildArgs(self.options.build_args, self.lexer)
+        for arg in parsed.global_args:
+            self.build_args.declare_global(arg)
+        target = parsed.stage(self.options.target) if self.options.target else parsed.stages[-1]
+        needed = self._needed_stages(parsed, target)
+        self.total_steps = sum(1 + len(s.instructions) for s in needed)
+        for stage in needed:
+            self.states[stage.index] = self._build_stage(stage)
+        final = self.states[target.index]
+        unused = self.build_args.unused()
+        if unused:
+            self.out.line(f"[Warning] one or more build-args {unused} were not consumed")
+        return self._commit(final)
+
+    def _needed_stages(self, parsed: df.Dockerfile, target: df.Stage) -> list[df.Stage]:
+        """The target and, transitively, the stages it refers to (names expanded with global ARGs)."""
+        names = {s.name: s for s in parsed.stages if s.name}
+        globals_ = self.build_args.global_variables()
+
+        def refers(stage: df.Stage) -> list[df.Stage]:
+            refs: list[str] = [stage.from_.image_text]
+            for inst in stage.instructions:
+                if isinstance(inst, df.Copy) and inst.from_stage is not None:
+                    refs.append(inst.from_stage)
+                if isinstance(inst, df.Run):
+                    refs.extend(m.from_ for m in inst.mounts if m.from_)
+            found = []
+            for ref in refs:
+                try:
+                    value = self.lexer.process_word(ref, globals_).lower()
+                except LaminaError:
+                    continue
+                if value in names and names[value].index < stage.index:
+                    found.append(names[value])
+                elif value.isdigit() and int(value) < stage.index:
+                    found.append(parsed.stages[int(value)])
+            return found
+
+        needed: dict[int, df.Stage] = {}
+        pending = [target]
+        while pending:
+            stage = pending.pop()
+            if stage.index in needed:
+                continue
+            needed[stage.index] = stage
+            pending.extend(refers(stage))
+        return [needed[i] for i in sorted(needed)]
+
+    def _commit(self, state: StageState) -> Image:
+        config = state.full_config()
+        if self.options.labels:
+            labels = dict(config["config"].get("Labels") or {})
+            labels.update(self.options.labels)
+            config["config"]["Labels"] = labels
+        if not any(not h.get("empty_layer") for h in state.history) and not state.layers:
+            # An image needs a rootfs even when empty (FROM scratch + metadata only): docker allows it.
+            pass
+        tags = list(self.options.tags)
+        image = self.store.create_image(list(state.layers), config, tags=tags, base=state.base)
+        self.out.line(f"COMMIT {' '.join(tags)}".rstrip())
+        self.out.line(f"--> {image.short_id}")
+        for tag in image.tags:
+            self.out.line(f"Successfully tagged {tag}")
+        return image
+
+    # --- stages ------------------------------------------------------------------------------
+    def _announce(self, text: str) -> None:
+        self.step_number += 1
+        self.out.line(f"STEP {self.step_number}/{self.total_steps}: {text}")
+
+    def _build_stage(self, stage: df.Stage) -> StageState:
+        from_ = stage.from_
+        self._announce(from_.text)
+        from_.expand(_GlobalScope(self.lexer, self.build_args.global_variables()))
+        image_ref = from_.image
+        base: Image | None = None
+        parent_state: StageState | None = None
+        if image_ref.lower() == "scratch":
+            base_config: dict[str, Any] = {}
+            layers: list[Layer] = []
+            key = chain_key("", "FROM scratch")
+        else:
+            parent_state = self._stage_by_name(image_ref, before=stage.index)
+            if parent_state is not None:
+                base_config = parent_state.full_config()
+                layers = list(parent_state.layers)
+                key = chain_key(parent_state.key, f"FROM stage {image_ref}")
+                base = parent_state.base
+            else:
+                base = self._base_image(image_ref, from_)
+                base_config = copy.deepcopy(base.config)
+                layers = list(base.layers)
+                key = chain_key("", f"FROM image {base.id}")
+        container_config = copy.deepcopy(base_config.get("config") or {})
+        triggers = container_config.pop("OnBuild", None) or []
+        shell = container_config.get("Shell") or list(df.DEFAULT_SHELL)
+        image = df.ImageConfig(config=container_config, shell=list(shell))
+        state = StageState(stage=stage, layers=layers, image=image, base_config=base_config,
+                           history=list(copy.deepcopy(base_config.get("history") or [])),
+                           scope=StageScope(self.build_args, image), key=key, base=base)
+        self.out.line(f"--> {key[:12]}" if parent_state is None else f"--> {parent_state.key[:12]}")
+        for number, trigger in enumerate(triggers):
+            inst = df.parse_trigger(trigger, f"{image_ref} (ONBUILD trigger {number + 1})", from_.line)
+            self._step(state, inst, label=f"ONBUILD {trigger}")
+        for inst in stage.instructions:
+            self._step(state, inst)
+        return state
+
+    def _stage_by_name(self, name: str, before: int) -> StageState | None:
+        assert self.dockerfile is not None
+        lowered = name.lower()
+        for stage in self.dockerfile.stages:
+            if stage.index < before and (stage.name == lowered or str(stage.index) == lowered):
+                return self.states.get(stage.index) or self._late_stage(stage)
+        return None
+
+    def _late_stage(self, stage: df.Stage) -> StageState:
+        # A stage referred to by a name only known after substitution: build it now.
+        state = self._build_stage(stage)
+        self.states[stage.index] = state
+        return state
+
+    def _base_image(self, ref: str, where: df.Instruction) -> Image:
+        if self.options.pull:
+            try:
+                pulled = self._pull(ref)
+            except LaminaError as e:
+                raise where.error(f"cannot pull {ref!r}: {e}") from None
+            if pulled is not None:
+                return pulled
+        try:
+            return self.store.resolve_image(ref)
+        except ImageNotFound:
+            pass
+        try:
+            pulled = self._pull(ref)
+        except LaminaError as e:
+            raise where.error(f"base image {ref!r} is not in the store and cannot be pulled: {e}") from None
+        if pulled is not None:
+            return pulled
+        raise where.error(f"base image {ref!r} is not in the store (try `lamina pull {ref}` or "
+                          "`lamina import`)")
+
+    def _pull(self, ref_text: str) -> Image | None:
+        """Pull through the store's registry client; None when the reference is not pullable."""
+        try:
+            from store import Reference
+            from store.registry import RegistryClient
+            from store.registry_auth import lookup_credentials
+            from store.registry_commands import Progress, api_host, pull_image
+        except ImportError:
+            return None
+        try:
+            ref = Reference.parse(ref_text)
+        except LaminaError:
+            return None
+        stream = sys.stderr if not self.options.quiet and sys.stderr.isatty() else None
+        with RegistryClient(api_host(ref.registry), credentials=lookup_credentials(ref.registry)) as client:
+            return pull_image(self.store, ref, client, Progress(stream))
+
+    # --- steps -------------------------------------------------------------------------------
+    def _step(self, state: StageState, inst: df.Instruction, label: str | None = None) -> None:
+        self._announce(label or inst.text)
+        inst.expand(state.scope)
+        if isinstance(inst, df.Arg):
+            state.scope.declare(inst)
+        elif isinstance(inst, df.Run):
+            inst.resolve_argv(state.image)
+        elif isinstance(inst, (df.Cmd, df.Entrypoint)):
+            inst.argv = inst.resolve(state.image)
+        elif isinstance(inst, (df.Copy, df.Add)):
+            inst.content_digest = self._copy_digest(state, inst)
+        key = chain_key(state.key, inst.cache_text())
+        entry = None if self.options.no_cache else self.cache.get(key)
+        layer = self._cached_layer(entry) if entry is not None else None
+        if entry is not None and (layer is not None or entry.get("layer") is None):
+            history = entry["history"]
+            self.out.line("--> CACHED")
+        else:
+            created = _now()
+            layer = self._execute(state, inst) if inst.makes_layer else None
+            history = {"created": created, "created_by": self._created_by(inst), "comment": BUILD_COMMENT}
+            if layer is None:
+                history["empty_layer"] = True
+            # Sorted, as the cache stores it: a cached rebuild then yields the same image ID.
+            history = dict(sorted(history.items()))
+            record: dict[str, Any] = {"history": history, "layer": None}
+            if layer is not None:
+                record["layer"] = {"diff_id": layer.diff_id, "digest": layer.digest, "size": layer.size,
+                                   "media_type": layer.media_type}
+            self.cache.put(key, record)
+            self.out.line(f"--> {(layer.diff_id.removeprefix('sha256:') if layer else key)[:12]}")
+        inst.update_config(state.image)
+        if layer is not None:
+            state.layers.append(layer)
+        state.history.append(history)
+        state.key = key
+
+    def _cached_layer(self, entry: dict[str, Any]) -> Layer | None:
+        info = entry.get("layer")
+        if not isinstance(info, dict):
+            return None
+        from store import Layer
+
+        diff_id = info.get("diff_id", "")
+        digest = info.get("digest", "")
+        if not (self.store.has_layer(diff_id) and self.store.has_blob(digest)):
+            return None
+        return Layer(diff_id=diff_id, digest=digest, path=self.store.layer_dir(diff_id),
+                     size=int(info.get("size", 0)), media_type=info.get("media_type") or
+                     "application/vnd.oci.image.layer.v1.tar+gzip")
+
+    @staticmethod
+    def _created_by(inst: df.Instruction) -> str:
+        if isinstance(inst, df.Run):
+            return "RUN " + shlex.join(inst.argv)
+        return inst.text
+
+    def _execute(self, state: StageState, inst: df.Instruction) -> Layer | None:
+        with self._temp_dir("step") as tmp:
+            diff = tmp / "diff"
+            diff.mkdir()
+            if isinstance(inst, df.Run):
+                self._run(state, inst, tmp, diff)
+            elif isinstance(inst, df.Workdir):
+                path = inst.resolve(state.image)
+                view = state.view()
+                if view.exists_as_dir(path):
+                    return None
+                ensure_parents(str(diff), view, resolve_dir_in_image(view, path))
+            elif isinstance(inst, (df.Copy, df.Add)):
+                self._copy(state, inst, tmp, diff)
+            if not any(diff.iterdir()) and not _is_opaque(diff):
+                return None
+            return self.store.commit_layer(diff)
+
+    @contextmanager
+    def _temp_dir(self, kind: str) -> Iterator[Path]:
+        tmp_root = self.store.root / "tmp"
+        tmp_root.mkdir(parents=True, exist_ok=True)
+        path = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}.build-{kind}.", dir=tmp_root))
+        try:
+            yield path
+        finally:
+            _remove_tree(path)
+
+    # --- RUN ---------------------------------------------------------------------------------
+    def _run(self, state: StageState, inst: df.Run, tmp: Path, upper: Path) -> None:
+        from runner.sandbox import Mount, SandboxSpec, run_sandboxed
+
+        work = tmp / "work"
+        work.mkdir()
+        mounts: list[Mount] = []
+        for m in inst.mounts:
+            mounts.append(self._run_mount(state, m, tmp, Mount))
+        if inst.script is not None:
+            scripts = tmp / "pipes"
+            scripts.mkdir()
+            script = scripts / inst.script.name
+            script.write_text(inst.script.body)
+            script.chmod(0o755)
+            scripts.chmod(0o755)
+            mounts.append(Mount(target="/dev/pipes", source=scripts, readonly=True))
+        capture = None
+        if self.out.quiet:
+            capture = open(tmp / "output", "w+b")
+        try:
+            spec = SandboxSpec(
+                argv=list(inst.argv),
+                lowers=[layer.path for layer in reversed(state.layers)],
+                upper=upper, work=work,
+                env=state.scope.run_environment(),
+                cwd=state.image.workdir,
+                user=state.image.user or "0",
+                network="none" if inst.network == "none" else "host",
+                mounts=mounts,
+                stdout=capture.fileno() if capture else None,
+                stderr=capture.fileno() if capture else None,
+            )
+            sys.stdout.flush()
+            code = run_sandboxed(spec)
+            if code != 0:
+                if capture is not None:
+                    capture.seek(0)
+                    sys.stderr.write(capture.read().decode("utf-8", "replace"))
+                command = " ".join(inst.argv) if inst.exec_form is None else str(inst.argv)
+                raise BuildError(f"{inst.file}:{inst.line}: The command '{command}' returned a non-zero "
+                                 f"code: {code}")
+        finally:
+            if capture is not None:
+                capture.close()
+        # Mount points the sandbox created for --mount targets are scaffolding, not content.
+        targets = [posixpath.join(state.image.workdir, m.target) for m in inst.mounts]
+        if inst.script is not None:
+            targets.append("/dev/pipes")
+        prune_empty_dirs(str(upper), targets, state.view())
+
+    def _run_mount(self, state: StageState, m: df.RunMount, tmp: Path, mount_cls: Any) -> Any:
+        target = posixpath.join(state.image.workdir, m.target)
+        if m.type == "tmpfs":
+            return mount_cls(target=target, kind="tmpfs", options=f"size={m.size}" if m.size else "")
+        if m.type == "cache":
+            directory = self.cache.mount_dir(m.id or target)
+            if not directory.exists():
+                directory.mkdir(parents=True)
+                os.chmod(directory, m.mode if m.mode is not None else 0o755)
+                if (m.uid or m.gid) and os.geteuid() == 0:
+                    os.chown(directory, m.uid or 0, m.gid or 0)
+            return mount_cls(target=target, kind="cache", source=directory, readonly=m.readonly)
+        # bind: from the context (default) or another stage/image; read-only unless rw, and then
+        # writes go to a throw-away copy, as in docker.
+        source_path = m.source or "/"
+        if m.from_:
+            src_state = self._stage_by_name(m.from_, before=state.stage.index)
+            view = src_state.view() if src_state else LayerView(
+                [layer.path for layer in reversed(self._base_image(m.from_, state.stage.from_).layers)])
+            entry = view.lookup(source_path)
+            if entry is None:
+                raise BuildError(f"--mount from={m.from_}: {source_path} not found")
+            copy_dest = tmp / f"mount-{len(os.listdir(tmp))}"
+            copy_view_entry(view, entry.backing, entry.st, entry.lower_dirs, str(copy_dest),
+                            Ownership(uid=None, gid=None))
+            return mount_cls(target=target, source=copy_dest, readonly=m.readonly)
+        rel = self.context.resolve(source_path)[0]
+        host = Path(self.context.root) / rel if rel != "." else Path(self.context.root)
+        if not m.readonly:
+            copy_dest = tmp / f"mount-{len(os.listdir(tmp))}"
+            if host.is_dir():
+                shutil.copytree(host, copy_dest, symlinks=True)
+            else:
+                shutil.copy2(host, copy_dest)
+            host = copy_dest
+        return mount_cls(target=target, source=host, readonly=m.readonly)
+
+    # --- COPY / ADD --------------------------------------------------------------------------
+    def _copy_source_state(self, state: StageState, inst: df.Copy) -> tuple[LayerView, str]:
+        """The view to copy from and a key standing for its content."""
+        assert inst.from_stage is not None
+        src_state = self._stage_by_name(inst.from_stage, before=state.stage.index)
+        if src_state is not None:
+            return src_state.view(), src_state.key
+        image = self._base_image(inst.from_stage, inst)
+        return LayerView([layer.path for layer in reversed(image.layers)]), image.id
+
+    def _copy_digest(self, state: StageState, inst: df.Copy | df.Add) -> str:
+        if isinstance(inst, df.Copy) and inst.from_stage is not None:
+            _, key = self._copy_source_state(state, inst)
+            return "from:" + key
+        local = [s for s in inst.sources if not inst.heredoc_for(s) and not df.is_url(s)]
+        urls = [s for s in inst.sources if df.is_url(s)]
+        try:
+            rels = [rel for source in local for rel in self.context.resolve(source)]
+            digest = self.context.digest(rels) if rels else ""
+        except BuildError as e:
+            raise inst.error(f"{inst.keyword} failed: {e}") from None
+        if urls:
+            # Remote content is fetched on every build unless pinned by --checksum (as docker).
+            checksum = getattr(inst, "checksum", None)
+            digest += "|urls:" + (checksum or _now())
+        return digest
+
+    def _chown(self, state: StageState, spec: str | None, inst: df.Instruction) -> tuple[int | None, int | None]:
+        """``--chown=user[:group]`` by name (the image's /etc/passwd and /etc/group) or number; a user
+        without a group uses the same number as gid (Dockerfile reference)."""
+        if spec is None:
+            return None, None
+        user, _, group = spec.partition(":")
+        view = state.view()
+
+        def lookup(db: str, name: str) -> int:
+            if name.isdigit():
+                return int(name)
+            for line in (view.read_file(db) or b"").decode("utf-8", "replace").splitlines():
+                fields = line.split(":")
+                if len(fields) > 2 and fields[0] == name and fields[2].isdigit():
+                    return int(fields[2])
+            raise inst.error(f"--chown={spec}: no {'user' if db == '/etc/passwd' else 'group'} named "
+                             f"{name!r} in the image's {db}")
+
+        if not user:
+            raise inst.error(f"--chown={spec}: missing user")
+        uid = lookup("/etc/passwd", user)
+        gid = lookup("/etc/group", group) if group else uid
+        return uid, gid
+
+    def _copy(self, state: StageState, inst: df.Copy | df.Add, tmp: Path, diff: Path) -> None:
+        view = state.view()
+        uid, gid = self._chown(state, inst.chown, inst)
+        chmod = int(inst.chmod, 8) if inst.chmod else None
+        from_other = isinstance(inst, df.Copy) and inst.from_stage is not None
+        # Context files belong to root unless --chown; files of another stage keep their owners.
+        owner = Ownership(uid=uid if uid is not None else (None if from_other else 0),
+                          gid=gid if gid is not None else (None if from_other else 0), chmod=chmod)
+        dest = inst.dest
+        if not dest.startswith("/"):
+            dest = posixpath.join(state.image.workdir, dest)
+        dest_is_dir_syntax = inst.dest.endswith("/") or inst.dest in (".", "..") or inst.dest.endswith("/.")
+        dest = posixpath.normpath(dest)
+
+        # Collect (kind, handle, basename) for every source after glob expansion.
+        items: list[tuple[str, Any, str]] = []
+        try:
+            for source in inst.sources:
+                doc = inst.heredoc_for(source)
+                if doc is not None:
+                    items.append(("heredoc", doc, doc.name))
+                elif df.is_url(source):
+                    items.append(("url", source, _url_basename(source)))
+                elif from_other:
+                    src_view, _ = self._copy_source_state(state, inst)  # type: ignore[arg-type]
+                    for match in _view_glob(src_view, source):
+                        items.append(("view", (src_view, match), posixpath.basename(match.path) or "/"))
+                else:
+                    for rel in self.context.resolve(source):
+                        items.append(("context", rel, posixpath.basename(rel) if rel != "." else "."))
+        except BuildError as e:
+            raise inst.error(f"{inst.keyword} failed: {e}") from None
+        many = len(items) > 1 or any(has_glob(s) for s in inst.sources if not inst.heredoc_for(s))
+        dest_is_dir = dest_is_dir_syntax or view.exists_as_dir(dest)
+        if many and not dest_is_dir:
+            raise inst.error(f"When using {inst.keyword} with more than one source file, the destination "
+                             "must be a directory and end with a /")
+        parent = dest if dest_is_dir else posixpath.dirname(dest)
+        dest_host_dir = ensure_parents(str(diff), view, resolve_dir_in_image(view, parent))
+
+        def file_target(basename: str) -> str:
+            return os.path.join(dest_host_dir, basename if dest_is_dir else posixpath.basename(dest))
+
+        def new_dir_target() -> str:
+            # A directory source copied to a path that is not an existing directory: it becomes one.
+            target = file_target("")
+            if not os.path.isdir(target):
+                remove_existing(target)
+                os.mkdir(target)
+                u, g, mode = owner.resolve(0, 0, stat.S_IFDIR | 0o755)
+                set_owner_mode(target, u, g, mode)
+            return target
+
+        for kind, handle, basename in items:
+            if kind == "heredoc":
+                target = file_target(basename)
+                remove_existing(target)
+                with open(target, "w") as f:
+                    f.write(handle.body)
+                u, g, mode = owner.resolve(0, 0, stat.S_IFREG | 0o644)
+                set_owner_mode(target, u, g, mode)
+            elif kind == "url":
+                assert isinstance(inst, df.Add)
+                target = file_target(basename)
+                remove_existing(target)
+                _download(handle, target, inst.checksum, inst)
+                u, g, mode = owner.resolve(0, 0, stat.S_IFREG | 0o600)
+                set_owner_mode(target, u, g, mode)
+            elif kind == "view":
+                src_view, entry = handle
+                if entry.is_dir:
+                    target = dest_host_dir if dest_is_dir else new_dir_target()
+                    for name, backing, cst, merged in src_view.list_dir(entry):
+                        copy_view_entry(src_view, backing, cst, merged, os.path.join(target, name), owner)
+                else:
+                    copy_view_entry(src_view, entry.backing, entry.st, (), file_target(basename), owner)
+            else:
+                rel = handle
+                host = self.context.root / rel if rel != "." else self.context.root
+                st = self.context.source_stat(rel)
+                if stat.S_ISDIR(st.st_mode):
+                    self.context.copy_out(rel, dest_host_dir if dest_is_dir else new_dir_target(), owner)
+                elif isinstance(inst, df.Add) and _is_archive(str(host)):
+                    into = dest_host_dir if dest_is_dir else new_dir_target()
+                    self._extract(str(host), into, tmp, owner if inst.chown else None, inst)
+                else:
+                    self.context.copy_out(rel, file_target(basename), owner)
+
+    def _extract(self, archive: str, into: str, tmp: Path, owner: Ownership | None, inst: df.Add) -> None:
+        """ADD of a local tar archive: unpack it (validated as hostile, by the store's unpacker)
+        and merge it into ``into``."""
+        from store.layer_unpack import unpack_layer
+
+        staging = tmp / "archive"
+        try:
+            unpack_layer(Path(archive), staging, self.store.root / "tmp")
+        except LaminaError as e:
+            raise inst.error(f"ADD failed: cannot extract {os.path.basename(archive)}: {e}") from None
+        _merge_tree(str(staging), into, owner)
+        _remove_tree(staging)
+
+
+def _merge_tree(src: str, dest: str, owner: Ownership | None) -> None:
+    for name in sorted(os.listdir(src)):
+        s = os.path.join(src, name)
+        d = os.path.join(dest, name)
+        st = os.lstat(s)
+        if stat.S_ISDIR(st.st_mode) and os.path.isdir(d) and not os.path.islink(d):
+            _merge_tree(s, d, owner)
+            continue
+        remove_existing(d)
+        os.rename(s, d)
+    if owner is not None:
+        for dirpath, dirnames, filenames in os.walk(dest):
+            for name in [*dirnames, *filenames]:
+                p = os.path.join(dirpath, name)
+                st = os.lstat(p)
+                u, g, mode = owner.resolve(0, 0, st.st_mode)
+                set_owner_mode(p, u, g, mode)
+
+
+def _is_archive(path: str) -> bool:
+    import tarfile
+
+    try:
+        if not os.path.isfile(path):
+            return False
+        with open(path, "rb") as f:
+            head = f.read(512)
+        if head[:2] == b"\x1f\x8b" or head[:3] == b"BZh" or head[:6] == b"\xfd7zXZ\x00" or \
+                head[:4] == b"\x28\xb5\x2f\xfd":
+            return True
+        return tarfile.is_tarfile(path)
+    except OSError:
+        return False
+
+
+def _url_basename(url: str) -> str:
+    from urllib.parse import urlparse
+
+    name = posixpath.basename(urlparse(url).path)
+    return name or "index.html"
+
+
+def _download(url: str, target: str, checksum: str | None, inst: df.Instruction) -> None:
+    import hashlib
+    import urllib.error
+    import urllib.request
+
+    h = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(target, "wb") as f:
+            while chunk := response.read(1 << 20):
+                h.update(chunk)
+                f.write(chunk)
+            modified = response.headers.get("Last-Modified")
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise inst.error(f"ADD failed: cannot download {url}: {e}") from None
+    if checksum is not None and "sha256:" + h.hexdigest() != checksum:
+        raise inst.error(f"ADD failed: checksum mismatch for {url}: expected {checksum}, "
+                         f"got sha256:{h.hexdigest()}")
+    if modified:
+        from email.utils import parsedate_to_datetime
+
+        try:
+            when = parsedate_to_datetime(modified).timestamp()
+            os.utime(target, (when, when))
+        except (TypeError, ValueError):
+            pass
+
+
+def _view_glob(view: LayerView, pattern: str) -> list[Any]:
+    import fnmatch
+
+    from builder.context import has_glob
+
+    norm = posixpath.normpath("/" + pattern)
+    if not has_glob(norm):
+        entry = view.lookup(norm)
+        if entry is None:
+            raise BuildError(f"{pattern!r}: not found")
+        return [entry]
+    parts = [p for p in norm.split("/") if p]
+    root = view.lookup("/")
+    current = [root] if root is not None else []
+    for part in parts:
+        following = []
+        for entry in current:
+            if not entry.is_dir:
+                continue
+            if not has_glob(part):
+                child = view.lookup(posixpath.join(entry.path, part))
+                if child is not None:
+                    following.append(child)
+                continue
+            for name, _b, _s, _m in view.list_dir(entry):
+                if fnmatch.fnmatchcase(name, part):
+                    child = view.lookup(posixpath.join(entry.path, name), follow=False)
+                    if child is not None:
+                        following.append(child)
+        current = following
+    result = current
+    if not result:
+        raise BuildError(f"{pattern!r}: no source files were specified (nothing matches)")
+    return result
+
+
+def _is_opaque(path: Path) -> bool:
+    from unionfs import ondisk
+
+    return ondisk.is_opaque_dir(str(path))
+
+
+def _remove_tree(path: Path) -> None:
+    from store.blobs import remove_tree
+
+    try:
+        remove_tree(path)
+    except OSError as e:
+        log.info("could not remove %s: %s", path, e)
+
+
+class _GlobalScope:
+    def __init__(self, lexer: Lexer, values: dict[str, str]) -> None:
+        self.lexer = lexer
+        self._values = values
+
+    def variables(self) -> dict[str, str]:
+        return self._values
+
+
+def build(store: Store, options: BuildOptions, stream: TextIO | None = None) -> Image:
+    """Build ``options`` into ``store``; return the image. See the module docstring for errors."""
+    try:
+        return Builder(store, options, stream).build()
+    except DockerfileError:
+        raise

@@ -1,0 +1,361 @@
+"""Filesystem work of COPY, ADD and WORKDIR, done directly on layer directories (no mount needed).
+
+A layer made by COPY is *the diff against its parent*: a fresh directory holding the copied files
+and the directories above them, nothing else. To decide where files go (docker's destination rules:
+is ``/app`` an existing directory?) and to read files out of another stage (``COPY --from``), we look
+at the parent's layers through :class:`LayerView`, a read-only merge of layer directories that
+follows the union on-disk format (:mod:`unionfs.ondisk`): the top-most entry wins, a whiteout hides
+lower entries, an opaque directory hides lower directories' contents, a non-directory ends the
+merge. Symlinks met on the way are resolved inside the image root, never on the host.
+
+Ownership: root chowns for real; an unprivileged user cannot, so the intended owner and mode go to
+the owner-override xattr (as the store's unpacker does), which the store writes into the layer tar.
+Files that belong to container root need no override when unprivileged: the store maps the user's
+own uid to 0.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import posixpath
+import shutil
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from unionfs import ondisk
+
+MAX_SYMLINKS = 40
+PRIVILEGED = os.geteuid() == 0
+
+
+@dataclass(frozen=True)
+class Entry:
+    """The top-most entry of a merged path: its backing file and its stat."""
+
+    path: str  # container path, normalised, absolute
+    backing: str  # host path of the top-most layer's file
+    st: os.stat_result
+    lower_dirs: tuple[str, ...]  # for a directory: the backing dirs that merge into it, top first
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.st.st_mode)
+
+    @property
+    def is_symlink(self) -> bool:
+        return stat.S_ISLNK(self.st.st_mode)
+
+
+def _lstat(path: str) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _whited_out(layer_dir: str, name: str) -> bool:
+    return _lstat(os.path.join(layer_dir, ondisk.WHITEOUT_PREFIX + name)) is not None
+
+
+class LayerView:
+    """A read-only merged view of layer directories (top first), for lookups and copying out."""
+
+    def __init__(self, layers_top_first: list[Path]) -> None:
+        self.layers = [str(p) for p in layers_top_first]
+
+    def _child(self, dirs: tuple[str, ...], name: str) -> tuple[str, os.stat_result, tuple[str, ...]] | None:
+        """Merge ``name`` inside the merged directory backed by ``dirs``."""
+        found: tuple[str, os.stat_result] | None = None
+        merged: list[str] = []
+        for d in dirs:
+            candidate = os.path.join(d, name)
+            st = _lstat(candidate)
+            if st is not None and ondisk.is_whiteout_stat(st):
+                break
+            if st is None:
+                if _whited_out(d, name):
+                    break
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                if found is None:
+                    found = (candidate, st)
+                break
+            if found is None:
+                found = (candidate, st)
+            merged.append(candidate)
+            if ondisk.is_opaque_dir(candidate):
+                break
+            if _whited_out(d, name):
+                break
+        if found is None:
+            return None
+        return found[0], found[1], tuple(merged)
+
+    def _root(self) -> Entry | None:
+        if not self.layers:
+            return None
+        st = _lstat(self.layers[0])
+        if st is None:
+            return None
+        return Entry("/", self.layers[0], st, tuple(self.layers))
+
+    def lookup(self, path: str, follow: bool = True) -> Entry | None:
+        """The entry at container path ``path``; intermediate symlinks are always followed (inside
+        the image), the last one only when ``follow``. None when nothing is there."""
+        pending = [p for p in path.split("/") if p not in ("", ".")]
+        pending.reverse()
+        resolved: list[str] = []
+        dirs = tuple(self.layers)
+        root = self._root()
+        current = root
+        links = 0
+        while pending:
+            part = pending.pop()
+            if part == "..":
+                if resolved:
+                    resolved.pop()
+                # Re-walk from the root: cheap for the short paths Dockerfiles use.
+                pending.extend(reversed(resolved))
+                resolved = []
+                dirs = tuple(self.layers)
+                current = root
+                continue
+            if current is None or not current.is_dir:
+                return None
+            child = self._child(dirs, part)
+            if child is None:
+                return None
+            backing, st, merged = child
+            if stat.S_ISLNK(st.st_mode) and (pending or follow):
+                links += 1
+                if links > MAX_SYMLINKS:
+                    raise OSError(errno.ELOOP, "too many levels of symbolic links", path)
+                target = os.readlink(backing)
+                parts = [p for p in target.split("/") if p not in ("", ".")]
+                pending.extend(reversed(parts))
+                if not target.startswith("/"):
+                    # Relative: walk again from the root through the directory holding the link.
+                    pending.extend(reversed(resolved))
+                resolved = []
+                dirs = tuple(self.layers)
+                current = root
+                continue
+            resolved.append(part)
+            current = Entry("/" + "/".join(resolved), backing, st, merged)
+            dirs = merged
+        return current
+
+    def list_dir(self, entry: Entry) -> Iterator[tuple[str, str, os.stat_result, tuple[str, ...]]]:
+        """(name, backing, stat, merged dirs) of each visible child of a merged directory."""
+        seen: set[str] = set()
+        hidden: set[str] = set()
+        for d in entry.lower_dirs:
+            try:
+                names = sorted(os.listdir(d))
+            except OSError:
+                continue
+            layer_hidden: set[str] = set()
+            for name in names:
+                if name == ondisk.OPAQUE_MARKER:
+                    continue
+                target = ondisk.whited_out_name(name)
+                if target is not None:
+                    layer_hidden.add(target)
+                    continue
+                if name in seen or name in hidden:
+                    continue
+                st = _lstat(os.path.join(d, name))
+                if st is None:
+                    continue
+                if ondisk.is_whiteout_stat(st):
+                    layer_hidden.add(name)
+                    continue
+                seen.add(name)
+                child = self._child((d, *[x for x in entry.lower_dirs[entry.lower_dirs.index(d) + 1:]]), name)
+                if child is None:
+                    continue
+                backing, cst, merged = child
+                yield name, backing, cst, merged
+            hidden |= layer_hidden
+
+    def exists_as_dir(self, path: str) -> bool:
+        entry = self.lookup(path)
+        return entry is not None and entry.is_dir
+
+    def read_file(self, path: str) -> bytes | None:
+        entry = self.lookup(path)
+        if entry is None or not stat.S_ISREG(entry.st.st_mode):
+            return None
+        with open(entry.backing, "rb") as f:
+            return f.read()
+
+
+# --- writing into a layer directory ------------------------------------------------------------
+
+
+def intended_owner(backing: str, st: os.stat_result) -> tuple[int, int, int]:
+    """(uid, gid, st_mode) a layer file stands for, the owner override winning over the real owner.
+
+    An unprivileged user's own files are container root's."""
+    uid, gid, mode = ondisk.effective_owner(backing, st)
+    if not PRIVILEGED and ondisk.read_owner_override(backing) is None and not stat.S_ISLNK(st.st_mode):
+        if uid == os.getuid():
+            uid = 0
+        if gid == os.getgid():
+            gid = 0
+    return uid, gid, mode
+
+
+def set_owner_mode(path: str, uid: int, gid: int, mode: int) -> None:
+    """Give ``path`` (just created by us) the owner and permission bits an image should record."""
+    st = os.lstat(path)
+    perms = mode & 0o7777
+    if stat.S_ISLNK(st.st_mode):
+        if PRIVILEGED:
+            os.lchown(path, uid, gid)
+        return
+    if PRIVILEGED:
+        os.lchown(path, uid, gid)
+        os.chmod(path, perms)
+        return
+    # Unprivileged: keep what we need to read the layer ourselves; record the rest.
+    disk = perms | (0o700 if stat.S_ISDIR(st.st_mode) else 0o600)
+    if (uid, gid) != (0, 0) or disk != perms:
+        ondisk.write_owner_override(path, ondisk.OwnerOverride(uid, gid, perms))
+    else:
+        try:
+            os.removexattr(path, ondisk.OWNER_OVERRIDE_XATTR, follow_symlinks=False)
+        except OSError:
+            pass
+    os.chmod(path, disk)
+
+
+def copy_times(st: os.stat_result, path: str) -> None:
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+
+@dataclass
+class Ownership:
+    """Who copied files belong to: a fixed owner (``--chown`` or root for context files) or the
+    source's own (``COPY --from``); and an optional ``--chmod``."""
+
+    uid: int | None = 0
+    gid: int | None = 0
+    chmod: int | None = None
+
+    def resolve(self, src_uid: int, src_gid: int, src_mode: int) -> tuple[int, int, int]:
+        uid = src_uid if self.uid is None else self.uid
+        gid = src_gid if self.gid is None else self.gid
+        mode = (src_mode & ~0o7777) | self.chmod if self.chmod is not None else src_mode
+        return uid, gid, mode
+
+
+def ensure_parents(diff: str, view: LayerView, container_dir: str) -> str:
+    """Create ``container_dir`` (and its parents) inside the diff directory, copying metadata from
+    the parent image where a directory already exists there (so the layer does not change it);
+    return its host path. Symlinked directories of the image are resolved first."""
+    parts = [p for p in posixpath.normpath(container_dir).split("/") if p]
+    current_container = "/"
+    host = diff
+    for part in parts:
+        current_container = posixpath.join(current_container, part)
+        host = os.path.join(host, part)
+        st = _lstat(host)
+        if st is not None:
+            if stat.S_ISDIR(st.st_mode):
+                continue
+            os.unlink(host)
+        os.mkdir(host, 0o755)
+        existing = view.lookup(current_container, follow=False)
+        if existing is not None and existing.is_dir:
+            uid, gid, mode = intended_owner(existing.backing, existing.st)
+            set_owner_mode(host, uid, gid, mode)
+            copy_times(existing.st, host)
+        else:
+            set_owner_mode(host, 0, 0, stat.S_IFDIR | 0o755)
+    return host
+
+
+def resolve_dir_in_image(view: LayerView, container_dir: str) -> str:
+    """Docker resolves symlinks of the destination inside the image: ``COPY x /lib/`` with ``/lib ->
+    usr/lib`` writes to ``/usr/lib``. Return the resolved container path of the deepest existing
+    prefix, joined with the rest."""
+    parts = [p for p in posixpath.normpath(container_dir).split("/") if p]
+    resolved = "/"
+    for i, part in enumerate(parts):
+        candidate = posixpath.join(resolved, part)
+        entry = view.lookup(candidate, follow=False)
+        if entry is None:
+            return posixpath.join(candidate, *parts[i + 1:])
+        if entry.is_symlink:
+            target = view.lookup(candidate, follow=True)
+            if target is None:
+                return posixpath.join(candidate, *parts[i + 1:])
+            resolved = target.path
+        else:
+            resolved = candidate
+    return resolved
+
+
+def remove_existing(host: str) -> None:
+    st = _lstat(host)
+    if st is None:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(host)
+    else:
+        os.unlink(host)
+
+
+def copy_view_entry(view: LayerView, backing: str, st: os.stat_result, merged: tuple[str, ...], dst: str,
+                    owner: Ownership) -> None:
+    """Copy a merged entry of another image/stage (``COPY --from``) to ``dst``, keeping owners unless
+    ``owner`` fixes them."""
+    mode = st.st_mode
+    if stat.S_ISDIR(mode):
+        if not os.path.isdir(dst) or os.path.islink(dst):
+            remove_existing(dst)
+            os.mkdir(dst, 0o700)
+        entry = Entry("", backing, st, merged)
+        for name, cbacking, cst, cmerged in view.list_dir(entry):
+            copy_view_entry(view, cbacking, cst, cmerged, os.path.join(dst, name), owner)
+    else:
+        remove_existing(dst)
+        if stat.S_ISLNK(mode):
+            os.symlink(os.readlink(backing), dst)
+        elif stat.S_ISREG(mode):
+            shutil.copyfile(backing, dst, follow_symlinks=False)
+        elif stat.S_ISFIFO(mode):
+            os.mkfifo(dst, 0o600)
+        elif (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)) and PRIVILEGED:
+            os.mknod(dst, mode, st.st_rdev)
+        else:
+            return
+    src_uid, src_gid, src_mode = intended_owner(backing, st)
+    uid, gid, new_mode = owner.resolve(src_uid, src_gid, src_mode)
+    set_owner_mode(dst, uid, gid, new_mode)
+    copy_times(st, dst)
+
+
+def prune_empty_dirs(diff: str, container_dirs: list[str], view: LayerView) -> None:
+    """Remove directories a RUN step's mount points left in its upper directory when they are empty
+    and did not exist in the parent image (build scaffolding must not land in a layer)."""
+    for container_dir in sorted(container_dirs, key=lambda p: -p.count("/")):
+        parts = [p for p in posixpath.normpath(container_dir).split("/") if p]
+        while parts:
+            host = os.path.join(diff, *parts)
+            container = "/" + "/".join(parts)
+            st = _lstat(host)
+            if st is None or not stat.S_ISDIR(st.st_mode) or os.listdir(host) or ondisk.is_opaque_dir(host):
+                break
+            lower = view.lookup(container, follow=False)
+            if lower is not None:
+                # A copied-up parent of a mount point: drop it only when the step changed nothing
+                # about it but its modification time.
+                if not lower.is_dir or intended_owner(host, st) != intended_owner(lower.backing, lower.st):
+                    break
+            os.rmdir(host)
+            parts.pop()
