@@ -599,8 +599,6 @@ class RegistryClient:
                     out.write(chunk)
                     if progress is not None:
                         progress(len(chunk))
-                out.flush()
-                os.fsync(out.fileno())
             actual = "sha256:" + hasher.hexdigest()
             if actual != digest:
                 raise RegistryError(f"registry {self.registry} sent blob {digest} whose content has digest "

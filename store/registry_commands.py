@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TextIO
 
 from lamina.errors import RegistryError, UsageError
+from store.layer_unpack import Limits
 from store.reference import DEFAULT_REGISTRY, Reference
 from store.registry import (
     DOCKER_MANIFEST,
@@ -47,6 +48,10 @@ LAYER_TYPES = {
     "application/vnd.docker.image.rootfs.diff.tar.gzip",
     "application/vnd.docker.image.rootfs.diff.tar",
 }
+
+
+# An image with more layers than this is absurd (overlayfs itself stops at 500 lowerdirs).
+MAX_LAYERS = 500
 
 
 def api_host(registry: str) -> str:
@@ -174,7 +179,13 @@ def pull_image(store: Store, ref: Reference, client: RegistryClient, progress: P
     doc = manifest.json()
     config_desc = config_descriptor(doc)
     layers = list(iter_layers(doc))
+    if len(layers) > MAX_LAYERS:
+        raise RegistryError(f"{ref}: {len(layers)} layers is more than the {MAX_LAYERS} lamina accepts")
+    max_layer_bytes = Limits().max_total_bytes
     for layer in layers:
+        if layer["size"] > max_layer_bytes:
+            raise RegistryError(f"{ref}: layer {layer['digest']} is {layer['size']} bytes, more than the limit "
+                                f"of {max_layer_bytes} (set LAMINA_MAX_LAYER_BYTES to allow it)")
         if layer.get("urls"):
             raise RegistryError(f"{ref}: layer {layer['digest']} is a foreign layer (urls), not supported")
         if layer.get("mediaType") not in LAYER_TYPES:

@@ -334,3 +334,23 @@ def test_pull_docker_format_written_by_skopeo(registry: RunningRegistry, tmp_pat
     assert out.stdout.strip() == config[7:]
     image = open_store(tmp_path / "lamina-root").resolve_image(f"{registry.address}/docker/app:1")
     assert (image.layers[0].path / "etc" / "x").read_bytes() == b"x\n"
+
+
+def test_absurd_manifests_are_refused_before_downloading(tmp_path: Path, lamina_cmd) -> None:  # type: ignore[no-untyped-def]
+    layer = layer_blob({"a": b"a"})
+    fake = FakeRegistry()
+    config, manifest = fake.add_image("absurd/img", "ok", [layer])
+    doc = json.loads(manifest)
+    huge = dict(doc, layers=[dict(doc["layers"][0], size=1 << 60)])
+    many = dict(doc, layers=doc["layers"] * 501)
+    not_a_digest = dict(doc, layers=[dict(doc["layers"][0], digest="sha256:../../../etc/passwd")])
+    for tag, body in (("huge", huge), ("many", many), ("path", not_a_digest)):
+        fake.add_manifest("absurd/img", tag, OCI_MANIFEST, json.dumps(body).encode())
+    with fake.serve():
+        for tag, expected in (("huge", "more than the limit"), ("many", "501 layers"),
+                              ("path", "invalid or unsupported layer digest")):
+            result = lamina_cmd("pull", "--tls-verify=false", f"{fake.address}/absurd/img:{tag}", check=False)
+            assert result.returncode == 125 and expected in result.stderr, result.stderr
+        assert not [path for _, path, _ in fake.requests if "/blobs/" in path]
+        assert lamina_cmd("pull", "-q", "--tls-verify=false", f"{fake.address}/absurd/img:ok").stdout.strip() \
+            == digest_of(config)[7:]
