@@ -21,6 +21,7 @@ layers by hand and the CLI can feed it the store's unpacked layers.
 from __future__ import annotations
 
 import os
+import posixpath
 import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -152,17 +153,9 @@ class StackAnalysis:
 
 
 def normalize(path: str) -> str:
-    """``a/b/``, ``/a//b``, ``./a/b`` -> ``/a/b``; the root is ``/``. Never leaves the root."""
-    parts: list[str] = []
-    for part in path.split("/"):
-        if part in ("", "."):
-            continue
-        if part == "..":
-            if parts:
-                parts.pop()
-            continue
-        parts.append(part)
-    return "/" + "/".join(parts)
+    """``a/b/``, ``/a//b``, ``./a/b`` -> ``/a/b``; the root is ``/``. Lexical: ``..`` never leaves it."""
+    # One leading slash only: POSIX lets normpath keep a leading "//".
+    return posixpath.normpath("/" + path.lstrip("/"))
 
 
 def _join(parent: str, name: str) -> str:
@@ -210,6 +203,10 @@ def scan_layer(root: Path) -> _LayerScan:
                 if ondisk.is_opaque_dir(entry.path):
                     scan.opaque_dirs.append(path)
                 stack.append((entry.path, path))
+    # Sorted, so reports read the same on every run and a parent comes before its children.
+    scan.entries.sort()
+    scan.whiteouts.sort()
+    scan.opaque_dirs.sort()
     return scan
 
 
