@@ -485,3 +485,38 @@ def test_long_paths_are_fd_relative(layers: Layers) -> None:
     assert fs.stat(child)[0].st_size == 4
     fs.setxattr(child, "user.deep", b"1")
     assert fs.getxattr(child, "user.deep") == b"1"
+
+
+def test_rename_with_redirects_off_copies_the_whole_directory(layers: Layers) -> None:
+    write_file(layers.lowers[1] / "src" / "a" / "f", "f")
+    write_file(layers.lowers[0] / "src" / "g", "g")
+    write_file(layers.lowers[0] / "dst" / "old", "hidden after the rename")
+    fs = layers.open(redirect_dir=False)
+    walk(fs, "dst")
+    fs.unlink(walk(fs, "dst"), "old")
+    fs.rmdir(fs.root, "dst")
+    fs.rename(fs.root, "src", fs.root, "dst")
+    assert ondisk.read_redirect(str(layers.upper / "dst")) is None
+    assert (layers.upper / "dst" / "a" / "f").read_text() == "f"
+    fresh = layers.open()
+    assert names(fresh) == {"dst"} and names(fresh, "dst") == {"a", "g"}
+
+
+def test_flatten_redirects_makes_the_upper_self_contained(layers: Layers) -> None:
+    from unionfs.export import flatten_redirects
+
+    write_file(layers.lowers[1] / "src" / "a" / "f", "f")
+    write_file(layers.lowers[1] / "src" / "inner" / "x", "x")
+    fs = layers.open(redirect_dir=True)
+    fs.rename(fs.root, "src", fs.root, "moved")
+    fs.rename(walk(fs, "moved"), "inner", walk(fs, "moved"), "inner2")
+    fs.close()
+    assert flatten_redirects(layers.lowers, layers.upper, layers.work) >= 1
+    for dirpath, dirnames, _ in os.walk(layers.upper):
+        for d in dirnames:
+            assert ondisk.read_redirect(os.path.join(dirpath, d)) is None
+    # the upper alone (no lowers) now shows the renamed tree
+    alone = UnionFS([str(layers.upper)], None, None)
+    assert names(alone, "moved") == {"a", "inner2"}
+    assert read(alone, "moved/inner2/x") == b"x"
+    assert names(layers.open(), "moved") == {"a", "inner2"}

@@ -10,7 +10,7 @@ _FLAG_OPTIONS = {
     "allow_other", "default_permissions", "layer_xattr", "acl", "noacl", "rw", "ro", "suid", "nosuid",
     "dev", "nodev", "exec", "noexec", "noatime", "relatime", "auto_unmount",
 }
-_VALUE_OPTIONS = {"lowerdir", "upperdir", "workdir", "fsname", "subtype"}
+_VALUE_OPTIONS = {"lowerdir", "upperdir", "workdir", "fsname", "subtype", "redirect_dir"}
 
 
 class OptionError(Exception):
@@ -28,6 +28,8 @@ class ServerOptions:
     foreground: bool = False
     debug: bool = False
     trace: str | None = None  # "-" for stderr
+    redirect_dir: bool | None = None  # None: on when trusted xattrs can be written
+
 
     @property
     def layer_xattr(self) -> bool:
@@ -145,8 +147,11 @@ def parse_args(argv: list[str]) -> ServerOptions:
     if upper is not None and work is None:
         raise OptionError("upperdir needs a workdir")
     mnt = positional[0]
+    redirect = values.get("redirect_dir")
+    if redirect not in (None, "on", "off"):
+        raise OptionError(f"redirect_dir={redirect}: expected on or off")
     server = ServerOptions(lowers, upper, work, mnt, flags, values.get("fsname", "lamina-unionfs"),
-                           foreground, debug, trace)
+                           foreground, debug, trace, None if redirect is None else redirect == "on")
     check_dirs(server)
     return server
 

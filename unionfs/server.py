@@ -48,7 +48,8 @@ def serve(opts: ServerOptions, ready: Callable[[], None] | None = None) -> None:
 
     os.umask(0)  # modes arrive from the kernel with the caller's umask applied
     trace, trace_file = open_trace(opts.trace)
-    core = UnionFS(opts.lowers, opts.upper, opts.work, trace=trace, layer_xattr=opts.layer_xattr)
+    core = UnionFS(opts.lowers, opts.upper, opts.work, trace=trace, layer_xattr=opts.layer_xattr,
+                   redirect_dir=opts.redirect_dir)
     ops = UnionOperations(core, enable_acl=opts.enable_acl)
     if opts.enable_acl:
         ops.enable_acl = True

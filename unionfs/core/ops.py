@@ -28,6 +28,7 @@ from unionfs.core.backing import (
     lstat_at,
     open_dir_at,
     remove_tree_at,
+    removexattr_at,
     renameat2,
     setxattr_at,
 )
@@ -320,9 +321,14 @@ class UnionFS(UnionTree):
         self._move_name(src, oldp, oldn, newp, newn)
 
     def _prepare_moved_dir(self, node: Node, old_path: str, new_path: str, newp: Node, newn: str) -> None:
-        """Keep a moved directory's lower contents (redirect) or hide the target's (opaque)."""
+        """Keep a moved directory's lower contents (redirect, or a full copy) or hide the target's."""
         ufd = self._upper_fd()
         if node.lowers and not node.opaque:
+            if not self.redirect_dir:
+                self.copy_up_tree(node)
+                self.mark_opaque(old_path)
+                node.opaque = True
+                return
             target = "/" + node.lowers[0][1]
             current = getxattr_at(ufd, old_path, self.xattr_ns.redirect_xattr)
             if current != os.fsencode(target):
@@ -334,6 +340,59 @@ class UnionFS(UnionTree):
         elif not node.opaque and self.lower_has(newp, newn):
             self.mark_opaque(old_path)
             node.opaque = True
+
+    def copy_up_tree(self, node: Node) -> None:
+        """Copy up a directory and everything it shows, so the upper alone holds all of it."""
+        self.copy_up(node)
+        for entry in self.list_dir(node):
+            found = self.entry_node(node, entry)
+            if found is None:
+                continue
+            child = found[0]
+            if child.is_dir:
+                self.copy_up_tree(child)
+            else:
+                self.copy_up(child)
+
+    def flatten_redirects(self) -> int:
+        """Replace every redirected directory of the upper by a full copy (opaque, no redirect).
+
+        A layer tar cannot express a redirect; run this (unmounted) before exporting an upper.
+        Returns the number of directories flattened.
+        """
+        ufd = self._upper_fd()
+        count = 0
+        pending = [""]
+        while pending:
+            path = pending.pop()
+            dfd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=ufd)
+            try:
+                with os.scandir(dfd) as it:
+                    subdirs = [e.name for e in it if e.is_dir(follow_symlinks=False)]
+            finally:
+                os.close(dfd)
+            for name in subdirs:
+                sub = join(path, name)
+                if self._redirect(self.upper, sub) is None:  # type: ignore[arg-type]
+                    pending.append(sub)
+                    continue
+                node = self.root
+                for part in sub.split("/"):
+                    found = self.lookup(node, part)
+                    if found is None:
+                        break
+                    node = found
+                else:
+                    self.copy_up_tree(node)
+                for xname in (ondisk.TRUSTED_REDIRECT, ondisk.USER_REDIRECT):
+                    try:
+                        removexattr_at(ufd, sub, xname)
+                    except OSError:
+                        pass
+                self.mark_opaque(sub)
+                count += 1
+                pending.append(sub)  # redirects nested below it go too
+        return count
 
     def _move_name(self, node: Node, oldp: Node, oldn: str, newp: Node, newn: str) -> None:
         assert oldp.children is not None and newp.children is not None
@@ -460,8 +519,6 @@ class UnionFS(UnionTree):
             raise OSError(errno.EPERM, "private attribute", name)
         self.getxattr(node, name)  # ENODATA before any copy-up
         self.copy_up(node)
-        from unionfs.core.backing import removexattr_at
-
         removexattr_at(self._upper_fd(), node.path(), name)
 
     # --- files -----------------------------------------------------------------------------------

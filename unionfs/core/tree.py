@@ -80,6 +80,7 @@ class UnionTree:
         *,
         trace: Callable[[str], None] | None = None,
         layer_xattr: bool = False,
+        redirect_dir: bool | None = None,
     ) -> None:
         if not lowers and upper is None:
             raise UnionError("no lowerdir given")
@@ -102,6 +103,11 @@ class UnionTree:
         self.readonly = self.upper is None
         self.xattr_ns = self._probe_xattr_namespace()
         self.whiteout_style = self._probe_whiteout_style()
+        # Renamed lower directories get a redirect xattr only where the kernel would follow it: it
+        # ignores user.overlay.redirect (userxattr mounts never follow redirects), so with user
+        # xattrs a renamed directory is copied up whole instead, and the upper stays kernel-readable.
+        self.redirect_dir = (self.xattr_ns is ondisk.XattrNamespace.TRUSTED) if redirect_dir is None \
+            else redirect_dir
         self.table = InodeTable()
         self.root = self.table.new_root()
         self.root.in_upper = self.upper is not None
