@@ -35,6 +35,7 @@ import re
 import secrets
 import ssl
 import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,6 +220,32 @@ def parse_www_authenticate(header: str) -> _Challenge | None:
 
 
 @dataclass
+class _Proxy:
+    netloc: str
+    headers: dict[str, str]
+
+
+def proxy_for(scheme: str, netloc: str) -> _Proxy | None:
+    """The proxy for ``scheme://netloc`` from ``https_proxy``/``http_proxy``/``no_proxy``, as curl reads them."""
+    host = urllib.parse.urlsplit(f"//{netloc}").hostname or netloc
+    if host == "localhost" or host.startswith("127.") or host == "::1":
+        return None  # never proxied, as in Go's ProxyFromEnvironment (docker, podman)
+    proxies = urllib.request.getproxies_environment()
+    url = proxies.get(scheme)
+    if not url or urllib.request.proxy_bypass_environment(host, proxies):  # type: ignore[attr-defined]
+        return None
+    parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+    if parts.scheme != "http" or not parts.hostname:
+        raise RegistryError(f"unsupported {scheme}_proxy {url!r} (only http:// proxies are supported)")
+    headers = {}
+    if parts.username is not None:
+        user = urllib.parse.unquote(parts.username)
+        password = urllib.parse.unquote(parts.password or "")
+        headers["Proxy-Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+    return _Proxy(f"{parts.hostname}:{parts.port or 80}", headers)
+
+
+@dataclass
 class _Endpoint:
     scheme: str
     netloc: str
@@ -248,6 +275,7 @@ class RegistryClient:
         self._tokens: dict[str, str] = {}
         self._conn: http.client.HTTPConnection | None = None
         self._conn_key: tuple[str, str, bool] | None = None
+        self._conn_proxy: _Proxy | None = None
         #: Every request sent, as ``(method, path)``; lets callers and tests count what was fetched.
         self.requests: list[tuple[str, str]] = []
 
@@ -270,17 +298,26 @@ class RegistryClient:
         if self._conn is not None and self._conn_key == key:
             return self._conn
         self.close()
+        proxy = proxy_for(scheme, netloc)
         conn: http.client.HTTPConnection
         if scheme == "https":
             context = ssl.create_default_context()
             if not verify:
                 context.check_hostname = False
                 context.verify_mode = ssl.CERT_NONE
-            conn = http.client.HTTPSConnection(netloc, timeout=self.timeout, context=context,
-                                               blocksize=READ_SIZE)
+            if proxy is not None:
+                # HTTPS through a proxy: a CONNECT tunnel, TLS end to end with the registry.
+                conn = http.client.HTTPSConnection(proxy.netloc, timeout=self.timeout, context=context,
+                                                   blocksize=READ_SIZE)
+                conn.set_tunnel(netloc, headers=proxy.headers)
+            else:
+                conn = http.client.HTTPSConnection(netloc, timeout=self.timeout, context=context,
+                                                   blocksize=READ_SIZE)
         else:
-            conn = http.client.HTTPConnection(netloc, timeout=self.timeout, blocksize=READ_SIZE)
+            conn = http.client.HTTPConnection(proxy.netloc if proxy else netloc, timeout=self.timeout,
+                                              blocksize=READ_SIZE)
         self._conn, self._conn_key = conn, key
+        self._conn_proxy = proxy if scheme == "http" else None
         return conn
 
     def _send(self, method: str, url: str, headers: dict[str, str],
@@ -295,6 +332,10 @@ class RegistryClient:
         start = body_start
         for attempt in (1, 2):
             conn = self._connection(parts.scheme, parts.netloc, verify)
+            if self._conn_proxy is not None:
+                # Plain HTTP through a proxy: the absolute URL goes to the proxy.
+                target = url
+                headers = {**headers, **self._conn_proxy.headers}
             reused = conn.sock is not None
             try:
                 if body is not None and not isinstance(body, bytes):

@@ -21,6 +21,7 @@ import re
 import secrets
 import shutil
 import socket
+import ssl
 import subprocess
 import tarfile
 import threading
@@ -65,6 +66,7 @@ class RunningRegistry:
     storage: Path
     log_path: Path
     process: subprocess.Popen[bytes]
+    cert: Path | None = None  # the self-signed certificate when serving HTTPS
 
     @property
     def address(self) -> str:
@@ -98,6 +100,78 @@ def serve_http(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[in
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+@dataclass
+class ForwardProxy:
+    """An HTTP proxy: CONNECT tunnels and absolute-form requests, with every host resolved to 127.0.0.1.
+
+    Since no name but localhost resolves on a test machine, reaching ``registry.test:PORT`` through
+    it proves the client used the proxy. ``targets`` records each ``host:port`` asked for.
+    """
+
+    targets: list[str] = field(default_factory=list)
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    @contextlib.contextmanager
+    def serve(self) -> Iterator[ForwardProxy]:
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def _relay(self, upstream: socket.socket) -> None:
+                def downstream() -> None:
+                    with contextlib.suppress(OSError):
+                        while data := upstream.recv(65536):
+                            self.wfile.write(data)
+                            self.wfile.flush()
+                    with contextlib.suppress(OSError):
+                        self.connection.shutdown(socket.SHUT_WR)
+
+                thread = threading.Thread(target=downstream, daemon=True)
+                thread.start()
+                with contextlib.suppress(OSError):
+                    while data := self.rfile.read1(65536):
+                        upstream.sendall(data)
+                with contextlib.suppress(OSError):
+                    upstream.shutdown(socket.SHUT_WR)
+                thread.join(timeout=30)
+                upstream.close()
+                self.close_connection = True
+
+            def _connect(self, target: str) -> socket.socket:
+                proxy.targets.append(target)
+                port = int(target.rsplit(":", 1)[1])
+                return socket.create_connection((HOST, port), timeout=30)
+
+            def do_CONNECT(self) -> None:
+                upstream = self._connect(self.path)
+                self.send_response(200, "Connection established")
+                self.end_headers()
+                self._relay(upstream)
+
+            def _forward(self) -> None:
+                parts = urllib.parse.urlsplit(self.path)
+                upstream = self._connect(parts.netloc)
+                origin_form = parts.path + (f"?{parts.query}" if parts.query else "")
+                head = f"{self.command} {origin_form} {self.request_version}\r\n"
+                head += "".join(f"{key}: {value}\r\n" for key, value in self.headers.items()) + "\r\n"
+                upstream.sendall(head.encode("latin-1"))
+                self._relay(upstream)
+
+            do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+        with serve_http(Handler) as port:
+            self.port = port
+            yield self
 
 
 def _b64url(data: bytes) -> str:
@@ -197,11 +271,12 @@ class TokenServer:
 
 @contextlib.contextmanager
 def run_registry(tmp: Path, htpasswd: dict[str, str] | None = None, token: TokenServer | None = None,
-                 timeout: float = 20.0) -> Iterator[RunningRegistry]:
+                 tls: bool = False, timeout: float = 20.0) -> Iterator[RunningRegistry]:
     """Serve a fresh registry on 127.0.0.1; yields a :class:`RunningRegistry`, stops it on exit.
 
     ``htpasswd`` maps users to passwords and turns on basic auth (bcrypt entries). ``token`` (a
-    serving :class:`TokenServer` with keys made) turns on Bearer-token auth instead.
+    serving :class:`TokenServer` with keys made) turns on Bearer-token auth instead. ``tls`` serves
+    HTTPS with a self-signed certificate for 127.0.0.1, localhost and registry.test.
     """
     exe = shutil.which("docker-registry")
     if exe is None:
@@ -225,6 +300,14 @@ def run_registry(tmp: Path, htpasswd: dict[str, str] | None = None, token: Token
         f"  addr: {HOST}:{port}",
         f"  secret: {secrets.token_hex(16)}",
     ]
+    cert: Path | None = None
+    if tls:
+        cert, key = tmp / "registry-cert.pem", tmp / "registry-key.pem"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                        "-out", str(cert), "-days", "2", "-subj", "/CN=registry.test",
+                        "-addext", "subjectAltName=DNS:registry.test,DNS:localhost,IP:127.0.0.1"],
+                       check=True, capture_output=True, timeout=60)
+        config += ["  tls:", f"    certificate: {cert}", f"    key: {key}"]
     if htpasswd is not None:
         lines = []
         for user, password in htpasswd.items():
@@ -242,7 +325,9 @@ def run_registry(tmp: Path, htpasswd: dict[str, str] | None = None, token: Token
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen([exe, "serve", str(tmp / "config.yml")], stdout=log_file,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    registry = RunningRegistry(port, storage, log_path, process)
+    registry = RunningRegistry(port, storage, log_path, process, cert)
+    insecure = ssl.create_default_context()
+    insecure.check_hostname, insecure.verify_mode = False, ssl.CERT_NONE
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -250,7 +335,8 @@ def run_registry(tmp: Path, htpasswd: dict[str, str] | None = None, token: Token
                 raise RuntimeError(f"docker-registry exited with {process.returncode}: "
                                    f"{log_path.read_text(errors='replace')[-2000:]}")
             try:
-                with urllib.request.urlopen(f"http://{registry.address}/v2/", timeout=2):
+                with urllib.request.urlopen(f"{'https' if tls else 'http'}://{registry.address}/v2/", timeout=2,
+                                            context=insecure if tls else None):
                     break
             except urllib.error.HTTPError as e:
                 if e.code == 401:  # up, and wants credentials
@@ -476,4 +562,4 @@ class FakeRegistry:
                 self.release.set()  # let a stalled handler finish before the server stops
 
 
-__all__ = ["FakeRegistry", "RunningRegistry", "bcrypt_hash", "digest_of", "TokenServer", "free_port", "layer_blob", "oci_image", "run_registry"]
+__all__ = ["FakeRegistry", "RunningRegistry", "bcrypt_hash", "digest_of", "ForwardProxy", "TokenServer", "free_port", "layer_blob", "oci_image", "run_registry"]

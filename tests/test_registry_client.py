@@ -12,6 +12,7 @@ import pytest
 from registry_server import (
     FakeRegistry,
     RunningRegistry,
+    ForwardProxy,
     TokenServer,
     bcrypt_hash,
     digest_of,
@@ -271,3 +272,42 @@ def test_bearer_tokens_against_the_real_registry(tmp_path: Path) -> None:
         with RegistryClient(registry.address, tls_verify=False, credentials=("erin", "nope")) as wrong:
             with pytest.raises(RegistryError, match="refused the credentials"):
                 wrong.get_manifest("tok/one", "v1")
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed for a certificate")
+def test_https_registry_certificates_and_proxies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    layer, config, manifest = make_image({"tls": b"tls"})
+    with run_registry(tmp_path / "registry", tls=True) as registry:
+        assert registry.cert is not None
+        with RegistryClient(registry.address, tls_verify=True) as strict:
+            with pytest.raises(RegistryError, match="TLS certificate not trusted.*--tls-verify=false"):
+                strict.has_blob("tls/app", digest_of(layer))
+        with RegistryClient(registry.address, tls_verify=False) as insecure:
+            insecure.upload_blob("tls/app", digest_of(layer), write(tmp_path / "l", layer))
+            insecure.upload_blob("tls/app", digest_of(config), write(tmp_path / "c", config))
+            insecure.put_manifest("tls/app", "1", manifest, OCI_MANIFEST)
+        monkeypatch.setenv("SSL_CERT_FILE", str(registry.cert))
+        with RegistryClient(registry.address, tls_verify=True) as trusting:
+            assert trusting.get_manifest("tls/app", "1").data == manifest
+
+        # Through a proxy, by a name only the proxy can resolve; TLS is verified end to end.
+        with ForwardProxy().serve() as proxy:
+            monkeypatch.setenv("https_proxy", proxy.url)
+            with RegistryClient(f"registry.test:{registry.port}", tls_verify=True) as proxied:
+                assert proxied.fetch_small_blob("tls/app", digest_of(config), tmp_path) == config
+            assert proxy.targets == [f"registry.test:{registry.port}"]
+            # Loopback addresses never go through a proxy.
+            with RegistryClient(registry.address, tls_verify=True) as direct:
+                direct.get_manifest("tls/app", "1")
+            assert len(proxy.targets) == 1
+
+    # Plain HTTP through a proxy: absolute-form requests (after the HTTPS attempt fails).
+    with run_registry(tmp_path / "plain") as plain, ForwardProxy().serve() as proxy:
+        monkeypatch.setenv("http_proxy", proxy.url)
+        monkeypatch.setenv("https_proxy", proxy.url)
+        with RegistryClient(f"registry.test:{plain.port}", tls_verify=False) as proxied:
+            proxied.upload_blob("plain/app", digest_of(layer), write(tmp_path / "l", layer))
+            assert proxied.has_blob("plain/app", digest_of(layer))
+        assert set(proxy.targets) == {f"registry.test:{plain.port}"}

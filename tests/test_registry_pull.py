@@ -354,3 +354,13 @@ def test_absurd_manifests_are_refused_before_downloading(tmp_path: Path, lamina_
         assert not [path for _, path, _ in fake.requests if "/blobs/" in path]
         assert lamina_cmd("pull", "-q", "--tls-verify=false", f"{fake.address}/absurd/img:ok").stdout.strip() \
             == digest_of(config)[7:]
+
+
+@pytest.mark.network
+def test_pull_from_docker_hub(tmp_path: Path, lamina_cmd) -> None:  # type: ignore[no-untyped-def]
+    """The real thing: anonymous Bearer tokens, an image index, redirects to a CDN."""
+    out = lamina_cmd("pull", "-q", "docker.io/library/busybox:latest", timeout=600)
+    image = open_store(tmp_path / "lamina-root").resolve_image("busybox")
+    assert out.stdout.strip() == image.id
+    assert image.config["architecture"] == host_platform().architecture
+    assert (image.layers[-1].path / "bin" / "busybox").exists()
