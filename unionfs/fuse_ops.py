@@ -99,6 +99,7 @@ class UnionOperations(pyfuse3.Operations):
         self.files: dict[int, FileHandle] = {}
         self.dirs: dict[int, DirHandle] = {}
         self._next_dir_fh = 1
+        self._next_fh = 1
         self._copying: dict[int, trio.Event] = {}
 
     # --- helpers ---------------------------------------------------------------------------------
@@ -191,6 +192,14 @@ class UnionOperations(pyfuse3.Operations):
             h.node.fds.append(new_fd)
             self._swap_fd(h, new_fd)
 
+    def _add_file(self, h: FileHandle) -> int:
+        # The kernel keeps the handle number for the life of the open file; the descriptor behind it
+        # may change (a read-only lower descriptor is swapped for the upper copy's after copy-up).
+        fh = self._next_fh
+        self._next_fh += 1
+        self.files[fh] = h
+        return fh
+
     def _swap_fd(self, h: FileHandle, new_fd: int) -> None:
         old = h.fd
         try:
@@ -198,10 +207,8 @@ class UnionOperations(pyfuse3.Operations):
         except ValueError:
             pass
         os.close(old)
-        del self.files[old]
         h.fd = new_fd
         h.in_upper = True
-        self.files[new_fd] = h
 
     # --- lookups and attributes ------------------------------------------------------------------
 
@@ -339,8 +346,7 @@ class UnionOperations(pyfuse3.Operations):
             fd, in_upper = self.core.open(node, os.O_RDONLY)
         else:
             fd, in_upper = self.core.open(node, flags)
-        self.files[fd] = FileHandle(node, fd, in_upper, flags, pending)
-        info = pyfuse3.FileInfo(fh=fd)
+        info = pyfuse3.FileInfo(fh=self._add_file(FileHandle(node, fd, in_upper, flags, pending)))
         info.keep_cache = True
         return info
 
@@ -349,8 +355,7 @@ class UnionOperations(pyfuse3.Operations):
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         node, fd = self.core.create(self.core.node(parent_inode), _name(name), self._mode(mode, ctx), flags,
                                     _caller(ctx))
-        self.files[fd] = FileHandle(node, fd, True, flags)
-        info = pyfuse3.FileInfo(fh=fd)
+        info = pyfuse3.FileInfo(fh=self._add_file(FileHandle(node, fd, True, flags)))
         info.keep_cache = True
         return info, self._entry(node)
 
@@ -381,7 +386,7 @@ class UnionOperations(pyfuse3.Operations):
             if h.pending_copy_up and not self.failed:
                 await self.copy_up(h.node)  # a writable open copies up, even without a write
         finally:
-            self.files.pop(h.fd, None)
+            self.files.pop(fh, None)
             self.core.release(h.node, h.fd)
 
     @fuse_boundary()
