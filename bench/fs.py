@@ -89,15 +89,19 @@ def run_fs_suite(*, quick: bool, reps: int, scale: float, workdir: Path | None,
         if lamina_note is None:
             argv += ["--candidate", f"{LAMINA}={lamina_mount_template()}", "--umount", f"{LAMINA}=fusermount3 -u {{mnt}}"]
         log.info("filesystem suite: %s", " ".join(argv))
-        done = subprocess.run(argv, capture_output=True, text=True)
+        # The tool's progress goes to a file one can follow (tail -f) during a long run.
+        progress = root / "progress.log"
+        with open(progress, "w") as progress_file:
+            done = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=progress_file, text=True)
+        log_lines = progress.read_text().strip().splitlines()
         result_file = out_prefix.with_suffix(".json")
         if not result_file.exists():
-            tail = " | ".join(done.stderr.strip().splitlines()[-4:])
+            tail = " | ".join(log_lines[-4:])
             return SuiteResult("filesystem", SYSTEMS, [], error=f"unionfs_bench.py exited {done.returncode}: {tail}")
         document = json.loads(result_file.read_text())
         suite = rows_from_tool(document, lamina_note)
         suite.details["tool_exit"] = done.returncode
-        suite.details["tool_log_tail"] = done.stderr.strip().splitlines()[-30:]
+        suite.details["tool_log"] = log_lines
         return suite
     finally:
         if temporary:

@@ -94,6 +94,8 @@ def main() -> int:
     parser.add_argument("--scale", type=float, default=0.25)
     parser.add_argument("--workloads", default=DEFAULT_WORKLOADS)
     parser.add_argument("--rate", type=int, default=500, help="py-spy samples per second")
+    parser.add_argument("--native", action="store_true",
+                        help="also sample C/Cython frames (pyfuse3's request loop, system calls)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "profile")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -125,7 +127,9 @@ def main() -> int:
     collapsed = args.out.with_suffix(".collapsed.txt")
     collapsed.parent.mkdir(parents=True, exist_ok=True)
     server = [str(unionfs_command()), "-f", "-o", f"lowerdir={lowers},upperdir={upper},workdir={work}", str(mnt)]
-    recorder = subprocess.Popen([py_spy, "record", "--rate", str(args.rate), "--format", "raw", "--nonblocking",
+    # --nonblocking samples without pausing the server (less distortion) but cannot unwind C frames.
+    sampling = ["--native"] if args.native else ["--nonblocking"]
+    recorder = subprocess.Popen([py_spy, "record", "--rate", str(args.rate), "--format", "raw", *sampling,
                                  "-o", str(collapsed), "--", *server],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     timings: dict[str, dict[str, float]] = {}
