@@ -38,6 +38,7 @@ class Event(Enum):
     CHANGED = "changed"      # the layer's copy shadows a lower copy
     DELETED = "deleted"      # a whiteout for the path itself
     HIDDEN = "hidden"        # gone with a parent: parent whited out, made opaque, or replaced by a file
+    OPAQUE = "opaque"        # a directory made opaque: the lower directories' contents are hidden
 
 
 @dataclass(frozen=True)
@@ -94,8 +95,8 @@ class PathHistory:
         """
         if self.provider is None:
             return []
-        last_gone = max((e.layer for e in self.events if e.event in (Event.DELETED, Event.HIDDEN)),
-                        default=-1)
+        last_gone = max((e.layer for e in self.events
+                         if e.event in (Event.DELETED, Event.HIDDEN, Event.OPAQUE)), default=-1)
         return [c.layer for c in self.copies[:-1] if c.layer >= last_gone]
 
     @property
@@ -289,6 +290,7 @@ def analyze(layers: Sequence[LayerInput]) -> StackAnalysis:
             report.opaque_dirs.append(path)
             if path in merged.visible:
                 hide(path, index, cause=path, keep_self=True)
+                history(path).events.append(PathEvent(index, Event.OPAQUE))
 
         seen_inodes: set[tuple[int, int]] = set()
         for path, is_dir, size, dev, ino in scan.entries:

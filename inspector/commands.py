@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,13 +16,14 @@ from inspector import mounts
 from inspector.analysis import (
     Event,
     LayerInput,
+    PathEvent,
     PathHistory,
     StackAnalysis,
     analyze,
     instructions_for_layers,
     normalize,
 )
-from inspector.render import human_size, render_html, render_svg
+from inspector.render import human_size, percent, render_html, render_svg
 from lamina.errors import ContainerError, ContainerNotFound, ImageNotFound, NotFoundError, UsageError
 
 
@@ -138,16 +138,25 @@ def cmd_which(args: argparse.Namespace) -> int:
             print(f"  {verb:<12} {_describe(analysis, index)}")
     else:
         print(f"{path}: not in the image (deleted)")
-    for event in h.deleted_by:
-        if event.event is Event.DELETED:
-            what = "whiteout"
-        else:
-            what = f"hidden by {event.cause}"
-            layer = analysis.layers[event.layer]
-            what += " (opaque directory)" if event.cause in layer.opaque_dirs else (
-                " (whiteout)" if event.cause in layer.whiteouts else " (replaced by a non-directory)")
-        print(f"  {'removed by':<12} {_describe(analysis, event.layer)}: {what}")
+        for event in h.deleted_by[-1:]:
+            print(f"  {'removed by':<12} {_describe(analysis, event.layer)}: {_removal(analysis, event)}")
+    print("  history:")
+    width = max(len(e.event.value) for e in h.events)
+    for event in h.events:
+        layer = analysis.layers[event.layer]
+        how = f"  [{_removal(analysis, event)}]" if event.cause or event.event is Event.DELETED else ""
+        print(f"    layer {event.layer + 1} ({_short(layer.digest)})  {event.event.value:<{width}}  "
+              f"{layer.instruction or '(no history)'}{how}")
     return 0
+
+
+def _removal(analysis: StackAnalysis, event: PathEvent) -> str:
+    if event.event is Event.DELETED:
+        return "whiteout"
+    layer = analysis.layers[event.layer]
+    kind = ("opaque directory" if event.cause in layer.opaque_dirs else
+            "whiteout" if event.cause in layer.whiteouts else "replaced by a non-directory")
+    return f"hidden by {event.cause} ({kind})"
 
 
 # --- layers --------------------------------------------------------------------------------------
@@ -164,7 +173,7 @@ def layers_table(analysis: StackAnalysis) -> list[str]:
     for row in rows:
         cells = [cell.rjust(w) if 2 <= i <= 6 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row[:-1], widths, strict=True))]
         lines.append("  ".join(cells) + "  " + row[-1])
-    lines.append(f"efficiency {analysis.efficiency * 100:.1f}%: {human_size(analysis.wasted_bytes)} of "
+    lines.append(f"efficiency {percent(analysis.efficiency)}: {human_size(analysis.wasted_bytes)} of "
                  f"{human_size(analysis.total_bytes)} in layers is hidden by later layers")
     return lines
 
@@ -223,42 +232,6 @@ def _select_upto(layers: list[Any], upto: str) -> int:
     return matches.pop() + 1
 
 
-def _find_container(root: Path, name: str) -> tuple[Path, dict[str, Any]] | None:
-    """The runner's container directory and record for an id, unique id prefix or name."""
-    base = root / "containers"
-    if not base.is_dir() or not name or "/" in name:
-        return None
-    exact = base / name / "container.json"
-    candidates = [exact] if exact.is_file() else sorted(base.glob("*/container.json"))
-    matches = []
-    for record_path in candidates:
-        try:
-            record = json.loads(record_path.read_text())
-        except (OSError, ValueError):
-            continue
-        if not isinstance(record, dict):
-            continue
-        cid = record_path.parent.name
-        if cid == name or record.get("name") == name or (len(name) >= 4 and cid.startswith(name)):
-            matches.append((record_path.parent, record))
-    if len(matches) > 1:
-        raise UsageError(f"container {name!r} is ambiguous: {', '.join(m[0].name[:12] for m in matches)}")
-    return matches[0] if matches else None
-
-
-def _container_running(record: dict[str, Any]) -> bool:
-    pid = record.get("pid")
-    if record.get("state", record.get("status")) not in ("running", "created") or not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _mount_request(args: argparse.Namespace) -> mounts.StackRequest:
     from store import Store
 
@@ -266,10 +239,13 @@ def _mount_request(args: argparse.Namespace) -> mounts.StackRequest:
     try:
         image = store.resolve_image(args.target)
     except ImageNotFound:
-        found = _find_container(args.root, args.target)
-        if found is None:
+        from runner.state import ContainerStore
+
+        try:
+            container = ContainerStore(args.root).get(args.target)
+        except ContainerNotFound:
             raise NotFoundError(f"no image or container named {args.target}") from None
-        return _container_request(args, store, *found)
+        return _container_request(args, store, container)
     layers = list(image.layers)
     keep = _select_upto(layers, args.upto) if args.upto else len(layers)
     lowers = [Path(layer.path) for layer in reversed(layers[:keep])]
@@ -277,32 +253,31 @@ def _mount_request(args: argparse.Namespace) -> mounts.StackRequest:
                                container_id=None, layers=keep, scratch_rw=args.rw)
 
 
-def _container_request(args: argparse.Namespace, store: Any, directory: Path,
-                       record: dict[str, Any]) -> mounts.StackRequest:
+def _container_request(args: argparse.Namespace, store: Any, container: Any) -> mounts.StackRequest:
+    """A container's root: its upper directory over its image's layers (over its init layer)."""
     if args.upto:
         raise UsageError("--upto applies to images; mount the container's image to see its layers")
-    image_id = record.get("image_id")
-    if not isinstance(image_id, str):
-        raise ContainerError(f"container {directory.name[:12]}: its record names no image")
     try:
-        image = store.resolve_image(image_id)
+        image = store.resolve_image(container.image_id)
     except ImageNotFound:
-        raise ContainerNotFound(f"{args.target} (its image {image_id[:12]} is gone)") from None
-    upper, work = directory / "upper", directory / "work"
+        raise ContainerError(f"container {container.name}: its image {container.image_id[:12]} is gone") from None
+    upper, work = Path(container.upper), Path(container.work)
     if not upper.is_dir():
-        raise ContainerError(f"container {directory.name[:12]} has no upper directory: {upper}")
-    image_lowers = [Path(layer.path) for layer in reversed(list(image.layers))]
+        raise ContainerError(f"container {container.name} has no upper directory: {upper}")
+    lowers = [Path(layer.path) for layer in reversed(list(image.layers))]
+    init = Path(container.directory) / "init"
+    if init.is_dir():
+        lowers.append(init)   # the runner's bottom layer of mount points, as the container sees it
     if args.rw:
-        if _container_running(record):
-            raise ContainerError(f"container {directory.name[:12]} is running; mount it without --rw "
+        if container.running:
+            raise ContainerError(f"container {container.name} is running; mount it without --rw "
                                  f"(two writers on one upper directory corrupt it)")
         work.mkdir(exist_ok=True)
-        return mounts.StackRequest(lowers=image_lowers, upper=upper, work=work, source=args.target,
-                                   image_id=image.id, container_id=directory.name,
-                                   layers=len(image_lowers))
+        return mounts.StackRequest(lowers=lowers, upper=upper, work=work, source=args.target,
+                                   image_id=image.id, container_id=container.id, layers=len(image.layers))
     # Read-only view: the container layer becomes the topmost lowerdir.
-    return mounts.StackRequest(lowers=[upper, *image_lowers], upper=None, work=None, source=args.target,
-                               image_id=image.id, container_id=directory.name, layers=len(image_lowers))
+    return mounts.StackRequest(lowers=[upper, *lowers], upper=None, work=None, source=args.target,
+                               image_id=image.id, container_id=container.id, layers=len(image.layers))
 
 
 def cmd_mount(args: argparse.Namespace) -> int:

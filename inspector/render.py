@@ -37,6 +37,12 @@ def human_size(n: int) -> str:
     raise AssertionError("unreachable")
 
 
+def percent(fraction: float) -> str:
+    """An efficiency as a percentage that never rounds a loss up to 100%."""
+    text = f"{fraction * 100:.1f}%"
+    return "99.9%" if text == "100.0%" and fraction < 1 else text
+
+
 def band_height(size: int) -> int:
     return MIN_BAND + round(BAND_PER_DECADE * math.log10(1 + size))
 
@@ -110,7 +116,7 @@ def render_svg(analysis: StackAnalysis, title: str = "") -> str:
         f'<text x="{MARGIN}" y="44" class="caption">{count} layers, '
         f"{escape(human_size(analysis.total_bytes))} in layers, "
         f"{escape(human_size(analysis.wasted_bytes))} wasted, efficiency "
-        f"{analysis.efficiency * 100:.1f}%  (top = newest; band height ~ log of bytes)</text>",
+        f"{percent(analysis.efficiency)}  (top = newest; band height ~ log of bytes)</text>",
     ]
     y = header
     out.append(
@@ -165,7 +171,7 @@ def render_html(analysis: StackAnalysis, title: str) -> str:
         "<th>deleted</th><th>wasted</th><th>whiteouts</th><th>diff id</th></tr></thead><tbody>",
         *rows,
         "</tbody></table>",
-        f"<p>Efficiency {analysis.efficiency * 100:.1f}% ({escape(human_size(analysis.wasted_bytes))} of "
+        f"<p>Efficiency {percent(analysis.efficiency)} ({escape(human_size(analysis.wasted_bytes))} of "
         f"{escape(human_size(analysis.total_bytes))} in layers is hidden by later layers).</p>",
         "</body></html>",
     ])

@@ -151,3 +151,13 @@ def test_instructions_and_paths() -> None:
     assert instructions_for_layers(history, 2) == ["ADD rootfs", "RUN touch x"]
     assert instructions_for_layers(history, 3) == ["", "ADD rootfs", "RUN touch x"]
     assert instructions_for_layers(history, 1) == ["RUN touch x"]
+
+
+def test_opaque_directory_does_not_merge_with_lower_copies(three_layers: list[LayerInput]) -> None:
+    a = analyze(three_layers)
+    app = a.history("/opt/app")
+    assert app is not None and app.provider == 2
+    assert app.shadowed == []                       # layer 1's /opt/app is hidden, not merged
+    assert [e.event for e in app.events] == [Event.ADDED, Event.OPAQUE]
+    opt = a.history("/opt")
+    assert opt is not None and opt.provider == 2 and opt.shadowed == [0]   # a plain merge
