@@ -79,3 +79,27 @@ def test_quick_rejects_a_failed_or_missing_measurement() -> None:
     no_competitor_number.rows[0].samples.pop("podman root/overlay")
     assert quick_problems([no_competitor_number])
     assert quick_problems([SuiteResult("build", ["lamina"], [], error="podman missing")])
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_podman_env_runs_rootless_and_leaves_nothing(tmp_path: Path) -> None:
+    from bench.containers import make_busybox_tarball
+    from bench.podman_env import ensure_bench_user, open_podman_env
+
+    user = ensure_bench_user()
+    with open_podman_env(storage_driver="vfs", user=user) as podman:
+        tarball = make_busybox_tarball(podman.base / "rootfs.tar")
+        podman.chown_for_user(tarball)
+        podman.run(["import", str(tarball), "localhost/bench-test:latest"])
+        done = podman.run(["run", "--rm", "--network", "none", "localhost/bench-test:latest", "id", "-u"])
+        assert done.stdout.decode().strip() == "0"  # root in the container, user outside
+        info = podman.run(["info", "--format", "{{.Host.Security.Rootless}} {{.Store.GraphRoot}}"])
+        rootless, graphroot = info.stdout.decode().split()
+        assert rootless == "true" and graphroot == str(podman.graphroot)
+        base, runroot = podman.base, podman.runroot
+        pause_pids = podman._pause_pids()
+    assert not base.exists() and not runroot.exists()
+    for pid in pause_pids:
+        state = Path(f"/proc/{pid}/stat")
+        assert not state.exists() or state.read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
