@@ -520,3 +520,12 @@ def test_flatten_redirects_makes_the_upper_self_contained(layers: Layers) -> Non
     assert names(alone, "moved") == {"a", "inner2"}
     assert read(alone, "moved/inner2/x") == b"x"
     assert names(layers.open(), "moved") == {"a", "inner2"}
+
+
+def test_mark_opaque_writes_a_marker_every_reader_sees(tmp_path: Path) -> None:
+    d = tmp_path / "d"
+    d.mkdir()
+    ondisk.mark_opaque(str(d))
+    assert os.getxattr(d, "user.overlay.opaque") == b"y"  # readable inside a user namespace too
+    if IS_ROOT:
+        assert os.getxattr(d, "trusted.overlay.opaque") == b"y"

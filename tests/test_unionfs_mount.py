@@ -450,3 +450,15 @@ def test_open_union_mount_does_not_block_trio(tmp_path: Path) -> None:
 
     trio.run(main)
     assert ticks > 3 and not os.path.ismount(mnt)
+
+
+def test_overwrite_with_o_trunc_truncates(tmp_path: Path, union_mount: Callable) -> None:
+    lowers, upper, work = make_layers(tmp_path)
+    (lowers[0] / "ten").write_text("mmmmmmmmmm")
+    m = union_mount(lowers, upper, work).mountpoint
+    with open(m / "ten", "w") as f:
+        f.write("hi\n")
+    assert (m / "ten").read_text() == "hi\n"
+    assert (upper / "ten").read_text() == "hi\n"
+    (m / "ten").write_text("again")
+    assert (m / "ten").read_text() == "again"

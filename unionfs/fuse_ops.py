@@ -335,7 +335,9 @@ class UnionOperations(pyfuse3.Operations):
             if self.failed or self.core.readonly:
                 raise pyfuse3.FUSEError(errno.EIO if self.failed else errno.EROFS)
             if not node.in_upper:
-                if node.kind == stat.S_IFREG and self.core.stat(node)[0].st_size > THREAD_COPY_BYTES:
+                if flags & os.O_TRUNC:
+                    await self.copy_up(node, truncate=True)  # libfuse's atomic_o_trunc: no data to copy
+                elif node.kind == stat.S_IFREG and self.core.stat(node)[0].st_size > THREAD_COPY_BYTES:
                     # O_TRUNC reaches us later as setattr(size=0): copy no data for it.
                     pending = True
                 else:

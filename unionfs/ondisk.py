@@ -238,14 +238,20 @@ def remove_whiteout(dir_fd: int, name: str) -> bool:
 
 
 def mark_opaque(path: str | int, namespace: XattrNamespace | None = None) -> None:
-    """Mark a directory opaque with the xattr the kernel reads (trusted as root, user otherwise)."""
+    """Mark a directory opaque with the xattrs the kernel reads.
+
+    ``trusted.overlay.opaque`` when we may write it (root in the initial namespace), and always
+    ``user.overlay.opaque`` too: a filesystem server inside a user namespace cannot read trusted.*
+    xattrs, and the kernel reads the user.* name with ``-o userxattr``.
+    """
     ns = namespace or XattrNamespace.for_current_user()
-    try:
-        os.setxattr(path, ns.opaque_xattr, b"y", follow_symlinks=isinstance(path, int))
-    except PermissionError:
-        if ns is XattrNamespace.USER:
-            raise
-        os.setxattr(path, USER_OPAQUE, b"y", follow_symlinks=isinstance(path, int))
+    follow = isinstance(path, int)
+    if ns is XattrNamespace.TRUSTED:
+        try:
+            os.setxattr(path, TRUSTED_OPAQUE, b"y", follow_symlinks=follow)
+        except PermissionError:
+            pass
+    os.setxattr(path, USER_OPAQUE, b"y", follow_symlinks=follow)
 
 
 def clear_opaque(path: str | int) -> None:

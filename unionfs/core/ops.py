@@ -97,12 +97,13 @@ class UnionFS(UnionTree):
         return None
 
     def mark_opaque(self, path: str) -> None:
-        ufd = self._upper_fd()
-        try:
-            setxattr_at(ufd, path, self.xattr_ns.opaque_xattr, b"y")
-        except PermissionError:
-            setxattr_at(ufd, path, ondisk.USER_OPAQUE, b"y")
+        self._set_marker(self._upper_fd(), path, ondisk.TRUSTED_OPAQUE, ondisk.USER_OPAQUE, b"y")
         self.emit(f"opaque /{path}")
+
+    def _set_marker(self, fd: int, path: str, trusted: str, user: str, value: bytes) -> None:
+        """Write an overlay marker in the one namespace this mount uses (probed at start): the
+        kernel shows user.overlay.* as ordinary xattrs unless mounted with userxattr."""
+        setxattr_at(fd, path, trusted if self.xattr_ns is ondisk.XattrNamespace.TRUSTED else user, value)
 
     def _forget_name(self, node: Node, parent: Node, name: str) -> None:
         self.table.unlink_name(node, parent, name)
@@ -142,8 +143,7 @@ class UnionFS(UnionTree):
             make(self.work_fd, tmp)
             self._own(self.work_fd, tmp, caller, pst, mode)
             if opaque:
-                setxattr_at(self.work_fd, tmp, self.xattr_ns.opaque_xattr, b"y") \
-                    if self._can_trusted() else setxattr_at(self.work_fd, tmp, ondisk.USER_OPAQUE, b"y")
+                self._set_marker(self.work_fd, tmp, ondisk.TRUSTED_OPAQUE, ondisk.USER_OPAQUE, b"y")
             if wh == "char" and is_dir:
                 renameat2(self.work_fd, tmp, ufd, path, RENAME_EXCHANGE)
                 os.unlink(tmp, dir_fd=self.work_fd)
@@ -332,10 +332,8 @@ class UnionFS(UnionTree):
             target = "/" + node.lowers[0][1]
             current = getxattr_at(ufd, old_path, self.xattr_ns.redirect_xattr)
             if current != os.fsencode(target):
-                try:
-                    setxattr_at(ufd, old_path, self.xattr_ns.redirect_xattr, os.fsencode(target))
-                except PermissionError:
-                    setxattr_at(ufd, old_path, ondisk.USER_REDIRECT, os.fsencode(target))
+                self._set_marker(ufd, old_path, ondisk.TRUSTED_REDIRECT, ondisk.USER_REDIRECT,
+                                 os.fsencode(target))
             self.emit(f"redirect /{old_path} -> /{new_path}")
         elif not node.opaque and self.lower_has(newp, newn):
             self.mark_opaque(old_path)
@@ -528,9 +526,11 @@ class UnionFS(UnionTree):
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         if writable:
             ensure_writable(self)
-            self.copy_up(node)
+            self.copy_up(node, truncate=bool(flags & os.O_TRUNC))
         layer, path = self.backing(node)
         keep = flags & (os.O_ACCMODE | os.O_SYNC | os.O_DSYNC)
+        if writable and flags & os.O_TRUNC:
+            keep |= os.O_TRUNC
         fd = os.open(path, keep | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=layer.fd)
         node.fds.append(fd)
         return fd, layer.is_upper
