@@ -55,7 +55,7 @@ from builder.fsops import (
     set_owner_mode,
 )
 from builder.shellwords import Lexer
-from builder.variables import BuildArgs, StageScope
+from builder.variables import BuildArgs, FixedScope, StageScope
 from lamina.errors import BuildError, DockerfileError, ImageNotFound, LaminaError
 
 if TYPE_CHECKING:
@@ -224,7 +224,7 @@ class Builder:
     def _build_stage(self, stage: df.Stage) -> StageState:
         from_ = stage.from_
         self._announce(from_.text)
-        from_.expand(_GlobalScope(self.lexer, self.build_args.global_variables()))
+        from_.expand(FixedScope(self.lexer, self.build_args.global_variables()))
         image_ref = from_.image
         base: Image | None = None
         parent_state: StageState | None = None
@@ -756,15 +756,6 @@ def _remove_tree(path: Path) -> None:
         remove_tree(path)
     except OSError as e:
         log.info("could not remove %s: %s", path, e)
-
-
-class _GlobalScope:
-    def __init__(self, lexer: Lexer, values: dict[str, str]) -> None:
-        self.lexer = lexer
-        self._values = values
-
-    def variables(self) -> dict[str, str]:
-        return self._values
 
 
 def build(store: Store, options: BuildOptions, stream: TextIO | None = None) -> Image:

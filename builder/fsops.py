@@ -341,10 +341,19 @@ def copy_view_entry(view: LayerView, backing: str, st: os.stat_result, merged: t
 
 
 def prune_empty_dirs(diff: str, container_dirs: list[str], view: LayerView) -> None:
-    """Remove directories a RUN step's mount points left in its upper directory when they are empty
-    and did not exist in the parent image (build scaffolding must not land in a layer)."""
+    """Remove the mount points a RUN step's ``--mount`` targets left in its upper directory (empty
+    directories or empty files the parent image did not have, and copied-up parents left unchanged):
+    build scaffolding must not land in a layer."""
     for container_dir in sorted(container_dirs, key=lambda p: -p.count("/")):
         parts = [p for p in posixpath.normpath(container_dir).split("/") if p]
+        # A file mount point (binding a single file) is an empty file the sandbox created.
+        if parts:
+            host = os.path.join(diff, *parts)
+            st = _lstat(host)
+            if st is not None and stat.S_ISREG(st.st_mode) and st.st_size == 0 and \
+                    view.lookup("/" + "/".join(parts), follow=False) is None:
+                os.unlink(host)
+                parts.pop()
         while parts:
             host = os.path.join(diff, *parts)
             container = "/" + "/".join(parts)

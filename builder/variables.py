@@ -58,10 +58,10 @@ class BuildArgs:
 
     def declare_global(self, arg: Arg) -> None:
         """Process one ARG line before the first FROM."""
-        arg.expand(_FixedScope(self.lexer, {}))
+        arg.expand(FixedScope(self.lexer, {}))
         resolved = []
         for name, raw_default in arg.defaults:
-            default = arg.expand_default(_FixedScope(self.lexer, self.global_variables()), raw_default)
+            default = arg.expand_default(FixedScope(self.lexer, self.global_variables()), raw_default)
             value = self.given.get(name, default)
             if name in self.given:
                 self.used.add(name)
@@ -76,7 +76,9 @@ class BuildArgs:
         return sorted(k for k in self.given if k not in self.used and k not in PROXY_ARGS)
 
 
-class _FixedScope:
+class FixedScope:
+    """A scope of fixed values (the global scope of FROM lines and pre-FROM ARGs)."""
+
     def __init__(self, lexer: Lexer, values: Mapping[str, str]) -> None:
         self.lexer = lexer
         self._values = values

@@ -12,10 +12,11 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from harness import REPO_ROOT
+from harness import REPO_ROOT, UnprivilegedUser
 
 pytestmark = pytest.mark.fuse
 
@@ -261,3 +262,99 @@ RUN echo "who=$WHO alt=[$ALT] d=$DEFAULTED" > /vars
     result = lamina.build(ctx, dockerfile, "-t", "vars", "--build-arg", "WHO=me", "--build-arg", "EXTRA=1")
     assert "[Warning] one or more build-args ['EXTRA'] were not consumed" in result.stdout
     assert lamina.run("vars", "cat /vars") == "who=me alt=[] d=dflt\n"
+
+
+@pytest.mark.unprivileged
+@pytest.mark.slow
+def test_unprivileged_build(unpriv: UnprivilegedUser) -> None:
+    """A build as a user without root: RUN (with a chown inside), COPY --chown, cache, run."""
+    ctx = unpriv.workdir / "ctx"
+    ctx.mkdir()
+    (ctx / "app.txt").write_text("app file\n")
+    # Without subordinate ids only container root is mapped: chown to another id is impossible
+    # inside the sandbox (the kernel refuses unmapped ids), as with rootless podman.
+    chown = "chown 1:1 /owned" if unpriv.has_subids else "true"
+    (ctx / "Dockerfile").write_text(
+        "FROM lamina/busybox\n"
+        "RUN mkdir -p /d && echo a > /d/a && echo b > /d/b && echo 1:x:1: >> /etc/group\n"
+        f"RUN rm -rf /d && mkdir /d && echo y > /d/y && touch /owned && {chown}\n"
+        "COPY --chown=7:8 app.txt /app/\n"
+        "WORKDIR /app\n"
+        'CMD ["sh", "-c", "ls -A /d; stat -c \'%u:%g\' /owned /app/app.txt; cat app.txt"]\n')
+    unpriv.chown_tree(ctx)
+    result = unpriv.lamina("build", "-t", "unpriv-built", str(ctx))
+    assert result.returncode == 0, result.stderr
+    again = unpriv.lamina("build", "-t", "unpriv-built", str(ctx))
+    assert again.returncode == 0 and again.stdout.count("--> CACHED") == 5, again.stdout + again.stderr
+    run = unpriv.lamina("run", "--rm", "--network", "none", "unpriv-built")
+    assert run.returncode == 0, run.stderr
+    owned = "1:1" if unpriv.has_subids else "0:0"
+    assert run.stdout == f"y\n{owned}\n7:8\napp file\n"
+
+
+def test_add_url_with_checksum_and_run_forms(lamina: Lamina, ctx: Path, tmp_path: Path) -> None:
+    import hashlib
+    import http.server
+    import threading
+
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "remote.txt").write_text("from the web\n")
+    digest = hashlib.sha256(b"from the web\n").hexdigest()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, directory=str(served), **kwargs)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/remote.txt"
+        (ctx / "mounted.txt").write_text("bind-mounted\n")
+        dockerfile = f"""\
+FROM lamina/busybox
+ADD --checksum=sha256:{digest} {url} /web/
+RUN --mount=type=bind,source=mounted.txt,target=/mnt/m.txt cp /mnt/m.txt /copied.txt
+RUN ["/bin/sh", "-c", "echo exec-form > /exec.txt"]
+RUN --network=none <<EOF
+#!/bin/sh
+echo "script via shebang: $0" > /script.txt
+EOF
+"""
+        lamina.build(ctx, dockerfile, "-t", "addurl", "--label", "built.by=test")
+        out = lamina.run("addurl", "cat /web/remote.txt /copied.txt /exec.txt /script.txt; test -e /mnt/m.txt || echo gone")
+        assert out == "from the web\nbind-mounted\nexec-form\nscript via shebang: /dev/pipes/EOF\ngone\n"
+        assert lamina.image("addurl")["config"]["config"]["Labels"] == {"built.by": "test"}
+        bad = lamina.build(ctx, f"FROM lamina/busybox\nADD --checksum=sha256:{'0' * 64} {url} /web/\n",
+                           check=False)
+        assert bad.returncode == 125 and "checksum mismatch" in bad.stderr
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_copy_destination_rules(lamina: Lamina, ctx: Path) -> None:
+    (ctx / "f.txt").write_text("f\n")
+    (ctx / "dir").mkdir()
+    (ctx / "dir" / "inner.txt").write_text("inner\n")
+    dockerfile = """\
+FROM lamina/busybox
+WORKDIR /w
+COPY f.txt renamed.txt
+COPY f.txt /etc/
+COPY dir /copied-dir
+COPY dir/ /copied-dir2/
+COPY --from=lamina/busybox /bin/busybox /from-image/busybox
+"""
+    lamina.build(ctx, dockerfile, "-t", "destrules")
+    out = lamina.run("destrules", "cat /w/renamed.txt /etc/f.txt /copied-dir/inner.txt /copied-dir2/inner.txt; "
+                                  "test -x /from-image/busybox && echo exe; test -d /copied-dir/dir || echo flat")
+    assert out == "f\nf\ninner\ninner\nexe\nflat\n"
+    many = lamina.build(ctx, "FROM lamina/busybox\nCOPY f.txt dir /nodir\n", check=False)
+    assert many.returncode == 125 and "must be a directory and end with a /" in many.stderr
+    escape = lamina.build(ctx, "FROM lamina/busybox\nCOPY ../x /\n", check=False)
+    assert escape.returncode == 125 and "outside the build context" in escape.stderr
