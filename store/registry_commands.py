@@ -26,16 +26,16 @@ from typing import TextIO
 from lamina.errors import RegistryError, UsageError
 from store.layer_unpack import Limits
 from store.reference import DEFAULT_REGISTRY, Reference
-from store.registry import (
+from store.registry import RegistryClient
+from store.registry_auth import lookup_credentials, parse_creds, remove_credentials, store_credentials
+from store.registry_manifest import (
     DOCKER_MANIFEST,
     IMAGE_MANIFEST_TYPES,
     OCI_MANIFEST,
-    RegistryClient,
     check_digest,
     config_descriptor,
     iter_layers,
 )
-from store.registry_auth import lookup_credentials, parse_creds, remove_credentials, store_credentials
 from store.store import Image, Store
 
 log = logging.getLogger(__name__)

@@ -382,7 +382,7 @@ def layer_blob(files: dict[str, bytes]) -> bytes:
 
 def oci_image(layers: list[bytes], arch: str | None = None) -> tuple[bytes, bytes]:
     """(config, OCI manifest) bytes of a linux image made of gzip ``layers`` (for this host by default)."""
-    from store.registry import OCI_MANIFEST, host_platform
+    from store.registry_manifest import OCI_MANIFEST, host_platform
 
     config = json.dumps({
         "architecture": arch or host_platform().architecture, "os": "linux",
@@ -440,7 +440,7 @@ class FakeRegistry:
 
     def add_image(self, repository: str, tag: str, layers: list[bytes]) -> tuple[bytes, bytes]:
         """Serve an image of ``layers`` as ``repository:tag``; returns (config, manifest) bytes."""
-        from store.registry import OCI_MANIFEST
+        from store.registry_manifest import OCI_MANIFEST
 
         config, manifest = oci_image(layers)
         for blob in (*layers, config):

@@ -87,7 +87,8 @@ def test_login_logout_cli(tmp_path: Path, lamina_cmd) -> None:  # type: ignore[n
         # pull and push find the stored credentials without --creds.
         from registry_server import layer_blob, oci_image
 
-        from store.registry import OCI_MANIFEST, RegistryClient
+        from store.registry import RegistryClient
+        from store.registry_manifest import OCI_MANIFEST
 
         layer = layer_blob({"a": b"a"})
         config, manifest = oci_image([layer])

@@ -22,16 +22,8 @@ from registry_server import (
 )
 
 from lamina.errors import RegistryError
-from store.registry import (
-    DOCKER_MANIFEST,
-    OCI_INDEX,
-    OCI_MANIFEST,
-    Platform,
-    RegistryClient,
-    host_platform,
-    parse_www_authenticate,
-    select_platform,
-)
+from store.registry import RegistryClient
+from store.registry_manifest import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Platform, host_platform
 
 pytestmark = pytest.mark.skipif(shutil.which("docker-registry") is None, reason="docker-registry not installed")
 
@@ -132,30 +124,6 @@ def test_index_picks_host_platform(registry: RunningRegistry, tmp_path: Path) ->
         assert manifest.digest == entries[1]["digest"]
         with pytest.raises(RegistryError, match="no manifest for linux/riscv64.*offers: linux/"):
             client.get_image_manifest("multi/img", "latest", Platform("linux", "riscv64"))
-
-
-def test_select_platform_variants() -> None:
-    index = {"manifests": [
-        {"digest": "a", "platform": {"os": "linux", "architecture": "arm", "variant": "v6"}},
-        {"digest": "b", "platform": {"os": "linux", "architecture": "arm", "variant": "v7"}},
-        {"digest": "c", "platform": {"os": "linux", "architecture": "arm64"}},
-        {"digest": "d", "platform": {"os": "unknown", "architecture": "unknown"}},
-    ]}
-    assert select_platform(index, Platform("linux", "arm", "v7"))["digest"] == "b"
-    assert select_platform(index, Platform("linux", "arm64", "v8"))["digest"] == "c"
-    with pytest.raises(RegistryError, match="linux/amd64"):
-        select_platform(index, Platform("linux", "amd64"))
-
-
-def test_parse_www_authenticate() -> None:
-    c = parse_www_authenticate('Bearer realm="https://auth.example/token",service="reg",'
-                               'scope="repository:a/b:pull,push"')
-    assert c is not None and c.scheme == "bearer"
-    assert c.params == {"realm": "https://auth.example/token", "service": "reg",
-                        "scope": "repository:a/b:pull,push"}
-    basic = parse_www_authenticate('Basic realm="x"')
-    assert basic is not None and basic.scheme == "basic"
-    assert parse_www_authenticate("Negotiate abc") is None
 
 
 def test_basic_auth_registry(tmp_path: Path) -> None:

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 from registry_server import FakeRegistry, RunningRegistry, bcrypt_hash, digest_of, layer_blob, oci_image, run_registry
 
-from store.registry import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, RegistryClient, host_platform
+from store.registry import RegistryClient
+from store.registry_manifest import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, host_platform
 
 pytestmark = pytest.mark.skipif(shutil.which("docker-registry") is None, reason="docker-registry not installed")
 

@@ -1,0 +1,99 @@
+"""Pure checks of what registries send: digests, manifests, indexes, challenges, proxies (no network)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lamina.errors import RegistryError
+from store.registry import parse_www_authenticate, proxy_for
+from store.registry_manifest import (
+    DOCKER_MANIFEST,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    Platform,
+    check_digest,
+    config_descriptor,
+    host_platform,
+    iter_layers,
+    manifest_media_type,
+    select_platform,
+)
+
+GOOD = "sha256:" + "ab" * 32
+
+
+def test_check_digest_is_strict() -> None:
+    assert check_digest(GOOD) == GOOD
+    for bad in ("sha256:" + "AB" * 32, "sha256:" + "ab" * 31, "sha512:" + "ab" * 64, "sha256:../../x",
+                GOOD + "\n", None, 42, "sha256:" + "ab" * 32 + "/.."):
+        with pytest.raises(RegistryError, match="invalid or unsupported"):
+            check_digest(bad)
+
+
+def test_manifest_media_type() -> None:
+    assert manifest_media_type(json.dumps({"mediaType": DOCKER_MANIFEST}).encode(), OCI_MANIFEST) == DOCKER_MANIFEST
+    assert manifest_media_type(b'{"schemaVersion": 2, "layers": []}', f"{OCI_MANIFEST}; charset=utf-8") == OCI_MANIFEST
+    assert manifest_media_type(b'{"schemaVersion": 2, "manifests": []}', "application/json") == OCI_INDEX
+    with pytest.raises(RegistryError, match="not valid JSON"):
+        manifest_media_type(b"\xff{", None)
+
+
+def test_layers_and_config_are_checked() -> None:
+    layer = {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": GOOD, "size": 3}
+    assert list(iter_layers({"layers": [layer]})) == [layer]
+    for bad in ({"layers": "x"}, {"layers": [dict(layer, size=-1)]}, {"layers": [dict(layer, size="3")]},
+                {"layers": [dict(layer, digest="sha256:x")]}, {}):
+        with pytest.raises(RegistryError):
+            list(iter_layers(bad))
+    assert config_descriptor({"config": {"digest": GOOD, "size": 10}})["size"] == 10
+    with pytest.raises(RegistryError, match="valid size"):
+        config_descriptor({"config": {"digest": GOOD, "size": 1 << 40}})
+
+
+def test_host_platform_is_linux() -> None:
+    host = host_platform()
+    assert host.os == "linux" and host.architecture not in ("x86_64", "aarch64")
+
+
+def test_select_platform_variants() -> None:
+    index = {"manifests": [
+        {"digest": "a", "platform": {"os": "linux", "architecture": "arm", "variant": "v6"}},
+        {"digest": "b", "platform": {"os": "linux", "architecture": "arm", "variant": "v7"}},
+        {"digest": "c", "platform": {"os": "linux", "architecture": "arm64"}},
+        {"digest": "d", "platform": {"os": "unknown", "architecture": "unknown"}},
+    ]}
+    assert select_platform(index, Platform("linux", "arm", "v7"))["digest"] == "b"
+    assert select_platform(index, Platform("linux", "arm64", "v8"))["digest"] == "c"
+    with pytest.raises(RegistryError, match="linux/amd64"):
+        select_platform(index, Platform("linux", "amd64"))
+
+
+def test_parse_www_authenticate() -> None:
+    c = parse_www_authenticate('Bearer realm="https://auth.example/token",service="reg",'
+                               'scope="repository:a/b:pull,push"')
+    assert c is not None and c.scheme == "bearer"
+    assert c.params == {"realm": "https://auth.example/token", "service": "reg",
+                        "scope": "repository:a/b:pull,push"}
+    basic = parse_www_authenticate('Basic realm="x"')
+    assert basic is not None and basic.scheme == "basic"
+    assert parse_www_authenticate("Negotiate abc") is None
+
+
+
+def test_proxy_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    assert proxy_for("https", "registry.example:5000") is None
+    monkeypatch.setenv("https_proxy", "http://user:p%40ss@proxy.example:3128")
+    monkeypatch.setenv("no_proxy", "internal.example")
+    proxy = proxy_for("https", "registry.example:5000")
+    assert proxy is not None and proxy.netloc == "proxy.example:3128"
+    assert proxy.headers == {"Proxy-Authorization": "Basic dXNlcjpwQHNz"}
+    assert proxy_for("https", "internal.example") is None
+    assert proxy_for("https", "127.0.0.1:5000") is None and proxy_for("https", "localhost:5000") is None
+    assert proxy_for("http", "registry.example") is None
+    monkeypatch.setenv("https_proxy", "socks5://proxy.example:1080")
+    with pytest.raises(RegistryError, match="only http:// proxies"):
+        proxy_for("https", "registry.example")
