@@ -69,7 +69,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def quick_problems(suites: list[SuiteResult]) -> list[str]:
-    """What makes a --quick run a failure: a suite that did not run, a cell with neither number nor reason."""
+    """What makes a --quick run a failure: a suite that did not run, a wrong result, a cell with
+    neither a number nor a reason."""
     problems = []
     for suite in suites:
         if suite.error:
@@ -79,6 +80,9 @@ def quick_problems(suites: list[SuiteResult]) -> list[str]:
             problems.append(f"{suite.name}: no rows")
         for row in suite.rows:
             for system in suite.systems:
+                note = row.notes.get(system, "")
+                if note.startswith("wrong result"):  # measured, but the workload's check failed
+                    problems.append(f"{suite.name}/{row.key}/{system}: {note}")
                 if row.median(system) is not None:
                     continue
                 note = row.notes.get(system, "no measurement and no reason")

@@ -79,6 +79,9 @@ def test_quick_rejects_a_failed_or_missing_measurement() -> None:
     no_competitor_number.rows[0].samples.pop("podman root/overlay")
     assert quick_problems([no_competitor_number])
     assert quick_problems([SuiteResult("build", ["lamina"], [], error="podman missing")])
+    wrong = _suite(None)
+    wrong.rows[0].note("lamina", "wrong result: find cold: 203 files (expected 204)")
+    assert quick_problems([wrong])
 
 
 @pytest.mark.root
