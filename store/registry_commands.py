@@ -32,6 +32,7 @@ from store.registry_manifest import (
     DOCKER_MANIFEST,
     IMAGE_MANIFEST_TYPES,
     OCI_MANIFEST,
+    Platform,
     check_digest,
     config_descriptor,
     iter_layers,
@@ -164,8 +165,11 @@ def _open_store(root: Path) -> Store:
 # ----- pull -----
 
 
-def pull_image(store: Store, ref: Reference, client: RegistryClient, progress: Progress) -> Image:
+def pull_image(store: Store, ref: Reference, client: RegistryClient, progress: Progress,
+               platform: Platform | None = None) -> Image:
     """Download ``ref`` into ``store`` (only the blobs it lacks) and record it; returns the Image.
+
+    From an image index, the manifest for ``platform`` (default: this host) is chosen.
 
     Error handling: RegistryError for anything the registry refuses or gets wrong; the store then
     holds no new image and no unverified byte.
@@ -173,7 +177,7 @@ def pull_image(store: Store, ref: Reference, client: RegistryClient, progress: P
     repository = ref.repository
     reference = ref.digest or ref.tag or "latest"
     progress.line(f"Trying to pull {ref}...")
-    manifest, _index = client.get_image_manifest(repository, reference)
+    manifest, _index = client.get_image_manifest(repository, reference, platform)
     if manifest.media_type not in IMAGE_MANIFEST_TYPES:
         raise RegistryError(f"{ref}: unsupported manifest type {manifest.media_type}")
     doc = manifest.json()
@@ -247,7 +251,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     progress = Progress(_progress_stream(args.quiet))
     with RegistryClient(api_host(registry), tls_verify=args.tls_verify,
                         credentials=_credentials(args, registry)) as client:
-        image = pull_image(store, ref, client, progress)
+        image = pull_image(store, ref, client, progress, args.platform)
     print(image.id)
     return 0
 
@@ -353,6 +357,13 @@ def cmd_logout(args: argparse.Namespace) -> int:
     return 0
 
 
+def _platform(text: str) -> Platform:
+    parts = text.split("/")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise argparse.ArgumentTypeError(f"expected OS/ARCH[/VARIANT], got {text!r}")
+    return Platform(*parts)
+
+
 def _tls_verify(text: str) -> bool:
     value = text.lower()
     if value in ("true", "1", "yes"):
@@ -380,6 +391,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                  description="Download an image (only the layers the store lacks).")
     pull.add_argument("reference", metavar="REF", help="[HOST[:PORT]/]NAME[:TAG|@DIGEST]")
     _add_transfer_options(pull, quiet_help="no progress, only the image ID")
+    pull.add_argument("--platform", type=_platform, metavar="OS/ARCH[/VARIANT]",
+                      help="which image of a multi-platform index (default: this host's)")
     pull.set_defaults(handler=cmd_pull)
 
     push = subparsers.add_parser("push", help="upload an image to a registry",

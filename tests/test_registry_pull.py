@@ -173,6 +173,14 @@ def test_pull_index_picks_host_platform(registry: RunningRegistry, tmp_path: Pat
     assert out.stdout.strip() == entries[1][1][7:]
     image = open_store(tmp_path / "lamina-root").resolve_image(f"{registry.address}/multi/app:latest")
     assert image.config["architecture"] == host
+    # Another platform on request (an image lamina could only run under emulation).
+    out = lamina_cmd("pull", "--tls-verify=false", "--platform", f"linux/{other}", f"{registry.address}/multi/app")
+    assert out.stdout.strip() == entries[0][1][7:]
+    missing = lamina_cmd("pull", "--tls-verify=false", "--platform", "linux/mips64le", f"{registry.address}/multi/app",
+                         check=False)
+    assert missing.returncode == 125 and f"offers: linux/{other}, linux/{host}" in missing.stderr
+    bad = lamina_cmd("pull", "--platform", "linux", f"{registry.address}/multi/app", check=False)
+    assert bad.returncode == 125 and "--platform" in bad.stderr
 
 
 def test_lying_registry_is_refused_and_store_untouched(tmp_path: Path, lamina_cmd) -> None:  # type: ignore[no-untyped-def]
