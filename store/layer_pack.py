@@ -114,7 +114,11 @@ class _Packer:
             return info
         assert path is not None
         uid, gid, mode = ondisk.effective_owner(path, st)
-        info.uid, info.gid = self.idmap.uid(uid), self.idmap.gid(gid)
+        if stat.S_ISLNK(st.st_mode) or ondisk.read_owner_override(path) is None:
+            # A real on-disk owner is a host id: map it back to the container's. An override
+            # already holds container ids.
+            uid, gid = self.idmap.uid(uid), self.idmap.gid(gid)
+        info.uid, info.gid = uid, gid
         info.mode = stat.S_IMODE(mode)
         info.mtime = int(st.st_mtime)
         if not stat.S_ISLNK(st.st_mode):
