@@ -362,18 +362,18 @@ class _Extractor:
                 os.close(fd)
         for path in plan.opaque:
             if not path:
-                ondisk.mark_opaque(self.root_path)
+                _mark_opaque(self.root_path)
                 continue
             fd = self._open_dir(path[:-1])
             try:
                 os.stat(path[-1], dir_fd=fd, follow_symlinks=False)
                 # By name below an fd we walked without following symlinks: ondisk's xattr calls
                 # use follow_symlinks=False, which os.setxattr refuses for a bare fd.
-                ondisk.mark_opaque(f"/proc/self/fd/{fd}/{path[-1]}")
+                _mark_opaque(f"/proc/self/fd/{fd}/{path[-1]}")
             except FileNotFoundError:
                 os.mkdir(path[-1], 0o700, dir_fd=fd)
                 self.deferred_dirs.setdefault(path, None)
-                ondisk.mark_opaque(f"/proc/self/fd/{fd}/{path[-1]}")
+                _mark_opaque(f"/proc/self/fd/{fd}/{path[-1]}")
             finally:
                 os.close(fd)
         # Deepest first, so a directory made read-only does not stop us finishing its children.
@@ -475,6 +475,17 @@ class _Extractor:
                 if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EACCES, errno.EINVAL):
                     raise
                 log.info("cannot keep xattr %s on %s: %s", name, member.name, e.strerror)
+
+
+def _mark_opaque(path: str) -> None:
+    """Opaque in the namespace the kernel reads here, and always also in ``user.``.
+
+    Root writes ``trusted.overlay.opaque``, which is invisible inside a user namespace, where the
+    runner serves these layers; ``user.overlay.opaque`` is readable there (and by kernel overlayfs
+    with ``-o userxattr``).
+    """
+    ondisk.mark_opaque(path)
+    ondisk.mark_opaque(path, ondisk.XattrNamespace.USER)
 
 
 def _ns(mtime: float) -> int:

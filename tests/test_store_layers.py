@@ -96,6 +96,8 @@ def test_round_trip_keeps_content_metadata_and_markers(tmp_path: Path) -> None:
     assert os.stat(dest / "sparse").st_size == (8 << 20) + 3
     assert os.stat(dest / "sparse").st_blocks * 512 < 1 << 20, "holes should stay holes"
     assert ondisk.is_opaque_dir(str(dest / "opaque"))
+    # Readable inside a user namespace too, where trusted.* xattrs are invisible.
+    assert os.getxattr(dest / "opaque", ondisk.USER_OPAQUE, follow_symlinks=False) == b"y"
     wh = dest / "bin/deleted-file"
     assert ondisk.is_whiteout_stat(os.lstat(wh)) if IS_ROOT else (dest / "bin/.wh.deleted-file").exists()
     # Directory -> tar -> directory -> tar is the identity on the bytes.
