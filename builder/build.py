@@ -442,6 +442,11 @@ class Builder:
         finally:
             if capture is not None:
                 capture.close()
+        # A directory renamed over a lower one carries an overlay redirect, which a layer tar cannot
+        # express: give it a full copy of what it showed instead (a no-op when nothing was renamed).
+        from unionfs.export import flatten_redirects
+
+        flatten_redirects([layer.path for layer in reversed(state.layers)], upper, work)
         # Mount points the sandbox created for --mount targets are scaffolding, not content.
         targets = [posixpath.join(state.image.workdir, m.target) for m in inst.mounts]
         if inst.script is not None:

@@ -164,6 +164,13 @@ def test_opaque_directory_layer(lamina: Lamina, ctx: Path) -> None:
     assert lamina.run("opaque", "ls -A /d") == "y\n"
 
 
+def test_renamed_lower_directory(lamina: Lamina, ctx: Path) -> None:
+    dockerfile = ("FROM lamina/busybox\nRUN mkdir -p /m/sub && echo m > /m/sub/f\n"
+                  "RUN mv /m /moved && echo new > /moved/new\n")
+    lamina.build(ctx, dockerfile, "-t", "renamed")
+    assert lamina.run("renamed", "cat /moved/sub/f /moved/new; test -e /m || echo gone") == "m\nnew\ngone\n"
+
+
 def test_scaffolding_never_lands_in_a_layer(lamina: Lamina, ctx: Path) -> None:
     dockerfile = ("FROM lamina/busybox\n"
                   "RUN --mount=type=cache,target=/var/cache/thing --mount=type=tmpfs,target=/scratch "
@@ -288,8 +295,16 @@ def test_unprivileged_build(unpriv: UnprivilegedUser) -> None:
     assert again.returncode == 0 and again.stdout.count("--> CACHED") == 5, again.stdout + again.stderr
     run = unpriv.lamina("run", "--rm", "--network", "none", "unpriv-built")
     assert run.returncode == 0, run.stderr
-    owned = "1:1" if unpriv.has_subids else "0:0"
-    assert run.stdout == f"y\n{owned}\n7:8\napp file\n"
+    # Without subordinate ids, ids other than 0 cannot be mapped into the container, which shows
+    # them as the overflow id (as rootless podman does); the image itself records the real owner.
+    owned = "1:1\n7:8" if unpriv.has_subids else "0:0\n65534:65534"
+    assert run.stdout == f"y\n{owned}\napp file\n"
+    store_root = Lamina(unpriv.workdir / "root")
+    copy_layer = store_root.image("unpriv-built")["layers"][-1]
+    blob = store_root.root / "blobs" / "sha256" / copy_layer.removeprefix("sha256:")
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(blob.read_bytes()))) as tar:
+        owners = {m.name: (m.uid, m.gid) for m in tar.getmembers()}
+    assert owners == {"app": (0, 0), "app/app.txt": (7, 8)}
 
 
 def test_add_url_with_checksum_and_run_forms(lamina: Lamina, ctx: Path, tmp_path: Path) -> None:
