@@ -219,14 +219,17 @@ def pull_image(store: Store, ref: Reference, client: RegistryClient, progress: P
             downloaded.append((digest, client.fetch_blob(repository, digest, tmp_dir, size=size, progress=bar)))
             bar.finish("done")
         progress.line(f"Copying config {config_digest[7:19]} done")
-        for digest, path in downloaded:
-            store.ingest_blob(path, digest)
+        progress.line("Writing manifest to image destination")
+        tags = [str(ref.with_tag(ref.tag))] if ref.tag else []
+        # One shared lock from the first blob ingested to the image recorded: a concurrent prune
+        # (exclusive) cannot remove blobs that are not referenced yet.
+        with store.lock(shared=True):
+            for digest, path in downloaded:
+                store.ingest_blob(path, digest)
+            image = store.import_image_from_manifest(manifest.data, config_bytes, tags)
     finally:
         for _, path in downloaded:
             path.unlink(missing_ok=True)
-    progress.line("Writing manifest to image destination")
-    tags = [str(ref.with_tag(ref.tag))] if ref.tag else []
-    image = store.import_image_from_manifest(manifest.data, config_bytes, tags)
     BlobLocations(store.root).record(ref.registry, repository, [config_digest, *(d["digest"] for d in layers)])
     return image
 
@@ -244,8 +247,19 @@ def _check_config(ref: Reference, config_bytes: bytes, layer_count: int) -> None
         check_digest(diff_id, "diff_id in the image config")
 
 
+def _strip_transport(text: str) -> str:
+    """Accept podman's ``docker://`` transport prefix; refuse other transports with a hint."""
+    if text.startswith("docker://"):
+        return text[len("docker://"):]
+    transport = text.split(":", 1)[0]
+    if transport in ("oci", "oci-archive", "docker-archive", "dir", "containers-storage", "docker-daemon"):
+        raise UsageError(f"{text}: only registries (docker://) are supported here; "
+                         "use lamina save/load for archives")
+    return text
+
+
 def cmd_pull(args: argparse.Namespace) -> int:
-    ref = Reference.parse(args.reference)
+    ref = Reference.parse(_strip_transport(args.reference))
     registry = ref.registry
     store = _open_store(args.root)
     progress = Progress(_progress_stream(args.quiet))
@@ -304,14 +318,20 @@ def _stored_manifest(store: Store, image: Image) -> tuple[bytes, str]:
 
 def cmd_push(args: argparse.Namespace) -> int:
     store = _open_store(args.root)
-    image = store.resolve_image(args.source)
-    dest = Reference.parse(args.destination or args.source)
-    if dest.digest and not dest.tag:
-        raise UsageError(f"push: destination {dest} names a digest; give a tag")
-    progress = Progress(_progress_stream(args.quiet))
-    with RegistryClient(api_host(dest.registry), tls_verify=args.tls_verify,
-                        credentials=_credentials(args, dest.registry)) as client:
-        digest, size = push_image(store, image, dest, client, progress)
+    source = _strip_transport(args.source)
+    destination = _strip_transport(args.destination) if args.destination else None
+    # Held while blobs are read, so that a concurrent prune cannot remove them under us.
+    with store.lock(shared=True):
+        image = store.resolve_image(source)
+        if destination is None and image.id.startswith(source.removeprefix("sha256:")):
+            raise UsageError(f"push: {source} is an image ID; give a destination [HOST/]NAME[:TAG]")
+        dest = Reference.parse(destination or source)
+        if dest.digest and not dest.tag:
+            raise UsageError(f"push: destination {dest} names a digest; give a tag")
+        progress = Progress(_progress_stream(args.quiet))
+        with RegistryClient(api_host(dest.registry), tls_verify=args.tls_verify,
+                            credentials=_credentials(args, dest.registry)) as client:
+            digest, size = push_image(store, image, dest, client, progress)
     if not args.quiet:
         print(f"{dest.tag}: digest: {digest} size: {size}")
     return 0

@@ -144,7 +144,11 @@ def test_push_then_pull_roundtrip_and_skopeo(registry: RunningRegistry, tmp_path
         for digest in [*layer_digests, child.digest]:
             assert (oci_dir / "blobs" / "sha256" / digest[7:]).is_file()
 
-    pulled = lamina_cmd("pull", "--tls-verify=false", dest, root=dst_root)
+    by_id = lamina_cmd("push", "--tls-verify=false", child.id[:12], root=src_root, check=False)
+    assert by_id.returncode == 125 and "is an image ID; give a destination" in by_id.stderr
+    archive = lamina_cmd("pull", "oci-archive:/tmp/x.tar", root=src_root, check=False)
+    assert archive.returncode == 125 and "lamina save/load" in archive.stderr
+    pulled = lamina_cmd("pull", "--tls-verify=false", f"docker://{dest}", root=dst_root)
     assert pulled.stdout.strip() == child.id
     copy = open_store(dst_root).resolve_image(dest)
     assert copy.config == child.config
