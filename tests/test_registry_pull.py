@@ -254,6 +254,10 @@ def test_pull_as_unprivileged_user(registry: RunningRegistry, tmp_path: Path, un
     assert unpacked.read_bytes() == b"me\n" and unpacked.stat().st_uid == unpriv.uid
     again = unpriv.lamina("pull", "-q", "--tls-verify=false", ref)
     assert again.returncode == 0 and again.stdout.strip() == config[7:]
+    pushed = unpriv.lamina("push", "--tls-verify=false", ref, f"{registry.address}/user/copy:1")
+    assert pushed.returncode == 0, pushed.stderr
+    with RegistryClient(registry.address, tls_verify=False) as client:
+        assert client.get_manifest("user/copy", "1").data == client.get_manifest("user/app", "1").data
 
 
 def test_kill_during_pull_leaves_store_clean(tmp_path: Path, lamina_cmd) -> None:  # type: ignore[no-untyped-def]
