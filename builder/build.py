@@ -308,7 +308,11 @@ class Builder:
         except LaminaError:
             return None
         stream = sys.stderr if not self.options.quiet and sys.stderr.isatty() else None
-        with RegistryClient(api_host(ref.registry), credentials=lookup_credentials(ref.registry)) as client:
+        host = ref.registry.rsplit(":", 1)[0] if not ref.registry.endswith("]") else ref.registry
+        # Like docker, registries on the loopback network are insecure by default (plain HTTP allowed).
+        loopback = host in ("localhost", "[::1]") or host.startswith("127.")
+        with RegistryClient(api_host(ref.registry), tls_verify=not loopback,
+                            credentials=lookup_credentials(ref.registry)) as client:
             return pull_image(self.store, ref, client, Progress(stream))
 
     # --- steps -------------------------------------------------------------------------------

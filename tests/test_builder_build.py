@@ -373,3 +373,17 @@ COPY --from=lamina/busybox /bin/busybox /from-image/busybox
     assert many.returncode == 125 and "must be a directory and end with a /" in many.stderr
     escape = lamina.build(ctx, "FROM lamina/busybox\nCOPY ../x /\n", check=False)
     assert escape.returncode == 125 and "outside the build context" in escape.stderr
+
+
+def test_from_registry_image_is_pulled(lamina: Lamina, ctx: Path, tmp_path: Path) -> None:
+    from registry_server import run_registry
+
+    with run_registry(tmp_path / "registry") as registry:
+        pushed = f"{registry.address}/base/busybox:1"
+        lamina("tag", "lamina/busybox", pushed)
+        lamina("push", "--tls-verify=false", pushed)
+        fresh = Lamina(tmp_path / "fresh-root")
+        (ctx / "Dockerfile").write_text(f"FROM {pushed}\nRUN echo pulled > /pulled\n")
+        result = fresh("build", "-t", "from-registry", str(ctx))
+        assert "Successfully tagged from-registry" in result.stdout
+        assert fresh.run("from-registry", "cat /pulled") == "pulled\n"
