@@ -1,9 +1,377 @@
-"""Command-line verbs of this package, registered into the ``lamina`` parser."""
+"""Command-line verbs of the runner: run, create, start, stop, kill, restart, rm, ps, logs, exec,
+commit, diff. Handlers parse flags into a :class:`runner.state.Container` and leave the work to
+:mod:`runner.lifecycle`, :mod:`runner.execute` and :mod:`runner.diff`."""
 
 from __future__ import annotations
 
 import argparse
+import copy
+import datetime as dt
+import os
+import secrets
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from lamina.errors import ContainerError, LaminaError, UsageError
+from runner import imageconfig
+from runner.lifecycle import remove, run_attached, signal_container, start_detached, stop, wait_stopped
+from runner.network import normalize_network, parse_port
+from runner.sandbox import call_in_userns
+from runner.state import STATUS_CREATED, Container, ContainerStore, now, parse_time
+
+
+def _add_container_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-i", "--interactive", action="store_true", help="keep stdin attached")
+    p.add_argument("-t", "--tty", action="store_true", help="allocate a pseudo-terminal")
+    p.add_argument("--rm", action="store_true", help="remove the container when it exits")
+    p.add_argument("--name", help="the container's name")
+    p.add_argument("-e", "--env", action="append", default=[], metavar="K[=V]", help="set a variable")
+    p.add_argument("--env-file", action="append", default=[], metavar="FILE", help="read variables from FILE")
+    p.add_argument("-w", "--workdir", help="working directory inside the container")
+    p.add_argument("-u", "--user", help="user[:group] by name or number")
+    p.add_argument("-v", "--volume", action="append", default=[], metavar="HOST:CTR[:ro]",
+                   help="bind-mount a host path (or CTR alone: an anonymous volume)")
+    p.add_argument("--tmpfs", action="append", default=[], metavar="PATH", help="mount a tmpfs on PATH")
+    p.add_argument("-p", "--publish", action="append", default=[], metavar="[IP:]HOST:CTR[/PROTO]",
+                   help="publish a container port on the host")
+    p.add_argument("--entrypoint", help="override the image's ENTRYPOINT (and drop its CMD)")
+    p.add_argument("--init", action="store_true", help="run a reaper as PID 1 that forwards signals")
+    p.add_argument("--hostname", help="the container's host name (default: its short id)")
+    p.add_argument("--read-only", action="store_true", help="mount the root filesystem read-only")
+    p.add_argument("--network", "--net", default="slirp", help="bridge/slirp4netns (default), host or none")
+    p.add_argument("image", help="image reference or id")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="command and arguments (replace CMD)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this package's verbs to ``lamina``. Each verb sets ``handler(args) -> int``."""
+    p = subparsers.add_parser("run", help="run a command in a new container")
+    p.add_argument("-d", "--detach", action="store_true", help="run in the background, print the id")
+    _add_container_flags(p)
+    p.set_defaults(handler=cmd_run)
+
+    p = subparsers.add_parser("create", help="create a container without starting it")
+    _add_container_flags(p)
+    p.set_defaults(handler=cmd_create)
+
+    p = subparsers.add_parser("start", help="start stopped containers")
+    p.add_argument("-a", "--attach", action="store_true", help="attach output and wait (one container)")
+    p.add_argument("containers", nargs="+")
+    p.set_defaults(handler=cmd_start)
+
+    for verb, helptext in (("stop", "stop running containers"), ("restart", "restart containers")):
+        p = subparsers.add_parser(verb, help=helptext)
+        p.add_argument("-t", "--time", type=int, default=10, help="seconds before SIGKILL (default 10)")
+        p.add_argument("containers", nargs="+")
+        p.set_defaults(handler=cmd_stop if verb == "stop" else cmd_restart)
+
+    p = subparsers.add_parser("kill", help="send a signal to running containers")
+    p.add_argument("-s", "--signal", default="SIGKILL")
+    p.add_argument("containers", nargs="+")
+    p.set_defaults(handler=cmd_kill)
+
+    p = subparsers.add_parser("rm", help="remove containers")
+    p.add_argument("-f", "--force", action="store_true", help="kill running containers first")
+    p.add_argument("containers", nargs="+")
+    p.set_defaults(handler=cmd_rm)
+
+    p = subparsers.add_parser("ps", help="list containers")
+    p.add_argument("-a", "--all", action="store_true", help="show stopped containers too")
+    p.add_argument("-q", "--quiet", action="store_true", help="only ids")
+    p.set_defaults(handler=cmd_ps)
+
+    p = subparsers.add_parser("logs", help="show a container's output")
+    p.add_argument("-f", "--follow", action="store_true")
+    p.add_argument("container")
+    p.set_defaults(handler=cmd_logs)
+
+    p = subparsers.add_parser("exec", help="run a command in a running container")
+    p.add_argument("-i", "--interactive", action="store_true")
+    p.add_argument("-t", "--tty", action="store_true")
+    p.add_argument("-e", "--env", action="append", default=[])
+    p.add_argument("-u", "--user")
+    p.add_argument("-w", "--workdir")
+    p.add_argument("container")
+    p.add_argument("command", nargs=argparse.REMAINDER)
+    p.set_defaults(handler=cmd_exec)
+
+    p = subparsers.add_parser("commit", help="make an image from a container's changes")
+    p.add_argument("-m", "--message", default="")
+    p.add_argument("container")
+    p.add_argument("reference", nargs="?")
+    p.set_defaults(handler=cmd_commit)
+
+    p = subparsers.add_parser("diff", help="list a container's changed files (A/C/D)")
+    p.add_argument("container")
+    p.set_defaults(handler=cmd_diff)
+
+
+# --- run / create ----------------------------------------------------------------------------------
+
+
+def _new_container(args: argparse.Namespace) -> Container:
+    from store import Store
+
+    store = Store.open(args.root)
+    image = store.resolve_image(args.image)
+    cfg: dict[str, Any] = image.config.get("config") or {}
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    network = normalize_network(args.network)
+    ports = [parse_port(p) for p in args.publish]
+    if ports and network == "host":
+        ports = []  # as docker: published ports are meaningless with the host's network
+    if ports and network == "none":
+        raise UsageError("-p: ports cannot be published with --network none")
+    mounts: list[dict[str, Any]] = []
+    anonymous: list[str] = []
+    targets = set()
+    for text in args.volume:
+        host, target, readonly = imageconfig.parse_volume_flag(text)
+        if host is None:
+            host = _anonymous_volume(args.root)
+            anonymous.append(host)
+        mounts.append({"target": target, "kind": "bind", "source": host, "readonly": readonly})
+        targets.add(os.path.normpath(target))
+    for target in imageconfig.image_volumes(cfg):
+        if os.path.normpath(target) not in targets:
+            host = _anonymous_volume(args.root)
+            anonymous.append(host)
+            mounts.append({"target": target, "kind": "bind", "source": host, "readonly": False})
+    for target in args.tmpfs:
+        mounts.append({"target": target.split(":")[0], "kind": "tmpfs", "source": None, "readonly": False})
+    env = imageconfig.container_env(cfg, args.env_file, args.env)
+    container = Container(
+        id="", name=args.name or "", image=args.image, image_id=image.id, created=now(),
+        argv=imageconfig.container_argv(cfg, command, args.entrypoint), env=env,
+        workdir=imageconfig.container_workdir(cfg, args.workdir),
+        user=imageconfig.container_user(cfg, args.user), hostname=args.hostname or "", network=network,
+        ports=[p.to_json() for p in ports], mounts=mounts, anonymous_volumes=anonymous, tty=args.tty,
+        interactive=args.interactive, init=args.init, readonly=args.read_only, auto_remove=args.rm,
+        stop_signal=imageconfig.stop_signal(cfg),
+    )
+    return ContainerStore(args.root).create(container)
+
+
+def _anonymous_volume(root: Path) -> str:
+    path = root / "volumes" / secrets.token_hex(32) / "_data"
+    path.mkdir(parents=True)
+    return str(path)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    container = _new_container(args)
+    if args.detach:
+        start_detached(args.root, container)
+        print(container.id)
+        return 0
+    return run_attached(args.root, container)
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    container = _new_container(args)
+    print(container.id)
+    return 0
+
+
+# --- lifecycle ---------------------------------------------------------------------------------------
+
+
+def _each(args: argparse.Namespace, action: Any) -> int:
+    store = ContainerStore(args.root)
+    failed = 0
+    for name in args.containers:
+        try:
+            action(store, store.get(name))
+            print(name)
+        except LaminaError as e:
+            print(f"lamina: error: {e}", file=sys.stderr)
+            failed = e.exit_code
+    return failed
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    if args.attach:
+        if len(args.containers) != 1:
+            raise UsageError("start -a: exactly one container")
+        container = ContainerStore(args.root).get(args.containers[0])
+        if container.running:
+            raise ContainerError(f"container {container.name} is already running")
+        return run_attached(args.root, container)
+
+    def start(store: ContainerStore, c: Container) -> None:
+        if not c.running:
+            start_detached(args.root, c)
+
+    return _each(args, start)
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    return _each(args, lambda store, c: stop(store, c, args.time))
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    def restart(store: ContainerStore, c: Container) -> None:
+        stop(store, c, args.time)
+        start_detached(args.root, store.get(c.id))
+
+    return _each(args, restart)
+
+
+def cmd_kill(args: argparse.Namespace) -> int:
+    sig = imageconfig.parse_signal(args.signal)
+    return _each(args, lambda store, c: signal_container(c, sig))
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    def rm(store: ContainerStore, c: Container) -> None:
+        if c.running:
+            if not args.force:
+                raise ContainerError(f"cannot remove running container {c.name}: stop it first or use -f")
+            signal_container(c, 9)
+            if not wait_stopped(store, c, 10):
+                raise ContainerError(f"container {c.name} did not stop")
+        remove(args.root, c)
+
+    return _each(args, rm)
+
+
+# --- ps / logs ----------------------------------------------------------------------------------------
+
+
+def _ago(when: dt.datetime | None) -> str:
+    if when is None:
+        return ""
+    seconds = max(0, int((dt.datetime.now(dt.UTC) - when).total_seconds()))
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size:
+            n = seconds // size
+            return f"{n} {unit}{'s' if n > 1 else ''}"
+    return "Less than a second" if seconds < 1 else f"{seconds} seconds"
+
+
+def _status(c: Container) -> str:
+    if c.state.status == STATUS_CREATED:
+        return "Created"
+    if c.running:
+        return f"Up {_ago(parse_time(c.state.started_at))}"
+    return f"Exited ({c.state.exit_code}) {_ago(parse_time(c.state.finished_at))} ago"
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    containers = [c for c in ContainerStore(args.root).all() if args.all or c.running]
+    if args.quiet:
+        for c in containers:
+            print(c.short_id)
+        return 0
+    rows = [("CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES")]
+    for c in containers:
+        command = shlex.join(c.argv)
+        if len(command) > 20:
+            command = command[:19] + "…"
+        ports = ", ".join(f"{p['host_ip']}:{p['host_port']}->{p['container_port']}/{p['proto']}" for p in c.ports)
+        rows.append((c.short_id, c.image, f'"{command}"', f"{_ago(parse_time(c.created))} ago", _status(c),
+                     ports, c.name))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("   ".join(cell.ljust(widths[i]) for i, cell in enumerate(r)).rstrip())
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    store = ContainerStore(args.root)
+    container = store.get(args.container)
+    out = sys.stdout.buffer
+    try:
+        f = open(container.log_path, "rb")
+    except FileNotFoundError:
+        return 0
+    with f:
+        while True:
+            chunk = f.read(65536)
+            if chunk:
+                out.write(chunk)
+                out.flush()
+                continue
+            if not args.follow:
+                return 0
+            if not store.get(container.id).running:
+                out.write(f.read())
+                out.flush()
+                return 0
+            time.sleep(0.1)
+
+
+# --- exec / commit / diff -----------------------------------------------------------------------------
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    from runner.execute import exec_in_container
+
+    container = ContainerStore(args.root).get(args.container)
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise UsageError("exec: no command given")
+    env = dict(container.env)
+    env.update(imageconfig.container_env({}, [], args.env))
+    workdir = args.workdir or container.workdir
+    if not workdir.startswith("/"):
+        raise UsageError(f"-w {workdir}: the working directory must be an absolute path")
+    return exec_in_container(container, command, env, args.user or container.user, workdir,
+                             args.tty, args.interactive)
+
+
+def _commit_layer(root: Path, upper: Path) -> Any:
+    from store import Store
+
+    return Store.open(root).commit_layer(upper)
+
+
+def cmd_commit(args: argparse.Namespace) -> int:
+    from store import Store
+
+    container = ContainerStore(args.root).get(args.container)
+    store = Store.open(args.root)
+    base = store.resolve_image(container.image_id)
+    try:
+        layer = _commit_layer(args.root, container.upper)
+    except PermissionError:
+        # Directories the container made private under subordinate ids: read them as namespace root.
+        layer = call_in_userns(_commit_layer, args.root, container.upper)
+    config = copy.deepcopy(base.config)
+    config.pop("created", None)
+    history = list(config.get("history") or [])
+    history.append({"created": now(), "created_by": f"lamina commit {container.name}",
+                    **({"comment": args.message} if args.message else {})})
+    config["history"] = history
+    image = store.create_image([*base.layers, layer], config, tags=[args.reference] if args.reference else [],
+                               base=base)
+    print(f"sha256:{image.id}")
+    return 0
+
+
+def _changes(upper: Path, lowers: list[Path]) -> list[tuple[str, str]]:
+    from runner.diff import changes
+
+    return changes(upper, lowers)
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from store import Store
+
+    container = ContainerStore(args.root).get(args.container)
+    store = Store.open(args.root)
+    image = store.resolve_image(container.image_id)
+    lowers = list(reversed(store.layer_paths(image)))
+    for kind, path in call_in_userns(_changes, container.upper, lowers):
+        print(f"{kind} {path}")
+    return 0
+
+
+

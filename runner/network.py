@@ -13,9 +13,12 @@ import json
 import logging
 import os
 import re
+import select
+import shutil
 import socket
 import struct
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,14 +93,12 @@ class Slirp:
     also exits by itself when the namespace's last process is gone).
     """
 
-    def __init__(self, pid: int, api_socket: Path) -> None:
-        self.api_socket = api_socket
+    def __init__(self, pid: int) -> None:
+        # A short private directory: unix socket paths are limited to 108 bytes.
+        self._socket_dir = Path(tempfile.mkdtemp(prefix="lamina-slirp-"))
+        api_socket = self.api_socket = self._socket_dir / "api.sock"
         ready_r, ready_w = os.pipe()
         self._exit_r, self._exit_w = os.pipe()
-        try:
-            api_socket.unlink()
-        except FileNotFoundError:
-            pass
         args = ["slirp4netns", "--configure", "--mtu=65520", "--disable-host-loopback",
                 f"--api-socket={api_socket}", f"--ready-fd={ready_w}", f"--exit-fd={self._exit_r}",
                 str(pid), "tap0"]
@@ -108,6 +109,7 @@ class Slirp:
         except OSError as e:
             os.close(ready_r)
             os.close(ready_w)
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
             raise ContainerError(f"cannot start slirp4netns: {e.strerror}") from e
         finally:
             os.close(self._exit_r)
@@ -118,8 +120,6 @@ class Slirp:
         deadline = time.monotonic() + timeout
         try:
             while True:
-                import select
-
                 ready, _, _ = select.select([self._ready_r], [], [], 0.05)
                 if ready:
                     if os.read(self._ready_r, 1):
@@ -160,7 +160,4 @@ class Slirp:
             self.process.wait()
         if self.process.stderr:
             self.process.stderr.close()
-        try:
-            self.api_socket.unlink()
-        except FileNotFoundError:
-            pass
+        shutil.rmtree(self._socket_dir, ignore_errors=True)

@@ -34,6 +34,7 @@ import fcntl
 import json
 import logging
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -42,10 +43,11 @@ import tempfile
 import termios
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from lamina.errors import CommandNotFound, CommandNotInvokable, ContainerError, LaminaError, MountError
 from runner import linux
@@ -57,6 +59,7 @@ from runner.userdb import resolve_user
 log = logging.getLogger(__name__)
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+T = TypeVar("T")
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
                      signal.SIGUSR2, signal.SIGWINCH)
 UNION_READY_TIMEOUT = 15.0
@@ -172,6 +175,15 @@ class Sandbox:
             except ProcessLookupError:
                 pass
 
+    def poll(self) -> int | None:
+        """The exit code if the command has finished (reaping it), else None."""
+        if self.returncode is None:
+            pid, status = os.waitpid(self.keeper_pid, os.WNOHANG)
+            if pid:
+                self.returncode = _exit_code(status)
+                self._cleanup()
+        return self.returncode
+
     def wait(self) -> int:
         """Wait for the command to exit; return its exit code (128+N when killed by signal N)."""
         if self.returncode is None:
@@ -222,9 +234,8 @@ def start_sandbox(spec: SandboxSpec) -> Sandbox:
     if pid == 0:  # keeper
         code = 125
         try:
-            os.close(status_r)
-            os.close(sync_w)
-            os.close(go_w)
+            _close_fds_except({0, 1, 2, status_w, sync_r, go_r, spec.stdin, spec.stdout, spec.stderr,
+                               spec.terminal})
             code = _keeper(spec, network, mapping, status_w, sync_r, go_r, str(merged), init_layer, etc_files)
         except LaminaError as e:
             _send(status_w, event="error", code=e.exit_code, message=str(e))
@@ -247,7 +258,7 @@ def start_sandbox(spec: SandboxSpec) -> Sandbox:
             _raise_event(first, "the sandbox did not start")
         apply_mapping(pid, mapping)
         if network == "slirp":
-            slirp = Slirp(pid, state_dir / "slirp.sock")
+            slirp = Slirp(pid)
         os.write(sync_w, b"1")
         if slirp is not None:
             slirp.wait_ready()
@@ -281,6 +292,17 @@ def start_sandbox(spec: SandboxSpec) -> Sandbox:
         if _fd_open(fd):
             os.close(fd)
     return Sandbox(pid, container_pid, slirp, temp_dir)
+
+
+def _close_fds_except(keep: set[int | None]) -> None:
+    """Close every inherited descriptor but ``keep``: the keeper never execs, so close-on-exec
+    alone would let it hold the caller's pipes (and the command's would-be leaks) open."""
+    low = 0
+    for fd in sorted(k for k in keep if k is not None):
+        if fd > low:
+            os.closerange(low, fd)
+        low = max(low, fd + 1)
+    os.closerange(low, 1 << 16)
 
 
 def _fd_open(fd: int) -> bool:
@@ -586,3 +608,58 @@ def _kill_quietly(pid: int, sig: int) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
+
+
+def call_in_userns(fn: Callable[..., T], *args: object) -> T:
+    """Call ``fn(*args)`` in a child process that is root of a user namespace with lamina's id map.
+
+    For work on container files owned by subordinate ids (removing an upper directory, committing
+    it): only root of the namespace may read or delete them. The result comes back pickled; a
+    LaminaError raised by ``fn`` is re-raised here, anything else becomes a ContainerError.
+    """
+    mapping = current_mapping()
+    if mapping.uids[0].count == 4294967295:  # real root: no namespace needed
+        return fn(*args)
+    result_r, result_w = os.pipe2(os.O_CLOEXEC)
+    sync_r, sync_w = os.pipe2(os.O_CLOEXEC)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(result_r)
+            os.close(sync_w)
+            linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+            linux.unshare(linux.CLONE_NEWUSER)
+            os.write(result_w, b"u")
+            if os.read(sync_r, 1) == b"1":
+                try:
+                    payload = pickle.dumps((True, fn(*args)))
+                except LaminaError as e:
+                    payload = pickle.dumps((False, e))
+                except BaseException as e:
+                    payload = pickle.dumps((False, ContainerError(f"{e}")))
+                with os.fdopen(result_w, "wb") as out:
+                    out.write(payload)
+                code = 0
+        finally:
+            os._exit(code)
+    os.close(result_w)
+    os.close(sync_r)
+    try:
+        with os.fdopen(result_r, "rb") as inp:
+            if inp.read(1) != b"u":
+                raise ContainerError("cannot create a user namespace")
+            apply_mapping(pid, mapping)
+            os.write(sync_w, b"1")
+            data = inp.read()
+    finally:
+        os.close(sync_w)
+        os.waitpid(pid, 0)
+    if not data:
+        raise ContainerError("the user namespace helper failed")
+    ok, value = pickle.loads(data)
+    if not ok:
+        raise value
+    return value

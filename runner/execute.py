@@ -1,0 +1,147 @@
+"""``lamina exec``: run another command inside a running container's namespaces.
+
+The helper process joins the container init's user namespace first (only then does it hold the
+capabilities to join the others), then its mount, UTS, IPC, network and PID namespaces; joining a
+PID namespace only applies to children, so it forks once more, and that child drops privileges
+exactly as the container's own command did and execs. Namespaces the container shares with the
+host (``--network host``) are not joined.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+import sys
+import termios
+
+from lamina.errors import ContainerError, LaminaError
+from runner import linux, tty
+from runner.sandbox import (
+    DEFAULT_PATH,
+    FORWARDED_SIGNALS,
+    _EventReader,
+    _exec_command,
+    _exit_code,
+    _raise_event,
+    _send,
+)
+from runner.state import Container
+from runner.userdb import resolve_user
+
+NAMESPACES = (("user", linux.CLONE_NEWUSER), ("mnt", linux.CLONE_NEWNS), ("uts", linux.CLONE_NEWUTS),
+              ("ipc", linux.CLONE_NEWIPC), ("net", linux.CLONE_NEWNET), ("pid", linux.CLONE_NEWPID))
+
+
+def _open_namespaces(pid: int) -> list[tuple[int, int]]:
+    fds = []
+    try:
+        for name, flag in NAMESPACES:
+            path = f"/proc/{pid}/ns/{name}"
+            if os.stat(path).st_ino == os.stat(f"/proc/self/ns/{name}").st_ino:
+                continue
+            fds.append((os.open(path, os.O_RDONLY | os.O_CLOEXEC), flag))
+    except OSError as e:
+        for fd, _ in fds:
+            os.close(fd)
+        raise ContainerError(f"cannot open the container's namespaces: {e.strerror}") from e
+    return fds
+
+
+def exec_in_container(container: Container, argv: list[str], env: dict[str, str], user: str,
+                      workdir: str, use_tty: bool, interactive: bool) -> int:
+    """Run ``argv`` in ``container`` and return its exit code (126/127 raised as docker does)."""
+    if not container.running or not container.state.pid:
+        raise ContainerError(f"container {container.name} is not running")
+    ns_fds = _open_namespaces(container.state.pid)
+    master = slave = None
+    if use_tty:
+        master, slave = tty.open_pty()
+        env.setdefault("TERM", os.environ.get("TERM", "xterm"))
+    status_r, status_w = os.pipe2(os.O_CLOEXEC)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 125
+        try:
+            os.close(status_r)
+            code = _helper(ns_fds, argv, env, user, workdir, slave, interactive, status_w)
+        except LaminaError as e:
+            code = e.exit_code
+            _send(status_w, event="error", code=code, message=str(e))
+        except OSError as e:
+            _send(status_w, event="error", code=125, message=str(e))
+        except BaseException as e:
+            _send(status_w, event="error", code=125, message=f"internal error: {e!r}")
+        finally:
+            os._exit(code)
+    os.close(status_w)
+    for fd, _ in ns_fds:
+        os.close(fd)
+    if slave is not None:
+        os.close(slave)
+    events = _EventReader(status_r)
+    error = None
+    while (event := events.next()) is not None:
+        if event.get("event") == "error" and error is None:
+            error = event
+    os.close(status_r)
+    previous = {sig: signal.signal(sig, lambda signum, _f: _kill(pid, signum))
+                for sig in FORWARDED_SIGNALS if sig != signal.SIGWINCH}
+    try:
+        if master is not None:
+            stdin_fd = sys.stdin.fileno() if interactive else None
+            with tty.raw_terminal(sys.stdin.fileno()) if interactive else contextlib.nullcontext():
+                tty.relay(master, stdin_fd, sys.stdout.fileno(), lambda: False)
+            os.close(master)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if error is not None:
+        _raise_event(error, "exec failed")
+    return _exit_code(status)
+
+
+def _kill(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def _helper(ns_fds: list[tuple[int, int]], argv: list[str], env: dict[str, str], user_spec: str,
+            workdir: str, slave: int | None, interactive: bool, status_w: int) -> int:
+    linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+    for fd, flag in ns_fds:
+        linux.setns(fd, flag)
+        os.close(fd)
+    user = resolve_user(user_spec, "/etc/passwd" if os.path.isfile("/etc/passwd") else None,
+                        "/etc/group" if os.path.isfile("/etc/group") else None)
+    env.setdefault("PATH", DEFAULT_PATH)
+    env.setdefault("HOME", user.home)
+    child = os.fork()
+    if child == 0:
+        code = 125
+        try:
+            if slave is not None:
+                os.setsid()
+                fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+                for target in (0, 1, 2):
+                    os.dup2(slave, target)
+            elif not interactive:
+                null = os.open(os.devnull, os.O_RDONLY)
+                os.dup2(null, 0)
+            _exec_command(argv, env, workdir, user, status_w, slave is not None)
+        except LaminaError as e:
+            code = e.exit_code
+            _send(status_w, event="error", code=code, message=str(e))
+        except BaseException as e:
+            _send(status_w, event="error", code=125, message=f"internal error: {e!r}")
+        finally:
+            os._exit(code)
+    os.close(status_w)
+    for sig in FORWARDED_SIGNALS:
+        signal.signal(sig, lambda signum, _f: _kill(child, signum))
+    _, status = os.waitpid(child, 0)
+    return _exit_code(status)

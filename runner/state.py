@@ -1,0 +1,251 @@
+"""Containers on disk: ``ROOT/containers/<64-hex id>/container.json`` plus the container's files.
+
+A container directory holds ``container.json`` (the record below, rewritten atomically), ``upper/``
+and ``work/`` (its writable layer), ``init/`` (the bottom layer with mount points), ``hosts``,
+``hostname``, ``resolv.conf``, ``merged/`` (the mount point, used only inside the container's mount
+namespace) and ``container.log`` (output of a detached container).
+
+A running container is served by one *monitor* process (the foreground ``lamina run``, or the
+daemonised one of ``run -d``/``start``), whose pid and start time are recorded. When the monitor is
+gone but the record still says running, lamina crashed or was killed: :func:`refresh` marks such a
+container exited (code 255) the next time any command looks at it. Its namespaces, and with them
+its union mount, died with the monitor (parent-death signals), so nothing stays mounted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import json
+import logging
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lamina.errors import ContainerNotFound, UsageError
+
+log = logging.getLogger(__name__)
+
+STATUS_CREATED = "created"
+STATUS_RUNNING = "running"
+STATUS_EXITED = "exited"
+CRASH_EXIT_CODE = 255
+
+_ADJECTIVES = ("brave", "calm", "eager", "fond", "gentle", "happy", "jolly", "keen", "lucid", "merry",
+               "nifty", "proud", "quirky", "sharp", "tender", "upbeat", "vivid", "witty", "zealous", "bold")
+_NAMES = ("curie", "darwin", "euler", "fermi", "gauss", "hopper", "kepler", "lovelace", "noether",
+          "pascal", "ritchie", "shannon", "thompson", "turing", "wozniak", "yalow", "knuth", "lamport")
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def parse_time(text: str | None) -> dt.datetime | None:
+    if not text:
+        return None
+    try:
+        return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def process_start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (to tell a live monitor from a recycled pid)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(")") + 2:].split()
+    if fields[0] == "Z":
+        return None
+    return fields[19]
+
+
+@dataclass
+class ContainerState:
+    status: str = STATUS_CREATED
+    pid: int = 0  # the container's init, as seen on the host
+    monitor_pid: int = 0
+    monitor_start: str = ""
+    exit_code: int | None = None
+    started_at: str = ""
+    finished_at: str = ""
+    error: str = ""
+
+
+@dataclass
+class Container:
+    id: str
+    name: str
+    image: str
+    image_id: str
+    created: str
+    argv: list[str]
+    env: dict[str, str]
+    workdir: str = "/"
+    user: str = "0"
+    hostname: str = ""
+    network: str = "slirp"
+    ports: list[dict[str, Any]] = field(default_factory=list)
+    mounts: list[dict[str, Any]] = field(default_factory=list)
+    anonymous_volumes: list[str] = field(default_factory=list)
+    tty: bool = False
+    interactive: bool = False
+    init: bool = False
+    readonly: bool = False
+    auto_remove: bool = False
+    stop_signal: int = 15
+    state: ContainerState = field(default_factory=ContainerState)
+    directory: Path = field(default=Path("."), compare=False)
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:12]
+
+    @property
+    def upper(self) -> Path:
+        return self.directory / "upper"
+
+    @property
+    def work(self) -> Path:
+        return self.directory / "work"
+
+    @property
+    def log_path(self) -> Path:
+        return self.directory / "container.log"
+
+    @property
+    def running(self) -> bool:
+        return self.state.status == STATUS_RUNNING
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("directory")
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], directory: Path) -> Container:
+        state = ContainerState(**data.pop("state", {}))
+        known = {f for f in cls.__dataclass_fields__ if f not in ("state", "directory")}
+        return cls(**{k: v for k, v in data.items() if k in known}, state=state, directory=directory)
+
+    def save(self) -> None:
+        path = self.directory / "container.json"
+        tmp = self.directory / f".container.json.{os.getpid()}"
+        tmp.write_text(json.dumps(self.to_json(), indent=1))
+        os.replace(tmp, path)
+
+    def monitor_alive(self) -> bool:
+        if not self.state.monitor_pid:
+            return False
+        return process_start_time(self.state.monitor_pid) == self.state.monitor_start
+
+
+class ContainerStore:
+    """The containers under ``ROOT/containers``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.dir = root / "containers"
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / ".lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _load(self, directory: Path) -> Container | None:
+        try:
+            data = json.loads((directory / "container.json").read_text())
+            return Container.from_json(data, directory)
+        except (OSError, ValueError, TypeError) as e:
+            log.debug("skipping %s: %s", directory, e)
+            return None
+
+    def all(self) -> list[Container]:
+        if not self.dir.is_dir():
+            return []
+        containers = []
+        for entry in sorted(self.dir.iterdir()):
+            if entry.is_dir() and len(entry.name) == 64:
+                c = self._load(entry)
+                if c is not None:
+                    containers.append(refresh(c))
+        containers.sort(key=lambda c: c.created, reverse=True)
+        return containers
+
+    def get(self, name_or_id: str) -> Container:
+        """By exact name, full id, or unique id prefix; ContainerNotFound otherwise."""
+        if not name_or_id:
+            raise ContainerNotFound(name_or_id)
+        containers = self.all()
+        for c in containers:
+            if c.name == name_or_id or c.id == name_or_id:
+                return c
+        matches = [c for c in containers if c.id.startswith(name_or_id)]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise UsageError(f"container id prefix {name_or_id!r} is ambiguous")
+        raise ContainerNotFound(name_or_id)
+
+    def create(self, container: Container) -> Container:
+        """Give ``container`` an id (and a name when it has none) and its directory."""
+        with self.lock():
+            names = {c.name for c in self.all()}
+            if container.name:
+                if container.name in names:
+                    raise UsageError(f'--name: the container name "{container.name}" is already in use')
+            else:
+                while True:
+                    container.name = f"{secrets.choice(_ADJECTIVES)}_{secrets.choice(_NAMES)}"
+                    if container.name not in names:
+                        break
+            container.id = secrets.token_hex(32)
+            container.directory = self.dir / container.id
+            container.directory.mkdir(parents=True)
+            for sub in ("upper", "work", "merged"):
+                (container.directory / sub).mkdir()
+            container.hostname = container.hostname or container.id[:12]
+            container.save()
+        return container
+
+    def remove_directory(self, container: Container) -> None:
+        from runner.sandbox import call_in_userns
+
+        # Files the container made may belong to subordinate ids: delete them as namespace root.
+        call_in_userns(shutil.rmtree, container.directory, True)
+        if container.directory.exists():
+            shutil.rmtree(container.directory, ignore_errors=True)
+
+
+def refresh(container: Container) -> Container:
+    """Mark a container whose monitor died as exited (see the module docstring)."""
+    if container.state.status == STATUS_RUNNING and not container.monitor_alive():
+        fresh = None
+        try:
+            data = json.loads((container.directory / "container.json").read_text())
+            fresh = Container.from_json(data, container.directory)
+        except (OSError, ValueError, TypeError):
+            pass
+        if fresh is not None and fresh.state.status != STATUS_RUNNING:
+            return fresh
+        log.info("container %s: its monitor is gone, marking it exited", container.short_id)
+        container.state.status = STATUS_EXITED
+        container.state.exit_code = CRASH_EXIT_CODE
+        container.state.finished_at = now()
+        container.state.pid = 0
+        with contextlib.suppress(OSError):
+            container.save()
+    return container

@@ -1,0 +1,103 @@
+"""The host side of a container's pty: raw mode, window size, copying bytes both ways.
+
+The container gets the slave side as its controlling terminal, so Ctrl-C typed here is a 0x03
+byte that the container's line discipline turns into SIGINT for its foreground process group,
+exactly as with ``docker run -it``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import pty
+import select
+import signal
+import struct
+import termios
+import tty
+from collections.abc import Callable, Iterator
+
+
+def open_pty() -> tuple[int, int]:
+    """A (master, slave) pair; the master is close-on-exec, the slave too (the sandbox dup2s it)."""
+    master, slave = pty.openpty()
+    os.set_inheritable(master, False)
+    os.set_inheritable(slave, False)
+    return master, slave
+
+
+def copy_window_size(source_fd: int, master: int) -> None:
+    with contextlib.suppress(OSError):
+        size = fcntl.ioctl(source_fd, termios.TIOCGWINSZ, b"\0" * 8)
+        fcntl.ioctl(master, termios.TIOCSWINSZ, size)
+
+
+def set_window_size(master: int, rows: int, cols: int) -> None:
+    fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+@contextlib.contextmanager
+def raw_terminal(fd: int) -> Iterator[None]:
+    """Put ``fd`` in raw mode when it is a terminal; restore it afterwards."""
+    if not os.isatty(fd):
+        yield
+        return
+    saved = termios.tcgetattr(fd)
+    tty.setraw(fd)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSAFLUSH, saved)
+
+
+def relay(master: int, stdin_fd: int | None, stdout_fd: int, finished: Callable[[], bool]) -> None:
+    """Copy ``stdin_fd`` -> master and master -> ``stdout_fd`` until the pty's slave side is closed.
+
+    ``stdin_fd`` None means the container's input is not attached (``-t`` without ``-i``). When
+    stdin is a terminal, its window size is copied now and on every SIGWINCH.
+    """
+    if stdin_fd is not None and os.isatty(stdin_fd):
+        copy_window_size(stdin_fd, master)
+        previous = signal.signal(signal.SIGWINCH, lambda *_: copy_window_size(stdin_fd, master))
+    else:
+        previous = None
+    inputs = [master] + ([stdin_fd] if stdin_fd is not None else [])
+    try:
+        while True:
+            try:
+                readable, _, _ = select.select(inputs, [], [], 0.2)
+            except InterruptedError:
+                continue
+            if master in readable:
+                try:
+                    data = os.read(master, 65536)
+                except OSError as e:
+                    if e.errno != errno.EIO:
+                        raise
+                    data = b""
+                if not data:
+                    return
+                _write_all(stdout_fd, data)
+            if stdin_fd is not None and stdin_fd in readable:
+                data = os.read(stdin_fd, 65536)
+                if data:
+                    _write_all(master, data)
+                else:
+                    inputs.remove(stdin_fd)
+                    # End of input: send EOF to the container's terminal, as docker does.
+                    with contextlib.suppress(OSError):
+                        _write_all(master, b"\x04")
+            if not readable and finished():
+                return
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGWINCH, previous)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
