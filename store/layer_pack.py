@@ -96,6 +96,11 @@ class PackResult:
 
 _OPAQUE_ENTRY_MODE = 0o644
 
+# Level 1 compresses ~3x faster than the default 6 for ~13% more bytes (measured on /usr/lib/python3):
+# commits happen on every build step, pushes far less often. Part of the determinism contract: the
+# same level gives the same bytes.
+GZIP_LEVEL = int(os.environ.get("LAMINA_GZIP_LEVEL", "1"))
+
 
 class _Packer:
     def __init__(self, root: Path, tar: tarfile.TarFile, idmap: IdMap, progress: Progress | None) -> None:
@@ -234,7 +239,7 @@ def pack_layer(src_dir: Path, out: BinaryIO | HashingWriter | None, compress: bo
     blob = HashingWriter(out)
     gz: gzip.GzipFile | None = None
     if compress:
-        gz = gzip.GzipFile(filename="", mode="wb", fileobj=blob, mtime=0, compresslevel=6)  # type: ignore[arg-type,unused-ignore]
+        gz = gzip.GzipFile(filename="", mode="wb", fileobj=blob, mtime=0, compresslevel=GZIP_LEVEL)  # type: ignore[arg-type,unused-ignore]
         plain = HashingWriter(gz)  # type: ignore[arg-type,unused-ignore]
     else:
         plain = HashingWriter(blob)

@@ -40,7 +40,7 @@ from typing import BinaryIO
 
 from lamina.errors import LayerError
 from store.blobs import CHUNK, HashingWriter, remove_tree, temp_name
-from store.compression import open_decompressed
+from store.compression import detect, open_decompressed
 from unionfs import ondisk
 
 log = logging.getLogger(__name__)
@@ -499,6 +499,19 @@ def _ns(mtime: float) -> int:
 def _plain_tar(source: BinaryIO | Path, tmp_dir: Path, limits: Limits,
                progress: Progress | None) -> Iterator[tuple[Path, str, int, str | None]]:
     tmp_dir.mkdir(parents=True, exist_ok=True)
+    if isinstance(source, Path):
+        with open(source, "rb") as f:
+            if detect(f.read(6)) is None:
+                # Already a plain tar on disk (a stored blob, an uncompressed archive member):
+                # hash it in place instead of copying it.
+                f.seek(0)
+                w = HashingWriter(None)
+                while chunk := f.read(CHUNK):
+                    w.write(chunk)
+                    if progress is not None:
+                        progress(len(chunk))
+                yield source, w.digest, w.size, None
+                return
     plain = temp_name(tmp_dir, "tar")
     try:
         if isinstance(source, Path):
