@@ -1,0 +1,908 @@
+"""Differential testing of a union filesystem against the kernel's overlayfs.
+
+The kernel's overlayfs is the oracle: the same seeded random operation sequence runs on a kernel
+overlay mount and on a candidate (lamina's unionfs, or fuse-overlayfs as a reference), each over its
+own copy of the same generated lower layers, and every result, errno and merged tree is compared.
+
+Why the pieces look the way they do:
+
+* Lower layers are generated in the kernel's format (whiteouts as char 0/0, opaque directories by
+  ``trusted.overlay.opaque``) because the kernel reads nothing else. The candidate may get a copy in
+  which some whiteouts and opaque markers are rewritten in the OCI format (``.wh.NAME``,
+  ``.wh..wh..opq``): the same layers, so the kernel remains a valid oracle for them.
+* The sequence is chosen by looking at the *kernel's* tree before each step (so most operations hit
+  existing names), never at the candidate's: the candidate cannot steer its own test.
+* Times cannot be compared exactly (both runs happen at different moments), so every time is
+  classified: a time before the run started must be preserved exactly (copy-up keeps it, utime sets
+  it), a later one only has to be later on both sides.
+* Mounts happen in a private mount namespace (``unshare -m``, see ``run_isolated``): other users'
+  rootless podman processes copy mounts in the initial namespace and would pin our FUSE servers.
+
+Run from the command line (as root)::
+
+    unshare -m --propagation private .venv/bin/python tests/fsops.py --candidate lamina --seed 1 --ops 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import errno
+import hashlib
+import json
+import os
+import random
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import REPO_ROOT, MountedUnion, force_unmount, start_union
+
+NAMES = ["a", "b", "c", "d"]
+NEW_NAMES = ["n", "m", "a", "b", "c", "d"]
+OWNERS = [0, 1000, 1001]
+PAST = 1_500_000_000  # every generated time lies between PAST and PAST + 10^8 (before any run)
+PRIVATE_XATTRS = ("trusted.overlay.", "user.overlay.", "user.fuseoverlayfs.", "security.")
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+AT_FDCWD = -100
+
+Result = tuple[Any, ...]
+
+
+# --- generated lower layers ----------------------------------------------------------------------
+
+
+def _whiteout(path: Path) -> None:
+    os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(0, 0))
+
+
+def _is_whiteout(st: os.stat_result) -> bool:
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def merged_kinds(layers_top_first: list[Path]) -> dict[str, str]:
+    """What the kernel would show for these lower layers: relative path -> "dir"/"other".
+
+    A small model of overlayfs lookup, used only to decide where the generator puts whiteouts and
+    opaque directories so that they hide something.
+    """
+    result: dict[str, str] = {}
+
+    def visit(rel: str, stack: list[Path]) -> None:
+        decided: dict[str, tuple[int, os.stat_result]] = {}
+        for i, layer in enumerate(stack):
+            for name in os.listdir(layer / rel if rel else layer):
+                if name not in decided:
+                    decided[name] = (i, os.lstat(layer / rel / name))
+        for name, (i, st) in sorted(decided.items()):
+            if _is_whiteout(st):
+                continue
+            child = f"{rel}/{name}" if rel else name
+            if not stat.S_ISDIR(st.st_mode):
+                result[child] = "other"
+                continue
+            result[child] = "dir"
+            sub: list[Path] = []
+            for layer in stack[i:]:
+                try:
+                    lst = os.lstat(layer / child)
+                except FileNotFoundError:
+                    continue
+                if not stat.S_ISDIR(lst.st_mode):
+                    break
+                sub.append(layer)
+                if _get_xattr(layer / child, "trusted.overlay.opaque") == b"y":
+                    break
+            visit(child, sub)
+
+    visit("", layers_top_first)
+    return result
+
+
+def _get_xattr(path: Path, name: str) -> bytes | None:
+    try:
+        return os.getxattr(path, name, follow_symlinks=False)
+    except OSError:
+        return None
+
+
+def generate_lowers(rng: random.Random, base: Path, nlayers: int, entries: int = 22) -> list[Path]:
+    """Create ``nlayers`` kernel-format lower layers under ``base``; returns them top first."""
+    layers: list[Path] = []  # bottom first while building
+    for index in range(nlayers):
+        layer = base / f"layer{index}"
+        layer.mkdir(parents=True)
+        below = merged_kinds(list(reversed(layers))) if layers else {}
+        for _ in range(entries):
+            _generate_entry(rng, layer, below, index)
+        _randomize_times(rng, layer)
+        layers.append(layer)
+    return list(reversed(layers))
+
+
+def _random_rel(rng: random.Random, below: dict[str, str]) -> str:
+    if below and rng.random() < 0.5:
+        return rng.choice(sorted(below))
+    return "/".join(rng.choice(NAMES) for _ in range(rng.randint(1, 3)))
+
+
+def _ensure_parents(rng: random.Random, layer: Path, rel: str) -> bool:
+    parent = layer
+    for part in rel.split("/")[:-1]:
+        parent = parent / part
+        try:
+            st = os.lstat(parent)
+        except FileNotFoundError:
+            os.mkdir(parent)
+            os.chmod(parent, rng.choice([0o755, 0o755, 0o2775, 0o1777, 0o700]))
+            os.lchown(parent, rng.choice(OWNERS), rng.choice(OWNERS))
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            return False
+    return True
+
+
+def _generate_entry(rng: random.Random, layer: Path, below: dict[str, str], index: int) -> None:
+    rel = _random_rel(rng, below)
+    path = layer / rel
+    if not _ensure_parents(rng, layer, rel) or os.path.lexists(path):
+        return
+    kinds = ["file"] * 6 + ["dir"] * 3 + ["symlink", "fifo", "hardlink", "suid"] * 1
+    if index > 0:
+        kinds += ["whiteout"] * 3 + ["opaque"] * 2
+    kind = rng.choice(kinds)
+    owner = (rng.choice(OWNERS), rng.choice(OWNERS))
+    if kind == "whiteout":
+        # Only over something: the kernel lists a whiteout in a directory that merges with nothing
+        # (readdir shows it, lookup says ENOENT), a quirk no other overlay needs to copy; the same
+        # inside an opaque directory of the same layer, where a whiteout is pointless anyway.
+        ancestors = [layer.joinpath(*rel.split("/")[:k]) for k in range(1, rel.count("/") + 1)]
+        if rel in below and not any(_get_xattr(a, "trusted.overlay.opaque") for a in ancestors):
+            _whiteout(path)
+        return
+    if kind in ("dir", "opaque"):
+        os.mkdir(path)
+        os.chmod(path, rng.choice([0o755, 0o2775, 0o1777, 0o750]))
+        if kind == "opaque":
+            os.setxattr(path, "trusted.overlay.opaque", b"y")
+        for name in rng.sample(NAMES, rng.randint(0, 2)):
+            (path / name).write_bytes(rng.randbytes(rng.randint(0, 300)))
+    elif kind in ("file", "suid"):
+        path.write_bytes(rng.randbytes(rng.choice([0, 10, 1000, 70000])))
+        mode = rng.choice([0o4755, 0o2755, 0o6755]) if kind == "suid" else rng.choice([0o644, 0o600, 0o755, 0o444])
+        os.lchown(path, *owner)
+        os.chmod(path, mode)  # after chown, which clears setuid bits
+        if rng.random() < 0.3:
+            os.setxattr(path, "user.gen", rng.randbytes(8))
+        return
+    elif kind == "symlink":
+        os.symlink(rng.choice(["a", "../b", "/etc/passwd", "nowhere/x"]), path)
+    elif kind == "fifo":
+        os.mkfifo(path, 0o640)
+    elif kind == "hardlink":
+        files = [p for p in layer.rglob("*") if p.is_file() and not p.is_symlink() and p != path]
+        if not files:
+            return
+        os.link(rng.choice(sorted(files)), path)
+        return
+    os.lchown(path, *owner)
+
+
+def _randomize_times(rng: random.Random, layer: Path) -> None:
+    # Deepest first, so setting a child's time does not change its parent's afterwards.
+    paths = sorted(layer.rglob("*"), key=lambda p: len(p.parts), reverse=True) + [layer]
+    for p in paths:
+        t = PAST + rng.randint(0, 10**8)
+        os.utime(p, ns=(t * 10**9, t * 10**9 + rng.randint(0, 10**9 - 1)), follow_symlinks=False)
+
+
+def convert_to_oci_format(rng: random.Random, layers: list[Path], fraction: float = 0.5) -> int:
+    """Rewrite some kernel-format markers as ``.wh.`` files (what layer tars carry). Returns how many."""
+    converted = 0
+    for layer in layers:
+        for dirpath, dirnames, filenames in os.walk(layer):
+            d = Path(dirpath)
+            dst = os.lstat(d)  # restored at the end: the conversion must not touch the layer's times
+            for name in filenames:
+                if _is_whiteout(os.lstat(d / name)) and rng.random() < fraction:
+                    os.unlink(d / name)
+                    (d / f".wh.{name}").touch()
+                    converted += 1
+            for name in dirnames:
+                sub = d / name
+                if _get_xattr(sub, "trusted.overlay.opaque") == b"y" and rng.random() < fraction:
+                    sst = os.lstat(sub)
+                    os.removexattr(sub, "trusted.overlay.opaque")
+                    (sub / ".wh..wh..opq").touch()
+                    os.utime(sub, ns=(sst.st_atime_ns, sst.st_mtime_ns))
+                    converted += 1
+            os.utime(d, ns=(dst.st_atime_ns, dst.st_mtime_ns))
+    return converted
+
+
+def copy_layers(layers: list[Path], dest: Path) -> list[Path]:
+    dest.mkdir(parents=True)
+    out = []
+    for layer in layers:
+        target = dest / layer.name
+        # cp -a keeps hardlinks, owners, modes, times, and (as root) trusted.* xattrs.
+        subprocess.run(["cp", "-a", str(layer), str(target)], check=True)
+        out.append(target)
+    return out
+
+
+# --- mounts --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Union:
+    """One mounted union (kernel or FUSE) over given directories."""
+
+    kind: str  # "kernel", "lamina" or "fuse-overlayfs"
+    lowers: list[Path]
+    upper: Path
+    work: Path
+    mountpoint: Path
+    log: Path
+    extra: list[str] = field(default_factory=list)
+    handle: MountedUnion | None = None
+
+    def mount(self) -> None:
+        self.mountpoint.mkdir(parents=True, exist_ok=True)
+        opts = f"lowerdir={':'.join(map(str, self.lowers))},upperdir={self.upper},workdir={self.work}"
+        if self.kind == "kernel":
+            opts += ",redirect_dir=on" + "".join("," + o for o in self.extra)
+            subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(self.mountpoint)],
+                           check=True, capture_output=True)
+            return
+        if self.extra:
+            opts += "," + ",".join(self.extra)
+        argv = (["fuse-overlayfs", "-f"] if self.kind == "fuse-overlayfs"
+                else [sys.executable, "-m", "unionfs", "-f"]) + ["-o", opts, str(self.mountpoint)]
+        self.handle = start_union(argv, self.mountpoint, self.log)
+
+    def unmount(self) -> None:
+        if self.kind == "kernel":
+            subprocess.run(["umount", str(self.mountpoint)], check=False, capture_output=True)
+            return
+        if self.handle is not None:
+            self.handle.unmount()
+            self.handle = None
+        force_unmount(self.mountpoint)
+
+
+# --- operations ----------------------------------------------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def renameat2(src: str, dst: str, flags: int) -> None:
+    if _libc.renameat2(AT_FDCWD, src.encode(), AT_FDCWD, dst.encode(), flags) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def classify_time(ns: int, t0_ns: int) -> int | str:
+    return ns if ns < t0_ns else "recent"
+
+
+def describe(path: str, t0_ns: int) -> Result:
+    """lstat of a path, reduced to what two faithful overlays must agree on."""
+    st = os.lstat(path)
+    kind = stat.S_IFMT(st.st_mode)
+    size = None if stat.S_ISDIR(st.st_mode) else st.st_size
+    nlink = None if stat.S_ISDIR(st.st_mode) else st.st_nlink
+    return (oct(st.st_mode), st.st_uid, st.st_gid, size, nlink, classify_time(st.st_mtime_ns, t0_ns),
+            kind)
+
+
+def _content(path: str) -> str:
+    # O_NONBLOCK: the sequence may well read a FIFO, which must not hang the run.
+    h = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        while chunk := os.read(fd, 1 << 20):
+            h.update(chunk)
+    finally:
+        os.close(fd)
+    return h.hexdigest()[:16]
+
+
+def visible_xattrs(path: str) -> tuple[tuple[str, str], ...]:
+    out = []
+    for name in sorted(os.listxattr(path, follow_symlinks=False)):
+        if name.startswith(PRIVATE_XATTRS):
+            continue
+        try:
+            out.append((name, os.getxattr(path, name, follow_symlinks=False).hex()))
+        except OSError as e:
+            out.append((name, "E" + errno.errorcode.get(e.errno or 0, "?")))
+    return tuple(out)
+
+
+def _ino_stable(fn: Callable[[], Any], path: str) -> Any:
+    """Run ``fn``; report whether ``path``'s inode number stayed the same (copy-up must keep it)."""
+    before = os.lstat(path).st_ino if os.path.lexists(path) else None
+    value = fn()
+    after = os.lstat(path).st_ino if os.path.lexists(path) else None
+    return (value, before is None or after is None or before == after)
+
+
+INO_CHECKED_OPS = ("write", "append", "truncate", "chmod", "chown", "utime", "setxattr")
+
+
+def _strip_stable(res: Result) -> Result:
+    return (res[0], res[1][0]) if res[0] == "ok" else res
+
+
+def _stable(res: Result) -> bool:
+    return res[0] != "ok" or bool(res[1][1])
+
+
+def apply_op(root: str, op: list[Any], t0_ns: int) -> Result:
+    """Run one operation under ``root``; returns ("ok", value) or ("err", ERRNO_NAME)."""
+    name, args = op[0], op[1:]
+
+    def p(rel: str) -> str:
+        return os.path.join(root, rel) if rel else root
+
+    try:
+        value: Any = None
+        if name in ("create", "create_excl"):
+            flags = os.O_WRONLY | os.O_NONBLOCK | os.O_CREAT | (os.O_EXCL if name == "create_excl" else os.O_TRUNC)
+            fd = os.open(p(args[0]), flags, args[1])
+            try:
+                value = os.write(fd, bytes.fromhex(args[2]))
+            finally:
+                os.close(fd)
+        elif name in ("write", "append"):
+            def do_write() -> int:
+                flags = os.O_WRONLY | os.O_NONBLOCK | (os.O_APPEND if name == "append" else 0)
+                fd = os.open(p(args[0]), flags)
+                try:
+                    data = bytes.fromhex(args[-1])
+                    return os.write(fd, data) if name == "append" else os.pwrite(fd, data, args[1])
+                finally:
+                    os.close(fd)
+            value = _ino_stable(do_write, p(args[0]))
+        elif name == "truncate":
+            value = _ino_stable(lambda: os.truncate(p(args[0]), args[1]), p(args[0]))
+        elif name == "read":
+            value = _content(p(args[0]))
+        elif name == "unlink":
+            os.unlink(p(args[0]))
+        elif name == "rmdir":
+            os.rmdir(p(args[0]))
+        elif name == "mkdir":
+            os.mkdir(p(args[0]), args[1])
+        elif name == "rename":
+            os.rename(p(args[0]), p(args[1]))
+        elif name == "rename_noreplace":
+            renameat2(p(args[0]), p(args[1]), RENAME_NOREPLACE)
+        elif name == "rename_exchange":
+            renameat2(p(args[0]), p(args[1]), RENAME_EXCHANGE)
+        elif name == "symlink":
+            os.symlink(args[0], p(args[1]))
+        elif name == "link":
+            os.link(p(args[0]), p(args[1]), follow_symlinks=False)
+        elif name == "chmod":
+            value = _ino_stable(lambda: os.chmod(p(args[0]), args[1]), p(args[0]))
+        elif name == "chown":
+            value = _ino_stable(lambda: os.lchown(p(args[0]), args[1], args[2]), p(args[0]))
+        elif name == "utime":
+            value = _ino_stable(lambda: os.utime(p(args[0]), ns=(args[1], args[2]), follow_symlinks=False),
+                                p(args[0]))
+        elif name == "setxattr":
+            value = _ino_stable(lambda: os.setxattr(p(args[0]), args[1], bytes.fromhex(args[2]),
+                                                    follow_symlinks=False), p(args[0]))
+        elif name == "removexattr":
+            os.removexattr(p(args[0]), args[1], follow_symlinks=False)
+        elif name == "getxattr":
+            value = os.getxattr(p(args[0]), args[1], follow_symlinks=False).hex()
+        elif name == "listxattr":
+            value = visible_xattrs(p(args[0]))
+        elif name == "mkfifo":
+            os.mkfifo(p(args[0]), args[1])
+        elif name == "rmtree_mkdir":
+            # `rm -rf d; mkdir d`: the results of both halves, as a shell would see them.
+            try:
+                shutil.rmtree(p(args[0]))
+                first: Result = ("ok",)
+            except OSError as e:
+                first = ("err", errno.errorcode.get(e.errno or 0, str(e.errno)))
+            os.mkdir(p(args[0]), 0o755)
+            value = first
+        elif name == "stat":
+            value = describe(p(args[0]), t0_ns)
+        elif name == "readdir":
+            value = sorted(os.listdir(p(args[0])))
+        elif name == "readlink":
+            value = os.readlink(p(args[0]))
+        elif name == "open_rdonly":
+            fd = os.open(p(args[0]), os.O_RDONLY | os.O_NONBLOCK)
+            os.close(fd)
+        else:
+            raise ValueError(f"unknown operation {name}")
+        return ("ok", value)
+    except OSError as e:
+        return ("err", errno.errorcode.get(e.errno or 0, str(e.errno)))
+
+
+def list_tree(root: str) -> tuple[list[str], list[str]]:
+    """All paths under root (relative) and the directories among them, sorted."""
+    paths: list[str] = []
+    dirs: list[str] = [""]
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        rel = "" if rel == "." else rel
+        for n in dirnames + filenames:
+            paths.append(os.path.join(rel, n) if rel else n)
+        for n in dirnames:
+            dirs.append(os.path.join(rel, n) if rel else n)
+    return sorted(paths), sorted(dirs)
+
+
+def generate_op(rng: random.Random, oracle_root: str) -> list[Any]:
+    """Choose the next operation from the oracle's current tree."""
+    paths, dirs = list_tree(oracle_root)
+    everything = [""] + paths
+
+    non_dirs = sorted(set(paths) - set(dirs))
+
+    def existing() -> str:
+        return rng.choice(paths) if paths else rng.choice(NEW_NAMES)
+
+    def existing_file() -> str:
+        # Mostly non-directories, so that file operations mostly do something.
+        return rng.choice(non_dirs) if non_dirs and rng.random() < 0.85 else existing()
+
+    def fresh() -> str:
+        parent = rng.choice(dirs)
+        name = rng.choice(NEW_NAMES)
+        return f"{parent}/{name}" if parent else name
+
+    def any_path() -> str:
+        return existing() if rng.random() < 0.7 else fresh()
+
+    def data() -> str:
+        return rng.randbytes(rng.choice([0, 1, 100, 3000, 9000])).hex()
+
+    weights = {
+        "create": 7, "create_excl": 2, "write": 6, "append": 5, "truncate": 5, "read": 5,
+        "unlink": 6, "rmdir": 4, "mkdir": 6, "rename": 12, "rename_noreplace": 2,
+        "rename_exchange": 2, "symlink": 3, "link": 4, "chmod": 4, "chown": 3, "utime": 3,
+        "setxattr": 4, "removexattr": 2, "getxattr": 1, "listxattr": 2, "mkfifo": 2,
+        "rmtree_mkdir": 3, "stat": 5, "readdir": 5, "readlink": 1, "open_rdonly": 2,
+    }
+    name = rng.choices(list(weights), weights=list(weights.values()))[0]
+    if name in ("create", "create_excl"):
+        return [name, existing_file() if rng.random() < 0.3 else fresh(), rng.choice([0o644, 0o600, 0o4755]),
+                data()]
+    if name == "write":
+        return [name, existing_file(), rng.choice([0, 5, 4096, 70000]), data()]
+    if name == "append":
+        return [name, existing_file(), data()]
+    if name == "truncate":
+        target = existing_file()
+        try:
+            same = os.lstat(os.path.join(oracle_root, target)).st_size
+        except OSError:
+            same = 0
+        return [name, target, rng.choice([0, 7, 5000, 100000, same, same])]
+    if name in ("read", "unlink", "readlink", "open_rdonly"):
+        return [name, existing_file()]
+    if name in ("rmdir", "stat", "listxattr"):
+        return [name, existing()]
+    if name == "readdir":
+        return [name, rng.choice(dirs)]
+    if name == "mkdir":
+        return [name, any_path(), rng.choice([0o755, 0o700, 0o2775, 0o1777])]
+    if name in ("rename", "rename_noreplace"):
+        src = rng.choice(dirs[1:]) if len(dirs) > 1 and rng.random() < 0.35 else existing()
+        return [name, src, any_path()]
+    if name == "rename_exchange":
+        return [name, existing(), existing()]
+    if name == "symlink":
+        return [name, rng.choice(["a", "../b", "/etc/hostname", "x/y/z", "n"]), any_path()]
+    if name == "link":
+        return [name, existing_file(), any_path()]
+    if name == "chmod":
+        return [name, rng.choice(everything), rng.choice([0o644, 0o755, 0o4755, 0o2755, 0o6711, 0o1777, 0o000])]
+    if name == "chown":
+        return [name, rng.choice(everything), rng.choice(OWNERS + [-1]), rng.choice(OWNERS + [-1])]
+    if name == "utime":
+        t = PAST + rng.randint(0, 10**8)
+        return [name, existing(), t * 10**9, t * 10**9 + rng.randint(0, 10**9 - 1)]
+    if name in ("setxattr", "removexattr", "getxattr"):
+        xname = rng.choice(["user.a", "user.b", "user.gen", "trusted.t"])
+        if name == "setxattr":
+            return [name, rng.choice(everything), xname, rng.randbytes(rng.randint(0, 20)).hex()]
+        return [name, existing(), xname]
+    if name == "mkfifo":
+        return [name, any_path(), 0o644]
+    if name == "rmtree_mkdir":
+        return [name, rng.choice(dirs[1:]) if len(dirs) > 1 else fresh()]
+    raise AssertionError(name)
+
+
+# --- whole-tree comparison -----------------------------------------------------------------------
+
+
+def snapshot(root: str, t0_ns: int) -> tuple[dict[str, Result], dict[str, int], list[str]]:
+    """The merged tree as comparable values; also each path's st_ino and invariant violations.
+
+    Invariants checked on one side only: readdir's d_ino equals lstat's st_ino, and two paths with
+    one inode number are one file (same attributes and content).
+    """
+    tree: dict[str, Result] = {}
+    inos: dict[str, int] = {}
+    problems: list[str] = []
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        full = os.path.join(root, rel) if rel else root
+        try:
+            d = describe(full, t0_ns)
+            st = os.lstat(full)
+            extra: Any = None
+            if stat.S_ISREG(st.st_mode):
+                extra = _content(full)
+            elif stat.S_ISLNK(st.st_mode):
+                extra = os.readlink(full)
+            xattrs = visible_xattrs(full)
+            tree[rel or "."] = (*d, extra, xattrs)
+            inos[rel or "."] = st.st_ino
+        except OSError as e:
+            tree[rel or "."] = ("err", errno.errorcode.get(e.errno or 0, "?"))
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            try:
+                with os.scandir(full) as it:
+                    entries = list(it)
+            except OSError as e:
+                tree[(rel or ".") + "/<readdir>"] = ("err", errno.errorcode.get(e.errno or 0, "?"))
+                continue
+            for entry in entries:
+                child = os.path.join(rel, entry.name) if rel else entry.name
+                try:
+                    if entry.inode() != os.lstat(entry.path).st_ino:
+                        problems.append(f"{child}: readdir d_ino {entry.inode()} != st_ino "
+                                        f"{os.lstat(entry.path).st_ino}")
+                except OSError as e:
+                    problems.append(f"{child}: listed by readdir but lstat fails: {e}")
+                stack.append(child)
+    by_ino: dict[int, list[str]] = {}
+    for rel, ino in inos.items():
+        by_ino.setdefault(ino, []).append(rel)
+    for ino, rels in by_ino.items():
+        if len(rels) > 1 and len({tree[r] for r in rels}) > 1:
+            problems.append(f"inode {ino} shared by different files: {sorted(rels)}")
+    return tree, inos, problems
+
+
+def diff_trees(a: dict[str, Result], b: dict[str, Result], a_name: str, b_name: str,
+               limit: int = 6) -> list[str]:
+    out = []
+    for rel in sorted(set(a) | set(b)):
+        if a.get(rel) != b.get(rel):
+            out.append(f"{rel}: {a_name}={a.get(rel)} {b_name}={b.get(rel)}")
+            if len(out) >= limit:
+                out.append("...")
+                break
+    return out
+
+
+# --- the differential run ------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    seed: int
+    candidate: str
+    ops_run: int = 0
+    oci_markers: int = 0
+    divergences: list[str] = field(default_factory=list)
+    ops: list[list[Any]] = field(default_factory=list)
+    outcomes: dict[str, int] = field(default_factory=dict)  # "op:ok" / "op:ERRNO" -> count
+    server_log: list[str] = field(default_factory=list)  # the candidate's ERROR lines and tracebacks
+
+
+def _error_lines(log: Path, limit: int = 30) -> list[str]:
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    start = next((i for i, line in enumerate(lines) if "ERROR" in line or "Traceback" in line), None)
+    return [] if start is None else lines[start:start + limit]
+
+
+# --- hand-written cases (regressions found by the random runs, kept small and explicit) ------------
+
+
+def _lowers_setgid_dir(base: Path) -> list[Path]:
+    top, bottom = base / "l0", base / "l1"
+    (bottom / "sg").mkdir(parents=True)
+    os.chown(bottom / "sg", 1000, 1000)
+    os.chmod(bottom / "sg", 0o2775)
+    (bottom / "sg" / "old").mkdir()
+    (top / "plain").mkdir(parents=True)
+    (top / "plain" / "f").write_bytes(b"x")
+    return [top, bottom]
+
+
+def _lowers_one_file(base: Path) -> list[Path]:
+    top, bottom = base / "l0", base / "l1"
+    (bottom / "d").mkdir(parents=True)
+    (bottom / "d" / "f").write_bytes(b"lower data")
+    os.utime(bottom / "d" / "f", (PAST, PAST))
+    top.mkdir()
+    (top / "g").write_bytes(b"top")
+    return [top, bottom]
+
+
+CASES: dict[str, tuple[Callable[[Path], list[Path]], list[list[Any]]]] = {
+    # mkdir inside a (copied-up) setgid directory inherits S_ISGID and the group, as on any fs.
+    "setgid-mkdir": (_lowers_setgid_dir, [["mkdir", "sg/new", 0o755], ["stat", "sg/new"],
+                                          ["chmod", "", 0o2755], ["mkdir", "n", 0o755], ["stat", "n"],
+                                          ["rmtree_mkdir", "sg/old"], ["stat", "sg/old"]]),
+    # The mount's root directory takes user xattrs like any directory.
+    "root-xattr": (_lowers_one_file, [["setxattr", "", "user.a", "6869"], ["getxattr", "", "user.a"],
+                                      ["listxattr", ""], ["removexattr", "", "user.a"]]),
+    # A copied-up file keeps its inode number, also after a remount.
+    "copyup-ino-remount": (_lowers_one_file, [["write", "d/f", 2, "4142"], ["chmod", "g", 0o600],
+                                              ["read", "d/f"]]),
+}
+
+
+def run_differential(seed: int, nops: int, candidate: str, workdir: Path,
+                     check_every: int = 20, replay: list[list[Any]] | None = None,
+                     case: str | None = None) -> Report:
+    """One seeded run; stops at the first divergence (what follows would only cascade).
+
+    ``replay``: run these operations instead of generating ``nops`` of them (the lowers still come
+    from ``seed``); used to shrink a failing sequence. ``case``: one of ``CASES`` (its own lowers and
+    operations) instead.
+    """
+    rng = random.Random(seed)
+    report = Report(seed, candidate)
+    os.umask(0)
+    if case is not None:
+        make_lowers, replay = CASES[case]
+        kernel_lowers = make_lowers(workdir / "gen")
+        check_every = 1
+    else:
+        kernel_lowers = generate_lowers(rng, workdir / "gen", rng.choice([2, 3]))
+    cand_lowers = copy_layers(kernel_lowers, workdir / "cand-lowers")
+    if seed % 2 == 1 and case is None:
+        report.oci_markers = convert_to_oci_format(rng, cand_lowers)
+    for d in ("k-upper", "k-work", "c-upper", "c-work", "x-work"):
+        (workdir / d).mkdir()
+    kernel = Union("kernel", kernel_lowers, workdir / "k-upper", workdir / "k-work", workdir / "k-mnt",
+                   workdir / "k.log")
+    cand = Union(candidate, cand_lowers, workdir / "c-upper", workdir / "c-work", workdir / "c-mnt",
+                 workdir / "c.log")
+    t0_ns = time.time_ns() - 1_000_000_000
+    kroot, croot = str(kernel.mountpoint), str(cand.mountpoint)
+    mounted: list[Union] = []
+    try:
+        for u in (kernel, cand):
+            u.mount()
+            mounted.append(u)
+
+        def compare_trees(stage: str) -> tuple[dict[str, int], dict[str, Result]]:
+            ktree, _, _ = snapshot(kroot, t0_ns)
+            ctree, cinos, problems = snapshot(croot, t0_ns)
+            for line in diff_trees(ktree, ctree, "kernel", candidate):
+                report.divergences.append(f"{stage}: tree: {line}")
+            for line in problems:
+                report.divergences.append(f"{stage}: {candidate} invariant: {line}")
+            return cinos, ctree
+
+        compare_trees("initial")
+        for i in range(nops if replay is None else len(replay)):
+            if report.divergences:
+                break
+            op = generate_op(rng, kroot) if replay is None else replay[i]
+            report.ops.append(op)
+            kres = apply_op(kroot, op, t0_ns)
+            cres = apply_op(croot, op, t0_ns)
+            report.ops_run += 1
+            key = f"{op[0]}:{kres[1] if kres[0] == 'err' else 'ok'}"
+            report.outcomes[key] = report.outcomes.get(key, 0) + 1
+            if op[0] in INO_CHECKED_OPS:
+                # The kernel (index=off here) may change st_ino on copy-up; lamina must not (issue 3, 7).
+                kres, cres, stable = _strip_stable(kres), _strip_stable(cres), _stable(cres)
+                if not stable and candidate != "kernel":
+                    report.divergences.append(f"op {i} {op_text(op)}: {candidate} changed the inode number")
+                    break
+            if kres != cres:
+                report.divergences.append(f"op {i} {op_text(op)}: kernel={kres} {candidate}={cres}")
+                break
+            if (i + 1) % check_every == 0:
+                compare_trees(f"after op {i}")
+        if not report.divergences:
+            cinos_before, _ = compare_trees("end")
+        if report.divergences:
+            return report
+        for u in (cand, kernel):
+            u.unmount()
+            mounted.remove(u)
+        for u in (kernel, cand):
+            u.mount()
+            mounted.append(u)
+        cinos_after, ctree_after = compare_trees("after remount")
+        moved = [r for r in cinos_after if cinos_before.get(r) not in (None, cinos_after[r])]
+        if moved and candidate != "kernel":
+            report.divergences.append(f"after remount: {candidate} inode numbers changed for {sorted(moved)[:10]}")
+        for u in (cand, kernel):
+            u.unmount()
+            mounted.remove(u)
+        # The candidate's upper must mean the same to the kernel (over the kernel-format lowers).
+        cross = Union("kernel", kernel_lowers, workdir / "c-upper", workdir / "x-work", workdir / "x-mnt",
+                      workdir / "x.log")
+        cross.mount()
+        mounted.append(cross)
+        xtree, _, _ = snapshot(str(cross.mountpoint), t0_ns)
+        for line in diff_trees(ctree_after, xtree, candidate, "kernel-on-its-upper"):
+            report.divergences.append(f"{candidate}'s upper mounted by the kernel: {line}")
+        return report
+    finally:
+        for u in reversed(mounted):
+            u.unmount()
+
+
+def category(divergence: str) -> str:
+    """A coarse kind of divergence, kept while shrinking so that one bug does not turn into another."""
+    if divergence.startswith("op "):
+        return "op:" + divergence.split("(", 1)[1].split(",", 1)[0].rstrip(")")
+    for marker in ("invariant", "inode numbers changed", "mounted by the kernel", "tree"):
+        if marker in divergence:
+            return marker
+    return "other"
+
+
+def shrink(seed: int, candidate: str, ops: list[list[Any]], want: str,
+           check_every: int = 10**9) -> list[list[Any]]:
+    """Delta debugging: a smaller operation list over the same lowers that still diverges the same way."""
+
+    def fails(trial: list[list[Any]]) -> bool:
+        workdir = Path(tempfile.mkdtemp(prefix=f"lamina-shrink-{seed}-"))
+        try:
+            found = run_differential(seed, 0, candidate, workdir, check_every, replay=trial).divergences
+            return any(category(d) == want for d in found)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    n = 2
+    while len(ops) >= 2:
+        chunk = -(-len(ops) // n)
+        for start in range(0, len(ops), chunk):
+            trial = ops[:start] + ops[start + chunk:]
+            if fails(trial):
+                ops, n = trial, max(n - 1, 2)
+                break
+        else:
+            if n >= len(ops):
+                break
+            n = min(len(ops), 2 * n)
+    if len(ops) == 1 and fails([]):
+        return []
+    return ops
+
+
+def lower_listing(seed: int, ops: list[list[Any]]) -> list[str]:
+    """How the generated lowers look at the paths (and their parents) that ``ops`` name."""
+    rng = random.Random(seed)
+    base = Path(tempfile.mkdtemp(prefix=f"lamina-lowers-{seed}-"))
+    try:
+        layers = generate_lowers(rng, base / "gen", rng.choice([2, 3]))
+        if seed % 2 == 1:
+            convert_to_oci_format(rng, copy_layers(layers, base / "cand"))
+            layers = sorted((base / "cand").iterdir(), reverse=True)
+        names = {a for op in ops for a in op[1:] if isinstance(a, str) and not a.startswith(("user.", "trusted."))
+                 and len(a) < 40}
+        rels: set[str] = set()
+        for n in names:
+            parts = n.split("/")
+            rels.update("/".join(parts[:k]) for k in range(1, len(parts) + 1))
+        out = []
+        for i, layer in enumerate(layers):
+            for rel in sorted(rels):
+                for name in (rel, os.path.join(os.path.dirname(rel), ".wh." + os.path.basename(rel))):
+                    full = layer / name
+                    if not os.path.lexists(full):
+                        continue
+                    st = os.lstat(full)
+                    kind = "whiteout" if _is_whiteout(st) else stat.filemode(st.st_mode)
+                    extra = f" -> {os.readlink(full)}" if stat.S_ISLNK(st.st_mode) else ""
+                    if stat.S_ISDIR(st.st_mode):
+                        if _get_xattr(full, "trusted.overlay.opaque") or (full / ".wh..wh..opq").exists():
+                            extra += " (opaque)"
+                    out.append(f"lower {i} (0 = top): {name}: {kind} {st.st_uid}:{st.st_gid} "
+                               f"size={st.st_size} nlink={st.st_nlink}{extra}")
+        return out
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def op_text(op: list[Any]) -> str:
+    shown = [a if not (isinstance(a, str) and len(a) > 24) else a[:12] + "…" for a in op]
+    shown = [oct(a) if isinstance(a, int) and op[0] in ("chmod", "mkdir", "create", "create_excl",
+                                                          "mkfifo") and 0 < a < 0o10000 else a
+             for a in shown]
+    return "(" + ", ".join(map(str, shown)) + ")"
+
+
+def run_isolated(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run this module's command line in a private mount namespace."""
+    return subprocess.run(["unshare", "-m", "--propagation", "private", sys.executable, __file__, *argv],
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--candidate", default="lamina", choices=["lamina", "fuse-overlayfs", "kernel"])
+    parser.add_argument("--seed", type=int, action="append", default=[])
+    parser.add_argument("--case", choices=sorted(CASES), help="run a hand-written case instead of seeds")
+    parser.add_argument("--ops", type=int, default=200)
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("-v", "--verbose", action="store_true", help="count outcomes per operation")
+    parser.add_argument("--shrink", action="store_true", help="shrink a diverging sequence to a minimal one")
+    parser.add_argument("--replay", help="JSON list of operations to run instead of generated ones")
+    parser.add_argument("--json", action="store_true", help="print one JSON report per seed")
+    args = parser.parse_args(argv)
+    if not args.seed and not args.case:
+        parser.error("give --seed or --case")
+    failed = 0
+    for seed in args.seed or [0]:
+        workdir = Path(tempfile.mkdtemp(prefix=f"lamina-diff-{seed}-"))
+        try:
+            replay = json.loads(args.replay) if args.replay else None
+            report = run_differential(seed, args.ops, args.candidate, workdir, replay=replay, case=args.case)
+            report.server_log = _error_lines(workdir / "c.log")
+        finally:
+            if not args.keep:
+                shutil.rmtree(workdir, ignore_errors=True)
+        failed += bool(report.divergences)
+        if args.json:
+            print(json.dumps(report.__dict__), flush=True)
+        else:
+            print(f"seed {seed}: {report.ops_run} ops, {len(report.divergences)} divergences, "
+                  f"{report.oci_markers} OCI-format markers"
+                  + (f" (workdir {workdir})" if args.keep else ""))
+            if args.verbose:
+                print("    outcomes:", " ".join(f"{k}={v}" for k, v in sorted(report.outcomes.items())))
+            for line in report.divergences:
+                print("   ", line)
+            for line in report.server_log:
+                print("    server:", line)
+            if report.divergences and not args.shrink:
+                print("    last ops:")
+                for op in report.ops[-8:]:
+                    print("     ", op_text(op))
+            if report.divergences and args.shrink and report.ops and not args.case:
+                small = shrink(seed, args.candidate, report.ops, category(report.divergences[0]))
+                workdir = Path(tempfile.mkdtemp(prefix=f"lamina-diff-{seed}-"))
+                try:
+                    again = run_differential(seed, 0, args.candidate, workdir, check_every=1, replay=small)
+                finally:
+                    shutil.rmtree(workdir, ignore_errors=True)
+                print(f"    shrunk to {len(small)} ops: --seed {seed} --replay '{json.dumps(small)}'")
+                for line in again.divergences:
+                    print("     ", line)
+                for line in lower_listing(seed, small):
+                    print("     ", line)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
