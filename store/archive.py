@@ -304,10 +304,15 @@ def load(store: Store, path: Path) -> list[tuple[Image, list[str]]]:
     """
     with _open_archive(path, store) as tar:
         archive = _Archive(tar, path)
-        if "manifest.json" in archive.members:
-            return _load_docker(store, archive)
-        if "index.json" in archive.members:
-            return _load_oci(store, archive)
+        try:
+            if "manifest.json" in archive.members:
+                return _load_docker(store, archive)
+            if "index.json" in archive.members:
+                return _load_oci(store, archive)
+        except LayerError as e:
+            if str(e).startswith(str(path)):
+                raise
+            raise LayerError(f"{path}: layer refused: {e}") from None
         raise FormatError(f"{path}: neither a docker-archive (manifest.json) nor an oci-archive (index.json)")
 
 

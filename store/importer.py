@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from lamina.errors import UsageError
+from lamina.errors import LayerError, UsageError
 from store.blobs import remove_tree, temp_name
 from store.layer_unpack import unpack_layer
 from store.progress import ProgressBar
@@ -110,7 +110,10 @@ def import_tarball(store: Store, source: str, tags: list[str], changes: list[str
             stream, total = path, path.stat().st_size
         bar = ProgressBar(f"Importing {source}", total)
         with store.lock(shared=True):
-            unpack_layer(stream, work / "rootfs", store.tmp_dir, progress=bar)
+            try:
+                unpack_layer(stream, work / "rootfs", store.tmp_dir, progress=bar)
+            except LayerError as e:
+                raise LayerError(f"import: {source}: {e}") from None
             bar.finish("unpacked")
             layer = store.commit_layer(work / "rootfs")
             created = now_rfc3339()

@@ -163,3 +163,51 @@ def test_system_df_prune_check(lamina_cmd: Cli, tmp_path: Path) -> None:
     (root / "blobs/sha256" / ("0" * 64)).write_bytes(b"corrupt")
     check = lamina_cmd("system", "check", check=False)
     assert check.returncode == 125 and "does not match its digest" in check.stdout
+
+
+def _archive(path: Path, members: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_hostile_or_lying_archives_are_refused(lamina_cmd: Cli, tmp_path: Path) -> None:
+    root = tmp_path / "lamina-root"
+    lamina_cmd("images")
+    before = store_snapshot(root)
+    layer = io.BytesIO()
+    with tarfile.open(fileobj=layer, mode="w") as t:
+        info = tarfile.TarInfo("../../escape")
+        info.size = 1
+        t.addfile(info, io.BytesIO(b"x"))
+    bad_layer = layer.getvalue()
+    import hashlib
+    diff_id = "sha256:" + hashlib.sha256(bad_layer).hexdigest()
+    config = json.dumps({"os": "linux", "rootfs": {"type": "layers", "diff_ids": [diff_id]}}).encode()
+    cases = {
+        "escaping-layer": _archive(tmp_path / "a.tar", {
+            "manifest.json": json.dumps([{"Config": "c.json", "RepoTags": ["x:1"], "Layers": ["l.tar"]}]).encode(),
+            "c.json": config, "l.tar": bad_layer}),
+        "path-outside-archive": _archive(tmp_path / "b.tar", {
+            "manifest.json": json.dumps([{"Config": "../../etc/passwd", "Layers": []}]).encode()}),
+        "wrong-diff-id": _archive(tmp_path / "c.tar", {
+            "manifest.json": json.dumps([{"Config": "c.json", "RepoTags": ["x:1"], "Layers": ["l.tar"]}]).encode(),
+            "c.json": config.replace(diff_id.encode(), b"sha256:" + b"1" * 64), "l.tar": bad_layer}),
+        "oci-lying-blob": _archive(tmp_path / "d.tar", {
+            "oci-layout": b'{"imageLayoutVersion":"1.0.0"}',
+            "index.json": json.dumps({"schemaVersion": 2, "manifests": [
+                {"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                 "digest": "sha256:" + "2" * 64, "size": 2}]}).encode(),
+            "blobs/sha256/" + "2" * 64: b"{}"}),
+    }
+    for case, archive in cases.items():
+        result = lamina_cmd("load", "-i", str(archive), check=False)
+        assert result.returncode == 125, (case, result.stdout, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr, case
+        assert "x:1" not in lamina_cmd("images").stdout
+    assert not (tmp_path / "escape").exists() and not (root.parent / "escape").exists()
+    lamina_cmd("system", "prune")
+    assert store_snapshot(root) == before
