@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import http.client
+import io
 import json
 import logging
 import os
@@ -38,7 +39,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Protocol
 
 from lamina import __version__
 from lamina.errors import RegistryError
@@ -74,6 +75,14 @@ REPOSITORY_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(
 TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 ProgressCallback = Callable[[int], None]
+
+
+class Readable(Protocol):
+    """A request body read from a file: http.client reads it, and we rewind it to retry."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+    def seek(self, offset: int, whence: int = 0, /) -> int: ...
+    def tell(self) -> int: ...
 
 
 @dataclass
@@ -199,7 +208,7 @@ class RegistryClient:
         return conn
 
     def _send(self, method: str, url: str, headers: dict[str, str],
-              body: bytes | BinaryIO | None, verify: bool, body_start: int = 0) -> http.client.HTTPResponse:
+              body: bytes | Readable | None, verify: bool, body_start: int = 0) -> http.client.HTTPResponse:
         """Send one request (no auth, no redirects); retry once on a stale keep-alive connection.
 
         A file body is sent from ``body_start`` on every attempt.
@@ -338,7 +347,7 @@ class RegistryClient:
         return token
 
     def _request(self, method: str, path_or_url: str, *, scope: str | None,
-                 headers: dict[str, str] | None = None, body: bytes | BinaryIO | None = None,
+                 headers: dict[str, str] | None = None, body: bytes | Readable | None = None,
                  follow_redirects: bool = True) -> http.client.HTTPResponse:
         """One API request with authentication and redirects; the caller reads and closes the response."""
         base = self._base_url()
@@ -392,7 +401,9 @@ class RegistryClient:
         body = self._read_limited(response, MAX_ERROR_BYTES)
         if response.status == 401:
             if self.credentials:
-                return RegistryError(f"{what} on {self.registry}: credentials refused")
+                detail = _error_text(body)
+                return RegistryError(f"{what} on {self.registry}: credentials refused"
+                                     f"{' (' + detail + ')' if detail else ''}")
             return RegistryError(f"{self.registry}: authentication required (--creds USER:PASS or lamina login)")
         return RegistryError(f"{what} on {self.registry}: {response.status} {response.reason}"
                              f"{': ' + _error_text(body) if body else ''}")
@@ -572,11 +583,10 @@ class RegistryClient:
         with open(path, "rb") as src:
             if size <= monolithic_limit:
                 url = _with_query(location, digest=digest)
-                response = self._request("PUT", url, scope=scope, body=src, follow_redirects=False,
+                body: Readable = _ProgressReader(src, progress) if progress is not None else src
+                response = self._request("PUT", url, scope=scope, body=body, follow_redirects=False,
                                          headers={"Content-Type": "application/octet-stream",
                                                   "Content-Length": str(size)})
-                if progress is not None:
-                    progress(size)
             else:
                 offset = 0
                 while offset < size:
@@ -632,6 +642,32 @@ class RegistryClient:
         if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
             raise RegistryError(f"registry {self.registry} sent an unusable upload location {location!r}")
         return url
+
+
+class _ProgressReader(io.RawIOBase):
+    """A file wrapper that reports how much http.client has read from it (for the progress bar)."""
+
+    def __init__(self, raw: Readable, progress: ProgressCallback) -> None:
+        super().__init__()
+        self.raw, self.progress = raw, progress
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self.raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        if data:
+            self.progress(len(data))
+        return data
 
 
 def _check_repository(repository: str) -> None:

@@ -53,7 +53,10 @@ def test_push_and_pull_protocol_roundtrip(registry: RunningRegistry, tmp_path: P
     assert not client.has_blob("lamina/test", digest_of(layer))
     client.upload_blob("lamina/test", digest_of(layer), write(tmp_path / "layer", layer),
                        chunk_size=4096, monolithic_limit=0)
-    client.upload_blob("lamina/test", digest_of(config), write(tmp_path / "config", config))
+    reported: list[int] = []
+    client.upload_blob("lamina/test", digest_of(config), write(tmp_path / "config", config),
+                       progress=reported.append)
+    assert sum(reported) == len(config)
     assert client.has_blob("lamina/test", digest_of(layer))
     patches = [p for m, p, s in registry.access_log() if m == "PATCH"]
     assert len(patches) == -(-len(layer) // 4096), "the layer went up in 4 KiB chunks"
