@@ -10,12 +10,14 @@ import argparse
 import datetime as dt
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
 from lamina.errors import ContainerNotFound, ImageNotFound, LaminaError, StoreError, UsageError
 from store.archive import DOCKER_ARCHIVE, OCI_ARCHIVE, SaveItem, load, save
+from store.blobs import CHUNK, temp_name
 from store.importer import import_tarball
 from store.progress import human_size
 from store.reference import Reference
@@ -345,10 +347,8 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def cmd_save(args: argparse.Namespace) -> int:
     store = _open(args)
-    if not args.output:
-        if sys.stdout.isatty():
-            raise UsageError("save: refusing to write an archive to a terminal; use -o FILE")
-        raise UsageError("save: -o FILE is required")
+    if not args.output and sys.stdout.isatty():
+        raise UsageError("save: refusing to write an archive to a terminal; use -o FILE")
     items: list[SaveItem] = []
     for name in args.images:
         image = store.resolve_image(name)
@@ -361,15 +361,35 @@ def cmd_save(args: argparse.Namespace) -> int:
         except UsageError:
             pass
         items.append(SaveItem(image, refs))
-    save(store, items, Path(args.output), args.format)
+    if args.output:
+        save(store, items, Path(args.output), args.format)
+        return 0
+    # To stdout (a pipe or a file): build it in the store's tmp, then stream it.
+    tmp = temp_name(store.tmp_dir, "save")
+    try:
+        save(store, items, tmp, args.format)
+        with open(tmp, "rb") as f:
+            shutil.copyfileobj(f, sys.stdout.buffer, CHUNK)
+        sys.stdout.buffer.flush()
+    finally:
+        tmp.unlink(missing_ok=True)
     return 0
 
 
 def cmd_load(args: argparse.Namespace) -> int:
     store = _open(args)
-    if not args.input:
-        raise UsageError("load: -i FILE is required")
-    loaded = load(store, Path(args.input))
+    if args.input:
+        loaded = load(store, Path(args.input))
+    elif sys.stdin.isatty():
+        raise UsageError("load: no archive: use -i FILE or pipe one into stdin")
+    else:
+        tmp = temp_name(store.tmp_dir, "stdin")
+        try:
+            with open(tmp, "xb") as f:
+                shutil.copyfileobj(sys.stdin.buffer, f, CHUNK)
+            loaded = load(store, tmp)
+        finally:
+            tmp.unlink(missing_ok=True)
     for image, tags in loaded:
         if tags:
             for tag in tags:

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import subprocess
+import sys
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -97,7 +98,12 @@ def test_save_load_round_trip_both_formats_compressed_or_not(lamina_cmd: Cli, tm
     image_id = lamina_cmd("import", str(tar), "rt:1").stdout.strip()
     for fmt in ("docker-archive", "oci-archive"):
         archive = tmp_path / f"{fmt}.tar"
-        lamina_cmd("save", "--format", fmt, "-o", str(archive), "rt:1")
+        if fmt == "docker-archive":
+            lamina_cmd("save", "--format", fmt, "-o", str(archive), "rt:1")
+        else:  # through stdout, as `lamina save IMAGE > FILE`
+            with open(archive, "wb") as out:
+                subprocess.run([sys.executable, "-m", "lamina", "--root", str(tmp_path / "lamina-root"),
+                                "save", "--format", fmt, "rt:1"], stdout=out, check=True)
         with tarfile.open(archive) as t:
             names = t.getnames()
         assert ("manifest.json" in names) if fmt == "docker-archive" else ("index.json" in names)
@@ -105,7 +111,12 @@ def test_save_load_round_trip_both_formats_compressed_or_not(lamina_cmd: Cli, tm
             if variant.suffix == ".gz":
                 variant.write_bytes(gzip.compress(archive.read_bytes()))
             other = tmp_path / f"other-{variant.name}"
-            loaded = lamina_cmd("load", "-i", str(variant), root=other)
+            if variant.suffix == ".gz":  # through stdin, as `lamina load < FILE`
+                with open(variant, "rb") as stdin:
+                    loaded = subprocess.run([sys.executable, "-m", "lamina", "--root", str(other), "load"],
+                                            stdin=stdin, capture_output=True, text=True, check=True)
+            else:
+                loaded = lamina_cmd("load", "-i", str(variant), root=other)
             assert loaded.stdout.strip() == "Loaded image: rt:1"
             got = json.loads(lamina_cmd("inspect", "rt:1", root=other).stdout)[0]
             assert got["Id"] == image_id
