@@ -19,12 +19,12 @@ import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 from typing import TextIO
 
 from lamina.errors import RegistryError, UsageError
 from store.layer_unpack import Limits
+from store.progress import ProgressBar
 from store.reference import DEFAULT_REGISTRY, Reference
 from store.registry import RegistryClient
 from store.registry_auth import lookup_credentials, parse_creds, remove_credentials, store_credentials
@@ -61,51 +61,18 @@ def api_host(registry: str) -> str:
 
 
 class Progress:
-    """Docker-like per-blob progress lines on a terminal; silent when ``stream`` is None."""
+    """Docker-like status lines and per-blob bars on a terminal; silent when ``stream`` is None."""
 
     def __init__(self, stream: TextIO | None) -> None:
         self.stream = stream
-        self._last = 0.0
 
     def line(self, text: str) -> None:
         if self.stream is not None:
             self.stream.write(f"\r\x1b[K{text}\n")
             self.stream.flush()
 
-    def bar(self, label: str, total: int | None) -> _Bar:
-        return _Bar(self, label, total)
-
-
-class _Bar:
-    def __init__(self, progress: Progress, label: str, total: int | None) -> None:
-        self.progress, self.label, self.total, self.done = progress, label, total, 0
-        self._shown = 0.0
-
-    def __call__(self, n: int) -> None:
-        self.done += n
-        stream = self.progress.stream
-        now = time.monotonic()
-        if stream is None or now - self._shown < 0.1:
-            return
-        self._shown = now
-        if self.total:
-            filled = min(30, 30 * self.done // max(self.total, 1))
-            stream.write(f"\r\x1b[K{self.label} [{'=' * filled}>{' ' * (30 - filled)}] "
-                         f"{human_size(self.done)} / {human_size(self.total)}")
-        else:
-            stream.write(f"\r\x1b[K{self.label} {human_size(self.done)}")
-        stream.flush()
-
-    def finish(self, status: str) -> None:
-        self.progress.line(f"{self.label} {status}")
-
-
-def human_size(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1000
-    return f"{n:.1f}GB"
+    def bar(self, label: str, total: int | None) -> ProgressBar:
+        return ProgressBar(label, total, stream=self.stream, enabled=self.stream is not None)
 
 
 def _progress_stream(quiet: bool) -> TextIO | None:

@@ -293,14 +293,11 @@ def test_kill_during_pull_leaves_store_clean(tmp_path: Path, lamina_cmd) -> None
     assert list((root / "tmp").glob("*.pull")) == []
 
 
-def test_progress_on_a_terminal_only(registry: RunningRegistry, tmp_path: Path) -> None:
-    with RegistryClient(registry.address, tls_verify=False) as client:
-        _, config = upload_image(client, "tty/app", "1", [layer_blob({"t": b"t"})], tmp_path)
+def run_on_terminal(argv: list[str]) -> tuple[subprocess.CompletedProcess[bytes], str]:
+    """Run ``argv`` with stderr on a pseudo-terminal; returns the result and what the terminal showed."""
     master, slave = pty.openpty()
     try:
-        result = subprocess.run([sys.executable, "-m", "lamina", "--root", str(tmp_path / "root"), "pull",
-                                 "--tls-verify=false", f"{registry.address}/tty/app:1"],
-                                stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL, timeout=120)
+        result = subprocess.run(argv, stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL, timeout=120)
     finally:
         os.close(slave)
     chunks = []
@@ -313,10 +310,25 @@ def test_progress_on_a_terminal_only(registry: RunningRegistry, tmp_path: Path) 
             break
         chunks.append(chunk)
     os.close(master)
-    shown = b"".join(chunks).decode()
+    return result, b"".join(chunks).decode()
+
+
+def test_progress_on_a_terminal_only(registry: RunningRegistry, tmp_path: Path) -> None:
+    with RegistryClient(registry.address, tls_verify=False) as client:
+        _, config = upload_image(client, "tty/app", "1", [layer_blob({"t": b"t"})], tmp_path)
+    lamina = [sys.executable, "-m", "lamina", "--root", str(tmp_path / "root")]
+    result, shown = run_on_terminal([*lamina, "pull", "--tls-verify=false", f"{registry.address}/tty/app:1"])
     assert result.returncode == 0
     assert result.stdout.decode().strip() == config[7:]
     assert "Copying blob" in shown and "Writing manifest" in shown
+
+    result, shown = run_on_terminal([*lamina, "push", "--tls-verify=false", f"{registry.address}/tty/app:1",
+                                     f"{registry.address}/tty/copy:1"])
+    assert result.returncode == 0 and b"digest: sha256:" in result.stdout
+    assert "Copying blob" in shown and "Copying config" in shown and "Writing manifest" in shown
+    quiet, shown = run_on_terminal([*lamina, "push", "-q", "--tls-verify=false", f"{registry.address}/tty/app:1",
+                                    f"{registry.address}/tty/copy:2"])
+    assert quiet.returncode == 0 and quiet.stdout == b"" and shown == ""
 
 
 def test_hostile_layer_is_refused(tmp_path: Path, lamina_cmd) -> None:  # type: ignore[no-untyped-def]
