@@ -17,10 +17,10 @@ from typing import Any
 
 from lamina.errors import ContainerError, LaminaError, UsageError
 from runner import imageconfig
-from runner.lifecycle import remove, run_attached, signal_container, start_detached, stop, wait_stopped
-from runner.network import normalize_network, parse_port
-from runner.sandbox import call_in_userns
 from runner.state import STATUS_CREATED, Container, ContainerStore, now, parse_time
+
+# runner.lifecycle, runner.sandbox and the store are imported by the handlers that need them, so
+# that `lamina --help` and every other package's verbs do not pay for them.
 
 
 def _add_container_flags(p: argparse.ArgumentParser) -> None:
@@ -113,6 +113,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _new_container(args: argparse.Namespace) -> Container:
+    from runner.network import normalize_network, parse_port
     from store import Store
 
     store = Store.open(args.root)
@@ -164,6 +165,8 @@ def _anonymous_volume(root: Path) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from runner.lifecycle import run_attached, start_detached
+
     container = _new_container(args)
     if args.detach:
         start_detached(args.root, container)
@@ -195,6 +198,8 @@ def _each(args: argparse.Namespace, action: Any) -> int:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
+    from runner.lifecycle import run_attached, start_detached
+
     if args.attach:
         if len(args.containers) != 1:
             raise UsageError("start -a: exactly one container")
@@ -211,10 +216,14 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
+    from runner.lifecycle import stop
+
     return _each(args, lambda store, c: stop(store, c, args.time))
 
 
 def cmd_restart(args: argparse.Namespace) -> int:
+    from runner.lifecycle import start_detached, stop
+
     def restart(store: ContainerStore, c: Container) -> None:
         stop(store, c, args.time)
         start_detached(args.root, store.get(c.id))
@@ -223,11 +232,15 @@ def cmd_restart(args: argparse.Namespace) -> int:
 
 
 def cmd_kill(args: argparse.Namespace) -> int:
+    from runner.lifecycle import signal_container
+
     sig = imageconfig.parse_signal(args.signal)
     return _each(args, lambda store, c: signal_container(c, sig))
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
+    from runner.lifecycle import remove, signal_container, wait_stopped
+
     def rm(store: ContainerStore, c: Container) -> None:
         if c.running:
             if not args.force:
@@ -334,6 +347,7 @@ def _commit_layer(root: Path, upper: Path) -> Any:
 
 
 def cmd_commit(args: argparse.Namespace) -> int:
+    from runner.sandbox import call_in_userns
     from store import Store
 
     container = ContainerStore(args.root).get(args.container)
@@ -363,6 +377,7 @@ def _changes(upper: Path, lowers: list[Path]) -> list[tuple[str, str]]:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
+    from runner.sandbox import call_in_userns
     from store import Store
 
     container = ContainerStore(args.root).get(args.container)

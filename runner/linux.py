@@ -11,7 +11,16 @@ import ctypes.util
 import os
 import struct
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+def _load_libc() -> ctypes.CDLL:
+    # ctypes.util.find_library runs ldconfig (tens of ms): try glibc's soname first.
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+_libc = _load_libc()
 
 # clone/unshare flags (linux/sched.h)
 CLONE_NEWNS = 0x00020000

@@ -30,28 +30,28 @@ Error handling: a failure before the command runs raises :class:`ContainerError`
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
 import os
 import pickle
+import select
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import termios
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
 from lamina.errors import CommandNotFound, CommandNotInvokable, ContainerError, LaminaError, MountError
 from runner import linux
-from runner.idmap import IdMapping, apply_mapping, current_mapping, is_mapped
+from runner.idmap import apply_mapping, current_mapping, is_mapped
 from runner.network import SLIRP_DNS, SLIRP_GUEST_IP, PortMapping, Slirp, loopback_up, normalize_network
 from runner.rootfs import MountRequest, make_init_layer, pivot_into, prepare_root
 from runner.userdb import resolve_user
@@ -161,10 +161,12 @@ def write_etc_files(state_dir: Path, hostname: str, network: str) -> dict[str, s
 class Sandbox:
     """A started sandbox; see the module docstring for what it owns."""
 
-    def __init__(self, keeper_pid: int, container_pid: int, slirp: Slirp | None, temp_dir: Path | None) -> None:
+    def __init__(self, keeper_pid: int, container_pid: int, slirp: Slirp | None, temp_dir: Path | None,
+                 server: _UnionServer | None = None) -> None:
         self.keeper_pid = keeper_pid
         self.container_pid = container_pid
         self._slirp = slirp
+        self._server = server
         self._temp_dir = temp_dir
         self.returncode: int | None = None
 
@@ -193,6 +195,9 @@ class Sandbox:
         return self.returncode
 
     def _cleanup(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
         if self._slirp is not None:
             self._slirp.close()
             self._slirp = None
@@ -225,18 +230,27 @@ def start_sandbox(spec: SandboxSpec) -> Sandbox:
             shutil.rmtree(temp_dir, ignore_errors=True)
         raise ContainerError(f"cannot prepare container state in {state_dir}: {e.strerror}") from e
 
+    server: _UnionServer | None = None
+    if init_layer is not None:
+        try:
+            server = _UnionServer(spec, merged, init_layer)
+        except BaseException:
+            if temp_dir is not None:
+                shutil.rmtree(temp_dir, ignore_errors=True)
+            raise
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
     sync_r, sync_w = os.pipe2(os.O_CLOEXEC)
     go_r, go_w = os.pipe2(os.O_CLOEXEC)
+    ready_r = server.ready_r if server is not None else None
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:  # keeper
         code = 125
         try:
-            _close_fds_except({0, 1, 2, status_w, sync_r, go_r, spec.stdin, spec.stdout, spec.stderr,
+            _close_fds_except({0, 1, 2, status_w, sync_r, go_r, ready_r, spec.stdin, spec.stdout, spec.stderr,
                                spec.terminal})
-            code = _keeper(spec, network, mapping, status_w, sync_r, go_r, str(merged), init_layer, etc_files)
+            code = _keeper(spec, network, status_w, sync_r, go_r, str(merged), ready_r, etc_files)
         except LaminaError as e:
             _send(status_w, event="error", code=e.exit_code, message=str(e))
         except OSError as e:
@@ -257,6 +271,9 @@ def start_sandbox(spec: SandboxSpec) -> Sandbox:
         if first is None or first.get("event") != "unshared":
             _raise_event(first, "the sandbox did not start")
         apply_mapping(pid, mapping)
+        log.debug("sandbox: namespaces made and id maps written")
+        if server is not None:
+            server.attach(pid)
         if network == "slirp":
             slirp = Slirp(pid)
         os.write(sync_w, b"1")
@@ -265,6 +282,7 @@ def start_sandbox(spec: SandboxSpec) -> Sandbox:
             for port in spec.ports:
                 slirp.add_port(port)
         os.write(go_w, b"1")
+        log.debug("sandbox: network ready")
         container_pid = 0
         error: dict[str, object] | None = None
         while (event := events.next()) is not None:
@@ -283,6 +301,8 @@ def start_sandbox(spec: SandboxSpec) -> Sandbox:
         except ProcessLookupError:
             pass
         os.waitpid(pid, 0)
+        if server is not None:
+            server.stop()
         if slirp is not None:
             slirp.close()
         if temp_dir is not None:
@@ -291,7 +311,10 @@ def start_sandbox(spec: SandboxSpec) -> Sandbox:
     for fd in (sync_w, go_w, status_r):
         if _fd_open(fd):
             os.close(fd)
-    return Sandbox(pid, container_pid, slirp, temp_dir)
+    log.debug("sandbox: command started as pid %d", container_pid)
+    if server is not None:
+        server.started()
+    return Sandbox(pid, container_pid, slirp, temp_dir, server)
 
 
 def _close_fds_except(keep: set[int | None]) -> None:
@@ -354,7 +377,7 @@ def run_sandboxed(spec: SandboxSpec) -> int:
         return sandbox.wait()
 
 
-@contextmanager
+@contextlib.contextmanager
 def forward_signals(sandbox: Sandbox) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -374,8 +397,8 @@ def forward_signals(sandbox: Sandbox) -> Iterator[None]:
 # --- inside the namespaces ---------------------------------------------------------------------------
 
 
-def _keeper(spec: SandboxSpec, network: str, mapping: IdMapping, status_w: int, sync_r: int, go_r: int,
-            merged: str, init_layer: Path | None, etc_files: dict[str, str]) -> int:
+def _keeper(spec: SandboxSpec, network: str, status_w: int, sync_r: int, go_r: int,
+            merged: str, ready_r: int | None, etc_files: dict[str, str]) -> int:
     os.setsid()
     linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
     for sig in FORWARDED_SIGNALS:
@@ -389,12 +412,12 @@ def _keeper(spec: SandboxSpec, network: str, mapping: IdMapping, status_w: int, 
         return 125
     os.close(sync_r)
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
-    server = None
-    if spec.rootfs is not None:
+    if ready_r is None:
+        assert spec.rootfs is not None
         root = str(spec.rootfs)
     else:
-        assert init_layer is not None
-        server = _mount_union(spec, merged, init_layer)
+        _wait_union_ready(ready_r)
+        log.debug("sandbox: union mounted")
         root = merged
     linux.unshare(linux.CLONE_NEWPID)
     pid = os.fork()
@@ -416,55 +439,132 @@ def _keeper(spec: SandboxSpec, network: str, mapping: IdMapping, status_w: int, 
     _send(status_w, event="pid", pid=pid)
     os.close(status_w)
     _, status = os.waitpid(pid, 0)
-    if server is not None:
-        _unmount_union(server, merged)
+    log.debug("sandbox: command exited")
+    if ready_r is not None:
+        # The server shares this mount namespace: unmounting here ends its session.
+        try:
+            linux.umount2(merged, linux.MNT_DETACH)
+        except OSError as e:
+            log.debug("unmounting %s: %s", merged, e)
     return _exit_code(status)
 
 
-def _mount_union(spec: SandboxSpec, merged: str, init_layer: Path) -> subprocess.Popen[bytes]:
-    from unionfs.mount import MountSpec, command_line
-
-    mount_spec = MountSpec(lowers=[*spec.lowers, init_layer], upper=spec.upper, work=spec.work,
-                           mountpoint=Path(merged), options=list(spec.union_options))
-    argv = command_line(mount_spec)
-    log_target = open(spec.union_log, "ab") if spec.union_log else None
-    before = os.stat(merged).st_dev
-    try:
-        server = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_target or subprocess.DEVNULL,
-                                  stderr=log_target, close_fds=True,
-                                  preexec_fn=lambda: linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL))
-    except OSError as e:
-        raise MountError(f"cannot start the union filesystem ({argv[0]}): {e.strerror}") from e
-    finally:
-        if log_target is not None:
-            log_target.close()
-    deadline = time.monotonic() + UNION_READY_TIMEOUT
-    delay = 0.001
-    while True:
-        if os.stat(merged).st_dev != before:
-            return server
-        if server.poll() is not None:
-            raise MountError(f"the union filesystem exited with status {server.returncode} before mounting")
-        if time.monotonic() > deadline:
-            server.kill()
-            raise MountError("the union filesystem did not become ready in time")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.02)
+def _wait_union_ready(ready_r: int) -> None:
+    ready, _, _ = select.select([ready_r], [], [], UNION_READY_TIMEOUT)
+    message = os.read(ready_r, 4096) if ready else b""
+    if message != b"1":
+        text = message.decode(errors="replace").strip()
+        if not ready:
+            text = "the union filesystem did not become ready in time"
+        raise MountError(text or "the union filesystem exited before mounting")
+    os.close(ready_r)
 
 
-def _unmount_union(server: subprocess.Popen[bytes], merged: str) -> None:
+class _UnionServer:
+    """The unionfs server for one sandbox, forked (not exec'd) from the caller.
+
+    Forked first, before the namespaces exist, so that its imports (pyfuse3, trio: most of its
+    start-up time) overlap with the rest of the set-up; once the keeper's namespaces are mapped
+    (:meth:`attach`), it joins the keeper's user and mount namespaces and mounts there, so that
+    the mount belongs to the container's namespace and vanishes with it. Readiness and errors
+    reach the keeper through a pipe.
+
+    Resource handling: :meth:`stop` reaps the process (it exits once the keeper unmounts) and
+    kills it if it lingers.
+    """
+
+    def __init__(self, spec: SandboxSpec, merged: Path, init_layer: Path) -> None:
+        from unionfs.mount import MountSpec, command_line
+
+        mount_spec = MountSpec(lowers=[*spec.lowers, init_layer], upper=spec.upper, work=spec.work,
+                               mountpoint=merged, options=list(spec.union_options))
+        server_args = command_line(mount_spec)[3:]  # drop "python -m unionfs"
+        self.ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        attach_r, self._attach_w = os.pipe2(os.O_CLOEXEC)
+        log_fd = os.open(spec.union_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644) \
+            if spec.union_log else None
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.pid = os.fork()
+        if self.pid == 0:
+            code = 1
+            try:
+                if log_fd is not None:
+                    os.dup2(log_fd, 1)
+                    os.dup2(log_fd, 2)
+                _close_fds_except({0, 1, 2, ready_w, attach_r})
+                code = _serve_union(server_args, attach_r, ready_w)
+            finally:
+                os._exit(code)
+        if log_fd is not None:
+            os.close(log_fd)
+        os.close(ready_w)
+        os.close(attach_r)
+        self._reaped = False
+
+    def attach(self, keeper_pid: int) -> None:
+        os.write(self._attach_w, str(keeper_pid).encode())
+        os.close(self._attach_w)
+        self._attach_w = -1
+
+    def started(self) -> None:
+        """The keeper has the ready pipe; the caller's copy is not needed."""
+        if self.ready_r >= 0:
+            os.close(self.ready_r)
+            self.ready_r = -1
+
+    def stop(self, grace: float = 2.0) -> None:
+        if self._attach_w >= 0:
+            os.close(self._attach_w)
+            self._attach_w = -1
+        self.started()
+        if self._reaped:
+            return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            pid, _ = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self._reaped = True
+                return
+            time.sleep(0.005)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        os.waitpid(self.pid, 0)
+        self._reaped = True
+
+
+def _serve_union(server_args: list[str], attach_r: int, ready_w: int) -> int:
+    os.setsid()  # terminal signals are for the container, not for its filesystem
+    linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+    for sig in FORWARDED_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
     try:
-        linux.umount2(merged, 0)
-    except OSError:
-        try:
-            linux.umount2(merged, linux.MNT_DETACH)
-        except OSError:
-            pass
-    try:
-        server.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
+        import pyfuse3  # noqa: F401  (imported now, while the namespaces are being made)
+        import trio  # noqa: F401
+
+        from unionfs.options import parse_args
+        from unionfs.server import serve
+
+        opts = parse_args(server_args)
+        keeper = os.read(attach_r, 32)
+        if not keeper:
+            return 1
+        for name, flag in (("user", linux.CLONE_NEWUSER), ("mnt", linux.CLONE_NEWNS)):
+            fd = os.open(f"/proc/{int(keeper)}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+            linux.setns(fd, flag)
+            os.close(fd)
+
+        def ready() -> None:
+            os.write(ready_w, b"1")
+            os.close(ready_w)
+
+        serve(opts, ready=ready)
+        return 0
+    except BaseException as e:
+        reason = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.strerror else str(e)
+        with contextlib.suppress(OSError):
+            os.write(ready_w, f"union filesystem: {reason or type(e).__name__}".encode())
+        return 1
 
 
 def _container_init(spec: SandboxSpec, network: str, root: str, status_w: int, go_r: int,
