@@ -48,7 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="writable: a scratch upper discarded at umount (image) or the container's upper")
     p.add_argument("--upto", metavar="LAYER",
                    help="mount only layers 1..LAYER (number as in `lamina layers`, or a digest prefix)")
-    p.add_argument("target", metavar="IMAGE|CONTAINER")
+    p.add_argument("target", metavar="IMAGE|CONTAINER", nargs="?",
+                   help="what to mount; without it, list the current lamina mounts")
     p.add_argument("directory", metavar="DIR", nargs="?", type=Path,
                    help="mount point (default: a new directory under ROOT/mounts/)")
     p.set_defaults(handler=cmd_mount)
@@ -281,10 +282,30 @@ def _container_request(args: argparse.Namespace, store: Any, container: Any) -> 
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    if args.target is None:
+        if args.rw or args.upto or args.directory:
+            raise UsageError("mount: --rw, --upto and DIR need an IMAGE or CONTAINER")
+        _list_mounts(args.root)
+        return 0
     request = _mount_request(args)
     state = mounts.mount_image_stack(args.root, request, args.directory)
     print(state.mountpoint)
     return 0
+
+
+def _list_mounts(root: Path) -> None:
+    records = mounts.list_mounts(root)
+    if not records:
+        return
+    live = mounts.fuse_mountpoints()
+    rows = [("MOUNT ID", "SOURCE", "LAYERS", "MODE", "PID", "MOUNTPOINT")]
+    for _, state in records:
+        mode = "rw" if state.writable else "ro"
+        rows.append((state.id, state.source, str(state.layers), mode if state.mountpoint in live else "stale",
+                     str(state.pid), state.mountpoint))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1])
 
 
 def cmd_umount(args: argparse.Namespace) -> int:

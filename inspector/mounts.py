@@ -236,13 +236,14 @@ def _wait_exit(pid: int) -> None:
             log.info("unionfs server %d still running after unmount; terminating it", pid)
             try:
                 os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                return
-            deadline = time.monotonic() + EXIT_TIMEOUT_S
-            while _server_alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.02)
-            if _server_alive(pid):
-                os.kill(pid, signal.SIGKILL)
+                deadline = time.monotonic() + EXIT_TIMEOUT_S
+                while _server_alive(pid) and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                if _server_alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                # Gone already, or another user's server: the unmount itself has succeeded.
+                pass
             return
         time.sleep(0.01)
 

@@ -181,6 +181,8 @@ def test_mount_shows_merged_image_and_layer_xattr(lamina_cmd, image_root: Path, 
             (mnt / "etc/new").write_text("read-only mount")
         state = json.loads(next((image_root / "mounts").glob("*/state.json")).read_text())
         assert state["mountpoint"] == str(mnt) and state["layers"] == 3
+        listing = lamina_cmd("mount", root=image_root).stdout.splitlines()
+        assert listing[1].split() == [state["id"], "three", "3", "ro", str(state["pid"]), str(mnt)]
     finally:
         lamina_cmd("umount", str(mnt), root=image_root)
     assert fuse_mounts_under(image_root) == []
