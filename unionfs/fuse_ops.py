@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 CACHE_TIMEOUT = 86400.0
 # Copy-ups of files larger than this run in a worker thread (and writable opens defer them).
 THREAD_COPY_BYTES = 1 << 20
+PLACEHOLDER_SCORE_RANGE = 32
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -100,16 +101,17 @@ class UnionOperations(pyfuse3.Operations):
         self.dirs: dict[int, DirHandle] = {}
         self._next_dir_fh = 1
         self._next_fh = 1
+        self._placeholder_score = 0  # > 0: callers stat what they list; send real attributes
         self._copying: dict[int, trio.Event] = {}
 
     # --- helpers ---------------------------------------------------------------------------------
 
-    def attrs(self, node: Node, st: os.stat_result | None = None) -> pyfuse3.EntryAttributes:
-        core = self.core
-        if st is None:
-            st, override = core.stat(node)
-        else:
-            override = core.override_of(node, st)
+    def attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        """The node's attributes (cached on the node until the core says it changed)."""
+        cached = node.attr
+        if cached is not None and not node.deleted:
+            return cached
+        st, override = self.core.stat(node)
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.ino
         a.generation = 0
@@ -138,6 +140,22 @@ class UnionOperations(pyfuse3.Operations):
         a.st_atime_ns = st.st_atime_ns
         a.st_mtime_ns = st.st_mtime_ns
         a.st_ctime_ns = st.st_ctime_ns
+        if not node.deleted:
+            node.attr = a
+        return a
+
+    @staticmethod
+    def placeholder_attrs(node: Node) -> pyfuse3.EntryAttributes:
+        """Attributes that expire at once: the kernel learns the name, type and inode number from
+        a listing without us stat-ing the entry, and asks getattr if anybody looks closer."""
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.ino
+        a.generation = 0
+        a.entry_timeout = CACHE_TIMEOUT
+        a.attr_timeout = 0
+        a.st_mode = node.kind
+        a.st_nlink = 1
+        a.st_blksize = 4096
         return a
 
     def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
@@ -241,7 +259,13 @@ class UnionOperations(pyfuse3.Operations):
 
     @fuse_boundary()
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self.attrs(self.core.node(inode))
+        node = self.core.node(inode)
+        if node.fake_attr:
+            # Listed with placeholder attributes and now stat-ed: the caller walks and stats, so
+            # real attributes in listings will save it a round trip per entry.
+            node.fake_attr = False
+            self._placeholder_score = min(self._placeholder_score + 4, PLACEHOLDER_SCORE_RANGE)
+        return self.attrs(node)
 
     @fuse_boundary(write=True)
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
@@ -373,6 +397,7 @@ class UnionOperations(pyfuse3.Operations):
         h = self.files[fh]
         if not h.in_upper:
             await self._upper_handle(h)
+        h.node.attr = None
         return os.pwrite(h.fd, buf, off)
 
     @fuse_boundary()
@@ -432,16 +457,30 @@ class UnionOperations(pyfuse3.Operations):
         core = self.core
         attrs = self.attrs
         reply = pyfuse3.readdir_reply
+        children = node.children
+        assert children is not None
         for i in range(start_id - 2, len(entries)):
             entry = entries[i]
-            found = core.entry_node(node, entry)
-            if found is None:
-                continue  # removed since the listing was taken
-            child, st = found
-            try:
-                a = attrs(child, st)
-            except FileNotFoundError:
-                continue
+            child = children.get(entry.name)
+            if child is None:
+                child = core.entry_node(node, entry)
+                if child is None:
+                    continue  # removed since the listing was taken
+                if self._placeholder_score <= 0 and not child.is_dir and child.attr is None:
+                    # Nobody has stat-ed what we listed lately (find, ls, listdir): skip the stat.
+                    a = self.placeholder_attrs(child)
+                    child.fake_attr = True
+                    self._placeholder_score = max(self._placeholder_score - 1, -PLACEHOLDER_SCORE_RANGE)
+                else:
+                    try:
+                        a = attrs(child)
+                    except FileNotFoundError:
+                        continue
+            else:
+                try:
+                    a = attrs(child)
+                except FileNotFoundError:
+                    continue
             if not reply(token, os.fsencode(entry.name), a, i + 3):
                 return
             child.lookups += 1

@@ -118,6 +118,8 @@ def finish_copy_up(tree: UnionTree, job: CopyJob) -> None:
     if node.is_dir:
         os.chmod(upath or ".", st.st_mode & 0o7777, dir_fd=tree.upper.fd)
     node.in_upper = True
+    # The parent's cached listing named the lower copy: entries made from it must see the upper one.
+    tree.touch(node, node.parent, *(p for p, _ in node.links))
     if not node.is_dir:
         # The lower copy is no longer this node: another lower name of it (a hardlink we have not
         # seen yet) becomes a node of its own, as with the kernel's index=off.

@@ -15,6 +15,7 @@ Paths are computed from the parent chain, so renaming a directory moves everythi
 from __future__ import annotations
 
 import stat
+from typing import Any
 
 from unionfs.core.backing import Layer, join
 
@@ -30,7 +31,7 @@ class Node:
 
     __slots__ = (
         "ino", "kind", "parent", "name", "links", "lookups", "in_upper", "lowers", "opaque",
-        "identities", "deleted", "fds", "children", "rdev_cache",
+        "identities", "deleted", "fds", "children", "attr", "listing", "fake_attr", "st_hint",
     )
 
     def __init__(self, ino: int, kind: int, parent: Node | None, name: str) -> None:
@@ -49,6 +50,10 @@ class Node:
         self.fds: list[int] = []  # open backing descriptors (stat of unlinked-but-open files)
         # Directory: children the kernel currently knows (name -> node); None for non-directories.
         self.children: dict[str, Node] | None = {} if kind == stat.S_IFDIR else None
+        self.attr: Any = None  # the adapter's cached attributes; None when unknown or stale
+        self.listing: Any = None  # directory: cached merged listing (list of DirEntry)
+        self.st_hint: Any = None  # a fresh stat of the backing object from lookup (used once)
+        self.fake_attr = False  # the kernel got placeholder attributes (expired at once) for it
 
     @property
     def is_dir(self) -> bool:

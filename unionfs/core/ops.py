@@ -134,35 +134,42 @@ class UnionFS(UnionTree):
         ppath = parent.path()
         path = join(ppath, name)
         is_dir = stat.S_ISDIR(mode)
-        wh = self._upper_whiteout_at(ppath, name)
-        opaque = is_dir and (wh is not None or self.lower_has(parent, name))
         pst = os.stat(ppath or ".", dir_fd=ufd)
-        if wh == "char" or opaque:
-            # Build it in the workdir and swap it in: the name never shows the lower object.
-            tmp = self.tmp_name()
-            make(self.work_fd, tmp)
-            self._own(self.work_fd, tmp, caller, pst, mode)
-            if opaque:
-                self._set_marker(self.work_fd, tmp, ondisk.TRUSTED_OPAQUE, ondisk.USER_OPAQUE, b"y")
-            if wh == "char" and is_dir:
-                renameat2(self.work_fd, tmp, ufd, path, RENAME_EXCHANGE)
-                os.unlink(tmp, dir_fd=self.work_fd)
-            else:
-                os.rename(tmp, path, src_dir_fd=self.work_fd, dst_dir_fd=ufd)
-            if wh == "file":
-                os.unlink(join(ppath, ondisk.WHITEOUT_PREFIX + name), dir_fd=ufd)
-            if opaque:
-                self.emit(f"opaque /{path}")
-        else:
-            pfd = open_dir_at(ufd, ppath)
+        st: os.stat_result | None = None
+        opaque = False
+        if (not parent.lowers or parent.opaque) and \
+                self.whiteout_style is ondisk.WhiteoutStyle.CHAR_DEVICE:
+            # Fast path: nothing below can show through here, so no whiteout or opaque marker is
+            # needed; a stale whiteout in the upper shows up as EEXIST and takes the slow path.
             try:
-                make(pfd, name)
-                self._own(pfd, name, caller, pst, mode)
-            finally:
-                os.close(pfd)
+                make(ufd, path)
+                st = self._own(ufd, path, caller, pst, mode)
+            except FileExistsError:
+                st = None
+        if st is None:
+            wh = self._upper_whiteout_at(ppath, name)
+            opaque = is_dir and (wh is not None or self.lower_has(parent, name))
+            if wh == "char" or opaque:
+                # Build it in the workdir and swap it in: the name never shows the lower object.
+                tmp = self.tmp_name()
+                make(self.work_fd, tmp)
+                self._own(self.work_fd, tmp, caller, pst, mode)
+                if opaque:
+                    self._set_marker(self.work_fd, tmp, ondisk.TRUSTED_OPAQUE, ondisk.USER_OPAQUE, b"y")
+                if wh == "char" and is_dir:
+                    renameat2(self.work_fd, tmp, ufd, path, RENAME_EXCHANGE)
+                    os.unlink(tmp, dir_fd=self.work_fd)
+                else:
+                    os.rename(tmp, path, src_dir_fd=self.work_fd, dst_dir_fd=ufd)
+                if opaque:
+                    self.emit(f"opaque /{path}")
+            else:
+                make(ufd, path)
+                self._own(ufd, path, caller, pst, mode)
             if wh == "file":
                 os.unlink(join(ppath, ondisk.WHITEOUT_PREFIX + name), dir_fd=ufd)
-        st = os.stat(path, dir_fd=ufd, follow_symlinks=False)
+            st = os.stat(path, dir_fd=ufd, follow_symlinks=False)
+        self.touch(parent)
         node = self.table.add(stat.S_IFMT(st.st_mode), parent, name, (0, st.st_ino))
         node.in_upper = True
         node.opaque = opaque
@@ -173,7 +180,7 @@ class UnionFS(UnionTree):
     def _can_trusted(self) -> bool:
         return self.xattr_ns is ondisk.XattrNamespace.TRUSTED
 
-    def _own(self, dfd: int, name: str, caller: Caller, pst: os.stat_result, mode: int) -> None:
+    def _own(self, dfd: int, name: str, caller: Caller, pst: os.stat_result, mode: int) -> os.stat_result:
         """Give a new object the caller's owner (group of a setgid parent), as the kernel would."""
         st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
         uid = caller.uid
@@ -190,10 +197,11 @@ class UnionFS(UnionTree):
                 os.chown(name, uid, gid, dir_fd=dfd, follow_symlinks=False)
             except PermissionError:
                 if not is_link:
-                    p = f"/proc/self/fd/{dfd}/{name}"
-                    ondisk.write_owner_override(p, ondisk.OwnerOverride(uid, gid, perm))
+                    setxattr_at(dfd, name, ondisk.OWNER_OVERRIDE_XATTR,
+                                ondisk.OwnerOverride(uid, gid, perm).encode())
         if not is_link and (st.st_mode & 0o7777) != perm or (not is_link and perm & 0o6000):
             os.chmod(name, perm, dir_fd=dfd)
+        return st
 
     def create(self, parent: Node, name: str, mode: int, flags: int, caller: Caller) -> tuple[Node, int]:
         """Create and open a regular file; returns the node and an open descriptor."""
@@ -243,6 +251,7 @@ class UnionFS(UnionTree):
         node.links.append((parent, name))
         assert parent.children is not None
         parent.children[name] = node
+        self.touch(node, parent)
         return node
 
     # --- removing --------------------------------------------------------------------------------
@@ -257,6 +266,7 @@ class UnionFS(UnionTree):
             self.whiteout(parent, name)
         else:
             os.unlink(join(parent.path(), name), dir_fd=self._upper_fd())
+        self.touch(node, parent)
         self._forget_name(node, parent, name)
 
     def rmdir(self, parent: Node, name: str) -> None:
@@ -272,6 +282,7 @@ class UnionFS(UnionTree):
         elif node.in_upper:
             # merged-empty: what is left are whiteouts of lower entries
             remove_tree_at(self._upper_fd(), join(parent.path(), name))
+        self.touch(node, parent)
         self._forget_name(node, parent, name)
 
     # --- rename ----------------------------------------------------------------------------------
@@ -316,6 +327,7 @@ class UnionFS(UnionTree):
             os.unlink(join(newp.path(), ondisk.WHITEOUT_PREFIX + newn), dir_fd=ufd)
         if old_needs_whiteout:
             self.whiteout(oldp, oldn)
+        self.touch(oldp, newp, src, dst)
         if dst is not None:
             self._forget_name(dst, newp, newn)
         self._move_name(src, oldp, oldn, newp, newn)
@@ -343,10 +355,9 @@ class UnionFS(UnionTree):
         """Copy up a directory and everything it shows, so the upper alone holds all of it."""
         self.copy_up(node)
         for entry in self.list_dir(node):
-            found = self.entry_node(node, entry)
-            if found is None:
+            child = self.entry_node(node, entry)
+            if child is None:
                 continue
-            child = found[0]
             if child.is_dir:
                 self.copy_up_tree(child)
             else:
@@ -418,6 +429,7 @@ class UnionFS(UnionTree):
         if dst.is_dir:
             self._prepare_moved_dir(dst, new_path, old_path, oldp, oldn)
         renameat2(ufd, old_path, ufd, new_path, RENAME_EXCHANGE)
+        self.touch(oldp, newp, src, dst)
         assert oldp.children is not None and newp.children is not None
         oldp.children.pop(oldn, None)
         newp.children.pop(newn, None)
@@ -439,6 +451,7 @@ class UnionFS(UnionTree):
         ensure_writable(self)
         if not node.deleted:
             self.copy_up(node, truncate=size == 0)
+        self.touch(node)
         ufd = self._upper_fd()
         path = node.path()
         live_fd = node.fds[0] if node.deleted and node.fds else None
@@ -509,6 +522,7 @@ class UnionFS(UnionTree):
         if name == LAYER_XATTR or ondisk.is_private_xattr(name):
             raise OSError(errno.EPERM, "private attribute", name)
         self.copy_up(node)
+        self.touch(node)
         setxattr_at(self._upper_fd(), node.path(), name, value, flags)
 
     def removexattr(self, node: Node, name: str) -> None:
@@ -517,6 +531,7 @@ class UnionFS(UnionTree):
             raise OSError(errno.EPERM, "private attribute", name)
         self.getxattr(node, name)  # ENODATA before any copy-up
         self.copy_up(node)
+        self.touch(node)
         removexattr_at(self._upper_fd(), node.path(), name)
 
     # --- files -----------------------------------------------------------------------------------
@@ -527,6 +542,7 @@ class UnionFS(UnionTree):
         if writable:
             ensure_writable(self)
             self.copy_up(node, truncate=bool(flags & os.O_TRUNC))
+            self.touch(node)
         layer, path = self.backing(node)
         keep = flags & (os.O_ACCMODE | os.O_SYNC | os.O_DSYNC)
         if writable and flags & os.O_TRUNC:

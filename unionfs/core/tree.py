@@ -60,8 +60,10 @@ class DirEntry:
 
     name: str
     layer: Layer
-    path: str
+    path: str  # in a lower layer; for the upper it is recomputed (the directory may move)
     is_dir: bool
+    kind: int  # S_IFMT bits, from d_type (no stat)
+    ino: int  # d_ino: the backing st_ino, no stat needed
 
 
 def check_name(name: str) -> None:
@@ -233,11 +235,11 @@ class UnionTree:
                 if ondisk.is_whiteout_stat(st):
                     return None
                 if not stat.S_ISDIR(st.st_mode):
-                    return self._node_for(parent, name, st, True, [], None)
+                    node = self._node_for(parent, name, stat.S_IFMT(st.st_mode), (0, st.st_ino), True, [])
+                    node.st_hint = st
+                    return node
                 top_st, in_upper = st, True
-                opaque = self._is_opaque(upper, cpath)
-                if not opaque:
-                    redirect = self._redirect(upper, cpath)
+                opaque, redirect = self._dir_markers(upper, cpath)
             elif exists_at(upper.fd, join(ppath, ondisk.WHITEOUT_PREFIX + name)):
                 return None
             if parent.opaque:
@@ -264,23 +266,51 @@ class UnionTree:
                     break
                 if not stat.S_ISDIR(st.st_mode):
                     if top_st is None:
-                        return self._node_for(parent, name, st, False, [(layer, path)], st)
+                        node = self._node_for(parent, name, stat.S_IFMT(st.st_mode), (layer.slot, st.st_ino),
+                                              False, [(layer, path)])
+                        node.st_hint = st
+                        return node
                     break
                 if top_st is None:
                     top_st = st
                 if lower_st is None:
                     lower_st = st
                 lowers.append((layer, path))
-                if self._is_opaque(layer, path):
+                lower_opaque, r = self._dir_markers(layer, path)
+                if lower_opaque:
                     break
-                r = self._redirect(layer, path)
                 if r is not None:
                     redirect = r  # applies to the layers below this one
         if top_st is None:
             return None
-        node = self._node_for(parent, name, top_st, in_upper, lowers, lower_st)
+        if lowers and lower_st is not None:
+            identity = (lowers[0][0].slot, lower_st.st_ino)
+        else:
+            identity = (0, top_st.st_ino)
+        node = self._node_for(parent, name, stat.S_IFDIR, identity, in_upper, lowers)
+        node.st_hint = top_st
         node.opaque = opaque and in_upper
         return node
+
+    def _dir_markers(self, layer: Layer, path: str) -> tuple[bool, str | None]:
+        """(opaque, redirect) of a directory in one layer; one listxattr in the common case."""
+        names = listxattr_at(layer.fd, path)
+        opaque = False
+        redirect = None
+        if names:
+            for xname in (ondisk.TRUSTED_OPAQUE, ondisk.USER_OPAQUE):
+                if xname in names and getxattr_at(layer.fd, path, xname) == b"y":
+                    opaque = True
+            if not opaque:
+                for xname in (ondisk.TRUSTED_REDIRECT, ondisk.USER_REDIRECT):
+                    if xname in names:
+                        value = getxattr_at(layer.fd, path, xname)
+                        if value:
+                            redirect = os.fsdecode(value)
+                            break
+        if not opaque and exists_at(layer.fd, join(path, ondisk.OPAQUE_MARKER)):
+            opaque = True
+        return opaque, redirect
 
     def _is_opaque(self, layer: Layer, path: str) -> bool:
         for xname in (ondisk.TRUSTED_OPAQUE, ondisk.USER_OPAQUE):
@@ -295,14 +325,9 @@ class UnionTree:
                 return os.fsdecode(value)
         return None
 
-    def _node_for(self, parent: Node, name: str, st: os.stat_result, in_upper: bool,
-                  lowers: list[tuple[Layer, str]], lower_st: os.stat_result | None) -> Node:
+    def _node_for(self, parent: Node, name: str, kind: int, identity: tuple[int, int], in_upper: bool,
+                  lowers: list[tuple[Layer, str]]) -> Node:
         """Find or make the node for a resolved object and remember it as ``parent``'s child."""
-        kind = stat.S_IFMT(st.st_mode)
-        if lower_st is not None and lowers:
-            identity = (lowers[0][0].slot, lower_st.st_ino)
-        else:
-            identity = (0, st.st_ino)
         node = self.table.find(identity)
         if node is not None and (node.kind != kind or node.deleted or (
                 node.is_dir and (node.parent is not parent or node.name != name))):
@@ -343,6 +368,11 @@ class UnionTree:
         raise OSError(errno.ESTALE, "node has no backing object")
 
     def stat(self, node: Node) -> tuple[os.stat_result, ondisk.OwnerOverride | None]:
+        hint = node.st_hint
+        if hint is not None:
+            node.st_hint = None
+            if not node.deleted:
+                return hint, self.override_of(node, hint)
         if node.deleted and node.fds:
             fst = os.fstat(node.fds[0])
             raw = _fgetxattr(node.fds[0], ondisk.OWNER_OVERRIDE_XATTR)
@@ -365,11 +395,16 @@ class UnionTree:
     # --- listings --------------------------------------------------------------------------------
 
     def list_dir(self, node: Node) -> list[DirEntry]:
-        """The merged entries of a directory (no '.' or '..'), upper first, whiteouts applied."""
+        """The merged entries of a directory (no '.' or '..'), upper first, whiteouts applied.
+
+        Cached on the node until something in the directory changes (see ``touch``).
+        """
         if not node.is_dir:
             raise OSError(errno.ENOTDIR, "not a directory")
         if node.deleted:
             return []
+        if node.listing is not None:
+            return node.listing
         sources: list[tuple[Layer, str]] = []
         if node.in_upper and self.upper is not None:
             sources.append((self.upper, node.path()))
@@ -390,37 +425,47 @@ class UnionTree:
                             continue
                         if n in seen or n in hidden:
                             continue
-                        dt_dir = entry.is_dir(follow_symlinks=False)
-                        if not dt_dir and not entry.is_file(follow_symlinks=False) \
-                                and not entry.is_symlink():
+                        if entry.is_dir(follow_symlinks=False):
+                            kind = stat.S_IFDIR
+                        elif entry.is_file(follow_symlinks=False):
+                            kind = stat.S_IFREG
+                        elif entry.is_symlink():
+                            kind = stat.S_IFLNK
+                        else:
                             st = entry.stat(follow_symlinks=False)
                             if ondisk.is_whiteout_stat(st):
                                 layer_hidden.append(n)
                                 continue
-                        seen[n] = DirEntry(n, layer, join(path, n), dt_dir)
+                            kind = stat.S_IFMT(st.st_mode)
+                        seen[n] = DirEntry(n, layer, join(path, n), kind == stat.S_IFDIR, kind, entry.inode())
             finally:
                 os.close(fd)
             hidden.update(layer_hidden)
-        return list(seen.values())
+        listing = list(seen.values())
+        node.listing = listing
+        return listing
 
-    def entry_node(self, parent: Node, entry: DirEntry) -> tuple[Node, os.stat_result | None] | None:
-        """The node behind a listing entry (and its stat when that came for free), or None if gone."""
+    def touch(self, *nodes: Node | None) -> None:
+        """Forget cached attributes (and, for directories, listings) of nodes that changed."""
+        for node in nodes:
+            if node is not None:
+                node.attr = None
+                node.listing = None
+                node.st_hint = None
+
+    def entry_node(self, parent: Node, entry: DirEntry) -> Node | None:
+        """The node behind a listing entry, without a stat for non-directories; None if gone."""
         assert parent.children is not None
         node = parent.children.get(entry.name)
         if node is not None:
-            return node, None
+            return node
         if entry.is_dir:
-            node = self._resolve(parent, entry.name)
-            return (node, None) if node is not None else None
+            return self._resolve(parent, entry.name)
         layer = entry.layer
-        st = lstat_at(layer.fd, entry.path)
-        if st is None or ondisk.is_whiteout_stat(st):
-            return None
         if layer.is_upper:
-            node = self._node_for(parent, entry.name, st, True, [], None)
-        else:
-            node = self._node_for(parent, entry.name, st, False, [(layer, entry.path)], st)
-        return node, st
+            return self._node_for(parent, entry.name, entry.kind, (0, entry.ino), True, [])
+        return self._node_for(parent, entry.name, entry.kind, (layer.slot, entry.ino), False,
+                              [(layer, entry.path)])
 
     def override_of(self, node: Node, st: os.stat_result) -> ondisk.OwnerOverride | None:
         if stat.S_ISLNK(st.st_mode):
