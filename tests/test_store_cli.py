@@ -13,6 +13,8 @@ import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -222,3 +224,19 @@ def test_hostile_or_lying_archives_are_refused(lamina_cmd: Cli, tmp_path: Path) 
     assert not (tmp_path / "escape").exists() and not (root.parent / "escape").exists()
     lamina_cmd("system", "prune")
     assert store_snapshot(root) == before
+
+
+@pytest.mark.fuse
+def test_inspect_finds_containers_and_rmi_respects_them(lamina_cmd: Cli, tmp_path: Path) -> None:
+    """With the runner: `inspect` falls through to containers; a container's image cannot be removed."""
+    ran = lamina_cmd("run", "--name", "keeper", "lamina/busybox", "true", check=False)
+    if ran.returncode != 0:
+        pytest.fail(f"lamina run failed: {ran.stderr}")
+    image_id = lamina_cmd("inspect", "--format", "{{.Id}}", "lamina/busybox").stdout.strip()
+    container = json.loads(lamina_cmd("inspect", "keeper").stdout)[0]
+    assert "sha256:" + container["image_id"].removeprefix("sha256:") == image_id
+    refused = lamina_cmd("rmi", "lamina/busybox", check=False)
+    assert refused.returncode == 125 and "in use" in refused.stderr
+    lamina_cmd("rm", "keeper")
+    assert "Deleted: " + image_id in lamina_cmd("rmi", "lamina/busybox").stdout
+    assert lamina_cmd("images", "-q").stdout == ""
