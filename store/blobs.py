@@ -210,7 +210,10 @@ class BlobStore:
                progress: Progress | None = None) -> str:
         """Copy a stream or a file into the store, verifying ``expected_digest``; return the digest."""
         if isinstance(source, (str, Path)):
-            with open(source, "rb") as f:
+            path = Path(source)
+            if path.parent.resolve() == self.tmp_dir.resolve() and path.is_file() and not path.is_symlink():
+                return self._adopt(path, expected_digest, progress)
+            with open(path, "rb") as f:
                 return self.ingest(f, expected_digest, progress)
         with self.writer(expected_digest) as w:
             while chunk := source.read(CHUNK):
@@ -218,6 +221,26 @@ class BlobStore:
                 if progress is not None:
                     progress(len(chunk))
         return w.digest
+
+    def _adopt(self, path: Path, expected_digest: str | None, progress: Progress | None) -> str:
+        """Publish a file already in our tmp directory by renaming it (no copy); it is consumed.
+
+        It is hashed and fsynced first, so what lands under the digest's name is exactly that content.
+        """
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(CHUNK):
+                h.update(chunk)
+                if progress is not None:
+                    progress(len(chunk))
+            os.fsync(f.fileno())
+        digest = "sha256:" + h.hexdigest()
+        if expected_digest is not None and digest != expected_digest:
+            raise FormatError(f"digest mismatch: expected {expected_digest}, got {digest}")
+        self._publish(path, digest)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # still there only when an identical blob was already stored
+        return digest
 
     def verify(self, digest: str) -> bool:
         return sha256_file(self.path(digest)) == digest

@@ -506,13 +506,29 @@ class Store:
     # --- use, deletion, garbage collection -------------------------------------------------------
 
     def containers_using(self, image_id: str) -> list[str]:
+        """IDs of containers made from the image, and ``mount:<id>`` for live `lamina mount`s of it."""
+        image_id = image_id.removeprefix("sha256:")
         users = []
         for path in sorted((self.root / "containers").glob("*/container.json")):
             with contextlib.suppress(OSError, ValueError):
                 data = json.loads(path.read_bytes())
                 if str(data.get("image_id", "")).removeprefix("sha256:") == image_id:
                     users.append(path.parent.name)
+        for path, data in self._live_mounts():
+            if str(data.get("image_id", "")).removeprefix("sha256:") == image_id:
+                users.append("mount:" + path.parent.name)
         return users
+
+    def _live_mounts(self) -> list[tuple[Path, dict[str, Any]]]:
+        """The inspector's `lamina mount` records whose unionfs server is still alive."""
+        live = []
+        for path in sorted((self.root / "mounts").glob("*/state.json")):
+            with contextlib.suppress(OSError, ValueError):
+                data = json.loads(path.read_bytes())
+                pid = data.get("pid")
+                if isinstance(data, dict) and isinstance(pid, int) and pid > 0 and os.path.exists(f"/proc/{pid}"):
+                    live.append((path, data))
+        return live
 
     def image_in_use(self, image_id: str) -> bool:
         return bool(self.containers_using(image_id.removeprefix("sha256:")))
@@ -546,12 +562,13 @@ class Store:
                 log.info("image %s is broken (%s); its objects are not protected", image_id[:12], e)
         # The runner's containers and the builder's cache may name layers or blobs: keep anything a
         # JSON file there mentions.
-        for pattern in ("containers/*/*.json", "build-cache/**/*.json"):
-            for path in self.root.glob(pattern):
-                with contextlib.suppress(OSError):
-                    for hex_ in _DIGEST_IN_TEXT.findall(path.read_text(errors="replace")):
-                        blobs.add("sha256:" + hex_)
-                        diff_ids.add("sha256:" + hex_)
+        named = [*self.root.glob("containers/*/*.json"), *self.root.glob("build-cache/**/*.json"),
+                 *(path for path, _ in self._live_mounts())]
+        for path in named:
+            with contextlib.suppress(OSError):
+                for hex_ in _DIGEST_IN_TEXT.findall(path.read_text(errors="replace")):
+                    blobs.add("sha256:" + hex_)
+                    diff_ids.add("sha256:" + hex_)
         return blobs, diff_ids
 
     def gc(self) -> tuple[int, int, int]:

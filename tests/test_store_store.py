@@ -197,3 +197,31 @@ def test_default_base_is_reproducible(tmp_path: Path) -> None:
     assert os.readlink(root / "bin/sh") == "/bin/busybox"
     assert (root / "tmp").stat().st_mode & 0o7777 == 0o1777
     assert "nobody" in (root / "etc/passwd").read_text()
+
+
+def test_ingest_from_the_store_tmp_dir_adopts_the_file_without_copying(store: Store) -> None:
+    data = b"downloaded layer"
+    tmp = store.tmp_dir / f"{os.getpid()}.abc.pull"
+    tmp.write_bytes(data)
+    inode = os.stat(tmp).st_ino
+    path = store.ingest_blob(tmp, sha256_bytes(data))
+    assert os.stat(path).st_ino == inode and not tmp.exists()
+    liar = store.tmp_dir / f"{os.getpid()}.def.pull"
+    liar.write_bytes(b"something else")
+    with pytest.raises(FormatError, match="digest mismatch"):
+        store.ingest_blob(liar, "sha256:" + "3" * 64)
+    assert not store.has_blob("sha256:" + "3" * 64)
+
+
+def test_a_live_lamina_mount_counts_as_use(store: Store, tmp_path: Path) -> None:
+    layer = store.commit_layer(upper_with(tmp_path, "u", {"f": b"1"}))
+    image = store.create_image([layer], {"config": {}}, tags=["mounted"])
+    record = store.root / "mounts" / "m1" / "state.json"
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps({"image_id": image.id, "pid": os.getpid()}))
+    assert store.image_in_use(image.id) and store.containers_using(image.id) == ["mount:m1"]
+    store.untag("mounted")
+    store.gc()
+    assert layer.path.exists(), "a mounted image's layers are kept"
+    record.write_text(json.dumps({"image_id": image.id, "pid": 2**22 + 1}))  # no such pid
+    assert not store.image_in_use(image.id)
