@@ -48,6 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="writable: a scratch upper discarded at umount (image) or the container's upper")
     p.add_argument("--upto", metavar="LAYER",
                    help="mount only layers 1..LAYER (number as in `lamina layers`, or a digest prefix)")
+    p.add_argument("--trace", metavar="FILE", type=Path,
+                   help="append one line per copy-up, whiteout, opaque directory and redirect to FILE")
     p.add_argument("target", metavar="IMAGE|CONTAINER", nargs="?",
                    help="what to mount; without it, list the current lamina mounts")
     p.add_argument("directory", metavar="DIR", nargs="?", type=Path,
@@ -283,11 +285,12 @@ def _container_request(args: argparse.Namespace, store: Any, container: Any) -> 
 
 def cmd_mount(args: argparse.Namespace) -> int:
     if args.target is None:
-        if args.rw or args.upto or args.directory:
-            raise UsageError("mount: --rw, --upto and DIR need an IMAGE or CONTAINER")
+        if args.rw or args.upto or args.directory or args.trace:
+            raise UsageError("mount: --rw, --upto, --trace and DIR need an IMAGE or CONTAINER")
         _list_mounts(args.root)
         return 0
     request = _mount_request(args)
+    request.trace = args.trace.absolute() if args.trace else None
     state = mounts.mount_image_stack(args.root, request, args.directory)
     print(state.mountpoint)
     return 0

@@ -77,6 +77,7 @@ class StackRequest:
     container_id: str | None
     layers: int
     scratch_rw: bool = False      # create a throwaway upper for --rw
+    trace: Path | None = None     # unionfs --trace file: one line per copy-up, whiteout, opaque, redirect
 
 
 def mounts_root(root: Path) -> Path:
@@ -157,7 +158,7 @@ def _mount(state_dir: Path, mount_id: str, request: StackRequest, mountpoint: Pa
         work.mkdir()
 
     spec = MountSpec(lowers=lowers, upper=upper, work=work, mountpoint=mountpoint,
-                     options=[LAYER_XATTR_OPTION])
+                     options=[LAYER_XATTR_OPTION], trace=request.trace)
     argv = command_line(spec)
     log_path = state_dir / "unionfs.log"
     log.debug("starting %s", argv)

@@ -161,6 +161,16 @@ def test_layers_table_and_pictures(lamina_cmd, image_root: Path, tmp_path: Path)
 # --- mounts --------------------------------------------------------------------------------------
 
 
+def wait_for_line(path: Path, line: str, timeout: float = 5.0) -> bool:
+    """The trace is written by the server process: give it a moment to land."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and line in path.read_text().splitlines():
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def _layer_xattr(path: Path) -> str:
     return os.getxattr(path, "user.lamina.layer", follow_symlinks=False).decode()
 
@@ -206,12 +216,15 @@ def test_mount_upto_and_rw_scratch(lamina_cmd, image_root: Path, tmp_path: Path)
     from store import Store
 
     layer1 = Store.open(image_root).resolve_image("three").layers[0].diff_id
-    mnt = Path(lamina_cmd("mount", "--rw", "--upto", layer1[7:19], "three", root=image_root).stdout.strip())
+    trace = tmp_path / "trace.log"
+    mnt = Path(lamina_cmd("mount", "--rw", "--trace", str(trace), "--upto", layer1[7:19], "three",
+                          root=image_root).stdout.strip())
     try:
         assert (mnt / "etc/motd").read_bytes() == b"m" * 100
         with open(mnt / "etc/motd", "a") as f:
             f.write("changed\n")
         assert _layer_xattr(mnt / "etc/motd") == "upper"
+        assert wait_for_line(trace, "copy-up /etc/motd from lower:0")
         scratch = json.loads(next((image_root / "mounts").glob("*/state.json")).read_text())["scratch"]
         assert (Path(scratch) / "upper/etc/motd").read_text() == "m" * 100 + "changed\n"
     finally:
@@ -247,9 +260,7 @@ def test_copy_up_trace_names_the_layer(union_mount, image_root: Path, tmp_path: 
     with open(m.mountpoint / "etc/keep", "a") as f:
         f.write("more\n")
     os.unlink(m.mountpoint / "etc/motd")
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and "whiteout" not in trace.read_text():
-        time.sleep(0.05)
+    assert wait_for_line(trace, "whiteout /etc/motd"), trace.read_text()
     lines = trace.read_text().splitlines()
     copy_up = [line for line in lines if "copy-up" in line and "/etc/keep" in line]
     assert copy_up, lines
