@@ -83,9 +83,12 @@ class _Plan:
     opaque: list[tuple[str, ...]] = field(default_factory=list)
 
 
-def can_mknod_devices() -> bool:
-    """Whether real device nodes can be created here (root in the initial user namespace)."""
+def is_host_root() -> bool:
+    """Root of the initial user namespace: may chown to any id and create device nodes."""
     return os.geteuid() == 0 and ondisk.XattrNamespace.for_current_user() is ondisk.XattrNamespace.TRUSTED
+
+
+can_mknod_devices = is_host_root
 
 
 # --- step 1: decompress --------------------------------------------------------------------------
@@ -266,7 +269,10 @@ class _Extractor:
         self.root_fd = root_fd
         self.root_path = root_path
         self.tar = tar
-        self.privileged = os.geteuid() == 0
+        # chown only as root of the initial user namespace. Root of a user namespace (the runner
+        # commits there) could chown to subordinate ids, but the layer would then hold files the
+        # user cannot remove or read outside that namespace; overrides keep it manageable.
+        self.privileged = is_host_root()
         self.deferred_dirs: dict[tuple[str, ...], tarfile.TarInfo | None] = {}
         self._cache: tuple[tuple[str, ...], int] | None = None
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import shutil
 import stat
+import subprocess
+import sys
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -290,3 +293,21 @@ def test_private_xattrs_in_a_tar_are_not_applied(tmp_path: Path) -> None:
     unpack(build_tar([(info, data)]), tmp_path / "out", tmp_path / "tmp")
     assert ondisk.read_redirect(str(tmp_path / "out/d")) is None
     assert ondisk.read_owner_override(str(tmp_path / "out/d")) is None
+
+
+@pytest.mark.skipif(not IS_ROOT or not shutil.which("unshare"), reason="needs root and unshare")
+def test_root_of_a_user_namespace_records_owners_instead_of_chowning(tmp_path: Path) -> None:
+    """The runner commits inside a user namespace: layers must stay owned by the real user."""
+    info, payload = entry("by1234", data=b"y", mode=0o600)
+    info.uid = info.gid = 1234
+    data = build_tar([(info, payload), entry("by0", data=b"z")])
+    (tmp_path / "layer.tar").write_bytes(data)
+    script = ("import sys; from pathlib import Path; from store.layer_unpack import unpack_layer; "
+              "unpack_layer(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))")
+    subprocess.run(["unshare", "--user", "--map-root-user", sys.executable, "-c", script,
+                    str(tmp_path / "layer.tar"), str(tmp_path / "out"), str(tmp_path / "tmp")],
+                   check=True, cwd=Path(__file__).resolve().parent.parent)
+    st = os.stat(tmp_path / "out/by1234")
+    assert (st.st_uid, st.st_gid) == (0, 0), "not chowned to an id only the namespace maps"
+    assert ondisk.read_owner_override(str(tmp_path / "out/by1234")) == ondisk.OwnerOverride(1234, 1234, 0o600)
+    assert ondisk.read_owner_override(str(tmp_path / "out/by0")) is None
