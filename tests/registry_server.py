@@ -380,22 +380,35 @@ def layer_blob(files: dict[str, bytes]) -> bytes:
     return gzip.compress(raw.getvalue(), mtime=0)
 
 
+def _uncompressed(blob: bytes) -> tuple[bytes, str]:
+    """The tar inside a gzip, zstd or plain layer blob, and the layer's OCI media type."""
+    if blob[:2] == b"\x1f\x8b":
+        return gzip.decompress(blob), "application/vnd.oci.image.layer.v1.tar+gzip"
+    if blob[:4] == b"\x28\xb5\x2f\xfd":
+        import zstandard
+
+        return zstandard.ZstdDecompressor().decompressobj().decompress(blob), \
+            "application/vnd.oci.image.layer.v1.tar+zstd"
+    return blob, "application/vnd.oci.image.layer.v1.tar"
+
+
 def oci_image(layers: list[bytes], arch: str | None = None) -> tuple[bytes, bytes]:
-    """(config, OCI manifest) bytes of a linux image made of gzip ``layers`` (for this host by default)."""
+    """(config, OCI manifest) bytes of a linux image of ``layers`` (gzip, zstd or plain tar blobs)."""
     from store.registry_manifest import OCI_MANIFEST, host_platform
 
+    tars = [_uncompressed(blob) for blob in layers]
     config = json.dumps({
         "architecture": arch or host_platform().architecture, "os": "linux",
         "config": {"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]},
-        "rootfs": {"type": "layers", "diff_ids": [digest_of(gzip.decompress(blob)) for blob in layers]},
+        "rootfs": {"type": "layers", "diff_ids": [digest_of(tar) for tar, _ in tars]},
         "history": [{"created_by": f"layer {i}"} for i in range(len(layers))],
     }, sort_keys=True).encode()
     manifest = json.dumps({
         "schemaVersion": 2, "mediaType": OCI_MANIFEST,
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest_of(config),
                    "size": len(config)},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest_of(blob),
-                    "size": len(blob)} for blob in layers],
+        "layers": [{"mediaType": media_type, "digest": digest_of(blob), "size": len(blob)}
+                   for blob, (_, media_type) in zip(layers, tars, strict=True)],
     }).encode()
     return config, manifest
 

@@ -394,3 +394,35 @@ def test_pull_from_docker_hub(tmp_path: Path, lamina_cmd) -> None:  # type: igno
     assert out.stdout.strip() == image.id
     assert image.config["architecture"] == host_platform().architecture
     assert (image.layers[-1].path / "bin" / "busybox").exists()
+
+
+def test_pull_zstd_and_plain_layers(tmp_path: Path, lamina_cmd) -> None:  # type: ignore[no-untyped-def]
+    import zstandard
+
+    plain = gzip.decompress(layer_blob({"etc/plain": b"plain\n"}))
+    zstd = zstandard.ZstdCompressor().compress(gzip.decompress(layer_blob({"etc/zstd": b"zstd\n"})))
+    fake = FakeRegistry()
+    config, manifest = fake.add_image("mixed/img", "1", [plain, zstd])
+    assert [layer["mediaType"].rsplit(".", 1)[1] for layer in json.loads(manifest)["layers"]] == ["tar", "tar+zstd"]
+    with fake.serve():
+        out = lamina_cmd("pull", "--tls-verify=false", f"{fake.address}/mixed/img:1")
+    assert out.stdout.strip() == digest_of(config)[7:]
+    image = open_store(tmp_path / "lamina-root").resolve_image(f"{fake.address}/mixed/img:1")
+    assert (image.layers[0].path / "etc" / "plain").read_bytes() == b"plain\n"
+    assert (image.layers[1].path / "etc" / "zstd").read_bytes() == b"zstd\n"
+
+
+def test_schema1_and_unknown_media_types_are_refused(tmp_path: Path, lamina_cmd) -> None:  # type: ignore[no-untyped-def]
+    fake = FakeRegistry()
+    fake.add_manifest("old/img", "1", "application/vnd.docker.distribution.manifest.v1+prettyjws",
+                      json.dumps({"schemaVersion": 1, "name": "old/img", "fsLayers": []}).encode())
+    layer = layer_blob({"a": b"a"})
+    _, manifest = oci_image([layer])
+    doc = json.loads(manifest)
+    doc["layers"][0]["mediaType"] = "application/vnd.example.helm.chart.content.v1.tar+gzip"
+    fake.add_manifest("helm/chart", "1", OCI_MANIFEST, json.dumps(doc).encode())
+    with fake.serve():
+        old = lamina_cmd("pull", "--tls-verify=false", f"{fake.address}/old/img:1", check=False)
+        assert old.returncode == 125 and "schema 1" in old.stderr
+        chart = lamina_cmd("pull", "--tls-verify=false", f"{fake.address}/helm/chart:1", check=False)
+        assert chart.returncode == 125 and "unsupported media type" in chart.stderr
