@@ -378,8 +378,8 @@ class Builder:
             diff = tmp / "diff"
             diff.mkdir()
             if isinstance(inst, df.Run):
-                self._run(state, inst, tmp, diff)
-            elif isinstance(inst, df.Workdir):
+                return self._run(state, inst, tmp, diff)
+            if isinstance(inst, df.Workdir):
                 path = inst.resolve(state.image)
                 view = state.view()
                 if view.exists_as_dir(path):
@@ -402,7 +402,7 @@ class Builder:
             _remove_tree(path)
 
     # --- RUN ---------------------------------------------------------------------------------
-    def _run(self, state: StageState, inst: df.Run, tmp: Path, upper: Path) -> None:
+    def _run(self, state: StageState, inst: df.Run, tmp: Path, upper: Path) -> Layer | None:
         from runner.sandbox import Mount, SandboxSpec, run_sandboxed
 
         work = tmp / "work"
@@ -446,16 +446,27 @@ class Builder:
         finally:
             if capture is not None:
                 capture.close()
-        # A directory renamed over a lower one carries an overlay redirect, which a layer tar cannot
-        # express: give it a full copy of what it showed instead (a no-op when nothing was renamed).
-        from unionfs.export import flatten_redirects
-
-        flatten_redirects([layer.path for layer in reversed(state.layers)], upper, work)
         # Mount points the sandbox created for --mount targets are scaffolding, not content.
         targets = [posixpath.join(state.image.workdir, m.target) for m in inst.mounts]
         if inst.script is not None:
             targets.append("/dev/pipes")
-        prune_empty_dirs(str(upper), targets, state.view())
+        return self._commit_upper([layer.path for layer in reversed(state.layers)], upper, work, targets)
+
+    def _commit_upper(self, lowers: list[Path], upper: Path, work: Path, targets: list[str]) -> Layer | None:
+        """Turn a RUN step's upper directory into a layer (None when the step changed nothing).
+
+        Files the command made may belong to subordinate ids, which only root of lamina's user
+        namespace can read: the upper is cleaned up and packed into a blob there, and the blob is
+        unpacked into the store here, by the user (the store's ownership convention)."""
+        from runner.sandbox import call_in_userns
+        from store import Layer
+
+        packed = call_in_userns(_finish_upper, self.store, lowers, upper, work, targets)
+        if packed is None:
+            return None
+        digest, diff_id = packed
+        diff_id, size = self.store.ensure_layer(digest, diff_id)
+        return Layer(diff_id=diff_id, digest=digest, path=self.store.layer_dir(diff_id), size=size)
 
     def _run_mount(self, state: StageState, m: df.RunMount, tmp: Path, mount_cls: Any) -> Any:
         target = posixpath.join(state.image.workdir, m.target)
@@ -752,6 +763,25 @@ def _view_glob(view: LayerView, pattern: str) -> list[Any]:
     return result
 
 
+def _finish_upper(store: Store, lowers: list[Path], upper: Path, work: Path,
+                  targets: list[str]) -> tuple[str, str] | None:
+    """In lamina's user namespace: flatten redirects, drop scaffolding, pack the upper into a blob.
+    Returns (blob digest, diff_id), or None for an empty upper."""
+    from store.layer_pack import pack_layer
+    from unionfs.export import flatten_redirects
+
+    # A directory renamed over a lower one carries an overlay redirect, which a layer tar cannot
+    # express: give it a full copy of what it showed instead (a no-op when nothing was renamed).
+    flatten_redirects(lowers, upper, work)
+    prune_empty_dirs(str(upper), targets, LayerView(lowers))
+    if not any(upper.iterdir()) and not _is_opaque(upper):
+        return None
+    with store.lock(shared=True), store.blobs.writer() as writer:
+        result = pack_layer(upper, writer, compress=True)
+    assert result.digest is not None
+    return result.digest, result.diff_id
+
+
 def _is_opaque(path: Path) -> bool:
     from unionfs import ondisk
 
@@ -759,12 +789,22 @@ def _is_opaque(path: Path) -> bool:
 
 
 def _remove_tree(path: Path) -> None:
-    from store.blobs import remove_tree
+    import shutil as _shutil
 
+    from runner.sandbox import call_in_userns
+
+    # What a RUN step made may belong to subordinate ids: delete it as root of the namespace.
     try:
-        remove_tree(path)
-    except OSError as e:
-        log.info("could not remove %s: %s", path, e)
+        call_in_userns(_shutil.rmtree, path, True)
+    except LaminaError as e:
+        log.info("could not remove %s in the user namespace: %s", path, e)
+    if path.exists():
+        from store.blobs import remove_tree
+
+        try:
+            remove_tree(path)
+        except (OSError, TypeError) as e:
+            log.info("could not remove %s: %s", path, e)
 
 
 def build(store: Store, options: BuildOptions, stream: TextIO | None = None) -> Image:

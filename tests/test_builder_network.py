@@ -61,7 +61,9 @@ def debian_tarball() -> Path:
     subprocess.run(["debootstrap", "--variant=minbase", "bookworm", str(rootfs),
                     "http://deb.debian.org/debian"], check=True, capture_output=True, timeout=1800)
     partial = tarball.with_suffix(".partial")
-    subprocess.run(["tar", "-C", str(rootfs), "--numeric-owner", "-cf", str(partial), "."], check=True)
+    # Device nodes are the runtime's business (docker's base images ship an empty /dev).
+    subprocess.run(["tar", "-C", str(rootfs), "--numeric-owner", "--exclude=./dev/?*", "-cf", str(partial), "."],
+                   check=True)
     partial.rename(tarball)
     shutil.rmtree(rootfs, ignore_errors=True)
     return tarball
