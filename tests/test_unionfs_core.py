@@ -529,3 +529,37 @@ def test_mark_opaque_writes_a_marker_every_reader_sees(tmp_path: Path) -> None:
     assert os.getxattr(d, "user.overlay.opaque") == b"y"  # readable inside a user namespace too
     if IS_ROOT:
         assert os.getxattr(d, "trusted.overlay.opaque") == b"y"
+
+
+def test_copied_up_file_keeps_its_inode_number_across_remounts(layers: Layers) -> None:
+    write_file(layers.lowers[1] / "d" / "f", "x")
+    fs = layers.open()
+    ino = walk(fs, "d/f").ino
+    fs.setattr(walk(fs, "d/f"), mode=0o600)
+    assert walk(fs, "d/f").ino == ino
+    fs.close()
+    fresh = layers.open()
+    assert walk(fresh, "d/f").ino == ino
+    assert "trusted.overlay.lamina.origin" not in fresh.listxattr(walk(fresh, "d/f"))
+
+
+def test_xattrs_on_the_root_directory(layers: Layers) -> None:
+    fs = layers.open()
+    fs.setxattr(fs.root, "user.a", b"hi")
+    assert fs.getxattr(fs.root, "user.a") == b"hi"
+    assert "user.a" in fs.listxattr(fs.root)
+    fs.removexattr(fs.root, "user.a")
+    assert "user.a" not in fs.listxattr(fs.root)
+
+
+def test_mkdir_over_whiteout_in_setgid_directory_inherits_setgid(layers: Layers) -> None:
+    sg = layers.lowers[0] / "sg"
+    write_file(sg / "old" / "x")
+    os.chmod(sg, 0o2775)
+    fs = layers.open()
+    fs.unlink(walk(fs, "sg/old"), "x")
+    fs.rmdir(walk(fs, "sg"), "old")
+    fs.mkdir(walk(fs, "sg"), "old", 0o755, ME)
+    fs.mkdir(walk(fs, "sg"), "new", 0o755, ME)
+    assert stat.S_IMODE(os.lstat(layers.upper / "sg" / "old").st_mode) == 0o2755
+    assert stat.S_IMODE(os.lstat(layers.upper / "sg" / "new").st_mode) == 0o2755

@@ -463,7 +463,10 @@ class UnionOperations(pyfuse3.Operations):
             entry = entries[i]
             child = children.get(entry.name)
             if child is None:
-                child = core.entry_node(node, entry)
+                try:
+                    child = core.entry_node(node, entry)
+                except (FileNotFoundError, NotADirectoryError):
+                    child = None
                 if child is None:
                     continue  # removed since the listing was taken
                 if self._placeholder_score <= 0 and not child.is_dir and child.attr is None:

@@ -93,9 +93,15 @@ def proc_path(fd: int, path: str) -> Iterator[str]:
 
 
 def getxattr_at(fd: int, path: str, name: str) -> bytes | None:
-    """One xattr of the object at ``path`` (never following a final symlink); None when absent."""
+    """One xattr of the object at ``path`` (never following a final symlink); None when absent.
+
+    An empty ``path`` means the directory ``fd`` itself: ``/proc/self/fd/N`` would name the proc
+    symlink, not the directory, once symlinks are not followed.
+    """
     with proc_path(fd, path) as p:
         try:
+            if not path:
+                return os.getxattr(fd, name)
             return os.getxattr(p, name, follow_symlinks=False)
         except OSError as e:
             if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES):
@@ -106,6 +112,8 @@ def getxattr_at(fd: int, path: str, name: str) -> bytes | None:
 def listxattr_at(fd: int, path: str) -> list[str]:
     with proc_path(fd, path) as p:
         try:
+            if not path:
+                return os.listxattr(fd)
             return os.listxattr(p, follow_symlinks=False)
         except OSError as e:
             if e.errno in (errno.ENOTSUP, errno.EPERM, errno.EACCES):
@@ -114,11 +122,17 @@ def listxattr_at(fd: int, path: str) -> list[str]:
 
 
 def setxattr_at(fd: int, path: str, name: str, value: bytes, flags: int = 0) -> None:
+    if not path:
+        os.setxattr(fd, name, value, flags)
+        return
     with proc_path(fd, path) as p:
         os.setxattr(p, name, value, flags, follow_symlinks=False)
 
 
 def removexattr_at(fd: int, path: str, name: str) -> None:
+    if not path:
+        os.removexattr(fd, name)
+        return
     with proc_path(fd, path) as p:
         os.removexattr(p, name, follow_symlinks=False)
 

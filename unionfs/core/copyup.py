@@ -95,6 +95,8 @@ def finish_copy_up(tree: UnionTree, job: CopyJob) -> None:
         target: int | str = job.dst_fd if job.dst_fd >= 0 else f"/proc/self/fd/{work}/{job.tmp}"
         is_link = stat.S_ISLNK(st.st_mode)
         copy_xattrs(job.layer, job.path, target, is_link)
+        if not node.is_dir:
+            _set_origin(target, tree.origin_xattr, f"{job.layer.slot}:{st.st_ino}".encode())
         # A directory's mode is set once it is in place: moving a read-only directory to another
         # parent needs write permission on it (for '..') when we are not root.
         copy_owner_mode_times(target, st, is_link, chmod=not node.is_dir)
@@ -121,12 +123,8 @@ def finish_copy_up(tree: UnionTree, job: CopyJob) -> None:
     # The parent's cached listing named the lower copy: entries made from it must see the upper one.
     tree.touch(node, node.parent, *(p for p, _ in node.links))
     if not node.is_dir:
-        # The lower copy is no longer this node: another lower name of it (a hardlink we have not
-        # seen yet) becomes a node of its own, as with the kernel's index=off.
-        tree.table.drop_identities(node)
-        ust = lstat_at(tree.upper.fd, upath)
-        if ust is not None:
-            tree.table.add_identity(node, (0, ust.st_ino))
+        # The node keeps its lower identity (recorded in the origin xattr, so a remount finds it
+        # again); a lower hardlink of it we have not seen yet becomes a node of its own.
         _link_known_aliases(tree, node, upath)
     tree.emit(f"copy-up /{upath} from {job.layer.label.rsplit(':', 1)[0]}")
 
@@ -155,6 +153,19 @@ def _link_known_aliases(tree: UnionTree, node: Node, upath: str) -> None:
         if lstat_at(tree.upper.fd, alias) is None:
             os.link(upath, alias, src_dir_fd=tree.upper.fd, dst_dir_fd=tree.upper.fd,
                     follow_symlinks=False)
+
+
+def _set_origin(target: int | str, name: str, value: bytes) -> None:
+    try:
+        if isinstance(target, int):
+            os.setxattr(target, name, value)
+        else:
+            os.setxattr(target, name, value, follow_symlinks=False)
+    except OSError as e:
+        # user.* xattrs on symlinks or devices, or no xattr support: the inode number then
+        # only lasts as long as the mount
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EACCES):
+            raise
 
 
 def _discard(work_fd: int, tmp: str) -> None:

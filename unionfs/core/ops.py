@@ -187,8 +187,8 @@ class UnionFS(UnionTree):
         gid = pst.st_gid if pst.st_mode & stat.S_ISGID else caller.gid
         is_link = stat.S_ISLNK(st.st_mode)
         perm = mode & 0o7777
-        if stat.S_ISDIR(st.st_mode):
-            perm |= st.st_mode & stat.S_ISGID  # inherited from a setgid parent
+        if stat.S_ISDIR(st.st_mode) and pst.st_mode & stat.S_ISGID:
+            perm |= stat.S_ISGID  # inherited from a setgid parent (also when made in the workdir)
         if not is_link and stat.S_ISREG(st.st_mode) and perm & stat.S_ISGID and caller.uid != 0 \
                 and gid != caller.gid and gid not in _groups_of(caller.pid):
             perm &= ~stat.S_ISGID  # the kernel drops setgid for a group the creator is not in

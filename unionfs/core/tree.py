@@ -105,6 +105,8 @@ class UnionTree:
         self.readonly = self.upper is None
         self.xattr_ns = self._probe_xattr_namespace()
         self.whiteout_style = self._probe_whiteout_style()
+        # Where a copied-up file records the lower object it came from (its inode number's source).
+        self.origin_xattr = f"{self.xattr_ns.value}.overlay.lamina.origin"
         # Renamed lower directories get a redirect xattr only where the kernel would follow it: it
         # ignores user.overlay.redirect (userxattr mounts never follow redirects), so with user
         # xattrs a renamed directory is copied up whole instead, and the upper stays kernel-readable.
@@ -235,7 +237,8 @@ class UnionTree:
                 if ondisk.is_whiteout_stat(st):
                     return None
                 if not stat.S_ISDIR(st.st_mode):
-                    node = self._node_for(parent, name, stat.S_IFMT(st.st_mode), (0, st.st_ino), True, [])
+                    node = self._node_for(parent, name, stat.S_IFMT(st.st_mode),
+                                          self.upper_identity(cpath, st.st_ino), True, [])
                     node.st_hint = st
                     return node
                 top_st, in_upper = st, True
@@ -329,12 +332,19 @@ class UnionTree:
                   lowers: list[tuple[Layer, str]]) -> Node:
         """Find or make the node for a resolved object and remember it as ``parent``'s child."""
         node = self.table.find(identity)
-        if node is not None and (node.kind != kind or node.deleted or (
-                node.is_dir and (node.parent is not parent or node.name != name))):
-            self.table.drop_identities(node)
-            node = None
+        register = True
+        if node is not None:
+            if node.kind != kind or node.deleted or (
+                    node.is_dir and (node.parent is not parent or node.name != name)):
+                self.table.drop_identities(node)  # stale
+                node = None
+            elif node.in_upper != in_upper:
+                # A lower hardlink left behind when another name of it was copied up: the kernel
+                # (index=off) makes it a separate file, and so do we.
+                node = None
+                register = False
         if node is None:
-            node = self.table.add(kind, parent, name, identity)
+            node = self.table.add(kind, parent, name, identity if register else None)
             node.in_upper = in_upper
             node.lowers = lowers
         elif (node.parent is not parent or node.name != name) and (parent, name) not in node.links:
@@ -342,6 +352,19 @@ class UnionTree:
         assert parent.children is not None
         parent.children[name] = node
         return node
+
+    def upper_identity(self, path: str, st_ino: int) -> tuple[int, int]:
+        """Identity of an upper non-directory: its lower origin when it was copied up (so inode
+        numbers survive copy-up and remounts), else the upper object itself."""
+        assert self.upper is not None
+        raw = getxattr_at(self.upper.fd, path, self.origin_xattr)
+        if raw:
+            slot, _, ino = raw.partition(b":")
+            try:
+                return int(slot), int(ino)
+            except ValueError:
+                pass
+        return 0, st_ino
 
     def lower_has(self, parent: Node, name: str) -> bool:
         """True when a lower layer shows ``name`` under ``parent`` (so removing it needs a whiteout)."""
@@ -463,7 +486,8 @@ class UnionTree:
             return self._resolve(parent, entry.name)
         layer = entry.layer
         if layer.is_upper:
-            return self._node_for(parent, entry.name, entry.kind, (0, entry.ino), True, [])
+            identity = self.upper_identity(parent.child_path(entry.name), entry.ino)
+            return self._node_for(parent, entry.name, entry.kind, identity, True, [])
         return self._node_for(parent, entry.name, entry.kind, (layer.slot, entry.ino), False,
                               [(layer, entry.path)])
 
