@@ -277,6 +277,9 @@ def test_mount_umount_unprivileged(unpriv) -> None:  # type: ignore[no-untyped-d
     root = unpriv.workdir / "root"
     result = unpriv.run(["lamina-python", "-c", MAKE_IMAGE, str(root), str(unpriv.workdir / "src"), "three:latest"])
     assert result.returncode == 0, result.stderr
+    which = unpriv.lamina("which", "three", "/etc/motd", check=True).stdout
+    assert "not in the image (deleted)" in which and "[whiteout]" in which
+    assert unpriv.lamina("layers", "three", check=True).stdout.splitlines()[-1].startswith("efficiency")
     mount = unpriv.lamina("mount", "three", check=True)
     mnt = Path(mount.stdout.strip())
     try:
