@@ -58,7 +58,7 @@ class LayerInput:
 
 
 @dataclass
-class _Copy:
+class LayerCopy:
     """One layer's copy of a path."""
 
     layer: int
@@ -72,7 +72,7 @@ class PathHistory:
 
     path: str
     events: list[PathEvent] = field(default_factory=list)
-    copies: list[_Copy] = field(default_factory=list)
+    copies: list[LayerCopy] = field(default_factory=list)
     visible: bool = False    # present in the merged image
 
     @property
@@ -85,19 +85,29 @@ class PathHistory:
         return bool(self.copies) and self.copies[-1].is_dir
 
     @property
-    def shadowed(self) -> list[int]:
-        """Lower layers whose copy of this path sits under the provider's.
+    def lower_copies(self) -> list[LayerCopy]:
+        """Lower layers' copies of this path that sit under the provider's, bottom first.
 
-        For a file, those copies are hidden (shadowed); for a directory they are merged with it.
-        Only copies since the last removal count: a copy that was deleted and later re-created is
-        not shadowed, it was removed (see :attr:`deleted_by`). A removal in layer L happens before
-        layer L's own entries land, so a copy in L itself survives it.
+        A file hides (shadows) the copies below it; a directory merges with the directories below
+        it. Only copies since the last removal count: a copy that was deleted and later re-created
+        is not shadowed, it was removed (see :attr:`deleted_by`); a removal in layer L happens
+        before layer L's own entries land, so a copy in L itself survives it. Nothing older shows
+        through a non-directory, so the list starts at the topmost lower non-directory copy.
         """
         if self.provider is None:
             return []
         last_gone = max((e.layer for e in self.events
                          if e.event in (Event.DELETED, Event.HIDDEN, Event.OPAQUE)), default=-1)
-        return [c.layer for c in self.copies[:-1] if c.layer >= last_gone]
+        lowers = [c for c in self.copies[:-1] if c.layer >= last_gone]
+        for i in range(len(lowers) - 1, -1, -1):
+            if not lowers[i].is_dir:
+                return lowers[i:]
+        return lowers
+
+    @property
+    def shadowed(self) -> list[int]:
+        """The layers of :attr:`lower_copies`."""
+        return [c.layer for c in self.lower_copies]
 
     @property
     def deleted_by(self) -> list[PathEvent]:
@@ -312,7 +322,7 @@ def analyze(layers: Sequence[LayerInput]) -> StackAnalysis:
                 report.added += 1
                 h.events.append(PathEvent(index, Event.ADDED))
             # else: a directory over a directory merges; it is scaffolding, not a change.
-            h.copies.append(_Copy(index, is_dir, size))
+            h.copies.append(LayerCopy(index, is_dir, size))
             h.visible = True
             merged.add(path, is_dir)
 

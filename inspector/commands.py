@@ -136,9 +136,9 @@ def cmd_which(args: argparse.Namespace) -> int:
         print(f"{path}: provided by layer {h.provider + 1} of {count}")
         print(f"  digest       {analysis.layers[h.provider].digest}")
         print(f"  instruction  {analysis.layers[h.provider].instruction or '(no history)'}")
-        verb = "merges with" if h.is_dir else "shadows"
-        for index in reversed(h.shadowed):
-            print(f"  {verb:<12} {_describe(analysis, index)}")
+        for copy in reversed(h.lower_copies):
+            verb = "merges with" if h.is_dir and copy.is_dir else "shadows"
+            print(f"  {verb:<12} {_describe(analysis, copy.layer)}")
     else:
         print(f"{path}: not in the image (deleted)")
         for event in h.deleted_by[-1:]:

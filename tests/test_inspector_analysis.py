@@ -161,3 +161,13 @@ def test_opaque_directory_does_not_merge_with_lower_copies(three_layers: list[La
     assert [e.event for e in app.events] == [Event.ADDED, Event.OPAQUE]
     opt = a.history("/opt")
     assert opt is not None and opt.provider == 2 and opt.shadowed == [0]   # a plain merge
+
+
+def test_directory_over_file_over_directory_does_not_merge(tmp_path: Path) -> None:
+    l1, l2, l3 = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    write(l1, "p/inner", b"abc")
+    write(l2, "p", b"file")
+    write(l3, "p/again", b"zz")
+    p = analyze([LayerInput(l1), LayerInput(l2), LayerInput(l3)]).history("/p")
+    assert p is not None and p.provider == 2
+    assert [(c.layer, c.is_dir) for c in p.lower_copies] == [(1, False)]   # layer 1's directory is gone
