@@ -86,6 +86,7 @@ def test_pull_fetches_only_missing_layers(registry: RunningRegistry, tmp_path: P
     by_digest = lamina_cmd("pull", "-q", "--tls-verify=false", f"{registry.address}/app/two@{manifest2}")
     assert by_digest.stdout.strip() == config2[7:]
     assert registry.blob_gets()[before:] == []
+    assert lamina_cmd("system", "check").stdout.strip().endswith("ok")
 
 
 def make_store_images(root: Path, busybox_rootfs: Path, tmp: Path):  # type: ignore[no-untyped-def]
