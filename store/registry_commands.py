@@ -79,12 +79,6 @@ def _progress_stream(quiet: bool) -> TextIO | None:
     return sys.stderr if not quiet and sys.stderr.isatty() else None
 
 
-def _credentials(args: argparse.Namespace, registry: str) -> tuple[str, str] | None:
-    if getattr(args, "creds", None):
-        return parse_creds(args.creds)
-    return lookup_credentials(registry)
-
-
 class BlobLocations:
     """Where on which registry each blob was last seen: ``ROOT/registry/blob-locations.json``.
 
@@ -225,14 +219,25 @@ def _strip_transport(text: str) -> str:
     return text
 
 
+def pull(store: Store, reference: str, *, tls_verify: bool = True, credentials: tuple[str, str] | None = None,
+         platform: Platform | None = None, progress_stream: TextIO | None = None) -> Image:
+    """Pull ``reference`` into ``store`` as ``lamina pull`` does; for other packages (``FROM``, ``run``).
+
+    Credentials default to those stored by ``lamina login``/``podman login``. Error handling:
+    RegistryError (or UsageError for a malformed reference); the store is left as it was.
+    """
+    ref = Reference.parse(_strip_transport(reference))
+    if credentials is None:
+        credentials = lookup_credentials(ref.registry)
+    with RegistryClient(api_host(ref.registry), tls_verify=tls_verify, credentials=credentials) as client:
+        return pull_image(store, ref, client, Progress(progress_stream), platform)
+
+
 def cmd_pull(args: argparse.Namespace) -> int:
-    ref = Reference.parse(_strip_transport(args.reference))
-    registry = ref.registry
     store = _open_store(args.root)
-    progress = Progress(_progress_stream(args.quiet))
-    with RegistryClient(api_host(registry), tls_verify=args.tls_verify,
-                        credentials=_credentials(args, registry)) as client:
-        image = pull_image(store, ref, client, progress, args.platform)
+    credentials = parse_creds(args.creds) if args.creds else None
+    image = pull(store, args.reference, tls_verify=args.tls_verify, credentials=credentials,
+                 platform=args.platform, progress_stream=_progress_stream(args.quiet))
     print(image.id)
     return 0
 
@@ -296,8 +301,9 @@ def cmd_push(args: argparse.Namespace) -> int:
         if dest.digest and not dest.tag:
             raise UsageError(f"push: destination {dest} names a digest; give a tag")
         progress = Progress(_progress_stream(args.quiet))
+        credentials = parse_creds(args.creds) if args.creds else lookup_credentials(dest.registry)
         with RegistryClient(api_host(dest.registry), tls_verify=args.tls_verify,
-                            credentials=_credentials(args, dest.registry)) as client:
+                            credentials=credentials) as client:
             digest, size = push_image(store, image, dest, client, progress)
     if not args.quiet:
         print(f"{dest.tag}: digest: {digest} size: {size}")

@@ -427,3 +427,15 @@ def test_schema1_and_unknown_media_types_are_refused(tmp_path: Path, lamina_cmd)
         assert old.returncode == 125 and "schema 1" in old.stderr
         chart = lamina_cmd("pull", "--tls-verify=false", f"{fake.address}/helm/chart:1", check=False)
         assert chart.returncode == 125 and "unsupported media type" in chart.stderr
+
+
+def test_pull_api_for_other_packages(tmp_path: Path) -> None:
+    from store.registry_commands import pull
+
+    fake = FakeRegistry()
+    config, _ = fake.add_image("api/img", "1", [layer_blob({"etc/api": b"api\n"})])
+    store = open_store(tmp_path / "root")
+    with fake.serve():
+        image = pull(store, f"docker://{fake.address}/api/img:1", tls_verify=False)
+    assert image.id == digest_of(config)[7:]
+    assert store.resolve_image(f"{fake.address}/api/img:1").id == image.id
