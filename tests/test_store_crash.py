@@ -18,6 +18,8 @@ import pytest
 from harness import REPO_ROOT
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
+FILES = 800
+STAGES = ["temp-file", "blob", "layer"]
 
 
 def big_rootfs_tar(path: Path) -> Path:
@@ -28,7 +30,7 @@ def big_rootfs_tar(path: Path) -> Path:
             info = tarfile.TarInfo(f"data/blob{i}")
             info.size = 4 << 20
             tar.addfile(info, io.BytesIO(rng(info.size)))
-        for i in range(1500):
+        for i in range(FILES):
             info = tarfile.TarInfo(f"many/f{i:05d}")
             data = f"file {i}\n".encode()
             info.size = len(data)
@@ -83,37 +85,47 @@ def assert_consistent(lamina_cmd: Cli, root: Path, name: str) -> None:
     if name in listed:
         inspect = lamina_cmd("inspect", "--format", "{{.GraphDriver.Data.LowerDir}}", name, root=root)
         layer = Path(inspect.stdout.strip().split(":")[0])
-        assert len(list((layer / "many").iterdir())) == 1500
+        assert len(list((layer / "many").iterdir())) == FILES
+
+
+@pytest.fixture(scope="module")
+def big_tar(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return big_rootfs_tar(tmp_path_factory.mktemp("crash") / "big.tar")
+
+
+@pytest.fixture(scope="module")
+def big_archive(big_tar: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("crash-archive")
+    run = [sys.executable, "-m", "lamina", "--root", str(work / "source")]
+    subprocess.run([*run, "import", str(big_tar), "big:1"], check=True, capture_output=True, cwd=REPO_ROOT)
+    subprocess.run([*run, "save", "-o", str(work / "big-archive.tar"), "big:1"], check=True,
+                   capture_output=True, cwd=REPO_ROOT)
+    return work / "big-archive.tar"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["temp-file", "blob", "layer"])
-def test_kill_during_load(lamina_cmd: Cli, tmp_path: Path, stage: str) -> None:
-    source_root = tmp_path / "source"
-    lamina_cmd("import", str(big_rootfs_tar(tmp_path / "big.tar")), "big:1", root=source_root)
-    archive = tmp_path / "big-archive.tar"
-    lamina_cmd("save", "-o", str(archive), "big:1", root=source_root)
+@pytest.mark.parametrize("stage", STAGES)
+def test_kill_during_load(lamina_cmd: Cli, tmp_path: Path, stage: str, big_archive: Path) -> None:
     root = tmp_path / "victim"
     lamina_cmd("images", root=root)  # create the layout so the baseline counts are taken
-    killed = kill_at(lamina_argv(root, "load", "-i", str(archive)), root, stage)
+    killed = kill_at(lamina_argv(root, "load", "-i", str(big_archive)), root, stage)
     assert killed, f"load finished before stage {stage}"
     assert_consistent(lamina_cmd, root, "big:1")
     assert not list((root / "tmp").iterdir()), "stale temporary files are cleaned by check"
-    lamina_cmd("load", "-i", str(archive), root=root)
+    lamina_cmd("load", "-i", str(big_archive), root=root)
     assert_consistent(lamina_cmd, root, "big:1")
     assert "big" in lamina_cmd("images", root=root).stdout
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["temp-file", "blob", "layer"])
-def test_kill_during_layer_commit(lamina_cmd: Cli, tmp_path: Path, stage: str) -> None:
-    tar = big_rootfs_tar(tmp_path / "big.tar")
+@pytest.mark.parametrize("stage", STAGES)
+def test_kill_during_layer_commit(lamina_cmd: Cli, tmp_path: Path, stage: str, big_tar: Path) -> None:
     root = tmp_path / "victim"
     lamina_cmd("images", root=root)  # create the layout so the baseline counts are taken
-    killed = kill_at(lamina_argv(root, "import", str(tar), "big:1"), root, stage)
+    killed = kill_at(lamina_argv(root, "import", str(big_tar), "big:1"), root, stage)
     assert killed, f"import finished before stage {stage}"
     assert_consistent(lamina_cmd, root, "big:1")
-    lamina_cmd("import", str(tar), "big:1", root=root)
+    lamina_cmd("import", str(big_tar), "big:1", root=root)
     assert_consistent(lamina_cmd, root, "big:1")
     lamina_cmd("system", "prune", root=root)
     assert count(root)["layers"] == 1, "prune removes what the killed run left unreferenced"
