@@ -124,7 +124,15 @@ def finish_copy_up(tree: UnionTree, job: CopyJob) -> None:
     tree.touch(node, node.parent, *(p for p, _ in node.links))
     if not node.is_dir:
         # The node keeps its lower identity (recorded in the origin xattr, so a remount finds it
-        # again); a lower hardlink of it we have not seen yet becomes a node of its own.
+        # again). Other names of a lower hardlink reach the copy: the ones we know are linked now,
+        # the others find it through the index when they are looked up.
+        if st.st_nlink > 1 and tree.index_fd >= 0:
+            try:
+                os.link(upath, f"{job.layer.slot}-{st.st_ino}", src_dir_fd=tree.upper.fd,
+                        dst_dir_fd=tree.index_fd, follow_symlinks=False)
+            except FileExistsError:
+                pass
+            tree.index_used = True
         _link_known_aliases(tree, node, upath)
     tree.emit(f"copy-up /{upath} from {job.layer.label.rsplit(':', 1)[0]}")
 
@@ -151,8 +159,15 @@ def _link_known_aliases(tree: UnionTree, node: Node, upath: str) -> None:
             copy_up(tree, parent)
         alias = parent.child_path(name)
         if lstat_at(tree.upper.fd, alias) is None:
-            os.link(upath, alias, src_dir_fd=tree.upper.fd, dst_dir_fd=tree.upper.fd,
-                    follow_symlinks=False)
+            link_keeping_parent_times(tree.upper.fd, upath, alias)
+
+
+def link_keeping_parent_times(ufd: int, src: str, dst: str) -> None:
+    """Hard link in the upper as part of a copy-up: the new name's parent keeps its times."""
+    ppath = dst.rpartition("/")[0] or "."
+    pst = os.stat(ppath, dir_fd=ufd)
+    os.link(src, dst, src_dir_fd=ufd, dst_dir_fd=ufd, follow_symlinks=False)
+    os.utime(ppath, ns=(pst.st_atime_ns, pst.st_mtime_ns), dir_fd=ufd)
 
 
 def _set_origin(target: int | str, name: str, value: bytes) -> None:

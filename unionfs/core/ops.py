@@ -22,6 +22,7 @@ from unionfs import ondisk
 from unionfs.core.backing import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
+    Layer,
     exists_at,
     getxattr_at,
     join,
@@ -55,6 +56,29 @@ class UnionFS(UnionTree):
 
     def copy_up(self, node: Node, truncate: bool = False) -> None:
         copy_up(self, node, truncate)
+
+    def link_from_index(self, parent: Node, name: str, layer: Layer, path: str,
+                        st: os.stat_result) -> Node | None:
+        """A lower hardlink whose other name was copied up (maybe in an earlier mount): give this
+        name the upper copy too, by a hard link from the index, so every name shows the same data."""
+        if self.readonly or self.index_fd < 0:
+            return None
+        key = f"{layer.slot}-{st.st_ino}"
+        if not exists_at(self.index_fd, key):
+            return None
+        self.copy_up(parent)
+        ufd = self._upper_fd()
+        cpath = parent.child_path(name)
+        ppath = parent.path() or "."
+        pst = os.stat(ppath, dir_fd=ufd)
+        os.link(key, cpath, src_dir_fd=self.index_fd, dst_dir_fd=ufd, follow_symlinks=False)
+        os.utime(ppath, ns=(pst.st_atime_ns, pst.st_mtime_ns), dir_fd=ufd)
+        ust = os.stat(cpath, dir_fd=ufd, follow_symlinks=False)
+        node = self._node_for(parent, name, stat.S_IFMT(ust.st_mode), self.upper_identity(cpath, ust.st_ino),
+                              True, [(layer, path)])
+        node.st_hint = ust
+        self.touch(parent)
+        return node
 
     def _upper_fd(self) -> int:
         ensure_writable(self)

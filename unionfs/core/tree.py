@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 LAYER_XATTR = "user.lamina.layer"
 NAME_MAX = 255
 WORK_SUBDIR = "work"
+INDEX_SUBDIR = "lamina-index"
 
 
 class UnionError(Exception):
@@ -97,6 +98,8 @@ class UnionTree:
             ]
             self.upper = self._open_layer(upper, 0, "upper", -1) if upper is not None else None
             self.work_fd = -1
+            self.index_fd = -1
+            self.index_used = False
             if work is not None and self.upper is not None:
                 self.work_fd = self._open_work(work)
         except BaseException:
@@ -144,6 +147,16 @@ class UnionTree:
             raise UnionError(f"{work}: workdir and upperdir must be on the same filesystem")
         remove_tree_at(wfd, WORK_SUBDIR)
         os.mkdir(WORK_SUBDIR, 0o700, dir_fd=wfd)
+        # The hardlink index (kept across mounts, like the kernel's index=on): for every copied-up
+        # lower file with several names, WORK/lamina-index/SLOT-INO links to its upper copy, so the
+        # other names find the copy instead of the stale lower data.
+        try:
+            os.mkdir(INDEX_SUBDIR, 0o700, dir_fd=wfd)
+        except FileExistsError:
+            pass
+        self.index_fd = os.open(INDEX_SUBDIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=wfd)
+        self._fds.append(self.index_fd)
+        self.index_used = bool(os.listdir(self.index_fd))
         fd = os.open(WORK_SUBDIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=wfd)
         self._fds.append(fd)
         return fd
@@ -269,6 +282,10 @@ class UnionTree:
                     break
                 if not stat.S_ISDIR(st.st_mode):
                     if top_st is None:
+                        if st.st_nlink > 1 and self.index_used:
+                            linked = self.link_from_index(parent, name, layer, path, st)
+                            if linked is not None:
+                                return linked
                         node = self._node_for(parent, name, stat.S_IFMT(st.st_mode), (layer.slot, st.st_ino),
                                               False, [(layer, path)])
                         node.st_hint = st
@@ -352,6 +369,11 @@ class UnionTree:
         assert parent.children is not None
         parent.children[name] = node
         return node
+
+    def link_from_index(self, parent: Node, name: str, layer: Layer, path: str,
+                        st: os.stat_result) -> Node | None:
+        """Hook (see UnionFS): the upper copy of a lower hardlink copied up under another name."""
+        return None
 
     def upper_identity(self, path: str, st_ino: int) -> tuple[int, int]:
         """Identity of an upper non-directory: its lower origin when it was copied up (so inode
@@ -488,6 +510,8 @@ class UnionTree:
         if layer.is_upper:
             identity = self.upper_identity(parent.child_path(entry.name), entry.ino)
             return self._node_for(parent, entry.name, entry.kind, identity, True, [])
+        if self.index_used and exists_at(self.index_fd, f"{layer.slot}-{entry.ino}"):
+            return self._resolve(parent, entry.name)  # a hardlink whose other name was copied up
         return self._node_for(parent, entry.name, entry.kind, (layer.slot, entry.ino), False,
                               [(layer, entry.path)])
 
