@@ -21,6 +21,20 @@ def _setup_logging(debug: bool) -> None:
                         format="lamina-unionfs: %(levelname)s %(name)s: %(message)s")
 
 
+def _log_to_syslog() -> None:
+    """A daemon has no terminal: its warnings and errors go to syslog (when there is one)."""
+    if not os.path.exists("/dev/log"):
+        return
+    from logging.handlers import SysLogHandler
+
+    try:
+        handler = SysLogHandler(address="/dev/log")
+    except OSError:
+        return
+    handler.setFormatter(logging.Formatter("lamina-unionfs[%(process)d]: %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+
+
 def _error(msg: str) -> int:
     sys.stderr.write(f"lamina-unionfs: error: {msg}\n")
     return 1
@@ -98,6 +112,7 @@ def _daemonize(opts: ServerOptions) -> int:
             if opts.trace != "-":
                 os.dup2(null, 2)
             os.close(null)
+            _log_to_syslog()
 
         from unionfs.core import UnionError
         from unionfs.server import serve
