@@ -11,6 +11,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -466,3 +467,47 @@ def test_overwrite_with_o_trunc_truncates(tmp_path: Path, union_mount: Callable)
     assert (upper / "ten").read_text() == "hi\n"
     (m / "ten").write_text("again")
     assert (m / "ten").read_text() == "again"
+
+
+@root_only
+def test_allow_other_and_default_permissions_check_other_users(tmp_path: Path, union_mount: Callable,
+                                                              request: pytest.FixtureRequest) -> None:
+    lowers, upper, work = make_layers(tmp_path)
+    secret = lowers[0] / "secret"
+    secret.write_text("root only")
+    os.chmod(secret, 0o600)
+    public = Path(tempfile.mkdtemp(prefix="lamina-ao-", dir="/tmp"))  # tmp_path is not reachable by others
+    public.chmod(0o755)
+    request.addfinalizer(lambda: shutil.rmtree(public, ignore_errors=True))
+    m = union_mount(lowers, upper, work, mountpoint=public / "mnt",
+                    options=["allow_other", "default_permissions"]).mountpoint
+
+    def as_nobody(code: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["/usr/bin/python3", "-I", "-c", code], user=65534, group=65534,
+                              capture_output=True, text=True, timeout=30, cwd="/")
+
+    r = as_nobody(f"print(open({str(m / 'etc' / 'hosts')!r}).read(), end='')")
+    assert r.returncode == 0 and r.stdout == "127.0.0.1 top\n", r.stderr
+    r = as_nobody(f"open({str(m / 'secret')!r}).read()")
+    assert r.returncode != 0 and "PermissionError" in r.stderr
+    r = as_nobody(f"open({str(m / 'etc' / 'new')!r}, 'w')")
+    assert r.returncode != 0 and "PermissionError" in r.stderr
+    os.chmod(m / "tree", 0o1777)
+    r = as_nobody(f"open({str(m / 'tree' / 'mine')!r}, 'w').write('x')")
+    assert r.returncode == 0, r.stderr
+    st = os.stat(m / "tree" / "mine")
+    assert (st.st_uid, st.st_gid) == (65534, 65534)  # created as the caller
+    assert os.stat(upper / "tree" / "mine").st_uid == 65534
+
+
+@root_only
+def test_posix_acls_when_asked(tmp_path: Path, union_mount: Callable) -> None:
+    if shutil.which("setfacl") is None:
+        pytest.skip("setfacl is not installed")
+    lowers, upper, work = make_layers(tmp_path)
+    m = union_mount(lowers, upper, work, options=["acl", "default_permissions"]).mountpoint
+    (m / "acl-file").write_text("x")
+    subprocess.run(["setfacl", "-m", "u:65534:r", str(m / "acl-file")], check=True)
+    out = subprocess.run(["getfacl", "-cn", str(m / "acl-file")], capture_output=True, text=True, check=True).stdout
+    assert "user:65534:r--" in out
+    assert "system.posix_acl_access" in os.listxattr(upper / "acl-file")
