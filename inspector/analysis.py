@@ -139,6 +139,21 @@ class LayerReport:
 class StackAnalysis:
     layers: list[LayerReport]
     paths: dict[str, PathHistory]
+    top_is_container: bool = False   # the last layer is a container's upper directory, not an image's
+
+    @property
+    def image_layers(self) -> list[LayerReport]:
+        return self.layers[:-1] if self.top_is_container else self.layers
+
+    @property
+    def container_layer(self) -> LayerReport | None:
+        return self.layers[-1] if self.top_is_container and self.layers else None
+
+    def layer_name(self, index: int) -> str:
+        """``layer 3``, or ``the container layer`` for a container's upper directory."""
+        if self.top_is_container and index == len(self.layers) - 1:
+            return "container layer"
+        return f"layer {index + 1}"
 
     @property
     def total_bytes(self) -> int:
@@ -261,8 +276,10 @@ class _Merged:
         return gone
 
 
-def analyze(layers: Sequence[LayerInput]) -> StackAnalysis:
+def analyze(layers: Sequence[LayerInput], top_is_container: bool = False) -> StackAnalysis:
     """Replay ``layers`` (bottom first) and account for every path and every byte.
+
+    ``top_is_container``: the last directory is a container's upper directory (same format).
 
     Error handling: a missing layer directory raises FileNotFoundError; unreadable entries raise
     the OSError of the walk. Nothing is written.
@@ -332,7 +349,7 @@ def analyze(layers: Sequence[LayerInput]) -> StackAnalysis:
         for copy in h.copies:
             if copy is not shown:
                 reports[copy.layer].wasted += copy.size
-    return StackAnalysis(reports, histories)
+    return StackAnalysis(reports, histories, top_is_container)
 
 
 def clean_instruction(created_by: str) -> str:

@@ -30,13 +30,14 @@ from lamina.errors import ContainerError, ContainerNotFound, ImageNotFound, NotF
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this package's verbs to ``lamina``. Each verb sets ``handler(args) -> int``."""
     p = subparsers.add_parser("which", help="which layer provides a path, what it shadows, who deleted it")
-    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("image", metavar="IMAGE|CONTAINER")
     p.add_argument("path", metavar="PATH")
     p.add_argument("--json", action="store_true", help="print the answer as JSON")
     p.set_defaults(handler=cmd_which)
 
     p = subparsers.add_parser("layers", help="per layer: instruction, size, added/changed/deleted, waste")
-    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("image", metavar="IMAGE|CONTAINER",
+                   help="an image, or a container (its container layer is shown on top)")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--html", metavar="FILE", type=Path, help="also write a self-contained HTML picture")
     out.add_argument("--svg", metavar="FILE", type=Path, help="also write the picture as an SVG file")
@@ -67,26 +68,56 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 @dataclass
 class LoadedImage:
+    """An image's layers, plus a container's upper directory on top when a container was named."""
+
     reference: str
     image: Any               # store.Image
     inputs: list[LayerInput]
+    container: Any = None    # runner.state.Container
+
+    @property
+    def title(self) -> str:
+        if self.container is not None:
+            return f"container {self.container.name} (image {self.container.image})"
+        return f"{self.reference} ({self.image.id[:12]})"
 
 
-def _load_image(root: Path, reference: str) -> LoadedImage:
+def _load_image(root: Path, reference: str, allow_container: bool = True) -> LoadedImage:
+    """Resolve ``reference`` as an image, or else (``allow_container``) as a container."""
     from store import Store
 
-    image = Store.open(root).resolve_image(reference)
+    store = Store.open(root)
+    container = None
+    try:
+        image = store.resolve_image(reference)
+    except ImageNotFound:
+        if not allow_container:
+            raise
+        from runner.state import ContainerStore
+
+        try:
+            container = ContainerStore(root).get(reference)
+        except ContainerNotFound:
+            raise NotFoundError(f"no image or container named {reference}") from None
+        try:
+            image = store.resolve_image(container.image_id)
+        except ImageNotFound:
+            raise ContainerError(f"container {container.name}: its image {container.image_id[:12]} "
+                                 f"is gone") from None
     layers = list(image.layers)
     history = image.config.get("history") or []
     instructions = instructions_for_layers(history, len(layers))
     inputs = [LayerInput(Path(layer.path), layer.diff_id, instruction)
               for layer, instruction in zip(layers, instructions, strict=True)]
-    return LoadedImage(reference, image, inputs)
+    if container is not None:
+        inputs.append(LayerInput(Path(container.upper), f"container:{container.id}",
+                                 f"upperdir of container {container.name} (read-write)"))
+    return LoadedImage(reference, image, inputs, container)
 
 
 def _analyze(loaded: LoadedImage) -> StackAnalysis:
     try:
-        return analyze(loaded.inputs)
+        return analyze(loaded.inputs, top_is_container=loaded.container is not None)
     except FileNotFoundError as e:
         raise NotFoundError(f"{loaded.reference}: {e} (store damaged? re-pull or rebuild the image)") from e
 
@@ -100,13 +131,14 @@ def _short(digest: str) -> str:
 
 def _describe(analysis: StackAnalysis, index: int) -> str:
     layer = analysis.layers[index]
-    return f"layer {index + 1} ({_short(layer.digest)}) {layer.instruction or '(no history)'}"
+    return f"{analysis.layer_name(index)} ({_short(layer.digest)}) {layer.instruction or '(no history)'}"
 
 
 def which_report(analysis: StackAnalysis, h: PathHistory) -> dict[str, Any]:
     def layer_info(index: int) -> dict[str, Any]:
         layer = analysis.layers[index]
-        return {"layer": index + 1, "diff_id": layer.digest, "instruction": layer.instruction}
+        return {"layer": index + 1, "diff_id": layer.digest, "instruction": layer.instruction,
+                **({"container": True} if layer is analysis.container_layer else {})}
 
     return {
         "path": h.path,
@@ -131,16 +163,18 @@ def cmd_which(args: argparse.Namespace) -> int:
         print(json.dumps(which_report(analysis, h), indent=2))
         return 0
 
-    count = len(analysis.layers)
     if h.provider is not None:
-        print(f"{path}: provided by layer {h.provider + 1} of {count}")
+        where = ("the container layer" if analysis.layers[h.provider] is analysis.container_layer
+                 else f"layer {h.provider + 1} of {len(analysis.image_layers)}")
+        print(f"{path}: provided by {where}")
         print(f"  digest       {analysis.layers[h.provider].digest}")
         print(f"  instruction  {analysis.layers[h.provider].instruction or '(no history)'}")
         for copy in reversed(h.lower_copies):
             verb = "merges with" if h.is_dir and copy.is_dir else "shadows"
             print(f"  {verb:<12} {_describe(analysis, copy.layer)}")
     else:
-        print(f"{path}: not in the image (deleted)")
+        what = "container" if analysis.container_layer is not None else "image"
+        print(f"{path}: not in the {what} (deleted)")
         for event in h.deleted_by[-1:]:
             print(f"  {'removed by':<12} {_describe(analysis, event.layer)}: {_removal(analysis, event)}")
     print("  history:")
@@ -148,7 +182,7 @@ def cmd_which(args: argparse.Namespace) -> int:
     for event in h.events:
         layer = analysis.layers[event.layer]
         how = f"  [{_removal(analysis, event)}]" if event.cause or event.event is Event.DELETED else ""
-        print(f"    layer {event.layer + 1} ({_short(layer.digest)})  {event.event.value:<{width}}  "
+        print(f"    {analysis.layer_name(event.layer)} ({_short(layer.digest)})  {event.event.value:<{width}}  "
               f"{layer.instruction or '(no history)'}{how}")
     return 0
 
@@ -168,7 +202,8 @@ def _removal(analysis: StackAnalysis, event: PathEvent) -> str:
 def layers_table(analysis: StackAnalysis) -> list[str]:
     rows = [("#", "DIFF ID", "SIZE", "ADDED", "CHANGED", "DELETED", "WASTED", "INSTRUCTION")]
     for layer in reversed(analysis.layers):
-        rows.append((str(layer.index + 1), _short(layer.digest), human_size(layer.size), str(layer.added),
+        number = "C" if layer is analysis.container_layer else str(layer.index + 1)
+        rows.append((number, _short(layer.digest), human_size(layer.size), str(layer.added),
                      str(layer.changed), str(layer.deleted), human_size(layer.wasted),
                      layer.instruction or "(no history)"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
@@ -191,15 +226,15 @@ def _write_output(path: Path, text: str) -> None:
 def cmd_layers(args: argparse.Namespace) -> int:
     loaded = _load_image(args.root, args.image)
     analysis = _analyze(loaded)
-    title = f"{args.image} ({loaded.image.id[:12]})"
     if args.html:
-        _write_output(args.html, render_html(analysis, title))
+        _write_output(args.html, render_html(analysis, loaded.title))
     if args.svg:
-        _write_output(args.svg, render_svg(analysis, title))
+        _write_output(args.svg, render_svg(analysis, loaded.title))
     if args.json:
         print(json.dumps({
             "image": loaded.image.id,
-            "layers": [{"layer": layer.index + 1, "diff_id": layer.digest, "instruction": layer.instruction,
+            "container": loaded.container.id if loaded.container is not None else None,
+            "layers": [{"layer": layer.index + 1, "container": layer is analysis.container_layer, "diff_id": layer.digest, "instruction": layer.instruction,
                         "size": layer.size, "added": layer.added, "changed": layer.changed,
                         "deleted": layer.deleted, "wasted": layer.wasted, "whiteouts": layer.whiteouts,
                         "opaque_dirs": layer.opaque_dirs} for layer in analysis.layers],

@@ -96,13 +96,40 @@ def _layer_band(layer: LayerReport, count: int, y: int, height: int) -> str:
     return "\n".join(parts)
 
 
+def _container_band(container: LayerReport | None, y: int, height: int) -> str:
+    base = (f'<g class="band container-layer"><title>container layer: the writable upper directory a '
+            f'container adds</title><rect x="{MARGIN}" y="{y}" width="{WIDTH - 2 * MARGIN}" '
+            f'height="{height}" rx="4" fill="#ffffff" stroke="#667" stroke-dasharray="6 4"/>')
+    if container is None:
+        return (base + f'<text x="{MARGIN + 10}" y="{y + 25}" class="title">container layer (upperdir, '
+                f"read-write; empty until a container writes: copy-up lands here)</text></g>")
+    counts = f"+{container.added} added  ~{container.changed} changed  -{container.deleted} deleted"
+    parts = [base,
+             f'<text x="{MARGIN + 10}" y="{y + 20}" class="title">'
+             f"{escape(_short(container.instruction, 80))}</text>",
+             f'<text x="{WIDTH - MARGIN - 10}" y="{y + 20}" class="size" text-anchor="end">'
+             f"{escape(human_size(container.size))}</text>",
+             f'<text x="{MARGIN + 10}" y="{y + height - 9}" class="meta">{escape(counts)}</text>']
+    if container.whiteouts:
+        listed = ", ".join(container.whiteouts[:MAX_LISTED])
+        more = f" and {len(container.whiteouts) - MAX_LISTED} more" if len(container.whiteouts) > MAX_LISTED else ""
+        parts.append(f'<text x="{WIDTH - MARGIN - 10}" y="{y + height - 9}" text-anchor="end" class="marks">'
+                     f'<tspan class="whiteout">✕ whiteout: {escape(_short(listed, 60) + more)}</tspan></text>')
+    parts.append("</g>")
+    return "".join(parts)
+
+
 def render_svg(analysis: StackAnalysis, title: str = "") -> str:
-    """A standalone SVG of the stack; one ``<g class="band layer">`` per layer, bottom drawn last."""
-    heights = [band_height(layer.size) for layer in analysis.layers]
+    """A standalone SVG of the stack; one ``<g class="band layer">`` per image layer, bottom drawn
+    last, under one ``<g class="band container-layer">`` (the container's, or an empty one)."""
+    layers = analysis.image_layers
+    container = analysis.container_layer
+    heights = [band_height(layer.size) for layer in layers]
+    container_height = band_height(container.size) if container is not None else CONTAINER_BAND
     header = 54
     footer = 30
-    total_height = header + CONTAINER_BAND + GAP + sum(h + GAP for h in heights) + footer
-    count = len(analysis.layers)
+    total_height = header + container_height + GAP + sum(h + GAP for h in heights) + footer
+    count = len(layers)
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{total_height}" '
         f'viewBox="0 0 {WIDTH} {total_height}" font-family="DejaVu Sans, Helvetica, Arial, sans-serif" '
@@ -113,20 +140,16 @@ def render_svg(analysis: StackAnalysis, title: str = "") -> str:
         ".heading{font-size:16px;font-weight:bold;fill:#111}</style>",
         f'<rect width="{WIDTH}" height="{total_height}" fill="#fbfbf8"/>',
         f'<text x="{MARGIN}" y="24" class="heading">{escape(title or "image layers")}</text>',
-        f'<text x="{MARGIN}" y="44" class="caption">{count} layers, '
+        f'<text x="{MARGIN}" y="44" class="caption">{count} image layer{"" if count == 1 else "s"}'
+        f'{" + the container layer" if container is not None else ""}, '
         f"{escape(human_size(analysis.total_bytes))} in layers, "
         f"{escape(human_size(analysis.wasted_bytes))} wasted, efficiency "
         f"{percent(analysis.efficiency)}  (top = newest; band height ~ log of bytes)</text>",
     ]
     y = header
-    out.append(
-        f'<g class="band container-layer"><title>container layer: the writable upper directory a '
-        f'container adds</title><rect x="{MARGIN}" y="{y}" width="{WIDTH - 2 * MARGIN}" '
-        f'height="{CONTAINER_BAND}" rx="4" fill="#ffffff" stroke="#667" stroke-dasharray="6 4"/>'
-        f'<text x="{MARGIN + 10}" y="{y + 25}" class="title">container layer (upperdir, read-write; '
-        f"empty until a container writes: copy-up lands here)</text></g>")
-    y += CONTAINER_BAND + GAP
-    for layer, height in zip(reversed(analysis.layers), reversed(heights), strict=True):
+    out.append(_container_band(container, y, container_height))
+    y += container_height + GAP
+    for layer, height in zip(reversed(layers), reversed(heights), strict=True):
         out.append(_layer_band(layer, count, y, height))
         y += height + GAP
     out.append(f'<text x="{MARGIN}" y="{y + 18}" class="caption">image layers are lowerdirs '
@@ -151,11 +174,12 @@ def render_html(analysis: StackAnalysis, title: str) -> str:
     """A self-contained page: the SVG stack, then a table with every layer's figures."""
     rows = []
     for layer in reversed(analysis.layers):
+        number = "C" if layer is analysis.container_layer else str(layer.index + 1)
         deleted = "<br>".join(escape(p) for p in layer.whiteouts[:20])
         if len(layer.whiteouts) > 20:
             deleted += f"<br>… {len(layer.whiteouts) - 20} more"
         rows.append(
-            f'<tr class="layer-row"><td class="num">{layer.index + 1}</td>'
+            f'<tr class="layer-row"><td class="num">{number}</td>'
             f"<td><code>{escape(layer.instruction or '(no history)')}</code></td>"
             f'<td class="num">{escape(human_size(layer.size))}</td><td class="num">{layer.added}</td>'
             f'<td class="num">{layer.changed}</td><td class="num">{layer.deleted}</td>'

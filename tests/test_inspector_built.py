@@ -117,5 +117,20 @@ def test_mount_a_container_read_only_and_rw(built: Path, tmp_path: Path) -> None
     diff = lamina(built, "diff", "c1").stdout.splitlines()
     assert "A /added-later" in diff and "A /hello" in diff and "D /etc/group" in diff
 
+    which = lamina(built, "which", "c1", "/hello").stdout
+    assert which.splitlines()[0] == "/hello: provided by the container layer"
+    group = lamina(built, "which", "c1", "/etc/group").stdout
+    assert "not in the container (deleted)" in group and "removed by   container layer" in group
+    data = json.loads(lamina(built, "layers", "c1", "--json").stdout)
+    top = data["layers"][-1]
+    assert top["container"] is True and len(data["layers"]) == 5
+    assert (top["added"], top["changed"], top["deleted"]) == (2, 1, 1)      # hello + added-later, passwd, group
+    assert top["whiteouts"] == ["/etc/group"]
+    page = tmp_path / "c1.html"
+    lamina(built, "layers", "c1", "--html", str(page))
+    html = page.read_text()
+    assert html.count('class="band layer"') == 4 and html.count('class="band container-layer"') == 1
+    assert "upperdir of container c1" in html and "whiteout: /etc/group" in html
+
     upto = lamina(built, "mount", "--upto", "2", "c1", check=False)
     assert upto.returncode == 125 and "--upto applies to images" in upto.stderr
