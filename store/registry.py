@@ -85,6 +85,10 @@ class Readable(Protocol):
     def tell(self) -> int: ...
 
 
+class TransientRegistryError(RegistryError):
+    """A failure worth retrying: a dropped connection, a timeout, 429 or a 502/503/504."""
+
+
 @dataclass
 class _Challenge:
     scheme: str  # "basic" or "bearer"
@@ -234,11 +238,14 @@ class RegistryClient:
                 if attempt == 1 and reused:
                     log.debug("connection to %s went stale, reconnecting", parts.netloc)
                     continue
-                raise RegistryError(f"{method} {url}: connection lost: {e}") from None
+                raise TransientRegistryError(f"{method} {url}: connection lost: {e}") from None
             except ssl.SSLCertVerificationError as e:
                 self.close()
                 raise RegistryError(f"{method} {url}: TLS certificate not trusted ({e.verify_message}); "
                                     "use --tls-verify=false for a registry without a trusted certificate") from None
+            except TimeoutError:
+                self.close()
+                raise TransientRegistryError(f"{method} {url}: timed out after {self.timeout:g} s") from None
             except (OSError, http.client.HTTPException) as e:
                 self.close()
                 raise RegistryError(f"{method} {url}: {e}") from None
@@ -405,8 +412,9 @@ class RegistryClient:
                 return RegistryError(f"{what} on {self.registry}: credentials refused"
                                      f"{' (' + detail + ')' if detail else ''}")
             return RegistryError(f"{self.registry}: authentication required (--creds USER:PASS or lamina login)")
-        return RegistryError(f"{what} on {self.registry}: {response.status} {response.reason}"
-                             f"{': ' + _error_text(body) if body else ''}")
+        error_type = TransientRegistryError if response.status in (429, 502, 503, 504) else RegistryError
+        return error_type(f"{what} on {self.registry}: {response.status} {response.reason}"
+                          f"{': ' + _error_text(body) if body else ''}")
 
     # ----- manifests -----
 
@@ -518,8 +526,11 @@ class RegistryClient:
                     try:
                         chunk = response.read(READ_SIZE)
                     except (OSError, http.client.HTTPException) as e:
-                        raise RegistryError(f"GET blob {digest}: download interrupted: {e}") from None
+                        raise TransientRegistryError(f"GET blob {digest}: download interrupted: {e}") from None
                     if not chunk:
+                        if response.length:  # http.client returns short reads when the peer hangs up
+                            raise TransientRegistryError(f"GET blob {digest}: connection closed after {received} "
+                                                         f"bytes, {response.length} missing")
                         break
                     received += len(chunk)
                     if limit is not None and received > limit:

@@ -14,19 +14,22 @@ registry records is the digest lamina knows.
 from __future__ import annotations
 
 import argparse
+import functools
 import getpass
 import json
 import logging
 import os
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import TextIO, TypeVar
 
 from lamina.errors import RegistryError, UsageError
 from store.layer_unpack import Limits
 from store.progress import ProgressBar
 from store.reference import DEFAULT_REGISTRY, Reference
-from store.registry import RegistryClient
+from store.registry import RegistryClient, TransientRegistryError
 from store.registry_auth import lookup_credentials, parse_creds, remove_credentials, store_credentials
 from store.registry_manifest import (
     DOCKER_MANIFEST,
@@ -126,6 +129,29 @@ def _open_store(root: Path) -> Store:
 # ----- pull -----
 
 
+T = TypeVar("T")
+
+# A dropped connection or a busy registry is retried this many times, after 1, 2, 4... seconds.
+RETRIES = 3
+RETRY_DELAY = 1.0
+
+
+def retrying(what: str, bar: ProgressBar | None, action: Callable[[], T]) -> T:
+    """``action()``, retried after a :class:`TransientRegistryError` (the bar restarts from zero)."""
+    for attempt in range(RETRIES + 1):
+        try:
+            return action()
+        except TransientRegistryError as e:
+            if attempt == RETRIES:
+                raise
+            delay = RETRY_DELAY * 2 ** attempt
+            log.info("%s failed (%s); retrying in %g s", what, e, delay)
+            if bar is not None:
+                bar.done = 0
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
 def pull_image(store: Store, ref: Reference, client: RegistryClient, progress: Progress,
                platform: Platform | None = None) -> Image:
     """Download ``ref`` into ``store`` (only the blobs it lacks) and record it; returns the Image.
@@ -163,7 +189,9 @@ def pull_image(store: Store, ref: Reference, client: RegistryClient, progress: P
     if store.has_blob(config_digest):
         config_bytes = store.blob_path(config_digest).read_bytes()
     else:
-        config_bytes = client.fetch_small_blob(repository, config_digest, tmp_dir, size=config_desc["size"])
+        config_bytes = retrying(f"download of config {config_digest[7:19]}", None,
+                                functools.partial(client.fetch_small_blob, repository, config_digest, tmp_dir,
+                                                  size=config_desc["size"]))
     _check_config(ref, config_bytes, len(layers))
 
     # Everything is downloaded and verified before anything enters the store: a registry that lies
@@ -177,7 +205,9 @@ def pull_image(store: Store, ref: Reference, client: RegistryClient, progress: P
                 progress.line(f"{label} skipped: already exists")
                 continue
             bar = progress.bar(label, size)
-            downloaded.append((digest, client.fetch_blob(repository, digest, tmp_dir, size=size, progress=bar)))
+            path = retrying(f"download of {digest[7:19]}", bar,
+                            functools.partial(client.fetch_blob, repository, digest, tmp_dir, size=size, progress=bar))
+            downloaded.append((digest, path))
             bar.finish("done")
         progress.line(f"Copying config {config_digest[7:19]} done")
         progress.line("Writing manifest to image destination")
@@ -269,7 +299,8 @@ def push_image(store: Store, image: Image, dest: Reference, client: RegistryClie
             continue
         mount_from = next((r for r in locations.repositories(dest.registry, digest) if r != repository), None)
         bar = progress.bar(label, path.stat().st_size)
-        client.upload_blob(repository, digest, path, mount_from=mount_from, progress=bar)
+        retrying(f"upload of {digest[7:19]}", bar,
+                 functools.partial(client.upload_blob, repository, digest, path, mount_from=mount_from, progress=bar))
         bar.finish("done")
     progress.line("Writing manifest to image destination")
     digest = client.put_manifest(repository, dest.tag or dest.digest or "latest", manifest_bytes, media_type)

@@ -422,7 +422,8 @@ class FakeRegistry:
     overrides the Docker-Content-Digest header. ``redirect_blobs`` answers blob GETs with a 307 to
     ``http://localhost:PORT/blobstore/DIGEST`` (another host name, like a CDN). ``stall_after=N`` sends
     the first N bytes of every larger blob, sets ``stalled`` and waits for ``release`` (at most 30 s), for
-    tests that kill a client mid-download. With ``bearer`` set, every ``/v2/`` request needs a
+    tests that kill a client mid-download. The first ``failing_blob_gets`` blob GETs fail: with a 503
+    (``failure="503"``) or by closing the connection half way (``failure="truncate"``). With ``bearer`` set, every ``/v2/`` request needs a
     token from the token server (which wants basic credentials ``token_user:token_password`` if set).
     """
 
@@ -433,6 +434,8 @@ class FakeRegistry:
     bearer: bool = False
     redirect_blobs: bool = False
     stall_after: int | None = None
+    failing_blob_gets: int = 0
+    failure: str = "503"
     stalled: threading.Event = field(default_factory=threading.Event)
     release: threading.Event = field(default_factory=threading.Event)
     token_user: str | None = None
@@ -543,6 +546,17 @@ class FakeRegistry:
                         self._send(307, b"", {"Location": f"http://localhost:{fake.port}/blobstore/{ref}"})
                         return
                     data = fake.blob_override.get(ref, fake.blobs[ref])
+                    if fake.failing_blob_gets > 0 and self.command == "GET":
+                        fake.failing_blob_gets -= 1
+                        if fake.failure == "503":
+                            self._send(503, b'{"errors":[{"code":"UNAVAILABLE","message":"try later"}]}')
+                            return
+                        self.send_response(200)
+                        self.send_header("Content-Length", str(len(data)))
+                        self.end_headers()
+                        self.wfile.write(data[: len(data) // 2])
+                        self.close_connection = True
+                        return
                     if fake.stall_after is not None and self.command == "GET" and len(data) > fake.stall_after:
                         self.send_response(200)
                         self.send_header("Content-Length", str(len(data)))

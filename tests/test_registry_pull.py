@@ -439,3 +439,28 @@ def test_pull_api_for_other_packages(tmp_path: Path) -> None:
         image = pull(store, f"docker://{fake.address}/api/img:1", tls_verify=False)
     assert image.id == digest_of(config)[7:]
     assert store.resolve_image(f"{fake.address}/api/img:1").id == image.id
+
+
+@pytest.mark.parametrize("failure", ["503", "truncate"])
+def test_transient_failures_are_retried(tmp_path: Path, failure: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lamina.errors import RegistryError
+    from store import registry_commands
+
+    monkeypatch.setattr(registry_commands, "RETRY_DELAY", 0.0)
+    fake = FakeRegistry(failing_blob_gets=2, failure=failure)
+    layer = layer_blob({"etc/flaky": os.urandom(4096)})
+    config, _ = fake.add_image("flaky/img", "1", [layer])
+    store = open_store(tmp_path / "root")
+    with fake.serve():
+        image = registry_commands.pull(store, f"{fake.address}/flaky/img:1", tls_verify=False)
+        assert image.id == digest_of(config)[7:]
+        blob_gets = [path for method, path, _ in fake.requests if method == "GET" and "/blobs/" in path]
+        assert len(blob_gets) == 2 + 2  # the config and the layer, and two failed attempts
+
+        # A registry that keeps failing: the error after the last retry.
+        fake.add_image("flaky/two", "1", [layer_blob({"etc/other": b"other"})])
+        fake.failing_blob_gets = 10 * (registry_commands.RETRIES + 1)
+        with pytest.raises(RegistryError, match="503 Service Unavailable|connection closed after"):
+            registry_commands.pull(store, f"{fake.address}/flaky/two:1", tls_verify=False)
+        assert fake.failing_blob_gets == 9 * (registry_commands.RETRIES + 1)
+    assert list((tmp_path / "root" / "tmp").glob("*.pull")) == []
