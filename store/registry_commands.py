@@ -230,7 +230,8 @@ def _check_config(ref: Reference, config_bytes: bytes, layer_count: int) -> None
         config = json.loads(config_bytes)
     except (ValueError, UnicodeDecodeError):
         raise RegistryError(f"{ref}: the image config is not valid JSON") from None
-    diff_ids = config.get("rootfs", {}).get("diff_ids") if isinstance(config, dict) else None
+    rootfs = config.get("rootfs") if isinstance(config, dict) else None
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
     if not isinstance(diff_ids, list) or len(diff_ids) != layer_count:
         raise RegistryError(f"{ref}: the config lists {len(diff_ids) if isinstance(diff_ids, list) else 'no'} "
                             f"diff_ids for {layer_count} layers")

@@ -464,3 +464,25 @@ def test_transient_failures_are_retried(tmp_path: Path, failure: str, monkeypatc
             registry_commands.pull(store, f"{fake.address}/flaky/two:1", tls_verify=False)
         assert fake.failing_blob_gets == 9 * (registry_commands.RETRIES + 1)
     assert list((tmp_path / "root" / "tmp").glob("*.pull")) == []
+
+
+def test_malformed_configs_are_refused_cleanly(tmp_path: Path) -> None:
+    """Each is a RegistryError (one line from the CLI), never another exception."""
+    from lamina.errors import RegistryError
+    from store.registry_commands import pull
+
+    layer = layer_blob({"a": b"a"})
+    fake = FakeRegistry()
+    _, manifest = fake.add_image("bad/config", "ok", [layer])
+    store = open_store(tmp_path / "root")
+    configs = [b"not json", b"[]", b'{"rootfs": "x"}', b'{"rootfs": {"diff_ids": []}}',
+               b'{"rootfs": {"diff_ids": ["sha256:../x"]}}']
+    for i, config in enumerate(configs):
+        doc = json.loads(manifest)
+        doc["config"] = dict(doc["config"], digest=fake.add_blob(config), size=len(config))
+        fake.add_manifest("bad/config", str(i), OCI_MANIFEST, json.dumps(doc).encode())
+    with fake.serve():
+        for i in range(len(configs)):
+            with pytest.raises(RegistryError, match="config|diff_id"):
+                pull(store, f"{fake.address}/bad/config:{i}", tls_verify=False)
+    assert store.images() == []
