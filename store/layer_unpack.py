@@ -502,12 +502,19 @@ def _ns(mtime: float) -> int:
 
 
 @contextlib.contextmanager
-def _plain_tar(source: BinaryIO | Path, tmp_dir: Path, limits: Limits,
-               progress: Progress | None) -> Iterator[tuple[Path, str, int, str | None]]:
+def _plain_tar(source: BinaryIO | Path, tmp_dir: Path, limits: Limits, progress: Progress | None,
+               known_digest: str | None = None) -> Iterator[tuple[Path, str, int, str | None]]:
     tmp_dir.mkdir(parents=True, exist_ok=True)
     if isinstance(source, Path):
         with open(source, "rb") as f:
             if detect(f.read(6)) is None:
+                if known_digest is not None:
+                    # A content-addressed blob, verified when it entered the store: no second hash.
+                    size = os.fstat(f.fileno()).st_size
+                    if size > limits.max_total_bytes:
+                        raise LayerError(f"layer is larger than the limit of {limits.max_total_bytes} bytes")
+                    yield source, known_digest, size, None
+                    return
                 # Already a plain tar on disk (a stored blob, an uncompressed archive member):
                 # hash it in place instead of copying it.
                 f.seek(0)
@@ -532,16 +539,19 @@ def _plain_tar(source: BinaryIO | Path, tmp_dir: Path, limits: Limits,
 
 
 def unpack_layer(source: BinaryIO | Path, dest: Path, tmp_dir: Path, limits: Limits | None = None,
-                 expected_diff_id: str | None = None, progress: Progress | None = None) -> UnpackResult:
+                 expected_diff_id: str | None = None, progress: Progress | None = None,
+                 source_digest: str | None = None) -> UnpackResult:
     """Unpack a layer tar into the new directory ``dest`` (which must not exist).
 
     Resource handling: creates ``dest`` and a temporary plain tar in ``tmp_dir``; the temporary file
     is always removed, and ``dest`` is removed when anything fails.
+    ``source_digest``: the known sha256 of ``source`` when it is a verified store blob (a plain
+    tar's digest is its diff_id, so it need not be hashed again).
     Error handling: a hostile or malformed tar raises :class:`LayerError` naming the entry; a
     diff_id other than ``expected_diff_id`` raises :class:`LayerError` before anything is created.
     """
     limits = limits or Limits()
-    with _plain_tar(source, tmp_dir, limits, progress) as (plain, diff_id, size, kind):
+    with _plain_tar(source, tmp_dir, limits, progress, source_digest) as (plain, diff_id, size, kind):
         if expected_diff_id is not None and diff_id != expected_diff_id:
             raise LayerError(f"layer content does not match its diff_id: expected {expected_diff_id}, "
                              f"got {diff_id}")

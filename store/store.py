@@ -272,7 +272,8 @@ class Store:
             work.mkdir(parents=True)
             try:
                 result = unpack_layer(self.blobs.path(blob_digest), work / "diff", self.tmp_dir, Limits(),
-                                      expected_diff_id=expected_diff_id, progress=progress)
+                                      expected_diff_id=expected_diff_id, progress=progress,
+                                      source_digest=blob_digest)
                 info = {"diff_id": result.diff_id, "size": result.tar_size, "created": now_rfc3339()}
                 (work / "layer.json").write_bytes(canonical_json(info))
                 final = self.layers_dir / digest_hex(result.diff_id)
