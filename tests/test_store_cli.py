@@ -240,3 +240,20 @@ def test_inspect_finds_containers_and_rmi_respects_them(lamina_cmd: Cli, tmp_pat
     lamina_cmd("rm", "keeper")
     assert "Deleted: " + image_id in lamina_cmd("rmi", "lamina/busybox").stdout
     assert lamina_cmd("images", "-q").stdout == ""
+
+
+@pytest.mark.parametrize("seconds, text", [
+    (0.5, "Less than a second"), (1, "1 second"), (42, "42 seconds"), (90, "About a minute"),
+    (120, "2 minutes"), (3600, "About an hour"), (3 * 3600, "3 hours"), (3 * 86400, "3 days"),
+    (20 * 86400, "2 weeks"), (100 * 86400, "3 months"), (800 * 86400, "2 years"),
+])
+def test_human_duration_like_docker(seconds: float, text: str) -> None:
+    from store.commands import human_duration
+
+    assert human_duration(seconds) == text
+
+
+def test_human_size_like_docker() -> None:
+    from store.progress import human_size
+
+    assert [human_size(n) for n in (0, 999, 1000, 2_140_160, 5.5e9)] == ["0B", "999B", "1kB", "2.14MB", "5.5GB"]
