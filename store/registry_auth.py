@@ -79,7 +79,8 @@ def lookup_credentials(registry: str) -> tuple[str, str] | None:
             continue
         for key in _keys(registry):
             entry = auths.get(key)
-            if isinstance(entry, dict) and isinstance(entry.get("auth"), str):
+            # An empty "auth" is how docker marks credentials kept by a helper we do not run.
+            if isinstance(entry, dict) and isinstance(entry.get("auth"), str) and entry["auth"]:
                 try:
                     user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
                 except (ValueError, UnicodeDecodeError):

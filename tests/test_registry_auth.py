@@ -49,6 +49,10 @@ def test_reads_podman_home_file_and_docker_hub_aliases(auth_env: Path) -> None:
     home_file.parent.mkdir(parents=True)
     home_file.write_text(json.dumps({"auths": {"index.docker.io": {"auth": base64.b64encode(b"u:p").decode()}}}))
     assert lookup_credentials("docker.io") == ("u", "p")
+    docker_file = auth_env / "home" / ".docker" / "config.json"
+    docker_file.parent.mkdir(parents=True)
+    docker_file.write_text(json.dumps({"auths": {"quay.io": {}, "ghcr.io": {"auth": ""}}, "credsStore": "desktop"}))
+    assert lookup_credentials("quay.io") is None and lookup_credentials("ghcr.io") is None
 
 
 def test_malformed_auth_file_is_one_line_error(auth_env: Path) -> None:
