@@ -64,6 +64,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BUILD_COMMENT = "lamina build"
+# Where a RUN step of a single-id build finds its APT configuration (a tmpfs, never in a layer).
+APT_CONFIG_PATH = "/dev/lamina-apt.conf"
 
 
 @dataclass
@@ -418,6 +420,18 @@ class Builder:
             script.chmod(0o755)
             scripts.chmod(0o755)
             mounts.append(Mount(target="/dev/pipes", source=scripts, readonly=True))
+        env = state.scope.run_environment()
+        if _single_id_mapping() and "APT_CONFIG" not in env:
+            # With only one id mapped, APT's privilege drop to _apt (setgroups/seteuid) cannot work
+            # and apt-get fails. Tell APT not to sandbox, through a config file mounted for this step
+            # only (the image is not changed; its own apt.conf is still read through #include).
+            apt_conf = tmp / "apt.conf"
+            apt_conf.write_text('APT::Sandbox::User "root";\n'
+                                + ('#include "/etc/apt/apt.conf";\n'
+                                   if state.view().lookup("/etc/apt/apt.conf") else ""))
+            apt_conf.chmod(0o644)
+            mounts.append(Mount(target=APT_CONFIG_PATH, source=apt_conf, readonly=True))
+            env["APT_CONFIG"] = APT_CONFIG_PATH
         capture = None
         if self.out.quiet:
             capture = open(tmp / "output", "w+b")
@@ -426,7 +440,7 @@ class Builder:
                 argv=list(inst.argv),
                 lowers=[layer.path for layer in reversed(state.layers)],
                 upper=upper, work=work,
-                env=state.scope.run_environment(),
+                env=env,
                 cwd=state.image.workdir,
                 user=state.image.user or "0",
                 network="none" if inst.network == "none" else "host",
@@ -761,6 +775,15 @@ def _view_glob(view: LayerView, pattern: str) -> list[Any]:
     if not result:
         raise BuildError(f"{pattern!r}: no source files were specified (nothing matches)")
     return result
+
+
+def _single_id_mapping() -> bool:
+    """True for an unprivileged user without subordinate ids (only container root is mapped)."""
+    if os.geteuid() == 0:
+        return False
+    from runner.idmap import current_mapping
+
+    return current_mapping().single
 
 
 def _finish_upper(store: Store, lowers: list[Path], upper: Path, work: Path,
