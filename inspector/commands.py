@@ -23,7 +23,7 @@ from inspector.analysis import (
     instructions_for_layers,
     normalize,
 )
-from inspector.render import human_size, percent, render_html, render_svg
+from inspector.render import human_size, percent, printable, render_html, render_svg
 from lamina.errors import ContainerError, ContainerNotFound, ImageNotFound, NotFoundError, UsageError
 
 
@@ -122,6 +122,11 @@ def _analyze(loaded: LoadedImage) -> StackAnalysis:
         raise NotFoundError(f"{loaded.reference}: {e} (store damaged? re-pull or rebuild the image)") from e
 
 
+def _out(line: str) -> None:
+    """Print one line of a report; names from layers may hold bytes a terminal must not see raw."""
+    print(printable(line))
+
+
 def _short(digest: str) -> str:
     return digest.split(":", 1)[-1][:12]
 
@@ -166,23 +171,23 @@ def cmd_which(args: argparse.Namespace) -> int:
     if h.provider is not None:
         where = ("the container layer" if analysis.layers[h.provider] is analysis.container_layer
                  else f"layer {h.provider + 1} of {len(analysis.image_layers)}")
-        print(f"{path}: provided by {where}")
-        print(f"  digest       {analysis.layers[h.provider].digest}")
-        print(f"  instruction  {analysis.layers[h.provider].instruction or '(no history)'}")
+        _out(f"{path}: provided by {where}")
+        _out(f"  digest       {analysis.layers[h.provider].digest}")
+        _out(f"  instruction  {analysis.layers[h.provider].instruction or '(no history)'}")
         for copy in reversed(h.lower_copies):
             verb = "merges with" if h.is_dir and copy.is_dir else "shadows"
-            print(f"  {verb:<12} {_describe(analysis, copy.layer)}")
+            _out(f"  {verb:<12} {_describe(analysis, copy.layer)}")
     else:
         what = "container" if analysis.container_layer is not None else "image"
-        print(f"{path}: not in the {what} (deleted)")
+        _out(f"{path}: not in the {what} (deleted)")
         for event in h.deleted_by[-1:]:
-            print(f"  {'removed by':<12} {_describe(analysis, event.layer)}: {_removal(analysis, event)}")
+            _out(f"  {'removed by':<12} {_describe(analysis, event.layer)}: {_removal(analysis, event)}")
     print("  history:")
     width = max(len(e.event.value) for e in h.events)
     for event in h.events:
         layer = analysis.layers[event.layer]
         how = f"  [{_removal(analysis, event)}]" if event.cause or event.event is Event.DELETED else ""
-        print(f"    {analysis.layer_name(event.layer)} ({_short(layer.digest)})  {event.event.value:<{width}}  "
+        _out(f"    {analysis.layer_name(event.layer)} ({_short(layer.digest)})  {event.event.value:<{width}}  "
               f"{layer.instruction or '(no history)'}{how}")
     return 0
 
@@ -243,7 +248,8 @@ def cmd_layers(args: argparse.Namespace) -> int:
             "efficiency": analysis.efficiency,
         }, indent=2))
     else:
-        print("\n".join(layers_table(analysis)))
+        for line in layers_table(analysis):
+            _out(line)
     return 0
 
 
@@ -343,7 +349,7 @@ def _list_mounts(root: Path) -> None:
                      str(state.pid), state.mountpoint))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1])
+        _out("  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1])
 
 
 def cmd_umount(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ directories says so.
 from __future__ import annotations
 
 import math
-from html import escape
+from html import escape as _html_escape
 
 from inspector.analysis import LayerReport, StackAnalysis
 
@@ -25,6 +25,31 @@ BAND_PER_DECADE = 14    # px added per factor of 10 in bytes
 GAP = 4
 CONTAINER_BAND = 40
 MAX_LISTED = 3          # whiteout paths named in a band before "and N more"
+
+
+def printable(text: str) -> str:
+    """Text safe for a terminal, HTML and XML alike.
+
+    File names in a layer are bytes: undecodable ones arrive as surrogate escapes, and a name may
+    hold control characters (even a newline). Both are shown as ``\\xNN``, so a hostile layer can
+    neither break the page's XML nor move a terminal's cursor.
+    """
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:          # an undecodable byte (surrogateescape)
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif code < 0x20 or code == 0x7F or 0xD800 <= code <= 0xDFFF:
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def escape(text: str) -> str:
+    return _html_escape(printable(text))
 
 
 def human_size(n: int) -> str:

@@ -135,3 +135,32 @@ def test_page_renders_in_headless_chromium(tmp_path: Path) -> None:
     assert dom.stdout.count('class="band layer"') == 3
     assert dom.stdout.count('class="band container-layer"') == 1
     assert "RUN rm /etc/motd" in dom.stdout
+
+
+def test_hostile_names_stay_valid_xml_and_terminal_safe(tmp_path: Path) -> None:
+    import xml.etree.ElementTree as ET
+
+    from inspector.render import printable
+
+    layer1, layer2 = tmp_path / "l1", tmp_path / "l2"
+    for name in (b"bad\xff", b"new\nline", b"ctl\x01", b"esc\x1b[2J"):
+        (layer1 / "d").mkdir(parents=True, exist_ok=True)
+        with open(os.path.join(os.fsencode(layer1 / "d"), name), "wb") as f:
+            f.write(b"x")
+        (layer2 / "d").mkdir(parents=True, exist_ok=True)
+        fd = os.open(layer2 / "d", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            ondisk.make_whiteout(fd, os.fsdecode(name))
+        finally:
+            os.close(fd)
+    analysis = analyze([LayerInput(layer1, "sha256:" + "1" * 64, "RUN printf 'a\\nb'\n&& echo \x1b[31m"),
+                        LayerInput(layer2, "sha256:" + "2" * 64, "RUN rm -rf /d/*")])
+    assert sorted(analysis.layers[1].whiteouts) == sorted(
+        "/d/" + os.fsdecode(n) for n in (b"bad\xff", b"new\nline", b"ctl\x01", b"esc\x1b[2J"))
+    svg = render_svg(analysis, "hostile")
+    ET.fromstring(svg)                                   # parses: no raw control characters
+    assert "\x1b" not in svg and "\x01" not in svg and "/d/bad\\xff" in svg
+    html = render_html(analysis, "hostile")
+    html.encode("utf-8")                                 # no lone surrogates left
+    assert printable("a\nb\x1b[0m\udcff") == "a\\x0ab\\x1b[0m\\xff"
+    assert printable("ok – ünïcode") == "ok – ünïcode"
