@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import re
 import shutil
 import sys
@@ -17,7 +18,7 @@ from typing import Any
 
 from lamina.errors import ContainerNotFound, ImageNotFound, LaminaError, StoreError, UsageError
 from store.archive import DOCKER_ARCHIVE, OCI_ARCHIVE, SaveItem, load, save
-from store.blobs import CHUNK, temp_name
+from store.blobs import CHUNK, remove_tree, temp_name
 from store.importer import import_tarball
 from store.progress import human_size
 from store.reference import Reference
@@ -448,6 +449,15 @@ def cmd_system_prune(args: argparse.Namespace) -> int:
             store.delete_image(image)
             print(f"Deleted image: sha256:{image.id}")
             removed += 1
+        if args.all:
+            # The builder's step entries pin their layers; with -a they go too (the next build
+            # recomputes them). RUN --mount=type=cache directories are kept.
+            steps = args.root / "build-cache" / "steps"
+            if steps.exists():
+                doomed = temp_name(store.tmp_dir, "doomed")
+                os.rename(steps, doomed)
+                remove_tree(doomed)
+                print("Deleted build cache step entries")
         n_blobs, n_layers, freed = store.gc()
     print(f"Deleted {removed} images, {n_layers} layers, {n_blobs} blobs")
     print(f"Total reclaimed space: {human_size(freed)}")
@@ -526,7 +536,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("df", help="disk usage of images, layers, blobs, build cache")
     p.set_defaults(handler=cmd_system_df)
     p = sub.add_parser("prune", help="remove dangling images and unreferenced layers and blobs")
-    p.add_argument("-a", "--all", action="store_true", help="also images with tags, unless in use")
+    p.add_argument("-a", "--all", action="store_true",
+                   help="also images with tags (unless in use) and the build cache's step entries")
     p.add_argument("-f", "--force", action="store_true", help="do not ask (lamina never asks)")
     p.set_defaults(handler=cmd_system_prune)
     p = sub.add_parser("check", help="verify blobs, layers, images and tags")

@@ -257,3 +257,21 @@ def test_human_size_like_docker() -> None:
     from store.progress import human_size
 
     assert [human_size(n) for n in (0, 999, 1000, 2_140_160, 5.5e9)] == ["0B", "999B", "1kB", "2.14MB", "5.5GB"]
+
+
+def test_build_cache_pins_layers_until_prune_all(lamina_cmd: Cli, tmp_path: Path) -> None:
+    from store import Store
+
+    root = tmp_path / "lamina-root"
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    (upper / "cached").write_text("step output")
+    layer = Store.open(root).commit_layer(upper)
+    entry = root / "build-cache" / "steps" / "ab" / ("ab" * 32 + ".json")
+    entry.parent.mkdir(parents=True)
+    entry.write_text(json.dumps({"diff_id": layer.diff_id, "digest": layer.digest}))
+    lamina_cmd("system", "prune")
+    assert layer.path.exists(), "a build cache entry keeps its layer"
+    lamina_cmd("system", "prune", "-a")
+    assert not layer.path.exists() and not entry.exists()
+    assert lamina_cmd("system", "check").returncode == 0
