@@ -486,3 +486,20 @@ def test_malformed_configs_are_refused_cleanly(tmp_path: Path) -> None:
             with pytest.raises(RegistryError, match="config|diff_id"):
                 pull(store, f"{fake.address}/bad/config:{i}", tls_verify=False)
     assert store.images() == []
+
+
+def test_concurrent_pulls_share_the_store(registry: RunningRegistry, tmp_path: Path, lamina_cmd) -> None:  # type: ignore[no-untyped-def]
+    layers = [layer_blob({f"etc/{i}": os.urandom(256 << 10)}) for i in range(3)]
+    with RegistryClient(registry.address, tls_verify=False) as client:
+        _, config = upload_image(client, "race/img", "1", layers, tmp_path)
+    root = tmp_path / "lamina-root"
+    argv = [sys.executable, "-m", "lamina", "--root", str(root), "pull", "-q", "--tls-verify=false",
+            f"{registry.address}/race/img:1"]
+    processes = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(3)]
+    results = [p.communicate(timeout=120) for p in processes]
+    for process, (out, err) in zip(processes, results, strict=True):
+        assert process.returncode == 0, err.decode()
+        assert out.decode().strip() == config[7:]
+    assert lamina_cmd("system", "check", root=root).stdout.strip().endswith("ok")
+    image = open_store(root).resolve_image(f"{registry.address}/race/img:1")
+    assert [layer.digest for layer in image.layers] == [digest_of(b) for b in layers]
