@@ -65,6 +65,8 @@ _DOCKER_TO_OCI_LAYER = {
 }
 DEFAULT_BASE_KEY = "docker.io/lamina/busybox:latest"
 _DIGEST_IN_TEXT = re.compile(r"sha256:([0-9a-f]{64})")
+# root realpath -> [fd, flock mode, depth]: the store locks this process holds.
+_HELD_LOCKS: dict[str, list[int]] = {}
 _GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386", "ppc64le": "ppc64le",
            "s390x": "s390x", "riscv64": "riscv64"}
 
@@ -162,9 +164,6 @@ class Store:
         self.layers_dir = root / "layers"
         self.images_dir = root / "images"
         self.tags_file = self.images_dir / "tags.json"
-        self._lock_fd: int | None = None
-        self._lock_mode: int = 0
-        self._lock_depth = 0
 
     @classmethod
     def open(cls, root: Path) -> Store:
@@ -181,20 +180,24 @@ class Store:
 
     @contextlib.contextmanager
     def lock(self, shared: bool = False) -> Iterator[None]:
-        """Hold the store lock (exclusive unless ``shared``); re-entrant within this object.
+        """Hold the store lock (exclusive unless ``shared``); re-entrant within this process.
 
+        Re-entrancy is per process and root, not per Store object: flock locks taken through two
+        open files of one process would otherwise block each other.
         Resource handling: the lock is released when the outermost ``with`` ends. A nested request
         for a stronger lock than the one held is an error (upgrading flock is not atomic).
         """
         want = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
-        if self._lock_depth:
-            if want == fcntl.LOCK_EX and self._lock_mode == fcntl.LOCK_SH:
+        key = os.path.realpath(self.root)
+        held = _HELD_LOCKS.get(key)
+        if held is not None:
+            if want == fcntl.LOCK_EX and held[1] == fcntl.LOCK_SH:
                 raise StoreError("internal error: exclusive store lock requested while holding a shared one")
-            self._lock_depth += 1
+            held[2] += 1
             try:
                 yield
             finally:
-                self._lock_depth -= 1
+                held[2] -= 1
             return
         fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
@@ -203,11 +206,10 @@ class Store:
             except BlockingIOError:
                 log.info("waiting for the lock on the store %s", self.root)
                 fcntl.flock(fd, want)
-            self._lock_fd, self._lock_mode, self._lock_depth = fd, want, 1
+            _HELD_LOCKS[key] = [fd, want, 1]
             yield
         finally:
-            self._lock_depth = 0
-            self._lock_fd = None
+            _HELD_LOCKS.pop(key, None)
             os.close(fd)
 
     @contextlib.contextmanager

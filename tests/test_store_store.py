@@ -184,6 +184,8 @@ def test_exclusive_lock_blocks_another_process(store: Store) -> None:
         assert held.returncode != 0 and b"BlockingIOError" in held.stderr
         with store.lock(shared=True):  # re-entrant
             pass
+        with Store.open(store.root).lock(shared=True):  # also through another Store object
+            pass
     free = subprocess.run([sys.executable, "-c", code, str(store.root / "lock")], capture_output=True)
     assert free.returncode == 0
     assert fcntl.LOCK_EX
