@@ -275,3 +275,24 @@ def test_build_cache_pins_layers_until_prune_all(lamina_cmd: Cli, tmp_path: Path
     lamina_cmd("system", "prune", "-a")
     assert not layer.path.exists() and not entry.exists()
     assert lamina_cmd("system", "check").returncode == 0
+
+
+def test_concurrent_imports_tags_and_prune_leave_a_consistent_store(lamina_cmd: Cli, tmp_path: Path) -> None:
+    root = tmp_path / "lamina-root"
+    lamina_cmd("images")
+    tars = [rootfs_tar(tmp_path / f"r{i}.tar", {f"file{i}": os.urandom(300_000), "shared": b"s"})
+            for i in range(4)]
+    base = [sys.executable, "-m", "lamina", "--root", str(root)]
+    procs = [subprocess.Popen([*base, "import", str(t), f"conc:{i}"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i, t in enumerate(tars)]
+    procs.append(subprocess.Popen([*base, "system", "prune"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True))
+    procs.append(subprocess.Popen([*base, "tag", "lamina/busybox", "conc:base"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        _out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    listing = lamina_cmd("images", "conc").stdout
+    rows = {tuple(line.split()[:2]) for line in listing.splitlines()[1:]}
+    assert rows == {("conc", tag) for tag in ("0", "1", "2", "3", "base")}
+    assert lamina_cmd("system", "check").stdout.strip().endswith(": ok")
