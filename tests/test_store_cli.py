@@ -296,3 +296,32 @@ def test_concurrent_imports_tags_and_prune_leave_a_consistent_store(lamina_cmd: 
     rows = {tuple(line.split()[:2]) for line in listing.splitlines()[1:]}
     assert rows == {("conc", tag) for tag in ("0", "1", "2", "3", "base")}
     assert lamina_cmd("system", "check").stdout.strip().endswith(": ok")
+
+
+def test_oci_archive_with_a_multi_platform_index_loads_the_host_platform(lamina_cmd: Cli, tmp_path: Path) -> None:
+    import hashlib
+
+    from store.store import host_arch
+
+    tar = rootfs_tar(tmp_path / "r.tar", {"native": b"yes"})
+    image_id = lamina_cmd("import", str(tar), "multi:1").stdout.strip()
+    saved = tmp_path / "saved.tar"
+    lamina_cmd("save", "--format", "oci-archive", "-o", str(saved), "multi:1")
+    with tarfile.open(saved) as t:
+        members = {m.name: t.extractfile(m).read() for m in t.getmembers() if m.isfile()}  # type: ignore[union-attr]
+    desc = json.loads(members["index.json"])["manifests"][0]
+    desc.pop("annotations")
+    other = dict(desc, digest="sha256:" + "9" * 64, platform={"os": "linux", "architecture": "s390x-none"})
+    native = dict(desc, platform={"os": "linux", "architecture": host_arch()})
+    index = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                        "manifests": [other, native]}).encode()
+    index_digest = "sha256:" + hashlib.sha256(index).hexdigest()
+    members["blobs/sha256/" + index_digest[7:]] = index
+    members["index.json"] = json.dumps({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.index.v1+json", "digest": index_digest, "size": len(index),
+        "annotations": {"org.opencontainers.image.ref.name": "localhost/multi:2"}}]}).encode()
+    archive = _archive(tmp_path / "multi.tar", members)
+    out = lamina_cmd("load", "-i", str(archive), root=tmp_path / "other").stdout
+    assert out.strip() == "Loaded image: localhost/multi:2"
+    got = lamina_cmd("inspect", "--format", "{{.Id}}", "localhost/multi:2", root=tmp_path / "other").stdout
+    assert got.strip() == image_id
