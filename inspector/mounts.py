@@ -286,7 +286,10 @@ def unmount(root: Path, directory: Path, lazy: bool = False) -> MountState:
                              f"{'' if lazy else ' (busy? close files there, or use --lazy)'}")
     else:
         log.info("%s was no longer mounted; removing its record", state.mountpoint)
-    _wait_exit(state.pid)
+    if not lazy:
+        _wait_exit(state.pid)
+    # A lazily detached mount stays usable by the processes inside it; the kernel tells the server
+    # to exit when the last of them lets go, so it is not killed here.
     # The scratch upper and a mount point we made live in the state directory: all of it goes.
     shutil.rmtree(state_dir, ignore_errors=True)
     return state

@@ -171,6 +171,13 @@ def wait_for_line(path: Path, line: str, timeout: float = 5.0) -> bool:
     return False
 
 
+def server_running(pid: int) -> bool:
+    try:
+        return b"unionfs" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def _layer_xattr(path: Path) -> str:
     return os.getxattr(path, "user.lamina.layer", follow_symlinks=False).decode()
 
@@ -294,5 +301,27 @@ def test_mount_umount_unprivileged(unpriv) -> None:  # type: ignore[no-untyped-d
         done = unpriv.lamina("umount", str(mnt))
     assert done.returncode == 0, done.stderr
     assert fuse_mounts_under(mnt) == []
-    assert not Path(f"/proc/{state['pid']}").exists() or b"unionfs" not in Path(
-        f"/proc/{state['pid']}/cmdline").read_bytes()
+    assert not server_running(state["pid"])
+
+
+@pytest.mark.fuse
+def test_umount_busy_then_lazy(lamina_cmd, image_root: Path) -> None:  # type: ignore[no-untyped-def]
+    mnt = Path(lamina_cmd("mount", "three", root=image_root).stdout.strip())
+    holder = subprocess.Popen(["sleep", "60"], cwd=mnt)       # a process whose cwd is in the mount
+    try:
+        busy = lamina_cmd("umount", str(mnt), root=image_root, check=False)
+        assert busy.returncode == 125 and "busy" in busy.stderr.lower(), busy.stderr
+        assert mnt in fuse_mounts_under(mnt)                      # still mounted, still recorded
+        assert lamina_cmd("mount", root=image_root).stdout.count(str(mnt)) == 1
+        pid = json.loads(next((image_root / "mounts").glob("*/state.json")).read_text())["pid"]
+        lamina_cmd("umount", "--lazy", str(mnt), root=image_root)
+        assert fuse_mounts_under(image_root) == []
+        assert list((image_root / "mounts").iterdir()) == []
+    finally:
+        holder.kill()
+        holder.wait()
+    # Detached, the server lives while the holder is inside, and exits by itself once it is gone.
+    deadline = time.monotonic() + 10
+    while server_running(pid):
+        assert time.monotonic() < deadline, "the unionfs server did not exit after a lazy unmount"
+        time.sleep(0.05)
