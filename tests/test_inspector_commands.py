@@ -236,6 +236,8 @@ def test_mount_upto_and_rw_scratch(lamina_cmd, image_root: Path, tmp_path: Path)
         assert wait_for_line(trace, "copy-up /etc/motd from lower:0")
         scratch = json.loads(next((image_root / "mounts").glob("*/state.json")).read_text())["scratch"]
         assert (Path(scratch) / "upper/etc/motd").read_text() == "m" * 100 + "changed\n"
+        (mnt / "etc/keep").write_text("overwritten\n")                  # O_TRUNC over a lower file
+        assert (Path(scratch) / "upper/etc/keep").read_text() == "overwritten\n"
     finally:
         lamina_cmd("umount", str(mnt), root=image_root)
     assert not Path(scratch).exists()
