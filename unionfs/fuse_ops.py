@@ -460,36 +460,43 @@ class UnionOperations(pyfuse3.Operations):
         reply = pyfuse3.readdir_reply
         children = node.children
         assert children is not None
-        for i in range(start_id - 2, len(entries)):
-            entry = entries[i]
-            child = children.get(entry.name)
-            if child is None:
-                try:
-                    child = core.entry_node(node, entry)
-                except (FileNotFoundError, NotADirectoryError):
-                    child = None
+        # readdir_reply copies the attributes at once, so one placeholder object serves every entry
+        placeholder = self.placeholder_attrs(node)
+        use_placeholders = self._placeholder_score <= 0
+        sent_placeholders = 0
+        try:
+            for i in range(start_id - 2, len(entries)):
+                entry = entries[i]
+                child = children.get(entry.name)
                 if child is None:
-                    continue  # removed since the listing was taken
-                if self._placeholder_score <= 0 and not child.is_dir and child.attr is None:
+                    try:
+                        child = core.entry_node(node, entry)
+                    except (FileNotFoundError, NotADirectoryError):
+                        child = None
+                    if child is None:
+                        continue  # removed since the listing was taken
+                    fake = use_placeholders and not child.is_dir and child.attr is None
+                else:
+                    fake = use_placeholders and child.fake_attr
+                if fake:
                     # Nobody has stat-ed what we listed lately (find, ls, listdir): skip the stat.
-                    a = self.placeholder_attrs(child)
+                    placeholder.st_ino = child.ino
+                    placeholder.st_mode = child.kind
+                    a = placeholder
                     child.fake_attr = True
-                    self._placeholder_score = max(self._placeholder_score - 1, -PLACEHOLDER_SCORE_RANGE)
+                    sent_placeholders += 1
                 else:
                     try:
                         a = attrs(child)
                     except FileNotFoundError:
                         continue
-            elif child.fake_attr and self._placeholder_score <= 0:
-                a = self.placeholder_attrs(child)  # the kernel still has nothing better for it
-            else:
-                try:
-                    a = attrs(child)
-                except FileNotFoundError:
-                    continue
-            if not reply(token, os.fsencode(entry.name), a, i + 3):
-                return
-            child.lookups += 1
+                if not reply(token, entry.raw, a, i + 3):
+                    return
+                child.lookups += 1
+        finally:
+            if sent_placeholders:
+                self._placeholder_score = max(self._placeholder_score - sent_placeholders,
+                                              -PLACEHOLDER_SCORE_RANGE)
 
     @fuse_boundary()
     async def releasedir(self, fh: int) -> None:

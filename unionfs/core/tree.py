@@ -65,6 +65,7 @@ class DirEntry:
     is_dir: bool
     kind: int  # S_IFMT bits, from d_type (no stat)
     ino: int  # d_ino: the backing st_ino, no stat needed
+    raw: bytes  # the name as the kernel gets it
 
 
 def check_name(name: str) -> None:
@@ -482,7 +483,8 @@ class UnionTree:
                                 layer_hidden.append(n)
                                 continue
                             kind = stat.S_IFMT(st.st_mode)
-                        seen[n] = DirEntry(n, layer, join(path, n), kind == stat.S_IFDIR, kind, entry.inode())
+                        seen[n] = DirEntry(n, layer, join(path, n), kind == stat.S_IFDIR, kind, entry.inode(),
+                                           os.fsencode(n))
             finally:
                 os.close(fd)
             hidden.update(layer_hidden)
