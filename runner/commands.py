@@ -165,8 +165,11 @@ def _anonymous_volume(root: Path) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from runner import unionserver
     from runner.lifecycle import run_attached, start_detached
 
+    if args.detach:
+        unionserver.discard()  # a daemonised monitor starts its own
     container = _new_container(args)
     if args.detach:
         start_detached(args.root, container)

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from lamina.errors import ContainerError, LaminaError
-from runner import tty
+from runner import tty, unionserver
 from runner.network import PortMapping
 from runner.sandbox import Mount, Sandbox, SandboxSpec, call_in_userns, forward_signals, start_sandbox
 from runner.state import STATUS_EXITED, STATUS_RUNNING, Container, ContainerStore, now, process_start_time
@@ -87,18 +87,19 @@ def run_attached(root: Path, container: Container) -> int:
         master, slave = tty.open_pty()
         spec.terminal = slave
         spec.env.setdefault("TERM", os.environ.get("TERM", "xterm"))
-    try:
-        sandbox = start_sandbox(spec)
-    except LaminaError as e:
-        _mark_exited(container, e.exit_code, str(e))
-        if container.auto_remove:
-            remove(root, container)
-        raise
-    finally:
-        if slave is not None:
-            os.close(slave)
-    _mark_running(container, sandbox)
-    with forward_signals(sandbox):
+    with forward_signals() as forwarder:
+        try:
+            sandbox = start_sandbox(spec, unionserver.take())
+        except LaminaError as e:
+            _mark_exited(container, e.exit_code, str(e))
+            if container.auto_remove:
+                remove(root, container)
+            raise
+        finally:
+            if slave is not None:
+                os.close(slave)
+        _mark_running(container, sandbox)
+        forwarder.attach(sandbox)
         if master is not None:
             stdin_fd = sys.stdin.fileno() if container.interactive else None
             with tty.raw_terminal(sys.stdin.fileno()) if container.interactive else contextlib.nullcontext():
@@ -177,7 +178,8 @@ def _monitor(root: Path, container: Container, report_w: int) -> None:
     _mark_running(container, sandbox)
     os.write(report_w, b"ok\n")
     os.close(report_w)
-    with forward_signals(sandbox):
+    with forward_signals() as forwarder:
+        forwarder.attach(sandbox)
         if master is not None:
             tty.relay(master, None, 1, lambda: False)
             os.close(master)

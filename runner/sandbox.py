@@ -43,7 +43,6 @@ import sys
 import tempfile
 import termios
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +53,7 @@ from runner import linux
 from runner.idmap import apply_mapping, current_mapping, is_mapped
 from runner.network import SLIRP_DNS, SLIRP_GUEST_IP, PortMapping, Slirp, loopback_up, normalize_network
 from runner.rootfs import MountRequest, make_init_layer, pivot_into, prepare_root
+from runner.unionserver import UnionServer
 from runner.userdb import resolve_user
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ class Sandbox:
     """A started sandbox; see the module docstring for what it owns."""
 
     def __init__(self, keeper_pid: int, container_pid: int, slirp: Slirp | None, temp_dir: Path | None,
-                 server: _UnionServer | None = None) -> None:
+                 server: UnionServer | None = None) -> None:
         self.keeper_pid = keeper_pid
         self.container_pid = container_pid
         self._slirp = slirp
@@ -206,8 +206,12 @@ class Sandbox:
             self._temp_dir = None
 
 
-def start_sandbox(spec: SandboxSpec) -> Sandbox:
-    """Start ``spec``'s command; return once it has been exec'd (or raise, leaving nothing behind)."""
+def start_sandbox(spec: SandboxSpec, server: UnionServer | None = None) -> Sandbox:
+    """Start ``spec``'s command; return once it has been exec'd (or raise, leaving nothing behind).
+
+    ``server``: a union server forked earlier (:func:`runner.unionserver.prefork`); the sandbox
+    takes it over (and stops it when ``spec`` has a plain ``rootfs``).
+    """
     network = normalize_network(spec.network)
     if not spec.argv:
         raise ContainerError("no command specified")
@@ -230,14 +234,19 @@ def start_sandbox(spec: SandboxSpec) -> Sandbox:
             shutil.rmtree(temp_dir, ignore_errors=True)
         raise ContainerError(f"cannot prepare container state in {state_dir}: {e.strerror}") from e
 
-    server: _UnionServer | None = None
-    if init_layer is not None:
-        try:
-            server = _UnionServer(spec, merged, init_layer)
-        except BaseException:
-            if temp_dir is not None:
-                shutil.rmtree(temp_dir, ignore_errors=True)
-            raise
+    server_args: list[str] = []
+    if init_layer is None:
+        if server is not None:
+            server.stop()
+            server = None
+    else:
+        from unionfs.mount import MountSpec, command_line
+
+        mount_spec = MountSpec(lowers=[*spec.lowers, init_layer], upper=spec.upper, work=spec.work,
+                               mountpoint=merged, options=list(spec.union_options))
+        server_args = command_line(mount_spec)[3:]  # without "python -m unionfs"
+        if server is None:
+            server = UnionServer()
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
     sync_r, sync_w = os.pipe2(os.O_CLOEXEC)
     go_r, go_w = os.pipe2(os.O_CLOEXEC)
@@ -273,7 +282,7 @@ def start_sandbox(spec: SandboxSpec) -> Sandbox:
         apply_mapping(pid, mapping)
         log.debug("sandbox: namespaces made and id maps written")
         if server is not None:
-            server.attach(pid)
+            server.attach(pid, server_args, str(spec.union_log) if spec.union_log else None)
         if network == "slirp":
             slirp = Slirp(pid)
         os.write(sync_w, b"1")
@@ -313,7 +322,7 @@ def start_sandbox(spec: SandboxSpec) -> Sandbox:
             os.close(fd)
     log.debug("sandbox: command started as pid %d", container_pid)
     if server is not None:
-        server.started()
+        server.release_ready_pipe()
     return Sandbox(pid, container_pid, slirp, temp_dir, server)
 
 
@@ -372,23 +381,47 @@ def run_sandboxed(spec: SandboxSpec) -> int:
     SIGINT, SIGTERM and friends received meanwhile are forwarded to the command when called from the
     main thread. Raises as :func:`start_sandbox` does when the command cannot be started.
     """
-    sandbox = start_sandbox(spec)
-    with forward_signals(sandbox):
+    with forward_signals() as forwarder:
+        sandbox = start_sandbox(spec)
+        forwarder.attach(sandbox)
         return sandbox.wait()
 
 
+class SignalForwarder:
+    """Sends the signals lamina receives to the sandbox's command; those that arrive while the
+    sandbox is still being set up are kept and sent once it runs."""
+
+    def __init__(self) -> None:
+        self._sandbox: Sandbox | None = None
+        self._pending: list[int] = []
+
+    def handle(self, signum: int, _frame: object) -> None:
+        if self._sandbox is not None:
+            self._sandbox.send_signal(signum)
+        else:
+            self._pending.append(signum)
+
+    def attach(self, sandbox: Sandbox) -> None:
+        self._sandbox = sandbox
+        pending, self._pending = self._pending, []
+        for signum in pending:
+            sandbox.send_signal(signum)
+
+
 @contextlib.contextmanager
-def forward_signals(sandbox: Sandbox) -> Iterator[None]:
+def forward_signals() -> Iterator[SignalForwarder]:
+    """Install a :class:`SignalForwarder` (main thread only) for the duration of the block."""
+    forwarder = SignalForwarder()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield forwarder
         return
     previous = {}
     for sig in FORWARDED_SIGNALS:
         if sig == signal.SIGWINCH:
             continue
-        previous[sig] = signal.signal(sig, lambda signum, _frame: sandbox.send_signal(signum))
+        previous[sig] = signal.signal(sig, forwarder.handle)
     try:
-        yield
+        yield forwarder
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -458,113 +491,6 @@ def _wait_union_ready(ready_r: int) -> None:
             text = "the union filesystem did not become ready in time"
         raise MountError(text or "the union filesystem exited before mounting")
     os.close(ready_r)
-
-
-class _UnionServer:
-    """The unionfs server for one sandbox, forked (not exec'd) from the caller.
-
-    Forked first, before the namespaces exist, so that its imports (pyfuse3, trio: most of its
-    start-up time) overlap with the rest of the set-up; once the keeper's namespaces are mapped
-    (:meth:`attach`), it joins the keeper's user and mount namespaces and mounts there, so that
-    the mount belongs to the container's namespace and vanishes with it. Readiness and errors
-    reach the keeper through a pipe.
-
-    Resource handling: :meth:`stop` reaps the process (it exits once the keeper unmounts) and
-    kills it if it lingers.
-    """
-
-    def __init__(self, spec: SandboxSpec, merged: Path, init_layer: Path) -> None:
-        from unionfs.mount import MountSpec, command_line
-
-        mount_spec = MountSpec(lowers=[*spec.lowers, init_layer], upper=spec.upper, work=spec.work,
-                               mountpoint=merged, options=list(spec.union_options))
-        server_args = command_line(mount_spec)[3:]  # drop "python -m unionfs"
-        self.ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
-        attach_r, self._attach_w = os.pipe2(os.O_CLOEXEC)
-        log_fd = os.open(spec.union_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644) \
-            if spec.union_log else None
-        sys.stdout.flush()
-        sys.stderr.flush()
-        self.pid = os.fork()
-        if self.pid == 0:
-            code = 1
-            try:
-                if log_fd is not None:
-                    os.dup2(log_fd, 1)
-                    os.dup2(log_fd, 2)
-                _close_fds_except({0, 1, 2, ready_w, attach_r})
-                code = _serve_union(server_args, attach_r, ready_w)
-            finally:
-                os._exit(code)
-        if log_fd is not None:
-            os.close(log_fd)
-        os.close(ready_w)
-        os.close(attach_r)
-        self._reaped = False
-
-    def attach(self, keeper_pid: int) -> None:
-        os.write(self._attach_w, str(keeper_pid).encode())
-        os.close(self._attach_w)
-        self._attach_w = -1
-
-    def started(self) -> None:
-        """The keeper has the ready pipe; the caller's copy is not needed."""
-        if self.ready_r >= 0:
-            os.close(self.ready_r)
-            self.ready_r = -1
-
-    def stop(self, grace: float = 2.0) -> None:
-        if self._attach_w >= 0:
-            os.close(self._attach_w)
-            self._attach_w = -1
-        self.started()
-        if self._reaped:
-            return
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            pid, _ = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self._reaped = True
-                return
-            time.sleep(0.005)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGKILL)
-        os.waitpid(self.pid, 0)
-        self._reaped = True
-
-
-def _serve_union(server_args: list[str], attach_r: int, ready_w: int) -> int:
-    os.setsid()  # terminal signals are for the container, not for its filesystem
-    linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
-    for sig in FORWARDED_SIGNALS:
-        signal.signal(sig, signal.SIG_DFL)
-    try:
-        import pyfuse3  # noqa: F401  (imported now, while the namespaces are being made)
-        import trio  # noqa: F401
-
-        from unionfs.options import parse_args
-        from unionfs.server import serve
-
-        opts = parse_args(server_args)
-        keeper = os.read(attach_r, 32)
-        if not keeper:
-            return 1
-        for name, flag in (("user", linux.CLONE_NEWUSER), ("mnt", linux.CLONE_NEWNS)):
-            fd = os.open(f"/proc/{int(keeper)}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
-            linux.setns(fd, flag)
-            os.close(fd)
-
-        def ready() -> None:
-            os.write(ready_w, b"1")
-            os.close(ready_w)
-
-        serve(opts, ready=ready)
-        return 0
-    except BaseException as e:
-        reason = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.strerror else str(e)
-        with contextlib.suppress(OSError):
-            os.write(ready_w, f"union filesystem: {reason or type(e).__name__}".encode())
-        return 1
 
 
 def _container_init(spec: SandboxSpec, network: str, root: str, status_w: int, go_r: int,
