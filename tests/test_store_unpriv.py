@@ -25,6 +25,12 @@ def rootfs_tar(path: Path) -> None:
             info.mode = mode
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+        # A static busybox, so a container of this image can look at itself.
+        tar.add("/bin/busybox", "bin/busybox")
+        link = tarfile.TarInfo("bin/stat")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "busybox"
+        tar.addfile(link)
         d = tarfile.TarInfo("home/u")
         d.type = tarfile.DIRTYPE
         d.uid = d.gid = 1000
@@ -68,6 +74,16 @@ def test_import_images_save_load_as_a_normal_user(unpriv: object, tmp_path: Path
     assert ondisk.read_owner_override(str(own)) == ondisk.OwnerOverride(1000, 1000, 0o600)
     shadow = ondisk.read_owner_override(str(layer_dir / "etc/shadow"))
     assert shadow == ondisk.OwnerOverride(0, 0, 0o000), "mode 000 kept in the override, file stays readable"
+
+    # What the store recorded is what a container sees (the runner serves the layer through unionfs).
+    # Without subordinate ids, uid 1000 is not mapped in the container, so its 0700 home stays
+    # closed even to the container's root: look at the files above it only.
+    paths = ["/home/u/own", "/bin/tool"] if user.has_subids else ["/home/u", "/bin/tool"]  # type: ignore[attr-defined]
+    seen = user.lamina("run", "--rm", "mine:1", "stat", "-c", "%u:%g %a", *paths)  # type: ignore[attr-defined]
+    assert seen.returncode == 0, seen.stderr
+    # (and an unmapped owner shows as the overflow id, nobody).
+    first = "1000:1000 600" if user.has_subids else "65534:65534 700"  # type: ignore[attr-defined]
+    assert seen.stdout.split("\n")[:2] == [first, "0:0 4755"]
 
     for fmt, suffix in (("docker-archive", "layer.tar"),):
         archive = work / f"saved-{fmt}.tar"
