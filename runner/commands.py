@@ -133,16 +133,18 @@ def _new_container(args: argparse.Namespace) -> Container:
     targets = set()
     for text in args.volume:
         host, target, readonly = imageconfig.parse_volume_flag(text)
+        kind = "bind"
         if host is None:
             host = _anonymous_volume(args.root)
             anonymous.append(host)
-        mounts.append({"target": target, "kind": "bind", "source": host, "readonly": readonly})
+            kind = "volume"
+        mounts.append({"target": target, "kind": kind, "source": host, "readonly": readonly})
         targets.add(os.path.normpath(target))
     for target in imageconfig.image_volumes(cfg):
         if os.path.normpath(target) not in targets:
             host = _anonymous_volume(args.root)
             anonymous.append(host)
-            mounts.append({"target": target, "kind": "bind", "source": host, "readonly": False})
+            mounts.append({"target": target, "kind": "volume", "source": host, "readonly": False})
     for target in args.tmpfs:
         mounts.append({"target": target.split(":")[0], "kind": "tmpfs", "source": None, "readonly": False})
     env = imageconfig.container_env(cfg, args.env_file, args.env)

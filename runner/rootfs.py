@@ -14,9 +14,12 @@ clean diff.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
+import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +46,8 @@ class MountRequest:
     """A mount the caller asked for, with the container path not yet resolved."""
 
     target: str
-    kind: str  # "bind", "tmpfs", "cache" (a bind of a persistent directory)
+    kind: str  # "bind", "tmpfs", "cache" (a bind of a persistent directory), "volume" (a bind
+    # of a docker volume directory, filled from the image on first use)
     source: str | None = None
     readonly: bool = False
     options: str = ""
@@ -144,6 +148,14 @@ def _setup_user_mount(root: str, m: MountRequest) -> None:
         linux.mount("tmpfs", target, "tmpfs", flags, m.options or "mode=1777")
         return
     assert m.source is not None
+    if m.kind == "volume":
+        target = make_dirs_in_root(root, m.target)
+        if target == root:
+            raise ContainerError("invalid mount: destination can't be '/'")
+        if not os.listdir(m.source):
+            _populate_volume(target, m.source)
+        _bind(m.source, target, readonly=m.readonly)
+        return
     try:
         is_dir = os.path.isdir(m.source)
     except OSError:
@@ -154,6 +166,22 @@ def _setup_user_mount(root: str, m: MountRequest) -> None:
     if target == root:
         raise ContainerError("invalid mount: destination can't be '/'")
     _bind(m.source, target, readonly=m.readonly)
+
+
+def _populate_volume(image_dir: str, volume: str) -> None:
+    """As docker: a new volume starts as a copy of what the image has at its mount point."""
+    shutil.copytree(image_dir, volume, symlinks=True, dirs_exist_ok=True)
+    st = os.stat(image_dir)
+    with contextlib.suppress(OSError):
+        os.chmod(volume, stat.S_IMODE(st.st_mode))
+        os.chown(volume, st.st_uid, st.st_gid)
+    for dirpath, dirnames, filenames in os.walk(image_dir):
+        for name in dirnames + filenames:
+            source = os.path.join(dirpath, name)
+            copy = os.path.join(volume, os.path.relpath(source, image_dir))
+            with contextlib.suppress(OSError):
+                st = os.lstat(source)
+                os.lchown(copy, st.st_uid, st.st_gid)
 
 
 def prepare_root(root: str, *, cwd: str, create_cwd: bool, etc_files: dict[str, str],

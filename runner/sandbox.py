@@ -67,8 +67,9 @@ UNION_READY_TIMEOUT = 15.0
 
 @dataclass
 class Mount:
-    """An extra mount for the sandbox: ``bind`` (a host path), ``tmpfs``, or ``cache`` (a bind of a
-    persistent host directory, as the builder's ``RUN --mount=type=cache``)."""
+    """An extra mount for the sandbox: ``bind`` (a host path), ``tmpfs``, ``cache`` (a bind of a
+    persistent host directory, as the builder's ``RUN --mount=type=cache``) or ``volume`` (a bind
+    of a volume directory that is filled from the image's content at ``target`` when empty)."""
 
     target: str
     kind: str = "bind"

@@ -326,3 +326,23 @@ def test_read_only_root_and_create_start(lamina: Lamina, module_root: Path) -> N
     r = lamina("start", "-a", "later")
     assert r.returncode == 0 and r.stdout == "from-create\n"
     assert lamina("rm", cid[:12]).returncode == 0
+
+
+def test_image_volume_gets_a_seeded_anonymous_volume(lamina: Lamina, module_root: Path) -> None:
+    from store import Store
+
+    assert lamina("run", "--name", "seed", IMAGE, "sh", "-c", "mkdir /data && echo seed > /data/f").returncode == 0
+    assert lamina("commit", "seed", "seeded:1").returncode == 0
+    store = Store.open(module_root)
+    base = store.resolve_image("seeded:1")
+    config = json.loads(json.dumps(base.config))
+    config["config"]["Volumes"] = {"/data": {}}
+    config.pop("created", None)
+    store.create_image(base.layers, config, tags=["withvolume:1"], base=base)
+    r = lamina("run", "--name", "usevol", "withvolume:1", "sh", "-c", "cat /data/f; echo new > /data/g")
+    assert r.returncode == 0 and r.stdout == "seed\n", r.stderr
+    volume = Path(record(module_root, "usevol")["anonymous_volumes"][0])
+    assert sorted(os.listdir(volume)) == ["f", "g"]
+    assert not any("/data/g" in line for line in lamina("diff", "usevol").stdout.splitlines())
+    assert lamina("rm", "usevol").returncode == 0
+    assert not volume.exists()
