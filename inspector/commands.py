@@ -82,28 +82,35 @@ class LoadedImage:
         return f"{self.reference} ({self.image.id[:12]})"
 
 
-def _load_image(root: Path, reference: str, allow_container: bool = True) -> LoadedImage:
-    """Resolve ``reference`` as an image, or else (``allow_container``) as a container."""
+def _resolve(root: Path, reference: str) -> tuple[Any, Any]:
+    """``(image, container)`` for an image reference, or for a container (id, prefix or name).
+
+    Error handling: :class:`NotFoundError` when neither exists; :class:`ContainerError` when the
+    container's image is gone from the store.
+    """
     from store import Store
 
     store = Store.open(root)
-    container = None
     try:
-        image = store.resolve_image(reference)
+        return store.resolve_image(reference), None
     except ImageNotFound:
-        if not allow_container:
-            raise
-        from runner.state import ContainerStore
+        pass
+    from runner.state import ContainerStore
 
-        try:
-            container = ContainerStore(root).get(reference)
-        except ContainerNotFound:
-            raise NotFoundError(f"no image or container named {reference}") from None
-        try:
-            image = store.resolve_image(container.image_id)
-        except ImageNotFound:
-            raise ContainerError(f"container {container.name}: its image {container.image_id[:12]} "
-                                 f"is gone") from None
+    try:
+        container = ContainerStore(root).get(reference)
+    except ContainerNotFound:
+        raise NotFoundError(f"no image or container named {reference}") from None
+    try:
+        return store.resolve_image(container.image_id), container
+    except ImageNotFound:
+        raise ContainerError(f"container {container.name}: its image {container.image_id[:12]} "
+                             f"is gone") from None
+
+
+def _load_image(root: Path, reference: str) -> LoadedImage:
+    """The layers of an image, or of a container's image plus its upper directory on top."""
+    image, container = _resolve(root, reference)
     layers = list(image.layers)
     history = image.config.get("history") or []
     instructions = instructions_for_layers(history, len(layers))
@@ -277,19 +284,9 @@ def _select_upto(layers: list[Any], upto: str) -> int:
 
 
 def _mount_request(args: argparse.Namespace) -> mounts.StackRequest:
-    from store import Store
-
-    store = Store.open(args.root)
-    try:
-        image = store.resolve_image(args.target)
-    except ImageNotFound:
-        from runner.state import ContainerStore
-
-        try:
-            container = ContainerStore(args.root).get(args.target)
-        except ContainerNotFound:
-            raise NotFoundError(f"no image or container named {args.target}") from None
-        return _container_request(args, store, container)
+    image, container = _resolve(args.root, args.target)
+    if container is not None:
+        return _container_request(args, image, container)
     layers = list(image.layers)
     keep = _select_upto(layers, args.upto) if args.upto else len(layers)
     lowers = [Path(layer.path) for layer in reversed(layers[:keep])]
@@ -297,14 +294,10 @@ def _mount_request(args: argparse.Namespace) -> mounts.StackRequest:
                                container_id=None, layers=keep, scratch_rw=args.rw)
 
 
-def _container_request(args: argparse.Namespace, store: Any, container: Any) -> mounts.StackRequest:
+def _container_request(args: argparse.Namespace, image: Any, container: Any) -> mounts.StackRequest:
     """A container's root: its upper directory over its image's layers (over its init layer)."""
     if args.upto:
         raise UsageError("--upto applies to images; mount the container's image to see its layers")
-    try:
-        image = store.resolve_image(container.image_id)
-    except ImageNotFound:
-        raise ContainerError(f"container {container.name}: its image {container.image_id[:12]} is gone") from None
     upper, work = Path(container.upper), Path(container.work)
     if not upper.is_dir():
         raise ContainerError(f"container {container.name} has no upper directory: {upper}")
