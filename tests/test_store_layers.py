@@ -311,3 +311,16 @@ def test_root_of_a_user_namespace_records_owners_instead_of_chowning(tmp_path: P
     assert (st.st_uid, st.st_gid) == (0, 0), "not chowned to an id only the namespace maps"
     assert ondisk.read_owner_override(str(tmp_path / "out/by1234")) == ondisk.OwnerOverride(1234, 1234, 0o600)
     assert ondisk.read_owner_override(str(tmp_path / "out/by0")) is None
+
+
+def test_non_utf8_long_and_unicode_names_round_trip(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(os.path.join(os.fsencode(src), b"caf\xe9-latin1"), "w") as f:
+        f.write("x")
+    (src / ("long" * 40)).write_text("y")
+    (src / "ünïcode").write_text("z")
+    data, diff_id = pack(src)
+    unpack(data, tmp_path / "dst", tmp_path / "tmp")
+    assert sorted(os.listdir(os.fsencode(tmp_path / "dst"))) == sorted(os.listdir(os.fsencode(src)))
+    assert pack(tmp_path / "dst")[1] == diff_id
