@@ -249,3 +249,30 @@ def refresh(container: Container) -> Container:
         with contextlib.suppress(OSError):
             container.save()
     return container
+
+
+def inspect_container(root: Path, name: str) -> dict[str, Any]:
+    """``lamina inspect CONTAINER``: docker's field names for the record (``{{.State.Pid}}`` etc.)."""
+    c = ContainerStore(root).get(name)
+    return {
+        "Id": c.id,
+        "Name": "/" + c.name,
+        "Created": c.created,
+        "Image": "sha256:" + c.image_id,
+        "Path": c.argv[0] if c.argv else "",
+        "Args": c.argv[1:],
+        "State": {"Status": c.state.status, "Running": c.running, "Pid": c.state.pid,
+                  "ExitCode": c.state.exit_code if c.state.exit_code is not None else 0,
+                  "Error": c.state.error, "StartedAt": c.state.started_at, "FinishedAt": c.state.finished_at},
+        "Config": {"Hostname": c.hostname, "User": c.user, "Env": [f"{k}={v}" for k, v in c.env.items()],
+                   "Cmd": c.argv, "Image": c.image, "WorkingDir": c.workdir, "Tty": c.tty,
+                   "OpenStdin": c.interactive, "StopSignal": c.stop_signal},
+        "HostConfig": {"NetworkMode": c.network, "ReadonlyRootfs": c.readonly, "AutoRemove": c.auto_remove,
+                       "Init": c.init,
+                       "PortBindings": {f"{p['container_port']}/{p['proto']}":
+                                        [{"HostIp": p["host_ip"], "HostPort": str(p["host_port"])}]
+                                        for p in c.ports}},
+        "Mounts": [{"Type": m.get("kind", "bind"), "Source": m.get("source"), "Destination": m["target"],
+                    "RW": not m.get("readonly")} for m in c.mounts],
+        "GraphDriver": {"Name": "lamina-unionfs", "Data": {"UpperDir": str(c.upper), "WorkDir": str(c.work)}},
+    }

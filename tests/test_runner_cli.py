@@ -346,3 +346,26 @@ def test_image_volume_gets_a_seeded_anonymous_volume(lamina: Lamina, module_root
     assert not any("/data/g" in line for line in lamina("diff", "usevol").stdout.splitlines())
     assert lamina("rm", "usevol").returncode == 0
     assert not volume.exists()
+
+
+def test_exec_it_and_logs_follow(lamina: Lamina, module_root: Path) -> None:
+    assert lamina("run", "-d", "--name", "tgt", IMAGE, "sh", "-c",
+                  "for i in 1 2 3; do echo line$i; sleep 0.3; done").returncode == 0
+    follow = lamina("logs", "-f", "tgt", timeout=30)  # returns when the container exits
+    assert follow.stdout.split() == ["line1", "line2", "line3"]
+    assert lamina("run", "-d", "--name", "shell", IMAGE, "sleep", "60").returncode == 0
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(lamina_argv(module_root, "exec", "-it", "shell", "sh"), stdin=slave, stdout=slave,
+                            stderr=slave, cwd=REPO_ROOT, start_new_session=True)
+    os.close(slave)
+    try:
+        _read_until(master, b"# ")
+        os.write(master, b"echo $((3*3))-$(cat /proc/1/comm)\r")
+        _read_until(master, b"9-sleep")
+        os.write(master, b"exit 4\r")
+        assert proc.wait(timeout=20) == 4
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
