@@ -173,8 +173,7 @@ class UnionOperations(pyfuse3.Operations):
             if event is not None:
                 await event.wait()
                 continue
-            big = (not truncate and node.kind == stat.S_IFREG
-                   and self.core.stat(node)[0].st_size > THREAD_COPY_BYTES)
+            big = not truncate and node.kind == stat.S_IFREG and self._size(node) > THREAD_COPY_BYTES
             if not big:
                 self.core.copy_up(node, truncate)
                 return
@@ -193,6 +192,15 @@ class UnionOperations(pyfuse3.Operations):
             finally:
                 del self._copying[node.ino]
                 event.set()
+
+    def _size(self, node: Node) -> int:
+        cached = node.attr
+        if cached is not None:
+            return int(cached.st_size)
+        hint = node.st_hint
+        if hint is not None:
+            return int(hint.st_size)
+        return self.core.stat(node)[0].st_size
 
     async def _wait_copying(self, node: Node) -> None:
         while (event := self._copying.get(node.ino)) is not None:
@@ -361,7 +369,7 @@ class UnionOperations(pyfuse3.Operations):
             if not node.in_upper:
                 if flags & os.O_TRUNC:
                     await self.copy_up(node, truncate=True)  # libfuse's atomic_o_trunc: no data to copy
-                elif node.kind == stat.S_IFREG and self.core.stat(node)[0].st_size > THREAD_COPY_BYTES:
+                elif node.kind == stat.S_IFREG and self._size(node) > THREAD_COPY_BYTES:
                     # O_TRUNC reaches us later as setattr(size=0): copy no data for it.
                     pending = True
                 else:

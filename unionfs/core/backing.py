@@ -28,6 +28,9 @@ _renameat2 = _libc.renameat2
 _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
 _renameat2.restype = ctypes.c_int
 
+# Files up to this size are copied in one go, without looking for holes.
+_SMALL_FILE = 64 * 1024
+
 # Longest relative path we pass through /proc/self/fd/N/ without first opening its parent.
 _PROC_PATH_BUDGET = 4000
 
@@ -172,6 +175,11 @@ def remove_tree_at(fd: int, path: str) -> None:
 
 def copy_file_data(src_fd: int, dst_fd: int, size: int) -> None:
     """Copy ``size`` bytes keeping holes: SEEK_DATA/SEEK_HOLE to find data, copy_file_range to move it."""
+    if size <= _SMALL_FILE:
+        _copy_range(src_fd, dst_fd, 0, size)  # too small to hold a hole worth looking for
+        if os.fstat(dst_fd).st_size != size:
+            os.ftruncate(dst_fd, size)
+        return
     pos = 0
     while pos < size:
         try:

@@ -214,7 +214,9 @@ def copy_owner_mode_times(target: int | str, st: os.stat_result, is_link: bool, 
     """chown (or record an owner override), then chmod (chown clears setuid), then times."""
     follow = isinstance(target, int)
     try:
-        if isinstance(target, int):
+        if (st.st_uid, st.st_gid) == (os.geteuid(), os.getegid()):
+            pass  # the copy is ours already
+        elif isinstance(target, int):
             os.fchown(target, st.st_uid, st.st_gid)
         else:
             os.chown(target, st.st_uid, st.st_gid, follow_symlinks=False)

@@ -91,7 +91,10 @@ class UnionFS(UnionTree):
         ppath = parent.path()
         path = join(ppath, name)
         st = lstat_at(ufd, path)
-        if self.whiteout_style is ondisk.WhiteoutStyle.CHAR_DEVICE:
+        if self.whiteout_style is ondisk.WhiteoutStyle.CHAR_DEVICE and st is None:
+            # nothing to replace: creating the whiteout is one atomic step already
+            os.mknod(path, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=ufd)
+        elif self.whiteout_style is ondisk.WhiteoutStyle.CHAR_DEVICE:
             tmp = self.tmp_name()
             os.mknod(tmp, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=self.work_fd)
             if st is not None and stat.S_ISDIR(st.st_mode):
