@@ -125,7 +125,8 @@ def _new_container(args: argparse.Namespace) -> Container:
     network = normalize_network(args.network)
     ports = [parse_port(p) for p in args.publish]
     if ports and network == "host":
-        ports = []  # as docker: published ports are meaningless with the host's network
+        print("WARNING: Published ports are discarded when using host network mode", file=sys.stderr)
+        ports = []
     if ports and network == "none":
         raise UsageError("-p: ports cannot be published with --network none")
     mounts: list[dict[str, Any]] = []

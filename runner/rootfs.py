@@ -55,9 +55,8 @@ class MountRequest:
 
 def make_init_layer(path: Path) -> Path:
     """Create the bottom layer that provides mount points: /proc /dev /sys and empty /etc files."""
-    for d in ("proc", "dev", "sys", "etc", "tmp"):
+    for d in ("proc", "dev", "sys", "etc"):
         (path / d).mkdir(parents=True, exist_ok=True)
-    os.chmod(path / "tmp", 0o1777)
     for name in ETC_FILES:
         (path / "etc" / name).touch()
     return path

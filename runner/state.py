@@ -230,6 +230,16 @@ class ContainerStore:
             shutil.rmtree(container.directory, ignore_errors=True)
 
 
+def _unmount_stale(mountpoint: Path) -> None:
+    """The union is mounted inside the container's namespaces and dies with them; a mount visible
+    here was left by something else (an older lamina, ``lamina mount`` of the container): drop it."""
+    if os.path.ismount(mountpoint):
+        import subprocess
+
+        log.info("unmounting stale %s", mountpoint)
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
+
+
 def refresh(container: Container) -> Container:
     """Mark a container whose monitor died as exited (see the module docstring)."""
     if container.state.status == STATUS_RUNNING and not container.monitor_alive():
@@ -242,6 +252,7 @@ def refresh(container: Container) -> Container:
         if fresh is not None and fresh.state.status != STATUS_RUNNING:
             return fresh
         log.info("container %s: its monitor is gone, marking it exited", container.short_id)
+        _unmount_stale(container.directory / "merged")
         container.state.status = STATUS_EXITED
         container.state.exit_code = CRASH_EXIT_CODE
         container.state.finished_at = now()

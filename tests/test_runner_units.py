@@ -185,3 +185,22 @@ def test_diff_kinds(tmp_path: Path) -> None:
     if os.geteuid() == 0:
         expected.insert(2, ("D", "/bin/ls"))
     assert result == expected
+
+
+@pytest.mark.parametrize(("argv", "forks"), [
+    (["run", "--rm", "img", "true"], True),
+    (["--root", "/r", "--log-level", "debug", "run", "-it", "img"], True),
+    (["run", "-d", "img"], False),
+    (["run", "--rm", "-itd", "img"], False),
+    (["run", "--detach", "img"], False),
+    (["--root", "run", "ps"], False),
+    (["ps", "-a"], False),
+    (["build", "run"], False),
+])
+def test_prefork_only_for_foreground_run(monkeypatch: pytest.MonkeyPatch, argv: list[str], forks: bool) -> None:
+    from runner import unionserver
+
+    calls: list[bool] = []
+    monkeypatch.setattr(unionserver, "prefork", lambda: calls.append(True))
+    unionserver.maybe_prefork(argv)
+    assert bool(calls) == forks
