@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from lamina.errors import ContainerError, LaminaError
+from lamina.errors import ContainerError, ContainerNotFound, LaminaError
 from runner import tty, unionserver
 from runner.network import PortMapping
 from runner.sandbox import Mount, Sandbox, SandboxSpec, call_in_userns, forward_signals, start_sandbox
@@ -79,7 +79,7 @@ def _finish(root: Path, container: Container, code: int) -> None:
 def run_attached(root: Path, container: Container) -> int:
     """Run in the foreground (``run`` without ``-d``, ``start -a``); return the exit code."""
     spec = build_spec(root, container)
-    master = slave = None
+    master = slave = devnull = None
     if not container.interactive:
         devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         spec.stdin = devnull
@@ -96,8 +96,9 @@ def run_attached(root: Path, container: Container) -> int:
                 remove(root, container)
             raise
         finally:
-            if slave is not None:
-                os.close(slave)
+            for fd in (slave, devnull):
+                if fd is not None:
+                    os.close(fd)
         _mark_running(container, sandbox)
         forwarder.attach(sandbox)
         if master is not None:
@@ -200,7 +201,11 @@ def wait_stopped(store: ContainerStore, container: Container, timeout: float) ->
     """Wait until the container's monitor has recorded its exit; False on timeout."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        fresh = store.get(container.id)
+        try:
+            fresh = store.get(container.id)
+        except ContainerNotFound:  # it was started with --rm and is gone already
+            container.state.status = STATUS_EXITED
+            return True
         if not fresh.running:
             container.state = fresh.state
             return True
