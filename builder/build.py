@@ -9,8 +9,9 @@ then ``update_config``. Only the target stage and the stages it needs (``FROM st
 
 Layers: RUN runs in the runner's sandbox over a union mount whose lowers are the layers so far and
 whose upper is a fresh directory; that upper, minus the empty mount points the sandbox made for
-``--mount`` targets, is the layer. COPY and ADD write the new files straight into a fresh directory
-(see :mod:`builder.fsops`). A step whose directory ends up empty adds no layer: its history entry
+``--mount`` targets, is the layer (cleaned and packed as root of lamina's user namespace, since the
+command may have made files owned by subordinate ids). COPY and ADD write the new files straight
+into a fresh directory (see :mod:`builder.copying` and :mod:`builder.fsops`). A step whose directory ends up empty adds no layer: its history entry
 says ``empty_layer``, like metadata-only instructions.
 
 Resource handling: every temporary directory lives under the store's ``tmp/`` and is removed when
@@ -31,7 +32,6 @@ import os
 import posixpath
 import shlex
 import shutil
-import stat
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -42,7 +42,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from builder import dockerfile as df
 from builder.cache import BuildCache, chain_key
-from builder.context import BuildContext, has_glob
+from builder.context import BuildContext
+from builder.copying import copy_digest, copy_into_layer
 from builder.dockerignore import IgnoreRules
 from builder.fsops import (
     LayerView,
@@ -50,9 +51,7 @@ from builder.fsops import (
     copy_view_entry,
     ensure_parents,
     prune_empty_dirs,
-    remove_existing,
     resolve_dir_in_image,
-    set_owner_mode,
 )
 from builder.shellwords import Lexer
 from builder.variables import BuildArgs, FixedScope, StageScope
@@ -235,14 +234,14 @@ class Builder:
             layers: list[Layer] = []
             key = chain_key("", "FROM scratch")
         else:
-            parent_state = self._stage_by_name(image_ref, before=stage.index)
+            parent_state = self.stage_by_name(image_ref, before=stage.index)
             if parent_state is not None:
                 base_config = parent_state.full_config()
                 layers = list(parent_state.layers)
                 key = chain_key(parent_state.key, f"FROM stage {image_ref}")
                 base = parent_state.base
             else:
-                base = self._base_image(image_ref, from_)
+                base = self.base_image(image_ref, from_)
                 base_config = copy.deepcopy(base.config)
                 layers = list(base.layers)
                 key = chain_key("", f"FROM image {base.id}")
@@ -261,7 +260,7 @@ class Builder:
             self._step(state, inst)
         return state
 
-    def _stage_by_name(self, name: str, before: int) -> StageState | None:
+    def stage_by_name(self, name: str, before: int) -> StageState | None:
         assert self.dockerfile is not None
         lowered = name.lower()
         for stage in self.dockerfile.stages:
@@ -275,7 +274,7 @@ class Builder:
         self.states[stage.index] = state
         return state
 
-    def _base_image(self, ref: str, where: df.Instruction) -> Image:
+    def base_image(self, ref: str, where: df.Instruction) -> Image:
         if self.options.pull:
             try:
                 pulled = self._pull(ref)
@@ -328,7 +327,7 @@ class Builder:
         elif isinstance(inst, (df.Cmd, df.Entrypoint)):
             inst.argv = inst.resolve(state.image)
         elif isinstance(inst, (df.Copy, df.Add)):
-            inst.content_digest = self._copy_digest(state, inst)
+            inst.content_digest = copy_digest(self, state, inst)
         key = chain_key(state.key, inst.cache_text())
         entry = None if self.options.no_cache else self.cache.get(key)
         layer = self._cached_layer(entry) if entry is not None else None
@@ -388,7 +387,7 @@ class Builder:
                     return None
                 ensure_parents(str(diff), view, resolve_dir_in_image(view, path))
             elif isinstance(inst, (df.Copy, df.Add)):
-                self._copy(state, inst, tmp, diff)
+                copy_into_layer(self, state, inst, tmp, diff)
             if not any(diff.iterdir()) and not _is_opaque(diff):
                 return None
             return self.store.commit_layer(diff)
@@ -498,9 +497,9 @@ class Builder:
         # writes go to a throw-away copy, as in docker.
         source_path = m.source or "/"
         if m.from_:
-            src_state = self._stage_by_name(m.from_, before=state.stage.index)
+            src_state = self.stage_by_name(m.from_, before=state.stage.index)
             view = src_state.view() if src_state else LayerView(
-                [layer.path for layer in reversed(self._base_image(m.from_, state.stage.from_).layers)])
+                [layer.path for layer in reversed(self.base_image(m.from_, state.stage.from_).layers)])
             entry = view.lookup(source_path)
             if entry is None:
                 raise BuildError(f"--mount from={m.from_}: {source_path} not found")
@@ -518,263 +517,6 @@ class Builder:
                 shutil.copy2(host, copy_dest)
             host = copy_dest
         return mount_cls(target=target, source=host, readonly=m.readonly)
-
-    # --- COPY / ADD --------------------------------------------------------------------------
-    def _copy_source_state(self, state: StageState, inst: df.Copy) -> tuple[LayerView, str]:
-        """The view to copy from and a key standing for its content."""
-        assert inst.from_stage is not None
-        src_state = self._stage_by_name(inst.from_stage, before=state.stage.index)
-        if src_state is not None:
-            return src_state.view(), src_state.key
-        image = self._base_image(inst.from_stage, inst)
-        return LayerView([layer.path for layer in reversed(image.layers)]), image.id
-
-    def _copy_digest(self, state: StageState, inst: df.Copy | df.Add) -> str:
-        if isinstance(inst, df.Copy) and inst.from_stage is not None:
-            _, key = self._copy_source_state(state, inst)
-            return "from:" + key
-        local = [s for s in inst.sources if not inst.heredoc_for(s) and not df.is_url(s)]
-        urls = [s for s in inst.sources if df.is_url(s)]
-        try:
-            rels = [rel for source in local for rel in self.context.resolve(source)]
-            digest = self.context.digest(rels) if rels else ""
-        except BuildError as e:
-            raise inst.error(f"{inst.keyword} failed: {e}") from None
-        if urls:
-            # Remote content is fetched on every build unless pinned by --checksum (as docker).
-            checksum = getattr(inst, "checksum", None)
-            digest += "|urls:" + (checksum or _now())
-        return digest
-
-    def _chown(self, state: StageState, spec: str | None, inst: df.Instruction) -> tuple[int | None, int | None]:
-        """``--chown=user[:group]`` by name (the image's /etc/passwd and /etc/group) or number; a user
-        without a group uses the same number as gid (Dockerfile reference)."""
-        if spec is None:
-            return None, None
-        user, _, group = spec.partition(":")
-        view = state.view()
-
-        def lookup(db: str, name: str) -> int:
-            if name.isdigit():
-                return int(name)
-            for line in (view.read_file(db) or b"").decode("utf-8", "replace").splitlines():
-                fields = line.split(":")
-                if len(fields) > 2 and fields[0] == name and fields[2].isdigit():
-                    return int(fields[2])
-            raise inst.error(f"--chown={spec}: no {'user' if db == '/etc/passwd' else 'group'} named "
-                             f"{name!r} in the image's {db}")
-
-        if not user:
-            raise inst.error(f"--chown={spec}: missing user")
-        uid = lookup("/etc/passwd", user)
-        gid = lookup("/etc/group", group) if group else uid
-        return uid, gid
-
-    def _copy(self, state: StageState, inst: df.Copy | df.Add, tmp: Path, diff: Path) -> None:
-        view = state.view()
-        uid, gid = self._chown(state, inst.chown, inst)
-        chmod = int(inst.chmod, 8) if inst.chmod else None
-        from_other = isinstance(inst, df.Copy) and inst.from_stage is not None
-        # Context files belong to root unless --chown; files of another stage keep their owners.
-        owner = Ownership(uid=uid if uid is not None else (None if from_other else 0),
-                          gid=gid if gid is not None else (None if from_other else 0), chmod=chmod)
-        dest = inst.dest
-        if not dest.startswith("/"):
-            dest = posixpath.join(state.image.workdir, dest)
-        dest_is_dir_syntax = inst.dest.endswith("/") or inst.dest in (".", "..") or inst.dest.endswith("/.")
-        dest = posixpath.normpath(dest)
-
-        # Collect (kind, handle, basename) for every source after glob expansion.
-        items: list[tuple[str, Any, str]] = []
-        try:
-            for source in inst.sources:
-                doc = inst.heredoc_for(source)
-                if doc is not None:
-                    items.append(("heredoc", doc, doc.name))
-                elif df.is_url(source):
-                    items.append(("url", source, _url_basename(source)))
-                elif from_other:
-                    src_view, _ = self._copy_source_state(state, inst)  # type: ignore[arg-type]
-                    for match in _view_glob(src_view, source):
-                        items.append(("view", (src_view, match), posixpath.basename(match.path) or "/"))
-                else:
-                    for rel in self.context.resolve(source):
-                        items.append(("context", rel, posixpath.basename(rel) if rel != "." else "."))
-        except BuildError as e:
-            raise inst.error(f"{inst.keyword} failed: {e}") from None
-        many = len(items) > 1 or any(has_glob(s) for s in inst.sources if not inst.heredoc_for(s))
-        dest_is_dir = dest_is_dir_syntax or view.exists_as_dir(dest)
-        if many and not dest_is_dir:
-            raise inst.error(f"When using {inst.keyword} with more than one source file, the destination "
-                             "must be a directory and end with a /")
-        parent = dest if dest_is_dir else posixpath.dirname(dest)
-        dest_host_dir = ensure_parents(str(diff), view, resolve_dir_in_image(view, parent))
-
-        def file_target(basename: str) -> str:
-            return os.path.join(dest_host_dir, basename if dest_is_dir else posixpath.basename(dest))
-
-        def new_dir_target() -> str:
-            # A directory source copied to a path that is not an existing directory: it becomes one.
-            target = file_target("")
-            if not os.path.isdir(target):
-                remove_existing(target)
-                os.mkdir(target)
-                u, g, mode = owner.resolve(0, 0, stat.S_IFDIR | 0o755)
-                set_owner_mode(target, u, g, mode)
-            return target
-
-        for kind, handle, basename in items:
-            if kind == "heredoc":
-                target = file_target(basename)
-                remove_existing(target)
-                with open(target, "w") as f:
-                    f.write(handle.body)
-                u, g, mode = owner.resolve(0, 0, stat.S_IFREG | 0o644)
-                set_owner_mode(target, u, g, mode)
-            elif kind == "url":
-                assert isinstance(inst, df.Add)
-                target = file_target(basename)
-                remove_existing(target)
-                _download(handle, target, inst.checksum, inst)
-                u, g, mode = owner.resolve(0, 0, stat.S_IFREG | 0o600)
-                set_owner_mode(target, u, g, mode)
-            elif kind == "view":
-                src_view, entry = handle
-                if entry.is_dir:
-                    target = dest_host_dir if dest_is_dir else new_dir_target()
-                    for name, backing, cst, merged in src_view.list_dir(entry):
-                        copy_view_entry(src_view, backing, cst, merged, os.path.join(target, name), owner)
-                else:
-                    copy_view_entry(src_view, entry.backing, entry.st, (), file_target(basename), owner)
-            else:
-                rel = handle
-                host = self.context.root / rel if rel != "." else self.context.root
-                st = self.context.source_stat(rel)
-                if stat.S_ISDIR(st.st_mode):
-                    self.context.copy_out(rel, dest_host_dir if dest_is_dir else new_dir_target(), owner)
-                elif isinstance(inst, df.Add) and _is_archive(str(host)):
-                    into = dest_host_dir if dest_is_dir else new_dir_target()
-                    self._extract(str(host), into, tmp, owner if inst.chown else None, inst)
-                else:
-                    self.context.copy_out(rel, file_target(basename), owner)
-
-    def _extract(self, archive: str, into: str, tmp: Path, owner: Ownership | None, inst: df.Add) -> None:
-        """ADD of a local tar archive: unpack it (validated as hostile, by the store's unpacker)
-        and merge it into ``into``."""
-        from store.layer_unpack import unpack_layer
-
-        staging = tmp / "archive"
-        try:
-            unpack_layer(Path(archive), staging, self.store.root / "tmp")
-        except LaminaError as e:
-            raise inst.error(f"ADD failed: cannot extract {os.path.basename(archive)}: {e}") from None
-        _merge_tree(str(staging), into, owner)
-        _remove_tree(staging)
-
-
-def _merge_tree(src: str, dest: str, owner: Ownership | None) -> None:
-    for name in sorted(os.listdir(src)):
-        s = os.path.join(src, name)
-        d = os.path.join(dest, name)
-        st = os.lstat(s)
-        if stat.S_ISDIR(st.st_mode) and os.path.isdir(d) and not os.path.islink(d):
-            _merge_tree(s, d, owner)
-            continue
-        remove_existing(d)
-        os.rename(s, d)
-    if owner is not None:
-        for dirpath, dirnames, filenames in os.walk(dest):
-            for name in [*dirnames, *filenames]:
-                p = os.path.join(dirpath, name)
-                st = os.lstat(p)
-                u, g, mode = owner.resolve(0, 0, st.st_mode)
-                set_owner_mode(p, u, g, mode)
-
-
-def _is_archive(path: str) -> bool:
-    import tarfile
-
-    try:
-        if not os.path.isfile(path):
-            return False
-        with open(path, "rb") as f:
-            head = f.read(512)
-        if head[:2] == b"\x1f\x8b" or head[:3] == b"BZh" or head[:6] == b"\xfd7zXZ\x00" or \
-                head[:4] == b"\x28\xb5\x2f\xfd":
-            return True
-        return tarfile.is_tarfile(path)
-    except OSError:
-        return False
-
-
-def _url_basename(url: str) -> str:
-    from urllib.parse import urlparse
-
-    name = posixpath.basename(urlparse(url).path)
-    return name or "index.html"
-
-
-def _download(url: str, target: str, checksum: str | None, inst: df.Instruction) -> None:
-    import hashlib
-    import urllib.error
-    import urllib.request
-
-    h = hashlib.sha256()
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(target, "wb") as f:
-            while chunk := response.read(1 << 20):
-                h.update(chunk)
-                f.write(chunk)
-            modified = response.headers.get("Last-Modified")
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        raise inst.error(f"ADD failed: cannot download {url}: {e}") from None
-    if checksum is not None and "sha256:" + h.hexdigest() != checksum:
-        raise inst.error(f"ADD failed: checksum mismatch for {url}: expected {checksum}, "
-                         f"got sha256:{h.hexdigest()}")
-    if modified:
-        from email.utils import parsedate_to_datetime
-
-        try:
-            when = parsedate_to_datetime(modified).timestamp()
-            os.utime(target, (when, when))
-        except (TypeError, ValueError):
-            pass
-
-
-def _view_glob(view: LayerView, pattern: str) -> list[Any]:
-    import fnmatch
-
-    from builder.context import has_glob
-
-    norm = posixpath.normpath("/" + pattern)
-    if not has_glob(norm):
-        entry = view.lookup(norm)
-        if entry is None:
-            raise BuildError(f"{pattern!r}: not found")
-        return [entry]
-    parts = [p for p in norm.split("/") if p]
-    root = view.lookup("/")
-    current = [root] if root is not None else []
-    for part in parts:
-        following = []
-        for entry in current:
-            if not entry.is_dir:
-                continue
-            if not has_glob(part):
-                child = view.lookup(posixpath.join(entry.path, part))
-                if child is not None:
-                    following.append(child)
-                continue
-            for name, _b, _s, _m in view.list_dir(entry):
-                if fnmatch.fnmatchcase(name, part):
-                    child = view.lookup(posixpath.join(entry.path, name), follow=False)
-                    if child is not None:
-                        following.append(child)
-        current = following
-    result = current
-    if not result:
-        raise BuildError(f"{pattern!r}: no source files were specified (nothing matches)")
-    return result
 
 
 def _single_id_mapping() -> bool:

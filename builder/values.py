@@ -1,0 +1,133 @@
+"""Parsers for the values inside instructions: RUN mounts, ports, durations, signals.
+
+Pure functions of strings, shared by the instruction classes of :mod:`builder.instructions`.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from lamina.errors import DockerfileError
+
+
+@dataclass
+class RunMount:
+    """One ``--mount`` of a RUN: type cache, bind or tmpfs (secret and ssh are refused)."""
+
+    type: str
+    target: str
+    source: str | None = None
+    from_: str | None = None
+    id: str | None = None
+    readonly: bool = False
+    sharing: str = "shared"
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    size: str | None = None
+
+
+MOUNT_TYPES = ("bind", "cache", "tmpfs")
+
+
+def parse_mount(spec: str, error: Callable[[str], DockerfileError]) -> RunMount:
+    fields: dict[str, str] = {}
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        key, has_value, value = part.partition("=")
+        key = key.lower()
+        fields[key] = value if has_value else "true"
+    mount_type = fields.pop("type", "bind")
+    if mount_type in ("secret", "ssh"):
+        raise error(f"--mount=type={mount_type} is not supported by lamina")
+    if mount_type not in MOUNT_TYPES:
+        raise error(f"unsupported mount type {mount_type!r} (expected bind, cache or tmpfs)")
+    target = fields.pop("target", None) or fields.pop("dst", None) or fields.pop("destination", None)
+    if not target:
+        raise error("--mount requires a target (target=/path)")
+    mount = RunMount(type=mount_type, target=target)
+    for key, value in fields.items():
+        if key in ("source", "src"):
+            mount.source = value
+        elif key == "from":
+            mount.from_ = value
+        elif key == "id":
+            mount.id = value
+        elif key in ("ro", "readonly"):
+            mount.readonly = value.lower() in ("true", "1", "")
+        elif key in ("rw", "readwrite"):
+            mount.readonly = value.lower() not in ("true", "1", "")
+        elif key == "sharing":
+            if value not in ("shared", "private", "locked"):
+                raise error(f"unsupported sharing value {value!r}")
+            mount.sharing = value
+        elif key in ("mode", "uid", "gid"):
+            try:
+                number = int(value, 8) if key == "mode" else int(value)
+            except ValueError:
+                raise error(f"invalid {key} value {value!r} in --mount") from None
+            setattr(mount, key, number)
+        elif key == "size":
+            mount.size = value
+        else:
+            raise error(f"unexpected key {key!r} in --mount={spec}")
+    if mount.type == "bind" and "rw" not in fields and "readwrite" not in fields:
+        # Bind mounts are read-only unless rw is given (docker's default).
+        mount.readonly = True if "ro" not in fields and "readonly" not in fields else mount.readonly
+    return mount
+
+
+_PORT_RE = re.compile(r"^(\d+)(?:-(\d+))?(?:/(tcp|udp|sctp))?$", re.IGNORECASE)
+
+
+def parse_ports(spec: str) -> list[str]:
+    """``80``, ``80/udp``, ``8000-8002/tcp`` -> ``["80/tcp"]``...; ValueError on anything else."""
+    if ":" in spec:
+        # EXPOSE ip:host:container is accepted by docker but only the container port matters.
+        spec = spec.rsplit(":", 1)[1]
+    m = _PORT_RE.match(spec)
+    if not m:
+        raise ValueError(spec)
+    first = int(m.group(1))
+    last = int(m.group(2)) if m.group(2) else first
+    proto = (m.group(3) or "tcp").lower()
+    if not (0 < first <= last <= 65535):
+        raise ValueError(spec)
+    return [f"{port}/{proto}" for port in range(first, last + 1)]
+
+
+def signal_ok(value: str) -> bool:
+    if value.isdigit():
+        return 0 < int(value) < 65
+    name = value.upper()
+    name = name if name.startswith("SIG") else "SIG" + name
+    if re.fullmatch(r"SIGRTM(IN|AX)([+-]\d+)?", name):
+        return True
+    return hasattr(signal.Signals, name)
+
+
+_DURATION_PART_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_DURATION_UNITS = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 1_000_000_000,
+                   "m": 60_000_000_000, "h": 3_600_000_000_000}
+
+
+def parse_duration(text: str) -> int:
+    """A Go duration (``30s``, ``1m30s``, ``500ms``) in nanoseconds; ValueError otherwise."""
+    if text == "0":
+        return 0
+    pos = 0
+    total = 0.0
+    if not text:
+        raise ValueError(text)
+    while pos < len(text):
+        m = _DURATION_PART_RE.match(text, pos)
+        if not m:
+            raise ValueError(text)
+        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        pos = m.end()
+    return int(total)
