@@ -303,23 +303,20 @@ def start_sandbox(spec: SandboxSpec, server: UnionServer | None = None) -> Sandb
         if error is not None or not container_pid:
             _raise_event(error, "the sandbox exited before running the command")
     except BaseException:
-        os.close(sync_w) if _fd_open(sync_w) else None
-        os.close(go_w) if _fd_open(go_w) else None
-        os.close(status_r)
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         os.waitpid(pid, 0)
         if server is not None:
-            server.stop()
+            server.stop(grace=0)
         if slirp is not None:
             slirp.close()
         if temp_dir is not None:
             shutil.rmtree(temp_dir, ignore_errors=True)
         raise
-    for fd in (sync_w, go_w, status_r):
-        if _fd_open(fd):
+    finally:
+        for fd in (sync_w, go_w, status_r):
             os.close(fd)
     log.debug("sandbox: command started as pid %d", container_pid)
     if server is not None:
@@ -336,14 +333,6 @@ def _close_fds_except(keep: set[int | None]) -> None:
             os.closerange(low, fd)
         low = max(low, fd + 1)
     os.closerange(low, 1 << 16)
-
-
-def _fd_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-        return True
-    except OSError:
-        return False
 
 
 class _EventReader:

@@ -68,7 +68,7 @@ class UnionServer:
             return
         deadline = time.monotonic() + grace
         delay = 0.0005
-        while time.monotonic() < deadline:
+        while grace > 0 and time.monotonic() < deadline:
             pid, _ = os.waitpid(self.pid, os.WNOHANG)
             if pid:
                 self._reaped = True

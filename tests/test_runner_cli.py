@@ -109,6 +109,7 @@ def test_volumes_ro_rw_and_anonymous(lamina: Lamina, tmp_path: Path) -> None:
     assert not any("/rw/out" in line for line in diff)
 
 
+@pytest.mark.slow
 def test_detach_logs_stop_ps_rm(lamina: Lamina, module_root: Path) -> None:
     script = 'echo started; trap "echo bye; exit 0" TERM; while :; do sleep 0.1; done'
     r = lamina("run", "-d", "--name", "bg", IMAGE, "sh", "-c", script)
