@@ -251,12 +251,15 @@ def workdir_entries(work: Path) -> list[str]:
     for dirpath, dirs, files in os.walk(work):
         for name in dirs + files:
             rel = os.path.relpath(os.path.join(dirpath, name), work)
-            if rel not in FIXED_WORKDIR_ENTRIES:
+            if rel not in FIXED_WORKDIR_ENTRIES and not rel.startswith(PERSISTENT_PREFIXES):
                 found.append(rel)
     return sorted(found)
 
 
-FIXED_WORKDIR_ENTRIES = {"work", "index"}
+# work/work is scratch (emptied at mount); lamina-index is lamina's persistent hardlink index (like
+# the kernel's work/index with index=on), which must survive.
+FIXED_WORKDIR_ENTRIES = {"work", "index", "lamina-index"}
+PERSISTENT_PREFIXES = ("lamina-index/", "index/")
 
 
 def cleanup(mounted: MountedUnion) -> None:
