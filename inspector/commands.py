@@ -123,10 +123,19 @@ def _load_image(root: Path, reference: str) -> LoadedImage:
 
 
 def _analyze(loaded: LoadedImage) -> StackAnalysis:
-    try:
-        return analyze(loaded.inputs, top_is_container=loaded.container is not None)
-    except FileNotFoundError as e:
-        raise NotFoundError(f"{loaded.reference}: {e} (store damaged? re-pull or rebuild the image)") from e
+    """Analyze the layers as root of lamina's user namespace.
+
+    Unprivileged, layer files owned by subordinate ids (a container's ``chown 1000 /data; chmod
+    700 /data``, an image's ``_apt`` cache directory) are unreadable to the user but not to root
+    of the namespace that maps those ids; as real root this runs in-process.
+    """
+    from runner.sandbox import call_in_userns
+
+    if not all(Path(layer.path).is_dir() for layer in loaded.inputs):
+        missing = next(layer.path for layer in loaded.inputs if not Path(layer.path).is_dir())
+        raise NotFoundError(f"{loaded.reference}: layer directory missing: {missing} "
+                            f"(store damaged? re-pull or rebuild the image)")
+    return call_in_userns(analyze, loaded.inputs, loaded.container is not None)
 
 
 def _out(line: str) -> None:

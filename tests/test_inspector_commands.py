@@ -327,3 +327,16 @@ def test_umount_busy_then_lazy(lamina_cmd, image_root: Path) -> None:  # type: i
     while server_running(pid):
         assert time.monotonic() < deadline, "the unionfs server did not exit after a lazy unmount"
         time.sleep(0.05)
+
+
+@pytest.mark.unprivileged
+def test_which_layers_on_a_container_with_foreign_owned_files(unpriv) -> None:  # type: ignore[no-untyped-def]
+    # With subordinate ids, /data belongs to a subordinate uid with mode 0700: unreadable to the user
+    # on the host, readable to root of lamina's user namespace, where the analysis runs.
+    unpriv.lamina("run", "--name", "own", "lamina/busybox", "sh", "-c",
+                  "mkdir /data; echo s > /data/s; chown -R 1000:1000 /data; chmod 700 /data; chmod 600 /data/s",
+                  check=True, timeout=300)
+    which = unpriv.lamina("which", "own", "/data/s", check=True).stdout
+    assert which.splitlines()[0] == "/data/s: provided by the container layer"
+    rows = json.loads(unpriv.lamina("layers", "own", "--json", check=True).stdout)["layers"]
+    assert rows[-1]["container"] is True and rows[-1]["added"] == 2 and rows[-1]["size"] == 2
