@@ -176,6 +176,15 @@ class RegistryClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def clone(self) -> RegistryClient:
+        """A client for the same registry with its own connection, sharing what the ping and the token
+        server answered (so parallel downloads need neither again). Each thread uses its own clone."""
+        twin = RegistryClient(self.registry, tls_verify=self.tls_verify, credentials=self.credentials,
+                              timeout=self.timeout)
+        self._ping()
+        twin._endpoint, twin._challenge, twin._tokens = self._endpoint, self._challenge, self._tokens
+        return twin
+
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()

@@ -14,12 +14,14 @@ registry records is the digest lamina knows.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import functools
 import getpass
 import json
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -152,6 +154,61 @@ def retrying(what: str, bar: ProgressBar | None, action: Callable[[], T]) -> T:
     raise AssertionError("unreachable")
 
 
+# Layers downloaded at once, as docker and podman do (each on its own connection).
+PARALLEL_DOWNLOADS = 3
+
+
+def download_blobs(client: RegistryClient, repository: str, blobs: dict[str, int], tmp_dir: Path,
+                   progress: Progress, downloaded: list[tuple[str, Path]]) -> None:
+    """Download ``blobs`` (digest → size) into ``tmp_dir``, verified, up to PARALLEL_DOWNLOADS at once.
+
+    Resource handling: each finished download is appended to ``downloaded`` as soon as it exists, so
+    the caller can remove them all, whatever happens. On any error (or Ctrl-C) the other downloads
+    are stopped and waited for before the error propagates.
+    """
+    if len(blobs) <= 1 or PARALLEL_DOWNLOADS <= 1:
+        for digest, size in blobs.items():
+            bar = progress.bar(f"Copying blob {digest[7:19]}", size)
+            downloaded.append((digest, retrying(
+                f"download of {digest[7:19]}", bar,
+                functools.partial(client.fetch_blob, repository, digest, tmp_dir, size=size, progress=bar))))
+            bar.finish("done")
+        return
+    # Several bars cannot share one terminal line: one bar for the total, a line per finished blob.
+    total = progress.bar(f"Copying {len(blobs)} blobs", sum(blobs.values()))
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def count(n: int) -> None:
+        if stop.is_set():
+            raise RegistryError("download cancelled")
+        with lock:
+            total(n)
+
+    def fetch(digest: str, size: int) -> Path:
+        with client.clone() as own:
+            return retrying(f"download of {digest[7:19]}", None,
+                            functools.partial(own.fetch_blob, repository, digest, tmp_dir, size=size, progress=count))
+
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=PARALLEL_DOWNLOADS, thread_name_prefix="pull")
+    futures = {pool.submit(fetch, digest, size): digest for digest, size in blobs.items()}
+    try:
+        for future in concurrent.futures.as_completed(futures):
+            downloaded.append((futures[future], future.result()))
+            progress.line(f"Copying blob {futures[future][7:19]} done")
+    except BaseException:
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+        for future, digest in futures.items():
+            if future.done() and not future.cancelled() and future.exception() is None \
+                    and (digest, future.result()) not in downloaded:
+                downloaded.append((digest, future.result()))
+        raise
+    finally:
+        pool.shutdown(wait=True)
+    total.finish("done")
+
+
 def pull_image(store: Store, ref: Reference, client: RegistryClient, progress: Progress,
                platform: Platform | None = None) -> Image:
     """Download ``ref`` into ``store`` (only the blobs it lacks) and record it; returns the Image.
@@ -198,17 +255,13 @@ def pull_image(store: Store, ref: Reference, client: RegistryClient, progress: P
     # about the last layer leaves no trace of the first ones.
     downloaded: list[tuple[str, Path]] = []
     try:
+        missing: dict[str, int] = {}
         for layer in layers:
-            digest, size = layer["digest"], layer["size"]
-            label = f"Copying blob {digest[7:19]}"
-            if store.has_blob(digest) or any(d == digest for d, _ in downloaded):
-                progress.line(f"{label} skipped: already exists")
-                continue
-            bar = progress.bar(label, size)
-            path = retrying(f"download of {digest[7:19]}", bar,
-                            functools.partial(client.fetch_blob, repository, digest, tmp_dir, size=size, progress=bar))
-            downloaded.append((digest, path))
-            bar.finish("done")
+            if store.has_blob(layer["digest"]) or layer["digest"] in missing:
+                progress.line(f"Copying blob {layer['digest'][7:19]} skipped: already exists")
+            else:
+                missing[layer["digest"]] = layer["size"]
+        download_blobs(client, repository, missing, tmp_dir, progress, downloaded)
         progress.line(f"Copying config {config_digest[7:19]} done")
         progress.line("Writing manifest to image destination")
         tags = [str(ref.with_tag(ref.tag))] if ref.tag else []

@@ -423,7 +423,8 @@ class FakeRegistry:
     ``http://localhost:PORT/blobstore/DIGEST`` (another host name, like a CDN). ``stall_after=N`` sends
     the first N bytes of every larger blob, sets ``stalled`` and waits for ``release`` (at most 30 s), for
     tests that kill a client mid-download. The first ``failing_blob_gets`` blob GETs fail: with a 503
-    (``failure="503"``) or by closing the connection half way (``failure="truncate"``). With ``bearer`` set, every ``/v2/`` request needs a
+    (``failure="503"``) or by closing the connection half way (``failure="truncate"``). ``blob_delay``
+    holds every blob GET that long; ``max_in_flight`` is the most blob GETs ever served at once. With ``bearer`` set, every ``/v2/`` request needs a
     token from the token server (which wants basic credentials ``token_user:token_password`` if set).
     """
 
@@ -436,6 +437,10 @@ class FakeRegistry:
     stall_after: int | None = None
     failing_blob_gets: int = 0
     failure: str = "503"
+    blob_delay: float = 0.0
+    max_in_flight: int = 0
+    _in_flight: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
     stalled: threading.Event = field(default_factory=threading.Event)
     release: threading.Event = field(default_factory=threading.Event)
     token_user: str | None = None
@@ -546,6 +551,13 @@ class FakeRegistry:
                         self._send(307, b"", {"Location": f"http://localhost:{fake.port}/blobstore/{ref}"})
                         return
                     data = fake.blob_override.get(ref, fake.blobs[ref])
+                    if fake.blob_delay and self.command == "GET":
+                        with fake._lock:
+                            fake._in_flight += 1
+                            fake.max_in_flight = max(fake.max_in_flight, fake._in_flight)
+                        time.sleep(fake.blob_delay)
+                        with fake._lock:
+                            fake._in_flight -= 1
                     if fake.failing_blob_gets > 0 and self.command == "GET":
                         fake.failing_blob_gets -= 1
                         if fake.failure == "503":

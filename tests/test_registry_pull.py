@@ -503,3 +503,35 @@ def test_concurrent_pulls_share_the_store(registry: RunningRegistry, tmp_path: P
     assert lamina_cmd("system", "check", root=root).stdout.strip().endswith("ok")
     image = open_store(root).resolve_image(f"{registry.address}/race/img:1")
     assert [layer.digest for layer in image.layers] == [digest_of(b) for b in layers]
+
+
+def test_layers_download_in_parallel(tmp_path: Path, lamina_cmd) -> None:  # type: ignore[no-untyped-def]
+    from store.registry_commands import PARALLEL_DOWNLOADS
+
+    fake = FakeRegistry(blob_delay=0.3)
+    layers = [layer_blob({f"etc/{i}": os.urandom(64 << 10)}) for i in range(5)]
+    config, _ = fake.add_image("many/img", "1", layers)
+    with fake.serve():
+        out = lamina_cmd("pull", "--tls-verify=false", f"{fake.address}/many/img:1")
+    assert out.stdout.strip() == digest_of(config)[7:]
+    assert fake.max_in_flight == PARALLEL_DOWNLOADS
+    image = open_store(tmp_path / "lamina-root").resolve_image(f"{fake.address}/many/img:1")
+    assert [layer.digest for layer in image.layers] == [digest_of(b) for b in layers]
+
+
+def test_a_failing_parallel_download_stops_the_others(tmp_path: Path) -> None:
+    from lamina.errors import RegistryError
+    from store.registry_commands import pull
+
+    fake = FakeRegistry(blob_delay=0.2)
+    layers = [layer_blob({f"etc/{i}": os.urandom(64 << 10)}) for i in range(6)]
+    fake.add_image("some/bad", "1", layers)
+    fake.blob_override[digest_of(layers[1])] = bytes(len(layers[1]))
+    root = tmp_path / "root"
+    store = open_store(root)
+    before = store_state(root)
+    with fake.serve():
+        with pytest.raises(RegistryError, match="refused"):
+            pull(store, f"{fake.address}/some/bad:1", tls_verify=False)
+    assert store_state(root) == before
+    assert list((root / "tmp").glob("*.pull")) == []
