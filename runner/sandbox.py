@@ -429,7 +429,11 @@ def _keeper(spec: SandboxSpec, network: str, status_w: int, sync_r: int, go_r: i
     flags = linux.CLONE_NEWUSER | linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC
     if network != "host":
         flags |= linux.CLONE_NEWNET
-    linux.unshare(flags)
+    try:
+        linux.unshare(flags)
+    except OSError as e:
+        raise ContainerError(f"cannot create the container's namespaces: {e.strerror} (are unprivileged user "
+                             "namespaces disabled? see sysctl user.max_user_namespaces)") from e
     _send(status_w, event="unshared")
     if os.read(sync_r, 1) != b"1":
         return 125
