@@ -115,7 +115,7 @@ def import_tarball(store: Store, source: str, tags: list[str], changes: list[str
             except LayerError as e:
                 raise LayerError(f"import: {source}: {e}") from None
             bar.finish("unpacked")
-            layer = store.commit_layer(work / "rootfs")
+            layer = store.commit_layer(work / "rootfs", adopt=True)
             created = now_rfc3339()
             history = {"created": created, "created_by": f"lamina import {source}"}
             if message:

@@ -276,33 +276,49 @@ class Store:
                 result = unpack_layer(self.blobs.path(blob_digest), work / "diff", self.tmp_dir, Limits(),
                                       expected_diff_id=expected_diff_id, progress=progress,
                                       source_digest=blob_digest)
-                info = {"diff_id": result.diff_id, "size": result.tar_size, "created": now_rfc3339()}
-                (work / "layer.json").write_bytes(canonical_json(info))
-                final = self.layers_dir / digest_hex(result.diff_id)
-                if not final.exists():
-                    try:
-                        os.rename(work, final)
-                        fsync_dir(self.layers_dir)
-                    except OSError as e:
-                        if not final.exists():  # anything but losing a race to another writer
-                            raise StoreError(f"cannot move layer into place: {e.strerror}") from None
+                self._install_layer(work, result.diff_id, result.tar_size)
                 return result.diff_id, result.tar_size
             finally:
                 if work.exists():
                     remove_tree(work)
 
-    def commit_layer(self, diff_dir: Path, progress: Any = None) -> Layer:
+    def _install_layer(self, work: Path, diff_id: str, size: int) -> None:
+        """Publish ``work`` (holding a complete ``diff/``) as ``layers/<diffhex>`` by one rename."""
+        info = {"diff_id": diff_id, "size": size, "created": now_rfc3339()}
+        (work / "layer.json").write_bytes(canonical_json(info))
+        final = self.layers_dir / digest_hex(diff_id)
+        if final.exists():
+            return
+        try:
+            os.rename(work, final)
+            fsync_dir(self.layers_dir)
+        except OSError as e:
+            if not final.exists():  # anything but losing a race to another writer
+                raise StoreError(f"cannot move layer into place: {e.strerror}") from None
+
+    def commit_layer(self, diff_dir: Path, progress: Any = None, adopt: bool = False) -> Layer:
         """Turn an upper directory (unionfs on-disk format) into a stored layer.
 
         The directory is written as a deterministic gzip-compressed OCI layer tar (whiteouts as
         ``.wh.`` entries, owner overrides in the headers) into the blob store, then unpacked from
         that blob into ``layers/`` (so the stored layer is exactly what the tar says). ``diff_dir``
-        itself is only read.
+        itself is only read, unless ``adopt``: the caller then promises that ``diff_dir`` was made by
+        :func:`store.layer_unpack.unpack_layer` in this store's ``tmp`` (so it already is what
+        unpacking the tar would give) and hands it over; it is moved into place, not unpacked again.
         """
         with self.lock(shared=True):
             with self.blobs.writer() as w:
                 result = pack_layer(Path(diff_dir), w, compress=True, progress=progress)
             assert result.digest is not None
+            if adopt and not self.has_layer(result.diff_id):
+                work = temp_name(self.tmp_dir, "layer")
+                work.mkdir(parents=True)
+                try:
+                    os.rename(diff_dir, work / "diff")
+                    self._install_layer(work, result.diff_id, result.tar_size)
+                finally:
+                    if work.exists():
+                        remove_tree(work)
             diff_id, size = self.ensure_layer(result.digest, result.diff_id)
             return Layer(diff_id=diff_id, digest=result.digest, path=self.layer_dir(diff_id), size=size,
                          media_type=OCI_LAYER_GZIP)
