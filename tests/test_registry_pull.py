@@ -316,12 +316,13 @@ def run_on_terminal(argv: list[str]) -> tuple[subprocess.CompletedProcess[bytes]
 
 def test_progress_on_a_terminal_only(registry: RunningRegistry, tmp_path: Path) -> None:
     with RegistryClient(registry.address, tls_verify=False) as client:
-        _, config = upload_image(client, "tty/app", "1", [layer_blob({"t": b"t"})], tmp_path)
+        _, config = upload_image(client, "tty/app", "1", [layer_blob({"t": b"t"}), layer_blob({"u": b"u"})],
+                                 tmp_path)
     lamina = [sys.executable, "-m", "lamina", "--root", str(tmp_path / "root")]
     result, shown = run_on_terminal([*lamina, "pull", "--tls-verify=false", f"{registry.address}/tty/app:1"])
     assert result.returncode == 0
     assert result.stdout.decode().strip() == config[7:]
-    assert "Copying blob" in shown and "Writing manifest" in shown
+    assert "Copying 2 blobs" in shown and shown.count("Copying blob") == 2 and "Writing manifest" in shown
 
     result, shown = run_on_terminal([*lamina, "push", "--tls-verify=false", f"{registry.address}/tty/app:1",
                                      f"{registry.address}/tty/copy:1"])
