@@ -109,6 +109,13 @@ def test_volumes_ro_rw_and_anonymous(lamina: Lamina, tmp_path: Path) -> None:
     assert not any("/rw/out" in line for line in diff)
 
 
+def _wait_for_log(lamina: Lamina, name: str, starts: int) -> None:
+    deadline = time.monotonic() + 10
+    while lamina("logs", name).stdout.split().count("started") < starts:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
 @pytest.mark.slow
 def test_detach_logs_stop_ps_rm(lamina: Lamina, module_root: Path) -> None:
     script = 'echo started; trap "echo bye; exit 0" TERM; while :; do sleep 0.1; done'
@@ -131,10 +138,13 @@ def test_detach_logs_stop_ps_rm(lamina: Lamina, module_root: Path) -> None:
     assert record(module_root, "bg")["state"]["exit_code"] == 0
     assert "bg" not in lamina("ps").stdout
     assert "Exited (0)" in lamina("ps", "-a").stdout
-    # a restart runs the command again
+    # start runs the command again; restart stops it (STOPSIGNAL) and starts it once more
     assert lamina("start", "bg").returncode == 0
+    _wait_for_log(lamina, "bg", 2)
+    assert lamina("restart", "-t", "5", "bg").returncode == 0
+    _wait_for_log(lamina, "bg", 3)
     assert lamina("stop", "-t", "5", "bg").returncode == 0
-    assert lamina("logs", "bg").stdout.split() == ["started", "bye", "started", "bye"]
+    assert lamina("logs", "bg").stdout.split() == ["started", "bye"] * 3
     assert lamina("rm", "bg").returncode == 0
     assert not (module_root / "containers" / cid).exists()
 
