@@ -564,6 +564,8 @@ class Store:
                 (self.images_dir / f"{image.id}.json").unlink()
             self.gc()
 
+    delete = delete_image  # the name the brief uses
+
     def _gc_roots(self) -> tuple[set[str], set[str]]:
         """(blob digests, layer diff_ids) that must be kept."""
         blobs: set[str] = set()
