@@ -253,6 +253,7 @@ class Builder:
                            history=list(copy.deepcopy(base_config.get("history") or [])),
                            scope=StageScope(self.build_args, image), key=key, base=base)
         self.out.line(f"--> {key[:12]}" if parent_state is None else f"--> {parent_state.key[:12]}")
+        self.total_steps += len(triggers)
         for number, trigger in enumerate(triggers):
             inst = df.parse_trigger(trigger, f"{image_ref} (ONBUILD trigger {number + 1})", from_.line)
             self._step(state, inst, label=f"ONBUILD {trigger}")

@@ -458,6 +458,9 @@ class _CopyLike(Instruction):
         self.chmod = self.flags.get("chmod")
         self.excludes = self.flags.all("exclude")
         self.heredoc_by_name = {doc.name: doc for doc in self.heredocs}
+        if self.excludes:
+            # Refused rather than ignored: silently copying excluded files would be worse.
+            raise self.error(f"{self.keyword} --exclude is not supported by lamina (use .dockerignore)")
         self.content_digest = ""  # set by the builder: hash of the sources' content and metadata
 
     def heredoc_for(self, source: str) -> Heredoc | None:
@@ -522,6 +525,8 @@ class Copy(_CopyLike):
     def __init__(self, line: LogicalLine, file: str, escape: str) -> None:
         super().__init__(line, file, escape)
         self.from_stage = self.flags.get("from")
+        if self.flags.boolean("parents"):
+            raise self.error("COPY --parents is not supported by lamina")
 
     def expand(self, scope: Scope) -> None:
         super().expand(scope)
