@@ -483,6 +483,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("images", help="list images")
     p.add_argument("repository", nargs="?", help="only images of this repository[:tag]")
     p.add_argument("-q", "--quiet", action="store_true", help="only IDs")
+    p.add_argument("-a", "--all", action="store_true",
+                   help="accepted for docker compatibility (lamina keeps no hidden intermediate images)")
     p.add_argument("--no-trunc", action="store_true", help="full IDs")
     p.add_argument("--format", help="'json', 'table' or a template like '{{.ID}} {{.Size}}'")
     p.set_defaults(handler=cmd_images)
