@@ -154,55 +154,55 @@ def retrying(what: str, bar: ProgressBar | None, action: Callable[[], T]) -> T:
     raise AssertionError("unreachable")
 
 
-# Layers downloaded at once, as docker and podman do (each on its own connection).
-PARALLEL_DOWNLOADS = 3
+# Blobs transferred at once, as docker and podman do (each on its own connection).
+PARALLEL_TRANSFERS = 3
+
+# What one transfer does: (client of its own, digest, size, progress callback) -> result.
+Transfer = Callable[[RegistryClient, str, int, Callable[[int], None]], T]
 
 
-def download_blobs(client: RegistryClient, repository: str, blobs: dict[str, int], tmp_dir: Path,
-                   progress: Progress, downloaded: list[tuple[str, Path]]) -> None:
-    """Download ``blobs`` (digest → size) into ``tmp_dir``, verified, up to PARALLEL_DOWNLOADS at once.
+def transfer_blobs(client: RegistryClient, blobs: dict[str, tuple[str, int]], transfer: Transfer[T],
+                   progress: Progress, results: list[tuple[str, T]]) -> None:
+    """Run ``transfer`` for every blob (digest → (label, size)), up to PARALLEL_TRANSFERS at once.
 
-    Resource handling: each finished download is appended to ``downloaded`` as soon as it exists, so
-    the caller can remove them all, whatever happens. On any error (or Ctrl-C) the other downloads
-    are stopped and waited for before the error propagates.
+    Transient failures are retried. Resource handling: each result is appended to ``results`` as soon
+    as it exists, so the caller can clean up whatever happens. On any error (or Ctrl-C) the other
+    transfers are stopped and waited for before the error propagates.
     """
-    if len(blobs) <= 1 or PARALLEL_DOWNLOADS <= 1:
-        for digest, size in blobs.items():
-            bar = progress.bar(f"Copying blob {digest[7:19]}", size)
-            downloaded.append((digest, retrying(
-                f"download of {digest[7:19]}", bar,
-                functools.partial(client.fetch_blob, repository, digest, tmp_dir, size=size, progress=bar))))
+    if len(blobs) <= 1 or PARALLEL_TRANSFERS <= 1:
+        for digest, (label, size) in blobs.items():
+            bar = progress.bar(label, size)
+            results.append((digest, retrying(label, bar, functools.partial(transfer, client, digest, size, bar))))
             bar.finish("done")
         return
     # Several bars cannot share one terminal line: one bar for the total, a line per finished blob.
-    total = progress.bar(f"Copying {len(blobs)} blobs", sum(blobs.values()))
+    total = progress.bar(f"Copying {len(blobs)} blobs", sum(size for _, size in blobs.values()))
     lock = threading.Lock()
     stop = threading.Event()
 
     def count(n: int) -> None:
         if stop.is_set():
-            raise RegistryError("download cancelled")
+            raise RegistryError("transfer cancelled")
         with lock:
             total(n)
 
-    def fetch(digest: str, size: int) -> Path:
+    def run(digest: str, label: str, size: int) -> T:
         with client.clone() as own:
-            return retrying(f"download of {digest[7:19]}", None,
-                            functools.partial(own.fetch_blob, repository, digest, tmp_dir, size=size, progress=count))
+            return retrying(label, None, functools.partial(transfer, own, digest, size, count))
 
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=PARALLEL_DOWNLOADS, thread_name_prefix="pull")
-    futures = {pool.submit(fetch, digest, size): digest for digest, size in blobs.items()}
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=PARALLEL_TRANSFERS, thread_name_prefix="transfer")
+    futures = {pool.submit(run, digest, label, size): digest for digest, (label, size) in blobs.items()}
     try:
         for future in concurrent.futures.as_completed(futures):
-            downloaded.append((futures[future], future.result()))
-            progress.line(f"Copying blob {futures[future][7:19]} done")
+            results.append((futures[future], future.result()))
+            progress.line(f"{blobs[futures[future]][0]} done")
     except BaseException:
         stop.set()
         pool.shutdown(wait=True, cancel_futures=True)
+        finished = {digest for digest, _ in results}
         for future, digest in futures.items():
-            if future.done() and not future.cancelled() and future.exception() is None \
-                    and (digest, future.result()) not in downloaded:
-                downloaded.append((digest, future.result()))
+            if digest not in finished and future.done() and not future.cancelled() and future.exception() is None:
+                results.append((digest, future.result()))
         raise
     finally:
         pool.shutdown(wait=True)
@@ -255,13 +255,18 @@ def pull_image(store: Store, ref: Reference, client: RegistryClient, progress: P
     # about the last layer leaves no trace of the first ones.
     downloaded: list[tuple[str, Path]] = []
     try:
-        missing: dict[str, int] = {}
+        missing: dict[str, tuple[str, int]] = {}
         for layer in layers:
+            label = f"Copying blob {layer['digest'][7:19]}"
             if store.has_blob(layer["digest"]) or layer["digest"] in missing:
-                progress.line(f"Copying blob {layer['digest'][7:19]} skipped: already exists")
+                progress.line(f"{label} skipped: already exists")
             else:
-                missing[layer["digest"]] = layer["size"]
-        download_blobs(client, repository, missing, tmp_dir, progress, downloaded)
+                missing[layer["digest"]] = (label, layer["size"])
+
+        def download(own: RegistryClient, digest: str, size: int, report: Callable[[int], None]) -> Path:
+            return own.fetch_blob(repository, digest, tmp_dir, size=size, progress=report)
+
+        transfer_blobs(client, missing, download, progress, downloaded)
         progress.line(f"Copying config {config_digest[7:19]} done")
         progress.line("Writing manifest to image destination")
         tags = [str(ref.with_tag(ref.tag))] if ref.tag else []
@@ -342,20 +347,23 @@ def push_image(store: Store, image: Image, dest: Reference, client: RegistryClie
     locations = BlobLocations(store.root)
     blobs = [(layer["digest"], "blob") for layer in iter_layers(doc)]
     blobs.append((config_descriptor(doc)["digest"], "config"))
+    missing: dict[str, tuple[str, int]] = {}
     for digest, kind in blobs:
         label = f"Copying {kind} {digest[7:19]}"
         path = store.blob_path(digest)
         if not path.is_file():
             raise RegistryError(f"the store lacks blob {digest} of image {image.id[:12]} "
                                 "(run `lamina system check`)")
-        if client.has_blob(repository, digest):
+        if digest in missing or client.has_blob(repository, digest):
             progress.line(f"{label} skipped: already exists")
-            continue
+        else:
+            missing[digest] = (label, path.stat().st_size)
+
+    def upload(own: RegistryClient, digest: str, size: int, report: Callable[[int], None]) -> None:
         mount_from = next((r for r in locations.repositories(dest.registry, digest) if r != repository), None)
-        bar = progress.bar(label, path.stat().st_size)
-        retrying(f"upload of {digest[7:19]}", bar,
-                 functools.partial(client.upload_blob, repository, digest, path, mount_from=mount_from, progress=bar))
-        bar.finish("done")
+        own.upload_blob(repository, digest, store.blob_path(digest), mount_from=mount_from, progress=report)
+
+    transfer_blobs(client, missing, upload, progress, [])
     progress.line("Writing manifest to image destination")
     digest = client.put_manifest(repository, dest.tag or dest.digest or "latest", manifest_bytes, media_type)
     locations.record(dest.registry, repository, [d for d, _ in blobs])

@@ -507,7 +507,7 @@ def test_concurrent_pulls_share_the_store(registry: RunningRegistry, tmp_path: P
 
 
 def test_layers_download_in_parallel(tmp_path: Path, lamina_cmd) -> None:  # type: ignore[no-untyped-def]
-    from store.registry_commands import PARALLEL_DOWNLOADS
+    from store.registry_commands import PARALLEL_TRANSFERS
 
     fake = FakeRegistry(blob_delay=0.3)
     layers = [layer_blob({f"etc/{i}": os.urandom(64 << 10)}) for i in range(5)]
@@ -515,7 +515,7 @@ def test_layers_download_in_parallel(tmp_path: Path, lamina_cmd) -> None:  # typ
     with fake.serve():
         out = lamina_cmd("pull", "--tls-verify=false", f"{fake.address}/many/img:1")
     assert out.stdout.strip() == digest_of(config)[7:]
-    assert fake.max_in_flight == PARALLEL_DOWNLOADS
+    assert fake.max_in_flight == PARALLEL_TRANSFERS
     image = open_store(tmp_path / "lamina-root").resolve_image(f"{fake.address}/many/img:1")
     assert [layer.digest for layer in image.layers] == [digest_of(b) for b in layers]
 
