@@ -1,14 +1,18 @@
 """``lamina pull``, ``lamina push``, ``lamina login`` and ``lamina logout``: the store meets a registry.
 
-Pull: the manifest (through an index to the host's platform) and the config are fetched and
-verified; each layer blob the store lacks is downloaded into the store's temporary directory,
-verified against its digest and size, and ingested; only then is the image recorded. A registry that
-lies about any digest is refused before anything is recorded, and blobs already ingested are just
-unreferenced blobs (content-addressed, verified), which ``system prune`` removes.
+Pull: the manifest (through an index to the requested or host platform) and the config are fetched
+and verified; every layer blob the store lacks is downloaded (up to three at once, each retried on a
+dropped connection or a busy registry) into the store's temporary directory and verified against its
+digest and size. Only when all of them are verified are they ingested and the image recorded, under
+one shared store lock, so a registry that lies about any digest leaves the store exactly as it was,
+and a concurrent prune cannot remove a blob before the image that needs it is recorded. (A layer
+whose digest is right but whose tar is hostile is refused by the store's unpacker; its blob then
+stays as an unreferenced blob until ``system prune``.)
 
-Push: every blob the image names (layers, then config) is ``HEAD``-checked and uploaded only if the
-registry lacks it; then the manifest goes up exactly as the store holds it, so the digest the
-registry records is the digest lamina knows.
+Push: every blob the image names (layers, then config) is ``HEAD``-checked; the missing ones are
+mounted from another repository of the same registry when lamina has seen them there, else
+uploaded; then the manifest goes up exactly as the store holds it, so the digest the registry
+records is the digest lamina knows.
 """
 
 from __future__ import annotations
