@@ -19,7 +19,10 @@ a later request is answered once by re-reading its challenge (it names the scope
 Transport. ``tls_verify=True`` means HTTPS with certificate checks and nothing else.
 ``tls_verify=False`` is podman's ``--tls-verify=false``: HTTPS without certificate checks, falling back
 to plain HTTP when the server does not speak TLS (a test registry on 127.0.0.1). Redirects are followed
-(blob stores often answer with one), and credentials are never sent to another host.
+(blob stores often answer with one), and credentials are never sent to another host. ``https_proxy``,
+``http_proxy`` and ``no_proxy`` are honoured (a CONNECT tunnel for HTTPS); loopback addresses are never
+proxied. Failures worth retrying (a dropped connection, a timeout, 429, 502-504) are raised as
+:class:`TransientRegistryError`; the caller decides whether to retry.
 """
 
 from __future__ import annotations
