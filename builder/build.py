@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from builder import dockerfile as df
 from builder.cache import BuildCache, chain_key
 from builder.context import BuildContext
-from builder.copying import copy_digest, copy_into_layer
+from builder.copying import copy_digest, copy_into_layer, resolve_user
 from builder.dockerignore import IgnoreRules
 from builder.fsops import (
     LayerView,
@@ -386,7 +386,8 @@ class Builder:
                 view = state.view()
                 if view.exists_as_dir(path):
                     return None
-                ensure_parents(str(diff), view, resolve_dir_in_image(view, path))
+                owner = resolve_user(view, state.image.user) if state.image.user else (0, 0)
+                ensure_parents(str(diff), view, resolve_dir_in_image(view, path), new_owner=owner)
             elif isinstance(inst, (df.Copy, df.Add)):
                 copy_into_layer(self, state, inst, tmp, diff)
             if not any(diff.iterdir()) and not _is_opaque(diff):

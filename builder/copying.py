@@ -87,6 +87,29 @@ def resolve_chown(state: StageState, spec: str | None, inst: df.Instruction) -> 
     gid = lookup("/etc/group", group) if group else uid
     return uid, gid
 
+def resolve_user(view: LayerView, spec: str) -> tuple[int, int]:
+    """USER's ``user[:group]`` as numbers, for directories WORKDIR creates (BuildKit makes them the
+    user's): names from the image's /etc/passwd and /etc/group; an unknown name falls back to root."""
+    user, _, group = spec.partition(":")
+
+    def entries(db: str) -> list[list[str]]:
+        text = (view.read_file(db) or b"").decode("utf-8", "replace")
+        return [line.split(":") for line in text.splitlines() if line.count(":") >= 2]
+
+    uid, gid = 0, 0
+    for fields in entries("/etc/passwd"):
+        if fields[0] == user or fields[2] == user:
+            uid = int(fields[2]) if fields[2].isdigit() else 0
+            gid = int(fields[3]) if len(fields) > 3 and fields[3].isdigit() else 0
+            break
+    else:
+        uid = int(user) if user.isdigit() else 0
+    if group:
+        gid = int(group) if group.isdigit() else next(
+            (int(f[2]) for f in entries("/etc/group") if f[0] == group and f[2].isdigit()), 0)
+    return uid, gid
+
+
 def copy_into_layer(builder: Builder, state: StageState, inst: df.Copy | df.Add, tmp: Path, diff: Path) -> None:
     view = state.view()
     uid, gid = resolve_chown(state, inst.chown, inst)

@@ -253,10 +253,10 @@ class Ownership:
         return uid, gid, mode
 
 
-def ensure_parents(diff: str, view: LayerView, container_dir: str) -> str:
+def ensure_parents(diff: str, view: LayerView, container_dir: str, new_owner: tuple[int, int] = (0, 0)) -> str:
     """Create ``container_dir`` (and its parents) inside the diff directory, copying metadata from
     the parent image where a directory already exists there (so the layer does not change it);
-    return its host path. Symlinked directories of the image are resolved first."""
+    directories the image lacks are made 0755 and owned by ``new_owner``. Return the host path."""
     parts = [p for p in posixpath.normpath(container_dir).split("/") if p]
     current_container = "/"
     host = diff
@@ -275,7 +275,7 @@ def ensure_parents(diff: str, view: LayerView, container_dir: str) -> str:
             set_owner_mode(host, uid, gid, mode)
             copy_times(existing.st, host)
         else:
-            set_owner_mode(host, 0, 0, stat.S_IFDIR | 0o755)
+            set_owner_mode(host, new_owner[0], new_owner[1], stat.S_IFDIR | 0o755)
     return host
 
 

@@ -364,11 +364,14 @@ COPY f.txt /etc/
 COPY dir /copied-dir
 COPY dir/ /copied-dir2/
 COPY --from=lamina/busybox /bin/busybox /from-image/busybox
+USER 1234:99
+WORKDIR /home/user/work
 """
     lamina.build(ctx, dockerfile, "-t", "destrules")
     out = lamina.run("destrules", "cat /w/renamed.txt /etc/f.txt /copied-dir/inner.txt /copied-dir2/inner.txt; "
-                                  "test -x /from-image/busybox && echo exe; test -d /copied-dir/dir || echo flat")
-    assert out == "f\nf\ninner\ninner\nexe\nflat\n"
+                                  "test -x /from-image/busybox && echo exe; test -d /copied-dir/dir || echo flat; "
+                                  "stat -c %u:%g /home/user/work")
+    assert out == "f\nf\ninner\ninner\nexe\nflat\n1234:99\n"
     many = lamina.build(ctx, "FROM lamina/busybox\nCOPY f.txt dir /nodir\n", check=False)
     assert many.returncode == 125 and "must be a directory and end with a /" in many.stderr
     escape = lamina.build(ctx, "FROM lamina/busybox\nCOPY ../x /\n", check=False)
