@@ -77,36 +77,58 @@ def _finish(root: Path, container: Container, code: int) -> None:
 
 
 def run_attached(root: Path, container: Container) -> int:
-    """Run in the foreground (``run`` without ``-d``, ``start -a``); return the exit code."""
+    """Run in the foreground (``run`` without ``-d``, ``start -a``); return the exit code.
+
+    As docker does, the output is also kept for ``lamina logs``: it passes through pipes (or the
+    pty) that this process copies to its own stdout/stderr and to the container's log file.
+    """
     spec = build_spec(root, container)
     master = slave = devnull = None
+    pipes: dict[int, int] = {}  # read end -> where it goes
+    child_ends: list[int] = []
     if not container.interactive:
         devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         spec.stdin = devnull
+        child_ends.append(devnull)
     if container.tty:
         master, slave = tty.open_pty()
         spec.terminal = slave
+        child_ends.append(slave)
         spec.env.setdefault("TERM", os.environ.get("TERM", "xterm"))
-    with forward_signals() as forwarder:
-        try:
-            sandbox = start_sandbox(spec, unionserver.take())
-        except LaminaError as e:
-            _mark_exited(container, e.exit_code, str(e))
-            if container.auto_remove:
-                remove(root, container)
-            raise
-        finally:
-            for fd in (slave, devnull):
-                if fd is not None:
+    else:
+        for target in (1, 2):
+            read_end, write_end = os.pipe2(os.O_CLOEXEC)
+            pipes[read_end] = target
+            child_ends.append(write_end)
+            if target == 1:
+                spec.stdout = write_end
+            else:
+                spec.stderr = write_end
+    log_fd = os.open(container.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+    try:
+        with forward_signals() as forwarder:
+            try:
+                sandbox = start_sandbox(spec, unionserver.take())
+            except LaminaError as e:
+                _mark_exited(container, e.exit_code, str(e))
+                if container.auto_remove:
+                    remove(root, container)
+                raise
+            finally:
+                for fd in child_ends:
                     os.close(fd)
-        _mark_running(container, sandbox)
-        forwarder.attach(sandbox)
-        if master is not None:
-            stdin_fd = sys.stdin.fileno() if container.interactive else None
-            with tty.raw_terminal(sys.stdin.fileno()) if container.interactive else contextlib.nullcontext():
-                tty.relay(master, stdin_fd, sys.stdout.fileno(), lambda: _exited(sandbox))
-            os.close(master)
-        code = sandbox.wait()
+            _mark_running(container, sandbox)
+            forwarder.attach(sandbox)
+            if master is not None:
+                stdin_fd = sys.stdin.fileno() if container.interactive else None
+                with tty.raw_terminal(sys.stdin.fileno()) if container.interactive else contextlib.nullcontext():
+                    tty.relay(master, stdin_fd, sys.stdout.fileno(), lambda: _exited(sandbox), copy_to=log_fd)
+            else:
+                tty.copy_output(pipes, log_fd)
+            code = sandbox.wait()
+    finally:
+        for fd in [*pipes, *([master] if master is not None else []), log_fd]:
+            os.close(fd)
     _finish(root, container, code)
     return code
 

@@ -52,7 +52,8 @@ def raw_terminal(fd: int) -> Iterator[None]:
         termios.tcsetattr(fd, termios.TCSAFLUSH, saved)
 
 
-def relay(master: int, stdin_fd: int | None, stdout_fd: int, finished: Callable[[], bool]) -> None:
+def relay(master: int, stdin_fd: int | None, stdout_fd: int, finished: Callable[[], bool],
+          copy_to: int | None = None) -> None:
     """Copy ``stdin_fd`` -> master and master -> ``stdout_fd`` until the pty's slave side is closed.
 
     ``stdin_fd`` None means the container's input is not attached (``-t`` without ``-i``). When
@@ -80,6 +81,8 @@ def relay(master: int, stdin_fd: int | None, stdout_fd: int, finished: Callable[
                 if not data:
                     return
                 _write_all(stdout_fd, data)
+                if copy_to is not None:
+                    _write_all(copy_to, data)
             if stdin_fd is not None and stdin_fd in readable:
                 data = os.read(stdin_fd, 65536)
                 if data:
@@ -94,6 +97,25 @@ def relay(master: int, stdin_fd: int | None, stdout_fd: int, finished: Callable[
     finally:
         if previous is not None:
             signal.signal(signal.SIGWINCH, previous)
+
+
+def copy_output(pipes: dict[int, int], copy_to: int) -> None:
+    """Copy each pipe (read end -> destination fd) to its destination and to ``copy_to`` until every
+    pipe reaches end of file (all the container's processes are gone)."""
+    open_pipes = dict(pipes)
+    while open_pipes:
+        try:
+            readable, _, _ = select.select(list(open_pipes), [], [])
+        except InterruptedError:
+            continue
+        for fd in readable:
+            data = os.read(fd, 65536)
+            if not data:
+                del open_pipes[fd]
+                continue
+            with contextlib.suppress(BrokenPipeError):
+                _write_all(open_pipes[fd], data)
+            _write_all(copy_to, data)
 
 
 def _write_all(fd: int, data: bytes) -> None:

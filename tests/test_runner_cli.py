@@ -336,6 +336,7 @@ def test_read_only_root_and_create_start(lamina: Lamina, module_root: Path) -> N
     assert "Created" in lamina("ps", "-a").stdout
     r = lamina("start", "-a", "later")
     assert r.returncode == 0 and r.stdout == "from-create\n"
+    assert lamina("logs", "later").stdout == "from-create\n"  # foreground output is kept too, as docker
     assert lamina("rm", cid[:12]).returncode == 0
 
 
