@@ -26,6 +26,7 @@ Run from the command line (as root)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -234,6 +235,20 @@ def convert_to_oci_format(rng: random.Random, layers: list[Path], fraction: floa
     return converted
 
 
+def convert_to_user_xattrs(layers: list[Path]) -> None:
+    """trusted.overlay.opaque -> user.overlay.opaque (what a user namespace can read and the kernel
+    reads with -o userxattr)."""
+    for layer in layers:
+        for dirpath, dirnames, _ in os.walk(layer):
+            for name in dirnames:
+                sub = Path(dirpath) / name
+                if _get_xattr(sub, "trusted.overlay.opaque") == b"y":
+                    sst = os.lstat(sub)
+                    os.removexattr(sub, "trusted.overlay.opaque")
+                    os.setxattr(sub, "user.overlay.opaque", b"y")
+                    os.utime(sub, ns=(sst.st_atime_ns, sst.st_mtime_ns))
+
+
 def copy_layers(layers: list[Path], dest: Path) -> list[Path]:
     dest.mkdir(parents=True)
     out = []
@@ -259,13 +274,18 @@ class Union:
     mountpoint: Path
     log: Path
     extra: list[str] = field(default_factory=list)
+    t0_ns: int = 0
     handle: MountedUnion | None = None
+    worker: subprocess.Popen[str] | None = None
 
     def mount(self) -> None:
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         opts = f"lowerdir={':'.join(map(str, self.lowers))},upperdir={self.upper},workdir={self.work}"
         if self.kind == "kernel":
-            opts += ",redirect_dir=on" + "".join("," + o for o in self.extra)
+            # userxattr mounts refuse redirect_dir=on (the kernel never follows user.overlay.redirect).
+            if "userxattr" not in self.extra:
+                opts += ",redirect_dir=on"
+            opts += "".join("," + o for o in self.extra)
             subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(self.mountpoint)],
                            check=True, capture_output=True)
             return
@@ -273,16 +293,117 @@ class Union:
             opts += "," + ",".join(self.extra)
         argv = (["fuse-overlayfs", "-f"] if self.kind == "fuse-overlayfs"
                 else [sys.executable, "-m", "unionfs", "-f"]) + ["-o", opts, str(self.mountpoint)]
+        if self.kind == "lamina-userns":
+            # Served and used from inside a user namespace (uids 0..65535 mapped to themselves) with
+            # its own mount namespace, as lamina's builder and runner mount it; a worker process in
+            # there runs the operations (the mount is not reachable from outside).
+            self.worker = subprocess.Popen(
+                [sys.executable, __file__, "--worker", json.dumps(argv), str(self.mountpoint), str(self.log),
+                 str(self.t0_ns)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+            if self._call({"cmd": "ping"}) != "ready":
+                raise RuntimeError("the user-namespace worker did not start")
+            return
         self.handle = start_union(argv, self.mountpoint, self.log)
 
     def unmount(self) -> None:
         if self.kind == "kernel":
             subprocess.run(["umount", str(self.mountpoint)], check=False, capture_output=True)
             return
+        if self.worker is not None:
+            with contextlib.suppress(OSError, ValueError, RuntimeError):
+                self._call({"cmd": "quit"})
+            try:
+                self.worker.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.worker.kill()
+                self.worker.wait()
+            self.worker = None
+            return
         if self.handle is not None:
             self.handle.unmount()
             self.handle = None
         force_unmount(self.mountpoint)
+
+    def _call(self, request: dict[str, Any]) -> Any:
+        assert self.worker is not None and self.worker.stdin is not None and self.worker.stdout is not None
+        self.worker.stdin.write(json.dumps(request) + "\n")
+        self.worker.stdin.flush()
+        line = self.worker.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the user-namespace worker died (exit {self.worker.poll()})")
+        return json.loads(line)
+
+    def apply(self, op: list[Any]) -> Any:
+        if self.worker is not None:
+            return self._call({"cmd": "op", "op": op})
+        return normalized(apply_op(str(self.mountpoint), op, self.t0_ns))
+
+    def snap(self) -> tuple[dict[str, Any], dict[str, int], list[str]]:
+        if self.worker is not None:
+            tree, inos, problems = self._call({"cmd": "snapshot"})
+            return tree, inos, problems
+        tree, inos, problems = snapshot(str(self.mountpoint), self.t0_ns)
+        return normalized(tree), inos, problems
+
+
+def normalized(value: Any) -> Any:
+    """The JSON form (tuples become lists), so local and worker results compare equal."""
+    return json.loads(json.dumps(value))
+
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
+
+
+def worker_main(argv_json: str, mountpoint: str, log: str, t0_ns: int) -> int:
+    """Serve operations on a lamina mount made inside a new user + mount namespace.
+
+    Reads one JSON request per line on stdin, answers one JSON line on stdout. The parent (root in
+    the initial namespace) writes the child's uid/gid maps, as newuidmap would.
+    """
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(ready_r)
+        os.close(go_w)
+        if _libc.unshare(CLONE_NEWUSER | CLONE_NEWNS) != 0:
+            os._exit(90)
+        os.write(ready_w, b"x")
+        os.read(go_r, 1)
+        os.setresgid(0, 0, 0)
+        os.setresuid(0, 0, 0)
+        os._exit(_serve(json.loads(argv_json), Path(mountpoint), Path(log), t0_ns))
+    os.close(ready_w)
+    os.close(go_r)
+    os.read(ready_r, 1)
+    for name in ("uid_map", "gid_map"):
+        with open(f"/proc/{pid}/{name}", "w") as f:
+            f.write("0 0 65536\n")
+    os.write(go_w, b"x")
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def _serve(argv: list[str], mountpoint: Path, log: Path, t0_ns: int) -> int:
+    handle = start_union(argv, mountpoint, log)
+    try:
+        for line in sys.stdin:
+            request = json.loads(line)
+            if request["cmd"] == "ping":
+                answer: Any = "ready"
+            elif request["cmd"] == "op":
+                answer = apply_op(str(mountpoint), request["op"], t0_ns)
+            elif request["cmd"] == "snapshot":
+                answer = snapshot(str(mountpoint), t0_ns)
+            else:
+                break
+            print(json.dumps(answer), flush=True)
+    finally:
+        handle.unmount()
+    print(json.dumps("bye"), flush=True)
+    return 0
 
 
 # --- operations ----------------------------------------------------------------------------------
@@ -456,8 +577,12 @@ def list_tree(root: str) -> tuple[list[str], list[str]]:
     return sorted(paths), sorted(dirs)
 
 
-def generate_op(rng: random.Random, oracle_root: str) -> list[Any]:
-    """Choose the next operation from the oracle's current tree."""
+def generate_op(rng: random.Random, oracle_root: str, userns: bool = False) -> list[Any]:
+    """Choose the next operation from the oracle's current tree.
+
+    ``userns``: the candidate runs in a user namespace, where trusted.* xattrs are out of reach for
+    everybody (the kernel oracle, as real root, would allow them).
+    """
     paths, dirs = list_tree(oracle_root)
     everything = [""] + paths
 
@@ -528,7 +653,7 @@ def generate_op(rng: random.Random, oracle_root: str) -> list[Any]:
         t = PAST + rng.randint(0, 10**8)
         return [name, existing(), t * 10**9, t * 10**9 + rng.randint(0, 10**9 - 1)]
     if name in ("setxattr", "removexattr", "getxattr"):
-        xname = rng.choice(["user.a", "user.b", "user.gen", "trusted.t"])
+        xname = rng.choice(["user.a", "user.b", "user.gen"] + ([] if userns else ["trusted.t"]))
         if name == "setxattr":
             return [name, rng.choice(everything), xname, rng.randbytes(rng.randint(0, 20)).hex()]
         return [name, existing(), xname]
@@ -713,7 +838,11 @@ def run_differential(seed: int, nops: int, candidate: str, workdir: Path,
     else:
         kernel_lowers = generate_lowers(rng, workdir / "gen", rng.choice([2, 3]))
     cand_lowers = copy_layers(kernel_lowers, workdir / "cand-lowers")
-    if seed % 2 == 1 and case is None:
+    userns = candidate == "lamina-userns"
+    if userns:
+        # In a user namespace trusted.* is out of reach: the candidate's lowers carry user.overlay.*.
+        convert_to_user_xattrs(cand_lowers)
+    elif seed % 2 == 1 and case is None:
         report.oci_markers = convert_to_oci_format(rng, cand_lowers)
     for d in ("k-upper", "k-work", "c-upper", "c-work", "x-work"):
         (workdir / d).mkdir()
@@ -722,7 +851,8 @@ def run_differential(seed: int, nops: int, candidate: str, workdir: Path,
     cand = Union(candidate, cand_lowers, workdir / "c-upper", workdir / "c-work", workdir / "c-mnt",
                  workdir / "c.log", extra=KERNEL_ORACLE_OPTIONS if candidate == "kernel" else [])
     t0_ns = time.time_ns() - 1_000_000_000
-    kroot, croot = str(kernel.mountpoint), str(cand.mountpoint)
+    kernel.t0_ns = cand.t0_ns = t0_ns
+    kroot = str(kernel.mountpoint)
     mounted: list[Union] = []
     try:
         for u in (kernel, cand):
@@ -730,8 +860,8 @@ def run_differential(seed: int, nops: int, candidate: str, workdir: Path,
             mounted.append(u)
 
         def compare_trees(stage: str) -> tuple[dict[str, int], dict[str, Result]]:
-            ktree, _, _ = snapshot(kroot, t0_ns)
-            ctree, cinos, problems = snapshot(croot, t0_ns)
+            ktree, _, _ = kernel.snap()
+            ctree, cinos, problems = cand.snap()
             for line in diff_trees(ktree, ctree, "kernel", candidate):
                 report.divergences.append(f"{stage}: tree: {line}")
             for line in problems:
@@ -745,10 +875,10 @@ def run_differential(seed: int, nops: int, candidate: str, workdir: Path,
         for i in range(nops if replay is None else len(replay)):
             if report.divergences:
                 break
-            op = generate_op(rng, kroot) if replay is None else replay[i]
+            op = generate_op(rng, kroot, userns) if replay is None else replay[i]
             report.ops.append(op)
-            kres = apply_op(kroot, op, t0_ns)
-            cres = apply_op(croot, op, t0_ns)
+            kres = kernel.apply(op)
+            cres = cand.apply(op)
             report.ops_run += 1
             key = f"{op[0]}:{kres[1] if kres[0] == 'err' else 'ok'}"
             report.outcomes[key] = report.outcomes.get(key, 0) + 1
@@ -782,16 +912,19 @@ def run_differential(seed: int, nops: int, candidate: str, workdir: Path,
             mounted.remove(u)
         # The candidate's upper must mean the same to the kernel (over the kernel-format lowers).
         # A kernel candidate (self-check) keeps its index in its workdir; anything else must need none.
-        cross = Union("kernel", cand_lowers if candidate == "kernel" else kernel_lowers, workdir / "c-upper",
-                      workdir / ("c-work" if candidate == "kernel" else "x-work"), workdir / "x-mnt",
-                      workdir / "x.log", extra=KERNEL_ORACLE_OPTIONS if candidate == "kernel" else [])
+        # In a user namespace lamina writes user.overlay.* markers: the kernel reads them with userxattr.
+        cross = Union("kernel", cand_lowers if candidate in ("kernel", "lamina-userns") else kernel_lowers,
+                      workdir / "c-upper", workdir / ("c-work" if candidate == "kernel" else "x-work"),
+                      workdir / "x-mnt", workdir / "x.log",
+                      extra=(KERNEL_ORACLE_OPTIONS if candidate == "kernel"
+                             else ["userxattr"] if userns else []), t0_ns=t0_ns)
         try:
             cross.mount()
         except subprocess.CalledProcessError as e:
             report.divergences.append(f"the kernel refuses to mount {candidate}'s upper: {e.stderr!r}")
             return report
         mounted.append(cross)
-        xtree, _, _ = snapshot(str(cross.mountpoint), t0_ns)
+        xtree, _, _ = cross.snap()
         for line in diff_trees(ctree_after, xtree, candidate, "kernel-on-its-upper"):
             report.divergences.append(f"{candidate}'s upper mounted by the kernel: {line}")
         return report
@@ -889,8 +1022,12 @@ def run_isolated(argv: list[str], timeout: float) -> subprocess.CompletedProcess
 
 
 def main(argv: list[str] | None = None) -> int:
+    args_in = sys.argv[1:] if argv is None else argv
+    if args_in[:1] == ["--worker"]:
+        return worker_main(args_in[1], args_in[2], args_in[3], int(args_in[4]))
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--candidate", default="lamina", choices=["lamina", "fuse-overlayfs", "kernel"])
+    parser.add_argument("--candidate", default="lamina",
+                        choices=["lamina", "lamina-userns", "fuse-overlayfs", "kernel"])
     parser.add_argument("--seed", type=int, action="append", default=[])
     parser.add_argument("--case", choices=sorted(CASES), help="run a hand-written case instead of seeds")
     parser.add_argument("--ops", type=int, default=200)
