@@ -366,6 +366,11 @@ def test_pull_docker_format_written_by_skopeo(registry: RunningRegistry, tmp_pat
     assert out.stdout.strip() == config[7:]
     image = open_store(tmp_path / "lamina-root").resolve_image(f"{registry.address}/docker/app:1")
     assert (image.layers[0].path / "etc" / "x").read_bytes() == b"x\n"
+    # Pushed back as stored: Docker's media types and the very same manifest digest.
+    lamina_cmd("push", "--tls-verify=false", f"{registry.address}/docker/app:1", f"{registry.address}/docker/back:1")
+    with RegistryClient(registry.address, tls_verify=False) as client:
+        back = client.get_manifest("docker/back", "1")
+        assert back.media_type == DOCKER_MANIFEST and back.data == client.get_manifest("docker/app", "1").data
 
 
 def test_absurd_manifests_are_refused_before_downloading(tmp_path: Path, lamina_cmd) -> None:  # type: ignore[no-untyped-def]
