@@ -390,8 +390,8 @@ class _Extractor:
                 if member is None:
                     self._apply_owner_mode(fd, 0, 0, stat.S_IFDIR | 0o755, is_dir=True)
                 else:
-                    self._apply_xattrs(fd, member)
                     self._apply_owner_mode(fd, member.uid, member.gid, stat.S_IFDIR | member.mode, is_dir=True)
+                    self._apply_xattrs(fd, member)
                     os.utime(fd, ns=(_ns(member.mtime), _ns(member.mtime)))
             finally:
                 os.close(fd)
@@ -415,8 +415,10 @@ class _Extractor:
             if written != member.size:
                 raise LayerError(f"entry {member.name!r}: truncated data ({written} of {member.size} bytes)")
             os.ftruncate(fd, member.size)
-            self._apply_xattrs(fd, member)
+            # Owner before xattrs: chown clears security.capability (and setuid bits, hence chmod
+            # after chown inside _apply_owner_mode).
             self._apply_owner_mode(fd, member.uid, member.gid, stat.S_IFREG | member.mode, is_dir=False)
+            self._apply_xattrs(fd, member)
             os.utime(fd, ns=(_ns(member.mtime), _ns(member.mtime)))
         finally:
             os.close(fd)
@@ -431,11 +433,11 @@ class _Extractor:
         # FIFOs and devices cannot be opened safely (open blocks or has side effects): use paths
         # relative to the parent fd, which we just created the entry in.
         proc_path = f"/proc/self/fd/{pfd}/{name}"
-        self._apply_xattrs(proc_path, member)
         kind = stat.S_IFIFO if member.isfifo() else (stat.S_IFCHR if member.ischr() else stat.S_IFBLK)
         self._apply_owner_mode(proc_path, member.uid, member.gid, kind | member.mode, is_dir=False,
                                chmod=lambda m: os.chmod(name, m, dir_fd=pfd),
                                chown=lambda u, g: os.chown(name, u, g, dir_fd=pfd, follow_symlinks=False))
+        self._apply_xattrs(proc_path, member)
         os.utime(name, ns=(_ns(member.mtime), _ns(member.mtime)), dir_fd=pfd, follow_symlinks=False)
 
     def _apply_owner_mode(self, target: int | str, uid: int, gid: int, mode: int, is_dir: bool,

@@ -324,3 +324,17 @@ def test_non_utf8_long_and_unicode_names_round_trip(tmp_path: Path) -> None:
     unpack(data, tmp_path / "dst", tmp_path / "tmp")
     assert sorted(os.listdir(os.fsencode(tmp_path / "dst"))) == sorted(os.listdir(os.fsencode(src)))
     assert pack(tmp_path / "dst")[1] == diff_id
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="security.* xattrs need root")
+def test_file_capabilities_survive_unpack_and_pack(tmp_path: Path) -> None:
+    """chown clears security.capability, so it must be applied after the owner."""
+    cap = bytes.fromhex("0100000200200000000000000000000000000000")  # cap_net_raw+ep
+    info, data = entry("bin/ping", data=b"\x7fELF", mode=0o755)
+    info.pax_headers = {"SCHILY.xattr.security.capability": cap.decode("utf-8", "surrogateescape"),
+                        "hdrcharset": "BINARY"}
+    unpack(build_tar([(info, data)]), tmp_path / "out", tmp_path / "tmp")
+    assert os.getxattr(tmp_path / "out/bin/ping", "security.capability") == cap
+    packed, _ = pack(tmp_path / "out")
+    header = members(packed)["bin/ping"].pax_headers["SCHILY.xattr.security.capability"]
+    assert header.encode("utf-8", "surrogateescape") == cap
