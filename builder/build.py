@@ -144,6 +144,7 @@ class Builder:
         self.step_number = 0
         self.total_steps = 0
         self.dockerfile: df.Dockerfile | None = None
+        self.pulled: set[str] = set()  # references already pulled by this build (--pull)
 
     # --- top level ---------------------------------------------------------------------------
     def build(self) -> Image:
@@ -206,15 +207,14 @@ class Builder:
             labels = dict(config["config"].get("Labels") or {})
             labels.update(self.options.labels)
             config["config"]["Labels"] = labels
-        if not any(not h.get("empty_layer") for h in state.history) and not state.layers:
-            # An image needs a rootfs even when empty (FROM scratch + metadata only): docker allows it.
-            pass
         tags = list(self.options.tags)
         image = self.store.create_image(list(state.layers), config, tags=tags, base=state.base)
         self.out.line(f"COMMIT {' '.join(tags)}".rstrip())
         self.out.line(f"--> {image.short_id}")
-        for tag in image.tags:
-            self.out.line(f"Successfully tagged {tag}")
+        from store import Reference
+
+        for tag in tags:
+            self.out.line(f"Successfully tagged {Reference.parse(tag).familiar}")
         return image
 
     # --- stages ------------------------------------------------------------------------------
@@ -276,11 +276,18 @@ class Builder:
         return state
 
     def base_image(self, ref: str, where: df.Instruction) -> Image:
-        if self.options.pull:
+        if self.options.pull and ref not in self.pulled:
+            self.pulled.add(ref)
             try:
                 pulled = self._pull(ref)
             except LaminaError as e:
-                raise where.error(f"cannot pull {ref!r}: {e}") from None
+                try:
+                    local = self.store.resolve_image(ref)
+                except ImageNotFound:
+                    raise where.error(f"cannot pull {ref!r}: {e}") from None
+                # An image that exists only locally (lamina/busybox, an import) is used as it is.
+                self.out.line(f"[Warning] --pull: cannot pull {ref} ({e}); using the local image")
+                return local
             if pulled is not None:
                 return pulled
         try:

@@ -390,3 +390,10 @@ def test_from_registry_image_is_pulled(lamina: Lamina, ctx: Path, tmp_path: Path
         result = fresh("build", "-t", "from-registry", str(ctx))
         assert "Successfully tagged from-registry" in result.stdout
         assert fresh.run("from-registry", "cat /pulled") == "pulled\n"
+        def manifest_gets() -> int:
+            return sum(1 for method, path, _ in registry.access_log() if method == "GET" and "/manifests/" in path)
+
+        manifests_before = manifest_gets()
+        again = fresh("build", "--pull", "-t", "from-registry", str(ctx))
+        assert again.stdout.count("--> CACHED") == 1
+        assert manifest_gets() > manifests_before
