@@ -139,6 +139,35 @@ def proxy_for(scheme: str, netloc: str) -> _Proxy | None:
     return _Proxy(f"{parts.hostname}:{parts.port or 80}", headers)
 
 
+def registry_cert_dirs(netloc: str, cert_dir: Path | None = None) -> list[Path]:
+    """Where podman and docker keep a registry's own CAs and client certificates (``certs.d/HOST:PORT``).
+
+    ``--cert-dir`` replaces them all, as in podman.
+    """
+    if cert_dir is not None:
+        return [cert_dir]
+    config_home = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return [Path(config_home) / "containers" / "certs.d" / netloc,
+            Path("/etc/containers/certs.d") / netloc, Path("/etc/docker/certs.d") / netloc]
+
+
+def load_registry_certs(context: ssl.SSLContext, netloc: str, cert_dir: Path | None = None) -> None:
+    """Trust a registry's ``*.crt`` CAs and present its ``*.cert``/``*.key`` client certificate."""
+    for directory in registry_cert_dirs(netloc, cert_dir):
+        if not directory.is_dir():
+            continue
+        try:
+            for ca in sorted(directory.glob("*.crt")):
+                context.load_verify_locations(cafile=str(ca))
+            for cert in sorted(directory.glob("*.cert")):
+                key = cert.with_suffix(".key")
+                if not key.is_file():
+                    raise RegistryError(f"{cert}: client certificate without its key {key.name}")
+                context.load_cert_chain(str(cert), str(key))
+        except (OSError, ssl.SSLError) as e:
+            raise RegistryError(f"certificates in {directory}: {e}") from None
+
+
 @dataclass
 class _Endpoint:
     scheme: str
@@ -157,13 +186,15 @@ class RegistryClient:
     """
 
     def __init__(self, registry: str, *, tls_verify: bool = True,
-                 credentials: tuple[str, str] | None = None, timeout: float = 60.0) -> None:
+                 credentials: tuple[str, str] | None = None, timeout: float = 60.0,
+                 cert_dir: Path | None = None) -> None:
         if not registry or "/" in registry or any(c.isspace() for c in registry):
             raise RegistryError(f"invalid registry host: {registry!r}")
         self.registry = registry
         self.tls_verify = tls_verify
         self.credentials = credentials
         self.timeout = timeout
+        self.cert_dir = cert_dir
         self._endpoint: _Endpoint | None = None
         self._challenge: _Challenge | None = None
         self._tokens: dict[str, str] = {}
@@ -183,7 +214,7 @@ class RegistryClient:
         """A client for the same registry with its own connection, sharing what the ping and the token
         server answered (so parallel downloads need neither again). Each thread uses its own clone."""
         twin = RegistryClient(self.registry, tls_verify=self.tls_verify, credentials=self.credentials,
-                              timeout=self.timeout)
+                              timeout=self.timeout, cert_dir=self.cert_dir)
         self._ping()
         twin._endpoint, twin._challenge, twin._tokens = self._endpoint, self._challenge, self._tokens
         return twin
@@ -208,6 +239,8 @@ class RegistryClient:
             if not verify:
                 context.check_hostname = False
                 context.verify_mode = ssl.CERT_NONE
+            if netloc == self.registry:
+                load_registry_certs(context, netloc, self.cert_dir)
             if proxy is not None:
                 # HTTPS through a proxy: a CONNECT tunnel, TLS end to end with the registry.
                 conn = http.client.HTTPSConnection(proxy.netloc, timeout=self.timeout, context=context,

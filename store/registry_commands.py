@@ -313,7 +313,8 @@ def _strip_transport(text: str) -> str:
 
 
 def pull(store: Store, reference: str, *, tls_verify: bool = True, credentials: tuple[str, str] | None = None,
-         platform: Platform | None = None, progress_stream: TextIO | None = None) -> Image:
+         platform: Platform | None = None, progress_stream: TextIO | None = None,
+         cert_dir: Path | None = None) -> Image:
     """Pull ``reference`` into ``store`` as ``lamina pull`` does; for other packages (``FROM``, ``run``).
 
     Credentials default to those stored by ``lamina login``/``podman login``. Error handling:
@@ -322,7 +323,8 @@ def pull(store: Store, reference: str, *, tls_verify: bool = True, credentials: 
     ref = Reference.parse(_strip_transport(reference))
     if credentials is None:
         credentials = lookup_credentials(ref.registry)
-    with RegistryClient(api_host(ref.registry), tls_verify=tls_verify, credentials=credentials) as client:
+    with RegistryClient(api_host(ref.registry), tls_verify=tls_verify, credentials=credentials,
+                        cert_dir=cert_dir) as client:
         return pull_image(store, ref, client, Progress(progress_stream), platform)
 
 
@@ -330,7 +332,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     store = _open_store(args.root)
     credentials = parse_creds(args.creds) if args.creds else None
     image = pull(store, args.reference, tls_verify=args.tls_verify, credentials=credentials,
-                 platform=args.platform, progress_stream=_progress_stream(args.quiet))
+                 platform=args.platform, progress_stream=_progress_stream(args.quiet), cert_dir=args.cert_dir)
     print(image.id)
     return 0
 
@@ -400,7 +402,7 @@ def cmd_push(args: argparse.Namespace) -> int:
         progress = Progress(_progress_stream(args.quiet))
         credentials = parse_creds(args.creds) if args.creds else lookup_credentials(dest.registry)
         with RegistryClient(api_host(dest.registry), tls_verify=args.tls_verify,
-                            credentials=credentials) as client:
+                            credentials=credentials, cert_dir=args.cert_dir) as client:
             digest, size = push_image(store, image, dest, client, progress)
     if not args.quiet:
         print(f"{dest.tag}: digest: {digest} size: {size}")
@@ -431,7 +433,8 @@ def cmd_login(args: argparse.Namespace) -> int:
         password = getpass.getpass("Password: ")
     if not user:
         raise UsageError("login: --username is required")
-    with RegistryClient(api_host(registry), tls_verify=args.tls_verify, credentials=(user, password)) as client:
+    with RegistryClient(api_host(registry), tls_verify=args.tls_verify, credentials=(user, password),
+                        cert_dir=args.cert_dir) as client:
         client.ping()
     path = store_credentials(registry, user, password)
     log.debug("credentials for %s written to %s", registry, path)
@@ -466,6 +469,9 @@ def _tls_verify(text: str) -> bool:
 def _add_tls(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-verify", type=_tls_verify, nargs="?", const=True, default=True, metavar="BOOL",
                         help="require HTTPS with a trusted certificate (default true); false also allows plain HTTP")
+    parser.add_argument("--cert-dir", type=Path, metavar="DIR",
+                        help="the registry's CAs (*.crt) and client certificate (*.cert + *.key) "
+                             "(default: containers/certs.d/HOST:PORT as podman)")
 
 
 def _add_transfer_options(parser: argparse.ArgumentParser, quiet_help: str) -> None:

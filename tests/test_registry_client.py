@@ -259,6 +259,22 @@ def test_https_registry_certificates_and_proxies(tmp_path: Path, monkeypatch: py
             insecure.upload_blob("tls/app", digest_of(layer), write(tmp_path / "l", layer))
             insecure.upload_blob("tls/app", digest_of(config), write(tmp_path / "c", config))
             insecure.put_manifest("tls/app", "1", manifest, OCI_MANIFEST)
+        # The registry's CA in a --cert-dir, or in podman's certs.d/HOST:PORT.
+        cert_dir = tmp_path / "certs"
+        cert_dir.mkdir()
+        shutil.copy(registry.cert, cert_dir / "ca.crt")
+        with RegistryClient(registry.address, tls_verify=True, cert_dir=cert_dir) as trusting:
+            assert trusting.get_manifest("tls/app", "1").data == manifest
+        monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+        (tmp_path / "config" / "containers" / "certs.d").mkdir(parents=True)
+        shutil.copytree(cert_dir, tmp_path / "config" / "containers" / "certs.d" / registry.address)
+        with RegistryClient(registry.address, tls_verify=True) as trusting:
+            assert trusting.get_manifest("tls/app", "1").data == manifest
+        (cert_dir / "client.cert").write_bytes(registry.cert.read_bytes())
+        with RegistryClient(registry.address, tls_verify=True, cert_dir=cert_dir) as broken:
+            with pytest.raises(RegistryError, match="client certificate without its key client.key"):
+                broken.get_manifest("tls/app", "1")
+        monkeypatch.delenv("XDG_CONFIG_HOME")
         monkeypatch.setenv("SSL_CERT_FILE", str(registry.cert))
         with RegistryClient(registry.address, tls_verify=True) as trusting:
             assert trusting.get_manifest("tls/app", "1").data == manifest

@@ -541,3 +541,21 @@ def test_a_failing_parallel_download_stops_the_others(tmp_path: Path) -> None:
             pull(store, f"{fake.address}/some/bad:1", tls_verify=False)
     assert store_state(root) == before
     assert list((root / "tmp").glob("*.pull")) == []
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed for a certificate")
+def test_pull_from_https_registry_with_cert_dir(tmp_path: Path, lamina_cmd) -> None:  # type: ignore[no-untyped-def]
+    with run_registry(tmp_path / "registry", tls=True) as registry:
+        assert registry.cert is not None
+        with RegistryClient(registry.address, tls_verify=False) as client:
+            _, config = upload_image(client, "tls/app", "1", [layer_blob({"etc/tls": b"tls\n"})], tmp_path)
+        ref = f"{registry.address}/tls/app:1"
+        untrusted = lamina_cmd("pull", ref, check=False)
+        assert untrusted.returncode == 125 and "TLS certificate not trusted" in untrusted.stderr
+        cert_dir = tmp_path / "certs"
+        cert_dir.mkdir()
+        shutil.copy(registry.cert, cert_dir / "ca.crt")
+        out = lamina_cmd("pull", "--cert-dir", str(cert_dir), ref)
+        assert out.stdout.strip() == config[7:]
+        insecure = lamina_cmd("pull", "-q", "--tls-verify=false", ref)
+        assert insecure.stdout.strip() == config[7:]
