@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import json
 import logging
 import os
 import posixpath
@@ -55,7 +56,13 @@ from builder.fsops import (
 )
 from builder.shellwords import Lexer
 from builder.variables import BuildArgs, FixedScope, StageScope
-from lamina.errors import BuildError, DockerfileError, ImageNotFound, LaminaError
+from lamina.errors import (
+    BuildError,
+    CommandNotFound,
+    CommandNotInvokable,
+    ImageNotFound,
+    LaminaError,
+)
 
 if TYPE_CHECKING:
     from store import Image, Layer, Store
@@ -457,12 +464,17 @@ class Builder:
                 stderr=capture.fileno() if capture else None,
             )
             sys.stdout.flush()
-            code = run_sandboxed(spec)
+            try:
+                code = run_sandboxed(spec)
+            except (CommandNotFound, CommandNotInvokable) as e:
+                # docker reports these as the step's exit code, after the runtime's message.
+                sys.stderr.write(f"{e}\n")
+                code = e.exit_code
             if code != 0:
                 if capture is not None:
                     capture.seek(0)
                     sys.stderr.write(capture.read().decode("utf-8", "replace"))
-                command = " ".join(inst.argv) if inst.exec_form is None else str(inst.argv)
+                command = " ".join(inst.argv) if inst.exec_form is None else json.dumps(inst.argv)
                 raise BuildError(f"{inst.file}:{inst.line}: The command '{command}' returned a non-zero "
                                  f"code: {code}")
         finally:
@@ -583,7 +595,4 @@ def _remove_tree(path: Path) -> None:
 
 def build(store: Store, options: BuildOptions, stream: TextIO | None = None) -> Image:
     """Build ``options`` into ``store``; return the image. See the module docstring for errors."""
-    try:
-        return Builder(store, options, stream).build()
-    except DockerfileError:
-        raise
+    return Builder(store, options, stream).build()
