@@ -241,11 +241,13 @@ def test_escape_attempts(lamina: Lamina, tmp_path: Path) -> None:
     script = ("pwd; touch inwd; echo 1 > /proc/sys/kernel/hostname 2>&1 || echo procsys-refused; "
               f"cat {src}/secret 2>&1 || echo no-host-fs; ls /up/etc/shadow 2>&1 || echo no-shadow")
     (src / "secret").write_text("secret")
-    r = lamina("run", "--rm", "-w", "/esc/wd", "-v", f"{src}:/up{outside}/vol", "evil:1", "sh", "-c", script)
+    r = lamina("run", "--rm", "-w", "/esc/wd", "-v", f"{src}:/up{outside}/vol", "-v", f"{src}:/../../..{outside}/dd",
+               "evil:1", "sh", "-c", script + f"; ls {outside}/dd")
     assert r.returncode == 0, r.stderr
     # the working directory is the symlink's target *inside* the container's root
     assert r.stdout.splitlines()[0] == f"{outside}/wd"
     assert "procsys-refused" in r.stdout and "no-host-fs" in r.stdout and "no-shadow" in r.stdout
+    assert r.stdout.splitlines()[-1] == "secret"  # the `..` mount target landed inside the container
     assert list(outside.iterdir()) == []
     assert os.listdir(src) == ["secret"]
 
