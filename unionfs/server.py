@@ -34,6 +34,19 @@ def open_trace(spec: str | None) -> tuple[Callable[[str], None] | None, IO[str] 
     return emit, owned
 
 
+def _lock_memory() -> None:
+    """Keep the server's own pages (interpreter, libraries, heap) in memory.
+
+    A FUSE server that page-faults waits on the disk, and under memory pressure reclaim can wait on
+    the very filesystem it serves. Best effort: needs CAP_IPC_LOCK or a big enough RLIMIT_MEMLOCK.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mlockall(1) != 0:  # MCL_CURRENT
+        log.debug("mlockall failed: %s", os.strerror(ctypes.get_errno()))
+
+
 def serve(opts: ServerOptions, ready: Callable[[], None] | None = None) -> None:
     """Mount and serve until unmounted (fusermount3 -u) or SIGTERM/SIGINT; then unmount and return.
 
@@ -55,6 +68,7 @@ def serve(opts: ServerOptions, ready: Callable[[], None] | None = None) -> None:
         ops.enable_acl = True
     pyfuse3.init(ops, opts.mountpoint, opts.fuse_options())
     mounted = True
+    _lock_memory()
     try:
         if ready is not None:
             ready()
