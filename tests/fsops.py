@@ -275,6 +275,7 @@ class Union:
     log: Path
     extra: list[str] = field(default_factory=list)
     t0_ns: int = 0
+    in_userns: bool = False
     handle: MountedUnion | None = None
     worker: subprocess.Popen[str] | None = None
 
@@ -288,6 +289,10 @@ class Union:
             opts += "".join("," + o for o in self.extra)
             subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(self.mountpoint)],
                            check=True, capture_output=True)
+            if self.in_userns:
+                # The oracle for a candidate used from a user namespace: the same kernel mount, used
+                # by root of such a namespace (setuid/setgid clearing, for one, depends on the caller).
+                self._start_worker([])
             return
         if self.extra:
             opts += "," + ",".join(self.extra)
@@ -297,19 +302,30 @@ class Union:
             # Served and used from inside a user namespace (uids 0..65535 mapped to themselves) with
             # its own mount namespace, as lamina's builder and runner mount it; a worker process in
             # there runs the operations (the mount is not reachable from outside).
-            self.worker = subprocess.Popen(
-                [sys.executable, __file__, "--worker", json.dumps(argv), str(self.mountpoint), str(self.log),
-                 str(self.t0_ns)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)
-            if self._call({"cmd": "ping"}) != "ready":
-                raise RuntimeError("the user-namespace worker did not start")
+            self._start_worker(argv)
             return
         self.handle = start_union(argv, self.mountpoint, self.log)
 
+    def _start_worker(self, server_argv: list[str]) -> None:
+        self.worker = subprocess.Popen(
+            [sys.executable, __file__, "--worker", json.dumps(server_argv), str(self.mountpoint), str(self.log),
+             str(self.t0_ns)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+        if self._call({"cmd": "ping"}) != "ready":
+            raise RuntimeError("the user-namespace worker did not start")
+
     def unmount(self) -> None:
         if self.kind == "kernel":
+            self._stop_worker()
             subprocess.run(["umount", str(self.mountpoint)], check=False, capture_output=True)
             return
+        self._stop_worker()
+        if self.handle is not None:
+            self.handle.unmount()
+            self.handle = None
+        force_unmount(self.mountpoint)
+
+    def _stop_worker(self) -> None:
         if self.worker is not None:
             with contextlib.suppress(OSError, ValueError, RuntimeError):
                 self._call({"cmd": "quit"})
@@ -319,11 +335,6 @@ class Union:
                 self.worker.kill()
                 self.worker.wait()
             self.worker = None
-            return
-        if self.handle is not None:
-            self.handle.unmount()
-            self.handle = None
-        force_unmount(self.mountpoint)
 
     def _call(self, request: dict[str, Any]) -> Any:
         assert self.worker is not None and self.worker.stdin is not None and self.worker.stdout is not None
@@ -387,7 +398,7 @@ def worker_main(argv_json: str, mountpoint: str, log: str, t0_ns: int) -> int:
 
 
 def _serve(argv: list[str], mountpoint: Path, log: Path, t0_ns: int) -> int:
-    handle = start_union(argv, mountpoint, log)
+    handle = start_union(argv, mountpoint, log) if argv else None
     try:
         for line in sys.stdin:
             request = json.loads(line)
@@ -401,7 +412,8 @@ def _serve(argv: list[str], mountpoint: Path, log: Path, t0_ns: int) -> int:
                 break
             print(json.dumps(answer), flush=True)
     finally:
-        handle.unmount()
+        if handle is not None:
+            handle.unmount()
     print(json.dumps("bye"), flush=True)
     return 0
 
@@ -852,6 +864,7 @@ def run_differential(seed: int, nops: int, candidate: str, workdir: Path,
                  workdir / "c.log", extra=KERNEL_ORACLE_OPTIONS if candidate == "kernel" else [])
     t0_ns = time.time_ns() - 1_000_000_000
     kernel.t0_ns = cand.t0_ns = t0_ns
+    kernel.in_userns = userns
     kroot = str(kernel.mountpoint)
     mounted: list[Union] = []
     try:
@@ -1034,6 +1047,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("-v", "--verbose", action="store_true", help="count outcomes per operation")
     parser.add_argument("--shrink", action="store_true", help="shrink a diverging sequence to a minimal one")
+    parser.add_argument("--want", help="shrink for this category of divergence (default: the first one's)")
     parser.add_argument("--replay", help="JSON list of operations to run instead of generated ones")
     parser.add_argument("--json", action="store_true", help="print one JSON report per seed")
     args = parser.parse_args(argv)
@@ -1067,7 +1081,7 @@ def main(argv: list[str] | None = None) -> int:
                 for op in report.ops[-8:]:
                     print("     ", op_text(op))
             if report.divergences and args.shrink and report.ops and not args.case:
-                small = shrink(seed, args.candidate, report.ops, category(report.divergences[0]))
+                small = shrink(seed, args.candidate, report.ops, args.want or category(report.divergences[0]))
                 workdir = Path(tempfile.mkdtemp(prefix=f"lamina-diff-{seed}-"))
                 try:
                     again = run_differential(seed, 0, args.candidate, workdir, check_every=1, replay=small)
