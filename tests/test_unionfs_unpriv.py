@@ -130,3 +130,20 @@ def test_unprivileged_inside_user_namespace(unpriv, tmp_path: Path) -> None:
         assert sorted(os.listdir(kmnt / "tree2")) == [f"f{i}" for i in range(5)]
     finally:
         subprocess.run(["umount", str(kmnt)], check=True)
+
+
+def test_unsearchable_child_directory_keeps_its_parent_listable(unpriv_nosubids, tmp_path: Path) -> None:
+    user = unpriv_nosubids
+    base = user.workdir / "unsearchable"
+    lower, upper, work, mnt = (base / n for n in ("lower", "upper", "work", "mnt"))
+    for d in (lower / "d", upper, work, mnt):
+        d.mkdir(parents=True)
+    (lower / "d" / "f").write_text("f")
+    (lower / "other").write_text("o")
+    user.chown_tree(base)
+    os.chmod(lower / "d", 0)
+    script = (f"lamina-unionfs -o lowerdir={lower},upperdir={upper},workdir={work} {mnt} && "
+              f"ls {mnt}; rc=$?; fusermount3 -u {mnt}; exit $rc")
+    r = user.run(["sh", "-c", script])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["d", "other"]

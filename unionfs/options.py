@@ -167,7 +167,10 @@ def check_dirs(o: ServerOptions) -> None:
         named.append(("upperdir", o.upper))
     if o.work is not None:
         named.append(("workdir", o.work))
-    named.append(("mountpoint", o.mountpoint))
+    # "/dev/fd/N": a /dev/fuse descriptor the caller mounted already (libfuse takes it as is)
+    fd_mount = o.mountpoint.startswith("/dev/fd/")
+    if not fd_mount:
+        named.append(("mountpoint", o.mountpoint))
     real: dict[str, list[str]] = {}
     for what, p in named:
         if not os.path.isdir(p):
@@ -182,6 +185,8 @@ def check_dirs(o: ServerOptions) -> None:
         for other in up + wk:
             if _is_within(low, other) or _is_within(other, low):
                 raise OptionError(f"lowerdir {low} overlaps upperdir/workdir {other}")
+    if fd_mount:
+        return
     mnt = real["mountpoint"][0]
     for other in up + wk:
         if _is_within(mnt, other) or _is_within(other, mnt):

@@ -329,8 +329,13 @@ class UnionTree:
                         if value:
                             redirect = os.fsdecode(value)
                             break
-        if not opaque and exists_at(layer.fd, join(path, ondisk.OPAQUE_MARKER)):
-            opaque = True
+        if not opaque:
+            try:
+                opaque = exists_at(layer.fd, join(path, ondisk.OPAQUE_MARKER))
+            except PermissionError:
+                # A directory we may not search cannot hold a marker we could honour; what matters
+                # is that its parent stays listable (the kernel needs only the xattrs here).
+                opaque = False
         return opaque, redirect
 
     def _is_opaque(self, layer: Layer, path: str) -> bool:
