@@ -3,25 +3,26 @@
 The process tree (P is the caller, on the host)::
 
     P  lamina: writes the id maps, runs slirp4netns, forwards signals, waits
-    └─ K  keeper: new user, mount, UTS, IPC (and network) namespaces; mounts the union by running
-       │  the unionfs server S in its mount namespace; then unshares a PID namespace and forks C
-       ├─ S  unionfs server (FUSE), lives in K's mount namespace
+    ├─ S  unionfs server (runner.unionserver): forked first, joins K's user and mount namespaces
+    │     once they are mapped, and mounts the union there
+    └─ K  keeper: new user, mount, UTS, IPC (and network) namespaces; waits for S's mount; then
+       │  unshares a PID namespace and forks C; unmounts when C is gone
        └─ C  container init, PID 1: a *nested* mount namespace, the root prepared, pivot_root,
              privileges dropped, exec of the command
 
 Why a nested mount namespace: ``pivot_root`` moves the root of every process of the namespace whose
-root was the old one, and that would include the FUSE server. Why K and not P mounts: a FUSE mount
-made by root of the user namespace shows the image's owners correctly and needs no fusermount3; and
-it vanishes with the namespace, so a crash leaves no stale mount on the host.
+root was the old one, and that would include the FUSE server. Why mount inside the namespaces: a
+FUSE mount made by root of the user namespace shows the image's owners correctly and needs no
+fusermount3; and it vanishes with the namespace, so a crash leaves no stale mount on the host.
 
-Synchronisation uses three close-on-exec pipes: *status* (K and C report JSON events to P: the
+Synchronisation uses close-on-exec pipes: *status* (K and C report JSON events to P: the
 namespaces exist, C's pid, or an error with an exit code; EOF means C has exec'd), *sync* (P tells
-K the id maps are written) and *go* (P tells C the network is ready, so the command never starts
-before its ports are published).
+K the id maps are written), *ready* (S tells K the union is mounted, or why not) and *go* (P tells
+C the network is ready, so the command never starts before its ports are published).
 
-Resource handling: :func:`start_sandbox` returns a :class:`Sandbox` that owns K (and through it S
-and C) and slirp4netns; :meth:`Sandbox.wait` reaps them and removes temporary state. If P dies, K
-and C get SIGKILL (parent-death signal) and the namespaces, mount included, disappear.
+Resource handling: :func:`start_sandbox` returns a :class:`Sandbox` that owns K (and through it
+C), S and slirp4netns; :meth:`Sandbox.wait` reaps them and removes temporary state. If P dies, K, S
+and C get SIGKILL (parent-death signals) and the namespaces, mount included, disappear.
 
 Error handling: a failure before the command runs raises :class:`ContainerError` (or
 :class:`MountError`); a command that cannot be found or executed raises :class:`CommandNotFound`
