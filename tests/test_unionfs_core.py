@@ -589,3 +589,26 @@ def test_hardlink_name_looked_up_after_copy_up_sees_the_copy_even_after_remount(
     # a mount that never saw either name looked up: the index still joins them
     shutil.rmtree(layers.upper / "q")
     assert read(layers.open(), "q/g") == b"01AB456789"
+
+
+def test_link_counts_of_lower_hardlinks_follow_the_merged_view(layers: Layers) -> None:
+    low = layers.lowers[0]
+    write_file(low / "p" / "f", "x")
+    (low / "q").mkdir()
+    os.link(low / "p" / "f", low / "q" / "g")
+    os.link(low / "p" / "f", low / "q" / "h")
+    fs = layers.open()
+
+    def nlink(path: str) -> int:
+        node = walk(fs, path)
+        return fs.nlink(node, fs.stat(node)[0])
+
+    assert nlink("p/f") == 3
+    fs.setattr(walk(fs, "p/f"), mode=0o600)  # copy-up: the index link does not count
+    assert nlink("p/f") == 3
+    fs.unlink(walk(fs, "q"), "g")
+    assert nlink("p/f") == 2
+    fs.link(walk(fs, "p/f"), walk(fs, "q"), "new")
+    assert nlink("p/f") == 3 and nlink("q/h") == 3
+    fs.rename(walk(fs, "q"), "new", walk(fs, "q"), "renamed")
+    assert nlink("q/renamed") == 3

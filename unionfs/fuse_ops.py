@@ -132,7 +132,7 @@ class UnionOperations(pyfuse3.Operations):
             # a wrong count would make find(1) skip subdirectories; 1 tells it to look.
             a.st_nlink = 1
         else:
-            a.st_nlink = st.st_nlink
+            a.st_nlink = self.core.nlink(node, st)
         a.st_rdev = st.st_rdev
         a.st_size = st.st_size
         a.st_blocks = st.st_blocks

@@ -97,6 +97,8 @@ def finish_copy_up(tree: UnionTree, job: CopyJob) -> None:
         copy_xattrs(job.layer, job.path, target, is_link)
         if not node.is_dir:
             _set_origin(target, tree.origin_xattr, f"{job.layer.slot}:{st.st_ino}".encode())
+            if st.st_nlink > 1 and tree.index_fd >= 0:
+                _set_origin(target, tree.nlink_xattr, str(st.st_nlink).encode())
         # A directory's mode is set once it is in place: moving a read-only directory to another
         # parent needs write permission on it (for '..') when we are not root.
         copy_owner_mode_times(target, st, is_link, chmod=not node.is_dir)

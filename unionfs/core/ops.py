@@ -278,6 +278,7 @@ class UnionFS(UnionTree):
         node.links.append((parent, name))
         assert parent.children is not None
         parent.children[name] = node
+        self.adjust_nlink(node, +1)
         self.touch(node, parent)
         return node
 
@@ -289,6 +290,11 @@ class UnionFS(UnionTree):
         if node.is_dir:
             raise OSError(errno.EISDIR, "is a directory", name)
         self.copy_up(parent)
+        if not node.in_upper and self.index_fd >= 0 and self.stat(node)[0].st_nlink > 1:
+            # One name of a lower hardlink goes: the others must now count one name less, which
+            # only an indexed copy can record (the kernel's index=on copies up here too).
+            self.copy_up(node)
+        self.adjust_nlink(node, -1)
         if self.lower_has(parent, name):
             self.whiteout(parent, name)
         else:
@@ -338,6 +344,9 @@ class UnionFS(UnionTree):
         self.copy_up(oldp)
         self.copy_up(newp)
         self.copy_up(src)
+        if dst is not None and not dst.is_dir and not dst.in_upper and self.index_fd >= 0 \
+                and self.stat(dst)[0].st_nlink > 1:
+            self.copy_up(dst)  # its other names must count one less (see unlink)
         ufd = self._upper_fd()
         old_path, new_path = oldp.child_path(oldn), newp.child_path(newn)
         old_needs_whiteout = self.lower_has(oldp, oldn)
@@ -356,6 +365,8 @@ class UnionFS(UnionTree):
             self.whiteout(oldp, oldn)
         self.touch(oldp, newp, src, dst)
         if dst is not None:
+            if not dst.is_dir:
+                self.adjust_nlink(dst, -1)
             self._forget_name(dst, newp, newn)
         self._move_name(src, oldp, oldn, newp, newn)
 

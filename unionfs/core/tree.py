@@ -111,6 +111,10 @@ class UnionTree:
         self.whiteout_style = self._probe_whiteout_style()
         # Where a copied-up file records the lower object it came from (its inode number's source).
         self.origin_xattr = f"{self.xattr_ns.value}.overlay.lamina.origin"
+        # On an indexed hardlink: how many names it has in the merged view (the upper's own count
+        # includes the index link and misses lower names not linked up yet), as the kernel's
+        # index=on keeps it in trusted.overlay.nlink.
+        self.nlink_xattr = f"{self.xattr_ns.value}.overlay.lamina.nlink"
         # Renamed lower directories get a redirect xattr only where the kernel would follow it: it
         # ignores user.overlay.redirect (userxattr mounts never follow redirects), so with user
         # xattrs a renamed directory is copied up whole instead, and the upper stays kernel-readable.
@@ -521,6 +525,42 @@ class UnionTree:
             return self._resolve(parent, entry.name)  # a hardlink whose other name was copied up
         return self._node_for(parent, entry.name, entry.kind, (layer.slot, entry.ino), False,
                               [(layer, entry.path)])
+
+    def index_key(self, node: Node) -> str | None:
+        """The index entry of a copied-up lower hardlink, if it has one."""
+        if node.is_dir or self.index_fd < 0 or not self.index_used:
+            return None
+        for slot, ino in node.identities:
+            if slot:
+                key = f"{slot}-{ino}"
+                if exists_at(self.index_fd, key):
+                    return key
+        return None
+
+    def nlink(self, node: Node, st: os.stat_result) -> int:
+        """The link count callers see (see ``nlink_xattr``)."""
+        if node.is_dir or not node.in_upper or st.st_nlink < 2 or self.index_fd < 0:
+            return st.st_nlink
+        key = self.index_key(node)
+        if key is None:
+            return st.st_nlink
+        raw = getxattr_at(self.index_fd, key, self.nlink_xattr)
+        try:
+            return int(raw) if raw else st.st_nlink - 1
+        except ValueError:
+            return st.st_nlink - 1
+
+    def adjust_nlink(self, node: Node, delta: int) -> None:
+        key = self.index_key(node)
+        if key is None:
+            return
+        st = os.stat(key, dir_fd=self.index_fd, follow_symlinks=False)
+        raw = getxattr_at(self.index_fd, key, self.nlink_xattr)
+        try:
+            current = int(raw) if raw else st.st_nlink - 1
+        except ValueError:
+            current = st.st_nlink - 1
+        setxattr_at(self.index_fd, key, self.nlink_xattr, str(max(current + delta, 0)).encode())
 
     def override_of(self, node: Node, st: os.stat_result) -> ondisk.OwnerOverride | None:
         if stat.S_ISLNK(st.st_mode):
