@@ -15,6 +15,10 @@ throws away. A container's upper directory is shown read-only too, as the top lo
 runner may be writing to it, and two overlays sharing one upperdir is undefined. ``--rw`` on a
 container uses the container's own upper and work directories, and is refused while it runs.
 
+Unprivileged users with subordinate ids: a read-only mount's server runs as root of lamina's user
+namespace (see :mod:`inspector.userns_server`), so files a container or image gave to another uid
+(mode 0700 directories included) are readable through it.
+
 Resource handling: :func:`mount_image_stack` leaves a server running and a state directory behind
 by design; :func:`unmount` is their only owner afterwards. If mounting fails, nothing is left.
 """
@@ -33,6 +37,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from inspector import userns_server
+from inspector.userns_server import log_tail
 from lamina.errors import MountError, UsageError
 
 log = logging.getLogger(__name__)
@@ -157,10 +163,30 @@ def _mount(state_dir: Path, mount_id: str, request: StackRequest, mountpoint: Pa
         upper.mkdir(parents=True)
         work.mkdir()
 
-    spec = MountSpec(lowers=lowers, upper=upper, work=work, mountpoint=mountpoint,
-                     options=[LAYER_XATTR_OPTION], trace=request.trace)
-    argv = command_line(spec)
+    def argv_for(target: Path) -> list[str]:
+        return command_line(MountSpec(lowers=lowers, upper=upper, work=work, mountpoint=target,
+                                      options=[LAYER_XATTR_OPTION], trace=request.trace))
+
     log_path = state_dir / "unionfs.log"
+    # Read-only mounts are served from lamina's user namespace (so subordinate-owned files are
+    # readable); writable ones are not: the kernel reports a caller's host uid, which the server
+    # would record as an unmapped id inside the namespace on every file it creates.
+    if upper is None and userns_server.wants_userns():
+        pid = userns_server.start_userns_server(argv_for, mountpoint, log_path, READY_TIMEOUT_S)
+    else:
+        pid = _start_server(argv_for(mountpoint), mountpoint, log_path)
+
+    state = MountState(id=mount_id, mountpoint=str(mountpoint), pid=pid, source=request.source,
+                       image_id=request.image_id, container_id=request.container_id,
+                       layers=request.layers, writable=upper is not None,
+                       scratch=str(scratch) if scratch else None, own_mountpoint=own_mountpoint,
+                       log=str(log_path))
+    state.save(state_dir)
+    return state
+
+
+def _start_server(argv: list[str], mountpoint: Path, log_path: Path) -> int:
+    """Start a detached server that mounts ``mountpoint`` itself; its pid once the mount is up."""
     log.debug("starting %s", argv)
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
@@ -171,16 +197,9 @@ def _mount(state_dir: Path, mount_id: str, request: StackRequest, mountpoint: Pa
         _stop_server(process.pid, mountpoint)
         process.wait()
         raise
-
-    state = MountState(id=mount_id, mountpoint=str(mountpoint), pid=process.pid, source=request.source,
-                       image_id=request.image_id, container_id=request.container_id,
-                       layers=request.layers, writable=upper is not None,
-                       scratch=str(scratch) if scratch else None, own_mountpoint=own_mountpoint,
-                       log=str(log_path))
-    state.save(state_dir)
     # The server is detached on purpose; stop Popen's finaliser from warning that it still runs.
     process.returncode = 0
-    return state
+    return process.pid
 
 
 def _wait_ready(process: subprocess.Popen[bytes], mountpoint: Path, log_path: Path) -> None:
@@ -190,22 +209,14 @@ def _wait_ready(process: subprocess.Popen[bytes], mountpoint: Path, log_path: Pa
     while True:
         if process.poll() is not None:
             raise MountError(f"unionfs exited with status {process.returncode} before mounting "
-                             f"{mountpoint}: {_tail(log_path)}")
+                             f"{mountpoint}: {log_tail(log_path)}")
         if target in fuse_mountpoints():
             return
         if time.monotonic() > deadline:
             raise MountError(f"unionfs did not mount {mountpoint} within {READY_TIMEOUT_S:.0f} s: "
-                             f"{_tail(log_path)}")
+                             f"{log_tail(log_path)}")
         time.sleep(delay)
         delay = min(delay * 1.5, 0.02)
-
-
-def _tail(path: Path, lines: int = 3) -> str:
-    try:
-        text = path.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return "(no log)"
-    return " | ".join(text[-lines:]) or "(empty log)"
 
 
 def _fusermount_unmount(mountpoint: str, lazy: bool = False) -> tuple[bool, str]:

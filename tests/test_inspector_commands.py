@@ -329,8 +329,9 @@ def test_umount_busy_then_lazy(lamina_cmd, image_root: Path) -> None:  # type: i
         time.sleep(0.05)
 
 
+@pytest.mark.fuse
 @pytest.mark.unprivileged
-def test_which_layers_on_a_container_with_foreign_owned_files(unpriv) -> None:  # type: ignore[no-untyped-def]
+def test_container_with_foreign_owned_files(unpriv) -> None:  # type: ignore[no-untyped-def]
     # With subordinate ids, /data belongs to a subordinate uid with mode 0700: unreadable to the user
     # on the host, readable to root of lamina's user namespace, where the analysis runs.
     unpriv.lamina("run", "--name", "own", "lamina/busybox", "sh", "-c",
@@ -340,3 +341,15 @@ def test_which_layers_on_a_container_with_foreign_owned_files(unpriv) -> None:  
     assert which.splitlines()[0] == "/data/s: provided by the container layer"
     rows = json.loads(unpriv.lamina("layers", "own", "--json", check=True).stdout)["layers"]
     assert rows[-1]["container"] is True and rows[-1]["added"] == 2 and rows[-1]["size"] == 2
+    # The mount is served from the same namespace, so the user reads what the container wrote.
+    mnt = Path(unpriv.lamina("mount", "own", check=True).stdout.strip())
+    try:
+        assert unpriv.run(["cat", str(mnt / "data/s")], check=True).stdout == "s\n"
+        assert unpriv.run(["ls", str(mnt)], check=True).stdout.split().count("data") == 1
+        attr = unpriv.run(["getfattr", "--only-values", "-n", "user.lamina.layer", str(mnt / "data/s")],
+                          check=True).stdout
+        assert attr.startswith("lower:0:") and attr.endswith("/upper")
+    finally:
+        done = unpriv.lamina("umount", str(mnt))
+    assert done.returncode == 0, done.stderr
+    assert fuse_mounts_under(mnt) == []
