@@ -31,7 +31,6 @@ import base64
 import hashlib
 import http.client
 import io
-import json
 import logging
 import os
 import re
@@ -58,6 +57,7 @@ from store.registry_manifest import (
     manifest_media_type,
     select_platform,
     sha256_digest,
+    try_json,
 )
 
 log = logging.getLogger(__name__)
@@ -389,11 +389,8 @@ class RegistryClient:
                                 f"{self.registry}: authentication required (--creds USER:PASS or lamina login)")
         if response.status != 200:
             raise RegistryError(f"token server {parts.netloc}: {response.status} {response.reason}")
-        try:
-            answer = json.loads(body)
-            token = answer.get("token") or answer.get("access_token")
-        except (ValueError, UnicodeDecodeError, AttributeError):
-            token = None
+        answer = try_json(body)
+        token = (answer.get("token") or answer.get("access_token")) if isinstance(answer, dict) else None
         if not isinstance(token, str) or not token or any(c in token for c in "\r\n"):
             raise RegistryError(f"token server {parts.netloc} sent no usable token")
         return token
@@ -739,12 +736,10 @@ def _with_query(url: str, **params: str) -> str:
 
 def _error_text(body: bytes) -> str:
     """The registry's error message from an ``{"errors": [...]}`` body, else the first line of text."""
-    try:
-        errors = json.loads(body).get("errors")
-        if isinstance(errors, list) and errors:
-            return "; ".join(f"{e.get('code', '')}: {e.get('message', '')}".strip(": ")
-                             for e in errors if isinstance(e, dict))
-    except (ValueError, UnicodeDecodeError, AttributeError):
-        pass
+    answer = try_json(body)
+    errors = answer.get("errors") if isinstance(answer, dict) else None
+    if isinstance(errors, list) and errors:
+        return "; ".join(f"{e.get('code', '')}: {e.get('message', '')}".strip(": ")
+                         for e in errors if isinstance(e, dict))
     text = body.decode("utf-8", "replace").strip().splitlines()
     return text[0][:200] if text else ""

@@ -60,7 +60,7 @@ def _load(path: Path) -> dict:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise UsageError(f"{path}: cannot read registry credentials: {e}") from None
     if not isinstance(data, dict):
         raise UsageError(f"{path}: not a JSON object")

@@ -45,6 +45,7 @@ from store.registry_manifest import (
     check_digest,
     config_descriptor,
     iter_layers,
+    parse_json,
 )
 from store.store import Image, Store
 
@@ -105,7 +106,7 @@ class BlobLocations:
     def _load(self) -> dict[str, dict[str, list[str]]]:
         try:
             data = json.loads(self.path.read_bytes())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return {}
         return data if isinstance(data, dict) else {}
 
@@ -288,10 +289,7 @@ def pull_image(store: Store, ref: Reference, client: RegistryClient, progress: P
 
 
 def _check_config(ref: Reference, config_bytes: bytes, layer_count: int) -> None:
-    try:
-        config = json.loads(config_bytes)
-    except (ValueError, UnicodeDecodeError):
-        raise RegistryError(f"{ref}: the image config is not valid JSON") from None
+    config = parse_json(config_bytes, f"{ref}: the image config")
     rootfs = config.get("rootfs") if isinstance(config, dict) else None
     diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
     if not isinstance(diff_ids, list) or len(diff_ids) != layer_count:

@@ -12,6 +12,7 @@ import platform
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from lamina.errors import RegistryError
 
@@ -38,6 +39,22 @@ _ARCH = {
     "i386": ("386", None), "i686": ("386", None),
     "ppc64le": ("ppc64le", None), "s390x": ("s390x", None), "riscv64": ("riscv64", None),
 }
+
+def parse_json(data: bytes, what: str) -> Any:
+    """JSON from a registry; RegistryError for anything unparsable, including absurd nesting."""
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise RegistryError(f"{what} is not valid JSON") from None
+
+
+def try_json(data: bytes) -> Any:
+    """JSON from a registry, or None when it is not (for optional, best-effort fields)."""
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+
 
 def check_digest(digest: object, what: str = "digest") -> str:
     """Return ``digest`` if it is ``sha256:`` + 64 lowercase hex digits, else raise RegistryError.
@@ -79,10 +96,7 @@ class Manifest:
     digest: str
 
     def json(self) -> dict:
-        try:
-            value = json.loads(self.data)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise RegistryError(f"manifest {self.digest} is not valid JSON: {e}") from None
+        value = parse_json(self.data, f"manifest {self.digest}")
         if not isinstance(value, dict):
             raise RegistryError(f"manifest {self.digest} is not a JSON object")
         return value
@@ -94,20 +108,16 @@ class Manifest:
 
 def manifest_media_type(data: bytes, header_type: str | None) -> str:
     """The media type of a manifest: its own ``mediaType`` field, else the Content-Type header."""
-    try:
-        declared = json.loads(data).get("mediaType")
-    except (ValueError, UnicodeDecodeError, AttributeError):
-        declared = None
+    value = try_json(data)
+    declared = value.get("mediaType") if isinstance(value, dict) else None
     if isinstance(declared, str) and declared:
         return declared
     header = (header_type or "").split(";")[0].strip()
     if header in IMAGE_MANIFEST_TYPES or header in INDEX_TYPES or header in DOCKER_SCHEMA1:
         return header
     # An OCI manifest may omit mediaType; tell a manifest from an index by its fields.
-    try:
-        value = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        raise RegistryError("registry sent a manifest that is not valid JSON") from None
+    if value is None:
+        raise RegistryError("registry sent a manifest that is not valid JSON")
     if isinstance(value, dict) and "manifests" in value:
         return OCI_INDEX
     return OCI_MANIFEST

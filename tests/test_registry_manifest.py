@@ -12,6 +12,7 @@ from store.registry_manifest import (
     DOCKER_MANIFEST,
     OCI_INDEX,
     OCI_MANIFEST,
+    Manifest,
     Platform,
     check_digest,
     config_descriptor,
@@ -38,6 +39,12 @@ def test_manifest_media_type() -> None:
     assert manifest_media_type(b'{"schemaVersion": 2, "manifests": []}', "application/json") == OCI_INDEX
     with pytest.raises(RegistryError, match="not valid JSON"):
         manifest_media_type(b"\xff{", None)
+    nested = b"[" * 200000 + b"]" * 200000  # deeper than Python's recursion limit
+    with pytest.raises(RegistryError, match="not valid JSON"):
+        manifest_media_type(nested, None)
+    assert manifest_media_type(nested, OCI_MANIFEST) == OCI_MANIFEST
+    with pytest.raises(RegistryError, match="not valid JSON"):
+        Manifest(nested, OCI_MANIFEST, GOOD).json()
 
 
 def test_layers_and_config_are_checked() -> None:

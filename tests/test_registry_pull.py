@@ -383,9 +383,10 @@ def test_absurd_manifests_are_refused_before_downloading(tmp_path: Path, lamina_
     not_a_digest = dict(doc, layers=[dict(doc["layers"][0], digest="sha256:../../../etc/passwd")])
     for tag, body in (("huge", huge), ("many", many), ("path", not_a_digest)):
         fake.add_manifest("absurd/img", tag, OCI_MANIFEST, json.dumps(body).encode())
+    fake.add_manifest("absurd/img", "deep", OCI_MANIFEST, b"[" * 200000 + b"]" * 200000)
     with fake.serve():
         for tag, expected in (("huge", "more than the limit"), ("many", "501 layers"),
-                              ("path", "invalid or unsupported layer digest")):
+                              ("path", "invalid or unsupported layer digest"), ("deep", "not valid JSON")):
             result = lamina_cmd("pull", "--tls-verify=false", f"{fake.address}/absurd/img:{tag}", check=False)
             assert result.returncode == 125 and expected in result.stderr, result.stderr
         assert not [path for _, path, _ in fake.requests if "/blobs/" in path]
@@ -482,7 +483,7 @@ def test_malformed_configs_are_refused_cleanly(tmp_path: Path) -> None:
     _, manifest = fake.add_image("bad/config", "ok", [layer])
     store = open_store(tmp_path / "root")
     configs = [b"not json", b"[]", b'{"rootfs": "x"}', b'{"rootfs": {"diff_ids": []}}',
-               b'{"rootfs": {"diff_ids": ["sha256:../x"]}}']
+               b'{"rootfs": {"diff_ids": ["sha256:../x"]}}', b"[" * 100000 + b"]" * 100000]
     for i, config in enumerate(configs):
         doc = json.loads(manifest)
         doc["config"] = dict(doc["config"], digest=fake.add_blob(config), size=len(config))
