@@ -21,11 +21,13 @@ refused with :class:`LayerError`.
 
 from __future__ import annotations
 
-import gzip
 import logging
 import os
+import queue
 import stat
 import tarfile
+import threading
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +86,65 @@ def _subids(path: str, uid: int) -> tuple[tuple[int, int, int], ...]:
     except (OSError, ValueError):
         pass
     return ()
+
+
+class _ThreadedGzip:
+    """A write-only gzip stream compressed on a worker thread.
+
+    zlib releases the GIL while it compresses, so reading files and building tar headers on the
+    caller's thread overlap with compression (the dominant cost of a commit). The output depends
+    only on the bytes written: the same tar gives the same gzip bytes (header mtime 0, no name).
+    Resource handling: :meth:`close` must be called; it joins the thread and re-raises its error.
+    """
+
+    _CHUNK = 1 << 20
+
+    def __init__(self, sink: HashingWriter, level: int) -> None:
+        self.sink = sink
+        self.level = level
+        self.queue: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
+        self.buffer = bytearray()
+        self.error: BaseException | None = None
+        self.closed = False
+        self.thread = threading.Thread(target=self._run, name="lamina-gzip", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        compressor = zlib.compressobj(self.level, zlib.DEFLATED, 31)  # 31: gzip wrapper
+        try:
+            while (chunk := self.queue.get()) is not None:
+                if self.error is None:
+                    self.sink.write(compressor.compress(chunk))
+            if self.error is None:
+                self.sink.write(compressor.flush())
+        except BaseException as e:  # handed to the writer's thread by close()/write()
+            self.error = e
+            while self.queue.get() is not None:  # drain so the writer never blocks
+                pass
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        if self.error is not None:
+            raise self.error
+        self.buffer += data
+        if len(self.buffer) >= self._CHUNK:
+            self.queue.put(bytes(self.buffer))
+            self.buffer.clear()
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.buffer:
+            self.queue.put(bytes(self.buffer))
+            self.buffer.clear()
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 @dataclass
@@ -237,23 +298,25 @@ def pack_layer(src_dir: Path, out: BinaryIO | HashingWriter | None, compress: bo
         raise LayerError(f"layer directory {src_dir} does not exist")
     idmap = idmap or IdMap.for_current_user()
     blob = HashingWriter(out)
-    gz: gzip.GzipFile | None = None
+    gz: _ThreadedGzip | None = None
     if compress:
-        gz = gzip.GzipFile(filename="", mode="wb", fileobj=blob, mtime=0, compresslevel=GZIP_LEVEL)  # type: ignore[arg-type,unused-ignore]
-        plain = HashingWriter(gz)  # type: ignore[arg-type,unused-ignore]
+        gz = _ThreadedGzip(blob, GZIP_LEVEL)
+        plain = HashingWriter(gz)  # type: ignore[arg-type]
     else:
         plain = HashingWriter(blob)
-    tar = tarfile.open(fileobj=plain, mode="w|", format=tarfile.PAX_FORMAT,  # type: ignore[call-overload]
-                       encoding="utf-8", errors="surrogateescape")
     try:
-        packer = _Packer(src_dir, tar, idmap, progress)
-        if ondisk.is_opaque_dir(str(src_dir)):
-            tar.addfile(packer._header(ondisk.OPAQUE_MARKER, tarfile.REGTYPE, None, None))
-        packer.pack_dir(str(src_dir), "")
+        tar = tarfile.open(fileobj=plain, mode="w|", format=tarfile.PAX_FORMAT,  # type: ignore[call-overload]
+                           encoding="utf-8", errors="surrogateescape")
+        try:
+            packer = _Packer(src_dir, tar, idmap, progress)
+            if ondisk.is_opaque_dir(str(src_dir)):
+                tar.addfile(packer._header(ondisk.OPAQUE_MARKER, tarfile.REGTYPE, None, None))
+            packer.pack_dir(str(src_dir), "")
+        finally:
+            tar.close()
     finally:
-        tar.close()
-    if gz is not None:
-        gz.close()
+        if gz is not None:
+            gz.close()
     return PackResult(diff_id=plain.digest, tar_size=plain.size,
                       digest=blob.digest if compress else None,
                       compressed_size=blob.size if compress else None)

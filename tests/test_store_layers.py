@@ -338,3 +338,13 @@ def test_file_capabilities_survive_unpack_and_pack(tmp_path: Path) -> None:
     packed, _ = pack(tmp_path / "out")
     header = members(packed)["bin/ping"].pax_headers["SCHILY.xattr.security.capability"]
     assert header.encode("utf-8", "surrogateescape") == cap
+
+
+def test_a_failing_sink_stops_packing_with_its_error(tmp_path: Path) -> None:
+    class Full:
+        def write(self, data: bytes) -> int:
+            raise OSError(28, "No space left on device")
+
+    (tmp_path / "big").write_bytes(os.urandom(3 << 20))
+    with pytest.raises(OSError, match="No space left"):
+        pack_layer(tmp_path, Full(), compress=True, idmap=IdMap())  # type: ignore[arg-type]
