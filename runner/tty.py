@@ -45,11 +45,12 @@ def raw_terminal(fd: int) -> Iterator[None]:
         yield
         return
     saved = termios.tcgetattr(fd)
-    tty.setraw(fd)
+    # TCSANOW, not the default TCSAFLUSH: what the user typed ahead belongs to the container.
+    tty.setraw(fd, termios.TCSANOW)
     try:
         yield
     finally:
-        termios.tcsetattr(fd, termios.TCSAFLUSH, saved)
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
 def relay(master: int, stdin_fd: int | None, stdout_fd: int, finished: Callable[[], bool],

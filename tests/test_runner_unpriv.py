@@ -78,3 +78,58 @@ def test_unprivileged_lifecycle(unpriv) -> None:  # type: ignore[no-untyped-def]
     assert "Exited (137)" in lamina("ps", "-a").stdout
     assert lamina("rm", "web").returncode == 0
     assert fuse_mounts_under(unpriv.workdir) == []
+
+
+def test_unprivileged_escapes_logs_and_tty(unpriv) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import pty
+    import select
+    import subprocess
+
+    lamina = unpriv.lamina
+    outside = unpriv.workdir / "outside"
+    src = unpriv.workdir / "src"
+    for d in (outside, src):
+        d.mkdir()
+    (src / "secret").write_text("s")
+    unpriv.chown_tree(unpriv.workdir)
+    r = lamina("run", "--name", "evil", "--network", "none", IMAGE, "sh", "-c",
+               f"ln -s ../../../../../../..{outside} /esc; echo made")
+    assert r.returncode == 0, r.stderr
+    assert lamina("logs", "evil").stdout == "made\n"
+    assert lamina("commit", "evil", "evil:1").returncode == 0
+    r = lamina("run", "--rm", "--network", "none", "-w", "/esc/wd", "-v", f"{src}:/esc/vol:ro", "evil:1", "sh",
+               "-c", f"touch inwd; ls /esc/vol; echo 1 > /proc/sys/kernel/hostname || echo procsys-refused; "
+                     f"cat {src}/secret 2>/dev/null || echo no-host-fs")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["secret", "procsys-refused", "no-host-fs"]
+    assert list(outside.iterdir()) == []
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(["lamina", "run", "-it", "--rm", "--network", "none", IMAGE, "sh"], stdin=slave,
+                            stdout=slave, stderr=slave, env=unpriv.env(), cwd=unpriv.workdir, user=unpriv.uid,
+                            group=unpriv.gid, extra_groups=[], start_new_session=True)
+    os.close(slave)
+    seen = b""
+
+    def read_until(needle: bytes) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + 30
+        while needle not in seen and time.monotonic() < deadline:
+            if select.select([master], [], [], 1)[0]:
+                try:
+                    seen += os.read(master, 4096)
+                except OSError:
+                    break
+        assert needle in seen
+
+    try:
+        read_until(b"# ")
+        os.write(master, b"echo $((40+2)); exit 6\r")
+        read_until(b"42")
+        assert proc.wait(timeout=30) == 6
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
