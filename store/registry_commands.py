@@ -241,7 +241,8 @@ def pull_image(store: Store, ref: Reference, client: RegistryClient, progress: P
                                 f"of {max_layer_bytes} (set LAMINA_MAX_LAYER_BYTES to allow it)")
         if layer.get("urls"):
             raise RegistryError(f"{ref}: layer {layer['digest']} is a foreign layer (urls), not supported")
-        if layer.get("mediaType") not in LAYER_TYPES:
+        media_type = layer.get("mediaType")
+        if not isinstance(media_type, str) or media_type not in LAYER_TYPES:
             raise RegistryError(f"{ref}: layer {layer['digest']} has unsupported media type "
                                 f"{layer.get('mediaType')!r}")
 

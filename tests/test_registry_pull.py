@@ -381,12 +381,14 @@ def test_absurd_manifests_are_refused_before_downloading(tmp_path: Path, lamina_
     huge = dict(doc, layers=[dict(doc["layers"][0], size=1 << 60)])
     many = dict(doc, layers=doc["layers"] * 501)
     not_a_digest = dict(doc, layers=[dict(doc["layers"][0], digest="sha256:../../../etc/passwd")])
-    for tag, body in (("huge", huge), ("many", many), ("path", not_a_digest)):
+    odd_type = dict(doc, layers=[dict(doc["layers"][0], mediaType=["a", "list"])])
+    for tag, body in (("huge", huge), ("many", many), ("path", not_a_digest), ("odd", odd_type)):
         fake.add_manifest("absurd/img", tag, OCI_MANIFEST, json.dumps(body).encode())
     fake.add_manifest("absurd/img", "deep", OCI_MANIFEST, b"[" * 200000 + b"]" * 200000)
     with fake.serve():
         for tag, expected in (("huge", "more than the limit"), ("many", "501 layers"),
-                              ("path", "invalid or unsupported layer digest"), ("deep", "not valid JSON")):
+                              ("path", "invalid or unsupported layer digest"), ("deep", "not valid JSON"),
+                              ("odd", "unsupported media type")):
             result = lamina_cmd("pull", "--tls-verify=false", f"{fake.address}/absurd/img:{tag}", check=False)
             assert result.returncode == 125 and expected in result.stderr, result.stderr
         assert not [path for _, path, _ in fake.requests if "/blobs/" in path]
