@@ -397,3 +397,17 @@ def test_from_registry_image_is_pulled(lamina: Lamina, ctx: Path, tmp_path: Path
         again = fresh("build", "--pull", "-t", "from-registry", str(ctx))
         assert again.stdout.count("--> CACHED") == 1
         assert manifest_gets() > manifests_before
+
+
+def test_run_mounts_from_stage_and_persistent_cache(lamina: Lamina, ctx: Path, tmp_path: Path) -> None:
+    dockerfile = f"""\
+FROM lamina/busybox AS tools
+RUN mkdir /out && echo tool-output > /out/tool.txt
+FROM lamina/busybox
+RUN --mount=type=bind,from=tools,source=/out,target=/in cat /in/tool.txt > /got.txt
+RUN --mount=type=cache,id={tmp_path.name},target=/cache \\
+    echo run >> /cache/runs && wc -l < /cache/runs > /runs.txt
+"""
+    lamina.build(ctx, dockerfile, "-t", "mounts")
+    lamina.build(ctx, dockerfile, "-t", "mounts", "--no-cache")
+    assert lamina.run("mounts", "cat /got.txt /runs.txt; test -e /in || echo no-in") == "tool-output\n2\nno-in\n"
