@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import posixpath
-import shlex
 import shutil
 import sys
 import tempfile
@@ -387,7 +386,8 @@ class Builder:
     @staticmethod
     def _created_by(inst: df.Instruction) -> str:
         if isinstance(inst, df.Run):
-            return "RUN " + shlex.join(inst.argv)
+            # As docker shows it: the shell form joined, the exec form as JSON.
+            return "RUN " + (" ".join(inst.argv) if inst.exec_form is None else json.dumps(inst.argv))
         return inst.text
 
     def _execute(self, state: StageState, inst: df.Instruction) -> Layer | None:
