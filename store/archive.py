@@ -107,8 +107,10 @@ def _add_blob(tar: tarfile.TarFile, store: Store, digest: str, name: str, progre
 def _add_plain_layer(tar: tarfile.TarFile, store: Store, layer: Any, name: str, progress: ProgressBar) -> None:
     """Add the layer as an uncompressed tar, decompressing its blob on the fly and checking diff_id."""
     info = tarfile.TarInfo(name)
-    info.size = layer.size
+    info.size = store._layer_size(layer.diff_id)
     info.mode = 0o644
+    if info.size == 0:
+        raise FormatError(f"layer {layer.diff_id}: size unknown (run `lamina system check`)")
     with open(store.blob_path(layer.digest), "rb") as f:
         stream, _kind = open_decompressed(f)
         reader = _HashingReader(stream)
@@ -118,7 +120,7 @@ def _add_plain_layer(tar: tarfile.TarFile, store: Store, layer: Any, name: str, 
             raise FormatError(f"layer {layer.diff_id}: blob is shorter than its recorded size ({e})") from None
         if "sha256:" + reader.hasher.hexdigest() != layer.diff_id or stream.read(1):
             raise FormatError(f"layer {layer.diff_id}: stored blob does not match (run `lamina system check`)")
-    progress(layer.size)
+    progress(info.size)
 
 
 def save(store: Store, items: list[SaveItem], out: Path, fmt: str) -> None:

@@ -153,6 +153,7 @@ class PackResult:
     tar_size: int
     digest: str | None  # of the compressed stream, when one was written
     compressed_size: int | None
+    content_size: int = 0  # bytes of regular-file content
 
 
 _OPAQUE_ENTRY_MODE = 0o644
@@ -170,6 +171,7 @@ class _Packer:
         self.idmap = idmap
         self.progress = progress
         self.links: dict[tuple[int, int], str] = {}
+        self.content_size = 0
 
     def _header(self, name: str, kind: bytes, st: os.stat_result | None, path: str | None) -> tarfile.TarInfo:
         info = tarfile.TarInfo(name)
@@ -252,6 +254,7 @@ class _Packer:
                 self.links[key] = rel
             info = self._header(rel, tarfile.REGTYPE, st, path)
             info.size = st.st_size
+            self.content_size += st.st_size
             with open(path, "rb") as f:
                 self.tar.addfile(info, f)
             if self.progress is not None:
@@ -319,4 +322,4 @@ def pack_layer(src_dir: Path, out: BinaryIO | HashingWriter | None, compress: bo
             gz.close()
     return PackResult(diff_id=plain.digest, tar_size=plain.size,
                       digest=blob.digest if compress else None,
-                      compressed_size=blob.size if compress else None)
+                      compressed_size=blob.size if compress else None, content_size=packer.content_size)

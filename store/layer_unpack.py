@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[int], None]
 
+_ZERO_CHUNK = bytes(CHUNK)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -66,6 +67,7 @@ class UnpackResult:
     tar_size: int  # bytes of the uncompressed tar
     compression: str | None
     entries: int
+    content_size: int = 0  # bytes of regular-file content (what docker shows as a layer's SIZE)
 
 
 @dataclass
@@ -81,6 +83,7 @@ class _Plan:
     ops: list[_Op] = field(default_factory=list)
     whiteouts: list[tuple[tuple[str, ...], str]] = field(default_factory=list)
     opaque: list[tuple[str, ...]] = field(default_factory=list)
+    content_size: int = 0
 
 
 def is_host_root() -> bool:
@@ -248,6 +251,7 @@ def validate(members: list[tarfile.TarInfo], archive_size: int, limits: Limits |
             plan.opaque.append(parent + (name,))
         elif existing is None:
             plan.whiteouts.append((parent, name))
+    plan.content_size = total
     return plan
 
 
@@ -403,11 +407,10 @@ class _Extractor:
             src = self.tar.extractfile(member)
             if src is None:
                 raise LayerError(f"entry {member.name!r}: no data")
-            zero = bytes(CHUNK)
             written = 0
             while chunk := src.read(CHUNK):
                 # Runs of zeros become holes, so sparse files stay sparse on disk.
-                if len(chunk) == CHUNK and chunk == zero:
+                if len(chunk) == CHUNK and chunk == _ZERO_CHUNK:
                     os.lseek(fd, len(chunk), os.SEEK_CUR)
                 else:
                     os.write(fd, chunk)
@@ -585,4 +588,5 @@ def unpack_layer(source: BinaryIO | Path, dest: Path, tmp_dir: Path, limits: Lim
                 if isinstance(e, (tarfile.TarError, OSError)) and not isinstance(e, LayerError):
                     raise LayerError(f"cannot unpack layer: {e}") from None
                 raise
-    return UnpackResult(diff_id=diff_id, tar_size=size, compression=kind, entries=len(members))
+    return UnpackResult(diff_id=diff_id, tar_size=size, compression=kind, entries=len(members),
+                        content_size=plan.content_size)

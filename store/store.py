@@ -124,7 +124,7 @@ class Layer:
     diff_id: str
     digest: str  # the blob this image's manifest names (compressed or not)
     path: Path  # the unpacked layer directory (a lowerdir)
-    size: int  # bytes of the uncompressed tar
+    size: int  # bytes of file content in the layer (docker's SIZE; the tar is bigger: headers, padding)
     media_type: str = OCI_LAYER_GZIP
 
 
@@ -253,12 +253,21 @@ class Store:
     def has_layer(self, diff_id: str) -> bool:
         return (self.layers_dir / digest_hex(diff_id) / "layer.json").is_file()
 
-    def _layer_size(self, diff_id: str) -> int:
+    def _layer_info(self, diff_id: str) -> dict[str, Any]:
         try:
             info = json.loads((self.layers_dir / digest_hex(diff_id) / "layer.json").read_bytes())
-            return int(info.get("size", 0))
+            return info if isinstance(info, dict) else {}
         except (OSError, ValueError):
-            return 0
+            return {}
+
+    def _layer_size(self, diff_id: str) -> int:
+        """Bytes of the layer's uncompressed tar."""
+        return int(self._layer_info(diff_id).get("size", 0))
+
+    def layer_content_size(self, diff_id: str) -> int:
+        """Bytes of regular-file content in the layer (what docker shows as its SIZE)."""
+        info = self._layer_info(diff_id)
+        return int(info.get("content_size", info.get("size", 0)))
 
     def ensure_layer(self, blob_digest: str, expected_diff_id: str | None = None,
                      progress: Any = None) -> tuple[str, int]:
@@ -276,15 +285,15 @@ class Store:
                 result = unpack_layer(self.blobs.path(blob_digest), work / "diff", self.tmp_dir, Limits(),
                                       expected_diff_id=expected_diff_id, progress=progress,
                                       source_digest=blob_digest)
-                self._install_layer(work, result.diff_id, result.tar_size)
+                self._install_layer(work, result.diff_id, result.tar_size, result.content_size)
                 return result.diff_id, result.tar_size
             finally:
                 if work.exists():
                     remove_tree(work)
 
-    def _install_layer(self, work: Path, diff_id: str, size: int) -> None:
+    def _install_layer(self, work: Path, diff_id: str, size: int, content_size: int) -> None:
         """Publish ``work`` (holding a complete ``diff/``) as ``layers/<diffhex>`` by one rename."""
-        info = {"diff_id": diff_id, "size": size, "created": now_rfc3339()}
+        info = {"diff_id": diff_id, "size": size, "content_size": content_size, "created": now_rfc3339()}
         (work / "layer.json").write_bytes(canonical_json(info))
         final = self.layers_dir / digest_hex(diff_id)
         if final.exists():
@@ -315,13 +324,13 @@ class Store:
                 work.mkdir(parents=True)
                 try:
                     os.rename(diff_dir, work / "diff")
-                    self._install_layer(work, result.diff_id, result.tar_size)
+                    self._install_layer(work, result.diff_id, result.tar_size, result.content_size)
                 finally:
                     if work.exists():
                         remove_tree(work)
-            diff_id, size = self.ensure_layer(result.digest, result.diff_id)
-            return Layer(diff_id=diff_id, digest=result.digest, path=self.layer_dir(diff_id), size=size,
-                         media_type=OCI_LAYER_GZIP)
+            diff_id, _tar_size = self.ensure_layer(result.digest, result.diff_id)
+            return Layer(diff_id=diff_id, digest=result.digest, path=self.layer_dir(diff_id),
+                         size=self.layer_content_size(diff_id), media_type=OCI_LAYER_GZIP)
 
     def layer_paths(self, image: Image) -> list[Path]:
         """The image's unpacked layer directories, bottom to top (reverse for a lowerdir list)."""
@@ -364,7 +373,7 @@ class Store:
         layers = []
         for diff_id, desc in zip(diff_ids, manifest.get("layers", []), strict=False):
             layers.append(Layer(diff_id=diff_id, digest=desc["digest"], path=self.layer_dir(diff_id),
-                                size=self._layer_size(diff_id),
+                                size=self.layer_content_size(diff_id),
                                 media_type=_DOCKER_TO_OCI_LAYER.get(desc.get("mediaType", ""),
                                                                     desc.get("mediaType", OCI_LAYER_TAR))))
         if tags is None:
@@ -605,7 +614,7 @@ class Store:
                     n_blobs += 1
             for entry in list(os.scandir(self.layers_dir)):
                 if "sha256:" + entry.name not in keep_layers:
-                    freed += self._layer_size("sha256:" + entry.name) if len(entry.name) == 64 else 0
+                    freed += self.layer_content_size("sha256:" + entry.name) if len(entry.name) == 64 else 0
                     # Rename first so a crash mid-removal never leaves a half-deleted layer visible.
                     doomed = temp_name(self.tmp_dir, "doomed")
                     os.rename(entry.path, doomed)

@@ -98,6 +98,9 @@ def test_import_with_changes_and_compression(lamina_cmd: Cli, tmp_path: Path) ->
 def test_save_load_round_trip_both_formats_compressed_or_not(lamina_cmd: Cli, tmp_path: Path) -> None:
     tar = rootfs_tar(tmp_path / "r.tar", {"hello": b"world"})
     image_id = lamina_cmd("import", str(tar), "rt:1").stdout.strip()
+    # docker's SIZE: the content's bytes, not the tar's (headers and 10 KiB of padding)
+    assert lamina_cmd("images", "--format", "{{.Size}}", "rt:1").stdout.strip() == "5"
+    assert lamina_cmd("history", "rt:1").stdout.splitlines()[1].split()[-1] == "5B"
     for fmt in ("docker-archive", "oci-archive"):
         archive = tmp_path / f"{fmt}.tar"
         if fmt == "docker-archive":
