@@ -10,6 +10,7 @@ on stderr and docker's exit codes.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -32,7 +33,38 @@ class LaminaArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-def build_parser() -> LaminaArgumentParser:
+# Which module registers which verb. Only the module that owns the verb on the command line is
+# imported: `lamina run --rm IMAGE true` must not pay for the registry client or the builder
+# (imports were most of its start-up time). tests/test_cli.py checks this table against what each
+# module really registers.
+VERB_MODULES: dict[str, str] = {
+    **dict.fromkeys(["history", "images", "import", "inspect", "load", "rmi", "save", "system", "tag"],
+                    "store.commands"),
+    **dict.fromkeys(["login", "logout", "pull", "push"], "store.registry_commands"),
+    "build": "builder.commands",
+    **dict.fromkeys(["commit", "create", "diff", "exec", "kill", "logs", "ps", "restart", "rm", "run",
+                     "start", "stop"], "runner.commands"),
+    **dict.fromkeys(["layers", "mount", "umount", "which"], "inspector.commands"),
+}
+ALL_COMMAND_MODULES = tuple(dict.fromkeys(VERB_MODULES.values()))
+GLOBAL_OPTIONS_WITH_VALUE = ("--root", "--log-level")
+
+
+def requested_verb(argv: Sequence[str]) -> str | None:
+    """The verb on the command line (the first word that is not a global option or its value)."""
+    skip_next = False
+    for arg in argv:
+        if skip_next:
+            skip_next = False
+        elif arg in GLOBAL_OPTIONS_WITH_VALUE:
+            skip_next = True
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
+def build_parser(argv: Sequence[str] = ()) -> LaminaArgumentParser:
+    """The full parser, or, when ``argv`` names a known verb, a parser with only that verb's module."""
     parser = LaminaArgumentParser(
         prog="lamina",
         description="Build and run Docker/OCI images without root, on lamina's own union filesystem.",
@@ -45,15 +77,10 @@ def build_parser() -> LaminaArgumentParser:
                         choices=["debug", "info", "warning", "error", "critical"],
                         help="how much lamina logs on stderr (default: warning)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=LaminaArgumentParser)
-
-    from builder import commands as builder_commands
-    from inspector import commands as inspector_commands
-    from runner import commands as runner_commands
-    from store import commands as store_commands
-    from store import registry_commands
-
-    for module in (store_commands, registry_commands, builder_commands, runner_commands, inspector_commands):
-        module.register(subparsers)
+    verb = requested_verb(argv)
+    modules = [VERB_MODULES[verb]] if verb in VERB_MODULES else list(ALL_COMMAND_MODULES)
+    for name in modules:
+        importlib.import_module(name).register(subparsers)
     return parser
 
 
@@ -67,7 +94,7 @@ def configure_logging(level_name: str) -> None:
 
 
 def run(argv: Sequence[str]) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(list(argv))
     configure_logging(args.log_level)
     args.root = resolve_root(args.root)
