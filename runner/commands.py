@@ -10,8 +10,10 @@ import datetime as dt
 import os
 import secrets
 import shlex
+import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -190,7 +192,8 @@ def cmd_create(args: argparse.Namespace) -> int:
 # --- lifecycle ---------------------------------------------------------------------------------------
 
 
-def _each(args: argparse.Namespace, action: Any) -> int:
+def _each(args: argparse.Namespace, action: Callable[[ContainerStore, Container], None]) -> int:
+    """Apply ``action`` to every named container; as docker, a failure is reported and the rest go on."""
     store = ContainerStore(args.root)
     failed = 0
     for name in args.containers:
@@ -251,7 +254,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
         if c.running:
             if not args.force:
                 raise ContainerError(f"cannot remove running container {c.name}: stop it first or use -f")
-            signal_container(c, 9)
+            signal_container(c, signal.SIGKILL)
             if not wait_stopped(store, c, 10):
                 raise ContainerError(f"container {c.name} did not stop")
         remove(args.root, c)
