@@ -154,7 +154,7 @@ def test_stop_escalates_to_sigkill_and_kill(lamina: Lamina, module_root: Path) -
     assert lamina("run", "-d", "--name", "stubborn", IMAGE, "sleep", "60").returncode == 0
     started = time.monotonic()
     assert lamina("stop", "-t", "1", "stubborn").returncode == 0
-    assert 1 <= time.monotonic() - started < 8
+    assert 1 <= time.monotonic() - started < 15
     assert record(module_root, "stubborn")["state"]["exit_code"] == 137
     assert lamina("run", "-d", "--init", "--name", "k", IMAGE, "sleep", "60").returncode == 0
     assert lamina("kill", "-s", "TERM", "k").returncode == 0
@@ -287,7 +287,7 @@ def test_interactive_tty(module_root: Path) -> None:
         os.write(master, b"\x03")  # Ctrl-C reaches the container's foreground process
         os.write(master, b"echo after-$((1+1))\r")
         _read_until(master, b"after-2")
-        assert time.monotonic() - started < 10
+        assert time.monotonic() - started < 20
         os.write(master, b"exit 9\r")
         assert proc.wait(timeout=20) == 9
     finally:
