@@ -8,6 +8,7 @@ import argparse
 import copy
 import datetime as dt
 import os
+import re
 import secrets
 import shlex
 import signal
@@ -23,6 +24,9 @@ from runner.state import STATUS_CREATED, Container, ContainerStore, now, parse_t
 
 # runner.lifecycle, runner.sandbox and the store are imported by the handlers that need them, so
 # that `lamina --help` and every other package's verbs do not pay for them.
+
+
+_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")  # docker's rule
 
 
 def _add_container_flags(p: argparse.ArgumentParser) -> None:
@@ -124,6 +128,9 @@ def _new_container(args: argparse.Namespace) -> Container:
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
+    if args.name is not None and not _NAME_RE.match(args.name):
+        raise UsageError(f"--name {args.name!r}: invalid container name, only [a-zA-Z0-9][a-zA-Z0-9_.-] "
+                         "are allowed")
     network = normalize_network(args.network)
     ports = [parse_port(p) for p in args.publish]
     if ports and network == "host":

@@ -81,6 +81,8 @@ def test_docker_exit_codes(lamina: Lamina) -> None:
     assert r.returncode == 125 and r.stderr.count("\n") == 1 and "no/such-image" in r.stderr
     r = lamina("run", "--rm", "--bogus-flag", IMAGE)
     assert r.returncode == 125 and "--bogus-flag" in r.stderr
+    r = lamina("run", "--rm", "--name", "../x", IMAGE, "true")
+    assert r.returncode == 125 and "invalid container name" in r.stderr
     r = lamina("run", "--rm", IMAGE, "nosuchcommand")
     assert r.returncode == 127 and 'exec: "nosuchcommand": executable file not found in $PATH' in r.stderr
     r = lamina("run", "--rm", IMAGE, "/etc/passwd")
