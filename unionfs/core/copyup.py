@@ -95,8 +95,8 @@ def finish_copy_up(tree: UnionTree, job: CopyJob) -> None:
         target: int | str = job.dst_fd if job.dst_fd >= 0 else f"/proc/self/fd/{work}/{job.tmp}"
         is_link = stat.S_ISLNK(st.st_mode)
         copy_xattrs(job.layer, job.path, target, is_link)
+        _set_origin(target, tree.origin_xattr, f"{job.layer.slot}:{st.st_ino}".encode())
         if not node.is_dir:
-            _set_origin(target, tree.origin_xattr, f"{job.layer.slot}:{st.st_ino}".encode())
             if st.st_nlink > 1 and tree.index_fd >= 0:
                 _set_origin(target, tree.nlink_xattr, str(st.st_nlink).encode())
         # A directory's mode is set once it is in place: moving a read-only directory to another

@@ -310,6 +310,9 @@ class UnionTree:
             return None
         if lowers and lower_st is not None:
             identity = (lowers[0][0].slot, lower_st.st_ino)
+        elif in_upper:
+            # e.g. a lower directory copied up whole (renamed without redirects): its origin
+            identity = self.upper_identity(join(ppath, name), top_st.st_ino)
         else:
             identity = (0, top_st.st_ino)
         node = self._node_for(parent, name, stat.S_IFDIR, identity, in_upper, lowers)
