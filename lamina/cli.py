@@ -94,6 +94,10 @@ def configure_logging(level_name: str) -> None:
 
 
 def run(argv: Sequence[str]) -> int:
+    if list(argv) == ["--version"]:
+        # Answered before any package is imported: scripts call it to probe for lamina.
+        print(f"lamina version {__version__}")
+        return 0
     parser = build_parser(argv)
     args = parser.parse_args(list(argv))
     configure_logging(args.log_level)
