@@ -368,20 +368,23 @@ def cmd_commit(args: argparse.Namespace) -> int:
 
     container = ContainerStore(args.root).get(args.container)
     store = Store.open(args.root)
-    base = store.resolve_image(container.image_id)
-    try:
-        layer = _commit_layer(args.root, container.upper)
-    except PermissionError:
-        # Directories the container made private under subordinate ids: read them as namespace root.
-        layer = call_in_userns(_commit_layer, args.root, container.upper)
-    config = copy.deepcopy(base.config)
-    config.pop("created", None)
-    history = list(config.get("history") or [])
-    history.append({"created": now(), "created_by": f"lamina commit {container.name}",
-                    **({"comment": args.message} if args.message else {})})
-    config["history"] = history
-    image = store.create_image([*base.layers, layer], config, tags=[args.reference] if args.reference else [],
-                               base=base)
+    # Shared lock from the new layer to the image that names it: a concurrent prune must not
+    # collect the layer in between (shared holders never block each other).
+    with store.lock(shared=True):
+        base = store.resolve_image(container.image_id)
+        try:
+            layer = _commit_layer(args.root, container.upper)
+        except PermissionError:
+            # Directories the container made private under subordinate ids: read them as namespace root.
+            layer = call_in_userns(_commit_layer, args.root, container.upper)
+        config = copy.deepcopy(base.config)
+        config.pop("created", None)
+        history = list(config.get("history") or [])
+        history.append({"created": now(), "created_by": f"lamina commit {container.name}",
+                        **({"comment": args.message} if args.message else {})})
+        config["history"] = history
+        image = store.create_image([*base.layers, layer], config,
+                                   tags=[args.reference] if args.reference else [], base=base)
     print(f"sha256:{image.id}")
     return 0
 
