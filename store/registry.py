@@ -139,6 +139,20 @@ def proxy_for(scheme: str, netloc: str) -> _Proxy | None:
     return _Proxy(f"{parts.hostname}:{parts.port or 80}", headers)
 
 
+def tls_context(verify: bool, registry: str | None, cert_dir: Path | None) -> ssl.SSLContext:
+    """The TLS settings for a connection to ``registry`` (its certs.d applied) or another host."""
+    if verify:
+        context = ssl.create_default_context()
+    else:
+        # Nothing is verified, so the system's CA bundle (slow to load) is not needed.
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if registry is not None:
+        load_registry_certs(context, registry, cert_dir)
+    return context
+
+
 def registry_cert_dirs(netloc: str, cert_dir: Path | None = None) -> list[Path]:
     """Where podman and docker keep a registry's own CAs and client certificates (``certs.d/HOST:PORT``).
 
@@ -195,6 +209,7 @@ class RegistryClient:
         self.credentials = credentials
         self.timeout = timeout
         self.cert_dir = cert_dir
+        self._tls_contexts: dict[tuple[bool, str | None], ssl.SSLContext] = {}
         self._endpoint: _Endpoint | None = None
         self._challenge: _Challenge | None = None
         self._tokens: dict[str, str] = {}
@@ -217,6 +232,7 @@ class RegistryClient:
                               timeout=self.timeout, cert_dir=self.cert_dir)
         self._ping()
         twin._endpoint, twin._challenge, twin._tokens = self._endpoint, self._challenge, self._tokens
+        twin._tls_contexts = self._tls_contexts
         return twin
 
     def close(self) -> None:
@@ -235,12 +251,12 @@ class RegistryClient:
         proxy = proxy_for(scheme, netloc)
         conn: http.client.HTTPConnection
         if scheme == "https":
-            context = ssl.create_default_context()
-            if not verify:
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
-            if netloc == self.registry:
-                load_registry_certs(context, netloc, self.cert_dir)
+            # Loading the system's CA bundle costs tens of milliseconds and a pull opens many
+            # connections: one context per kind, shared with clones, lives as long as the client.
+            context_key = (verify, netloc if netloc == self.registry else None)
+            if context_key not in self._tls_contexts:
+                self._tls_contexts[context_key] = tls_context(verify, context_key[1], self.cert_dir)
+            context = self._tls_contexts[context_key]
             if proxy is not None:
                 # HTTPS through a proxy: a CONNECT tunnel, TLS end to end with the registry.
                 conn = http.client.HTTPSConnection(proxy.netloc, timeout=self.timeout, context=context,

@@ -123,6 +123,7 @@ class ForwardProxy:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body go as separate writes
 
             def log_message(self, format: str, *args: object) -> None:
                 pass
@@ -241,6 +242,8 @@ class TokenServer:
         server_self = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            disable_nagle_algorithm = True
+
             def log_message(self, format: str, *args: object) -> None:
                 pass
 
@@ -482,6 +485,7 @@ class FakeRegistry:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body go as separate writes
 
             def log_message(self, format: str, *args: object) -> None:
                 pass

@@ -562,3 +562,73 @@ def test_pull_from_https_registry_with_cert_dir(tmp_path: Path, lamina_cmd) -> N
         assert out.stdout.strip() == config[7:]
         insecure = lamina_cmd("pull", "-q", "--tls-verify=false", ref)
         assert insecure.stdout.strip() == config[7:]
+
+
+def test_mutated_manifests_fail_only_with_lamina_errors(tmp_path: Path) -> None:
+    """Random wrong types and values in a manifest, a config and an index: a LaminaError or a
+    successful pull, never any other exception (which the CLI would show as a traceback)."""
+    import copy
+    import random
+
+    from lamina.errors import LaminaError
+    from store.registry_commands import pull
+
+    rng = random.Random(1234)
+    odd_values = [None, True, -1, 0, 1 << 70, 1.5, "", "x", "sha256:" + "0" * 64, [], [1], {}, {"a": 1},
+                  "application/vnd.oci.image.layer.v1.tar+gzip", OCI_MANIFEST, OCI_INDEX]
+    layer = layer_blob({"etc/m": b"m"})
+    fake = FakeRegistry()
+    config, manifest = fake.add_image("fuzz/base", "1", [layer])
+    base_manifest, base_config = json.loads(manifest), json.loads(config)
+
+    def paths(value: object, prefix: tuple = ()) -> list[tuple]:
+        found = [prefix] if prefix else []
+        if isinstance(value, dict):
+            for key, child in value.items():
+                found += paths(child, (*prefix, key))
+        elif isinstance(value, list):
+            for i, child in enumerate(value):
+                found += paths(child, (*prefix, i))
+        return found
+
+    def mutate(doc: dict) -> dict:
+        doc = copy.deepcopy(doc)
+        path = rng.choice(paths(doc))
+        target = doc
+        for key in path[:-1]:
+            target = target[key]
+        if rng.random() < 0.2 and isinstance(target, dict):
+            del target[path[-1]]
+        else:
+            target[path[-1]] = rng.choice(odd_values)
+        return doc
+
+    cases = 0
+    for i in range(60):
+        kind = ("manifest", "config", "index")[i % 3]
+        tag = f"m{i}"
+        if kind == "manifest":
+            fake.add_manifest("fuzz/img", tag, OCI_MANIFEST, json.dumps(mutate(base_manifest)).encode())
+        elif kind == "config":
+            bad_config = json.dumps(mutate(base_config)).encode()
+            doc = copy.deepcopy(base_manifest)
+            doc["config"].update(digest=fake.add_blob(bad_config), size=len(bad_config))
+            fake.add_manifest("fuzz/img", tag, OCI_MANIFEST, json.dumps(doc).encode())
+        else:
+            entry_digest = fake.add_manifest("fuzz/img", None, OCI_MANIFEST, manifest)
+            index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+                {"mediaType": OCI_MANIFEST, "digest": entry_digest, "size": len(manifest),
+                 "platform": {"os": "linux", "architecture": host_platform().architecture}}]}
+            fake.add_manifest("fuzz/img", tag, OCI_INDEX, json.dumps(mutate(index)).encode())
+        cases += 1
+    store = open_store(tmp_path / "root")
+    outcomes = {"ok": 0, "refused": 0}
+    with fake.serve():
+        for i in range(cases):
+            try:
+                pull(store, f"{fake.address}/fuzz/img:m{i}", tls_verify=False)
+                outcomes["ok"] += 1
+            except LaminaError:
+                outcomes["refused"] += 1
+    assert outcomes["refused"] > cases // 3, outcomes
+    assert store.check() == []
