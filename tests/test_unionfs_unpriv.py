@@ -147,3 +147,22 @@ def test_unsearchable_child_directory_keeps_its_parent_listable(unpriv_nosubids,
     r = user.run(["sh", "-c", script])
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["d", "other"]
+
+
+def test_single_id_namespace_shows_unmapped_override_owners_as_root(unpriv_nosubids, tmp_path: Path) -> None:
+    user = unpriv_nosubids
+    base = user.workdir / "squash"
+    lower, upper, work, mnt = (base / n for n in ("lower", "upper", "work", "mnt"))
+    for d in (lower / "home" / "u", upper, work, mnt):
+        d.mkdir(parents=True)
+    (lower / "home" / "u" / "own").write_text("mine")
+    user.chown_tree(base)
+    ondisk.write_owner_override(str(lower / "home" / "u"), ondisk.OwnerOverride(1000, 1000, 0o700))
+    os.chmod(lower / "home" / "u", 0o755)
+    script = (f"lamina-unionfs -o lowerdir={lower},upperdir={upper},workdir={work} {mnt} && "
+              f"stat -c '%u:%g:%a' {mnt}/home/u && cat {mnt}/home/u/own; rc=$?; fusermount3 -u {mnt}; exit $rc")
+    r = user.run(["unshare", "-Urm", "sh", "-c", script])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["0:0:700", "mine"]
+    # outside that namespace the intended owner is still what the override says
+    assert ondisk.read_owner_override(str(lower / "home" / "u")) == ondisk.OwnerOverride(1000, 1000, 0o700)

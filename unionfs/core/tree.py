@@ -68,6 +68,21 @@ class DirEntry:
     raw: bytes  # the name as the kernel gets it
 
 
+def _single_id_namespace() -> tuple[set[int], set[int]] | None:
+    """The inner uids and gids when this user namespace maps just one of each, else None."""
+    mapped: list[set[int]] = []
+    for kind in ("uid_map", "gid_map"):
+        try:
+            with open(f"/proc/self/{kind}") as f:
+                lines = [line.split() for line in f if line.strip()]
+        except OSError:
+            return None
+        if len(lines) != 1 or lines[0][2] != "1":
+            return None
+        mapped.append({int(lines[0][0])})
+    return mapped[0], mapped[1]
+
+
 def check_name(name: str) -> None:
     if len(os.fsencode(name)) > NAME_MAX:
         raise OSError(errno.ENAMETOOLONG, "name too long", name)
@@ -107,6 +122,11 @@ class UnionTree:
             self.close()
             raise
         self.readonly = self.upper is None
+        # In a namespace that maps one id only (an unprivileged user without subordinate ids), an
+        # owner override naming an unmapped id would show as the overflow id, which even the
+        # namespace's root may not enter; such owners are shown as that root instead (as podman's
+        # ignore_chown_errors does), while the override itself keeps the intended owner for export.
+        self.single_ids = _single_id_namespace()
         self.xattr_ns = self._probe_xattr_namespace()
         self.whiteout_style = self._probe_whiteout_style()
         # Where a copied-up file records the lower object it came from (its inode number's source).
@@ -434,7 +454,7 @@ class UnionTree:
         if node.deleted and node.fds:
             fst = os.fstat(node.fds[0])
             raw = _fgetxattr(node.fds[0], ondisk.OWNER_OVERRIDE_XATTR)
-            return fst, ondisk.OwnerOverride.decode(raw) if raw is not None else None
+            return fst, self._visible_override(ondisk.OwnerOverride.decode(raw) if raw is not None else None)
         layer, path = self.backing(node)
         st = lstat_at(layer.fd, path)
         if st is None:
@@ -443,7 +463,7 @@ class UnionTree:
         if not stat.S_ISLNK(st.st_mode):
             raw = getxattr_at(layer.fd, path, ondisk.OWNER_OVERRIDE_XATTR)
             if raw is not None:
-                override = ondisk.OwnerOverride.decode(raw)
+                override = self._visible_override(ondisk.OwnerOverride.decode(raw))
         return st, override
 
     def readlink(self, node: Node) -> str:
@@ -570,7 +590,17 @@ class UnionTree:
             return None
         layer, path = self.backing(node)
         raw = getxattr_at(layer.fd, path, ondisk.OWNER_OVERRIDE_XATTR)
-        return ondisk.OwnerOverride.decode(raw) if raw is not None else None
+        return self._visible_override(ondisk.OwnerOverride.decode(raw) if raw is not None else None)
+
+    def _visible_override(self, override: ondisk.OwnerOverride | None) -> ondisk.OwnerOverride | None:
+        if override is None or self.single_ids is None:
+            return override
+        uids, gids = self.single_ids
+        uid = override.uid if override.uid in uids else 0
+        gid = override.gid if override.gid in gids else 0
+        if (uid, gid) == (override.uid, override.gid):
+            return override
+        return ondisk.OwnerOverride(uid, gid, override.mode)
 
     def statfs(self) -> os.statvfs_result:
         layer = self.upper if self.upper is not None else self.lowers[0]
