@@ -107,7 +107,7 @@ def _add_blob(tar: tarfile.TarFile, store: Store, digest: str, name: str, progre
 def _add_plain_layer(tar: tarfile.TarFile, store: Store, layer: Any, name: str, progress: ProgressBar) -> None:
     """Add the layer as an uncompressed tar, decompressing its blob on the fly and checking diff_id."""
     info = tarfile.TarInfo(name)
-    info.size = store._layer_size(layer.diff_id)
+    info.size = store.layer_tar_size(layer.diff_id)
     info.mode = 0o644
     if info.size == 0:
         raise FormatError(f"layer {layer.diff_id}: size unknown (run `lamina system check`)")

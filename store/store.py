@@ -260,7 +260,7 @@ class Store:
         except (OSError, ValueError):
             return {}
 
-    def _layer_size(self, diff_id: str) -> int:
+    def layer_tar_size(self, diff_id: str) -> int:
         """Bytes of the layer's uncompressed tar."""
         return int(self._layer_info(diff_id).get("size", 0))
 
@@ -278,7 +278,7 @@ class Store:
         """
         with self.lock(shared=True):
             if expected_diff_id is not None and self.has_layer(expected_diff_id):
-                return expected_diff_id, self._layer_size(expected_diff_id)
+                return expected_diff_id, self.layer_tar_size(expected_diff_id)
             work = temp_name(self.tmp_dir, "layer")
             work.mkdir(parents=True)
             try:
