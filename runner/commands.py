@@ -182,7 +182,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.detach:
         unionserver.discard()  # a daemonised monitor starts its own
-    container = _new_container(args)
+    else:
+        # Fork the union server now (if the command line hook has not already): its imports then
+        # overlap with the image lookup and the container's creation.
+        unionserver.prefork()
+    try:
+        container = _new_container(args)
+    except BaseException:
+        unionserver.discard()
+        raise
     if args.detach:
         start_detached(args.root, container)
         print(container.id)
