@@ -330,6 +330,8 @@ def run_container_suites(*, quick: bool, reps: int, podman_modes: list[str], lam
                           for name in DOCKERFILES for cold in (True, False)}
             run_rows = {net: Row("run", f"run_{net}", f"run --rm BASE true, network {net}")
                         for net in ("default", "none")}
+            # The floor under every command: the interpreter and imports (lamina), the Go binary (podman).
+            version_row = Row("run", "version", "--version (command start-up floor)")
             store_rows = {
                 "import": Row("store", "import", f"import a {store_mib:.0f} MiB rootfs tarball (after rmi)"),
                 "save": Row("store", "save", "save -o FILE (docker-archive) of that image"),
@@ -348,6 +350,10 @@ def run_container_suites(*, quick: bool, reps: int, podman_modes: list[str], lam
                                                           args=_build_args(context, tag, cold=cold, kind=contestant.kind))
                                 _measure(build_rows[(name, cold)], contestant, ("build",), build)
                 if "run" in suites:
+                    for contestant in _rotated(contestants, shift):
+                        shift += 1
+                        _measure(version_row, contestant, (),
+                                 functools.partial(contestant.command, ["--version"], timeout=60))
                     for net, extra in (("default", []), ("none", ["--network", "none"])):
                         for contestant in _rotated(contestants, shift):
                             shift += 1
@@ -361,7 +367,7 @@ def run_container_suites(*, quick: bool, reps: int, podman_modes: list[str], lam
             if "build" in suites:
                 results.append(SuiteResult("build", systems, list(build_rows.values()), details=details))
             if "run" in suites:
-                results.append(SuiteResult("run", systems, list(run_rows.values()), details=details))
+                results.append(SuiteResult("run", systems, [*run_rows.values(), version_row], details=details))
             if "store" in suites:
                 results.append(SuiteResult("store", systems, list(store_rows.values()), details=details))
             return results
