@@ -48,6 +48,8 @@ def _add_container_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hostname", help="the container's host name (default: its short id)")
     p.add_argument("--read-only", action="store_true", help="mount the root filesystem read-only")
     p.add_argument("--network", "--net", default="slirp", help="bridge/slirp4netns (default), host or none")
+    p.add_argument("--pull", choices=["missing", "always", "never"], default="missing",
+                   help="pull the image from its registry: when missing (default), always, or never")
     p.add_argument("image", help="image reference or id")
     p.add_argument("command", nargs=argparse.REMAINDER, help="command and arguments (replace CMD)")
 
@@ -123,7 +125,7 @@ def _new_container(args: argparse.Namespace) -> Container:
     from store import Store
 
     store = Store.open(args.root)
-    image = store.resolve_image(args.image)
+    image = _image_for_run(store, args.image, args.pull)
     cfg: dict[str, Any] = image.config.get("config") or {}
     command = list(args.command)
     if command and command[0] == "--":
@@ -168,6 +170,31 @@ def _new_container(args: argparse.Namespace) -> Container:
         stop_signal=imageconfig.stop_signal(cfg),
     )
     return ContainerStore(args.root).create(container)
+
+
+def _image_for_run(store: Any, reference: str, policy: str) -> Any:
+    """The image to run; pulled from its registry as docker does (``--pull``)."""
+    from lamina.errors import ImageNotFound
+
+    if policy != "always":
+        try:
+            return store.resolve_image(reference)
+        except ImageNotFound:
+            if policy == "never":
+                raise
+            print(f"Unable to find image '{reference}' locally", file=sys.stderr)
+    from store.registry_commands import pull
+
+    registry = reference.split("/", 1)[0] if "/" in reference else ""
+    host = registry.rsplit(":", 1)[0] if not registry.endswith("]") else registry
+    # As docker: registries on the loopback network may be plain HTTP.
+    loopback = host in ("localhost", "[::1]") or host.startswith("127.")
+    try:
+        return pull(store, reference, tls_verify=not loopback, progress_stream=sys.stderr)
+    except LaminaError as e:
+        if policy == "always":
+            raise
+        raise ImageNotFound(f"{reference} (not in the store, and pulling it failed: {e})") from e
 
 
 def _anonymous_volume(root: Path) -> str:

@@ -77,7 +77,7 @@ def test_exit_code_env_workdir_user(lamina: Lamina, tmp_path: Path) -> None:
 
 
 def test_docker_exit_codes(lamina: Lamina) -> None:
-    r = lamina("run", "--rm", "no/such-image")
+    r = lamina("run", "--rm", "--pull", "never", "no/such-image")
     assert r.returncode == 125 and r.stderr.count("\n") == 1 and "no/such-image" in r.stderr
     r = lamina("run", "--rm", "--bogus-flag", IMAGE)
     assert r.returncode == 125 and "--bogus-flag" in r.stderr
@@ -385,3 +385,16 @@ def test_exec_it_and_logs_follow(lamina: Lamina, module_root: Path) -> None:
             proc.kill()
             proc.wait()
         os.close(master)
+
+
+def test_run_pulls_a_missing_image(lamina: Lamina, tmp_path: Path) -> None:
+    from registry_server import run_registry
+
+    with run_registry(tmp_path / "registry") as registry:
+        ref = f"{registry.address}/runner/bb:1"
+        assert lamina("push", "--tls-verify=false", "-q", IMAGE, ref).returncode == 0
+        assert lamina("run", "--rm", "--pull", "never", ref, "true").returncode == 125
+        r = lamina("run", "--rm", ref, "echo", "pulled")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == "pulled\n" and f"Unable to find image '{ref}' locally" in r.stderr
+        assert lamina("run", "--rm", "--pull", "never", ref, "true").returncode == 0
