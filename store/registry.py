@@ -72,6 +72,8 @@ MONOLITHIC_LIMIT = 32 * 1024 * 1024
 CHUNK_SIZE = 16 * 1024 * 1024
 READ_SIZE = 1024 * 1024
 MAX_REDIRECTS = 5
+# A blob download cut short is resumed (HTTP Range) at most this many times.
+MAX_RESUMES = 3
 
 # The distribution spec's grammar for repository names and tags.
 REPOSITORY_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*")
@@ -562,11 +564,14 @@ class RegistryClient:
 
         The file is returned only if its sha256 is ``digest`` and, when ``size`` is given, its length is
         ``size``; otherwise it is removed and RegistryError raised. The caller owns the returned file.
+        A download cut short is resumed where it stopped (``Range``) up to MAX_RESUMES times, or started
+        again when the registry does not do ranges.
         """
         _check_repository(repository)
         check_digest(digest)
-        response = self._request("GET", f"/v2/{repository}/blobs/{digest}",
-                                 scope=f"repository:{repository}:pull")
+        url = f"/v2/{repository}/blobs/{digest}"
+        scope = f"repository:{repository}:pull"
+        response = self._request("GET", url, scope=scope)
         if response.status != 200:
             if response.status == 404:
                 self._read_limited(response, MAX_ERROR_BYTES)
@@ -575,20 +580,40 @@ class RegistryClient:
         limit = size if size is not None else max_size
         hasher = hashlib.sha256()
         received = 0
+        resumes = 0
         # The store's temporary-file convention: a name starting with our pid, so that a cleaner can
         # tell a crashed pull's leftovers from a live one's.
         path = directory / f"{os.getpid()}.{secrets.token_hex(6)}.pull"
         try:
             with open(path, "xb") as out:
                 while True:
+                    interruption: str | None = None
                     try:
                         chunk = response.read(READ_SIZE)
                     except (OSError, http.client.HTTPException) as e:
-                        raise TransientRegistryError(f"GET blob {digest}: download interrupted: {e}") from None
+                        chunk, interruption = b"", f"download interrupted: {e}"
+                    if not chunk and response.length and interruption is None:
+                        # http.client's short read: the peer hung up before the end.
+                        interruption = f"connection closed after {received} bytes, {response.length} missing"
+                    if interruption is not None:
+                        response.close()
+                        self.close()
+                        if resumes == MAX_RESUMES or not received:
+                            raise TransientRegistryError(f"GET blob {digest}: {interruption}")
+                        resumes += 1
+                        log.info("download of %s: %s; resuming", digest, interruption)
+                        response = self._request("GET", url, scope=scope, headers={"Range": f"bytes={received}-"})
+                        if response.status == 206 and (response.getheader("Content-Range") or "").startswith(
+                                f"bytes {received}-"):
+                            continue
+                        if response.status != 200:
+                            raise self._fail(f"GET blob {digest} from byte {received}", response)
+                        # No ranges here: the whole blob again.
+                        out.seek(0)
+                        out.truncate()
+                        hasher, received = hashlib.sha256(), 0
+                        continue
                     if not chunk:
-                        if response.length:  # http.client returns short reads when the peer hangs up
-                            raise TransientRegistryError(f"GET blob {digest}: connection closed after {received} "
-                                                         f"bytes, {response.length} missing")
                         break
                     received += len(chunk)
                     if limit is not None and received > limit:

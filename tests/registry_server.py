@@ -427,7 +427,8 @@ class FakeRegistry:
     the first N bytes of every larger blob, sets ``stalled`` and waits for ``release`` (at most 30 s), for
     tests that kill a client mid-download. The first ``failing_blob_gets`` blob GETs fail: with a 503
     (``failure="503"``) or by closing the connection half way (``failure="truncate"``). ``blob_delay``
-    holds every blob GET that long; ``max_in_flight`` is the most blob GETs ever served at once. With ``bearer`` set, every ``/v2/`` request needs a
+    holds every blob GET that long; ``max_in_flight`` is the most blob GETs ever served at once.
+    ``Range: bytes=N-`` is honoured (206) unless ``ranges`` is False; ``range_requests`` records them. With ``bearer`` set, every ``/v2/`` request needs a
     token from the token server (which wants basic credentials ``token_user:token_password`` if set).
     """
 
@@ -441,6 +442,8 @@ class FakeRegistry:
     failing_blob_gets: int = 0
     failure: str = "503"
     blob_delay: float = 0.0
+    ranges: bool = True
+    range_requests: list[str] = field(default_factory=list)
     max_in_flight: int = 0
     _in_flight: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -573,6 +576,15 @@ class FakeRegistry:
                         self.wfile.write(data[: len(data) // 2])
                         self.close_connection = True
                         return
+                    wanted = self.headers.get("Range")
+                    if wanted and self.command == "GET":
+                        fake.range_requests.append(wanted)
+                        m = re.fullmatch(r"bytes=(\d+)-", wanted)
+                        if fake.ranges and m and int(m.group(1)) < len(data):
+                            start = int(m.group(1))
+                            self._send(206, data[start:],
+                                       {"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"})
+                            return
                     if fake.stall_after is not None and self.command == "GET" and len(data) > fake.stall_after:
                         self.send_response(200)
                         self.send_header("Content-Length", str(len(data)))

@@ -471,7 +471,12 @@ def test_transient_failures_are_retried(tmp_path: Path, failure: str, monkeypatc
         fake.failing_blob_gets = 10 * (registry_commands.RETRIES + 1)
         with pytest.raises(RegistryError, match="503 Service Unavailable|connection closed after"):
             registry_commands.pull(store, f"{fake.address}/flaky/two:1", tls_verify=False)
-        assert fake.failing_blob_gets == 9 * (registry_commands.RETRIES + 1)
+        # Each attempt is one GET (503), or one GET and MAX_RESUMES ranged GETs (cut short).
+        from store.registry import MAX_RESUMES
+
+        per_attempt = 1 if failure == "503" else 1 + MAX_RESUMES
+        assert fake.failing_blob_gets == 10 * (registry_commands.RETRIES + 1) \
+            - per_attempt * (registry_commands.RETRIES + 1)
     assert list((tmp_path / "root" / "tmp").glob("*.pull")) == []
 
 
@@ -632,3 +637,24 @@ def test_mutated_manifests_fail_only_with_lamina_errors(tmp_path: Path) -> None:
                 outcomes["refused"] += 1
     assert outcomes["refused"] > cases // 3, outcomes
     assert store.check() == []
+
+
+@pytest.mark.parametrize("ranges", [True, False], ids=["resumed", "restarted"])
+def test_cut_downloads_resume_where_they_stopped(tmp_path: Path, ranges: bool) -> None:
+    from store.registry_commands import pull
+
+    fake = FakeRegistry(failing_blob_gets=0, failure="truncate", ranges=ranges)
+    layer = layer_blob({"big": os.urandom(1 << 20)})
+    config, _ = fake.add_image("cut/img", "1", [layer])
+    store = open_store(tmp_path / "root")
+    with fake.serve():
+        fake.failing_blob_gets = 0
+        # Only the layer's first GET is cut (the config is already known after this line).
+        store.ingest_blob(io.BytesIO(config), digest_of(config))
+        fake.failing_blob_gets = 1
+        image = pull(store, f"{fake.address}/cut/img:1", tls_verify=False)
+    assert image.id == digest_of(config)[7:]
+    assert fake.range_requests == [f"bytes={len(layer) // 2}-"]
+    blob_gets = [path for method, path, _ in fake.requests if method == "GET" and "/blobs/" in path]
+    assert len(blob_gets) == 2
+    assert list((tmp_path / "root" / "tmp").glob("*.pull")) == []
