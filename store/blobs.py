@@ -87,7 +87,13 @@ def remove_stale_temps(tmp_dir: Path) -> int:
         pid_text = entry.name.split(".", 1)[0]
         if pid_text.isdigit() and (int(pid_text) == os.getpid() or pid_alive(int(pid_text))):
             continue
-        remove_tree(Path(entry.path))
+        try:
+            remove_tree(Path(entry.path))
+        except OSError as e:
+            # e.g. a crashed build's upper with files only a user namespace may remove: leave it
+            # rather than fail the command that merely tidies up.
+            log.info("cannot remove stale temporary %s: %s", entry.path, e.strerror or e)
+            continue
         removed += 1
     return removed
 

@@ -227,3 +227,25 @@ def test_a_live_lamina_mount_counts_as_use(store: Store, tmp_path: Path) -> None
     assert layer.path.exists(), "a mounted image's layers are kept"
     record.write_text(json.dumps({"image_id": image.id, "pid": 2**22 + 1}))  # no such pid
     assert not store.image_in_use(image.id)
+
+
+def test_stale_temporaries_are_removed_and_unremovable_ones_skipped(store: Store) -> None:
+    dead = store.tmp_dir / f"{2**22 + 7}.abc.blob"
+    dead.write_bytes(b"half")
+    mine = store.tmp_dir / f"{os.getpid()}.abc.blob"
+    mine.write_bytes(b"in progress")
+    stuck = store.tmp_dir / f"{2**22 + 8}.abc.build-step"
+    (stuck / "sub").mkdir(parents=True)
+    (stuck / "sub" / "f").write_text("x")
+    from unittest import mock
+
+    real_rmtree = __import__("shutil").rmtree
+
+    def refuse(path: object, *args: object, **kwargs: object) -> None:
+        if "build-step" in str(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        real_rmtree(path, *args, **kwargs)
+
+    with mock.patch("store.blobs.shutil.rmtree", refuse):
+        assert store.check() == []
+    assert not dead.exists() and mine.exists() and stuck.exists()
