@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import re
-import secrets
 import shutil
 import signal
 import subprocess
@@ -124,7 +123,7 @@ def mount_image_stack(root: Path, request: StackRequest, mountpoint: Path | None
     not ready in time, :class:`UsageError` when ``mountpoint`` is unusable; then nothing is left
     mounted, running or recorded.
     """
-    mount_id = secrets.token_hex(6)
+    mount_id = os.urandom(6).hex()
     state_dir = mounts_root(root) / mount_id
     state_dir.mkdir(parents=True)
     try:
