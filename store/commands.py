@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import logging
 import os
 import re
 import shutil
@@ -23,6 +24,9 @@ from store.importer import import_tarball
 from store.progress import human_size
 from store.reference import Reference
 from store.store import Image, Store
+
+log = logging.getLogger(__name__)
+
 
 # --- formatting helpers --------------------------------------------------------------------------
 
@@ -456,7 +460,10 @@ def cmd_system_prune(args: argparse.Namespace) -> int:
             if steps.exists():
                 doomed = temp_name(store.tmp_dir, "doomed")
                 os.rename(steps, doomed)
-                remove_tree(doomed)
+                try:
+                    remove_tree(doomed)
+                except OSError as e:  # already out of sight; the next prune retries
+                    log.info("cannot remove %s yet: %s", doomed, e)
                 print("Deleted build cache step entries")
         n_blobs, n_layers, freed = store.gc()
     print(f"Deleted {removed} images, {n_layers} layers, {n_blobs} blobs")
