@@ -167,7 +167,7 @@ def cmd_which(args: argparse.Namespace) -> int:
         layer = analysis.layers[event.layer]
         how = f"  [{_removal(analysis, event)}]" if event.cause or event.event is Event.DELETED else ""
         _out(f"    {analysis.layer_name(event.layer)} ({_short(layer.digest)})  {event.event.value:<{width}}  "
-              f"{layer.instruction or '(no history)'}{how}")
+             f"{layer.instruction or '(no history)'}{how}")
     return 0
 
 
@@ -193,7 +193,8 @@ def layers_table(analysis: StackAnalysis) -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = []
     for row in rows:
-        cells = [cell.rjust(w) if 2 <= i <= 6 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row[:-1], widths, strict=True))]
+        cells = [cell.rjust(w) if 2 <= i <= 6 else cell.ljust(w)   # numbers right-aligned
+                 for i, (cell, w) in enumerate(zip(row[:-1], widths, strict=True))]
         lines.append("  ".join(cells) + "  " + row[-1])
     lines.append(f"efficiency {percent(analysis.efficiency)}: {human_size(analysis.wasted_bytes)} of "
                  f"{human_size(analysis.total_bytes)} in layers is hidden by later layers")
