@@ -111,7 +111,13 @@ class UnionOperations(pyfuse3.Operations):
         cached = node.attr
         if cached is not None and not node.deleted:
             return cached
-        st, override = self.core.stat(node)
+        hint = node.st_hint
+        if hint is not None and not node.deleted:
+            # fresh from the lookup or create this reply belongs to
+            node.st_hint = None
+            st, override = hint, self.core.override_of(node, hint)
+        else:
+            st, override = self.core.stat(node)
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.ino
         a.generation = 0
@@ -405,7 +411,7 @@ class UnionOperations(pyfuse3.Operations):
         h = self.files[fh]
         if not h.in_upper:
             await self._upper_handle(h)
-        h.node.attr = None
+        self.core.touch(h.node)
         return os.pwrite(h.fd, buf, off)
 
     async def flush(self, fh: int) -> None:

@@ -200,6 +200,7 @@ class UnionFS(UnionTree):
         node = self.table.add(stat.S_IFMT(st.st_mode), parent, name, (0, st.st_ino))
         node.in_upper = True
         node.opaque = opaque
+        node.st_hint = st
         assert parent.children is not None
         parent.children[name] = node
         return node
@@ -226,9 +227,11 @@ class UnionFS(UnionTree):
                 if not is_link:
                     setxattr_at(dfd, name, ondisk.OWNER_OVERRIDE_XATTR,
                                 ondisk.OwnerOverride(uid, gid, perm).encode())
+        changed = (st.st_uid, st.st_gid) != (uid, gid)
         if not is_link and (st.st_mode & 0o7777) != perm or (not is_link and perm & 0o6000):
             os.chmod(name, perm, dir_fd=dfd)
-        return st
+            changed = True
+        return os.stat(name, dir_fd=dfd, follow_symlinks=False) if changed else st
 
     def create(self, parent: Node, name: str, mode: int, flags: int, caller: Caller) -> tuple[Node, int]:
         """Create and open a regular file; returns the node and an open descriptor."""
@@ -496,9 +499,13 @@ class UnionFS(UnionTree):
         if node.deleted and live_fd is None:
             raise OSError(errno.ENOENT, "file was removed")
         target: str = f"/proc/self/fd/{live_fd}" if live_fd is not None else ""
-        st = os.fstat(live_fd) if live_fd is not None else os.stat(path or ".", dir_fd=ufd,
-                                                                   follow_symlinks=False)
-        is_link = stat.S_ISLNK(st.st_mode)
+        is_link = node.kind == stat.S_IFLNK
+        is_dir = node.is_dir
+
+        def current() -> os.stat_result:
+            return os.fstat(live_fd) if live_fd is not None else os.stat(path or ".", dir_fd=ufd,
+                                                                          follow_symlinks=False)
+
         if size is not None:
             tfd = fd if fd is not None else live_fd
             if tfd is not None:
@@ -510,12 +517,13 @@ class UnionFS(UnionTree):
                 finally:
                     os.close(wfd)
         override = None
-        if not is_link:
+        if not is_link and (uid is not None or gid is not None or mode is not None):
             raw = getxattr_at(ufd, path, ondisk.OWNER_OVERRIDE_XATTR) if not target else None
             override = ondisk.OwnerOverride.decode(raw) if raw else None
         if uid is not None or gid is not None:
-            new_uid = uid if uid is not None else (override.uid if override else st.st_uid)
-            new_gid = gid if gid is not None else (override.gid if override else st.st_gid)
+            st = current() if (uid is None or gid is None) and override is None else None
+            new_uid = uid if uid is not None else (override.uid if override else st.st_uid)  # type: ignore[union-attr]
+            new_gid = gid if gid is not None else (override.gid if override else st.st_gid)  # type: ignore[union-attr]
             try:
                 if target:
                     os.chown(target, new_uid, new_gid)
@@ -527,8 +535,8 @@ class UnionFS(UnionTree):
             except PermissionError:
                 if is_link:
                     raise
-                perm = override.mode if override else st.st_mode & 0o7777
-                if not stat.S_ISDIR(st.st_mode):
+                perm = override.mode if override else current().st_mode & 0o7777
+                if not is_dir:
                     perm &= ~0o6000  # chown clears setuid/setgid, as a real chown would
                 override = ondisk.OwnerOverride(new_uid, new_gid, perm)
                 ondisk.write_owner_override(target or f"/proc/self/fd/{ufd}/{path}", override)
@@ -538,16 +546,18 @@ class UnionFS(UnionTree):
                 override = ondisk.OwnerOverride(override.uid, override.gid, perm)
                 ondisk.write_owner_override(target or f"/proc/self/fd/{ufd}/{path}", override)
                 # keep the real mode usable by us: the override is what callers see
-                perm |= 0o700 if stat.S_ISDIR(st.st_mode) else 0o600
+                perm |= 0o700 if is_dir else 0o600
             if target:
                 os.chmod(target, perm)
             else:
                 os.chmod(path or ".", perm, dir_fd=ufd)
         if atime_ns is not None or mtime_ns is not None:
-            cur = os.fstat(live_fd) if live_fd is not None else os.stat(
-                path or ".", dir_fd=ufd, follow_symlinks=False)
-            times = (atime_ns if atime_ns is not None else cur.st_atime_ns,
-                     mtime_ns if mtime_ns is not None else cur.st_mtime_ns)
+            if atime_ns is None or mtime_ns is None:
+                cur = current()
+                times = (atime_ns if atime_ns is not None else cur.st_atime_ns,
+                         mtime_ns if mtime_ns is not None else cur.st_mtime_ns)
+            else:
+                times = (atime_ns, mtime_ns)
             if live_fd is not None:
                 os.utime(live_fd, ns=times)
             else:
@@ -590,6 +600,7 @@ class UnionFS(UnionTree):
         return fd, layer.is_upper
 
     def release(self, node: Node, fd: int) -> None:
+        node.st_hint = None  # whatever was written through fd is not in it
         try:
             node.fds.remove(fd)
         except ValueError:

@@ -449,7 +449,7 @@ class UnionTree:
         hint = node.st_hint
         if hint is not None:
             node.st_hint = None
-            if not node.deleted:
+            if not node.deleted and not node.fds:  # an open file may have changed since
                 return hint, self.override_of(node, hint)
         if node.deleted and node.fds:
             fst = os.fstat(node.fds[0])
