@@ -353,3 +353,34 @@ def test_container_with_foreign_owned_files(unpriv) -> None:  # type: ignore[no-
         done = unpriv.lamina("umount", str(mnt))
     assert done.returncode == 0, done.stderr
     assert fuse_mounts_under(mnt) == []
+
+
+
+
+@pytest.mark.fuse
+def test_mount_failure_leaves_nothing_behind(lamina_cmd, image_root: Path) -> None:  # type: ignore[no-untyped-def]
+    from store import Store
+
+    layer_dir = Path(Store.open(image_root).resolve_image("three").layers[-1].path)
+    layer_dir.rename(layer_dir.with_name("moved-away"))            # as a damaged store would have it
+    result = lamina_cmd("mount", "three", root=image_root, check=False)
+    assert result.returncode == 125 and result.stderr.startswith("lamina: error:"), result.stderr
+    assert "Traceback" not in result.stderr
+    assert fuse_mounts_under(image_root) == []
+    assert list((image_root / "mounts").iterdir()) == []
+
+
+@pytest.mark.fuse
+@pytest.mark.unprivileged
+def test_unprivileged_mount_failure_leaves_nothing_behind(unpriv) -> None:  # type: ignore[no-untyped-def]
+    root = unpriv.workdir / "root"
+    result = unpriv.run(["lamina-python", "-c", MAKE_IMAGE, str(root), str(unpriv.workdir / "src"), "three:latest"])
+    assert result.returncode == 0, result.stderr
+    moved = unpriv.run(["lamina-python", "-c", "import sys; from pathlib import Path; from store import Store; "
+                        "p = Path(Store.open(Path(sys.argv[1])).resolve_image('three').layers[-1].path); "
+                        "p.rename(p.with_name('moved-away'))", str(root)])
+    assert moved.returncode == 0, moved.stderr
+    failed = unpriv.lamina("mount", "three")
+    assert failed.returncode == 125 and failed.stderr.startswith("lamina: error:"), failed.stderr
+    assert fuse_mounts_under(root) == [] and list((root / "mounts").iterdir()) == []
+    assert unpriv.run(["pgrep", "-u", str(unpriv.uid), "-f", "unionfs"]).stdout.strip() == ""
