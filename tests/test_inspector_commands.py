@@ -355,8 +355,6 @@ def test_container_with_foreign_owned_files(unpriv) -> None:  # type: ignore[no-
     assert fuse_mounts_under(mnt) == []
 
 
-
-
 @pytest.mark.fuse
 def test_mount_failure_leaves_nothing_behind(lamina_cmd, image_root: Path) -> None:  # type: ignore[no-untyped-def]
     from store import Store
