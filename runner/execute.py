@@ -15,8 +15,9 @@ import os
 import signal
 import sys
 import termios
+from typing import NoReturn
 
-from lamina.errors import ContainerError, LaminaError
+from lamina.errors import ContainerError
 from runner import linux, tty
 from runner.sandbox import (
     DEFAULT_PATH,
@@ -25,7 +26,7 @@ from runner.sandbox import (
     _exec_command,
     _exit_code,
     _raise_event,
-    _send,
+    child_main,
 )
 from runner.state import Container
 from runner.userdb import resolve_user
@@ -64,19 +65,8 @@ def exec_in_container(container: Container, argv: list[str], env: dict[str, str]
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
-        code = 125
-        try:
-            os.close(status_r)
-            code = _helper(ns_fds, argv, env, user, workdir, slave, interactive, status_w)
-        except LaminaError as e:
-            code = e.exit_code
-            _send(status_w, event="error", code=code, message=str(e))
-        except OSError as e:
-            _send(status_w, event="error", code=125, message=str(e))
-        except BaseException as e:
-            _send(status_w, event="error", code=125, message=f"internal error: {e!r}")
-        finally:
-            os._exit(code)
+        os.close(status_r)
+        child_main(status_w, lambda: _helper(ns_fds, argv, env, user, workdir, slave, interactive, status_w))
     os.close(status_w)
     for fd, _ in ns_fds:
         os.close(fd)
@@ -122,8 +112,7 @@ def _helper(ns_fds: list[tuple[int, int]], argv: list[str], env: dict[str, str],
     env.setdefault("HOME", user.home)
     child = os.fork()
     if child == 0:
-        code = 125
-        try:
+        def command() -> NoReturn:
             if slave is not None:
                 os.setsid()
                 fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
@@ -133,13 +122,8 @@ def _helper(ns_fds: list[tuple[int, int]], argv: list[str], env: dict[str, str],
                 null = os.open(os.devnull, os.O_RDONLY)
                 os.dup2(null, 0)
             _exec_command(argv, env, workdir, user, status_w, slave is not None)
-        except LaminaError as e:
-            code = e.exit_code
-            _send(status_w, event="error", code=code, message=str(e))
-        except BaseException as e:
-            _send(status_w, event="error", code=125, message=f"internal error: {e!r}")
-        finally:
-            os._exit(code)
+
+        child_main(status_w, command)
     os.close(status_w)
     for sig in FORWARDED_SIGNALS:
         signal.signal(sig, lambda signum, _f: _kill(child, signum))

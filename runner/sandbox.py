@@ -47,7 +47,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 from lamina.errors import CommandNotFound, CommandNotInvokable, ContainerError, LaminaError, MountError
 from runner import linux
@@ -55,7 +55,7 @@ from runner.idmap import apply_mapping, current_mapping, is_mapped
 from runner.network import SLIRP_DNS, SLIRP_GUEST_IP, PortMapping, Slirp, loopback_up, normalize_network
 from runner.rootfs import MountRequest, make_init_layer, pivot_into, prepare_root
 from runner.unionserver import UnionServer
-from runner.userdb import resolve_user
+from runner.userdb import ExecUser, resolve_user
 
 log = logging.getLogger(__name__)
 
@@ -257,20 +257,12 @@ def start_sandbox(spec: SandboxSpec, server: UnionServer | None = None) -> Sandb
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:  # keeper
-        code = 125
-        try:
+        def keeper() -> int:
             _close_fds_except({0, 1, 2, status_w, sync_r, go_r, ready_r, spec.stdin, spec.stdout, spec.stderr,
                                spec.terminal})
-            code = _keeper(spec, network, status_w, sync_r, go_r, str(merged), ready_r, etc_files)
-        except LaminaError as e:
-            _send(status_w, event="error", code=e.exit_code, message=str(e))
-        except OSError as e:
-            _send(status_w, event="error", code=125, message=f"{e.strerror or e}"
-                  + (f": {e.filename}" if e.filename else ""))
-        except BaseException as e:  # the child must never return into the caller's stack
-            _send(status_w, event="error", code=125, message=f"internal error: {e!r}")
-        finally:
-            os._exit(code)
+            return _keeper(spec, network, status_w, sync_r, go_r, str(merged), ready_r, etc_files)
+
+        child_main(status_w, keeper)
 
     os.close(status_w)
     os.close(sync_r)
@@ -323,6 +315,25 @@ def start_sandbox(spec: SandboxSpec, server: UnionServer | None = None) -> Sandb
     if server is not None:
         server.release_ready_pipe()
     return Sandbox(pid, container_pid, slirp, temp_dir, server)
+
+
+def child_main(status_w: int, body: Callable[[], int]) -> NoReturn:
+    """Run ``body`` in a forked child and ``_exit`` with its result: a child must never return into
+    the caller's stack. A failure is reported on ``status_w`` as an error event with docker's exit
+    code (125 for lamina's own errors, 126/127 for the command's)."""
+    code = 125
+    try:
+        code = body()
+    except LaminaError as e:
+        code = e.exit_code
+        _send(status_w, event="error", code=code, message=str(e))
+    except OSError as e:
+        _send(status_w, event="error", code=125,
+              message=f"{e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
+    except BaseException as e:
+        _send(status_w, event="error", code=125, message=f"internal error: {e!r}")
+    finally:
+        os._exit(code)
 
 
 def _close_fds_except(keep: set[int | None]) -> None:
@@ -450,19 +461,7 @@ def _keeper(spec: SandboxSpec, network: str, status_w: int, sync_r: int, go_r: i
     linux.unshare(linux.CLONE_NEWPID)
     pid = os.fork()
     if pid == 0:
-        code = 125
-        try:
-            _container_init(spec, network, root, status_w, go_r, etc_files)
-        except LaminaError as e:
-            code = e.exit_code
-            _send(status_w, event="error", code=code, message=str(e))
-        except OSError as e:
-            _send(status_w, event="error", code=125, message=f"{e.strerror or e}"
-                  + (f": {e.filename}" if e.filename else ""))
-        except BaseException as e:
-            _send(status_w, event="error", code=125, message=f"internal error: {e!r}")
-        finally:
-            os._exit(code)
+        child_main(status_w, lambda: _container_init(spec, network, root, status_w, go_r, etc_files))
     os.close(go_r)
     _send(status_w, event="pid", pid=pid)
     os.close(status_w)
@@ -489,7 +488,7 @@ def _wait_union_ready(ready_r: int) -> None:
 
 
 def _container_init(spec: SandboxSpec, network: str, root: str, status_w: int, go_r: int,
-                    etc_files: dict[str, str]) -> None:
+                    etc_files: dict[str, str]) -> NoReturn:
     """PID 1 of the container: prepare the root, pivot, drop privileges, exec (never returns)."""
     linux.unshare(linux.CLONE_NEWNS)
     console = os.ttyname(spec.terminal) if spec.terminal is not None else None
@@ -561,7 +560,8 @@ def _setgroups_allowed() -> bool:
         return False
 
 
-def _exec_command(argv: list[str], env: dict[str, str], cwd: str, user, status_w: int, tty: bool) -> None:
+def _exec_command(argv: list[str], env: dict[str, str], cwd: str, user: ExecUser, status_w: int,
+                  tty: bool) -> NoReturn:
     try:
         os.chdir(cwd or "/")
     except OSError as e:
@@ -594,24 +594,19 @@ def _exec_command(argv: list[str], env: dict[str, str], cwd: str, user, status_w
         raise CommandNotInvokable(f'exec: "{program}": {e.strerror}') from e
 
 
-def _run_init_reaper(spec: SandboxSpec, user, env: dict[str, str], status_w: int) -> None:
+def _run_init_reaper(spec: SandboxSpec, user: ExecUser, env: dict[str, str], status_w: int) -> NoReturn:
     """``--init``: stay as PID 1, run the command as a child, forward signals, reap every orphan."""
     child = os.fork()
     if child == 0:
-        code = 125
-        try:
+        def command() -> NoReturn:
             if spec.terminal is not None:
+                # The command's own process group owns the terminal, so Ctrl-C reaches it, not us.
                 os.setpgid(0, 0)
                 signal.signal(signal.SIGTTOU, signal.SIG_IGN)
                 os.tcsetpgrp(0, os.getpid())
             _exec_command(spec.argv, env, spec.cwd, user, status_w, spec.terminal is not None)
-        except LaminaError as e:
-            code = e.exit_code
-            _send(status_w, event="error", code=code, message=str(e))
-        except BaseException as e:
-            _send(status_w, event="error", code=125, message=f"internal error: {e!r}")
-        finally:
-            os._exit(code)
+
+        child_main(status_w, command)
     os.close(status_w)
     for sig in FORWARDED_SIGNALS:
         signal.signal(sig, lambda signum, _frame: _kill_quietly(child, signum))

@@ -6,21 +6,19 @@ import fcntl
 import json
 import os
 import pty
-import select
 import signal
-import socket
 import struct
 import subprocess
 import sys
 import termios
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from harness import REPO_ROOT, fuse_mounts_under
+from runner_support import free_port, http_get_eventually, read_until
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse]
 
@@ -57,12 +55,6 @@ def record(root: Path, name: str) -> dict:  # type: ignore[type-arg]
         if data["name"] == name:
             return data  # type: ignore[no-any-return]
     raise AssertionError(f"no container {name}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_exit_code_env_workdir_user(lamina: Lamina, tmp_path: Path) -> None:
@@ -208,16 +200,7 @@ def test_publish_port_reached_from_host(lamina: Lamina, tmp_path: Path) -> None:
                "httpd", "-f", "-p", "8080", "-h", "/www")
     assert r.returncode == 0, r.stderr
     assert f"127.0.0.1:{port}->8080/tcp" in lamina("ps").stdout
-    body = ""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as response:
-                body = response.read().decode()
-                break
-        except OSError:
-            time.sleep(0.1)
-    assert body == "hello from the container\n"
+    assert http_get_eventually(f"http://127.0.0.1:{port}/") == "hello from the container\n"
     lamina("rm", "-f", "web")
 
 
@@ -254,24 +237,6 @@ def test_escape_attempts(lamina: Lamina, tmp_path: Path) -> None:
     assert os.listdir(src) == ["secret"]
 
 
-def _read_until(fd: int, needle: bytes, timeout: float = 20) -> bytes:
-    data = b""
-    deadline = time.monotonic() + timeout
-    while needle not in data:
-        remaining = deadline - time.monotonic()
-        assert remaining > 0, f"timed out waiting for {needle!r}; got {data!r}"
-        ready, _, _ = select.select([fd], [], [], remaining)
-        if ready:
-            try:
-                chunk = os.read(fd, 4096)
-            except OSError:
-                chunk = b""
-            if not chunk:
-                break
-            data += chunk
-    return data
-
-
 def test_interactive_tty(module_root: Path) -> None:
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
@@ -279,16 +244,16 @@ def test_interactive_tty(module_root: Path) -> None:
                             stdout=slave, stderr=slave, cwd=REPO_ROOT, start_new_session=True)
     os.close(slave)
     try:
-        _read_until(master, b"# ")
+        read_until(master, b"# ")
         os.write(master, b"stty size; tty; echo $((6*7))\r")
-        out = _read_until(master, b"42")
+        out = read_until(master, b"42")
         assert b"33 101" in out and b"/dev/" in out
         os.write(master, b"sleep 30\r")
         time.sleep(0.5)
         started = time.monotonic()
         os.write(master, b"\x03")  # Ctrl-C reaches the container's foreground process
         os.write(master, b"echo after-$((1+1))\r")
-        _read_until(master, b"after-2")
+        read_until(master, b"after-2")
         assert time.monotonic() - started < 20
         os.write(master, b"exit 9\r")
         assert proc.wait(timeout=20) == 9
@@ -375,9 +340,9 @@ def test_exec_it_and_logs_follow(lamina: Lamina, module_root: Path) -> None:
                             stderr=slave, cwd=REPO_ROOT, start_new_session=True)
     os.close(slave)
     try:
-        _read_until(master, b"# ")
+        read_until(master, b"# ")
         os.write(master, b"echo $((3*3))-$(cat /proc/1/comm)\r")
-        _read_until(master, b"9-sleep")
+        read_until(master, b"9-sleep")
         os.write(master, b"exit 4\r")
         assert proc.wait(timeout=20) == 4
     finally:

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import socket
-import time
-import urllib.request
+import os
+import pty
+import subprocess
+
 
 import pytest
 
 from harness import fuse_mounts_under
+from runner_support import free_port, http_get_eventually, read_until
 
 pytestmark = [pytest.mark.unprivileged, pytest.mark.fuse, pytest.mark.slow]
 
 IMAGE = "lamina/busybox"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_unprivileged_lifecycle(unpriv) -> None:  # type: ignore[no-untyped-def]
@@ -64,16 +60,7 @@ def test_unprivileged_lifecycle(unpriv) -> None:  # type: ignore[no-untyped-def]
     assert r.returncode == 0, r.stderr
     r = lamina("exec", "web", "sh", "-c", "cat /proc/1/cmdline | tr '\\0' ' '")
     assert r.stdout.startswith("httpd -f"), r.stderr
-    body = ""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as response:
-                body = response.read().decode()
-                break
-        except OSError:
-            time.sleep(0.1)
-    assert body == "rootless hello\n"
+    assert http_get_eventually(f"http://127.0.0.1:{port}/") == "rootless hello\n"
     assert lamina("stop", "-t", "1", "web").returncode == 0
     assert "Exited (137)" in lamina("ps", "-a").stdout
     assert lamina("rm", "web").returncode == 0
@@ -81,11 +68,6 @@ def test_unprivileged_lifecycle(unpriv) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_unprivileged_escapes_logs_and_tty(unpriv) -> None:  # type: ignore[no-untyped-def]
-    import os
-    import pty
-    import select
-    import subprocess
-
     lamina = unpriv.lamina
     outside = unpriv.workdir / "outside"
     src = unpriv.workdir / "src"
@@ -110,23 +92,10 @@ def test_unprivileged_escapes_logs_and_tty(unpriv) -> None:  # type: ignore[no-u
                             stdout=slave, stderr=slave, env=unpriv.env(), cwd=unpriv.workdir, user=unpriv.uid,
                             group=unpriv.gid, extra_groups=[], start_new_session=True)
     os.close(slave)
-    seen = b""
-
-    def read_until(needle: bytes) -> None:
-        nonlocal seen
-        deadline = time.monotonic() + 30
-        while needle not in seen and time.monotonic() < deadline:
-            if select.select([master], [], [], 1)[0]:
-                try:
-                    seen += os.read(master, 4096)
-                except OSError:
-                    break
-        assert needle in seen
-
     try:
-        read_until(b"# ")
+        read_until(master, b"# ", timeout=30)
         os.write(master, b"echo $((40+2)); exit 6\r")
-        read_until(b"42")
+        read_until(master, b"42", timeout=30)
         assert proc.wait(timeout=30) == 6
     finally:
         if proc.poll() is None:

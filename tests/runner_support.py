@@ -1,0 +1,47 @@
+"""Small helpers shared by the runner's tests."""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import time
+import urllib.request
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_get_eventually(url: str, timeout: float = 10) -> str:
+    """The body at ``url``, retried until the server answers (a container that is still starting)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return str(response.read().decode())
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def read_until(fd: int, needle: bytes, timeout: float = 20, seen: bytes = b"") -> bytes:
+    """Read from a pty master until ``needle`` appears (fails the test after ``timeout``)."""
+    data = seen
+    deadline = time.monotonic() + timeout
+    while needle not in data:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"timed out waiting for {needle!r}; got {data!r}"
+        if select.select([fd], [], [], remaining)[0]:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                break
+            data += chunk
+    assert needle in data, f"{needle!r} not in {data!r}"
+    return data
