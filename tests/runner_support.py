@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import pty
 import select
 import socket
+import struct
+import subprocess
+import termios
 import time
 import urllib.request
+from collections.abc import Iterator
+from typing import Any
 
 
 def free_port() -> int:
@@ -45,3 +53,21 @@ def read_until(fd: int, needle: bytes, timeout: float = 20, seen: bytes = b"") -
             data += chunk
     assert needle in data, f"{needle!r} not in {data!r}"
     return data
+
+
+@contextlib.contextmanager
+def on_pty(argv: list[str], rows: int = 24, cols: int = 80,
+           **popen_kwargs: Any) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """Run ``argv`` with a new pty as its terminal; yields (process, master); always reaps it."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+                            **popen_kwargs)
+    os.close(slave)
+    try:
+        yield proc, master
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import pty
 import signal
-import struct
 import subprocess
 import sys
-import termios
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from harness import REPO_ROOT, fuse_mounts_under
-from runner_support import free_port, http_get_eventually, read_until
+from runner_support import free_port, http_get_eventually, on_pty, read_until
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse]
 
@@ -238,12 +234,8 @@ def test_escape_attempts(lamina: Lamina, tmp_path: Path) -> None:
 
 
 def test_interactive_tty(module_root: Path) -> None:
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
-    proc = subprocess.Popen(lamina_argv(module_root, "run", "-it", "--rm", IMAGE, "sh"), stdin=slave,
-                            stdout=slave, stderr=slave, cwd=REPO_ROOT, start_new_session=True)
-    os.close(slave)
-    try:
+    with on_pty(lamina_argv(module_root, "run", "-it", "--rm", IMAGE, "sh"), rows=33, cols=101,
+                cwd=REPO_ROOT) as (proc, master):
         read_until(master, b"# ")
         os.write(master, b"stty size; tty; echo $((6*7))\r")
         out = read_until(master, b"42")
@@ -257,11 +249,6 @@ def test_interactive_tty(module_root: Path) -> None:
         assert time.monotonic() - started < 20
         os.write(master, b"exit 9\r")
         assert proc.wait(timeout=20) == 9
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        os.close(master)
 
 
 def test_signals_reach_the_container(module_root: Path) -> None:
@@ -335,21 +322,12 @@ def test_exec_it_and_logs_follow(lamina: Lamina, module_root: Path) -> None:
     follow = lamina("logs", "-f", "tgt", timeout=30)  # returns when the container exits
     assert follow.stdout.split() == ["line1", "line2", "line3"]
     assert lamina("run", "-d", "--name", "shell", IMAGE, "sleep", "60").returncode == 0
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(lamina_argv(module_root, "exec", "-it", "shell", "sh"), stdin=slave, stdout=slave,
-                            stderr=slave, cwd=REPO_ROOT, start_new_session=True)
-    os.close(slave)
-    try:
+    with on_pty(lamina_argv(module_root, "exec", "-it", "shell", "sh"), cwd=REPO_ROOT) as (proc, master):
         read_until(master, b"# ")
         os.write(master, b"echo $((3*3))-$(cat /proc/1/comm)\r")
         read_until(master, b"9-sleep")
         os.write(master, b"exit 4\r")
         assert proc.wait(timeout=20) == 4
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        os.close(master)
 
 
 def test_run_pulls_a_missing_image(lamina: Lamina, tmp_path: Path) -> None:

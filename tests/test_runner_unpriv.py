@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-import pty
-import subprocess
 
 
 import pytest
 
 from harness import fuse_mounts_under
-from runner_support import free_port, http_get_eventually, read_until
+from runner_support import free_port, http_get_eventually, on_pty, read_until
 
 pytestmark = [pytest.mark.unprivileged, pytest.mark.fuse, pytest.mark.slow]
 
@@ -87,18 +85,9 @@ def test_unprivileged_escapes_logs_and_tty(unpriv) -> None:  # type: ignore[no-u
     assert r.stdout.split() == ["secret", "procsys-refused", "no-host-fs"]
     assert list(outside.iterdir()) == []
 
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(["lamina", "run", "-it", "--rm", "--network", "none", IMAGE, "sh"], stdin=slave,
-                            stdout=slave, stderr=slave, env=unpriv.env(), cwd=unpriv.workdir, user=unpriv.uid,
-                            group=unpriv.gid, extra_groups=[], start_new_session=True)
-    os.close(slave)
-    try:
+    with on_pty(["lamina", "run", "-it", "--rm", "--network", "none", IMAGE, "sh"], env=unpriv.env(),
+                cwd=unpriv.workdir, user=unpriv.uid, group=unpriv.gid, extra_groups=[]) as (proc, master):
         read_until(master, b"# ", timeout=30)
         os.write(master, b"echo $((40+2)); exit 6\r")
         read_until(master, b"42", timeout=30)
         assert proc.wait(timeout=30) == 6
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        os.close(master)
