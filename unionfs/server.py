@@ -82,7 +82,8 @@ def serve(opts: ServerOptions, ready: Callable[[], None] | None = None) -> None:
                             return
 
                 nursery.start_soon(watch_signals)
-                await pyfuse3.main(min_tasks=1, max_tasks=1)
+                # More than one task: while one request awaits a copy-up in a worker thread, others are served.
+                await pyfuse3.main(min_tasks=1, max_tasks=4)
                 nursery.cancel_scope.cancel()
 
         trio.run(run)
