@@ -1,0 +1,206 @@
+"""End to end, as root: the docker user's day with lamina on the busybox base.
+
+One image is built per module (WORKDIR, COPY, ENV, RUN, USER, ENTRYPOINT, CMD) and every test uses
+it the way a docker user would: run with flags, exit codes, volumes, detached containers and logs,
+commit and diff, save / rmi / load, tag, history and the inspect fields scripts read.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from harness import REPO_ROOT, fuse_mounts_under
+
+pytestmark = [pytest.mark.root, pytest.mark.fuse]
+
+Lamina = Callable[..., "subprocess.CompletedProcess[str]"]
+
+DOCKERFILE = """\
+FROM lamina/busybox
+WORKDIR /app
+COPY hello.sh ./
+ENV GREETING=hello NAME=world
+RUN chmod 755 hello.sh && mkdir /d && for i in 1 2 3 4 5 6 7 8; do echo $i > /d/f$i; done \\
+    && echo 'app:x:1234:1234::/app:/bin/sh' >> /etc/passwd
+RUN rm -rf /d && mkdir /d && echo y > /d/y
+USER app
+ENTRYPOINT ["/app/hello.sh"]
+CMD ["default-arg"]
+"""
+
+HELLO = '#!/bin/sh\necho "$GREETING $NAME|$*|$(pwd)|$(id -u)"\n'
+IMAGE = "e2e/app"
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("e2e-flow") / "root"
+
+
+@pytest.fixture(scope="module")
+def lamina(root: Path) -> Iterator[Lamina]:
+    """``lamina(*args, check=False)`` on the module's store; removes every container at the end."""
+
+    def run(*args: str, check: bool = False, input: str | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "lamina", "--root", str(root), *args]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT,
+                                input=input, stdin=None if input is not None else subprocess.DEVNULL)
+        assert "Traceback" not in result.stderr, result.stderr
+        if check and result.returncode != 0:
+            raise AssertionError(f"lamina {' '.join(args)} exited {result.returncode}:\n"
+                                 f"stdout: {result.stdout}\nstderr: {result.stderr}")
+        return result
+
+    yield run
+    ids = run("ps", "-aq").stdout.split()
+    if ids:
+        run("rm", "-f", *ids)
+    assert fuse_mounts_under(root) == []
+
+
+@pytest.fixture(scope="module")
+def image(lamina: Lamina, tmp_path_factory: pytest.TempPathFactory) -> str:
+    context = tmp_path_factory.mktemp("e2e-context")
+    (context / "Dockerfile").write_text(DOCKERFILE)
+    (context / "hello.sh").write_text(HELLO)
+    built = lamina("build", "-t", IMAGE, str(context), check=True)
+    assert "STEP 9/9: CMD" in built.stdout
+    return IMAGE
+
+
+def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 125, (result.returncode, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lamina: error: "), result.stderr
+    return lines[0]
+
+
+def test_run_combines_entrypoint_cmd_env_workdir_user(lamina: Lamina, image: str) -> None:
+    assert lamina("run", "--rm", image, check=True).stdout == "hello world|default-arg|/app|1234\n"
+    # Arguments replace CMD; -e overrides ENV; -w and -u override WORKDIR and USER.
+    r = lamina("run", "--rm", "-e", "NAME=docker", "-w", "/tmp", "-u", "0", image, "a", "b c", check=True)
+    assert r.stdout == "hello docker|a b c|/tmp|0\n"
+
+
+def test_rm_rf_then_mkdir_hides_every_lower_file(lamina: Lamina, image: str) -> None:
+    r = lamina("run", "--rm", "--entrypoint", "sh", image, "-c", "ls -A /d; cat /d/y; ls /d/f1", check=False)
+    assert r.returncode == 1
+    assert r.stdout == "y\ny\n"
+    assert "/d/f1" in r.stderr
+
+
+def test_exit_codes_like_docker(lamina: Lamina, image: str) -> None:
+    assert lamina("run", "--rm", "--entrypoint", "true", image).returncode == 0
+    assert lamina("run", "--rm", "--entrypoint", "sh", image, "-c", "exit 3").returncode == 3
+    r = lamina("run", "--rm", "--entrypoint", "/etc/passwd", image)
+    assert r.returncode == 126 and r.stderr.startswith("lamina: error: "), r.stderr
+    r = lamina("run", "--rm", "--entrypoint", "no-such-command", image)
+    assert r.returncode == 127 and "no-such-command" in r.stderr
+    assert "--no-such-flag" in one_error_line(lamina("run", "--rm", "--no-such-flag", image))
+    assert lamina("ps", "-aq").stdout == ""
+
+
+def test_volumes_read_write_and_read_only(lamina: Lamina, image: str, tmp_path: Path) -> None:
+    (tmp_path / "in.txt").write_text("from host\n")
+    r = lamina("run", "--rm", "-u", "0", "-v", f"{tmp_path}:/data", "--entrypoint", "sh", image, "-c",
+               "cat /data/in.txt; echo from container > /data/out.txt", check=True)
+    assert r.stdout == "from host\n"
+    assert (tmp_path / "out.txt").read_text() == "from container\n"
+    r = lamina("run", "--rm", "-u", "0", "-v", f"{tmp_path}:/data:ro", "--entrypoint", "sh", image, "-c",
+               "echo x > /data/in.txt")
+    assert r.returncode != 0 and "Read-only file system" in r.stderr
+    assert (tmp_path / "in.txt").read_text() == "from host\n"
+
+
+def test_detached_logs_stop_rm(lamina: Lamina, image: str) -> None:
+    script = 'echo started; trap "echo stopping; exit 7" TERM; while :; do sleep 0.1; done'
+    cid = lamina("run", "-d", "--name", "e2e-bg", "--entrypoint", "sh", image, "-c", script,
+                 check=True).stdout.strip()
+    assert len(cid) == 64
+    deadline = time.monotonic() + 30
+    while "started" not in lamina("logs", "e2e-bg").stdout:
+        assert time.monotonic() < deadline, "the detached container never logged"
+        time.sleep(0.2)
+    assert lamina("ps", "-q").stdout.split() == [cid[:12]]
+    assert lamina("stop", "-t", "10", "e2e-bg", check=True).stdout.strip() == "e2e-bg"
+    assert lamina("logs", "e2e-bg", check=True).stdout == "started\nstopping\n"
+    state = json.loads(lamina("inspect", "e2e-bg", check=True).stdout)[0]["State"]
+    assert state["Status"] == "exited" and state["ExitCode"] == 7
+    assert "Exited (7)" in lamina("ps", "-a").stdout
+    lamina("rm", "e2e-bg", check=True)
+    assert cid[:12] not in lamina("ps", "-aq").stdout
+    assert "e2e-bg" in one_error_line(lamina("logs", "e2e-bg"))
+
+
+def test_diff_commit_and_run_the_committed_image(lamina: Lamina, image: str) -> None:
+    lamina("run", "--name", "e2e-changes", "-u", "0", "--entrypoint", "sh", image, "-c",
+           "echo new > /app/new; echo more >> /app/hello.sh; rm /d/y; mkdir -p /x/y", check=True)
+    diff = lamina("diff", "e2e-changes", check=True).stdout.splitlines()
+    for line in ("C /app", "A /app/new", "C /app/hello.sh", "C /d", "D /d/y", "A /x", "A /x/y"):
+        assert line in diff
+    assert not any(line.endswith(("/etc/hosts", "/etc/resolv.conf", "/etc/hostname")) for line in diff)
+    committed = lamina("commit", "e2e-changes", "e2e/committed", check=True).stdout.strip()
+    lamina("rm", "e2e-changes", check=True)
+    r = lamina("run", "--rm", "e2e/committed", check=True)  # ENTRYPOINT, CMD and USER carried over
+    assert r.stdout == "hello world|default-arg|/app|1234\n"
+    r = lamina("run", "--rm", "--entrypoint", "sh", "e2e/committed", "-c", "cat /app/new; ls -A /d /x", check=True)
+    assert r.stdout == "new\n/d:\n\n/x:\ny\n"
+    info = json.loads(lamina("inspect", "e2e/committed", check=True).stdout)[0]
+    base = json.loads(lamina("inspect", image, check=True).stdout)[0]
+    assert info["Id"] == committed
+    assert info["RootFS"]["Layers"][:-1] == base["RootFS"]["Layers"]
+    lamina("rmi", "e2e/committed", check=True)
+
+
+def test_inspect_fields_scripts_read(lamina: Lamina, image: str) -> None:
+    info = json.loads(lamina("inspect", image, check=True).stdout)[0]
+    assert info["Id"].startswith("sha256:") and len(info["Id"]) == 71
+    assert lamina("images", "-q", image, check=True).stdout.strip() == info["Id"][7:19]
+    config = info["Config"]
+    assert config["Cmd"] == ["default-arg"] and config["Entrypoint"] == ["/app/hello.sh"]
+    assert "GREETING=hello" in config["Env"] and "NAME=world" in config["Env"]
+    assert config["WorkingDir"] == "/app" and config["User"] == "app"
+    # base, COPY, two RUNs: WORKDIR makes a layer too in docker's builder when /app is created.
+    assert len(info["RootFS"]["Layers"]) == len(set(info["RootFS"]["Layers"])) >= 4
+    assert all(layer.startswith("sha256:") for layer in info["RootFS"]["Layers"])
+    assert lamina("inspect", "--format", "{{.Config.Cmd}}", image, check=True).stdout == "[default-arg]\n"
+
+
+def test_tag_history_save_rmi_load_run(lamina: Lamina, image: str, tmp_path: Path) -> None:
+    lamina("tag", image, "e2e/app:v1", check=True)
+    short_id = lamina("images", "-q", image, check=True).stdout.strip()
+    rows = [line.split() for line in lamina("images", check=True).stdout.splitlines()[1:]]
+    assert sorted(row[:3] for row in rows if row[0] == "e2e/app") == [
+        ["e2e/app", "latest", short_id], ["e2e/app", "v1", short_id]]
+    history = lamina("history", "e2e/app:v1", check=True).stdout.splitlines()
+    assert history[0].split()[:3] == ["IMAGE", "CREATED", "CREATED"]
+    assert 'CMD ["default-arg"]' in history[1]
+    assert any("rm -rf /d" in line for line in history)
+    before = json.loads(lamina("inspect", "e2e/app:v1", check=True).stdout)[0]
+
+    archive = tmp_path / "app.tar"
+    lamina("save", "-o", str(archive), "e2e/app:v1", check=True)
+    with tarfile.open(archive) as outer:
+        manifest = json.load(outer.extractfile("manifest.json"))  # type: ignore[arg-type]
+        assert manifest[0]["RepoTags"] == ["e2e/app:v1"]
+        # The rm -rf layer carries d/ as an opaque directory, as docker's would.
+        opaque = [name for name in manifest[0]["Layers"]
+                  if "d/.wh..wh..opq" in tarfile.open(fileobj=outer.extractfile(name)).getnames()]
+        assert len(opaque) == 1
+
+    lamina("rmi", "e2e/app:v1", check=True)
+    assert "e2e/app:v1" in one_error_line(lamina("run", "--rm", "--pull", "never", "e2e/app:v1"))
+    assert "e2e/app:v1" in lamina("load", "-i", str(archive), check=True).stdout
+    after = json.loads(lamina("inspect", "e2e/app:v1", check=True).stdout)[0]
+    assert after["Id"] == before["Id"] and after["RootFS"] == before["RootFS"]
+    assert lamina("run", "--rm", "e2e/app:v1", "again", check=True).stdout == "hello world|again|/app|1234\n"
+    assert lamina("system", "check", check=True).returncode == 0
