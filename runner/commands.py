@@ -40,7 +40,8 @@ def _add_container_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("-u", "--user", help="user[:group] by name or number")
     p.add_argument("-v", "--volume", action="append", default=[], metavar="HOST:CTR[:ro]",
                    help="bind-mount a host path (or CTR alone: an anonymous volume)")
-    p.add_argument("--tmpfs", action="append", default=[], metavar="PATH", help="mount a tmpfs on PATH")
+    p.add_argument("--tmpfs", action="append", default=[], metavar="PATH[:OPTIONS]",
+                   help="mount a tmpfs on PATH (OPTIONS as mount -t tmpfs -o, e.g. size=64m,mode=1777)")
     p.add_argument("-p", "--publish", action="append", default=[], metavar="[IP:]HOST:CTR[/PROTO]",
                    help="publish a container port on the host")
     p.add_argument("--entrypoint", help="override the image's ENTRYPOINT (and drop its CMD)")
@@ -157,8 +158,12 @@ def _new_container(args: argparse.Namespace) -> Container:
             host = _anonymous_volume(args.root)
             anonymous.append(host)
             mounts.append({"target": target, "kind": "volume", "source": host, "readonly": False})
-    for target in args.tmpfs:
-        mounts.append({"target": target.split(":")[0], "kind": "tmpfs", "source": None, "readonly": False})
+    for text in args.tmpfs:
+        target, _, options = text.partition(":")
+        if not target.startswith("/"):
+            raise UsageError(f"--tmpfs {text}: the container path must be absolute")
+        mounts.append({"target": target, "kind": "tmpfs", "source": None, "readonly": False,
+                       "options": options or "mode=1777"})
     env = imageconfig.container_env(cfg, args.env_file, args.env)
     container = Container(
         id="", name=args.name or "", image=args.image, image_id=image.id, created=now(),

@@ -286,8 +286,9 @@ def test_crashed_monitor_is_marked_exited(lamina: Lamina, module_root: Path) -> 
 
 
 def test_read_only_root_and_create_start(lamina: Lamina, module_root: Path) -> None:
-    r = lamina("run", "--rm", "--read-only", IMAGE, "sh", "-c", "touch /x 2>&1 || echo refused; echo ok > /dev/null")
-    assert "refused" in r.stdout and r.returncode == 0
+    r = lamina("run", "--rm", "--read-only", "--tmpfs", "/scratch:size=1m", IMAGE, "sh", "-c",
+               "touch /x 2>&1 || echo refused; echo ok > /dev/null; touch /scratch/y && grep -c size=1024k /proc/mounts")
+    assert "refused" in r.stdout and r.stdout.split()[-1] == "1" and r.returncode == 0
     cid = lamina("create", "--name", "later", IMAGE, "sh", "-c", "echo from-create").stdout.strip()
     assert "Created" in lamina("ps", "-a").stdout
     r = lamina("start", "-a", "later")
