@@ -121,7 +121,7 @@ def _helper(ns_fds: list[tuple[int, int]], argv: list[str], env: dict[str, str],
             elif not interactive:
                 null = os.open(os.devnull, os.O_RDONLY)
                 os.dup2(null, 0)
-            _exec_command(argv, env, workdir, user, status_w, slave is not None)
+            _exec_command(argv, env, workdir, user, status_w)
 
         child_main(status_w, command)
     os.close(status_w)

@@ -516,7 +516,7 @@ def _container_init(spec: SandboxSpec, network: str, root: str, status_w: int, g
     _apply_stdio(spec)
     if spec.init:
         _run_init_reaper(spec, user, env, status_w)
-    _exec_command(spec.argv, env, spec.cwd, user, status_w, spec.terminal is not None)
+    _exec_command(spec.argv, env, spec.cwd, user, status_w, spec.create_cwd)
 
 
 def _existing(root: str, path: str) -> str | None:
@@ -561,9 +561,18 @@ def _setgroups_allowed() -> bool:
 
 
 def _exec_command(argv: list[str], env: dict[str, str], cwd: str, user: ExecUser, status_w: int,
-                  tty: bool) -> NoReturn:
+                  create_cwd: bool = False) -> NoReturn:
+    """Enter ``cwd``, drop to ``user`` and exec ``argv`` (already inside the container's root)."""
     try:
-        os.chdir(cwd or "/")
+        try:
+            os.chdir(cwd or "/")
+        except FileNotFoundError:
+            if not create_cwd:
+                raise
+            # The directory made before the mounts was hidden by a volume mounted over a parent:
+            # make it again, now that "/" is the container's root (so it cannot lead outside).
+            os.makedirs(cwd, 0o755, exist_ok=True)
+            os.chdir(cwd)
     except OSError as e:
         raise ContainerError(f"cannot enter working directory {cwd}: {e.strerror}") from e
     _drop_privileges(user.uid, user.gid, user.groups)
@@ -604,7 +613,7 @@ def _run_init_reaper(spec: SandboxSpec, user: ExecUser, env: dict[str, str], sta
                 os.setpgid(0, 0)
                 signal.signal(signal.SIGTTOU, signal.SIG_IGN)
                 os.tcsetpgrp(0, os.getpid())
-            _exec_command(spec.argv, env, spec.cwd, user, status_w, spec.terminal is not None)
+            _exec_command(spec.argv, env, spec.cwd, user, status_w, spec.create_cwd)
 
         child_main(status_w, command)
     os.close(status_w)
