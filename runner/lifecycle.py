@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from lamina.errors import ContainerError, ContainerNotFound, LaminaError
-from runner import tty, unionserver
+from runner import linux, tty, unionserver
 from runner.network import PortMapping
 from runner.sandbox import Mount, Sandbox, SandboxSpec, call_in_userns, forward_signals, start_sandbox
 from runner.state import STATUS_EXITED, STATUS_RUNNING, Container, ContainerStore, now, process_start_time
@@ -145,7 +145,7 @@ def start_detached(root: Path, container: Container) -> None:
     pid = os.fork()
     if pid == 0:
         try:
-            os.close(report_r)
+            linux.close_fds_except({0, 1, 2, report_w})
             os.setsid()
             if os.fork() != 0:
                 os._exit(0)

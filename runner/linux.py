@@ -65,6 +65,17 @@ def _check(result: int, what: str, path: str | None = None) -> int:
     return result
 
 
+def close_fds_except(keep: set[int | None]) -> None:
+    """Close every descriptor but ``keep`` (None entries ignored). For forked children that do not
+    exec: close-on-exec alone would let them hold the parent's pipes open for their whole life."""
+    low = 0
+    for fd in sorted(k for k in keep if k is not None):
+        if fd > low:
+            os.closerange(low, fd)
+        low = max(low, fd + 1)
+    os.closerange(low, 1 << 16)
+
+
 def unshare(flags: int) -> None:
     _check(_libc.unshare(ctypes.c_int(flags)), "unshare")
 

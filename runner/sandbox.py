@@ -258,7 +258,7 @@ def start_sandbox(spec: SandboxSpec, server: UnionServer | None = None) -> Sandb
     pid = os.fork()
     if pid == 0:  # keeper
         def keeper() -> int:
-            _close_fds_except({0, 1, 2, status_w, sync_r, go_r, ready_r, spec.stdin, spec.stdout, spec.stderr,
+            linux.close_fds_except({0, 1, 2, status_w, sync_r, go_r, ready_r, spec.stdin, spec.stdout, spec.stderr,
                                spec.terminal})
             return _keeper(spec, network, status_w, sync_r, go_r, str(merged), ready_r, etc_files)
 
@@ -334,17 +334,6 @@ def child_main(status_w: int, body: Callable[[], int]) -> NoReturn:
         _send(status_w, event="error", code=125, message=f"internal error: {e!r}")
     finally:
         os._exit(code)
-
-
-def _close_fds_except(keep: set[int | None]) -> None:
-    """Close every inherited descriptor but ``keep``: the keeper never execs, so close-on-exec
-    alone would let it hold the caller's pipes (and the command's would-be leaks) open."""
-    low = 0
-    for fd in sorted(k for k in keep if k is not None):
-        if fd > low:
-            os.closerange(low, fd)
-        low = max(low, fd + 1)
-    os.closerange(low, 1 << 16)
 
 
 class _EventReader:

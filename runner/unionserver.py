@@ -135,15 +135,6 @@ def discard() -> None:
         server.stop()
 
 
-def _close_fds_except(keep: set[int]) -> None:
-    low = 0
-    for fd in sorted(keep):
-        if fd > low:
-            os.closerange(low, fd)
-        low = max(low, fd + 1)
-    os.closerange(low, 1 << 16)
-
-
 def _serve(attach_r: int, ready_w: int) -> int:
     from runner import linux
 
@@ -154,7 +145,7 @@ def _serve(attach_r: int, ready_w: int) -> int:
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
     os.dup2(null, 1)
-    _close_fds_except({0, 1, 2, attach_r, ready_w})
+    linux.close_fds_except({0, 1, 2, attach_r, ready_w})
     try:
         # Imported now, while the caller is busy elsewhere: this is the point of forking early.
         import pyfuse3  # noqa: F401
