@@ -288,3 +288,96 @@ def workdir_leftovers_are_removed_at_mount(tmp_path: Path) -> None:
         assert workdir_entries(work) == [], workdir_entries(work)
     finally:
         assert mounted.unmount() == 0, mounted.stderr()
+
+
+# --- the same as an unprivileged user (the rootless path: fusermount3, no namespaces) -----------
+
+USER_WRITER = r"""
+import hashlib, os, sys
+mnt = sys.argv[1]
+def synced(path, data, flags):
+    fd = os.open(path, flags, 0o644)
+    os.write(fd, data)
+    os.fsync(fd)
+    os.close(fd)
+synced(f"{mnt}/new", b"n" * 3_000_000, os.O_WRONLY | os.O_CREAT)
+synced(f"{mnt}/big0", b"t" * 1_000_000, os.O_WRONLY | os.O_APPEND)
+dfd = os.open(mnt, os.O_RDONLY)
+os.fsync(dfd)
+print("synced", flush=True)
+i = 0
+try:
+    while True:
+        with open(f"{mnt}/churn{i}", "wb") as f:
+            f.write(b"c" * 200_000)
+        if i in (2, 4):
+            with open(f"{mnt}/big{i // 2}", "ab") as f:
+                f.write(b"!")
+        i += 1
+except OSError as e:
+    print("stopped", e.errno, flush=True)
+"""
+
+USER_DIGESTS = r"""
+import hashlib, json, sys
+print(json.dumps({name: hashlib.sha256(open(f"{sys.argv[1]}/{name}", "rb").read()).hexdigest()
+                  for name in sys.argv[2:]}))
+"""
+
+
+@pytest.mark.unprivileged
+@pytest.mark.slow
+def test_kill9_unprivileged(unpriv_nosubids: Any) -> None:
+    user = unpriv_nosubids
+    base = user.workdir / "crash"
+    lower, upper, work, mnt = (base / n for n in ("lower", "upper", "work", "mnt"))
+    make_lower(lower)
+    for d in (upper, work, mnt):
+        d.mkdir(parents=True)
+    user.chown_tree(base)
+    opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
+    server = subprocess.Popen(["lamina-unionfs", "-f", "-o", opts, str(mnt)], env=user.env(), user=user.uid,
+                              group=user.gid, extra_groups=[], start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    writer: subprocess.Popen[str] | None = None
+    try:
+        deadline = time.monotonic() + 15
+        while not is_mounted(mnt):
+            assert server.poll() is None and time.monotonic() < deadline, "the unprivileged mount failed"
+            time.sleep(0.02)
+        writer = subprocess.Popen(["/usr/bin/python3", "-c", USER_WRITER, str(mnt)], env=user.env(), user=user.uid,
+                                  group=user.gid, extra_groups=[], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)
+        assert writer.stdout is not None
+        assert writer.stdout.readline().strip() == "synced", writer.stderr.read() if writer.stderr else ""
+        saw_copyup = wait_for_copyup_in_workdir(work)
+        server.send_signal(signal.SIGKILL)
+        server.wait(timeout=10)
+        out, err = writer.communicate(timeout=30)
+        assert "stopped" in out, err
+    finally:
+        for proc in (server, writer):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        user.run(["fusermount3", "-u", "-z", str(mnt)])
+    assert saw_copyup, "never saw a copy-up in progress in the workdir"
+    assert not is_mounted(mnt)
+    leftovers = workdir_entries(work)
+
+    mounted = user.run(["lamina-unionfs", "-o", opts, str(mnt)])  # daemon: returns once mounted
+    assert mounted.returncode == 0, mounted.stderr
+    try:
+        got = user.run(["/usr/bin/python3", "-c", USER_DIGESTS, str(mnt), "new", "big0", "big1", "big2"],
+                       check=True)
+        digests = json.loads(got.stdout)
+        assert digests["new"] == digest(b"n" * 3_000_000)
+        assert digests["big0"] == digest(pattern(0, BIG) + b"t" * 1_000_000)
+        for i in (1, 2):  # cut short or done: the lower data, maybe with its one appended byte
+            assert digests[f"big{i}"] in (digest(pattern(i, BIG)), digest(pattern(i, BIG) + b"!")), f"big{i}"
+        stale = set(workdir_entries(work)) & set(leftovers)
+        assert not stale, f"the workdir still holds the dead server's {sorted(stale)} (had {leftovers})"
+    finally:
+        user.run(["fusermount3", "-u", str(mnt)])
+        if is_mounted(mnt):
+            user.run(["fusermount3", "-u", "-z", str(mnt)])
