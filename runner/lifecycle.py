@@ -108,7 +108,7 @@ def run_attached(root: Path, container: Container) -> int:
     try:
         with forward_signals() as forwarder:
             try:
-                sandbox = start_sandbox(spec, unionserver.take())
+                sandbox = start_sandbox(spec)
             except LaminaError as e:
                 _mark_exited(container, e.exit_code, str(e))
                 if container.auto_remove:
@@ -146,6 +146,7 @@ def start_detached(root: Path, container: Container) -> None:
     if pid == 0:
         try:
             linux.close_fds_except({0, 1, 2, report_w})
+            unionserver.forget_inherited()
             os.setsid()
             if os.fork() != 0:
                 os._exit(0)

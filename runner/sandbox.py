@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import NoReturn, TypeVar
 
 from lamina.errors import CommandNotFound, CommandNotInvokable, ContainerError, LaminaError, MountError
-from runner import linux
+from runner import linux, unionserver
 from runner.idmap import apply_mapping, current_mapping, is_mapped
 from runner.network import SLIRP_DNS, SLIRP_GUEST_IP, PortMapping, Slirp, loopback_up, normalize_network
 from runner.rootfs import MountRequest, make_init_layer, pivot_into, prepare_root
@@ -211,9 +211,13 @@ class Sandbox:
 def start_sandbox(spec: SandboxSpec, server: UnionServer | None = None) -> Sandbox:
     """Start ``spec``'s command; return once it has been exec'd (or raise, leaving nothing behind).
 
-    ``server``: a union server forked earlier (:func:`runner.unionserver.prefork`); the sandbox
-    takes it over (and stops it when ``spec`` has a plain ``rootfs``).
+    ``server``: a union server forked earlier; by default the one :func:`runner.unionserver.prefork`
+    made, if any (callers that know a sandbox is coming call ``prefork()`` early, so the server's
+    imports overlap with their own work). The sandbox takes it over (and stops it when ``spec`` has
+    a plain ``rootfs``).
     """
+    if server is None:
+        server = unionserver.take()
     network = normalize_network(spec.network)
     if not spec.argv:
         raise ContainerError("no command specified")

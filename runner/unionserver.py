@@ -129,6 +129,12 @@ def take() -> UnionServer | None:
     return server
 
 
+def forget_inherited() -> None:
+    """In a forked child: a preforked server belongs to the parent, never use it here."""
+    global _preforked
+    _preforked = None
+
+
 def discard() -> None:
     server = take()
     if server is not None:
