@@ -550,6 +550,9 @@ class Add(_CopyLike):
         super().expand(scope)
         if self.checksum is not None and not all(is_url(s) for s in self.sources):
             raise self.error("--checksum can only be used with HTTP(S) sources")
+        for source in self.sources:
+            if source.startswith(("git@", "git://")) or (is_url(source) and source.split("#")[0].endswith(".git")):
+                raise self.error(f"ADD of a git repository is not supported by lamina: {source}")
 
 
 def is_url(source: str) -> bool:
