@@ -95,7 +95,7 @@ def finish_copy_up(tree: UnionTree, job: CopyJob) -> None:
         target: int | str = job.dst_fd if job.dst_fd >= 0 else f"/proc/self/fd/{work}/{job.tmp}"
         is_link = stat.S_ISLNK(st.st_mode)
         copy_xattrs(job.layer, job.path, target, is_link)
-        _set_origin(target, tree.origin_xattr, f"{job.layer.slot}:{st.st_ino}".encode())
+        origin_recorded = _set_origin(target, tree.origin_xattr, f"{job.layer.slot}:{st.st_ino}".encode())
         if not node.is_dir:
             if st.st_nlink > 1 and tree.index_fd >= 0:
                 _set_origin(target, tree.nlink_xattr, str(st.st_nlink).encode())
@@ -114,6 +114,11 @@ def finish_copy_up(tree: UnionTree, job: CopyJob) -> None:
         _discard(work, job.tmp)
         return
     upath = node.path()
+    if not origin_recorded and tree.index_fd >= 0:
+        # user.* xattrs are refused on symlinks, fifos and devices: the index remembers their origin
+        ust = os.lstat(f"/proc/self/fd/{work}/{job.tmp}")
+        _record_origin_in_index(tree.index_fd, ust.st_ino, f"{job.layer.slot}:{st.st_ino}")
+        tree.index_used = True
     ppath = upath.rpartition("/")[0] or "."
     # Copy-up is not a change the user made: the parent keeps its times (as with the kernel).
     pst = os.stat(ppath, dir_fd=tree.upper.fd)
@@ -172,17 +177,27 @@ def link_keeping_parent_times(ufd: int, src: str, dst: str) -> None:
     os.utime(ppath, ns=(pst.st_atime_ns, pst.st_mtime_ns), dir_fd=ufd)
 
 
-def _set_origin(target: int | str, name: str, value: bytes) -> None:
+def _set_origin(target: int | str, name: str, value: bytes) -> bool:
     try:
         if isinstance(target, int):
             os.setxattr(target, name, value)
         else:
             os.setxattr(target, name, value, follow_symlinks=False)
     except OSError as e:
-        # user.* xattrs on symlinks or devices, or no xattr support: the inode number then
-        # only lasts as long as the mount
+        # user.* xattrs on symlinks or devices, or no xattr support
         if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EACCES):
             raise
+        return False
+    return True
+
+
+def _record_origin_in_index(index_fd: int, upper_ino: int, origin: str) -> None:
+    name = f"u{upper_ino}"
+    try:
+        os.unlink(name, dir_fd=index_fd)  # a stale entry of a removed file with the same number
+    except FileNotFoundError:
+        pass
+    os.symlink(origin, name, dir_fd=index_fd)
 
 
 def _discard(work_fd: int, tmp: str) -> None:

@@ -379,6 +379,7 @@ class UnionFS(UnionTree):
         if node.lowers and not node.opaque:
             if not self.redirect_dir:
                 self.copy_up_tree(node)
+                self._drop_whiteouts(old_path)
                 self.mark_opaque(old_path)
                 node.opaque = True
                 return
@@ -403,6 +404,25 @@ class UnionFS(UnionTree):
                 self.copy_up_tree(child)
             else:
                 self.copy_up(child)
+
+    def _drop_whiteouts(self, path: str) -> None:
+        """Remove the whiteouts below an upper directory that now holds everything it shows and
+        becomes opaque: the kernel lists a pure upper directory as it is, whiteouts included."""
+        ufd = self._upper_fd()
+        dfd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=ufd)
+        try:
+            with os.scandir(dfd) as it:
+                entries = [(e.name, e.is_dir(follow_symlinks=False), e.is_file(follow_symlinks=False))
+                           for e in it]
+            for name, is_dir, is_file in entries:
+                if is_dir:
+                    self._drop_whiteouts(join(path, name))
+                elif ondisk.whited_out_name(name) is not None and is_file:
+                    os.unlink(name, dir_fd=dfd)
+                elif not is_file and ondisk.is_whiteout_stat(os.stat(name, dir_fd=dfd, follow_symlinks=False)):
+                    os.unlink(name, dir_fd=dfd)
+        finally:
+            os.close(dfd)
 
     def flatten_redirects(self) -> int:
         """Replace every redirected directory of the upper by a full copy (opaque, no redirect).
@@ -434,6 +454,7 @@ class UnionFS(UnionTree):
                     node = found
                 else:
                     self.copy_up_tree(node)
+                    self._drop_whiteouts(sub)
                 for xname in (ondisk.TRUSTED_REDIRECT, ondisk.USER_REDIRECT):
                     try:
                         removexattr_at(ufd, sub, xname)

@@ -413,6 +413,11 @@ class UnionTree:
         numbers survive copy-up and remounts), else the upper object itself."""
         assert self.upper is not None
         raw = getxattr_at(self.upper.fd, path, self.origin_xattr)
+        if not raw and self.index_used:
+            try:
+                raw = os.fsencode(os.readlink(f"u{st_ino}", dir_fd=self.index_fd))
+            except OSError:
+                raw = None
         if raw:
             slot, _, ino = raw.partition(b":")
             try:
