@@ -46,6 +46,7 @@ def copy_source(builder: Builder, state: StageState, inst: df.Copy) -> tuple[Lay
     image = builder.base_image(inst.from_stage, inst)
     return LayerView([layer.path for layer in reversed(image.layers)]), image.id
 
+
 def copy_digest(builder: Builder, state: StageState, inst: df.Copy | df.Add) -> str:
     if isinstance(inst, df.Copy) and inst.from_stage is not None:
         _, key = copy_source(builder, state, inst)
@@ -62,6 +63,7 @@ def copy_digest(builder: Builder, state: StageState, inst: df.Copy | df.Add) -> 
         checksum = getattr(inst, "checksum", None)
         digest += "|urls:" + (checksum or str(time.time_ns()))
     return digest
+
 
 def resolve_chown(state: StageState, spec: str | None, inst: df.Instruction) -> tuple[int | None, int | None]:
     """``--chown=user[:group]`` by name (the image's /etc/passwd and /etc/group) or number; a user
@@ -86,6 +88,7 @@ def resolve_chown(state: StageState, spec: str | None, inst: df.Instruction) -> 
     uid = lookup("/etc/passwd", user)
     gid = lookup("/etc/group", group) if group else uid
     return uid, gid
+
 
 def resolve_user(view: LayerView, spec: str) -> tuple[int, int]:
     """USER's ``user[:group]`` as numbers, for directories WORKDIR creates (BuildKit makes them the
@@ -197,6 +200,7 @@ def copy_into_layer(builder: Builder, state: StageState, inst: df.Copy | df.Add,
                 _extract(builder, str(host), into, tmp, owner if inst.chown else None, inst)
             else:
                 builder.context.copy_out(rel, file_target(basename), owner)
+
 
 def _extract(builder: Builder, archive: str, into: str, tmp: Path, owner: Ownership | None, inst: df.Add) -> None:
     """ADD of a local tar archive: unpack it (validated as hostile, by the store's unpacker)
