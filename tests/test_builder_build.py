@@ -182,6 +182,7 @@ def test_scaffolding_never_lands_in_a_layer(lamina: Lamina, ctx: Path) -> None:
 
 
 def test_failing_run_leaves_the_store_unchanged(lamina: Lamina, ctx: Path, shared_root: Path) -> None:
+    lamina.build(ctx, "FROM lamina/busybox\n", "-t", "before-failing")  # the store has tags
     before = (shared_root / "images" / "tags.json").read_text()
     images_before = sorted(p.name for p in (shared_root / "images").iterdir())
     result = lamina.build(ctx, "FROM lamina/busybox\nRUN echo visible-output && exit 3\nRUN true\n",
@@ -194,6 +195,9 @@ def test_failing_run_leaves_the_store_unchanged(lamina: Lamina, ctx: Path, share
     assert (shared_root / "images" / "tags.json").read_text() == before
     assert sorted(p.name for p in (shared_root / "images").iterdir()) == images_before
     assert list((shared_root / "tmp").glob("*build-step*")) == []
+    quiet = lamina.build(ctx, "FROM lamina/busybox\nRUN echo quiet-but-failing && exit 4\n", "-q", check=False)
+    assert quiet.returncode == 125 and quiet.stdout == ""
+    assert "quiet-but-failing" in quiet.stderr and "returned a non-zero code: 4" in quiet.stderr
 
 
 def test_malformed_dockerfile(lamina: Lamina, ctx: Path) -> None:
