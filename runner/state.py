@@ -224,10 +224,13 @@ class ContainerStore:
     def remove_directory(self, container: Container) -> None:
         from runner.sandbox import call_in_userns
 
-        # Files the container made may belong to subordinate ids: delete them as namespace root.
-        call_in_userns(shutil.rmtree, container.directory, True)
-        if container.directory.exists():
-            shutil.rmtree(container.directory, ignore_errors=True)
+        try:
+            shutil.rmtree(container.directory)
+        except OSError:
+            # Files the container made may belong to subordinate ids: delete them as namespace root.
+            call_in_userns(shutil.rmtree, container.directory, True)
+            if container.directory.exists():
+                shutil.rmtree(container.directory, ignore_errors=True)
 
 
 def _unmount_stale(mountpoint: Path) -> None:
