@@ -92,6 +92,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="only ids")
     p.set_defaults(handler=cmd_ps)
 
+    p = subparsers.add_parser("wait", help="wait until containers stop, print their exit codes")
+    p.add_argument("containers", nargs="+")
+    p.set_defaults(handler=cmd_wait)
+
+    p = subparsers.add_parser("port", help="list a container's published ports")
+    p.add_argument("container")
+    p.set_defaults(handler=cmd_port)
+
     p = subparsers.add_parser("logs", help="show a container's output")
     p.add_argument("-f", "--follow", action="store_true")
     p.add_argument("container")
@@ -307,6 +315,24 @@ def cmd_rm(args: argparse.Namespace) -> int:
         remove(args.root, c)
 
     return _each(args, rm)
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    store = ContainerStore(args.root)
+    containers = [store.get(name) for name in args.containers]
+    for c in containers:
+        while c.running:
+            time.sleep(0.05)
+            c = store.get(c.id)
+        print(c.state.exit_code if c.state.exit_code is not None else 0)
+    return 0
+
+
+def cmd_port(args: argparse.Namespace) -> int:
+    container = ContainerStore(args.root).get(args.container)
+    for p in container.ports:
+        print(f"{p['container_port']}/{p['proto']} -> {p['host_ip']}:{p['host_port']}")
+    return 0
 
 
 # --- ps / logs ----------------------------------------------------------------------------------------
