@@ -367,7 +367,10 @@ class Builder:
         if layer is not None:
             state.layers.append(layer)
         state.history.append(history)
-        state.key = key
+        # The next steps depend on what this one produced, not only on what it said: a step that ran
+        # again and made different files (a RUN is not always reproducible) invalidates the steps
+        # after it, as docker's parent-image rule does.
+        state.key = chain_key(key, f"layer {layer.diff_id}") if layer is not None else key
 
     def _cached_layer(self, entry: dict[str, Any]) -> Layer | None:
         info = entry.get("layer")

@@ -2,9 +2,11 @@
 depended on.
 
 Cache invalidation, stated once: a step's key is ``sha256(parent key + "\\n" + the instruction after
-variable substitution)``, where the parent key is the previous step's key (the first step of a stage
-starts from the base image's ID, or from the key of the stage it builds on). Everything a step's
-result depends on is therefore in its key:
+variable substitution)``, where the parent key is the previous step's key, extended with the diff_id
+of the layer that step produced, if any (the first step of a stage starts from the base image's ID,
+or from the key of the stage it builds on). Everything a step's result depends on is therefore in
+its key, including the actual content of the layers below it (a RUN that ran again and produced
+different files invalidates what follows, as docker's parent-image rule does):
 
 * the base image, and every earlier instruction of the stage (ENV, ARG values including
   ``--build-arg``, USER, WORKDIR, SHELL...), through the chain;
