@@ -235,9 +235,10 @@ def test_interactive_tty(module_root: Path) -> None:
     with on_pty(lamina_argv(module_root, "run", "-it", "--rm", IMAGE, "sh"), rows=33, cols=101,
                 cwd=REPO_ROOT) as (proc, master):
         read_until(master, b"# ")
-        os.write(master, b"stty size; tty; echo $((6*7))\r")
+        os.write(master, b"stty size; tty; ls -l /dev/console | cut -c1; echo $((6*7))\r")
         out = read_until(master, b"42")
         assert b"33 101" in out and b"/dev/" in out
+        assert b"\r\nc\r\n" in out  # /dev/console is the terminal (a character device)
         os.write(master, b"sleep 30\r")
         time.sleep(0.5)
         started = time.monotonic()
