@@ -166,13 +166,16 @@ class Builder:
         target = parsed.stage(self.options.target) if self.options.target else parsed.stages[-1]
         needed = self._needed_stages(parsed, target)
         self.total_steps = sum(1 + len(s.instructions) for s in needed)
-        for stage in needed:
-            self.states[stage.index] = self._build_stage(stage)
-        final = self.states[target.index]
-        unused = self.build_args.unused()
-        if unused:
-            self.out.line(f"[Warning] one or more build-args {unused} were not consumed")
-        return self._commit(final)
+        # Layers made or reused by the steps are referenced by nothing but the cache until the image
+        # is recorded: the shared store lock keeps `rmi`/`prune` from collecting them meanwhile.
+        with self.store.lock(shared=True):
+            for stage in needed:
+                self.states[stage.index] = self._build_stage(stage)
+            final = self.states[target.index]
+            unused = self.build_args.unused()
+            if unused:
+                self.out.line(f"[Warning] one or more build-args {unused} were not consumed")
+            return self._commit(final)
 
     def _needed_stages(self, parsed: df.Dockerfile, target: df.Stage) -> list[df.Stage]:
         """The target and, transitively, the stages it refers to (names expanded with global ARGs)."""
@@ -259,7 +262,8 @@ class Builder:
         state = StageState(stage=stage, layers=layers, image=image, base_config=base_config,
                            history=list(copy.deepcopy(base_config.get("history") or [])),
                            scope=StageScope(self.build_args, image), key=key, base=base)
-        self.out.line(f"--> {key[:12]}" if parent_state is None else f"--> {parent_state.key[:12]}")
+        if base is not None and parent_state is None:
+            self.out.line(f"--> {base.short_id}")
         self.total_steps += len(triggers)
         for number, trigger in enumerate(triggers):
             inst = df.parse_trigger(trigger, f"{image_ref} (ONBUILD trigger {number + 1})", from_.line)
