@@ -346,7 +346,7 @@ def _ago(when: dt.datetime | None) -> str:
         if seconds >= size:
             n = seconds // size
             return f"{n} {unit}{'s' if n > 1 else ''}"
-    return "Less than a second" if seconds < 1 else f"{seconds} seconds"
+    return "Less than a second" if seconds < 1 else f"{seconds} second{'s' if seconds > 1 else ''}"
 
 
 def _status(c: Container) -> str:
