@@ -60,6 +60,7 @@ def lamina(root: Path) -> Iterator[Lamina]:
                                  f"stdout: {result.stdout}\nstderr: {result.stderr}")
         return result
 
+    run.root = root  # type: ignore[attr-defined]
     yield run
     ids = run("ps", "-aq").stdout.split()
     if ids:
@@ -204,3 +205,76 @@ def test_tag_history_save_rmi_load_run(lamina: Lamina, image: str, tmp_path: Pat
     assert after["Id"] == before["Id"] and after["RootFS"] == before["RootFS"]
     assert lamina("run", "--rm", "e2e/app:v1", "again", check=True).stdout == "hello world|again|/app|1234\n"
     assert lamina("system", "check", check=True).returncode == 0
+
+
+def test_volume_directory_exists_for_later_steps(lamina: Lamina, tmp_path: Path) -> None:
+    """``VOLUME /data`` then ``RUN`` writing there builds with docker (the mount point exists)."""
+    (tmp_path / "Dockerfile").write_text("FROM lamina/busybox\nVOLUME /data\nRUN ls -d /data\n"
+                                         'CMD ["sh", "-c", "echo hi > /data/x && cat /data/x"]\n')
+    built = lamina("build", "-q", "-t", "e2e/volume", str(tmp_path))
+    assert built.returncode == 0, built.stderr
+    assert lamina("run", "--rm", "e2e/volume", check=True).stdout == "hi\n"
+
+
+def test_multi_stage_dockerignore_add_and_cache(lamina: Lamina, tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "keep.txt").write_text("keep\n")
+    (tmp_path / "src" / "secret.key").write_text("secret\n")
+    (tmp_path / ".dockerignore").write_text("# keys stay out\n**/*.key\n")
+    payload = tmp_path / "payload"
+    (payload / "t").mkdir(parents=True)
+    (payload / "t" / "f").write_text("from tar\n")
+    with tarfile.open(tmp_path / "stuff.tar.gz", "w:gz") as tar:
+        tar.add(payload / "t", arcname="t")
+    (tmp_path / "Dockerfile").write_text(
+        "ARG VERSION=1\n"
+        "FROM lamina/busybox AS builder\n"
+        "ARG VERSION\n"
+        'RUN mkdir /out && echo "built v$VERSION" > /out/artifact\n'
+        "FROM lamina/busybox\n"
+        "LABEL org.example.stage=final\n"
+        "COPY --from=builder /out/artifact /srv/\n"
+        "COPY src/ /srv/src/\n"
+        "ADD stuff.tar.gz /srv/\n"
+        'CMD ["sh", "-c", "cat /srv/artifact /srv/t/f; ls -A /srv/src"]\n')
+    first = lamina("build", "--build-arg", "VERSION=7", "-t", "e2e/multi", str(tmp_path), check=True)
+    assert "CACHED" not in first.stdout
+    assert lamina("run", "--rm", "e2e/multi", check=True).stdout == "built v7\nfrom tar\nkeep.txt\n"
+    again = lamina("build", "--build-arg", "VERSION=7", "-t", "e2e/multi", str(tmp_path), check=True)
+    assert again.stdout.count("CACHED") >= 5
+    assert again.stdout.splitlines()[-1] == first.stdout.splitlines()[-1]  # the same image ID
+    # A changed source invalidates its COPY and what follows, not what came before.
+    (tmp_path / "src" / "keep.txt").write_text("changed\n")
+    third = lamina("build", "--build-arg", "VERSION=7", "-t", "e2e/multi", str(tmp_path), check=True)
+    assert third.stdout.splitlines()[-1] != first.stdout.splitlines()[-1]
+    labels = json.loads(lamina("inspect", "e2e/multi", check=True).stdout)[0]["Config"]["Labels"]
+    assert labels == {"org.example.stage": "final"}
+
+
+def test_parallel_builds_and_runs_share_one_store(lamina: Lamina, tmp_path: Path) -> None:
+    procs = []
+    for i in range(3):
+        context = tmp_path / f"c{i}"
+        context.mkdir()
+        (context / "Dockerfile").write_text(
+            f"FROM lamina/busybox\nRUN echo {i} > /n && mkdir /d && touch /d/x\nRUN rm -rf /d && mkdir /d\n"
+            'CMD ["cat", "/n"]\n')
+        procs.append(subprocess.Popen([sys.executable, "-m", "lamina", "--root", str(lamina.root),  # type: ignore[attr-defined]
+                                       "build", "-q", "-t", f"e2e/par{i}", str(context)],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0 and "Traceback" not in err, err
+    runs = [subprocess.Popen([sys.executable, "-m", "lamina", "--root", str(lamina.root),  # type: ignore[attr-defined]
+                              "run", "--rm", f"e2e/par{i}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in range(3)]
+    assert [proc.communicate(timeout=120)[0] for proc in runs] == ["0\n", "1\n", "2\n"]
+    assert lamina("system", "check").returncode == 0
+    assert lamina("ps", "-aq").stdout == ""
+
+
+def test_pull_messages_have_no_terminal_escapes_in_a_pipe(lamina: Lamina) -> None:
+    """A missing image on an unreachable registry: plain text on a non-terminal stderr, exit 125."""
+    r = lamina("run", "--rm", "127.0.0.1:9/e2e/missing:1")
+    assert r.returncode == 125 and r.stderr.splitlines()[-1].startswith("lamina: error: ")
+    assert "\x1b" not in r.stderr and "\r" not in r.stderr, repr(r.stderr)
