@@ -144,7 +144,8 @@ def test_detached_logs_stop_rm(lamina: Lamina, image: str) -> None:
 
 def test_diff_commit_and_run_the_committed_image(lamina: Lamina, image: str) -> None:
     lamina("run", "--name", "e2e-changes", "-u", "0", "--entrypoint", "sh", image, "-c",
-           "echo new > /app/new; echo more >> /app/hello.sh; rm /d/y; mkdir -p /x/y", check=True)
+           "echo new > /app/new; echo more >> /app/hello.sh; rm /d/y; mkdir -p /x/y;"
+           "rm -rf /usr && mkdir /usr && echo only > /usr/only", check=True)
     diff = lamina("diff", "e2e-changes", check=True).stdout.splitlines()
     for line in ("C /app", "A /app/new", "C /app/hello.sh", "C /d", "D /d/y", "A /x", "A /x/y"):
         assert line in diff
@@ -153,8 +154,9 @@ def test_diff_commit_and_run_the_committed_image(lamina: Lamina, image: str) -> 
     lamina("rm", "e2e-changes", check=True)
     r = lamina("run", "--rm", "e2e/committed", check=True)  # ENTRYPOINT, CMD and USER carried over
     assert r.stdout == "hello world|default-arg|/app|1234\n"
-    r = lamina("run", "--rm", "--entrypoint", "sh", "e2e/committed", "-c", "cat /app/new; ls -A /d /x", check=True)
-    assert r.stdout == "new\n/d:\n\n/x:\ny\n"
+    r = lamina("run", "--rm", "--entrypoint", "sh", "e2e/committed", "-c", "cat /app/new; ls -A /d /x /usr",
+               check=True)
+    assert r.stdout == "new\n/d:\n\n/usr:\nonly\n\n/x:\ny\n"  # /usr became opaque: bin, sbin gone
     info = json.loads(lamina("inspect", "e2e/committed", check=True).stdout)[0]
     base = json.loads(lamina("inspect", image, check=True).stdout)[0]
     assert info["Id"] == committed

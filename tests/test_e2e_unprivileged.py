@@ -146,15 +146,16 @@ def test_lifecycle_commit_save_load(user: UnprivilegedUser) -> None:
     # A container changes a file owned by 1234 and adds one; diff and commit keep the owners.
     chown = "chown 1234:1234 /app/new" if user.has_subids else "true"
     lamina(user, "run", "--name", "changer", "-u", "0", "--entrypoint", "sh", "e2e/app", "-c",
-           f"echo new > /app/new && {chown} && echo v2 >> /app/owned/file && rm /d/y", check=True)
+           f"echo new > /app/new && {chown} && echo v2 >> /app/owned/file && rm /d/y"
+           " && rm -rf /usr && mkdir /usr && echo only > /usr/only", check=True)
     diff = lamina(user, "diff", "changer", check=True).stdout.splitlines()
     assert {"A /app/new", "C /app/owned/file", "D /d/y"} <= set(diff)
     lamina(user, "commit", "changer", "e2e/committed", check=True)
     lamina(user, "rm", "changer", check=True)
     check_committed = ("--entrypoint", "sh", "e2e/committed", "-c",
-                       "stat -c '%u %n' /app/new /app/owned/file; cat /app/owned/file; ls -A /d; id -u")
+                       "stat -c '%u %n' /app/new /app/owned/file; cat /app/owned/file; ls -A /d /usr; id -u")
     uid = "1234" if user.has_subids else "0"
-    expected = f"{uid} /app/new\n{uid} /app/owned/file\nmine\nv2\n{uid}\n"
+    expected = f"{uid} /app/new\n{uid} /app/owned/file\nmine\nv2\n/d:\n\n/usr:\nonly\n{uid}\n"
     assert lamina(user, "run", "--rm", *check_committed, check=True).stdout == expected
 
     archive = user.workdir / "committed.tar"
