@@ -612,3 +612,24 @@ def test_link_counts_of_lower_hardlinks_follow_the_merged_view(layers: Layers) -
     assert nlink("p/f") == 3 and nlink("q/h") == 3
     fs.rename(walk(fs, "q"), "new", walk(fs, "q"), "renamed")
     assert nlink("q/renamed") == 3
+
+
+def test_merged_paths_longer_than_path_max_work(layers: Layers) -> None:
+    # The caller's path is short (relative to a deep cwd); ours, from the layer root, is not.
+    prefix = "/".join(f"p{i:02d}" + "x" * 120 for i in range(5))
+    (layers.lowers[0] / prefix).mkdir(parents=True)
+    fs = layers.open()
+    node = walk(fs, prefix)
+    for i in range(32):  # 32 * 128 = 4096 bytes below a 620-byte prefix
+        node = fs.mkdir(node, f"d{i:02d}" + "y" * 124, 0o755, ME)
+    assert len(node.path()) > 4096
+    child, fd = fs.create(node, "leaf", 0o644, os.O_WRONLY, ME)
+    os.write(fd, b"deep")
+    fs.release(child, fd)
+    fs.setattr(child, mode=0o600, mtime_ns=10**9, atime_ns=10**9)
+    fs.setxattr(child, "user.deep", b"1")
+    assert fs.getxattr(child, "user.deep") == b"1"
+    assert fs.stat(child)[0].st_size == 4
+    fs.rename(node, "leaf", node, "leaf2")
+    fs.unlink(node, "leaf2")
+    assert fs.list_dir(node) == []

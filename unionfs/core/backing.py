@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from unionfs.core import fsat
+
 O_PATH_DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -68,7 +70,7 @@ def split(path: str) -> tuple[str, str]:
 def lstat_at(fd: int, path: str) -> os.stat_result | None:
     """lstat relative to ``fd``; None when the name (or a parent) does not exist."""
     try:
-        return os.stat(rel(path), dir_fd=fd, follow_symlinks=False)
+        return fsat.stat(rel(path), dir_fd=fd, follow_symlinks=False)
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as e:
@@ -88,7 +90,7 @@ def proc_path(fd: int, path: str) -> Iterator[str]:
         yield f"/proc/self/fd/{fd}/{path}" if path else f"/proc/self/fd/{fd}"
         return
     parent, name = split(path)
-    pfd = os.open(parent, O_PATH_DIR, dir_fd=fd)
+    pfd = fsat.open(parent, O_PATH_DIR, dir_fd=fd)
     try:
         yield f"/proc/self/fd/{pfd}/{name}"
     finally:
@@ -148,7 +150,7 @@ def renameat2(olddirfd: int, old: str, newdirfd: int, new: str, flags: int = 0) 
 
 def open_dir_at(fd: int, path: str) -> int:
     """An O_PATH descriptor of the directory ``path`` under ``fd`` (usable as ``dir_fd``)."""
-    return os.open(rel(path), O_PATH_DIR, dir_fd=fd)
+    return fsat.open(rel(path), O_PATH_DIR, dir_fd=fd)
 
 
 def remove_tree_at(fd: int, path: str) -> None:
@@ -157,9 +159,9 @@ def remove_tree_at(fd: int, path: str) -> None:
     if st is None:
         return
     if not stat.S_ISDIR(st.st_mode):
-        os.unlink(path, dir_fd=fd)
+        fsat.unlink(path, dir_fd=fd)
         return
-    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+    dfd = fsat.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
     try:
         with os.scandir(dfd) as it:
             names = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
@@ -167,10 +169,10 @@ def remove_tree_at(fd: int, path: str) -> None:
             if is_dir:
                 remove_tree_at(dfd, name)
             else:
-                os.unlink(name, dir_fd=dfd)
+                fsat.unlink(name, dir_fd=dfd)
     finally:
         os.close(dfd)
-    os.rmdir(path, dir_fd=fd)
+    fsat.rmdir(path, dir_fd=fd)
 
 
 def copy_file_data(src_fd: int, dst_fd: int, size: int) -> None:

@@ -19,6 +19,7 @@ import stat
 from dataclasses import dataclass
 
 from unionfs import ondisk
+from unionfs.core import fsat
 from unionfs.core.backing import Layer, copy_file_data, getxattr_at, listxattr_at, lstat_at
 from unionfs.core.nodes import Node
 from unionfs.core.tree import UnionTree, ensure_writable
@@ -73,16 +74,16 @@ def begin_copy_up(tree: UnionTree, node: Node, truncate: bool) -> CopyJob | None
     work = tree.work_fd
     mode = st.st_mode
     if stat.S_ISREG(mode):
-        job.src_fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=layer.fd)
-        job.dst_fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=work)
+        job.src_fd = fsat.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=layer.fd)
+        job.dst_fd = fsat.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=work)
         job.copy_bytes = 0 if truncate else st.st_size
     elif stat.S_ISDIR(mode):
-        os.mkdir(tmp, 0o700, dir_fd=work)
+        fsat.mkdir(tmp, 0o700, dir_fd=work)
     elif stat.S_ISLNK(mode):
-        os.symlink(os.readlink(path, dir_fd=layer.fd), tmp, dir_fd=work)
+        fsat.symlink(fsat.readlink(path, dir_fd=layer.fd), tmp, dir_fd=work)
     else:
         # fifos, sockets and device nodes keep their type and device number
-        os.mknod(tmp, (mode & ~0o7777) | 0o600, st.st_rdev, dir_fd=work)
+        fsat.mknod(tmp, (mode & ~0o7777) | 0o600, st.st_rdev, dir_fd=work)
     return job
 
 
@@ -103,7 +104,7 @@ def finish_copy_up(tree: UnionTree, job: CopyJob) -> None:
         # parent needs write permission on it (for '..') when we are not root.
         copy_owner_mode_times(target, st, is_link, chmod=not node.is_dir)
         if job.dst_fd >= 0:
-            os.utime(job.dst_fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+            fsat.utime(job.dst_fd, ns=(st.st_atime_ns, st.st_mtime_ns))
     except BaseException:
         job.close()
         _discard(work, job.tmp)
@@ -121,11 +122,11 @@ def finish_copy_up(tree: UnionTree, job: CopyJob) -> None:
         tree.index_used = True
     ppath = upath.rpartition("/")[0] or "."
     # Copy-up is not a change the user made: the parent keeps its times (as with the kernel).
-    pst = os.stat(ppath, dir_fd=tree.upper.fd)
-    os.rename(job.tmp, upath, src_dir_fd=work, dst_dir_fd=tree.upper.fd)
-    os.utime(ppath, ns=(pst.st_atime_ns, pst.st_mtime_ns), dir_fd=tree.upper.fd)
+    pst = fsat.stat(ppath, dir_fd=tree.upper.fd)
+    fsat.rename(job.tmp, upath, src_dir_fd=work, dst_dir_fd=tree.upper.fd)
+    fsat.utime(ppath, ns=(pst.st_atime_ns, pst.st_mtime_ns), dir_fd=tree.upper.fd)
     if node.is_dir:
-        os.chmod(upath or ".", st.st_mode & 0o7777, dir_fd=tree.upper.fd)
+        fsat.chmod(upath or ".", st.st_mode & 0o7777, dir_fd=tree.upper.fd)
     node.in_upper = True
     # The parent's cached listing named the lower copy: entries made from it must see the upper one.
     tree.touch(node, node.parent, *(p for p, _ in node.links))
@@ -135,7 +136,7 @@ def finish_copy_up(tree: UnionTree, job: CopyJob) -> None:
         # the others find it through the index when they are looked up.
         if st.st_nlink > 1 and tree.index_fd >= 0:
             try:
-                os.link(upath, f"{job.layer.slot}-{st.st_ino}", src_dir_fd=tree.upper.fd,
+                fsat.link(upath, f"{job.layer.slot}-{st.st_ino}", src_dir_fd=tree.upper.fd,
                         dst_dir_fd=tree.index_fd, follow_symlinks=False)
             except FileExistsError:
                 pass
@@ -172,9 +173,9 @@ def _link_known_aliases(tree: UnionTree, node: Node, upath: str) -> None:
 def link_keeping_parent_times(ufd: int, src: str, dst: str) -> None:
     """Hard link in the upper as part of a copy-up: the new name's parent keeps its times."""
     ppath = dst.rpartition("/")[0] or "."
-    pst = os.stat(ppath, dir_fd=ufd)
-    os.link(src, dst, src_dir_fd=ufd, dst_dir_fd=ufd, follow_symlinks=False)
-    os.utime(ppath, ns=(pst.st_atime_ns, pst.st_mtime_ns), dir_fd=ufd)
+    pst = fsat.stat(ppath, dir_fd=ufd)
+    fsat.link(src, dst, src_dir_fd=ufd, dst_dir_fd=ufd, follow_symlinks=False)
+    fsat.utime(ppath, ns=(pst.st_atime_ns, pst.st_mtime_ns), dir_fd=ufd)
 
 
 def _set_origin(target: int | str, name: str, value: bytes) -> bool:
@@ -194,10 +195,10 @@ def _set_origin(target: int | str, name: str, value: bytes) -> bool:
 def _record_origin_in_index(index_fd: int, upper_ino: int, origin: str) -> None:
     name = f"u{upper_ino}"
     try:
-        os.unlink(name, dir_fd=index_fd)  # a stale entry of a removed file with the same number
+        fsat.unlink(name, dir_fd=index_fd)  # a stale entry of a removed file with the same number
     except FileNotFoundError:
         pass
-    os.symlink(origin, name, dir_fd=index_fd)
+    fsat.symlink(origin, name, dir_fd=index_fd)
 
 
 def _discard(work_fd: int, tmp: str) -> None:
@@ -236,7 +237,7 @@ def copy_owner_mode_times(target: int | str, st: os.stat_result, is_link: bool, 
         elif isinstance(target, int):
             os.fchown(target, st.st_uid, st.st_gid)
         else:
-            os.chown(target, st.st_uid, st.st_gid, follow_symlinks=False)
+            fsat.chown(target, st.st_uid, st.st_gid, follow_symlinks=False)
     except PermissionError:
         if not is_link and _read_override(target) is None:
             _write_override(target, ondisk.OwnerOverride(st.st_uid, st.st_gid, st.st_mode & 0o7777))
@@ -244,9 +245,9 @@ def copy_owner_mode_times(target: int | str, st: os.stat_result, is_link: bool, 
         if isinstance(target, int):
             os.fchmod(target, st.st_mode & 0o7777)
         else:
-            os.chmod(target, st.st_mode & 0o7777)
+            fsat.chmod(target, st.st_mode & 0o7777)
     if not isinstance(target, int):
-        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=follow)
+        fsat.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=follow)
 
 
 def _read_override(target: int | str) -> bytes | None:

@@ -19,6 +19,7 @@ import stat
 from collections.abc import Callable
 
 from unionfs import ondisk
+from unionfs.core import fsat
 from unionfs.core.backing import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
@@ -70,10 +71,10 @@ class UnionFS(UnionTree):
         ufd = self._upper_fd()
         cpath = parent.child_path(name)
         ppath = parent.path() or "."
-        pst = os.stat(ppath, dir_fd=ufd)
-        os.link(key, cpath, src_dir_fd=self.index_fd, dst_dir_fd=ufd, follow_symlinks=False)
-        os.utime(ppath, ns=(pst.st_atime_ns, pst.st_mtime_ns), dir_fd=ufd)
-        ust = os.stat(cpath, dir_fd=ufd, follow_symlinks=False)
+        pst = fsat.stat(ppath, dir_fd=ufd)
+        fsat.link(key, cpath, src_dir_fd=self.index_fd, dst_dir_fd=ufd, follow_symlinks=False)
+        fsat.utime(ppath, ns=(pst.st_atime_ns, pst.st_mtime_ns), dir_fd=ufd)
+        ust = fsat.stat(cpath, dir_fd=ufd, follow_symlinks=False)
         node = self._node_for(parent, name, stat.S_IFMT(ust.st_mode), self.upper_identity(cpath, ust.st_ino),
                               True, [(layer, path)])
         node.st_hint = ust
@@ -93,15 +94,15 @@ class UnionFS(UnionTree):
         st = lstat_at(ufd, path)
         if self.whiteout_style is ondisk.WhiteoutStyle.CHAR_DEVICE and st is None:
             # nothing to replace: creating the whiteout is one atomic step already
-            os.mknod(path, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=ufd)
+            fsat.mknod(path, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=ufd)
         elif self.whiteout_style is ondisk.WhiteoutStyle.CHAR_DEVICE:
             tmp = self.tmp_name()
-            os.mknod(tmp, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=self.work_fd)
+            fsat.mknod(tmp, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=self.work_fd)
             if st is not None and stat.S_ISDIR(st.st_mode):
                 renameat2(self.work_fd, tmp, ufd, path, RENAME_EXCHANGE)
                 remove_tree_at(self.work_fd, tmp)
             else:
-                os.rename(tmp, path, src_dir_fd=self.work_fd, dst_dir_fd=ufd)
+                fsat.rename(tmp, path, src_dir_fd=self.work_fd, dst_dir_fd=ufd)
         else:
             pfd = open_dir_at(ufd, ppath)
             try:
@@ -161,7 +162,7 @@ class UnionFS(UnionTree):
         ppath = parent.path()
         path = join(ppath, name)
         is_dir = stat.S_ISDIR(mode)
-        pst = os.stat(ppath or ".", dir_fd=ufd)
+        pst = fsat.stat(ppath or ".", dir_fd=ufd)
         st: os.stat_result | None = None
         opaque = False
         if (not parent.lowers or parent.opaque) and \
@@ -185,17 +186,17 @@ class UnionFS(UnionTree):
                     self._set_marker(self.work_fd, tmp, ondisk.TRUSTED_OPAQUE, ondisk.USER_OPAQUE, b"y")
                 if wh == "char" and is_dir:
                     renameat2(self.work_fd, tmp, ufd, path, RENAME_EXCHANGE)
-                    os.unlink(tmp, dir_fd=self.work_fd)
+                    fsat.unlink(tmp, dir_fd=self.work_fd)
                 else:
-                    os.rename(tmp, path, src_dir_fd=self.work_fd, dst_dir_fd=ufd)
+                    fsat.rename(tmp, path, src_dir_fd=self.work_fd, dst_dir_fd=ufd)
                 if opaque:
                     self.emit(f"opaque /{path}")
             else:
                 make(ufd, path)
                 self._own(ufd, path, caller, pst, mode)
             if wh == "file":
-                os.unlink(join(ppath, ondisk.WHITEOUT_PREFIX + name), dir_fd=ufd)
-            st = os.stat(path, dir_fd=ufd, follow_symlinks=False)
+                fsat.unlink(join(ppath, ondisk.WHITEOUT_PREFIX + name), dir_fd=ufd)
+            st = fsat.stat(path, dir_fd=ufd, follow_symlinks=False)
         self.touch(parent)
         node = self.table.add(stat.S_IFMT(st.st_mode), parent, name, (0, st.st_ino))
         node.in_upper = True
@@ -210,7 +211,7 @@ class UnionFS(UnionTree):
 
     def _own(self, dfd: int, name: str, caller: Caller, pst: os.stat_result, mode: int) -> os.stat_result:
         """Give a new object the caller's owner (group of a setgid parent), as the kernel would."""
-        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        st = fsat.stat(name, dir_fd=dfd, follow_symlinks=False)
         uid = caller.uid
         gid = pst.st_gid if pst.st_mode & stat.S_ISGID else caller.gid
         is_link = stat.S_ISLNK(st.st_mode)
@@ -222,16 +223,16 @@ class UnionFS(UnionTree):
             perm &= ~stat.S_ISGID  # the kernel drops setgid for a group the creator is not in
         if (st.st_uid, st.st_gid) != (uid, gid):
             try:
-                os.chown(name, uid, gid, dir_fd=dfd, follow_symlinks=False)
+                fsat.chown(name, uid, gid, dir_fd=dfd, follow_symlinks=False)
             except PermissionError:
                 if not is_link:
                     setxattr_at(dfd, name, ondisk.OWNER_OVERRIDE_XATTR,
                                 ondisk.OwnerOverride(uid, gid, perm).encode())
         changed = (st.st_uid, st.st_gid) != (uid, gid)
         if not is_link and (st.st_mode & 0o7777) != perm or (not is_link and perm & 0o6000):
-            os.chmod(name, perm, dir_fd=dfd)
+            fsat.chmod(name, perm, dir_fd=dfd)
             changed = True
-        return os.stat(name, dir_fd=dfd, follow_symlinks=False) if changed else st
+        return fsat.stat(name, dir_fd=dfd, follow_symlinks=False) if changed else st
 
     def create(self, parent: Node, name: str, mode: int, flags: int, caller: Caller) -> tuple[Node, int]:
         """Create and open a regular file; returns the node and an open descriptor."""
@@ -239,7 +240,7 @@ class UnionFS(UnionTree):
 
         def make(dfd: int, n: str) -> None:
             acc = flags & os.O_ACCMODE
-            fds.append(os.open(n, acc | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
+            fds.append(fsat.open(n, acc | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
                                mode & 0o7777, dir_fd=dfd))
 
         try:
@@ -253,15 +254,15 @@ class UnionFS(UnionTree):
 
     def mkdir(self, parent: Node, name: str, mode: int, caller: Caller) -> Node:
         return self._create(parent, name, caller, stat.S_IFDIR | mode,
-                            lambda dfd, n: os.mkdir(n, mode & 0o7777, dir_fd=dfd))
+                            lambda dfd, n: fsat.mkdir(n, mode & 0o7777, dir_fd=dfd))
 
     def mknod(self, parent: Node, name: str, mode: int, rdev: int, caller: Caller) -> Node:
         return self._create(parent, name, caller, mode,
-                            lambda dfd, n: os.mknod(n, mode, rdev, dir_fd=dfd))
+                            lambda dfd, n: fsat.mknod(n, mode, rdev, dir_fd=dfd))
 
     def symlink(self, parent: Node, name: str, target: str, caller: Caller) -> Node:
         return self._create(parent, name, caller, stat.S_IFLNK | 0o777,
-                            lambda dfd, n: os.symlink(target, n, dir_fd=dfd))
+                            lambda dfd, n: fsat.symlink(target, n, dir_fd=dfd))
 
     def link(self, node: Node, parent: Node, name: str) -> Node:
         self._check_free(parent, name)
@@ -274,10 +275,10 @@ class UnionFS(UnionTree):
         wh = self._upper_whiteout_at(ppath, name)
         src = node.path()
         if wh == "char":
-            os.unlink(join(ppath, name), dir_fd=ufd)
-        os.link(src, join(ppath, name), src_dir_fd=ufd, dst_dir_fd=ufd, follow_symlinks=False)
+            fsat.unlink(join(ppath, name), dir_fd=ufd)
+        fsat.link(src, join(ppath, name), src_dir_fd=ufd, dst_dir_fd=ufd, follow_symlinks=False)
         if wh == "file":
-            os.unlink(join(ppath, ondisk.WHITEOUT_PREFIX + name), dir_fd=ufd)
+            fsat.unlink(join(ppath, ondisk.WHITEOUT_PREFIX + name), dir_fd=ufd)
         node.links.append((parent, name))
         assert parent.children is not None
         parent.children[name] = node
@@ -301,7 +302,7 @@ class UnionFS(UnionTree):
         if self.lower_has(parent, name):
             self.whiteout(parent, name)
         else:
-            os.unlink(join(parent.path(), name), dir_fd=self._upper_fd())
+            fsat.unlink(join(parent.path(), name), dir_fd=self._upper_fd())
         self.touch(node, parent)
         self._forget_name(node, parent, name)
 
@@ -358,12 +359,12 @@ class UnionFS(UnionTree):
             if stat.S_ISDIR(ust.st_mode):
                 _empty_dir(ufd, new_path)  # merged-empty: only whiteouts left in it
             elif ondisk.is_whiteout_stat(ust) and src.is_dir:
-                os.unlink(new_path, dir_fd=ufd)
+                fsat.unlink(new_path, dir_fd=ufd)
         if src.is_dir:
             self._prepare_moved_dir(src, old_path, new_path, newp, newn)
-        os.rename(old_path, new_path, src_dir_fd=ufd, dst_dir_fd=ufd)
+        fsat.rename(old_path, new_path, src_dir_fd=ufd, dst_dir_fd=ufd)
         if exists_at(ufd, join(newp.path(), ondisk.WHITEOUT_PREFIX + newn)):
-            os.unlink(join(newp.path(), ondisk.WHITEOUT_PREFIX + newn), dir_fd=ufd)
+            fsat.unlink(join(newp.path(), ondisk.WHITEOUT_PREFIX + newn), dir_fd=ufd)
         if old_needs_whiteout:
             self.whiteout(oldp, oldn)
         self.touch(oldp, newp, src, dst)
@@ -409,7 +410,7 @@ class UnionFS(UnionTree):
         """Remove the whiteouts below an upper directory that now holds everything it shows and
         becomes opaque: the kernel lists a pure upper directory as it is, whiteouts included."""
         ufd = self._upper_fd()
-        dfd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=ufd)
+        dfd = fsat.open(path or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=ufd)
         try:
             with os.scandir(dfd) as it:
                 entries = [(e.name, e.is_dir(follow_symlinks=False), e.is_file(follow_symlinks=False))
@@ -418,9 +419,9 @@ class UnionFS(UnionTree):
                 if is_dir:
                     self._drop_whiteouts(join(path, name))
                 elif ondisk.whited_out_name(name) is not None and is_file:
-                    os.unlink(name, dir_fd=dfd)
-                elif not is_file and ondisk.is_whiteout_stat(os.stat(name, dir_fd=dfd, follow_symlinks=False)):
-                    os.unlink(name, dir_fd=dfd)
+                    fsat.unlink(name, dir_fd=dfd)
+                elif not is_file and ondisk.is_whiteout_stat(fsat.stat(name, dir_fd=dfd, follow_symlinks=False)):
+                    fsat.unlink(name, dir_fd=dfd)
         finally:
             os.close(dfd)
 
@@ -435,7 +436,7 @@ class UnionFS(UnionTree):
         pending = [""]
         while pending:
             path = pending.pop()
-            dfd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=ufd)
+            dfd = fsat.open(path or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=ufd)
             try:
                 with os.scandir(dfd) as it:
                     subdirs = [e.name for e in it if e.is_dir(follow_symlinks=False)]
@@ -524,7 +525,7 @@ class UnionFS(UnionTree):
         is_dir = node.is_dir
 
         def current() -> os.stat_result:
-            return os.fstat(live_fd) if live_fd is not None else os.stat(path or ".", dir_fd=ufd,
+            return os.fstat(live_fd) if live_fd is not None else fsat.stat(path or ".", dir_fd=ufd,
                                                                           follow_symlinks=False)
 
         if size is not None:
@@ -532,7 +533,7 @@ class UnionFS(UnionTree):
             if tfd is not None:
                 os.ftruncate(tfd, size)
             else:
-                wfd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=ufd)
+                wfd = fsat.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=ufd)
                 try:
                     os.ftruncate(wfd, size)
                 finally:
@@ -547,9 +548,9 @@ class UnionFS(UnionTree):
             new_gid = gid if gid is not None else (override.gid if override else st.st_gid)  # type: ignore[union-attr]
             try:
                 if target:
-                    os.chown(target, new_uid, new_gid)
+                    fsat.chown(target, new_uid, new_gid)
                 else:
-                    os.chown(path or ".", new_uid, new_gid, dir_fd=ufd, follow_symlinks=False)
+                    fsat.chown(path or ".", new_uid, new_gid, dir_fd=ufd, follow_symlinks=False)
                 if override is not None:
                     os.removexattr(target or f"/proc/self/fd/{ufd}/{path}", ondisk.OWNER_OVERRIDE_XATTR)
                     override = None
@@ -569,9 +570,9 @@ class UnionFS(UnionTree):
                 # keep the real mode usable by us: the override is what callers see
                 perm |= 0o700 if is_dir else 0o600
             if target:
-                os.chmod(target, perm)
+                fsat.chmod(target, perm)
             else:
-                os.chmod(path or ".", perm, dir_fd=ufd)
+                fsat.chmod(path or ".", perm, dir_fd=ufd)
         if atime_ns is not None or mtime_ns is not None:
             if atime_ns is None or mtime_ns is None:
                 cur = current()
@@ -580,9 +581,9 @@ class UnionFS(UnionTree):
             else:
                 times = (atime_ns, mtime_ns)
             if live_fd is not None:
-                os.utime(live_fd, ns=times)
+                fsat.utime(live_fd, ns=times)
             else:
-                os.utime(path or ".", ns=times, dir_fd=ufd, follow_symlinks=False)
+                fsat.utime(path or ".", ns=times, dir_fd=ufd, follow_symlinks=False)
 
     # --- xattrs ----------------------------------------------------------------------------------
 
@@ -616,7 +617,7 @@ class UnionFS(UnionTree):
         keep = flags & (os.O_ACCMODE | os.O_SYNC | os.O_DSYNC)
         if writable and flags & os.O_TRUNC:
             keep |= os.O_TRUNC
-        fd = os.open(path, keep | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=layer.fd)
+        fd = fsat.open(path, keep | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=layer.fd)
         node.fds.append(fd)
         return fd, layer.is_upper
 
@@ -632,7 +633,7 @@ class UnionFS(UnionTree):
     def fsyncdir(self, node: Node) -> None:
         if not node.in_upper or self.upper is None:
             return
-        fd = os.open(node.path() or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.upper.fd)
+        fd = fsat.open(node.path() or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.upper.fd)
         try:
             os.fsync(fd)
         finally:
@@ -640,7 +641,7 @@ class UnionFS(UnionTree):
 
 
 def _empty_dir(fd: int, path: str) -> None:
-    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+    dfd = fsat.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
     try:
         for name in os.listdir(dfd):
             remove_tree_at(dfd, name)

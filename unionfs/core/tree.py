@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from unionfs import ondisk
+from unionfs.core import fsat
 from unionfs.core.backing import (
     Layer,
     exists_at,
@@ -150,7 +151,7 @@ class UnionTree:
 
     def _open_layer(self, path: str, slot: int, label: str, index: int) -> Layer:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fd = fsat.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise UnionError(f"{path}: no such directory") from None
         except NotADirectoryError:
@@ -164,25 +165,25 @@ class UnionTree:
         """Open (creating if needed) WORK/work, emptied: leftovers of a crashed copy-up go away."""
         assert self.upper is not None
         try:
-            wfd = os.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            wfd = fsat.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as e:
             raise UnionError(f"{work}: {e.strerror}") from None
         self._fds.append(wfd)
         if os.fstat(wfd).st_dev != self.upper.dev:
             raise UnionError(f"{work}: workdir and upperdir must be on the same filesystem")
         remove_tree_at(wfd, WORK_SUBDIR)
-        os.mkdir(WORK_SUBDIR, 0o700, dir_fd=wfd)
+        fsat.mkdir(WORK_SUBDIR, 0o700, dir_fd=wfd)
         # The hardlink index (kept across mounts, like the kernel's index=on): for every copied-up
         # lower file with several names, WORK/lamina-index/SLOT-INO links to its upper copy, so the
         # other names find the copy instead of the stale lower data.
         try:
-            os.mkdir(INDEX_SUBDIR, 0o700, dir_fd=wfd)
+            fsat.mkdir(INDEX_SUBDIR, 0o700, dir_fd=wfd)
         except FileExistsError:
             pass
-        self.index_fd = os.open(INDEX_SUBDIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=wfd)
+        self.index_fd = fsat.open(INDEX_SUBDIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=wfd)
         self._fds.append(self.index_fd)
         self.index_used = bool(os.listdir(self.index_fd))
-        fd = os.open(WORK_SUBDIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=wfd)
+        fd = fsat.open(WORK_SUBDIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=wfd)
         self._fds.append(fd)
         return fd
 
@@ -196,13 +197,13 @@ class UnionTree:
         if self.upper is None or guess is ondisk.XattrNamespace.USER:
             return guess
         probe = "xattr-probe"
-        os.mkdir(probe, 0o700, dir_fd=self.work_fd)
+        fsat.mkdir(probe, 0o700, dir_fd=self.work_fd)
         try:
             setxattr_at(self.work_fd, probe, ondisk.TRUSTED_OPAQUE, b"y")
         except OSError:
             return ondisk.XattrNamespace.USER
         finally:
-            os.rmdir(probe, dir_fd=self.work_fd)
+            fsat.rmdir(probe, dir_fd=self.work_fd)
         return ondisk.XattrNamespace.TRUSTED
 
     def _probe_whiteout_style(self) -> ondisk.WhiteoutStyle:
@@ -210,10 +211,10 @@ class UnionTree:
             return ondisk.WhiteoutStyle.CHAR_DEVICE
         probe = "whiteout-probe"
         try:
-            os.mknod(probe, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=self.work_fd)
+            fsat.mknod(probe, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=self.work_fd)
         except PermissionError:
             return ondisk.WhiteoutStyle.WH_FILE
-        os.unlink(probe, dir_fd=self.work_fd)
+        fsat.unlink(probe, dir_fd=self.work_fd)
         return ondisk.WhiteoutStyle.CHAR_DEVICE
 
     def close(self) -> None:
@@ -415,7 +416,7 @@ class UnionTree:
         raw = getxattr_at(self.upper.fd, path, self.origin_xattr)
         if not raw and self.index_used:
             try:
-                raw = os.fsencode(os.readlink(f"u{st_ino}", dir_fd=self.index_fd))
+                raw = os.fsencode(fsat.readlink(f"u{st_ino}", dir_fd=self.index_fd))
             except OSError:
                 raw = None
         if raw:
@@ -473,7 +474,7 @@ class UnionTree:
 
     def readlink(self, node: Node) -> str:
         layer, path = self.backing(node)
-        return os.readlink(path, dir_fd=layer.fd)
+        return fsat.readlink(path, dir_fd=layer.fd)
 
     # --- listings --------------------------------------------------------------------------------
 
@@ -497,7 +498,7 @@ class UnionTree:
         hidden: set[str] = set()
         for layer, path in sources:
             layer_hidden: list[str] = []
-            fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=layer.fd)
+            fd = fsat.open(path or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=layer.fd)
             try:
                 with os.scandir(fd) as it:
                     for entry in it:
@@ -582,7 +583,7 @@ class UnionTree:
         key = self.index_key(node)
         if key is None:
             return
-        st = os.stat(key, dir_fd=self.index_fd, follow_symlinks=False)
+        st = fsat.stat(key, dir_fd=self.index_fd, follow_symlinks=False)
         raw = getxattr_at(self.index_fd, key, self.nlink_xattr)
         try:
             current = int(raw) if raw else st.st_nlink - 1
