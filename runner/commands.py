@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lamina.errors import ContainerError, LaminaError, UsageError
 from runner import imageconfig
@@ -24,6 +24,8 @@ from runner.state import STATUS_CREATED, Container, ContainerStore, now, parse_t
 
 # runner.lifecycle, runner.sandbox and the store are imported by the handlers that need them, so
 # that `lamina --help` and every other package's verbs do not pay for them.
+if TYPE_CHECKING:
+    from store import Image, Store
 
 
 _NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")  # docker's rule
@@ -185,7 +187,7 @@ def _new_container(args: argparse.Namespace) -> Container:
     return ContainerStore(args.root).create(container)
 
 
-def _image_for_run(store: Any, reference: str, policy: str) -> Any:
+def _image_for_run(store: Store, reference: str, policy: str) -> Image:
     """The image to run; pulled from its registry as docker does (``--pull``)."""
     from lamina.errors import ImageNotFound
 
