@@ -85,6 +85,7 @@ def user(unpriv: UnprivilegedUser) -> Iterator[UnprivilegedUser]:
     assert fuse_mounts_under(unpriv.workdir) == []
 
 
+@pytest.mark.slow
 def test_build_and_run_like_docker(user: UnprivilegedUser) -> None:
     build(user)
     uid = "1234" if user.has_subids else "0"
@@ -94,42 +95,36 @@ def test_build_and_run_like_docker(user: UnprivilegedUser) -> None:
         assert r.returncode == 125 and r.stderr.count("\n") == 1 and "1234" in r.stderr, r.stderr
     r = lamina(user, "run", "--rm", "-e", "NAME=you", "-w", "/tmp", "-u", "0", "e2e/app", "x", check=True)
     assert r.stdout == "hello you|x|/tmp|0\n"
-    # rm -rf + mkdir over a lower directory full of files: only the new file is seen.
-    r = lamina(user, "run", "--rm", "--entrypoint", "ls", "e2e/app", "-A", "/d", check=True)
-    assert r.stdout == "y\n"
-    # Owners set by COPY --chown and RUN chown: real with subids; shown as root without (podman's
+    # rm -rf + mkdir over a lower directory full of files: only the new file is seen. Owners set by
+    # COPY --chown and RUN chown: real with subids; shown as root without (podman's
     # ignore_chown_errors), the image keeping the intended owner (see the save below).
-    r = lamina(user, "run", "--rm", "--entrypoint", "stat", "e2e/app", "-c", "%u:%g %n",
-               "/app/owned", "/app/owned/file", "/app/chowned", "/app/hello.sh", check=True)
+    r = lamina(user, "run", "--rm", "--entrypoint", "sh", "e2e/app", "-c",
+               "ls -A /d && stat -c '%u:%g %n' /app/owned /app/owned/file /app/chowned /app/hello.sh", check=True)
     owner = "1234:1234" if user.has_subids else "0:0"
-    assert r.stdout.splitlines() == [f"{owner} /app/owned", f"{owner} /app/owned/file", f"{owner} /app/chowned",
-                                     "0:0 /app/hello.sh"]
+    assert r.stdout.splitlines() == ["y", f"{owner} /app/owned", f"{owner} /app/owned/file",
+                                     f"{owner} /app/chowned", "0:0 /app/hello.sh"]
     if user.has_subids:
         # The image's user may write to what it owns, not to what root owns.
         r = lamina(user, "run", "--rm", "--entrypoint", "sh", "e2e/app", "-c",
                    "echo more >> /app/owned/file && cat /app/owned/file; echo x > /app/hello.sh")
         assert r.returncode == 1 and r.stdout == "mine\nmore\n" and "Permission denied" in r.stderr
-
-    assert lamina(user, "run", "--rm", "--entrypoint", "sh", "e2e/app", "-c", "exit 3").returncode == 3
-    assert lamina(user, "run", "--rm", "--entrypoint", "/etc/passwd", "e2e/app").returncode == 126
     assert lamina(user, "run", "--rm", "--entrypoint", "nope", "e2e/app").returncode == 127
-    r = lamina(user, "run", "--rm", "--pull", "never", "no/such")
-    assert r.returncode == 125 and r.stderr.startswith("lamina: error: ") and r.stderr.count("\n") == 1
 
-    shared = user.workdir / "shared"
-    shared.mkdir()
-    (shared / "in").write_text("from host\n")
-    user.chown_tree(shared)
-    r = lamina(user, "run", "--rm", "-u", "0", "-v", f"{shared}:/data", "--entrypoint", "sh", "e2e/app", "-c",
-               "cat /data/in; echo back > /data/out", check=True)
-    assert r.stdout == "from host\n" and (shared / "out").read_text() == "back\n"
-    assert (shared / "out").stat().st_uid == user.uid  # container root is the user on the host
-    r = lamina(user, "run", "--rm", "-u", "0", "-v", f"{shared}:/data:ro", "--entrypoint", "sh", "e2e/app", "-c",
-               "echo no > /data/in")
-    assert r.returncode != 0 and (shared / "in").read_text() == "from host\n"
+    # A volume read-write and one read-only; the container's root writes as the user on the host.
+    shared, frozen = user.workdir / "shared", user.workdir / "frozen"
+    for path in (shared, frozen):
+        path.mkdir()
+        (path / "in").write_text("from host\n")
+        user.chown_tree(path)
+    r = lamina(user, "run", "--rm", "-u", "0", "-v", f"{shared}:/data", "-v", f"{frozen}:/ro:ro",
+               "--entrypoint", "sh", "e2e/app", "-c", "cat /data/in; echo back > /data/out; echo no > /ro/in; exit 3")
+    assert r.returncode == 3 and r.stdout == "from host\n" and "Read-only file system" in r.stderr
+    assert (shared / "out").read_text() == "back\n" and (frozen / "in").read_text() == "from host\n"
+    assert (shared / "out").stat().st_uid == user.uid
     assert lamina(user, "ps", "-aq").stdout == ""
 
 
+@pytest.mark.slow
 def test_lifecycle_commit_save_load(user: UnprivilegedUser) -> None:
     build(user)
     script = 'echo started; trap "echo stopping; exit 7" TERM; while :; do sleep 0.1; done'
@@ -140,7 +135,7 @@ def test_lifecycle_commit_save_load(user: UnprivilegedUser) -> None:
         time.sleep(0.2)
     lamina(user, "stop", "bg", check=True)
     assert lamina(user, "logs", "bg", check=True).stdout == "started\nstopping\n"
-    assert json.loads(lamina(user, "inspect", "bg", check=True).stdout)[0]["State"]["ExitCode"] == 7
+    assert "Exited (7)" in lamina(user, "ps", "-a", check=True).stdout
     lamina(user, "rm", "bg", check=True)
 
     # A container changes a file owned by 1234 and adds one; diff and commit keep the owners.
@@ -166,7 +161,6 @@ def test_lifecycle_commit_save_load(user: UnprivilegedUser) -> None:
     assert owners_in_layer_tars(archive, "app/owned/file") == {(1234, 1234)}
     image_id = lamina(user, "images", "-q", "e2e/committed", check=True).stdout
     lamina(user, "rmi", "e2e/committed", "e2e/app", check=True)
-    assert "e2e/" not in lamina(user, "images", check=True).stdout
     lamina(user, "system", "prune", "-f", check=True)
     lamina(user, "load", "-i", str(archive), check=True)
     assert lamina(user, "images", "-q", "e2e/committed", check=True).stdout == image_id
