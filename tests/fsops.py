@@ -559,6 +559,27 @@ def apply_op(root: str, op: list[Any], t0_ns: int) -> Result:
                 first = ("err", errno.errorcode.get(e.errno or 0, str(e.errno)))
             os.mkdir(p(args[0]), 0o755)
             value = first
+        elif name == "unlinked_open":
+            # An open file outlives its name: still readable and writable, fstat's nlink drops.
+            fd = os.open(p(args[0]), os.O_RDWR | os.O_NONBLOCK)
+            try:
+                os.unlink(p(args[0]))
+                os.pwrite(fd, b"after unlink", 3)
+                st = os.fstat(fd)
+                value = (st.st_nlink, st.st_size, os.pread(fd, 64, 0).hex())
+            finally:
+                os.close(fd)
+        elif name == "replaced_open":
+            # rename over a file that is open: the open descriptor keeps the old file's data. (Not
+            # its link count: the kernel reports a lower file's own count, 1, where 0 is right.)
+            fd = os.open(p(args[1]), os.O_RDONLY | os.O_NONBLOCK)
+            try:
+                os.rename(p(args[0]), p(args[1]))
+                value = (stat.S_IFMT(os.fstat(fd).st_mode), os.pread(fd, 64, 0).hex())
+            finally:
+                os.close(fd)
+        elif name == "mknod":
+            os.mknod(p(args[0]), stat.S_IFCHR | 0o640, os.makedev(1, 3))
         elif name == "stat":
             value = describe(p(args[0]), t0_ns)
         elif name == "readdir":
@@ -624,6 +645,7 @@ def generate_op(rng: random.Random, oracle_root: str, userns: bool = False) -> l
         "rename_exchange": 2, "symlink": 3, "link": 4, "chmod": 4, "chown": 3, "utime": 3,
         "setxattr": 4, "removexattr": 2, "getxattr": 1, "listxattr": 2, "mkfifo": 2,
         "rmtree_mkdir": 3, "stat": 5, "readdir": 5, "readlink": 1, "open_rdonly": 2,
+        "unlinked_open": 2, "replaced_open": 2, "mknod": 0 if userns else 1,
     }
     name = rng.choices(list(weights), weights=list(weights.values()))[0]
     if name in ("create", "create_excl"):
@@ -640,7 +662,11 @@ def generate_op(rng: random.Random, oracle_root: str, userns: bool = False) -> l
         except OSError:
             same = 0
         return [name, target, rng.choice([0, 7, 5000, 100000, same, same])]
-    if name in ("read", "unlink", "readlink", "open_rdonly"):
+    if name == "replaced_open":
+        return [name, existing_file(), existing_file()]
+    if name == "mknod":
+        return [name, any_path()]
+    if name in ("read", "unlink", "readlink", "open_rdonly", "unlinked_open"):
         return [name, existing_file()]
     if name in ("rmdir", "stat", "listxattr"):
         return [name, existing()]
