@@ -829,6 +829,32 @@ def _lowers_hardlinks(base: Path) -> list[Path]:
     return [top, bottom]
 
 
+def _lowers_dirs(base: Path) -> list[Path]:
+    top, bottom = base / "l0", base / "l1"
+    (bottom / "a" / "b" / "c").mkdir(parents=True)
+    (bottom / "a" / "b" / "c" / "f").write_bytes(b"f")
+    (bottom / "a" / "b" / "c" / "g").write_bytes(b"g")
+    os.mkfifo(bottom / "a" / "fifo", 0o644)
+    (bottom / "a" / "file").write_bytes(b"data")
+    for p in (bottom / "a" / "b" / "c", bottom / "a" / "b", bottom / "a"):
+        os.utime(p, (PAST, PAST))
+    top.mkdir()
+    (top / "a").mkdir()
+    os.utime(top / "a", (PAST + 5, PAST + 5))
+    return [top, bottom]
+
+
+def _lowers_dir_over_file(base: Path) -> list[Path]:
+    top, bottom = base / "l0", base / "l1"
+    (bottom / "d").mkdir(parents=True)
+    (bottom / "d" / "x").write_bytes(b"a file in the lower layer")
+    (top / "d" / "x").mkdir(parents=True)
+    (top / "d" / "x" / "f").write_bytes(b"f")
+    for p in (top / "d" / "x", top / "d", bottom / "d"):
+        os.utime(p, (PAST, PAST))
+    return [top, bottom]
+
+
 CASES: dict[str, tuple[Callable[[Path], list[Path]], list[list[Any]]]] = {
     # mkdir inside a (copied-up) setgid directory inherits S_ISGID and the group, as on any fs.
     "setgid-mkdir": (_lowers_setgid_dir, [["mkdir", "sg/new", 0o755], ["stat", "sg/new"],
@@ -851,6 +877,16 @@ CASES: dict[str, tuple[Callable[[Path], list[Path]], list[list[Any]]]] = {
     "hardlink-unlink": (_lowers_hardlinks, [["unlink", "q/g"], ["stat", "p/f"], ["link", "p/f", "q/h"],
                                             ["stat", "p/f"], ["rename", "q/h", "p/h"], ["stat", "p/f"],
                                             ["stat", "p/h"]]),
+    # Renaming a lower directory away updates its old parent's times; its whiteouts stay meaningful
+    # (or, when it is copied up whole, are dropped: an opaque copy has nothing below to hide).
+    "rename-lower-dir": (_lowers_dirs, [["unlink", "a/b/c/f"], ["rename", "a/b/c", "a/n"], ["stat", "a/b"],
+                                        ["readdir", "a/n"], ["stat", "a"], ["rename", "a/n", "m"],
+                                        ["readdir", "m"], ["stat", "a"]]),
+    # The same for a directory of the top lower over a file of the one below (whiteout needed).
+    "rename-dir-over-lower-file": (_lowers_dir_over_file, [["rename", "d/x", "y"], ["stat", "d"],
+                                                            ["readdir", "d"], ["readdir", "y"]]),
+    # An open FIFO whose name is renamed over still answers fstat.
+    "fifo-replaced-open": (_lowers_dirs, [["replaced_open", "a/file", "a/fifo"], ["stat", "a/fifo"]]),
     # A copied-up file keeps its inode number, also after a remount.
     "copyup-ino-remount": (_lowers_one_file, [["write", "d/f", 2, "4142"], ["chmod", "g", 0o600],
                                               ["read", "d/f"]]),
