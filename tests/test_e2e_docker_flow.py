@@ -280,3 +280,35 @@ def test_pull_messages_have_no_terminal_escapes_in_a_pipe(lamina: Lamina) -> Non
     r = lamina("run", "--rm", "127.0.0.1:9/e2e/missing:1")
     assert r.returncode == 125 and r.stderr.splitlines()[-1].startswith("lamina: error: ")
     assert "\x1b" not in r.stderr and "\r" not in r.stderr, repr(r.stderr)
+
+
+def test_killed_lamina_leaves_no_container_process_or_mount(lamina: Lamina, root: Path) -> None:
+    """kill -9 of a foreground ``lamina run``: the container dies too, and the next commands cope."""
+    marker = "73.5"  # an unusual sleep argument to find the container's process by
+    proc = subprocess.Popen([sys.executable, "-m", "lamina", "--root", str(root), "run", "--name", "e2e-crash",
+                             "lamina/busybox", "sh", "-c", f"echo up; sleep {marker}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "up\n"
+    finally:
+        proc.kill()
+        proc.wait()
+
+    def container_processes() -> list[str]:
+        found = []
+        for status in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                if status.read_bytes() == f"sleep\0{marker}\0".encode():
+                    found.append(status.parent.name)
+            except OSError:
+                pass
+        return found
+
+    deadline = time.monotonic() + 15
+    while container_processes():
+        assert time.monotonic() < deadline, "the container outlived lamina"
+        time.sleep(0.2)
+    assert "Exited" in next(line for line in lamina("ps", "-a").stdout.splitlines() if "e2e-crash" in line)
+    lamina("rm", "e2e-crash", check=True)
+    assert fuse_mounts_under(root) == []
+    assert lamina("system", "check").returncode == 0
