@@ -138,27 +138,28 @@ def test_lifecycle_commit_save_load(user: UnprivilegedUser) -> None:
     assert "Exited (7)" in lamina(user, "ps", "-a", check=True).stdout
     lamina(user, "rm", "bg", check=True)
 
-    # A container changes a file owned by 1234 and adds one; diff and commit keep the owners.
+    # A container changes a file owned by 1234, renames its lower directory, adds a file, empties /usr;
+    # diff and commit keep the owners.
     chown = "chown 1234:1234 /app/new" if user.has_subids else "true"
     lamina(user, "run", "--name", "changer", "-u", "0", "--entrypoint", "sh", "e2e/app", "-c",
-           f"echo new > /app/new && {chown} && echo v2 >> /app/owned/file && rm /d/y"
+           f"echo new > /app/new && {chown} && echo v2 >> /app/owned/file && mv /app/owned /app/moved && rm /d/y"
            " && rm -rf /usr && mkdir /usr && echo only > /usr/only", check=True)
     diff = lamina(user, "diff", "changer", check=True).stdout.splitlines()
-    assert {"A /app/new", "C /app/owned/file", "D /d/y"} <= set(diff)
+    assert {"A /app/new", "D /app/owned", "A /app/moved/file", "D /d/y"} <= set(diff)
     lamina(user, "commit", "changer", "e2e/committed", check=True)
     lamina(user, "rm", "changer", check=True)
     check_committed = ("--entrypoint", "sh", "e2e/committed", "-c",
-                       "stat -c '%u %n' /app/new /app/owned/file; cat /app/owned/file; ls -A /d /usr; id -u")
+                       "stat -c '%u %n' /app/new /app/moved/file; cat /app/moved/file; ls -A /d /usr; id -u")
     uid = "1234" if user.has_subids else "0"
-    expected = f"{uid} /app/new\n{uid} /app/owned/file\nmine\nv2\n/d:\n\n/usr:\nonly\n{uid}\n"
+    expected = f"{uid} /app/new\n{uid} /app/moved/file\nmine\nv2\n/d:\n\n/usr:\nonly\n{uid}\n"
     assert lamina(user, "run", "--rm", *check_committed, check=True).stdout == expected
 
     archive = user.workdir / "committed.tar"
     lamina(user, "save", "-o", str(archive), "e2e/committed", check=True)
     # The owners inside the archive are the container's, not the unprivileged user's.
     assert owners_in_layer_tars(archive, "app/new") == ({(1234, 1234)} if user.has_subids else {(0, 0)})
-    # Without subordinate ids too: the copied-up file keeps the owner COPY --chown gave it.
-    assert owners_in_layer_tars(archive, "app/owned/file") == {(1234, 1234)}
+    # Without subordinate ids too: the copied-up, renamed file keeps the owner COPY --chown gave it.
+    assert owners_in_layer_tars(archive, "app/moved/file") == {(1234, 1234)}
     image_id = lamina(user, "images", "-q", "e2e/committed", check=True).stdout
     lamina(user, "rmi", "e2e/committed", "e2e/app", check=True)
     lamina(user, "system", "prune", "-f", check=True)
