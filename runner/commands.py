@@ -51,6 +51,8 @@ def _add_container_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hostname", help="the container's host name (default: its short id)")
     p.add_argument("--read-only", action="store_true", help="mount the root filesystem read-only")
     p.add_argument("--network", "--net", default="slirp", help="bridge/slirp4netns (default), host or none")
+    p.add_argument("--security-opt", action="append", default=[], metavar="OPT",
+                   help="seccomp=unconfined turns off the default seccomp filter")
     p.add_argument("--pull", choices=["missing", "always", "never"], default="missing",
                    help="pull the image from its registry: when missing (default), always, or never")
     p.add_argument("image", help="image reference or id")
@@ -174,6 +176,12 @@ def _new_container(args: argparse.Namespace) -> Container:
             raise UsageError(f"--tmpfs {text}: the container path must be absolute")
         mounts.append({"target": target, "kind": "tmpfs", "source": None, "readonly": False,
                        "options": options or "mode=1777"})
+    seccomp = True
+    for opt in args.security_opt:
+        if opt in ("seccomp=unconfined", "seccomp:unconfined"):
+            seccomp = False
+        else:
+            raise UsageError(f"--security-opt {opt}: only seccomp=unconfined is supported")
     env = imageconfig.container_env(cfg, args.env_file, args.env)
     container = Container(
         id="", name=args.name or "", image=args.image, image_id=image.id, created=now(),
@@ -182,7 +190,7 @@ def _new_container(args: argparse.Namespace) -> Container:
         user=imageconfig.container_user(cfg, args.user), hostname=args.hostname or "", network=network,
         ports=[p.to_json() for p in ports], mounts=mounts, anonymous_volumes=anonymous, tty=args.tty,
         interactive=args.interactive, init=args.init, readonly=args.read_only, auto_remove=args.rm,
-        stop_signal=imageconfig.stop_signal(cfg),
+        stop_signal=imageconfig.stop_signal(cfg), seccomp=seccomp,
     )
     return ContainerStore(args.root).create(container)
 

@@ -66,7 +66,8 @@ def exec_in_container(container: Container, argv: list[str], env: dict[str, str]
     pid = os.fork()
     if pid == 0:
         os.close(status_r)
-        child_main(status_w, lambda: _helper(ns_fds, argv, env, user, workdir, slave, interactive, status_w))
+        child_main(status_w, lambda: _helper(ns_fds, argv, env, user, workdir, slave, interactive, status_w,
+                                             container.seccomp))
     os.close(status_w)
     for fd, _ in ns_fds:
         os.close(fd)
@@ -101,7 +102,7 @@ def _kill(pid: int, sig: int) -> None:
 
 
 def _helper(ns_fds: list[tuple[int, int]], argv: list[str], env: dict[str, str], user_spec: str,
-            workdir: str, slave: int | None, interactive: bool, status_w: int) -> int:
+            workdir: str, slave: int | None, interactive: bool, status_w: int, seccomp: bool = True) -> int:
     linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
     for fd, flag in ns_fds:
         linux.setns(fd, flag)
@@ -121,7 +122,7 @@ def _helper(ns_fds: list[tuple[int, int]], argv: list[str], env: dict[str, str],
             elif not interactive:
                 null = os.open(os.devnull, os.O_RDONLY)
                 os.dup2(null, 0)
-            _exec_command(argv, env, workdir, user, status_w)
+            _exec_command(argv, env, workdir, user, status_w, seccomp=seccomp)
 
         child_main(status_w, command)
     os.close(status_w)

@@ -42,7 +42,7 @@ def build_spec(root: Path, container: Container) -> SandboxSpec:
         env=dict(container.env), cwd=container.workdir, user=container.user, network=container.network,
         mounts=mounts, hostname=container.hostname,
         ports=[PortMapping.from_json(p) for p in container.ports], readonly_rootfs=container.readonly,
-        init=container.init, state_dir=container.directory,
+        init=container.init, state_dir=container.directory, seccomp=container.seccomp,
         union_log=container.directory / "unionfs.log",
     )
 

@@ -54,6 +54,7 @@ from runner import linux, unionserver
 from runner.idmap import apply_mapping, current_mapping, is_mapped
 from runner.network import SLIRP_DNS, SLIRP_GUEST_IP, PortMapping, Slirp, loopback_up, normalize_network
 from runner.rootfs import MountRequest, make_init_layer, pivot_into, prepare_root
+from runner.seccomp import install_filter  # imported here: after pivot_root nothing can be imported
 from runner.unionserver import UnionServer
 from runner.userdb import ExecUser, resolve_user
 
@@ -87,7 +88,8 @@ class SandboxSpec:
     ``user`` is ``user[:group]`` by name or number, resolved in the image's /etc/passwd and
     /etc/group. ``env`` gets PATH and HOME defaults as docker gives them. ``stdin``/``stdout``/
     ``stderr`` are file descriptors (None: inherit the caller's). ``terminal`` is the slave side of a
-    pty that becomes the command's controlling terminal and /dev/console. ``state_dir`` holds the
+    pty that becomes the command's controlling terminal and /dev/console. ``seccomp`` applies
+    :mod:`runner.seccomp`'s filter (docker's default profile). ``state_dir`` holds the
     per-container files (hosts, hostname, resolv.conf, the init layer, the mount point); a temporary
     one is made and removed when it is None.
     """
@@ -114,6 +116,7 @@ class SandboxSpec:
     union_options: list[str] = field(default_factory=lambda: ["allow_other", "default_permissions"])
     union_log: Path | None = None
     create_cwd: bool = True
+    seccomp: bool = True
 
 
 def _send(fd: int, **event: object) -> None:
@@ -509,7 +512,7 @@ def _container_init(spec: SandboxSpec, network: str, root: str, status_w: int, g
     _apply_stdio(spec)
     if spec.init:
         _run_init_reaper(spec, user, env, status_w)
-    _exec_command(spec.argv, env, spec.cwd, user, status_w, spec.create_cwd)
+    _exec_command(spec.argv, env, spec.cwd, user, status_w, spec.create_cwd, spec.seccomp)
 
 
 def _existing(root: str, path: str) -> str | None:
@@ -531,7 +534,7 @@ def _apply_stdio(spec: SandboxSpec) -> None:
             os.dup2(fd, target)
 
 
-def _drop_privileges(user_uid: int, user_gid: int, groups: list[int]) -> None:
+def _drop_privileges(user_uid: int, user_gid: int, groups: list[int], seccomp: bool = True) -> None:
     keep = linux.cap_mask(linux.DOCKER_DEFAULT_CAPS)
     linux.restrict_capabilities(keep)
     if _setgroups_allowed():
@@ -543,6 +546,8 @@ def _drop_privileges(user_uid: int, user_gid: int, groups: list[int]) -> None:
         raise ContainerError(f"cannot switch to uid {user_uid} gid {user_gid}: {e.strerror} (ids outside the "
                              "user namespace's map: is the user given subordinate ids in /etc/subuid?)") from e
     linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
+    if seccomp:
+        install_filter()
 
 
 def _setgroups_allowed() -> bool:
@@ -554,7 +559,7 @@ def _setgroups_allowed() -> bool:
 
 
 def _exec_command(argv: list[str], env: dict[str, str], cwd: str, user: ExecUser, status_w: int,
-                  create_cwd: bool = False) -> NoReturn:
+                  create_cwd: bool = False, seccomp: bool = True) -> NoReturn:
     """Enter ``cwd``, drop to ``user`` and exec ``argv`` (already inside the container's root)."""
     try:
         try:
@@ -568,7 +573,7 @@ def _exec_command(argv: list[str], env: dict[str, str], cwd: str, user: ExecUser
             os.chdir(cwd)
     except OSError as e:
         raise ContainerError(f"cannot enter working directory {cwd}: {e.strerror}") from e
-    _drop_privileges(user.uid, user.gid, user.groups)
+    _drop_privileges(user.uid, user.gid, user.groups, seccomp)
     linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
     for sig in range(1, signal.NSIG):
         try:
@@ -606,7 +611,7 @@ def _run_init_reaper(spec: SandboxSpec, user: ExecUser, env: dict[str, str], sta
                 os.setpgid(0, 0)
                 signal.signal(signal.SIGTTOU, signal.SIG_IGN)
                 os.tcsetpgrp(0, os.getpid())
-            _exec_command(spec.argv, env, spec.cwd, user, status_w, spec.create_cwd)
+            _exec_command(spec.argv, env, spec.cwd, user, status_w, spec.create_cwd, spec.seccomp)
 
         child_main(status_w, command)
     os.close(status_w)

@@ -102,6 +102,7 @@ class Container:
     readonly: bool = False
     auto_remove: bool = False
     stop_signal: int = 15
+    seccomp: bool = True
     state: ContainerState = field(default_factory=ContainerState)
     directory: Path = field(default=Path("."), compare=False)
 

@@ -168,6 +168,15 @@ def test_read_only_root(rootfs: Path, tmp_path: Path) -> None:
     assert not (rootfs / "x").exists()
 
 
+def test_seccomp_refuses_new_namespaces(rootfs: Path, tmp_path: Path) -> None:
+    script = "unshare -U true 2>&1 || echo refused-user; unshare -m true 2>&1 || echo refused-mnt; " \
+             "(sleep 0.1 &) ; wait; grep -c '^Seccomp:[[:space:]]2' /proc/self/status"
+    code, out = run(rootfs, script, tmp_path)
+    assert "refused-user" in out and "refused-mnt" in out and out.split()[-1] == "1", out
+    code, out = run(rootfs, "unshare -U true && echo nested-ok", tmp_path, seccomp=False)
+    assert "nested-ok" in out, out
+
+
 def test_init_reaper_forwards_signals(rootfs: Path, tmp_path: Path) -> None:
     out_r, out_w = os.pipe()
     script = 'echo "me=$$"; trap "echo got-term; exit 42" TERM; echo ready; while :; do sleep 0.05; done'

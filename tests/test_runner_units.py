@@ -204,3 +204,27 @@ def test_prefork_only_for_foreground_run(monkeypatch: pytest.MonkeyPatch, argv: 
     monkeypatch.setattr(unionserver, "prefork", lambda: calls.append(True))
     unionserver.maybe_prefork(argv)
     assert bool(calls) == forks
+
+
+UNISTD_64 = Path("/usr/include/x86_64-linux-gnu/asm/unistd_64.h")
+
+
+@pytest.mark.skipif(not UNISTD_64.exists(), reason="linux-libc-dev headers not installed")
+def test_seccomp_syscall_numbers_match_the_kernel_headers() -> None:
+    from runner import seccomp
+
+    numbers = {}
+    for line in UNISTD_64.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == "#define" and parts[1].startswith("__NR_"):
+            numbers[parts[1][5:]] = int(parts[2])
+    for table in (seccomp.X86_64_DENY, seccomp.X86_64_NS_ARG0, seccomp.X86_64_ENOSYS):
+        for name, nr in table.items():
+            assert numbers[name] == nr, name
+
+
+def test_seccomp_filter_assembles() -> None:
+    from runner import seccomp
+
+    program = seccomp.build_filter()
+    assert len(program) % 8 == 0 and 40 < len(program) // 8 < 255
