@@ -97,10 +97,13 @@ def make_inputs(base: Path) -> Inputs:
         "copy-outside": "FROM lamina/busybox\nCOPY ../outside/x /x\n",
         "failing-run": "FROM lamina/busybox\nRUN echo partial > /partial && exit 4\n",
         "bad-expose": "FROM lamina/busybox\nEXPOSE notaport\n",
+        "nul-workdir": "FROM lamina/busybox\nWORKDIR /a\0b\n",
+        "nul-run": "FROM lamina/busybox\nRUN echo a\0b\n",
     }
     for name, text in dockerfiles.items():
         (base / name).mkdir()
         (base / name / "Dockerfile").write_text(text)
+    (base / "nul.env").write_bytes(b"A=x\0y\n")
     (base / "custom").mkdir()
     (base / "custom" / "Web.dockerfile").write_text("FROM lamina/busybox\n\nUSER\n")
     return Inputs(base, sentinel)
@@ -129,6 +132,7 @@ def cases() -> dict[str, Case]:
         "unknown-user": c(("run", "--rm", "-u", "nosuchuser", BASE, "true"), "nosuchuser"),
         "name-in-use": c(("run", "--rm", "--name", "keeper", BASE, "true"), "keeper"),
         "env-file-missing": c(("run", "--rm", "--env-file", "/nonexistent/env", BASE, "true"), "--env-file"),
+        "env-file-nul": c(("run", "--rm", "--env-file", "{dir}/nul.env", BASE, "true"), "nul.env"),
         # missing things
         "run-missing-image": c(("run", "--rm", "--pull", "never", "no/such"), "no/such"),
         "rmi-missing": c(("rmi", "no/such"), "no/such"),
@@ -149,6 +153,8 @@ def cases() -> dict[str, Case]:
         "dockerfile-copy-outside": c(("build", "{dir}/copy-outside"), "Dockerfile:2:"),
         "dockerfile-failing-run": c(("build", "-t", "bad/x", "{dir}/failing-run"), "Dockerfile:2:"),
         "dockerfile-bad-expose": c(("build", "{dir}/bad-expose"), "Dockerfile:2:"),
+        "dockerfile-nul-workdir": c(("build", "{dir}/nul-workdir"), "Dockerfile:2:"),
+        "dockerfile-nul-run": c(("build", "{dir}/nul-run"), "Dockerfile:2:"),
         "dockerfile-custom-name": c(("build", "-f", "{dir}/custom/Web.dockerfile", "{dir}/custom"),
                                     "Web.dockerfile:3:"),
         "dockerfile-missing": c(("build", "-f", "{dir}/custom/Nope", "{dir}/custom"), "Nope"),
