@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
+import json
 import os
 import re
 import secrets
@@ -94,6 +95,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("ps", help="list containers")
     p.add_argument("-a", "--all", action="store_true", help="show stopped containers too")
     p.add_argument("-q", "--quiet", action="store_true", help="only ids")
+    p.add_argument("-f", "--filter", action="append", default=[], metavar="KEY=VALUE",
+                   help="name=, id=, status=, ancestor= (docker's ps filters)")
+    p.add_argument("--no-trunc", action="store_true", help="full ids and commands")
+    p.add_argument("--format", help="Go-template per container ({{.ID}} {{.Names}} {{.Image}} {{.Command}} "
+                                    "{{.Status}} {{.Ports}} {{.State}} {{.CreatedAt}}), or json")
     p.set_defaults(handler=cmd_ps)
 
     p = subparsers.add_parser("wait", help="wait until containers stop, print their exit codes")
@@ -183,6 +189,7 @@ def _new_container(args: argparse.Namespace) -> Container:
         else:
             raise UsageError(f"--security-opt {opt}: only seccomp=unconfined is supported")
     env = imageconfig.container_env(cfg, args.env_file, args.env)
+    _refuse_nul(args.image, cfg)
     container = Container(
         id="", name=args.name or "", image=args.image, image_id=image.id, created=now(),
         argv=imageconfig.container_argv(cfg, command, args.entrypoint), env=env,
@@ -193,6 +200,22 @@ def _new_container(args: argparse.Namespace) -> Container:
         stop_signal=imageconfig.stop_signal(cfg), seccomp=seccomp,
     )
     return ContainerStore(args.root).create(container)
+
+
+def _refuse_nul(reference: str, cfg: dict[str, Any]) -> None:
+    """A NUL byte cannot reach execve or a path: refuse such an image config in one line."""
+    def has_nul(value: object) -> bool:
+        if isinstance(value, str):
+            return "\0" in value
+        if isinstance(value, dict):
+            return any(has_nul(k) or has_nul(v) for k, v in value.items())
+        if isinstance(value, list):
+            return any(has_nul(v) for v in value)
+        return False
+
+    for key in ("Entrypoint", "Cmd", "Env", "WorkingDir", "User", "Volumes"):
+        if has_nul(cfg.get(key)):
+            raise ContainerError(f"image {reference}: its config {key} contains a NUL byte")
 
 
 def _image_for_run(store: Store, reference: str, policy: str) -> Image:
@@ -213,7 +236,9 @@ def _image_for_run(store: Store, reference: str, policy: str) -> Image:
     # As docker: registries on the loopback network may be plain HTTP.
     loopback = host in ("localhost", "[::1]") or host.startswith("127.")
     try:
-        return pull(store, reference, tls_verify=not loopback, progress_stream=sys.stderr)
+        # Progress redraws lines with terminal escapes: only on a terminal.
+        return pull(store, reference, tls_verify=not loopback,
+                    progress_stream=sys.stderr if sys.stderr.isatty() else None)
     except LaminaError as e:
         if policy == "always":
             raise
@@ -367,22 +392,57 @@ def _status(c: Container) -> str:
     return f"Exited ({c.state.exit_code}) {_ago(parse_time(c.state.finished_at))} ago"
 
 
+def _ps_filter(filters: list[str]) -> Callable[[Container], bool]:
+    tests: list[Callable[[Container], bool]] = []
+    for text in filters:
+        key, sep, value = text.partition("=")
+        if not sep:
+            raise UsageError(f"--filter {text}: expected KEY=VALUE")
+        tests.append(_ps_test(key, value, text))
+    return lambda c: all(test(c) for test in tests)
+
+
+def _ps_test(key: str, value: str, text: str) -> Callable[[Container], bool]:
+    if key == "name":
+        return lambda c: value in c.name
+    if key == "id":
+        return lambda c: c.id.startswith(value)
+    if key == "status":
+        return lambda c: c.state.status == value
+    if key == "ancestor":
+        return lambda c: value in (c.image, c.image_id, c.image_id[:12])
+    raise UsageError(f"--filter {text}: unknown filter {key!r} (name, id, status, ancestor)")
+
+
+def _ps_row(c: Container, no_trunc: bool) -> dict[str, str]:
+    command = shlex.join(c.argv)
+    if len(command) > 20 and not no_trunc:
+        command = command[:19] + "…"
+    ports = ", ".join(f"{p['host_ip']}:{p['host_port']}->{p['container_port']}/{p['proto']}" for p in c.ports)
+    return {"ID": c.id if no_trunc else c.short_id, "Image": c.image, "Command": f'"{command}"',
+            "CreatedAt": c.created, "RunningFor": f"{_ago(parse_time(c.created))} ago", "Status": _status(c),
+            "State": c.state.status, "Ports": ports if c.running else "", "Names": c.name}
+
+
 def cmd_ps(args: argparse.Namespace) -> int:
-    containers = [c for c in ContainerStore(args.root).all() if args.all or c.running]
+    wanted = _ps_filter(args.filter)
+    containers = [c for c in ContainerStore(args.root).all() if (args.all or c.running) and wanted(c)]
+    rows = [_ps_row(c, args.no_trunc) for c in containers]
     if args.quiet:
-        for c in containers:
-            print(c.short_id)
+        for row in rows:
+            print(row["ID"])
         return 0
-    rows = [("CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES")]
-    for c in containers:
-        command = shlex.join(c.argv)
-        if len(command) > 20:
-            command = command[:19] + "…"
-        ports = ", ".join(f"{p['host_ip']}:{p['host_port']}->{p['container_port']}/{p['proto']}" for p in c.ports)
-        rows.append((c.short_id, c.image, f'"{command}"', f"{_ago(parse_time(c.created))} ago", _status(c),
-                     ports, c.name))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
+    if args.format:
+        from store.commands import render_template
+
+        for row in rows:
+            print(json.dumps(row) if args.format == "json" else render_template(args.format, row))
+        return 0
+    table = [("CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES")]
+    table += [(r["ID"], r["Image"], r["Command"], r["RunningFor"], r["Status"], r["Ports"], r["Names"])
+              for r in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    for r in table:
         print("   ".join(cell.ljust(widths[i]) for i, cell in enumerate(r)).rstrip())
     return 0
 

@@ -53,6 +53,8 @@ def read_env_file(path: str) -> list[str]:
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
+        if "\0" in line:
+            raise UsageError(f"--env-file {path}:{number}: NUL byte in the line")
         key = line.partition("=")[0]
         if not key or any(c.isspace() for c in key):
             raise UsageError(f"--env-file {path}:{number}: invalid variable name {key!r}")

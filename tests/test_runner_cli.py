@@ -121,6 +121,11 @@ def test_detach_logs_stop_ps_rm(lamina: Lamina, module_root: Path) -> None:
     ps = lamina("ps").stdout.splitlines()
     assert ps[0].split() == ["CONTAINER", "ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES"]
     assert any(line.startswith(cid[:12]) and "Up" in line and line.endswith("bg") for line in ps)
+    assert lamina("ps", "-aq", "--filter", "name=bg").stdout == cid[:12] + "\n"
+    assert lamina("ps", "-aq", "--no-trunc", "-f", "status=running", "-f", "name=bg").stdout == cid + "\n"
+    assert lamina("ps", "-a", "-f", "name=nomatch", "-q").stdout == ""
+    assert lamina("ps", "--format", "{{.Names}} {{.State}} {{.Image}}", "-f", "name=bg").stdout == \
+        f"bg running {IMAGE}\n"
     r = lamina("rm", "bg")
     assert r.returncode != 0 and "stop it first" in r.stderr
     assert lamina("stop", "-t", "5", "bg").returncode == 0
@@ -340,4 +345,5 @@ def test_run_pulls_a_missing_image(lamina: Lamina, tmp_path: Path) -> None:
         r = lamina("run", "--rm", ref, "echo", "pulled")
         assert r.returncode == 0, r.stderr
         assert r.stdout == "pulled\n" and f"Unable to find image '{ref}' locally" in r.stderr
+        assert "\x1b" not in r.stderr  # no terminal escapes when stderr is not a terminal
         assert lamina("run", "--rm", "--pull", "never", ref, "true").returncode == 0

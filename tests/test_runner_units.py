@@ -92,6 +92,11 @@ def test_env_rules(tmp_path: Path) -> None:
     bad.write_text("GOOD=1\nBAD KEY=2\n")
     with pytest.raises(UsageError, match=r"bad:2"):
         imageconfig.container_env({}, [str(bad)], [])
+    bad.write_text("A=x\0y\n")
+    with pytest.raises(UsageError, match=r"bad:1: NUL"):
+        imageconfig.container_env({}, [str(bad)], [])
+    with pytest.raises(UsageError, match="nofile"):
+        imageconfig.container_env({}, [str(tmp_path / "nofile")], [])
 
 
 def test_workdir_user_signal_volumes() -> None:
