@@ -340,3 +340,15 @@ def test_commit_push_rmi_then_run_pulls_only_the_missing_layer(lamina: Lamina, t
         # pull and push need no flag there, as `run` already does.
         lamina("pull", ref, check=True)
         lamina("push", ref, check=True)
+
+
+def test_which_and_layers_explain_the_rm_rf_layer(lamina: Lamina, image: str) -> None:
+    """The learner's questions on the same image: where did /d/f1 go, and which layer made /d opaque?"""
+    report = json.loads(lamina("layers", "--json", image, check=True).stdout)
+    rm_layer = next(layer for layer in report["layers"] if "rm -rf /d" in layer["instruction"])
+    assert rm_layer["opaque_dirs"] == ["/d"]
+    gone = json.loads(lamina("which", "--json", image, "/d/f1", check=True).stdout)
+    assert gone["present"] is False
+    assert [event["layer"] for event in gone["history"] if event["event"] != "added"] == [rm_layer["layer"]]
+    kept = json.loads(lamina("which", "--json", image, "/d/y", check=True).stdout)
+    assert kept["provided_by"]["layer"] == rm_layer["layer"]
