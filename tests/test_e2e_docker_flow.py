@@ -352,3 +352,17 @@ def test_which_and_layers_explain_the_rm_rf_layer(lamina: Lamina, image: str) ->
     assert [event["layer"] for event in gone["history"] if event["event"] != "added"] == [rm_layer["layer"]]
     kept = json.loads(lamina("which", "--json", image, "/d/y", check=True).stdout)
     assert kept["provided_by"]["layer"] == rm_layer["layer"]
+
+
+def test_create_start_wait_and_detached_rm(lamina: Lamina, image: str) -> None:
+    lamina("create", "--name", "e2e-created", "--entrypoint", "sh", image, "-c", "exit 4", check=True)
+    assert "Created" in next(line for line in lamina("ps", "-a").stdout.splitlines() if "e2e-created" in line)
+    lamina("start", "e2e-created", check=True)
+    assert lamina("wait", "e2e-created", check=True).stdout == "4\n"
+    lamina("rm", "e2e-created", check=True)
+    # -d --rm: gone once it has exited.
+    lamina("run", "-d", "--rm", "--name", "e2e-gone", "--entrypoint", "true", image, check=True)
+    deadline = time.monotonic() + 20
+    while "e2e-gone" in lamina("ps", "-a").stdout:
+        assert time.monotonic() < deadline, "a -d --rm container was not removed after it exited"
+        time.sleep(0.2)
