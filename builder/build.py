@@ -403,6 +403,8 @@ class Builder:
             diff.mkdir()
             if isinstance(inst, df.Run):
                 return self._run(state, inst, tmp, diff)
+            # Only the build's own user writes here: no files of subordinate ids to worry about.
+            self.cleaner.mark_plain(tmp)
             if isinstance(inst, df.Workdir):
                 path = inst.resolve(state.image)
                 view = state.view()
@@ -492,7 +494,11 @@ class Builder:
         targets = [posixpath.join(state.image.workdir, m.target) for m in inst.mounts]
         if inst.script is not None:
             targets.append("/dev/pipes")
-        return self._commit_upper([layer.path for layer in reversed(state.layers)], upper, work, targets)
+        layer = self._commit_upper([layer.path for layer in reversed(state.layers)], upper, work, targets)
+        # The upper and work directories are gone (removed in the user namespace); what is left of
+        # the step's directory is the build's own.
+        self.cleaner.mark_plain(tmp)
+        return layer
 
     def _commit_upper(self, lowers: list[Path], upper: Path, work: Path, targets: list[str]) -> Layer | None:
         """Turn a RUN step's upper directory into a layer (None when the step changed nothing).
@@ -568,12 +574,18 @@ def _finish_upper(store: Store, lowers: list[Path], upper: Path, work: Path,
     # express: give it a full copy of what it showed instead (a no-op when nothing was renamed).
     flatten_redirects(lowers, upper, work)
     prune_empty_dirs(str(upper), targets, LayerView(lowers))
-    if not any(upper.iterdir()) and not _is_opaque(upper):
-        return None
-    with store.lock(shared=True), store.blobs.writer() as writer:
-        result = pack_layer(upper, writer, compress=True)
-    assert result.digest is not None
-    return result.digest, result.diff_id
+    try:
+        if not any(upper.iterdir()) and not _is_opaque(upper):
+            return None
+        with store.lock(shared=True), store.blobs.writer() as writer:
+            result = pack_layer(upper, writer, compress=True)
+        assert result.digest is not None
+        return result.digest, result.diff_id
+    finally:
+        # Packed into the blob: the directories are not needed any more, and only this namespace
+        # can delete what the command made.
+        shutil.rmtree(upper, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _is_opaque(path: Path) -> bool:
@@ -583,13 +595,11 @@ def _is_opaque(path: Path) -> bool:
 
 
 def _remove_tree(path: Path) -> None:
-    import shutil as _shutil
-
     from runner.sandbox import call_in_userns
 
     # What a RUN step made may belong to subordinate ids: delete it as root of the namespace.
     try:
-        call_in_userns(_shutil.rmtree, path, True)
+        call_in_userns(shutil.rmtree, path, True)
     except LaminaError as e:
         log.info("could not remove %s in the user namespace: %s", path, e)
     if path.exists():
@@ -606,9 +616,10 @@ class _Cleaner:
 
     Deleting a step's files costs milliseconds per file on a busy disk, so as real root it happens
     on a worker thread while the next steps run (``unlink`` releases the GIL); the build waits for
-    it before returning (:meth:`wait`). Unprivileged, removal needs a child process in lamina's user
-    namespace (files of subordinate ids), and forking from a threaded process is unsafe: it is done
-    at once instead."""
+    it before returning (:meth:`wait`). Unprivileged, a directory that may hold files of subordinate
+    ids (a failed RUN's upper) needs a child process in lamina's user namespace, which is not forked
+    from the worker thread: it is removed at once instead. Directories marked plain go to the
+    worker for everyone."""
 
     def __init__(self) -> None:
         import queue
@@ -617,19 +628,31 @@ class _Cleaner:
         self._queue: queue.Queue[Path | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._threading = threading
+        self._plain: set[Path] = set()
+
+    def mark_plain(self, path: Path) -> None:
+        """``path`` holds only files of the build's own user: any process may delete it."""
+        self._plain.add(path)
 
     def remove(self, path: Path) -> None:
-        if os.geteuid() != 0:
+        if os.geteuid() != 0 and path not in self._plain:
             _remove_tree(path)
             return
+        self._plain.discard(path)
         if self._thread is None:
             self._thread = self._threading.Thread(target=self._work, name="lamina-build-cleaner", daemon=True)
             self._thread.start()
         self._queue.put(path)
 
     def _work(self) -> None:
+        from store.blobs import remove_tree
+
+        # Never fork from this thread (no user namespace here): only plain directories come here.
         while (path := self._queue.get()) is not None:
-            _remove_tree(path)
+            try:
+                remove_tree(path)
+            except (OSError, TypeError) as e:
+                log.info("could not remove %s: %s", path, e)
 
     def wait(self) -> None:
         if self._thread is not None:

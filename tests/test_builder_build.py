@@ -311,6 +311,7 @@ def test_unprivileged_build(unpriv: UnprivilegedUser) -> None:
     with tarfile.open(fileobj=io.BytesIO(gzip.decompress(blob.read_bytes()))) as tar:
         owners = {m.name: (m.uid, m.gid) for m in tar.getmembers()}
     assert owners == {"app": (0, 0), "app/app.txt": (7, 8)}
+    assert list((unpriv.workdir / "root" / "tmp").glob("*build-*")) == []
 
 
 def test_add_url_with_checksum_and_run_forms(lamina: Lamina, ctx: Path, tmp_path: Path) -> None:
