@@ -885,6 +885,10 @@ CASES: dict[str, tuple[Callable[[Path], list[Path]], list[list[Any]]]] = {
     # The same for a directory of the top lower over a file of the one below (whiteout needed).
     "rename-dir-over-lower-file": (_lowers_dir_over_file, [["rename", "d/x", "y"], ["stat", "d"],
                                                             ["readdir", "d"], ["readdir", "y"]]),
+    # A file deleted inside a lower directory stays deleted when the directory is renamed (in a user
+    # namespace the directory is copied up whole: the copy must be of the merged view).
+    "rename-dir-with-deleted-file": (_lowers_dirs, [["unlink", "a/b/c/f"], ["rename", "a/b", "n"],
+                                                     ["readdir", "n/c"], ["stat", "n/c/f"], ["stat", "n/c"]]),
     # An open FIFO whose name is renamed over still answers fstat.
     "fifo-replaced-open": (_lowers_dirs, [["replaced_open", "a/file", "a/fifo"], ["stat", "a/fifo"]]),
     # A copied-up file keeps its inode number, also after a remount.
