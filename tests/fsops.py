@@ -17,10 +17,21 @@ Why the pieces look the way they do:
   it), a later one only has to be later on both sides.
 * Mounts happen in a private mount namespace (``unshare -m``, see ``run_isolated``): other users'
   rootless podman processes copy mounts in the initial namespace and would pin our FUSE servers.
+* The oracle runs with ``redirect_dir=on`` (lower directories rename) and ``index=on`` (a lower
+  hardlink stays one inode through copy-up, as lamina promises); ``LAMINA_DIFF_KERNEL_OPTS`` changes
+  the latter. Candidate ``lamina-userns`` serves and uses lamina from inside a user + mount namespace
+  (as the builder and runner do); its oracle is the same kernel mount used by root of such a
+  namespace, and its upper is checked with ``-o userxattr``.
+* After the sequence: the merged trees, then both remounted (inode numbers must not change), then
+  the candidate's upper mounted by the kernel must show the candidate's tree. A failing seed shrinks
+  (``--shrink``) to a minimal operation list over the same lowers (``--replay``); bugs found that way
+  become hand-written ``CASES``.
 
 Run from the command line (as root)::
 
     unshare -m --propagation private .venv/bin/python tests/fsops.py --candidate lamina --seed 1 --ops 200
+    ... --candidate lamina-userns --seed 7 --shrink          # minimal repro of a divergence
+    ... --candidate lamina --case rename-dir-with-deleted-file
 """
 
 from __future__ import annotations
