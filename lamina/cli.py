@@ -30,7 +30,9 @@ class LaminaArgumentParser(argparse.ArgumentParser):
     """An ArgumentParser whose usage errors become :class:`UsageError` (exit 125, one line)."""
 
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{self.prog}: {message}")
+        # "lamina: error: run: unrecognized arguments: --foo" names the verb, never "lamina" twice.
+        verb = self.prog.removeprefix("lamina").strip()
+        raise UsageError(f"{verb}: {message}" if verb else message)
 
 
 # Which module registers which verb. Only the module that owns the verb on the command line is
@@ -42,8 +44,8 @@ VERB_MODULES: dict[str, str] = {
                     "store.commands"),
     **dict.fromkeys(["login", "logout", "pull", "push"], "store.registry_commands"),
     "build": "builder.commands",
-    **dict.fromkeys(["commit", "create", "diff", "exec", "kill", "logs", "ps", "restart", "rm", "run",
-                     "start", "stop"], "runner.commands"),
+    **dict.fromkeys(["commit", "create", "diff", "exec", "kill", "logs", "port", "ps", "restart", "rm", "run",
+                     "start", "stop", "wait"], "runner.commands"),
     **dict.fromkeys(["layers", "mount", "umount", "which"], "inspector.commands"),
 }
 ALL_COMMAND_MODULES = tuple(dict.fromkeys(VERB_MODULES.values()))
@@ -111,8 +113,16 @@ def run(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lamina`` console script. The one place errors become exit codes."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if requested_verb(args) == "run":
+        # Start the union filesystem server now, so its pyfuse3 and trio imports overlap with ours
+        # and the image lookup (start-up time is dominated by imports). The module imports only
+        # os/sys/json/signal/time.
+        from runner.unionserver import maybe_prefork
+
+        maybe_prefork(args)
     try:
-        return run(sys.argv[1:] if argv is None else argv)
+        return run(args)
     except LaminaError as e:
         print(f"lamina: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -91,27 +91,13 @@ def prefork() -> None:
 
 
 def maybe_prefork(argv: list[str]) -> None:
-    """Prefork when ``argv`` (lamina's arguments) is a foreground ``run``.
+    """Prefork for a foreground ``run``; ``argv`` is lamina's arguments, whose verb the caller
+    (lamina/cli.py) has already found to be ``run``.
 
     Cheap and conservative: ``run -d`` hands the container to a daemonised monitor, which must own
     its server, so it is skipped; a guess that turns out wrong costs one idle process, stopped by
     :func:`discard`.
     """
-    verb = None
-    skip_value = False
-    for arg in argv:
-        if skip_value:
-            skip_value = False
-            continue
-        if arg in ("--root", "--log-level"):
-            skip_value = True
-            continue
-        if arg.startswith("-"):
-            continue
-        verb = arg
-        break
-    if verb != "run":
-        return
     rest = argv[argv.index("run") + 1:]
     for arg in rest:
         if not arg.startswith("-"):

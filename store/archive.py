@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from lamina.errors import FormatError, LaminaError, LayerError, UsageError
-from store.blobs import CHUNK, digest_hex, temp_name
+from store.blobs import CHUNK, digest_hex, remove_tree, temp_name
 from store.compression import detect, open_decompressed
 from store.progress import ProgressBar
 from store.reference import Reference
@@ -287,7 +287,8 @@ class _Archive:
         data = self.open(name).read()
         try:
             return data, json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):
+            # RecursionError: a crafted file nested deeper than Python's JSON decoder can follow.
             raise FormatError(f"{self.path}: {name} is not valid JSON") from None
 
 
@@ -304,18 +305,43 @@ def load(store: Store, path: Path) -> list[tuple[Image, list[str]]]:
     archive we do not understand; LayerError for a hostile layer. Nothing becomes visible in the
     store for an image whose load failed.
     """
-    with _open_archive(path, store) as tar:
-        archive = _Archive(tar, path)
-        try:
-            if "manifest.json" in archive.members:
-                return _load_docker(store, archive)
-            if "index.json" in archive.members:
-                return _load_oci(store, archive)
-        except LayerError as e:
-            if str(e).startswith(str(path)):
-                raise
-            raise LayerError(f"{path}: layer refused: {e}") from None
-        raise FormatError(f"{path}: neither a docker-archive (manifest.json) nor an oci-archive (index.json)")
+    blobs_before = set(store.blobs.all_digests())
+    layers_before = set(os.listdir(store.layers_dir))
+    try:
+        with _open_archive(path, store) as tar:
+            archive = _Archive(tar, path)
+            try:
+                if "manifest.json" in archive.members:
+                    return _load_docker(store, archive)
+                if "index.json" in archive.members:
+                    return _load_oci(store, archive)
+            except LayerError as e:
+                if str(e).startswith(str(path)):
+                    raise
+                raise LayerError(f"{path}: layer refused: {e}") from None
+            except FormatError as e:
+                if str(e).startswith(str(path)):
+                    raise
+                raise FormatError(f"{path}: {e}") from None
+            raise FormatError(f"{path}: neither a docker-archive (manifest.json) nor an oci-archive (index.json)")
+    except BaseException:
+        _forget_objects_of_failed_load(store, blobs_before, layers_before)
+        raise
+
+
+def _forget_objects_of_failed_load(store: Store, blobs_before: set[str], layers_before: set[str]) -> None:
+    """Remove the blobs and unpacked layers a failed load brought in: the store is left as it was.
+
+    Only objects that were not there before and that nothing references (another process may have
+    committed an image naming one meanwhile) are removed.
+    """
+    with store.lock():
+        keep_blobs, keep_layers = store._gc_roots()
+        for digest in set(store.blobs.all_digests()) - blobs_before - keep_blobs:
+            store.blobs.remove(digest)
+        for name in set(os.listdir(store.layers_dir)) - layers_before:
+            if "sha256:" + name not in keep_layers:
+                remove_tree(store.layers_dir / name)
 
 
 def _ingest_member(store: Store, archive: _Archive, name: str, expected: str | None, label: str) -> str:

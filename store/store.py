@@ -91,6 +91,42 @@ def parse_time(text: str | None) -> dt.datetime | None:
         return None
 
 
+# Fields of an image config's "config" object and the JSON types the OCI image spec gives them.
+# A config that breaks them would make every later `lamina run` of the image fail, so it is refused
+# when the image enters the store (load, pull), not when it is used.
+_STRING_LIST_FIELDS = ("Cmd", "Entrypoint", "Env", "Shell", "OnBuild")
+_STRING_FIELDS = ("User", "WorkingDir", "StopSignal")
+_OBJECT_FIELDS = ("ExposedPorts", "Volumes", "Labels", "Healthcheck")
+
+
+def validate_image_config(config: Any) -> None:
+    """Raise FormatError unless ``config`` has the shape of an OCI image config."""
+    if not isinstance(config, dict):
+        raise FormatError("image config is not a JSON object")
+    runtime = config.get("config")
+    if runtime is None:
+        return
+    if not isinstance(runtime, dict):
+        raise FormatError("image config: 'config' is not an object")
+    for name in _STRING_LIST_FIELDS:
+        value = runtime.get(name)
+        if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise FormatError(f"image config: {name} must be a list of strings")
+        if value is not None and any("\0" in v for v in value):
+            raise FormatError(f"image config: {name} contains a NUL byte")
+    for name in _STRING_FIELDS:
+        value = runtime.get(name)
+        if value is not None and not isinstance(value, str):
+            raise FormatError(f"image config: {name} must be a string")
+    for name in _OBJECT_FIELDS:
+        value = runtime.get(name)
+        if value is not None and not isinstance(value, dict):
+            raise FormatError(f"image config: {name} must be an object")
+    for entry in runtime.get("Env") or []:
+        if "=" not in entry:
+            raise FormatError(f"image config: Env entry {entry!r} is not NAME=VALUE")
+
+
 def _has_blob_safe(blobs: BlobStore, digest: str) -> bool:
     try:
         return blobs.has(digest)
@@ -488,8 +524,9 @@ class Store:
             config = json.loads(config_bytes)
             descs = manifest["layers"]
             diff_ids = config["rootfs"]["diff_ids"]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             raise FormatError("malformed image manifest or config") from None
+        validate_image_config(config)
         if len(descs) != len(diff_ids):
             raise FormatError(f"manifest lists {len(descs)} layers but the config {len(diff_ids)} diff_ids")
         with self.lock(shared=True):
