@@ -31,7 +31,7 @@ class Node:
 
     __slots__ = (
         "ino", "kind", "parent", "name", "links", "lookups", "in_upper", "lowers", "opaque",
-        "identities", "deleted", "fds", "children", "attr", "listing", "fake_attr", "st_hint",
+        "identities", "deleted", "fds", "children", "attr", "listing", "fake_attr", "st_hint", "gone_stat",
     )
 
     def __init__(self, ino: int, kind: int, parent: Node | None, name: str) -> None:
@@ -53,6 +53,7 @@ class Node:
         self.attr: Any = None  # the adapter's cached attributes; None when unknown or stale
         self.listing: Any = None  # directory: cached merged listing (list of DirEntry)
         self.st_hint: Any = None  # a fresh stat of the backing object from lookup (used once)
+        self.gone_stat: Any = None  # last stat before its last name went (an open fifo still asks)
         self.fake_attr = False  # the kernel got placeholder attributes (expired at once) for it
 
     @property

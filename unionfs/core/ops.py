@@ -128,10 +128,29 @@ class UnionFS(UnionTree):
         self._set_marker(self._upper_fd(), path, ondisk.TRUSTED_OPAQUE, ondisk.USER_OPAQUE, b"y")
         self.emit(f"opaque /{path}")
 
+    def _lower_nlink(self, node: Node) -> int:
+        cached = node.attr  # the adapter's attributes, when the kernel has seen them
+        if cached is not None and not node.fake_attr:
+            return int(cached.st_nlink)
+        hint = node.st_hint
+        if hint is not None:
+            return int(hint.st_nlink)
+        layer, path = self.backing(node)
+        st = lstat_at(layer.fd, path)
+        return st.st_nlink if st is not None else 1
+
     def _set_marker(self, fd: int, path: str, trusted: str, user: str, value: bytes) -> None:
         """Write an overlay marker in the one namespace this mount uses (probed at start): the
         kernel shows user.overlay.* as ordinary xattrs unless mounted with userxattr."""
         setxattr_at(fd, path, trusted if self.xattr_ns is ondisk.XattrNamespace.TRUSTED else user, value)
+
+    def _remember_stat(self, node: Node) -> None:
+        """Keep the attributes of an object about to lose a name (see ``stat`` of removed nodes)."""
+        try:
+            layer, path = self.backing(node)
+            node.gone_stat = lstat_at(layer.fd, path)
+        except OSError:
+            node.gone_stat = None
 
     def _forget_name(self, node: Node, parent: Node, name: str) -> None:
         self.table.unlink_name(node, parent, name)
@@ -293,8 +312,9 @@ class UnionFS(UnionTree):
         node = self.lookup_existing(parent, name)
         if node.is_dir:
             raise OSError(errno.EISDIR, "is a directory", name)
+        self._remember_stat(node)
         self.copy_up(parent)
-        if not node.in_upper and self.index_fd >= 0 and self.stat(node)[0].st_nlink > 1:
+        if not node.in_upper and self.index_fd >= 0 and self._lower_nlink(node) > 1:
             # One name of a lower hardlink goes: the others must now count one name less, which
             # only an indexed copy can record (the kernel's index=on copies up here too).
             self.copy_up(node)
@@ -313,6 +333,7 @@ class UnionFS(UnionTree):
             raise OSError(errno.ENOTDIR, "not a directory", name)
         if self.list_dir(node):
             raise OSError(errno.ENOTEMPTY, "directory not empty", name)
+        self._remember_stat(node)
         self.copy_up(parent)
         if self.lower_has(parent, name):
             self.whiteout(parent, name)
@@ -349,8 +370,10 @@ class UnionFS(UnionTree):
         self.copy_up(newp)
         self.copy_up(src)
         if dst is not None and not dst.is_dir and not dst.in_upper and self.index_fd >= 0 \
-                and self.stat(dst)[0].st_nlink > 1:
+                and self._lower_nlink(dst) > 1:
             self.copy_up(dst)  # its other names must count one less (see unlink)
+        if dst is not None:
+            self._remember_stat(dst)
         ufd = self._upper_fd()
         old_path, new_path = oldp.child_path(oldn), newp.child_path(newn)
         old_needs_whiteout = self.lower_has(oldp, oldn)

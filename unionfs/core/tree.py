@@ -457,6 +457,12 @@ class UnionTree:
             node.st_hint = None
             if not node.deleted and not node.fds:  # an open file may have changed since
                 return hint, self.override_of(node, hint)
+        if node.deleted and not node.fds:
+            # Its path may name another object by now: never stat it. (Fifos and devices are
+            # opened by the kernel alone, so an open one has no descriptor here.)
+            if node.gone_stat is None:
+                raise OSError(errno.ENOENT, "removed")
+            return node.gone_stat, None
         if node.deleted and node.fds:
             fst = os.fstat(node.fds[0])
             raw = _fgetxattr(node.fds[0], ondisk.OWNER_OVERRIDE_XATTR)
