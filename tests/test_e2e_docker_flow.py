@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -366,3 +367,34 @@ def test_create_start_wait_and_detached_rm(lamina: Lamina, image: str) -> None:
     while "e2e-gone" in lamina("ps", "-a").stdout:
         assert time.monotonic() < deadline, "a -d --rm container was not removed after it exited"
         time.sleep(0.2)
+
+
+@pytest.mark.parametrize(("signum", "when", "delay"), [
+    (signal.SIGINT, "started", 0.0), (signal.SIGTERM, "started", 0.0),
+    (signal.SIGTERM, "STEP 2/2", 0.1), (signal.SIGINT, "STEP 2/2", 0.4)],
+    ids=["SIGINT-in-RUN", "SIGTERM-in-RUN", "SIGTERM-in-RUN-setup", "SIGINT-in-RUN-setup"])
+def test_interrupted_build_stops_and_tags_nothing(lamina: Lamina, image: str, root: Path, tmp_path: Path,
+                                                  signum: signal.Signals, when: str, delay: float) -> None:
+    """Ctrl-C (or a CI cancel's SIGTERM) during a RUN cancels the build, as with docker: the RUN is
+    stopped, the command fails, and no image or tag appears; also when the signal comes while the
+    RUN's sandbox is still being set up."""
+    (tmp_path / "Dockerfile").write_text("FROM lamina/busybox\nRUN echo started; sleep 7.25; echo finished\n")
+    images = lamina("images", "-q").stdout
+    proc = subprocess.Popen([sys.executable, "-m", "lamina", "--root", str(root), "build", "-t", "e2e/cancelled",
+                             str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # A shell's background job would inherit SIGINT ignored; a terminal's would not.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        assert proc.stdout is not None
+        while when not in (line := proc.stdout.readline()):
+            assert line, "the build ended before its RUN started"
+        time.sleep(delay)
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=6)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode != 0 and "finished" not in out and "Traceback" not in err, (out, err)
+    assert lamina("images", "-q").stdout == images
+    assert "e2e/cancelled" not in lamina("images").stdout
+    assert fuse_mounts_under(root) == []
