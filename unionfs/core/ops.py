@@ -405,6 +405,7 @@ class UnionFS(UnionTree):
                 self.copy_up_tree(node)
                 self._drop_whiteouts(old_path)
                 self.mark_opaque(old_path)
+                self._detach_lowers(node)
                 node.opaque = True
                 return
             target = "/" + node.lowers[0][1]
@@ -428,6 +429,19 @@ class UnionFS(UnionTree):
                 self.copy_up_tree(child)
             else:
                 self.copy_up(child)
+
+    def _detach_lowers(self, node: Node) -> None:
+        """After a whole-tree copy-up the upper holds everything: the directories we know below
+        must stop merging lower contents (their whiteouts are gone)."""
+        pending = [node]
+        while pending:
+            n = pending.pop()
+            if not n.is_dir:
+                continue
+            n.lowers = []
+            self.touch(n)
+            if n.children:
+                pending.extend(n.children.values())
 
     def _drop_whiteouts(self, path: str) -> None:
         """Remove the whiteouts below an upper directory that now holds everything it shows and
@@ -479,6 +493,7 @@ class UnionFS(UnionTree):
                 else:
                     self.copy_up_tree(node)
                     self._drop_whiteouts(sub)
+                    self._detach_lowers(node)
                 for xname in (ondisk.TRUSTED_REDIRECT, ondisk.USER_REDIRECT):
                     try:
                         removexattr_at(ufd, sub, xname)
