@@ -139,6 +139,10 @@ def test_detached_logs_stop_rm(lamina: Lamina, image: str) -> None:
     state = json.loads(lamina("inspect", "e2e-bg", check=True).stdout)[0]["State"]
     assert state["Status"] == "exited" and state["ExitCode"] == 7
     assert "Exited (7)" in lamina("ps", "-a").stdout
+    # What scripts do to find a container and read its result.
+    assert lamina("ps", "-aq", "--filter", "name=e2e-bg", check=True).stdout == cid[:12] + "\n"
+    assert lamina("ps", "-a", "--filter", "name=e2e-bg", "--format", "{{.Names}}", check=True).stdout == "e2e-bg\n"
+    assert lamina("inspect", "--format", "{{.State.ExitCode}}", "e2e-bg", check=True).stdout == "7\n"
     lamina("rm", "e2e-bg", check=True)
     assert cid[:12] not in lamina("ps", "-aq").stdout
     assert "e2e-bg" in one_error_line(lamina("logs", "e2e-bg"))
