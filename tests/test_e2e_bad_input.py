@@ -257,6 +257,7 @@ def test_bad_input_is_one_line_125_and_leaves_the_store(
     errors = [line for line in lines if line.startswith("lamina: error: ")]
     assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
     assert case.expect in errors[0], errors[0]
+    assert not errors[0].startswith(("lamina: error: lamina", "lamina: error: internal error")), errors[0]
     assert not inputs.sentinel.exists() and not list(inputs.sentinel.parent.iterdir())
     after = tree(root)
     assert {k: v for k, v in after.items() if k not in before} == {}, "files appeared in the store"
