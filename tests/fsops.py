@@ -489,8 +489,8 @@ def _ino_stable(fn: Callable[[], Any], path: str) -> Any:
 INO_CHECKED_OPS = ("write", "append", "truncate", "chmod", "chown", "utime", "setxattr")
 
 
-def _strip_stable(res: Result) -> Result:
-    return (res[0], res[1][0]) if res[0] == "ok" else res
+def _strip_stable(res: Any) -> Any:
+    return [res[0], res[1][0]] if res[0] == "ok" else res
 
 
 def _stable(res: Result) -> bool:
