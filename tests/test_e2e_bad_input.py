@@ -101,6 +101,7 @@ def make_inputs(base: Path) -> Inputs:
         "copy-outside": "FROM lamina/busybox\nCOPY ../outside/x /x\n",
         "failing-run": "FROM lamina/busybox\nRUN echo partial > /partial && exit 4\n",
         "bad-expose": "FROM lamina/busybox\nEXPOSE notaport\n",
+        "fine": "FROM lamina/busybox\nRUN echo built > /built\n",
         "nul-workdir": "FROM lamina/busybox\nWORKDIR /a\0b\n",
         "nul-run": "FROM lamina/busybox\nRUN echo a\0b\n",
     }
@@ -162,6 +163,8 @@ def cases() -> dict[str, Case]:
         "dockerfile-custom-name": c(("build", "-f", "{dir}/custom/Web.dockerfile", "{dir}/custom"),
                                     "Web.dockerfile:3:"),
         "dockerfile-missing": c(("build", "-f", "{dir}/custom/Nope", "{dir}/custom"), "Nope"),
+        "build-bad-tag": c(("build", "-t", "ok/tag", "-t", "Bad/Ref", "{dir}/fine"), "Bad/Ref"),
+        "build-missing-target": c(("build", "--target", "nosuch", "{dir}/fine"), "nosuch"),
         "context-missing": c(("build", "{dir}/no-such-context"), "no-such-context"),
         # archives
         "load-garbage": c(("load", "-i", "{dir}/garbage.tar"), "garbage.tar"),
