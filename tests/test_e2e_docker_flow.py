@@ -125,7 +125,7 @@ def test_volumes_read_write_and_read_only(lamina: Lamina, image: str, tmp_path: 
 
 
 def test_detached_logs_stop_rm(lamina: Lamina, image: str) -> None:
-    script = 'echo started; trap "echo stopping; exit 7" TERM; while :; do sleep 0.1; done'
+    script = 'echo started; echo warning >&2; trap "echo stopping; exit 7" TERM; while :; do sleep 0.1; done'
     cid = lamina("run", "-d", "--name", "e2e-bg", "--entrypoint", "sh", image, "-c", script,
                  check=True).stdout.strip()
     assert len(cid) == 64
@@ -135,7 +135,9 @@ def test_detached_logs_stop_rm(lamina: Lamina, image: str) -> None:
         time.sleep(0.2)
     assert lamina("ps", "-q").stdout.split() == [cid[:12]]
     assert lamina("stop", "-t", "10", "e2e-bg", check=True).stdout.strip() == "e2e-bg"
-    assert lamina("logs", "e2e-bg", check=True).stdout == "started\nstopping\n"
+    logs = lamina("logs", "e2e-bg", check=True)
+    assert logs.stdout == "started\nstopping\n"
+    assert logs.stderr == "warning\n", "docker logs replays the container's stderr on stderr"
     state = json.loads(lamina("inspect", "e2e-bg", check=True).stdout)[0]["State"]
     assert state["Status"] == "exited" and state["ExitCode"] == 7
     assert "Exited (7)" in lamina("ps", "-a").stdout
