@@ -125,7 +125,7 @@ def test_volumes_read_write_and_read_only(lamina: Lamina, image: str, tmp_path: 
 
 
 def test_detached_logs_stop_rm(lamina: Lamina, image: str) -> None:
-    script = 'echo started; echo warning >&2; trap "echo stopping; exit 7" TERM; while :; do sleep 0.1; done'
+    script = 'echo started; trap "echo stopping; exit 7" TERM; while :; do sleep 0.1; done'
     cid = lamina("run", "-d", "--name", "e2e-bg", "--entrypoint", "sh", image, "-c", script,
                  check=True).stdout.strip()
     assert len(cid) == 64
@@ -135,8 +135,7 @@ def test_detached_logs_stop_rm(lamina: Lamina, image: str) -> None:
         time.sleep(0.2)
     assert lamina("ps", "-q").stdout.split() == [cid[:12]]
     assert lamina("stop", "-t", "10", "e2e-bg", check=True).stdout.strip() == "e2e-bg"
-    logs = lamina("logs", "e2e-bg", check=True)
-    assert logs.stdout.endswith("stopping\n")
+    assert lamina("logs", "e2e-bg", check=True).stdout == "started\nstopping\n"
     state = json.loads(lamina("inspect", "e2e-bg", check=True).stdout)[0]["State"]
     assert state["Status"] == "exited" and state["ExitCode"] == 7
     assert "Exited (7)" in lamina("ps", "-a").stdout
@@ -147,8 +146,16 @@ def test_detached_logs_stop_rm(lamina: Lamina, image: str) -> None:
     lamina("rm", "e2e-bg", check=True)
     assert cid[:12] not in lamina("ps", "-aq").stdout
     assert "e2e-bg" in one_error_line(lamina("logs", "e2e-bg"))
-    # docker logs replays the container's stderr on stderr, its stdout on stdout.
-    assert (logs.stdout, logs.stderr) == ("started\nstopping\n", "warning\n")
+
+
+def test_logs_replay_stderr_on_stderr(lamina: Lamina, image: str) -> None:
+    """docker logs replays a container's stdout on stdout and its stderr on stderr."""
+    lamina("run", "-d", "--name", "e2e-streams", "--entrypoint", "sh", image, "-c", "echo out; echo err >&2",
+           check=True)
+    assert lamina("wait", "e2e-streams", check=True).stdout == "0\n"
+    logs = lamina("logs", "e2e-streams", check=True)
+    lamina("rm", "e2e-streams", check=True)
+    assert (logs.stdout, logs.stderr) == ("out\n", "err\n")
 
 
 def test_diff_commit_and_run_the_committed_image(lamina: Lamina, image: str) -> None:
