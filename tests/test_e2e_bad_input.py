@@ -188,6 +188,9 @@ def cases() -> dict[str, Case]:
 
 CASES = cases()
 
+# Cases still broken at the deadline, with the owner who has the repro (see /work/coord/REQUESTS.md).
+KNOWN_BROKEN: dict[str, str] = {}
+
 # What lamina may touch without changing the store: lock files, and build-cache entries for the
 # steps of a failed build that did succeed (docker keeps those too).
 VOLATILE = {"lock", "tags.lock"}
@@ -241,7 +244,9 @@ def baseline(store: tuple[Path, Lamina, Inputs]) -> tuple[str, str, str]:
     return cli_state(store[1])
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [
+    pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=KNOWN_BROKEN[name])) if name in KNOWN_BROKEN
+    else name for name in CASES])
 def test_bad_input_is_one_line_125_and_leaves_the_store(
         name: str, store: tuple[Path, Lamina, Inputs],
         baseline: tuple[str, str, str]) -> None:
