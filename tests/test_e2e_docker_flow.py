@@ -8,6 +8,7 @@ commit and diff, save / rmi / load, tag, history and the inspect fields scripts 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -411,4 +412,29 @@ def test_interrupted_build_stops_and_tags_nothing(lamina: Lamina, image: str, ro
     assert proc.returncode != 0 and "finished" not in out and "Traceback" not in err, (out, err)
     assert lamina("images", "-q").stdout == images
     assert "e2e/cancelled" not in lamina("images").stdout
+    assert fuse_mounts_under(root) == []
+
+
+def test_a_store_path_with_space_comma_and_colon(tmp_path: Path) -> None:
+    """LAMINA_ROOT under a home like '/home/Jo Doe/data,v1:old' still builds, runs and commits (the
+    union filesystem's option string must escape and unescape those characters)."""
+    root = tmp_path / "my store,v1:old"
+    env = {**os.environ, "LAMINA_ROOT": str(root)}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([sys.executable, "-m", "lamina", *args], capture_output=True, text=True,
+                                timeout=120, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL)
+        assert "Traceback" not in result.stderr, result.stderr
+        assert result.returncode == 0, (args, result.stderr)
+        return result
+
+    try:
+        (tmp_path / "Dockerfile").write_text('FROM lamina/busybox\nRUN echo built > /b\nCMD ["cat", "/b"]\n')
+        run("build", "-q", "-t", "e2e/odd", str(tmp_path))
+        run("run", "--name", "odd", "e2e/odd", "sh", "-c", "echo more >> /b")
+        run("commit", "odd", "e2e/odd2")
+        assert run("run", "--rm", "e2e/odd2").stdout == "built\nmore\n"
+    finally:
+        subprocess.run([sys.executable, "-m", "lamina", "rm", "-f", "odd"], env=env, capture_output=True,
+                       stdin=subprocess.DEVNULL)
     assert fuse_mounts_under(root) == []
