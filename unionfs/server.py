@@ -82,8 +82,16 @@ def serve(opts: ServerOptions, ready: Callable[[], None] | None = None) -> None:
                             return
 
                 nursery.start_soon(watch_signals)
-                # More than one task: while one request awaits a copy-up in a worker thread, others are served.
-                await pyfuse3.main(min_tasks=1, max_tasks=4)
+
+                def spawn_session_loop() -> None:
+                    # pyfuse3 has no public call for this: its own worker loop, run in our nursery.
+                    # min_tasks=max_tasks=1: it neither spawns loops nor leaves while fewer than
+                    # two others wait, so loops stay bounded by the handlers that ever waited.
+                    nursery.start_soon(pyfuse3._session_loop, nursery, 1, 1)  # type: ignore[attr-defined]
+
+                ops.spawn_session_loop = spawn_session_loop
+                # One loop: handlers that await (copy-ups) start more (see unionfs.fuse_ops).
+                await pyfuse3.main(min_tasks=1, max_tasks=1)
                 nursery.cancel_scope.cancel()
 
         trio.run(run)
