@@ -70,7 +70,9 @@ def split(path: str) -> tuple[str, str]:
 def lstat_at(fd: int, path: str) -> os.stat_result | None:
     """lstat relative to ``fd``; None when the name (or a parent) does not exist."""
     try:
-        return fsat.stat(rel(path), dir_fd=fd, follow_symlinks=False)
+        if len(path) < fsat.LONG:  # the hot path (every lookup): no long-path wrapper
+            return os.stat(path or ".", dir_fd=fd, follow_symlinks=False)
+        return fsat.stat(path, dir_fd=fd, follow_symlinks=False)
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as e:
@@ -103,27 +105,40 @@ def getxattr_at(fd: int, path: str, name: str) -> bytes | None:
     An empty ``path`` means the directory ``fd`` itself: ``/proc/self/fd/N`` would name the proc
     symlink, not the directory, once symlinks are not followed.
     """
-    with proc_path(fd, path) as p:
-        try:
-            if not path:
-                return os.getxattr(fd, name)
-            return os.getxattr(p, name, follow_symlinks=False)
-        except OSError as e:
-            if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES):
-                return None
-            raise
+    if path and len(path) >= _PROC_PATH_BUDGET:
+        with proc_path(fd, path) as p:
+            return _getxattr(p, name)
+    # the hot path (every lookup): no context manager
+    return _getxattr(f"/proc/self/fd/{fd}/{path}" if path else fd, name)
+
+
+def _getxattr(target: str | int, name: str) -> bytes | None:
+    try:
+        if isinstance(target, int):
+            return os.getxattr(target, name)
+        return os.getxattr(target, name, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES):
+            return None
+        raise
 
 
 def listxattr_at(fd: int, path: str) -> list[str]:
-    with proc_path(fd, path) as p:
-        try:
-            if not path:
-                return os.listxattr(fd)
-            return os.listxattr(p, follow_symlinks=False)
-        except OSError as e:
-            if e.errno in (errno.ENOTSUP, errno.EPERM, errno.EACCES):
-                return []
-            raise
+    if path and len(path) >= _PROC_PATH_BUDGET:
+        with proc_path(fd, path) as p:
+            return _listxattr(p)
+    return _listxattr(f"/proc/self/fd/{fd}/{path}" if path else fd)
+
+
+def _listxattr(target: str | int) -> list[str]:
+    try:
+        if isinstance(target, int):
+            return os.listxattr(target)
+        return os.listxattr(target, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EPERM, errno.EACCES):
+            return []
+        raise
 
 
 def setxattr_at(fd: int, path: str, name: str, value: bytes, flags: int = 0) -> None:
