@@ -41,6 +41,9 @@ CACHE_TIMEOUT = 86400.0
 # Copy-ups of files larger than this run in a worker thread (and writable opens defer them).
 THREAD_COPY_BYTES = 1 << 20
 PLACEHOLDER_SCORE_RANGE = 32
+# The kernel asks for this before every write and chown of a file (to drop file capabilities); a
+# file gains it only through setxattr, so a node that had none keeps none until the next setxattr.
+CAPS_XATTR = b"security.capability"
 # Request loops started for handlers that wait for copy-ups (they stay, as pyfuse3's own would).
 MAX_SPARE_LOOPS = 8
 
@@ -567,7 +570,17 @@ class UnionOperations(pyfuse3.Operations):
 
     @fuse_boundary()
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        return self.core.getxattr(self.core.node(inode), _name(name))
+        node = self.core.node(inode)
+        if name != CAPS_XATTR:
+            return self.core.getxattr(node, _name(name))
+        if node.no_caps:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        try:
+            return self.core.getxattr(node, _name(name))
+        except OSError as e:
+            if e.errno == errno.ENODATA:
+                node.no_caps = True
+            raise
 
     @fuse_boundary()
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
@@ -577,6 +590,7 @@ class UnionOperations(pyfuse3.Operations):
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         node = self.core.node(inode)
         await self.copy_up(node)
+        node.no_caps = False
         self.core.setxattr(node, _name(name), value)
 
     @fuse_boundary(write=True)
@@ -584,6 +598,7 @@ class UnionOperations(pyfuse3.Operations):
         node = self.core.node(inode)
         self.core.getxattr(node, _name(name))
         await self.copy_up(node)
+        node.no_caps = False
         self.core.removexattr(node, _name(name))
 
     @fuse_boundary()

@@ -32,6 +32,7 @@ class Node:
     __slots__ = (
         "ino", "kind", "parent", "name", "links", "lookups", "in_upper", "lowers", "opaque",
         "identities", "deleted", "fds", "children", "attr", "listing", "fake_attr", "st_hint", "gone_stat",
+        "no_caps",
     )
 
     def __init__(self, ino: int, kind: int, parent: Node | None, name: str) -> None:
@@ -55,6 +56,8 @@ class Node:
         self.st_hint: Any = None  # a fresh stat of the backing object from lookup (used once)
         self.gone_stat: Any = None  # last stat before its last name went (an open fifo still asks)
         self.fake_attr = False  # the kernel got placeholder attributes (expired at once) for it
+        # Known to have no security.capability (the adapter's cache; cleared by any setxattr).
+        self.no_caps = False
 
     @property
     def is_dir(self) -> bool:
