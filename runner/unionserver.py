@@ -91,13 +91,16 @@ def prefork() -> None:
 
 
 def maybe_prefork(argv: list[str]) -> None:
-    """Prefork for a foreground ``run``; ``argv`` is lamina's arguments, whose verb the caller
-    (lamina/cli.py) has already found to be ``run``.
+    """Prefork when ``argv`` (lamina's arguments) is a foreground ``run``.
 
     Cheap and conservative: ``run -d`` hands the container to a daemonised monitor, which must own
     its server, so it is skipped; a guess that turns out wrong costs one idle process, stopped by
     :func:`discard`.
     """
+    from lamina.cli import requested_verb  # already imported by the caller: costs nothing
+
+    if requested_verb(argv) != "run":
+        return
     rest = argv[argv.index("run") + 1:]
     for arg in rest:
         if not arg.startswith("-"):

@@ -136,8 +136,11 @@ def _ensure_user(name: str, with_subids: bool) -> pwd.struct_passwd:
     try:
         entry = pwd.getpwnam(name)
     except KeyError:
-        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", name], check=True,
-                       stdout=subprocess.DEVNULL)
+        created = subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", name],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # Exit 9: another test run created the same user between our lookup and useradd.
+        if created.returncode not in (0, 9):
+            raise AssertionError(f"useradd {name} failed: {created.stderr.strip()}")
         entry = pwd.getpwnam(name)
     for path in ("/etc/subuid", "/etc/subgid"):
         lines = Path(path).read_text().splitlines() if os.path.exists(path) else []
