@@ -320,7 +320,7 @@ class Builder:
             from store import Reference
             from store.registry import RegistryClient
             from store.registry_auth import lookup_credentials
-            from store.registry_commands import Progress, api_host, pull_image
+            from store.registry_commands import Progress, api_host, default_tls_verify, pull_image
         except ImportError:
             return None
         try:
@@ -328,10 +328,7 @@ class Builder:
         except LaminaError:
             return None
         stream = sys.stderr if not self.options.quiet and sys.stderr.isatty() else None
-        host = ref.registry.rsplit(":", 1)[0] if not ref.registry.endswith("]") else ref.registry
-        # Like docker, registries on the loopback network are insecure by default (plain HTTP allowed).
-        loopback = host in ("localhost", "[::1]") or host.startswith("127.")
-        with RegistryClient(api_host(ref.registry), tls_verify=not loopback,
+        with RegistryClient(api_host(ref.registry), tls_verify=default_tls_verify(ref.registry),
                             credentials=lookup_credentials(ref.registry)) as client:
             return pull_image(self.store, ref, client, Progress(stream))
 

@@ -231,13 +231,9 @@ def _image_for_run(store: Store, reference: str, policy: str) -> Image:
             print(f"Unable to find image '{reference}' locally", file=sys.stderr)
     from store.registry_commands import pull
 
-    registry = reference.split("/", 1)[0] if "/" in reference else ""
-    host = registry.rsplit(":", 1)[0] if not registry.endswith("]") else registry
-    # As docker: registries on the loopback network may be plain HTTP.
-    loopback = host in ("localhost", "[::1]") or host.startswith("127.")
     try:
         # Progress redraws lines with terminal escapes: only on a terminal.
-        return pull(store, reference, tls_verify=not loopback,
+        return pull(store, reference,
                     progress_stream=sys.stderr if sys.stderr.isatty() else None)
     except LaminaError as e:
         if policy == "always":

@@ -70,6 +70,18 @@ def api_host(registry: str) -> str:
     return "registry-1.docker.io" if registry == DEFAULT_REGISTRY else registry
 
 
+def is_loopback_registry(registry: str) -> bool:
+    """True for ``localhost``, ``127.0.0.0/8`` and ``[::1]`` registries (with or without a port)."""
+    host = registry.rsplit(":", 1)[0] if not registry.endswith("]") else registry
+    return host in ("localhost", "[::1]") or host.startswith("127.")
+
+
+def default_tls_verify(registry: str, flag: bool | None = None) -> bool:
+    """``--tls-verify`` as given, else docker's default: registries on the loopback network are
+    insecure (plain HTTP allowed), every other one needs HTTPS with a trusted certificate."""
+    return flag if flag is not None else not is_loopback_registry(registry)
+
+
 class Progress:
     """Docker-like status lines and per-blob bars on a terminal; silent when ``stream`` is None."""
 
@@ -311,7 +323,8 @@ def _strip_transport(text: str) -> str:
     return text
 
 
-def pull(store: Store, reference: str, *, tls_verify: bool = True, credentials: tuple[str, str] | None = None,
+def pull(store: Store, reference: str, *, tls_verify: bool | None = None,
+         credentials: tuple[str, str] | None = None,
          platform: Platform | None = None, progress_stream: TextIO | None = None,
          cert_dir: Path | None = None) -> Image:
     """Pull ``reference`` into ``store`` as ``lamina pull`` does; for other packages (``FROM``, ``run``).
@@ -322,7 +335,8 @@ def pull(store: Store, reference: str, *, tls_verify: bool = True, credentials: 
     ref = Reference.parse(_strip_transport(reference))
     if credentials is None:
         credentials = lookup_credentials(ref.registry)
-    with RegistryClient(api_host(ref.registry), tls_verify=tls_verify, credentials=credentials,
+    with RegistryClient(api_host(ref.registry), tls_verify=default_tls_verify(ref.registry, tls_verify),
+                        credentials=credentials,
                         cert_dir=cert_dir) as client:
         return pull_image(store, ref, client, Progress(progress_stream), platform)
 
@@ -400,7 +414,7 @@ def cmd_push(args: argparse.Namespace) -> int:
             raise UsageError(f"push: destination {dest} names a digest; give a tag")
         progress = Progress(_progress_stream(args.quiet))
         credentials = parse_creds(args.creds) if args.creds else lookup_credentials(dest.registry)
-        with RegistryClient(api_host(dest.registry), tls_verify=args.tls_verify,
+        with RegistryClient(api_host(dest.registry), tls_verify=default_tls_verify(dest.registry, args.tls_verify),
                             credentials=credentials, cert_dir=args.cert_dir) as client:
             digest, size = push_image(store, image, dest, client, progress)
     if not args.quiet:
@@ -432,7 +446,8 @@ def cmd_login(args: argparse.Namespace) -> int:
         password = getpass.getpass("Password: ")
     if not user:
         raise UsageError("login: --username is required")
-    with RegistryClient(api_host(registry), tls_verify=args.tls_verify, credentials=(user, password),
+    with RegistryClient(api_host(registry), tls_verify=default_tls_verify(registry, args.tls_verify),
+                        credentials=(user, password),
                         cert_dir=args.cert_dir) as client:
         client.ping()
     path = store_credentials(registry, user, password)
@@ -466,8 +481,9 @@ def _tls_verify(text: str) -> bool:
 
 
 def _add_tls(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tls-verify", type=_tls_verify, nargs="?", const=True, default=True, metavar="BOOL",
-                        help="require HTTPS with a trusted certificate (default true); false also allows plain HTTP")
+    parser.add_argument("--tls-verify", type=_tls_verify, nargs="?", const=True, default=None, metavar="BOOL",
+                        help="require HTTPS with a trusted certificate (default true, except for registries "
+                             "on the loopback network, as docker); false also allows plain HTTP")
     parser.add_argument("--cert-dir", type=Path, metavar="DIR",
                         help="the registry's CAs (*.crt) and client certificate (*.cert + *.key) "
                              "(default: containers/certs.d/HOST:PORT as podman)")

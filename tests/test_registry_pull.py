@@ -558,7 +558,8 @@ def test_pull_from_https_registry_with_cert_dir(tmp_path: Path, lamina_cmd) -> N
         with RegistryClient(registry.address, tls_verify=False) as client:
             _, config = upload_image(client, "tls/app", "1", [layer_blob({"etc/tls": b"tls\n"})], tmp_path)
         ref = f"{registry.address}/tls/app:1"
-        untrusted = lamina_cmd("pull", ref, check=False)
+        # A loopback registry is insecure by default (docker's rule): ask for verification explicitly.
+        untrusted = lamina_cmd("pull", "--tls-verify=true", ref, check=False)
         assert untrusted.returncode == 125 and "TLS certificate not trusted" in untrusted.stderr
         cert_dir = tmp_path / "certs"
         cert_dir.mkdir()
