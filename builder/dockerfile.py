@@ -141,6 +141,11 @@ def parse_instruction(line: LogicalLine, file: str, escape: str) -> Instruction:
 
 def parse(text: str, file: str = "Dockerfile") -> Dockerfile:
     """Parse a whole Dockerfile; raises :class:`DockerfileError` for anything malformed."""
+    # A NUL can reach neither a path nor an argv nor an environment: refuse it here, with its line,
+    # rather than deep in a step (or, for ENV, in every later `lamina run` of the image).
+    for number, raw_line in enumerate(text.split("\n"), start=1):
+        if "\0" in raw_line:
+            raise DockerfileError("NUL character in the line", file, number, raw_line.replace("\0", "\\0"))
     directives, lines = logical_lines(text, file)
     global_args: list[Arg] = []
     stages: list[Stage] = []
