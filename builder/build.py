@@ -442,6 +442,12 @@ class Builder:
             script.chmod(0o755)
             scripts.chmod(0o755)
             mounts.append(Mount(target="/dev/pipes", source=scripts, readonly=True))
+        for number, volume in enumerate(state.image.config.get("Volumes") or {}):
+            # As docker's builder: a declared VOLUME is an anonymous volume in later RUN steps. Its
+            # directory exists (seeded from the image) and what RUN writes there is not kept.
+            source = tmp / "volumes" / str(number)
+            source.mkdir(parents=True)
+            mounts.append(Mount(target=volume, kind="volume", source=source))
         env = state.scope.run_environment()
         if _single_id_mapping() and "APT_CONFIG" not in env:
             # With only one id mapped, APT's privilege drop to _apt (setgroups/seteuid) cannot work
