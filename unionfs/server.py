@@ -5,6 +5,7 @@ Imports of pyfuse3 and trio happen here, lazily, so the command line answers err
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -15,6 +16,9 @@ from typing import IO
 from unionfs.options import ServerOptions
 
 log = logging.getLogger(__name__)
+
+_MCL_CURRENT = 1
+_MCL_ONFAULT = 4
 
 
 def open_trace(spec: str | None) -> tuple[Callable[[str], None] | None, IO[str] | None]:
@@ -43,8 +47,13 @@ def _lock_memory() -> None:
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.mlockall(1) != 0:  # MCL_CURRENT
-        log.debug("mlockall failed: %s", os.strerror(ctypes.get_errno()))
+    # MCL_ONFAULT: lock pages as they are touched instead of faulting every mapping in first, which
+    # took ~20 ms of the time to mount. Pages in use stay resident all the same.
+    if libc.mlockall(_MCL_CURRENT | _MCL_ONFAULT) == 0:
+        return
+    if ctypes.get_errno() == errno.EINVAL and libc.mlockall(_MCL_CURRENT) == 0:  # before Linux 4.4
+        return
+    log.debug("mlockall failed: %s", os.strerror(ctypes.get_errno()))
 
 
 def serve(opts: ServerOptions, ready: Callable[[], None] | None = None) -> None:
