@@ -73,6 +73,20 @@ def split_colons(value: str) -> list[str]:
     return [p for p in parts if p]
 
 
+def _unescape(value: str) -> str:
+    r"""Undo ``\,``, ``\:`` and ``\\`` in a single path value."""
+    out: list[str] = []
+    i = 0
+    while i < len(value):
+        if value[i] == "\\" and i + 1 < len(value) and value[i + 1] in ":\\,":
+            out.append(value[i + 1])
+            i += 2
+        else:
+            out.append(value[i])
+            i += 1
+    return "".join(out)
+
+
 def _split_commas(value: str) -> list[str]:
     r"""Split ``-o`` values on ',' (``\,`` escapes a comma)."""
     out: list[str] = []
@@ -138,8 +152,9 @@ def parse_args(argv: list[str]) -> ServerOptions:
         else:
             raise OptionError(f"unknown option {o!r}")
     lowers = split_colons(values.get("lowerdir", ""))
-    upper = values.get("upperdir") or None
-    work = values.get("workdir") or None
+    # One directory each: only the escapes need undoing (a colon is ordinary here).
+    upper = _unescape(values["upperdir"]) if values.get("upperdir") else None
+    work = _unescape(values["workdir"]) if values.get("workdir") else None
     if "ro" in flags:
         upper = work = None
     if not lowers and upper is None:
