@@ -58,6 +58,18 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import REPO_ROOT, MountedUnion, force_unmount, start_union
 
+# The harness itself opens, writes and truncates paths as root through both mounts, and those calls
+# follow symlinks like any program's. An absolute target must therefore never name a real host file
+# (an earlier "/etc/passwd" here rewrote the host's copy): this directory does not exist, and
+# ensure_dangling_target_absent() refuses to run if someone creates it.
+ABSOLUTE_DANGLING_TARGET = "/nonexistent-lamina-fsops/target"
+
+
+def ensure_dangling_target_absent() -> None:
+    if os.path.lexists(os.path.dirname(ABSOLUTE_DANGLING_TARGET)):
+        raise RuntimeError(f"{os.path.dirname(ABSOLUTE_DANGLING_TARGET)} exists: fsops would write through it")
+
+
 NAMES = ["a", "b", "c", "d"]
 NEW_NAMES = ["n", "m", "a", "b", "c", "d"]
 OWNERS = [0, 1000, 1001]
@@ -202,7 +214,7 @@ def _generate_entry(rng: random.Random, layer: Path, below: dict[str, str], inde
             os.setxattr(path, "user.gen", rng.randbytes(8))
         return
     elif kind == "symlink":
-        os.symlink(rng.choice(["a", "../b", "/etc/passwd", "nowhere/x"]), path)
+        os.symlink(rng.choice(["a", "../b", ABSOLUTE_DANGLING_TARGET, "nowhere/x"]), path)
     elif kind == "fifo":
         os.mkfifo(path, 0o640)
     elif kind == "hardlink":
@@ -691,7 +703,7 @@ def generate_op(rng: random.Random, oracle_root: str, userns: bool = False) -> l
     if name == "rename_exchange":
         return [name, existing(), existing()]
     if name == "symlink":
-        return [name, rng.choice(["a", "../b", "/etc/hostname", "x/y/z", "n"]), any_path()]
+        return [name, rng.choice(["a", "../b", ABSOLUTE_DANGLING_TARGET, "x/y/z", "n"]), any_path()]
     if name == "link":
         return [name, existing_file(), any_path()]
     if name == "chmod":
@@ -917,6 +929,7 @@ def run_differential(seed: int, nops: int, candidate: str, workdir: Path,
     from ``seed``); used to shrink a failing sequence. ``case``: one of ``CASES`` (its own lowers and
     operations) instead.
     """
+    ensure_dangling_target_absent()
     rng = random.Random(seed)
     report = Report(seed, candidate)
     os.umask(0)
