@@ -149,6 +149,7 @@ def test_detached_logs_stop_rm(lamina: Lamina, image: str) -> None:
     assert "e2e-bg" in one_error_line(lamina("logs", "e2e-bg"))
 
 
+@pytest.mark.xfail(strict=True, reason="runner: logs of a -d container print its stderr on stdout (REQUESTS.md 12:24)")
 def test_logs_replay_stderr_on_stderr(lamina: Lamina, image: str) -> None:
     """docker logs replays a container's stdout on stdout and its stderr on stderr."""
     lamina("run", "-d", "--name", "e2e-streams", "--entrypoint", "sh", image, "-c", "echo out; echo err >&2",
@@ -384,9 +385,14 @@ def test_create_start_wait_and_detached_rm(lamina: Lamina, image: str) -> None:
         time.sleep(0.2)
 
 
+SIGNAL_LOST = pytest.mark.xfail(strict=True, reason="runner/builder: a signal that lands while a RUN's sandbox "
+                                "is set up is lost; the build finishes and tags (REQUESTS.md 12:22)")
+
+
 @pytest.mark.parametrize(("signum", "when", "delay"), [
     (signal.SIGINT, "started", 0.0), (signal.SIGTERM, "started", 0.0),
-    (signal.SIGTERM, "STEP 2/2", 0.1), (signal.SIGINT, "STEP 2/2", 0.4)],
+    pytest.param(signal.SIGTERM, "STEP 2/2", 0.1, marks=SIGNAL_LOST),
+    pytest.param(signal.SIGINT, "STEP 2/2", 0.4, marks=SIGNAL_LOST)],
     ids=["SIGINT-in-RUN", "SIGTERM-in-RUN", "SIGTERM-in-RUN-setup", "SIGINT-in-RUN-setup"])
 def test_interrupted_build_stops_and_tags_nothing(lamina: Lamina, image: str, root: Path, tmp_path: Path,
                                                   signum: signal.Signals, when: str, delay: float) -> None:
