@@ -91,6 +91,7 @@ def run_fs_suite(*, quick: bool, reps: int, scale: float, workdir: Path | None,
         log.info("filesystem suite: %s", " ".join(argv))
         # The tool's progress goes to a file one can follow (tail -f) during a long run.
         progress = root / "progress.log"
+        root.mkdir(parents=True, exist_ok=True)  # --fs-root may name a directory not made yet
         with open(progress, "w") as progress_file:
             done = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=progress_file, text=True)
         log_lines = progress.read_text().strip().splitlines()
