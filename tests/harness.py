@@ -140,7 +140,7 @@ def _ensure_user(name: str, with_subids: bool) -> pwd.struct_passwd:
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         # Exit 9: another test run created the same user between our lookup and useradd.
         if created.returncode not in (0, 9):
-            raise AssertionError(f"useradd {name} failed: {created.stderr.strip()}")
+            raise AssertionError(f"useradd {name} failed: {created.stderr.strip()}") from None
         entry = pwd.getpwnam(name)
     for path in ("/etc/subuid", "/etc/subgid"):
         lines = Path(path).read_text().splitlines() if os.path.exists(path) else []

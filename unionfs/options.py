@@ -52,18 +52,22 @@ class ServerOptions:
         return opts
 
 
-def split_colons(value: str) -> list[str]:
-    r"""Split a lowerdir list on ':' where ``\:`` escapes a colon inside a path."""
+_ESCAPABLE = ":\\,"
+
+
+def _split_unescaped(value: str, separator: str) -> list[str]:
+    r"""Split on ``separator`` where it is not escaped (``\:``, ``\,``, ``\\``); the escapes stay, for
+    :func:`_unescape` once a value is known to be one path."""
     parts: list[str] = []
     cur: list[str] = []
     i = 0
     while i < len(value):
         c = value[i]
-        if c == "\\" and i + 1 < len(value) and value[i + 1] in ":\\,":
-            cur.append(value[i + 1])
+        if c == "\\" and i + 1 < len(value) and value[i + 1] in _ESCAPABLE:
+            cur.append(value[i:i + 2])
             i += 2
             continue
-        if c == ":":
+        if c == separator:
             parts.append("".join(cur))
             cur = []
         else:
@@ -78,7 +82,7 @@ def _unescape(value: str) -> str:
     out: list[str] = []
     i = 0
     while i < len(value):
-        if value[i] == "\\" and i + 1 < len(value) and value[i + 1] in ":\\,":
+        if value[i] == "\\" and i + 1 < len(value) and value[i + 1] in _ESCAPABLE:
             out.append(value[i + 1])
             i += 2
         else:
@@ -87,25 +91,14 @@ def _unescape(value: str) -> str:
     return "".join(out)
 
 
+def split_colons(value: str) -> list[str]:
+    r"""Split a lowerdir list on ':' where ``\:`` escapes a colon inside a path."""
+    return [_unescape(part) for part in _split_unescaped(value, ":")]
+
+
 def _split_commas(value: str) -> list[str]:
-    r"""Split ``-o`` values on ',' (``\,`` escapes a comma)."""
-    out: list[str] = []
-    cur: list[str] = []
-    i = 0
-    while i < len(value):
-        c = value[i]
-        if c == "\\" and i + 1 < len(value) and value[i + 1] == ",":
-            cur.append("\\,")
-            i += 2
-            continue
-        if c == ",":
-            out.append("".join(cur))
-            cur = []
-        else:
-            cur.append(c)
-        i += 1
-    out.append("".join(cur))
-    return [o for o in out if o]
+    r"""Split ``-o`` values on ',' (``\,`` escapes a comma; escapes are undone per value later)."""
+    return _split_unescaped(value, ",")
 
 
 USAGE = "usage: lamina-unionfs [-f] [-d] [--trace[=FILE]] -o lowerdir=L1:L2,upperdir=U,workdir=W[,opts] MOUNTPOINT"
