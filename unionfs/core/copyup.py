@@ -96,10 +96,10 @@ def finish_copy_up(tree: UnionTree, job: CopyJob) -> None:
         target: int | str = job.dst_fd if job.dst_fd >= 0 else f"/proc/self/fd/{work}/{job.tmp}"
         is_link = stat.S_ISLNK(st.st_mode)
         copy_xattrs(job.layer, job.path, target, is_link)
-        origin_recorded = _set_origin(target, tree.origin_xattr, f"{job.layer.slot}:{st.st_ino}".encode())
+        origin_recorded = _set_xattr_if_allowed(target, tree.origin_xattr, f"{job.layer.slot}:{st.st_ino}".encode())
         if not node.is_dir:
             if st.st_nlink > 1 and tree.index_fd >= 0:
-                _set_origin(target, tree.nlink_xattr, str(st.st_nlink).encode())
+                _set_xattr_if_allowed(target, tree.nlink_xattr, str(st.st_nlink).encode())
         # A directory's mode is set once it is in place: moving a read-only directory to another
         # parent needs write permission on it (for '..') when we are not root.
         copy_owner_mode_times(target, st, is_link, chmod=not node.is_dir)
@@ -178,14 +178,15 @@ def link_keeping_parent_times(ufd: int, src: str, dst: str) -> None:
     fsat.utime(ppath, ns=(pst.st_atime_ns, pst.st_mtime_ns), dir_fd=ufd)
 
 
-def _set_origin(target: int | str, name: str, value: bytes) -> bool:
+def _set_xattr_if_allowed(target: int | str, name: str, value: bytes) -> bool:
+    """Set an xattr; False where the kernel refuses it (trusted.* as a user, user.* on a symlink or
+    device, no xattr support), as its own copy-up skips those too."""
     try:
         if isinstance(target, int):
             os.setxattr(target, name, value)
         else:
             os.setxattr(target, name, value, follow_symlinks=False)
     except OSError as e:
-        # user.* xattrs on symlinks or devices, or no xattr support
         if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EACCES):
             raise
         return False
@@ -217,15 +218,7 @@ def copy_xattrs(layer: Layer, path: str, target: int | str, is_link: bool) -> No
         value = getxattr_at(layer.fd, path, name)
         if value is None:
             continue
-        try:
-            if isinstance(target, int):
-                os.setxattr(target, name, value)
-            else:
-                os.setxattr(target, name, value, follow_symlinks=False)
-        except OSError as e:
-            # trusted.* as a user, user.* on a symlink: the kernel's copy-up skips these too
-            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EACCES):
-                raise
+        _set_xattr_if_allowed(target, name, value)
 
 
 def copy_owner_mode_times(target: int | str, st: os.stat_result, is_link: bool, chmod: bool = True) -> None:
