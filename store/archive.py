@@ -308,7 +308,10 @@ def load(store: Store, path: Path) -> list[tuple[Image, list[str]]]:
     blobs_before = set(store.blobs.all_digests())
     layers_before = set(os.listdir(store.layers_dir))
     try:
-        with _open_archive(path, store) as tar:
+        # Shared from the first blob to the last image recorded, so a concurrent prune cannot
+        # collect blobs and layers that no image names yet. Released before the cleanup below,
+        # which needs the exclusive lock.
+        with store.lock(shared=True), _open_archive(path, store) as tar:
             archive = _Archive(tar, path)
             try:
                 if "manifest.json" in archive.members:

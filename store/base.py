@@ -80,16 +80,19 @@ def ensure_default_base(store: Store, reference: str = DEFAULT_BASE) -> Image:
     work.mkdir(parents=True)
     try:
         mtime = make_busybox_root(work)
-        layer = store.commit_layer(work)
-        created = dt.datetime.fromtimestamp(mtime, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        config = {
-            "created": created,
-            "os": "linux",
-            "config": {"Env": [PATH_ENV], "Cmd": ["sh"]},
-            "history": [{"created": created,
-                         "created_by": f"lamina: busybox-static base from {BUSYBOX}"}],
-        }
-        image = store.create_image([layer], config, tags=[reference])
+        # One shared lock from layer to tag: between commit_layer and create_image the new layer
+        # is referenced by nothing, and a concurrent `system prune` would collect it.
+        with store.lock(shared=True):
+            layer = store.commit_layer(work)
+            created = dt.datetime.fromtimestamp(mtime, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            config = {
+                "created": created,
+                "os": "linux",
+                "config": {"Env": [PATH_ENV], "Cmd": ["sh"]},
+                "history": [{"created": created,
+                             "created_by": f"lamina: busybox-static base from {BUSYBOX}"}],
+            }
+            image = store.create_image([layer], config, tags=[reference])
         log.info("built the default base %s (%s)", reference, image.short_id)
         return image
     finally:

@@ -249,3 +249,54 @@ def test_stale_temporaries_are_removed_and_unremovable_ones_skipped(store: Store
     with mock.patch("store.blobs.shutil.rmtree", refuse):
         assert store.check() == []
     assert not dead.exists() and mine.exists() and stuck.exists()
+
+
+def _prune_against(root: Path) -> subprocess.Popen[str]:
+    """Start `lamina system prune` on ``root``; return once it has finished or waits for the lock.
+
+    Whichever it is, a prune that could run in the gap the caller is in has then run there.
+    """
+    prune = subprocess.Popen([sys.executable, "-m", "lamina", "--root", str(root), "--log-level", "info",
+                              "system", "prune"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert prune.stderr is not None
+    for line in prune.stderr:
+        if "waiting for the lock" in line:
+            break
+    return prune
+
+
+def test_a_prune_between_new_layer_and_new_image_waits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default base and a loaded archive: their fresh, unreferenced objects survive a prune."""
+    root = tmp_path / "root"
+    store = Store.open(root)
+    prunes: list[subprocess.Popen[str]] = []
+    real_commit = Store.commit_layer
+
+    def commit_then_prune(self: Store, *args: object, **kwargs: object) -> object:
+        layer = real_commit(self, *args, **kwargs)  # type: ignore[arg-type]
+        prunes.append(_prune_against(root))
+        return layer
+
+    monkeypatch.setattr(Store, "commit_layer", commit_then_prune)
+    image = ensure_default_base(store)
+    monkeypatch.undo()
+    assert [p.wait(timeout=60) for p in prunes] == [0]
+    assert all(path.is_dir() for path in store.layer_paths(store.resolve_image(DEFAULT_BASE)))
+
+    from store.archive import DOCKER_ARCHIVE, SaveItem, load, save
+    from store.reference import Reference
+    archive = tmp_path / "base.tar"
+    save(store, [SaveItem(image, [Reference.parse(DEFAULT_BASE)])], archive, DOCKER_ARCHIVE)
+    other = Store.open(tmp_path / "other")
+    real_put = Store.put_blob
+
+    def put_then_prune(self: Store, data: bytes) -> str:
+        prunes.append(_prune_against(other.root))  # the layer blob is in, nothing names it yet
+        return real_put(self, data)
+
+    monkeypatch.setattr(Store, "put_blob", put_then_prune)
+    [(loaded, _tags)] = load(other, archive)
+    monkeypatch.undo()
+    assert [p.wait(timeout=60) for p in prunes[1:]] == [0]
+    assert loaded.id == image.id
+    assert other.check() == []
