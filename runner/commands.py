@@ -5,6 +5,7 @@ commit, diff. Handlers parse flags into a :class:`runner.state.Container` and le
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime as dt
 import json
@@ -19,9 +20,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lamina.errors import ContainerError, LaminaError, UsageError
+from lamina.errors import ContainerError, ContainerNotFound, LaminaError, UsageError
 from runner import imageconfig
-from runner.state import STATUS_CREATED, Container, ContainerStore, now, parse_time
+from runner.state import (
+    STATUS_CREATED,
+    STDERR,
+    STDOUT,
+    Container,
+    ContainerStore,
+    LogLine,
+    LogReader,
+    format_timestamp,
+    last_lines,
+    now,
+    parse_time,
+    split_lines,
+    timestamp_ns,
+)
 
 # runner.lifecycle, runner.sandbox and the store are imported by the handlers that need them, so
 # that `lamina --help` and every other package's verbs do not pay for them.
@@ -110,8 +125,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("container")
     p.set_defaults(handler=cmd_port)
 
-    p = subparsers.add_parser("logs", help="show a container's output")
-    p.add_argument("-f", "--follow", action="store_true")
+    p = subparsers.add_parser("logs", help="show a container's output (stdout on stdout, stderr on stderr)")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new output until it exits")
+    p.add_argument("-t", "--timestamps", action="store_true", help="prefix each line with its time")
+    p.add_argument("--since", metavar="TIME", help="lines from TIME on: RFC 3339 (2006-01-02T15:04:05Z), "
+                                                   "Unix seconds, or a duration ago (10m)")
+    p.add_argument("--until", metavar="TIME", help="lines up to TIME (the same forms as --since)")
+    p.add_argument("-n", "--tail", default="all", metavar="N", help='only the last N lines (default "all")')
     p.add_argument("container")
     p.set_defaults(handler=cmd_logs)
 
@@ -443,28 +463,88 @@ def cmd_ps(args: argparse.Namespace) -> int:
     return 0
 
 
+_GO_DURATION = re.compile(r"(?:(?:\d+\.?\d*|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+")
+_DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_DURATION_UNIT_NS = {"ns": 1, "us": 1_000, "µs": 1_000, "μs": 1_000, "ms": 1_000_000, "s": 1_000_000_000,
+                     "m": 60_000_000_000, "h": 3_600_000_000_000}
+_UNIX_TIME = re.compile(r"(\d+)(?:\.(\d{1,9}))?")
+
+
+def log_time_ns(flag: str, value: str, now_ns: int) -> int:
+    """``logs --since/--until TIME`` in nanoseconds since the epoch, read as docker reads it: a Go
+    duration (``10m``, ``1h30m``, ``-5s``) counts back from now, a value with a ``-`` is an RFC 3339
+    date or time (local without a zone), anything else Unix seconds with an optional fraction."""
+    sign, number = (-1, value[1:]) if value.startswith("-") else (1, value.removeprefix("+"))
+    if _GO_DURATION.fullmatch(number):
+        ago = sum(round(float(amount) * _DURATION_UNIT_NS[unit])
+                  for amount, unit in _DURATION_PART.findall(number))
+        return now_ns - sign * ago
+    try:
+        if "-" in value:
+            return timestamp_ns(value)
+        match = _UNIX_TIME.fullmatch(value)
+        if match is None:
+            raise ValueError(value)
+        return int(match[1]) * 1_000_000_000 + int((match[2] or "0").ljust(9, "0"))
+    except ValueError:
+        raise UsageError(f"{flag} {value}: expected a time (RFC 3339 such as 2006-01-02T15:04:05Z, "
+                         "or Unix seconds) or a duration such as 10m") from None
+
+
+def _tail_count(value: str) -> int | None:
+    """``--tail``: None for all. As docker, a negative number or anything but a number means all."""
+    try:
+        count = int(value)
+    except ValueError:
+        return None
+    return count if count >= 0 else None
+
+
+def _print_log_lines(lines: list[LogLine], since: int | None, until: int | None, timestamps: bool) -> None:
+    """Each stream on its own descriptor, flushed at every switch so that a terminal showing both
+    shows them in the order they were written."""
+    outputs = {STDOUT: sys.stdout.buffer, STDERR: sys.stderr.buffer}
+    previous = None
+    for line in lines:
+        if (since is not None and line.time_ns < since) or (until is not None and line.time_ns > until):
+            continue
+        out = outputs[line.stream]
+        if previous is not None and previous is not out:
+            previous.flush()
+        previous = out
+        if timestamps and not line.continues:
+            out.write(format_timestamp(line.time_ns).encode() + b" ")
+        out.write(line.data)
+    for out in outputs.values():
+        out.flush()
+
+
+def _still_running(store: ContainerStore, container_id: str) -> bool:
+    try:
+        return store.get(container_id).running
+    except ContainerNotFound:  # run -d --rm: it is gone with its directory, the open log still reads
+        return False
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
     store = ContainerStore(args.root)
     container = store.get(args.container)
-    out = sys.stdout.buffer
-    try:
-        f = open(container.log_path, "rb")
-    except FileNotFoundError:
-        return 0
-    with f:
-        while True:
-            chunk = f.read(65536)
-            if chunk:
-                out.write(chunk)
-                out.flush()
-                continue
-            if not args.follow:
-                return 0
-            if not store.get(container.id).running:
-                out.write(f.read())
-                out.flush()
-                return 0
+    now_ns = time.time_ns()
+    since = log_time_ns("--since", args.since, now_ns) if args.since else None
+    until = log_time_ns("--until", args.until, now_ns) if args.until else None
+    tail = _tail_count(args.tail)
+    open_lines: dict[str, int] = {}  # carried across reads when following
+    with contextlib.closing(LogReader(container.log_path)) as reader:
+        lines = split_lines(reader.read(), open_lines)
+        _print_log_lines(lines if tail is None else last_lines(lines, tail), since, until, args.timestamps)
+        while args.follow and (until is None or time.time_ns() <= until):
+            # Asked before reading: once the monitor has recorded the exit, it has written everything.
+            running = _still_running(store, container.id)
+            _print_log_lines(split_lines(reader.read(), open_lines), since, until, args.timestamps)
+            if not running:
+                break
             time.sleep(0.1)
+    return 0
 
 
 # --- exec / commit / diff -----------------------------------------------------------------------------

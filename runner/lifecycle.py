@@ -2,9 +2,12 @@
 
 ``run`` without ``-d`` makes the lamina process itself the monitor: it starts the sandbox, records
 the container as running, relays a pty when ``-t``, forwards signals, and records the exit code.
-``run -d`` and ``start`` fork a daemonised monitor (double fork, new session) whose output goes to
-the container's log file; the command line waits until the monitor reports that the command has
-started (or why it could not) and then returns.
+``run -d`` and ``start`` fork a daemonised monitor (double fork, new session); the command line
+waits until the monitor reports that the command has started (or why it could not) and then
+returns. Either way the container's stdout and stderr are pipes (or one pty with ``-t``) that the
+monitor reads and appends, chunk by chunk and stream by stream, to the container's log (see
+:mod:`runner.state`), so ``logs`` can replay each stream on its own descriptor as docker does. The
+container never holds the log file itself.
 """
 
 from __future__ import annotations
@@ -16,13 +19,25 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lamina.errors import ContainerError, ContainerNotFound, LaminaError
 from runner import linux, tty, unionserver
 from runner.network import PortMapping
 from runner.sandbox import Mount, Sandbox, SandboxSpec, call_in_userns, forward_signals, start_sandbox
-from runner.state import STATUS_EXITED, STATUS_RUNNING, Container, ContainerStore, now, process_start_time
+from runner.state import (
+    STATUS_EXITED,
+    STATUS_RUNNING,
+    STDERR,
+    STDOUT,
+    Container,
+    ContainerStore,
+    LogWriter,
+    now,
+    process_start_time,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,59 +91,109 @@ def _finish(root: Path, container: Container, code: int) -> None:
         remove(root, container)
 
 
+@dataclass
+class _OutputEnds:
+    """This side of the container's output: a pty's master (``-t``: one stream, which docker logs as
+    stdout) or one pipe per stream, and the ends the sandbox gets (closed here once it started)."""
+
+    master: int | None = None
+    pipes: dict[int, str] = field(default_factory=dict)  # read end -> STDOUT or STDERR
+    child_ends: list[int] = field(default_factory=list)
+
+    def close(self) -> None:
+        for fd in [*self.pipes, *([self.master] if self.master is not None else [])]:
+            os.close(fd)
+        self.pipes, self.master = {}, None
+
+
+def _plumb_output(spec: SandboxSpec, use_tty: bool) -> _OutputEnds:
+    ends = _OutputEnds()
+    if use_tty:
+        ends.master, slave = tty.open_pty()
+        spec.terminal = slave
+        ends.child_ends.append(slave)
+        return ends
+    for stream in (STDOUT, STDERR):
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        ends.pipes[read_end] = stream
+        ends.child_ends.append(write_end)
+    spec.stdout, spec.stderr = ends.child_ends
+    return ends
+
+
+def _start(spec: SandboxSpec, ends: _OutputEnds) -> Sandbox:
+    """Start the sandbox, then close this side's copies of its ends (or the pipes would never reach
+    end of file)."""
+    try:
+        return start_sandbox(spec)
+    finally:
+        for fd in ends.child_ends:
+            os.close(fd)
+        ends.child_ends = []
+
+
+def _record_failure(root: Path, container: Container, error: LaminaError) -> None:
+    """The container could not start: say why (docker's ``State.Error``) and honour ``--rm``."""
+    _mark_exited(container, error.exit_code, str(error))
+    if container.auto_remove:
+        remove(root, container)
+
+
+def _log_output(container_log: LogWriter, stream: str, live_fd: int | None) -> Callable[[bytes], None]:
+    """What to do with a chunk of the container's output: show it on ``live_fd`` (None: nobody
+    watches, ``run -d``), then keep it in the log."""
+    def consume(data: bytes) -> None:
+        if live_fd is not None:
+            with contextlib.suppress(BrokenPipeError):  # `lamina run ... | head`: keep logging
+                tty.write_all(live_fd, data)
+        container_log.write(stream, data)
+
+    return consume
+
+
+def _copy_output(ends: _OutputEnds, container_log: LogWriter, sandbox: Sandbox, live: bool,
+                 stdin_fd: int | None = None) -> None:
+    """Copy the container's output to the log (and, when ``live``, to this process's stdout and
+    stderr) until the container is gone."""
+    if ends.master is not None:
+        tty.relay(ends.master, stdin_fd, sys.stdout.fileno() if live else None, lambda: _exited(sandbox),
+                  copy_to=_log_output(container_log, STDOUT, None))
+        return
+    live_fds = {STDOUT: sys.stdout.fileno(), STDERR: sys.stderr.fileno()} if live else {}
+    consumers = {fd: _log_output(container_log, stream, live_fds.get(stream)) for fd, stream in ends.pipes.items()}
+    tty.copy_output(consumers, lambda: _exited(sandbox))
+
+
 def run_attached(root: Path, container: Container) -> int:
     """Run in the foreground (``run`` without ``-d``, ``start -a``); return the exit code.
 
     As docker does, the output is also kept for ``lamina logs``: it passes through pipes (or the
-    pty) that this process copies to its own stdout/stderr and to the container's log file.
+    pty) that this process copies to its own stdout/stderr and to the container's log.
     """
     spec = build_spec(root, container)
-    master = slave = devnull = None
-    pipes: dict[int, int] = {}  # read end -> where it goes
-    child_ends: list[int] = []
-    if not container.interactive:
-        devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        spec.stdin = devnull
-        child_ends.append(devnull)
     if container.tty:
-        master, slave = tty.open_pty()
-        spec.terminal = slave
-        child_ends.append(slave)
         spec.env.setdefault("TERM", os.environ.get("TERM", "xterm"))
-    else:
-        for target in (1, 2):
-            read_end, write_end = os.pipe2(os.O_CLOEXEC)
-            pipes[read_end] = target
-            child_ends.append(write_end)
-            if target == 1:
-                spec.stdout = write_end
-            else:
-                spec.stderr = write_end
-    log_fd = os.open(container.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
-    try:
-        with forward_signals() as forwarder:
-            try:
-                sandbox = start_sandbox(spec)
-            except LaminaError as e:
-                _mark_exited(container, e.exit_code, str(e))
-                if container.auto_remove:
-                    remove(root, container)
-                raise
-            finally:
-                for fd in child_ends:
-                    os.close(fd)
-            _mark_running(container, sandbox)
-            forwarder.attach(sandbox)
-            if master is not None:
+    with contextlib.closing(LogWriter(container.log_path)) as container_log:
+        ends = _plumb_output(spec, container.tty)
+        if not container.interactive:
+            spec.stdin = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            ends.child_ends.append(spec.stdin)
+        try:
+            with forward_signals() as forwarder:
+                try:
+                    sandbox = _start(spec, ends)
+                except LaminaError as e:
+                    _record_failure(root, container, e)
+                    raise
+                _mark_running(container, sandbox)
+                forwarder.attach(sandbox)
                 stdin_fd = sys.stdin.fileno() if container.interactive else None
-                with tty.raw_terminal(sys.stdin.fileno()) if container.interactive else contextlib.nullcontext():
-                    tty.relay(master, stdin_fd, sys.stdout.fileno(), lambda: _exited(sandbox), copy_to=log_fd)
-            else:
-                tty.copy_output(pipes, log_fd)
-            code = sandbox.wait()
-    finally:
-        for fd in [*pipes, *([master] if master is not None else []), log_fd]:
-            os.close(fd)
+                raw = container.interactive and container.tty
+                with tty.raw_terminal(sys.stdin.fileno()) if raw else contextlib.nullcontext():
+                    _copy_output(ends, container_log, sandbox, live=True, stdin_fd=stdin_fd)
+                code = sandbox.wait()
+        finally:
+            ends.close()
     _finish(root, container, code)
     return code
 
@@ -166,33 +231,37 @@ def start_detached(root: Path, container: Container) -> None:
     raise err
 
 
-def _monitor(root: Path, container: Container, report_w: int) -> None:
+def _detach_stdio(container: Container) -> None:
+    """The monitor outlives the command line: it must hold none of its terminal or pipes (a caller
+    reading ``run -d``'s output to the end would wait for the container). Its input and output are
+    /dev/null; its own diagnostics go to the container's ``monitor.log``, never into the container's
+    output log."""
     null = os.open(os.devnull, os.O_RDWR)
-    log_fd = os.open(container.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+    diagnostics = os.open(container.monitor_log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
     os.dup2(null, 0)
-    os.dup2(log_fd, 1)
-    os.dup2(log_fd, 2)
+    os.dup2(null, 1)
+    os.dup2(diagnostics, 2)
     os.close(null)
-    os.close(log_fd)
+    os.close(diagnostics)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.StreamHandler):
             handler.setStream(sys.stderr)
+
+
+def _monitor(root: Path, container: Container, report_w: int) -> None:
+    """The daemonised monitor of ``run -d``/``start``: starts the sandbox with its output on pipes
+    (or a pty), reports to the command line on ``report_w``, then copies the output to the log until
+    the container exits and records its exit code."""
+    _detach_stdio(container)
     try:
+        container_log = LogWriter(container.log_path)
         spec = build_spec(root, container)
-        master = slave = None
         if container.tty:
-            master, slave = tty.open_pty()
-            spec.terminal = slave
             spec.env.setdefault("TERM", "xterm")
-        try:
-            sandbox = start_sandbox(spec)
-        finally:
-            if slave is not None:
-                os.close(slave)
+        ends = _plumb_output(spec, container.tty)
+        sandbox = _start(spec, ends)
     except LaminaError as e:
-        _mark_exited(container, e.exit_code, str(e))
-        if container.auto_remove:
-            remove(root, container)
+        _record_failure(root, container, e)
         os.write(report_w, f"{e.exit_code} {e}\n".encode())
         return
     except BaseException as e:
@@ -204,9 +273,16 @@ def _monitor(root: Path, container: Container, report_w: int) -> None:
     os.close(report_w)
     with forward_signals() as forwarder:
         forwarder.attach(sandbox)
-        if master is not None:
-            tty.relay(master, None, 1, lambda: False)
-            os.close(master)
+        try:
+            _copy_output(ends, container_log, sandbox, live=False)
+        except Exception:
+            # Nobody would see the traceback (this process ends in os._exit): say it in monitor.log,
+            # and keep the container's record true. Closing the pipes makes its writes fail with
+            # EPIPE rather than block.
+            log.exception("container %s: copying its output to the log failed", container.short_id)
+        finally:
+            ends.close()
+            container_log.close()
         code = sandbox.wait()
     _finish(root, container, code)
 

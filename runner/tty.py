@@ -53,12 +53,14 @@ def raw_terminal(fd: int) -> Iterator[None]:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
-def relay(master: int, stdin_fd: int | None, stdout_fd: int, finished: Callable[[], bool],
-          copy_to: int | None = None) -> None:
-    """Copy ``stdin_fd`` -> master and master -> ``stdout_fd`` until the pty's slave side is closed.
+def relay(master: int, stdin_fd: int | None, stdout_fd: int | None, finished: Callable[[], bool],
+          copy_to: Callable[[bytes], None] | None = None) -> None:
+    """Copy ``stdin_fd`` -> master and master -> ``stdout_fd`` until the pty's slave side is closed
+    (or nothing arrives and ``finished()`` says the container is gone).
 
-    ``stdin_fd`` None means the container's input is not attached (``-t`` without ``-i``). When
-    stdin is a terminal, its window size is copied now and on every SIGWINCH.
+    ``stdin_fd`` None means the container's input is not attached (``-t`` without ``-i``);
+    ``stdout_fd`` None that nobody watches it live (``run -d``). When stdin is a terminal, its window
+    size is copied now and on every SIGWINCH. ``copy_to`` also gets every chunk of output (the log).
     """
     if stdin_fd is not None and os.isatty(stdin_fd):
         copy_window_size(stdin_fd, master)
@@ -81,18 +83,19 @@ def relay(master: int, stdin_fd: int | None, stdout_fd: int, finished: Callable[
                     data = b""
                 if not data:
                     return
-                _write_all(stdout_fd, data)
+                if stdout_fd is not None:
+                    write_all(stdout_fd, data)
                 if copy_to is not None:
-                    _write_all(copy_to, data)
+                    copy_to(data)
             if stdin_fd is not None and stdin_fd in readable:
                 data = os.read(stdin_fd, 65536)
                 if data:
-                    _write_all(master, data)
+                    write_all(master, data)
                 else:
                     inputs.remove(stdin_fd)
                     # End of input: send EOF to the container's terminal, as docker does.
                     with contextlib.suppress(OSError):
-                        _write_all(master, b"\x04")
+                        write_all(master, b"\x04")
             if not readable and finished():
                 return
     finally:
@@ -100,26 +103,25 @@ def relay(master: int, stdin_fd: int | None, stdout_fd: int, finished: Callable[
             signal.signal(signal.SIGWINCH, previous)
 
 
-def copy_output(pipes: dict[int, int], copy_to: int) -> None:
-    """Copy each pipe (read end -> destination fd) to its destination and to ``copy_to`` until every
-    pipe reaches end of file (all the container's processes are gone)."""
+def copy_output(pipes: dict[int, Callable[[bytes], None]], finished: Callable[[], bool]) -> None:
+    """Hand what arrives on each pipe (read end -> consumer) to its consumer, in the order it arrives,
+    until every pipe reaches end of file: all the container's processes are gone. Should something
+    outside the container hold a write end, ``finished()`` ends the wait once nothing arrives."""
     open_pipes = dict(pipes)
     while open_pipes:
-        try:
-            readable, _, _ = select.select(list(open_pipes), [], [])
-        except InterruptedError:
-            continue
+        readable, _, _ = select.select(list(open_pipes), [], [], 0.2)
+        if not readable and finished():
+            return
         for fd in readable:
             data = os.read(fd, 65536)
-            if not data:
+            if data:
+                open_pipes[fd](data)
+            else:
                 del open_pipes[fd]
-                continue
-            with contextlib.suppress(BrokenPipeError):
-                _write_all(open_pipes[fd], data)
-            _write_all(copy_to, data)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until all of ``data`` is written (a pipe or terminal may take it in parts)."""
     view = memoryview(data)
     while view:
         n = os.write(fd, view)

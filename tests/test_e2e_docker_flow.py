@@ -149,7 +149,6 @@ def test_detached_logs_stop_rm(lamina: Lamina, image: str) -> None:
     assert "e2e-bg" in one_error_line(lamina("logs", "e2e-bg"))
 
 
-@pytest.mark.xfail(strict=True, reason="runner: logs of a -d container print its stderr on stdout (REQUESTS.md 12:24)")
 def test_logs_replay_stderr_on_stderr(lamina: Lamina, image: str) -> None:
     """docker logs replays a container's stdout on stdout and its stderr on stderr."""
     lamina("run", "-d", "--name", "e2e-streams", "--entrypoint", "sh", image, "-c", "echo out; echo err >&2",
