@@ -22,20 +22,22 @@ from typing import TYPE_CHECKING, Any
 
 from lamina.errors import ContainerError, ContainerNotFound, LaminaError, UsageError
 from runner import imageconfig
-from runner.state import (
-    STATUS_CREATED,
+from runner.containerlog import (
     STDERR,
     STDOUT,
-    Container,
-    ContainerStore,
     LogLine,
     LogReader,
     format_timestamp,
     last_lines,
-    now,
-    parse_time,
     split_lines,
     timestamp_ns,
+)
+from runner.state import (
+    STATUS_CREATED,
+    Container,
+    ContainerStore,
+    now,
+    parse_time,
 )
 
 # runner.lifecycle, runner.sandbox and the store are imported by the handlers that need them, so

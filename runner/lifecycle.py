@@ -25,16 +25,14 @@ from pathlib import Path
 
 from lamina.errors import ContainerError, ContainerNotFound, LaminaError
 from runner import linux, tty, unionserver
+from runner.containerlog import STDERR, STDOUT, LogWriter
 from runner.network import PortMapping
 from runner.sandbox import Mount, Sandbox, SandboxSpec, call_in_userns, forward_signals, start_sandbox
 from runner.state import (
     STATUS_EXITED,
     STATUS_RUNNING,
-    STDERR,
-    STDOUT,
     Container,
     ContainerStore,
-    LogWriter,
     now,
     process_start_time,
 )

@@ -22,7 +22,7 @@ import pytest
 from harness import REPO_ROOT, fuse_mounts_under
 from lamina.errors import UsageError
 from runner.commands import log_time_ns
-from runner.state import (
+from runner.containerlog import (
     STDERR,
     STDOUT,
     LogReader,
