@@ -65,6 +65,27 @@ def requested_verb(argv: Sequence[str]) -> str | None:
     return None
 
 
+class _UnusedParser:
+    """Stands in for the parser of a verb that is not on the command line: every call is a no-op."""
+
+    def __getattr__(self, _name: str) -> Callable[..., _UnusedParser]:
+        return lambda *_args, **_kwargs: self
+
+
+class _OneVerb:
+    """The subparsers action, narrowed to one verb: a module registering its verbs builds only the
+    parser of the verb being run (argparse set-up of a dozen verbs is a noticeable part of start-up)."""
+
+    def __init__(self, subparsers: argparse._SubParsersAction, verb: str) -> None:
+        self._subparsers = subparsers
+        self._verb = verb
+
+    def add_parser(self, name: str, **kwargs: object) -> argparse.ArgumentParser | _UnusedParser:
+        if name != self._verb and self._verb not in kwargs.get("aliases", ()):  # type: ignore[operator]
+            return _UnusedParser()
+        return self._subparsers.add_parser(name, **kwargs)  # type: ignore[arg-type]
+
+
 def build_parser(argv: Sequence[str] = ()) -> LaminaArgumentParser:
     """The full parser, or, when ``argv`` names a known verb, a parser with only that verb's module."""
     parser = LaminaArgumentParser(
@@ -80,9 +101,11 @@ def build_parser(argv: Sequence[str] = ()) -> LaminaArgumentParser:
                         help="how much lamina logs on stderr (default: warning)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=LaminaArgumentParser)
     verb = requested_verb(argv)
-    modules = [VERB_MODULES[verb]] if verb in VERB_MODULES else list(ALL_COMMAND_MODULES)
-    for name in modules:
-        importlib.import_module(name).register(subparsers)
+    if verb in VERB_MODULES:
+        importlib.import_module(VERB_MODULES[verb]).register(_OneVerb(subparsers, verb))
+    else:
+        for name in ALL_COMMAND_MODULES:
+            importlib.import_module(name).register(subparsers)
     return parser
 
 

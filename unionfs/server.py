@@ -56,17 +56,37 @@ def _lock_memory() -> None:
     log.debug("mlockall failed: %s", os.strerror(ctypes.get_errno()))
 
 
-def _import_pyfuse3() -> None:
-    """Import pyfuse3 without importlib.metadata, which mounting does not need.
+def import_fuse_stack() -> None:
+    """Import trio and pyfuse3, skipping two costly steps that serving a mount does not need.
 
-    pyfuse3 looks up its own ``__version__`` at import through importlib.metadata, which pulls in
-    email, zipfile and csv: 20-30 ms of the ~150 ms that importing pyfuse3 and trio takes before a
-    mount can answer. A stand-in serves that one lookup (``pyfuse3.__version__`` becomes
-    'unknown'; nothing here reads it) and is gone again afterwards, so a later real import works.
+    Both run before a mount can answer, so they are start-up time of every mount, RUN step and
+    container (the runner forks its server early to import these while it does other work):
+
+    * trio asks ``ctypes.util.find_library("pthread")`` once, to name its worker threads; on Linux
+      that runs ``ldconfig -p`` in a subprocess (5-10 ms). Since glibc 2.34 the pthread functions
+      live in libc itself, so when libc has ``pthread_setname_np`` that is the answer.
+    * pyfuse3 looks up its own ``__version__`` through importlib.metadata, which pulls in email,
+      zipfile and csv (20-30 ms). A stand-in serves that one lookup (``pyfuse3.__version__`` becomes
+      'unknown'; nothing here reads it).
+
+    Both substitutes are in place only during the imports, so later callers get the real functions.
     """
-    if "pyfuse3" in sys.modules or "importlib.metadata" in sys.modules:
+    if "pyfuse3" in sys.modules:
         return
+    import ctypes
+    import ctypes.util
     import types
+
+    real_find_library = ctypes.util.find_library
+
+    def find_library(name: str) -> str | None:
+        if name == "pthread":
+            try:
+                ctypes.CDLL("libc.so.6").pthread_setname_np  # noqa: B018 - probe only
+                return "libc.so.6"
+            except (OSError, AttributeError):
+                pass
+        return real_find_library(name)
 
     class PackageNotFoundError(ModuleNotFoundError):
         pass
@@ -77,13 +97,19 @@ def _import_pyfuse3() -> None:
     stand_in = types.ModuleType("importlib.metadata")
     stand_in.PackageNotFoundError = PackageNotFoundError  # type: ignore[attr-defined]
     stand_in.version = version  # type: ignore[attr-defined]
-    sys.modules["importlib.metadata"] = stand_in
+    had_metadata = "importlib.metadata" in sys.modules
+    if not had_metadata:
+        sys.modules["importlib.metadata"] = stand_in
+    ctypes.util.find_library = find_library
     try:
         import pyfuse3  # noqa: F401
+        import trio  # noqa: F401
     except ImportError:
-        pass  # a pyfuse3 that wants more of importlib.metadata: the real import below does it
+        pass  # a pyfuse3 that wants more of importlib.metadata: the caller's real import does it
     finally:
-        del sys.modules["importlib.metadata"]
+        ctypes.util.find_library = real_find_library
+        if not had_metadata:
+            del sys.modules["importlib.metadata"]
 
 
 def serve(opts: ServerOptions, ready: Callable[[], None] | None = None) -> None:
@@ -94,7 +120,7 @@ def serve(opts: ServerOptions, ready: Callable[[], None] | None = None) -> None:
     """
     import trio
 
-    _import_pyfuse3()
+    import_fuse_stack()
     import pyfuse3
 
     from unionfs.core import UnionFS
