@@ -23,6 +23,7 @@ import logging
 import os
 import secrets
 import shutil
+import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -228,15 +229,79 @@ class ContainerStore:
         return container
 
     def remove_directory(self, container: Container) -> None:
-        from runner.sandbox import call_in_userns
+        """Take the container's directory out of sight at once, and delete it in the background.
 
+        The rename is what makes the container gone (``ps -a``, names, ``inspect`` no longer see it);
+        the deletion itself is left to a detached process because removing directories is slow on
+        filesystems that discard freed blocks (ext4 with ``-o discard``: ~4 ms a directory, 40 ms of
+        every ``run --rm``). A deletion cut short by a crash is finished by the next one.
+        """
+        doomed = self.dir / f"{REMOVING_PREFIX}{container.directory.name}"
         try:
-            shutil.rmtree(container.directory)
-        except OSError:
-            # Files the container made may belong to subordinate ids: delete them as namespace root.
-            call_in_userns(shutil.rmtree, container.directory, True)
-            if container.directory.exists():
-                shutil.rmtree(container.directory, ignore_errors=True)
+            os.rename(container.directory, doomed)
+        except OSError as e:
+            log.debug("cannot move %s aside (%s): deleting it in place", container.directory, e)
+            _delete_container_tree(container.directory)
+            return
+        # Nothing in the doomed tree may keep naming the image's layers (the store's gc reads it).
+        with contextlib.suppress(FileNotFoundError):
+            (doomed / "container.json").unlink()
+        _delete_in_background(self.dir)
+
+
+REMOVING_PREFIX = ".removing-"
+
+
+def _delete_container_tree(directory: Path) -> None:
+    from runner.sandbox import call_in_userns
+
+    try:
+        shutil.rmtree(directory)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        # Files the container made may belong to subordinate ids: delete them as namespace root.
+        with contextlib.suppress(Exception):
+            call_in_userns(shutil.rmtree, directory, True)
+        if directory.exists():
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def _delete_in_background(containers_dir: Path) -> None:
+    """Delete every ``.removing-*`` tree under ``containers_dir`` in a detached process.
+
+    The process holds none of our descriptors (an inherited lock would block other commands for as
+    long as it runs) and outlives us. Should fork fail, the deletion happens here and now.
+    """
+    from runner import linux
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        pid = os.fork()
+    except OSError:
+        _delete_removing_trees(containers_dir)
+        return
+    if pid == 0:
+        try:
+            linux.close_fds_except(set())
+            os.setsid()
+            if os.fork() == 0:
+                null = os.open(os.devnull, os.O_RDWR)
+                for fd in (0, 1, 2):
+                    os.dup2(null, fd)
+                logging.disable(logging.CRITICAL)  # nobody reads the output of a detached process
+                _delete_removing_trees(containers_dir)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+
+
+def _delete_removing_trees(containers_dir: Path) -> None:
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(containers_dir):
+            if entry.name.startswith(REMOVING_PREFIX):
+                _delete_container_tree(Path(entry.path))
 
 
 def _unmount_stale(mountpoint: Path) -> None:
