@@ -19,8 +19,9 @@ its step ends, whether it succeeded or not.
 
 Error handling: a malformed Dockerfile raises :class:`DockerfileError` before anything runs; a step
 that fails raises :class:`BuildError` (a RUN exiting non-zero: ``The command '...' returned a
-non-zero code: N``). Nothing is tagged and no image is recorded unless every step succeeded; layers
-of the steps that did succeed stay in the store as cache.
+non-zero code: N``); SIGINT or SIGTERM stops the build, a running RUN included, with
+:class:`BuildInterrupted` (see :mod:`builder.interruption`). Nothing is tagged and no image is
+recorded unless every step succeeded; layers of the steps that did succeed stay in the store as cache.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from builder.fsops import (
     prune_empty_dirs,
     resolve_dir_in_image,
 )
+from builder.interruption import BuildInterrupted, Interrupt, Interruption
 from builder.shellwords import Lexer
 from builder.variables import BuildArgs, FixedScope, StageScope
 from lamina.errors import (
@@ -64,6 +66,7 @@ from lamina.errors import (
 )
 
 if TYPE_CHECKING:
+    from runner.sandbox import SandboxSpec
     from store import Image, Layer, Store
 
 log = logging.getLogger(__name__)
@@ -152,6 +155,7 @@ class Builder:
         self.dockerfile: df.Dockerfile | None = None
         self.pulled: set[str] = set()  # references already pulled by this build (--pull)
         self.cleaner = _Cleaner()
+        self.interruption = Interruption()
 
     # --- top level ---------------------------------------------------------------------------
     def build(self) -> Image:
@@ -175,6 +179,7 @@ class Builder:
             unused = self.build_args.unused()
             if unused:
                 self.out.line(f"[Warning] one or more build-args {unused} were not consumed")
+            self.interruption.commit()
             return self._commit(final)
 
     def _needed_stages(self, parsed: df.Dockerfile, target: df.Stage) -> list[df.Stage]:
@@ -362,7 +367,8 @@ class Builder:
             if layer is not None:
                 record["layer"] = {"diff_id": layer.diff_id, "digest": layer.digest, "size": layer.size,
                                    "media_type": layer.media_type}
-            self.cache.put(key, record)
+            with self.interruption.deferred():
+                self.cache.put(key, record)
             self.out.line(f"--> {(layer.diff_id.removeprefix('sha256:') if layer else key)[:12]}")
         inst.update_config(state.image)
         if layer is not None:
@@ -413,7 +419,8 @@ class Builder:
                 copy_into_layer(self, state, inst, tmp, diff)
             if not any(diff.iterdir()) and not _is_opaque(diff):
                 return None
-            return self.store.commit_layer(diff)
+            with self.interruption.deferred():
+                return self.store.commit_layer(diff)
 
     @contextmanager
     def _temp_dir(self, kind: str) -> Iterator[Path]:
@@ -423,11 +430,12 @@ class Builder:
         try:
             yield path
         finally:
-            self.cleaner.remove(path)
+            with self.interruption.deferred():
+                self.cleaner.remove(path)
 
     # --- RUN ---------------------------------------------------------------------------------
     def _run(self, state: StageState, inst: df.Run, tmp: Path, upper: Path) -> Layer | None:
-        from runner.sandbox import Mount, SandboxSpec, run_sandboxed
+        from runner.sandbox import Mount, SandboxSpec
 
         work = tmp / "work"
         work.mkdir()
@@ -460,48 +468,60 @@ class Builder:
             apt_conf.chmod(0o644)
             mounts.append(Mount(target=APT_CONFIG_PATH, source=apt_conf, readonly=True))
             env["APT_CONFIG"] = APT_CONFIG_PATH
-        capture = None
-        if self.out.quiet:
-            capture = open(tmp / "output", "w+b")
-        try:
-            spec = SandboxSpec(
-                argv=list(inst.argv),
-                lowers=[layer.path for layer in reversed(state.layers)],
-                upper=upper, work=work,
-                env=env,
-                cwd=state.image.workdir,
-                user=state.image.user or "0",
-                network="none" if inst.network == "none" else "host",
-                mounts=mounts,
-                stdout=capture.fileno() if capture else None,
-                stderr=capture.fileno() if capture else None,
-            )
-            sys.stdout.flush()
+        # A signal from here on kills the command (or cancels its start) and ends the step once the
+        # sandbox is gone: see builder.interruption.
+        with self.interruption.deferred():
+            capture = None
+            if self.out.quiet:
+                capture = open(tmp / "output", "w+b")
             try:
-                code = run_sandboxed(spec)
-            except (CommandNotFound, CommandNotInvokable) as e:
-                # docker reports these as the step's exit code, after the runtime's message.
-                sys.stderr.write(f"{e}\n")
-                code = e.exit_code
-            if code != 0:
+                spec = SandboxSpec(
+                    argv=list(inst.argv),
+                    lowers=[layer.path for layer in reversed(state.layers)],
+                    upper=upper, work=work,
+                    env=env,
+                    cwd=state.image.workdir,
+                    user=state.image.user or "0",
+                    network="none" if inst.network == "none" else "host",
+                    mounts=mounts,
+                    stdout=capture.fileno() if capture else None,
+                    stderr=capture.fileno() if capture else None,
+                )
+                sys.stdout.flush()
+                code = self._run_command(spec)
+                if code != 0:
+                    if capture is not None:
+                        capture.seek(0)
+                        sys.stderr.write(capture.read().decode("utf-8", "replace"))
+                    command = " ".join(inst.argv) if inst.exec_form is None else json.dumps(inst.argv)
+                    raise BuildError(f"{inst.file}:{inst.line}: The command '{command}' returned a non-zero "
+                                     f"code: {code}")
+            finally:
                 if capture is not None:
-                    capture.seek(0)
-                    sys.stderr.write(capture.read().decode("utf-8", "replace"))
-                command = " ".join(inst.argv) if inst.exec_form is None else json.dumps(inst.argv)
-                raise BuildError(f"{inst.file}:{inst.line}: The command '{command}' returned a non-zero "
-                                 f"code: {code}")
-        finally:
-            if capture is not None:
-                capture.close()
-        # Mount points the sandbox created for --mount targets are scaffolding, not content.
-        targets = [posixpath.join(state.image.workdir, m.target) for m in inst.mounts]
-        if inst.script is not None:
-            targets.append("/dev/pipes")
-        layer = self._commit_upper([layer.path for layer in reversed(state.layers)], upper, work, targets)
+                    capture.close()
+            # Mount points the sandbox created for --mount targets are scaffolding, not content.
+            targets = [posixpath.join(state.image.workdir, m.target) for m in inst.mounts]
+            if inst.script is not None:
+                targets.append("/dev/pipes")
+            layer = self._commit_upper([layer.path for layer in reversed(state.layers)], upper, work, targets)
         # The upper and work directories are gone (removed in the user namespace); what is left of
         # the step's directory is the build's own.
         self.cleaner.mark_plain(tmp)
         return layer
+
+    def _run_command(self, spec: SandboxSpec) -> int:
+        """Run a RUN step's command in the sandbox; return its exit code. A signal cancels the
+        sandbox's start, or kills the command once it runs (see :mod:`builder.interruption`)."""
+        from runner.sandbox import start_sandbox
+
+        try:
+            sandbox = start_sandbox(spec, cancel=self.interruption.cancel_signal)
+        except (CommandNotFound, CommandNotInvokable) as e:
+            # docker reports these as the step's exit code, after the runtime's message.
+            sys.stderr.write(f"{e}\n")
+            return e.exit_code
+        with self.interruption.stopping(sandbox):
+            return sandbox.wait()
 
     def _commit_upper(self, lowers: list[Path], upper: Path, work: Path, targets: list[str]) -> Layer | None:
         """Turn a RUN step's upper directory into a layer (None when the step changed nothing).
@@ -670,6 +690,12 @@ def build(store: Store, options: BuildOptions, stream: TextIO | None = None) -> 
     Resource handling: every temporary directory of the build is gone when this returns or raises."""
     builder = Builder(store, options, stream)
     try:
-        return builder.build()
-    finally:
-        builder.cleaner.wait()
+        with builder.interruption.installed():
+            try:
+                return builder.build()
+            finally:
+                with builder.interruption.deferred():
+                    builder.cleaner.wait()
+    except Interrupt as e:
+        where = f" at step {builder.step_number}/{builder.total_steps}" if builder.step_number else ""
+        raise BuildInterrupted(e.signum, where) from None

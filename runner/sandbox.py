@@ -16,17 +16,28 @@ FUSE mount made by root of the user namespace shows the image's owners correctly
 fusermount3; and it vanishes with the namespace, so a crash leaves no stale mount on the host.
 
 Synchronisation uses close-on-exec pipes: *status* (K and C report JSON events to P: the
-namespaces exist, C's pid, or an error with an exit code; EOF means C has exec'd), *sync* (P tells
-K the id maps are written), *ready* (S tells K the union is mounted, or why not) and *go* (P tells
-C the network is ready, so the command never starts before its ports are published).
+namespaces exist, C's pid, C's root is prepared, or an error with an exit code; EOF means C has
+exec'd), *sync* (P tells K the id maps are written), *ready* (S tells K the union is mounted, or why
+not) and *go* (P tells C to exec: the network is ready, so the command never starts before its ports
+are published, and no stop signal came meanwhile).
+
+Stop signals during the set-up: a SIGINT or SIGTERM that reaches lamina before the command runs
+cannot simply be passed on once it does. The command is PID 1 of its PID namespace, and the kernel
+drops a signal sent to such a process from outside while its handler is SIG_DFL, which it still is
+at exec time. So :func:`start_sandbox` asks its ``cancel`` callback at each step of the set-up (before
+the union is mounted, before *go*, once the command has exec'd): when a stop signal has come, the
+command is not started (or, if it was exec'd in between, killed at once) and
+:class:`StartInterrupted` is raised, with docker's exit code for a command killed by that signal
+(128+N). :func:`forward_signals` provides that callback to every sandbox started inside it. Signals
+that come once the command runs are forwarded to it.
 
 Resource handling: :func:`start_sandbox` returns a :class:`Sandbox` that owns K (and through it
 C), S and slirp4netns; :meth:`Sandbox.wait` reaps them and removes temporary state. If P dies, K, S
 and C get SIGKILL (parent-death signals) and the namespaces, mount included, disappear.
 
 Error handling: a failure before the command runs raises :class:`ContainerError` (or
-:class:`MountError`); a command that cannot be found or executed raises :class:`CommandNotFound`
-(127) or :class:`CommandNotInvokable` (126), as docker reports them.
+:class:`MountError`, or :class:`StartInterrupted`); a command that cannot be found or executed
+raises :class:`CommandNotFound` (127) or :class:`CommandNotInvokable` (126), as docker reports them.
 """
 
 from __future__ import annotations
@@ -64,7 +75,23 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 T = TypeVar("T")
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
                      signal.SIGUSR2, signal.SIGWINCH)
+# Signals that mean "stop": one that comes before the command runs cancels its start.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 UNION_READY_TIMEOUT = 15.0
+
+
+# Answers "has a stop signal come?" with its number, or None: see start_sandbox.
+CancelCheck = Callable[[], int | None]
+
+
+class StartInterrupted(ContainerError):
+    """A stop signal came while the sandbox was set up: its command did not run (or was killed as it
+    exec'd). The exit code is 128+N, as for a command killed by signal N."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name} while the container was starting")
+        self.signum = signum
+        self.exit_code = 128 + signum
 
 
 @dataclass
@@ -211,16 +238,23 @@ class Sandbox:
             self._temp_dir = None
 
 
-def start_sandbox(spec: SandboxSpec, server: UnionServer | None = None) -> Sandbox:
+def start_sandbox(spec: SandboxSpec, server: UnionServer | None = None,
+                  cancel: CancelCheck | None = None) -> Sandbox:
     """Start ``spec``'s command; return once it has been exec'd (or raise, leaving nothing behind).
 
     ``server``: a union server forked earlier; by default the one :func:`runner.unionserver.prefork`
     made, if any (callers that know a sandbox is coming call ``prefork()`` early, so the server's
     imports overlap with their own work). The sandbox takes it over (and stops it when ``spec`` has
     a plain ``rootfs``).
+
+    ``cancel``: asked during the set-up whether a stop signal has come (see the module docstring);
+    by default the :class:`SignalForwarder` installed by :func:`forward_signals`, if any. When it
+    answers a signal number, :class:`StartInterrupted` is raised and nothing is left running.
     """
     if server is None:
         server = unionserver.take()
+    if cancel is None and _installed_forwarder is not None:
+        cancel = _installed_forwarder.stop_signal
     network = normalize_network(spec.network)
     if not spec.argv:
         raise ContainerError("no command specified")
@@ -275,38 +309,37 @@ def start_sandbox(spec: SandboxSpec, server: UnionServer | None = None) -> Sandb
     os.close(sync_r)
     os.close(go_r)
     slirp: Slirp | None = None
-    events = _EventReader(status_r)
+    startup = _Startup(status_r)
     try:
-        first = events.next()
-        if first is None or first.get("event") != "unshared":
-            _raise_event(first, "the sandbox did not start")
+        _raise_if_cancelled(cancel)
+        if not startup.read_until("unshared"):
+            _raise_event(startup.error, "the sandbox did not start")
         apply_mapping(pid, mapping)
         log.debug("sandbox: namespaces made and id maps written")
         if server is not None:
             server.attach(pid, server_args, str(spec.union_log) if spec.union_log else None)
         if network == "slirp":
             slirp = Slirp(pid)
+        _raise_if_cancelled(cancel)
         os.write(sync_w, b"1")
         if slirp is not None:
             slirp.wait_ready()
             for port in spec.ports:
                 slirp.add_port(port)
-        os.write(go_w, b"1")
         log.debug("sandbox: network ready")
-        container_pid = 0
-        error: dict[str, object] | None = None
-        while (event := events.next()) is not None:
-            if event.get("event") == "pid":
-                container_pid = int(event["pid"])  # type: ignore[call-overload]
-            elif event.get("event") == "error" and error is None:
-                error = event
-        if error is not None or not container_pid:
-            _raise_event(error, "the sandbox exited before running the command")
+        if not startup.read_until("prepared"):
+            _raise_event(startup.error, "the sandbox exited before running the command")
+        log.debug("sandbox: root prepared")
+        _raise_if_cancelled(cancel)
+        os.write(go_w, b"1")
+        log.debug("sandbox: the command may start")
+        startup.read_until(None)
+        if startup.error is not None or not startup.container_pid:
+            _raise_event(startup.error, "the sandbox exited before running the command")
+        # A signal that came between "go" and the exec: the command could not have handled it yet.
+        _raise_if_cancelled(cancel)
     except BaseException:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _kill_quietly(pid, signal.SIGKILL)  # and with it C, by its parent-death signal
         os.waitpid(pid, 0)
         if server is not None:
             server.stop(grace=0)
@@ -318,10 +351,10 @@ def start_sandbox(spec: SandboxSpec, server: UnionServer | None = None) -> Sandb
     finally:
         for fd in (sync_w, go_w, status_r):
             os.close(fd)
-    log.debug("sandbox: command started as pid %d", container_pid)
+    log.debug("sandbox: command started as pid %d", startup.container_pid)
     if server is not None:
         server.release_ready_pipe()
-    return Sandbox(pid, container_pid, slirp, temp_dir, server)
+    return Sandbox(pid, startup.container_pid, slirp, temp_dir, server)
 
 
 def child_main(status_w: int, body: Callable[[], int]) -> NoReturn:
@@ -359,6 +392,37 @@ class _EventReader:
         return result
 
 
+class _Startup:
+    """What K and C report on the status pipe while the sandbox starts: C's pid, the first error."""
+
+    def __init__(self, fd: int) -> None:
+        self._events = _EventReader(fd)
+        self.container_pid = 0
+        self.error: dict[str, object] | None = None
+
+    def read_until(self, wanted: str | None) -> bool:
+        """Read events until one named ``wanted`` (True) or the end of the pipe (False).
+
+        K's and C's events interleave (K reports C's pid while C prepares the root), so the pid and
+        the first error are noted whenever they come."""
+        while (event := self._events.next()) is not None:
+            name = event.get("event")
+            if name == "pid":
+                self.container_pid = int(event["pid"])  # type: ignore[call-overload]
+            elif name == "error" and self.error is None:
+                self.error = event
+            elif name == wanted:
+                return True
+        return False
+
+
+def _raise_if_cancelled(cancel: CancelCheck | None) -> None:
+    signum = cancel() if cancel is not None else None
+    if signum is not None:
+        log.debug("sandbox: start cancelled by signal %d", signum)
+        raise StartInterrupted(signum)
+
+
 def _raise_event(event: dict[str, object] | None, fallback: str) -> None:
     if event is None or event.get("event") != "error":
         raise ContainerError(fallback)
@@ -380,14 +444,15 @@ def run_sandboxed(spec: SandboxSpec) -> int:
     main thread. Raises as :func:`start_sandbox` does when the command cannot be started.
     """
     with forward_signals() as forwarder:
-        sandbox = start_sandbox(spec)
+        sandbox = start_sandbox(spec, cancel=forwarder.stop_signal)
         forwarder.attach(sandbox)
         return sandbox.wait()
 
 
 class SignalForwarder:
-    """Sends the signals lamina receives to the sandbox's command; those that arrive while the
-    sandbox is still being set up are kept and sent once it runs."""
+    """Sends the signals lamina receives to the sandbox's command. Until a sandbox is attached they
+    are kept: a stop signal among them cancels the start (:meth:`stop_signal` is the ``cancel``
+    check of :func:`start_sandbox`), the others are sent once the command runs."""
 
     def __init__(self) -> None:
         self._sandbox: Sandbox | None = None
@@ -399,6 +464,10 @@ class SignalForwarder:
         else:
             self._pending.append(signum)
 
+    def stop_signal(self) -> int | None:
+        """The first stop signal (SIGINT, SIGTERM) that came before a sandbox was attached, if any."""
+        return next((signum for signum in self._pending if signum in STOP_SIGNALS), None)
+
     def attach(self, sandbox: Sandbox) -> None:
         self._sandbox = sandbox
         pending, self._pending = self._pending, []
@@ -406,9 +475,16 @@ class SignalForwarder:
             sandbox.send_signal(signum)
 
 
+# The forwarder whose handlers are installed: signal dispositions belong to the process, so the
+# sandbox started inside forward_signals() learns of its stop signals without being told.
+_installed_forwarder: SignalForwarder | None = None
+
+
 @contextlib.contextmanager
 def forward_signals() -> Iterator[SignalForwarder]:
-    """Install a :class:`SignalForwarder` (main thread only) for the duration of the block."""
+    """Install a :class:`SignalForwarder` (main thread only) for the duration of the block; a
+    sandbox started inside it is not started when a stop signal comes first."""
+    global _installed_forwarder
     forwarder = SignalForwarder()
     if threading.current_thread() is not threading.main_thread():
         yield forwarder
@@ -418,9 +494,11 @@ def forward_signals() -> Iterator[SignalForwarder]:
         if sig == signal.SIGWINCH:
             continue
         previous[sig] = signal.signal(sig, forwarder.handle)
+    outer, _installed_forwarder = _installed_forwarder, forwarder
     try:
         yield forwarder
     finally:
+        _installed_forwarder = outer
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
@@ -486,6 +564,9 @@ def _wait_union_ready(ready_r: int) -> None:
 def _container_init(spec: SandboxSpec, network: str, root: str, status_w: int, go_r: int,
                     etc_files: dict[str, str]) -> NoReturn:
     """PID 1 of the container: prepare the root, pivot, drop privileges, exec (never returns)."""
+    # Killing K must kill C at every stage: the start may be cancelled after "go", and an --init
+    # reaper stays this process (the exec'd command sets its own again, after dropping privileges).
+    linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
     linux.unshare(linux.CLONE_NEWNS)
     console = os.ttyname(spec.terminal) if spec.terminal is not None else None
     user_mounts = [MountRequest(m.target, m.kind, str(m.source) if m.source else None, m.readonly, m.options)
@@ -500,6 +581,7 @@ def _container_init(spec: SandboxSpec, network: str, root: str, status_w: int, g
         linux.sethostname(spec.hostname)
     except OSError as e:
         raise ContainerError(f"cannot set hostname {spec.hostname!r}: {e.strerror}") from e
+    _send(status_w, event="prepared")
     if os.read(go_r, 1) != b"1":
         raise ContainerError("aborted before start")
     os.close(go_r)

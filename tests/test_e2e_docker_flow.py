@@ -384,14 +384,9 @@ def test_create_start_wait_and_detached_rm(lamina: Lamina, image: str) -> None:
         time.sleep(0.2)
 
 
-SIGNAL_LOST = pytest.mark.xfail(strict=True, reason="runner/builder: a signal that lands while a RUN's sandbox "
-                                "is set up is lost; the build finishes and tags (REQUESTS.md 12:22)")
-
-
 @pytest.mark.parametrize(("signum", "when", "delay"), [
     (signal.SIGINT, "started", 0.0), (signal.SIGTERM, "started", 0.0),
-    pytest.param(signal.SIGTERM, "STEP 2/2", 0.1, marks=SIGNAL_LOST),
-    pytest.param(signal.SIGINT, "STEP 2/2", 0.4, marks=SIGNAL_LOST)],
+    (signal.SIGTERM, "STEP 2/2", 0.1), (signal.SIGINT, "STEP 2/2", 0.4)],
     ids=["SIGINT-in-RUN", "SIGTERM-in-RUN", "SIGTERM-in-RUN-setup", "SIGINT-in-RUN-setup"])
 def test_interrupted_build_stops_and_tags_nothing(lamina: Lamina, image: str, root: Path, tmp_path: Path,
                                                   signum: signal.Signals, when: str, delay: float) -> None:
