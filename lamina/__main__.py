@@ -1,3 +1,3 @@
-from lamina.cli import main
+from lamina.launch import main
 
 raise SystemExit(main())

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from lamina import __version__
+from lamina.argv import requested_verb
 from lamina.config import resolve_root
 from lamina.errors import EXIT_LAMINA, LaminaError, UsageError
 
@@ -49,22 +50,6 @@ VERB_MODULES: dict[str, str] = {
     **dict.fromkeys(["layers", "mount", "umount", "which"], "inspector.commands"),
 }
 ALL_COMMAND_MODULES = tuple(dict.fromkeys(VERB_MODULES.values()))
-GLOBAL_OPTIONS_WITH_VALUE = ("--root", "--log-level")
-
-
-def requested_verb(argv: Sequence[str]) -> str | None:
-    """The verb on the command line (the first word that is not a global option or its value)."""
-    skip_next = False
-    for arg in argv:
-        if skip_next:
-            skip_next = False
-        elif arg in GLOBAL_OPTIONS_WITH_VALUE:
-            skip_next = True
-        elif not arg.startswith("-"):
-            return arg
-    return None
-
-
 class _UnusedParser:
     """Stands in for the parser of a verb that is not on the command line: every call is a no-op."""
 
@@ -154,13 +139,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(args: list[str]) -> int:
-    if requested_verb(args) == "run":
-        # Start the union filesystem server now, so its pyfuse3 and trio imports overlap with ours
-        # and the image lookup (start-up time is dominated by imports). The module imports only
-        # os/sys/json/signal/time.
-        from runner.unionserver import maybe_prefork
-
-        maybe_prefork(args)
     try:
         return run(args)
     except LaminaError as e:

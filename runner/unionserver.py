@@ -97,7 +97,7 @@ def maybe_prefork(argv: list[str]) -> None:
     its server, so it is skipped; a guess that turns out wrong costs one idle process, stopped by
     :func:`discard`.
     """
-    from lamina.cli import requested_verb  # already imported by the caller: costs nothing
+    from lamina.argv import requested_verb
 
     if requested_verb(argv) != "run":
         return

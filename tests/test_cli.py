@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import importlib
 
-from lamina.cli import ALL_COMMAND_MODULES, VERB_MODULES, LaminaArgumentParser, requested_verb
+from lamina.argv import requested_verb
+from lamina.cli import ALL_COMMAND_MODULES, VERB_MODULES, LaminaArgumentParser
 
 
 def test_verb_table_matches_what_each_module_registers() -> None:
