@@ -104,7 +104,7 @@ def configure_logging(level_name: str) -> None:
 
 
 def run(argv: Sequence[str]) -> int:
-    if list(argv) == ["--version"]:
+    if "--version" in argv and requested_verb(argv) is None:
         # Answered before any package is imported: scripts call it to probe for lamina.
         print(f"lamina version {__version__}")
         return 0
