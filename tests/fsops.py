@@ -576,6 +576,10 @@ def apply_op(root: str, op: list[Any], t0_ns: int) -> Result:
         elif name == "rmtree_mkdir":
             # `rm -rf d; mkdir d`: the results of both halves, as a shell would see them.
             try:
+                if stat.S_ISFIFO(os.lstat(p(args[0])).st_mode):
+                    # What rmtree says of any non-directory, without its open(), which would wait
+                    # for a writer forever (Python 3.11 opens without O_NONBLOCK).
+                    raise NotADirectoryError(errno.ENOTDIR, "not a directory")
                 shutil.rmtree(p(args[0]))
                 first: Result = ("ok",)
             except OSError as e:
@@ -603,6 +607,15 @@ def apply_op(root: str, op: list[Any], t0_ns: int) -> Result:
                 os.close(fd)
         elif name == "mknod":
             os.mknod(p(args[0]), stat.S_IFCHR | 0o640, os.makedev(1, 3))
+        elif name == "while_held":
+            # Other operations while a descriptor (O_PATH: no open request reaches the filesystem)
+            # keeps the kernel's node of a path alive, so its FORGET comes only after them: the
+            # filesystem sees the name removed while the node lives on, whatever the timing.
+            fd = os.open(p(args[0]), os.O_PATH | os.O_NOFOLLOW)
+            try:
+                value = [apply_op(root, sub, t0_ns) for sub in args[1]]
+            finally:
+                os.close(fd)
         elif name == "stat":
             value = describe(p(args[0]), t0_ns)
         elif name == "readdir":
@@ -914,6 +927,24 @@ CASES: dict[str, tuple[Callable[[Path], list[Path]], list[list[Any]]]] = {
                                                      ["readdir", "n/c"], ["stat", "n/c/f"], ["stat", "n/c"]]),
     # An open FIFO whose name is renamed over still answers fstat.
     "fifo-replaced-open": (_lowers_dirs, [["replaced_open", "a/file", "a/fifo"], ["stat", "a/fifo"]]),
+    # A name removed while the kernel still holds its node (FORGET not yet sent): the backing
+    # filesystem must not give its inode number to a new file meanwhile (ext4 reuses a freed number
+    # at once), or the new file's number would collide with the live node's and change at remount.
+    "removed-while-held": (_lowers_hardlinks, [
+        ["create", "n", 0o644, "6e"], ["while_held", "n", [["unlink", "n"], ["create", "m", 0o644, ""],
+                                                        ["create", "a", 0o644, ""]]],
+        ["mkdir", "d", 0o755], ["while_held", "d", [["rmdir", "d"], ["mkdir", "e", 0o755],
+                                                    ["mkfifo", "b", 0o644]]],
+        ["create", "x", 0o644, "78"], ["create", "y", 0o644, "79"],
+        ["while_held", "y", [["rename", "x", "y"], ["symlink", "n", "c"], ["mkdir", "f", 0o700]]],
+        ["mkdir", "g", 0o755], ["create", "g/h", 0o644, ""], ["link", "g/h", "i"],
+        ["while_held", "g/h", [["unlink", "g/h"], ["stat", "i"], ["create", "g/j", 0o644, ""]]],
+        ["while_held", "p/f", [["unlink", "p/f"], ["stat", "q/g"], ["create", "p/k", 0o644, ""]]]]),
+    # The same for a lower hardlink whose other name the kernel has not seen yet: that name is the
+    # removed node itself (one file), not a new one.
+    "removed-while-held-cold": (_lowers_hardlinks, [
+        ["while_held", "p/f", [["unlink", "p/f"], ["stat", "q/g"], ["create", "p/k", 0o644, ""]]],
+        ["read", "q/g"]]),
     # A copied-up file keeps its inode number, also after a remount.
     "copyup-ino-remount": (_lowers_one_file, [["write", "d/f", 2, "4142"], ["chmod", "g", 0o600],
                                               ["read", "d/f"]]),

@@ -42,16 +42,6 @@ CANDIDATE = os.environ.get("LAMINA_DIFF_CANDIDATE", "lamina")
 CANDIDATES = [CANDIDATE] if "LAMINA_DIFF_CANDIDATE" in os.environ else ["lamina", "lamina-userns"]
 
 
-# A known open bug, timing-dependent (seen under load, not on an idle machine): a file created in the
-# upper can get the backing inode number of a just-deleted file whose node the kernel has not
-# forgotten yet; the number it derives from that collides, so it gets a fallback number, and after
-# a remount it gets the derived one. Only this divergence, and nothing else, turns a run into an
-# expected failure.
-KNOWN_INODE_REUSE = "inode numbers changed"
-KNOWN_INODE_REUSE_REASON = ("known open bug: a reused backing inode number gives a new file a fallback inode "
-                            "number that differs after remount")
-
-
 def run(args: list[str], timeout: float = 240) -> list[dict[str, Any]]:
     proc = fsops.run_isolated([*args, "--json"], timeout=timeout)
     reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -77,10 +67,7 @@ def test_random_sequence_matches_kernel(seed: int, candidate: str) -> None:
     """Results, errnos, merged trees, the tree after remount, and the upper read by the kernel."""
     (report,) = run(["--candidate", candidate, "--seed", str(seed), "--ops", str(OPS)])
     assert report["ops_run"] == OPS or report["divergences"]
-    divergences = report["divergences"]
-    if divergences and all(KNOWN_INODE_REUSE in d for d in divergences):
-        pytest.xfail(KNOWN_INODE_REUSE_REASON + "\n" + explain(report, f"--candidate {candidate} --seed {seed}"))
-    assert not divergences, explain(report, f"--candidate {candidate} --seed {seed} --ops {OPS}")
+    assert not report["divergences"], explain(report, f"--candidate {candidate} --seed {seed} --ops {OPS}")
 
 
 @pytest.mark.parametrize("candidate", CANDIDATES)

@@ -4,8 +4,18 @@ The filesystem owns its inode numbers (they double as FUSE node ids). A node is 
 backing object that gives it its identity: the top lower copy for things that came from a lower layer
 (so the number survives copy-up, and two lower hardlinks share one node), the upper object for things
 created through the mount. The number encodes the layer slot and the backing st_ino, so it is the
-same after a remount; when that would collide with a live node (st_ino reuse, huge st_ino), a number
-from a private counter range is used instead.
+same after a remount, and numbers of different layers never meet (the slot is part of them).
+
+That holds only while no two live nodes can claim one identity, and the kernel keeps a node after
+its last name went until it sends FORGET, which may come late (an O_PATH descriptor, a release still
+in flight). Lower objects never go away, but a removed upper object's st_ino is free for the backing
+filesystem to hand out again (ext4 does at once), and a new file would then find its number taken.
+So a removed node the kernel still knows *pins* its upper object (an O_PATH descriptor, nothing on
+disk, gone with the process) until it is forgotten: while a node lives, the object its identity
+names lives, and an object found with that identity is that node's object -- another name of it
+(a hardlink the kernel had not seen) brings the node back instead of making a second one. Pins are
+bounded (``max_pins``); past that, or for a st_ino too big to encode, a number from a private
+counter range is used, which a remount may not give again.
 
 A node knows where it lives: ``in_upper`` (the upper has it at the node's merged path) and ``lowers``
 (the lower copy of a non-directory, or every lower directory merged into a directory, top first).
@@ -14,6 +24,8 @@ Paths are computed from the parent chain, so renaming a directory moves everythi
 
 from __future__ import annotations
 
+import os
+import resource
 import stat
 from typing import Any
 
@@ -22,6 +34,7 @@ from unionfs.core.backing import Layer, join
 ROOT_INO = 1
 _SLOT_SHIFT = 48
 _FALLBACK_BASE = 0xFFFF << _SLOT_SHIFT
+UPPER_SLOT = 0
 
 Identity = tuple[int, int]  # (layer slot, backing st_ino)
 
@@ -32,7 +45,7 @@ class Node:
     __slots__ = (
         "ino", "kind", "parent", "name", "links", "lookups", "in_upper", "lowers", "opaque",
         "identities", "deleted", "fds", "children", "attr", "listing", "fake_attr", "st_hint", "gone_stat",
-        "no_caps",
+        "no_caps", "pin",
     )
 
     def __init__(self, ino: int, kind: int, parent: Node | None, name: str) -> None:
@@ -58,6 +71,7 @@ class Node:
         self.fake_attr = False  # the kernel got placeholder attributes (expired at once) for it
         # Known to have no security.capability (the adapter's cache; cleared by any setxattr).
         self.no_caps = False
+        self.pin = -1  # removed but not forgotten: O_PATH descriptor of its upper object (see above)
 
     @property
     def is_dir(self) -> bool:
@@ -80,12 +94,16 @@ class Node:
 
 
 class InodeTable:
-    """ino -> node, identity -> node, and the kernel's lookup counts."""
+    """ino -> node, identity -> node, the kernel's lookup counts, and pins of removed nodes."""
 
     def __init__(self) -> None:
         self.by_ino: dict[int, Node] = {}
         self.by_identity: dict[Identity, Node] = {}
         self._fallback = _FALLBACK_BASE
+        self.pins = 0
+        # A quarter of the descriptors we may open: the rest stay for open files.
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.max_pins = 1 << 16 if soft == resource.RLIM_INFINITY else soft // 4
 
     def new_root(self) -> Node:
         root = Node(ROOT_INO, stat.S_IFDIR, None, "")
@@ -129,16 +147,60 @@ class InodeTable:
         node.lookups = max(0, node.lookups - count)
         self.maybe_drop(node)
 
+    @staticmethod
+    def survives(node: Node) -> bool:
+        """Whether the node must outlive its last name: the kernel or an open file refers to it."""
+        return node.lookups > 0 or bool(node.fds) or node.ino == ROOT_INO
+
+    @staticmethod
+    def needs_pin(node: Node) -> bool:
+        """Whether the node's number or identity comes from an upper object, which could be freed
+        and its st_ino reused (lower objects stay)."""
+        return node.ino >> _SLOT_SHIFT == UPPER_SLOT + 1 or any(slot == UPPER_SLOT for slot, _ in node.identities)
+
+    def pin(self, node: Node, fd: int) -> None:
+        self.unpin(node)
+        node.pin = fd
+        self.pins += 1
+
+    def unpin(self, node: Node) -> None:
+        if node.pin >= 0:
+            os.close(node.pin)
+            node.pin = -1
+            self.pins -= 1
+
+    def removed(self, node: Node) -> None:
+        """``node`` lost its last name: keep its identity only while that is safe (see above)."""
+        if node.pin < 0 and self.needs_pin(node):
+            self.drop_identities(node)  # unpinned: its number may name a new object any time
+        self.maybe_drop(node)
+
     def maybe_drop(self, node: Node) -> None:
         """Drop a node nobody refers to any more (no kernel lookups, no open files)."""
-        if node.lookups > 0 or node.fds or node.ino == ROOT_INO:
+        if self.survives(node):
             return
         if self.by_ino.get(node.ino) is node:
             del self.by_ino[node.ino]
         self.drop_identities(node)
+        self.unpin(node)
         for parent, name in [(node.parent, node.name), *node.links]:
             if parent is not None and parent.children is not None and parent.children.get(name) is node:
                 del parent.children[name]
+
+    def revive(self, node: Node, parent: Node, name: str) -> None:
+        """A removed node found again under another name (a hardlink the kernel had not seen)."""
+        node.deleted = False
+        node.parent, node.name = parent, name
+        node.gone_stat = None
+        self.unpin(node)  # the new name keeps the object now
+
+    def close_pins(self) -> None:
+        for node in self.by_ino.values():
+            self.unpin(node)
+
+    def is_last_name(self, node: Node, parent: Node, name: str) -> bool:
+        """Whether removing ``parent/name`` removes the last name of ``node`` we know."""
+        return not node.links and node.parent is parent and node.name == name
 
     def unlink_name(self, node: Node, parent: Node, name: str) -> None:
         """Forget that ``node`` is known as ``parent/name`` (after unlink or rename away)."""

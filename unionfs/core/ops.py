@@ -14,6 +14,7 @@ shows is marked opaque instead.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 from collections.abc import Callable
@@ -37,6 +38,8 @@ from unionfs.core.backing import (
 from unionfs.core.copyup import copy_up
 from unionfs.core.nodes import Node
 from unionfs.core.tree import LAYER_XATTR, Caller, UnionTree, check_name, ensure_writable
+
+log = logging.getLogger(__name__)
 
 
 def _groups_of(pid: int) -> set[int]:
@@ -144,23 +147,57 @@ class UnionFS(UnionTree):
         kernel shows user.overlay.* as ordinary xattrs unless mounted with userxattr."""
         setxattr_at(fd, path, trusted if self.xattr_ns is ondisk.XattrNamespace.TRUSTED else user, value)
 
-    def _remember_stat(self, node: Node) -> None:
-        """Keep the attributes of an object about to lose a name (see ``stat`` of removed nodes)."""
+    def _before_removal(self, node: Node, parent: Node, name: str) -> os.stat_result | None:
+        """Before ``parent/name`` goes: keep the node's attributes (see ``stat`` of removed nodes),
+        and pin its upper object if the kernel keeps the node once its last name is gone (nodes.py
+        says why). Returns the upper object's stat, for ``_forget_name``; None when it has none."""
+        table = self.table
+        if node.in_upper and table.survives(node) and table.needs_pin(node) \
+                and table.is_last_name(node, parent, name):
+            path = parent.child_path(name)
+            if table.pins >= table.max_pins:
+                log.debug("%d removed files still referenced: /%s not pinned, its inode number may "
+                          "change at remount", table.pins, path)
+            else:
+                try:
+                    fd = fsat.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._upper_fd())
+                except OSError as e:
+                    log.debug("could not pin /%s: %s", path, e)
+                else:
+                    table.pin(node, fd)
+                    node.gone_stat = os.fstat(fd)  # cheaper than a second walk of the path
+                    return node.gone_stat
         try:
-            layer, path = self.backing(node)
-            node.gone_stat = lstat_at(layer.fd, path)
+            layer, lpath = self.backing(node)
+            node.gone_stat = lstat_at(layer.fd, lpath)
         except OSError:
             node.gone_stat = None
+        return node.gone_stat if node.in_upper else None
 
-    def _forget_name(self, node: Node, parent: Node, name: str) -> None:
+    def _forget_name(self, node: Node, parent: Node, name: str, upper_st: os.stat_result | None) -> None:
+        """After ``parent/name`` went; ``upper_st`` is what ``_before_removal`` returned."""
         self.table.unlink_name(node, parent, name)
+        if upper_st is not None and (upper_st.st_nlink == 1 or stat.S_ISDIR(upper_st.st_mode)):
+            self._drop_origin_entry(upper_st.st_ino)  # the object itself is gone
         if node.deleted:
-            self.table.drop_identities(node)
             if node.children:
                 for child in list(node.children.values()):
                     child.deleted = True
                     self.table.drop_identities(child)
+                    self.table.maybe_drop(child)
                 node.children.clear()
+            self.table.removed(node)
+
+    def _drop_origin_entry(self, upper_ino: int) -> None:
+        """Remove the index's record of where upper object ``upper_ino`` came from (see copy-up):
+        that object is gone, and the next object to get the number must not inherit its origin
+        (and with it a lower object's inode number). Also run for every new object, for records
+        a crash left between removing an object and its record."""
+        if self.index_used:
+            try:
+                fsat.unlink(f"u{upper_ino}", dir_fd=self.index_fd)
+            except FileNotFoundError:
+                pass
 
     def _check_free(self, parent: Node, name: str) -> None:
         ensure_writable(self)
@@ -216,6 +253,7 @@ class UnionFS(UnionTree):
             if wh == "file":
                 fsat.unlink(join(ppath, ondisk.WHITEOUT_PREFIX + name), dir_fd=ufd)
             st = fsat.stat(path, dir_fd=ufd, follow_symlinks=False)
+        self._drop_origin_entry(st.st_ino)
         self.touch(parent)
         node = self.table.add(stat.S_IFMT(st.st_mode), parent, name, (0, st.st_ino))
         node.in_upper = True
@@ -312,7 +350,7 @@ class UnionFS(UnionTree):
         node = self.lookup_existing(parent, name)
         if node.is_dir:
             raise OSError(errno.EISDIR, "is a directory", name)
-        self._remember_stat(node)
+        upper_st = self._before_removal(node, parent, name)
         self.copy_up(parent)
         if not node.in_upper and self.index_fd >= 0 and self._lower_nlink(node) > 1:
             # One name of a lower hardlink goes: the others must now count one name less, which
@@ -324,7 +362,7 @@ class UnionFS(UnionTree):
         else:
             fsat.unlink(join(parent.path(), name), dir_fd=self._upper_fd())
         self.touch(node, parent)
-        self._forget_name(node, parent, name)
+        self._forget_name(node, parent, name, upper_st)
 
     def rmdir(self, parent: Node, name: str) -> None:
         ensure_writable(self)
@@ -333,7 +371,7 @@ class UnionFS(UnionTree):
             raise OSError(errno.ENOTDIR, "not a directory", name)
         if self.list_dir(node):
             raise OSError(errno.ENOTEMPTY, "directory not empty", name)
-        self._remember_stat(node)
+        upper_st = self._before_removal(node, parent, name)
         self.copy_up(parent)
         if self.lower_has(parent, name):
             self.whiteout(parent, name)
@@ -341,7 +379,7 @@ class UnionFS(UnionTree):
             # merged-empty: what is left are whiteouts of lower entries
             remove_tree_at(self._upper_fd(), join(parent.path(), name))
         self.touch(node, parent)
-        self._forget_name(node, parent, name)
+        self._forget_name(node, parent, name, upper_st)
 
     # --- rename ----------------------------------------------------------------------------------
 
@@ -372,8 +410,7 @@ class UnionFS(UnionTree):
         if dst is not None and not dst.is_dir and not dst.in_upper and self.index_fd >= 0 \
                 and self._lower_nlink(dst) > 1:
             self.copy_up(dst)  # its other names must count one less (see unlink)
-        if dst is not None:
-            self._remember_stat(dst)
+        dst_upper_st = self._before_removal(dst, newp, newn) if dst is not None else None
         ufd = self._upper_fd()
         old_path, new_path = oldp.child_path(oldn), newp.child_path(newn)
         old_needs_whiteout = self.lower_has(oldp, oldn)
@@ -394,7 +431,7 @@ class UnionFS(UnionTree):
         if dst is not None:
             if not dst.is_dir:
                 self.adjust_nlink(dst, -1)
-            self._forget_name(dst, newp, newn)
+            self._forget_name(dst, newp, newn, dst_upper_st)
         self._move_name(src, oldp, oldn, newp, newn)
 
     def _prepare_moved_dir(self, node: Node, old_path: str, new_path: str, newp: Node, newn: str) -> None:

@@ -109,6 +109,7 @@ class UnionTree:
         self.trace = trace
         self.layer_xattr = layer_xattr
         self._fds: list[int] = []
+        self.table = InodeTable()
         try:
             self.lowers = [
                 self._open_layer(p, 1 + i, f"lower:{i}:{p}", i) for i, p in enumerate(lowers)
@@ -141,7 +142,6 @@ class UnionTree:
         # xattrs a renamed directory is copied up whole instead, and the upper stays kernel-readable.
         self.redirect_dir = (self.xattr_ns is ondisk.XattrNamespace.TRUSTED) if redirect_dir is None \
             else redirect_dir
-        self.table = InodeTable()
         self.root = self.table.new_root()
         self.root.in_upper = self.upper is not None
         self.root.lowers = [(layer, "") for layer in self.lowers]
@@ -218,6 +218,7 @@ class UnionTree:
         return ondisk.WhiteoutStyle.CHAR_DEVICE
 
     def close(self) -> None:
+        self.table.close_pins()
         for fd in self._fds:
             try:
                 os.close(fd)
@@ -385,8 +386,8 @@ class UnionTree:
         node = self.table.find(identity)
         register = True
         if node is not None:
-            if node.kind != kind or node.deleted or (
-                    node.is_dir and (node.parent is not parent or node.name != name)):
+            if node.kind != kind or (node.is_dir and (
+                    node.deleted or node.parent is not parent or node.name != name)):
                 self.table.drop_identities(node)  # stale
                 node = None
             elif node.in_upper != in_upper:
@@ -394,6 +395,12 @@ class UnionTree:
                 # (index=off) makes it a separate file, and so do we.
                 node = None
                 register = False
+            elif node.deleted:
+                # Removed, not forgotten, and its object is still there under this other name
+                # (a removed node keeps its identity only while its object cannot go: see nodes.py).
+                self.table.revive(node, parent, name)
+                node.lowers = lowers
+                self.touch(node)
         if node is None:
             node = self.table.add(kind, parent, name, identity if register else None)
             node.in_upper = in_upper
