@@ -134,7 +134,7 @@ def _record_failure(root: Path, container: Container, error: LaminaError) -> Non
     """The container could not start: say why (docker's ``State.Error``) and honour ``--rm``."""
     _mark_exited(container, error.exit_code, str(error))
     if container.auto_remove:
-        remove(root, container)
+        remove(root, container, background=False)
 
 
 def _log_output(container_log: LogWriter, stream: str, live_fd: int | None) -> Callable[[bytes], None]:
@@ -324,10 +324,12 @@ def stop(store: ContainerStore, container: Container, timeout: float) -> None:
         raise ContainerError(f"container {container.name} did not stop")
 
 
-def remove(root: Path, container: Container) -> None:
+def remove(root: Path, container: Container, background: bool = True) -> None:
+    """Remove the container; its directory's deletion finishes in the background unless told not
+    to (a container that failed to start leaves the store exactly as it was when lamina exits)."""
     store = ContainerStore(root)
     with store.lock():
         for path in container.anonymous_volumes:
             with contextlib.suppress(LaminaError):
                 call_in_userns(shutil.rmtree, Path(path).parent, True)
-        store.remove_directory(container)
+        store.remove_directory(container, background=background)

@@ -228,14 +228,18 @@ class ContainerStore:
             container.save()
         return container
 
-    def remove_directory(self, container: Container) -> None:
+    def remove_directory(self, container: Container, background: bool = True) -> None:
         """Take the container's directory out of sight at once, and delete it in the background.
 
         The rename is what makes the container gone (``ps -a``, names, ``inspect`` no longer see it);
         the deletion itself is left to a detached process because removing directories is slow on
         filesystems that discard freed blocks (ext4 with ``-o discard``: ~4 ms a directory, 40 ms of
-        every ``run --rm``). A deletion cut short by a crash is finished by the next one.
+        every ``run --rm``). A deletion cut short by a crash is finished by the next one. With
+        ``background`` False the directory is deleted here and now.
         """
+        if not background:
+            _delete_container_tree(container.directory)
+            return
         doomed = self.dir / f"{REMOVING_PREFIX}{container.directory.name}"
         try:
             os.rename(container.directory, doomed)
