@@ -93,15 +93,17 @@ class Slirp:
     also exits by itself when the namespace's last process is gone).
     """
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, api: bool = True) -> None:
+        """``api``: give slirp4netns an API socket (needed to publish ports; without ports it is
+        not made, which saves creating and removing its directory)."""
         # A short private directory: unix socket paths are limited to 108 bytes.
-        self._socket_dir = Path(tempfile.mkdtemp(prefix="lamina-slirp-"))
-        api_socket = self.api_socket = self._socket_dir / "api.sock"
+        self._socket_dir = Path(tempfile.mkdtemp(prefix="lamina-slirp-")) if api else None
+        self.api_socket = self._socket_dir / "api.sock" if self._socket_dir is not None else None
         ready_r, ready_w = os.pipe()
         self._exit_r, self._exit_w = os.pipe()
         args = ["slirp4netns", "--configure", "--mtu=65520", "--disable-host-loopback",
-                f"--api-socket={api_socket}", f"--ready-fd={ready_w}", f"--exit-fd={self._exit_r}",
-                str(pid), "tap0"]
+                *([f"--api-socket={self.api_socket}"] if self.api_socket is not None else []),
+                f"--ready-fd={ready_w}", f"--exit-fd={self._exit_r}", str(pid), "tap0"]
         try:
             self.process = subprocess.Popen(args, pass_fds=(ready_w, self._exit_r), stdin=subprocess.DEVNULL,
                                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -109,7 +111,7 @@ class Slirp:
         except OSError as e:
             os.close(ready_r)
             os.close(ready_w)
-            shutil.rmtree(self._socket_dir, ignore_errors=True)
+            self._remove_socket_dir()
             raise ContainerError(f"cannot start slirp4netns: {e.strerror}") from e
         finally:
             os.close(self._exit_r)
@@ -129,11 +131,16 @@ class Slirp:
                     break
         finally:
             os.close(self._ready_r)
-        self.close()
+        if self.process.poll() is None:
+            self.process.kill()
+        # Read what it said before close() closes the pipe (its end of file: the process is gone).
         err = self.process.stderr.read().decode(errors="replace").strip() if self.process.stderr else ""
+        self.close()
         raise ContainerError(f"slirp4netns did not start: {err or 'timeout'}")
 
     def add_port(self, port: PortMapping) -> None:
+        if self.api_socket is None:
+            raise ContainerError(f"cannot publish port {port}: slirp4netns was started without its API socket")
         request = {"execute": "add_hostfwd",
                    "arguments": {"proto": port.proto, "host_addr": port.host_ip, "host_port": port.host_port,
                                  "guest_addr": SLIRP_GUEST_IP, "guest_port": port.container_port}}
@@ -160,4 +167,9 @@ class Slirp:
             self.process.wait()
         if self.process.stderr:
             self.process.stderr.close()
-        shutil.rmtree(self._socket_dir, ignore_errors=True)
+        self._remove_socket_dir()
+
+    def _remove_socket_dir(self) -> None:
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+            self._socket_dir = None

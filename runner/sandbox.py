@@ -319,7 +319,7 @@ def start_sandbox(spec: SandboxSpec, server: UnionServer | None = None,
         if server is not None:
             server.attach(pid, server_args, str(spec.union_log) if spec.union_log else None)
         if network == "slirp":
-            slirp = Slirp(pid)
+            slirp = Slirp(pid, api=bool(spec.ports))
         _raise_if_cancelled(cancel)
         os.write(sync_w, b"1")
         if slirp is not None:

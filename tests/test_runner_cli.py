@@ -213,6 +213,21 @@ def test_network_modes(lamina: Lamina) -> None:
     assert set(r.stdout.split()) == set(os.listdir("/sys/class/net"))
 
 
+def test_a_network_helper_that_fails_gives_one_line(lamina: Lamina, tmp_path: Path) -> None:
+    """slirp4netns dying at start: its own message in one line, exit 125, no container left."""
+    fake = tmp_path / "bin" / "slirp4netns"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'cannot open /dev/net/tun: no such device' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    env = {"PATH": f"{fake.parent}:{os.environ['PATH']}"}
+    for ports in ([], ["-p", f"127.0.0.1:{free_port()}:80"]):
+        r = lamina("run", "--rm", "--name", "no-net", *ports, IMAGE, "true", env=env)
+        assert r.returncode == 125, r.stderr
+        assert r.stderr.splitlines() == [
+            "lamina: error: slirp4netns did not start: cannot open /dev/net/tun: no such device"], r.stderr
+        assert "no-net" not in lamina("ps", "-a").stdout
+
+
 def test_escape_attempts(lamina: Lamina, tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
