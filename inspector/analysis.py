@@ -125,7 +125,7 @@ class LayerReport:
     files: int = 0                   # entries of any kind in this layer (markers excluded)
     added: int = 0
     changed: int = 0
-    deleted: int = 0                 # whiteouts of paths that existed below
+    deleted: int = 0                 # paths shown below that this layer removes (whiteouts, opaque dirs)
     wasted: int = 0                  # bytes of this layer hidden by later layers
     whiteouts: list[str] = field(default_factory=list)     # paths this layer deletes
     opaque_dirs: list[str] = field(default_factory=list)   # directories this layer makes opaque
@@ -294,14 +294,18 @@ def analyze(layers: Sequence[LayerInput], top_is_container: bool = False) -> Sta
             h = histories[path] = PathHistory(path)
         return h
 
-    def hide(path: str, layer: int, cause: str, keep_self: bool = False) -> None:
-        for gone in merged.remove(path, keep_self=keep_self):
+    def hide(path: str, layer: int, cause: str, keep_self: bool = False) -> int:
+        """Take ``path``'s subtree (and ``path`` unless ``keep_self``) out of the merged view;
+        return how many visible paths went."""
+        removed = merged.remove(path, keep_self=keep_self)
+        for gone in removed:
             h = histories[gone]
             h.visible = False
             if gone == path and not keep_self and cause == path:
                 h.events.append(PathEvent(layer, Event.DELETED))
             else:
                 h.events.append(PathEvent(layer, Event.HIDDEN, cause))
+        return len(removed)
 
     for index, layer in enumerate(layers):
         report = reports[index]
@@ -311,12 +315,13 @@ def analyze(layers: Sequence[LayerInput], top_is_container: bool = False) -> Sta
         for path in scan.whiteouts:
             report.whiteouts.append(path)
             if path in merged.visible:
-                report.deleted += 1
-                hide(path, index, cause=path)
+                report.deleted += hide(path, index, cause=path)
         for path in scan.opaque_dirs:
             report.opaque_dirs.append(path)
             if path in merged.visible:
-                hide(path, index, cause=path, keep_self=True)
+                # What an opaque directory hides is gone from the image as surely as what a whiteout
+                # removes (dive counts it so too): `RUN rm -rf /d && mkdir /d` deletes d's old files.
+                report.deleted += hide(path, index, cause=path, keep_self=True)
                 history(path).events.append(PathEvent(index, Event.OPAQUE))
 
         seen_inodes: set[tuple[int, int]] = set()
@@ -332,7 +337,7 @@ def analyze(layers: Sequence[LayerInput], top_is_container: bool = False) -> Sta
             if previous is not None and not (is_dir and previous.is_dir):
                 # A non-directory replaces whatever was there; a directory replaces a non-directory.
                 if previous.is_dir:
-                    hide(path, index, cause=path, keep_self=True)
+                    report.deleted += hide(path, index, cause=path, keep_self=True)
                 report.changed += 1
                 h.events.append(PathEvent(index, Event.CHANGED))
             elif previous is None:

@@ -91,7 +91,7 @@ def test_layer_counts_sizes_and_waste(three_layers: list[LayerInput]) -> None:
     # l1: etc, etc/motd, etc/keep, opt, opt/app, old1, old2; l2: etc/motd changed; bin, bin/tool added
     assert (l1.added, l1.changed, l1.deleted) == (7, 0, 0)
     assert (l2.added, l2.changed, l2.deleted) == (2, 1, 0)
-    assert (l3.added, l3.changed, l3.deleted) == (1, 0, 1)
+    assert (l3.added, l3.changed, l3.deleted) == (1, 0, 3)  # motd whited out; old1, old2 under the opaque dir
     assert l3.whiteouts == ["/etc/motd"]
     # l1's motd (100) was overwritten, its old1/old2 (50) hidden by the opaque dir; l2's motd deleted.
     assert (l1.wasted, l2.wasted, l3.wasted) == (150, 200, 0)
@@ -111,7 +111,7 @@ def test_wh_file_whiteouts_and_parent_whiteout(tmp_path: Path) -> None:
     assert x.events[-1] == type(x.events[-1])(1, Event.HIDDEN, "/srv/data")
     data = a.history("/srv/data")
     assert data is not None and data.events[-1].event is Event.DELETED
-    assert a.layers[1].deleted == 1 and a.layers[1].files == 1  # only the srv directory itself
+    assert a.layers[1].deleted == 2 and a.layers[1].files == 1  # srv/data and srv/data/x; one entry: srv
     assert a.layers[0].wasted == 4
 
 

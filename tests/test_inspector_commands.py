@@ -134,7 +134,8 @@ def test_layers_table_and_pictures(lamina_cmd, image_root: Path, tmp_path: Path)
     rows = data["layers"]
     assert [r["instruction"] for r in rows] == ["ADD base /", "COPY motd /etc/motd",
                                                  "RUN rm /etc/motd /data/big && mkdir -p /opt/app"]
-    assert [(r["added"], r["changed"], r["deleted"]) for r in rows] == [(8, 0, 0), (0, 1, 0), (1, 0, 2)]
+    # Layer 3's deletions: its two whiteouts and the old file its opaque /opt/app hides.
+    assert [(r["added"], r["changed"], r["deleted"]) for r in rows] == [(8, 0, 0), (0, 1, 0), (1, 0, 3)]
     assert [r["size"] for r in rows] == [1135, 200, 4]
     # layer 1: motd 100 + old 30 + big 1000 hidden; layer 2: its motd deleted
     assert [r["wasted"] for r in rows] == [1130, 200, 0]
