@@ -395,6 +395,55 @@ def test_rename_noreplace_and_exchange(layers: Layers) -> None:
     assert names(fresh) == {"d", "e", "new"}
 
 
+@needs_root
+def test_redirect_is_followed_per_layer_through_whited_out_ancestors(tmp_path: Path) -> None:
+    """A lower directory renamed away (redirect "/a/d") must not pick up, after a remount, what a
+    middle layer hid by whiting out its parent ``a`` (fsops seed 96: a deleted file came back)."""
+    layers = Layers(tmp_path, nlowers=3)
+    top, middle, bottom = layers.lowers
+    write_file(top / "a" / "d" / "kept")
+    whiteout(middle / "a")
+    write_file(bottom / "a" / "d" / "hidden")
+    (top / "n").mkdir()
+    fs = layers.open()
+    fs.rename(walk(fs, "a"), "d", walk(fs, "n"), "m")
+    assert names(fs, "n/m") == {"kept"}
+    assert names(layers.open(), "n/m") == {"kept"}
+
+
+@needs_root
+def test_redirect_inside_an_opaque_directory_is_followed(layers: Layers) -> None:
+    """An absolute redirect reaches the lowers from the root, also below an opaque directory."""
+    write_file(layers.lowers[0] / "a" / "f")
+    write_file(layers.lowers[0] / "c" / "old")
+    fs = layers.open()
+    fs.unlink(walk(fs, "c"), "old")
+    fs.rmdir(fs.root, "c")
+    fs.mkdir(fs.root, "c", 0o755, ME)
+    fs.rename(fs.root, "a", walk(fs, "c"), "a")
+    assert names(fs, "c/a") == {"f"}
+    fresh = layers.open()
+    assert names(fresh, "c") == {"a"} and names(fresh, "c/a") == {"f"}
+
+
+@needs_root
+def test_rename_lower_directory_over_nonempty_upper_directory_changes_nothing(layers: Layers) -> None:
+    """ENOTEMPTY after trying the upper rename as the kernel does (RENAME_WHITEOUT): both stay."""
+    write_file(layers.lowers[0] / "p" / "src" / "f", "lower")
+    fs = layers.open()
+    fs.mkdir(fs.root, "t", 0o755, ME)
+    node, fd = fs.create(walk(fs, "t"), "g", 0o644, os.O_WRONLY, ME)
+    fs.release(node, fd)
+    with pytest.raises(OSError) as err:
+        fs.rename(walk(fs, "p"), "src", fs.root, "t")
+    assert err.value.errno == errno.ENOTEMPTY
+    assert names(fs, "p") == {"src"} and names(fs, "t") == {"g"}
+    # the kernel copies up the source before it tries: a directory, no whiteout
+    assert os.listdir(layers.upper / "p") == ["src"] and (layers.upper / "p" / "src").is_dir()
+    assert os.listdir(layers.upper / "t") == ["g"]
+    assert names(layers.open(), "p/src") == {"f"}
+
+
 def test_rename_directory_over_merged_directory_whose_entries_are_whited_out(layers: Layers) -> None:
     write_file(layers.lowers[0] / "target" / "gone")
     write_file(layers.lowers[0] / "src" / "keep")

@@ -108,6 +108,7 @@ def test_category_keeps_bug_kinds_apart() -> None:
     assert fsops.category("op 3 (rename, a, b): kernel=('ok', None) lamina=('err', 'EXDEV')") == "op:rename"
     assert fsops.category("after op 19: tree: d: kernel=(...) lamina=(...)") == "tree"
     assert fsops.category("after remount: lamina inode numbers changed for ['a']") == "inode numbers changed"
+    assert fsops.category("after remount: tree: a/c: kernel=None lamina=(...)") == "after remount: tree"
 
 
 def test_model_of_lowers_matches_kernel(tmp_path: Any) -> None:

@@ -96,6 +96,15 @@ def _name(raw: bytes) -> str:
     return os.fsdecode(raw)
 
 
+def _invalidate_attrs(node: Node) -> None:
+    """Make the kernel ask for ``node``'s attributes again. Safe inside any handler, unlike
+    invalidate_entry: the kernel takes no directory lock for it."""
+    try:
+        pyfuse3.invalidate_inode(node.ino, attr_only=True)
+    except OSError as e:  # the kernel has forgotten the node meanwhile: nothing cached to drop
+        log.debug("invalidate_inode(%d): %s", node.ino, e)
+
+
 def _caller(ctx: pyfuse3.RequestContext) -> Caller:
     return Caller(uid=ctx.uid, gid=ctx.gid, pid=ctx.pid, umask=ctx.umask)
 
@@ -147,7 +156,10 @@ class UnionOperations(pyfuse3.Operations):
             a.st_uid = st.st_uid
             a.st_gid = st.st_gid
         if node.deleted:
-            a.st_nlink = 0
+            # Open after its last name we know went: the kernel (ovl_getattr) shows what the file
+            # still has, other names of a hardlink included (found through the index, maybe never
+            # looked up). One removed but merely held (O_PATH) has no descriptor to ask: 0.
+            a.st_nlink = self.core.nlink(node, st, removed=True) if node.fds else 0
         elif node.is_dir and (len(node.lowers) > 1 or (node.in_upper and node.lowers and not node.opaque)):
             # A merged directory's subdirectories are not counted (the kernel's overlayfs says 1 too):
             # a wrong count would make find(1) skip subdirectories; 1 tells it to look.
@@ -391,7 +403,15 @@ class UnionOperations(pyfuse3.Operations):
         dst = core.lookup(newp, _name(name_new))
         if dst is not None and not dst.is_dir and flags & pyfuse3.RENAME_EXCHANGE:
             await self.copy_up(dst)
-        core.rename(oldp, _name(name_old), newp, _name(name_new), flags)
+        try:
+            core.rename(oldp, _name(name_old), newp, _name(name_new), flags)
+        except OSError as e:
+            if e.errno == errno.ENOTEMPTY:
+                # The attempt may have changed the source's directory (UnionFS._refuse_nonempty_target
+                # says when), and the kernel drops its cached attributes only after a rename that
+                # succeeds.
+                _invalidate_attrs(oldp)
+            raise
 
     # --- files -----------------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from unionfs.core import fsat
 from unionfs.core.backing import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
+    RENAME_WHITEOUT,
     Layer,
     exists_at,
     getxattr_at,
@@ -36,7 +37,7 @@ from unionfs.core.backing import (
     setxattr_at,
 )
 from unionfs.core.copyup import copy_up
-from unionfs.core.nodes import Node
+from unionfs.core.nodes import UPPER_SLOT, Node
 from unionfs.core.tree import LAYER_XATTR, Caller, UnionTree, check_name, ensure_writable
 
 log = logging.getLogger(__name__)
@@ -403,7 +404,7 @@ class UnionFS(UnionTree):
             if not src.is_dir and dst.is_dir:
                 raise OSError(errno.EISDIR, "is a directory", newn)
             if dst.is_dir and self.list_dir(dst):
-                raise OSError(errno.ENOTEMPTY, "directory not empty", newn)
+                self._refuse_nonempty_target(oldp, oldn, src, newp, newn, dst)
         self.copy_up(oldp)
         self.copy_up(newp)
         self.copy_up(src)
@@ -433,6 +434,34 @@ class UnionFS(UnionTree):
                 self.adjust_nlink(dst, -1)
             self._forget_name(dst, newp, newn, dst_upper_st)
         self._move_name(src, oldp, oldn, newp, newn)
+
+    def _refuse_nonempty_target(self, oldp: Node, oldn: str, src: Node, newp: Node, newn: str,
+                                dst: Node) -> None:
+        """Fail a rename over a non-empty directory with ENOTEMPTY, after what the kernel does first.
+
+        The kernel checks a merged target (or one with a lower origin) itself, before touching
+        anything. A pure upper target it leaves to the upper filesystem: it copies up both parents
+        and the source, then tries the upper rename, with RENAME_WHITEOUT where a lower shows the
+        source's name; ext4 refuses that only after stamping the source's parent with the current
+        mtime and ctime. The same call here (which cannot succeed: the target has a real upper
+        entry) leaves the parent as whatever filesystem holds the upper leaves it for the kernel.
+        """
+        pure_upper = dst.in_upper and not dst.lowers and all(slot == UPPER_SLOT for slot, _ in dst.identities)
+        if pure_upper and self.whiteout_style is ondisk.WhiteoutStyle.CHAR_DEVICE \
+                and self.lower_has(oldp, oldn):
+            self.copy_up(oldp)
+            self.copy_up(newp)
+            self.copy_up(src)
+            try:
+                renameat2(self._upper_fd(), oldp.child_path(oldn), self._upper_fd(), newp.child_path(newn),
+                          RENAME_WHITEOUT)
+            except OSError:
+                pass
+            else:  # pragma: no cover - the upper target held an entry a moment ago
+                log.error("rename of /%s over the non-empty /%s went through", oldp.child_path(oldn),
+                          newp.child_path(newn))
+            self.touch(oldp)
+        raise OSError(errno.ENOTEMPTY, "directory not empty", newn)
 
     def _prepare_moved_dir(self, node: Node, old_path: str, new_path: str, newp: Node, newn: str) -> None:
         """Keep a moved directory's lower contents (redirect, or a full copy) or hide the target's."""
@@ -489,13 +518,18 @@ class UnionFS(UnionTree):
             with os.scandir(dfd) as it:
                 entries = [(e.name, e.is_dir(follow_symlinks=False), e.is_file(follow_symlinks=False))
                            for e in it]
+            dst: os.stat_result | None = None
             for name, is_dir, is_file in entries:
                 if is_dir:
                     self._drop_whiteouts(join(path, name))
-                elif ondisk.whited_out_name(name) is not None and is_file:
+                elif (ondisk.whited_out_name(name) is not None and is_file) or \
+                        (not is_file and ondisk.is_whiteout_stat(fsat.stat(name, dir_fd=dfd, follow_symlinks=False))):
+                    if dst is None:
+                        dst = os.fstat(dfd)
                     fsat.unlink(name, dir_fd=dfd)
-                elif not is_file and ondisk.is_whiteout_stat(fsat.stat(name, dir_fd=dfd, follow_symlinks=False)):
-                    fsat.unlink(name, dir_fd=dfd)
+            if dst is not None:
+                # What the directory shows did not change: neither do its times (as with copy-up).
+                os.utime(dfd, ns=(dst.st_atime_ns, dst.st_mtime_ns))
         finally:
             os.close(dfd)
 

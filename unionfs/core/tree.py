@@ -12,6 +12,7 @@ Nothing here imports pyfuse3: errors are OSError with an errno, which the adapte
 
 from __future__ import annotations
 
+import enum
 import errno
 import logging
 import os
@@ -44,6 +45,15 @@ INDEX_SUBDIR = "lamina-index"
 
 class UnionError(Exception):
     """A configuration problem found when opening the layers (one readable line)."""
+
+
+class _Reach(enum.Enum):
+    """What the path to an absolute redirect's target is in one layer (see _absolute_reach)."""
+
+    REACHABLE = "reachable"
+    ABSENT = "absent"  # a component is missing: nothing in this layer, look below
+    HIDDEN = "hidden"  # a whiteout or non-directory on the way: nothing here or below
+    OPAQUE_ABOVE = "opaque above"  # reachable, but no layer below this one counts
 
 
 @dataclass
@@ -285,15 +295,24 @@ class UnionTree:
                 opaque, redirect = self._dir_markers(upper, cpath)
             elif exists_at(upper.fd, join(ppath, ondisk.WHITEOUT_PREFIX + name)):
                 return None
-            if parent.opaque:
+            if parent.opaque and not (redirect or "").startswith("/"):
+                # Nothing below an opaque parent shows through, except what an absolute redirect
+                # names: the kernel then searches the root's lower stack (ovl_lookup, poe = roe).
                 opaque = True
         lowers: list[tuple[Layer, str]] = []
         lower_st: os.stat_result | None = None
         if not opaque:
             parent_paths = {layer.index: path for layer, path in parent.lowers}
             for layer in self.lowers:
+                last_layer = False
                 if redirect is not None and redirect.startswith("/"):
                     path = redirect.strip("/")
+                    reach = self._absolute_reach(layer, path)
+                    if reach is _Reach.HIDDEN:
+                        break
+                    if reach is _Reach.ABSENT:
+                        continue
+                    last_layer = reach is _Reach.OPAQUE_ABOVE
                 else:
                     ppath_l = parent_paths.get(layer.index)
                     if ppath_l is None:
@@ -302,7 +321,7 @@ class UnionTree:
                 st = lstat_at(layer.fd, path)
                 if st is None:
                     head, tail = split(path)
-                    if exists_at(layer.fd, join(head, ondisk.WHITEOUT_PREFIX + tail)):
+                    if last_layer or exists_at(layer.fd, join(head, ondisk.WHITEOUT_PREFIX + tail)):
                         break
                     continue
                 if ondisk.is_whiteout_stat(st):
@@ -324,7 +343,7 @@ class UnionTree:
                     lower_st = st
                 lowers.append((layer, path))
                 lower_opaque, r = self._dir_markers(layer, path)
-                if lower_opaque:
+                if lower_opaque or last_layer:
                     break
                 if r is not None:
                     redirect = r  # applies to the layers below this one
@@ -341,6 +360,30 @@ class UnionTree:
         node.st_hint = top_st
         node.opaque = opaque and in_upper
         return node
+
+    def _absolute_reach(self, layer: Layer, path: str) -> _Reach:
+        """How the ancestors of an absolute redirect's target look in one lower layer.
+
+        The kernel walks such a path one component at a time in every layer (ovl_lookup_layer): a
+        whiteout or non-directory on the way ends the search in this and every lower layer (a
+        renamed directory must not pick up contents its old parent hid), a missing component only
+        skips this layer, an opaque directory on the way makes this layer the last one searched.
+        """
+        reach = _Reach.REACHABLE
+        prefix = ""
+        for part in path.split("/")[:-1]:
+            below = join(prefix, part)
+            st = lstat_at(layer.fd, below)
+            if st is None:
+                if exists_at(layer.fd, join(prefix, ondisk.WHITEOUT_PREFIX + part)):
+                    return _Reach.HIDDEN
+                return _Reach.ABSENT
+            if not stat.S_ISDIR(st.st_mode):
+                return _Reach.HIDDEN
+            if reach is _Reach.REACHABLE and self._dir_markers(layer, below)[0]:
+                reach = _Reach.OPAQUE_ABOVE
+            prefix = below
+        return reach
 
     def _dir_markers(self, layer: Layer, path: str) -> tuple[bool, str | None]:
         """(opaque, redirect) of a directory in one layer; one listxattr in the common case."""
@@ -579,9 +622,14 @@ class UnionTree:
                     return key
         return None
 
-    def nlink(self, node: Node, st: os.stat_result) -> int:
-        """The link count callers see (see ``nlink_xattr``)."""
-        if node.is_dir or not node.in_upper or st.st_nlink < 2 or self.index_fd < 0:
+    def nlink(self, node: Node, st: os.stat_result, *, removed: bool = False) -> int:
+        """The link count callers see (see ``nlink_xattr``).
+
+        ``removed``: ``st`` is an fstat of a file open after its last known name went. The kernel
+        reports the upper object's own count then (0, or what its other upper names keep), and for
+        an indexed hardlink the merged count, where the index's own link may be the only one left.
+        """
+        if node.is_dir or not node.in_upper or self.index_fd < 0 or (st.st_nlink < 2 and not removed):
             return st.st_nlink
         key = self.index_key(node)
         if key is None:
