@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lamina.errors import DockerfileError
+from lamina.timeparse import parse_go_duration
 
 
 @dataclass
@@ -111,23 +112,6 @@ def signal_ok(value: str) -> bool:
     return hasattr(signal.Signals, name)
 
 
-_DURATION_PART_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_DURATION_UNITS = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 1_000_000_000,
-                   "m": 60_000_000_000, "h": 3_600_000_000_000}
-
-
 def parse_duration(text: str) -> int:
     """A Go duration (``30s``, ``1m30s``, ``500ms``) in nanoseconds; ValueError otherwise."""
-    if text == "0":
-        return 0
-    pos = 0
-    total = 0.0
-    if not text:
-        raise ValueError(text)
-    while pos < len(text):
-        m = _DURATION_PART_RE.match(text, pos)
-        if not m:
-            raise ValueError(text)
-        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-        pos = m.end()
-    return int(total)
+    return parse_go_duration(text)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lamina.errors import ContainerError, ContainerNotFound, LaminaError, UsageError
+from lamina.timeparse import parse_go_duration, parse_time
 from runner import imageconfig
 from runner.containerlog import (
     STDERR,
@@ -32,13 +33,7 @@ from runner.containerlog import (
     split_lines,
     timestamp_ns,
 )
-from runner.state import (
-    STATUS_CREATED,
-    Container,
-    ContainerStore,
-    now,
-    parse_time,
-)
+from runner.state import STATUS_CREATED, Container, ContainerStore, now
 
 # runner.lifecycle, runner.sandbox and the store are imported by the handlers that need them, so
 # that `lamina --help` and every other package's verbs do not pay for them.
@@ -465,10 +460,6 @@ def cmd_ps(args: argparse.Namespace) -> int:
     return 0
 
 
-_GO_DURATION = re.compile(r"(?:(?:\d+\.?\d*|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+")
-_DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
-_DURATION_UNIT_NS = {"ns": 1, "us": 1_000, "µs": 1_000, "μs": 1_000, "ms": 1_000_000, "s": 1_000_000_000,
-                     "m": 60_000_000_000, "h": 3_600_000_000_000}
 _UNIX_TIME = re.compile(r"(\d+)(?:\.(\d{1,9}))?")
 
 
@@ -477,10 +468,11 @@ def log_time_ns(flag: str, value: str, now_ns: int) -> int:
     duration (``10m``, ``1h30m``, ``-5s``) counts back from now, a value with a ``-`` is an RFC 3339
     date or time (local without a zone), anything else Unix seconds with an optional fraction."""
     sign, number = (-1, value[1:]) if value.startswith("-") else (1, value.removeprefix("+"))
-    if _GO_DURATION.fullmatch(number):
-        ago = sum(round(float(amount) * _DURATION_UNIT_NS[unit])
-                  for amount, unit in _DURATION_PART.findall(number))
-        return now_ns - sign * ago
+    if number != "0":  # "0" alone is the epoch (below), not a zero duration
+        try:
+            return now_ns - sign * parse_go_duration(number)
+        except ValueError:
+            pass
     try:
         if "-" in value:
             return timestamp_ns(value)

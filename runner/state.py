@@ -48,15 +48,6 @@ def now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def parse_time(text: str | None) -> dt.datetime | None:
-    if not text:
-        return None
-    try:
-        return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-
-
 def process_start_time(pid: int) -> str | None:
     """The kernel's start time of ``pid`` (to tell a live monitor from a recycled pid)."""
     try:

@@ -319,7 +319,7 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 def history_rows(image: Image) -> list[dict[str, Any]]:
     """One row per history entry, newest first; empty layers have size 0."""
-    from store.store import parse_time
+    from lamina.timeparse import parse_time
 
     history = image.config.get("history") or [{} for _ in image.layers]
     layers = iter(image.layers)

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from lamina.errors import FormatError, ImageNotFound, StoreError, UsageError
+from lamina.timeparse import parse_time
 from store.blobs import (
     BlobStore,
     digest_hex,
@@ -78,17 +79,6 @@ def host_arch() -> str:
 
 def now_rfc3339() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def parse_time(text: str | None) -> dt.datetime | None:
-    if not text:
-        return None
-    try:
-        # Go writes nanoseconds; Python parses at most microseconds.
-        text = re.sub(r"(\.\d{6})\d+", r"\1", text.replace("Z", "+00:00"))
-        return dt.datetime.fromisoformat(text)
-    except ValueError:
-        return None
 
 
 # Fields of an image config's "config" object and the JSON types the OCI image spec gives them.
