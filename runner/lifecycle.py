@@ -6,8 +6,8 @@ the container as running, relays a pty when ``-t``, forwards signals, and record
 waits until the monitor reports that the command has started (or why it could not) and then
 returns. Either way the container's stdout and stderr are pipes (or one pty with ``-t``) that the
 monitor reads and appends, chunk by chunk and stream by stream, to the container's log (see
-:mod:`runner.state`), so ``logs`` can replay each stream on its own descriptor as docker does. The
-container never holds the log file itself.
+:mod:`runner.containerlog`), so ``logs`` can replay each stream on its own descriptor as docker
+does. The container never holds the log file itself.
 """
 
 from __future__ import annotations
@@ -203,21 +203,18 @@ def _exited(sandbox: Sandbox) -> bool:
 def start_detached(root: Path, container: Container) -> None:
     """Start the container under a daemonised monitor; return once its command runs."""
     report_r, report_w = os.pipe2(os.O_CLOEXEC)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            linux.close_fds_except({0, 1, 2, report_w})
-            unionserver.forget_inherited()
-            os.setsid()
-            if os.fork() != 0:
-                os._exit(0)
-            _monitor(root, container, report_w)
-        finally:
-            os._exit(0)
-    os.close(report_w)
-    os.waitpid(pid, 0)
+
+    def monitor() -> None:
+        unionserver.forget_inherited()
+        _monitor(root, container, report_w)
+
+    try:
+        linux.run_detached(monitor, {0, 1, 2, report_w})
+    except BaseException:
+        os.close(report_r)
+        raise
+    finally:
+        os.close(report_w)
     with os.fdopen(report_r, "rb") as f:
         report = f.readline().decode(errors="replace").rstrip("\n")
     if report.startswith("ok"):

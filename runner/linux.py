@@ -10,6 +10,8 @@ import ctypes
 import ctypes.util
 import os
 import struct
+import sys
+from collections.abc import Callable
 
 
 def _load_libc() -> ctypes.CDLL:
@@ -74,6 +76,24 @@ def close_fds_except(keep: set[int | None]) -> None:
             os.closerange(low, fd)
         low = max(low, fd + 1)
     os.closerange(low, 1 << 16)
+
+
+def run_detached(work: Callable[[], object], keep: set[int | None]) -> None:
+    """Run ``work`` in a daemon: a grandchild in a session of its own that holds only the
+    descriptors in ``keep`` and outlives the caller. Returns once the intermediate child has exited
+    (nothing is left to reap); raises OSError when fork fails. The daemon ends with ``work``."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            close_fds_except(keep)
+            os.setsid()
+            if os.fork() == 0:
+                work()
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
 
 
 def unshare(flags: int) -> None:

@@ -3,8 +3,9 @@
 A container directory holds ``container.json`` (the record below, rewritten atomically), ``upper/``
 and ``work/`` (its writable layer), ``init/`` (the bottom layer with mount points), ``hosts``,
 ``hostname``, ``resolv.conf``, ``merged/`` (the mount point, used only inside the container's mount
-namespace), ``container-json.log`` (the container's output, see :mod:`runner.containerlog`) and ``monitor.log`` (what a
-daemonised monitor itself has to say: lamina's diagnostics, never the container's output).
+namespace), ``container-json.log`` (the container's output, see :mod:`runner.containerlog`) and
+``monitor.log`` (what a daemonised monitor itself has to say: lamina's diagnostics, never the
+container's output).
 
 A running container is served by one *monitor* process (the foreground ``lamina run``, or the
 daemonised one of ``run -d``/``start``), whose pid and start time are recorded. When the monitor is
@@ -23,7 +24,6 @@ import logging
 import os
 import secrets
 import shutil
-import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -270,26 +270,17 @@ def _delete_in_background(containers_dir: Path) -> None:
     """
     from runner import linux
 
-    sys.stdout.flush()
-    sys.stderr.flush()
+    def delete() -> None:
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        logging.disable(logging.CRITICAL)  # nobody reads the output of a detached process
+        _delete_removing_trees(containers_dir)
+
     try:
-        pid = os.fork()
+        linux.run_detached(delete, set())
     except OSError:
         _delete_removing_trees(containers_dir)
-        return
-    if pid == 0:
-        try:
-            linux.close_fds_except(set())
-            os.setsid()
-            if os.fork() == 0:
-                null = os.open(os.devnull, os.O_RDWR)
-                for fd in (0, 1, 2):
-                    os.dup2(null, fd)
-                logging.disable(logging.CRITICAL)  # nobody reads the output of a detached process
-                _delete_removing_trees(containers_dir)
-        finally:
-            os._exit(0)
-    os.waitpid(pid, 0)
 
 
 def _delete_removing_trees(containers_dir: Path) -> None:
