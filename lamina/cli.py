@@ -66,7 +66,7 @@ class _OneVerb:
         self._verb = verb
 
     def add_parser(self, name: str, **kwargs: object) -> argparse.ArgumentParser | _UnusedParser:
-        if name != self._verb and self._verb not in kwargs.get("aliases", ()):  # type: ignore[operator]
+        if name != self._verb:
             return _UnusedParser()
         return self._subparsers.add_parser(name, **kwargs)  # type: ignore[arg-type]
 

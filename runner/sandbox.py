@@ -444,7 +444,7 @@ def run_sandboxed(spec: SandboxSpec) -> int:
     main thread. Raises as :func:`start_sandbox` does when the command cannot be started.
     """
     with forward_signals() as forwarder:
-        sandbox = start_sandbox(spec, cancel=forwarder.stop_signal)
+        sandbox = start_sandbox(spec)  # cancelled by a stop signal: the forwarder is installed
         forwarder.attach(sandbox)
         return sandbox.wait()
 
