@@ -126,3 +126,32 @@ def test_model_of_lowers_matches_kernel(tmp_path: Any) -> None:
         capture_output=True, text=True, check=True)
     seen = dict(line.split(" ") for line in proc.stdout.splitlines())
     assert {p: ("dir" if k == "d" else "other") for p, k in seen.items()} == model
+
+
+def test_refused_rename_stamp_undone_only_below_a_whole_copy(tmp_path: Any) -> None:
+    """The oracle's ext4 stamp on a refused rename is forgiven only where the candidate copied a
+    renamed directory up whole and the oracle keeps a redirect, and never through a symlink."""
+    oracle, cand = tmp_path / "k-upper", tmp_path / "c-upper"
+    for upper in (oracle, cand):
+        (upper / "n" / "b").mkdir(parents=True)
+        (upper / "plain" / "b").mkdir(parents=True)
+        os.symlink("n", upper / "link")
+    os.setxattr(oracle / "n", "trusted.overlay.redirect", b"/a")
+    os.setxattr(cand / "n", "user.overlay.opaque", b"y")
+    assert fsops._copied_whole_where_oracle_redirects(oracle, cand, "n/b")
+    assert fsops._copied_whole_where_oracle_redirects(oracle, cand, "n")
+    assert not fsops._copied_whole_where_oracle_redirects(oracle, cand, "plain/b")
+    assert not fsops._copied_whole_where_oracle_redirects(oracle, cand, "link/b")
+    assert not fsops._copied_whole_where_oracle_redirects(oracle, cand, "")
+    os.setxattr(oracle / "plain", "trusted.overlay.opaque", b"y")
+    os.setxattr(cand / "plain", "user.overlay.opaque", b"y")
+    assert not fsops._copied_whole_where_oracle_redirects(oracle, cand, "plain/b")
+
+
+@pytest.mark.parametrize("candidate", ["lamina", "lamina-userns"])
+def test_refused_rename_stamp_undone_in_userns_only(candidate: str) -> None:
+    """Only in a user namespace is the oracle's stamp undone (the case's second rename); lamina
+    itself must stamp exactly as the kernel does."""
+    (report,) = run(["--candidate", candidate, "--case", "rename-refused-below-renamed-lower-dir"])
+    assert not report["divergences"], explain(report, f"--candidate {candidate} --case rename-refused-below-renamed-lower-dir")
+    assert report["outcomes"].get("undone:ext4-stamp", 0) == (1 if candidate == "lamina-userns" else 0)
