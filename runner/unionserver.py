@@ -143,10 +143,11 @@ def _serve(attach_r: int, ready_w: int) -> int:
     linux.close_fds_except({0, 1, 2, attach_r, ready_w})
     try:
         # Imported now, while the caller is busy elsewhere: this is the point of forking early.
-        from unionfs.server import import_fuse_stack, serve
+        from unionfs.startup import import_fuse_stack
 
         import_fuse_stack()
         from unionfs.options import parse_args
+        from unionfs.server import serve
 
         data = b""
         while chunk := os.read(attach_r, 65536):

@@ -11,7 +11,13 @@ import logging
 import os
 import sys
 
-from unionfs.options import OptionError, ServerOptions, parse_args
+from unionfs.startup import defer_unused_modules
+
+# This process serves one mount and does nothing else: modules it never uses are put off before
+# the imports below (trio and pyfuse3) pull them in (see unionfs.startup).
+defer_unused_modules()
+
+from unionfs.options import OptionError, ServerOptions, parse_args  # noqa: E402
 
 log = logging.getLogger("unionfs")
 

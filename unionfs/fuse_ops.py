@@ -78,6 +78,8 @@ def fuse_boundary(write: bool = False) -> Callable[[F], F]:
 
 @dataclass(eq=False)
 class FileHandle:
+    """An open file: the backing descriptor the kernel's fh number stands for."""
+
     node: Node
     fd: int
     in_upper: bool
@@ -87,6 +89,8 @@ class FileHandle:
 
 @dataclass(eq=False)
 class DirHandle:
+    """An open directory: its merged listing, taken once at the first readdir."""
+
     node: Node
     entries: list[DirEntry] = field(default_factory=list)
     consumed: bool = False

@@ -19,6 +19,8 @@ class OptionError(Exception):
 
 @dataclass
 class ServerOptions:
+    """What the command line asks for: the layers, the mount point and the FUSE options."""
+
     lowers: list[str]
     upper: str | None
     work: str | None

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import IO
 
 from unionfs.options import ServerOptions
+from unionfs.startup import import_fuse_stack
 
 log = logging.getLogger(__name__)
 
@@ -56,72 +57,15 @@ def _lock_memory() -> None:
     log.debug("mlockall failed: %s", os.strerror(ctypes.get_errno()))
 
 
-def import_fuse_stack() -> None:
-    """Import trio and pyfuse3, skipping two costly steps that serving a mount does not need.
-
-    Both run before a mount can answer, so they are start-up time of every mount, RUN step and
-    container (the runner forks its server early to import these while it does other work):
-
-    * trio asks ``ctypes.util.find_library("pthread")`` once, to name its worker threads; on Linux
-      that runs ``ldconfig -p`` in a subprocess (5-10 ms). Since glibc 2.34 the pthread functions
-      live in libc itself, so when libc has ``pthread_setname_np`` that is the answer.
-    * pyfuse3 looks up its own ``__version__`` through importlib.metadata, which pulls in email,
-      zipfile and csv (20-30 ms). A stand-in serves that one lookup (``pyfuse3.__version__`` becomes
-      'unknown'; nothing here reads it).
-
-    Both substitutes are in place only during the imports, so later callers get the real functions.
-    """
-    if "pyfuse3" in sys.modules:
-        return
-    import ctypes
-    import ctypes.util
-    import types
-
-    real_find_library = ctypes.util.find_library
-
-    def find_library(name: str) -> str | None:
-        if name == "pthread":
-            try:
-                ctypes.CDLL("libc.so.6").pthread_setname_np  # noqa: B018 - probe only
-                return "libc.so.6"
-            except (OSError, AttributeError):
-                pass
-        return real_find_library(name)
-
-    class PackageNotFoundError(ModuleNotFoundError):
-        pass
-
-    def version(name: str) -> str:
-        raise PackageNotFoundError(name)
-
-    stand_in = types.ModuleType("importlib.metadata")
-    stand_in.PackageNotFoundError = PackageNotFoundError  # type: ignore[attr-defined]
-    stand_in.version = version  # type: ignore[attr-defined]
-    had_metadata = "importlib.metadata" in sys.modules
-    if not had_metadata:
-        sys.modules["importlib.metadata"] = stand_in
-    ctypes.util.find_library = find_library
-    try:
-        import pyfuse3  # noqa: F401
-        import trio  # noqa: F401
-    except ImportError:
-        pass  # a pyfuse3 that wants more of importlib.metadata: the caller's real import does it
-    finally:
-        ctypes.util.find_library = real_find_library
-        if not had_metadata:
-            del sys.modules["importlib.metadata"]
-
-
 def serve(opts: ServerOptions, ready: Callable[[], None] | None = None) -> None:
     """Mount and serve until unmounted (fusermount3 -u) or SIGTERM/SIGINT; then unmount and return.
 
     ``ready`` is called once the mount is in place. Raises UnionError/OSError when the layers cannot
     be opened or the mount fails.
     """
-    import trio
-
-    import_fuse_stack()
+    import_fuse_stack()  # before anything imports trio: its substitutes only help the first import
     import pyfuse3
+    import trio
 
     from unionfs.core import UnionFS
     from unionfs.fuse_ops import UnionOperations

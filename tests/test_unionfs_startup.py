@@ -1,0 +1,80 @@
+"""The filesystem server's start-up imports (unionfs.startup): fewer modules, same behaviour."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import types
+
+import pytest
+
+from unionfs import startup
+
+
+def test_a_deferred_module_imports_the_real_one_on_first_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delitem(sys.modules, "colorsys", raising=False)
+    startup.defer_unused_modules(("colorsys",))
+    stand_in = sys.modules["colorsys"]
+    assert isinstance(stand_in, startup.DeferredModule)
+    import colorsys  # binds the stand-in, as trio's own `import ssl` does
+
+    assert colorsys is stand_in
+    assert colorsys.rgb_to_hsv(1.0, 0.0, 0.0) == (0.0, 1.0, 1.0)
+    real = sys.modules["colorsys"]
+    assert type(real) is types.ModuleType and real is not stand_in
+    assert colorsys.hls_to_rgb is real.hls_to_rgb  # the old reference keeps answering from the real one
+
+
+def test_an_imported_module_is_left_alone() -> None:
+    before = sys.modules["json"]
+    startup.defer_unused_modules(("json",))
+    assert sys.modules["json"] is before
+
+
+def _server_imports_report() -> dict[str, object]:
+    """What a fresh interpreter looks like after lamina-unionfs's imports, up to opening the layers."""
+    script = textwrap.dedent("""
+        import json, sys
+        spawned = []
+        sys.addaudithook(lambda event, args: spawned.append(event)
+                         if event in ("subprocess.Popen", "os.exec", "os.posix_spawn", "os.fork") else None)
+        import unionfs.cli
+        from unionfs.options import ServerOptions
+        from unionfs.server import serve
+        from unionfs.startup import DEFERRABLE_MODULES
+        try:  # imports all a server needs, then fails to open the layer
+            serve(ServerOptions(lowers=["/nonexistent-lower"], upper=None, work=None,
+                                mountpoint="/nonexistent-mountpoint"))
+        except Exception as e:  # the missing layer, named
+            assert "nonexistent-lower" in str(e), e
+        assert "pyfuse3" in sys.modules and "unionfs.fuse_ops" in sys.modules
+        report = {
+            "deferred": sorted(n for n in DEFERRABLE_MODULES
+                               if type(sys.modules.get(n)).__name__ == "DeferredModule"),
+            "spawned": list(spawned),
+            "ctypes_util_real": hasattr(sys.modules.get("ctypes.util"), "__file__")
+                                if "ctypes.util" in sys.modules else None,
+            "metadata_stand_in_left": "importlib.metadata" in sys.modules
+                                      and not hasattr(sys.modules["importlib.metadata"], "__file__"),
+        }
+        import subprocess  # the stand-in still runs a process when asked to
+        report["subprocess_works"] = subprocess.run(["true"]).returncode == 0
+        import ctypes.util
+        report["find_library_c"] = ctypes.util.find_library("c")
+        print(json.dumps(report))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    report: dict[str, object] = json.loads(out.stdout)
+    return report
+
+
+def test_the_server_imports_neither_tls_nor_runs_ldconfig() -> None:
+    report = _server_imports_report()
+    assert report["deferred"] == sorted(startup.DEFERRABLE_MODULES)
+    assert report["spawned"] == []  # trio's find_library("pthread") answered without ldconfig -p
+    assert report["ctypes_util_real"] in (None, True)
+    assert report["metadata_stand_in_left"] is False
+    assert report["subprocess_works"] is True
+    assert report["find_library_c"]  # the real ctypes.util serves later callers
