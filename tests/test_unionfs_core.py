@@ -663,6 +663,38 @@ def test_link_counts_of_lower_hardlinks_follow_the_merged_view(layers: Layers) -
     assert nlink("q/renamed") == 3
 
 
+def test_removing_a_name_of_a_lower_hardlink_keeps_the_count_without_copying_data(layers: Layers) -> None:
+    low = layers.lowers[0]
+    write_file(low / "p" / "f", "lower data")
+    write_file(low / "p" / "other", "other")
+    (low / "q").mkdir()
+    os.link(low / "p" / "f", low / "q" / "g")
+    os.link(low / "p" / "f", low / "q" / "h")
+    fs = layers.open()
+
+    def nlink(fs: UnionFS, path: str) -> int:
+        node = walk(fs, path)
+        return fs.nlink(node, fs.stat(node)[0])
+
+    fs.unlink(walk(fs, "q"), "g")
+    assert nlink(fs, "p/f") == 2 and nlink(fs, "q/h") == 2
+    assert not walk(fs, "p/f").in_upper
+    assert not (layers.upper / "p").exists()  # no data was copied: only the whiteout of q/g
+    assert ondisk.is_whiteout_stat(os.lstat(layers.upper / "q" / "g"))
+    fs.rename(walk(fs, "p"), "other", walk(fs, "q"), "h")  # a rename over a name counts too
+    fs.close()
+
+    fs = layers.open()  # the count survives a remount
+    assert names(fs, "q") == {"h"} and names(fs, "p") == {"f"}
+    assert read(fs, "q/h") == b"other" and nlink(fs, "p/f") == 1
+    fs.setattr(walk(fs, "p/f"), mode=0o600)  # a later copy-up starts from the kept count
+    assert walk(fs, "p/f").in_upper and nlink(fs, "p/f") == 1
+    assert not [n for n in os.listdir(layers.work / "lamina-index") if n.startswith("n")]
+    fs.close()
+    fs = layers.open()
+    assert nlink(fs, "p/f") == 1 and read(fs, "p/f") == b"lower data"
+
+
 def test_merged_paths_longer_than_path_max_work(layers: Layers) -> None:
     # The caller's path is short (relative to a deep cwd); ours, from the layer root, is not.
     prefix = "/".join(f"p{i:02d}" + "x" * 120 for i in range(5))

@@ -99,7 +99,9 @@ def finish_copy_up(tree: UnionTree, job: CopyJob) -> None:
         origin_recorded = _set_xattr_if_allowed(target, tree.origin_xattr, f"{job.layer.slot}:{st.st_ino}".encode())
         if not node.is_dir:
             if st.st_nlink > 1 and tree.index_fd >= 0:
-                _set_xattr_if_allowed(target, tree.nlink_xattr, str(st.st_nlink).encode())
+                recorded = tree.recorded_link_count(node)  # names removed before this copy-up
+                count = st.st_nlink if recorded is None else recorded
+                _set_xattr_if_allowed(target, tree.nlink_xattr, str(count).encode())
         # A directory's mode is set once it is in place: moving a read-only directory to another
         # parent needs write permission on it (for '..') when we are not root.
         copy_owner_mode_times(target, st, is_link, chmod=not node.is_dir)
@@ -141,6 +143,7 @@ def finish_copy_up(tree: UnionTree, job: CopyJob) -> None:
             except FileExistsError:
                 pass
             tree.index_used = True
+            tree.drop_link_count_record(node)  # the index entry holds the count from now on
         _link_known_aliases(tree, node, upath)
     tree.emit(f"copy-up /{upath} from {job.layer.label.rsplit(':', 1)[0]}")
 

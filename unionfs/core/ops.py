@@ -90,12 +90,13 @@ class UnionFS(UnionTree):
         assert self.upper is not None
         return self.upper.fd
 
-    def whiteout(self, parent: Node, name: str) -> None:
-        """Replace whatever the upper has at ``parent/name`` with a whiteout."""
+    def whiteout(self, parent: Node, name: str, *, upper_vacant: bool = False) -> None:
+        """Replace whatever the upper has at ``parent/name`` with a whiteout. ``upper_vacant``: the
+        caller knows the upper has nothing there (the name shows a lower object)."""
         ufd = self._upper_fd()
         ppath = parent.path()
         path = join(ppath, name)
-        st = lstat_at(ufd, path)
+        st = None if upper_vacant else lstat_at(ufd, path)
         if self.whiteout_style is ondisk.WhiteoutStyle.CHAR_DEVICE and st is None:
             # nothing to replace: creating the whiteout is one atomic step already
             fsat.mknod(path, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=ufd)
@@ -131,6 +132,17 @@ class UnionFS(UnionTree):
     def mark_opaque(self, path: str) -> None:
         self._set_marker(self._upper_fd(), path, ondisk.TRUSTED_OPAQUE, ondisk.USER_OPAQUE, b"y")
         self.emit(f"opaque /{path}")
+
+    def _lower_hardlink_count(self, node: Node) -> int | None:
+        """For a lower-only file with several names (that are counted, see tree.nlink): how many it
+        has now. None for anything else."""
+        if node.is_dir or self.index_fd < 0:
+            return None
+        recorded = self.recorded_link_count(node)
+        if recorded is not None:
+            return recorded
+        count = self._lower_nlink(node)
+        return count if count > 1 else None
 
     def _lower_nlink(self, node: Node) -> int:
         cached = node.attr  # the adapter's attributes, when the kernel has seen them
@@ -353,15 +365,17 @@ class UnionFS(UnionTree):
             raise OSError(errno.EISDIR, "is a directory", name)
         upper_st = self._before_removal(node, parent, name)
         self.copy_up(parent)
-        if not node.in_upper and self.index_fd >= 0 and self._lower_nlink(node) > 1:
-            # One name of a lower hardlink goes: the others must now count one name less, which
-            # only an indexed copy can record (the kernel's index=on copies up here too).
-            self.copy_up(node)
+        # A name that resolved to an object only the lowers have is a lower's name: it needs a
+        # whiteout, and the upper holds nothing there yet (no need to ask the layers again).
+        from_lower = not node.in_upper
+        lower_count = self._lower_hardlink_count(node) if from_lower else None
         self.adjust_nlink(node, -1)
-        if self.lower_has(parent, name):
-            self.whiteout(parent, name)
+        if from_lower or self.lower_has(parent, name):
+            self.whiteout(parent, name, upper_vacant=from_lower)
         else:
             fsat.unlink(join(parent.path(), name), dir_fd=self._upper_fd())
+        if lower_count is not None:
+            self.record_link_count(node, lower_count - 1)  # its other names count one less
         self.touch(node, parent)
         self._forget_name(node, parent, name, upper_st)
 
@@ -374,8 +388,8 @@ class UnionFS(UnionTree):
             raise OSError(errno.ENOTEMPTY, "directory not empty", name)
         upper_st = self._before_removal(node, parent, name)
         self.copy_up(parent)
-        if self.lower_has(parent, name):
-            self.whiteout(parent, name)
+        if not node.in_upper or self.lower_has(parent, name):  # see unlink
+            self.whiteout(parent, name, upper_vacant=not node.in_upper)
         elif node.in_upper:
             # merged-empty: what is left are whiteouts of lower entries
             remove_tree_at(self._upper_fd(), join(parent.path(), name))
@@ -408,9 +422,8 @@ class UnionFS(UnionTree):
         self.copy_up(oldp)
         self.copy_up(newp)
         self.copy_up(src)
-        if dst is not None and not dst.is_dir and not dst.in_upper and self.index_fd >= 0 \
-                and self._lower_nlink(dst) > 1:
-            self.copy_up(dst)  # its other names must count one less (see unlink)
+        dst_lower_count = self._lower_hardlink_count(dst) \
+            if dst is not None and not dst.is_dir and not dst.in_upper else None
         dst_upper_st = self._before_removal(dst, newp, newn) if dst is not None else None
         ufd = self._upper_fd()
         old_path, new_path = oldp.child_path(oldn), newp.child_path(newn)
@@ -432,6 +445,8 @@ class UnionFS(UnionTree):
         if dst is not None:
             if not dst.is_dir:
                 self.adjust_nlink(dst, -1)
+            if dst_lower_count is not None:
+                self.record_link_count(dst, dst_lower_count - 1)  # see unlink
             self._forget_name(dst, newp, newn, dst_upper_st)
         self._move_name(src, oldp, oldn, newp, newn)
 

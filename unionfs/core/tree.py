@@ -622,13 +622,68 @@ class UnionTree:
                     return key
         return None
 
+    # --- link counts of lower hardlinks that lost a name ------------------------------------------
+    #
+    # When one name of a lower hardlink is removed, the others must count one name less, in this
+    # mount and after a remount. The kernel (index=on) copies the file up to have an index entry to
+    # keep that count in. Lamina keeps just the count: WORK/lamina-index/nSLOT-INO, a symlink whose
+    # target is the decimal count, written after the removal; the data stays in the lower until a
+    # write copies it up (copy-up then moves the count onto the index entry and drops the record).
+    # The upper is the same as the kernel's (a whiteout); only the kernel's count differs, as it
+    # does for any index lamina keeps.
+
+    @staticmethod
+    def _link_count_record(node: Node) -> str | None:
+        for slot, ino in node.identities:
+            if slot:
+                return f"n{slot}-{ino}"
+        return None
+
+    def recorded_link_count(self, node: Node) -> int | None:
+        """The merged link count of a lower hardlink that lost names without being copied up."""
+        if self.index_fd < 0 or not self.index_used:
+            return None
+        name = self._link_count_record(node)
+        if name is None:
+            return None
+        try:
+            return int(os.readlink(name, dir_fd=self.index_fd))
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def record_link_count(self, node: Node, count: int) -> None:
+        """Keep ``count`` as the link count of the lower hardlink ``node``. A symlink holds it: made
+        in one step (no data block, nothing half-written after a crash) and read in one."""
+        name = self._link_count_record(node)
+        if name is None or self.index_fd < 0:
+            return
+        value = str(max(count, 0))
+        try:
+            fsat.symlink(value, name, dir_fd=self.index_fd)
+        except FileExistsError:
+            tmp = self.tmp_name()
+            fsat.symlink(value, tmp, dir_fd=self.index_fd)
+            fsat.rename(tmp, name, src_dir_fd=self.index_fd, dst_dir_fd=self.index_fd)
+        self.index_used = True
+
+    def drop_link_count_record(self, node: Node) -> None:
+        name = self._link_count_record(node)
+        if name is not None and self.index_used:
+            try:
+                fsat.unlink(name, dir_fd=self.index_fd)
+            except FileNotFoundError:
+                pass
+
     def nlink(self, node: Node, st: os.stat_result, *, removed: bool = False) -> int:
-        """The link count callers see (see ``nlink_xattr``).
+        """The link count callers see (see ``nlink_xattr`` and the link-count records above).
 
         ``removed``: ``st`` is an fstat of a file open after its last known name went. The kernel
         reports the upper object's own count then (0, or what its other upper names keep), and for
         an indexed hardlink the merged count, where the index's own link may be the only one left.
         """
+        if not node.in_upper and not node.is_dir and st.st_nlink > 1 and self.index_used:
+            recorded = self.recorded_link_count(node)
+            return st.st_nlink if recorded is None else recorded
         if node.is_dir or not node.in_upper or self.index_fd < 0 or (st.st_nlink < 2 and not removed):
             return st.st_nlink
         key = self.index_key(node)
