@@ -661,9 +661,9 @@ class UnionTree:
         try:
             fsat.symlink(value, name, dir_fd=self.index_fd)
         except FileExistsError:
-            tmp = self.tmp_name()
-            fsat.symlink(value, tmp, dir_fd=self.index_fd)
-            fsat.rename(tmp, name, src_dir_fd=self.index_fd, dst_dir_fd=self.index_fd)
+            tmp = self.tmp_name()  # in the scratch directory, emptied at mount if we crash here
+            fsat.symlink(value, tmp, dir_fd=self.work_fd)
+            fsat.rename(tmp, name, src_dir_fd=self.work_fd, dst_dir_fd=self.index_fd)
         self.index_used = True
 
     def drop_link_count_record(self, node: Node) -> None:
