@@ -292,6 +292,40 @@ def test_readdir_offsets_stable_while_entries_change(tmp_path: Path, union_mount
     assert {f"e{i:03d}" for i in range(1, 400, 2)} <= set(seen)
 
 
+def test_listings_the_kernel_keeps_follow_every_change(tmp_path: Path, union_mount: Callable) -> None:
+    # The kernel caches listings (unionfs.listing_cache): each change made through the mount must
+    # show in the next listing of every directory it touched, however often they were listed.
+    lowers, upper, work = make_layers(tmp_path)
+    m = union_mount(lowers, upper, work).mountpoint
+    tree, etc = m / "tree", m / "etc"
+
+    def listed() -> tuple[set[str], set[str]]:
+        for _ in range(3):  # the first fills the kernel's cache, the others are served from it
+            names = set(os.listdir(tree)), set(os.listdir(etc))
+        return names
+
+    expected_tree, expected_etc = listed()
+    changes = [
+        (lambda: (tree / "new").write_text("x"), {"new"}, set()),
+        (lambda: (tree / "f0").unlink(), {"-f0"}, set()),
+        (lambda: (tree / "sub").mkdir(), {"sub"}, set()),
+        (lambda: os.rename(tree / "new", etc / "moved"), {"-new"}, {"moved"}),
+        (lambda: os.symlink("hosts", tree / "link"), {"link"}, set()),
+        (lambda: os.link(etc / "hosts", tree / "hardlink"), {"hardlink"}, set()),
+        (lambda: (tree / "sub").rmdir(), {"-sub"}, set()),
+        (lambda: os.rename(etc / "moved", tree / "f1"), {"f1"}, {"-moved"}),
+    ]
+    for change, tree_delta, etc_delta in changes:
+        change()
+        for names, delta in ((expected_tree, tree_delta), (expected_etc, etc_delta)):
+            for d in delta:
+                if d.startswith("-"):
+                    names.discard(d[1:])
+                else:
+                    names.add(d)
+        assert listed() == (expected_tree, expected_etc)
+
+
 def test_read_only_union_without_upper(tmp_path: Path, union_mount: Callable) -> None:
     lowers, _, _ = make_layers(tmp_path)
     m = union_mount(lowers).mountpoint

@@ -497,6 +497,10 @@ class UnionOperations(pyfuse3.Operations):
 
     # --- directories -----------------------------------------------------------------------------
 
+    def is_directory_handle(self, fh: int) -> bool:
+        """For unionfs.listing_cache: is ``fh`` (in a reply being sent) an open directory's?"""
+        return fh in self.dirs
+
     @fuse_boundary()
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         node = self.core.node(inode)

@@ -67,6 +67,7 @@ def serve(opts: ServerOptions, ready: Callable[[], None] | None = None) -> None:
     import pyfuse3
     import trio
 
+    from unionfs import listing_cache
     from unionfs.core import UnionFS
     from unionfs.fuse_ops import UnionOperations
 
@@ -75,6 +76,7 @@ def serve(opts: ServerOptions, ready: Callable[[], None] | None = None) -> None:
     core = UnionFS(opts.lowers, opts.upper, opts.work, trace=trace, layer_xattr=opts.layer_xattr,
                    redirect_dir=opts.redirect_dir)
     ops = UnionOperations(core, enable_acl=opts.enable_acl)
+    listing_cache.enable(ops.is_directory_handle)
     if opts.enable_acl:
         ops.enable_acl = True
     pyfuse3.init(ops, opts.mountpoint, opts.fuse_options())
