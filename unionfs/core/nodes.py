@@ -130,7 +130,8 @@ class InodeTable:
         node = Node(ino, kind, parent, name)
         self.by_ino[ino] = node
         if identity is not None:
-            self.add_identity(node, identity)
+            self.by_identity[identity] = node  # add_identity, inline: once per entry of a big listing
+            node.identities.append(identity)
         return node
 
     def add_identity(self, node: Node, identity: Identity) -> None:

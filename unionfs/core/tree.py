@@ -17,6 +17,7 @@ import errno
 import logging
 import os
 import stat
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -66,7 +67,10 @@ class Caller:
     umask: int = 0
 
 
-@dataclass
+_FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()  # os.fsencode's
+
+
+@dataclass(slots=True)
 class DirEntry:
     """One entry of a merged listing, with a hint of where its top copy lives."""
 
@@ -552,23 +556,28 @@ class UnionTree:
             sources.extend(node.lowers)
         seen: dict[str, DirEntry] = {}
         hidden: set[str] = set()
+        # The loop below runs once per entry of every layer (tens of thousands for a big directory):
+        # it keeps to cheap calls (d_type answers is_file/is_dir without a stat).
+        whiteout_prefix, opaque_marker = ondisk.WHITEOUT_PREFIX, ondisk.OPAQUE_MARKER
+        s_ifreg, s_ifdir = stat.S_IFREG, stat.S_IFDIR
         for layer, path in sources:
             layer_hidden: list[str] = []
+            prefix = f"{path}/" if path else ""
             fd = fsat.open(path or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=layer.fd)
             try:
                 with os.scandir(fd) as it:
                     for entry in it:
                         n = entry.name
-                        if n.startswith(ondisk.WHITEOUT_PREFIX):
-                            if n != ondisk.OPAQUE_MARKER:
-                                layer_hidden.append(n[4:])
-                            continue
                         if n in seen or n in hidden:
                             continue
-                        if entry.is_dir(follow_symlinks=False):
-                            kind = stat.S_IFDIR
-                        elif entry.is_file(follow_symlinks=False):
-                            kind = stat.S_IFREG
+                        if n.startswith(whiteout_prefix):
+                            if n != opaque_marker:
+                                layer_hidden.append(n[4:])
+                            continue
+                        if entry.is_file(follow_symlinks=False):
+                            kind = s_ifreg
+                        elif entry.is_dir(follow_symlinks=False):
+                            kind = s_ifdir
                         elif entry.is_symlink():
                             kind = stat.S_IFLNK
                         else:
@@ -577,8 +586,8 @@ class UnionTree:
                                 layer_hidden.append(n)
                                 continue
                             kind = stat.S_IFMT(st.st_mode)
-                        seen[n] = DirEntry(n, layer, join(path, n), kind == stat.S_IFDIR, kind, entry.inode(),
-                                           os.fsencode(n))
+                        seen[n] = DirEntry(n, layer, prefix + n, kind == s_ifdir, kind, entry.inode(),
+                                           n.encode(_FS_ENCODING, _FS_ERRORS))
             finally:
                 os.close(fd)
             hidden.update(layer_hidden)
@@ -603,13 +612,20 @@ class UnionTree:
         if entry.is_dir:
             return self._resolve(parent, entry.name)
         layer = entry.layer
-        if layer.is_upper:
+        if layer.index < 0:  # the upper
             identity = self.upper_identity(parent.child_path(entry.name), entry.ino)
             return self._node_for(parent, entry.name, entry.kind, identity, True, [])
         if self.index_used and exists_at(self.index_fd, f"{layer.slot}-{entry.ino}"):
             return self._resolve(parent, entry.name)  # a hardlink whose other name was copied up
-        return self._node_for(parent, entry.name, entry.kind, (layer.slot, entry.ino), False,
-                              [(layer, entry.path)])
+        identity = (layer.slot, entry.ino)
+        table = self.table
+        if identity not in table.by_identity:
+            # The common case of a big listing, _node_for's first branch without its checks.
+            node = table.add(entry.kind, parent, entry.name, identity)
+            node.lowers = [(layer, entry.path)]
+            parent.children[entry.name] = node
+            return node
+        return self._node_for(parent, entry.name, entry.kind, identity, False, [(layer, entry.path)])
 
     def index_key(self, node: Node) -> str | None:
         """The index entry of a copied-up lower hardlink, if it has one."""
