@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from unionfs import ondisk
 from unionfs.core import fsat
 from unionfs.core.backing import Layer, copy_file_data, getxattr_at, listxattr_at, lstat_at
-from unionfs.core.nodes import Node
+from unionfs.core.nodes import OVERRIDE_UNKNOWN, Node
 from unionfs.core.tree import UnionTree, ensure_writable
 
 log = logging.getLogger(__name__)
@@ -130,6 +130,7 @@ def finish_copy_up(tree: UnionTree, job: CopyJob) -> None:
     if node.is_dir:
         fsat.chmod(upath or ".", st.st_mode & 0o7777, dir_fd=tree.upper.fd)
     node.in_upper = True
+    node.owner_override = OVERRIDE_UNKNOWN  # the copy's own xattr from now on
     # The parent's cached listing named the lower copy: entries made from it must see the upper one.
     tree.touch(node, node.parent, *(p for p, _ in node.links))
     if not node.is_dir:

@@ -39,13 +39,17 @@ UPPER_SLOT = 0
 Identity = tuple[int, int]  # (layer slot, backing st_ino)
 
 
+# Node.owner_override before the backing object's xattr has been read.
+OVERRIDE_UNKNOWN: Any = object()
+
+
 class Node:
     """One object of the merged tree, as the kernel knows it."""
 
     __slots__ = (
         "ino", "kind", "parent", "name", "links", "lookups", "in_upper", "lowers", "opaque",
         "identities", "deleted", "fds", "children", "attr", "listing", "fake_attr", "st_hint", "gone_stat",
-        "no_caps", "pin",
+        "no_caps", "pin", "owner_override",
     )
 
     def __init__(self, ino: int, kind: int, parent: Node | None, name: str) -> None:
@@ -71,6 +75,9 @@ class Node:
         self.fake_attr = False  # the kernel got placeholder attributes (expired at once) for it
         # Known to have no security.capability (the adapter's cache; cleared by any setxattr).
         self.no_caps = False
+        # The owner override xattr of its backing object, decoded (None: it has none), or
+        # OVERRIDE_UNKNOWN until read. Only lamina writes it, and it resets this when it does.
+        self.owner_override: Any = OVERRIDE_UNKNOWN
         self.pin = -1  # removed but not forgotten: O_PATH descriptor of its upper object (see above)
 
     @property

@@ -37,7 +37,7 @@ from unionfs.core.backing import (
     setxattr_at,
 )
 from unionfs.core.copyup import copy_up
-from unionfs.core.nodes import UPPER_SLOT, Node
+from unionfs.core.nodes import OVERRIDE_UNKNOWN, UPPER_SLOT, Node
 from unionfs.core.tree import LAYER_XATTR, Caller, UnionTree, check_name, ensure_writable
 
 log = logging.getLogger(__name__)
@@ -663,9 +663,8 @@ class UnionFS(UnionTree):
                 finally:
                     os.close(wfd)
         override = None
-        if not is_link and (uid is not None or gid is not None or mode is not None):
-            raw = getxattr_at(ufd, path, ondisk.OWNER_OVERRIDE_XATTR) if not target else None
-            override = ondisk.OwnerOverride.decode(raw) if raw else None
+        if not is_link and (uid is not None or gid is not None or mode is not None) and not target:
+            override = self.stored_override(node)
         if uid is not None or gid is not None:
             st = current() if (uid is None or gid is None) and override is None else None
             new_uid = uid if uid is not None else (override.uid if override else st.st_uid)  # type: ignore[union-attr]
@@ -697,6 +696,9 @@ class UnionFS(UnionTree):
                 fsat.chmod(target, perm)
             else:
                 fsat.chmod(path or ".", perm, dir_fd=ufd)
+        if not is_link and (uid is not None or gid is not None or mode is not None):
+            # What the object's override xattr holds now (see stored_override).
+            node.owner_override = override if not target else OVERRIDE_UNKNOWN
         if atime_ns is not None or mtime_ns is not None:
             if atime_ns is None or mtime_ns is None:
                 cur = current()

@@ -34,7 +34,7 @@ from unionfs.core.backing import (
     setxattr_at,
     split,
 )
-from unionfs.core.nodes import InodeTable, Node
+from unionfs.core.nodes import OVERRIDE_UNKNOWN, InodeTable, Node
 
 log = logging.getLogger(__name__)
 
@@ -447,6 +447,7 @@ class UnionTree:
                 # (a removed node keeps its identity only while its object cannot go: see nodes.py).
                 self.table.revive(node, parent, name)
                 node.lowers = lowers
+                node.owner_override = OVERRIDE_UNKNOWN
                 self.touch(node)
         if node is None:
             node = self.table.add(kind, parent, name, identity if register else None)
@@ -525,12 +526,7 @@ class UnionTree:
         st = lstat_at(layer.fd, path)
         if st is None:
             raise OSError(errno.ENOENT, "backing object vanished", path)
-        override = None
-        if not stat.S_ISLNK(st.st_mode):
-            raw = getxattr_at(layer.fd, path, ondisk.OWNER_OVERRIDE_XATTR)
-            if raw is not None:
-                override = self._visible_override(ondisk.OwnerOverride.decode(raw))
-        return st, override
+        return st, self.override_of(node, st)
 
     def readlink(self, node: Node) -> str:
         layer, path = self.backing(node)
@@ -726,9 +722,18 @@ class UnionTree:
     def override_of(self, node: Node, st: os.stat_result) -> ondisk.OwnerOverride | None:
         if stat.S_ISLNK(st.st_mode):
             return None
-        layer, path = self.backing(node)
-        raw = getxattr_at(layer.fd, path, ondisk.OWNER_OVERRIDE_XATTR)
-        return self._visible_override(ondisk.OwnerOverride.decode(raw) if raw is not None else None)
+        return self._visible_override(self.stored_override(node))
+
+    def stored_override(self, node: Node) -> ondisk.OwnerOverride | None:
+        """The owner override xattr of the node's backing object, read once per node: attributes
+        are answered several times per created file (create, chown, chmod, utimens), and each read
+        is a getxattr through /proc."""
+        cached = node.owner_override
+        if cached is OVERRIDE_UNKNOWN:
+            layer, path = self.backing(node)
+            raw = getxattr_at(layer.fd, path, ondisk.OWNER_OVERRIDE_XATTR)
+            cached = node.owner_override = ondisk.OwnerOverride.decode(raw) if raw is not None else None
+        return cached
 
     def _visible_override(self, override: ondisk.OwnerOverride | None) -> ondisk.OwnerOverride | None:
         if override is None or self.single_ids is None:
