@@ -272,6 +272,7 @@ class UnionFS(UnionTree):
         node.in_upper = True
         node.opaque = opaque
         node.st_hint = st
+        node.no_caps = True  # file capabilities come only by setxattr, which resets this
         assert parent.children is not None
         parent.children[name] = node
         return node
