@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -324,6 +325,26 @@ def test_listings_the_kernel_keeps_follow_every_change(tmp_path: Path, union_mou
                 else:
                     names.add(d)
         assert listed() == (expected_tree, expected_etc)
+
+
+@root_only
+def test_a_write_drops_file_capabilities_also_of_a_new_file(tmp_path: Path, union_mount: Callable) -> None:
+    # The kernel asks for security.capability before a write and removes it if present; lamina
+    # answers "none" for files it just made without asking the disk, until a setxattr.
+    lowers, upper, work = make_layers(tmp_path)
+    m = union_mount(lowers, upper, work).mountpoint
+    new = m / "tool"
+    with open(new, "wb") as f:
+        f.write(b"v1")
+    caps = struct.pack("<IIIII", 0x02000001, 1 << 10, 0, 0, 0)  # VFS_CAP_REVISION_2, cap_net_bind_service
+    os.setxattr(new, "security.capability", caps)
+    assert os.getxattr(new, "security.capability") == caps
+    with open(new, "ab") as f:
+        f.write(b"v2")
+    with pytest.raises(OSError) as e:
+        os.getxattr(new, "security.capability")
+    assert e.value.errno == errno.ENODATA
+    assert new.read_bytes() == b"v1v2"
 
 
 def test_read_only_union_without_upper(tmp_path: Path, union_mount: Callable) -> None:
