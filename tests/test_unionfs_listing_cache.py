@@ -73,5 +73,8 @@ def test_disable_gives_pyfuse3_its_import_back() -> None:
 def test_an_unknown_object_is_refused_not_patched(tmp_path: Path) -> None:
     not_elf = tmp_path / "fake.so"
     not_elf.write_bytes(b"not an ELF object")
-    assert listing_cache.enable(lambda fh: True, extension_path=str(not_elf)) is False
-    assert not listing_cache._installed
+    truncated = tmp_path / "truncated.so"
+    truncated.write_bytes(Path(os.path.realpath(pyfuse3.__file__)).read_bytes()[:200])
+    for path in (not_elf, truncated, tmp_path / "missing.so"):
+        assert listing_cache.enable(lambda fh: True, extension_path=str(path)) is False
+        assert not listing_cache._installed

@@ -81,7 +81,7 @@ def enable(is_directory_handle: Callable[[int], bool], *, extension_path: str | 
         start, end = _mapping_span(extension_path)
         if current != real and not (start <= (current or 0) < end):
             raise _Unsupported(f"the slot holds {current!r}, neither libfuse's function nor a lazy stub")
-    except (OSError, ValueError, AttributeError, _Unsupported) as e:
+    except (OSError, ValueError, AttributeError, IndexError, struct.error, _Unsupported) as e:
         log.debug("listing cache: not enabled: %s", e)
         return False
 
