@@ -20,6 +20,7 @@ install: system-packages venv bytecode
 # lamina command would recompile every module it imports (~0.2 s per command).
 bytecode: venv
 	$(PY) -m compileall -q lamina unionfs builder runner store inspector bench
+	$(PY) -m unionfs.bundle  # the filesystem server's imports in one file (see unionfs/bundle.py)
 
 system-packages:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \

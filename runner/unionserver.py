@@ -143,8 +143,9 @@ def _serve(attach_r: int, ready_w: int) -> int:
     linux.close_fds_except({0, 1, 2, attach_r, ready_w})
     try:
         # Imported now, while the caller is busy elsewhere: this is the point of forking early.
-        from unionfs.startup import import_fuse_stack
+        from unionfs.startup import import_fuse_stack, use_import_bundle
 
+        use_import_bundle()
         import_fuse_stack()
         from unionfs.options import parse_args
         from unionfs.server import serve

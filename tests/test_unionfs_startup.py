@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import types
+from pathlib import Path
 
 import pytest
 
@@ -78,3 +79,51 @@ def test_the_server_imports_neither_tls_nor_runs_ldconfig() -> None:
     assert report["metadata_stand_in_left"] is False
     assert report["subprocess_works"] is True
     assert report["find_library_c"]  # the real ctypes.util serves later callers
+
+
+@pytest.fixture(scope="module")
+def import_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from unionfs import bundle
+
+    out = tmp_path_factory.mktemp("bundle") / "imports.zip"
+    assert bundle.build(out) > 50
+    return out
+
+
+def test_a_server_imports_trio_and_the_stdlib_from_the_bundle(import_bundle: Path) -> None:
+    script = textwrap.dedent(f"""
+        import sys
+        from unionfs.startup import use_import_bundle
+        assert use_import_bundle({str(import_bundle)!r})
+        import unionfs.cli
+        from unionfs.options import ServerOptions
+        from unionfs.server import serve
+        try:
+            serve(ServerOptions(lowers=["/nonexistent-lower"], upper=None, work=None, mountpoint="/nonexistent"))
+        except Exception as e:
+            assert "nonexistent-lower" in str(e), e
+        import trio, attr, logging, unionfs.core
+        for module in (trio, attr, logging):
+            assert module.__file__.startswith({str(import_bundle)!r}), module.__file__
+        assert not unionfs.core.__file__.startswith({str(import_bundle)!r})  # lamina's own code: never
+        import trio.testing  # a part the server does not use is there too
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True)
+
+
+def test_a_bundle_that_no_longer_matches_is_not_used(import_bundle: Path, tmp_path: Path) -> None:
+    stale = tmp_path / "stale.zip"
+    stale.write_bytes(import_bundle.read_bytes())
+    header, first, *rest = Path(f"{import_bundle}.stamp").read_text().splitlines()
+    ino, mtime_ns, source = first.split(" ", 2)
+    variants = {
+        "a source changed": [header, f"{ino} {int(mtime_ns) + 1} {source}", *rest],
+        "another Python": ["00000000 3.99.0", first, *rest],
+        "a source is gone": [header, f"{ino} {mtime_ns} /nonexistent/module.py", *rest],
+    }
+    for why, lines in variants.items():
+        Path(f"{stale}.stamp").write_text("\n".join(lines) + "\n")
+        before = list(sys.path)
+        assert startup.use_import_bundle(str(stale)) is False, why
+        assert sys.path == before
+    assert startup.use_import_bundle(str(tmp_path / "missing.zip")) is False

@@ -7,15 +7,17 @@ exits 0 without printing anything; if the child fails, the parent prints its one
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
-from unionfs.startup import defer_unused_modules
+from unionfs.startup import defer_unused_modules, use_import_bundle
 
-# This process serves one mount and does nothing else: modules it never uses are put off before
-# the imports below (trio and pyfuse3) pull them in (see unionfs.startup).
+# This process serves one mount and does nothing else: before anything else is imported, imports
+# may come from one bundle file, and modules it never uses are put off (see unionfs.startup).
+use_import_bundle()
 defer_unused_modules()
+
+import logging  # noqa: E402
 
 from unionfs.options import OptionError, ServerOptions, parse_args  # noqa: E402
 

@@ -16,6 +16,7 @@ This module imports nothing heavy itself, so that callers can install the deferr
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import types
 
@@ -37,6 +38,33 @@ class DeferredModule(types.ModuleType):
         if sys.modules.get(name) is self:
             del sys.modules[name]
         return getattr(importlib.import_module(name), attr)
+
+
+BUNDLE_NAME = "lamina-unionfs-imports.zip"  # unionfs.bundle builds it; named here to keep imports light
+
+
+def use_import_bundle(path: str | None = None) -> bool:
+    """Put the import bundle (see unionfs.bundle) first on ``sys.path`` if it matches what is
+    installed: the interpreter's bytecode magic and version, and the inode and mtime of every
+    source it was built from. Otherwise (or without one) imports go on as usual."""
+    from importlib._bootstrap_external import MAGIC_NUMBER  # loaded at start-up (importlib.util is not)
+
+    bundle = path or os.path.join(sys.prefix, BUNDLE_NAME)
+    try:
+        with open(bundle + ".stamp") as f:
+            header, *sources = f.read().splitlines()
+        if header != f"{MAGIC_NUMBER.hex()} {sys.version.split()[0]}" or not sources:
+            return False
+        for line in sources:
+            ino, mtime_ns, source = line.split(" ", 2)
+            st = os.stat(source)
+            if (st.st_ino, st.st_mtime_ns) != (int(ino), int(mtime_ns)):
+                return False
+    except (OSError, ValueError):
+        return False
+    if not any(entry.endswith(".zip") and os.path.exists(entry + ".stamp") for entry in sys.path):
+        sys.path.insert(0, bundle)  # (one bundle is enough: a caller may have chosen another)
+    return True
 
 
 def defer_unused_modules(names: tuple[str, ...] = DEFERRABLE_MODULES) -> None:
