@@ -43,10 +43,16 @@ def hooked() -> Iterator[list[tuple[int, int]]]:
         listing_cache.disable()
 
 
+def _pyfuse3_slot() -> int:
+    """The address of pyfuse3's GOT slot for fuse_reply_open in this process."""
+    path = os.path.realpath(pyfuse3.__file__)
+    start, _end = listing_cache._mapping_span(listing_cache._mappings(), path)
+    return start + listing_cache._import_slot_offset(path, b"fuse_reply_open")
+
+
 def _pyfuse3_reply_open() -> ctypes._CFuncPtr:  # type: ignore[name-defined]
     """What pyfuse3 calls when it answers open or opendir: the function its GOT slot holds now."""
-    slot = listing_cache._import_slot(os.path.realpath(pyfuse3.__file__), b"fuse_reply_open")
-    return listing_cache._REPLY_OPEN(ctypes.c_void_p.from_address(slot).value)
+    return listing_cache._REPLY_OPEN(ctypes.c_void_p.from_address(_pyfuse3_slot()).value)
 
 
 def test_opendir_replies_are_marked_and_others_left_alone(hooked: list[tuple[int, int]]) -> None:
@@ -59,7 +65,7 @@ def test_opendir_replies_are_marked_and_others_left_alone(hooked: list[tuple[int
 
 
 def test_disable_gives_pyfuse3_its_import_back() -> None:
-    slot = listing_cache._import_slot(os.path.realpath(pyfuse3.__file__), b"fuse_reply_open")
+    slot = _pyfuse3_slot()
     original = ctypes.c_void_p.from_address(slot).value
     assert listing_cache.enable(lambda fh: False)
     try:

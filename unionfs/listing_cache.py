@@ -76,9 +76,10 @@ def enable(is_directory_handle: Callable[[int], bool], *, extension_path: str | 
         real = ctypes.cast(libfuse.fuse_reply_open, ctypes.c_void_p).value
         if not real:
             raise _Unsupported("libfuse has no fuse_reply_open")
-        slot = _import_slot(extension_path, b"fuse_reply_open")
+        mappings = _mappings()
+        start, end = _mapping_span(mappings, extension_path)
+        slot = start + _import_slot_offset(extension_path, b"fuse_reply_open")
         current = ctypes.c_void_p.from_address(slot).value
-        start, end = _mapping_span(extension_path)
         if current != real and not (start <= (current or 0) < end):
             raise _Unsupported(f"the slot holds {current!r}, neither libfuse's function nor a lazy stub")
     except (OSError, ValueError, AttributeError, IndexError, struct.error, _Unsupported) as e:
@@ -98,7 +99,7 @@ def enable(is_directory_handle: Callable[[int], bool], *, extension_path: str | 
 
     callback = _REPLY_OPEN(reply_open)
     try:
-        _write_pointer(slot, ctypes.cast(callback, ctypes.c_void_p).value or 0)
+        _write_pointer(slot, ctypes.cast(callback, ctypes.c_void_p).value or 0, mappings)
     except OSError as e:
         log.debug("listing cache: not enabled: %s", e)
         return False
@@ -111,73 +112,71 @@ def disable() -> None:
     """Give pyfuse3 its own import back (tests)."""
     if _installed:
         _callback, _call_real, slot, original = _installed
-        _write_pointer(int(slot), int(original))  # type: ignore[call-overload]
+        _write_pointer(int(slot), int(original), _mappings())  # type: ignore[call-overload]
         _installed.clear()
 
 
-def _import_slot(path: str, symbol: bytes) -> int:
-    """The address of the GOT slot through which the loaded shared object ``path`` calls ``symbol``."""
-    with open(path, "rb") as f:
-        image = f.read()
-    if image[:4] != b"\x7fELF" or image[4] != 2 or image[5] != 1:
-        raise _Unsupported(f"{path}: not a little-endian 64-bit ELF object")
-    (e_phoff, e_shoff) = struct.unpack_from("<QQ", image, 0x20)
-    (e_phentsize, e_phnum, e_shentsize, e_shnum) = struct.unpack_from("<HHHH", image, 0x36)
-    sections = [struct.unpack_from("<IIQQQQIIQQ", image, e_shoff + i * e_shentsize) for i in range(e_shnum)]
-    offset = None
-    for _name, sh_type, _flags, _addr, sh_offset, sh_size, sh_link, _info, _align, sh_entsize in sections:
-        if sh_type != _SHT_RELA or not sh_entsize:
-            continue
-        symtab = sections[sh_link]
-        strtab = sections[symtab[6]]
-        for r in range(sh_size // sh_entsize):
-            r_offset, r_info, _addend = struct.unpack_from("<QQq", image, sh_offset + r * sh_entsize)
-            if r_info & 0xFFFFFFFF not in (_R_X86_64_JUMP_SLOT, _R_X86_64_GLOB_DAT):
+def _import_slot_offset(path: str, symbol: bytes) -> int:
+    """Where, from the start of the loaded object ``path``, lies the GOT slot through which it
+    calls ``symbol``. Reads only the headers and tables it needs (the object is megabytes)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        header = os.pread(fd, 64, 0)
+        if header[:4] != b"\x7fELF" or header[4] != 2 or header[5] != 1:
+            raise _Unsupported(f"{path}: not a little-endian 64-bit ELF object")
+        e_phoff, e_shoff = struct.unpack_from("<QQ", header, 0x20)
+        e_phentsize, e_phnum, e_shentsize, e_shnum = struct.unpack_from("<HHHH", header, 0x36)
+        # (name, type, flags, addr, offset, size, link, info, addralign, entsize) per section
+        sections = list(struct.iter_unpack("<IIQQQQIIQQ", os.pread(fd, e_shnum * e_shentsize, e_shoff)))
+
+        def contents(index: int) -> bytes:
+            return os.pread(fd, sections[index][5], sections[index][4])
+
+        slot = None
+        for _name, sh_type, _flags, _addr, sh_offset, sh_size, sh_link, _info, _align, sh_entsize in sections:
+            if sh_type != _SHT_RELA or not sh_entsize:
                 continue
-            st_name = struct.unpack_from("<I", image, symtab[4] + (r_info >> 32) * symtab[9])[0]
-            name_at = strtab[4] + st_name
-            if image[name_at:image.index(b"\0", name_at)] == symbol:
-                offset = r_offset
+            strings = contents(sections[sh_link][6])
+            wanted = [index for index, (st_name, *_rest) in enumerate(struct.iter_unpack("<IBBHQQ", contents(sh_link)))
+                      if strings.startswith(symbol + b"\0", st_name)]
+            infos = {index << 32 | kind for index in wanted for kind in (_R_X86_64_JUMP_SLOT, _R_X86_64_GLOB_DAT)}
+            relocations = struct.iter_unpack("<QQq", os.pread(fd, sh_size, sh_offset))
+            slot = next((r_offset for r_offset, r_info, _addend in relocations if r_info in infos), None)
+            if slot is not None:
                 break
-        if offset is not None:
-            break
-    if offset is None:
-        raise _Unsupported(f"{path}: no relocation for {symbol.decode()}")
-    first_load = min(
-        struct.unpack_from("<IIQQ", image, e_phoff + i * e_phentsize)[3]
-        for i in range(e_phnum)
-        if struct.unpack_from("<I", image, e_phoff + i * e_phentsize)[0] == _PT_LOAD
-    )
-    start, _end = _mapping_span(path)
-    return start - (first_load & ~(_PAGE_SIZE - 1)) + offset
+        if slot is None:
+            raise _Unsupported(f"{path}: no relocation for {symbol.decode()}")
+        programs = struct.iter_unpack("<IIQQQQQQ", os.pread(fd, e_phnum * e_phentsize, e_phoff))
+        first_load = min(p_vaddr for p_type, _flags, _offset, p_vaddr, *_rest in programs if p_type == _PT_LOAD)
+    finally:
+        os.close(fd)
+    return int(slot) - (first_load & ~(_PAGE_SIZE - 1))
 
 
-def _mapping_span(path: str) -> tuple[int, int]:
-    """First and last address of the loaded object ``path`` in this process (from /proc/self/maps)."""
-    real = os.path.realpath(path)
-    spans = []
+def _mappings() -> list[tuple[int, int, str, str]]:
+    """This process's memory mappings: (start, end, permissions, path) from /proc/self/maps."""
+    found = []
     with open("/proc/self/maps") as maps:
         for line in maps:
             fields = line.split(maxsplit=5)
-            if len(fields) == 6 and fields[5].strip() == real:
-                lo, hi = (int(x, 16) for x in fields[0].split("-"))
-                spans.append((lo, hi))
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            found.append((lo, hi, fields[1], fields[5].strip() if len(fields) == 6 else ""))
+    return found
+
+
+def _mapping_span(mappings: list[tuple[int, int, str, str]], path: str) -> tuple[int, int]:
+    """First and last address of the loaded object ``path``."""
+    real = os.path.realpath(path)
+    spans = [(lo, hi) for lo, hi, _perms, mapped in mappings if mapped == real]
     if not spans:
         raise _Unsupported(f"{path} is not loaded")
     return min(lo for lo, _ in spans), max(hi for _, hi in spans)
 
 
-def _write_pointer(address: int, value: int) -> None:
+def _write_pointer(address: int, value: int, mappings: list[tuple[int, int, str, str]]) -> None:
     """Store a pointer, making its page writable for the moment if it is read-only (RELRO)."""
     page = address & ~(_PAGE_SIZE - 1)
-    writable = True
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            span, perms = line.split(maxsplit=2)[:2]
-            lo, hi = (int(x, 16) for x in span.split("-"))
-            if lo <= address < hi:
-                writable = "w" in perms
-                break
+    writable = next(("w" in perms for lo, hi, perms, _path in mappings if lo <= address < hi), True)
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     if not writable and libc.mprotect(page, _PAGE_SIZE, _PROT_READ | _PROT_WRITE) != 0:
