@@ -111,7 +111,9 @@ def test_a_server_imports_trio_and_the_stdlib_from_the_bundle(import_bundle: Pat
     subprocess.run([sys.executable, "-c", script], check=True)
 
 
-def test_a_bundle_that_no_longer_matches_is_not_used(import_bundle: Path, tmp_path: Path) -> None:
+def test_a_bundle_that_no_longer_matches_is_not_used(import_bundle: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(startup, "_bundle_in_use", None)  # whatever this test process did before
     stale = tmp_path / "stale.zip"
     stale.write_bytes(import_bundle.read_bytes())
     header, first, *rest = Path(f"{import_bundle}.stamp").read_text().splitlines()

@@ -22,13 +22,11 @@ import os
 import subprocess
 import sys
 import zipfile
-from importlib.util import MAGIC_NUMBER
 from pathlib import Path
 from types import CodeType
 
-from unionfs.startup import BUNDLE_NAME
+from unionfs.startup import BUNDLE_NAME, STAMP_SUFFIX, stamp_header
 
-STAMP_SUFFIX = ".stamp"
 OWN_PACKAGES = {"unionfs", "lamina", "runner", "store", "builder", "inspector", "bench", "tests"}
 
 # Run in a fresh interpreter: import what a server imports, report where each new module came from.
@@ -49,10 +47,6 @@ _TEST_DIRS = {"tests", "_tests", "test"}
 
 def default_path() -> Path:
     return Path(sys.prefix) / BUNDLE_NAME
-
-
-def stamp_header() -> str:
-    return f"{MAGIC_NUMBER.hex()} {sys.version.split()[0]}"
 
 
 def _roots(modules: dict[str, str | None]) -> dict[str, Path]:

@@ -43,17 +43,29 @@ class DeferredModule(types.ModuleType):
 BUNDLE_NAME = "lamina-unionfs-imports.zip"  # unionfs.bundle builds it; named here to keep imports light
 
 
+STAMP_SUFFIX = ".stamp"
+_bundle_in_use: str | None = None  # one bundle per process is enough: the first one put on sys.path
+
+
+def stamp_header() -> str:
+    """The first line of a bundle's stamp: which interpreter its bytecode is for."""
+    from importlib._bootstrap_external import MAGIC_NUMBER  # loaded at start-up (importlib.util is not)
+
+    return f"{MAGIC_NUMBER.hex()} {sys.version.split()[0]}"
+
+
 def use_import_bundle(path: str | None = None) -> bool:
     """Put the import bundle (see unionfs.bundle) first on ``sys.path`` if it matches what is
     installed: the interpreter's bytecode magic and version, and the inode and mtime of every
     source it was built from. Otherwise (or without one) imports go on as usual."""
-    from importlib._bootstrap_external import MAGIC_NUMBER  # loaded at start-up (importlib.util is not)
-
+    global _bundle_in_use
+    if _bundle_in_use is not None:
+        return True
     bundle = path or os.path.join(sys.prefix, BUNDLE_NAME)
     try:
-        with open(bundle + ".stamp") as f:
+        with open(bundle + STAMP_SUFFIX) as f:
             header, *sources = f.read().splitlines()
-        if header != f"{MAGIC_NUMBER.hex()} {sys.version.split()[0]}" or not sources:
+        if header != stamp_header() or not sources:
             return False
         for line in sources:
             ino, mtime_ns, source = line.split(" ", 2)
@@ -62,8 +74,8 @@ def use_import_bundle(path: str | None = None) -> bool:
                 return False
     except (OSError, ValueError):
         return False
-    if not any(entry.endswith(".zip") and os.path.exists(entry + ".stamp") for entry in sys.path):
-        sys.path.insert(0, bundle)  # (one bundle is enough: a caller may have chosen another)
+    sys.path.insert(0, bundle)
+    _bundle_in_use = bundle
     return True
 
 

@@ -22,7 +22,7 @@ from unionfs import ondisk
 from unionfs.core import fsat
 from unionfs.core.backing import Layer, copy_file_data, getxattr_at, listxattr_at, lstat_at
 from unionfs.core.nodes import OVERRIDE_UNKNOWN, Node
-from unionfs.core.tree import UnionTree, ensure_writable
+from unionfs.core.tree import UnionTree, ensure_writable, index_entry_name
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def finish_copy_up(tree: UnionTree, job: CopyJob) -> None:
         # the others find it through the index when they are looked up.
         if st.st_nlink > 1 and tree.index_fd >= 0:
             try:
-                fsat.link(upath, f"{job.layer.slot}-{st.st_ino}", src_dir_fd=tree.upper.fd,
+                fsat.link(upath, index_entry_name(job.layer.slot, st.st_ino), src_dir_fd=tree.upper.fd,
                         dst_dir_fd=tree.index_fd, follow_symlinks=False)
             except FileExistsError:
                 pass

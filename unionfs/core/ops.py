@@ -38,7 +38,7 @@ from unionfs.core.backing import (
 )
 from unionfs.core.copyup import copy_up
 from unionfs.core.nodes import OVERRIDE_UNKNOWN, UPPER_SLOT, Node
-from unionfs.core.tree import LAYER_XATTR, Caller, UnionTree, check_name, ensure_writable
+from unionfs.core.tree import LAYER_XATTR, Caller, UnionTree, check_name, ensure_writable, index_entry_name
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class UnionFS(UnionTree):
         name the upper copy too, by a hard link from the index, so every name shows the same data."""
         if self.readonly or self.index_fd < 0:
             return None
-        key = f"{layer.slot}-{st.st_ino}"
+        key = index_entry_name(layer.slot, st.st_ino)
         if not exists_at(self.index_fd, key):
             return None
         self.copy_up(parent)
@@ -391,7 +391,7 @@ class UnionFS(UnionTree):
         self.copy_up(parent)
         if not node.in_upper or self.lower_has(parent, name):  # see unlink
             self.whiteout(parent, name, upper_vacant=not node.in_upper)
-        elif node.in_upper:
+        else:
             # merged-empty: what is left are whiteouts of lower entries
             remove_tree_at(self._upper_fd(), join(parent.path(), name))
         self.touch(node, parent)
@@ -664,7 +664,8 @@ class UnionFS(UnionTree):
                 finally:
                     os.close(wfd)
         override = None
-        if not is_link and (uid is not None or gid is not None or mode is not None) and not target:
+        owner_or_mode = not is_link and (uid is not None or gid is not None or mode is not None)
+        if owner_or_mode and not target:
             override = self.stored_override(node)
         if uid is not None or gid is not None:
             st = current() if (uid is None or gid is None) and override is None else None
@@ -697,7 +698,7 @@ class UnionFS(UnionTree):
                 fsat.chmod(target, perm)
             else:
                 fsat.chmod(path or ".", perm, dir_fd=ufd)
-        if not is_link and (uid is not None or gid is not None or mode is not None):
+        if owner_or_mode:
             # What the object's override xattr holds now (see stored_override).
             node.owner_override = override if not target else OVERRIDE_UNKNOWN
         if atime_ns is not None or mtime_ns is not None:

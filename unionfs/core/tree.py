@@ -67,6 +67,12 @@ class Caller:
     umask: int = 0
 
 
+def index_entry_name(slot: int, ino: int) -> str:
+    """The name in WORK/lamina-index of the upper copy of lower object ``ino`` of layer ``slot``
+    (a link-count record of it, see UnionTree.record_link_count, adds an "n" in front)."""
+    return f"{slot}-{ino}"
+
+
 _FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()  # os.fsencode's
 
 
@@ -611,7 +617,7 @@ class UnionTree:
         if layer.index < 0:  # the upper
             identity = self.upper_identity(parent.child_path(entry.name), entry.ino)
             return self._node_for(parent, entry.name, entry.kind, identity, True, [])
-        if self.index_used and exists_at(self.index_fd, f"{layer.slot}-{entry.ino}"):
+        if self.index_used and exists_at(self.index_fd, index_entry_name(layer.slot, entry.ino)):
             return self._resolve(parent, entry.name)  # a hardlink whose other name was copied up
         identity = (layer.slot, entry.ino)
         table = self.table
@@ -629,7 +635,7 @@ class UnionTree:
             return None
         for slot, ino in node.identities:
             if slot:
-                key = f"{slot}-{ino}"
+                key = index_entry_name(slot, ino)
                 if exists_at(self.index_fd, key):
                     return key
         return None
@@ -648,7 +654,7 @@ class UnionTree:
     def _link_count_record(node: Node) -> str | None:
         for slot, ino in node.identities:
             if slot:
-                return f"n{slot}-{ino}"
+                return "n" + index_entry_name(slot, ino)
         return None
 
     def recorded_link_count(self, node: Node) -> int | None:
