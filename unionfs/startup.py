@@ -6,9 +6,10 @@ overlap its own work, but they still come first on a loaded machine). Most of th
 Python's work but the disk: after the page cache is dropped, each of the ~250 module files costs a
 read. trio and pyfuse3 pull in modules a union filesystem never calls: TLS and DTLS (``ssl``,
 ``hmac`` and with them ``libssl``/``libcrypto``), international host names (``idna``) and process
-spawning (``subprocess``). Those are put off (:class:`DeferredModule`)
-until someone reads one of their attributes: trio only imports them to use them later, inside
-functions, and the filesystem never gets there.
+spawning (``subprocess``). Those are put off (:class:`DeferredModule`) until someone reads one
+of their attributes: trio only imports them to use them later, inside
+functions, and the filesystem never gets there. The modules it does use can come from one zip
+instead of hundreds of files (:func:`use_import_bundle`; unionfs.bundle builds it).
 
 This module imports nothing heavy itself, so that callers can install the deferrals first.
 """
