@@ -49,7 +49,7 @@ class Node:
     __slots__ = (
         "ino", "kind", "parent", "name", "links", "lookups", "in_upper", "lowers", "opaque",
         "identities", "deleted", "fds", "children", "attr", "listing", "fake_attr", "st_hint", "gone_stat",
-        "no_caps", "pin", "owner_override",
+        "lower_st", "no_caps", "pin", "owner_override",
     )
 
     def __init__(self, ino: int, kind: int, parent: Node | None, name: str) -> None:
@@ -72,6 +72,9 @@ class Node:
         self.listing: Any = None  # directory: cached merged listing (list of DirEntry)
         self.st_hint: Any = None  # a fresh stat of the backing object from lookup (used once)
         self.gone_stat: Any = None  # last stat before its last name went (an open fifo still asks)
+        # The lstat of its lower object from the lookup that found it: still true while the node
+        # is not copied up, as lower layers never change.
+        self.lower_st: Any = None
         self.fake_attr = False  # the kernel got placeholder attributes (expired at once) for it
         # Known to have no security.capability (the adapter's cache; cleared by any setxattr).
         self.no_caps = False

@@ -99,10 +99,10 @@ class UnionFS(UnionTree):
         st = None if upper_vacant else lstat_at(ufd, path)
         if self.whiteout_style is ondisk.WhiteoutStyle.CHAR_DEVICE and st is None:
             # nothing to replace: creating the whiteout is one atomic step already
-            fsat.mknod(path, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=ufd)
+            self.make_char_whiteout(ufd, path)
         elif self.whiteout_style is ondisk.WhiteoutStyle.CHAR_DEVICE:
             tmp = self.tmp_name()
-            fsat.mknod(tmp, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=self.work_fd)
+            self.make_char_whiteout(self.work_fd, tmp)
             if st is not None and stat.S_ISDIR(st.st_mode):
                 renameat2(self.work_fd, tmp, ufd, path, RENAME_EXCHANGE)
                 remove_tree_at(self.work_fd, tmp)
@@ -180,6 +180,9 @@ class UnionFS(UnionTree):
                     table.pin(node, fd)
                     node.gone_stat = os.fstat(fd)  # cheaper than a second walk of the path
                     return node.gone_stat
+        if not node.in_upper and node.lower_st is not None:
+            node.gone_stat = node.lower_st
+            return None
         try:
             layer, lpath = self.backing(node)
             node.gone_stat = lstat_at(layer.fd, lpath)
@@ -369,8 +372,11 @@ class UnionFS(UnionTree):
         # A name that resolved to an object only the lowers have is a lower's name: it needs a
         # whiteout, and the upper holds nothing there yet (no need to ask the layers again).
         from_lower = not node.in_upper
-        lower_count = self._lower_hardlink_count(node) if from_lower else None
-        self.adjust_nlink(node, -1)
+        # Index entries and link-count records exist only for lower objects with several names.
+        single = from_lower and node.gone_stat is not None and node.gone_stat.st_nlink == 1
+        lower_count = self._lower_hardlink_count(node) if from_lower and not single else None
+        if not single:
+            self.adjust_nlink(node, -1)
         if from_lower or self.lower_has(parent, name):
             self.whiteout(parent, name, upper_vacant=from_lower)
         else:

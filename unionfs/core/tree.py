@@ -109,6 +109,15 @@ def check_name(name: str) -> None:
         raise OSError(errno.ENAMETOOLONG, "name too long", name)
 
 
+# In WORK/work: the char 0/0 device that whiteouts are hard links to (see make_char_whiteout).
+SHARED_WHITEOUT = "whiteout"
+
+# Lookups that must miss in one lower directory before its names are listed and kept: a listing
+# costs about what 20 missed lookups do in a directory of a thousand entries.
+LOWER_NAMES_AFTER = 2
+NO_LOWER_NAMES = -1
+
+
 class UnionTree:
     """Layers, nodes and read-only operations on the merged tree."""
 
@@ -144,6 +153,11 @@ class UnionTree:
             self.close()
             raise
         self.readonly = self.upper is None
+        # Names in busy lower directories, keyed by (layer index, path): lower layers never change
+        # while mounted, so once a directory has missed LOWER_NAMES_AFTER lookups, one listing
+        # answers its later misses (and their whiteout-file checks) without a system call. Until
+        # then the value counts the misses; NO_LOWER_NAMES marks a directory we could not list.
+        self._lower_names: dict[tuple[int, str], int | frozenset[str]] = {}
         # In a namespace that maps one id only (an unprivileged user without subordinate ids), an
         # owner override naming an unmapped id would show as the overflow id, which even the
         # namespace's root may not enter; such owners are shown as that root instead (as podman's
@@ -227,15 +241,40 @@ class UnionTree:
         return ondisk.XattrNamespace.TRUSTED
 
     def _probe_whiteout_style(self) -> ondisk.WhiteoutStyle:
+        """Char 0/0 whiteouts where mknod works; the probe stays as the shared whiteout."""
         if self.upper is None:
             return ondisk.WhiteoutStyle.CHAR_DEVICE
-        probe = "whiteout-probe"
         try:
-            fsat.mknod(probe, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=self.work_fd)
+            fsat.mknod(SHARED_WHITEOUT, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=self.work_fd)
         except PermissionError:
             return ondisk.WhiteoutStyle.WH_FILE
-        fsat.unlink(probe, dir_fd=self.work_fd)
         return ondisk.WhiteoutStyle.CHAR_DEVICE
+
+    def make_char_whiteout(self, dir_fd: int, path: str) -> None:
+        """A char 0/0 whiteout at ``path`` under ``dir_fd`` (upper or workdir).
+
+        A hard link to the workdir's shared whiteout, as the kernel's overlayfs makes them: a new
+        name only, where mknod would also allocate an inode (14 µs instead of 55 on this ext4).
+        Where linking is refused (the link limit, a filesystem without hard links) a new device
+        node is made instead; FileExistsError goes to the caller either way.
+        """
+        try:
+            fsat.link(SHARED_WHITEOUT, path, src_dir_fd=self.work_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+            return
+        except FileExistsError:
+            raise
+        except OSError as e:
+            log.debug("whiteout /%s: no link to the shared one (%s)", path, e.strerror)
+            refused = e.errno
+        fsat.mknod(path, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=dir_fd)
+        if refused in (errno.EMLINK, errno.ENOENT):
+            # Start a fresh shared whiteout for the next ones (the full one keeps its links).
+            tmp = self.tmp_name()
+            try:
+                fsat.mknod(tmp, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=self.work_fd)
+                fsat.rename(tmp, SHARED_WHITEOUT, src_dir_fd=self.work_fd, dst_dir_fd=self.work_fd)
+            except OSError as e2:
+                log.debug("no new shared whiteout: %s", e2.strerror)
 
     def close(self) -> None:
         self.table.close_pins()
@@ -327,12 +366,20 @@ class UnionTree:
                     ppath_l = parent_paths.get(layer.index)
                     if ppath_l is None:
                         continue
+                    if redirect is None:
+                        known = self._lower_names.get((layer.index, ppath_l))
+                        if type(known) is frozenset and name not in known:
+                            if ondisk.WHITEOUT_PREFIX + name in known:
+                                break
+                            continue
                     path = join(ppath_l, redirect or name)
                 st = lstat_at(layer.fd, path)
                 if st is None:
                     head, tail = split(path)
                     if last_layer or exists_at(layer.fd, join(head, ondisk.WHITEOUT_PREFIX + tail)):
                         break
+                    if redirect is None:
+                        self._lower_miss(layer, head)
                     continue
                 if ondisk.is_whiteout_stat(st):
                     break
@@ -344,7 +391,7 @@ class UnionTree:
                                 return linked
                         node = self._node_for(parent, name, stat.S_IFMT(st.st_mode), (layer.slot, st.st_ino),
                                               False, [(layer, path)])
-                        node.st_hint = st
+                        node.st_hint = node.lower_st = st
                         return node
                     break
                 if top_st is None:
@@ -370,6 +417,26 @@ class UnionTree:
         node.st_hint = top_st
         node.opaque = opaque and in_upper
         return node
+
+    def _lower_miss(self, layer: Layer, path: str) -> None:
+        """Count a lookup that missed in lower directory ``path``; list it once it is busy."""
+        key = (layer.index, path)
+        seen = self._lower_names.get(key, 0)
+        if type(seen) is not int or seen < 0:
+            return
+        if seen + 1 < LOWER_NAMES_AFTER:
+            self._lower_names[key] = seen + 1
+            return
+        try:
+            dfd = fsat.open(path or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                            dir_fd=layer.fd)
+            try:
+                self._lower_names[key] = frozenset(os.listdir(dfd))
+            finally:
+                os.close(dfd)
+        except OSError as e:
+            log.debug("lower directory %s of %s not listed: %s", path or "/", layer.label, e)
+            self._lower_names[key] = NO_LOWER_NAMES
 
     def _absolute_reach(self, layer: Layer, path: str) -> _Reach:
         """How the ancestors of an absolute redirect's target look in one lower layer.
