@@ -236,6 +236,7 @@ class UnionFS(UnionTree):
         is_dir = stat.S_ISDIR(mode)
         pst = fsat.stat(ppath or ".", dir_fd=ufd)
         st: os.stat_result | None = None
+        override: ondisk.OwnerOverride | None = None
         opaque = False
         if (not parent.lowers or parent.opaque) and \
                 self.whiteout_style is ondisk.WhiteoutStyle.CHAR_DEVICE:
@@ -243,7 +244,7 @@ class UnionFS(UnionTree):
             # needed; a stale whiteout in the upper shows up as EEXIST and takes the slow path.
             try:
                 make(ufd, path)
-                st = self._own(ufd, path, caller, pst, mode)
+                st, override = self._own(ufd, path, caller, pst, mode)
             except FileExistsError:
                 st = None
         if st is None:
@@ -253,7 +254,7 @@ class UnionFS(UnionTree):
                 # Build it in the workdir and swap it in: the name never shows the lower object.
                 tmp = self.tmp_name()
                 make(self.work_fd, tmp)
-                self._own(self.work_fd, tmp, caller, pst, mode)
+                override = self._own(self.work_fd, tmp, caller, pst, mode)[1]
                 if opaque:
                     self._set_marker(self.work_fd, tmp, ondisk.TRUSTED_OPAQUE, ondisk.USER_OPAQUE, b"y")
                 if wh == "char" and is_dir:
@@ -265,7 +266,7 @@ class UnionFS(UnionTree):
                     self.emit(f"opaque /{path}")
             else:
                 make(ufd, path)
-                self._own(ufd, path, caller, pst, mode)
+                override = self._own(ufd, path, caller, pst, mode)[1]
             if wh == "file":
                 fsat.unlink(join(ppath, ondisk.WHITEOUT_PREFIX + name), dir_fd=ufd)
             st = fsat.stat(path, dir_fd=ufd, follow_symlinks=False)
@@ -275,6 +276,7 @@ class UnionFS(UnionTree):
         node.in_upper = True
         node.opaque = opaque
         node.st_hint = st
+        node.owner_override = override  # no getxattr to learn what was just written
         node.no_caps = True  # file capabilities come only by setxattr, which resets this
         assert parent.children is not None
         parent.children[name] = node
@@ -283,8 +285,10 @@ class UnionFS(UnionTree):
     def _can_trusted(self) -> bool:
         return self.xattr_ns is ondisk.XattrNamespace.TRUSTED
 
-    def _own(self, dfd: int, name: str, caller: Caller, pst: os.stat_result, mode: int) -> os.stat_result:
-        """Give a new object the caller's owner (group of a setgid parent), as the kernel would."""
+    def _own(self, dfd: int, name: str, caller: Caller, pst: os.stat_result,
+             mode: int) -> tuple[os.stat_result, ondisk.OwnerOverride | None]:
+        """Give a new object the caller's owner (group of a setgid parent), as the kernel would.
+        Returns its stat and the owner override written for it (None: it has none)."""
         st = fsat.stat(name, dir_fd=dfd, follow_symlinks=False)
         uid = caller.uid
         gid = pst.st_gid if pst.st_mode & stat.S_ISGID else caller.gid
@@ -295,18 +299,19 @@ class UnionFS(UnionTree):
         if not is_link and stat.S_ISREG(st.st_mode) and perm & stat.S_ISGID and caller.uid != 0 \
                 and gid != caller.gid and gid not in _groups_of(caller.pid):
             perm &= ~stat.S_ISGID  # the kernel drops setgid for a group the creator is not in
+        override = None
         if (st.st_uid, st.st_gid) != (uid, gid):
             try:
                 fsat.chown(name, uid, gid, dir_fd=dfd, follow_symlinks=False)
             except PermissionError:
                 if not is_link:
-                    setxattr_at(dfd, name, ondisk.OWNER_OVERRIDE_XATTR,
-                                ondisk.OwnerOverride(uid, gid, perm).encode())
+                    override = ondisk.OwnerOverride(uid, gid, perm)
+                    setxattr_at(dfd, name, ondisk.OWNER_OVERRIDE_XATTR, override.encode())
         changed = (st.st_uid, st.st_gid) != (uid, gid)
         if not is_link and (st.st_mode & 0o7777) != perm or (not is_link and perm & 0o6000):
             fsat.chmod(name, perm, dir_fd=dfd)
             changed = True
-        return fsat.stat(name, dir_fd=dfd, follow_symlinks=False) if changed else st
+        return (fsat.stat(name, dir_fd=dfd, follow_symlinks=False) if changed else st), override
 
     def create(self, parent: Node, name: str, mode: int, flags: int, caller: Caller) -> tuple[Node, int]:
         """Create and open a regular file; returns the node and an open descriptor."""
