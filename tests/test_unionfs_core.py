@@ -914,3 +914,38 @@ def test_stale_origin_index_entry_is_not_inherited_by_a_new_object(layers: Layer
         pytest.skip("the backing filesystem did not reuse the inode number")
     fresh = layers.open()
     assert [walk(fresh, f"n{i}").ino for i in range(8)] == [n.ino for n in created]
+
+
+def test_fd_relative_xattrs_agree_with_the_proc_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """getxattrat/listxattrat (where the kernel has them) and the /proc/self/fd path give the same
+    answers: values of any size, long name lists, symlinks not followed, absent xattrs, missing files."""
+    from unionfs.core import backing
+
+    write_file(tmp_path / "d" / "f")
+    os.symlink("f", tmp_path / "d" / "link")
+    os.setxattr(tmp_path / "d" / "f", "user.small", b"y")
+    os.setxattr(tmp_path / "d" / "f", "user.big", bytes(range(256)) * 4)  # past the first guess
+    for i in range(50):  # a name list longer than the first guess
+        os.setxattr(tmp_path / "d", f"user.name-{i:03d}-" + "x" * 20, b"")
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        def answers() -> list[object]:
+            got: list[object] = []
+            for path, name in [("d/f", "user.small"), ("d/f", "user.big"), ("d/f", "user.none"),
+                               ("d/link", "user.small"), ("d", "user.name-000-" + "x" * 20)]:
+                got.append(backing.getxattr_at(fd, path, name))
+            for path in ("d/f", "d/link", "d"):
+                got.append(sorted(backing.listxattr_at(fd, path)))
+            for call in (lambda: backing.getxattr_at(fd, "d/missing", "user.small"),
+                         lambda: backing.listxattr_at(fd, "d/missing")):
+                with pytest.raises(FileNotFoundError):
+                    call()
+            return got
+
+        fast = answers()
+        monkeypatch.setattr(backing, "_xattrat_usable", False)
+        assert fast == answers()
+        assert fast[0] == b"y" and fast[1] == bytes(range(256)) * 4 and fast[2] is None and fast[3] is None
+        assert len(fast[7]) == 50  # type: ignore[arg-type]
+    finally:
+        os.close(fd)

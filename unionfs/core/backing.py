@@ -5,8 +5,8 @@ every backing system call is relative to that descriptor (``dir_fd=``), never a 
 PATH_MAX keep working (the relative path is always shorter than the one the caller used), and a
 process that pivots its root or moves the layer directories cannot make us touch the wrong file.
 
-Calls that have no ``*at`` form in Python (xattrs, renameat2) go through ``/proc/self/fd/N/REL`` or
-ctypes.
+Calls that have no ``*at`` form in Python (xattrs, renameat2) go through ctypes (getxattrat and
+listxattrat where the kernel has them) or ``/proc/self/fd/N/REL``.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import ctypes
 import errno
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from unionfs.core import fsat
 
@@ -30,6 +31,53 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _renameat2 = _libc.renameat2
 _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
 _renameat2.restype = ctypes.c_int
+
+# getxattrat(2) and listxattrat(2), Linux 6.13: xattrs of a path relative to a directory descriptor
+# in one system call, where going through /proc/self/fd/N/PATH costs a procfs lookup and a magic
+# link on every call (a third of a lookup's getxattr time here). Their numbers are the same on every
+# architecture that has the generic table; elsewhere, and on older kernels (ENOSYS), the /proc path.
+_SYS_GETXATTRAT = 464
+_SYS_LISTXATTRAT = 465
+_AT_SYMLINK_NOFOLLOW = 0x100
+_XATTR_GUESS = 256  # bytes: overlay markers and lamina's own xattrs fit
+
+
+class _XattrArgs(ctypes.Structure):
+    _fields_ = [("value", ctypes.c_uint64), ("size", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+
+
+_getxattrat = _libc["syscall"]  # [] makes a function object of its own, with its own argtypes
+_getxattrat.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.c_char_p,
+                        ctypes.POINTER(_XattrArgs), ctypes.c_size_t]
+_getxattrat.restype = ctypes.c_long
+_listxattrat = _libc["syscall"]
+_listxattrat.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.c_void_p,
+                         ctypes.c_size_t]
+_listxattrat.restype = ctypes.c_long
+_AT_FDCWD = -100
+
+
+def _xattrat_answers_like_getxattr() -> bool:
+    """Whether getxattrat works here: not only the kernel must have it, a seccomp filter (as in a
+    container) may answer EPERM for calls it does not know, which must not read as "no xattr"."""
+    if os.uname().machine not in ("x86_64", "aarch64", "riscv64"):
+        return False
+    probe = "user.lamina.probe"
+    try:
+        os.getxattr("/", probe)
+        want = 0
+    except OSError as e:
+        want = e.errno or 0
+    args = _XattrArgs(0, 0, 0)
+    got = 0 if _getxattrat(_SYS_GETXATTRAT, _AT_FDCWD, b"/", 0, probe.encode(), ctypes.byref(args),
+                           ctypes.sizeof(args)) >= 0 else ctypes.get_errno()
+    return got == want and want != errno.EPERM
+
+
+_xattrat_usable = _xattrat_answers_like_getxattr()
+
+# What a missing or unreadable xattr looks like to the callers below: absent, not an error.
+_XATTR_ABSENT = (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES)
 
 # Files up to this size are copied in one go, without looking for holes.
 _SMALL_FILE = 64 * 1024
@@ -109,8 +157,53 @@ def getxattr_at(fd: int, path: str, name: str) -> bytes | None:
     if path and len(path) >= _PROC_PATH_BUDGET:
         with proc_path(fd, path) as p:
             return _getxattr(p, name)
+    if path and _xattrat_usable:
+        value = _getxattr_by_syscall(fd, path, name)
+        if value is not NotImplemented:
+            return value
     # the hot path (every lookup): no context manager
     return _getxattr(f"/proc/self/fd/{fd}/{path}" if path else fd, name)
+
+
+def _getxattr_by_syscall(fd: int, path: str, name: str) -> Any:
+    """getxattrat(2); NotImplemented when the kernel lacks it."""
+    bpath, bname = os.fsencode(path), os.fsencode(name)
+
+    def call(buf: Any, size: int) -> int:
+        args = _XattrArgs(ctypes.addressof(buf) if buf is not None else 0, size, 0)
+        return int(_getxattrat(_SYS_GETXATTRAT, fd, bpath, _AT_SYMLINK_NOFOLLOW, bname, ctypes.byref(args),
+                               ctypes.sizeof(args)))
+
+    data, err = _sized_call(call, _XATTR_GUESS)
+    if data is not None:
+        return data
+    if err == errno.ENOSYS:
+        return NotImplemented
+    if err in _XATTR_ABSENT:
+        return None
+    raise OSError(err, os.strerror(err), path)
+
+
+def _sized_call(call: Callable[[Any, int], int], guess: int) -> tuple[bytes | None, int]:
+    """Run a getxattr- or listxattr-style system call with a buffer big enough for the answer:
+    (the bytes, 0), or (None, errno). ENOSYS also turns the *xattrat calls off for good."""
+    global _xattrat_usable
+    size = guess
+    while True:
+        buf = ctypes.create_string_buffer(size)
+        n = call(buf, size)
+        if n >= 0:
+            return buf.raw[:n], 0
+        err = ctypes.get_errno()
+        if err == errno.ERANGE:
+            n = call(None, 0)  # how big is it now?
+            if n >= 0:
+                size = max(n, 1)
+                continue
+            err = ctypes.get_errno()
+        if err == errno.ENOSYS:
+            _xattrat_usable = False
+        return None, err
 
 
 def _getxattr(target: str | int, name: str) -> bytes | None:
@@ -119,7 +212,7 @@ def _getxattr(target: str | int, name: str) -> bytes | None:
             return os.getxattr(target, name)
         return os.getxattr(target, name, follow_symlinks=False)
     except OSError as e:
-        if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES):
+        if e.errno in _XATTR_ABSENT:
             return None
         raise
 
@@ -128,7 +221,28 @@ def listxattr_at(fd: int, path: str) -> list[str]:
     if path and len(path) >= _PROC_PATH_BUDGET:
         with proc_path(fd, path) as p:
             return _listxattr(p)
+    if path and _xattrat_usable:
+        names = _listxattr_by_syscall(fd, path)
+        if names is not NotImplemented:
+            return names
     return _listxattr(f"/proc/self/fd/{fd}/{path}" if path else fd)
+
+
+def _listxattr_by_syscall(fd: int, path: str) -> Any:
+    """listxattrat(2); NotImplemented when the kernel lacks it."""
+    bpath = os.fsencode(path)
+
+    def call(buf: Any, size: int) -> int:
+        return int(_listxattrat(_SYS_LISTXATTRAT, fd, bpath, _AT_SYMLINK_NOFOLLOW, buf, size))
+
+    data, err = _sized_call(call, 4 * _XATTR_GUESS)
+    if data is not None:
+        return [os.fsdecode(x) for x in data.split(b"\0") if x]
+    if err == errno.ENOSYS:
+        return NotImplemented
+    if err in (errno.ENOTSUP, errno.EPERM, errno.EACCES):
+        return []
+    raise OSError(err, os.strerror(err), path)
 
 
 def _listxattr(target: str | int) -> list[str]:
