@@ -129,3 +129,22 @@ def test_a_bundle_that_no_longer_matches_is_not_used(import_bundle: Path, tmp_pa
         assert startup.use_import_bundle(str(stale)) is False, why
         assert sys.path == before
     assert startup.use_import_bundle(str(tmp_path / "missing.zip")) is False
+
+
+def test_a_reply_the_kernel_dropped_is_not_reported_as_an_error() -> None:
+    """pyfuse3 logs an error when a reply finds its request gone (ENOENT: the caller was interrupted
+    or the mount is going away); the server drops that record and keeps every other."""
+    import errno
+    import logging
+    import os
+
+    from unionfs.server import _AbandonedReplyFilter
+
+    def record(level: int, msg: str, *args: object) -> logging.LogRecord:
+        return logging.LogRecord("pyfuse3", level, __file__, 1, msg, args, None)
+
+    keep = _AbandonedReplyFilter().filter
+    assert not keep(record(logging.ERROR, "fuse_release(): fuse_reply_* failed with %s",
+                           os.strerror(errno.ENOENT)))
+    assert keep(record(logging.ERROR, "fuse_release(): fuse_reply_* failed with %s", os.strerror(errno.EIO)))
+    assert keep(record(logging.ERROR, "something else: %s", os.strerror(errno.ENOENT)))

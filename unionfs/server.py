@@ -39,6 +39,19 @@ def open_trace(spec: str | None) -> tuple[Callable[[str], None] | None, IO[str] 
     return emit, owned
 
 
+class _AbandonedReplyFilter(logging.Filter):
+    """Drop pyfuse3's error for a reply the kernel no longer waits for.
+
+    Writing a reply to a request the kernel has dropped (its caller was interrupted, or the mount
+    is being torn down while files are still released) fails with ENOENT; pyfuse3 logs that as an
+    error, though nothing was lost: the request has no one left to answer.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and "fuse_reply_" in record.getMessage()
+                    and os.strerror(errno.ENOENT) in record.getMessage())
+
+
 def _tune_garbage_collector() -> None:
     """Make the cyclic garbage collector run far less often than its defaults (700, 10, 10).
 
@@ -81,6 +94,9 @@ def serve(opts: ServerOptions, ready: Callable[[], None] | None = None) -> None:
     be opened or the mount fails.
     """
     import_fuse_stack()  # before anything imports trio: its substitutes only help the first import
+    pyfuse3_log = logging.getLogger("pyfuse3")
+    if not any(isinstance(f, _AbandonedReplyFilter) for f in pyfuse3_log.filters):
+        pyfuse3_log.addFilter(_AbandonedReplyFilter())
     import pyfuse3
     import trio
 
