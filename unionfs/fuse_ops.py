@@ -515,10 +515,15 @@ class UnionOperations(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         d = self.dirs[fh]
         node = d.node
-        if start_id == 0:
-            if d.consumed or not d.entries:
+        if start_id == 0 or not d.consumed:
+            # A handle's first request may start past the beginning: the kernel serves the start of
+            # a listing it cached (FOPEN_CACHE_DIR) and asks for the rest on a new handle, and
+            # seekdir on a fresh descriptor does the same. Offsets index the node's listing, which
+            # stays the same while the directory does.
+            if start_id == 0 and d.consumed or not d.entries:
                 d.entries = self.core.list_dir(node)
             d.consumed = True
+        if start_id == 0:
             if not pyfuse3.readdir_reply(token, b".", self.attrs(node), 1):
                 return
             start_id = 1
