@@ -48,8 +48,10 @@ class _AbandonedReplyFilter(logging.Filter):
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and "fuse_reply_" in record.getMessage()
-                    and os.strerror(errno.ENOENT) in record.getMessage())
+        if record.levelno < logging.ERROR:
+            return True
+        message = record.getMessage()
+        return not ("fuse_reply_" in message and os.strerror(errno.ENOENT) in message)
 
 
 def _tune_garbage_collector() -> None:

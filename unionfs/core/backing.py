@@ -76,8 +76,10 @@ def _xattrat_answers_like_getxattr() -> bool:
 
 _xattrat_usable = _xattrat_answers_like_getxattr()
 
-# What a missing or unreadable xattr looks like to the callers below: absent, not an error.
+# What a missing or unreadable xattr looks like to the callers below: absent, not an error; and
+# an object whose xattrs cannot be listed: it has none.
 _XATTR_ABSENT = (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES)
+_XATTRS_UNLISTABLE = (errno.ENOTSUP, errno.EPERM, errno.EACCES)
 
 # Files up to this size are copied in one go, without looking for holes.
 _SMALL_FILE = 64 * 1024
@@ -240,7 +242,7 @@ def _listxattr_by_syscall(fd: int, path: str) -> Any:
         return [os.fsdecode(x) for x in data.split(b"\0") if x]
     if err == errno.ENOSYS:
         return NotImplemented
-    if err in (errno.ENOTSUP, errno.EPERM, errno.EACCES):
+    if err in _XATTRS_UNLISTABLE:
         return []
     raise OSError(err, os.strerror(err), path)
 
@@ -251,7 +253,7 @@ def _listxattr(target: str | int) -> list[str]:
             return os.listxattr(target)
         return os.listxattr(target, follow_symlinks=False)
     except OSError as e:
-        if e.errno in (errno.ENOTSUP, errno.EPERM, errno.EACCES):
+        if e.errno in _XATTRS_UNLISTABLE:
             return []
         raise
 

@@ -136,7 +136,7 @@ class UnionFS(UnionTree):
     def _lower_hardlink_count(self, node: Node) -> int | None:
         """For a lower-only file with several names (that are counted, see tree.nlink): how many it
         has now. None for anything else."""
-        if node.is_dir or self.index_fd < 0:
+        if node.is_dir or self.index_fd < 0 or self.has_one_lower_name(node):
             return None
         recorded = self.recorded_link_count(node)
         if recorded is not None:
@@ -188,7 +188,10 @@ class UnionFS(UnionTree):
             node.gone_stat = lstat_at(layer.fd, lpath)
         except OSError:
             node.gone_stat = None
-        return node.gone_stat if node.in_upper else None
+        if node.in_upper:
+            return node.gone_stat
+        node.lower_st = node.gone_stat  # what the unlink that follows asks has_one_lower_name
+        return None
 
     def _forget_name(self, node: Node, parent: Node, name: str, upper_st: os.stat_result | None) -> None:
         """After ``parent/name`` went; ``upper_st`` is what ``_before_removal`` returned."""
@@ -377,11 +380,8 @@ class UnionFS(UnionTree):
         # A name that resolved to an object only the lowers have is a lower's name: it needs a
         # whiteout, and the upper holds nothing there yet (no need to ask the layers again).
         from_lower = not node.in_upper
-        # Index entries and link-count records exist only for lower objects with several names.
-        single = from_lower and node.gone_stat is not None and node.gone_stat.st_nlink == 1
-        lower_count = self._lower_hardlink_count(node) if from_lower and not single else None
-        if not single:
-            self.adjust_nlink(node, -1)
+        lower_count = self._lower_hardlink_count(node) if from_lower else None
+        self.adjust_nlink(node, -1)
         if from_lower or self.lower_has(parent, name):
             self.whiteout(parent, name, upper_vacant=from_lower)
         else:

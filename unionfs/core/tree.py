@@ -696,9 +696,16 @@ class UnionTree:
             return node
         return self._node_for(parent, entry.name, entry.kind, identity, False, [(layer, entry.path)])
 
+    @staticmethod
+    def has_one_lower_name(node: Node) -> bool:
+        """A lower-only object known to have a single name: no index entry or link-count record
+        can exist for it, as both are made only for lower objects with several names."""
+        st = node.lower_st
+        return st is not None and not node.in_upper and st.st_nlink == 1
+
     def index_key(self, node: Node) -> str | None:
         """The index entry of a copied-up lower hardlink, if it has one."""
-        if node.is_dir or self.index_fd < 0 or not self.index_used:
+        if node.is_dir or self.index_fd < 0 or not self.index_used or self.has_one_lower_name(node):
             return None
         for slot, ino in node.identities:
             if slot:
@@ -800,7 +807,7 @@ class UnionTree:
     def stored_override(self, node: Node) -> ondisk.OwnerOverride | None:
         """The owner override xattr of the node's backing object, read once per node: attributes
         are answered several times per created file (create, chown, chmod, utimens), and each read
-        is a getxattr through /proc."""
+        is a system call."""
         cached = node.owner_override
         if cached is OVERRIDE_UNKNOWN:
             layer, path = self.backing(node)
