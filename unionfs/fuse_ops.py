@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
+from unionfs.bare_entries import bare_entry_writer
 from unionfs.core import Caller, DirEntry, UnionFS
 from unionfs.core.copyup import begin_copy_up, finish_copy_up
 from unionfs.core.nodes import Node
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 CACHE_TIMEOUT = 86400.0
 # Copy-ups of files larger than this run in a worker thread (and writable opens defer them).
 THREAD_COPY_BYTES = 1 << 20
-PLACEHOLDER_SCORE_RANGE = 32
+BARE_SCORE_RANGE = 32
 # The kernel asks for this before every write and chown of a file (to drop file capabilities); a
 # file gains it only through setxattr, so a node that had none keeps none until the next setxattr.
 CAPS_XATTR = b"security.capability"
@@ -125,7 +126,9 @@ class UnionOperations(pyfuse3.Operations):
         self.dirs: dict[int, DirHandle] = {}
         self._next_dir_fh = 1
         self._next_fh = 1
-        self._placeholder_score = 0  # > 0: callers stat what they list; send real attributes
+        self._bare_score = 0  # > 0: callers look up what they list; send true attributes
+        self._make_bare = bare_entry_writer(pyfuse3.EntryAttributes)
+        self._bare = pyfuse3.EntryAttributes()  # reused for every bare entry of every listing
         self._copying: dict[int, trio.Event] = {}
         # Starts one more request loop (see the module docstring); None when nothing serves /dev/fuse.
         self.spawn_session_loop: Callable[[], None] | None = None
@@ -181,18 +184,14 @@ class UnionOperations(pyfuse3.Operations):
             node.attr = a
         return a
 
-    @staticmethod
-    def placeholder_attrs(node: Node) -> pyfuse3.EntryAttributes:
-        """Attributes that expire at once: the kernel learns the name, type and inode number from
-        a listing without us stat-ing the entry, and asks getattr if anybody looks closer."""
-        a = pyfuse3.EntryAttributes()
+    def _bare_entry(self, node: Node) -> pyfuse3.EntryAttributes:
+        """A plain listing entry (name, type, inode number; no node id, no attributes): the kernel
+        makes no inode of it, so nothing it could keep may be wrong (see unionfs.bare_entries)."""
+        assert self._make_bare is not None
+        a = self._bare
         a.st_ino = node.ino
-        a.generation = 0
-        a.entry_timeout = CACHE_TIMEOUT
-        a.attr_timeout = 0
         a.st_mode = node.kind
-        a.st_nlink = 1
-        a.st_blksize = 4096
+        self._make_bare(a)
         return a
 
     def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
@@ -306,6 +305,11 @@ class UnionOperations(pyfuse3.Operations):
             negative.st_ino = 0
             negative.entry_timeout = CACHE_TIMEOUT
             return negative
+        if node.listed_bare:
+            # Listed without attributes and now looked up: the caller uses what it lists, so true
+            # attributes in listings will save it a round trip per entry.
+            node.listed_bare = False
+            self._bare_score = min(self._bare_score + 4, BARE_SCORE_RANGE)
         return self._entry(node)
 
     async def forget(self, inode_list: Any) -> None:
@@ -321,11 +325,6 @@ class UnionOperations(pyfuse3.Operations):
     @fuse_boundary()
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self.core.node(inode)
-        if node.fake_attr:
-            # Listed with placeholder attributes and now stat-ed: the caller walks and stats, so
-            # real attributes in listings will save it a round trip per entry.
-            node.fake_attr = False
-            self._placeholder_score = min(self._placeholder_score + 4, PLACEHOLDER_SCORE_RANGE)
         return self.attrs(node)
 
     @fuse_boundary(write=True)
@@ -538,10 +537,10 @@ class UnionOperations(pyfuse3.Operations):
         reply = pyfuse3.readdir_reply
         children = node.children
         assert children is not None
-        # readdir_reply copies the attributes at once, so one placeholder object serves every entry
-        placeholder = self.placeholder_attrs(node)
-        use_placeholders = self._placeholder_score <= 0
-        sent_placeholders = 0
+        # Bare entries while callers do not look closer at what they list (ls, find, listdir);
+        # true attributes, which cost a stat per entry, once they do (ls -l, du, a build's walk).
+        use_bare = self._make_bare is not None and self._bare_score <= 0
+        sent_bare = 0
         try:
             for i in range(start_id - 2, len(entries)):
                 entry = entries[i]
@@ -553,28 +552,23 @@ class UnionOperations(pyfuse3.Operations):
                         child = None
                     if child is None:
                         continue  # removed since the listing was taken
-                    fake = use_placeholders and not child.is_dir and child.attr is None
-                else:
-                    fake = use_placeholders and child.fake_attr
-                if fake:
-                    # Nobody has stat-ed what we listed lately (find, ls, listdir): skip the stat.
-                    placeholder.st_ino = child.ino
-                    placeholder.st_mode = child.kind
-                    a = placeholder
-                    child.fake_attr = True
-                    sent_placeholders += 1
-                else:
-                    try:
-                        a = attrs(child)
-                    except FileNotFoundError:
-                        continue
+                if use_bare and child.attr is None and not child.is_dir:
+                    # readdir_reply copies the entry at once, so one object serves every entry
+                    if not reply(token, entry.raw, self._bare_entry(child), i + 3):
+                        return
+                    child.listed_bare = True
+                    sent_bare += 1
+                    continue
+                try:
+                    a = attrs(child)
+                except FileNotFoundError:
+                    continue
                 if not reply(token, entry.raw, a, i + 3):
                     return
                 child.lookups += 1
         finally:
-            if sent_placeholders:
-                self._placeholder_score = max(self._placeholder_score - sent_placeholders,
-                                              -PLACEHOLDER_SCORE_RANGE)
+            if sent_bare:
+                self._bare_score = max(self._bare_score - sent_bare, -BARE_SCORE_RANGE)
 
     @fuse_boundary()
     async def releasedir(self, fh: int) -> None:

@@ -146,7 +146,7 @@ class UnionFS(UnionTree):
 
     def _lower_nlink(self, node: Node) -> int:
         cached = node.attr  # the adapter's attributes, when the kernel has seen them
-        if cached is not None and not node.fake_attr:
+        if cached is not None:
             return int(cached.st_nlink)
         hint = node.st_hint
         if hint is not None:
