@@ -421,9 +421,11 @@ class UnionOperations(pyfuse3.Operations):
     @fuse_boundary()
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self.core.node(inode)
-        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        # O_TRUNC truncates whatever the access mode (Linux's open does; with atomic_o_trunc the
+        # kernel leaves it to this open and only drops its own cached size and pages).
+        changes = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
         pending = False
-        if writable:
+        if changes:
             if self.failed or self.core.readonly:
                 raise pyfuse3.FUSEError(errno.EIO if self.failed else errno.EROFS)
             if not node.in_upper:
