@@ -97,3 +97,20 @@ def test_chown_to_minus_one_stamps_ctime(tmp_path: Path, union_mount: Callable, 
 
     expected, ours = on_both(tmp_path, union_mount, _objects, act)
     assert ours == expected
+
+
+@pytest.mark.parametrize("layer", ["low", "up"])
+def test_atime_after_a_read_is_the_backing_files(tmp_path: Path, union_mount: Callable, layer: str) -> None:
+    """A read moves atime (relatime: the old atime lies before mtime); a stat after it, with the
+    attributes from before the read cached, shows the new one."""
+    path = f"{layer}-file"
+
+    def act(m: Path) -> Outcome:
+        os.utime(m / path, ns=(10**18, 2 * 10**18))
+        before = os.stat(m / path).st_atime_ns
+        (m / path).read_bytes()
+        return before, os.stat(m / path).st_atime_ns > before
+
+    expected, ours = on_both(tmp_path, union_mount, _objects, act)
+    assert expected == (10**18, True)
+    assert ours == expected

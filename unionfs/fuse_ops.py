@@ -13,6 +13,38 @@ One request loop serves everything while no handler awaits: pyfuse3's own extra 
 request from task to task through a trio lock, which costs about a fifth of the server's CPU time
 per request. A handler about to wait for a copy-up first makes sure another loop is reading
 requests (``spawn_session_loop``, provided by the server), so a big copy-up stalls nobody.
+
+What the kernel keeps
+---------------------
+The rule: every attribute, size, entry and timeout given to the kernel is true for the whole time
+the kernel may keep it; where the truth is not cheap, give nothing. The kernel believes what it
+keeps: without writeback cache an O_APPEND write starts at the i_size it holds without asking, and
+attributes in a READDIRPLUS reply overwrite fresher ones it had (fuse_change_attributes).
+
+Everything changes through this mount (lower layers never change, and nobody else writes the
+upper while it is mounted), so what is true now stays true until a request here changes it. Hence
+long timeouts (``CACHE_TIMEOUT``) for entries, negative entries and attributes, with these duties:
+
+* ``node.attr`` (the attributes last given, reused by lookup, getattr, setattr replies and
+  listings) is dropped by ``UnionFS.touch`` for every node a change reaches: write (before the
+  data lands), truncate and every setattr, open with O_TRUNC, copy-up (the node, its parent and
+  the parents of its other names), create, mknod, mkdir, symlink (the parent), link and unlink
+  (the node and the parent: nlink, ctime), rename (both parents, the source, a replaced target),
+  setxattr and removexattr (ctime); and by ``read`` here (relatime may move the backing atime,
+  and the kernel asks for atime again after a read). A removed node's attributes are never cached.
+* ``node.st_hint`` (an lstat made by the lookup or create that is being answered) is used once,
+  in that reply, and dropped by the same changes.
+* Listings (``readdir``): an entry carries the node's cached attributes when they are known (true,
+  as above), a fresh stat when callers look closer at what they list, and otherwise nothing -- a
+  bare entry with node id 0, which the kernel takes as a plain READDIR entry and instantiates
+  nothing from (unionfs.bare_entries; with its switch off every entry gets a stat). The kernel
+  ignores the attributes of '.' and '..' in READDIRPLUS.
+* The kernel's own updates: after a write it sets i_size itself and asks for the rest again;
+  after an open with O_TRUNC (atomic_o_trunc) it sets i_size 0 and drops its pages, so the open
+  must truncate whatever the access mode. ``keep_cache`` keeps file pages across opens: the
+  data changes only through this mount.
+* Negative entries: a name appears only through create/mknod/mkdir/symlink/link/rename here,
+  each of which replaces the kernel's negative dentry.
 """
 
 from __future__ import annotations
@@ -460,6 +492,9 @@ class UnionOperations(pyfuse3.Operations):
         h = self.files[fh]
         if not h.in_upper and h.node.in_upper and not h.pending_copy_up:
             await self._upper_handle(h)
+        # The read may move the backing file's atime (relatime), and the kernel asks for it again
+        # after a read: the cached attributes would give the old one.
+        h.node.attr = None
         return os.pread(h.fd, size, off)
 
     @fuse_boundary(write=True)
