@@ -524,8 +524,11 @@ def _stable(res: Result) -> bool:
 
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_COLLAPSE_RANGE = 0x01, 0x02, 0x08
 FALLOC_FL_ZERO_RANGE, FALLOC_FL_INSERT_RANGE = 0x10, 0x20
-FALLOCATE_MODES = [0, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE,
-                   FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, FALLOC_FL_COLLAPSE_RANGE, FALLOC_FL_INSERT_RANGE]
+# The kernel's FUSE module refuses collapse and insert range for every FUSE filesystem
+# (fuse_file_fallocate: EOPNOTSUPP before any request), so only a kernel candidate gets those.
+FUSE_FALLOCATE_MODES = (0, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE,
+                        FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE)
+KERNEL_FALLOCATE_MODES = (*FUSE_FALLOCATE_MODES, FALLOC_FL_COLLAPSE_RANGE, FALLOC_FL_INSERT_RANGE)
 # "on" or "off" forces the fallocate operations in or out; unset: in when the candidate supports
 # fallocate(2) at all (probed on a scratch mount, see fallocate_supported).
 FALLOCATE_SWITCH = "LAMINA_DIFF_FALLOCATE"
@@ -744,12 +747,13 @@ def list_tree(root: str) -> tuple[list[str], list[str]]:
     return sorted(paths), sorted(dirs)
 
 
-def generate_op(rng: random.Random, oracle_root: str, userns: bool = False, fallocate: bool = False) -> list[Any]:
+def generate_op(rng: random.Random, oracle_root: str, userns: bool = False,
+                fallocate_modes: tuple[int, ...] = ()) -> list[Any]:
     """Choose the next operation from the oracle's current tree.
 
     ``userns``: the candidate runs in a user namespace, where trusted.* xattrs are out of reach for
-    everybody (the kernel oracle, as real root, would allow them). ``fallocate``: include
-    fallocate(2) operations (the candidate supports the call at all).
+    everybody (the kernel oracle, as real root, would allow them). ``fallocate_modes``: the
+    fallocate(2) modes to try (none: no fallocate operations).
     """
     paths, dirs = list_tree(oracle_root)
     everything = [""] + paths
@@ -782,7 +786,7 @@ def generate_op(rng: random.Random, oracle_root: str, userns: bool = False, fall
         "rmtree_mkdir": 3, "stat": 5, "readdir": 5, "readlink": 1, "open_rdonly": 2,
         "unlinked_open": 2, "replaced_open": 2, "mknod": 0 if userns else 1,
         "open_rdonly_trunc": 2, "append_after_listing": 4, "append_while_listing": 2,
-        "fallocate": 4 if fallocate else 0,
+        "fallocate": 4 if fallocate_modes else 0,
     }
     name = rng.choices(list(weights), weights=list(weights.values()))[0]
     if name in ("create", "create_excl"):
@@ -796,7 +800,7 @@ def generate_op(rng: random.Random, oracle_root: str, userns: bool = False, fall
         return [name, existing_file()]
     if name == "fallocate":
         # Collapse and insert need block-aligned ranges (EINVAL otherwise, on both sides alike).
-        return [name, existing_file(), rng.choice(FALLOCATE_MODES), rng.choice([0, 100, 4096, 8192]),
+        return [name, existing_file(), rng.choice(fallocate_modes), rng.choice([0, 100, 4096, 8192]),
                 rng.choice([1, 4096, 10000, 8192])]
     if name == "truncate":
         target = existing_file()
@@ -1244,6 +1248,8 @@ def run_differential(seed: int, nops: int, candidate: str, workdir: Path,
     kroot = str(kernel.mountpoint)
     with_fallocate = replay is None and fallocate_supported(candidate, workdir)
     report.outcomes[f"fallocate-ops:{'on' if with_fallocate else 'off'}"] = 1
+    fallocate_modes = () if not with_fallocate else KERNEL_FALLOCATE_MODES if candidate == "kernel" \
+        else FUSE_FALLOCATE_MODES
     mounted: list[Union] = []
     try:
         for u in (kernel, cand):
@@ -1266,7 +1272,7 @@ def run_differential(seed: int, nops: int, candidate: str, workdir: Path,
         for i in range(nops if replay is None else len(replay)):
             if report.divergences:
                 break
-            op = generate_op(rng, kroot, userns, with_fallocate) if replay is None else replay[i]
+            op = generate_op(rng, kroot, userns, fallocate_modes) if replay is None else replay[i]
             report.ops.append(op)
             refusable = userns and op[0] in REFUSED_RENAME_OPS
             parent_before = kernel.apply(["stat", os.path.dirname(op[1])]) if refusable else None
