@@ -114,3 +114,30 @@ def test_atime_after_a_read_is_the_backing_files(tmp_path: Path, union_mount: Ca
     expected, ours = on_both(tmp_path, union_mount, _objects, act)
     assert expected == (10**18, True)
     assert ours == expected
+
+
+def _nested(lower: Path, upper: Path) -> None:
+    (lower / "a" / "b").mkdir(parents=True)
+    (lower / "a" / "b" / "f").write_bytes(b"data")
+    (lower / "g").write_bytes(b"data")
+    for p in (lower / "a" / "b" / "f", lower / "a" / "b", lower / "a", lower / "g"):
+        os.utime(p, (10**9, 10**9))
+
+
+@pytest.mark.parametrize("path", ["g", "a/b/f"])
+def test_copy_up_on_open_for_writing_shows_new_ctimes(tmp_path: Path, union_mount: Callable, path: str) -> None:
+    """open(O_WRONLY) of a lower file copies it up (no write follows): stat then shows the copy's
+    ctime and its parents' new ctimes, as the kernel's overlayfs does, not what was cached before."""
+    chain = [path, *[str(p) for p in Path(path).parents if str(p) != "."], ""]
+
+    def act(m: Path) -> Outcome:
+        before = [os.stat(m / p) for p in chain]
+        time.sleep(0.05)
+        os.close(os.open(m / path, os.O_WRONLY))
+        after = [os.stat(m / p) for p in chain]
+        # (Not the directories' st_blocks: the kernel's copies carry xattrs that take a block.)
+        return [(a.st_ctime_ns > b.st_ctime_ns, a.st_mtime_ns == b.st_mtime_ns,
+                 stat.S_ISDIR(a.st_mode) or a.st_blocks == b.st_blocks) for b, a in zip(before, after, strict=True)]
+
+    expected, ours = on_both(tmp_path, union_mount, _nested, act)
+    assert ours == expected

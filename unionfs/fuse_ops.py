@@ -166,6 +166,7 @@ class UnionOperations(pyfuse3.Operations):
         self.spawn_session_loop: Callable[[], None] | None = None
         self._spare_loops = 0
         self._waiting_handlers = 0
+        core.on_copy_up = self._copied_up
 
     # --- helpers ---------------------------------------------------------------------------------
 
@@ -225,6 +226,15 @@ class UnionOperations(pyfuse3.Operations):
         a.st_mode = node.kind
         self._make_bare(a)
         return a
+
+    @staticmethod
+    def _copied_up(node: Node) -> None:
+        """A copy-up gave the node, its parent and the parents of its other names new ctimes
+        (and the upper copy may count blocks differently): the kernel must ask again. The request
+        that caused it may not be one after which the kernel asks by itself (an open for writing)."""
+        for changed in (node, node.parent, *(p for p, _ in node.links)):
+            if changed is not None and changed.lookups > 0:
+                _invalidate_attrs(changed)
 
     def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
         attrs = self.attrs(node)

@@ -136,6 +136,9 @@ class UnionTree:
         if upper is not None and work is None:
             raise UnionError("upperdir needs a workdir")
         self.trace = trace
+        # Told of every finished copy-up, after the nodes it changed were touched: the adapter
+        # drops what the kernel keeps of them (the copy has its own ctime, and so do the parents).
+        self.on_copy_up: Callable[[Node], None] | None = None
         self.layer_xattr = layer_xattr
         self._fds: list[int] = []
         self.table = InodeTable()
