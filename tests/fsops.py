@@ -572,9 +572,10 @@ def _list_uncached(directory: str) -> None:
             os.close(fd)
 
 
-def _append_while_listing(path: str, data: bytes) -> str:
+def _append_while_listing(root: str, path: str, data: bytes) -> str | None:
     """Append ``data`` in four opens after a listing of the parent and while another thread
-    lists it without pause."""
+    lists it without pause; the file's content after, when it lies inside ``root`` (a symlink
+    such as "../b" leads out of the mount, to one file both sides write)."""
     stop = threading.Event()
     _list_uncached(os.path.dirname(path))
 
@@ -591,7 +592,8 @@ def _append_while_listing(path: str, data: bytes) -> str:
     finally:
         stop.set()
         lister.join()
-    return _content(path)
+    inside = os.path.realpath(path).startswith(os.path.realpath(root) + os.sep)
+    return _content(path) if inside else None
 
 
 def _open_rdonly_trunc(path: str) -> str:
@@ -723,7 +725,7 @@ def apply_op(root: str, op: list[Any], t0_ns: int) -> Result:
         elif name == "append_after_listing":
             value = _append_after_listing(p(args[0]), bytes.fromhex(args[1]))
         elif name == "append_while_listing":
-            value = _append_while_listing(p(args[0]), bytes.fromhex(args[1]))
+            value = _append_while_listing(root, p(args[0]), bytes.fromhex(args[1]))
         elif name == "fallocate":
             _fallocate(p(args[0]), args[1], args[2], args[3])
         else:
