@@ -39,6 +39,9 @@ long timeouts (``CACHE_TIMEOUT``) for entries, negative entries and attributes, 
   bare entry with node id 0, which the kernel takes as a plain READDIR entry and instantiates
   nothing from (unionfs.bare_entries; with its switch off every entry gets a stat). The kernel
   ignores the attributes of '.' and '..' in READDIRPLUS.
+* A copy-up also changes what the kernel may hold (new ctimes of the node and its parents), and
+  the request that caused it may be one after which the kernel asks nothing (an open for
+  writing): ``UnionTree.on_copy_up`` has the kernel's attributes of those nodes invalidated.
 * The kernel's own updates: after a write it sets i_size itself and asks for the rest again;
   after an open with O_TRUNC (atomic_o_trunc) it sets i_size 0 and drops its pages, so the open
   must truncate whatever the access mode. ``keep_cache`` keeps file pages across opens: the
