@@ -587,6 +587,7 @@ class UnionOperations(pyfuse3.Operations):
         reply = pyfuse3.readdir_reply
         children = node.children
         assert children is not None
+        number_is_stable = core.table.number_is_stable
         # Bare entries while callers do not look closer at what they list (ls, find, listdir);
         # true attributes, which cost a stat per entry, once they do (ls -l, du, a build's walk).
         use_bare = self._make_bare is not None and self._bare_score <= 0
@@ -602,7 +603,9 @@ class UnionOperations(pyfuse3.Operations):
                         child = None
                     if child is None:
                         continue  # removed since the listing was taken
-                if use_bare and child.attr is None and not child.is_dir:
+                if use_bare and child.attr is None and not child.is_dir and number_is_stable(child):
+                    # (A bare entry holds no lookup, so the node may be dropped and made again:
+                    # only with a number that comes back is the listing's d_ino still its st_ino.)
                     # readdir_reply copies the entry at once, so one object serves every entry
                     if not reply(token, entry.raw, self._bare_entry(child), i + 3):
                         return

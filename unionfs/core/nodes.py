@@ -159,6 +159,13 @@ class InodeTable:
         self.maybe_drop(node)
 
     @staticmethod
+    def number_is_stable(node: Node) -> bool:
+        """Whether the node's number comes from its identity, so that a node made again for the
+        same object (after this one was dropped) gets the same number; a number from the private
+        counter does not come back."""
+        return node.ino < _FALLBACK_BASE
+
+    @staticmethod
     def survives(node: Node) -> bool:
         """Whether the node must outlive its last name: the kernel or an open file refers to it."""
         return node.lookups > 0 or bool(node.fds) or node.ino == ROOT_INO
