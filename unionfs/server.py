@@ -102,7 +102,7 @@ def serve(opts: ServerOptions, ready: Callable[[], None] | None = None) -> None:
     import pyfuse3
     import trio
 
-    from unionfs import listing_cache
+    from unionfs import listing_cache, lowlevel_ops
     from unionfs.core import UnionFS
     from unionfs.fuse_ops import UnionOperations
 
@@ -112,6 +112,7 @@ def serve(opts: ServerOptions, ready: Callable[[], None] | None = None) -> None:
                    redirect_dir=opts.redirect_dir)
     ops = UnionOperations(core, enable_acl=opts.enable_acl)
     listing_cache.enable(ops.is_directory_handle)
+    lowlevel_ops.install(ops.fallocate)
     if opts.enable_acl:
         ops.enable_acl = True
     pyfuse3.init(ops, opts.mountpoint, opts.fuse_options())
@@ -131,6 +132,7 @@ def serve(opts: ServerOptions, ready: Callable[[], None] | None = None) -> None:
                             return
 
                 nursery.start_soon(watch_signals)
+                lowlevel_ops.start(nursery.start_soon)
 
                 def spawn_session_loop() -> None:
                     # pyfuse3 has no public call for this: its own worker loop, run in our nursery.
