@@ -60,6 +60,17 @@ def kernel_outcomes(base: Path) -> dict[str, dict[str, object]]:
         subprocess.run(["umount", str(mnt)], check=True)
 
 
+def fuse_overlayfs_outcomes(base: Path) -> dict[str, dict[str, object]]:
+    """The cases on fuse-overlayfs: another FUSE union, so refused the same modes as we are."""
+    lower, upper, work, mnt = layers(base)
+    subprocess.run(["fuse-overlayfs", "-o", f"lowerdir={lower},upperdir={upper},workdir={work}", str(mnt)],
+                   check=True, capture_output=True)
+    try:
+        return cases.run_cases(str(mnt))
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
+
+
 def check_against_kernel(ours: dict[str, dict[str, object]], kernel: dict[str, dict[str, object]],
                          patched: bool) -> None:
     assert ours.keys() == kernel.keys()
@@ -93,6 +104,10 @@ def test_every_mode_matches_kernel_overlayfs(tmp_path: Path, union_mount: Callab
         st = os.stat(upper / name)
         assert (outcome["size"], outcome["blocks"], outcome["mtime_ns"], outcome["ctime_ns"]) == \
             (st.st_size, st.st_blocks, st.st_mtime_ns, st.st_ctime_ns), name
+    if patched and shutil.which("fuse-overlayfs"):
+        other = fuse_overlayfs_outcomes(tmp_path / "fuse-overlayfs")
+        for name, outcome in ours.items():
+            assert {k: outcome[k] for k in COMPARED} == {k: other[name][k] for k in COMPARED}, name
     # the lower layer is never changed: the lower files were copied up first
     for name, origin, *_ in cases.case_names():
         if origin == "lower":
