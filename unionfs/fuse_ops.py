@@ -33,7 +33,7 @@ import trio
 from unionfs.core import Caller, DirEntry, UnionFS
 from unionfs.core.copyup import begin_copy_up, finish_copy_up
 from unionfs.core.nodes import Node
-from unionfs.lowlevel_ops import fallocate
+from unionfs.lowlevel_ops import fallocate_serving
 
 log = logging.getLogger(__name__)
 
@@ -504,7 +504,7 @@ class UnionOperations(pyfuse3.Operations):
         if not h.in_upper:
             await self._upper_handle(h)
         try:
-            await trio.to_thread.run_sync(fallocate, h.fd, mode, offset, length)
+            await fallocate_serving(h.fd, mode, offset, length)
         finally:
             self.core.touch(h.node)  # size, blocks and times changed: the cached attributes are stale
 
