@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import start_union, union_argv
+from harness import force_unmount, start_union, union_argv
 from inspector import mounts
 from unionfs.mount import MountSpec, mount_union
 
@@ -78,6 +78,25 @@ def umount(path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["umount", str(path)], capture_output=True, text=True)
 
 
+def end_stall(fifo: Path, process: subprocess.Popen[bytes]) -> None:
+    """Let a stalled server finish (it may not have reached the stall yet, or never will)."""
+    deadline = time.monotonic() + BUSY_DEADLINE_S
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # ENXIO: nobody waits on the FIFO yet
+            time.sleep(0.01)
+            continue
+        os.write(fd, b"x")
+        os.close(fd)
+        break
+    try:
+        process.wait(BUSY_DEADLINE_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def test_layers_are_released_before_the_server_tears_down(tmp_path: Path) -> None:
     fifo = tmp_path / "teardown"
     os.mkfifo(fifo)
@@ -105,9 +124,8 @@ def test_layers_are_released_before_the_server_tears_down(tmp_path: Path) -> Non
                 busy_at_once += first.returncode != 0
                 assert server.process.poll() is None  # still in its teardown: the release came first
             finally:
-                with open(fifo, "w") as f:
-                    f.write("x")
-                server.process.wait(BUSY_DEADLINE_S)
+                force_unmount(mnt)
+                end_stall(fifo, server.process)
         assert server.process.returncode == 0, server.stderr()
     sys.stderr.write(f"umount of the lower filesystem right after the union's: EBUSY in {busy_at_once} "
                      f"of {CYCLES} cycles (then free)\n")
