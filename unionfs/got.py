@@ -13,6 +13,7 @@ then leave pyfuse3 as it is.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import struct
 import sys
@@ -54,7 +55,17 @@ def import_slot(path: str, symbol: bytes, mappings: Mappings) -> tuple[int, int,
 
 def import_slot_offset(path: str, symbol: bytes) -> int:
     """Where, from the start of the loaded object ``path``, lies the GOT slot through which it
-    calls ``symbol``. Reads only the headers and tables it needs (the object is megabytes)."""
+    calls ``symbol``."""
+    slot = _import_slots(path).get(symbol)
+    if slot is None:
+        raise Unsupported(f"{path}: no relocation for {symbol.decode()}")
+    return slot
+
+
+@functools.lru_cache(maxsize=4)
+def _import_slots(path: str) -> dict[bytes, int]:
+    """Every imported symbol's GOT slot in ``path``, as offsets from the object's start. Reads
+    only the headers and tables it needs (the object is megabytes), once per object."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         header = os.pread(fd, 64, 0)
@@ -68,25 +79,22 @@ def import_slot_offset(path: str, symbol: bytes) -> int:
         def contents(index: int) -> bytes:
             return os.pread(fd, sections[index][5], sections[index][4])
 
-        slot = None
+        programs = struct.iter_unpack("<IIQQQQQQ", os.pread(fd, e_phnum * e_phentsize, e_phoff))
+        first_load = min(p_vaddr for p_type, _flags, _offset, p_vaddr, *_rest in programs if p_type == _PT_LOAD)
+        base = first_load & ~(_PAGE_SIZE - 1)
+        slots: dict[bytes, int] = {}
         for _name, sh_type, _flags, _addr, sh_offset, sh_size, sh_link, _info, _align, sh_entsize in sections:
             if sh_type != _SHT_RELA or not sh_entsize:
                 continue
             strings = contents(sections[sh_link][6])
-            wanted = [index for index, (st_name, *_rest) in enumerate(struct.iter_unpack("<IBBHQQ", contents(sh_link)))
-                      if strings.startswith(symbol + b"\0", st_name)]
-            infos = {index << 32 | kind for index in wanted for kind in (_R_X86_64_JUMP_SLOT, _R_X86_64_GLOB_DAT)}
-            relocations = struct.iter_unpack("<QQq", os.pread(fd, sh_size, sh_offset))
-            slot = next((r_offset for r_offset, r_info, _addend in relocations if r_info in infos), None)
-            if slot is not None:
-                break
-        if slot is None:
-            raise Unsupported(f"{path}: no relocation for {symbol.decode()}")
-        programs = struct.iter_unpack("<IIQQQQQQ", os.pread(fd, e_phnum * e_phentsize, e_phoff))
-        first_load = min(p_vaddr for p_type, _flags, _offset, p_vaddr, *_rest in programs if p_type == _PT_LOAD)
+            names = [strings[st_name:strings.index(b"\0", st_name)]
+                     for st_name, *_rest in struct.iter_unpack("<IBBHQQ", contents(sh_link))]
+            for r_offset, r_info, _addend in struct.iter_unpack("<QQq", os.pread(fd, sh_size, sh_offset)):
+                if r_info & 0xFFFFFFFF in (_R_X86_64_JUMP_SLOT, _R_X86_64_GLOB_DAT) and r_info >> 32:
+                    slots.setdefault(names[r_info >> 32], int(r_offset) - base)
     finally:
         os.close(fd)
-    return int(slot) - (first_load & ~(_PAGE_SIZE - 1))
+    return slots
 
 
 def mappings() -> Mappings:
