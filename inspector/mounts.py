@@ -240,23 +240,25 @@ def _stop_server(pid: int, mountpoint: Path | str) -> None:
 
 
 def _wait_exit(pid: int) -> None:
+    """Return once the server is gone: only then has it let go of every layer (see unmount)."""
     deadline = time.monotonic() + EXIT_TIMEOUT_S
     while _server_alive(pid):
         if time.monotonic() > deadline:
             # Seen here: a copy of the mount in another process's namespace keeps the server up.
             log.info("unionfs server %d still running after unmount; terminating it", pid)
             try:
-                os.kill(pid, signal.SIGTERM)
-                deadline = time.monotonic() + EXIT_TIMEOUT_S
-                while _server_alive(pid) and time.monotonic() < deadline:
-                    time.sleep(0.02)
-                if _server_alive(pid):
-                    os.kill(pid, signal.SIGKILL)
+                for sig in (signal.SIGTERM, signal.SIGKILL):
+                    os.kill(pid, sig)
+                    deadline = time.monotonic() + EXIT_TIMEOUT_S
+                    while _server_alive(pid) and time.monotonic() < deadline:
+                        time.sleep(0.01)
+                    if not _server_alive(pid):
+                        break
             except (ProcessLookupError, PermissionError):
                 # Gone already, or another user's server: the unmount itself has succeeded.
                 pass
             return
-        time.sleep(0.01)
+        time.sleep(0.005)
 
 
 def list_mounts(root: Path) -> list[tuple[Path, MountState]]:
@@ -283,6 +285,9 @@ def find_mount(root: Path, directory: Path) -> tuple[Path, MountState]:
 
 def unmount(root: Path, directory: Path, lazy: bool = False) -> MountState:
     """Unmount a ``lamina mount``, stop its server, and remove what the mount created.
+
+    Returns (unless ``lazy``) only once the server has exited: until then it may still hold the
+    layers, and their filesystems could not be unmounted.
 
     Error handling: :class:`UsageError` when ``directory`` is not a recorded mount;
     :class:`MountError` when the mount is busy (a process has a file open or its cwd inside) and

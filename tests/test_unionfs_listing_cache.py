@@ -10,10 +10,24 @@ from pathlib import Path
 import pytest
 
 from unionfs import listing_cache
+from unionfs.startup import NO_PATCHES_ENV
 
 pyfuse3 = pytest.importorskip("pyfuse3")
 
 KEEP_CACHE, CACHE_READDIR = 1 << 2, 1 << 6
+
+
+@pytest.fixture(autouse=True)
+def patches_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are about the patch: whatever LAMINA_NO_PATCHES the suite runs with."""
+    monkeypatch.delenv(NO_PATCHES_ENV, raising=False)
+
+
+def test_the_switch_leaves_pyfuse3_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(NO_PATCHES_ENV, "1")
+    before = ctypes.c_void_p.from_address(_pyfuse3_slot()).value
+    assert not listing_cache.enable(lambda fh: True)
+    assert ctypes.c_void_p.from_address(_pyfuse3_slot()).value == before
 
 
 class FileInfo(ctypes.Structure):

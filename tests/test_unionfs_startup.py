@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -12,6 +13,12 @@ from pathlib import Path
 import pytest
 
 from unionfs import startup
+
+
+@pytest.fixture(autouse=True)
+def tricks_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are about the tricks: whatever LAMINA_NO_PATCHES the suite runs with."""
+    monkeypatch.delenv(startup.NO_PATCHES_ENV, raising=False)
 
 
 def test_a_deferred_module_imports_the_real_one_on_first_use(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -148,3 +155,31 @@ def test_a_reply_the_kernel_dropped_is_not_reported_as_an_error() -> None:
                            os.strerror(errno.ENOENT)))
     assert keep(record(logging.ERROR, "fuse_release(): fuse_reply_* failed with %s", os.strerror(errno.EIO)))
     assert keep(record(logging.ERROR, "something else: %s", os.strerror(errno.ENOENT)))
+
+
+def test_one_switch_turns_every_trick_and_patch_off(import_bundle: Path) -> None:
+    script = textwrap.dedent(f"""
+        import json, sys
+        import unionfs.cli
+        from unionfs import listing_cache, lowlevel_ops, startup
+        from unionfs.options import ServerOptions
+        from unionfs.server import serve
+        try:
+            serve(ServerOptions(lowers=["/nonexistent-lower"], upper=None, work=None, mountpoint="/nonexistent"))
+        except Exception as e:
+            assert "nonexistent-lower" in str(e), e
+        async def handler(*args):
+            pass
+        print(json.dumps({{
+            "deferred": [n for n, m in sys.modules.items() if type(m).__name__ == "DeferredModule"],
+            "bundle": startup.use_import_bundle({str(import_bundle)!r}),
+            "listing_cache": listing_cache.enable(lambda fh: False),
+            "fallocate": lowlevel_ops.install(handler),
+            "version_stand_in": "importlib.metadata" in sys.modules
+                                and not hasattr(sys.modules["importlib.metadata"], "__file__"),
+        }}))
+    """)
+    env = {**os.environ, startup.NO_PATCHES_ENV: "1"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
+    assert json.loads(out.stdout) == {"deferred": [], "bundle": False, "listing_cache": False,
+                                      "fallocate": False, "version_stand_in": False}

@@ -69,6 +69,7 @@ from unionfs.bare_entries import bare_entry_writer
 from unionfs.core import Caller, DirEntry, UnionFS
 from unionfs.core.copyup import begin_copy_up, finish_copy_up
 from unionfs.core.nodes import Node
+from unionfs.lowlevel_ops import fallocate_serving
 
 log = logging.getLogger(__name__)
 
@@ -543,6 +544,18 @@ class UnionOperations(pyfuse3.Operations):
                 os.fdatasync(h.fd)
             else:
                 os.fsync(h.fd)
+
+    @fuse_boundary(write=True)
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        """FALLOCATE, delivered by unionfs.lowlevel_ops (pyfuse3 has no handler for it). The kernel
+        sends it only on handles opened for writing; a lower file is copied up first."""
+        h = self.files[fh]
+        if not h.in_upper:
+            await self._upper_handle(h)
+        try:
+            await fallocate_serving(h.fd, mode, offset, length)
+        finally:
+            self.core.touch(h.node)  # size, blocks and times changed: the cached attributes are stale
 
     # --- directories -----------------------------------------------------------------------------
 

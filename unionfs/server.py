@@ -11,10 +11,14 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from unionfs.options import ServerOptions
-from unionfs.startup import import_fuse_stack
+from unionfs.startup import import_fuse_stack, patches_enabled
+
+if TYPE_CHECKING:
+    from unionfs.core import UnionFS
+    from unionfs.fuse_ops import UnionOperations
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +93,14 @@ def _lock_memory() -> None:
     log.debug("mlockall failed: %s", os.strerror(ctypes.get_errno()))
 
 
+def _release_layers(core: UnionFS, ops: UnionOperations) -> None:
+    """Close every descriptor the server holds on a layer: open files, then the core's own."""
+    for h in list(ops.files.values()):
+        core.release(h.node, h.fd)
+    ops.files.clear()
+    core.close()
+
+
 def serve(opts: ServerOptions, ready: Callable[[], None] | None = None) -> None:
     """Mount and serve until unmounted (fusermount3 -u) or SIGTERM/SIGINT; then unmount and return.
 
@@ -102,7 +114,7 @@ def serve(opts: ServerOptions, ready: Callable[[], None] | None = None) -> None:
     import pyfuse3
     import trio
 
-    from unionfs import listing_cache
+    from unionfs import listing_cache, lowlevel_ops
     from unionfs.core import UnionFS
     from unionfs.fuse_ops import UnionOperations
 
@@ -112,6 +124,7 @@ def serve(opts: ServerOptions, ready: Callable[[], None] | None = None) -> None:
                    redirect_dir=opts.redirect_dir)
     ops = UnionOperations(core, enable_acl=opts.enable_acl)
     listing_cache.enable(ops.is_directory_handle)
+    lowlevel_ops.install(ops.fallocate)
     if opts.enable_acl:
         ops.enable_acl = True
     pyfuse3.init(ops, opts.mountpoint, opts.fuse_options())
@@ -131,6 +144,7 @@ def serve(opts: ServerOptions, ready: Callable[[], None] | None = None) -> None:
                             return
 
                 nursery.start_soon(watch_signals)
+                lowlevel_ops.start(nursery.start_soon)
 
                 def spawn_session_loop() -> None:
                     # pyfuse3 has no public call for this: its own worker loop, run in our nursery.
@@ -138,10 +152,17 @@ def serve(opts: ServerOptions, ready: Callable[[], None] | None = None) -> None:
                     # two others wait, so loops stay bounded by the handlers that ever waited.
                     nursery.start_soon(pyfuse3._session_loop, nursery, 1, 1)  # type: ignore[attr-defined]
 
-                ops.spawn_session_loop = spawn_session_loop
-                # One loop: handlers that await (copy-ups) start more (see unionfs.fuse_ops).
-                await pyfuse3.main(min_tasks=1, max_tasks=1)
+                if patches_enabled():
+                    ops.spawn_session_loop = spawn_session_loop
+                    # One loop: handlers that await (copy-ups) start more (see unionfs.fuse_ops).
+                    await pyfuse3.main(min_tasks=1, max_tasks=1)
+                else:  # pyfuse3 as it comes: its own loops, started when all are busy
+                    await pyfuse3.main()
                 nursery.cancel_scope.cancel()
+            # Unmounted (or signalled): no task or worker thread uses a layer any more. Let go of
+            # them now, before the rest of the teardown: umount(8) returns before this process
+            # learns of it, and the layers' filesystems are busy until it lets go.
+            _release_layers(core, ops)
 
         trio.run(run)
     finally:

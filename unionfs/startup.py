@@ -11,6 +11,11 @@ of their attributes: trio only imports them to use them later, inside
 functions, and the filesystem never gets there. The modules it does use can come from one zip
 instead of hundreds of files (:func:`use_import_bundle`; unionfs.bundle builds it).
 
+Every one of these tricks, and every run-time patch of pyfuse3 (:mod:`unionfs.listing_cache`,
+:mod:`unionfs.lowlevel_ops`), is turned off by one environment variable, ``LAMINA_NO_PATCHES=1``
+(:func:`patches_enabled`): the server then imports and runs pyfuse3 and trio exactly as they come,
+and answers FALLOCATE with EOPNOTSUPP and listings without the kernel's cache.
+
 This module imports nothing heavy itself, so that callers can install the deferrals first.
 """
 
@@ -20,6 +25,15 @@ import importlib
 import os
 import sys
 import types
+
+NO_PATCHES_ENV = "LAMINA_NO_PATCHES"
+
+
+def patches_enabled() -> bool:
+    """False when ``LAMINA_NO_PATCHES`` is set (to anything but "" or "0"): no start-up trick and no
+    patch of another library's code is then installed."""
+    return os.environ.get(NO_PATCHES_ENV, "") in ("", "0")
+
 
 # Imported by trio at module level and only used inside functions that a
 # union filesystem server never calls (see the module docstring).
@@ -62,6 +76,8 @@ def use_import_bundle(path: str | None = None) -> bool:
     global _bundle_in_use
     if _bundle_in_use is not None:
         return True
+    if not patches_enabled():
+        return False
     bundle = path or os.path.join(sys.prefix, BUNDLE_NAME)
     try:
         with open(bundle + STAMP_SUFFIX) as f:
@@ -87,6 +103,8 @@ def defer_unused_modules(names: tuple[str, ...] = DEFERRABLE_MODULES) -> None:
     code that imports and uses a module, but a test that patches attributes of one would patch
     the stand-in.
     """
+    if not patches_enabled():
+        return
     for name in names:
         if name not in sys.modules:
             sys.modules[name] = DeferredModule(name)
@@ -107,7 +125,7 @@ def import_fuse_stack() -> None:
 
     Both stand-ins are in place only during the imports, so later callers get the real modules.
     """
-    if "pyfuse3" in sys.modules:
+    if "pyfuse3" in sys.modules or not patches_enabled():
         return
     defer_unused_modules()
     import ctypes
