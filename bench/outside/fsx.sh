@@ -18,7 +18,8 @@
 # fsx itself turns off an operation the filesystem refuses at start ("disabling"); those are listed,
 # and an operation the kernel's overlayfs supports but a FUSE candidate disables counts as a failure
 # of that candidate (missing=...), except collapse and insert range, which the kernel's FUSE module
-# refuses before any FUSE filesystem is asked. Run the kernel first for that comparison.
+# refuses before any FUSE filesystem is asked. That comparison needs the kernel run first (the
+# default order); without it, missing= is not computed.
 #
 # Output: logs in $OUT/CANDIDATE/, and per candidate
 #   fsx CANDIDATE runs=R passed=P failed=F ops=N disabled=OPS [missing=OPS]
@@ -64,6 +65,7 @@ disabled_ops() {  # LOG...: the operations fsx turned off ("does not support X, 
 }
 
 kernel_disabled=""
+kernel_ran=""
 for cand in $candidates; do
     base=$(mktemp -d /tmp/fsx-union.XXXXXX)
     mkdir -p "$base/lower" "$base/upper" "$base/work" "$base/mnt" "$out/$cand"
@@ -97,9 +99,12 @@ for cand in $candidates; do
     umount "$base/mnt" 2>/dev/null || fusermount3 -u "$base/mnt" 2>/dev/null || umount -l "$base/mnt"
     rm -rf "$base"
     dis=$(disabled_ops "$out/$cand"/*.log)
-    [ "$cand" = kernel ] && kernel_disabled=$dis
+    if [ "$cand" = kernel ]; then
+        kernel_ran=1
+        kernel_disabled=$dis
+    fi
     missing=""
-    if [ "$cand" != kernel ] && [ -n "$kernel_disabled$dis" ]; then
+    if [ "$cand" != kernel ] && [ -n "$kernel_ran" ]; then
         for op in $dis; do
             case " $kernel_disabled " in *" $op "*) continue ;; esac
             # The kernel's FUSE module itself refuses these two modes (fuse_file_fallocate).

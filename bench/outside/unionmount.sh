@@ -27,7 +27,8 @@
 #   unionmount CANDIDATE[+xdev] tests=N passed=P failed=F
 # followed by the failing tests and the last line of their logs.
 # Environment: LAMINA_PYTHON (default: the repository's .venv), OUT (default: a new temporary dir),
-# UNIONMOUNT_TESTS (a space-separated list of tests; default: all the suite runs).
+# UNIONMOUNT_TESTS (a space-separated list of tests; default: all the suite runs), UNIONMOUNT_LAYERS
+# (N: rotate the upper into up to N lower layers during the tests, `--ov=N`).
 set -eu
 
 xdev=""
@@ -83,6 +84,9 @@ print(" ".join(names))
 PY
 )
 tests=${UNIONMOUNT_TESTS:-$all_tests}
+# UNIONMOUNT_LAYERS=N runs every test also with up to N layers: the suite remounts during a test
+# and rotates the upper layer into the lower stack (`./run --ov=N`).
+ov="--ov${UNIONMOUNT_LAYERS:+=$UNIONMOUNT_LAYERS}"
 
 cleanup() {
     (cd "$suite" && ./run -c >/dev/null 2>&1) || true
@@ -94,11 +98,11 @@ trap cleanup EXIT
 
 for cand in $candidates; do
     case "$cand" in
-    kernel) how="--ov"; opts="" ;;
+    kernel) how="$ov"; opts="" ;;
     # fuse-overlayfs adds allow_other,default_permissions by itself when run as root; lamina
     # needs them asked for (impermissible opens the files as the user bin).
-    lamina) how="--ov --fuse=lamina-unionfs"; opts="allow_other,default_permissions" ;;
-    fuse-overlayfs) how="--ov --fuse=fuse-overlayfs"; opts="" ;;
+    lamina) how="$ov --fuse=lamina-unionfs"; opts="allow_other,default_permissions" ;;
+    fuse-overlayfs) how="$ov --fuse=fuse-overlayfs"; opts="" ;;
     *) echo "unknown candidate $cand" >&2; exit 2 ;;
     esac
     mkdir -p "$out/$cand"
