@@ -87,7 +87,9 @@ def test_unionmount_testsuite_all_58(tmp_path: Path) -> None:
     assert UNIONMOUNT_DIR is not None
     out = run_script("unionmount.sh", UNIONMOUNT_DIR, "lamina", out=tmp_path, timeout=3600)
     counts = parse_counts(out, "unionmount lamina")
-    assert counts["tests"] == "58" and counts["passed"] == "58", out
+    # UNIONMOUNT_TESTS (passed on to the script) may ask for fewer.
+    assert counts["tests"] == ("58" if not os.environ.get("UNIONMOUNT_TESTS") else counts["tests"]), out
+    assert counts["passed"] == counts["tests"], out
 
 
 @needs_unionmount
@@ -97,7 +99,7 @@ def test_unionmount_testsuite_xdev_all_but_rename_exdev(tmp_path: Path) -> None:
     assert UNIONMOUNT_DIR is not None
     out = run_script("unionmount.sh", "--xdev", UNIONMOUNT_DIR, "lamina", out=tmp_path, timeout=3600)
     counts = parse_counts(out, "unionmount lamina+xdev")
-    assert counts["tests"] == "55", out
+    assert counts["tests"] == ("55" if not os.environ.get("UNIONMOUNT_TESTS") else counts["tests"]), out
     assert failed_names(out, "unionmount lamina+xdev") <= {"rename-exdev"}, out
 
 

@@ -6,7 +6,8 @@ keep true: type, mode, owner, size, mtime (ns), device numbers, symlink target, 
 regular files' contents and the user.* extended attributes. Inode numbers, atime and ctime are left
 out: they legitimately differ between two mounts of the same layers. So is the link count: for a
 lower file with several names the kernel's overlayfs (index=off) reports the lower inode's count,
-names it has whited out included, where lamina counts the names the union shows.
+names it has whited out included, and splits a name off at copy-up, where lamina counts the names
+the union shows and keeps them linked (docs/outside-suites.md).
 
 Usage: python3 tree_snapshot.py ROOT > snapshot.txt
 """
