@@ -1,0 +1,184 @@
+"""Hostile input, end to end as root: every input is read with a limit, and bad input is refused.
+
+Issue 13's items 4 (unbounded reads), 5 (decompression bombs) and 7 (tracebacks and silent
+successes), and the CVE-2019-14271 class (a host process loading an image's NSS modules). Every
+refusal is one line ``lamina: error: ...`` naming the input (and the limit), docker's exit code
+(125), no traceback, and the store exactly as it was (compared file by file).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import resource
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from harness import REPO_ROOT, fuse_mounts_under
+from test_e2e_bad_input import tar_bytes, tree
+
+pytestmark = [pytest.mark.root, pytest.mark.fuse]
+
+Lamina = Callable[..., "subprocess.CompletedProcess[str]"]
+BASE = "lamina/busybox"
+GiB = 1 << 30
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def oci_archive(index: object, blobs: list[bytes]) -> bytes:
+    """An oci-archive whose index.json is ``index`` and whose blobs are ``blobs``."""
+    entries: list[tuple[str, str, bytes | str]] = [
+        ("oci-layout", "file", b'{"imageLayoutVersion":"1.0.0"}'),
+        ("index.json", "file", json.dumps(index).encode()),
+        ("blobs", "dir", ""), ("blobs/sha256", "dir", "")]
+    entries += [(f"blobs/sha256/{sha256(b)[7:]}", "file", b) for b in blobs]
+    return tar_bytes(entries)
+
+
+def oci_image_archive(manifest_of: Callable[[dict, bytes], object],
+                      index_of: Callable[[bytes], object] | None = None) -> bytes:
+    """An oci-archive of one image whose manifest is ``manifest_of(good_manifest, layer)``."""
+    layer = tar_bytes([("f", "file", b"x")])
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {"Cmd": ["sh"]},
+                         "rootfs": {"type": "layers", "diff_ids": [sha256(layer)]}}).encode()
+    good = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha256(config),
+                       "size": len(config)},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": sha256(layer),
+                        "size": len(layer)}]}
+    manifest = json.dumps(manifest_of(good, layer)).encode()
+    desc = {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": sha256(manifest),
+            "size": len(manifest), "annotations": {"io.containerd.image.name": "evil/img:latest"}}
+    index = index_of(manifest) if index_of else {"schemaVersion": 2, "manifests": [desc]}
+    return oci_archive(index, [layer, config, manifest])
+
+
+LAYER = tar_bytes([("f", "file", b"x")])
+GOOD_CONFIG = {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [sha256(LAYER)]}}
+GOOD_ENTRY = {"Config": "c.json", "RepoTags": ["evil/img:latest"], "Layers": ["l/layer.tar"]}
+
+
+def docker_config_archive(config: object = GOOD_CONFIG, manifest: object = (GOOD_ENTRY,)) -> bytes:
+    """A docker-archive of one layer, with ``config`` as c.json and ``manifest`` as manifest.json."""
+    return tar_bytes([("c.json", "file", json.dumps(config).encode()), ("l", "dir", ""),
+                      ("l/layer.tar", "file", LAYER), ("manifest.json", "file", json.dumps(manifest).encode())])
+
+
+def docker_manifest_archive(manifest: object) -> bytes:
+    return docker_config_archive(manifest=manifest)
+
+
+def with_layer(manifest: dict, **changes: object) -> dict:
+    return {**manifest, "layers": [{**manifest["layers"][0], **changes}]}
+
+
+ARCHIVES: dict[str, tuple[Callable[[], bytes], str]] = {
+    # docker-archive: manifest.json and config of the wrong JSON types
+    "docker-config-not-string": (lambda: docker_manifest_archive(
+        [{"Config": 5, "RepoTags": [], "Layers": ["l/layer.tar"]}]), "Config"),
+    "docker-repotags-number": (lambda: docker_manifest_archive(
+        [{"Config": "c.json", "RepoTags": [5], "Layers": ["l/layer.tar"]}]), "RepoTags"),
+    "docker-layers-object": (lambda: docker_manifest_archive(
+        [{"Config": "c.json", "RepoTags": [], "Layers": {"a": 1}}]), "Layers"),
+    "docker-entry-string": (lambda: docker_manifest_archive(["x"]), "manifest.json"),
+    "docker-manifest-empty": (lambda: docker_manifest_archive([]), "manifest.json"),
+    "docker-rootfs-string": (lambda: docker_config_archive(
+        {"architecture": "amd64", "os": "linux", "rootfs": "x"}), "rootfs"),
+    "docker-diff-ids-numbers": (lambda: docker_config_archive(
+        {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [5]}}), "diff_ids"),
+    "docker-config-array": (lambda: docker_config_archive([1, 2]), "c.json"),
+    # oci-archive: index, manifest and descriptors of the wrong types or lying
+    "oci-manifests-strings": (lambda: oci_image_archive(lambda m, layer: m, lambda m: {"manifests": ["x"]}),
+                              "manifests"),
+    "oci-index-empty": (lambda: oci_image_archive(lambda m, layer: m, lambda m: {"manifests": []}),
+                        "index.json"),
+    "oci-manifest-config-number": (lambda: oci_image_archive(lambda m, layer: {**m, "config": 5}), "config"),
+    "oci-manifest-layers-strings": (lambda: oci_image_archive(lambda m, layer: {**m, "layers": ["a"]}),
+                                    "layers"),
+    "oci-descriptor-size-lies": (lambda: oci_image_archive(
+        lambda m, layer: with_layer(m, size=len(layer) + 7)), "size"),
+    "oci-descriptor-size-negative": (lambda: oci_image_archive(
+        lambda m, layer: with_layer(m, size=-1)), "size"),
+    "oci-config-size-lies": (lambda: oci_image_archive(
+        lambda m, layer: {**m, "config": {**m["config"], "size": 3}}), "size"),
+    "oci-digest-not-sha256": (lambda: oci_image_archive(
+        lambda m, layer: with_layer(m, digest="md5:abc")), "digest"),
+}
+
+
+@dataclass(frozen=True)
+class Store:
+    root: Path
+    inputs: Path
+    run: Lamina
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
+    base = tmp_path_factory.mktemp("security-input")
+    root = base / "root"
+    inputs = base / "inputs"
+    inputs.mkdir()
+
+    def run(*args: str, limit_memory: int | None = None, **kwargs: object) -> subprocess.CompletedProcess[str]:
+        def preexec() -> None:
+            if limit_memory is not None:
+                # Before the fix these commands grew without bound: never let one take the machine.
+                resource.setrlimit(resource.RLIMIT_AS, (limit_memory, limit_memory))
+        argv = [sys.executable, "-m", "lamina", "--root", str(root), *args]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
+                              stdin=subprocess.DEVNULL, preexec_fn=preexec, **kwargs)  # type: ignore[call-overload]
+
+    assert run("images").returncode == 0
+    # The base image exists, and a container (not --rm: its removal would finish in the background).
+    assert run("run", "--name", "keeper", BASE, "true").returncode == 0
+    yield Store(root, inputs, run)
+    run("rm", "-f", "keeper")
+    assert fuse_mounts_under(root) == []
+
+
+def assert_refused(store: Store, result: subprocess.CompletedProcess[str], expect: str,
+                   before: dict[str, tuple[int, int, int]], code: int = 125) -> str:
+    """One error line containing ``expect``, exit ``code``, no traceback, the store unchanged."""
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.splitlines()
+    errors = [line for line in lines if line.startswith("lamina: error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    assert expect in errors[0], errors[0]
+    after = tree(store.root)
+    assert {k: v for k, v in after.items() if k not in before} == {}, "files appeared in the store"
+    assert {k: v for k, v in before.items() if after.get(k) != v} == {}, "files changed in the store"
+    return errors[0]
+
+
+# --- item 7: archives whose JSON has the wrong types, or lies ----------------------------------
+
+
+@pytest.mark.parametrize("name", list(ARCHIVES))
+def test_load_refuses_malformed_archive_json(name: str, store: Store) -> None:
+    make, expect = ARCHIVES[name]
+    if name == "docker-config-not-string":
+        # The archives are well formed apart from the one lie: the good one loads.
+        good = store.inputs / "good.tar"
+        good.write_bytes(docker_config_archive())
+        assert store.run("load", "-i", str(good)).returncode == 0
+        assert store.run("rmi", "evil/img:latest").returncode == 0
+        assert store.run("system", "prune", "-f").returncode == 0
+    path = store.inputs / f"{name}.tar"
+    path.write_bytes(make())
+    before = tree(store.root)
+    result = store.run("load", "-i", str(path))
+    if result.returncode == 0:
+        store.run("rmi", "-f", "evil/img:latest")
+        store.run("system", "prune", "-f")
+    line = assert_refused(store, result, expect, before)
+    assert str(path) in line
