@@ -182,3 +182,79 @@ def test_load_refuses_malformed_archive_json(name: str, store: Store) -> None:
         store.run("system", "prune", "-f")
     line = assert_refused(store, result, expect, before)
     assert str(path) in line
+
+
+# --- item 4: every input a user or an image controls is read with a limit -----------------------
+
+
+def peak_rss_kib(store: Store, *args: str) -> tuple[subprocess.CompletedProcess[str], int]:
+    """Run lamina; return its result and the largest resident size any of its processes reached."""
+    wrapper = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+               "sys.exit(r.returncode)")
+    result = subprocess.run([sys.executable, "-c", wrapper, sys.executable, "-m", "lamina", "--root",
+                             str(store.root), *args], capture_output=True, text=True, timeout=300,
+                            cwd=REPO_ROOT, stdin=subprocess.DEVNULL)
+    *rest, peak = result.stderr.splitlines()
+    result.stderr = "".join(line + "\n" for line in rest)
+    return result, int(peak)
+
+
+def oversized_inputs(inputs: Path) -> dict[str, tuple[tuple[str, ...], str]]:
+    """Name -> (argv, fragment of the error line)."""
+    (inputs / "many-lines.env").write_bytes(b"\n" * ((16 << 20) + 1))
+    (inputs / "long-line.env").write_bytes(b"A=" + b"x" * (64 << 10) + b"\n")
+    (inputs / "ctx-zero-ignore").mkdir()
+    (inputs / "ctx-zero-ignore" / "Dockerfile").write_text("FROM lamina/busybox\n")
+    (inputs / "ctx-zero-ignore" / ".dockerignore").symlink_to("/dev/zero")
+    (inputs / "ctx").mkdir()
+    big_manifest = [{**GOOD_ENTRY, "RepoTags": ["evil/img:latest"] + [f"evil/pad:{i}" for i in range(80_000)]}]
+    (inputs / "big-manifest.tar").write_bytes(docker_config_archive(manifest=big_manifest))
+    padded_config = {**GOOD_CONFIG, "comment": " " * (4 << 20)}
+    (inputs / "big-config.tar").write_bytes(docker_config_archive(config=padded_config))
+    return {
+        "env-file-dev-zero": (("run", "--rm", "--env-file", "/dev/zero", BASE, "true"),
+                              "--env-file /dev/zero:1: line larger than the limit of 64 KiB"),
+        "env-file-many-lines": (("run", "--rm", "--env-file", f"{inputs}/many-lines.env", BASE, "true"),
+                                "many-lines.env: input larger than the limit of 16 MiB"),
+        "env-file-long-line": (("run", "--rm", "--env-file", f"{inputs}/long-line.env", BASE, "true"),
+                               "long-line.env:1: line larger than the limit of 64 KiB"),
+        "dockerfile-dev-zero": (("build", "-f", "/dev/zero", f"{inputs}/ctx"),
+                                "/dev/zero: input larger than the limit of 16 MiB"),
+        "dockerignore-dev-zero": (("build", f"{inputs}/ctx-zero-ignore"),
+                                  ".dockerignore: input larger than the limit of 16 MiB"),
+        "load-manifest-over-1-mib": (("load", "-i", f"{inputs}/big-manifest.tar"),
+                                     "manifest.json: input larger than the limit of 1 MiB"),
+        "load-config-over-4-mib": (("load", "-i", f"{inputs}/big-config.tar"),
+                                   "c.json: input larger than the limit of 4 MiB"),
+    }
+
+
+OVERSIZED = ["env-file-dev-zero", "env-file-many-lines", "env-file-long-line", "dockerfile-dev-zero",
+             "dockerignore-dev-zero", "load-manifest-over-1-mib", "load-config-over-4-mib"]
+
+
+@pytest.mark.parametrize("name", OVERSIZED)
+def test_oversized_input_is_refused_naming_the_limit(name: str, store: Store) -> None:
+    (store.inputs / name).mkdir()
+    argv, expect = oversized_inputs(store.inputs / name)[name]
+    before = tree(store.root)
+    # 1 GiB of address space: before the limits these grew until the OOM killer came.
+    result = store.run(*argv, limit_memory=GiB)
+    assert_refused(store, result, expect, before)
+
+
+def test_image_with_huge_passwd_costs_one_line_of_memory(store: Store) -> None:
+    """A sparse 256 MiB /etc/passwd used to be read whole (and decoded, and split) by ``run``."""
+    context = store.inputs / "huge-passwd"
+    context.mkdir()
+    (context / "Dockerfile").write_text(
+        "FROM lamina/busybox\nRUN rm /etc/passwd && dd if=/dev/zero of=/etc/passwd bs=1 count=0 seek=268435456 2>/dev/null\n")
+    assert store.run("build", "-t", "huge/passwd", str(context)).returncode == 0
+    try:
+        before = tree(store.root)
+        result, peak_kib = peak_rss_kib(store, "run", "--rm", "huge/passwd", "true")
+        assert_refused(store, result, "the image's /etc/passwd:1: line larger than the limit of 64 KiB", before)
+        assert peak_kib < 150 << 10, f"a lamina process reached {peak_kib >> 10} MiB"
+    finally:
+        store.run("rmi", "huge/passwd")
