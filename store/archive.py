@@ -14,6 +14,7 @@ next to the destination and renamed at the end, so a failed save leaves no parti
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import logging
@@ -27,8 +28,8 @@ from typing import IO, Any
 
 from lamina.bounded import ARCHIVE_MANIFEST_LIMIT, JSON_LIMIT, InputTooLarge, read_at_most
 from lamina.errors import FormatError, LaminaError, LayerError, UsageError
-from store.blobs import CHUNK, digest_hex, remove_tree, temp_name
-from store.compression import detect, open_decompressed
+from store.blobs import digest_hex, remove_tree, temp_name
+from store.compression import NoSpace, decompress_file, detect, open_decompressed
 from store.image_schema import (
     Descriptor,
     DockerArchiveEntry,
@@ -37,6 +38,7 @@ from store.image_schema import (
     config_diff_ids,
     parse_json,
 )
+from store.layer_unpack import Limits
 from store.progress import ProgressBar
 from store.reference import Reference
 from store.store import (
@@ -233,15 +235,8 @@ def _open_archive(path: Path, store: Store) -> Iterator[tarfile.TarFile]:
         f.seek(0)
         if kind is not None:
             tmp = temp_name(store.tmp_dir, "archive")
-            stream, _ = open_decompressed(f)
             progress = ProgressBar(f"Decompressing {path.name}", None)
-            with open(tmp, "xb") as out:
-                try:
-                    while chunk := stream.read(CHUNK):
-                        out.write(chunk)
-                        progress(len(chunk))
-                except (OSError, EOFError, ValueError) as e:
-                    raise FormatError(f"{path}: corrupt {kind} data: {e}") from None
+            decompress_file(f, tmp, Limits().max_total_bytes, str(path), progress)
             f.close()
             f = open(tmp, "rb")
         try:
@@ -332,6 +327,11 @@ def load(store: Store, path: Path) -> list[tuple[Image, list[str]]]:
                     raise
                 raise FormatError(f"{path}: {e}") from None
             raise FormatError(f"{path}: neither a docker-archive (manifest.json) nor an oci-archive (index.json)")
+    except OSError as e:
+        _forget_objects_of_failed_load(store, blobs_before, layers_before)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise NoSpace(store.tmp_dir, str(path)) from None
+        raise
     except BaseException:
         _forget_objects_of_failed_load(store, blobs_before, layers_before)
         raise

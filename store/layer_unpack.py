@@ -112,8 +112,8 @@ def decompress_to(source: BinaryIO, out_path: Path, limits: Limits,
                     raise LayerError(f"layer is larger than the limit of {limits.max_total_bytes} bytes "
                                      "uncompressed (set LAMINA_MAX_LAYER_BYTES to allow it)")
         except (OSError, EOFError, ValueError) as e:
-            if isinstance(e, LayerError):
-                raise
+            if isinstance(e, LayerError) or getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+                raise  # a full disk is not a corrupt layer: the caller names the filesystem
             raise LayerError(f"corrupt {kind or 'tar'} layer stream: {e}") from None
         except Exception as e:
             if type(e).__module__.startswith("zstandard") or "Zstd" in type(e).__name__:

@@ -8,8 +8,11 @@ refusal is one line ``lamina: error: ...`` naming the input (and the limit), doc
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import io
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -258,3 +261,86 @@ def test_image_with_huge_passwd_costs_one_line_of_memory(store: Store) -> None:
         assert peak_kib < 150 << 10, f"a lamina process reached {peak_kib >> 10} MiB"
     finally:
         store.run("rmi", "huge/passwd")
+
+
+# --- item 5: decompression bombs in load ---------------------------------------------------------
+
+
+def write_bomb(path: Path, kind: str, size: int) -> None:
+    """A docker-archive, compressed with ``kind``, whose one layer is ``size`` bytes of zeros."""
+    import tarfile
+
+    import zstandard
+
+    with open(path, "wb") as raw:
+        out = (gzip_writer(raw) if kind == "gzip"
+               else zstandard.ZstdCompressor(level=3).stream_writer(raw, closefd=False))
+        with out, tarfile.open(fileobj=out, mode="w|") as tar:
+            info = tarfile.TarInfo("l/layer.tar")
+            info.size = size
+            tar.addfile(info, ZeroReader(size))
+
+
+def gzip_writer(raw: io.BufferedWriter) -> gzip.GzipFile:
+    return gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1)
+
+
+class ZeroReader:
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n < 0 else min(n, self.left)
+        self.left -= n
+        return bytes(n)
+
+
+SMALL_STORE = r"""
+import json, os, subprocess, sys
+mnt, bomb = sys.argv[1], sys.argv[2]
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", mnt], check=True)
+root = os.path.join(mnt, "root")
+def lamina(*args):
+    return subprocess.run([sys.executable, "-m", "lamina", "--root", root, *args], capture_output=True, text=True)
+def files():
+    return sorted(os.path.relpath(os.path.join(d, n), root) for d, dirs, names in os.walk(root)
+                  for n in dirs + names if n not in ("lock", "tags.lock"))
+def free():
+    st = os.statvfs(mnt)
+    return st.f_bavail * st.f_frsize
+assert lamina("images").returncode == 0
+before, free_before = files(), free()
+result = lamina("load", "-i", bomb)
+print(json.dumps({"code": result.returncode, "stderr": result.stderr, "before": before, "after": files(),
+                  "free_before": free_before, "free_after": free()}))
+"""
+
+
+@pytest.mark.parametrize("kind", ["gzip", "zstd"])
+def test_decompression_bomb_on_a_small_filesystem(kind: str, tmp_path: Path) -> None:
+    """300 MiB of zeros in ~1 MiB of archive, loaded into a store on a 64 MiB tmpfs: refused before
+    (gzip records its size) or during (zstd) decompression, naming the filesystem, with nothing
+    left behind and the space given back."""
+    bomb = tmp_path / f"bomb.tar.{kind}"
+    write_bomb(bomb, kind, 300 << 20)
+    assert bomb.stat().st_size < 2 << 20
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    # A private mount namespace: the tmpfs disappears with the process whatever happens.
+    out = subprocess.run(["unshare", "-m", "--propagation", "private", sys.executable, "-c", SMALL_STORE,
+                          str(mnt), str(bomb)], capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert "Traceback" not in report["stderr"], report["stderr"]
+    assert report["code"] == 125, report
+    assert report["stderr"] == f"lamina: error: no space left on {mnt} while loading {bomb}\n"
+    assert report["after"] == report["before"]
+    assert report["free_after"] >= report["free_before"] - (1 << 20)
+
+
+def test_decompression_is_capped_by_the_layer_limit(store: Store) -> None:
+    bomb = store.inputs / "capped.tar.zst"
+    write_bomb(bomb, "zstd", 100 << 20)
+    before = tree(store.root)
+    result = store.run("load", "-i", str(bomb), env={**os.environ, "LAMINA_MAX_LAYER_BYTES": str(32 << 20)})
+    assert_refused(store, result, f"{bomb}: decompresses to more than 32 MiB", before)
