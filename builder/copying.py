@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 def copy_source(builder: Builder, state: StageState, inst: df.Copy) -> tuple[LayerView, str]:
     """The view to copy from and a key standing for its content."""
     assert inst.from_stage is not None
+    if inst.from_stage.lower() in (state.stage.name, str(state.stage.index)):
+        raise inst.error(f"circular dependency detected on stage: {inst.from_stage}")  # BuildKit's words
     src_state = builder.stage_by_name(inst.from_stage, before=state.stage.index)
     if src_state is not None:
         return src_state.view(), src_state.key

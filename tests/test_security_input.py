@@ -344,3 +344,97 @@ def test_decompression_is_capped_by_the_layer_limit(store: Store) -> None:
     before = tree(store.root)
     result = store.run("load", "-i", str(bomb), env={**os.environ, "LAMINA_MAX_LAYER_BYTES": str(32 << 20)})
     assert_refused(store, result, f"{bomb}: decompresses to more than 32 MiB", before)
+
+
+# --- item 7: build errors name Dockerfile:N; nothing traces back ---------------------------------
+
+
+def deep_substitution(depth: int) -> str:
+    return "${a:-" * depth + "v" + "}" * depth
+
+
+BAD_DOCKERFILES: dict[str, tuple[str, str]] = {
+    "run-in-scratch": ("FROM scratch\nRUN true\n", "Dockerfile:2: /bin/sh: no such file or directory"),
+    "mount-outside-context": ("FROM lamina/busybox\nRUN --mount=type=bind,source=../../etc,target=/x ls /x\n",
+                              "Dockerfile:2: forbidden path outside the build context"),
+    "unknown-user": ("FROM lamina/busybox\nUSER nosuch\nRUN true\n",
+                     "Dockerfile:3: unable to find user nosuch"),
+    "copy-from-itself": ("FROM lamina/busybox AS a\nCOPY --from=a /bin/sh /x\n",
+                         "Dockerfile:2: circular dependency detected on stage: a"),
+    "copy-from-itself-by-index": ("FROM lamina/busybox\nCOPY --from=0 /bin/sh /x\n",
+                                  "Dockerfile:2: circular dependency detected on stage: 0"),
+    "substitution-1000-deep": (f"FROM lamina/busybox\nENV X={deep_substitution(1000)}\n",
+                               "Dockerfile:2: substitutions nested more than 100 deep"),
+    # docker's rule for an ID prefix: at least 4 hex digits ("{id1}" is the base image's first one).
+    "from-one-hex-digit": ("FROM {id1}\n", "Dockerfile:1: base image '{id1}' is not in the store"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_DOCKERFILES))
+def test_build_error_names_the_dockerfile_line(name: str, store: Store) -> None:
+    base_id = store.run("inspect", "--format", "{{.Id}}", BASE).stdout.strip().removeprefix("sha256:")
+    text, expect = (part.replace("{id1}", base_id[0]) for part in BAD_DOCKERFILES[name])
+    context = store.inputs / f"build-{name}"
+    context.mkdir()
+    (context / "Dockerfile").write_text(text)
+    before = tree(store.root)
+    result = store.run("build", "-t", "bad/build", str(context))
+    assert_refused(store, result, expect, before)
+
+
+def test_nesting_within_the_limit_still_builds(store: Store) -> None:
+    context = store.inputs / "build-deep-ok"
+    context.mkdir()
+    (context / "Dockerfile").write_text(f"FROM lamina/busybox\nENV X={deep_substitution(100)}\nRUN test \"$X\" = v\n")
+    assert store.run("build", str(context)).returncode == 0
+
+
+def test_four_hex_digits_name_an_image(store: Store) -> None:
+    base_id = store.run("inspect", "--format", "{{.Id}}", BASE).stdout.strip()
+    found = store.run("inspect", "--format", "{{.Id}}", base_id.removeprefix("sha256:")[:4])
+    assert found.returncode == 0 and found.stdout.strip() == base_id, found.stderr
+
+
+def test_unreadable_context_file_names_the_line(unpriv: object, tmp_path: Path) -> None:
+    user = unpriv
+    context: Path = user.workdir / "ctx"  # type: ignore[attr-defined]
+    context.mkdir()
+    (context / "Dockerfile").write_text("FROM lamina/busybox\n\nCOPY secret /secret\n")
+    (context / "secret").write_text("x")
+    user.chown_tree(context)  # type: ignore[attr-defined]
+    (context / "secret").chmod(0)
+    result = user.lamina("build", str(context))  # type: ignore[attr-defined]
+    assert "Traceback" not in result.stderr and result.returncode == 125, result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"lamina: error: Dockerfile:3: Permission denied: {context}/secret: 'COPY secret /secret'")
+
+
+# --- item 7: command-line values that used to be accepted silently -------------------------------
+
+
+BAD_FLAGS: dict[str, tuple[tuple[str, ...], str]] = {
+    "logs-tail-not-a-number": (("logs", "-n", "abc", "keeper"), "--tail 'abc'"),
+    "ps-unclosed-action": (("ps", "--format", "{{"), "--format '{{': unclosed action"),
+    "ps-unclosed-action-all": (("ps", "-a", "--format", "{{.Names}} {{"), "unclosed action"),
+    "ps-unsupported-action": (("ps", "-a", "--format", "{{range .Names}}"), "unsupported action"),
+    "images-unclosed-action": (("images", "--format", "{{.ID"), "unclosed action"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_FLAGS))
+def test_bad_flag_value_is_refused(name: str, store: Store) -> None:
+    argv, expect = BAD_FLAGS[name]
+    before = tree(store.root)
+    assert_refused(store, store.run(*argv), expect, before)
+
+
+def test_empty_root_is_refused(store: Store) -> None:
+    result = subprocess.run([sys.executable, "-m", "lamina", "--root", "", "images"], capture_output=True,
+                            text=True, timeout=60, cwd=REPO_ROOT)
+    assert (result.returncode, result.stdout, result.stderr) == (125, "", "lamina: error: --root: empty path\n")
+
+
+def test_logs_tail_all_and_negative_mean_everything(store: Store) -> None:
+    for tail in ("all", "-1"):
+        result = store.run("logs", "-n", tail, "keeper")
+        assert result.returncode == 0, result.stderr
