@@ -142,10 +142,12 @@ def select_platform(index: dict, want: Platform | None = None) -> dict:
         if not isinstance(plat, dict):
             continue
         os_name, arch, variant = plat.get("os"), plat.get("architecture"), plat.get("variant")
-        offered.append("/".join(str(p) for p in (os_name, arch, variant) if p))
-        if os_name != want.os or arch != want.architecture:
+        name = "/".join(str(p) for p in (os_name, arch, variant) if p)
+        if entry.get("mediaType") not in (None, *IMAGE_MANIFEST_TYPES, *INDEX_TYPES):
+            offered.append(f"{name} as {str(entry.get('mediaType'))[:100]}, which lamina does not read")
             continue
-        if entry.get("mediaType") not in (None, *IMAGE_MANIFEST_TYPES):
+        offered.append(name)
+        if os_name != want.os or arch != want.architecture:
             continue
         if variant == want.variant:
             rank = 0

@@ -438,3 +438,49 @@ def test_logs_tail_all_and_negative_mean_everything(store: Store) -> None:
     for tail in ("all", "-1"):
         result = store.run("logs", "-n", tail, "keeper")
         assert result.returncode == 0, result.stderr
+
+
+# --- item 7: registries that trickle, and indexes inside indexes ---------------------------------
+
+
+def test_registry_that_trickles_is_abandoned(tmp_path: Path, lamina_cmd: Lamina) -> None:
+    """One byte every 0.5 s never trips the socket timeout; the low-speed limit (here 100 bytes/s
+    over 2 s, as curl's --speed-limit 100 --speed-time 2) ends the pull in one line."""
+    import time
+
+    from registry_server import FakeRegistry, layer_blob
+
+    fake = FakeRegistry(trickle=0.5)
+    fake.add_image("slow/img", "latest", [layer_blob({"f": b"x" * 4096})])
+    root = tmp_path / "lamina-root"
+    assert lamina_cmd("images", root=root).returncode == 0
+    before = tree(root)
+    with fake.serve():
+        started = time.monotonic()
+        result = lamina_cmd("pull", "--tls-verify=false", f"{fake.address}/slow/img", check=False,
+                            env={"LAMINA_SPEED_LIMIT": "100", "LAMINA_SPEED_TIME": "2"})
+        elapsed = time.monotonic() - started
+    assert "Traceback" not in result.stderr and result.returncode == 125, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "slower than 100 bytes/s for 2 s, aborted" in lines[0], result.stderr
+    assert elapsed < 30
+    assert tree(root) == before
+
+
+def test_pull_follows_an_index_inside_an_index(tmp_path: Path, lamina_cmd: Lamina) -> None:
+    from registry_server import FakeRegistry, layer_blob
+    from store.registry_manifest import OCI_INDEX, OCI_MANIFEST, host_platform
+
+    fake = FakeRegistry()
+    config, manifest = fake.add_image("nested/img", "inner", [layer_blob({"f": b"nested"})])
+    platform = {"os": "linux", "architecture": host_platform().architecture}
+    inner = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+        {"mediaType": OCI_MANIFEST, "digest": sha256(manifest), "size": len(manifest), "platform": platform}]})
+    inner_digest = fake.add_manifest("nested/img", None, OCI_INDEX, inner.encode())
+    outer = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+        {"mediaType": OCI_INDEX, "digest": inner_digest, "size": len(inner), "platform": platform}]})
+    fake.add_manifest("nested/img", "latest", OCI_INDEX, outer.encode())
+    with fake.serve():
+        result = lamina_cmd("pull", "--tls-verify=false", f"{fake.address}/nested/img", check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == hashlib.sha256(config).hexdigest()
