@@ -23,13 +23,25 @@ from pathlib import Path
 import pytest
 
 from harness import REPO_ROOT, fuse_mounts_under
-from test_e2e_bad_input import tar_bytes, tree
+from test_e2e_bad_input import tar_bytes
+from test_e2e_bad_input import tree as raw_tree
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse]
 
 Lamina = Callable[..., "subprocess.CompletedProcess[str]"]
 BASE = "lamina/busybox"
 GiB = 1 << 30
+
+
+def tree(root: Path) -> dict[str, tuple[int, int, int]]:
+    """The store's files, once the removals ``run --rm`` finishes in the background are done."""
+    import time
+
+    deadline = time.monotonic() + 30
+    while any(p.name.startswith(".removing-") for p in (root / "containers").glob(".removing-*")):
+        assert time.monotonic() < deadline, "a container removal did not finish"
+        time.sleep(0.05)
+    return raw_tree(root)
 
 
 def sha256(data: bytes) -> str:
@@ -484,3 +496,120 @@ def test_pull_follows_an_index_inside_an_index(tmp_path: Path, lamina_cmd: Lamin
         result = lamina_cmd("pull", "--tls-verify=false", f"{fake.address}/nested/img", check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == hashlib.sha256(config).hexdigest()
+
+
+# --- CVE-2019-14271 class: no host process resolves users through the image's NSS ----------------
+
+NSS_MODULE = r"""
+#include <nss.h>
+#include <pwd.h>
+#include <grp.h>
+#include <string.h>
+#include <unistd.h>
+
+__attribute__((constructor)) static void loaded(void) {
+    static const char message[] = "LAMINA-TEST-NSS-LOADED\n";
+    (void)!write(2, message, sizeof message - 1);
+}
+
+enum nss_status _nss_lamtest_getpwnam_r(const char *name, struct passwd *pw, char *buf, size_t len, int *err) {
+    if (strcmp(name, "ghost") != 0) return NSS_STATUS_NOTFOUND;
+    pw->pw_name = (char *)"ghost"; pw->pw_passwd = (char *)"x"; pw->pw_uid = 4242; pw->pw_gid = 4242;
+    pw->pw_gecos = (char *)""; pw->pw_dir = (char *)"/"; pw->pw_shell = (char *)"/bin/sh";
+    return NSS_STATUS_SUCCESS;
+}
+
+enum nss_status _nss_lamtest_getgrnam_r(const char *name, struct group *gr, char *buf, size_t len, int *err) {
+    if (strcmp(name, "ghosts") != 0) return NSS_STATUS_NOTFOUND;
+    static char *none[] = {0};
+    gr->gr_name = (char *)"ghosts"; gr->gr_passwd = (char *)"x"; gr->gr_gid = 4343; gr->gr_mem = none;
+    return NSS_STATUS_SUCCESS;
+}
+"""
+NSS_MARK = "LAMINA-TEST-NSS-LOADED"
+NSS_LIB_DIRS = ["lib", "lib64", "lib/x86_64-linux-gnu", "lib/aarch64-linux-gnu", "usr/lib",
+                "usr/lib/x86_64-linux-gnu", "usr/lib/aarch64-linux-gnu"]
+
+
+@pytest.fixture(scope="module")
+def nss_trap_image(store: Store) -> Iterator[Path]:
+    """An image whose nsswitch.conf sends user look-ups to its own libnss_lamtest.so.2, which says
+    so on stderr when loaded and knows a user ``ghost`` (4242) that /etc/passwd does not; its
+    /etc/passwd knows ``alice`` (1234)."""
+    import shutil
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler to build the NSS module the test plants in the image")
+    context = store.inputs / "nss-trap"
+    context.mkdir()
+    (context / "nss.c").write_text(NSS_MODULE)
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(context / "libnss_lamtest.so.2"),
+                    str(context / "nss.c")], check=True, capture_output=True)
+    (context / "nsswitch.conf").write_text("passwd: lamtest files\ngroup: lamtest files\nhosts: files\n")
+    (context / "owned").write_text("x")
+    copies = "".join(f"COPY libnss_lamtest.so.2 /{d}/\n" for d in NSS_LIB_DIRS)
+    (context / "Dockerfile").write_text(
+        "FROM lamina/busybox\nCOPY nsswitch.conf /etc/nsswitch.conf\n" + copies +
+        "RUN echo 'alice:x:1234:1234::/home/alice:/bin/sh' >> /etc/passwd && echo 'team:x:1300:alice' >> /etc/group\n")
+    result = store.run("build", "-t", "nss/trap", str(context))
+    assert result.returncode == 0 and NSS_MARK not in result.stderr, result.stderr
+    yield context
+    store.run("rmi", "-f", "nss/trap")
+
+
+def test_the_nss_trap_springs_for_a_host_lookup(nss_trap_image: Path) -> None:
+    """The control: a host process whose NSS reads the image's nsswitch.conf loads the image's module
+    and believes in ``ghost`` (what docker cp did, CVE-2019-14271)."""
+    script = (f"mount --bind {nss_trap_image}/nsswitch.conf /etc/nsswitch.conf && "
+              f"LD_LIBRARY_PATH={nss_trap_image} {sys.executable} -c "
+              "'import pwd; print(pwd.getpwnam(\"ghost\").pw_uid)'")
+    result = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                            capture_output=True, text=True, timeout=60)
+    assert result.stdout == "4242\n" and NSS_MARK in result.stderr, result
+
+
+def test_users_come_from_the_image_files_not_its_nss(store: Store, nss_trap_image: Path) -> None:
+    status = store.run("run", "--rm", "-u", "alice", "nss/trap", "grep", "-E", "^(Uid|Gid|Groups):",
+                       "/proc/self/status")
+    assert status.returncode == 0, status.stderr
+    assert status.stdout.split() == ["Uid:", *["1234"] * 4, "Gid:", *["1234"] * 4, "Groups:", "1300"]
+    assert NSS_MARK not in status.stderr
+    before = tree(store.root)
+    ghost = store.run("run", "--rm", "-u", "ghost", "nss/trap", "true")
+    assert NSS_MARK not in ghost.stderr
+    assert_refused(store, ghost, "unable to find user ghost", before)
+    group = store.run("run", "--rm", "-u", "alice:ghosts", "nss/trap", "true")
+    assert NSS_MARK not in group.stderr
+    assert_refused(store, group, "unable to find group ghosts", before)
+
+
+def test_exec_and_build_resolve_users_from_the_image_files(store: Store, nss_trap_image: Path) -> None:
+    assert store.run("run", "-d", "--name", "nss-trap", "nss/trap", "sleep", "60").returncode == 0
+    try:
+        alice = store.run("exec", "-u", "alice", "nss-trap", "grep", "^Uid:", "/proc/self/status")
+        assert alice.returncode == 0 and alice.stdout.split()[1:] == ["1234"] * 4, alice
+        ghost = store.run("exec", "-u", "ghost", "nss-trap", "true")
+        assert ghost.returncode != 0 and "unable to find user ghost" in ghost.stderr
+        assert NSS_MARK not in alice.stderr + ghost.stderr
+    finally:
+        store.run("rm", "-f", "nss-trap")
+    context = store.inputs / "nss-build"
+    context.mkdir()
+    (context / "f").write_text("x")
+    (context / "Dockerfile").write_text(
+        "FROM nss/trap\nCOPY --chown=alice:team f /f\nUSER alice\nWORKDIR /made-by-alice\n"
+        "RUN stat -c '%u:%g' /f /made-by-alice > /tmp/owners && grep ^Uid: /proc/self/status >> /tmp/owners\n"
+        "USER root\nCMD cat /tmp/owners\n")
+    built = store.run("build", "-t", "nss/built", str(context))
+    assert built.returncode == 0 and NSS_MARK not in built.stderr, built.stderr
+    try:
+        owners = store.run("run", "--rm", "nss/built")
+        assert owners.stdout.split() == ["1234:1300", "1234:1234", "Uid:", *["1234"] * 4], owners
+        before = tree(store.root)
+        (context / "Dockerfile").write_text("FROM nss/trap\nCOPY --chown=ghost f /f\n")
+        refused = store.run("build", str(context))
+        assert NSS_MARK not in refused.stderr
+        assert_refused(store, refused, "Dockerfile:2: --chown=ghost: no user named 'ghost'", before)
+    finally:
+        store.run("rmi", "-f", "nss/built")
