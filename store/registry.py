@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Protocol
 
 from lamina import __version__
+from lamina.bounded import JSON_LIMIT
 from lamina.errors import RegistryError
 from store.registry_manifest import (
     DOCKER_SCHEMA1,
@@ -63,8 +64,8 @@ from store.registry_manifest import (
 
 log = logging.getLogger(__name__)
 
-# Limits on what we hold in memory; real manifests are a few KiB.
-MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+# Limits on what we hold in memory; real manifests are a few KiB (containers/image's limits).
+MAX_MANIFEST_BYTES = JSON_LIMIT
 MAX_TOKEN_BYTES = 1024 * 1024
 MAX_ERROR_BYTES = 64 * 1024
 

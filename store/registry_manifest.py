@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from lamina.bounded import JSON_LIMIT
 from lamina.errors import RegistryError
 
 # Media types (OCI image spec and Docker's image manifest v2, schema 2).
@@ -27,8 +28,8 @@ IMAGE_MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
 INDEX_TYPES = (OCI_INDEX, DOCKER_MANIFEST_LIST)
 MANIFEST_ACCEPT = ", ".join((OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST))
 
-# Configs are held in memory; real ones are a few KiB.
-MAX_CONFIG_BYTES = 16 * 1024 * 1024
+# Configs are held in memory; real ones are a few KiB (containers/image's MaxConfigBodySize).
+MAX_CONFIG_BYTES = JSON_LIMIT
 
 DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 # platform.machine() → OCI architecture (and variant where one is customary).
