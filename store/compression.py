@@ -108,11 +108,40 @@ def gzip_size_hint(f: BinaryIO) -> int:
         f.seek(here)
 
 
+class UnbufferedOutput:
+    """A new file written straight to its descriptor. A failed write (ENOSPC) raises there, once,
+    and closing cannot fail: a buffered file's close() flushes again, raises again, and may keep
+    the descriptor (and the space of a file already unlinked) until the process exits."""
+
+    def __init__(self, path: Path) -> None:
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+    def __enter__(self) -> UnbufferedOutput:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class NoSpace(StoreError):
     """The filesystem of the store is (nearly) full; the message names it and what was loading."""
 
-    def __init__(self, directory: Path, what: str) -> None:
-        super().__init__(f"no space left on {mount_point(directory)} while loading {what}")
+    def __init__(self, directory: Path, what: str, doing: str = "loading") -> None:
+        super().__init__(f"no space left on {mount_point(directory)} while {doing} {what}")
 
 
 def decompress_file(source: BinaryIO, out_path: Path, limit: int, what: str,
@@ -132,7 +161,7 @@ def decompress_file(source: BinaryIO, out_path: Path, limit: int, what: str,
         raise NoSpace(directory, what)
     written = 0
     next_check = 16 << 20
-    with open(out_path, "xb") as out:
+    with UnbufferedOutput(out_path) as out:
         while True:
             try:
                 chunk = stream.read(CHUNK)

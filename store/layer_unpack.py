@@ -40,7 +40,7 @@ from typing import BinaryIO
 
 from lamina.errors import LayerError
 from store.blobs import CHUNK, HashingWriter, remove_tree, temp_name
-from store.compression import detect, open_decompressed
+from store.compression import UnbufferedOutput, detect, open_decompressed
 from unionfs import ondisk
 
 log = logging.getLogger(__name__)
@@ -101,8 +101,8 @@ def decompress_to(source: BinaryIO, out_path: Path, limits: Limits,
                   progress: Progress | None = None) -> tuple[str, int, str | None]:
     """Write the uncompressed bytes of ``source`` to ``out_path``; return (diff_id, size, compression)."""
     stream, kind = open_decompressed(source)
-    with open(out_path, "xb") as out:
-        w = HashingWriter(out)
+    with UnbufferedOutput(out_path) as out:
+        w = HashingWriter(out)  # type: ignore[arg-type]  # a write-only file is all it uses
         try:
             while chunk := stream.read(CHUNK):
                 w.write(chunk)
