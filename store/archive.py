@@ -449,11 +449,9 @@ def _choose_manifest(archive: _Archive, desc: Descriptor, depth: int = 0) -> Des
     index = Index.parse(doc, f"{archive.path}: index {desc.digest}")
     arch = host_arch()
     for entry in index.manifests:
+        # Only an entry for this platform is followed, so a crafted index costs one path, not a tree.
         platform = entry.platform or {}
-        if entry.media_type in (OCI_INDEX, DOCKER_LIST) and not platform:
-            with contextlib.suppress(FormatError):
-                return _choose_manifest(archive, entry, depth + 1)
-        elif platform.get("os", "linux") == "linux" and platform.get("architecture") == arch:
+        if platform.get("os", "linux") == "linux" and platform.get("architecture") == arch:
             return _choose_manifest(archive, entry, depth + 1)
     raise FormatError(f"{archive.path}: index {desc.digest} has no image for linux/{arch}")
 

@@ -316,13 +316,18 @@ def lamina(*args):
     return subprocess.run([sys.executable, "-m", "lamina", "--root", root, *args], capture_output=True, text=True)
 def files():
     return sorted(os.path.relpath(os.path.join(d, n), root) for d, dirs, names in os.walk(root)
-                  for n in dirs + names if n not in ("lock", "tags.lock"))
+                  for n in dirs + names if n not in ("lock", "tags.lock") and "build-cache" not in d)
 def free():
     st = os.statvfs(mnt)
     return st.f_bavail * st.f_frsize
 assert lamina("images").returncode == 0
 before, free_before = files(), free()
-result = lamina("load", "-i", bomb) if verb == "load" else lamina("import", bomb, "evil/x")
+if verb == "load":
+    result = lamina("load", "-i", bomb)
+elif verb == "import":
+    result = lamina("import", bomb, "evil/x")
+else:
+    result = lamina("build", "-t", "evil/x", bomb)  # a build context
 # The kernel may release an unlinked file's pages a moment after the process that closed it exits.
 deadline = time.monotonic() + 5
 while free() < free_before - (1 << 20) and time.monotonic() < deadline:
@@ -352,6 +357,30 @@ def test_decompression_bomb_on_a_small_filesystem(verb: str, kind: str, tmp_path
     doing = "loading" if verb == "load" else "importing"
     assert report["stderr"] == f"lamina: error: no space left on {mnt} while {doing} {bomb}\n"
     assert report["after"] == report["before"]
+    assert report["free_after"] >= report["free_before"] - (1 << 20)
+
+
+def test_build_on_a_full_filesystem_names_the_line(tmp_path: Path) -> None:
+    """COPY of a 100 MiB file into a store on a 64 MiB tmpfs: Dockerfile:N and the filesystem."""
+    context = tmp_path / "context"
+    context.mkdir()
+    (context / "Dockerfile").write_text("FROM scratch\nCOPY small /small\nCOPY big /big\n")
+    (context / "small").write_text("x")
+    with open(context / "big", "wb") as f:
+        f.truncate(100 << 20)
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    out = subprocess.run(["unshare", "-m", "--propagation", "private", sys.executable, "-c", SMALL_STORE,
+                          str(mnt), str(context), "build"], capture_output=True, text=True, timeout=300,
+                         cwd=REPO_ROOT)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert "Traceback" not in report["stderr"] and report["code"] == 125, report
+    assert report["stderr"].splitlines()[-1] == (
+        f"lamina: error: Dockerfile:3: no space left on {mnt}: 'COPY big /big'")
+    # Only the build cache may keep the step that succeeded (as docker); its layer is not an image.
+    assert [f for f in report["after"] if f not in report["before"]
+            and not f.startswith(("layers/", "blobs/sha256/", "build-cache"))] == []
     assert report["free_after"] >= report["free_before"] - (1 << 20)
 
 
