@@ -647,3 +647,28 @@ def test_exec_and_build_resolve_users_from_the_image_files(store: Store, nss_tra
         assert_refused(store, refused, "Dockerfile:2: --chown=ghost: no user named 'ghost'", before)
     finally:
         store.run("rmi", "-f", "nss/built")
+
+
+def test_load_follows_this_platforms_index_inside_an_index(store: Store) -> None:
+    """index.json -> an index for this platform -> the image manifest (as BuildKit writes them)."""
+    from store.registry_manifest import OCI_INDEX, OCI_MANIFEST, host_platform
+
+    platform = {"os": "linux", "architecture": host_platform().architecture}
+    config = json.dumps(GOOD_CONFIG).encode()
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                           "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                                      "digest": sha256(config), "size": len(config)},
+                           "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                                       "digest": sha256(LAYER), "size": len(LAYER)}]}).encode()
+    inner = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+        {"mediaType": OCI_MANIFEST, "digest": sha256(manifest), "size": len(manifest), "platform": platform}]}).encode()
+    index = {"schemaVersion": 2, "manifests": [
+        {"mediaType": OCI_INDEX, "digest": sha256(inner), "size": len(inner), "platform": platform,
+         "annotations": {"io.containerd.image.name": "nested/load:latest"}}]}
+    path = store.inputs / "nested-index.tar"
+    path.write_bytes(oci_archive(index, [LAYER, config, manifest, inner]))
+    result = store.run("load", "-i", str(path))
+    try:
+        assert result.returncode == 0 and "Loaded image: nested/load:latest" in result.stdout, result.stderr
+    finally:
+        store.run("rmi", "nested/load:latest")
