@@ -276,10 +276,23 @@ def _download(url: str, target: str, checksum: str | None, inst: df.Instruction)
     import urllib.error
     import urllib.request
 
+    from lamina.bounded import describe_size
+    from store.layer_unpack import Limits
+    from store.registry import LowSpeedLimit
+
     h = hashlib.sha256()
+    limit = Limits().max_total_bytes
+    # The server is untrusted: a trickle is abandoned as in pull, and the size is bounded.
+    speed = LowSpeedLimit.from_environment().watch(f"ADD failed: downloading {url}")
+    received = 0
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(target, "wb") as f:
-            while chunk := response.read(1 << 20):
+            while chunk := response.read1(1 << 20):
+                speed.received(len(chunk))
+                received += len(chunk)
+                if received > limit:
+                    raise inst.error(f"ADD failed: {url} is larger than {describe_size(limit)} "
+                                     "(set LAMINA_MAX_LAYER_BYTES to allow more)")
                 h.update(chunk)
                 f.write(chunk)
             modified = response.headers.get("Last-Modified")

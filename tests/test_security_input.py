@@ -672,3 +672,43 @@ def test_load_follows_this_platforms_index_inside_an_index(store: Store) -> None
         assert result.returncode == 0 and "Loaded image: nested/load:latest" in result.stdout, result.stderr
     finally:
         store.run("rmi", "nested/load:latest")
+
+
+def test_add_from_a_trickling_server_is_abandoned(store: Store) -> None:
+    import http.server
+    import threading
+    import time
+
+    class Trickle(http.server.BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            try:
+                for _ in range(1000):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.5)
+            except OSError:
+                pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        context = store.inputs / "add-trickle"
+        context.mkdir()
+        (context / "Dockerfile").write_text(
+            f"FROM lamina/busybox\nADD http://127.0.0.1:{server.server_address[1]}/f /f\n")
+        before = tree(store.root)
+        started = time.monotonic()
+        result = store.run("build", str(context),
+                           env={**os.environ, "LAMINA_SPEED_LIMIT": "100", "LAMINA_SPEED_TIME": "2"})
+        assert time.monotonic() - started < 30
+        assert_refused(store, result, "Dockerfile:2: ADD failed: downloading http://127.0.0.1:", before)
+        assert "slower than 100 bytes/s for 2 s" in result.stderr
+    finally:
+        server.shutdown()
