@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import errno
 import json
 import logging
 import os
@@ -61,9 +62,11 @@ from lamina.errors import (
     BuildError,
     CommandNotFound,
     CommandNotInvokable,
+    DockerfileError,
     ImageNotFound,
     LaminaError,
 )
+from store.compression import mount_point
 
 if TYPE_CHECKING:
     from runner.sandbox import SandboxSpec
@@ -339,7 +342,25 @@ class Builder:
 
     # --- steps -------------------------------------------------------------------------------
     def _step(self, state: StageState, inst: df.Instruction, label: str | None = None) -> None:
+        """Run one instruction. Every error it ends in names the instruction's ``Dockerfile:N``."""
         self._announce(label or inst.text)
+        try:
+            self._step_unlocated(state, inst)
+        except DockerfileError:
+            raise
+        except LaminaError as e:
+            if str(e).startswith(f"{inst.file}:"):
+                raise
+            located = inst.error(str(e))
+            located.exit_code = e.exit_code
+            raise located from None
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise inst.error(f"no space left on {mount_point(self.store.root)}") from None
+            where = f": {e.filename}" if e.filename else ""
+            raise inst.error(f"{e.strerror or e}{where}") from None
+
+    def _step_unlocated(self, state: StageState, inst: df.Instruction) -> None:
         inst.expand(state.scope)
         if isinstance(inst, df.Arg):
             state.scope.declare(inst)
@@ -437,6 +458,10 @@ class Builder:
     def _run(self, state: StageState, inst: df.Run, tmp: Path, upper: Path) -> Layer | None:
         from runner.sandbox import Mount, SandboxSpec
 
+        if not state.layers:
+            # What runc answers there (BuildKit: "exec: "/bin/sh": stat /bin/sh: no such file").
+            raise inst.error(f"{(inst.argv or ['/bin/sh'])[0]}: no such file or directory "
+                             "(the stage is FROM scratch and has no files yet)")
         work = tmp / "work"
         work.mkdir()
         mounts: list[Mount] = []

@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from lamina.bounded import TEXT_LIMIT, read_at_most, read_file_at_most
 from lamina.errors import UsageError
 
 
@@ -23,7 +24,8 @@ def _key_value(flag: str, text: str) -> tuple[str, str]:
 def _read_dockerfile(args: argparse.Namespace, context: Path) -> tuple[str, Path | None, str]:
     """(text, path or None for stdin, name used in messages)."""
     if args.file == "-":
-        return sys.stdin.read(), None, "Dockerfile"
+        data = read_at_most(sys.stdin.buffer, TEXT_LIMIT, "Dockerfile from standard input")
+        return data.decode("utf-8", "surrogateescape"), None, "Dockerfile"
     if args.file:
         path = Path(args.file)
         if not path.is_absolute() and not path.exists():
@@ -34,7 +36,7 @@ def _read_dockerfile(args: argparse.Namespace, context: Path) -> tuple[str, Path
         if not path.exists() and (context / "Containerfile").exists():
             path = context / "Containerfile"
     try:
-        text = path.read_text(encoding="utf-8", errors="surrogateescape")
+        text = read_file_at_most(str(path), TEXT_LIMIT).decode("utf-8", "surrogateescape")
     except FileNotFoundError:
         raise UsageError(f"no Dockerfile found: {path}") from None
     except IsADirectoryError:

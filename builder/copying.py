@@ -18,7 +18,7 @@ import shutil
 import stat
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from builder import dockerfile as df
 from builder.context import has_glob
@@ -31,7 +31,9 @@ from builder.fsops import (
     resolve_dir_in_image,
     set_owner_mode,
 )
+from lamina.bounded import InputTooLarge
 from lamina.errors import BuildError, LaminaError
+from runner.userdb import find_entry
 
 if TYPE_CHECKING:
     from builder.build import Builder, StageState
@@ -40,6 +42,8 @@ if TYPE_CHECKING:
 def copy_source(builder: Builder, state: StageState, inst: df.Copy) -> tuple[LayerView, str]:
     """The view to copy from and a key standing for its content."""
     assert inst.from_stage is not None
+    if inst.from_stage.lower() in (state.stage.name, str(state.stage.index)):
+        raise inst.error(f"circular dependency detected on stage: {inst.from_stage}")  # BuildKit's words
     src_state = builder.stage_by_name(inst.from_stage, before=state.stage.index)
     if src_state is not None:
         return src_state.view(), src_state.key
@@ -76,12 +80,14 @@ def resolve_chown(state: StageState, spec: str | None, inst: df.Instruction) -> 
     def lookup(db: str, name: str) -> int:
         if name.isdigit():
             return int(name)
-        for line in (view.read_file(db) or b"").decode("utf-8", "replace").splitlines():
-            fields = line.split(":")
-            if len(fields) > 2 and fields[0] == name and fields[2].isdigit():
-                return int(fields[2])
-        raise inst.error(f"--chown={spec}: no {'user' if db == '/etc/passwd' else 'group'} named "
-                         f"{name!r} in the image's {db}")
+        try:
+            entry = find_entry(open_in_view(view, db), db, 3, lambda f: f[0] == name and f[2].isdigit())
+        except InputTooLarge as e:
+            raise inst.error(f"--chown={spec}: {e}") from None
+        if entry is None:
+            raise inst.error(f"--chown={spec}: no {'user' if db == '/etc/passwd' else 'group'} named "
+                             f"{name!r} in the image's {db}")
+        return int(entry[2])
 
     if not user:
         raise inst.error(f"--chown={spec}: missing user")
@@ -90,26 +96,33 @@ def resolve_chown(state: StageState, spec: str | None, inst: df.Instruction) -> 
     return uid, gid
 
 
+def open_in_view(view: LayerView, path: str) -> IO[bytes] | None:
+    """The regular file ``path`` of an image, opened for the bounded user database parser."""
+    entry = view.lookup(path)
+    if entry is None or not stat.S_ISREG(entry.st.st_mode):
+        return None
+    return open(entry.backing, "rb")
+
+
 def resolve_user(view: LayerView, spec: str) -> tuple[int, int]:
     """USER's ``user[:group]`` as numbers, for directories WORKDIR creates (BuildKit makes them the
     user's): names from the image's /etc/passwd and /etc/group; an unknown name falls back to root."""
     user, _, group = spec.partition(":")
-
-    def entries(db: str) -> list[list[str]]:
-        text = (view.read_file(db) or b"").decode("utf-8", "replace")
-        return [line.split(":") for line in text.splitlines() if line.count(":") >= 2]
-
     uid, gid = 0, 0
-    for fields in entries("/etc/passwd"):
-        if fields[0] == user or fields[2] == user:
-            uid = int(fields[2]) if fields[2].isdigit() else 0
-            gid = int(fields[3]) if len(fields) > 3 and fields[3].isdigit() else 0
-            break
+    fields = find_entry(open_in_view(view, "/etc/passwd"), "/etc/passwd", 3,
+                        lambda f: f[0] == user or f[2] == user)
+    if fields is not None:
+        uid = int(fields[2]) if fields[2].isdigit() else 0
+        gid = int(fields[3]) if len(fields) > 3 and fields[3].isdigit() else 0
     else:
         uid = int(user) if user.isdigit() else 0
     if group:
-        gid = int(group) if group.isdigit() else next(
-            (int(f[2]) for f in entries("/etc/group") if f[0] == group and f[2].isdigit()), 0)
+        if group.isdigit():
+            gid = int(group)
+        else:
+            found = find_entry(open_in_view(view, "/etc/group"), "/etc/group", 3,
+                               lambda f: f[0] == group and f[2].isdigit())
+            gid = int(found[2]) if found is not None else 0
     return uid, gid
 
 
@@ -263,10 +276,23 @@ def _download(url: str, target: str, checksum: str | None, inst: df.Instruction)
     import urllib.error
     import urllib.request
 
+    from lamina.bounded import describe_size
+    from store.layer_unpack import Limits
+    from store.registry import LowSpeedLimit
+
     h = hashlib.sha256()
+    limit = Limits().max_total_bytes
+    # The server is untrusted: a trickle is abandoned as in pull, and the size is bounded.
+    speed = LowSpeedLimit.from_environment().watch(f"ADD failed: downloading {url}")
+    received = 0
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(target, "wb") as f:
-            while chunk := response.read(1 << 20):
+            while chunk := response.read1(1 << 20):
+                speed.received(len(chunk))
+                received += len(chunk)
+                if received > limit:
+                    raise inst.error(f"ADD failed: {url} is larger than {describe_size(limit)} "
+                                     "(set LAMINA_MAX_LAYER_BYTES to allow more)")
                 h.update(chunk)
                 f.write(chunk)
             modified = response.headers.get("Last-Modified")

@@ -111,6 +111,9 @@ def run(argv: Sequence[str]) -> int:
     parser = build_parser(argv)
     args = parser.parse_args(list(argv))
     configure_logging(args.log_level)
+    if args.root is not None and not args.root.strip():
+        # An unset variable in `--root "$DIR"` must not silently mean the default store.
+        raise UsageError("--root: empty path")
     args.root = resolve_root(args.root)
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:

@@ -438,6 +438,10 @@ def _ps_row(c: Container, no_trunc: bool) -> dict[str, str]:
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
+    if args.format and args.format != "json":
+        from store.commands import check_template
+
+        check_template(args.format)  # before any output, even with no container to show
     wanted = _ps_filter(args.filter)
     containers = [c for c in ContainerStore(args.root).all() if (args.all or c.running) and wanted(c)]
     rows = [_ps_row(c, args.no_trunc) for c in containers]
@@ -486,11 +490,14 @@ def log_time_ns(flag: str, value: str, now_ns: int) -> int:
 
 
 def _tail_count(value: str) -> int | None:
-    """``--tail``: None for all. As docker, a negative number or anything but a number means all."""
+    """``--tail``: None for all ("all" or a negative number, as docker). Anything else that is not a
+    number is refused, as podman does: docker's daemon silently shows everything for ``-n abc``."""
+    if value == "all":
+        return None
     try:
         count = int(value)
     except ValueError:
-        return None
+        raise UsageError(f"logs: --tail {value!r}: expected a number of lines or \"all\"") from None
     return count if count >= 0 else None
 
 
@@ -521,12 +528,12 @@ def _still_running(store: ContainerStore, container_id: str) -> bool:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    store = ContainerStore(args.root)
-    container = store.get(args.container)
     now_ns = time.time_ns()
     since = log_time_ns("--since", args.since, now_ns) if args.since else None
     until = log_time_ns("--until", args.until, now_ns) if args.until else None
     tail = _tail_count(args.tail)
+    store = ContainerStore(args.root)
+    container = store.get(args.container)
     open_lines: dict[str, int] = {}  # carried across reads when following
     with contextlib.closing(LogReader(container.log_path)) as reader:
         lines = split_lines(reader.read(), open_lines)

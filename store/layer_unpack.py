@@ -40,7 +40,7 @@ from typing import BinaryIO
 
 from lamina.errors import LayerError
 from store.blobs import CHUNK, HashingWriter, remove_tree, temp_name
-from store.compression import detect, open_decompressed
+from store.compression import UnbufferedOutput, detect, open_decompressed
 from unionfs import ondisk
 
 log = logging.getLogger(__name__)
@@ -101,8 +101,8 @@ def decompress_to(source: BinaryIO, out_path: Path, limits: Limits,
                   progress: Progress | None = None) -> tuple[str, int, str | None]:
     """Write the uncompressed bytes of ``source`` to ``out_path``; return (diff_id, size, compression)."""
     stream, kind = open_decompressed(source)
-    with open(out_path, "xb") as out:
-        w = HashingWriter(out)
+    with UnbufferedOutput(out_path) as out:
+        w = HashingWriter(out)  # type: ignore[arg-type]  # a write-only file is all it uses
         try:
             while chunk := stream.read(CHUNK):
                 w.write(chunk)
@@ -112,8 +112,8 @@ def decompress_to(source: BinaryIO, out_path: Path, limits: Limits,
                     raise LayerError(f"layer is larger than the limit of {limits.max_total_bytes} bytes "
                                      "uncompressed (set LAMINA_MAX_LAYER_BYTES to allow it)")
         except (OSError, EOFError, ValueError) as e:
-            if isinstance(e, LayerError):
-                raise
+            if isinstance(e, LayerError) or getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+                raise  # a full disk is not a corrupt layer: the caller names the filesystem
             raise LayerError(f"corrupt {kind or 'tar'} layer stream: {e}") from None
         except Exception as e:
             if type(e).__module__.startswith("zstandard") or "Zstd" in type(e).__name__:
