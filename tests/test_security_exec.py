@@ -18,6 +18,7 @@ Each runs as root and as an unprivileged user (with and without subordinate ids)
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -176,3 +177,41 @@ def test_the_sealed_interpreter_cannot_be_written() -> None:
             "try:\n    os.write(w, b'x')\nexcept PermissionError:\n    print('sealed')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT)
     assert r.stdout == "sealed\n", r.stderr
+
+
+def _image_that_runs_the_host_interpreter(lamina: Cli) -> str:
+    """An image with what the host's Python needs to start from the container's files (its ELF
+    interpreter, shared libraries and the few modules it loads at start), as an attacker's image
+    would have: executing ``/proc/self/exe`` in it then runs whatever binary the process that
+    exec'd the command was running (CVE-2019-5736)."""
+    interpreter = os.path.realpath(sys.executable)
+    ldd = subprocess.run(["ldd", interpreter], capture_output=True, text=True)
+    if ldd.returncode != 0:
+        pytest.skip(f"cannot list the shared libraries of {interpreter}: {ldd.stderr.strip()}")
+    files = [word for line in ldd.stdout.splitlines() for word in line.split() if word.startswith("/")]
+    stdlib = Path(os.__file__).parent
+    files += [str(stdlib / "os.py")] + [str(stdlib / "encodings" / f"{name}.py")
+                                        for name in ("__init__", "aliases", "utf_8")]
+    context = lamina.build_context("hostpy", f"FROM {IMAGE}\nCOPY root/ /\n")
+    for name in files:
+        target = context / "root" / name.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(name, target)  # with its mode: the ELF interpreter must be executable
+    if lamina.user is not None:
+        lamina.user.chown_tree(context)  # type: ignore[attr-defined]
+    r = lamina("build", "-q", "-t", "hostpy", str(context))
+    assert r.returncode == 0, r.stderr
+    return "hostpy"
+
+
+def test_executing_proc_self_exe_never_runs_a_host_binary(lamina: Cli) -> None:
+    image = _image_that_runs_the_host_interpreter(lamina)
+    show_exe = "import os; print(os.readlink('/proc/self/exe'))"
+    r = lamina("run", "--rm", image, "/proc/self/exe", "-S", "-c", show_exe)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("/memfd:"), f"the container ran the host's {r.stdout.strip()}"
+    r = lamina("run", "-d", "--name", "target", image, "sleep", "60")
+    assert r.returncode == 0, r.stderr
+    r = lamina("exec", "target", "/proc/self/exe", "-S", "-c", show_exe)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("/memfd:"), f"the container ran the host's {r.stdout.strip()}"
