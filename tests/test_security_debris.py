@@ -204,3 +204,41 @@ print("left", len(os.listdir(blobs.tmp_dir)))
     r = _run(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
              env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     assert r.stdout.splitlines() == ["error 28", "left 0"], (r.stdout, r.stderr)
+
+
+# lamina's command line, with an `rmi` of the container's image landing right after `run` created
+# the container (the race a concurrent `lamina rmi -f` can win).
+RMI_RACE_DRIVER = r"""
+import sys
+from runner import state
+from store import Store
+
+created = state.ContainerStore.create
+
+
+def create_then_lose_the_image(self, container):
+    made = created(self, container)
+    store = Store.open(self.root)
+    store.delete_image(store.resolve_image(container.image_id))
+    return made
+
+
+state.ContainerStore.create = create_then_lose_the_image
+from lamina.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.root
+def test_run_rm_whose_image_is_removed_meanwhile_leaves_no_container(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    context = tmp_path / "context"
+    context.mkdir()
+    (context / "Dockerfile").write_text(f"FROM {IMAGE}\nLABEL doomed=1\n")
+    r = _run(_lamina_argv(root, "build", "-q", "-t", "doomed", str(context)))
+    assert r.returncode == 0, r.stderr
+    r = _run([sys.executable, "-c", RMI_RACE_DRIVER, "--root", str(root), "run", "--rm", "doomed", "true"])
+    assert r.returncode == 125 and r.stderr.count("\n") == 1, r.stderr
+    assert _run(_lamina_argv(root, "ps", "-aq")).stdout == ""
+    _wait_for(lambda: [e.name for e in os.scandir(root / "containers") if e.name != ".lock"] == [],
+              "the container's directory to be deleted", timeout=20)
