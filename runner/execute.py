@@ -60,6 +60,7 @@ def exec_in_container(container: Container, argv: list[str], env: dict[str, str]
     """Run ``argv`` in ``container`` and return its exit code (126/127 raised as docker does)."""
     if not container.running or not container.state.pid:
         raise ContainerError(f"container {container.name} is not running")
+    sealed.sealed_interpreter()  # made once, here, rather than in the child (and can fail here)
     ns_fds = _open_namespaces(container.state.pid)
     master = slave = None
     if use_tty:
@@ -68,7 +69,6 @@ def exec_in_container(container: Container, argv: list[str], env: dict[str, str]
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
     sys.stdout.flush()
     sys.stderr.flush()
-    sealed.sealed_interpreter()  # made once, here, rather than in each child
     pid = os.fork()
     if pid == 0:
         def start_helper() -> int:

@@ -261,6 +261,12 @@ def start_sandbox(spec: SandboxSpec, server: UnionServer | None = None,
     if spec.rootfs is None and not spec.lowers:
         raise ContainerError("sandbox needs a rootfs or image layers")
     mapping = current_mapping()
+    try:
+        interpreter = sealed.sealed_interpreter()  # C starts from it (see runner.sealed)
+    except ContainerError:
+        if server is not None:
+            server.stop(grace=0)
+        raise
     temp_dir = None
     if spec.state_dir is None:
         temp_dir = Path(tempfile.mkdtemp(prefix="lamina-sandbox-"))
@@ -294,7 +300,6 @@ def start_sandbox(spec: SandboxSpec, server: UnionServer | None = None,
     sync_r, sync_w = os.pipe2(os.O_CLOEXEC)
     go_r, go_w = os.pipe2(os.O_CLOEXEC)
     ready_r = server.ready_r if server is not None else None
-    interpreter = sealed.sealed_interpreter()
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()

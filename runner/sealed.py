@@ -37,6 +37,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from lamina.errors import ContainerError
 from runner import linux
 
 SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
@@ -51,10 +52,14 @@ _sealed_fd: int | None = None
 def sealed_interpreter() -> int:
     """A descriptor of a sealed, in-memory copy of the running interpreter (made on first use).
 
-    Callers that fork children which keep only some descriptors must keep this one too."""
+    Callers that fork children which keep only some descriptors must keep this one too. Raises
+    :class:`ContainerError` when the copy cannot be made (an interpreter that cannot be read)."""
     global _sealed_fd
     if _sealed_fd is None:
-        fd = os.memfd_create("lamina", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            fd = os.memfd_create("lamina", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        except OSError as e:
+            raise ContainerError(f"cannot make a sealed copy of the interpreter: {e.strerror or e}") from e
         try:
             with open("/proc/self/exe", "rb") as source:
                 size = os.fstat(source.fileno()).st_size
@@ -65,6 +70,10 @@ def sealed_interpreter() -> int:
                         raise OSError(f"the interpreter shrank while it was copied ({copied} of {size} bytes)")
                     copied += sent
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+        except OSError as e:
+            os.close(fd)
+            raise ContainerError(f"cannot make a sealed copy of the interpreter {sys.executable}: "
+                                 f"{e.strerror or e}") from e
         except BaseException:
             os.close(fd)
             raise
