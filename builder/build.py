@@ -511,6 +511,7 @@ class Builder:
                     mounts=mounts,
                     stdout=capture.fileno() if capture else None,
                     stderr=capture.fileno() if capture else None,
+                    state_dir=_sandbox_dir(tmp),  # in the store: a killed build's is swept
                 )
                 sys.stdout.flush()
                 code = self._run_command(spec)
@@ -600,6 +601,14 @@ class Builder:
                 shutil.copy2(host, copy_dest)
             host = copy_dest
         return mount_cls(target=target, source=host, readonly=m.readonly)
+
+
+def _sandbox_dir(step_dir: Path) -> Path:
+    """The RUN sandbox's state (its /etc files, init layer and mount point), inside the step's
+    temporary directory rather than /tmp."""
+    path = step_dir / "sandbox"
+    path.mkdir(mode=0o755)
+    return path
 
 
 def _single_id_mapping() -> bool:

@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import NoReturn
 
 from lamina import __version__
@@ -119,7 +120,18 @@ def run(argv: Sequence[str]) -> int:
     if handler is None:
         parser.print_help(sys.stderr if args.command else sys.stdout)
         return 0 if not args.command else EXIT_LAMINA
+    _sweep_debris(args.root)
     return handler(args)
+
+
+def _sweep_debris(root: Path) -> None:
+    """What killed lamina processes left in the store goes before any command uses it."""
+    from runner.state import sweep_debris
+
+    try:
+        sweep_debris(root)
+    except Exception as e:  # tidying up must never stop the command the user asked for
+        logging.getLogger(__name__).debug("cleaning up after earlier commands: %r", e)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
