@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from builder import dockerfile as df
 from builder.cache import BuildCache, chain_key
 from builder.context import BuildContext
-from builder.copying import copy_digest, copy_into_layer, resolve_user
+from builder.copying import copy_digest, copy_into_layer, new_dir_time_ns, resolve_user
 from builder.dockerignore import IgnoreRules
 from builder.fsops import (
     LayerView,
@@ -53,6 +53,7 @@ from builder.fsops import (
     ensure_parents,
     prune_empty_dirs,
     resolve_dir_in_image,
+    settle_dir_times,
 )
 from builder.interruption import BuildInterrupted, Interrupt, Interruption
 from builder.shellwords import Lexer
@@ -264,6 +265,7 @@ class Builder:
         triggers = container_config.pop("OnBuild", None) or []
         shell = container_config.get("Shell") or list(df.DEFAULT_SHELL)
         image = df.ImageConfig(config=container_config, shell=list(shell))
+        image.ensure_path()
         state = StageState(stage=stage, layers=layers, image=image, base_config=base_config,
                            history=list(copy.deepcopy(base_config.get("history") or [])),
                            scope=StageScope(self.build_args, image), key=key, base=base)
@@ -350,9 +352,11 @@ class Builder:
         elif isinstance(inst, (df.Copy, df.Add)):
             inst.content_digest = copy_digest(self, state, inst)
         key = chain_key(state.key, inst.cache_text())
-        entry = None if self.options.no_cache else self.cache.get(key)
+        entry = self.cache.get(key)
         layer = self._cached_layer(entry) if entry is not None else None
-        if entry is not None and (layer is not None or entry.get("layer") is None):
+        usable = entry is not None and (layer is not None or entry.get("layer") is None)
+        if usable and not self.options.no_cache:
+            assert entry is not None
             history = entry["history"]
             self.out.line("--> CACHED")
         else:
@@ -367,8 +371,10 @@ class Builder:
             if layer is not None:
                 record["layer"] = {"diff_id": layer.diff_id, "digest": layer.digest, "size": layer.size,
                                    "media_type": layer.media_type}
-            with self.interruption.deferred():
-                self.cache.put(key, record)
+            # --no-cache only means "do not use": an entry other builds use stays as it is.
+            if not usable:
+                with self.interruption.deferred():
+                    self.cache.put(key, record)
             self.out.line(f"--> {(layer.diff_id.removeprefix('sha256:') if layer else key)[:12]}")
         inst.update_config(state.image)
         if layer is not None:
@@ -414,7 +420,9 @@ class Builder:
                 if view.exists_as_dir(path):
                     return None
                 owner = resolve_user(view, state.image.user) if state.image.user else (0, 0)
-                ensure_parents(str(diff), view, resolve_dir_in_image(view, path), new_owner=owner)
+                resolved = resolve_dir_in_image(view, path)
+                ensure_parents(str(diff), view, resolved, new_owner=owner)
+                settle_dir_times(str(diff), view, resolved, new_dir_time_ns())
             elif isinstance(inst, (df.Copy, df.Add)):
                 copy_into_layer(self, state, inst, tmp, diff)
             if not any(diff.iterdir()) and not _is_opaque(diff):

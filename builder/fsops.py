@@ -279,6 +279,26 @@ def ensure_parents(diff: str, view: LayerView, container_dir: str, new_owner: tu
     return host
 
 
+def settle_dir_times(diff: str, view: LayerView, container_dir: str, new_dir_ns: int) -> None:
+    """Give the directories on the way to ``container_dir`` in the diff their final times, once
+    everything has been written into them (adding an entry changes a directory's mtime).
+
+    A directory the image already has keeps the image's times; a directory the step made gets
+    ``new_dir_ns``, so a step that runs no command gives the same layer for the same input
+    (BuildKit stamps such directories with the build's clock, which makes every layer differ)."""
+    parts = [p for p in posixpath.normpath(container_dir).split("/") if p]
+    for depth in range(len(parts), 0, -1):
+        host = os.path.join(diff, *parts[:depth])
+        st = _lstat(host)
+        if st is None or not stat.S_ISDIR(st.st_mode):
+            continue
+        existing = view.lookup("/" + "/".join(parts[:depth]), follow=False)
+        if existing is not None and existing.is_dir:
+            copy_times(existing.st, host)
+        else:
+            os.utime(host, ns=(new_dir_ns, new_dir_ns), follow_symlinks=False)
+
+
 def resolve_dir_in_image(view: LayerView, container_dir: str) -> str:
     """Docker resolves symlinks of the destination inside the image: ``COPY x /lib/`` with ``/lib ->
     usr/lib`` writes to ``/usr/lib``. Return the resolved container path of the deepest existing
