@@ -1,0 +1,228 @@
+"""`lamina build` builds what docker's builders build: checked against podman (buildah) on the same
+Dockerfile and the same busybox-static base, imported into both (so the base has no PATH in its
+config), and against the Dockerfile reference / BuildKit's source where podman differs from them
+(each test says which).
+
+Each Dockerfile writes what it observes into ``/report`` in the image; the test reads it back with
+``lamina run`` and ``podman run`` and compares the two.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import lzma
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness import REPO_ROOT, make_busybox_rootfs
+
+pytestmark = [pytest.mark.fuse, pytest.mark.root, pytest.mark.slow]
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# busybox's stat: name, octal mode, owner, type; no times or sizes (those differ by filesystem).
+STAT = "stat -c '%n %a %u %g %F'"
+
+
+class Builders:
+    """The same base (``bb``) in a lamina store and a private podman store."""
+
+    def __init__(self, root: Path, podman: Any) -> None:
+        self.root = root
+        self.podman = podman
+
+    def lamina(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([sys.executable, "-m", "lamina", "--root", str(self.root), *args],
+                                capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
+                                stdin=subprocess.DEVNULL)
+        if check and result.returncode != 0:
+            raise AssertionError(f"lamina {' '.join(args)} exited {result.returncode}:\n"
+                                 f"stdout: {result.stdout}\nstderr: {result.stderr}")
+        return result
+
+    def podman_cmd(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        done = self.podman.run(list(args), check=False)
+        result = subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode(errors="replace"),
+                                             done.stderr.decode(errors="replace"))
+        if check and result.returncode != 0:
+            raise AssertionError(f"podman {' '.join(args)} exited {result.returncode}:\n"
+                                 f"stdout: {result.stdout}\nstderr: {result.stderr}")
+        return result
+
+    def build_lamina(self, context: Path, dockerfile: str, tag: str, *flags: str) -> subprocess.CompletedProcess[str]:
+        (context / "Dockerfile").write_text(dockerfile.replace("FROM base", "FROM bb"))
+        return self.lamina("build", *flags, "-t", tag, str(context))
+
+    def build_podman(self, context: Path, dockerfile: str, tag: str, *flags: str) -> subprocess.CompletedProcess[str]:
+        (context / "Dockerfile").write_text(dockerfile.replace("FROM base", "FROM localhost/bb"))
+        return self.podman_cmd("build", "--layers", *flags, "-t", tag, str(context))
+
+    def reports(self, context: Path, dockerfile: str, tag: str) -> tuple[str, str]:
+        """Build ``dockerfile`` with both; return the /report each image holds (lamina, podman)."""
+        self.build_lamina(context, dockerfile, tag)
+        ours = self.lamina("run", "--rm", "--network", "none", tag, "cat", "/report").stdout
+        self.build_podman(context, dockerfile, tag)
+        theirs = self.podman_cmd("run", "--rm", "--network=none", tag, "cat", "/report").stdout
+        return ours, theirs
+
+    def lamina_config(self, tag: str) -> dict[str, Any]:
+        from store import Store
+
+        image = Store.open(self.root).resolve_image(tag)
+        return {"config": image.config, "id": image.id, "diff_ids": [layer.diff_id for layer in image.layers]}
+
+
+@pytest.fixture(scope="module")
+def builders(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Builders]:
+    if os.geteuid() != 0:
+        pytest.skip("the podman reference runs as root")
+    if shutil.which("podman") is None or not Path("/bin/busybox").exists():
+        pytest.skip("podman or busybox-static is not installed")
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    from bench.podman_env import PodmanUnavailable, open_podman_env
+
+    base = tmp_path_factory.mktemp("fidelity")
+    rootfs = make_busybox_rootfs(base / "rootfs")
+    tar = base / "rootfs.tar"
+    subprocess.run(["tar", "-C", str(rootfs), "-cf", str(tar), "."], check=True)
+    try:
+        with open_podman_env(storage_driver="vfs") as env:
+            probe = env.run(["import", str(tar), "localhost/bb"], check=False)
+            if probe.returncode != 0:
+                pytest.skip(f"podman cannot run here: {probe.stderr.decode(errors='replace')[-300:]}")
+            found = Builders(base / "lamina-root", env)
+            found.lamina("import", str(tar), "bb")
+            yield found
+    except PodmanUnavailable as e:
+        pytest.skip(f"podman cannot run here: {e}")
+
+
+@pytest.fixture
+def ctx(tmp_path: Path) -> Path:
+    context = tmp_path / "ctx"
+    context.mkdir()
+    return context
+
+
+def test_default_path_when_the_base_sets_none(builders: Builders, ctx: Path) -> None:
+    """A base made by `import` has no PATH: RUN and variable expansion see docker's default PATH.
+
+    Reference: podman, for what RUN sees. For the image config: BuildKit's dockerfile2llb ("make
+    sure that PATH is always set") appends the default PATH to every stage's config; buildah does
+    not, so that part is checked against BuildKit's rule, and `run` of the imported base against
+    podman (the runtime's default)."""
+    dockerfile = ("FROM base\n"
+                  "ENV PATH=/x:$PATH\n"
+                  'RUN { echo "$PATH"; chmod --help >/dev/null 2>&1; echo "chmod=$?"; } > /report\n')
+    ours, theirs = builders.reports(ctx, dockerfile, "fid-path")
+    assert ours == theirs == f"/x:{DEFAULT_PATH}\nchmod=0\n"
+    assert builders.lamina_config("fid-path")["config"]["config"]["Env"] == [f"PATH=/x:{DEFAULT_PATH}"]
+
+    builders.build_lamina(ctx, "FROM base\nLABEL a=b\n", "fid-path-config")
+    assert builders.lamina_config("fid-path-config")["config"]["config"]["Env"] == [f"PATH={DEFAULT_PATH}"]
+    ran = builders.lamina("run", "--rm", "--network", "none", "bb", "sh", "-c", "echo $PATH").stdout
+    assert ran == builders.podman_cmd("run", "--rm", "--network=none", "localhost/bb", "sh", "-c",
+                                      "echo $PATH").stdout
+
+
+def test_copy_chown_parents_and_chmod_destination(builders: Builders, ctx: Path) -> None:
+    """COPY --chown makes missing parents with the --chown owner; --chmod applies to what is
+    copied, never to the destination directory (created 0755, or left as the image has it).
+
+    Reference: podman, which here follows BuildKit's copier (tonistiigi/fsutil: MkdirAll(0755,
+    chown) for the destination and its parents; the top directory's metadata is not copied)."""
+    (ctx / "foo").write_text("foo\n")
+    (ctx / "dir" / "sub").mkdir(parents=True)
+    (ctx / "dir" / "f").write_text("f\n")
+    (ctx / "dir" / "sub" / "g").write_text("g\n")
+    (ctx / "dir").chmod(0o750)
+    dockerfile = (
+        "FROM base\n"
+        "RUN echo 'www:x:1000:1000::/home/www:/bin/sh' >> /etc/passwd && echo 'www:x:1000:' >> /etc/group\n"
+        "COPY --chown=www:www foo /path/to/foo\n"
+        "COPY --chmod=600 dir /o/tree/\n"
+        "RUN mkdir -p /e/tree && chmod 700 /e/tree\n"
+        "COPY --chmod=600 --chown=www dir /e/tree/\n"
+        "COPY --chmod=640 --chown=www dir /n/newdir\n"
+        "USER www\n"
+        "RUN mkdir /path/to/new\n"
+        "USER root\n"
+        f"RUN {STAT} /path /path/to /path/to/foo /path/to/new /o /o/tree /o/tree/f /o/tree/sub "
+        "/o/tree/sub/g /e/tree /e/tree/f /e/tree/sub /n /n/newdir /n/newdir/sub /n/newdir/f > /report\n")
+    ours, theirs = builders.reports(ctx, dockerfile, "fid-copy")
+    assert ours == theirs
+    assert "/o/tree 755 0 0 directory" in ours and "/path/to 755 1000 1000 directory" in ours
+
+
+def test_add_extracts_only_tar_archives(builders: Builders, ctx: Path) -> None:
+    """ADD copies a compressed file that is not a tar as it is, and extracts tar archives (plain,
+    gzip, bzip2, xz). Reference: podman (as docker: only what decompresses to a tar is extracted)."""
+    (ctx / "notes.txt.gz").write_bytes(gzip.compress(b"hello notes\n"))
+    (ctx / "notes.txt.xz").write_bytes(lzma.compress(b"hello xz\n"))
+    payload = io.BytesIO()
+    with tarfile.open(fileobj=payload, mode="w") as tar:
+        info = tarfile.TarInfo("inside/file.txt")
+        data = b"from a tar\n"
+        info.size, info.mode = len(data), 0o644
+        tar.addfile(info, io.BytesIO(data))
+    raw = payload.getvalue()
+    (ctx / "plain.tar").write_bytes(raw)
+    (ctx / "t.tar.gz").write_bytes(gzip.compress(raw))
+    (ctx / "t.tar.xz").write_bytes(lzma.compress(raw))
+    import bz2
+    (ctx / "t.tar.bz2").write_bytes(bz2.compress(raw))
+    dockerfile = ("FROM base\n"
+                  "ADD notes.txt.gz notes.txt.xz /d/\n"
+                  "ADD plain.tar /p/\n"
+                  "ADD t.tar.gz /g/\n"
+                  "ADD t.tar.xz /x/\n"
+                  "ADD t.tar.bz2 /b/\n"
+                  "RUN { find /d /p /g /x /b | sort; md5sum /d/notes.txt.gz /g/inside/file.txt; } > /report\n")
+    ours, theirs = builders.reports(ctx, dockerfile, "fid-add")
+    assert ours == theirs
+    assert "/d/notes.txt.gz\n" in ours and "/g/inside/file.txt\n" in ours
+
+
+def test_no_cache_build_keeps_other_builds_cache(builders: Builders, tmp_path: Path) -> None:
+    """Build A, then B with --no-cache sharing A's first steps, then A again: every step of A is
+    still cached, and the image is the same. Steps that run no command give the same layer for
+    the same input (the WORKDIR and COPY layers of A built twice with --no-cache).
+
+    Reference: podman keeps all three cached (checked below on the same sequence)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "a.txt").write_text("a\n")
+    (b / "b.txt").write_text("b\n")
+    dockerfile_a = "FROM base\nWORKDIR /app\nCOPY a.txt .\nRUN echo expensive > /app/ran\n"
+    dockerfile_b = "FROM base\nWORKDIR /app\nCOPY b.txt .\n"
+
+    first = builders.build_lamina(a, dockerfile_a, "fid-a")
+    assert "CACHED" not in first.stdout
+    first_id = builders.lamina_config("fid-a")["id"]
+    builders.build_lamina(b, dockerfile_b, "fid-b", "--no-cache")
+    again = builders.build_lamina(a, dockerfile_a, "fid-a")
+    assert again.stdout.count("--> CACHED") == 3, again.stdout
+    assert builders.lamina_config("fid-a")["id"] == first_id
+
+    builders.build_lamina(a, dockerfile_a, "fid-a1", "--no-cache")
+    time.sleep(1.1)  # layer tars record whole seconds: a clock time would now differ
+    builders.build_lamina(a, dockerfile_a, "fid-a2", "--no-cache")
+    one, two = builders.lamina_config("fid-a1")["diff_ids"], builders.lamina_config("fid-a2")["diff_ids"]
+    assert one[:-1] == two[:-1] and len(one) == len(two)  # all but the RUN layer
+
+    builders.build_podman(a, dockerfile_a, "fid-a")
+    builders.build_podman(b, dockerfile_b, "fid-b", "--no-cache")
+    podman_again = builders.build_podman(a, dockerfile_a, "fid-a")
+    assert podman_again.stdout.count("Using cache") == 3, podman_again.stdout
+
