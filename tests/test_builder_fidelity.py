@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import lzma
 import os
 import shutil
@@ -226,3 +227,84 @@ def test_no_cache_build_keeps_other_builds_cache(builders: Builders, tmp_path: P
     podman_again = builders.build_podman(a, dockerfile_a, "fid-a")
     assert podman_again.stdout.count("Using cache") == 3, podman_again.stdout
 
+
+
+# --- device nodes in content an unprivileged user imports, builds from or ADDs -----------------
+
+DEVICES = (("./dev/full", tarfile.CHRTYPE, 1, 7), ("./srv/full", tarfile.CHRTYPE, 1, 7),
+           ("./srv/loop", tarfile.BLKTYPE, 7, 0))
+
+
+def _rootfs_with_devices(rootfs: Path, out: Path) -> Path:
+    """A root filesystem tar as `tar -C ROOTFS -c .` of a real system gives: device nodes included."""
+    with tarfile.open(out, "w") as tar:
+        tar.add(rootfs, arcname=".")
+        srv = tarfile.TarInfo("./srv")
+        srv.type, srv.mode = tarfile.DIRTYPE, 0o755
+        tar.addfile(srv)
+        for name, kind, major, minor in DEVICES:
+            node = tarfile.TarInfo(name)
+            node.type, node.devmajor, node.devminor, node.mode = kind, major, minor, 0o666
+            tar.addfile(node)
+    return out
+
+
+def _devices_in(layer_tar: bytes) -> set[tuple[str, bytes, int, int, int, int]]:
+    with tarfile.open(fileobj=io.BytesIO(layer_tar)) as tar:
+        return {(m.name.removeprefix("./"), m.type, m.devmajor, m.devminor, m.mode, m.uid)
+                for m in tar.getmembers() if m.ischr() or m.isblk()}
+
+
+def _saved_layers(archive: Path) -> list[bytes]:
+    """The layer tars of a docker-archive, decompressed."""
+    layers = []
+    with tarfile.open(archive) as outer:
+        manifest = json.loads(outer.extractfile("manifest.json").read())  # type: ignore[union-attr]
+        for name in manifest[0]["Layers"]:
+            data = outer.extractfile(name).read()  # type: ignore[union-attr]
+            layers.append(gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data)
+    return layers
+
+
+EXPECTED_DEVICES = {("dev/full", tarfile.CHRTYPE, 1, 7, 0o666, 0), ("srv/full", tarfile.CHRTYPE, 1, 7, 0o666, 0),
+                    ("srv/loop", tarfile.BLKTYPE, 7, 0, 0o666, 0)}
+
+
+@pytest.mark.unprivileged
+def test_rootless_import_keeps_device_nodes(unpriv: Any, builders: Builders, tmp_path: Path) -> None:
+    """`tar -C ROOTFS -c . | lamina import - NAME` as a normal user, the tar holding device nodes.
+
+    References: rootless podman imports it; its containers do not show the nodes (its storage
+    cannot create them: /srv is empty, /dev is the runtime's own), but the image it saves holds
+    them. Here: the image lamina saves holds the real nodes, and root podman loading that archive
+    sees char 1:7; an unprivileged ADD of such a tar keeps them too."""
+    rootfs = make_busybox_rootfs(tmp_path / "rootfs")
+    archive = _rootfs_with_devices(rootfs, unpriv.workdir / "rootfs.tar")
+    unpriv.chown_tree(unpriv.workdir)
+    imported = unpriv.run(["sh", "-c", f"lamina import - devs < {archive}"])
+    assert imported.returncode == 0, imported.stderr
+    saved = unpriv.workdir / "saved.tar"
+    unpriv.lamina("save", "-o", str(saved), "devs", check=True)
+    assert _devices_in(_saved_layers(saved)[0]) == EXPECTED_DEVICES
+
+    inside = unpriv.lamina("run", "--rm", "--network", "none", "devs", "sh", "-c",
+                           "ls -A /srv; stat -c '%F %t:%T' /dev/full", check=True)
+    assert inside.stdout == "character special file 1:7\n"
+
+    ctx = unpriv.workdir / "ctx"
+    ctx.mkdir()
+    shutil.copy(archive, ctx / "rootfs.tar")
+    (ctx / "Dockerfile").write_text("FROM devs\nADD rootfs.tar /copy/\nCOPY --from=devs /srv /copied/\n")
+    unpriv.chown_tree(ctx)
+    unpriv.lamina("build", "-t", "devs-added", str(ctx), check=True)
+    unpriv.lamina("save", "-o", str(unpriv.workdir / "added.tar"), "devs-added", check=True)
+    added = _saved_layers(unpriv.workdir / "added.tar")
+    assert _devices_in(added[-2]) == {(f"copy/{n}", *rest) for n, *rest in EXPECTED_DEVICES}
+    assert _devices_in(added[-1]) == {(f"copied/{n.removeprefix('srv/')}", *rest)
+                                      for n, *rest in EXPECTED_DEVICES if n.startswith("srv/")}
+
+    loaded = builders.podman_cmd("load", "-i", str(saved))
+    assert loaded.returncode == 0
+    seen = builders.podman_cmd("run", "--rm", "--network=none", "localhost/devs:latest", "stat", "-c",
+                               "%n %F %t:%T %a", "/srv/full", "/srv/loop").stdout
+    assert seen == "/srv/full character special file 1:7 666\n/srv/loop block special file 7:0 666\n"
