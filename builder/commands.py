@@ -7,6 +7,7 @@ cached rebuild pays only for what it uses.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -58,12 +59,13 @@ def cmd_build(args: argparse.Namespace) -> int:
         key, value = _key_value("--build-arg", item)
         if "=" not in item:
             # docker: `--build-arg NAME` takes the value from the environment.
-            import os
-
             if key not in os.environ:
                 continue
             value = os.environ[key]
         build_args[key] = value
+    if "SOURCE_DATE_EPOCH" not in build_args and os.environ.get("SOURCE_DATE_EPOCH"):
+        # As docker buildx does: the environment's SOURCE_DATE_EPOCH becomes the build-arg.
+        build_args["SOURCE_DATE_EPOCH"] = os.environ["SOURCE_DATE_EPOCH"]
     labels = dict(_key_value("--label", item) for item in args.label)
     text, path, name = _read_dockerfile(args, context)
     options = BuildOptions(context=context, dockerfile_text=text, dockerfile_path=path, dockerfile_name=name,

@@ -210,7 +210,7 @@ def copy_into_layer(builder: Builder, state: StageState, inst: df.Copy | df.Add,
             else:
                 builder.context.copy_out(rel, file_target(basename), owner)
     for container_dir in settled:
-        settle_dir_times(str(diff), view, container_dir, new_dir_time_ns())
+        settle_dir_times(str(diff), view, container_dir, new_dir_time_ns(builder.epoch))
 
 
 def _extract(builder: Builder, archive: str, into: str, tmp: Path, owner: Ownership | None, inst: df.Add) -> None:
@@ -246,11 +246,10 @@ def _merge_tree(src: str, dest: str, owner: Ownership | None) -> None:
                 set_owner_mode(p, u, g, mode)
 
 
-def new_dir_time_ns() -> int:
+def new_dir_time_ns(epoch: int | None) -> int:
     """The time of a directory a step makes with no source to take it from (WORKDIR, missing
     parents): ``SOURCE_DATE_EPOCH`` when set, else the Unix epoch, so such steps are reproducible."""
-    epoch = os.environ.get("SOURCE_DATE_EPOCH", "")
-    return int(epoch) * 1_000_000_000 if epoch.isdigit() else 0
+    return (epoch or 0) * 1_000_000_000
 
 
 def _is_archive(path: str) -> bool:

@@ -304,6 +304,19 @@ def settle_dir_times(diff: str, view: LayerView, container_dir: str, new_dir_ns:
             os.utime(host, ns=(new_dir_ns, new_dir_ns), follow_symlinks=False)
 
 
+def clamp_times(root: str, epoch: int) -> None:
+    """``SOURCE_DATE_EPOCH``: no entry below ``root`` (a new layer) keeps a time later than
+    ``epoch``, as BuildKit's rewrite-timestamp does to the layers it writes."""
+    limit = epoch * 1_000_000_000
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in (*dirnames, *filenames):
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            if st.st_mtime_ns > limit or st.st_atime_ns > limit:
+                os.utime(path, ns=(min(st.st_atime_ns, limit), min(st.st_mtime_ns, limit)),
+                         follow_symlinks=False)
+
+
 def resolve_dir_in_image(view: LayerView, container_dir: str) -> str:
     """Docker resolves symlinks of the destination inside the image: ``COPY x /lib/`` with ``/lib ->
     usr/lib`` writes to ``/usr/lib``. Return the resolved container path of the deepest existing

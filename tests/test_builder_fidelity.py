@@ -308,3 +308,71 @@ def test_rootless_import_keeps_device_nodes(unpriv: Any, builders: Builders, tmp
     seen = builders.podman_cmd("run", "--rm", "--network=none", "localhost/devs:latest", "stat", "-c",
                                "%n %F %t:%T %a", "/srv/full", "/srv/loop").stdout
     assert seen == "/srv/full character special file 1:7 666\n/srv/loop block special file 7:0 666\n"
+
+
+# --- reproducible images ---------------------------------------------------------------------
+
+EPOCH = 1700000000
+
+
+def test_source_date_epoch_gives_the_same_image_on_two_stores(lamina_cmd: Any, tmp_path: Path) -> None:
+    """With SOURCE_DATE_EPOCH (environment or build-arg), two stores build the same image: same ID,
+    same layer blobs, RUN included (a deterministic command); created and history times are the
+    epoch and no file in a new layer is newer.
+
+    Reference: the Dockerfile/BuildKit documentation of SOURCE_DATE_EPOCH ("build reproducibility",
+    rewrite-timestamp); podman 4.3 here predates its --source-date-epoch."""
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "a.txt").write_text("a\n")
+    (ctx / "notes.txt.gz").write_bytes(gzip.compress(b"notes\n", mtime=0))
+    (ctx / "Dockerfile").write_text("FROM lamina/busybox\nWORKDIR /app\nCOPY a.txt .\nADD notes.txt.gz /d/\n"
+                                    "RUN echo built > /app/out && mkdir -p /app/sub/deeper\nLABEL x=y\n")
+    images = []
+    for number, how in enumerate(("env", "arg")):
+        root = tmp_path / f"store-{number}"
+        if how == "env":
+            lamina_cmd("build", "-t", "repro", str(ctx), root=root, env={"SOURCE_DATE_EPOCH": str(EPOCH)})
+        else:
+            time.sleep(1.1)  # a clock time would now differ by a second
+            lamina_cmd("build", "--build-arg", f"SOURCE_DATE_EPOCH={EPOCH}", "-t", "repro", str(ctx), root=root)
+        from store import Store
+
+        image = Store.open(root).resolve_image("repro")
+        images.append((image.id, [layer.digest for layer in image.layers], image.config, root))
+    assert images[0][:2] == images[1][:2]
+    image_id, digests, config, root = images[0]
+    stamp = "2023-11-14T22:13:20Z"
+    assert config["created"] == stamp
+    built = [h for h in config["history"] if h.get("comment") == "lamina build"]
+    assert len(built) == 5 and {h["created"] for h in built} == {stamp}
+    for digest in digests[-3:]:
+        blob = root / "blobs" / "sha256" / digest.removeprefix("sha256:")
+        with tarfile.open(fileobj=io.BytesIO(gzip.decompress(blob.read_bytes()))) as tar:
+            assert max(m.mtime for m in tar.getmembers()) <= EPOCH
+
+    bad = lamina_cmd("build", "--build-arg", "SOURCE_DATE_EPOCH=yesterday", str(ctx), root=root, check=False)
+    assert bad.returncode == 125 and bad.stderr.count("\n") == 1 and "SOURCE_DATE_EPOCH" in bad.stderr
+
+
+@pytest.mark.unprivileged
+def test_source_date_epoch_image_is_the_same_unprivileged(unpriv: Any, lamina_cmd: Any, tmp_path: Path) -> None:
+    """The same Dockerfile with the same SOURCE_DATE_EPOCH gives the same image ID built by root and
+    by a normal user (with and without subordinate ids): what a machine or user is does not leak
+    into the image. Reference: as the test above."""
+    dockerfile = ("FROM lamina/busybox\nWORKDIR /srv\nCOPY a.txt sub/\n"
+                  "RUN echo built > /srv/out && mkdir -p /srv/new/deeper && rm /etc/group\n")
+    ids = []
+    for who, ctx in (("root", tmp_path / "ctx"), ("user", unpriv.workdir / "ctx")):
+        ctx.mkdir()
+        (ctx / "a.txt").write_text("a\n")
+        (ctx / "Dockerfile").write_text(dockerfile)
+        if who == "root":
+            lamina_cmd("build", "-q", "-t", "repro", str(ctx), env={"SOURCE_DATE_EPOCH": str(EPOCH)})
+            ids.append(json.loads(lamina_cmd("inspect", "repro").stdout)[0]["Id"])
+        else:
+            unpriv.chown_tree(ctx)
+            unpriv.run(["lamina", "build", "-q", "-t", "repro", str(ctx)], env={"SOURCE_DATE_EPOCH": str(EPOCH)},
+                       check=True)
+            ids.append(json.loads(unpriv.lamina("inspect", "repro", check=True).stdout)[0]["Id"])
+    assert ids[0] == ids[1]
