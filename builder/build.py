@@ -58,7 +58,7 @@ from builder.fsops import (
 )
 from builder.interruption import BuildInterrupted, Interrupt, Interruption
 from builder.shellwords import Lexer
-from builder.variables import BuildArgs, FixedScope, StageScope
+from builder.variables import BuildArgs, FixedScope, StageScope, foreign_platform
 from lamina.errors import (
     BuildError,
     CommandNotFound,
@@ -264,6 +264,8 @@ class Builder:
         from_ = stage.from_
         self._announce(from_.text)
         from_.expand(FixedScope(self.lexer, self.build_args.global_variables()))
+        if from_.platform is not None and (problem := foreign_platform(from_.platform)) is not None:
+            raise from_.error(f"FROM --platform: {problem}")
         image_ref = from_.image
         base: Image | None = None
         parent_state: StageState | None = None

@@ -60,11 +60,11 @@ class Builders:
         return result
 
     def build_lamina(self, context: Path, dockerfile: str, tag: str, *flags: str) -> subprocess.CompletedProcess[str]:
-        (context / "Dockerfile").write_text(dockerfile.replace("FROM base", "FROM bb"))
+        (context / "Dockerfile").write_text(dockerfile.replace("{base}", "bb"))
         return self.lamina("build", *flags, "-t", tag, str(context))
 
     def build_podman(self, context: Path, dockerfile: str, tag: str, *flags: str) -> subprocess.CompletedProcess[str]:
-        (context / "Dockerfile").write_text(dockerfile.replace("FROM base", "FROM localhost/bb"))
+        (context / "Dockerfile").write_text(dockerfile.replace("{base}", "localhost/bb"))
         return self.podman_cmd("build", "--layers", *flags, "-t", tag, str(context))
 
     def reports(self, context: Path, dockerfile: str, tag: str) -> tuple[str, str]:
@@ -74,6 +74,12 @@ class Builders:
         self.build_podman(context, dockerfile, tag)
         theirs = self.podman_cmd("run", "--rm", "--network=none", tag, "cat", "/report").stdout
         return ours, theirs
+
+    def same_report(self, context: Path, dockerfile: str, tag: str) -> str:
+        """Build with both; assert the reports are the same; return it."""
+        ours, theirs = self.reports(context, dockerfile, tag)
+        assert ours == theirs, f"lamina:\n{ours}\npodman:\n{theirs}"
+        return ours
 
     def lamina_config(self, tag: str) -> dict[str, Any]:
         from store import Store
@@ -122,14 +128,14 @@ def test_default_path_when_the_base_sets_none(builders: Builders, ctx: Path) -> 
     sure that PATH is always set") appends the default PATH to every stage's config; buildah does
     not, so that part is checked against BuildKit's rule, and `run` of the imported base against
     podman (the runtime's default)."""
-    dockerfile = ("FROM base\n"
+    dockerfile = ("FROM {base}\n"
                   "ENV PATH=/x:$PATH\n"
                   'RUN { echo "$PATH"; chmod --help >/dev/null 2>&1; echo "chmod=$?"; } > /report\n')
     ours, theirs = builders.reports(ctx, dockerfile, "fid-path")
     assert ours == theirs == f"/x:{DEFAULT_PATH}\nchmod=0\n"
     assert builders.lamina_config("fid-path")["config"]["config"]["Env"] == [f"PATH=/x:{DEFAULT_PATH}"]
 
-    builders.build_lamina(ctx, "FROM base\nLABEL a=b\n", "fid-path-config")
+    builders.build_lamina(ctx, "FROM {base}\nLABEL a=b\n", "fid-path-config")
     assert builders.lamina_config("fid-path-config")["config"]["config"]["Env"] == [f"PATH={DEFAULT_PATH}"]
     ran = builders.lamina("run", "--rm", "--network", "none", "bb", "sh", "-c", "echo $PATH").stdout
     assert ran == builders.podman_cmd("run", "--rm", "--network=none", "localhost/bb", "sh", "-c",
@@ -148,7 +154,7 @@ def test_copy_chown_parents_and_chmod_destination(builders: Builders, ctx: Path)
     (ctx / "dir" / "sub" / "g").write_text("g\n")
     (ctx / "dir").chmod(0o750)
     dockerfile = (
-        "FROM base\n"
+        "FROM {base}\n"
         "RUN echo 'www:x:1000:1000::/home/www:/bin/sh' >> /etc/passwd && echo 'www:x:1000:' >> /etc/group\n"
         "COPY --chown=www:www foo /path/to/foo\n"
         "COPY --chmod=600 dir /o/tree/\n"
@@ -160,8 +166,7 @@ def test_copy_chown_parents_and_chmod_destination(builders: Builders, ctx: Path)
         "USER root\n"
         f"RUN {STAT} /path /path/to /path/to/foo /path/to/new /o /o/tree /o/tree/f /o/tree/sub "
         "/o/tree/sub/g /e/tree /e/tree/f /e/tree/sub /n /n/newdir /n/newdir/sub /n/newdir/f > /report\n")
-    ours, theirs = builders.reports(ctx, dockerfile, "fid-copy")
-    assert ours == theirs
+    ours = builders.same_report(ctx, dockerfile, "fid-copy")
     assert "/o/tree 755 0 0 directory" in ours and "/path/to 755 1000 1000 directory" in ours
 
 
@@ -182,15 +187,14 @@ def test_add_extracts_only_tar_archives(builders: Builders, ctx: Path) -> None:
     (ctx / "t.tar.xz").write_bytes(lzma.compress(raw))
     import bz2
     (ctx / "t.tar.bz2").write_bytes(bz2.compress(raw))
-    dockerfile = ("FROM base\n"
+    dockerfile = ("FROM {base}\n"
                   "ADD notes.txt.gz notes.txt.xz /d/\n"
                   "ADD plain.tar /p/\n"
                   "ADD t.tar.gz /g/\n"
                   "ADD t.tar.xz /x/\n"
                   "ADD t.tar.bz2 /b/\n"
                   "RUN { find /d /p /g /x /b | sort; md5sum /d/notes.txt.gz /g/inside/file.txt; } > /report\n")
-    ours, theirs = builders.reports(ctx, dockerfile, "fid-add")
-    assert ours == theirs
+    ours = builders.same_report(ctx, dockerfile, "fid-add")
     assert "/d/notes.txt.gz\n" in ours and "/g/inside/file.txt\n" in ours
 
 
@@ -205,8 +209,8 @@ def test_no_cache_build_keeps_other_builds_cache(builders: Builders, tmp_path: P
     b.mkdir()
     (a / "a.txt").write_text("a\n")
     (b / "b.txt").write_text("b\n")
-    dockerfile_a = "FROM base\nWORKDIR /app\nCOPY a.txt .\nRUN echo expensive > /app/ran\n"
-    dockerfile_b = "FROM base\nWORKDIR /app\nCOPY b.txt .\n"
+    dockerfile_a = "FROM {base}\nWORKDIR /app\nCOPY a.txt .\nRUN echo expensive > /app/ran\n"
+    dockerfile_b = "FROM {base}\nWORKDIR /app\nCOPY b.txt .\n"
 
     first = builders.build_lamina(a, dockerfile_a, "fid-a")
     assert "CACHED" not in first.stdout
@@ -376,3 +380,34 @@ def test_source_date_epoch_image_is_the_same_unprivileged(unpriv: Any, lamina_cm
                        check=True)
             ids.append(json.loads(unpriv.lamina("inspect", "repro", check=True).stdout)[0]["Id"])
     assert ids[0] == ids[1]
+
+
+def test_automatic_platform_args(builders: Builders, ctx: Path) -> None:
+    """BuildKit's automatic platform ARGs: visible in FROM (``--platform=$BUILDPLATFORM``) and in a
+    stage once declared, empty before. Reference: podman (buildah defines them as BuildKit does).
+    A foreign platform is an error naming the line (lamina runs builds natively): checked against
+    the brief's rule, since podman would pull and emulate."""
+    dockerfile = (
+        "FROM --platform=$BUILDPLATFORM {base}\n"
+        'RUN echo "undeclared:[$TARGETARCH][$BUILDPLATFORM]" > /report\n'
+        "ARG TARGETPLATFORM\nARG TARGETOS\nARG TARGETARCH\nARG TARGETVARIANT\n"
+        "ARG BUILDPLATFORM\nARG BUILDOS\nARG BUILDARCH\n"
+        'RUN echo "$TARGETPLATFORM|$TARGETOS|$TARGETARCH|$TARGETVARIANT|$BUILDPLATFORM|$BUILDOS|$BUILDARCH|"'
+        " >> /report\n")
+    ours = builders.same_report(ctx, dockerfile, "fid-platform")
+    assert ours.startswith("undeclared:[][]\nlinux/")
+
+    (ctx / "Dockerfile").write_text("FROM bb AS unused\nFROM --platform=linux/s390x bb\nRUN true\n")
+    refused = builders.lamina("build", str(ctx), check=False)
+    assert refused.returncode == 125 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "Dockerfile:2" in refused.stderr and "linux/s390x" in refused.stderr
+    refused = builders.lamina("build", "--platform", "linux/s390x", str(ctx), check=False)
+    assert refused.returncode == 125 and refused.stderr.count("\n") == 1, refused.stderr
+    (ctx / "Dockerfile").write_text("FROM --platform=linux/" + platform_arch() + " bb\nRUN true\n")
+    builders.lamina("build", "--platform", "linux/" + platform_arch(), "-q", str(ctx))
+
+
+def platform_arch() -> str:
+    import platform
+
+    return {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
