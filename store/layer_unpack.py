@@ -272,6 +272,7 @@ class _Extractor:
         # user cannot remove or read outside that namespace; overrides keep it manageable.
         self.privileged = is_host_root()
         self.deferred_dirs: dict[tuple[str, ...], tarfile.TarInfo | None] = {}
+        self.placeholders: list[tuple[str, ...]] = []
         self._cache: tuple[tuple[str, ...], int] | None = None
 
     def close(self) -> None:
@@ -391,6 +392,29 @@ class _Extractor:
                     os.utime(fd, ns=(_ns(member.mtime), _ns(member.mtime)))
             finally:
                 os.close(fd)
+        if self.placeholders:
+            self._record_placeholders()
+
+    def _record_placeholders(self) -> None:
+        """List the device placeholders still there (a later entry may have replaced one) on the
+        layer's root, for the union to leave out (see :mod:`unionfs.ondisk`)."""
+        kept = []
+        for path in self.placeholders:
+            try:
+                fd = self._open_dir(path[:-1], create=False)
+            except OSError:
+                continue  # its directory was replaced (by a file or a symlink): gone
+            try:
+                st = os.stat(path[-1], dir_fd=fd, follow_symlinks=False)
+                if ondisk.device_placeholder(f"/proc/self/fd/{fd}/{path[-1]}", st) is not None:
+                    kept.append("/".join(path))
+            except FileNotFoundError:
+                pass
+            finally:
+                os.close(fd)
+        if kept and not ondisk.write_placeholder_list(self.root_path, kept):
+            log.info("%d device placeholders are too many to list: containers will show them as "
+                     "empty files", len(kept))
 
     def _write_file(self, pfd: int, name: str, member: tarfile.TarInfo) -> None:
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
@@ -432,6 +456,7 @@ class _Extractor:
         # As containers/storage in rootless storage: an empty file whose override names the device.
         override = ondisk.OwnerOverride.for_device(m.uid, m.gid, kind | m.mode, m.devmajor, m.devminor)
         fd = ondisk.write_device_placeholder(pfd, name, override)
+        self.placeholders.append(op.path)
         try:
             self._apply_xattrs(fd, m)
             os.utime(fd, ns=(_ns(m.mtime), _ns(m.mtime)))

@@ -25,7 +25,10 @@ permission bits are then kept in ``user.containers.override_stat`` as ``"UID:GID
 attribute fuse-overlayfs and containers/storage use), reported by stat and written into exported tars.
 A device node an unprivileged user cannot create is kept as containers/storage keeps it in rootless
 storage: an empty regular file whose override carries the type, ``"UID:GID:0MODE:char-1-7"`` (or
-``block-MAJOR-MINOR``); exported tars hold the real node again (:func:`device_placeholder`).
+``block-MAJOR-MINOR``); exported tars hold the real node again (:func:`device_placeholder`). The
+layer's root lists its placeholders in ``user.lamina.device_placeholders`` (NUL-separated relative
+paths), so the union can leave them out of the merged view cheaply, as rootless podman, whose
+storage skips such nodes, shows nothing there.
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ USER_OPAQUE = "user.overlay.opaque"
 TRUSTED_REDIRECT = "trusted.overlay.redirect"
 USER_REDIRECT = "user.overlay.redirect"
 OWNER_OVERRIDE_XATTR = "user.containers.override_stat"
+PLACEHOLDERS_XATTR = "user.lamina.device_placeholders"
+# An xattr value holds at most 64 KiB; a layer with more placeholder paths than fit shows them all.
+MAX_PLACEHOLDER_LIST = 60_000
 
 # xattr namespaces that belong to the union machinery and must never be shown to, or set by, users.
 PRIVATE_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.", "user.fuseoverlayfs.")
@@ -101,7 +107,7 @@ def is_whiteout_stat(st: os.stat_result) -> bool:
 
 
 def is_private_xattr(name: str) -> bool:
-    return name.startswith(PRIVATE_XATTR_PREFIXES) or name == OWNER_OVERRIDE_XATTR
+    return name.startswith(PRIVATE_XATTR_PREFIXES) or name in (OWNER_OVERRIDE_XATTR, PLACEHOLDERS_XATTR)
 
 
 def _getxattr(path: str | int, name: str, dir_fd_name: str | None = None) -> bytes | None:
@@ -235,6 +241,23 @@ def device_placeholder(path: str | int, st: os.stat_result) -> tuple[int, int] |
         return None
     override = read_owner_override(path)
     return override.device() if override is not None else None
+
+
+def read_placeholder_list(layer_root: str | int) -> frozenset[str]:
+    """The relative paths of the device placeholders a layer holds (see the module docstring)."""
+    raw = _getxattr(layer_root, PLACEHOLDERS_XATTR)
+    if not raw:
+        return frozenset()
+    return frozenset(os.fsdecode(p) for p in raw.split(b"\0") if p)
+
+
+def write_placeholder_list(layer_root: str, paths: list[str]) -> bool:
+    """Record ``paths`` on the layer's root; False (nothing written) when they do not fit."""
+    raw = b"\0".join(sorted(os.fsencode(p) for p in paths))
+    if not raw or len(raw) > MAX_PLACEHOLDER_LIST:
+        return False
+    os.setxattr(layer_root, PLACEHOLDERS_XATTR, raw)
+    return True
 
 
 def write_device_placeholder(dir_fd: int, name: str, override: OwnerOverride) -> int:
