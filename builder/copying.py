@@ -12,6 +12,7 @@ URLs (checked against ``--checksum`` when given).
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
 import shutil
@@ -30,10 +31,13 @@ from builder.fsops import (
     remove_existing,
     resolve_dir_in_image,
     set_owner_mode,
+    settle_dir_times,
 )
 from lamina.bounded import InputTooLarge
 from lamina.errors import BuildError, LaminaError
 from runner.userdb import find_entry
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from builder.build import Builder, StageState
@@ -163,20 +167,25 @@ def copy_into_layer(builder: Builder, state: StageState, inst: df.Copy | df.Add,
     if many and not dest_is_dir:
         raise inst.error(f"When using {inst.keyword} with more than one source file, the destination "
                          "must be a directory and end with a /")
-    parent = dest if dest_is_dir else posixpath.dirname(dest)
-    dest_host_dir = ensure_parents(str(diff), view, resolve_dir_in_image(view, parent))
+    parent = resolve_dir_in_image(view, dest if dest_is_dir else posixpath.dirname(dest))
+    # BuildKit creates missing parents 0755, owned by the --chown owner (root without one).
+    new_dir_owner = (uid if uid is not None else 0, gid if gid is not None else 0)
+    dest_host_dir = ensure_parents(str(diff), view, parent, new_owner=new_dir_owner)
+    settled = [parent]
 
     def file_target(basename: str) -> str:
         return os.path.join(dest_host_dir, basename if dest_is_dir else posixpath.basename(dest))
 
     def new_dir_target() -> str:
-        # A directory source copied to a path that is not an existing directory: it becomes one.
+        # A directory source copied to a path that is not an existing directory: it becomes one,
+        # made as BuildKit makes missing directories (0755, the --chown owner; --chmod is for the
+        # copied contents only).
         target = file_target("")
         if not os.path.isdir(target):
             remove_existing(target)
             os.mkdir(target)
-            u, g, mode = owner.resolve(0, 0, stat.S_IFDIR | 0o755)
-            set_owner_mode(target, u, g, mode)
+            set_owner_mode(target, new_dir_owner[0], new_dir_owner[1], stat.S_IFDIR | 0o755)
+        settled.append(posixpath.join(parent, posixpath.basename(dest)))
         return target
 
     for kind, handle, basename in items:
@@ -213,6 +222,8 @@ def copy_into_layer(builder: Builder, state: StageState, inst: df.Copy | df.Add,
                 _extract(builder, str(host), into, tmp, owner if inst.chown else None, inst)
             else:
                 builder.context.copy_out(rel, file_target(basename), owner)
+    for container_dir in settled:
+        settle_dir_times(str(diff), view, container_dir, new_dir_time_ns(builder.epoch))
 
 
 def _extract(builder: Builder, archive: str, into: str, tmp: Path, owner: Ownership | None, inst: df.Add) -> None:
@@ -248,19 +259,35 @@ def _merge_tree(src: str, dest: str, owner: Ownership | None) -> None:
                 set_owner_mode(p, u, g, mode)
 
 
+def new_dir_time_ns(epoch: int | None) -> int:
+    """The time of a directory a step makes with no source to take it from (WORKDIR, missing
+    parents): ``SOURCE_DATE_EPOCH`` when set, else the Unix epoch, so such steps are reproducible."""
+    return (epoch or 0) * 1_000_000_000
+
+
 def _is_archive(path: str) -> bool:
+    """Whether ADD extracts ``path``: a tar archive, plain or compressed (gzip, bzip2, xz, zstd).
+    Like docker's and BuildKit's check, a compressed file is an archive only when what it
+    decompresses to starts with a valid tar header; anything else (a gzipped text) is copied."""
+    import lzma
     import tarfile
+
+    import zstandard
+
+    from store.compression import open_decompressed
 
     try:
         if not os.path.isfile(path):
             return False
         with open(path, "rb") as f:
-            head = f.read(512)
-        if head[:2] == b"\x1f\x8b" or head[:3] == b"BZh" or head[:6] == b"\xfd7zXZ\x00" or \
-                head[:4] == b"\x28\xb5\x2f\xfd":
-            return True
-        return tarfile.is_tarfile(path)
-    except OSError:
+            stream, _kind = open_decompressed(f)
+            head = b""
+            while len(head) < tarfile.BLOCKSIZE and (chunk := stream.read(tarfile.BLOCKSIZE - len(head))):
+                head += chunk
+        tarfile.TarInfo.frombuf(head, tarfile.ENCODING, "surrogateescape")
+        return True
+    except (OSError, EOFError, ValueError, lzma.LZMAError, zstandard.ZstdError, tarfile.TarError) as e:
+        log.debug("ADD: %s is not a tar archive: %s", path, e)
         return False
 
 

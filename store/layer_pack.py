@@ -9,7 +9,8 @@ Translations from the on-disk format to the OCI one:
 
 * a whiteout in either on-disk form (char 0/0, or an empty ``.wh.NAME``) becomes ``.wh.NAME``;
 * an opaque directory (either xattr, or a ``.wh..wh..opq`` file) gets a ``DIR/.wh..wh..opq`` entry;
-* the owner recorded in the owner-override xattr wins over the real owner (``ondisk.effective_owner``);
+* the owner recorded in the owner-override xattr wins over the real owner (``ondisk.effective_owner``),
+  and a device placeholder (``ondisk.device_placeholder``) is written as the device node it stands for;
   an unprivileged user's own uid/gid and subordinate ranges are mapped back to container ids the way
   rootless containers map them (own id = 0, subordinate range = 1..N);
 * union-private xattrs are never exported; other xattrs travel as ``SCHILY.xattr.*``;
@@ -243,6 +244,11 @@ class _Packer:
             if ondisk.is_opaque_dir(path):
                 self.tar.addfile(self._header(rel + "/" + ondisk.OPAQUE_MARKER, tarfile.REGTYPE, None, None))
             self.pack_dir(path, rel + "/")
+        elif stat.S_ISREG(mode) and (device := ondisk.device_placeholder(path, st)) is not None:
+            # A device node kept by an unprivileged user: the tar holds the real node again.
+            info = self._header(rel, tarfile.CHRTYPE if device[0] == stat.S_IFCHR else tarfile.BLKTYPE, st, path)
+            info.devmajor, info.devminor = os.major(device[1]), os.minor(device[1])
+            self.tar.addfile(info)
         elif stat.S_ISREG(mode):
             key = (st.st_dev, st.st_ino)
             if st.st_nlink > 1 and key in self.links:
