@@ -48,15 +48,20 @@ def now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def process_start_time(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (to tell a live monitor from a recycled pid)."""
+def proc_stat_fields(pid: int) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after the command name (state first), or None when gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             data = f.read()
     except OSError:
         return None
-    fields = data[data.rindex(")") + 2:].split()
-    if fields[0] == "Z":
+    return data[data.rindex(")") + 2:].split()
+
+
+def process_start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (to tell a live monitor from a recycled pid)."""
+    fields = proc_stat_fields(pid)
+    if fields is None or fields[0] == "Z":
         return None
     return fields[19]
 
