@@ -160,7 +160,9 @@ class ContainerStore:
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        if not self.dir.is_dir():
+            from store import Store
+            Store.open(self.root)  # the store's layout, private to its owner
         with open(self.dir / ".lock", "a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
@@ -217,7 +219,7 @@ class ContainerStore:
                         break
             container.id = secrets.token_hex(32)
             container.directory = self.dir / container.id
-            container.directory.mkdir(parents=True)
+            container.directory.mkdir(parents=True, mode=0o700)
             for sub in ("upper", "work", "merged"):
                 (container.directory / sub).mkdir()
             container.hostname = container.hostname or container.id[:12]
