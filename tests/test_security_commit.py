@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import fuse_mounts_under
+from harness import UnprivilegedUser, fuse_mounts_under
 from runner.freeze import container_pids, paused
 from store import Store, fdtree
 from store.layer_pack import pack_layer
@@ -187,6 +187,17 @@ def _layer_leaks(root: Path, image_id: str, token: bytes) -> list[str]:
     return leaks
 
 
+def _assert_commits_pack_no_leak(lamina: Lamina, root: Path, name: str, pauses: list[str], token: bytes) -> None:
+    for attempt, pause in enumerate(pauses):
+        r = lamina("commit", pause, name)
+        assert r.returncode == 0, r.stderr
+        leaks = _layer_leaks(root, r.stdout.strip(), token)
+        assert leaks == [], f"commit {attempt + 1} packed the host file as {leaks}"
+    pid = int(lamina("inspect", "--format", "{{.State.Pid}}", name).stdout)
+    assert _state(pid) != "T", "the container stayed paused after commit"
+    assert lamina("inspect", "--format", "{{.State.Running}}", name).stdout.strip().lower() == "true"
+
+
 def _start_exchanger(lamina: Lamina, exchanger: Path, target: Path, *kind: str) -> str:
     name = "racer-" + secrets.token_hex(3)
     r = lamina("run", "-d", "--name", name, "-v", f"{exchanger}:/h:ro", IMAGE, "sh", "-c",
@@ -217,14 +228,38 @@ def test_commit_of_a_racing_container_never_packs_a_host_file(lamina: Lamina, ro
     secret.write_bytes(token)
     secret.chmod(0o600)
     name = _start_exchanger(lamina, exchanger, secret)
-    for attempt in range(COMMITS):
-        r = lamina("commit", pause, name)
-        assert r.returncode == 0, r.stderr
-        leaks = _layer_leaks(root, r.stdout.strip(), token)
-        assert leaks == [], f"commit {attempt + 1} packed the host file as {leaks}"
-    pid = int(lamina("inspect", "--format", "{{.State.Pid}}", name).stdout)
-    assert _state(pid) != "T", "the container stayed paused after commit"
-    assert lamina("inspect", "--format", "{{.State.Running}}", name).stdout.strip().lower() == "true"
+    _assert_commits_pack_no_leak(lamina, root, name, [pause] * COMMITS, token)
+
+
+@pytest.mark.unprivileged
+@pytest.mark.fuse
+@pytest.mark.slow
+def test_rootless_commit_of_a_racing_container_never_packs_a_host_file(unpriv: UnprivilegedUser,
+                                                                       exchanger: Path) -> None:
+    """CVE-2018-15664 class, rootless: the same race against a 0600 file of the user running lamina,
+    with and without subordinate ids (pausing then stops processes of other host uids), with
+    and without the pause."""
+    bindir = unpriv.workdir / "bin"
+    bindir.mkdir()
+    shutil.copy(exchanger / "exchanger", bindir / "exchanger")
+    secret = unpriv.workdir / "host-secret"
+    token = secrets.token_hex(32).encode()
+    secret.write_bytes(token)
+    unpriv.chown_tree(bindir)
+    unpriv.chown_tree(secret)
+    secret.chmod(0o600)
+
+    def lamina(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+        return unpriv.lamina(*args, **kwargs)
+
+    try:
+        name = _start_exchanger(lamina, bindir, secret)
+        pauses = ["--pause=false", "--pause=true"] * (COMMITS // 4)
+        _assert_commits_pack_no_leak(lamina, unpriv.workdir / "root", name, pauses, token)
+    finally:
+        leftover = lamina("ps", "-aq").stdout.split()
+        if leftover:
+            lamina("rm", "-f", *leftover)
 
 
 @pytest.mark.root
