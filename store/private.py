@@ -8,11 +8,13 @@ containers-storage (``/var/lib/containers/storage`` and its layer directories ar
 (``/var/lib/docker`` 0710, its layer directories 0710) do:
 
 * the store root and every directory directly below it that holds content (:data:`CONTENT_DIRS`)
-  are 0700; one layer (``layers/<hex>``), container (``containers/<id>``) or mount
-  (``mounts/<id>``) directory is 0700 too, so content stays unreachable even if a parent is opened
-  by hand. 0700, not docker's 0710/0711: every process that walks the store is the owner's own
-  (lamina, its unionfs servers, and namespace root of its user namespace, which is the owner's uid),
-  and the containers reach their files through the union mount, not through these paths;
+  are 0700, and so is each layer (``layers/<hex>``), container (``containers/<id>``) and mount
+  (``mounts/<id>``) directory, so content stays unreachable even if a parent is opened by hand. An
+  existing root is changed only when it holds nothing but the store: ``--root /tmp`` must not
+  close /tmp, and the content directories are what keep others out. 0700, not docker's 0710: every
+  process that walks the store is the owner's own (lamina, its unionfs servers, and root of its
+  user namespace, which is the owner's uid), and containers reach their files through the union
+  mount, not through these paths;
 * a store made before this (0755 everywhere) is tightened by the next lamina command that touches
   it (:func:`tighten`, one ``lstat`` per top-level directory); ``lamina system check`` reports
   what was tightened (an open store is a finding: its content may have been reached already) and
@@ -33,6 +35,8 @@ log = logging.getLogger(__name__)
 
 PRIVATE_MODE = 0o700
 CONTENT_DIRS = ("blobs", "blobs/sha256", "layers", "images", "tmp", "containers", "mounts", "build-cache")
+# Everything lamina keeps directly in a store root.
+STORE_ENTRIES = frozenset({*CONTENT_DIRS, "lock", "tags.lock"})
 # Directories of these hold one object each; checked one level down by `system check`.
 PER_OBJECT_DIRS = ("layers", "containers", "mounts")
 # realpath of a store root -> what tighten() changed there in this process.
@@ -60,12 +64,29 @@ def _tighten_one(path: Path) -> str | None:
     return f"{path}: was mode {stat.S_IMODE(st.st_mode):04o}, open to other users; made {PRIVATE_MODE:04o}"
 
 
+def _holds_only_the_store(root: Path) -> bool:
+    """True when ``root`` is lamina's alone, so its mode is ours to change.
+
+    ``--root /tmp`` or ``--root ~`` must not make /tmp or a home directory private: there only the
+    content directories are closed (which is what keeps others out), not the directory itself.
+    """
+    try:
+        st = os.lstat(root)
+        names = set(os.listdir(root))
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and not st.st_mode & stat.S_ISVTX and names <= STORE_ENTRIES
+
+
 def tighten(root: Path) -> list[str]:
     """Close the store root and its content directories to other users; what was changed.
 
     Error handling: a directory we may not chmod (not ours) raises PermissionError.
     """
-    changed = [c for c in (_tighten_one(root), *(_tighten_one(root / d) for d in CONTENT_DIRS)) if c]
+    targets = [root / d for d in CONTENT_DIRS]
+    if _holds_only_the_store(root):
+        targets.insert(0, root)
+    changed = [c for c in map(_tighten_one, targets) if c]
     for change in changed:
         log.warning("the store was open to other users: %s", change)
     _TIGHTENED.setdefault(os.path.realpath(root), []).extend(changed)

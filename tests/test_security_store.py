@@ -221,3 +221,35 @@ def test_a_mount_shared_with_allow_other_honours_no_setuid_bit_and_no_device(
         assert wrote.returncode != 0
     finally:
         lamina_cmd("umount", str(mountpoint), root=root)
+
+
+@pytest.mark.allow_log("the store was open to other users")
+def test_tightening_closes_the_content_but_never_a_directory_that_is_not_only_the_store(
+        tmp_path: Path) -> None:
+    """``--root /tmp`` (sticky, shared) or a root with other files in it keeps its mode; its
+    content directories are closed all the same. A directory holding only the store is closed."""
+    from store import private
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    (shared / "layers").mkdir()
+    (shared / "layers").chmod(0o755)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    mixed.chmod(0o755)
+    (mixed / "someone-elses-file").write_text("x")
+    store_only = tmp_path / "store-only"
+    store_only.mkdir()
+    (store_only / "lock").write_text("")
+    (store_only / "images").mkdir()
+    for d in (store_only, store_only / "images"):
+        d.chmod(0o755)
+    private.tighten(shared)
+    private.tighten(mixed)
+    private.tighten(store_only)
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
+    assert stat.S_IMODE((shared / "layers").stat().st_mode) == 0o700
+    assert stat.S_IMODE(mixed.stat().st_mode) == 0o755
+    assert stat.S_IMODE(store_only.stat().st_mode) == 0o700
+    assert stat.S_IMODE((store_only / "images").stat().st_mode) == 0o700
