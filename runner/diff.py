@@ -37,42 +37,45 @@ def changes(upper: Path, lowers: list[Path]) -> list[tuple[str, str]]:
     are stored layers, which nothing changes.
     """
     result: list[tuple[str, str]] = []
-
-    def walk(dir_fd: int, rel: str, added: bool) -> None:
-        try:
-            names = sorted(os.listdir(dir_fd))
-        except OSError:
-            return
-        for name in names:
-            child_rel = f"{rel}/{name}" if rel else name
-            if name == ondisk.OPAQUE_MARKER:
-                continue
-            hidden = ondisk.whited_out_name(name)
-            if hidden is not None:
-                result.append(("D", "/" + (f"{rel}/{hidden}" if rel else hidden)))
-                continue
-            try:
-                st = fdtree.lstat_in(dir_fd, name)
-            except FileNotFoundError:
-                continue
-            if ondisk.is_whiteout_stat(st):
-                result.append(("D", "/" + child_rel))
-                continue
-            entry_added = added or not _in_lowers(lowers, child_rel)
-            result.append(("A" if entry_added else "C", "/" + child_rel))
-            if stat.S_ISDIR(st.st_mode):
-                try:
-                    child_fd = fdtree.open_dir_in(dir_fd, name)
-                except OSError:  # replaced by a symlink or a file since: nothing below it to list
-                    continue
-                with fdtree.opened(child_fd):
-                    walk(child_fd, child_rel, entry_added)
-
     try:
         root_fd = fdtree.open_root(upper)
     except FileNotFoundError:
         return result
     with fdtree.opened(root_fd):
-        walk(root_fd, "", False)
+        pending = [("", False)]  # (directory relative to the upper, everything below it is added)
+        while pending:
+            rel, added = pending.pop()
+            try:
+                dir_fd = fdtree.open_beneath(root_fd, rel, fdtree.DIR_FLAGS)
+            except OSError:  # replaced by a symlink or a file since: nothing below it to list
+                continue
+            with fdtree.opened(dir_fd):
+                pending.extend(_list_dir(dir_fd, rel, added, lowers, result))
     result.sort(key=lambda item: item[1])
     return result
+
+
+def _list_dir(dir_fd: int, rel: str, added: bool, lowers: list[Path],
+              result: list[tuple[str, str]]) -> list[tuple[str, bool]]:
+    """Append the changes of one open directory to ``result``; its subdirectories to walk."""
+    subdirs = []
+    for name in sorted(os.listdir(dir_fd)):
+        child_rel = f"{rel}/{name}" if rel else name
+        if name == ondisk.OPAQUE_MARKER:
+            continue
+        hidden = ondisk.whited_out_name(name)
+        if hidden is not None:
+            result.append(("D", "/" + (f"{rel}/{hidden}" if rel else hidden)))
+            continue
+        try:
+            st = fdtree.lstat_in(dir_fd, name)
+        except FileNotFoundError:
+            continue
+        if ondisk.is_whiteout_stat(st):
+            result.append(("D", "/" + child_rel))
+            continue
+        entry_added = added or not _in_lowers(lowers, child_rel)
+        result.append(("A" if entry_added else "C", "/" + child_rel))
+        if stat.S_ISDIR(st.st_mode):
+            subdirs.append((child_rel, entry_added))
+    return subdirs

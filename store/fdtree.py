@@ -40,6 +40,7 @@ _SYS_OPENAT2 = 437  # the same number on every Linux architecture (new syscalls 
 _RESOLVE_NO_MAGICLINKS = 0x02
 _RESOLVE_NO_SYMLINKS = 0x04
 _RESOLVE_BENEATH = 0x08
+_OPENAT2_MAX_PATH = 4000  # below PATH_MAX (4096), with room for the terminating NUL
 
 
 class _OpenHow(ctypes.Structure):
@@ -101,7 +102,9 @@ def open_beneath(dir_fd: int, path: str, flags: int = FILE_FLAGS) -> int:
         raise OSError(errno.EXDEV, "path leaves the tree", path)
     if not parts:
         return os.open(".", flags & ~os.O_NOFOLLOW, dir_fd=dir_fd)
-    fd = _openat2(dir_fd, "/".join(parts), flags)
+    joined = "/".join(parts)
+    # openat2 takes at most PATH_MAX; a deeper path is walked (the walk has no such limit).
+    fd = _openat2(dir_fd, joined, flags) if len(os.fsencode(joined)) < _OPENAT2_MAX_PATH else None
     return fd if fd is not None else _walk_open(dir_fd, parts, flags)
 
 

@@ -34,8 +34,8 @@ import stat
 import tarfile
 import threading
 import zlib
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -179,6 +179,19 @@ class _EntryChanged(Exception):
 _ENTRY_ATTEMPTS = 3
 
 XattrHandle = str | int  # an open descriptor, or a path whose last component is not followed
+# Deepest directory nesting packed; one descriptor is open per level while packing.
+MAX_DEPTH = 512
+
+
+@dataclass
+class _Level:
+    """One open directory of the walk: what is left to emit of it."""
+
+    fd: int
+    rel: str  # its path in the tar, "" or ending in "/"
+    names: Iterator[str]
+    owned: bool  # closed by the walk (the root's descriptor belongs to the caller)
+    whiteouts: set[str] = field(default_factory=set)
 
 
 class _Packer:
@@ -237,31 +250,56 @@ class _Packer:
         info.mode, info.uid, info.gid, info.mtime, info.size = 0o644, 0, 0, 0, 0
         self.tar.addfile(info)
 
-    def pack_dir(self, dir_fd: int, rel_dir: str) -> None:
-        """Emit the entries of one open directory (not the directory itself), sorted by byte name."""
-        emitted: set[str] = set()
-        for name in fdtree.list_names(dir_fd):
-            if name == ondisk.OPAQUE_MARKER:
-                continue  # exported with its directory, from either opaque format
-            try:
-                st = fdtree.lstat_in(dir_fd, name)
-            except FileNotFoundError:
-                continue  # removed since the listing
-            hidden = ondisk.whited_out_name(name)
-            if hidden is None and ondisk.is_whiteout_stat(st):
-                hidden = name
-            if hidden is not None:
-                if hidden not in emitted:  # both on-disk formats for one name give one entry
-                    self._whiteout(rel_dir, hidden)
-                    emitted.add(hidden)
-                continue
-            self._entry(dir_fd, name, rel_dir + name, st)
+    def pack_tree(self, root_fd: int) -> None:
+        """Emit every entry below the open directory ``root_fd``, depth first, sorted by byte name.
 
-    def _entry(self, dir_fd: int, name: str, rel: str, st: os.stat_result) -> None:
+        Iterative, holding one descriptor per level: a hostile tree's depth meets
+        :data:`MAX_DEPTH` (one line), never the interpreter's recursion limit.
+        """
+        stack = [_Level(root_fd, "", iter(fdtree.list_names(root_fd)), owned=False)]
+        try:
+            while stack:
+                level = stack[-1]
+                name = next(level.names, None)
+                if name is None:
+                    stack.pop()
+                    if level.owned:
+                        os.close(level.fd)
+                    continue
+                child = self._visit(level, name)
+                if child is not None:
+                    rel = level.rel + name + "/"
+                    stack.append(_Level(child, rel, iter(()), owned=True))
+                    if len(stack) > MAX_DEPTH:
+                        raise LayerError(f"{rel}: directories nested deeper than {MAX_DEPTH} levels")
+                    stack[-1].names = iter(fdtree.list_names(child))
+        finally:
+            for level in stack:
+                if level.owned:
+                    os.close(level.fd)
+
+    def _visit(self, level: _Level, name: str) -> int | None:
+        """Emit one entry of ``level``; an open descriptor when it is a directory to descend into."""
+        if name == ondisk.OPAQUE_MARKER:
+            return None  # exported with its directory, from either opaque format
+        try:
+            st = fdtree.lstat_in(level.fd, name)
+        except FileNotFoundError:
+            return None  # removed since the listing
+        hidden = ondisk.whited_out_name(name)
+        if hidden is None and ondisk.is_whiteout_stat(st):
+            hidden = name
+        if hidden is not None:
+            if hidden not in level.whiteouts:  # both on-disk formats for one name give one entry
+                self._whiteout(level.rel, hidden)
+                level.whiteouts.add(hidden)
+            return None
+        return self._entry(level.fd, name, level.rel + name, st)
+
+    def _entry(self, dir_fd: int, name: str, rel: str, st: os.stat_result) -> int | None:
         for _ in range(_ENTRY_ATTEMPTS):
             try:
-                self._entry_once(dir_fd, name, rel, st)
-                return
+                return self._entry_once(dir_fd, name, rel, st)
             except _EntryChanged:
                 pass
             except OSError as e:
@@ -272,15 +310,20 @@ class _Packer:
             try:
                 st = fdtree.lstat_in(dir_fd, name)
             except FileNotFoundError:
-                return  # removed while we read it: absent from the layer, as it is now
+                return None  # removed while we read it: absent from the layer, as it is now
         raise LayerError(f"{rel}: kept changing while the layer was read (commit with --pause)")
 
-    def _entry_once(self, dir_fd: int, name: str, rel: str, st: os.stat_result) -> None:
+    def _entry_once(self, dir_fd: int, name: str, rel: str, st: os.stat_result) -> int | None:
         mode = st.st_mode
         if stat.S_ISDIR(mode):
-            with fdtree.opened(fdtree.open_dir_in(dir_fd, name)) as fd:
+            fd = fdtree.open_dir_in(dir_fd, name)
+            try:
                 self._directory(fd, rel)
-        elif stat.S_ISREG(mode):
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd
+        if stat.S_ISREG(mode):
             fd, st = fdtree.open_file_in(dir_fd, name)
             with fdtree.opened(fd):
                 if not stat.S_ISREG(st.st_mode):
@@ -299,8 +342,10 @@ class _Packer:
             self.tar.addfile(info)
         else:
             log.debug("skipping socket %s: sockets are not part of images", rel)
+        return None
 
     def _directory(self, fd: int, rel: str) -> None:
+        """The header of an open directory (and its opaque marker); its entries come after."""
         st = os.fstat(fd)
         if ondisk.read_redirect(fd) is not None:
             raise LayerError(f"{rel}: directory has an overlay redirect, which a layer tar cannot "
@@ -308,7 +353,6 @@ class _Packer:
         self.tar.addfile(self._header(rel, tarfile.DIRTYPE, st, fd))
         if ondisk.is_opaque_dir(fd):
             self.tar.addfile(self._header(rel + "/" + ondisk.OPAQUE_MARKER, tarfile.REGTYPE, None, None))
-        self.pack_dir(fd, rel + "/")
 
     def _file(self, fd: int, rel: str, st: os.stat_result) -> None:
         key = (st.st_dev, st.st_ino)
@@ -371,7 +415,7 @@ def pack_layer(src_dir: Path, out: BinaryIO | HashingWriter | None, compress: bo
             with fdtree.opened(fdtree.open_root(src_dir)) as root_fd:
                 if ondisk.is_opaque_dir(root_fd):
                     tar.addfile(packer._header(ondisk.OPAQUE_MARKER, tarfile.REGTYPE, None, None))
-                packer.pack_dir(root_fd, "")
+                packer.pack_tree(root_fd)
         finally:
             tar.close()
     finally:

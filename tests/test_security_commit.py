@@ -15,6 +15,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import tarfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -95,6 +96,33 @@ def test_pack_reads_what_the_descriptor_holds_when_a_file_becomes_a_symlink(
     data = out.read_bytes()
     assert token.encode() not in data
     assert str(secret).encode() in data  # the symlink, as the directory now holds it
+
+
+def test_deep_trees_pack_and_too_deep_ones_fail_in_one_line(tmp_path: Path) -> None:
+    """A container can nest directories as deep as it likes; packing walks them without recursion
+    (the old reader hit Python's recursion limit near 500 levels) and refuses past MAX_DEPTH."""
+    from lamina.errors import LayerError
+    from store.layer_pack import MAX_DEPTH
+
+    def nest(top: Path, depth: int) -> None:
+        top.mkdir()
+        fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+        for _ in range(depth):
+            os.mkdir("d", dir_fd=fd)
+            inner = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        os.close(fd)
+
+    nest(tmp_path / "deep", MAX_DEPTH - 1)
+    out = tmp_path / "deep.tar"
+    with open(out, "wb") as f:
+        pack_layer(tmp_path / "deep", f, compress=False)
+    with tarfile.open(out) as tar:
+        assert max(name.count("/") for name in tar.getnames()) == MAX_DEPTH - 2
+    nest(tmp_path / "deeper", MAX_DEPTH + 1)
+    with pytest.raises(LayerError, match=f"deeper than {MAX_DEPTH} levels"), open(out, "wb") as f:
+        pack_layer(tmp_path / "deeper", f, compress=False)
 
 
 # --- pausing ----------------------------------------------------------------------------------------
