@@ -52,6 +52,8 @@ def _all_pids() -> list[int]:
 def container_pids(init_pid: int) -> set[int]:
     """The live processes of the container whose init is ``init_pid`` (a host pid)."""
     namespace = _pid_ns(init_pid)
+    if namespace == _pid_ns(os.getpid()):
+        namespace = None  # not a PID namespace of its own: its descendants only, never the host's
     parents: dict[int, int] = {}
     members: set[int] = {init_pid}
     for pid in _all_pids():
