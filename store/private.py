@@ -8,13 +8,13 @@ containers-storage (``/var/lib/containers/storage`` and its layer directories ar
 (``/var/lib/docker`` 0710, its layer directories 0710) do:
 
 * the store root and every directory directly below it that holds content (:data:`CONTENT_DIRS`)
-  are 0700, and so is each layer (``layers/<hex>``), container (``containers/<id>``) and mount
-  (``mounts/<id>``) directory, so content stays unreachable even if a parent is opened by hand. An
-  existing root is changed only when it holds nothing but the store: ``--root /tmp`` must not
-  close /tmp, and the content directories are what keep others out. 0700, not docker's 0710: every
-  process that walks the store is the owner's own (lamina, its unionfs servers, and root of its
-  user namespace, which is the owner's uid), and containers reach their files through the union
-  mount, not through these paths;
+  are 0700, and so is each layer (``layers/<hex>``), container (``containers/<id>``), mount
+  (``mounts/<id>``) and anonymous volume (``volumes/<id>``) directory, so content stays
+  unreachable even if a parent is opened by hand. An existing root is changed only when it holds
+  nothing but the store: ``--root /tmp`` must not close /tmp, and the content directories are what
+  keep others out. 0700, not docker's 0710: every process that walks the store is the owner's own
+  (lamina, its unionfs servers, and root of its user namespace, which is the owner's uid), and
+  containers reach their files through the union mount and bind mounts, not through these paths;
 * a store made before this (0755 everywhere) is tightened by the next lamina command that touches
   it (:func:`tighten`, one ``lstat`` per top-level directory); ``lamina system check`` reports
   what was tightened (an open store is a finding: its content may have been reached already) and
@@ -34,11 +34,12 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 PRIVATE_MODE = 0o700
-CONTENT_DIRS = ("blobs", "blobs/sha256", "layers", "images", "tmp", "containers", "mounts", "build-cache")
+CONTENT_DIRS = ("blobs", "blobs/sha256", "layers", "images", "tmp", "containers", "mounts", "build-cache",
+                "volumes")
 # Everything lamina keeps directly in a store root.
-STORE_ENTRIES = frozenset({*CONTENT_DIRS, "lock", "tags.lock"})
+STORE_ENTRIES = frozenset({*CONTENT_DIRS, "lock", "tags.lock", "registry"})
 # Directories of these hold one object each; checked one level down by `system check`.
-PER_OBJECT_DIRS = ("layers", "containers", "mounts")
+PER_OBJECT_DIRS = ("layers", "containers", "mounts", "volumes")
 # realpath of a store root -> what tighten() changed there in this process.
 _TIGHTENED: dict[str, list[str]] = {}
 

@@ -108,17 +108,19 @@ def assert_out_of_reach(user: UnprivilegedUser, path: Path) -> None:
 def test_setuid_root_files_and_device_nodes_are_out_of_reach_of_other_users(
         lamina_cmd: Lamina, open_area: Path, unpriv_nosubids: UnprivilegedUser, euid_binary: Path,
         tmp_path: Path) -> None:
-    """Through every path of the store: the imported layer, a container's upper, a `lamina mount`."""
+    """Through every path of the store: the imported layer, a container's upper and its anonymous
+    volume, a `lamina mount`."""
     root = open_area / "store"
     tar = tmp_path / "hostile.tar"
     hostile_rootfs_tar(tar, euid_binary)
     lamina_cmd("import", str(tar), "hostile:1", root=root)
-    lamina_cmd("run", "--name", "maker", "hostile:1", "/bin/busybox", "sh", "-c",
-               "/bin/busybox cp /opt/suid /made-suid && /bin/busybox chmod 4755 /made-suid", root=root)
+    lamina_cmd("run", "--name", "maker", "-v", "/vol", "hostile:1", "/bin/busybox", "sh", "-c",
+               "/bin/busybox cp /opt/suid /made-suid && /bin/busybox chmod 4755 /made-suid && "
+               "/bin/busybox cp -p /made-suid /vol/vol-suid", root=root)
     found = dangerous_paths(root)
     kinds = {p.relative_to(root).parts[0] for p in found}
-    assert {"layers", "containers"} <= kinds, found
-    assert {p.name for p in found} >= {"suid", "open-null", "made-suid"}
+    assert {"layers", "containers", "volumes"} <= kinds, found
+    assert {p.name for p in found} >= {"suid", "open-null", "made-suid", "vol-suid"}
     # The probe itself works: as root, from the layer, it reports euid 0 (so a refusal means something).
     suid = next(p for p in found if p.name == "suid")
     assert subprocess.run([str(suid)], capture_output=True, text=True).stdout == "euid=0\n"
