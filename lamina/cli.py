@@ -116,6 +116,9 @@ def run(argv: Sequence[str]) -> int:
         # An unset variable in `--root "$DIR"` must not silently mean the default store.
         raise UsageError("--root: empty path")
     args.root = resolve_root(args.root)
+    # A store made by an older lamina was open to every user: close it before any verb uses it.
+    from store.private import tighten_if_present
+    tighten_if_present(args.root)
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:
         parser.print_help(sys.stderr if args.command else sys.stdout)

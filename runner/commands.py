@@ -144,6 +144,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("commit", help="make an image from a container's changes")
     p.add_argument("-m", "--message", default="")
+    p.add_argument("-p", "--pause", type=_bool_flag, nargs="?", const=True, default=True, metavar="BOOL",
+                   help="pause the container's processes while its layer is read (default true)")
     p.add_argument("container")
     p.add_argument("reference", nargs="?")
     p.set_defaults(handler=cmd_commit)
@@ -575,21 +577,33 @@ def _commit_layer(root: Path, upper: Path) -> Any:
     return Store.open(root).commit_layer(upper)
 
 
+def _bool_flag(text: str) -> bool:
+    """docker's boolean flag values (``--pause=false``)."""
+    answers = {"true": True, "1": True, "false": False, "0": False}
+    if text.lower() not in answers:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return answers[text.lower()]
+
+
 def cmd_commit(args: argparse.Namespace) -> int:
+    from runner.freeze import paused
     from runner.sandbox import call_in_userns
     from store import Store
 
     container = ContainerStore(args.root).get(args.container)
     store = Store.open(args.root)
+    pause = paused(container.state.pid) if args.pause and container.running else contextlib.nullcontext()
     # Shared lock from the new layer to the image that names it: a concurrent prune must not
     # collect the layer in between (shared holders never block each other).
     with store.lock(shared=True):
         base = store.resolve_image(container.image_id)
-        try:
-            layer = _commit_layer(args.root, container.upper)
-        except PermissionError:
-            # Directories the container made private under subordinate ids: read them as namespace root.
-            layer = call_in_userns(_commit_layer, args.root, container.upper)
+        with pause:
+            try:
+                layer = _commit_layer(args.root, container.upper)
+            except PermissionError:
+                # Directories the container made private under subordinate ids: read them as
+                # namespace root.
+                layer = call_in_userns(_commit_layer, args.root, container.upper)
         config = copy.deepcopy(base.config)
         config.pop("created", None)
         history = list(config.get("history") or [])

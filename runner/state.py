@@ -48,15 +48,20 @@ def now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def process_start_time(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (to tell a live monitor from a recycled pid)."""
+def proc_stat_fields(pid: int) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after the command name (state first), or None when gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             data = f.read()
     except OSError:
         return None
-    fields = data[data.rindex(")") + 2:].split()
-    if fields[0] == "Z":
+    return data[data.rindex(")") + 2:].split()
+
+
+def process_start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (to tell a live monitor from a recycled pid)."""
+    fields = proc_stat_fields(pid)
+    if fields is None or fields[0] == "Z":
         return None
     return fields[19]
 
@@ -155,7 +160,9 @@ class ContainerStore:
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        if not self.dir.is_dir():
+            from store import Store
+            Store.open(self.root)  # the store's layout, private to its owner
         with open(self.dir / ".lock", "a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
@@ -229,7 +236,7 @@ class ContainerStore:
                         break
             container.id = secrets.token_hex(32)
             container.directory = self.dir / container.id
-            container.directory.mkdir(parents=True)
+            container.directory.mkdir(parents=True, mode=0o700)
             for sub in ("upper", "work", "merged"):
                 (container.directory / sub).mkdir()
             container.hostname = container.hostname or container.id[:12]
