@@ -217,7 +217,7 @@ def peak_rss_kib(store: Store, *args: str) -> tuple[subprocess.CompletedProcess[
 
 def oversized_inputs(inputs: Path) -> dict[str, tuple[tuple[str, ...], str]]:
     """Name -> (argv, fragment of the error line)."""
-    (inputs / "many-lines.env").write_bytes(b"\n" * ((16 << 20) + 1))
+    (inputs / "big.env").write_bytes((b"#" + b"x" * 65_000 + b"\n") * 260)  # 16.1 MiB of comments
     (inputs / "long-line.env").write_bytes(b"A=" + b"x" * (64 << 10) + b"\n")
     (inputs / "ctx-zero-ignore").mkdir()
     (inputs / "ctx-zero-ignore" / "Dockerfile").write_text("FROM lamina/busybox\n")
@@ -230,8 +230,8 @@ def oversized_inputs(inputs: Path) -> dict[str, tuple[tuple[str, ...], str]]:
     return {
         "env-file-dev-zero": (("run", "--rm", "--env-file", "/dev/zero", BASE, "true"),
                               "--env-file /dev/zero:1: line larger than the limit of 64 KiB"),
-        "env-file-many-lines": (("run", "--rm", "--env-file", f"{inputs}/many-lines.env", BASE, "true"),
-                                "many-lines.env: input larger than the limit of 16 MiB"),
+        "env-file-over-16-mib": (("run", "--rm", "--env-file", f"{inputs}/big.env", BASE, "true"),
+                                "big.env: input larger than the limit of 16 MiB"),
         "env-file-long-line": (("run", "--rm", "--env-file", f"{inputs}/long-line.env", BASE, "true"),
                                "long-line.env:1: line larger than the limit of 64 KiB"),
         "dockerfile-dev-zero": (("build", "-f", "/dev/zero", f"{inputs}/ctx"),
@@ -245,7 +245,7 @@ def oversized_inputs(inputs: Path) -> dict[str, tuple[tuple[str, ...], str]]:
     }
 
 
-OVERSIZED = ["env-file-dev-zero", "env-file-many-lines", "env-file-long-line", "dockerfile-dev-zero",
+OVERSIZED = ["env-file-dev-zero", "env-file-over-16-mib", "env-file-long-line", "dockerfile-dev-zero",
              "dockerignore-dev-zero", "load-manifest-over-1-mib", "load-config-over-4-mib"]
 
 
@@ -712,3 +712,30 @@ def test_add_from_a_trickling_server_is_abandoned(store: Store) -> None:
         assert "slower than 100 bytes/s for 2 s" in result.stderr
     finally:
         server.shutdown()
+
+
+def test_refusals_as_an_unprivileged_user(unpriv: object) -> None:
+    """The same limits and refusals for a user without root (with and without subordinate ids)."""
+    user = unpriv
+    work: Path = user.workdir  # type: ignore[attr-defined]
+    (work / "malformed.tar").write_bytes(docker_config_archive(config={**GOOD_CONFIG, "rootfs": "x"}))
+    write_bomb(work / "bomb.tar.zst", "zstd", 64 << 20)
+    (work / "ctx").mkdir()
+    (work / "ctx" / "Dockerfile").write_text("FROM scratch\nRUN true\n")
+    user.chown_tree(work)  # type: ignore[attr-defined]
+    cases = [
+        (("run", "--rm", "--env-file", "/dev/zero", BASE, "true"), "--env-file /dev/zero:1: line larger"),
+        (("build", "-f", "/dev/zero", str(work / "ctx")), "/dev/zero: input larger than the limit of 16 MiB"),
+        (("build", str(work / "ctx")), "Dockerfile:2: /bin/sh: no such file or directory"),
+        (("load", "-i", str(work / "malformed.tar")), "c.json: 'rootfs' is a string, not an object"),
+        (("load", "-i", str(work / "bomb.tar.zst")), "bomb.tar.zst: decompresses to more than 16 MiB"),
+        (("ps", "--format", "{{"), "unclosed action"),
+    ]
+    for argv, expect in cases:
+        result = user.lamina(*argv, env={"LAMINA_MAX_LAYER_BYTES": str(16 << 20)})  # type: ignore[attr-defined]
+        assert "Traceback" not in result.stderr and result.returncode == 125, (argv, result.stderr)
+        lines = result.stderr.splitlines()
+        assert lines[-1].startswith("lamina: error: ") and expect in lines[-1], (argv, result.stderr)
+        assert len([line for line in lines if line.startswith("lamina: error: ")]) == 1
+    check = user.lamina("system", "check")  # type: ignore[attr-defined]
+    assert check.returncode == 0, check.stderr
