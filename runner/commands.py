@@ -538,12 +538,20 @@ def cmd_logs(args: argparse.Namespace) -> int:
     container = store.get(args.container)
     open_lines: dict[str, int] = {}  # carried across reads when following
     with contextlib.closing(LogReader(container.log_path)) as reader:
-        lines = split_lines(reader.read(), open_lines)
-        _print_log_lines(lines if tail is None else last_lines(lines, tail), since, until, args.timestamps)
+        if tail is None:
+            for records in reader.read_all():
+                _print_log_lines(split_lines(records, open_lines), since, until, args.timestamps)
+        else:
+            # Only the last lines stay in memory, however long the log is.
+            kept: list[LogLine] = []
+            for records in reader.read_all():
+                kept = last_lines(kept + split_lines(records, open_lines), tail)
+            _print_log_lines(kept, since, until, args.timestamps)
         while args.follow and (until is None or time.time_ns() <= until):
             # Asked before reading: once the monitor has recorded the exit, it has written everything.
             running = _still_running(store, container.id)
-            _print_log_lines(split_lines(reader.read(), open_lines), since, until, args.timestamps)
+            for records in reader.read_all():
+                _print_log_lines(split_lines(records, open_lines), since, until, args.timestamps)
             if not running:
                 break
             time.sleep(0.1)

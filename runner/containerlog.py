@@ -18,7 +18,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -151,29 +151,66 @@ class LogWriter:
             self._fd = -1
 
 
+# How much of the log one read takes in: a container decides how big its log grows, so the log is
+# read a slice at a time, never whole.
+READ_CHUNK_BYTES = 1 << 20
+# The longest line the monitor writes (a pipe read of 64 KiB, each byte escaped as up to 12 ASCII
+# characters by json.dumps, plus the fields): a longer unfinished line is not a record.
+MAX_RECORD_BYTES = 1 << 20
+
+
 class LogReader:
-    """Reads a container's log as it grows: each :meth:`read` returns the records appended since the
-    previous one (a log that does not exist yet has none).
+    """Reads a container's log as it grows: each :meth:`read` returns records appended since the
+    previous one (a log that does not exist yet has none), at most about :data:`READ_CHUNK_BYTES`
+    of them, so memory stays bounded whatever the container wrote; :meth:`read_all` iterates over
+    slices until the end of what is there now.
 
     Resource handling: owns the open file, closed by :meth:`close` (use ``contextlib.closing``).
     It stays readable when the container is removed meanwhile (``--rm``).
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, chunk_bytes: int = READ_CHUNK_BYTES) -> None:
         self._path = path
         self._file: BinaryIO | None = None
         self._pending = b""
+        self._chunk_bytes = chunk_bytes
+        self.at_end = False  # the last read reached what the log held then
 
     def read(self) -> list[LogRecord]:
         if self._file is None:
             try:
                 self._file = open(self._path, "rb")
             except FileNotFoundError:
+                self.at_end = True
                 return []
-        self._pending += self._file.read()
+        data = self._file.read(self._chunk_bytes)
+        self.at_end = len(data) < self._chunk_bytes
+        self._pending += data
         records, used = decode_records(self._pending)
         self._pending = self._pending[used:]
+        if len(self._pending) > MAX_RECORD_BYTES:
+            # Not something the monitor wrote: drop it up to the next line end.
+            log.debug("container log: skipping an unfinished line of over %d bytes", MAX_RECORD_BYTES)
+            self._pending = b""
+            self._skip_to_line_end()
         return records
+
+    def read_all(self) -> Iterator[list[LogRecord]]:
+        """Slices of records until the end of what the log holds now."""
+        while True:
+            records = self.read()
+            if records:
+                yield records
+            if self.at_end:
+                return
+
+    def _skip_to_line_end(self) -> None:
+        assert self._file is not None
+        while data := self._file.read(self._chunk_bytes):
+            newline = data.find(b"\n")
+            if newline >= 0:
+                self._pending = data[newline + 1:]
+                return
 
     def close(self) -> None:
         if self._file is not None:

@@ -98,6 +98,25 @@ def test_writer_and_reader_follow_a_growing_log(tmp_path: Path) -> None:
         reader.close()
 
 
+def test_reader_takes_a_long_log_a_slice_at_a_time(tmp_path: Path) -> None:
+    """A container decides how big its log grows: no read holds more than a slice of it, and a line
+    longer than any record the monitor writes is skipped, not accumulated."""
+    path = tmp_path / "container-json.log"
+    records = [encode_record(LogRecord(STDOUT, T0 + i, b"line %d\n" % i)) for i in range(500)]
+    with open(path, "wb") as f:
+        f.write(b"".join(records[:250]))
+        f.write(b"x" * (3 << 20) + b"\n")  # not a record, and longer than any record
+        f.write(b"".join(records[250:]))
+    chunk = 4096
+    reader = LogReader(path, chunk_bytes=chunk)
+    try:
+        slices = list(reader.read_all())
+    finally:
+        reader.close()
+    assert [r.data for s in slices for r in s] == [b"line %d\n" % i for i in range(500)]
+    assert max(sum(len(encode_record(r)) for r in s) for s in slices) <= 2 * chunk
+
+
 def test_log_writer_leaves_no_descriptor_open(tmp_path: Path) -> None:
     before = set(os.listdir("/proc/self/fd"))
     writer = LogWriter(tmp_path / "log")
