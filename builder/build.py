@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import errno
 import json
 import logging
 import os
@@ -44,26 +45,30 @@ from typing import TYPE_CHECKING, Any, TextIO
 from builder import dockerfile as df
 from builder.cache import BuildCache, chain_key
 from builder.context import BuildContext
-from builder.copying import copy_digest, copy_into_layer, resolve_user
+from builder.copying import copy_digest, copy_into_layer, new_dir_time_ns, resolve_user
 from builder.dockerignore import IgnoreRules
 from builder.fsops import (
     LayerView,
     Ownership,
+    clamp_times,
     copy_view_entry,
     ensure_parents,
     prune_empty_dirs,
     resolve_dir_in_image,
+    settle_dir_times,
 )
 from builder.interruption import BuildInterrupted, Interrupt, Interruption
 from builder.shellwords import Lexer
-from builder.variables import BuildArgs, FixedScope, StageScope
+from builder.variables import BuildArgs, FixedScope, StageScope, foreign_platform
 from lamina.errors import (
     BuildError,
     CommandNotFound,
     CommandNotInvokable,
+    DockerfileError,
     ImageNotFound,
     LaminaError,
 )
+from store.compression import mount_point
 
 if TYPE_CHECKING:
     from runner.sandbox import SandboxSpec
@@ -107,6 +112,26 @@ class Output:
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _rfc3339(epoch: int) -> str:
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+SOURCE_DATE_EPOCH = "SOURCE_DATE_EPOCH"
+
+
+def source_date_epoch(build_args: dict[str, str]) -> int | None:
+    """The build's ``SOURCE_DATE_EPOCH`` (a build-arg, as BuildKit reads it; ``lamina build`` passes
+    the environment's), or None. With it, history and image times are that moment, and no file of a
+    layer the build writes is newer (see docs/builder.md, "Reproducible images")."""
+    text = build_args.get(SOURCE_DATE_EPOCH, "")
+    if not text:
+        return None
+    if not text.isdigit() or len(text) > 12:
+        raise BuildError(f"--build-arg {SOURCE_DATE_EPOCH}={text}: expected a number of seconds since "
+                         "1970-01-01")
+    return int(text)
 
 
 @dataclass
@@ -156,6 +181,7 @@ class Builder:
         self.pulled: set[str] = set()  # references already pulled by this build (--pull)
         self.cleaner = _Cleaner()
         self.interruption = Interruption()
+        self.epoch = source_date_epoch(options.build_args)
 
     # --- top level ---------------------------------------------------------------------------
     def build(self) -> Image:
@@ -176,7 +202,7 @@ class Builder:
             for stage in needed:
                 self.states[stage.index] = self._build_stage(stage)
             final = self.states[target.index]
-            unused = self.build_args.unused()
+            unused = [name for name in self.build_args.unused() if name != SOURCE_DATE_EPOCH]
             if unused:
                 self.out.line(f"[Warning] one or more build-args {unused} were not consumed")
             self.interruption.commit()
@@ -241,6 +267,8 @@ class Builder:
         from_ = stage.from_
         self._announce(from_.text)
         from_.expand(FixedScope(self.lexer, self.build_args.global_variables()))
+        if from_.platform is not None and (problem := foreign_platform(from_.platform)) is not None:
+            raise from_.error(f"FROM --platform: {problem}")
         image_ref = from_.image
         base: Image | None = None
         parent_state: StageState | None = None
@@ -260,10 +288,14 @@ class Builder:
                 base_config = copy.deepcopy(base.config)
                 layers = list(base.layers)
                 key = chain_key("", f"FROM image {base.id}")
+        if self.epoch is not None:
+            # Layers and times depend on it: a build with another epoch (or none) is another chain.
+            key = chain_key(key, f"{SOURCE_DATE_EPOCH}={self.epoch}")
         container_config = copy.deepcopy(base_config.get("config") or {})
         triggers = container_config.pop("OnBuild", None) or []
         shell = container_config.get("Shell") or list(df.DEFAULT_SHELL)
         image = df.ImageConfig(config=container_config, shell=list(shell))
+        image.ensure_path()
         state = StageState(stage=stage, layers=layers, image=image, base_config=base_config,
                            history=list(copy.deepcopy(base_config.get("history") or [])),
                            scope=StageScope(self.build_args, image), key=key, base=base)
@@ -339,7 +371,25 @@ class Builder:
 
     # --- steps -------------------------------------------------------------------------------
     def _step(self, state: StageState, inst: df.Instruction, label: str | None = None) -> None:
+        """Run one instruction. Every error it ends in names the instruction's ``Dockerfile:N``."""
         self._announce(label or inst.text)
+        try:
+            self._step_unlocated(state, inst)
+        except DockerfileError:
+            raise
+        except LaminaError as e:
+            if str(e).startswith(f"{inst.file}:"):
+                raise
+            located = inst.error(str(e))
+            located.exit_code = e.exit_code
+            raise located from None
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise inst.error(f"no space left on {mount_point(self.store.root)}") from None
+            where = f": {e.filename}" if e.filename else ""
+            raise inst.error(f"{e.strerror or e}{where}") from None
+
+    def _step_unlocated(self, state: StageState, inst: df.Instruction) -> None:
         inst.expand(state.scope)
         if isinstance(inst, df.Arg):
             state.scope.declare(inst)
@@ -350,13 +400,15 @@ class Builder:
         elif isinstance(inst, (df.Copy, df.Add)):
             inst.content_digest = copy_digest(self, state, inst)
         key = chain_key(state.key, inst.cache_text())
-        entry = None if self.options.no_cache else self.cache.get(key)
+        entry = self.cache.get(key)
         layer = self._cached_layer(entry) if entry is not None else None
-        if entry is not None and (layer is not None or entry.get("layer") is None):
+        usable = entry is not None and (layer is not None or entry.get("layer") is None)
+        if usable and not self.options.no_cache:
+            assert entry is not None
             history = entry["history"]
             self.out.line("--> CACHED")
         else:
-            created = _now()
+            created = _now() if self.epoch is None else _rfc3339(self.epoch)
             layer = self._execute(state, inst) if inst.makes_layer else None
             history = {"created": created, "created_by": self._created_by(inst), "comment": BUILD_COMMENT}
             if layer is None:
@@ -367,8 +419,10 @@ class Builder:
             if layer is not None:
                 record["layer"] = {"diff_id": layer.diff_id, "digest": layer.digest, "size": layer.size,
                                    "media_type": layer.media_type}
-            with self.interruption.deferred():
-                self.cache.put(key, record)
+            # --no-cache only means "do not use": an entry other builds use stays as it is.
+            if not usable:
+                with self.interruption.deferred():
+                    self.cache.put(key, record)
             self.out.line(f"--> {(layer.diff_id.removeprefix('sha256:') if layer else key)[:12]}")
         inst.update_config(state.image)
         if layer is not None:
@@ -414,11 +468,15 @@ class Builder:
                 if view.exists_as_dir(path):
                     return None
                 owner = resolve_user(view, state.image.user) if state.image.user else (0, 0)
-                ensure_parents(str(diff), view, resolve_dir_in_image(view, path), new_owner=owner)
+                resolved = resolve_dir_in_image(view, path)
+                ensure_parents(str(diff), view, resolved, new_owner=owner)
+                settle_dir_times(str(diff), view, resolved, new_dir_time_ns(self.epoch))
             elif isinstance(inst, (df.Copy, df.Add)):
                 copy_into_layer(self, state, inst, tmp, diff)
             if not any(diff.iterdir()) and not _is_opaque(diff):
                 return None
+            if self.epoch is not None:
+                clamp_times(str(diff), self.epoch)
             with self.interruption.deferred():
                 return self.store.commit_layer(diff)
 
@@ -437,6 +495,10 @@ class Builder:
     def _run(self, state: StageState, inst: df.Run, tmp: Path, upper: Path) -> Layer | None:
         from runner.sandbox import Mount, SandboxSpec
 
+        if not state.layers:
+            # What runc answers there (BuildKit: "exec: "/bin/sh": stat /bin/sh: no such file").
+            raise inst.error(f"{(inst.argv or ['/bin/sh'])[0]}: no such file or directory "
+                             "(the stage is FROM scratch and has no files yet)")
         work = tmp / "work"
         work.mkdir()
         mounts: list[Mount] = []
@@ -486,6 +548,7 @@ class Builder:
                     mounts=mounts,
                     stdout=capture.fileno() if capture else None,
                     stderr=capture.fileno() if capture else None,
+                    state_dir=_sandbox_dir(tmp),  # in the store: a killed build's is swept
                 )
                 sys.stdout.flush()
                 code = self._run_command(spec)
@@ -503,7 +566,8 @@ class Builder:
             targets = [posixpath.join(state.image.workdir, m.target) for m in inst.mounts]
             if inst.script is not None:
                 targets.append("/dev/pipes")
-            layer = self._commit_upper([layer.path for layer in reversed(state.layers)], upper, work, targets)
+            layer = self._commit_upper([layer.path for layer in reversed(state.layers)], upper, work, targets,
+                                       self.epoch)
         # The upper and work directories are gone (removed in the user namespace); what is left of
         # the step's directory is the build's own.
         self.cleaner.mark_plain(tmp)
@@ -523,7 +587,8 @@ class Builder:
         with self.interruption.stopping(sandbox):
             return sandbox.wait()
 
-    def _commit_upper(self, lowers: list[Path], upper: Path, work: Path, targets: list[str]) -> Layer | None:
+    def _commit_upper(self, lowers: list[Path], upper: Path, work: Path, targets: list[str],
+                      epoch: int | None) -> Layer | None:
         """Turn a RUN step's upper directory into a layer (None when the step changed nothing).
 
         Files the command made may belong to subordinate ids, which only root of lamina's user
@@ -532,7 +597,7 @@ class Builder:
         from runner.sandbox import call_in_userns
         from store import Layer
 
-        packed = call_in_userns(_finish_upper, self.store, lowers, upper, work, targets)
+        packed = call_in_userns(_finish_upper, self.store, lowers, upper, work, targets, epoch)
         if packed is None:
             return None
         digest, diff_id = packed
@@ -577,6 +642,14 @@ class Builder:
         return mount_cls(target=target, source=host, readonly=m.readonly)
 
 
+def _sandbox_dir(step_dir: Path) -> Path:
+    """The RUN sandbox's state (its /etc files, init layer and mount point), inside the step's
+    temporary directory rather than /tmp."""
+    path = step_dir / "sandbox"
+    path.mkdir(mode=0o755)
+    return path
+
+
 def _single_id_mapping() -> bool:
     """True for an unprivileged user without subordinate ids (only container root is mapped)."""
     if os.geteuid() == 0:
@@ -587,7 +660,7 @@ def _single_id_mapping() -> bool:
 
 
 def _finish_upper(store: Store, lowers: list[Path], upper: Path, work: Path,
-                  targets: list[str]) -> tuple[str, str] | None:
+                  targets: list[str], epoch: int | None) -> tuple[str, str] | None:
     """In lamina's user namespace: flatten redirects, drop scaffolding, pack the upper into a blob.
     Returns (blob digest, diff_id), or None for an empty upper."""
     from store.layer_pack import pack_layer
@@ -600,6 +673,8 @@ def _finish_upper(store: Store, lowers: list[Path], upper: Path, work: Path,
     try:
         if not any(upper.iterdir()) and not _is_opaque(upper):
             return None
+        if epoch is not None:
+            clamp_times(str(upper), epoch)
         with store.lock(shared=True), store.blobs.writer() as writer:
             result = pack_layer(upper, writer, compress=True)
         assert result.digest is not None

@@ -16,7 +16,8 @@ different files invalidates what follows, as docker's parent-image rule does):
 
 An entry records the step's history line and, when the step produced a layer, the layer's diff_id,
 blob digest and size. An entry is used only when its layer is still in the store (``lamina rmi`` and
-``prune`` may have removed it); otherwise the step runs again and the entry is replaced. Entries are
+``prune`` may have removed it); otherwise the step runs again and the entry is replaced. A ``--no-cache`` build runs every step but
+never replaces a usable entry: other builds still use it. Entries are
 written atomically (temporary file + rename), so concurrent builds and crashes never leave a
 half-written entry; a corrupt one counts as a miss.
 """

@@ -7,9 +7,11 @@ cached rebuild pays only for what it uses.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
+from lamina.bounded import TEXT_LIMIT, read_at_most, read_file_at_most
 from lamina.errors import UsageError
 
 
@@ -23,7 +25,8 @@ def _key_value(flag: str, text: str) -> tuple[str, str]:
 def _read_dockerfile(args: argparse.Namespace, context: Path) -> tuple[str, Path | None, str]:
     """(text, path or None for stdin, name used in messages)."""
     if args.file == "-":
-        return sys.stdin.read(), None, "Dockerfile"
+        data = read_at_most(sys.stdin.buffer, TEXT_LIMIT, "Dockerfile from standard input")
+        return data.decode("utf-8", "surrogateescape"), None, "Dockerfile"
     if args.file:
         path = Path(args.file)
         if not path.is_absolute() and not path.exists():
@@ -34,7 +37,7 @@ def _read_dockerfile(args: argparse.Namespace, context: Path) -> tuple[str, Path
         if not path.exists() and (context / "Containerfile").exists():
             path = context / "Containerfile"
     try:
-        text = path.read_text(encoding="utf-8", errors="surrogateescape")
+        text = read_file_at_most(str(path), TEXT_LIMIT).decode("utf-8", "surrogateescape")
     except FileNotFoundError:
         raise UsageError(f"no Dockerfile found: {path}") from None
     except IsADirectoryError:
@@ -58,12 +61,19 @@ def cmd_build(args: argparse.Namespace) -> int:
         key, value = _key_value("--build-arg", item)
         if "=" not in item:
             # docker: `--build-arg NAME` takes the value from the environment.
-            import os
-
             if key not in os.environ:
                 continue
             value = os.environ[key]
         build_args[key] = value
+    if "SOURCE_DATE_EPOCH" not in build_args and os.environ.get("SOURCE_DATE_EPOCH"):
+        # As docker buildx does: the environment's SOURCE_DATE_EPOCH becomes the build-arg.
+        build_args["SOURCE_DATE_EPOCH"] = os.environ["SOURCE_DATE_EPOCH"]
+    if args.platform:
+        from builder.variables import foreign_platform
+
+        for requested in args.platform.split(","):
+            if (problem := foreign_platform(requested)) is not None:
+                raise UsageError(f"--platform: {problem}")
     labels = dict(_key_value("--label", item) for item in args.label)
     text, path, name = _read_dockerfile(args, context)
     options = BuildOptions(context=context, dockerfile_text=text, dockerfile_path=path, dockerfile_name=name,
@@ -89,6 +99,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--target", metavar="STAGE", help="build this stage (and the stages it needs) only")
     p.add_argument("--no-cache", action="store_true", help="do not use the build cache")
     p.add_argument("--pull", action="store_true", help="always pull registry base images again")
+    p.add_argument("--platform", metavar="OS/ARCH",
+                   help="the platform to build for: only this machine's (builds run natively)")
     p.add_argument("--label", action="append", default=[], metavar="K=V", help="add a label to the image")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the image ID")
     p.add_argument("--progress", choices=["auto", "plain", "tty"], default="auto",

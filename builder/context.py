@@ -203,7 +203,8 @@ class BuildContext:
     # --- copying
     def copy_out(self, rel: str, dest: str, owner: Ownership) -> None:
         """Copy source ``rel`` to host path ``dest``. For a directory, its contents are copied into
-        ``dest`` (docker: "the directory itself is not copied, just its contents")."""
+        the existing directory ``dest`` (docker: "the directory itself is not copied, just its
+        contents"), whose owner, mode and times stay as the caller made them (BuildKit's rule)."""
         top_path = self._abs(rel)
         top_st = self.source_stat(rel)
         if not stat.S_ISDIR(top_st.st_mode):
@@ -211,9 +212,8 @@ class BuildContext:
             self._copy_one(top_path, top_st, dest, owner, follow_top=True)
             return
         if not os.path.isdir(dest) or os.path.islink(dest):
-            remove_existing(dest)
-            os.mkdir(dest, 0o700)
-        dirs: list[tuple[str, os.stat_result]] = [(dest, top_st)]
+            raise BuildError(f"internal error: copy destination {dest} is not a directory")
+        dirs: list[tuple[str, os.stat_result]] = []
         prefix_len = 0 if rel == "." else len(rel) + 1
         for child_rel, path, st in self.walk(rel):
             if child_rel == rel:

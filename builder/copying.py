@@ -12,13 +12,14 @@ URLs (checked against ``--checksum`` when given).
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
 import shutil
 import stat
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from builder import dockerfile as df
 from builder.context import has_glob
@@ -30,8 +31,13 @@ from builder.fsops import (
     remove_existing,
     resolve_dir_in_image,
     set_owner_mode,
+    settle_dir_times,
 )
+from lamina.bounded import InputTooLarge
 from lamina.errors import BuildError, LaminaError
+from runner.userdb import find_entry
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from builder.build import Builder, StageState
@@ -40,6 +46,8 @@ if TYPE_CHECKING:
 def copy_source(builder: Builder, state: StageState, inst: df.Copy) -> tuple[LayerView, str]:
     """The view to copy from and a key standing for its content."""
     assert inst.from_stage is not None
+    if inst.from_stage.lower() in (state.stage.name, str(state.stage.index)):
+        raise inst.error(f"circular dependency detected on stage: {inst.from_stage}")  # BuildKit's words
     src_state = builder.stage_by_name(inst.from_stage, before=state.stage.index)
     if src_state is not None:
         return src_state.view(), src_state.key
@@ -76,12 +84,14 @@ def resolve_chown(state: StageState, spec: str | None, inst: df.Instruction) -> 
     def lookup(db: str, name: str) -> int:
         if name.isdigit():
             return int(name)
-        for line in (view.read_file(db) or b"").decode("utf-8", "replace").splitlines():
-            fields = line.split(":")
-            if len(fields) > 2 and fields[0] == name and fields[2].isdigit():
-                return int(fields[2])
-        raise inst.error(f"--chown={spec}: no {'user' if db == '/etc/passwd' else 'group'} named "
-                         f"{name!r} in the image's {db}")
+        try:
+            entry = find_entry(open_in_view(view, db), db, 3, lambda f: f[0] == name and f[2].isdigit())
+        except InputTooLarge as e:
+            raise inst.error(f"--chown={spec}: {e}") from None
+        if entry is None:
+            raise inst.error(f"--chown={spec}: no {'user' if db == '/etc/passwd' else 'group'} named "
+                             f"{name!r} in the image's {db}")
+        return int(entry[2])
 
     if not user:
         raise inst.error(f"--chown={spec}: missing user")
@@ -90,26 +100,33 @@ def resolve_chown(state: StageState, spec: str | None, inst: df.Instruction) -> 
     return uid, gid
 
 
+def open_in_view(view: LayerView, path: str) -> IO[bytes] | None:
+    """The regular file ``path`` of an image, opened for the bounded user database parser."""
+    entry = view.lookup(path)
+    if entry is None or not stat.S_ISREG(entry.st.st_mode):
+        return None
+    return open(entry.backing, "rb")
+
+
 def resolve_user(view: LayerView, spec: str) -> tuple[int, int]:
     """USER's ``user[:group]`` as numbers, for directories WORKDIR creates (BuildKit makes them the
     user's): names from the image's /etc/passwd and /etc/group; an unknown name falls back to root."""
     user, _, group = spec.partition(":")
-
-    def entries(db: str) -> list[list[str]]:
-        text = (view.read_file(db) or b"").decode("utf-8", "replace")
-        return [line.split(":") for line in text.splitlines() if line.count(":") >= 2]
-
     uid, gid = 0, 0
-    for fields in entries("/etc/passwd"):
-        if fields[0] == user or fields[2] == user:
-            uid = int(fields[2]) if fields[2].isdigit() else 0
-            gid = int(fields[3]) if len(fields) > 3 and fields[3].isdigit() else 0
-            break
+    fields = find_entry(open_in_view(view, "/etc/passwd"), "/etc/passwd", 3,
+                        lambda f: f[0] == user or f[2] == user)
+    if fields is not None:
+        uid = int(fields[2]) if fields[2].isdigit() else 0
+        gid = int(fields[3]) if len(fields) > 3 and fields[3].isdigit() else 0
     else:
         uid = int(user) if user.isdigit() else 0
     if group:
-        gid = int(group) if group.isdigit() else next(
-            (int(f[2]) for f in entries("/etc/group") if f[0] == group and f[2].isdigit()), 0)
+        if group.isdigit():
+            gid = int(group)
+        else:
+            found = find_entry(open_in_view(view, "/etc/group"), "/etc/group", 3,
+                               lambda f: f[0] == group and f[2].isdigit())
+            gid = int(found[2]) if found is not None else 0
     return uid, gid
 
 
@@ -150,20 +167,25 @@ def copy_into_layer(builder: Builder, state: StageState, inst: df.Copy | df.Add,
     if many and not dest_is_dir:
         raise inst.error(f"When using {inst.keyword} with more than one source file, the destination "
                          "must be a directory and end with a /")
-    parent = dest if dest_is_dir else posixpath.dirname(dest)
-    dest_host_dir = ensure_parents(str(diff), view, resolve_dir_in_image(view, parent))
+    parent = resolve_dir_in_image(view, dest if dest_is_dir else posixpath.dirname(dest))
+    # BuildKit creates missing parents 0755, owned by the --chown owner (root without one).
+    new_dir_owner = (uid if uid is not None else 0, gid if gid is not None else 0)
+    dest_host_dir = ensure_parents(str(diff), view, parent, new_owner=new_dir_owner)
+    settled = [parent]
 
     def file_target(basename: str) -> str:
         return os.path.join(dest_host_dir, basename if dest_is_dir else posixpath.basename(dest))
 
     def new_dir_target() -> str:
-        # A directory source copied to a path that is not an existing directory: it becomes one.
+        # A directory source copied to a path that is not an existing directory: it becomes one,
+        # made as BuildKit makes missing directories (0755, the --chown owner; --chmod is for the
+        # copied contents only).
         target = file_target("")
         if not os.path.isdir(target):
             remove_existing(target)
             os.mkdir(target)
-            u, g, mode = owner.resolve(0, 0, stat.S_IFDIR | 0o755)
-            set_owner_mode(target, u, g, mode)
+            set_owner_mode(target, new_dir_owner[0], new_dir_owner[1], stat.S_IFDIR | 0o755)
+        settled.append(posixpath.join(parent, posixpath.basename(dest)))
         return target
 
     for kind, handle, basename in items:
@@ -200,6 +222,8 @@ def copy_into_layer(builder: Builder, state: StageState, inst: df.Copy | df.Add,
                 _extract(builder, str(host), into, tmp, owner if inst.chown else None, inst)
             else:
                 builder.context.copy_out(rel, file_target(basename), owner)
+    for container_dir in settled:
+        settle_dir_times(str(diff), view, container_dir, new_dir_time_ns(builder.epoch))
 
 
 def _extract(builder: Builder, archive: str, into: str, tmp: Path, owner: Ownership | None, inst: df.Add) -> None:
@@ -235,19 +259,35 @@ def _merge_tree(src: str, dest: str, owner: Ownership | None) -> None:
                 set_owner_mode(p, u, g, mode)
 
 
+def new_dir_time_ns(epoch: int | None) -> int:
+    """The time of a directory a step makes with no source to take it from (WORKDIR, missing
+    parents): ``SOURCE_DATE_EPOCH`` when set, else the Unix epoch, so such steps are reproducible."""
+    return (epoch or 0) * 1_000_000_000
+
+
 def _is_archive(path: str) -> bool:
+    """Whether ADD extracts ``path``: a tar archive, plain or compressed (gzip, bzip2, xz, zstd).
+    Like docker's and BuildKit's check, a compressed file is an archive only when what it
+    decompresses to starts with a valid tar header; anything else (a gzipped text) is copied."""
+    import lzma
     import tarfile
+
+    import zstandard
+
+    from store.compression import open_decompressed
 
     try:
         if not os.path.isfile(path):
             return False
         with open(path, "rb") as f:
-            head = f.read(512)
-        if head[:2] == b"\x1f\x8b" or head[:3] == b"BZh" or head[:6] == b"\xfd7zXZ\x00" or \
-                head[:4] == b"\x28\xb5\x2f\xfd":
-            return True
-        return tarfile.is_tarfile(path)
-    except OSError:
+            stream, _kind = open_decompressed(f)
+            head = b""
+            while len(head) < tarfile.BLOCKSIZE and (chunk := stream.read(tarfile.BLOCKSIZE - len(head))):
+                head += chunk
+        tarfile.TarInfo.frombuf(head, tarfile.ENCODING, "surrogateescape")
+        return True
+    except (OSError, EOFError, ValueError, lzma.LZMAError, zstandard.ZstdError, tarfile.TarError) as e:
+        log.debug("ADD: %s is not a tar archive: %s", path, e)
         return False
 
 
@@ -263,10 +303,23 @@ def _download(url: str, target: str, checksum: str | None, inst: df.Instruction)
     import urllib.error
     import urllib.request
 
+    from lamina.bounded import describe_size
+    from store.layer_unpack import Limits
+    from store.registry import LowSpeedLimit
+
     h = hashlib.sha256()
+    limit = Limits().max_total_bytes
+    # The server is untrusted: a trickle is abandoned as in pull, and the size is bounded.
+    speed = LowSpeedLimit.from_environment().watch(f"ADD failed: downloading {url}")
+    received = 0
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(target, "wb") as f:
-            while chunk := response.read(1 << 20):
+            while chunk := response.read1(1 << 20):
+                speed.received(len(chunk))
+                received += len(chunk)
+                if received > limit:
+                    raise inst.error(f"ADD failed: {url} is larger than {describe_size(limit)} "
+                                     "(set LAMINA_MAX_LAYER_BYTES to allow more)")
                 h.update(chunk)
                 f.write(chunk)
             modified = response.headers.get("Last-Modified")

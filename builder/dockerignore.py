@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from lamina.bounded import TEXT_LIMIT, read_file_at_most
 from lamina.errors import LaminaError
 
 
@@ -114,7 +115,8 @@ class IgnoreRules:
         candidates.append(context / ".dockerignore")
         for path in candidates:
             try:
-                return cls.from_text(path.read_text(encoding="utf-8", errors="surrogateescape"))
+                data = read_file_at_most(str(path), TEXT_LIMIT)
+                return cls.from_text(data.decode("utf-8", "surrogateescape"))
             except FileNotFoundError:
                 continue
             except OSError as e:

@@ -221,9 +221,14 @@ def set_owner_mode(path: str, uid: int, gid: int, mode: int) -> None:
         os.lchown(path, uid, gid)
         os.chmod(path, perms)
         return
-    # Unprivileged: keep what we need to read the layer ourselves; record the rest.
+    # Unprivileged: keep what we need to read the layer ourselves; record the rest (and, for a
+    # device placeholder, the device it stands for).
     disk = perms | (0o700 if stat.S_ISDIR(st.st_mode) else 0o600)
-    if (uid, gid) != (0, 0) or disk != perms:
+    device = ondisk.device_placeholder(path, st)
+    if device is not None:
+        major, minor = os.major(device[1]), os.minor(device[1])
+        ondisk.write_owner_override(path, ondisk.OwnerOverride.for_device(uid, gid, device[0] | perms, major, minor))
+    elif (uid, gid) != (0, 0) or disk != perms:
         ondisk.write_owner_override(path, ondisk.OwnerOverride(uid, gid, perms))
     else:
         try:
@@ -279,6 +284,39 @@ def ensure_parents(diff: str, view: LayerView, container_dir: str, new_owner: tu
     return host
 
 
+def settle_dir_times(diff: str, view: LayerView, container_dir: str, new_dir_ns: int) -> None:
+    """Give the directories on the way to ``container_dir`` in the diff their final times, once
+    everything has been written into them (adding an entry changes a directory's mtime).
+
+    A directory the image already has keeps the image's times; a directory the step made gets
+    ``new_dir_ns``, so a step that runs no command gives the same layer for the same input
+    (BuildKit stamps such directories with the build's clock, which makes every layer differ)."""
+    parts = [p for p in posixpath.normpath(container_dir).split("/") if p]
+    for depth in range(len(parts), 0, -1):
+        host = os.path.join(diff, *parts[:depth])
+        st = _lstat(host)
+        if st is None or not stat.S_ISDIR(st.st_mode):
+            continue
+        existing = view.lookup("/" + "/".join(parts[:depth]), follow=False)
+        if existing is not None and existing.is_dir:
+            copy_times(existing.st, host)
+        else:
+            os.utime(host, ns=(new_dir_ns, new_dir_ns), follow_symlinks=False)
+
+
+def clamp_times(root: str, epoch: int) -> None:
+    """``SOURCE_DATE_EPOCH``: no entry below ``root`` (a new layer) keeps a time later than
+    ``epoch``, as BuildKit's rewrite-timestamp does to the layers it writes."""
+    limit = epoch * 1_000_000_000
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in (*dirnames, *filenames):
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            if st.st_mtime_ns > limit or st.st_atime_ns > limit:
+                os.utime(path, ns=(min(st.st_atime_ns, limit), min(st.st_mtime_ns, limit)),
+                         follow_symlinks=False)
+
+
 def resolve_dir_in_image(view: LayerView, container_dir: str) -> str:
     """Docker resolves symlinks of the destination inside the image: ``COPY x /lib/`` with ``/lib ->
     usr/lib`` writes to ``/usr/lib``. Return the resolved container path of the deepest existing
@@ -324,20 +362,37 @@ def copy_view_entry(view: LayerView, backing: str, st: os.stat_result, merged: t
             copy_view_entry(view, cbacking, cst, cmerged, os.path.join(dst, name), owner)
     else:
         remove_existing(dst)
+        device = ondisk.device_placeholder(backing, st)
+        if device is None and (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)):
+            device = stat.S_IFMT(mode), st.st_rdev
         if stat.S_ISLNK(mode):
             os.symlink(os.readlink(backing), dst)
+        elif device is not None:
+            _make_device(dst, *device)
         elif stat.S_ISREG(mode):
             shutil.copyfile(backing, dst, follow_symlinks=False)
         elif stat.S_ISFIFO(mode):
             os.mkfifo(dst, 0o600)
-        elif (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)) and PRIVILEGED:
-            os.mknod(dst, mode, st.st_rdev)
         else:
             return
     src_uid, src_gid, src_mode = intended_owner(backing, st)
     uid, gid, new_mode = owner.resolve(src_uid, src_gid, src_mode)
     set_owner_mode(dst, uid, gid, new_mode)
     copy_times(st, dst)
+
+
+def _make_device(dst: str, kind: int, rdev: int) -> None:
+    """A device node at ``dst``: real as root, else a placeholder (see :mod:`unionfs.ondisk`)."""
+    if PRIVILEGED:
+        os.mknod(dst, kind | 0o600, rdev)
+        return
+    parent, name = os.path.split(dst)
+    dir_fd = os.open(parent or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        override = ondisk.OwnerOverride.for_device(0, 0, kind | 0o600, os.major(rdev), os.minor(rdev))
+        os.close(ondisk.write_device_placeholder(dir_fd, name, override))
+    finally:
+        os.close(dir_fd)
 
 
 def prune_empty_dirs(diff: str, container_dirs: list[str], view: LayerView) -> None:

@@ -21,6 +21,10 @@ from builder.values import parse_duration, parse_mount, parse_ports, signal_ok
 from lamina.errors import DockerfileError
 
 DEFAULT_SHELL = ["/bin/sh", "-c"]
+# The PATH docker's builders give a stage whose base image sets none (BuildKit's
+# system.DefaultPathEnv for linux): written into the stage's config, so it is in scope for
+# variable expansion, in RUN's environment and in the image built.
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _STAGE_NAME_RE = re.compile(r"^[a-z][a-z0-9_.-]*$")
 _ENV_NAME_RE = re.compile(r"^[^=\s]+$")
 
@@ -166,6 +170,12 @@ class ImageConfig:
             key, _, value = item.partition("=")
             result[key] = value
         return result
+
+    def ensure_path(self) -> None:
+        """Give the config docker's default PATH when it has none (BuildKit does this for every
+        stage, ``FROM scratch`` included, before the first instruction)."""
+        if "PATH" not in self.env():
+            self.config["Env"] = [*(self.config.get("Env") or []), f"PATH={DEFAULT_PATH}"]
 
     def set_env(self, key: str, value: str) -> None:
         env = [e for e in (self.config.get("Env") or []) if e.partition("=")[0] != key]

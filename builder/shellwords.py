@@ -81,6 +81,10 @@ class _Scanner:
         return ch
 
 
+# ``${a:-${b:-...}}`` deeper than this is refused (no real Dockerfile nests more than a few levels).
+MAX_NESTING = 100
+
+
 class Lexer:
     """Expands Dockerfile words against a mapping of variables, with a given escape character."""
 
@@ -103,6 +107,7 @@ class _Run:
         self.escape = lexer.escape
         self.scanner = _Scanner(text)
         self.env = env
+        self.depth = 0
 
     def process_stop_on(self, stop: str) -> tuple[str, list[str]]:
         result: list[str] = []
@@ -202,6 +207,18 @@ class _Run:
                 return "$"
             return self.lookup(name) or ""
         sc.next()  # the {
+        self.depth += 1
+        try:
+            return self._braced()
+        finally:
+            self.depth -= 1
+
+    def _braced(self) -> str:
+        """The rest of a ``${...}`` substitution, after the brace."""
+        sc = self.scanner
+        if self.depth > MAX_NESTING:
+            # Each level is a few Python frames: refuse before the interpreter's recursion limit does.
+            raise SubstitutionError(f"substitutions nested more than {MAX_NESTING} deep")
         if not sc.peek():
             raise SubstitutionError("syntax error: missing '}'")
         if sc.peek() == "}":

@@ -45,6 +45,32 @@ def platform_args() -> dict[str, str]:
     return values
 
 
+_ARCH_ALIASES = {"x86_64": ("amd64", ""), "x86-64": ("amd64", ""), "aarch64": ("arm64", ""),
+                 "armhf": ("arm", "v7"), "armel": ("arm", "v6"), "i386": ("386", ""), "i686": ("386", "")}
+
+
+def foreign_platform(requested: str) -> str | None:
+    """None when ``requested`` (``os/arch[/variant]``, as ``FROM --platform`` or ``build --platform``
+    take it) is the platform lamina builds for, i.e. this machine's; else why it cannot be built
+    (lamina runs RUN natively, with no emulation)."""
+    host = platform_args()["BUILDPLATFORM"]
+    parts = requested.strip().lower().split("/")
+    if not all(parts) or len(parts) > 3:
+        return f"invalid platform {requested!r}: expected os/arch[/variant], e.g. {host}"
+    if len(parts) == 1:
+        parts = ["linux", parts[0]] if parts[0] != "linux" else ["linux", _go_arch()[0]]
+    os_name, arch, variant = parts[0], parts[1], parts[2] if len(parts) == 3 else ""
+    arch, implied = _ARCH_ALIASES.get(arch, (arch, ""))
+    variant = variant or implied
+    host_arch, host_variant = _go_arch()
+    if arch in ("amd64", "arm64") and variant in ("v1", "v8"):
+        variant = ""  # the baseline variants name the plain architecture
+    if os_name == "linux" and arch == host_arch and variant in ("", host_variant):
+        return None
+    return (f"platform {requested} is not this machine's ({host}): lamina runs builds natively, "
+            "without emulation")
+
+
 class BuildArgs:
     """The ``--build-arg`` values of one build and the global (pre-FROM) ARGs."""
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+from store import fdtree
 from unionfs import ondisk
 
 
@@ -198,42 +199,61 @@ class _LayerScan:
 
 
 def scan_layer(root: Path) -> _LayerScan:
-    """Walk one layer directory, sorting its entries into files, whiteouts and opaque directories."""
+    """Walk one layer directory, sorting its entries into files, whiteouts and opaque directories.
+
+    The directory may be a running container's upper: it is walked by directory descriptors and
+    never through a symlink (:mod:`store.fdtree`), so a directory swapped for a symlink to a host
+    directory shows nothing of the host.
+    """
     scan = _LayerScan()
     if not root.is_dir():
         raise FileNotFoundError(f"layer directory missing: {root}")
-    if ondisk.is_opaque_dir(str(root)):
-        scan.opaque_dirs.append("/")
-    stack: list[tuple[str, str]] = [(str(root), "/")]
-    while stack:
-        real_dir, merged_dir = stack.pop()
-        with os.scandir(real_dir) as it:
-            children = sorted(it, key=lambda e: e.name)
-        for entry in children:
-            name = entry.name
-            if ondisk.is_marker_name(name):
-                hidden = ondisk.whited_out_name(name)
-                if hidden is not None:
-                    scan.whiteouts.append(_join(merged_dir, hidden))
-                # The opaque marker file was already seen by is_opaque_dir on its directory.
+    with fdtree.opened(fdtree.open_root(root)) as root_fd:
+        if ondisk.is_opaque_dir(root_fd):
+            scan.opaque_dirs.append("/")
+        pending = [""]  # directories to scan, relative to the root
+        while pending:
+            rel_dir = pending.pop()
+            try:
+                dir_fd = fdtree.open_beneath(root_fd, rel_dir, fdtree.DIR_FLAGS)
+            except OSError:  # no longer a directory (or gone): nothing below it to scan
                 continue
-            path = _join(merged_dir, name)
-            st = entry.stat(follow_symlinks=False)
-            if ondisk.is_whiteout_stat(st):
-                scan.whiteouts.append(path)
-                continue
-            is_dir = stat.S_ISDIR(st.st_mode)
-            size = st.st_size if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode) else 0
-            scan.entries.append((path, is_dir, size, st.st_dev, st.st_ino if st.st_nlink > 1 else 0))
-            if is_dir:
-                if ondisk.is_opaque_dir(entry.path):
-                    scan.opaque_dirs.append(path)
-                stack.append((entry.path, path))
+            with fdtree.opened(dir_fd):
+                if rel_dir and ondisk.is_opaque_dir(dir_fd):
+                    scan.opaque_dirs.append("/" + rel_dir)
+                pending.extend(_scan_dir(scan, dir_fd, rel_dir))
     # Sorted, so reports read the same on every run and a parent comes before its children.
     scan.entries.sort()
     scan.whiteouts.sort()
     scan.opaque_dirs.sort()
     return scan
+
+
+def _scan_dir(scan: _LayerScan, dir_fd: int, rel_dir: str) -> list[str]:
+    """Record the entries of one open directory; its subdirectories, relative to the layer."""
+    merged_dir = "/" + rel_dir
+    subdirs = []
+    for name in sorted(os.listdir(dir_fd)):
+        if ondisk.is_marker_name(name):
+            hidden = ondisk.whited_out_name(name)
+            if hidden is not None:
+                scan.whiteouts.append(_join(merged_dir, hidden))
+            # The opaque marker file was already seen by is_opaque_dir on its directory.
+            continue
+        path = _join(merged_dir, name)
+        try:
+            st = fdtree.lstat_in(dir_fd, name)
+        except FileNotFoundError:
+            continue
+        if ondisk.is_whiteout_stat(st):
+            scan.whiteouts.append(path)
+            continue
+        is_dir = stat.S_ISDIR(st.st_mode)
+        size = st.st_size if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode) else 0
+        scan.entries.append((path, is_dir, size, st.st_dev, st.st_ino if st.st_nlink > 1 else 0))
+        if is_dir:
+            subdirs.append(f"{rel_dir}/{name}" if rel_dir else name)
+    return subdirs
 
 
 class _Merged:

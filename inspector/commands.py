@@ -34,6 +34,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="mount only layers 1..LAYER (number as in `lamina layers`, or a digest prefix)")
     p.add_argument("--trace", metavar="FILE", type=Path,
                    help="append one line per copy-up, whiteout, opaque directory and redirect to FILE")
+    p.add_argument("--allow-other", action="store_true",
+                   help="let other users enter the mount (FUSE allow_other; with the kernel checking "
+                        "permissions, and setuid bits and device nodes not honoured). Off by default: "
+                        "only you can enter")
     p.add_argument("target", metavar="IMAGE|CONTAINER", nargs="?",
                    help="what to mount; without it, list the current lamina mounts")
     p.add_argument("directory", metavar="DIR", nargs="?", type=Path,

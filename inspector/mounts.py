@@ -47,6 +47,7 @@ STATE_FILE = "state.json"
 READY_TIMEOUT_S = 10.0
 EXIT_TIMEOUT_S = 3.0
 LAYER_XATTR_OPTION = "layer_xattr"
+SHARED_MOUNT_OPTIONS = ("allow_other", "default_permissions", "nosuid", "nodev")
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")  # mountinfo writes space as \040
 
 
@@ -83,6 +84,7 @@ class StackRequest:
     layers: int
     scratch_rw: bool = False      # create a throwaway upper for --rw
     trace: Path | None = None     # unionfs --trace file: one line per copy-up, whiteout, opaque, redirect
+    allow_other: bool = False     # --allow-other: other users may enter (never the default)
 
 
 def mounts_root(root: Path) -> Path:
@@ -125,7 +127,7 @@ def mount_image_stack(root: Path, request: StackRequest, mountpoint: Path | None
     """
     mount_id = os.urandom(6).hex()
     state_dir = mounts_root(root) / mount_id
-    state_dir.mkdir(parents=True)
+    state_dir.mkdir(parents=True, mode=0o700)
     try:
         return _mount(state_dir, mount_id, request, mountpoint)
     except BaseException:
@@ -162,9 +164,14 @@ def _mount(state_dir: Path, mount_id: str, request: StackRequest, mountpoint: Pa
         upper.mkdir(parents=True)
         work.mkdir()
 
+    # Only the mounting user may enter, unless asked: an image's setuid-root files and device
+    # nodes would otherwise be every local user's. Asked, the kernel checks permissions and honours
+    # neither setuid bits nor device nodes.
+    options = [LAYER_XATTR_OPTION, *(SHARED_MOUNT_OPTIONS if request.allow_other else ())]
+
     def argv_for(target: Path) -> list[str]:
         return command_line(MountSpec(lowers=lowers, upper=upper, work=work, mountpoint=target,
-                                      options=[LAYER_XATTR_OPTION], trace=request.trace))
+                                      options=options, trace=request.trace))
 
     log_path = state_dir / "unionfs.log"
     # Read-only mounts are served from lamina's user namespace (so subordinate-owned files are

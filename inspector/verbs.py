@@ -292,12 +292,13 @@ def _container_request(args: argparse.Namespace, image: Any, container: Any) -> 
 
 def cmd_mount(args: argparse.Namespace) -> int:
     if args.target is None:
-        if args.rw or args.upto or args.directory or args.trace:
-            raise UsageError("mount: --rw, --upto, --trace and DIR need an IMAGE or CONTAINER")
+        if args.rw or args.upto or args.directory or args.trace or args.allow_other:
+            raise UsageError("mount: --rw, --upto, --trace, --allow-other and DIR need an IMAGE or CONTAINER")
         _list_mounts(args.root)
         return 0
     request = _mount_request(args)
     request.trace = args.trace.absolute() if args.trace else None
+    request.allow_other = args.allow_other
     state = mounts.mount_image_stack(args.root, request, args.directory)
     print(state.mountpoint)
     return 0

@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import NoReturn
 
 from lamina import __version__
@@ -111,12 +112,29 @@ def run(argv: Sequence[str]) -> int:
     parser = build_parser(argv)
     args = parser.parse_args(list(argv))
     configure_logging(args.log_level)
+    if args.root is not None and not args.root.strip():
+        # An unset variable in `--root "$DIR"` must not silently mean the default store.
+        raise UsageError("--root: empty path")
     args.root = resolve_root(args.root)
+    # A store made by an older lamina was open to every user: close it before any verb uses it.
+    from store.private import tighten_if_present
+    tighten_if_present(args.root)
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:
         parser.print_help(sys.stderr if args.command else sys.stdout)
         return 0 if not args.command else EXIT_LAMINA
+    _sweep_debris(args.root)
     return handler(args)
+
+
+def _sweep_debris(root: Path) -> None:
+    """What killed lamina processes left in the store goes before any command uses it."""
+    from runner.state import sweep_debris
+
+    try:
+        sweep_debris(root)
+    except Exception as e:  # tidying up must never stop the command the user asked for
+        logging.getLogger(__name__).debug("cleaning up after earlier commands: %r", e)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -144,6 +144,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("commit", help="make an image from a container's changes")
     p.add_argument("-m", "--message", default="")
+    p.add_argument("-p", "--pause", type=_bool_flag, nargs="?", const=True, default=True, metavar="BOOL",
+                   help="pause the container's processes while its layer is read (default true)")
     p.add_argument("container")
     p.add_argument("reference", nargs="?")
     p.set_defaults(handler=cmd_commit)
@@ -438,6 +440,10 @@ def _ps_row(c: Container, no_trunc: bool) -> dict[str, str]:
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
+    if args.format and args.format != "json":
+        from store.commands import check_template
+
+        check_template(args.format)  # before any output, even with no container to show
     wanted = _ps_filter(args.filter)
     containers = [c for c in ContainerStore(args.root).all() if (args.all or c.running) and wanted(c)]
     rows = [_ps_row(c, args.no_trunc) for c in containers]
@@ -486,11 +492,14 @@ def log_time_ns(flag: str, value: str, now_ns: int) -> int:
 
 
 def _tail_count(value: str) -> int | None:
-    """``--tail``: None for all. As docker, a negative number or anything but a number means all."""
+    """``--tail``: None for all ("all" or a negative number, as docker). Anything else that is not a
+    number is refused, as podman does: docker's daemon silently shows everything for ``-n abc``."""
+    if value == "all":
+        return None
     try:
         count = int(value)
     except ValueError:
-        return None
+        raise UsageError(f"logs: --tail {value!r}: expected a number of lines or \"all\"") from None
     return count if count >= 0 else None
 
 
@@ -521,12 +530,12 @@ def _still_running(store: ContainerStore, container_id: str) -> bool:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    store = ContainerStore(args.root)
-    container = store.get(args.container)
     now_ns = time.time_ns()
     since = log_time_ns("--since", args.since, now_ns) if args.since else None
     until = log_time_ns("--until", args.until, now_ns) if args.until else None
     tail = _tail_count(args.tail)
+    store = ContainerStore(args.root)
+    container = store.get(args.container)
     open_lines: dict[str, int] = {}  # carried across reads when following
     with contextlib.closing(LogReader(container.log_path)) as reader:
         lines = split_lines(reader.read(), open_lines)
@@ -568,21 +577,33 @@ def _commit_layer(root: Path, upper: Path) -> Any:
     return Store.open(root).commit_layer(upper)
 
 
+def _bool_flag(text: str) -> bool:
+    """docker's boolean flag values (``--pause=false``)."""
+    answers = {"true": True, "1": True, "false": False, "0": False}
+    if text.lower() not in answers:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return answers[text.lower()]
+
+
 def cmd_commit(args: argparse.Namespace) -> int:
+    from runner.freeze import paused
     from runner.sandbox import call_in_userns
     from store import Store
 
     container = ContainerStore(args.root).get(args.container)
     store = Store.open(args.root)
+    pause = paused(container.state.pid) if args.pause and container.running else contextlib.nullcontext()
     # Shared lock from the new layer to the image that names it: a concurrent prune must not
     # collect the layer in between (shared holders never block each other).
     with store.lock(shared=True):
         base = store.resolve_image(container.image_id)
-        try:
-            layer = _commit_layer(args.root, container.upper)
-        except PermissionError:
-            # Directories the container made private under subordinate ids: read them as namespace root.
-            layer = call_in_userns(_commit_layer, args.root, container.upper)
+        with pause:
+            try:
+                layer = _commit_layer(args.root, container.upper)
+            except PermissionError:
+                # Directories the container made private under subordinate ids: read them as
+                # namespace root.
+                layer = call_in_userns(_commit_layer, args.root, container.upper)
         config = copy.deepcopy(base.config)
         config.pop("created", None)
         history = list(config.get("history") or [])

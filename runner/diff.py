@@ -9,8 +9,10 @@ only.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
+from store import fdtree
 from unionfs import ondisk
 
 
@@ -28,31 +30,52 @@ def _in_lowers(lowers: list[Path], rel: str) -> bool:
 
 
 def changes(upper: Path, lowers: list[Path]) -> list[tuple[str, str]]:
-    """(kind, container path) pairs sorted by path; ``lowers`` top first."""
+    """(kind, container path) pairs sorted by path; ``lowers`` top first.
+
+    The upper may belong to a running container that swaps entries for symlinks while it is read: it
+    is walked by directory descriptors, never following a symlink (:mod:`store.fdtree`). The lowers
+    are stored layers, which nothing changes.
+    """
     result: list[tuple[str, str]] = []
-
-    def walk(directory: Path, rel: str, added: bool) -> None:
-        try:
-            entries = sorted(os.scandir(directory), key=lambda e: e.name)
-        except OSError:
-            return
-        for entry in entries:
-            child_rel = f"{rel}/{entry.name}" if rel else entry.name
-            if entry.name == ondisk.OPAQUE_MARKER:
+    try:
+        root_fd = fdtree.open_root(upper)
+    except FileNotFoundError:
+        return result
+    with fdtree.opened(root_fd):
+        pending = [("", False)]  # (directory relative to the upper, everything below it is added)
+        while pending:
+            rel, added = pending.pop()
+            try:
+                dir_fd = fdtree.open_beneath(root_fd, rel, fdtree.DIR_FLAGS)
+            except OSError:  # replaced by a symlink or a file since: nothing below it to list
                 continue
-            hidden = ondisk.whited_out_name(entry.name)
-            if hidden is not None:
-                result.append(("D", "/" + (f"{rel}/{hidden}" if rel else hidden)))
-                continue
-            st = entry.stat(follow_symlinks=False)
-            if ondisk.is_whiteout_stat(st):
-                result.append(("D", "/" + child_rel))
-                continue
-            entry_added = added or not _in_lowers(lowers, child_rel)
-            result.append(("A" if entry_added else "C", "/" + child_rel))
-            if entry.is_dir(follow_symlinks=False):
-                walk(Path(entry.path), child_rel, entry_added)
-
-    walk(upper, "", False)
+            with fdtree.opened(dir_fd):
+                pending.extend(_list_dir(dir_fd, rel, added, lowers, result))
     result.sort(key=lambda item: item[1])
     return result
+
+
+def _list_dir(dir_fd: int, rel: str, added: bool, lowers: list[Path],
+              result: list[tuple[str, str]]) -> list[tuple[str, bool]]:
+    """Append the changes of one open directory to ``result``; its subdirectories to walk."""
+    subdirs = []
+    for name in sorted(os.listdir(dir_fd)):
+        child_rel = f"{rel}/{name}" if rel else name
+        if name == ondisk.OPAQUE_MARKER:
+            continue
+        hidden = ondisk.whited_out_name(name)
+        if hidden is not None:
+            result.append(("D", "/" + (f"{rel}/{hidden}" if rel else hidden)))
+            continue
+        try:
+            st = fdtree.lstat_in(dir_fd, name)
+        except FileNotFoundError:
+            continue
+        if ondisk.is_whiteout_stat(st):
+            result.append(("D", "/" + child_rel))
+            continue
+        entry_added = added or not _in_lowers(lowers, child_rel)
+        result.append(("A" if entry_added else "C", "/" + child_rel))
+        if stat.S_ISDIR(st.st_mode):
+            subdirs.append((child_rel, entry_added))
+    return subdirs

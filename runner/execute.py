@@ -5,6 +5,11 @@ capabilities to join the others), then its mount, UTS, IPC, network and PID name
 PID namespace only applies to children, so it forks once more, and that child drops privileges
 exactly as the container's own command did and execs. Namespaces the container shares with the
 host (``--network host``) are not joined.
+
+The helper runs from a sealed copy of the interpreter with an empty environment, non-dumpable,
+holding only the namespace descriptors, its status pipe, the terminal and 0, 1, 2 (see
+:mod:`runner.sealed`): the container sees neither the caller's environment nor a host binary nor a
+host descriptor while it prepares the command.
 """
 
 from __future__ import annotations
@@ -15,10 +20,10 @@ import os
 import signal
 import sys
 import termios
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from lamina.errors import ContainerError
-from runner import linux, tty
+from runner import linux, sealed, tty
 from runner.sandbox import (
     DEFAULT_PATH,
     FORWARDED_SIGNALS,
@@ -55,6 +60,7 @@ def exec_in_container(container: Container, argv: list[str], env: dict[str, str]
     """Run ``argv`` in ``container`` and return its exit code (126/127 raised as docker does)."""
     if not container.running or not container.state.pid:
         raise ContainerError(f"container {container.name} is not running")
+    sealed.sealed_interpreter()  # made once, here, rather than in the child (and can fail here)
     ns_fds = _open_namespaces(container.state.pid)
     master = slave = None
     if use_tty:
@@ -65,9 +71,12 @@ def exec_in_container(container: Container, argv: list[str], env: dict[str, str]
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
+        def start_helper() -> int:
+            job = (ns_fds, argv, env, user, workdir, slave, interactive, status_w, container.seccomp)
+            sealed.exec_sealed("exec-helper", job, {0, 1, 2, status_w, slave, *(fd for fd, _ in ns_fds)})
+
         os.close(status_r)
-        child_main(status_w, lambda: _helper(ns_fds, argv, env, user, workdir, slave, interactive, status_w,
-                                             container.seccomp))
+        child_main(status_w, start_helper)
     os.close(status_w)
     for fd, _ in ns_fds:
         os.close(fd)
@@ -99,6 +108,11 @@ def exec_in_container(container: Container, argv: list[str], env: dict[str, str]
 def _kill(pid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
+
+
+def sealed_exec_helper(*job: Any) -> NoReturn:
+    """The helper, in the sealed interpreter (:mod:`runner.sealed`): join, fork, exec."""
+    child_main(job[7], lambda: _helper(*job))
 
 
 def _helper(ns_fds: list[tuple[int, int]], argv: list[str], env: dict[str, str], user_spec: str,

@@ -13,9 +13,9 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
+from lamina.bounded import bounded_lines
 from lamina.errors import UsageError
 
 
@@ -43,22 +43,27 @@ def parse_env_list(entries: list[str]) -> dict[str, str]:
 
 
 def read_env_file(path: str) -> list[str]:
-    """``--env-file``: KEY=VALUE or KEY lines; blank lines and ``#`` comments skipped."""
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise UsageError(f"--env-file {path}: {e.strerror}") from e
+    """``--env-file``: KEY=VALUE or KEY lines; blank lines and ``#`` comments skipped.
+
+    Read line by line with docker's limits (lamina.bounded): ``/dev/zero`` is refused, not slurped.
+    """
+    what = f"--env-file {path}"
     entries = []
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if "\0" in line:
-            raise UsageError(f"--env-file {path}:{number}: NUL byte in the line")
-        key = line.partition("=")[0]
-        if not key or any(c.isspace() for c in key):
-            raise UsageError(f"--env-file {path}:{number}: invalid variable name {key!r}")
-        entries.append(raw.lstrip())
+    try:
+        with open(path, "rb") as f:
+            for number, raw_bytes in enumerate(bounded_lines(f, what), 1):
+                raw = raw_bytes.decode("utf-8", "surrogateescape")
+                line = raw.strip()
+                if not line or line.startswith("#"):
+                    continue
+                if "\0" in line:
+                    raise UsageError(f"{what}:{number}: NUL byte in the line")
+                key = line.partition("=")[0]
+                if not key or any(c.isspace() for c in key):
+                    raise UsageError(f"{what}:{number}: invalid variable name {key!r}")
+                entries.append(raw.lstrip())
+    except OSError as e:
+        raise UsageError(f"{what}: {e.strerror}") from e
     return entries
 
 

@@ -33,6 +33,7 @@ from runner.state import (
     STATUS_RUNNING,
     Container,
     ContainerStore,
+    claim,
     now,
     process_start_time,
 )
@@ -168,7 +169,12 @@ def run_attached(root: Path, container: Container) -> int:
     As docker does, the output is also kept for ``lamina logs``: it passes through pipes (or the
     pty) that this process copies to its own stdout/stderr and to the container's log.
     """
-    spec = build_spec(root, container)
+    claim(container)
+    try:
+        spec = build_spec(root, container)
+    except LaminaError as e:  # e.g. its image was removed meanwhile (rmi -f)
+        _record_failure(root, container, e)
+        raise
     if container.tty:
         spec.env.setdefault("TERM", os.environ.get("TERM", "xterm"))
     with contextlib.closing(LogWriter(container.log_path)) as container_log:
@@ -206,6 +212,7 @@ def start_detached(root: Path, container: Container) -> None:
 
     def monitor() -> None:
         unionserver.forget_inherited()
+        claim(container)
         _monitor(root, container, report_w)
 
     try:

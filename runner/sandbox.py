@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import NoReturn, TypeVar
 
 from lamina.errors import CommandNotFound, CommandNotInvokable, ContainerError, LaminaError, MountError
-from runner import linux, unionserver
+from runner import linux, sealed, unionserver
 from runner.idmap import apply_mapping, current_mapping, is_mapped
 from runner.network import SLIRP_DNS, SLIRP_GUEST_IP, PortMapping, Slirp, loopback_up, normalize_network
 from runner.rootfs import MountRequest, make_init_layer, pivot_into, prepare_root
@@ -261,6 +261,12 @@ def start_sandbox(spec: SandboxSpec, server: UnionServer | None = None,
     if spec.rootfs is None and not spec.lowers:
         raise ContainerError("sandbox needs a rootfs or image layers")
     mapping = current_mapping()
+    try:
+        interpreter = sealed.sealed_interpreter()  # C starts from it (see runner.sealed)
+    except ContainerError:
+        if server is not None:
+            server.stop(grace=0)
+        raise
     temp_dir = None
     if spec.state_dir is None:
         temp_dir = Path(tempfile.mkdtemp(prefix="lamina-sandbox-"))
@@ -300,7 +306,7 @@ def start_sandbox(spec: SandboxSpec, server: UnionServer | None = None,
     if pid == 0:  # keeper
         def keeper() -> int:
             linux.close_fds_except({0, 1, 2, status_w, sync_r, go_r, ready_r, spec.stdin, spec.stdout, spec.stderr,
-                               spec.terminal})
+                                    spec.terminal, interpreter})
             return _keeper(spec, network, status_w, sync_r, go_r, str(merged), ready_r, etc_files)
 
         child_main(status_w, keeper)
@@ -525,19 +531,28 @@ def _keeper(spec: SandboxSpec, network: str, status_w: int, sync_r: int, go_r: i
         return 125
     os.close(sync_r)
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
-    if ready_r is None:
-        assert spec.rootfs is not None
-        root = str(spec.rootfs)
-    else:
-        _wait_union_ready(ready_r)
-        log.debug("sandbox: union mounted")
-        root = merged
+    root = merged if ready_r is not None else str(spec.rootfs)
     linux.unshare(linux.CLONE_NEWPID)
+    # C starts its sealed interpreter (see runner.sealed) while the union is being mounted, and
+    # waits for *mounted* before it makes its own mount namespace (a copy of this one).
+    mounted_r, mounted_w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
-        child_main(status_w, lambda: _container_init(spec, network, root, status_w, go_r, etc_files))
-    os.close(go_r)
+        def start_init() -> int:
+            linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+            sealed.exec_sealed("container-init", (spec, network, root, status_w, go_r, etc_files, mounted_r),
+                               {0, 1, 2, status_w, go_r, mounted_r, spec.stdin, spec.stdout, spec.stderr,
+                                spec.terminal})
+
+        child_main(status_w, start_init)
+    for fd in (go_r, mounted_r):
+        os.close(fd)
     _send(status_w, event="pid", pid=pid)
+    if ready_r is not None:
+        _wait_union_ready(ready_r)
+        log.debug("sandbox: union mounted")
+    os.write(mounted_w, b"1")
+    os.close(mounted_w)
     os.close(status_w)
     _, status = os.waitpid(pid, 0)
     log.debug("sandbox: command exited")
@@ -561,12 +576,24 @@ def _wait_union_ready(ready_r: int) -> None:
     os.close(ready_r)
 
 
+def sealed_container_init(spec: SandboxSpec, network: str, root: str, status_w: int, go_r: int,
+                          etc_files: dict[str, str], mounted_r: int) -> NoReturn:
+    """C, in the sealed interpreter (:mod:`runner.sealed`): wait for K's union, then be PID 1."""
+    def init() -> int:
+        # Killing K must kill C at every stage: the start may be cancelled after "go", and an --init
+        # reaper stays this process (the exec'd command sets its own again, after dropping privileges).
+        linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.read(mounted_r, 1) != b"1":
+            return 125  # K is gone, and has said why
+        os.close(mounted_r)
+        _container_init(spec, network, root, status_w, go_r, etc_files)
+
+    child_main(status_w, init)
+
+
 def _container_init(spec: SandboxSpec, network: str, root: str, status_w: int, go_r: int,
                     etc_files: dict[str, str]) -> NoReturn:
     """PID 1 of the container: prepare the root, pivot, drop privileges, exec (never returns)."""
-    # Killing K must kill C at every stage: the start may be cancelled after "go", and an --init
-    # reaper stays this process (the exec'd command sets its own again, after dropping privileges).
-    linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
     linux.unshare(linux.CLONE_NEWNS)
     console = os.ttyname(spec.terminal) if spec.terminal is not None else None
     user_mounts = [MountRequest(m.target, m.kind, str(m.source) if m.source else None, m.readonly, m.options)
@@ -642,7 +669,14 @@ def _setgroups_allowed() -> bool:
 
 def _exec_command(argv: list[str], env: dict[str, str], cwd: str, user: ExecUser, status_w: int,
                   create_cwd: bool = False, seccomp: bool = True) -> NoReturn:
-    """Enter ``cwd``, drop to ``user`` and exec ``argv`` (already inside the container's root)."""
+    """Enter ``cwd``, drop to ``user`` and exec ``argv`` (already inside the container's root).
+
+    Every descriptor but 0, 1, 2 and ``status_w`` (close-on-exec) is closed *before* entering
+    ``cwd``: a working directory such as ``/proc/self/fd/N`` must not reach a host directory through
+    a descriptor of ours (CVE-2024-21626), and one that lies outside the container's root anyway is
+    refused, as runc does."""
+    os.closerange(3, status_w)
+    os.closerange(status_w + 1, 1 << 16)
     try:
         try:
             os.chdir(cwd or "/")
@@ -653,6 +687,7 @@ def _exec_command(argv: list[str], env: dict[str, str], cwd: str, user: ExecUser
             # make it again, now that "/" is the container's root (so it cannot lead outside).
             os.makedirs(cwd, 0o755, exist_ok=True)
             os.chdir(cwd)
+        os.getcwd()  # ENOENT when the directory is not reachable from the container's root
     except OSError as e:
         raise ContainerError(f"cannot enter working directory {cwd}: {e.strerror}") from e
     _drop_privileges(user.uid, user.gid, user.groups, seccomp)
@@ -663,8 +698,6 @@ def _exec_command(argv: list[str], env: dict[str, str], cwd: str, user: ExecUser
         except (OSError, ValueError):
             pass
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
-    os.closerange(3, status_w)
-    os.closerange(status_w + 1, 1 << 16)
     program = argv[0]
     try:
         if "/" in program:

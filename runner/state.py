@@ -48,15 +48,20 @@ def now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def process_start_time(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (to tell a live monitor from a recycled pid)."""
+def proc_stat_fields(pid: int) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after the command name (state first), or None when gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             data = f.read()
     except OSError:
         return None
-    fields = data[data.rindex(")") + 2:].split()
-    if fields[0] == "Z":
+    return data[data.rindex(")") + 2:].split()
+
+
+def process_start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (to tell a live monitor from a recycled pid)."""
+    fields = proc_stat_fields(pid)
+    if fields is None or fields[0] == "Z":
         return None
     return fields[19]
 
@@ -155,7 +160,9 @@ class ContainerStore:
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        if not self.dir.is_dir():
+            from store import Store
+            Store.open(self.root)  # the store's layout, private to its owner
         with open(self.dir / ".lock", "a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
@@ -172,16 +179,33 @@ class ContainerStore:
             return None
 
     def all(self) -> list[Container]:
+        """Every container; ``--rm`` containers whose monitor was killed are removed on the way."""
         if not self.dir.is_dir():
             return []
         containers = []
         for entry in sorted(self.dir.iterdir()):
             if entry.is_dir() and len(entry.name) == 64:
                 c = self._load(entry)
-                if c is not None:
-                    containers.append(refresh(c))
+                if c is None:
+                    continue
+                c = refresh(c)
+                if _abandoned(c):
+                    self._remove_abandoned(c)
+                    continue
+                containers.append(c)
         containers.sort(key=lambda c: c.created, reverse=True)
         return containers
+
+    def _remove_abandoned(self, container: Container) -> None:
+        with self.lock():
+            fresh = self._load(container.directory)
+            if fresh is None or not _abandoned(refresh(fresh)):
+                return  # removed meanwhile, or its monitor is live after all
+            log.info("container %s: started with --rm and its monitor is gone, removing it",
+                     container.short_id)
+            for path in fresh.anonymous_volumes:
+                _delete_container_tree(Path(path).parent)
+            self.remove_directory(fresh)
 
     def get(self, name_or_id: str) -> Container:
         """By exact name, full id, or unique id prefix; ContainerNotFound otherwise."""
@@ -212,7 +236,7 @@ class ContainerStore:
                         break
             container.id = secrets.token_hex(32)
             container.directory = self.dir / container.id
-            container.directory.mkdir(parents=True)
+            container.directory.mkdir(parents=True, mode=0o700)
             for sub in ("upper", "work", "merged"):
                 (container.directory / sub).mkdir()
             container.hostname = container.hostname or container.id[:12]
@@ -245,6 +269,48 @@ class ContainerStore:
 
 
 REMOVING_PREFIX = ".removing-"
+
+
+def _abandoned(container: Container) -> bool:
+    """A ``--rm`` container whose monitor (or the ``run`` that was starting it) died without removing
+    it: killed, or crashed. A ``create``d one that nobody started is not abandoned."""
+    if not container.auto_remove or container.monitor_alive():
+        return False
+    return container.state.status != STATUS_CREATED or bool(container.state.monitor_pid)
+
+
+def claim(container: Container) -> None:
+    """Record this process as the one that starts ``container`` and watches it (its monitor): if
+    it is killed before the command ends, the next command sees that (see :func:`refresh`)."""
+    container.state.monitor_pid = os.getpid()
+    container.state.monitor_start = process_start_time(os.getpid()) or ""
+    container.save()
+
+
+def sweep_debris(root: Path) -> None:
+    """Remove what killed or crashed lamina processes left in the store at ``root``: temporaries
+    of writers that are gone (a killed build's step directories, the sandbox state inside them
+    included) and ``--rm`` containers whose monitor is gone. Every command that uses the store
+    calls this; a live process's files are never touched (their names carry its pid)."""
+    from store.blobs import remove_stale_temps
+
+    tmp_dir = root / "tmp"
+    if tmp_dir.is_dir():
+        remove_stale_temps(tmp_dir, remove=_remove_in_userns_if_needed)
+    ContainerStore(root).all()
+
+
+def _remove_in_userns_if_needed(path: Path) -> None:
+    from store.blobs import remove_tree
+
+    try:
+        remove_tree(path)
+    except PermissionError:
+        # A killed RUN step's upper holds files of subordinate ids: root of lamina's namespace
+        # may delete them.
+        from runner.sandbox import call_in_userns
+
+        call_in_userns(remove_tree, path)
 
 
 def _delete_container_tree(directory: Path) -> None:

@@ -14,9 +14,9 @@ next to the destination and renamed at the end, so a failed save leaves no parti
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
-import json
 import logging
 import os
 import posixpath
@@ -26,9 +26,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from lamina.bounded import ARCHIVE_MANIFEST_LIMIT, JSON_LIMIT, InputTooLarge, read_at_most
 from lamina.errors import FormatError, LaminaError, LayerError, UsageError
-from store.blobs import CHUNK, digest_hex, remove_tree, temp_name
-from store.compression import detect, open_decompressed
+from store.blobs import digest_hex, remove_tree, temp_name
+from store.compression import NoSpace, decompress_file, detect, open_decompressed
+from store.image_schema import (
+    Descriptor,
+    DockerArchiveEntry,
+    ImageManifest,
+    Index,
+    config_diff_ids,
+    parse_json,
+)
+from store.layer_unpack import Limits
 from store.progress import ProgressBar
 from store.reference import Reference
 from store.store import (
@@ -51,7 +61,6 @@ OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 REF_NAME = "org.opencontainers.image.ref.name"
 CONTAINERD_NAME = "io.containerd.image.name"
-MAX_JSON = 64 << 20
 
 
 @dataclass
@@ -226,15 +235,8 @@ def _open_archive(path: Path, store: Store) -> Iterator[tarfile.TarFile]:
         f.seek(0)
         if kind is not None:
             tmp = temp_name(store.tmp_dir, "archive")
-            stream, _ = open_decompressed(f)
             progress = ProgressBar(f"Decompressing {path.name}", None)
-            with open(tmp, "xb") as out:
-                try:
-                    while chunk := stream.read(CHUNK):
-                        out.write(chunk)
-                        progress(len(chunk))
-                except (OSError, EOFError, ValueError) as e:
-                    raise FormatError(f"{path}: corrupt {kind} data: {e}") from None
+            decompress_file(f, tmp, Limits().max_total_bytes, str(path), progress)
             f.close()
             f = open(tmp, "rb")
         try:
@@ -280,16 +282,14 @@ class _Archive:
         assert f is not None
         return f
 
-    def read_json(self, name: str) -> tuple[bytes, Any]:
+    def read_json(self, name: str, limit: int = JSON_LIMIT) -> tuple[bytes, Any]:
+        """The bytes and JSON value of member ``name``, refused beyond ``limit`` bytes."""
         m = self.member(name)
-        if m.size > MAX_JSON:
-            raise FormatError(f"{self.path}: {name} is implausibly large ({m.size} bytes)")
-        data = self.open(name).read()
-        try:
-            return data, json.loads(data)
-        except (ValueError, RecursionError):
-            # RecursionError: a crafted file nested deeper than Python's JSON decoder can follow.
-            raise FormatError(f"{self.path}: {name} is not valid JSON") from None
+        what = f"{self.path}: {name}"
+        if m.size > limit:
+            raise InputTooLarge(what, limit)
+        data = read_at_most(self.open(name), limit, what)
+        return data, parse_json(data, what)
 
 
 def _layer_media_type(store: Store, digest: str) -> str:
@@ -327,6 +327,11 @@ def load(store: Store, path: Path) -> list[tuple[Image, list[str]]]:
                     raise
                 raise FormatError(f"{path}: {e}") from None
             raise FormatError(f"{path}: neither a docker-archive (manifest.json) nor an oci-archive (index.json)")
+    except OSError as e:
+        _forget_objects_of_failed_load(store, blobs_before, layers_before)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise NoSpace(store.tmp_dir, str(path)) from None
+        raise
     except BaseException:
         _forget_objects_of_failed_load(store, blobs_before, layers_before)
         raise
@@ -347,8 +352,11 @@ def _forget_objects_of_failed_load(store: Store, blobs_before: set[str], layers_
                 remove_tree(store.layers_dir / name)
 
 
-def _ingest_member(store: Store, archive: _Archive, name: str, expected: str | None, label: str) -> str:
+def _ingest_member(store: Store, archive: _Archive, name: str, expected: str | None, label: str,
+                   size: int | None = None) -> str:
     m = archive.member(name)
+    if size is not None and m.size != size:
+        raise FormatError(f"{archive.path}: {name} is {m.size} bytes, its descriptor says size {size}")
     progress = ProgressBar(label, m.size)
     with store.lock(shared=True):
         digest = store.blobs.ingest(archive.open(name), expected, progress=progress)  # type: ignore[arg-type]
@@ -357,24 +365,19 @@ def _ingest_member(store: Store, archive: _Archive, name: str, expected: str | N
 
 
 def _load_docker(store: Store, archive: _Archive) -> list[tuple[Image, list[str]]]:
-    _raw, manifest = archive.read_json("manifest.json")
-    if not isinstance(manifest, list):
-        raise FormatError(f"{archive.path}: manifest.json is not a list")
+    _raw, doc = archive.read_json("manifest.json", ARCHIVE_MANIFEST_LIMIT)
+    entries = DockerArchiveEntry.parse_all(doc, f"{archive.path}: manifest.json")
     loaded = []
-    for entry in manifest:
-        try:
-            config_name, layer_names = entry["Config"], entry["Layers"]
-            repo_tags = entry.get("RepoTags") or []
-        except (KeyError, TypeError):
-            raise FormatError(f"{archive.path}: manifest.json entry lacks Config or Layers") from None
-        config_bytes, config = archive.read_json(config_name)
-        diff_ids = (config.get("rootfs") or {}).get("diff_ids") if isinstance(config, dict) else None
-        if not isinstance(diff_ids, list) or len(diff_ids) != len(layer_names):
-            raise FormatError(f"{archive.path}: {config_name} lists {len(diff_ids or [])} diff_ids for "
-                              f"{len(layer_names)} layers")
+    for entry in entries:
+        config_bytes, config = archive.read_json(entry.config)
+        diff_ids = config_diff_ids(config, f"{archive.path}: {entry.config}")
+        if len(diff_ids) != len(entry.layers):
+            raise FormatError(f"{archive.path}: {entry.config} lists {len(diff_ids)} diff_ids for "
+                              f"{len(entry.layers)} layers")
+        tags = [str(Reference.parse(t)) for t in entry.repo_tags]
         descs = []
-        for i, (name, diff_id) in enumerate(zip(layer_names, diff_ids, strict=True)):
-            digest = _ingest_member(store, archive, name, None, f"Copying blob {i + 1}/{len(layer_names)}")
+        for i, (name, diff_id) in enumerate(zip(entry.layers, diff_ids, strict=True)):
+            digest = _ingest_member(store, archive, name, None, f"Copying blob {i + 1}/{len(entry.layers)}")
             descs.append({"mediaType": _layer_media_type(store, digest), "digest": digest,
                           "size": store.blobs.size(digest)})
             if descs[-1]["mediaType"] == OCI_LAYER_TAR and digest != diff_id:
@@ -383,41 +386,32 @@ def _load_docker(store: Store, archive: _Archive) -> list[tuple[Image, list[str]
         oci_manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
                         "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": len(config_bytes)},
                         "layers": descs}
-        tags = [str(Reference.parse(t)) for t in repo_tags]
         image = store.import_image_from_manifest(canonical_json(oci_manifest), config_bytes, tags,
                                                  progress=None)
         loaded.append((image, tags))
     return loaded
 
 
-def _manifest_list(archive: _Archive, index: Any) -> list[dict[str, Any]]:
-    manifests = index.get("manifests") if isinstance(index, dict) else None
-    if not isinstance(manifests, list):
-        raise FormatError(f"{archive.path}: index has no manifests list")
-    return manifests
-
-
 def _load_oci(store: Store, archive: _Archive) -> list[tuple[Image, list[str]]]:
-    _raw, index = archive.read_json("index.json")
+    _raw, doc = archive.read_json("index.json")
+    index = Index.parse(doc, f"{archive.path}: index.json")
+    if not index.manifests:
+        raise FormatError(f"{archive.path}: index.json lists no images")
     loaded = []
-    for desc in _manifest_list(archive, index):
-        annotations = desc.get("annotations") or {}
-        media_type = desc.get("mediaType")
-        digest = desc.get("digest", "")
-        if media_type in (OCI_INDEX, DOCKER_LIST):
-            desc = _choose_from_index(archive, digest)
-            digest = desc["digest"]
-        manifest_bytes, manifest = _read_blob_json(archive, digest)
-        try:
-            config_desc = manifest["config"]
-            layer_descs = manifest["layers"]
-        except (KeyError, TypeError):
-            raise FormatError(f"{archive.path}: manifest {digest} lacks config or layers") from None
-        config_bytes, _config = _read_blob_json(archive, config_desc["digest"])
-        for i, layer in enumerate(layer_descs):
-            if not store.has_blob(layer["digest"]):
-                _ingest_member(store, archive, _blob_name(layer["digest"]), layer["digest"],
-                               f"Copying blob {i + 1}/{len(layer_descs)}")
+    for desc in index.manifests:
+        annotations = desc.annotations
+        chosen = _choose_manifest(archive, desc)
+        manifest_bytes, doc = _read_blob_json(archive, chosen)
+        manifest = ImageManifest.parse(doc, f"{archive.path}: manifest {chosen.digest}")
+        config_bytes, config = _read_blob_json(archive, manifest.config)
+        config_diff_ids(config, f"{archive.path}: config {manifest.config.digest}")
+        for i, layer in enumerate(manifest.layers):
+            if not store.has_blob(layer.digest):
+                _ingest_member(store, archive, _blob_name(layer.digest), layer.digest,
+                               f"Copying blob {i + 1}/{len(manifest.layers)}", size=layer.size)
+            elif store.blobs.size(layer.digest) != layer.size:
+                raise FormatError(f"{archive.path}: layer {layer.digest} is {store.blobs.size(layer.digest)} "
+                                  f"bytes, its descriptor says {layer.size}")
         store.put_blob(manifest_bytes)
         tags = _oci_names(annotations)
         image = store.import_image_from_manifest(manifest_bytes, config_bytes, tags)
@@ -429,21 +423,37 @@ def _blob_name(digest: str) -> str:
     return f"blobs/sha256/{digest_hex(digest)}"
 
 
-def _read_blob_json(archive: _Archive, digest: str) -> tuple[bytes, Any]:
-    data, doc = archive.read_json(_blob_name(digest))
-    if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
-        raise FormatError(f"{archive.path}: blob {digest} does not match its digest")
+def _read_blob_json(archive: _Archive, desc: Descriptor) -> tuple[bytes, Any]:
+    """A JSON blob of the layout, checked against its descriptor's digest and size."""
+    data, doc = archive.read_json(_blob_name(desc.digest))
+    if "sha256:" + hashlib.sha256(data).hexdigest() != desc.digest:
+        raise FormatError(f"{archive.path}: blob {desc.digest} does not match its digest")
+    if len(data) != desc.size:
+        raise FormatError(f"{archive.path}: blob {desc.digest} is {len(data)} bytes, its descriptor says "
+                          f"size {desc.size}")
     return data, doc
 
 
-def _choose_from_index(archive: _Archive, digest: str) -> dict[str, Any]:
-    _data, index = _read_blob_json(archive, digest)
+# An index may name other indexes (containerd and BuildKit write one for attestations); deeper
+# than this is no image anyone made.
+MAX_INDEX_DEPTH = 4
+
+
+def _choose_manifest(archive: _Archive, desc: Descriptor, depth: int = 0) -> Descriptor:
+    """The image manifest ``desc`` stands for: itself, or the host's platform in the index it names."""
+    if desc.media_type not in (OCI_INDEX, DOCKER_LIST):
+        return desc
+    if depth == MAX_INDEX_DEPTH:
+        raise FormatError(f"{archive.path}: indexes nested more than {MAX_INDEX_DEPTH} deep")
+    _data, doc = _read_blob_json(archive, desc)
+    index = Index.parse(doc, f"{archive.path}: index {desc.digest}")
     arch = host_arch()
-    for desc in index.get("manifests", []):
-        platform = desc.get("platform") or {}
+    for entry in index.manifests:
+        # Only an entry for this platform is followed, so a crafted index costs one path, not a tree.
+        platform = entry.platform or {}
         if platform.get("os", "linux") == "linux" and platform.get("architecture") == arch:
-            return dict(desc)
-    raise FormatError(f"{archive.path}: index {digest} has no image for linux/{arch}")
+            return _choose_manifest(archive, entry, depth + 1)
+    raise FormatError(f"{archive.path}: index {desc.digest} has no image for linux/{arch}")
 
 
 def _oci_names(annotations: dict[str, str]) -> list[str]:

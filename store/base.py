@@ -18,6 +18,7 @@ import subprocess
 from pathlib import Path
 
 from lamina.errors import ImageNotFound, StoreError
+from store import private
 from store.blobs import remove_tree, temp_name
 from store.reference import Reference
 from store.store import Image, Store
@@ -77,7 +78,7 @@ def ensure_default_base(store: Store, reference: str = DEFAULT_BASE) -> Image:
         with contextlib.suppress(ImageNotFound):
             return store.load_image(image_id)
     work = temp_name(store.tmp_dir, "base")
-    work.mkdir(parents=True)
+    private.make_private_dir(work)
     try:
         mtime = make_busybox_root(work)
         # One shared lock from layer to tag: between commit_layer and create_image the new layer

@@ -13,6 +13,7 @@ a live writer's work.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -76,8 +77,11 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(tmp_dir: Path) -> int:
-    """Remove temporary entries whose writer has died; return how many were removed."""
+def remove_stale_temps(tmp_dir: Path, remove: Callable[[Path], None] | None = None) -> int:
+    """Remove temporary entries whose writer has died; return how many were removed.
+
+    ``remove`` deletes one entry (default :func:`remove_tree`); the runner passes one that falls back
+    to a user namespace for files of subordinate ids."""
     removed = 0
     try:
         entries = list(os.scandir(tmp_dir))
@@ -88,7 +92,7 @@ def remove_stale_temps(tmp_dir: Path) -> int:
         if pid_text.isdigit() and (int(pid_text) == os.getpid() or pid_alive(int(pid_text))):
             continue
         try:
-            remove_tree(Path(entry.path))
+            (remove or remove_tree)(Path(entry.path))
         except OSError as e:
             # e.g. a crashed build's upper with files only a user namespace may remove: leave it
             # rather than fail the command that merely tidies up.
@@ -107,6 +111,13 @@ def remove_tree(path: Path) -> None:
         with contextlib.suppress(OSError):
             if os.path.isdir(p) and not os.path.islink(p):
                 os.chmod(p, 0o700)
+        if func in (os.open, os.scandir):
+            # A directory that could not be entered: now that it is 0700, remove it whole (or say
+            # why not, when it is somebody else's).
+            if not os.access(p, os.R_OK | os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), p)
+            shutil.rmtree(p, onerror=make_writable_and_retry)
+            return
         func(p)
 
     if path.is_symlink() or not path.is_dir():
@@ -194,7 +205,9 @@ class BlobStore:
             self._publish(tmp, w.digest)
         finally:
             if not f.closed:
-                f.close()
+                # Closing flushes, and on a full disk fails again: the unlink below must still run.
+                with contextlib.suppress(OSError):
+                    f.close()
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
 

@@ -77,8 +77,24 @@ def print_table(rows: list[list[str]]) -> None:
         print("   ".join(cells).rstrip())
 
 
+_ACTION = re.compile(r"\{\{(.*?)\}\}")
+_SUPPORTED_ACTION = re.compile(r"\s*(json\s+)?\.[A-Za-z0-9_.]*\s*")
+
+
+def check_template(template: str) -> None:
+    """UsageError for a ``--format`` template we cannot render: checked before any output, as Go's
+    template.Parse does for docker (an unclosed ``{{`` is a parse error there too)."""
+    for m in _ACTION.finditer(template):
+        if not _SUPPORTED_ACTION.fullmatch(m.group(1)):
+            raise UsageError(f"--format {template!r}: unsupported action {m.group(0)!r} "
+                             "(lamina renders {{.Field}} and {{json .Field}})")
+    if "{{" in _ACTION.sub("", template):  # a lone "}}" is text to Go, a lone "{{" an error
+        raise UsageError(f"--format {template!r}: unclosed action")
+
+
 def render_template(template: str, obj: Any) -> str:
     """A small subset of Go templates, enough for scripts: ``{{.A.B}}`` and ``{{json .A}}``."""
+    check_template(template)
     def lookup(path: str) -> Any:
         value = obj
         for part in [p for p in path.split(".") if p]:
@@ -102,7 +118,7 @@ def render_template(template: str, obj: Any) -> str:
             return "map[" + " ".join(f"{k}:{v}" for k, v in value.items()) + "]"
         return str(value)
 
-    return re.sub(r"\{\{(.*?)\}\}", substitute, template).replace("\\n", "\n")
+    return _ACTION.sub(substitute, template).replace("\\n", "\n")
 
 
 def _open(args: argparse.Namespace) -> Store:

@@ -7,6 +7,7 @@ the tarball's own compression, ordering or owner names were.
 
 from __future__ import annotations
 
+import errno
 import json
 import shlex
 import sys
@@ -15,6 +16,7 @@ from typing import Any, BinaryIO
 
 from lamina.errors import LayerError, UsageError
 from store.blobs import remove_tree, temp_name
+from store.compression import NoSpace
 from store.layer_unpack import unpack_layer
 from store.progress import ProgressBar
 from store.store import Image, Store, now_rfc3339
@@ -114,6 +116,10 @@ def import_tarball(store: Store, source: str, tags: list[str], changes: list[str
                 unpack_layer(stream, work / "rootfs", store.tmp_dir, progress=bar)
             except LayerError as e:
                 raise LayerError(f"import: {source}: {e}") from None
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise NoSpace(store.tmp_dir, source, doing="importing") from None
+                raise
             bar.finish("unpacked")
             layer = store.commit_layer(work / "rootfs", adopt=True)
             created = now_rfc3339()

@@ -9,7 +9,8 @@ Translations from the on-disk format to the OCI one:
 
 * a whiteout in either on-disk form (char 0/0, or an empty ``.wh.NAME``) becomes ``.wh.NAME``;
 * an opaque directory (either xattr, or a ``.wh..wh..opq`` file) gets a ``DIR/.wh..wh..opq`` entry;
-* the owner recorded in the owner-override xattr wins over the real owner (``ondisk.effective_owner``);
+* the owner recorded in the owner-override xattr wins over the real owner (``ondisk.effective_owner``),
+  and a device placeholder (``ondisk.device_placeholder``) is written as the device node it stands for;
   an unprivileged user's own uid/gid and subordinate ranges are mapped back to container ids the way
   rootless containers map them (own id = 0, subordinate range = 1..N);
 * union-private xattrs are never exported; other xattrs travel as ``SCHILY.xattr.*``;
@@ -17,10 +18,16 @@ Translations from the on-disk format to the OCI one:
 
 A directory with overlay redirects cannot be expressed as a tar without its lower layers, so it is
 refused with :class:`LayerError`.
+
+The directory may be a running container's upper, changed by untrusted processes while it is read
+(``lamina commit --pause=false``, or anything they race the pause with): it is walked by directory
+descriptors only, never following a symlink (:mod:`store.fdtree`), so nothing outside it can get
+into the layer.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import queue
@@ -28,12 +35,13 @@ import stat
 import tarfile
 import threading
 import zlib
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 from lamina.errors import LayerError
+from store import fdtree
 from store.blobs import HashingWriter
 from unionfs import ondisk
 
@@ -164,33 +172,63 @@ _OPAQUE_ENTRY_MODE = 0o644
 GZIP_LEVEL = int(os.environ.get("LAMINA_GZIP_LEVEL", "1"))
 
 
+class _EntryChanged(Exception):
+    """The entry is no longer what its ``lstat`` said (a running container changed it): look again."""
+
+
+# How often one entry is looked at again when it keeps changing under the reader.
+_ENTRY_ATTEMPTS = 3
+
+XattrHandle = str | int  # an open descriptor, or a path whose last component is not followed
+# Deepest directory nesting packed; one descriptor is open per level while packing.
+MAX_DEPTH = 512
+
+
+@dataclass
+class _Level:
+    """One open directory of the walk: what is left to emit of it."""
+
+    fd: int
+    rel: str  # its path in the tar, "" or ending in "/"
+    names: Iterator[str]
+    owned: bool  # closed by the walk (the root's descriptor belongs to the caller)
+    whiteouts: set[str] = field(default_factory=set)
+
+
 class _Packer:
-    def __init__(self, root: Path, tar: tarfile.TarFile, idmap: IdMap, progress: Progress | None) -> None:
-        self.root = root
+    """Walks a layer directory by descriptors only (see :mod:`store.fdtree`) and writes tar entries.
+
+    The directory may be a running container's upper: nothing here follows a symlink or uses a
+    path that an entry could be swapped under, so what is packed comes from inside the tree.
+    """
+
+    def __init__(self, tar: tarfile.TarFile, idmap: IdMap, progress: Progress | None) -> None:
         self.tar = tar
         self.idmap = idmap
         self.progress = progress
         self.links: dict[tuple[int, int], str] = {}
         self.content_size = 0
 
-    def _header(self, name: str, kind: bytes, st: os.stat_result | None, path: str | None) -> tarfile.TarInfo:
+    def _header(self, name: str, kind: bytes, st: os.stat_result | None,
+                handle: XattrHandle | None) -> tarfile.TarInfo:
         info = tarfile.TarInfo(name)
         info.type = kind
         info.uname = info.gname = ""
         if st is None:
             info.mode, info.uid, info.gid, info.mtime = _OPAQUE_ENTRY_MODE, 0, 0, 0
             return info
-        assert path is not None
-        uid, gid, mode = ondisk.effective_owner(path, st)
-        if stat.S_ISLNK(st.st_mode) or ondisk.read_owner_override(path) is None:
+        assert handle is not None
+        override = None if stat.S_ISLNK(st.st_mode) else ondisk.read_owner_override(handle)
+        if override is None:
             # A real on-disk owner is a host id: map it back to the container's. An override
             # already holds container ids.
-            uid, gid = self.idmap.uid(uid), self.idmap.gid(gid)
-        info.uid, info.gid = uid, gid
+            info.uid, info.gid, mode = self.idmap.uid(st.st_uid), self.idmap.gid(st.st_gid), st.st_mode
+        else:
+            info.uid, info.gid, mode = override.uid, override.gid, override.mode
         info.mode = stat.S_IMODE(mode)
         info.mtime = int(st.st_mtime)
         if not stat.S_ISLNK(st.st_mode):
-            xattrs = _public_xattrs(path)
+            xattrs = _public_xattrs(handle)
             if xattrs:
                 pax: dict[str, str] = {}
                 binary = False
@@ -213,69 +251,140 @@ class _Packer:
         info.mode, info.uid, info.gid, info.mtime, info.size = 0o644, 0, 0, 0, 0
         self.tar.addfile(info)
 
-    def pack_dir(self, abs_dir: str, rel_dir: str) -> None:
-        """Emit the entries of one directory (not the directory itself), sorted by byte name."""
-        with os.scandir(abs_dir) as it:
-            entries = sorted(it, key=lambda e: os.fsencode(e.name))
-        emitted: set[str] = set()
-        for entry in entries:
-            name = entry.name
-            if name == ondisk.OPAQUE_MARKER:
-                continue  # exported with its directory, from either opaque format
-            st = entry.stat(follow_symlinks=False)
-            hidden = ondisk.whited_out_name(name)
-            if hidden is None and ondisk.is_whiteout_stat(st):
-                hidden = name
-            if hidden is not None:
-                if hidden not in emitted:  # both on-disk formats for one name give one entry
-                    self._whiteout(rel_dir, hidden)
-                    emitted.add(hidden)
-                continue
-            self._entry(os.path.join(abs_dir, name), rel_dir + name, st)
+    def pack_tree(self, root_fd: int) -> None:
+        """Emit every entry below the open directory ``root_fd``, depth first, sorted by byte name.
 
-    def _entry(self, path: str, rel: str, st: os.stat_result) -> None:
+        Iterative, holding one descriptor per level: a hostile tree's depth meets
+        :data:`MAX_DEPTH` (one line), never the interpreter's recursion limit.
+        """
+        stack = [_Level(root_fd, "", iter(fdtree.list_names(root_fd)), owned=False)]
+        try:
+            while stack:
+                level = stack[-1]
+                name = next(level.names, None)
+                if name is None:
+                    stack.pop()
+                    if level.owned:
+                        os.close(level.fd)
+                    continue
+                child = self._visit(level, name)
+                if child is not None:
+                    rel = level.rel + name + "/"
+                    stack.append(_Level(child, rel, iter(()), owned=True))
+                    if len(stack) > MAX_DEPTH:
+                        raise LayerError(f"{rel}: directories nested deeper than {MAX_DEPTH} levels")
+                    stack[-1].names = iter(fdtree.list_names(child))
+        finally:
+            for level in stack:
+                if level.owned:
+                    os.close(level.fd)
+
+    def _visit(self, level: _Level, name: str) -> int | None:
+        """Emit one entry of ``level``; an open descriptor when it is a directory to descend into."""
+        if name == ondisk.OPAQUE_MARKER:
+            return None  # exported with its directory, from either opaque format
+        try:
+            st = fdtree.lstat_in(level.fd, name)
+        except FileNotFoundError:
+            return None  # removed since the listing
+        hidden = ondisk.whited_out_name(name)
+        if hidden is None and ondisk.is_whiteout_stat(st):
+            hidden = name
+        if hidden is not None:
+            if hidden not in level.whiteouts:  # both on-disk formats for one name give one entry
+                self._whiteout(level.rel, hidden)
+                level.whiteouts.add(hidden)
+            return None
+        return self._entry(level.fd, name, level.rel + name, st)
+
+    def _entry(self, dir_fd: int, name: str, rel: str, st: os.stat_result) -> int | None:
+        for _ in range(_ENTRY_ATTEMPTS):
+            try:
+                return self._entry_once(dir_fd, name, rel, st)
+            except _EntryChanged:
+                pass
+            except OSError as e:
+                # ELOOP: a symlink now where a file or directory was; ENOTDIR: a file where a
+                # directory was; EINVAL: readlink of what is no longer a symlink.
+                if e.errno not in (errno.ELOOP, errno.ENOTDIR, errno.EINVAL, errno.ENOENT):
+                    raise
+            try:
+                st = fdtree.lstat_in(dir_fd, name)
+            except FileNotFoundError:
+                return None  # removed while we read it: absent from the layer, as it is now
+        raise LayerError(f"{rel}: kept changing while the layer was read (commit with --pause)")
+
+    def _entry_once(self, dir_fd: int, name: str, rel: str, st: os.stat_result) -> int | None:
         mode = st.st_mode
         if stat.S_ISDIR(mode):
-            if ondisk.read_redirect(path) is not None:
-                raise LayerError(f"{rel}: directory has an overlay redirect, which a layer tar cannot "
-                                 "express")
-            self.tar.addfile(self._header(rel, tarfile.DIRTYPE, st, path))
-            if ondisk.is_opaque_dir(path):
-                self.tar.addfile(self._header(rel + "/" + ondisk.OPAQUE_MARKER, tarfile.REGTYPE, None, None))
-            self.pack_dir(path, rel + "/")
-        elif stat.S_ISREG(mode):
-            key = (st.st_dev, st.st_ino)
-            if st.st_nlink > 1 and key in self.links:
-                info = self._header(rel, tarfile.LNKTYPE, st, path)
-                info.linkname = self.links[key]
-                self.tar.addfile(info)
-                return
-            if st.st_nlink > 1:
-                self.links[key] = rel
-            info = self._header(rel, tarfile.REGTYPE, st, path)
-            info.size = st.st_size
-            self.content_size += st.st_size
-            with open(path, "rb") as f:
-                self.tar.addfile(info, f)
-            if self.progress is not None:
-                self.progress(st.st_size)
+            fd = fdtree.open_dir_in(dir_fd, name)
+            try:
+                self._directory(fd, rel)
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd
+        if stat.S_ISREG(mode):
+            fd, st = fdtree.open_file_in(dir_fd, name)
+            with fdtree.opened(fd):
+                if not stat.S_ISREG(st.st_mode):
+                    raise _EntryChanged
+                device = ondisk.device_placeholder(fd, st)
+                if device is not None:
+                    # A device node kept by an unprivileged user: the tar holds the real node again.
+                    kind = tarfile.CHRTYPE if device[0] == stat.S_IFCHR else tarfile.BLKTYPE
+                    info = self._header(rel, kind, st, fd)
+                    info.devmajor, info.devminor = os.major(device[1]), os.minor(device[1])
+                    self.tar.addfile(info)
+                else:
+                    self._file(fd, rel, st)
         elif stat.S_ISLNK(mode):
-            info = self._header(rel, tarfile.SYMTYPE, st, path)
-            info.linkname = os.readlink(path)
+            info = self._header(rel, tarfile.SYMTYPE, st, fdtree.entry_path(dir_fd, name))
+            info.linkname = os.readlink(name, dir_fd=dir_fd)
             self.tar.addfile(info)
         elif stat.S_ISFIFO(mode):
-            self.tar.addfile(self._header(rel, tarfile.FIFOTYPE, st, path))
+            self.tar.addfile(self._header(rel, tarfile.FIFOTYPE, st, fdtree.entry_path(dir_fd, name)))
         elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-            info = self._header(rel, tarfile.CHRTYPE if stat.S_ISCHR(mode) else tarfile.BLKTYPE, st, path)
+            info = self._header(rel, tarfile.CHRTYPE if stat.S_ISCHR(mode) else tarfile.BLKTYPE, st,
+                                fdtree.entry_path(dir_fd, name))
             info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
             self.tar.addfile(info)
         else:
             log.debug("skipping socket %s: sockets are not part of images", rel)
+        return None
+
+    def _directory(self, fd: int, rel: str) -> None:
+        """The header of an open directory (and its opaque marker); its entries come after."""
+        st = os.fstat(fd)
+        if ondisk.read_redirect(fd) is not None:
+            raise LayerError(f"{rel}: directory has an overlay redirect, which a layer tar cannot "
+                             "express")
+        self.tar.addfile(self._header(rel, tarfile.DIRTYPE, st, fd))
+        if ondisk.is_opaque_dir(fd):
+            self.tar.addfile(self._header(rel + "/" + ondisk.OPAQUE_MARKER, tarfile.REGTYPE, None, None))
+
+    def _file(self, fd: int, rel: str, st: os.stat_result) -> None:
+        key = (st.st_dev, st.st_ino)
+        if st.st_nlink > 1 and key in self.links:
+            info = self._header(rel, tarfile.LNKTYPE, st, fd)
+            info.linkname = self.links[key]
+            self.tar.addfile(info)
+            return
+        if st.st_nlink > 1:
+            self.links[key] = rel
+        info = self._header(rel, tarfile.REGTYPE, st, fd)
+        info.size = st.st_size
+        self.content_size += st.st_size
+        self.tar.addfile(info, fdtree.ExactReader(fd, st.st_size))
+        if self.progress is not None:
+            self.progress(st.st_size)
 
 
-def _public_xattrs(path: str) -> list[tuple[str, bytes]]:
+def _public_xattrs(handle: XattrHandle) -> list[tuple[str, bytes]]:
+    # A descriptor is used as itself; a path's last component is never followed.
+    follow = isinstance(handle, int)
     try:
-        names = os.listxattr(path, follow_symlinks=False)
+        names = os.listxattr(handle, follow_symlinks=follow)
     except OSError:
         return []
     result = []
@@ -283,7 +392,7 @@ def _public_xattrs(path: str) -> list[tuple[str, bytes]]:
         if ondisk.is_private_xattr(name) or name.startswith("trusted.") or name == "security.selinux":
             continue
         try:
-            result.append((name, os.getxattr(path, name, follow_symlinks=False)))
+            result.append((name, os.getxattr(handle, name, follow_symlinks=follow)))
         except OSError:
             continue
     return result
@@ -311,10 +420,11 @@ def pack_layer(src_dir: Path, out: BinaryIO | HashingWriter | None, compress: bo
         tar = tarfile.open(fileobj=plain, mode="w|", format=tarfile.PAX_FORMAT,  # type: ignore[call-overload]
                            encoding="utf-8", errors="surrogateescape")
         try:
-            packer = _Packer(src_dir, tar, idmap, progress)
-            if ondisk.is_opaque_dir(str(src_dir)):
-                tar.addfile(packer._header(ondisk.OPAQUE_MARKER, tarfile.REGTYPE, None, None))
-            packer.pack_dir(str(src_dir), "")
+            packer = _Packer(tar, idmap, progress)
+            with fdtree.opened(fdtree.open_root(src_dir)) as root_fd:
+                if ondisk.is_opaque_dir(root_fd):
+                    tar.addfile(packer._header(ondisk.OPAQUE_MARKER, tarfile.REGTYPE, None, None))
+                packer.pack_tree(root_fd)
         finally:
             tar.close()
     finally:

@@ -8,7 +8,7 @@ The tar is hostile until proven otherwise. It is unpacked in three steps:
 2. **Validate** every member in a pure pass, before anything is created: names are normalised and
    refused when absolute, when they contain ``..``, or when an ancestor is a symlink or a
    non-directory made earlier in the same tar; hardlinks must name an earlier, non-directory member;
-   device nodes are refused where we cannot create them; sizes and counts are bounded. The result is
+   sizes and counts are bounded. The result is
    a plan of operations.
 3. **Execute** the plan into a fresh directory. Every path is walked component by component from a
    directory fd with ``O_NOFOLLOW``, so even a plan the validator got wrong cannot write outside.
@@ -18,7 +18,9 @@ The tar is hostile until proven otherwise. It is unpacked in three steps:
 OCI whiteouts become on-disk whiteouts (``ondisk.make_whiteout``: char 0/0 where mknod is allowed),
 ``.wh..wh..opq`` becomes ``ondisk.mark_opaque``. Ownership is applied with chown when permitted; an
 unprivileged user instead records the intended owner and mode in the owner-override xattr and keeps
-the real mode readable for itself (``u+r`` on files, ``u+rwx`` on directories).
+the real mode readable for itself (``u+r`` on files, ``u+rwx`` on directories). A device node it
+cannot create becomes a placeholder whose override carries the device (``ondisk.device_placeholder``,
+containers/storage's rootless format), so the layer tar lamina writes holds the real node again.
 
 The caller unpacks into a temporary directory and renames it into place; on any error the directory
 is removed here.
@@ -40,7 +42,7 @@ from typing import BinaryIO
 
 from lamina.errors import LayerError
 from store.blobs import CHUNK, HashingWriter, remove_tree, temp_name
-from store.compression import detect, open_decompressed
+from store.compression import UnbufferedOutput, detect, open_decompressed
 from unionfs import ondisk
 
 log = logging.getLogger(__name__)
@@ -91,8 +93,6 @@ def is_host_root() -> bool:
     return os.geteuid() == 0 and ondisk.XattrNamespace.for_current_user() is ondisk.XattrNamespace.TRUSTED
 
 
-can_mknod_devices = is_host_root
-
 
 # --- step 1: decompress --------------------------------------------------------------------------
 
@@ -101,8 +101,8 @@ def decompress_to(source: BinaryIO, out_path: Path, limits: Limits,
                   progress: Progress | None = None) -> tuple[str, int, str | None]:
     """Write the uncompressed bytes of ``source`` to ``out_path``; return (diff_id, size, compression)."""
     stream, kind = open_decompressed(source)
-    with open(out_path, "xb") as out:
-        w = HashingWriter(out)
+    with UnbufferedOutput(out_path) as out:
+        w = HashingWriter(out)  # type: ignore[arg-type]  # a write-only file is all it uses
         try:
             while chunk := stream.read(CHUNK):
                 w.write(chunk)
@@ -112,8 +112,8 @@ def decompress_to(source: BinaryIO, out_path: Path, limits: Limits,
                     raise LayerError(f"layer is larger than the limit of {limits.max_total_bytes} bytes "
                                      "uncompressed (set LAMINA_MAX_LAYER_BYTES to allow it)")
         except (OSError, EOFError, ValueError) as e:
-            if isinstance(e, LayerError):
-                raise
+            if isinstance(e, LayerError) or getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+                raise  # a full disk is not a corrupt layer: the caller names the filesystem
             raise LayerError(f"corrupt {kind or 'tar'} layer stream: {e}") from None
         except Exception as e:
             if type(e).__module__.startswith("zstandard") or "Zstd" in type(e).__name__:
@@ -148,16 +148,13 @@ def _stored_size(member: tarfile.TarInfo) -> int:
     return member.size
 
 
-def validate(members: list[tarfile.TarInfo], archive_size: int, limits: Limits | None = None,
-             devices_allowed: bool | None = None) -> _Plan:
+def validate(members: list[tarfile.TarInfo], archive_size: int, limits: Limits | None = None) -> _Plan:
     """Check every member of a layer tar and return what to do; raise LayerError on the first problem.
 
     Pure: reads only the member list. ``archive_size`` is the size of the plain tar, to catch members
     whose data would lie beyond its end.
     """
     limits = limits or Limits()
-    if devices_allowed is None:
-        devices_allowed = can_mknod_devices()
     if len(members) > limits.max_entries:
         raise LayerError(f"layer has {len(members)} entries, more than the limit of {limits.max_entries}")
     kinds: dict[tuple[str, ...], str] = {}
@@ -234,9 +231,6 @@ def validate(members: list[tarfile.TarInfo], archive_size: int, limits: Limits |
             continue
         elif m.ischr() or m.isblk():
             kind = "chr" if m.ischr() else "blk"
-            if not devices_allowed:
-                raise LayerError(f"entry {m.name!r}: device node {m.devmajor}:{m.devminor} cannot be "
-                                 "created without privileges")
         else:
             raise LayerError(f"entry {m.name!r}: unsupported tar entry type {m.type!r}")
         plan.ops.append(_Op(kind, path, m))
@@ -278,6 +272,7 @@ class _Extractor:
         # user cannot remove or read outside that namespace; overrides keep it manageable.
         self.privileged = is_host_root()
         self.deferred_dirs: dict[tuple[str, ...], tarfile.TarInfo | None] = {}
+        self.placeholders: list[tuple[str, ...]] = []
         self._cache: tuple[tuple[str, ...], int] | None = None
 
     def close(self) -> None:
@@ -360,9 +355,7 @@ class _Extractor:
                 os.mkfifo(name, 0o600, dir_fd=pfd)
                 self._finish_special(pfd, name, op.member)
             else:
-                kind = stat.S_IFCHR if op.kind == "chr" else stat.S_IFBLK
-                os.mknod(name, kind | 0o600, os.makedev(op.member.devmajor, op.member.devminor), dir_fd=pfd)
-                self._finish_special(pfd, name, op.member)
+                self._make_device(pfd, name, op)
         self.close()
         for parent, name in plan.whiteouts:
             fd = self._open_dir(parent)
@@ -399,6 +392,29 @@ class _Extractor:
                     os.utime(fd, ns=(_ns(member.mtime), _ns(member.mtime)))
             finally:
                 os.close(fd)
+        if self.placeholders:
+            self._record_placeholders()
+
+    def _record_placeholders(self) -> None:
+        """List the device placeholders still there (a later entry may have replaced one) on the
+        layer's root, for the union to leave out (see :mod:`unionfs.ondisk`)."""
+        kept = []
+        for path in self.placeholders:
+            try:
+                fd = self._open_dir(path[:-1], create=False)
+            except OSError:
+                continue  # its directory was replaced (by a file or a symlink): gone
+            try:
+                st = os.stat(path[-1], dir_fd=fd, follow_symlinks=False)
+                if ondisk.device_placeholder(f"/proc/self/fd/{fd}/{path[-1]}", st) is not None:
+                    kept.append("/".join(path))
+            except FileNotFoundError:
+                pass
+            finally:
+                os.close(fd)
+        if kept and not ondisk.write_placeholder_list(self.root_path, kept):
+            log.info("%d device placeholders are too many to list: containers will show them as "
+                     "empty files", len(kept))
 
     def _write_file(self, pfd: int, name: str, member: tarfile.TarInfo) -> None:
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
@@ -423,6 +439,27 @@ class _Extractor:
             self._apply_owner_mode(fd, member.uid, member.gid, stat.S_IFREG | member.mode, is_dir=False)
             self._apply_xattrs(fd, member)
             os.utime(fd, ns=(_ns(member.mtime), _ns(member.mtime)))
+        finally:
+            os.close(fd)
+
+    def _make_device(self, pfd: int, name: str, op: _Op) -> None:
+        m = op.member
+        kind = stat.S_IFCHR if op.kind == "chr" else stat.S_IFBLK
+        if self.privileged:
+            try:
+                os.mknod(name, kind | 0o600, os.makedev(m.devmajor, m.devminor), dir_fd=pfd)
+            except PermissionError:
+                pass  # root without CAP_MKNOD (in a container): keep a placeholder, as below
+            else:
+                self._finish_special(pfd, name, m)
+                return
+        # As containers/storage in rootless storage: an empty file whose override names the device.
+        override = ondisk.OwnerOverride.for_device(m.uid, m.gid, kind | m.mode, m.devmajor, m.devminor)
+        fd = ondisk.write_device_placeholder(pfd, name, override)
+        self.placeholders.append(op.path)
+        try:
+            self._apply_xattrs(fd, m)
+            os.utime(fd, ns=(_ns(m.mtime), _ns(m.mtime)))
         finally:
             os.close(fd)
 

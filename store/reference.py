@@ -24,7 +24,9 @@ _TAG_RE = re.compile(r"^[\w][\w.-]{0,127}$")
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 _HOST_RE = re.compile(r"^(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)(?:\.[a-zA-Z0-9-]+)*(?::[0-9]+)?$"
                       r"|^\[[0-9a-fA-F:]+\](?::[0-9]+)?$")
-HEX_ID_RE = re.compile(r"^(?:sha256:)?[0-9a-f]{1,64}$")
+# docker's truncatedID (daemon/containerd/image.go): an image ID prefix has at least 4 hex digits,
+# so `FROM a` or `run b` names an image, never whichever ID happens to start with that letter.
+HEX_ID_RE = re.compile(r"^(?:sha256:)?[0-9a-f]{4,64}$")
 
 
 @dataclass(frozen=True)

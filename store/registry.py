@@ -36,6 +36,7 @@ import os
 import re
 import secrets
 import ssl
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
@@ -44,6 +45,7 @@ from pathlib import Path
 from typing import Protocol
 
 from lamina import __version__
+from lamina.bounded import JSON_LIMIT
 from lamina.errors import RegistryError
 from store.registry_manifest import (
     DOCKER_SCHEMA1,
@@ -62,8 +64,8 @@ from store.registry_manifest import (
 
 log = logging.getLogger(__name__)
 
-# Limits on what we hold in memory; real manifests are a few KiB.
-MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+# Limits on what we hold in memory; real manifests are a few KiB (containers/image's limits).
+MAX_MANIFEST_BYTES = JSON_LIMIT
 MAX_TOKEN_BYTES = 1024 * 1024
 MAX_ERROR_BYTES = 64 * 1024
 
@@ -74,6 +76,8 @@ READ_SIZE = 1024 * 1024
 MAX_REDIRECTS = 5
 # A blob download cut short is resumed (HTTP Range) at most this many times.
 MAX_RESUMES = 3
+# Image indexes followed through other indexes at most this deep.
+MAX_INDEX_DEPTH = 4
 
 # The distribution spec's grammar for repository names and tags.
 REPOSITORY_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*")
@@ -88,6 +92,49 @@ class Readable(Protocol):
     def read(self, size: int = -1, /) -> bytes: ...
     def seek(self, offset: int, whence: int = 0, /) -> int: ...
     def tell(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class LowSpeedLimit:
+    """curl's ``--speed-limit``/``--speed-time``: a transfer that averages fewer than ``bytes_per_second``
+    over ``seconds`` is aborted, so a registry that trickles a byte now and then cannot hold a pull
+    forever (each byte resets the socket timeout). Set by ``LAMINA_SPEED_LIMIT`` (bytes/s, 0 turns it
+    off) and ``LAMINA_SPEED_TIME`` (seconds)."""
+
+    bytes_per_second: int = 1024
+    seconds: float = 30.0
+
+    @classmethod
+    def from_environment(cls) -> LowSpeedLimit:
+        try:
+            return cls(int(os.environ.get("LAMINA_SPEED_LIMIT", cls.bytes_per_second)),
+                       float(os.environ.get("LAMINA_SPEED_TIME", cls.seconds)))
+        except ValueError:
+            raise RegistryError("LAMINA_SPEED_LIMIT and LAMINA_SPEED_TIME must be numbers") from None
+
+    def watch(self, what: str) -> _SpeedWatch:
+        return _SpeedWatch(self, what)
+
+
+class _SpeedWatch:
+    def __init__(self, limit: LowSpeedLimit, what: str) -> None:
+        self.limit = limit
+        self.what = what
+        self.window_start = time.monotonic()
+        self.window_bytes = 0
+
+    def received(self, count: int) -> None:
+        """Count ``count`` more bytes; RegistryError when the last window was too slow."""
+        if self.limit.bytes_per_second <= 0:
+            return
+        self.window_bytes += count
+        elapsed = time.monotonic() - self.window_start
+        if elapsed < self.limit.seconds:
+            return
+        if self.window_bytes < self.limit.bytes_per_second * elapsed:
+            raise RegistryError(f"{self.what}: slower than {self.limit.bytes_per_second} bytes/s for "
+                                f"{self.limit.seconds:g} s, aborted (LAMINA_SPEED_LIMIT, LAMINA_SPEED_TIME)")
+        self.window_start, self.window_bytes = time.monotonic(), 0
 
 
 class TransientRegistryError(RegistryError):
@@ -203,7 +250,7 @@ class RegistryClient:
 
     def __init__(self, registry: str, *, tls_verify: bool = True,
                  credentials: tuple[str, str] | None = None, timeout: float = 60.0,
-                 cert_dir: Path | None = None) -> None:
+                 cert_dir: Path | None = None, low_speed: LowSpeedLimit | None = None) -> None:
         if not registry or "/" in registry or any(c.isspace() for c in registry):
             raise RegistryError(f"invalid registry host: {registry!r}")
         self.registry = registry
@@ -211,6 +258,7 @@ class RegistryClient:
         self.credentials = credentials
         self.timeout = timeout
         self.cert_dir = cert_dir
+        self.low_speed = low_speed or LowSpeedLimit.from_environment()
         self._tls_contexts: dict[tuple[bool, str | None], ssl.SSLContext] = {}
         self._endpoint: _Endpoint | None = None
         self._challenge: _Challenge | None = None
@@ -231,7 +279,7 @@ class RegistryClient:
         """A client for the same registry with its own connection, sharing what the ping and the token
         server answered (so parallel downloads need neither again). Each thread uses its own clone."""
         twin = RegistryClient(self.registry, tls_verify=self.tls_verify, credentials=self.credentials,
-                              timeout=self.timeout, cert_dir=self.cert_dir)
+                              timeout=self.timeout, cert_dir=self.cert_dir, low_speed=self.low_speed)
         self._ping()
         twin._endpoint, twin._challenge, twin._tokens = self._endpoint, self._challenge, self._tokens
         twin._tls_contexts = self._tls_contexts
@@ -518,12 +566,15 @@ class RegistryClient:
         first = self.get_manifest(repository, reference)
         if not first.is_index:
             return first, None
-        entry = select_platform(first.json(), want)
-        digest = check_digest(entry.get("digest"), "manifest digest in the index")
-        manifest = self.get_manifest(repository, digest)
-        if manifest.is_index:
-            raise RegistryError(f"{repository}@{digest}: an index inside an index is not supported")
-        return manifest, first
+        manifest = first
+        # An index may name an index for the platform (as containerd, followed a few levels deep).
+        for _depth in range(MAX_INDEX_DEPTH):
+            entry = select_platform(manifest.json(), want)
+            digest = check_digest(entry.get("digest"), "manifest digest in the index")
+            manifest = self.get_manifest(repository, digest)
+            if not manifest.is_index:
+                return manifest, first
+        raise RegistryError(f"{repository}:{reference}: indexes nested more than {MAX_INDEX_DEPTH} deep")
 
     def put_manifest(self, repository: str, reference: str, data: bytes, media_type: str) -> str:
         """Upload a manifest under a tag (or its digest); returns its digest."""
@@ -584,12 +635,15 @@ class RegistryClient:
         # The store's temporary-file convention: a name starting with our pid, so that a cleaner can
         # tell a crashed pull's leftovers from a live one's.
         path = directory / f"{os.getpid()}.{secrets.token_hex(6)}.pull"
+        speed = self.low_speed.watch(f"GET blob {digest} from {self.registry}")
         try:
             with open(path, "xb") as out:
                 while True:
                     interruption: str | None = None
                     try:
-                        chunk = response.read(READ_SIZE)
+                        # read1: what has arrived, so that a trickle is measured as it comes.
+                        chunk = response.read1(READ_SIZE)
+                        speed.received(len(chunk))
                     except (OSError, http.client.HTTPException) as e:
                         chunk, interruption = b"", f"download interrupted: {e}"
                     if not chunk and response.length and interruption is None:
@@ -713,7 +767,7 @@ class RegistryClient:
         try:
             if what is not None and length and length.isdigit() and int(length) > limit:
                 raise RegistryError(f"{what} is {length} bytes, more than the {limit} lamina accepts")
-            data = response.read(limit + 1)
+            data = self._read_at_most(response, limit + 1)
             if len(data) > limit:
                 if what is not None:
                     raise RegistryError(f"{what} is larger than the {limit} bytes lamina accepts")
@@ -727,6 +781,20 @@ class RegistryClient:
         except RegistryError:
             self.close()
             raise
+
+    def _read_at_most(self, response: http.client.HTTPResponse, size: int) -> bytes:
+        """Up to ``size`` bytes of the body, aborted when it comes slower than the low-speed limit."""
+        speed = self.low_speed.watch(f"reading a response from {self.registry}")
+        chunks: list[bytes] = []
+        left = size
+        while left > 0:
+            chunk = response.read1(min(left, READ_SIZE))
+            if not chunk:
+                break
+            speed.received(len(chunk))
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
 
     def _upload_location(self, response: http.client.HTTPResponse) -> str:
         location = response.getheader("Location")

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from lamina.bounded import JSON_LIMIT
 from lamina.errors import RegistryError
 
 # Media types (OCI image spec and Docker's image manifest v2, schema 2).
@@ -27,8 +28,8 @@ IMAGE_MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
 INDEX_TYPES = (OCI_INDEX, DOCKER_MANIFEST_LIST)
 MANIFEST_ACCEPT = ", ".join((OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST))
 
-# Configs are held in memory; real ones are a few KiB.
-MAX_CONFIG_BYTES = 16 * 1024 * 1024
+# Configs are held in memory; real ones are a few KiB (containers/image's MaxConfigBodySize).
+MAX_CONFIG_BYTES = JSON_LIMIT
 
 DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 # platform.machine() → OCI architecture (and variant where one is customary).
@@ -142,10 +143,12 @@ def select_platform(index: dict, want: Platform | None = None) -> dict:
         if not isinstance(plat, dict):
             continue
         os_name, arch, variant = plat.get("os"), plat.get("architecture"), plat.get("variant")
-        offered.append("/".join(str(p) for p in (os_name, arch, variant) if p))
-        if os_name != want.os or arch != want.architecture:
+        name = "/".join(str(p) for p in (os_name, arch, variant) if p)
+        if entry.get("mediaType") not in (None, *IMAGE_MANIFEST_TYPES, *INDEX_TYPES):
+            offered.append(f"{name} as {str(entry.get('mediaType'))[:100]}, which lamina does not read")
             continue
-        if entry.get("mediaType") not in (None, *IMAGE_MANIFEST_TYPES):
+        offered.append(name)
+        if os_name != want.os or arch != want.architecture:
             continue
         if variant == want.variant:
             rank = 0

@@ -11,6 +11,10 @@ Layout::
     images/<idhex>.json     an image record: which manifest blob and config blob make the image
     images/tags.json        {"registry/repository:tag": "<idhex>"}
 
+Privacy: the root and every directory in it that holds content are 0700, and a store found open
+to other users is closed on first use (:mod:`store.private`): layers hold setuid-root files and
+device nodes that no other local user may reach.
+
 Crash safety: every object appears by one ``rename`` of something fully written and fsynced (a blob
 file, a layer directory, a record, the tag index), in dependency order (blobs, then layers, then the
 image record, then tags). A kill -9 at any point leaves only unreferenced objects and temporary
@@ -39,6 +43,7 @@ from typing import Any, BinaryIO
 
 from lamina.errors import FormatError, ImageNotFound, StoreError, UsageError
 from lamina.timeparse import parse_time
+from store import private
 from store.blobs import (
     BlobStore,
     digest_hex,
@@ -196,8 +201,11 @@ class Store:
         """Open (creating its layout when missing) the store at ``root``."""
         root = Path(root)
         try:
-            for sub in ("blobs/sha256", "layers", "images", "tmp", "containers"):
-                (root / sub).mkdir(parents=True, exist_ok=True)
+            root.parent.mkdir(parents=True, exist_ok=True)
+            private.make_private_dir(root)
+            private.tighten(root)
+            for sub in private.CONTENT_DIRS:
+                private.make_private_dir(root / sub)
         except OSError as e:
             raise StoreError(f"cannot create the store at {root}: {e.strerror}") from None
         return cls(root)
@@ -306,7 +314,7 @@ class Store:
             if expected_diff_id is not None and self.has_layer(expected_diff_id):
                 return expected_diff_id, self.layer_tar_size(expected_diff_id)
             work = temp_name(self.tmp_dir, "layer")
-            work.mkdir(parents=True)
+            private.make_private_dir(work)
             try:
                 result = unpack_layer(self.blobs.path(blob_digest), work / "diff", self.tmp_dir, Limits(),
                                       expected_diff_id=expected_diff_id, progress=progress,
@@ -347,7 +355,7 @@ class Store:
             assert result.digest is not None
             if adopt and not self.has_layer(result.diff_id):
                 work = temp_name(self.tmp_dir, "layer")
-                work.mkdir(parents=True)
+                private.make_private_dir(work)
                 try:
                     os.rename(diff_dir, work / "diff")
                     self._install_layer(work, result.diff_id, result.tar_size, result.content_size)
@@ -663,10 +671,14 @@ class Store:
 
         Checks blob digests, that every image's manifest, config and layer blobs exist, that its
         layers are unpacked, and that every tag names an existing image. Stale temporary files of
-        crashed writers are removed (they are never visible, only wasted space).
+        crashed writers are removed (they are never visible, only wasted space). Directories that
+        were open to other users (those :meth:`open` tightened) are reported, and every layer,
+        container and mount directory is made private too (see :mod:`store.private`).
         """
-        problems: list[str] = []
+        problems = private.tightened_by_this_process(self.root)
         with self.lock():
+            problems.extend(private.foreign_owner(self.root))
+            private.tighten_objects(self.root)
             remove_stale_temps(self.tmp_dir)
             if verify_blobs:
                 for digest in self.blobs.all_digests():

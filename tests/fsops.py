@@ -25,6 +25,13 @@ Why the pieces look the way they do:
   the latter. Candidate ``lamina-userns`` serves and uses lamina from inside a user + mount namespace
   (as the builder and runner do); its oracle is the same kernel mount used by root of such a
   namespace, and its upper is checked with ``-o userxattr``.
+* Some operations are there for what the kernel keeps between calls: an append right after a
+  listing with nothing between (without writeback cache the kernel starts an O_APPEND write at the
+  size it holds, so whatever a listing told it shows), appends while another thread lists the
+  parent (dropping the kernel's cached listing each time, so the filesystem answers),
+  ``open(O_RDONLY|O_TRUNC)``, and fallocate in every mode -- the last only when the candidate
+  supports fallocate(2) at all (probed on a scratch mount; ``LAMINA_DIFF_FALLOCATE=on|off``
+  decides instead), so that a missing call is one finding, not a divergence at every seed.
 * After the sequence: the merged trees, then both remounted (inode numbers must not change), then
   the candidate's upper mounted by the kernel must show the candidate's tree. A failing seed shrinks
   (``--shrink``) to a minimal operation list over the same lowers (``--replay``); bugs found that way
@@ -52,6 +59,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -447,6 +455,8 @@ def _serve(argv: list[str], mountpoint: Path, log: Path, t0_ns: int) -> int:
 # --- operations ----------------------------------------------------------------------------------
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_libc_fallocate = _libc.fallocate
+_libc_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 
 def renameat2(src: str, dst: str, flags: int) -> None:
@@ -510,6 +520,88 @@ def _strip_stable(res: Any) -> Any:
 
 def _stable(res: Result) -> bool:
     return res[0] != "ok" or bool(res[1][1])
+
+
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_COLLAPSE_RANGE = 0x01, 0x02, 0x08
+FALLOC_FL_ZERO_RANGE, FALLOC_FL_INSERT_RANGE = 0x10, 0x20
+# The kernel's FUSE module refuses collapse and insert range for every FUSE filesystem
+# (fuse_file_fallocate: EOPNOTSUPP before any request), so only a kernel candidate gets those.
+FUSE_FALLOCATE_MODES = (0, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE,
+                        FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE)
+KERNEL_FALLOCATE_MODES = (*FUSE_FALLOCATE_MODES, FALLOC_FL_COLLAPSE_RANGE, FALLOC_FL_INSERT_RANGE)
+# "on" or "off" forces the fallocate operations in or out; unset: in when the candidate supports
+# fallocate(2) at all (probed on a scratch mount, see fallocate_supported).
+FALLOCATE_SWITCH = "LAMINA_DIFF_FALLOCATE"
+
+
+def _fallocate(path: str, mode: int, offset: int, length: int) -> None:
+    fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
+    try:
+        if _libc_fallocate(fd, mode, offset, length) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+    finally:
+        os.close(fd)
+
+
+def _append(path: str, data: bytes) -> int:
+    fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_APPEND)
+    try:
+        return os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _append_after_listing(path: str, data: bytes) -> int:
+    """List the parent, then append with nothing between that would make the kernel ask for the
+    file's attributes: the write lands where the listing told the kernel the file ends."""
+    with contextlib.suppress(OSError):
+        os.listdir(os.path.dirname(path))
+    return _append(path, data)
+
+
+def _list_uncached(directory: str) -> None:
+    """List ``directory`` after dropping the listing the kernel may keep in its page cache, so
+    that the filesystem answers it (with whatever attributes it sends along)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.listdir(fd)
+        finally:
+            os.close(fd)
+
+
+def _append_while_listing(root: str, path: str, data: bytes) -> str | None:
+    """Append ``data`` in four opens after a listing of the parent and while another thread
+    lists it without pause; the file's content after, when it lies inside ``root`` (a symlink
+    such as "../b" leads out of the mount, to one file both sides write)."""
+    stop = threading.Event()
+    _list_uncached(os.path.dirname(path))
+
+    def list_repeatedly() -> None:
+        while not stop.is_set():
+            _list_uncached(os.path.dirname(path))
+
+    lister = threading.Thread(target=list_repeatedly)
+    lister.start()
+    try:
+        quarter = max(1, len(data) // 4)
+        for start in range(0, max(len(data), 1), quarter):
+            _append(path, data[start:start + quarter])
+    finally:
+        stop.set()
+        lister.join()
+    inside = os.path.realpath(path).startswith(os.path.realpath(root) + os.sep)
+    return _content(path) if inside else None
+
+
+def _open_rdonly_trunc(path: str) -> str:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_TRUNC)
+    try:
+        return os.read(fd, 64).hex()
+    finally:
+        os.close(fd)
 
 
 def apply_op(root: str, op: list[Any], t0_ns: int) -> Result:
@@ -628,6 +720,14 @@ def apply_op(root: str, op: list[Any], t0_ns: int) -> Result:
         elif name == "open_rdonly":
             fd = os.open(p(args[0]), os.O_RDONLY | os.O_NONBLOCK)
             os.close(fd)
+        elif name == "open_rdonly_trunc":
+            value = _open_rdonly_trunc(p(args[0]))
+        elif name == "append_after_listing":
+            value = _append_after_listing(p(args[0]), bytes.fromhex(args[1]))
+        elif name == "append_while_listing":
+            value = _append_while_listing(root, p(args[0]), bytes.fromhex(args[1]))
+        elif name == "fallocate":
+            _fallocate(p(args[0]), args[1], args[2], args[3])
         else:
             raise ValueError(f"unknown operation {name}")
         return ("ok", value)
@@ -649,11 +749,13 @@ def list_tree(root: str) -> tuple[list[str], list[str]]:
     return sorted(paths), sorted(dirs)
 
 
-def generate_op(rng: random.Random, oracle_root: str, userns: bool = False) -> list[Any]:
+def generate_op(rng: random.Random, oracle_root: str, userns: bool = False,
+                fallocate_modes: tuple[int, ...] = ()) -> list[Any]:
     """Choose the next operation from the oracle's current tree.
 
     ``userns``: the candidate runs in a user namespace, where trusted.* xattrs are out of reach for
-    everybody (the kernel oracle, as real root, would allow them).
+    everybody (the kernel oracle, as real root, would allow them). ``fallocate_modes``: the
+    fallocate(2) modes to try (none: no fallocate operations).
     """
     paths, dirs = list_tree(oracle_root)
     everything = [""] + paths
@@ -685,6 +787,8 @@ def generate_op(rng: random.Random, oracle_root: str, userns: bool = False) -> l
         "setxattr": 4, "removexattr": 2, "getxattr": 1, "listxattr": 2, "mkfifo": 2,
         "rmtree_mkdir": 3, "stat": 5, "readdir": 5, "readlink": 1, "open_rdonly": 2,
         "unlinked_open": 2, "replaced_open": 2, "mknod": 0 if userns else 1,
+        "open_rdonly_trunc": 2, "append_after_listing": 4, "append_while_listing": 2,
+        "fallocate": 4 if fallocate_modes else 0,
     }
     name = rng.choices(list(weights), weights=list(weights.values()))[0]
     if name in ("create", "create_excl"):
@@ -692,8 +796,14 @@ def generate_op(rng: random.Random, oracle_root: str, userns: bool = False) -> l
                 data()]
     if name == "write":
         return [name, existing_file(), rng.choice([0, 5, 4096, 70000]), data()]
-    if name == "append":
+    if name in ("append", "append_after_listing", "append_while_listing"):
         return [name, existing_file(), data()]
+    if name == "open_rdonly_trunc":
+        return [name, existing_file()]
+    if name == "fallocate":
+        # Collapse and insert need block-aligned ranges (EINVAL otherwise, on both sides alike).
+        return [name, existing_file(), rng.choice(fallocate_modes), rng.choice([0, 100, 4096, 8192]),
+                rng.choice([1, 4096, 10000, 8192])]
     if name == "truncate":
         target = existing_file()
         try:
@@ -997,6 +1107,21 @@ CASES: dict[str, tuple[Callable[[Path], list[Path]], list[list[Any]]]] = {
     "rename-refused-below-renamed-lower-dir": (_lowers_dirs, [
         ["rename", "a", "n"], ["mkdir", "m", 0o755], ["create", "m/f", 0o644, ""], ["stat", "n/b"],
         ["rename", "n/b/c", "m"], ["stat", "n/b"], ["readdir", "n/b"], ["stat", "n"]]),
+    # An append right after a listing, with no stat between, on a fresh mount: the kernel starts
+    # an O_APPEND write at the size it holds, so a listing must not have told it a wrong one (a
+    # lower file, then one the first append copied up; then an upper file made through the mount).
+    "append-after-listing-cold": (_lowers_one_file, [
+        ["append_after_listing", "d/f", "6d6f640a"], ["append_after_listing", "d/f", "6d6f640a"],
+        ["append_after_listing", "g", "6d6f640a"], ["create", "d/n", 0o644, "6e6577"],
+        ["append_after_listing", "d/n", "6d6f640a"], ["read", "d/f"], ["read", "g"], ["read", "d/n"]]),
+    # The same while another thread lists the directory all the time.
+    "append-while-listing-cold": (_lowers_one_file, [
+        ["append_while_listing", "d/f", "61626364656667"], ["append_while_listing", "g", "6162636465666768"]]),
+    # open(O_RDONLY | O_TRUNC) truncates (Linux does, whatever the access mode), lower or upper.
+    "open-rdonly-trunc": (_lowers_one_file, [
+        ["open_rdonly_trunc", "d/f"], ["stat", "d/f"], ["create", "n", 0o644, "6e6577"],
+        ["open_rdonly_trunc", "n"], ["stat", "n"], ["symlink", "g", "s"], ["open_rdonly_trunc", "s"],
+        ["stat", "g"]]),
     # A copied-up file keeps its inode number, also after a remount.
     "copyup-ino-remount": (_lowers_one_file, [["write", "d/f", 2, "4142"], ["chmod", "g", 0o600],
                                               ["read", "d/f"]]),
@@ -1067,6 +1192,26 @@ def _undo_refused_rename_stamp(kernel: Union, cand: Union, parent: str, before: 
     return bool(kernel.apply(["utime", parent, old, old])[0] == "ok")
 
 
+def fallocate_supported(candidate: str, workdir: Path) -> bool:
+    """Whether the candidate answers fallocate(2) at all (``FALLOCATE_SWITCH`` may say instead):
+    a fresh file on a scratch mount of it, allocated with mode 0. Until it does, the random
+    sequences leave fallocate out rather than report the same EOPNOTSUPP at every seed."""
+    setting = os.environ.get(FALLOCATE_SWITCH, "")
+    if setting in ("on", "off"):
+        return setting == "on"
+    base = workdir / "fallocate-probe"
+    for d in ("lower", "upper", "work"):
+        (base / d).mkdir(parents=True)
+    probe = Union(candidate, [base / "lower"], base / "upper", base / "work", base / "mnt", base / "probe.log",
+                  extra=KERNEL_ORACLE_OPTIONS if candidate == "kernel" else [])
+    probe.mount()
+    try:
+        probe.apply(["create", "f", 0o644, ""])
+        return bool(probe.apply(["fallocate", "f", 0, 0, 4096])[0] == "ok")
+    finally:
+        probe.unmount()
+
+
 def run_differential(seed: int, nops: int, candidate: str, workdir: Path,
                      check_every: int = 20, replay: list[list[Any]] | None = None,
                      case: str | None = None) -> Report:
@@ -1103,6 +1248,10 @@ def run_differential(seed: int, nops: int, candidate: str, workdir: Path,
     kernel.t0_ns = cand.t0_ns = t0_ns
     kernel.in_userns = userns
     kroot = str(kernel.mountpoint)
+    with_fallocate = replay is None and fallocate_supported(candidate, workdir)
+    report.outcomes[f"fallocate-ops:{'on' if with_fallocate else 'off'}"] = 1
+    fallocate_modes = () if not with_fallocate else KERNEL_FALLOCATE_MODES if candidate == "kernel" \
+        else FUSE_FALLOCATE_MODES
     mounted: list[Union] = []
     try:
         for u in (kernel, cand):
@@ -1125,7 +1274,7 @@ def run_differential(seed: int, nops: int, candidate: str, workdir: Path,
         for i in range(nops if replay is None else len(replay)):
             if report.divergences:
                 break
-            op = generate_op(rng, kroot, userns) if replay is None else replay[i]
+            op = generate_op(rng, kroot, userns, fallocate_modes) if replay is None else replay[i]
             report.ops.append(op)
             refusable = userns and op[0] in REFUSED_RENAME_OPS
             parent_before = kernel.apply(["stat", os.path.dirname(op[1])]) if refusable else None

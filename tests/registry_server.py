@@ -428,6 +428,7 @@ class FakeRegistry:
     tests that kill a client mid-download. The first ``failing_blob_gets`` blob GETs fail: with a 503
     (``failure="503"``) or by closing the connection half way (``failure="truncate"``). ``blob_delay``
     holds every blob GET that long; ``max_in_flight`` is the most blob GETs ever served at once.
+    ``trickle=S`` sends every blob body one byte every S seconds (a registry too slow to wait for).
     ``Range: bytes=N-`` is honoured (206) unless ``ranges`` is False; ``range_requests`` records them. With ``bearer`` set, every ``/v2/`` request needs a
     token from the token server (which wants basic credentials ``token_user:token_password`` if set).
     """
@@ -442,6 +443,7 @@ class FakeRegistry:
     failing_blob_gets: int = 0
     failure: str = "503"
     blob_delay: float = 0.0
+    trickle: float | None = None
     ranges: bool = True
     range_requests: list[str] = field(default_factory=list)
     max_in_flight: int = 0
@@ -585,6 +587,16 @@ class FakeRegistry:
                             self._send(206, data[start:],
                                        {"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"})
                             return
+                    if fake.trickle is not None and self.command == "GET":
+                        self.send_response(200)
+                        self.send_header("Content-Length", str(len(data)))
+                        self.end_headers()
+                        with contextlib.suppress(OSError):
+                            for i in range(len(data)):
+                                self.wfile.write(data[i:i + 1])
+                                self.wfile.flush()
+                                time.sleep(fake.trickle)
+                        return
                     if fake.stall_after is not None and self.command == "GET" and len(data) > fake.stall_after:
                         self.send_response(200)
                         self.send_header("Content-Length", str(len(data)))

@@ -51,3 +51,5 @@ def test_malformed_references_are_refused(text: str) -> None:
 def test_looks_like_id() -> None:
     assert looks_like_id("abc123") and looks_like_id("sha256:" + "0" * 64)
     assert not looks_like_id("busybox") and not looks_like_id("0" * 65)
+    # docker: an ID prefix has at least 4 hex digits
+    assert not looks_like_id("a") and not looks_like_id("abc") and looks_like_id("abcd")

@@ -95,6 +95,30 @@ def test_upper_hides_lowers_and_directories_merge(layers: Layers) -> None:
     assert d.in_upper and [layer.index for layer, _ in d.lowers] == [0, 1]
 
 
+def test_device_placeholders_of_a_lower_are_left_out(layers: Layers) -> None:
+    """A device node kept as a placeholder (an unprivileged unpack) is absent from the merged view,
+    lookups and listings alike, as in rootless podman whose storage skips such nodes: what the
+    layers below hold at that name shows through. Unlisted placeholders stay ordinary files."""
+    l0, l1 = layers.lowers
+    write_file(l1 / "srv" / "full", "below")
+    write_file(l1 / "dev" / "keep", "x")
+    (l0 / "srv").mkdir()
+    (l0 / "dev").mkdir()
+    for rel in ("srv/full", "dev/null", "dev/unlisted"):
+        parent = os.open(l0 / os.path.dirname(rel), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            override = ondisk.OwnerOverride.for_device(0, 0, stat.S_IFCHR | 0o666, 1, 3)
+            os.close(ondisk.write_device_placeholder(parent, os.path.basename(rel), override))
+        finally:
+            os.close(parent)
+    assert ondisk.write_placeholder_list(str(l0), ["srv/full", "dev/null"])
+    fs = layers.open()
+    assert names(fs, "dev") == {"keep", "unlisted"}
+    assert fs.lookup(walk(fs, "dev"), "null") is None
+    assert read(fs, "srv/full") == b"below"
+    assert names(fs, "srv") == {"full"}
+
+
 def test_nondirectory_above_directory_hides_it(layers: Layers) -> None:
     l0, l1 = layers.lowers
     write_file(l1 / "d" / "x")

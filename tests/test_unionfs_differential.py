@@ -5,7 +5,8 @@ in a private mount namespace, so a crash or a hang cannot leave mounts behind in
 
 Knobs (environment): LAMINA_DIFF_SEEDS ("8" = seeds 1..8, or "3,17,40"; default 1..4),
 LAMINA_DIFF_OPS (operations per seed, default 200), LAMINA_DIFF_CANDIDATE (lamina or fuse-overlayfs,
-default lamina). A failure prints the first divergence and the command that shrinks it to a minimal
+default lamina), LAMINA_DIFF_FALLOCATE (on/off: fallocate operations in the random sequences; by
+default they are in when the candidate supports fallocate(2) at all, probed on a scratch mount). A failure prints the first divergence and the command that shrinks it to a minimal
 repro.
 """
 
@@ -74,6 +75,21 @@ def test_random_sequence_matches_kernel(seed: int, candidate: str) -> None:
 @pytest.mark.parametrize("case", sorted(fsops.CASES))
 def test_case(case: str, candidate: str) -> None:
     """Hand-written regressions, each first found by a random sequence."""
+    (report,) = run(["--candidate", candidate, "--case", case])
+    assert not report["divergences"], explain(report, f"--candidate {candidate} --case {case}")
+
+
+LISTING_CASES = ["append-after-listing-cold", "append-while-listing-cold"]
+
+
+@pytest.mark.parametrize("candidate", CANDIDATES)
+@pytest.mark.parametrize("case", LISTING_CASES)
+def test_listing_case_with_true_attributes_only(case: str, candidate: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The listing cases again with unionfs.bare_entries switched off (every entry carries true
+    attributes): the other way lamina answers listings."""
+    from unionfs.bare_entries import SWITCH
+
+    monkeypatch.setenv(SWITCH, "off")
     (report,) = run(["--candidate", candidate, "--case", case])
     assert not report["divergences"], explain(report, f"--candidate {candidate} --case {case}")
 

@@ -610,3 +610,27 @@ def test_posix_acls_when_asked(tmp_path: Path, union_mount: Callable) -> None:
     out = subprocess.run(["getfacl", "-cn", str(m / "acl-file")], capture_output=True, text=True, check=True).stdout
     assert "user:65534:r--" in out
     assert "system.posix_acl_access" in os.listxattr(upper / "acl-file")
+
+
+@root_only
+def test_mount_8_runs_lamina_unionfs_as_a_fuse_helper(tmp_path: Path) -> None:
+    """``mount -t fuse.lamina-unionfs SOURCE MNT -o ...`` (fstab, unionmount-testsuite's --fuse) runs
+    ``lamina-unionfs SOURCE MNT -o rw,...,dev,suid`` through mount.fuse3, as for fuse-overlayfs."""
+    if shutil.which("mount.fuse3") is None or shutil.which("unshare") is None:
+        pytest.skip("needs mount.fuse3 and unshare")
+    lowers, upper, work = make_layers(tmp_path)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    helper_dir = tmp_path / "bin"
+    helper_dir.mkdir()
+    helper = helper_dir / "lamina-unionfs"
+    helper.write_text(f"#!/bin/sh\nexec {sys.executable} -m unionfs \"$@\"\n")
+    helper.chmod(0o755)
+    # mount(8) looks helpers up on a fixed PATH: in a private namespace, /usr/local/sbin is ours.
+    script = (f"mount --bind {helper_dir} /usr/local/sbin && "
+              f"mount -t fuse.lamina-unionfs lamina-unionfs {mnt} "
+              f"-o lowerdir={lowers[0]}:{lowers[1]},upperdir={upper},workdir={work} && "
+              f"cat {mnt}/etc/hosts; rc=$?; umount {mnt}; exit $rc")
+    r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                       capture_output=True, text=True, timeout=60, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert r.returncode == 0 and r.stdout == "127.0.0.1 top\n", r.stderr

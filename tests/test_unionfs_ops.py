@@ -181,3 +181,36 @@ def test_rename_and_unlink_through_handlers(ops: UnionOperations, tmp_path: Path
         assert st.f_namemax == 255
 
     run(main)
+
+
+def test_listing_gives_bare_entries_only_for_numbers_that_come_back(
+        ops: UnionOperations, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bare entry holds no lookup, so its node may be dropped and made again: a node whose
+    number comes from the private counter (it would not come back) is listed with true attributes
+    and a counted lookup, so that the listing's d_ino stays its st_ino."""
+    if ops._make_bare is None:
+        pytest.skip("bare entries are not available here")
+    sent: dict[bytes, int] = {}
+
+    def reply(token: Any, name: bytes, attr: pyfuse3.EntryAttributes, next_id: int) -> bool:
+        sent[name] = attr.st_ino  # the node id: 0 for a bare entry
+        return True
+
+    monkeypatch.setattr(pyfuse3, "readdir_reply", reply)
+
+    async def listing() -> dict[bytes, int]:
+        sent.clear()
+        fh = await ops.opendir(ops.core.root.ino, CTX)
+        await ops.readdir(fh, 0, None)
+        await ops.releasedir(fh)
+        return dict(sent)
+
+    first = trio.run(listing)
+    assert first[b"big"] == 0  # bare
+    node = ops.core.root.children["big"]  # type: ignore[index]
+    table = ops.core.table
+    del table.by_ino[node.ino]
+    node.ino = (0xFFFF << 48) + 12345  # as if its identity's number had been taken
+    table.by_ino[node.ino] = node
+    second = trio.run(listing)
+    assert second[b"big"] == node.ino and node.lookups == 1

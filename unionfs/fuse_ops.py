@@ -13,6 +13,41 @@ One request loop serves everything while no handler awaits: pyfuse3's own extra 
 request from task to task through a trio lock, which costs about a fifth of the server's CPU time
 per request. A handler about to wait for a copy-up first makes sure another loop is reading
 requests (``spawn_session_loop``, provided by the server), so a big copy-up stalls nobody.
+
+What the kernel keeps
+---------------------
+The rule: every attribute, size, entry and timeout given to the kernel is true for the whole time
+the kernel may keep it; where the truth is not cheap, give nothing. The kernel believes what it
+keeps: without writeback cache an O_APPEND write starts at the i_size it holds without asking, and
+attributes in a READDIRPLUS reply overwrite fresher ones it had (fuse_change_attributes).
+
+Everything changes through this mount (lower layers never change, and nobody else writes the
+upper while it is mounted), so what is true now stays true until a request here changes it. Hence
+long timeouts (``CACHE_TIMEOUT``) for entries, negative entries and attributes, with these duties:
+
+* ``node.attr`` (the attributes last given, reused by lookup, getattr, setattr replies and
+  listings) is dropped by ``UnionFS.touch`` for every node a change reaches: write (before the
+  data lands), truncate and every setattr, open with O_TRUNC, copy-up (the node, its parent and
+  the parents of its other names), create, mknod, mkdir, symlink (the parent), link and unlink
+  (the node and the parent: nlink, ctime), rename (both parents, the source, a replaced target),
+  setxattr and removexattr (ctime); and by ``read`` here (relatime may move the backing atime,
+  and the kernel asks for atime again after a read). A removed node's attributes are never cached.
+* ``node.st_hint`` (an lstat made by the lookup or create that is being answered) is used once,
+  in that reply, and dropped by the same changes.
+* Listings (``readdir``): an entry carries the node's cached attributes when they are known (true,
+  as above), a fresh stat when callers look closer at what they list, and otherwise nothing -- a
+  bare entry with node id 0, which the kernel takes as a plain READDIR entry and instantiates
+  nothing from (unionfs.bare_entries; with its switch off every entry gets a stat). The kernel
+  ignores the attributes of '.' and '..' in READDIRPLUS.
+* A copy-up also changes what the kernel may hold (new ctimes of the node and its parents), and
+  the request that caused it may be one after which the kernel asks nothing (an open for
+  writing): ``UnionTree.on_copy_up`` has the kernel's attributes of those nodes invalidated.
+* The kernel's own updates: after a write it sets i_size itself and asks for the rest again;
+  after an open with O_TRUNC (atomic_o_trunc) it sets i_size 0 and drops its pages, so the open
+  must truncate whatever the access mode. ``keep_cache`` keeps file pages across opens: the
+  data changes only through this mount.
+* Negative entries: a name appears only through create/mknod/mkdir/symlink/link/rename here,
+  each of which replaces the kernel's negative dentry.
 """
 
 from __future__ import annotations
@@ -30,6 +65,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
+from unionfs.bare_entries import bare_entry_writer
 from unionfs.core import Caller, DirEntry, UnionFS
 from unionfs.core.copyup import begin_copy_up, finish_copy_up
 from unionfs.core.nodes import Node
@@ -41,7 +77,7 @@ log = logging.getLogger(__name__)
 CACHE_TIMEOUT = 86400.0
 # Copy-ups of files larger than this run in a worker thread (and writable opens defer them).
 THREAD_COPY_BYTES = 1 << 20
-PLACEHOLDER_SCORE_RANGE = 32
+BARE_SCORE_RANGE = 32
 # The kernel asks for this before every write and chown of a file (to drop file capabilities); a
 # file gains it only through setxattr, so a node that had none keeps none until the next setxattr.
 CAPS_XATTR = b"security.capability"
@@ -126,12 +162,15 @@ class UnionOperations(pyfuse3.Operations):
         self.dirs: dict[int, DirHandle] = {}
         self._next_dir_fh = 1
         self._next_fh = 1
-        self._placeholder_score = 0  # > 0: callers stat what they list; send real attributes
+        self._bare_score = 0  # > 0: callers look up what they list; send true attributes
+        self._make_bare = bare_entry_writer(pyfuse3.EntryAttributes)
+        self._bare = pyfuse3.EntryAttributes()  # reused for every bare entry of every listing
         self._copying: dict[int, trio.Event] = {}
         # Starts one more request loop (see the module docstring); None when nothing serves /dev/fuse.
         self.spawn_session_loop: Callable[[], None] | None = None
         self._spare_loops = 0
         self._waiting_handlers = 0
+        core.on_copy_up = self._copied_up
 
     # --- helpers ---------------------------------------------------------------------------------
 
@@ -182,19 +221,24 @@ class UnionOperations(pyfuse3.Operations):
             node.attr = a
         return a
 
-    @staticmethod
-    def placeholder_attrs(node: Node) -> pyfuse3.EntryAttributes:
-        """Attributes that expire at once: the kernel learns the name, type and inode number from
-        a listing without us stat-ing the entry, and asks getattr if anybody looks closer."""
-        a = pyfuse3.EntryAttributes()
+    def _bare_entry(self, node: Node) -> pyfuse3.EntryAttributes:
+        """A plain listing entry (name, type, inode number; no node id, no attributes): the kernel
+        makes no inode of it, so nothing it could keep may be wrong (see unionfs.bare_entries)."""
+        assert self._make_bare is not None
+        a = self._bare
         a.st_ino = node.ino
-        a.generation = 0
-        a.entry_timeout = CACHE_TIMEOUT
-        a.attr_timeout = 0
         a.st_mode = node.kind
-        a.st_nlink = 1
-        a.st_blksize = 4096
+        self._make_bare(a)
         return a
+
+    @staticmethod
+    def _copied_up(node: Node) -> None:
+        """A copy-up gave the node, its parent and the parents of its other names new ctimes
+        (and the upper copy may count blocks differently): the kernel must ask again. The request
+        that caused it may not be one after which the kernel asks by itself (an open for writing)."""
+        for changed in (node, node.parent, *(p for p, _ in node.links)):
+            if changed is not None and changed.lookups > 0:
+                _invalidate_attrs(changed)
 
     def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
         attrs = self.attrs(node)
@@ -307,6 +351,11 @@ class UnionOperations(pyfuse3.Operations):
             negative.st_ino = 0
             negative.entry_timeout = CACHE_TIMEOUT
             return negative
+        if node.listed_bare:
+            # Listed without attributes and now looked up: the caller uses what it lists, so true
+            # attributes in listings will save it a round trip per entry.
+            node.listed_bare = False
+            self._bare_score = min(self._bare_score + 4, BARE_SCORE_RANGE)
         return self._entry(node)
 
     async def forget(self, inode_list: Any) -> None:
@@ -322,11 +371,6 @@ class UnionOperations(pyfuse3.Operations):
     @fuse_boundary()
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self.core.node(inode)
-        if node.fake_attr:
-            # Listed with placeholder attributes and now stat-ed: the caller walks and stats, so
-            # real attributes in listings will save it a round trip per entry.
-            node.fake_attr = False
-            self._placeholder_score = min(self._placeholder_score + 4, PLACEHOLDER_SCORE_RANGE)
         return self.attrs(node)
 
     @fuse_boundary(write=True)
@@ -423,9 +467,11 @@ class UnionOperations(pyfuse3.Operations):
     @fuse_boundary()
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self.core.node(inode)
-        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        # O_TRUNC truncates whatever the access mode (Linux's open does; with atomic_o_trunc the
+        # kernel leaves it to this open and only drops its own cached size and pages).
+        changes = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
         pending = False
-        if writable:
+        if changes:
             if self.failed or self.core.readonly:
                 raise pyfuse3.FUSEError(errno.EIO if self.failed else errno.EROFS)
             if not node.in_upper:
@@ -460,6 +506,9 @@ class UnionOperations(pyfuse3.Operations):
         h = self.files[fh]
         if not h.in_upper and h.node.in_upper and not h.pending_copy_up:
             await self._upper_handle(h)
+        # The read may move the backing file's atime (relatime), and the kernel asks for it again
+        # after a read: the cached attributes would give the old one.
+        h.node.attr = None
         return os.pread(h.fd, size, off)
 
     @fuse_boundary(write=True)
@@ -551,10 +600,11 @@ class UnionOperations(pyfuse3.Operations):
         reply = pyfuse3.readdir_reply
         children = node.children
         assert children is not None
-        # readdir_reply copies the attributes at once, so one placeholder object serves every entry
-        placeholder = self.placeholder_attrs(node)
-        use_placeholders = self._placeholder_score <= 0
-        sent_placeholders = 0
+        number_is_stable = core.table.number_is_stable
+        # Bare entries while callers do not look closer at what they list (ls, find, listdir);
+        # true attributes, which cost a stat per entry, once they do (ls -l, du, a build's walk).
+        use_bare = self._make_bare is not None and self._bare_score <= 0
+        sent_bare = 0
         try:
             for i in range(start_id - 2, len(entries)):
                 entry = entries[i]
@@ -566,28 +616,25 @@ class UnionOperations(pyfuse3.Operations):
                         child = None
                     if child is None:
                         continue  # removed since the listing was taken
-                    fake = use_placeholders and not child.is_dir and child.attr is None
-                else:
-                    fake = use_placeholders and child.fake_attr
-                if fake:
-                    # Nobody has stat-ed what we listed lately (find, ls, listdir): skip the stat.
-                    placeholder.st_ino = child.ino
-                    placeholder.st_mode = child.kind
-                    a = placeholder
-                    child.fake_attr = True
-                    sent_placeholders += 1
-                else:
-                    try:
-                        a = attrs(child)
-                    except FileNotFoundError:
-                        continue
+                if use_bare and child.attr is None and not child.is_dir and number_is_stable(child):
+                    # (A bare entry holds no lookup, so the node may be dropped and made again:
+                    # only with a number that comes back is the listing's d_ino still its st_ino.)
+                    # readdir_reply copies the entry at once, so one object serves every entry
+                    if not reply(token, entry.raw, self._bare_entry(child), i + 3):
+                        return
+                    child.listed_bare = True
+                    sent_bare += 1
+                    continue
+                try:
+                    a = attrs(child)
+                except FileNotFoundError:
+                    continue
                 if not reply(token, entry.raw, a, i + 3):
                     return
                 child.lookups += 1
         finally:
-            if sent_placeholders:
-                self._placeholder_score = max(self._placeholder_score - sent_placeholders,
-                                              -PLACEHOLDER_SCORE_RANGE)
+            if sent_bare:
+                self._bare_score = max(self._bare_score - sent_bare, -BARE_SCORE_RANGE)
 
     @fuse_boundary()
     async def releasedir(self, fh: int) -> None:

@@ -23,12 +23,19 @@ Writing is strict, because the kernel's overlayfs must accept what we leave behi
 Owner overrides: an unprivileged user without subordinate ids cannot chown. The intended uid, gid and
 permission bits are then kept in ``user.containers.override_stat`` as ``"UID:GID:0MODE"`` (the same
 attribute fuse-overlayfs and containers/storage use), reported by stat and written into exported tars.
+A device node an unprivileged user cannot create is kept as containers/storage keeps it in rootless
+storage: an empty regular file whose override carries the type, ``"UID:GID:0MODE:char-1-7"`` (or
+``block-MAJOR-MINOR``); exported tars hold the real node again (:func:`device_placeholder`). The
+layer's root lists its placeholders in ``user.lamina.device_placeholders`` (NUL-separated relative
+paths), so the union can leave them out of the merged view cheaply, as rootless podman, whose
+storage skips such nodes, shows nothing there.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 from dataclasses import dataclass
 from enum import Enum
@@ -41,6 +48,9 @@ USER_OPAQUE = "user.overlay.opaque"
 TRUSTED_REDIRECT = "trusted.overlay.redirect"
 USER_REDIRECT = "user.overlay.redirect"
 OWNER_OVERRIDE_XATTR = "user.containers.override_stat"
+PLACEHOLDERS_XATTR = "user.lamina.device_placeholders"
+# An xattr value holds at most 64 KiB; a layer with more placeholder paths than fit shows them all.
+MAX_PLACEHOLDER_LIST = 60_000
 
 # xattr namespaces that belong to the union machinery and must never be shown to, or set by, users.
 PRIVATE_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.", "user.fuseoverlayfs.")
@@ -97,7 +107,7 @@ def is_whiteout_stat(st: os.stat_result) -> bool:
 
 
 def is_private_xattr(name: str) -> bool:
-    return name.startswith(PRIVATE_XATTR_PREFIXES) or name == OWNER_OVERRIDE_XATTR
+    return name.startswith(PRIVATE_XATTR_PREFIXES) or name in (OWNER_OVERRIDE_XATTR, PLACEHOLDERS_XATTR)
 
 
 def _getxattr(path: str | int, name: str, dir_fd_name: str | None = None) -> bytes | None:
@@ -154,16 +164,22 @@ def read_redirect(path: str | int) -> str | None:
 # --- owner overrides -----------------------------------------------------------------------------
 
 
+_DEVICE_KIND_RE = re.compile(r"(char|block)-([0-9]{1,10})-([0-9]{1,10})")
+
+
 @dataclass(frozen=True)
 class OwnerOverride:
-    """The owner and permission bits a file is meant to have when we could not chown it for real."""
+    """The owner and permission bits a file is meant to have when we could not chown it for real;
+    ``kind`` is containers/storage's type field, kept only for device nodes (``char-1-7``)."""
 
     uid: int
     gid: int
     mode: int  # permission bits only (07777)
+    kind: str | None = None
 
     def encode(self) -> bytes:
-        return f"{self.uid}:{self.gid}:0{self.mode & 0o7777:o}".encode()
+        text = f"{self.uid}:{self.gid}:0{self.mode & 0o7777:o}"
+        return (text + f":{self.kind}" if self.kind else text).encode()
 
     @classmethod
     def decode(cls, raw: bytes) -> OwnerOverride | None:
@@ -171,10 +187,27 @@ class OwnerOverride:
         parts = raw.decode("ascii", "replace").split(":")
         if len(parts) < 3:
             return None
+        kind = parts[3] if len(parts) > 3 and _DEVICE_KIND_RE.fullmatch(parts[3]) else None
         try:
-            return cls(int(parts[0]), int(parts[1]), int(parts[2], 8) & 0o7777)
+            return cls(int(parts[0]), int(parts[1]), int(parts[2], 8) & 0o7777, kind)
         except ValueError:
             return None
+
+    @classmethod
+    def for_device(cls, uid: int, gid: int, mode: int, major: int, minor: int) -> OwnerOverride:
+        kind = "char" if stat.S_ISCHR(mode) else "block"
+        return cls(uid, gid, mode & 0o7777, f"{kind}-{major}-{minor}")
+
+    def device(self) -> tuple[int, int] | None:
+        """(file type bits, rdev) of the device node this override stands for, if any."""
+        found = _DEVICE_KIND_RE.fullmatch(self.kind or "")
+        if found is None:
+            return None
+        kind = stat.S_IFCHR if found.group(1) == "char" else stat.S_IFBLK
+        major, minor = int(found.group(2)), int(found.group(3))
+        if major > 0xFFFFFFF or minor > 0xFFFFFFF:
+            return None
+        return kind, os.makedev(major, minor)
 
 
 def read_owner_override(path: str | int) -> OwnerOverride | None:
@@ -187,11 +220,57 @@ def write_owner_override(path: str | int, override: OwnerOverride) -> None:
 
 
 def effective_owner(path: str, st: os.stat_result) -> tuple[int, int, int]:
-    """(uid, gid, full st_mode) as an image should record them: the override wins over the real owner."""
+    """(uid, gid, full st_mode) as an image should record them: the override wins over the real owner,
+    and a device placeholder is the device it stands for."""
     override = read_owner_override(path) if not stat.S_ISLNK(st.st_mode) else None
     if override is None:
         return st.st_uid, st.st_gid, st.st_mode
-    return override.uid, override.gid, stat.S_IFMT(st.st_mode) | override.mode
+    device = override.device() if _may_be_placeholder(st) else None
+    file_type = device[0] if device is not None else stat.S_IFMT(st.st_mode)
+    return override.uid, override.gid, file_type | override.mode
+
+
+def _may_be_placeholder(st: os.stat_result) -> bool:
+    return stat.S_ISREG(st.st_mode) and st.st_size == 0
+
+
+def device_placeholder(path: str | int, st: os.stat_result) -> tuple[int, int] | None:
+    """(file type bits, rdev) when ``path`` is an empty regular file standing for a device node an
+    unprivileged user could not create (its override carries the type); None otherwise."""
+    if not _may_be_placeholder(st):
+        return None
+    override = read_owner_override(path)
+    return override.device() if override is not None else None
+
+
+def read_placeholder_list(layer_root: str | int) -> frozenset[str]:
+    """The relative paths of the device placeholders a layer holds (see the module docstring)."""
+    raw = _getxattr(layer_root, PLACEHOLDERS_XATTR)
+    if not raw:
+        return frozenset()
+    return frozenset(os.fsdecode(p) for p in raw.split(b"\0") if p)
+
+
+def write_placeholder_list(layer_root: str, paths: list[str]) -> bool:
+    """Record ``paths`` on the layer's root; False (nothing written) when they do not fit."""
+    raw = b"\0".join(sorted(os.fsencode(p) for p in paths))
+    if not raw or len(raw) > MAX_PLACEHOLDER_LIST:
+        return False
+    os.setxattr(layer_root, PLACEHOLDERS_XATTR, raw)
+    return True
+
+
+def write_device_placeholder(dir_fd: int, name: str, override: OwnerOverride) -> int:
+    """Create the empty regular file standing for the device ``override`` describes; return its fd
+    (the caller closes it). Its real mode stays readable by us: the override is what counts."""
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                 dir_fd=dir_fd)
+    try:
+        os.setxattr(fd, OWNER_OVERRIDE_XATTR, override.encode())
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 # --- writing -------------------------------------------------------------------------------------

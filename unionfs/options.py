@@ -103,7 +103,8 @@ def _split_commas(value: str) -> list[str]:
     return _split_unescaped(value, ",")
 
 
-USAGE = "usage: lamina-unionfs [-f] [-d] [--trace[=FILE]] -o lowerdir=L1:L2,upperdir=U,workdir=W[,opts] MOUNTPOINT"
+USAGE = ("usage: lamina-unionfs [-f] [-d] [--trace[=FILE]] -o lowerdir=L1:L2,upperdir=U,workdir=W[,opts] "
+         "[SOURCE] MOUNTPOINT")
 
 
 def parse_args(argv: list[str]) -> ServerOptions:
@@ -134,8 +135,13 @@ def parse_args(argv: list[str]) -> ServerOptions:
             raise OptionError(f"unknown flag {arg}")
         else:
             positional.append(arg)
+    # mount(8) runs a "fuse.lamina-unionfs" mount through mount.fuse3 as ``lamina-unionfs SOURCE
+    # MOUNTPOINT -o ...``; like fuse-overlayfs, the source names nothing and is ignored.
+    if len(positional) == 2:
+        positional = positional[1:]
     if len(positional) != 1:
-        raise OptionError("expected exactly one mount point" if positional else f"missing mount point; {USAGE}")
+        raise OptionError("expected a mount point (and at most a source before it)" if positional
+                          else f"missing mount point; {USAGE}")
     values: dict[str, str] = {}
     flags: set[str] = set()
     for o in opts:

@@ -98,6 +98,8 @@ class Layer:
     label: str  # "upper" or "lower:INDEX:PATH" (user.lamina.layer and --trace)
     index: int = -1  # lower index (0 = top lower); -1 for the upper
     dev: int = field(default=0)
+    # Device placeholders of a lower (ondisk.read_placeholder_list): left out of the merged view.
+    placeholders: frozenset[str] = field(default_factory=frozenset)
 
     @property
     def is_upper(self) -> bool:

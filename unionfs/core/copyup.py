@@ -133,6 +133,8 @@ def finish_copy_up(tree: UnionTree, job: CopyJob) -> None:
     node.owner_override = OVERRIDE_UNKNOWN  # the copy's own xattr from now on
     # The parent's cached listing named the lower copy: entries made from it must see the upper one.
     tree.touch(node, node.parent, *(p for p, _ in node.links))
+    if tree.on_copy_up is not None:
+        tree.on_copy_up(node)
     if not node.is_dir:
         # The node keeps its lower identity (recorded in the origin xattr, so a remount finds it
         # again). Other names of a lower hardlink reach the copy: the ones we know are linked now,

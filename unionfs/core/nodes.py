@@ -48,7 +48,7 @@ class Node:
 
     __slots__ = (
         "ino", "kind", "parent", "name", "links", "lookups", "in_upper", "lowers", "opaque",
-        "identities", "deleted", "fds", "children", "attr", "listing", "fake_attr", "st_hint", "gone_stat",
+        "identities", "deleted", "fds", "children", "attr", "listing", "listed_bare", "st_hint", "gone_stat",
         "lower_st", "no_caps", "pin", "owner_override",
     )
 
@@ -75,7 +75,7 @@ class Node:
         # The lstat of its lower object from the lookup that found it: still true while the node
         # is not copied up, as lower layers never change.
         self.lower_st: Any = None
-        self.fake_attr = False  # the kernel got placeholder attributes (expired at once) for it
+        self.listed_bare = False  # sent in a listing without attributes, not looked up since
         # Known to have no security.capability (the adapter's cache; cleared by any setxattr).
         self.no_caps = False
         # The owner override xattr of its backing object, decoded (None: it has none), or
@@ -157,6 +157,13 @@ class InodeTable:
     def forget(self, node: Node, count: int) -> None:
         node.lookups = max(0, node.lookups - count)
         self.maybe_drop(node)
+
+    @staticmethod
+    def number_is_stable(node: Node) -> bool:
+        """Whether the node's number comes from its identity, so that a node made again for the
+        same object (after this one was dropped) gets the same number; a number from the private
+        counter does not come back."""
+        return node.ino < _FALLBACK_BASE
 
     @staticmethod
     def survives(node: Node) -> bool:

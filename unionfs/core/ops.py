@@ -146,7 +146,7 @@ class UnionFS(UnionTree):
 
     def _lower_nlink(self, node: Node) -> int:
         cached = node.attr  # the adapter's attributes, when the kernel has seen them
-        if cached is not None and not node.fake_attr:
+        if cached is not None:
             return int(cached.st_nlink)
         hint = node.st_hint
         if hint is not None:
@@ -723,6 +723,10 @@ class UnionFS(UnionTree):
                 fsat.utime(live_fd, ns=times)
             else:
                 fsat.utime(path or ".", ns=times, dir_fd=ufd, follow_symlinks=False)
+        if (mode, uid, gid, size, atime_ns, mtime_ns) == (None,) * 6:
+            # chown(f, -1, -1) comes as a setattr that changes nothing: Linux stamps ctime all the
+            # same, and the same call on the upper object does.
+            fsat.chown(target or path or ".", -1, -1, dir_fd=ufd, follow_symlinks=bool(target))
 
     # --- xattrs ----------------------------------------------------------------------------------
 
@@ -746,16 +750,15 @@ class UnionFS(UnionTree):
     # --- files -----------------------------------------------------------------------------------
 
     def open(self, node: Node, flags: int) -> tuple[int, bool]:
-        """Open the node's backing file; writers get the upper copy. Returns (fd, in_upper)."""
-        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
-        if writable:
+        """Open the node's backing file; writers (and O_TRUNC, whatever the access mode) get the
+        upper copy. Returns (fd, in_upper)."""
+        truncate = bool(flags & os.O_TRUNC)
+        if (flags & os.O_ACCMODE) != os.O_RDONLY or truncate:
             ensure_writable(self)
-            self.copy_up(node, truncate=bool(flags & os.O_TRUNC))
+            self.copy_up(node, truncate=truncate)
             self.touch(node)
         layer, path = self.backing(node)
-        keep = flags & (os.O_ACCMODE | os.O_SYNC | os.O_DSYNC)
-        if writable and flags & os.O_TRUNC:
-            keep |= os.O_TRUNC
+        keep = flags & (os.O_ACCMODE | os.O_SYNC | os.O_DSYNC | os.O_TRUNC)
         fd = fsat.open(path, keep | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=layer.fd)
         node.fds.append(fd)
         return fd, layer.is_upper

@@ -136,6 +136,9 @@ class UnionTree:
         if upper is not None and work is None:
             raise UnionError("upperdir needs a workdir")
         self.trace = trace
+        # Told of every finished copy-up, after the nodes it changed were touched: the adapter
+        # drops what the kernel keeps of them (the copy has its own ctime, and so do the parents).
+        self.on_copy_up: Callable[[Node], None] | None = None
         self.layer_xattr = layer_xattr
         self._fds: list[int] = []
         self.table = InodeTable()
@@ -193,7 +196,9 @@ class UnionTree:
         except OSError as e:
             raise UnionError(f"{path}: {e.strerror}") from None
         self._fds.append(fd)
-        return Layer(path=path, fd=fd, slot=slot, label=label, index=index, dev=os.fstat(fd).st_dev)
+        placeholders = ondisk.read_placeholder_list(fd) if index >= 0 else frozenset()
+        return Layer(path=path, fd=fd, slot=slot, label=label, index=index, dev=os.fstat(fd).st_dev,
+                     placeholders=placeholders)
 
     def _open_work(self, work: str) -> int:
         """Open (creating if needed) WORK/work, emptied: leftovers of a crashed copy-up go away."""
@@ -383,6 +388,8 @@ class UnionTree:
                     continue
                 if ondisk.is_whiteout_stat(st):
                     break
+                if layer.placeholders and path in layer.placeholders:
+                    continue  # a device node rootless storage could not make: as if absent here
                 if not stat.S_ISDIR(st.st_mode):
                     if top_st is None:
                         if st.st_nlink > 1 and self.index_used:
@@ -565,6 +572,8 @@ class UnionTree:
                 if exists_at(layer.fd, join(ppath, ondisk.WHITEOUT_PREFIX + name)):
                     return False
                 continue
+            if layer.placeholders and join(ppath, name) in layer.placeholders:
+                continue
             return not ondisk.is_whiteout_stat(st)
         return False
 
@@ -632,6 +641,7 @@ class UnionTree:
         for layer, path in sources:
             layer_hidden: list[str] = []
             prefix = f"{path}/" if path else ""
+            placeholders = layer.placeholders
             fd = fsat.open(path or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=layer.fd)
             try:
                 with os.scandir(fd) as it:
@@ -644,6 +654,8 @@ class UnionTree:
                                 layer_hidden.append(n[4:])
                             continue
                         if entry.is_file(follow_symlinks=False):
+                            if placeholders and prefix + n in placeholders:
+                                continue
                             kind = s_ifreg
                         elif entry.is_dir(follow_symlinks=False):
                             kind = s_ifdir
