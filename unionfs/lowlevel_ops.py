@@ -140,6 +140,7 @@ def install(handler: FallocateHandler, *, libfuse_name: str = "libfuse3.so.3",
             _state.keep.append(copy)
             ops_for_libfuse = ctypes.addressof(copy)
             _state.active = True
+            log.debug("fallocate: the session answers FALLOCATE")
         except got.Unsupported as e:
             log.debug("fallocate: not available: %s", e)
         except Exception:  # never keep pyfuse3 from its session
