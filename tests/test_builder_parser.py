@@ -279,7 +279,8 @@ def test_run_forms_and_flags() -> None:
 @pytest.mark.parametrize("text, message", [
     ("RUN", "RUN requires at least one argument"),
     ("RUN --network=bridge x", "unsupported network mode"),
-    ("RUN --mount=type=secret,id=x,target=/s x", "not supported"),
+    ("RUN --mount=type=secret x", "secret ID missing"),
+    ("RUN --mount=type=secret,id=x,required=maybe x", "invalid required value"),
     ("RUN --mount=type=weird,target=/x x", "unsupported mount type"),
     ("RUN --mount=type=cache x", "requires a target"),
     ("RUN --bogus x", "unknown flag: --bogus"),
