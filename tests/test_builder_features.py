@@ -9,8 +9,10 @@ reference's text (podman 4.3 has no heredocs, no ``RUN --network``, no secret ``
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
+import http.server
 import io
 import json
 import os
@@ -283,3 +285,90 @@ def _layer_names(builders: Builders, diff_id: str) -> list[str]:
     blob = builders.root / "blobs" / "sha256" / image_layers[diff_id].digest.removeprefix("sha256:")
     with tarfile.open(fileobj=io.BytesIO(gzip.decompress(blob.read_bytes()))) as tar:
         return tar.getnames()
+
+
+def _interfaces(text: str) -> list[str]:
+    return sorted(line.split(":")[0].strip() for line in text.splitlines()[2:] if ":" in line)
+
+
+def test_run_network_modes(builders: Builders, ctx: Path) -> None:
+    """`RUN --network=none` sees only loopback; `host` and `default` (lamina's RUN today) see the
+    host's interfaces. Reference: the Dockerfile reference (none: "no network access"; host: "the
+    host's network environment"); podman 4.3 refuses RUN --network."""
+    (ctx / "Dockerfile").write_text(
+        "FROM bb\n"
+        "RUN --network=none cat /proc/net/dev > /none\n"
+        "RUN --network=host cat /proc/net/dev > /host\n"
+        "RUN --network=default cat /proc/net/dev > /default\n")
+    builders.lamina("build", "-t", "net-img", str(ctx))
+    seen = {name: builders.lamina("run", "--rm", "--network", "none", "net-img", "cat", f"/{name}").stdout
+            for name in ("none", "host", "default")}
+    host = _interfaces(Path("/proc/net/dev").read_text())
+    assert _interfaces(seen["none"]) == ["lo"]
+    assert _interfaces(seen["host"]) == host
+    assert _interfaces(seen["default"]) == host
+    (ctx / "Dockerfile").write_text("FROM bb\nRUN --network=bridge true\n")
+    bad = builders.lamina("build", str(ctx), check=False)
+    assert bad.returncode != 0 and "Dockerfile:2:" in bad.stderr and "bridge" in bad.stderr
+
+
+@pytest.fixture
+def web(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """An HTTP server on 127.0.0.1 serving a directory: (base URL, directory)."""
+    served = tmp_path / "served"
+    served.mkdir()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(Quiet, directory=str(served)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", served
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_add_url_as_podman(builders: Builders, ctx: Path, web: tuple[str, Path]) -> None:
+    """`ADD URL`: the name from the URL's path (into a directory) or the destination's, mode 0600
+    (or --chmod), owner root, mtime from Last-Modified.
+    Reference: podman 4.3 on the same Dockerfile, except the new directory /web's own time
+    (lamina: SOURCE_DATE_EPOCH or 0, docs/builder.md "Reproducible layers")."""
+    url, served = web
+    (served / "remote.txt").write_bytes(b"from the web\n")
+    os.utime(served / "remote.txt", (1614834367, 1614834367))
+    dockerfile = f"""\
+FROM {{base}}
+ADD {url}/remote.txt /web/
+ADD {url}/remote.txt /named
+ADD --chmod=640 {url}/remote.txt /m/
+RUN stat -c '%n %a %u %g %Y' /web/remote.txt /named /m/remote.txt > /report; cat /named >> /report
+"""
+    same = builders.same_report(ctx, dockerfile, "addurl")
+    assert same == ("/web/remote.txt 600 0 0 1614834367\n/named 600 0 0 1614834367\n"
+                    "/m/remote.txt 640 0 0 1614834367\nfrom the web\n")
+
+
+def test_add_url_checksum(builders: Builders, ctx: Path, web: tuple[str, Path]) -> None:
+    """--checksum: the right digest builds; a wrong one is one line naming Dockerfile:N, exit 125
+    (podman's build exit code, which lamina's build errors use), nothing tagged. Reference: the
+    Dockerfile reference (--checksum "verifies the checksum of a remote resource"); podman 4.3
+    refuses --checksum."""
+    url, served = web
+    (served / "f.bin").write_bytes(b"payload")
+    digest = hashlib.sha256(b"payload").hexdigest()
+    (ctx / "Dockerfile").write_text(f"FROM bb\nADD --checksum=sha256:{digest} {url}/f.bin /f\n")
+    builders.lamina("build", "-t", "checked", str(ctx))
+    assert builders.lamina("run", "--rm", "--network", "none", "checked", "cat", "/f").stdout == "payload"
+    (ctx / "Dockerfile").write_text(f"FROM bb\nRUN true\nADD --checksum=sha256:{'0' * 64} {url}/f.bin /f\n")
+    bad = builders.lamina("build", "-t", "never-tagged", str(ctx), check=False)
+    assert bad.returncode == 125
+    errors = [line for line in bad.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("lamina: error: Dockerfile:3: ADD failed: checksum mismatch"), \
+        bad.stderr
+    assert builders.lamina("images", "-q", "never-tagged", check=False).stdout.strip() == ""
