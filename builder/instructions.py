@@ -542,8 +542,6 @@ class Copy(_CopyLike):
     def __init__(self, line: LogicalLine, file: str, escape: str) -> None:
         super().__init__(line, file, escape)
         self.from_stage = self.flags.get("from")
-        if self.flags.boolean("parents"):
-            raise self.error("COPY --parents is not supported by lamina")
 
     def expand(self, scope: Scope) -> None:
         super().expand(scope)

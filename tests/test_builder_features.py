@@ -372,3 +372,125 @@ def test_add_url_checksum(builders: Builders, ctx: Path, web: tuple[str, Path]) 
     assert len(errors) == 1 and errors[0].startswith("lamina: error: Dockerfile:3: ADD failed: checksum mismatch"), \
         bad.stderr
     assert builders.lamina("images", "-q", "never-tagged", check=False).stdout.strip() == ""
+
+
+def _tree(builders: Builders, image: str, *paths: str) -> str:
+    script = f"find {' '.join(paths)} | sort | while read p; do stat -c '%n %a %u %g' \"$p\"; " \
+             "test -f \"$p\" && cat \"$p\"; done"
+    return builders.lamina("run", "--rm", "--network", "none", image, "sh", "-c", script).stdout
+
+
+def test_copy_parents_as_the_reference(builders: Builders, ctx: Path) -> None:
+    """`COPY --parents`: the reference's two examples (`./x/a.txt ./y/a.txt /parents/` keeps x/ and
+    y/; `./x/./y/*.txt` keeps only what follows the `./` pivot), a wildcard in the middle, a
+    directory source (kept with its own mode), and `--from` with an absolute pivot.
+    Reference: the Dockerfile reference's COPY --parents text (podman 4.3 has no --parents)."""
+    for rel, text in (("x/a.txt", "xa"), ("y/a.txt", "ya"), ("x/y/a.txt", "xya"), ("x/y/b.txt", "xyb"),
+                      ("src/one/deep/f.go", "go"), ("src/two/f.go", "shallow"), ("src/one/deep/f.js", "js")):
+        (ctx / rel).parent.mkdir(parents=True, exist_ok=True)
+        (ctx / rel).write_text(text + "\n")
+    (ctx / "x").chmod(0o750)
+    (ctx / "Dockerfile").write_text(
+        "FROM bb AS first\n"
+        "COPY ./x/a.txt ./y/a.txt /no_parents/\n"
+        "COPY --parents ./x/a.txt ./y/a.txt /parents/\n"
+        "COPY --parents ./x/./y/*.txt /pivot/\n"
+        "COPY --parents src/*/*/*.go /wild/\n"
+        "COPY --parents x/y /dir\n"
+        "FROM bb\n"
+        "COPY --from=first --parents /parents/x/a.txt /pivot/./y /from/\n")
+    builders.lamina("build", "-t", "parents-a", "--target", "first", str(ctx))
+    assert _tree(builders, "parents-a", "/no_parents", "/parents", "/pivot", "/wild", "/dir") == """\
+/dir 755 0 0
+/dir/x 750 0 0
+/dir/x/y 755 0 0
+/dir/x/y/a.txt 644 0 0
+xya
+/dir/x/y/b.txt 644 0 0
+xyb
+/no_parents 755 0 0
+/no_parents/a.txt 644 0 0
+ya
+/parents 755 0 0
+/parents/x 750 0 0
+/parents/x/a.txt 644 0 0
+xa
+/parents/y 755 0 0
+/parents/y/a.txt 644 0 0
+ya
+/pivot 755 0 0
+/pivot/y 755 0 0
+/pivot/y/a.txt 644 0 0
+xya
+/pivot/y/b.txt 644 0 0
+xyb
+/wild 755 0 0
+/wild/src 755 0 0
+/wild/src/one 755 0 0
+/wild/src/one/deep 755 0 0
+/wild/src/one/deep/f.go 644 0 0
+go
+"""
+    builders.lamina("build", "-t", "parents-b", str(ctx))
+    assert _tree(builders, "parents-b", "/from") == """\
+/from 755 0 0
+/from/parents 755 0 0
+/from/parents/x 750 0 0
+/from/parents/x/a.txt 644 0 0
+xa
+/from/y 755 0 0
+/from/y/a.txt 644 0 0
+xya
+/from/y/b.txt 644 0 0
+xyb
+"""
+
+
+def test_copy_heredocs_as_the_reference(builders: Builders, ctx: Path) -> None:
+    """`COPY <<EOF /file` heredocs: variables expanded unless the delimiter is quoted, `<<-` strips
+    leading tabs, several heredocs in one COPY land by name in a directory, files 0644 root (or
+    --chmod). Reference: the Dockerfile reference's here-documents examples (podman 4.3 parses no
+    heredocs)."""
+    (ctx / "Dockerfile").write_text(
+        "FROM bb\n"
+        "ARG FOO=bar\n"
+        "COPY <<-EOT /script.sh\n"
+        '  echo "hello ${FOO}"\n'
+        "EOT\n"
+        'COPY <<-"EOT" /script2.sh\n'
+        '\techo "hello ${FOO}"\n'
+        "\tEOT\n"
+        "COPY --chmod=755 <<robots.txt <<humans.txt /usr/share/nginx/html/\n"
+        "(robots content)\n"
+        "robots.txt\n"
+        "(humans content)\n"
+        "humans.txt\n")
+    builders.lamina("build", "-t", "heredocs", str(ctx))
+    assert _tree(builders, "heredocs", "/script.sh", "/script2.sh", "/usr/share/nginx/html") == """\
+/script.sh 644 0 0
+  echo "hello bar"
+/script2.sh 644 0 0
+echo "hello ${FOO}"
+/usr/share/nginx/html 755 0 0
+/usr/share/nginx/html/humans.txt 755 0 0
+(humans content)
+/usr/share/nginx/html/robots.txt 755 0 0
+(robots content)
+"""
+    ran = builders.lamina("run", "--rm", "--network", "none", "heredocs", "sh", "/script.sh").stdout
+    assert ran == "hello bar\n"
+
+
+def test_copy_link_gives_the_same_layer(builders: Builders, ctx: Path) -> None:
+    """`COPY --link` and `ADD --link` are accepted and give what the same step without --link
+    gives. Reference: the Dockerfile reference's --link text (the sources are copied into an empty
+    directory that becomes a layer linked on top of the previous state: how BuildKit makes and
+    reuses the layer changes, not what the image holds); podman 4.3 refuses --link."""
+    (ctx / "d").mkdir()
+    (ctx / "d" / "f.txt").write_text("linked\n")
+    diff_ids = []
+    for link in ("", "--link "):
+        (ctx / "Dockerfile").write_text(f"FROM bb\nCOPY {link}d /app/\nADD {link}d/f.txt /added\n")
+        builders.lamina("build", "-t", f"link{len(link)}", str(ctx))
+        diff_ids.append(builders.lamina_config(f"link{len(link)}")["diff_ids"])
+    assert diff_ids[0] == diff_ids[1] and len(diff_ids[0]) == 3
