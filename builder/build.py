@@ -58,6 +58,8 @@ from builder.fsops import (
     settle_dir_times,
 )
 from builder.interruption import BuildInterrupted, Interrupt, Interruption
+from builder.remote import Download
+from builder.remote import release as release_downloads
 from builder.session import Session, secret_mount, ssh_mount
 from builder.shellwords import Lexer
 from builder.variables import BuildArgs, FixedScope, StageScope, foreign_platform
@@ -184,6 +186,8 @@ class Builder:
         self.cleaner = _Cleaner()
         self.interruption = Interruption()
         self.epoch = source_date_epoch(options.build_args)
+        self.downloads: dict[str, Download] = {}  # ADD URL: fetched once per step (builder.remote)
+        self.download_dirs: list[Path] = []
 
     # --- top level ---------------------------------------------------------------------------
     def build(self) -> Image:
@@ -390,6 +394,10 @@ class Builder:
                 raise inst.error(f"no space left on {mount_point(self.store.root)}") from None
             where = f": {e.filename}" if e.filename else ""
             raise inst.error(f"{e.strerror or e}{where}") from None
+        finally:
+            if self.download_dirs:
+                with self.interruption.deferred():
+                    release_downloads(self)
 
     def _step_unlocated(self, state: StageState, inst: df.Instruction) -> None:
         inst.expand(state.scope)

@@ -17,7 +17,6 @@ import os
 import posixpath
 import shutil
 import stat
-import time
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -35,6 +34,7 @@ from builder.fsops import (
     set_owner_mode,
     settle_dir_times,
 )
+from builder.remote import check, fetch
 from lamina.bounded import InputTooLarge
 from lamina.errors import BuildError, LaminaError
 from runner.userdb import find_entry
@@ -69,9 +69,12 @@ def copy_digest(builder: Builder, state: StageState, inst: df.Copy | df.Add) -> 
     except BuildError as e:
         raise inst.error(f"{inst.keyword} failed: {e}") from None
     if urls:
-        # Remote content is fetched on every build unless pinned by --checksum (as docker).
-        checksum = getattr(inst, "checksum", None)
-        digest += "|urls:" + (checksum or str(time.time_ns()))
+        assert isinstance(inst, df.Add)
+        # BuildKit's key: the content's digest (pinned by --checksum, else fetched), name and time.
+        if inst.checksum is not None:
+            digest += "|urls:" + inst.checksum
+        for url in urls if inst.checksum is None else []:
+            digest += f"|url:{url} {fetch(builder, url, inst).cache_text()}"
     return digest
 
 
@@ -158,7 +161,8 @@ def copy_into_layer(builder: Builder, state: StageState, inst: df.Copy | df.Add,
             if doc is not None:
                 items.append(("heredoc", doc, doc.name))
             elif df.is_url(source):
-                items.append(("url", source, _url_basename(source)))
+                assert isinstance(inst, df.Add)
+                items.append(("url", source, fetch(builder, source, inst).filename))
             elif from_other:
                 src_view, _ = copy_source(builder, state, inst)  # type: ignore[arg-type]
                 for match in _view_glob(src_view, source):
@@ -206,11 +210,14 @@ def copy_into_layer(builder: Builder, state: StageState, inst: df.Copy | df.Add,
             _write_heredoc(file_target(basename), handle, owner)
         elif kind == "url":
             assert isinstance(inst, df.Add)
+            download = fetch(builder, handle, inst)
+            check(download, handle, inst.checksum, inst)
             target = file_target(basename)
             remove_existing(target)
-            _download(handle, target, inst.checksum, inst)
+            shutil.copyfile(download.path, target)
             u, g, mode = owner.resolve(0, 0, stat.S_IFREG | 0o600)
             set_owner_mode(target, u, g, mode)
+            os.utime(target, (download.mtime, download.mtime))
         elif kind == "view":
             src_view, entry = handle
             if entry.is_dir:
@@ -372,53 +379,6 @@ def _is_archive(path: str) -> bool:
     except (OSError, EOFError, ValueError, lzma.LZMAError, zstandard.ZstdError, tarfile.TarError) as e:
         log.debug("ADD: %s is not a tar archive: %s", path, e)
         return False
-
-
-def _url_basename(url: str) -> str:
-    from urllib.parse import urlparse
-
-    name = posixpath.basename(urlparse(url).path)
-    return name or "index.html"
-
-
-def _download(url: str, target: str, checksum: str | None, inst: df.Instruction) -> None:
-    import hashlib
-    import urllib.error
-    import urllib.request
-
-    from lamina.bounded import describe_size
-    from store.layer_unpack import Limits
-    from store.registry import LowSpeedLimit
-
-    h = hashlib.sha256()
-    limit = Limits().max_total_bytes
-    # The server is untrusted: a trickle is abandoned as in pull, and the size is bounded.
-    speed = LowSpeedLimit.from_environment().watch(f"ADD failed: downloading {url}")
-    received = 0
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(target, "wb") as f:
-            while chunk := response.read1(1 << 20):
-                speed.received(len(chunk))
-                received += len(chunk)
-                if received > limit:
-                    raise inst.error(f"ADD failed: {url} is larger than {describe_size(limit)} "
-                                     "(set LAMINA_MAX_LAYER_BYTES to allow more)")
-                h.update(chunk)
-                f.write(chunk)
-            modified = response.headers.get("Last-Modified")
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        raise inst.error(f"ADD failed: cannot download {url}: {e}") from None
-    if checksum is not None and "sha256:" + h.hexdigest() != checksum:
-        raise inst.error(f"ADD failed: checksum mismatch for {url}: expected {checksum}, "
-                         f"got sha256:{h.hexdigest()}")
-    if modified:
-        from email.utils import parsedate_to_datetime
-
-        try:
-            when = parsedate_to_datetime(modified).timestamp()
-            os.utime(target, (when, when))
-        except (TypeError, ValueError):
-            pass
 
 
 def _view_glob(view: LayerView, pattern: str) -> list[Any]:

@@ -494,3 +494,54 @@ def test_copy_link_gives_the_same_layer(builders: Builders, ctx: Path) -> None:
         builders.lamina("build", "-t", f"link{len(link)}", str(ctx))
         diff_ids.append(builders.lamina_config(f"link{len(link)}")["diff_ids"])
     assert diff_ids[0] == diff_ids[1] and len(diff_ids[0]) == 3
+
+
+class _Headers(http.server.BaseHTTPRequestHandler):
+    """Answers GET with a body and the headers the path names (see the test below)."""
+
+    bodies: dict[str, bytes] = {}
+
+    def do_GET(self) -> None:
+        body = self.bodies.get(self.path.split("?")[0], b"")
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        if self.path.startswith("/cd"):
+            self.send_header("Content-Disposition", 'attachment; filename="../from-header.bin"')
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_add_url_names_times_and_cache_as_buildkit(builders: Builders, ctx: Path) -> None:
+    """`ADD URL` as BuildKit's http source: the name from Content-Disposition (its base name), else
+    the URL's path, else `download`; mtime 0 without Last-Modified; a rebuild fetches again and is
+    CACHED when the content is the same, runs again when it changed. Reference: BuildKit's
+    source/http (getFileName, save, formatCacheKey); podman 4.3 names and times files otherwise."""
+    _Headers.bodies = {"/cd": b"disposed\n", "/": b"root\n", "/plain.txt": b"one\n"}
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Headers)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        (ctx / "Dockerfile").write_text(
+            f"FROM bb\nADD {url}/cd {url}/ {url}/plain.txt /d/\nRUN cat /d/plain.txt > /seen\n")
+        first = builders.lamina("build", "-t", "addnames", str(ctx))
+        listing = builders.lamina("run", "--rm", "--network", "none", "addnames", "sh", "-c",
+                                  "cd /d && stat -c '%n %a %Y' * && cat from-header.bin download").stdout
+        assert listing == ("download 600 0\nfrom-header.bin 600 0\nplain.txt 600 0\n"
+                           "disposed\nroot\n")
+        assert first.stdout.count("--> CACHED") == 0
+        again = builders.lamina("build", "-t", "addnames", str(ctx))
+        assert again.stdout.count("--> CACHED") == 2, again.stdout
+        _Headers.bodies["/plain.txt"] = b"two\n"
+        changed = builders.lamina("build", "-t", "addnames", str(ctx))
+        assert changed.stdout.count("--> CACHED") == 0, changed.stdout
+        seen = builders.lamina("run", "--rm", "--network", "none", "addnames", "cat", "/seen").stdout
+        assert seen == "two\n"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    assert list((builders.root / "tmp").glob("*build-url*")) == []
