@@ -83,6 +83,11 @@ def test_secret_files_as_podman(builders: Builders, ctx: Path, tmp_path: Path) -
     assert ours == theirs, f"lamina:\n{ours}\npodman:\n{theirs}"
     assert ours == (f"/run/secrets/tok 400 0 0 regular file\n{len(SECRET)}\n"
                     f"/etc/t 444 1 2 regular file\n{len(SECRET)}\noptional-absent\n")
+    # As BuildKit: the secret's content is not part of the cache key, so another value of the
+    # same secret does not rebuild the steps.
+    secret.write_bytes(b"another value")
+    again = builders.build_lamina(ctx, SECRET_FILES, "sec", "--secret", f"id=tok,src={secret}")
+    assert again.stdout.count("--> CACHED") == 3, again.stdout
 
 
 def _secret_reports(builders: Builders, ctx: Path, secret: Path) -> tuple[str, str]:
