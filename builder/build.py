@@ -27,6 +27,7 @@ recorded unless every step succeeded; layers of the steps that did succeed stay 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as dt
 import errno
 import json
@@ -515,6 +516,9 @@ class Builder:
         env = state.scope.run_environment()
         agents = 0
         for m in inst.mounts:
+            if m.type in ("secret", "ssh") and m.target:
+                # As every mount's target: relative to WORKDIR.
+                m = dataclasses.replace(m, target=posixpath.join(state.image.workdir, m.target))
             if m.type == "secret":
                 found = secret_mount(m, self.options.session, tmp, env, Mount)
             elif m.type == "ssh":

@@ -113,6 +113,8 @@ RUN --mount=type=secret,id=envtok,env=TOKEN \
 RUN --mount=type=secret,id=envtok,env=BOTH,target=/both \
     sh -c 'test "$BOTH" = "$(cat /both)" && echo both-ok >> /report'
 RUN rm /copy-of-secret && echo removed >> /report
+WORKDIR /w
+RUN --mount=type=secret,id=tok,target=rel sh -c 'test -s /w/rel && echo relative-ok >> /report'
 """
     (ctx / "Dockerfile").write_text(dockerfile.replace("{base}", "bb"))
     result = subprocess.run(
@@ -124,7 +126,7 @@ RUN rm /copy-of-secret && echo removed >> /report
     assert SECRET.decode() not in result.stdout + result.stderr
     report = builders.lamina("run", "--rm", "--network", "none", "secret-img", "cat", "/report").stdout
     env_digest = hashlib.sha256(ENV_SECRET.encode()).hexdigest()
-    assert report == f"copied\n{env_digest}\nno-file\nboth-ok\nremoved\n"
+    assert report == f"copied\n{env_digest}\nno-file\nboth-ok\nremoved\nrelative-ok\n"
     saved = tmp_path / "saved.tar"
     builders.lamina("save", "-o", str(saved), "secret-img")
     layers = list(_layer_tars(saved))
@@ -137,7 +139,7 @@ RUN rm /copy-of-secret && echo removed >> /report
         assert ENV_SECRET.encode() not in data
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:
             names = tar.getnames()
-        assert not any(n.startswith(("run/secrets", "both")) for n in names), names
+        assert not any(n.startswith(("run/secrets", "both", "w/rel")) for n in names), names
     image_text = json.dumps(builders.lamina_config("secret-img"))
     history = builders.lamina("history", "--no-trunc", "secret-img").stdout
     for text in (image_text, history):
