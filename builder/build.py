@@ -27,6 +27,7 @@ recorded unless every step succeeded; layers of the steps that did succeed stay 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as dt
 import errno
 import json
@@ -58,6 +59,9 @@ from builder.fsops import (
     settle_dir_times,
 )
 from builder.interruption import BuildInterrupted, Interrupt, Interruption
+from builder.remote import Download
+from builder.remote import release as release_downloads
+from builder.session import Session, secret_mount, ssh_mount
 from builder.shellwords import Lexer
 from builder.variables import BuildArgs, FixedScope, StageScope, foreign_platform
 from lamina.errors import (
@@ -94,6 +98,7 @@ class BuildOptions:
     pull: bool = False
     labels: dict[str, str] = field(default_factory=dict)
     quiet: bool = False
+    session: Session = field(default_factory=Session)  # --secret and --ssh
 
 
 class Output:
@@ -182,6 +187,8 @@ class Builder:
         self.cleaner = _Cleaner()
         self.interruption = Interruption()
         self.epoch = source_date_epoch(options.build_args)
+        self.downloads: dict[str, Download] = {}  # ADD URL: fetched once per step (builder.remote)
+        self.download_dirs: list[Path] = []
 
     # --- top level ---------------------------------------------------------------------------
     def build(self) -> Image:
@@ -388,6 +395,10 @@ class Builder:
                 raise inst.error(f"no space left on {mount_point(self.store.root)}") from None
             where = f": {e.filename}" if e.filename else ""
             raise inst.error(f"{e.strerror or e}{where}") from None
+        finally:
+            if self.download_dirs:
+                with self.interruption.deferred():
+                    release_downloads(self)
 
     def _step_unlocated(self, state: StageState, inst: df.Instruction) -> None:
         inst.expand(state.scope)
@@ -502,8 +513,21 @@ class Builder:
         work = tmp / "work"
         work.mkdir()
         mounts: list[Mount] = []
+        env = state.scope.run_environment()
+        agents = 0
         for m in inst.mounts:
-            mounts.append(self._run_mount(state, m, tmp, Mount))
+            if m.type in ("secret", "ssh") and m.target:
+                # As every mount's target: relative to WORKDIR.
+                m = dataclasses.replace(m, target=posixpath.join(state.image.workdir, m.target))
+            if m.type == "secret":
+                found = secret_mount(m, self.options.session, tmp, env, Mount)
+            elif m.type == "ssh":
+                found = ssh_mount(m, agents == 0, self.options.session, env, Mount)
+                agents += 1
+            else:
+                found = self._run_mount(state, m, tmp, Mount)
+            if found is not None:
+                mounts.append(found)
         if inst.script is not None:
             scripts = tmp / "pipes"
             scripts.mkdir()
@@ -518,7 +542,6 @@ class Builder:
             source = tmp / "volumes" / str(number)
             source.mkdir(parents=True)
             mounts.append(Mount(target=volume, kind="volume", source=source))
-        env = state.scope.run_environment()
         if _single_id_mapping() and "APT_CONFIG" not in env:
             # With only one id mapped, APT's privilege drop to _apt (setgroups/seteuid) cannot work
             # and apt-get fails. Tell APT not to sandbox, through a config file mounted for this step
@@ -563,7 +586,7 @@ class Builder:
                 if capture is not None:
                     capture.close()
             # Mount points the sandbox created for --mount targets are scaffolding, not content.
-            targets = [posixpath.join(state.image.workdir, m.target) for m in inst.mounts]
+            targets = [posixpath.join(state.image.workdir, m.target) for m in inst.mounts if m.target]
             if inst.script is not None:
                 targets.append("/dev/pipes")
             layer = self._commit_upper([layer.path for layer in reversed(state.layers)], upper, work, targets,

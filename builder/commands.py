@@ -49,6 +49,7 @@ def _read_dockerfile(args: argparse.Namespace, context: Path) -> tuple[str, Path
 
 def cmd_build(args: argparse.Namespace) -> int:
     from builder.build import BuildOptions, build
+    from builder.session import Session, parse_secret, parse_ssh
     from store import Reference, Store
 
     context = Path(args.context)
@@ -75,10 +76,13 @@ def cmd_build(args: argparse.Namespace) -> int:
             if (problem := foreign_platform(requested)) is not None:
                 raise UsageError(f"--platform: {problem}")
     labels = dict(_key_value("--label", item) for item in args.label)
+    session = Session(secrets=dict(parse_secret(item, dict(os.environ)) for item in args.secret),
+                      agents=dict(parse_ssh(item, dict(os.environ)) for item in args.ssh))
     text, path, name = _read_dockerfile(args, context)
     options = BuildOptions(context=context, dockerfile_text=text, dockerfile_path=path, dockerfile_name=name,
                            tags=list(args.tag), build_args=build_args, target=args.target,
-                           no_cache=args.no_cache, pull=args.pull, labels=labels, quiet=args.quiet)
+                           no_cache=args.no_cache, pull=args.pull, labels=labels, quiet=args.quiet,
+                           session=session)
     store = Store.open(args.root)
     image = build(store, options)
     print(image.id)
@@ -102,6 +106,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--platform", metavar="OS/ARCH",
                    help="the platform to build for: only this machine's (builds run natively)")
     p.add_argument("--label", action="append", default=[], metavar="K=V", help="add a label to the image")
+    p.add_argument("--secret", action="append", default=[], metavar="id=ID[,src=FILE|env=VAR]",
+                   help="a secret RUN --mount=type=secret may read (never stored in the image)")
+    p.add_argument("--ssh", action="append", default=[], metavar="ID[=SOCKET]",
+                   help="an SSH agent socket RUN --mount=type=ssh may use (default: $SSH_AUTH_SOCK)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the image ID")
     p.add_argument("--progress", choices=["auto", "plain", "tty"], default="auto",
                    help="progress output style (lamina always prints plain steps)")

@@ -17,7 +17,6 @@ import os
 import posixpath
 import shutil
 import stat
-import time
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -26,13 +25,16 @@ from builder.context import has_glob
 from builder.fsops import (
     LayerView,
     Ownership,
+    copy_times,
     copy_view_entry,
     ensure_parents,
+    intended_owner,
     remove_existing,
     resolve_dir_in_image,
     set_owner_mode,
     settle_dir_times,
 )
+from builder.remote import check, fetch
 from lamina.bounded import InputTooLarge
 from lamina.errors import BuildError, LaminaError
 from runner.userdb import find_entry
@@ -67,9 +69,12 @@ def copy_digest(builder: Builder, state: StageState, inst: df.Copy | df.Add) -> 
     except BuildError as e:
         raise inst.error(f"{inst.keyword} failed: {e}") from None
     if urls:
-        # Remote content is fetched on every build unless pinned by --checksum (as docker).
-        checksum = getattr(inst, "checksum", None)
-        digest += "|urls:" + (checksum or str(time.time_ns()))
+        assert isinstance(inst, df.Add)
+        # BuildKit's key: the content's digest (pinned by --checksum, else fetched), name and time.
+        if inst.checksum is not None:
+            digest += "|urls:" + inst.checksum
+        for url in urls if inst.checksum is None else []:
+            digest += f"|url:{url} {fetch(builder, url, inst).cache_text()}"
     return digest
 
 
@@ -146,13 +151,18 @@ def copy_into_layer(builder: Builder, state: StageState, inst: df.Copy | df.Add,
 
     # Collect (kind, handle, basename) for every source after glob expansion.
     items: list[tuple[str, Any, str]] = []
+    item_sources: list[str] = []  # the source each item came from (for --parents' pivot)
+    last_source = ""
     try:
         for source in inst.sources:
+            item_sources.extend([last_source] * (len(items) - len(item_sources)))
+            last_source = source
             doc = inst.heredoc_for(source)
             if doc is not None:
                 items.append(("heredoc", doc, doc.name))
             elif df.is_url(source):
-                items.append(("url", source, _url_basename(source)))
+                assert isinstance(inst, df.Add)
+                items.append(("url", source, fetch(builder, source, inst).filename))
             elif from_other:
                 src_view, _ = copy_source(builder, state, inst)  # type: ignore[arg-type]
                 for match in _view_glob(src_view, source):
@@ -160,8 +170,12 @@ def copy_into_layer(builder: Builder, state: StageState, inst: df.Copy | df.Add,
             else:
                 for rel in builder.context.resolve(source):
                     items.append(("context", rel, posixpath.basename(rel) if rel != "." else "."))
+        item_sources.extend([last_source] * (len(items) - len(item_sources)))
     except BuildError as e:
         raise inst.error(f"{inst.keyword} failed: {e}") from None
+    parents = isinstance(inst, df.Copy) and inst.flags.boolean("parents")
+    # --parents keeps each source's path under the destination, a directory whatever its spelling.
+    dest_is_dir_syntax = dest_is_dir_syntax or parents
     many = len(items) > 1 or any(has_glob(s) for s in inst.sources if not inst.heredoc_for(s))
     dest_is_dir = dest_is_dir_syntax or view.exists_as_dir(dest)
     if many and not dest_is_dir:
@@ -188,21 +202,22 @@ def copy_into_layer(builder: Builder, state: StageState, inst: df.Copy | df.Add,
         settled.append(posixpath.join(parent, posixpath.basename(dest)))
         return target
 
+    if parents:
+        copy_keeping_parents(builder, list(zip(items, item_sources, strict=True)), dest_host_dir, owner)
+        items = []
     for kind, handle, basename in items:
         if kind == "heredoc":
-            target = file_target(basename)
-            remove_existing(target)
-            with open(target, "w") as f:
-                f.write(handle.body)
-            u, g, mode = owner.resolve(0, 0, stat.S_IFREG | 0o644)
-            set_owner_mode(target, u, g, mode)
+            _write_heredoc(file_target(basename), handle, owner)
         elif kind == "url":
             assert isinstance(inst, df.Add)
+            download = fetch(builder, handle, inst)
+            check(download, handle, inst.checksum, inst)
             target = file_target(basename)
             remove_existing(target)
-            _download(handle, target, inst.checksum, inst)
+            shutil.copyfile(download.path, target)
             u, g, mode = owner.resolve(0, 0, stat.S_IFREG | 0o600)
             set_owner_mode(target, u, g, mode)
+            os.utime(target, (download.mtime, download.mtime))
         elif kind == "view":
             src_view, entry = handle
             if entry.is_dir:
@@ -224,6 +239,81 @@ def copy_into_layer(builder: Builder, state: StageState, inst: df.Copy | df.Add,
                 builder.context.copy_out(rel, file_target(basename), owner)
     for container_dir in settled:
         settle_dir_times(str(diff), view, container_dir, new_dir_time_ns(builder.epoch))
+
+
+def _pivot_depth(source: str) -> int:
+    """How many leading components of a source's matches ``COPY --parents`` drops: those before a
+    ``/./`` pivot (rsync's --relative rule, as the Dockerfile reference shows), else none."""
+    parts = source.split("/")
+    while parts and parts[0] in ("", "."):
+        parts.pop(0)
+    if "." not in parts:
+        return 0
+    prefix = posixpath.normpath("/".join(parts[:parts.index(".")]) or ".")
+    return 0 if prefix == "." else len(prefix.split("/"))
+
+
+def copy_keeping_parents(builder: Builder, items: list[tuple[tuple[str, Any, str], str]], into: str,
+                         owner: Ownership) -> None:
+    """``COPY --parents``: each source lands at its own path under the destination (the part after
+    a ``/./`` pivot only). The parent directories it keeps, and a directory source itself, are
+    copied with their source's mode and times (BuildKit's copier copies the parents it creates),
+    owned as the copied files."""
+    kept_dirs: dict[str, tuple[int, int, int, os.stat_result]] = {}
+
+    def keep_dir(host: str, st: os.stat_result, src_uid: int, src_gid: int) -> None:
+        if not os.path.isdir(host) or os.path.islink(host):
+            remove_existing(host)
+            os.mkdir(host, 0o700)
+        if host != into and host not in kept_dirs:
+            kept_dirs[host] = (*owner.resolve(src_uid, src_gid, st.st_mode), st)
+
+    for (kind, handle, basename), source in items:
+        if kind == "heredoc":
+            _write_heredoc(os.path.join(into, basename), handle, owner)
+            continue
+        if kind == "view":
+            src_view, entry = handle
+            parts = [p for p in entry.path.split("/") if p]
+        else:
+            parts = [] if handle == "." else handle.split("/")
+        depth = _pivot_depth(source)
+        kept = parts[depth:]
+        for number in range(len(kept) - 1):
+            host = os.path.join(into, *kept[:number + 1])
+            prefix = "/".join(parts[:depth + number + 1])
+            if kind == "view":
+                parent = src_view.lookup("/" + prefix)
+                if parent is not None:
+                    keep_dir(host, parent.st, *intended_owner(parent.backing, parent.st)[:2])
+            else:
+                keep_dir(host, builder.context.source_stat(prefix), 0, 0)
+        target = os.path.join(into, *kept)
+        if kind == "view":
+            if kept or not entry.is_dir:
+                copy_view_entry(src_view, entry.backing, entry.st, entry.lower_dirs, target, owner)
+            else:
+                for name, backing, cst, merged in src_view.list_dir(entry):
+                    copy_view_entry(src_view, backing, cst, merged, os.path.join(into, name), owner)
+            continue
+        st = builder.context.source_stat(handle)
+        if stat.S_ISDIR(st.st_mode):
+            keep_dir(target, st, 0, 0)
+        builder.context.copy_out(handle, target, owner)
+    # Directory metadata last, deepest first, so a read-only directory does not stop the copy.
+    for host in sorted(kept_dirs, key=lambda p: -p.count("/")):
+        uid, gid, mode, st = kept_dirs[host]
+        set_owner_mode(host, uid, gid, mode)
+        copy_times(st, host)
+
+
+def _write_heredoc(target: str, doc: df.Heredoc, owner: Ownership) -> None:
+    """A heredoc source: a regular file 0644 of root (or --chown/--chmod), as BuildKit makes it."""
+    remove_existing(target)
+    with open(target, "w") as f:
+        f.write(doc.body)
+    u, g, mode = owner.resolve(0, 0, stat.S_IFREG | 0o644)
+    set_owner_mode(target, u, g, mode)
 
 
 def _extract(builder: Builder, archive: str, into: str, tmp: Path, owner: Ownership | None, inst: df.Add) -> None:
@@ -289,53 +379,6 @@ def _is_archive(path: str) -> bool:
     except (OSError, EOFError, ValueError, lzma.LZMAError, zstandard.ZstdError, tarfile.TarError) as e:
         log.debug("ADD: %s is not a tar archive: %s", path, e)
         return False
-
-
-def _url_basename(url: str) -> str:
-    from urllib.parse import urlparse
-
-    name = posixpath.basename(urlparse(url).path)
-    return name or "index.html"
-
-
-def _download(url: str, target: str, checksum: str | None, inst: df.Instruction) -> None:
-    import hashlib
-    import urllib.error
-    import urllib.request
-
-    from lamina.bounded import describe_size
-    from store.layer_unpack import Limits
-    from store.registry import LowSpeedLimit
-
-    h = hashlib.sha256()
-    limit = Limits().max_total_bytes
-    # The server is untrusted: a trickle is abandoned as in pull, and the size is bounded.
-    speed = LowSpeedLimit.from_environment().watch(f"ADD failed: downloading {url}")
-    received = 0
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(target, "wb") as f:
-            while chunk := response.read1(1 << 20):
-                speed.received(len(chunk))
-                received += len(chunk)
-                if received > limit:
-                    raise inst.error(f"ADD failed: {url} is larger than {describe_size(limit)} "
-                                     "(set LAMINA_MAX_LAYER_BYTES to allow more)")
-                h.update(chunk)
-                f.write(chunk)
-            modified = response.headers.get("Last-Modified")
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        raise inst.error(f"ADD failed: cannot download {url}: {e}") from None
-    if checksum is not None and "sha256:" + h.hexdigest() != checksum:
-        raise inst.error(f"ADD failed: checksum mismatch for {url}: expected {checksum}, "
-                         f"got sha256:{h.hexdigest()}")
-    if modified:
-        from email.utils import parsedate_to_datetime
-
-        try:
-            when = parsedate_to_datetime(modified).timestamp()
-            os.utime(target, (when, when))
-        except (TypeError, ValueError):
-            pass
 
 
 def _view_glob(view: LayerView, pattern: str) -> list[Any]:

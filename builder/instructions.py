@@ -246,6 +246,10 @@ class Run(Instruction):
         if security not in (None, "sandbox"):
             raise self.error(f"--security={security} is not supported by lamina")
         self.mounts = [parse_mount(spec, self.error) for spec in self.flags.all("mount")]
+        agents = [m for m in self.mounts if m.type == "ssh"]
+        for number, agent in enumerate(agents):
+            # BuildKit's llb: the Nth ssh mount without a target is /run/buildkit/ssh_agent.N.
+            agent.target = agent.target or f"/run/buildkit/ssh_agent.{number}"
         self.argv: list[str] = []
         self.script: Heredoc | None = None  # a single heredoc starting with #!: run as a file
 
@@ -253,7 +257,7 @@ class Run(Instruction):
         # Only the mount specifications are substituted; the command belongs to the shell.
         expanded = []
         for mount in self.mounts:
-            for attr in ("target", "source", "from_", "id"):
+            for attr in ("target", "source", "from_", "id", "env"):
                 value = getattr(mount, attr)
                 if value is not None:
                     setattr(mount, attr, self._expand(scope, value))
@@ -286,7 +290,10 @@ class Run(Instruction):
         return self.argv
 
     def cache_text(self) -> str:
-        mounts = " ".join(f"--mount={m}" for m in self.mounts)
+        # Secrets and agents by name and place only: BuildKit keeps their content out of the key.
+        mounts = " ".join(f"--mount={m}" + (f"(env={m.env!r},required={m.required})"
+                                             if m.type in ("secret", "ssh") else "")
+                          for m in self.mounts)
         network = f"--network={self.network} " if self.network != "default" else ""
         body = json.dumps(self.argv) if self.argv else self.args
         heredocs = "".join(f"\n{d.name}:{d.raw_body}" for d in self.heredocs)
@@ -535,8 +542,6 @@ class Copy(_CopyLike):
     def __init__(self, line: LogicalLine, file: str, escape: str) -> None:
         super().__init__(line, file, escape)
         self.from_stage = self.flags.get("from")
-        if self.flags.boolean("parents"):
-            raise self.error("COPY --parents is not supported by lamina")
 
     def expand(self, scope: Scope) -> None:
         super().expand(scope)

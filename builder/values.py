@@ -5,10 +5,11 @@ Pure functions of strings, shared by the instruction classes of :mod:`builder.in
 
 from __future__ import annotations
 
+import posixpath
 import re
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lamina.errors import DockerfileError
 from lamina.timeparse import parse_go_duration
@@ -16,7 +17,13 @@ from lamina.timeparse import parse_go_duration
 
 @dataclass
 class RunMount:
-    """One ``--mount`` of a RUN: type cache, bind or tmpfs (secret and ssh are refused)."""
+    """One ``--mount`` of a RUN: type bind, cache, tmpfs, secret or ssh (BuildKit's options).
+
+    A secret's ``target`` defaults to ``/run/secrets/ID`` unless only ``env`` is given, and its
+    ``id`` to the target's base name; an ssh mount's ``id`` is ``default`` and its target (when
+    not given) ``/run/buildkit/ssh_agent.N``, chosen by the builder. ``required`` and ``env`` are
+    left out of the repr, which is part of the cache key text of RUN steps made before they
+    existed."""
 
     type: str
     target: str
@@ -29,9 +36,14 @@ class RunMount:
     uid: int | None = None
     gid: int | None = None
     size: str | None = None
+    env: str | None = field(default=None, repr=False)
+    required: bool = field(default=False, repr=False)
 
 
-MOUNT_TYPES = ("bind", "cache", "tmpfs")
+MOUNT_TYPES = ("bind", "cache", "tmpfs", "secret", "ssh")
+# BuildKit's defaults for the files and sockets it mounts (dockerfile2llb, the Dockerfile reference).
+SECRET_DIR = "/run/secrets"
+DEFAULT_MODES = {"secret": 0o400, "ssh": 0o600}
 
 
 def parse_mount(spec: str, error: Callable[[str], DockerfileError]) -> RunMount:
@@ -44,14 +56,14 @@ def parse_mount(spec: str, error: Callable[[str], DockerfileError]) -> RunMount:
         key = key.lower()
         fields[key] = value if has_value else "true"
     mount_type = fields.pop("type", "bind")
-    if mount_type in ("secret", "ssh"):
-        raise error(f"--mount=type={mount_type} is not supported by lamina")
     if mount_type not in MOUNT_TYPES:
-        raise error(f"unsupported mount type {mount_type!r} (expected bind, cache or tmpfs)")
+        raise error(f"unsupported mount type {mount_type!r} (expected bind, cache, tmpfs, secret or ssh)")
     target = fields.pop("target", None) or fields.pop("dst", None) or fields.pop("destination", None)
-    if not target:
+    if not target and mount_type not in ("secret", "ssh"):
         raise error("--mount requires a target (target=/path)")
-    mount = RunMount(type=mount_type, target=target)
+    mount = RunMount(type=mount_type, target=target or "", mode=DEFAULT_MODES.get(mount_type))
+    if mount_type in ("secret", "ssh"):
+        mount.uid, mount.gid = 0, 0
     for key, value in fields.items():
         if key in ("source", "src"):
             mount.source = value
@@ -75,8 +87,24 @@ def parse_mount(spec: str, error: Callable[[str], DockerfileError]) -> RunMount:
             setattr(mount, key, number)
         elif key == "size":
             mount.size = value
+        elif key == "env" and mount_type == "secret":
+            mount.env = value
+        elif key == "required" and mount_type in ("secret", "ssh"):
+            if value.lower() not in ("true", "false", "1", "0", ""):
+                raise error(f"invalid required value {value!r} in --mount")
+            mount.required = value.lower() in ("true", "1", "")
         else:
             raise error(f"unexpected key {key!r} in --mount={spec}")
+    if mount.type == "secret":
+        if not mount.id and not mount.target:
+            raise error("secret ID missing from --mount (id=NAME or target=/path)")
+        mount.id = mount.id or posixpath.basename(mount.target)
+        if not mount.target and not mount.env:
+            mount.target = posixpath.join(SECRET_DIR, mount.id)
+    elif mount.type == "ssh":
+        mount.id = mount.id or "default"
+    if mount.type in ("secret", "ssh"):
+        mount.readonly = True
     if mount.type == "bind" and "rw" not in fields and "readwrite" not in fields:
         # Bind mounts are read-only unless rw is given (docker's default).
         mount.readonly = True if "ro" not in fields and "readonly" not in fields else mount.readonly

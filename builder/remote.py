@@ -1,0 +1,122 @@
+"""``ADD URL``: a remote file fetched once per step, with BuildKit's rules (source/http).
+
+- The file's name: the destination's when it names a file; else the ``Content-Disposition``
+  filename (its base name); else the last component of the URL's path; else ``download``.
+- Its time: the server's ``Last-Modified``, else the Unix epoch; its mode 0600 unless ``--chmod``.
+- The step's cache key holds the content's sha256, the name and the ``Last-Modified`` time, so a
+  rebuild downloads again but reuses the cache when the server gives the same file (with
+  ``--checksum``, the given digest stands for the content and nothing is fetched on a hit).
+
+The server is untrusted: the download has a 60 s timeout for each network operation, the
+low-speed limit of ``pull`` and the layer size cap, and goes to the store's ``tmp/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from email.message import Message
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlparse
+
+from lamina.bounded import describe_size
+
+if TYPE_CHECKING:
+    from builder import dockerfile as df
+    from builder.build import Builder
+
+TIMEOUT_SECONDS = 60
+
+
+@dataclass(frozen=True)
+class Download:
+    path: Path
+    filename: str
+    mtime: int  # seconds since the epoch (Last-Modified, else 0)
+    digest: str  # "sha256:..."
+
+    def cache_text(self) -> str:
+        return f"{self.digest} name={self.filename} mtime={self.mtime}"
+
+
+def file_name(url: str, content_disposition: str | None) -> str:
+    """BuildKit's getFileName without a manual name: Content-Disposition, URL path, ``download``."""
+    if content_disposition:
+        header = Message()
+        header["Content-Disposition"] = content_disposition
+        given = header.get_param("filename", header="Content-Disposition")
+        if isinstance(given, str) and given and not given.endswith("/"):
+            base = posixpath.basename(given.replace("\\", "/"))
+            if base not in ("", ".", ".."):
+                return base
+    base = posixpath.basename(urlparse(url).path)
+    return base if base not in ("", ".", "..", "/") else "download"
+
+
+def fetch(builder: Builder, url: str, inst: df.Add) -> Download:
+    """The step's copy of ``url``: downloaded on first use, then reused (see :func:`release`)."""
+    found = builder.downloads.get(url)
+    if found is not None:
+        return found
+    tmp_root = builder.store.root / "tmp"
+    tmp_root.mkdir(parents=True, exist_ok=True)
+    directory = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}.build-url.", dir=tmp_root))
+    builder.download_dirs.append(directory)
+    download = _download(url, directory / "content", inst)
+    builder.downloads[url] = download
+    return download
+
+
+def release(builder: Builder) -> None:
+    """Forget the step's downloads and remove their files."""
+    builder.downloads.clear()
+    for directory in builder.download_dirs:
+        builder.cleaner.mark_plain(directory)
+        builder.cleaner.remove(directory)
+    builder.download_dirs.clear()
+
+
+def _download(url: str, target: Path, inst: df.Add) -> Download:
+    from store.layer_unpack import Limits
+    from store.registry import LowSpeedLimit
+
+    digest = hashlib.sha256()
+    limit = Limits().max_total_bytes
+    speed = LowSpeedLimit.from_environment().watch(f"ADD failed: downloading {url}")
+    received = 0
+    try:
+        with urllib.request.urlopen(url, timeout=TIMEOUT_SECONDS) as response, \
+                open(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+            while chunk := response.read1(1 << 20):
+                speed.received(len(chunk))
+                received += len(chunk)
+                if received > limit:
+                    raise inst.error(f"ADD failed: {url} is larger than {describe_size(limit)} "
+                                     "(set LAMINA_MAX_LAYER_BYTES to allow more)")
+                digest.update(chunk)
+                f.write(chunk)
+            modified = response.headers.get("Last-Modified")
+            name = file_name(url, response.headers.get("Content-Disposition"))
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise inst.error(f"ADD failed: cannot download {url}: {e}") from None
+    mtime = 0
+    if modified:
+        try:
+            mtime = int(parsedate_to_datetime(modified).timestamp())
+        except (TypeError, ValueError, OverflowError):
+            mtime = 0
+    return Download(target, name, mtime, "sha256:" + digest.hexdigest())
+
+
+def check(download: Download, url: str, checksum: str | None, inst: df.Add) -> None:
+    """``--checksum``: the content must have that digest (one line naming the Dockerfile's line)."""
+    if checksum is not None and download.digest != checksum:
+        raise inst.error(f"ADD failed: checksum mismatch for {url}: expected {checksum}, "
+                         f"got {download.digest}")
