@@ -29,6 +29,7 @@ import pytest
 
 from harness import UnprivilegedUser, force_unmount, start_union, union_argv
 from inspector import mounts
+from unionfs import detached_layers
 from unionfs.mount import MountSpec, mount_union
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse]
@@ -291,3 +292,49 @@ def test_unprivileged_fusermount_then_lower_umount(unpriv_nosubids: Unprivileged
             for base in bases:
                 force_unmount(base / "mnt")
     assert busy == [], f"umount L right after fusermount3 -u M: EBUSY in {busy} of {USER_CYCLES}"
+
+
+def mount_id(fd: int) -> int:
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("mnt_id:"))
+
+
+def test_detached_descriptors_hold_a_copy_of_the_mount(tmp_path: Path) -> None:
+    """Same directory, same filesystem, not the caller's mount of it; a path that cannot be opened
+    is left to the caller (which then gets the error itself)."""
+    (tmp_path / "d").mkdir()
+    opened = detached_layers.open_directories([str(tmp_path / "d"), str(tmp_path / "missing")])
+    own = os.open(tmp_path / "d", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert list(opened) == [str(tmp_path / "d")]
+        fd = opened[str(tmp_path / "d")]
+        assert os.path.samestat(os.fstat(fd), os.fstat(own))
+        assert mount_id(fd) != mount_id(own)
+        assert not os.get_inheritable(fd)
+    finally:
+        os.close(own)
+        for fd in opened.values():
+            os.close(fd)
+
+
+def test_without_a_namespace_the_caller_opens_the_layers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where no namespace can be made (no user namespaces, a seccomp filter), nothing comes back and
+    the child is reaped; the core then opens the directories itself."""
+    def refuse() -> None:
+        raise PermissionError(1, "unshare: Operation not permitted")
+
+    real_fork = os.fork
+    children = []
+
+    def fork() -> int:
+        pid = real_fork()
+        children.append(pid)
+        return pid
+
+    monkeypatch.setattr(detached_layers, "_enter_private_mount_namespace", refuse)
+    monkeypatch.setattr(os, "fork", fork)
+    (tmp_path / "d").mkdir()
+    assert detached_layers.open_directories([str(tmp_path / "d")]) == {}
+    assert len(children) == 1
+    with pytest.raises(ChildProcessError):
+        os.waitpid(children[0], os.WNOHANG)
