@@ -21,8 +21,8 @@ As root the child needs only CLONE_NEWNS. Anyone else needs a user namespace of 
 child maps no ids there, so no capability it holds in that namespace applies to any file
 (capabilities count only on inodes whose owner and group are mapped): its access checks are the
 caller's own, and a directory it may not open the server may not open either. Where the namespace
-cannot be made (no user namespaces, a seccomp filter, EPERM) or a directory fails to open there, the
-server opens it itself as before.
+cannot be made (no user namespaces, a seccomp filter, EPERM) or any directory fails to open there,
+the server opens them all itself as before (and reports its own errors).
 """
 
 from __future__ import annotations
@@ -69,8 +69,8 @@ def _child(sock: socket.socket, paths: list[str]) -> None:
 
 
 def open_directories(paths: list[str]) -> dict[str, int]:
-    """Descriptors of those ``paths`` (O_RDONLY|O_DIRECTORY|O_CLOEXEC) that could be opened in a
-    throwaway private mount namespace; the caller owns them. Empty when no namespace could be made."""
+    """Descriptors of ``paths`` (O_RDONLY|O_DIRECTORY|O_CLOEXEC) opened in a throwaway private mount
+    namespace; the caller owns them. Empty when no namespace could be made or a path failed there."""
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         pid = os.fork()
@@ -104,6 +104,12 @@ def open_directories(paths: list[str]) -> dict[str, int]:
     finally:
         parent_sock.close()
         _, status = os.waitpid(pid, 0)
-    if status != 0:
-        log.debug("layers opened in this mount namespace: no private namespace (exit status %d)", status)
+    if status != 0 or len(opened) != len(set(paths)):
+        # All or none: rename, link and clone between two directories work only on one mount, so
+        # upper and work (and a lower on the same filesystem) must come from the same namespace.
+        log.debug("layers opened in this mount namespace (%d of %d opened in a private one, exit status %d)",
+                  len(opened), len(set(paths)), status)
+        for fd in opened.values():
+            os.close(fd)
+        return {}
     return opened
