@@ -44,9 +44,9 @@ for ((i = 0; i < cycles; i++)); do
             lamina-ref) (cd / && PYTHONPATH=$LAMINA_REF_PYTHONPATH "$python" -m unionfs -o "$opts" "$M") ;;
             fuse-overlayfs) fuse-overlayfs -o "$opts" "$M" 2>/dev/null ;;
         esac
-        ls "$M/d" >/dev/null
-        cat "$M/d/a" >/dev/null
-        echo more >>"$M/d/b"
+        if ! { ls "$M/d" >/dev/null && cat "$M/d/a" >/dev/null && echo more >>"$M/d/b"; }; then
+            echo "$c, cycle $i: using the union failed" >&2
+        fi
         if ! { umount "$M" && umount "$L" 2>/dev/null; }; then
             busy[$c]=$((busy[$c] + 1))
             umount "$M" 2>/dev/null || true
