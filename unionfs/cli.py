@@ -72,7 +72,7 @@ def _serve_foreground(opts: ServerOptions) -> int:
     try:
         from unionfs.server import serve
 
-        serve(opts)
+        serve(opts, detach_layers=True)
     except (UnionError, OSError, RuntimeError) as e:
         return _error(f"{opts.mountpoint}: {_describe(e)}")
     except KeyboardInterrupt:
@@ -126,7 +126,7 @@ def _daemonize(opts: ServerOptions) -> int:
         from unionfs.server import serve
 
         try:
-            serve(opts, ready=ready)
+            serve(opts, ready=ready, detach_layers=True)
         except (UnionError, OSError, RuntimeError) as e:
             try:
                 os.write(wfd, f"lamina-unionfs: error: {opts.mountpoint}: {_describe(e)}\n".encode())

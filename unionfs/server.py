@@ -101,11 +101,20 @@ def _release_layers(core: UnionFS, ops: UnionOperations) -> None:
     core.close()
 
 
-def serve(opts: ServerOptions, ready: Callable[[], None] | None = None) -> None:
+def _open_detached(opts: ServerOptions) -> dict[str, int]:
+    from unionfs import detached_layers
+
+    paths = [*opts.lowers, *(p for p in (opts.upper, opts.work) if p is not None)]
+    return detached_layers.open_directories(paths)
+
+
+def serve(opts: ServerOptions, ready: Callable[[], None] | None = None, *, detach_layers: bool = False) -> None:
     """Mount and serve until unmounted (fusermount3 -u) or SIGTERM/SIGINT; then unmount and return.
 
-    ``ready`` is called once the mount is in place. Raises UnionError/OSError when the layers cannot
-    be opened or the mount fails.
+    ``ready`` is called once the mount is in place. With ``detach_layers`` the layers are opened in
+    a throwaway mount namespace (unionfs.detached_layers): for a server in the caller's namespace,
+    whose layers' filesystems the caller may unmount right after the union. Raises UnionError/OSError
+    when the layers cannot be opened or the mount fails.
     """
     import_fuse_stack()  # before anything imports trio: its substitutes only help the first import
     pyfuse3_log = logging.getLogger("pyfuse3")
@@ -120,8 +129,13 @@ def serve(opts: ServerOptions, ready: Callable[[], None] | None = None) -> None:
 
     os.umask(0)  # modes arrive from the kernel with the caller's umask applied
     trace, trace_file = open_trace(opts.trace)
-    core = UnionFS(opts.lowers, opts.upper, opts.work, trace=trace, layer_xattr=opts.layer_xattr,
-                   redirect_dir=opts.redirect_dir)
+    opened = _open_detached(opts) if detach_layers else {}
+    try:
+        core = UnionFS(opts.lowers, opts.upper, opts.work, trace=trace, layer_xattr=opts.layer_xattr,
+                       redirect_dir=opts.redirect_dir, opened=opened)
+    finally:
+        for fd in opened.values():  # a directory the core did not take (named twice, or it failed)
+            os.close(fd)
     ops = UnionOperations(core, enable_acl=opts.enable_acl)
     listing_cache.enable(ops.is_directory_handle)
     lowlevel_ops.install(ops.fallocate)

@@ -130,7 +130,10 @@ class UnionTree:
         trace: Callable[[str], None] | None = None,
         layer_xattr: bool = False,
         redirect_dir: bool | None = None,
+        opened: dict[str, int] | None = None,
     ) -> None:
+        """``opened``: layer, upper and work directories already opened (by path as given), taken
+        out of the dict as they are used (see unionfs.detached_layers); the rest are opened here."""
         if not lowers and upper is None:
             raise UnionError("no lowerdir given")
         if upper is not None and work is None:
@@ -141,6 +144,7 @@ class UnionTree:
         self.on_copy_up: Callable[[Node], None] | None = None
         self.layer_xattr = layer_xattr
         self._fds: list[int] = []
+        self._opened = opened if opened is not None else {}
         self.table = InodeTable()
         try:
             self.lowers = [
@@ -186,9 +190,13 @@ class UnionTree:
 
     # --- set-up ----------------------------------------------------------------------------------
 
+    def _open_dir(self, path: str) -> int:
+        fd = self._opened.pop(path, None)
+        return fsat.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) if fd is None else fd
+
     def _open_layer(self, path: str, slot: int, label: str, index: int) -> Layer:
         try:
-            fd = fsat.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fd = self._open_dir(path)
         except FileNotFoundError:
             raise UnionError(f"{path}: no such directory") from None
         except NotADirectoryError:
@@ -204,7 +212,7 @@ class UnionTree:
         """Open (creating if needed) WORK/work, emptied: leftovers of a crashed copy-up go away."""
         assert self.upper is not None
         try:
-            wfd = fsat.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            wfd = self._open_dir(work)
         except OSError as e:
             raise UnionError(f"{work}: {e.strerror}") from None
         self._fds.append(wfd)
