@@ -879,6 +879,41 @@ def test_removed_node_nobody_knows_is_dropped_at_once(layers: Layers) -> None:
     assert again.ino == UPPER_SLOT_BASE | os.lstat(layers.upper / "g").st_ino
 
 
+def test_forgotten_directory_takes_what_the_kernel_never_looked_up_below_it(layers: Layers) -> None:
+    """A rename with redirects off (as in a user namespace) copies the whole tree up, making nodes
+    the kernel never looks up; when the kernel then forgets the directory (a busy machine reclaims
+    dentries), those must go with it. Left behind, they kept identities whose parent was gone:
+    "sub" came back with a counter number that a remount does not give (the differential test's
+    "inode numbers changed after remount"), and "f" kept a path through the old directory, wrong
+    once the directory moved on."""
+    write_file(layers.lowers[1] / "src" / "sub" / "f", "f")
+    fs = layers.open(redirect_dir=False)
+    src = kernel_knows(walk(fs, "src"))
+    fs.rename(fs.root, "src", fs.root, "dst")
+    fs.table.forget(src, 1)
+    assert set(fs.table.by_ino) == {fs.root.ino}  # nothing is left of what nobody knows
+    kernel_knows(walk(fs, "dst/sub/f"))
+    fs.rename(fs.root, "dst", fs.root, "moved")
+    assert read(fs, "moved/sub/f") == b"f"
+    remounted = layers.open()
+    assert [walk(fs, p).ino for p in ("moved", "moved/sub", "moved/sub/f")] == \
+        [walk(remounted, p).ino for p in ("moved", "moved/sub", "moved/sub/f")]
+
+
+def test_forgotten_directory_stays_while_the_kernel_knows_something_below_it(layers: Layers) -> None:
+    """A node below that the kernel still knows (forgets may come in any order) keeps the
+    directory's node, so that looking the directory up again finds that same node."""
+    write_file(layers.lowers[0] / "d" / "e" / "f", "f")
+    fs = layers.open()
+    d = kernel_knows(walk(fs, "d"))
+    f = kernel_knows(walk(fs, "d/e/f"))
+    fs.table.forget(d, 1)
+    assert walk(fs, "d") is d and walk(fs, "d/e/f") is f
+    fs.table.forget(f, 1)
+    fs.table.maybe_drop(d)
+    assert set(fs.table.by_ino) == {fs.root.ino}
+
+
 def test_other_name_of_a_removed_upper_hardlink_is_the_same_node(layers: Layers) -> None:
     write_file(layers.upper / "a", "linked")
     os.link(layers.upper / "a", layers.upper / "b")

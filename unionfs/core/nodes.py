@@ -194,9 +194,39 @@ class InodeTable:
         self.maybe_drop(node)
 
     def maybe_drop(self, node: Node) -> None:
-        """Drop a node nobody refers to any more (no kernel lookups, no open files)."""
-        if self.survives(node):
+        """Drop a node nobody refers to any more (no kernel lookups, no open files), with the
+        nodes below it that nobody refers to either; a node below that somebody does keeps it."""
+        if self.survives(node) or (node.children and not self._drop_unreferenced_below(node)):
             return
+        self._drop(node)
+
+    def _drop_unreferenced_below(self, top: Node) -> bool:
+        """Before directory ``top`` goes: drop the nodes below it that the kernel never looked up
+        (made by listings, by a whole-tree copy-up, by a rename's checks), children first.
+        Whether nothing is left below it.
+
+        Left behind, such a node would keep its identity but have a parent that no longer exists:
+        the node made again for ``top``'s object is another one, so a lookup under it finds the
+        old child by identity with the wrong parent, and (a directory) makes a new node whose
+        number is taken by the old one -- a counter number that a remount does not give again --
+        or (a file) puts it under the new parent by a path through the dropped one."""
+        survives = self.survives
+        order: list[Node] = []
+        pending = [top]
+        while pending:  # no recursion: a path may be thousands of directories deep
+            directory = pending.pop()
+            order.append(directory)
+            assert directory.children is not None
+            pending.extend(child for child in directory.children.values()
+                           if child.children and child.parent is directory and not survives(child))
+        for directory in reversed(order):  # children before their parents
+            assert directory.children is not None
+            for child in list(directory.children.values()):
+                if not child.children and not survives(child):
+                    self._drop(child)
+        return not top.children
+
+    def _drop(self, node: Node) -> None:
         if self.by_ino.get(node.ino) is node:
             del self.by_ino[node.ino]
         self.drop_identities(node)
