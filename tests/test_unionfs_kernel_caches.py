@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from unionfs.bare_entries import SWITCH
+from unionfs.startup import NO_PATCHES_ENV
 
 pytestmark = pytest.mark.fuse
 
@@ -106,12 +107,24 @@ def test_bare_entry_writer_zeroes_only_the_node_id(monkeypatch: pytest.MonkeyPat
     from unionfs.bare_entries import bare_entry_writer
 
     monkeypatch.delenv(SWITCH, raising=False)
+    monkeypatch.delenv(NO_PATCHES_ENV, raising=False)
     make_bare = bare_entry_writer(pyfuse3.EntryAttributes)
     assert make_bare is not None
     entry = pyfuse3.EntryAttributes()
     entry.st_ino, entry.generation, entry.st_mode, entry.st_size = 77, 5, 0o100600, 123
     make_bare(entry)
     assert (entry.st_ino, entry.generation, entry.st_mode, entry.st_size) == (0, 5, 0o100600, 123)
+
+
+def test_no_patches_switch_turns_bare_entries_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LAMINA_NO_PATCHES is the one switch for every change to another library, this one included."""
+    import pyfuse3
+
+    from unionfs.bare_entries import bare_entry_writer
+
+    monkeypatch.delenv(SWITCH, raising=False)
+    monkeypatch.setenv(NO_PATCHES_ENV, "1")
+    assert bare_entry_writer(pyfuse3.EntryAttributes) is None
 
 
 def test_bare_entry_writer_refuses_what_it_does_not_know(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,7 +18,9 @@ unexpected (another architecture, another object size, a field where it should n
 pyfuse3 alone, and listings then carry true attributes for every entry.
 
 Switch: ``LAMINA_UNIONFS_BARE_ENTRIES=off`` (or 0/no/false) in the server's environment turns this
-off; listings then always carry true attributes (the tests run both ways).
+off, and so does ``LAMINA_NO_PATCHES=1``, the switch for every change lamina makes to another
+library at run time (:mod:`unionfs.startup`); listings then always carry true attributes (the tests
+run both ways).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import os
 import struct
 from collections.abc import Callable
 from typing import Any
+
+from unionfs import startup
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +51,7 @@ class _Unsupported(Exception):
 
 
 def enabled_by_environment() -> bool:
-    return os.environ.get(SWITCH, "").strip().lower() not in _OFF_VALUES
+    return startup.patches_enabled() and os.environ.get(SWITCH, "").strip().lower() not in _OFF_VALUES
 
 
 def bare_entry_writer(entry_type: Any) -> Callable[[Any], None] | None:
@@ -57,7 +61,7 @@ def bare_entry_writer(entry_type: Any) -> Callable[[Any], None] | None:
     The function must be called after every ``st_ino`` assignment (which sets the node id again).
     """
     if not enabled_by_environment():
-        log.debug("bare entries: off (%s)", SWITCH)
+        log.debug("bare entries: off (%s or %s)", SWITCH, startup.NO_PATCHES_ENV)
         return None
     try:
         _check_layout(entry_type)
