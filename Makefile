@@ -19,7 +19,7 @@ install: system-packages venv bytecode
 # Compiled once here: these machines set PYTHONDONTWRITEBYTECODE=1, and without .pyc files every
 # lamina command would recompile every module it imports (~0.2 s per command).
 bytecode: venv
-	$(PY) -m compileall -q lamina unionfs builder runner store inspector bench
+	$(PY) -m compileall -q lamina unionfs builder runner bench
 	$(PY) -m unionfs.bundle  # the filesystem server's imports in one file (see unionfs/bundle.py)
 
 system-packages:
@@ -48,7 +48,7 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check lamina unionfs builder runner store inspector tests bench
+	$(VENV)/bin/ruff check lamina unionfs builder runner tests bench
 	$(VENV)/bin/mypy
 
 bench: install

@@ -166,8 +166,8 @@ def make_busybox_tarball(dest: Path) -> Path:
     return dest
 
 
-ENSURE_BASE = ("import sys; from pathlib import Path; from store import Store; "
-               "from store.base import ensure_default_base; ensure_default_base(Store.open(Path(sys.argv[1])))")
+ENSURE_BASE = ("import sys; from pathlib import Path; from lamina.store import Store; "
+               "from lamina.store.base import ensure_default_base; ensure_default_base(Store.open(Path(sys.argv[1])))")
 
 
 def base_tarball(workdir: Path) -> tuple[Path, str]:
@@ -178,8 +178,8 @@ def base_tarball(workdir: Path) -> tuple[Path, str]:
     """
     dest = workdir / "base.tar"
     try:
-        store_module = importlib.import_module("store")
-        base_module = importlib.import_module("store.base")
+        store_module = importlib.import_module("lamina.store")
+        base_module = importlib.import_module("lamina.store.base")
     except ImportError:
         return make_busybox_tarball(dest), "bench: busybox-static root (store.base not available)"
     store = store_module.Store.open(workdir / "base-store")

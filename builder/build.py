@@ -72,11 +72,11 @@ from lamina.errors import (
     ImageNotFound,
     LaminaError,
 )
-from store.compression import mount_point
+from lamina.store.compression import mount_point
 
 if TYPE_CHECKING:
+    from lamina.store import Image, Layer, Store
     from runner.sandbox import SandboxSpec
-    from store import Image, Layer, Store
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ class Builder:
         image = self.store.create_image(list(state.layers), config, tags=tags, base=state.base)
         self.out.line(f"COMMIT {' '.join(tags)}".rstrip())
         self.out.line(f"--> {image.short_id}")
-        from store import Reference
+        from lamina.store import Reference
 
         for tag in tags:
             self.out.line(f"Successfully tagged {Reference.parse(tag).familiar}")
@@ -361,10 +361,10 @@ class Builder:
     def _pull(self, ref_text: str) -> Image | None:
         """Pull through the store's registry client; None when the reference is not pullable."""
         try:
-            from store import Reference
-            from store.registry import RegistryClient
-            from store.registry_auth import lookup_credentials
-            from store.registry_commands import Progress, api_host, default_tls_verify, pull_image
+            from lamina.store import Reference
+            from lamina.store.registry import RegistryClient
+            from lamina.store.registry_auth import lookup_credentials
+            from lamina.store.registry_commands import Progress, api_host, default_tls_verify, pull_image
         except ImportError:
             return None
         try:
@@ -448,7 +448,7 @@ class Builder:
         info = entry.get("layer")
         if not isinstance(info, dict):
             return None
-        from store import Layer
+        from lamina.store import Layer
 
         diff_id = info.get("diff_id", "")
         digest = info.get("digest", "")
@@ -617,8 +617,8 @@ class Builder:
         Files the command made may belong to subordinate ids, which only root of lamina's user
         namespace can read: the upper is cleaned up and packed into a blob there, and the blob is
         unpacked into the store here, by the user (the store's ownership convention)."""
+        from lamina.store import Layer
         from runner.sandbox import call_in_userns
-        from store import Layer
 
         packed = call_in_userns(_finish_upper, self.store, lowers, upper, work, targets, epoch)
         if packed is None:
@@ -686,7 +686,7 @@ def _finish_upper(store: Store, lowers: list[Path], upper: Path, work: Path,
                   targets: list[str], epoch: int | None) -> tuple[str, str] | None:
     """In lamina's user namespace: flatten redirects, drop scaffolding, pack the upper into a blob.
     Returns (blob digest, diff_id), or None for an empty upper."""
-    from store.layer_pack import pack_layer
+    from lamina.store.layer_pack import pack_layer
     from unionfs.export import flatten_redirects
 
     # A directory renamed over a lower one carries an overlay redirect, which a layer tar cannot
@@ -710,7 +710,7 @@ def _finish_upper(store: Store, lowers: list[Path], upper: Path, work: Path,
 
 
 def _is_opaque(path: Path) -> bool:
-    from unionfs import ondisk
+    from unionfs.core import ondisk
 
     return ondisk.is_opaque_dir(str(path))
 
@@ -724,7 +724,7 @@ def _remove_tree(path: Path) -> None:
     except LaminaError as e:
         log.info("could not remove %s in the user namespace: %s", path, e)
     if path.exists():
-        from store.blobs import remove_tree
+        from lamina.store.blobs import remove_tree
 
         try:
             remove_tree(path)
@@ -766,7 +766,7 @@ class _Cleaner:
         self._queue.put(path)
 
     def _work(self) -> None:
-        from store.blobs import remove_tree
+        from lamina.store.blobs import remove_tree
 
         # Never fork from this thread (no user namespace here): only plain directories come here.
         while (path := self._queue.get()) is not None:

@@ -50,7 +50,7 @@ def _read_dockerfile(args: argparse.Namespace, context: Path) -> tuple[str, Path
 def cmd_build(args: argparse.Namespace) -> int:
     from builder.build import BuildOptions, build
     from builder.session import Session, parse_secret, parse_ssh
-    from store import Reference, Store
+    from lamina.store import Reference, Store
 
     context = Path(args.context)
     if not context.is_dir():

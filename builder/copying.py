@@ -319,7 +319,7 @@ def _write_heredoc(target: str, doc: df.Heredoc, owner: Ownership) -> None:
 def _extract(builder: Builder, archive: str, into: str, tmp: Path, owner: Ownership | None, inst: df.Add) -> None:
     """ADD of a local tar archive: unpack it (validated as hostile, by the store's unpacker)
     and merge it into ``into``."""
-    from store.layer_unpack import unpack_layer
+    from lamina.store.layer_unpack import unpack_layer
 
     staging = tmp / "archive"
     try:
@@ -364,7 +364,7 @@ def _is_archive(path: str) -> bool:
 
     import zstandard
 
-    from store.compression import open_decompressed
+    from lamina.store.compression import open_decompressed
 
     try:
         if not os.path.isfile(path):

@@ -4,7 +4,7 @@ A layer made by COPY is *the diff against its parent*: a fresh directory holding
 and the directories above them, nothing else. To decide where files go (docker's destination rules:
 is ``/app`` an existing directory?) and to read files out of another stage (``COPY --from``), we look
 at the parent's layers through :class:`LayerView`, a read-only merge of layer directories that
-follows the union on-disk format (:mod:`unionfs.ondisk`): the top-most entry wins, a whiteout hides
+follows the union on-disk format (:mod:`unionfs.core.ondisk`): the top-most entry wins, a whiteout hides
 lower entries, an opaque directory hides lower directories' contents, a non-directory ends the
 merge. Symlinks met on the way are resolved inside the image root, never on the host.
 
@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from unionfs import ondisk
+from unionfs.core import ondisk
 
 MAX_SYMLINKS = 40
 PRIVILEGED = os.geteuid() == 0
@@ -382,7 +382,7 @@ def copy_view_entry(view: LayerView, backing: str, st: os.stat_result, merged: t
 
 
 def _make_device(dst: str, kind: int, rdev: int) -> None:
-    """A device node at ``dst``: real as root, else a placeholder (see :mod:`unionfs.ondisk`)."""
+    """A device node at ``dst``: real as root, else a placeholder (see :mod:`unionfs.core.ondisk`)."""
     if PRIVILEGED:
         os.mknod(dst, kind | 0o600, rdev)
         return

@@ -84,8 +84,8 @@ def release(builder: Builder) -> None:
 
 
 def _download(url: str, target: Path, inst: df.Add) -> Download:
-    from store.layer_unpack import Limits
-    from store.registry import LowSpeedLimit
+    from lamina.store.layer_unpack import Limits
+    from lamina.store.registry import LowSpeedLimit
 
     digest = hashlib.sha256()
     limit = Limits().max_total_bytes

@@ -43,12 +43,12 @@ class LaminaArgumentParser(argparse.ArgumentParser):
 # module really registers.
 VERB_MODULES: dict[str, str] = {
     **dict.fromkeys(["history", "images", "import", "inspect", "load", "rmi", "save", "system", "tag"],
-                    "store.commands"),
-    **dict.fromkeys(["login", "logout", "pull", "push"], "store.registry_commands"),
+                    "lamina.store.commands"),
+    **dict.fromkeys(["login", "logout", "pull", "push"], "lamina.store.registry_commands"),
     "build": "builder.commands",
     **dict.fromkeys(["commit", "create", "diff", "exec", "kill", "logs", "port", "ps", "restart", "rm", "run",
                      "start", "stop", "wait"], "runner.commands"),
-    **dict.fromkeys(["layers", "mount", "umount", "which"], "inspector.commands"),
+    **dict.fromkeys(["layers", "mount", "umount", "which"], "lamina.inspector.commands"),
 }
 ALL_COMMAND_MODULES = tuple(dict.fromkeys(VERB_MODULES.values()))
 class _UnusedParser:
@@ -117,7 +117,7 @@ def run(argv: Sequence[str]) -> int:
         raise UsageError("--root: empty path")
     args.root = resolve_root(args.root)
     # A store made by an older lamina was open to every user: close it before any verb uses it.
-    from store.private import tighten_if_present
+    from lamina.store.private import tighten_if_present
     tighten_if_present(args.root)
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:

@@ -38,7 +38,7 @@ from runner.state import STATUS_CREATED, Container, ContainerStore, now
 # runner.lifecycle, runner.sandbox and the store are imported by the handlers that need them, so
 # that `lamina --help` and every other package's verbs do not pay for them.
 if TYPE_CHECKING:
-    from store import Image, Store
+    from lamina.store import Image, Store
 
 
 _NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")  # docker's rule
@@ -159,8 +159,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _new_container(args: argparse.Namespace) -> Container:
+    from lamina.store import Store
     from runner.network import normalize_network, parse_port
-    from store import Store
 
     store = Store.open(args.root)
     image = _image_for_run(store, args.image, args.pull)
@@ -248,7 +248,7 @@ def _image_for_run(store: Store, reference: str, policy: str) -> Image:
             if policy == "never":
                 raise
             print(f"Unable to find image '{reference}' locally", file=sys.stderr)
-    from store.registry_commands import pull
+    from lamina.store.registry_commands import pull
 
     try:
         # Progress redraws lines with terminal escapes: only on a terminal.
@@ -441,7 +441,7 @@ def _ps_row(c: Container, no_trunc: bool) -> dict[str, str]:
 
 def cmd_ps(args: argparse.Namespace) -> int:
     if args.format and args.format != "json":
-        from store.commands import check_template
+        from lamina.store.commands import check_template
 
         check_template(args.format)  # before any output, even with no container to show
     wanted = _ps_filter(args.filter)
@@ -452,7 +452,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
             print(row["ID"])
         return 0
     if args.format:
-        from store.commands import render_template
+        from lamina.store.commands import render_template
 
         for row in rows:
             print(json.dumps(row) if args.format == "json" else render_template(args.format, row))
@@ -580,7 +580,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 
 def _commit_layer(root: Path, upper: Path) -> Any:
-    from store import Store
+    from lamina.store import Store
 
     return Store.open(root).commit_layer(upper)
 
@@ -594,9 +594,9 @@ def _bool_flag(text: str) -> bool:
 
 
 def cmd_commit(args: argparse.Namespace) -> int:
+    from lamina.store import Store
     from runner.freeze import paused
     from runner.sandbox import call_in_userns
-    from store import Store
 
     container = ContainerStore(args.root).get(args.container)
     store = Store.open(args.root)
@@ -631,8 +631,8 @@ def _changes(upper: Path, lowers: list[Path]) -> list[tuple[str, str]]:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
+    from lamina.store import Store
     from runner.sandbox import call_in_userns
-    from store import Store
 
     container = ContainerStore(args.root).get(args.container)
     store = Store.open(args.root)

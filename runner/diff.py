@@ -2,7 +2,7 @@
 
 An entry of the upper is ``D`` when it is a whiteout, ``C`` when the path also exists in a lower
 layer (a copied-up file or a directory whose contents changed), ``A`` otherwise; everything below an
-added directory is added too. Whiteouts and opaque markers are recognised by :mod:`unionfs.ondisk`
+added directory is added too. Whiteouts and opaque markers are recognised by :mod:`unionfs.core.ondisk`
 only.
 """
 
@@ -12,8 +12,8 @@ import os
 import stat
 from pathlib import Path
 
-from store import fdtree
-from unionfs import ondisk
+from lamina.store import fdtree
+from unionfs.core import ondisk
 
 
 def _in_lowers(lowers: list[Path], rel: str) -> bool:

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 
 def build_spec(root: Path, container: Container) -> SandboxSpec:
-    from store import Store
+    from lamina.store import Store
 
     store = Store.open(root)
     image = store.resolve_image(container.image_id)

@@ -161,7 +161,7 @@ class ContainerStore:
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         if not self.dir.is_dir():
-            from store import Store
+            from lamina.store import Store
             Store.open(self.root)  # the store's layout, private to its owner
         with open(self.dir / ".lock", "a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
@@ -292,7 +292,7 @@ def sweep_debris(root: Path) -> None:
     of writers that are gone (a killed build's step directories, the sandbox state inside them
     included) and ``--rm`` containers whose monitor is gone. Every command that uses the store
     calls this; a live process's files are never touched (their names carry its pid)."""
-    from store.blobs import remove_stale_temps
+    from lamina.store.blobs import remove_stale_temps
 
     tmp_dir = root / "tmp"
     if tmp_dir.is_dir():
@@ -301,7 +301,7 @@ def sweep_debris(root: Path) -> None:
 
 
 def _remove_in_userns_if_needed(path: Path) -> None:
-    from store.blobs import remove_tree
+    from lamina.store.blobs import remove_tree
 
     try:
         remove_tree(path)

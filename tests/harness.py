@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("lamina", "unionfs", "builder", "runner", "store", "inspector")
+PACKAGES = ("lamina", "unionfs", "builder", "runner")
 MOUNT_DEADLINE_S = 15.0
 
 

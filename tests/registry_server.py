@@ -397,7 +397,7 @@ def _uncompressed(blob: bytes) -> tuple[bytes, str]:
 
 def oci_image(layers: list[bytes], arch: str | None = None) -> tuple[bytes, bytes]:
     """(config, OCI manifest) bytes of a linux image of ``layers`` (gzip, zstd or plain tar blobs)."""
-    from store.registry_manifest import OCI_MANIFEST, host_platform
+    from lamina.store.registry_manifest import OCI_MANIFEST, host_platform
 
     tars = [_uncompressed(blob) for blob in layers]
     config = json.dumps({
@@ -469,7 +469,7 @@ class FakeRegistry:
 
     def add_image(self, repository: str, tag: str, layers: list[bytes]) -> tuple[bytes, bytes]:
         """Serve an image of ``layers`` as ``repository:tag``; returns (config, manifest) bytes."""
-        from store.registry_manifest import OCI_MANIFEST
+        from lamina.store.registry_manifest import OCI_MANIFEST
 
         config, manifest = oci_image(layers)
         for blob in (*layers, config):

@@ -40,7 +40,7 @@ class Lamina:
         return self("build", *args, str(context), check=check)
 
     def image(self, ref: str) -> dict:
-        from store import Store
+        from lamina.store import Store
 
         image = Store.open(self.root).resolve_image(ref)
         return {"id": image.id, "config": image.config, "layers": [layer.digest for layer in image.layers]}

@@ -285,7 +285,7 @@ def test_ssh_agent_socket_forwarded(builders: Builders, ctx: Path, tmp_path: Pat
 
 
 def _layer_names(builders: Builders, diff_id: str) -> list[str]:
-    from store import Store
+    from lamina.store import Store
 
     store = Store.open(builders.root)
     image_layers = {layer.diff_id: layer for layer in store.resolve_image("ssh-img").layers}

@@ -82,7 +82,7 @@ class Builders:
         return ours
 
     def lamina_config(self, tag: str) -> dict[str, Any]:
-        from store import Store
+        from lamina.store import Store
 
         image = Store.open(self.root).resolve_image(tag)
         return {"config": image.config, "id": image.id, "diff_ids": [layer.diff_id for layer in image.layers]}
@@ -342,7 +342,7 @@ def test_source_date_epoch_gives_the_same_image_on_two_stores(lamina_cmd: Any, t
         else:
             time.sleep(1.1)  # a clock time would now differ by a second
             lamina_cmd("build", "--build-arg", f"SOURCE_DATE_EPOCH={EPOCH}", "-t", "repro", str(ctx), root=root)
-        from store import Store
+        from lamina.store import Store
 
         image = Store.open(root).resolve_image("repro")
         images.append((image.id, [layer.digest for layer in image.layers], image.config, root))

@@ -11,7 +11,7 @@ from builder.context import BuildContext
 from builder.dockerignore import IgnoreRules
 from builder.fsops import LayerView, ensure_parents, prune_empty_dirs, resolve_dir_in_image
 from lamina.errors import BuildError
-from unionfs import ondisk
+from unionfs.core import ondisk
 
 
 @pytest.fixture

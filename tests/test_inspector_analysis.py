@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from inspector.analysis import (
+from lamina.inspector.analysis import (
     Event,
     LayerInput,
     analyze,
@@ -15,7 +15,7 @@ from inspector.analysis import (
     instructions_for_layers,
     normalize,
 )
-from unionfs import ondisk
+from unionfs.core import ondisk
 
 
 def write(root: Path, rel: str, data: bytes) -> None:

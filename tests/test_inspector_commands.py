@@ -25,8 +25,8 @@ from harness import fuse_mounts_under
 MAKE_IMAGE = r'''
 import os, sys
 from pathlib import Path
-from store import Store
-from unionfs import ondisk
+from lamina.store import Store
+from unionfs.core import ondisk
 
 root, work, tag = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 
@@ -115,7 +115,7 @@ def test_which_shadowing_in_a_two_layer_prefix(lamina_cmd, tmp_path: Path) -> No
     # Two images share layers 1 and 2; in the second one nothing deletes /etc/motd yet.
     root = tmp_path / "root"
     make_three_layer_image(root, tmp_path / "src")
-    from store import Store
+    from lamina.store import Store
 
     store = Store.open(root)
     image = store.resolve_image("three")
@@ -223,7 +223,7 @@ def test_mount_upto_and_rw_scratch(lamina_cmd, image_root: Path, tmp_path: Path)
         lamina_cmd("umount", str(target), root=image_root)
     assert target.is_dir() and not fuse_mounts_under(target)          # a mount point we did not make stays
 
-    from store import Store
+    from lamina.store import Store
 
     layer1 = Store.open(image_root).resolve_image("three").layers[0].diff_id
     trace = tmp_path / "trace.log"
@@ -261,7 +261,7 @@ def test_mount_and_umount_errors(lamina_cmd, image_root: Path, tmp_path: Path) -
 
 @pytest.mark.fuse
 def test_copy_up_trace_names_the_layer(union_mount, image_root: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from store import Store
+    from lamina.store import Store
 
     image = Store.open(image_root).resolve_image("three")
     lowers = [Path(layer.path) for layer in reversed(image.layers[:2])]
@@ -358,7 +358,7 @@ def test_container_with_foreign_owned_files(unpriv) -> None:  # type: ignore[no-
 
 @pytest.mark.fuse
 def test_mount_failure_leaves_nothing_behind(lamina_cmd, image_root: Path) -> None:  # type: ignore[no-untyped-def]
-    from store import Store
+    from lamina.store import Store
 
     layer_dir = Path(Store.open(image_root).resolve_image("three").layers[-1].path)
     layer_dir.rename(layer_dir.with_name("moved-away"))            # as a damaged store would have it
@@ -375,7 +375,7 @@ def test_unprivileged_mount_failure_leaves_nothing_behind(unpriv) -> None:  # ty
     root = unpriv.workdir / "root"
     result = unpriv.run(["lamina-python", "-c", MAKE_IMAGE, str(root), str(unpriv.workdir / "src"), "three:latest"])
     assert result.returncode == 0, result.stderr
-    moved = unpriv.run(["lamina-python", "-c", "import sys; from pathlib import Path; from store import Store; "
+    moved = unpriv.run(["lamina-python", "-c", "import sys; from pathlib import Path; from lamina.store import Store; "
                         "p = Path(Store.open(Path(sys.argv[1])).resolve_image('three').layers[-1].path); "
                         "p.rename(p.with_name('moved-away'))", str(root)])
     assert moved.returncode == 0, moved.stderr

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from inspector.analysis import LayerInput, analyze
-from inspector.render import band_height, human_size, render_html, render_svg
-from unionfs import ondisk
+from lamina.inspector.analysis import LayerInput, analyze
+from lamina.inspector.render import band_height, human_size, render_html, render_svg
+from unionfs.core import ondisk
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -140,7 +140,7 @@ def test_page_renders_in_headless_chromium(tmp_path: Path) -> None:
 def test_hostile_names_stay_valid_xml_and_terminal_safe(tmp_path: Path) -> None:
     import xml.etree.ElementTree as ET
 
-    from inspector.render import printable
+    from lamina.inspector.render import printable
 
     layer1, layer2 = tmp_path / "l1", tmp_path / "l2"
     for name in (b"bad\xff", b"new\nline", b"ctl\x01", b"esc\x1b[2J"):

@@ -13,7 +13,7 @@ import pytest
 from registry_server import bcrypt_hash, run_registry
 
 from lamina.errors import UsageError
-from store.registry_auth import (
+from lamina.store.registry_auth import (
     auth_file_for_writing,
     lookup_credentials,
     parse_creds,
@@ -91,8 +91,8 @@ def test_login_logout_cli(tmp_path: Path, lamina_cmd) -> None:  # type: ignore[n
         # pull and push find the stored credentials without --creds.
         from registry_server import layer_blob, oci_image
 
-        from store.registry import RegistryClient
-        from store.registry_manifest import OCI_MANIFEST
+        from lamina.store.registry import RegistryClient
+        from lamina.store.registry_manifest import OCI_MANIFEST
 
         layer = layer_blob({"a": b"a"})
         config, manifest = oci_image([layer])

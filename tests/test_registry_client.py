@@ -1,4 +1,4 @@
-"""The OCI distribution client (store/registry.py) against Debian's real registry and a lying fake one."""
+"""The OCI distribution client (lamina/store/registry.py) against Debian's real registry and a lying fake one."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from registry_server import (
 )
 
 from lamina.errors import RegistryError
-from store.registry import RegistryClient
-from store.registry_manifest import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Platform, host_platform
+from lamina.store.registry import RegistryClient
+from lamina.store.registry_manifest import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Platform, host_platform
 
 pytestmark = pytest.mark.skipif(shutil.which("docker-registry") is None, reason="docker-registry not installed")
 

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from lamina.errors import RegistryError
-from store.registry import parse_www_authenticate, proxy_for
-from store.registry_manifest import (
+from lamina.store.registry import parse_www_authenticate, proxy_for
+from lamina.store.registry_manifest import (
     DOCKER_MANIFEST,
     OCI_INDEX,
     OCI_MANIFEST,

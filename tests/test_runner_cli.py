@@ -317,7 +317,7 @@ def test_read_only_root_and_create_start(lamina: Lamina, module_root: Path) -> N
 
 
 def test_image_volume_gets_a_seeded_anonymous_volume(lamina: Lamina, module_root: Path) -> None:
-    from store import Store
+    from lamina.store import Store
 
     assert lamina("run", "--name", "seed", IMAGE, "sh", "-c", "mkdir /data && echo seed > /data/f").returncode == 0
     assert lamina("commit", "seed", "seeded:1").returncode == 0

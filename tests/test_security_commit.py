@@ -24,8 +24,8 @@ import pytest
 
 from harness import UnprivilegedUser, fuse_mounts_under
 from runner.freeze import container_pids, paused
-from store import Store, fdtree
-from store.layer_pack import pack_layer
+from lamina.store import Store, fdtree
+from lamina.store.layer_pack import pack_layer
 
 Lamina = Callable[..., "subprocess.CompletedProcess[str]"]
 IMAGE = "lamina/busybox"
@@ -102,7 +102,7 @@ def test_deep_trees_pack_and_too_deep_ones_fail_in_one_line(tmp_path: Path) -> N
     """A container can nest directories as deep as it likes; packing walks them without recursion
     (the old reader hit Python's recursion limit near 500 levels) and refuses past MAX_DEPTH."""
     from lamina.errors import LayerError
-    from store.layer_pack import MAX_DEPTH
+    from lamina.store.layer_pack import MAX_DEPTH
 
     def nest(top: Path, depth: int) -> None:
         top.mkdir()

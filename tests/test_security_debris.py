@@ -189,7 +189,7 @@ def test_a_blob_writer_that_runs_out_of_space_removes_its_temporary_file(tmp_pat
     code = f"""
 import os
 from pathlib import Path
-from store.blobs import BlobStore
+from lamina.store.blobs import BlobStore
 blobs = BlobStore(Path({str(store)!r}))
 try:
     with blobs.writer() as w:
@@ -211,7 +211,7 @@ print("left", len(os.listdir(blobs.tmp_dir)))
 RMI_RACE_DRIVER = r"""
 import sys
 from runner import state
-from store import Store
+from lamina.store import Store
 
 created = state.ContainerStore.create
 

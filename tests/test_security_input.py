@@ -515,7 +515,7 @@ def test_registry_that_trickles_is_abandoned(tmp_path: Path, lamina_cmd: Lamina)
 
 def test_pull_follows_an_index_inside_an_index(tmp_path: Path, lamina_cmd: Lamina) -> None:
     from registry_server import FakeRegistry, layer_blob
-    from store.registry_manifest import OCI_INDEX, OCI_MANIFEST, host_platform
+    from lamina.store.registry_manifest import OCI_INDEX, OCI_MANIFEST, host_platform
 
     fake = FakeRegistry()
     config, manifest = fake.add_image("nested/img", "inner", [layer_blob({"f": b"nested"})])
@@ -651,7 +651,7 @@ def test_exec_and_build_resolve_users_from_the_image_files(store: Store, nss_tra
 
 def test_load_follows_this_platforms_index_inside_an_index(store: Store) -> None:
     """index.json -> an index for this platform -> the image manifest (as BuildKit writes them)."""
-    from store.registry_manifest import OCI_INDEX, OCI_MANIFEST, host_platform
+    from lamina.store.registry_manifest import OCI_INDEX, OCI_MANIFEST, host_platform
 
     platform = {"os": "linux", "architecture": host_platform().architecture}
     config = json.dumps(GOOD_CONFIG).encode()

@@ -230,7 +230,7 @@ def test_tightening_closes_the_content_but_never_a_directory_that_is_not_only_th
         tmp_path: Path) -> None:
     """``--root /tmp`` (sticky, shared) or a root with other files in it keeps its mode; its
     content directories are closed all the same. A directory holding only the store is closed."""
-    from store import private
+    from lamina.store import private
 
     shared = tmp_path / "shared"
     shared.mkdir()

@@ -252,19 +252,19 @@ def test_inspect_finds_containers_and_rmi_respects_them(lamina_cmd: Cli, tmp_pat
     (20 * 86400, "2 weeks"), (100 * 86400, "3 months"), (800 * 86400, "2 years"),
 ])
 def test_human_duration_like_docker(seconds: float, text: str) -> None:
-    from store.commands import human_duration
+    from lamina.store.commands import human_duration
 
     assert human_duration(seconds) == text
 
 
 def test_human_size_like_docker() -> None:
-    from store.progress import human_size
+    from lamina.store.progress import human_size
 
     assert [human_size(n) for n in (0, 999, 1000, 2_140_160, 5.5e9)] == ["0B", "999B", "1kB", "2.14MB", "5.5GB"]
 
 
 def test_build_cache_pins_layers_until_prune_all(lamina_cmd: Cli, tmp_path: Path) -> None:
-    from store import Store
+    from lamina.store import Store
 
     root = tmp_path / "lamina-root"
     upper = tmp_path / "upper"
@@ -305,7 +305,7 @@ def test_concurrent_imports_tags_and_prune_leave_a_consistent_store(lamina_cmd: 
 def test_oci_archive_with_a_multi_platform_index_loads_the_host_platform(lamina_cmd: Cli, tmp_path: Path) -> None:
     import hashlib
 
-    from store.store import host_arch
+    from lamina.store.store import host_arch
 
     tar = rootfs_tar(tmp_path / "r.tar", {"native": b"yes"})
     image_id = lamina_cmd("import", str(tar), "multi:1").stdout.strip()

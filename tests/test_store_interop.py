@@ -50,8 +50,8 @@ def run_podman(env: object, *args: str, check: bool = True) -> subprocess.Comple
 
 def lamina_image_with_two_layers(lamina_cmd: Cli, tmp_path: Path) -> str:
     """busybox base + a layer that adds a file, deletes /etc/group and owns a file as 1000:1000."""
-    from store import Store
-    from unionfs import ondisk
+    from lamina.store import Store
+    from unionfs.core import ondisk
 
     root = tmp_path / "lamina-root"
     store = Store.open(root)

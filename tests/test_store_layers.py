@@ -17,9 +17,9 @@ import pytest
 import zstandard
 
 from lamina.errors import LayerError
-from store.layer_pack import IdMap, pack_layer
-from store.layer_unpack import Limits, unpack_layer, validate
-from unionfs import ondisk
+from lamina.store.layer_pack import IdMap, pack_layer
+from lamina.store.layer_unpack import Limits, unpack_layer, validate
+from unionfs.core import ondisk
 
 IS_ROOT = os.geteuid() == 0
 
@@ -301,7 +301,7 @@ def test_root_of_a_user_namespace_records_owners_instead_of_chowning(tmp_path: P
     info.uid = info.gid = 1234
     data = build_tar([(info, payload), entry("by0", data=b"z")])
     (tmp_path / "layer.tar").write_bytes(data)
-    script = ("import sys; from pathlib import Path; from store.layer_unpack import unpack_layer; "
+    script = ("import sys; from pathlib import Path; from lamina.store.layer_unpack import unpack_layer; "
               "unpack_layer(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))")
     subprocess.run(["unshare", "--user", "--map-root-user", sys.executable, "-c", script,
                     str(tmp_path / "layer.tar"), str(tmp_path / "out"), str(tmp_path / "tmp")],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lamina.errors import UsageError
-from store.reference import Reference, looks_like_id
+from lamina.store.reference import Reference, looks_like_id
 
 DIGEST = "sha256:" + "ab" * 32
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from lamina.errors import FormatError, ImageNotFound, LayerError, StoreError, UsageError
-from store import Store
-from store.base import DEFAULT_BASE, ensure_default_base
-from store.blobs import sha256_bytes
-from unionfs import ondisk
+from lamina.store import Store
+from lamina.store.base import DEFAULT_BASE, ensure_default_base
+from lamina.store.blobs import sha256_bytes
+from unionfs.core import ondisk
 
 
 @pytest.fixture
@@ -246,7 +246,7 @@ def test_stale_temporaries_are_removed_and_unremovable_ones_skipped(store: Store
             raise PermissionError(13, "Permission denied", str(path))
         real_rmtree(path, *args, **kwargs)
 
-    with mock.patch("store.blobs.shutil.rmtree", refuse):
+    with mock.patch("lamina.store.blobs.shutil.rmtree", refuse):
         assert store.check() == []
     assert not dead.exists() and mine.exists() and stuck.exists()
 
@@ -283,8 +283,8 @@ def test_a_prune_between_new_layer_and_new_image_waits(tmp_path: Path, monkeypat
     assert [p.wait(timeout=60) for p in prunes] == [0]
     assert all(path.is_dir() for path in store.layer_paths(store.resolve_image(DEFAULT_BASE)))
 
-    from store.archive import DOCKER_ARCHIVE, SaveItem, load, save
-    from store.reference import Reference
+    from lamina.store.archive import DOCKER_ARCHIVE, SaveItem, load, save
+    from lamina.store.reference import Reference
     archive = tmp_path / "base.tar"
     save(store, [SaveItem(image, [Reference.parse(DEFAULT_BASE)])], archive, DOCKER_ARCHIVE)
     other = Store.open(tmp_path / "other")

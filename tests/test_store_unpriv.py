@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from unionfs import ondisk
+from unionfs.core import ondisk
 
 pytestmark = pytest.mark.unprivileged
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from unionfs import ondisk
+from unionfs.core import ondisk
 from unionfs.core import Caller, UnionError, UnionFS
 from unionfs.core.backing import RENAME_EXCHANGE, RENAME_NOREPLACE
 from unionfs.core.nodes import Node

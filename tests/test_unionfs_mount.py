@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from unionfs import ondisk
+from unionfs.core import ondisk
 from unionfs.mount import MountSpec, command_line, mount_union, open_union_mount
 
 pytestmark = pytest.mark.fuse

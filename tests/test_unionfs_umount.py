@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from harness import UnprivilegedUser, force_unmount, start_union, union_argv
-from inspector import mounts
+from lamina.inspector import mounts
 from unionfs import detached_layers
 from unionfs.mount import MountSpec, mount_union
 

@@ -27,7 +27,7 @@ from types import CodeType
 
 from unionfs.startup import BUNDLE_NAME, STAMP_SUFFIX, stamp_header
 
-OWN_PACKAGES = {"unionfs", "lamina", "runner", "store", "builder", "inspector", "bench", "tests"}
+OWN_PACKAGES = {"unionfs", "lamina", "runner", "builder", "bench", "tests"}
 
 # Run in a fresh interpreter: import what a server imports, report where each new module came from.
 _PROBE = """

@@ -18,8 +18,7 @@ import os
 import stat
 from dataclasses import dataclass
 
-from unionfs import ondisk
-from unionfs.core import fsat
+from unionfs.core import fsat, ondisk
 from unionfs.core.backing import Layer, copy_file_data, getxattr_at, listxattr_at, lstat_at
 from unionfs.core.nodes import OVERRIDE_UNKNOWN, Node
 from unionfs.core.tree import UnionTree, ensure_writable, index_entry_name

@@ -19,8 +19,7 @@ import os
 import stat
 from collections.abc import Callable
 
-from unionfs import ondisk
-from unionfs.core import fsat
+from unionfs.core import fsat, ondisk
 from unionfs.core.backing import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,

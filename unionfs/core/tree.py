@@ -21,8 +21,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from unionfs import ondisk
-from unionfs.core import fsat
+from unionfs.core import fsat, ondisk
 from unionfs.core.backing import (
     Layer,
     exists_at,

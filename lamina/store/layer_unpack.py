@@ -41,9 +41,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from lamina.errors import LayerError
-from store.blobs import CHUNK, HashingWriter, remove_tree, temp_name
-from store.compression import UnbufferedOutput, detect, open_decompressed
-from unionfs import ondisk
+from lamina.store.blobs import CHUNK, HashingWriter, remove_tree, temp_name
+from lamina.store.compression import UnbufferedOutput, detect, open_decompressed
+from unionfs.core import ondisk
 
 log = logging.getLogger(__name__)
 
@@ -397,7 +397,7 @@ class _Extractor:
 
     def _record_placeholders(self) -> None:
         """List the device placeholders still there (a later entry may have replaced one) on the
-        layer's root, for the union to leave out (see :mod:`unionfs.ondisk`)."""
+        layer's root, for the union to leave out (see :mod:`unionfs.core.ondisk`)."""
         kept = []
         for path in self.placeholders:
             try:

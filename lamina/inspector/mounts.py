@@ -36,9 +36,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from inspector import userns_server
-from inspector.userns_server import log_tail
 from lamina.errors import MountError, UsageError
+from lamina.inspector import userns_server
+from lamina.inspector.userns_server import log_tail
 
 log = logging.getLogger(__name__)
 

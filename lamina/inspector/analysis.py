@@ -9,7 +9,7 @@ It replays the layers the way overlayfs stacks them, from the base upwards. With
 order matters, as in the OCI applier: first the layer's whiteouts and opaque directories hide what
 lies below, then the layer's own entries land on top. A non-directory over a directory hides the
 whole lower subtree; a directory over a directory merges (unless the upper one is opaque). Markers
-are recognised only through :mod:`unionfs.ondisk`, the one definition of the on-disk format.
+are recognised only through :mod:`unionfs.core.ondisk`, the one definition of the on-disk format.
 
 Bytes are apparent sizes (``st_size`` of regular files and symlinks; a hard link counted once per
 layer), the size a layer tar carries, not the blocks the unpacked directory happens to use.
@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from store import fdtree
-from unionfs import ondisk
+from lamina.store import fdtree
+from unionfs.core import ondisk
 
 
 class Event(Enum):

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from lamina.errors import LayerError, UsageError
-from store.blobs import remove_tree, temp_name
-from store.compression import NoSpace
-from store.layer_unpack import unpack_layer
-from store.progress import ProgressBar
-from store.store import Image, Store, now_rfc3339
+from lamina.store.blobs import remove_tree, temp_name
+from lamina.store.compression import NoSpace
+from lamina.store.layer_unpack import unpack_layer
+from lamina.store.progress import ProgressBar
+from lamina.store.store import Image, Store, now_rfc3339
 
 # Instructions --change accepts, as in `docker import --change` (and what each sets in the config).
 CHANGE_INSTRUCTIONS = {

@@ -47,7 +47,7 @@ from typing import Protocol
 from lamina import __version__
 from lamina.bounded import JSON_LIMIT
 from lamina.errors import RegistryError
-from store.registry_manifest import (
+from lamina.store.registry_manifest import (
     DOCKER_SCHEMA1,
     IMAGE_MANIFEST_TYPES,
     INDEX_TYPES,

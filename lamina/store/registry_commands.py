@@ -32,12 +32,12 @@ from pathlib import Path
 from typing import TextIO, TypeVar
 
 from lamina.errors import RegistryError, UsageError
-from store.layer_unpack import Limits
-from store.progress import ProgressBar
-from store.reference import DEFAULT_REGISTRY, Reference
-from store.registry import RegistryClient, TransientRegistryError
-from store.registry_auth import lookup_credentials, parse_creds, remove_credentials, store_credentials
-from store.registry_manifest import (
+from lamina.store.layer_unpack import Limits
+from lamina.store.progress import ProgressBar
+from lamina.store.reference import DEFAULT_REGISTRY, Reference
+from lamina.store.registry import RegistryClient, TransientRegistryError
+from lamina.store.registry_auth import lookup_credentials, parse_creds, remove_credentials, store_credentials
+from lamina.store.registry_manifest import (
     DOCKER_MANIFEST,
     IMAGE_MANIFEST_TYPES,
     OCI_MANIFEST,
@@ -47,7 +47,7 @@ from store.registry_manifest import (
     iter_layers,
     parse_json,
 )
-from store.store import Image, Store
+from lamina.store.store import Image, Store
 
 log = logging.getLogger(__name__)
 

@@ -41,9 +41,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from lamina.errors import LayerError
-from store import fdtree
-from store.blobs import HashingWriter
-from unionfs import ondisk
+from lamina.store import fdtree
+from lamina.store.blobs import HashingWriter
+from unionfs.core import ondisk
 
 log = logging.getLogger(__name__)
 

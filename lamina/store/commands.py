@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from lamina.errors import ContainerNotFound, ImageNotFound, LaminaError, StoreError, UsageError
-from store.archive import DOCKER_ARCHIVE, OCI_ARCHIVE, SaveItem, load, save
-from store.blobs import CHUNK, remove_tree, temp_name
-from store.importer import import_tarball
-from store.progress import human_size
-from store.reference import Reference
-from store.store import Image, Store
+from lamina.store.archive import DOCKER_ARCHIVE, OCI_ARCHIVE, SaveItem, load, save
+from lamina.store.blobs import CHUNK, remove_tree, temp_name
+from lamina.store.importer import import_tarball
+from lamina.store.progress import human_size
+from lamina.store.reference import Reference
+from lamina.store.store import Image, Store
 
 log = logging.getLogger(__name__)
 

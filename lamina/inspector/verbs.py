@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from inspector import mounts
-from inspector.analysis import (
+from lamina.errors import ContainerError, ContainerNotFound, ImageNotFound, NotFoundError, UsageError
+from lamina.inspector import mounts
+from lamina.inspector.analysis import (
     Event,
     LayerInput,
     PathEvent,
@@ -23,8 +24,7 @@ from inspector.analysis import (
     instructions_for_layers,
     normalize,
 )
-from inspector.render import human_size, percent, printable, render_html, render_svg
-from lamina.errors import ContainerError, ContainerNotFound, ImageNotFound, NotFoundError, UsageError
+from lamina.inspector.render import human_size, percent, printable, render_html, render_svg
 
 # --- loading -------------------------------------------------------------------------------------
 
@@ -51,7 +51,7 @@ def _resolve(root: Path, reference: str) -> tuple[Any, Any]:
     Error handling: :class:`NotFoundError` when neither exists; :class:`ContainerError` when the
     container's image is gone from the store.
     """
-    from store import Store
+    from lamina.store import Store
 
     store = Store.open(root)
     try:

@@ -15,7 +15,7 @@ import zstandard
 
 from lamina.bounded import describe_size
 from lamina.errors import FormatError, StoreError
-from store.blobs import CHUNK
+from lamina.store.blobs import CHUNK
 
 _MAGIC = [
     (b"\x1f\x8b", "gzip"),

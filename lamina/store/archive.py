@@ -28,9 +28,9 @@ from typing import IO, Any
 
 from lamina.bounded import ARCHIVE_MANIFEST_LIMIT, JSON_LIMIT, InputTooLarge, read_at_most
 from lamina.errors import FormatError, LaminaError, LayerError, UsageError
-from store.blobs import digest_hex, remove_tree, temp_name
-from store.compression import NoSpace, decompress_file, detect, open_decompressed
-from store.image_schema import (
+from lamina.store.blobs import digest_hex, remove_tree, temp_name
+from lamina.store.compression import NoSpace, decompress_file, detect, open_decompressed
+from lamina.store.image_schema import (
     Descriptor,
     DockerArchiveEntry,
     ImageManifest,
@@ -38,10 +38,10 @@ from store.image_schema import (
     config_diff_ids,
     parse_json,
 )
-from store.layer_unpack import Limits
-from store.progress import ProgressBar
-from store.reference import Reference
-from store.store import (
+from lamina.store.layer_unpack import Limits
+from lamina.store.progress import ProgressBar
+from lamina.store.reference import Reference
+from lamina.store.store import (
     OCI_CONFIG,
     OCI_LAYER_GZIP,
     OCI_LAYER_TAR,

@@ -51,24 +51,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _which(args: argparse.Namespace) -> int:
-    from inspector.verbs import cmd_which
+    from lamina.inspector.verbs import cmd_which
 
     return cmd_which(args)
 
 
 def _layers(args: argparse.Namespace) -> int:
-    from inspector.verbs import cmd_layers
+    from lamina.inspector.verbs import cmd_layers
 
     return cmd_layers(args)
 
 
 def _mount(args: argparse.Namespace) -> int:
-    from inspector.verbs import cmd_mount
+    from lamina.inspector.verbs import cmd_mount
 
     return cmd_mount(args)
 
 
 def _umount(args: argparse.Namespace) -> int:
-    from inspector.verbs import cmd_umount
+    from lamina.inspector.verbs import cmd_umount
 
     return cmd_umount(args)

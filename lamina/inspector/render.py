@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from html import escape as _html_escape
 
-from inspector.analysis import LayerReport, StackAnalysis
+from lamina.inspector.analysis import LayerReport, StackAnalysis
 
 WIDTH = 960
 MARGIN = 16

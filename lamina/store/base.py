@@ -18,10 +18,10 @@ import subprocess
 from pathlib import Path
 
 from lamina.errors import ImageNotFound, StoreError
-from store import private
-from store.blobs import remove_tree, temp_name
-from store.reference import Reference
-from store.store import Image, Store
+from lamina.store import private
+from lamina.store.blobs import remove_tree, temp_name
+from lamina.store.reference import Reference
+from lamina.store.store import Image, Store
 
 log = logging.getLogger(__name__)
 

@@ -42,9 +42,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from lamina.errors import FormatError, ImageNotFound, StoreError, UsageError
-from lamina.timeparse import parse_time
-from store import private
-from store.blobs import (
+from lamina.store import private
+from lamina.store.blobs import (
     BlobStore,
     digest_hex,
     fsync_dir,
@@ -52,9 +51,10 @@ from store.blobs import (
     remove_tree,
     temp_name,
 )
-from store.layer_pack import pack_layer
-from store.layer_unpack import Limits, unpack_layer
-from store.reference import Reference, looks_like_id
+from lamina.store.layer_pack import pack_layer
+from lamina.store.layer_unpack import Limits, unpack_layer
+from lamina.store.reference import Reference, looks_like_id
+from lamina.timeparse import parse_time
 
 log = logging.getLogger(__name__)
 
@@ -455,7 +455,7 @@ class Store:
                 raise UsageError(f"image ID prefix {ref_or_id!r} is ambiguous ({len(matches)} images)")
         if ref is not None and ref.digest is None and ref.tagged_key == DEFAULT_BASE_KEY:
             # The embedded base is built on first use, so `FROM lamina/busybox` works offline.
-            from store.base import ensure_default_base
+            from lamina.store.base import ensure_default_base
             return ensure_default_base(self)
         raise ImageNotFound(ref_or_id)
 
