@@ -280,7 +280,7 @@ def test_a_signal_anywhere_in_a_run_step_stops_the_build(root: Path, tmp_path: P
 @pytest.mark.fuse
 @pytest.mark.parametrize(("dockerfile", "trigger"), [
     (f"FROM {IMAGE}\nRUN echo made > /made\n", "call:builder.build:Builder._commit_upper"),
-    (f"FROM {IMAGE}\nCOPY file.txt /\n", "call:store.store:Store.commit_layer"),
+    (f"FROM {IMAGE}\nCOPY file.txt /\n", "call:lamina.store.store:Store.commit_layer"),
     (f"FROM {IMAGE}\nCOPY file.txt /\n", "call:builder.copying:copy_into_layer"),
 ], ids=["RUN-commit", "COPY-commit", "COPY"])
 def test_a_signal_while_a_layer_is_made_stops_the_build_after_it(root: Path, tmp_path: Path, dockerfile: str,
