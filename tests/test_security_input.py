@@ -481,9 +481,16 @@ def test_empty_root_is_refused(store: Store) -> None:
 
 
 def test_logs_tail_all_and_negative_mean_everything(store: Store) -> None:
-    for tail in ("all", "-1"):
-        result = store.run("logs", "-n", tail, "keeper")
-        assert result.returncode == 0, result.stderr
+    assert store.run("run", "--name", "counter", BASE, "seq", "1", "5").returncode == 0
+    try:
+        everything = "".join(f"{n}\n" for n in range(1, 6))
+        for tail in ("all", "-1"):
+            result = store.run("logs", "-n", tail, "counter")
+            assert (result.returncode, result.stdout) == (0, everything), result.stderr
+        last_two = store.run("logs", "-n", "2", "counter")  # the same log, cut: the logs are there
+        assert (last_two.returncode, last_two.stdout) == (0, "4\n5\n"), last_two.stderr
+    finally:
+        store.run("rm", "-f", "counter")
 
 
 # --- item 7: registries that trickle, and indexes inside indexes ---------------------------------

@@ -105,10 +105,12 @@ def test_a_server_imports_trio_and_the_stdlib_from_the_bundle(import_bundle: Pat
         import unionfs.cli
         from unionfs.options import ServerOptions
         from unionfs.server import serve
-        try:
+        try:  # the server runs from the bundle as far as its first check of the options
             serve(ServerOptions(lowers=["/nonexistent-lower"], upper=None, work=None, mountpoint="/nonexistent"))
         except Exception as e:
             assert "nonexistent-lower" in str(e), e
+        else:
+            raise AssertionError("serve() accepted a lower directory that does not exist")
         import trio, attr, logging, unionfs.core
         for module in (trio, attr, logging):
             assert module.__file__.startswith({str(import_bundle)!r}), module.__file__
@@ -164,10 +166,12 @@ def test_one_switch_turns_every_trick_and_patch_off(import_bundle: Path) -> None
         from unionfs import listing_cache, lowlevel_ops, startup
         from unionfs.options import ServerOptions
         from unionfs.server import serve
-        try:
+        try:  # the server runs from the bundle as far as its first check of the options
             serve(ServerOptions(lowers=["/nonexistent-lower"], upper=None, work=None, mountpoint="/nonexistent"))
         except Exception as e:
             assert "nonexistent-lower" in str(e), e
+        else:
+            raise AssertionError("serve() accepted a lower directory that does not exist")
         async def handler(*args):
             pass
         print(json.dumps({{
