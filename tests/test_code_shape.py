@@ -38,9 +38,6 @@ ALLOWED: frozenset[tuple[str, str]] = frozenset({
     ("tests/fsops.py", "apply_op"),
     ("tests/fsops.py", "generate_op"),
     ("tests/fsops.py", "run_differential"),
-    ("tests/registry_server.py", "run_registry"),
-    ("tests/registry_server.py", "FakeRegistry.serve"),
-    ("tests/registry_server.py", "FakeRegistry.serve.Handler.do_GET"),
     ("tests/test_unionfs_core.py", "<module>"),
 })
 
