@@ -33,8 +33,6 @@ ALLOWED: frozenset[tuple[str, str]] = frozenset({
     ("unionfs/core/ops.py", "UnionFS"),
     ("unionfs/core/ops.py", "UnionFS.setattr"),
     ("unionfs/fuse_ops.py", "UnionOperations"),
-    # Being split on this branch (tests):
-    ("tests/test_unionfs_core.py", "<module>"),
 })
 
 
