@@ -29,6 +29,7 @@ from pathlib import Path
 
 from lamina.bounded import JSON_LIMIT
 from lamina.errors import RegistryError
+from lamina.store.platforms import choose_manifest, host_platform, offered
 from lamina.store.registry_http import (
     MAX_ERROR_BYTES,
     READ_SIZE,
@@ -50,7 +51,6 @@ from lamina.store.registry_manifest import (
     Platform,
     check_digest,
     manifest_media_type,
-    select_platform,
     sha256_digest,
 )
 
@@ -130,11 +130,14 @@ class RegistryClient(RegistrySession):
         if not first.is_index:
             return first, None
         manifest = first
+        want = want or host_platform()
         # An index may name an index for the platform (as containerd, followed a few levels deep).
         for _depth in range(MAX_INDEX_DEPTH):
-            entry = select_platform(manifest.json(), want)
-            digest = check_digest(entry.get("digest"), "manifest digest in the index")
-            manifest = self.get_manifest(repository, digest)
+            entries = manifest.index().manifests
+            entry = choose_manifest(entries, want)
+            if entry is None:
+                raise RegistryError(f"the image index has no manifest for {want} (it offers: {offered(entries)})")
+            manifest = self.get_manifest(repository, entry.digest)
             if not manifest.is_index:
                 return manifest, first
         raise RegistryError(f"{repository}:{reference}: indexes nested more than {MAX_INDEX_DEPTH} deep")

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TextIO, TypeVar
 
 from lamina.errors import RegistryError, UsageError
+from lamina.store.image_schema import ImageManifest, config_diff_ids
 from lamina.store.layer_unpack import Limits
 from lamina.store.progress import ProgressBar
 from lamina.store.reference import DEFAULT_REGISTRY, Reference
@@ -40,12 +41,10 @@ from lamina.store.registry_auth import lookup_credentials, parse_creds, remove_c
 from lamina.store.registry_manifest import (
     DOCKER_MANIFEST,
     IMAGE_MANIFEST_TYPES,
+    MAX_CONFIG_BYTES,
     OCI_MANIFEST,
     Platform,
-    check_digest,
-    config_descriptor,
-    iter_layers,
-    parse_json,
+    parsed,
 )
 from lamina.store.store import Image, Store
 
@@ -241,32 +240,33 @@ def pull_image(store: Store, ref: Reference, client: RegistryClient, progress: P
     manifest, _index = client.get_image_manifest(repository, reference, platform)
     if manifest.media_type not in IMAGE_MANIFEST_TYPES:
         raise RegistryError(f"{ref}: unsupported manifest type {manifest.media_type}")
-    doc = manifest.json()
-    config_desc = config_descriptor(doc)
-    layers = list(iter_layers(doc))
+    image_manifest = manifest.image()
+    config_desc, layers = image_manifest.config, image_manifest.layers
+    if config_desc.size > MAX_CONFIG_BYTES:
+        raise RegistryError(f"{ref}: the image config is {config_desc.size} bytes, more than the "
+                            f"{MAX_CONFIG_BYTES} lamina accepts")
     if len(layers) > MAX_LAYERS:
         raise RegistryError(f"{ref}: {len(layers)} layers is more than the {MAX_LAYERS} lamina accepts")
     max_layer_bytes = Limits().max_total_bytes
     for layer in layers:
-        if layer["size"] > max_layer_bytes:
-            raise RegistryError(f"{ref}: layer {layer['digest']} is {layer['size']} bytes, more than the limit "
+        if layer.size > max_layer_bytes:
+            raise RegistryError(f"{ref}: layer {layer.digest} is {layer.size} bytes, more than the limit "
                                 f"of {max_layer_bytes} (set LAMINA_MAX_LAYER_BYTES to allow it)")
-        if layer.get("urls"):
-            raise RegistryError(f"{ref}: layer {layer['digest']} is a foreign layer (urls), not supported")
-        media_type = layer.get("mediaType")
-        if not isinstance(media_type, str) or media_type not in LAYER_TYPES:
-            raise RegistryError(f"{ref}: layer {layer['digest']} has unsupported media type "
-                                f"{layer.get('mediaType')!r}")
+        if layer.urls:
+            raise RegistryError(f"{ref}: layer {layer.digest} is a foreign layer (urls), not supported")
+        if layer.media_type not in LAYER_TYPES:
+            raise RegistryError(f"{ref}: layer {layer.digest} has unsupported media type "
+                                f"{layer.media_type or None!r}")
 
     tmp_dir = store.root / "tmp"
     tmp_dir.mkdir(parents=True, exist_ok=True)
-    config_digest = config_desc["digest"]
+    config_digest = config_desc.digest
     if store.has_blob(config_digest):
         config_bytes = store.blob_path(config_digest).read_bytes()
     else:
         config_bytes = retrying(f"download of config {config_digest[7:19]}", None,
                                 functools.partial(client.fetch_small_blob, repository, config_digest, tmp_dir,
-                                                  size=config_desc["size"]))
+                                                  size=config_desc.size))
     _check_config(ref, config_bytes, len(layers))
 
     # Everything is downloaded and verified before anything enters the store: a registry that lies
@@ -275,11 +275,11 @@ def pull_image(store: Store, ref: Reference, client: RegistryClient, progress: P
     try:
         missing: dict[str, tuple[str, int]] = {}
         for layer in layers:
-            label = f"Copying blob {layer['digest'][7:19]}"
-            if store.has_blob(layer["digest"]) or layer["digest"] in missing:
+            label = f"Copying blob {layer.digest[7:19]}"
+            if store.has_blob(layer.digest) or layer.digest in missing:
                 progress.line(f"{label} skipped: already exists")
             else:
-                missing[layer["digest"]] = (label, layer["size"])
+                missing[layer.digest] = (label, layer.size)
 
         def download(own: RegistryClient, digest: str, size: int, report: Callable[[int], None]) -> Path:
             return own.fetch_blob(repository, digest, tmp_dir, size=size, progress=report)
@@ -297,19 +297,14 @@ def pull_image(store: Store, ref: Reference, client: RegistryClient, progress: P
     finally:
         for _, path in downloaded:
             path.unlink(missing_ok=True)
-    BlobLocations(store.root).record(ref.registry, repository, [config_digest, *(d["digest"] for d in layers)])
+    BlobLocations(store.root).record(ref.registry, repository, [config_digest, *(d.digest for d in layers)])
     return image
 
 
 def _check_config(ref: Reference, config_bytes: bytes, layer_count: int) -> None:
-    config = parse_json(config_bytes, f"{ref}: the image config")
-    rootfs = config.get("rootfs") if isinstance(config, dict) else None
-    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
-    if not isinstance(diff_ids, list) or len(diff_ids) != layer_count:
-        raise RegistryError(f"{ref}: the config lists {len(diff_ids) if isinstance(diff_ids, list) else 'no'} "
-                            f"diff_ids for {layer_count} layers")
-    for diff_id in diff_ids:
-        check_digest(diff_id, "diff_id in the image config")
+    diff_ids = parsed(config_diff_ids, config_bytes, f"{ref}: the image config")
+    if len(diff_ids) != layer_count:
+        raise RegistryError(f"{ref}: the config lists {len(diff_ids)} diff_ids for {layer_count} layers")
 
 
 def _strip_transport(text: str) -> str:
@@ -361,11 +356,11 @@ def push_image(store: Store, image: Image, dest: Reference, client: RegistryClie
     manifest_bytes, media_type = _stored_manifest(store, image)
     if media_type not in (OCI_MANIFEST, DOCKER_MANIFEST):
         raise RegistryError(f"cannot push a manifest of type {media_type}")
-    doc = json.loads(manifest_bytes)
+    stored = parsed(ImageManifest.parse, manifest_bytes, f"the manifest of image {image.id[:12]}")
     repository = dest.repository
     locations = BlobLocations(store.root)
-    blobs = [(layer["digest"], "blob") for layer in iter_layers(doc)]
-    blobs.append((config_descriptor(doc)["digest"], "config"))
+    blobs = [(layer.digest, "blob") for layer in stored.layers]
+    blobs.append((stored.config.digest, "config"))
     missing: dict[str, tuple[str, int]] = {}
     for digest, kind in blobs:
         label = f"Copying {kind} {digest[7:19]}"
