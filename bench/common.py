@@ -59,6 +59,12 @@ class Row:
         return {"suite": self.suite, "key": self.key, "label": self.label, "samples_s": self.samples,
                 "median_s": {s: self.median(s) for s in systems}, "notes": self.notes}
 
+    @classmethod
+    def from_json(cls, document: dict[str, Any]) -> Row:
+        return cls(document["suite"], document["key"], document["label"],
+                   {system: list(values) for system, values in document["samples_s"].items()},
+                   dict(document["notes"]))
+
 
 @dataclass
 class SuiteResult:
@@ -76,6 +82,11 @@ class SuiteResult:
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "systems": self.systems, "rows": [r.to_json() for r in self.rows],
                 "details": self.details, "error": self.error}
+
+    @classmethod
+    def from_json(cls, document: dict[str, Any]) -> SuiteResult:
+        return cls(document["name"], list(document["systems"]), [Row.from_json(r) for r in document["rows"]],
+                   dict(document["details"]), document["error"])
 
 
 def format_seconds(value: float | None) -> str:
