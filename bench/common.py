@@ -139,6 +139,12 @@ def run_text(argv: Sequence[str], timeout: float = 20) -> str:
     return (done.stdout or done.stderr).strip()
 
 
+def _fuse_overlayfs_version() -> str:
+    """``fuse-overlayfs: version 1.10`` (it prints fusermount3's version and more around it)."""
+    lines = run_text(["fuse-overlayfs", "--version"]).splitlines()
+    return next((line for line in lines if line.startswith("fuse-overlayfs")), lines[0] if lines else "unknown")
+
+
 def machine_stamp() -> dict[str, Any]:
     """Commit, kernel, CPU, memory, load and tool versions: what a number needs to be read."""
     cpu = "unknown"
@@ -161,8 +167,7 @@ def machine_stamp() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "loadavg": Path("/proc/loadavg").read_text().split()[:3],
         "podman": run_text(["podman", "--version"]) if shutil.which("podman") else None,
-        "fuse_overlayfs": run_text(["fuse-overlayfs", "--version"]).splitlines()[0]
-        if shutil.which("fuse-overlayfs") else None,
+        "fuse_overlayfs": _fuse_overlayfs_version() if shutil.which("fuse-overlayfs") else None,
         "user": os.geteuid(),
     }
 
