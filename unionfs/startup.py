@@ -63,16 +63,24 @@ _bundle_in_use: str | None = None  # one bundle per process is enough: the first
 
 
 def stamp_header() -> str:
-    """The first line of a bundle's stamp: which interpreter its bytecode is for."""
+    """The first line of a bundle's stamp: which interpreter its bytecode is for, and the stamp's
+    format (older stamps named only top-level packages; they no longer match)."""
     from importlib._bootstrap_external import MAGIC_NUMBER  # loaded at start-up (importlib.util is not)
 
-    return f"{MAGIC_NUMBER.hex()} {sys.version.split()[0]}"
+    return f"{MAGIC_NUMBER.hex()} {sys.version.split()[0]} every-file"
+
+
+def stamp_line(path: str) -> str:
+    """What the stamp records of one bundled file or directory: inode, change time, size, path.
+    Raises OSError."""
+    st = os.stat(path)
+    return f"{st.st_ino} {st.st_ctime_ns} {st.st_size} {path}"
 
 
 def use_import_bundle(path: str | None = None) -> bool:
     """Put the import bundle (see unionfs.bundle) first on ``sys.path`` if it matches what is
-    installed: the interpreter's bytecode magic and version, and the inode and mtime of every
-    source it was built from. Otherwise (or without one) imports go on as usual."""
+    installed: the interpreter's bytecode magic and version, and the inode, change time and size of
+    every file and directory it was built from. Otherwise (or without one) imports go on as usual."""
     global _bundle_in_use
     if _bundle_in_use is not None:
         return True
@@ -81,15 +89,13 @@ def use_import_bundle(path: str | None = None) -> bool:
     bundle = path or os.path.join(sys.prefix, BUNDLE_NAME)
     try:
         with open(bundle + STAMP_SUFFIX) as f:
-            header, *sources = f.read().splitlines()
-        if header != stamp_header() or not sources:
+            header, *stamped = f.read().splitlines()
+        if header != stamp_header() or not stamped:
             return False
-        for line in sources:
-            ino, mtime_ns, source = line.split(" ", 2)
-            st = os.stat(source)
-            if (st.st_ino, st.st_mtime_ns) != (int(ino), int(mtime_ns)):
+        for line in stamped:
+            if stamp_line(line.split(" ", 3)[3]) != line:
                 return False
-    except (OSError, ValueError):
+    except (OSError, ValueError, IndexError):
         return False
     sys.path.insert(0, bundle)
     _bundle_in_use = bundle
