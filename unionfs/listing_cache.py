@@ -16,6 +16,22 @@ libfuse 3's ABI (struct fuse_file_info: ``int flags``, then the bit-fields ``wri
 ``direct_io``, ``keep_cache``, ``flush``, ``nonseekable``, ``flock_release``, ``cache_readdir``, ...,
 then ``uint64_t fh`` at byte 16), which programs built against any libfuse 3 rely on.
 
+Why not a way that leaves pyfuse3's relocations alone (looked for again, 2026-12):
+
+* pyfuse3 3.5.0, the newest release on PyPI, answers ``opendir`` with a handle number only
+  (handlers.pxi: ``c.fi.fh = await operations.opendir(...)``, then ``fuse_reply_open``); its
+  ``FileInfo`` (fh, direct_io, keep_cache, nonseekable) serves ``open`` and ``create`` alone, and
+  has no ``cache_readdir``. Its README says no new features are planned, pull requests may be
+  accepted: an ``opendir`` that may return a ``FileInfo`` with ``cache_readdir`` is the clean fix,
+  and this module should go once a release has it.
+* libfuse's low-level API has no session-wide switch; the flag exists only in the opendir reply.
+* The kernel's "no opendir" mode (answer the first OPENDIR with ENOSYS; Linux then opens every
+  directory itself with FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR and never sends OPENDIR or RELEASEDIR
+  again) needs no patch, but every READDIRPLUS then carries handle 0, and pyfuse3's ``readdir``
+  is given the handle and not the inode: the server could not tell which directory is listed.
+  (Tried on Linux 6.18 with pyfuse3 3.5: one OPENDIR, answered ENOSYS; the second and third
+  listings sent no READDIRPLUS; every READDIRPLUS had handle 0.)
+
 Trick "listing-cache" of the inventory in :mod:`unionfs.startup`: ``LAMINA_NO_PATCHES=1`` leaves
 pyfuse3 untouched. So does any failed precondition, each checked before anything is written, and
 each logged (INFO) with the reason; listings then simply are not cached:

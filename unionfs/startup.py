@@ -1,20 +1,21 @@
-"""Start-up of a filesystem server process: import only what serving a mount needs.
+"""Every start-up speed-up lamina takes by bending other people's code, and the one switch for all.
 
-Everything imported before the first request is answered is time to mount, for ``lamina-unionfs``
-and for every container and RUN step (the runner forks its server early so that these imports
-overlap its own work, but they still come first on a loaded machine). Most of that time is not
-Python's work but the disk: after the page cache is dropped, each of the ~250 module files costs a
-read. trio and pyfuse3 pull in modules a union filesystem never calls: TLS and DTLS (``ssl``,
-``hmac`` and with them ``libssl``/``libcrypto``), international host names (``idna``) and process
-spawning (``subprocess``). Those are put off (:class:`DeferredModule`) until someone reads one
-of their attributes: trio only imports them to use them later, inside
-functions, and the filesystem never gets there. The modules it does use can come from one zip
-instead of hundreds of files (:func:`use_import_bundle`; unionfs.bundle builds it).
+This module owns the inventory (:data:`TRICKS`): what each trick does, why it exists, and what it
+costs to turn it off. ``LAMINA_NO_PATCHES=1`` (:func:`patches_enabled`) turns every one of them
+off, and each checks the switch itself before it changes anything: the server then imports and runs
+pyfuse3, trio and argparse exactly as they come. ``make test`` runs the suite with the tricks on,
+then the filesystem and command-line tests again with them off; tests/test_unionfs_speedups.py
+checks each trick is really in place when on and really absent when off.
 
-Every one of these tricks, and every run-time patch of pyfuse3 (:mod:`unionfs.listing_cache`,
-:mod:`unionfs.lowlevel_ops`), is turned off by one environment variable, ``LAMINA_NO_PATCHES=1``
-(:func:`patches_enabled`): the server then imports and runs pyfuse3 and trio exactly as they come,
-and answers FALLOCATE with EOPNOTSUPP and listings without the kernel's cache.
+The import tricks live here. Start-up of a filesystem server is time to mount, for
+``lamina-unionfs`` and for every container and RUN step, and most of it is not Python's work but
+the disk: after the page cache is dropped, each of the ~250 module files costs a read. trio and
+pyfuse3 pull in modules a union filesystem never calls: TLS and DTLS (``ssl``, ``hmac`` and with
+them ``libssl``/``libcrypto``), international host names (``idna``) and process spawning
+(``subprocess``). Those are put off (:class:`DeferredModule`) until someone reads one of their
+attributes: trio only imports them to use them later, inside functions, and the filesystem never
+gets there. The modules it does use can come from one zip instead of hundreds of files
+(:func:`use_import_bundle`; unionfs.bundle builds it).
 
 This module imports nothing heavy itself, so that callers can install the deferrals first.
 """
@@ -33,6 +34,59 @@ def patches_enabled() -> bool:
     """False when ``LAMINA_NO_PATCHES`` is set (to anything but "" or "0"): no start-up trick and no
     patch of another library's code is then installed."""
     return os.environ.get(NO_PATCHES_ENV, "") in ("", "0")
+
+
+class Trick:
+    """One entry of the inventory: where the trick lives, why, and what turning it off costs."""
+
+    __slots__ = ("name", "where", "bends", "why", "cost_when_off")
+
+    def __init__(self, name: str, where: str, bends: str, why: str, cost_when_off: str) -> None:
+        self.name = name
+        self.where = where
+        self.bends = bends
+        self.why = why
+        self.cost_when_off = cost_when_off
+
+    def __repr__(self) -> str:
+        return f"Trick({self.name!r})"
+
+
+# Costs are those measured on the benchmark machine (BENCHMARKS.md, "What the switch costs").
+TRICKS: tuple[Trick, ...] = (
+    Trick("import-bundle", "unionfs/bundle.py, use_import_bundle()",
+          "the import system: sys.path gets a zip of compiled modules first",
+          "one read of one file instead of ~160 module files before the first request",
+          "after the page cache is dropped, 40-60 ms more to mount; warm, a few ms"),
+    Trick("deferred-modules", "DeferredModule, defer_unused_modules()",
+          "sys.modules: stand-ins for ssl, hmac, idna and subprocess",
+          "trio imports them at module level and uses them only in functions a server never calls",
+          "ssl and libssl/libcrypto loaded: ~10 ms more to mount"),
+    Trick("import-stand-ins", "import_fuse_stack()",
+          "sys.modules and ctypes.util during the import of trio and pyfuse3",
+          "trio's find_library('pthread') runs ldconfig; pyfuse3 reads its version from metadata",
+          "ldconfig -p in a subprocess (5-10 ms) and importlib.metadata (20-30 ms) at every mount"),
+    Trick("listing-cache", "unionfs/listing_cache.py (ELF work in unionfs/got.py)",
+          "pyfuse3's GOT slot for libfuse's fuse_reply_open (FOPEN_CACHE_DIR in opendir replies)",
+          "pyfuse3 cannot ask the kernel to keep listings; the kernel then serves repeated listings",
+          "every listing reaches the server: a warm listdir of 10,000 entries 1.6 -> 19 ms"),
+    Trick("fallocate", "unionfs/lowlevel_ops.py",
+          "pyfuse3's GOT slot for fuse_session_new, once, and a copy of its operations table",
+          "pyfuse3 registers no FALLOCATE operation",
+          "not speed but function: fallocate(2) on a mount answers EOPNOTSUPP, as before"),
+    Trick("bare-entries", "unionfs/bare_entries.py",
+          "the node id inside pyfuse3 EntryAttributes objects (READDIRPLUS without attributes)",
+          "a listed entry with attributes needs a stat the caller may never want",
+          "a stat per listed entry: slower first listings and find"),
+    Trick("session-loop", "unionfs/server.py, serve()",
+          "pyfuse3's private _session_loop, started from lamina's nursery",
+          "one request loop, and one more only for each handler that waits (a copy-up)",
+          "pyfuse3.main()'s own pool of loops: it starts loops whenever all are busy"),
+    Trick("one-verb-parser", "lamina/cli.py, _OneVerb",
+          "argparse: the subparsers action narrowed to the verb on the command line",
+          "building every verb's parser is a noticeable part of a short command's start",
+          "every verb's module imported and parser built: a few ms per lamina command"),
+)
 
 
 # Imported by trio at module level and only used inside functions that a
