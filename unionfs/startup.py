@@ -52,24 +52,25 @@ class Trick:
         return f"Trick({self.name!r})"
 
 
-# Costs are those measured on the benchmark machine (BENCHMARKS.md, "What the switch costs").
+# Costs as measured on 2026-12-07 (bench/results/20261207-no-patches-ab.md): all tricks off, a mount
+# took ~30 ms more CPU (153 -> 186 ms), `lamina run --rm` ~30 ms more, a warm find 1.6x as long.
 TRICKS: tuple[Trick, ...] = (
     Trick("import-bundle", "unionfs/bundle.py, use_import_bundle()",
           "the import system: sys.path gets a zip of compiled modules first",
           "one read of one file instead of ~160 module files before the first request",
-          "after the page cache is dropped, 40-60 ms more to mount; warm, a few ms"),
+          "after the page cache is dropped, 40-60 ms more to mount; with a warm cache, a few ms"),
     Trick("deferred-modules", "DeferredModule, defer_unused_modules()",
           "sys.modules: stand-ins for ssl, hmac, idna and subprocess",
           "trio imports them at module level and uses them only in functions a server never calls",
-          "ssl and libssl/libcrypto loaded: ~10 ms more to mount"),
+          "ssl (with libssl and libcrypto), hmac, idna, subprocess imported: ~15 ms CPU per mount"),
     Trick("import-stand-ins", "import_fuse_stack()",
           "sys.modules and ctypes.util during the import of trio and pyfuse3",
           "trio's find_library('pthread') runs ldconfig; pyfuse3 reads its version from metadata",
-          "ldconfig -p in a subprocess (5-10 ms) and importlib.metadata (20-30 ms) at every mount"),
+          "ldconfig -p in a subprocess (~9 ms) and importlib.metadata (~29 ms CPU) at every mount"),
     Trick("listing-cache", "unionfs/listing_cache.py (ELF work in unionfs/got.py)",
           "pyfuse3's GOT slot for libfuse's fuse_reply_open (FOPEN_CACHE_DIR in opendir replies)",
           "pyfuse3 cannot ask the kernel to keep listings; the kernel then serves repeated listings",
-          "every listing reaches the server: a warm listdir of 10,000 entries 1.6 -> 19 ms"),
+          "every listing reaches the server: a warm listdir of 2,500 entries 1.3 -> 7 ms"),
     Trick("fallocate", "unionfs/lowlevel_ops.py",
           "pyfuse3's GOT slot for fuse_session_new, once, and a copy of its operations table",
           "pyfuse3 registers no FALLOCATE operation",
@@ -77,15 +78,15 @@ TRICKS: tuple[Trick, ...] = (
     Trick("bare-entries", "unionfs/bare_entries.py",
           "the node id inside pyfuse3 EntryAttributes objects (READDIRPLUS without attributes)",
           "a listed entry with attributes needs a stat the caller may never want",
-          "a stat per listed entry: slower first listings and find"),
+          "a stat per listed entry: slower first listings; with the others off, a warm find 65 -> 103 ms"),
     Trick("session-loop", "unionfs/server.py, serve()",
           "pyfuse3's private _session_loop, started from lamina's nursery",
           "one request loop, and one more only for each handler that waits (a copy-up)",
-          "pyfuse3.main()'s own pool of loops: it starts loops whenever all are busy"),
+          "pyfuse3.main()'s own pool of loops, started whenever all are busy (not measured apart)"),
     Trick("one-verb-parser", "lamina/cli.py, _OneVerb",
           "argparse: the subparsers action narrowed to the verb on the command line",
           "building every verb's parser is a noticeable part of a short command's start",
-          "every verb's module imported and parser built: a few ms per lamina command"),
+          "every verb's module imported and parser built: ~100 ms CPU per lamina command (33 -> 138)"),
 )
 
 
