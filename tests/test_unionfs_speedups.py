@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.fuse, pytest.mark.root]
 # twice from a worker thread, count READDIRPLUS requests, and unmount.
 _SERVER_SCRIPT = textwrap.dedent("""
     import json, os, sys
-    bundle, lower, mountpoint = sys.argv[1:4]
+    bundle, lower, mountpoint, mode = sys.argv[1:5]
     spawned = []
     sys.addaudithook(lambda event, args: spawned.append(event) if event == "subprocess.Popen" else None)
     from unionfs import startup
@@ -84,7 +84,10 @@ _SERVER_SCRIPT = textwrap.dedent("""
         real_lock_memory()
 
     server._lock_memory = after_init
-    code = unionfs.cli.main(["-f", "-o", f"lowerdir={lower}", mountpoint])
+    if mode == "old-libfuse":  # one precondition of the listing cache fails, in a real server
+        from unionfs import listing_cache
+        listing_cache._LIBFUSE_WITH_CACHE_READDIR = 399
+    code = unionfs.cli.main(["-f", *(["-d"] if mode != "plain" else []), "-o", f"lowerdir={lower}", mountpoint])
     print(json.dumps(report))
     sys.exit(code)
 """)
@@ -107,7 +110,7 @@ def import_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _serve_and_report(tmp_path: Path, bundle: Path, *, tricks: bool) -> dict[str, Any]:
+def _serve_and_report(tmp_path: Path, bundle: Path, *, tricks: bool, mode: str = "plain") -> dict[str, Any]:
     lower, mountpoint = tmp_path / "lower", tmp_path / "mnt"
     lower.mkdir()
     mountpoint.mkdir()
@@ -115,12 +118,13 @@ def _serve_and_report(tmp_path: Path, bundle: Path, *, tricks: bool) -> dict[str
         (lower / name).write_text(name)
     env = {**os.environ, startup.NO_PATCHES_ENV: "" if tricks else "1"}
     try:
-        proc = subprocess.run([sys.executable, "-c", _SERVER_SCRIPT, str(bundle), str(lower), str(mountpoint)],
-                              capture_output=True, text=True, timeout=120, env=env)
+        proc = subprocess.run([sys.executable, "-c", _SERVER_SCRIPT, str(bundle), str(lower), str(mountpoint),
+                               mode], capture_output=True, text=True, timeout=120, env=env)
     finally:
         force_unmount(mountpoint)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report: dict[str, Any] = json.loads(proc.stdout.splitlines()[-1])
+    report["stderr"] = proc.stderr
     return report
 
 
@@ -140,6 +144,17 @@ def test_each_trick_is_on_by_default_and_off_with_the_switch(
         assert off[OBSERVED_OFF[name]] is True, f"{name} is still in place with {startup.NO_PATCHES_ENV}=1: {off}"
     else:
         assert off[OBSERVED_ON[name]] is False, f"{name} is still in place with {startup.NO_PATCHES_ENV}=1: {off}"
+
+
+def test_a_server_whose_listing_cache_precondition_fails_serves_without_it(
+        tmp_path: Path, import_bundle: Path) -> None:
+    """The fallback in a real mount: listings reach the server every time, one log line says why,
+    and the other tricks stay on."""
+    report = _serve_and_report(tmp_path, import_bundle, tricks=True, mode="old-libfuse")
+    assert report["listing-cache-off"] is True and report["listing-cache-installed"] is False
+    assert report["fallocate"] is True and report["bare-entries"] is True
+    lines = [line for line in report["stderr"].splitlines() if "listing cache: off" in line]
+    assert len(lines) == 1 and "not 3.5 or later" in lines[0], report["stderr"][-2000:]
 
 
 def test_one_verb_parser_follows_the_switch(monkeypatch: pytest.MonkeyPatch) -> None:
