@@ -70,6 +70,11 @@ demo: install
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+	@# Again with every start-up trick and patch of another library off (unionfs/startup.py, TRICKS):
+	@# the filesystem against the kernel's overlayfs, mounts, and the command line (~2-3 min more).
+	LAMINA_NO_PATCHES=1 $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) -k "not userns" \
+		tests/test_unionfs_mount.py tests/test_unionfs_oracle_ops.py tests/test_unionfs_differential.py \
+		tests/test_unionfs_crash.py tests/test_unionfs_unpriv.py tests/test_cli.py tests/test_runner_cli.py
 
 lint: install
 	$(VENV)/bin/ruff check lamina unionfs builder runner tests bench
