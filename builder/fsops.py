@@ -23,9 +23,9 @@ import shutil
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 from unionfs.core import ondisk
+from unionfs.core.stack import LayerStack
 
 MAX_SYMLINKS = 40
 PRIVILEGED = os.geteuid() == 0
@@ -63,8 +63,8 @@ def _whited_out(layer_dir: str, name: str) -> bool:
 class LayerView:
     """A read-only merged view of layer directories (top first), for lookups and copying out."""
 
-    def __init__(self, layers_top_first: list[Path]) -> None:
-        self.layers = [str(p) for p in layers_top_first]
+    def __init__(self, stack: LayerStack) -> None:
+        self.layers = [str(p) for p in stack.top_down()]
 
     def _child(self, dirs: tuple[str, ...], name: str) -> tuple[str, os.stat_result, tuple[str, ...]] | None:
         """Merge ``name`` inside the merged directory backed by ``dirs``."""

@@ -68,6 +68,7 @@ from runner.rootfs import MountRequest, make_init_layer, pivot_into, prepare_roo
 from runner.seccomp import install_filter  # imported here: after pivot_root nothing can be imported
 from runner.unionserver import UnionServer
 from runner.userdb import ExecUser, resolve_user
+from unionfs.core.stack import LayerStack
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ class SandboxSpec:
     """
 
     argv: list[str]
-    lowers: list[Path] = field(default_factory=list)
+    lowers: LayerStack | None = None
     upper: Path | None = None
     work: Path | None = None
     rootfs: Path | None = None
@@ -291,7 +292,8 @@ def start_sandbox(spec: SandboxSpec, server: UnionServer | None = None,
     else:
         from unionfs.mount import MountSpec, command_line
 
-        mount_spec = MountSpec(lowers=[*spec.lowers, init_layer], upper=spec.upper, work=spec.work,
+        assert spec.lowers is not None  # an init layer is made only for image layers
+        mount_spec = MountSpec(lowers=spec.lowers.with_bottom(init_layer), upper=spec.upper, work=spec.work,
                                mountpoint=merged, options=list(spec.union_options))
         server_args = command_line(mount_spec)[3:]  # without "python -m unionfs"
         if server is None:

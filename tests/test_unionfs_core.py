@@ -14,6 +14,7 @@ from unionfs.core import ondisk
 from unionfs.core import Caller, UnionError, UnionFS
 from unionfs.core.backing import RENAME_EXCHANGE, RENAME_NOREPLACE
 from unionfs.core.nodes import Node
+from unionfs.core.stack import LayerStack
 
 IS_ROOT = os.geteuid() == 0
 ME = Caller(uid=os.geteuid(), gid=os.getegid(), pid=os.getpid())
@@ -633,7 +634,7 @@ def test_flatten_redirects_makes_the_upper_self_contained(layers: Layers) -> Non
     fs.rename(fs.root, "src", fs.root, "moved")
     fs.rename(walk(fs, "moved"), "inner", walk(fs, "moved"), "inner2")
     fs.close()
-    assert flatten_redirects(layers.lowers, layers.upper, layers.work) >= 1
+    assert flatten_redirects(LayerStack.from_top_down(layers.lowers), layers.upper, layers.work) >= 1
     for dirpath, dirnames, _ in os.walk(layers.upper):
         for d in dirnames:
             assert ondisk.read_redirect(os.path.join(dirpath, d)) is None

@@ -24,18 +24,24 @@ from pathlib import Path
 from types import TracebackType
 
 from lamina.errors import MountError
+from unionfs.core.stack import LayerStack
 
 
 @dataclass
 class MountSpec:
-    """What to mount: lowers top first; no upper means read-only."""
+    """What to mount: the read-only layers, an optional upper (none means read-only)."""
 
-    lowers: list[Path]
+    lowers: LayerStack
     upper: Path | None
     work: Path | None
     mountpoint: Path
     options: list[str] = field(default_factory=list)
     trace: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.lowers, LayerStack):
+            raise TypeError("MountSpec.lowers is a LayerStack (say the order of a list with "
+                            "LayerStack.from_bottom_up or LayerStack.from_top_down)")
 
 
 def _escape(path: Path) -> str:
@@ -43,7 +49,7 @@ def _escape(path: Path) -> str:
 
 
 def mount_options(spec: MountSpec) -> str:
-    opts = ["lowerdir=" + ":".join(_escape(p) for p in spec.lowers)]
+    opts = ["lowerdir=" + ":".join(_escape(p) for p in spec.lowers.top_down())]
     if spec.upper is not None:
         opts.append("upperdir=" + _escape(spec.upper).replace("\\:", ":"))
         if spec.work is not None:

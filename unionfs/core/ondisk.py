@@ -40,6 +40,9 @@ import stat
 from dataclasses import dataclass
 from enum import Enum
 
+from unionfs.core import merge
+from unionfs.core.backing import exists_at, getxattr_at, listxattr_at, lstat_at, setxattr_at, split
+
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 
@@ -159,6 +162,76 @@ def read_redirect(path: str | int) -> str | None:
         if value:
             return os.fsdecode(value)
     return None
+
+
+# --- reading at a directory descriptor ----------------------------------------------------------
+#
+# ``path`` is relative to the layer (or directory) descriptor ``dir_fd`` and never follows a final
+# symlink; '' is the directory ``dir_fd`` itself.
+
+
+def whiteout_file_at(dir_fd: int, path: str) -> bool:
+    """True when a ``.wh.NAME`` file beside ``path`` hides it (the OCI form of a whiteout)."""
+    head, tail = split(path)
+    return exists_at(dir_fd, f"{head}/{WHITEOUT_PREFIX}{tail}" if head else WHITEOUT_PREFIX + tail)
+
+
+def dir_markers_at(dir_fd: int, path: str) -> tuple[bool, str | None]:
+    """(opaque, redirect) of the directory at ``path``; one listxattr in the common case."""
+    names = listxattr_at(dir_fd, path)
+    opaque = False
+    redirect = None
+    if names:
+        for xname in (TRUSTED_OPAQUE, USER_OPAQUE):
+            if xname in names and getxattr_at(dir_fd, path, xname) == b"y":
+                opaque = True
+        if not opaque:
+            for xname in (TRUSTED_REDIRECT, USER_REDIRECT):
+                if xname in names:
+                    value = getxattr_at(dir_fd, path, xname)
+                    if value:
+                        redirect = os.fsdecode(value)
+                        break
+    if not opaque:
+        try:
+            opaque = exists_at(dir_fd, f"{path}/{OPAQUE_MARKER}" if path else OPAQUE_MARKER)
+        except PermissionError:
+            # A directory we may not search cannot hold a marker we could honour; what matters
+            # is that its parent stays listable (the kernel needs only the xattrs here).
+            opaque = False
+    return opaque, redirect
+
+
+def is_opaque_at(dir_fd: int, path: str) -> bool:
+    """True when the directory at ``path`` is opaque in any of the formats we read."""
+    return dir_markers_at(dir_fd, path)[0]
+
+
+def redirect_at(dir_fd: int, path: str) -> str | None:
+    """The overlay redirect of the directory at ``path``, if any."""
+    for xname in (TRUSTED_REDIRECT, USER_REDIRECT):
+        value = getxattr_at(dir_fd, path, xname)
+        if value:
+            return os.fsdecode(value)
+    return None
+
+
+def held_at(dir_fd: int, path: str) -> tuple[merge.Held, os.stat_result | None]:
+    """What one layer holds at ``path`` for merging (:mod:`unionfs.core.merge`), and its lstat."""
+    st = lstat_at(dir_fd, path)
+    if st is None:
+        return (merge.WHITEOUT if whiteout_file_at(dir_fd, path) else merge.ABSENT), None
+    if stat.S_ISDIR(st.st_mode):
+        opaque, redirect = dir_markers_at(dir_fd, path)
+        return merge.Held(merge.Found.DIRECTORY, opaque, redirect), st
+    if is_whiteout_stat(st):
+        return merge.WHITEOUT, st
+    return merge.OTHER, st
+
+
+def owner_override_at(dir_fd: int, path: str) -> OwnerOverride | None:
+    raw = getxattr_at(dir_fd, path, OWNER_OVERRIDE_XATTR)
+    return OwnerOverride.decode(raw) if raw is not None else None
 
 
 # --- owner overrides -----------------------------------------------------------------------------
@@ -331,6 +404,15 @@ def mark_opaque(path: str | int, namespace: XattrNamespace | None = None) -> Non
         except PermissionError:
             pass
     os.setxattr(path, USER_OPAQUE, b"y", follow_symlinks=follow)
+
+
+def set_marker_at(dir_fd: int, path: str, namespace: XattrNamespace, *, opaque: bool = False,
+                  redirect: str | None = None) -> None:
+    """Mark the directory at ``path`` opaque, or give it a redirect, in ``namespace``."""
+    if opaque:
+        setxattr_at(dir_fd, path, namespace.opaque_xattr, b"y")
+    if redirect is not None:
+        setxattr_at(dir_fd, path, namespace.redirect_xattr, os.fsencode(redirect))
 
 
 def clear_opaque(path: str | int) -> None:
