@@ -284,18 +284,18 @@ def start_sandbox(spec: SandboxSpec, server: UnionServer | None = None,
             shutil.rmtree(temp_dir, ignore_errors=True)
         raise ContainerError(f"cannot prepare container state in {state_dir}: {e.strerror}") from e
 
-    server_args: list[str] = []
+    server_spec = ""
     if init_layer is None:
         if server is not None:
             server.stop()
             server = None
     else:
-        from unionfs.mount import MountSpec, command_line
+        from unionfs.mount import MountSpec
 
         assert spec.lowers is not None  # an init layer is made only for image layers
         mount_spec = MountSpec(lowers=spec.lowers.with_bottom(init_layer), upper=spec.upper, work=spec.work,
                                mountpoint=merged, options=list(spec.union_options))
-        server_args = command_line(mount_spec)[3:]  # without "python -m unionfs"
+        server_spec = mount_spec.server_options().to_json()
         if server is None:
             server = UnionServer()
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
@@ -325,7 +325,7 @@ def start_sandbox(spec: SandboxSpec, server: UnionServer | None = None,
         apply_mapping(pid, mapping)
         log.debug("sandbox: namespaces made and id maps written")
         if server is not None:
-            server.attach(pid, server_args, str(spec.union_log) if spec.union_log else None)
+            server.attach(pid, server_spec, str(spec.union_log) if spec.union_log else None)
         if network == "slirp":
             slirp = Slirp(pid, api=bool(spec.ports))
         _raise_if_cancelled(cancel)

@@ -78,7 +78,7 @@ def lookup_step(held: Held, merging: bool) -> Step:
     return Step.MERGE_LAST if held.opaque else Step.MERGE
 
 
-def below_opaque_parent(redirect: str | None) -> bool:
+def reaches_below_opaque_parent(redirect: str | None) -> bool:
     """Whether the layers below an opaque parent still count for a child with ``redirect``.
 
     Nothing below an opaque parent shows through, except what an absolute redirect names: the kernel

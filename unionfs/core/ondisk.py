@@ -37,11 +37,20 @@ import errno
 import os
 import re
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 
-from unionfs.core import merge
-from unionfs.core.backing import exists_at, getxattr_at, listxattr_at, lstat_at, setxattr_at, split
+from unionfs.core import fsat, merge
+from unionfs.core.backing import (
+    exists_at,
+    getxattr_at,
+    listxattr_at,
+    lstat_at,
+    removexattr_at,
+    setxattr_at,
+    split,
+)
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -229,6 +238,15 @@ def held_at(dir_fd: int, path: str) -> tuple[merge.Held, os.stat_result | None]:
     return merge.OTHER, st
 
 
+def held_ancestors_at(dir_fd: int, path: str) -> Iterator[merge.Held]:
+    """What the layer holds at each directory above ``path``, outermost first (lazily: for
+    :func:`unionfs.core.merge.reach`, which stops at the first that answers)."""
+    prefix = ""
+    for part in path.split("/")[:-1]:
+        prefix = f"{prefix}/{part}" if prefix else part
+        yield held_at(dir_fd, prefix)[0]
+
+
 def owner_override_at(dir_fd: int, path: str) -> OwnerOverride | None:
     raw = getxattr_at(dir_fd, path, OWNER_OVERRIDE_XATTR)
     return OwnerOverride.decode(raw) if raw is not None else None
@@ -406,13 +424,34 @@ def mark_opaque(path: str | int, namespace: XattrNamespace | None = None) -> Non
     os.setxattr(path, USER_OPAQUE, b"y", follow_symlinks=follow)
 
 
+def remove_whiteout_file_at(dir_fd: int, path: str) -> bool:
+    """Remove the ``.wh.NAME`` file beside ``path``; True when there was one."""
+    head, tail = split(path)
+    try:
+        fsat.unlink(f"{head}/{WHITEOUT_PREFIX}{tail}" if head else WHITEOUT_PREFIX + tail, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def set_marker_at(dir_fd: int, path: str, namespace: XattrNamespace, *, opaque: bool = False,
                   redirect: str | None = None) -> None:
-    """Mark the directory at ``path`` opaque, or give it a redirect, in ``namespace``."""
+    """Mark the directory at ``path`` opaque, or give it a redirect, in the one namespace a mount
+    uses (probed at start): the kernel shows user.overlay.* as ordinary xattrs unless mounted with
+    userxattr."""
     if opaque:
         setxattr_at(dir_fd, path, namespace.opaque_xattr, b"y")
     if redirect is not None:
         setxattr_at(dir_fd, path, namespace.redirect_xattr, os.fsencode(redirect))
+
+
+def clear_redirect_at(dir_fd: int, path: str) -> None:
+    """Remove the redirect of the directory at ``path`` in both namespaces (where there is one)."""
+    for name in (TRUSTED_REDIRECT, USER_REDIRECT):
+        try:
+            removexattr_at(dir_fd, path, name)
+        except OSError:
+            pass
 
 
 def clear_opaque(path: str | int) -> None:

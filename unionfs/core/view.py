@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from unionfs.core import fsat, merge, ondisk
-from unionfs.core.backing import join
 from unionfs.core.stack import LayerStack
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -106,7 +105,7 @@ class MergedView:
             last = False
             if redirect is not None and redirect.startswith("/"):
                 path = redirect.strip("/")
-                reach = merge.reach(self._ancestors(fd, path))
+                reach = merge.reach(ondisk.held_ancestors_at(fd, path))
                 if reach is merge.Reach.HIDDEN:
                     break
                 if reach is merge.Reach.ABSENT:
@@ -138,12 +137,6 @@ class MergedView:
         if top is None:
             return None
         return ViewEntry(join_view(parent.path, name), top[0], top[1], top[2], tuple(merged))
-
-    def _ancestors(self, fd: int, path: str) -> Iterator[merge.Held]:
-        prefix = ""
-        for part in path.split("/")[:-1]:
-            prefix = join(prefix, part)
-            yield ondisk.held_at(fd, prefix)[0]
 
     # --- listing ---------------------------------------------------------------------------------
 
