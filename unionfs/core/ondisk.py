@@ -106,6 +106,11 @@ def is_marker_name(name: str) -> bool:
     return name.startswith(WHITEOUT_PREFIX)
 
 
+def whiteout_file_name(name: str) -> str:
+    """The name of the ``.wh.`` file that hides ``name`` in the same directory."""
+    return WHITEOUT_PREFIX + name
+
+
 def whited_out_name(name: str) -> str | None:
     """For a ``.wh.NAME`` file, the NAME it hides; None for other names and for the opaque marker."""
     if name.startswith(WHITEOUT_PREFIX) and name != OPAQUE_MARKER:
@@ -182,7 +187,7 @@ def read_redirect(path: str | int) -> str | None:
 def whiteout_file_at(dir_fd: int, path: str) -> bool:
     """True when a ``.wh.NAME`` file beside ``path`` hides it (the OCI form of a whiteout)."""
     head, tail = split(path)
-    return exists_at(dir_fd, f"{head}/{WHITEOUT_PREFIX}{tail}" if head else WHITEOUT_PREFIX + tail)
+    return exists_at(dir_fd, f"{head}/{whiteout_file_name(tail)}" if head else whiteout_file_name(tail))
 
 
 def dir_markers_at(dir_fd: int, path: str) -> tuple[bool, str | None]:
@@ -227,13 +232,17 @@ def redirect_at(dir_fd: int, path: str) -> str | None:
 
 def held_at(dir_fd: int, path: str) -> tuple[merge.Held, os.stat_result | None]:
     """What one layer holds at ``path`` for merging (:mod:`unionfs.core.merge`), and its lstat."""
+    # Every lookup in every layer comes here: whiteout_file_at and is_whiteout_stat are inlined.
     st = lstat_at(dir_fd, path)
     if st is None:
-        return (merge.WHITEOUT if whiteout_file_at(dir_fd, path) else merge.ABSENT), None
-    if stat.S_ISDIR(st.st_mode):
+        head, _, tail = path.rpartition("/")
+        marker = f"{head}/{WHITEOUT_PREFIX}{tail}" if head else WHITEOUT_PREFIX + tail
+        return (merge.WHITEOUT if lstat_at(dir_fd, marker) is not None else merge.ABSENT), None
+    mode = st.st_mode
+    if stat.S_ISDIR(mode):
         opaque, redirect = dir_markers_at(dir_fd, path)
         return merge.Held(merge.Found.DIRECTORY, opaque, redirect), st
-    if is_whiteout_stat(st):
+    if stat.S_ISCHR(mode) and st.st_rdev == 0:
         return merge.WHITEOUT, st
     return merge.OTHER, st
 

@@ -333,7 +333,7 @@ class UnionTree:
         if parent.in_upper and upper is not None:
             cpath = join(ppath, name)
             held, st = ondisk.held_at(upper.fd, cpath)
-            step = merge.lookup_step(held, merging=False)
+            step = merge.lookup_step(held, False)
             if step is merge.Step.HIDDEN:
                 return None
             if step is merge.Step.ENTRY:
@@ -392,7 +392,7 @@ class UnionTree:
                 if redirect is None:
                     known = self._lower_names.get((layer.index, ppath_l))
                     if type(known) is frozenset and name not in known:
-                        if ondisk.WHITEOUT_PREFIX + name in known:
+                        if ondisk.whiteout_file_name(name) in known:
                             break
                         continue
                 path = merge.path_below(ppath_l, name, redirect)
