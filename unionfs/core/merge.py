@@ -68,14 +68,16 @@ class Step(enum.Enum):
 
 def lookup_step(held: Held, merging: bool) -> Step:
     """What ``held`` in one layer does to a lookup; ``merging``: a directory was found above."""
-    found = held.found
-    if found is Found.ABSENT:
-        return Step.LOOK_BELOW
-    if found is Found.WHITEOUT:
-        return Step.HIDDEN
-    if found is Found.OTHER:
-        return Step.END if merging else Step.ENTRY
-    return Step.MERGE_LAST if held.opaque else Step.MERGE
+    return _STEPS[held.found][held.opaque][merging]
+
+
+# lookup_step's answers, by (found, opaque, merging): it runs for every layer of every lookup.
+_STEPS = {
+    Found.ABSENT: ((Step.LOOK_BELOW, Step.LOOK_BELOW), (Step.LOOK_BELOW, Step.LOOK_BELOW)),
+    Found.WHITEOUT: ((Step.HIDDEN, Step.HIDDEN), (Step.HIDDEN, Step.HIDDEN)),
+    Found.OTHER: ((Step.ENTRY, Step.END), (Step.ENTRY, Step.END)),
+    Found.DIRECTORY: ((Step.MERGE, Step.MERGE), (Step.MERGE_LAST, Step.MERGE_LAST)),
+}
 
 
 def reaches_below_opaque_parent(redirect: str | None) -> bool:

@@ -98,6 +98,10 @@ def check_name(name: str) -> None:
         raise OSError(errno.ENAMETOOLONG, "name too long", name)
 
 
+# The steps of a lookup (unionfs.core.merge), bound once: lookups compare with them in every layer.
+_ENTRY, _LOOK_BELOW, _MERGE, _MERGE_LAST = merge.Step.ENTRY, merge.Step.LOOK_BELOW, merge.Step.MERGE, \
+    merge.Step.MERGE_LAST
+
 # In WORK/work: the char 0/0 device that whiteouts are hard links to (see make_char_whiteout).
 SHARED_WHITEOUT = "whiteout"
 
@@ -402,16 +406,16 @@ class UnionTree:
             if layer.placeholders and st is not None and path in layer.placeholders:
                 continue  # a device node rootless storage could not make: as if absent here
             step = merge.lookup_step(held, merging or bool(lowers))
-            if step is merge.Step.ENTRY:
+            if step is _ENTRY:
                 assert st is not None
                 return self._lower_entry(parent, name, layer, path, st)
-            if step is merge.Step.LOOK_BELOW and not last_layer:
+            if step is _LOOK_BELOW and not last_layer:
                 continue
-            if step in (merge.Step.MERGE, merge.Step.MERGE_LAST):
+            if step is _MERGE or step is _MERGE_LAST:
                 lowers.append((layer, path))
                 if lower_st is None:
                     lower_st = st
-            if step is not merge.Step.MERGE or last_layer:
+            if step is not _MERGE or last_layer:
                 break
             if held.redirect is not None:
                 redirect = held.redirect  # applies to the layers below this one
