@@ -10,7 +10,6 @@ be parsed again. No heavy imports here.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 
@@ -44,6 +43,8 @@ class ServerOptions:
 
     def to_json(self) -> str:
         """The options as the server process reads them (:meth:`from_json`)."""
+        import json  # here: a server started from its command line never needs it
+
         return json.dumps({
             "schema": SPEC_SCHEMA, "lowers": list(self.lowers), "upper": self.upper, "work": self.work,
             "mountpoint": self.mountpoint, "flags": sorted(self.flags), "fsname": self.fsname,
@@ -53,6 +54,7 @@ class ServerOptions:
     @classmethod
     def from_json(cls, data: str | bytes, *, foreground: bool = True, debug: bool = False) -> ServerOptions:
         """Read what :meth:`to_json` wrote; OptionError (one line) for anything else."""
+        import json
         if len(data) > MAX_SPEC_BYTES:
             raise OptionError("mount specification too large")
         try:
