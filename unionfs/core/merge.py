@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 T = TypeVar("T")
 
@@ -35,20 +34,6 @@ class Found(enum.Enum):
     WHITEOUT = "whiteout"
     DIRECTORY = "directory"
     OTHER = "non-directory"
-
-
-@dataclass(frozen=True, slots=True)
-class Held:
-    """What one layer holds for a name: ``opaque`` and ``redirect`` only for a directory."""
-
-    found: Found
-    opaque: bool = False
-    redirect: str | None = None
-
-
-ABSENT = Held(Found.ABSENT)
-WHITEOUT = Held(Found.WHITEOUT)
-OTHER = Held(Found.OTHER)
 
 
 class Step(enum.Enum):
@@ -66,18 +51,42 @@ class Step(enum.Enum):
         return self in (Step.HIDDEN, Step.ENTRY, Step.END, Step.MERGE_LAST)
 
 
+def _steps(found: Found, opaque: bool) -> tuple[Step, Step]:
+    """The lookup rule: what an entry does (on top, below a directory found above)."""
+    if found is Found.ABSENT:
+        return Step.LOOK_BELOW, Step.LOOK_BELOW
+    if found is Found.WHITEOUT:
+        return Step.HIDDEN, Step.HIDDEN
+    if found is Found.OTHER:
+        return Step.ENTRY, Step.END
+    step = Step.MERGE_LAST if opaque else Step.MERGE
+    return step, step
+
+
+class Held(NamedTuple):
+    """What one layer holds for a name (``opaque`` and ``redirect`` only for a directory), and the
+    step it makes in a lookup (see :func:`lookup_step`), worked out once when it is made."""
+
+    found: Found
+    opaque: bool
+    redirect: str | None
+    steps: tuple[Step, Step]
+
+
+ABSENT = Held(Found.ABSENT, False, None, _steps(Found.ABSENT, False))
+WHITEOUT = Held(Found.WHITEOUT, False, None, _steps(Found.WHITEOUT, False))
+OTHER = Held(Found.OTHER, False, None, _steps(Found.OTHER, False))
+_DIRECTORY_STEPS = (_steps(Found.DIRECTORY, False), _steps(Found.DIRECTORY, True))
+
+
+def directory(opaque: bool, redirect: str | None) -> Held:
+    """What a layer holds when it holds a directory."""
+    return Held(Found.DIRECTORY, opaque, redirect, _DIRECTORY_STEPS[opaque])
+
+
 def lookup_step(held: Held, merging: bool) -> Step:
     """What ``held`` in one layer does to a lookup; ``merging``: a directory was found above."""
-    return _STEPS[held.found][held.opaque][merging]
-
-
-# lookup_step's answers, by (found, opaque, merging): it runs for every layer of every lookup.
-_STEPS = {
-    Found.ABSENT: ((Step.LOOK_BELOW, Step.LOOK_BELOW), (Step.LOOK_BELOW, Step.LOOK_BELOW)),
-    Found.WHITEOUT: ((Step.HIDDEN, Step.HIDDEN), (Step.HIDDEN, Step.HIDDEN)),
-    Found.OTHER: ((Step.ENTRY, Step.END), (Step.ENTRY, Step.END)),
-    Found.DIRECTORY: ((Step.MERGE, Step.MERGE), (Step.MERGE_LAST, Step.MERGE_LAST)),
-}
+    return held.steps[merging]
 
 
 def reaches_below_opaque_parent(redirect: str | None) -> bool:

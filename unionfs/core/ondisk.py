@@ -241,7 +241,7 @@ def held_at(dir_fd: int, path: str) -> tuple[merge.Held, os.stat_result | None]:
     mode = st.st_mode
     if stat.S_ISDIR(mode):
         opaque, redirect = dir_markers_at(dir_fd, path)
-        return merge.Held(merge.Found.DIRECTORY, opaque, redirect), st
+        return merge.directory(opaque, redirect), st
     if stat.S_ISCHR(mode) and st.st_rdev == 0:
         return merge.WHITEOUT, st
     return merge.OTHER, st

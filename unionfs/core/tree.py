@@ -337,7 +337,7 @@ class UnionTree:
         if parent.in_upper and upper is not None:
             cpath = join(ppath, name)
             held, st = ondisk.held_at(upper.fd, cpath)
-            step = merge.lookup_step(held, False)
+            step = held.steps[False]  # = merge.lookup_step(held, False), without the call
             if step is merge.Step.HIDDEN:
                 return None
             if step is merge.Step.ENTRY:
@@ -405,10 +405,17 @@ class UnionTree:
                 self._lower_miss(layer, split(path)[0])
             if layer.placeholders and st is not None and path in layer.placeholders:
                 continue  # a device node rootless storage could not make: as if absent here
-            step = merge.lookup_step(held, merging or bool(lowers))
+            step = held.steps[merging or bool(lowers)]  # = merge.lookup_step, without the call
             if step is _ENTRY:
                 assert st is not None
-                return self._lower_entry(parent, name, layer, path, st)
+                if st.st_nlink > 1 and self.index_used:
+                    linked = self.link_from_index(parent, name, layer, path, st)
+                    if linked is not None:
+                        return linked
+                node = self._node_for(parent, name, stat.S_IFMT(st.st_mode), (layer.slot, st.st_ino), False,
+                                      [(layer, path)])
+                node.st_hint = node.lower_st = st
+                return node
             if step is _LOOK_BELOW and not last_layer:
                 continue
             if step is _MERGE or step is _MERGE_LAST:
@@ -420,17 +427,6 @@ class UnionTree:
             if held.redirect is not None:
                 redirect = held.redirect  # applies to the layers below this one
         return lowers, lower_st
-
-    def _lower_entry(self, parent: Node, name: str, layer: Layer, path: str, st: os.stat_result) -> Node:
-        """The node of a lower non-directory that a lookup found on top."""
-        if st.st_nlink > 1 and self.index_used:
-            linked = self.link_from_index(parent, name, layer, path, st)
-            if linked is not None:
-                return linked
-        node = self._node_for(parent, name, stat.S_IFMT(st.st_mode), (layer.slot, st.st_ino), False,
-                              [(layer, path)])
-        node.st_hint = node.lower_st = st
-        return node
 
     def _lower_miss(self, layer: Layer, path: str) -> None:
         """Count a lookup that missed in lower directory ``path``; list it once it is busy."""
