@@ -39,6 +39,7 @@ from runner.state import STATUS_CREATED, Container, ContainerStore, now
 # that `lamina --help` and every other package's verbs do not pay for them.
 if TYPE_CHECKING:
     from lamina.store import Image, Store
+    from unionfs.core.stack import LayerStack
 
 
 _NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")  # docker's rule
@@ -624,7 +625,7 @@ def cmd_commit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _changes(upper: Path, lowers: list[Path]) -> list[tuple[str, str]]:
+def _changes(upper: Path, lowers: LayerStack) -> list[tuple[str, str]]:
     from runner.diff import changes
 
     return changes(upper, lowers)
@@ -637,7 +638,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     container = ContainerStore(args.root).get(args.container)
     store = Store.open(args.root)
     image = store.resolve_image(container.image_id)
-    lowers = list(reversed(store.layer_paths(image)))
+    lowers = store.layer_stack(image)
     for kind, path in call_in_userns(_changes, container.upper, lowers):
         print(f"{kind} {path}")
     return 0

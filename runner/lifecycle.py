@@ -46,7 +46,7 @@ def build_spec(root: Path, container: Container) -> SandboxSpec:
 
     store = Store.open(root)
     image = store.resolve_image(container.image_id)
-    lowers = list(reversed(store.layer_paths(image)))
+    lowers = store.layer_stack(image)
     mounts = [Mount(target=m["target"], kind=m.get("kind", "bind"),
                     source=Path(m["source"]) if m.get("source") else None,
                     readonly=bool(m.get("readonly")), options=m.get("options", ""))

@@ -66,6 +66,7 @@ from runner.network import SLIRP_DNS, SLIRP_GUEST_IP, PortMapping, Slirp, normal
 from runner.rootfs import make_init_layer
 from runner.sandbox_init import FORWARDED_SIGNALS, child_main, exit_code, keeper, kill_quietly
 from runner.unionserver import UnionServer
+from unionfs.core.stack import LayerStack
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ class SandboxSpec:
     """
 
     argv: list[str]
-    lowers: list[Path] = field(default_factory=list)
+    lowers: LayerStack | None = None
     upper: Path | None = None
     work: Path | None = None
     rootfs: Path | None = None
@@ -248,7 +249,7 @@ def start_sandbox(spec: SandboxSpec, server: UnionServer | None = None,
         raise
     state = _prepare_state(spec, network)
     temp_dir = state.temp_dir
-    server, server_args = _union_server(spec, state, server)
+    server, server_spec = _union_server(spec, state, server)
     ready_r = server.ready_r if server is not None else None
     pid, status_r, sync_w, go_w = _fork_keeper(spec, network, state, ready_r, interpreter)
     slirp: Slirp | None = None
@@ -260,7 +261,7 @@ def start_sandbox(spec: SandboxSpec, server: UnionServer | None = None,
         apply_mapping(pid, mapping)
         log.debug("sandbox: namespaces made and id maps written")
         if server is not None:
-            server.attach(pid, server_args, str(spec.union_log) if spec.union_log else None)
+            server.attach(pid, server_spec, str(spec.union_log) if spec.union_log else None)
         if network == "slirp":
             slirp = Slirp(pid, api=bool(spec.ports))
         _raise_if_cancelled(cancel)
@@ -363,18 +364,19 @@ def _prepare_state(spec: SandboxSpec, network: str) -> _State:
 
 
 def _union_server(spec: SandboxSpec, state: _State,
-                  server: UnionServer | None) -> tuple[UnionServer | None, list[str]]:
-    """The server that mounts the union and its arguments; none (a forked one stopped) for a rootfs."""
+                  server: UnionServer | None) -> tuple[UnionServer | None, str]:
+    """The server that mounts the union and its typed specification; none (a forked one stopped)
+    for a rootfs."""
     if state.init_layer is None:
         if server is not None:
             server.stop()
-        return None, []
-    from unionfs.mount import MountSpec, command_line
+        return None, ""
+    from unionfs.mount import MountSpec
 
-    mount_spec = MountSpec(lowers=[*spec.lowers, state.init_layer], upper=spec.upper, work=spec.work,
+    assert spec.lowers is not None  # an init layer is made only for image layers
+    mount_spec = MountSpec(lowers=spec.lowers.with_bottom(state.init_layer), upper=spec.upper, work=spec.work,
                            mountpoint=state.merged, options=list(spec.union_options))
-    server_args = command_line(mount_spec)[3:]  # without "python -m unionfs"
-    return (server if server is not None else UnionServer()), server_args
+    return (server if server is not None else UnionServer()), mount_spec.server_options().to_json()
 
 
 def _fork_keeper(spec: SandboxSpec, network: str, state: _State, ready_r: int | None,

@@ -51,10 +51,10 @@ def test_ingest_blob_verifies_digest_and_leaves_nothing_on_mismatch(store: Store
         store.blob_path("sha256:../../etc/passwd")
 
 
-def test_commit_create_resolve_and_layer_paths(store: Store, tmp_path: Path) -> None:
+def test_commit_create_resolve_and_layer_stack(store: Store, tmp_path: Path) -> None:
     base = ensure_default_base(store)
     assert base.tags == ["lamina/busybox:latest"]
-    assert (store.layer_paths(base)[0] / "bin/busybox").is_file()
+    assert (store.layer_stack(base).bottom_up()[0] / "bin/busybox").is_file()
     upper = upper_with(tmp_path, "upper", {"app/hello.txt": b"hi\n"})
     fd = os.open(upper, os.O_RDONLY)
     ondisk.make_whiteout(fd, "tmp")
@@ -71,7 +71,7 @@ def test_commit_create_resolve_and_layer_paths(store: Store, tmp_path: Path) -> 
                  "sha256:" + image.id):
         assert store.resolve_image(name).id == image.id
     assert sorted(image.tags) == ["app:1", "localhost:5000/app:latest"]
-    assert store.layer_paths(image) == [base.layers[0].path, layer.path]
+    assert store.layer_stack(image).top_down() == (layer.path, base.layers[0].path)
     assert store.manifest_bytes(image) == store.blob_path(image.manifest_digest).read_bytes()
     assert store.check() == []
     with pytest.raises(ImageNotFound):
@@ -281,7 +281,7 @@ def test_a_prune_between_new_layer_and_new_image_waits(tmp_path: Path, monkeypat
     image = ensure_default_base(store)
     monkeypatch.undo()
     assert [p.wait(timeout=60) for p in prunes] == [0]
-    assert all(path.is_dir() for path in store.layer_paths(store.resolve_image(DEFAULT_BASE)))
+    assert all(path.is_dir() for path in store.layer_stack(store.resolve_image(DEFAULT_BASE)).top_down())
 
     from lamina.store.archive import DOCKER_ARCHIVE, SaveItem, load, save
     from lamina.store.reference import Reference

@@ -13,6 +13,7 @@ import pytest
 from unionfs.core import ondisk
 from unionfs.core import UnionFS
 from unionfs.core.nodes import Node
+from unionfs.core.stack import LayerStack
 from unionfs_core_support import IS_ROOT, ME, Layers, names, read, walk, write_file
 
 
@@ -105,7 +106,7 @@ def test_flatten_redirects_makes_the_upper_self_contained(layers: Layers) -> Non
     fs.rename(fs.root, "src", fs.root, "moved")
     fs.rename(walk(fs, "moved"), "inner", walk(fs, "moved"), "inner2")
     fs.close()
-    assert flatten_redirects(layers.lowers, layers.upper, layers.work) >= 1
+    assert flatten_redirects(LayerStack.from_top_down(layers.lowers), layers.upper, layers.work) >= 1
     for dirpath, dirnames, _ in os.walk(layers.upper):
         for d in dirnames:
             assert ondisk.read_redirect(os.path.join(dirpath, d)) is None

@@ -30,6 +30,7 @@ import pytest
 from harness import UnprivilegedUser, force_unmount, start_union, union_argv
 from lamina.inspector import mounts
 from unionfs import detached_layers
+from unionfs.core.stack import LayerStack
 from unionfs.mount import MountSpec, mount_union
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse]
@@ -150,7 +151,7 @@ def test_unmount_returns_once_nothing_holds_a_layer(tmp_path: Path, how: str) ->
         base.mkdir()
         with lower_filesystem(base / "lowerfs") as lower:
             if how == "lamina umount":
-                request = mounts.StackRequest(lowers=[lower], upper=None, work=None, source="test",
+                request = mounts.StackRequest(lowers=LayerStack.from_top_down([lower]), upper=None, work=None, source="test",
                                               image_id="test", container_id=None, layers=1, scratch_rw=True)
                 state = mounts.mount_image_stack(root, request, None)
                 use(Path(state.mountpoint))
@@ -159,7 +160,7 @@ def test_unmount_returns_once_nothing_holds_a_layer(tmp_path: Path, how: str) ->
                 upper, work, mnt = base / "upper", base / "work", base / "mnt"
                 for d in (upper, work, mnt):
                     d.mkdir()
-                with mount_union(MountSpec(lowers=[lower], upper=upper, work=work, mountpoint=mnt)):
+                with mount_union(MountSpec(lowers=LayerStack.from_top_down([lower]), upper=upper, work=work, mountpoint=mnt)):
                     use(mnt)
             result = umount(lower.parent)
             assert result.returncode == 0, f"cycle {cycle}: {result.stderr}"

@@ -39,6 +39,7 @@ from pathlib import Path
 from lamina.errors import MountError, UsageError
 from lamina.inspector import userns_server
 from lamina.inspector.userns_server import log_tail
+from unionfs.core.stack import LayerStack
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +74,9 @@ class MountState:
 
 @dataclass
 class StackRequest:
-    """What to mount: lowerdirs top first, and optionally a writable upper."""
+    """What to mount: the image's layers, and optionally a writable upper."""
 
-    lowers: list[Path]
+    lowers: LayerStack
     upper: Path | None
     work: Path | None
     source: str
@@ -151,12 +152,12 @@ def _mount(state_dir: Path, mount_id: str, request: StackRequest, mountpoint: Pa
             raise UsageError(f"something is already mounted on {mountpoint}")
         mountpoint = mountpoint.resolve()
 
-    lowers = list(request.lowers)
+    lowers = request.lowers
     if not lowers:
         # An image without layers (FROM scratch and nothing else) still mounts, as an empty root.
         empty = state_dir / "empty"
         empty.mkdir()
-        lowers = [empty]
+        lowers = LayerStack.from_top_down([empty])
     upper, work, scratch = request.upper, request.work, None
     if request.scratch_rw:
         scratch = state_dir / "scratch"

@@ -25,6 +25,7 @@ from lamina.inspector.analysis import (
     normalize,
 )
 from lamina.inspector.render import human_size, percent, printable, render_html, render_svg
+from unionfs.core.stack import LayerStack
 
 # --- loading -------------------------------------------------------------------------------------
 
@@ -262,7 +263,7 @@ def _mount_request(args: argparse.Namespace) -> mounts.StackRequest:
         return _container_request(args, image, container)
     layers = list(image.layers)
     keep = _select_upto(layers, args.upto) if args.upto else len(layers)
-    lowers = [Path(layer.path) for layer in reversed(layers[:keep])]
+    lowers = LayerStack.from_bottom_up(layer.path for layer in layers[:keep])
     return mounts.StackRequest(lowers=lowers, upper=None, work=None, source=args.target, image_id=image.id,
                                container_id=None, layers=keep, scratch_rw=args.rw)
 
@@ -274,10 +275,10 @@ def _container_request(args: argparse.Namespace, image: Any, container: Any) -> 
     upper, work = Path(container.upper), Path(container.work)
     if not upper.is_dir():
         raise ContainerError(f"container {container.name} has no upper directory: {upper}")
-    lowers = [Path(layer.path) for layer in reversed(list(image.layers))]
+    lowers = LayerStack.from_bottom_up(layer.path for layer in image.layers)
     init = Path(container.directory) / "init"
     if init.is_dir():
-        lowers.append(init)   # the runner's bottom layer of mount points, as the container sees it
+        lowers = lowers.with_bottom(init)   # the runner's bottom layer of mount points, as the container sees it
     if args.rw:
         if container.running:
             raise ContainerError(f"container {container.name} is running; mount it without --rw "
@@ -286,7 +287,7 @@ def _container_request(args: argparse.Namespace, image: Any, container: Any) -> 
         return mounts.StackRequest(lowers=lowers, upper=upper, work=work, source=args.target,
                                    image_id=image.id, container_id=container.id, layers=len(image.layers))
     # Read-only view: the container layer becomes the topmost lowerdir.
-    return mounts.StackRequest(lowers=[upper, *lowers], upper=None, work=None, source=args.target,
+    return mounts.StackRequest(lowers=lowers.with_top(upper), upper=None, work=None, source=args.target,
                                image_id=image.id, container_id=container.id, layers=len(image.layers))
 
 

@@ -262,7 +262,7 @@ def image_inspect(store: Store, image: Image) -> dict[str, Any]:
         "History": cfg.get("history", []),
         "Manifest": image.manifest,
         "GraphDriver": {"Name": "lamina-unionfs",
-                        "Data": {"LowerDir": ":".join(str(p) for p in reversed(store.layer_paths(image)))}},
+                        "Data": {"LowerDir": ":".join(str(p) for p in store.layer_stack(image).top_down())}},
     }
 
 

@@ -55,6 +55,7 @@ from lamina.store.layer_pack import pack_layer
 from lamina.store.layer_unpack import Limits, unpack_layer
 from lamina.store.reference import Reference, looks_like_id
 from lamina.timeparse import parse_time
+from unionfs.core.stack import LayerStack
 
 log = logging.getLogger(__name__)
 
@@ -366,9 +367,9 @@ class Store:
             return Layer(diff_id=diff_id, digest=result.digest, path=self.layer_dir(diff_id),
                          size=self.layer_content_size(diff_id), media_type=OCI_LAYER_GZIP)
 
-    def layer_paths(self, image: Image) -> list[Path]:
-        """The image's unpacked layer directories, bottom to top (reverse for a lowerdir list)."""
-        return [layer.path for layer in image.layers]
+    def layer_stack(self, image: Image) -> LayerStack:
+        """The image's unpacked layer directories, as a stack (read it top_down() for a lowerdir)."""
+        return LayerStack.from_bottom_up(layer.path for layer in image.layers)
 
     # --- images ----------------------------------------------------------------------------------
 

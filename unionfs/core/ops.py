@@ -110,7 +110,7 @@ class UnionFS(UnionTree):
         else:
             pfd = open_dir_at(ufd, ppath)
             try:
-                if not exists_at(pfd, ondisk.WHITEOUT_PREFIX + name):
+                if not ondisk.whiteout_file_at(pfd, name):
                     ondisk.make_whiteout(pfd, name, ondisk.WhiteoutStyle.WH_FILE)
             finally:
                 os.close(pfd)
@@ -124,12 +124,12 @@ class UnionFS(UnionTree):
         st = lstat_at(ufd, join(ppath, name))
         if st is not None and ondisk.is_whiteout_stat(st):
             return "char"
-        if exists_at(ufd, join(ppath, ondisk.WHITEOUT_PREFIX + name)):
+        if ondisk.whiteout_file_at(ufd, join(ppath, name)):
             return "file"
         return None
 
     def mark_opaque(self, path: str) -> None:
-        self._set_marker(self._upper_fd(), path, ondisk.TRUSTED_OPAQUE, ondisk.USER_OPAQUE, b"y")
+        ondisk.set_marker_at(self._upper_fd(), path, self.xattr_ns, opaque=True)
         self.emit(f"opaque /{path}")
 
     def _lower_hardlink_count(self, node: Node) -> int | None:
@@ -153,11 +153,6 @@ class UnionFS(UnionTree):
         layer, path = self.backing(node)
         st = lstat_at(layer.fd, path)
         return st.st_nlink if st is not None else 1
-
-    def _set_marker(self, fd: int, path: str, trusted: str, user: str, value: bytes) -> None:
-        """Write an overlay marker in the one namespace this mount uses (probed at start): the
-        kernel shows user.overlay.* as ordinary xattrs unless mounted with userxattr."""
-        setxattr_at(fd, path, trusted if self.xattr_ns is ondisk.XattrNamespace.TRUSTED else user, value)
 
     def _before_removal(self, node: Node, parent: Node, name: str) -> os.stat_result | None:
         """Before ``parent/name`` goes: keep the node's attributes (see ``stat`` of removed nodes),
@@ -258,7 +253,7 @@ class UnionFS(UnionTree):
                 make(self.work_fd, tmp)
                 override = self._own(self.work_fd, tmp, caller, pst, mode)[1]
                 if opaque:
-                    self._set_marker(self.work_fd, tmp, ondisk.TRUSTED_OPAQUE, ondisk.USER_OPAQUE, b"y")
+                    ondisk.set_marker_at(self.work_fd, tmp, self.xattr_ns, opaque=True)
                 if wh == "char" and is_dir:
                     renameat2(self.work_fd, tmp, ufd, path, RENAME_EXCHANGE)
                     fsat.unlink(tmp, dir_fd=self.work_fd)
@@ -270,7 +265,7 @@ class UnionFS(UnionTree):
                 make(ufd, path)
                 override = self._own(ufd, path, caller, pst, mode)[1]
             if wh == "file":
-                fsat.unlink(join(ppath, ondisk.WHITEOUT_PREFIX + name), dir_fd=ufd)
+                ondisk.remove_whiteout_file_at(ufd, join(ppath, name))
             st = fsat.stat(path, dir_fd=ufd, follow_symlinks=False)
         self._drop_origin_entry(st.st_ino)
         self.touch(parent)
@@ -359,7 +354,7 @@ class UnionFS(UnionTree):
             fsat.unlink(join(ppath, name), dir_fd=ufd)
         fsat.link(src, join(ppath, name), src_dir_fd=ufd, dst_dir_fd=ufd, follow_symlinks=False)
         if wh == "file":
-            fsat.unlink(join(ppath, ondisk.WHITEOUT_PREFIX + name), dir_fd=ufd)
+            ondisk.remove_whiteout_file_at(ufd, join(ppath, name))
         node.links.append((parent, name))
         assert parent.children is not None
         parent.children[name] = node
@@ -448,8 +443,7 @@ class UnionFS(UnionTree):
         if src.is_dir:
             self._prepare_moved_dir(src, old_path, new_path, newp, newn)
         fsat.rename(old_path, new_path, src_dir_fd=ufd, dst_dir_fd=ufd)
-        if exists_at(ufd, join(newp.path(), ondisk.WHITEOUT_PREFIX + newn)):
-            fsat.unlink(join(newp.path(), ondisk.WHITEOUT_PREFIX + newn), dir_fd=ufd)
+        ondisk.remove_whiteout_file_at(ufd, join(newp.path(), newn))
         if old_needs_whiteout:
             self.whiteout(oldp, oldn)
         self.touch(oldp, newp, src, dst)
@@ -503,8 +497,7 @@ class UnionFS(UnionTree):
             target = "/" + node.lowers[0][1]
             current = getxattr_at(ufd, old_path, self.xattr_ns.redirect_xattr)
             if current != os.fsencode(target):
-                self._set_marker(ufd, old_path, ondisk.TRUSTED_REDIRECT, ondisk.USER_REDIRECT,
-                                 os.fsencode(target))
+                ondisk.set_marker_at(ufd, old_path, self.xattr_ns, redirect=target)
             self.emit(f"redirect /{old_path} -> /{new_path}")
         elif not node.opaque and self.lower_has(newp, newn):
             self.mark_opaque(old_path)
@@ -578,7 +571,7 @@ class UnionFS(UnionTree):
                 os.close(dfd)
             for name in subdirs:
                 sub = join(path, name)
-                if self._redirect(self.upper, sub) is None:  # type: ignore[arg-type]
+                if ondisk.redirect_at(ufd, sub) is None:
                     pending.append(sub)
                     continue
                 node = self.root
@@ -591,11 +584,7 @@ class UnionFS(UnionTree):
                     self.copy_up_tree(node)
                     self._drop_whiteouts(sub)
                     self._detach_lowers(node)
-                for xname in (ondisk.TRUSTED_REDIRECT, ondisk.USER_REDIRECT):
-                    try:
-                        removexattr_at(ufd, sub, xname)
-                    except OSError:
-                        pass
+                ondisk.clear_redirect_at(ufd, sub)
                 self.mark_opaque(sub)
                 count += 1
                 pending.append(sub)  # redirects nested below it go too

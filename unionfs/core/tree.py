@@ -12,16 +12,15 @@ Nothing here imports pyfuse3: errors are OSError with an errno, which the adapte
 
 from __future__ import annotations
 
-import enum
 import errno
 import logging
 import os
 import stat
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from unionfs.core import fsat, ondisk
+from unionfs.core import fsat, merge, ondisk
 from unionfs.core.backing import (
     Layer,
     exists_at,
@@ -45,15 +44,6 @@ INDEX_SUBDIR = "lamina-index"
 
 class UnionError(Exception):
     """A configuration problem found when opening the layers (one readable line)."""
-
-
-class _Reach(enum.Enum):
-    """What the path to an absolute redirect's target is in one layer (see _absolute_reach)."""
-
-    REACHABLE = "reachable"
-    ABSENT = "absent"  # a component is missing: nothing in this layer, look below
-    HIDDEN = "hidden"  # a whiteout or non-directory on the way: nothing here or below
-    OPAQUE_ABOVE = "opaque above"  # reachable, but no layer below this one counts
 
 
 @dataclass
@@ -107,6 +97,10 @@ def check_name(name: str) -> None:
     if len(os.fsencode(name)) > NAME_MAX:
         raise OSError(errno.ENAMETOOLONG, "name too long", name)
 
+
+# The steps of a lookup (unionfs.core.merge), bound once: lookups compare with them in every layer.
+_ENTRY, _LOOK_BELOW, _MERGE, _MERGE_LAST = merge.Step.ENTRY, merge.Step.LOOK_BELOW, merge.Step.MERGE, \
+    merge.Step.MERGE_LAST
 
 # In WORK/work: the char 0/0 device that whiteouts are hard links to (see make_char_whiteout).
 SHARED_WHITEOUT = "whiteout"
@@ -331,93 +325,39 @@ class UnionTree:
         return node
 
     def _resolve(self, parent: Node, name: str) -> Node | None:
+        """Look ``name`` up in each layer, top first, and merge what they hold (:mod:`.merge`)."""
         if not parent.is_dir:
             raise OSError(errno.ENOTDIR, "not a directory")
         if parent.deleted:
             return None
         ppath = parent.path()
         top_st: os.stat_result | None = None
-        in_upper = False
-        opaque = False
-        redirect: str | None = None
+        held = merge.ABSENT
         upper = self.upper
         if parent.in_upper and upper is not None:
             cpath = join(ppath, name)
-            st = lstat_at(upper.fd, cpath)
-            if st is not None:
-                if ondisk.is_whiteout_stat(st):
-                    return None
-                if not stat.S_ISDIR(st.st_mode):
-                    node = self._node_for(parent, name, stat.S_IFMT(st.st_mode),
-                                          self.upper_identity(cpath, st.st_ino), True, [])
-                    node.st_hint = st
-                    return node
-                top_st, in_upper = st, True
-                opaque, redirect = self._dir_markers(upper, cpath)
-            elif exists_at(upper.fd, join(ppath, ondisk.WHITEOUT_PREFIX + name)):
+            held, st = ondisk.held_at(upper.fd, cpath)
+            step = held.steps[False]  # = merge.lookup_step(held, False), without the call
+            if step is merge.Step.HIDDEN:
                 return None
-            if parent.opaque and not (redirect or "").startswith("/"):
-                # Nothing below an opaque parent shows through, except what an absolute redirect
-                # names: the kernel then searches the root's lower stack (ovl_lookup, poe = roe).
-                opaque = True
+            if step is merge.Step.ENTRY:
+                assert st is not None
+                node = self._node_for(parent, name, stat.S_IFMT(st.st_mode),
+                                      self.upper_identity(cpath, st.st_ino), True, [])
+                node.st_hint = st
+                return node
+            top_st = st
+        in_upper = top_st is not None
+        opaque = held.opaque or (parent.opaque and not merge.reaches_below_opaque_parent(held.redirect))
         lowers: list[tuple[Layer, str]] = []
         lower_st: os.stat_result | None = None
         if not opaque:
-            parent_paths = {layer.index: path for layer, path in parent.lowers}
-            for layer in self.lowers:
-                last_layer = False
-                if redirect is not None and redirect.startswith("/"):
-                    path = redirect.strip("/")
-                    reach = self._absolute_reach(layer, path)
-                    if reach is _Reach.HIDDEN:
-                        break
-                    if reach is _Reach.ABSENT:
-                        continue
-                    last_layer = reach is _Reach.OPAQUE_ABOVE
-                else:
-                    ppath_l = parent_paths.get(layer.index)
-                    if ppath_l is None:
-                        continue
-                    if redirect is None:
-                        known = self._lower_names.get((layer.index, ppath_l))
-                        if type(known) is frozenset and name not in known:
-                            if ondisk.WHITEOUT_PREFIX + name in known:
-                                break
-                            continue
-                    path = join(ppath_l, redirect or name)
-                st = lstat_at(layer.fd, path)
-                if st is None:
-                    head, tail = split(path)
-                    if last_layer or exists_at(layer.fd, join(head, ondisk.WHITEOUT_PREFIX + tail)):
-                        break
-                    if redirect is None:
-                        self._lower_miss(layer, head)
-                    continue
-                if ondisk.is_whiteout_stat(st):
-                    break
-                if layer.placeholders and path in layer.placeholders:
-                    continue  # a device node rootless storage could not make: as if absent here
-                if not stat.S_ISDIR(st.st_mode):
-                    if top_st is None:
-                        if st.st_nlink > 1 and self.index_used:
-                            linked = self.link_from_index(parent, name, layer, path, st)
-                            if linked is not None:
-                                return linked
-                        node = self._node_for(parent, name, stat.S_IFMT(st.st_mode), (layer.slot, st.st_ino),
-                                              False, [(layer, path)])
-                        node.st_hint = node.lower_st = st
-                        return node
-                    break
-                if top_st is None:
-                    top_st = st
-                if lower_st is None:
-                    lower_st = st
-                lowers.append((layer, path))
-                lower_opaque, r = self._dir_markers(layer, path)
-                if lower_opaque or last_layer:
-                    break
-                if r is not None:
-                    redirect = r  # applies to the layers below this one
+            found = self._merge_lowers(parent, name, held.redirect, merging=in_upper)
+            if isinstance(found, Node):
+                return found
+            lowers, lower_st = found
+        if top_st is None:
+            top_st = lower_st
         if top_st is None:
             return None
         if lowers and lower_st is not None:
@@ -431,6 +371,62 @@ class UnionTree:
         node.st_hint = top_st
         node.opaque = opaque and in_upper
         return node
+
+    def _merge_lowers(self, parent: Node, name: str, redirect: str | None, merging: bool
+                      ) -> Node | tuple[list[tuple[Layer, str]], os.stat_result | None]:
+        """The lower half of a lookup: the node when a lower non-directory is the entry, else the
+        lower directories that merge into it (top first) and the top one's stat."""
+        parent_paths = {layer.index: path for layer, path in parent.lowers}
+        lowers: list[tuple[Layer, str]] = []
+        lower_st: os.stat_result | None = None
+        for layer in self.lowers:
+            last_layer = False
+            if redirect is not None and redirect.startswith("/"):
+                path = redirect.strip("/")
+                reach = merge.reach(ondisk.held_ancestors_at(layer.fd, path))
+                if reach is merge.Reach.HIDDEN:
+                    break
+                if reach is merge.Reach.ABSENT:
+                    continue
+                last_layer = reach is merge.Reach.OPAQUE_ABOVE
+            else:
+                ppath_l = parent_paths.get(layer.index)
+                if ppath_l is None:
+                    continue
+                if redirect is None:
+                    known = self._lower_names.get((layer.index, ppath_l))
+                    if type(known) is frozenset and name not in known:
+                        if ondisk.whiteout_file_name(name) in known:
+                            break
+                        continue
+                path = merge.path_below(ppath_l, name, redirect)
+            held, st = ondisk.held_at(layer.fd, path)
+            if held is merge.ABSENT and redirect is None:
+                self._lower_miss(layer, split(path)[0])
+            if layer.placeholders and st is not None and path in layer.placeholders:
+                continue  # a device node rootless storage could not make: as if absent here
+            step = held.steps[merging or bool(lowers)]  # = merge.lookup_step, without the call
+            if step is _ENTRY:
+                assert st is not None
+                if st.st_nlink > 1 and self.index_used:
+                    linked = self.link_from_index(parent, name, layer, path, st)
+                    if linked is not None:
+                        return linked
+                node = self._node_for(parent, name, stat.S_IFMT(st.st_mode), (layer.slot, st.st_ino), False,
+                                      [(layer, path)])
+                node.st_hint = node.lower_st = st
+                return node
+            if step is _LOOK_BELOW and not last_layer:
+                continue
+            if step is _MERGE or step is _MERGE_LAST:
+                lowers.append((layer, path))
+                if lower_st is None:
+                    lower_st = st
+            if step is not _MERGE or last_layer:
+                break
+            if held.redirect is not None:
+                redirect = held.redirect  # applies to the layers below this one
+        return lowers, lower_st
 
     def _lower_miss(self, layer: Layer, path: str) -> None:
         """Count a lookup that missed in lower directory ``path``; list it once it is busy."""
@@ -451,68 +447,6 @@ class UnionTree:
         except OSError as e:
             log.debug("lower directory %s of %s not listed: %s", path or "/", layer.label, e)
             self._lower_names[key] = NO_LOWER_NAMES
-
-    def _absolute_reach(self, layer: Layer, path: str) -> _Reach:
-        """How the ancestors of an absolute redirect's target look in one lower layer.
-
-        The kernel walks such a path one component at a time in every layer (ovl_lookup_layer): a
-        whiteout or non-directory on the way ends the search in this and every lower layer (a
-        renamed directory must not pick up contents its old parent hid), a missing component only
-        skips this layer, an opaque directory on the way makes this layer the last one searched.
-        """
-        reach = _Reach.REACHABLE
-        prefix = ""
-        for part in path.split("/")[:-1]:
-            below = join(prefix, part)
-            st = lstat_at(layer.fd, below)
-            if st is None:
-                if exists_at(layer.fd, join(prefix, ondisk.WHITEOUT_PREFIX + part)):
-                    return _Reach.HIDDEN
-                return _Reach.ABSENT
-            if not stat.S_ISDIR(st.st_mode):
-                return _Reach.HIDDEN
-            if reach is _Reach.REACHABLE and self._dir_markers(layer, below)[0]:
-                reach = _Reach.OPAQUE_ABOVE
-            prefix = below
-        return reach
-
-    def _dir_markers(self, layer: Layer, path: str) -> tuple[bool, str | None]:
-        """(opaque, redirect) of a directory in one layer; one listxattr in the common case."""
-        names = listxattr_at(layer.fd, path)
-        opaque = False
-        redirect = None
-        if names:
-            for xname in (ondisk.TRUSTED_OPAQUE, ondisk.USER_OPAQUE):
-                if xname in names and getxattr_at(layer.fd, path, xname) == b"y":
-                    opaque = True
-            if not opaque:
-                for xname in (ondisk.TRUSTED_REDIRECT, ondisk.USER_REDIRECT):
-                    if xname in names:
-                        value = getxattr_at(layer.fd, path, xname)
-                        if value:
-                            redirect = os.fsdecode(value)
-                            break
-        if not opaque:
-            try:
-                opaque = exists_at(layer.fd, join(path, ondisk.OPAQUE_MARKER))
-            except PermissionError:
-                # A directory we may not search cannot hold a marker we could honour; what matters
-                # is that its parent stays listable (the kernel needs only the xattrs here).
-                opaque = False
-        return opaque, redirect
-
-    def _is_opaque(self, layer: Layer, path: str) -> bool:
-        for xname in (ondisk.TRUSTED_OPAQUE, ondisk.USER_OPAQUE):
-            if getxattr_at(layer.fd, path, xname) == b"y":
-                return True
-        return exists_at(layer.fd, join(path, ondisk.OPAQUE_MARKER))
-
-    def _redirect(self, layer: Layer, path: str) -> str | None:
-        for xname in (ondisk.TRUSTED_REDIRECT, ondisk.USER_REDIRECT):
-            value = getxattr_at(layer.fd, path, xname)
-            if value:
-                return os.fsdecode(value)
-        return None
 
     def _node_for(self, parent: Node, name: str, kind: int, identity: tuple[int, int], in_upper: bool,
                   lowers: list[tuple[Layer, str]]) -> Node:
@@ -576,7 +510,7 @@ class UnionTree:
         for layer, ppath in parent.lowers:
             st = lstat_at(layer.fd, join(ppath, name))
             if st is None:
-                if exists_at(layer.fd, join(ppath, ondisk.WHITEOUT_PREFIX + name)):
+                if ondisk.whiteout_file_at(layer.fd, join(ppath, name)):
                     return False
                 continue
             if layer.placeholders and join(ppath, name) in layer.placeholders:
@@ -639,49 +573,46 @@ class UnionTree:
             sources.append((self.upper, node.path()))
         if not node.opaque:
             sources.extend(node.lowers)
-        seen: dict[str, DirEntry] = {}
-        hidden: set[str] = set()
-        # The loop below runs once per entry of every layer (tens of thousands for a big directory):
-        # it keeps to cheap calls (d_type answers is_file/is_dir without a stat).
-        whiteout_prefix, opaque_marker = ondisk.WHITEOUT_PREFIX, ondisk.OPAQUE_MARKER
-        s_ifreg, s_ifdir = stat.S_IFREG, stat.S_IFDIR
-        for layer, path in sources:
-            layer_hidden: list[str] = []
-            prefix = f"{path}/" if path else ""
-            placeholders = layer.placeholders
-            fd = fsat.open(path or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=layer.fd)
-            try:
-                with os.scandir(fd) as it:
-                    for entry in it:
-                        n = entry.name
-                        if n in seen or n in hidden:
-                            continue
-                        if n.startswith(whiteout_prefix):
-                            if n != opaque_marker:
-                                layer_hidden.append(n[4:])
-                            continue
-                        if entry.is_file(follow_symlinks=False):
-                            if placeholders and prefix + n in placeholders:
-                                continue
-                            kind = s_ifreg
-                        elif entry.is_dir(follow_symlinks=False):
-                            kind = s_ifdir
-                        elif entry.is_symlink():
-                            kind = stat.S_IFLNK
-                        else:
-                            st = entry.stat(follow_symlinks=False)
-                            if ondisk.is_whiteout_stat(st):
-                                layer_hidden.append(n)
-                                continue
-                            kind = stat.S_IFMT(st.st_mode)
-                        seen[n] = DirEntry(n, layer, prefix + n, kind == s_ifdir, kind, entry.inode(),
-                                           n.encode(_FS_ENCODING, _FS_ERRORS))
-            finally:
-                os.close(fd)
-            hidden.update(layer_hidden)
-        listing = list(seen.values())
+        listing = list(merge.merge_listing(self._scan(layer, path) for layer, path in sources).values())
         node.listing = listing
         return listing
+
+    @staticmethod
+    def _scan(layer: Layer, path: str) -> Iterator[tuple[str, DirEntry | None]]:
+        """One layer's directory for merge_listing: (name, entry) per entry, (name, None) per
+        whiteout. It runs once per entry of every layer (tens of thousands for a big directory): it
+        keeps to cheap calls (d_type answers is_file/is_dir without a stat)."""
+        whiteout_prefix, opaque_marker = ondisk.WHITEOUT_PREFIX, ondisk.OPAQUE_MARKER
+        s_ifreg, s_ifdir = stat.S_IFREG, stat.S_IFDIR
+        prefix = f"{path}/" if path else ""
+        placeholders = layer.placeholders
+        fd = fsat.open(path or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=layer.fd)
+        try:
+            with os.scandir(fd) as it:
+                for entry in it:
+                    n = entry.name
+                    if n.startswith(whiteout_prefix):
+                        if n != opaque_marker:
+                            yield n[4:], None
+                        continue
+                    if entry.is_file(follow_symlinks=False):
+                        if placeholders and prefix + n in placeholders:
+                            continue
+                        kind = s_ifreg
+                    elif entry.is_dir(follow_symlinks=False):
+                        kind = s_ifdir
+                    elif entry.is_symlink():
+                        kind = stat.S_IFLNK
+                    else:
+                        st = entry.stat(follow_symlinks=False)
+                        if ondisk.is_whiteout_stat(st):
+                            yield n, None
+                            continue
+                        kind = stat.S_IFMT(st.st_mode)
+                    yield n, DirEntry(n, layer, prefix + n, kind == s_ifdir, kind, entry.inode(),
+                                      n.encode(_FS_ENCODING, _FS_ERRORS))
+        finally:
+            os.close(fd)
 
     def touch(self, *nodes: Node | None) -> None:
         """Forget cached attributes (and, for directories, listings) of nodes that changed."""
