@@ -29,7 +29,6 @@ ALLOWED: frozenset[tuple[str, str]] = frozenset({
     ("runner/commands.py", "register"),
     ("unionfs/core/tree.py", "<module>"),
     ("unionfs/core/tree.py", "UnionTree"),
-    ("unionfs/core/tree.py", "UnionTree._resolve"),
     ("unionfs/core/ops.py", "UnionFS"),
     ("unionfs/core/ops.py", "UnionFS.setattr"),
     ("unionfs/fuse_ops.py", "UnionOperations"),
