@@ -1,10 +1,9 @@
 """The ``lamina`` command: parse the command line, dispatch to a package, translate errors once.
 
-Each package (store, builder, runner, inspector) registers its own verbs through
-``<package>.commands.register(subparsers)``; every verb's parser sets ``handler`` to a function
-``handler(args) -> int``. This module owns only what is global: ``--root``, ``--log-level``,
-``--version``, logging set-up, and the error boundary that turns a :class:`LaminaError` into one line
-on stderr and docker's exit codes.
+The verbs live in :mod:`lamina.commands`, one module per area, each with ``register(subparsers)``;
+every verb's parser sets ``handler`` to a function ``handler(args) -> int``. This module owns only
+what is global: ``--root``, ``--log-level``, ``--version``, logging set-up, and the error boundary
+that turns a :class:`LaminaError` into one line on stderr and docker's exit codes.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ from typing import NoReturn
 
 from lamina import __version__
 from lamina.argv import requested_verb
+from lamina.commands import ALL_COMMAND_MODULES, VERB_MODULES
 from lamina.config import resolve_root
 from lamina.errors import EXIT_LAMINA, LaminaError, UsageError
 
@@ -37,20 +37,6 @@ class LaminaArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{verb}: {message}" if verb else message)
 
 
-# Which module registers which verb. Only the module that owns the verb on the command line is
-# imported: `lamina run --rm IMAGE true` must not pay for the registry client or the builder
-# (imports were most of its start-up time). tests/test_cli.py checks this table against what each
-# module really registers.
-VERB_MODULES: dict[str, str] = {
-    **dict.fromkeys(["history", "images", "import", "inspect", "load", "rmi", "save", "system", "tag"],
-                    "lamina.store.commands"),
-    **dict.fromkeys(["login", "logout", "pull", "push"], "lamina.store.registry_commands"),
-    "build": "builder.commands",
-    **dict.fromkeys(["commit", "create", "diff", "exec", "kill", "logs", "port", "ps", "restart", "rm", "run",
-                     "start", "stop", "wait"], "runner.commands"),
-    **dict.fromkeys(["layers", "mount", "umount", "which"], "lamina.inspector.commands"),
-}
-ALL_COMMAND_MODULES = tuple(dict.fromkeys(VERB_MODULES.values()))
 class _UnusedParser:
     """Stands in for the parser of a verb that is not on the command line: every call is a no-op."""
 

@@ -40,3 +40,20 @@ def test_lamina_error_is_one_line_without_traceback(lamina_cmd) -> None:  # type
     result = lamina_cmd("inspect", "no-such-image-anywhere", check=False)
     assert result.returncode == 125
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_libraries_know_nothing_of_the_command_line() -> None:
+    """The store, inspector, builder and runner are libraries: flags are parsed in lamina.commands."""
+    import ast
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    libraries = [repo / "lamina" / "store", repo / "lamina" / "inspector", repo / "builder", repo / "runner"]
+    offenders = []
+    for path in sorted(p for library in libraries for p in library.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(n == "argparse" or n.startswith(("lamina.commands", "lamina.cli")) for n in names):
+                offenders.append(f"{path.relative_to(repo)}:{node.lineno}")
+    assert offenders == []

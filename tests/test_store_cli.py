@@ -252,7 +252,7 @@ def test_inspect_finds_containers_and_rmi_respects_them(lamina_cmd: Cli, tmp_pat
     (20 * 86400, "2 weeks"), (100 * 86400, "3 months"), (800 * 86400, "2 years"),
 ])
 def test_human_duration_like_docker(seconds: float, text: str) -> None:
-    from lamina.store.commands import human_duration
+    from lamina.commands.formatting import human_duration
 
     assert human_duration(seconds) == text
 

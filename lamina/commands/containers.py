@@ -248,7 +248,7 @@ def _image_for_run(store: Store, reference: str, policy: str) -> Image:
             if policy == "never":
                 raise
             print(f"Unable to find image '{reference}' locally", file=sys.stderr)
-    from lamina.store.registry_commands import pull
+    from lamina.store.transfer import pull
 
     try:
         # Progress redraws lines with terminal escapes: only on a terminal.
@@ -441,7 +441,7 @@ def _ps_row(c: Container, no_trunc: bool) -> dict[str, str]:
 
 def cmd_ps(args: argparse.Namespace) -> int:
     if args.format and args.format != "json":
-        from lamina.store.commands import check_template
+        from lamina.commands.formatting import check_template
 
         check_template(args.format)  # before any output, even with no container to show
     wanted = _ps_filter(args.filter)
@@ -452,7 +452,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
             print(row["ID"])
         return 0
     if args.format:
-        from lamina.store.commands import render_template
+        from lamina.commands.formatting import render_template
 
         for row in rows:
             print(json.dumps(row) if args.format == "json" else render_template(args.format, row))

@@ -1,4 +1,4 @@
-"""The inspector's verbs: ``which``, ``layers``, ``mount``, ``umount`` (parsers: :mod:`.commands`).
+"""The inspector's verbs: ``which``, ``layers``, ``mount``, ``umount`` (parsers: :mod:`.inspector`).
 
 Handlers stay thin: they resolve names through the store, hand layer directories to
 :mod:`inspector.analysis` (which/layers) or :mod:`inspector.mounts` (mount/umount), and print.
