@@ -22,6 +22,7 @@ from lamina.argv import requested_verb
 from lamina.commands import ALL_COMMAND_MODULES, VERB_MODULES
 from lamina.config import resolve_root
 from lamina.errors import EXIT_LAMINA, LaminaError, UsageError
+from unionfs.startup import patches_enabled
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,10 @@ class LaminaArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{verb}: {message}" if verb else message)
 
 
+# The one-verb parser (below) is a start-up speed trick: argparse set-up of every verb is a
+# noticeable part of a short command. Like every other trick it is off under LAMINA_NO_PATCHES=1
+# (unionfs.startup.patches_enabled), and tests/test_cli.py checks that each verb parses the same
+# either way.
 class _UnusedParser:
     """Stands in for the parser of a verb that is not on the command line: every call is a no-op."""
 
@@ -59,7 +64,8 @@ class _OneVerb:
 
 
 def build_parser(argv: Sequence[str] = ()) -> LaminaArgumentParser:
-    """The full parser, or, when ``argv`` names a known verb, a parser with only that verb's module."""
+    """The full parser, or, when ``argv`` names a known verb, a parser with only that verb's module
+    (and, unless start-up tricks are off, of that module's verbs only that verb's parser)."""
     parser = LaminaArgumentParser(
         prog="lamina",
         description="Build and run Docker/OCI images without root, on lamina's own union filesystem.",
@@ -74,7 +80,8 @@ def build_parser(argv: Sequence[str] = ()) -> LaminaArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=LaminaArgumentParser)
     verb = requested_verb(argv)
     if verb in VERB_MODULES:
-        importlib.import_module(VERB_MODULES[verb]).register(_OneVerb(subparsers, verb))
+        module = importlib.import_module(VERB_MODULES[verb])
+        module.register(_OneVerb(subparsers, verb) if patches_enabled() else subparsers)
     else:
         for name in ALL_COMMAND_MODULES:
             importlib.import_module(name).register(subparsers)
