@@ -14,7 +14,6 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import NoReturn
 
 from lamina import __version__
@@ -22,6 +21,7 @@ from lamina.argv import requested_verb
 from lamina.commands import ALL_COMMAND_MODULES, VERB_MODULES
 from lamina.config import resolve_root
 from lamina.errors import EXIT_LAMINA, LaminaError, UsageError
+from lamina.layout import Layout
 from unionfs.startup import patches_enabled
 
 log = logging.getLogger(__name__)
@@ -108,24 +108,26 @@ def run(argv: Sequence[str]) -> int:
     if args.root is not None and not args.root.strip():
         # An unset variable in `--root "$DIR"` must not silently mean the default store.
         raise UsageError("--root: empty path")
-    args.root = resolve_root(args.root)
+    # Verbs see the root only through its layout, which hands each part its own directories.
+    args.layout = Layout(resolve_root(args.root))
+    del args.root
     # A store made by an older lamina was open to every user: close it before any verb uses it.
     from lamina.store.private import tighten_if_present
-    tighten_if_present(args.root)
+    tighten_if_present(args.layout)
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:
         parser.print_help(sys.stderr if args.command else sys.stdout)
         return 0 if not args.command else EXIT_LAMINA
-    _sweep_debris(args.root)
+    _sweep_debris(args.layout)
     return handler(args)
 
 
-def _sweep_debris(root: Path) -> None:
+def _sweep_debris(layout: Layout) -> None:
     """What killed lamina processes left in the store goes before any command uses it."""
     from runner.state import sweep_debris
 
     try:
-        sweep_debris(root)
+        sweep_debris(layout)
     except Exception as e:  # tidying up must never stop the command the user asked for
         logging.getLogger(__name__).debug("cleaning up after earlier commands: %r", e)
 

@@ -264,16 +264,22 @@ def test_human_size_like_docker() -> None:
 
 
 def test_build_cache_pins_layers_until_prune_all(lamina_cmd: Cli, tmp_path: Path) -> None:
+    from builder.cache import BuildCache
+    from lamina.layout import Layout
     from lamina.store import Store
 
-    root = tmp_path / "lamina-root"
+    layout = Layout(tmp_path / "lamina-root")
     upper = tmp_path / "upper"
     upper.mkdir()
     (upper / "cached").write_text("step output")
-    layer = Store.open(root).commit_layer(upper)
-    entry = root / "build-cache" / "steps" / "ab" / ("ab" * 32 + ".json")
-    entry.parent.mkdir(parents=True)
-    entry.write_text(json.dumps({"diff_id": layer.diff_id, "digest": layer.digest}))
+    layer = Store.open(layout).commit_layer(upper)
+    # A step entry as the builder writes it (builder/build.py).
+    BuildCache(layout.build_cache).put("ab" * 32, {
+        "history": {"created_by": "RUN make"},
+        "layer": {"diff_id": layer.diff_id, "digest": layer.digest, "size": layer.size,
+                  "media_type": layer.media_type}})
+    entry = layout.build_cache / "steps" / "ab" / ("ab" * 32 + ".json")
+    assert entry.is_file()
     lamina_cmd("system", "prune")
     assert layer.path.exists(), "a build cache entry keeps its layer"
     lamina_cmd("system", "prune", "-a")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lamina.errors import ContainerError, ContainerNotFound, LaminaError, UsageError
+from lamina.layout import Layout
 from lamina.timeparse import parse_go_duration, parse_time
 from runner import imageconfig
 from runner.containerlog import (
@@ -159,10 +160,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _new_container(args: argparse.Namespace) -> Container:
-    from lamina.store import Store
+    from lamina.application import open_store
     from runner.network import normalize_network, parse_port
 
-    store = Store.open(args.root)
+    store = open_store(args.layout)
     image = _image_for_run(store, args.image, args.pull)
     cfg: dict[str, Any] = image.config.get("config") or {}
     command = list(args.command)
@@ -185,14 +186,14 @@ def _new_container(args: argparse.Namespace) -> Container:
         host, target, readonly = imageconfig.parse_volume_flag(text)
         kind = "bind"
         if host is None:
-            host = _anonymous_volume(args.root)
+            host = _anonymous_volume(args.layout)
             anonymous.append(host)
             kind = "volume"
         mounts.append({"target": target, "kind": kind, "source": host, "readonly": readonly})
         targets.add(os.path.normpath(target))
     for target in imageconfig.image_volumes(cfg):
         if os.path.normpath(target) not in targets:
-            host = _anonymous_volume(args.root)
+            host = _anonymous_volume(args.layout)
             anonymous.append(host)
             mounts.append({"target": target, "kind": "volume", "source": host, "readonly": False})
     for text in args.tmpfs:
@@ -218,7 +219,7 @@ def _new_container(args: argparse.Namespace) -> Container:
         interactive=args.interactive, init=args.init, readonly=args.read_only, auto_remove=args.rm,
         stop_signal=imageconfig.stop_signal(cfg), seccomp=seccomp,
     )
-    return ContainerStore(args.root).create(container)
+    return ContainerStore(args.layout).create(container)
 
 
 def _refuse_nul(reference: str, cfg: dict[str, Any]) -> None:
@@ -260,8 +261,8 @@ def _image_for_run(store: Store, reference: str, policy: str) -> Image:
         raise ImageNotFound(f"{reference} (not in the store, and pulling it failed: {e})") from e
 
 
-def _anonymous_volume(root: Path) -> str:
-    path = root / "volumes" / secrets.token_hex(32) / "_data"
+def _anonymous_volume(layout: Layout) -> str:
+    path = layout.volumes / secrets.token_hex(32) / "_data"
     path.mkdir(parents=True)
     return str(path)
 
@@ -282,10 +283,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         unionserver.discard()
         raise
     if args.detach:
-        start_detached(args.root, container)
+        start_detached(args.layout, container)
         print(container.id)
         return 0
-    return run_attached(args.root, container)
+    return run_attached(args.layout, container)
 
 
 def cmd_create(args: argparse.Namespace) -> int:
@@ -299,7 +300,7 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 def _each(args: argparse.Namespace, action: Callable[[ContainerStore, Container], None]) -> int:
     """Apply ``action`` to every named container; as docker, a failure is reported and the rest go on."""
-    store = ContainerStore(args.root)
+    store = ContainerStore(args.layout)
     failed = 0
     for name in args.containers:
         try:
@@ -317,14 +318,14 @@ def cmd_start(args: argparse.Namespace) -> int:
     if args.attach:
         if len(args.containers) != 1:
             raise UsageError("start -a: exactly one container")
-        container = ContainerStore(args.root).get(args.containers[0])
+        container = ContainerStore(args.layout).get(args.containers[0])
         if container.running:
             raise ContainerError(f"container {container.name} is already running")
-        return run_attached(args.root, container)
+        return run_attached(args.layout, container)
 
     def start(store: ContainerStore, c: Container) -> None:
         if not c.running:
-            start_detached(args.root, c)
+            start_detached(args.layout, c)
 
     return _each(args, start)
 
@@ -340,7 +341,7 @@ def cmd_restart(args: argparse.Namespace) -> int:
 
     def restart(store: ContainerStore, c: Container) -> None:
         stop(store, c, args.time)
-        start_detached(args.root, store.get(c.id))
+        start_detached(args.layout, store.get(c.id))
 
     return _each(args, restart)
 
@@ -362,13 +363,13 @@ def cmd_rm(args: argparse.Namespace) -> int:
             signal_container(c, signal.SIGKILL)
             if not wait_stopped(store, c, 10):
                 raise ContainerError(f"container {c.name} did not stop")
-        remove(args.root, c)
+        remove(args.layout, c)
 
     return _each(args, rm)
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
-    store = ContainerStore(args.root)
+    store = ContainerStore(args.layout)
     containers = [store.get(name) for name in args.containers]
     for c in containers:
         while c.running:
@@ -379,7 +380,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
 
 def cmd_port(args: argparse.Namespace) -> int:
-    container = ContainerStore(args.root).get(args.container)
+    container = ContainerStore(args.layout).get(args.container)
     for p in container.ports:
         print(f"{p['container_port']}/{p['proto']} -> {p['host_ip']}:{p['host_port']}")
     return 0
@@ -445,7 +446,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
 
         check_template(args.format)  # before any output, even with no container to show
     wanted = _ps_filter(args.filter)
-    containers = [c for c in ContainerStore(args.root).all() if (args.all or c.running) and wanted(c)]
+    containers = [c for c in ContainerStore(args.layout).all() if (args.all or c.running) and wanted(c)]
     rows = [_ps_row(c, args.no_trunc) for c in containers]
     if args.quiet:
         for row in rows:
@@ -534,7 +535,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     since = log_time_ns("--since", args.since, now_ns) if args.since else None
     until = log_time_ns("--until", args.until, now_ns) if args.until else None
     tail = _tail_count(args.tail)
-    store = ContainerStore(args.root)
+    store = ContainerStore(args.layout)
     container = store.get(args.container)
     open_lines: dict[str, int] = {}  # carried across reads when following
     with contextlib.closing(LogReader(container.log_path)) as reader:
@@ -564,7 +565,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def cmd_exec(args: argparse.Namespace) -> int:
     from runner.execute import exec_in_container
 
-    container = ContainerStore(args.root).get(args.container)
+    container = ContainerStore(args.layout).get(args.container)
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
@@ -579,10 +580,10 @@ def cmd_exec(args: argparse.Namespace) -> int:
                              args.tty, args.interactive)
 
 
-def _commit_layer(root: Path, upper: Path) -> Any:
+def _commit_layer(layout: Layout, upper: Path) -> Any:
     from lamina.store import Store
 
-    return Store.open(root).commit_layer(upper)
+    return Store.open(layout).commit_layer(upper)
 
 
 def _bool_flag(text: str) -> bool:
@@ -594,12 +595,12 @@ def _bool_flag(text: str) -> bool:
 
 
 def cmd_commit(args: argparse.Namespace) -> int:
-    from lamina.store import Store
+    from lamina.application import open_store
     from runner.freeze import paused
     from runner.sandbox import call_in_userns
 
-    container = ContainerStore(args.root).get(args.container)
-    store = Store.open(args.root)
+    container = ContainerStore(args.layout).get(args.container)
+    store = open_store(args.layout)
     pause = paused(container.state.pid) if args.pause and container.running else contextlib.nullcontext()
     # Shared lock from the new layer to the image that names it: a concurrent prune must not
     # collect the layer in between (shared holders never block each other).
@@ -607,11 +608,11 @@ def cmd_commit(args: argparse.Namespace) -> int:
         base = store.resolve_image(container.image_id)
         with pause:
             try:
-                layer = _commit_layer(args.root, container.upper)
+                layer = _commit_layer(args.layout, container.upper)
             except PermissionError:
                 # Directories the container made private under subordinate ids: read them as
                 # namespace root.
-                layer = call_in_userns(_commit_layer, args.root, container.upper)
+                layer = call_in_userns(_commit_layer, args.layout, container.upper)
         config = copy.deepcopy(base.config)
         config.pop("created", None)
         history = list(config.get("history") or [])
@@ -631,11 +632,11 @@ def _changes(upper: Path, lowers: list[Path]) -> list[tuple[str, str]]:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from lamina.store import Store
+    from lamina.application import open_store
     from runner.sandbox import call_in_userns
 
-    container = ContainerStore(args.root).get(args.container)
-    store = Store.open(args.root)
+    container = ContainerStore(args.layout).get(args.container)
+    store = open_store(args.layout)
     image = store.resolve_image(container.image_id)
     lowers = list(reversed(store.layer_paths(image)))
     for kind, path in call_in_userns(_changes, container.upper, lowers):

@@ -16,8 +16,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lamina.application import open_store
 from lamina.commands.formatting import print_table, render_template, since
 from lamina.errors import ContainerNotFound, ImageNotFound, LaminaError, StoreError, UsageError
+from lamina.layout import Layout
 from lamina.store.archive import DOCKER_ARCHIVE, OCI_ARCHIVE, SaveItem, load, save
 from lamina.store.blobs import CHUNK, remove_tree, temp_name
 from lamina.store.importer import import_tarball
@@ -29,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 def _open(args: argparse.Namespace) -> Store:
-    return Store.open(args.root)
+    return open_store(args.layout)
 
 
 # --- images --------------------------------------------------------------------------------------
@@ -173,19 +175,12 @@ def image_inspect(store: Store, image: Image) -> dict[str, Any]:
     }
 
 
-def _inspect_container(root: Path, name: str) -> dict[str, Any] | None:
-    """The runner's view of a container, if the runner is installed and knows ``name``."""
+def _inspect_container(layout: Layout, name: str) -> dict[str, Any] | None:
+    """The runner's view of the container ``name``, or None when there is none."""
+    from runner.state import inspect_container
+
     try:
-        from runner import state
-    except ImportError:
-        return None
-    hook = getattr(state, "inspect_container", None)
-    try:
-        if hook is not None:
-            result = hook(root, name)
-            return dict(result) if result is not None else None
-        container_store = state.ContainerStore(root)
-        return dict(container_store.get(name).to_json())
+        return inspect_container(layout, name)
     except (ContainerNotFound, ImageNotFound):
         return None
 
@@ -202,7 +197,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             except ImageNotFound:
                 found = None
         if found is None and args.type in ("container", None):
-            found = _inspect_container(args.root, name)
+            found = _inspect_container(args.layout, name)
         if found is None:
             missing.append(name)
         else:
@@ -351,7 +346,7 @@ def cmd_system_df(args: argparse.Namespace) -> int:
     used_layers = {layer.diff_id for image in images for layer in image.layers}
     active_layers = {layer.diff_id for image in active for layer in image.layers}
     layer_dirs = [p.name for p in store.layers_dir.iterdir()]
-    cache_dir = args.root / "build-cache"
+    cache_dir = args.layout.build_cache
     cache_bytes = _dir_size(cache_dir) if cache_dir.exists() else 0
     dangling = store.dangling_images()
     rows = [["TYPE", "TOTAL", "ACTIVE", "SIZE", "RECLAIMABLE"],
@@ -379,7 +374,7 @@ def cmd_system_prune(args: argparse.Namespace) -> int:
         if args.all:
             # The builder's step entries pin their layers; with -a they go too (the next build
             # recomputes them). RUN --mount=type=cache directories are kept.
-            steps = args.root / "build-cache" / "steps"
+            steps = args.layout.build_cache / "steps"
             if steps.exists():
                 doomed = temp_name(store.tmp_dir, "doomed")
                 os.rename(steps, doomed)
@@ -400,8 +395,8 @@ def cmd_system_check(args: argparse.Namespace) -> int:
     if problems:
         for problem in problems:
             print(problem)
-        raise StoreError(f"store {args.root} has {len(problems)} problem(s)")
-    print(f"store {args.root}: ok")
+        raise StoreError(f"store {args.layout.root} has {len(problems)} problem(s)")
+    print(f"store {args.layout.root}: ok")
     return 0
 
 

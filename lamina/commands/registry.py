@@ -13,12 +13,12 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
+from lamina.application import open_store
 from lamina.errors import UsageError
 from lamina.store.reference import DEFAULT_REGISTRY, Reference
 from lamina.store.registry import RegistryClient
 from lamina.store.registry_auth import lookup_credentials, parse_creds, remove_credentials, store_credentials
 from lamina.store.registry_manifest import Platform
-from lamina.store.store import Store
 from lamina.store.transfer import Progress, api_host, default_tls_verify, pull, push_image, strip_transport
 
 log = logging.getLogger(__name__)
@@ -28,12 +28,8 @@ def _progress_stream(quiet: bool) -> TextIO | None:
     return sys.stderr if not quiet and sys.stderr.isatty() else None
 
 
-def _open_store(root: Path) -> Store:
-    return Store.open(root)
-
-
 def cmd_pull(args: argparse.Namespace) -> int:
-    store = _open_store(args.root)
+    store = open_store(args.layout)
     credentials = parse_creds(args.creds) if args.creds else None
     image = pull(store, args.reference, tls_verify=args.tls_verify, credentials=credentials,
                  platform=args.platform, progress_stream=_progress_stream(args.quiet), cert_dir=args.cert_dir)
@@ -42,7 +38,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    store = _open_store(args.root)
+    store = open_store(args.layout)
     source = strip_transport(args.source)
     destination = strip_transport(args.destination) if args.destination else None
     # Held while blobs are read, so that a concurrent prune cannot remove them under us.

@@ -105,8 +105,8 @@ class BlobLocations:
 
     MAX_REPOSITORIES = 4
 
-    def __init__(self, root: Path) -> None:
-        self.path = root / "registry" / "blob-locations.json"
+    def __init__(self, path: Path) -> None:
+        self.path = path
 
     def _load(self) -> dict[str, dict[str, list[str]]]:
         try:
@@ -286,7 +286,7 @@ def pull_image(store: Store, ref: Reference, client: RegistryClient, progress: P
     finally:
         for _, path in downloaded:
             path.unlink(missing_ok=True)
-    BlobLocations(store.root).record(ref.registry, repository, [config_digest, *(d["digest"] for d in layers)])
+    BlobLocations(store.layout.blob_locations).record(ref.registry, repository, [config_digest, *(d["digest"] for d in layers)])
     return image
 
 
@@ -343,7 +343,7 @@ def push_image(store: Store, image: Image, dest: Reference, client: RegistryClie
         raise RegistryError(f"cannot push a manifest of type {media_type}")
     doc = json.loads(manifest_bytes)
     repository = dest.repository
-    locations = BlobLocations(store.root)
+    locations = BlobLocations(store.layout.blob_locations)
     blobs = [(layer["digest"], "blob") for layer in iter_layers(doc)]
     blobs.append((config_descriptor(doc)["digest"], "config"))
     missing: dict[str, tuple[str, int]] = {}
