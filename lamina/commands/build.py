@@ -91,7 +91,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add this package's verbs to ``lamina``. Each verb sets ``handler(args) -> int``."""
+    """Add this module's verbs to ``lamina``. Each verb sets ``handler(args) -> int``."""
     p = subparsers.add_parser("build", help="build an image from a Dockerfile",
                               description="Build an image from a Dockerfile and a context directory, "
                                           "without root.")

@@ -1,4 +1,4 @@
-"""Command-line verbs of the runner: run, create, start, stop, kill, restart, rm, ps, logs, exec,
+"""The container verbs: run, create, start, stop, kill, restart, rm, wait, ps, port, logs, exec,
 commit, diff. Handlers parse flags into a :class:`runner.state.Container` and leave the work to
 :mod:`runner.lifecycle`, :mod:`runner.execute` and :mod:`runner.diff`."""
 
@@ -74,7 +74,7 @@ def _add_container_flags(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add this package's verbs to ``lamina``. Each verb sets ``handler(args) -> int``."""
+    """Add the container verbs to ``lamina``. Each verb sets ``handler(args) -> int``."""
     p = subparsers.add_parser("run", help="run a command in a new container")
     p.add_argument("-d", "--detach", action="store_true", help="run in the background, print the id")
     _add_container_flags(p)
@@ -105,6 +105,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("containers", nargs="+")
     p.set_defaults(handler=cmd_rm)
 
+    p = subparsers.add_parser("wait", help="wait until containers stop, print their exit codes")
+    p.add_argument("containers", nargs="+")
+    p.set_defaults(handler=cmd_wait)
+    _register_inspection(subparsers)
+
+
+def _register_inspection(subparsers: argparse._SubParsersAction) -> None:
+    """The verbs that look into containers or take something out of them."""
     p = subparsers.add_parser("ps", help="list containers")
     p.add_argument("-a", "--all", action="store_true", help="show stopped containers too")
     p.add_argument("-q", "--quiet", action="store_true", help="only ids")
@@ -114,10 +122,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--format", help="Go-template per container ({{.ID}} {{.Names}} {{.Image}} {{.Command}} "
                                     "{{.Status}} {{.Ports}} {{.State}} {{.CreatedAt}}), or json")
     p.set_defaults(handler=cmd_ps)
-
-    p = subparsers.add_parser("wait", help="wait until containers stop, print their exit codes")
-    p.add_argument("containers", nargs="+")
-    p.set_defaults(handler=cmd_wait)
 
     p = subparsers.add_parser("port", help="list a container's published ports")
     p.add_argument("container")

@@ -404,7 +404,7 @@ def cmd_system_check(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add this package's verbs to ``lamina``. Each verb sets ``handler(args) -> int``."""
+    """Add this module's verbs to ``lamina``. Each verb sets ``handler(args) -> int``."""
     p = subparsers.add_parser("images", help="list images")
     p.add_argument("repository", nargs="?", help="only images of this repository[:tag]")
     p.add_argument("-q", "--quiet", action="store_true", help="only IDs")

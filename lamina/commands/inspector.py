@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add this package's verbs to ``lamina``. Each verb sets ``handler(args) -> int``."""
+    """Add this module's verbs to ``lamina``. Each verb sets ``handler(args) -> int``."""
     p = subparsers.add_parser("which", help="which layer provides a path, what it shadows, who deleted it")
     p.add_argument("image", metavar="IMAGE|CONTAINER")
     p.add_argument("path", metavar="PATH")

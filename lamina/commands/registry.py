@@ -131,7 +131,7 @@ def _add_transfer_options(parser: argparse.ArgumentParser, quiet_help: str) -> N
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add this package's verbs to ``lamina``. Each verb sets ``handler(args) -> int``."""
+    """Add this module's verbs to ``lamina``. Each verb sets ``handler(args) -> int``."""
     pull = subparsers.add_parser("pull", help="download an image from a registry",
                                  description="Download an image (only the layers the store lacks).")
     pull.add_argument("reference", metavar="REF", help="[HOST[:PORT]/]NAME[:TAG|@DIGEST]")

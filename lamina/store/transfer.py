@@ -247,7 +247,7 @@ def pull_image(store: Store, ref: Reference, client: RegistryClient, progress: P
             raise RegistryError(f"{ref}: layer {layer['digest']} has unsupported media type "
                                 f"{layer.get('mediaType')!r}")
 
-    tmp_dir = store.root / "tmp"
+    tmp_dir = store.layout.tmp
     tmp_dir.mkdir(parents=True, exist_ok=True)
     config_digest = config_desc["digest"]
     if store.has_blob(config_digest):
