@@ -12,10 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lamina.layout import Layout
 from lamina.store.store import Store
-from lamina.store.usage import DigestOwner
+
+if TYPE_CHECKING:
+    from lamina.store.usage import DigestOwner
 
 
 def digest_owners(layout: Layout) -> Sequence[DigestOwner]:

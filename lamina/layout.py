@@ -14,22 +14,36 @@ its own; no other module joins names onto a root. The tree::
     mounts/             the inspector's `lamina mount` records and mount points
     registry/           the registry client's notes (where blobs were seen)
 
-A layout is a value: making one touches nothing on disk (:meth:`lamina.store.Store.open` creates the
+Making a layout touches nothing on disk (:meth:`lamina.store.Store.open` creates the
 directories, private to their owner, see :mod:`lamina.store.private`).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 
-@dataclass(frozen=True)
 class Layout:
-    """The paths under one lamina root."""
+    """The paths under one lamina root. A value: equal layouts have equal roots.
 
-    root: Path
+    (A plain class, not a dataclass: every lamina command imports it, and generating a frozen
+    dataclass costs more at start-up than this whole module.)
+    """
+
+    __slots__ = ("root",)
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Layout) and other.root == self.root
+
+    def __hash__(self) -> int:
+        return hash(self.root)
+
+    def __repr__(self) -> str:
+        return f"Layout({str(self.root)!r})"
 
     # Directories that hold content, created private (0700) with the store.
     CONTENT_DIRS = ("blobs", "blobs/sha256", "layers", "images", "tmp", "containers", "mounts", "build-cache",

@@ -40,7 +40,7 @@ import platform
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from lamina.errors import FormatError, ImageNotFound, StoreError, UsageError
 from lamina.layout import Layout
@@ -52,7 +52,9 @@ from lamina.store.layer_unpack import Limits, unpack_layer
 from lamina.store.locks import hold_store_lock
 from lamina.store.reference import Reference, looks_like_id
 from lamina.store.tags import TagIndex
-from lamina.store.usage import OwnerFactory, Usage
+
+if TYPE_CHECKING:
+    from lamina.store.usage import OwnerFactory, Usage
 from lamina.timeparse import parse_time
 
 log = logging.getLogger(__name__)
@@ -168,7 +170,8 @@ class Store:
         self.layers_dir = self.layout.layers
         self.images_dir = self.layout.images
         self.tags = TagIndex(self.layout)
-        self.usage = Usage(self, owners)
+        self._owners = owners
+        self._usage: Usage | None = None
 
     @classmethod
     def open(cls, where: Layout | Path, owners: OwnerFactory = tuple) -> Store:
@@ -184,6 +187,15 @@ class Store:
         except OSError as e:
             raise StoreError(f"cannot create the store at {root}: {e.strerror}") from None
         return cls(layout, owners)
+
+    @property
+    def usage(self) -> Usage:
+        """Who uses what in the store (:mod:`lamina.store.usage`, imported when first asked)."""
+        if self._usage is None:
+            from lamina.store.usage import Usage
+
+            self._usage = Usage(self, self._owners)
+        return self._usage
 
     def lock(self, shared: bool = False) -> contextlib.AbstractContextManager[None]:
         """The store lock (exclusive unless ``shared``), re-entrant within this process (see
