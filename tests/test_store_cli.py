@@ -287,6 +287,26 @@ def test_build_cache_pins_layers_until_prune_all(lamina_cmd: Cli, tmp_path: Path
     assert lamina_cmd("system", "check").returncode == 0
 
 
+def test_files_in_a_run_cache_mount_pin_nothing(lamina_cmd: Cli, tmp_path: Path) -> None:
+    """A RUN --mount=type=cache directory holds whatever the build's commands wrote: a JSON file there
+    naming a digest must not keep that layer from prune (only the cache's step entries count)."""
+    from builder.cache import BuildCache
+    from lamina.layout import Layout
+    from lamina.store import Store
+
+    layout = Layout(tmp_path / "lamina-root")
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    (upper / "loose").write_text("no image, no step entry")
+    layer = Store.open(layout).commit_layer(upper)
+    planted = BuildCache(layout.build_cache).mount_dir("npm") / "package-lock.json"
+    planted.parent.mkdir(parents=True)
+    planted.write_text(json.dumps({"integrity": layer.diff_id, "resolved": layer.digest}))
+    lamina_cmd("system", "prune")
+    assert not layer.path.exists(), "a file in a cache mount kept a layer alive"
+    assert planted.exists(), "cache mounts survive prune"
+
+
 def test_concurrent_imports_tags_and_prune_leave_a_consistent_store(lamina_cmd: Cli, tmp_path: Path) -> None:
     root = tmp_path / "lamina-root"
     lamina_cmd("images")
