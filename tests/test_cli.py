@@ -141,3 +141,10 @@ def test_the_one_verb_parser_is_used_only_with_start_up_tricks_on(monkeypatch) -
     assert verbs_built(["ps"]) == {"ps"}
     monkeypatch.setenv("LAMINA_NO_PATCHES", "1")
     assert verbs_built(["ps"]) == {v for v, m in VERB_MODULES.items() if m == VERB_MODULES["ps"]}
+
+
+def test_archive_formats_offered_are_those_the_archive_module_writes() -> None:
+    from lamina.commands.images import ARCHIVE_FORMATS
+    from lamina.store.archive import DOCKER_ARCHIVE, OCI_ARCHIVE
+
+    assert ARCHIVE_FORMATS == (DOCKER_ARCHIVE, OCI_ARCHIVE)

@@ -20,14 +20,16 @@ from lamina.application import open_store
 from lamina.commands.formatting import print_table, render_template, since
 from lamina.errors import ContainerNotFound, ImageNotFound, LaminaError, StoreError, UsageError
 from lamina.layout import Layout
-from lamina.store.archive import DOCKER_ARCHIVE, OCI_ARCHIVE, SaveItem, load, save
 from lamina.store.blobs import CHUNK, remove_tree, temp_name
-from lamina.store.importer import import_tarball
 from lamina.store.progress import human_size
 from lamina.store.reference import Reference
 from lamina.store.store import Image, Store
 
 log = logging.getLogger(__name__)
+
+# lamina.store.archive's DOCKER_ARCHIVE and OCI_ARCHIVE (tests/test_cli.py checks): that module, with
+# every decompressor, is imported only by the verbs that read or write archives.
+ARCHIVE_FORMATS = ("docker-archive", "oci-archive")
 
 
 def _open(args: argparse.Namespace) -> Store:
@@ -263,6 +265,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     tags = [args.reference] if args.reference else []
     for tag in tags:
         Reference.parse(tag)
+    from lamina.store.importer import import_tarball
+
     image = import_tarball(store, args.tarball, tags, args.change or [], args.message)
     print(f"sha256:{image.id}")
     return 0
@@ -272,6 +276,8 @@ def cmd_save(args: argparse.Namespace) -> int:
     store = _open(args)
     if not args.output and sys.stdout.isatty():
         raise UsageError("save: refusing to write an archive to a terminal; use -o FILE")
+    from lamina.store.archive import SaveItem, save
+
     items: list[SaveItem] = []
     for name in args.images:
         image = store.resolve_image(name)
@@ -300,6 +306,8 @@ def cmd_save(args: argparse.Namespace) -> int:
 
 
 def cmd_load(args: argparse.Namespace) -> int:
+    from lamina.store.archive import load
+
     store = _open(args)
     if args.input:
         loaded = load(store, Path(args.input))
@@ -449,7 +457,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("save", help="write images to a docker-archive or oci-archive tar")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("-o", "--output", metavar="FILE")
-    p.add_argument("--format", default=DOCKER_ARCHIVE, choices=[DOCKER_ARCHIVE, OCI_ARCHIVE])
+    p.add_argument("--format", default=ARCHIVE_FORMATS[0], choices=ARCHIVE_FORMATS)
     p.set_defaults(handler=cmd_save)
 
     p = subparsers.add_parser("load", help="load images from a docker-archive or oci-archive (maybe compressed)")

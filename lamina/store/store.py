@@ -47,8 +47,6 @@ from lamina.layout import Layout
 from lamina.store import private
 from lamina.store.blobs import BlobStore, digest_hex, fsync_dir, remove_tree, temp_name
 from lamina.store.files import canonical_json, write_file_atomic
-from lamina.store.layer_pack import pack_layer
-from lamina.store.layer_unpack import Limits, unpack_layer
 from lamina.store.locks import hold_store_lock
 from lamina.store.reference import Reference, looks_like_id
 from lamina.store.tags import TagIndex
@@ -257,6 +255,10 @@ class Store:
         Error handling: a hostile tar or a diff_id mismatch raises :class:`LayerError`; nothing is
         left in ``layers/``.
         """
+        # Imported here: the packer and unpacker bring every decompressor, which commands that only
+        # read the store (images, run) need not load.
+        from lamina.store.layer_unpack import Limits, unpack_layer
+
         with self.lock(shared=True):
             if expected_diff_id is not None and self.has_layer(expected_diff_id):
                 return expected_diff_id, self.layer_tar_size(expected_diff_id)
@@ -296,6 +298,8 @@ class Store:
         :func:`store.layer_unpack.unpack_layer` in this store's ``tmp`` (so it already is what
         unpacking the tar would give) and hands it over; it is moved into place, not unpacked again.
         """
+        from lamina.store.layer_pack import pack_layer
+
         with self.lock(shared=True):
             with self.blobs.writer() as w:
                 result = pack_layer(Path(diff_dir), w, compress=True, progress=progress)
