@@ -29,6 +29,7 @@ import pytest
 
 from harness import UnprivilegedUser, force_unmount, start_union, union_argv
 from lamina.inspector import mounts
+from lamina.layout import Layout
 from unionfs import detached_layers
 from unionfs.core.stack import LayerStack
 from unionfs.mount import MountSpec, mount_union
@@ -145,7 +146,7 @@ def test_layers_are_released_before_the_server_tears_down(tmp_path: Path) -> Non
 def test_unmount_returns_once_nothing_holds_a_layer(tmp_path: Path, how: str) -> None:
     """After ``lamina umount`` (or unmount() of the Python API) returns, the lower filesystem unmounts
     at the first try, in every cycle."""
-    root = tmp_path / "root"
+    root = Layout(tmp_path / "root")
     for cycle in range(WAIT_CYCLES):
         base = tmp_path / f"c{cycle}"
         base.mkdir()

@@ -344,7 +344,7 @@ def _forget_objects_of_failed_load(store: Store, blobs_before: set[str], layers_
     committed an image naming one meanwhile) are removed.
     """
     with store.lock():
-        keep_blobs, keep_layers = store._gc_roots()
+        keep_blobs, keep_layers = store.usage.roots()
         for digest in set(store.blobs.all_digests()) - blobs_before - keep_blobs:
             store.blobs.remove(digest)
         for name in set(os.listdir(store.layers_dir)) - layers_before:

@@ -1,6 +1,6 @@
 """A client for the OCI distribution API (the protocol of Docker registries), standard library only.
 
-It deals in bytes, files and digests and knows nothing of the image store: ``store.registry_commands``
+It deals in bytes, files and digests and knows nothing of the image store: ``lamina.store.transfer``
 glues the two together for ``lamina pull`` and ``lamina push``.
 
 Trust. Everything a registry sends is hostile until proven otherwise. Digests are parsed strictly

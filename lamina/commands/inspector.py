@@ -1,7 +1,7 @@
-"""Command-line verbs of this package, registered into the ``lamina`` parser.
+"""The inspector's verbs, ``which``, ``layers``, ``mount`` and ``umount``: their parsers.
 
 Only the parsers live here: every ``lamina`` command builds them, so the work (store, analysis,
-mounts) is imported by :mod:`inspector.verbs` when one of these verbs actually runs.
+mounts) is imported by :mod:`lamina.commands.inspector_verbs` when one of these verbs actually runs.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add this package's verbs to ``lamina``. Each verb sets ``handler(args) -> int``."""
+    """Add this module's verbs to ``lamina``. Each verb sets ``handler(args) -> int``."""
     p = subparsers.add_parser("which", help="which layer provides a path, what it shadows, who deleted it")
     p.add_argument("image", metavar="IMAGE|CONTAINER")
     p.add_argument("path", metavar="PATH")
@@ -51,24 +51,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _which(args: argparse.Namespace) -> int:
-    from lamina.inspector.verbs import cmd_which
+    from lamina.commands.inspector_verbs import cmd_which
 
     return cmd_which(args)
 
 
 def _layers(args: argparse.Namespace) -> int:
-    from lamina.inspector.verbs import cmd_layers
+    from lamina.commands.inspector_verbs import cmd_layers
 
     return cmd_layers(args)
 
 
 def _mount(args: argparse.Namespace) -> int:
-    from lamina.inspector.verbs import cmd_mount
+    from lamina.commands.inspector_verbs import cmd_mount
 
     return cmd_mount(args)
 
 
 def _umount(args: argparse.Namespace) -> int:
-    from lamina.inspector.verbs import cmd_umount
+    from lamina.commands.inspector_verbs import cmd_umount
 
     return cmd_umount(args)

@@ -1,4 +1,4 @@
-"""The inspector's verbs: ``which``, ``layers``, ``mount``, ``umount`` (parsers: :mod:`.commands`).
+"""The inspector's verbs: ``which``, ``layers``, ``mount``, ``umount`` (parsers: :mod:`.inspector`).
 
 Handlers stay thin: they resolve names through the store, hand layer directories to
 :mod:`inspector.analysis` (which/layers) or :mod:`inspector.mounts` (mount/umount), and print.
@@ -25,6 +25,7 @@ from lamina.inspector.analysis import (
     normalize,
 )
 from lamina.inspector.render import human_size, percent, printable, render_html, render_svg
+from lamina.layout import Layout
 from unionfs.core.stack import LayerStack
 
 # --- loading -------------------------------------------------------------------------------------
@@ -46,15 +47,15 @@ class LoadedImage:
         return f"{self.reference} ({self.image.id[:12]})"
 
 
-def _resolve(root: Path, reference: str) -> tuple[Any, Any]:
+def _resolve(layout: Layout, reference: str) -> tuple[Any, Any]:
     """``(image, container)`` for an image reference, or for a container (id, prefix or name).
 
     Error handling: :class:`NotFoundError` when neither exists; :class:`ContainerError` when the
     container's image is gone from the store.
     """
-    from lamina.store import Store
+    from lamina.application import open_store
 
-    store = Store.open(root)
+    store = open_store(layout)
     try:
         return store.resolve_image(reference), None
     except ImageNotFound:
@@ -62,7 +63,7 @@ def _resolve(root: Path, reference: str) -> tuple[Any, Any]:
     from runner.state import ContainerStore
 
     try:
-        container = ContainerStore(root).get(reference)
+        container = ContainerStore(layout).get(reference)
     except ContainerNotFound:
         raise NotFoundError(f"no image or container named {reference}") from None
     try:
@@ -72,9 +73,9 @@ def _resolve(root: Path, reference: str) -> tuple[Any, Any]:
                              f"is gone") from None
 
 
-def _load_image(root: Path, reference: str) -> LoadedImage:
+def _load_image(layout: Layout, reference: str) -> LoadedImage:
     """The layers of an image, or of a container's image plus its upper directory on top."""
-    image, container = _resolve(root, reference)
+    image, container = _resolve(layout, reference)
     layers = list(image.layers)
     history = image.config.get("history") or []
     instructions = instructions_for_layers(history, len(layers))
@@ -138,7 +139,7 @@ def which_report(analysis: StackAnalysis, h: PathHistory) -> dict[str, Any]:
 
 
 def cmd_which(args: argparse.Namespace) -> int:
-    loaded = _load_image(args.root, args.image)
+    loaded = _load_image(args.layout, args.image)
     analysis = _analyze(loaded)
     path = normalize(args.path)
     h = analysis.history(path)
@@ -210,7 +211,7 @@ def _write_output(path: Path, text: str) -> None:
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
-    loaded = _load_image(args.root, args.image)
+    loaded = _load_image(args.layout, args.image)
     analysis = _analyze(loaded)
     if args.html:
         _write_output(args.html, render_html(analysis, loaded.title))
@@ -258,7 +259,7 @@ def _select_upto(layers: list[Any], upto: str) -> int:
 
 
 def _mount_request(args: argparse.Namespace) -> mounts.StackRequest:
-    image, container = _resolve(args.root, args.target)
+    image, container = _resolve(args.layout, args.target)
     if container is not None:
         return _container_request(args, image, container)
     layers = list(image.layers)
@@ -295,18 +296,18 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if args.target is None:
         if args.rw or args.upto or args.directory or args.trace or args.allow_other:
             raise UsageError("mount: --rw, --upto, --trace, --allow-other and DIR need an IMAGE or CONTAINER")
-        _list_mounts(args.root)
+        _list_mounts(args.layout)
         return 0
     request = _mount_request(args)
     request.trace = args.trace.absolute() if args.trace else None
     request.allow_other = args.allow_other
-    state = mounts.mount_image_stack(args.root, request, args.directory)
+    state = mounts.mount_image_stack(args.layout, request, args.directory)
     print(state.mountpoint)
     return 0
 
 
-def _list_mounts(root: Path) -> None:
-    records = mounts.list_mounts(root)
+def _list_mounts(layout: Layout) -> None:
+    records = mounts.list_mounts(layout)
     if not records:
         return
     live = mounts.fuse_mountpoints()
@@ -321,5 +322,5 @@ def _list_mounts(root: Path) -> None:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    mounts.unmount(args.root, args.directory, lazy=args.lazy)
+    mounts.unmount(args.layout, args.directory, lazy=args.lazy)
     return 0
