@@ -25,8 +25,6 @@ ALLOWED: frozenset[tuple[str, str]] = frozenset({
     ("builder/build.py", "Builder"),
     ("builder/build.py", "Builder._run"),
     ("builder/copying.py", "copy_into_layer"),
-    ("lamina/store/store.py", "Store"),
-    ("runner/commands.py", "register"),
     ("unionfs/core/tree.py", "<module>"),
     ("unionfs/core/tree.py", "UnionTree"),
     ("unionfs/core/ops.py", "UnionFS"),
