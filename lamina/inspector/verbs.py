@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lamina.errors import ContainerError, ContainerNotFound, ImageNotFound, NotFoundError, UsageError
-from lamina.inspector import mounts
+from lamina.inspector import mounts, report, waste
 from lamina.inspector.analysis import (
     Event,
     LayerInput,
@@ -24,7 +24,8 @@ from lamina.inspector.analysis import (
     instructions_for_layers,
     normalize,
 )
-from lamina.inspector.render import human_size, percent, printable, render_html, render_svg
+from lamina.inspector.explorer import render_explorer
+from lamina.inspector.render import human_size, percent, printable, render_svg
 
 # --- loading -------------------------------------------------------------------------------------
 
@@ -209,13 +210,25 @@ def _write_output(path: Path, text: str) -> None:
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
+    limits = report.parse_thresholds(args.fail_on_waste, args.fail_on_efficiency)
+    if (args.layer is not None or args.changes_only) and not args.tree:
+        raise UsageError("--layer and --changes-only go with --tree")
     loaded = _load_image(args.root, args.image)
     analysis = _analyze(loaded)
     if args.html:
-        _write_output(args.html, render_html(analysis, loaded.title))
+        _write_output(args.html, render_explorer(analysis, loaded.title))
     if args.svg:
         _write_output(args.svg, render_svg(analysis, loaded.title))
-    if args.json:
+    if args.tree or args.wasted:
+        if args.json:
+            print(json.dumps({**({"trees": report.tree_data(analysis, args.layer, args.changes_only)}
+                                 if args.tree else {}),
+                              **(report.waste_data(analysis) if args.wasted else {})}, indent=2))
+        else:
+            lines = report.tree_lines(analysis, args.layer, args.changes_only) if args.tree else []
+            for line in lines + (report.waste_lines(analysis) if args.wasted else []):
+                _out(line)
+    elif args.json:
         print(json.dumps({
             "image": loaded.image.id,
             "container": loaded.container.id if loaded.container is not None else None,
@@ -226,10 +239,13 @@ def cmd_layers(args: argparse.Namespace) -> int:
             "total_bytes": analysis.total_bytes,
             "wasted_bytes": analysis.wasted_bytes,
             "efficiency": analysis.efficiency,
+            "dive": report.dive_data(waste.dive_score(analysis)),
         }, indent=2))
     else:
         for line in layers_table(analysis):
             _out(line)
+        _out(report.dive_summary(waste.dive_score(analysis)))
+    report.enforce(analysis, limits)
     return 0
 
 
