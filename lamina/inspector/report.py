@@ -52,7 +52,8 @@ def layer_index(analysis: StackAnalysis, number: int) -> int:
 
 def _heading(analysis: StackAnalysis, index: int, what: str) -> str:
     layer = analysis.layers[index]
-    return f"{analysis.layer_name(index)} of {len(analysis.layers)} ({what}): {layer.instruction or '(no history)'}"
+    name = ("the container layer, " if layer is analysis.container_layer else "") + f"layer {index + 1}"
+    return f"{name} of {len(analysis.layers)} ({what}): {layer.instruction or '(no history)'}"
 
 
 def tree_lines(analysis: StackAnalysis, layer: int | None, changes_only: bool) -> list[str]:
