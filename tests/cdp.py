@@ -92,6 +92,15 @@ class Browser:
             raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
         return result["result"].get("value")
 
+    def wait_for(self, expression: str) -> Any:
+        """Evaluate ``expression`` until it is truthy (events such as ``toggle`` fire a task later)."""
+        deadline = time.monotonic() + self.timeout
+        while not (value := self.evaluate(expression)):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"never true: {expression}")
+            time.sleep(0.05)
+        return value
+
     def click_at(self, x: float, y: float) -> None:
         """A real mouse click (press and release) at page coordinates, as a user makes it."""
         for kind in ("mousePressed", "mouseReleased"):

@@ -242,6 +242,7 @@ def test_explorable_page_in_chromium(built: Path, tmp_path: Path) -> None:
         assert entry("merged", "/etc/passwd") is None
         browser.click('#merged details[data-path="/etc"] > summary')
         assert browser.evaluate("document.querySelector('#merged details[data-path=\"/etc\"]').open") is True
+        browser.wait_for("!!document.querySelector('#merged .entry[data-path=\"/etc/passwd\"]')")
         assert entry("merged", "/etc/passwd")[:2] == [" ", "passwd"]
         assert entry("merged", "/etc/motd") == ["M", "motd", "29 B", "layer 3"]
 

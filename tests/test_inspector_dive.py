@@ -188,3 +188,23 @@ def test_container_layer_marks_copy_ups_and_redirects(tmp_path: Path) -> None:
     assert changes["/etc"].notes == ["copy-up"]               # the directory's attributes came up too
     assert "redirect" in changes["/srv/moved"].notes and changes["/srv/moved"].redirect == "/srv/data"
     assert "(redirect from /srv/data)  [redirect]" in "\n".join(report.tree_lines(a, 2, changes_only=True))
+
+
+def test_explorer_page_keeps_hostile_names_inert(tmp_path: Path) -> None:
+    """Names from a layer go into the page as data: they cannot close the script or add markup."""
+    from lamina.inspector.explorer import render_explorer
+
+    l1, l2 = layers(tmp_path, 2)
+    for name in ("</script><script>alert(1)</script>", "<img src=x onerror=alert(2)>", "a&amp;b"):
+        write(l1, f"d/{name.replace('/', '_')}", b"x")
+    write(l1, "e/\u2028line", b"x")
+    whiteout(l2, "d/<img src=x onerror=alert(2)>")
+    page = render_explorer(analyze(stack(l1, l2)), "hostile </script>")
+    scripts = page.split("<script")
+    assert len(scripts) == 3                          # the JSON data and the code, nothing injected
+    assert "alert" not in scripts[2] and "<img" not in page.replace("&lt;img", "")
+    assert "\u2028" not in page and "hostile &lt;/script&gt;" in page
+    data = scripts[1].split(">", 1)[1].split("</script>")[0]
+    import json
+    decoded = json.loads(data)
+    assert "/d/<_script><script>alert(1)<_script>" in {r["p"] for r in decoded["paths"]}

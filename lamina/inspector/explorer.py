@@ -99,20 +99,22 @@ function entries(n, changesOnly) {
 
 function buildTree(list) {
   const root = {name: "/", path: "/", kind: "dir", size: 0, change: "", notes: [], children: new Map()};
+  const byPath = new Map([["/", root]]);
+  // The node of a path, creating the directories above it once each.
+  function node(path) {
+    let found = byPath.get(path);
+    if (!found) {
+      const cut = path.lastIndexOf("/");
+      const parent = node(cut === 0 ? "/" : path.slice(0, cut));
+      found = {name: path.slice(cut + 1), path, kind: "dir", size: 0, change: "", notes: [], children: new Map()};
+      parent.children.set(found.name, found);
+      byPath.set(path, found);
+    }
+    return found;
+  }
   for (const entry of list) {
-    let node = root;
-    const names = entry.path.split("/").filter(Boolean);
-    names.forEach((name, i) => {
-      let child = node.children.get(name);
-      if (!child) {
-        child = {name, path: "/" + names.slice(0, i + 1).join("/"), kind: "dir", size: 0, change: "",
-                 notes: [], children: new Map()};
-        node.children.set(name, child);
-      }
-      node = child;
-    });
-    Object.assign(node, {kind: entry.kind, size: entry.size, change: entry.change, notes: entry.notes,
-                         layer: entry.layer});
+    Object.assign(node(entry.path), {kind: entry.kind, size: entry.size, change: entry.change, notes: entry.notes,
+                                     layer: entry.layer});
   }
   return root;
 }
@@ -182,7 +184,10 @@ function renderChildren(node, container, openDepth) {
       if (details.open && !inner.hasChildNodes()) renderChildren(child, inner, openDepth - 1);
     });
     container.append(details);
-    if (openDepth > 0) details.open = true;
+    if (openDepth > 0) {  // opened here: rendered now, not in a later toggle task
+      renderChildren(child, inner, openDepth - 1);
+      details.open = true;
+    }
   }
 }
 
