@@ -255,3 +255,21 @@ def test_explorable_page_in_chromium(built: Path, tmp_path: Path) -> None:
         assert badge.startswith("whiteout: the layer deleted this path")
         browser.screenshot(tmp_path / "explorer.png")
     assert (tmp_path / "explorer.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_terminal_explorer_in_a_pty(built: Path) -> None:
+    """`lamina layers --explore` draws with curses in a real terminal, follows keys, quits on q."""
+    from runner_support import on_pty, read_until
+
+    argv = [sys.executable, "-m", "lamina", "--root", str(built), "layers", "demo", "--explore"]
+    with on_pty(argv, rows=30, cols=120, cwd=REPO_ROOT, env={**os.environ, "TERM": "xterm"}) as (proc, master):
+        screen = read_until(master, b"changes of layer 4", timeout=60)
+        screen = read_until(master, b"[whiteout]", timeout=60, seen=screen)
+        os.write(master, b"\x1bOB")                 # down (xterm keypad mode): the older layer 3
+        # curses redraws only what changed; the whole title is new after c, proving both keys.
+        os.write(master, b"c")
+        read_until(master, b"merged view up to layer 3", timeout=60, seen=screen)
+        os.write(master, b"q")
+        assert proc.wait(timeout=60) == 0
+    no_tty = lamina(built, "layers", "demo", "--explore", check=False)
+    assert no_tty.returncode == 125 and "--explore needs a terminal" in no_tty.stderr

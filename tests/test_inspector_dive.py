@@ -208,3 +208,32 @@ def test_explorer_page_keeps_hostile_names_inert(tmp_path: Path) -> None:
     import json
     decoded = json.loads(data)
     assert "/d/<_script><script>alert(1)<_script>" in {r["p"] for r in decoded["paths"]}
+
+
+def test_terminal_explorer_state_follows_keys(three_layers: list[LayerInput]) -> None:  # noqa: F811
+    from lamina.inspector.terminal import HELP, ExplorerState
+
+    state = ExplorerState(analyze(three_layers))
+    assert state.layer == 2 and state.focus == "layers" and state.changes_only
+    assert [r.node.path for r in state.rows] == ["/etc", "/etc/motd", "/opt", "/opt/app", "/opt/app/new",
+                                                "/opt/app/old1", "/opt/app/old2"]
+    assert state.tree_line(state.rows[1]) == "D    200 B      motd  [whiteout]"   # depth 1, no opener
+    assert [text.split()[0] for _, text in state.layer_lines()] == ["3", "2", "1"]
+    assert state.status() == HELP
+    state.key("KEY_DOWN")                       # the layer pane lists newest first: down is older
+    assert state.layer == 1 and [r.node.path for r in state.rows] == ["/bin", "/bin/tool", "/etc", "/etc/motd"]
+    state.key("k")
+    state.key("\t")
+    state.key("j")
+    assert state.focus == "tree" and state.current is not None and state.current.path == "/etc/motd"
+    assert state.status().startswith("whiteout: the layer deleted this path")
+    state.key("KEY_LEFT")                       # to the parent, then close it
+    assert state.current is not None and state.current.path == "/etc"
+    state.key("KEY_LEFT")
+    assert [r.node.path for r in state.rows][:2] == ["/etc", "/opt"]
+    state.key("c")                              # the merged view up to layer 3, closed
+    assert not state.changes_only and [r.node.path for r in state.rows] == ["/bin", "/etc", "/opt"]
+    state.key("\n")
+    assert [r.node.path for r in state.rows] == ["/bin", "/bin/tool", "/etc", "/opt"]
+    assert state.title() == "merged view up to layer 3"
+    assert state.key("q") is False

@@ -30,6 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--layer", metavar="N", type=int, help="the layer --tree shows (default: the top one)")
     p.add_argument("--changes-only", action="store_true",
                    help="with --tree: only what the layer changed (without --layer: every layer's changes)")
+    p.add_argument("--explore", action="store_true",
+                   help="browse the layers and their trees in the terminal (keys: Tab, arrows, c, q)")
     p.add_argument("--wasted", action="store_true",
                    help="list the hidden files, largest first, and dive's inefficient paths")
     p.add_argument("--fail-on-waste", metavar="PERCENT",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,8 +214,15 @@ def cmd_layers(args: argparse.Namespace) -> int:
     limits = report.parse_thresholds(args.fail_on_waste, args.fail_on_efficiency)
     if (args.layer is not None or args.changes_only) and not args.tree:
         raise UsageError("--layer and --changes-only go with --tree")
+    if args.explore and not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise UsageError("--explore needs a terminal")
     loaded = _load_image(args.root, args.image)
     analysis = _analyze(loaded)
+    if args.explore:
+        from lamina.inspector import terminal
+
+        terminal.run(analysis, loaded.title)
+        return 0
     if args.html:
         _write_output(args.html, render_explorer(analysis, loaded.title))
     if args.svg:
