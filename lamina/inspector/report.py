@@ -6,6 +6,7 @@ here are the CLI's: 1 for the base layer, up to the container layer when a conta
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -56,13 +57,29 @@ def _heading(analysis: StackAnalysis, index: int, what: str) -> str:
     return f"{name} of {len(analysis.layers)} ({what}): {layer.instruction or '(no history)'}"
 
 
+def _tree_indexes(analysis: StackAnalysis, layer: int | None, changes_only: bool) -> list[int]:
+    """``--layer N`` (1-based) as an index; without it the top layer, or every layer's changes."""
+    if layer is not None:
+        return [layer_index(analysis, layer)]
+    return list(range(len(analysis.layers))) if changes_only else [len(analysis.layers) - 1]
+
+
+def trees_and_waste(analysis: StackAnalysis, *, tree: bool, layer: int | None, changes_only: bool,
+                    wasted: bool, as_json: bool) -> list[str]:
+    """What ``--tree`` and ``--wasted`` print, as lines (JSON included)."""
+    if as_json:
+        data = {**({"trees": tree_data(analysis, layer, changes_only)} if tree else {}),
+                **(waste_data(analysis) if wasted else {})}
+        return json.dumps(data, indent=2).splitlines()
+    return ((tree_lines(analysis, layer, changes_only) if tree else [])
+            + (waste_lines(analysis) if wasted else []))
+
+
 def tree_lines(analysis: StackAnalysis, layer: int | None, changes_only: bool) -> list[str]:
     """The tree of one layer (``layer`` 1-based; None: the top one, or every layer's changes)."""
-    indexes = ([layer_index(analysis, layer)] if layer is not None
-               else range(len(analysis.layers)) if changes_only else [len(analysis.layers) - 1])
     lines: list[str] = []
     nodes: list[trees.TreeNode] = []
-    for index in indexes:
+    for index in _tree_indexes(analysis, layer, changes_only):
         root = trees.layer_tree(analysis, index, changes_only)
         nodes.extend(root.walk())
         what = "its changes" if changes_only else f"the merged view of layers 1..{index + 1}"
@@ -76,10 +93,9 @@ def tree_lines(analysis: StackAnalysis, layer: int | None, changes_only: bool) -
 
 
 def tree_data(analysis: StackAnalysis, layer: int | None, changes_only: bool) -> list[dict[str, Any]]:
-    indexes = ([layer_index(analysis, layer)] if layer is not None
-               else range(len(analysis.layers)) if changes_only else [len(analysis.layers) - 1])
     return [{"layer": index + 1, "changes_only": changes_only,
-             "tree": trees.tree_json(trees.layer_tree(analysis, index, changes_only))} for index in indexes]
+             "tree": trees.tree_json(trees.layer_tree(analysis, index, changes_only))}
+            for index in _tree_indexes(analysis, layer, changes_only)]
 
 
 def dive_summary(score: waste.DiveScore) -> str:
@@ -131,10 +147,8 @@ def dive_data(score: waste.DiveScore) -> dict[str, Any]:
                                for d in score.inefficiencies]}
 
 
-def enforce(analysis: StackAnalysis, limits: waste.Thresholds) -> None:
+def enforce(score: waste.DiveScore, limits: waste.Thresholds) -> None:
     """Raise :class:`CheckFailed` when the stack breaks a limit (after the report was printed)."""
-    if limits.max_waste_percent is None and limits.min_efficiency is None:
-        return
-    failures = waste.check(waste.dive_score(analysis), limits)
+    failures = waste.check(score, limits)
     if failures:
         raise CheckFailed("; ".join(failures))

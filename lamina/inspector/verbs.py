@@ -227,15 +227,11 @@ def cmd_layers(args: argparse.Namespace) -> int:
         _write_output(args.html, render_explorer(analysis, loaded.title))
     if args.svg:
         _write_output(args.svg, render_svg(analysis, loaded.title))
+    score = waste.dive_score(analysis)
     if args.tree or args.wasted:
-        if args.json:
-            print(json.dumps({**({"trees": report.tree_data(analysis, args.layer, args.changes_only)}
-                                 if args.tree else {}),
-                              **(report.waste_data(analysis) if args.wasted else {})}, indent=2))
-        else:
-            lines = report.tree_lines(analysis, args.layer, args.changes_only) if args.tree else []
-            for line in lines + (report.waste_lines(analysis) if args.wasted else []):
-                _out(line)
+        for line in report.trees_and_waste(analysis, tree=args.tree, layer=args.layer,
+                                           changes_only=args.changes_only, wasted=args.wasted, as_json=args.json):
+            _out(line)
     elif args.json:
         print(json.dumps({
             "image": loaded.image.id,
@@ -247,13 +243,13 @@ def cmd_layers(args: argparse.Namespace) -> int:
             "total_bytes": analysis.total_bytes,
             "wasted_bytes": analysis.wasted_bytes,
             "efficiency": analysis.efficiency,
-            "dive": report.dive_data(waste.dive_score(analysis)),
+            "dive": report.dive_data(score),
         }, indent=2))
     else:
         for line in layers_table(analysis):
             _out(line)
-        _out(report.dive_summary(waste.dive_score(analysis)))
-    report.enforce(analysis, limits)
+        _out(report.dive_summary(score))
+    report.enforce(score, limits)
     return 0
 
 
