@@ -115,6 +115,23 @@ def test_dive_own_unit_case_with_real_directories(tmp_path: Path) -> None:
     assert [(d.path, d.cumulative) for d in score.inefficiencies] == [("/etc/nginx/nginx.conf", 7000)]
 
 
+def test_a_directory_deleted_twice_weighs_what_each_time_held(tmp_path: Path) -> None:
+    """/d is deleted, re-created with other contents, and deleted again: each whiteout weighs what
+    dive's stacked tree held under /d at that moment (30 B from layer 1, then 5 B from layer 3), not
+    what any layer ever held there."""
+    l1, l2, l3, l4 = layers(tmp_path, 4)
+    write(l1, "d/a", b"a" * 10)
+    write(l1, "d/sub/b", b"b" * 20)
+    whiteout(l2, "d")
+    write(l3, "d/c", b"c" * 5)
+    whiteout(l4, "d")
+    score = waste.dive_score(analyze(stack(l1, l2, l3, l4)))
+    # Leaves: /d/a 10, /d/sub/b 20 (layer 1); /d 30 (layer 2); /d/c 5 (layer 3); /d 5 (layer 4).
+    assert score.efficiency == pytest.approx((10 + 20 + 5 + 5) / (10 + 20 + 35 + 5))
+    assert [(d.path, d.count, d.cumulative, d.minimum) for d in score.inefficiencies] == [("/d", 2, 35, 5)]
+    assert score.wasted_bytes == 35 and score.user_bytes == 5
+
+
 def test_ci_thresholds(tmp_path: Path) -> None:
     l1, l2 = layers(tmp_path, 2)
     write(l1, "f", b"1" * 100)

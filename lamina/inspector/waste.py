@@ -112,7 +112,7 @@ def dive_score(analysis: StackAnalysis) -> DiveScore:
         for copy in h.copies:
             per_layer[copy.layer][h.path] = (copy.kind, _dive_size(copy.kind, copy.size))
     data: dict[str, DivePath] = {}
-    stacked: dict[str, tuple[str, int]] = {}      # dive's StackTreeRange: whiteouts only, no opaque
+    stacked = _DiveTree()      # dive's StackTreeRange: whiteouts only, no opaque
     for index, entries in enumerate(per_layer):
         whiteouts = analysis.layers[index].whiteouts
         parents = {p.rsplit("/", 1)[0] or "/" for p in (*entries, *whiteouts)}
@@ -120,15 +120,15 @@ def dive_score(analysis: StackAnalysis) -> DiveScore:
         for path in whiteouts:
             if path in parents:   # a whiteout and entries below the same name: not a leaf in dive
                 continue
-            below = stacked.get(path)
-            weight = _subtree_bytes(stacked, path) if below is not None and below[0] == "dir" else 0
+            below = stacked.entries.get(path)
+            weight = stacked.bytes_from(path) if below is not None and below[0] == "dir" else 0
             leaves.append((path, weight))
         for path, size in leaves:
             d = data.setdefault(path, DivePath(path))
             d.cumulative += size
             d.minimum = size if d.minimum < 0 else min(d.minimum, size)
             d.count += 1
-        _dive_stack(stacked, entries, whiteouts)
+        stacked.stack(entries, whiteouts)
     minimum = sum(d.minimum for d in data.values())
     cumulative = sum(d.cumulative for d in data.values())
     inefficient = sorted((d for d in data.values() if d.count >= 2), key=lambda d: (-d.cumulative, d.path))
@@ -138,23 +138,58 @@ def dive_score(analysis: StackAnalysis) -> DiveScore:
                      size_bytes=sum(sizes), user_bytes=sum(sizes[1:]), inefficiencies=inefficient)
 
 
-def _subtree_bytes(stacked: dict[str, tuple[str, int]], path: str) -> int:
-    prefix = path.rstrip("/") + "/"
-    return stacked[path][1] + sum(size for p, (_, size) in stacked.items() if p.startswith(prefix))
+def _parent(path: str) -> str:
+    return path.rsplit("/", 1)[0] or "/"
 
 
-def _dive_stack(stacked: dict[str, tuple[str, int]], entries: dict[str, tuple[str, int]],
-                whiteouts: list[str]) -> None:
-    """Stack one layer onto dive's merged tree: whiteouts remove subtrees, entries land.
+class _DiveTree:
+    """dive's merged tree of the layers so far: path -> (kind, dive size), with an index of children.
 
-    As dive's ``FileTree.Stack``: opaque directories are not honoured, and a file put over a
-    directory keeps the directory's children.
+    The index reaches every entry from each of its ancestors, present or not, so a whiteout's
+    subtree costs its own size, not a scan of the whole tree (an image of 20,000 files with
+    thousands of whiteouts took seconds per layer that way).
     """
-    for path in whiteouts:
-        prefix = path.rstrip("/") + "/"
-        for p in [p for p in stacked if p == path or p.startswith(prefix)]:
-            del stacked[p]
-    stacked.update(entries)
+
+    def __init__(self) -> None:
+        self.entries: dict[str, tuple[str, int]] = {}
+        self._children: dict[str, set[str]] = {}
+
+    def _add(self, path: str, entry: tuple[str, int]) -> None:
+        self.entries[path] = entry
+        child = path
+        while child != "/":
+            kids = self._children.setdefault(_parent(child), set())
+            if child in kids:
+                break
+            kids.add(child)
+            child = _parent(child)
+
+    def _subtree(self, path: str) -> list[str]:
+        """``path`` and every path below it that the index knows."""
+        found, todo = [], [path]
+        while todo:
+            p = todo.pop()
+            found.append(p)
+            todo.extend(self._children.get(p, ()))
+        return found
+
+    def bytes_from(self, path: str) -> int:
+        """The dive size of ``path`` and of everything below it."""
+        return sum(self.entries[p][1] for p in self._subtree(path) if p in self.entries)
+
+    def stack(self, entries: dict[str, tuple[str, int]], whiteouts: list[str]) -> None:
+        """Stack one layer: whiteouts remove subtrees, entries land.
+
+        As dive's ``FileTree.Stack``: opaque directories are not honoured, and a file put over a
+        directory keeps the directory's children.
+        """
+        for path in whiteouts:
+            for p in self._subtree(path):
+                self.entries.pop(p, None)
+                self._children.pop(p, None)
+            self._children.get(_parent(path), set()).discard(path)
+        for path, entry in entries.items():
+            self._add(path, entry)
 
 
 @dataclass(frozen=True)
