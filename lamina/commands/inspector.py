@@ -25,6 +25,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     out.add_argument("--html", metavar="FILE", type=Path, help="also write a self-contained HTML picture")
     out.add_argument("--svg", metavar="FILE", type=Path, help="also write the picture as an SVG file")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.add_argument("--tree", action="store_true",
+                   help="print a layer's file tree: the merged view up to it, its changes marked A/M/D")
+    p.add_argument("--layer", metavar="N", type=int, help="the layer --tree shows (default: the top one)")
+    p.add_argument("--changes-only", action="store_true",
+                   help="with --tree: only what the layer changed (without --layer: every layer's changes)")
+    p.add_argument("--explore", action="store_true",
+                   help="browse the layers and their trees in the terminal (keys: Tab, arrows, c, q)")
+    p.add_argument("--wasted", action="store_true",
+                   help="list the hidden files, largest first, and dive's inefficient paths")
+    p.add_argument("--fail-on-waste", metavar="PERCENT",
+                   help="exit 1 when dive's wasted bytes exceed PERCENT of the bytes above the base layer")
+    p.add_argument("--fail-on-efficiency", metavar="RATIO",
+                   help="exit 1 when dive's image efficiency (0..1) is below RATIO")
     p.set_defaults(handler=_layers)
 
     p = subparsers.add_parser("mount", help="mount an image or a container's root through unionfs")

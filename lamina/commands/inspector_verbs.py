@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lamina.errors import ContainerError, ContainerNotFound, ImageNotFound, NotFoundError, UsageError
-from lamina.inspector import mounts
+from lamina.inspector import mounts, report, waste
 from lamina.inspector.analysis import (
     Event,
     LayerInput,
@@ -24,7 +25,8 @@ from lamina.inspector.analysis import (
     instructions_for_layers,
     normalize,
 )
-from lamina.inspector.render import human_size, percent, printable, render_html, render_svg
+from lamina.inspector.explorer import render_explorer
+from lamina.inspector.render import human_size, percent, printable, render_svg
 from lamina.layout import Layout
 from unionfs.core.stack import LayerStack
 
@@ -211,13 +213,28 @@ def _write_output(path: Path, text: str) -> None:
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
+    limits = report.parse_thresholds(args.fail_on_waste, args.fail_on_efficiency)
+    if (args.layer is not None or args.changes_only) and not args.tree:
+        raise UsageError("--layer and --changes-only go with --tree")
+    if args.explore and not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise UsageError("--explore needs a terminal")
     loaded = _load_image(args.layout, args.image)
     analysis = _analyze(loaded)
+    if args.explore:
+        from lamina.inspector import terminal
+
+        terminal.run(analysis, loaded.title)
+        return 0
     if args.html:
-        _write_output(args.html, render_html(analysis, loaded.title))
+        _write_output(args.html, render_explorer(analysis, loaded.title))
     if args.svg:
         _write_output(args.svg, render_svg(analysis, loaded.title))
-    if args.json:
+    score = waste.dive_score(analysis)
+    if args.tree or args.wasted:
+        for line in report.trees_and_waste(analysis, tree=args.tree, layer=args.layer,
+                                           changes_only=args.changes_only, wasted=args.wasted, as_json=args.json):
+            _out(line)
+    elif args.json:
         print(json.dumps({
             "image": loaded.image.id,
             "container": loaded.container.id if loaded.container is not None else None,
@@ -228,10 +245,13 @@ def cmd_layers(args: argparse.Namespace) -> int:
             "total_bytes": analysis.total_bytes,
             "wasted_bytes": analysis.wasted_bytes,
             "efficiency": analysis.efficiency,
+            "dive": report.dive_data(score),
         }, indent=2))
     else:
         for line in layers_table(analysis):
             _out(line)
+        _out(report.dive_summary(score))
+    report.enforce(score, limits)
     return 0
 
 
