@@ -9,19 +9,17 @@ Parsing happens in two passes, as in moby's ``parser`` package:
    escape character (optionally followed by blanks). RUN, COPY and ADD may name heredocs
    (``<<EOF``, ``<<-EOF``, ``<<"EOF"``; several per instruction): their bodies are the raw lines that
    follow the instruction, in order, each up to its delimiter line.
-2. **Instructions** (:mod:`builder.instructions`, :data:`GRAMMAR`; values in :mod:`builder.values`). The keyword (case-insensitive) selects an :class:`Instruction`
-   subclass whose ``parse`` takes the flags it allows and splits its arguments (exec/JSON form or
-   shell form, ``key=value`` pairs...). Variables are *not* substituted here: their values depend on
-   the stage, on ``--build-arg`` and on ENV/ARG instructions met during the build, so every
-   instruction has an :meth:`Instruction.expand` step that the builder calls in order.
+2. **Instructions** (:mod:`builder.instructions`, :mod:`builder.layer_instructions`, :data:`GRAMMAR`;
+   values in :mod:`builder.values`). The keyword (case-insensitive) selects an :class:`Instruction`
+   subclass, which takes the flags it allows and splits its arguments (exec/JSON form or shell form,
+   ``key=value`` pairs...). Variables are *not* substituted here: their values depend on the stage,
+   on ``--build-arg`` and on ENV/ARG instructions met during the build.
 
-Every instruction class has the same life cycle, driven by :mod:`builder.build`:
-``parse`` (here) -> ``expand(scope)`` (variables substituted; raises on bad values) ->
-``cache_text()`` (the instruction after substitution, part of the cache key) -> execution by the
-builder (only instructions that change the filesystem: RUN, COPY, ADD, WORKDIR) -> ``update_config(image)``
-(the image config after this step) -> a history entry. This module ties the passes together
-and groups instructions into stages. Instructions that change only the config are
-therefore pure and tested without building anything.
+The result is immutable and the same for every build of the text. Each instruction then follows
+one life cycle, driven by :mod:`builder.build` and described in :mod:`builder.instructions`:
+``prepare`` -> ``cache_text`` -> ``execute`` (on a cache miss) -> ``update_config`` -> a history
+entry. This module ties the passes together and groups instructions into stages. Instructions that
+change only the config are pure and tested without building anything.
 
 Every error is a :class:`DockerfileError` naming the file, the line and the offending text.
 """
@@ -32,11 +30,9 @@ from dataclasses import dataclass, field
 
 from builder.instructions import (
     DEFAULT_SHELL,
-    GRAMMAR,
-    Add,
     Arg,
+    BaseRef,
     Cmd,
-    Copy,
     Entrypoint,
     Env,
     Expose,
@@ -48,25 +44,26 @@ from builder.instructions import (
     Label,
     Maintainer,
     Onbuild,
-    Run,
     Scope,
     Shell,
+    Step,
     Stopsignal,
     User,
     Volume,
-    Workdir,
-    is_url,
     parse_name_values,
 )
+from builder.layer_instructions import Add, Copy, CopyStep, Run, RunStep, Workdir, WorkdirStep
 from builder.lines import Directives, Heredoc, LogicalLine, logical_lines
-from builder.values import RunMount, parse_duration, parse_mount, parse_ports
+from builder.values import RunMount, is_url, parse_duration, parse_mount, parse_ports
 from lamina.errors import DockerfileError
 
 __all__ = [
     "Add",
     "Arg",
+    "BaseRef",
     "Cmd",
     "Copy",
+    "CopyStep",
     "DEFAULT_SHELL",
     "Directives",
     "Dockerfile",
@@ -86,13 +83,16 @@ __all__ = [
     "Onbuild",
     "Run",
     "RunMount",
+    "RunStep",
     "Scope",
     "Shell",
     "Stage",
+    "Step",
     "Stopsignal",
     "User",
     "Volume",
     "Workdir",
+    "WorkdirStep",
     "is_url",
     "logical_lines",
     "parse",
@@ -103,6 +103,13 @@ __all__ = [
     "parse_ports",
     "parse_trigger",
 ]
+
+
+# The grammar: keyword -> the class that parses that instruction and carries out its life cycle.
+GRAMMAR: dict[str, type[Instruction]] = {cls.keyword: cls for cls in (
+    From, Run, Cmd, Label, Maintainer, Expose, Env, Add, Copy, Entrypoint, Volume, User, Workdir,
+    Arg, Onbuild, Stopsignal, Healthcheck, Shell,
+)}
 
 
 # --- the whole file ------------------------------------------------------------------------------
@@ -136,7 +143,15 @@ def parse_instruction(line: LogicalLine, file: str, escape: str) -> Instruction:
     cls = GRAMMAR.get(line.keyword)
     if cls is None:
         raise DockerfileError(f"unknown instruction: {line.keyword}", file, line.line, line.text)
-    return cls(line, file, escape)
+    inst = cls(line, file, escape)
+    nested = inst.nested_line()
+    if nested is not None:
+        # ONBUILD's trigger is checked now, so a broken one fails this build and not the child's.
+        word, nested_line = nested
+        if nested_line.keyword not in GRAMMAR:
+            raise inst.error(f"unknown instruction in ONBUILD: {word}")
+        parse_instruction(nested_line, file, escape)
+    return inst
 
 
 def parse(text: str, file: str = "Dockerfile") -> Dockerfile:

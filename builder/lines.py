@@ -27,7 +27,7 @@ class Directives:
     check: str | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class Heredoc:
     """One heredoc of an instruction: ``name`` is the delimiter, ``body`` its text (tabs already
     stripped for ``<<-``), ``expand`` False when the delimiter was quoted."""
