@@ -229,6 +229,8 @@ class CopyInstruction(Instruction):
             return self._expand(scope, word)
 
         sources = tuple(src if self._is_heredoc(src) else one(src) for src in self.raw_sources)
+        if not self.extracts_archives and any(is_url(s) for s in sources):
+            raise self.error("source can't be a URL for COPY")  # BuildKit's words (dockerfile2llb)
         dest = one(self.raw_dest)
         if not dest:
             raise self.error(f"{self.keyword}: destination can not be empty")

@@ -442,6 +442,7 @@ def test_copy_add_forms() -> None:
                          ("ADD --checksum=md5:x a b", "checksum"), ("COPY --from a b", "missing a value"),
                          ("ADD --checksum=sha256:" + "0" * 64 + " local /x", "HTTP"),
                          ("COPY --exclude=*.md . /x", "not supported"),
+                         ("COPY https://example.com/f /f", "source can't be a URL for COPY"),
                          ("ADD https://github.com/moby/moby.git /src", "git repository")]:
         with pytest.raises(DockerfileError, match=message):
             inst = only(bad)
