@@ -26,7 +26,7 @@ Every error is a :class:`DockerfileError` naming the file, the line and the offe
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from builder.instructions import (
     DEFAULT_SHELL,
@@ -115,20 +115,20 @@ GRAMMAR: dict[str, type[Instruction]] = {cls.keyword: cls for cls in (
 # --- the whole file ------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class Stage:
     index: int
     name: str | None
     from_: From
-    instructions: list[Instruction] = field(default_factory=list)
+    instructions: tuple[Instruction, ...] = ()
 
 
-@dataclass
+@dataclass(frozen=True)
 class Dockerfile:
     file: str
     directives: Directives
-    global_args: list[Arg]
-    stages: list[Stage]
+    global_args: tuple[Arg, ...]
+    stages: tuple[Stage, ...]
 
     def stage(self, name_or_index: str) -> Stage:
         for stage in self.stages:
@@ -163,7 +163,7 @@ def parse(text: str, file: str = "Dockerfile") -> Dockerfile:
             raise DockerfileError("NUL character in the line", file, number, raw_line.replace("\0", "\\0"))
     directives, lines = logical_lines(text, file)
     global_args: list[Arg] = []
-    stages: list[Stage] = []
+    stages: list[tuple[From, list[Instruction]]] = []
     names: set[str] = set()
     for line in lines:
         inst = parse_instruction(line, file, directives.escape)
@@ -172,16 +172,17 @@ def parse(text: str, file: str = "Dockerfile") -> Dockerfile:
                 if inst.name in names:
                     raise inst.error(f"duplicate stage name {inst.name!r}")
                 names.add(inst.name)
-            stages.append(Stage(len(stages), inst.name, inst))
+            stages.append((inst, []))
         elif not stages:
             if not isinstance(inst, Arg):
                 raise inst.error(f"{inst.keyword} before the first FROM: only ARG may come before FROM")
             global_args.append(inst)
         else:
-            stages[-1].instructions.append(inst)
+            stages[-1][1].append(inst)
     if not stages:
         raise DockerfileError("no FROM instruction: a Dockerfile needs at least one stage", file)
-    return Dockerfile(file, directives, global_args, stages)
+    return Dockerfile(file, directives, tuple(global_args),
+                      tuple(Stage(index, from_.name, from_, tuple(insts)) for index, (from_, insts) in enumerate(stages)))
 
 
 def parse_trigger(trigger: str, file: str, line: int) -> Instruction:

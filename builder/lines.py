@@ -6,6 +6,7 @@ one per instruction, its continuation lines joined, with the bodies of its hered
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 
@@ -20,7 +21,7 @@ _DIRECTIVE_RE = re.compile(r"^#[ \t]*([A-Za-z][A-Za-z0-9]*)[ \t]*=[ \t]*(.+?)[ \
 HEREDOC_WORD_RE = re.compile(r"^(\d*)<<(-?)([^<]+)$")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Directives:
     escape: str = "\\"
     syntax: str | None = None
@@ -50,7 +51,7 @@ class LogicalLine:
 
 def parse_directives(lines: list[str], file: str) -> tuple[Directives, int]:
     """Read the directive section; return the directives and the index of the first other line."""
-    directives = Directives()
+    directives = Directives()  # replaced, never changed: a parse result is immutable
     seen: set[str] = set()
     index = 0
     for index, line in enumerate(lines):
@@ -65,12 +66,12 @@ def parse_directives(lines: list[str], file: str) -> tuple[Directives, int]:
             if value not in ("\\", "`"):
                 raise DockerfileError(f"invalid escape token '{value}' does not match ` or \\", file,
                                       index + 1, line)
-            directives.escape = value
+            directives = dataclasses.replace(directives, escape=value)
         elif key == "syntax":
-            directives.syntax = value
+            directives = dataclasses.replace(directives, syntax=value)
         else:
             _check_directive(value, file, index + 1, line)
-            directives.check = value
+            directives = dataclasses.replace(directives, check=value)
     return directives, len(lines)
 
 

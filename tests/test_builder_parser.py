@@ -590,6 +590,9 @@ def test_parse_results_stay_as_parsed_and_each_build_gets_its_own_step() -> None
         run.mounts[0].target = "/elsewhere"  # type: ignore[misc]
     with pytest.raises(AttributeError):
         one.dest = "/elsewhere"  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        d.stages[0].name = "renamed"  # type: ignore[misc]
+    assert isinstance(d.stages, tuple) and isinstance(d.stages[0].instructions, tuple)
 
 
 STEP_MODULES = ["step", "instructions", "layer_instructions", "copying", "running", "remote", "workspace",
