@@ -26,8 +26,6 @@ Every error is a :class:`DockerfileError` naming the file, the line and the offe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from builder.instructions import (
     DEFAULT_SHELL,
     Arg,
@@ -54,6 +52,7 @@ from builder.instructions import (
 )
 from builder.layer_instructions import Add, Copy, CopyStep, Run, RunStep, Workdir, WorkdirStep
 from builder.lines import Directives, Heredoc, LogicalLine, logical_lines
+from builder.record import Record, record
 from builder.values import RunMount, is_url, parse_duration, parse_mount, parse_ports
 from lamina.errors import DockerfileError
 
@@ -115,16 +114,16 @@ GRAMMAR: dict[str, type[Instruction]] = {cls.keyword: cls for cls in (
 # --- the whole file ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Stage:
+@record
+class Stage(Record):
     index: int
     name: str | None
     from_: From
     instructions: tuple[Instruction, ...] = ()
 
 
-@dataclass(frozen=True)
-class Dockerfile:
+@record
+class Dockerfile(Record):
     file: str
     directives: Directives
     global_args: tuple[Arg, ...]

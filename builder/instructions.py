@@ -30,6 +30,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from builder.lines import Heredoc, LogicalLine
+from builder.record import Record, record
 from builder.shellwords import Lexer, SubstitutionError, split_words
 from builder.values import parse_duration, parse_ports, signal_ok
 from lamina.errors import DockerfileError
@@ -57,8 +58,8 @@ class Scope(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class Flags:
+@record
+class Flags(Record):
     values: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def get(self, name: str) -> str | None:
@@ -113,8 +114,8 @@ class ImageConfig:
         return [*self.shell, command]
 
 
-@dataclass(frozen=True)
-class Step:
+@record
+class Step(Record):
     """An instruction as one build prepared it (see the module docstring). Subclasses carry the
     values after substitution; this base serves instructions that have none."""
 
@@ -273,8 +274,8 @@ def json_or_words(inst: Instruction) -> tuple[tuple[str, ...], bool]:
 # --- FROM -----------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class BaseRef:
+@record
+class BaseRef(Record):
     """A stage's FROM after substitution of the global ARGs."""
 
     image: str
@@ -314,7 +315,7 @@ class From(Instruction):
 # --- instructions that change only the config ------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@record
 class CommandStep(Step):
     argv: tuple[str, ...]
 
@@ -381,7 +382,7 @@ def parse_name_values(inst: Instruction, keyword: str) -> tuple[tuple[str, str],
     return tuple(pairs)
 
 
-@dataclass(frozen=True)
+@record
 class EnvStep(Step):
     pairs: tuple[tuple[str, str], ...]
 
@@ -408,7 +409,7 @@ class Env(Instruction):
         return EnvStep(self, pairs)
 
 
-@dataclass(frozen=True)
+@record
 class LabelStep(Step):
     pairs: tuple[tuple[str, str], ...]
 
@@ -431,7 +432,7 @@ class Label(Instruction):
         return LabelStep(self, tuple((self._expand(scope, k), self._expand(scope, v)) for k, v in self.raw_pairs))
 
 
-@dataclass(frozen=True)
+@record
 class MaintainerStep(Step):
     def update_config(self, image: ImageConfig) -> None:
         image.author = self.instruction.args
@@ -448,7 +449,7 @@ class Maintainer(Instruction):
         return MaintainerStep(self)
 
 
-@dataclass(frozen=True)
+@record
 class ExposeStep(Step):
     ports: tuple[str, ...]
 
@@ -479,7 +480,7 @@ class Expose(Instruction):
         return ExposeStep(self, tuple(ports))
 
 
-@dataclass(frozen=True)
+@record
 class VolumeStep(Step):
     volumes: tuple[str, ...]
 
@@ -509,7 +510,7 @@ class Volume(Instruction):
         return VolumeStep(self, volumes)
 
 
-@dataclass(frozen=True)
+@record
 class UserStep(Step):
     user: str
 
@@ -537,7 +538,7 @@ class User(Instruction):
 _ARG_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-@dataclass(frozen=True)
+@record
 class ArgStep(Step):
     resolved: tuple[tuple[str, str | None], ...]  # each name with the value it took
 
@@ -596,7 +597,7 @@ class Onbuild(Instruction):
         return OnbuildStep(self, self.trigger)
 
 
-@dataclass(frozen=True)
+@record
 class OnbuildStep(Step):
     trigger: str
 
@@ -604,7 +605,7 @@ class OnbuildStep(Step):
         image.config["OnBuild"] = [*(image.config.get("OnBuild") or []), self.trigger]
 
 
-@dataclass(frozen=True)
+@record
 class StopsignalStep(Step):
     signal: str
 
@@ -673,7 +674,7 @@ class Healthcheck(Instruction):
         return HealthcheckStep(self, self.check)
 
 
-@dataclass(frozen=True)
+@record
 class HealthcheckStep(Step):
     check: Mapping[str, Any]
 
@@ -702,7 +703,7 @@ class Shell(Instruction):
         return ShellStep(self, self.shell)
 
 
-@dataclass(frozen=True)
+@record
 class ShellStep(Step):
     shell: tuple[str, ...]
 

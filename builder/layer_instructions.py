@@ -14,11 +14,11 @@ import dataclasses
 import json
 import posixpath
 import re
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from builder.instructions import ImageConfig, Instruction, Scope, Step, json_or_words
 from builder.lines import HEREDOC_WORD_RE, Heredoc, LogicalLine
+from builder.record import record
 from builder.shellwords import SubstitutionError
 from builder.values import RunMount, is_url, parse_mount
 from lamina.errors import BuildError, DockerfileError
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 # --- RUN ------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@record
 class RunStep(Step):
     mounts: tuple[RunMount, ...]  # variables substituted
     argv: tuple[str, ...]  # what the sandbox executes, given the stage's SHELL
@@ -127,7 +127,7 @@ class Run(Instruction):
 # --- COPY and ADD ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@record
 class CopyStep(Step):
     """COPY or ADD, prepared: what to copy where, and a key standing for the sources' content."""
 
@@ -296,7 +296,7 @@ class Add(CopyInstruction):
 # --- WORKDIR --------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@record
 class WorkdirStep(Step):
     path: str  # as written, variables substituted
     resolved: str  # absolute, against the WORKDIR before

@@ -10,6 +10,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 
+from builder.record import Record, record
 from builder.shellwords import split_words
 from lamina.errors import DockerfileError
 
@@ -21,15 +22,15 @@ _DIRECTIVE_RE = re.compile(r"^#[ \t]*([A-Za-z][A-Za-z0-9]*)[ \t]*=[ \t]*(.+?)[ \
 HEREDOC_WORD_RE = re.compile(r"^(\d*)<<(-?)([^<]+)$")
 
 
-@dataclass(frozen=True)
-class Directives:
+@record
+class Directives(Record):
     escape: str = "\\"
     syntax: str | None = None
     check: str | None = None
 
 
-@dataclass(frozen=True)
-class Heredoc:
+@record
+class Heredoc(Record):
     """One heredoc of an instruction: ``name`` is the delimiter, ``body`` its text (tabs already
     stripped for ``<<-``), ``expand`` False when the delimiter was quoted."""
 

@@ -10,11 +10,11 @@ code that executes steps (:mod:`builder.running`, :mod:`builder.copying`) does n
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from builder.fsops import LayerView
+from builder.record import Record, record
 
 if TYPE_CHECKING:
     from builder.cache import BuildCache
@@ -29,8 +29,8 @@ if TYPE_CHECKING:
     from lamina.store import Layer
 
 
-@dataclass(frozen=True)
-class Source:
+@record
+class Source(Record):
     """Files a step reads from another stage or an image (``COPY --from``, ``RUN --mount from=``):
     their merged view, and a key standing for their content in the cache key."""
 
@@ -63,8 +63,8 @@ class DirService(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class BuildServices:
+@record
+class BuildServices(Record):
     """What the steps of one build share; made once per build by the builder."""
 
     context: BuildContext
@@ -81,8 +81,8 @@ class BuildServices:
     epoch: int | None  # SOURCE_DATE_EPOCH
 
 
-@dataclass(frozen=True)
-class StepContext:
+@record
+class StepContext(Record):
     """One step of one stage: the layers below it, the config and variables so far, the services."""
 
     stage_name: str | None
