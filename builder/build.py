@@ -41,7 +41,6 @@ from builder.dockerignore import IgnoreRules
 from builder.fsops import LayerView
 from builder.interruption import BuildInterrupted, Interrupt, Interruption
 from builder.remote import Downloads
-from builder.running import run_step
 from builder.session import Session
 from builder.shellwords import Lexer
 from builder.step import BuildServices, Source, StepContext
@@ -167,7 +166,7 @@ class Builder:
         self.services = BuildServices(
             context=self.context, cache=self.cache, workspace=self.workspace,
             downloads=Downloads(self.workspace), interruption=self.interruption, session=options.session,
-            sources=self.source, run=run_step, copy=copy_into_layer, make_workdir=make_workdir,
+            sources=self.source, run=_run_step, copy=copy_into_layer, make_workdir=make_workdir,
             quiet=options.quiet, epoch=self.epoch)
 
     # --- top level ---------------------------------------------------------------------------
@@ -433,6 +432,13 @@ class Builder:
         return Layer(diff_id=diff_id, digest=digest, path=self.store.layer_dir(diff_id),
                      size=int(info.get("size", 0)), media_type=info.get("media_type") or
                      "application/vnd.oci.image.layer.v1.tar+gzip")
+
+
+def _run_step(step: df.RunStep, ctx: StepContext) -> Layer | None:
+    # The sandbox's code is loaded only by a build that runs a command (not by a cached rebuild).
+    from builder import running
+
+    return running.run_step(step, ctx)
 
 
 def build(store: Store, options: BuildOptions, stream: TextIO | None = None) -> Image:

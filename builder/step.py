@@ -11,12 +11,14 @@ code that executes steps (:mod:`builder.running`, :mod:`builder.copying`) does n
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from builder.fsops import LayerView
 from builder.record import Record, record
 
 if TYPE_CHECKING:
+    from typing import Protocol
+
     from builder.cache import BuildCache
     from builder.context import BuildContext
     from builder.instructions import ImageConfig, Instruction
@@ -28,6 +30,28 @@ if TYPE_CHECKING:
     from builder.workspace import Workspace
     from lamina.store import Layer
 
+    # The services' types, for the type checker only (defining protocols costs start-up time).
+    class SourceLookup(Protocol):
+        def __call__(self, ref: str, before: int, where: Instruction) -> Source:
+            """The stage named ``ref`` (built first if need be; only stages before index ``before``
+            count), else the image ``ref`` (pulled if need be). Raises naming ``where``."""
+            ...
+
+    class RunService(Protocol):
+        def __call__(self, step: RunStep, ctx: StepContext) -> Layer | None:
+            """Run the step's command in the sandbox; the layer it made, None when it changed nothing."""
+            ...
+
+    class CopyService(Protocol):
+        def __call__(self, step: CopyStep, ctx: StepContext, tmp: Path, diff: Path) -> None:
+            """Write the files of a COPY or ADD into the layer directory ``diff`` (``tmp`` is scratch)."""
+            ...
+
+    class DirService(Protocol):
+        def __call__(self, path: str, ctx: StepContext, diff: Path) -> None:
+            """Write the directory ``path`` of the image, and its missing parents, into ``diff``."""
+            ...
+
 
 @record
 class Source(Record):
@@ -36,31 +60,6 @@ class Source(Record):
 
     view: LayerView
     key: str
-
-
-class SourceLookup(Protocol):
-    def __call__(self, ref: str, before: int, where: Instruction) -> Source:
-        """The stage named ``ref`` (built first if need be; only stages before index ``before``
-        count), else the image ``ref`` (pulled if need be). Raises naming ``where``."""
-        ...
-
-
-class RunService(Protocol):
-    def __call__(self, step: RunStep, ctx: StepContext) -> Layer | None:
-        """Run the step's command in the sandbox; the layer it made, None when it changed nothing."""
-        ...
-
-
-class CopyService(Protocol):
-    def __call__(self, step: CopyStep, ctx: StepContext, tmp: Path, diff: Path) -> None:
-        """Write the files of a COPY or ADD into the layer directory ``diff`` (``tmp`` is scratch)."""
-        ...
-
-
-class DirService(Protocol):
-    def __call__(self, path: str, ctx: StepContext, diff: Path) -> None:
-        """Write the directory ``path`` of the image, and its missing parents, into ``diff``."""
-        ...
 
 
 @record
