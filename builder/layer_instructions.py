@@ -172,10 +172,11 @@ class CopyStep(Step):
             return "from:" + self.source_stage(ctx).key
         local = [s for s in self.sources if not self.heredoc_for(s) and not self.is_remote(s)]
         urls = [s for s in self.sources if self.is_remote(s)]
-        context = ctx.services.context
+        digest = ""
         try:
-            rels = [rel for source in local for rel in context.resolve(source)]
-            digest = context.digest(rels) if rels else ""
+            rels = [rel for source in local for rel in ctx.services.context.resolve(source)]
+            if rels:
+                digest = ctx.services.context.digest(rels)
         except BuildError as e:
             raise self.error(f"{self.instruction.keyword} failed: {e}") from None
         # BuildKit's key for a URL: the content's digest (pinned by --checksum, else fetched), name and time.

@@ -629,3 +629,40 @@ def test_builder_modules_stay_within_the_size_limits() -> None:
                 if node.end_lineno - node.lineno + 1 > limit:
                     too_long.append(f"{path.name}: {node.name} {node.end_lineno - node.lineno + 1} lines")
     assert too_long == []
+
+
+def test_a_step_executes_against_its_context_alone(tmp_path: Path) -> None:
+    """The life cycle needs no builder: prepare, execute and update_config against a StepContext
+    whose services are stand-ins (a layer is what the workspace's fill wrote into a directory)."""
+    import os
+    import stat as stat_module
+
+    from builder import copying
+    from builder.step import StepContext
+
+    made: list[Path] = []
+
+    def write_layer(fill):  # type: ignore[no-untyped-def]
+        diff = tmp_path / f"layer{len(made)}"
+        diff.mkdir()
+        fill(tmp_path, diff)
+        made.append(diff)
+        return diff
+
+    services = SimpleNamespace(workspace=SimpleNamespace(write_layer=write_layer), epoch=None,
+                               copy=copying.copy_into_layer, make_workdir=copying.make_workdir)
+    d = parse("FROM scratch\nWORKDIR /srv/$name\nCOPY <<EOF motd\nhello $name\nEOF\n")
+    image = df.ImageConfig()
+    build_args = BuildArgs({}, Lexer())
+    scope = StageScope(build_args, image)
+    image.set_env("name", "app")
+    for inst in d.stages[0].instructions:
+        ctx = StepContext(stage_name=None, stage_index=0, layers=(), image=image, scope=scope,
+                          services=services)  # type: ignore[arg-type]
+        step = inst.prepare(ctx)
+        assert step.execute(ctx) is made[-1]
+        step.update_config(image)
+    assert image.workdir == "/srv/app"
+    workdir, copied = made
+    assert stat_module.S_IMODE(os.stat(workdir / "srv" / "app").st_mode) == 0o755
+    assert (copied / "srv" / "app" / "motd").read_text() == "hello app\n"
