@@ -115,7 +115,8 @@ class Interruption:
         try:
             yield
         except LaminaError as e:
-            if self.signum is None or self._raised:
+            # After commit() signals are ignored, so the error is the build's own: never drop it.
+            if self.signum is None or self._raised or self._committing:
                 raise
             failure = e
         finally:

@@ -179,8 +179,6 @@ def test_once_the_image_is_being_recorded_signals_change_nothing() -> None:
         pass
 
 
-@pytest.mark.xfail(strict=True, reason="builder.interruption: after commit(), deferred() drops a "
-                   "LaminaError raised once a signal came (its _raise(failure) is a no-op then)")
 def test_a_failure_after_the_commit_is_not_lost_to_a_signal() -> None:
     interruption = Interruption()
     interruption.commit()
