@@ -35,11 +35,13 @@ from typing import Any
 from bench.common import LAMINA, Row, SuiteResult, drop_caches
 from bench.fs_image import LAYERS_TOP_FIRST, ImageParams, Manifest, open_image
 from bench.fs_systems import (
+    BASELINE,
     FUSE_OVERLAYFS,
     KERNEL,
     MountFailed,
     UnionMount,
     UnionSystem,
+    baseline_unionfs,
     fuse_overlayfs,
     kernel_overlayfs,
     lamina_unionfs,
@@ -200,7 +202,9 @@ def measure(root: Path, reps: int, scale: float, workload_names: list[str] | Non
     run_dir = root / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir()
-    candidates = {s.name: s for s in (lamina_unionfs(), kernel_overlayfs(), fuse_overlayfs())}
+    baseline = baseline_unionfs()
+    candidates = {s.name: s for s in (lamina_unionfs(), kernel_overlayfs(), fuse_overlayfs(), baseline)
+                  if s is not None}
     left_out: dict[str, str] = {}
     lamina_note = None
     for name, system in list(candidates.items()):
@@ -213,7 +217,7 @@ def measure(root: Path, reps: int, scale: float, workload_names: list[str] | Non
             left_out[name] = reason
         del candidates[name]
     workloads = [w for w in WORKLOADS if workload_names is None or w.name in workload_names]
-    systems = [name for name in SYSTEMS if name in candidates or name == LAMINA]
+    systems = [name for name in [*SYSTEMS, BASELINE] if name in candidates or name == LAMINA]
     recorder = _Recorder(manifest, systems)
     if lamina_note:
         recorder.notes.update({(LAMINA, metric): lamina_note for metric, _, _ in recorder.labels})

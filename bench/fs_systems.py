@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 
 KERNEL = "kernel"
 FUSE_OVERLAYFS = "fuse-overlayfs"
+# Another build of lamina-unionfs (e.g. the last release's venv) to A/B a change against, in the
+# same interleaved run: LAMINA_BENCH_BASELINE_UNIONFS=/path/to/old/.venv/bin/lamina-unionfs.
+BASELINE = "baseline"
+BASELINE_ENV = "LAMINA_BENCH_BASELINE_UNIONFS"
 MOUNT_TIMEOUT_S = 60.0
 SERVER_EXIT_WAIT_S = 5.0
 
@@ -92,12 +96,24 @@ def lamina_unionfs() -> UnionSystem:
         lambda mnt: ["fusermount3", "-u", str(mnt)], is_fuse=True)
 
 
+def baseline_unionfs() -> UnionSystem | None:
+    """The baseline build named by ``LAMINA_BENCH_BASELINE_UNIONFS``, or None when unset."""
+    command = os.environ.get(BASELINE_ENV, "")
+    if not command:
+        return None
+    return UnionSystem(BASELINE, lambda lowers, upper, work, mnt: [
+        command, "-o", overlay_options(lowers, upper, work), str(mnt)],
+        lambda mnt: ["fusermount3", "-u", str(mnt)], is_fuse=True)
+
+
 def unavailable_reason(system: UnionSystem, probe_dir: Path) -> str | None:
     """None when ``system`` can mount here, else why not (probed with a one-layer union)."""
     if system.name == FUSE_OVERLAYFS and shutil.which(FUSE_OVERLAYFS) is None:
         return f"{NOT_AVAILABLE}: fuse-overlayfs is not installed (`make bench` installs it)"
     if system.name == LAMINA and not unionfs_command().exists():
         return f"{NOT_AVAILABLE}: {unionfs_command()} is not installed"
+    if system.name == BASELINE and not os.access(os.environ.get(BASELINE_ENV, ""), os.X_OK):
+        return f"{NOT_AVAILABLE}: {BASELINE_ENV} does not name an executable"
     if system.is_fuse and not (os.path.exists("/dev/fuse") and shutil.which("fusermount3")):
         return f"{NOT_AVAILABLE}: no /dev/fuse or fusermount3"
     lower = probe_dir / "lower"

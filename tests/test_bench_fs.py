@@ -76,3 +76,18 @@ def test_image_model_counts_whiteouts_and_opaque_directories(tmp_path: Path) -> 
     hidden = [p for p in whiteouts if p.parent.name == "bigdir"]
     assert manifest.bigdir_entries == len(os.listdir(tmp_path / "img" / "layer1" / "bigdir")) + len(added) - len(hidden)
     assert open_image(tmp_path / "img", ImageParams.scaled(0.01)) == manifest  # reused, not rebuilt
+
+
+def test_a_baseline_build_joins_the_run_only_when_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench.fs_systems import BASELINE, BASELINE_ENV, baseline_unionfs, unavailable_reason
+
+    monkeypatch.delenv(BASELINE_ENV, raising=False)
+    assert baseline_unionfs() is None
+    monkeypatch.setenv(BASELINE_ENV, str(tmp_path / "old" / "lamina-unionfs"))
+    system = baseline_unionfs()
+    assert system is not None and system.name == BASELINE
+    argv = system.mount_argv([tmp_path / "l2", tmp_path / "l1"], tmp_path / "u", tmp_path / "w", tmp_path / "m")
+    assert argv[0] == str(tmp_path / "old" / "lamina-unionfs")
+    assert f"lowerdir={tmp_path / 'l2'}:{tmp_path / 'l1'}" in argv[2]
+    reason = unavailable_reason(system, tmp_path / "probe")
+    assert reason is not None and BASELINE_ENV in reason
