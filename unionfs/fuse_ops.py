@@ -25,8 +25,8 @@ Everything changes through this mount (lower layers never change, and nobody els
 upper while it is mounted), so what is true now stays true until a request here changes it. Hence
 long timeouts (``CACHE_TIMEOUT``) for entries, negative entries and attributes, with these duties:
 
-* ``node.attr`` (the attributes last given, reused by lookup, getattr, setattr replies and
-  listings) is dropped by ``UnionFS.touch`` for every node a change reaches: write (before the
+* ``_attrs[ino]`` (the attributes last given, reused by lookup, getattr, setattr replies and
+  listings) is dropped when ``UnionTree.touch`` reports a node a change reaches (``on_change``): write (before the
   data lands), truncate and every setattr, open with O_TRUNC, copy-up (the node, its parent and
   the parents of its other names), create, mknod, mkdir, symlink (the parent), link and unlink
   (the node and the parent: nlink, ctime), rename (both parents, the source, a replaced target),
@@ -170,13 +170,31 @@ class UnionOperations(pyfuse3.Operations):
         self.spawn_session_loop: Callable[[], None] | None = None
         self._spare_loops = 0
         self._waiting_handlers = 0
+        # What this adapter keeps per node, by inode number (see the module docstring): the
+        # attributes last given to the kernel; nodes sent in a listing without attributes and not
+        # looked up since; nodes known to have no security.capability (a file gains it only by
+        # setxattr). Dropped when the core says a node changed or left its table.
+        self._attrs: dict[int, pyfuse3.EntryAttributes] = {}
+        self._listed_bare: set[int] = set()
+        self._no_caps: set[int] = set()
         core.on_copy_up = self._copied_up
+        core.on_change = self._changed
+        core.table.on_drop = self._dropped
 
     # --- helpers ---------------------------------------------------------------------------------
 
+    def _changed(self, node: Node) -> None:
+        self._attrs.pop(node.ino, None)
+
+    def _dropped(self, node: Node) -> None:
+        ino = node.ino
+        self._attrs.pop(ino, None)
+        self._listed_bare.discard(ino)
+        self._no_caps.discard(ino)
+
     def attrs(self, node: Node) -> pyfuse3.EntryAttributes:
-        """The node's attributes (cached on the node until the core says it changed)."""
-        cached = node.attr
+        """The node's attributes (kept until the core says the node changed)."""
+        cached = self._attrs.get(node.ino)
         if cached is not None and not node.deleted:
             return cached
         hint = node.st_hint
@@ -199,17 +217,7 @@ class UnionOperations(pyfuse3.Operations):
             a.st_mode = st.st_mode
             a.st_uid = st.st_uid
             a.st_gid = st.st_gid
-        if node.deleted:
-            # Open after its last name we know went: the kernel (ovl_getattr) shows what the file
-            # still has, other names of a hardlink included (found through the index, maybe never
-            # looked up). One removed but merely held (O_PATH) has no descriptor to ask: 0.
-            a.st_nlink = self.core.nlink(node, st, removed=True) if node.fds else 0
-        elif node.is_dir and (len(node.lowers) > 1 or (node.in_upper and node.lowers and not node.opaque)):
-            # A merged directory's subdirectories are not counted (the kernel's overlayfs says 1 too):
-            # a wrong count would make find(1) skip subdirectories; 1 tells it to look.
-            a.st_nlink = 1
-        else:
-            a.st_nlink = self.core.nlink(node, st)
+        a.st_nlink = self.core.nlink(node, st)
         a.st_rdev = st.st_rdev
         a.st_size = st.st_size
         a.st_blocks = st.st_blocks
@@ -218,7 +226,7 @@ class UnionOperations(pyfuse3.Operations):
         a.st_mtime_ns = st.st_mtime_ns
         a.st_ctime_ns = st.st_ctime_ns
         if not node.deleted:
-            node.attr = a
+            self._attrs[node.ino] = a
         return a
 
     def _bare_entry(self, node: Node) -> pyfuse3.EntryAttributes:
@@ -244,6 +252,12 @@ class UnionOperations(pyfuse3.Operations):
         attrs = self.attrs(node)
         node.lookups += 1
         return attrs
+
+    def _new_entry(self, node: Node) -> pyfuse3.EntryAttributes:
+        """The entry of an object just created: it has no file capabilities (only setxattr gives
+        them)."""
+        self._no_caps.add(node.ino)
+        return self._entry(node)
 
     def _mode(self, mode: int, ctx: pyfuse3.RequestContext) -> int:
         return mode if self.enable_acl else mode & ~ctx.umask
@@ -291,7 +305,7 @@ class UnionOperations(pyfuse3.Operations):
                 event.set()
 
     def _size(self, node: Node) -> int:
-        cached = node.attr
+        cached = self._attrs.get(node.ino)
         if cached is not None:
             return int(cached.st_size)
         hint = node.st_hint
@@ -351,10 +365,10 @@ class UnionOperations(pyfuse3.Operations):
             negative.st_ino = 0
             negative.entry_timeout = CACHE_TIMEOUT
             return negative
-        if node.listed_bare:
+        if node.ino in self._listed_bare:
             # Listed without attributes and now looked up: the caller uses what it lists, so true
             # attributes in listings will save it a round trip per entry.
-            node.listed_bare = False
+            self._listed_bare.discard(node.ino)
             self._bare_score = min(self._bare_score + 4, BARE_SCORE_RANGE)
         return self._entry(node)
 
@@ -407,19 +421,19 @@ class UnionOperations(pyfuse3.Operations):
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self.core.mknod(self.core.node(parent_inode), _name(name), self._mode(mode, ctx), rdev,
                                _caller(ctx))
-        return self._entry(node)
+        return self._new_entry(node)
 
     @fuse_boundary(write=True)
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self.core.mkdir(self.core.node(parent_inode), _name(name), self._mode(mode, ctx), _caller(ctx))
-        return self._entry(node)
+        return self._new_entry(node)
 
     @fuse_boundary(write=True)
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self.core.symlink(self.core.node(parent_inode), _name(name), os.fsdecode(target), _caller(ctx))
-        return self._entry(node)
+        return self._new_entry(node)
 
     @fuse_boundary(write=True)
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
@@ -499,7 +513,7 @@ class UnionOperations(pyfuse3.Operations):
                                     _caller(ctx))
         info = pyfuse3.FileInfo(fh=self._add_file(FileHandle(node, fd, True, flags)))
         info.keep_cache = True
-        return info, self._entry(node)
+        return info, self._new_entry(node)
 
     @fuse_boundary()
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -508,7 +522,7 @@ class UnionOperations(pyfuse3.Operations):
             await self._upper_handle(h)
         # The read may move the backing file's atime (relatime), and the kernel asks for it again
         # after a read: the cached attributes would give the old one.
-        h.node.attr = None
+        self._attrs.pop(h.node.ino, None)
         return os.pread(h.fd, size, off)
 
     @fuse_boundary(write=True)
@@ -601,6 +615,8 @@ class UnionOperations(pyfuse3.Operations):
         children = node.children
         assert children is not None
         number_is_stable = core.table.number_is_stable
+        cached_attrs = self._attrs
+        listed_bare = self._listed_bare
         # Bare entries while callers do not look closer at what they list (ls, find, listdir);
         # true attributes, which cost a stat per entry, once they do (ls -l, du, a build's walk).
         use_bare = self._make_bare is not None and self._bare_score <= 0
@@ -616,13 +632,13 @@ class UnionOperations(pyfuse3.Operations):
                         child = None
                     if child is None:
                         continue  # removed since the listing was taken
-                if use_bare and child.attr is None and not child.is_dir and number_is_stable(child):
+                if use_bare and child.ino not in cached_attrs and not child.is_dir and number_is_stable(child):
                     # (A bare entry holds no lookup, so the node may be dropped and made again:
                     # only with a number that comes back is the listing's d_ino still its st_ino.)
                     # readdir_reply copies the entry at once, so one object serves every entry
                     if not reply(token, entry.raw, self._bare_entry(child), i + 3):
                         return
-                    child.listed_bare = True
+                    listed_bare.add(child.ino)
                     sent_bare += 1
                     continue
                 try:
@@ -666,13 +682,13 @@ class UnionOperations(pyfuse3.Operations):
         node = self.core.node(inode)
         if name != CAPS_XATTR:
             return self.core.getxattr(node, _name(name))
-        if node.no_caps:
+        if node.ino in self._no_caps:
             raise pyfuse3.FUSEError(errno.ENODATA)
         try:
             return self.core.getxattr(node, _name(name))
         except OSError as e:
             if e.errno == errno.ENODATA:
-                node.no_caps = True
+                self._no_caps.add(node.ino)
             raise
 
     @fuse_boundary()
@@ -683,7 +699,7 @@ class UnionOperations(pyfuse3.Operations):
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         node = self.core.node(inode)
         await self.copy_up(node)
-        node.no_caps = False
+        self._no_caps.discard(node.ino)
         self.core.setxattr(node, _name(name), value)
 
     @fuse_boundary(write=True)
@@ -691,21 +707,11 @@ class UnionOperations(pyfuse3.Operations):
         node = self.core.node(inode)
         self.core.getxattr(node, _name(name))
         await self.copy_up(node)
-        node.no_caps = False
+        self._no_caps.discard(node.ino)
         self.core.removexattr(node, _name(name))
 
     @fuse_boundary()
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         node = self.core.node(inode)
-        if mode & os.W_OK and self.core.readonly:
-            raise pyfuse3.FUSEError(errno.EROFS)
         a = self.attrs(node)
-        if ctx.uid == 0:
-            return not (mode & os.X_OK) or bool(a.st_mode & 0o111) or stat.S_ISDIR(a.st_mode)
-        if ctx.uid == a.st_uid:
-            bits = (a.st_mode >> 6) & 7
-        elif ctx.gid == a.st_gid:
-            bits = (a.st_mode >> 3) & 7
-        else:
-            bits = a.st_mode & 7
-        return (mode & 7) & ~bits == 0
+        return self.core.may_access(mode, _caller(ctx), a.st_mode, a.st_uid, a.st_gid)
