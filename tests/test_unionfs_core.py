@@ -1008,3 +1008,83 @@ def test_fd_relative_xattrs_agree_with_the_proc_path(tmp_path: Path, monkeypatch
         assert len(fast[7]) == 50  # type: ignore[arg-type]
     finally:
         os.close(fd)
+
+
+# --- policies of what callers see (unionfs.core.attributes) ---------------------------------------
+
+
+def test_merged_directories_count_one_link_and_plain_ones_their_own(layers: Layers) -> None:
+    # The kernel's overlayfs shows 1 for a directory merged from several layers (its
+    # subdirectories are not counted; find(1) then looks into it instead of skipping).
+    for low in layers.lowers:
+        (low / "merged" / "sub").mkdir(parents=True)
+    (layers.lowers[0] / "plain" / "a").mkdir(parents=True)
+    (layers.lowers[0] / "plain" / "b").mkdir()
+    fs = layers.open()
+
+    def nlink(path: str) -> int:
+        node = walk(fs, path)
+        return fs.nlink(node, fs.stat(node)[0])
+
+    assert nlink("merged") == 1
+    assert nlink("plain") == 4  # '.', its name, and two subdirectories' '..'
+    fs.mkdir(walk(fs, "plain"), "c", 0o755, ME)  # copied up: the upper merges with the lower
+    assert nlink("plain") == 1
+    new = fs.mkdir(fs.root, "new", 0o755, ME)  # upper only: its own count
+    fs.mkdir(new, "sub", 0o755, ME)
+    assert nlink("new") == os.stat(layers.upper / "new").st_nlink == 3
+
+
+def test_removed_file_counts_what_it_still_has(layers: Layers) -> None:
+    fs = layers.open()
+    node, fd = fs.create(fs.root, "f", 0o644, os.O_RDWR, ME)
+    fs.link(node, fs.root, "g")
+    fs.unlink(fs.root, "f")
+    assert fs.nlink(node, fs.stat(node)[0]) == 1  # its other name
+    fs.unlink(fs.root, "g")
+    assert node.deleted
+    assert fs.nlink(node, fs.stat(node)[0]) == 0  # open, no name left
+    fs.release(node, fd)
+
+
+def test_access_checks_owner_then_group_then_other_bits() -> None:
+    from unionfs.core.attributes import access_allowed
+
+    user = Caller(uid=1000, gid=1000)
+    assert access_allowed(os.R_OK | os.W_OK, user, stat.S_IFREG | 0o600, 1000, 0)
+    assert not access_allowed(os.X_OK, user, stat.S_IFREG | 0o677, 1000, 1000)  # owner bits only
+    assert access_allowed(os.R_OK, user, stat.S_IFREG | 0o040, 0, 1000)
+    assert not access_allowed(os.W_OK, user, stat.S_IFREG | 0o646, 0, 1000)  # group bits, not other
+    assert access_allowed(os.W_OK, user, stat.S_IFREG | 0o002, 0, 0)
+    root = Caller(uid=0, gid=0)
+    assert access_allowed(os.R_OK | os.W_OK, root, stat.S_IFREG | 0o000, 1000, 1000)
+    assert not access_allowed(os.X_OK, root, stat.S_IFREG | 0o644, 1000, 1000)  # no x bit at all
+    assert access_allowed(os.X_OK, root, stat.S_IFREG | 0o010, 1000, 1000)
+    assert access_allowed(os.X_OK, root, stat.S_IFDIR | 0o000, 1000, 1000)
+
+
+def test_write_access_to_a_read_only_union_is_erofs(layers: Layers) -> None:
+    fs = UnionFS([str(p) for p in layers.lowers], None, None)
+    with pytest.raises(OSError) as e:
+        fs.may_access(os.W_OK, ME, stat.S_IFREG | 0o666, ME.uid, ME.gid)
+    assert e.value.errno == errno.EROFS
+    assert fs.may_access(os.R_OK, ME, stat.S_IFREG | 0o444, ME.uid, ME.gid)
+    fs.close()
+
+
+def test_the_core_reports_changed_and_dropped_nodes(layers: Layers) -> None:
+    # What the adapter caches by inode number depends on these reports (unionfs.kernel_cache).
+    (layers.lowers[0] / "d").mkdir()
+    fs = layers.open()
+    changed: list[int] = []
+    dropped: list[int] = []
+    fs.on_change = lambda node: changed.append(node.ino)
+    fs.table.on_drop = lambda node: dropped.append(node.ino)
+    d = walk(fs, "d")
+    node, fd = fs.create(d, "f", 0o644, os.O_RDWR, ME)
+    assert d.ino in changed
+    changed.clear()
+    fs.setattr(node, mode=0o600)
+    assert node.ino in changed
+    fs.release(node, fd)
+    assert node.ino in dropped  # no lookup by the kernel, no open file: gone from the table

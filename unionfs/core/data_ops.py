@@ -48,15 +48,7 @@ class DataOps:
                                                                           follow_symlinks=False)
 
         if size is not None:
-            tfd = fd if fd is not None else live_fd
-            if tfd is not None:
-                os.ftruncate(tfd, size)
-            else:
-                wfd = fsat.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=ufd)
-                try:
-                    os.ftruncate(wfd, size)
-                finally:
-                    os.close(wfd)
+            _truncate(ufd, path, fd if fd is not None else live_fd, size)
         override = None
         owner_or_mode = not is_link and (uid is not None or gid is not None or mode is not None)
         if owner_or_mode and not target:
@@ -163,3 +155,15 @@ class DataOps:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _truncate(ufd: int, path: str, fd: int | None, size: int) -> None:
+    """Truncate through ``fd`` when the file is open, else the upper object at ``path``."""
+    if fd is not None:
+        os.ftruncate(fd, size)
+        return
+    wfd = fsat.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=ufd)
+    try:
+        os.ftruncate(wfd, size)
+    finally:
+        os.close(wfd)

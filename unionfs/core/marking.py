@@ -218,6 +218,15 @@ class Marking:
         if current != os.fsencode(target):
             self.set_marker(ufd, path, ondisk.TRUSTED_REDIRECT, ondisk.USER_REDIRECT, os.fsencode(target))
 
+    def redirect_of(self, path: str) -> str | None:
+        """The redirect of upper directory ``path`` (in either namespace), if it has one."""
+        ufd = self._upper()
+        for xname in (ondisk.TRUSTED_REDIRECT, ondisk.USER_REDIRECT):
+            value = getxattr_at(ufd, path, xname)
+            if value:
+                return os.fsdecode(value)
+        return None
+
     def remove_redirect(self, path: str) -> None:
         ufd = self._upper()
         for xname in (ondisk.TRUSTED_REDIRECT, ondisk.USER_REDIRECT):

@@ -178,7 +178,7 @@ class RenameOps:
                 os.close(dfd)
             for name in subdirs:
                 sub = join(path, name)
-                if self.tree._redirect(self.tree.upper, sub) is None:  # type: ignore[arg-type]
+                if self.tree.marks.redirect_of(sub) is None:
                     pending.append(sub)
                     continue
                 node = self.tree.root

@@ -200,8 +200,7 @@ class UnionTree:
             return None
         ppath = parent.path()
         top_st: os.stat_result | None = None
-        in_upper = False
-        opaque = False
+        in_upper = opaque = False
         redirect: str | None = None
         upper = self.upper
         if parent.in_upper and upper is not None:
@@ -211,12 +210,9 @@ class UnionTree:
                 if ondisk.is_whiteout_stat(st):
                     return None
                 if not stat.S_ISDIR(st.st_mode):
-                    node = self._node_for(parent, name, stat.S_IFMT(st.st_mode),
-                                          self.upper_identity(cpath, st.st_ino), True, [])
-                    node.st_hint = st
-                    return node
+                    return self._upper_file_node(parent, name, cpath, st)
                 top_st, in_upper = st, True
-                opaque, redirect = self._dir_markers(upper, cpath)
+                opaque, redirect = _dir_markers(upper, cpath)
             elif exists_at(upper.fd, join(ppath, ondisk.WHITEOUT_PREFIX + name)):
                 return None
             if parent.opaque and not (redirect or "").startswith("/"):
@@ -231,7 +227,7 @@ class UnionTree:
                 last_layer = False
                 if redirect is not None and redirect.startswith("/"):
                     path = redirect.strip("/")
-                    reach = self._absolute_reach(layer, path)
+                    reach = _absolute_reach(layer, path)
                     if reach is _Reach.HIDDEN:
                         break
                     if reach is _Reach.ABSENT:
@@ -254,7 +250,7 @@ class UnionTree:
                     if last_layer or exists_at(layer.fd, join(head, ondisk.WHITEOUT_PREFIX + tail)):
                         break
                     if redirect is None:
-                        self._lower_miss(layer, head)
+                        _count_lower_miss(self._lower_names, layer, head)
                     continue
                 if ondisk.is_whiteout_stat(st):
                     break
@@ -262,120 +258,55 @@ class UnionTree:
                     continue  # a device node rootless storage could not make: as if absent here
                 if not stat.S_ISDIR(st.st_mode):
                     if top_st is None:
-                        if st.st_nlink > 1 and self.index.used:
-                            linked = self.link_from_index(parent, name, layer, path, st)
-                            if linked is not None:
-                                return linked
-                        node = self._node_for(parent, name, stat.S_IFMT(st.st_mode), (layer.slot, st.st_ino),
-                                              False, [(layer, path)])
-                        node.st_hint = node.lower_st = st
-                        return node
+                        return self._lower_file_node(parent, name, layer, path, st)
                     break
                 if top_st is None:
                     top_st = st
                 if lower_st is None:
                     lower_st = st
                 lowers.append((layer, path))
-                lower_opaque, r = self._dir_markers(layer, path)
+                lower_opaque, r = _dir_markers(layer, path)
                 if lower_opaque or last_layer:
                     break
                 if r is not None:
                     redirect = r  # applies to the layers below this one
         if top_st is None:
             return None
+        return self._dir_node(parent, name, top_st, lower_st, in_upper, opaque, lowers)
+
+    def _upper_file_node(self, parent: Node, name: str, path: str, st: os.stat_result) -> Node:
+        """The node of a non-directory found in the upper at ``path``."""
+        node = self._node_for(parent, name, stat.S_IFMT(st.st_mode), self.upper_identity(path, st.st_ino),
+                              True, [])
+        node.st_hint = st
+        return node
+
+    def _lower_file_node(self, parent: Node, name: str, layer: Layer, path: str,
+                         st: os.stat_result) -> Node:
+        """The node of a non-directory found first in lower ``layer`` at ``path``."""
+        if st.st_nlink > 1 and self.index.used:
+            linked = self.link_from_index(parent, name, layer, path, st)
+            if linked is not None:
+                return linked
+        node = self._node_for(parent, name, stat.S_IFMT(st.st_mode), (layer.slot, st.st_ino),
+                              False, [(layer, path)])
+        node.st_hint = node.lower_st = st
+        return node
+
+    def _dir_node(self, parent: Node, name: str, top_st: os.stat_result, lower_st: os.stat_result | None,
+                  in_upper: bool, opaque: bool, lowers: list[tuple[Layer, str]]) -> Node:
+        """The node of a directory that ``_resolve`` found (``top_st``: its top copy's stat)."""
         if lowers and lower_st is not None:
             identity = (lowers[0][0].slot, lower_st.st_ino)
         elif in_upper:
             # e.g. a lower directory copied up whole (renamed without redirects): its origin
-            identity = self.upper_identity(join(ppath, name), top_st.st_ino)
+            identity = self.upper_identity(parent.child_path(name), top_st.st_ino)
         else:
             identity = (0, top_st.st_ino)
         node = self._node_for(parent, name, stat.S_IFDIR, identity, in_upper, lowers)
         node.st_hint = top_st
         node.opaque = opaque and in_upper
         return node
-
-    def _lower_miss(self, layer: Layer, path: str) -> None:
-        """Count a lookup that missed in lower directory ``path``; list it once it is busy."""
-        key = (layer.index, path)
-        seen = self._lower_names.get(key, 0)
-        if type(seen) is not int or seen < 0:
-            return
-        if seen + 1 < LOWER_NAMES_AFTER:
-            self._lower_names[key] = seen + 1
-            return
-        try:
-            dfd = fsat.open(path or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                            dir_fd=layer.fd)
-            try:
-                self._lower_names[key] = frozenset(os.listdir(dfd))
-            finally:
-                os.close(dfd)
-        except OSError as e:
-            log.debug("lower directory %s of %s not listed: %s", path or "/", layer.label, e)
-            self._lower_names[key] = NO_LOWER_NAMES
-
-    def _absolute_reach(self, layer: Layer, path: str) -> _Reach:
-        """How the ancestors of an absolute redirect's target look in one lower layer.
-
-        The kernel walks such a path one component at a time in every layer (ovl_lookup_layer): a
-        whiteout or non-directory on the way ends the search in this and every lower layer (a
-        renamed directory must not pick up contents its old parent hid), a missing component only
-        skips this layer, an opaque directory on the way makes this layer the last one searched.
-        """
-        reach = _Reach.REACHABLE
-        prefix = ""
-        for part in path.split("/")[:-1]:
-            below = join(prefix, part)
-            st = lstat_at(layer.fd, below)
-            if st is None:
-                if exists_at(layer.fd, join(prefix, ondisk.WHITEOUT_PREFIX + part)):
-                    return _Reach.HIDDEN
-                return _Reach.ABSENT
-            if not stat.S_ISDIR(st.st_mode):
-                return _Reach.HIDDEN
-            if reach is _Reach.REACHABLE and self._dir_markers(layer, below)[0]:
-                reach = _Reach.OPAQUE_ABOVE
-            prefix = below
-        return reach
-
-    def _dir_markers(self, layer: Layer, path: str) -> tuple[bool, str | None]:
-        """(opaque, redirect) of a directory in one layer; one listxattr in the common case."""
-        names = listxattr_at(layer.fd, path)
-        opaque = False
-        redirect = None
-        if names:
-            for xname in (ondisk.TRUSTED_OPAQUE, ondisk.USER_OPAQUE):
-                if xname in names and getxattr_at(layer.fd, path, xname) == b"y":
-                    opaque = True
-            if not opaque:
-                for xname in (ondisk.TRUSTED_REDIRECT, ondisk.USER_REDIRECT):
-                    if xname in names:
-                        value = getxattr_at(layer.fd, path, xname)
-                        if value:
-                            redirect = os.fsdecode(value)
-                            break
-        if not opaque:
-            try:
-                opaque = exists_at(layer.fd, join(path, ondisk.OPAQUE_MARKER))
-            except PermissionError:
-                # A directory we may not search cannot hold a marker we could honour; what matters
-                # is that its parent stays listable (the kernel needs only the xattrs here).
-                opaque = False
-        return opaque, redirect
-
-    def _is_opaque(self, layer: Layer, path: str) -> bool:
-        for xname in (ondisk.TRUSTED_OPAQUE, ondisk.USER_OPAQUE):
-            if getxattr_at(layer.fd, path, xname) == b"y":
-                return True
-        return exists_at(layer.fd, join(path, ondisk.OPAQUE_MARKER))
-
-    def _redirect(self, layer: Layer, path: str) -> str | None:
-        for xname in (ondisk.TRUSTED_REDIRECT, ondisk.USER_REDIRECT):
-            value = getxattr_at(layer.fd, path, xname)
-            if value:
-                return os.fsdecode(value)
-        return None
 
     def _node_for(self, parent: Node, name: str, kind: int, identity: tuple[int, int], in_upper: bool,
                   lowers: list[tuple[Layer, str]]) -> Node:
@@ -551,6 +482,78 @@ class UnionTree:
             parent.children[entry.name] = node
             return node
         return self._node_for(parent, entry.name, entry.kind, identity, False, [(layer, entry.path)])
+
+
+def _count_lower_miss(lower_names: dict[tuple[int, str], int | frozenset[str]], layer: Layer, path: str) -> None:
+    """Count a lookup that missed in lower directory ``path``; list it once it is busy (see
+    ``UnionTree._lower_names``)."""
+    key = (layer.index, path)
+    seen = lower_names.get(key, 0)
+    if type(seen) is not int or seen < 0:
+        return
+    if seen + 1 < LOWER_NAMES_AFTER:
+        lower_names[key] = seen + 1
+        return
+    try:
+        dfd = fsat.open(path or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                        dir_fd=layer.fd)
+        try:
+            lower_names[key] = frozenset(os.listdir(dfd))
+        finally:
+            os.close(dfd)
+    except OSError as e:
+        log.debug("lower directory %s of %s not listed: %s", path or "/", layer.label, e)
+        lower_names[key] = NO_LOWER_NAMES
+
+
+def _absolute_reach(layer: Layer, path: str) -> _Reach:
+    """How the ancestors of an absolute redirect's target look in one lower layer.
+
+    The kernel walks such a path one component at a time in every layer (ovl_lookup_layer): a
+    whiteout or non-directory on the way ends the search in this and every lower layer (a
+    renamed directory must not pick up contents its old parent hid), a missing component only
+    skips this layer, an opaque directory on the way makes this layer the last one searched.
+    """
+    reach = _Reach.REACHABLE
+    prefix = ""
+    for part in path.split("/")[:-1]:
+        below = join(prefix, part)
+        st = lstat_at(layer.fd, below)
+        if st is None:
+            if exists_at(layer.fd, join(prefix, ondisk.WHITEOUT_PREFIX + part)):
+                return _Reach.HIDDEN
+            return _Reach.ABSENT
+        if not stat.S_ISDIR(st.st_mode):
+            return _Reach.HIDDEN
+        if reach is _Reach.REACHABLE and _dir_markers(layer, below)[0]:
+            reach = _Reach.OPAQUE_ABOVE
+        prefix = below
+    return reach
+
+def _dir_markers(layer: Layer, path: str) -> tuple[bool, str | None]:
+    """(opaque, redirect) of a directory in one layer; one listxattr in the common case."""
+    names = listxattr_at(layer.fd, path)
+    opaque = False
+    redirect = None
+    if names:
+        for xname in (ondisk.TRUSTED_OPAQUE, ondisk.USER_OPAQUE):
+            if xname in names and getxattr_at(layer.fd, path, xname) == b"y":
+                opaque = True
+        if not opaque:
+            for xname in (ondisk.TRUSTED_REDIRECT, ondisk.USER_REDIRECT):
+                if xname in names:
+                    value = getxattr_at(layer.fd, path, xname)
+                    if value:
+                        redirect = os.fsdecode(value)
+                        break
+    if not opaque:
+        try:
+            opaque = exists_at(layer.fd, join(path, ondisk.OPAQUE_MARKER))
+        except PermissionError:
+            # A directory we may not search cannot hold a marker we could honour; what matters
+            # is that its parent stays listable (the kernel needs only the xattrs here).
+            opaque = False
+    return opaque, redirect
 
 
 def ensure_writable(tree: UnionTree) -> None:
