@@ -471,7 +471,8 @@ class UnionTree:
         if layer.index < 0:  # the upper
             identity = self.upper_identity(parent.child_path(entry.name), entry.ino)
             return self._node_for(parent, entry.name, entry.kind, identity, True, [])
-        if self.index.has_entry(layer.slot, entry.ino):
+        index = self.index
+        if index.used and index.has_entry(layer.slot, entry.ino):
             return self._resolve(parent, entry.name)  # a hardlink whose other name was copied up
         identity = (layer.slot, entry.ino)
         table = self.table
