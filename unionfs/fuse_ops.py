@@ -27,7 +27,7 @@ long timeouts (``CACHE_TIMEOUT``) for entries, negative entries and attributes, 
 
 * The attributes last given (``KernelCache.attrs_by_ino`` in unionfs.kernel_cache, by inode number;
   reused by lookup, getattr, setattr replies and listings) are dropped when ``UnionTree.touch``
-  reports (``on_change``) a node a change reaches: write (before the data lands), truncate and every setattr, open with O_TRUNC, copy-up (the node, its parent and
+  reports (``forget_on_change``) a node a change reaches: write (before the data lands), truncate and every setattr, open with O_TRUNC, copy-up (the node, its parent and
   the parents of its other names), create, mknod, mkdir, symlink (the parent), link and unlink
   (the node and the parent: nlink, ctime), rename (both parents, the source, a replaced target),
   setxattr and removexattr (ctime); and by ``read`` here (relatime may move the backing atime,
@@ -157,7 +157,9 @@ class UnionOperations(pyfuse3.Operations):
         # The node's attributes as given to the kernel (the cache's own method: one call less on
         # the busiest path).
         self.attrs: Callable[[Node], pyfuse3.EntryAttributes] = self.cache.attrs
+        self._forget_attrs = self.cache.attrs_by_ino.pop
         self.copy_ups = CopyUps(core, self.cache.size)
+        self.copy_up = self.copy_ups.copy_up  # big files in a worker thread (unionfs.copy_ups)
         core.on_copy_up = self._copied_up
 
     # --- helpers ---------------------------------------------------------------------------------
@@ -170,9 +172,6 @@ class UnionOperations(pyfuse3.Operations):
         for changed in (node, node.parent, *(p for p, _ in node.links)):
             if changed is not None and changed.lookups > 0:
                 _invalidate_attrs(changed)
-
-    async def copy_up(self, node: Node, truncate: bool = False) -> None:
-        await self.copy_ups.copy_up(node, truncate)
 
     @property
     def spawn_session_loop(self) -> Callable[[], None] | None:
@@ -244,7 +243,8 @@ class UnionOperations(pyfuse3.Operations):
             negative.st_ino = 0
             negative.entry_timeout = CACHE_TIMEOUT
             return negative
-        self.cache.looked_up(node)
+        if node.ino in self.cache.listed_bare:
+            self.cache.looked_up(node)
         return self._entry(node)
 
     async def forget(self, inode_list: Any) -> None:
@@ -397,7 +397,7 @@ class UnionOperations(pyfuse3.Operations):
             await self._upper_handle(h)
         # The read may move the backing file's atime (relatime), and the kernel asks for it again
         # after a read: the cached attributes would give the old one.
-        self.cache.changed(h.node)
+        self._forget_attrs(h.node.ino, None)
         return os.pread(h.fd, size, off)
 
     @fuse_boundary(write=True)

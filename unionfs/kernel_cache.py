@@ -2,7 +2,7 @@
 
 The rules for what may be kept are in unionfs.fuse_ops's docstring ("What the kernel keeps"). State
 lives here, keyed by inode number, not on the core's nodes: the core reports every node a change
-reaches (``UnionTree.on_change``) and every node it drops (``InodeTable.on_drop``, after which the
+reaches (``UnionTree.forget_on_change``) and every node it drops (``InodeTable.on_drop``, after which the
 number may come back for another object), and this cache forgets what it had of them.
 """
 
@@ -37,11 +37,12 @@ class KernelCache:
         self.bare_score = 0  # > 0: callers look up what they list; send true attributes
         self.make_bare = bare_entry_writer(pyfuse3.EntryAttributes)
         self._bare = pyfuse3.EntryAttributes()  # reused for every bare entry of every listing
-        core.on_change = self.changed
+        core.forget_on_change = self.attrs_by_ino
+        # The core's attribute reader, called once per attributes made.
+        self._stat = core.attributes.stat
+        self._override_of = core.attributes.override_of
+        self._nlink = core.attributes.visible_nlink
         core.table.on_drop = self.dropped
-
-    def changed(self, node: Node) -> None:
-        self.attrs_by_ino.pop(node.ino, None)
 
     def dropped(self, node: Node) -> None:
         ino = node.ino
@@ -58,9 +59,9 @@ class KernelCache:
         if hint is not None and not node.deleted:
             # fresh from the lookup or create this reply belongs to
             node.st_hint = None
-            st, override = hint, self.core.override_of(node, hint)
+            st, override = hint, self._override_of(node, hint)
         else:
-            st, override = self.core.stat(node)
+            st, override = self._stat(node)
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.ino
         a.generation = 0
@@ -74,7 +75,7 @@ class KernelCache:
             a.st_mode = st.st_mode
             a.st_uid = st.st_uid
             a.st_gid = st.st_gid
-        a.st_nlink = self.core.nlink(node, st)
+        a.st_nlink = self._nlink(node, st)
         a.st_rdev = st.st_rdev
         a.st_size = st.st_size
         a.st_blocks = st.st_blocks
@@ -93,15 +94,13 @@ class KernelCache:
         hint = node.st_hint
         if hint is not None:
             return int(hint.st_size)
-        return self.core.stat(node)[0].st_size
+        return self._stat(node)[0].st_size
 
     def looked_up(self, node: Node) -> None:
-        """``node`` is being looked up (see ``send_entries``)."""
-        if node.ino in self.listed_bare:
-            # Listed without attributes and now looked up: the caller uses what it lists, so true
-            # attributes in listings will save it a round trip per entry.
-            self.listed_bare.discard(node.ino)
-            self.bare_score = min(self.bare_score + 4, BARE_SCORE_RANGE)
+        """``node``, in ``listed_bare``, is being looked up: the caller uses what it lists, so true
+        attributes in listings will save it a round trip per entry (see ``send_entries``)."""
+        self.listed_bare.discard(node.ino)
+        self.bare_score = min(self.bare_score + 4, BARE_SCORE_RANGE)
 
     def _bare_entry(self, node: Node) -> pyfuse3.EntryAttributes:
         """A plain listing entry (name, type, inode number; no node id, no attributes): the kernel

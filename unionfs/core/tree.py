@@ -25,6 +25,7 @@ import stat
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from unionfs.core import fsat, ondisk
 from unionfs.core.backing import (
@@ -116,9 +117,9 @@ class UnionTree:
         # Told of every finished copy-up, after the nodes it changed were touched: the adapter
         # drops what the kernel keeps of them (the copy has its own ctime, and so do the parents).
         self.on_copy_up: Callable[[Node], None] | None = None
-        # Told of every node whose attributes or contents changed (see ``touch``): the adapter
-        # drops what it caches of them.
-        self.on_change: Callable[[Node], None] | None = None
+        # What the adapter keeps by inode number that must go when a node changes (see ``touch``):
+        # a mapping whose entry for the node is dropped, in place of a call per changed node.
+        self.forget_on_change: dict[int, Any] | None = None
         self.layer_xattr = layer_xattr
         self.table = InodeTable()
         self.dirs = dirs = open_union_dirs(lowers, upper, work, opened)
@@ -451,13 +452,13 @@ class UnionTree:
 
     def touch(self, *nodes: Node | None) -> None:
         """Forget cached attributes (and, for directories, listings) of nodes that changed."""
-        changed = self.on_change
+        forget = self.forget_on_change
         for node in nodes:
             if node is not None:
                 node.listing = None
                 node.st_hint = None
-                if changed is not None:
-                    changed(node)
+                if forget is not None:
+                    forget.pop(node.ino, None)
 
     def entry_node(self, parent: Node, entry: DirEntry) -> Node | None:
         """The node behind a listing entry, without a stat for non-directories; None if gone."""
