@@ -34,8 +34,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=None, help="repetitions (default 5, 1 with --quick)")
     parser.add_argument("--fs-reps", type=int, default=None, help="repetitions of the filesystem suite (default 3)")
     parser.add_argument("--fs-scale", type=float, default=1.0,
-                        help="filesystem image scale (1.0 = 20k files, 2 x 512 MiB; --quick uses 0.01)")
-    parser.add_argument("--fs-workloads", default=None, help="comma list of filesystem workloads (default all)")
+                        help="filesystem image scale (1.0 = 20k files, 2 x 512 MiB; --quick uses 0.01; see bench/fs_image.py)")
+    parser.add_argument("--fs-workloads", default=None, help="comma list of filesystem workloads (default all; see bench/fs_workloads.py)")
     parser.add_argument("--fs-root", type=Path, default=None,
                         help="keep the filesystem image here between runs (default: a temporary directory)")
     parser.add_argument("--podman-modes", default=None,

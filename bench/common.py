@@ -59,6 +59,12 @@ class Row:
         return {"suite": self.suite, "key": self.key, "label": self.label, "samples_s": self.samples,
                 "median_s": {s: self.median(s) for s in systems}, "notes": self.notes}
 
+    @classmethod
+    def from_json(cls, document: dict[str, Any]) -> Row:
+        return cls(document["suite"], document["key"], document["label"],
+                   {system: list(values) for system, values in document["samples_s"].items()},
+                   dict(document["notes"]))
+
 
 @dataclass
 class SuiteResult:
@@ -76,6 +82,11 @@ class SuiteResult:
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "systems": self.systems, "rows": [r.to_json() for r in self.rows],
                 "details": self.details, "error": self.error}
+
+    @classmethod
+    def from_json(cls, document: dict[str, Any]) -> SuiteResult:
+        return cls(document["name"], list(document["systems"]), [Row.from_json(r) for r in document["rows"]],
+                   dict(document["details"]), document["error"])
 
 
 def format_seconds(value: float | None) -> str:
@@ -128,6 +139,12 @@ def run_text(argv: Sequence[str], timeout: float = 20) -> str:
     return (done.stdout or done.stderr).strip()
 
 
+def _fuse_overlayfs_version() -> str:
+    """``fuse-overlayfs: version 1.10`` (it prints fusermount3's version and more around it)."""
+    lines = run_text(["fuse-overlayfs", "--version"]).splitlines()
+    return next((line for line in lines if line.startswith("fuse-overlayfs")), lines[0] if lines else "unknown")
+
+
 def machine_stamp() -> dict[str, Any]:
     """Commit, kernel, CPU, memory, load and tool versions: what a number needs to be read."""
     cpu = "unknown"
@@ -150,8 +167,7 @@ def machine_stamp() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "loadavg": Path("/proc/loadavg").read_text().split()[:3],
         "podman": run_text(["podman", "--version"]) if shutil.which("podman") else None,
-        "fuse_overlayfs": run_text(["fuse-overlayfs", "--version"]).splitlines()[0]
-        if shutil.which("fuse-overlayfs") else None,
+        "fuse_overlayfs": _fuse_overlayfs_version() if shutil.which("fuse-overlayfs") else None,
         "user": os.geteuid(),
     }
 

@@ -1,157 +1,266 @@
 """Filesystem suite: lamina-unionfs against the kernel's overlayfs and fuse-overlayfs.
 
-The measuring is done by the shared ``unionfs_bench.py`` (``../shared/tools`` beside the project,
-or ``$LAMINA_UNIONFS_BENCH``), used as it is: it builds one synthetic three-layer image, runs every
-workload on every candidate in a rotating (interleaved) order, each from a fresh mount with caches
-dropped ("cold") and then again at once ("warm"), inside a private mount namespace, and writes a
-JSON file. This module adds lamina as a candidate, runs it, and turns its JSON into :class:`Row`
-objects; when lamina-unionfs is not installed yet its cells say so instead of holding numbers.
+Every system mounts the same synthetic three-layer image (:mod:`bench.fs_image`) and runs the same
+workloads (:mod:`bench.fs_workloads`). Method:
+
+- per repetition, each system gets a fresh upper and work directory;
+- per workload, the systems take turns in an order that rotates from one workload to the next
+  (interleaved, so a change in the machine's load hits them alike);
+- each turn unmounts, mounts again (the upper is kept; the mount is timed), syncs and drops the
+  kernel's caches ("cold"), then runs the workload, whose "warm" metrics repeat the work at once;
+- medians over repetitions; the table's ratios are lamina / competitor from the same run.
+
+The measuring runs in a child process in a private mount namespace (``unshare -m``): its mounts
+are invisible to the rest of the machine, cannot be copied into namespaces others create
+meanwhile, and vanish with it. A competitor that cannot mount here (no fuse-overlayfs, a kernel
+without overlayfs) is left out of the table and named in the suite's details with the reason.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
 import shutil
+import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
-from bench.common import LAMINA, NOT_AVAILABLE, REPO_ROOT, Row, SuiteResult
+from bench.common import LAMINA, Row, SuiteResult, drop_caches
+from bench.fs_image import LAYERS_TOP_FIRST, ImageParams, Manifest, open_image
+from bench.fs_systems import (
+    FUSE_OVERLAYFS,
+    KERNEL,
+    MountFailed,
+    UnionMount,
+    UnionSystem,
+    fuse_overlayfs,
+    kernel_overlayfs,
+    lamina_unionfs,
+    mounts_under,
+    unavailable_reason,
+)
+from bench.fs_workloads import WORKLOADS, Measured, Workload, row_labels
 
 log = logging.getLogger(__name__)
 
-KERNEL = "kernel"
-FUSE_OVERLAYFS = "fuse-overlayfs"
+SUITE = "filesystem"
 SYSTEMS = [LAMINA, KERNEL, FUSE_OVERLAYFS]
-TOOL_ENV = "LAMINA_UNIONFS_BENCH"
 QUICK_SCALE = 0.01
-
-
-def shared_tool() -> Path | None:
-    """Where the shared filesystem benchmark lives, or None."""
-    configured = os.environ.get(TOOL_ENV)
-    candidates = [Path(configured)] if configured else []
-    candidates.append(REPO_ROOT.parent / "shared" / "tools" / "unionfs_bench.py")
-    return next((c for c in candidates if c.is_file()), None)
-
-
-def unionfs_command() -> Path:
-    """The lamina-unionfs entry point of the interpreter running us (the project's venv)."""
-    beside = Path(sys.executable).parent / "lamina-unionfs"
-    if beside.exists():
-        return beside
-    found = shutil.which("lamina-unionfs")
-    return Path(found) if found else beside
-
-
-def lamina_unionfs_status() -> str | None:
-    """None when lamina-unionfs is installed, else a "not available: ..." note.
-
-    (Whether it then mounts is the benchmark's business: a failed mount is a failure, not this.)
-    """
-    command = unionfs_command()
-    if not command.exists():
-        return f"{NOT_AVAILABLE}: {command} is not installed"
-    done = subprocess.run([sys.executable, "-c", "import unionfs.cli"], capture_output=True, text=True, timeout=60)
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["?"])[-1]
-        return f"{NOT_AVAILABLE}: unionfs.cli does not import ({last[:120]})"
-    return None
-
-
-def lamina_mount_template(extra_options: str = "") -> str:
-    options = "lowerdir={lower},upperdir={upper},workdir={work}" + extra_options
-    return f"{unionfs_command()} -o {options} {{mnt}}"
+WORKLOAD_TIMEOUT_S = 600
 
 
 def run_fs_suite(*, quick: bool, reps: int, scale: float, workdir: Path | None,
                  workloads: str | None = None) -> SuiteResult:
-    """Run the shared tool with kernel, fuse-overlayfs and (if installed) lamina; rows of medians."""
-    tool = shared_tool()
-    if tool is None:
-        return SuiteResult("filesystem", SYSTEMS, [], error=f"shared benchmark not found (set ${TOOL_ENV})")
+    """Measure in a private mount namespace; the rows of every system, or the reason it did not run."""
     if os.geteuid() != 0:
-        return SuiteResult("filesystem", SYSTEMS, [], error="the filesystem suite needs root (mount, drop_caches)")
-    lamina_note = lamina_unionfs_status()
+        return SuiteResult(SUITE, SYSTEMS, [], error="the filesystem suite needs root (mount, whiteouts, drop_caches)")
+    if shutil.which("unshare") is None:
+        return SuiteResult(SUITE, SYSTEMS, [], error="unshare(1) is not installed (util-linux)")
     temporary = workdir is None
-    root = Path(tempfile.mkdtemp(prefix="lamina-bench-fs-")) if workdir is None else workdir
+    root = Path(tempfile.mkdtemp(prefix="lamina-bench-fs-")) if workdir is None else workdir.resolve()
+    root.mkdir(parents=True, exist_ok=True)  # --fs-root may name a directory not made yet
+    result_file = root / "result.json"
+    result_file.unlink(missing_ok=True)
+    argv = ["unshare", "--mount", "--propagation", "private", sys.executable, "-m", "bench.fs",
+            "--root", str(root), "--reps", str(reps), "--scale", str(QUICK_SCALE if quick else scale),
+            "--out", str(result_file)]
+    if workloads:
+        argv += ["--workloads", workloads]
+    log.info("filesystem suite: %s", " ".join(argv))
+    progress = root / "progress.log"  # follow a long run with tail -f
     try:
-        out_prefix = root / "results" / "run"
-        argv = [sys.executable, str(tool), "--root", str(root), "--reps", str(reps),
-                "--scale", str(QUICK_SCALE if quick else scale), "--builtins", f"{KERNEL},{FUSE_OVERLAYFS}",
-                "--out", str(out_prefix)]
-        if workloads:
-            argv += ["--workloads", workloads]
-        if lamina_note is None:
-            argv += ["--candidate", f"{LAMINA}={lamina_mount_template()}", "--umount", f"{LAMINA}=fusermount3 -u {{mnt}}"]
-        log.info("filesystem suite: %s", " ".join(argv))
-        # The tool's progress goes to a file one can follow (tail -f) during a long run.
-        progress = root / "progress.log"
-        root.mkdir(parents=True, exist_ok=True)  # --fs-root may name a directory not made yet
-        with open(progress, "w") as progress_file:
-            done = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=progress_file, text=True)
-        log_lines = progress.read_text().strip().splitlines()
-        result_file = out_prefix.with_suffix(".json")
+        with open(progress, "w") as progress_out:
+            done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=progress_out)
         if not result_file.exists():
-            tail = " | ".join(log_lines[-4:])
-            return SuiteResult("filesystem", SYSTEMS, [], error=f"unionfs_bench.py exited {done.returncode}: {tail}")
-        document = json.loads(result_file.read_text())
-        suite = rows_from_tool(document, lamina_note)
-        suite.details["tool_exit"] = done.returncode
-        suite.details["tool_log"] = log_lines
-        return suite
+            tail = " | ".join(progress.read_text(errors="replace").strip().splitlines()[-4:])
+            return SuiteResult(SUITE, SYSTEMS, [], error=f"the measuring process exited {done.returncode}: {tail}")
+        return SuiteResult.from_json(json.loads(result_file.read_text()))
     finally:
         if temporary:
             shutil.rmtree(root, ignore_errors=True)
 
 
-def rows_from_tool(document: dict[str, Any], lamina_note: str | None) -> SuiteResult:
-    raw: dict[str, dict[str, list[float | None]]] = document["raw_s"]
-    notes: dict[tuple[str, str], str] = {}
-    for error in document.get("errors", []):
-        notes[(error["candidate"], error["workload"])] = f"failed: {error['error'][:200]}"
-    for failure in document.get("check_failures", []):
-        notes.setdefault((failure["candidate"], failure["workload"]), f"wrong result: {failure['check'][:200]}")
-    rows = []
-    for spec in document["rows"]:
-        key = spec["key"]
-        row = Row("filesystem", key, spec["label"])
-        for system in SYSTEMS:
-            if system == LAMINA and lamina_note is not None:
-                row.note(system, lamina_note)
+class _WorkloadTimeout(Exception):
+    pass
+
+
+def _on_alarm(signum: int, frame: FrameType | None) -> None:
+    raise _WorkloadTimeout(f"took more than {WORKLOAD_TIMEOUT_S} s")
+
+
+class _Recorder:
+    """Samples and notes of every (system, metric); the rows at the end."""
+
+    def __init__(self, manifest: Manifest, systems: list[str]) -> None:
+        self.labels = row_labels(manifest)
+        self.systems = systems
+        self.samples: dict[tuple[str, str], list[float]] = {}
+        self.notes: dict[tuple[str, str], str] = {}
+        self.rename_modes: dict[str, set[str]] = {}
+
+    def metrics_of(self, workload: str) -> list[str]:
+        return [metric for metric, owner, _ in self.labels if owner == workload]
+
+    def record(self, system: str, workload: str, measured: Measured) -> None:
+        for metric, seconds in measured.seconds.items():
+            self.samples.setdefault((system, metric), []).append(seconds)
+        for problem in measured.problems:
+            for metric in self.metrics_of(workload):
+                self.notes[(system, metric)] = f"wrong result: {problem}"
+        if "mode" in measured.info:
+            self.rename_modes.setdefault(system, set()).add(measured.info["mode"])
+
+    def fail(self, system: str, metrics: list[str], error: str) -> None:
+        for metric in metrics:
+            self.notes.setdefault((system, metric), f"failed: {error[:300]}")
+
+    def rows(self, measured_workloads: set[str]) -> list[Row]:
+        rows = []
+        for metric, workload, label in self.labels:
+            if workload and workload not in measured_workloads:
                 continue
-            for value in raw.get(system, {}).get(key, []):
-                if value is not None:
-                    row.add(system, value)
-            workload = _workload_name(key)
-            note = notes.get((system, workload))
-            if note:
-                row.note(system, note)
-            elif not row.samples.get(system):
-                row.note(system, "failed: no measurement")
-        rows.append(row)
-    modes: dict[str, list[str]] = {}
-    for system, infos in document.get("info", {}).items():
-        modes[system] = sorted({i["mode"] for i in infos if "mode" in i})
-    meta = document.get("meta", {})
-    details = {"rename_mode": modes, "params": meta.get("params"), "reps": meta.get("reps"),
-               "status": meta.get("status"), "load_start": meta.get("load_start"), "load_end": meta.get("load_end"),
-               "candidates": meta.get("candidates"), "lingering_servers": meta.get("lingering_servers"),
-               "daemon_cpu_s": {s: [i.get("daemon_cpu_s") for i in infos if "daemon_cpu_s" in i]
-                                for s, infos in document.get("info", {}).items()}}
-    return SuiteResult("filesystem", SYSTEMS, rows, details=details)
+            row = Row(SUITE, metric, label)
+            for system in self.systems:
+                for seconds in self.samples.get((system, metric), []):
+                    row.add(system, seconds)
+                note = self.notes.get((system, metric))
+                if note:
+                    row.note(system, note)
+                elif not row.samples.get(system):
+                    row.note(system, "failed: no measurement")
+            rows.append(row)
+        return rows
 
 
-# The tool names its metrics after the workload that produced them, with a few exceptions.
-_METRIC_WORKLOAD = {"rename_dir": "rename", "copyup_small": "copyup_small", "copyup_large": "copyup_large",
-                    "copyup_large_sync": "copyup_large", "seqwrite_sync": "seqwrite"}
+def _run_turn(mount: UnionMount, workload: Workload, manifest: Manifest) -> tuple[float, Measured]:
+    """One system's turn at one workload: remount, drop caches, run with a deadline."""
+    mount.unmount()
+    mount_seconds = mount.mount()
+    drop_caches()
+    if workload.prepare:
+        workload.prepare(manifest)
+    signal.alarm(WORKLOAD_TIMEOUT_S)
+    try:
+        measured = workload.run(mount.mnt, manifest)
+    finally:
+        signal.alarm(0)
+    os.sync()  # the next system does not pay for this one's writes
+    return mount_seconds, measured
 
 
-def _workload_name(metric: str) -> str:
-    if metric in _METRIC_WORKLOAD:
-        return _METRIC_WORKLOAD[metric]
-    return metric.split("_")[0]
+def _one_repetition(repetition: int, run_dir: Path, systems: dict[str, UnionSystem],
+                    workloads: list[Workload], manifest: Manifest, recorder: _Recorder) -> None:
+    names = list(systems)
+    mounts = {name: UnionMount(system, run_dir / name, manifest.lowers()) for name, system in systems.items()}
+    mount_seconds: dict[str, list[float]] = {name: [] for name in names}
+    broken: dict[str, str] = {}
+    try:
+        for mount in mounts.values():
+            mount.create()
+        for index, workload in enumerate(workloads):
+            start = (repetition + index) % len(names)
+            for name in names[start:] + names[:start]:
+                metrics = recorder.metrics_of(workload.name)
+                if name in broken:
+                    recorder.fail(name, metrics, f"not run: the mount failed earlier ({broken[name]})")
+                    continue
+                try:
+                    seconds, measured = _run_turn(mounts[name], workload, manifest)
+                except MountFailed as exc:
+                    broken[name] = str(exc)[:200]
+                    recorder.fail(name, [*metrics, "mount"], f"mount: {exc}")
+                    continue
+                except (OSError, subprocess.SubprocessError, _WorkloadTimeout) as exc:
+                    recorder.fail(name, metrics, f"{workload.name}: {type(exc).__name__}: {exc}")
+                    log.warning("%s %s: %s", workload.name, name, exc)
+                    continue
+                mount_seconds[name].append(seconds)
+                recorder.record(name, workload.name, measured)
+                log.info("rep %d %-12s %-15s %s%s", repetition + 1, workload.name, name,
+                         " ".join(f"{k}={v:.4f}" for k, v in measured.seconds.items()),
+                         f"  WRONG: {'; '.join(measured.problems)}" if measured.problems else "")
+        for name, values in mount_seconds.items():
+            if values:
+                recorder.samples.setdefault((name, "mount"), []).append(statistics.median(values))
+    finally:
+        for mount in mounts.values():
+            mount.remove()
+
+
+def measure(root: Path, reps: int, scale: float, workload_names: list[str] | None) -> SuiteResult:
+    """The whole suite, in this process (which must be in a private mount namespace, as root)."""
+    manifest = open_image(root / "img", ImageParams.scaled(scale))
+    run_dir = root / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir()
+    candidates = {s.name: s for s in (lamina_unionfs(), kernel_overlayfs(), fuse_overlayfs())}
+    left_out: dict[str, str] = {}
+    lamina_note = None
+    for name, system in list(candidates.items()):
+        reason = unavailable_reason(system, run_dir / "probe")
+        if reason is None:
+            continue
+        if name == LAMINA:
+            lamina_note = reason  # lamina stays in the table, its cells saying why they are empty
+        else:
+            left_out[name] = reason
+        del candidates[name]
+    workloads = [w for w in WORKLOADS if workload_names is None or w.name in workload_names]
+    systems = [name for name in SYSTEMS if name in candidates or name == LAMINA]
+    recorder = _Recorder(manifest, systems)
+    if lamina_note:
+        recorder.notes.update({(LAMINA, metric): lamina_note for metric, _, _ in recorder.labels})
+    signal.signal(signal.SIGALRM, _on_alarm)
+    load_start = Path("/proc/loadavg").read_text().split()[:3]
+    try:
+        if candidates:
+            for repetition in range(reps):
+                log.info("repetition %d of %d", repetition + 1, reps)
+                _one_repetition(repetition, run_dir, candidates, workloads, manifest, recorder)
+    finally:
+        for leftover in sorted(mounts_under(run_dir), key=len, reverse=True):
+            subprocess.run(["umount", "-l", leftover], capture_output=True, timeout=60)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    details: dict[str, Any] = {
+        "method": "per repetition a fresh upper; per workload the systems rotate; each turn remounts, "
+                  "syncs and drops caches (cold); warm repeats at once; medians over repetitions",
+        "reps": reps, "scale": scale, "image": manifest.summary(), "left_out": left_out,
+        "rename_mode": {name: sorted(modes) for name, modes in recorder.rename_modes.items()},
+        "load_start": load_start, "load_end": Path("/proc/loadavg").read_text().split()[:3],
+        "commands": {name: " ".join(s.mount_argv([Path(layer) for layer in LAYERS_TOP_FIRST], Path("UPPER"),
+                                                 Path("WORK"), Path("MNT")))
+                     for name, s in candidates.items()},
+    }
+    error = None if len(systems) > 1 else "no competitor could mount here: " + "; ".join(left_out.values())
+    return SuiteResult(SUITE, systems, recorder.rows({w.name for w in workloads}), details=details, error=error)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.fs``: the measuring process (run_fs_suite starts it under unshare)."""
+    parser = argparse.ArgumentParser(prog="python -m bench.fs", description=main.__doc__)
+    parser.add_argument("--root", type=Path, required=True, help="image and mounts live here")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--workloads", default=None, help=f"comma list of {','.join(w.name for w in WORKLOADS)}")
+    parser.add_argument("--out", type=Path, required=True, help="the suite's result (JSON)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="bench.fs: %(message)s", stream=sys.stderr)
+    names = [n.strip() for n in args.workloads.split(",")] if args.workloads else None
+    unknown = set(names or []) - {w.name for w in WORKLOADS}
+    if unknown:
+        parser.error(f"unknown workload(s): {', '.join(sorted(unknown))}")
+    os.umask(0o022)
+    suite = measure(args.root.resolve(), args.reps, args.scale, names)
+    args.out.write_text(json.dumps(suite.to_json(), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

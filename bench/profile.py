@@ -1,8 +1,8 @@
 """``python -m bench.profile``: where lamina-unionfs spends its time, sampled by py-spy.
 
-Mounts lamina-unionfs in the foreground under ``py-spy record`` on the shared benchmark's image
-(the same one the filesystem suite uses; built if missing), runs the chosen workloads of
-``unionfs_bench.py`` on it (cold: caches dropped before each), unmounts, and sums py-spy's
+Mounts lamina-unionfs in the foreground under ``py-spy record`` on the filesystem suite's image
+(:mod:`bench.fs_image`; built if missing), runs the chosen workloads of :mod:`bench.fs_workloads`
+on it (cold: caches dropped before each), unmounts, and sums py-spy's
 collapsed stacks into two tables: time spent *in* each function (self) and time spent *under*
 it (inclusive). Idle time (the server waiting for the kernel) is not sampled, so the tables show
 where the CPU goes. Needs root (mount namespace, drop_caches) and ``py-spy``
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import importlib.util
 import json
 import os
 import re
@@ -22,25 +21,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from bench.common import drop_caches
-from bench.fs import shared_tool, unionfs_command
+from bench.fs_image import ImageParams, open_image
+from bench.fs_systems import mount_points, overlay_options, unionfs_command
+from bench.fs_workloads import WORKLOADS
 
-DEFAULT_WORKLOADS = "find,walk,readdir,seqread,randread,statstorm,copyup_small,untar,delete"
+DEFAULT_WORKLOADS = "find,walk,stat,readdir,seqread,randread,create,copyup_small,untar,delete"
 NAMESPACE_ENV = "LAMINA_BENCH_PROFILE_NS"
-
-
-def load_tool() -> ModuleType:
-    path = shared_tool()
-    if path is None:
-        raise SystemExit("bench.profile: unionfs_bench.py not found (set $LAMINA_UNIONFS_BENCH)")
-    spec = importlib.util.spec_from_file_location("unionfs_bench", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def frame_name(frame: str) -> str:
@@ -107,49 +96,38 @@ def main() -> int:
     py_spy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
     if py_spy is None:
         raise SystemExit("bench.profile: py-spy is not installed (pip install py-spy into the venv)")
-    tool = load_tool()
-    params = tool.scaled_params(args.scale)
     root = args.fs_root.resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    manifest = tool.build_image(str(root), params)
-    ctx = tool.Ctx()
-    ctx.man, ctx.P, ctx.op_timeout = manifest, params, 600
-    rng = __import__("random").Random(params["seed"] + 1)
-    ctx.rand_offsets = [rng.randrange(manifest["big_size"] // 4096) * 4096 for _ in range(params["rand_n"])]
-    ctx.wbuf = os.urandom(1 << 20)
+    manifest = open_image(root / "img", ImageParams.scaled(args.scale))
     base = root / "profile"
     shutil.rmtree(base, ignore_errors=True)
     upper, work, mnt = base / "upper", base / "work", base / "mnt"
     for directory in (upper, work, mnt):
         directory.mkdir(parents=True)
-    img = root / "img"
-    lowers = ":".join(str(img / layer) for layer in ("layer3", "layer2", "layer1"))
     collapsed = args.out.with_suffix(".collapsed.txt")
     collapsed.parent.mkdir(parents=True, exist_ok=True)
-    server = [str(unionfs_command()), "-f", "-o", f"lowerdir={lowers},upperdir={upper},workdir={work}", str(mnt)]
+    server = [str(unionfs_command()), "-f", "-o", overlay_options(manifest.lowers(), upper, work), str(mnt)]
     # --nonblocking samples without pausing the server (less distortion) but cannot unwind C frames.
     sampling = ["--native"] if args.native else ["--nonblocking"]
     recorder = subprocess.Popen([py_spy, "record", "--rate", str(args.rate), "--format", "raw", *sampling,
                                  "-o", str(collapsed), "--", *server],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     timings: dict[str, dict[str, float]] = {}
-    workloads = [w for w in tool.WORKLOADS if w.name in args.workloads.split(",")]
+    workloads = [w for w in WORKLOADS if w.name in args.workloads.split(",")]
     try:
         deadline = time.monotonic() + 30
-        while not tool.is_mounted(str(mnt)):
+        while str(mnt) not in mount_points():
             if recorder.poll() is not None or time.monotonic() > deadline:
                 error = recorder.stderr.read().decode()[-500:] if recorder.stderr else ""
                 raise SystemExit(f"bench.profile: mount failed: {error}")
             time.sleep(0.01)
-        candidate = type("Mounted", (), {"mnt": str(mnt)})()
         for workload in workloads:
             drop_caches()
-            if workload.prewarm:
-                workload.prewarm(ctx)
-            metrics, _, failures = workload.fn(ctx, candidate)
-            timings[workload.name] = metrics
-            if failures:
-                print(f"bench.profile: {workload.name}: {failures}", file=sys.stderr)
+            if workload.prepare:
+                workload.prepare(manifest)
+            measured = workload.run(mnt, manifest)
+            timings[workload.name] = measured.seconds
+            if measured.problems:
+                print(f"bench.profile: {workload.name}: {measured.problems}", file=sys.stderr)
     finally:
         subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
         try:

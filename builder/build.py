@@ -73,6 +73,7 @@ from lamina.errors import (
     LaminaError,
 )
 from lamina.store.compression import mount_point
+from unionfs.core.stack import LayerStack
 
 if TYPE_CHECKING:
     from lamina.store import Image, Layer, Store
@@ -153,7 +154,7 @@ class StageState:
     base: Image | None
 
     def view(self) -> LayerView:
-        return LayerView([layer.path for layer in reversed(self.layers)])
+        return LayerView(LayerStack.from_bottom_up(layer.path for layer in self.layers))
 
     def full_config(self) -> dict[str, Any]:
         cfg: dict[str, Any] = {k: v for k, v in self.base_config.items()
@@ -562,7 +563,7 @@ class Builder:
             try:
                 spec = SandboxSpec(
                     argv=list(inst.argv),
-                    lowers=[layer.path for layer in reversed(state.layers)],
+                    lowers=LayerStack.from_bottom_up(layer.path for layer in state.layers),
                     upper=upper, work=work,
                     env=env,
                     cwd=state.image.workdir,
@@ -589,8 +590,8 @@ class Builder:
             targets = [posixpath.join(state.image.workdir, m.target) for m in inst.mounts if m.target]
             if inst.script is not None:
                 targets.append("/dev/pipes")
-            layer = self._commit_upper([layer.path for layer in reversed(state.layers)], upper, work, targets,
-                                       self.epoch)
+            lowers = LayerStack.from_bottom_up(layer.path for layer in state.layers)
+            layer = self._commit_upper(lowers, upper, work, targets, self.epoch)
         # The upper and work directories are gone (removed in the user namespace); what is left of
         # the step's directory is the build's own.
         self.cleaner.mark_plain(tmp)
@@ -610,7 +611,7 @@ class Builder:
         with self.interruption.stopping(sandbox):
             return sandbox.wait()
 
-    def _commit_upper(self, lowers: list[Path], upper: Path, work: Path, targets: list[str],
+    def _commit_upper(self, lowers: LayerStack, upper: Path, work: Path, targets: list[str],
                       epoch: int | None) -> Layer | None:
         """Turn a RUN step's upper directory into a layer (None when the step changed nothing).
 
@@ -645,7 +646,7 @@ class Builder:
         if m.from_:
             src_state = self.stage_by_name(m.from_, before=state.stage.index)
             view = src_state.view() if src_state else LayerView(
-                [layer.path for layer in reversed(self.base_image(m.from_, state.stage.from_).layers)])
+                LayerStack.from_bottom_up(layer.path for layer in self.base_image(m.from_, state.stage.from_).layers))
             entry = view.lookup(source_path)
             if entry is None:
                 raise BuildError(f"--mount from={m.from_}: {source_path} not found")
@@ -682,7 +683,7 @@ def _single_id_mapping() -> bool:
     return current_mapping().single
 
 
-def _finish_upper(store: Store, lowers: list[Path], upper: Path, work: Path,
+def _finish_upper(store: Store, lowers: LayerStack, upper: Path, work: Path,
                   targets: list[str], epoch: int | None) -> tuple[str, str] | None:
     """In lamina's user namespace: flatten redirects, drop scaffolding, pack the upper into a blob.
     Returns (blob digest, diff_id), or None for an empty upper."""

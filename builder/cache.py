@@ -26,9 +26,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lamina.store.usage import Needs
+
+log = logging.getLogger(__name__)
 
 
 def chain_key(parent: str, text: str) -> str:
@@ -66,3 +72,19 @@ class BuildCache:
     @property
     def stat_cache_path(self) -> Path:
         return self.directory / "context-hashes.json"
+
+    def store_needs(self) -> Needs:
+        """The layers (and their blobs) that step entries name: kept by the store's garbage collection
+        until ``system prune -a`` removes the entries (:class:`lamina.store.usage.DigestOwner`)."""
+        from lamina.store.usage import Needs
+
+        needs = Needs()
+        for path in sorted((self.directory / "steps").glob("*/*.json")):
+            entry = self.get(path.stem)
+            layer = entry.get("layer") if entry is not None else None
+            if not isinstance(layer, dict):
+                continue
+            for key, found in (("diff_id", needs.layers), ("digest", needs.blobs)):
+                if isinstance(layer.get(key), str):
+                    found.add(layer[key])
+        return needs

@@ -38,6 +38,7 @@ from builder.remote import check, fetch
 from lamina.bounded import InputTooLarge
 from lamina.errors import BuildError, LaminaError
 from runner.userdb import find_entry
+from unionfs.core.stack import LayerStack
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def copy_source(builder: Builder, state: StageState, inst: df.Copy) -> tuple[Lay
     if src_state is not None:
         return src_state.view(), src_state.key
     image = builder.base_image(inst.from_stage, inst)
-    return LayerView([layer.path for layer in reversed(image.layers)]), image.id
+    return LayerView(LayerStack.from_bottom_up(layer.path for layer in image.layers)), image.id
 
 
 def copy_digest(builder: Builder, state: StageState, inst: df.Copy | df.Add) -> str:

@@ -3,10 +3,9 @@
 A layer made by COPY is *the diff against its parent*: a fresh directory holding the copied files
 and the directories above them, nothing else. To decide where files go (docker's destination rules:
 is ``/app`` an existing directory?) and to read files out of another stage (``COPY --from``), we look
-at the parent's layers through :class:`LayerView`, a read-only merge of layer directories that
-follows the union on-disk format (:mod:`unionfs.core.ondisk`): the top-most entry wins, a whiteout hides
-lower entries, an opaque directory hides lower directories' contents, a non-directory ends the
-merge. Symlinks met on the way are resolved inside the image root, never on the host.
+at the parent's layers through :class:`LayerView`: the core's read-only merged view
+(:mod:`unionfs.core.view`), which merges layers by the same rules as the union filesystem, plus
+symlinks resolved inside the image root, never on the host.
 
 Ownership: root chowns for real; an unprivileged user cannot, so the intended owner and mode go to
 the owner-override xattr (as the store's unpacker does), which the store writes into the layer tar.
@@ -21,14 +20,23 @@ import os
 import posixpath
 import shutil
 import stat
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 from unionfs.core import ondisk
+from unionfs.core.stack import LayerStack
+from unionfs.core.view import MergedView, ViewEntry
 
 MAX_SYMLINKS = 40
 PRIVILEGED = os.geteuid() == 0
+
+
+def _lstat(path: str) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -38,7 +46,7 @@ class Entry:
     path: str  # container path, normalised, absolute
     backing: str  # host path of the top-most layer's file
     st: os.stat_result
-    lower_dirs: tuple[str, ...]  # for a directory: the backing dirs that merge into it, top first
+    lower_dirs: tuple[tuple[int, str], ...]  # a directory's merged layer directories (ViewEntry.sources)
 
     @property
     def is_dir(self) -> bool:
@@ -49,58 +57,17 @@ class Entry:
         return stat.S_ISLNK(self.st.st_mode)
 
 
-def _lstat(path: str) -> os.stat_result | None:
-    try:
-        return os.lstat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-
-
-def _whited_out(layer_dir: str, name: str) -> bool:
-    return _lstat(os.path.join(layer_dir, ondisk.WHITEOUT_PREFIX + name)) is not None
-
-
 class LayerView:
-    """A read-only merged view of layer directories (top first), for lookups and copying out."""
+    """An image's merged root (:class:`unionfs.core.view.MergedView`) with its symlinks resolved
+    inside the image, for lookups and copying out. Its layer descriptors close with the object."""
 
-    def __init__(self, layers_top_first: list[Path]) -> None:
-        self.layers = [str(p) for p in layers_top_first]
+    def __init__(self, stack: LayerStack) -> None:
+        self.stack = stack
+        self._view = MergedView(stack)
+        self.close = weakref.finalize(self, self._view.close)
 
-    def _child(self, dirs: tuple[str, ...], name: str) -> tuple[str, os.stat_result, tuple[str, ...]] | None:
-        """Merge ``name`` inside the merged directory backed by ``dirs``."""
-        found: tuple[str, os.stat_result] | None = None
-        merged: list[str] = []
-        for d in dirs:
-            candidate = os.path.join(d, name)
-            st = _lstat(candidate)
-            if st is not None and ondisk.is_whiteout_stat(st):
-                break
-            if st is None:
-                if _whited_out(d, name):
-                    break
-                continue
-            if not stat.S_ISDIR(st.st_mode):
-                if found is None:
-                    found = (candidate, st)
-                break
-            if found is None:
-                found = (candidate, st)
-            merged.append(candidate)
-            if ondisk.is_opaque_dir(candidate):
-                break
-            if _whited_out(d, name):
-                break
-        if found is None:
-            return None
-        return found[0], found[1], tuple(merged)
-
-    def _root(self) -> Entry | None:
-        if not self.layers:
-            return None
-        st = _lstat(self.layers[0])
-        if st is None:
-            return None
-        return Entry("/", self.layers[0], st, tuple(self.layers))
+    def _entry(self, found: ViewEntry) -> Entry:
+        return Entry(found.path, self._view.host_path(found), found.st, found.sources)
 
     def lookup(self, path: str, follow: bool = True) -> Entry | None:
         """The entry at container path ``path``; intermediate symlinks are always followed (inside
@@ -108,8 +75,7 @@ class LayerView:
         pending = [p for p in path.split("/") if p not in ("", ".")]
         pending.reverse()
         resolved: list[str] = []
-        dirs = tuple(self.layers)
-        root = self._root()
+        root = self._view.root()
         current = root
         links = 0
         while pending:
@@ -120,66 +86,34 @@ class LayerView:
                 # Re-walk from the root: cheap for the short paths Dockerfiles use.
                 pending.extend(reversed(resolved))
                 resolved = []
-                dirs = tuple(self.layers)
                 current = root
                 continue
             if current is None or not current.is_dir:
                 return None
-            child = self._child(dirs, part)
+            child = self._view.child(current, part)
             if child is None:
                 return None
-            backing, st, merged = child
-            if stat.S_ISLNK(st.st_mode) and (pending or follow):
+            if stat.S_ISLNK(child.st.st_mode) and (pending or follow):
                 links += 1
                 if links > MAX_SYMLINKS:
                     raise OSError(errno.ELOOP, "too many levels of symbolic links", path)
-                target = os.readlink(backing)
-                parts = [p for p in target.split("/") if p not in ("", ".")]
-                pending.extend(reversed(parts))
+                target = self._view.readlink(child)
+                pending.extend(reversed([p for p in target.split("/") if p not in ("", ".")]))
                 if not target.startswith("/"):
                     # Relative: walk again from the root through the directory holding the link.
                     pending.extend(reversed(resolved))
                 resolved = []
-                dirs = tuple(self.layers)
                 current = root
                 continue
             resolved.append(part)
-            current = Entry("/" + "/".join(resolved), backing, st, merged)
-            dirs = merged
-        return current
+            current = child
+        return self._entry(current) if current is not None else None
 
-    def list_dir(self, entry: Entry) -> Iterator[tuple[str, str, os.stat_result, tuple[str, ...]]]:
-        """(name, backing, stat, merged dirs) of each visible child of a merged directory."""
-        seen: set[str] = set()
-        hidden: set[str] = set()
-        for d in entry.lower_dirs:
-            try:
-                names = sorted(os.listdir(d))
-            except OSError:
-                continue
-            layer_hidden: set[str] = set()
-            for name in names:
-                if name == ondisk.OPAQUE_MARKER:
-                    continue
-                target = ondisk.whited_out_name(name)
-                if target is not None:
-                    layer_hidden.add(target)
-                    continue
-                if name in seen or name in hidden:
-                    continue
-                st = _lstat(os.path.join(d, name))
-                if st is None:
-                    continue
-                if ondisk.is_whiteout_stat(st):
-                    layer_hidden.add(name)
-                    continue
-                seen.add(name)
-                child = self._child((d, *[x for x in entry.lower_dirs[entry.lower_dirs.index(d) + 1:]]), name)
-                if child is None:
-                    continue
-                backing, cst, merged = child
-                yield name, backing, cst, merged
-            hidden |= layer_hidden
+    def list_dir(self, entry: Entry) -> Iterator[tuple[str, str, os.stat_result, tuple[tuple[int, str], ...]]]:
+        """(name, backing, stat, merged dirs) of each visible child of a merged directory, by name."""
+        directory = ViewEntry(entry.path or "/", 0, "", entry.st, entry.lower_dirs)
+        for child in self._view.listdir(directory):
+            yield child.name, self._view.host_path(child), child.st, child.sources
 
     def exists_as_dir(self, path: str) -> bool:
         entry = self.lookup(path)
@@ -348,7 +282,7 @@ def remove_existing(host: str) -> None:
         os.unlink(host)
 
 
-def copy_view_entry(view: LayerView, backing: str, st: os.stat_result, merged: tuple[str, ...], dst: str,
+def copy_view_entry(view: LayerView, backing: str, st: os.stat_result, merged: tuple[tuple[int, str], ...], dst: str,
                     owner: Ownership) -> None:
     """Copy a merged entry of another image/stage (``COPY --from``) to ``dst``, keeping owners unless
     ``owner`` fixes them."""

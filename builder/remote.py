@@ -65,7 +65,7 @@ def fetch(builder: Builder, url: str, inst: df.Add) -> Download:
     found = builder.downloads.get(url)
     if found is not None:
         return found
-    tmp_root = builder.store.root / "tmp"
+    tmp_root = builder.store.layout.tmp
     tmp_root.mkdir(parents=True, exist_ok=True)
     directory = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}.build-url.", dir=tmp_root))
     builder.download_dirs.append(directory)

@@ -1,10 +1,9 @@
 """The ``lamina`` command: parse the command line, dispatch to a package, translate errors once.
 
-Each package (store, builder, runner, inspector) registers its own verbs through
-``<package>.commands.register(subparsers)``; every verb's parser sets ``handler`` to a function
-``handler(args) -> int``. This module owns only what is global: ``--root``, ``--log-level``,
-``--version``, logging set-up, and the error boundary that turns a :class:`LaminaError` into one line
-on stderr and docker's exit codes.
+The verbs live in :mod:`lamina.commands`, one module per area, each with ``register(subparsers)``;
+every verb's parser sets ``handler`` to a function ``handler(args) -> int``. This module owns only
+what is global: ``--root``, ``--log-level``, ``--version``, logging set-up, and the error boundary
+that turns a :class:`LaminaError` into one line on stderr and docker's exit codes.
 """
 
 from __future__ import annotations
@@ -15,13 +14,15 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import NoReturn
 
 from lamina import __version__
 from lamina.argv import requested_verb
+from lamina.commands import ALL_COMMAND_MODULES, VERB_MODULES
 from lamina.config import resolve_root
 from lamina.errors import EXIT_LAMINA, LaminaError, UsageError
+from lamina.layout import Layout
+from unionfs.startup import patches_enabled
 
 log = logging.getLogger(__name__)
 
@@ -37,20 +38,10 @@ class LaminaArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{verb}: {message}" if verb else message)
 
 
-# Which module registers which verb. Only the module that owns the verb on the command line is
-# imported: `lamina run --rm IMAGE true` must not pay for the registry client or the builder
-# (imports were most of its start-up time). tests/test_cli.py checks this table against what each
-# module really registers.
-VERB_MODULES: dict[str, str] = {
-    **dict.fromkeys(["history", "images", "import", "inspect", "load", "rmi", "save", "system", "tag"],
-                    "lamina.store.commands"),
-    **dict.fromkeys(["login", "logout", "pull", "push"], "lamina.store.registry_commands"),
-    "build": "builder.commands",
-    **dict.fromkeys(["commit", "create", "diff", "exec", "kill", "logs", "port", "ps", "restart", "rm", "run",
-                     "start", "stop", "wait"], "runner.commands"),
-    **dict.fromkeys(["layers", "mount", "umount", "which"], "lamina.inspector.commands"),
-}
-ALL_COMMAND_MODULES = tuple(dict.fromkeys(VERB_MODULES.values()))
+# The one-verb parser (below) is a start-up speed trick: argparse set-up of every verb is a
+# noticeable part of a short command. Like every other trick it is off under LAMINA_NO_PATCHES=1
+# (unionfs.startup.patches_enabled), and tests/test_cli.py checks that each verb parses the same
+# either way.
 class _UnusedParser:
     """Stands in for the parser of a verb that is not on the command line: every call is a no-op."""
 
@@ -73,7 +64,8 @@ class _OneVerb:
 
 
 def build_parser(argv: Sequence[str] = ()) -> LaminaArgumentParser:
-    """The full parser, or, when ``argv`` names a known verb, a parser with only that verb's module."""
+    """The full parser, or, when ``argv`` names a known verb, a parser with only that verb's module
+    (and, unless start-up tricks are off, of that module's verbs only that verb's parser)."""
     parser = LaminaArgumentParser(
         prog="lamina",
         description="Build and run Docker/OCI images without root, on lamina's own union filesystem.",
@@ -88,7 +80,8 @@ def build_parser(argv: Sequence[str] = ()) -> LaminaArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=LaminaArgumentParser)
     verb = requested_verb(argv)
     if verb in VERB_MODULES:
-        importlib.import_module(VERB_MODULES[verb]).register(_OneVerb(subparsers, verb))
+        module = importlib.import_module(VERB_MODULES[verb])
+        module.register(_OneVerb(subparsers, verb) if patches_enabled() else subparsers)
     else:
         for name in ALL_COMMAND_MODULES:
             importlib.import_module(name).register(subparsers)
@@ -115,24 +108,26 @@ def run(argv: Sequence[str]) -> int:
     if args.root is not None and not args.root.strip():
         # An unset variable in `--root "$DIR"` must not silently mean the default store.
         raise UsageError("--root: empty path")
-    args.root = resolve_root(args.root)
+    # Verbs see the root only through its layout, which hands each part its own directories.
+    args.layout = Layout(resolve_root(args.root))
+    del args.root
     # A store made by an older lamina was open to every user: close it before any verb uses it.
     from lamina.store.private import tighten_if_present
-    tighten_if_present(args.root)
+    tighten_if_present(args.layout)
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:
         parser.print_help(sys.stderr if args.command else sys.stdout)
         return 0 if not args.command else EXIT_LAMINA
-    _sweep_debris(args.root)
+    _sweep_debris(args.layout)
     return handler(args)
 
 
-def _sweep_debris(root: Path) -> None:
+def _sweep_debris(layout: Layout) -> None:
     """What killed lamina processes left in the store goes before any command uses it."""
     from runner.state import sweep_debris
 
     try:
-        sweep_debris(root)
+        sweep_debris(layout)
     except Exception as e:  # tidying up must never stop the command the user asked for
         logging.getLogger(__name__).debug("cleaning up after earlier commands: %r", e)
 

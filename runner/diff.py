@@ -1,9 +1,12 @@
 """``lamina diff``: what a container changed, read from its upper directory (docker's A/C/D lines).
 
-An entry of the upper is ``D`` when it is a whiteout, ``C`` when the path also exists in a lower
-layer (a copied-up file or a directory whose contents changed), ``A`` otherwise; everything below an
-added directory is added too. Whiteouts and opaque markers are recognised by :mod:`unionfs.core.ondisk`
-only.
+An entry of the upper is ``D`` when it is a whiteout, ``C`` when the image (the merged view of its
+layers, :mod:`unionfs.core.view`) shows something at that path (a copied-up file, a directory whose
+contents changed), ``A`` otherwise; everything below an added directory is added too. An opaque
+directory of the upper that replaces one of the image is ``D``: it hides everything the image held
+there, and the entries it holds now follow as ``A`` or ``C``, as podman and docker report it
+(containers/storage's and moby's overlay change walkers). Whiteouts and opaque markers are
+recognised by :mod:`unionfs.core.ondisk` only.
 """
 
 from __future__ import annotations
@@ -14,23 +17,12 @@ from pathlib import Path
 
 from lamina.store import fdtree
 from unionfs.core import ondisk
+from unionfs.core.stack import LayerStack
+from unionfs.core.view import MergedView
 
 
-def _in_lowers(lowers: list[Path], rel: str) -> bool:
-    for lower in lowers:  # top first
-        path = lower / rel
-        try:
-            st = os.lstat(path)
-        except (FileNotFoundError, NotADirectoryError):
-            if os.path.lexists(path.parent / (ondisk.WHITEOUT_PREFIX + path.name)):
-                return False
-            continue
-        return not ondisk.is_whiteout_stat(st)
-    return False
-
-
-def changes(upper: Path, lowers: list[Path]) -> list[tuple[str, str]]:
-    """(kind, container path) pairs sorted by path; ``lowers`` top first.
+def changes(upper: Path, lowers: LayerStack) -> list[tuple[str, str]]:
+    """(kind, container path) pairs sorted by path.
 
     The upper may belong to a running container that swaps entries for symlinks while it is read: it
     is walked by directory descriptors, never following a symlink (:mod:`store.fdtree`). The lowers
@@ -41,7 +33,7 @@ def changes(upper: Path, lowers: list[Path]) -> list[tuple[str, str]]:
         root_fd = fdtree.open_root(upper)
     except FileNotFoundError:
         return result
-    with fdtree.opened(root_fd):
+    with fdtree.opened(root_fd), MergedView(lowers) as image:
         pending = [("", False)]  # (directory relative to the upper, everything below it is added)
         while pending:
             rel, added = pending.pop()
@@ -50,12 +42,12 @@ def changes(upper: Path, lowers: list[Path]) -> list[tuple[str, str]]:
             except OSError:  # replaced by a symlink or a file since: nothing below it to list
                 continue
             with fdtree.opened(dir_fd):
-                pending.extend(_list_dir(dir_fd, rel, added, lowers, result))
+                pending.extend(_list_dir(dir_fd, rel, added, image, result))
     result.sort(key=lambda item: item[1])
     return result
 
 
-def _list_dir(dir_fd: int, rel: str, added: bool, lowers: list[Path],
+def _list_dir(dir_fd: int, rel: str, added: bool, image: MergedView,
               result: list[tuple[str, str]]) -> list[tuple[str, bool]]:
     """Append the changes of one open directory to ``result``; its subdirectories to walk."""
     subdirs = []
@@ -74,8 +66,11 @@ def _list_dir(dir_fd: int, rel: str, added: bool, lowers: list[Path],
         if ondisk.is_whiteout_stat(st):
             result.append(("D", "/" + child_rel))
             continue
-        entry_added = added or not _in_lowers(lowers, child_rel)
-        result.append(("A" if entry_added else "C", "/" + child_rel))
+        entry_added = added or image.lookup(child_rel) is None
+        kind = "A" if entry_added else "C"
+        if stat.S_ISDIR(st.st_mode) and not entry_added and ondisk.is_opaque_at(dir_fd, name):
+            kind = "D"  # it hides the image's directory: what it holds now is listed below it
+        result.append((kind, "/" + child_rel))
         if stat.S_ISDIR(st.st_mode):
             subdirs.append((child_rel, entry_added))
     return subdirs

@@ -24,15 +24,8 @@ from typing import Any, NoReturn
 
 from lamina.errors import ContainerError
 from runner import linux, sealed, tty
-from runner.sandbox import (
-    DEFAULT_PATH,
-    FORWARDED_SIGNALS,
-    _EventReader,
-    _exec_command,
-    _exit_code,
-    _raise_event,
-    child_main,
-)
+from runner.sandbox import _EventReader, _raise_event
+from runner.sandbox_init import DEFAULT_PATH, FORWARDED_SIGNALS, child_main, exec_command, exit_code
 from runner.state import Container
 from runner.userdb import resolve_user
 
@@ -102,7 +95,7 @@ def exec_in_container(container: Container, argv: list[str], env: dict[str, str]
             signal.signal(sig, handler)
     if error is not None:
         _raise_event(error, "exec failed")
-    return _exit_code(status)
+    return exit_code(status)
 
 
 def _kill(pid: int, sig: int) -> None:
@@ -136,11 +129,11 @@ def _helper(ns_fds: list[tuple[int, int]], argv: list[str], env: dict[str, str],
             elif not interactive:
                 null = os.open(os.devnull, os.O_RDONLY)
                 os.dup2(null, 0)
-            _exec_command(argv, env, workdir, user, status_w, seccomp=seccomp)
+            exec_command(argv, env, workdir, user, status_w, seccomp=seccomp)
 
         child_main(status_w, command)
     os.close(status_w)
     for sig in FORWARDED_SIGNALS:
         signal.signal(sig, lambda signum, _f: _kill(child, signum))
     _, status = os.waitpid(child, 0)
-    return _exit_code(status)
+    return exit_code(status)

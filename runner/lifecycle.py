@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lamina.errors import ContainerError, ContainerNotFound, LaminaError
+from lamina.layout import Layout
 from runner import linux, tty, unionserver
 from runner.containerlog import STDERR, STDOUT, LogWriter
 from runner.network import PortMapping
@@ -41,12 +42,12 @@ from runner.state import (
 log = logging.getLogger(__name__)
 
 
-def build_spec(root: Path, container: Container) -> SandboxSpec:
+def build_spec(layout: Layout, container: Container) -> SandboxSpec:
     from lamina.store import Store
 
-    store = Store.open(root)
+    store = Store.open(layout)
     image = store.resolve_image(container.image_id)
-    lowers = list(reversed(store.layer_paths(image)))
+    lowers = store.layer_stack(image)
     mounts = [Mount(target=m["target"], kind=m.get("kind", "bind"),
                     source=Path(m["source"]) if m.get("source") else None,
                     readonly=bool(m.get("readonly")), options=m.get("options", ""))
@@ -84,10 +85,10 @@ def _mark_exited(container: Container, code: int, error: str = "") -> None:
         container.save()
 
 
-def _finish(root: Path, container: Container, code: int) -> None:
+def _finish(layout: Layout, container: Container, code: int) -> None:
     _mark_exited(container, code)
     if container.auto_remove:
-        remove(root, container)
+        remove(layout, container)
 
 
 @dataclass
@@ -131,11 +132,11 @@ def _start(spec: SandboxSpec, ends: _OutputEnds) -> Sandbox:
         ends.child_ends = []
 
 
-def _record_failure(root: Path, container: Container, error: LaminaError) -> None:
+def _record_failure(layout: Layout, container: Container, error: LaminaError) -> None:
     """The container could not start: say why (docker's ``State.Error``) and honour ``--rm``."""
     _mark_exited(container, error.exit_code, str(error))
     if container.auto_remove:
-        remove(root, container, background=False)
+        remove(layout, container, background=False)
 
 
 def _log_output(container_log: LogWriter, stream: str, live_fd: int | None) -> Callable[[bytes], None]:
@@ -163,7 +164,7 @@ def _copy_output(ends: _OutputEnds, container_log: LogWriter, sandbox: Sandbox, 
     tty.copy_output(consumers, lambda: _exited(sandbox))
 
 
-def run_attached(root: Path, container: Container) -> int:
+def run_attached(layout: Layout, container: Container) -> int:
     """Run in the foreground (``run`` without ``-d``, ``start -a``); return the exit code.
 
     As docker does, the output is also kept for ``lamina logs``: it passes through pipes (or the
@@ -171,9 +172,9 @@ def run_attached(root: Path, container: Container) -> int:
     """
     claim(container)
     try:
-        spec = build_spec(root, container)
+        spec = build_spec(layout, container)
     except LaminaError as e:  # e.g. its image was removed meanwhile (rmi -f)
-        _record_failure(root, container, e)
+        _record_failure(layout, container, e)
         raise
     if container.tty:
         spec.env.setdefault("TERM", os.environ.get("TERM", "xterm"))
@@ -187,7 +188,7 @@ def run_attached(root: Path, container: Container) -> int:
                 try:
                     sandbox = _start(spec, ends)
                 except LaminaError as e:
-                    _record_failure(root, container, e)
+                    _record_failure(layout, container, e)
                     raise
                 _mark_running(container, sandbox)
                 forwarder.attach(sandbox)
@@ -198,7 +199,7 @@ def run_attached(root: Path, container: Container) -> int:
                 code = sandbox.wait()
         finally:
             ends.close()
-    _finish(root, container, code)
+    _finish(layout, container, code)
     return code
 
 
@@ -206,14 +207,14 @@ def _exited(sandbox: Sandbox) -> bool:
     return sandbox.poll() is not None
 
 
-def start_detached(root: Path, container: Container) -> None:
+def start_detached(layout: Layout, container: Container) -> None:
     """Start the container under a daemonised monitor; return once its command runs."""
     report_r, report_w = os.pipe2(os.O_CLOEXEC)
 
     def monitor() -> None:
         unionserver.forget_inherited()
         claim(container)
-        _monitor(root, container, report_w)
+        _monitor(layout, container, report_w)
 
     try:
         linux.run_detached(monitor, {0, 1, 2, report_w})
@@ -250,20 +251,20 @@ def _detach_stdio(container: Container) -> None:
             handler.setStream(sys.stderr)
 
 
-def _monitor(root: Path, container: Container, report_w: int) -> None:
+def _monitor(layout: Layout, container: Container, report_w: int) -> None:
     """The daemonised monitor of ``run -d``/``start``: starts the sandbox with its output on pipes
     (or a pty), reports to the command line on ``report_w``, then copies the output to the log until
     the container exits and records its exit code."""
     _detach_stdio(container)
     try:
         container_log = LogWriter(container.log_path)
-        spec = build_spec(root, container)
+        spec = build_spec(layout, container)
         if container.tty:
             spec.env.setdefault("TERM", "xterm")
         ends = _plumb_output(spec, container.tty)
         sandbox = _start(spec, ends)
     except LaminaError as e:
-        _record_failure(root, container, e)
+        _record_failure(layout, container, e)
         os.write(report_w, f"{e.exit_code} {e}\n".encode())
         return
     except BaseException as e:
@@ -286,7 +287,7 @@ def _monitor(root: Path, container: Container, report_w: int) -> None:
             ends.close()
             container_log.close()
         code = sandbox.wait()
-    _finish(root, container, code)
+    _finish(layout, container, code)
 
 
 def signal_container(container: Container, sig: int) -> None:
@@ -328,10 +329,10 @@ def stop(store: ContainerStore, container: Container, timeout: float) -> None:
         raise ContainerError(f"container {container.name} did not stop")
 
 
-def remove(root: Path, container: Container, background: bool = True) -> None:
+def remove(layout: Layout, container: Container, background: bool = True) -> None:
     """Remove the container; its directory's deletion finishes in the background unless told not
     to (a container that failed to start leaves the store exactly as it was when lamina exits)."""
-    store = ContainerStore(root)
+    store = ContainerStore(layout)
     with store.lock():
         for path in container.anonymous_volumes:
             with contextlib.suppress(LaminaError):

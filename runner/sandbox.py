@@ -15,6 +15,8 @@ root was the old one, and that would include the FUSE server. Why mount inside t
 FUSE mount made by root of the user namespace shows the image's owners correctly and needs no
 fusermount3; and it vanishes with the namespace, so a crash leaves no stale mount on the host.
 
+P's side is this module; what K and C run inside the namespaces is :mod:`runner.sandbox_init`.
+
 Synchronisation uses close-on-exec pipes: *status* (K and C report JSON events to P: the
 namespaces exist, C's pid, C's root is prepared, or an error with an exit code; EOF means C has
 exec'd), *sync* (P tells K the id maps are written), *ready* (S tells K the union is mounted, or why
@@ -43,41 +45,34 @@ raises :class:`CommandNotFound` (127) or :class:`CommandNotInvokable` (126), as 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
 import pickle
-import select
 import shutil
 import signal
 import sys
 import tempfile
-import termios
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import TypeVar
 
 from lamina.errors import CommandNotFound, CommandNotInvokable, ContainerError, LaminaError, MountError
 from runner import linux, sealed, unionserver
-from runner.idmap import apply_mapping, current_mapping, is_mapped
-from runner.network import SLIRP_DNS, SLIRP_GUEST_IP, PortMapping, Slirp, loopback_up, normalize_network
-from runner.rootfs import MountRequest, make_init_layer, pivot_into, prepare_root
-from runner.seccomp import install_filter  # imported here: after pivot_root nothing can be imported
+from runner.idmap import apply_mapping, current_mapping
+from runner.network import SLIRP_DNS, SLIRP_GUEST_IP, PortMapping, Slirp, normalize_network
+from runner.rootfs import make_init_layer
+from runner.sandbox_init import FORWARDED_SIGNALS, child_main, exit_code, keeper, kill_quietly
 from runner.unionserver import UnionServer
-from runner.userdb import ExecUser, resolve_user
+from unionfs.core.stack import LayerStack
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 T = TypeVar("T")
-FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
-                     signal.SIGUSR2, signal.SIGWINCH)
 # Signals that mean "stop": one that comes before the command runs cancels its start.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-UNION_READY_TIMEOUT = 15.0
 
 
 # Answers "has a stop signal come?" with its number, or None: see start_sandbox.
@@ -122,7 +117,7 @@ class SandboxSpec:
     """
 
     argv: list[str]
-    lowers: list[Path] = field(default_factory=list)
+    lowers: LayerStack | None = None
     upper: Path | None = None
     work: Path | None = None
     rootfs: Path | None = None
@@ -144,21 +139,6 @@ class SandboxSpec:
     union_log: Path | None = None
     create_cwd: bool = True
     seccomp: bool = True
-
-
-def _send(fd: int, **event: object) -> None:
-    try:
-        os.write(fd, (json.dumps(event) + "\n").encode())
-    except OSError:
-        pass
-
-
-def _exit_code(status: int) -> int:
-    if os.WIFEXITED(status):
-        return os.WEXITSTATUS(status)
-    if os.WIFSIGNALED(status):
-        return 128 + os.WTERMSIG(status)
-    return 125
 
 
 def _hosts_file(hostname: str, network: str) -> str:
@@ -214,7 +194,7 @@ class Sandbox:
         if self.returncode is None:
             pid, status = os.waitpid(self.keeper_pid, os.WNOHANG)
             if pid:
-                self.returncode = _exit_code(status)
+                self.returncode = exit_code(status)
                 self._cleanup()
         return self.returncode
 
@@ -222,7 +202,7 @@ class Sandbox:
         """Wait for the command to exit; return its exit code (128+N when killed by signal N)."""
         if self.returncode is None:
             _, status = os.waitpid(self.keeper_pid, 0)
-            self.returncode = _exit_code(status)
+            self.returncode = exit_code(status)
             self._cleanup()
         return self.returncode
 
@@ -267,53 +247,11 @@ def start_sandbox(spec: SandboxSpec, server: UnionServer | None = None,
         if server is not None:
             server.stop(grace=0)
         raise
-    temp_dir = None
-    if spec.state_dir is None:
-        temp_dir = Path(tempfile.mkdtemp(prefix="lamina-sandbox-"))
-        os.chmod(temp_dir, 0o755)
-    state_dir = spec.state_dir or temp_dir
-    assert state_dir is not None
-    try:
-        etc_files = write_etc_files(state_dir, spec.hostname, network)
-        init_layer = make_init_layer(state_dir / "init") if spec.rootfs is None else None
-        merged = state_dir / "merged"
-        merged.mkdir(exist_ok=True)
-    except OSError as e:
-        if temp_dir is not None:
-            shutil.rmtree(temp_dir, ignore_errors=True)
-        raise ContainerError(f"cannot prepare container state in {state_dir}: {e.strerror}") from e
-
-    server_args: list[str] = []
-    if init_layer is None:
-        if server is not None:
-            server.stop()
-            server = None
-    else:
-        from unionfs.mount import MountSpec, command_line
-
-        mount_spec = MountSpec(lowers=[*spec.lowers, init_layer], upper=spec.upper, work=spec.work,
-                               mountpoint=merged, options=list(spec.union_options))
-        server_args = command_line(mount_spec)[3:]  # without "python -m unionfs"
-        if server is None:
-            server = UnionServer()
-    status_r, status_w = os.pipe2(os.O_CLOEXEC)
-    sync_r, sync_w = os.pipe2(os.O_CLOEXEC)
-    go_r, go_w = os.pipe2(os.O_CLOEXEC)
+    state = _prepare_state(spec, network)
+    temp_dir = state.temp_dir
+    server, server_spec = _union_server(spec, state, server)
     ready_r = server.ready_r if server is not None else None
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:  # keeper
-        def keeper() -> int:
-            linux.close_fds_except({0, 1, 2, status_w, sync_r, go_r, ready_r, spec.stdin, spec.stdout, spec.stderr,
-                                    spec.terminal, interpreter})
-            return _keeper(spec, network, status_w, sync_r, go_r, str(merged), ready_r, etc_files)
-
-        child_main(status_w, keeper)
-
-    os.close(status_w)
-    os.close(sync_r)
-    os.close(go_r)
+    pid, status_r, sync_w, go_w = _fork_keeper(spec, network, state, ready_r, interpreter)
     slirp: Slirp | None = None
     startup = _Startup(status_r)
     try:
@@ -323,7 +261,7 @@ def start_sandbox(spec: SandboxSpec, server: UnionServer | None = None,
         apply_mapping(pid, mapping)
         log.debug("sandbox: namespaces made and id maps written")
         if server is not None:
-            server.attach(pid, server_args, str(spec.union_log) if spec.union_log else None)
+            server.attach(pid, server_spec, str(spec.union_log) if spec.union_log else None)
         if network == "slirp":
             slirp = Slirp(pid, api=bool(spec.ports))
         _raise_if_cancelled(cancel)
@@ -345,14 +283,7 @@ def start_sandbox(spec: SandboxSpec, server: UnionServer | None = None,
         # A signal that came between "go" and the exec: the command could not have handled it yet.
         _raise_if_cancelled(cancel)
     except BaseException:
-        _kill_quietly(pid, signal.SIGKILL)  # and with it C, by its parent-death signal
-        os.waitpid(pid, 0)
-        if server is not None:
-            server.stop(grace=0)
-        if slirp is not None:
-            slirp.close()
-        if temp_dir is not None:
-            shutil.rmtree(temp_dir, ignore_errors=True)
+        _abandon(pid, server, slirp, temp_dir)
         raise
     finally:
         for fd in (sync_w, go_w, status_r):
@@ -361,25 +292,6 @@ def start_sandbox(spec: SandboxSpec, server: UnionServer | None = None,
     if server is not None:
         server.release_ready_pipe()
     return Sandbox(pid, startup.container_pid, slirp, temp_dir, server)
-
-
-def child_main(status_w: int, body: Callable[[], int]) -> NoReturn:
-    """Run ``body`` in a forked child and ``_exit`` with its result: a child must never return into
-    the caller's stack. A failure is reported on ``status_w`` as an error event with docker's exit
-    code (125 for lamina's own errors, 126/127 for the command's)."""
-    code = 125
-    try:
-        code = body()
-    except LaminaError as e:
-        code = e.exit_code
-        _send(status_w, event="error", code=code, message=str(e))
-    except OSError as e:
-        _send(status_w, event="error", code=125,
-              message=f"{e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
-    except BaseException as e:
-        _send(status_w, event="error", code=125, message=f"internal error: {e!r}")
-    finally:
-        os._exit(code)
 
 
 class _EventReader:
@@ -420,6 +332,86 @@ class _Startup:
             elif name == wanted:
                 return True
         return False
+
+
+@dataclass
+class _State:
+    """A sandbox's per-container files (see SandboxSpec.state_dir)."""
+
+    temp_dir: Path | None  # made for this sandbox: removed with it
+    etc_files: dict[str, str]
+    init_layer: Path | None  # the union's top layer; None for a plain rootfs
+    merged: Path
+
+
+def _prepare_state(spec: SandboxSpec, network: str) -> _State:
+    temp_dir = None
+    if spec.state_dir is None:
+        temp_dir = Path(tempfile.mkdtemp(prefix="lamina-sandbox-"))
+        os.chmod(temp_dir, 0o755)
+    state_dir = spec.state_dir or temp_dir
+    assert state_dir is not None
+    try:
+        etc_files = write_etc_files(state_dir, spec.hostname, network)
+        init_layer = make_init_layer(state_dir / "init") if spec.rootfs is None else None
+        merged = state_dir / "merged"
+        merged.mkdir(exist_ok=True)
+    except OSError as e:
+        if temp_dir is not None:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+        raise ContainerError(f"cannot prepare container state in {state_dir}: {e.strerror}") from e
+    return _State(temp_dir, etc_files, init_layer, merged)
+
+
+def _union_server(spec: SandboxSpec, state: _State,
+                  server: UnionServer | None) -> tuple[UnionServer | None, str]:
+    """The server that mounts the union and its typed specification; none (a forked one stopped)
+    for a rootfs."""
+    if state.init_layer is None:
+        if server is not None:
+            server.stop()
+        return None, ""
+    from unionfs.mount import MountSpec
+
+    assert spec.lowers is not None  # an init layer is made only for image layers
+    mount_spec = MountSpec(lowers=spec.lowers.with_bottom(state.init_layer), upper=spec.upper, work=spec.work,
+                           mountpoint=state.merged, options=list(spec.union_options))
+    return (server if server is not None else UnionServer()), mount_spec.server_options().to_json()
+
+
+def _fork_keeper(spec: SandboxSpec, network: str, state: _State, ready_r: int | None,
+                 interpreter: int) -> tuple[int, int, int, int]:
+    """Fork K; return its pid and our ends of the status, sync and go pipes (see the docstring)."""
+    status_r, status_w = os.pipe2(os.O_CLOEXEC)
+    sync_r, sync_w = os.pipe2(os.O_CLOEXEC)
+    go_r, go_w = os.pipe2(os.O_CLOEXEC)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # keeper
+        def run_keeper() -> int:
+            linux.close_fds_except({0, 1, 2, status_w, sync_r, go_r, ready_r, spec.stdin, spec.stdout, spec.stderr,
+                                    spec.terminal, interpreter})
+            return keeper(spec, network, status_w, sync_r, go_r, str(state.merged), ready_r, state.etc_files)
+
+        child_main(status_w, run_keeper)
+
+    os.close(status_w)
+    os.close(sync_r)
+    os.close(go_r)
+    return pid, status_r, sync_w, go_w
+
+
+def _abandon(pid: int, server: UnionServer | None, slirp: Slirp | None, temp_dir: Path | None) -> None:
+    """Undo a start that failed or was cancelled: nothing it made is left running or on disk."""
+    kill_quietly(pid, signal.SIGKILL)  # and with it C, by its parent-death signal
+    os.waitpid(pid, 0)
+    if server is not None:
+        server.stop(grace=0)
+    if slirp is not None:
+        slirp.close()
+    if temp_dir is not None:
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _raise_if_cancelled(cancel: CancelCheck | None) -> None:
@@ -507,245 +499,6 @@ def forward_signals() -> Iterator[SignalForwarder]:
         _installed_forwarder = outer
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-# --- inside the namespaces ---------------------------------------------------------------------------
-
-
-def _keeper(spec: SandboxSpec, network: str, status_w: int, sync_r: int, go_r: int,
-            merged: str, ready_r: int | None, etc_files: dict[str, str]) -> int:
-    os.setsid()
-    linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
-    for sig in FORWARDED_SIGNALS:
-        signal.signal(sig, signal.SIG_DFL)
-    flags = linux.CLONE_NEWUSER | linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC
-    if network != "host":
-        flags |= linux.CLONE_NEWNET
-    try:
-        linux.unshare(flags)
-    except OSError as e:
-        raise ContainerError(f"cannot create the container's namespaces: {e.strerror} (are unprivileged user "
-                             "namespaces disabled? see sysctl user.max_user_namespaces)") from e
-    _send(status_w, event="unshared")
-    if os.read(sync_r, 1) != b"1":
-        return 125
-    os.close(sync_r)
-    linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
-    root = merged if ready_r is not None else str(spec.rootfs)
-    linux.unshare(linux.CLONE_NEWPID)
-    # C starts its sealed interpreter (see runner.sealed) while the union is being mounted, and
-    # waits for *mounted* before it makes its own mount namespace (a copy of this one).
-    mounted_r, mounted_w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:
-        def start_init() -> int:
-            linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
-            sealed.exec_sealed("container-init", (spec, network, root, status_w, go_r, etc_files, mounted_r),
-                               {0, 1, 2, status_w, go_r, mounted_r, spec.stdin, spec.stdout, spec.stderr,
-                                spec.terminal})
-
-        child_main(status_w, start_init)
-    for fd in (go_r, mounted_r):
-        os.close(fd)
-    _send(status_w, event="pid", pid=pid)
-    if ready_r is not None:
-        _wait_union_ready(ready_r)
-        log.debug("sandbox: union mounted")
-    os.write(mounted_w, b"1")
-    os.close(mounted_w)
-    os.close(status_w)
-    _, status = os.waitpid(pid, 0)
-    log.debug("sandbox: command exited")
-    if ready_r is not None:
-        # The server shares this mount namespace: unmounting here ends its session.
-        try:
-            linux.umount2(merged, linux.MNT_DETACH)
-        except OSError as e:
-            log.debug("unmounting %s: %s", merged, e)
-    return _exit_code(status)
-
-
-def _wait_union_ready(ready_r: int) -> None:
-    ready, _, _ = select.select([ready_r], [], [], UNION_READY_TIMEOUT)
-    message = os.read(ready_r, 4096) if ready else b""
-    if message != b"1":
-        text = message.decode(errors="replace").strip()
-        if not ready:
-            text = "the union filesystem did not become ready in time"
-        raise MountError(text or "the union filesystem exited before mounting")
-    os.close(ready_r)
-
-
-def sealed_container_init(spec: SandboxSpec, network: str, root: str, status_w: int, go_r: int,
-                          etc_files: dict[str, str], mounted_r: int) -> NoReturn:
-    """C, in the sealed interpreter (:mod:`runner.sealed`): wait for K's union, then be PID 1."""
-    def init() -> int:
-        # Killing K must kill C at every stage: the start may be cancelled after "go", and an --init
-        # reaper stays this process (the exec'd command sets its own again, after dropping privileges).
-        linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.read(mounted_r, 1) != b"1":
-            return 125  # K is gone, and has said why
-        os.close(mounted_r)
-        _container_init(spec, network, root, status_w, go_r, etc_files)
-
-    child_main(status_w, init)
-
-
-def _container_init(spec: SandboxSpec, network: str, root: str, status_w: int, go_r: int,
-                    etc_files: dict[str, str]) -> NoReturn:
-    """PID 1 of the container: prepare the root, pivot, drop privileges, exec (never returns)."""
-    linux.unshare(linux.CLONE_NEWNS)
-    console = os.ttyname(spec.terminal) if spec.terminal is not None else None
-    user_mounts = [MountRequest(m.target, m.kind, str(m.source) if m.source else None, m.readonly, m.options)
-                   for m in spec.mounts]
-    prepare_root(root, cwd=spec.cwd, create_cwd=spec.create_cwd, etc_files=etc_files, mounts=user_mounts,
-                 console=console, own_netns=network != "host", readonly=spec.readonly_rootfs,
-                 gid5_mapped=is_mapped(5, "/proc/self/gid_map"))
-    user = resolve_user(spec.user, _existing(root, "/etc/passwd"), _existing(root, "/etc/group"))
-    if network != "host":
-        loopback_up()
-    try:
-        linux.sethostname(spec.hostname)
-    except OSError as e:
-        raise ContainerError(f"cannot set hostname {spec.hostname!r}: {e.strerror}") from e
-    _send(status_w, event="prepared")
-    if os.read(go_r, 1) != b"1":
-        raise ContainerError("aborted before start")
-    os.close(go_r)
-    pivot_into(root)
-
-    env = dict(spec.env)
-    env.setdefault("PATH", DEFAULT_PATH)
-    env.setdefault("HOSTNAME", spec.hostname)
-    env.setdefault("HOME", user.home)
-    _apply_stdio(spec)
-    if spec.init:
-        _run_init_reaper(spec, user, env, status_w)
-    _exec_command(spec.argv, env, spec.cwd, user, status_w, spec.create_cwd, spec.seccomp)
-
-
-def _existing(root: str, path: str) -> str | None:
-    from runner.paths import resolve_in_root
-
-    resolved = resolve_in_root(root, path)
-    return resolved if os.path.isfile(resolved) else None
-
-
-def _apply_stdio(spec: SandboxSpec) -> None:
-    if spec.terminal is not None:
-        os.setsid()
-        fcntl.ioctl(spec.terminal, termios.TIOCSCTTY, 0)
-        for target in (0, 1, 2):
-            os.dup2(spec.terminal, target)
-        return
-    for fd, target in ((spec.stdin, 0), (spec.stdout, 1), (spec.stderr, 2)):
-        if fd is not None and fd != target:
-            os.dup2(fd, target)
-
-
-def _drop_privileges(user_uid: int, user_gid: int, groups: list[int], seccomp: bool = True) -> None:
-    keep = linux.cap_mask(linux.DOCKER_DEFAULT_CAPS)
-    linux.restrict_capabilities(keep)
-    if _setgroups_allowed():
-        os.setgroups(groups)
-    try:
-        os.setresgid(user_gid, user_gid, user_gid)
-        os.setresuid(user_uid, user_uid, user_uid)
-    except OSError as e:
-        raise ContainerError(f"cannot switch to uid {user_uid} gid {user_gid}: {e.strerror} (ids outside the "
-                             "user namespace's map: is the user given subordinate ids in /etc/subuid?)") from e
-    linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
-    if seccomp:
-        install_filter()
-
-
-def _setgroups_allowed() -> bool:
-    try:
-        with open("/proc/self/setgroups") as f:
-            return f.read().strip() == "allow"
-    except OSError:
-        return False
-
-
-def _exec_command(argv: list[str], env: dict[str, str], cwd: str, user: ExecUser, status_w: int,
-                  create_cwd: bool = False, seccomp: bool = True) -> NoReturn:
-    """Enter ``cwd``, drop to ``user`` and exec ``argv`` (already inside the container's root).
-
-    Every descriptor but 0, 1, 2 and ``status_w`` (close-on-exec) is closed *before* entering
-    ``cwd``: a working directory such as ``/proc/self/fd/N`` must not reach a host directory through
-    a descriptor of ours (CVE-2024-21626), and one that lies outside the container's root anyway is
-    refused, as runc does."""
-    os.closerange(3, status_w)
-    os.closerange(status_w + 1, 1 << 16)
-    try:
-        try:
-            os.chdir(cwd or "/")
-        except FileNotFoundError:
-            if not create_cwd:
-                raise
-            # The directory made before the mounts was hidden by a volume mounted over a parent:
-            # make it again, now that "/" is the container's root (so it cannot lead outside).
-            os.makedirs(cwd, 0o755, exist_ok=True)
-            os.chdir(cwd)
-        os.getcwd()  # ENOENT when the directory is not reachable from the container's root
-    except OSError as e:
-        raise ContainerError(f"cannot enter working directory {cwd}: {e.strerror}") from e
-    _drop_privileges(user.uid, user.gid, user.groups, seccomp)
-    linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
-    for sig in range(1, signal.NSIG):
-        try:
-            signal.signal(sig, signal.SIG_DFL)
-        except (OSError, ValueError):
-            pass
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])
-    program = argv[0]
-    try:
-        if "/" in program:
-            os.execve(program, argv, env)
-        else:
-            os.execvpe(program, argv, env)
-    except FileNotFoundError as e:
-        if "/" in program:
-            message = f'exec: "{program}": stat {program}: no such file or directory'
-        else:
-            message = f'exec: "{program}": executable file not found in $PATH'
-        raise CommandNotFound(message) from e
-    except PermissionError as e:
-        raise CommandNotInvokable(f'exec: "{program}": permission denied') from e
-    except OSError as e:
-        raise CommandNotInvokable(f'exec: "{program}": {e.strerror}') from e
-
-
-def _run_init_reaper(spec: SandboxSpec, user: ExecUser, env: dict[str, str], status_w: int) -> NoReturn:
-    """``--init``: stay as PID 1, run the command as a child, forward signals, reap every orphan."""
-    child = os.fork()
-    if child == 0:
-        def command() -> NoReturn:
-            if spec.terminal is not None:
-                # The command's own process group owns the terminal, so Ctrl-C reaches it, not us.
-                os.setpgid(0, 0)
-                signal.signal(signal.SIGTTOU, signal.SIG_IGN)
-                os.tcsetpgrp(0, os.getpid())
-            _exec_command(spec.argv, env, spec.cwd, user, status_w, spec.create_cwd, spec.seccomp)
-
-        child_main(status_w, command)
-    os.close(status_w)
-    for sig in FORWARDED_SIGNALS:
-        signal.signal(sig, lambda signum, _frame: _kill_quietly(child, signum))
-    while True:
-        try:
-            pid, status = os.waitpid(-1, 0)
-        except ChildProcessError:
-            os._exit(125)
-        if pid == child:
-            os._exit(_exit_code(status))
-
-
-def _kill_quietly(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def call_in_userns(fn: Callable[..., T], *args: object) -> T:

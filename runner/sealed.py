@@ -118,7 +118,7 @@ def main() -> NoReturn:
 
 
 def _container_init(*job: Any) -> NoReturn:
-    from runner.sandbox import sealed_container_init
+    from runner.sandbox_init import sealed_container_init
 
     sealed_container_init(*job)
 

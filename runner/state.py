@@ -27,9 +27,13 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lamina.errors import ContainerNotFound, UsageError
+from lamina.layout import Layout
+
+if TYPE_CHECKING:
+    from lamina.store.usage import Needs
 
 log = logging.getLogger(__name__)
 
@@ -152,17 +156,18 @@ class Container:
 
 
 class ContainerStore:
-    """The containers under ``ROOT/containers``."""
+    """The containers in ``layout.containers``."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.dir = root / "containers"
+    def __init__(self, layout: Layout | Path) -> None:
+        self.layout = Layout.of(layout)
+        self.root = self.layout.root
+        self.dir = self.layout.containers
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         if not self.dir.is_dir():
             from lamina.store import Store
-            Store.open(self.root)  # the store's layout, private to its owner
+            Store.open(self.layout)  # the store's layout, private to its owner
         with open(self.dir / ".lock", "a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
@@ -206,6 +211,21 @@ class ContainerStore:
             for path in fresh.anonymous_volumes:
                 _delete_container_tree(Path(path).parent)
             self.remove_directory(fresh)
+
+    def store_needs(self) -> Needs:
+        """The images containers were made from, each used by the containers' IDs (for the image
+        store: :class:`lamina.store.usage.DigestOwner`). Read from the records as they are, without
+        refreshing them: a record that cannot be read protects nothing."""
+        from lamina.store.usage import Needs
+
+        needs = Needs()
+        for path in sorted(self.dir.glob("*/container.json")):
+            with contextlib.suppress(OSError, ValueError, RecursionError):
+                data = json.loads(path.read_bytes())
+                image_id = data.get("image_id") if isinstance(data, dict) else None
+                if isinstance(image_id, str) and image_id:
+                    needs.use_image(image_id, path.parent.name)
+        return needs
 
     def get(self, name_or_id: str) -> Container:
         """By exact name, full id, or unique id prefix; ContainerNotFound otherwise."""
@@ -262,7 +282,7 @@ class ContainerStore:
             log.debug("cannot move %s aside (%s): deleting it in place", container.directory, e)
             _delete_container_tree(container.directory)
             return
-        # Nothing in the doomed tree may keep naming the image's layers (the store's gc reads it).
+        # A doomed tree's record must not keep its image in use (store_needs reads the records).
         with contextlib.suppress(FileNotFoundError):
             (doomed / "container.json").unlink()
         _delete_in_background(self.dir)
@@ -287,17 +307,16 @@ def claim(container: Container) -> None:
     container.save()
 
 
-def sweep_debris(root: Path) -> None:
-    """Remove what killed or crashed lamina processes left in the store at ``root``: temporaries
+def sweep_debris(layout: Layout) -> None:
+    """Remove what killed or crashed lamina processes left in the store at ``layout``: temporaries
     of writers that are gone (a killed build's step directories, the sandbox state inside them
     included) and ``--rm`` containers whose monitor is gone. Every command that uses the store
     calls this; a live process's files are never touched (their names carry its pid)."""
     from lamina.store.blobs import remove_stale_temps
 
-    tmp_dir = root / "tmp"
-    if tmp_dir.is_dir():
-        remove_stale_temps(tmp_dir, remove=_remove_in_userns_if_needed)
-    ContainerStore(root).all()
+    if layout.tmp.is_dir():
+        remove_stale_temps(layout.tmp, remove=_remove_in_userns_if_needed)
+    ContainerStore(layout).all()
 
 
 def _remove_in_userns_if_needed(path: Path) -> None:
@@ -388,9 +407,9 @@ def refresh(container: Container) -> Container:
     return container
 
 
-def inspect_container(root: Path, name: str) -> dict[str, Any]:
+def inspect_container(layout: Layout, name: str) -> dict[str, Any]:
     """``lamina inspect CONTAINER``: docker's field names for the record (``{{.State.Pid}}`` etc.)."""
-    c = ContainerStore(root).get(name)
+    c = ContainerStore(layout).get(name)
     return {
         "Id": c.id,
         "Name": "/" + c.name,

@@ -46,9 +46,9 @@ class UnionServer:
         os.close(attach_r)
         self._reaped = False
 
-    def attach(self, keeper_pid: int, server_args: list[str], log_path: str | None) -> None:
-        """Tell the server what to mount and in whose namespaces."""
-        message = json.dumps({"keeper": keeper_pid, "args": server_args, "log": log_path}).encode()
+    def attach(self, keeper_pid: int, server_spec: str, log_path: str | None) -> None:
+        """Tell the server what to mount (``ServerOptions.to_json()``) and in whose namespaces."""
+        message = json.dumps({"keeper": keeper_pid, "spec": server_spec, "log": log_path}).encode()
         os.write(self._attach_w, message)
         os.close(self._attach_w)
         self._attach_w = -1
@@ -147,7 +147,7 @@ def _serve(attach_r: int, ready_w: int) -> int:
 
         use_import_bundle()
         import_fuse_stack()
-        from unionfs.options import parse_args
+        from unionfs.options import ServerOptions, check_dirs
         from unionfs.server import serve
 
         data = b""
@@ -160,7 +160,8 @@ def _serve(attach_r: int, ready_w: int) -> int:
             log_fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             os.dup2(log_fd, 2)
             os.close(log_fd)
-        opts = parse_args(request["args"])
+        opts = ServerOptions.from_json(request["spec"])
+        check_dirs(opts)
         for name, flag in (("user", linux.CLONE_NEWUSER), ("mnt", linux.CLONE_NEWNS)):
             fd = os.open(f"/proc/{int(request['keeper'])}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
             linux.setns(fd, flag)

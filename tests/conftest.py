@@ -15,6 +15,7 @@ import pytest
 
 from harness import (
     REPO_ROOT,
+    SESSION_MOUNTS,
     MountedUnion,
     UnprivilegedRuntime,
     UnprivilegedUser,
@@ -95,13 +96,11 @@ def union_mount(tmp_path: Path) -> Iterator[MountFactory]:
 
 @pytest.fixture(scope="session", autouse=True)
 def sweep_mounts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """At the end of the run, unmount anything a test left under the test temp directory."""
-    base = tmp_path_factory.getbasetemp()
+    """At the end of the run, unmount what this session's tests left mounted: under its temp
+    directory and wherever a fixture recorded a mount (harness.SESSION_MOUNTS); never others'."""
+    SESSION_MOUNTS.record(tmp_path_factory.getbasetemp())
     yield
-    for prefix in (base, Path("/tmp")):
-        for mountpoint in sorted(fuse_mounts_under(prefix), key=lambda p: len(str(p)), reverse=True):
-            if prefix == base or mountpoint.name.startswith("lamina-") or "lamina-unpriv-" in str(mountpoint):
-                force_unmount(mountpoint)
+    SESSION_MOUNTS.sweep()
 
 
 # --- an unprivileged user ------------------------------------------------------------------------

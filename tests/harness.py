@@ -47,6 +47,33 @@ def fuse_mounts_under(prefix: Path) -> list[Path]:
     return found
 
 
+class SessionMounts:
+    """The places where this test session mounts: the end-of-session sweep unmounts what is left
+    there and nothing else. Other test sessions and other programs mount under /tmp too (with the
+    same names): a sweep by name would take their mounts from under them."""
+
+    def __init__(self) -> None:
+        self._roots: set[Path] = set()
+
+    def record(self, root: Path) -> None:
+        """``root`` and everything below it is this session's to unmount."""
+        self._roots.add(Path(os.path.abspath(root)))
+
+    def roots(self) -> list[Path]:
+        return sorted(self._roots)
+
+    def sweep(self) -> list[Path]:
+        """Unmount every FUSE mount at or below a recorded root, deepest first; return them."""
+        left = {m for root in self._roots for m in fuse_mounts_under(root)}
+        ordered = sorted(left, key=lambda p: len(p.parts), reverse=True)
+        for mountpoint in ordered:
+            force_unmount(mountpoint)
+        return ordered
+
+
+SESSION_MOUNTS = SessionMounts()
+
+
 def is_mounted(mountpoint: Path) -> bool:
     return mountpoint in fuse_mounts_under(mountpoint)
 
@@ -108,6 +135,7 @@ def start_union(argv: list[str], mountpoint: Path, stderr_path: Path,
     deadline passes; in that case nothing is left mounted or running.
     """
     mountpoint.mkdir(parents=True, exist_ok=True)
+    SESSION_MOUNTS.record(mountpoint)
     with open(stderr_path, "wb") as err:
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
                                    cwd=REPO_ROOT, start_new_session=True)
@@ -192,6 +220,7 @@ class UnprivilegedRuntime:
     @classmethod
     def create(cls) -> UnprivilegedRuntime:
         base = Path(tempfile.mkdtemp(prefix="lamina-unpriv-", dir="/tmp"))
+        SESSION_MOUNTS.record(base)  # the user's stores and runtime directories: mounts land here
         base.chmod(0o755)
         src, site = _copy_runtime(base)
         pythonpath = f"{src}:{site}"

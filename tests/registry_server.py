@@ -288,6 +288,28 @@ def run_registry(tmp: Path, htpasswd: dict[str, str] | None = None, token: Token
     storage = tmp / "storage"
     storage.mkdir()
     port = free_port()
+    config, cert = _registry_config(tmp, storage, port, htpasswd, token, tls)
+    (tmp / "config.yml").write_text("\n".join(config) + "\n")
+    log_path = tmp / "registry.log"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen([exe, "serve", str(tmp / "config.yml")], stdout=log_file,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    registry = RunningRegistry(port, storage, log_path, process, cert)
+    try:
+        _wait_until_up(registry, tls, timeout)
+        yield registry
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _registry_config(tmp: Path, storage: Path, port: int, htpasswd: dict[str, str] | None,
+                     token: TokenServer | None, tls: bool) -> tuple[list[str], Path | None]:
+    """docker-registry's config.yml, as lines, and the certificate it serves (if ``tls``)."""
     config = [
         "version: 0.1",
         "log:",
@@ -323,40 +345,30 @@ def run_registry(tmp: Path, htpasswd: dict[str, str] | None = None, token: Token
     elif token is not None:
         config += ["auth:", "  token:", f"    realm: {token.realm}", f"    service: {token.service}",
                    f"    issuer: {token.issuer}", f"    rootcertbundle: {token.cert}"]
-    (tmp / "config.yml").write_text("\n".join(config) + "\n")
-    log_path = tmp / "registry.log"
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen([exe, "serve", str(tmp / "config.yml")], stdout=log_file,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    registry = RunningRegistry(port, storage, log_path, process, cert)
+    return config, cert
+
+
+def _wait_until_up(registry: RunningRegistry, tls: bool, timeout: float) -> None:
+    """Poll ``/v2/`` until the registry answers (a 401 counts); RuntimeError if it exits or is late."""
     insecure = ssl.create_default_context()
     insecure.check_hostname, insecure.verify_mode = False, ssl.CERT_NONE
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"docker-registry exited with {process.returncode}: "
-                                   f"{log_path.read_text(errors='replace')[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{'https' if tls else 'http'}://{registry.address}/v2/", timeout=2,
-                                            context=insecure if tls else None):
-                    break
-            except urllib.error.HTTPError as e:
-                if e.code == 401:  # up, and wants credentials
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"docker-registry did not answer on {registry.address} within {timeout} s")
-            time.sleep(0.05)
-        yield registry
-    finally:
-        process.terminate()
+    deadline = time.monotonic() + timeout
+    while True:
+        if registry.process.poll() is not None:
+            raise RuntimeError(f"docker-registry exited with {registry.process.returncode}: "
+                               f"{registry.log_path.read_text(errors='replace')[-2000:]}")
         try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            with urllib.request.urlopen(f"{'https' if tls else 'http'}://{registry.address}/v2/", timeout=2,
+                                        context=insecure if tls else None):
+                return
+        except urllib.error.HTTPError as e:
+            if e.code == 401:  # up, and wants credentials
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"docker-registry did not answer on {registry.address} within {timeout} s")
+        time.sleep(0.05)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -486,147 +498,172 @@ class FakeRegistry:
 
     @contextlib.contextmanager
     def serve(self) -> Iterator[FakeRegistry]:
-        fake = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            disable_nagle_algorithm = True  # headers and body go as separate writes
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-            def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
-                self.send_response(status)
-                for key, value in (headers or {}).items():
-                    self.send_header(key, value)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(body)
-
-            def _token(self) -> None:
-                query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(self.path).query))
-                fake.token_requests.append(query)
-                if fake.token_user is not None:
-                    want = "Basic " + base64.b64encode(f"{fake.token_user}:{fake.token_password}".encode()).decode()
-                    if self.headers.get("Authorization") != want:
-                        self._send(401, b'{"details":"bad credentials"}')
-                        return
-                token = secrets.token_hex(8)
-                fake._issued[token] = query.get("scope", "")
-                self._send(200, json.dumps({"token": token}).encode(), {"Content-Type": "application/json"})
-
-            def _authorized(self, scope: str) -> bool:
-                if not fake.bearer:
-                    return True
-                auth = self.headers.get("Authorization", "")
-                if auth.startswith("Bearer ") and fake._issued.get(auth[7:]) is not None:
-                    granted = fake._issued[auth[7:]]
-                    if scope == "" or scope in granted.split(" "):
-                        return True
-                challenge = f'Bearer realm="http://{fake.address}/token",service="fake-registry"'
-                if scope:
-                    challenge += f',scope="{scope}"'
-                self._send(401, b'{"errors":[{"code":"UNAUTHORIZED","message":"token required"}]}',
-                           {"WWW-Authenticate": challenge, "Content-Type": "application/json"})
-                return False
-
-            def do_GET(self) -> None:
-                path = urllib.parse.urlsplit(self.path).path
-                fake.requests.append((self.command, path, self.headers.get("Authorization")))
-                if path == "/token":
-                    self._token()
-                    return
-                if path.startswith("/blobstore/"):
-                    data = fake.blobs.get(path.rsplit("/", 1)[1])
-                    self._send(200 if data is not None else 404, data or b"")
-                    return
-                if path == "/v2/":
-                    if self._authorized(""):
-                        self._send(200, b"{}")
-                    return
-                m = re.fullmatch(r"/v2/(.+)/(manifests|blobs)/([^/]+)", path)
-                if not m:
-                    self._send(404)
-                    return
-                repository, kind, ref = m.groups()
-                if not self._authorized(f"repository:{repository}:pull"):
-                    return
-                if kind == "blobs":
-                    if ref not in fake.blobs:
-                        self._send(404, b'{"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown"}]}')
-                        return
-                    if fake.redirect_blobs:
-                        self._send(307, b"", {"Location": f"http://localhost:{fake.port}/blobstore/{ref}"})
-                        return
-                    data = fake.blob_override.get(ref, fake.blobs[ref])
-                    if fake.blob_delay and self.command == "GET":
-                        with fake._lock:
-                            fake._in_flight += 1
-                            fake.max_in_flight = max(fake.max_in_flight, fake._in_flight)
-                        time.sleep(fake.blob_delay)
-                        with fake._lock:
-                            fake._in_flight -= 1
-                    if fake.failing_blob_gets > 0 and self.command == "GET":
-                        fake.failing_blob_gets -= 1
-                        if fake.failure == "503":
-                            self._send(503, b'{"errors":[{"code":"UNAVAILABLE","message":"try later"}]}')
-                            return
-                        self.send_response(200)
-                        self.send_header("Content-Length", str(len(data)))
-                        self.end_headers()
-                        self.wfile.write(data[: len(data) // 2])
-                        self.close_connection = True
-                        return
-                    wanted = self.headers.get("Range")
-                    if wanted and self.command == "GET":
-                        fake.range_requests.append(wanted)
-                        m = re.fullmatch(r"bytes=(\d+)-", wanted)
-                        if fake.ranges and m and int(m.group(1)) < len(data):
-                            start = int(m.group(1))
-                            self._send(206, data[start:],
-                                       {"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"})
-                            return
-                    if fake.trickle is not None and self.command == "GET":
-                        self.send_response(200)
-                        self.send_header("Content-Length", str(len(data)))
-                        self.end_headers()
-                        with contextlib.suppress(OSError):
-                            for i in range(len(data)):
-                                self.wfile.write(data[i:i + 1])
-                                self.wfile.flush()
-                                time.sleep(fake.trickle)
-                        return
-                    if fake.stall_after is not None and self.command == "GET" and len(data) > fake.stall_after:
-                        self.send_response(200)
-                        self.send_header("Content-Length", str(len(data)))
-                        self.end_headers()
-                        with contextlib.suppress(OSError):
-                            self.wfile.write(data[:fake.stall_after])
-                            self.wfile.flush()
-                        fake.stalled.set()
-                        fake.release.wait(30)
-                        with contextlib.suppress(OSError):
-                            self.wfile.write(data[fake.stall_after:])
-                        return
-                    self._send(200, data, {"Content-Type": "application/octet-stream",
-                                           "Docker-Content-Digest": ref})
-                    return
-                if (repository, ref) not in fake.manifests:
-                    self._send(404, b'{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown"}]}')
-                    return
-                media_type, data = fake.manifests[(repository, ref)]
-                announced = fake.manifest_digest_header.get((repository, ref), digest_of(data))
-                self._send(200, data, {"Content-Type": media_type, "Docker-Content-Digest": announced})
-
-            do_HEAD = do_GET
-
-        with serve_http(Handler) as port:
+        handler = type("Handler", (_FakeRegistryHandler,), {"fake": self})
+        with serve_http(handler) as port:
             self.port = port
             try:
                 yield self
             finally:
                 self.release.set()  # let a stalled handler finish before the server stops
+
+
+class _FakeRegistryHandler(http.server.BaseHTTPRequestHandler):
+    """Answers for one :class:`FakeRegistry` (``fake``, set by :meth:`FakeRegistry.serve`)."""
+
+    fake: FakeRegistry
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go as separate writes
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _send_headers(self, length: int) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(length))
+        self.end_headers()
+
+    def _token(self) -> None:
+        fake = self.fake
+        query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(self.path).query))
+        fake.token_requests.append(query)
+        if fake.token_user is not None:
+            want = "Basic " + base64.b64encode(f"{fake.token_user}:{fake.token_password}".encode()).decode()
+            if self.headers.get("Authorization") != want:
+                self._send(401, b'{"details":"bad credentials"}')
+                return
+        token = secrets.token_hex(8)
+        fake._issued[token] = query.get("scope", "")
+        self._send(200, json.dumps({"token": token}).encode(), {"Content-Type": "application/json"})
+
+    def _authorized(self, scope: str) -> bool:
+        fake = self.fake
+        if not fake.bearer:
+            return True
+        auth = self.headers.get("Authorization", "")
+        if auth.startswith("Bearer ") and fake._issued.get(auth[7:]) is not None:
+            granted = fake._issued[auth[7:]]
+            if scope == "" or scope in granted.split(" "):
+                return True
+        challenge = f'Bearer realm="http://{fake.address}/token",service="fake-registry"'
+        if scope:
+            challenge += f',scope="{scope}"'
+        self._send(401, b'{"errors":[{"code":"UNAUTHORIZED","message":"token required"}]}',
+                   {"WWW-Authenticate": challenge, "Content-Type": "application/json"})
+        return False
+
+    def do_GET(self) -> None:
+        fake = self.fake
+        path = urllib.parse.urlsplit(self.path).path
+        fake.requests.append((self.command, path, self.headers.get("Authorization")))
+        if path == "/token":
+            self._token()
+            return
+        if path.startswith("/blobstore/"):
+            data = fake.blobs.get(path.rsplit("/", 1)[1])
+            self._send(200 if data is not None else 404, data or b"")
+            return
+        if path == "/v2/":
+            if self._authorized(""):
+                self._send(200, b"{}")
+            return
+        m = re.fullmatch(r"/v2/(.+)/(manifests|blobs)/([^/]+)", path)
+        if not m:
+            self._send(404)
+            return
+        repository, kind, ref = m.groups()
+        if not self._authorized(f"repository:{repository}:pull"):
+            return
+        if kind == "blobs":
+            self._blob(ref)
+            return
+        if (repository, ref) not in fake.manifests:
+            self._send(404, b'{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown"}]}')
+            return
+        media_type, data = fake.manifests[(repository, ref)]
+        announced = fake.manifest_digest_header.get((repository, ref), digest_of(data))
+        self._send(200, data, {"Content-Type": media_type, "Docker-Content-Digest": announced})
+
+    do_HEAD = do_GET
+
+    def _blob(self, ref: str) -> None:
+        fake = self.fake
+        if ref not in fake.blobs:
+            self._send(404, b'{"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown"}]}')
+            return
+        if fake.redirect_blobs:
+            self._send(307, b"", {"Location": f"http://localhost:{fake.port}/blobstore/{ref}"})
+            return
+        data = fake.blob_override.get(ref, fake.blobs[ref])
+        get = self.command == "GET"
+        if fake.blob_delay and get:
+            with fake._lock:
+                fake._in_flight += 1
+                fake.max_in_flight = max(fake.max_in_flight, fake._in_flight)
+            time.sleep(fake.blob_delay)
+            with fake._lock:
+                fake._in_flight -= 1
+        if fake.failing_blob_gets > 0 and get:
+            fake.failing_blob_gets -= 1
+            self._fail_blob(data)
+            return
+        if get and self._ranged_blob(data):
+            return
+        if fake.trickle is not None and get:
+            self._trickle_blob(data, fake.trickle)
+            return
+        if fake.stall_after is not None and get and len(data) > fake.stall_after:
+            self._stall_blob(data, fake.stall_after)
+            return
+        self._send(200, data, {"Content-Type": "application/octet-stream", "Docker-Content-Digest": ref})
+
+    def _fail_blob(self, data: bytes) -> None:
+        """A 503, or (``failure="truncate"``) half the body and a closed connection."""
+        if self.fake.failure == "503":
+            self._send(503, b'{"errors":[{"code":"UNAVAILABLE","message":"try later"}]}')
+            return
+        self._send_headers(len(data))
+        self.wfile.write(data[: len(data) // 2])
+        self.close_connection = True
+
+    def _ranged_blob(self, data: bytes) -> bool:
+        """Answer a ``Range: bytes=N-`` request with a 206 (when ranges are on); False if not one."""
+        wanted = self.headers.get("Range")
+        if not wanted:
+            return False
+        self.fake.range_requests.append(wanted)
+        m = re.fullmatch(r"bytes=(\d+)-", wanted)
+        if not (self.fake.ranges and m and int(m.group(1)) < len(data)):
+            return False
+        start = int(m.group(1))
+        self._send(206, data[start:], {"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"})
+        return True
+
+    def _trickle_blob(self, data: bytes, interval: float) -> None:
+        self._send_headers(len(data))
+        with contextlib.suppress(OSError):
+            for i in range(len(data)):
+                self.wfile.write(data[i:i + 1])
+                self.wfile.flush()
+                time.sleep(interval)
+
+    def _stall_blob(self, data: bytes, after: int) -> None:
+        self._send_headers(len(data))
+        with contextlib.suppress(OSError):
+            self.wfile.write(data[:after])
+            self.wfile.flush()
+        self.fake.stalled.set()
+        self.fake.release.wait(30)
+        with contextlib.suppress(OSError):
+            self.wfile.write(data[after:])
 
 
 __all__ = ["FakeRegistry", "RunningRegistry", "bcrypt_hash", "digest_of", "ForwardProxy", "TokenServer", "free_port", "layer_blob", "oci_image", "run_registry"]

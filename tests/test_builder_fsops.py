@@ -12,6 +12,7 @@ from builder.dockerignore import IgnoreRules
 from builder.fsops import LayerView, ensure_parents, prune_empty_dirs, resolve_dir_in_image
 from lamina.errors import BuildError
 from unionfs.core import ondisk
+from unionfs.core.stack import LayerStack
 
 
 @pytest.fixture
@@ -36,7 +37,7 @@ def stack(tmp_path: Path) -> LayerView:
     (top / "x" / ondisk.OPAQUE_MARKER).write_text("")
     (top / "x" / "new").write_text("n")
     (top / (ondisk.WHITEOUT_PREFIX + "gone")).write_text("")
-    return LayerView([top, middle, bottom])
+    return LayerView(LayerStack.from_top_down([top, middle, bottom]))
 
 
 def names(view: LayerView, path: str) -> list[str]:

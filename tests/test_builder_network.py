@@ -46,6 +46,18 @@ if __name__ == "__main__":
     app.run(host="0.0.0.0")
 '''
 
+# No python:latest image here: the "python" base is Debian's python3 and pip (PEP 668 asks for
+# --break-system-packages to install into the system Python of a container image).
+FLASK_DOCKERFILE = (
+    "FROM debian:bookworm\n"
+    "RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-pip\n"
+    "COPY host-ca.crt /usr/local/share/host-ca.crt\n"
+    "RUN pip install --break-system-packages --cert /usr/local/share/host-ca.crt flask\n"
+    "WORKDIR /app\n"
+    "COPY app.py .\n"
+    "EXPOSE 5000\n"
+    'CMD ["python3", "app.py"]\n')
+
 
 @pytest.fixture(scope="session")
 def debian_tarball() -> Path:
@@ -118,17 +130,7 @@ def test_article_example_flask(unpriv: UnprivilegedUser, debian_tarball: Path) -
     ctx.mkdir()
     (ctx / "app.py").write_text(APP_PY)
     shutil.copyfile(HOST_CA, ctx / "host-ca.crt")
-    # No python:latest image here: the "python" base is Debian's python3 and pip (PEP 668 asks for
-    # --break-system-packages to install into the system Python of a container image).
-    (ctx / "Dockerfile").write_text(
-        "FROM debian:bookworm\n"
-        "RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-pip\n"
-        "COPY host-ca.crt /usr/local/share/host-ca.crt\n"
-        "RUN pip install --break-system-packages --cert /usr/local/share/host-ca.crt flask\n"
-        "WORKDIR /app\n"
-        "COPY app.py .\n"
-        "EXPOSE 5000\n"
-        'CMD ["python3", "app.py"]\n')
+    (ctx / "Dockerfile").write_text(FLASK_DOCKERFILE)
     _build(unpriv, ctx, "my-flask-image")
     run = unpriv.lamina("run", "-d", "--name", "flask-test", "-p", "5000:5000", "my-flask-image", timeout=120)
     assert run.returncode == 0, run.stderr

@@ -40,3 +40,111 @@ def test_lamina_error_is_one_line_without_traceback(lamina_cmd) -> None:  # type
     result = lamina_cmd("inspect", "no-such-image-anywhere", check=False)
     assert result.returncode == 125
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_libraries_know_nothing_of_the_command_line() -> None:
+    """The store, inspector, builder and runner are libraries: flags are parsed in lamina.commands."""
+    import ast
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    libraries = [repo / "lamina" / "store", repo / "lamina" / "inspector", repo / "builder", repo / "runner"]
+    offenders = []
+    for path in sorted(p for library in libraries for p in library.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(n == "argparse" or n.startswith(("lamina.commands", "lamina.cli")) for n in names):
+                offenders.append(f"{path.relative_to(repo)}:{node.lineno}")
+    assert offenders == []
+
+
+# One command line per verb, with flags of every kind (store_true, append, choices, typed values,
+# REMAINDER, nested sub-verbs).
+SAMPLE_COMMAND_LINES: dict[str, list[str]] = {
+    "history": ["history", "--no-trunc", "-q", "--format", "json", "img"],
+    "images": ["images", "-q", "--no-trunc", "--format", "{{.ID}}", "busybox"],
+    "import": ["import", "-c", "CMD sh", "-c", "ENV A=1", "-m", "msg", "-", "new:tag"],
+    "inspect": ["inspect", "-f", "{{.Id}}", "--type", "image", "a", "b"],
+    "load": ["load", "-i", "archive.tar", "-q"],
+    "rmi": ["rmi", "-f", "a", "b"],
+    "save": ["save", "-o", "out.tar", "--format", "oci-archive", "a"],
+    "system": ["system", "prune", "-a", "-f"],
+    "tag": ["tag", "a", "b", "c"],
+    "login": ["login", "-u", "user", "--password-stdin", "--tls-verify=false", "registry.test"],
+    "logout": ["logout", "registry.test"],
+    "pull": ["pull", "--platform", "linux/arm64/v8", "--tls-verify", "false", "-q", "img"],
+    "push": ["push", "--creds", "u:p", "--cert-dir", "/certs", "img", "registry.test/img:1"],
+    "build": ["build", "-t", "a", "-t", "b", "--build-arg", "A=1", "--no-cache", "-f", "-", "ctx"],
+    "commit": ["commit", "-m", "msg", "-p", "false", "ctr", "img:1"],
+    "create": ["create", "--name", "c", "-e", "A=1", "-v", "/x", "--read-only", "img", "sh", "-c", "x"],
+    "diff": ["diff", "ctr"],
+    "exec": ["exec", "-it", "-e", "A=1", "ctr", "ls", "-l"],
+    "kill": ["kill", "-s", "TERM", "a", "b"],
+    "logs": ["logs", "-f", "-t", "--since", "10m", "-n", "5", "ctr"],
+    "port": ["port", "ctr"],
+    "ps": ["ps", "-a", "-q", "-f", "name=x", "--no-trunc", "--format", "json"],
+    "restart": ["restart", "-t", "3", "a"],
+    "rm": ["rm", "-f", "a", "b"],
+    "run": ["run", "--rm", "-d", "-p", "8080:80", "--network", "none", "--entrypoint", "", "img", "true"],
+    "start": ["start", "-a", "ctr"],
+    "stop": ["stop", "-t", "0", "a"],
+    "wait": ["wait", "a", "b"],
+    "layers": ["layers", "--json", "img"],
+    "mount": ["mount", "--rw", "--upto", "2", "--trace", "/t", "img", "/mnt"],
+    "umount": ["umount", "--lazy", "/mnt"],
+    "which": ["which", "--json", "img", "/etc/passwd"],
+}
+
+
+def _parsed(argv: list[str]) -> dict[str, object]:
+    from lamina.cli import build_parser
+
+    return vars(build_parser(argv).parse_args(argv))
+
+
+def _usage_error(argv: list[str]) -> str:
+    import pytest
+
+    from lamina.cli import build_parser
+    from lamina.errors import UsageError
+
+    with pytest.raises(UsageError) as raised:
+        build_parser(argv).parse_args(argv)
+    return str(raised.value)
+
+
+def test_every_verb_parses_alike_with_start_up_tricks_on_and_off(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from lamina.cli import build_parser
+
+    assert set(SAMPLE_COMMAND_LINES) == set(VERB_MODULES)
+    full = build_parser(())  # no verb named: every module registers every verb
+    for verb, argv in SAMPLE_COMMAND_LINES.items():
+        expected = vars(full.parse_args(argv))
+        bad = [verb, "--no-such-flag"]
+        monkeypatch.delenv("LAMINA_NO_PATCHES", raising=False)
+        with_tricks, error_with_tricks = _parsed(argv), _usage_error(bad)
+        monkeypatch.setenv("LAMINA_NO_PATCHES", "1")
+        without_tricks, error_without_tricks = _parsed(argv), _usage_error(bad)
+        assert with_tricks == expected == without_tricks, verb
+        assert error_with_tricks == error_without_tricks, verb
+
+
+def test_the_one_verb_parser_is_used_only_with_start_up_tricks_on(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from lamina.cli import build_parser
+
+    def verbs_built(argv: list[str]) -> set[str]:
+        action = build_parser(argv)._subparsers._group_actions[0]  # type: ignore[union-attr]
+        return set(action.choices)  # type: ignore[arg-type]
+
+    monkeypatch.delenv("LAMINA_NO_PATCHES", raising=False)
+    assert verbs_built(["ps"]) == {"ps"}
+    monkeypatch.setenv("LAMINA_NO_PATCHES", "1")
+    assert verbs_built(["ps"]) == {v for v, m in VERB_MODULES.items() if m == VERB_MODULES["ps"]}
+
+
+def test_archive_formats_offered_are_those_the_archive_module_writes() -> None:
+    from lamina.commands.images import ARCHIVE_FORMATS
+    from lamina.store.archive import DOCKER_ARCHIVE, OCI_ARCHIVE
+
+    assert ARCHIVE_FORMATS == (DOCKER_ARCHIVE, OCI_ARCHIVE)

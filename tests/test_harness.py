@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from harness import MountFailed, fuse_mounts_under, start_union, union_argv
+from harness import MountFailed, SessionMounts, force_unmount, fuse_mounts_under, is_mounted, start_union, union_argv
 
 
 @pytest.mark.fuse
@@ -27,6 +29,29 @@ def test_mount_deadline_kills_a_server_that_never_mounts(tmp_path: Path) -> None
     with pytest.raises(MountFailed, match="not ready"):
         start_union(argv, tmp_path / "mnt", tmp_path / "err.log", deadline_s=0.5)
     assert fuse_mounts_under(tmp_path) == []
+
+
+@pytest.mark.fuse
+def test_the_session_sweep_unmounts_only_what_the_session_recorded(tmp_path: Path) -> None:
+    """Another session's mount under /tmp, named as ours would be, survives our sweep; ours does not."""
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    foreign_base = Path(tempfile.mkdtemp(prefix="lamina-unpriv-", dir="/tmp"))  # as another session's
+    session = SessionMounts()
+    session.record(tmp_path / "ours")
+    mounted = []
+    try:
+        for mountpoint in (tmp_path / "ours" / "mnt", foreign_base / "lamina-mnt"):
+            argv = union_argv([lower], None, None, mountpoint)
+            mounted.append(start_union(argv, mountpoint, tmp_path / f"{mountpoint.parent.name}.log"))
+        assert session.sweep() == [tmp_path / "ours" / "mnt"]
+        assert not is_mounted(tmp_path / "ours" / "mnt")
+        assert is_mounted(foreign_base / "lamina-mnt")
+    finally:
+        for handle in mounted:
+            handle.unmount()
+        force_unmount(foreign_base / "lamina-mnt")
+        shutil.rmtree(foreign_base, ignore_errors=True)
 
 
 def test_cli_version_and_usage_errors(lamina_cmd) -> None:  # type: ignore[no-untyped-def]

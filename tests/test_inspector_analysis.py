@@ -171,3 +171,17 @@ def test_directory_over_file_over_directory_does_not_merge(tmp_path: Path) -> No
     p = analyze([LayerInput(l1), LayerInput(l2), LayerInput(l3)]).history("/p")
     assert p is not None and p.provider == 2
     assert [(c.layer, c.is_dir) for c in p.lower_copies] == [(1, False)]   # layer 1's directory is gone
+
+
+def test_replay_shows_what_the_merged_view_shows(tmp_path: Path) -> None:
+    """The analysis replays layers bottom up (the OCI applier's order); what it ends up showing is
+    what the union's merged view (itself checked against the kernel's overlayfs) shows."""
+    from test_unionfs_view import build_layers
+
+    from unionfs.core.view import MergedView
+
+    stack = build_layers(tmp_path, redirects=False)
+    analysis = analyze([LayerInput(path) for path in stack.bottom_up()])
+    shown = sorted(path for path, h in analysis.paths.items() if h.visible and path != "/")
+    with MergedView(stack) as view:
+        assert shown == sorted(entry.path for entry in view.walk())

@@ -141,11 +141,20 @@ def test_layers_table_and_pictures(lamina_cmd, image_root: Path, tmp_path: Path)
     assert [r["wasted"] for r in rows] == [1130, 200, 0]
     assert rows[2]["whiteouts"] == ["/data/big", "/etc/motd"] and rows[2]["opaque_dirs"] == ["/opt/app"]
     assert data["efficiency"] == pytest.approx(1 - 1330 / 1339)
+    # dive's definitions by hand: leaves per path; /etc/motd 100+200+0 (file whiteout weighs 0),
+    # /data/big 1000+0; the opaque /opt/app is ignored, so old (30) and new (4) count once each.
+    dive = data["dive"]
+    assert dive["efficiency"] == pytest.approx((5 + 30 + 4) / 1339)
+    assert dive["wasted_bytes"] == 1300 and dive["user_bytes"] == 204
+    assert dive["wasted_user_share"] == pytest.approx(1300 / 204)
+    assert [(d["path"], d["count"], d["total"]) for d in dive["inefficiencies"]] == [
+        ("/data/big", 2, 1000), ("/etc/motd", 3, 300)]
 
     table = lamina_cmd("layers", "three", root=image_root).stdout.splitlines()
     assert table[0].split()[:3] == ["#", "DIFF", "ID"]
     assert table[1].split()[0] == "3" and table[3].split()[0] == "1"   # newest first, like docker history
-    assert table[-1].startswith("efficiency 0.7%")
+    assert table[-2].startswith("efficiency 0.7%")
+    assert table[-1].startswith("dive's figures: efficiency 2.9126%, potential wasted space 1.3 kB (637.25% ")
 
     html, svg = tmp_path / "l.html", tmp_path / "l.svg"
     lamina_cmd("layers", "three", "--html", str(html), root=image_root)
@@ -289,7 +298,7 @@ def test_mount_umount_unprivileged(unpriv) -> None:  # type: ignore[no-untyped-d
     assert result.returncode == 0, result.stderr
     which = unpriv.lamina("which", "three", "/etc/motd", check=True).stdout
     assert "not in the image (deleted)" in which and "[whiteout]" in which
-    assert unpriv.lamina("layers", "three", check=True).stdout.splitlines()[-1].startswith("efficiency")
+    assert unpriv.lamina("layers", "three", check=True).stdout.splitlines()[-2].startswith("efficiency")
     mount = unpriv.lamina("mount", "three", check=True)
     mnt = Path(mount.stdout.strip())
     try:

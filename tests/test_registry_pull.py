@@ -387,8 +387,8 @@ def test_absurd_manifests_are_refused_before_downloading(tmp_path: Path, lamina_
     fake.add_manifest("absurd/img", "deep", OCI_MANIFEST, b"[" * 200000 + b"]" * 200000)
     with fake.serve():
         for tag, expected in (("huge", "more than the limit"), ("many", "501 layers"),
-                              ("path", "invalid or unsupported layer digest"), ("deep", "not valid JSON"),
-                              ("odd", "unsupported media type")):
+                              ("path", "'layers'[0]: 'digest' is 'sha256:../../../etc/passwd', not a sha256 digest"),
+                              ("deep", "not valid JSON"), ("odd", "'layers'[0]: 'mediaType' is a list, not a string")):
             result = lamina_cmd("pull", "--tls-verify=false", f"{fake.address}/absurd/img:{tag}", check=False)
             assert result.returncode == 125 and expected in result.stderr, result.stderr
         assert not [path for _, path, _ in fake.requests if "/blobs/" in path]
@@ -439,7 +439,7 @@ def test_schema1_and_unknown_media_types_are_refused(tmp_path: Path, lamina_cmd)
 
 
 def test_pull_api_for_other_packages(tmp_path: Path) -> None:
-    from lamina.store.registry_commands import pull
+    from lamina.store.transfer import pull
 
     fake = FakeRegistry()
     config, _ = fake.add_image("api/img", "1", [layer_blob({"etc/api": b"api\n"})])
@@ -453,37 +453,37 @@ def test_pull_api_for_other_packages(tmp_path: Path) -> None:
 @pytest.mark.parametrize("failure", ["503", "truncate"])
 def test_transient_failures_are_retried(tmp_path: Path, failure: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from lamina.errors import RegistryError
-    from lamina.store import registry_commands
+    from lamina.store import transfer
 
-    monkeypatch.setattr(registry_commands, "RETRY_DELAY", 0.0)
+    monkeypatch.setattr(transfer, "RETRY_DELAY", 0.0)
     fake = FakeRegistry(failing_blob_gets=2, failure=failure)
     layer = layer_blob({"etc/flaky": os.urandom(4096)})
     config, _ = fake.add_image("flaky/img", "1", [layer])
     store = open_store(tmp_path / "root")
     with fake.serve():
-        image = registry_commands.pull(store, f"{fake.address}/flaky/img:1", tls_verify=False)
+        image = transfer.pull(store, f"{fake.address}/flaky/img:1", tls_verify=False)
         assert image.id == digest_of(config)[7:]
         blob_gets = [path for method, path, _ in fake.requests if method == "GET" and "/blobs/" in path]
         assert len(blob_gets) == 2 + 2  # the config and the layer, and two failed attempts
 
         # A registry that keeps failing: the error after the last retry.
         fake.add_image("flaky/two", "1", [layer_blob({"etc/other": b"other"})])
-        fake.failing_blob_gets = 10 * (registry_commands.RETRIES + 1)
+        fake.failing_blob_gets = 10 * (transfer.RETRIES + 1)
         with pytest.raises(RegistryError, match="503 Service Unavailable|connection closed after"):
-            registry_commands.pull(store, f"{fake.address}/flaky/two:1", tls_verify=False)
+            transfer.pull(store, f"{fake.address}/flaky/two:1", tls_verify=False)
         # Each attempt is one GET (503), or one GET and MAX_RESUMES ranged GETs (cut short).
         from lamina.store.registry import MAX_RESUMES
 
         per_attempt = 1 if failure == "503" else 1 + MAX_RESUMES
-        assert fake.failing_blob_gets == 10 * (registry_commands.RETRIES + 1) \
-            - per_attempt * (registry_commands.RETRIES + 1)
+        assert fake.failing_blob_gets == 10 * (transfer.RETRIES + 1) \
+            - per_attempt * (transfer.RETRIES + 1)
     assert list((tmp_path / "root" / "tmp").glob("*.pull")) == []
 
 
 def test_malformed_configs_are_refused_cleanly(tmp_path: Path) -> None:
     """Each is a RegistryError (one line from the CLI), never another exception."""
     from lamina.errors import RegistryError
-    from lamina.store.registry_commands import pull
+    from lamina.store.transfer import pull
 
     layer = layer_blob({"a": b"a"})
     fake = FakeRegistry()
@@ -520,7 +520,7 @@ def test_concurrent_pulls_share_the_store(registry: RunningRegistry, tmp_path: P
 
 
 def test_layers_download_in_parallel(tmp_path: Path, lamina_cmd) -> None:  # type: ignore[no-untyped-def]
-    from lamina.store.registry_commands import PARALLEL_TRANSFERS
+    from lamina.store.transfer import PARALLEL_TRANSFERS
 
     fake = FakeRegistry(blob_delay=0.3)
     layers = [layer_blob({f"etc/{i}": os.urandom(64 << 10)}) for i in range(5)]
@@ -535,7 +535,7 @@ def test_layers_download_in_parallel(tmp_path: Path, lamina_cmd) -> None:  # typ
 
 def test_a_failing_parallel_download_stops_the_others(tmp_path: Path) -> None:
     from lamina.errors import RegistryError
-    from lamina.store.registry_commands import pull
+    from lamina.store.transfer import pull
 
     fake = FakeRegistry(blob_delay=0.2)
     layers = [layer_blob({f"etc/{i}": os.urandom(64 << 10)}) for i in range(6)]
@@ -577,7 +577,7 @@ def test_mutated_manifests_fail_only_with_lamina_errors(tmp_path: Path) -> None:
     import random
 
     from lamina.errors import LaminaError
-    from lamina.store.registry_commands import pull
+    from lamina.store.transfer import pull
 
     rng = random.Random(1234)
     odd_values = [None, True, -1, 0, 1 << 70, 1.5, "", "x", "sha256:" + "0" * 64, [], [1], {}, {"a": 1},
@@ -642,7 +642,7 @@ def test_mutated_manifests_fail_only_with_lamina_errors(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("ranges", [True, False], ids=["resumed", "restarted"])
 def test_cut_downloads_resume_where_they_stopped(tmp_path: Path, ranges: bool) -> None:
-    from lamina.store.registry_commands import pull
+    from lamina.store.transfer import pull
 
     fake = FakeRegistry(failing_blob_gets=0, failure="truncate", ranges=ranges)
     layer = layer_blob({"big": os.urandom(1 << 20)})

@@ -21,7 +21,7 @@ import pytest
 
 from harness import REPO_ROOT, fuse_mounts_under
 from lamina.errors import UsageError
-from runner.commands import log_time_ns
+from lamina.commands.containers import log_time_ns
 from runner.containerlog import (
     STDERR,
     STDOUT,

@@ -15,6 +15,7 @@ from runner.diff import changes
 from runner.network import PortMapping, normalize_network, parse_port
 from runner.paths import make_dirs_in_root, resolve_in_root
 from runner.userdb import resolve_user
+from unionfs.core.stack import LayerStack
 
 # --- paths -----------------------------------------------------------------------------------------
 
@@ -184,7 +185,7 @@ def test_diff_kinds(tmp_path: Path) -> None:
     (upper / "bin" / ".wh.cat").write_text("")
     if os.geteuid() == 0:
         os.mknod(upper / "bin" / "ls", stat.S_IFCHR, os.makedev(0, 0))
-    result = changes(upper, [lower])
+    result = changes(upper, LayerStack.from_top_down([lower]))
     expected = [("C", "/bin"), ("D", "/bin/cat"), ("C", "/etc"), ("A", "/etc/added"), ("C", "/etc/passwd"),
                 ("A", "/new"), ("A", "/new/deep"), ("A", "/new/deep/f")]
     if os.geteuid() == 0:

@@ -189,8 +189,10 @@ def test_a_blob_writer_that_runs_out_of_space_removes_its_temporary_file(tmp_pat
     code = f"""
 import os
 from pathlib import Path
+from lamina.layout import Layout
 from lamina.store.blobs import BlobStore
-blobs = BlobStore(Path({str(store)!r}))
+layout = Layout(Path({str(store)!r}))
+blobs = BlobStore(layout.blobs, layout.tmp)
 try:
     with blobs.writer() as w:
         while True:

@@ -481,9 +481,16 @@ def test_empty_root_is_refused(store: Store) -> None:
 
 
 def test_logs_tail_all_and_negative_mean_everything(store: Store) -> None:
-    for tail in ("all", "-1"):
-        result = store.run("logs", "-n", tail, "keeper")
-        assert result.returncode == 0, result.stderr
+    assert store.run("run", "--name", "counter", BASE, "seq", "1", "5").returncode == 0
+    try:
+        everything = "".join(f"{n}\n" for n in range(1, 6))
+        for tail in ("all", "-1"):
+            result = store.run("logs", "-n", tail, "counter")
+            assert (result.returncode, result.stdout) == (0, everything), result.stderr
+        last_two = store.run("logs", "-n", "2", "counter")  # the same log, cut: the logs are there
+        assert (last_two.returncode, last_two.stdout) == (0, "4\n5\n"), last_two.stderr
+    finally:
+        store.run("rm", "-f", "counter")
 
 
 # --- item 7: registries that trickle, and indexes inside indexes ---------------------------------
@@ -649,17 +656,23 @@ def test_exec_and_build_resolve_users_from_the_image_files(store: Store, nss_tra
         store.run("rmi", "-f", "nss/built")
 
 
+def good_config_and_manifest() -> tuple[bytes, bytes]:
+    """GOOD_CONFIG and an OCI image manifest of it and LAYER."""
+    config = json.dumps(GOOD_CONFIG).encode()
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                           "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                                      "digest": sha256(config), "size": len(config)},
+                           "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                                       "digest": sha256(LAYER), "size": len(LAYER)}]}).encode()
+    return config, manifest
+
+
 def test_load_follows_this_platforms_index_inside_an_index(store: Store) -> None:
     """index.json -> an index for this platform -> the image manifest (as BuildKit writes them)."""
     from lamina.store.registry_manifest import OCI_INDEX, OCI_MANIFEST, host_platform
 
     platform = {"os": "linux", "architecture": host_platform().architecture}
-    config = json.dumps(GOOD_CONFIG).encode()
-    manifest = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
-                           "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                                      "digest": sha256(config), "size": len(config)},
-                           "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                                       "digest": sha256(LAYER), "size": len(LAYER)}]}).encode()
+    config, manifest = good_config_and_manifest()
     inner = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
         {"mediaType": OCI_MANIFEST, "digest": sha256(manifest), "size": len(manifest), "platform": platform}]}).encode()
     index = {"schemaVersion": 2, "manifests": [
@@ -672,6 +685,47 @@ def test_load_follows_this_platforms_index_inside_an_index(store: Store) -> None
         assert result.returncode == 0 and "Loaded image: nested/load:latest" in result.stdout, result.stderr
     finally:
         store.run("rmi", "nested/load:latest")
+
+
+def test_load_ignores_index_entries_of_unknown_media_types(store: Store) -> None:
+    """The image-index spec: "An encountered mediaType that is unknown to the implementation MUST be
+    ignored" -- an entry for this platform that is not an image (an artifact, say) is passed over."""
+    from lamina.store.registry_manifest import OCI_INDEX, OCI_MANIFEST, host_platform
+
+    platform = {"os": "linux", "architecture": host_platform().architecture}
+    config, manifest = good_config_and_manifest()
+    artifact = b"not an image"
+    inner = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+        {"mediaType": "application/vnd.example.artifact", "digest": sha256(artifact), "size": len(artifact),
+         "platform": platform},
+        {"mediaType": OCI_MANIFEST, "digest": sha256(manifest), "size": len(manifest), "platform": platform}]}).encode()
+    index = {"schemaVersion": 2, "manifests": [
+        {"mediaType": OCI_INDEX, "digest": sha256(inner), "size": len(inner),
+         "annotations": {"io.containerd.image.name": "artifact/load:latest"}}]}
+    path = store.inputs / "artifact-index.tar"
+    path.write_bytes(oci_archive(index, [LAYER, config, manifest, inner, artifact]))
+    result = store.run("load", "-i", str(path))
+    try:
+        assert result.returncode == 0 and "Loaded image: artifact/load:latest" in result.stdout, result.stderr
+    finally:
+        store.run("rmi", "artifact/load:latest")
+
+
+def test_pull_takes_an_index_entry_without_a_platform(tmp_path: Path, lamina_cmd: Lamina) -> None:
+    """The image-index spec: platform "SHOULD be present if its target is platform-specific": an
+    entry without one is for any platform (registries and archives choose alike)."""
+    from registry_server import FakeRegistry, layer_blob
+    from lamina.store.registry_manifest import OCI_INDEX, OCI_MANIFEST
+
+    fake = FakeRegistry()
+    config, manifest = fake.add_image("anyplatform/img", "inner", [layer_blob({"f": b"any"})])
+    index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+        {"mediaType": OCI_MANIFEST, "digest": sha256(manifest), "size": len(manifest)}]})
+    fake.add_manifest("anyplatform/img", "latest", OCI_INDEX, index.encode())
+    with fake.serve():
+        result = lamina_cmd("pull", "--tls-verify=false", f"{fake.address}/anyplatform/img", check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == hashlib.sha256(config).hexdigest()
 
 
 def test_add_from_a_trickling_server_is_abandoned(store: Store) -> None:

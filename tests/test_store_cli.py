@@ -252,7 +252,7 @@ def test_inspect_finds_containers_and_rmi_respects_them(lamina_cmd: Cli, tmp_pat
     (20 * 86400, "2 weeks"), (100 * 86400, "3 months"), (800 * 86400, "2 years"),
 ])
 def test_human_duration_like_docker(seconds: float, text: str) -> None:
-    from lamina.store.commands import human_duration
+    from lamina.commands.formatting import human_duration
 
     assert human_duration(seconds) == text
 
@@ -264,21 +264,47 @@ def test_human_size_like_docker() -> None:
 
 
 def test_build_cache_pins_layers_until_prune_all(lamina_cmd: Cli, tmp_path: Path) -> None:
+    from builder.cache import BuildCache
+    from lamina.layout import Layout
     from lamina.store import Store
 
-    root = tmp_path / "lamina-root"
+    layout = Layout(tmp_path / "lamina-root")
     upper = tmp_path / "upper"
     upper.mkdir()
     (upper / "cached").write_text("step output")
-    layer = Store.open(root).commit_layer(upper)
-    entry = root / "build-cache" / "steps" / "ab" / ("ab" * 32 + ".json")
-    entry.parent.mkdir(parents=True)
-    entry.write_text(json.dumps({"diff_id": layer.diff_id, "digest": layer.digest}))
+    layer = Store.open(layout).commit_layer(upper)
+    # A step entry as the builder writes it (builder/build.py).
+    BuildCache(layout.build_cache).put("ab" * 32, {
+        "history": {"created_by": "RUN make"},
+        "layer": {"diff_id": layer.diff_id, "digest": layer.digest, "size": layer.size,
+                  "media_type": layer.media_type}})
+    entry = layout.build_cache / "steps" / "ab" / ("ab" * 32 + ".json")
+    assert entry.is_file()
     lamina_cmd("system", "prune")
     assert layer.path.exists(), "a build cache entry keeps its layer"
     lamina_cmd("system", "prune", "-a")
     assert not layer.path.exists() and not entry.exists()
     assert lamina_cmd("system", "check").returncode == 0
+
+
+def test_files_in_a_run_cache_mount_pin_nothing(lamina_cmd: Cli, tmp_path: Path) -> None:
+    """A RUN --mount=type=cache directory holds whatever the build's commands wrote: a JSON file there
+    naming a digest must not keep that layer from prune (only the cache's step entries count)."""
+    from builder.cache import BuildCache
+    from lamina.layout import Layout
+    from lamina.store import Store
+
+    layout = Layout(tmp_path / "lamina-root")
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    (upper / "loose").write_text("no image, no step entry")
+    layer = Store.open(layout).commit_layer(upper)
+    planted = BuildCache(layout.build_cache).mount_dir("npm") / "package-lock.json"
+    planted.parent.mkdir(parents=True)
+    planted.write_text(json.dumps({"integrity": layer.diff_id, "resolved": layer.digest}))
+    lamina_cmd("system", "prune")
+    assert not layer.path.exists(), "a file in a cache mount kept a layer alive"
+    assert planted.exists(), "cache mounts survive prune"
 
 
 def test_concurrent_imports_tags_and_prune_leave_a_consistent_store(lamina_cmd: Cli, tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from lamina.application import open_store
 from lamina.errors import FormatError, ImageNotFound, LayerError, StoreError, UsageError
 from lamina.store import Store
 from lamina.store.base import DEFAULT_BASE, ensure_default_base
@@ -51,10 +52,10 @@ def test_ingest_blob_verifies_digest_and_leaves_nothing_on_mismatch(store: Store
         store.blob_path("sha256:../../etc/passwd")
 
 
-def test_commit_create_resolve_and_layer_paths(store: Store, tmp_path: Path) -> None:
+def test_commit_create_resolve_and_layer_stack(store: Store, tmp_path: Path) -> None:
     base = ensure_default_base(store)
     assert base.tags == ["lamina/busybox:latest"]
-    assert (store.layer_paths(base)[0] / "bin/busybox").is_file()
+    assert (store.layer_stack(base).bottom_up()[0] / "bin/busybox").is_file()
     upper = upper_with(tmp_path, "upper", {"app/hello.txt": b"hi\n"})
     fd = os.open(upper, os.O_RDONLY)
     ondisk.make_whiteout(fd, "tmp")
@@ -71,7 +72,7 @@ def test_commit_create_resolve_and_layer_paths(store: Store, tmp_path: Path) -> 
                  "sha256:" + image.id):
         assert store.resolve_image(name).id == image.id
     assert sorted(image.tags) == ["app:1", "localhost:5000/app:latest"]
-    assert store.layer_paths(image) == [base.layers[0].path, layer.path]
+    assert store.layer_stack(image).top_down() == (layer.path, base.layers[0].path)
     assert store.manifest_bytes(image) == store.blob_path(image.manifest_digest).read_bytes()
     assert store.check() == []
     with pytest.raises(ImageNotFound):
@@ -104,7 +105,8 @@ def test_tag_untag_delete_and_gc(store: Store, tmp_path: Path) -> None:
         store.resolve_image("b")
 
 
-def test_image_in_use_and_gc_keeps_what_containers_name(store: Store, tmp_path: Path) -> None:
+def test_image_in_use_and_gc_keeps_what_containers_name(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "root")  # the store, told who else owns its digests
     layer = store.commit_layer(upper_with(tmp_path, "u", {"f": b"1"}))
     image = store.create_image([layer], {"config": {}}, tags=["used"])
     assert not store.image_in_use(image.id)
@@ -215,7 +217,8 @@ def test_ingest_from_the_store_tmp_dir_adopts_the_file_without_copying(store: St
     assert not store.has_blob("sha256:" + "3" * 64)
 
 
-def test_a_live_lamina_mount_counts_as_use(store: Store, tmp_path: Path) -> None:
+def test_a_live_lamina_mount_counts_as_use(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "root")
     layer = store.commit_layer(upper_with(tmp_path, "u", {"f": b"1"}))
     image = store.create_image([layer], {"config": {}}, tags=["mounted"])
     record = store.root / "mounts" / "m1" / "state.json"
@@ -281,7 +284,7 @@ def test_a_prune_between_new_layer_and_new_image_waits(tmp_path: Path, monkeypat
     image = ensure_default_base(store)
     monkeypatch.undo()
     assert [p.wait(timeout=60) for p in prunes] == [0]
-    assert all(path.is_dir() for path in store.layer_paths(store.resolve_image(DEFAULT_BASE)))
+    assert all(path.is_dir() for path in store.layer_stack(store.resolve_image(DEFAULT_BASE)).top_down())
 
     from lamina.store.archive import DOCKER_ARCHIVE, SaveItem, load, save
     from lamina.store.reference import Reference
@@ -300,3 +303,47 @@ def test_a_prune_between_new_layer_and_new_image_waits(tmp_path: Path, monkeypat
     assert [p.wait(timeout=60) for p in prunes[1:]] == [0]
     assert loaded.id == image.id
     assert other.check() == []
+
+
+def test_the_store_asks_its_owners_and_reads_no_other_records(tmp_path: Path) -> None:
+    """What containers and mounts need reaches the store only through the owners it is given."""
+    from lamina.store.usage import Needs
+
+    class Holder:
+        def __init__(self) -> None:
+            self.needs = Needs()
+
+        def store_needs(self) -> Needs:
+            return self.needs
+
+    holder = Holder()
+    store = Store.open(tmp_path / "root", owners=lambda: [holder])
+    layer = store.commit_layer(upper_with(tmp_path, "u", {"f": b"1"}))
+    image = store.create_image([layer], {"config": {}}, tags=["held"])
+    container = store.root / "containers" / "c1"
+    container.mkdir(parents=True)
+    (container / "container.json").write_text(json.dumps({"image_id": image.id}))
+    assert not store.image_in_use(image.id), "another package's record is not the store's to read"
+    holder.needs.use_image("sha256:" + image.id, "c1")
+    assert store.containers_using(image.id) == ["c1"] and store.dangling_images() == []
+    loose = store.commit_layer(upper_with(tmp_path, "u2", {"g": b"2"}))
+    holder.needs.layers.add(loose.diff_id)
+    holder.needs.blobs.add(loose.digest)
+    assert store.gc() == (0, 0, 0)
+    assert loose.path.exists() and store.has_blob(loose.digest)
+    holder.needs = Needs()
+    assert store.gc()[:2] == (1, 1) and not loose.path.exists()
+
+
+def test_the_store_imports_none_of_its_users() -> None:
+    import ast
+
+    users = ("runner", "builder", "lamina.inspector", "lamina.commands", "lamina.application", "lamina.cli")
+    package = Path(__file__).resolve().parent.parent / "lamina" / "store"
+    found = []
+    for path in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [f"{path.name}: {n}" for n in names if any(n == u or n.startswith(u + ".") for u in users)]
+    assert found == []

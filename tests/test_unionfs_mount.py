@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from unionfs.core import ondisk
+from unionfs.core.stack import LayerStack
 from unionfs.mount import MountSpec, command_line, mount_union, open_union_mount
 
 pytestmark = pytest.mark.fuse
@@ -509,7 +510,8 @@ def test_mount_union_api(tmp_path: Path) -> None:
     lowers, upper, work = make_layers(tmp_path)
     mnt = tmp_path / "m:nt"
     mnt.mkdir()
-    spec = MountSpec(lowers, upper, work, mnt, options=["layer_xattr"], trace=tmp_path / "t")
+    spec = MountSpec(LayerStack.from_top_down(lowers), upper, work, mnt, options=["layer_xattr"],
+                     trace=tmp_path / "t")
     argv = command_line(spec)
     assert argv[:4] == [sys.executable, "-m", "unionfs", "-f"]
     with mount_union(spec) as m:
@@ -528,7 +530,7 @@ def test_mount_union_failure_is_mount_error(tmp_path: Path) -> None:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     with pytest.raises(MountError, match="no such directory"):
-        mount_union(MountSpec([tmp_path / "missing"], None, None, mnt))
+        mount_union(MountSpec(LayerStack.from_top_down([tmp_path / "missing"]), None, None, mnt))
 
 
 def test_open_union_mount_does_not_block_trio(tmp_path: Path) -> None:
@@ -548,7 +550,7 @@ def test_open_union_mount_does_not_block_trio(tmp_path: Path) -> None:
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ticker)
-            async with open_union_mount(MountSpec(lowers, upper, work, mnt)) as m:
+            async with open_union_mount(MountSpec(LayerStack.from_top_down(lowers), upper, work, mnt)) as m:
                 assert await trio.to_thread.run_sync(os.path.exists, m.mountpoint / "etc" / "hosts")
             nursery.cancel_scope.cancel()
 

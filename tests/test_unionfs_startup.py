@@ -105,10 +105,12 @@ def test_a_server_imports_trio_and_the_stdlib_from_the_bundle(import_bundle: Pat
         import unionfs.cli
         from unionfs.options import ServerOptions
         from unionfs.server import serve
-        try:
+        try:  # the server runs from the bundle as far as its first check of the options
             serve(ServerOptions(lowers=["/nonexistent-lower"], upper=None, work=None, mountpoint="/nonexistent"))
         except Exception as e:
             assert "nonexistent-lower" in str(e), e
+        else:
+            raise AssertionError("serve() accepted a lower directory that does not exist")
         import trio, attr, logging, unionfs.core
         for module in (trio, attr, logging):
             assert module.__file__.startswith({str(import_bundle)!r}), module.__file__
@@ -124,11 +126,12 @@ def test_a_bundle_that_no_longer_matches_is_not_used(import_bundle: Path, tmp_pa
     stale = tmp_path / "stale.zip"
     stale.write_bytes(import_bundle.read_bytes())
     header, first, *rest = Path(f"{import_bundle}.stamp").read_text().splitlines()
-    ino, mtime_ns, source = first.split(" ", 2)
+    ino, ctime_ns, size, source = first.split(" ", 3)
     variants = {
-        "a source changed": [header, f"{ino} {int(mtime_ns) + 1} {source}", *rest],
-        "another Python": ["00000000 3.99.0", first, *rest],
-        "a source is gone": [header, f"{ino} {mtime_ns} /nonexistent/module.py", *rest],
+        "a source changed": [header, f"{ino} {int(ctime_ns) + 1} {size} {source}", *rest],
+        "another Python": ["00000000 3.99.0 every-file", first, *rest],
+        "an older stamp": [header.removesuffix(" every-file"), first, *rest],
+        "a source is gone": [header, f"{ino} {ctime_ns} {size} /nonexistent/module.py", *rest],
     }
     for why, lines in variants.items():
         Path(f"{stale}.stamp").write_text("\n".join(lines) + "\n")
@@ -164,10 +167,12 @@ def test_one_switch_turns_every_trick_and_patch_off(import_bundle: Path) -> None
         from unionfs import listing_cache, lowlevel_ops, startup
         from unionfs.options import ServerOptions
         from unionfs.server import serve
-        try:
+        try:  # the server runs from the bundle as far as its first check of the options
             serve(ServerOptions(lowers=["/nonexistent-lower"], upper=None, work=None, mountpoint="/nonexistent"))
         except Exception as e:
             assert "nonexistent-lower" in str(e), e
+        else:
+            raise AssertionError("serve() accepted a lower directory that does not exist")
         async def handler(*args):
             pass
         print(json.dumps({{
@@ -183,3 +188,45 @@ def test_one_switch_turns_every_trick_and_patch_off(import_bundle: Path) -> None
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
     assert json.loads(out.stdout) == {"deferred": [], "bundle": False, "listing_cache": False,
                                       "fallocate": False, "version_stand_in": False}
+
+
+def _toy_roots(base: Path) -> dict[str, Path]:
+    """A package with a subpackage, and a lone module: what a bundle holds, in small."""
+    (base / "toypkg" / "sub").mkdir(parents=True)
+    (base / "toypkg" / "__init__.py").write_text("TOP = 1\n")
+    (base / "toypkg" / "sub" / "__init__.py").write_text("")
+    (base / "toypkg" / "sub" / "deep.py").write_text("DEEP = 1\n")
+    (base / "toymodule.py").write_text("LONE = 1\n")
+    return {"toypkg": base / "toypkg", "toymodule": base / "toymodule.py"}
+
+
+@pytest.mark.parametrize("change", ["edit toypkg/sub/deep.py", "edit toypkg/__init__.py",
+                                    "edit toymodule.py", "add toypkg/sub/new.py",
+                                    "remove toypkg/sub/deep.py", "edit, then set the old mtime"])
+def test_a_change_to_any_bundled_source_invalidates_the_bundle(
+        change: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from unionfs import bundle
+
+    monkeypatch.setattr(startup, "_bundle_in_use", None)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    roots = _toy_roots(tmp_path / "src")
+    out = tmp_path / "toy.zip"
+    assert bundle.build(out, roots) == 4
+    assert startup.use_import_bundle(str(out)) is True  # as built: used
+    monkeypatch.setattr(startup, "_bundle_in_use", None)
+    sys.path.remove(str(out))
+    verb, _, name = change.partition(" ")
+    src = tmp_path / "src"
+    if verb == "edit":
+        (src / name).write_text((src / name).read_text() + "CHANGED = 1\n")
+    elif verb == "add":
+        (src / name).write_text("")
+    elif verb == "remove":
+        (src / name).unlink()
+    else:  # what cp -p or tar does: new content, old times (only the change time tells)
+        deep = src / "toypkg" / "sub" / "deep.py"
+        st = deep.stat()
+        deep.write_text("DEEP = 2\n")
+        os.utime(deep, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert startup.use_import_bundle(str(out)) is False, change
+    assert str(out) not in sys.path

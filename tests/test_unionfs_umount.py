@@ -29,7 +29,9 @@ import pytest
 
 from harness import UnprivilegedUser, force_unmount, start_union, union_argv
 from lamina.inspector import mounts
+from lamina.layout import Layout
 from unionfs import detached_layers
+from unionfs.core.stack import LayerStack
 from unionfs.mount import MountSpec, mount_union
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse]
@@ -144,13 +146,13 @@ def test_layers_are_released_before_the_server_tears_down(tmp_path: Path) -> Non
 def test_unmount_returns_once_nothing_holds_a_layer(tmp_path: Path, how: str) -> None:
     """After ``lamina umount`` (or unmount() of the Python API) returns, the lower filesystem unmounts
     at the first try, in every cycle."""
-    root = tmp_path / "root"
+    root = Layout(tmp_path / "root")
     for cycle in range(WAIT_CYCLES):
         base = tmp_path / f"c{cycle}"
         base.mkdir()
         with lower_filesystem(base / "lowerfs") as lower:
             if how == "lamina umount":
-                request = mounts.StackRequest(lowers=[lower], upper=None, work=None, source="test",
+                request = mounts.StackRequest(lowers=LayerStack.from_top_down([lower]), upper=None, work=None, source="test",
                                               image_id="test", container_id=None, layers=1, scratch_rw=True)
                 state = mounts.mount_image_stack(root, request, None)
                 use(Path(state.mountpoint))
@@ -159,7 +161,7 @@ def test_unmount_returns_once_nothing_holds_a_layer(tmp_path: Path, how: str) ->
                 upper, work, mnt = base / "upper", base / "work", base / "mnt"
                 for d in (upper, work, mnt):
                     d.mkdir()
-                with mount_union(MountSpec(lowers=[lower], upper=upper, work=work, mountpoint=mnt)):
+                with mount_union(MountSpec(lowers=LayerStack.from_top_down([lower]), upper=upper, work=work, mountpoint=mnt)):
                     use(mnt)
             result = umount(lower.parent)
             assert result.returncode == 0, f"cycle {cycle}: {result.stderr}"

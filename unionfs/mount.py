@@ -24,41 +24,43 @@ from pathlib import Path
 from types import TracebackType
 
 from lamina.errors import MountError
+from unionfs.core.stack import LayerStack
+from unionfs.options import OptionError, ServerOptions, classify_options, redirect_dir_value
 
 
 @dataclass
 class MountSpec:
-    """What to mount: lowers top first; no upper means read-only."""
+    """What to mount: the read-only layers, an optional upper (none means read-only)."""
 
-    lowers: list[Path]
+    lowers: LayerStack
     upper: Path | None
     work: Path | None
     mountpoint: Path
     options: list[str] = field(default_factory=list)
     trace: Path | None = None
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.lowers, LayerStack):
+            raise TypeError("MountSpec.lowers is a LayerStack (say the order of a list with "
+                            "LayerStack.from_bottom_up or LayerStack.from_top_down)")
 
-def _escape(path: Path) -> str:
-    return str(path).replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
-
-
-def mount_options(spec: MountSpec) -> str:
-    opts = ["lowerdir=" + ":".join(_escape(p) for p in spec.lowers)]
-    if spec.upper is not None:
-        opts.append("upperdir=" + _escape(spec.upper).replace("\\:", ":"))
-        if spec.work is not None:
-            opts.append("workdir=" + _escape(spec.work).replace("\\:", ":"))
-    opts.extend(spec.options)
-    return ",".join(opts)
+    def server_options(self) -> ServerOptions:
+        """What the server process is handed (serialized once, see unionfs.options)."""
+        values, flags = classify_options(self.options)
+        if {"lowerdir", "upperdir", "workdir"} & set(values):
+            raise OptionError("MountSpec.options names layers; give them as lowers, upper and work")
+        return ServerOptions(
+            lowers=[str(p) for p in self.lowers.top_down()],
+            upper=str(self.upper) if self.upper is not None else None,
+            work=str(self.work) if self.work is not None else None,
+            mountpoint=str(self.mountpoint), flags=flags, fsname=values.get("fsname", "lamina-unionfs"),
+            foreground=True, trace=str(self.trace) if self.trace is not None else None,
+            redirect_dir=redirect_dir_value(values))
 
 
 def command_line(spec: MountSpec) -> list[str]:
     """argv of a foreground server for ``spec`` (for callers that spawn it themselves)."""
-    argv = [sys.executable, "-m", "unionfs", "-f"]
-    if spec.trace is not None:
-        argv.append(f"--trace={spec.trace}")
-    argv += ["-o", mount_options(spec), str(spec.mountpoint)]
-    return argv
+    return [sys.executable, "-m", "unionfs", "-f", "--spec=" + spec.server_options().to_json()]
 
 
 def _is_mountpoint(path: Path) -> bool:
@@ -135,7 +137,13 @@ def mount_union(spec: MountSpec, timeout: float = 10.0) -> UnionMount:
         os.close(fd)
         log_path.unlink()
         raise MountError(f"{spec.mountpoint}: {e.strerror}") from None
-    process = subprocess.Popen(command_line(spec), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+    try:
+        argv = command_line(spec)
+    except OptionError as e:
+        os.close(fd)
+        log_path.unlink()
+        raise MountError(str(e)) from None
+    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                stderr=fd, start_new_session=True)
     os.close(fd)
     mount = UnionMount(spec, process, log_path)

@@ -1,4 +1,12 @@
-"""Command-line options of lamina-unionfs, fuse-overlayfs's syntax (no heavy imports here)."""
+"""What a filesystem server is asked to mount: one dataclass, and its two ways in.
+
+From the outside (``lamina-unionfs`` and mount.fuse3 command lines) it is fuse-overlayfs's syntax,
+``-o lowerdir=L1:L2,upperdir=U,workdir=W``, parsed here and nowhere else. From lamina's own code
+(:mod:`unionfs.mount`, the runner's preforked server) it is :class:`ServerOptions` itself, sent to
+the server process once, as JSON with a versioned schema that the server validates
+(:meth:`ServerOptions.to_json`, :meth:`ServerOptions.from_json`): no option string is built only to
+be parsed again. No heavy imports here.
+"""
 
 from __future__ import annotations
 
@@ -33,6 +41,50 @@ class ServerOptions:
     redirect_dir: bool | None = None  # None: on when trusted xattrs can be written
 
 
+    def to_json(self) -> str:
+        """The options as the server process reads them (:meth:`from_json`)."""
+        import json  # here: a server started from its command line never needs it
+
+        return json.dumps({
+            "schema": SPEC_SCHEMA, "lowers": list(self.lowers), "upper": self.upper, "work": self.work,
+            "mountpoint": self.mountpoint, "flags": sorted(self.flags), "fsname": self.fsname,
+            "trace": self.trace, "redirect_dir": self.redirect_dir,
+        })
+
+    @classmethod
+    def from_json(cls, data: str | bytes, *, foreground: bool = True, debug: bool = False) -> ServerOptions:
+        """Read what :meth:`to_json` wrote; OptionError (one line) for anything else."""
+        import json
+        if len(data) > MAX_SPEC_BYTES:
+            raise OptionError("mount specification too large")
+        try:
+            raw = json.loads(data)
+        except ValueError:
+            raise OptionError("mount specification is not JSON") from None
+        if not isinstance(raw, dict) or raw.get("schema") != SPEC_SCHEMA:
+            found = raw.get("schema") if isinstance(raw, dict) else None
+            raise OptionError(f"mount specification: expected schema {SPEC_SCHEMA}, got {found!r}")
+        unknown = set(raw) - _SPEC_FIELDS
+        if unknown:
+            raise OptionError(f"mount specification: unknown field {sorted(unknown)[0]!r}")
+        lowers = raw.get("lowers")
+        flags = raw.get("flags", [])
+        if not isinstance(lowers, list) or not all(_is_path(p) for p in lowers):
+            raise OptionError("mount specification: lowers must be a list of paths")
+        if not isinstance(flags, list) or not set(flags) <= _FLAG_OPTIONS:
+            raise OptionError(f"mount specification: flags must be a list of {', '.join(sorted(_FLAG_OPTIONS))}")
+        for name in ("upper", "work", "trace"):
+            if raw.get(name) is not None and not _is_path(raw[name]):
+                raise OptionError(f"mount specification: {name} must be a path or null")
+        if not _is_path(raw.get("mountpoint")) or not isinstance(raw.get("fsname", ""), str) or \
+                raw.get("redirect_dir") not in (None, True, False):
+            raise OptionError("mount specification: bad mountpoint, fsname or redirect_dir")
+        opts = cls(list(lowers), raw.get("upper"), raw.get("work"), raw["mountpoint"], set(flags),
+                   raw.get("fsname") or "lamina-unionfs", foreground, debug, raw.get("trace"),
+                   raw.get("redirect_dir"))
+        check_layers(opts)
+        return opts
+
     @property
     def layer_xattr(self) -> bool:
         return "layer_xattr" in self.flags
@@ -52,6 +104,15 @@ class ServerOptions:
             if "nodev" not in self.flags:
                 opts.add("dev")
         return opts
+
+
+SPEC_SCHEMA = "lamina-unionfs-mount/1"
+MAX_SPEC_BYTES = 1 << 20
+_SPEC_FIELDS = {"schema", "lowers", "upper", "work", "mountpoint", "flags", "fsname", "trace", "redirect_dir"}
+
+
+def _is_path(value: object) -> bool:
+    return isinstance(value, str) and bool(value) and "\0" not in value
 
 
 _ESCAPABLE = ":\\,"
@@ -112,6 +173,7 @@ def parse_args(argv: list[str]) -> ServerOptions:
     positional: list[str] = []
     foreground = debug = False
     trace: str | None = None
+    spec: str | None = None
     it = iter(argv)
     for arg in it:
         if arg in ("-f", "--foreground"):
@@ -122,6 +184,8 @@ def parse_args(argv: list[str]) -> ServerOptions:
             trace = "-"
         elif arg.startswith("--trace="):
             trace = arg.split("=", 1)[1] or "-"
+        elif arg.startswith("--spec="):
+            spec = arg.split("=", 1)[1]
         elif arg == "-o":
             value = next(it, None)
             if value is None:
@@ -135,6 +199,12 @@ def parse_args(argv: list[str]) -> ServerOptions:
             raise OptionError(f"unknown flag {arg}")
         else:
             positional.append(arg)
+    if spec is not None:
+        if opts or positional or trace is not None:
+            raise OptionError("--spec names everything to mount: no -o, --trace or mount point beside it")
+        server = ServerOptions.from_json(spec, foreground=foreground, debug=debug)
+        check_dirs(server)
+        return server
     # mount(8) runs a "fuse.lamina-unionfs" mount through mount.fuse3 as ``lamina-unionfs SOURCE
     # MOUNTPOINT -o ...``; like fuse-overlayfs, the source names nothing and is ignored.
     if len(positional) == 2:
@@ -142,6 +212,23 @@ def parse_args(argv: list[str]) -> ServerOptions:
     if len(positional) != 1:
         raise OptionError("expected a mount point (and at most a source before it)" if positional
                           else f"missing mount point; {USAGE}")
+    values, flags = classify_options(opts)
+    lowers = split_colons(values.get("lowerdir", ""))
+    # One directory each: only the escapes need undoing (a colon is ordinary here).
+    upper = _unescape(values["upperdir"]) if values.get("upperdir") else None
+    work = _unescape(values["workdir"]) if values.get("workdir") else None
+    if "ro" in flags:
+        upper = work = None
+    mnt = positional[0]
+    server = ServerOptions(lowers, upper, work, mnt, flags, values.get("fsname", "lamina-unionfs"),
+                           foreground, debug, trace, redirect_dir_value(values))
+    check_layers(server)
+    check_dirs(server)
+    return server
+
+
+def classify_options(opts: list[str]) -> tuple[dict[str, str], set[str]]:
+    """``-o`` options (one per item) as (``key=value`` options, flags); OptionError for others."""
     values: dict[str, str] = {}
     flags: set[str] = set()
     for o in opts:
@@ -152,24 +239,21 @@ def parse_args(argv: list[str]) -> ServerOptions:
             flags.add(key)
         else:
             raise OptionError(f"unknown option {o!r}")
-    lowers = split_colons(values.get("lowerdir", ""))
-    # One directory each: only the escapes need undoing (a colon is ordinary here).
-    upper = _unescape(values["upperdir"]) if values.get("upperdir") else None
-    work = _unescape(values["workdir"]) if values.get("workdir") else None
-    if "ro" in flags:
-        upper = work = None
-    if not lowers and upper is None:
-        raise OptionError("no lowerdir given")
-    if upper is not None and work is None:
-        raise OptionError("upperdir needs a workdir")
-    mnt = positional[0]
+    return values, flags
+
+
+def redirect_dir_value(values: dict[str, str]) -> bool | None:
     redirect = values.get("redirect_dir")
     if redirect not in (None, "on", "off"):
         raise OptionError(f"redirect_dir={redirect}: expected on or off")
-    server = ServerOptions(lowers, upper, work, mnt, flags, values.get("fsname", "lamina-unionfs"),
-                           foreground, debug, trace, None if redirect is None else redirect == "on")
-    check_dirs(server)
-    return server
+    return None if redirect is None else redirect == "on"
+
+
+def check_layers(o: ServerOptions) -> None:
+    if not o.lowers and o.upper is None:
+        raise OptionError("no lowerdir given")
+    if o.upper is not None and o.work is None:
+        raise OptionError("upperdir needs a workdir")
 
 
 def _is_within(a: str, b: str) -> bool:

@@ -161,6 +161,7 @@ def serve(opts: ServerOptions, ready: Callable[[], None] | None = None, *, detac
                 lowlevel_ops.start(nursery.start_soon)
 
                 def spawn_session_loop() -> None:
+                    # Trick "session-loop" of the inventory in unionfs.startup, off with the switch.
                     # pyfuse3 has no public call for this: its own worker loop, run in our nursery.
                     # min_tasks=max_tasks=1: it neither spawns loops nor leaves while fewer than
                     # two others wait, so loops stay bounded by the handlers that ever waited.

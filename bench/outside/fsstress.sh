@@ -20,43 +20,20 @@
 # followed by the first differing lines (- before unmount, + the kernel's overlayfs after).
 # Environment: FSSTRESS_PROCS, FSSTRESS_OPS, FSSTRESS_SEED (default 2), LAMINA_PYTHON, OUT.
 set -eu
+. "$(dirname "$0")/common.sh"
 
-if [ "$#" -lt 1 ]; then
-    echo "usage: $0 FSSTRESS_BIN_DIR [kernel|lamina|fuse-overlayfs ...]" >&2
-    exit 2
-fi
+outside_usage "$#" 1 "FSSTRESS_BIN_DIR [kernel|lamina|fuse-overlayfs ...]"
 bindir=$(cd "$1" && pwd)
 shift
 fsstress="$bindir/fsstress"
 [ -x "$fsstress" ] || { echo "$0: no fsstress in $bindir (see build_fsx_fsstress.sh)" >&2; exit 2; }
-[ "$(id -u)" = 0 ] || { echo "$0: must run as root" >&2; exit 2; }
-if [ -z "${FSSTRESS_IN_NS:-}" ]; then
-    FSSTRESS_IN_NS=1 exec unshare -m --propagation private "$0" "$bindir" "$@"
-fi
+outside_need_root fsstress.sh
+outside_in_private_namespace "$bindir" "$@"
 
 here=$(cd "$(dirname "$0")" && pwd)
-repo=$(cd "$here/../.." && pwd)
-python=${LAMINA_PYTHON:-$repo/.venv/bin/python}
-candidates=${*:-kernel lamina fuse-overlayfs}
+outside_setup fsstress "$@"
 procs=${FSSTRESS_PROCS:-4}
 nops=${FSSTRESS_OPS:-2500}
-out=${OUT:-$(mktemp -d /tmp/fsstress-results.XXXXXX)}
-mkdir -p "$out"
-echo "results in $out"
-
-mount_union() {  # CANDIDATE BASE WORKDIR
-    local opts="lowerdir=$2/lower,upperdir=$2/upper,workdir=$3"
-    case "$1" in
-    kernel) mount -t overlay overlay -o "$opts" "$2/mnt" ;;
-    lamina) "$python" -m unionfs -o "$opts" "$2/mnt" ;;
-    fuse-overlayfs) fuse-overlayfs -o "$opts" "$2/mnt" ;;
-    *) echo "unknown candidate $1" >&2; return 2 ;;
-    esac
-}
-
-unmount() {
-    umount "$1" 2>/dev/null || fusermount3 -u "$1" 2>/dev/null || { sleep 1; umount "$1"; }
-}
 
 for cand in $candidates; do
     base=$(mktemp -d /tmp/fsstress-union.XXXXXX)
@@ -67,7 +44,7 @@ for cand in $candidates; do
     "$fsstress" -d "$base/mnt/t" -p "$procs" -n "$nops" -s "${FSSTRESS_SEED:-2}" \
         >"$out/$cand.log" 2>&1 || rc=$?
     python3 "$here/tree_snapshot.py" "$base/mnt" >"$out/$cand.before.txt" 2>"$out/$cand.snapshot.err" || rc=97
-    unmount "$base/mnt"
+    unmount_union "$base/mnt"
     mount -t overlay overlay -o "lowerdir=$base/lower,upperdir=$base/upper,workdir=$base/work2" "$base/mnt"
     python3 "$here/tree_snapshot.py" "$base/mnt" >"$out/$cand.after.txt" 2>>"$out/$cand.snapshot.err" || rc=98
     umount "$base/mnt"

@@ -26,38 +26,19 @@
 # Environment: FSX_OPS (operations per run, default 100000), FSX_SEEDS (default "1 2 3"),
 # LAMINA_PYTHON, OUT, FSX_DIRECT (0 skips the O_DIRECT run).
 set -eu
+. "$(dirname "$0")/common.sh"
 
-if [ "$#" -lt 1 ]; then
-    echo "usage: $0 FSX_BIN_DIR [kernel|lamina|fuse-overlayfs ...]" >&2
-    exit 2
-fi
+outside_usage "$#" 1 "FSX_BIN_DIR [kernel|lamina|fuse-overlayfs ...]"
 bindir=$(cd "$1" && pwd)
 shift
 fsx="$bindir/fsx"
 [ -x "$fsx" ] || { echo "$0: no fsx in $bindir (see build_fsx_fsstress.sh)" >&2; exit 2; }
-[ "$(id -u)" = 0 ] || { echo "$0: must run as root" >&2; exit 2; }
-if [ -z "${FSX_IN_NS:-}" ]; then
-    FSX_IN_NS=1 exec unshare -m --propagation private "$0" "$bindir" "$@"
-fi
+outside_need_root fsx.sh
+outside_in_private_namespace "$bindir" "$@"
 
-repo=$(cd "$(dirname "$0")/../.." && pwd)
-python=${LAMINA_PYTHON:-$repo/.venv/bin/python}
-candidates=${*:-kernel lamina fuse-overlayfs}
+outside_setup fsx "$@"
 ops=${FSX_OPS:-100000}
 seeds=${FSX_SEEDS:-1 2 3}
-out=${OUT:-$(mktemp -d /tmp/fsx-results.XXXXXX)}
-mkdir -p "$out"
-echo "results in $out"
-
-mount_union() {  # CANDIDATE BASE
-    local opts="lowerdir=$2/lower,upperdir=$2/upper,workdir=$2/work"
-    case "$1" in
-    kernel) mount -t overlay overlay -o "$opts" "$2/mnt" ;;
-    lamina) "$python" -m unionfs -o "$opts" "$2/mnt" ;;
-    fuse-overlayfs) fuse-overlayfs -o "$opts" "$2/mnt" ;;
-    *) echo "unknown candidate $1" >&2; return 2 ;;
-    esac
-}
 
 disabled_ops() {  # LOG...: the operations fsx turned off ("does not support X, disabling!")
     sed -n 's/.*does not support \(fallocate mode \)\{0,1\}\(.*\), disabling.*/\2/p' "$@" 2>/dev/null \
@@ -96,7 +77,7 @@ for cand in $candidates; do
         run_fsx "direct$first" -N "$ops" -S "$first" -Z -R -W -r 4096 -w 4096 -t 4096 "direct$first"
     fi
     cd /
-    umount "$base/mnt" 2>/dev/null || fusermount3 -u "$base/mnt" 2>/dev/null || umount -l "$base/mnt"
+    unmount_union "$base/mnt"
     rm -rf "$base"
     dis=$(disabled_ops "$out/$cand"/*.log)
     if [ "$cand" = kernel ]; then

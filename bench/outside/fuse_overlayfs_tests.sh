@@ -25,6 +25,7 @@
 # shows before the cleanup trap).
 # Environment: LAMINA_PYTHON, OUT, FOT_SCRIPTS (a subset of APPLICABLE), FOT_TIMEOUT (s, default 1800).
 set -eu
+. "$(dirname "$0")/common.sh"
 
 # Scripts that use only lowerdir/upperdir/workdir and mount(8)'s own flags (dev, suid).
 APPLICABLE="test-copyup.sh test-hardlinks.sh test-mmap.sh test-rename.sh test-special-files.sh
@@ -33,30 +34,17 @@ test-stress.sh test-symlinks.sh unlink.sh"
 # lower filesystems), test-readonly.sh (squash_to_uid, uidmapping, volatile), test-xattr.sh
 # (noxattrs), unpriv.sh (xattr_permissions; runs as non-root under podman unshare).
 
-if [ "$#" -lt 1 ]; then
-    echo "usage: $0 TESTS_DIR [kernel|lamina|fuse-overlayfs ...]" >&2
-    exit 2
-fi
+outside_usage "$#" 1 "TESTS_DIR [kernel|lamina|fuse-overlayfs ...]"
 tests_dir=$(cd "$1" && pwd)
 shift
 if [ ! -f "$tests_dir/test-stress.sh" ]; then
     echo "$0: $tests_dir is not fuse-overlayfs's tests/ directory (no test-stress.sh)" >&2
     exit 2
 fi
-if [ "$(id -u)" != 0 ]; then
-    echo "$0: the scripts mount and must run as root" >&2
-    exit 2
-fi
-if [ -z "${FOT_IN_NS:-}" ]; then
-    FOT_IN_NS=1 exec unshare -m --propagation private "$0" "$tests_dir" "$@"
-fi
+outside_need_root "fuse-overlayfs's test scripts mount and"
+outside_in_private_namespace "$tests_dir" "$@"
 
-repo=$(cd "$(dirname "$0")/../.." && pwd)
-python=${LAMINA_PYTHON:-$repo/.venv/bin/python}
-candidates=${*:-kernel lamina fuse-overlayfs}
-out=${OUT:-$(mktemp -d /tmp/fot-results.XXXXXX)}
-mkdir -p "$out"
-echo "results in $out"
+outside_setup fot "$@"
 scratch=$(mktemp -d /tmp/fot-run.XXXXXX)
 trap 'rm -rf "$scratch"' EXIT
 

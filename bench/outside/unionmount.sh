@@ -30,37 +30,25 @@
 # UNIONMOUNT_TESTS (a space-separated list of tests; default: all the suite runs), UNIONMOUNT_LAYERS
 # (N: rotate the upper into up to N lower layers during the tests, `--ov=N`).
 set -eu
+. "$(dirname "$0")/common.sh"
 
 xdev=""
 if [ "${1:-}" = "--xdev" ]; then
     xdev="--xdev"
     shift
 fi
-if [ "$#" -lt 1 ]; then
-    echo "usage: $0 [--xdev] SUITE_DIR [kernel|lamina|fuse-overlayfs ...]" >&2
-    exit 2
-fi
+outside_usage "$#" 1 "[--xdev] SUITE_DIR [kernel|lamina|fuse-overlayfs ...]"
 suite=$(cd "$1" && pwd)
 shift
 if [ ! -x "$suite/run" ] || [ ! -d "$suite/tests" ]; then
     echo "$0: $suite is not unionmount-testsuite (no run script or tests/)" >&2
     exit 2
 fi
-if [ "$(id -u)" != 0 ]; then
-    echo "$0: unionmount-testsuite must run as root" >&2
-    exit 2
-fi
+outside_need_root unionmount-testsuite
+# shellcheck disable=SC2086
+outside_in_private_namespace $xdev "$suite" "$@"
 
-if [ -z "${UNIONMOUNT_IN_NS:-}" ]; then
-    UNIONMOUNT_IN_NS=1 exec unshare -m --propagation private "$0" $xdev "$suite" "$@"
-fi
-
-repo=$(cd "$(dirname "$0")/../.." && pwd)
-python=${LAMINA_PYTHON:-$repo/.venv/bin/python}
-candidates=${*:-kernel lamina fuse-overlayfs}
-out=${OUT:-$(mktemp -d /tmp/unionmount-results.XXXXXX)}
-mkdir -p "$out"
-echo "results in $out"
+outside_setup unionmount "$@"
 
 scratch=$(mktemp -d /tmp/unionmount-run.XXXXXX)
 chmod 755 "$scratch"   # impermissible opens files as the user bin

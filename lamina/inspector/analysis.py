@@ -65,6 +65,7 @@ class LayerCopy:
     layer: int
     is_dir: bool
     size: int
+    kind: str = "file"       # "dir", "file", "symlink" or "other" (device, fifo, socket)
 
 
 @dataclass
@@ -115,6 +116,32 @@ class PathHistory:
         """Whiteouts (own or a parent's) and opaque directories that removed a copy of this path."""
         return [e for e in self.events if e.event in (Event.DELETED, Event.HIDDEN)]
 
+    def spans(self) -> list[tuple[LayerCopy, int | None]]:
+        """Each copy with the layer where it stops being the one the merged view shows.
+
+        ``(copy, end)``: the merged view of layers ``0..n`` shows ``copy`` when
+        ``copy.layer <= n < end`` (``end`` None: up to the top). A copy ends where the next copy of
+        the path lands or where a whiteout, opaque directory or replacing file removes it. A
+        removal in a layer happens before that layer's own entries land, so a copy in the removing
+        layer itself starts afresh there. Everything that asks "what did the image look like up to
+        layer n" (the tree views, the explorable page) reads these spans, not the rules again.
+        """
+        removals = sorted({e.layer for e in self.events if e.event in (Event.DELETED, Event.HIDDEN)})
+        spans: list[tuple[LayerCopy, int | None]] = []
+        for i, copy in enumerate(self.copies):
+            ends = [layer for layer in removals if layer > copy.layer]
+            if i + 1 < len(self.copies):
+                ends.append(self.copies[i + 1].layer)
+            spans.append((copy, min(ends) if ends else None))
+        return spans
+
+    def copy_at(self, upto: int) -> LayerCopy | None:
+        """The copy the merged view of layers ``0..upto`` shows, or None when the path is not there."""
+        for copy, end in reversed(self.spans()):
+            if copy.layer <= upto and (end is None or upto < end):
+                return copy
+        return None
+
 
 @dataclass
 class LayerReport:
@@ -130,6 +157,7 @@ class LayerReport:
     wasted: int = 0                  # bytes of this layer hidden by later layers
     whiteouts: list[str] = field(default_factory=list)     # paths this layer deletes
     opaque_dirs: list[str] = field(default_factory=list)   # directories this layer makes opaque
+    redirects: dict[str, str] = field(default_factory=dict)  # renamed directory -> its lower path
 
     @property
     def is_empty(self) -> bool:
@@ -193,9 +221,10 @@ def _join(parent: str, name: str) -> str:
 class _LayerScan:
     """What one layer directory holds, markers already decoded."""
 
-    entries: list[tuple[str, bool, int, int, int]] = field(default_factory=list)  # path, is_dir, size, dev, ino
+    entries: list[tuple[str, str, int, int, int]] = field(default_factory=list)  # path, kind, size, dev, ino
     whiteouts: list[str] = field(default_factory=list)
     opaque_dirs: list[str] = field(default_factory=list)
+    redirects: dict[str, str] = field(default_factory=dict)
 
 
 def scan_layer(root: Path) -> _LayerScan:
@@ -221,6 +250,9 @@ def scan_layer(root: Path) -> _LayerScan:
             with fdtree.opened(dir_fd):
                 if rel_dir and ondisk.is_opaque_dir(dir_fd):
                     scan.opaque_dirs.append("/" + rel_dir)
+                redirect = ondisk.read_redirect(dir_fd) if rel_dir else None
+                if redirect is not None:   # only a container's upper has them: a layer tar cannot
+                    scan.redirects["/" + rel_dir] = redirect
                 pending.extend(_scan_dir(scan, dir_fd, rel_dir))
     # Sorted, so reports read the same on every run and a parent comes before its children.
     scan.entries.sort()
@@ -248,12 +280,20 @@ def _scan_dir(scan: _LayerScan, dir_fd: int, rel_dir: str) -> list[str]:
         if ondisk.is_whiteout_stat(st):
             scan.whiteouts.append(path)
             continue
-        is_dir = stat.S_ISDIR(st.st_mode)
-        size = st.st_size if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode) else 0
-        scan.entries.append((path, is_dir, size, st.st_dev, st.st_ino if st.st_nlink > 1 else 0))
-        if is_dir:
+        kind = _kind(st.st_mode)
+        size = st.st_size if kind in ("file", "symlink") else 0
+        scan.entries.append((path, kind, size, st.st_dev, st.st_ino if st.st_nlink > 1 else 0))
+        if kind == "dir":
             subdirs.append(f"{rel_dir}/{name}" if rel_dir else name)
     return subdirs
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "dir"
+    if stat.S_ISREG(mode):
+        return "file"
+    return "symlink" if stat.S_ISLNK(mode) else "other"
 
 
 class _Merged:
@@ -344,8 +384,10 @@ def analyze(layers: Sequence[LayerInput], top_is_container: bool = False) -> Sta
                 report.deleted += hide(path, index, cause=path, keep_self=True)
                 history(path).events.append(PathEvent(index, Event.OPAQUE))
 
+        report.redirects = dict(scan.redirects)
         seen_inodes: set[tuple[int, int]] = set()
-        for path, is_dir, size, dev, ino in scan.entries:
+        for path, kind, size, dev, ino in scan.entries:
+            is_dir = kind == "dir"
             report.files += 1
             if ino:
                 if (dev, ino) in seen_inodes:
@@ -364,7 +406,7 @@ def analyze(layers: Sequence[LayerInput], top_is_container: bool = False) -> Sta
                 report.added += 1
                 h.events.append(PathEvent(index, Event.ADDED))
             # else: a directory over a directory merges; it is scaffolding, not a change.
-            h.copies.append(LayerCopy(index, is_dir, size))
+            h.copies.append(LayerCopy(index, is_dir, size, kind))
             h.visible = True
             merged.add(path, is_dir)
 

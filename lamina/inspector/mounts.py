@@ -25,6 +25,7 @@ by design; :func:`unmount` is their only owner afterwards. If mounting fails, no
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -35,14 +36,19 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lamina.errors import MountError, UsageError
 from lamina.inspector import userns_server
 from lamina.inspector.userns_server import log_tail
+from lamina.layout import Layout
+
+if TYPE_CHECKING:
+    from lamina.store.usage import Needs
+from unionfs.core.stack import LayerStack
 
 log = logging.getLogger(__name__)
 
-MOUNTS_DIR = "mounts"
 STATE_FILE = "state.json"
 READY_TIMEOUT_S = 10.0
 EXIT_TIMEOUT_S = 3.0
@@ -73,9 +79,9 @@ class MountState:
 
 @dataclass
 class StackRequest:
-    """What to mount: lowerdirs top first, and optionally a writable upper."""
+    """What to mount: the image's layers, and optionally a writable upper."""
 
-    lowers: list[Path]
+    lowers: LayerStack
     upper: Path | None
     work: Path | None
     source: str
@@ -87,8 +93,27 @@ class StackRequest:
     allow_other: bool = False     # --allow-other: other users may enter (never the default)
 
 
-def mounts_root(root: Path) -> Path:
-    return root / MOUNTS_DIR
+class MountRecords:
+    """The ``lamina mount`` records in ``layout.mounts``, as an owner of the store's images
+    (:class:`lamina.store.usage.DigestOwner`): a mount whose server is alive uses its image."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.directory = layout.mounts
+
+    def store_needs(self) -> Needs:
+        from lamina.store.usage import Needs
+
+        needs = Needs()
+        for path in sorted(self.directory.glob(f"*/{STATE_FILE}")):
+            with contextlib.suppress(OSError, ValueError, RecursionError):
+                data = json.loads(path.read_bytes())
+                if not isinstance(data, dict):
+                    continue
+                pid, image_id = data.get("pid"), data.get("image_id")
+                if isinstance(pid, int) and pid > 0 and os.path.exists(f"/proc/{pid}") \
+                        and isinstance(image_id, str) and image_id:
+                    needs.use_image(image_id, "mount:" + path.parent.name)
+        return needs
 
 
 def fuse_mountpoints() -> set[str]:
@@ -118,7 +143,7 @@ def _server_alive(pid: int) -> bool:
     return b"unionfs" in cmdline
 
 
-def mount_image_stack(root: Path, request: StackRequest, mountpoint: Path | None) -> MountState:
+def mount_image_stack(layout: Layout, request: StackRequest, mountpoint: Path | None) -> MountState:
     """Start a detached unionfs server for ``request`` and wait until the mount is up.
 
     Error handling: raises :class:`MountError` (with the server's log) when the server exits or is
@@ -126,7 +151,7 @@ def mount_image_stack(root: Path, request: StackRequest, mountpoint: Path | None
     mounted, running or recorded.
     """
     mount_id = os.urandom(6).hex()
-    state_dir = mounts_root(root) / mount_id
+    state_dir = layout.mounts / mount_id
     state_dir.mkdir(parents=True, mode=0o700)
     try:
         return _mount(state_dir, mount_id, request, mountpoint)
@@ -151,12 +176,12 @@ def _mount(state_dir: Path, mount_id: str, request: StackRequest, mountpoint: Pa
             raise UsageError(f"something is already mounted on {mountpoint}")
         mountpoint = mountpoint.resolve()
 
-    lowers = list(request.lowers)
+    lowers = request.lowers
     if not lowers:
         # An image without layers (FROM scratch and nothing else) still mounts, as an empty root.
         empty = state_dir / "empty"
         empty.mkdir()
-        lowers = [empty]
+        lowers = LayerStack.from_top_down([empty])
     upper, work, scratch = request.upper, request.work, None
     if request.scratch_rw:
         scratch = state_dir / "scratch"
@@ -268,10 +293,10 @@ def _wait_exit(pid: int) -> None:
         time.sleep(0.005)
 
 
-def list_mounts(root: Path) -> list[tuple[Path, MountState]]:
+def list_mounts(layout: Layout) -> list[tuple[Path, MountState]]:
     """Every recorded mount (state directory, state); unreadable records are skipped with a warning."""
     found = []
-    base = mounts_root(root)
+    base = layout.mounts
     if not base.is_dir():
         return []
     for state_path in sorted(base.glob(f"*/{STATE_FILE}")):
@@ -282,15 +307,15 @@ def list_mounts(root: Path) -> list[tuple[Path, MountState]]:
     return found
 
 
-def find_mount(root: Path, directory: Path) -> tuple[Path, MountState]:
+def find_mount(layout: Layout, directory: Path) -> tuple[Path, MountState]:
     wanted = str(directory.absolute().resolve()) if directory.exists() else str(directory.absolute())
-    for state_dir, state in list_mounts(root):
+    for state_dir, state in list_mounts(layout):
         if state.mountpoint == wanted or state.id == str(directory):
             return state_dir, state
-    raise UsageError(f"not a lamina mount: {directory} (no record under {mounts_root(root)})")
+    raise UsageError(f"not a lamina mount: {directory} (no record under {layout.mounts})")
 
 
-def unmount(root: Path, directory: Path, lazy: bool = False) -> MountState:
+def unmount(layout: Layout, directory: Path, lazy: bool = False) -> MountState:
     """Unmount a ``lamina mount``, stop its server, and remove what the mount created.
 
     Returns (unless ``lazy``) only once the server has exited: until then it may still hold the
@@ -300,7 +325,7 @@ def unmount(root: Path, directory: Path, lazy: bool = False) -> MountState:
     :class:`MountError` when the mount is busy (a process has a file open or its cwd inside) and
     ``lazy`` is false; the record is then kept so a later ``umount`` can finish.
     """
-    state_dir, state = find_mount(root, directory)
+    state_dir, state = find_mount(layout, directory)
     if state.mountpoint in fuse_mountpoints():
         ok, err = _fusermount_unmount(state.mountpoint, lazy=lazy)
         if not ok:

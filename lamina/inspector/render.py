@@ -129,6 +129,8 @@ def _container_band(container: LayerReport | None, y: int, height: int) -> str:
         return (base + f'<text x="{MARGIN + 10}" y="{y + 25}" class="title">container layer (upperdir, '
                 f"read-write; empty until a container writes: copy-up lands here)</text></g>")
     counts = f"+{container.added} added  ~{container.changed} changed  -{container.deleted} deleted"
+    base = base.replace('<g class="band container-layer">',
+                        f'<g class="band container-layer" data-layer="{container.index + 1}">')
     parts = [base,
              f'<text x="{MARGIN + 10}" y="{y + 20}" class="title">'
              f"{escape(_short(container.instruction, 80))}</text>",
@@ -184,7 +186,7 @@ def render_svg(analysis: StackAnalysis, title: str = "") -> str:
     return "\n".join(out)
 
 
-_PAGE_CSS = """
+PAGE_CSS = """
 body{font-family:"DejaVu Sans",Helvetica,Arial,sans-serif;margin:24px;background:#f4f4ef;color:#111}
 h1{font-size:20px;margin:0 0 12px}
 table{border-collapse:collapse;margin-top:18px;font-size:13px;background:#fff}
@@ -195,8 +197,8 @@ code{font-size:12px}
 """
 
 
-def render_html(analysis: StackAnalysis, title: str) -> str:
-    """A self-contained page: the SVG stack, then a table with every layer's figures."""
+def layer_table_html(analysis: StackAnalysis) -> str:
+    """Every layer's figures as an HTML table, newest first; rows carry ``data-layer`` (1-based)."""
     rows = []
     for layer in reversed(analysis.layers):
         number = "C" if layer is analysis.container_layer else str(layer.index + 1)
@@ -204,22 +206,29 @@ def render_html(analysis: StackAnalysis, title: str) -> str:
         if len(layer.whiteouts) > 20:
             deleted += f"<br>… {len(layer.whiteouts) - 20} more"
         rows.append(
-            f'<tr class="layer-row"><td class="num">{number}</td>'
+            f'<tr class="layer-row" data-layer="{layer.index + 1}"><td class="num">{number}</td>'
             f"<td><code>{escape(layer.instruction or '(no history)')}</code></td>"
             f'<td class="num">{escape(human_size(layer.size))}</td><td class="num">{layer.added}</td>'
             f'<td class="num">{layer.changed}</td><td class="num">{layer.deleted}</td>'
             f'<td class="num">{escape(human_size(layer.wasted))}</td>'
             f'<td class="whiteouts">{deleted}</td><td><code>{escape(_digest_short(layer.digest))}</code></td></tr>')
     return "\n".join([
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{escape(title)} — lamina layers</title>",
-        f"<style>{_PAGE_CSS}</style></head><body>",
-        render_svg(analysis, title),
         "<table><thead><tr><th>#</th><th>instruction</th><th>size</th><th>added</th><th>changed</th>"
         "<th>deleted</th><th>wasted</th><th>whiteouts</th><th>diff id</th></tr></thead><tbody>",
         *rows,
         "</tbody></table>",
+    ])
+
+
+def render_html(analysis: StackAnalysis, title: str) -> str:
+    """A self-contained page: the SVG stack, then a table with every layer's figures."""
+    return "\n".join([
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{escape(title)} — lamina layers</title>",
+        f"<style>{PAGE_CSS}</style></head><body>",
+        render_svg(analysis, title),
+        layer_table_html(analysis),
         f"<p>Efficiency {percent(analysis.efficiency)} ({escape(human_size(analysis.wasted_bytes))} of "
         f"{escape(human_size(analysis.total_bytes))} in layers is hidden by later layers).</p>",
         "</body></html>",

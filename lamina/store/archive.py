@@ -31,6 +31,8 @@ from lamina.errors import FormatError, LaminaError, LayerError, UsageError
 from lamina.store.blobs import digest_hex, remove_tree, temp_name
 from lamina.store.compression import NoSpace, decompress_file, detect, open_decompressed
 from lamina.store.image_schema import (
+    INDEX_TYPES,
+    OCI_INDEX,
     Descriptor,
     DockerArchiveEntry,
     ImageManifest,
@@ -39,6 +41,7 @@ from lamina.store.image_schema import (
     parse_json,
 )
 from lamina.store.layer_unpack import Limits
+from lamina.store.platforms import choose_manifest, host_platform, offered
 from lamina.store.progress import ProgressBar
 from lamina.store.reference import Reference
 from lamina.store.store import (
@@ -50,15 +53,12 @@ from lamina.store.store import (
     Image,
     Store,
     canonical_json,
-    host_arch,
 )
 
 log = logging.getLogger(__name__)
 
 DOCKER_ARCHIVE = "docker-archive"
 OCI_ARCHIVE = "oci-archive"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 REF_NAME = "org.opencontainers.image.ref.name"
 CONTAINERD_NAME = "io.containerd.image.name"
 
@@ -344,7 +344,7 @@ def _forget_objects_of_failed_load(store: Store, blobs_before: set[str], layers_
     committed an image naming one meanwhile) are removed.
     """
     with store.lock():
-        keep_blobs, keep_layers = store._gc_roots()
+        keep_blobs, keep_layers = store.usage.roots()
         for digest in set(store.blobs.all_digests()) - blobs_before - keep_blobs:
             store.blobs.remove(digest)
         for name in set(os.listdir(store.layers_dir)) - layers_before:
@@ -441,19 +441,19 @@ MAX_INDEX_DEPTH = 4
 
 def _choose_manifest(archive: _Archive, desc: Descriptor, depth: int = 0) -> Descriptor:
     """The image manifest ``desc`` stands for: itself, or the host's platform in the index it names."""
-    if desc.media_type not in (OCI_INDEX, DOCKER_LIST):
+    if desc.media_type not in INDEX_TYPES:
         return desc
     if depth == MAX_INDEX_DEPTH:
         raise FormatError(f"{archive.path}: indexes nested more than {MAX_INDEX_DEPTH} deep")
     _data, doc = _read_blob_json(archive, desc)
     index = Index.parse(doc, f"{archive.path}: index {desc.digest}")
-    arch = host_arch()
-    for entry in index.manifests:
-        # Only an entry for this platform is followed, so a crafted index costs one path, not a tree.
-        platform = entry.platform or {}
-        if platform.get("os", "linux") == "linux" and platform.get("architecture") == arch:
-            return _choose_manifest(archive, entry, depth + 1)
-    raise FormatError(f"{archive.path}: index {desc.digest} has no image for linux/{arch}")
+    want = host_platform()
+    # Only the entry for this platform is followed, so a crafted index costs one path, not a tree.
+    entry = choose_manifest(index.manifests, want)
+    if entry is None:
+        raise FormatError(f"{archive.path}: index {desc.digest} has no image for {want} "
+                          f"(it offers: {offered(index.manifests)})")
+    return _choose_manifest(archive, entry, depth + 1)
 
 
 def _oci_names(annotations: dict[str, str]) -> list[str]:

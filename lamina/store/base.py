@@ -73,7 +73,7 @@ def make_busybox_root(root: Path, busybox: Path = BUSYBOX) -> float:
 def ensure_default_base(store: Store, reference: str = DEFAULT_BASE) -> Image:
     """The image ``lamina/busybox:latest``, building it from the host's busybox if missing."""
     key = Reference.parse(reference).tagged_key
-    image_id = store._read_tags().get(key)
+    image_id = store.tags.read().get(key)
     if image_id is not None:
         with contextlib.suppress(ImageNotFound):
             return store.load_image(image_id)

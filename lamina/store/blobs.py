@@ -152,11 +152,11 @@ class HashingWriter:
 
 
 class BlobStore:
-    """``<root>/blobs/sha256/<hex>``, with temporary files under ``<root>/tmp``."""
+    """``<directory>/<hex>``, with temporary files under ``tmp_dir`` (see :class:`lamina.layout.Layout`)."""
 
-    def __init__(self, root: Path) -> None:
-        self.dir = root / "blobs" / "sha256"
-        self.tmp_dir = root / "tmp"
+    def __init__(self, directory: Path, tmp_dir: Path) -> None:
+        self.dir = directory
+        self.tmp_dir = tmp_dir
 
     def path(self, digest: str) -> Path:
         return self.dir / digest_hex(digest)

@@ -19,6 +19,13 @@ from typing import Any, TypeVar
 from lamina.errors import FormatError
 
 T = TypeVar("T")
+# Media types of manifests and indexes (OCI image spec; Docker's image manifest v2, schema 2).
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+IMAGE_MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
+INDEX_TYPES = (OCI_INDEX, DOCKER_MANIFEST_LIST)
 DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 _MISSING = object()
 
@@ -83,6 +90,26 @@ def _string_map(value: object, what: str) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
+class Platform:
+    """What an image runs on, in OCI terms (``linux/amd64``, ``linux/arm64/v8``)."""
+
+    os: str
+    architecture: str
+    variant: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.os}/{self.architecture}" + (f"/{self.variant}" if self.variant else "")
+
+    @classmethod
+    def parse(cls, value: object, what: str) -> Platform:
+        """An index entry's ``platform``. ``os`` and ``architecture`` are required by the spec; one
+        that lacks them is kept (as "") so that it matches no platform rather than failing the index."""
+        d = as_object(value, what)
+        return cls(os=get(d, "os", what, as_string, ""), architecture=get(d, "architecture", what, as_string, ""),
+                   variant=get(d, "variant", what, as_string, None) or None)
+
+
+@dataclass(frozen=True)
 class Descriptor:
     """An OCI content descriptor: what a blob is, its digest and its exact size."""
 
@@ -90,7 +117,8 @@ class Descriptor:
     digest: str
     size: int
     annotations: dict[str, str] = field(default_factory=dict)
-    platform: dict[str, Any] | None = None
+    platform: Platform | None = None
+    urls: list[str] = field(default_factory=list)
 
     @classmethod
     def parse(cls, value: object, what: str) -> Descriptor:
@@ -99,7 +127,8 @@ class Descriptor:
                    digest=get(d, "digest", what, as_digest),
                    size=get(d, "size", what, as_size),
                    annotations=get(d, "annotations", what, _string_map, {}),
-                   platform=get(d, "platform", what, as_object, None))
+                   platform=get(d, "platform", what, Platform.parse, None),
+                   urls=get(d, "urls", what, lambda v, w: as_list(v, w, as_string), []))
 
 
 @dataclass(frozen=True)

@@ -167,15 +167,7 @@ def validate(members: list[tarfile.TarInfo], archive_size: int, limits: Limits |
             if m.isdir():
                 continue  # the layer's root ("./"): its metadata is not part of the image
             raise LayerError(f"entry {m.name!r}: a non-directory at the layer's root")
-        for i in range(1, len(path)):
-            ancestor = path[:i]
-            kind = kinds.get(ancestor)
-            if kind is None:
-                kinds[ancestor] = "dir"  # implied parent, created 0755
-            elif kind == "symlink":
-                raise LayerError(f"entry {m.name!r} is written through the symlink {'/'.join(ancestor)!r}")
-            elif kind != "dir":
-                raise LayerError(f"entry {m.name!r} lies below the non-directory {'/'.join(ancestor)!r}")
+        _check_ancestors(m, path, kinds)
         base = path[-1]
         if base == ondisk.OPAQUE_MARKER:
             plan.opaque.append(path[:-1])
@@ -190,38 +182,14 @@ def validate(members: list[tarfile.TarInfo], archive_size: int, limits: Limits |
             kind = "dir"
         elif m.isreg():
             kind = "file"
-            if m.size < 0 or m.size > limits.max_total_bytes:
-                raise LayerError(f"entry {m.name!r}: absurd size {m.size}")
-            total += m.size
-            if total > limits.max_total_bytes:
-                raise LayerError(f"layer unpacks to more than the limit of {limits.max_total_bytes} bytes")
-            if m.offset_data + _stored_size(m) > archive_size:
-                raise LayerError(f"entry {m.name!r}: data runs past the end of the tar (truncated or "
-                                 f"a lying size of {m.size})")
+            total = _check_regular(m, total, archive_size, limits)
         elif m.issym():
             kind = "symlink"
             if not m.linkname or "\x00" in m.linkname:
                 raise LayerError(f"entry {m.name!r}: empty or malformed symlink target")
         elif m.islnk():
             kind = "hardlink"
-            if m.linkname.startswith("/"):
-                raise LayerError(f"entry {m.name!r}: hardlink to absolute path {m.linkname!r} points "
-                                 "outside the layer")
-            target = _components(m.linkname, m.name, limits, "hardlink")
-            target_kind = kinds.get(target)
-            if not target:
-                raise LayerError(f"entry {m.name!r}: hardlink to the layer's root")
-            if target_kind is None:
-                raise LayerError(f"entry {m.name!r}: hardlink to missing target {m.linkname!r}")
-            if target_kind in ("dir", "whiteout"):
-                raise LayerError(f"entry {m.name!r}: hardlink to a {target_kind} {m.linkname!r}")
-            for i in range(1, len(target)):
-                if kinds.get(target[:i]) != "dir":
-                    raise LayerError(f"entry {m.name!r}: hardlink target {m.linkname!r} is reached "
-                                     "through a non-directory")
-            if target == path:
-                raise LayerError(f"entry {m.name!r}: hardlink to itself")
-            plan.ops.append(_Op("hardlink", path, m, target))
+            plan.ops.append(_Op("hardlink", path, m, _hardlink_target(m, path, kinds, limits)))
             _replace(kinds, path, "file")
             continue
         elif m.isfifo():
@@ -247,6 +215,55 @@ def validate(members: list[tarfile.TarInfo], archive_size: int, limits: Limits |
             plan.whiteouts.append((parent, name))
     plan.content_size = total
     return plan
+
+
+def _check_ancestors(m: tarfile.TarInfo, path: tuple[str, ...], kinds: dict[tuple[str, ...], str]) -> None:
+    """Every ancestor of ``path`` is a directory (an unseen one becomes an implied 0755 parent)."""
+    for i in range(1, len(path)):
+        ancestor = path[:i]
+        kind = kinds.get(ancestor)
+        if kind is None:
+            kinds[ancestor] = "dir"  # implied parent, created 0755
+        elif kind == "symlink":
+            raise LayerError(f"entry {m.name!r} is written through the symlink {'/'.join(ancestor)!r}")
+        elif kind != "dir":
+            raise LayerError(f"entry {m.name!r} lies below the non-directory {'/'.join(ancestor)!r}")
+
+
+def _check_regular(m: tarfile.TarInfo, total: int, archive_size: int, limits: Limits) -> int:
+    """A regular file's size is sane and its data lies in the tar; return the new running total."""
+    if m.size < 0 or m.size > limits.max_total_bytes:
+        raise LayerError(f"entry {m.name!r}: absurd size {m.size}")
+    total += m.size
+    if total > limits.max_total_bytes:
+        raise LayerError(f"layer unpacks to more than the limit of {limits.max_total_bytes} bytes")
+    if m.offset_data + _stored_size(m) > archive_size:
+        raise LayerError(f"entry {m.name!r}: data runs past the end of the tar (truncated or "
+                         f"a lying size of {m.size})")
+    return total
+
+
+def _hardlink_target(m: tarfile.TarInfo, path: tuple[str, ...], kinds: dict[tuple[str, ...], str],
+                     limits: Limits) -> tuple[str, ...]:
+    """The hard link's target: an earlier non-directory of this layer, reached through directories."""
+    if m.linkname.startswith("/"):
+        raise LayerError(f"entry {m.name!r}: hardlink to absolute path {m.linkname!r} points "
+                         "outside the layer")
+    target = _components(m.linkname, m.name, limits, "hardlink")
+    target_kind = kinds.get(target)
+    if not target:
+        raise LayerError(f"entry {m.name!r}: hardlink to the layer's root")
+    if target_kind is None:
+        raise LayerError(f"entry {m.name!r}: hardlink to missing target {m.linkname!r}")
+    if target_kind in ("dir", "whiteout"):
+        raise LayerError(f"entry {m.name!r}: hardlink to a {target_kind} {m.linkname!r}")
+    for i in range(1, len(target)):
+        if kinds.get(target[:i]) != "dir":
+            raise LayerError(f"entry {m.name!r}: hardlink target {m.linkname!r} is reached "
+                             "through a non-directory")
+    if target == path:
+        raise LayerError(f"entry {m.name!r}: hardlink to itself")
+    return target
 
 
 def _replace(kinds: dict[tuple[str, ...], str], path: tuple[str, ...], kind: str) -> None:

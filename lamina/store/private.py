@@ -7,7 +7,7 @@ their own ids), those files are real; any local user who can walk to them can ru
 containers-storage (``/var/lib/containers/storage`` and its layer directories are 0700) and docker
 (``/var/lib/docker`` 0710, its layer directories 0710) do:
 
-* the store root and every directory directly below it that holds content (:data:`CONTENT_DIRS`)
+* the store root and every directory directly below it that holds content (``Layout.CONTENT_DIRS``)
   are 0700, and so is each layer (``layers/<hex>``), container (``containers/<id>``), mount
   (``mounts/<id>``) and anonymous volume (``volumes/<id>``) directory, so content stays
   unreachable even if a parent is opened by hand. An existing root is changed only when it holds
@@ -31,15 +31,11 @@ import os
 import stat
 from pathlib import Path
 
+from lamina.layout import Layout
+
 log = logging.getLogger(__name__)
 
 PRIVATE_MODE = 0o700
-CONTENT_DIRS = ("blobs", "blobs/sha256", "layers", "images", "tmp", "containers", "mounts", "build-cache",
-                "volumes")
-# Everything lamina keeps directly in a store root.
-STORE_ENTRIES = frozenset({*CONTENT_DIRS, "lock", "tags.lock", "registry"})
-# Directories of these hold one object each; checked one level down by `system check`.
-PER_OBJECT_DIRS = ("layers", "containers", "mounts", "volumes")
 # realpath of a store root -> what tighten() changed there in this process.
 _TIGHTENED: dict[str, list[str]] = {}
 
@@ -76,15 +72,16 @@ def _holds_only_the_store(root: Path) -> bool:
         names = set(os.listdir(root))
     except OSError:
         return False
-    return stat.S_ISDIR(st.st_mode) and not st.st_mode & stat.S_ISVTX and names <= STORE_ENTRIES
+    return stat.S_ISDIR(st.st_mode) and not st.st_mode & stat.S_ISVTX and names <= Layout.ENTRIES
 
 
-def tighten(root: Path) -> list[str]:
+def tighten(where: Layout | Path) -> list[str]:
     """Close the store root and its content directories to other users; what was changed.
 
     Error handling: a directory we may not chmod (not ours) raises PermissionError.
     """
-    targets = [root / d for d in CONTENT_DIRS]
+    root = Layout.of(where).root
+    targets = [root / d for d in Layout.CONTENT_DIRS]
     if _holds_only_the_store(root):
         targets.insert(0, root)
     changed = [c for c in map(_tighten_one, targets) if c]
@@ -94,33 +91,35 @@ def tighten(root: Path) -> list[str]:
     return changed
 
 
-def tightened_by_this_process(root: Path) -> list[str]:
-    """What :func:`tighten` changed in ``root`` since this process started (for ``system check``)."""
-    return list(_TIGHTENED.get(os.path.realpath(root), []))
+def tightened_by_this_process(where: Layout | Path) -> list[str]:
+    """What :func:`tighten` changed in the store since this process started (for ``system check``)."""
+    return list(_TIGHTENED.get(os.path.realpath(Layout.of(where).root), []))
 
 
-def tighten_if_present(root: Path) -> None:
+def tighten_if_present(where: Layout | Path) -> None:
     """:func:`tighten` an existing store; do nothing where there is none (or it is not ours)."""
     try:
-        tighten(root)
+        tighten(where)
     except PermissionError:
-        log.debug("cannot tighten the store %s: not its owner", root)
+        log.debug("cannot tighten the store %s: not its owner", Layout.of(where).root)
 
 
-def foreign_owner(root: Path) -> list[str]:
+def foreign_owner(where: Layout | Path) -> list[str]:
     """A problem for ``system check`` when the store belongs to someone else (who could change it)."""
+    root = Layout.of(where).root
     owner = os.lstat(root).st_uid
     if owner == os.geteuid():
         return []
     return [f"{root}: owned by uid {owner}, not by the user running lamina ({os.geteuid()})"]
 
 
-def tighten_objects(root: Path) -> int:
+def tighten_objects(where: Layout | Path) -> int:
     """Make every layer, container and mount directory 0700 (a second wall behind the root's);
     the number changed. An older lamina made them 0755; :func:`tighten` already closed their parents,
     so this is hardening, not a finding."""
+    root = Layout.of(where).root
     changed = 0
-    for top in PER_OBJECT_DIRS:
+    for top in Layout.PER_OBJECT_DIRS:
         try:
             entries = list(os.scandir(root / top))
         except (FileNotFoundError, NotADirectoryError):

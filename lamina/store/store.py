@@ -1,6 +1,6 @@
 """The image store under ``--root``: blobs, unpacked layers, images and tags.
 
-Layout::
+Its part of the root (named by :class:`lamina.layout.Layout`)::
 
     lock                    flock: shared for writers that only add, exclusive for delete/prune/check
     tags.lock               flock: serialises read-modify-write of images/tags.json
@@ -9,10 +9,13 @@ Layout::
     layers/<diffhex>/diff   an unpacked layer in unionfs's on-disk format (a lowerdir)
     layers/<diffhex>/layer.json
     images/<idhex>.json     an image record: which manifest blob and config blob make the image
-    images/tags.json        {"registry/repository:tag": "<idhex>"}
+    images/tags.json        {"registry/repository:tag": "<idhex>"} (:mod:`lamina.store.tags`)
+
+The store's other concerns live beside it: locking (:mod:`lamina.store.locks`), who else needs its
+digests and garbage collection (:mod:`lamina.store.usage`), verification (:mod:`lamina.store.check`).
 
 Privacy: the root and every directory in it that holds content are 0700, and a store found open
-to other users is closed on first use (:mod:`store.private`): layers hold setuid-root files and
+to other users is closed on first use (:mod:`lamina.store.private`): layers hold setuid-root files and
 device nodes that no other local user may reach.
 
 Crash safety: every object appears by one ``rename`` of something fully written and fsynced (a blob
@@ -30,31 +33,28 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime as dt
-import fcntl
 import json
 import logging
 import os
 import platform
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from lamina.errors import FormatError, ImageNotFound, StoreError, UsageError
+from lamina.layout import Layout
 from lamina.store import private
-from lamina.store.blobs import (
-    BlobStore,
-    digest_hex,
-    fsync_dir,
-    remove_stale_temps,
-    remove_tree,
-    temp_name,
-)
-from lamina.store.layer_pack import pack_layer
-from lamina.store.layer_unpack import Limits, unpack_layer
+from lamina.store.blobs import BlobStore, digest_hex, fsync_dir, remove_tree, temp_name
+from lamina.store.files import canonical_json, write_file_atomic
+from lamina.store.locks import hold_store_lock
 from lamina.store.reference import Reference, looks_like_id
+from lamina.store.tags import TagIndex
+
+if TYPE_CHECKING:
+    from lamina.store.usage import OwnerFactory, Usage
 from lamina.timeparse import parse_time
+from unionfs.core.stack import LayerStack
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +70,6 @@ _DOCKER_TO_OCI_LAYER = {
     "application/vnd.docker.image.rootfs.diff.tar.zstd": OCI_LAYER_ZSTD,
 }
 DEFAULT_BASE_KEY = "docker.io/lamina/busybox:latest"
-_DIGEST_IN_TEXT = re.compile(r"sha256:([0-9a-f]{64})")
-# root realpath -> [fd, flock mode, depth]: the store locks this process holds.
-_HELD_LOCKS: dict[str, list[int]] = {}
 _GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386", "ppc64le": "ppc64le",
            "s390x": "s390x", "riscv64": "riscv64"}
 
@@ -122,34 +119,6 @@ def validate_image_config(config: Any) -> None:
             raise FormatError(f"image config: Env entry {entry!r} is not NAME=VALUE")
 
 
-def _has_blob_safe(blobs: BlobStore, digest: str) -> bool:
-    try:
-        return blobs.has(digest)
-    except FormatError:
-        return False
-
-
-def canonical_json(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def write_file_atomic(path: Path, data: bytes, tmp_dir: Path) -> None:
-    """Write ``data`` to ``path`` by temp file + fsync + rename (+ fsync of the directory)."""
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(tmp_dir, "json")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.rename(tmp, path)
-        fsync_dir(path.parent)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
 @dataclass
 class Layer:
     diff_id: str
@@ -186,74 +155,51 @@ class Image:
 
 
 class Store:
-    """An image store rooted at ``root``; see the module docstring for layout and guarantees."""
+    """An image store in ``layout``; see the module docstring for layout and guarantees.
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.blobs = BlobStore(root)
-        self.tmp_dir = root / "tmp"
-        self.layers_dir = root / "layers"
-        self.images_dir = root / "images"
-        self.tags_file = self.images_dir / "tags.json"
+    ``owners`` names the other holders of the store's digests (containers, the build cache, live
+    mounts; see :mod:`lamina.store.usage`); without them only the store's own images are protected.
+    """
+
+    def __init__(self, layout: Layout | Path, owners: OwnerFactory = tuple) -> None:
+        self.layout = Layout.of(layout)
+        self.root = self.layout.root
+        self.blobs = BlobStore(self.layout.blobs, self.layout.tmp)
+        self.tmp_dir = self.layout.tmp
+        self.layers_dir = self.layout.layers
+        self.images_dir = self.layout.images
+        self.tags = TagIndex(self.layout)
+        self._owners = owners
+        self._usage: Usage | None = None
 
     @classmethod
-    def open(cls, root: Path) -> Store:
-        """Open (creating its layout when missing) the store at ``root``."""
-        root = Path(root)
+    def open(cls, where: Layout | Path, owners: OwnerFactory = tuple) -> Store:
+        """Open (creating its directories when missing) the store at ``where``."""
+        layout = Layout.of(where)
+        root = layout.root
         try:
             root.parent.mkdir(parents=True, exist_ok=True)
             private.make_private_dir(root)
-            private.tighten(root)
-            for sub in private.CONTENT_DIRS:
+            private.tighten(layout)
+            for sub in Layout.CONTENT_DIRS:
                 private.make_private_dir(root / sub)
         except OSError as e:
             raise StoreError(f"cannot create the store at {root}: {e.strerror}") from None
-        return cls(root)
+        return cls(layout, owners)
 
-    # --- locking ---------------------------------------------------------------------------------
+    @property
+    def usage(self) -> Usage:
+        """Who uses what in the store (:mod:`lamina.store.usage`, imported when first asked)."""
+        if self._usage is None:
+            from lamina.store.usage import Usage
 
-    @contextlib.contextmanager
-    def lock(self, shared: bool = False) -> Iterator[None]:
-        """Hold the store lock (exclusive unless ``shared``); re-entrant within this process.
+            self._usage = Usage(self, self._owners)
+        return self._usage
 
-        Re-entrancy is per process and root, not per Store object: flock locks taken through two
-        open files of one process would otherwise block each other.
-        Resource handling: the lock is released when the outermost ``with`` ends. A nested request
-        for a stronger lock than the one held is an error (upgrading flock is not atomic).
-        """
-        want = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
-        key = os.path.realpath(self.root)
-        held = _HELD_LOCKS.get(key)
-        if held is not None:
-            if want == fcntl.LOCK_EX and held[1] == fcntl.LOCK_SH:
-                raise StoreError("internal error: exclusive store lock requested while holding a shared one")
-            held[2] += 1
-            try:
-                yield
-            finally:
-                held[2] -= 1
-            return
-        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, want | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("waiting for the lock on the store %s", self.root)
-                fcntl.flock(fd, want)
-            _HELD_LOCKS[key] = [fd, want, 1]
-            yield
-        finally:
-            _HELD_LOCKS.pop(key, None)
-            os.close(fd)
-
-    @contextlib.contextmanager
-    def _tags_lock(self) -> Iterator[None]:
-        fd = os.open(self.root / "tags.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+    def lock(self, shared: bool = False) -> contextlib.AbstractContextManager[None]:
+        """The store lock (exclusive unless ``shared``), re-entrant within this process (see
+        :func:`lamina.store.locks.hold_store_lock`)."""
+        return hold_store_lock(self.layout.store_lock, shared)
 
     # --- blobs (also used by the registry client) ------------------------------------------------
 
@@ -310,6 +256,10 @@ class Store:
         Error handling: a hostile tar or a diff_id mismatch raises :class:`LayerError`; nothing is
         left in ``layers/``.
         """
+        # Imported here: the packer and unpacker bring every decompressor, which commands that only
+        # read the store (images, run) need not load.
+        from lamina.store.layer_unpack import Limits, unpack_layer
+
         with self.lock(shared=True):
             if expected_diff_id is not None and self.has_layer(expected_diff_id):
                 return expected_diff_id, self.layer_tar_size(expected_diff_id)
@@ -349,6 +299,8 @@ class Store:
         :func:`store.layer_unpack.unpack_layer` in this store's ``tmp`` (so it already is what
         unpacking the tar would give) and hands it over; it is moved into place, not unpacked again.
         """
+        from lamina.store.layer_pack import pack_layer
+
         with self.lock(shared=True):
             with self.blobs.writer() as w:
                 result = pack_layer(Path(diff_dir), w, compress=True, progress=progress)
@@ -366,23 +318,11 @@ class Store:
             return Layer(diff_id=diff_id, digest=result.digest, path=self.layer_dir(diff_id),
                          size=self.layer_content_size(diff_id), media_type=OCI_LAYER_GZIP)
 
-    def layer_paths(self, image: Image) -> list[Path]:
-        """The image's unpacked layer directories, bottom to top (reverse for a lowerdir list)."""
-        return [layer.path for layer in image.layers]
+    def layer_stack(self, image: Image) -> LayerStack:
+        """The image's unpacked layer directories, as a stack (read it top_down() for a lowerdir)."""
+        return LayerStack.from_bottom_up(layer.path for layer in image.layers)
 
     # --- images ----------------------------------------------------------------------------------
-
-    def _read_tags(self) -> dict[str, str]:
-        try:
-            data = json.loads(self.tags_file.read_bytes())
-        except FileNotFoundError:
-            return {}
-        except ValueError:
-            raise StoreError(f"{self.tags_file} is corrupt (run `lamina system check`)") from None
-        return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
-
-    def _write_tags(self, tags: dict[str, str]) -> None:
-        write_file_atomic(self.tags_file, canonical_json(dict(sorted(tags.items()))), self.tmp_dir)
 
     def image_ids(self) -> list[str]:
         try:
@@ -411,13 +351,13 @@ class Store:
                                 media_type=_DOCKER_TO_OCI_LAYER.get(desc.get("mediaType", ""),
                                                                     desc.get("mediaType", OCI_LAYER_TAR))))
         if tags is None:
-            tags = self._read_tags()
+            tags = self.tags.read()
         names = sorted(Reference.parse(k).familiar for k, v in tags.items() if v == image_id)
         return Image(id=image_id, config=config, manifest=manifest, manifest_digest=manifest_digest,
                      layers=layers, tags=names)
 
     def images(self) -> list[Image]:
-        tags = self._read_tags()
+        tags = self.tags.read()
         result = []
         for image_id in self.image_ids():
             try:
@@ -432,7 +372,7 @@ class Store:
         Error handling: :class:`ImageNotFound` when nothing matches; :class:`UsageError` for an
         ambiguous ID prefix.
         """
-        tags = self._read_tags()
+        tags = self.tags.read()
         ref: Reference | None = None
         with contextlib.suppress(UsageError):
             ref = Reference.parse(ref_or_id)
@@ -506,7 +446,7 @@ class Store:
             record = {"id": config_digest, "manifest": manifest_digest, "added": now_rfc3339(), **(extra or {})}
             write_file_atomic(record_path, canonical_json(record), self.tmp_dir)
         if tags:
-            self._set_tags([Reference.parse(t) for t in tags], image_id)
+            self.tags.set([Reference.parse(t) for t in tags], image_id)
         return self.load_image(image_id)
 
     def import_image_from_manifest(self, manifest_bytes: bytes, config_bytes: bytes, tags: list[str],
@@ -541,197 +481,46 @@ class Store:
 
     # --- tags ------------------------------------------------------------------------------------
 
-    def _set_tags(self, refs: list[Reference], image_id: str) -> None:
-        for ref in refs:
-            if ref.tag is None:
-                raise UsageError(f"cannot tag with a digest reference: {ref}")
-        with self._tags_lock():
-            tags = self._read_tags()
-            for ref in refs:
-                tags[ref.tagged_key] = image_id
-            self._write_tags(tags)
-
     def tag(self, image: Image, ref: str) -> None:
         with self.lock(shared=True):
-            self._set_tags([Reference.parse(ref)], image.id)
+            self.tags.set([Reference.parse(ref)], image.id)
 
     def untag(self, ref: str) -> str:
         """Remove one tag; return the ID it pointed at. Raises ImageNotFound when not a tag."""
-        key = Reference.parse(ref).tagged_key
-        with self.lock(shared=True), self._tags_lock():
-            tags = self._read_tags()
-            image_id = tags.pop(key, None)
-            if image_id is None:
-                raise ImageNotFound(ref)
-            self._write_tags(tags)
-            return image_id
+        with self.lock(shared=True):
+            return self.tags.remove(ref)
 
     # --- use, deletion, garbage collection -------------------------------------------------------
 
     def containers_using(self, image_id: str) -> list[str]:
-        """IDs of containers made from the image, and ``mount:<id>`` for live `lamina mount`s of it."""
-        image_id = image_id.removeprefix("sha256:")
-        users = []
-        for path in sorted((self.root / "containers").glob("*/container.json")):
-            with contextlib.suppress(OSError, ValueError):
-                data = json.loads(path.read_bytes())
-                if str(data.get("image_id", "")).removeprefix("sha256:") == image_id:
-                    users.append(path.parent.name)
-        for path, data in self._live_mounts():
-            if str(data.get("image_id", "")).removeprefix("sha256:") == image_id:
-                users.append("mount:" + path.parent.name)
-        return users
-
-    def _live_mounts(self) -> list[tuple[Path, dict[str, Any]]]:
-        """The inspector's `lamina mount` records whose unionfs server is still alive."""
-        live = []
-        for path in sorted((self.root / "mounts").glob("*/state.json")):
-            with contextlib.suppress(OSError, ValueError):
-                data = json.loads(path.read_bytes())
-                pid = data.get("pid")
-                if isinstance(data, dict) and isinstance(pid, int) and pid > 0 and os.path.exists(f"/proc/{pid}"):
-                    live.append((path, data))
-        return live
+        """Who uses the image, as its owners name them: container IDs, ``mount:<id>`` for live mounts."""
+        return self.usage.users_of(image_id)
 
     def image_in_use(self, image_id: str) -> bool:
-        return bool(self.containers_using(image_id.removeprefix("sha256:")))
+        return bool(self.usage.users_of(image_id))
+
+    def dangling_images(self) -> list[Image]:
+        return self.usage.dangling_images()
 
     def delete_image(self, image: Image) -> None:
         """Remove an image and all its tags, then whatever only it referenced."""
         with self.lock():
-            with self._tags_lock():
-                tags = self._read_tags()
-                remaining = {k: v for k, v in tags.items() if v != image.id}
-                if remaining != tags:
-                    self._write_tags(remaining)
+            self.tags.remove_image(image.id)
             with contextlib.suppress(FileNotFoundError):
                 (self.images_dir / f"{image.id}.json").unlink()
             self.gc()
 
     delete = delete_image  # the name the brief uses
 
-    def _gc_roots(self) -> tuple[set[str], set[str]]:
-        """(blob digests, layer diff_ids) that must be kept."""
-        blobs: set[str] = set()
-        diff_ids: set[str] = set()
-        for image_id in self.image_ids():
-            try:
-                record = json.loads((self.images_dir / f"{image_id}.json").read_bytes())
-                blobs.add(record["manifest"])
-                manifest = json.loads(self.blobs.read(record["manifest"]))
-                blobs.add(manifest["config"]["digest"])
-                blobs.update(d["digest"] for d in manifest.get("layers", []))
-                config = json.loads(self.blobs.read(manifest["config"]["digest"]))
-                diff_ids.update(config.get("rootfs", {}).get("diff_ids", []))
-            except (OSError, ValueError, KeyError, StoreError) as e:
-                log.info("image %s is broken (%s); its objects are not protected", image_id[:12], e)
-        # The runner's containers and the builder's cache may name layers or blobs: keep anything a
-        # JSON file there mentions.
-        named = [*self.root.glob("containers/*/*.json"), *self.root.glob("build-cache/**/*.json"),
-                 *(path for path, _ in self._live_mounts())]
-        for path in named:
-            with contextlib.suppress(OSError):
-                for hex_ in _DIGEST_IN_TEXT.findall(path.read_text(errors="replace")):
-                    blobs.add("sha256:" + hex_)
-                    diff_ids.add("sha256:" + hex_)
-        return blobs, diff_ids
-
     def gc(self) -> tuple[int, int, int]:
         """Remove unreferenced blobs, layers and stale temporary files: (blobs, layers, bytes freed)."""
         with self.lock():
-            keep_blobs, keep_layers = self._gc_roots()
-            freed = n_blobs = n_layers = 0
-            for digest in list(self.blobs.all_digests()):
-                if digest not in keep_blobs:
-                    with contextlib.suppress(OSError):
-                        freed += self.blobs.size(digest)
-                    self.blobs.remove(digest)
-                    n_blobs += 1
-            for entry in list(os.scandir(self.layers_dir)):
-                if "sha256:" + entry.name not in keep_layers:
-                    freed += self.layer_content_size("sha256:" + entry.name) if len(entry.name) == 64 else 0
-                    # Rename first so a crash mid-removal never leaves a half-deleted layer visible.
-                    doomed = temp_name(self.tmp_dir, "doomed")
-                    os.rename(entry.path, doomed)
-                    try:
-                        remove_tree(doomed)
-                    except OSError as e:  # already out of sight; the next prune retries
-                        log.info("cannot remove %s yet: %s", doomed, e)
-                    n_layers += 1
-            remove_stale_temps(self.tmp_dir)
-            return n_blobs, n_layers, freed
-
-    def dangling_images(self) -> list[Image]:
-        return [image for image in self.images() if not image.tags and not self.image_in_use(image.id)]
+            return self.usage.collect_garbage()
 
     # --- verification ----------------------------------------------------------------------------
 
     def check(self, verify_blobs: bool = True) -> list[str]:
-        """Verify the store; return a list of problems (empty when clean).
+        """Verify the store; the problems found, one line each (see :mod:`lamina.store.check`)."""
+        from lamina.store.check import check_store
 
-        Checks blob digests, that every image's manifest, config and layer blobs exist, that its
-        layers are unpacked, and that every tag names an existing image. Stale temporary files of
-        crashed writers are removed (they are never visible, only wasted space). Directories that
-        were open to other users (those :meth:`open` tightened) are reported, and every layer,
-        container and mount directory is made private too (see :mod:`store.private`).
-        """
-        problems = private.tightened_by_this_process(self.root)
-        with self.lock():
-            problems.extend(private.foreign_owner(self.root))
-            private.tighten_objects(self.root)
-            remove_stale_temps(self.tmp_dir)
-            if verify_blobs:
-                for digest in self.blobs.all_digests():
-                    if not self.blobs.verify(digest):
-                        problems.append(f"blob {digest}: content does not match its digest")
-            for entry in os.scandir(self.layers_dir):
-                if not re.fullmatch(r"[0-9a-f]{64}", entry.name):
-                    problems.append(f"layers/{entry.name}: not a layer directory name")
-                elif not os.path.isdir(os.path.join(entry.path, "diff")) or \
-                        not os.path.isfile(os.path.join(entry.path, "layer.json")):
-                    problems.append(f"layers/{entry.name}: incomplete layer")
-            ids = set(self.image_ids())
-            for image_id in sorted(ids):
-                problems.extend(self._check_image(image_id))
-            try:
-                tags = self._read_tags()
-            except StoreError as e:
-                problems.append(str(e))
-                tags = {}
-            for name, image_id in sorted(tags.items()):
-                if image_id not in ids:
-                    problems.append(f"tag {name}: names missing image {image_id[:12]}")
-        return problems
-
-    def _check_image(self, image_id: str) -> list[str]:
-        where = f"image {image_id[:12]}"
-        try:
-            record = json.loads((self.images_dir / f"{image_id}.json").read_bytes())
-            manifest_digest = record["manifest"]
-        except (OSError, ValueError, KeyError):
-            return [f"{where}: unreadable record"]
-        if not self.blobs.has(manifest_digest):
-            return [f"{where}: manifest blob {manifest_digest} missing"]
-        try:
-            manifest = json.loads(self.blobs.read(manifest_digest))
-            config_digest = manifest["config"]["digest"]
-            if digest_hex(config_digest) != image_id:
-                return [f"{where}: manifest names another config {config_digest}"]
-            if not self.blobs.has(config_digest):
-                return [f"{where}: config blob {config_digest} missing"]
-            config = json.loads(self.blobs.read(config_digest))
-            diff_ids = config["rootfs"]["diff_ids"]
-            descs = manifest["layers"]
-        except (ValueError, KeyError, TypeError, StoreError, FormatError) as e:
-            return [f"{where}: malformed manifest or config ({e})"]
-        problems = []
-        if len(diff_ids) != len(descs):
-            problems.append(f"{where}: {len(descs)} layers in the manifest, {len(diff_ids)} diff_ids")
-        for desc in descs:
-            if not _has_blob_safe(self.blobs, desc.get("digest", "")):
-                problems.append(f"{where}: layer blob {desc.get('digest')} missing")
-        for diff_id in diff_ids:
-            if not self.has_layer(diff_id):
-                problems.append(f"{where}: layer {diff_id} not unpacked")
-        return problems
-
+        return check_store(self, verify_blobs)

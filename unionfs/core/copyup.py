@@ -222,8 +222,8 @@ def copy_owner_mode_times(target: int | str, st: os.stat_result, is_link: bool, 
         else:
             fsat.chown(target, st.st_uid, st.st_gid, follow_symlinks=False)
     except PermissionError:
-        if not is_link and _read_override(target) is None:
-            _write_override(target, ondisk.OwnerOverride(st.st_uid, st.st_gid, st.st_mode & 0o7777))
+        if not is_link and ondisk.read_owner_override(target) is None:
+            ondisk.write_owner_override(target, ondisk.OwnerOverride(st.st_uid, st.st_gid, st.st_mode & 0o7777))
     if chmod and not is_link:
         if isinstance(target, int):
             os.fchmod(target, st.st_mode & 0o7777)
@@ -232,18 +232,3 @@ def copy_owner_mode_times(target: int | str, st: os.stat_result, is_link: bool, 
     if not isinstance(target, int):
         fsat.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=follow)
 
-
-def _read_override(target: int | str) -> bytes | None:
-    try:
-        if isinstance(target, int):
-            return os.getxattr(target, ondisk.OWNER_OVERRIDE_XATTR)
-        return os.getxattr(target, ondisk.OWNER_OVERRIDE_XATTR, follow_symlinks=False)
-    except OSError:
-        return None
-
-
-def _write_override(target: int | str, override: ondisk.OwnerOverride) -> None:
-    if isinstance(target, int):
-        os.setxattr(target, ondisk.OWNER_OVERRIDE_XATTR, override.encode())
-    else:
-        os.setxattr(target, ondisk.OWNER_OVERRIDE_XATTR, override.encode(), follow_symlinks=False)

@@ -22,13 +22,11 @@ from unionfs.core import fsat, ondisk
 from unionfs.core.backing import (
     RENAME_EXCHANGE,
     Layer,
-    exists_at,
     getxattr_at,
     join,
     lstat_at,
     open_dir_at,
     remove_tree_at,
-    removexattr_at,
     renameat2,
     setxattr_at,
 )
@@ -142,7 +140,7 @@ class Marking:
         else:
             pfd = open_dir_at(ufd, ppath)
             try:
-                if not exists_at(pfd, ondisk.WHITEOUT_PREFIX + name):
+                if not ondisk.whiteout_file_at(pfd, name):
                     ondisk.make_whiteout(pfd, name, ondisk.WhiteoutStyle.WH_FILE)
             finally:
                 os.close(pfd)
@@ -156,21 +154,13 @@ class Marking:
         st = lstat_at(ufd, join(ppath, name))
         if st is not None and ondisk.is_whiteout_stat(st):
             return "char"
-        if exists_at(ufd, join(ppath, ondisk.WHITEOUT_PREFIX + name)):
+        if ondisk.whiteout_file_at(ufd, join(ppath, name)):
             return "file"
         return None
 
-    def whiteout_file(self, ppath: str, name: str) -> str:
-        """The path of the ``.wh.NAME`` whiteout of ``ppath/name``, relative to the upper."""
-        return join(ppath, ondisk.WHITEOUT_PREFIX + name)
-
-    def drop_whiteout_file(self, ppath: str, name: str, *, if_present: bool = False) -> None:
-        """Remove the ``.wh.NAME`` whiteout of a name that now shows an upper object."""
-        path = self.whiteout_file(ppath, name)
-        ufd = self._upper()
-        if if_present and not exists_at(ufd, path):
-            return
-        fsat.unlink(path, dir_fd=ufd)
+    def drop_whiteout_file(self, ppath: str, name: str) -> None:
+        """Remove the ``.wh.NAME`` whiteout (if any) of a name that now shows an upper object."""
+        ondisk.remove_whiteout_file_at(self._upper(), join(ppath, name))
 
     def drop_whiteouts(self, path: str) -> None:
         """Remove the whiteouts below an upper directory that now holds everything it shows and
@@ -198,14 +188,9 @@ class Marking:
 
     # --- directory markers -----------------------------------------------------------------------
 
-    def set_marker(self, fd: int, path: str, trusted: str, user: str, value: bytes) -> None:
-        """Write an overlay marker in the one namespace this mount uses (probed at start): the
-        kernel shows user.overlay.* as ordinary xattrs unless mounted with userxattr."""
-        setxattr_at(fd, path, trusted if self.xattr_ns is ondisk.XattrNamespace.TRUSTED else user, value)
-
     def set_opaque(self, fd: int, path: str) -> None:
         """Mark a directory opaque without a trace line (one built in the workdir)."""
-        self.set_marker(fd, path, ondisk.TRUSTED_OPAQUE, ondisk.USER_OPAQUE, b"y")
+        ondisk.set_marker_at(fd, path, self.xattr_ns, opaque=True)
 
     def mark_opaque(self, path: str) -> None:
         self.set_opaque(self._upper(), path)
@@ -216,21 +201,12 @@ class Marking:
         ufd = self._upper()
         current = getxattr_at(ufd, path, self.xattr_ns.redirect_xattr)
         if current != os.fsencode(target):
-            self.set_marker(ufd, path, ondisk.TRUSTED_REDIRECT, ondisk.USER_REDIRECT, os.fsencode(target))
+            ondisk.set_marker_at(ufd, path, self.xattr_ns, redirect=target)
 
     def redirect_of(self, path: str) -> str | None:
         """The redirect of upper directory ``path`` (in either namespace), if it has one."""
-        ufd = self._upper()
-        for xname in (ondisk.TRUSTED_REDIRECT, ondisk.USER_REDIRECT):
-            value = getxattr_at(ufd, path, xname)
-            if value:
-                return os.fsdecode(value)
-        return None
+        return ondisk.redirect_at(self._upper(), path)
 
     def remove_redirect(self, path: str) -> None:
-        ufd = self._upper()
-        for xname in (ondisk.TRUSTED_REDIRECT, ondisk.USER_REDIRECT):
-            try:
-                removexattr_at(ufd, path, xname)
-            except OSError:
-                pass
+        """Remove the redirect of upper directory ``path`` (in both namespaces)."""
+        ondisk.clear_redirect_at(self._upper(), path)

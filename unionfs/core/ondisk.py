@@ -37,8 +37,20 @@ import errno
 import os
 import re
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
+
+from unionfs.core import fsat, merge
+from unionfs.core.backing import (
+    exists_at,
+    getxattr_at,
+    listxattr_at,
+    lstat_at,
+    removexattr_at,
+    setxattr_at,
+    split,
+)
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -92,6 +104,11 @@ def _in_initial_user_namespace() -> bool:
 def is_marker_name(name: str) -> bool:
     """True for names that are union markers (``.wh.*``) and never appear in a merged view."""
     return name.startswith(WHITEOUT_PREFIX)
+
+
+def whiteout_file_name(name: str) -> str:
+    """The name of the ``.wh.`` file that hides ``name`` in the same directory."""
+    return WHITEOUT_PREFIX + name
 
 
 def whited_out_name(name: str) -> str | None:
@@ -159,6 +176,89 @@ def read_redirect(path: str | int) -> str | None:
         if value:
             return os.fsdecode(value)
     return None
+
+
+# --- reading at a directory descriptor ----------------------------------------------------------
+#
+# ``path`` is relative to the layer (or directory) descriptor ``dir_fd`` and never follows a final
+# symlink; '' is the directory ``dir_fd`` itself.
+
+
+def whiteout_file_at(dir_fd: int, path: str) -> bool:
+    """True when a ``.wh.NAME`` file beside ``path`` hides it (the OCI form of a whiteout)."""
+    head, tail = split(path)
+    return exists_at(dir_fd, f"{head}/{whiteout_file_name(tail)}" if head else whiteout_file_name(tail))
+
+
+def dir_markers_at(dir_fd: int, path: str) -> tuple[bool, str | None]:
+    """(opaque, redirect) of the directory at ``path``; one listxattr in the common case."""
+    names = listxattr_at(dir_fd, path)
+    opaque = False
+    redirect = None
+    if names:
+        for xname in (TRUSTED_OPAQUE, USER_OPAQUE):
+            if xname in names and getxattr_at(dir_fd, path, xname) == b"y":
+                opaque = True
+        if not opaque:
+            for xname in (TRUSTED_REDIRECT, USER_REDIRECT):
+                if xname in names:
+                    value = getxattr_at(dir_fd, path, xname)
+                    if value:
+                        redirect = os.fsdecode(value)
+                        break
+    if not opaque:
+        try:
+            opaque = exists_at(dir_fd, f"{path}/{OPAQUE_MARKER}" if path else OPAQUE_MARKER)
+        except PermissionError:
+            # A directory we may not search cannot hold a marker we could honour; what matters
+            # is that its parent stays listable (the kernel needs only the xattrs here).
+            opaque = False
+    return opaque, redirect
+
+
+def is_opaque_at(dir_fd: int, path: str) -> bool:
+    """True when the directory at ``path`` is opaque in any of the formats we read."""
+    return dir_markers_at(dir_fd, path)[0]
+
+
+def redirect_at(dir_fd: int, path: str) -> str | None:
+    """The overlay redirect of the directory at ``path``, if any."""
+    for xname in (TRUSTED_REDIRECT, USER_REDIRECT):
+        value = getxattr_at(dir_fd, path, xname)
+        if value:
+            return os.fsdecode(value)
+    return None
+
+
+def held_at(dir_fd: int, path: str) -> tuple[merge.Held, os.stat_result | None]:
+    """What one layer holds at ``path`` for merging (:mod:`unionfs.core.merge`), and its lstat."""
+    # Every lookup in every layer comes here: whiteout_file_at and is_whiteout_stat are inlined.
+    st = lstat_at(dir_fd, path)
+    if st is None:
+        head, _, tail = path.rpartition("/")
+        marker = f"{head}/{WHITEOUT_PREFIX}{tail}" if head else WHITEOUT_PREFIX + tail
+        return (merge.WHITEOUT if lstat_at(dir_fd, marker) is not None else merge.ABSENT), None
+    mode = st.st_mode
+    if stat.S_ISDIR(mode):
+        opaque, redirect = dir_markers_at(dir_fd, path)
+        return merge.directory(opaque, redirect), st
+    if stat.S_ISCHR(mode) and st.st_rdev == 0:
+        return merge.WHITEOUT, st
+    return merge.OTHER, st
+
+
+def held_ancestors_at(dir_fd: int, path: str) -> Iterator[merge.Held]:
+    """What the layer holds at each directory above ``path``, outermost first (lazily: for
+    :func:`unionfs.core.merge.reach`, which stops at the first that answers)."""
+    prefix = ""
+    for part in path.split("/")[:-1]:
+        prefix = f"{prefix}/{part}" if prefix else part
+        yield held_at(dir_fd, prefix)[0]
+
+
+def owner_override_at(dir_fd: int, path: str) -> OwnerOverride | None:
+    raw = getxattr_at(dir_fd, path, OWNER_OVERRIDE_XATTR)
+    return OwnerOverride.decode(raw) if raw is not None else None
 
 
 # --- owner overrides -----------------------------------------------------------------------------
@@ -331,6 +431,36 @@ def mark_opaque(path: str | int, namespace: XattrNamespace | None = None) -> Non
         except PermissionError:
             pass
     os.setxattr(path, USER_OPAQUE, b"y", follow_symlinks=follow)
+
+
+def remove_whiteout_file_at(dir_fd: int, path: str) -> bool:
+    """Remove the ``.wh.NAME`` file beside ``path``; True when there was one."""
+    head, tail = split(path)
+    try:
+        fsat.unlink(f"{head}/{WHITEOUT_PREFIX}{tail}" if head else WHITEOUT_PREFIX + tail, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def set_marker_at(dir_fd: int, path: str, namespace: XattrNamespace, *, opaque: bool = False,
+                  redirect: str | None = None) -> None:
+    """Mark the directory at ``path`` opaque, or give it a redirect, in the one namespace a mount
+    uses (probed at start): the kernel shows user.overlay.* as ordinary xattrs unless mounted with
+    userxattr."""
+    if opaque:
+        setxattr_at(dir_fd, path, namespace.opaque_xattr, b"y")
+    if redirect is not None:
+        setxattr_at(dir_fd, path, namespace.redirect_xattr, os.fsencode(redirect))
+
+
+def clear_redirect_at(dir_fd: int, path: str) -> None:
+    """Remove the redirect of the directory at ``path`` in both namespaces (where there is one)."""
+    for name in (TRUSTED_REDIRECT, USER_REDIRECT):
+        try:
+            removexattr_at(dir_fd, path, name)
+        except OSError:
+            pass
 
 
 def clear_opaque(path: str | int) -> None:

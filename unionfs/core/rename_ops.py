@@ -78,7 +78,7 @@ class RenameOps:
         if src.is_dir:
             self._prepare_moved_dir(src, old_path, new_path, newp, newn)
         fsat.rename(old_path, new_path, src_dir_fd=ufd, dst_dir_fd=ufd)
-        self.tree.marks.drop_whiteout_file(newp.path(), newn, if_present=True)
+        self.tree.marks.drop_whiteout_file(newp.path(), newn)
         if old_needs_whiteout:
             self.tree.marks.whiteout(oldp, oldn)
         self.tree.touch(oldp, newp, src, dst)

@@ -17,23 +17,20 @@ Nothing here imports pyfuse3: errors are OSError with an errno, which the adapte
 
 from __future__ import annotations
 
-import enum
 import errno
 import logging
 import os
 import stat
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from unionfs.core import fsat, ondisk
+from unionfs.core import fsat, merge, ondisk
 from unionfs.core.backing import (
     Layer,
-    exists_at,
     getxattr_at,
     join,
-    listxattr_at,
     lstat_at,
     split,
 )
@@ -49,15 +46,6 @@ NAME_MAX = 255
 
 __all__ = ["Caller", "DirEntry", "LAYER_XATTR", "UnionError", "UnionTree", "check_name", "ensure_writable",
            "index_entry_name"]
-
-
-class _Reach(enum.Enum):
-    """What the path to an absolute redirect's target is in one layer (see _absolute_reach)."""
-
-    REACHABLE = "reachable"
-    ABSENT = "absent"  # a component is missing: nothing in this layer, look below
-    HIDDEN = "hidden"  # a whiteout or non-directory on the way: nothing here or below
-    OPAQUE_ABOVE = "opaque above"  # reachable, but no layer below this one counts
 
 
 @dataclass
@@ -90,6 +78,13 @@ def check_name(name: str) -> None:
     if len(os.fsencode(name)) > NAME_MAX:
         raise OSError(errno.ENAMETOOLONG, "name too long", name)
 
+
+# The steps of a lookup (unionfs.core.merge), bound once: lookups compare with them in every layer.
+_ENTRY, _LOOK_BELOW, _MERGE, _MERGE_LAST = merge.Step.ENTRY, merge.Step.LOOK_BELOW, merge.Step.MERGE, \
+    merge.Step.MERGE_LAST
+
+# In WORK/work: the char 0/0 device that whiteouts are hard links to (see make_char_whiteout).
+SHARED_WHITEOUT = "whiteout"
 
 # Lookups that must miss in one lower directory before its names are listed and kept: a listing
 # costs about what 20 missed lookups do in a directory of a thousand entries.
@@ -195,82 +190,36 @@ class UnionTree:
         return node
 
     def _resolve(self, parent: Node, name: str) -> Node | None:
+        """Look ``name`` up in each layer, top first, and merge what they hold (:mod:`.merge`)."""
         if not parent.is_dir:
             raise OSError(errno.ENOTDIR, "not a directory")
         if parent.deleted:
             return None
         ppath = parent.path()
         top_st: os.stat_result | None = None
-        in_upper = opaque = False
-        redirect: str | None = None
+        held = merge.ABSENT
         upper = self.upper
         if parent.in_upper and upper is not None:
             cpath = join(ppath, name)
-            st = lstat_at(upper.fd, cpath)
-            if st is not None:
-                if ondisk.is_whiteout_stat(st):
-                    return None
-                if not stat.S_ISDIR(st.st_mode):
-                    return self._upper_file_node(parent, name, cpath, st)
-                top_st, in_upper = st, True
-                opaque, redirect = _dir_markers(upper, cpath)
-            elif exists_at(upper.fd, join(ppath, ondisk.WHITEOUT_PREFIX + name)):
+            held, st = ondisk.held_at(upper.fd, cpath)
+            step = held.steps[False]  # = merge.lookup_step(held, False), without the call
+            if step is merge.Step.HIDDEN:
                 return None
-            if parent.opaque and not (redirect or "").startswith("/"):
-                # Nothing below an opaque parent shows through, except what an absolute redirect
-                # names: the kernel then searches the root's lower stack (ovl_lookup, poe = roe).
-                opaque = True
+            if step is merge.Step.ENTRY:
+                assert st is not None
+                return self._upper_file_node(parent, name, cpath, st)
+            top_st = st
+        in_upper = top_st is not None
+        opaque = held.opaque or (parent.opaque and not merge.reaches_below_opaque_parent(held.redirect))
         lowers: list[tuple[Layer, str]] = []
         lower_st: os.stat_result | None = None
         if not opaque:
-            parent_paths = {layer.index: path for layer, path in parent.lowers}
-            for layer in self.lowers:
-                last_layer = False
-                if redirect is not None and redirect.startswith("/"):
-                    path = redirect.strip("/")
-                    reach = _absolute_reach(layer, path)
-                    if reach is _Reach.HIDDEN:
-                        break
-                    if reach is _Reach.ABSENT:
-                        continue
-                    last_layer = reach is _Reach.OPAQUE_ABOVE
-                else:
-                    ppath_l = parent_paths.get(layer.index)
-                    if ppath_l is None:
-                        continue
-                    if redirect is None:
-                        known = self._lower_names.get((layer.index, ppath_l))
-                        if type(known) is frozenset and name not in known:
-                            if ondisk.WHITEOUT_PREFIX + name in known:
-                                break
-                            continue
-                    path = join(ppath_l, redirect or name)
-                st = lstat_at(layer.fd, path)
-                if st is None:
-                    head, tail = split(path)
-                    if last_layer or exists_at(layer.fd, join(head, ondisk.WHITEOUT_PREFIX + tail)):
-                        break
-                    if redirect is None:
-                        _count_lower_miss(self._lower_names, layer, head)
-                    continue
-                if ondisk.is_whiteout_stat(st):
-                    break
-                if layer.placeholders and path in layer.placeholders:
-                    continue  # a device node rootless storage could not make: as if absent here
-                if not stat.S_ISDIR(st.st_mode):
-                    if top_st is None:
-                        return self._lower_file_node(parent, name, layer, path, st)
-                    break
-                if top_st is None:
-                    top_st = st
-                if lower_st is None:
-                    lower_st = st
-                lowers.append((layer, path))
-                lower_opaque, r = _dir_markers(layer, path)
-                if lower_opaque or last_layer:
-                    break
-                if r is not None:
-                    redirect = r  # applies to the layers below this one
+            found = self._merge_lowers(parent, name, held.redirect, merging=in_upper)
+            if isinstance(found, Node):
+                return found
+            lowers, lower_st = found
+        if top_st is None:
+            top_st = lower_st
         if top_st is None:
             return None
         return self._dir_node(parent, name, top_st, lower_st, in_upper, opaque, lowers)
@@ -308,6 +257,55 @@ class UnionTree:
         node.st_hint = top_st
         node.opaque = opaque and in_upper
         return node
+
+    def _merge_lowers(self, parent: Node, name: str, redirect: str | None, merging: bool
+                      ) -> Node | tuple[list[tuple[Layer, str]], os.stat_result | None]:
+        """The lower half of a lookup: the node when a lower non-directory is the entry, else the
+        lower directories that merge into it (top first) and the top one's stat."""
+        parent_paths = {layer.index: path for layer, path in parent.lowers}
+        lowers: list[tuple[Layer, str]] = []
+        lower_st: os.stat_result | None = None
+        for layer in self.lowers:
+            last_layer = False
+            if redirect is not None and redirect.startswith("/"):
+                path = redirect.strip("/")
+                reach = merge.reach(ondisk.held_ancestors_at(layer.fd, path))
+                if reach is merge.Reach.HIDDEN:
+                    break
+                if reach is merge.Reach.ABSENT:
+                    continue
+                last_layer = reach is merge.Reach.OPAQUE_ABOVE
+            else:
+                ppath_l = parent_paths.get(layer.index)
+                if ppath_l is None:
+                    continue
+                if redirect is None:
+                    known = self._lower_names.get((layer.index, ppath_l))
+                    if type(known) is frozenset and name not in known:
+                        if ondisk.whiteout_file_name(name) in known:
+                            break
+                        continue
+                path = merge.path_below(ppath_l, name, redirect)
+            held, st = ondisk.held_at(layer.fd, path)
+            if held is merge.ABSENT and redirect is None:
+                _count_lower_miss(self._lower_names, layer, split(path)[0])
+            if layer.placeholders and st is not None and path in layer.placeholders:
+                continue  # a device node rootless storage could not make: as if absent here
+            step = held.steps[merging or bool(lowers)]  # = merge.lookup_step, without the call
+            if step is _ENTRY:
+                assert st is not None
+                return self._lower_file_node(parent, name, layer, path, st)
+            if step is _LOOK_BELOW and not last_layer:
+                continue
+            if step is _MERGE or step is _MERGE_LAST:
+                lowers.append((layer, path))
+                if lower_st is None:
+                    lower_st = st
+            if step is not _MERGE or last_layer:
+                break
+            if held.redirect is not None:
+                redirect = held.redirect  # applies to the layers below this one
+        return lowers, lower_st
 
     def _node_for(self, parent: Node, name: str, kind: int, identity: tuple[int, int], in_upper: bool,
                   lowers: list[tuple[Layer, str]]) -> Node:
@@ -369,7 +367,7 @@ class UnionTree:
         for layer, ppath in parent.lowers:
             st = lstat_at(layer.fd, join(ppath, name))
             if st is None:
-                if exists_at(layer.fd, join(ppath, ondisk.WHITEOUT_PREFIX + name)):
+                if ondisk.whiteout_file_at(layer.fd, join(ppath, name)):
                     return False
                 continue
             if layer.placeholders and join(ppath, name) in layer.placeholders:
@@ -406,49 +404,46 @@ class UnionTree:
             sources.append((self.upper, node.path()))
         if not node.opaque:
             sources.extend(node.lowers)
-        seen: dict[str, DirEntry] = {}
-        hidden: set[str] = set()
-        # The loop below runs once per entry of every layer (tens of thousands for a big directory):
-        # it keeps to cheap calls (d_type answers is_file/is_dir without a stat).
-        whiteout_prefix, opaque_marker = ondisk.WHITEOUT_PREFIX, ondisk.OPAQUE_MARKER
-        s_ifreg, s_ifdir = stat.S_IFREG, stat.S_IFDIR
-        for layer, path in sources:
-            layer_hidden: list[str] = []
-            prefix = f"{path}/" if path else ""
-            placeholders = layer.placeholders
-            fd = fsat.open(path or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=layer.fd)
-            try:
-                with os.scandir(fd) as it:
-                    for entry in it:
-                        n = entry.name
-                        if n in seen or n in hidden:
-                            continue
-                        if n.startswith(whiteout_prefix):
-                            if n != opaque_marker:
-                                layer_hidden.append(n[4:])
-                            continue
-                        if entry.is_file(follow_symlinks=False):
-                            if placeholders and prefix + n in placeholders:
-                                continue
-                            kind = s_ifreg
-                        elif entry.is_dir(follow_symlinks=False):
-                            kind = s_ifdir
-                        elif entry.is_symlink():
-                            kind = stat.S_IFLNK
-                        else:
-                            st = entry.stat(follow_symlinks=False)
-                            if ondisk.is_whiteout_stat(st):
-                                layer_hidden.append(n)
-                                continue
-                            kind = stat.S_IFMT(st.st_mode)
-                        seen[n] = DirEntry(n, layer, prefix + n, kind == s_ifdir, kind, entry.inode(),
-                                           n.encode(_FS_ENCODING, _FS_ERRORS))
-            finally:
-                os.close(fd)
-            hidden.update(layer_hidden)
-        listing = list(seen.values())
+        listing = list(merge.merge_listing(self._scan(layer, path) for layer, path in sources).values())
         node.listing = listing
         return listing
+
+    @staticmethod
+    def _scan(layer: Layer, path: str) -> Iterator[tuple[str, DirEntry | None]]:
+        """One layer's directory for merge_listing: (name, entry) per entry, (name, None) per
+        whiteout. It runs once per entry of every layer (tens of thousands for a big directory): it
+        keeps to cheap calls (d_type answers is_file/is_dir without a stat)."""
+        whiteout_prefix, opaque_marker = ondisk.WHITEOUT_PREFIX, ondisk.OPAQUE_MARKER
+        s_ifreg, s_ifdir = stat.S_IFREG, stat.S_IFDIR
+        prefix = f"{path}/" if path else ""
+        placeholders = layer.placeholders
+        fd = fsat.open(path or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=layer.fd)
+        try:
+            with os.scandir(fd) as it:
+                for entry in it:
+                    n = entry.name
+                    if n.startswith(whiteout_prefix):
+                        if n != opaque_marker:
+                            yield n[4:], None
+                        continue
+                    if entry.is_file(follow_symlinks=False):
+                        if placeholders and prefix + n in placeholders:
+                            continue
+                        kind = s_ifreg
+                    elif entry.is_dir(follow_symlinks=False):
+                        kind = s_ifdir
+                    elif entry.is_symlink():
+                        kind = stat.S_IFLNK
+                    else:
+                        st = entry.stat(follow_symlinks=False)
+                        if ondisk.is_whiteout_stat(st):
+                            yield n, None
+                            continue
+                        kind = stat.S_IFMT(st.st_mode)
+                    yield n, DirEntry(n, layer, prefix + n, kind == s_ifdir, kind, entry.inode(),
+                                      n.encode(_FS_ENCODING, _FS_ERRORS))
+        finally:
+            os.close(fd)
 
     def touch(self, *nodes: Node | None) -> None:
         """Forget cached attributes (and, for directories, listings) of nodes that changed."""
@@ -506,56 +501,6 @@ def _count_lower_miss(lower_names: dict[tuple[int, str], int | frozenset[str]], 
     except OSError as e:
         log.debug("lower directory %s of %s not listed: %s", path or "/", layer.label, e)
         lower_names[key] = NO_LOWER_NAMES
-
-
-def _absolute_reach(layer: Layer, path: str) -> _Reach:
-    """How the ancestors of an absolute redirect's target look in one lower layer.
-
-    The kernel walks such a path one component at a time in every layer (ovl_lookup_layer): a
-    whiteout or non-directory on the way ends the search in this and every lower layer (a
-    renamed directory must not pick up contents its old parent hid), a missing component only
-    skips this layer, an opaque directory on the way makes this layer the last one searched.
-    """
-    reach = _Reach.REACHABLE
-    prefix = ""
-    for part in path.split("/")[:-1]:
-        below = join(prefix, part)
-        st = lstat_at(layer.fd, below)
-        if st is None:
-            if exists_at(layer.fd, join(prefix, ondisk.WHITEOUT_PREFIX + part)):
-                return _Reach.HIDDEN
-            return _Reach.ABSENT
-        if not stat.S_ISDIR(st.st_mode):
-            return _Reach.HIDDEN
-        if reach is _Reach.REACHABLE and _dir_markers(layer, below)[0]:
-            reach = _Reach.OPAQUE_ABOVE
-        prefix = below
-    return reach
-
-def _dir_markers(layer: Layer, path: str) -> tuple[bool, str | None]:
-    """(opaque, redirect) of a directory in one layer; one listxattr in the common case."""
-    names = listxattr_at(layer.fd, path)
-    opaque = False
-    redirect = None
-    if names:
-        for xname in (ondisk.TRUSTED_OPAQUE, ondisk.USER_OPAQUE):
-            if xname in names and getxattr_at(layer.fd, path, xname) == b"y":
-                opaque = True
-        if not opaque:
-            for xname in (ondisk.TRUSTED_REDIRECT, ondisk.USER_REDIRECT):
-                if xname in names:
-                    value = getxattr_at(layer.fd, path, xname)
-                    if value:
-                        redirect = os.fsdecode(value)
-                        break
-    if not opaque:
-        try:
-            opaque = exists_at(layer.fd, join(path, ondisk.OPAQUE_MARKER))
-        except PermissionError:
-            # A directory we may not search cannot hold a marker we could honour; what matters
-            # is that its parent stays listable (the kernel needs only the xattrs here).
-            opaque = False
-    return opaque, redirect
 
 
 def ensure_writable(tree: UnionTree) -> None:

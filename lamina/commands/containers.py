@@ -1,4 +1,4 @@
-"""Command-line verbs of the runner: run, create, start, stop, kill, restart, rm, ps, logs, exec,
+"""The container verbs: run, create, start, stop, kill, restart, rm, wait, ps, port, logs, exec,
 commit, diff. Handlers parse flags into a :class:`runner.state.Container` and leave the work to
 :mod:`runner.lifecycle`, :mod:`runner.execute` and :mod:`runner.diff`."""
 
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lamina.errors import ContainerError, ContainerNotFound, LaminaError, UsageError
+from lamina.layout import Layout
 from lamina.timeparse import parse_go_duration, parse_time
 from runner import imageconfig
 from runner.containerlog import (
@@ -39,6 +40,7 @@ from runner.state import STATUS_CREATED, Container, ContainerStore, now
 # that `lamina --help` and every other package's verbs do not pay for them.
 if TYPE_CHECKING:
     from lamina.store import Image, Store
+    from unionfs.core.stack import LayerStack
 
 
 _NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")  # docker's rule
@@ -73,7 +75,7 @@ def _add_container_flags(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add this package's verbs to ``lamina``. Each verb sets ``handler(args) -> int``."""
+    """Add the container verbs to ``lamina``. Each verb sets ``handler(args) -> int``."""
     p = subparsers.add_parser("run", help="run a command in a new container")
     p.add_argument("-d", "--detach", action="store_true", help="run in the background, print the id")
     _add_container_flags(p)
@@ -104,6 +106,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("containers", nargs="+")
     p.set_defaults(handler=cmd_rm)
 
+    p = subparsers.add_parser("wait", help="wait until containers stop, print their exit codes")
+    p.add_argument("containers", nargs="+")
+    p.set_defaults(handler=cmd_wait)
+    _register_inspection(subparsers)
+
+
+def _register_inspection(subparsers: argparse._SubParsersAction) -> None:
+    """The verbs that look into containers or take something out of them."""
     p = subparsers.add_parser("ps", help="list containers")
     p.add_argument("-a", "--all", action="store_true", help="show stopped containers too")
     p.add_argument("-q", "--quiet", action="store_true", help="only ids")
@@ -113,10 +123,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--format", help="Go-template per container ({{.ID}} {{.Names}} {{.Image}} {{.Command}} "
                                     "{{.Status}} {{.Ports}} {{.State}} {{.CreatedAt}}), or json")
     p.set_defaults(handler=cmd_ps)
-
-    p = subparsers.add_parser("wait", help="wait until containers stop, print their exit codes")
-    p.add_argument("containers", nargs="+")
-    p.set_defaults(handler=cmd_wait)
 
     p = subparsers.add_parser("port", help="list a container's published ports")
     p.add_argument("container")
@@ -159,10 +165,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _new_container(args: argparse.Namespace) -> Container:
-    from lamina.store import Store
+    from lamina.application import open_store
     from runner.network import normalize_network, parse_port
 
-    store = Store.open(args.root)
+    store = open_store(args.layout)
     image = _image_for_run(store, args.image, args.pull)
     cfg: dict[str, Any] = image.config.get("config") or {}
     command = list(args.command)
@@ -185,14 +191,14 @@ def _new_container(args: argparse.Namespace) -> Container:
         host, target, readonly = imageconfig.parse_volume_flag(text)
         kind = "bind"
         if host is None:
-            host = _anonymous_volume(args.root)
+            host = _anonymous_volume(args.layout)
             anonymous.append(host)
             kind = "volume"
         mounts.append({"target": target, "kind": kind, "source": host, "readonly": readonly})
         targets.add(os.path.normpath(target))
     for target in imageconfig.image_volumes(cfg):
         if os.path.normpath(target) not in targets:
-            host = _anonymous_volume(args.root)
+            host = _anonymous_volume(args.layout)
             anonymous.append(host)
             mounts.append({"target": target, "kind": "volume", "source": host, "readonly": False})
     for text in args.tmpfs:
@@ -218,7 +224,7 @@ def _new_container(args: argparse.Namespace) -> Container:
         interactive=args.interactive, init=args.init, readonly=args.read_only, auto_remove=args.rm,
         stop_signal=imageconfig.stop_signal(cfg), seccomp=seccomp,
     )
-    return ContainerStore(args.root).create(container)
+    return ContainerStore(args.layout).create(container)
 
 
 def _refuse_nul(reference: str, cfg: dict[str, Any]) -> None:
@@ -248,7 +254,7 @@ def _image_for_run(store: Store, reference: str, policy: str) -> Image:
             if policy == "never":
                 raise
             print(f"Unable to find image '{reference}' locally", file=sys.stderr)
-    from lamina.store.registry_commands import pull
+    from lamina.store.transfer import pull
 
     try:
         # Progress redraws lines with terminal escapes: only on a terminal.
@@ -260,8 +266,8 @@ def _image_for_run(store: Store, reference: str, policy: str) -> Image:
         raise ImageNotFound(f"{reference} (not in the store, and pulling it failed: {e})") from e
 
 
-def _anonymous_volume(root: Path) -> str:
-    path = root / "volumes" / secrets.token_hex(32) / "_data"
+def _anonymous_volume(layout: Layout) -> str:
+    path = layout.volumes / secrets.token_hex(32) / "_data"
     path.mkdir(parents=True)
     return str(path)
 
@@ -282,10 +288,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         unionserver.discard()
         raise
     if args.detach:
-        start_detached(args.root, container)
+        start_detached(args.layout, container)
         print(container.id)
         return 0
-    return run_attached(args.root, container)
+    return run_attached(args.layout, container)
 
 
 def cmd_create(args: argparse.Namespace) -> int:
@@ -299,7 +305,7 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 def _each(args: argparse.Namespace, action: Callable[[ContainerStore, Container], None]) -> int:
     """Apply ``action`` to every named container; as docker, a failure is reported and the rest go on."""
-    store = ContainerStore(args.root)
+    store = ContainerStore(args.layout)
     failed = 0
     for name in args.containers:
         try:
@@ -317,14 +323,14 @@ def cmd_start(args: argparse.Namespace) -> int:
     if args.attach:
         if len(args.containers) != 1:
             raise UsageError("start -a: exactly one container")
-        container = ContainerStore(args.root).get(args.containers[0])
+        container = ContainerStore(args.layout).get(args.containers[0])
         if container.running:
             raise ContainerError(f"container {container.name} is already running")
-        return run_attached(args.root, container)
+        return run_attached(args.layout, container)
 
     def start(store: ContainerStore, c: Container) -> None:
         if not c.running:
-            start_detached(args.root, c)
+            start_detached(args.layout, c)
 
     return _each(args, start)
 
@@ -340,7 +346,7 @@ def cmd_restart(args: argparse.Namespace) -> int:
 
     def restart(store: ContainerStore, c: Container) -> None:
         stop(store, c, args.time)
-        start_detached(args.root, store.get(c.id))
+        start_detached(args.layout, store.get(c.id))
 
     return _each(args, restart)
 
@@ -362,13 +368,13 @@ def cmd_rm(args: argparse.Namespace) -> int:
             signal_container(c, signal.SIGKILL)
             if not wait_stopped(store, c, 10):
                 raise ContainerError(f"container {c.name} did not stop")
-        remove(args.root, c)
+        remove(args.layout, c)
 
     return _each(args, rm)
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
-    store = ContainerStore(args.root)
+    store = ContainerStore(args.layout)
     containers = [store.get(name) for name in args.containers]
     for c in containers:
         while c.running:
@@ -379,7 +385,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
 
 def cmd_port(args: argparse.Namespace) -> int:
-    container = ContainerStore(args.root).get(args.container)
+    container = ContainerStore(args.layout).get(args.container)
     for p in container.ports:
         print(f"{p['container_port']}/{p['proto']} -> {p['host_ip']}:{p['host_port']}")
     return 0
@@ -441,18 +447,18 @@ def _ps_row(c: Container, no_trunc: bool) -> dict[str, str]:
 
 def cmd_ps(args: argparse.Namespace) -> int:
     if args.format and args.format != "json":
-        from lamina.store.commands import check_template
+        from lamina.commands.formatting import check_template
 
         check_template(args.format)  # before any output, even with no container to show
     wanted = _ps_filter(args.filter)
-    containers = [c for c in ContainerStore(args.root).all() if (args.all or c.running) and wanted(c)]
+    containers = [c for c in ContainerStore(args.layout).all() if (args.all or c.running) and wanted(c)]
     rows = [_ps_row(c, args.no_trunc) for c in containers]
     if args.quiet:
         for row in rows:
             print(row["ID"])
         return 0
     if args.format:
-        from lamina.store.commands import render_template
+        from lamina.commands.formatting import render_template
 
         for row in rows:
             print(json.dumps(row) if args.format == "json" else render_template(args.format, row))
@@ -534,7 +540,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     since = log_time_ns("--since", args.since, now_ns) if args.since else None
     until = log_time_ns("--until", args.until, now_ns) if args.until else None
     tail = _tail_count(args.tail)
-    store = ContainerStore(args.root)
+    store = ContainerStore(args.layout)
     container = store.get(args.container)
     open_lines: dict[str, int] = {}  # carried across reads when following
     with contextlib.closing(LogReader(container.log_path)) as reader:
@@ -564,7 +570,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def cmd_exec(args: argparse.Namespace) -> int:
     from runner.execute import exec_in_container
 
-    container = ContainerStore(args.root).get(args.container)
+    container = ContainerStore(args.layout).get(args.container)
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
@@ -579,10 +585,10 @@ def cmd_exec(args: argparse.Namespace) -> int:
                              args.tty, args.interactive)
 
 
-def _commit_layer(root: Path, upper: Path) -> Any:
+def _commit_layer(layout: Layout, upper: Path) -> Any:
     from lamina.store import Store
 
-    return Store.open(root).commit_layer(upper)
+    return Store.open(layout).commit_layer(upper)
 
 
 def _bool_flag(text: str) -> bool:
@@ -594,12 +600,12 @@ def _bool_flag(text: str) -> bool:
 
 
 def cmd_commit(args: argparse.Namespace) -> int:
-    from lamina.store import Store
+    from lamina.application import open_store
     from runner.freeze import paused
     from runner.sandbox import call_in_userns
 
-    container = ContainerStore(args.root).get(args.container)
-    store = Store.open(args.root)
+    container = ContainerStore(args.layout).get(args.container)
+    store = open_store(args.layout)
     pause = paused(container.state.pid) if args.pause and container.running else contextlib.nullcontext()
     # Shared lock from the new layer to the image that names it: a concurrent prune must not
     # collect the layer in between (shared holders never block each other).
@@ -607,11 +613,11 @@ def cmd_commit(args: argparse.Namespace) -> int:
         base = store.resolve_image(container.image_id)
         with pause:
             try:
-                layer = _commit_layer(args.root, container.upper)
+                layer = _commit_layer(args.layout, container.upper)
             except PermissionError:
                 # Directories the container made private under subordinate ids: read them as
                 # namespace root.
-                layer = call_in_userns(_commit_layer, args.root, container.upper)
+                layer = call_in_userns(_commit_layer, args.layout, container.upper)
         config = copy.deepcopy(base.config)
         config.pop("created", None)
         history = list(config.get("history") or [])
@@ -624,20 +630,20 @@ def cmd_commit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _changes(upper: Path, lowers: list[Path]) -> list[tuple[str, str]]:
+def _changes(upper: Path, lowers: LayerStack) -> list[tuple[str, str]]:
     from runner.diff import changes
 
     return changes(upper, lowers)
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from lamina.store import Store
+    from lamina.application import open_store
     from runner.sandbox import call_in_userns
 
-    container = ContainerStore(args.root).get(args.container)
-    store = Store.open(args.root)
+    container = ContainerStore(args.layout).get(args.container)
+    store = open_store(args.layout)
     image = store.resolve_image(container.image_id)
-    lowers = list(reversed(store.layer_paths(image)))
+    lowers = store.layer_stack(image)
     for kind, path in call_in_userns(_changes, container.upper, lowers):
         print(f"{kind} {path}")
     return 0

@@ -1,4 +1,4 @@
-"""Command-line verbs of the image store: images, tag, rmi, inspect, history, import, save, load, system.
+"""The image store's verbs: images, tag, rmi, inspect, history, import, save, load, system.
 
 Output follows docker's (columns, 12-character IDs, "2 minutes ago", decimal human sizes), so that
 scripts and people used to docker read it without surprise.
@@ -11,118 +11,29 @@ import datetime as dt
 import json
 import logging
 import os
-import re
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
+from lamina.application import open_store
+from lamina.commands.formatting import print_table, render_template, since
 from lamina.errors import ContainerNotFound, ImageNotFound, LaminaError, StoreError, UsageError
-from lamina.store.archive import DOCKER_ARCHIVE, OCI_ARCHIVE, SaveItem, load, save
+from lamina.layout import Layout
 from lamina.store.blobs import CHUNK, remove_tree, temp_name
-from lamina.store.importer import import_tarball
 from lamina.store.progress import human_size
 from lamina.store.reference import Reference
 from lamina.store.store import Image, Store
 
 log = logging.getLogger(__name__)
 
-
-# --- formatting helpers --------------------------------------------------------------------------
-
-
-def human_duration(seconds: float) -> str:
-    """docker's units.HumanDuration: "Less than a second", "2 minutes", "About an hour", ..."""
-    s = int(seconds)
-    if s < 1:
-        return "Less than a second"
-    if s == 1:
-        return "1 second"
-    if s < 60:
-        return f"{s} seconds"
-    minutes = s // 60
-    if minutes == 1:
-        return "About a minute"
-    if minutes < 60:
-        return f"{minutes} minutes"
-    hours = round(s / 3600)
-    if hours == 1:
-        return "About an hour"
-    if hours < 48:
-        return f"{hours} hours"
-    if hours < 24 * 7 * 2:
-        return f"{hours // 24} days"
-    if hours < 24 * 30 * 2:
-        return f"{hours // 24 // 7} weeks"
-    if hours < 24 * 365 * 2:
-        return f"{hours // 24 // 30} months"
-    return f"{hours // 24 // 365} years"
-
-
-def since(when: dt.datetime | None) -> str:
-    if when is None:
-        return "N/A"
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    return human_duration((dt.datetime.now(dt.UTC) - when).total_seconds()) + " ago"
-
-
-def print_table(rows: list[list[str]]) -> None:
-    """Left-aligned columns separated by at least three spaces, like docker's tabwriter."""
-    if not rows:
-        return
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        cells = [cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])] + [row[-1]]
-        print("   ".join(cells).rstrip())
-
-
-_ACTION = re.compile(r"\{\{(.*?)\}\}")
-_SUPPORTED_ACTION = re.compile(r"\s*(json\s+)?\.[A-Za-z0-9_.]*\s*")
-
-
-def check_template(template: str) -> None:
-    """UsageError for a ``--format`` template we cannot render: checked before any output, as Go's
-    template.Parse does for docker (an unclosed ``{{`` is a parse error there too)."""
-    for m in _ACTION.finditer(template):
-        if not _SUPPORTED_ACTION.fullmatch(m.group(1)):
-            raise UsageError(f"--format {template!r}: unsupported action {m.group(0)!r} "
-                             "(lamina renders {{.Field}} and {{json .Field}})")
-    if "{{" in _ACTION.sub("", template):  # a lone "}}" is text to Go, a lone "{{" an error
-        raise UsageError(f"--format {template!r}: unclosed action")
-
-
-def render_template(template: str, obj: Any) -> str:
-    """A small subset of Go templates, enough for scripts: ``{{.A.B}}`` and ``{{json .A}}``."""
-    check_template(template)
-    def lookup(path: str) -> Any:
-        value = obj
-        for part in [p for p in path.split(".") if p]:
-            if isinstance(value, dict):
-                value = value.get(part)
-            else:
-                return None
-        return value
-
-    def substitute(m: re.Match[str]) -> str:
-        expr = m.group(1).strip()
-        as_json = expr.startswith("json ")
-        value = lookup(expr[5:].strip() if as_json else expr)
-        if as_json:
-            return json.dumps(value)
-        if value is None:
-            return "<no value>"
-        if isinstance(value, list):
-            return "[" + " ".join(str(v) for v in value) + "]"
-        if isinstance(value, dict):
-            return "map[" + " ".join(f"{k}:{v}" for k, v in value.items()) + "]"
-        return str(value)
-
-    return _ACTION.sub(substitute, template).replace("\\n", "\n")
+# lamina.store.archive's DOCKER_ARCHIVE and OCI_ARCHIVE (tests/test_cli.py checks): that module, with
+# every decompressor, is imported only by the verbs that read or write archives.
+ARCHIVE_FORMATS = ("docker-archive", "oci-archive")
 
 
 def _open(args: argparse.Namespace) -> Store:
-    return Store.open(args.root)
+    return open_store(args.layout)
 
 
 # --- images --------------------------------------------------------------------------------------
@@ -262,23 +173,16 @@ def image_inspect(store: Store, image: Image) -> dict[str, Any]:
         "History": cfg.get("history", []),
         "Manifest": image.manifest,
         "GraphDriver": {"Name": "lamina-unionfs",
-                        "Data": {"LowerDir": ":".join(str(p) for p in reversed(store.layer_paths(image)))}},
+                        "Data": {"LowerDir": ":".join(str(p) for p in store.layer_stack(image).top_down())}},
     }
 
 
-def _inspect_container(root: Path, name: str) -> dict[str, Any] | None:
-    """The runner's view of a container, if the runner is installed and knows ``name``."""
+def _inspect_container(layout: Layout, name: str) -> dict[str, Any] | None:
+    """The runner's view of the container ``name``, or None when there is none."""
+    from runner.state import inspect_container
+
     try:
-        from runner import state
-    except ImportError:
-        return None
-    hook = getattr(state, "inspect_container", None)
-    try:
-        if hook is not None:
-            result = hook(root, name)
-            return dict(result) if result is not None else None
-        container_store = state.ContainerStore(root)
-        return dict(container_store.get(name).to_json())
+        return inspect_container(layout, name)
     except (ContainerNotFound, ImageNotFound):
         return None
 
@@ -295,7 +199,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             except ImageNotFound:
                 found = None
         if found is None and args.type in ("container", None):
-            found = _inspect_container(args.root, name)
+            found = _inspect_container(args.layout, name)
         if found is None:
             missing.append(name)
         else:
@@ -361,6 +265,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     tags = [args.reference] if args.reference else []
     for tag in tags:
         Reference.parse(tag)
+    from lamina.store.importer import import_tarball
+
     image = import_tarball(store, args.tarball, tags, args.change or [], args.message)
     print(f"sha256:{image.id}")
     return 0
@@ -370,6 +276,8 @@ def cmd_save(args: argparse.Namespace) -> int:
     store = _open(args)
     if not args.output and sys.stdout.isatty():
         raise UsageError("save: refusing to write an archive to a terminal; use -o FILE")
+    from lamina.store.archive import SaveItem, save
+
     items: list[SaveItem] = []
     for name in args.images:
         image = store.resolve_image(name)
@@ -398,6 +306,8 @@ def cmd_save(args: argparse.Namespace) -> int:
 
 
 def cmd_load(args: argparse.Namespace) -> int:
+    from lamina.store.archive import load
+
     store = _open(args)
     if args.input:
         loaded = load(store, Path(args.input))
@@ -444,7 +354,7 @@ def cmd_system_df(args: argparse.Namespace) -> int:
     used_layers = {layer.diff_id for image in images for layer in image.layers}
     active_layers = {layer.diff_id for image in active for layer in image.layers}
     layer_dirs = [p.name for p in store.layers_dir.iterdir()]
-    cache_dir = args.root / "build-cache"
+    cache_dir = args.layout.build_cache
     cache_bytes = _dir_size(cache_dir) if cache_dir.exists() else 0
     dangling = store.dangling_images()
     rows = [["TYPE", "TOTAL", "ACTIVE", "SIZE", "RECLAIMABLE"],
@@ -472,7 +382,7 @@ def cmd_system_prune(args: argparse.Namespace) -> int:
         if args.all:
             # The builder's step entries pin their layers; with -a they go too (the next build
             # recomputes them). RUN --mount=type=cache directories are kept.
-            steps = args.root / "build-cache" / "steps"
+            steps = args.layout.build_cache / "steps"
             if steps.exists():
                 doomed = temp_name(store.tmp_dir, "doomed")
                 os.rename(steps, doomed)
@@ -493,8 +403,8 @@ def cmd_system_check(args: argparse.Namespace) -> int:
     if problems:
         for problem in problems:
             print(problem)
-        raise StoreError(f"store {args.root} has {len(problems)} problem(s)")
-    print(f"store {args.root}: ok")
+        raise StoreError(f"store {args.layout.root} has {len(problems)} problem(s)")
+    print(f"store {args.layout.root}: ok")
     return 0
 
 
@@ -502,7 +412,7 @@ def cmd_system_check(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add this package's verbs to ``lamina``. Each verb sets ``handler(args) -> int``."""
+    """Add this module's verbs to ``lamina``. Each verb sets ``handler(args) -> int``."""
     p = subparsers.add_parser("images", help="list images")
     p.add_argument("repository", nargs="?", help="only images of this repository[:tag]")
     p.add_argument("-q", "--quiet", action="store_true", help="only IDs")
@@ -547,7 +457,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("save", help="write images to a docker-archive or oci-archive tar")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("-o", "--output", metavar="FILE")
-    p.add_argument("--format", default=DOCKER_ARCHIVE, choices=[DOCKER_ARCHIVE, OCI_ARCHIVE])
+    p.add_argument("--format", default=ARCHIVE_FORMATS[0], choices=ARCHIVE_FORMATS)
     p.set_defaults(handler=cmd_save)
 
     p = subparsers.add_parser("load", help="load images from a docker-archive or oci-archive (maybe compressed)")

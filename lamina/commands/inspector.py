@@ -1,7 +1,7 @@
-"""Command-line verbs of this package, registered into the ``lamina`` parser.
+"""The inspector's verbs, ``which``, ``layers``, ``mount`` and ``umount``: their parsers.
 
 Only the parsers live here: every ``lamina`` command builds them, so the work (store, analysis,
-mounts) is imported by :mod:`inspector.verbs` when one of these verbs actually runs.
+mounts) is imported by :mod:`lamina.commands.inspector_verbs` when one of these verbs actually runs.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add this package's verbs to ``lamina``. Each verb sets ``handler(args) -> int``."""
+    """Add this module's verbs to ``lamina``. Each verb sets ``handler(args) -> int``."""
     p = subparsers.add_parser("which", help="which layer provides a path, what it shadows, who deleted it")
     p.add_argument("image", metavar="IMAGE|CONTAINER")
     p.add_argument("path", metavar="PATH")
@@ -25,6 +25,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     out.add_argument("--html", metavar="FILE", type=Path, help="also write a self-contained HTML picture")
     out.add_argument("--svg", metavar="FILE", type=Path, help="also write the picture as an SVG file")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.add_argument("--tree", action="store_true",
+                   help="print a layer's file tree: the merged view up to it, its changes marked A/M/D")
+    p.add_argument("--layer", metavar="N", type=int, help="the layer --tree shows (default: the top one)")
+    p.add_argument("--changes-only", action="store_true",
+                   help="with --tree: only what the layer changed (without --layer: every layer's changes)")
+    p.add_argument("--explore", action="store_true",
+                   help="browse the layers and their trees in the terminal (keys: Tab, arrows, c, q)")
+    p.add_argument("--wasted", action="store_true",
+                   help="list the hidden files, largest first, and dive's inefficient paths")
+    p.add_argument("--fail-on-waste", metavar="PERCENT",
+                   help="exit 1 when dive's wasted bytes exceed PERCENT of the bytes above the base layer")
+    p.add_argument("--fail-on-efficiency", metavar="RATIO",
+                   help="exit 1 when dive's image efficiency (0..1) is below RATIO")
     p.set_defaults(handler=_layers)
 
     p = subparsers.add_parser("mount", help="mount an image or a container's root through unionfs")
@@ -51,24 +64,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _which(args: argparse.Namespace) -> int:
-    from lamina.inspector.verbs import cmd_which
+    from lamina.commands.inspector_verbs import cmd_which
 
     return cmd_which(args)
 
 
 def _layers(args: argparse.Namespace) -> int:
-    from lamina.inspector.verbs import cmd_layers
+    from lamina.commands.inspector_verbs import cmd_layers
 
     return cmd_layers(args)
 
 
 def _mount(args: argparse.Namespace) -> int:
-    from lamina.inspector.verbs import cmd_mount
+    from lamina.commands.inspector_verbs import cmd_mount
 
     return cmd_mount(args)
 
 
 def _umount(args: argparse.Namespace) -> int:
-    from lamina.inspector.verbs import cmd_umount
+    from lamina.commands.inspector_verbs import cmd_umount
 
     return cmd_umount(args)

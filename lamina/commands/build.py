@@ -50,7 +50,8 @@ def _read_dockerfile(args: argparse.Namespace, context: Path) -> tuple[str, Path
 def cmd_build(args: argparse.Namespace) -> int:
     from builder.build import BuildOptions, build
     from builder.session import Session, parse_secret, parse_ssh
-    from lamina.store import Reference, Store
+    from lamina.application import open_store
+    from lamina.store import Reference
 
     context = Path(args.context)
     if not context.is_dir():
@@ -83,14 +84,14 @@ def cmd_build(args: argparse.Namespace) -> int:
                            tags=list(args.tag), build_args=build_args, target=args.target,
                            no_cache=args.no_cache, pull=args.pull, labels=labels, quiet=args.quiet,
                            session=session)
-    store = Store.open(args.root)
+    store = open_store(args.layout)
     image = build(store, options)
     print(image.id)
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add this package's verbs to ``lamina``. Each verb sets ``handler(args) -> int``."""
+    """Add this module's verbs to ``lamina``. Each verb sets ``handler(args) -> int``."""
     p = subparsers.add_parser("build", help="build an image from a Dockerfile",
                               description="Build an image from a Dockerfile and a context directory, "
                                           "without root.")

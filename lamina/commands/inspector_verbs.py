@@ -1,4 +1,4 @@
-"""The inspector's verbs: ``which``, ``layers``, ``mount``, ``umount`` (parsers: :mod:`.commands`).
+"""The inspector's verbs: ``which``, ``layers``, ``mount``, ``umount`` (parsers: :mod:`.inspector`).
 
 Handlers stay thin: they resolve names through the store, hand layer directories to
 :mod:`inspector.analysis` (which/layers) or :mod:`inspector.mounts` (mount/umount), and print.
@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lamina.errors import ContainerError, ContainerNotFound, ImageNotFound, NotFoundError, UsageError
-from lamina.inspector import mounts
+from lamina.inspector import mounts, report, waste
 from lamina.inspector.analysis import (
     Event,
     LayerInput,
@@ -24,7 +25,10 @@ from lamina.inspector.analysis import (
     instructions_for_layers,
     normalize,
 )
-from lamina.inspector.render import human_size, percent, printable, render_html, render_svg
+from lamina.inspector.explorer import render_explorer
+from lamina.inspector.render import human_size, percent, printable, render_svg
+from lamina.layout import Layout
+from unionfs.core.stack import LayerStack
 
 # --- loading -------------------------------------------------------------------------------------
 
@@ -45,15 +49,15 @@ class LoadedImage:
         return f"{self.reference} ({self.image.id[:12]})"
 
 
-def _resolve(root: Path, reference: str) -> tuple[Any, Any]:
+def _resolve(layout: Layout, reference: str) -> tuple[Any, Any]:
     """``(image, container)`` for an image reference, or for a container (id, prefix or name).
 
     Error handling: :class:`NotFoundError` when neither exists; :class:`ContainerError` when the
     container's image is gone from the store.
     """
-    from lamina.store import Store
+    from lamina.application import open_store
 
-    store = Store.open(root)
+    store = open_store(layout)
     try:
         return store.resolve_image(reference), None
     except ImageNotFound:
@@ -61,7 +65,7 @@ def _resolve(root: Path, reference: str) -> tuple[Any, Any]:
     from runner.state import ContainerStore
 
     try:
-        container = ContainerStore(root).get(reference)
+        container = ContainerStore(layout).get(reference)
     except ContainerNotFound:
         raise NotFoundError(f"no image or container named {reference}") from None
     try:
@@ -71,9 +75,9 @@ def _resolve(root: Path, reference: str) -> tuple[Any, Any]:
                              f"is gone") from None
 
 
-def _load_image(root: Path, reference: str) -> LoadedImage:
+def _load_image(layout: Layout, reference: str) -> LoadedImage:
     """The layers of an image, or of a container's image plus its upper directory on top."""
-    image, container = _resolve(root, reference)
+    image, container = _resolve(layout, reference)
     layers = list(image.layers)
     history = image.config.get("history") or []
     instructions = instructions_for_layers(history, len(layers))
@@ -137,7 +141,7 @@ def which_report(analysis: StackAnalysis, h: PathHistory) -> dict[str, Any]:
 
 
 def cmd_which(args: argparse.Namespace) -> int:
-    loaded = _load_image(args.root, args.image)
+    loaded = _load_image(args.layout, args.image)
     analysis = _analyze(loaded)
     path = normalize(args.path)
     h = analysis.history(path)
@@ -209,13 +213,28 @@ def _write_output(path: Path, text: str) -> None:
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
-    loaded = _load_image(args.root, args.image)
+    limits = report.parse_thresholds(args.fail_on_waste, args.fail_on_efficiency)
+    if (args.layer is not None or args.changes_only) and not args.tree:
+        raise UsageError("--layer and --changes-only go with --tree")
+    if args.explore and not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise UsageError("--explore needs a terminal")
+    loaded = _load_image(args.layout, args.image)
     analysis = _analyze(loaded)
+    if args.explore:
+        from lamina.inspector import terminal
+
+        terminal.run(analysis, loaded.title)
+        return 0
     if args.html:
-        _write_output(args.html, render_html(analysis, loaded.title))
+        _write_output(args.html, render_explorer(analysis, loaded.title))
     if args.svg:
         _write_output(args.svg, render_svg(analysis, loaded.title))
-    if args.json:
+    score = waste.dive_score(analysis)
+    if args.tree or args.wasted:
+        for line in report.trees_and_waste(analysis, tree=args.tree, layer=args.layer,
+                                           changes_only=args.changes_only, wasted=args.wasted, as_json=args.json):
+            _out(line)
+    elif args.json:
         print(json.dumps({
             "image": loaded.image.id,
             "container": loaded.container.id if loaded.container is not None else None,
@@ -226,10 +245,13 @@ def cmd_layers(args: argparse.Namespace) -> int:
             "total_bytes": analysis.total_bytes,
             "wasted_bytes": analysis.wasted_bytes,
             "efficiency": analysis.efficiency,
+            "dive": report.dive_data(score),
         }, indent=2))
     else:
         for line in layers_table(analysis):
             _out(line)
+        _out(report.dive_summary(score))
+    report.enforce(score, limits)
     return 0
 
 
@@ -257,12 +279,12 @@ def _select_upto(layers: list[Any], upto: str) -> int:
 
 
 def _mount_request(args: argparse.Namespace) -> mounts.StackRequest:
-    image, container = _resolve(args.root, args.target)
+    image, container = _resolve(args.layout, args.target)
     if container is not None:
         return _container_request(args, image, container)
     layers = list(image.layers)
     keep = _select_upto(layers, args.upto) if args.upto else len(layers)
-    lowers = [Path(layer.path) for layer in reversed(layers[:keep])]
+    lowers = LayerStack.from_bottom_up(layer.path for layer in layers[:keep])
     return mounts.StackRequest(lowers=lowers, upper=None, work=None, source=args.target, image_id=image.id,
                                container_id=None, layers=keep, scratch_rw=args.rw)
 
@@ -274,10 +296,10 @@ def _container_request(args: argparse.Namespace, image: Any, container: Any) -> 
     upper, work = Path(container.upper), Path(container.work)
     if not upper.is_dir():
         raise ContainerError(f"container {container.name} has no upper directory: {upper}")
-    lowers = [Path(layer.path) for layer in reversed(list(image.layers))]
+    lowers = LayerStack.from_bottom_up(layer.path for layer in image.layers)
     init = Path(container.directory) / "init"
     if init.is_dir():
-        lowers.append(init)   # the runner's bottom layer of mount points, as the container sees it
+        lowers = lowers.with_bottom(init)   # the runner's bottom layer of mount points, as the container sees it
     if args.rw:
         if container.running:
             raise ContainerError(f"container {container.name} is running; mount it without --rw "
@@ -286,7 +308,7 @@ def _container_request(args: argparse.Namespace, image: Any, container: Any) -> 
         return mounts.StackRequest(lowers=lowers, upper=upper, work=work, source=args.target,
                                    image_id=image.id, container_id=container.id, layers=len(image.layers))
     # Read-only view: the container layer becomes the topmost lowerdir.
-    return mounts.StackRequest(lowers=[upper, *lowers], upper=None, work=None, source=args.target,
+    return mounts.StackRequest(lowers=lowers.with_top(upper), upper=None, work=None, source=args.target,
                                image_id=image.id, container_id=container.id, layers=len(image.layers))
 
 
@@ -294,18 +316,18 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if args.target is None:
         if args.rw or args.upto or args.directory or args.trace or args.allow_other:
             raise UsageError("mount: --rw, --upto, --trace, --allow-other and DIR need an IMAGE or CONTAINER")
-        _list_mounts(args.root)
+        _list_mounts(args.layout)
         return 0
     request = _mount_request(args)
     request.trace = args.trace.absolute() if args.trace else None
     request.allow_other = args.allow_other
-    state = mounts.mount_image_stack(args.root, request, args.directory)
+    state = mounts.mount_image_stack(args.layout, request, args.directory)
     print(state.mountpoint)
     return 0
 
 
-def _list_mounts(root: Path) -> None:
-    records = mounts.list_mounts(root)
+def _list_mounts(layout: Layout) -> None:
+    records = mounts.list_mounts(layout)
     if not records:
         return
     live = mounts.fuse_mountpoints()
@@ -320,5 +342,5 @@ def _list_mounts(root: Path) -> None:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    mounts.unmount(args.root, args.directory, lazy=args.lazy)
+    mounts.unmount(args.layout, args.directory, lazy=args.lazy)
     return 0
