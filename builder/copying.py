@@ -20,7 +20,6 @@ import stat
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from builder import dockerfile as df
 from builder.context import has_glob
 from builder.fsops import (
     LayerView,
@@ -34,58 +33,26 @@ from builder.fsops import (
     set_owner_mode,
     settle_dir_times,
 )
-from builder.remote import check, fetch
+from builder.remote import check
 from lamina.bounded import InputTooLarge
 from lamina.errors import BuildError, LaminaError
 from runner.userdb import find_entry
-from unionfs.core.stack import LayerStack
 
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
-    from builder.build import Builder, StageState
+    from builder.layer_instructions import CopyStep
+    from builder.lines import Heredoc
+    from builder.step import StepContext
 
 
-def copy_source(builder: Builder, state: StageState, inst: df.Copy) -> tuple[LayerView, str]:
-    """The view to copy from and a key standing for its content."""
-    assert inst.from_stage is not None
-    if inst.from_stage.lower() in (state.stage.name, str(state.stage.index)):
-        raise inst.error(f"circular dependency detected on stage: {inst.from_stage}")  # BuildKit's words
-    src_state = builder.stage_by_name(inst.from_stage, before=state.stage.index)
-    if src_state is not None:
-        return src_state.view(), src_state.key
-    image = builder.base_image(inst.from_stage, inst)
-    return LayerView(LayerStack.from_bottom_up(layer.path for layer in image.layers)), image.id
-
-
-def copy_digest(builder: Builder, state: StageState, inst: df.Copy | df.Add) -> str:
-    if isinstance(inst, df.Copy) and inst.from_stage is not None:
-        _, key = copy_source(builder, state, inst)
-        return "from:" + key
-    local = [s for s in inst.sources if not inst.heredoc_for(s) and not df.is_url(s)]
-    urls = [s for s in inst.sources if df.is_url(s)]
-    try:
-        rels = [rel for source in local for rel in builder.context.resolve(source)]
-        digest = builder.context.digest(rels) if rels else ""
-    except BuildError as e:
-        raise inst.error(f"{inst.keyword} failed: {e}") from None
-    if urls:
-        assert isinstance(inst, df.Add)
-        # BuildKit's key: the content's digest (pinned by --checksum, else fetched), name and time.
-        if inst.checksum is not None:
-            digest += "|urls:" + inst.checksum
-        for url in urls if inst.checksum is None else []:
-            digest += f"|url:{url} {fetch(builder, url, inst).cache_text()}"
-    return digest
-
-
-def resolve_chown(state: StageState, spec: str | None, inst: df.Instruction) -> tuple[int | None, int | None]:
+def resolve_chown(view: LayerView, step: CopyStep) -> tuple[int | None, int | None]:
     """``--chown=user[:group]`` by name (the image's /etc/passwd and /etc/group) or number; a user
     without a group uses the same number as gid (Dockerfile reference)."""
+    spec = step.chown
     if spec is None:
         return None, None
     user, _, group = spec.partition(":")
-    view = state.view()
 
     def lookup(db: str, name: str) -> int:
         if name.isdigit():
@@ -93,14 +60,14 @@ def resolve_chown(state: StageState, spec: str | None, inst: df.Instruction) -> 
         try:
             entry = find_entry(open_in_view(view, db), db, 3, lambda f: f[0] == name and f[2].isdigit())
         except InputTooLarge as e:
-            raise inst.error(f"--chown={spec}: {e}") from None
+            raise step.error(f"--chown={spec}: {e}") from None
         if entry is None:
-            raise inst.error(f"--chown={spec}: no {'user' if db == '/etc/passwd' else 'group'} named "
+            raise step.error(f"--chown={spec}: no {'user' if db == '/etc/passwd' else 'group'} named "
                              f"{name!r} in the image's {db}")
         return int(entry[2])
 
     if not user:
-        raise inst.error(f"--chown={spec}: missing user")
+        raise step.error(f"--chown={spec}: missing user")
     uid = lookup("/etc/passwd", user)
     gid = lookup("/etc/group", group) if group else uid
     return uid, gid
@@ -136,110 +103,148 @@ def resolve_user(view: LayerView, spec: str) -> tuple[int, int]:
     return uid, gid
 
 
-def copy_into_layer(builder: Builder, state: StageState, inst: df.Copy | df.Add, tmp: Path, diff: Path) -> None:
-    view = state.view()
-    uid, gid = resolve_chown(state, inst.chown, inst)
-    chmod = int(inst.chmod, 8) if inst.chmod else None
-    from_other = isinstance(inst, df.Copy) and inst.from_stage is not None
-    # Context files belong to root unless --chown; files of another stage keep their owners.
-    owner = Ownership(uid=uid if uid is not None else (None if from_other else 0),
-                      gid=gid if gid is not None else (None if from_other else 0), chmod=chmod)
-    dest = inst.dest
-    if not dest.startswith("/"):
-        dest = posixpath.join(state.image.workdir, dest)
-    dest_is_dir_syntax = inst.dest.endswith("/") or inst.dest in (".", "..") or inst.dest.endswith("/.")
-    dest = posixpath.normpath(dest)
+# One source after glob expansion: (kind, handle, basename). Kinds: "heredoc" (a Heredoc),
+# "url" (the URL), "view" ((LayerView, Entry) of another stage or image), "context" (a relative path).
+Item = tuple[str, Any, str]
 
-    # Collect (kind, handle, basename) for every source after glob expansion.
-    items: list[tuple[str, Any, str]] = []
-    item_sources: list[str] = []  # the source each item came from (for --parents' pivot)
+
+def make_workdir(path: str, ctx: StepContext, diff: Path) -> None:
+    """WORKDIR's missing directory ``path``: made 0755, owned by USER's ids (as BuildKit does)."""
+    view = ctx.view()
+    user = ctx.image.user
+    owner = resolve_user(view, user) if user else (0, 0)
+    resolved = resolve_dir_in_image(view, path)
+    ensure_parents(str(diff), view, resolved, new_owner=owner)
+    settle_dir_times(str(diff), view, resolved, new_dir_time_ns(ctx.epoch))
+
+
+def _collect_items(step: CopyStep, ctx: StepContext) -> tuple[list[Item], list[str]]:
+    """Every source after glob expansion, and the source each item came from (``--parents``' pivot)."""
+    items: list[Item] = []
+    item_sources: list[str] = []
     last_source = ""
     try:
-        for source in inst.sources:
+        for source in step.sources:
             item_sources.extend([last_source] * (len(items) - len(item_sources)))
             last_source = source
-            doc = inst.heredoc_for(source)
+            doc = step.heredoc_for(source)
             if doc is not None:
                 items.append(("heredoc", doc, doc.name))
-            elif df.is_url(source):
-                assert isinstance(inst, df.Add)
-                items.append(("url", source, fetch(builder, source, inst).filename))
-            elif from_other:
-                src_view, _ = copy_source(builder, state, inst)  # type: ignore[arg-type]
+            elif step.is_remote(source):
+                items.append(("url", source, ctx.services.downloads.fetch(source, step.instruction).filename))
+            elif step.from_stage is not None:
+                src_view = step.source_stage(ctx).view
                 for match in _view_glob(src_view, source):
                     items.append(("view", (src_view, match), posixpath.basename(match.path) or "/"))
             else:
-                for rel in builder.context.resolve(source):
+                for rel in ctx.services.context.resolve(source):
                     items.append(("context", rel, posixpath.basename(rel) if rel != "." else "."))
         item_sources.extend([last_source] * (len(items) - len(item_sources)))
     except BuildError as e:
-        raise inst.error(f"{inst.keyword} failed: {e}") from None
-    parents = isinstance(inst, df.Copy) and inst.flags.boolean("parents")
+        raise step.error(f"{step.instruction.keyword} failed: {e}") from None
+    return items, item_sources
+
+
+def copy_into_layer(step: CopyStep, ctx: StepContext, tmp: Path, diff: Path) -> None:
+    """COPY or ADD: write ``step``'s sources into the layer directory ``diff`` (docker's rules, see
+    the module docstring); ``tmp`` is the step's scratch directory."""
+    view = ctx.view()
+    uid, gid = resolve_chown(view, step)
+    chmod = int(step.chmod, 8) if step.chmod else None
+    from_other = step.from_stage is not None
+    # Context files belong to root unless --chown; files of another stage keep their owners.
+    owner = Ownership(uid=uid if uid is not None else (None if from_other else 0),
+                      gid=gid if gid is not None else (None if from_other else 0), chmod=chmod)
+    dest = step.dest
+    if not dest.startswith("/"):
+        dest = posixpath.join(ctx.image.workdir, dest)
     # --parents keeps each source's path under the destination, a directory whatever its spelling.
-    dest_is_dir_syntax = dest_is_dir_syntax or parents
-    many = len(items) > 1 or any(has_glob(s) for s in inst.sources if not inst.heredoc_for(s))
+    dest_is_dir_syntax = (step.dest.endswith("/") or step.dest in (".", "..") or step.dest.endswith("/.")
+                          or step.keeps_parents)
+    dest = posixpath.normpath(dest)
+    items, item_sources = _collect_items(step, ctx)
+    many = len(items) > 1 or any(has_glob(s) for s in step.sources if not step.heredoc_for(s))
     dest_is_dir = dest_is_dir_syntax or view.exists_as_dir(dest)
     if many and not dest_is_dir:
-        raise inst.error(f"When using {inst.keyword} with more than one source file, the destination "
-                         "must be a directory and end with a /")
+        raise step.error(f"When using {step.instruction.keyword} with more than one source file, the "
+                         "destination must be a directory and end with a /")
     parent = resolve_dir_in_image(view, dest if dest_is_dir else posixpath.dirname(dest))
     # BuildKit creates missing parents 0755, owned by the --chown owner (root without one).
     new_dir_owner = (uid if uid is not None else 0, gid if gid is not None else 0)
-    dest_host_dir = ensure_parents(str(diff), view, parent, new_owner=new_dir_owner)
-    settled = [parent]
+    target = _Target(ensure_parents(str(diff), view, parent, new_owner=new_dir_owner), dest_is_dir,
+                     posixpath.basename(dest), parent, new_dir_owner)
+    if step.keeps_parents:
+        copy_keeping_parents(ctx, list(zip(items, item_sources, strict=True)), target.dir, owner)
+        items = []
+    for item in items:
+        _copy_item(step, ctx, item, target, owner, tmp)
+    for container_dir in target.settled:
+        settle_dir_times(str(diff), view, container_dir, new_dir_time_ns(ctx.epoch))
 
-    def file_target(basename: str) -> str:
-        return os.path.join(dest_host_dir, basename if dest_is_dir else posixpath.basename(dest))
 
-    def new_dir_target() -> str:
-        # A directory source copied to a path that is not an existing directory: it becomes one,
-        # made as BuildKit makes missing directories (0755, the --chown owner; --chmod is for the
-        # copied contents only).
-        target = file_target("")
+class _Target:
+    """Where the items of one COPY or ADD go, in the layer directory."""
+
+    def __init__(self, host_dir: str, is_dir: bool, dest_name: str, parent: str,
+                 new_dir_owner: tuple[int, int]) -> None:
+        self.dir = host_dir  # the destination directory (or the one holding the destination file)
+        self.is_dir = is_dir
+        self.dest_name = dest_name
+        self.parent = parent
+        self.new_dir_owner = new_dir_owner
+        self.settled = [parent]  # image directories whose times are settled at the end
+
+    def file(self, basename: str) -> str:
+        return os.path.join(self.dir, basename if self.is_dir else self.dest_name)
+
+    def directory(self) -> str:
+        """Where a directory source's contents go. Copied to a path that is not an existing
+        directory, it becomes one, made as BuildKit makes missing directories (0755, the --chown
+        owner; --chmod is for the copied contents only)."""
+        if self.is_dir:
+            return self.dir
+        target = self.file("")
         if not os.path.isdir(target):
             remove_existing(target)
             os.mkdir(target)
-            set_owner_mode(target, new_dir_owner[0], new_dir_owner[1], stat.S_IFDIR | 0o755)
-        settled.append(posixpath.join(parent, posixpath.basename(dest)))
+            set_owner_mode(target, self.new_dir_owner[0], self.new_dir_owner[1], stat.S_IFDIR | 0o755)
+        self.settled.append(posixpath.join(self.parent, self.dest_name))
         return target
 
-    if parents:
-        copy_keeping_parents(builder, list(zip(items, item_sources, strict=True)), dest_host_dir, owner)
-        items = []
-    for kind, handle, basename in items:
-        if kind == "heredoc":
-            _write_heredoc(file_target(basename), handle, owner)
-        elif kind == "url":
-            assert isinstance(inst, df.Add)
-            download = fetch(builder, handle, inst)
-            check(download, handle, inst.checksum, inst)
-            target = file_target(basename)
-            remove_existing(target)
-            shutil.copyfile(download.path, target)
-            u, g, mode = owner.resolve(0, 0, stat.S_IFREG | 0o600)
-            set_owner_mode(target, u, g, mode)
-            os.utime(target, (download.mtime, download.mtime))
-        elif kind == "view":
-            src_view, entry = handle
-            if entry.is_dir:
-                target = dest_host_dir if dest_is_dir else new_dir_target()
-                for name, backing, cst, merged in src_view.list_dir(entry):
-                    copy_view_entry(src_view, backing, cst, merged, os.path.join(target, name), owner)
-            else:
-                copy_view_entry(src_view, entry.backing, entry.st, (), file_target(basename), owner)
+
+def _copy_item(step: CopyStep, ctx: StepContext, item: Item, target: _Target, owner: Ownership,
+               tmp: Path) -> None:
+    kind, handle, basename = item
+    if kind == "heredoc":
+        _write_heredoc(target.file(basename), handle, owner)
+    elif kind == "url":
+        download = ctx.services.downloads.fetch(handle, step.instruction)
+        check(download, handle, step.checksum, step.instruction)
+        path = target.file(basename)
+        remove_existing(path)
+        shutil.copyfile(download.path, path)
+        u, g, mode = owner.resolve(0, 0, stat.S_IFREG | 0o600)
+        set_owner_mode(path, u, g, mode)
+        os.utime(path, (download.mtime, download.mtime))
+    elif kind == "view":
+        src_view, entry = handle
+        if entry.is_dir:
+            into = target.directory()
+            for name, backing, cst, merged in src_view.list_dir(entry):
+                copy_view_entry(src_view, backing, cst, merged, os.path.join(into, name), owner)
         else:
-            rel = handle
-            host = builder.context.root / rel if rel != "." else builder.context.root
-            st = builder.context.source_stat(rel)
-            if stat.S_ISDIR(st.st_mode):
-                builder.context.copy_out(rel, dest_host_dir if dest_is_dir else new_dir_target(), owner)
-            elif isinstance(inst, df.Add) and _is_archive(str(host)):
-                into = dest_host_dir if dest_is_dir else new_dir_target()
-                _extract(builder, str(host), into, tmp, owner if inst.chown else None, inst)
-            else:
-                builder.context.copy_out(rel, file_target(basename), owner)
-    for container_dir in settled:
-        settle_dir_times(str(diff), view, container_dir, new_dir_time_ns(builder.epoch))
+            copy_view_entry(src_view, entry.backing, entry.st, (), target.file(basename), owner)
+    else:
+        rel = handle
+        context = ctx.services.context
+        host = context.root / rel if rel != "." else context.root
+        st = context.source_stat(rel)
+        if stat.S_ISDIR(st.st_mode):
+            context.copy_out(rel, target.directory(), owner)
+        elif step.extracts_archives and _is_archive(str(host)):
+            _extract(ctx, str(host), target.directory(), tmp, owner if step.chown else None, step)
+        else:
+            context.copy_out(rel, target.file(basename), owner)
 
 
 def _pivot_depth(source: str) -> int:
@@ -254,13 +259,14 @@ def _pivot_depth(source: str) -> int:
     return 0 if prefix == "." else len(prefix.split("/"))
 
 
-def copy_keeping_parents(builder: Builder, items: list[tuple[tuple[str, Any, str], str]], into: str,
+def copy_keeping_parents(ctx: StepContext, items: list[tuple[Item, str]], into: str,
                          owner: Ownership) -> None:
     """``COPY --parents``: each source lands at its own path under the destination (the part after
     a ``/./`` pivot only). The parent directories it keeps, and a directory source itself, are
     copied with their source's mode and times (BuildKit's copier copies the parents it creates),
     owned as the copied files."""
     kept_dirs: dict[str, tuple[int, int, int, os.stat_result]] = {}
+    context = ctx.services.context
 
     def keep_dir(host: str, st: os.stat_result, src_uid: int, src_gid: int) -> None:
         if not os.path.isdir(host) or os.path.islink(host):
@@ -288,7 +294,7 @@ def copy_keeping_parents(builder: Builder, items: list[tuple[tuple[str, Any, str
                 if parent is not None:
                     keep_dir(host, parent.st, *intended_owner(parent.backing, parent.st)[:2])
             else:
-                keep_dir(host, builder.context.source_stat(prefix), 0, 0)
+                keep_dir(host, context.source_stat(prefix), 0, 0)
         target = os.path.join(into, *kept)
         if kind == "view":
             if kept or not entry.is_dir:
@@ -297,10 +303,10 @@ def copy_keeping_parents(builder: Builder, items: list[tuple[tuple[str, Any, str
                 for name, backing, cst, merged in src_view.list_dir(entry):
                     copy_view_entry(src_view, backing, cst, merged, os.path.join(into, name), owner)
             continue
-        st = builder.context.source_stat(handle)
+        st = context.source_stat(handle)
         if stat.S_ISDIR(st.st_mode):
             keep_dir(target, st, 0, 0)
-        builder.context.copy_out(handle, target, owner)
+        context.copy_out(handle, target, owner)
     # Directory metadata last, deepest first, so a read-only directory does not stop the copy.
     for host in sorted(kept_dirs, key=lambda p: -p.count("/")):
         uid, gid, mode, st = kept_dirs[host]
@@ -308,7 +314,7 @@ def copy_keeping_parents(builder: Builder, items: list[tuple[tuple[str, Any, str
         copy_times(st, host)
 
 
-def _write_heredoc(target: str, doc: df.Heredoc, owner: Ownership) -> None:
+def _write_heredoc(target: str, doc: Heredoc, owner: Ownership) -> None:
     """A heredoc source: a regular file 0644 of root (or --chown/--chmod), as BuildKit makes it."""
     remove_existing(target)
     with open(target, "w") as f:
@@ -317,16 +323,17 @@ def _write_heredoc(target: str, doc: df.Heredoc, owner: Ownership) -> None:
     set_owner_mode(target, u, g, mode)
 
 
-def _extract(builder: Builder, archive: str, into: str, tmp: Path, owner: Ownership | None, inst: df.Add) -> None:
+def _extract(ctx: StepContext, archive: str, into: str, tmp: Path, owner: Ownership | None,
+             step: CopyStep) -> None:
     """ADD of a local tar archive: unpack it (validated as hostile, by the store's unpacker)
     and merge it into ``into``."""
     from lamina.store.layer_unpack import unpack_layer
 
     staging = tmp / "archive"
     try:
-        unpack_layer(Path(archive), staging, builder.store.root / "tmp")
+        unpack_layer(Path(archive), staging, ctx.services.workspace.tmp_root)
     except LaminaError as e:
-        raise inst.error(f"ADD failed: cannot extract {os.path.basename(archive)}: {e}") from None
+        raise step.error(f"ADD failed: cannot extract {os.path.basename(archive)}: {e}") from None
     _merge_tree(str(staging), into, owner)
     shutil.rmtree(staging, ignore_errors=True)
 

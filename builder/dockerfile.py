@@ -9,34 +9,28 @@ Parsing happens in two passes, as in moby's ``parser`` package:
    escape character (optionally followed by blanks). RUN, COPY and ADD may name heredocs
    (``<<EOF``, ``<<-EOF``, ``<<"EOF"``; several per instruction): their bodies are the raw lines that
    follow the instruction, in order, each up to its delimiter line.
-2. **Instructions** (:mod:`builder.instructions`, :data:`GRAMMAR`; values in :mod:`builder.values`). The keyword (case-insensitive) selects an :class:`Instruction`
-   subclass whose ``parse`` takes the flags it allows and splits its arguments (exec/JSON form or
-   shell form, ``key=value`` pairs...). Variables are *not* substituted here: their values depend on
-   the stage, on ``--build-arg`` and on ENV/ARG instructions met during the build, so every
-   instruction has an :meth:`Instruction.expand` step that the builder calls in order.
+2. **Instructions** (:mod:`builder.instructions`, :mod:`builder.layer_instructions`, :data:`GRAMMAR`;
+   values in :mod:`builder.values`). The keyword (case-insensitive) selects an :class:`Instruction`
+   subclass, which takes the flags it allows and splits its arguments (exec/JSON form or shell form,
+   ``key=value`` pairs...). Variables are *not* substituted here: their values depend on the stage,
+   on ``--build-arg`` and on ENV/ARG instructions met during the build.
 
-Every instruction class has the same life cycle, driven by :mod:`builder.build`:
-``parse`` (here) -> ``expand(scope)`` (variables substituted; raises on bad values) ->
-``cache_text()`` (the instruction after substitution, part of the cache key) -> execution by the
-builder (only instructions that change the filesystem: RUN, COPY, ADD, WORKDIR) -> ``update_config(image)``
-(the image config after this step) -> a history entry. This module ties the passes together
-and groups instructions into stages. Instructions that change only the config are
-therefore pure and tested without building anything.
+The result is immutable and the same for every build of the text. Each instruction then follows
+one life cycle, driven by :mod:`builder.build` and described in :mod:`builder.instructions`:
+``prepare`` -> ``cache_text`` -> ``execute`` (on a cache miss) -> ``update_config`` -> a history
+entry. This module ties the passes together and groups instructions into stages. Instructions that
+change only the config are pure and tested without building anything.
 
 Every error is a :class:`DockerfileError` naming the file, the line and the offending text.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from builder.instructions import (
     DEFAULT_SHELL,
-    GRAMMAR,
-    Add,
     Arg,
+    BaseRef,
     Cmd,
-    Copy,
     Entrypoint,
     Env,
     Expose,
@@ -48,25 +42,27 @@ from builder.instructions import (
     Label,
     Maintainer,
     Onbuild,
-    Run,
     Scope,
     Shell,
+    Step,
     Stopsignal,
     User,
     Volume,
-    Workdir,
-    is_url,
     parse_name_values,
 )
+from builder.layer_instructions import Add, Copy, CopyStep, Run, RunStep, Workdir, WorkdirStep
 from builder.lines import Directives, Heredoc, LogicalLine, logical_lines
-from builder.values import RunMount, parse_duration, parse_mount, parse_ports
+from builder.record import Record, record
+from builder.values import RunMount, is_url, parse_duration, parse_mount, parse_ports
 from lamina.errors import DockerfileError
 
 __all__ = [
     "Add",
     "Arg",
+    "BaseRef",
     "Cmd",
     "Copy",
+    "CopyStep",
     "DEFAULT_SHELL",
     "Directives",
     "Dockerfile",
@@ -86,13 +82,16 @@ __all__ = [
     "Onbuild",
     "Run",
     "RunMount",
+    "RunStep",
     "Scope",
     "Shell",
     "Stage",
+    "Step",
     "Stopsignal",
     "User",
     "Volume",
     "Workdir",
+    "WorkdirStep",
     "is_url",
     "logical_lines",
     "parse",
@@ -105,23 +104,30 @@ __all__ = [
 ]
 
 
+# The grammar: keyword -> the class that parses that instruction and carries out its life cycle.
+GRAMMAR: dict[str, type[Instruction]] = {cls.keyword: cls for cls in (
+    From, Run, Cmd, Label, Maintainer, Expose, Env, Add, Copy, Entrypoint, Volume, User, Workdir,
+    Arg, Onbuild, Stopsignal, Healthcheck, Shell,
+)}
+
+
 # --- the whole file ------------------------------------------------------------------------------
 
 
-@dataclass
-class Stage:
+@record
+class Stage(Record):
     index: int
     name: str | None
     from_: From
-    instructions: list[Instruction] = field(default_factory=list)
+    instructions: tuple[Instruction, ...] = ()
 
 
-@dataclass
-class Dockerfile:
+@record
+class Dockerfile(Record):
     file: str
     directives: Directives
-    global_args: list[Arg]
-    stages: list[Stage]
+    global_args: tuple[Arg, ...]
+    stages: tuple[Stage, ...]
 
     def stage(self, name_or_index: str) -> Stage:
         for stage in self.stages:
@@ -136,7 +142,15 @@ def parse_instruction(line: LogicalLine, file: str, escape: str) -> Instruction:
     cls = GRAMMAR.get(line.keyword)
     if cls is None:
         raise DockerfileError(f"unknown instruction: {line.keyword}", file, line.line, line.text)
-    return cls(line, file, escape)
+    inst = cls(line, file, escape)
+    nested = inst.nested_line()
+    if nested is not None:
+        # ONBUILD's trigger is checked now, so a broken one fails this build and not the child's.
+        word, nested_line = nested
+        if nested_line.keyword not in GRAMMAR:
+            raise inst.error(f"unknown instruction in ONBUILD: {word}")
+        parse_instruction(nested_line, file, escape)
+    return inst
 
 
 def parse(text: str, file: str = "Dockerfile") -> Dockerfile:
@@ -148,7 +162,7 @@ def parse(text: str, file: str = "Dockerfile") -> Dockerfile:
             raise DockerfileError("NUL character in the line", file, number, raw_line.replace("\0", "\\0"))
     directives, lines = logical_lines(text, file)
     global_args: list[Arg] = []
-    stages: list[Stage] = []
+    stages: list[tuple[From, list[Instruction]]] = []
     names: set[str] = set()
     for line in lines:
         inst = parse_instruction(line, file, directives.escape)
@@ -157,16 +171,17 @@ def parse(text: str, file: str = "Dockerfile") -> Dockerfile:
                 if inst.name in names:
                     raise inst.error(f"duplicate stage name {inst.name!r}")
                 names.add(inst.name)
-            stages.append(Stage(len(stages), inst.name, inst))
+            stages.append((inst, []))
         elif not stages:
             if not isinstance(inst, Arg):
                 raise inst.error(f"{inst.keyword} before the first FROM: only ARG may come before FROM")
             global_args.append(inst)
         else:
-            stages[-1].instructions.append(inst)
+            stages[-1][1].append(inst)
     if not stages:
         raise DockerfileError("no FROM instruction: a Dockerfile needs at least one stage", file)
-    return Dockerfile(file, directives, global_args, stages)
+    return Dockerfile(file, directives, tuple(global_args),
+                      tuple(Stage(index, from_.name, from_, tuple(insts)) for index, (from_, insts) in enumerate(stages)))
 
 
 def parse_trigger(trigger: str, file: str, line: int) -> Instruction:

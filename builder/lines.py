@@ -6,9 +6,11 @@ one per instruction, its continuation lines joined, with the bodies of its hered
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 
+from builder.record import Record, record
 from builder.shellwords import split_words
 from lamina.errors import DockerfileError
 
@@ -20,15 +22,15 @@ _DIRECTIVE_RE = re.compile(r"^#[ \t]*([A-Za-z][A-Za-z0-9]*)[ \t]*=[ \t]*(.+?)[ \
 HEREDOC_WORD_RE = re.compile(r"^(\d*)<<(-?)([^<]+)$")
 
 
-@dataclass
-class Directives:
+@record
+class Directives(Record):
     escape: str = "\\"
     syntax: str | None = None
     check: str | None = None
 
 
-@dataclass
-class Heredoc:
+@record
+class Heredoc(Record):
     """One heredoc of an instruction: ``name`` is the delimiter, ``body`` its text (tabs already
     stripped for ``<<-``), ``expand`` False when the delimiter was quoted."""
 
@@ -50,7 +52,7 @@ class LogicalLine:
 
 def parse_directives(lines: list[str], file: str) -> tuple[Directives, int]:
     """Read the directive section; return the directives and the index of the first other line."""
-    directives = Directives()
+    directives = Directives()  # replaced, never changed: a parse result is immutable
     seen: set[str] = set()
     index = 0
     for index, line in enumerate(lines):
@@ -65,12 +67,12 @@ def parse_directives(lines: list[str], file: str) -> tuple[Directives, int]:
             if value not in ("\\", "`"):
                 raise DockerfileError(f"invalid escape token '{value}' does not match ` or \\", file,
                                       index + 1, line)
-            directives.escape = value
+            directives = dataclasses.replace(directives, escape=value)
         elif key == "syntax":
-            directives.syntax = value
+            directives = dataclasses.replace(directives, syntax=value)
         else:
             _check_directive(value, file, index + 1, line)
-            directives.check = value
+            directives = dataclasses.replace(directives, check=value)
     return directives, len(lines)
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -29,8 +28,8 @@ from urllib.parse import urlparse
 from lamina.bounded import describe_size
 
 if TYPE_CHECKING:
-    from builder import dockerfile as df
-    from builder.build import Builder
+    from builder.instructions import Instruction
+    from builder.workspace import Workspace
 
 TIMEOUT_SECONDS = 60
 
@@ -60,30 +59,40 @@ def file_name(url: str, content_disposition: str | None) -> str:
     return base if base not in ("", ".", "..", "/") else "download"
 
 
-def fetch(builder: Builder, url: str, inst: df.Add) -> Download:
-    """The step's copy of ``url``: downloaded on first use, then reused (see :func:`release`)."""
-    found = builder.downloads.get(url)
-    if found is not None:
-        return found
-    tmp_root = builder.store.layout.tmp
-    tmp_root.mkdir(parents=True, exist_ok=True)
-    directory = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}.build-url.", dir=tmp_root))
-    builder.download_dirs.append(directory)
-    download = _download(url, directory / "content", inst)
-    builder.downloads[url] = download
-    return download
+class Downloads:
+    """The current step's remote files: each URL fetched on first use, then reused, until
+    :meth:`release` removes them (when the step ends)."""
+
+    def __init__(self, workspace: Workspace) -> None:
+        self._workspace = workspace
+        self._found: dict[str, Download] = {}
+        self._dirs: list[Path] = []
+
+    def fetch(self, url: str, inst: Instruction) -> Download:
+        """The step's copy of ``url``; errors name ``inst``'s line."""
+        found = self._found.get(url)
+        if found is not None:
+            return found
+        directory = self._workspace.new_temp_dir("url")
+        self._dirs.append(directory)
+        download = _download(url, directory / "content", inst)
+        self._found[url] = download
+        return download
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._dirs)
+
+    def release(self) -> None:
+        """Forget the step's downloads and remove their files."""
+        self._found.clear()
+        for directory in self._dirs:
+            self._workspace.cleaner.mark_plain(directory)
+            self._workspace.cleaner.remove(directory)
+        self._dirs.clear()
 
 
-def release(builder: Builder) -> None:
-    """Forget the step's downloads and remove their files."""
-    builder.downloads.clear()
-    for directory in builder.download_dirs:
-        builder.cleaner.mark_plain(directory)
-        builder.cleaner.remove(directory)
-    builder.download_dirs.clear()
-
-
-def _download(url: str, target: Path, inst: df.Add) -> Download:
+def _download(url: str, target: Path, inst: Instruction) -> Download:
     from lamina.store.layer_unpack import Limits
     from lamina.store.registry import LowSpeedLimit
 
@@ -115,7 +124,7 @@ def _download(url: str, target: Path, inst: df.Add) -> Download:
     return Download(target, name, mtime, "sha256:" + digest.hexdigest())
 
 
-def check(download: Download, url: str, checksum: str | None, inst: df.Add) -> None:
+def check(download: Download, url: str, checksum: str | None, inst: Instruction) -> None:
     """``--checksum``: the content must have that digest (one line naming the Dockerfile's line)."""
     if checksum is not None and download.digest != checksum:
         raise inst.error(f"ADD failed: checksum mismatch for {url}: expected {checksum}, "

@@ -10,12 +10,13 @@ import re
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from lamina.errors import DockerfileError
 from lamina.timeparse import parse_go_duration
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunMount:
     """One ``--mount`` of a RUN: type bind, cache, tmpfs, secret or ssh (BuildKit's options).
 
@@ -61,54 +62,54 @@ def parse_mount(spec: str, error: Callable[[str], DockerfileError]) -> RunMount:
     target = fields.pop("target", None) or fields.pop("dst", None) or fields.pop("destination", None)
     if not target and mount_type not in ("secret", "ssh"):
         raise error("--mount requires a target (target=/path)")
-    mount = RunMount(type=mount_type, target=target or "", mode=DEFAULT_MODES.get(mount_type))
+    # The mount's fields as they are read; a RunMount is immutable once made.
+    mount: dict[str, Any] = {"type": mount_type, "target": target or "", "mode": DEFAULT_MODES.get(mount_type)}
     if mount_type in ("secret", "ssh"):
-        mount.uid, mount.gid = 0, 0
+        mount["uid"], mount["gid"] = 0, 0
     for key, value in fields.items():
         if key in ("source", "src"):
-            mount.source = value
+            mount["source"] = value
         elif key == "from":
-            mount.from_ = value
+            mount["from_"] = value
         elif key == "id":
-            mount.id = value
+            mount["id"] = value
         elif key in ("ro", "readonly"):
-            mount.readonly = value.lower() in ("true", "1", "")
+            mount["readonly"] = value.lower() in ("true", "1", "")
         elif key in ("rw", "readwrite"):
-            mount.readonly = value.lower() not in ("true", "1", "")
+            mount["readonly"] = value.lower() not in ("true", "1", "")
         elif key == "sharing":
             if value not in ("shared", "private", "locked"):
                 raise error(f"unsupported sharing value {value!r}")
-            mount.sharing = value
+            mount["sharing"] = value
         elif key in ("mode", "uid", "gid"):
             try:
-                number = int(value, 8) if key == "mode" else int(value)
+                mount[key] = int(value, 8) if key == "mode" else int(value)
             except ValueError:
                 raise error(f"invalid {key} value {value!r} in --mount") from None
-            setattr(mount, key, number)
         elif key == "size":
-            mount.size = value
+            mount["size"] = value
         elif key == "env" and mount_type == "secret":
-            mount.env = value
+            mount["env"] = value
         elif key == "required" and mount_type in ("secret", "ssh"):
             if value.lower() not in ("true", "false", "1", "0", ""):
                 raise error(f"invalid required value {value!r} in --mount")
-            mount.required = value.lower() in ("true", "1", "")
+            mount["required"] = value.lower() in ("true", "1", "")
         else:
             raise error(f"unexpected key {key!r} in --mount={spec}")
-    if mount.type == "secret":
-        if not mount.id and not mount.target:
+    if mount_type == "secret":
+        if not mount.get("id") and not mount["target"]:
             raise error("secret ID missing from --mount (id=NAME or target=/path)")
-        mount.id = mount.id or posixpath.basename(mount.target)
-        if not mount.target and not mount.env:
-            mount.target = posixpath.join(SECRET_DIR, mount.id)
-    elif mount.type == "ssh":
-        mount.id = mount.id or "default"
-    if mount.type in ("secret", "ssh"):
-        mount.readonly = True
-    if mount.type == "bind" and "rw" not in fields and "readwrite" not in fields:
+        mount["id"] = mount.get("id") or posixpath.basename(mount["target"])
+        if not mount["target"] and not mount.get("env"):
+            mount["target"] = posixpath.join(SECRET_DIR, mount["id"])
+    elif mount_type == "ssh":
+        mount["id"] = mount.get("id") or "default"
+    if mount_type in ("secret", "ssh"):
+        mount["readonly"] = True
+    if mount_type == "bind" and "rw" not in fields and "readwrite" not in fields:
         # Bind mounts are read-only unless rw is given (docker's default).
-        mount.readonly = True if "ro" not in fields and "readonly" not in fields else mount.readonly
-    return mount
+        mount["readonly"] = True if "ro" not in fields and "readonly" not in fields else mount.get("readonly", False)
+    return RunMount(**mount)
 
 
 _PORT_RE = re.compile(r"^(\d+)(?:-(\d+))?(?:/(tcp|udp|sctp))?$", re.IGNORECASE)
@@ -143,3 +144,8 @@ def signal_ok(value: str) -> bool:
 def parse_duration(text: str) -> int:
     """A Go duration (``30s``, ``1m30s``, ``500ms``) in nanoseconds; ValueError otherwise."""
     return parse_go_duration(text)
+
+
+def is_url(source: str) -> bool:
+    """Whether an ADD source is a remote file (fetched) rather than a path of the context."""
+    return source.startswith(("http://", "https://"))

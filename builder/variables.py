@@ -82,9 +82,8 @@ class BuildArgs:
         # Global ARG values, in declaration order (only those declared or predefined).
         self.globals: dict[str, str | None] = {k: v for k, v in self.platform.items()}
 
-    def declare_global(self, arg: Arg) -> None:
-        """Process one ARG line before the first FROM."""
-        arg.expand(FixedScope(self.lexer, {}))
+    def declare_global(self, arg: Arg) -> tuple[tuple[str, str | None], ...]:
+        """Process one ARG line before the first FROM; each name with the value it took."""
         resolved = []
         for name, raw_default in arg.defaults:
             default = arg.expand_default(FixedScope(self.lexer, self.global_variables()), raw_default)
@@ -93,7 +92,7 @@ class BuildArgs:
                 self.used.add(name)
             self.globals[name] = value
             resolved.append((name, value))
-        arg.resolved = resolved
+        return tuple(resolved)
 
     def global_variables(self) -> dict[str, str]:
         return {k: v for k, v in self.globals.items() if v is not None}
@@ -122,9 +121,9 @@ class StageScope:
         self.image = image
         self.args: dict[str, str | None] = {}
 
-    def declare(self, arg: Arg) -> None:
-        """Process an ARG inside the stage (after ``arg.expand(self)``)."""
-        resolved = []
+    def declare(self, arg: Arg) -> tuple[tuple[str, str | None], ...]:
+        """Process an ARG inside the stage; each name with the value it took."""
+        resolved: list[tuple[str, str | None]] = []
         for name, raw_default in arg.defaults:
             default = arg.expand_default(self, raw_default)
             if name in self.build_args.given:
@@ -138,7 +137,7 @@ class StageScope:
                 value = None
             self.args[name] = value
             resolved.append((name, value))
-        arg.resolved = resolved
+        return tuple(resolved)
 
     def variables(self) -> dict[str, str]:
         values = {k: v for k, v in self.args.items() if v is not None}

@@ -272,7 +272,7 @@ def assert_build_interrupted(result: subprocess.CompletedProcess[str], root: Pat
 @pytest.mark.fuse
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 @pytest.mark.parametrize("trigger", [
-    "call:builder.build:Builder._run",  # the builder's own work: the step's mounts, the spec
+    "call:builder.running:run_step",  # the builder's own work: the step's mounts, the spec
     *SETUP_PHASES,
     COMMAND_STARTED,  # the command runs: it is killed
 ], ids=["before-sandbox", *SETUP_IDS, "command-started"])
@@ -284,13 +284,13 @@ def test_a_signal_anywhere_in_a_run_step_stops_the_build(root: Path, tmp_path: P
                    str(context(tmp_path, SLOW_RUN)))
     assert time.monotonic() - started < 15  # not after the RUN's 20 s
     assert_build_interrupted(result, root, signum, images)
-    if trigger in (*SETUP_PHASES[:2], "call:builder.build:Builder._run"):
+    if trigger in (*SETUP_PHASES[:2], "call:builder.running:run_step"):
         assert "started" not in result.stdout.splitlines()  # cancelled before "go": the command never ran
 
 
 @pytest.mark.fuse
 @pytest.mark.parametrize(("dockerfile", "trigger"), [
-    (f"FROM {IMAGE}\nRUN echo made > /made\n", "call:builder.build:Builder._commit_upper"),
+    (f"FROM {IMAGE}\nRUN echo made > /made\n", "call:builder.workspace:Workspace.commit_upper"),
     (f"FROM {IMAGE}\nCOPY file.txt /\n", "call:lamina.store.store:Store.commit_layer"),
     (f"FROM {IMAGE}\nCOPY file.txt /\n", "call:builder.copying:copy_into_layer"),
 ], ids=["RUN-commit", "COPY-commit", "COPY"])

@@ -410,13 +410,17 @@ def analyze(layers: Sequence[LayerInput], top_is_container: bool = False) -> Sta
             h.visible = True
             merged.add(path, is_dir)
 
-    # Wasted bytes: every copy the merged image does not show.
+    _charge_wasted_bytes(reports, histories)
+    return StackAnalysis(reports, histories, top_is_container)
+
+
+def _charge_wasted_bytes(reports: list[LayerReport], histories: dict[str, PathHistory]) -> None:
+    """Charge every copy the merged image does not show to the layer that added it."""
     for h in histories.values():
         shown = h.copies[-1] if h.visible and h.copies else None
         for copy in h.copies:
             if copy is not shown:
                 reports[copy.layer].wasted += copy.size
-    return StackAnalysis(reports, histories, top_is_container)
 
 
 def clean_instruction(created_by: str) -> str:
