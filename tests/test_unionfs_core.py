@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from unionfs.core import ondisk
-from unionfs.core import UnionError, UnionFS
+from unionfs.core import Caller, UnionError, UnionFS
 from unionfs_core_support import IS_ROOT, ME, Layers, names, needs_root, read, walk, whiteout, write_file
 
 
@@ -357,3 +357,28 @@ def test_read_only_union_refuses_writes(layers: Layers) -> None:
         with pytest.raises(OSError) as e:
             call()
         assert e.value.errno == errno.EROFS
+
+
+def test_write_access_to_a_read_only_union_is_erofs(layers: Layers) -> None:
+    fs = UnionFS([str(p) for p in layers.lowers], None, None)
+    with pytest.raises(OSError) as e:
+        fs.may_access(os.W_OK, ME, stat.S_IFREG | 0o666, ME.uid, ME.gid)
+    assert e.value.errno == errno.EROFS
+    assert fs.may_access(os.R_OK, ME, stat.S_IFREG | 0o444, ME.uid, ME.gid)
+    fs.close()
+
+
+def test_access_checks_owner_then_group_then_other_bits() -> None:
+    from unionfs.core.attributes import access_allowed
+
+    user = Caller(uid=1000, gid=1000)
+    assert access_allowed(os.R_OK | os.W_OK, user, stat.S_IFREG | 0o600, 1000, 0)
+    assert not access_allowed(os.X_OK, user, stat.S_IFREG | 0o677, 1000, 1000)  # owner bits only
+    assert access_allowed(os.R_OK, user, stat.S_IFREG | 0o040, 0, 1000)
+    assert not access_allowed(os.W_OK, user, stat.S_IFREG | 0o646, 0, 1000)  # group bits, not other
+    assert access_allowed(os.W_OK, user, stat.S_IFREG | 0o002, 0, 0)
+    root = Caller(uid=0, gid=0)
+    assert access_allowed(os.R_OK | os.W_OK, root, stat.S_IFREG | 0o000, 1000, 1000)
+    assert not access_allowed(os.X_OK, root, stat.S_IFREG | 0o644, 1000, 1000)  # no x bit at all
+    assert access_allowed(os.X_OK, root, stat.S_IFREG | 0o010, 1000, 1000)
+    assert access_allowed(os.X_OK, root, stat.S_IFDIR | 0o000, 1000, 1000)

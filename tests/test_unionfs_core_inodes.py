@@ -1,5 +1,5 @@
-"""Unit tests of the pure core (unionfs.core): inode numbers, hard links, removed objects the kernel
-still knows, and the fd-relative calls below them."""
+"""Unit tests of the pure core (unionfs.core): inode numbers, hard links and link counts, removed
+objects the kernel still knows, and the fd-relative calls below them."""
 
 from __future__ import annotations
 
@@ -448,6 +448,25 @@ def test_stale_origin_index_entry_is_not_inherited_by_a_new_object(layers: Layer
     assert [walk(fresh, f"n{i}").ino for i in range(8)] == [n.ino for n in created]
 
 
+def test_the_core_reports_changed_and_dropped_nodes(layers: Layers) -> None:
+    # What the adapter caches by inode number depends on these reports (unionfs.kernel_cache).
+    (layers.lowers[0] / "d").mkdir()
+    fs = layers.open()
+    cached: dict[int, str] = {}
+    dropped: list[int] = []
+    fs.forget_on_change = cached
+    fs.table.on_drop = lambda node: dropped.append(node.ino)
+    d = walk(fs, "d")
+    cached[d.ino] = "attributes of d"
+    node, fd = fs.create(d, "f", 0o644, os.O_RDWR, ME)
+    assert d.ino not in cached  # its mtime and ctime changed
+    cached[node.ino] = "attributes of f"
+    fs.setattr(node, mode=0o600)
+    assert node.ino not in cached
+    fs.release(node, fd)
+    assert node.ino in dropped  # no lookup by the kernel, no open file: gone from the table
+
+
 def test_fd_relative_xattrs_agree_with_the_proc_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """getxattrat/listxattrat (where the kernel has them) and the /proc/self/fd path give the same
     answers: values of any size, long name lists, symlinks not followed, absent xattrs, missing files."""
@@ -481,3 +500,40 @@ def test_fd_relative_xattrs_agree_with_the_proc_path(tmp_path: Path, monkeypatch
         assert len(fast[7]) == 50  # type: ignore[arg-type]
     finally:
         os.close(fd)
+
+
+# --- 7c. link counts callers see (unionfs.core.attributes) ---------------------------------------
+
+
+def test_merged_directories_count_one_link_and_plain_ones_their_own(layers: Layers) -> None:
+    # The kernel's overlayfs shows 1 for a directory merged from several layers (its
+    # subdirectories are not counted; find(1) then looks into it instead of skipping).
+    for low in layers.lowers:
+        (low / "merged" / "sub").mkdir(parents=True)
+    (layers.lowers[0] / "plain" / "a").mkdir(parents=True)
+    (layers.lowers[0] / "plain" / "b").mkdir()
+    fs = layers.open()
+
+    def nlink(path: str) -> int:
+        node = walk(fs, path)
+        return fs.nlink(node, fs.stat(node)[0])
+
+    assert nlink("merged") == 1
+    assert nlink("plain") == 4  # '.', its name, and two subdirectories' '..'
+    fs.mkdir(walk(fs, "plain"), "c", 0o755, ME)  # copied up: the upper merges with the lower
+    assert nlink("plain") == 1
+    new = fs.mkdir(fs.root, "new", 0o755, ME)  # upper only: its own count
+    fs.mkdir(new, "sub", 0o755, ME)
+    assert nlink("new") == os.stat(layers.upper / "new").st_nlink == 3
+
+
+def test_removed_file_counts_what_it_still_has(layers: Layers) -> None:
+    fs = layers.open()
+    node, fd = fs.create(fs.root, "f", 0o644, os.O_RDWR, ME)
+    fs.link(node, fs.root, "g")
+    fs.unlink(fs.root, "f")
+    assert fs.nlink(node, fs.stat(node)[0]) == 1  # its other name
+    fs.unlink(fs.root, "g")
+    assert node.deleted
+    assert fs.nlink(node, fs.stat(node)[0]) == 0  # open, no name left
+    fs.release(node, fd)

@@ -155,3 +155,20 @@ def test_rename_away_directory_created_over_whiteout_keeps_whiteout(layers: Laye
     fs.rename(fs.root, "d", fs.root, "e")
     assert names(fs) == {"e"}
     assert names(layers.open()) == {"e"}
+
+
+def test_names_of_name_max_bytes_take_renames_and_links(layers: Layers) -> None:
+    """A name of NAME_MAX bytes cannot have a ``.wh.NAME`` file beside it: making it (rename, link,
+    create) finds none to remove instead of failing with ENAMETOOLONG (pjdfstest rename/01.t)."""
+    longest, other = "n" * 255, "m" * 255
+    fs = layers.open()
+    node, fd = fs.create(fs.root, longest, 0o644, os.O_RDWR, ME)
+    fs.release(node, fd)
+    fs.rename(fs.root, longest, fs.root, "short")
+    fs.rename(fs.root, "short", fs.root, longest)
+    fs.link(walk(fs, longest), fs.root, other)
+    fs.unlink(fs.root, longest)
+    assert names(fs) == {other}
+    with pytest.raises(OSError) as e:
+        fs.rename(fs.root, other, fs.root, other + "x")
+    assert e.value.errno == errno.ENAMETOOLONG

@@ -60,7 +60,7 @@ _SERVER_SCRIPT = textwrap.dedent("""
             "import-stand-ins-off": spawned != [] and pyfuse3.__version__ != "unknown",
             "listing-cache-installed": bool(listing_cache._installed),
             "fallocate": lowlevel_ops.active(),
-            "bare-entries": ops._make_bare is not None,
+            "bare-entries": ops.cache.make_bare is not None,
         })
         real_main = pyfuse3.main
 

@@ -25,9 +25,9 @@ Everything changes through this mount (lower layers never change, and nobody els
 upper while it is mounted), so what is true now stays true until a request here changes it. Hence
 long timeouts (``CACHE_TIMEOUT``) for entries, negative entries and attributes, with these duties:
 
-* ``node.attr`` (the attributes last given, reused by lookup, getattr, setattr replies and
-  listings) is dropped by ``UnionFS.touch`` for every node a change reaches: write (before the
-  data lands), truncate and every setattr, open with O_TRUNC, copy-up (the node, its parent and
+* The attributes last given (``KernelCache.attrs_by_ino`` in unionfs.kernel_cache, by inode number;
+  reused by lookup, getattr, setattr replies and listings) are dropped when ``UnionTree.touch``
+  reports (``forget_on_change``) a node a change reaches: write (before the data lands), truncate and every setattr, open with O_TRUNC, copy-up (the node, its parent and
   the parents of its other names), create, mknod, mkdir, symlink (the parent), link and unlink
   (the node and the parent: nlink, ctime), rename (both parents, the source, a replaced target),
   setxattr and removexattr (ctime); and by ``read`` here (relatime may move the backing atime,
@@ -56,33 +56,23 @@ import errno
 import functools
 import logging
 import os
-import stat
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import pyfuse3
-import trio
 
-from unionfs.bare_entries import bare_entry_writer
+from unionfs.copy_ups import CopyUps
 from unionfs.core import Caller, DirEntry, UnionFS
-from unionfs.core.copyup import begin_copy_up, finish_copy_up
 from unionfs.core.nodes import Node
+from unionfs.kernel_cache import CACHE_TIMEOUT, KernelCache, statvfs_data
 from unionfs.lowlevel_ops import fallocate_serving
 
 log = logging.getLogger(__name__)
 
-# All changes go through the mount, so the kernel may cache names and attributes for a long time.
-CACHE_TIMEOUT = 86400.0
-# Copy-ups of files larger than this run in a worker thread (and writable opens defer them).
-THREAD_COPY_BYTES = 1 << 20
-BARE_SCORE_RANGE = 32
 # The kernel asks for this before every write and chown of a file (to drop file capabilities); a
 # file gains it only through setxattr, so a node that had none keeps none until the next setxattr.
 CAPS_XATTR = b"security.capability"
-# Request loops started for handlers that wait for copy-ups (they stay, as pyfuse3's own would).
-MAX_SPARE_LOOPS = 8
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -162,74 +152,17 @@ class UnionOperations(pyfuse3.Operations):
         self.dirs: dict[int, DirHandle] = {}
         self._next_dir_fh = 1
         self._next_fh = 1
-        self._bare_score = 0  # > 0: callers look up what they list; send true attributes
-        self._make_bare = bare_entry_writer(pyfuse3.EntryAttributes)
-        self._bare = pyfuse3.EntryAttributes()  # reused for every bare entry of every listing
-        self._copying: dict[int, trio.Event] = {}
-        # Starts one more request loop (see the module docstring); None when nothing serves /dev/fuse.
-        self.spawn_session_loop: Callable[[], None] | None = None
-        self._spare_loops = 0
-        self._waiting_handlers = 0
+        # What this adapter keeps per node, by inode number (see the module docstring).
+        self.cache = KernelCache(core)
+        # The node's attributes as given to the kernel (the cache's own method: one call less on
+        # the busiest path).
+        self.attrs: Callable[[Node], pyfuse3.EntryAttributes] = self.cache.attrs
+        self._forget_attrs = self.cache.attrs_by_ino.pop
+        self.copy_ups = CopyUps(core, self.cache.size)
+        self.copy_up = self.copy_ups.copy_up  # big files in a worker thread (unionfs.copy_ups)
         core.on_copy_up = self._copied_up
 
     # --- helpers ---------------------------------------------------------------------------------
-
-    def attrs(self, node: Node) -> pyfuse3.EntryAttributes:
-        """The node's attributes (cached on the node until the core says it changed)."""
-        cached = node.attr
-        if cached is not None and not node.deleted:
-            return cached
-        hint = node.st_hint
-        if hint is not None and not node.deleted:
-            # fresh from the lookup or create this reply belongs to
-            node.st_hint = None
-            st, override = hint, self.core.override_of(node, hint)
-        else:
-            st, override = self.core.stat(node)
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = node.ino
-        a.generation = 0
-        a.entry_timeout = CACHE_TIMEOUT
-        a.attr_timeout = CACHE_TIMEOUT
-        if override is not None:
-            a.st_mode = stat.S_IFMT(st.st_mode) | override.mode
-            a.st_uid = override.uid
-            a.st_gid = override.gid
-        else:
-            a.st_mode = st.st_mode
-            a.st_uid = st.st_uid
-            a.st_gid = st.st_gid
-        if node.deleted:
-            # Open after its last name we know went: the kernel (ovl_getattr) shows what the file
-            # still has, other names of a hardlink included (found through the index, maybe never
-            # looked up). One removed but merely held (O_PATH) has no descriptor to ask: 0.
-            a.st_nlink = self.core.nlink(node, st, removed=True) if node.fds else 0
-        elif node.is_dir and (len(node.lowers) > 1 or (node.in_upper and node.lowers and not node.opaque)):
-            # A merged directory's subdirectories are not counted (the kernel's overlayfs says 1 too):
-            # a wrong count would make find(1) skip subdirectories; 1 tells it to look.
-            a.st_nlink = 1
-        else:
-            a.st_nlink = self.core.nlink(node, st)
-        a.st_rdev = st.st_rdev
-        a.st_size = st.st_size
-        a.st_blocks = st.st_blocks
-        a.st_blksize = st.st_blksize
-        a.st_atime_ns = st.st_atime_ns
-        a.st_mtime_ns = st.st_mtime_ns
-        a.st_ctime_ns = st.st_ctime_ns
-        if not node.deleted:
-            node.attr = a
-        return a
-
-    def _bare_entry(self, node: Node) -> pyfuse3.EntryAttributes:
-        """A plain listing entry (name, type, inode number; no node id, no attributes): the kernel
-        makes no inode of it, so nothing it could keep may be wrong (see unionfs.bare_entries)."""
-        assert self._make_bare is not None
-        a = self._bare
-        a.st_ino = node.ino
-        a.st_mode = node.kind
-        self._make_bare(a)
-        return a
 
     @staticmethod
     def _copied_up(node: Node) -> None:
@@ -240,74 +173,33 @@ class UnionOperations(pyfuse3.Operations):
             if changed is not None and changed.lookups > 0:
                 _invalidate_attrs(changed)
 
+    @property
+    def spawn_session_loop(self) -> Callable[[], None] | None:
+        """Starts one more request loop (see unionfs.copy_ups); set by the server."""
+        return self.copy_ups.spawn_session_loop
+
+    @spawn_session_loop.setter
+    def spawn_session_loop(self, spawn: Callable[[], None] | None) -> None:
+        self.copy_ups.spawn_session_loop = spawn
+
     def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
         attrs = self.attrs(node)
         node.lookups += 1
         return attrs
 
+    def _new_entry(self, node: Node) -> pyfuse3.EntryAttributes:
+        """The entry of an object just created: it has no file capabilities (only setxattr gives
+        them)."""
+        self.cache.no_caps.add(node.ino)
+        return self._entry(node)
+
     def _mode(self, mode: int, ctx: pyfuse3.RequestContext) -> int:
         return mode if self.enable_acl else mode & ~ctx.umask
-
-    @contextmanager
-    def _waiting(self) -> Iterator[None]:
-        """Around an await in a handler: keep enough request loops for the handlers that wait."""
-        self._waiting_handlers += 1
-        if self.spawn_session_loop is not None and \
-                self._spare_loops < min(self._waiting_handlers, MAX_SPARE_LOOPS):
-            self._spare_loops += 1
-            self.spawn_session_loop()
-        try:
-            yield
-        finally:
-            self._waiting_handlers -= 1
-
-    async def copy_up(self, node: Node, truncate: bool = False) -> None:
-        """Copy up ``node``; big files in a worker thread, one copy at a time per node."""
-        while not node.in_upper:
-            event = self._copying.get(node.ino)
-            if event is not None:
-                with self._waiting():
-                    await event.wait()
-                continue
-            big = not truncate and node.kind == stat.S_IFREG and self._size(node) > THREAD_COPY_BYTES
-            if not big:
-                self.core.copy_up(node, truncate)
-                return
-            event = trio.Event()
-            self._copying[node.ino] = event
-            try:
-                job = begin_copy_up(self.core, node, truncate)
-                if job is None:
-                    return
-                try:
-                    with self._waiting():
-                        await trio.to_thread.run_sync(job.copy_data)
-                except BaseException:
-                    job.close()
-                    raise
-                finish_copy_up(self.core, job)
-            finally:
-                del self._copying[node.ino]
-                event.set()
-
-    def _size(self, node: Node) -> int:
-        cached = node.attr
-        if cached is not None:
-            return int(cached.st_size)
-        hint = node.st_hint
-        if hint is not None:
-            return int(hint.st_size)
-        return self.core.stat(node)[0].st_size
-
-    async def _wait_copying(self, node: Node) -> None:
-        while (event := self._copying.get(node.ino)) is not None:
-            with self._waiting():
-                await event.wait()
 
     async def _upper_handle(self, h: FileHandle) -> None:
         """Point a handle at the upper copy (after a deferred or concurrent copy-up)."""
         if h.pending_copy_up:
-            await self.copy_up(h.node)
+            await self.copy_ups.copy_up(h.node)
             h.pending_copy_up = False
         if not h.in_upper and h.node.in_upper and not h.node.deleted:
             layer, path = self.core.backing(h.node)
@@ -351,11 +243,8 @@ class UnionOperations(pyfuse3.Operations):
             negative.st_ino = 0
             negative.entry_timeout = CACHE_TIMEOUT
             return negative
-        if node.listed_bare:
-            # Listed without attributes and now looked up: the caller uses what it lists, so true
-            # attributes in listings will save it a round trip per entry.
-            node.listed_bare = False
-            self._bare_score = min(self._bare_score + 4, BARE_SCORE_RANGE)
+        if node.ino in self.cache.listed_bare:
+            self.cache.looked_up(node)
         return self._entry(node)
 
     async def forget(self, inode_list: Any) -> None:
@@ -407,19 +296,19 @@ class UnionOperations(pyfuse3.Operations):
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self.core.mknod(self.core.node(parent_inode), _name(name), self._mode(mode, ctx), rdev,
                                _caller(ctx))
-        return self._entry(node)
+        return self._new_entry(node)
 
     @fuse_boundary(write=True)
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self.core.mkdir(self.core.node(parent_inode), _name(name), self._mode(mode, ctx), _caller(ctx))
-        return self._entry(node)
+        return self._new_entry(node)
 
     @fuse_boundary(write=True)
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self.core.symlink(self.core.node(parent_inode), _name(name), os.fsdecode(target), _caller(ctx))
-        return self._entry(node)
+        return self._new_entry(node)
 
     @fuse_boundary(write=True)
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
@@ -434,7 +323,7 @@ class UnionOperations(pyfuse3.Operations):
         parent = self.core.node(parent_inode)
         child = self.core.lookup(parent, _name(name))
         if child is not None:
-            await self._wait_copying(child)
+            await self.copy_ups.wait_for(child)
         self.core.unlink(parent, _name(name))
 
     @fuse_boundary(write=True)
@@ -456,7 +345,7 @@ class UnionOperations(pyfuse3.Operations):
             core.rename(oldp, _name(name_old), newp, _name(name_new), flags)
         except OSError as e:
             if e.errno == errno.ENOTEMPTY:
-                # The attempt may have changed the source's directory (UnionFS._refuse_nonempty_target
+                # The attempt may have changed the source's directory (RenameOps._refuse_nonempty_target
                 # says when), and the kernel drops its cached attributes only after a rename that
                 # succeeds.
                 _invalidate_attrs(oldp)
@@ -477,13 +366,13 @@ class UnionOperations(pyfuse3.Operations):
             if not node.in_upper:
                 if flags & os.O_TRUNC:
                     await self.copy_up(node, truncate=True)  # libfuse's atomic_o_trunc: no data to copy
-                elif node.kind == stat.S_IFREG and self._size(node) > THREAD_COPY_BYTES:
+                elif self.copy_ups.is_big(node):
                     # O_TRUNC reaches us later as setattr(size=0): copy no data for it.
                     pending = True
                 else:
                     await self.copy_up(node)
             else:
-                await self._wait_copying(node)
+                await self.copy_ups.wait_for(node)
         if pending:
             fd, in_upper = self.core.open(node, os.O_RDONLY)
         else:
@@ -499,7 +388,7 @@ class UnionOperations(pyfuse3.Operations):
                                     _caller(ctx))
         info = pyfuse3.FileInfo(fh=self._add_file(FileHandle(node, fd, True, flags)))
         info.keep_cache = True
-        return info, self._entry(node)
+        return info, self._new_entry(node)
 
     @fuse_boundary()
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -508,7 +397,7 @@ class UnionOperations(pyfuse3.Operations):
             await self._upper_handle(h)
         # The read may move the backing file's atime (relatime), and the kernel asks for it again
         # after a read: the cached attributes would give the old one.
-        h.node.attr = None
+        self._forget_attrs(h.node.ino, None)
         return os.pread(h.fd, size, off)
 
     @fuse_boundary(write=True)
@@ -594,47 +483,7 @@ class UnionOperations(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, b"..", self.attrs(parent), 2):
                 return
             start_id = 2
-        entries = d.entries
-        core = self.core
-        attrs = self.attrs
-        reply = pyfuse3.readdir_reply
-        children = node.children
-        assert children is not None
-        number_is_stable = core.table.number_is_stable
-        # Bare entries while callers do not look closer at what they list (ls, find, listdir);
-        # true attributes, which cost a stat per entry, once they do (ls -l, du, a build's walk).
-        use_bare = self._make_bare is not None and self._bare_score <= 0
-        sent_bare = 0
-        try:
-            for i in range(start_id - 2, len(entries)):
-                entry = entries[i]
-                child = children.get(entry.name)
-                if child is None:
-                    try:
-                        child = core.entry_node(node, entry)
-                    except (FileNotFoundError, NotADirectoryError):
-                        child = None
-                    if child is None:
-                        continue  # removed since the listing was taken
-                if use_bare and child.attr is None and not child.is_dir and number_is_stable(child):
-                    # (A bare entry holds no lookup, so the node may be dropped and made again:
-                    # only with a number that comes back is the listing's d_ino still its st_ino.)
-                    # readdir_reply copies the entry at once, so one object serves every entry
-                    if not reply(token, entry.raw, self._bare_entry(child), i + 3):
-                        return
-                    child.listed_bare = True
-                    sent_bare += 1
-                    continue
-                try:
-                    a = attrs(child)
-                except FileNotFoundError:
-                    continue
-                if not reply(token, entry.raw, a, i + 3):
-                    return
-                child.lookups += 1
-        finally:
-            if sent_bare:
-                self._bare_score = max(self._bare_score - sent_bare, -BARE_SCORE_RANGE)
+        self.cache.send_entries(token, node, d.entries, start_id - 2)
 
     @fuse_boundary()
     async def releasedir(self, fh: int) -> None:
@@ -648,31 +497,20 @@ class UnionOperations(pyfuse3.Operations):
 
     @fuse_boundary()
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        sv = self.core.statfs()
-        out = pyfuse3.StatvfsData()
-        out.f_bsize = sv.f_bsize
-        out.f_frsize = sv.f_frsize
-        out.f_blocks = sv.f_blocks
-        out.f_bfree = sv.f_bfree
-        out.f_bavail = sv.f_bavail
-        out.f_files = sv.f_files
-        out.f_ffree = sv.f_ffree
-        out.f_favail = sv.f_favail
-        out.f_namemax = 255
-        return out
+        return statvfs_data(self.core.statfs())
 
     @fuse_boundary()
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         node = self.core.node(inode)
         if name != CAPS_XATTR:
             return self.core.getxattr(node, _name(name))
-        if node.no_caps:
+        if node.ino in self.cache.no_caps:
             raise pyfuse3.FUSEError(errno.ENODATA)
         try:
             return self.core.getxattr(node, _name(name))
         except OSError as e:
             if e.errno == errno.ENODATA:
-                node.no_caps = True
+                self.cache.no_caps.add(node.ino)
             raise
 
     @fuse_boundary()
@@ -683,7 +521,7 @@ class UnionOperations(pyfuse3.Operations):
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         node = self.core.node(inode)
         await self.copy_up(node)
-        node.no_caps = False
+        self.cache.no_caps.discard(node.ino)
         self.core.setxattr(node, _name(name), value)
 
     @fuse_boundary(write=True)
@@ -691,21 +529,11 @@ class UnionOperations(pyfuse3.Operations):
         node = self.core.node(inode)
         self.core.getxattr(node, _name(name))
         await self.copy_up(node)
-        node.no_caps = False
+        self.cache.no_caps.discard(node.ino)
         self.core.removexattr(node, _name(name))
 
     @fuse_boundary()
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         node = self.core.node(inode)
-        if mode & os.W_OK and self.core.readonly:
-            raise pyfuse3.FUSEError(errno.EROFS)
         a = self.attrs(node)
-        if ctx.uid == 0:
-            return not (mode & os.X_OK) or bool(a.st_mode & 0o111) or stat.S_ISDIR(a.st_mode)
-        if ctx.uid == a.st_uid:
-            bits = (a.st_mode >> 6) & 7
-        elif ctx.gid == a.st_gid:
-            bits = (a.st_mode >> 3) & 7
-        else:
-            bits = a.st_mode & 7
-        return (mode & 7) & ~bits == 0
+        return self.core.may_access(mode, _caller(ctx), a.st_mode, a.st_uid, a.st_gid)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from unionfs.core import fsat, ondisk
 from unionfs.core.backing import Layer, copy_file_data, getxattr_at, listxattr_at, lstat_at
 from unionfs.core.nodes import OVERRIDE_UNKNOWN, Node
-from unionfs.core.tree import UnionTree, ensure_writable, index_entry_name
+from unionfs.core.tree import UnionTree, ensure_writable
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +97,10 @@ def finish_copy_up(tree: UnionTree, job: CopyJob) -> None:
         copy_xattrs(job.layer, job.path, target, is_link)
         origin_recorded = _set_xattr_if_allowed(target, tree.origin_xattr, f"{job.layer.slot}:{st.st_ino}".encode())
         if not node.is_dir:
-            if st.st_nlink > 1 and tree.index_fd >= 0:
-                recorded = tree.recorded_link_count(node)  # names removed before this copy-up
+            if st.st_nlink > 1 and tree.index.enabled:
+                recorded = tree.index.recorded_link_count(node)  # names removed before this copy-up
                 count = st.st_nlink if recorded is None else recorded
-                _set_xattr_if_allowed(target, tree.nlink_xattr, str(count).encode())
+                _set_xattr_if_allowed(target, tree.index.nlink_xattr, str(count).encode())
         # A directory's mode is set once it is in place: moving a read-only directory to another
         # parent needs write permission on it (for '..') when we are not root.
         copy_owner_mode_times(target, st, is_link, chmod=not node.is_dir)
@@ -116,11 +116,10 @@ def finish_copy_up(tree: UnionTree, job: CopyJob) -> None:
         _discard(work, job.tmp)
         return
     upath = node.path()
-    if not origin_recorded and tree.index_fd >= 0:
+    if not origin_recorded and tree.index.enabled:
         # user.* xattrs are refused on symlinks, fifos and devices: the index remembers their origin
         ust = os.lstat(f"/proc/self/fd/{work}/{job.tmp}")
-        _record_origin_in_index(tree.index_fd, ust.st_ino, f"{job.layer.slot}:{st.st_ino}")
-        tree.index_used = True
+        tree.index.record_origin(ust.st_ino, f"{job.layer.slot}:{st.st_ino}")
     ppath = upath.rpartition("/")[0] or "."
     # Copy-up is not a change the user made: the parent keeps its times (as with the kernel).
     pst = fsat.stat(ppath, dir_fd=tree.upper.fd)
@@ -138,14 +137,9 @@ def finish_copy_up(tree: UnionTree, job: CopyJob) -> None:
         # The node keeps its lower identity (recorded in the origin xattr, so a remount finds it
         # again). Other names of a lower hardlink reach the copy: the ones we know are linked now,
         # the others find it through the index when they are looked up.
-        if st.st_nlink > 1 and tree.index_fd >= 0:
-            try:
-                fsat.link(upath, index_entry_name(job.layer.slot, st.st_ino), src_dir_fd=tree.upper.fd,
-                        dst_dir_fd=tree.index_fd, follow_symlinks=False)
-            except FileExistsError:
-                pass
-            tree.index_used = True
-            tree.drop_link_count_record(node)  # the index entry holds the count from now on
+        if st.st_nlink > 1 and tree.index.enabled:
+            tree.index.link_copy(tree.upper.fd, upath, job.layer.slot, st.st_ino)
+            tree.index.drop_link_count_record(node)  # the index entry holds the count from now on
         _link_known_aliases(tree, node, upath)
     tree.emit(f"copy-up /{upath} from {job.layer.label.rsplit(':', 1)[0]}")
 
@@ -196,15 +190,6 @@ def _set_xattr_if_allowed(target: int | str, name: str, value: bytes) -> bool:
             raise
         return False
     return True
-
-
-def _record_origin_in_index(index_fd: int, upper_ino: int, origin: str) -> None:
-    name = f"u{upper_ino}"
-    try:
-        fsat.unlink(name, dir_fd=index_fd)  # a stale entry of a removed file with the same number
-    except FileNotFoundError:
-        pass
-    fsat.symlink(origin, name, dir_fd=index_fd)
 
 
 def _discard(work_fd: int, tmp: str) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import resource
 import stat
+from collections.abc import Callable
 from typing import Any
 
 from unionfs.core.backing import Layer, join
@@ -48,8 +49,8 @@ class Node:
 
     __slots__ = (
         "ino", "kind", "parent", "name", "links", "lookups", "in_upper", "lowers", "opaque",
-        "identities", "deleted", "fds", "children", "attr", "listing", "listed_bare", "st_hint", "gone_stat",
-        "lower_st", "no_caps", "pin", "owner_override",
+        "identities", "deleted", "fds", "children", "listing", "st_hint", "gone_stat", "lower_st", "pin",
+        "owner_override",
     )
 
     def __init__(self, ino: int, kind: int, parent: Node | None, name: str) -> None:
@@ -68,16 +69,12 @@ class Node:
         self.fds: list[int] = []  # open backing descriptors (stat of unlinked-but-open files)
         # Directory: children the kernel currently knows (name -> node); None for non-directories.
         self.children: dict[str, Node] | None = {} if kind == stat.S_IFDIR else None
-        self.attr: Any = None  # the adapter's cached attributes; None when unknown or stale
         self.listing: Any = None  # directory: cached merged listing (list of DirEntry)
         self.st_hint: Any = None  # a fresh stat of the backing object from lookup (used once)
         self.gone_stat: Any = None  # last stat before its last name went (an open fifo still asks)
         # The lstat of its lower object from the lookup that found it: still true while the node
         # is not copied up, as lower layers never change.
         self.lower_st: Any = None
-        self.listed_bare = False  # sent in a listing without attributes, not looked up since
-        # Known to have no security.capability (the adapter's cache; cleared by any setxattr).
-        self.no_caps = False
         # The owner override xattr of its backing object, decoded (None: it has none), or
         # OVERRIDE_UNKNOWN until read. Only lamina writes it, and it resets this when it does.
         self.owner_override: Any = OVERRIDE_UNKNOWN
@@ -114,6 +111,9 @@ class InodeTable:
         # A quarter of the descriptors we may open: the rest stay for open files.
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self.max_pins = 1 << 16 if soft == resource.RLIM_INFINITY else soft // 4
+        # Told of every node dropped from the table: its number may come back for another object,
+        # so whoever keeps state by inode number (the adapter) must drop it too.
+        self.on_drop: Callable[[Node], None] | None = None
 
     def new_root(self) -> Node:
         root = Node(ROOT_INO, stat.S_IFDIR, None, "")
@@ -229,6 +229,8 @@ class InodeTable:
     def _drop(self, node: Node) -> None:
         if self.by_ino.get(node.ino) is node:
             del self.by_ino[node.ino]
+            if self.on_drop is not None:
+                self.on_drop(node)
         self.drop_identities(node)
         self.unpin(node)
         for parent, name in [(node.parent, node.name), *node.links]:

@@ -440,6 +440,10 @@ def remove_whiteout_file_at(dir_fd: int, path: str) -> bool:
         fsat.unlink(f"{head}/{WHITEOUT_PREFIX}{tail}" if head else WHITEOUT_PREFIX + tail, dir_fd=dir_fd)
     except FileNotFoundError:
         return False
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:  # NAME too long to have one (as lstat_at reads it)
+            return False
+        raise
     return True
 
 

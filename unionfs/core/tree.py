@@ -1,4 +1,4 @@
-"""The merged tree: the layer stack, lookup through whiteouts/opaque/redirects, listings, attributes.
+"""The merged tree: the layer stack, lookup through whiteouts/opaque/redirects, and listings.
 
 Lookup follows the kernel's overlayfs (fs/overlayfs/namei.c): the upper first, then each lower
 directory merged into the parent, top first. A whiteout (char 0/0, or ``.wh.NAME`` in the same
@@ -6,6 +6,11 @@ directory) ends the search; a non-directory ends it; a directory is merged with 
 the same name below it until one of them is opaque. An ``*.overlay.redirect`` xattr on a directory
 redirects the search in the layers below to another path (absolute from the layer root, or a sibling
 name), which is how a renamed lower directory keeps its contents without copying them.
+
+The tree holds the parts every operation shares: the open directories (unionfs.core.dirs), the
+hard-link index (unionfs.core.hardlinks) and the marker writer (unionfs.core.marking). What changes
+the tree is in the ``*_ops`` modules, what callers see of an object in unionfs.core.attributes, and
+unionfs.core.ops puts them together as :class:`~unionfs.core.ops.UnionFS`.
 
 Nothing here imports pyfuse3: errors are OSError with an errno, which the adapter translates.
 """
@@ -19,31 +24,28 @@ import stat
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from unionfs.core import fsat, merge, ondisk
 from unionfs.core.backing import (
     Layer,
-    exists_at,
     getxattr_at,
     join,
-    listxattr_at,
     lstat_at,
-    remove_tree_at,
-    setxattr_at,
     split,
 )
+from unionfs.core.dirs import UnionError, open_union_dirs
+from unionfs.core.hardlinks import HardlinkIndex, index_entry_name
+from unionfs.core.marking import Marking, probe_whiteout_style, probe_xattr_namespace
 from unionfs.core.nodes import OVERRIDE_UNKNOWN, InodeTable, Node
 
 log = logging.getLogger(__name__)
 
 LAYER_XATTR = "user.lamina.layer"
 NAME_MAX = 255
-WORK_SUBDIR = "work"
-INDEX_SUBDIR = "lamina-index"
 
-
-class UnionError(Exception):
-    """A configuration problem found when opening the layers (one readable line)."""
+__all__ = ["Caller", "DirEntry", "LAYER_XATTR", "UnionError", "UnionTree", "check_name", "ensure_writable",
+           "index_entry_name"]
 
 
 @dataclass
@@ -54,12 +56,6 @@ class Caller:
     gid: int = 0
     pid: int = 0
     umask: int = 0
-
-
-def index_entry_name(slot: int, ino: int) -> str:
-    """The name in WORK/lamina-index of the upper copy of lower object ``ino`` of layer ``slot``
-    (a link-count record of it, see UnionTree.record_link_count, adds an "n" in front)."""
-    return f"{slot}-{ino}"
 
 
 _FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()  # os.fsencode's
@@ -76,21 +72,6 @@ class DirEntry:
     kind: int  # S_IFMT bits, from d_type (no stat)
     ino: int  # d_ino: the backing st_ino, no stat needed
     raw: bytes  # the name as the kernel gets it
-
-
-def _single_id_namespace() -> tuple[set[int], set[int]] | None:
-    """The inner uids and gids when this user namespace maps just one of each, else None."""
-    mapped: list[set[int]] = []
-    for kind in ("uid_map", "gid_map"):
-        try:
-            with open(f"/proc/self/{kind}") as f:
-                lines = [line.split() for line in f if line.strip()]
-        except OSError:
-            return None
-        if len(lines) != 1 or lines[0][2] != "1":
-            return None
-        mapped.append({int(lines[0][0])})
-    return mapped[0], mapped[1]
 
 
 def check_name(name: str) -> None:
@@ -127,50 +108,34 @@ class UnionTree:
     ) -> None:
         """``opened``: layer, upper and work directories already opened (by path as given), taken
         out of the dict as they are used (see unionfs.detached_layers); the rest are opened here."""
-        if not lowers and upper is None:
-            raise UnionError("no lowerdir given")
-        if upper is not None and work is None:
-            raise UnionError("upperdir needs a workdir")
         self.trace = trace
         # Told of every finished copy-up, after the nodes it changed were touched: the adapter
         # drops what the kernel keeps of them (the copy has its own ctime, and so do the parents).
         self.on_copy_up: Callable[[Node], None] | None = None
+        # What the adapter keeps by inode number that must go when a node changes (see ``touch``):
+        # a mapping whose entry for the node is dropped, in place of a call per changed node.
+        self.forget_on_change: dict[int, Any] | None = None
         self.layer_xattr = layer_xattr
-        self._fds: list[int] = []
-        self._opened = opened if opened is not None else {}
         self.table = InodeTable()
-        try:
-            self.lowers = [
-                self._open_layer(p, 1 + i, f"lower:{i}:{p}", i) for i, p in enumerate(lowers)
-            ]
-            self.upper = self._open_layer(upper, 0, "upper", -1) if upper is not None else None
-            self.work_fd = -1
-            self.index_fd = -1
-            self.index_used = False
-            if work is not None and self.upper is not None:
-                self.work_fd = self._open_work(work)
-        except BaseException:
-            self.close()
-            raise
+        self.dirs = dirs = open_union_dirs(lowers, upper, work, opened)
+        self.lowers = dirs.lowers
+        self.upper = dirs.upper
+        self.work_fd = dirs.work_fd
         self.readonly = self.upper is None
         # Names in busy lower directories, keyed by (layer index, path): lower layers never change
         # while mounted, so once a directory has missed LOWER_NAMES_AFTER lookups, one listing
         # answers its later misses (and their whiteout-file checks) without a system call. Until
         # then the value counts the misses; NO_LOWER_NAMES marks a directory we could not list.
         self._lower_names: dict[tuple[int, str], int | frozenset[str]] = {}
-        # In a namespace that maps one id only (an unprivileged user without subordinate ids), an
-        # owner override naming an unmapped id would show as the overflow id, which even the
-        # namespace's root may not enter; such owners are shown as that root instead (as podman's
-        # ignore_chown_errors does), while the override itself keeps the intended owner for export.
-        self.single_ids = _single_id_namespace()
-        self.xattr_ns = self._probe_xattr_namespace()
-        self.whiteout_style = self._probe_whiteout_style()
+        self._tmp_counter = 0
+        self.xattr_ns = probe_xattr_namespace(self.upper, self.work_fd)
+        self.marks = Marking(self.upper, self.work_fd, self.xattr_ns,
+                             probe_whiteout_style(self.upper, self.work_fd), self.tmp_name, self.emit)
+        self.whiteout_style = self.marks.whiteout_style
         # Where a copied-up file records the lower object it came from (its inode number's source).
         self.origin_xattr = f"{self.xattr_ns.value}.overlay.lamina.origin"
-        # On an indexed hardlink: how many names it has in the merged view (the upper's own count
-        # includes the index link and misses lower names not linked up yet), as the kernel's
-        # index=on keeps it in trusted.overlay.nlink.
-        self.nlink_xattr = f"{self.xattr_ns.value}.overlay.lamina.nlink"
+        self.index = HardlinkIndex(dirs.index_fd, self.work_fd, f"{self.xattr_ns.value}.overlay.lamina.nlink",
+                                   dirs.index_used, self.tmp_name)
         # Renamed lower directories get a redirect xattr only where the kernel would follow it: it
         # ignores user.overlay.redirect (userxattr mounts never follow redirects), so with user
         # xattrs a renamed directory is copied up whole instead, and the upper stays kernel-readable.
@@ -179,125 +144,25 @@ class UnionTree:
         self.root = self.table.new_root()
         self.root.in_upper = self.upper is not None
         self.root.lowers = [(layer, "") for layer in self.lowers]
-        self._tmp_counter = 0
-
-    # --- set-up ----------------------------------------------------------------------------------
-
-    def _open_dir(self, path: str) -> int:
-        fd = self._opened.pop(path, None)
-        return fsat.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) if fd is None else fd
-
-    def _open_layer(self, path: str, slot: int, label: str, index: int) -> Layer:
-        try:
-            fd = self._open_dir(path)
-        except FileNotFoundError:
-            raise UnionError(f"{path}: no such directory") from None
-        except NotADirectoryError:
-            raise UnionError(f"{path}: not a directory") from None
-        except OSError as e:
-            raise UnionError(f"{path}: {e.strerror}") from None
-        self._fds.append(fd)
-        placeholders = ondisk.read_placeholder_list(fd) if index >= 0 else frozenset()
-        return Layer(path=path, fd=fd, slot=slot, label=label, index=index, dev=os.fstat(fd).st_dev,
-                     placeholders=placeholders)
-
-    def _open_work(self, work: str) -> int:
-        """Open (creating if needed) WORK/work, emptied: leftovers of a crashed copy-up go away."""
-        assert self.upper is not None
-        try:
-            wfd = self._open_dir(work)
-        except OSError as e:
-            raise UnionError(f"{work}: {e.strerror}") from None
-        self._fds.append(wfd)
-        if os.fstat(wfd).st_dev != self.upper.dev:
-            raise UnionError(f"{work}: workdir and upperdir must be on the same filesystem")
-        remove_tree_at(wfd, WORK_SUBDIR)
-        fsat.mkdir(WORK_SUBDIR, 0o700, dir_fd=wfd)
-        # The hardlink index (kept across mounts, like the kernel's index=on): for every copied-up
-        # lower file with several names, WORK/lamina-index/SLOT-INO links to its upper copy, so the
-        # other names find the copy instead of the stale lower data.
-        try:
-            fsat.mkdir(INDEX_SUBDIR, 0o700, dir_fd=wfd)
-        except FileExistsError:
-            pass
-        self.index_fd = fsat.open(INDEX_SUBDIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=wfd)
-        self._fds.append(self.index_fd)
-        self.index_used = bool(os.listdir(self.index_fd))
-        fd = fsat.open(WORK_SUBDIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=wfd)
-        self._fds.append(fd)
-        return fd
-
-    def _probe_xattr_namespace(self) -> ondisk.XattrNamespace:
-        """trusted.* when we may write it (root in the initial namespace), user.* otherwise.
-
-        Probed, not guessed from the uid map: a user namespace mapping every id still lacks
-        CAP_SYS_ADMIN over the initial namespace, which trusted.* needs.
-        """
-        guess = ondisk.XattrNamespace.for_current_user()
-        if self.upper is None or guess is ondisk.XattrNamespace.USER:
-            return guess
-        probe = "xattr-probe"
-        fsat.mkdir(probe, 0o700, dir_fd=self.work_fd)
-        try:
-            setxattr_at(self.work_fd, probe, ondisk.TRUSTED_OPAQUE, b"y")
-        except OSError:
-            return ondisk.XattrNamespace.USER
-        finally:
-            fsat.rmdir(probe, dir_fd=self.work_fd)
-        return ondisk.XattrNamespace.TRUSTED
-
-    def _probe_whiteout_style(self) -> ondisk.WhiteoutStyle:
-        """Char 0/0 whiteouts where mknod works; the probe stays as the shared whiteout."""
-        if self.upper is None:
-            return ondisk.WhiteoutStyle.CHAR_DEVICE
-        try:
-            fsat.mknod(SHARED_WHITEOUT, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=self.work_fd)
-        except PermissionError:
-            return ondisk.WhiteoutStyle.WH_FILE
-        return ondisk.WhiteoutStyle.CHAR_DEVICE
-
-    def make_char_whiteout(self, dir_fd: int, path: str) -> None:
-        """A char 0/0 whiteout at ``path`` under ``dir_fd`` (upper or workdir).
-
-        A hard link to the workdir's shared whiteout, as the kernel's overlayfs makes them: a new
-        name only, where mknod would also allocate an inode (14 µs instead of 55 on this ext4).
-        Where linking is refused (the link limit, a filesystem without hard links) a new device
-        node is made instead; FileExistsError goes to the caller either way.
-        """
-        try:
-            fsat.link(SHARED_WHITEOUT, path, src_dir_fd=self.work_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
-            return
-        except FileExistsError:
-            raise
-        except OSError as e:
-            log.debug("whiteout /%s: no link to the shared one (%s)", path, e.strerror)
-            refused = e.errno
-        fsat.mknod(path, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=dir_fd)
-        if refused in (errno.EMLINK, errno.ENOENT):
-            # Start a fresh shared whiteout for the next ones (the full one keeps its links).
-            tmp = self.tmp_name()
-            try:
-                fsat.mknod(tmp, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=self.work_fd)
-                fsat.rename(tmp, SHARED_WHITEOUT, src_dir_fd=self.work_fd, dst_dir_fd=self.work_fd)
-            except OSError as e2:
-                log.debug("no new shared whiteout: %s", e2.strerror)
 
     def close(self) -> None:
         self.table.close_pins()
-        for fd in self._fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._fds.clear()
+        self.dirs.close()
 
     def tmp_name(self) -> str:
+        """A fresh name in the scratch directory (WORK/work)."""
         self._tmp_counter += 1
         return f"#{os.getpid():x}.{self._tmp_counter:x}"
 
     def emit(self, line: str) -> None:
         if self.trace is not None:
             self.trace(line)
+
+    def upper_fd(self) -> int:
+        """The upper directory's descriptor; EROFS for a read-only union."""
+        ensure_writable(self)
+        assert self.upper is not None
+        return self.upper.fd
 
     # --- lookup ----------------------------------------------------------------------------------
 
@@ -342,10 +207,7 @@ class UnionTree:
                 return None
             if step is merge.Step.ENTRY:
                 assert st is not None
-                node = self._node_for(parent, name, stat.S_IFMT(st.st_mode),
-                                      self.upper_identity(cpath, st.st_ino), True, [])
-                node.st_hint = st
-                return node
+                return self._upper_file_node(parent, name, cpath, st)
             top_st = st
         in_upper = top_st is not None
         opaque = held.opaque or (parent.opaque and not merge.reaches_below_opaque_parent(held.redirect))
@@ -360,11 +222,35 @@ class UnionTree:
             top_st = lower_st
         if top_st is None:
             return None
+        return self._dir_node(parent, name, top_st, lower_st, in_upper, opaque, lowers)
+
+    def _upper_file_node(self, parent: Node, name: str, path: str, st: os.stat_result) -> Node:
+        """The node of a non-directory found in the upper at ``path``."""
+        node = self._node_for(parent, name, stat.S_IFMT(st.st_mode), self.upper_identity(path, st.st_ino),
+                              True, [])
+        node.st_hint = st
+        return node
+
+    def _lower_file_node(self, parent: Node, name: str, layer: Layer, path: str,
+                         st: os.stat_result) -> Node:
+        """The node of a non-directory found first in lower ``layer`` at ``path``."""
+        if st.st_nlink > 1 and self.index.used:
+            linked = self.link_from_index(parent, name, layer, path, st)
+            if linked is not None:
+                return linked
+        node = self._node_for(parent, name, stat.S_IFMT(st.st_mode), (layer.slot, st.st_ino),
+                              False, [(layer, path)])
+        node.st_hint = node.lower_st = st
+        return node
+
+    def _dir_node(self, parent: Node, name: str, top_st: os.stat_result, lower_st: os.stat_result | None,
+                  in_upper: bool, opaque: bool, lowers: list[tuple[Layer, str]]) -> Node:
+        """The node of a directory that ``_resolve`` found (``top_st``: its top copy's stat)."""
         if lowers and lower_st is not None:
             identity = (lowers[0][0].slot, lower_st.st_ino)
         elif in_upper:
             # e.g. a lower directory copied up whole (renamed without redirects): its origin
-            identity = self.upper_identity(join(ppath, name), top_st.st_ino)
+            identity = self.upper_identity(parent.child_path(name), top_st.st_ino)
         else:
             identity = (0, top_st.st_ino)
         node = self._node_for(parent, name, stat.S_IFDIR, identity, in_upper, lowers)
@@ -402,20 +288,13 @@ class UnionTree:
                 path = merge.path_below(ppath_l, name, redirect)
             held, st = ondisk.held_at(layer.fd, path)
             if held is merge.ABSENT and redirect is None:
-                self._lower_miss(layer, split(path)[0])
+                _count_lower_miss(self._lower_names, layer, split(path)[0])
             if layer.placeholders and st is not None and path in layer.placeholders:
                 continue  # a device node rootless storage could not make: as if absent here
             step = held.steps[merging or bool(lowers)]  # = merge.lookup_step, without the call
             if step is _ENTRY:
                 assert st is not None
-                if st.st_nlink > 1 and self.index_used:
-                    linked = self.link_from_index(parent, name, layer, path, st)
-                    if linked is not None:
-                        return linked
-                node = self._node_for(parent, name, stat.S_IFMT(st.st_mode), (layer.slot, st.st_ino), False,
-                                      [(layer, path)])
-                node.st_hint = node.lower_st = st
-                return node
+                return self._lower_file_node(parent, name, layer, path, st)
             if step is _LOOK_BELOW and not last_layer:
                 continue
             if step is _MERGE or step is _MERGE_LAST:
@@ -427,26 +306,6 @@ class UnionTree:
             if held.redirect is not None:
                 redirect = held.redirect  # applies to the layers below this one
         return lowers, lower_st
-
-    def _lower_miss(self, layer: Layer, path: str) -> None:
-        """Count a lookup that missed in lower directory ``path``; list it once it is busy."""
-        key = (layer.index, path)
-        seen = self._lower_names.get(key, 0)
-        if type(seen) is not int or seen < 0:
-            return
-        if seen + 1 < LOWER_NAMES_AFTER:
-            self._lower_names[key] = seen + 1
-            return
-        try:
-            dfd = fsat.open(path or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                            dir_fd=layer.fd)
-            try:
-                self._lower_names[key] = frozenset(os.listdir(dfd))
-            finally:
-                os.close(dfd)
-        except OSError as e:
-            log.debug("lower directory %s of %s not listed: %s", path or "/", layer.label, e)
-            self._lower_names[key] = NO_LOWER_NAMES
 
     def _node_for(self, parent: Node, name: str, kind: int, identity: tuple[int, int], in_upper: bool,
                   lowers: list[tuple[Layer, str]]) -> Node:
@@ -482,7 +341,8 @@ class UnionTree:
 
     def link_from_index(self, parent: Node, name: str, layer: Layer, path: str,
                         st: os.stat_result) -> Node | None:
-        """Hook (see UnionFS): the upper copy of a lower hardlink copied up under another name."""
+        """Hook (see unionfs.core.namespace_ops): the upper copy of a lower hardlink copied up under
+        another name."""
         return None
 
     def upper_identity(self, path: str, st_ino: int) -> tuple[int, int]:
@@ -490,11 +350,8 @@ class UnionTree:
         numbers survive copy-up and remounts), else the upper object itself."""
         assert self.upper is not None
         raw = getxattr_at(self.upper.fd, path, self.origin_xattr)
-        if not raw and self.index_used:
-            try:
-                raw = os.fsencode(fsat.readlink(f"u{st_ino}", dir_fd=self.index_fd))
-            except OSError:
-                raw = None
+        if not raw:
+            raw = self.index.origin_of(st_ino)
         if raw:
             slot, _, ino = raw.partition(b":")
             try:
@@ -518,7 +375,7 @@ class UnionTree:
             return not ondisk.is_whiteout_stat(st)
         return False
 
-    # --- attributes ------------------------------------------------------------------------------
+    # --- where objects live ----------------------------------------------------------------------
 
     def backing(self, node: Node) -> tuple[Layer, str]:
         """Where the node's top copy lives: (layer, path in that layer)."""
@@ -528,32 +385,6 @@ class UnionTree:
         if node.lowers:
             return node.lowers[0]
         raise OSError(errno.ESTALE, "node has no backing object")
-
-    def stat(self, node: Node) -> tuple[os.stat_result, ondisk.OwnerOverride | None]:
-        hint = node.st_hint
-        if hint is not None:
-            node.st_hint = None
-            if not node.deleted and not node.fds:  # an open file may have changed since
-                return hint, self.override_of(node, hint)
-        if node.deleted and not node.fds:
-            # Its path may name another object by now: never stat it. (Fifos and devices are
-            # opened by the kernel alone, so an open one has no descriptor here.)
-            if node.gone_stat is None:
-                raise OSError(errno.ENOENT, "removed")
-            return node.gone_stat, None
-        if node.deleted and node.fds:
-            fst = os.fstat(node.fds[0])
-            raw = _fgetxattr(node.fds[0], ondisk.OWNER_OVERRIDE_XATTR)
-            return fst, self._visible_override(ondisk.OwnerOverride.decode(raw) if raw is not None else None)
-        layer, path = self.backing(node)
-        st = lstat_at(layer.fd, path)
-        if st is None:
-            raise OSError(errno.ENOENT, "backing object vanished", path)
-        return st, self.override_of(node, st)
-
-    def readlink(self, node: Node) -> str:
-        layer, path = self.backing(node)
-        return fsat.readlink(path, dir_fd=layer.fd)
 
     # --- listings --------------------------------------------------------------------------------
 
@@ -616,11 +447,13 @@ class UnionTree:
 
     def touch(self, *nodes: Node | None) -> None:
         """Forget cached attributes (and, for directories, listings) of nodes that changed."""
+        forget = self.forget_on_change
         for node in nodes:
             if node is not None:
-                node.attr = None
                 node.listing = None
                 node.st_hint = None
+                if forget is not None:
+                    forget.pop(node.ino, None)
 
     def entry_node(self, parent: Node, entry: DirEntry) -> Node | None:
         """The node behind a listing entry, without a stat for non-directories; None if gone."""
@@ -634,7 +467,8 @@ class UnionTree:
         if layer.index < 0:  # the upper
             identity = self.upper_identity(parent.child_path(entry.name), entry.ino)
             return self._node_for(parent, entry.name, entry.kind, identity, True, [])
-        if self.index_used and exists_at(self.index_fd, index_entry_name(layer.slot, entry.ino)):
+        index = self.index
+        if index.used and index.has_entry(layer.slot, entry.ino):
             return self._resolve(parent, entry.name)  # a hardlink whose other name was copied up
         identity = (layer.slot, entry.ino)
         table = self.table
@@ -646,173 +480,27 @@ class UnionTree:
             return node
         return self._node_for(parent, entry.name, entry.kind, identity, False, [(layer, entry.path)])
 
-    @staticmethod
-    def has_one_lower_name(node: Node) -> bool:
-        """A lower-only object known to have a single name: no index entry or link-count record
-        can exist for it, as both are made only for lower objects with several names."""
-        st = node.lower_st
-        return st is not None and not node.in_upper and st.st_nlink == 1
 
-    def index_key(self, node: Node) -> str | None:
-        """The index entry of a copied-up lower hardlink, if it has one."""
-        if node.is_dir or self.index_fd < 0 or not self.index_used or self.has_one_lower_name(node):
-            return None
-        for slot, ino in node.identities:
-            if slot:
-                key = index_entry_name(slot, ino)
-                if exists_at(self.index_fd, key):
-                    return key
-        return None
-
-    # --- link counts of lower hardlinks that lost a name ------------------------------------------
-    #
-    # When one name of a lower hardlink is removed, the others must count one name less, in this
-    # mount and after a remount. The kernel (index=on) copies the file up to have an index entry to
-    # keep that count in. Lamina keeps just the count: WORK/lamina-index/nSLOT-INO, a symlink whose
-    # target is the decimal count, written after the removal; the data stays in the lower until a
-    # write copies it up (copy-up then moves the count onto the index entry and drops the record).
-    # The upper is the same as the kernel's (a whiteout); only the kernel's count differs, as it
-    # does for any index lamina keeps.
-
-    @staticmethod
-    def _link_count_record(node: Node) -> str | None:
-        for slot, ino in node.identities:
-            if slot:
-                return "n" + index_entry_name(slot, ino)
-        return None
-
-    def recorded_link_count(self, node: Node) -> int | None:
-        """The merged link count of a lower hardlink that lost names without being copied up."""
-        if self.index_fd < 0 or not self.index_used:
-            return None
-        name = self._link_count_record(node)
-        if name is None:
-            return None
-        try:
-            return int(os.readlink(name, dir_fd=self.index_fd))
-        except (FileNotFoundError, ValueError):
-            return None
-
-    def record_link_count(self, node: Node, count: int) -> None:
-        """Keep ``count`` as the link count of the lower hardlink ``node``. A symlink holds it: made
-        in one step (no data block, nothing half-written after a crash) and read in one."""
-        name = self._link_count_record(node)
-        if name is None or self.index_fd < 0:
-            return
-        value = str(max(count, 0))
-        try:
-            fsat.symlink(value, name, dir_fd=self.index_fd)
-        except FileExistsError:
-            tmp = self.tmp_name()  # in the scratch directory, emptied at mount if we crash here
-            fsat.symlink(value, tmp, dir_fd=self.work_fd)
-            fsat.rename(tmp, name, src_dir_fd=self.work_fd, dst_dir_fd=self.index_fd)
-        self.index_used = True
-
-    def drop_link_count_record(self, node: Node) -> None:
-        name = self._link_count_record(node)
-        if name is not None and self.index_used:
-            try:
-                fsat.unlink(name, dir_fd=self.index_fd)
-            except FileNotFoundError:
-                pass
-
-    def nlink(self, node: Node, st: os.stat_result, *, removed: bool = False) -> int:
-        """The link count callers see (see ``nlink_xattr`` and the link-count records above).
-
-        ``removed``: ``st`` is an fstat of a file open after its last known name went. The kernel
-        reports the upper object's own count then (0, or what its other upper names keep), and for
-        an indexed hardlink the merged count, where the index's own link may be the only one left.
-        """
-        if not node.in_upper and not node.is_dir and st.st_nlink > 1 and self.index_used:
-            recorded = self.recorded_link_count(node)
-            return st.st_nlink if recorded is None else recorded
-        if node.is_dir or not node.in_upper or self.index_fd < 0 or (st.st_nlink < 2 and not removed):
-            return st.st_nlink
-        key = self.index_key(node)
-        if key is None:
-            return st.st_nlink
-        raw = getxattr_at(self.index_fd, key, self.nlink_xattr)
-        try:
-            return int(raw) if raw else st.st_nlink - 1
-        except ValueError:
-            return st.st_nlink - 1
-
-    def adjust_nlink(self, node: Node, delta: int) -> None:
-        key = self.index_key(node)
-        if key is None:
-            return
-        st = fsat.stat(key, dir_fd=self.index_fd, follow_symlinks=False)
-        raw = getxattr_at(self.index_fd, key, self.nlink_xattr)
-        try:
-            current = int(raw) if raw else st.st_nlink - 1
-        except ValueError:
-            current = st.st_nlink - 1
-        setxattr_at(self.index_fd, key, self.nlink_xattr, str(max(current + delta, 0)).encode())
-
-    def override_of(self, node: Node, st: os.stat_result) -> ondisk.OwnerOverride | None:
-        if stat.S_ISLNK(st.st_mode):
-            return None
-        return self._visible_override(self.stored_override(node))
-
-    def stored_override(self, node: Node) -> ondisk.OwnerOverride | None:
-        """The owner override xattr of the node's backing object, read once per node: attributes
-        are answered several times per created file (create, chown, chmod, utimens), and each read
-        is a system call."""
-        cached = node.owner_override
-        if cached is OVERRIDE_UNKNOWN:
-            layer, path = self.backing(node)
-            raw = getxattr_at(layer.fd, path, ondisk.OWNER_OVERRIDE_XATTR)
-            cached = node.owner_override = ondisk.OwnerOverride.decode(raw) if raw is not None else None
-        return cached
-
-    def _visible_override(self, override: ondisk.OwnerOverride | None) -> ondisk.OwnerOverride | None:
-        if override is None or self.single_ids is None:
-            return override
-        uids, gids = self.single_ids
-        uid = override.uid if override.uid in uids else 0
-        gid = override.gid if override.gid in gids else 0
-        if (uid, gid) == (override.uid, override.gid):
-            return override
-        return ondisk.OwnerOverride(uid, gid, override.mode)
-
-    def statfs(self) -> os.statvfs_result:
-        layer = self.upper if self.upper is not None else self.lowers[0]
-        return os.statvfs(f"/proc/self/fd/{layer.fd}")
-
-    def is_empty_dir(self, node: Node) -> bool:
-        return not self.list_dir(node)
-
-    # --- xattrs ----------------------------------------------------------------------------------
-
-    def getxattr(self, node: Node, name: str) -> bytes:
-        if name == LAYER_XATTR and self.layer_xattr:
-            return self.backing(node)[0].label.encode()
-        if ondisk.is_private_xattr(name):
-            raise OSError(errno.ENODATA, "no such attribute")
-        layer, path = self.backing(node)
-        value = getxattr_at(layer.fd, path, name)
-        if value is None:
-            raise OSError(errno.ENODATA, "no such attribute")
-        return value
-
-    def listxattr(self, node: Node) -> list[str]:
-        layer, path = self.backing(node)
-        names = [n for n in listxattr_at(layer.fd, path) if not ondisk.is_private_xattr(n)]
-        if self.layer_xattr:
-            names.append(LAYER_XATTR)
-        return names
-
-    def upper_path_fd(self) -> int:
-        if self.upper is None:
-            raise OSError(errno.EROFS, "read-only union")
-        return self.upper.fd
-
-
-def _fgetxattr(fd: int, name: str) -> bytes | None:
+def _count_lower_miss(lower_names: dict[tuple[int, str], int | frozenset[str]], layer: Layer, path: str) -> None:
+    """Count a lookup that missed in lower directory ``path``; list it once it is busy (see
+    ``UnionTree._lower_names``)."""
+    key = (layer.index, path)
+    seen = lower_names.get(key, 0)
+    if type(seen) is not int or seen < 0:
+        return
+    if seen + 1 < LOWER_NAMES_AFTER:
+        lower_names[key] = seen + 1
+        return
     try:
-        return os.getxattr(fd, name)
-    except OSError:
-        return None
+        dfd = fsat.open(path or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                        dir_fd=layer.fd)
+        try:
+            lower_names[key] = frozenset(os.listdir(dfd))
+        finally:
+            os.close(dfd)
+    except OSError as e:
+        log.debug("lower directory %s of %s not listed: %s", path or "/", layer.label, e)
+        lower_names[key] = NO_LOWER_NAMES
 
 
 def ensure_writable(tree: UnionTree) -> None:
