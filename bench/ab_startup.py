@@ -16,24 +16,20 @@ import argparse
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from bench.common import CommandFailed, timed
 
 DOCKERFILE = "FROM lamina/busybox\nCOPY f /f\nRUN echo hi > /g\nENV A=1\nWORKDIR /w\n"
 
 
 def _timed(argv: list[str]) -> tuple[float, float]:
-    """Wall and CPU seconds of one command, which must succeed."""
+    """Wall and CPU seconds of one command, which must succeed (else :class:`CommandFailed`)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    done = subprocess.run(argv, capture_output=True, text=True)
-    wall = time.perf_counter() - start
+    wall, _ = timed(argv)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if done.returncode != 0:
-        raise SystemExit(f"ab_startup: {' '.join(argv)} exited {done.returncode}: {done.stderr.strip()[-300:]}")
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
@@ -80,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="lamina-ab-startup."))
     try:
         results = measure({"baseline": args.baseline, "new": args.new}, args.rounds, work)
+    except CommandFailed as e:
+        print(f"ab_startup: {e}", file=sys.stderr)
+        return 1
     finally:
         shutil.rmtree(work, ignore_errors=True)
     load = Path("/proc/loadavg").read_text().split()[:3]

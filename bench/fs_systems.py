@@ -84,26 +84,25 @@ def kernel_overlayfs() -> UnionSystem:
         lambda mnt: ["umount", str(mnt)], is_fuse=False)
 
 
-def fuse_overlayfs() -> UnionSystem:
-    return UnionSystem(FUSE_OVERLAYFS, lambda lowers, upper, work, mnt: [
-        FUSE_OVERLAYFS, "-o", overlay_options(lowers, upper, work), str(mnt)],
+def _fuse_system(name: str, command: str) -> UnionSystem:
+    """A FUSE union that takes fuse-overlayfs's command line and is unmounted with fusermount3."""
+    return UnionSystem(name, lambda lowers, upper, work, mnt: [
+        command, "-o", overlay_options(lowers, upper, work), str(mnt)],
         lambda mnt: ["fusermount3", "-u", str(mnt)], is_fuse=True)
+
+
+def fuse_overlayfs() -> UnionSystem:
+    return _fuse_system(FUSE_OVERLAYFS, FUSE_OVERLAYFS)
 
 
 def lamina_unionfs() -> UnionSystem:
-    return UnionSystem(LAMINA, lambda lowers, upper, work, mnt: [
-        str(unionfs_command()), "-o", overlay_options(lowers, upper, work), str(mnt)],
-        lambda mnt: ["fusermount3", "-u", str(mnt)], is_fuse=True)
+    return _fuse_system(LAMINA, str(unionfs_command()))
 
 
 def baseline_unionfs() -> UnionSystem | None:
     """The baseline build named by ``LAMINA_BENCH_BASELINE_UNIONFS``, or None when unset."""
     command = os.environ.get(BASELINE_ENV, "")
-    if not command:
-        return None
-    return UnionSystem(BASELINE, lambda lowers, upper, work, mnt: [
-        command, "-o", overlay_options(lowers, upper, work), str(mnt)],
-        lambda mnt: ["fusermount3", "-u", str(mnt)], is_fuse=True)
+    return _fuse_system(BASELINE, command) if command else None
 
 
 def unavailable_reason(system: UnionSystem, probe_dir: Path) -> str | None:
