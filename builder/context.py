@@ -51,8 +51,12 @@ class BuildContext:
         rel = posixpath.normpath("/" + source).lstrip("/")
         return rel or "."
 
+    def host_path(self, rel: str) -> Path:
+        """Where the context's ``rel`` (as :meth:`resolve` gives it) is on the host."""
+        return self.root if rel == "." else self.root / rel
+
     def _abs(self, rel: str) -> str:
-        return str(self.root) if rel == "." else os.path.join(self.root, rel)
+        return str(self.host_path(rel))
 
     def _inside(self, path: str) -> bool:
         real = os.path.realpath(path)

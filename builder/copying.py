@@ -237,7 +237,7 @@ def _copy_item(step: CopyStep, ctx: StepContext, item: Item, target: _Target, ow
     else:
         rel = handle
         context = ctx.services.context
-        host = context.root / rel if rel != "." else context.root
+        host = context.host_path(rel)
         st = context.source_stat(rel)
         if stat.S_ISDIR(st.st_mode):
             context.copy_out(rel, target.directory(), owner)

@@ -194,7 +194,7 @@ def _run_mount(m: RunMount, step: RunStep, ctx: StepContext, tmp: Path) -> Mount
         return Mount(target=target, source=copy_dest, readonly=m.readonly)
     context = ctx.services.context
     rel = context.resolve(source_path)[0]
-    host = Path(context.root) / rel if rel != "." else Path(context.root)
+    host = context.host_path(rel)
     if not m.readonly:
         copy_dest = tmp / f"mount-{len(os.listdir(tmp))}"
         if host.is_dir():
