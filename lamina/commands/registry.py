@@ -7,6 +7,7 @@ The work is :mod:`lamina.store.transfer` (pull, push) and :mod:`lamina.store.reg
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import logging
 import sys
@@ -15,6 +16,7 @@ from typing import TextIO
 
 from lamina.application import open_store
 from lamina.errors import UsageError
+from lamina.store.estargz_push import open_estargz_image
 from lamina.store.reference import DEFAULT_REGISTRY, Reference
 from lamina.store.registry import RegistryClient
 from lamina.store.registry_auth import lookup_credentials, parse_creds, remove_credentials, store_credentials
@@ -52,8 +54,12 @@ def cmd_push(args: argparse.Namespace) -> int:
         progress = Progress(_progress_stream(args.quiet))
         credentials = parse_creds(args.creds) if args.creds else lookup_credentials(dest.registry)
         with RegistryClient(api_host(dest.registry), tls_verify=default_tls_verify(dest.registry, args.tls_verify),
-                            credentials=credentials, cert_dir=args.cert_dir) as client:
-            digest, size = push_image(store, image, dest, client, progress)
+                            credentials=credentials, cert_dir=args.cert_dir) as client, \
+                contextlib.ExitStack() as cleanup:
+            converted = None
+            if args.compression_format == "estargz":
+                converted = cleanup.enter_context(open_estargz_image(store, store.manifest_bytes(image), store.layout.tmp))
+            digest, size = push_image(store, image, dest, client, progress, converted)
     if not args.quiet:
         print(f"{dest.tag}: digest: {digest} size: {size}")
     return 0
@@ -145,6 +151,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     push.add_argument("source", metavar="IMAGE", help="image in the store (name or ID)")
     push.add_argument("destination", metavar="DEST", nargs="?", help="[HOST[:PORT]/]NAME[:TAG] (default IMAGE)")
     _add_transfer_options(push, quiet_help="no progress and no digest line")
+    push.add_argument("--compression-format", choices=["estargz"], default=None,
+                      help="estargz: push the layers as eStargz (gzip that can be read lazily, "
+                           "with a new config for their new diff_ids); default: as stored")
     push.set_defaults(handler=cmd_push)
 
     login = subparsers.add_parser("login", help="store credentials for a registry",
