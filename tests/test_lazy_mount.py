@@ -270,3 +270,27 @@ def test_lazy_mount_of_an_image_with_a_lying_toc_fails_cleanly(registry: object,
     assert not list((other / "mounts").iterdir())
     assert str(mountpoint) not in Path("/proc/self/mountinfo").read_text()
 
+
+
+@pytest.mark.unprivileged
+@pytest.mark.slow
+def test_lazy_mount_as_an_unprivileged_user(unpriv: object, registry: object, lamina_cmd: object) -> None:
+    """Rootless: the layer server and unionfs both run as the user; owners are the TOC's, and a
+    0700 root-owned directory of the image is still listed (as ``lamina mount`` shows the store's)."""
+    remote_ref = f"{registry.address}/lazy/bb:1"  # type: ignore[attr-defined]
+    lamina_cmd("push", "--tls-verify=false", "--compression-format", "estargz", "lamina/busybox", remote_ref)  # type: ignore[operator]
+    user = unpriv
+    mountpoint = user.workdir / "mnt"  # type: ignore[attr-defined]
+    user.run(["mkdir", str(mountpoint)])  # type: ignore[attr-defined]
+    mounted = user.lamina("mount", remote_ref, str(mountpoint))  # type: ignore[attr-defined]
+    assert mounted.returncode == 0, mounted.stderr
+    try:
+        seen = user.run(["sh", "-c", f"stat -c '%u:%g %a' {mountpoint}/root {mountpoint}/bin/busybox; "  # type: ignore[attr-defined]
+                                     f"sha256sum < {mountpoint}/bin/busybox"])
+        assert seen.returncode == 0, seen.stderr
+        digest = hashlib.sha256(Path("/bin/busybox").read_bytes()).hexdigest()
+        assert seen.stdout.split("\n")[:3] == ["0:0 700", "0:0 755", f"{digest}  -"]
+    finally:
+        done = user.lamina("umount", str(mountpoint))  # type: ignore[attr-defined]
+    assert done.returncode == 0, done.stderr
+    assert "lamina-lazy" not in Path("/proc/self/mountinfo").read_text()
