@@ -13,7 +13,7 @@ its own; no other module joins names onto a root. The tree::
     build-cache/        the builder's step cache and RUN --mount=type=cache directories
     mounts/             the inspector's `lamina mount` records and mount points
     registry/           the registry client's notes (where blobs were seen)
-    lazy/               lazily read images: verified eStargz chunks by digest (:mod:`lamina.lazy`)
+    lazy/               lazily read images: verified eStargz chunks, whole layers (:mod:`lamina.lazy`)
 
 Making a layout touches nothing on disk (:meth:`lamina.store.Store.open` creates the
 directories, private to their owner, see :mod:`lamina.store.private`).
@@ -124,3 +124,8 @@ class Layout:
     @property
     def lazy_chunks(self) -> Path:
         return self.root / "lazy" / "chunks"
+
+    @property
+    def lazy_tars(self) -> Path:
+        """Layers of lazy images that are not eStargz: fetched whole, kept as plain tars by blob digest."""
+        return self.root / "lazy" / "tars"

@@ -3,6 +3,7 @@ registries, and ``lamina mount HOST/REPO:TAG`` compared with podman's own mount 
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -19,10 +20,11 @@ from registry_server import FakeRegistry, run_registry
 from test_store_estargz import BIG, plain_tar, registry
 from test_store_interop import podman, run_podman
 
-from lamina.errors import FormatError
+from lamina.errors import FormatError, RegistryError
 from lamina.lazy import remote
 from lamina.lazy.remote import ChunkCache, ChunkUnavailable, RemoteLayer
 from lamina.lazy.tree import LazyTree
+from lamina.lazy.whole import WholeLayer
 from lamina.store.estargz import TOC_DIGEST_ANNOTATION, write_estargz
 from lamina.store.image_schema import Descriptor
 from lamina.store.registry import RegistryClient
@@ -188,6 +190,34 @@ def test_a_registry_without_ranges_is_refused_rather_than_downloaded(fake: FakeR
         open_layer(fake, descriptor, tmp_path).open_toc()
 
 
+def test_a_plain_layer_is_fetched_whole_verified_and_read_from_its_tar(fake: FakeRegistry, tmp_path: Path) -> None:
+    tar = plain_tar()
+    blob = gzip.compress(tar)
+    descriptor = Descriptor("application/vnd.oci.image.layer.v1.tar+gzip", fake.add_blob(blob), len(blob))
+    fake.blob_override[descriptor.digest] = gzip.compress(tar.replace(b"#!/bin/busybox sh", b"#!/bin/evil!!! sh"))
+    client = RegistryClient(fake.address, tls_verify=False, timeout=5)
+    with pytest.raises(RegistryError, match="refused"):
+        WholeLayer(client, REPO, descriptor, tmp_path / "tars").open_toc()
+    assert not list((tmp_path / "tars").iterdir())
+    del fake.blob_override[descriptor.digest]
+    layer = WholeLayer(RegistryClient(fake.address, tls_verify=False, timeout=5), REPO, descriptor, tmp_path / "tars")
+    tree = LazyTree([layer.open_toc()], [layer])
+    etc = tree.lookup(tree.lookup(1, "0").inode, "etc")
+    assert tree.read(tree.lookup(etc.inode, "big").inode, 1000, 50) == BIG[1000:1050]
+    assert tree.lookup(etc.inode, ".wh..wh..opq").attributes().size == 0
+    layer.close()
+
+
+def test_a_plain_layer_that_climbs_out_is_refused(fake: FakeRegistry, tmp_path: Path) -> None:
+    evil = tarfile.TarInfo("a/../../escape")
+    evil.size = 1
+    blob = gzip.compress(plain_tar([(evil, b"x")]))
+    descriptor = Descriptor("application/vnd.oci.image.layer.v1.tar+gzip", fake.add_blob(blob), len(blob))
+    layer = WholeLayer(RegistryClient(fake.address, tls_verify=False, timeout=5), REPO, descriptor, tmp_path / "tars")
+    with pytest.raises(FormatError, match="unusable name"):
+        layer.open_toc()
+
+
 # ----- through the kernel, against podman's mount of the same image -----
 
 
@@ -217,13 +247,17 @@ def range_gets(registry: object) -> int:
 
 @pytest.mark.root
 @pytest.mark.slow
+@pytest.mark.parametrize("estargz", [True, False], ids=["estargz", "gzip"])
 def test_lazy_mount_shows_what_podman_mounts(podman: object, registry: object, lamina_cmd: object,
-                                             tmp_path: Path) -> None:
+                                             tmp_path: Path, estargz: bool) -> None:
+    """eStargz layers are read by range (two per layer to mount, none to list); plain gzip layers
+    are fetched whole (no ranges); either way the tree is the one podman mounts after a pull."""
     from test_store_interop import lamina_image_with_two_layers
 
     lamina_image_with_two_layers(lamina_cmd, tmp_path)  # type: ignore[arg-type]
     remote_ref = f"{registry.address}/lazy/app:1"  # type: ignore[attr-defined]
-    lamina_cmd("push", "--tls-verify=false", "--compression-format", "estargz", "interop/app:1", remote_ref)  # type: ignore[operator]
+    push_format = ["--compression-format", "estargz"] if estargz else []
+    lamina_cmd("push", "--tls-verify=false", *push_format, "interop/app:1", remote_ref)  # type: ignore[operator]
     run_podman(podman, "pull", "--tls-verify=false", remote_ref)
     podman_root = Path(run_podman(podman, "image", "mount", remote_ref).stdout.decode().strip())
     other = tmp_path / "empty-store"
@@ -231,17 +265,23 @@ def test_lazy_mount_shows_what_podman_mounts(podman: object, registry: object, l
     mountpoint.mkdir()
     before = range_gets(registry)
     started = time.monotonic()
-    lamina_cmd("mount", remote_ref, str(mountpoint), root=other)  # type: ignore[operator]
+    trace = tmp_path / "trace"
+    lamina_cmd("mount", "--trace", str(trace), remote_ref, str(mountpoint), root=other)  # type: ignore[operator]
     ready = time.monotonic() - started
     try:
-        assert range_gets(registry) - before == 4  # a footer and a TOC per layer, nothing else
+        assert range_gets(registry) - before == (4 if estargz else 0)  # a footer and a TOC per layer
         listing = tree_of(mountpoint)
         # Listing and stat of every file fetched no contents; reading them (for digests) did.
         expected = tree_of(podman_root, skip=frozenset({"stargz.index.json", ".no.prefetch.landmark"}))
         assert listing == expected
         assert (mountpoint / "srv/hello").read_text() == "hello from lamina\n"
         assert not (mountpoint / "etc/group").exists()
-        assert range_gets(registry) - before > 4
+        narrated = trace.read_text()
+        if estargz:
+            assert range_gets(registry) - before > 4
+            assert "TOC" in narrated and " srv/hello bytes 0+18 " in narrated
+        else:
+            assert range_gets(registry) == before and narrated.count("not eStargz") == 2
     finally:
         lamina_cmd("umount", str(mountpoint), root=other)  # type: ignore[operator]
         run_podman(podman, "image", "unmount", remote_ref, check=False)

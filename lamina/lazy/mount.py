@@ -14,8 +14,9 @@ listings without fetching a byte of file contents. unionfs runs as the user here
 user namespace): the layer server reports the owners the TOCs give, which a user namespace would
 show as unmapped.
 
-Not yet: layers that are not eStargz (refused with a message naming the layer, rather than fetched
-whole), running a container from a lazy image, a background fill.
+A layer that is not eStargz is fetched whole before the mount is ready (:mod:`lamina.lazy.whole`):
+its listing needs all of it. Not yet: running a container from a lazy image, prefetching the
+prioritized files, a background fill into the store.
 """
 
 from __future__ import annotations
@@ -31,13 +32,11 @@ from pathlib import Path
 from lamina.errors import MountError, RegistryError, UsageError
 from lamina.inspector import mounts
 from lamina.layout import Layout
-from lamina.lazy.remote import has_toc
-from lamina.store.estargz import TOC_DIGEST_ANNOTATION
 from lamina.store.reference import Reference
 from lamina.store.registry import RegistryClient
 from lamina.store.registry_auth import lookup_credentials
 from lamina.store.registry_manifest import IMAGE_MANIFEST_TYPES, MAX_CONFIG_BYTES
-from lamina.store.transfer import api_host, default_tls_verify
+from lamina.store.transfer import LAYER_TYPES, api_host, default_tls_verify
 from unionfs.core.stack import LayerStack
 
 log = logging.getLogger(__name__)
@@ -72,14 +71,14 @@ def mount_lazy(layout: Layout, reference: str, mountpoint: Path | None, *, upto:
     if upto is not None and not 1 <= upto <= len(image.layers):
         raise UsageError(f"--upto {upto}: the image has layers 1..{len(image.layers)}")
     for index, layer in enumerate(layers):
-        if not has_toc(layer):
-            raise RegistryError(f"{ref}: layer {index + 1} ({layer.digest[7:19]}) is not eStargz (no "
-                                f"{TOC_DIGEST_ANNOTATION} annotation); pull the image instead")
+        if layer.media_type not in LAYER_TYPES or layer.urls:
+            raise RegistryError(f"{ref}: layer {index + 1} ({layer.digest[7:19]}) has unsupported media type "
+                                f"{layer.media_type or None!r}")
     lower_dir = layout.mounts / f"lazy-{os.urandom(6).hex()}"
     lower_mount = lower_dir / "layers"
     lower_mount.mkdir(parents=True, mode=0o700)
     spec = {"registry": ref.registry, "api_host": api_host(ref.registry), "tls_verify": verify,
-            "repository": ref.repository, "cache": str(layout.lazy_chunks),
+            "repository": ref.repository, "cache": str(layout.lazy_chunks), "tars": str(layout.lazy_tars),
             "trace": str(trace.absolute()) if trace else None,
             "layers": [{"mediaType": layer.media_type, "digest": layer.digest, "size": layer.size,
                         "annotations": layer.annotations} for layer in layers]}

@@ -16,8 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lamina.errors import LaminaError
-from lamina.lazy.remote import REQUEST_DEADLINE_S, ChunkCache, RemoteLayer
+from lamina.lazy.remote import REQUEST_DEADLINE_S, ChunkCache, RemoteLayer, has_toc
 from lamina.lazy.tree import LazyTree
+from lamina.lazy.whole import WholeLayer
 from lamina.store.image_schema import Descriptor
 from lamina.store.registry import RegistryClient
 from lamina.store.registry_auth import lookup_credentials
@@ -25,16 +26,20 @@ from lamina.store.registry_auth import lookup_credentials
 log = logging.getLogger(__name__)
 
 
-def open_layers(spec: dict, trace: Callable[[str], None] | None) -> list[RemoteLayer]:
-    """One RemoteLayer per descriptor, each with its own connection. The caller closes them."""
+def open_layers(spec: dict, trace: Callable[[str], None] | None) -> list[RemoteLayer | WholeLayer]:
+    """One layer reader per descriptor (eStargz by ranges, others whole), each with its own
+    connection. The caller closes them."""
     client = RegistryClient(spec["api_host"], tls_verify=spec["tls_verify"],
                             credentials=lookup_credentials(spec["registry"]), timeout=REQUEST_DEADLINE_S)
     cache = ChunkCache(Path(spec["cache"]))
-    layers = []
+    layers: list[RemoteLayer | WholeLayer] = []
     try:
         for index, raw in enumerate(spec["layers"]):
             descriptor = Descriptor.parse(raw, f"layer {index}")
-            layers.append(RemoteLayer(client.clone(), spec["repository"], descriptor, cache, trace))
+            if has_toc(descriptor):
+                layers.append(RemoteLayer(client.clone(), spec["repository"], descriptor, cache, trace))
+            else:
+                layers.append(WholeLayer(client.clone(), spec["repository"], descriptor, Path(spec["tars"]), trace))
     finally:
         client.close()
     return layers

@@ -451,6 +451,19 @@ def _entry(raw: dict[str, Any], where: str) -> Entry:
                  dev_minor=_int(raw, "devMinor", where), xattrs=xattrs)
 
 
+def entry_from_tar(info: tarfile.TarInfo) -> Entry:
+    """The TOC entry a tar header would get, as the reader parses it (one rule for both sides).
+
+    FormatError for a name that climbs out of the layer (``..``), LayerError for a type eStargz
+    has no name for.
+    """
+    name = clean_name(info.name)
+    entry = _entry(_toc_entry(info, name), name)
+    if ".." in entry.name.split("/"):
+        raise FormatError(f"layer entry {info.name!r}: unusable name")
+    return entry
+
+
 def _digest(raw: dict[str, Any], where: str) -> str:
     digest = _str(raw, "chunkDigest", where)
     if len(digest) != 71 or not digest.startswith("sha256:") or any(c not in "0123456789abcdef" for c in digest[7:]):
