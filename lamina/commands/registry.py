@@ -16,7 +16,6 @@ from typing import TextIO
 
 from lamina.application import open_store
 from lamina.errors import UsageError
-from lamina.store.estargz_push import open_estargz_image
 from lamina.store.reference import DEFAULT_REGISTRY, Reference
 from lamina.store.registry import RegistryClient
 from lamina.store.registry_auth import lookup_credentials, parse_creds, remove_credentials, store_credentials
@@ -58,6 +57,8 @@ def cmd_push(args: argparse.Namespace) -> int:
                 contextlib.ExitStack() as cleanup:
             converted = None
             if args.compression_format == "estargz":
+                from lamina.store.estargz_push import open_estargz_image  # only when asked: it is not small
+
                 converted = cleanup.enter_context(open_estargz_image(store, store.manifest_bytes(image), store.layout.tmp))
             digest, size = push_image(store, image, dest, client, progress, converted)
     if not args.quiet:

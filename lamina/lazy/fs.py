@@ -122,6 +122,10 @@ class LazyOperations(pyfuse3.Operations):
 
     @fuse_boundary
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if not self.tree.has_xattrs:
+            # ENOSYS: the kernel answers EOPNOTSUPP itself from now on, without asking us (unionfs
+            # asks every lower file for its overlay and owner xattrs: a round trip each otherwise).
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         value = self.tree.node(inode).entry.xattrs.get(os.fsdecode(name))
         if value is None:
             raise pyfuse3.FUSEError(errno.ENODATA)
@@ -129,6 +133,8 @@ class LazyOperations(pyfuse3.Operations):
 
     @fuse_boundary
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        if not self.tree.has_xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         return [os.fsencode(name) for name in self.tree.node(inode).entry.xattrs]
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:

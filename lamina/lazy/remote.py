@@ -186,10 +186,11 @@ class RemoteLayer:
                 compressed = self._range(chunk.offset, chunk.offset + compressed_bound(chunk))
                 data = decode_chunk(compressed, chunk, where)
             except FormatError as e:
-                log.warning("%s (attempt %d of 2)", e, attempt)
-                if attempt == 2:
-                    raise ChunkUnavailable(f"{where}: does not match its digest; not served") from None
-                continue
+                if attempt == 1:
+                    log.info("%s; fetching it again", e)
+                    continue
+                log.warning("%s (fetched twice): not served", e)
+                raise ChunkUnavailable(f"{where}: does not match its digest; not served") from None
             except RegistryError as e:
                 raise ChunkUnavailable(f"{where}: {e}") from None
             if self.trace:

@@ -60,7 +60,7 @@ def serve(spec: dict, mountpoint: Path) -> None:
     layers = open_layers(spec, trace if trace_file else None)
     try:
         tree = LazyTree([layer.open_toc() for layer in layers], layers)
-        pyfuse3.init(LazyOperations(tree), str(mountpoint), {"fsname=lamina-lazy", "subtype=lamina-lazy", "ro"})
+        pyfuse3.init(LazyOperations(tree), str(mountpoint), {"fsname=lamina-lazy", "subtype=lamina-lazy", "ro", "nodev", "nosuid"})
         try:
             async def run() -> None:
                 async with trio.open_nursery() as nursery:

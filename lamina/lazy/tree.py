@@ -91,6 +91,8 @@ class LazyTree:
             self.root.children[str(index)] = layer_root
             self._fill(layer_root, toc, index)
         self.root.nlink = 2 + len(tocs)
+        #: False when no file has an xattr: the adapter then tells the kernel so once, for good.
+        self.has_xattrs = any(node.entry.xattrs for node in self.nodes.values())
 
     def _next_inode(self) -> int:
         return ROOT_INODE + len(self.nodes)

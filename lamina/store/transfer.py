@@ -26,10 +26,9 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO, TypeVar
+from typing import TYPE_CHECKING, TextIO, TypeVar
 
 from lamina.errors import RegistryError, UsageError
-from lamina.store.estargz_push import ConvertedImage
 from lamina.store.image_schema import ImageManifest, config_diff_ids
 from lamina.store.layer_unpack import Limits
 from lamina.store.progress import ProgressBar
@@ -45,6 +44,9 @@ from lamina.store.registry_manifest import (
     parsed,
 )
 from lamina.store.store import Image, Store
+
+if TYPE_CHECKING:
+    from lamina.store.estargz_push import ConvertedImage
 
 log = logging.getLogger(__name__)
 
