@@ -11,6 +11,7 @@ import os
 import shutil
 import stat
 import tarfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -194,6 +195,32 @@ def test_a_registry_without_ranges_is_refused_rather_than_downloaded(fake: FakeR
         open_layer(fake, descriptor, tmp_path).open_toc()
 
 
+def test_prefetch_fetches_the_prioritized_files_and_nothing_else(fake: FakeRegistry, tmp_path: Path) -> None:
+    out = io.BytesIO()
+    blob = write_estargz(io.BytesIO(plain_tar()), out, chunk_size=256 * 1024, prioritized=["etc/big"])
+    fake.add_blob(out.getvalue())
+    descriptor = Descriptor("application/vnd.oci.image.layer.v1.tar+gzip", blob.digest, blob.size,
+                            annotations=blob.annotations())
+    layer = open_layer(fake, descriptor, tmp_path)
+    toc = layer.open_toc()
+    tree = LazyTree([toc], [layer])
+    assert layer.prefetch(toc, threading.Event()) > 0
+    assert all((tmp_path / "chunks" / c.digest[7:]).exists() for c in toc.chunks_of("etc/big"))
+    requests = layer.stats.requests
+    etc = tree.lookup(tree.lookup(1, "0").inode, "etc")
+    assert tree.read(tree.lookup(etc.inode, "big").inode, 0, len(BIG)) == BIG
+    assert layer.stats.requests == requests
+    sh = toc.chunks_of("bin/sh")[0]
+    assert not (tmp_path / "chunks" / sh.digest[7:]).exists()
+    stop = threading.Event()
+    stop.set()
+    assert open_layer(fake, descriptor, tmp_path / "other").prefetch(toc, stop) == 0
+    unprioritized, unprioritized_blob = estargz_blob()
+    fake.add_blob(unprioritized)
+    plain_layer = open_layer(fake, unprioritized_blob, tmp_path / "third")
+    assert plain_layer.prefetch(plain_layer.open_toc(), threading.Event()) == 0
+
+
 def test_a_plain_layer_is_fetched_whole_verified_and_read_from_its_tar(fake: FakeRegistry, tmp_path: Path) -> None:
     tar = plain_tar()
     blob = gzip.compress(tar)
@@ -338,3 +365,26 @@ def test_lazy_mount_as_an_unprivileged_user(unpriv: object, registry: object, la
         done = user.lamina("umount", str(mountpoint))  # type: ignore[attr-defined]
     assert done.returncode == 0, done.stderr
     assert "lamina-lazy" not in Path("/proc/self/mountinfo").read_text()
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_lazy_mount_prefetches_what_push_prioritized(registry: object, lamina_cmd: object, tmp_path: Path) -> None:
+    remote_ref = f"{registry.address}/lazy/bb:prefetch"  # type: ignore[attr-defined]
+    lamina_cmd("push", "--tls-verify=false", "--compression-format", "estargz",  # type: ignore[operator]
+               "--estargz-prioritize", "/bin/busybox", "lamina/busybox", remote_ref)
+    mountpoint, trace = tmp_path / "mnt", tmp_path / "trace"
+    mountpoint.mkdir()
+    other = tmp_path / "empty-store"
+    lamina_cmd("mount", "--trace", str(trace), remote_ref, str(mountpoint), root=other)  # type: ignore[operator]
+    try:
+        deadline = time.monotonic() + 30
+        while "prefetch layer" not in trace.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "prefetch layer" in trace.read_text()
+        before = range_gets(registry)
+        assert hashlib.sha256((mountpoint / "bin/busybox").read_bytes()).digest() == \
+            hashlib.sha256(Path("/bin/busybox").read_bytes()).digest()
+        assert range_gets(registry) == before  # already there
+    finally:
+        lamina_cmd("umount", str(mountpoint), root=other)  # type: ignore[operator]

@@ -14,9 +14,10 @@ listings without fetching a byte of file contents. unionfs runs as the user here
 user namespace): the layer server reports the owners the TOCs give, which a user namespace would
 show as unmapped.
 
-A layer that is not eStargz is fetched whole before the mount is ready (:mod:`lamina.lazy.whole`):
-its listing needs all of it. Not yet: running a container from a lazy image, prefetching the
-prioritized files, a background fill into the store.
+The files an eStargz layer puts before its prefetch landmark (``push --estargz-prioritize``) are
+fetched in the background as soon as the mount is up. A layer that is not eStargz is fetched whole
+before the mount is ready (:mod:`lamina.lazy.whole`): its listing needs all of it. Not yet: running
+a container from a lazy image, a background fill that makes it an ordinary image of the store.
 """
 
 from __future__ import annotations

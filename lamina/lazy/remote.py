@@ -33,6 +33,7 @@ from lamina.errors import FormatError, LaminaError, RegistryError
 from lamina.store.estargz import (
     FOOTER_SIZE,
     MAX_TOC_BYTES,
+    PREFETCH_LANDMARK,
     TOC_DIGEST_ANNOTATION,
     Chunk,
     Toc,
@@ -145,8 +146,8 @@ class RemoteLayer:
         with self._lock:
             data = self.client.fetch_blob_range(self.repository, self.descriptor.digest, start, end,
                                                 deadline=time.monotonic() + REQUEST_DEADLINE_S)
-        self.stats.requests += 1
-        self.stats.bytes += len(data)
+            self.stats.requests += 1
+            self.stats.bytes += len(data)
         return data
 
     def open_toc(self) -> Toc:
@@ -162,6 +163,31 @@ class RemoteLayer:
         if self.trace:
             self.trace(f"layer {self.label}: TOC {len(member)} bytes, {len(toc.entries)} entries")
         return toc
+
+    def prefetch(self, toc: Toc, stop: threading.Event) -> int:
+        """Fetch into the cache every chunk of the files before the prefetch landmark (the ones the
+        image's author marked as read first); returns how many bytes that took from the registry.
+
+        Stops early when ``stop`` is set or a chunk cannot be had (the reader will try again and
+        get the error then, not now).
+        """
+        if PREFETCH_LANDMARK not in toc.entries:
+            return 0
+        before = self.stats.bytes
+        for name, entry in toc.entries.items():
+            if name == PREFETCH_LANDMARK:
+                break
+            for chunk in entry.chunks if entry.type == "reg" else []:
+                if stop.is_set():
+                    return self.stats.bytes - before
+                try:
+                    self._whole_chunk(chunk, name)
+                except ChunkUnavailable as e:
+                    log.info("prefetch of layer %s stopped: %s", self.label, e)
+                    return self.stats.bytes - before
+        if self.trace:
+            self.trace(f"prefetch layer {self.label}: {self.stats.bytes - before} bytes")
+        return self.stats.bytes - before
 
     def read_chunk(self, chunk: Chunk, name: str, start: int = 0, end: int | None = None) -> bytes:
         """Bytes ``[start, end)`` of the chunk, verified: from the cache, else from the registry

@@ -12,6 +12,7 @@ import json
 import logging
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from lamina.errors import LaminaError
 from lamina.lazy.remote import REQUEST_DEADLINE_S, ChunkCache, RemoteLayer, has_toc
 from lamina.lazy.tree import LazyTree
 from lamina.lazy.whole import WholeLayer
+from lamina.store.estargz import Toc
 from lamina.store.image_schema import Descriptor
 from lamina.store.registry import RegistryClient
 from lamina.store.registry_auth import lookup_credentials
@@ -45,6 +47,19 @@ def open_layers(spec: dict, trace: Callable[[str], None] | None) -> list[RemoteL
     return layers
 
 
+def start_prefetch(layers: list[RemoteLayer | WholeLayer], tocs: list[Toc], stop: threading.Event) -> None:
+    """Fetch the prioritized files of every eStargz layer in the background, once the mount is up.
+
+    A daemon thread: the server does not wait for it at exit (``stop`` ends it between chunks).
+    """
+    def run() -> None:
+        for layer, toc in zip(layers, tocs, strict=True):
+            if isinstance(layer, RemoteLayer):
+                layer.prefetch(toc, stop)
+
+    threading.Thread(target=run, name="prefetch", daemon=True).start()
+
+
 def serve(spec: dict, mountpoint: Path) -> None:
     import pyfuse3
     import trio
@@ -58,8 +73,10 @@ def serve(spec: dict, mountpoint: Path) -> None:
             trace_file.write(line + "\n")
 
     layers = open_layers(spec, trace if trace_file else None)
+    stop_prefetch = threading.Event()
     try:
-        tree = LazyTree([layer.open_toc() for layer in layers], layers)
+        tocs = [layer.open_toc() for layer in layers]
+        tree = LazyTree(tocs, layers)
         pyfuse3.init(LazyOperations(tree), str(mountpoint), {"fsname=lamina-lazy", "subtype=lamina-lazy", "ro", "nodev", "nosuid"})
         try:
             async def run() -> None:
@@ -71,6 +88,7 @@ def serve(spec: dict, mountpoint: Path) -> None:
                                 return
 
                     nursery.start_soon(watch_signals)
+                    start_prefetch(layers, tocs, stop_prefetch)
                     await pyfuse3.main(min_tasks=2, max_tasks=8)
                     nursery.cancel_scope.cancel()
 
@@ -78,6 +96,7 @@ def serve(spec: dict, mountpoint: Path) -> None:
         finally:
             pyfuse3.close(unmount=True)
     finally:
+        stop_prefetch.set()
         for layer in layers:
             log.info("layer %s: %d requests, %d bytes fetched, %d chunks from the cache", layer.label,
                      layer.stats.requests, layer.stats.bytes, layer.stats.cached)
