@@ -186,6 +186,8 @@ def test_a_chunk_that_does_not_match_its_digest_is_refused() -> None:
     lambda e: e.update(chunkOffset=5),
     lambda e: e.update(chunkSize=e["size"] * 2),
     lambda e: e.update(name="../escape"),
+    lambda e: e.update(name="bin/./../../escape"),
+    lambda e: e.update(name="bin/nul\0name"),
     lambda e: e.update(type="socket"),
     lambda e: e.update(chunkDigest="md5:00"),
     lambda e: e.update(mode=-1),
@@ -294,3 +296,22 @@ def test_podman_pulls_and_runs_an_image_lamina_pushed_as_estargz(podman: object,
     # lamina pulls it back (its config's diff_ids are the eStargz tars').
     pulled = lamina_cmd("pull", "--tls-verify=false", "-q", remote, root=tmp_path / "other")  # type: ignore[operator]
     assert pulled.returncode == 0
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT], ids=["gnu", "pax"])
+def test_long_names_keep_their_extended_headers(tar_format: int) -> None:
+    """Headers are copied byte for byte, GNU long-name and PAX records included."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tar_format) as tar:
+        info = tarfile.TarInfo("d/" + "x" * 150)
+        info.size = 5
+        tar.addfile(info, io.BytesIO(b"hello"))
+        link = tarfile.TarInfo("d/" + "l" * 120)
+        link.type, link.linkname = tarfile.SYMTYPE, "y" * 130
+        tar.addfile(link)
+    blob, result = convert(raw.getvalue())
+    assert tar_listing(gzip.decompress(blob))[1:-1] == tar_listing(raw.getvalue())
+    _, toc = read_toc(blob, result.toc_digest)
+    assert toc.entries["d/" + "l" * 120].link_name == "y" * 130  # type: ignore[attr-defined]
+    chunk = toc.chunks_of("d/" + "x" * 150)[0]  # type: ignore[attr-defined]
+    assert decode_chunk(blob[chunk.offset:chunk.offset + compressed_bound(chunk)], chunk, "x") == b"hello"

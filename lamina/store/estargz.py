@@ -70,11 +70,19 @@ TOC_TYPES = frozenset({"reg", "dir", "symlink", "hardlink", "char", "block", "fi
 
 
 def clean_name(name: str) -> str:
-    """A tar or TOC entry name as a path relative to the root, without ``./`` or slashes at the ends."""
-    name = name.strip("/")
-    while name.startswith("./"):
-        name = name[2:].lstrip("/")
-    return "" if name == "." else name
+    """A tar or TOC entry name as a path relative to the root: no empty or ``.`` components.
+
+    ``..`` components are kept, for the callers to refuse (:func:`usable_name`).
+    """
+    return "/".join(part for part in name.split("/") if part not in ("", "."))
+
+
+def usable_name(raw: str, where: str) -> str:
+    """``clean_name(raw)``, or FormatError for a name that climbs out (``..``) or holds a NUL."""
+    name = clean_name(raw)
+    if ".." in name.split("/") or "\0" in name:
+        raise FormatError(f"{where}: unusable name {raw!r}")
+    return name
 
 
 # ----- writing -----
@@ -444,7 +452,7 @@ def _entry(raw: dict[str, Any], where: str) -> Entry:
         xattrs = {str(k): base64.b64decode(v, validate=True) for k, v in xattrs_raw.items()}
     except (ValueError, TypeError):
         raise FormatError(f"eStargz TOC: {where}: an xattr value is not base64") from None
-    return Entry(name=clean_name(_str(raw, "name", where, None)), type=kind,
+    return Entry(name=usable_name(_str(raw, "name", where, None), f"eStargz TOC: {where}"), type=kind,
                  mode=_int(raw, "mode", where) & 0o7777, uid=_int(raw, "uid", where), gid=_int(raw, "gid", where),
                  size=_int(raw, "size", where), link_name=_str(raw, "linkName", where),
                  mtime=_parse_mtime(_str(raw, "modtime", where)), dev_major=_int(raw, "devMajor", where),
@@ -457,11 +465,7 @@ def entry_from_tar(info: tarfile.TarInfo) -> Entry:
     FormatError for a name that climbs out of the layer (``..``), LayerError for a type eStargz
     has no name for.
     """
-    name = clean_name(info.name)
-    entry = _entry(_toc_entry(info, name), name)
-    if ".." in entry.name.split("/"):
-        raise FormatError(f"layer entry {info.name!r}: unusable name")
-    return entry
+    return _entry(_toc_entry(info, usable_name(info.name, "layer entry")), info.name)
 
 
 def _digest(raw: dict[str, Any], where: str) -> str:
@@ -507,7 +511,7 @@ def _collect(raws: Iterable[object], toc_offset: int) -> dict[str, Entry]:
                 raise FormatError(f"eStargz TOC: {where}: a chunk that follows no regular file")
         else:
             current = _entry(raw, where)
-            if ".." in current.name.split("/") or current.name in ("", TOC_NAME):
+            if current.name in ("", TOC_NAME):
                 if current.name == "" and current.type == "dir":
                     continue
                 raise FormatError(f"eStargz TOC: {where}: unusable name {current.name!r}")
