@@ -13,6 +13,7 @@ its own; no other module joins names onto a root. The tree::
     build-cache/        the builder's step cache and RUN --mount=type=cache directories
     mounts/             the inspector's `lamina mount` records and mount points
     registry/           the registry client's notes (where blobs were seen)
+    lazy/               lazily read images: verified eStargz chunks, whole layers (:mod:`lamina.lazy`)
 
 Making a layout touches nothing on disk (:meth:`lamina.store.Store.open` creates the
 directories, private to their owner, see :mod:`lamina.store.private`).
@@ -47,7 +48,7 @@ class Layout:
 
     # Directories that hold content, created private (0700) with the store.
     CONTENT_DIRS = ("blobs", "blobs/sha256", "layers", "images", "tmp", "containers", "mounts", "build-cache",
-                    "volumes")
+                    "volumes", "lazy")
     # Everything lamina keeps directly in a root.
     ENTRIES = frozenset({*CONTENT_DIRS, "lock", "tags.lock", "registry"})
     # Directories of these hold one object each (a layer, a container, a mount, a volume).
@@ -117,3 +118,14 @@ class Layout:
     @property
     def blob_locations(self) -> Path:
         return self.root / "registry" / "blob-locations.json"
+
+    # --- lazy images -----------------------------------------------------------------------------
+
+    @property
+    def lazy_chunks(self) -> Path:
+        return self.root / "lazy" / "chunks"
+
+    @property
+    def lazy_tars(self) -> Path:
+        """Layers of lazy images that are not eStargz: fetched whole, kept as plain tars by blob digest."""
+        return self.root / "lazy" / "tars"

@@ -441,7 +441,7 @@ class FakeRegistry:
     (``failure="503"``) or by closing the connection half way (``failure="truncate"``). ``blob_delay``
     holds every blob GET that long; ``max_in_flight`` is the most blob GETs ever served at once.
     ``trickle=S`` sends every blob body one byte every S seconds (a registry too slow to wait for).
-    ``Range: bytes=N-`` is honoured (206) unless ``ranges`` is False; ``range_requests`` records them. With ``bearer`` set, every ``/v2/`` request needs a
+    ``Range: bytes=N-`` and ``bytes=N-M`` are honoured (206) unless ``ranges`` is False; ``range_requests`` records them. With ``bearer`` set, every ``/v2/`` request needs a
     token from the token server (which wants basic credentials ``token_user:token_password`` if set).
     """
 
@@ -640,11 +640,12 @@ class _FakeRegistryHandler(http.server.BaseHTTPRequestHandler):
         if not wanted:
             return False
         self.fake.range_requests.append(wanted)
-        m = re.fullmatch(r"bytes=(\d+)-", wanted)
+        m = re.fullmatch(r"bytes=(\d+)-(\d*)", wanted)
         if not (self.fake.ranges and m and int(m.group(1)) < len(data)):
             return False
         start = int(m.group(1))
-        self._send(206, data[start:], {"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"})
+        end = min(int(m.group(2)) + 1, len(data)) if m.group(2) else len(data)
+        self._send(206, data[start:end], {"Content-Range": f"bytes {start}-{end - 1}/{len(data)}"})
         return True
 
     def _trickle_blob(self, data: bytes, interval: float) -> None:

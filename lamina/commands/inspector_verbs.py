@@ -318,10 +318,39 @@ def cmd_mount(args: argparse.Namespace) -> int:
             raise UsageError("mount: --rw, --upto, --trace, --allow-other and DIR need an IMAGE or CONTAINER")
         _list_mounts(args.layout)
         return 0
+    if _names_a_remote_image(args.layout, args.target):
+        return _mount_lazy(args)
     request = _mount_request(args)
     request.trace = args.trace.absolute() if args.trace else None
     request.allow_other = args.allow_other
     state = mounts.mount_image_stack(args.layout, request, args.directory)
+    print(state.mountpoint)
+    return 0
+
+
+def _names_a_remote_image(layout: Layout, target: str) -> bool:
+    """A ``HOST/REPO[:TAG]`` that is neither an image in the store nor a container."""
+    from lamina.lazy.mount import is_registry_reference
+
+    if not is_registry_reference(target):
+        return False
+    try:
+        _resolve(layout, target)
+    except NotFoundError:
+        return True
+    return False
+
+
+def _mount_lazy(args: argparse.Namespace) -> int:
+    """Mount an image from its registry without pulling it (see :mod:`lamina.lazy.mount`)."""
+    from lamina.lazy.mount import mount_lazy
+
+    if args.rw:
+        raise UsageError("mount: --rw is not supported for an image mounted from a registry")
+    if args.upto and not args.upto.isdigit():
+        raise UsageError(f"--upto {args.upto}: give a layer number for an image mounted from a registry")
+    state = mount_lazy(args.layout, args.target, args.directory, upto=int(args.upto) if args.upto else None,
+                       trace=args.trace, allow_other=args.allow_other)
     print(state.mountpoint)
     return 0
 

@@ -7,6 +7,7 @@ The work is :mod:`lamina.store.transfer` (pull, push) and :mod:`lamina.store.reg
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import logging
 import sys
@@ -39,6 +40,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 def cmd_push(args: argparse.Namespace) -> int:
     store = open_store(args.layout)
+    if args.estargz_prioritize and args.compression_format != "estargz":
+        raise UsageError("push: --estargz-prioritize needs --compression-format estargz")
     source = strip_transport(args.source)
     destination = strip_transport(args.destination) if args.destination else None
     # Held while blobs are read, so that a concurrent prune cannot remove them under us.
@@ -52,8 +55,15 @@ def cmd_push(args: argparse.Namespace) -> int:
         progress = Progress(_progress_stream(args.quiet))
         credentials = parse_creds(args.creds) if args.creds else lookup_credentials(dest.registry)
         with RegistryClient(api_host(dest.registry), tls_verify=default_tls_verify(dest.registry, args.tls_verify),
-                            credentials=credentials, cert_dir=args.cert_dir) as client:
-            digest, size = push_image(store, image, dest, client, progress)
+                            credentials=credentials, cert_dir=args.cert_dir) as client, \
+                contextlib.ExitStack() as cleanup:
+            converted = None
+            if args.compression_format == "estargz":
+                from lamina.store.estargz_push import open_estargz_image  # only when asked: it is not small
+
+                converted = cleanup.enter_context(open_estargz_image(store, store.manifest_bytes(image), store.layout.tmp,
+                                                                     prioritized=args.estargz_prioritize))
+            digest, size = push_image(store, image, dest, client, progress, converted)
     if not args.quiet:
         print(f"{dest.tag}: digest: {digest} size: {size}")
     return 0
@@ -145,6 +155,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     push.add_argument("source", metavar="IMAGE", help="image in the store (name or ID)")
     push.add_argument("destination", metavar="DEST", nargs="?", help="[HOST[:PORT]/]NAME[:TAG] (default IMAGE)")
     _add_transfer_options(push, quiet_help="no progress and no digest line")
+    push.add_argument("--compression-format", choices=["estargz"], default=None,
+                      help="estargz: push the layers as eStargz (gzip that can be read lazily, "
+                           "with a new config for their new diff_ids); default: as stored")
+    push.add_argument("--estargz-prioritize", action="append", default=[], metavar="PATH",
+                      help="with estargz: put PATH first in its layer, before the prefetch landmark, "
+                           "so that lazy mounts fetch it at once (repeatable)")
     push.set_defaults(handler=cmd_push)
 
     login = subparsers.add_parser("login", help="store credentials for a registry",

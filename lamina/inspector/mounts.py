@@ -70,6 +70,8 @@ class MountState:
     scratch: str | None           # directory holding a --rw scratch upper/work, removed at umount
     own_mountpoint: bool          # the mount point was created by us and is removed at umount
     log: str
+    lower_pid: int | None = None          # a server the lowers live on (lazy layers), stopped after the union
+    lower_mountpoint: str | None = None   # its mount point, whose directory goes at umount
 
     def save(self, state_dir: Path) -> None:
         tmp = state_dir / (STATE_FILE + ".tmp")
@@ -91,6 +93,8 @@ class StackRequest:
     scratch_rw: bool = False      # create a throwaway upper for --rw
     trace: Path | None = None     # unionfs --trace file: one line per copy-up, whiteout, opaque, redirect
     allow_other: bool = False     # --allow-other: other users may enter (never the default)
+    userns: bool = True           # serve a read-only mount from lamina's user namespace when it has one
+    lower_server: tuple[int, str] | None = None  # (pid, mount point) of the lowers' own server, if any
 
 
 class MountRecords:
@@ -202,7 +206,7 @@ def _mount(state_dir: Path, mount_id: str, request: StackRequest, mountpoint: Pa
     # Read-only mounts are served from lamina's user namespace (so subordinate-owned files are
     # readable); writable ones are not: the kernel reports a caller's host uid, which the server
     # would record as an unmapped id inside the namespace on every file it creates.
-    if upper is None and userns_server.wants_userns():
+    if upper is None and request.userns and userns_server.wants_userns():
         pid = userns_server.start_userns_server(argv_for, mountpoint, log_path, READY_TIMEOUT_S)
     else:
         pid = _start_server(argv_for(mountpoint), mountpoint, log_path)
@@ -211,7 +215,8 @@ def _mount(state_dir: Path, mount_id: str, request: StackRequest, mountpoint: Pa
                        image_id=request.image_id, container_id=request.container_id,
                        layers=request.layers, writable=upper is not None,
                        scratch=str(scratch) if scratch else None, own_mountpoint=own_mountpoint,
-                       log=str(log_path))
+                       log=str(log_path), lower_pid=request.lower_server[0] if request.lower_server else None,
+                       lower_mountpoint=request.lower_server[1] if request.lower_server else None)
     state.save(state_dir)
     return state
 
@@ -335,6 +340,9 @@ def unmount(layout: Layout, directory: Path, lazy: bool = False) -> MountState:
         log.info("%s was no longer mounted; removing its record", state.mountpoint)
     if not lazy:
         _wait_exit(state.pid)
+        if state.lower_pid and state.lower_mountpoint:
+            _stop_server(state.lower_pid, state.lower_mountpoint)
+            shutil.rmtree(Path(state.lower_mountpoint).parent, ignore_errors=True)
     # A lazily detached mount stays usable by the processes inside it; the kernel tells the server
     # to exit when the last of them lets go, so it is not killed here.
     # The scratch upper and a mount point we made live in the state directory: all of it goes.

@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import secrets
+import time
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
@@ -245,6 +246,61 @@ class RegistryClient(RegistrySession):
             path.unlink(missing_ok=True)
             self.close()  # the response may be half read
             raise
+        finally:
+            response.close()
+
+    def fetch_blob_range(self, repository: str, digest: str, start: int, end: int, *, deadline: float) -> bytes:
+        """Bytes ``[start, end)`` of a blob (an HTTP ``Range`` request), all read by ``deadline``
+        (a ``time.monotonic()`` value). The caller verifies them: a range has no digest of its own.
+
+        Error handling: RegistryError when the registry does not answer with exactly that range
+        (no 206, another Content-Range, fewer bytes); TransientRegistryError when the deadline passes.
+        """
+        _check_repository(repository)
+        check_digest(digest)
+        if not 0 <= start < end:
+            raise ValueError(f"empty or negative range {start}-{end}")
+        what = f"GET blob {digest[7:19]} bytes {start}-{end - 1}"
+        response = self._request("GET", f"/v2/{repository}/blobs/{digest}", scope=f"repository:{repository}:pull",
+                                 headers={"Range": f"bytes={start}-{end - 1}"})
+        try:
+            if response.status != 206:
+                if response.status == 200:
+                    self.close()  # the whole blob is coming: drop it rather than read it
+                    raise RegistryError(f"{what}: registry {self.registry} does not serve ranges")
+                raise self._fail(what, response)
+            content_range = response.getheader("Content-Range") or ""
+            if not content_range.startswith(f"bytes {start}-{end - 1}/"):
+                self.close()
+                raise RegistryError(f"{what}: registry answered range {content_range!r}")
+            chunks: list[bytes] = []
+            received = 0
+            while received < end - start:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.close()
+                    raise TransientRegistryError(f"{what}: no answer within the deadline")
+                if self._conn is not None and self._conn.sock is not None:
+                    self._conn.sock.settimeout(left)
+                try:
+                    chunk = response.read1(min(READ_SIZE, end - start - received))
+                except TimeoutError:
+                    self.close()
+                    raise TransientRegistryError(f"{what}: no answer within the deadline") from None
+                except (OSError, http.client.HTTPException) as e:
+                    self.close()
+                    raise TransientRegistryError(f"{what}: {e}") from None
+                if not chunk:
+                    self.close()
+                    raise TransientRegistryError(f"{what}: connection closed after {received} bytes")
+                chunks.append(chunk)
+                received += len(chunk)
+            if response.length:
+                self.close()  # more body than the range: do not read it
+            elif self._conn is not None and self._conn.sock is not None:
+                self._conn.sock.settimeout(self.timeout)
+                response.read()
+            return b"".join(chunks)
         finally:
             response.close()
 

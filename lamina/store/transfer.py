@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO, TypeVar
+from typing import TYPE_CHECKING, TextIO, TypeVar
 
 from lamina.errors import RegistryError, UsageError
 from lamina.store.image_schema import ImageManifest, config_diff_ids
@@ -44,6 +44,9 @@ from lamina.store.registry_manifest import (
     parsed,
 )
 from lamina.store.store import Image, Store
+
+if TYPE_CHECKING:
+    from lamina.store.estargz_push import ConvertedImage
 
 log = logging.getLogger(__name__)
 
@@ -328,12 +331,16 @@ def pull(store: Store, reference: str, *, tls_verify: bool | None = None,
 # ----- push -----
 
 
-def push_image(store: Store, image: Image, dest: Reference, client: RegistryClient, progress: Progress) -> tuple[str, int]:
+def push_image(store: Store, image: Image, dest: Reference, client: RegistryClient, progress: Progress,
+               converted: ConvertedImage | None = None) -> tuple[str, int]:
     """Upload ``image`` to ``dest`` (only the blobs the registry lacks), manifest last.
 
-    Returns the manifest's digest and size.
+    With ``converted`` (e.g. from :func:`~lamina.store.estargz_push.open_estargz_image`), its
+    manifest and blob files go up instead of the stored ones. Returns the manifest's digest and size.
     """
-    manifest_bytes, media_type = _stored_manifest(store, image)
+    manifest_bytes, media_type = _stored_manifest(store, image) if converted is None else \
+        (converted.manifest, converted.media_type)
+    blob_path = store.blob_path if converted is None else converted.blob_path
     if media_type not in (OCI_MANIFEST, DOCKER_MANIFEST):
         raise RegistryError(f"cannot push a manifest of type {media_type}")
     stored = parsed(ImageManifest.parse, manifest_bytes, f"the manifest of image {image.id[:12]}")
@@ -344,7 +351,7 @@ def push_image(store: Store, image: Image, dest: Reference, client: RegistryClie
     missing: dict[str, tuple[str, int]] = {}
     for digest, kind in blobs:
         label = f"Copying {kind} {digest[7:19]}"
-        path = store.blob_path(digest)
+        path = blob_path(digest)
         if not path.is_file():
             raise RegistryError(f"the store lacks blob {digest} of image {image.id[:12]} "
                                 "(run `lamina system check`)")
@@ -355,7 +362,7 @@ def push_image(store: Store, image: Image, dest: Reference, client: RegistryClie
 
     def upload(own: RegistryClient, digest: str, size: int, report: Callable[[int], None]) -> None:
         mount_from = next((r for r in locations.repositories(dest.registry, digest) if r != repository), None)
-        own.upload_blob(repository, digest, store.blob_path(digest), mount_from=mount_from, progress=report)
+        own.upload_blob(repository, digest, blob_path(digest), mount_from=mount_from, progress=report)
 
     transfer_blobs(client, missing, upload, progress, [])
     progress.line("Writing manifest to image destination")

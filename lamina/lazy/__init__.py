@@ -1,0 +1,1 @@
+"""Lazy images: an image in a registry mounted without pulling it (eStargz layers read on demand)."""

@@ -1,0 +1,119 @@
+"""``lamina mount REGISTRY/REPO:TAG [DIR]``: an image mounted straight from its registry, read lazily.
+
+Two servers, as stargz-snapshotter stacks overlayfs on its per-layer FUSE mounts:
+
+1. the lazy layers (:mod:`lamina.lazy.serve`, in ``ROOT/mounts/lazy-ID/layers``): one directory per
+   eStargz layer, built from its verified TOC, contents fetched by range on first read, verified
+   chunk by chunk and cached in ``ROOT/lazy/chunks``;
+2. unionfs over those directories as its lower layers, exactly as it merges the store's unpacked
+   layers (whiteouts, opaque directories), recorded and unmounted as any ``lamina mount``.
+
+The manifest and config are fetched and verified here first, as a pull does; the layer server
+fetches and verifies every TOC before its mount appears, so a mount that is up answers lookups and
+listings without fetching a byte of file contents. unionfs runs as the user here (not in lamina's
+user namespace): the layer server reports the owners the TOCs give, which a user namespace would
+show as unmapped.
+
+The files an eStargz layer puts before its prefetch landmark (``push --estargz-prioritize``) are
+fetched in the background as soon as the mount is up. A layer that is not eStargz is fetched whole
+before the mount is ready (:mod:`lamina.lazy.whole`): its listing needs all of it. Not yet: running
+a container from a lazy image, a background fill that makes it an ordinary image of the store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from lamina.errors import MountError, RegistryError, UsageError
+from lamina.inspector import mounts
+from lamina.layout import Layout
+from lamina.store.reference import Reference
+from lamina.store.registry import RegistryClient
+from lamina.store.registry_auth import lookup_credentials
+from lamina.store.registry_manifest import IMAGE_MANIFEST_TYPES, MAX_CONFIG_BYTES
+from lamina.store.transfer import LAYER_TYPES, api_host, default_tls_verify
+from unionfs.core.stack import LayerStack
+
+log = logging.getLogger(__name__)
+
+
+def is_registry_reference(text: str) -> bool:
+    """True when ``text`` names a registry host explicitly (``HOST[:PORT]/REPO...``)."""
+    first = text.split("/", 1)[0]
+    return "/" in text and ("." in first or ":" in first or first == "localhost")
+
+
+def mount_lazy(layout: Layout, reference: str, mountpoint: Path | None, *, upto: int | None = None,
+               trace: Path | None = None, allow_other: bool = False,
+               tls_verify: bool | None = None) -> mounts.MountState:
+    """Mount ``reference`` lazily; returns the mount's record (as :func:`mounts.mount_image_stack`).
+
+    Error handling: RegistryError (manifest, config or a TOC unavailable or not verified, a layer
+    that is not eStargz), MountError, UsageError; then nothing is left mounted, running or recorded.
+    """
+    ref = Reference.parse(reference)
+    verify = default_tls_verify(ref.registry, tls_verify)
+    with RegistryClient(api_host(ref.registry), tls_verify=verify,
+                        credentials=lookup_credentials(ref.registry)) as client:
+        manifest, _index = client.get_image_manifest(ref.repository, ref.digest or ref.tag or "latest")
+        if manifest.media_type not in IMAGE_MANIFEST_TYPES:
+            raise RegistryError(f"{ref}: unsupported manifest type {manifest.media_type}")
+        image = manifest.image()
+        # Fetched (and verified) only to check it: the image ID is its digest.
+        client.fetch_small_blob(ref.repository, image.config.digest, layout.tmp,
+                                size=image.config.size, max_size=MAX_CONFIG_BYTES)
+    layers = image.layers if upto is None else image.layers[:upto]
+    if upto is not None and not 1 <= upto <= len(image.layers):
+        raise UsageError(f"--upto {upto}: the image has layers 1..{len(image.layers)}")
+    for index, layer in enumerate(layers):
+        if layer.media_type not in LAYER_TYPES or layer.urls:
+            raise RegistryError(f"{ref}: layer {index + 1} ({layer.digest[7:19]}) has unsupported media type "
+                                f"{layer.media_type or None!r}")
+    lower_dir = layout.mounts / f"lazy-{os.urandom(6).hex()}"
+    lower_mount = lower_dir / "layers"
+    lower_mount.mkdir(parents=True, mode=0o700)
+    spec = {"registry": ref.registry, "api_host": api_host(ref.registry), "tls_verify": verify,
+            "repository": ref.repository, "cache": str(layout.lazy_chunks), "tars": str(layout.lazy_tars),
+            "trace": str(trace.absolute()) if trace else None,
+            "layers": [{"mediaType": layer.media_type, "digest": layer.digest, "size": layer.size,
+                        "annotations": layer.annotations} for layer in layers]}
+    (lower_dir / "spec.json").write_text(json.dumps(spec))
+    pid = None
+    try:
+        argv = [sys.executable, "-m", "lamina.lazy.serve", str(lower_dir / "spec.json"), str(lower_mount)]
+        pid = _start_layer_server(argv, lower_mount, lower_dir / "server.log")
+        request = mounts.StackRequest(
+            lowers=LayerStack.from_bottom_up(lower_mount / str(i) for i in range(len(layers))),
+            upper=None, work=None, source=reference, image_id=image.config.digest.removeprefix("sha256:"),
+            container_id=None, layers=len(layers), trace=trace.absolute() if trace else None,
+            allow_other=allow_other, userns=False, lower_server=(pid, str(lower_mount)))
+        state = mounts.mount_image_stack(layout, request, mountpoint)
+    except BaseException:
+        if pid is not None:
+            mounts._stop_server(pid, lower_mount)
+        shutil.rmtree(lower_dir, ignore_errors=True)
+        raise
+    log.debug("lazy mount %s", asdict(state))
+    return state
+
+
+def _start_layer_server(argv: list[str], mountpoint: Path, log_path: Path) -> int:
+    """Start the lazy layer server; its one-line error (a TOC that does not verify...) if it fails."""
+    try:
+        return mounts._start_server(argv, mountpoint, log_path)
+    except MountError as e:
+        try:
+            lines = log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            lines = []
+        reason = next((line.removeprefix("lamina-lazy: ") for line in reversed(lines)
+                       if line.startswith("lamina-lazy: ")), None)
+        if reason is None:
+            raise
+        raise RegistryError(reason) from e

@@ -1,0 +1,123 @@
+"""``python -m lamina.lazy.serve SPEC MOUNTPOINT``: fetch and verify the TOCs, mount, serve until unmounted.
+
+SPEC is a JSON file written by :mod:`lamina.lazy.mount`: the registry, the repository, the layer
+descriptors (from a verified manifest), the chunk cache directory and an optional trace file. The
+TOCs are all fetched and verified before the mount appears, so a mount that is up can answer every
+lookup and listing without the network. Exit status 1 with one line on stderr if they cannot be.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from lamina.errors import LaminaError
+from lamina.lazy.remote import REQUEST_DEADLINE_S, ChunkCache, RemoteLayer, has_toc
+from lamina.lazy.tree import LazyTree
+from lamina.lazy.whole import WholeLayer
+from lamina.store.estargz import Toc
+from lamina.store.image_schema import Descriptor
+from lamina.store.registry import RegistryClient
+from lamina.store.registry_auth import lookup_credentials
+
+log = logging.getLogger(__name__)
+
+
+def open_layers(spec: dict, trace: Callable[[str], None] | None) -> list[RemoteLayer | WholeLayer]:
+    """One layer reader per descriptor (eStargz by ranges, others whole), each with its own
+    connection. The caller closes them."""
+    client = RegistryClient(spec["api_host"], tls_verify=spec["tls_verify"],
+                            credentials=lookup_credentials(spec["registry"]), timeout=REQUEST_DEADLINE_S)
+    cache = ChunkCache(Path(spec["cache"]))
+    layers: list[RemoteLayer | WholeLayer] = []
+    try:
+        for index, raw in enumerate(spec["layers"]):
+            descriptor = Descriptor.parse(raw, f"layer {index}")
+            if has_toc(descriptor):
+                layers.append(RemoteLayer(client.clone(), spec["repository"], descriptor, cache, trace))
+            else:
+                layers.append(WholeLayer(client.clone(), spec["repository"], descriptor, Path(spec["tars"]), trace))
+    finally:
+        client.close()
+    return layers
+
+
+def start_prefetch(layers: list[RemoteLayer | WholeLayer], tocs: list[Toc], stop: threading.Event) -> None:
+    """Fetch the prioritized files of every eStargz layer in the background, once the mount is up.
+
+    A daemon thread: the server does not wait for it at exit (``stop`` ends it between chunks).
+    """
+    def run() -> None:
+        for layer, toc in zip(layers, tocs, strict=True):
+            if isinstance(layer, RemoteLayer):
+                layer.prefetch(toc, stop)
+
+    threading.Thread(target=run, name="prefetch", daemon=True).start()
+
+
+def serve(spec: dict, mountpoint: Path) -> None:
+    import pyfuse3
+    import trio
+
+    from lamina.lazy.fs import LazyOperations
+
+    trace_file = open(spec["trace"], "a", buffering=1) if spec.get("trace") else None
+
+    def trace(line: str) -> None:
+        if trace_file is not None:
+            trace_file.write(line + "\n")
+
+    layers = open_layers(spec, trace if trace_file else None)
+    stop_prefetch = threading.Event()
+    try:
+        tocs = [layer.open_toc() for layer in layers]
+        tree = LazyTree(tocs, layers)
+        pyfuse3.init(LazyOperations(tree), str(mountpoint), {"fsname=lamina-lazy", "subtype=lamina-lazy", "ro", "nodev", "nosuid"})
+        try:
+            async def run() -> None:
+                async with trio.open_nursery() as nursery:
+                    async def watch_signals() -> None:
+                        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                            async for _ in signals:
+                                pyfuse3.terminate()
+                                return
+
+                    nursery.start_soon(watch_signals)
+                    start_prefetch(layers, tocs, stop_prefetch)
+                    await pyfuse3.main(min_tasks=2, max_tasks=8)
+                    nursery.cancel_scope.cancel()
+
+            trio.run(run)
+        finally:
+            pyfuse3.close(unmount=True)
+    finally:
+        stop_prefetch.set()
+        for layer in layers:
+            log.info("layer %s: %d requests, %d bytes fetched, %d chunks from the cache", layer.label,
+                     layer.stats.requests, layer.stats.bytes, layer.stats.cached)
+            layer.close()
+        if trace_file is not None:
+            trace_file.close()
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if len(argv) != 2:
+        print("usage: python -m lamina.lazy.serve SPEC MOUNTPOINT", file=sys.stderr)
+        return 2
+    try:
+        spec = json.loads(Path(argv[0]).read_text())
+        serve(spec, Path(argv[1]))
+    except (LaminaError, OSError) as e:
+        print(f"lamina-lazy: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
