@@ -49,6 +49,7 @@ def _read_dockerfile(args: argparse.Namespace, context: Path) -> tuple[str, Path
 
 def cmd_build(args: argparse.Namespace) -> int:
     from builder.build import BuildOptions, build
+    from builder.registry_cache import parse_cache_from, parse_cache_to
     from builder.session import Session, parse_secret, parse_ssh
     from lamina.application import open_store
     from lamina.store import Reference
@@ -79,11 +80,13 @@ def cmd_build(args: argparse.Namespace) -> int:
     labels = dict(_key_value("--label", item) for item in args.label)
     session = Session(secrets=dict(parse_secret(item, dict(os.environ)) for item in args.secret),
                       agents=dict(parse_ssh(item, dict(os.environ)) for item in args.ssh))
+    cache_from = [parse_cache_from(item) for item in args.cache_from]
+    cache_to = [parse_cache_to(item) for item in args.cache_to]
     text, path, name = _read_dockerfile(args, context)
     options = BuildOptions(context=context, dockerfile_text=text, dockerfile_path=path, dockerfile_name=name,
                            tags=list(args.tag), build_args=build_args, target=args.target,
                            no_cache=args.no_cache, pull=args.pull, labels=labels, quiet=args.quiet,
-                           session=session)
+                           session=session, cache_from=cache_from, cache_to=cache_to)
     store = open_store(args.layout)
     image = build(store, options)
     print(image.id)
@@ -111,6 +114,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="a secret RUN --mount=type=secret may read (never stored in the image)")
     p.add_argument("--ssh", action="append", default=[], metavar="ID[=SOCKET]",
                    help="an SSH agent socket RUN --mount=type=ssh may use (default: $SSH_AUTH_SOCK)")
+    p.add_argument("--cache-from", action="append", default=[], metavar="type=registry,ref=REF",
+                   help="use a build cache from a registry, or an image's inline cache (repeatable)")
+    p.add_argument("--cache-to", action="append", default=[],
+                   metavar="type=registry,ref=REF[,mode=min|max]",
+                   help="export the build cache to a registry (or type=inline: into the image)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the image ID")
     p.add_argument("--progress", choices=["auto", "plain", "tty"], default="auto",
                    help="progress output style (lamina always prints plain steps)")
