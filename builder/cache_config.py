@@ -36,19 +36,12 @@ from typing import Any
 
 from lamina.bounded import JSON_LIMIT
 from lamina.errors import FormatError
+from lamina.store.transfer import LAYER_TYPES  # those the store unpacks
 
 CACHE_CONFIG_TYPE = "application/vnd.lamina.buildcache.config.v0+json"
 INLINE_KEY = "lamina.buildcache.v0"
 UNCOMPRESSED_ANNOTATION = "containerd.io/uncompressed"
 
-# Layer media types a cache may name (those the store unpacks).
-LAYER_TYPES = frozenset({
-    "application/vnd.oci.image.layer.v1.tar",
-    "application/vnd.oci.image.layer.v1.tar+gzip",
-    "application/vnd.oci.image.layer.v1.tar+zstd",
-    "application/vnd.docker.image.rootfs.diff.tar.gzip",
-    "application/vnd.docker.image.rootfs.diff.tar",
-})
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _KEY = re.compile(r"[0-9a-f]{64}")
 _HISTORY_TEXT = ("created", "created_by", "comment", "author")
