@@ -16,7 +16,9 @@ steps, :mod:`builder.cache`), so neither could use the other's records:
 ``layers`` keeps BuildKit's shape: ``{"blob": digest, "annotations": {"mediaType", "diffID",
 "size"}}``, plus lamina's ``contentSize`` (the layer's SIZE). The same document, embedded in an image
 config under :data:`INLINE_KEY`, is the inline cache (``BUILDKIT_INLINE_CACHE=1``, ``--cache-to
-type=inline``); its layers are then the image's own.
+type=inline``); its layers are then the image's own, named by diff_id alone (no ``blob``, ``size`` or
+``mediaType``): the image's manifest says which blob holds each, and a copy of the image that holds
+them otherwise (a docker-archive keeps them uncompressed) carries the same metadata, so the same ID.
 
 What a record holds is a step key (a sha256 of the step's text, which never contains a secret's
 content: :meth:`builder.layer_instructions.RunStep.cache_text`), a history line and layer digests.
@@ -98,8 +100,9 @@ def layers_of(records: Iterable[CacheRecord]) -> list[CachedLayer]:
     return list(seen.values())
 
 
-def config_document(records: list[CacheRecord]) -> dict[str, Any]:
-    """The cache metadata of ``records`` (a record seen twice is written once)."""
+def config_document(records: list[CacheRecord], inline: bool = False) -> dict[str, Any]:
+    """The cache metadata of ``records`` (a record seen twice is written once); ``inline``: for an
+    image config, its layers named by diff_id only."""
     layers = layers_of(records)
     index = {layer.digest: i for i, layer in enumerate(layers)}
     out: list[dict[str, Any]] = []
@@ -112,12 +115,15 @@ def config_document(records: list[CacheRecord]) -> dict[str, Any]:
         if record.layer is not None:
             item["layer"] = index[record.layer.digest]
         out.append(item)
-    return {
-        "layers": [{"blob": layer.digest,
-                    "annotations": {"mediaType": layer.media_type, "diffID": layer.diff_id, "size": layer.size,
-                                    "contentSize": layer.content_size}} for layer in layers],
-        "records": out,
-    }
+    described: list[dict[str, Any]]
+    if inline:
+        described = [{"annotations": {"diffID": layer.diff_id, "contentSize": layer.content_size}}
+                     for layer in layers]
+    else:
+        described = [{"blob": layer.digest,
+                      "annotations": {"mediaType": layer.media_type, "diffID": layer.diff_id, "size": layer.size,
+                                      "contentSize": layer.content_size}} for layer in layers]
+    return {"layers": described, "records": out}
 
 
 def manifest_document(config: bytes, config_digest: str, layers: list[CachedLayer]) -> dict[str, Any]:
@@ -131,8 +137,13 @@ def manifest_document(config: bytes, config_digest: str, layers: list[CachedLaye
     }
 
 
-def parse_config(data: bytes | Any, what: str) -> list[CacheRecord]:
-    """The records of a cache document (bytes, or the already decoded inline object).
+# diff_id -> (blob digest, media type, blob size): the layers of the image an inline cache is in.
+ImageLayers = dict[str, tuple[str, str, int]]
+
+
+def parse_config(data: bytes | Any, what: str, image_layers: ImageLayers | None = None) -> list[CacheRecord]:
+    """The records of a cache document (bytes, or the already decoded inline object, whose layers
+    are looked up by diff_id in ``image_layers``).
 
     Error handling: FormatError naming ``what`` for anything malformed."""
     if isinstance(data, bytes):
@@ -145,7 +156,7 @@ def parse_config(data: bytes | Any, what: str) -> list[CacheRecord]:
     if not isinstance(data, dict) or not isinstance(data.get("layers", []), list) \
             or not isinstance(data.get("records", []), list):
         raise FormatError(f"{what}: cache metadata is not an object with layers and records")
-    layers = [_parse_layer(item, what) for item in data.get("layers", [])]
+    layers = [_parse_layer(item, what, image_layers) for item in data.get("layers", [])]
     records = []
     for item in data.get("records", []):
         if not isinstance(item, dict):
@@ -163,10 +174,17 @@ def parse_config(data: bytes | Any, what: str) -> list[CacheRecord]:
     return records
 
 
-def _parse_layer(item: Any, what: str) -> CachedLayer:
+def _parse_layer(item: Any, what: str, image_layers: ImageLayers | None) -> CachedLayer:
     if not isinstance(item, dict) or not isinstance(item.get("annotations"), dict):
         raise FormatError(f"{what}: a cache layer is not an object with annotations")
-    notes = item["annotations"]
+    notes = dict(item["annotations"])
+    if image_layers is not None:
+        named = notes.get("diffID")
+        if not isinstance(named, str) or named not in image_layers:
+            raise FormatError(f"{what}: the inline cache names layer {str(named)[:80]!r}, which the image lacks")
+        digest, kind, size = image_layers[named]
+        notes.update(mediaType=kind, size=size)
+        item = {"blob": digest}
     blob, diff_id, media_type = item.get("blob"), notes.get("diffID"), notes.get("mediaType")
     for name, value in (("blob", blob), ("diffID", diff_id)):
         if not isinstance(value, str) or not _DIGEST.fullmatch(value):

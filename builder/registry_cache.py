@@ -41,6 +41,7 @@ from builder.cache_config import (
     CACHE_CONFIG_TYPE,
     INLINE_KEY,
     CacheRecord,
+    ImageLayers,
     canonical,
     config_document,
     layers_of,
@@ -51,6 +52,7 @@ from lamina.errors import LaminaError, UsageError
 
 if TYPE_CHECKING:
     from lamina.store import Reference, Store
+    from lamina.store.image_schema import ImageManifest
     from lamina.store.registry import RegistryClient
 
 log = logging.getLogger(__name__)
@@ -67,9 +69,12 @@ CACHE_TIMEOUT = 20.0
 
 @dataclass(frozen=True)
 class CacheSource:
-    """One ``--cache-from``: a registry cache or an image with inline cache metadata."""
+    """One ``--cache-from``: a registry cache or an image with inline cache metadata. ``local``: the
+    bare ``--cache-from IMAGE`` form, which also looks for the image in the store first (docker's
+    classic builder used local images only)."""
 
     ref: str
+    local: bool = False
 
 
 @dataclass(frozen=True)
@@ -109,7 +114,7 @@ def parse_cache_from(text: str) -> CacheSource:
     """``--cache-from type=registry,ref=REF``, or ``REF`` alone (an image or a registry cache)."""
     flag = "--cache-from"
     if "=" not in text:
-        return CacheSource(_check_ref(flag, text))
+        return CacheSource(_check_ref(flag, text), local=True)
     fields = _fields(flag, text)
     kind = fields.pop("type", "registry")
     if kind != "registry":
@@ -131,6 +136,8 @@ def parse_cache_to(text: str) -> CacheTarget:
     mode = fields.pop("mode", "min")
     if mode not in ("min", "max"):
         raise UsageError(f"{flag} {text}: mode must be min or max, not {mode!r}")
+    if kind == "inline" and mode != "min":
+        raise UsageError(f"{flag} {text}: an inline cache holds the image's own steps only (mode=min)")
     ignore_error = fields.pop("ignore-error", "false")
     if ignore_error not in ("true", "false"):
         raise UsageError(f"{flag} {text}: ignore-error must be true or false")
@@ -169,7 +176,7 @@ class Registries:
 @dataclass(frozen=True)
 class _Origin:
     ref: Reference
-    layers: frozenset[str]  # the blobs the manifest lists: the only ones fetched from there
+    layers: dict[str, int]  # digest -> size of the blobs the manifest lists: the only ones fetched
 
 
 class ImportedCache:
@@ -187,7 +194,8 @@ class ImportedCache:
 
         ref = Reference.parse(source.ref)
         try:
-            records, origin = self._read(ref)
+            found = self._read_local(ref) if source.local else None
+            records, origin = found if found is not None else self._read(ref)
         except (LaminaError, OSError) as e:
             self.warn(f"[Warning] --cache-from {source.ref}: {_one_line(e)}; building without it")
             return
@@ -198,6 +206,22 @@ class ImportedCache:
         for record in records:
             self.records.setdefault(record.key, (record, origin))
 
+    def _read_local(self, ref: Reference) -> tuple[list[CacheRecord], _Origin] | None:
+        """The inline cache of the image ``ref`` in the store (its layers are there already), or None."""
+        from lamina.errors import ImageNotFound
+
+        try:
+            image = self.store.resolve_image(str(ref))
+        except ImageNotFound:
+            return None
+        inline = image.config.get(INLINE_KEY)
+        if inline is None:
+            return None
+        local = {layer.diff_id: (layer.digest, layer.media_type, self.store.blobs.size(layer.digest))
+                 for layer in image.layers}
+        sizes = {digest: size for digest, _type, size in local.values()}
+        return self._checked(parse_config(inline, f"image {ref}", local), _Origin(ref, sizes))
+
     def _read(self, ref: Reference) -> tuple[list[CacheRecord], _Origin]:
         from lamina.store.registry_manifest import IMAGE_MANIFEST_TYPES, MAX_CONFIG_BYTES
 
@@ -206,7 +230,7 @@ class ImportedCache:
         if manifest.media_type not in IMAGE_MANIFEST_TYPES:
             raise LaminaError(f"unsupported manifest type {manifest.media_type}")
         parsed = manifest.image()
-        origin = _Origin(ref, frozenset(layer.digest for layer in parsed.layers))
+        origin = _Origin(ref, {layer.digest: layer.size for layer in parsed.layers})
         config = client.fetch_small_blob(ref.repository, parsed.config.digest, self.store.layout.tmp,
                                          size=parsed.config.size, max_size=MAX_CONFIG_BYTES)
         what = f"cache {ref}"
@@ -218,11 +242,24 @@ class ImportedCache:
             except (ValueError, UnicodeDecodeError, RecursionError):
                 raise LaminaError("the image config is not JSON") from None
             inline = image_config.get(INLINE_KEY) if isinstance(image_config, dict) else None
-            records = parse_config(inline, what) if inline is not None else []
+            records = parse_config(inline, what, _image_layers(image_config, parsed)) if inline is not None else []
+        return self._checked(records, origin)
+
+    @staticmethod
+    def _checked(records: list[CacheRecord], origin: _Origin) -> tuple[list[CacheRecord], _Origin]:
+        from lamina.store.layer_unpack import Limits
+
+        limit = Limits().max_total_bytes
         for record in records:
-            if record.layer is not None and record.layer.digest not in origin.layers:
-                raise LaminaError(f"cache record names layer {record.layer.digest}, which the manifest "
-                                  "does not list")
+            layer = record.layer
+            if layer is None:
+                continue
+            if origin.layers.get(layer.digest) != layer.size:
+                raise LaminaError(f"cache record names layer {layer.digest} of {layer.size} bytes, which the "
+                                  "manifest does not list")
+            if layer.size > limit:
+                raise LaminaError(f"cache layer {layer.digest} is {layer.size} bytes, more than the limit of "
+                                  f"{limit} (set LAMINA_MAX_LAYER_BYTES to allow it)")
         return records, origin
 
     def lookup(self, key: str) -> CacheRecord | None:
@@ -256,6 +293,18 @@ class ImportedCache:
         return True
 
 
+def _image_layers(config: dict[str, Any], manifest: ImageManifest) -> ImageLayers:
+    """diff_id -> the image manifest's blob for it (the config's diff_ids and the manifest's layers
+    go in the same order)."""
+    from lamina.store.image_schema import config_diff_ids
+
+    diff_ids = config_diff_ids(config, "the image config")
+    if len(diff_ids) != len(manifest.layers):
+        raise LaminaError(f"the config lists {len(diff_ids)} diff_ids for {len(manifest.layers)} layers")
+    return {diff_id: (desc.digest, desc.media_type, desc.size)
+            for diff_id, desc in zip(diff_ids, manifest.layers, strict=True)}
+
+
 def _one_line(error: BaseException) -> str:
     return (str(error) or type(error).__name__).splitlines()[0]
 
@@ -277,7 +326,7 @@ def open_imports(store: Store, sources: list[CacheSource], warn: Warn) -> Iterat
 
 def inline_metadata(records: list[CacheRecord]) -> dict[str, Any]:
     """What ``--cache-to type=inline`` adds to the image config under :data:`INLINE_KEY`."""
-    return config_document(records)
+    return config_document(records, inline=True)
 
 
 def export(store: Store, target: CacheTarget, records: list[CacheRecord]) -> str:

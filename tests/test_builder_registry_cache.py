@@ -330,3 +330,67 @@ def test_registry_cache_unprivileged(unpriv: UnprivilegedUser, registry: Running
     out = unpriv.lamina("--root", str(roots[1]), "build", "--cache-from", ref, "-t", "r", str(ctx),
                         check=True).stdout
     assert set(step_results(out).values()) == {"CACHED"}, out
+
+
+@pytest.mark.parametrize("lie", ["blob", "diff_id"])
+def test_a_lying_cache_registry_costs_a_warning_not_the_build(registry: RunningRegistry, tmp_path: Path,
+                                                               lie: str) -> None:
+    """A cache whose layer blob is not what its digest says, or whose diff_id is wrong: the layer is
+    refused before the store keeps it, one warning names it, and the step runs instead."""
+    from registry_server import FakeRegistry, digest_of
+
+    from lamina.store.registry import RegistryClient
+    from lamina.store.registry_manifest import OCI_MANIFEST
+
+    ref = f"{registry.address}/ci/honest:cache"
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text("FROM lamina/busybox\nRUN echo a > /a\n")
+    Machine(tmp_path / "a")("build", "--cache-to", f"type=registry,ref={ref}", str(ctx))
+    fake = FakeRegistry()
+    with RegistryClient(registry.address, tls_verify=False) as client:
+        manifest = client.get_manifest("ci/honest", "cache")
+        parsed = manifest.image()
+        config = client.fetch_small_blob("ci/honest", parsed.config.digest, tmp_path)
+        layers = {desc.digest: client.fetch_small_blob("ci/honest", desc.digest, tmp_path) for desc in parsed.layers}
+    (layer_digest,) = layers
+    for data in layers.values():
+        fake.add_blob(data)
+    document = json.loads(manifest.data)
+    lying_bytes = b"\x1f\x8b" + layers[layer_digest][2:-1] + b"!"
+    if lie == "blob":
+        fake.blob_override[layer_digest] = lying_bytes
+    else:
+        metadata = json.loads(config)
+        metadata["layers"][0]["annotations"]["diffID"] = "sha256:" + "0" * 64
+        config = json.dumps(metadata).encode()
+        document["config"].update(digest=digest_of(config), size=len(config))
+    fake.add_blob(config)
+    fake.add_manifest("ci/honest", "cache", OCI_MANIFEST, json.dumps(document).encode())
+
+    second = Machine(tmp_path / "b")
+    with fake.serve():
+        result = second("build", "-t", "honest", "--cache-from", f"{fake.address}/ci/honest:cache", str(ctx))
+    warnings = [line for line in result.stdout.splitlines() if "Warning" in line]
+    assert len(warnings) == 1 and layer_digest[7:19] in warnings[0] and "running the step" in warnings[0], result.stdout
+    assert "CACHED" not in result.stdout and "Traceback" not in result.stderr
+    assert not any(path.read_bytes() == lying_bytes for path in (second.root / "blobs").rglob("*") if path.is_file())
+    assert not any((second.root / "tmp").iterdir())
+    assert second("run", "--rm", "honest", "cat", "/a").stdout == "a\n"
+
+
+def test_cache_from_a_local_image_needs_no_registry(tmp_path: Path) -> None:
+    """``--cache-from IMAGE`` with the image in the store (pulled or loaded earlier): its inline cache
+    is used as it is, with no registry to ask (docker's classic builder used local images)."""
+    image = f"127.0.0.1:{_closed_port()}/ci/offline:1"
+    first, second = Machine(tmp_path / "a"), Machine(tmp_path / "b")
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text("FROM lamina/busybox\nCOPY f /f\nRUN cat /f > /g\n")
+    (ctx / "f").write_text("offline\n")
+    first("build", "--cache-to", "type=inline", "-t", image, str(ctx))
+    first("save", "-o", str(tmp_path / "image.tar"), image)
+    second("load", "-i", str(tmp_path / "image.tar"))
+    out = second("build", "--cache-from", image, "--cache-to", "type=inline", "-t", "copy", str(ctx)).stdout
+    assert set(step_results(out).values()) == {"CACHED"} and "Warning" not in out, out
+    assert second.image_id("copy") == first.image_id(image)
