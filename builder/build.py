@@ -72,6 +72,7 @@ class BuildOptions:
     target: str | None = None
     no_cache: bool = False
     pull: bool = False
+    network: str = "default"  # --network: RUN steps' default network (default, none or host)
     labels: dict[str, str] = field(default_factory=dict)
     quiet: bool = False
     session: Session = field(default_factory=Session)  # --secret and --ssh
@@ -179,7 +180,7 @@ class Builder:
             context=self.context, cache=self.cache, workspace=self.workspace,
             downloads=Downloads(self.workspace), interruption=self.interruption, session=options.session,
             sources=self.source, run=_run_step, copy=copy_into_layer, make_workdir=make_workdir,
-            quiet=options.quiet, epoch=self.epoch)
+            quiet=options.quiet, epoch=self.epoch, network=options.network)
 
     # --- top level ---------------------------------------------------------------------------
     def build(self) -> Image:

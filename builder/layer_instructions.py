@@ -146,7 +146,8 @@ class Run(Instruction):
     def prepare(self, ctx: StepContext) -> Step:
         step = self.expand(ctx.scope, ctx.image)
         assert isinstance(step, RunStep)
-        return dataclasses.replace(step, bind_digest=step.binds_key(ctx))
+        network = ctx.services.network if step.network == "default" else step.network
+        return dataclasses.replace(step, bind_digest=step.binds_key(ctx), network=network)
 
 
 # --- COPY and ADD ---------------------------------------------------------------------------------
