@@ -75,6 +75,7 @@ class CacheSource:
 
     ref: str
     local: bool = False
+    insecure: bool = False  # registry.insecure=true: plain HTTP or an unverified certificate
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ class CacheTarget:
     ref: str = ""
     mode: str = "min"
     ignore_error: bool = False
+    insecure: bool = False  # registry.insecure=true
 
 
 def _fields(flag: str, text: str) -> dict[str, str]:
@@ -99,6 +101,13 @@ def _fields(flag: str, text: str) -> dict[str, str]:
             raise UsageError(f"{flag} {text}: invalid field {item!r}: must be a key=value pair")
         fields[key.strip().lower()] = value.strip()
     return fields
+
+
+def _flag(flag: str, text: str, fields: dict[str, str], name: str) -> bool:
+    value = fields.pop(name, "false")
+    if value not in ("true", "false"):
+        raise UsageError(f"{flag} {text}: {name} must be true or false")
+    return value == "true"
 
 
 def _check_ref(flag: str, text: str) -> str:
@@ -120,9 +129,10 @@ def parse_cache_from(text: str) -> CacheSource:
     if kind != "registry":
         raise UsageError(f"{flag} {text}: unsupported cache type {kind!r} (lamina imports type=registry)")
     ref = _check_ref(flag, fields.pop("ref", ""))
+    insecure = _flag(flag, text, fields, "registry.insecure")
     if fields:
         raise UsageError(f"{flag} {text}: unexpected key {sorted(fields)[0]!r}")
-    return CacheSource(ref)
+    return CacheSource(ref, insecure=insecure)
 
 
 def parse_cache_to(text: str) -> CacheTarget:
@@ -138,16 +148,15 @@ def parse_cache_to(text: str) -> CacheTarget:
         raise UsageError(f"{flag} {text}: mode must be min or max, not {mode!r}")
     if kind == "inline" and mode != "min":
         raise UsageError(f"{flag} {text}: an inline cache holds the image's own steps only (mode=min)")
-    ignore_error = fields.pop("ignore-error", "false")
-    if ignore_error not in ("true", "false"):
-        raise UsageError(f"{flag} {text}: ignore-error must be true or false")
+    ignore_error = _flag(flag, text, fields, "ignore-error")
+    insecure = _flag(flag, text, fields, "registry.insecure")
     for key, value in list(fields.items()):
         if _ACCEPTED_NOOPS.get(key) == value:
             del fields[key]
     if fields:
         key = sorted(fields)[0]
         raise UsageError(f"{flag} {text}: unsupported option {key}={fields[key]}")
-    return CacheTarget(kind, ref, mode, ignore_error == "true")
+    return CacheTarget(kind, ref, mode, ignore_error, insecure)
 
 
 class Registries:
@@ -156,14 +165,16 @@ class Registries:
     def __init__(self) -> None:
         self._clients: dict[str, RegistryClient] = {}
 
-    def client(self, registry: str) -> RegistryClient:
+    def client(self, registry: str, insecure: bool = False) -> RegistryClient:
+        """The client of ``registry``; ``insecure`` (for any ref of this registry) allows plain HTTP
+        and unverified certificates, as ``--tls-verify=false`` does for pull and push."""
         if registry not in self._clients:
             from lamina.store.registry import RegistryClient
             from lamina.store.registry_auth import lookup_credentials
             from lamina.store.transfer import api_host, default_tls_verify
 
             self._clients[registry] = RegistryClient(
-                api_host(registry), tls_verify=default_tls_verify(registry),
+                api_host(registry), tls_verify=default_tls_verify(registry, False if insecure else None),
                 credentials=lookup_credentials(registry), timeout=CACHE_TIMEOUT)
         return self._clients[registry]
 
@@ -195,7 +206,7 @@ class ImportedCache:
         ref = Reference.parse(source.ref)
         try:
             found = self._read_local(ref) if source.local else None
-            records, origin = found if found is not None else self._read(ref)
+            records, origin = found if found is not None else self._read(ref, source.insecure)
         except (LaminaError, OSError) as e:
             self.warn(f"[Warning] --cache-from {source.ref}: {_one_line(e)}; building without it")
             return
@@ -222,10 +233,10 @@ class ImportedCache:
         sizes = {digest: size for digest, _type, size in local.values()}
         return self._checked(parse_config(inline, f"image {ref}", local), _Origin(ref, sizes))
 
-    def _read(self, ref: Reference) -> tuple[list[CacheRecord], _Origin]:
+    def _read(self, ref: Reference, insecure: bool) -> tuple[list[CacheRecord], _Origin]:
         from lamina.store.registry_manifest import IMAGE_MANIFEST_TYPES, MAX_CONFIG_BYTES
 
-        client = self.registries.client(ref.registry)
+        client = self.registries.client(ref.registry, insecure)
         manifest, _index = client.get_image_manifest(ref.repository, ref.digest or ref.tag or "latest")
         if manifest.media_type not in IMAGE_MANIFEST_TYPES:
             raise LaminaError(f"unsupported manifest type {manifest.media_type}")
@@ -343,7 +354,7 @@ def export(store: Store, target: CacheTarget, records: list[CacheRecord]) -> str
     config = canonical(config_document(records))
     registries = Registries()
     try:
-        client = registries.client(ref.registry)
+        client = registries.client(ref.registry, target.insecure)
         config_digest = store.put_blob(config)
         locations = BlobLocations(store.layout.blob_locations)
         missing: dict[str, tuple[str, int]] = {}

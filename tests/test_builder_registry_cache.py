@@ -394,3 +394,23 @@ def test_cache_from_a_local_image_needs_no_registry(tmp_path: Path) -> None:
     out = second("build", "--cache-from", image, "--cache-to", "type=inline", "-t", "copy", str(ctx)).stdout
     assert set(step_results(out).values()) == {"CACHED"} and "Warning" not in out, out
     assert second.image_id("copy") == first.image_id(image)
+
+
+def test_registry_insecure_for_a_plain_http_cache(registry: RunningRegistry, tmp_path: Path) -> None:
+    """A registry that is not on the loopback network needs HTTPS unless the ref says
+    ``registry.insecure=true`` (BuildKit's option), as pull and push need ``--tls-verify=false``."""
+    from registry_server import ForwardProxy
+
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text("FROM lamina/busybox\nRUN echo plain > /plain\n")
+    with ForwardProxy().serve() as proxy:
+        env = {"http_proxy": proxy.url, "https_proxy": proxy.url}
+        ref = f"registry.test:{registry.port}/ci/plain:cache"
+        Machine(tmp_path / "a", env)("build", "--cache-to", f"type=registry,ref={ref},registry.insecure=true",
+                                     str(ctx))
+        strict = Machine(tmp_path / "b", env)("build", "--cache-from", f"type=registry,ref={ref}", str(ctx)).stdout
+        assert "[Warning] --cache-from" in strict and "CACHED" not in strict
+        insecure = Machine(tmp_path / "c", env)("build", "--cache-from",
+                                                f"type=registry,ref={ref},registry.insecure=true", str(ctx)).stdout
+        assert set(step_results(insecure).values()) == {"CACHED"}, insecure
