@@ -63,10 +63,7 @@ class RunStep(Step):
                 parts.append("from:" + ctx.source(mount.from_, self.instruction).key)
                 continue
             context = ctx.services.context
-            try:
-                parts.append(context.digest(context.resolve(mount.source or "/")))
-            except BuildError as e:
-                raise self.error(f"--mount type=bind: {e}") from None
+            parts.append(context.digest(context.resolve(mount.source or "/")))
         return ",".join(parts)
 
     def created_by(self) -> str:
