@@ -24,6 +24,7 @@ as cache.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as dt
 import errno
@@ -51,6 +52,8 @@ from lamina.store.compression import mount_point
 from unionfs.core.stack import LayerStack
 
 if TYPE_CHECKING:
+    from builder.cache_config import CacheRecord
+    from builder.registry_cache import CacheSource, CacheTarget, ImportedCache
     from lamina.store import Image, Layer, Store
 
 log = logging.getLogger(__name__)
@@ -69,9 +72,12 @@ class BuildOptions:
     target: str | None = None
     no_cache: bool = False
     pull: bool = False
+    network: str = "default"  # --network: RUN steps' default network (default, none or host)
     labels: dict[str, str] = field(default_factory=dict)
     quiet: bool = False
     session: Session = field(default_factory=Session)  # --secret and --ssh
+    cache_from: list[CacheSource] = field(default_factory=list)
+    cache_to: list[CacheTarget] = field(default_factory=list)
 
 
 class Output:
@@ -97,6 +103,8 @@ def _rfc3339(epoch: int) -> str:
 
 
 SOURCE_DATE_EPOCH = "SOURCE_DATE_EPOCH"
+# BuildKit's switch for an inline cache (``--cache-to type=inline``), read from the build-args.
+INLINE_CACHE_ARG = "BUILDKIT_INLINE_CACHE"
 
 
 def source_date_epoch(build_args: dict[str, str]) -> int | None:
@@ -161,6 +169,10 @@ class Builder:
         self.total_steps = 0
         self.dockerfile: df.Dockerfile | None = None
         self.pulled: set[str] = set()  # references already pulled by this build (--pull)
+        self.imported: ImportedCache | None = None  # --cache-from
+        # Every step of this build as (stage index, key, cache entry): what --cache-to exports.
+        self.steps_done: list[tuple[int, str, dict[str, Any]]] = []
+        self.from_stage: dict[int, int] = {}  # stage index -> the stage it is built FROM
         self.interruption = Interruption()
         self.epoch = source_date_epoch(options.build_args)
         self.workspace = Workspace(store, self.interruption, self.epoch)
@@ -168,7 +180,7 @@ class Builder:
             context=self.context, cache=self.cache, workspace=self.workspace,
             downloads=Downloads(self.workspace), interruption=self.interruption, session=options.session,
             sources=self.source, run=_run_step, copy=copy_into_layer, make_workdir=make_workdir,
-            quiet=options.quiet, epoch=self.epoch)
+            quiet=options.quiet, epoch=self.epoch, network=options.network)
 
     # --- top level ---------------------------------------------------------------------------
     def build(self) -> Image:
@@ -185,15 +197,23 @@ class Builder:
         self.total_steps = sum(1 + len(s.instructions) for s in needed)
         # Layers made or reused by the steps are referenced by nothing but the cache until the image
         # is recorded: the shared store lock keeps `rmi`/`prune` from collecting them meanwhile.
-        with self.store.lock(shared=True):
+        with self.store.lock(shared=True), contextlib.ExitStack() as resources:
+            if self.options.cache_from and not self.options.no_cache:
+                from builder.registry_cache import open_imports
+
+                self.imported = resources.enter_context(
+                    open_imports(self.store, self.options.cache_from, self.out.line))
             for stage in needed:
                 self.states[stage.index] = self._build_stage(stage)
             final = self.states[target.index]
-            unused = [name for name in self.build_args.unused() if name != SOURCE_DATE_EPOCH]
+            unused = [name for name in self.build_args.unused()
+                      if name not in (SOURCE_DATE_EPOCH, INLINE_CACHE_ARG)]
             if unused:
                 self.out.line(f"[Warning] one or more build-args {unused} were not consumed")
             self.interruption.commit()
-            return self._commit(final)
+            image = self._commit(final)
+            self._export_cache(target.index)
+            return image
 
     def _needed_stages(self, parsed: df.Dockerfile, target: df.Stage) -> list[df.Stage]:
         """The target and, transitively, the stages it refers to (names expanded with global ARGs)."""
@@ -226,6 +246,10 @@ class Builder:
 
     def _commit(self, state: StageState) -> Image:
         config = state.full_config()
+        if self._inline_cache():
+            from builder.registry_cache import INLINE_KEY, inline_metadata
+
+            config[INLINE_KEY] = inline_metadata(self._cache_records(state.stage.index, "min"))
         if self.options.labels:
             labels = dict(config["config"].get("Labels") or {})
             labels.update(self.options.labels)
@@ -239,6 +263,50 @@ class Builder:
         for tag in tags:
             self.out.line(f"Successfully tagged {Reference.parse(tag).familiar}")
         return image
+
+    # --- the shared cache (--cache-to) -------------------------------------------------------
+    def _inline_cache(self) -> bool:
+        flag = self.options.build_args.get(INLINE_CACHE_ARG, "")
+        return flag.lower() in ("1", "true") or any(t.kind == "inline" for t in self.options.cache_to)
+
+    def _cache_records(self, target: int, mode: str) -> list[CacheRecord]:
+        """The steps ``--cache-to`` exports: with mode ``min`` those of the target stage and the
+        stages it is built FROM (the image's own), with ``max`` every stage's."""
+        from builder.cache_config import CacheRecord
+
+        stages = set(self.states)
+        if mode == "min":
+            stages, index = set(), target
+            while True:
+                stages.add(index)
+                if index not in self.from_stage:
+                    break
+                index = self.from_stage[index]
+        records = []
+        for stage, key, entry in self.steps_done:
+            if stage in stages:
+                layer = entry.get("layer")
+                size = self.store.blobs.size(layer["digest"]) if isinstance(layer, dict) else 0
+                records.append(CacheRecord.from_entry(key, entry, size))
+        return records
+
+    def _export_cache(self, target: int) -> None:
+        from builder.registry_cache import export
+
+        for cache_to in self.options.cache_to:
+            if cache_to.kind != "registry":
+                continue
+            records = self._cache_records(target, cache_to.mode)
+            self.out.line(f"Exporting cache to {cache_to.ref} ({len(records)} steps, mode={cache_to.mode})")
+            try:
+                digest = export(self.store, cache_to, records)
+            except (LaminaError, OSError) as e:
+                message = f"--cache-to {cache_to.ref}: {str(e) or type(e).__name__}"
+                if not cache_to.ignore_error:
+                    raise BuildError(message) from None
+                self.out.line(f"[Warning] {message}")
+                continue
+            self.out.line(f"--> {digest}")
 
     # --- stages ------------------------------------------------------------------------------
     def _announce(self, text: str) -> None:
@@ -261,6 +329,7 @@ class Builder:
         else:
             parent_state = self.stage_by_name(image_ref, before=stage.index)
             if parent_state is not None:
+                self.from_stage[stage.index] = parent_state.stage.index
                 base_config = parent_state.full_config()
                 layers = list(parent_state.layers)
                 key = chain_key(parent_state.key, f"FROM stage {image_ref}")
@@ -390,9 +459,14 @@ class Builder:
         entry = self.cache.get(key)
         layer = self._cached_layer(entry) if entry is not None else None
         usable = entry is not None and (layer is not None or entry.get("layer") is None)
+        if not usable and self.imported is not None:
+            entry = self._imported_entry(key)
+            layer = self._cached_layer(entry) if entry is not None else None
+            usable = entry is not None and (layer is not None or entry.get("layer") is None)
         if usable and not self.options.no_cache:
             assert entry is not None
             history = entry["history"]
+            done = entry
             self.out.line("--> CACHED")
         else:
             created = _now() if self.epoch is None else _rfc3339(self.epoch)
@@ -410,7 +484,9 @@ class Builder:
             if not usable:
                 with self.interruption.deferred():
                     self.cache.put(key, record)
+            done = record
             self.out.line(f"--> {(layer.diff_id.removeprefix('sha256:') if layer else key)[:12]}")
+        self.steps_done.append((state.stage.index, key, done))
         step.update_config(state.image)
         if layer is not None:
             state.layers.append(layer)
@@ -419,6 +495,18 @@ class Builder:
         # again and made different files (a RUN is not always reproducible) invalidates the steps
         # after it, as docker's parent-image rule does.
         state.key = chain_key(key, f"layer {layer.diff_id}") if layer is not None else key
+
+    def _imported_entry(self, key: str) -> dict[str, Any] | None:
+        """The entry of an imported cache for ``key``, its layer now in the store and the entry in
+        the local cache; None when no import has it or its layer cannot be fetched."""
+        assert self.imported is not None
+        found = self.imported.lookup(key)
+        if found is None or not self.imported.fetch(found):
+            return None
+        entry = found.entry()
+        with self.interruption.deferred():
+            self.cache.put(key, entry)
+        return entry
 
     def _cached_layer(self, entry: dict[str, Any]) -> Layer | None:
         info = entry.get("layer")

@@ -7,8 +7,10 @@ directly as a source is followed, but only while it stays inside the context.
 
 The cache key of a COPY/ADD includes :meth:`BuildContext.digest` of its sources: an xxhash (fast,
 not cryptographic: it only has to notice changes) over every file's relative path, type, permission
-bits, size, symlink target and content. Modification times are left out, as docker does, so a fresh
-checkout still hits the cache. To keep cached rebuilds fast, each file's content hash is remembered
+bits, size, symlink target and content. Modification times, owners and inode numbers are left out,
+as docker does, so a fresh checkout still hits the cache, and so does another machine sharing the
+cache (``--cache-from``); so is a directory's size, which depends on the filesystem (ext4 never
+shrinks a directory, tmpfs counts its entries) rather than on what the directory holds. To keep cached rebuilds fast, each file's content hash is remembered
 in a small stat cache keyed by (path, size, mtime, inode, ctime), so unchanged files are not re-read.
 """
 
@@ -148,7 +150,8 @@ class BuildContext:
             for child_rel, path, st in self.walk(rel):
                 name = child_rel[len(top):] if child_rel != top else ""
                 kind = stat.S_IFMT(st.st_mode)
-                h.update(f"\0{name}\0{kind:o}\0{stat.S_IMODE(st.st_mode):o}\0{st.st_size}\0".encode(
+                size = 0 if stat.S_ISDIR(st.st_mode) else st.st_size
+                h.update(f"\0{name}\0{kind:o}\0{stat.S_IMODE(st.st_mode):o}\0{size}\0".encode(
                     "utf-8", "surrogateescape"))
                 if stat.S_ISLNK(st.st_mode):
                     h.update(os.fsencode(os.readlink(path)))

@@ -38,6 +38,7 @@ class RunStep(Step):
     script: Heredoc | None  # a single heredoc starting with #!: run as a file at /dev/pipes/NAME
     network: str  # default, none or host
     exec_form: bool
+    bind_digest: str = ""  # what the bind mounts show the command (their sources' content)
 
     def cache_text(self) -> str:
         # Secrets and agents by name and place only: BuildKit keeps their content out of the key.
@@ -47,7 +48,23 @@ class RunStep(Step):
         network = f"--network={self.network} " if self.network != "default" else ""
         body = json.dumps(list(self.argv)) if self.argv else self.instruction.args
         heredocs = "".join(f"\n{d.name}:{d.raw_body}" for d in self.instruction.heredocs)
-        return f"RUN {network}{mounts} {body}{heredocs}"
+        binds = f" binds={self.bind_digest}" if self.bind_digest else ""
+        return f"RUN {network}{mounts} {body}{heredocs}{binds}"
+
+    def binds_key(self, ctx: StepContext) -> str:
+        """The content of what ``--mount=type=bind`` shows the command: the context files it names
+        (hashed as COPY's sources are) or the key of the stage or image it comes from. A command
+        that reads a changed file must run again, here and on another machine sharing the cache."""
+        parts = []
+        for mount in self.mounts:
+            if mount.type != "bind":
+                continue
+            if mount.from_:
+                parts.append("from:" + ctx.source(mount.from_, self.instruction).key)
+                continue
+            context = ctx.services.context
+            parts.append(context.digest(context.resolve(mount.source or "/")))
+        return ",".join(parts)
 
     def created_by(self) -> str:
         # As docker shows it: the shell form joined, the exec form as JSON.
@@ -122,6 +139,12 @@ class Run(Instruction):
         mounts = tuple(dataclasses.replace(m, **self._expand_mount(scope, m)) for m in self.mounts)
         argv, script = self.resolve_argv(image)
         return RunStep(self, mounts, argv, script, self.network, self.exec_form is not None)
+
+    def prepare(self, ctx: StepContext) -> Step:
+        step = self.expand(ctx.scope, ctx.image)
+        assert isinstance(step, RunStep)
+        network = ctx.services.network if step.network == "default" else step.network
+        return dataclasses.replace(step, bind_digest=step.binds_key(ctx), network=network)
 
 
 # --- COPY and ADD ---------------------------------------------------------------------------------

@@ -79,6 +79,7 @@ class BuildServices(Record):
     make_workdir: DirService
     quiet: bool  # RUN's output is shown only when it fails
     epoch: int | None  # SOURCE_DATE_EPOCH
+    network: str = "default"  # build --network: what RUN's own "default" means
 
 
 @record

@@ -7,12 +7,17 @@ cached rebuild pays only for what it uses.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lamina.bounded import TEXT_LIMIT, read_at_most, read_file_at_most
 from lamina.errors import UsageError
+
+if TYPE_CHECKING:
+    from builder.build import BuildOptions
 
 
 def _key_value(flag: str, text: str) -> tuple[str, str]:
@@ -47,15 +52,13 @@ def _read_dockerfile(args: argparse.Namespace, context: Path) -> tuple[str, Path
     return text, path, args.file if args.file and args.file != "-" else path.name
 
 
-def cmd_build(args: argparse.Namespace) -> int:
-    from builder.build import BuildOptions, build
+def _options(args: argparse.Namespace, context: Path, stdin_dockerfile: str | None) -> BuildOptions:
+    """The build the command line asks for; every flag is checked before anything runs."""
+    from builder.build import BuildOptions
+    from builder.registry_cache import parse_cache_from, parse_cache_to
     from builder.session import Session, parse_secret, parse_ssh
-    from lamina.application import open_store
     from lamina.store import Reference
 
-    context = Path(args.context)
-    if not context.is_dir():
-        raise UsageError(f"build context {args.context!r} is not a directory")
     for tag in args.tag:
         Reference.parse(tag)  # a bad -t fails before anything runs
     build_args: dict[str, str] = {}
@@ -79,15 +82,70 @@ def cmd_build(args: argparse.Namespace) -> int:
     labels = dict(_key_value("--label", item) for item in args.label)
     session = Session(secrets=dict(parse_secret(item, dict(os.environ)) for item in args.secret),
                       agents=dict(parse_ssh(item, dict(os.environ)) for item in args.ssh))
-    text, path, name = _read_dockerfile(args, context)
-    options = BuildOptions(context=context, dockerfile_text=text, dockerfile_path=path, dockerfile_name=name,
-                           tags=list(args.tag), build_args=build_args, target=args.target,
-                           no_cache=args.no_cache, pull=args.pull, labels=labels, quiet=args.quiet,
-                           session=session)
+    cache_from = [parse_cache_from(item) for item in args.cache_from]
+    cache_to = [parse_cache_to(item) for item in args.cache_to]
+    if stdin_dockerfile is not None:
+        text, path, name = stdin_dockerfile, None, "Dockerfile"
+    else:
+        text, path, name = _read_dockerfile(args, context)
+    return BuildOptions(context=context, dockerfile_text=text, dockerfile_path=path, dockerfile_name=name,
+                        tags=list(args.tag), build_args=build_args, target=args.target,
+                        no_cache=args.no_cache, pull=args.pull, labels=labels,
+                        quiet=args.quiet or args.progress == "quiet", session=session,
+                        cache_from=cache_from, cache_to=cache_to, network=args.network)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from builder.build import build
+    from builder.output_export import parse_output, write_output
+    from lamina.application import open_store
+
+    outputs = [parse_output(item) for item in args.output]
+    to_stdout = any(spec.dest == "-" for spec in outputs)
+    if args.context == "-" and args.file == "-":
+        raise UsageError("cannot read both the build context and the Dockerfile from standard input")
+    if args.context != "-" and not Path(args.context).is_dir():
+        raise UsageError(f"build context {args.context!r} is not a directory")
     store = open_store(args.layout)
-    image = build(store, options)
-    print(image.id)
+    with contextlib.ExitStack() as resources:
+        stdin_dockerfile = None
+        context = Path(args.context)
+        if args.context == "-":
+            from builder.stdin_context import open_stdin_context
+
+            context, stdin_dockerfile = resources.enter_context(
+                open_stdin_context(sys.stdin.buffer, store.layout.tmp))
+        options = _options(args, context, stdin_dockerfile)
+        # With the files on standard output, the progress goes to standard error, as buildx's does.
+        image = build(store, options, sys.stderr if to_stdout else None)
+    if args.iidfile:
+        _write_iidfile(args.iidfile, image.digest)
+    if outputs:
+        from builder.fsops import LayerView
+        from unionfs.core.stack import LayerStack
+
+        with store.lock(shared=True):
+            view = LayerView(LayerStack.from_bottom_up(layer.path for layer in image.layers))
+            for spec in outputs:
+                try:
+                    write_output(view, spec, sys.stdout.buffer)
+                except OSError as e:
+                    raise UsageError(f"--output {spec.dest}: {e.strerror or e}") from None
+    if not to_stdout:
+        print(image.id)
     return 0
+
+
+def _write_iidfile(path: str, digest: str) -> None:
+    """docker's ``--iidfile``: the image ID (``sha256:...``, no newline), written whole or not at all."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(digest)
+        os.replace(tmp, target)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UsageError(f"--iidfile {path}: {e.strerror or e}") from None
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -95,7 +153,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("build", help="build an image from a Dockerfile",
                               description="Build an image from a Dockerfile and a context directory, "
                                           "without root.")
-    p.add_argument("context", metavar="CONTEXT", help="the build context directory")
+    p.add_argument("context", metavar="CONTEXT",
+                   help="the build context directory ('-': a tar archive of it, or a Dockerfile, on standard input)")
     p.add_argument("-t", "--tag", action="append", default=[], metavar="REF",
                    help="name and tag the image (repeatable)")
     p.add_argument("-f", "--file", metavar="FILE",
@@ -111,7 +170,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="a secret RUN --mount=type=secret may read (never stored in the image)")
     p.add_argument("--ssh", action="append", default=[], metavar="ID[=SOCKET]",
                    help="an SSH agent socket RUN --mount=type=ssh may use (default: $SSH_AUTH_SOCK)")
+    p.add_argument("--cache-from", action="append", default=[], metavar="type=registry,ref=REF",
+                   help="use a build cache from a registry, or an image's inline cache (repeatable)")
+    p.add_argument("--cache-to", action="append", default=[],
+                   metavar="type=registry,ref=REF[,mode=min|max]",
+                   help="export the build cache to a registry (or type=inline: into the image)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the image ID")
-    p.add_argument("--progress", choices=["auto", "plain", "tty"], default="auto",
-                   help="progress output style (lamina always prints plain steps)")
+    p.add_argument("--progress", choices=["auto", "plain", "tty", "quiet"], default="auto",
+                   help="progress output style (lamina prints plain steps; quiet: only the image ID)")
+    p.add_argument("--network", choices=["default", "none", "host"], default="default",
+                   help="the network of RUN steps that do not name one (default: the host's)")
+    p.add_argument("--iidfile", metavar="FILE", help="write the image ID to FILE")
+    p.add_argument("-o", "--output", action="append", default=[], metavar="type=local,dest=DIR",
+                   help="also write the image's files: type=local,dest=DIR or type=tar,dest=FILE|- (DIR, - for short)")
     p.set_defaults(handler=cmd_build)
