@@ -27,6 +27,7 @@ from lamina.errors import ContainerError, ContainerNotFound, LaminaError
 from lamina.layout import Layout
 from runner import linux, tty, unionserver
 from runner.containerlog import STDERR, STDOUT, LogWriter
+from runner.health import health_checks
 from runner.network import PortMapping
 from runner.runflags import should_restart
 from runner.sandbox import Mount, Sandbox, SandboxSpec, forward_signals, start_sandbox
@@ -236,7 +237,8 @@ def run_attached(layout: Layout, container: Container) -> int:
                 forwarder.attach(sandbox)
                 stdin_fd = sys.stdin.fileno() if container.interactive else None
                 raw = container.interactive and container.tty
-                with tty.raw_terminal(sys.stdin.fileno()) if raw else contextlib.nullcontext():
+                with tty.raw_terminal(sys.stdin.fileno()) if raw else contextlib.nullcontext(), \
+                        health_checks(layout, container.id, container.directory, container.healthcheck):
                     _copy_output(ends, container_log, sandbox, live=True, stdin_fd=stdin_fd)
                 code = sandbox.wait()
         finally:
@@ -323,7 +325,8 @@ def _monitor(layout: Layout, container: Container, report_w: int) -> None:
         if container.state.restart_count and stopped_by_user(container):
             sandbox.send_signal(signal.SIGKILL)  # a stop that came while it was being restarted
         started = time.monotonic()
-        code = _watch(container, container_log, sandbox, ends)
+        with health_checks(layout, container.id, container.directory, container.healthcheck):
+            code = _watch(container, container_log, sandbox, ends)
         if not should_restart(container.restart_policy, code, container.state.restart_count,
                               stopped_by_user(container)):
             _finish(layout, container, code)

@@ -124,6 +124,7 @@ class Container:
     log_options: dict[str, str] = field(default_factory=dict)
     resources: dict[str, int] = field(default_factory=dict)  # Memory, NanoCpus, PidsLimit
     platform: str = ""
+    healthcheck: dict[str, Any] | None = None  # docker's Config.Healthcheck (runner.health)
     state: ContainerState = field(default_factory=ContainerState)
     directory: Path = field(default=Path("."), compare=False)
 
@@ -446,6 +447,14 @@ def refresh(container: Container) -> Container:
     return container
 
 
+def _health(c: Container) -> dict[str, Any]:
+    from runner.health import read_health
+
+    if c.healthcheck is None:
+        return {}
+    return {"Health": read_health(c.directory) or {"Status": "starting", "FailingStreak": 0, "Log": []}}
+
+
 def _port_map(ports: list[dict[str, Any]]) -> dict[str, list[dict[str, str]]]:
     result: dict[str, list[dict[str, str]]] = {}
     for p in ports:
@@ -497,12 +506,13 @@ def inspect_container(layout: Layout, name: str) -> dict[str, Any]:
         "Args": c.argv[1:],
         "State": {"Status": c.state.status, "Running": c.running, "Pid": c.state.pid,
                   "ExitCode": c.state.exit_code if c.state.exit_code is not None else 0,
-                  "Error": c.state.error, "StartedAt": c.state.started_at, "FinishedAt": c.state.finished_at},
+                  "Error": c.state.error, "StartedAt": c.state.started_at, "FinishedAt": c.state.finished_at,
+                  **_health(c)},
         "RestartCount": c.state.restart_count,
         "Config": {"Hostname": c.hostname, "User": c.user, "Env": [f"{k}={v}" for k, v in c.env.items()],
                    "Cmd": c.argv, "Image": c.image, "WorkingDir": c.workdir, "Tty": c.tty,
                    "OpenStdin": c.interactive, "StopSignal": c.stop_signal, "StopTimeout": c.stop_timeout,
-                   "Labels": dict(c.labels)},
+                   "Labels": dict(c.labels), **({"Healthcheck": c.healthcheck} if c.healthcheck else {})},
         "HostConfig": _host_config(c),
         "NetworkSettings": {"Ports": _port_map(c.state.ports if c.running else [])},
         "Mounts": [{"Type": m.get("kind", "bind"), "Name": m.get("volume") or "", "Source": m.get("source"),

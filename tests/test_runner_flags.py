@@ -287,3 +287,35 @@ def test_sigterm_of_foreground_run_is_unaffected_by_new_flags(lamina: Lamina, mo
     assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 9
+
+
+def _wait_health(lamina: Lamina, name: str, status: str, timeout: float = 40) -> dict:  # type: ignore[type-arg]
+    deadline = time.monotonic() + timeout
+    while True:
+        health = _inspect(lamina, name)["State"].get("Health") or {}
+        if health.get("Status") == status:
+            return health  # type: ignore[no-any-return]
+        assert time.monotonic() < deadline, health
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_health_checks_reach_inspect_and_ps(lamina: Lamina) -> None:
+    """docker's documented states: starting, then healthy on a success, unhealthy after --health-retries
+    failures in a row; ps shows them in STATUS."""
+    assert lamina("run", "-d", "--name", "doc", "--health-cmd", "test -e /tmp/ok && echo fine",
+                  "--health-interval", "300ms", "--health-retries", "2", IMAGE, "sleep", "60").returncode == 0
+    assert "(health: starting)" in lamina("ps").stdout or _inspect(lamina, "doc")["State"]["Health"]
+    health = _wait_health(lamina, "doc", "unhealthy")
+    assert health["FailingStreak"] >= 2 and all(entry["ExitCode"] == 1 for entry in health["Log"])
+    assert "(unhealthy)" in lamina("ps").stdout
+    assert lamina("exec", "doc", "touch", "/tmp/ok").returncode == 0
+    health = _wait_health(lamina, "doc", "healthy")
+    assert health["FailingStreak"] == 0 and health["Log"][-1]["Output"] == "fine\n"
+    assert "(healthy)" in lamina("ps").stdout
+    config = _inspect(lamina, "doc")["Config"]["Healthcheck"]
+    assert config == {"Test": ["CMD-SHELL", "test -e /tmp/ok && echo fine"], "Interval": 300_000_000, "Retries": 2}
+    r = lamina("run", "--rm", "--no-healthcheck", "--health-cmd", "true", IMAGE, "true")
+    assert r.returncode == 125 and "--no-healthcheck conflicts with --health-* options" in r.stderr
+    r = lamina("run", "--rm", "--health-interval", "soon", IMAGE, "true")
+    assert r.returncode == 125 and "--health-interval soon" in r.stderr

@@ -399,11 +399,21 @@ def _ago(when: dt.datetime | None) -> str:
     return "Less than a second" if seconds < 1 else f"{seconds} second{'s' if seconds > 1 else ''}"
 
 
+def _health_suffix(c: Container) -> str:
+    """docker's " (healthy)", " (unhealthy)", " (health: starting)"."""
+    if c.healthcheck is None:
+        return ""
+    from runner.health import read_health
+
+    status = (read_health(c.directory) or {}).get("Status", "starting")
+    return " (health: starting)" if status == "starting" else f" ({status})"
+
+
 def _status(c: Container) -> str:
     if c.state.status == STATUS_CREATED:
         return "Created"
     if c.running:
-        return f"Up {_ago(parse_time(c.state.started_at))}"
+        return f"Up {_ago(parse_time(c.state.started_at))}{_health_suffix(c)}"
     return f"Exited ({c.state.exit_code}) {_ago(parse_time(c.state.finished_at))} ago"
 
 

@@ -45,6 +45,12 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     a("--cidfile", metavar="FILE", help="write the container's id to FILE")
     a("--log-driver", metavar="DRIVER", help="json-file (the only one)")
     a("--log-opt", action="append", default=[], metavar="KEY=VALUE", help="max-size=, max-file= of the log")
+    a("--health-cmd", metavar="COMMAND", help="command that checks the container's health (run by sh -c)")
+    a("--health-interval", metavar="DURATION", help="time between checks (default 30s)")
+    a("--health-timeout", metavar="DURATION", help="time a check may take (default 30s)")
+    a("--health-retries", type=int, metavar="N", help="failures in a row that make it unhealthy (default 3)")
+    a("--health-start-period", metavar="DURATION", help="time during which failures do not count")
+    a("--no-healthcheck", action="store_true", help="disable the image's HEALTHCHECK")
 
 
 def _mount_plans(args: argparse.Namespace, layout: Layout, image_config: dict[str, Any]) -> list[MountPlan]:
@@ -120,12 +126,26 @@ def container_fields(args: argparse.Namespace, layout: Layout,
         "shm_size": _shm_size(args.shm_size), "stop_timeout": args.stop_timeout, "restart_policy": restart,
         "log_options": runflags.parse_log_opts(args.log_opt, args.log_driver),
         "resources": _resources(args), "platform": args.platform or "",
+        "healthcheck": _healthcheck(args, image_config),
     }
     if args.stop_signal:
         fields["stop_signal"] = runflags.signal_flag("--stop-signal", args.stop_signal)
     if args.stop_timeout is not None and args.stop_timeout < -1:
         raise UsageError(f"--stop-timeout {args.stop_timeout}: must be -1 (no limit) or more")
     return fields, _mount_plans(args, layout, image_config)
+
+
+def _healthcheck(args: argparse.Namespace, image_config: dict[str, Any]) -> dict[str, Any] | None:
+    from runner.health import merge_config
+
+    def seconds(flag: str, text: str | None) -> float | None:
+        return runflags.parse_duration_seconds(flag, text) if text is not None else None
+
+    image = image_config.get("Healthcheck")
+    return merge_config(image if isinstance(image, dict) else None, args.health_cmd,
+                        seconds("--health-interval", args.health_interval),
+                        seconds("--health-timeout", args.health_timeout), args.health_retries,
+                        seconds("--health-start-period", args.health_start_period), args.no_healthcheck)
 
 
 def _shm_size(text: str | None) -> int:
