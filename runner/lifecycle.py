@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -69,8 +70,27 @@ def build_spec(layout: Layout, container: Container) -> SandboxSpec:
         ulimits=rlimits(container.ulimits),
         shm_size=container.shm_size, extra_hosts=[(h, a) for h, a in container.extra_hosts],
         dns=list(container.dns), dns_search=list(container.dns_search), dns_options=list(container.dns_options),
-        cgroup=_limits_cgroup(container),
+        cgroup=_limits_cgroup(container), join_network_of=_network_owner(layout, container),
+        pid_host=container.pid_mode == "host",
     )
+
+
+def _network_owner(layout: Layout, container: Container) -> int | None:
+    """``--network container:ID``: the pid of that container's init, which must be running; its
+    /etc/hosts and /etc/resolv.conf become this container's too, as in docker."""
+    if not container.network.startswith("container:"):
+        return None
+    other_id = container.network.removeprefix("container:")
+    try:
+        other = ContainerStore(layout).get(other_id)
+    except ContainerNotFound:
+        raise ContainerError(f"cannot join network of container {other_id[:12]}: it no longer exists") from None
+    if not other.running or not other.state.pid:
+        raise ContainerError(f"cannot join network of a non running container: {other.id}")
+    for name in ("hosts", "resolv.conf"):
+        with contextlib.suppress(OSError):
+            shutil.copyfile(other.directory / name, container.directory / name)
+    return other.state.pid
 
 
 def _limits_cgroup(container: Container) -> Path | None:
@@ -195,14 +215,16 @@ def _log_output(container_log: LogWriter, stream: str, live_fd: int | None) -> C
 
 
 def _copy_output(ends: _OutputEnds, container_log: LogWriter, sandbox: Sandbox, live: bool,
-                 stdin_fd: int | None = None) -> None:
-    """Copy the container's output to the log (and, when ``live``, to this process's stdout and
-    stderr) until the container is gone."""
+                 stdin_fd: int | None = None, attach: tuple[str, ...] = (STDOUT, STDERR)) -> None:
+    """Copy the container's output to the log (and, when ``live``, the ``attach``ed streams to this
+    process's stdout and stderr) until the container is gone."""
     if ends.master is not None:
-        tty.relay(ends.master, stdin_fd, sys.stdout.fileno() if live else None, lambda: _exited(sandbox),
+        shown = sys.stdout.fileno() if live and STDOUT in attach else None
+        tty.relay(ends.master, stdin_fd, shown, lambda: _exited(sandbox),
                   copy_to=_log_output(container_log, STDOUT, None))
         return
-    live_fds = {STDOUT: sys.stdout.fileno(), STDERR: sys.stderr.fileno()} if live else {}
+    live_fds = {stream: fd for stream, fd in ((STDOUT, sys.stdout.fileno()), (STDERR, sys.stderr.fileno()))
+                if live and stream in attach}
     consumers = {fd: _log_output(container_log, stream, live_fds.get(stream)) for fd, stream in ends.pipes.items()}
     tty.copy_output(consumers, lambda: _exited(sandbox))
 
@@ -239,12 +261,19 @@ def run_attached(layout: Layout, container: Container) -> int:
                 raw = container.interactive and container.tty
                 with tty.raw_terminal(sys.stdin.fileno()) if raw else contextlib.nullcontext(), \
                         health_checks(layout, container.id, container.directory, container.healthcheck):
-                    _copy_output(ends, container_log, sandbox, live=True, stdin_fd=stdin_fd)
+                    _copy_output(ends, container_log, sandbox, live=True, stdin_fd=stdin_fd,
+                                 attach=_attached_streams(container))
                 code = sandbox.wait()
         finally:
             ends.close()
     _finish(layout, container, code)
     return code
+
+
+def _attached_streams(container: Container) -> tuple[str, ...]:
+    """``run -a``: only the streams named are shown (both when none is); the log keeps both."""
+    named = tuple(s for s in container.attach if s in (STDOUT, STDERR))
+    return named if container.attach else (STDOUT, STDERR)
 
 
 def _exited(sandbox: Sandbox) -> bool:

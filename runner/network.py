@@ -37,9 +37,14 @@ IFF_UP = 0x1
 
 
 def normalize_network(mode: str) -> str:
+    """``slirp``, ``none``, ``host`` or ``container:NAME`` (the network namespace of another
+    container, as docker's ``--network container:NAME``)."""
     mode = {"bridge": "slirp", "default": "slirp", "slirp4netns": "slirp"}.get(mode, mode)
+    if mode.startswith("container:") and len(mode) > len("container:"):
+        return mode
     if mode not in NETWORK_MODES:
-        raise UsageError(f"--network: unknown network {mode!r} (use bridge, slirp4netns, host or none)")
+        raise UsageError(f"--network: unknown network {mode!r} (use bridge, slirp4netns, host, none or "
+                         "container:NAME)")
     return mode
 
 

@@ -79,9 +79,14 @@ def _bind(source: str, target: str, readonly: bool = False, recursive: bool = Tr
         remount_readonly(target)
 
 
-def _setup_proc(root: str, unmask: bool) -> None:
+def _setup_proc(root: str, unmask: bool, host_proc: bool = False) -> None:
     proc = make_dirs_in_root(root, "/proc")
-    linux.mount("proc", proc, "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+    if host_proc:
+        # --pid host: a new proc mount needs privilege over the host's PID namespace, which the
+        # user namespace lacks; the host's /proc, bound, shows the same processes.
+        _bind("/proc", proc)
+    else:
+        linux.mount("proc", proc, "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
     if unmask:  # --privileged, --security-opt systempaths=unconfined
         return
     # As docker: kernel knobs read-only, information leaks masked.
@@ -189,7 +194,8 @@ def _populate_volume(image_dir: str, volume: str) -> None:
 
 def prepare_root(root: str, *, cwd: str, create_cwd: bool, etc_files: dict[str, str],
                  mounts: list[MountRequest], console: str | None, own_netns: bool,
-                 readonly: bool, gid5_mapped: bool, shm_size: int = 0, unmask_proc: bool = False) -> None:
+                 readonly: bool, gid5_mapped: bool, shm_size: int = 0, unmask_proc: bool = False,
+                 host_proc: bool = False) -> None:
     """Mount everything under ``root`` (the future ``/``); see the module docstring for the order."""
     linux.mount(root, root, None, linux.MS_BIND | linux.MS_REC)
     if create_cwd and cwd not in ("", "/"):
@@ -197,7 +203,7 @@ def prepare_root(root: str, *, cwd: str, create_cwd: bool, etc_files: dict[str, 
             make_dirs_in_root(root, cwd)
         except OSError as e:
             raise ContainerError(f"cannot create working directory {cwd}: {e.strerror}") from e
-    _setup_proc(root, unmask_proc)
+    _setup_proc(root, unmask_proc, host_proc)
     _setup_dev(root, console, gid5_mapped, shm_size)
     _setup_sys(root, own_netns)
     for name, host_file in etc_files.items():

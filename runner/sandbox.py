@@ -150,6 +150,10 @@ class SandboxSpec:
     dns_search: list[str] = field(default_factory=list)
     dns_options: list[str] = field(default_factory=list)
     cgroup: Path | None = None  # a cgroup v2 directory (runner.cgroups) the container's processes go in
+    # --network container:NAME: the pid of a process in that container, whose user and network
+    # namespaces the container joins (its id maps are that container's).
+    join_network_of: int | None = None
+    pid_host: bool = False  # --pid host: no PID namespace of its own
 
 
 def _hosts_file(hostname: str, network: str, extra_hosts: list[tuple[str, str]]) -> str:
@@ -290,7 +294,8 @@ def start_sandbox(spec: SandboxSpec, server: UnionServer | None = None,
         _raise_if_cancelled(cancel)
         if not startup.read_until("unshared"):
             _raise_event(startup.error, "the sandbox did not start")
-        apply_mapping(pid, mapping)
+        if spec.join_network_of is None:
+            apply_mapping(pid, mapping)
         log.debug("sandbox: namespaces made and id maps written")
         if spec.cgroup is not None:
             _join_cgroup(spec.cgroup, pid)

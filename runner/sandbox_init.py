@@ -84,6 +84,9 @@ def keeper(spec: SandboxSpec, network: str, status_w: int, sync_r: int, go_r: in
     flags = linux.CLONE_NEWUSER | linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC
     if network != "host":
         flags |= linux.CLONE_NEWNET
+    if spec.join_network_of is not None:
+        _join_network_of(spec.join_network_of)
+        flags &= ~(linux.CLONE_NEWUSER | linux.CLONE_NEWNET)
     try:
         linux.unshare(flags)
     except OSError as e:
@@ -95,7 +98,8 @@ def keeper(spec: SandboxSpec, network: str, status_w: int, sync_r: int, go_r: in
     os.close(sync_r)
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
     root = merged if ready_r is not None else str(spec.rootfs)
-    linux.unshare(linux.CLONE_NEWPID)
+    if not spec.pid_host:
+        linux.unshare(linux.CLONE_NEWPID)
     # C starts its sealed interpreter (see runner.sealed) while the union is being mounted, and
     # waits for *mounted* before it makes its own mount namespace (a copy of this one).
     mounted_r, mounted_w = os.pipe2(os.O_CLOEXEC)
@@ -126,6 +130,20 @@ def keeper(spec: SandboxSpec, network: str, status_w: int, sync_r: int, go_r: in
         except OSError as e:
             log.debug("unmounting %s: %s", merged, e)
     return exit_code(status)
+
+
+def _join_network_of(pid: int) -> None:
+    """Enter the user namespace (we own it: we get every capability there) and then the network
+    namespace of the container process ``pid``."""
+    try:
+        for name, flag in (("user", linux.CLONE_NEWUSER), ("net", linux.CLONE_NEWNET)):
+            fd = os.open(f"/proc/{pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                linux.setns(fd, flag)
+            finally:
+                os.close(fd)
+    except OSError as e:
+        raise ContainerError(f"cannot join the network of the container process {pid}: {e.strerror}") from e
 
 
 def _wait_union_ready(ready_r: int) -> None:
@@ -164,7 +182,7 @@ def _container_init(spec: SandboxSpec, network: str, root: str, status_w: int, g
     prepare_root(root, cwd=spec.cwd, create_cwd=spec.create_cwd, etc_files=etc_files, mounts=user_mounts,
                  console=console, own_netns=network != "host", readonly=spec.readonly_rootfs,
                  gid5_mapped=is_mapped(5, "/proc/self/gid_map"), shm_size=spec.shm_size,
-                 unmask_proc=spec.unmask_proc)
+                 unmask_proc=spec.unmask_proc, host_proc=spec.pid_host)
     user = resolve_user(spec.user, _existing(root, "/etc/passwd"), _existing(root, "/etc/group"))
     if network != "host":
         loopback_up()

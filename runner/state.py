@@ -125,6 +125,8 @@ class Container:
     resources: dict[str, int] = field(default_factory=dict)  # Memory, NanoCpus, PidsLimit
     platform: str = ""
     healthcheck: dict[str, Any] | None = None  # docker's Config.Healthcheck (runner.health)
+    pid_mode: str = ""  # "host": the host's PID namespace
+    attach: list[str] = field(default_factory=list)  # run -a: the streams shown (empty: stdout, stderr)
     state: ContainerState = field(default_factory=ContainerState)
     directory: Path = field(default=Path("."), compare=False)
 
@@ -480,7 +482,7 @@ def _host_config(c: Container) -> dict[str, Any]:
     security = ([] if c.seccomp else ["seccomp=unconfined"]) + (["no-new-privileges"] if c.no_new_privileges else [])
     return {
         "NetworkMode": "bridge" if c.network == "slirp" else c.network, "ReadonlyRootfs": c.readonly,
-        "AutoRemove": c.auto_remove, "Init": c.init, "PortBindings": _port_map(c.ports),
+        "AutoRemove": c.auto_remove, "Init": c.init, "PortBindings": _port_map(c.ports), "PidMode": c.pid_mode,
         "Binds": _binds(c),
         "CapAdd": None if caps is None else [x for x in caps if x not in default] or None,
         "CapDrop": None if caps is None else [x for x in default if x not in caps] or None,

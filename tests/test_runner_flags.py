@@ -319,3 +319,42 @@ def test_health_checks_reach_inspect_and_ps(lamina: Lamina) -> None:
     assert r.returncode == 125 and "--no-healthcheck conflicts with --health-* options" in r.stderr
     r = lamina("run", "--rm", "--health-interval", "soon", IMAGE, "true")
     assert r.returncode == 125 and "--health-interval soon" in r.stderr
+
+
+def test_pid_host_net_container_and_attach(lamina: Lamina, tmp_path: Path) -> None:
+    # --pid host: the host's processes are visible, this test's own among them (docker's reference:
+    # "use the host's PID namespace inside the container")
+    r = lamina("run", "--rm", "--pid", "host", IMAGE, "sh", "-c", f"test -d /proc/{os.getpid()} && echo seen; echo $$")
+    assert r.returncode == 0 and r.stdout.split()[0] == "seen" and int(r.stdout.split()[1]) != 1, r.stderr
+    assert lamina("run", "--rm", IMAGE, "sh", "-c", "echo $$").stdout == "1\n"
+    r = lamina("run", "--rm", "--pid", "container:x", IMAGE, "true")
+    assert r.returncode == 125 and "--pid container:x: invalid PID mode" in r.stderr
+    # --network container:NAME: the other container's loopback is this one's
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "index.html").write_text("shared net\n")
+    assert lamina("run", "-d", "--name", "owner", "-v", f"{www}:/www:ro", IMAGE, "httpd", "-f", "-p", "8000",
+                  "-h", "/www").returncode == 0
+    owner_hosts = (lamina("exec", "owner", "cat", "/etc/hosts").stdout)
+    deadline = time.monotonic() + 10
+    while True:
+        r = lamina("run", "--rm", "--network", "container:owner", IMAGE, "sh", "-c",
+                   "wget -qO- http://127.0.0.1:8000/ && cat /etc/hosts")
+        if r.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert r.returncode == 0 and r.stdout == "shared net\n" + owner_hosts, r.stderr
+    info = _inspect(lamina, "owner")
+    assert lamina("create", "--name", "joined", "--net", "container:owner", IMAGE, "true").returncode == 0
+    assert _inspect(lamina, "joined")["HostConfig"]["NetworkMode"] == f"container:{info['Id']}"
+    r = lamina("run", "--rm", "--net", "container:owner", "-p", "80:80", IMAGE, "true")
+    assert r.returncode == 125 and "conflicting options" in r.stderr
+    assert lamina("stop", "-t", "1", "owner").returncode == 0
+    r = lamina("start", "-a", "joined")
+    assert r.returncode == 125 and "cannot join network of a non running container" in r.stderr
+    # -a: only the streams named are shown; the log keeps both
+    r = lamina("run", "--name", "att", "-a", "stderr", IMAGE, "sh", "-c", "echo out; echo err >&2")
+    assert r.returncode == 0 and r.stdout == "" and r.stderr == "err\n"
+    assert lamina("logs", "att").stdout == "out\n"
+    r = lamina("run", "-d", "-a", "stdout", IMAGE, "true")
+    assert r.returncode == 125 and "conflicting options" in r.stderr

@@ -54,3 +54,15 @@ def test_unprivileged_flags_seen_from_inside(unpriv) -> None:  # type: ignore[no
     r = lamina("run", "--rm", "--ulimit", "nofile=1048576:1048577", IMAGE, "true")
     assert r.returncode == 125 and "--ulimit nofile" in r.stderr and r.stderr.count("\n") == 1
     assert lamina("ps", "-aq").stdout == ""
+
+
+def test_unprivileged_pid_host_and_network_of_a_container(unpriv) -> None:  # type: ignore[no-untyped-def]
+    lamina = unpriv.lamina
+    r = lamina("run", "--rm", "--pid", "host", IMAGE, "sh", "-c", "echo $$; grep -c . /proc/1/comm")
+    assert r.returncode == 0 and r.stdout.split()[0] != "1", r.stderr
+    assert lamina("run", "-d", "--name", "owner", "--network", "none", IMAGE, "sh", "-c",
+                  "hostname > /tmp/h; nc -l -p 7000 -e cat /tmp/h").returncode == 0
+    r = lamina("run", "--rm", "--network", "container:owner", IMAGE, "sh", "-c",
+               "for i in 1 2 3 4 5 6 7 8 9 10; do nc 127.0.0.1 7000 </dev/null && break; sleep 0.3; done")
+    assert r.returncode == 0 and len(r.stdout.strip()) == 12, (r.stdout, r.stderr)
+    assert lamina("rm", "-f", "owner").returncode == 0

@@ -179,7 +179,7 @@ def _new_container(args: argparse.Namespace) -> Container:
     if args.name is not None and not _NAME_RE.match(args.name):
         raise UsageError(f"--name {args.name!r}: invalid container name, only [a-zA-Z0-9][a-zA-Z0-9_.-] "
                          "are allowed")
-    network = normalize_network(args.network)
+    network = run_options.resolve_network(args, args.layout, normalize_network(args.network))
     ports = [parse_port(p) for p in args.publish]
     if ports and network == "host":
         print("WARNING: Published ports are discarded when using host network mode", file=sys.stderr)

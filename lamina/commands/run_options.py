@@ -51,6 +51,9 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     a("--health-retries", type=int, metavar="N", help="failures in a row that make it unhealthy (default 3)")
     a("--health-start-period", metavar="DURATION", help="time during which failures do not count")
     a("--no-healthcheck", action="store_true", help="disable the image's HEALTHCHECK")
+    a("--pid", default="", metavar="MODE", help="host: share the host's PID namespace")
+    a("-a", "--attach", action="append", default=[], metavar="STREAM",
+      help="attach to stdin, stdout or stderr (default: stdout and stderr)")
 
 
 def _mount_plans(args: argparse.Namespace, layout: Layout, image_config: dict[str, Any]) -> list[MountPlan]:
@@ -127,12 +130,44 @@ def container_fields(args: argparse.Namespace, layout: Layout,
         "log_options": runflags.parse_log_opts(args.log_opt, args.log_driver),
         "resources": _resources(args), "platform": args.platform or "",
         "healthcheck": _healthcheck(args, image_config),
+        "pid_mode": _pid_mode(args.pid), "attach": _attach(args),
     }
     if args.stop_signal:
         fields["stop_signal"] = runflags.signal_flag("--stop-signal", args.stop_signal)
     if args.stop_timeout is not None and args.stop_timeout < -1:
         raise UsageError(f"--stop-timeout {args.stop_timeout}: must be -1 (no limit) or more")
     return fields, _mount_plans(args, layout, image_config)
+
+
+def _pid_mode(text: str) -> str:
+    if text not in ("", "host"):
+        raise UsageError(f"--pid {text}: invalid PID mode (only host is supported)")
+    return text
+
+
+def _attach(args: argparse.Namespace) -> list[str]:
+    streams = [s.lower() for s in args.attach]
+    for stream in streams:
+        if stream not in ("stdin", "stdout", "stderr"):
+            raise UsageError(f"-a {stream}: invalid argument, must be one of stdin, stdout, stderr")
+    if streams and getattr(args, "detach", False):
+        raise UsageError("-a: conflicting options: cannot specify both --attach and --detach")
+    return sorted(set(streams))
+
+
+def resolve_network(args: argparse.Namespace, layout: Layout, network: str) -> str:
+    """``--network container:NAME`` as docker records it (``container:<id>``), and the flags docker
+    refuses with it: the network, its names and its ports belong to that container."""
+    if not network.startswith("container:"):
+        return network
+    from runner.state import ContainerStore
+
+    for flag, given in (("-p", args.publish), ("--hostname", args.hostname), ("--dns", args.dns),
+                        ("--add-host", args.add_host)):
+        if given:
+            raise UsageError(f"{flag}: conflicting options: {flag} and the network mode container")
+    other = ContainerStore(layout).get(network.removeprefix("container:"))
+    return f"container:{other.id}"
 
 
 def _healthcheck(args: argparse.Namespace, image_config: dict[str, Any]) -> dict[str, Any] | None:
