@@ -125,6 +125,16 @@ def publish_ports(container: Container) -> list[PortMapping]:
     return ports
 
 
+def open_log(container: Container) -> LogWriter:
+    """The container's log writer, rotated as its ``--log-opt max-size``/``max-file`` say."""
+    from runner.mountflags import parse_bytes
+
+    options = container.log_options
+    size = options.get("max-size", "-1")
+    max_size = 0 if size == "-1" else parse_bytes("--log-opt max-size", size)
+    return LogWriter(container.log_path, max_size, int(options.get("max-file", "1")))
+
+
 def _mark_running(container: Container, sandbox: Sandbox) -> None:
     container.state.status = STATUS_RUNNING
     container.state.pid = sandbox.container_pid
@@ -243,7 +253,7 @@ def run_attached(layout: Layout, container: Container) -> int:
         raise
     if container.tty:
         spec.env.setdefault("TERM", os.environ.get("TERM", "xterm"))
-    with contextlib.closing(LogWriter(container.log_path)) as container_log:
+    with contextlib.closing(open_log(container)) as container_log:
         ends = _plumb_output(spec, container.tty)
         if not container.interactive:
             spec.stdin = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
@@ -335,7 +345,7 @@ def _monitor(layout: Layout, container: Container, report_w: int) -> None:
     delay = RESTART_DELAY
     while True:
         try:
-            container_log = LogWriter(container.log_path)
+            container_log = open_log(container)
             spec = build_spec(layout, container)
             if container.tty:
                 spec.env.setdefault("TERM", "xterm")

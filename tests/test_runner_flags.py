@@ -268,6 +268,17 @@ def test_log_opts_accepted_and_shown(lamina: Lamina) -> None:
     assert r.returncode == 0, r.stderr
     config = _inspect(lamina, "logged")["HostConfig"]["LogConfig"]
     assert config == {"Type": "json-file", "Config": {"max-size": "1m", "max-file": "2"}}
+    # applied: the log rotates at max-size and keeps max-file files (docker's json-file driver)
+    r = lamina("run", "--name", "rotated", "--log-opt", "max-size=2k", "--log-opt", "max-file=2", IMAGE, "sh", "-c",
+               "i=0; while [ $i -lt 300 ]; do echo line$i; i=$((i+1)); done")
+    assert r.returncode == 0 and r.stdout.split()[-1] == "line299", r.stderr
+    directory = Path(_inspect(lamina, "rotated")["GraphDriver"]["Data"]["UpperDir"]).parent
+    logs = sorted(p.name for p in directory.glob("container-json.log*"))
+    assert logs == ["container-json.log", "container-json.log.1"]
+    assert all((directory / name).stat().st_size <= 2048 for name in logs)
+    kept = lamina("logs", "rotated").stdout.split()
+    assert kept[-1] == "line299" and 10 < len(kept) < 300
+    assert kept == [f"line{n}" for n in range(300 - len(kept), 300)]
 
 
 def test_resource_limits_without_delegation_warn_as_rootless_podman(lamina: Lamina) -> None:

@@ -175,3 +175,36 @@ def test_cgroup_delegation_is_found_and_limits_written(tmp_path: Path) -> None:
     assert written == {"memory.max": str(64 << 20), "memory.swap.max": str(64 << 20), "cpu.max": "150000 100000",
                        "pids.max": "10"}
     assert cgroups.limit_files({"PidsLimit": -1}) == {"pids.max": "max"}
+
+
+def test_log_rotation_keeps_max_file_files_and_reads_across_them(tmp_path: Path) -> None:
+    """docker's json-file max-size/max-file: LOG, LOG.1 ... LOG.(max-file - 1), oldest dropped;
+    ``logs`` reads the kept files oldest first, and a follower moves on to the new file."""
+    import contextlib
+
+    from runner.containerlog import STDOUT, LogReader, LogWriter, rotated_path
+
+    path = tmp_path / "container-json.log"
+    follower = LogReader(path)
+    with contextlib.closing(LogWriter(path, max_size=400, max_files=3)) as writer:
+        for number in range(40):
+            writer.write(STDOUT, f"line {number:02d}\n".encode())
+            if number == 2:
+                assert [r.data for r in follower.read()] == [b"line 00\n", b"line 01\n", b"line 02\n"]
+    kept = [path, rotated_path(path, 1), rotated_path(path, 2)]
+    assert all(p.exists() and p.stat().st_size <= 400 for p in kept)
+    assert not rotated_path(path, 3).exists()
+    with contextlib.closing(LogReader(path)) as reader:
+        lines = [r.data for records in reader.read_all() for r in records]
+    assert lines == [f"line {n:02d}\n".encode() for n in range(40 - len(lines), 40)]
+    assert 10 < len(lines) < 40
+    followed = [r.data for records in follower.read_all() for r in records]
+    assert followed[-1] == b"line 39\n"  # lines rotated away before it looked are lost, as in docker
+    follower.close()
+    one = tmp_path / "one.log"
+    with contextlib.closing(LogWriter(one, max_size=200, max_files=1)) as writer:
+        for number in range(20):
+            writer.write(STDOUT, f"n{number}\n".encode())
+    assert one.stat().st_size <= 200 and not rotated_path(one, 1).exists()
+    with contextlib.closing(LogReader(one)) as reader:
+        assert [r.data for records in reader.read_all() for r in records][-1] == b"n19\n"
