@@ -161,7 +161,7 @@ def _mark_exited(container: Container, code: int, error: str = "") -> None:
 def _finish(layout: Layout, container: Container, code: int) -> None:
     _mark_exited(container, code)
     if container.auto_remove:
-        remove(layout, container)
+        remove(layout, container, volumes=True)  # --rm: its anonymous volumes go too, as docker's
 
 
 @dataclass
@@ -209,7 +209,7 @@ def _record_failure(layout: Layout, container: Container, error: LaminaError) ->
     """The container could not start: say why (docker's ``State.Error``) and honour ``--rm``."""
     _mark_exited(container, error.exit_code, str(error))
     if container.auto_remove:
-        remove(layout, container, background=False)
+        remove(layout, container, background=False, volumes=True)
 
 
 def _log_output(container_log: LogWriter, stream: str, live_fd: int | None) -> Callable[[bytes], None]:
@@ -482,8 +482,9 @@ def stop(store: ContainerStore, container: Container, timeout: float) -> None:
         raise ContainerError(f"container {container.name} did not stop")
 
 
-def remove(layout: Layout, container: Container, background: bool = True, volumes: bool = True) -> None:
-    """Remove the container, and its anonymous volumes when ``volumes`` (``rm -v``, ``--rm``); its
+def remove(layout: Layout, container: Container, background: bool = True, volumes: bool = False) -> None:
+    """Remove the container, and its anonymous volumes when ``volumes`` (``rm -v``, ``--rm``; docker's
+    ``rm`` and ``container prune`` keep them); its
     directory's deletion finishes in the background unless told not to (a container that failed to
     start leaves the store exactly as it was when lamina exits)."""
     store = ContainerStore(layout)

@@ -12,40 +12,54 @@ import sys
 from collections.abc import Callable
 
 from lamina.errors import LaminaError, UsageError
-from runner.volumes import Volume, VolumeStore, label_filter
+from runner.volumes import Volume, VolumeNotFound, VolumeStore, label_filter
 
 EXIT_CLIENT_ERROR = 1
 
 
+VERBS = ("create", "ls", "inspect", "rm", "prune")
+ALIASES = {"ls": ["list"], "rm": ["remove"]}
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """``lamina volume VERB``: a ``volume`` parser with one sub-parser a verb."""
     volume = subparsers.add_parser("volume", help="manage volumes")
     verbs = volume.add_subparsers(dest="volume_verb", metavar="COMMAND", required=True)
+    add_verbs(lambda verb, help_text: verbs.add_parser(verb, aliases=ALIASES.get(verb, []), help=help_text))
 
-    p = verbs.add_parser("create", help="create a volume")
+
+def register_grouped(subparsers: argparse._SubParsersAction) -> None:
+    """The same verbs registered as ``"volume VERB"`` top-level names, for a command line that builds
+    docker's command groups itself from such names."""
+    add_verbs(lambda verb, help_text: subparsers.add_parser(f"volume {verb}", help=help_text))
+
+
+def add_verbs(add: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    p = add("create", "create a volume")
     p.add_argument("name", nargs="?", help="the volume's name (default: a random one)")
     p.add_argument("-d", "--driver", default="local", help="local (the only driver)")
     p.add_argument("-l", "--label", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("-o", "--opt", action="append", default=[], metavar="KEY=VALUE", help="driver options")
     p.set_defaults(handler=cmd_volume_create)
 
-    p = verbs.add_parser("ls", aliases=["list"], help="list volumes")
+    p = add("ls", "list volumes")
     p.add_argument("-q", "--quiet", action="store_true", help="only names")
     p.add_argument("-f", "--filter", action="append", default=[], metavar="KEY=VALUE",
                    help="dangling=true|false, name=, label=KEY[=VALUE], driver=local")
     p.add_argument("--format", help="Go template per volume ({{.Name}} {{.Driver}} {{.Mountpoint}}), or json")
     p.set_defaults(handler=cmd_volume_ls)
 
-    p = verbs.add_parser("inspect", help="show volumes as JSON")
+    p = add("inspect", "show volumes as JSON")
     p.add_argument("-f", "--format", help="Go template per volume")
     p.add_argument("names", nargs="+")
     p.set_defaults(handler=cmd_volume_inspect)
 
-    p = verbs.add_parser("rm", aliases=["remove"], help="remove volumes")
+    p = add("rm", "remove volumes")
     p.add_argument("-f", "--force", action="store_true", help="no error for a missing volume")
     p.add_argument("names", nargs="+")
     p.set_defaults(handler=cmd_volume_rm)
 
-    p = verbs.add_parser("prune", help="remove anonymous volumes no container uses")
+    p = add("prune", "remove anonymous volumes no container uses")
     p.add_argument("-a", "--all", action="store_true", help="named volumes too")
     p.add_argument("-f", "--force", action="store_true", help="do not ask")
     p.add_argument("--filter", action="append", default=[], metavar="label=KEY[=VALUE]")
@@ -147,8 +161,8 @@ def cmd_volume_inspect(args: argparse.Namespace) -> int:
     for name in args.names:
         try:
             found.append(store.get(name).inspect())
-        except LaminaError as e:
-            print(f"Error: {e}", file=sys.stderr)
+        except VolumeNotFound:
+            print(f"Error: No such volume: {name}", file=sys.stderr)  # docker's words
             failed = EXIT_CLIENT_ERROR
     if args.format:
         for item in found:
