@@ -7,6 +7,7 @@ Each parser takes the flag's text and returns what the container record keeps, o
 from __future__ import annotations
 
 import ipaddress
+import json
 import math
 import os
 from collections.abc import Iterable
@@ -31,8 +32,9 @@ def parse_add_host(text: str) -> tuple[str, str]:
     """``--add-host HOST:IP`` (or ``HOST=IP``; ``host-gateway`` for the host as the container sees it)."""
     sep = "=" if "=" in text else ":"
     host, found, address = text.partition(sep)
-    if not found or not host or not address:
-        raise UsageError(f'--add-host {text}: bad format for add-host: "{text}"')
+    if not found or not host or not address or not _printable_word(host):
+        quoted = json.dumps(text)  # Go's %q, as docker prints it: a newline stays on the line
+        raise UsageError(f"--add-host: bad format for add-host: {quoted}")
     address = address.strip("[]")
     if address == "host-gateway":
         return host, SLIRP_GATEWAY
@@ -41,6 +43,20 @@ def parse_add_host(text: str) -> tuple[str, str]:
     except ValueError:
         raise UsageError(f'--add-host {text}: invalid IP address in add-host: "{address}"') from None
     return host, address
+
+
+def _printable_word(text: str) -> bool:
+    """One word for a line of /etc/hosts or /etc/resolv.conf: no space, no control character (a
+    newline would add a line of the caller's choosing)."""
+    return bool(text) and all(c.isprintable() and not c.isspace() for c in text)
+
+
+def check_resolver_words(flag: str, values: list[str]) -> list[str]:
+    """``--dns-search``/``--dns-option`` values, each one word of resolv.conf."""
+    for value in values:
+        if not _printable_word(value):
+            raise UsageError(f"{flag} {value!r}: must be one word without spaces or control characters")
+    return list(values)
 
 
 def parse_dns(text: str) -> str:
@@ -134,6 +150,8 @@ def parse_ulimit(text: str) -> dict[str, Any]:
         hard = int(hard_text) if hard_text else soft
     except ValueError:
         raise UsageError(f"--ulimit {text}: invalid ulimit argument: {text}") from None
+    if not all(-1 <= value < 1 << 63 for value in (soft, hard)):
+        raise UsageError(f"--ulimit {text}: invalid ulimit argument: {text} (a number, or -1 for unlimited)")
     if soft != -1 and hard != -1 and soft > hard:
         raise UsageError(f"--ulimit {text}: ulimit soft limit must be less than or equal to hard limit: "
                          f"{soft} > {hard}")

@@ -253,7 +253,7 @@ def _apply_ulimits(ulimits: tuple[tuple[int, int, int], ...]) -> None:
         limits = (resource_value(soft), resource_value(hard))
         try:
             resource_module.setrlimit(resource, limits)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, OverflowError) as e:
             name = next((k for k, v in ULIMITS.items() if v == resource), str(resource))
             raise ContainerError(f"--ulimit {name}={soft}:{hard}: setrlimit: "
                                  f"{getattr(e, 'strerror', None) or e} (a hard limit above lamina's own "

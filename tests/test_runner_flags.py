@@ -128,7 +128,7 @@ def test_etc_files_labels_and_inspect(lamina: Lamina, tmp_path: Path) -> None:
 
 def test_bad_flags_are_one_line_naming_the_flag(lamina: Lamina) -> None:
     bad = {
-        ("--add-host", "foo"): '--add-host foo: bad format for add-host: "foo"',
+        ("--add-host", "foo"): '--add-host: bad format for add-host: "foo"',
         ("--add-host", "foo:notanip"): "invalid IP address in add-host",
         ("--dns", "nameserver"): "--dns nameserver: nameserver is not an ip address",
         ("--cap-add", "BOGUS"): '--cap-add BOGUS: unknown capability: "CAP_BOGUS"',
@@ -149,6 +149,12 @@ def test_bad_flags_are_one_line_naming_the_flag(lamina: Lamina) -> None:
         ("--memory", "1k"): "minimum memory limit allowed is 6MB",
         ("--cpus", "lots"): "--cpus lots: failed to parse",
         ("-p", "99999"): "-p 99999: port out of range",
+        # a newline would write a line of the caller's choosing into /etc/hosts or resolv.conf
+        ("--add-host", "a\nb:1.2.3.4"): "bad format for add-host",
+        ("--dns-search", "x.org\nnameserver 6.6.6.6"): "must be one word",
+        ("--dns-option", "ndots:1 x"): "must be one word",
+        ("--ulimit", "nofile=-2"): "invalid ulimit argument",
+        ("--ulimit", f"nofile={1 << 64}"): "invalid ulimit argument",
     }
     for flag, message in bad.items():
         r = lamina("run", "--rm", *flag, IMAGE, "true")
