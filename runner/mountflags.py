@@ -77,6 +77,8 @@ def parse_volume(text: str) -> MountPlan:
             raise UsageError(f"-v {text}: invalid mode: {option}")
     readonly = "ro" in options
     target = _clean_target("-v", text, target)
+    if source == "." or source.startswith(("./", "../")) or source == "..":
+        source = os.path.abspath(source)  # docker 23's client: a relative path is a bind of it
     if source.startswith("/"):
         if not os.path.exists(source):
             # As docker: a missing host directory is created.

@@ -21,6 +21,8 @@ def test_volume_flag_forms() -> None:
     assert (anonymous.kind, anonymous.volume) == ("volume", None)
     bind = mountflags.parse_volume("/tmp:/t:rw")
     assert (bind.kind, bind.source, bind.readonly) == ("bind", "/tmp", False)
+    relative = mountflags.parse_volume("./:/t")  # docker 23: a path relative to the working directory
+    assert (relative.kind, relative.source) == ("bind", os.getcwd())
     for bad, message in (("a/b:/x", "invalid characters for a local volume name"),
                          ("data:rel", "mount path must be absolute"), ("data:/x:rx", "invalid mode: rx"),
                          ("/", "destination can't be '/'"), (":/x", "invalid volume specification")):

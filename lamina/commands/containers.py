@@ -187,7 +187,6 @@ def _new_container(args: argparse.Namespace) -> Container:
     if ports and network == "none":
         raise UsageError("-p: ports cannot be published with --network none")
     fields, plans = run_options.container_fields(args, args.layout, cfg)
-    security = fields.pop("seccomp")
     fields.setdefault("stop_signal", imageconfig.stop_signal(cfg))
     env = imageconfig.container_env(cfg, args.env_file, args.env)
     _refuse_nul(args.image, cfg)
@@ -198,7 +197,7 @@ def _new_container(args: argparse.Namespace) -> Container:
         user=imageconfig.container_user(cfg, args.user), hostname=args.hostname or "", network=network,
         ports=[p.to_json() for p in ports], tty=args.tty,
         interactive=args.interactive, init=args.init, readonly=args.read_only, auto_remove=args.rm,
-        seccomp=security, **fields,
+        **fields,
     )
     run_options.check_cidfile(args.cidfile)
     container.mounts, container.anonymous_volumes = run_options.make_volumes(args.layout, plans)
