@@ -9,7 +9,7 @@ its own; no other module joins names onto a root. The tree::
     layers/             the image store's unpacked layers
     images/             the image store's image records and tags.json
     containers/         the runner's containers (:mod:`runner.state`)
-    volumes/            the runner's anonymous volumes
+    volumes/            the runner's volumes, named and anonymous (:mod:`runner.volumes`)
     build-cache/        the builder's step cache and RUN --mount=type=cache directories
     mounts/             the inspector's `lamina mount` records and mount points
     registry/           the registry client's notes (where blobs were seen)

@@ -112,22 +112,59 @@ class LogWriter:
     the container's pipes, or the container would block on its own output.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, max_size: int = 0, max_files: int = 1) -> None:
+        """``max_size`` (bytes, 0 for no limit) and ``max_files``: docker's ``--log-opt max-size``
+        and ``max-file``. A record that would take the log past ``max_size`` first rotates it:
+        ``LOG`` becomes ``LOG.1`` (``LOG.1`` becomes ``LOG.2``..., the oldest beyond ``max_files``
+        dropped), or, with one file, the log starts again empty."""
+        self._path = path
+        self._max_size = max_size
+        self._max_files = max(1, max_files)
+        self._warned = False
+        self._open()
+
+    def _open(self) -> None:
+        path = self._path
         try:
             self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
         except OSError as e:
             raise ContainerError(f"cannot open the container's log {path}: {e.strerror}") from e
-        self._path = path
-        self._warned = False
         # A record torn by a crash (or a full disk) would swallow the next one into its line: the
         # next write ends it first. (Hence O_RDWR: pread needs a readable descriptor.)
-        size = os.fstat(self._fd).st_size
-        self._torn = bool(size) and os.pread(self._fd, 1, size - 1) != b"\n"
+        self._size = os.fstat(self._fd).st_size
+        self._torn = bool(self._size) and os.pread(self._fd, 1, self._size - 1) != b"\n"
+
+    def _rotate(self) -> None:
+        if self._max_files == 1:
+            os.ftruncate(self._fd, 0)
+            self._size, self._torn = 0, False
+            return
+        for index in range(self._max_files - 1, 0, -1):
+            older = rotated_path(self._path, index)
+            if index == 1:
+                os.replace(self._path, older)
+            elif rotated_path(self._path, index - 1).exists():
+                os.replace(rotated_path(self._path, index - 1), older)
+        os.close(self._fd)
+        self._open()
 
     def write(self, stream: str, data: bytes) -> None:
-        if not data:
-            return
-        line = encode_record(LogRecord(stream, time.time_ns(), data))
+        if self._max_size and data.count(b"\n") > 1:
+            # A rotated log is cut between records: one a line, as docker's, so that a chunk of many
+            # lines rotates line by line rather than as one record larger than max-size.
+            when = time.time_ns()
+            for piece in _LINE_PIECE.findall(data):
+                self._write_record(LogRecord(stream, when, piece))
+        elif data:
+            self._write_record(LogRecord(stream, time.time_ns(), data))
+
+    def _write_record(self, record: LogRecord) -> None:
+        line = encode_record(record)
+        if self._max_size and self._size and self._size + len(line) > self._max_size:
+            try:
+                self._rotate()
+            except (OSError, ContainerError) as e:
+                self._warn(f"cannot rotate it: {e}")
         if self._torn:
             line = b"\n" + line
         # One write, so a concurrent reader sees whole records (or a prefix it leaves for later).
@@ -136,6 +173,7 @@ class LogWriter:
         except OSError as e:
             self._warn(e.strerror or str(e))
             return
+        self._size += written
         self._torn = written < len(line)
         if self._torn:
             self._warn(f"short write, {written} of {len(line)} bytes")
@@ -149,6 +187,11 @@ class LogWriter:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def rotated_path(path: Path, index: int) -> Path:
+    """docker's name for the ``index``-th older file of a rotated log (``container-json.log.1``)."""
+    return path.with_name(f"{path.name}.{index}")
 
 
 # How much of the log one read takes in: a container decides how big its log grows, so the log is
@@ -175,16 +218,52 @@ class LogReader:
         self._pending = b""
         self._chunk_bytes = chunk_bytes
         self.at_end = False  # the last read reached what the log held then
+        # A rotated log (--log-opt max-file): its older files first, oldest first.
+        self._reading_older = False
+        self._older = sorted((p for p in path.parent.glob(f"{path.name}.*") if p.suffix[1:].isdigit()),
+                             key=lambda p: -int(p.suffix[1:]))
+
+    def _open_next(self) -> bool:
+        while self._older:
+            try:
+                self._file = open(self._older.pop(0), "rb")
+                self._reading_older = True
+                return True
+            except FileNotFoundError:  # rotated away meanwhile
+                continue
+        try:
+            self._file = open(self._path, "rb")
+        except FileNotFoundError:
+            return False
+        self._reading_older = False
+        return True
+
+    def _rotated_under_us(self) -> bool:
+        """The file read so far is no longer the log (the writer rotated it): move to the new one."""
+        assert self._file is not None
+        try:
+            current = os.stat(self._path)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(self._file.fileno())
+        if (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino) and not self._reading_older:
+            if mine.st_size < self._file.tell():  # a one-file log started again (max-file=1)
+                self._file.seek(0)
+                self._pending = b""
+                return True
+            return False
+        self._file.close()
+        self._file = None
+        return self._open_next()
 
     def read(self) -> list[LogRecord]:
-        if self._file is None:
-            try:
-                self._file = open(self._path, "rb")
-            except FileNotFoundError:
-                self.at_end = True
-                return []
+        if self._file is None and not self._open_next():
+            self.at_end = True
+            return []
+        assert self._file is not None
         data = self._file.read(self._chunk_bytes)
-        self.at_end = len(data) < self._chunk_bytes
+        # At the end of a file that is no longer the log (rotated): the next read goes on in the next.
+        self.at_end = len(data) < self._chunk_bytes and not self._rotated_under_us()
         self._pending += data
         records, used = decode_records(self._pending)
         self._pending = self._pending[used:]

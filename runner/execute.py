@@ -25,7 +25,15 @@ from typing import Any, NoReturn
 from lamina.errors import ContainerError
 from runner import linux, sealed, tty
 from runner.sandbox import _EventReader, _raise_event
-from runner.sandbox_init import DEFAULT_PATH, FORWARDED_SIGNALS, child_main, exec_command, exit_code
+from runner.sandbox_init import (
+    DEFAULT_PATH,
+    FORWARDED_SIGNALS,
+    Privileges,
+    child_main,
+    container_privileges,
+    exec_command,
+    exit_code,
+)
 from runner.state import Container
 from runner.userdb import resolve_user
 
@@ -65,7 +73,7 @@ def exec_in_container(container: Container, argv: list[str], env: dict[str, str]
     pid = os.fork()
     if pid == 0:
         def start_helper() -> int:
-            job = (ns_fds, argv, env, user, workdir, slave, interactive, status_w, container.seccomp)
+            job = (ns_fds, argv, env, user, workdir, slave, interactive, status_w, container_privileges(container))
             sealed.exec_sealed("exec-helper", job, {0, 1, 2, status_w, slave, *(fd for fd, _ in ns_fds)})
 
         os.close(status_r)
@@ -109,7 +117,8 @@ def sealed_exec_helper(*job: Any) -> NoReturn:
 
 
 def _helper(ns_fds: list[tuple[int, int]], argv: list[str], env: dict[str, str], user_spec: str,
-            workdir: str, slave: int | None, interactive: bool, status_w: int, seccomp: bool = True) -> int:
+            workdir: str, slave: int | None, interactive: bool, status_w: int,
+            privileges: Privileges | None = None) -> int:
     linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
     for fd, flag in ns_fds:
         linux.setns(fd, flag)
@@ -129,7 +138,7 @@ def _helper(ns_fds: list[tuple[int, int]], argv: list[str], env: dict[str, str],
             elif not interactive:
                 null = os.open(os.devnull, os.O_RDONLY)
                 os.dup2(null, 0)
-            exec_command(argv, env, workdir, user, status_w, seccomp=seccomp)
+            exec_command(argv, env, workdir, user, status_w, privileges=privileges)
 
         child_main(status_w, command)
     os.close(status_w)

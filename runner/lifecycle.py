@@ -13,6 +13,7 @@ does. The container never holds the log file itself.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -27,8 +28,10 @@ from lamina.errors import ContainerError, ContainerNotFound, LaminaError
 from lamina.layout import Layout
 from runner import linux, tty, unionserver
 from runner.containerlog import STDERR, STDOUT, LogWriter
+from runner.health import health_checks
 from runner.network import PortMapping
-from runner.sandbox import Mount, Sandbox, SandboxSpec, call_in_userns, forward_signals, start_sandbox
+from runner.runflags import should_restart
+from runner.sandbox import Mount, Sandbox, SandboxSpec, forward_signals, start_sandbox
 from runner.state import (
     STATUS_EXITED,
     STATUS_RUNNING,
@@ -37,6 +40,7 @@ from runner.state import (
     claim,
     now,
     process_start_time,
+    remove_anonymous_volumes,
 )
 
 log = logging.getLogger(__name__)
@@ -44,22 +48,91 @@ log = logging.getLogger(__name__)
 
 def build_spec(layout: Layout, container: Container) -> SandboxSpec:
     from lamina.store import Store
+    from runner.runflags import rlimits
 
     store = Store.open(layout)
     image = store.resolve_image(container.image_id)
     lowers = store.layer_stack(image)
-    mounts = [Mount(target=m["target"], kind=m.get("kind", "bind"),
+    # A volume mounted with nocopy is a plain bind: never filled from the image.
+    mounts = [Mount(target=m["target"],
+                    kind="bind" if m.get("kind") == "volume" and m.get("copy") is False else m.get("kind", "bind"),
                     source=Path(m["source"]) if m.get("source") else None,
                     readonly=bool(m.get("readonly")), options=m.get("options", ""))
               for m in container.mounts]
     return SandboxSpec(
         argv=list(container.argv), lowers=lowers, upper=container.upper, work=container.work,
         env=dict(container.env), cwd=container.workdir, user=container.user, network=container.network,
-        mounts=mounts, hostname=container.hostname,
-        ports=[PortMapping.from_json(p) for p in container.ports], readonly_rootfs=container.readonly,
-        init=container.init, state_dir=container.directory, seccomp=container.seccomp,
-        union_log=container.directory / "unionfs.log",
+        mounts=mounts, hostname=container.hostname, ports=publish_ports(container),
+        readonly_rootfs=container.readonly, init=container.init, state_dir=container.directory,
+        seccomp=container.seccomp, union_log=container.directory / "unionfs.log",
+        capabilities=container.capabilities, no_new_privileges=container.no_new_privileges,
+        unmask_proc=container.unmask_proc,
+        ulimits=rlimits(container.ulimits),
+        shm_size=container.shm_size, extra_hosts=[(h, a) for h, a in container.extra_hosts],
+        dns=list(container.dns), dns_search=list(container.dns_search), dns_options=list(container.dns_options),
+        cgroup=_limits_cgroup(container), join_network_of=_network_owner(layout, container),
+        pid_host=container.pid_mode == "host",
     )
+
+
+def _network_owner(layout: Layout, container: Container) -> int | None:
+    """``--network container:ID``: the pid of that container's init, which must be running; its
+    /etc/hosts and /etc/resolv.conf become this container's too, as in docker."""
+    if not container.network.startswith("container:"):
+        return None
+    other_id = container.network.removeprefix("container:")
+    try:
+        other = ContainerStore(layout).get(other_id)
+    except ContainerNotFound:
+        raise ContainerError(f"cannot join network of container {other_id[:12]}: it no longer exists") from None
+    if not other.running or not other.state.pid:
+        raise ContainerError(f"cannot join network of a non running container: {other.id}")
+    for name in ("hosts", "resolv.conf"):
+        with contextlib.suppress(OSError):
+            shutil.copyfile(other.directory / name, container.directory / name)
+    return other.state.pid
+
+
+def _limits_cgroup(container: Container) -> Path | None:
+    """The container's cgroup with its ``--memory``/``--cpus``/``--pids-limit`` written, when a
+    delegated cgroup v2 subtree allows it (``run`` warned otherwise, see runner.cgroups)."""
+    from runner import cgroups
+
+    if not container.resources:
+        return None
+    delegation = cgroups.find_delegation()
+    if delegation is None or cgroups.plan_limits(container.resources, delegation) is not None:
+        return None
+    try:
+        return cgroups.make_cgroup(delegation, f"lamina-{container.short_id}", container.resources).directory
+    except OSError as e:
+        raise ContainerError(f"cannot apply the resource limits in {delegation}: {e.strerror}") from e
+
+
+def publish_ports(container: Container) -> list[PortMapping]:
+    """The container's ports for this start: ``-p CTR`` (host port 0) gets a free host port, as
+    docker gives a random one; the ports as published are kept in the container's state."""
+    from runner.network import free_host_port
+
+    ports = []
+    for p in container.ports:
+        port = PortMapping.from_json(p)
+        if port.host_port == 0:
+            port = PortMapping(port.host_ip, free_host_port(port.host_ip, port.proto), port.container_port,
+                               port.proto)
+        ports.append(port)
+    container.state.ports = [p.to_json() for p in ports]
+    return ports
+
+
+def open_log(container: Container) -> LogWriter:
+    """The container's log writer, rotated as its ``--log-opt max-size``/``max-file`` say."""
+    from runner.mountflags import parse_bytes
+
+    options = container.log_options
+    size = options.get("max-size", "-1")
+    max_size = 0 if size == "-1" else parse_bytes("--log-opt max-size", size)
+    return LogWriter(container.log_path, max_size, int(options.get("max-file", "1")))
 
 
 def _mark_running(container: Container, sandbox: Sandbox) -> None:
@@ -88,7 +161,7 @@ def _mark_exited(container: Container, code: int, error: str = "") -> None:
 def _finish(layout: Layout, container: Container, code: int) -> None:
     _mark_exited(container, code)
     if container.auto_remove:
-        remove(layout, container)
+        remove(layout, container, volumes=True)  # --rm: its anonymous volumes go too, as docker's
 
 
 @dataclass
@@ -136,7 +209,7 @@ def _record_failure(layout: Layout, container: Container, error: LaminaError) ->
     """The container could not start: say why (docker's ``State.Error``) and honour ``--rm``."""
     _mark_exited(container, error.exit_code, str(error))
     if container.auto_remove:
-        remove(layout, container, background=False)
+        remove(layout, container, background=False, volumes=True)
 
 
 def _log_output(container_log: LogWriter, stream: str, live_fd: int | None) -> Callable[[bytes], None]:
@@ -152,14 +225,16 @@ def _log_output(container_log: LogWriter, stream: str, live_fd: int | None) -> C
 
 
 def _copy_output(ends: _OutputEnds, container_log: LogWriter, sandbox: Sandbox, live: bool,
-                 stdin_fd: int | None = None) -> None:
-    """Copy the container's output to the log (and, when ``live``, to this process's stdout and
-    stderr) until the container is gone."""
+                 stdin_fd: int | None = None, attach: tuple[str, ...] = (STDOUT, STDERR)) -> None:
+    """Copy the container's output to the log (and, when ``live``, the ``attach``ed streams to this
+    process's stdout and stderr) until the container is gone."""
     if ends.master is not None:
-        tty.relay(ends.master, stdin_fd, sys.stdout.fileno() if live else None, lambda: _exited(sandbox),
+        shown = sys.stdout.fileno() if live and STDOUT in attach else None
+        tty.relay(ends.master, stdin_fd, shown, lambda: _exited(sandbox),
                   copy_to=_log_output(container_log, STDOUT, None))
         return
-    live_fds = {STDOUT: sys.stdout.fileno(), STDERR: sys.stderr.fileno()} if live else {}
+    live_fds = {stream: fd for stream, fd in ((STDOUT, sys.stdout.fileno()), (STDERR, sys.stderr.fileno()))
+                if live and stream in attach}
     consumers = {fd: _log_output(container_log, stream, live_fds.get(stream)) for fd, stream in ends.pipes.items()}
     tty.copy_output(consumers, lambda: _exited(sandbox))
 
@@ -178,7 +253,7 @@ def run_attached(layout: Layout, container: Container) -> int:
         raise
     if container.tty:
         spec.env.setdefault("TERM", os.environ.get("TERM", "xterm"))
-    with contextlib.closing(LogWriter(container.log_path)) as container_log:
+    with contextlib.closing(open_log(container)) as container_log:
         ends = _plumb_output(spec, container.tty)
         if not container.interactive:
             spec.stdin = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
@@ -194,13 +269,21 @@ def run_attached(layout: Layout, container: Container) -> int:
                 forwarder.attach(sandbox)
                 stdin_fd = sys.stdin.fileno() if container.interactive else None
                 raw = container.interactive and container.tty
-                with tty.raw_terminal(sys.stdin.fileno()) if raw else contextlib.nullcontext():
-                    _copy_output(ends, container_log, sandbox, live=True, stdin_fd=stdin_fd)
+                with tty.raw_terminal(sys.stdin.fileno()) if raw else contextlib.nullcontext(), \
+                        health_checks(layout, container.id, container.directory, container.healthcheck):
+                    _copy_output(ends, container_log, sandbox, live=True, stdin_fd=stdin_fd,
+                                 attach=_attached_streams(container))
                 code = sandbox.wait()
         finally:
             ends.close()
     _finish(layout, container, code)
     return code
+
+
+def _attached_streams(container: Container) -> tuple[str, ...]:
+    """``run -a``: only the streams named are shown (both when none is); the log keeps both."""
+    named = tuple(s for s in container.attach if s in (STDOUT, STDERR))
+    return named if container.attach else (STDOUT, STDERR)
 
 
 def _exited(sandbox: Sandbox) -> bool:
@@ -209,6 +292,8 @@ def _exited(sandbox: Sandbox) -> bool:
 
 def start_detached(layout: Layout, container: Container) -> None:
     """Start the container under a daemonised monitor; return once its command runs."""
+    clear_stopped_by_user(container)
+    container.state.restart_count = 0
     report_r, report_w = os.pipe2(os.O_CLOEXEC)
 
     def monitor() -> None:
@@ -254,26 +339,74 @@ def _detach_stdio(container: Container) -> None:
 def _monitor(layout: Layout, container: Container, report_w: int) -> None:
     """The daemonised monitor of ``run -d``/``start``: starts the sandbox with its output on pipes
     (or a pty), reports to the command line on ``report_w``, then copies the output to the log until
-    the container exits and records its exit code."""
+    the container exits and records its exit code; and starts it again while its ``--restart``
+    policy says so (with docker's back-off, doubling from 100 ms), until ``stop`` or ``kill``."""
     _detach_stdio(container)
+    delay = RESTART_DELAY
+    while True:
+        try:
+            container_log = open_log(container)
+            spec = build_spec(layout, container)
+            if container.tty:
+                spec.env.setdefault("TERM", "xterm")
+            ends = _plumb_output(spec, container.tty)
+            sandbox = _start(spec, ends)
+        except LaminaError as e:
+            _record_failure(layout, container, e)
+            _report(report_w, f"{e.exit_code} {e}")
+            return
+        except BaseException as e:
+            _mark_exited(container, 125, str(e))
+            _report(report_w, f"125 {e}")
+            return
+        _mark_running(container, sandbox)
+        report_w = _report(report_w, "ok")
+        if container.state.restart_count and stopped_by_user(container):
+            sandbox.send_signal(signal.SIGKILL)  # a stop that came while it was being restarted
+        started = time.monotonic()
+        with health_checks(layout, container.id, container.directory, container.healthcheck):
+            code = _watch(container, container_log, sandbox, ends)
+        if not should_restart(container.restart_policy, code, container.state.restart_count,
+                              stopped_by_user(container)):
+            _finish(layout, container, code)
+            return
+        _mark_exited(container, code)
+        # docker resets the back-off once a run lasted 10 s.
+        delay = RESTART_DELAY if time.monotonic() - started >= 10 else delay
+        time.sleep(delay)
+        delay = min(delay * 2, 60.0)
+        fresh = _reread(container)
+        if fresh is None or stopped_by_user(fresh):
+            return
+        container = fresh
+        container.state.restart_count += 1
+        claim(container)
+
+
+RESTART_DELAY = 0.1
+
+
+def _report(report_w: int, message: str) -> int:
+    """Tell the command line how the first start went (once); -1 afterwards."""
+    if report_w >= 0:
+        with contextlib.suppress(OSError):
+            os.write(report_w, f"{message}\n".encode())
+        os.close(report_w)
+    return -1
+
+
+def _reread(container: Container) -> Container | None:
+    """The container's record as it is on disk now (``stop`` may have written to it), or None if it
+    was removed."""
     try:
-        container_log = LogWriter(container.log_path)
-        spec = build_spec(layout, container)
-        if container.tty:
-            spec.env.setdefault("TERM", "xterm")
-        ends = _plumb_output(spec, container.tty)
-        sandbox = _start(spec, ends)
-    except LaminaError as e:
-        _record_failure(layout, container, e)
-        os.write(report_w, f"{e.exit_code} {e}\n".encode())
-        return
-    except BaseException as e:
-        _mark_exited(container, 125, str(e))
-        os.write(report_w, f"125 {e}\n".encode())
-        return
-    _mark_running(container, sandbox)
-    os.write(report_w, b"ok\n")
-    os.close(report_w)
+        return Container.from_json(json.loads((container.directory / "container.json").read_text()),
+                                   container.directory)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _watch(container: Container, container_log: LogWriter, sandbox: Sandbox, ends: _OutputEnds) -> int:
+    """Copy the container's output to its log until it exits; its exit code."""
     with forward_signals() as forwarder:
         forwarder.attach(sandbox)
         try:
@@ -286,8 +419,27 @@ def _monitor(layout: Layout, container: Container, report_w: int) -> None:
         finally:
             ends.close()
             container_log.close()
-        code = sandbox.wait()
-    _finish(layout, container, code)
+        return sandbox.wait()
+
+
+STOPPED_MARK = "stopped-by-user"
+
+
+def mark_stopped_by_user(container: Container) -> None:
+    """``stop``/``kill``: the restart policy must not start it again (docker's manual stop). A file
+    beside the record, not a field of it, so the monitor's own writes of the record cannot lose it;
+    the next ``start`` removes it."""
+    with contextlib.suppress(OSError):
+        (container.directory / STOPPED_MARK).touch()
+
+
+def stopped_by_user(container: Container) -> bool:
+    return (container.directory / STOPPED_MARK).exists()
+
+
+def clear_stopped_by_user(container: Container) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        (container.directory / STOPPED_MARK).unlink()
 
 
 def signal_container(container: Container, sig: int) -> None:
@@ -317,6 +469,7 @@ def wait_stopped(store: ContainerStore, container: Container, timeout: float) ->
 
 def stop(store: ContainerStore, container: Container, timeout: float) -> None:
     """STOPSIGNAL, then SIGKILL after ``timeout`` seconds (docker's ``stop -t``)."""
+    mark_stopped_by_user(container)  # also when it waits to be restarted: it must stay stopped
     if not container.running:
         return
     with contextlib.suppress(ContainerError):
@@ -329,12 +482,13 @@ def stop(store: ContainerStore, container: Container, timeout: float) -> None:
         raise ContainerError(f"container {container.name} did not stop")
 
 
-def remove(layout: Layout, container: Container, background: bool = True) -> None:
-    """Remove the container; its directory's deletion finishes in the background unless told not
-    to (a container that failed to start leaves the store exactly as it was when lamina exits)."""
+def remove(layout: Layout, container: Container, background: bool = True, volumes: bool = False) -> None:
+    """Remove the container, and its anonymous volumes when ``volumes`` (``rm -v``, ``--rm``; docker's
+    ``rm`` and ``container prune`` keep them); its
+    directory's deletion finishes in the background unless told not to (a container that failed to
+    start leaves the store exactly as it was when lamina exits)."""
     store = ContainerStore(layout)
     with store.lock():
-        for path in container.anonymous_volumes:
-            with contextlib.suppress(LaminaError):
-                call_in_userns(shutil.rmtree, Path(path).parent, True)
         store.remove_directory(container, background=background)
+    if volumes:
+        remove_anonymous_volumes(layout, container)

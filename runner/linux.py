@@ -160,7 +160,9 @@ CAPABILITIES = {
     "CAP_SYS_CHROOT": 18, "CAP_SYS_PTRACE": 19, "CAP_SYS_PACCT": 20, "CAP_SYS_ADMIN": 21,
     "CAP_SYS_BOOT": 22, "CAP_SYS_NICE": 23, "CAP_SYS_RESOURCE": 24, "CAP_SYS_TIME": 25,
     "CAP_SYS_TTY_CONFIG": 26, "CAP_MKNOD": 27, "CAP_LEASE": 28, "CAP_AUDIT_WRITE": 29,
-    "CAP_AUDIT_CONTROL": 30, "CAP_SETFCAP": 31,
+    "CAP_AUDIT_CONTROL": 30, "CAP_SETFCAP": 31, "CAP_MAC_OVERRIDE": 32, "CAP_MAC_ADMIN": 33, "CAP_SYSLOG": 34,
+    "CAP_WAKE_ALARM": 35, "CAP_BLOCK_SUSPEND": 36, "CAP_AUDIT_READ": 37, "CAP_PERFMON": 38, "CAP_BPF": 39,
+    "CAP_CHECKPOINT_RESTORE": 40,
 }
 DOCKER_DEFAULT_CAPS = ("CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD",
                        "CAP_NET_RAW", "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP",
@@ -179,6 +181,13 @@ def restrict_capabilities(keep_mask: int) -> None:
 
     Run as (namespace) root before changing uid: the bounding set caps what any later exec can gain.
     """
+    limit_bounding_set(keep_mask)
+    keep_only(keep_mask)
+
+
+def limit_bounding_set(keep_mask: int) -> None:
+    """Drop every capability outside ``keep_mask`` from the bounding set, and clear the ambient set
+    (needs CAP_SETPCAP: call it before :func:`keep_only` or a change of uid)."""
     for cap in range(last_cap() + 1):
         if not keep_mask & (1 << cap):
             try:
@@ -189,5 +198,10 @@ def restrict_capabilities(keep_mask: int) -> None:
         prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
     except OSError:
         pass
-    # Inheritable stays empty, as in docker since CVE-2022-24769.
+
+
+def keep_only(keep_mask: int) -> None:
+    """Make ``keep_mask`` the thread's permitted and effective sets. Inheritable stays empty, as in
+    docker since CVE-2022-24769."""
+    keep_mask &= (1 << (last_cap() + 1)) - 1
     capset(keep_mask, keep_mask, 0)

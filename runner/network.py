@@ -37,9 +37,14 @@ IFF_UP = 0x1
 
 
 def normalize_network(mode: str) -> str:
+    """``slirp``, ``none``, ``host`` or ``container:NAME`` (the network namespace of another
+    container, as docker's ``--network container:NAME``)."""
     mode = {"bridge": "slirp", "default": "slirp", "slirp4netns": "slirp"}.get(mode, mode)
+    if mode.startswith("container:") and len(mode) > len("container:"):
+        return mode
     if mode not in NETWORK_MODES:
-        raise UsageError(f"--network: unknown network {mode!r} (use bridge, slirp4netns, host or none)")
+        raise UsageError(f"--network: unknown network {mode!r} (use bridge, slirp4netns, host, none or "
+                         "container:NAME)")
     return mode
 
 
@@ -63,19 +68,30 @@ class PortMapping:
                    str(d["proto"]))
 
 
-_PORT_RE = re.compile(r"^(?:(?P<ip>\[[0-9a-fA-F:.]+\]|[0-9.]+):)?(?P<host>\d+):(?P<ctr>\d+)(?:/(?P<proto>tcp|udp))?$")
+_PORT_RE = re.compile(r"^(?:(?:(?P<ip>\[[0-9a-fA-F:.]+\]|[0-9.]+):)?(?P<host>\d*):)?(?P<ctr>\d+)"
+                      r"(?:/(?P<proto>tcp|udp))?$")
 
 
 def parse_port(text: str) -> PortMapping:
-    """``[IP:]HOSTPORT:CTRPORT[/tcp|udp]`` -> PortMapping; UsageError naming the flag otherwise."""
+    """``[[IP:]HOSTPORT:]CTRPORT[/tcp|udp]`` -> PortMapping (host port 0: a free one chosen at each
+    start, as docker's random host port); UsageError naming the flag otherwise."""
     m = _PORT_RE.match(text)
     if not m:
-        raise UsageError(f"-p {text}: expected [IP:]HOSTPORT:CONTAINERPORT[/tcp|udp]")
-    host_port, ctr_port = int(m["host"]), int(m["ctr"])
-    if not (0 < host_port < 65536 and 0 < ctr_port < 65536):
+        raise UsageError(f"-p {text}: expected [[IP:]HOSTPORT:]CONTAINERPORT[/tcp|udp]")
+    host_port, ctr_port = int(m["host"] or 0), int(m["ctr"])
+    if not (0 <= host_port < 65536 and 0 < ctr_port < 65536):
         raise UsageError(f"-p {text}: port out of range")
     ip = (m["ip"] or "0.0.0.0").strip("[]")
     return PortMapping(ip, host_port, ctr_port, m["proto"] or "tcp")
+
+
+def free_host_port(host_ip: str, proto: str) -> int:
+    """A port the kernel says is free on ``host_ip`` now (slirp4netns binds it right after)."""
+    family = socket.AF_INET6 if ":" in host_ip else socket.AF_INET
+    kind = socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM
+    with socket.socket(family, kind) as s:
+        s.bind((host_ip, 0))
+        return int(s.getsockname()[1])
 
 
 def loopback_up() -> None:

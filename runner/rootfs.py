@@ -30,6 +30,7 @@ from runner.paths import make_dirs_in_root, make_file_in_root, resolve_in_root
 log = logging.getLogger(__name__)
 
 ETC_FILES = ("hosts", "hostname", "resolv.conf")
+DEFAULT_SHM_SIZE = 64 << 20  # docker's
 HOST_DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 READONLY_PROC_PATHS = ("sys", "sysrq-trigger", "irq", "bus")
 MASKED_PROC_FILES = ("kcore", "keys", "timer_list", "sched_debug")
@@ -78,9 +79,16 @@ def _bind(source: str, target: str, readonly: bool = False, recursive: bool = Tr
         remount_readonly(target)
 
 
-def _setup_proc(root: str) -> None:
+def _setup_proc(root: str, unmask: bool, host_proc: bool = False) -> None:
     proc = make_dirs_in_root(root, "/proc")
-    linux.mount("proc", proc, "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+    if host_proc:
+        # --pid host: a new proc mount needs privilege over the host's PID namespace, which the
+        # user namespace lacks; the host's /proc, bound, shows the same processes.
+        _bind("/proc", proc)
+    else:
+        linux.mount("proc", proc, "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+    if unmask:  # --privileged, --security-opt systempaths=unconfined
+        return
     # As docker: kernel knobs read-only, information leaks masked.
     for name in READONLY_PROC_PATHS:
         path = os.path.join(proc, name)
@@ -102,7 +110,7 @@ def _setup_proc(root: str) -> None:
                 log.debug("cannot mask %s: %s", path, e)
 
 
-def _setup_dev(root: str, console: str | None, gid5_mapped: bool) -> None:
+def _setup_dev(root: str, console: str | None, gid5_mapped: bool, shm_size: int) -> None:
     dev = make_dirs_in_root(root, "/dev")
     linux.mount("tmpfs", dev, "tmpfs", linux.MS_NOSUID | linux.MS_STRICTATIME, "mode=755,size=65536k")
     for name in HOST_DEVICES:
@@ -116,7 +124,8 @@ def _setup_dev(root: str, console: str | None, gid5_mapped: bool) -> None:
     os.symlink("pts/ptmx", os.path.join(dev, "ptmx"))
     shm = os.path.join(dev, "shm")
     os.mkdir(shm, 0o1777)
-    linux.mount("shm", shm, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC, "mode=1777,size=65536k")
+    linux.mount("shm", shm, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC,
+                f"mode=1777,size={shm_size or DEFAULT_SHM_SIZE}")
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
                          ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
         os.symlink(target, os.path.join(dev, name))
@@ -185,7 +194,8 @@ def _populate_volume(image_dir: str, volume: str) -> None:
 
 def prepare_root(root: str, *, cwd: str, create_cwd: bool, etc_files: dict[str, str],
                  mounts: list[MountRequest], console: str | None, own_netns: bool,
-                 readonly: bool, gid5_mapped: bool) -> None:
+                 readonly: bool, gid5_mapped: bool, shm_size: int = 0, unmask_proc: bool = False,
+                 host_proc: bool = False) -> None:
     """Mount everything under ``root`` (the future ``/``); see the module docstring for the order."""
     linux.mount(root, root, None, linux.MS_BIND | linux.MS_REC)
     if create_cwd and cwd not in ("", "/"):
@@ -193,8 +203,8 @@ def prepare_root(root: str, *, cwd: str, create_cwd: bool, etc_files: dict[str, 
             make_dirs_in_root(root, cwd)
         except OSError as e:
             raise ContainerError(f"cannot create working directory {cwd}: {e.strerror}") from e
-    _setup_proc(root)
-    _setup_dev(root, console, gid5_mapped)
+    _setup_proc(root, unmask_proc, host_proc)
+    _setup_dev(root, console, gid5_mapped, shm_size)
     _setup_sys(root, own_netns)
     for name, host_file in etc_files.items():
         target = resolve_in_root(root, "/etc/" + name)

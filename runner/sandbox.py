@@ -139,28 +139,59 @@ class SandboxSpec:
     union_log: Path | None = None
     create_cwd: bool = True
     seccomp: bool = True
+    # docker's run flags (runner.runflags): None capabilities means docker's default set.
+    capabilities: list[str] | None = None
+    no_new_privileges: bool = True
+    unmask_proc: bool = False
+    ulimits: list[tuple[int, int, int]] = field(default_factory=list)  # (RLIMIT_*, soft, hard), -1 unlimited
+    shm_size: int = 0
+    extra_hosts: list[tuple[str, str]] = field(default_factory=list)  # (host, address)
+    dns: list[str] = field(default_factory=list)
+    dns_search: list[str] = field(default_factory=list)
+    dns_options: list[str] = field(default_factory=list)
+    cgroup: Path | None = None  # a cgroup v2 directory (runner.cgroups) the container's processes go in
+    # --network container:NAME: the pid of a process in that container, whose user and network
+    # namespaces the container joins (its id maps are that container's).
+    join_network_of: int | None = None
+    pid_host: bool = False  # --pid host: no PID namespace of its own
 
 
-def _hosts_file(hostname: str, network: str) -> str:
+def _hosts_file(hostname: str, network: str, extra_hosts: list[tuple[str, str]]) -> str:
+    """docker's order: the loopback names, ``--add-host`` lines, then the container's own name."""
     own_ip = SLIRP_GUEST_IP if network == "slirp" else "127.0.1.1"
     return ("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
-            f"{own_ip}\t{hostname}\n")
+            + "".join(f"{address}\t{host}\n" for host, address in extra_hosts)
+            + f"{own_ip}\t{hostname}\n")
 
 
-def _resolv_conf(network: str) -> str:
+def _resolv_conf(network: str, dns: list[str], search: list[str], options: list[str]) -> str:
+    """The network's resolver, with ``--dns``, ``--dns-search`` and ``--dns-option`` replacing its
+    nameserver, search and options lines, as docker does."""
     if network == "slirp":
-        return f"nameserver {SLIRP_DNS}\n"
-    try:
-        with open("/etc/resolv.conf") as f:
-            return f.read()
-    except OSError:
-        return ""
+        base = f"nameserver {SLIRP_DNS}\n"
+    else:
+        try:
+            with open("/etc/resolv.conf") as f:
+                base = f.read(1 << 16)
+        except OSError:
+            base = ""
+    if not (dns or search or options):
+        return base
+    lines = base.splitlines()
+    replaced = {"nameserver": bool(dns), "search": bool(search), "domain": bool(search), "options": bool(options)}
+    kept = [line for line in lines if not replaced.get(line.split(maxsplit=1)[0] if line.split() else "", False)]
+    head = ([f"search {' '.join(search)}"] if search else []) + [f"nameserver {ip}" for ip in dns]
+    tail = [f"options {' '.join(options)}"] if options else []
+    return "\n".join(head + kept + tail) + "\n"
 
 
-def write_etc_files(state_dir: Path, hostname: str, network: str) -> dict[str, str]:
+def write_etc_files(state_dir: Path, hostname: str, network: str,
+                    spec: SandboxSpec | None = None) -> dict[str, str]:
     """Write the per-container /etc files into ``state_dir``; return {name in /etc: host path}."""
-    contents = {"hosts": _hosts_file(hostname, network), "hostname": hostname + "\n",
-                "resolv.conf": _resolv_conf(network)}
+    extra_hosts = spec.extra_hosts if spec is not None else []
+    dns = (spec.dns, spec.dns_search, spec.dns_options) if spec is not None else ([], [], [])
+    contents = {"hosts": _hosts_file(hostname, network, extra_hosts), "hostname": hostname + "\n",
+                "resolv.conf": _resolv_conf(network, *dns)}
     paths = {}
     for name, text in contents.items():
         path = state_dir / name
@@ -174,8 +205,9 @@ class Sandbox:
     """A started sandbox; see the module docstring for what it owns."""
 
     def __init__(self, keeper_pid: int, container_pid: int, slirp: Slirp | None, temp_dir: Path | None,
-                 server: UnionServer | None = None) -> None:
+                 server: UnionServer | None = None, cgroup: Path | None = None) -> None:
         self.keeper_pid = keeper_pid
+        self._cgroup = cgroup
         self.container_pid = container_pid
         self._slirp = slirp
         self._server = server
@@ -216,6 +248,10 @@ class Sandbox:
         if self._temp_dir is not None:
             shutil.rmtree(self._temp_dir, ignore_errors=True)
             self._temp_dir = None
+        if self._cgroup is not None:
+            with contextlib.suppress(OSError):  # empty now: K and every process of the container are gone
+                os.rmdir(self._cgroup)
+            self._cgroup = None
 
 
 def start_sandbox(spec: SandboxSpec, server: UnionServer | None = None,
@@ -258,8 +294,11 @@ def start_sandbox(spec: SandboxSpec, server: UnionServer | None = None,
         _raise_if_cancelled(cancel)
         if not startup.read_until("unshared"):
             _raise_event(startup.error, "the sandbox did not start")
-        apply_mapping(pid, mapping)
+        if spec.join_network_of is None:
+            apply_mapping(pid, mapping)
         log.debug("sandbox: namespaces made and id maps written")
+        if spec.cgroup is not None:
+            _join_cgroup(spec.cgroup, pid)
         if server is not None:
             server.attach(pid, server_spec, str(spec.union_log) if spec.union_log else None)
         if network == "slirp":
@@ -284,6 +323,9 @@ def start_sandbox(spec: SandboxSpec, server: UnionServer | None = None,
         _raise_if_cancelled(cancel)
     except BaseException:
         _abandon(pid, server, slirp, temp_dir)
+        if spec.cgroup is not None:
+            with contextlib.suppress(OSError):
+                os.rmdir(spec.cgroup)
         raise
     finally:
         for fd in (sync_w, go_w, status_r):
@@ -291,7 +333,7 @@ def start_sandbox(spec: SandboxSpec, server: UnionServer | None = None,
     log.debug("sandbox: command started as pid %d", startup.container_pid)
     if server is not None:
         server.release_ready_pipe()
-    return Sandbox(pid, startup.container_pid, slirp, temp_dir, server)
+    return Sandbox(pid, startup.container_pid, slirp, temp_dir, server, spec.cgroup)
 
 
 class _EventReader:
@@ -352,7 +394,7 @@ def _prepare_state(spec: SandboxSpec, network: str) -> _State:
     state_dir = spec.state_dir or temp_dir
     assert state_dir is not None
     try:
-        etc_files = write_etc_files(state_dir, spec.hostname, network)
+        etc_files = write_etc_files(state_dir, spec.hostname, network, spec)
         init_layer = make_init_layer(state_dir / "init") if spec.rootfs is None else None
         merged = state_dir / "merged"
         merged.mkdir(exist_ok=True)
@@ -400,6 +442,14 @@ def _fork_keeper(spec: SandboxSpec, network: str, state: _State, ready_r: int | 
     os.close(sync_r)
     os.close(go_r)
     return pid, status_r, sync_w, go_w
+
+
+def _join_cgroup(directory: Path, pid: int) -> None:
+    """Move K into the container's cgroup before it forks the container's first process."""
+    try:
+        (directory / "cgroup.procs").write_text(str(pid))
+    except OSError as e:
+        raise ContainerError(f"cannot move the container into its cgroup {directory}: {e.strerror}") from e
 
 
 def _abandon(pid: int, server: UnionServer | None, slirp: Slirp | None, temp_dir: Path | None) -> None:

@@ -12,10 +12,12 @@ import fcntl
 import json
 import logging
 import os
+import resource as resource_module
 import select
 import signal
 import termios
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, NoReturn
 
 from lamina.errors import CommandNotFound, CommandNotInvokable, ContainerError, LaminaError, MountError
@@ -23,11 +25,13 @@ from runner import linux, sealed
 from runner.idmap import is_mapped
 from runner.network import loopback_up
 from runner.rootfs import MountRequest, pivot_into, prepare_root
+from runner.runflags import ULIMITS, rlimits
 from runner.seccomp import install_filter  # imported here: after pivot_root nothing can be imported
 from runner.userdb import ExecUser, resolve_user
 
 if TYPE_CHECKING:
     from runner.sandbox import SandboxSpec
+    from runner.state import Container
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +84,9 @@ def keeper(spec: SandboxSpec, network: str, status_w: int, sync_r: int, go_r: in
     flags = linux.CLONE_NEWUSER | linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC
     if network != "host":
         flags |= linux.CLONE_NEWNET
+    if spec.join_network_of is not None:
+        _join_network_of(spec.join_network_of)
+        flags &= ~(linux.CLONE_NEWUSER | linux.CLONE_NEWNET)
     try:
         linux.unshare(flags)
     except OSError as e:
@@ -91,7 +98,8 @@ def keeper(spec: SandboxSpec, network: str, status_w: int, sync_r: int, go_r: in
     os.close(sync_r)
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
     root = merged if ready_r is not None else str(spec.rootfs)
-    linux.unshare(linux.CLONE_NEWPID)
+    if not spec.pid_host:
+        linux.unshare(linux.CLONE_NEWPID)
     # C starts its sealed interpreter (see runner.sealed) while the union is being mounted, and
     # waits for *mounted* before it makes its own mount namespace (a copy of this one).
     mounted_r, mounted_w = os.pipe2(os.O_CLOEXEC)
@@ -122,6 +130,20 @@ def keeper(spec: SandboxSpec, network: str, status_w: int, sync_r: int, go_r: in
         except OSError as e:
             log.debug("unmounting %s: %s", merged, e)
     return exit_code(status)
+
+
+def _join_network_of(pid: int) -> None:
+    """Enter the user namespace (we own it: we get every capability there) and then the network
+    namespace of the container process ``pid``."""
+    try:
+        for name, flag in (("user", linux.CLONE_NEWUSER), ("net", linux.CLONE_NEWNET)):
+            fd = os.open(f"/proc/{pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                linux.setns(fd, flag)
+            finally:
+                os.close(fd)
+    except OSError as e:
+        raise ContainerError(f"cannot join the network of the container process {pid}: {e.strerror}") from e
 
 
 def _wait_union_ready(ready_r: int) -> None:
@@ -159,7 +181,8 @@ def _container_init(spec: SandboxSpec, network: str, root: str, status_w: int, g
                    for m in spec.mounts]
     prepare_root(root, cwd=spec.cwd, create_cwd=spec.create_cwd, etc_files=etc_files, mounts=user_mounts,
                  console=console, own_netns=network != "host", readonly=spec.readonly_rootfs,
-                 gid5_mapped=is_mapped(5, "/proc/self/gid_map"))
+                 gid5_mapped=is_mapped(5, "/proc/self/gid_map"), shm_size=spec.shm_size,
+                 unmask_proc=spec.unmask_proc, host_proc=spec.pid_host)
     user = resolve_user(spec.user, _existing(root, "/etc/passwd"), _existing(root, "/etc/group"))
     if network != "host":
         loopback_up()
@@ -180,7 +203,18 @@ def _container_init(spec: SandboxSpec, network: str, root: str, status_w: int, g
     _apply_stdio(spec)
     if spec.init:
         _run_init_reaper(spec, user, env, status_w)
-    exec_command(spec.argv, env, spec.cwd, user, status_w, spec.create_cwd, spec.seccomp)
+    exec_command(spec.argv, env, spec.cwd, user, status_w, spec.create_cwd, spec_privileges(spec))
+
+
+def spec_privileges(spec: SandboxSpec) -> Privileges:
+    caps = tuple(spec.capabilities) if spec.capabilities is not None else linux.DOCKER_DEFAULT_CAPS
+    return Privileges(spec.seccomp, caps, spec.no_new_privileges, tuple(spec.ulimits))
+
+
+def container_privileges(container: Container) -> Privileges:
+    """A container's privileges from its record (``lamina exec`` gives its commands the same)."""
+    caps = tuple(container.capabilities) if container.capabilities is not None else linux.DOCKER_DEFAULT_CAPS
+    return Privileges(container.seccomp, caps, container.no_new_privileges, tuple(rlimits(container.ulimits)))
 
 
 def _existing(root: str, path: str) -> str | None:
@@ -202,9 +236,46 @@ def _apply_stdio(spec: SandboxSpec) -> None:
             os.dup2(fd, target)
 
 
-def _drop_privileges(user_uid: int, user_gid: int, groups: list[int], seccomp: bool = True) -> None:
-    keep = linux.cap_mask(linux.DOCKER_DEFAULT_CAPS)
-    linux.restrict_capabilities(keep)
+@dataclass(frozen=True)
+class Privileges:
+    """What the command may do: docker's default is its 14 capabilities, the seccomp filter, and
+    no ``no_new_privs`` (``--security-opt no-new-privileges`` sets it). ``ulimits`` are
+    (RLIMIT_*, soft, hard) with -1 for unlimited."""
+
+    seccomp: bool = True
+    capabilities: tuple[str, ...] = linux.DOCKER_DEFAULT_CAPS
+    no_new_privileges: bool = True
+    ulimits: tuple[tuple[int, int, int], ...] = ()
+
+
+def _apply_ulimits(ulimits: tuple[tuple[int, int, int], ...]) -> None:
+    for resource, soft, hard in ulimits:
+        limits = (resource_value(soft), resource_value(hard))
+        try:
+            resource_module.setrlimit(resource, limits)
+        except (OSError, ValueError, OverflowError) as e:
+            name = next((k for k, v in ULIMITS.items() if v == resource), str(resource))
+            raise ContainerError(f"--ulimit {name}={soft}:{hard}: setrlimit: "
+                                 f"{getattr(e, 'strerror', None) or e} (a hard limit above lamina's own "
+                                 "needs CAP_SYS_RESOURCE on the host)") from e
+
+
+def resource_value(limit: int) -> int:
+    return resource_module.RLIM_INFINITY if limit == -1 else limit
+
+
+def _drop_privileges(user_uid: int, user_gid: int, groups: list[int], privileges: Privileges) -> None:
+    _apply_ulimits(privileges.ulimits)
+    if privileges.no_new_privileges:
+        linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
+    if privileges.seccomp:
+        # Installed while this process still has CAP_SYS_ADMIN in the container's user namespace,
+        # so that no_new_privs stays the user's choice, as in docker.
+        install_filter()
+    keep = linux.cap_mask(privileges.capabilities)
+    linux.limit_bounding_set(keep)
+    # The ids change while CAP_SETUID/CAP_SETGID are still held (--cap-drop ALL drops them too); a
+    # non-root user then has no capability left, as in docker, and root keeps exactly ``keep``.
     if _setgroups_allowed():
         os.setgroups(groups)
     try:
@@ -213,9 +284,7 @@ def _drop_privileges(user_uid: int, user_gid: int, groups: list[int], seccomp: b
     except OSError as e:
         raise ContainerError(f"cannot switch to uid {user_uid} gid {user_gid}: {e.strerror} (ids outside the "
                              "user namespace's map: is the user given subordinate ids in /etc/subuid?)") from e
-    linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
-    if seccomp:
-        install_filter()
+    linux.keep_only(keep if user_uid == 0 else 0)
 
 
 def _setgroups_allowed() -> bool:
@@ -227,7 +296,7 @@ def _setgroups_allowed() -> bool:
 
 
 def exec_command(argv: list[str], env: dict[str, str], cwd: str, user: ExecUser, status_w: int,
-                  create_cwd: bool = False, seccomp: bool = True) -> NoReturn:
+                  create_cwd: bool = False, privileges: Privileges | None = None) -> NoReturn:
     """Enter ``cwd``, drop to ``user`` and exec ``argv`` (already inside the container's root).
 
     Every descriptor but 0, 1, 2 and ``status_w`` (close-on-exec) is closed *before* entering
@@ -249,7 +318,7 @@ def exec_command(argv: list[str], env: dict[str, str], cwd: str, user: ExecUser,
         os.getcwd()  # ENOENT when the directory is not reachable from the container's root
     except OSError as e:
         raise ContainerError(f"cannot enter working directory {cwd}: {e.strerror}") from e
-    _drop_privileges(user.uid, user.gid, user.groups, seccomp)
+    _drop_privileges(user.uid, user.gid, user.groups, privileges or Privileges())
     linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
     for sig in range(1, signal.NSIG):
         try:
@@ -285,7 +354,7 @@ def _run_init_reaper(spec: SandboxSpec, user: ExecUser, env: dict[str, str], sta
                 os.setpgid(0, 0)
                 signal.signal(signal.SIGTTOU, signal.SIG_IGN)
                 os.tcsetpgrp(0, os.getpid())
-            exec_command(spec.argv, env, spec.cwd, user, status_w, spec.create_cwd, spec.seccomp)
+            exec_command(spec.argv, env, spec.cwd, user, status_w, spec.create_cwd, spec_privileges(spec))
 
         child_main(status_w, command)
     os.close(status_w)

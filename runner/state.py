@@ -80,6 +80,8 @@ class ContainerState:
     started_at: str = ""
     finished_at: str = ""
     error: str = ""
+    restart_count: int = 0
+    ports: list[dict[str, Any]] = field(default_factory=list)  # as published at this start
 
 
 @dataclass
@@ -105,6 +107,26 @@ class Container:
     auto_remove: bool = False
     stop_signal: int = 15
     seccomp: bool = True
+    # docker's HostConfig and Config fields that run/create set (see runner.runflags)
+    labels: dict[str, str] = field(default_factory=dict)
+    extra_hosts: list[list[str]] = field(default_factory=list)  # [host, address]
+    dns: list[str] = field(default_factory=list)
+    dns_search: list[str] = field(default_factory=list)
+    dns_options: list[str] = field(default_factory=list)
+    capabilities: list[str] | None = None  # None: docker's default set
+    privileged: bool = False
+    no_new_privileges: bool = False
+    unmask_proc: bool = False
+    ulimits: list[dict[str, Any]] = field(default_factory=list)
+    shm_size: int = 0  # 0: docker's 64 MiB
+    stop_timeout: int | None = None
+    restart_policy: dict[str, Any] = field(default_factory=lambda: {"Name": "no", "MaximumRetryCount": 0})
+    log_options: dict[str, str] = field(default_factory=dict)
+    resources: dict[str, int] = field(default_factory=dict)  # Memory, NanoCpus, PidsLimit
+    platform: str = ""
+    healthcheck: dict[str, Any] | None = None  # docker's Config.Healthcheck (runner.health)
+    pid_mode: str = ""  # "host": the host's PID namespace
+    attach: list[str] = field(default_factory=list)  # run -a: the streams shown (empty: stdout, stderr)
     state: ContainerState = field(default_factory=ContainerState)
     directory: Path = field(default=Path("."), compare=False)
 
@@ -155,6 +177,21 @@ class Container:
         return process_start_time(self.state.monitor_pid) == self.state.monitor_start
 
 
+@contextlib.contextmanager
+def directory_lock(layout: Layout, directory: Path) -> Iterator[None]:
+    """An exclusive lock on ``directory/.lock`` (one of the store's directories, made with the
+    store, private to its owner, when missing)."""
+    if not directory.is_dir():
+        from lamina.store import Store
+        Store.open(layout)
+    with open(directory / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 class ContainerStore:
     """The containers in ``layout.containers``."""
 
@@ -163,17 +200,8 @@ class ContainerStore:
         self.root = self.layout.root
         self.dir = self.layout.containers
 
-    @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        if not self.dir.is_dir():
-            from lamina.store import Store
-            Store.open(self.layout)  # the store's layout, private to its owner
-        with open(self.dir / ".lock", "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+    def lock(self) -> contextlib.AbstractContextManager[None]:
+        return directory_lock(self.layout, self.dir)
 
     def _load(self, directory: Path) -> Container | None:
         try:
@@ -208,9 +236,8 @@ class ContainerStore:
                 return  # removed meanwhile, or its monitor is live after all
             log.info("container %s: started with --rm and its monitor is gone, removing it",
                      container.short_id)
-            for path in fresh.anonymous_volumes:
-                _delete_container_tree(Path(path).parent)
             self.remove_directory(fresh)
+            remove_anonymous_volumes(self.layout, fresh)
 
     def store_needs(self) -> Needs:
         """The images containers were made from, each used by the containers' IDs (for the image
@@ -291,6 +318,16 @@ class ContainerStore:
 REMOVING_PREFIX = ".removing-"
 
 
+def remove_anonymous_volumes(layout: Layout, container: Container) -> None:
+    """Remove the container's anonymous volumes that no other container names (``rm -v``, ``--rm``).
+    Records made before volumes had names list their ``_data`` paths."""
+    from runner.volumes import VolumeStore
+
+    volumes = VolumeStore(layout)
+    for entry in container.anonymous_volumes:
+        volumes.remove_quietly(Path(entry).parent.name if "/" in entry else entry)
+
+
 def _abandoned(container: Container) -> bool:
     """A ``--rm`` container whose monitor (or the ``run`` that was starting it) died without removing
     it: killed, or crashed. A ``create``d one that nobody started is not abandoned."""
@@ -333,6 +370,11 @@ def _remove_in_userns_if_needed(path: Path) -> None:
 
 
 def _delete_container_tree(directory: Path) -> None:
+    remove_owned_tree(directory)
+
+
+def remove_owned_tree(directory: Path) -> None:
+    """Delete ``directory``, whose files a container may have given subordinate ids."""
     from runner.sandbox import call_in_userns
 
     try:
@@ -407,6 +449,53 @@ def refresh(container: Container) -> Container:
     return container
 
 
+def _health(c: Container) -> dict[str, Any]:
+    from runner.health import read_health
+
+    if c.healthcheck is None:
+        return {}
+    return {"Health": read_health(c.directory) or {"Status": "starting", "FailingStreak": 0, "Log": []}}
+
+
+def _port_map(ports: list[dict[str, Any]]) -> dict[str, list[dict[str, str]]]:
+    result: dict[str, list[dict[str, str]]] = {}
+    for p in ports:
+        result.setdefault(f"{p['container_port']}/{p['proto']}", []).append(
+            {"HostIp": p["host_ip"], "HostPort": str(p["host_port"]) if p["host_port"] else ""})
+    return result
+
+
+def _binds(c: Container) -> list[str]:
+    """``-v`` style entries for the binds and named volumes (docker lists no anonymous volume)."""
+    named = [m for m in c.mounts if m.get("kind") == "bind"
+             or (m.get("kind") == "volume" and m.get("volume") not in c.anonymous_volumes)]
+    return [f"{m.get('volume') or m.get('source')}:{m['target']}" + (":ro" if m.get("readonly") else "")
+            for m in named]
+
+
+def _host_config(c: Container) -> dict[str, Any]:
+    """docker's HostConfig names for what run/create recorded."""
+    from runner.linux import DOCKER_DEFAULT_CAPS
+
+    caps = c.capabilities
+    default = list(DOCKER_DEFAULT_CAPS)
+    security = ([] if c.seccomp else ["seccomp=unconfined"]) + (["no-new-privileges"] if c.no_new_privileges else [])
+    return {
+        "NetworkMode": "bridge" if c.network == "slirp" else c.network, "ReadonlyRootfs": c.readonly,
+        "AutoRemove": c.auto_remove, "Init": c.init, "PortBindings": _port_map(c.ports), "PidMode": c.pid_mode,
+        "Binds": _binds(c),
+        "CapAdd": None if caps is None else [x for x in caps if x not in default] or None,
+        "CapDrop": None if caps is None else [x for x in default if x not in caps] or None,
+        "Privileged": c.privileged, "SecurityOpt": security or None,
+        "ExtraHosts": [f"{host}:{address}" for host, address in c.extra_hosts] or None,
+        "Dns": list(c.dns), "DnsSearch": list(c.dns_search), "DnsOptions": list(c.dns_options),
+        "Ulimits": list(c.ulimits) or None, "ShmSize": c.shm_size or 64 * 1024 * 1024,
+        "RestartPolicy": dict(c.restart_policy), "LogConfig": {"Type": "json-file", "Config": dict(c.log_options)},
+        "Memory": c.resources.get("Memory", 0), "NanoCpus": c.resources.get("NanoCpus", 0),
+        "PidsLimit": c.resources.get("PidsLimit"),
+    }
+
+
 def inspect_container(layout: Layout, name: str) -> dict[str, Any]:
     """``lamina inspect CONTAINER``: docker's field names for the record (``{{.State.Pid}}`` etc.)."""
     c = ContainerStore(layout).get(name)
@@ -419,16 +508,16 @@ def inspect_container(layout: Layout, name: str) -> dict[str, Any]:
         "Args": c.argv[1:],
         "State": {"Status": c.state.status, "Running": c.running, "Pid": c.state.pid,
                   "ExitCode": c.state.exit_code if c.state.exit_code is not None else 0,
-                  "Error": c.state.error, "StartedAt": c.state.started_at, "FinishedAt": c.state.finished_at},
+                  "Error": c.state.error, "StartedAt": c.state.started_at, "FinishedAt": c.state.finished_at,
+                  **_health(c)},
+        "RestartCount": c.state.restart_count,
         "Config": {"Hostname": c.hostname, "User": c.user, "Env": [f"{k}={v}" for k, v in c.env.items()],
                    "Cmd": c.argv, "Image": c.image, "WorkingDir": c.workdir, "Tty": c.tty,
-                   "OpenStdin": c.interactive, "StopSignal": c.stop_signal},
-        "HostConfig": {"NetworkMode": c.network, "ReadonlyRootfs": c.readonly, "AutoRemove": c.auto_remove,
-                       "Init": c.init,
-                       "PortBindings": {f"{p['container_port']}/{p['proto']}":
-                                        [{"HostIp": p["host_ip"], "HostPort": str(p["host_port"])}]
-                                        for p in c.ports}},
-        "Mounts": [{"Type": m.get("kind", "bind"), "Source": m.get("source"), "Destination": m["target"],
-                    "RW": not m.get("readonly")} for m in c.mounts],
+                   "OpenStdin": c.interactive, "StopSignal": c.stop_signal, "StopTimeout": c.stop_timeout,
+                   "Labels": dict(c.labels), **({"Healthcheck": c.healthcheck} if c.healthcheck else {})},
+        "HostConfig": _host_config(c),
+        "NetworkSettings": {"Ports": _port_map(c.state.ports if c.running else [])},
+        "Mounts": [{"Type": m.get("kind", "bind"), "Name": m.get("volume") or "", "Source": m.get("source"),
+                    "Destination": m["target"], "RW": not m.get("readonly")} for m in c.mounts],
         "GraphDriver": {"Name": "lamina-unionfs", "Data": {"UpperDir": str(c.upper), "WorkDir": str(c.work)}},
     }

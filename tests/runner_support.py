@@ -13,8 +13,29 @@ import subprocess
 import termios
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
+
+from harness import fuse_mounts_under
+
+Lamina = Callable[..., "subprocess.CompletedProcess[str]"]
+
+
+def lamina_on_root(lamina_cmd: Lamina, root: Path, remove_volumes: bool = False) -> Iterator[Lamina]:
+    """For a fixture: ``lamina(*args, check=False)`` on the store at ``root``; afterwards removes every
+    container (and volume, when ``remove_volumes``) and checks that nothing stays mounted."""
+
+    def run(*args: str, check: bool = False, **kwargs: object) -> subprocess.CompletedProcess[str]:
+        return lamina_cmd(*args, root=root, check=check, **kwargs)
+
+    yield run
+    ids = run("ps", "-aq").stdout.split()
+    if ids:
+        run("rm", "-f", *(["-v"] if remove_volumes else []), *ids)
+    if remove_volumes:
+        run("volume", "prune", "-a", "-f")
+    assert fuse_mounts_under(root) == []
 
 
 def free_port() -> int:

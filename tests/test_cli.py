@@ -94,6 +94,7 @@ SAMPLE_COMMAND_LINES: dict[str, list[str]] = {
     "mount": ["mount", "--rw", "--upto", "2", "--trace", "/t", "img", "/mnt"],
     "umount": ["umount", "--lazy", "/mnt"],
     "which": ["which", "--json", "img", "/etc/passwd"],
+    "volume": ["volume", "ls", "-q", "--filter", "dangling=true"],
 }
 
 

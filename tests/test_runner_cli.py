@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from harness import REPO_ROOT, fuse_mounts_under
-from runner_support import free_port, http_get_eventually, on_pty, read_until
+from runner_support import free_port, http_get_eventually, lamina_on_root, on_pty, read_until
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse]
 
@@ -30,15 +30,7 @@ def module_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def lamina(lamina_cmd: Lamina, module_root: Path) -> Iterator[Lamina]:
     """``lamina(*args, check=False)`` on a store shared by the module; removes containers afterwards."""
-
-    def run(*args: str, check: bool = False, **kwargs: object) -> subprocess.CompletedProcess[str]:
-        return lamina_cmd(*args, root=module_root, check=check, **kwargs)
-
-    yield run
-    ids = run("ps", "-aq").stdout.split()
-    if ids:
-        run("rm", "-f", *ids)
-    assert fuse_mounts_under(module_root) == []
+    yield from lamina_on_root(lamina_cmd, module_root)
 
 
 def lamina_argv(root: Path, *args: str) -> list[str]:
@@ -329,10 +321,10 @@ def test_image_volume_gets_a_seeded_anonymous_volume(lamina: Lamina, module_root
     store.create_image(base.layers, config, tags=["withvolume:1"], base=base)
     r = lamina("run", "--name", "usevol", "withvolume:1", "sh", "-c", "cat /data/f; echo new > /data/g")
     assert r.returncode == 0 and r.stdout == "seed\n", r.stderr
-    volume = Path(record(module_root, "usevol")["anonymous_volumes"][0])
+    volume = module_root / "volumes" / record(module_root, "usevol")["anonymous_volumes"][0] / "_data"
     assert sorted(os.listdir(volume)) == ["f", "g"]
     assert not any("/data/g" in line for line in lamina("diff", "usevol").stdout.splitlines())
-    assert lamina("rm", "usevol").returncode == 0
+    assert lamina("rm", "-v", "usevol").returncode == 0  # as docker: without -v it would stay
     assert not volume.exists()
 
 

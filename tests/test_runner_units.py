@@ -133,7 +133,10 @@ def test_port_flag() -> None:
     assert parse_port("8080:80") == PortMapping("0.0.0.0", 8080, 80, "tcp")
     assert parse_port("127.0.0.1:53:5353/udp") == PortMapping("127.0.0.1", 53, 5353, "udp")
     assert str(parse_port("1:2")) == "0.0.0.0:1->2/tcp"
-    for bad in ("80", "x:80", "70000:80", "1:2/sctp"):
+    # docker: a container port alone publishes it on a random host port (0 until it starts)
+    assert parse_port("80") == PortMapping("0.0.0.0", 0, 80, "tcp")
+    assert parse_port("127.0.0.1::80/udp") == PortMapping("127.0.0.1", 0, 80, "udp")
+    for bad in ("x:80", "70000:80", "1:2/sctp", "0"):
         with pytest.raises(UsageError):
             parse_port(bad)
     assert normalize_network("bridge") == "slirp"

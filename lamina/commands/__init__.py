@@ -20,5 +20,6 @@ VERB_MODULES: dict[str, str] = {
     **dict.fromkeys(["commit", "create", "diff", "exec", "kill", "logs", "port", "ps", "restart", "rm", "run",
                      "start", "stop", "wait"], "lamina.commands.containers"),
     **dict.fromkeys(["layers", "mount", "umount", "which"], "lamina.commands.inspector"),
+    "volume": "lamina.commands.volumes",
 }
 ALL_COMMAND_MODULES = tuple(dict.fromkeys(VERB_MODULES.values()))

@@ -9,9 +9,7 @@ import contextlib
 import copy
 import datetime as dt
 import json
-import os
 import re
-import secrets
 import shlex
 import signal
 import sys
@@ -20,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lamina.commands import run_options
 from lamina.errors import ContainerError, ContainerNotFound, LaminaError, UsageError
 from lamina.layout import Layout
 from lamina.timeparse import parse_go_duration, parse_time
@@ -55,12 +54,12 @@ def _add_container_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--env-file", action="append", default=[], metavar="FILE", help="read variables from FILE")
     p.add_argument("-w", "--workdir", help="working directory inside the container")
     p.add_argument("-u", "--user", help="user[:group] by name or number")
-    p.add_argument("-v", "--volume", action="append", default=[], metavar="HOST:CTR[:ro]",
-                   help="bind-mount a host path (or CTR alone: an anonymous volume)")
+    p.add_argument("-v", "--volume", action="append", default=[], metavar="SRC:CTR[:ro]",
+                   help="bind-mount a host path or mount a named volume (CTR alone: an anonymous volume)")
     p.add_argument("--tmpfs", action="append", default=[], metavar="PATH[:OPTIONS]",
                    help="mount a tmpfs on PATH (OPTIONS as mount -t tmpfs -o, e.g. size=64m,mode=1777)")
-    p.add_argument("-p", "--publish", action="append", default=[], metavar="[IP:]HOST:CTR[/PROTO]",
-                   help="publish a container port on the host")
+    p.add_argument("-p", "--publish", action="append", default=[], metavar="[[IP:]HOST:]CTR[/PROTO]",
+                   help="publish a container port on the host (a random host port when none is given)")
     p.add_argument("--entrypoint", help="override the image's ENTRYPOINT (and drop its CMD)")
     p.add_argument("--init", action="store_true", help="run a reaper as PID 1 that forwards signals")
     p.add_argument("--hostname", help="the container's host name (default: its short id)")
@@ -70,6 +69,7 @@ def _add_container_flags(p: argparse.ArgumentParser) -> None:
                    help="seccomp=unconfined turns off the default seccomp filter")
     p.add_argument("--pull", choices=["missing", "always", "never"], default="missing",
                    help="pull the image from its registry: when missing (default), always, or never")
+    run_options.add_flags(p)
     p.add_argument("image", help="image reference or id")
     p.add_argument("command", nargs=argparse.REMAINDER, help="command and arguments (replace CMD)")
 
@@ -92,7 +92,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     for verb, helptext in (("stop", "stop running containers"), ("restart", "restart containers")):
         p = subparsers.add_parser(verb, help=helptext)
-        p.add_argument("-t", "--time", type=int, default=10, help="seconds before SIGKILL (default 10)")
+        p.add_argument("-t", "--time", "--timeout", type=int, default=None,
+                       help="seconds before SIGKILL (default: the container's --stop-timeout, else 10)")
         p.add_argument("containers", nargs="+")
         p.set_defaults(handler=cmd_stop if verb == "stop" else cmd_restart)
 
@@ -103,6 +104,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("rm", help="remove containers")
     p.add_argument("-f", "--force", action="store_true", help="kill running containers first")
+    p.add_argument("-v", "--volumes", action="store_true", help="remove the containers' anonymous volumes too")
     p.add_argument("containers", nargs="+")
     p.set_defaults(handler=cmd_rm)
 
@@ -177,42 +179,15 @@ def _new_container(args: argparse.Namespace) -> Container:
     if args.name is not None and not _NAME_RE.match(args.name):
         raise UsageError(f"--name {args.name!r}: invalid container name, only [a-zA-Z0-9][a-zA-Z0-9_.-] "
                          "are allowed")
-    network = normalize_network(args.network)
+    network = run_options.resolve_network(args, args.layout, normalize_network(args.network))
     ports = [parse_port(p) for p in args.publish]
     if ports and network == "host":
         print("WARNING: Published ports are discarded when using host network mode", file=sys.stderr)
         ports = []
     if ports and network == "none":
         raise UsageError("-p: ports cannot be published with --network none")
-    mounts: list[dict[str, Any]] = []
-    anonymous: list[str] = []
-    targets = set()
-    for text in args.volume:
-        host, target, readonly = imageconfig.parse_volume_flag(text)
-        kind = "bind"
-        if host is None:
-            host = _anonymous_volume(args.layout)
-            anonymous.append(host)
-            kind = "volume"
-        mounts.append({"target": target, "kind": kind, "source": host, "readonly": readonly})
-        targets.add(os.path.normpath(target))
-    for target in imageconfig.image_volumes(cfg):
-        if os.path.normpath(target) not in targets:
-            host = _anonymous_volume(args.layout)
-            anonymous.append(host)
-            mounts.append({"target": target, "kind": "volume", "source": host, "readonly": False})
-    for text in args.tmpfs:
-        target, _, options = text.partition(":")
-        if not target.startswith("/"):
-            raise UsageError(f"--tmpfs {text}: the container path must be absolute")
-        mounts.append({"target": target, "kind": "tmpfs", "source": None, "readonly": False,
-                       "options": options or "mode=1777"})
-    seccomp = True
-    for opt in args.security_opt:
-        if opt in ("seccomp=unconfined", "seccomp:unconfined"):
-            seccomp = False
-        else:
-            raise UsageError(f"--security-opt {opt}: only seccomp=unconfined is supported")
+    fields, plans = run_options.container_fields(args, args.layout, cfg)
+    fields.setdefault("stop_signal", imageconfig.stop_signal(cfg))
     env = imageconfig.container_env(cfg, args.env_file, args.env)
     _refuse_nul(args.image, cfg)
     container = Container(
@@ -220,11 +195,19 @@ def _new_container(args: argparse.Namespace) -> Container:
         argv=imageconfig.container_argv(cfg, command, args.entrypoint), env=env,
         workdir=imageconfig.container_workdir(cfg, args.workdir),
         user=imageconfig.container_user(cfg, args.user), hostname=args.hostname or "", network=network,
-        ports=[p.to_json() for p in ports], mounts=mounts, anonymous_volumes=anonymous, tty=args.tty,
+        ports=[p.to_json() for p in ports], tty=args.tty,
         interactive=args.interactive, init=args.init, readonly=args.read_only, auto_remove=args.rm,
-        stop_signal=imageconfig.stop_signal(cfg), seccomp=seccomp,
+        **fields,
     )
-    return ContainerStore(args.layout).create(container)
+    run_options.check_cidfile(args.cidfile)
+    container.mounts, container.anonymous_volumes = run_options.make_volumes(args.layout, plans)
+    try:
+        container = ContainerStore(args.layout).create(container)
+    except BaseException:
+        run_options.discard_volumes(args.layout, container.anonymous_volumes)
+        raise
+    run_options.write_cidfile(args.cidfile, container.id)
+    return container
 
 
 def _refuse_nul(reference: str, cfg: dict[str, Any]) -> None:
@@ -264,12 +247,6 @@ def _image_for_run(store: Store, reference: str, policy: str) -> Image:
         if policy == "always":
             raise
         raise ImageNotFound(f"{reference} (not in the store, and pulling it failed: {e})") from e
-
-
-def _anonymous_volume(layout: Layout) -> str:
-    path = layout.volumes / secrets.token_hex(32) / "_data"
-    path.mkdir(parents=True)
-    return str(path)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -335,27 +312,38 @@ def cmd_start(args: argparse.Namespace) -> int:
     return _each(args, start)
 
 
+def _stop_timeout(args: argparse.Namespace, c: Container) -> float:
+    """``stop -t`` wins over the container's ``--stop-timeout``; -1 waits for ever, as docker."""
+    seconds = args.time if args.time is not None else c.stop_timeout if c.stop_timeout is not None else 10
+    return float("inf") if seconds < 0 else float(seconds)
+
+
 def cmd_stop(args: argparse.Namespace) -> int:
     from runner.lifecycle import stop
 
-    return _each(args, lambda store, c: stop(store, c, args.time))
+    return _each(args, lambda store, c: stop(store, c, _stop_timeout(args, c)))
 
 
 def cmd_restart(args: argparse.Namespace) -> int:
     from runner.lifecycle import start_detached, stop
 
     def restart(store: ContainerStore, c: Container) -> None:
-        stop(store, c, args.time)
+        stop(store, c, _stop_timeout(args, c))
         start_detached(args.layout, store.get(c.id))
 
     return _each(args, restart)
 
 
 def cmd_kill(args: argparse.Namespace) -> int:
-    from runner.lifecycle import signal_container
+    from runner.lifecycle import mark_stopped_by_user, signal_container
 
     sig = imageconfig.parse_signal(args.signal)
-    return _each(args, lambda store, c: signal_container(c, sig))
+
+    def kill(store: ContainerStore, c: Container) -> None:
+        mark_stopped_by_user(c)
+        signal_container(c, sig)
+
+    return _each(args, kill)
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
@@ -368,7 +356,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
             signal_container(c, signal.SIGKILL)
             if not wait_stopped(store, c, 10):
                 raise ContainerError(f"container {c.name} did not stop")
-        remove(args.layout, c)
+        remove(args.layout, c, volumes=args.volumes)
 
     return _each(args, rm)
 
@@ -384,9 +372,14 @@ def cmd_wait(args: argparse.Namespace) -> int:
     return 0
 
 
+def _published(c: Container) -> list[dict[str, Any]]:
+    """The ports as published at the last start (``-p CTR`` has its random host port there)."""
+    return c.state.ports if c.state.ports else c.ports
+
+
 def cmd_port(args: argparse.Namespace) -> int:
     container = ContainerStore(args.layout).get(args.container)
-    for p in container.ports:
+    for p in _published(container):
         print(f"{p['container_port']}/{p['proto']} -> {p['host_ip']}:{p['host_port']}")
     return 0
 
@@ -405,11 +398,21 @@ def _ago(when: dt.datetime | None) -> str:
     return "Less than a second" if seconds < 1 else f"{seconds} second{'s' if seconds > 1 else ''}"
 
 
+def _health_suffix(c: Container) -> str:
+    """docker's " (healthy)", " (unhealthy)", " (health: starting)"."""
+    if c.healthcheck is None:
+        return ""
+    from runner.health import read_health
+
+    status = (read_health(c.directory) or {}).get("Status", "starting")
+    return " (health: starting)" if status == "starting" else f" ({status})"
+
+
 def _status(c: Container) -> str:
     if c.state.status == STATUS_CREATED:
         return "Created"
     if c.running:
-        return f"Up {_ago(parse_time(c.state.started_at))}"
+        return f"Up {_ago(parse_time(c.state.started_at))}{_health_suffix(c)}"
     return f"Exited ({c.state.exit_code}) {_ago(parse_time(c.state.finished_at))} ago"
 
 
@@ -439,7 +442,7 @@ def _ps_row(c: Container, no_trunc: bool) -> dict[str, str]:
     command = shlex.join(c.argv)
     if len(command) > 20 and not no_trunc:
         command = command[:19] + "…"
-    ports = ", ".join(f"{p['host_ip']}:{p['host_port']}->{p['container_port']}/{p['proto']}" for p in c.ports)
+    ports = ", ".join(f"{p['host_ip']}:{p['host_port']}->{p['container_port']}/{p['proto']}" for p in _published(c))
     return {"ID": c.id if no_trunc else c.short_id, "Image": c.image, "Command": f'"{command}"',
             "CreatedAt": c.created, "RunningFor": f"{_ago(parse_time(c.created))} ago", "Status": _status(c),
             "State": c.state.status, "Ports": ports if c.running else "", "Names": c.name}
