@@ -139,6 +139,9 @@ class SandboxSpec:
     union_log: Path | None = None
     create_cwd: bool = True
     seccomp: bool = True
+    # Run in the container's root instead of ``argv``, as root of its namespace: ``worker(0)`` with
+    # ``stdin`` on descriptor 0, its result the exit code (``cp`` on a stopped container).
+    worker: Callable[[int], int] | None = None
 
 
 def _hosts_file(hostname: str, network: str) -> str:

@@ -178,6 +178,9 @@ def _container_init(spec: SandboxSpec, network: str, root: str, status_w: int, g
     env.setdefault("HOSTNAME", spec.hostname)
     env.setdefault("HOME", user.home)
     _apply_stdio(spec)
+    if spec.worker is not None:
+        os.close(status_w)  # as an exec would: the start is complete
+        os._exit(spec.worker(0))
     if spec.init:
         _run_init_reaper(spec, user, env, status_w)
     exec_command(spec.argv, env, spec.cwd, user, status_w, spec.create_cwd, spec.seccomp)

@@ -79,6 +79,8 @@ SAMPLE_COMMAND_LINES: dict[str, list[str]] = {
     "commit": ["commit", "-m", "msg", "-p", "false", "ctr", "img:1"],
     "create": ["create", "--name", "c", "-e", "A=1", "-v", "/x", "--read-only", "img", "sh", "-c", "x"],
     "diff": ["diff", "ctr"],
+    "cp": ["cp", "-a", "-L", "ctr:/etc/passwd", "-"],
+    "export": ["export", "-o", "out.tar", "ctr"],
     "exec": ["exec", "-it", "-e", "A=1", "ctr", "ls", "-l"],
     "kill": ["kill", "-s", "TERM", "a", "b"],
     "logs": ["logs", "-f", "-t", "--since", "10m", "-n", "5", "ctr"],
