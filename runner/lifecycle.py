@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from lamina.errors import ContainerError, ContainerNotFound, LaminaError
 from lamina.layout import Layout
-from runner import linux, tty, unionserver
+from runner import attach, linux, tty, unionserver
 from runner.containerlog import STDERR, STDOUT, LogWriter
 from runner.network import PortMapping
 from runner.sandbox import Mount, Sandbox, SandboxSpec, call_in_userns, forward_signals, start_sandbox
@@ -99,19 +100,25 @@ class _OutputEnds:
     master: int | None = None
     pipes: dict[int, str] = field(default_factory=dict)  # read end -> STDOUT or STDERR
     child_ends: list[int] = field(default_factory=list)
+    console: socket.socket | None = None  # where the container's init sends its pty's master
 
     def close(self) -> None:
         for fd in [*self.pipes, *([self.master] if self.master is not None else [])]:
             os.close(fd)
         self.pipes, self.master = {}, None
+        if self.console is not None:
+            self.console.close()
+            self.console = None
 
 
 def _plumb_output(spec: SandboxSpec, use_tty: bool) -> _OutputEnds:
     ends = _OutputEnds()
     if use_tty:
-        ends.master, slave = tty.open_pty()
-        spec.terminal = slave
-        ends.child_ends.append(slave)
+        # The pty is made inside the container, of its own devpts (the terminal is /dev/pts/0
+        # there, as with docker), and its master comes back on this socket.
+        ends.console, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        spec.console_socket = theirs.detach()
+        ends.child_ends.append(spec.console_socket)
         return ends
     for stream in (STDOUT, STDERR):
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
@@ -125,11 +132,22 @@ def _start(spec: SandboxSpec, ends: _OutputEnds) -> Sandbox:
     """Start the sandbox, then close this side's copies of its ends (or the pipes would never reach
     end of file)."""
     try:
-        return start_sandbox(spec)
+        sandbox = start_sandbox(spec)
     finally:
         for fd in ends.child_ends:
             os.close(fd)
         ends.child_ends = []
+    if ends.console is not None:
+        try:
+            ends.master = tty.receive_terminal(ends.console)
+        except LaminaError:
+            sandbox.send_signal(signal.SIGKILL)
+            sandbox.wait()
+            raise
+        finally:
+            ends.console.close()
+            ends.console = None
+    return sandbox
 
 
 def _record_failure(layout: Layout, container: Container, error: LaminaError) -> None:
@@ -177,7 +195,7 @@ def run_attached(layout: Layout, container: Container) -> int:
         _record_failure(layout, container, e)
         raise
     if container.tty:
-        spec.env.setdefault("TERM", os.environ.get("TERM", "xterm"))
+        spec.env.setdefault("TERM", "xterm")  # as docker: not the caller's
     with contextlib.closing(LogWriter(container.log_path)) as container_log:
         ends = _plumb_output(spec, container.tty)
         if not container.interactive:
@@ -207,14 +225,17 @@ def _exited(sandbox: Sandbox) -> bool:
     return sandbox.poll() is not None
 
 
-def start_detached(layout: Layout, container: Container) -> None:
-    """Start the container under a daemonised monitor; return once its command runs."""
+def start_detached(layout: Layout, container: Container, hold_output: bool = False) -> None:
+    """Start the container under a daemonised monitor; return once its command runs.
+
+    A ``-t`` container's monitor serves its terminal to attached clients (:mod:`runner.attach`);
+    ``hold_output``: keep what it writes until the first client attaches (``run -it``)."""
     report_r, report_w = os.pipe2(os.O_CLOEXEC)
 
     def monitor() -> None:
         unionserver.forget_inherited()
         claim(container)
-        _monitor(layout, container, report_w)
+        _monitor(layout, container, report_w, hold_output)
 
     try:
         linux.run_detached(monitor, {0, 1, 2, report_w})
@@ -251,7 +272,7 @@ def _detach_stdio(container: Container) -> None:
             handler.setStream(sys.stderr)
 
 
-def _monitor(layout: Layout, container: Container, report_w: int) -> None:
+def _monitor(layout: Layout, container: Container, report_w: int, hold_output: bool = False) -> None:
     """The daemonised monitor of ``run -d``/``start``: starts the sandbox with its output on pipes
     (or a pty), reports to the command line on ``report_w``, then copies the output to the log until
     the container exits and records its exit code."""
@@ -262,6 +283,7 @@ def _monitor(layout: Layout, container: Container, report_w: int) -> None:
         if container.tty:
             spec.env.setdefault("TERM", "xterm")
         ends = _plumb_output(spec, container.tty)
+        listener = attach.open_listener(container.directory) if container.tty else None
         sandbox = _start(spec, ends)
     except LaminaError as e:
         _record_failure(layout, container, e)
@@ -276,8 +298,13 @@ def _monitor(layout: Layout, container: Container, report_w: int) -> None:
     os.close(report_w)
     with forward_signals() as forwarder:
         forwarder.attach(sandbox)
+        clients: list[socket.socket] = []
         try:
-            _copy_output(ends, container_log, sandbox, live=False)
+            if listener is not None and ends.master is not None:
+                clients = attach.serve_terminal(ends.master, listener, _log_output(container_log, STDOUT, None),
+                                                lambda: _exited(sandbox), hold_output)
+            else:
+                _copy_output(ends, container_log, sandbox, live=False)
         except Exception:
             # Nobody would see the traceback (this process ends in os._exit): say it in monitor.log,
             # and keep the container's record true. Closing the pipes makes its writes fail with
@@ -286,7 +313,11 @@ def _monitor(layout: Layout, container: Container, report_w: int) -> None:
         finally:
             ends.close()
             container_log.close()
+            if listener is not None:
+                listener.close()
         code = sandbox.wait()
+    _mark_exited(container, code)
+    attach.send_exit(clients, code)
     _finish(layout, container, code)
 
 

@@ -142,6 +142,9 @@ class SandboxSpec:
     # Run in the container's root instead of ``argv``, as root of its namespace: ``worker(0)`` with
     # ``stdin`` on descriptor 0, its result the exit code (``cp`` on a stopped container).
     worker: Callable[[int], int] | None = None
+    # A Unix socket: the container's init makes a pty of the container's own devpts, sends its
+    # master here (SCM_RIGHTS) and makes the slave its terminal (``-t``; instead of ``terminal``).
+    console_socket: int | None = None
 
 
 def _hosts_file(hostname: str, network: str) -> str:
@@ -394,7 +397,7 @@ def _fork_keeper(spec: SandboxSpec, network: str, state: _State, ready_r: int | 
     if pid == 0:  # keeper
         def run_keeper() -> int:
             linux.close_fds_except({0, 1, 2, status_w, sync_r, go_r, ready_r, spec.stdin, spec.stdout, spec.stderr,
-                                    spec.terminal, interpreter})
+                                    spec.terminal, spec.console_socket, interpreter})
             return keeper(spec, network, status_w, sync_r, go_r, str(state.merged), ready_r, state.etc_files)
 
         child_main(status_w, run_keeper)

@@ -14,6 +14,7 @@ import logging
 import os
 import select
 import signal
+import socket
 import termios
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NoReturn
@@ -22,7 +23,7 @@ from lamina.errors import CommandNotFound, CommandNotInvokable, ContainerError, 
 from runner import linux, sealed
 from runner.idmap import is_mapped
 from runner.network import loopback_up
-from runner.rootfs import MountRequest, pivot_into, prepare_root
+from runner.rootfs import MountRequest, open_console, pivot_into, prepare_root
 from runner.seccomp import install_filter  # imported here: after pivot_root nothing can be imported
 from runner.userdb import ExecUser, resolve_user
 
@@ -101,7 +102,7 @@ def keeper(spec: SandboxSpec, network: str, status_w: int, sync_r: int, go_r: in
             linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
             sealed.exec_sealed("container-init", (spec, network, root, status_w, go_r, etc_files, mounted_r),
                                {0, 1, 2, status_w, go_r, mounted_r, spec.stdin, spec.stdout, spec.stderr,
-                                spec.terminal})
+                                spec.terminal, spec.console_socket})
 
         child_main(status_w, start_init)
     for fd in (go_r, mounted_r):
@@ -160,6 +161,8 @@ def _container_init(spec: SandboxSpec, network: str, root: str, status_w: int, g
     prepare_root(root, cwd=spec.cwd, create_cwd=spec.create_cwd, etc_files=etc_files, mounts=user_mounts,
                  console=console, own_netns=network != "host", readonly=spec.readonly_rootfs,
                  gid5_mapped=is_mapped(5, "/proc/self/gid_map"))
+    if spec.console_socket is not None:
+        spec.terminal = _hand_over_console(root, spec.console_socket)
     user = resolve_user(spec.user, _existing(root, "/etc/passwd"), _existing(root, "/etc/group"))
     if network != "host":
         loopback_up()
@@ -184,6 +187,15 @@ def _container_init(spec: SandboxSpec, network: str, root: str, status_w: int, g
     if spec.init:
         _run_init_reaper(spec, user, env, status_w)
     exec_command(spec.argv, env, spec.cwd, user, status_w, spec.create_cwd, spec.seccomp)
+
+
+def _hand_over_console(root: str, console_socket: int) -> int:
+    """Make the container's pty, send its master to lamina; the slave, to become the terminal."""
+    master, slave = open_console(root)
+    with socket.socket(fileno=console_socket) as sock:
+        socket.send_fds(sock, [b"t"], [master])
+    os.close(master)
+    return slave
 
 
 def _existing(root: str, path: str) -> str | None:

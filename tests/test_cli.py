@@ -81,6 +81,7 @@ SAMPLE_COMMAND_LINES: dict[str, list[str]] = {
     "diff": ["diff", "ctr"],
     "cp": ["cp", "-a", "-L", "ctr:/etc/passwd", "-"],
     "export": ["export", "-o", "out.tar", "ctr"],
+    "attach": ["attach", "--detach-keys", "ctrl-a,x", "--no-stdin", "ctr"],
     "exec": ["exec", "-it", "-e", "A=1", "ctr", "ls", "-l"],
     "kill": ["kill", "-s", "TERM", "a", "b"],
     "logs": ["logs", "-f", "-t", "--since", "10m", "-n", "5", "ctr"],

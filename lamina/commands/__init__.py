@@ -19,7 +19,7 @@ VERB_MODULES: dict[str, str] = {
     "build": "lamina.commands.build",
     **dict.fromkeys(["commit", "create", "diff", "exec", "kill", "logs", "port", "ps", "restart", "rm", "run",
                      "start", "stop", "wait"], "lamina.commands.containers"),
-    **dict.fromkeys(["cp", "export"], "lamina.commands.container_verbs"),
+    **dict.fromkeys(["attach", "cp", "export"], "lamina.commands.container_verbs"),
     **dict.fromkeys(["layers", "mount", "umount", "which"], "lamina.commands.inspector"),
 }
 ALL_COMMAND_MODULES = tuple(dict.fromkeys(VERB_MODULES.values()))

@@ -1,4 +1,4 @@
-"""More container verbs: cp, export, top, rename, pause, unpause, commit.
+"""More container verbs: cp, export, attach, top, rename, pause, unpause, commit.
 
 Handlers parse flags and leave the work to :mod:`runner.container_files` (cp, export),
 :mod:`runner.freeze` (pause), :mod:`runner.commit_config` (commit's config) and the store.
@@ -11,11 +11,16 @@ import contextlib
 import os
 import sys
 
-from lamina.errors import LaminaError, UsageError
-from runner.state import ContainerStore
+from lamina.commands.containers import _bool_flag as bool_flag
+from lamina.errors import ContainerError, ContainerNotFound, LaminaError, UsageError
+from runner.state import Container, ContainerStore
 
 
 class CopyUsageError(UsageError):
+    exit_code = 1  # docker's client
+
+
+class ContainerStateError(ContainerError):
     exit_code = 1  # docker's client
 
 
@@ -31,10 +36,88 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("destination")
     p.set_defaults(handler=cmd_cp)
 
+    p = subparsers.add_parser("attach", help="attach to a running container's terminal or output")
+    p.add_argument("--detach-keys", help='the keys that detach (default "ctrl-p,ctrl-q")')
+    p.add_argument("--no-stdin", action="store_true", help="do not attach stdin")
+    p.add_argument("--sig-proxy", type=bool_flag, nargs="?", const=True, default=True, metavar="BOOL",
+                   help="accepted for docker's command lines (a terminal passes signals as keys)")
+    p.add_argument("container")
+    p.set_defaults(handler=cmd_attach)
+
     p = subparsers.add_parser("export", help="write a container's filesystem as a tar archive")
     p.add_argument("-o", "--output", help="write to a file instead of stdout")
     p.add_argument("container")
     p.set_defaults(handler=cmd_export)
+
+
+def detach_keys(args: argparse.Namespace) -> bytes:
+    from runner.attach import DEFAULT_DETACH_KEYS, parse_detach_keys
+
+    return parse_detach_keys(getattr(args, "detach_keys", None) or DEFAULT_DETACH_KEYS)
+
+
+def start_and_attach(args: argparse.Namespace, container: Container, keys: bytes, interactive: bool) -> int:
+    """``run -it``, ``start -ai``: start under a monitor, attach this terminal; the container's exit
+    code, or 0 when the user detaches (as docker)."""
+    from runner.attach import Detached, attach_session
+    from runner.lifecycle import start_detached
+
+    start_detached(args.layout, container, hold_output=True)
+    try:
+        return attach_session(container, keys, interactive, ContainerStore(args.layout))
+    except Detached:
+        return 0
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    from runner.attach import attach_session
+    from runner.tty import check_tty
+
+    keys = detach_keys(args)
+    store = ContainerStore(args.layout)
+    container = store.get(args.container)
+    if not container.running:
+        raise ContainerStateError("You cannot attach to a stopped container, start it first")
+    if not container.tty:
+        return _follow_output(store, container)
+    interactive = container.interactive and not args.no_stdin
+    check_tty(interactive, True)
+    return attach_session(container, keys, interactive, store)
+
+
+def _follow_output(store: ContainerStore, container: Container) -> int:
+    """A container without a terminal: its output from now on, each stream on its own descriptor,
+    until it exits; its exit code."""
+    import time
+
+    from runner.containerlog import STDOUT, LogReader
+
+    outputs = {STDOUT: sys.stdout.buffer}
+    with contextlib.closing(LogReader(container.log_path)) as reader:
+        for _records in reader.read_all():
+            pass  # what it wrote before we attached is for `logs`
+        while True:
+            running = _still_running(store, container.id)
+            for records in reader.read_all():
+                for record in records:
+                    out = outputs.get(record.stream, sys.stderr.buffer)
+                    out.write(record.data)
+                    out.flush()
+            if not running:
+                break
+            time.sleep(0.05)
+    try:
+        code = store.get(container.id).state.exit_code
+    except ContainerNotFound:
+        return 0
+    return code if code is not None else 0
+
+
+def _still_running(store: ContainerStore, container_id: str) -> bool:
+    try:
+        return store.get(container_id).running
+    except ContainerNotFound:
+        return False
 
 
 def split_copy_argument(arg: str) -> tuple[str, str]:

@@ -35,6 +35,7 @@ from runner.containerlog import (
     timestamp_ns,
 )
 from runner.state import STATUS_CREATED, Container, ContainerStore, now
+from runner.tty import check_tty
 
 # runner.lifecycle, runner.sandbox and the store are imported by the handlers that need them, so
 # that `lamina --help` and every other package's verbs do not pay for them.
@@ -78,6 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the container verbs to ``lamina``. Each verb sets ``handler(args) -> int``."""
     p = subparsers.add_parser("run", help="run a command in a new container")
     p.add_argument("-d", "--detach", action="store_true", help="run in the background, print the id")
+    p.add_argument("--detach-keys", help='with -it: the keys that detach (default "ctrl-p,ctrl-q")')
     _add_container_flags(p)
     p.set_defaults(handler=cmd_run)
 
@@ -87,6 +89,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("start", help="start stopped containers")
     p.add_argument("-a", "--attach", action="store_true", help="attach output and wait (one container)")
+    p.add_argument("-i", "--interactive", action="store_true", help="attach stdin (a -t container's terminal)")
+    p.add_argument("--detach-keys", help='the keys that detach (default "ctrl-p,ctrl-q")')
     p.add_argument("containers", nargs="+")
     p.set_defaults(handler=cmd_start)
 
@@ -276,7 +280,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from runner import unionserver
     from runner.lifecycle import run_attached, start_detached
 
-    if args.detach:
+    if not args.detach:
+        check_tty(args.interactive, args.tty)
+    attach_terminal = args.interactive and args.tty and not args.detach
+    if attach_terminal or args.detach_keys:
+        from lamina.commands.container_verbs import detach_keys, start_and_attach
+
+        keys = detach_keys(args)  # refused before anything is made
+    if args.detach or attach_terminal:
         unionserver.discard()  # a daemonised monitor starts its own
     else:
         # Fork the union server now (if the command line hook has not already): its imports then
@@ -291,6 +302,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         start_detached(args.layout, container)
         print(container.id)
         return 0
+    if attach_terminal:  # under a monitor, so that the detach keys leave it running
+        return start_and_attach(args, container, keys, interactive=True)
     return run_attached(args.layout, container)
 
 
@@ -326,6 +339,12 @@ def cmd_start(args: argparse.Namespace) -> int:
         container = ContainerStore(args.layout).get(args.containers[0])
         if container.running:
             raise ContainerError(f"container {container.name} is already running")
+        if container.tty:
+            from lamina.commands.container_verbs import detach_keys, start_and_attach
+
+            interactive = args.interactive and container.interactive
+            check_tty(interactive, True)
+            return start_and_attach(args, container, detach_keys(args), interactive)
         return run_attached(args.layout, container)
 
     def start(store: ContainerStore, c: Container) -> None:
@@ -576,6 +595,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
         command = command[1:]
     if not command:
         raise UsageError("exec: no command given")
+    check_tty(args.interactive, args.tty)
     env = dict(container.env)
     env.update(imageconfig.container_env({}, [], args.env))
     workdir = args.workdir or container.workdir
