@@ -105,6 +105,10 @@ class Container:
     auto_remove: bool = False
     stop_signal: int = 15
     seccomp: bool = True
+    # Entrypoint and Cmd as run (argv is the two joined): what ``commit`` records. None in records
+    # made before they were kept.
+    entrypoint: list[str] | None = None
+    cmd: list[str] | None = None
     state: ContainerState = field(default_factory=ContainerState)
     directory: Path = field(default=Path("."), compare=False)
 

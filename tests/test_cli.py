@@ -76,7 +76,7 @@ SAMPLE_COMMAND_LINES: dict[str, list[str]] = {
     "pull": ["pull", "--platform", "linux/arm64/v8", "--tls-verify", "false", "-q", "img"],
     "push": ["push", "--creds", "u:p", "--cert-dir", "/certs", "img", "registry.test/img:1"],
     "build": ["build", "-t", "a", "-t", "b", "--build-arg", "A=1", "--no-cache", "-f", "-", "ctx"],
-    "commit": ["commit", "-m", "msg", "-p", "false", "ctr", "img:1"],
+    "commit": ["commit", "-m", "msg", "--pause=false", "-c", "CMD x", "-a", "me", "ctr", "img:1"],
     "create": ["create", "--name", "c", "-e", "A=1", "-v", "/x", "--read-only", "img", "sh", "-c", "x"],
     "diff": ["diff", "ctr"],
     "cp": ["cp", "-a", "-L", "ctr:/etc/passwd", "-"],

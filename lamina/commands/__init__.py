@@ -17,9 +17,9 @@ VERB_MODULES: dict[str, str] = {
                     "lamina.commands.images"),
     **dict.fromkeys(["login", "logout", "pull", "push"], "lamina.commands.registry"),
     "build": "lamina.commands.build",
-    **dict.fromkeys(["commit", "create", "diff", "exec", "kill", "logs", "port", "ps", "restart", "rm", "run",
+    **dict.fromkeys(["create", "diff", "exec", "kill", "logs", "port", "ps", "restart", "rm", "run",
                      "start", "stop", "wait"], "lamina.commands.containers"),
-    **dict.fromkeys(["attach", "cp", "export"], "lamina.commands.container_verbs"),
+    **dict.fromkeys(["attach", "commit", "cp", "export"], "lamina.commands.container_verbs"),
     **dict.fromkeys(["layers", "mount", "umount", "which"], "lamina.commands.inspector"),
 }
 ALL_COMMAND_MODULES = tuple(dict.fromkeys(VERB_MODULES.values()))

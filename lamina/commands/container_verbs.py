@@ -10,9 +10,12 @@ import argparse
 import contextlib
 import os
 import sys
+from pathlib import Path
+from typing import Any
 
 from lamina.commands.containers import _bool_flag as bool_flag
 from lamina.errors import ContainerError, ContainerNotFound, LaminaError, UsageError
+from lamina.layout import Layout
 from runner.state import Container, ContainerStore
 
 
@@ -43,6 +46,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="accepted for docker's command lines (a terminal passes signals as keys)")
     p.add_argument("container")
     p.set_defaults(handler=cmd_attach)
+
+    p = subparsers.add_parser("commit", help="make an image from a container's changes and config")
+    p.add_argument("-a", "--author", help='the author ("A. Name <a@example.org>")')
+    p.add_argument("-c", "--change", action="append", default=[], metavar="INSTRUCTION",
+                   help="apply a Dockerfile instruction: CMD, ENTRYPOINT, ENV, EXPOSE, LABEL, ONBUILD, "
+                        "STOPSIGNAL, USER, VOLUME, WORKDIR")
+    p.add_argument("-m", "--message", default="", help="the commit message (in the image's history)")
+    # -p takes no value (as docker's boolean shorthand), so `commit -p CONTAINER` reads as docker's.
+    p.add_argument("--pause", type=bool_flag, nargs="?", const=True, default=True, metavar="BOOL",
+                   help="pause the container's processes while its layer is read (default true)")
+    p.add_argument("-p", dest="pause", action="store_true", help="--pause=true")
+    p.add_argument("container")
+    p.add_argument("reference", nargs="?")
+    p.set_defaults(handler=cmd_commit)
 
     p = subparsers.add_parser("export", help="write a container's filesystem as a tar archive")
     p.add_argument("-o", "--output", help="write to a file instead of stdout")
@@ -118,6 +135,40 @@ def _still_running(store: ContainerStore, container_id: str) -> bool:
         return store.get(container_id).running
     except ContainerNotFound:
         return False
+
+
+def _commit_layer(layout: Layout, upper: Path) -> Any:
+    from lamina.store import Store
+
+    return Store.open(layout).commit_layer(upper)
+
+
+def cmd_commit(args: argparse.Namespace) -> int:
+    from lamina.application import open_store
+    from runner.commit_config import committed_config
+    from runner.freeze import paused
+    from runner.sandbox import call_in_userns
+    from runner.state import now
+
+    container = ContainerStore(args.layout).get(args.container)
+    store = open_store(args.layout)
+    pause = paused(container.state.pid) if args.pause and container.running else contextlib.nullcontext()
+    # Shared lock from the new layer to the image that names it: a concurrent prune must not
+    # collect the layer in between (shared holders never block each other).
+    with store.lock(shared=True):
+        base = store.resolve_image(container.image_id)
+        config = committed_config(base.config, container, args.change, args.author, args.message, now())
+        with pause:
+            try:
+                layer = _commit_layer(args.layout, container.upper)
+            except PermissionError:
+                # Directories the container made private under subordinate ids: read them as
+                # namespace root.
+                layer = call_in_userns(_commit_layer, args.layout, container.upper)
+        image = store.create_image([*base.layers, layer], config,
+                                   tags=[args.reference] if args.reference else [], base=base)
+    print(f"sha256:{image.id}")
+    return 0
 
 
 def split_copy_argument(arg: str) -> tuple[str, str]:

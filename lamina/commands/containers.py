@@ -1,12 +1,11 @@
 """The container verbs: run, create, start, stop, kill, restart, rm, wait, ps, port, logs, exec,
-commit, diff. Handlers parse flags into a :class:`runner.state.Container` and leave the work to
+diff. Handlers parse flags into a :class:`runner.state.Container` and leave the work to
 :mod:`runner.lifecycle`, :mod:`runner.execute` and :mod:`runner.diff`."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import datetime as dt
 import json
 import os
@@ -152,14 +151,6 @@ def _register_inspection(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("command", nargs=argparse.REMAINDER)
     p.set_defaults(handler=cmd_exec)
 
-    p = subparsers.add_parser("commit", help="make an image from a container's changes")
-    p.add_argument("-m", "--message", default="")
-    p.add_argument("-p", "--pause", type=_bool_flag, nargs="?", const=True, default=True, metavar="BOOL",
-                   help="pause the container's processes while its layer is read (default true)")
-    p.add_argument("container")
-    p.add_argument("reference", nargs="?")
-    p.set_defaults(handler=cmd_commit)
-
     p = subparsers.add_parser("diff", help="list a container's changed files (A/C/D)")
     p.add_argument("container")
     p.set_defaults(handler=cmd_diff)
@@ -219,6 +210,7 @@ def _new_container(args: argparse.Namespace) -> Container:
             raise UsageError(f"--security-opt {opt}: only seccomp=unconfined is supported")
     env = imageconfig.container_env(cfg, args.env_file, args.env)
     _refuse_nul(args.image, cfg)
+    entrypoint, cmd = imageconfig.run_entrypoint_and_cmd(cfg, command, args.entrypoint)
     container = Container(
         id="", name=args.name or "", image=args.image, image_id=image.id, created=now(),
         argv=imageconfig.container_argv(cfg, command, args.entrypoint), env=env,
@@ -226,7 +218,7 @@ def _new_container(args: argparse.Namespace) -> Container:
         user=imageconfig.container_user(cfg, args.user), hostname=args.hostname or "", network=network,
         ports=[p.to_json() for p in ports], mounts=mounts, anonymous_volumes=anonymous, tty=args.tty,
         interactive=args.interactive, init=args.init, readonly=args.read_only, auto_remove=args.rm,
-        stop_signal=imageconfig.stop_signal(cfg), seccomp=seccomp,
+        stop_signal=imageconfig.stop_signal(cfg), seccomp=seccomp, entrypoint=entrypoint, cmd=cmd,
     )
     return ContainerStore(args.layout).create(container)
 
@@ -605,49 +597,12 @@ def cmd_exec(args: argparse.Namespace) -> int:
                              args.tty, args.interactive)
 
 
-def _commit_layer(layout: Layout, upper: Path) -> Any:
-    from lamina.store import Store
-
-    return Store.open(layout).commit_layer(upper)
-
-
 def _bool_flag(text: str) -> bool:
     """docker's boolean flag values (``--pause=false``)."""
     answers = {"true": True, "1": True, "false": False, "0": False}
     if text.lower() not in answers:
         raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
     return answers[text.lower()]
-
-
-def cmd_commit(args: argparse.Namespace) -> int:
-    from lamina.application import open_store
-    from runner.freeze import paused
-    from runner.sandbox import call_in_userns
-
-    container = ContainerStore(args.layout).get(args.container)
-    store = open_store(args.layout)
-    pause = paused(container.state.pid) if args.pause and container.running else contextlib.nullcontext()
-    # Shared lock from the new layer to the image that names it: a concurrent prune must not
-    # collect the layer in between (shared holders never block each other).
-    with store.lock(shared=True):
-        base = store.resolve_image(container.image_id)
-        with pause:
-            try:
-                layer = _commit_layer(args.layout, container.upper)
-            except PermissionError:
-                # Directories the container made private under subordinate ids: read them as
-                # namespace root.
-                layer = call_in_userns(_commit_layer, args.layout, container.upper)
-        config = copy.deepcopy(base.config)
-        config.pop("created", None)
-        history = list(config.get("history") or [])
-        history.append({"created": now(), "created_by": f"lamina commit {container.name}",
-                        **({"comment": args.message} if args.message else {})})
-        config["history"] = history
-        image = store.create_image([*base.layers, layer], config,
-                                   tags=[args.reference] if args.reference else [], base=base)
-    print(f"sha256:{image.id}")
-    return 0
 
 
 def _changes(upper: Path, lowers: LayerStack) -> list[tuple[str, str]]:
