@@ -72,7 +72,8 @@ def _mark_running(container: Container, sandbox: Sandbox) -> None:
     container.state.exit_code = None
     container.state.finished_at = ""
     container.state.error = ""
-    container.save()
+    container.state.paused = ""
+    container.save_state()
 
 
 def _mark_exited(container: Container, code: int, error: str = "") -> None:
@@ -82,8 +83,9 @@ def _mark_exited(container: Container, code: int, error: str = "") -> None:
     container.state.pid = 0
     container.state.monitor_pid = 0
     container.state.error = error
+    container.state.paused = ""
     with contextlib.suppress(OSError):
-        container.save()
+        container.save_state()
 
 
 def _finish(layout: Layout, container: Container, code: int) -> None:

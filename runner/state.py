@@ -22,6 +22,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterator
@@ -46,6 +47,13 @@ _ADJECTIVES = ("brave", "calm", "eager", "fond", "gentle", "happy", "jolly", "ke
                "nifty", "proud", "quirky", "sharp", "tender", "upbeat", "vivid", "witty", "zealous", "bold")
 _NAMES = ("curie", "darwin", "euler", "fermi", "gauss", "hopper", "kepler", "lovelace", "noether",
           "pascal", "ritchie", "shannon", "thompson", "turing", "wozniak", "yalow", "knuth", "lamport")
+
+
+_NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")  # docker's rule
+
+
+def valid_name(name: str) -> bool:
+    return _NAME_RE.fullmatch(name) is not None
 
 
 def now() -> str:
@@ -80,6 +88,7 @@ class ContainerState:
     started_at: str = ""
     finished_at: str = ""
     error: str = ""
+    paused: str = ""  # how `pause` holds it ("cgroup" or "signals"); "" when not paused
 
 
 @dataclass
@@ -152,6 +161,15 @@ class Container:
         tmp = self.directory / f".container.json.{os.getpid()}"
         tmp.write_text(json.dumps(self.to_json(), indent=1))
         os.replace(tmp, path)
+
+    def save_state(self) -> None:
+        """Save, keeping the name the record has on disk now: ``rename`` may have changed it while
+        a monitor held this copy."""
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            name = json.loads((self.directory / "container.json").read_text()).get("name")
+            if isinstance(name, str) and name:
+                self.name = name
+        self.save()
 
     def monitor_alive(self) -> bool:
         if not self.state.monitor_pid:
@@ -308,7 +326,7 @@ def claim(container: Container) -> None:
     it is killed before the command ends, the next command sees that (see :func:`refresh`)."""
     container.state.monitor_pid = os.getpid()
     container.state.monitor_start = process_start_time(os.getpid()) or ""
-    container.save()
+    container.save_state()
 
 
 def sweep_debris(layout: Layout) -> None:
@@ -421,7 +439,8 @@ def inspect_container(layout: Layout, name: str) -> dict[str, Any]:
         "Image": "sha256:" + c.image_id,
         "Path": c.argv[0] if c.argv else "",
         "Args": c.argv[1:],
-        "State": {"Status": c.state.status, "Running": c.running, "Pid": c.state.pid,
+        "State": {"Status": "paused" if c.running and c.state.paused else c.state.status, "Running": c.running,
+                  "Paused": bool(c.running and c.state.paused), "Pid": c.state.pid,
                   "ExitCode": c.state.exit_code if c.state.exit_code is not None else 0,
                   "Error": c.state.error, "StartedAt": c.state.started_at, "FinishedAt": c.state.finished_at},
         "Config": {"Hostname": c.hostname, "User": c.user, "Env": [f"{k}={v}" for k, v in c.env.items()],

@@ -19,7 +19,8 @@ VERB_MODULES: dict[str, str] = {
     "build": "lamina.commands.build",
     **dict.fromkeys(["create", "diff", "exec", "kill", "logs", "port", "ps", "restart", "rm", "run",
                      "start", "stop", "wait"], "lamina.commands.containers"),
-    **dict.fromkeys(["attach", "commit", "cp", "export"], "lamina.commands.container_verbs"),
+    **dict.fromkeys(["attach", "commit", "cp", "export", "pause", "rename", "top", "unpause"],
+                    "lamina.commands.container_verbs"),
     **dict.fromkeys(["layers", "mount", "umount", "which"], "lamina.commands.inspector"),
 }
 ALL_COMMAND_MODULES = tuple(dict.fromkeys(VERB_MODULES.values()))

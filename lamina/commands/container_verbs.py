@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("container")
     p.add_argument("reference", nargs="?")
     p.set_defaults(handler=cmd_commit)
+
+    p = subparsers.add_parser("top", help="list a container's processes (ps options, default -ef)")
+    p.add_argument("container")
+    p.add_argument("ps_options", nargs=argparse.REMAINDER, help="options for ps (default -ef)")
+    p.set_defaults(handler=cmd_top)
+
+    p = subparsers.add_parser("rename", help="rename a container")
+    p.add_argument("container")
+    p.add_argument("new_name")
+    p.set_defaults(handler=cmd_rename)
+
+    for verb, helptext, handler in (("pause", "hold every process of containers still", cmd_pause),
+                                    ("unpause", "let paused containers run again", cmd_unpause)):
+        p = subparsers.add_parser(verb, help=helptext)
+        p.add_argument("containers", nargs="+")
+        p.set_defaults(handler=handler)
 
     p = subparsers.add_parser("export", help="write a container's filesystem as a tar archive")
     p.add_argument("-o", "--output", help="write to a file instead of stdout")
@@ -169,6 +187,104 @@ def cmd_commit(args: argparse.Namespace) -> int:
                                    tags=[args.reference] if args.reference else [], base=base)
     print(f"sha256:{image.id}")
     return 0
+
+
+def _running(container: Container) -> Container:
+    if not container.running or not container.state.pid:
+        raise ContainerStateError(f"Container {container.name} is not running")
+    return container
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from runner.freeze import container_pids
+
+    container = _running(ContainerStore(args.layout).get(args.container))
+    options = [word for option in args.ps_options for word in option.split()] or ["-ef"]
+    result = subprocess.run(["ps", *options], capture_output=True, text=True, errors="replace")
+    if result.returncode != 0:
+        message = result.stderr.strip().splitlines()[0] if result.stderr.strip() else "ps failed"
+        raise ContainerStateError(f"ps {' '.join(options)}: {message}")
+    for line in top_lines(result.stdout, container_pids(container.state.pid)):
+        print(line)
+    return 0
+
+
+def top_lines(ps_output: str, pids: set[int]) -> list[str]:
+    """docker's top: the header and the lines of ``ps`` whose PID column is one of ``pids``."""
+    lines = ps_output.splitlines()
+    if not lines:
+        return []
+    header = lines[0].split()
+    if "PID" not in header:
+        raise ContainerStateError("Couldn't find PID field in ps output")
+    column = header.index("PID")
+    kept = [lines[0]]
+    for line in lines[1:]:
+        fields = line.split()
+        if len(fields) > column and fields[column].isdigit() and int(fields[column]) in pids:
+            kept.append(line)
+    return kept
+
+
+def cmd_rename(args: argparse.Namespace) -> int:
+    from runner.state import valid_name
+
+    store = ContainerStore(args.layout)
+    if not valid_name(args.new_name):
+        raise ContainerStateError(f"Invalid container name ({args.new_name}), only [a-zA-Z0-9][a-zA-Z0-9_.-] are "
+                                  "allowed")
+    with store.lock():
+        container = store.get(args.container)
+        if container.name == args.new_name:
+            raise ContainerStateError("Renaming a container with the same name as its current name")
+        for other in store.all():
+            if other.name == args.new_name:
+                raise ContainerStateError(f'Conflict. The container name "/{args.new_name}" is already in use by '
+                                          f'container "{other.id}". You have to remove (or rename) that container '
+                                          "to be able to reuse that name.")
+        container.name = args.new_name
+        container.save()
+    return 0
+
+
+def _each_running(args: argparse.Namespace, action: Callable[[ContainerStore, Container], None]) -> int:
+    store = ContainerStore(args.layout)
+    failed = 0
+    for name in args.containers:
+        try:
+            container = _running(store.get(name))
+            with store.lock():
+                action(store, store.get(container.id))
+            print(name)
+        except LaminaError as e:
+            print(f"lamina: error: {e}", file=sys.stderr)
+            failed = 1
+    return failed
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    from runner.freeze import pause
+
+    def pause_one(store: ContainerStore, container: Container) -> None:
+        if container.state.paused:
+            raise ContainerStateError(f"Container {container.name} is already paused")
+        container.state.paused = pause(container.state.pid)
+        container.save()
+
+    return _each_running(args, pause_one)
+
+
+def cmd_unpause(args: argparse.Namespace) -> int:
+    from runner.freeze import resume
+
+    def unpause_one(store: ContainerStore, container: Container) -> None:
+        if not container.state.paused:
+            raise ContainerStateError(f"Container {container.name} is not paused")
+        resume(container.state.pid, container.state.paused)
+        container.state.paused = ""
+        container.save()
+
+    return _each_running(args, unpause_one)
 
 
 def split_copy_argument(arg: str) -> tuple[str, str]:

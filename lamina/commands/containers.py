@@ -420,7 +420,7 @@ def _status(c: Container) -> str:
     if c.state.status == STATUS_CREATED:
         return "Created"
     if c.running:
-        return f"Up {_ago(parse_time(c.state.started_at))}"
+        return f"Up {_ago(parse_time(c.state.started_at))}" + (" (Paused)" if c.state.paused else "")
     return f"Exited ({c.state.exit_code}) {_ago(parse_time(c.state.finished_at))} ago"
 
 
@@ -588,6 +588,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if not command:
         raise UsageError("exec: no command given")
     check_tty(args.interactive, args.tty)
+    if container.running and container.state.paused:
+        raise ContainerError(f"Container {container.name} is paused, unpause the container before exec")
     env = dict(container.env)
     env.update(imageconfig.container_env({}, [], args.env))
     workdir = args.workdir or container.workdir
