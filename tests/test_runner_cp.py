@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from harness import fuse_mounts_under
 from test_runner_cli import lamina, module_root
 from test_store_interop import podman, run_podman
 
@@ -216,3 +217,42 @@ def test_export_lists_what_podman_exports(lamina: Lamina, podman: object, tmp_pa
     # podman adds its own files: /run/.containerenv, an /etc/mtab link, a resolv.conf
     assert ours ^ theirs <= {"run", "run/.containerenv", "etc/mtab", "etc/hostname", "etc/hosts", "etc/resolv.conf"}, \
         sorted(ours ^ theirs)
+
+
+@pytest.mark.unprivileged
+@pytest.mark.slow
+def test_cp_unprivileged(unpriv) -> None:  # type: ignore[no-untyped-def]
+    """As a user with only /dev/fuse: stopped containers go through a sandbox of the user's own,
+    running ones through their namespaces; files the container owns under other ids come out
+    owned by the user."""
+    lamina = unpriv.lamina
+    owner = "nobody" if unpriv.has_subids else "root"
+    r = lamina("run", "--name", "st", IMAGE, "sh", "-c",
+               f"mkdir -m 700 /priv; echo s > /priv/s; chown -R {owner} /priv; ln -s / /up")
+    assert r.returncode == 0, r.stderr
+    out = unpriv.workdir / "out"
+    r = lamina("cp", "st:/up/priv", str(out))  # the symlink of the directory part resolves inside
+    assert r.returncode == 0, r.stderr
+    assert (out / "s").read_text() == "s\n" and out.stat().st_uid == unpriv.uid
+    host = unpriv.workdir / "h"
+    host.mkdir()
+    (host / "f").write_text("from host\n")
+    unpriv.chown_tree(host)
+    assert lamina("cp", str(host / "f"), "st:/priv/").returncode == 0
+    assert lamina("run", "-d", "--name", "live", "--network", "none", IMAGE, "sleep", "60").returncode == 0
+    assert lamina("cp", str(host), "live:/h").returncode == 0
+    r = lamina("exec", "live", "stat", "-c", "%u:%g %n", "/h/f")
+    assert r.stdout.split() == ["0:0", "/h/f"], r.stderr
+    assert lamina("cp", "live:/h/f", str(unpriv.workdir / "back")).returncode == 0
+    assert (unpriv.workdir / "back").read_text() == "from host\n"
+    r = lamina("start", "-a", "st")  # runs again (and fails: its files exist), then stops
+    assert "File exists" in r.stderr
+    back = unpriv.workdir / "back2"
+    assert lamina("cp", "st:/priv/f", str(back)).returncode == 0
+    assert back.read_text() == "from host\n"
+    r = lamina("export", "-o", str(unpriv.workdir / "st.tar"), "st")
+    assert r.returncode == 0, r.stderr
+    with tarfile.open(unpriv.workdir / "st.tar") as tar:
+        assert {"priv/s", "priv/f", "bin/busybox"} <= set(tar.getnames())
+    assert lamina("rm", "-f", "st", "live").returncode == 0
+    assert fuse_mounts_under(unpriv.workdir) == []

@@ -131,3 +131,25 @@ def test_podman_gives_the_same_terminal(podman: object, lamina: Lamina, tmp_path
         assert probe(m) == ["/dev/pts/0", "T=xterm", "c"]
         os.write(m, b"exit\r")
         assert proc.wait(timeout=30) == 0
+
+
+@pytest.mark.unprivileged
+@pytest.mark.slow
+def test_terminal_detach_and_attach_unprivileged(unpriv) -> None:  # type: ignore[no-untyped-def]
+    as_user = {"env": unpriv.env(), "cwd": unpriv.workdir, "user": unpriv.uid, "group": unpriv.gid,
+               "extra_groups": []}
+    with on_pty(["lamina", "run", "-it", "--name", "ut", "--network", "none", IMAGE, "sh"], **as_user) as (proc, m):
+        assert probe(m) == ["/dev/pts/0", "T=xterm", "c"]
+        os.write(m, b"\x10\x11")
+        assert proc.wait(timeout=30) == 0
+    assert "Up " in unpriv.lamina("ps").stdout
+    with on_pty(["lamina", "attach", "ut"], **as_user) as (proc, m):
+        time.sleep(0.5)
+        os.write(m, b"exit 2\r")
+        assert proc.wait(timeout=30) == 2
+    with on_pty(["lamina", "start", "-ai", "ut"], **as_user) as (proc, m):
+        os.write(m, b"\r")
+        assert probe(m)[0] == "/dev/pts/0"
+        os.write(m, b"exit 0\r")
+        assert proc.wait(timeout=30) == 0
+    assert unpriv.lamina("rm", "ut").returncode == 0
