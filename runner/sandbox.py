@@ -110,7 +110,8 @@ class SandboxSpec:
     ``user`` is ``user[:group]`` by name or number, resolved in the image's /etc/passwd and
     /etc/group. ``env`` gets PATH and HOME defaults as docker gives them. ``stdin``/``stdout``/
     ``stderr`` are file descriptors (None: inherit the caller's). ``terminal`` is the slave side of a
-    pty that becomes the command's controlling terminal and /dev/console. ``seccomp`` applies
+    pty that becomes the command's controlling terminal and /dev/console; with ``console_socket``
+    the container's init makes that pty itself, of the container's devpts. ``seccomp`` applies
     :mod:`runner.seccomp`'s filter (docker's default profile). ``state_dir`` holds the
     per-container files (hosts, hostname, resolv.conf, the init layer, the mount point); a temporary
     one is made and removed when it is None.

@@ -1,6 +1,7 @@
 """The host side of a container's pty: raw mode, window size, copying bytes both ways.
 
-The container gets the slave side as its controlling terminal, so Ctrl-C typed here is a 0x03
+The pty is made inside the container, of its own devpts, and only its master comes here
+(:func:`receive_terminal`). The container has the slave side as its controlling terminal, so Ctrl-C typed here is a 0x03
 byte that the container's line discipline turns into SIGINT for its foreground process group,
 exactly as with ``docker run -it``.
 """
@@ -11,7 +12,6 @@ import contextlib
 import errno
 import fcntl
 import os
-import pty
 import select
 import signal
 import socket
@@ -21,14 +21,6 @@ import tty
 from collections.abc import Callable, Iterator
 
 from lamina.errors import ContainerError, LaminaError
-
-
-def open_pty() -> tuple[int, int]:
-    """A (master, slave) pair; the master is close-on-exec, the slave too (the sandbox dup2s it)."""
-    master, slave = pty.openpty()
-    os.set_inheritable(master, False)
-    os.set_inheritable(slave, False)
-    return master, slave
 
 
 class NotATerminal(LaminaError):
