@@ -2,10 +2,12 @@
 
 Both directions work relative to directory descriptors and never follow a symlink below the
 directory they start from: an archive is written by opening each entry with ``O_NOFOLLOW`` under
-its parent's descriptor (what an entry *is* comes from the ``fstat`` of what was opened), and an
-archive is extracted by walking each member's parents the same way, so a symlink in the tree (put
-there beforehand, by an earlier member, or by a process racing us) fails the walk with ELOOP
-instead of leading elsewhere. Member names with ``..`` or a leading ``/`` are refused.
+its parent's descriptor (what an entry *is* comes from the ``fstat`` of what was opened), and on
+the host an archive is extracted by walking each member's parents the same way, so a symlink in
+the tree (put there beforehand, by an earlier member, or by a process racing us) fails the walk
+with ELOOP instead of leading elsewhere. Member names with ``..`` or a leading ``/`` are refused.
+(Inside a container's root, where the kernel keeps every resolution in that root, symlinked
+parent directories are followed, as docker does.)
 
 Owner and group names are never looked up (no NSS call: inside a container that would load the
 container's libraries into this process); entries carry numeric ids only.
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 from typing import IO
 
 from lamina.errors import LaminaError
-from lamina.store.fdtree import ExactReader, list_names, lstat_in, open_dir_in, open_file_in
+from lamina.store.fdtree import DIR_FLAGS, ExactReader, list_names, lstat_in, open_dir_in, open_file_in
 
 log = logging.getLogger(__name__)
 
@@ -183,14 +185,17 @@ class Extractor:
         return fd
 
     def _open_child(self, fd: int, part: str, parts: list[str], create: bool) -> int:
+        # Inside a container's root (the worker's), a symlinked parent such as /lib -> usr/lib is
+        # followed, as docker does: the kernel resolves it inside that root. On the host, never.
+        flags = DIR_FLAGS if self.ownership.host_side else DIR_FLAGS & ~os.O_NOFOLLOW
         try:
-            return open_dir_in(fd, part)
+            return os.open(part, flags, dir_fd=fd)
         except FileNotFoundError:
             if not create:
                 raise
             os.mkdir(part, 0o755, dir_fd=fd)
             self._own(fd, part, None)
-            return open_dir_in(fd, part)
+            return os.open(part, flags, dir_fd=fd)
         except OSError as e:
             if e.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise ArchiveError(f"cannot extract below {'/'.join(parts)}: {part} is not a directory") from None

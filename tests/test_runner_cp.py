@@ -184,6 +184,25 @@ def test_cp_running_archive_mode_and_streams(lamina: Lamina, tmp_path: Path, mod
     assert lamina("exec", "live", "cat", "/plain/x").stdout == "x\n"
 
 
+def test_cp_stream_follows_symlinked_directories_inside_the_container(lamina: Lamina, tmp_path: Path,
+                                                                      module_root: Path) -> None:
+    """A merged-/usr image's /lib -> usr/lib: an archive's lib/x lands in /usr/lib/x, as with docker."""
+    assert lamina("run", "--name", "merged", IMAGE, "sh", "-c",
+                  "mkdir -p /usr/lib2; ln -s usr/lib2 /lib2; ln -s / /rootlink").returncode == 0
+    data = io.BytesIO()
+    with tarfile.open(fileobj=data, mode="w") as tar:
+        for name in ("lib2/x", "rootlink/rootlink/y"):
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"z"))
+    argv = [sys.executable, "-m", "lamina", "--root", str(module_root)]
+    r = subprocess.run([*argv, "cp", "-", "merged:/"], input=data.getvalue(), capture_output=True)
+    assert r.returncode == 0, r.stderr
+    assert lamina("cp", "merged:/usr/lib2/x", str(tmp_path / "x")).returncode == 0
+    assert lamina("cp", "merged:/y", str(tmp_path / "y")).returncode == 0  # / of the container's
+    assert (tmp_path / "x").read_text() == (tmp_path / "y").read_text() == "z"
+
+
 def test_cp_usage_errors(lamina: Lamina, tmp_path: Path) -> None:
     assert lamina("create", "--name", "idle", IMAGE, "true").returncode == 0
     for args, message in ((["a", "b"], "must specify at least one container source"),

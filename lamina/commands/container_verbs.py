@@ -21,7 +21,7 @@ from lamina.layout import Layout
 from runner.state import Container, ContainerStore
 
 
-class CopyUsageError(UsageError):
+class ClientUsageError(UsageError):
     exit_code = 1  # docker's client
 
 
@@ -303,13 +303,13 @@ def cmd_cp(args: argparse.Namespace) -> int:
     src_container, src = split_copy_argument(args.source)
     dst_container, dst = split_copy_argument(args.destination)
     if not src:
-        raise CopyUsageError("source can not be empty")
+        raise ClientUsageError("source can not be empty")
     if not dst:
-        raise CopyUsageError("destination can not be empty")
+        raise ClientUsageError("destination can not be empty")
     if src_container and dst_container:
-        raise CopyUsageError("copying between containers is not supported")
+        raise ClientUsageError("copying between containers is not supported")
     if not src_container and not dst_container:
-        raise CopyUsageError("must specify at least one container source")
+        raise ClientUsageError("must specify at least one container source")
     store = ContainerStore(args.layout)
     if src_container:
         container = store.get(src_container)
@@ -328,7 +328,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     container = ContainerStore(args.layout).get(args.container)
     if args.output is None:
         if sys.stdout.isatty():
-            raise UsageError("cowardly refusing to save to a terminal. Use the -o flag or redirect")
+            raise ClientUsageError("cowardly refusing to save to a terminal. Use the -o flag or redirect")
         export_container(args.layout, container, sys.stdout.buffer)
         return 0
     tmp = f"{args.output}.lamina-tmp-{os.getpid()}"
