@@ -18,6 +18,7 @@ import contextlib
 import fcntl
 import os
 import signal
+import socket
 import sys
 import termios
 from typing import Any, NoReturn
@@ -63,32 +64,40 @@ def exec_in_container(container: Container, argv: list[str], env: dict[str, str]
         raise ContainerError(f"container {container.name} is not running")
     sealed.sealed_interpreter()  # made once, here, rather than in the child (and can fail here)
     ns_fds = _open_namespaces(container.state.pid)
-    master = slave = None
+    console = theirs = None
     if use_tty:
-        master, slave = tty.open_pty()
-        env.setdefault("TERM", os.environ.get("TERM", "xterm"))
+        # The helper makes the pty inside the container (its own devpts: `tty` says /dev/pts/N
+        # there) and sends the master back on this socket.
+        console, theirs_socket = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        theirs = theirs_socket.detach()
+        env.setdefault("TERM", "xterm")  # as docker: not the caller's
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
         def start_helper() -> int:
-            job = (ns_fds, argv, env, user, workdir, slave, interactive, status_w, container_privileges(container))
-            sealed.exec_sealed("exec-helper", job, {0, 1, 2, status_w, slave, *(fd for fd, _ in ns_fds)})
+            job = (ns_fds, argv, env, user, workdir, theirs, interactive, status_w, container_privileges(container))
+            sealed.exec_sealed("exec-helper", job, {0, 1, 2, status_w, theirs, *(fd for fd, _ in ns_fds)})
 
         os.close(status_r)
         child_main(status_w, start_helper)
     os.close(status_w)
     for fd, _ in ns_fds:
         os.close(fd)
-    if slave is not None:
-        os.close(slave)
+    if theirs is not None:
+        os.close(theirs)
     events = _EventReader(status_r)
     error = None
     while (event := events.next()) is not None:
         if event.get("event") == "error" and error is None:
             error = event
     os.close(status_r)
+    master = None
+    if console is not None:
+        with console:
+            if error is None:
+                master = tty.receive_terminal(console)
     previous = {sig: signal.signal(sig, lambda signum, _f: _kill(pid, signum))
                 for sig in FORWARDED_SIGNALS if sig != signal.SIGWINCH}
     try:
@@ -117,12 +126,19 @@ def sealed_exec_helper(*job: Any) -> NoReturn:
 
 
 def _helper(ns_fds: list[tuple[int, int]], argv: list[str], env: dict[str, str], user_spec: str,
-            workdir: str, slave: int | None, interactive: bool, status_w: int,
+            workdir: str, console: int | None, interactive: bool, status_w: int,
             privileges: Privileges | None = None) -> int:
     linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
     for fd, flag in ns_fds:
         linux.setns(fd, flag)
         os.close(fd)
+    slave = None
+    if console is not None:
+        # /dev/ptmx is the container's now: the pty is one of its own.
+        master, slave = os.openpty()
+        with socket.socket(fileno=console) as sock:
+            socket.send_fds(sock, [b"t"], [master])
+        os.close(master)
     user = resolve_user(user_spec, "/etc/passwd" if os.path.isfile("/etc/passwd") else None,
                         "/etc/group" if os.path.isfile("/etc/group") else None)
     env.setdefault("PATH", DEFAULT_PATH)

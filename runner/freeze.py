@@ -1,4 +1,5 @@
-"""Holding a running container still while lamina reads its files (``commit``'s ``--pause``).
+"""Holding a running container still: while lamina reads its files (``commit``'s ``--pause``), and
+from ``pause`` to ``unpause``.
 
 docker pauses a container during ``commit`` by default, so the layer is one consistent snapshot and
 the processes inside cannot rearrange the upper directory under the reader. Here: when the
@@ -98,16 +99,20 @@ def dedicated_cgroup(init_pid: int, pids: set[int]) -> Path | None:
     return directory if procs and procs <= pids else None
 
 
+def _freeze(directory: Path) -> None:
+    (directory / "cgroup.freeze").write_text("1")
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while "frozen 1" not in (directory / "cgroup.events").read_text():
+        if time.monotonic() > deadline:
+            log.warning("the container's cgroup %s did not freeze in %.0f s", directory, STOP_TIMEOUT_S)
+            break
+        time.sleep(0.005)
+
+
 @contextlib.contextmanager
 def _frozen(directory: Path) -> Iterator[None]:
-    (directory / "cgroup.freeze").write_text("1")
     try:
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        while "frozen 1" not in (directory / "cgroup.events").read_text():
-            if time.monotonic() > deadline:
-                log.warning("the container's cgroup %s did not freeze in %.0f s", directory, STOP_TIMEOUT_S)
-                break
-            time.sleep(0.005)
+        _freeze(directory)
         yield
     finally:
         (directory / "cgroup.freeze").write_text("0")
@@ -126,30 +131,58 @@ def _wait_stopped(pids: set[int]) -> None:
         time.sleep(0.002)
 
 
+def _stop_all(init_pid: int, stopped: set[int]) -> None:
+    """SIGSTOP every running process of the container, adding each to ``stopped`` as it is sent."""
+    # Until nothing new appears: a process may fork between the listing and its SIGSTOP.
+    for _ in range(20):
+        fresh = set()
+        for pid in container_pids(init_pid) - stopped:
+            info = _state_and_ppid(pid)
+            if info is None or info[0] in "Tt":
+                continue  # gone, or stopped by someone else: theirs to continue
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+                fresh.add(pid)
+                stopped.add(pid)
+        if not fresh:
+            break
+        _wait_stopped(fresh)
+    log.debug("paused container processes %s", sorted(stopped))
+
+
 @contextlib.contextmanager
 def _stopped(init_pid: int) -> Iterator[None]:
     stopped: set[int] = set()
     try:
-        # Until nothing new appears: a process may fork between the listing and its SIGSTOP.
-        for _ in range(20):
-            fresh = set()
-            for pid in container_pids(init_pid) - stopped:
-                info = _state_and_ppid(pid)
-                if info is None or info[0] in "Tt":
-                    continue  # gone, or stopped by someone else: theirs to continue
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGSTOP)
-                    fresh.add(pid)
-            if not fresh:
-                break
-            stopped |= fresh
-            _wait_stopped(fresh)
-        log.debug("paused container processes %s", sorted(stopped))
+        _stop_all(init_pid, stopped)
         yield
     finally:
         for pid in stopped:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
+
+
+def pause(init_pid: int) -> str:
+    """``lamina pause``: freeze the container's cgroup when it has one of its own that may be frozen,
+    else stop its processes (SIGSTOP); say which ("cgroup" or "signals")."""
+    cgroup = dedicated_cgroup(init_pid, container_pids(init_pid))
+    if cgroup is not None:
+        _freeze(cgroup)
+        return "cgroup"
+    _stop_all(init_pid, set())
+    return "signals"
+
+
+def resume(init_pid: int, how: str) -> None:
+    """``lamina unpause``: undo :func:`pause` (``how`` is what it answered)."""
+    if how == "cgroup":
+        cgroup = dedicated_cgroup(init_pid, container_pids(init_pid))
+        if cgroup is not None:
+            (cgroup / "cgroup.freeze").write_text("0")
+            return
+    for pid in container_pids(init_pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
 
 
 @contextlib.contextmanager

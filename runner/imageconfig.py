@@ -19,14 +19,17 @@ from lamina.bounded import bounded_lines
 from lamina.errors import UsageError
 
 
+def run_entrypoint_and_cmd(image_config: Mapping[str, Any], command: list[str],
+                           entrypoint: str | None) -> tuple[list[str], list[str]]:
+    """The container's Entrypoint and Cmd, as docker makes them from the image and ``run``'s flags."""
+    if entrypoint is not None:
+        return ([entrypoint] if entrypoint else []), command
+    return list(image_config.get("Entrypoint") or []), command or list(image_config.get("Cmd") or [])
+
+
 def container_argv(image_config: Mapping[str, Any], command: list[str], entrypoint: str | None) -> list[str]:
     """The argv docker would run; UsageError when it is empty."""
-    if entrypoint is not None:
-        ep = [entrypoint] if entrypoint else []
-        cmd = command
-    else:
-        ep = list(image_config.get("Entrypoint") or [])
-        cmd = command or list(image_config.get("Cmd") or [])
+    ep, cmd = run_entrypoint_and_cmd(image_config, command, entrypoint)
     argv = ep + cmd
     if not argv:
         raise UsageError("no command specified (the image has neither ENTRYPOINT nor CMD)")

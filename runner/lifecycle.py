@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from lamina.errors import ContainerError, ContainerNotFound, LaminaError
 from lamina.layout import Layout
-from runner import linux, tty, unionserver
+from runner import attach, linux, tty, unionserver
 from runner.containerlog import STDERR, STDOUT, LogWriter
 from runner.health import health_checks
 from runner.network import PortMapping
@@ -144,7 +145,8 @@ def _mark_running(container: Container, sandbox: Sandbox) -> None:
     container.state.exit_code = None
     container.state.finished_at = ""
     container.state.error = ""
-    container.save()
+    container.state.paused = ""
+    container.save_state()
 
 
 def _mark_exited(container: Container, code: int, error: str = "") -> None:
@@ -154,8 +156,9 @@ def _mark_exited(container: Container, code: int, error: str = "") -> None:
     container.state.pid = 0
     container.state.monitor_pid = 0
     container.state.error = error
+    container.state.paused = ""
     with contextlib.suppress(OSError):
-        container.save()
+        container.save_state()
 
 
 def _finish(layout: Layout, container: Container, code: int) -> None:
@@ -172,19 +175,25 @@ class _OutputEnds:
     master: int | None = None
     pipes: dict[int, str] = field(default_factory=dict)  # read end -> STDOUT or STDERR
     child_ends: list[int] = field(default_factory=list)
+    console: socket.socket | None = None  # where the container's init sends its pty's master
 
     def close(self) -> None:
         for fd in [*self.pipes, *([self.master] if self.master is not None else [])]:
             os.close(fd)
         self.pipes, self.master = {}, None
+        if self.console is not None:
+            self.console.close()
+            self.console = None
 
 
 def _plumb_output(spec: SandboxSpec, use_tty: bool) -> _OutputEnds:
     ends = _OutputEnds()
     if use_tty:
-        ends.master, slave = tty.open_pty()
-        spec.terminal = slave
-        ends.child_ends.append(slave)
+        # The pty is made inside the container, of its own devpts (the terminal is /dev/pts/0
+        # there, as with docker), and its master comes back on this socket.
+        ends.console, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        spec.console_socket = theirs.detach()
+        ends.child_ends.append(spec.console_socket)
         return ends
     for stream in (STDOUT, STDERR):
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
@@ -198,11 +207,22 @@ def _start(spec: SandboxSpec, ends: _OutputEnds) -> Sandbox:
     """Start the sandbox, then close this side's copies of its ends (or the pipes would never reach
     end of file)."""
     try:
-        return start_sandbox(spec)
+        sandbox = start_sandbox(spec)
     finally:
         for fd in ends.child_ends:
             os.close(fd)
         ends.child_ends = []
+    if ends.console is not None:
+        try:
+            ends.master = tty.receive_terminal(ends.console)
+        except LaminaError:
+            sandbox.send_signal(signal.SIGKILL)
+            sandbox.wait()
+            raise
+        finally:
+            ends.console.close()
+            ends.console = None
+    return sandbox
 
 
 def _record_failure(layout: Layout, container: Container, error: LaminaError) -> None:
@@ -252,7 +272,7 @@ def run_attached(layout: Layout, container: Container) -> int:
         _record_failure(layout, container, e)
         raise
     if container.tty:
-        spec.env.setdefault("TERM", os.environ.get("TERM", "xterm"))
+        spec.env.setdefault("TERM", "xterm")  # as docker: not the caller's
     with contextlib.closing(open_log(container)) as container_log:
         ends = _plumb_output(spec, container.tty)
         if not container.interactive:
@@ -290,8 +310,11 @@ def _exited(sandbox: Sandbox) -> bool:
     return sandbox.poll() is not None
 
 
-def start_detached(layout: Layout, container: Container) -> None:
-    """Start the container under a daemonised monitor; return once its command runs."""
+def start_detached(layout: Layout, container: Container, hold_output: bool = False) -> None:
+    """Start the container under a daemonised monitor; return once its command runs.
+
+    A ``-t`` container's monitor serves its terminal to attached clients (:mod:`runner.attach`);
+    ``hold_output``: keep what it writes until the first client attaches (``run -it``)."""
     clear_stopped_by_user(container)
     container.state.restart_count = 0
     report_r, report_w = os.pipe2(os.O_CLOEXEC)
@@ -299,7 +322,7 @@ def start_detached(layout: Layout, container: Container) -> None:
     def monitor() -> None:
         unionserver.forget_inherited()
         claim(container)
-        _monitor(layout, container, report_w)
+        _monitor(layout, container, report_w, hold_output)
 
     try:
         linux.run_detached(monitor, {0, 1, 2, report_w})
@@ -336,7 +359,7 @@ def _detach_stdio(container: Container) -> None:
             handler.setStream(sys.stderr)
 
 
-def _monitor(layout: Layout, container: Container, report_w: int) -> None:
+def _monitor(layout: Layout, container: Container, report_w: int, hold_output: bool = False) -> None:
     """The daemonised monitor of ``run -d``/``start``: starts the sandbox with its output on pipes
     (or a pty), reports to the command line on ``report_w``, then copies the output to the log until
     the container exits and records its exit code; and starts it again while its ``--restart``
@@ -350,6 +373,7 @@ def _monitor(layout: Layout, container: Container, report_w: int) -> None:
             if container.tty:
                 spec.env.setdefault("TERM", "xterm")
             ends = _plumb_output(spec, container.tty)
+            listener = attach.open_listener(container.directory) if container.tty else None
             sandbox = _start(spec, ends)
         except LaminaError as e:
             _record_failure(layout, container, e)
@@ -365,7 +389,8 @@ def _monitor(layout: Layout, container: Container, report_w: int) -> None:
             sandbox.send_signal(signal.SIGKILL)  # a stop that came while it was being restarted
         started = time.monotonic()
         with health_checks(layout, container.id, container.directory, container.healthcheck):
-            code = _watch(container, container_log, sandbox, ends)
+            code = _watch(container, container_log, sandbox, ends, listener, hold_output)
+        hold_output = False  # only the first start's output waits for `run -it` to attach
         if not should_restart(container.restart_policy, code, container.state.restart_count,
                               stopped_by_user(container)):
             _finish(layout, container, code)
@@ -405,12 +430,19 @@ def _reread(container: Container) -> Container | None:
         return None
 
 
-def _watch(container: Container, container_log: LogWriter, sandbox: Sandbox, ends: _OutputEnds) -> int:
-    """Copy the container's output to its log until it exits; its exit code."""
+def _watch(container: Container, container_log: LogWriter, sandbox: Sandbox, ends: _OutputEnds,
+           listener: socket.socket | None, hold_output: bool) -> int:
+    """Copy the container's output to its log (and, for a terminal, to the clients attached through
+    ``listener``) until it exits; its exit code, which the attached clients are told."""
     with forward_signals() as forwarder:
         forwarder.attach(sandbox)
+        clients: list[socket.socket] = []
         try:
-            _copy_output(ends, container_log, sandbox, live=False)
+            if listener is not None and ends.master is not None:
+                clients = attach.serve_terminal(ends.master, listener, _log_output(container_log, STDOUT, None),
+                                                lambda: _exited(sandbox), hold_output)
+            else:
+                _copy_output(ends, container_log, sandbox, live=False)
         except Exception:
             # Nobody would see the traceback (this process ends in os._exit): say it in monitor.log,
             # and keep the container's record true. Closing the pipes makes its writes fail with
@@ -419,7 +451,11 @@ def _watch(container: Container, container_log: LogWriter, sandbox: Sandbox, end
         finally:
             ends.close()
             container_log.close()
-        return sandbox.wait()
+            if listener is not None:
+                listener.close()
+        code = sandbox.wait()
+    attach.send_exit(clients, code)
+    return code
 
 
 STOPPED_MARK = "stopped-by-user"

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import shutil
 import stat
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,10 @@ from runner import linux
 from runner.paths import make_dirs_in_root, make_file_in_root, resolve_in_root
 
 log = logging.getLogger(__name__)
+
+# <asm-generic/ioctls.h>, the same on every architecture lamina runs on (termios lacks them).
+_TIOCGPTN = 0x80045430
+_TIOCSPTLCK = 0x40045431
 
 ETC_FILES = ("hosts", "hostname", "resolv.conf")
 DEFAULT_SHM_SIZE = 64 << 20  # docker's
@@ -133,6 +139,27 @@ def _setup_dev(root: str, console: str | None, gid5_mapped: bool, shm_size: int)
         target = os.path.join(dev, "console")
         os.close(os.open(target, os.O_WRONLY | os.O_CREAT, 0o600))
         _bind(console, target, recursive=False)
+
+
+def open_console(root: str) -> tuple[int, int]:
+    """A pty of the container's own devpts (``ROOT/dev/pts``, just mounted): ``(master, slave)``.
+
+    As with docker and podman, the container's terminal is then ``/dev/pts/0`` of its own
+    instance, and ``/dev/console`` is that pty too. Both descriptors are close-on-exec."""
+    pts = os.path.join(root, "dev", "pts")
+    master = os.open(os.path.join(pts, "ptmx"), os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(master, _TIOCSPTLCK, struct.pack("i", 0))
+        (number,) = struct.unpack("I", fcntl.ioctl(master, _TIOCGPTN, bytes(4)))
+        slave_path = os.path.join(pts, str(number))
+        slave = os.open(slave_path, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+        console = os.path.join(root, "dev", "console")
+        os.close(os.open(console, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+        _bind(slave_path, console, recursive=False)
+    except BaseException:
+        os.close(master)
+        raise
+    return master, slave
 
 
 def _setup_sys(root: str, own_netns: bool) -> None:

@@ -110,7 +110,8 @@ class SandboxSpec:
     ``user`` is ``user[:group]`` by name or number, resolved in the image's /etc/passwd and
     /etc/group. ``env`` gets PATH and HOME defaults as docker gives them. ``stdin``/``stdout``/
     ``stderr`` are file descriptors (None: inherit the caller's). ``terminal`` is the slave side of a
-    pty that becomes the command's controlling terminal and /dev/console. ``seccomp`` applies
+    pty that becomes the command's controlling terminal and /dev/console; with ``console_socket``
+    the container's init makes that pty itself, of the container's devpts. ``seccomp`` applies
     :mod:`runner.seccomp`'s filter (docker's default profile). ``state_dir`` holds the
     per-container files (hosts, hostname, resolv.conf, the init layer, the mount point); a temporary
     one is made and removed when it is None.
@@ -154,6 +155,12 @@ class SandboxSpec:
     # namespaces the container joins (its id maps are that container's).
     join_network_of: int | None = None
     pid_host: bool = False  # --pid host: no PID namespace of its own
+    # Run in the container's root instead of ``argv``, as root of its namespace: ``worker(0)`` with
+    # ``stdin`` on descriptor 0, its result the exit code (``cp`` on a stopped container).
+    worker: Callable[[int], int] | None = None
+    # A Unix socket: the container's init makes a pty of the container's own devpts, sends its
+    # master here (SCM_RIGHTS) and makes the slave its terminal (``-t``; instead of ``terminal``).
+    console_socket: int | None = None
 
 
 def _hosts_file(hostname: str, network: str, extra_hosts: list[tuple[str, str]]) -> str:
@@ -433,7 +440,7 @@ def _fork_keeper(spec: SandboxSpec, network: str, state: _State, ready_r: int | 
     if pid == 0:  # keeper
         def run_keeper() -> int:
             linux.close_fds_except({0, 1, 2, status_w, sync_r, go_r, ready_r, spec.stdin, spec.stdout, spec.stderr,
-                                    spec.terminal, interpreter})
+                                    spec.terminal, spec.console_socket, interpreter})
             return keeper(spec, network, status_w, sync_r, go_r, str(state.merged), ready_r, state.etc_files)
 
         child_main(status_w, run_keeper)

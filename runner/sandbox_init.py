@@ -15,6 +15,7 @@ import os
 import resource as resource_module
 import select
 import signal
+import socket
 import termios
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from lamina.errors import CommandNotFound, CommandNotInvokable, ContainerError, 
 from runner import linux, sealed
 from runner.idmap import is_mapped
 from runner.network import loopback_up
-from runner.rootfs import MountRequest, pivot_into, prepare_root
+from runner.rootfs import MountRequest, open_console, pivot_into, prepare_root
 from runner.runflags import ULIMITS, rlimits
 from runner.seccomp import install_filter  # imported here: after pivot_root nothing can be imported
 from runner.userdb import ExecUser, resolve_user
@@ -109,7 +110,7 @@ def keeper(spec: SandboxSpec, network: str, status_w: int, sync_r: int, go_r: in
             linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
             sealed.exec_sealed("container-init", (spec, network, root, status_w, go_r, etc_files, mounted_r),
                                {0, 1, 2, status_w, go_r, mounted_r, spec.stdin, spec.stdout, spec.stderr,
-                                spec.terminal})
+                                spec.terminal, spec.console_socket})
 
         child_main(status_w, start_init)
     for fd in (go_r, mounted_r):
@@ -183,6 +184,8 @@ def _container_init(spec: SandboxSpec, network: str, root: str, status_w: int, g
                  console=console, own_netns=network != "host", readonly=spec.readonly_rootfs,
                  gid5_mapped=is_mapped(5, "/proc/self/gid_map"), shm_size=spec.shm_size,
                  unmask_proc=spec.unmask_proc, host_proc=spec.pid_host)
+    if spec.console_socket is not None:
+        spec.terminal = _hand_over_console(root, spec.console_socket)
     user = resolve_user(spec.user, _existing(root, "/etc/passwd"), _existing(root, "/etc/group"))
     if network != "host":
         loopback_up()
@@ -201,6 +204,9 @@ def _container_init(spec: SandboxSpec, network: str, root: str, status_w: int, g
     env.setdefault("HOSTNAME", spec.hostname)
     env.setdefault("HOME", user.home)
     _apply_stdio(spec)
+    if spec.worker is not None:
+        os.close(status_w)  # as an exec would: the start is complete
+        os._exit(spec.worker(0))
     if spec.init:
         _run_init_reaper(spec, user, env, status_w)
     exec_command(spec.argv, env, spec.cwd, user, status_w, spec.create_cwd, spec_privileges(spec))
@@ -215,6 +221,15 @@ def container_privileges(container: Container) -> Privileges:
     """A container's privileges from its record (``lamina exec`` gives its commands the same)."""
     caps = tuple(container.capabilities) if container.capabilities is not None else linux.DOCKER_DEFAULT_CAPS
     return Privileges(container.seccomp, caps, container.no_new_privileges, tuple(rlimits(container.ulimits)))
+
+
+def _hand_over_console(root: str, console_socket: int) -> int:
+    """Make the container's pty, send its master to lamina; the slave, to become the terminal."""
+    master, slave = open_console(root)
+    with socket.socket(fileno=console_socket) as sock:
+        socket.send_fds(sock, [b"t"], [master])
+    os.close(master)
+    return slave
 
 
 def _existing(root: str, path: str) -> str | None:

@@ -129,4 +129,11 @@ def _exec_helper(*job: Any) -> NoReturn:
     sealed_exec_helper(*job)
 
 
-ENTRIES: dict[str, Callable[..., NoReturn]] = {"container-init": _container_init, "exec-helper": _exec_helper}
+def _copy_helper(*job: Any) -> NoReturn:
+    from runner.container_files import sealed_copy_helper
+
+    sealed_copy_helper(*job)
+
+
+ENTRIES: dict[str, Callable[..., NoReturn]] = {"container-init": _container_init, "exec-helper": _exec_helper,
+                                               "copy-helper": _copy_helper}

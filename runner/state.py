@@ -22,6 +22,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterator
@@ -46,6 +47,13 @@ _ADJECTIVES = ("brave", "calm", "eager", "fond", "gentle", "happy", "jolly", "ke
                "nifty", "proud", "quirky", "sharp", "tender", "upbeat", "vivid", "witty", "zealous", "bold")
 _NAMES = ("curie", "darwin", "euler", "fermi", "gauss", "hopper", "kepler", "lovelace", "noether",
           "pascal", "ritchie", "shannon", "thompson", "turing", "wozniak", "yalow", "knuth", "lamport")
+
+
+_NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")  # docker's rule
+
+
+def valid_name(name: str) -> bool:
+    return _NAME_RE.fullmatch(name) is not None
 
 
 def now() -> str:
@@ -82,6 +90,7 @@ class ContainerState:
     error: str = ""
     restart_count: int = 0
     ports: list[dict[str, Any]] = field(default_factory=list)  # as published at this start
+    paused: str = ""  # how `pause` holds it ("cgroup" or "signals"); "" when not paused
 
 
 @dataclass
@@ -127,6 +136,10 @@ class Container:
     healthcheck: dict[str, Any] | None = None  # docker's Config.Healthcheck (runner.health)
     pid_mode: str = ""  # "host": the host's PID namespace
     attach: list[str] = field(default_factory=list)  # run -a: the streams shown (empty: stdout, stderr)
+    # Entrypoint and Cmd as run (argv is the two joined): what ``commit`` records. None in records
+    # made before they were kept.
+    entrypoint: list[str] | None = None
+    cmd: list[str] | None = None
     state: ContainerState = field(default_factory=ContainerState)
     directory: Path = field(default=Path("."), compare=False)
 
@@ -170,6 +183,15 @@ class Container:
         tmp = self.directory / f".container.json.{os.getpid()}"
         tmp.write_text(json.dumps(self.to_json(), indent=1))
         os.replace(tmp, path)
+
+    def save_state(self) -> None:
+        """Save, keeping the name the record has on disk now: ``rename`` may have changed it while
+        a monitor held this copy."""
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            name = json.loads((self.directory / "container.json").read_text()).get("name")
+            if isinstance(name, str) and name:
+                self.name = name
+        self.save()
 
     def monitor_alive(self) -> bool:
         if not self.state.monitor_pid:
@@ -341,7 +363,7 @@ def claim(container: Container) -> None:
     it is killed before the command ends, the next command sees that (see :func:`refresh`)."""
     container.state.monitor_pid = os.getpid()
     container.state.monitor_start = process_start_time(os.getpid()) or ""
-    container.save()
+    container.save_state()
 
 
 def sweep_debris(layout: Layout) -> None:
@@ -506,7 +528,8 @@ def inspect_container(layout: Layout, name: str) -> dict[str, Any]:
         "Image": "sha256:" + c.image_id,
         "Path": c.argv[0] if c.argv else "",
         "Args": c.argv[1:],
-        "State": {"Status": c.state.status, "Running": c.running, "Pid": c.state.pid,
+        "State": {"Status": "paused" if c.running and c.state.paused else c.state.status, "Running": c.running,
+                  "Paused": bool(c.running and c.state.paused), "Pid": c.state.pid,
                   "ExitCode": c.state.exit_code if c.state.exit_code is not None else 0,
                   "Error": c.state.error, "StartedAt": c.state.started_at, "FinishedAt": c.state.finished_at,
                   **_health(c)},

@@ -1,6 +1,7 @@
 """The host side of a container's pty: raw mode, window size, copying bytes both ways.
 
-The container gets the slave side as its controlling terminal, so Ctrl-C typed here is a 0x03
+The pty is made inside the container, of its own devpts, and only its master comes here
+(:func:`receive_terminal`). The container has the slave side as its controlling terminal, so Ctrl-C typed here is a 0x03
 byte that the container's line discipline turns into SIGINT for its foreground process group,
 exactly as with ``docker run -it``.
 """
@@ -11,21 +12,44 @@ import contextlib
 import errno
 import fcntl
 import os
-import pty
 import select
 import signal
+import socket
 import struct
 import termios
 import tty
 from collections.abc import Callable, Iterator
 
+from lamina.errors import ContainerError, LaminaError
 
-def open_pty() -> tuple[int, int]:
-    """A (master, slave) pair; the master is close-on-exec, the slave too (the sandbox dup2s it)."""
-    master, slave = pty.openpty()
+
+class NotATerminal(LaminaError):
+    exit_code = 1  # docker's client
+
+
+def check_tty(interactive: bool, use_tty: bool) -> None:
+    """docker's CheckTty: ``-it`` needs a terminal on stdin."""
+    if interactive and use_tty and not os.isatty(0):
+        raise NotATerminal("the input device is not a TTY")
+
+
+def receive_terminal(sock: socket.socket) -> int:
+    """The pty master a container's init (or an exec helper) sent on ``sock``; it was made inside
+    the container, so it is checked to be a terminal before it is used. Close-on-exec."""
+    try:
+        _data, fds, _flags, _address = socket.recv_fds(sock, 16, 4)
+    except OSError as e:
+        raise ContainerError(f"the container did not hand over its terminal: {e.strerror}") from None
+    for extra in fds[1:]:
+        os.close(extra)
+    if not fds:
+        raise ContainerError("the container did not hand over its terminal")
+    master = fds[0]
     os.set_inheritable(master, False)
-    os.set_inheritable(slave, False)
-    return master, slave
+    if not os.isatty(master):
+        os.close(master)
+        raise ContainerError("the container handed over something that is not a terminal")
+    return master
 
 
 def copy_window_size(source_fd: int, master: int) -> None:
@@ -75,12 +99,7 @@ def relay(master: int, stdin_fd: int | None, stdout_fd: int | None, finished: Ca
             except InterruptedError:
                 continue
             if master in readable:
-                try:
-                    data = os.read(master, 65536)
-                except OSError as e:
-                    if e.errno != errno.EIO:
-                        raise
-                    data = b""
+                data = read_master(master)
                 if not data:
                     return
                 if stdout_fd is not None:
@@ -118,6 +137,16 @@ def copy_output(pipes: dict[int, Callable[[bytes], None]], finished: Callable[[]
                 open_pipes[fd](data)
             else:
                 del open_pipes[fd]
+
+
+def read_master(master: int) -> bytes:
+    """What the pty's master has; b"" once every slave is closed (the kernel says EIO then)."""
+    try:
+        return os.read(master, 65536)
+    except OSError as e:
+        if e.errno != errno.EIO:
+            raise
+        return b""
 
 
 def write_all(fd: int, data: bytes) -> None:

@@ -167,9 +167,16 @@ def test_diff_commit_and_run_the_committed_image(lamina: Lamina, image: str) -> 
     for line in ("C /app", "A /app/new", "C /app/hello.sh", "C /d", "D /d/y", "A /x", "A /x/y"):
         assert line in diff
     assert not any(line.endswith(("/etc/hosts", "/etc/resolv.conf", "/etc/hostname")) for line in diff)
-    committed = lamina("commit", "e2e-changes", "e2e/committed", check=True).stdout.strip()
+    # commit records the container's config as run (entrypoint sh, its -c script, user 0), as
+    # docker does; --change puts the image's back
+    lamina("commit", "e2e-changes", "e2e/as-run", check=True)
+    config = json.loads(lamina("inspect", "--format", "{{json .Config}}", "e2e/as-run", check=True).stdout)
+    assert (config["Entrypoint"], config["Cmd"][0], config["User"]) == (["sh"], "-c", "0")
+    lamina("rmi", "e2e/as-run", check=True)
+    committed = lamina("commit", "--change", 'ENTRYPOINT ["/app/hello.sh"]', "--change", 'CMD ["default-arg"]',
+                       "--change", "USER app", "e2e-changes", "e2e/committed", check=True).stdout.strip()
     lamina("rm", "e2e-changes", check=True)
-    r = lamina("run", "--rm", "e2e/committed", check=True)  # ENTRYPOINT, CMD and USER carried over
+    r = lamina("run", "--rm", "e2e/committed", check=True)
     assert r.stdout == "hello world|default-arg|/app|1234\n"
     r = lamina("run", "--rm", "--entrypoint", "sh", "e2e/committed", "-c", "cat /app/new; ls -A /d /x /usr",
                check=True)
@@ -432,7 +439,7 @@ def test_a_store_path_with_space_comma_and_colon(tmp_path: Path) -> None:
         (tmp_path / "Dockerfile").write_text('FROM lamina/busybox\nRUN echo built > /b\nCMD ["cat", "/b"]\n')
         run("build", "-q", "-t", "e2e/odd", str(tmp_path))
         run("run", "--name", "odd", "e2e/odd", "sh", "-c", "echo more >> /b")
-        run("commit", "odd", "e2e/odd2")
+        run("commit", "--change", 'CMD ["cat", "/b"]', "odd", "e2e/odd2")  # not the container's sh -c
         assert run("run", "--rm", "e2e/odd2").stdout == "built\nmore\n"
     finally:
         subprocess.run([sys.executable, "-m", "lamina", "rm", "-f", "odd"], env=env, capture_output=True,

@@ -151,7 +151,8 @@ def test_lifecycle_commit_save_load(user: UnprivilegedUser) -> None:
     check_committed = ("--entrypoint", "sh", "e2e/committed", "-c",
                        "stat -c '%u %n' /app/new /app/moved/file; cat /app/moved/file; ls -A /d /usr; id -u")
     uid = "1234" if user.has_subids else "0"
-    expected = f"{uid} /app/new\n{uid} /app/moved/file\nmine\nv2\n/d:\n\n/usr:\nonly\n{uid}\n"
+    # the committed user is the container's -u 0, as docker records it
+    expected = f"{uid} /app/new\n{uid} /app/moved/file\nmine\nv2\n/d:\n\n/usr:\nonly\n0\n"
     assert lamina(user, "run", "--rm", *check_committed, check=True).stdout == expected
 
     archive = user.workdir / "committed.tar"

@@ -17,8 +17,10 @@ VERB_MODULES: dict[str, str] = {
                     "lamina.commands.images"),
     **dict.fromkeys(["login", "logout", "pull", "push"], "lamina.commands.registry"),
     "build": "lamina.commands.build",
-    **dict.fromkeys(["commit", "create", "diff", "exec", "kill", "logs", "port", "ps", "restart", "rm", "run",
+    **dict.fromkeys(["create", "diff", "exec", "kill", "logs", "port", "ps", "restart", "rm", "run",
                      "start", "stop", "wait"], "lamina.commands.containers"),
+    **dict.fromkeys(["attach", "commit", "cp", "export", "pause", "rename", "top", "unpause"],
+                    "lamina.commands.container_verbs"),
     **dict.fromkeys(["layers", "mount", "umount", "which"], "lamina.commands.inspector"),
     "volume": "lamina.commands.volumes",
 }

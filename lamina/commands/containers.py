@@ -1,12 +1,11 @@
 """The container verbs: run, create, start, stop, kill, restart, rm, wait, ps, port, logs, exec,
-commit, diff. Handlers parse flags into a :class:`runner.state.Container` and leave the work to
+diff. Handlers parse flags into a :class:`runner.state.Container` and leave the work to
 :mod:`runner.lifecycle`, :mod:`runner.execute` and :mod:`runner.diff`."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import datetime as dt
 import json
 import re
@@ -20,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 from lamina.commands import run_options
 from lamina.errors import ContainerError, ContainerNotFound, LaminaError, UsageError
-from lamina.layout import Layout
 from lamina.timeparse import parse_go_duration, parse_time
 from runner import imageconfig
 from runner.containerlog import (
@@ -34,6 +32,7 @@ from runner.containerlog import (
     timestamp_ns,
 )
 from runner.state import STATUS_CREATED, Container, ContainerStore, now
+from runner.tty import check_tty
 
 # runner.lifecycle, runner.sandbox and the store are imported by the handlers that need them, so
 # that `lamina --help` and every other package's verbs do not pay for them.
@@ -78,6 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the container verbs to ``lamina``. Each verb sets ``handler(args) -> int``."""
     p = subparsers.add_parser("run", help="run a command in a new container")
     p.add_argument("-d", "--detach", action="store_true", help="run in the background, print the id")
+    p.add_argument("--detach-keys", help='with -it: the keys that detach (default "ctrl-p,ctrl-q")')
     _add_container_flags(p)
     p.set_defaults(handler=cmd_run)
 
@@ -87,6 +87,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("start", help="start stopped containers")
     p.add_argument("-a", "--attach", action="store_true", help="attach output and wait (one container)")
+    p.add_argument("-i", "--interactive", action="store_true", help="attach stdin (a -t container's terminal)")
+    p.add_argument("--detach-keys", help='the keys that detach (default "ctrl-p,ctrl-q")')
     p.add_argument("containers", nargs="+")
     p.set_defaults(handler=cmd_start)
 
@@ -150,14 +152,6 @@ def _register_inspection(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("command", nargs=argparse.REMAINDER)
     p.set_defaults(handler=cmd_exec)
 
-    p = subparsers.add_parser("commit", help="make an image from a container's changes")
-    p.add_argument("-m", "--message", default="")
-    p.add_argument("-p", "--pause", type=_bool_flag, nargs="?", const=True, default=True, metavar="BOOL",
-                   help="pause the container's processes while its layer is read (default true)")
-    p.add_argument("container")
-    p.add_argument("reference", nargs="?")
-    p.set_defaults(handler=cmd_commit)
-
     p = subparsers.add_parser("diff", help="list a container's changed files (A/C/D)")
     p.add_argument("container")
     p.set_defaults(handler=cmd_diff)
@@ -190,6 +184,7 @@ def _new_container(args: argparse.Namespace) -> Container:
     fields.setdefault("stop_signal", imageconfig.stop_signal(cfg))
     env = imageconfig.container_env(cfg, args.env_file, args.env)
     _refuse_nul(args.image, cfg)
+    entrypoint, cmd = imageconfig.run_entrypoint_and_cmd(cfg, command, args.entrypoint)
     container = Container(
         id="", name=args.name or "", image=args.image, image_id=image.id, created=now(),
         argv=imageconfig.container_argv(cfg, command, args.entrypoint), env=env,
@@ -197,7 +192,7 @@ def _new_container(args: argparse.Namespace) -> Container:
         user=imageconfig.container_user(cfg, args.user), hostname=args.hostname or "", network=network,
         ports=[p.to_json() for p in ports], tty=args.tty,
         interactive=args.interactive, init=args.init, readonly=args.read_only, auto_remove=args.rm,
-        **fields,
+        entrypoint=entrypoint, cmd=cmd, **fields,
     )
     run_options.check_cidfile(args.cidfile)
     container.mounts, container.anonymous_volumes = run_options.make_volumes(args.layout, plans)
@@ -253,7 +248,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from runner import unionserver
     from runner.lifecycle import run_attached, start_detached
 
-    if args.detach:
+    if not args.detach:
+        check_tty(args.interactive, args.tty)
+    attach_terminal = args.interactive and args.tty and not args.detach
+    if attach_terminal or args.detach_keys:
+        from lamina.commands.container_verbs import detach_keys, start_and_attach
+
+        keys = detach_keys(args)  # refused before anything is made
+    if args.detach or attach_terminal:
         unionserver.discard()  # a daemonised monitor starts its own
     else:
         # Fork the union server now (if the command line hook has not already): its imports then
@@ -268,6 +270,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         start_detached(args.layout, container)
         print(container.id)
         return 0
+    if attach_terminal:  # under a monitor, so that the detach keys leave it running
+        return start_and_attach(args, container, keys, interactive=True)
     return run_attached(args.layout, container)
 
 
@@ -303,6 +307,12 @@ def cmd_start(args: argparse.Namespace) -> int:
         container = ContainerStore(args.layout).get(args.containers[0])
         if container.running:
             raise ContainerError(f"container {container.name} is already running")
+        if container.tty:
+            from lamina.commands.container_verbs import detach_keys, start_and_attach
+
+            interactive = args.interactive and container.interactive
+            check_tty(interactive, True)
+            return start_and_attach(args, container, detach_keys(args), interactive)
         return run_attached(args.layout, container)
 
     def start(store: ContainerStore, c: Container) -> None:
@@ -412,7 +422,8 @@ def _status(c: Container) -> str:
     if c.state.status == STATUS_CREATED:
         return "Created"
     if c.running:
-        return f"Up {_ago(parse_time(c.state.started_at))}{_health_suffix(c)}"
+        paused = " (Paused)" if c.state.paused else ""
+        return f"Up {_ago(parse_time(c.state.started_at))}{paused}{_health_suffix(c)}"
     return f"Exited ({c.state.exit_code}) {_ago(parse_time(c.state.finished_at))} ago"
 
 
@@ -579,6 +590,9 @@ def cmd_exec(args: argparse.Namespace) -> int:
         command = command[1:]
     if not command:
         raise UsageError("exec: no command given")
+    check_tty(args.interactive, args.tty)
+    if container.running and container.state.paused:
+        raise ContainerError(f"Container {container.name} is paused, unpause the container before exec")
     env = dict(container.env)
     env.update(imageconfig.container_env({}, [], args.env))
     workdir = args.workdir or container.workdir
@@ -588,49 +602,12 @@ def cmd_exec(args: argparse.Namespace) -> int:
                              args.tty, args.interactive)
 
 
-def _commit_layer(layout: Layout, upper: Path) -> Any:
-    from lamina.store import Store
-
-    return Store.open(layout).commit_layer(upper)
-
-
 def _bool_flag(text: str) -> bool:
     """docker's boolean flag values (``--pause=false``)."""
     answers = {"true": True, "1": True, "false": False, "0": False}
     if text.lower() not in answers:
         raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
     return answers[text.lower()]
-
-
-def cmd_commit(args: argparse.Namespace) -> int:
-    from lamina.application import open_store
-    from runner.freeze import paused
-    from runner.sandbox import call_in_userns
-
-    container = ContainerStore(args.layout).get(args.container)
-    store = open_store(args.layout)
-    pause = paused(container.state.pid) if args.pause and container.running else contextlib.nullcontext()
-    # Shared lock from the new layer to the image that names it: a concurrent prune must not
-    # collect the layer in between (shared holders never block each other).
-    with store.lock(shared=True):
-        base = store.resolve_image(container.image_id)
-        with pause:
-            try:
-                layer = _commit_layer(args.layout, container.upper)
-            except PermissionError:
-                # Directories the container made private under subordinate ids: read them as
-                # namespace root.
-                layer = call_in_userns(_commit_layer, args.layout, container.upper)
-        config = copy.deepcopy(base.config)
-        config.pop("created", None)
-        history = list(config.get("history") or [])
-        history.append({"created": now(), "created_by": f"lamina commit {container.name}",
-                        **({"comment": args.message} if args.message else {})})
-        config["history"] = history
-        image = store.create_image([*base.layers, layer], config,
-                                   tags=[args.reference] if args.reference else [], base=base)
-    print(f"sha256:{image.id}")
-    return 0
 
 
 def _changes(upper: Path, lowers: LayerStack) -> list[tuple[str, str]]:
