@@ -88,6 +88,7 @@ class Workspace:
         namespace can read: the upper is cleaned up and packed into a blob there, and the blob is
         unpacked into the store here, by the user (the store's ownership convention)."""
         from lamina.store import Layer
+        from lamina.store.store import OCI_LAYER_TAR
         from runner.sandbox import call_in_userns
 
         packed = call_in_userns(_finish_upper, self._store, lowers, upper, work, targets, self._epoch)
@@ -95,7 +96,8 @@ class Workspace:
             return None
         digest, diff_id = packed
         diff_id, size = self._store.ensure_layer(digest, diff_id)
-        return Layer(diff_id=diff_id, digest=digest, path=self._store.layer_dir(diff_id), size=size)
+        return Layer(diff_id=diff_id, digest=digest, path=self._store.layer_dir(diff_id), size=size,
+                     media_type=OCI_LAYER_TAR)
 
 
 def _finish_upper(store: Store, lowers: LayerStack, upper: Path, work: Path,
@@ -115,9 +117,9 @@ def _finish_upper(store: Store, lowers: LayerStack, upper: Path, work: Path,
         if epoch is not None:
             clamp_times(str(upper), epoch)
         with store.lock(shared=True), store.blobs.writer() as writer:
-            result = pack_layer(upper, writer, compress=True)
-        assert result.digest is not None
-        return result.digest, result.diff_id
+            result = pack_layer(upper, writer, compress=False)
+        # A plain tar, as every local layer (lamina.store.outbound): its digest is its diff_id.
+        return result.diff_id, result.diff_id
     finally:
         # Packed into the blob: the directories are not needed any more, and only this namespace
         # can delete what the command made.
