@@ -115,6 +115,7 @@ class _EntryChanged(Exception):
 _ENTRY_ATTEMPTS = 3
 
 XattrHandle = str | int  # an open descriptor, or a path whose last component is not followed
+_COPY_CHUNK = 1 << 20
 # Deepest directory nesting packed; one descriptor is open per level while packing.
 MAX_DEPTH = 512
 
@@ -344,16 +345,21 @@ def pack_layer(src_dir: Path, out: BinaryIO | HashingWriter | None, compress: bo
     if not src_dir.is_dir():
         raise LayerError(f"layer directory {src_dir} does not exist")
     idmap = idmap or IdMap.for_current_user()
-    blob = HashingWriter(out)
+    # Each HashingWriter hashes every byte again: a fresh one handed in (a blob writer) is reused,
+    # and an uncompressed tar is hashed once, as both the blob and the diff_id.
+    blob = out if isinstance(out, HashingWriter) and out.size == 0 else HashingWriter(out)
     gz: BinaryIO | None = None
     if compress:
         gz = gzip_writer(blob)
         plain = HashingWriter(gz)
     else:
-        plain = HashingWriter(blob)
+        plain = blob
     try:
-        tar = tarfile.open(fileobj=plain, mode="w|", format=tarfile.PAX_FORMAT,  # type: ignore[call-overload]
-                           encoding="utf-8", errors="surrogateescape")
+        # Not the "w|" stream mode: it hands the sink 10 KiB at a time (a hash update and a write
+        # call each). Written straight to the sink, file data goes in _COPY_CHUNK pieces; the bytes
+        # are the same.
+        tar = tarfile.TarFile(fileobj=plain, mode="w", format=tarfile.PAX_FORMAT,  # type: ignore[arg-type]
+                              encoding="utf-8", errors="surrogateescape", copybufsize=_COPY_CHUNK)
         try:
             packer = _Packer(tar, idmap, progress)
             with fdtree.opened(fdtree.open_root(src_dir)) as root_fd:
