@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from builder.fsops import LayerView, clamp_times, prune_empty_dirs
 from lamina.errors import LaminaError
+from lamina.store.progress import Heartbeat
 from unionfs.core.stack import LayerStack
 
 if TYPE_CHECKING:
@@ -36,10 +37,12 @@ log = logging.getLogger(__name__)
 class Workspace:
     """The store as a build's steps see it: scratch directories and layer commits."""
 
-    def __init__(self, store: Store, interruption: Interruption, epoch: int | None) -> None:
+    def __init__(self, store: Store, interruption: Interruption, epoch: int | None,
+                 say: Callable[[str], None] = lambda _line: None) -> None:
         self._store = store
         self._interruption = interruption
         self._epoch = epoch
+        self._say = say  # where a commit that takes long says it is still going
         self.cleaner = Cleaner()
 
     @property
@@ -78,8 +81,8 @@ class Workspace:
                 return None
             if self._epoch is not None:
                 clamp_times(str(diff), self._epoch)
-            with self._interruption.deferred():
-                return self._store.commit_layer(diff)
+            with self._interruption.deferred(), Heartbeat(self._say, "Committing layer") as beat:
+                return self._store.commit_layer(diff, progress=beat)
 
     def commit_upper(self, lowers: LayerStack, upper: Path, work: Path, targets: list[str]) -> Layer | None:
         """Turn a RUN step's upper directory into a layer (None when the step changed nothing).
@@ -91,11 +94,12 @@ class Workspace:
         from lamina.store.store import OCI_LAYER_TAR
         from runner.sandbox import call_in_userns
 
-        packed = call_in_userns(_finish_upper, self._store, lowers, upper, work, targets, self._epoch)
-        if packed is None:
-            return None
-        digest, diff_id = packed
-        diff_id, size = self._store.ensure_layer(digest, diff_id)
+        with Heartbeat(self._say, "Committing layer"):
+            packed = call_in_userns(_finish_upper, self._store, lowers, upper, work, targets, self._epoch)
+            if packed is None:
+                return None
+            digest, diff_id = packed
+            diff_id, size = self._store.ensure_layer(digest, diff_id)
         return Layer(diff_id=diff_id, digest=digest, path=self._store.layer_dir(diff_id), size=size,
                      media_type=OCI_LAYER_TAR)
 

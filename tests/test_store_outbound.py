@@ -79,3 +79,22 @@ def test_gc_keeps_the_gzip_of_a_kept_layer_and_drops_it_with_the_layer(store: St
     assert not store.has_blob(dropped_gz) and not store.has_blob(dropped.digest)
     assert store.check() == []
     assert keep_image.layers[0].digest == kept.digest
+
+
+def test_heartbeat_is_silent_when_short_and_speaks_while_long() -> None:
+    import time
+
+    from lamina.store.progress import Heartbeat
+
+    said: list[str] = []
+    with Heartbeat(said.append, "Committing layer", first_after=0.5, every=0.05):
+        pass
+    assert said == []
+    with Heartbeat(said.append, "Committing layer", first_after=0.05, every=0.05) as beat:
+        time.sleep(0.12)
+        beat(3_000_000)
+        time.sleep(0.12)
+    assert said[0] == "Committing layer ..." and said[-1] == "Committing layer: 3MB"
+    count = len(said)
+    time.sleep(0.12)
+    assert len(said) == count  # stopped with the block
