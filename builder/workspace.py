@@ -88,8 +88,8 @@ class Workspace:
         """Turn a RUN step's upper directory into a layer (None when the step changed nothing).
 
         Files the command made may belong to subordinate ids, which only root of lamina's user
-        namespace can read: the upper is cleaned up and packed into a blob there, and the blob is
-        unpacked into the store here, by the user (the store's ownership convention)."""
+        namespace can read: the upper is cleaned up, packed into a blob and unpacked into the
+        store's layer there (see :func:`_finish_upper`)."""
         from lamina.store import Layer
         from lamina.store.store import OCI_LAYER_TAR
         from runner.sandbox import call_in_userns
@@ -106,8 +106,15 @@ class Workspace:
 
 def _finish_upper(store: Store, lowers: LayerStack, upper: Path, work: Path,
                   targets: list[str], epoch: int | None) -> tuple[str, str] | None:
-    """In lamina's user namespace: flatten redirects, drop scaffolding, pack the upper into a blob.
-    Returns (blob digest, diff_id), or None for an empty upper."""
+    """In lamina's user namespace: flatten redirects, drop scaffolding, pack the upper into a blob
+    and unpack that into the store's layer. Returns (blob digest, diff_id), or None for an empty
+    upper.
+
+    The layer is unpacked here rather than by the caller so that removing the upper, which only
+    this namespace can do, overlaps with it: both are a syscall per file (unlink releases the
+    GIL). Files root of this namespace creates belong to the user, and it is not root of the
+    initial namespace, so the layer is the one the user would have unpacked (owner overrides).
+    """
     from lamina.store.layer_pack import pack_layer
     from unionfs.export import flatten_redirects
 
@@ -115,6 +122,7 @@ def _finish_upper(store: Store, lowers: LayerStack, upper: Path, work: Path,
     # express: give it a full copy of what it showed instead (a no-op when nothing was renamed).
     flatten_redirects(lowers, upper, work)
     prune_empty_dirs(str(upper), targets, LayerView(lowers))
+    remover = threading.Thread(target=_remove_scratch, args=(upper, work), name="lamina-upper-remover")
     try:
         if not any(upper.iterdir()) and not _is_opaque(upper):
             return None
@@ -122,13 +130,20 @@ def _finish_upper(store: Store, lowers: LayerStack, upper: Path, work: Path,
             clamp_times(str(upper), epoch)
         with store.lock(shared=True), store.blobs.writer() as writer:
             result = pack_layer(upper, writer, compress=False)
+        # Packed into the blob: the directories are not needed any more.
+        remover.start()
         # A plain tar, as every local layer (lamina.store.outbound): its digest is its diff_id.
+        store.ensure_layer(result.diff_id, result.diff_id)
         return result.diff_id, result.diff_id
     finally:
-        # Packed into the blob: the directories are not needed any more, and only this namespace
-        # can delete what the command made.
-        shutil.rmtree(upper, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
+        if remover.ident is None:  # not started: packing failed or there was nothing to pack
+            remover.start()
+        remover.join()
+
+
+def _remove_scratch(*paths: Path) -> None:
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _is_opaque(path: Path) -> bool:
