@@ -78,6 +78,7 @@ class _Op:
     path: tuple[str, ...]
     member: tarfile.TarInfo
     target: tuple[str, ...] = ()
+    fresh: bool = False  # nothing was at the path before (no need to look there first)
 
 
 @dataclass
@@ -189,7 +190,8 @@ def validate(members: list[tarfile.TarInfo], archive_size: int, limits: Limits |
                 raise LayerError(f"entry {m.name!r}: empty or malformed symlink target")
         elif m.islnk():
             kind = "hardlink"
-            plan.ops.append(_Op("hardlink", path, m, _hardlink_target(m, path, kinds, limits)))
+            plan.ops.append(_Op("hardlink", path, m, _hardlink_target(m, path, kinds, limits),
+                                fresh=path not in kinds))
             _replace(kinds, path, "file")
             continue
         elif m.isfifo():
@@ -201,7 +203,7 @@ def validate(members: list[tarfile.TarInfo], archive_size: int, limits: Limits |
             kind = "chr" if m.ischr() else "blk"
         else:
             raise LayerError(f"entry {m.name!r}: unsupported tar entry type {m.type!r}")
-        plan.ops.append(_Op(kind, path, m))
+        plan.ops.append(_Op(kind, path, m, fresh=path not in kinds))
         if kind == "dir" and kinds.get(path) == "dir":
             continue
         _replace(kinds, path, kind)
@@ -355,8 +357,9 @@ class _Extractor:
                     os.mkdir(name, 0o700, dir_fd=pfd)
                 self.deferred_dirs[op.path] = op.member
                 continue
-            self._clear_existing(pfd, op.path)
-            pfd = self.parent_fd(op.path)
+            if not op.fresh:
+                self._clear_existing(pfd, op.path)
+                pfd = self.parent_fd(op.path)
             if op.kind == "file":
                 self._write_file(pfd, name, op.member)
             elif op.kind == "symlink":
@@ -441,16 +444,19 @@ class _Extractor:
             if src is None:
                 raise LayerError(f"entry {member.name!r}: no data")
             written = 0
+            hole_at_end = False
             while chunk := src.read(CHUNK):
                 # Runs of zeros become holes, so sparse files stay sparse on disk.
-                if len(chunk) == CHUNK and chunk == _ZERO_CHUNK:
+                hole_at_end = len(chunk) == CHUNK and chunk == _ZERO_CHUNK
+                if hole_at_end:
                     os.lseek(fd, len(chunk), os.SEEK_CUR)
                 else:
                     os.write(fd, chunk)
                 written += len(chunk)
             if written != member.size:
                 raise LayerError(f"entry {member.name!r}: truncated data ({written} of {member.size} bytes)")
-            os.ftruncate(fd, member.size)
+            if hole_at_end:  # a seek past the end does not make the file longer
+                os.ftruncate(fd, member.size)
             # Owner before xattrs: chown clears security.capability (and setuid bits, hence chmod
             # after chown inside _apply_owner_mode).
             self._apply_owner_mode(fd, member.uid, member.gid, stat.S_IFREG | member.mode, is_dir=False)
