@@ -347,3 +347,34 @@ def test_a_failing_sink_stops_packing_with_its_error(tmp_path: Path) -> None:
     (tmp_path / "big").write_bytes(os.urandom(3 << 20))
     with pytest.raises(OSError, match="No space left"):
         pack_layer(tmp_path, Full(), compress=True, idmap=IdMap())  # type: ignore[arg-type]
+
+
+def test_tar_stream_writes_what_tarfile_writes() -> None:
+    """The packer's own tar writer is byte for byte tarfile's PAX writer (the layer digests rely on it)."""
+    from lamina.store.layer_pack import _TarStream
+    from lamina.store.blobs import HashingWriter
+
+    entries = []
+    for name, size, extra in [("etc", None, {}), ("etc/short", 0, {}), ("etc/odd", 513, {}),
+                              ("d/" + "x" * 150, 10, {}), ("caf\u00e9/\udcff", 3, {}),
+                              ("etc/xattr", 1, {"SCHILY.xattr.user.k": "v"}), ("big-uid", 2, {})]:
+        info = tarfile.TarInfo(name)
+        info.type = tarfile.DIRTYPE if size is None else tarfile.REGTYPE
+        info.size, info.mode, info.mtime, info.uname, info.gname = size or 0, 0o640, 1_700_000_000, "", ""
+        info.uid = 2**24 if name == "big-uid" else 1000
+        info.pax_headers = extra
+        entries.append((info, bytes(range(256)) * 3 if size else b""))
+    link = tarfile.TarInfo("etc/link")
+    link.type, link.linkname, link.uname, link.gname = tarfile.SYMTYPE, "y" * 120, "", ""
+    entries.append((link, b""))
+    expected = io.BytesIO()
+    with tarfile.TarFile(fileobj=expected, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8",
+                         errors="surrogateescape") as tar:
+        for info, data in entries:
+            tar.addfile(info, io.BytesIO(data[:info.size]) if info.isreg() else None)
+    mine = io.BytesIO()
+    stream = _TarStream(HashingWriter(mine))  # type: ignore[arg-type]
+    for info, data in entries:
+        stream.addfile(info, io.BytesIO(data[:info.size]) if info.isreg() else None)  # type: ignore[arg-type]
+    stream.close()
+    assert mine.getvalue() == expected.getvalue()

@@ -131,6 +131,45 @@ class _Level:
     whiteouts: set[str] = field(default_factory=set)
 
 
+class _TarStream:
+    """What the packer needs of ``tarfile.TarFile`` in write mode, writing the same bytes.
+
+    Headers come from ``TarInfo.tobuf`` (PAX format, as TarFile writes them); file data goes to
+    the sink in _COPY_CHUNK pieces (TarFile's stream mode hands it 10 KiB at a time, a hash update
+    and a write call each); and no member is remembered (TarFile keeps a TarInfo per entry, which a
+    100,000-entry layer would hold in memory until the end).
+    """
+
+    def __init__(self, sink: HashingWriter) -> None:
+        self.sink = sink
+        self.offset = 0
+
+    def addfile(self, info: tarfile.TarInfo, data: fdtree.ExactReader | None = None) -> None:
+        header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+        self.sink.write(header)
+        self.offset += len(header)
+        if data is None:
+            return
+        left = info.size
+        while left:
+            chunk = data.read(min(left, _COPY_CHUNK))
+            if not chunk:
+                raise OSError(f"{info.name}: unexpected end of data")
+            self.sink.write(chunk)
+            left -= len(chunk)
+        padding = -info.size % tarfile.BLOCKSIZE
+        if padding:
+            self.sink.write(bytes(padding))
+        self.offset += info.size + padding
+
+    def close(self) -> None:
+        """The end-of-archive blocks, padded to a whole record as TarFile pads it."""
+        end = 2 * tarfile.BLOCKSIZE
+        end += -(self.offset + end) % tarfile.RECORDSIZE
+        self.sink.write(bytes(end))
+        self.offset += end
+
+
 class _Packer:
     """Walks a layer directory by descriptors only (see :mod:`store.fdtree`) and writes tar entries.
 
@@ -138,7 +177,7 @@ class _Packer:
     path that an entry could be swapped under, so what is packed comes from inside the tree.
     """
 
-    def __init__(self, tar: tarfile.TarFile, idmap: IdMap, progress: Progress | None) -> None:
+    def __init__(self, tar: _TarStream, idmap: IdMap, progress: Progress | None) -> None:
         self.tar = tar
         self.idmap = idmap
         self.progress = progress
@@ -355,11 +394,7 @@ def pack_layer(src_dir: Path, out: BinaryIO | HashingWriter | None, compress: bo
     else:
         plain = blob
     try:
-        # Not the "w|" stream mode: it hands the sink 10 KiB at a time (a hash update and a write
-        # call each). Written straight to the sink, file data goes in _COPY_CHUNK pieces; the bytes
-        # are the same.
-        tar = tarfile.TarFile(fileobj=plain, mode="w", format=tarfile.PAX_FORMAT,  # type: ignore[arg-type]
-                              encoding="utf-8", errors="surrogateescape", copybufsize=_COPY_CHUNK)
+        tar = _TarStream(plain)
         try:
             packer = _Packer(tar, idmap, progress)
             with fdtree.opened(fdtree.open_root(src_dir)) as root_fd:
