@@ -378,3 +378,29 @@ def test_tar_stream_writes_what_tarfile_writes() -> None:
         stream.addfile(info, io.BytesIO(data[:info.size]) if info.isreg() else None)  # type: ignore[arg-type]
     stream.close()
     assert mine.getvalue() == expected.getvalue()
+
+
+def test_plain_header_fast_path_is_tarfiles_header() -> None:
+    import random
+
+    from lamina.store.layer_pack import _plain_ustar_header
+
+    rng = random.Random(15)
+    kinds = [tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.FIFOTYPE, tarfile.CHRTYPE]
+    fast = 0
+    for _ in range(3000):
+        name = "".join(rng.choice("ab/.") for _ in range(rng.randint(1, 110)))
+        info = tarfile.TarInfo(name + "é" if rng.random() < 0.1 else name)
+        info.type = rng.choice(kinds)
+        info.uname = info.gname = ""
+        info.linkname = "t" * rng.choice([0, 5, 100, 101]) if info.type in (tarfile.SYMTYPE, tarfile.LNKTYPE) else ""
+        info.uid, info.gid = rng.choice([0, 1000, 8**7 - 1, 8**7]), rng.choice([0, 65534, 8**7])
+        info.mode = rng.choice([0o644, 0o4755, 0o170777])
+        info.size = rng.choice([0, 1, 8**11 - 1, 8**11]) if info.type == tarfile.REGTYPE else 0
+        info.mtime = rng.choice([0, 1_700_000_000, 8**11, -1])
+        expected = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+        mine = _plain_ustar_header(info)
+        if mine is not None:
+            fast += 1
+            assert mine == expected, info.name
+    assert fast > 300  # the fast path is taken for the common entries

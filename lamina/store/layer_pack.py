@@ -131,6 +131,39 @@ class _Level:
     whiteouts: set[str] = field(default_factory=set)
 
 
+_OCTAL_LIMITS = {8: 8 ** 7, 12: 8 ** 11}
+_NO_DEVICE = bytes(16)
+
+
+def _plain_ustar_header(info: tarfile.TarInfo) -> bytes | None:
+    """The header ``TarInfo.tobuf`` (PAX format) writes, for the common entry that needs no PAX
+    record (ASCII names that fit, small integers, no xattrs, not a device); None for any other.
+
+    tobuf costs tens of microseconds an entry, much of a many-file layer's packing time; this
+    builds the same 512 bytes directly (checked against tarfile in the tests).
+    """
+    name, linkname, kind = info.name, info.linkname, info.type
+    if info.pax_headers or kind in (tarfile.CHRTYPE, tarfile.BLKTYPE) or info.uname or info.gname:
+        return None
+    if kind == tarfile.DIRTYPE and not name.endswith("/"):
+        name += "/"
+    if len(name) > 100 or len(linkname) > 100 or not name.isascii() or not linkname.isascii():
+        return None
+    uid, gid, size, mtime = info.uid, info.gid, info.size, info.mtime
+    if not (type(uid) is type(gid) is type(size) is type(mtime) is int):
+        return None
+    if not (0 <= uid < _OCTAL_LIMITS[8] and 0 <= gid < _OCTAL_LIMITS[8] and 0 <= size < _OCTAL_LIMITS[12]
+            and 0 <= mtime < _OCTAL_LIMITS[12]):
+        return None
+    head = b"".join((
+        name.encode().ljust(100, b"\0"),
+        b"%07o\0%07o\0%07o\0%011o\0%011o\0" % (info.mode & 0o7777, uid, gid, size, mtime),
+        b"        ", kind, linkname.encode().ljust(100, b"\0"), tarfile.POSIX_MAGIC,
+        bytes(64), _NO_DEVICE, bytes(155 + 12)))
+    checksum = sum(head)
+    return head[:148] + b"%06o\0" % checksum + head[155:]
+
+
 class _TarStream:
     """What the packer needs of ``tarfile.TarFile`` in write mode, writing the same bytes.
 
@@ -145,7 +178,7 @@ class _TarStream:
         self.offset = 0
 
     def addfile(self, info: tarfile.TarInfo, data: fdtree.ExactReader | None = None) -> None:
-        header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+        header = _plain_ustar_header(info) or info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
         self.sink.write(header)
         self.offset += len(header)
         if data is None:
