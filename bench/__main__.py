@@ -19,12 +19,13 @@ from pathlib import Path
 from bench.common import LAMINA, NOT_AVAILABLE, SuiteResult, machine_stamp, markdown_table
 from bench.containers import DEFAULT_PODMAN_MODES, PODMAN_MODES, QUICK_PODMAN_MODES, run_container_suites
 from bench.fs import run_fs_suite
+from bench.layers import run_layer_suite, spread_markdown
 from bench.targets import evaluate_targets
 
 log = logging.getLogger("bench")
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-SUITES = ("fs", "build", "run", "store")
+SUITES = ("fs", "build", "run", "store", "layers")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -40,6 +41,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="keep the filesystem image here between runs (default: a temporary directory)")
     parser.add_argument("--podman-modes", default=None,
                         help=f"comma list of {','.join(PODMAN_MODES)} (default {','.join(DEFAULT_PODMAN_MODES)})")
+    parser.add_argument("--layers-big", action="store_true",
+                        help="layers suite at 1 GiB and 100,000 files instead of 200 MiB and 10,000")
     parser.add_argument("--lamina-modes", default=None, help="comma list of root,rootless (default both)")
     parser.add_argument("--out", type=Path, default=None, help="result prefix (default bench/results/<stamp>)")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -110,6 +113,8 @@ def render_markdown(stamp: dict, suites: list[SuiteResult], targets: list[dict],
             lines.append(f"did not run: {suite.error}")
         else:
             lines.append(markdown_table(suite))
+            if suite.name == "layers":
+                lines += ["", spread_markdown(suite)]
         lines.append("")
     if targets:
         lines += ["## targets (issue 8)", "", "| target | measured | verdict |", "|---|---|---|"]
@@ -137,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {', '.join(sorted(container_suites))} suites ...", file=sys.stderr, flush=True)
         suites += run_container_suites(quick=args.quick, reps=args.reps, podman_modes=args.podman_modes,
                                        lamina_modes=args.lamina_modes, suites=container_suites)
+    if "layers" in args.only:
+        print("bench: layers suite ...", file=sys.stderr, flush=True)
+        suites.append(run_layer_suite(quick=args.quick, big=args.layers_big, reps=args.reps,
+                                      podman_modes=args.podman_modes, lamina_modes=args.lamina_modes))
     stamp["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
     stamp["total_s"] = round(time.perf_counter() - t0, 1)
     targets = evaluate_targets(suites)

@@ -175,7 +175,7 @@ class Builder:
         self.from_stage: dict[int, int] = {}  # stage index -> the stage it is built FROM
         self.interruption = Interruption()
         self.epoch = source_date_epoch(options.build_args)
-        self.workspace = Workspace(store, self.interruption, self.epoch)
+        self.workspace = Workspace(store, self.interruption, self.epoch, say=self.out.line)
         self.services = BuildServices(
             context=self.context, cache=self.cache, workspace=self.workspace,
             downloads=Downloads(self.workspace), interruption=self.interruption, session=options.session,

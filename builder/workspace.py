@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from builder.fsops import LayerView, clamp_times, prune_empty_dirs
 from lamina.errors import LaminaError
+from lamina.store.progress import Heartbeat
 from unionfs.core.stack import LayerStack
 
 if TYPE_CHECKING:
@@ -36,10 +37,12 @@ log = logging.getLogger(__name__)
 class Workspace:
     """The store as a build's steps see it: scratch directories and layer commits."""
 
-    def __init__(self, store: Store, interruption: Interruption, epoch: int | None) -> None:
+    def __init__(self, store: Store, interruption: Interruption, epoch: int | None,
+                 say: Callable[[str], None] = lambda _line: None) -> None:
         self._store = store
         self._interruption = interruption
         self._epoch = epoch
+        self._say = say  # where a commit that takes long says it is still going
         self.cleaner = Cleaner()
 
     @property
@@ -78,30 +81,40 @@ class Workspace:
                 return None
             if self._epoch is not None:
                 clamp_times(str(diff), self._epoch)
-            with self._interruption.deferred():
-                return self._store.commit_layer(diff)
+            with self._interruption.deferred(), Heartbeat(self._say, "Committing layer") as beat:
+                return self._store.commit_layer(diff, progress=beat)
 
     def commit_upper(self, lowers: LayerStack, upper: Path, work: Path, targets: list[str]) -> Layer | None:
         """Turn a RUN step's upper directory into a layer (None when the step changed nothing).
 
         Files the command made may belong to subordinate ids, which only root of lamina's user
-        namespace can read: the upper is cleaned up and packed into a blob there, and the blob is
-        unpacked into the store here, by the user (the store's ownership convention)."""
+        namespace can read: the upper is cleaned up, packed into a blob and unpacked into the
+        store's layer there (see :func:`_finish_upper`)."""
         from lamina.store import Layer
+        from lamina.store.store import OCI_LAYER_TAR
         from runner.sandbox import call_in_userns
 
-        packed = call_in_userns(_finish_upper, self._store, lowers, upper, work, targets, self._epoch)
-        if packed is None:
-            return None
-        digest, diff_id = packed
-        diff_id, size = self._store.ensure_layer(digest, diff_id)
-        return Layer(diff_id=diff_id, digest=digest, path=self._store.layer_dir(diff_id), size=size)
+        with Heartbeat(self._say, "Committing layer"):
+            packed = call_in_userns(_finish_upper, self._store, lowers, upper, work, targets, self._epoch)
+            if packed is None:
+                return None
+            digest, diff_id = packed
+            diff_id, size = self._store.ensure_layer(digest, diff_id)
+        return Layer(diff_id=diff_id, digest=digest, path=self._store.layer_dir(diff_id), size=size,
+                     media_type=OCI_LAYER_TAR)
 
 
 def _finish_upper(store: Store, lowers: LayerStack, upper: Path, work: Path,
                   targets: list[str], epoch: int | None) -> tuple[str, str] | None:
-    """In lamina's user namespace: flatten redirects, drop scaffolding, pack the upper into a blob.
-    Returns (blob digest, diff_id), or None for an empty upper."""
+    """In lamina's user namespace: flatten redirects, drop scaffolding, pack the upper into a blob
+    and unpack that into the store's layer. Returns (blob digest, diff_id), or None for an empty
+    upper.
+
+    The layer is unpacked here rather than by the caller so that removing the upper, which only
+    this namespace can do, overlaps with it: both are a syscall per file (unlink releases the
+    GIL). Files root of this namespace creates belong to the user, and it is not root of the
+    initial namespace, so the layer is the one the user would have unpacked (owner overrides).
+    """
     from lamina.store.layer_pack import pack_layer
     from unionfs.export import flatten_redirects
 
@@ -109,20 +122,28 @@ def _finish_upper(store: Store, lowers: LayerStack, upper: Path, work: Path,
     # express: give it a full copy of what it showed instead (a no-op when nothing was renamed).
     flatten_redirects(lowers, upper, work)
     prune_empty_dirs(str(upper), targets, LayerView(lowers))
+    remover = threading.Thread(target=_remove_scratch, args=(upper, work), name="lamina-upper-remover")
     try:
         if not any(upper.iterdir()) and not _is_opaque(upper):
             return None
         if epoch is not None:
             clamp_times(str(upper), epoch)
         with store.lock(shared=True), store.blobs.writer() as writer:
-            result = pack_layer(upper, writer, compress=True)
-        assert result.digest is not None
-        return result.digest, result.diff_id
+            result = pack_layer(upper, writer, compress=False)
+        # Packed into the blob: the directories are not needed any more.
+        remover.start()
+        # A plain tar, as every local layer (lamina.store.outbound): its digest is its diff_id.
+        store.ensure_layer(result.diff_id, result.diff_id)
+        return result.diff_id, result.diff_id
     finally:
-        # Packed into the blob: the directories are not needed any more, and only this namespace
-        # can delete what the command made.
-        shutil.rmtree(upper, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
+        if remover.ident is None:  # not started: packing failed or there was nothing to pack
+            remover.start()
+        remover.join()
+
+
+def _remove_scratch(*paths: Path) -> None:
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _is_opaque(path: Path) -> bool:

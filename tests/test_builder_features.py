@@ -290,7 +290,7 @@ def _layer_names(builders: Builders, diff_id: str) -> list[str]:
     store = Store.open(builders.root)
     image_layers = {layer.diff_id: layer for layer in store.resolve_image("ssh-img").layers}
     blob = builders.root / "blobs" / "sha256" / image_layers[diff_id].digest.removeprefix("sha256:")
-    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(blob.read_bytes()))) as tar:
+    with tarfile.open(blob) as tar:
         return tar.getnames()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -110,40 +111,55 @@ def blob_uploads(registry: RunningRegistry, since: int = 0) -> int:
 
 def test_push_then_pull_roundtrip_and_skopeo(registry: RunningRegistry, tmp_path: Path, lamina_cmd,  # type: ignore[no-untyped-def]
                                              busybox_rootfs: Path) -> None:
+    if shutil.which("skopeo") is None:
+        pytest.skip("skopeo not installed (the outside reader of what lamina pushed)")
     src_root, dst_root = tmp_path / "src", tmp_path / "dst"
     store, base, child = make_store_images(src_root, busybox_rootfs, tmp_path)
+    # Local layers are plain tars (their digest is their diff_id), as podman keeps them.
+    assert [(layer.media_type, layer.digest) for layer in child.layers] == \
+        [("application/vnd.oci.image.layer.v1.tar", layer.diff_id) for layer in child.layers]
 
     base_dest = f"{registry.address}/lamina/base:1"
     pushed = lamina_cmd("push", "--tls-verify=false", "local/base:1", base_dest, root=src_root)
-    assert pushed.stdout.strip() == f"1: digest: {base.manifest_digest} size: {len(store.manifest_bytes(base))}"
     assert blob_uploads(registry) == 2  # the layer and the config
+    base_sent = registry_manifest(base_dest)
+    assert pushed.stdout.strip() == f"1: digest: sha256:{hashlib.sha256(base_sent).hexdigest()} size: {len(base_sent)}"
 
     # The child shares the base layer: only its own layer and config go up; the base layer is
-    # mounted from the repository lamina pushed it to.
+    # mounted from the repository lamina pushed it to, by the digest of the gzip made for the first
+    # push (compressed once, not again).
     dest = f"{registry.address}/lamina/child:1"
     before = len(registry.access_log())
     lamina_cmd("push", "--tls-verify=false", "local/child:1", dest, root=src_root)
     assert blob_uploads(registry, before) == 2
+    child_sent = json.loads(registry_manifest(dest))
+    sent_digests = [desc["digest"] for desc in child_sent["layers"]]
+    assert sent_digests[0] == json.loads(base_sent)["layers"][0]["digest"]
     mounts = [(p, s) for m, p, s in registry.access_log()[before:] if m == "POST" and "mount=" in p]
-    assert len(mounts) == 1 and mounts[0][1] == 201 and child.layers[0].digest[7:] in mounts[0][0]
+    assert len(mounts) == 1 and mounts[0][1] == 201 and sent_digests[0][7:] in mounts[0][0]
     # Within one repository, a new tag of a known image uploads nothing but the manifest.
     before = len(registry.access_log())
     lamina_cmd("push", "--tls-verify=false", "local/child:1", f"{registry.address}/lamina/child:2", root=src_root)
     assert [m for m, p, s in registry.access_log()[before:] if m in ("POST", "PATCH", "PUT")] == ["PUT"]
 
-    layer_digests = [layer.digest for layer in child.layers]
-    if shutil.which("skopeo"):
-        raw = subprocess.run(["skopeo", "inspect", "--tls-verify=false", "--raw", f"docker://{dest}"],
-                             check=True, capture_output=True, timeout=60).stdout
-        assert raw == store.manifest_bytes(child)
-        inspected = json.loads(subprocess.run(["skopeo", "inspect", "--tls-verify=false", f"docker://{dest}"],
-                                              check=True, capture_output=True, timeout=60).stdout)
-        assert inspected["Layers"] == layer_digests
-        oci_dir = tmp_path / "oci"
-        subprocess.run(["skopeo", "copy", "--src-tls-verify=false", f"docker://{dest}", f"oci:{oci_dir}:x"],
-                       check=True, capture_output=True, timeout=120)
-        for digest in [*layer_digests, child.digest]:
-            assert (oci_dir / "blobs" / "sha256" / digest[7:]).is_file()
+    # What went up is a valid image with gzipped layers whose content is the local layers' tars.
+    assert child_sent["config"] == child.manifest["config"]
+    assert [desc["mediaType"] for desc in child_sent["layers"]] == ["application/vnd.oci.image.layer.v1.tar+gzip"] * 2
+    inspected = json.loads(subprocess.run(["skopeo", "inspect", "--tls-verify=false", f"docker://{dest}"],
+                                          check=True, capture_output=True, timeout=60).stdout)
+    assert inspected["Layers"] == sent_digests
+    oci_dir = tmp_path / "oci"
+    subprocess.run(["skopeo", "copy", "--src-tls-verify=false", f"docker://{dest}", f"oci:{oci_dir}:x"],
+                   check=True, capture_output=True, timeout=120)
+    for digest, layer in zip(sent_digests, child.layers, strict=True):
+        data = (oci_dir / "blobs" / "sha256" / digest[7:]).read_bytes()
+        assert f"sha256:{hashlib.sha256(data).hexdigest()}" == digest
+        assert f"sha256:{hashlib.sha256(gzip.decompress(data)).hexdigest()}" == layer.diff_id
+    assert (oci_dir / "blobs" / "sha256" / child.id).is_file()
+    # The gzipped copies live as long as their layers, and the store stays consistent.
+    assert lamina_cmd("system", "prune", "-f", root=src_root).returncode == 0
+    assert all(store.has_blob(digest) for digest in sent_digests)
+    assert lamina_cmd("system", "check", root=src_root).stdout.strip().endswith("ok")
 
     by_id = lamina_cmd("push", "--tls-verify=false", child.id[:12], root=src_root, check=False)
     assert by_id.returncode == 125 and "is an image ID; give a destination" in by_id.stderr
@@ -153,11 +169,20 @@ def test_push_then_pull_roundtrip_and_skopeo(registry: RunningRegistry, tmp_path
     assert pulled.stdout.strip() == child.id
     copy = open_store(dst_root).resolve_image(dest)
     assert copy.config == child.config
-    assert copy.manifest_digest == child.manifest_digest
-    assert [layer.digest for layer in copy.layers] == layer_digests
+    assert copy.manifest_digest == f"sha256:{hashlib.sha256(registry_manifest(dest)).hexdigest()}"
+    assert [layer.digest for layer in copy.layers] == sent_digests
     assert [layer.diff_id for layer in copy.layers] == [layer.diff_id for layer in child.layers]
     assert (copy.layers[-1].path / "etc" / "motd").read_bytes() == b"pushed by lamina\n"
     assert (copy.layers[0].path / "bin" / "busybox").read_bytes() == (busybox_rootfs / "bin" / "busybox").read_bytes()
+    # A pulled image goes up again exactly as the registry gave it (its layers are compressed).
+    again = lamina_cmd("push", "--tls-verify=false", dest, f"{registry.address}/lamina/again:1", root=dst_root)
+    assert again.stdout.strip().split()[2] == copy.manifest_digest
+
+
+def registry_manifest(reference: str) -> bytes:
+    """The manifest bytes the registry holds for ``reference``, as skopeo reads them."""
+    return subprocess.run(["skopeo", "inspect", "--tls-verify=false", "--raw", f"docker://{reference}"],
+                          check=True, capture_output=True, timeout=60).stdout
 
 
 def test_pull_index_picks_host_platform(registry: RunningRegistry, tmp_path: Path, lamina_cmd) -> None:  # type: ignore[no-untyped-def]

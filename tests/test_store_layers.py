@@ -347,3 +347,60 @@ def test_a_failing_sink_stops_packing_with_its_error(tmp_path: Path) -> None:
     (tmp_path / "big").write_bytes(os.urandom(3 << 20))
     with pytest.raises(OSError, match="No space left"):
         pack_layer(tmp_path, Full(), compress=True, idmap=IdMap())  # type: ignore[arg-type]
+
+
+def test_tar_stream_writes_what_tarfile_writes() -> None:
+    """The packer's own tar writer is byte for byte tarfile's PAX writer (the layer digests rely on it)."""
+    from lamina.store.layer_pack import _TarStream
+    from lamina.store.blobs import HashingWriter
+
+    entries = []
+    for name, size, extra in [("etc", None, {}), ("etc/short", 0, {}), ("etc/odd", 513, {}),
+                              ("d/" + "x" * 150, 10, {}), ("caf\u00e9/\udcff", 3, {}),
+                              ("etc/xattr", 1, {"SCHILY.xattr.user.k": "v"}), ("big-uid", 2, {})]:
+        info = tarfile.TarInfo(name)
+        info.type = tarfile.DIRTYPE if size is None else tarfile.REGTYPE
+        info.size, info.mode, info.mtime, info.uname, info.gname = size or 0, 0o640, 1_700_000_000, "", ""
+        info.uid = 2**24 if name == "big-uid" else 1000
+        info.pax_headers = extra
+        entries.append((info, bytes(range(256)) * 3 if size else b""))
+    link = tarfile.TarInfo("etc/link")
+    link.type, link.linkname, link.uname, link.gname = tarfile.SYMTYPE, "y" * 120, "", ""
+    entries.append((link, b""))
+    expected = io.BytesIO()
+    with tarfile.TarFile(fileobj=expected, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8",
+                         errors="surrogateescape") as tar:
+        for info, data in entries:
+            tar.addfile(info, io.BytesIO(data[:info.size]) if info.isreg() else None)
+    mine = io.BytesIO()
+    stream = _TarStream(HashingWriter(mine))  # type: ignore[arg-type]
+    for info, data in entries:
+        stream.addfile(info, io.BytesIO(data[:info.size]) if info.isreg() else None)  # type: ignore[arg-type]
+    stream.close()
+    assert mine.getvalue() == expected.getvalue()
+
+
+def test_plain_header_fast_path_is_tarfiles_header() -> None:
+    import random
+
+    from lamina.store.layer_pack import _plain_ustar_header
+
+    rng = random.Random(15)
+    kinds = [tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.FIFOTYPE, tarfile.CHRTYPE]
+    fast = 0
+    for _ in range(3000):
+        name = "".join(rng.choice("ab/.") for _ in range(rng.randint(1, 110)))
+        info = tarfile.TarInfo(name + "é" if rng.random() < 0.1 else name)
+        info.type = rng.choice(kinds)
+        info.uname = info.gname = ""
+        info.linkname = "t" * rng.choice([0, 5, 100, 101]) if info.type in (tarfile.SYMTYPE, tarfile.LNKTYPE) else ""
+        info.uid, info.gid = rng.choice([0, 1000, 8**7 - 1, 8**7]), rng.choice([0, 65534, 8**7])
+        info.mode = rng.choice([0o644, 0o4755, 0o170777])
+        info.size = rng.choice([0, 1, 8**11 - 1, 8**11]) if info.type == tarfile.REGTYPE else 0
+        info.mtime = rng.choice([0, 1_700_000_000, 8**11, -1])
+        expected = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+        mine = _plain_ustar_header(info)
+        if mine is not None:
+            fast += 1
+            assert mine == expected, info.name
+    assert fast > 300  # the fast path is taken for the common entries

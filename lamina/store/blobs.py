@@ -146,6 +146,9 @@ class HashingWriter:
         if self.sink is not None:
             self.sink.flush()
 
+    def tell(self) -> int:
+        return self.size
+
     @property
     def digest(self) -> str:
         return "sha256:" + self.hasher.hexdigest()

@@ -38,7 +38,7 @@ import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from lamina.errors import LayerError
 from lamina.store.blobs import CHUNK, HashingWriter, remove_tree, temp_name
@@ -78,6 +78,7 @@ class _Op:
     path: tuple[str, ...]
     member: tarfile.TarInfo
     target: tuple[str, ...] = ()
+    fresh: bool = False  # nothing was at the path before (no need to look there first)
 
 
 @dataclass
@@ -189,7 +190,8 @@ def validate(members: list[tarfile.TarInfo], archive_size: int, limits: Limits |
                 raise LayerError(f"entry {m.name!r}: empty or malformed symlink target")
         elif m.islnk():
             kind = "hardlink"
-            plan.ops.append(_Op("hardlink", path, m, _hardlink_target(m, path, kinds, limits)))
+            plan.ops.append(_Op("hardlink", path, m, _hardlink_target(m, path, kinds, limits),
+                                fresh=path not in kinds))
             _replace(kinds, path, "file")
             continue
         elif m.isfifo():
@@ -201,7 +203,7 @@ def validate(members: list[tarfile.TarInfo], archive_size: int, limits: Limits |
             kind = "chr" if m.ischr() else "blk"
         else:
             raise LayerError(f"entry {m.name!r}: unsupported tar entry type {m.type!r}")
-        plan.ops.append(_Op(kind, path, m))
+        plan.ops.append(_Op(kind, path, m, fresh=path not in kinds))
         if kind == "dir" and kinds.get(path) == "dir":
             continue
         _replace(kinds, path, kind)
@@ -277,13 +279,32 @@ def _replace(kinds: dict[tuple[str, ...], str], path: tuple[str, ...], kind: str
 # --- step 3: execute -----------------------------------------------------------------------------
 
 
+class _Readable(Protocol):
+    def read(self, n: int = -1) -> bytes: ...
+
+
+class _Slice:
+    """``size`` bytes of a file descriptor from ``offset``, read with pread (no shared position)."""
+
+    def __init__(self, fd: int, offset: int, size: int) -> None:
+        self.fd, self.offset, self.left = fd, offset, size
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n < 0 else min(n, self.left)
+        data = os.pread(self.fd, n, self.offset) if n else b""
+        self.offset += len(data)
+        self.left -= len(data)
+        return data
+
+
 class _Extractor:
     """Executes a validated plan below ``root_fd``; every path walk refuses symlinks."""
 
-    def __init__(self, root_fd: int, root_path: str, tar: tarfile.TarFile) -> None:
+    def __init__(self, root_fd: int, root_path: str, tar: tarfile.TarFile, data_fd: int | None = None) -> None:
         self.root_fd = root_fd
         self.root_path = root_path
         self.tar = tar
+        self.data_fd = data_fd  # the plain tar, open, for reading members' data in place
         # chown only as root of the initial user namespace. Root of a user namespace (the runner
         # commits there) could chown to subordinate ids, but the layer would then hold files the
         # user cannot remove or read outside that namespace; overrides keep it manageable.
@@ -355,8 +376,9 @@ class _Extractor:
                     os.mkdir(name, 0o700, dir_fd=pfd)
                 self.deferred_dirs[op.path] = op.member
                 continue
-            self._clear_existing(pfd, op.path)
-            pfd = self.parent_fd(op.path)
+            if not op.fresh:
+                self._clear_existing(pfd, op.path)
+                pfd = self.parent_fd(op.path)
             if op.kind == "file":
                 self._write_file(pfd, name, op.member)
             elif op.kind == "symlink":
@@ -437,20 +459,21 @@ class _Extractor:
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                      dir_fd=pfd)
         try:
-            src = self.tar.extractfile(member)
-            if src is None:
-                raise LayerError(f"entry {member.name!r}: no data")
+            src = self._member_data(member)
             written = 0
+            hole_at_end = False
             while chunk := src.read(CHUNK):
                 # Runs of zeros become holes, so sparse files stay sparse on disk.
-                if len(chunk) == CHUNK and chunk == _ZERO_CHUNK:
+                hole_at_end = len(chunk) == CHUNK and chunk == _ZERO_CHUNK
+                if hole_at_end:
                     os.lseek(fd, len(chunk), os.SEEK_CUR)
                 else:
                     os.write(fd, chunk)
                 written += len(chunk)
             if written != member.size:
                 raise LayerError(f"entry {member.name!r}: truncated data ({written} of {member.size} bytes)")
-            os.ftruncate(fd, member.size)
+            if hole_at_end:  # a seek past the end does not make the file longer
+                os.ftruncate(fd, member.size)
             # Owner before xattrs: chown clears security.capability (and setuid bits, hence chmod
             # after chown inside _apply_owner_mode).
             self._apply_owner_mode(fd, member.uid, member.gid, stat.S_IFREG | member.mode, is_dir=False)
@@ -458,6 +481,16 @@ class _Extractor:
             os.utime(fd, ns=(_ns(member.mtime), _ns(member.mtime)))
         finally:
             os.close(fd)
+
+    def _member_data(self, member: tarfile.TarInfo) -> _Readable:
+        """A reader of the member's data: straight from the tar file at its offset (the validator
+        checked it lies inside), or through tarfile for a sparse member."""
+        if member.sparse or self.data_fd is None:
+            src = self.tar.extractfile(member)
+            if src is None:
+                raise LayerError(f"entry {member.name!r}: no data")
+            return src
+        return _Slice(self.data_fd, member.offset_data, member.size)
 
     def _make_device(self, pfd: int, name: str, op: _Op) -> None:
         m = op.member
@@ -618,7 +651,7 @@ def unpack_layer(source: BinaryIO | Path, dest: Path, tmp_dir: Path, limits: Lim
             tar = tarfile.open(plain, "r:", errorlevel=2)
         except tarfile.TarError as e:
             raise LayerError(f"not a tar archive: {e}") from None
-        with tar:
+        with tar, open(plain, "rb") as data:
             try:
                 members = tar.getmembers()
             except (tarfile.TarError, UnicodeError) as e:
@@ -630,7 +663,7 @@ def unpack_layer(source: BinaryIO | Path, dest: Path, tmp_dir: Path, limits: Lim
             os.mkdir(dest, 0o700)
             try:
                 root_fd = os.open(dest, _DIR_FLAGS)
-                extractor = _Extractor(root_fd, str(dest), tar)
+                extractor = _Extractor(root_fd, str(dest), tar, data.fileno())
                 try:
                     extractor.run(plan)
                 finally:

@@ -1,9 +1,12 @@
-"""Progress bars on stderr, shown only when stderr is a terminal (quiet in pipes, logs and tests)."""
+"""Progress bars on stderr, shown only when stderr is a terminal (quiet in pipes, logs and tests),
+and heartbeat lines for long operations that have no bar."""
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
+from collections.abc import Callable
 from typing import TextIO
 
 
@@ -57,3 +60,43 @@ class ProgressBar:
     def finish(self, message: str = "done") -> None:
         if self.enabled:
             self._draw(final=message)
+
+
+class Heartbeat:
+    """Lines that say a long, otherwise silent, operation is still going (a layer being committed).
+
+    Nothing is said for ``first_after`` seconds (short operations stay silent); then ``label`` and
+    the bytes counted so far, again every ``every`` seconds, until the ``with`` block ends. Calling
+    the heartbeat with a byte count adds to the count (it is a progress callback).
+
+    Resource handling: owns one daemon thread, stopped and joined when the block ends.
+    """
+
+    def __init__(self, say: Callable[[str], None], label: str, first_after: float = 2.0,
+                 every: float = 5.0) -> None:
+        self.say = say
+        self.label = label
+        self.first_after = first_after
+        self.every = every
+        self.done = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+
+    def _run(self) -> None:
+        wait = self.first_after
+        while not self._stop.wait(wait):
+            self.say(f"{self.label}: {human_size(self.done)}" if self.done else f"{self.label} ...")
+            wait = self.every
+
+    def __enter__(self) -> Heartbeat:
+        self._thread = threading.Thread(target=self._run, name="lamina-heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()

@@ -292,10 +292,12 @@ class Store:
     def commit_layer(self, diff_dir: Path, progress: Any = None, adopt: bool = False) -> Layer:
         """Turn an upper directory (unionfs on-disk format) into a stored layer.
 
-        The directory is written as a deterministic gzip-compressed OCI layer tar (whiteouts as
-        ``.wh.`` entries, owner overrides in the headers) into the blob store, then unpacked from
-        that blob into ``layers/`` (so the stored layer is exactly what the tar says). ``diff_dir``
-        itself is only read, unless ``adopt``: the caller then promises that ``diff_dir`` was made by
+        The directory is written as a deterministic, uncompressed OCI layer tar (whiteouts as
+        ``.wh.`` entries, owner overrides in the headers) into the blob store: its digest is its
+        diff_id, as containers-storage keeps local layers; it is compressed only on the way out
+        (:mod:`lamina.store.outbound`). The layer directory is then unpacked from that blob (so the
+        stored layer is exactly what the tar says). ``diff_dir`` itself is only read, unless
+        ``adopt``: the caller then promises that ``diff_dir`` was made by
         :func:`store.layer_unpack.unpack_layer` in this store's ``tmp`` (so it already is what
         unpacking the tar would give) and hands it over; it is moved into place, not unpacked again.
         """
@@ -303,8 +305,7 @@ class Store:
 
         with self.lock(shared=True):
             with self.blobs.writer() as w:
-                result = pack_layer(Path(diff_dir), w, compress=True, progress=progress)
-            assert result.digest is not None
+                result = pack_layer(Path(diff_dir), w, compress=False, progress=progress)
             if adopt and not self.has_layer(result.diff_id):
                 work = temp_name(self.tmp_dir, "layer")
                 private.make_private_dir(work)
@@ -314,9 +315,9 @@ class Store:
                 finally:
                     if work.exists():
                         remove_tree(work)
-            diff_id, _tar_size = self.ensure_layer(result.digest, result.diff_id)
-            return Layer(diff_id=diff_id, digest=result.digest, path=self.layer_dir(diff_id),
-                         size=self.layer_content_size(diff_id), media_type=OCI_LAYER_GZIP)
+            diff_id, _tar_size = self.ensure_layer(result.diff_id, result.diff_id)
+            return Layer(diff_id=diff_id, digest=diff_id, path=self.layer_dir(diff_id),
+                         size=self.layer_content_size(diff_id), media_type=OCI_LAYER_TAR)
 
     def layer_stack(self, image: Image) -> LayerStack:
         """The image's unpacked layer directories, as a stack (read it top_down() for a lowerdir)."""

@@ -11,8 +11,10 @@ stays as an unreferenced blob until ``system prune``.)
 
 Push: every blob the image names (layers, then config) is ``HEAD``-checked; the missing ones are
 mounted from another repository of the same registry when lamina has seen them there, else
-uploaded; then the manifest goes up exactly as the store holds it, so the digest the registry
-records is the digest lamina knows.
+uploaded; then the manifest goes up. Local layers are plain tars (:mod:`lamina.store.outbound`):
+they are gzipped once, on the first push, and the manifest that goes up names the gzipped blobs; a
+manifest whose layers are all compressed (a pulled image) goes up exactly as the store holds it, so
+the digest the registry records is the digest lamina knows.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import TYPE_CHECKING, TextIO, TypeVar
 from lamina.errors import RegistryError, UsageError
 from lamina.store.image_schema import ImageManifest, config_diff_ids
 from lamina.store.layer_unpack import Limits
+from lamina.store.outbound import outbound_manifest
 from lamina.store.progress import ProgressBar
 from lamina.store.reference import DEFAULT_REGISTRY, Reference
 from lamina.store.registry import RegistryClient, TransientRegistryError
@@ -343,6 +346,12 @@ def push_image(store: Store, image: Image, dest: Reference, client: RegistryClie
     blob_path = store.blob_path if converted is None else converted.blob_path
     if media_type not in (OCI_MANIFEST, DOCKER_MANIFEST):
         raise RegistryError(f"cannot push a manifest of type {media_type}")
+
+    def compressing(digest: str) -> Callable[[int], None]:
+        progress.line(f"Compressing layer {digest[7:19]}")
+        return progress.bar(f"Compressing {digest[7:19]}", store.blobs.size(digest))
+
+    manifest_bytes = outbound_manifest(store, manifest_bytes, compressing)
     stored = parsed(ImageManifest.parse, manifest_bytes, f"the manifest of image {image.id[:12]}")
     repository = dest.repository
     locations = BlobLocations(store.layout.blob_locations)

@@ -102,6 +102,10 @@ class Usage:
             blobs.update(needs.blobs)
             diff_ids.update(needs.layers)
             blobs.update("sha256:" + image_id for image_id in needs.images)
+        # A kept layer keeps the gzipped copy a push made of it (compressed once, reused).
+        from lamina.store.outbound import kept_gzip_blobs
+
+        blobs.update(kept_gzip_blobs(store, diff_ids))
         return blobs, diff_ids
 
     def collect_garbage(self) -> tuple[int, int, int]:
