@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lamina.gotemplate import parse as p
-from lamina.gotemplate.values import MISSING, GoInt, GoMethod, GoStruct, format_value, type_name
+from lamina.gotemplate.values import MISSING, GoInt, GoMap, GoMethod, GoStruct, format_value, type_name
 
 MAX_DEPTH = 100_000  # Go's maxExecDepth, for {{template}} recursion
 ANY, STRING, INT, VALUE = "interface {}", "string", "int", "reflect.Value"
@@ -317,6 +317,10 @@ class State:
         if value is None:
             raise self.error(f"nil pointer evaluating {static_type}.{name}")
         has_args = len(args) > 1 or final is not _NO_FINAL
+        if isinstance(value, GoMap) and name in value.methods:
+            method = value.methods[name]
+            return self.eval_call(dot, Function(method.function, (STRING,) * method.arity), False,
+                                  node, name, args, final)
         if isinstance(value, GoStruct):
             if name in value.fields:
                 field = value.fields[name]

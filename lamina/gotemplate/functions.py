@@ -14,6 +14,7 @@ from lamina.gotemplate.execute import ANY, INT, STRING, VALUE, Function, Functio
 from lamina.gotemplate.values import (
     MISSING,
     GoInt,
+    GoMap,
     GoStruct,
     format_float,
     format_value,
@@ -192,7 +193,7 @@ def sprintf(fmt: str, *args: Any) -> str:
             continue
         arg = args[arg_index]
         arg_index += 1
-        out.append(_pad(_format_arg(arg, verb, flags, precision), width, flags, arg, verb))
+        out.append(_format_padded(arg, verb, flags, width, precision))
     if arg_index < len(args):
         extra = ", ".join(f"{type_name(a)}={format_value(a)}" if not _is_nil(a) else "<nil>"
                           for a in args[arg_index:])
@@ -200,14 +201,25 @@ def sprintf(fmt: str, *args: Any) -> str:
     return "".join(out)
 
 
-def _pad(text: str, width: int, flags: str, arg: Any, verb: str) -> str:
+def _format_padded(arg: Any, verb: str, flags: str, width: int, precision: int) -> str:
+    """One argument, padded to ``width``: fmt pads each element of a slice or map, not the whole."""
+    if isinstance(arg, list) and verb != "T":
+        return "[" + " ".join(_format_padded(a, verb, flags, width, precision) for a in arg) + "]"
+    if isinstance(arg, dict) and verb in "vs" and not isinstance(arg, GoMap):
+        return "map[" + " ".join(f"{_format_padded(k, verb, flags, width, precision)}:"
+                                 f"{_format_padded(arg[k], verb, flags, width, precision)}"
+                                 for k in sorted(arg)) + "]"
+    return _pad(_format_arg(arg, verb, flags, precision), width, flags, arg)
+
+
+def _pad(text: str, width: int, flags: str, arg: Any) -> str:
     if width < 0 or len(text) >= width:
         return text
     if "-" in flags:
         return text + " " * (width - len(text))
-    numeric = isinstance(arg, (int, float)) and not isinstance(arg, bool) and verb not in "sqTc"
-    if "0" in flags and numeric:
-        sign = text[0] if text[:1] in "+-" else ""
+    if "0" in flags:  # fmt pads with zeros after the sign, for strings too
+        numeric = isinstance(arg, (int, float)) and not isinstance(arg, bool)
+        sign = text[0] if numeric and text[:1] in "+- " else ""
         return sign + "0" * (width - len(text)) + text[len(sign):]
     return " " * (width - len(text)) + text
 
@@ -226,8 +238,6 @@ def _format_arg(arg: Any, verb: str, flags: str, precision: int) -> str:
             return _sign(format_float(arg, "g", precision), flags)
         text = format_value(arg, plus="+" in flags)
         return _sign(text, flags) if isinstance(arg, int) and not isinstance(arg, bool) else text
-    if isinstance(arg, list):  # fmt applies the verb to each element
-        return "[" + " ".join(_format_arg(a, verb, flags, precision) for a in arg) + "]"
     if isinstance(arg, bool):
         return ("true" if arg else "false") if verb == "t" else _bad(verb, arg)
     if isinstance(arg, int):

@@ -242,14 +242,13 @@ class Parser:
         return self.error(f"unexpected {token.describe()} in {context}")
 
     def next(self) -> Token:
-        token = self.tokens[self.index]
-        if token.kind == "error" and self.index + 1 == len(self.tokens):
-            self.tokens.append(token)  # reading on past an error meets it again
-        self.index = min(self.index + 1, len(self.tokens) - 1)
+        """The next token; past the last (eof or error) the last again, as Go's lexer repeats it."""
+        token = self.tokens[min(self.index, len(self.tokens) - 1)]
+        self.index += 1
         return token
 
     def peek(self) -> Token:
-        return self.tokens[self.index]
+        return self.tokens[min(self.index, len(self.tokens) - 1)]
 
     def next_non_space(self) -> Token:
         token = self.next()
@@ -258,9 +257,10 @@ class Parser:
         return token
 
     def peek_non_space(self) -> Token:
-        token = self.next_non_space()
-        self.index -= 1
-        return token
+        """The next token that is not a space, which stays next (spaces before it are skipped)."""
+        while self.peek().kind == "space":
+            self.index += 1
+        return self.peek()
 
     def expect(self, kind: str, context: str) -> Token:
         token = self.next_non_space()
@@ -288,8 +288,12 @@ class Parser:
         return self.trees
 
     def add_tree(self, name: str, root: ListNode) -> None:
-        if name not in self.trees or not _is_empty(root):
+        """parse.Tree.add: a second non-empty definition of a name in one text is an error."""
+        existing = self.trees.get(name)
+        if existing is None or _is_empty(existing):
             self.trees[name] = root
+        elif not _is_empty(root):
+            raise self.error(f"template: multiple definition of template {go_quote(name)}")
 
     def parse_definition(self) -> None:
         context = "define clause"

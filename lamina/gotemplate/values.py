@@ -43,15 +43,17 @@ class GoStruct:
     """A Go struct (or a pointer to one): ``fields`` by name, in declaration order.
 
     ``type_name`` is what Go's errors name (``*formatter.imageContext``). ``json_fields`` chooses how
-    ``{{json .}}`` encodes it: None for the fields in order, or a function giving the mapping to
-    encode with sorted keys and HTML escaped, as docker's contexts marshal themselves.
+    ``{{json .}}`` encodes it: None for the fields in order; else a function giving the mapping to
+    encode, in order, or (``marshals_itself``) with sorted keys and HTML escaped, as docker's
+    formatter contexts marshal themselves through a map.
     """
 
     def __init__(self, type_name: str, fields: Mapping[str, Any],
-                 json_fields: Callable[[], Mapping[str, Any]] | None = None) -> None:
+                 json_fields: Callable[[], Mapping[str, Any]] | None = None, marshals_itself: bool = True) -> None:
         self.type_name = type_name
         self.fields = dict(fields)
         self.json_fields = json_fields
+        self.marshals_itself = marshals_itself
 
     def __repr__(self) -> str:
         return f"GoStruct({self.type_name!r}, {self.fields!r})"
@@ -63,11 +65,20 @@ _TYPE_NAMES: tuple[tuple[type, str], ...] = (
     (list, "[]interface {}"), (dict, "map[string]interface {}"))
 
 
+class GoMap(dict[str, Any]):
+    """A Go map type with methods (docker's SubHeaderContext): a method is found before a key."""
+
+    def __init__(self, items: Mapping[str, Any], type_name: str, methods: Mapping[str, GoMethod]) -> None:
+        super().__init__(items)
+        self.type_name = type_name
+        self.methods = dict(methods)
+
+
 def type_name(value: Any) -> str:
     """Go's %T of a value."""
     if value is None or value is MISSING:
         return "<nil>"
-    if isinstance(value, GoStruct):
+    if isinstance(value, (GoStruct, GoMap)):
         return value.type_name
     for python_type, go_name in _TYPE_NAMES:
         if isinstance(value, python_type):
@@ -199,10 +210,11 @@ def _json(value: Any, escape_html: bool) -> str:
         return "{" + ",".join(f"{_json_string(str(k), escape_html)}:{_json(value[k], escape_html)}"
                               for k in sorted(value)) + "}"
     if isinstance(value, GoStruct):
-        if value.json_fields is not None:  # a MarshalJSON of its own: json.Marshal of a map
+        if value.json_fields is not None and value.marshals_itself:  # json.Marshal of a map
             return _json(dict(value.json_fields()), True)
+        fields = value.fields if value.json_fields is None else value.json_fields()
         return "{" + ",".join(f"{_json_string(k, escape_html)}:{_json(v, escape_html)}"
-                              for k, v in value.fields.items() if not isinstance(v, GoMethod)) + "}"
+                              for k, v in fields.items() if not isinstance(v, GoMethod)) + "}"
     raise TypeError(f"json: unsupported type: {type_name(value)}")
 
 
@@ -269,5 +281,5 @@ def query_escape(text: str) -> str:
     return "".join(out)
 
 
-__all__ = ["MISSING", "GoInt", "GoMethod", "GoStruct", "format_float", "format_value", "go_quote",
+__all__ = ["MISSING", "GoInt", "GoMap", "GoMethod", "GoStruct", "format_float", "format_value", "go_quote",
            "html_escape", "js_escape", "query_escape", "sprint", "sprintln", "to_json", "type_name"]
