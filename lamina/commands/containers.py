@@ -445,10 +445,12 @@ def _ps_row(c: Container, no_trunc: bool) -> dict[str, str]:
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
-    from lamina.commands.formatting import format_kind, parse_format
+    from lamina.commands.formatting import format_kind, precheck_format
 
-    if format_kind(args.format) != "default":
-        parse_format(args.format)  # before any output, even with no container to show
+    if args.format:
+        from lamina.commands.ps_format import empty_ps_context
+
+        precheck_format(args.format, empty_ps_context())  # before any output, as docker does
     wanted = _ps_filter(args.filter)
     containers = [c for c in ContainerStore(args.layout).all() if (args.all or c.running) and wanted(c)]
     rows = [_ps_row(c, args.no_trunc) for c in containers]

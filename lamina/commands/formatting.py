@@ -43,6 +43,16 @@ def human_duration(seconds: float) -> str:
     return f"{hours // 24 // 365} years"
 
 
+def go_human_size(size: float, precision: int) -> str:
+    """docker's units.HumanSizeWithPrecision: decimal units, ``precision`` significant digits."""
+    units = ("B", "kB", "MB", "GB", "TB", "PB", "EB", "ZB", "YB")
+    index = 0
+    while size >= 1000 and index < len(units) - 1:
+        size /= 1000
+        index += 1
+    return f"{size:.{precision}g}{units[index]}"
+
+
 def go_time(when: dt.datetime | None) -> str:
     """Go's time.Time.String in the local zone: ``2024-01-02 15:04:05 +0000 UTC``."""
     local = (when or dt.datetime.fromtimestamp(0, dt.UTC)).astimezone()
@@ -113,6 +123,19 @@ def parse_format(fmt: str, exit_code: int = TEMPLATE_EXIT) -> Template:
         return Template.parse(_template_text(fmt))
     except GoTemplateErrors as e:
         raise TemplateError(f"template parsing error: {e}", exit_code) from None
+
+
+def precheck_format(fmt: str, empty_row: GoStruct) -> None:
+    """docker ps's check before it lists anything: the format as given (a "table" prefix and
+    literal \\t included) parsed and run once on an empty row."""
+    try:
+        template = Template.parse(fmt)
+    except GoTemplateErrors as e:
+        raise TemplateError(f"failed to parse template: {e}") from None
+    try:
+        template.execute(empty_row)
+    except GoTemplateErrors as e:
+        raise TemplateError(f"failed to execute template: {e}") from None
 
 
 def render_rows(fmt: str, rows: list[GoStruct], header: dict[str, str]) -> str:

@@ -23,6 +23,7 @@ from lamina.commands.formatting import (
     TemplateError,
     context,
     format_kind,
+    go_human_size,
     go_time,
     parse_format,
     print_table,
@@ -67,7 +68,9 @@ def cmd_images(args: argparse.Namespace) -> int:
     if wanted is not None:
         images = [i for i in images if any(shown(Reference.parse(t)) for t in i.tags)]
     if format_kind(args.format) != "default" and not args.quiet:
-        contexts = [image_context(image, ref, args.no_trunc) for image in images
+        # docker shows digests only when asked, or when the format names {{.Digest}} as such
+        digests = getattr(args, "digests", False) or "{{.Digest}}" in args.format
+        contexts = [image_context(image, ref, args.no_trunc, digests) for image in images
                     for ref in _shown_names(image, shown)]
         sys.stdout.write(render_rows(args.format, contexts, IMAGE_HEADER))
         return 0
@@ -102,17 +105,18 @@ IMAGE_HEADER = {"ID": "IMAGE ID", "Repository": "REPOSITORY", "Tag": "TAG", "Dig
                 "SharedSize": "SHARED SIZE", "UniqueSize": "UNIQUE SIZE"}
 
 
-def image_context(image: Image, ref: Reference | None, no_trunc: bool) -> Any:
+def image_context(image: Image, ref: Reference | None, no_trunc: bool, digests: bool) -> Any:
     """One row of ``images --format``: an image under one of its names, as docker shows it."""
     return context("*formatter.imageContext", {
         "ID": ("sha256:" + image.id) if no_trunc else image.short_id,
         "Repository": ref.familiar_name if ref else "<none>",
         "Tag": (ref.tag or "<none>") if ref else "<none>",
-        "Digest": image.manifest_digest or "<none>",
+        "Digest": (image.manifest_digest if digests and ref else None) or "<none>",
         "CreatedSince": since(image.created) if image.created else "",
         "CreatedAt": go_time(image.created),
         "Size": human_size(image.size),
         "Containers": "N/A", "SharedSize": "N/A", "UniqueSize": "N/A",
+        "VirtualSize": go_human_size(image.size, 4),  # docker 28.2 still has it; later ones drop it
     })
 
 

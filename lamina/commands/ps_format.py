@@ -18,6 +18,14 @@ PS_HEADER = {"ID": "CONTAINER ID", "Names": "NAMES", "Image": "IMAGE", "Command"
              "HealthStatus": "HEALTH STATUS"}
 
 
+def empty_ps_context() -> GoStruct:
+    """docker's NewContainerContext(): the row ``ps`` checks a format on before listing."""
+    fields: dict[str, Any] = dict.fromkeys(PS_HEADER, "")
+    fields.update({"Image": "<no image>", "Command": '""', "CreatedAt": go_time(None), "Size": human_size(0),
+                   "LocalVolumes": "0", "Label": GoMethod(lambda name: "", 1)})
+    return context("*formatter.ContainerContext", fields)
+
+
 def _ellipsis(text: str, width: int) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
 
