@@ -11,9 +11,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,3 +209,43 @@ def test_docker_cli_prints_the_same(store: Store, tmp_path: Path) -> None:
                 if got != want:
                     differences.append((before, template, want, got))
     assert not differences, "\n".join(repr(d) for d in differences)
+
+
+# --- podman, whose --format runs the same template engine ------------------------------------------
+
+PODMAN = shutil.which("podman")
+
+# Templates on which podman and docker agree (podman names and tables differ from docker's by design:
+# "localhost/busybox", two spaces between columns).
+PODMAN_TEMPLATES = [
+    "{{.ID}}", "{{.Tag}}", '{{printf "%.4s|%-8s|" .ID .Tag}}', '{{if eq .Tag "latest"}}L{{else}}other{{end}}',
+    "{{len .ID}}", "{{.ID | upper}}", '{{range $i, $c := split .ID "a"}}{{$i}}{{end}}', "{{.Nosuch}}",
+    "{{.Tag", '{{index (split .ID "") 0}}{{slice .Tag 1 3}}',
+]
+
+
+@pytest.mark.skipif(PODMAN is None or os.geteuid() != 0, reason="needs podman, and root for its own store")
+def test_podman_agrees_on_the_template_language(store: Store, tmp_path: Path) -> None:
+    assert PODMAN is not None
+    archive = tmp_path / "busybox.tar"
+    store.ok("save", "-o", str(archive), "busybox:latest")
+    runroot = Path(tempfile.mkdtemp(prefix="lamina-fmt-"))  # podman refuses a runroot over 50 characters
+    podman = [PODMAN, "--root", str(tmp_path / "podman-root"), "--runroot", str(runroot), "--storage-driver", "vfs"]
+    try:
+        differences = _podman_differences(store, podman, archive)
+    finally:
+        shutil.rmtree(runroot, ignore_errors=True)
+    assert not differences, "\n".join(repr(d) for d in differences)
+
+
+def _podman_differences(store: Store, podman: list[str], archive: Path) -> list[tuple[object, ...]]:
+    loaded = subprocess.run([*podman, "load", "-i", str(archive)], capture_output=True, text=True, timeout=120)
+    assert loaded.returncode == 0, loaded.stderr
+    differences = []
+    for template in PODMAN_TEMPLATES:
+        theirs = subprocess.run([*podman, "images", "--format", template, "busybox"], capture_output=True,
+                                text=True, timeout=60)
+        ours = store.run("images", "--format", template, "busybox")
+        if (ours.stdout, ours.returncode) != (theirs.stdout, theirs.returncode):
+            differences.append((template, theirs.stdout, theirs.returncode, ours.stdout, ours.returncode))
+    return differences
