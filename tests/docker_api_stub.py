@@ -119,3 +119,4 @@ def docker_api_stub(socket_path: Path, answers: dict[str, Any]) -> Iterator[str]
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+        socket_path.unlink(missing_ok=True)

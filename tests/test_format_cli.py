@@ -159,7 +159,11 @@ DOCKER_CASES: list[tuple[tuple[str, ...], tuple[str, ...], list[str]]] = [
         '{{if eq .Tag "latest"}}L{{else}}{{.Tag}}{{end}}', "{{.CreatedAt}}",
         "{{.Containers}} {{.SharedSize}} {{.UniqueSize}} {{.VirtualSize}}", r"  {{.ID}}\n  ",
         r"table {{json .Repository}}\t{{truncate .ID 4}}\t{{split .Repository \"/\"}}", "{{json .Digest}}",
-        "{{.Repository}} {{.Tag}} {{.Nosuch}}", "table {{.ID}}", "{{range $i, $x := split .Repository \"/\"}}{{$i}}{{end}}"]),
+        "{{.Repository}} {{.Tag}} {{.Nosuch}}", "table {{.ID}}", "{{range $i, $x := split .Repository \"/\"}}{{$i}}{{end}}",
+        # what docker's newer Go adds to the language: range over an int, else with, fmt's flags
+        "{{range 3}}{{.}}{{end}}", "{{range $i, $x := 3}}{{$i}}{{end}}", '{{with ""}}{{else with .Tag}}w{{.}}{{end}}',
+        '{{printf "%05s|%-05d|%x|% x|%#q" "ab" 3 "hi" "hi" "a"}}', '{{printf "%T" (split "a,b" ",")}}',
+        "{{pad .Tag -1 2}}"]),
     (("images", "--no-trunc"), (), ["{{.ID}}", r"table {{.ID}}\t{{.Tag}}"]),
     (("history",), ("busybox",), [
         "{{.ID}}", r"table {{.ID}}\t{{.CreatedBy}}\t{{.Size}}", "{{.CreatedAt}}", "{{.Comment}}|{{.Size}}",

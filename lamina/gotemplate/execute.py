@@ -173,6 +173,10 @@ class State:
                 items = [(k, value[k]) for k in sorted(value)]
             elif value is MISSING or value is None:
                 items = []
+            elif isinstance(value, int) and not isinstance(value, bool):  # Go 1.22: range over an int
+                if len(node.pipe.decl) > 1:
+                    raise self.error(f"can't use {value} to iterate over more than one variable")
+                items = [(GoInt(i), GoInt(i)) for i in range(value)]
             else:
                 raise self.error(f"range can't iterate over {format_value(value)}")
             body_mark = self.mark()

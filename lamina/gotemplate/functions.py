@@ -15,6 +15,7 @@ from lamina.gotemplate.values import (
     MISSING,
     GoInt,
     GoMap,
+    GoStrings,
     GoStruct,
     format_float,
     format_value,
@@ -251,10 +252,13 @@ def _format_arg(arg: Any, verb: str, flags: str, precision: int) -> str:
     if isinstance(arg, str):
         if verb == "s":
             return arg if precision < 0 else arg[:precision]
+        shown = arg if precision < 0 else arg[:precision]
         if verb == "q":
-            return go_quote(arg if precision < 0 else arg[:precision])
+            if "#" in flags and "`" not in shown and all(c.isprintable() or c == "\t" for c in shown):
+                return "`" + shown + "`"  # strconv.CanBackquote
+            return go_quote(shown)
         if verb in "xX":
-            hex_text = arg.encode().hex()
+            hex_text = (" " if " " in flags else "").join(f"{b:02x}" for b in shown.encode())
             return hex_text.upper() if verb == "X" else hex_text
         return _bad(verb, arg)
     if isinstance(arg, (dict, GoStruct)) and verb == "s":
@@ -306,10 +310,10 @@ def _join(elements: Any, sep: str) -> str:
     raise FunctionError(f"expected slice, got {type_name(elements)}")
 
 
-def _split(text: str, sep: str) -> list[Any]:
+def _split(text: str, sep: str) -> GoStrings:
     if sep == "":
-        return list(text)
-    return list(text.split(sep))
+        return GoStrings(text)
+    return GoStrings(text.split(sep))
 
 
 def _title(text: str) -> str:
@@ -326,6 +330,8 @@ def _title(text: str) -> str:
 def _pad_with_space(source: str, prefix: int, suffix: int) -> str:
     if source == "":
         return source
+    if prefix < 0 or suffix < 0:  # Go's strings.Repeat panics; text/template reports the panic
+        raise FunctionError("strings: negative Repeat count")
     return " " * prefix + source + " " * suffix
 
 

@@ -31,6 +31,10 @@ class GoInt(int):
     """An untyped integer constant of the template: Go's ``int`` rather than a field's int64."""
 
 
+class GoStrings(list[str]):
+    """A ``[]string`` (what docker's split returns), a ``[]interface {}`` in all but its type name."""
+
+
 class GoMethod:
     """A method with arguments, called as ``{{.Label "name"}}``: ``function(*args)``."""
 
@@ -61,7 +65,7 @@ class GoStruct:
 
 # Go's name for each kind of value, most specific first (bool and GoInt are ints to Python).
 _TYPE_NAMES: tuple[tuple[type, str], ...] = (
-    (bool, "bool"), (GoInt, "int"), (int, "int64"), (float, "float64"), (str, "string"),
+    (bool, "bool"), (GoInt, "int"), (int, "int64"), (float, "float64"), (str, "string"), (GoStrings, "[]string"),
     (list, "[]interface {}"), (dict, "map[string]interface {}"))
 
 
@@ -281,5 +285,5 @@ def query_escape(text: str) -> str:
     return "".join(out)
 
 
-__all__ = ["MISSING", "GoInt", "GoMap", "GoMethod", "GoStruct", "format_float", "format_value", "go_quote",
+__all__ = ["MISSING", "GoInt", "GoMap", "GoMethod", "GoStrings", "GoStruct", "format_float", "format_value", "go_quote",
            "html_escape", "js_escape", "query_escape", "sprint", "sprintln", "to_json", "type_name"]
