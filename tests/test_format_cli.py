@@ -178,7 +178,9 @@ DOCKER_CASES: list[tuple[tuple[str, ...], tuple[str, ...], list[str]]] = [
     (("ps", "-a"), (), [
         "{{.ID}} {{.Names}} {{.Image}}", r"table {{.ID}}\t{{.Command}}\t{{.Status}}\t{{.Names}}", "{{.State}}",
         "{{.Labels}}", '{{.Label "a"}}', "{{.Ports}}|{{.Mounts}}|{{.Size}}|{{.LocalVolumes}}|{{.Networks}}",
-        "{{.Nosuch}}", "{{.CreatedAt}}", r"table {{.Label \"com.example.my-label\"}}\t{{.Names}}"]),
+        "{{.Nosuch}}", "{{.CreatedAt}}", r"table {{.Label \"com.example.my-label\"}}\t{{.Names}}",
+        "{{.Platform}}|{{json .Platform}}|{{if .Platform}}y{{else}}n{{end}}", "{{.HealthStatus}}",
+        r"table {{.Names}}\t{{.Platform}}"]),
     (("ps", "-a", "--no-trunc"), (), ["{{.ID}} {{.Command}}"]),
 ]
 

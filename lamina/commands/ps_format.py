@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from lamina.commands.formatting import context, go_time
-from lamina.gotemplate import GoMethod, GoStruct
+from lamina.gotemplate import NIL_POINTER, GoMethod, GoStruct
 from lamina.store.progress import human_size
 from lamina.timeparse import parse_time
 from runner.state import Container
@@ -14,15 +14,14 @@ from runner.state import Container
 PS_HEADER = {"ID": "CONTAINER ID", "Names": "NAMES", "Image": "IMAGE", "Command": "COMMAND",
              "CreatedAt": "CREATED AT", "RunningFor": "CREATED", "Ports": "PORTS", "State": "STATE",
              "Status": "STATUS", "Size": "SIZE", "Labels": "LABELS", "Mounts": "MOUNTS",
-             "LocalVolumes": "LOCAL VOLUMES", "Networks": "NETWORKS", "Platform": "PLATFORM",
-             "HealthStatus": "HEALTH STATUS"}
+             "LocalVolumes": "LOCAL VOLUMES", "Networks": "NETWORKS", "Platform": "PLATFORM"}
 
 
 def empty_ps_context() -> GoStruct:
     """docker's NewContainerContext(): the row ``ps`` checks a format on before listing."""
     fields: dict[str, Any] = dict.fromkeys(PS_HEADER, "")
     fields.update({"Image": "<no image>", "Command": '""', "CreatedAt": go_time(None), "Size": human_size(0),
-                   "LocalVolumes": "0", "Label": GoMethod(lambda name: "", 1)})
+                   "LocalVolumes": "0", "Platform": NIL_POINTER, "Label": GoMethod(lambda name: "", 1)})
     return context("*formatter.ContainerContext", fields)
 
 
@@ -42,7 +41,8 @@ def ps_context(container: Container, row: dict[str, str]) -> GoStruct:
         "Labels": ",".join(f"{k}={v}" for k, v in sorted(labels.items())),
         "Mounts": ",".join(_ellipsis(m, 15) if truncate else m for m in mounts),
         "LocalVolumes": str(len(getattr(container, "anonymous_volumes", []) or [])),
-        "Networks": container.network, "HealthStatus": "",
+        "Networks": container.network,
+        "Platform": NIL_POINTER,  # docker 28.2: a *Platform, nil unless the daemon reports one
     }
     fields["Label"] = GoMethod(lambda name: labels.get(name, ""), 1)
     return context("*formatter.ContainerContext", fields)

@@ -16,7 +16,7 @@ from typing import Any
 from lamina.gotemplate.execute import ExecError, Function, execute
 from lamina.gotemplate.functions import BUILTINS, DOCKER_FUNCTIONS, HEADER_FUNCTIONS
 from lamina.gotemplate.parse import ListNode, ParseError, parse
-from lamina.gotemplate.values import MISSING, GoInt, GoMap, GoMethod, GoStruct, to_json
+from lamina.gotemplate.values import MISSING, NIL_POINTER, GoInt, GoMap, GoMethod, GoStruct, to_json
 
 TemplateError = (ParseError, ExecError)
 
@@ -45,5 +45,5 @@ class Template:
         return execute(self.name, self.text, self.trees, self.functions, data, missing_key_error)
 
 
-__all__ = ["HEADER_FUNCTIONS", "MISSING", "ExecError", "Function", "GoInt", "GoMap", "GoMethod", "GoStruct", "ParseError", "Template",
+__all__ = ["HEADER_FUNCTIONS", "MISSING", "NIL_POINTER", "ExecError", "Function", "GoInt", "GoMap", "GoMethod", "GoStruct", "ParseError", "Template",
            "TemplateError", "to_json"]

@@ -14,7 +14,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from lamina.gotemplate import parse as p
-from lamina.gotemplate.values import MISSING, GoInt, GoMap, GoMethod, GoStruct, format_value, type_name
+from lamina.gotemplate.values import (
+    MISSING,
+    NIL_POINTER,
+    GoInt,
+    GoMap,
+    GoMethod,
+    GoStruct,
+    format_value,
+    type_name,
+)
 
 MAX_DEPTH = 100_000  # Go's maxExecDepth, for {{template}} recursion
 ANY, STRING, INT, VALUE = "interface {}", "string", "int", "reflect.Value"
@@ -56,7 +65,7 @@ class _Dot:
 
 def truth(value: Any) -> bool | None:
     """Go's isTrue; None when the value has no truth (never for the values we hold)."""
-    if value is MISSING or value is None:
+    if value is MISSING or value is None or value is NIL_POINTER:
         return False
     if isinstance(value, (str, list, dict)):
         return len(value) > 0

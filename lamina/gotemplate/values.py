@@ -27,6 +27,17 @@ class _Missing:
 MISSING: Any = _Missing()
 
 
+class _NilPointer:
+    """A nil pointer in a struct's field (docker's ``.Platform``): printed ``<nil>``, unlike a
+    nil interface, which a pipeline turns into the invalid value."""
+
+    def __repr__(self) -> str:
+        return "NIL_POINTER"
+
+
+NIL_POINTER: Any = _NilPointer()
+
+
 class GoInt(int):
     """An untyped integer constant of the template: Go's ``int`` rather than a field's int64."""
 
@@ -95,7 +106,7 @@ def type_name(value: Any) -> str:
 
 def format_value(value: Any, plus: bool = False) -> str:
     """fmt's %v (and %+v)."""
-    if value is None:
+    if value is None or value is NIL_POINTER:
         return "<nil>"
     if value is MISSING:
         return "<no value>"
@@ -198,7 +209,7 @@ def to_json(value: Any, escape_html: bool = False) -> str:
 
 
 def _json(value: Any, escape_html: bool) -> str:
-    if value is None or value is MISSING:
+    if value is None or value is MISSING or value is NIL_POINTER:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -285,5 +296,5 @@ def query_escape(text: str) -> str:
     return "".join(out)
 
 
-__all__ = ["MISSING", "GoInt", "GoMap", "GoMethod", "GoStrings", "GoStruct", "format_float", "format_value", "go_quote",
+__all__ = ["MISSING", "NIL_POINTER", "GoInt", "GoMap", "GoMethod", "GoStrings", "GoStruct", "format_float", "format_value", "go_quote",
            "html_escape", "js_escape", "query_escape", "sprint", "sprintln", "to_json", "type_name"]
