@@ -3,7 +3,7 @@
 The real ``docker`` client (its formatter package and text/template) is the outside reference for
 ``--format``; it needs a daemon only to fetch the objects. This stub answers the few read-only
 endpoints the listing verbs call (``/_ping``, ``/images/json``, ``/images/NAME/json``,
-``/images/NAME/history``, ``/containers/json``) with JSON built from lamina's own store, and
+``/images/NAME/history``, ``/containers/json``, ``/containers/NAME/json``) with JSON built from lamina's own store, and
 nothing else. It runs in a thread of the test process, for one test.
 """
 
@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import re
 import shlex
+import signal
 import socketserver
 import threading
 import urllib.parse
@@ -27,7 +28,7 @@ from lamina.commands.images import history_rows, image_inspect
 from lamina.layout import Layout
 from lamina.store.reference import Reference
 from lamina.timeparse import parse_time
-from runner.state import ContainerStore
+from runner.state import ContainerStore, inspect_container
 
 API_VERSION = "1.41"
 
@@ -60,6 +61,14 @@ def engine_objects(root: Path) -> dict[str, Any]:
     answers["/images/json"] = summaries
     containers = []
     for c in ContainerStore(Layout(root)).all():
+        inspect_json = inspect_container(Layout(root), c.id)
+        # lamina records the stop signal as a number where docker's API has its name: a difference
+        # of runner/state.py's inspect, not of --format; docker's client refuses the number
+        stop_signal = inspect_json["Config"].get("StopSignal")
+        if isinstance(stop_signal, int):
+            inspect_json["Config"]["StopSignal"] = signal.Signals(stop_signal).name
+        for key in (c.id, c.short_id, c.name):
+            answers[f"/containers/{key}/json"] = inspect_json
         containers.append({
             "Id": c.id, "Names": ["/" + c.name], "Image": c.image, "ImageID": "sha256:" + c.image_id,
             "Command": shlex.join(c.argv), "Created": _timestamp(parse_time(c.created)), "Ports": [],

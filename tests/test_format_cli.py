@@ -121,9 +121,10 @@ def test_inspect_fields_are_docker_s(store: Store) -> None:
     assert store.ok("inspect", "--format", "{{.Config.Cmd}}|{{json .Config.Cmd}}|{{.Config.Labels.a}}|"
                     "{{.Config.Labels.zz}}|{{.Parent}}|{{len .RootFS.Layers}}", "busybox") == \
         '[sh -c echo hi]|["sh","-c","echo hi"]|b|<no value>||1\n'
-    # .ID is the Go field of docker's struct, .Id its JSON name: both work, as in docker
+    # .ID is the Go field of docker's struct, .Id its JSON name: each works alone, as in docker
     full = f"sha256:{image_id(store)}"
-    assert store.ok("inspect", "--format", "{{.ID}} {{.Id}}", "busybox") == f"{full} {full}\n"
+    assert store.ok("inspect", "--format", "{{.ID}}|", "busybox") == f"{full}|\n"
+    assert store.ok("inspect", "--format", "{{.Id}}", "busybox") == f"{full}\n"
     result = store.run("inspect", "--format", "{{.Nosuch}}", "busybox")
     assert (result.returncode, result.stdout) == (125, "\n")
     assert result.stderr == ('lamina: error: template parsing error: template: :1:2: executing "" at <.Nosuch>: '
@@ -170,7 +171,7 @@ DOCKER_CASES: list[tuple[tuple[str, ...], tuple[str, ...], list[str]]] = [
         "{{.Nosuch}}", r"table {{.Comment}}\t{{.ID}}"]),
     (("history", "--no-trunc"), ("busybox",), ["{{.ID}} {{.CreatedBy}}"]),
     (("image", "inspect"), ("busybox",), [
-        "{{.Id}}", "{{.ID}}", "{{.Config.Cmd}}", "{{json .Config.Cmd}}", "{{.Config.Labels}}",
+        "{{.Id}}", "{{.ID}}", "{{.ID}} {{.Id}}", "{{.Config.Cmd}}", "{{json .Config.Cmd}}", "{{.Config.Labels}}",
         "{{.Config.Labels.a}}", "{{.Config.Labels.zz}}", "{{.Os}}/{{.Architecture}}", "{{json .RootFS}}",
         "{{.RootFS.Layers}}", "{{len .RootFS.Layers}}", "{{.Parent}}|{{.Comment}}|{{.Author}}",
         "{{range .RepoTags}}{{.}} {{end}}", "{{index .RepoTags 0}}", "{{.Size}}", "{{.Nosuch", "{{.Config.User}}",
@@ -182,6 +183,12 @@ DOCKER_CASES: list[tuple[tuple[str, ...], tuple[str, ...], list[str]]] = [
         "{{.Platform}}|{{json .Platform}}|{{if .Platform}}y{{else}}n{{end}}", "{{.HealthStatus}}",
         r"table {{.Names}}\t{{.Platform}}"]),
     (("ps", "-a", "--no-trunc"), (), ["{{.ID}} {{.Command}}"]),
+    (("container", "inspect"), ("fmt-one",), [
+        "{{.State.Status}} {{.State.Running}} {{.State.Pid}} {{.State.ExitCode}}", "{{.Name}}", "{{.ID}}|{{.Id}}",
+        "{{.Config.Cmd}}", "{{json .Config.Env}}", "{{.HostConfig.NetworkMode}}", "{{.Nosuch}}",
+        "{{range .Mounts}}{{.Destination}}{{end}}", "{{.Path}} {{.Args}}", "{{.RestartCount}}", "{{.Config.Labels.x}}",
+        "{{.HostConfig.PortBindings}}", "{{.State.Error}}|{{.State.StartedAt}}|{{.Config.Tty}}", "{{.Config.Hostname}}",
+        "{{.GraphDriver.Name}}", "{{.Image}}"]),
 ]
 
 
@@ -208,7 +215,7 @@ def test_docker_cli_prints_the_same(store: Store, tmp_path: Path) -> None:
             for template in templates:
                 docker = subprocess.run([DOCKER_CLI, *before, "--format", template, *after], capture_output=True,
                                         text=True, timeout=60, env=env, stdin=subprocess.DEVNULL)
-                verb = before[1:] if before[0] == "image" else before
+                verb = before[1:] if before[0] in ("image", "container") else before
                 ours = store.run(*verb, "--format", template, *after)
                 want = (_rows(docker.stdout, template), docker.returncode == 0, _message(docker.stderr, ""))
                 got = (_rows(ours.stdout, template), ours.returncode == 0, _message(ours.stderr, "lamina: error: "))

@@ -4,8 +4,9 @@ docker runs the template on the typed struct it decoded (types.ImageInspect, con
 and, when that fails, on the raw JSON with ``missingkey=error``. The typed run is what most templates
 see: every field of docker's struct is there (a field the object lacks prints its zero value), a
 missing key of a map (``.Config.Labels.x``) prints ``<no value>``, and a field docker does not have
-fails, so the raw run reports ``map has no entry for key``. Both ``{{.ID}}`` (the Go field) and
-``{{.Id}}`` (its JSON name, found by the raw run) work, as with docker. lamina's objects are JSON; the typed view
+fails, so the raw run reports ``map has no entry for key``. ``{{.ID}}`` (the Go field) works in the
+typed run and ``{{.Id}}`` (its JSON name) in the raw one, so each works alone, as with docker, and
+a template with both fails. lamina's objects are JSON; the typed view
 below rebuilds docker's structs from them with the fields docker declares.
 """
 
@@ -65,8 +66,8 @@ def _struct(value: dict[str, Any], schema_name: str) -> GoStruct:
             fields[name] = zero if given is None else given
     for name, given in value.items():  # lamina's fields docker lacks stay reachable
         fields.setdefault(name, given)
-    if "Id" in schema:  # the Go field is ID (its JSON name Id): docker's typed run answers {{.ID}}
-        fields["ID"] = fields["Id"]
+    if "Id" in schema:  # the Go field is ID, its JSON name Id: {{.ID}} typed, {{.Id}} by the raw run
+        fields["ID"] = fields.pop("Id")
     # {{json .Config}} encodes the object as lamina's inspect prints it, not the zeros filled in
     return GoStruct(f"*types.{schema_name}", fields, json_fields=lambda: value, marshals_itself=False)
 
