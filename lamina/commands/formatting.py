@@ -7,12 +7,12 @@ and ``lamina ps`` read the same way.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lamina.errors import LaminaError
-from lamina.gotemplate import HEADER_FUNCTIONS, GoMap, GoMethod, GoStruct, Template
-from lamina.gotemplate import TemplateError as GoTemplateErrors
-from lamina.gotemplate.tabwriter import tabwrite
+
+if TYPE_CHECKING:  # the template engine is imported only by a command given --format
+    from lamina.gotemplate import GoMap, GoStruct, Template
 
 
 def human_duration(seconds: float) -> str:
@@ -119,6 +119,9 @@ def _template_text(fmt: str) -> str:
 
 def parse_format(fmt: str, exit_code: int = TEMPLATE_EXIT) -> Template:
     """The template of ``--format fmt``, parsed before any output; TemplateError as docker's."""
+    from lamina.gotemplate import Template
+    from lamina.gotemplate import TemplateError as GoTemplateErrors
+
     try:
         return Template.parse(_template_text(fmt))
     except GoTemplateErrors as e:
@@ -128,6 +131,9 @@ def parse_format(fmt: str, exit_code: int = TEMPLATE_EXIT) -> Template:
 def precheck_format(fmt: str, empty_row: GoStruct) -> None:
     """docker ps's check before it lists anything: the format as given (a "table" prefix and
     literal \\t included) parsed and run once on an empty row."""
+    from lamina.gotemplate import Template
+    from lamina.gotemplate import TemplateError as GoTemplateErrors
+
     try:
         template = Template.parse(fmt)
     except GoTemplateErrors as e:
@@ -141,6 +147,10 @@ def precheck_format(fmt: str, empty_row: GoStruct) -> None:
 def render_rows(fmt: str, rows: list[GoStruct], header: dict[str, str]) -> str:
     """What docker prints for ``--format fmt`` over ``rows`` (each a formatter context), header
     names by field for a table."""
+    from lamina.gotemplate import HEADER_FUNCTIONS
+    from lamina.gotemplate import TemplateError as GoTemplateErrors
+    from lamina.gotemplate.tabwriter import tabwrite
+
     template = parse_format(fmt)
     lines: list[str] = []
     for row in rows:
@@ -159,6 +169,8 @@ def render_rows(fmt: str, rows: list[GoStruct], header: dict[str, str]) -> str:
 
 def header_map(header: dict[str, str]) -> GoMap:
     """docker's SubHeaderContext: the column names, and a Label method naming a label's column."""
+    from lamina.gotemplate import GoMap, GoMethod
+
     def label(name: str) -> str:
         return name.split(".")[-1].replace("-", " ").replace("_", " ")
     return GoMap(header, "formatter.SubHeaderContext", {"Label": GoMethod(label, 1)})
@@ -167,12 +179,16 @@ def header_map(header: dict[str, str]) -> GoMap:
 def context(type_name: str, fields: dict[str, Any]) -> GoStruct:
     """One row as docker's formatter context: its methods by name; ``{{json .}}`` encodes those
     that take no argument, sorted and HTML-escaped, as MarshalJSON does."""
+    from lamina.gotemplate import GoMethod, GoStruct
+
     return GoStruct(type_name, fields,
                     json_fields=lambda: {k: v for k, v in fields.items() if not isinstance(v, GoMethod)})
 
 
 def render_template(template: str, obj: Any) -> str:
     """One object through ``template`` (docker's Format rules); TemplateError when Go fails."""
+    from lamina.gotemplate import TemplateError as GoTemplateErrors
+
     try:
         return parse_format(template).execute(obj)
     except GoTemplateErrors as e:

@@ -30,7 +30,6 @@ from lamina.commands.formatting import (
     render_rows,
     since,
 )
-from lamina.commands.inspect_format import render_inspect
 from lamina.errors import ContainerNotFound, ImageNotFound, LaminaError, StoreError, UsageError
 from lamina.layout import Layout
 from lamina.store.blobs import CHUNK, remove_tree, temp_name
@@ -236,6 +235,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             results.append(found)
     errors: list[str] = []
     if args.format:
+        from lamina.commands.inspect_format import render_inspect
+
         text, errors = render_inspect(args.format, results)
         sys.stdout.write(text)
     else:
