@@ -164,7 +164,13 @@ DOCKER_CASES: list[tuple[tuple[str, ...], tuple[str, ...], list[str]]] = [
         # what docker's newer Go adds to the language: range over an int, else with, fmt's flags
         "{{range 3}}{{.}}{{end}}", "{{range $i, $x := 3}}{{$i}}{{end}}", '{{with ""}}{{else with .Tag}}w{{.}}{{end}}',
         '{{printf "%05s|%-05d|%x|% x|%#q" "ab" 3 "hi" "hi" "a"}}', '{{printf "%T" (split "a,b" ",")}}',
-        "{{pad .Tag -1 2}}"]),
+        "{{pad .Tag -1 2}}",
+        # fmt and the builtins as docker's Go has them
+        '{{printf "%v %.2f %e %x %g" 1e6 2.5 123456.0 255.0 1e-7}}', "{{call .ID}}", "{{call nil}}",
+        '{{printf "%c|%q|%U|%#U" 9731 9731 9731 9731}}', '{{printf "%!"}}', '{{printf "%[2]d %[1]d" 1 2}}',
+        '{{printf "%[3]d %d" 1 2}}', '{{printf "%[2]*[1]d|%.[2]d" 12 5}}', '{{printf "%*d|%-*d|%.*f" 5 1 4 2 2 3.14159}}',
+        r'{{js "a`b<c>\"e&f=g\nh"}} {{html "a<b>&\"c"}} {{urlquery "a b/c?d=e&f+g~h"}}',
+        '{{print 1 2 "a" 3 "b" "c" 4.5 true nil}}', '{{printf "%08.3f|%+05d|%-+6d|%x" -3.14159 42 42 "héllo"}}']),
     (("images", "--no-trunc"), (), ["{{.ID}}", r"table {{.ID}}\t{{.Tag}}"]),
     (("history",), ("busybox",), [
         "{{.ID}}", r"table {{.ID}}\t{{.CreatedBy}}\t{{.Size}}", "{{.CreatedAt}}", "{{.Comment}}|{{.Size}}",

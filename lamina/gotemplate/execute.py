@@ -382,6 +382,8 @@ class State:
                 value = self.validate_type(final, VALUE)
             return value
         argv = [self.eval_arg(dot, params[min(i, len(params) - 1)], arg) for i, arg in enumerate(args)]
+        if builtin and name == "call":  # newer Go names the callee: docker's CLI reports it so
+            argv.insert(0, str(args[0]) if args else "")
         if final is not _NO_FINAL:
             argv.append(self.validate_type(final, params[min(len(argv), len(params) - 1)]))
         try:

@@ -141,6 +141,13 @@ def _slice(item: Any, *indexes: Any) -> Any:
     return part.decode(errors="surrogateescape") if isinstance(item, str) else part
 
 
+def _call(callee: str, function: Any, *_args: Any) -> Any:
+    """Go's call builtin: template data hold no Go functions, so it always fails as Go does."""
+    if function is None or function is MISSING:
+        raise FunctionError("call of nil")
+    raise FunctionError(f"non-function {callee} of type {type_name(function)}")
+
+
 def _len(item: Any) -> int:
     if item is None or item is MISSING:
         # Go's length() asks the type of the invalid value, and reflect panics
@@ -155,15 +162,32 @@ def _len(item: Any) -> int:
 
 # --- printf --------------------------------------------------------------------------------------
 
-_VERB = re.compile(r"%([-+# 0]*)(\*|\d+)?(?:\.(\*|\d*))?([a-zA-Z%])?")
+_VERB = re.compile(r"%([-+# 0]*)(?:\[(\d+)\])?(\*|\d+)?(?:\.(?:\[(\d+)\])?(\*|\d*))?(?:\[(\d+)\])?(.)?",
+                   re.DOTALL)
 
 
 def sprintf(fmt: str, *args: Any) -> str:
     """fmt.Sprintf for the verbs scripts use (v s d q x X t f e g c o b U T %), with flags,
-    widths and precisions, and Go's ``%!verb(type=value)`` for a wrong or missing argument."""
+    widths, precisions (``*`` too), argument indexes (``%[2]d``), and Go's ``%!verb(type=value)``
+    for a wrong or missing argument."""
     out: list[str] = []
     arg_index = 0
+    reordered = False
     pos = 0
+
+    def take(explicit: str | None) -> tuple[str, Any]:
+        """("ok", argument), ("missing", None) or ("badindex", None)."""
+        nonlocal arg_index, reordered
+        if explicit is not None:
+            reordered = True
+            if not 1 <= int(explicit) <= len(args):
+                return "badindex", None
+            arg_index = int(explicit) - 1
+        if arg_index >= len(args):
+            return "missing", None
+        arg_index += 1
+        return "ok", args[arg_index - 1]
+
     while pos < len(fmt):
         percent = fmt.find("%", pos)
         if percent < 0:
@@ -172,7 +196,7 @@ def sprintf(fmt: str, *args: Any) -> str:
         out.append(fmt[pos:percent])
         m = _VERB.match(fmt, percent)
         assert m is not None
-        flags, width_text, precision_text, verb = m.groups()
+        flags, width_index, width_text, precision_index, precision_text, verb_index, verb = m.groups()
         pos = m.end()
         if verb is None:
             out.append("%!(NOVERB)")
@@ -182,20 +206,23 @@ def sprintf(fmt: str, *args: Any) -> str:
             continue
         width = precision = -1
         if width_text == "*":
-            width, arg_index = int(args[arg_index]) if arg_index < len(args) else 0, arg_index + 1
-        elif width_text:
-            width = int(width_text)
+            found, value = take(width_index)
+            width = int(value) if found == "ok" and isinstance(value, int) else 0
+        else:
+            width = int(width_text) if width_text else -1
+            verb_index = verb_index or width_index  # "%[2]d": the index is the verb's
         if precision_text == "*":
-            precision, arg_index = int(args[arg_index]) if arg_index < len(args) else 0, arg_index + 1
+            found, value = take(precision_index)
+            precision = int(value) if found == "ok" and isinstance(value, int) else 0
         elif precision_text is not None:
             precision = int(precision_text or 0)
-        if arg_index >= len(args):
-            out.append(f"%!{verb}(MISSING)")
+            verb_index = verb_index or precision_index
+        found, arg = take(verb_index)
+        if found != "ok":
+            out.append(f"%!{verb}({found.upper()})")
             continue
-        arg = args[arg_index]
-        arg_index += 1
         out.append(_format_padded(arg, verb, flags, width, precision))
-    if arg_index < len(args):
+    if not reordered and arg_index < len(args):
         extra = ", ".join(f"{type_name(a)}={format_value(a)}" if not _is_nil(a) else "<nil>"
                           for a in args[arg_index:])
         out.append(f"%!(EXTRA {extra})")
@@ -244,6 +271,8 @@ def _format_arg(arg: Any, verb: str, flags: str, precision: int) -> str:
     if isinstance(arg, int):
         return _format_int(int(arg), verb, flags, precision) or _bad(verb, arg)
     if isinstance(arg, float):
+        if verb in "xX":
+            return _sign(_hex_float(arg, verb == "X"), flags)
         if verb in "eEfFgG":
             text = format_float(arg, verb.lower() if verb != "F" else "f",
                                 precision if precision >= 0 else (-1 if verb in "gG" else 6))
@@ -266,6 +295,16 @@ def _format_arg(arg: Any, verb: str, flags: str, precision: int) -> str:
     return _bad(verb, arg)
 
 
+def _hex_float(value: float, upper: bool) -> str:
+    """strconv's 'x' format, shortest: -0x1.fep+07."""
+    text = value.hex()  # -0x1.fe00000000000p+7
+    sign = "-" if text.startswith("-") else ""
+    mantissa, _, exponent = text.lstrip("-").removeprefix("0x").partition("p")
+    mantissa = mantissa.rstrip("0").rstrip(".") if "." in mantissa else mantissa
+    shown = f"{sign}0x{mantissa}p{exponent[0]}{int(exponent[1:]):02d}"
+    return shown.upper() if upper else shown
+
+
 def _sign(text: str, flags: str) -> str:
     if text.startswith("-"):
         return text
@@ -282,7 +321,7 @@ def _format_int(value: int, verb: str, flags: str, precision: int) -> str | None
     if verb == "q":
         return "'" + go_quote(chr(value))[1:-1].replace("'", "\\'").replace('\\"', '"') + "'"
     if verb == "U":
-        return f"U+{value:04X}"
+        return f"U+{value:04X}" + (f" '{chr(value)}'" if "#" in flags and chr(value).isprintable() else "")
     bases = {"d": (10, ""), "x": (16, "0x"), "X": (16, "0X"), "o": (8, "0"), "O": (8, "0o"), "b": (2, "0b")}
     if verb not in bases:
         return None
@@ -363,6 +402,7 @@ BUILTINS: dict[str, Function] = {
     "or": Function(lambda *a: a[-1], (VALUE, VALUE), variadic=True),
     "not": Function(lambda a: not truth(a), (VALUE,)),
     "len": Function(_len, (VALUE,)),
+    "call": Function(_call, (VALUE, VALUE), variadic=True),
     "index": Function(_index, (VALUE, VALUE), variadic=True),
     "slice": Function(_slice, (VALUE, VALUE), variadic=True),
     "print": Function(lambda *a: sprint(list(a)), (ANY,), variadic=True),
