@@ -59,6 +59,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
              str(tarball), "busybox:latest")
     store.ok("tag", "busybox:latest", "example.com/team/app:v2")
     store.ok("create", "--name", "fmt-one", "busybox", "sh", "-c", "echo hi")
+    store.ok("create", "--name", "fmt-quoted", "busybox", "echo", 'say "hi"\tthere')
     yield store
 
 
@@ -132,10 +133,14 @@ def test_inspect_fields_are_docker_s(store: Store) -> None:
 
 
 def test_ps_fields_and_label_method(store: Store) -> None:
-    assert store.ok("ps", "-a", "--format", '{{.Names}} {{.Image}} {{.Command}} {{.State}} [{{.Label "x"}}]') \
+    assert store.ok("ps", "-a", "--filter", "name=fmt-one", "--format",
+                    '{{.Names}} {{.Image}} {{.Command}} {{.State}} [{{.Label "x"}}]') \
         == "fmt-one busybox \"sh -c 'echo hi'\" created []\n"
-    table = store.ok("ps", "-a", "--format", r"table {{.Names}}\t{{.Status}}").splitlines()
-    assert table == ["NAMES     STATUS", "fmt-one   Created"]
+    # docker quotes the command as Go's strconv.Quote does
+    assert store.ok("ps", "-a", "--filter", "name=fmt-quoted", "--format", "{{.Command}}") == \
+        '"echo \'say \\"hi\\"\\tther…"\n'
+    table = store.ok("ps", "-a", "--filter", "name=fmt-one", "--format", r"table {{.Names}}\t{{.Status}}")
+    assert table.splitlines() == ["NAMES     STATUS", "fmt-one   Created"]
 
 
 def test_default_tables_are_unchanged(store: Store) -> None:
@@ -186,6 +191,7 @@ DOCKER_CASES: list[tuple[tuple[str, ...], tuple[str, ...], list[str]]] = [
         "{{.ID}} {{.Names}} {{.Image}}", r"table {{.ID}}\t{{.Command}}\t{{.Status}}\t{{.Names}}", "{{.State}}",
         "{{.Labels}}", '{{.Label "a"}}', "{{.Ports}}|{{.Mounts}}|{{.Size}}|{{.LocalVolumes}}|{{.Networks}}",
         "{{.Nosuch}}", "{{.CreatedAt}}", r"table {{.Label \"com.example.my-label\"}}\t{{.Names}}",
+        r'table {{.Label "com.example.my-label"}}\t{{.Names}}',
         "{{.Platform}}|{{json .Platform}}|{{if .Platform}}y{{else}}n{{end}}", "{{.HealthStatus}}",
         r"table {{.Names}}\t{{.Platform}}"]),
     (("ps", "-a", "--no-trunc"), (), ["{{.ID}} {{.Command}}"]),

@@ -92,7 +92,8 @@ INSPECT_PARSE_EXIT = 125
 
 
 class TemplateError(LaminaError):
-    """A ``--format`` template Go would refuse or fail to run: Go's message, docker's exit code."""
+    """A ``--format`` template Go would refuse or fail to run: Go's message (as docker prints it),
+    exit code ``TEMPLATE_EXIT`` unless given."""
 
     def __init__(self, message: str, exit_code: int = TEMPLATE_EXIT) -> None:
         super().__init__(message)
@@ -183,6 +184,11 @@ def context(type_name: str, fields: dict[str, Any]) -> GoStruct:
 
     return GoStruct(type_name, fields,
                     json_fields=lambda: {k: v for k, v in fields.items() if not isinstance(v, GoMethod)})
+
+
+def check_template(template: str) -> None:
+    """TemplateError, before any output, for a ``--format`` that does not parse."""
+    parse_format(template)
 
 
 def render_template(template: str, obj: Any) -> str:

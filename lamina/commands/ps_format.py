@@ -7,6 +7,7 @@ from typing import Any
 
 from lamina.commands.formatting import context, go_time
 from lamina.gotemplate import NIL_POINTER, GoMethod, GoStruct
+from lamina.gotemplate.lex import go_quote
 from lamina.store.progress import human_size
 from lamina.timeparse import parse_time
 from runner.state import Container
@@ -35,7 +36,8 @@ def ps_context(container: Container, row: dict[str, str]) -> GoStruct:
     mounts = [str(m.get("name") or m.get("source") or m.get("Source") or "") for m in container.mounts]
     truncate = len(row["ID"]) < len(container.id)
     fields: dict[str, Any] = {
-        "ID": row["ID"], "Names": row["Names"], "Image": row["Image"], "Command": row["Command"],
+        "ID": row["ID"], "Names": row["Names"], "Image": row["Image"],
+        "Command": go_quote(row["Command"][1:-1]),  # docker's strconv.Quote of the (shortened) command
         "CreatedAt": go_time(parse_time(container.created)), "RunningFor": row["RunningFor"],
         "Ports": row["Ports"], "State": row["State"], "Status": row["Status"], "Size": human_size(0),
         "Labels": ",".join(f"{k}={v}" for k, v in sorted(labels.items())),
