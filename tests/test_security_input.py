@@ -460,9 +460,9 @@ def test_unreadable_context_file_names_the_line(unpriv: object, tmp_path: Path) 
 
 BAD_FLAGS: dict[str, tuple[tuple[str, ...], str]] = {
     "logs-tail-not-a-number": (("logs", "-n", "abc", "keeper"), "--tail 'abc'"),
-    "ps-unclosed-action": (("ps", "--format", "{{"), "--format '{{': unclosed action"),
+    "ps-unclosed-action": (("ps", "--format", "{{"), "failed to parse template: template: :1: unclosed action"),
     "ps-unclosed-action-all": (("ps", "-a", "--format", "{{.Names}} {{"), "unclosed action"),
-    "ps-unsupported-action": (("ps", "-a", "--format", "{{range .Names}}"), "unsupported action"),
+    "ps-range-without-end": (("ps", "-a", "--format", "{{range .Names}}"), "template: :1: unexpected EOF"),
     "images-unclosed-action": (("images", "--format", "{{.ID"), "unclosed action"),
 }
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import json
 import re
 import shlex
 import signal
@@ -460,10 +459,12 @@ def _ps_row(c: Container, no_trunc: bool) -> dict[str, str]:
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
-    if args.format and args.format != "json":
-        from lamina.commands.formatting import check_template
+    from lamina.commands.formatting import format_kind, precheck_format
 
-        check_template(args.format)  # before any output, even with no container to show
+    if args.format:
+        from lamina.commands.ps_format import empty_ps_context
+
+        precheck_format(args.format, empty_ps_context())  # before any output, as docker does
     wanted = _ps_filter(args.filter)
     containers = [c for c in ContainerStore(args.layout).all() if (args.all or c.running) and wanted(c)]
     rows = [_ps_row(c, args.no_trunc) for c in containers]
@@ -471,11 +472,12 @@ def cmd_ps(args: argparse.Namespace) -> int:
         for row in rows:
             print(row["ID"])
         return 0
-    if args.format:
-        from lamina.commands.formatting import render_template
+    if format_kind(args.format) != "default":
+        from lamina.commands.formatting import render_rows
+        from lamina.commands.ps_format import PS_HEADER, ps_context
 
-        for row in rows:
-            print(json.dumps(row) if args.format == "json" else render_template(args.format, row))
+        sys.stdout.write(render_rows(args.format, [ps_context(c, r) for c, r in zip(containers, rows, strict=True)],
+                                     PS_HEADER))
         return 0
     table = [("CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES")]
     table += [(r["ID"], r["Image"], r["Command"], r["RunningFor"], r["Status"], r["Ports"], r["Names"])

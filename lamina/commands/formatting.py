@@ -7,11 +7,12 @@ and ``lamina ps`` read the same way.
 from __future__ import annotations
 
 import datetime as dt
-import json
-import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lamina.errors import UsageError
+from lamina.errors import LaminaError
+
+if TYPE_CHECKING:  # the template engine is imported only by a command given --format
+    from lamina.gotemplate import GoMap, GoStruct, Template
 
 
 def human_duration(seconds: float) -> str:
@@ -42,6 +43,22 @@ def human_duration(seconds: float) -> str:
     return f"{hours // 24 // 365} years"
 
 
+def go_human_size(size: float, precision: int) -> str:
+    """docker's units.HumanSizeWithPrecision: decimal units, ``precision`` significant digits."""
+    units = ("B", "kB", "MB", "GB", "TB", "PB", "EB", "ZB", "YB")
+    index = 0
+    while size >= 1000 and index < len(units) - 1:
+        size /= 1000
+        index += 1
+    return f"{size:.{precision}g}{units[index]}"
+
+
+def go_time(when: dt.datetime | None) -> str:
+    """Go's time.Time.String in the local zone: ``2024-01-02 15:04:05 +0000 UTC``."""
+    local = (when or dt.datetime.fromtimestamp(0, dt.UTC)).astimezone()
+    return local.strftime("%Y-%m-%d %H:%M:%S %z ") + (local.tzname() or "")
+
+
 def since(when: dt.datetime | None) -> str:
     if when is None:
         return "N/A"
@@ -60,45 +77,125 @@ def print_table(rows: list[list[str]]) -> None:
         print("   ".join(cells).rstrip())
 
 
-_ACTION = re.compile(r"\{\{(.*?)\}\}")
-_SUPPORTED_ACTION = re.compile(r"\s*(json\s+)?\.[A-Za-z0-9_.]*\s*")
+# --- --format: Go templates as docker's formatter package runs them ------------------------------
+#
+# docker/cli/cli/command/formatter: "table ..." renders a header row (the same template run on the
+# column names) and the rows through a tab writer; "json" is {{json .}} per row; any other template
+# runs once per row. Literal "\t" and "\n" in a format are a tab and a newline. All rows are
+# rendered before anything is printed, so a template that fails prints nothing.
+
+# docker's client exits 1 for a template error of a listing verb and 64 for an inspect template
+# that does not parse (cli.StatusError); lamina keeps its own code for a bad command line, 125,
+# until its exit codes follow docker's verb by verb.
+TEMPLATE_EXIT = 125
+INSPECT_PARSE_EXIT = 125
+
+
+class TemplateError(LaminaError):
+    """A ``--format`` template Go would refuse or fail to run: Go's message (as docker prints it),
+    exit code ``TEMPLATE_EXIT`` unless given."""
+
+    def __init__(self, message: str, exit_code: int = TEMPLATE_EXIT) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def format_kind(fmt: str | None) -> str:
+    """"default" (lamina's own table), "json", "table" (a table template) or "template"."""
+    if not fmt or fmt == "table":
+        return "default"
+    if fmt == "json":
+        return "json"
+    return "table" if fmt.startswith("table") else "template"
+
+
+def _template_text(fmt: str) -> str:
+    """docker's Format.templateString."""
+    if fmt == "json":
+        return "{{json .}}"
+    if fmt.startswith("table"):
+        fmt = fmt[len("table"):]
+    return fmt.strip(" ").replace("\\t", "\t").replace("\\n", "\n")
+
+
+def parse_format(fmt: str, exit_code: int = TEMPLATE_EXIT) -> Template:
+    """The template of ``--format fmt``, parsed before any output; TemplateError as docker's."""
+    from lamina.gotemplate import Template
+    from lamina.gotemplate import TemplateError as GoTemplateErrors
+
+    try:
+        return Template.parse(_template_text(fmt))
+    except GoTemplateErrors as e:
+        raise TemplateError(f"template parsing error: {e}", exit_code) from None
+
+
+def precheck_format(fmt: str, empty_row: GoStruct) -> None:
+    """docker ps's check before it lists anything: the format as given (a "table" prefix and
+    literal \\t included) parsed and run once on an empty row."""
+    from lamina.gotemplate import Template
+    from lamina.gotemplate import TemplateError as GoTemplateErrors
+
+    try:
+        template = Template.parse(fmt)
+    except GoTemplateErrors as e:
+        raise TemplateError(f"failed to parse template: {e}") from None
+    try:
+        template.execute(empty_row)
+    except GoTemplateErrors as e:
+        raise TemplateError(f"failed to execute template: {e}") from None
+
+
+def render_rows(fmt: str, rows: list[GoStruct], header: dict[str, str]) -> str:
+    """What docker prints for ``--format fmt`` over ``rows`` (each a formatter context), header
+    names by field for a table."""
+    from lamina.gotemplate import HEADER_FUNCTIONS
+    from lamina.gotemplate import TemplateError as GoTemplateErrors
+    from lamina.gotemplate.tabwriter import tabwrite
+
+    template = parse_format(fmt)
+    lines: list[str] = []
+    for row in rows:
+        try:
+            lines.append(template.execute(row) + "\n")
+        except GoTemplateErrors as e:
+            raise TemplateError(f"template parsing error: {e}") from None
+    if format_kind(fmt) != "table":
+        return "".join(lines)
+    try:  # docker ignores an error of the header row, keeping what it wrote
+        header_text = template.with_functions(HEADER_FUNCTIONS).execute(header_map(header))
+    except GoTemplateErrors:
+        header_text = ""
+    return tabwrite(header_text + "\n" + "".join(lines))
+
+
+def header_map(header: dict[str, str]) -> GoMap:
+    """docker's SubHeaderContext: the column names, and a Label method naming a label's column."""
+    from lamina.gotemplate import GoMap, GoMethod
+
+    def label(name: str) -> str:
+        return name.split(".")[-1].replace("-", " ").replace("_", " ")
+    return GoMap(header, "formatter.SubHeaderContext", {"Label": GoMethod(label, 1)})
+
+
+def context(type_name: str, fields: dict[str, Any]) -> GoStruct:
+    """One row as docker's formatter context: its methods by name; ``{{json .}}`` encodes those
+    that take no argument, sorted and HTML-escaped, as MarshalJSON does."""
+    from lamina.gotemplate import GoMethod, GoStruct
+
+    return GoStruct(type_name, fields,
+                    json_fields=lambda: {k: v for k, v in fields.items() if not isinstance(v, GoMethod)})
 
 
 def check_template(template: str) -> None:
-    """UsageError for a ``--format`` template we cannot render: checked before any output, as Go's
-    template.Parse does for docker (an unclosed ``{{`` is a parse error there too)."""
-    for m in _ACTION.finditer(template):
-        if not _SUPPORTED_ACTION.fullmatch(m.group(1)):
-            raise UsageError(f"--format {template!r}: unsupported action {m.group(0)!r} "
-                             "(lamina renders {{.Field}} and {{json .Field}})")
-    if "{{" in _ACTION.sub("", template):  # a lone "}}" is text to Go, a lone "{{" an error
-        raise UsageError(f"--format {template!r}: unclosed action")
+    """TemplateError, before any output, for a ``--format`` that does not parse."""
+    parse_format(template)
 
 
 def render_template(template: str, obj: Any) -> str:
-    """A small subset of Go templates, enough for scripts: ``{{.A.B}}`` and ``{{json .A}}``."""
-    check_template(template)
-    def lookup(path: str) -> Any:
-        value = obj
-        for part in [p for p in path.split(".") if p]:
-            if isinstance(value, dict):
-                value = value.get(part)
-            else:
-                return None
-        return value
+    """One object through ``template`` (docker's Format rules); TemplateError when Go fails."""
+    from lamina.gotemplate import TemplateError as GoTemplateErrors
 
-    def substitute(m: re.Match[str]) -> str:
-        expr = m.group(1).strip()
-        as_json = expr.startswith("json ")
-        value = lookup(expr[5:].strip() if as_json else expr)
-        if as_json:
-            return json.dumps(value)
-        if value is None:
-            return "<no value>"
-        if isinstance(value, list):
-            return "[" + " ".join(str(v) for v in value) + "]"
-        if isinstance(value, dict):
-            return "map[" + " ".join(f"{k}:{v}" for k, v in value.items()) + "]"
-        return str(value)
-
-    return _ACTION.sub(substitute, template).replace("\\n", "\n")
+    try:
+        return parse_format(template).execute(obj)
+    except GoTemplateErrors as e:
+        raise TemplateError(f"template parsing error: {e}") from None

@@ -13,11 +13,23 @@ import logging
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from lamina.application import open_store
-from lamina.commands.formatting import print_table, render_template, since
+from lamina.commands.formatting import (
+    INSPECT_PARSE_EXIT,
+    TemplateError,
+    context,
+    format_kind,
+    go_human_size,
+    go_time,
+    parse_format,
+    print_table,
+    render_rows,
+    since,
+)
 from lamina.errors import ContainerNotFound, ImageNotFound, LaminaError, StoreError, UsageError
 from lamina.layout import Layout
 from lamina.store.blobs import CHUNK, remove_tree, temp_name
@@ -54,8 +66,12 @@ def cmd_images(args: argparse.Namespace) -> int:
 
     if wanted is not None:
         images = [i for i in images if any(shown(Reference.parse(t)) for t in i.tags)]
-    if args.format == "json":
-        print(json.dumps([image_summary(i) for i in images], indent=4))
+    if format_kind(args.format) != "default" and not args.quiet:
+        # docker shows digests only when asked, or when the format names {{.Digest}} as such
+        digests = getattr(args, "digests", False) or "{{.Digest}}" in args.format
+        contexts = [image_context(image, ref, args.no_trunc, digests) for image in images
+                    for ref in _shown_names(image, shown)]
+        sys.stdout.write(render_rows(args.format, contexts, IMAGE_HEADER))
         return 0
     if args.quiet:
         seen: set[str] = set()
@@ -73,23 +89,34 @@ def cmd_images(args: argparse.Namespace) -> int:
             repo = ref.familiar_name if ref else "<none>"
             tag = (ref.tag or "<none>") if ref else "<none>"
             rows.append([repo, tag, shown_id, since(image.created), human_size(image.size)])
-    if args.format and args.format != "table":
-        for image in images:
-            print(render_template(args.format, image_summary(image)))
-        return 0
     print_table(rows)
     return 0
 
 
-def image_summary(image: Image) -> dict[str, Any]:
-    created = image.created
-    return {
-        "Id": image.id, "ID": image.short_id, "RepoTags": image.tags, "Names": image.tags,
-        "Digest": image.manifest_digest,
-        "Created": int(created.timestamp()) if created else 0,
-        "CreatedAt": image.config.get("created"), "CreatedSince": since(created),
-        "Size": image.size,
-    }
+def _shown_names(image: Image, shown: Callable[[Reference], bool]) -> list[Reference | None]:
+    """The names of ``image`` that ``images`` lists, or [None] for one <none> row."""
+    return [r for r in map(Reference.parse, image.tags) if shown(r)] or [None]
+
+
+# docker's imageContext: its header names and its fields (github docker/cli formatter/image.go)
+IMAGE_HEADER = {"ID": "IMAGE ID", "Repository": "REPOSITORY", "Tag": "TAG", "Digest": "DIGEST",
+                "CreatedSince": "CREATED", "CreatedAt": "CREATED AT", "Size": "SIZE", "Containers": "CONTAINERS",
+                "SharedSize": "SHARED SIZE", "UniqueSize": "UNIQUE SIZE"}
+
+
+def image_context(image: Image, ref: Reference | None, no_trunc: bool, digests: bool) -> Any:
+    """One row of ``images --format``: an image under one of its names, as docker shows it."""
+    return context("*formatter.imageContext", {
+        "ID": ("sha256:" + image.id) if no_trunc else image.short_id,
+        "Repository": ref.familiar_name if ref else "<none>",
+        "Tag": (ref.tag or "<none>") if ref else "<none>",
+        "Digest": (image.manifest_digest if digests and ref else None) or "<none>",
+        "CreatedSince": since(image.created) if image.created else "",
+        "CreatedAt": go_time(image.created),
+        "Size": human_size(image.size),
+        "Containers": "N/A", "SharedSize": "N/A", "UniqueSize": "N/A",
+        "VirtualSize": go_human_size(image.size, 4),  # docker 28.2 still has it; later ones drop it
+    })
 
 
 # --- tag, rmi ------------------------------------------------------------------------------------
@@ -188,6 +215,8 @@ def _inspect_container(layout: Layout, name: str) -> dict[str, Any] | None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    if args.format:
+        parse_format(args.format, INSPECT_PARSE_EXIT)  # before any lookup, as docker does
     store = _open(args)
     results: list[dict[str, Any]] = []
     missing = []
@@ -204,11 +233,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             missing.append(name)
         else:
             results.append(found)
+    errors: list[str] = []
     if args.format:
-        for obj in results:
-            print(render_template(args.format, obj))
+        from lamina.commands.inspect_format import render_inspect
+
+        text, errors = render_inspect(args.format, results)
+        sys.stdout.write(text)
     else:
         print(json.dumps(results, indent=4))
+    if errors and not missing:
+        raise TemplateError("\n".join(errors))
     if missing:
         raise ImageNotFound(", ".join(missing)) if args.type == "image" or len(missing) == len(args.names) \
             else LaminaError(f"no such object: {', '.join(missing)}")
@@ -219,8 +253,9 @@ def cmd_history(args: argparse.Namespace) -> int:
     store = _open(args)
     image = store.resolve_image(args.image)
     rows = history_rows(image)
-    if args.format == "json":
-        print(json.dumps(rows, indent=4))
+    if format_kind(args.format) != "default" and not args.quiet:
+        contexts = [history_context(row, args.no_trunc) for row in rows]
+        sys.stdout.write(render_rows(args.format, contexts, HISTORY_HEADER))
         return 0
     if args.quiet:
         for row in rows:
@@ -235,6 +270,25 @@ def cmd_history(args: argparse.Namespace) -> int:
         table.append([shown, since(row["created_at"]), created_by, human_size(row["size"]), row["comment"]])
     print_table(table)
     return 0
+
+
+HISTORY_HEADER = {"ID": "IMAGE", "CreatedSince": "CREATED", "CreatedAt": "CREATED AT",
+                  "CreatedBy": "CREATED BY", "Size": "SIZE", "Comment": "COMMENT"}
+
+
+def history_context(row: dict[str, Any], no_trunc: bool) -> Any:
+    """One row of ``history --format``, as docker's historyContext."""
+    created_by = row["created_by"].replace("\t", " ")
+    if not no_trunc and len(created_by) > 45:
+        created_by = created_by[:44] + "…"
+    shown_id = row["id"] if no_trunc or row["id"] == "<missing>" else row["id"][:12]
+    created = row["created_at"]
+    return context("*image.historyContext", {
+        "ID": ("sha256:" + shown_id) if no_trunc and shown_id != "<missing>" else shown_id,
+        "CreatedSince": since(created) if created else "N/A",
+        "CreatedAt": created.astimezone().isoformat(timespec="seconds").replace("+00:00", "Z") if created else "",
+        "CreatedBy": created_by, "Size": human_size(row["size"]), "Comment": row["comment"],
+    })
 
 
 def history_rows(image: Image) -> list[dict[str, Any]]:
@@ -442,7 +496,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("image")
     p.add_argument("-q", "--quiet", action="store_true")
     p.add_argument("--no-trunc", action="store_true")
-    p.add_argument("--format", choices=["json", "table"], default="table")
+    p.add_argument("--format", help="'json', 'table' or a Go template like '{{.ID}} {{.CreatedBy}}'")
     p.set_defaults(handler=cmd_history)
 
     p = subparsers.add_parser("import", help="make a one-layer image from a root filesystem tarball")
