@@ -109,6 +109,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("wait", help="wait until containers stop, print their exit codes")
     p.add_argument("containers", nargs="+")
     p.set_defaults(handler=cmd_wait)
+
+    p = subparsers.add_parser("container prune", help="remove every stopped container")
+    p.add_argument("-f", "--force", action="store_true", help="do not ask (lamina never asks)")
+    p.set_defaults(handler=cmd_container_prune)
     _register_inspection(subparsers)
 
 
@@ -150,8 +154,9 @@ def _register_inspection(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("commit", help="make an image from a container's changes")
     p.add_argument("-m", "--message", default="")
-    p.add_argument("-p", "--pause", type=_bool_flag, nargs="?", const=True, default=True, metavar="BOOL",
-                   help="pause the container's processes while its layer is read (default true)")
+    p.add_argument("-p", "--pause", action="store_true", default=True,
+                   help="pause the container's processes while its layer is read (default true; "
+                        "--pause=false to read it live)")
     p.add_argument("container")
     p.add_argument("reference", nargs="?")
     p.set_defaults(handler=cmd_commit)
@@ -304,7 +309,8 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 
 def _each(args: argparse.Namespace, action: Callable[[ContainerStore, Container], None]) -> int:
-    """Apply ``action`` to every named container; as docker, a failure is reported and the rest go on."""
+    """Apply ``action`` to every named container; as docker, a failure is reported, the rest go on,
+    and the command exits 1."""
     store = ContainerStore(args.layout)
     failed = 0
     for name in args.containers:
@@ -313,7 +319,7 @@ def _each(args: argparse.Namespace, action: Callable[[ContainerStore, Container]
             print(name)
         except LaminaError as e:
             print(f"lamina: error: {e}", file=sys.stderr)
-            failed = e.exit_code
+            failed = 1
     return failed
 
 
@@ -371,6 +377,33 @@ def cmd_rm(args: argparse.Namespace) -> int:
         remove(args.layout, c)
 
     return _each(args, rm)
+
+
+def prune_containers(layout: Layout) -> tuple[list[str], int]:
+    """Remove every container that is not running: their IDs, and the bytes their layers held."""
+    from lamina.commands.system import disk_usage
+    from runner.lifecycle import remove
+
+    removed, freed = [], 0
+    for c in ContainerStore(layout).all():
+        if not c.running:
+            freed += disk_usage(c.upper)
+            remove(layout, c)
+            removed.append(c.id)
+    return removed, freed
+
+
+def cmd_container_prune(args: argparse.Namespace) -> int:
+    """docker's ``container prune``: "Deleted Containers:", their IDs, then the total."""
+    from lamina.store.progress import human_size
+
+    removed, freed = prune_containers(args.layout)
+    if removed:
+        print("Deleted Containers:")
+        print("\n".join(removed))
+        print()
+    print(f"Total reclaimed space: {human_size(freed)}")
+    return 0
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
@@ -589,14 +622,6 @@ def _commit_layer(layout: Layout, upper: Path) -> Any:
     from lamina.store import Store
 
     return Store.open(layout).commit_layer(upper)
-
-
-def _bool_flag(text: str) -> bool:
-    """docker's boolean flag values (``--pause=false``)."""
-    answers = {"true": True, "1": True, "false": False, "0": False}
-    if text.lower() not in answers:
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return answers[text.lower()]
 
 
 def cmd_commit(args: argparse.Namespace) -> int:
