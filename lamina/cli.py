@@ -63,23 +63,26 @@ def run(argv: Sequence[str]) -> int:
     try:
         return handler(args)
     except LaminaError as e:
-        e.exit_code = docker_exit_code(args.verb, e.exit_code)
+        e.exit_code = docker_exit_code(args.verb, e)
         raise
     except OSError as e:
         if isinstance(e, BrokenPipeError):
             raise
         log.debug("unhandled OSError", exc_info=True)
         failed = LaminaError(os_error_line(e))
-        failed.exit_code = docker_exit_code(args.verb, EXIT_LAMINA)
+        failed.exit_code = docker_exit_code(args.verb, failed)
         raise failed from e
 
 
-def docker_exit_code(verb: str, code: int) -> int:
-    """The exit code docker's client gives for an error of ``verb`` that lamina rates ``code``:
-    lamina's 125 is 1 for every verb but run and create."""
-    if code == EXIT_LAMINA and verb not in VERBS_FAILING_WITH_125:
+def docker_exit_code(verb: str, error: LaminaError) -> int:
+    """The exit code docker's client gives when ``verb`` fails with ``error``: lamina's general 125
+    is 1 for every docker verb but run and create. An error class that states its own code (126,
+    127, or 125 for an error docker gives 125 everywhere) keeps it."""
+    states_its_code = any("exit_code" in vars(cls) for cls in type(error).__mro__[:-1]
+                          if cls is not LaminaError and issubclass(cls, LaminaError))
+    if error.exit_code == EXIT_LAMINA and not states_its_code and verb not in VERBS_FAILING_WITH_125:
         return EXIT_FAILED
-    return code
+    return error.exit_code
 
 
 def os_error_line(e: OSError) -> str:

@@ -58,8 +58,9 @@ GROUP_DEFAULTS: dict[tuple[str, str], dict[str, object]] = {
 
 # docker's client exits 125 for the errors of run and create (the daemon's "cannot run this"),
 # and 1 for every other command's errors (a missing object, a refused request); usage errors
-# found by the flag parser are 125 everywhere.
-VERBS_FAILING_WITH_125 = frozenset({"run", "create"})
+# found by the flag parser are 125 everywhere. lamina's own verbs, which docker lacks, keep 125
+# for errors: `layers --fail-on-waste` answers 1 for "too much waste".
+VERBS_FAILING_WITH_125 = frozenset({"run", "create", "layers", "mount", "umount", "which"})
 
 
 def is_top_level(verb: str) -> bool:
