@@ -407,6 +407,20 @@ def refresh(container: Container) -> Container:
     return container
 
 
+# docker's "never": Go's zero time.Time, which clients parse as a date (an empty string fails them).
+GO_ZERO_TIME = "0001-01-01T00:00:00Z"
+
+
+def _signal_name(number: int) -> str:
+    """docker's Config.StopSignal is a name ("SIGTERM"), not a number."""
+    import signal
+
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
+
+
 def inspect_container(layout: Layout, name: str) -> dict[str, Any]:
     """``lamina inspect CONTAINER``: docker's field names for the record (``{{.State.Pid}}`` etc.)."""
     c = ContainerStore(layout).get(name)
@@ -419,10 +433,11 @@ def inspect_container(layout: Layout, name: str) -> dict[str, Any]:
         "Args": c.argv[1:],
         "State": {"Status": c.state.status, "Running": c.running, "Pid": c.state.pid,
                   "ExitCode": c.state.exit_code if c.state.exit_code is not None else 0,
-                  "Error": c.state.error, "StartedAt": c.state.started_at, "FinishedAt": c.state.finished_at},
+                  "Error": c.state.error, "StartedAt": c.state.started_at or GO_ZERO_TIME,
+                  "FinishedAt": c.state.finished_at or GO_ZERO_TIME},
         "Config": {"Hostname": c.hostname, "User": c.user, "Env": [f"{k}={v}" for k, v in c.env.items()],
                    "Cmd": c.argv, "Image": c.image, "WorkingDir": c.workdir, "Tty": c.tty,
-                   "OpenStdin": c.interactive, "StopSignal": c.stop_signal},
+                   "OpenStdin": c.interactive, "StopSignal": _signal_name(c.stop_signal)},
         "HostConfig": {"NetworkMode": c.network, "ReadonlyRootfs": c.readonly, "AutoRemove": c.auto_remove,
                        "Init": c.init,
                        "PortBindings": {f"{p['container_port']}/{p['proto']}":

@@ -59,7 +59,7 @@ def cmd_images(args: argparse.Namespace) -> int:
     if args.quiet:
         seen: set[str] = set()
         for image in images:
-            id_text = image.id if args.no_trunc else image.short_id
+            id_text = ("sha256:" + image.id) if args.no_trunc else image.short_id
             if id_text not in seen:
                 seen.add(id_text)
                 print(id_text)
