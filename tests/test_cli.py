@@ -65,7 +65,7 @@ def test_libraries_know_nothing_of_the_command_line() -> None:
 # REMAINDER, nested sub-verbs).
 SAMPLE_COMMAND_LINES: dict[str, list[str]] = {
     "history": ["history", "--no-trunc", "-q", "--format", "json", "img"],
-    "images": ["images", "-q", "--no-trunc", "--format", "{{.ID}}", "busybox"],
+    "images": ["images", "-q", "--no-trunc", "--digests", "-f", "dangling=true", "--format", "{{.ID}}", "busybox"],
     "import": ["import", "-c", "CMD sh", "-c", "ENV A=1", "-m", "msg", "-", "new:tag"],
     "inspect": ["inspect", "-f", "{{.Id}}", "--type", "image", "a", "b"],
     "load": ["load", "-i", "archive.tar", "-q"],
@@ -92,7 +92,7 @@ SAMPLE_COMMAND_LINES: dict[str, list[str]] = {
     "kill": ["kill", "-s", "TERM", "a", "b"],
     "logs": ["logs", "-f", "-t", "--since", "10m", "-n", "5", "ctr"],
     "port": ["port", "ctr"],
-    "ps": ["ps", "-a", "-q", "-f", "name=x", "--no-trunc", "--format", "json"],
+    "ps": ["ps", "-a", "-q", "-f", "name=x", "-n", "3", "-l", "-s", "--no-trunc", "--format", "json"],
     "restart": ["restart", "-t", "3", "a"],
     "rm": ["rm", "-f", "a", "b"],
     "run": ["run", "--rm", "-d", "-p", "8080:80", "--network", "none", "--entrypoint", "", "img", "true"],

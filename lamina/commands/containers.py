@@ -122,7 +122,11 @@ def _register_inspection(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-a", "--all", action="store_true", help="show stopped containers too")
     p.add_argument("-q", "--quiet", action="store_true", help="only ids")
     p.add_argument("-f", "--filter", action="append", default=[], metavar="KEY=VALUE",
-                   help="name=, id=, status=, ancestor= (docker's ps filters)")
+                   help="id=, name=, label=, status=, exited=, ancestor=, before=, since= (docker's ps filters)")
+    p.add_argument("-n", "--last", type=int, default=-1, metavar="N",
+                   help="the N containers created last, in any state")
+    p.add_argument("-l", "--latest", action="store_true", help="the container created last, in any state")
+    p.add_argument("-s", "--size", action="store_true", help="show the size of each container's layer")
     p.add_argument("--no-trunc", action="store_true", help="full ids and commands")
     p.add_argument("--format", help="Go-template per container ({{.ID}} {{.Names}} {{.Image}} {{.Command}} "
                                     "{{.Status}} {{.Ports}} {{.State}} {{.CreatedAt}}), or json")
@@ -446,26 +450,38 @@ def _status(c: Container) -> str:
     return f"Exited ({c.state.exit_code}) {_ago(parse_time(c.state.finished_at))} ago"
 
 
-def _ps_filter(filters: list[str]) -> Callable[[Container], bool]:
-    tests: list[Callable[[Container], bool]] = []
-    for text in filters:
-        key, sep, value = text.partition("=")
-        if not sep:
-            raise UsageError(f"--filter {text}: expected KEY=VALUE")
-        tests.append(_ps_test(key, value, text))
-    return lambda c: all(test(c) for test in tests)
+def _ps_filter(layout: Layout, texts: list[str], containers: list[Container]) -> Callable[[Container], bool]:
+    from lamina.commands.filters import container_filter
+
+    if not texts:
+        return lambda c: True
+    from lamina.application import open_store
+    from lamina.errors import ImageNotFound
+
+    store = open_store(layout)
+
+    def image_of(image_id: str) -> Image | None:
+        try:
+            return store.resolve_image(image_id)
+        except ImageNotFound:
+            return None
+
+    return container_filter(texts, containers, store.resolve_image, image_of)
 
 
-def _ps_test(key: str, value: str, text: str) -> Callable[[Container], bool]:
-    if key == "name":
-        return lambda c: value in c.name
-    if key == "id":
-        return lambda c: c.id.startswith(value)
-    if key == "status":
-        return lambda c: c.state.status == value
-    if key == "ancestor":
-        return lambda c: value in (c.image, c.image_id, c.image_id[:12])
-    raise UsageError(f"--filter {text}: unknown filter {key!r} (name, id, status, ancestor)")
+def _ps_size(c: Container) -> str:
+    """docker's SIZE cell: the container layer's bytes, then the image's under "virtual"."""
+    from lamina.application import open_store
+    from lamina.commands.system import disk_usage
+    from lamina.errors import ImageNotFound
+    from lamina.store.progress import human_size
+
+    own = disk_usage(c.upper)
+    try:
+        image_size = open_store(c.directory.parent.parent).resolve_image(c.image_id).size
+    except ImageNotFound:
+        image_size = 0
+    return f"{human_size(own)} (virtual {human_size(own + image_size)})"
 
 
 def _ps_row(c: Container, no_trunc: bool) -> dict[str, str]:
@@ -483,9 +499,19 @@ def cmd_ps(args: argparse.Namespace) -> int:
         from lamina.commands.formatting import check_template
 
         check_template(args.format)  # before any output, even with no container to show
-    wanted = _ps_filter(args.filter)
-    containers = [c for c in ContainerStore(args.layout).all() if (args.all or c.running) and wanted(c)]
+    every = ContainerStore(args.layout).all()  # newest first
+    wanted = _ps_filter(args.layout, args.filter, every)
+    last = 1 if args.latest else args.last
+    # As docker's daemon: -n, -l and the status, before and since filters show stopped containers
+    # too; the other filters look only at running ones unless -a.
+    shown_all = args.all or last > 0 or any(f.startswith(("status=", "before=", "since=")) for f in args.filter)
+    containers = [c for c in every if (shown_all or c.running) and wanted(c)]
+    if last > 0:
+        containers = containers[:last]
     rows = [_ps_row(c, args.no_trunc) for c in containers]
+    if args.size:
+        for row, c in zip(rows, containers, strict=True):
+            row["Size"] = _ps_size(c)
     if args.quiet:
         for row in rows:
             print(row["ID"])
@@ -496,9 +522,10 @@ def cmd_ps(args: argparse.Namespace) -> int:
         for row in rows:
             print(json.dumps(row) if args.format == "json" else render_template(args.format, row))
         return 0
-    table = [("CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES")]
-    table += [(r["ID"], r["Image"], r["Command"], r["RunningFor"], r["Status"], r["Ports"], r["Names"])
-              for r in rows]
+    size = ("SIZE",) if args.size else ()
+    table = [("CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES", *size)]
+    table += [(r["ID"], r["Image"], r["Command"], r["RunningFor"], r["Status"], r["Ports"], r["Names"],
+               *((r["Size"],) if args.size else ())) for r in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     for r in table:
         print("   ".join(cell.ljust(widths[i]) for i, cell in enumerate(r)).rstrip())

@@ -42,6 +42,10 @@ def cmd_images(args: argparse.Namespace) -> int:
     store = _open(args)
     images = sorted(store.images(), key=lambda i: (i.created or dt.datetime.min.replace(tzinfo=dt.UTC)),
                     reverse=True)
+    from lamina.commands.filters import ImageFilter
+
+    image_filter = ImageFilter(store, args.filter)
+    images = [i for i in images if image_filter.matches(i)]
     wanted: Reference | None = None
     explicit_tag = False
     if args.repository:
@@ -49,7 +53,8 @@ def cmd_images(args: argparse.Namespace) -> int:
         explicit_tag = ":" in args.repository.rsplit("/", 1)[-1]
 
     def shown(ref: Reference) -> bool:
-        return wanted is None or (ref.name == wanted.name and (not explicit_tag or ref.tag == wanted.tag))
+        return image_filter.shows_name(ref.familiar) and \
+            (wanted is None or (ref.name == wanted.name and (not explicit_tag or ref.tag == wanted.tag)))
 
     if wanted is not None:
         images = [i for i in images if any(shown(Reference.parse(t)) for t in i.tags)]
@@ -64,14 +69,15 @@ def cmd_images(args: argparse.Namespace) -> int:
                 seen.add(id_text)
                 print(id_text)
         return 0
-    rows = [["REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"]]
+    rows = [["REPOSITORY", "TAG", *(["DIGEST"] if args.digests else []), "IMAGE ID", "CREATED", "SIZE"]]
     for image in images:
         shown_id = ("sha256:" + image.id) if args.no_trunc else image.short_id
         names: list[Reference | None] = [r for r in map(Reference.parse, image.tags) if shown(r)] or [None]
         for ref in names:
             repo = ref.familiar_name if ref else "<none>"
             tag = (ref.tag or "<none>") if ref else "<none>"
-            rows.append([repo, tag, shown_id, since(image.created), human_size(image.size)])
+            digest = [image.manifest_digest] if args.digests else []
+            rows.append([repo, tag, *digest, shown_id, since(image.created), human_size(image.size)])
     if args.format and args.format != "table":
         for image in images:
             print(render_template(args.format, image_summary(image)))
@@ -374,6 +380,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-a", "--all", action="store_true",
                    help="accepted for docker compatibility (lamina keeps no hidden intermediate images)")
     p.add_argument("--no-trunc", action="store_true", help="full IDs")
+    p.add_argument("--digests", action="store_true", help="show each image's manifest digest")
+    p.add_argument("-f", "--filter", action="append", default=[], metavar="KEY=VALUE",
+                   help="dangling=true|false, reference=PATTERN, label=KEY[=VALUE], before=IMAGE, "
+                        "since=IMAGE (docker's images filters)")
     p.add_argument("--format", help="'json', 'table' or a template like '{{.ID}} {{.Size}}'")
     p.set_defaults(handler=cmd_images)
 
