@@ -21,11 +21,14 @@ from typing import NamedTuple
 import pytest
 from test_store_interop import podman
 
+from harness import REPO_ROOT
+
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.fuse]
 
 __all__ = ["podman"]
 
 Cli = Callable[..., "subprocess.CompletedProcess[str]"]
+BASE = "lamina/busybox"
 
 
 class Case(NamedTuple):
@@ -53,6 +56,12 @@ CASES = [
     Case("port nosuch", 1, NOT_PODMAN),
     Case("commit nosuch", 1, NOT_PODMAN),
     Case("load -i /nonexistent.tar", 1, NOT_PODMAN),
+    # exec: the command's code; 126 when it cannot start (docker's daemon: the exec's exit code)
+    Case("exec running nosuchcommand", 127, True),
+    Case("exec running /etc", 126, True),
+    Case("exec running sh -c 'exit 4'", 4, True),
+    Case("exec -w /nonexistent running true", 126, NOT_PODMAN),  # podman (crun): 127
+    Case("exec exited true", 1, NOT_PODMAN),  # "container exited is not running"
     # run and create: 125 for their own errors, else the container's code
     Case("run --rm --pull=never nosuch", 125, True),
     Case("create --pull=never nosuch", 125, True),
@@ -90,15 +99,18 @@ def _argv(case: Case, image: str) -> list[str]:
 def stores(podman: object, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, object]]:
     """A lamina store and the podman environment, each with the busybox base image."""
     from test_store_interop import run_podman
-
-    from harness import REPO_ROOT
-
     root = tmp_path_factory.mktemp("exit-codes") / "root"
     archive = root.parent / "busybox.tar"
     subprocess.run([*_lamina(root), "save", "-o", str(archive), "lamina/busybox"], check=True, cwd=REPO_ROOT,
                    capture_output=True)
     run_podman(podman, "load", "-i", str(archive))
+    for name, command in (("running", "sleep 600"), ("exited", "true")):
+        argv = ["run", "-d", "--network=none", "--name", name, "{image}", *command.split()]
+        subprocess.run([*_lamina(root), *(a.format(image=BASE) for a in argv)], check=True, cwd=REPO_ROOT,
+                       capture_output=True)
+        run_podman(podman, *(a.format(image=f"localhost/{BASE}") for a in argv))
     yield root, podman
+    subprocess.run([*_lamina(root), "rm", "-f", "running", "exited"], cwd=REPO_ROOT, capture_output=True)
 
 
 def _lamina(root: Path) -> list[str]:
@@ -109,16 +121,14 @@ def _lamina(root: Path) -> list[str]:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.argv for c in CASES])
 def test_exit_code_is_dockers(case: Case, stores: tuple[Path, object]) -> None:
-    from harness import REPO_ROOT
-
     root, env = stores
-    ours = subprocess.run([*_lamina(root), *_argv(case, "lamina/busybox")], capture_output=True, text=True,
+    ours = subprocess.run([*_lamina(root), *_argv(case, BASE)], capture_output=True, text=True,
                           timeout=120, cwd=REPO_ROOT, stdin=subprocess.DEVNULL)
     assert ours.returncode == case.docker, (case.argv, ours.stderr)
     assert "Traceback" not in ours.stderr
-    if case.docker not in (0, 3) and not case.argv.endswith("false"):
+    if case.docker not in (0, 3, 4) and not case.argv.endswith("false"):
         assert ours.stderr.strip(), case.argv  # a failure says why
-    theirs = env.run(_argv(case, "localhost/lamina/busybox"), check=False, timeout=120)  # type: ignore[attr-defined]
+    theirs = env.run(_argv(case, f"localhost/{BASE}"), check=False, timeout=120)  # type: ignore[attr-defined]
     if case.podman_agrees:
         assert theirs.returncode == case.docker, (case.argv, theirs.stderr)
     else:

@@ -641,8 +641,16 @@ def cmd_exec(args: argparse.Namespace) -> int:
     workdir = args.workdir or container.workdir
     if not workdir.startswith("/"):
         raise UsageError(f"-w {workdir}: the working directory must be an absolute path")
-    return exec_in_container(container, command, env, args.user or container.user, workdir,
-                             args.tty, args.interactive)
+    if not container.running:
+        raise ContainerError(f"container {container.name} is not running")
+    try:
+        return exec_in_container(container, command, env, args.user or container.user, workdir,
+                                 args.tty, args.interactive)
+    except ContainerError as e:
+        # docker's daemon gives an exec that could not start (working directory, user) 126.
+        from lamina.errors import CommandNotInvokable
+
+        raise CommandNotInvokable(str(e)) from e
 
 
 def _commit_layer(layout: Layout, upper: Path) -> Any:
