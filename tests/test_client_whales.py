@@ -99,6 +99,9 @@ def test_build_then_run_attached_and_detached(docker: object, tmp_path: Path) ->
     (tmp_path / "Dockerfile").write_text(f"FROM {BASE}\nRUN echo built > /built\nCMD [\"cat\", \"/built\"]\n")
     image = d.legacy_build(tmp_path, tags=["whales/app:1"], quiet=True)  # type: ignore[attr-defined]
     assert image.repo_tags == ["whales/app:1"] and image.config.cmd == ["cat", "/built"]
+    # Without quiet the client reads docker's "Successfully built ID" line.
+    again = d.legacy_build(tmp_path, tags=["whales/app:2"], quiet=False)  # type: ignore[attr-defined]
+    assert again.id == image.id and sorted(again.repo_tags) == ["whales/app:1", "whales/app:2"]
     assert d.run("whales/app:1", remove=True) == "built"  # type: ignore[attr-defined]
     assert d.run(BASE, ["sh", "-c", "echo out; echo err >&2"], remove=True) == "out"  # type: ignore[attr-defined]
     with pytest.raises(whales.exceptions.DockerException) as failed:

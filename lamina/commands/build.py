@@ -86,6 +86,10 @@ def cmd_build(args: argparse.Namespace) -> int:
                            session=session)
     store = open_store(args.layout)
     image = build(store, options)
+    if not args.quiet:
+        # docker's legacy builder says so, and clients read it (python-on-whales' legacy_build);
+        # the builder has printed the "Successfully tagged" lines.
+        print(f"Successfully built {image.short_id}")
     print(image.id)
     return 0
 
