@@ -30,7 +30,7 @@ from typing import Any, NoReturn
 
 from lamina import __version__
 from lamina.argv import requested_words
-from lamina.commands import GROUP_DEFAULTS, VERB_MODULES, group_verbs, groups, is_top_level
+from lamina.commands import GROUP_DEFAULTS, GROUP_HELP, VERB_MODULES, group_verbs, groups, is_top_level
 from lamina.errors import CommandLineError, UsageError
 from unionfs.startup import patches_enabled
 
@@ -147,7 +147,7 @@ def _add_top_level(subparsers: argparse._SubParsersAction, verbs: Sequence[str])
 def _add_group(subparsers: argparse._SubParsersAction, group: str, subs: Sequence[str]) -> None:
     """The group's parser, with the sub-verbs ``subs`` (aliases of a verb included) built."""
     members = group_verbs(group)
-    parser = subparsers.add_parser(group, help=f"manage {group}s" if group != "system" else "manage lamina")
+    parser = subparsers.add_parser(group, help=GROUP_HELP.get(group, f"manage {group}s"))
     group_subparsers = parser.add_subparsers(dest="subcommand", metavar="COMMAND",
                                              parser_class=LaminaArgumentParser)
     places: dict[str, list[str]] = {}

@@ -49,6 +49,10 @@ COMMAND_GROUPS: dict[str, dict[str, str]] = {
     "volume": {},
 }
 
+GROUP_HELP: dict[str, str] = {"image": "manage images", "container": "manage containers",
+                              "system": "manage lamina and its store", "builder": "manage builds",
+                              "volume": "manage volumes"}
+
 # What a sub-verb implies that its top-level verb leaves open (``image inspect`` is ``inspect
 # --type image``).
 GROUP_DEFAULTS: dict[tuple[str, str], dict[str, object]] = {
