@@ -118,10 +118,15 @@ def _operating_system() -> str:
 
 
 def _memory_total() -> int:
+    """MemTotal of /proc/meminfo in bytes, as docker's and podman's info read it."""
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        return 0
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def info_data(layout: Layout) -> dict[str, Any]:
