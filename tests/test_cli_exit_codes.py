@@ -42,6 +42,8 @@ CASES = [
     # a missing object, outside run/create: docker 1
     Case("rmi nosuch", 1, True),
     Case("rm nosuch", 1, True),
+    Case("rmi -f nosuch", 0, True),  # docker/cli: -f reports a missing image and goes on
+    Case("rm -f nosuch", 0, True),
     Case("inspect nosuch", 1, NOT_PODMAN),
     Case("image inspect nosuch", 1, NOT_PODMAN),
     Case("container inspect nosuch", 1, NOT_PODMAN),

@@ -312,9 +312,11 @@ def cmd_create(args: argparse.Namespace) -> int:
 # --- lifecycle ---------------------------------------------------------------------------------------
 
 
-def _each(args: argparse.Namespace, action: Callable[[ContainerStore, Container], None]) -> int:
+def _each(args: argparse.Namespace, action: Callable[[ContainerStore, Container], None],
+          missing_is_fine: bool = False) -> int:
     """Apply ``action`` to every named container; as docker, a failure is reported, the rest go on,
-    and the command exits 1."""
+    and the command exits 1 (a container that does not exist is only reported with
+    ``missing_is_fine``: ``rm -f``)."""
     store = ContainerStore(args.layout)
     failed = 0
     for name in args.containers:
@@ -323,7 +325,8 @@ def _each(args: argparse.Namespace, action: Callable[[ContainerStore, Container]
             print(name)
         except LaminaError as e:
             print(f"lamina: error: {e}", file=sys.stderr)
-            failed = 1
+            if not (missing_is_fine and isinstance(e, ContainerNotFound)):
+                failed = 1
     return failed
 
 
@@ -380,7 +383,8 @@ def cmd_rm(args: argparse.Namespace) -> int:
                 raise ContainerError(f"container {c.name} did not stop")
         remove(args.layout, c)
 
-    return _each(args, rm)
+    # docker's `rm -f` reports a container that does not exist, and succeeds.
+    return _each(args, rm, missing_is_fine=args.force)
 
 
 def prune_containers(layout: Layout) -> tuple[list[str], int]:

@@ -116,6 +116,10 @@ def cmd_rmi(args: argparse.Namespace) -> int:
             for line in remove_image(store, name, args.force):
                 print(line)
         except LaminaError as e:
+            if args.force and isinstance(e, ImageNotFound):
+                # docker's `rmi -f` reports an image that does not exist, and succeeds.
+                print(f"lamina: error: {e}", file=sys.stderr)
+                continue
             if len(args.images) == 1:
                 raise
             print(f"lamina: error: {e}", file=sys.stderr)
