@@ -146,10 +146,21 @@ def test_the_one_verb_parser_is_used_only_with_start_up_tricks_on(monkeypatch) -
         action = build_parser(argv)._subparsers._group_actions[0]  # type: ignore[union-attr]
         return set(action.choices)  # type: ignore[arg-type]
 
+    def sub_verbs_built(argv: list[str]) -> set[str]:
+        action = build_parser(argv)._subparsers._group_actions[0]  # type: ignore[union-attr]
+        group = action.choices[argv[0]]  # type: ignore[index]
+        return set(group._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
+
+    from lamina.commands import group_verbs
+
     monkeypatch.delenv("LAMINA_NO_PATCHES", raising=False)
     assert verbs_built(["ps"]) == {"ps"}
+    assert verbs_built(["image", "ls"]) == {"image"} and sub_verbs_built(["image", "ls"]) == {"ls", "list"}
     monkeypatch.setenv("LAMINA_NO_PATCHES", "1")
     assert verbs_built(["ps"]) == {v for v, m in VERB_MODULES.items() if m == VERB_MODULES["ps"] and " " not in v}
+    images_module = VERB_MODULES["images"]
+    assert sub_verbs_built(["image", "ls"]) == {sub for sub, verb in group_verbs("image").items()
+                                                if VERB_MODULES[verb] == images_module}
 
 
 def test_archive_formats_offered_are_those_the_archive_module_writes() -> None:
