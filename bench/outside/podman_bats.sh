@@ -123,6 +123,11 @@ for candidate in $candidates; do
         printf '#!/bin/sh\nexec %s -m lamina --root %s "$@"\n' "$python" "$out/lamina-root" >"$bin/podman"
         chmod 755 "$bin/podman"
         PODMAN=$bin/podman run_bats lamina
+        # What failing tests left: containers, and `podman mount`s (lamina mounts) under $out.
+        ids=$("$bin/podman" ps -aq 2>/dev/null) || ids=
+        if [ -n "$ids" ]; then "$bin/podman" rm -f $ids >/dev/null 2>&1 || true; fi
+        awk -v out="$out/" 'index($5, out) == 1 { print $5 }' /proc/self/mountinfo | sort -r |
+            while read -r mnt; do fusermount3 -u "$mnt" 2>/dev/null || fusermount3 -u -z "$mnt"; done
         ;;
     podman)
         # podman in a private, throwaway environment (bench/podman_env.py) behind a wrapper.
