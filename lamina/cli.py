@@ -1,91 +1,33 @@
 """The ``lamina`` command: parse the command line, dispatch to a package, translate errors once.
 
 The verbs live in :mod:`lamina.commands`, one module per area, each with ``register(subparsers)``;
-every verb's parser sets ``handler`` to a function ``handler(args) -> int``. This module owns only
-what is global: ``--root``, ``--log-level``, ``--version``, logging set-up, and the error boundary
-that turns a :class:`LaminaError` into one line on stderr and docker's exit codes.
+every verb's parser sets ``handler`` to a function ``handler(args) -> int``. The parsers, with
+docker's command groups and flag rules, are built by :mod:`lamina.parser`. This module owns only
+what is global: logging set-up, and the error boundary that turns a :class:`LaminaError` into one
+line on stderr and docker's exit codes.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
 
 from lamina import __version__
 from lamina.argv import requested_verb
-from lamina.commands import ALL_COMMAND_MODULES, VERB_MODULES
+from lamina.commands import ALL_COMMAND_MODULES, VERB_MODULES, VERBS_FAILING_WITH_125
 from lamina.config import resolve_root
-from lamina.errors import EXIT_LAMINA, LaminaError, UsageError
+from lamina.errors import EXIT_FAILED, EXIT_LAMINA, LaminaError, UsageError
 from lamina.layout import Layout
-from unionfs.startup import patches_enabled
+from lamina.parser import LaminaArgumentParser, build_parser, print_help
+
+__all__ = ["ALL_COMMAND_MODULES", "VERB_MODULES", "LaminaArgumentParser", "build_parser", "main"]
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[argparse.Namespace], int]
-
-
-class LaminaArgumentParser(argparse.ArgumentParser):
-    """An ArgumentParser whose usage errors become :class:`UsageError` (exit 125, one line)."""
-
-    def error(self, message: str) -> NoReturn:
-        # "lamina: error: run: unrecognized arguments: --foo" names the verb, never "lamina" twice.
-        verb = self.prog.removeprefix("lamina").strip()
-        raise UsageError(f"{verb}: {message}" if verb else message)
-
-
-# The one-verb parser (below) is a start-up speed trick: argparse set-up of every verb is a
-# noticeable part of a short command. Like every other trick it is off under LAMINA_NO_PATCHES=1
-# (unionfs.startup.patches_enabled), and tests/test_cli.py checks that each verb parses the same
-# either way.
-class _UnusedParser:
-    """Stands in for the parser of a verb that is not on the command line: every call is a no-op."""
-
-    def __getattr__(self, _name: str) -> Callable[..., _UnusedParser]:
-        return lambda *_args, **_kwargs: self
-
-
-class _OneVerb:
-    """The subparsers action, narrowed to one verb: a module registering its verbs builds only the
-    parser of the verb being run (argparse set-up of a dozen verbs is a noticeable part of start-up)."""
-
-    def __init__(self, subparsers: argparse._SubParsersAction, verb: str) -> None:
-        self._subparsers = subparsers
-        self._verb = verb
-
-    def add_parser(self, name: str, **kwargs: object) -> argparse.ArgumentParser | _UnusedParser:
-        if name != self._verb:
-            return _UnusedParser()
-        return self._subparsers.add_parser(name, **kwargs)  # type: ignore[arg-type]
-
-
-def build_parser(argv: Sequence[str] = ()) -> LaminaArgumentParser:
-    """The full parser, or, when ``argv`` names a known verb, a parser with only that verb's module
-    (and, unless start-up tricks are off, of that module's verbs only that verb's parser)."""
-    parser = LaminaArgumentParser(
-        prog="lamina",
-        description="Build and run Docker/OCI images without root, on lamina's own union filesystem.",
-    )
-    parser.add_argument("--version", action="version", version=f"lamina version {__version__}")
-    parser.add_argument("--root", metavar="DIR", default=None,
-                        help="where images and containers are stored (env LAMINA_ROOT; "
-                             "default ~/.local/share/lamina, /var/lib/lamina for root)")
-    parser.add_argument("--log-level", default=os.environ.get("LAMINA_LOG_LEVEL", "warning"),
-                        choices=["debug", "info", "warning", "error", "critical"],
-                        help="how much lamina logs on stderr (default: warning)")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=LaminaArgumentParser)
-    verb = requested_verb(argv)
-    if verb in VERB_MODULES:
-        module = importlib.import_module(VERB_MODULES[verb])
-        module.register(_OneVerb(subparsers, verb) if patches_enabled() else subparsers)
-    else:
-        for name in ALL_COMMAND_MODULES:
-            importlib.import_module(name).register(subparsers)
-    return parser
 
 
 def configure_logging(level_name: str) -> None:
@@ -116,10 +58,37 @@ def run(argv: Sequence[str]) -> int:
     tighten_if_present(args.layout)
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:
-        parser.print_help(sys.stderr if args.command else sys.stdout)
-        return 0 if not args.command else EXIT_LAMINA
+        return print_help(parser, args.verb_or_group)
     _sweep_debris(args.layout)
-    return handler(args)
+    try:
+        return handler(args)
+    except LaminaError as e:
+        e.exit_code = docker_exit_code(args.verb, e)
+        raise
+    except OSError as e:
+        if isinstance(e, BrokenPipeError):
+            raise
+        log.debug("unhandled OSError", exc_info=True)
+        failed = LaminaError(os_error_line(e))
+        failed.exit_code = docker_exit_code(args.verb, failed)
+        raise failed from e
+
+
+def docker_exit_code(verb: str, error: LaminaError) -> int:
+    """The exit code docker's client gives when ``verb`` fails with ``error``: lamina's general 125
+    is 1 for every docker verb but run and create. An error class that states its own code (126,
+    127, or 125 for an error docker gives 125 everywhere) keeps it."""
+    states_its_code = any("exit_code" in vars(cls) for cls in type(error).__mro__[:-1]
+                          if cls is not LaminaError and issubclass(cls, LaminaError))
+    if error.exit_code == EXIT_LAMINA and not states_its_code and verb not in VERBS_FAILING_WITH_125:
+        return EXIT_FAILED
+    return error.exit_code
+
+
+def os_error_line(e: OSError) -> str:
+    """An OS error as one line naming the file."""
+    where = f": {e.filename}" if e.filename else ""
+    return f"{e.strerror or e}{where}"
 
 
 def _sweep_debris(layout: Layout) -> None:
@@ -164,8 +133,7 @@ def _main(args: list[str]) -> int:
         return 0
     except OSError as e:
         # An OS error that escaped every package boundary still gets one line, naming the file.
-        where = f": {e.filename}" if e.filename else ""
-        print(f"lamina: error: {e.strerror or e}{where}", file=sys.stderr)
+        print(f"lamina: error: {os_error_line(e)}", file=sys.stderr)
         log.debug("unhandled OSError", exc_info=True)
         return EXIT_LAMINA
 

@@ -2,11 +2,15 @@
 
 Docker's exit-code conventions: 125 for an error of lamina itself (bad flag, missing image, corrupt
 input), 126 when the container's command cannot be invoked, 127 when it is not found; otherwise the
-container's own exit code.
+container's own exit code. docker's client narrows the first: 125 is the code of ``run`` and
+``create`` (and of any bad flag); every other command's errors exit 1 (``rmi nosuch``, ``stop
+nosuch``, ``inspect nosuch``), which the CLI's error boundary applies to :data:`EXIT_LAMINA`
+(:func:`lamina.cli.docker_exit_code`).
 """
 
 from __future__ import annotations
 
+EXIT_FAILED = 1
 EXIT_LAMINA = 125
 EXIT_CANNOT_INVOKE = 126
 EXIT_NOT_FOUND = 127
@@ -20,6 +24,13 @@ class LaminaError(Exception):
 
 class UsageError(LaminaError):
     """A bad command line: the message names the flag or argument."""
+
+
+class CommandLineError(UsageError):
+    """An unknown command or a missing argument: docker's client exits 1 for these (its
+    ``RequiresMinArgs``), and 125 only for a bad flag."""
+
+    exit_code = EXIT_FAILED
 
 
 class NotFoundError(LaminaError):

@@ -516,6 +516,18 @@ def _host_config(c: Container) -> dict[str, Any]:
         "Memory": c.resources.get("Memory", 0), "NanoCpus": c.resources.get("NanoCpus", 0),
         "PidsLimit": c.resources.get("PidsLimit"),
     }
+# docker's "never": Go's zero time.Time, which clients parse as a date (an empty string fails them).
+GO_ZERO_TIME = "0001-01-01T00:00:00Z"
+
+
+def _signal_name(number: int) -> str:
+    """docker's Config.StopSignal is a name ("SIGTERM"), not a number."""
+    import signal
+
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
 
 
 def inspect_container(layout: Layout, name: str) -> dict[str, Any]:
@@ -531,12 +543,13 @@ def inspect_container(layout: Layout, name: str) -> dict[str, Any]:
         "State": {"Status": "paused" if c.running and c.state.paused else c.state.status, "Running": c.running,
                   "Paused": bool(c.running and c.state.paused), "Pid": c.state.pid,
                   "ExitCode": c.state.exit_code if c.state.exit_code is not None else 0,
-                  "Error": c.state.error, "StartedAt": c.state.started_at, "FinishedAt": c.state.finished_at,
-                  **_health(c)},
+                  "Error": c.state.error, "StartedAt": c.state.started_at or GO_ZERO_TIME,
+                  "FinishedAt": c.state.finished_at or GO_ZERO_TIME, **_health(c)},
         "RestartCount": c.state.restart_count,
         "Config": {"Hostname": c.hostname, "User": c.user, "Env": [f"{k}={v}" for k, v in c.env.items()],
                    "Cmd": c.argv, "Image": c.image, "WorkingDir": c.workdir, "Tty": c.tty,
-                   "OpenStdin": c.interactive, "StopSignal": c.stop_signal, "StopTimeout": c.stop_timeout,
+                   "OpenStdin": c.interactive, "StopSignal": _signal_name(c.stop_signal),
+                   "StopTimeout": c.stop_timeout,
                    "Labels": dict(c.labels), **({"Healthcheck": c.healthcheck} if c.healthcheck else {})},
         "HostConfig": _host_config(c),
         "NetworkSettings": {"Ports": _port_map(c.state.ports if c.running else [])},

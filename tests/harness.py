@@ -349,3 +349,21 @@ def mounts_left(prefixes: Iterator[Path] | Sequence[Path]) -> list[Path]:
     for prefix in prefixes:
         left.extend(fuse_mounts_under(prefix))
     return left
+
+
+# docker's client (github docker/cli): `run` and `create` report their errors with 125 (as does any
+# bad flag), every other command with 1. lamina's own verbs, which docker lacks, keep 125.
+EXITING_125 = ("run", "create", "layers", "mount", "umount", "which")
+
+
+def docker_error_code(argv: Sequence[str]) -> int:
+    """The exit code docker gives when the command ``argv`` fails: the full argv of a finished
+    process (``python -m lamina --root R VERB ...``, ``lamina VERB ...``) or only the verb's part."""
+    words = list(argv)
+    if "lamina" in words:
+        words = words[words.index("lamina") + 1:]
+    words = [w for i, w in enumerate(words)
+             if not w.startswith("-") and not (i and words[i - 1] in ("--root", "--log-level"))]
+    verb = words[1] if len(words) > 1 and words[0] in ("container", "image", "builder", "system") else \
+        (words[0] if words else "")
+    return 125 if verb in EXITING_125 else 1

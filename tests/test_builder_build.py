@@ -194,19 +194,19 @@ def test_failing_run_leaves_the_store_unchanged(lamina: Lamina, ctx: Path, share
     assert sorted(p.name for p in (shared_root / "images").iterdir()) == images_before
     assert list((shared_root / "tmp").glob("*build-step*")) == []
     quiet = lamina.build(ctx, "FROM lamina/busybox\nRUN echo quiet-but-failing && exit 4\n", "-q", check=False)
-    assert quiet.returncode == 125 and quiet.stdout == ""
+    assert quiet.returncode == 1 and quiet.stdout == ""
     assert "quiet-but-failing" in quiet.stderr and "returned a non-zero code: 4" in quiet.stderr
 
 
 def test_malformed_dockerfile(lamina: Lamina, ctx: Path) -> None:
     result = lamina.build(ctx, "FROM lamina/busybox\n\nRUN true\nFORM busybox\n", check=False)
-    assert result.returncode == 125
+    assert result.returncode == 1
     assert result.stderr == "lamina: error: Dockerfile:4: unknown instruction: FORM: 'FORM busybox'\n"
     result = lamina.build(ctx, "FROM lamina/busybox\nCOPY missing.txt /\n", check=False)
-    assert result.returncode == 125
+    assert result.returncode == 1
     assert "Dockerfile:2: COPY failed: 'missing.txt': not found in the build context" in result.stderr
     result = lamina.build(ctx, "FROM no-such-image-here\n", check=False)
-    assert result.returncode == 125 and "Dockerfile:1" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 1 and "Dockerfile:1" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_cache_hits_and_invalidation(lamina: Lamina, ctx: Path, tmp_path: Path) -> None:
@@ -352,7 +352,7 @@ EOF
         assert lamina.image("addurl")["config"]["config"]["Labels"] == {"built.by": "test"}
         bad = lamina.build(ctx, f"FROM lamina/busybox\nADD --checksum=sha256:{'0' * 64} {url} /web/\n",
                            check=False)
-        assert bad.returncode == 125 and "checksum mismatch" in bad.stderr
+        assert bad.returncode == 1 and "checksum mismatch" in bad.stderr
     finally:
         server.shutdown()
         server.server_close()
@@ -379,9 +379,9 @@ WORKDIR /home/user/work
                                   "stat -c %u:%g /home/user/work")
     assert out == "f\nf\ninner\ninner\nexe\nflat\n1234:99\n"
     many = lamina.build(ctx, "FROM lamina/busybox\nCOPY f.txt dir /nodir\n", check=False)
-    assert many.returncode == 125 and "must be a directory and end with a /" in many.stderr
+    assert many.returncode == 1 and "must be a directory and end with a /" in many.stderr
     escape = lamina.build(ctx, "FROM lamina/busybox\nCOPY ../x /\n", check=False)
-    assert escape.returncode == 125 and "outside the build context" in escape.stderr
+    assert escape.returncode == 1 and "outside the build context" in escape.stderr
 
 
 def test_from_registry_image_is_pulled(lamina: Lamina, ctx: Path, tmp_path: Path) -> None:

@@ -358,7 +358,7 @@ def test_source_date_epoch_gives_the_same_image_on_two_stores(lamina_cmd: Any, t
             assert max(m.mtime for m in tar.getmembers()) <= EPOCH
 
     bad = lamina_cmd("build", "--build-arg", "SOURCE_DATE_EPOCH=yesterday", str(ctx), root=root, check=False)
-    assert bad.returncode == 125 and bad.stderr.count("\n") == 1 and "SOURCE_DATE_EPOCH" in bad.stderr
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "SOURCE_DATE_EPOCH" in bad.stderr
 
 
 @pytest.mark.unprivileged
@@ -401,10 +401,10 @@ def test_automatic_platform_args(builders: Builders, ctx: Path) -> None:
 
     (ctx / "Dockerfile").write_text("FROM bb AS unused\nFROM --platform=linux/s390x bb\nRUN true\n")
     refused = builders.lamina("build", str(ctx), check=False)
-    assert refused.returncode == 125 and refused.stderr.count("\n") == 1, refused.stderr
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
     assert "Dockerfile:2" in refused.stderr and "linux/s390x" in refused.stderr
     refused = builders.lamina("build", "--platform", "linux/s390x", str(ctx), check=False)
-    assert refused.returncode == 125 and refused.stderr.count("\n") == 1, refused.stderr
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
     (ctx / "Dockerfile").write_text("FROM --platform=linux/" + platform_arch() + " bb\nRUN true\n")
     builders.lamina("build", "--platform", "linux/" + platform_arch(), "-q", str(ctx))
 

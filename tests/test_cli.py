@@ -30,15 +30,17 @@ def test_help_lists_every_verb(lamina_cmd) -> None:  # type: ignore[no-untyped-d
         assert verb in out
 
 
-def test_unknown_verb_is_a_usage_error(lamina_cmd) -> None:  # type: ignore[no-untyped-def]
-    result = lamina_cmd("frobnicate", check=False)
-    assert result.returncode == 125
-    assert "frobnicate" in result.stderr and result.stderr.startswith("lamina: error:")
+def test_unknown_verb_exits_1_as_docker(lamina_cmd) -> None:  # type: ignore[no-untyped-def]
+    """docker's client: "docker: 'frobnicate' is not a docker command." and exit 1 (podman: 125)."""
+    for argv in (["frobnicate"], ["image", "frobnicate"]):
+        result = lamina_cmd(*argv, check=False)
+        assert result.returncode == 1, argv
+        assert "'frobnicate' is not a lamina" in result.stderr and result.stderr.startswith("lamina: error:")
 
 
 def test_lamina_error_is_one_line_without_traceback(lamina_cmd) -> None:  # type: ignore[no-untyped-def]
     result = lamina_cmd("inspect", "no-such-image-anywhere", check=False)
-    assert result.returncode == 125
+    assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
 
@@ -63,13 +65,20 @@ def test_libraries_know_nothing_of_the_command_line() -> None:
 # REMAINDER, nested sub-verbs).
 SAMPLE_COMMAND_LINES: dict[str, list[str]] = {
     "history": ["history", "--no-trunc", "-q", "--format", "json", "img"],
-    "images": ["images", "-q", "--no-trunc", "--format", "{{.ID}}", "busybox"],
+    "images": ["images", "-q", "--no-trunc", "--digests", "-f", "dangling=true", "--format", "{{.ID}}", "busybox"],
     "import": ["import", "-c", "CMD sh", "-c", "ENV A=1", "-m", "msg", "-", "new:tag"],
     "inspect": ["inspect", "-f", "{{.Id}}", "--type", "image", "a", "b"],
     "load": ["load", "-i", "archive.tar", "-q"],
     "rmi": ["rmi", "-f", "a", "b"],
     "save": ["save", "-o", "out.tar", "--format", "oci-archive", "a"],
-    "system": ["system", "prune", "-a", "-f"],
+    "image prune": ["image", "prune", "-a", "-f"],
+    "system df": ["system", "df", "--format", "json"],
+    "system prune": ["system", "prune", "-a", "-f"],
+    "system check": ["system", "check", "--quick"],
+    "builder prune": ["builder", "prune", "-a", "-f"],
+    "container prune": ["container", "prune", "-f"],
+    "version": ["version", "-f", "{{json .}}"],
+    "info": ["info", "--format", "{{.Driver}}"],
     "tag": ["tag", "a", "b", "c"],
     "login": ["login", "-u", "user", "--password-stdin", "--tls-verify=false", "registry.test"],
     "logout": ["logout", "registry.test"],
@@ -90,7 +99,7 @@ SAMPLE_COMMAND_LINES: dict[str, list[str]] = {
     "kill": ["kill", "-s", "TERM", "a", "b"],
     "logs": ["logs", "-f", "-t", "--since", "10m", "-n", "5", "ctr"],
     "port": ["port", "ctr"],
-    "ps": ["ps", "-a", "-q", "-f", "name=x", "--no-trunc", "--format", "json"],
+    "ps": ["ps", "-a", "-q", "-f", "name=x", "-n", "3", "-l", "-s", "--no-trunc", "--format", "json"],
     "restart": ["restart", "-t", "3", "a"],
     "rm": ["rm", "-f", "a", "b"],
     "run": ["run", "--rm", "-d", "-p", "8080:80", "--network", "none", "--entrypoint", "", "img", "true"],
@@ -129,7 +138,7 @@ def test_every_verb_parses_alike_with_start_up_tricks_on_and_off(monkeypatch) ->
     full = build_parser(())  # no verb named: every module registers every verb
     for verb, argv in SAMPLE_COMMAND_LINES.items():
         expected = vars(full.parse_args(argv))
-        bad = [verb, "--no-such-flag"]
+        bad = [*verb.split(" "), "--no-such-flag"]
         monkeypatch.delenv("LAMINA_NO_PATCHES", raising=False)
         with_tricks, error_with_tricks = _parsed(argv), _usage_error(bad)
         monkeypatch.setenv("LAMINA_NO_PATCHES", "1")
@@ -145,10 +154,21 @@ def test_the_one_verb_parser_is_used_only_with_start_up_tricks_on(monkeypatch) -
         action = build_parser(argv)._subparsers._group_actions[0]  # type: ignore[union-attr]
         return set(action.choices)  # type: ignore[arg-type]
 
+    def sub_verbs_built(argv: list[str]) -> set[str]:
+        action = build_parser(argv)._subparsers._group_actions[0]  # type: ignore[union-attr]
+        group = action.choices[argv[0]]  # type: ignore[index]
+        return set(group._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
+
+    from lamina.commands import group_verbs
+
     monkeypatch.delenv("LAMINA_NO_PATCHES", raising=False)
     assert verbs_built(["ps"]) == {"ps"}
+    assert verbs_built(["image", "ls"]) == {"image"} and sub_verbs_built(["image", "ls"]) == {"ls", "list"}
     monkeypatch.setenv("LAMINA_NO_PATCHES", "1")
-    assert verbs_built(["ps"]) == {v for v, m in VERB_MODULES.items() if m == VERB_MODULES["ps"]}
+    assert verbs_built(["ps"]) == {v for v, m in VERB_MODULES.items() if m == VERB_MODULES["ps"] and " " not in v}
+    images_module = VERB_MODULES["images"]
+    assert sub_verbs_built(["image", "ls"]) == {sub for sub, verb in group_verbs("image").items()
+                                                if VERB_MODULES[verb] == images_module}
 
 
 def test_archive_formats_offered_are_those_the_archive_module_writes() -> None:
@@ -156,3 +176,78 @@ def test_archive_formats_offered_are_those_the_archive_module_writes() -> None:
     from lamina.store.archive import DOCKER_ARCHIVE, OCI_ARCHIVE
 
     assert ARCHIVE_FORMATS == (DOCKER_ARCHIVE, OCI_ARCHIVE)
+
+
+def test_every_group_sub_verb_parses_as_its_verb(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """``lamina GROUP SUB ARGS`` is ``lamina VERB ARGS`` (plus what the group implies), with start-up
+    tricks on and off; every group's help lists its sub-verbs."""
+    from lamina.commands import GROUP_DEFAULTS, group_verbs, groups, is_top_level
+
+    assert {"image", "container", "system", "builder"} <= set(groups())
+    for tricks in ("", "1"):
+        monkeypatch.setenv("LAMINA_NO_PATCHES", tricks)
+        for group in groups():
+            for sub, verb in group_verbs(group).items():
+                if not is_top_level(verb):
+                    continue  # a verb of its group alone: parsed in SAMPLE_COMMAND_LINES
+                args = SAMPLE_COMMAND_LINES[verb][1:]
+                expected = _parsed([verb, *args])
+                for key, value in GROUP_DEFAULTS.get((group, sub), {}).items():
+                    if expected[key] is None:  # the group's default, unless the flag was given
+                        expected[key] = value
+                parsed = _parsed([group, sub, *args])
+                assert parsed.pop("subcommand") == sub and parsed.pop("verb_or_group") == group, (group, sub)
+                expected.pop("verb_or_group")
+                assert parsed == expected, (group, sub)
+
+
+def test_group_help_and_no_sub_verb(lamina_cmd) -> None:  # type: ignore[no-untyped-def]
+    """docker prints a group's help (on stderr) and exits 0 when no sub-verb is given."""
+    listing = lamina_cmd("image", "--help")
+    assert listing.returncode == 0 and "ls (list)" in listing.stdout and "prune" in listing.stdout
+    bare = lamina_cmd("container")
+    assert bare.returncode == 0 and "prune" in bare.stderr and bare.stdout == ""
+
+
+def test_help_on_every_verb_and_group_exits_0(monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    import pytest
+
+    from lamina.cli import build_parser
+    from lamina.commands import groups
+
+    lines = [verb.split(" ") for verb in VERB_MODULES] + [[group] for group in groups()] + [[]]
+    for tricks in ("", "1"):
+        monkeypatch.setenv("LAMINA_NO_PATCHES", tricks)
+        for words in lines:
+            argv = [*words, "--help"]
+            with pytest.raises(SystemExit) as done:
+                build_parser(argv).parse_args(argv)
+            assert done.value.code == 0, argv
+            assert capsys.readouterr().out.startswith(f"usage: {' '.join(['lamina', *words])}"), argv
+
+
+def test_booleans_take_go_values_and_never_the_next_word() -> None:
+    """pflag's booleans: ``--rm=false``, ``-d=0``, ``--tty=True``; a bare flag takes no value."""
+    from lamina.cli import build_parser
+    from lamina.errors import UsageError
+
+    def run_args(*argv: str) -> dict[str, object]:
+        return _parsed(["run", *argv])
+
+    parsed = run_args("--rm=true", "-d=false", "--tty=True", "-i=0", "img", "echo", "--rm=maybe")
+    assert (parsed["rm"], parsed["detach"], parsed["tty"], parsed["interactive"]) == (True, False, True, False)
+    assert parsed["command"] == ["echo", "--rm=maybe"]  # after the image: the command's own
+    parsed = run_args("--rm", "img")
+    assert (parsed["rm"], parsed["image"]) == (True, "img")
+    parsed = run_args("-it", "--rm=f", "img")
+    assert (parsed["interactive"], parsed["tty"], parsed["rm"]) == (True, True, False)
+    assert _parsed(["ps", "-a=false"])["all"] is False and _parsed(["images", "--no-trunc=1"])["no_trunc"] is True
+    assert _parsed(["commit", "--pause=false", "c"])["pause"] is False
+    assert _parsed(["commit", "c"])["pause"] is True
+    for bad in (["run", "--rm=maybe", "img"], ["ps", "--all="]):
+        try:
+            build_parser(bad).parse_args(bad)
+        except UsageError as e:
+            assert "invalid boolean value" in str(e)
+        else:
+            raise AssertionError(bad)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import REPO_ROOT, fuse_mounts_under
+from harness import REPO_ROOT, docker_error_code, fuse_mounts_under
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse]
 
@@ -82,7 +82,7 @@ def image(lamina: Lamina, tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 125, (result.returncode, result.stderr)
+    assert result.returncode == docker_error_code(result.args), (result.returncode, result.stderr)
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("lamina: error: "), result.stderr
     return lines[0]

@@ -165,7 +165,7 @@ def test_exec(lamina: Lamina) -> None:
     assert r.returncode == 127
     lamina("kill", "ex")
     r = lamina("exec", "no-such-container", "true")
-    assert r.returncode == 125 and "no such container" in r.stderr
+    assert r.returncode == 1 and "no such container" in r.stderr
 
 
 def test_commit_then_run_and_diff_is_clean(lamina: Lamina) -> None:

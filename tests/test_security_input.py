@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import REPO_ROOT, fuse_mounts_under
+from harness import REPO_ROOT, docker_error_code, fuse_mounts_under
 from test_e2e_bad_input import tar_bytes
 from test_e2e_bad_input import tree as raw_tree
 
@@ -161,10 +161,12 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
 
 
 def assert_refused(store: Store, result: subprocess.CompletedProcess[str], expect: str,
-                   before: dict[str, tuple[int, int, int]], code: int = 125) -> str:
-    """One error line containing ``expect``, exit ``code``, no traceback, the store unchanged."""
+                   before: dict[str, tuple[int, int, int]], code: int | None = None) -> str:
+    """One error line containing ``expect``, exit ``code`` (default: docker's for the command), no
+    traceback, the store unchanged."""
     assert "Traceback" not in result.stderr, result.stderr
-    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    expected = docker_error_code(result.args) if code is None else code
+    assert result.returncode == expected, (result.returncode, result.stdout, result.stderr)
     lines = result.stderr.splitlines()
     errors = [line for line in lines if line.startswith("lamina: error: ")]
     assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
@@ -353,7 +355,7 @@ def test_decompression_bomb_on_a_small_filesystem(verb: str, kind: str, tmp_path
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert "Traceback" not in report["stderr"], report["stderr"]
-    assert report["code"] == 125, report
+    assert report["code"] == docker_error_code([verb]), report
     doing = "loading" if verb == "load" else "importing"
     assert report["stderr"] == f"lamina: error: no space left on {mnt} while {doing} {bomb}\n"
     assert report["after"] == report["before"]
@@ -375,7 +377,7 @@ def test_build_on_a_full_filesystem_names_the_line(tmp_path: Path) -> None:
                          cwd=REPO_ROOT)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
-    assert "Traceback" not in report["stderr"] and report["code"] == 125, report
+    assert "Traceback" not in report["stderr"] and report["code"] == 1, report
     assert report["stderr"].splitlines()[-1] == (
         f"lamina: error: Dockerfile:3: no space left on {mnt}: 'COPY big /big'")
     # Only the build cache may keep the step that succeeded (as docker); its layer is not an image.
@@ -450,7 +452,7 @@ def test_unreadable_context_file_names_the_line(unpriv: object, tmp_path: Path) 
     user.chown_tree(context)  # type: ignore[attr-defined]
     (context / "secret").chmod(0)
     result = user.lamina("build", str(context))  # type: ignore[attr-defined]
-    assert "Traceback" not in result.stderr and result.returncode == 125, result.stderr
+    assert "Traceback" not in result.stderr and result.returncode == 1, result.stderr
     assert result.stderr.splitlines()[-1] == (
         f"lamina: error: Dockerfile:3: Permission denied: {context}/secret: 'COPY secret /secret'")
 
@@ -513,7 +515,7 @@ def test_registry_that_trickles_is_abandoned(tmp_path: Path, lamina_cmd: Lamina)
         result = lamina_cmd("pull", "--tls-verify=false", f"{fake.address}/slow/img", check=False,
                             env={"LAMINA_SPEED_LIMIT": "100", "LAMINA_SPEED_TIME": "2"})
         elapsed = time.monotonic() - started
-    assert "Traceback" not in result.stderr and result.returncode == 125, result.stderr
+    assert "Traceback" not in result.stderr and result.returncode == 1, result.stderr
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and "slower than 100 bytes/s for 2 s, aborted" in lines[0], result.stderr
     assert elapsed < 30
@@ -787,7 +789,7 @@ def test_refusals_as_an_unprivileged_user(unpriv: object) -> None:
     ]
     for argv, expect in cases:
         result = user.lamina(*argv, env={"LAMINA_MAX_LAYER_BYTES": str(16 << 20)})  # type: ignore[attr-defined]
-        assert "Traceback" not in result.stderr and result.returncode == 125, (argv, result.stderr)
+        assert "Traceback" not in result.stderr and result.returncode == docker_error_code(argv), (argv, result.stderr)
         lines = result.stderr.splitlines()
         assert lines[-1].startswith("lamina: error: ") and expect in lines[-1], (argv, result.stderr)
         assert len([line for line in lines if line.startswith("lamina: error: ")]) == 1

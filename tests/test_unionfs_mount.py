@@ -455,6 +455,16 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
         assert "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_cli_help_prints_help_and_exits_0_as_fuse_overlayfs(flag: str) -> None:
+    r = run_cli(flag)
+    assert (r.returncode, r.stderr) == (0, "") and r.stdout.startswith("usage: lamina-unionfs")
+    assert "lowerdir=" in r.stdout and "--foreground" in r.stdout
+    if shutil.which("fuse-overlayfs"):  # the reference: help on stdout, exit 0
+        reference = subprocess.run(["fuse-overlayfs", flag], capture_output=True, text=True, timeout=30)
+        assert reference.returncode == 0 and "usage: fuse-overlayfs" in reference.stdout
+
+
 def test_cli_daemon_returns_when_ready_and_sigterm_unmounts(tmp_path: Path) -> None:
     lowers, upper, work = make_layers(tmp_path)
     mnt = tmp_path / "mnt"

@@ -19,7 +19,7 @@ defer_unused_modules()
 
 import logging  # noqa: E402
 
-from unionfs.options import OptionError, ServerOptions, parse_args  # noqa: E402
+from unionfs.options import HELP, HelpRequested, OptionError, ServerOptions, parse_args  # noqa: E402
 
 log = logging.getLogger("unionfs")
 
@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     try:
         opts = parse_args(args)
+    except HelpRequested:
+        sys.stdout.write(HELP)
+        return 0
     except OptionError as e:
         return _error(str(e))
     if opts.foreground:

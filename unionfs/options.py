@@ -25,6 +25,10 @@ class OptionError(Exception):
     """A bad command line; the message is one line for the user."""
 
 
+class HelpRequested(Exception):
+    """``-h``/``--help``: the caller prints :data:`HELP` and exits 0, as fuse-overlayfs does."""
+
+
 @dataclass
 class ServerOptions:
     """What the command line asks for: the layers, the mount point and the FUSE options."""
@@ -167,6 +171,25 @@ def _split_commas(value: str) -> list[str]:
 USAGE = ("usage: lamina-unionfs [-f] [-d] [--trace[=FILE]] -o lowerdir=L1:L2,upperdir=U,workdir=W[,opts] "
          "[SOURCE] MOUNTPOINT")
 
+HELP = f"""{USAGE}
+
+Mount the union of the lower directories (the first on top) and, with upperdir and workdir, a
+writable upper directory, in the overlayfs on-disk format (whiteouts, opaque directories).
+
+    -h   --help              print this help and exit
+    -f   --foreground        serve in the foreground (default: return once the mount is ready)
+    -d                       debug output (implies -f)
+    --trace[=FILE]           log each copy-up, whiteout, opaque directory and redirect (default: stderr)
+    --spec=JSON              everything to mount as one JSON document (schema {SPEC_SCHEMA})
+    -o lowerdir=L1[:L2...]   the read-only layers, top first (\\: escapes a colon in a path)
+    -o upperdir=U            where changes go
+    -o workdir=W             scratch directory on the same filesystem as U
+    -o redirect_dir=on|off   rename directories by redirect (default off: copy)
+    -o fsname=NAME           the name the mount table shows
+    -o {",".join(sorted(_FLAG_OPTIONS))}
+                             mount flags as mount(8) and fuse-overlayfs take them
+"""
+
 
 def parse_args(argv: list[str]) -> ServerOptions:
     opts: list[str] = []
@@ -194,7 +217,7 @@ def parse_args(argv: list[str]) -> ServerOptions:
         elif arg.startswith("-o") and len(arg) > 2:
             opts.extend(_split_commas(arg[2:]))
         elif arg in ("-h", "--help"):
-            raise OptionError(USAGE)
+            raise HelpRequested()
         elif arg.startswith("-") and arg != "-":
             raise OptionError(f"unknown flag {arg}")
         else:

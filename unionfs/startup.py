@@ -83,7 +83,7 @@ TRICKS: tuple[Trick, ...] = (
           "pyfuse3's private _session_loop, started from lamina's nursery",
           "one request loop, and one more only for each handler that waits (a copy-up)",
           "pyfuse3.main()'s own pool of loops, started whenever all are busy (not measured apart)"),
-    Trick("one-verb-parser", "lamina/cli.py, _OneVerb",
+    Trick("one-verb-parser", "lamina/parser.py, _Placement",
           "argparse: the subparsers action narrowed to the verb on the command line",
           "building every verb's parser is a noticeable part of a short command's start",
           "every verb's module imported and parser built: ~100 ms CPU per lamina command (33 -> 138)"),

@@ -132,6 +132,10 @@ def cmd_build(args: argparse.Namespace) -> int:
                 except OSError as e:
                     raise UsageError(f"--output {spec.dest}: {e.strerror or e}") from None
     if not to_stdout:
+        if not options.quiet:
+            # docker's legacy builder says so, and clients read it (python-on-whales' legacy_build);
+            # the builder has printed the "Successfully tagged" lines.
+            print(f"Successfully built {image.short_id}")
         print(image.id)
     return 0
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from lamina.commands import run_options
 from lamina.errors import ContainerError, ContainerNotFound, LaminaError, UsageError
+from lamina.layout import Layout
 from lamina.timeparse import parse_go_duration, parse_time
 from runner import imageconfig
 from runner.containerlog import (
@@ -112,6 +113,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("wait", help="wait until containers stop, print their exit codes")
     p.add_argument("containers", nargs="+")
     p.set_defaults(handler=cmd_wait)
+
+    p = subparsers.add_parser("container prune", help="remove every stopped container")
+    p.add_argument("-f", "--force", action="store_true", help="do not ask (lamina never asks)")
+    p.set_defaults(handler=cmd_container_prune)
     _register_inspection(subparsers)
 
 
@@ -121,7 +126,11 @@ def _register_inspection(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-a", "--all", action="store_true", help="show stopped containers too")
     p.add_argument("-q", "--quiet", action="store_true", help="only ids")
     p.add_argument("-f", "--filter", action="append", default=[], metavar="KEY=VALUE",
-                   help="name=, id=, status=, ancestor= (docker's ps filters)")
+                   help="id=, name=, label=, status=, exited=, ancestor=, before=, since= (docker's ps filters)")
+    p.add_argument("-n", "--last", type=int, default=-1, metavar="N",
+                   help="the N containers created last, in any state")
+    p.add_argument("-l", "--latest", action="store_true", help="the container created last, in any state")
+    p.add_argument("-s", "--size", action="store_true", help="show the size of each container's layer")
     p.add_argument("--no-trunc", action="store_true", help="full ids and commands")
     p.add_argument("--format", help="Go-template per container ({{.ID}} {{.Names}} {{.Image}} {{.Command}} "
                                     "{{.Status}} {{.Ports}} {{.State}} {{.CreatedAt}}), or json")
@@ -283,8 +292,11 @@ def cmd_create(args: argparse.Namespace) -> int:
 # --- lifecycle ---------------------------------------------------------------------------------------
 
 
-def _each(args: argparse.Namespace, action: Callable[[ContainerStore, Container], None]) -> int:
-    """Apply ``action`` to every named container; as docker, a failure is reported and the rest go on."""
+def _each(args: argparse.Namespace, action: Callable[[ContainerStore, Container], None],
+          missing_is_fine: bool = False) -> int:
+    """Apply ``action`` to every named container; as docker, a failure is reported, the rest go on,
+    and the command exits 1 (a container that does not exist is only reported with
+    ``missing_is_fine``: ``rm -f``)."""
     store = ContainerStore(args.layout)
     failed = 0
     for name in args.containers:
@@ -293,7 +305,8 @@ def _each(args: argparse.Namespace, action: Callable[[ContainerStore, Container]
             print(name)
         except LaminaError as e:
             print(f"lamina: error: {e}", file=sys.stderr)
-            failed = e.exit_code
+            if not (missing_is_fine and isinstance(e, ContainerNotFound)):
+                failed = 1
     return failed
 
 
@@ -367,7 +380,35 @@ def cmd_rm(args: argparse.Namespace) -> int:
                 raise ContainerError(f"container {c.name} did not stop")
         remove(args.layout, c, volumes=args.volumes)
 
-    return _each(args, rm)
+    # docker's `rm -f` reports a container that does not exist, and succeeds.
+    return _each(args, rm, missing_is_fine=args.force)
+
+
+def prune_containers(layout: Layout) -> tuple[list[str], int]:
+    """Remove every container that is not running: their IDs, and the bytes their layers held."""
+    from lamina.commands.system import disk_usage
+    from runner.lifecycle import remove
+
+    removed, freed = [], 0
+    for c in ContainerStore(layout).all():
+        if not c.running:
+            freed += disk_usage(c.upper)
+            remove(layout, c)
+            removed.append(c.id)
+    return removed, freed
+
+
+def cmd_container_prune(args: argparse.Namespace) -> int:
+    """docker's ``container prune``: "Deleted Containers:", their IDs, then the total."""
+    from lamina.store.progress import human_size
+
+    removed, freed = prune_containers(args.layout)
+    if removed:
+        print("Deleted Containers:")
+        print("\n".join(removed))
+        print()
+    print(f"Total reclaimed space: {human_size(freed)}")
+    return 0
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
@@ -426,26 +467,38 @@ def _status(c: Container) -> str:
     return f"Exited ({c.state.exit_code}) {_ago(parse_time(c.state.finished_at))} ago"
 
 
-def _ps_filter(filters: list[str]) -> Callable[[Container], bool]:
-    tests: list[Callable[[Container], bool]] = []
-    for text in filters:
-        key, sep, value = text.partition("=")
-        if not sep:
-            raise UsageError(f"--filter {text}: expected KEY=VALUE")
-        tests.append(_ps_test(key, value, text))
-    return lambda c: all(test(c) for test in tests)
+def _ps_filter(layout: Layout, texts: list[str], containers: list[Container]) -> Callable[[Container], bool]:
+    from lamina.commands.filters import container_filter
+
+    if not texts:
+        return lambda c: True
+    from lamina.application import open_store
+    from lamina.errors import ImageNotFound
+
+    store = open_store(layout)
+
+    def image_of(image_id: str) -> Image | None:
+        try:
+            return store.resolve_image(image_id)
+        except ImageNotFound:
+            return None
+
+    return container_filter(texts, containers, store.resolve_image, image_of)
 
 
-def _ps_test(key: str, value: str, text: str) -> Callable[[Container], bool]:
-    if key == "name":
-        return lambda c: value in c.name
-    if key == "id":
-        return lambda c: c.id.startswith(value)
-    if key == "status":
-        return lambda c: c.state.status == value
-    if key == "ancestor":
-        return lambda c: value in (c.image, c.image_id, c.image_id[:12])
-    raise UsageError(f"--filter {text}: unknown filter {key!r} (name, id, status, ancestor)")
+def _ps_size(c: Container) -> str:
+    """docker's SIZE cell: the container layer's bytes, then the image's under "virtual"."""
+    from lamina.application import open_store
+    from lamina.commands.system import disk_usage
+    from lamina.errors import ImageNotFound
+    from lamina.store.progress import human_size
+
+    own = disk_usage(c.upper)
+    try:
+        image_size = open_store(c.directory.parent.parent).resolve_image(c.image_id).size
+    except ImageNotFound:
+        image_size = 0
+    return f"{human_size(own)} (virtual {human_size(own + image_size)})"
 
 
 def _ps_row(c: Container, no_trunc: bool) -> dict[str, str]:
@@ -465,9 +518,19 @@ def cmd_ps(args: argparse.Namespace) -> int:
         from lamina.commands.ps_format import empty_ps_context
 
         precheck_format(args.format, empty_ps_context())  # before any output, as docker does
-    wanted = _ps_filter(args.filter)
-    containers = [c for c in ContainerStore(args.layout).all() if (args.all or c.running) and wanted(c)]
+    every = ContainerStore(args.layout).all()  # newest first
+    wanted = _ps_filter(args.layout, args.filter, every)
+    last = 1 if args.latest else args.last
+    # As docker's daemon: -n, -l and the status, before and since filters show stopped containers
+    # too; the other filters look only at running ones unless -a.
+    shown_all = args.all or last > 0 or any(f.startswith(("status=", "before=", "since=")) for f in args.filter)
+    containers = [c for c in every if (shown_all or c.running) and wanted(c)]
+    if last > 0:
+        containers = containers[:last]
     rows = [_ps_row(c, args.no_trunc) for c in containers]
+    if args.size:
+        for row, c in zip(rows, containers, strict=True):
+            row["Size"] = _ps_size(c)
     if args.quiet:
         for row in rows:
             print(row["ID"])
@@ -479,9 +542,10 @@ def cmd_ps(args: argparse.Namespace) -> int:
         sys.stdout.write(render_rows(args.format, [ps_context(c, r) for c, r in zip(containers, rows, strict=True)],
                                      PS_HEADER))
         return 0
-    table = [("CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES")]
-    table += [(r["ID"], r["Image"], r["Command"], r["RunningFor"], r["Status"], r["Ports"], r["Names"])
-              for r in rows]
+    size = ("SIZE",) if args.size else ()
+    table = [("CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES", *size)]
+    table += [(r["ID"], r["Image"], r["Command"], r["RunningFor"], r["Status"], r["Ports"], r["Names"],
+               *((r["Size"],) if args.size else ())) for r in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     for r in table:
         print("   ".join(cell.ljust(widths[i]) for i, cell in enumerate(r)).rstrip())
@@ -600,8 +664,16 @@ def cmd_exec(args: argparse.Namespace) -> int:
     workdir = args.workdir or container.workdir
     if not workdir.startswith("/"):
         raise UsageError(f"-w {workdir}: the working directory must be an absolute path")
-    return exec_in_container(container, command, env, args.user or container.user, workdir,
-                             args.tty, args.interactive)
+    if not container.running:
+        raise ContainerError(f"container {container.name} is not running")
+    try:
+        return exec_in_container(container, command, env, args.user or container.user, workdir,
+                                 args.tty, args.interactive)
+    except ContainerError as e:
+        # docker's daemon gives an exec that could not start (working directory, user) 126.
+        from lamina.errors import CommandNotInvokable
+
+        raise CommandNotInvokable(str(e)) from e
 
 
 def _bool_flag(text: str) -> bool:

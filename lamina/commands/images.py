@@ -10,7 +10,6 @@ import argparse
 import datetime as dt
 import json
 import logging
-import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -32,7 +31,7 @@ from lamina.commands.formatting import (
 )
 from lamina.errors import ContainerNotFound, ImageNotFound, LaminaError, StoreError, UsageError
 from lamina.layout import Layout
-from lamina.store.blobs import CHUNK, remove_tree, temp_name
+from lamina.store.blobs import CHUNK, temp_name
 from lamina.store.progress import human_size
 from lamina.store.reference import Reference
 from lamina.store.store import Image, Store
@@ -55,6 +54,10 @@ def cmd_images(args: argparse.Namespace) -> int:
     store = _open(args)
     images = sorted(store.images(), key=lambda i: (i.created or dt.datetime.min.replace(tzinfo=dt.UTC)),
                     reverse=True)
+    from lamina.commands.filters import ImageFilter
+
+    image_filter = ImageFilter(store, args.filter)
+    images = [i for i in images if image_filter.matches(i)]
     wanted: Reference | None = None
     explicit_tag = False
     if args.repository:
@@ -62,7 +65,8 @@ def cmd_images(args: argparse.Namespace) -> int:
         explicit_tag = ":" in args.repository.rsplit("/", 1)[-1]
 
     def shown(ref: Reference) -> bool:
-        return wanted is None or (ref.name == wanted.name and (not explicit_tag or ref.tag == wanted.tag))
+        return image_filter.shows_name(ref.familiar) and \
+            (wanted is None or (ref.name == wanted.name and (not explicit_tag or ref.tag == wanted.tag)))
 
     if wanted is not None:
         images = [i for i in images if any(shown(Reference.parse(t)) for t in i.tags)]
@@ -76,19 +80,20 @@ def cmd_images(args: argparse.Namespace) -> int:
     if args.quiet:
         seen: set[str] = set()
         for image in images:
-            id_text = image.id if args.no_trunc else image.short_id
+            id_text = ("sha256:" + image.id) if args.no_trunc else image.short_id
             if id_text not in seen:
                 seen.add(id_text)
                 print(id_text)
         return 0
-    rows = [["REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"]]
+    rows = [["REPOSITORY", "TAG", *(["DIGEST"] if args.digests else []), "IMAGE ID", "CREATED", "SIZE"]]
     for image in images:
         shown_id = ("sha256:" + image.id) if args.no_trunc else image.short_id
         names: list[Reference | None] = [r for r in map(Reference.parse, image.tags) if shown(r)] or [None]
         for ref in names:
             repo = ref.familiar_name if ref else "<none>"
             tag = (ref.tag or "<none>") if ref else "<none>"
-            rows.append([repo, tag, shown_id, since(image.created), human_size(image.size)])
+            digest = [image.manifest_digest] if args.digests else []
+            rows.append([repo, tag, *digest, shown_id, since(image.created), human_size(image.size)])
     print_table(rows)
     return 0
 
@@ -138,6 +143,10 @@ def cmd_rmi(args: argparse.Namespace) -> int:
             for line in remove_image(store, name, args.force):
                 print(line)
         except LaminaError as e:
+            if args.force and isinstance(e, ImageNotFound):
+                # docker's `rmi -f` reports an image that does not exist, and succeeds.
+                print(f"lamina: error: {e}", file=sys.stderr)
+                continue
             if len(args.images) == 1:
                 raise
             print(f"lamina: error: {e}", file=sys.stderr)
@@ -384,81 +393,37 @@ def cmd_load(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- system --------------------------------------------------------------------------------------
+# --- image prune --------------------------------------------------------------------------------
 
 
-def _dir_size(path: Path) -> int:
-    total = 0
-    for p in path.rglob("*"):
-        try:
-            st = p.lstat()
-        except OSError:
-            continue
-        total += st.st_blocks * 512
-    return total
-
-
-def cmd_system_df(args: argparse.Namespace) -> int:
-    store = _open(args)
+def prune_images(store: Store, every_unused: bool) -> tuple[list[Image], int]:
+    """Delete the dangling images (with ``every_unused``: every image no container uses); the
+    caller holds the store's lock. Returns them and the bytes of the layers only they used."""
     images = store.images()
-    active = [i for i in images if store.image_in_use(i.id)]
-    blobs = list(store.blobs.all_digests())
-    blob_bytes = sum(store.blobs.size(d) for d in blobs)
-    layers_bytes = _dir_size(store.layers_dir)
-    used_layers = {layer.diff_id for image in images for layer in image.layers}
-    active_layers = {layer.diff_id for image in active for layer in image.layers}
-    layer_dirs = [p.name for p in store.layers_dir.iterdir()]
-    cache_dir = args.layout.build_cache
-    cache_bytes = _dir_size(cache_dir) if cache_dir.exists() else 0
-    dangling = store.dangling_images()
-    rows = [["TYPE", "TOTAL", "ACTIVE", "SIZE", "RECLAIMABLE"],
-            ["Images", str(len(images)), str(len(active)), human_size(sum(i.size for i in images)),
-             human_size(sum(i.size for i in dangling))],
-            ["Layers (unpacked)", str(len(layer_dirs)), str(len(active_layers)), human_size(layers_bytes),
-             str(len([d for d in layer_dirs if "sha256:" + d not in used_layers])) + " unused"],
-            ["Blobs", str(len(blobs)), "-", human_size(blob_bytes), "-"],
-            ["Build cache", "-", "-", human_size(cache_bytes), "-"]]
-    print_table(rows)
-    return 0
+    doomed = [i for i in images if not store.image_in_use(i.id)] if every_unused else store.dangling_images()
+    doomed_ids = {i.id for i in doomed}
+    kept_layers = {layer.diff_id for i in images if i.id not in doomed_ids for layer in i.layers}
+    freed = {layer.diff_id: layer.size for i in doomed for layer in i.layers if layer.diff_id not in kept_layers}
+    for image in doomed:
+        for tag in image.tags:
+            store.untag(tag)
+        store.delete_image(image)
+    return doomed, sum(freed.values())
 
 
-def cmd_system_prune(args: argparse.Namespace) -> int:
+def cmd_image_prune(args: argparse.Namespace) -> int:
+    """docker's ``image prune``: "Deleted Images:" with untagged/deleted lines, then the total."""
     store = _open(args)
-    removed = 0
     with store.lock():
-        for image in store.dangling_images() if not args.all else [
-                i for i in store.images() if not store.image_in_use(i.id)]:
+        doomed, freed = prune_images(store, every_unused=args.all)
+    if doomed:
+        print("Deleted Images:")
+        for image in doomed:
             for tag in image.tags:
-                store.untag(tag)
-            store.delete_image(image)
-            print(f"Deleted image: sha256:{image.id}")
-            removed += 1
-        if args.all:
-            # The builder's step entries pin their layers; with -a they go too (the next build
-            # recomputes them). RUN --mount=type=cache directories are kept.
-            steps = args.layout.build_cache / "steps"
-            if steps.exists():
-                doomed = temp_name(store.tmp_dir, "doomed")
-                os.rename(steps, doomed)
-                try:
-                    remove_tree(doomed)
-                except OSError as e:  # already out of sight; the next prune retries
-                    log.info("cannot remove %s yet: %s", doomed, e)
-                print("Deleted build cache step entries")
-        n_blobs, n_layers, freed = store.gc()
-    print(f"Deleted {removed} images, {n_layers} layers, {n_blobs} blobs")
+                print(f"untagged: {Reference.parse(tag).familiar}")
+            print(f"deleted: sha256:{image.id}")
+        print()
     print(f"Total reclaimed space: {human_size(freed)}")
-    return 0
-
-
-def cmd_system_check(args: argparse.Namespace) -> int:
-    store = _open(args)
-    problems = store.check(verify_blobs=not args.quick)
-    if problems:
-        for problem in problems:
-            print(problem)
-        raise StoreError(f"store {args.layout.root} has {len(problems)} problem(s)")
-    print(f"store {args.layout.root}: ok")
     return 0
 
 
@@ -473,6 +438,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-a", "--all", action="store_true",
                    help="accepted for docker compatibility (lamina keeps no hidden intermediate images)")
     p.add_argument("--no-trunc", action="store_true", help="full IDs")
+    p.add_argument("--digests", action="store_true", help="show each image's manifest digest")
+    p.add_argument("-f", "--filter", action="append", default=[], metavar="KEY=VALUE",
+                   help="dangling=true|false, reference=PATTERN, label=KEY[=VALUE], before=IMAGE, "
+                        "since=IMAGE (docker's images filters)")
     p.add_argument("--format", help="'json', 'table' or a template like '{{.ID}} {{.Size}}'")
     p.set_defaults(handler=cmd_images)
 
@@ -519,21 +488,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(handler=cmd_load)
 
-    system = subparsers.add_parser("system", help="store maintenance: df, prune, check")
-    sub = system.add_subparsers(dest="system_command", metavar="COMMAND",
-                                parser_class=type(system))
-    p = sub.add_parser("df", help="disk usage of images, layers, blobs, build cache")
-    p.set_defaults(handler=cmd_system_df)
-    p = sub.add_parser("prune", help="remove dangling images and unreferenced layers and blobs")
-    p.add_argument("-a", "--all", action="store_true",
-                   help="also images with tags (unless in use) and the build cache's step entries")
+    p = subparsers.add_parser("image prune", help="remove dangling images (-a: every image no container uses)")
+    p.add_argument("-a", "--all", action="store_true", help="every image no container uses, tagged or not")
     p.add_argument("-f", "--force", action="store_true", help="do not ask (lamina never asks)")
-    p.set_defaults(handler=cmd_system_prune)
-    p = sub.add_parser("check", help="verify blobs, layers, images and tags")
-    p.add_argument("--quick", action="store_true", help="do not re-hash every blob")
-    p.set_defaults(handler=cmd_system_check)
-
-    def system_help(args: argparse.Namespace) -> int:
-        system.print_help(sys.stderr)
-        return 125
-    system.set_defaults(handler=system_help)
+    p.set_defaults(handler=cmd_image_prune)
