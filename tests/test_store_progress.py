@@ -93,3 +93,11 @@ def test_silent_without_a_stream() -> None:
     progress.counter(DIGEST, "Pushing", 10)(5)
     assert progress.renderer is None
     assert isinstance(LayerProgress.to_stream(io.StringIO()).renderer, PlainRenderer)
+
+
+def test_a_finished_count_is_shown_even_right_after_the_last_one() -> None:
+    out, clock = io.StringIO(), FakeClock()
+    progress = LayerProgress(PlainRenderer(out, clock=clock))
+    progress.counter(DIGEST, "Loading layer", 3000)(1000)
+    progress.layer(DIGEST, "Loading layer", 3000, 3000)
+    assert out.getvalue().splitlines() == ["abababababab: Loading layer  1kB/3kB", "abababababab: Loading layer  3kB/3kB"]

@@ -145,10 +145,11 @@ class PlainRenderer:
         self.stream.write(f"{text}\n")
         self.stream.flush()
 
-    def layer(self, ident: str, status: str, current: int | None, total: int | None) -> None:
+    def layer(self, ident: str, status: str, current: int | None, total: int | None,
+              force: bool = False) -> None:
         now = self.clock()
         last = self._shown.get(ident)
-        if last is not None and last[0] == status and (current is None or now - last[1] < self.every):
+        if not force and last is not None and last[0] == status and (current is None or now - last[1] < self.every):
             return
         self._shown[ident] = (status, now)
         self.message(f"{ident}: {progress_text(status, current, total, bar=False)}")
@@ -170,10 +171,11 @@ class TerminalRenderer:
         self.stream.flush()
         self._lines += 1
 
-    def layer(self, ident: str, status: str, current: int | None, total: int | None) -> None:
+    def layer(self, ident: str, status: str, current: int | None, total: int | None,
+              force: bool = False) -> None:
         now = self.clock()
         last = self._drawn.get(ident)
-        if last is not None and last[0] == status and current is not None and now - last[1] < self.every:
+        if not force and last is not None and last[0] == status and current is not None and now - last[1] < self.every:
             return
         self._drawn[ident] = (status, now)
         text = f"{ident}: {progress_text(status, current, total, bar=True)}"
@@ -208,10 +210,12 @@ class LayerProgress:
             with self._lock:
                 self.renderer.message(text)
 
-    def layer(self, digest: str, status: str) -> None:
+    def layer(self, digest: str, status: str, current: int | None = None, total: int | None = None) -> None:
+        """``digest``'s new status; with byte counts (a transfer's last), shown even if one was
+        shown a moment ago."""
         if self.renderer is not None:
             with self._lock:
-                self.renderer.layer(layer_id(digest), status, None, None)
+                self.renderer.layer(layer_id(digest), status, current, total, force=current is not None)
 
     def counter(self, digest: str, status: str, total: int | None) -> Callable[[int], None]:
         """A callback adding bytes to ``digest``'s ``status`` (a negative count restarts it)."""
