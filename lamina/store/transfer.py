@@ -371,10 +371,10 @@ def push_image(store: Store, image: Image, dest: Reference, client: RegistryClie
 
     def upload(own: RegistryClient, digest: str, size: int, report: Callable[[int], None]) -> None:
         mount_from = next((r for r in locations.repositories(dest.registry, digest) if r != repository), None)
-        own.upload_blob(repository, digest, blob_path(digest), mount_from=mount_from,
-                        progress=report if digest in shown else None)
+        mounted = own.upload_blob(repository, digest, blob_path(digest), mount_from=mount_from,
+                                  progress=report if digest in shown else None)
         if digest in shown:
-            progress.layer(digest, "Pushed")
+            progress.layer(digest, f"Mounted from {mount_from}" if mounted else "Pushed")
 
     transfer_blobs(client, missing, upload, progress, [])
     digest = client.put_manifest(repository, dest.tag or dest.digest or "latest", manifest_bytes, media_type)
