@@ -102,7 +102,7 @@ def test_login_logout_cli(tmp_path: Path, lamina_cmd) -> None:  # type: ignore[n
                 client.upload_blob("carol/app", "sha256:" + hashlib.sha256(blob).hexdigest(), tmp_path / name)
             client.put_manifest("carol/app", "1", manifest, OCI_MANIFEST)
         pulled = lamina_cmd("pull", "--tls-verify=false", f"{registry.address}/carol/app:1", env=env)
-        assert pulled.stdout.strip() == hashlib.sha256(config).hexdigest()
+        assert pulled.stdout.strip().splitlines()[-1] == hashlib.sha256(config).hexdigest()
 
         lamina_cmd("logout", registry.address, env=env)
         denied = lamina_cmd("pull", "--tls-verify=false", f"{registry.address}/carol/app:1", env=env, check=False)

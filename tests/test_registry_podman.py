@@ -57,7 +57,7 @@ def test_lamina_pulls_what_podman_pushed(podman: object, registry: RunningRegist
 
     root = tmp_path / "lamina-root"
     out = lamina_cmd("pull", "--tls-verify=false", remote, root=root)
-    assert out.stdout.strip() == podman_config["Id"].removeprefix("sha256:")
+    assert out.stdout.strip().splitlines()[-1] == podman_config["Id"].removeprefix("sha256:")
     got = json.loads(lamina_cmd("inspect", remote, root=root).stdout)[0]
     assert got["RootFS"]["Layers"] == podman_config["RootFS"]["Layers"]
     assert got["Config"]["Cmd"] == ["/bin/tool"]

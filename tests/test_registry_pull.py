@@ -8,6 +8,7 @@ import io
 import json
 import os
 import pty
+import re
 import signal
 import shutil
 import subprocess
@@ -66,13 +67,13 @@ def test_pull_fetches_only_missing_layers(registry: RunningRegistry, tmp_path: P
         manifest2, config2 = upload_image(client, "app/two", "v1", [a, b, c], tmp_path)
 
     first = lamina_cmd("pull", "--tls-verify=false", f"{registry.address}/app/one:v1")
-    assert first.stdout.strip() == config1[7:]
+    assert first.stdout.strip().splitlines()[-1] == config1[7:]
     assert "Copying" not in first.stderr  # not a terminal: no progress
     assert sorted(registry.blob_gets()) == sorted([digest_of(a), digest_of(b), config1])
 
     before = len(registry.blob_gets())
     second = lamina_cmd("pull", "--tls-verify=false", f"{registry.address}/app/two:v1")
-    assert second.stdout.strip() == config2[7:]
+    assert second.stdout.strip().splitlines()[-1] == config2[7:]
     assert sorted(registry.blob_gets()[before:]) == sorted([digest_of(c), config2])
 
     store = open_store(tmp_path / "lamina-root")
@@ -85,7 +86,7 @@ def test_pull_fetches_only_missing_layers(registry: RunningRegistry, tmp_path: P
     before = len(registry.blob_gets())
     lamina_cmd("pull", "-q", "--tls-verify=false", f"{registry.address}/app/two:v1")
     by_digest = lamina_cmd("pull", "-q", "--tls-verify=false", f"{registry.address}/app/two@{manifest2}")
-    assert by_digest.stdout.strip() == config2[7:]
+    assert by_digest.stdout.strip().splitlines()[-1] == config2[7:]
     assert registry.blob_gets()[before:] == []
     assert lamina_cmd("system", "check").stdout.strip().endswith("ok")
 
@@ -123,7 +124,11 @@ def test_push_then_pull_roundtrip_and_skopeo(registry: RunningRegistry, tmp_path
     pushed = lamina_cmd("push", "--tls-verify=false", "local/base:1", base_dest, root=src_root)
     assert blob_uploads(registry) == 2  # the layer and the config
     base_sent = registry_manifest(base_dest)
-    assert pushed.stdout.strip() == f"1: digest: sha256:{hashlib.sha256(base_sent).hexdigest()} size: {len(base_sent)}"
+    assert pushed.stdout.strip().splitlines()[-1] == f"1: digest: sha256:{hashlib.sha256(base_sent).hexdigest()} size: {len(base_sent)}"
+    # docker's push lines for an uploaded layer (piped: a byte count at most every 5 s).
+    sent_layer = json.loads(base_sent)["layers"][0]["digest"][7:19]
+    assert list(dict.fromkeys(line.split(": ", 1)[1].split("  ")[0] for line in pushed.stdout.splitlines()
+                              if line.startswith(f"{sent_layer}: "))) == ["Preparing", "Pushing", "Pushed"], pushed.stdout
 
     # The child shares the base layer: only its own layer and config go up; the base layer is
     # mounted from the repository lamina pushed it to, by the digest of the gzip made for the first
@@ -166,7 +171,7 @@ def test_push_then_pull_roundtrip_and_skopeo(registry: RunningRegistry, tmp_path
     archive = lamina_cmd("pull", "oci-archive:/tmp/x.tar", root=src_root, check=False)
     assert archive.returncode == 1 and "lamina save/load" in archive.stderr
     pulled = lamina_cmd("pull", "--tls-verify=false", f"docker://{dest}", root=dst_root)
-    assert pulled.stdout.strip() == child.id
+    assert pulled.stdout.strip().splitlines()[-1] == child.id
     copy = open_store(dst_root).resolve_image(dest)
     assert copy.config == child.config
     assert copy.manifest_digest == f"sha256:{hashlib.sha256(registry_manifest(dest)).hexdigest()}"
@@ -176,7 +181,7 @@ def test_push_then_pull_roundtrip_and_skopeo(registry: RunningRegistry, tmp_path
     assert (copy.layers[0].path / "bin" / "busybox").read_bytes() == (busybox_rootfs / "bin" / "busybox").read_bytes()
     # A pulled image goes up again exactly as the registry gave it (its layers are compressed).
     again = lamina_cmd("push", "--tls-verify=false", dest, f"{registry.address}/lamina/again:1", root=dst_root)
-    assert again.stdout.strip().split()[2] == copy.manifest_digest
+    assert again.stdout.strip().splitlines()[-1].split()[2] == copy.manifest_digest
 
 
 def registry_manifest(reference: str) -> bytes:
@@ -200,12 +205,12 @@ def test_pull_index_picks_host_platform(registry: RunningRegistry, tmp_path: Pat
                             "manifests": [e for e, _ in entries]}).encode()
         client.put_manifest("multi/app", "latest", index, OCI_INDEX)
     out = lamina_cmd("pull", "--tls-verify=false", f"{registry.address}/multi/app")
-    assert out.stdout.strip() == entries[1][1][7:]
+    assert out.stdout.strip().splitlines()[-1] == entries[1][1][7:]
     image = open_store(tmp_path / "lamina-root").resolve_image(f"{registry.address}/multi/app:latest")
     assert image.config["architecture"] == host
     # Another platform on request (an image lamina could only run under emulation).
     out = lamina_cmd("pull", "--tls-verify=false", "--platform", f"linux/{other}", f"{registry.address}/multi/app")
-    assert out.stdout.strip() == entries[0][1][7:]
+    assert out.stdout.strip().splitlines()[-1] == entries[0][1][7:]
     missing = lamina_cmd("pull", "--tls-verify=false", "--platform", "linux/mips64le", f"{registry.address}/multi/app",
                          check=False)
     assert missing.returncode == 1 and f"offers: linux/{other}, linux/{host}" in missing.stderr
@@ -253,7 +258,7 @@ def test_pull_with_basic_auth(tmp_path: Path, lamina_cmd) -> None:  # type: igno
         wrong = lamina_cmd("pull", "--tls-verify=false", "--creds", "dave:nope", ref, check=False)
         assert wrong.returncode == 1 and "credentials refused" in wrong.stderr
         ok = lamina_cmd("pull", "--tls-verify=false", "--creds", "dave:pw", ref)
-        assert ok.stdout.strip() == config[7:]
+        assert ok.stdout.strip().splitlines()[-1] == config[7:]
 
 
 def test_pull_errors_are_one_line(tmp_path: Path, lamina_cmd) -> None:  # type: ignore[no-untyped-def]
@@ -274,12 +279,12 @@ def test_pull_as_unprivileged_user(registry: RunningRegistry, tmp_path: Path, un
     ref = f"{registry.address}/user/app:1"
     pulled = unpriv.lamina("pull", "--tls-verify=false", ref)
     assert pulled.returncode == 0, pulled.stderr
-    assert pulled.stdout.strip() == config[7:]
+    assert pulled.stdout.strip().splitlines()[-1] == config[7:]
     diff_id = digest_of(gzip.decompress(layer_blob({"etc/who": b"me\n"})))
     unpacked = unpriv.workdir / "root" / "layers" / diff_id[7:] / "diff" / "etc" / "who"
     assert unpacked.read_bytes() == b"me\n" and unpacked.stat().st_uid == unpriv.uid
     again = unpriv.lamina("pull", "-q", "--tls-verify=false", ref)
-    assert again.returncode == 0 and again.stdout.strip() == config[7:]
+    assert again.returncode == 0 and again.stdout.strip().splitlines()[-1] == config[7:]
     pushed = unpriv.lamina("push", "--tls-verify=false", ref, f"{registry.address}/user/copy:1")
     assert pushed.returncode == 0, pushed.stderr
     with RegistryClient(registry.address, tls_verify=False) as client:
@@ -315,15 +320,16 @@ def test_kill_during_pull_leaves_store_clean(tmp_path: Path, lamina_cmd) -> None
         assert list((root / "tmp").glob("*.pull")) == []
         fake.stall_after = None
         out = lamina_cmd("pull", "-q", "--tls-verify=false", ref_text, root=root)
-        assert out.stdout.strip() == digest_of(config)[7:]
+        assert out.stdout.strip().splitlines()[-1] == digest_of(config)[7:]
     assert list((root / "tmp").glob("*.pull")) == []
 
 
 def run_on_terminal(argv: list[str]) -> tuple[subprocess.CompletedProcess[bytes], str]:
-    """Run ``argv`` with stderr on a pseudo-terminal; returns the result and what the terminal showed."""
+    """Run ``argv`` with stdout on a pseudo-terminal; returns the result (stderr captured) and what
+    the terminal showed."""
     master, slave = pty.openpty()
     try:
-        result = subprocess.run(argv, stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL, timeout=120)
+        result = subprocess.run(argv, stdout=slave, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=120)
     finally:
         os.close(slave)
     chunks = []
@@ -336,26 +342,73 @@ def run_on_terminal(argv: list[str]) -> tuple[subprocess.CompletedProcess[bytes]
             break
         chunks.append(chunk)
     os.close(master)
-    return result, b"".join(chunks).decode()
+    return result, b"".join(chunks).decode().replace("\r\n", "\n")
 
 
-def test_progress_on_a_terminal_only(registry: RunningRegistry, tmp_path: Path) -> None:
+def test_per_layer_progress_on_a_terminal(registry: RunningRegistry, tmp_path: Path) -> None:
+    """docker's pull/push output: a line per layer, redrawn in place with cursor moves."""
     with RegistryClient(registry.address, tls_verify=False) as client:
         _, config = upload_image(client, "tty/app", "1", [layer_blob({"t": b"t"}), layer_blob({"u": b"u"})],
                                  tmp_path)
+    layers = [digest_of(layer_blob({"t": b"t"}))[7:19], digest_of(layer_blob({"u": b"u"}))[7:19]]
     lamina = [sys.executable, "-m", "lamina", "--root", str(tmp_path / "root")]
     result, shown = run_on_terminal([*lamina, "pull", "--tls-verify=false", f"{registry.address}/tty/app:1"])
-    assert result.returncode == 0
-    assert result.stdout.decode().strip() == config[7:]
-    assert "Copying 2 blobs" in shown and shown.count("Copying blob") == 2 and "Writing manifest" in shown
+    assert result.returncode == 0 and result.stderr == b""
+    assert shown.startswith(f"1: Pulling from tty/app\n{layers[0]}: Pulling fs layer\n{layers[1]}: Pulling fs layer\n")
+    for layer in layers:  # each layer's line is rewritten where it stands, never added below
+        assert shown.count(f"{layer}: Pulling fs layer") == 1
+        assert re.search(rf"\x1b\[\dA\r\x1b\[2K{layer}: Pull complete\r\x1b\[\dB", shown), shown
+    assert shown.strip().splitlines()[-1] == config[7:]
 
     result, shown = run_on_terminal([*lamina, "push", "--tls-verify=false", f"{registry.address}/tty/app:1",
                                      f"{registry.address}/tty/copy:1"])
-    assert result.returncode == 0 and b"digest: sha256:" in result.stdout
-    assert "Copying blob" in shown and "Copying config" in shown and "Writing manifest" in shown
+    assert result.returncode == 0 and result.stderr == b""
+    assert f"The push refers to repository [{registry.address}/tty/copy]" in shown
+    assert all(f"{layer}: Preparing\n" in shown for layer in layers)
+    # The registry mounts the blobs from the repository they were pulled from (docker's words).
+    assert all(re.search(rf"\x1b\[2K{layer}: Mounted from tty/app", shown) for layer in layers), shown
+    assert re.sub(r"\x1b\[\d*[A-Za-z]", "", shown).strip().splitlines()[-1].startswith("1: digest: sha256:")
     quiet, shown = run_on_terminal([*lamina, "push", "-q", "--tls-verify=false", f"{registry.address}/tty/app:1",
                                     f"{registry.address}/tty/copy:2"])
-    assert quiet.returncode == 0 and quiet.stdout == b"" and shown == ""
+    # docker push -q prints the reference it pushed, nothing else.
+    assert quiet.returncode == 0 and shown == f"{registry.address}/tty/copy:2\n"
+
+
+def test_per_layer_progress_in_a_pipe(registry: RunningRegistry, tmp_path: Path, lamina_cmd) -> None:  # type: ignore[no-untyped-def]
+    """Piped (a CI log): plain lines, one per state change per layer, no escapes."""
+    blobs = [layer_blob({"p": b"p"}), layer_blob({"q": b"q"})]
+    with RegistryClient(registry.address, tls_verify=False) as client:
+        _, config = upload_image(client, "pipe/app", "1", blobs, tmp_path)
+    ids = [digest_of(blob)[7:19] for blob in blobs]
+    ref = f"{registry.address}/pipe/app:1"
+    out = lamina_cmd("pull", "--tls-verify=false", ref).stdout
+    assert "\x1b" not in out and "\r" not in out
+    lines = out.splitlines()
+    assert lines[0] == "1: Pulling from pipe/app"
+    for layer in ids:
+        mine = [line.split(": ", 1)[1] for line in lines if line.startswith(f"{layer}: ")]
+        # A tiny layer goes by faster than the first byte count is due, or just after it.
+        assert [s for s in mine if not s.startswith("Downloading  ")] == \
+            ["Pulling fs layer", "Verifying Checksum", "Download complete", "Extracting", "Pull complete"], out
+        assert len(mine) <= 6
+    manifest = open_store(tmp_path / "lamina-root").resolve_image(ref).manifest_digest
+    assert lines[-3:] == [f"Digest: {manifest}", f"Status: Downloaded newer image for {ref}", config[7:]]
+    again = lamina_cmd("pull", "--tls-verify=false", ref).stdout.splitlines()
+    assert [f"{layer}: Already exists" for layer in ids] == again[1:3]
+    assert again[-2] == f"Status: Image is up to date for {ref}"
+
+    copy = f"{registry.address}/pipe/copy:1"
+    pushed = lamina_cmd("push", "--tls-verify=false", ref, copy).stdout.splitlines()
+    assert pushed[0] == f"The push refers to repository [{registry.address}/pipe/copy]"
+    for layer in ids:
+        assert [line.split(": ", 1)[1] for line in pushed if line.startswith(f"{layer}: ")] == \
+            ["Preparing", "Mounted from pipe/app"], pushed
+    again = lamina_cmd("push", "--tls-verify=false", ref, copy).stdout.splitlines()
+    assert [line for line in again if "Layer already exists" in line] == [f"{layer}: Layer already exists" for layer in ids]
+    assert lamina_cmd("push", "-q", "--tls-verify=false", ref, copy).stdout == f"{copy}\n"
+    # A failed pull still says one line on stderr, and no progress.
+    failed = lamina_cmd("pull", "--tls-verify=false", f"{registry.address}/pipe/none:1", check=False)
+    assert failed.returncode != 0 and failed.stderr.count("\n") == 1, failed.stderr
 
 
 def test_hostile_layer_is_refused(tmp_path: Path, lamina_cmd) -> None:  # type: ignore[no-untyped-def]
@@ -388,7 +441,7 @@ def test_pull_docker_format_written_by_skopeo(registry: RunningRegistry, tmp_pat
     with RegistryClient(registry.address, tls_verify=False) as client:
         assert client.get_manifest("docker/app", "1").media_type == DOCKER_MANIFEST
     out = lamina_cmd("pull", "--tls-verify=false", f"{registry.address}/docker/app:1")
-    assert out.stdout.strip() == config[7:]
+    assert out.stdout.strip().splitlines()[-1] == config[7:]
     image = open_store(tmp_path / "lamina-root").resolve_image(f"{registry.address}/docker/app:1")
     assert (image.layers[0].path / "etc" / "x").read_bytes() == b"x\n"
     # Pushed back as stored: Docker's media types and the very same manifest digest.
@@ -441,7 +494,7 @@ def test_pull_zstd_and_plain_layers(tmp_path: Path, lamina_cmd) -> None:  # type
     assert [layer["mediaType"].rsplit(".", 1)[1] for layer in json.loads(manifest)["layers"]] == ["tar", "tar+zstd"]
     with fake.serve():
         out = lamina_cmd("pull", "--tls-verify=false", f"{fake.address}/mixed/img:1")
-    assert out.stdout.strip() == digest_of(config)[7:]
+    assert out.stdout.strip().splitlines()[-1] == digest_of(config)[7:]
     image = open_store(tmp_path / "lamina-root").resolve_image(f"{fake.address}/mixed/img:1")
     assert (image.layers[0].path / "etc" / "plain").read_bytes() == b"plain\n"
     assert (image.layers[1].path / "etc" / "zstd").read_bytes() == b"zstd\n"
@@ -552,7 +605,7 @@ def test_layers_download_in_parallel(tmp_path: Path, lamina_cmd) -> None:  # typ
     config, _ = fake.add_image("many/img", "1", layers)
     with fake.serve():
         out = lamina_cmd("pull", "--tls-verify=false", f"{fake.address}/many/img:1")
-    assert out.stdout.strip() == digest_of(config)[7:]
+    assert out.stdout.strip().splitlines()[-1] == digest_of(config)[7:]
     assert fake.max_in_flight == PARALLEL_TRANSFERS
     image = open_store(tmp_path / "lamina-root").resolve_image(f"{fake.address}/many/img:1")
     assert [layer.digest for layer in image.layers] == [digest_of(b) for b in layers]
@@ -590,9 +643,9 @@ def test_pull_from_https_registry_with_cert_dir(tmp_path: Path, lamina_cmd) -> N
         cert_dir.mkdir()
         shutil.copy(registry.cert, cert_dir / "ca.crt")
         out = lamina_cmd("pull", "--cert-dir", str(cert_dir), ref)
-        assert out.stdout.strip() == config[7:]
+        assert out.stdout.strip().splitlines()[-1] == config[7:]
         insecure = lamina_cmd("pull", "-q", "--tls-verify=false", ref)
-        assert insecure.stdout.strip() == config[7:]
+        assert insecure.stdout.strip().splitlines()[-1] == config[7:]
 
 
 def test_mutated_manifests_fail_only_with_lamina_errors(tmp_path: Path) -> None:

@@ -538,7 +538,7 @@ def test_pull_follows_an_index_inside_an_index(tmp_path: Path, lamina_cmd: Lamin
     with fake.serve():
         result = lamina_cmd("pull", "--tls-verify=false", f"{fake.address}/nested/img", check=False)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == hashlib.sha256(config).hexdigest()
+    assert result.stdout.strip().splitlines()[-1] == hashlib.sha256(config).hexdigest()
 
 
 # --- CVE-2019-14271 class: no host process resolves users through the image's NSS ----------------
@@ -727,7 +727,7 @@ def test_pull_takes_an_index_entry_without_a_platform(tmp_path: Path, lamina_cmd
     with fake.serve():
         result = lamina_cmd("pull", "--tls-verify=false", f"{fake.address}/anyplatform/img", check=False)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == hashlib.sha256(config).hexdigest()
+    assert result.stdout.strip().splitlines()[-1] == hashlib.sha256(config).hexdigest()
 
 
 def test_add_from_a_trickling_server_is_abandoned(store: Store) -> None:

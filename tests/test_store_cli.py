@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import re
 import os
 import subprocess
 import sys
@@ -124,7 +125,10 @@ def test_save_load_round_trip_both_formats_compressed_or_not(lamina_cmd: Cli, tm
                                             stdin=stdin, capture_output=True, text=True, check=True)
             else:
                 loaded = lamina_cmd("load", "-i", str(variant), root=other)
-            assert loaded.stdout.strip() == "Loaded image: rt:1"
+            *layers, last = loaded.stdout.splitlines()
+            assert last == "Loaded image: rt:1"
+            # docker's load: a line per layer, "<id>: Loading layer" with its size, plain in a pipe.
+            assert layers and all(re.fullmatch(r"[0-9a-f]{12}: Loading layer  \S+B/\S+B", line) for line in layers), layers
             got = json.loads(lamina_cmd("inspect", "rt:1", root=other).stdout)[0]
             assert got["Id"] == image_id
             layer_dir = Path(got["GraphDriver"]["Data"]["LowerDir"])
@@ -355,7 +359,7 @@ def test_oci_archive_with_a_multi_platform_index_loads_the_host_platform(lamina_
         "mediaType": "application/vnd.oci.image.index.v1+json", "digest": index_digest, "size": len(index),
         "annotations": {"org.opencontainers.image.ref.name": "localhost/multi:2"}}]}).encode()
     archive = _archive(tmp_path / "multi.tar", members)
-    out = lamina_cmd("load", "-i", str(archive), root=tmp_path / "other").stdout
-    assert out.strip() == "Loaded image: localhost/multi:2"
+    out = lamina_cmd("load", "-q", "-i", str(archive), root=tmp_path / "other").stdout
+    assert out == "Loaded image: localhost/multi:2\n"  # -q: only the names, as docker's
     got = lamina_cmd("inspect", "--format", "{{.Id}}", "localhost/multi:2", root=tmp_path / "other").stdout
     assert got.strip() == image_id

@@ -32,7 +32,7 @@ from lamina.commands.formatting import (
 from lamina.errors import ContainerNotFound, ImageNotFound, LaminaError, StoreError, UsageError
 from lamina.layout import Layout
 from lamina.store.blobs import CHUNK, temp_name
-from lamina.store.progress import human_size
+from lamina.store.progress import LayerProgress, human_size
 from lamina.store.reference import Reference
 from lamina.store.store import Image, Store
 
@@ -372,8 +372,10 @@ def cmd_load(args: argparse.Namespace) -> int:
     from lamina.store.archive import load
 
     store = _open(args)
+    # docker's load shows a line per layer on stdout; -q only the names loaded.
+    progress = LayerProgress.to_stream(None if args.quiet else sys.stdout)
     if args.input:
-        loaded = load(store, Path(args.input))
+        loaded = load(store, Path(args.input), progress)
     elif sys.stdin.isatty():
         raise UsageError("load: no archive: use -i FILE or pipe one into stdin")
     else:
@@ -381,7 +383,7 @@ def cmd_load(args: argparse.Namespace) -> int:
         try:
             with open(tmp, "xb") as f:
                 shutil.copyfileobj(sys.stdin.buffer, f, CHUNK)
-            loaded = load(store, tmp)
+            loaded = load(store, tmp, progress)
         finally:
             tmp.unlink(missing_ok=True)
     for image, tags in loaded:

@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 
 
 def _progress_stream(quiet: bool) -> TextIO | None:
-    return sys.stderr if not quiet and sys.stderr.isatty() else None
+    """Progress goes to stdout as docker's does: redrawn in place on a terminal, line by line in a
+    pipe; errors stay on stderr."""
+    return None if quiet else sys.stdout
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -64,8 +66,8 @@ def cmd_push(args: argparse.Namespace) -> int:
                 converted = cleanup.enter_context(open_estargz_image(store, store.manifest_bytes(image), store.layout.tmp,
                                                                      prioritized=args.estargz_prioritize))
             digest, size = push_image(store, image, dest, client, progress, converted)
-    if not args.quiet:
-        print(f"{dest.tag}: digest: {digest} size: {size}")
+    # docker push -q prints the reference it pushed, and nothing else.
+    print(str(dest) if args.quiet else f"{dest.tag}: digest: {digest} size: {size}")
     return 0
 
 
@@ -154,7 +156,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                  description="Upload an image (only the blobs the registry lacks).")
     push.add_argument("source", metavar="IMAGE", help="image in the store (name or ID)")
     push.add_argument("destination", metavar="DEST", nargs="?", help="[HOST[:PORT]/]NAME[:TAG] (default IMAGE)")
-    _add_transfer_options(push, quiet_help="no progress and no digest line")
+    _add_transfer_options(push, quiet_help="no progress, only the reference pushed")
     push.add_argument("--compression-format", choices=["estargz"], default=None,
                       help="estargz: push the layers as eStargz (gzip that can be read lazily, "
                            "with a new config for their new diff_ids); default: as stored")

@@ -20,6 +20,7 @@ import io
 import logging
 import os
 import posixpath
+import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ from lamina.store.image_schema import (
 )
 from lamina.store.layer_unpack import Limits
 from lamina.store.platforms import choose_manifest, host_platform, offered
-from lamina.store.progress import ProgressBar
+from lamina.store.progress import LayerProgress, ProgressBar
 from lamina.store.reference import Reference
 from lamina.store.store import (
     OCI_CONFIG,
@@ -253,9 +254,10 @@ def _open_archive(path: Path, store: Store) -> Iterator[tarfile.TarFile]:
 
 
 class _Archive:
-    def __init__(self, tar: tarfile.TarFile, path: Path) -> None:
+    def __init__(self, tar: tarfile.TarFile, path: Path, progress: LayerProgress | None = None) -> None:
         self.tar = tar
         self.path = path
+        self.progress = progress or LayerProgress(None)
         try:
             members = tar.getmembers()
         except tarfile.TarError as e:
@@ -298,8 +300,9 @@ def _layer_media_type(store: Store, digest: str) -> str:
     return {"gzip": OCI_LAYER_GZIP, "zstd": OCI_LAYER_ZSTD}.get(kind or "", OCI_LAYER_TAR)
 
 
-def load(store: Store, path: Path) -> list[tuple[Image, list[str]]]:
-    """Load every image of a docker-archive or oci-archive (detected, compressed or not).
+def load(store: Store, path: Path, progress: LayerProgress | None = None) -> list[tuple[Image, list[str]]]:
+    """Load every image of a docker-archive or oci-archive (detected, compressed or not), telling
+    ``progress`` of each layer as docker's load does (``<id>: Loading layer  X/Y``).
 
     Returns each loaded image with the names it was given. Error handling: FormatError for an
     archive we do not understand; LayerError for a hostile layer. Nothing becomes visible in the
@@ -312,7 +315,7 @@ def load(store: Store, path: Path) -> list[tuple[Image, list[str]]]:
         # collect blobs and layers that no image names yet. Released before the cleanup below,
         # which needs the exclusive lock.
         with store.lock(shared=True), _open_archive(path, store) as tar:
-            archive = _Archive(tar, path)
+            archive = _Archive(tar, path, progress)
             try:
                 if "manifest.json" in archive.members:
                     return _load_docker(store, archive)
@@ -352,15 +355,18 @@ def _forget_objects_of_failed_load(store: Store, blobs_before: set[str], layers_
                 remove_tree(store.layers_dir / name)
 
 
-def _ingest_member(store: Store, archive: _Archive, name: str, expected: str | None, label: str,
+def _ingest_member(store: Store, archive: _Archive, name: str, expected: str | None,
                    size: int | None = None) -> str:
     m = archive.member(name)
     if size is not None and m.size != size:
         raise FormatError(f"{archive.path}: {name} is {m.size} bytes, its descriptor says size {size}")
-    progress = ProgressBar(label, m.size)
+    # docker names a layer by the hex in its archive name; so does lamina, where there is one.
+    found = re.search(r"[0-9a-f]{64}", expected or name)
+    ident = found.group() if found else hashlib.sha256(name.encode()).hexdigest()
+    count = archive.progress.counter(ident, "Loading layer", m.size)
     with store.lock(shared=True):
-        digest = store.blobs.ingest(archive.open(name), expected, progress=progress)  # type: ignore[arg-type]
-    progress.finish("done")
+        digest = store.blobs.ingest(archive.open(name), expected, progress=count)  # type: ignore[arg-type]
+    archive.progress.layer(ident, "Loading layer", m.size, m.size)
     return digest
 
 
@@ -376,8 +382,8 @@ def _load_docker(store: Store, archive: _Archive) -> list[tuple[Image, list[str]
                               f"{len(entry.layers)} layers")
         tags = [str(Reference.parse(t)) for t in entry.repo_tags]
         descs = []
-        for i, (name, diff_id) in enumerate(zip(entry.layers, diff_ids, strict=True)):
-            digest = _ingest_member(store, archive, name, None, f"Copying blob {i + 1}/{len(entry.layers)}")
+        for name, diff_id in zip(entry.layers, diff_ids, strict=True):
+            digest = _ingest_member(store, archive, name, None)
             descs.append({"mediaType": _layer_media_type(store, digest), "digest": digest,
                           "size": store.blobs.size(digest)})
             if descs[-1]["mediaType"] == OCI_LAYER_TAR and digest != diff_id:
@@ -405,10 +411,9 @@ def _load_oci(store: Store, archive: _Archive) -> list[tuple[Image, list[str]]]:
         manifest = ImageManifest.parse(doc, f"{archive.path}: manifest {chosen.digest}")
         config_bytes, config = _read_blob_json(archive, manifest.config)
         config_diff_ids(config, f"{archive.path}: config {manifest.config.digest}")
-        for i, layer in enumerate(manifest.layers):
+        for layer in manifest.layers:
             if not store.has_blob(layer.digest):
-                _ingest_member(store, archive, _blob_name(layer.digest), layer.digest,
-                               f"Copying blob {i + 1}/{len(manifest.layers)}", size=layer.size)
+                _ingest_member(store, archive, _blob_name(layer.digest), layer.digest, size=layer.size)
             elif store.blobs.size(layer.digest) != layer.size:
                 raise FormatError(f"{archive.path}: layer {layer.digest} is {store.blobs.size(layer.digest)} "
                                   f"bytes, its descriptor says {layer.size}")

@@ -100,3 +100,131 @@ class Heartbeat:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+
+
+# ----- per-layer progress, as docker's pull/push/load print it -----
+#
+# One model (each layer's status and byte counts) and two renderers: on a terminal every layer keeps
+# its own line, redrawn in place (docker's jsonmessage does the same with cursor moves); in a pipe
+# every status change is one plain line, and a running transfer adds at most one "Downloading X/Y"
+# line per layer every ``every`` seconds, so a long transfer is never silent and a short one prints
+# only its state changes. Time comes from an injected clock, so both are tested without a terminal
+# and without waiting.
+
+Clock = Callable[[], float]
+
+
+def layer_id(digest: str) -> str:
+    """The 12 hex digits docker shows for a layer."""
+    return digest.removeprefix("sha256:")[:12]
+
+
+def progress_text(status: str, current: int | None, total: int | None, bar: bool) -> str:
+    """``Downloading  12.3MB/45.6MB`` (with docker's ``[==>   ]`` bar when ``bar``)."""
+    if current is None:
+        return status
+    amount = f"{human_size(current)}/{human_size(total)}" if total else human_size(current)
+    if not bar or not total:
+        return f"{status}  {amount}"
+    width = 50
+    filled = min(width, width * current // total)
+    drawn = "=" * filled + (">" if filled < width else "") + " " * max(0, width - filled - 1)
+    return f"{status}  [{drawn}]  {amount}"
+
+
+class PlainRenderer:
+    """Line by line, for pipes and logs: a line per state change, a byte count every ``every`` s."""
+
+    def __init__(self, stream: TextIO, clock: Clock = time.monotonic, every: float = 5.0) -> None:
+        self.stream = stream
+        self.clock = clock
+        self.every = every
+        self._shown: dict[str, tuple[str, float]] = {}
+
+    def message(self, text: str) -> None:
+        self.stream.write(f"{text}\n")
+        self.stream.flush()
+
+    def layer(self, ident: str, status: str, current: int | None, total: int | None,
+              force: bool = False) -> None:
+        now = self.clock()
+        last = self._shown.get(ident)
+        if not force and last is not None and last[0] == status and (current is None or now - last[1] < self.every):
+            return
+        self._shown[ident] = (status, now)
+        self.message(f"{ident}: {progress_text(status, current, total, bar=False)}")
+
+
+class TerminalRenderer:
+    """A line per layer, redrawn in place (at most ``every`` seconds apart while bytes flow)."""
+
+    def __init__(self, stream: TextIO, clock: Clock = time.monotonic, every: float = 0.1) -> None:
+        self.stream = stream
+        self.clock = clock
+        self.every = every
+        self._rows: dict[str, int] = {}
+        self._lines = 0
+        self._drawn: dict[str, tuple[str, float]] = {}
+
+    def message(self, text: str) -> None:
+        self.stream.write(f"{text}\n")
+        self.stream.flush()
+        self._lines += 1
+
+    def layer(self, ident: str, status: str, current: int | None, total: int | None,
+              force: bool = False) -> None:
+        now = self.clock()
+        last = self._drawn.get(ident)
+        if not force and last is not None and last[0] == status and current is not None and now - last[1] < self.every:
+            return
+        self._drawn[ident] = (status, now)
+        text = f"{ident}: {progress_text(status, current, total, bar=True)}"
+        row = self._rows.get(ident)
+        if row is None:
+            self._rows[ident] = self._lines
+            self.message(text)
+            return
+        up = self._lines - row
+        self.stream.write(f"\x1b[{up}A\r\x1b[2K{text}\r\x1b[{up}B")
+        self.stream.flush()
+
+
+class LayerProgress:
+    """What the transfers report: messages and each layer's status; thread-safe; silent without a
+    renderer. ``counter`` gives the byte callback a blob transfer calls."""
+
+    def __init__(self, renderer: PlainRenderer | TerminalRenderer | None) -> None:
+        self.renderer = renderer
+        self._lock = threading.Lock()
+        self._done: dict[str, int] = {}
+
+    @classmethod
+    def to_stream(cls, stream: TextIO | None) -> LayerProgress:
+        """A terminal renderer if ``stream`` is a terminal, plain lines if not, nothing if None."""
+        if stream is None:
+            return cls(None)
+        return cls(TerminalRenderer(stream) if stream.isatty() else PlainRenderer(stream))
+
+    def line(self, text: str) -> None:
+        if self.renderer is not None:
+            with self._lock:
+                self.renderer.message(text)
+
+    def layer(self, digest: str, status: str, current: int | None = None, total: int | None = None) -> None:
+        """``digest``'s new status; with byte counts (a transfer's last), shown even if one was
+        shown a moment ago."""
+        if self.renderer is not None:
+            with self._lock:
+                self.renderer.layer(layer_id(digest), status, current, total, force=current is not None)
+
+    def counter(self, digest: str, status: str, total: int | None) -> Callable[[int], None]:
+        """A callback adding bytes to ``digest``'s ``status`` (a negative count restarts it)."""
+        ident = layer_id(digest)
+        self._done[ident] = 0
+
+        def count(n: int) -> None:
+            with self._lock:
+                self._done[ident] = 0 if n < 0 else self._done[ident] + n
+                if self.renderer is not None:
+                    self.renderer.layer(ident, status, self._done[ident], total)
+        return count

@@ -315,11 +315,11 @@ class RegistryClient(RegistrySession):
 
     def upload_blob(self, repository: str, digest: str, path: Path, *, mount_from: str | None = None,
                     chunk_size: int = CHUNK_SIZE, monolithic_limit: int = MONOLITHIC_LIMIT,
-                    progress: ProgressCallback | None = None) -> None:
+                    progress: ProgressCallback | None = None) -> bool:
         """Upload the file ``path`` as blob ``digest``: one PUT if small, PATCH chunks if large.
 
         With ``mount_from`` (another repository on the same registry) the registry is first asked to
-        mount the blob from there, which costs no upload when it can.
+        mount the blob from there, which costs no upload when it can. Returns True if it did.
         """
         _check_repository(repository)
         check_digest(digest)
@@ -336,7 +336,7 @@ class RegistryClient(RegistrySession):
             self._read_limited(response, MAX_ERROR_BYTES)
         if response.status == 201 and mount_from:
             log.debug("blob %s mounted from %s", digest, mount_from)
-            return
+            return True
         if response.status != 202:
             raise self._fail(f"POST blob upload {digest}", response)
         location = self._upload_location(response)
@@ -369,6 +369,7 @@ class RegistryClient(RegistrySession):
         if response.status not in (201, 204):
             raise self._fail(f"PUT blob {digest}", response)
         self._read_limited(response, MAX_ERROR_BYTES)
+        return False
 
     def _upload_location(self, response: http.client.HTTPResponse) -> str:
         location = response.getheader("Location")

@@ -34,7 +34,7 @@ from lamina.errors import RegistryError, UsageError
 from lamina.store.image_schema import ImageManifest, config_diff_ids
 from lamina.store.layer_unpack import Limits
 from lamina.store.outbound import outbound_manifest
-from lamina.store.progress import ProgressBar
+from lamina.store.progress import LayerProgress, layer_id
 from lamina.store.reference import DEFAULT_REGISTRY, Reference
 from lamina.store.registry import RegistryClient, TransientRegistryError
 from lamina.store.registry_auth import lookup_credentials
@@ -84,19 +84,12 @@ def default_tls_verify(registry: str, flag: bool | None = None) -> bool:
     return flag if flag is not None else not is_loopback_registry(registry)
 
 
-class Progress:
-    """Docker-like status lines and per-blob bars on a terminal; silent when ``stream`` is None."""
+class Progress(LayerProgress):
+    """Per-layer progress on ``stream`` (redrawn in place on a terminal, plain lines in a pipe);
+    silent when ``stream`` is None."""
 
     def __init__(self, stream: TextIO | None) -> None:
-        self.stream = stream
-
-    def line(self, text: str) -> None:
-        if self.stream is not None:
-            self.stream.write(f"\r\x1b[K{text}\n")
-            self.stream.flush()
-
-    def bar(self, label: str, total: int | None) -> ProgressBar:
-        return ProgressBar(label, total, stream=self.stream, enabled=self.stream is not None)
+        super().__init__(LayerProgress.to_stream(stream).renderer)
 
 
 class BlobLocations:
@@ -149,8 +142,9 @@ RETRIES = 3
 RETRY_DELAY = 1.0
 
 
-def retrying(what: str, bar: ProgressBar | None, action: Callable[[], T]) -> T:
-    """``action()``, retried after a :class:`TransientRegistryError` (the bar restarts from zero)."""
+def retrying(what: str, report: Callable[[int], None] | None, action: Callable[[], T]) -> T:
+    """``action()``, retried after a :class:`TransientRegistryError` (``report(-1)`` restarts the
+    byte count from zero)."""
     for attempt in range(RETRIES + 1):
         try:
             return action()
@@ -159,8 +153,8 @@ def retrying(what: str, bar: ProgressBar | None, action: Callable[[], T]) -> T:
                 raise
             delay = RETRY_DELAY * 2 ** attempt
             log.info("%s failed (%s); retrying in %g s", what, e, delay)
-            if bar is not None:
-                bar.done = 0
+            if report is not None:
+                report(-1)
             time.sleep(delay)
     raise AssertionError("unreachable")
 
@@ -173,8 +167,9 @@ Transfer = Callable[[RegistryClient, str, int, Callable[[int], None]], T]
 
 
 def transfer_blobs(client: RegistryClient, blobs: dict[str, tuple[str, int]], transfer: Transfer[T],
-                   progress: Progress, results: list[tuple[str, T]]) -> None:
-    """Run ``transfer`` for every blob (digest → (label, size)), up to PARALLEL_TRANSFERS at once.
+                   progress: LayerProgress, results: list[tuple[str, T]], counting: str = "Pushing") -> None:
+    """Run ``transfer`` for every blob (digest → (label, size)), up to PARALLEL_TRANSFERS at once;
+    the bytes of each are reported as the layer's ``counting`` status.
 
     Transient failures are retried. Resource handling: each result is appended to ``results`` as soon
     as it exists, so the caller can clean up whatever happens. On any error (or Ctrl-C) the other
@@ -182,31 +177,26 @@ def transfer_blobs(client: RegistryClient, blobs: dict[str, tuple[str, int]], tr
     """
     if len(blobs) <= 1 or PARALLEL_TRANSFERS <= 1:
         for digest, (label, size) in blobs.items():
-            bar = progress.bar(label, size)
-            results.append((digest, retrying(label, bar, functools.partial(transfer, client, digest, size, bar))))
-            bar.finish("done")
+            report = progress.counter(digest, counting, size)
+            results.append((digest, retrying(label, report, functools.partial(transfer, client, digest, size, report))))
         return
-    # Several bars cannot share one terminal line: one bar for the total, a line per finished blob.
-    total = progress.bar(f"Copying {len(blobs)} blobs", sum(size for _, size in blobs.values()))
-    lock = threading.Lock()
     stop = threading.Event()
 
-    def count(n: int) -> None:
-        if stop.is_set():
-            raise RegistryError("transfer cancelled")
-        with lock:
-            total(n)
-
     def run(digest: str, label: str, size: int) -> T:
+        report = progress.counter(digest, counting, size)
+
+        def count(n: int) -> None:
+            if stop.is_set():
+                raise RegistryError("transfer cancelled")
+            report(n)
         with client.clone() as own:
-            return retrying(label, None, functools.partial(transfer, own, digest, size, count))
+            return retrying(label, count, functools.partial(transfer, own, digest, size, count))
 
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=PARALLEL_TRANSFERS, thread_name_prefix="transfer")
     futures = {pool.submit(run, digest, label, size): digest for digest, (label, size) in blobs.items()}
     try:
         for future in concurrent.futures.as_completed(futures):
             results.append((futures[future], future.result()))
-            progress.line(f"{blobs[futures[future]][0]} done")
     except BaseException:
         stop.set()
         pool.shutdown(wait=True, cancel_futures=True)
@@ -217,7 +207,6 @@ def transfer_blobs(client: RegistryClient, blobs: dict[str, tuple[str, int]], tr
         raise
     finally:
         pool.shutdown(wait=True)
-    total.finish("done")
 
 
 def pull_image(store: Store, ref: Reference, client: RegistryClient, progress: Progress,
@@ -231,7 +220,7 @@ def pull_image(store: Store, ref: Reference, client: RegistryClient, progress: P
     """
     repository = ref.repository
     reference = ref.digest or ref.tag or "latest"
-    progress.line(f"Trying to pull {ref}...")
+    progress.line(f"{ref.tag or ref.digest or 'latest'}: Pulling from {repository}")
     manifest, _index = client.get_image_manifest(repository, reference, platform)
     if manifest.media_type not in IMAGE_MANIFEST_TYPES:
         raise RegistryError(f"{ref}: unsupported manifest type {manifest.media_type}")
@@ -270,28 +259,35 @@ def pull_image(store: Store, ref: Reference, client: RegistryClient, progress: P
     try:
         missing: dict[str, tuple[str, int]] = {}
         for layer in layers:
-            label = f"Copying blob {layer.digest[7:19]}"
             if store.has_blob(layer.digest) or layer.digest in missing:
-                progress.line(f"{label} skipped: already exists")
+                progress.layer(layer.digest, "Already exists")
             else:
-                missing[layer.digest] = (label, layer.size)
+                missing[layer.digest] = (f"download of layer {layer_id(layer.digest)}", layer.size)
+                progress.layer(layer.digest, "Pulling fs layer")
 
         def download(own: RegistryClient, digest: str, size: int, report: Callable[[int], None]) -> Path:
-            return own.fetch_blob(repository, digest, tmp_dir, size=size, progress=report)
+            path = own.fetch_blob(repository, digest, tmp_dir, size=size, progress=report)
+            # fetch_blob has checked the digest and size by the time it returns.
+            progress.layer(digest, "Verifying Checksum")
+            progress.layer(digest, "Download complete")
+            return path
 
-        transfer_blobs(client, missing, download, progress, downloaded)
-        progress.line(f"Copying config {config_digest[7:19]} done")
-        progress.line("Writing manifest to image destination")
+        transfer_blobs(client, missing, download, progress, downloaded, counting="Downloading")
         tags = [str(ref.with_tag(ref.tag))] if ref.tag else []
         # One shared lock from the first blob ingested to the image recorded: a concurrent prune
         # (exclusive) cannot remove blobs that are not referenced yet.
         with store.lock(shared=True):
             for digest, path in downloaded:
+                progress.layer(digest, "Extracting")
                 store.ingest_blob(path, digest)
+                progress.layer(digest, "Pull complete")
             image = store.import_image_from_manifest(manifest.data, config_bytes, tags)
     finally:
         for _, path in downloaded:
             path.unlink(missing_ok=True)
+    if image.manifest_digest:
+        progress.line(f"Digest: {image.manifest_digest}")
+    progress.line(f"Status: {'Downloaded newer image' if downloaded else 'Image is up to date'} for {ref}")
     BlobLocations(store.layout.blob_locations).record(ref.registry, repository, [config_digest, *(d.digest for d in layers)])
     return image
 
@@ -347,9 +343,10 @@ def push_image(store: Store, image: Image, dest: Reference, client: RegistryClie
     if media_type not in (OCI_MANIFEST, DOCKER_MANIFEST):
         raise RegistryError(f"cannot push a manifest of type {media_type}")
 
+    progress.line(f"The push refers to repository [{dest.registry}/{dest.repository}]")
+
     def compressing(digest: str) -> Callable[[int], None]:
-        progress.line(f"Compressing layer {digest[7:19]}")
-        return progress.bar(f"Compressing {digest[7:19]}", store.blobs.size(digest))
+        return progress.counter(digest, "Compressing", store.blobs.size(digest))
 
     manifest_bytes = outbound_manifest(store, manifest_bytes, compressing)
     stored = parsed(ImageManifest.parse, manifest_bytes, f"the manifest of image {image.id[:12]}")
@@ -358,23 +355,28 @@ def push_image(store: Store, image: Image, dest: Reference, client: RegistryClie
     blobs = [(layer.digest, "blob") for layer in stored.layers]
     blobs.append((stored.config.digest, "config"))
     missing: dict[str, tuple[str, int]] = {}
+    shown = dict.fromkeys(layer.digest for layer in stored.layers)  # docker shows layers, not the config
+    for digest in shown:
+        progress.layer(digest, "Preparing")
     for digest, kind in blobs:
-        label = f"Copying {kind} {digest[7:19]}"
         path = blob_path(digest)
         if not path.is_file():
             raise RegistryError(f"the store lacks blob {digest} of image {image.id[:12]} "
                                 "(run `lamina system check`)")
         if digest in missing or client.has_blob(repository, digest):
-            progress.line(f"{label} skipped: already exists")
+            if digest in shown:
+                progress.layer(digest, "Layer already exists")
         else:
-            missing[digest] = (label, path.stat().st_size)
+            missing[digest] = (f"upload of {kind} {layer_id(digest)}", path.stat().st_size)
 
     def upload(own: RegistryClient, digest: str, size: int, report: Callable[[int], None]) -> None:
         mount_from = next((r for r in locations.repositories(dest.registry, digest) if r != repository), None)
-        own.upload_blob(repository, digest, blob_path(digest), mount_from=mount_from, progress=report)
+        mounted = own.upload_blob(repository, digest, blob_path(digest), mount_from=mount_from,
+                                  progress=report if digest in shown else None)
+        if digest in shown:
+            progress.layer(digest, f"Mounted from {mount_from}" if mounted else "Pushed")
 
     transfer_blobs(client, missing, upload, progress, [])
-    progress.line("Writing manifest to image destination")
     digest = client.put_manifest(repository, dest.tag or dest.digest or "latest", manifest_bytes, media_type)
     locations.record(dest.registry, repository, [d for d, _ in blobs])
     return digest, len(manifest_bytes)
