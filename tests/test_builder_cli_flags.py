@@ -131,7 +131,7 @@ def test_hostile_stdin_context_is_one_line(tmp_path: Path, member: str) -> None:
     (tmp_path / "outside").mkdir()
     root = tmp_path / "root"
     result = lamina(root, "build", "-", input=data.getvalue(), check=False)
-    assert result.returncode == 125
+    assert result.returncode == 1  # docker build's errors exit 1
     assert len(result.stderr.decode().strip().splitlines()) == 1, result.stderr
     assert not list((tmp_path / "outside").iterdir()) and not (tmp_path / "escape").exists()
     assert not any((root / "tmp").iterdir())

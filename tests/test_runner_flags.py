@@ -368,7 +368,7 @@ def test_pid_host_net_container_and_attach(lamina: Lamina, tmp_path: Path) -> No
     assert r.returncode == 125 and "conflicting options" in r.stderr
     assert lamina("stop", "-t", "1", "owner").returncode == 0
     r = lamina("start", "-a", "joined")
-    assert r.returncode == 125 and "cannot join network of a non running container" in r.stderr
+    assert r.returncode == 1 and "cannot join network of a non running container" in r.stderr
     # -a: only the streams named are shown; the log keeps both
     r = lamina("run", "--name", "att", "-a", "stderr", IMAGE, "sh", "-c", "echo out; echo err >&2")
     assert r.returncode == 0 and r.stdout == "" and r.stderr == "err\n"

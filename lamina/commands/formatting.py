@@ -85,10 +85,9 @@ def print_table(rows: list[list[str]]) -> None:
 # rendered before anything is printed, so a template that fails prints nothing.
 
 # docker's client exits 1 for a template error of a listing verb and 64 for an inspect template
-# that does not parse (cli.StatusError); lamina keeps its own code for a bad command line, 125,
-# until its exit codes follow docker's verb by verb.
-TEMPLATE_EXIT = 125
-INSPECT_PARSE_EXIT = 125
+# that does not parse (cli.StatusError), as the real docker CLI did in tests/test_format_cli.py.
+TEMPLATE_EXIT = 1
+INSPECT_PARSE_EXIT = 64
 
 
 class TemplateError(LaminaError):
