@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO, TypeVar
 
 from lamina.errors import RegistryError, UsageError
-from lamina.store.image_schema import ImageManifest, config_diff_ids
+from lamina.store.image_schema import Descriptor, ImageManifest, config_diff_ids
 from lamina.store.layer_unpack import Limits
 from lamina.store.outbound import outbound_manifest
 from lamina.store.progress import LayerProgress, layer_id
@@ -229,19 +229,7 @@ def pull_image(store: Store, ref: Reference, client: RegistryClient, progress: P
     if config_desc.size > MAX_CONFIG_BYTES:
         raise RegistryError(f"{ref}: the image config is {config_desc.size} bytes, more than the "
                             f"{MAX_CONFIG_BYTES} lamina accepts")
-    if len(layers) > MAX_LAYERS:
-        raise RegistryError(f"{ref}: {len(layers)} layers is more than the {MAX_LAYERS} lamina accepts")
-    max_layer_bytes = Limits().max_total_bytes
-    for layer in layers:
-        if layer.size > max_layer_bytes:
-            raise RegistryError(f"{ref}: layer {layer.digest} is {layer.size} bytes, more than the limit "
-                                f"of {max_layer_bytes} (set LAMINA_MAX_LAYER_BYTES to allow it)")
-        if layer.urls:
-            raise RegistryError(f"{ref}: layer {layer.digest} is a foreign layer (urls), not supported")
-        if layer.media_type not in LAYER_TYPES:
-            raise RegistryError(f"{ref}: layer {layer.digest} has unsupported media type "
-                                f"{layer.media_type or None!r}")
-
+    _check_layers(ref, layers)
     tmp_dir = store.layout.tmp
     tmp_dir.mkdir(parents=True, exist_ok=True)
     config_digest = config_desc.digest
@@ -290,6 +278,22 @@ def pull_image(store: Store, ref: Reference, client: RegistryClient, progress: P
     progress.line(f"Status: {'Downloaded newer image' if downloaded else 'Image is up to date'} for {ref}")
     BlobLocations(store.layout.blob_locations).record(ref.registry, repository, [config_digest, *(d.digest for d in layers)])
     return image
+
+
+def _check_layers(ref: Reference, layers: list[Descriptor]) -> None:
+    """Refuse, before any download, a manifest whose layers lamina would not accept."""
+    if len(layers) > MAX_LAYERS:
+        raise RegistryError(f"{ref}: {len(layers)} layers is more than the {MAX_LAYERS} lamina accepts")
+    max_layer_bytes = Limits().max_total_bytes
+    for layer in layers:
+        if layer.size > max_layer_bytes:
+            raise RegistryError(f"{ref}: layer {layer.digest} is {layer.size} bytes, more than the limit "
+                                f"of {max_layer_bytes} (set LAMINA_MAX_LAYER_BYTES to allow it)")
+        if layer.urls:
+            raise RegistryError(f"{ref}: layer {layer.digest} is a foreign layer (urls), not supported")
+        if layer.media_type not in LAYER_TYPES:
+            raise RegistryError(f"{ref}: layer {layer.digest} has unsupported media type "
+                                f"{layer.media_type or None!r}")
 
 
 def _check_config(ref: Reference, config_bytes: bytes, layer_count: int) -> None:
