@@ -244,6 +244,9 @@ def test_booleans_take_go_values_and_never_the_next_word() -> None:
     assert _parsed(["ps", "-a=false"])["all"] is False and _parsed(["images", "--no-trunc=1"])["no_trunc"] is True
     assert _parsed(["commit", "--pause=false", "c"])["pause"] is False
     assert _parsed(["commit", "c"])["pause"] is True
+    # a default-true boolean takes no value either: the next word is the container, as docker's
+    assert (_parsed(["commit", "--pause", "c"])["pause"], _parsed(["commit", "--pause", "c"])["container"]) == (True, "c")
+    assert _parsed(["commit", "-p=F", "c"])["pause"] is False and _parsed(["attach", "--sig-proxy=false", "c"])["sig_proxy"] is False
     for bad in (["run", "--rm=maybe", "img"], ["ps", "--all="]):
         try:
             build_parser(bad).parse_args(bad)

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lamina.commands.containers import _bool_flag as bool_flag
 from lamina.errors import ContainerError, ContainerNotFound, LaminaError, UsageError
 from lamina.layout import Layout
 from runner.state import Container, ContainerStore
@@ -44,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("attach", help="attach to a running container's terminal or output")
     p.add_argument("--detach-keys", help='the keys that detach (default "ctrl-p,ctrl-q")')
     p.add_argument("--no-stdin", action="store_true", help="do not attach stdin")
-    p.add_argument("--sig-proxy", type=bool_flag, nargs="?", const=True, default=True, metavar="BOOL",
+    p.add_argument("--sig-proxy", action="store_true", default=True,
                    help="accepted for docker's command lines (a terminal passes signals as keys)")
     p.add_argument("container")
     p.set_defaults(handler=cmd_attach)
@@ -55,10 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="apply a Dockerfile instruction: CMD, ENTRYPOINT, ENV, EXPOSE, LABEL, ONBUILD, "
                         "STOPSIGNAL, USER, VOLUME, WORKDIR")
     p.add_argument("-m", "--message", default="", help="the commit message (in the image's history)")
-    # -p takes no value (as docker's boolean shorthand), so `commit -p CONTAINER` reads as docker's.
-    p.add_argument("--pause", type=bool_flag, nargs="?", const=True, default=True, metavar="BOOL",
+    # A boolean as docker's: `--pause=false` goes through the parser's one rule (lamina.parser).
+    p.add_argument("-p", "--pause", action="store_true", default=True,
                    help="pause the container's processes while its layer is read (default true)")
-    p.add_argument("-p", dest="pause", action="store_true", help="--pause=true")
     p.add_argument("container")
     p.add_argument("reference", nargs="?")
     p.set_defaults(handler=cmd_commit)

@@ -676,14 +676,6 @@ def cmd_exec(args: argparse.Namespace) -> int:
         raise CommandNotInvokable(str(e)) from e
 
 
-def _bool_flag(text: str) -> bool:
-    """docker's boolean flag values (``--pause=false``)."""
-    answers = {"true": True, "1": True, "false": False, "0": False}
-    if text.lower() not in answers:
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return answers[text.lower()]
-
-
 def _changes(upper: Path, lowers: LayerStack) -> list[tuple[str, str]]:
     from runner.diff import changes
 
