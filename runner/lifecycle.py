@@ -13,7 +13,6 @@ does. The container never holds the log file itself.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -424,8 +423,7 @@ def _reread(container: Container) -> Container | None:
     """The container's record as it is on disk now (``stop`` may have written to it), or None if it
     was removed."""
     try:
-        return Container.from_json(json.loads((container.directory / "container.json").read_text()),
-                                   container.directory)
+        return Container.read(container.directory)
     except (OSError, ValueError, TypeError):
         return None
 

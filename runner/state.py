@@ -178,6 +178,12 @@ class Container:
         known = {f for f in cls.__dataclass_fields__ if f not in ("state", "directory")}
         return cls(**{k: v for k, v in data.items() if k in known}, state=state, directory=directory)
 
+    @classmethod
+    def read(cls, directory: Path) -> Container:
+        """The record in ``directory`` as it is on disk now; OSError, ValueError or TypeError when
+        it is missing or not a record."""
+        return cls.from_json(json.loads((directory / "container.json").read_text()), directory)
+
     def save(self) -> None:
         path = self.directory / "container.json"
         tmp = self.directory / f".container.json.{os.getpid()}"
@@ -227,8 +233,7 @@ class ContainerStore:
 
     def _load(self, directory: Path) -> Container | None:
         try:
-            data = json.loads((directory / "container.json").read_text())
-            return Container.from_json(data, directory)
+            return Container.read(directory)
         except (OSError, ValueError, TypeError) as e:
             log.debug("skipping %s: %s", directory, e)
             return None
@@ -454,8 +459,7 @@ def refresh(container: Container) -> Container:
     if container.state.status == STATUS_RUNNING and not container.monitor_alive():
         fresh = None
         try:
-            data = json.loads((container.directory / "container.json").read_text())
-            fresh = Container.from_json(data, container.directory)
+            fresh = Container.read(container.directory)
         except (OSError, ValueError, TypeError):
             pass
         if fresh is not None and fresh.state.status != STATUS_RUNNING:
