@@ -92,10 +92,11 @@ def relay(master: int, stdin_fd: int | None, stdout_fd: int | None, finished: Ca
     else:
         previous = None
     inputs = [master] + ([stdin_fd] if stdin_fd is not None else [])
+    drained = False
     try:
         while True:
             try:
-                readable, _, _ = select.select(inputs, [], [], 0.2)
+                readable, _, _ = select.select(inputs, [], [], 0 if drained else 0.2)
             except InterruptedError:
                 continue
             if master in readable:
@@ -115,8 +116,13 @@ def relay(master: int, stdin_fd: int | None, stdout_fd: int | None, finished: Ca
                     # End of input: send EOF to the container's terminal, as docker does.
                     with contextlib.suppress(OSError):
                         write_all(master, b"\x04")
-            if not readable and finished():
-                return
+            if not readable:
+                if drained:
+                    return
+                # As in copy_output: output written just before the exit is still in the pty.
+                if finished():
+                    drained = True
+                    inputs = [master]  # nobody reads the container's input any more
     finally:
         if previous is not None:
             signal.signal(signal.SIGWINCH, previous)
@@ -127,10 +133,17 @@ def copy_output(pipes: dict[int, Callable[[bytes], None]], finished: Callable[[]
     until every pipe reaches end of file: all the container's processes are gone. Should something
     outside the container hold a write end, ``finished()`` ends the wait once nothing arrives."""
     open_pipes = dict(pipes)
+    timeout: float = 0.2
     while open_pipes:
-        readable, _, _ = select.select(list(open_pipes), [], [], 0.2)
-        if not readable and finished():
-            return
+        readable, _, _ = select.select(list(open_pipes), [], [], timeout)
+        if not readable:
+            if timeout == 0:
+                return
+            # The container may have written its last output and exited between the wait above
+            # and this check: once it is gone, take what the pipes still hold, without waiting.
+            if finished():
+                timeout = 0
+            continue
         for fd in readable:
             data = os.read(fd, 65536)
             if data:
