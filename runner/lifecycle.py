@@ -61,7 +61,7 @@ def build_spec(layout: Layout, container: Container) -> SandboxSpec:
               for m in container.mounts]
     return SandboxSpec(
         argv=list(container.argv), lowers=lowers, upper=container.upper, work=container.work,
-        env=dict(container.env), cwd=container.workdir, user=container.user, network=container.network,
+        env=_environment(container), cwd=container.workdir, user=container.user, network=container.network,
         mounts=mounts, hostname=container.hostname, ports=publish_ports(container),
         readonly_rootfs=container.readonly, init=container.init, state_dir=container.directory,
         seccomp=container.seccomp, union_log=container.directory / "unionfs.log",
@@ -73,6 +73,13 @@ def build_spec(layout: Layout, container: Container) -> SandboxSpec:
         cgroup=_limits_cgroup(container), join_network_of=_network_owner(layout, container),
         pid_host=container.pid_mode == "host",
     )
+
+
+def _environment(container: Container) -> dict[str, str]:
+    env = dict(container.env)
+    if container.tty:
+        env.setdefault("TERM", "xterm")  # as docker: not the caller's
+    return env
 
 
 def _network_owner(layout: Layout, container: Container) -> int | None:
@@ -270,8 +277,6 @@ def run_attached(layout: Layout, container: Container) -> int:
     except LaminaError as e:  # e.g. its image was removed meanwhile (rmi -f)
         _record_failure(layout, container, e)
         raise
-    if container.tty:
-        spec.env.setdefault("TERM", "xterm")  # as docker: not the caller's
     with contextlib.closing(open_log(container)) as container_log:
         ends = _plumb_output(spec, container.tty)
         if not container.interactive:
@@ -369,8 +374,6 @@ def _monitor(layout: Layout, container: Container, report_w: int, hold_output: b
         try:
             container_log = open_log(container)
             spec = build_spec(layout, container)
-            if container.tty:
-                spec.env.setdefault("TERM", "xterm")
             ends = _plumb_output(spec, container.tty)
             listener = attach.open_listener(container.directory) if container.tty else None
             sandbox = _start(spec, ends)
