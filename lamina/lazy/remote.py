@@ -134,6 +134,8 @@ class RemoteLayer:
         self._lock = threading.Lock()
         # Chunks whose cache file this process has checked: later reads take slices of it.
         self._verified: set[str] = set()
+        #: Given the blob's verified bytes as they arrive (offset, bytes): the fill keeps them.
+        self.keep: Callable[[int, bytes], None] | None = None
 
     def close(self) -> None:
         self.client.close()
@@ -160,6 +162,8 @@ class RemoteLayer:
             raise FormatError(f"layer {self.label}: its TOC is more than {MAX_TOC_BYTES} bytes")
         member = self._range(toc_offset, size - FOOTER_SIZE)
         toc = parse_toc(toc_json_from_member(member), self.descriptor.annotations[TOC_DIGEST_ANNOTATION], toc_offset)
+        if self.keep is not None:
+            self.keep(toc_offset, member)
         if self.trace:
             self.trace(f"layer {self.label}: TOC {len(member)} bytes, {len(toc.entries)} entries")
         return toc
@@ -224,5 +228,7 @@ class RemoteLayer:
                            f"({len(compressed)} compressed)")
             self.cache.put(chunk, data)
             self._verified.add(chunk.digest)
+            if self.keep is not None:
+                self.keep(chunk.offset, compressed)
             return data
         raise AssertionError("unreachable")
