@@ -255,3 +255,46 @@ def test_lazy_run_as_an_unprivileged_user_sees_what_a_pulled_run_sees(
                          "--network=none", ref, "sh", "-c", script)
     assert pulled.returncode == 0, pulled.stderr
     assert lazy.stdout == pulled.stdout and lazy.stdout.startswith("hello from lamina\n")
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_from_commit_and_rmi_of_a_lazy_image(registry: RunningRegistry, lamina_cmd: Cli, tmp_path: Path) -> None:
+    """FROM reads the base lazily and fills it before the commit; so does `commit` of a container;
+    both images then stand on the base's pulled layers. rmi forgets a lazy image."""
+    ref = f"{registry.address}/lazy/data:1"
+    data_image(lamina_cmd, tmp_path, ref)
+    pulled_root = tmp_path / "pulled-root"
+    lamina_cmd("pull", "-q", "--tls-verify=false", ref, root=pulled_root)
+    base_layers = inspect(lamina_cmd, pulled_root, ref)["RootFS"]["Layers"]
+
+    built_root = tmp_path / "built-root"
+    context = tmp_path / "derived"
+    context.mkdir()
+    (context / "Dockerfile").write_text(f"FROM {ref}\nRUN wc -c < /data/f1 > /size\n")
+    seen = len(blob_traffic(registry))
+    lamina_cmd("build", "-q", "-t", "derived:1", str(context), root=built_root, env=NO_FILL)
+    # The RUN step read by ranges; the fill before the commit took the rest by ranges too.
+    config_digest = inspect(lamina_cmd, built_root, ref)["Id"]
+    assert {status for digest, status, _n in blob_traffic(registry)[seen:] if digest != config_digest} == {206}
+    assert inspect(lamina_cmd, built_root, "derived:1")["RootFS"]["Layers"][:-1] == base_layers
+    assert "Lazy" not in inspect(lamina_cmd, built_root, ref)
+    ran = lamina_cmd("run", "--rm", "--network=none", "derived:1", "cat", "/size", root=built_root)
+    assert ran.stdout.strip() == str(3 << 20)
+
+    committed_root = tmp_path / "committed-root"
+    lamina_cmd("run", "--name", "c", "--network=none", ref, "sh", "-c", "echo hi > /hi", root=committed_root,
+               env=NO_FILL)
+    assert "Lazy" in inspect(lamina_cmd, committed_root, ref)
+    lamina_cmd("commit", "c", "committed:1", root=committed_root)
+    assert inspect(lamina_cmd, committed_root, "committed:1")["RootFS"]["Layers"][:-1] == base_layers
+    ran = lamina_cmd("run", "--rm", "--network=none", "committed:1", "cat", "/hi", root=committed_root)
+    assert ran.stdout == "hi\n"
+
+    removed_root = tmp_path / "removed-root"
+    lamina_cmd("run", "--rm", "--network=none", ref, "true", root=removed_root, env=NO_FILL)
+    assert "PRESENT" in lamina_cmd("images", root=removed_root).stdout
+    lamina_cmd("rmi", ref, root=removed_root)
+    assert lamina_cmd("images", "-q", root=removed_root).stdout == ""
+    assert not list((removed_root / "lazy" / "images").iterdir())
+    assert not list((removed_root / "lazy" / "blobs").iterdir())

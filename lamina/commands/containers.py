@@ -699,13 +699,11 @@ def _changes(upper: Path, lowers: LayerStack) -> list[tuple[str, str]]:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from lamina.application import open_store
+    from lamina.lazy.lower import image_lowers
     from runner.sandbox import call_in_userns
 
     container = ContainerStore(args.layout).get(args.container)
-    store = open_store(args.layout)
-    image = store.resolve_image(container.image_id)
-    lowers = store.layer_stack(image)
+    lowers = image_lowers(args.layout, container.image_id)
     for kind, path in call_in_userns(_changes, container.upper, lowers):
         print(f"{kind} {path}")
     return 0

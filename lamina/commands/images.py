@@ -193,9 +193,26 @@ def cmd_rmi(args: argparse.Namespace) -> int:
     return 0
 
 
+def _remove_lazy_image(store: Store, name: str, force: bool) -> list[str]:
+    """rmi of a lazy image (lamina.lazy): its record and what was fetched of its layers go
+    (refused while a container uses it, unless forced: a running one keeps its layer server)."""
+    from lamina.lazy import images as lazy_images
+
+    lazy = lazy_images.find(store.layout, name)
+    users = store.containers_using(lazy.id)
+    if users and not force:
+        raise StoreError(f"image {name} is in use by container(s) {', '.join(u[:12] for u in users)}; "
+                         "remove them first or use -f")
+    lazy_images.remove(store.layout, lazy.id)
+    return [*(f"Untagged: {Reference.parse(tag).familiar}" for tag in lazy.tags), f"Deleted: sha256:{lazy.id}"]
+
+
 def remove_image(store: Store, name: str, force: bool) -> list[str]:
     """docker's rmi: a tag with siblings is only untagged; the last name (or an ID) deletes."""
-    image = store.resolve_image(name)
+    try:
+        image = store.resolve_image(name)
+    except ImageNotFound:
+        return _remove_lazy_image(store, name, force)
     lines: list[str] = []
     by_tag = False
     ref: Reference | None = None

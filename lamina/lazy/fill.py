@@ -51,8 +51,9 @@ class FillStopped(LaminaError):
 
 
 @contextlib.contextmanager
-def fill_lock(layout: Layout, image: LazyImage) -> Iterator[bool]:
-    """Hold the image's fill lock if nobody else does; yields whether this process has it."""
+def fill_lock(layout: Layout, image: LazyImage, wait: bool = False) -> Iterator[bool]:
+    """Hold the image's fill lock if nobody else does (or once they are done, with ``wait``);
+    yields whether this process has it."""
     path = layout.lazy_images / image.id / "fill.lock"
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -61,11 +62,11 @@ def fill_lock(layout: Layout, image: LazyImage) -> Iterator[bool]:
         return
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             yield False
             return
-        yield True
+        yield (layout.lazy_images / image.id).exists()
     finally:
         os.close(fd)
 
@@ -129,6 +130,15 @@ def finish(layout: Layout, image: LazyImage, client: RegistryClient) -> None:
     log.info("lazy image %s is filled: an ordinary image of the store now", image.id[:12])
 
 
+def _fill(layout: Layout, image: LazyImage, stop: threading.Event) -> None:
+    """Fill every layer and finish; the caller holds the fill lock. Raises what fails."""
+    with open_client(image) as client:
+        for layer in image.layers:
+            if has_toc(layer) and not os.path.exists(layout.blobs / layer.digest.removeprefix("sha256:")):
+                fill_layer(client, image, layer, PartialBlob(layout.lazy_blobs, layer.digest), stop)
+        finish(layout, image, client)
+
+
 def fill_image(layout: Layout, image_id: str, stop: threading.Event) -> bool:
     """Fill the lazy image ``image_id`` and make it an ordinary image; True when it is one.
 
@@ -144,14 +154,25 @@ def fill_image(layout: Layout, image_id: str, stop: threading.Event) -> bool:
             log.info("lazy image %s: another process is filling it", image.id[:12])
             return False
         try:
-            with open_client(image) as client:
-                for layer in image.layers:
-                    if has_toc(layer) and not os.path.exists(layout.blobs / layer.digest.removeprefix("sha256:")):
-                        fill_layer(client, image, layer, PartialBlob(layout.lazy_blobs, layer.digest), stop)
-                finish(layout, image, client)
+            _fill(layout, image, stop)
         except FillStopped:
             return False
         except LaminaError as e:
             log.warning("the fill of lazy image %s stopped: %s", image.id[:12], e)
             return False
     return True
+
+
+def fill_now(layout: Layout, image_id: str) -> None:
+    """Make the lazy image ``image_id`` an ordinary image before returning: a commit on top of it
+    needs its layers in the store. Waits for another process's fill first, then fills what is left.
+
+    Error handling: whatever the fill fails with (RegistryError, FormatError, LayerError).
+    """
+    try:
+        image = images.load(layout, image_id)
+    except ImageNotFound:
+        return  # an ordinary image already
+    with fill_lock(layout, image, wait=True) as mine:
+        if mine:
+            _fill(layout, image, threading.Event())

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     import pyfuse3
 
     from lamina.lazy.tree import LazyTree, Node
+    from lamina.store.store import Image
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,28 @@ def image_lowers(layout: Layout, image_id: str) -> LayerStack:
 
 def is_lazy(layout: Layout, image_id: str) -> bool:
     return image_id in images.image_ids(layout)
+
+
+def lazy_base_image(layout: Layout, reference: str) -> Image | None:
+    """``FROM REFERENCE`` of an image that is not in the store but runs lazily: the image, its
+    layers' paths in a lazy layer server of this process (as :func:`image_lowers` gives a
+    container). None when the reference is to be pulled instead (not eStargz).
+
+    A commit on top of it needs its layers in the store first: :func:`lamina.lazy.fill.fill_now`.
+    Error handling: as :func:`lamina.lazy.images.fetch_lazy` and :func:`image_lowers`.
+    """
+    try:
+        lazy = images.find(layout, reference)
+    except ImageNotFound:
+        found = images.fetch_lazy(layout, reference)
+        if found is None:
+            return None
+        lazy = found
+    stack = image_lowers(layout, lazy.id).top_down()
+    image = images.as_image(lazy)
+    for layer, path in zip(image.layers, reversed(stack), strict=True):
+        layer.path = path
+    return image
 
 
 def start_server(layout: Layout, image: LazyImage) -> LazyServer:
