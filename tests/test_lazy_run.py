@@ -283,8 +283,9 @@ def test_from_commit_and_rmi_of_a_lazy_image(registry: RunningRegistry, lamina_c
     assert ran.stdout.strip() == str(3 << 20)
 
     committed_root = tmp_path / "committed-root"
-    lamina_cmd("run", "--name", "c", "--network=none", ref, "sh", "-c", "echo hi > /hi", root=committed_root,
+    lamina_cmd("create", "--name", "c", "--network=none", ref, "sh", "-c", "echo hi > /hi", root=committed_root,
                env=NO_FILL)
+    lamina_cmd("start", "-a", "c", root=committed_root, env=NO_FILL)
     assert "Lazy" in inspect(lamina_cmd, committed_root, ref)
     lamina_cmd("commit", "c", "committed:1", root=committed_root)
     assert inspect(lamina_cmd, committed_root, "committed:1")["RootFS"]["Layers"][:-1] == base_layers
