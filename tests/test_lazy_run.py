@@ -140,7 +140,7 @@ def test_lazy_false_pulls_the_image_whole(registry: RunningRegistry, lamina_cmd:
     assert not (root / "lazy" / "images").exists() or not list((root / "lazy" / "images").iterdir())
 
 
-def data_image(lamina_cmd: Cli, tmp_path: Path, ref: str) -> None:
+def data_image(lamina_cmd: Cli, tmp_path: Path, ref: str, prioritized: tuple[str, ...] = ()) -> None:
     """busybox and a layer of three 3 MiB random files, pushed to ``ref`` as eStargz."""
     context = tmp_path / "context"
     (context / "data").mkdir(parents=True)
@@ -148,7 +148,28 @@ def data_image(lamina_cmd: Cli, tmp_path: Path, ref: str) -> None:
         (context / "data" / f"f{i}").write_bytes(os.urandom(3 << 20))
     (context / "Dockerfile").write_text("FROM lamina/busybox\nCOPY data /data\n")
     lamina_cmd("build", "-q", "-t", "lazy/data:1", str(context))
-    lamina_cmd("push", "--tls-verify=false", "--compression-format", "estargz", "lazy/data:1", ref)
+    lamina_cmd("push", "--tls-verify=false", "--compression-format", "estargz",
+               *(f"--estargz-prioritize={path}" for path in prioritized), "lazy/data:1", ref)
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_the_prioritized_files_are_prefetched(registry: RunningRegistry, lamina_cmd: Cli, tmp_path: Path) -> None:
+    ref = f"{registry.address}/lazy/data:1"
+    data_image(lamina_cmd, tmp_path, ref, prioritized=("/data/f2",))
+    root = tmp_path / "lazy-root"
+    lamina_cmd("run", "--rm", "--network=none", ref, "true", root=root, env=NO_FILL)
+    # `true` read nothing of /data; the server fetched f2 (3 MiB of random bytes) on its own.
+    deadline = time.monotonic() + 60
+    while inspect(lamina_cmd, root, ref)["Lazy"]["PresentBytes"] < 3 << 20 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    present = inspect(lamina_cmd, root, ref)["Lazy"]["PresentBytes"]
+    assert 3 << 20 <= present < 6 << 20
+    seen = len(blob_traffic(registry))
+    ran = lamina_cmd("run", "--rm", "--network=none", ref, "sh", "-c", "wc -c < /data/f2", root=root, env=NO_FILL)
+    assert ran.stdout.strip() == str(3 << 20)
+    # Read from the cache: no chunk of f2 fetched again (only the TOCs of the new mount).
+    assert sum(n for _d, _s, n in blob_traffic(registry)[seen:]) < 1 << 20
 
 
 @pytest.mark.root

@@ -107,10 +107,6 @@ def image_lowers(layout: Layout, image_id: str) -> LayerStack:
     return server.stack
 
 
-def is_lazy(layout: Layout, image_id: str) -> bool:
-    return image_id in images.image_ids(layout)
-
-
 def lazy_base_image(layout: Layout, reference: str) -> Image | None:
     """``FROM REFERENCE`` of an image that is not in the store but runs lazily: the image, its
     layers' paths in a lazy layer server of this process (as :func:`image_lowers` gives a
@@ -163,8 +159,8 @@ def start_server(layout: Layout, image: LazyImage) -> LazyServer:
         _wait_ready(process, mountpoint, log_path)
     except BaseException:
         server.close()
-        with_deadline = time.monotonic() + 10
-        while process.poll() is None and time.monotonic() < with_deadline:
+        deadline = time.monotonic() + 10
+        while process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
         if process.poll() is None:
             process.kill()
