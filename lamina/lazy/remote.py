@@ -121,6 +121,10 @@ class RemoteLayer:
     read or verified; :meth:`read_chunk` raises :class:`ChunkUnavailable`.
     """
 
+    #: Given the compressed bytes of each chunk fetched and verified (blob offset, bytes): the fill
+    #: of a lazy image keeps them (:mod:`lamina.lazy.partial`).
+    keep: Callable[[int, bytes], None] | None = None
+
     def __init__(self, client: RegistryClient, repository: str, descriptor: Descriptor, cache: ChunkCache,
                  trace: Callable[[str], None] | None = None) -> None:
         if not has_toc(descriptor):
@@ -134,8 +138,6 @@ class RemoteLayer:
         self._lock = threading.Lock()
         # Chunks whose cache file this process has checked: later reads take slices of it.
         self._verified: set[str] = set()
-        #: Given the blob's verified bytes as they arrive (offset, bytes): the fill keeps them.
-        self.keep: Callable[[int, bytes], None] | None = None
 
     def close(self) -> None:
         self.client.close()
@@ -162,8 +164,6 @@ class RemoteLayer:
             raise FormatError(f"layer {self.label}: its TOC is more than {MAX_TOC_BYTES} bytes")
         member = self._range(toc_offset, size - FOOTER_SIZE)
         toc = parse_toc(toc_json_from_member(member), self.descriptor.annotations[TOC_DIGEST_ANNOTATION], toc_offset)
-        if self.keep is not None:
-            self.keep(toc_offset, member)
         if self.trace:
             self.trace(f"layer {self.label}: TOC {len(member)} bytes, {len(toc.entries)} entries")
         return toc
