@@ -12,6 +12,8 @@ rotating order:
 - ``podman``: ``podman pull`` of the eStargz image (a normal pull) and ``podman image mount``, the
   same walk and read (root only; skipped with a note otherwise).
 
+The run rows (``run --rm REF cat FILE`` lazily, or after a pull) are :mod:`bench.lazy_run`'s.
+
 Bytes are counted on the registry's side, from its access log (blob GETs, ranges included). The
 run writes ``bench/results/DATE-lazy.json`` and ``.md``. It needs root for podman and the
 ``docker-registry`` package; the tests' registry fixture starts the registry.
@@ -171,6 +173,9 @@ def run(reps: int, files: int, scale: float, work: Path) -> SuiteResult:
             lambda w: pull_round(m, w, gzip_ref, small_file)]
         if podman is not None:
             rounds.append(lambda w: podman_round(m, podman, esgz_ref, small_file))
+        from bench.lazy_run import run_rounds
+
+        rounds += run_rounds(m, esgz_ref, gzip_ref, small_file, podman)
         for rep in range(reps):
             for index in range(len(rounds)):
                 one = rounds[(index + rep) % len(rounds)]
@@ -195,6 +200,9 @@ def render(suite: SuiteResult, stamp: dict[str, Any]) -> str:
     for key, per_system in suite.details["bytes_from_registry"].items():
         cells = [str(sorted(per_system[s])[len(per_system[s]) // 2]) if s in per_system else "—" for s in suite.systems]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    from bench.lazy_run import run_summary
+
+    lines += run_summary(suite)
     return "\n".join(lines) + "\n"
 
 

@@ -255,6 +255,10 @@ class Builder:
             labels.update(self.options.labels)
             config["config"]["Labels"] = labels
         tags = list(self.options.tags)
+        if state.base is not None:
+            from lamina.lazy.fill import fill_now
+
+            fill_now(self.store.layout, state.base.id)  # a lazy base's layers must be in the store
         image = self.store.create_image(list(state.layers), config, tags=tags, base=state.base)
         self.out.line(f"COMMIT {' '.join(tags)}".rstrip())
         self.out.line(f"--> {image.short_id}")
@@ -401,6 +405,9 @@ class Builder:
             return self.store.resolve_image(ref)
         except ImageNotFound:
             pass
+        lazy = self._lazy_base(ref)
+        if lazy is not None:
+            return lazy
         try:
             pulled = self._pull(ref)
         except LaminaError as e:
@@ -409,6 +416,16 @@ class Builder:
             return pulled
         raise where.error(f"base image {ref!r} is not in the store (try `lamina pull {ref}` or "
                           "`lamina import`)")
+
+    def _lazy_base(self, ref: str) -> Image | None:
+        """An eStargz base image read lazily (lamina.lazy), as ``run`` does; None to pull it."""
+        from lamina.lazy.lower import lazy_base_image
+
+        try:
+            return lazy_base_image(self.store.layout, ref)
+        except LaminaError as e:
+            log.debug("%s: not run lazily (%s)", ref, e)  # the pull that follows says why, or succeeds
+            return None
 
     def _pull(self, ref_text: str) -> Image | None:
         """Pull through the store's registry client; None when the reference is not pullable."""

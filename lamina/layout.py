@@ -129,3 +129,18 @@ class Layout:
     def lazy_tars(self) -> Path:
         """Layers of lazy images that are not eStargz: fetched whole, kept as plain tars by blob digest."""
         return self.root / "lazy" / "tars"
+
+    @property
+    def lazy_images(self) -> Path:
+        """Images run lazily, not yet filled: one directory per image ID (:mod:`lamina.lazy.images`)."""
+        return self.root / "lazy" / "images"
+
+    @property
+    def lazy_blobs(self) -> Path:
+        """Layer blobs of lazy images being filled, as sparse files with a log of the ranges present."""
+        return self.root / "lazy" / "blobs"
+
+    @property
+    def lazy_servers(self) -> Path:
+        """The mount points of the lazy layer servers of running containers (:mod:`lamina.lazy.lower`)."""
+        return self.root / "lazy" / "run"

@@ -47,12 +47,10 @@ log = logging.getLogger(__name__)
 
 
 def build_spec(layout: Layout, container: Container) -> SandboxSpec:
-    from lamina.store import Store
+    from lamina.lazy.lower import image_lowers
     from runner.runflags import rlimits
 
-    store = Store.open(layout)
-    image = store.resolve_image(container.image_id)
-    lowers = store.layer_stack(image)
+    lowers = image_lowers(layout, container.image_id)
     # A volume mounted with nocopy is a plain bind: never filled from the image.
     mounts = [Mount(target=m["target"],
                     kind="bind" if m.get("kind") == "volume" and m.get("copy") is False else m.get("kind", "bind"),

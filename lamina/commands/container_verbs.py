@@ -161,6 +161,7 @@ def _commit_layer(layout: Layout, upper: Path) -> Any:
 
 def cmd_commit(args: argparse.Namespace) -> int:
     from lamina.application import open_store
+    from lamina.lazy.fill import fill_now
     from runner.commit_config import committed_config
     from runner.freeze import paused
     from runner.sandbox import call_in_userns
@@ -168,6 +169,7 @@ def cmd_commit(args: argparse.Namespace) -> int:
 
     container = ContainerStore(args.layout).get(args.container)
     store = open_store(args.layout)
+    fill_now(args.layout, container.image_id)  # a lazy image's layers must be in the store first
     pause = paused(container.state.pid) if args.pause and container.running else contextlib.nullcontext()
     # Shared lock from the new layer to the image that names it: a concurrent prune must not
     # collect the layer in between (shared holders never block each other).

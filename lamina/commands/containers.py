@@ -37,6 +37,7 @@ from runner.tty import check_tty
 # runner.lifecycle, runner.sandbox and the store are imported by the handlers that need them, so
 # that `lamina --help` and every other package's verbs do not pay for them.
 if TYPE_CHECKING:
+    from lamina.lazy.images import LazyImage
     from lamina.store import Image, Store
     from unionfs.core.stack import LayerStack
 
@@ -68,6 +69,9 @@ def _add_container_flags(p: argparse.ArgumentParser) -> None:
                    help="seccomp=unconfined turns off the default seccomp filter")
     p.add_argument("--pull", choices=["missing", "always", "never"], default="missing",
                    help="pull the image from its registry: when missing (default), always, or never")
+    p.add_argument("--lazy", action="store_true", default=True,
+                   help="run an eStargz image from its registry before it is pulled (default true; "
+                        "--lazy=false pulls it first)")
     run_options.add_flags(p)
     p.add_argument("image", help="image reference or id")
     p.add_argument("command", nargs=argparse.REMAINDER, help="command and arguments (replace CMD)")
@@ -173,7 +177,7 @@ def _new_container(args: argparse.Namespace) -> Container:
     from runner.network import normalize_network, parse_port
 
     store = open_store(args.layout)
-    image = _image_for_run(store, args.image, args.pull)
+    image = _image_for_run(store, args.image, args.pull, args.lazy)
     cfg: dict[str, Any] = image.config.get("config") or {}
     command = list(args.command)
     if command and command[0] == "--":
@@ -229,27 +233,39 @@ def _refuse_nul(reference: str, cfg: dict[str, Any]) -> None:
             raise ContainerError(f"image {reference}: its config {key} contains a NUL byte")
 
 
-def _image_for_run(store: Store, reference: str, policy: str) -> Image:
-    """The image to run; pulled from its registry as docker does (``--pull``)."""
+def _image_for_run(store: Store, reference: str, policy: str, lazy: bool = True) -> Image | LazyImage:
+    """The image to run; pulled from its registry as docker does (``--pull``), or recorded to be
+    run lazily when it is an eStargz image and ``lazy`` (:mod:`lamina.lazy.images`)."""
     from lamina.errors import ImageNotFound
+    from lamina.lazy import images as lazy_images
 
     if policy != "always":
         try:
             return store.resolve_image(reference)
         except ImageNotFound:
+            if lazy:
+                with contextlib.suppress(ImageNotFound):
+                    return lazy_images.find(store.layout, reference)
+                with contextlib.suppress(ImageNotFound):  # filled between the two lookups
+                    return store.resolve_image(reference)
             if policy == "never":
                 raise
             print(f"Unable to find image '{reference}' locally", file=sys.stderr)
     from lamina.store.transfer import pull
 
     try:
+        if lazy:
+            found = lazy_images.fetch_lazy(store.layout, reference)
+            if found is not None:
+                return found
         # Progress redraws lines with terminal escapes: only on a terminal.
-        return pull(store, reference,
-                    progress_stream=sys.stderr if sys.stderr.isatty() else None)
+        image = pull(store, reference, progress_stream=sys.stderr if sys.stderr.isatty() else None)
     except LaminaError as e:
         if policy == "always":
             raise
         raise ImageNotFound(f"{reference} (not in the store, and pulling it failed: {e})") from e
+    lazy_images.remove(store.layout, image.id)  # pulled whole: no longer lazy
+    return image
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -683,13 +699,11 @@ def _changes(upper: Path, lowers: LayerStack) -> list[tuple[str, str]]:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from lamina.application import open_store
+    from lamina.lazy.lower import image_lowers
     from runner.sandbox import call_in_userns
 
     container = ContainerStore(args.layout).get(args.container)
-    store = open_store(args.layout)
-    image = store.resolve_image(container.image_id)
-    lowers = store.layer_stack(image)
+    lowers = image_lowers(args.layout, container.image_id)
     for kind, path in call_in_userns(_changes, container.upper, lowers):
         print(f"{kind} {path}")
     return 0

@@ -52,8 +52,9 @@ def _open(args: argparse.Namespace) -> Store:
 
 def cmd_images(args: argparse.Namespace) -> int:
     store = _open(args)
-    images = sorted(store.images(), key=lambda i: (i.created or dt.datetime.min.replace(tzinfo=dt.UTC)),
-                    reverse=True)
+    present = _lazy_presence(store)
+    images = sorted(store.images() + [image for image, _ in present.values()],
+                    key=lambda i: (i.created or dt.datetime.min.replace(tzinfo=dt.UTC)), reverse=True)
     from lamina.commands.filters import ImageFilter
 
     image_filter = ImageFilter(store, args.filter)
@@ -73,8 +74,8 @@ def cmd_images(args: argparse.Namespace) -> int:
     if format_kind(args.format) != "default" and not args.quiet:
         # docker shows digests only when asked, or when the format names {{.Digest}} as such
         digests = getattr(args, "digests", False) or "{{.Digest}}" in args.format
-        contexts = [image_context(image, ref, args.no_trunc, digests) for image in images
-                    for ref in _shown_names(image, shown)]
+        contexts = [image_context(image, ref, args.no_trunc, digests, _present_text(present, image))
+                    for image in images for ref in _shown_names(image, shown)]
         sys.stdout.write(render_rows(args.format, contexts, IMAGE_HEADER))
         return 0
     if args.quiet:
@@ -85,7 +86,10 @@ def cmd_images(args: argparse.Namespace) -> int:
                 seen.add(id_text)
                 print(id_text)
         return 0
-    rows = [["REPOSITORY", "TAG", *(["DIGEST"] if args.digests else []), "IMAGE ID", "CREATED", "SIZE"]]
+    # PRESENT (lamina's own column) only when a lazy image is listed: docker's table otherwise.
+    lazy_shown = any(image.id in present for image in images)
+    rows = [["REPOSITORY", "TAG", *(["DIGEST"] if args.digests else []), "IMAGE ID", "CREATED", "SIZE",
+             *(["PRESENT"] if lazy_shown else [])]]
     for image in images:
         shown_id = ("sha256:" + image.id) if args.no_trunc else image.short_id
         names: list[Reference | None] = [r for r in map(Reference.parse, image.tags) if shown(r)] or [None]
@@ -93,9 +97,28 @@ def cmd_images(args: argparse.Namespace) -> int:
             repo = ref.familiar_name if ref else "<none>"
             tag = (ref.tag or "<none>") if ref else "<none>"
             digest = [image.manifest_digest] if args.digests else []
-            rows.append([repo, tag, *digest, shown_id, since(image.created), human_size(image.size)])
+            rows.append([repo, tag, *digest, shown_id, since(image.created), human_size(image.size),
+                         *([_present_text(present, image) or "100%"] if lazy_shown else [])])
     print_table(rows)
     return 0
+
+
+def _lazy_presence(store: Store) -> dict[str, tuple[Image, str]]:
+    """The lazy images not (yet) in the store, by ID: each as an Image, and how much of it is here."""
+    from lamina.lazy import images as lazy_images
+
+    found = {}
+    ordinary = set(store.image_ids())
+    for lazy in lazy_images.all_images(store.layout):
+        if lazy.id not in ordinary:
+            presence = lazy_images.presence(store.layout, lazy)
+            found[lazy.id] = (lazy_images.as_image(lazy), f"{presence.percent:.0f}%")
+    return found
+
+
+def _present_text(present: dict[str, tuple[Image, str]], image: Image) -> str | None:
+    """How much of ``image`` is here when it is lazy; None for an ordinary image."""
+    return present[image.id][1] if image.id in present else None
 
 
 def _shown_names(image: Image, shown: Callable[[Reference], bool]) -> list[Reference | None]:
@@ -106,12 +129,26 @@ def _shown_names(image: Image, shown: Callable[[Reference], bool]) -> list[Refer
 # docker's imageContext: its header names and its fields (github docker/cli formatter/image.go)
 IMAGE_HEADER = {"ID": "IMAGE ID", "Repository": "REPOSITORY", "Tag": "TAG", "Digest": "DIGEST",
                 "CreatedSince": "CREATED", "CreatedAt": "CREATED AT", "Size": "SIZE", "Containers": "CONTAINERS",
-                "SharedSize": "SHARED SIZE", "UniqueSize": "UNIQUE SIZE"}
+                "SharedSize": "SHARED SIZE", "UniqueSize": "UNIQUE SIZE", "Present": "PRESENT"}
 
 
-def image_context(image: Image, ref: Reference | None, no_trunc: bool, digests: bool) -> Any:
-    """One row of ``images --format``: an image under one of its names, as docker shows it."""
-    return context("*formatter.imageContext", {
+def image_context(image: Image, ref: Reference | None, no_trunc: bool, digests: bool,
+                  present: str | None = None) -> Any:
+    """One row of ``images --format``: an image under one of its names, as docker shows it.
+
+    ``present`` (how much of a lazy image is here) is lamina's own ``{{.Present}}``; ``json``
+    shows it only for a lazy image, so an ordinary image's row has docker's fields exactly."""
+    from lamina.gotemplate import GoStruct
+
+    row = image_fields(image, ref, no_trunc, digests)
+    row["Present"] = present or "100%"
+    shown = row if present is not None else {k: v for k, v in row.items() if k != "Present"}
+    return GoStruct("*formatter.imageContext", row, json_fields=lambda: shown)
+
+
+def image_fields(image: Image, ref: Reference | None, no_trunc: bool, digests: bool) -> dict[str, Any]:
+    """docker's fields of one ``images`` row."""
+    return {
         "ID": ("sha256:" + image.id) if no_trunc else image.short_id,
         "Repository": ref.familiar_name if ref else "<none>",
         "Tag": (ref.tag or "<none>") if ref else "<none>",
@@ -121,7 +158,7 @@ def image_context(image: Image, ref: Reference | None, no_trunc: bool, digests: 
         "Size": human_size(image.size),
         "Containers": "N/A", "SharedSize": "N/A", "UniqueSize": "N/A",
         "VirtualSize": go_human_size(image.size, 4),  # docker 28.2 still has it; later ones drop it
-    })
+    }
 
 
 # --- tag, rmi ------------------------------------------------------------------------------------
@@ -156,9 +193,26 @@ def cmd_rmi(args: argparse.Namespace) -> int:
     return 0
 
 
+def _remove_lazy_image(store: Store, name: str, force: bool) -> list[str]:
+    """rmi of a lazy image (lamina.lazy): its record and what was fetched of its layers go
+    (refused while a container uses it, unless forced: a running one keeps its layer server)."""
+    from lamina.lazy import images as lazy_images
+
+    lazy = lazy_images.find(store.layout, name)
+    users = store.containers_using(lazy.id)
+    if users and not force:
+        raise StoreError(f"image {name} is in use by container(s) {', '.join(u[:12] for u in users)}; "
+                         "remove them first or use -f")
+    lazy_images.remove(store.layout, lazy.id)
+    return [*(f"Untagged: {Reference.parse(tag).familiar}" for tag in lazy.tags), f"Deleted: sha256:{lazy.id}"]
+
+
 def remove_image(store: Store, name: str, force: bool) -> list[str]:
     """docker's rmi: a tag with siblings is only untagged; the last name (or an ID) deletes."""
-    image = store.resolve_image(name)
+    try:
+        image = store.resolve_image(name)
+    except ImageNotFound:
+        return _remove_lazy_image(store, name, force)
     lines: list[str] = []
     by_tag = False
     ref: Reference | None = None
@@ -213,6 +267,24 @@ def image_inspect(store: Store, image: Image) -> dict[str, Any]:
     }
 
 
+def _lazy_inspect(store: Store, name: str) -> dict[str, Any] | None:
+    """``inspect`` of a lazy image: docker's fields, no lower directories yet, and ``Lazy``."""
+    from lamina.lazy import images as lazy_images
+
+    try:
+        lazy = lazy_images.find(store.layout, name)
+    except ImageNotFound:
+        try:  # filled between the two lookups: an ordinary image now
+            return image_inspect(store, store.resolve_image(name))
+        except ImageNotFound:
+            return None
+    image = lazy_images.as_image(lazy)
+    found = image_inspect(store, image)
+    found["GraphDriver"]["Data"] = {}
+    found["Lazy"] = lazy_images.presence_json(lazy_images.presence(store.layout, lazy))
+    return found
+
+
 def _inspect_container(layout: Layout, name: str) -> dict[str, Any] | None:
     """The runner's view of the container ``name``, or None when there is none."""
     from runner.state import inspect_container
@@ -235,7 +307,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             try:
                 found = image_inspect(store, store.resolve_image(name))
             except ImageNotFound:
-                found = None
+                found = _lazy_inspect(store, name)
         if found is None and args.type in ("container", None):
             found = _inspect_container(args.layout, name)
         if found is None:

@@ -121,6 +121,10 @@ class RemoteLayer:
     read or verified; :meth:`read_chunk` raises :class:`ChunkUnavailable`.
     """
 
+    #: Given the compressed bytes of each chunk fetched and verified (blob offset, bytes): the fill
+    #: of a lazy image keeps them (:mod:`lamina.lazy.partial`).
+    keep: Callable[[int, bytes], None] | None = None
+
     def __init__(self, client: RegistryClient, repository: str, descriptor: Descriptor, cache: ChunkCache,
                  trace: Callable[[str], None] | None = None) -> None:
         if not has_toc(descriptor):
@@ -224,5 +228,7 @@ class RemoteLayer:
                            f"({len(compressed)} compressed)")
             self.cache.put(chunk, data)
             self._verified.add(chunk.digest)
+            if self.keep is not None:
+                self.keep(chunk.offset, compressed)
             return data
         raise AssertionError("unreachable")
