@@ -7,7 +7,6 @@ import hashlib
 import io
 import json
 import os
-import pty
 import re
 import signal
 import shutil
@@ -19,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from harness import run_with_a_terminal
 from registry_server import (
     FakeRegistry,
     RunningRegistry,
@@ -336,22 +336,7 @@ def test_kill_during_pull_leaves_store_clean(tmp_path: Path, lamina_cmd) -> None
 def run_on_terminal(argv: list[str]) -> tuple[subprocess.CompletedProcess[bytes], str]:
     """Run ``argv`` with stdout on a pseudo-terminal; returns the result (stderr captured) and what
     the terminal showed."""
-    master, slave = pty.openpty()
-    try:
-        result = subprocess.run(argv, stdout=slave, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=120)
-    finally:
-        os.close(slave)
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:  # EIO once the terminal has no writer left
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(master)
-    return result, b"".join(chunks).decode().replace("\r\n", "\n")
+    return run_with_a_terminal(argv, "stdout")
 
 
 def test_per_layer_progress_on_a_terminal(registry: RunningRegistry, tmp_path: Path) -> None:
