@@ -97,6 +97,21 @@ def registry(tmp: Path) -> Iterator[str]:
         yield running.address
 
 
+def cache_layer_bytes(cache: str, runner: LaminaRunner) -> tuple[int, int]:
+    """The bytes of the cache's layer blobs in the registry, and of the same layers as the plain
+    tars the exporting store keeps."""
+    from lamina.store import Reference, Store
+    from lamina.store.registry import RegistryClient
+
+    ref = Reference.parse(cache)
+    with RegistryClient(ref.registry, tls_verify=False) as client:
+        manifest = json.loads(client.get_manifest(ref.repository, ref.tag or "latest").data)
+    store = Store.open(runner.cli.root)
+    layers = manifest["layers"]
+    return (sum(layer["size"] for layer in layers),
+            sum(store.blobs.size(layer["annotations"]["containerd.io/uncompressed"]) for layer in layers))
+
+
 class LaminaRunner:
     def __init__(self, tmp: Path, name: str) -> None:
         self.cli = LaminaCli(tmp / name)
@@ -120,6 +135,9 @@ def lamina_round(tmp: Path, reg: str, base: str, rep: int, rows: dict[str, Row],
     rows["cold"].add(LAMINA, seconds)
     seconds, out = first.run("build", "-t", image, "--cache-to", f"type=registry,ref={cache}", str(ctx))
     rows["export"].add(LAMINA, seconds)
+    sent, plain = cache_layer_bytes(cache, first)
+    details.setdefault("lamina_cache_layer_bytes", []).append(sent)
+    details.setdefault("lamina_cache_plain_layer_bytes", []).append(plain)
     first.run("push", image)
     seconds, _ = LaminaRunner(tmp, f"lamina-pull-{rep}").run("pull", image)
     rows["transfer"].add(LAMINA, seconds)
