@@ -49,6 +49,7 @@ from runner.sandbox_init import (
 from runner.state import Container
 from runner.userdb import resolve_user
 
+KEEPER_ACK_TIMEOUT_S = 30.0
 NAMESPACES = (("user", linux.CLONE_NEWUSER), ("mnt", linux.CLONE_NEWNS), ("uts", linux.CLONE_NEWUTS),
               ("ipc", linux.CLONE_NEWIPC), ("net", linux.CLONE_NEWNET), ("pid", linux.CLONE_NEWPID))
 
@@ -131,7 +132,7 @@ def exec_in_container(container: Container, argv: list[str], env: dict[str, str]
                 detached = tty.relay(master, stdin_fd, sys.stdout.fileno(), lambda: False,
                                      input_filter=matcher.feed if matcher is not None else None)
             if detached and keeper is not None:
-                socket.send_fds(keeper, [b"d"], [master])  # the keeper drains it from now on
+                _hand_over(keeper, master)
                 raise Detached()
             os.close(master)
         _, status = os.waitpid(pid, 0)
@@ -175,6 +176,17 @@ def _keep(parent: int, client: socket.socket, status_w: int, close: list[int | N
         os._exit(code)
 
 
+def _hand_over(keeper: socket.socket, master: int) -> None:
+    """Give the keeper the terminal's master, and wait until it no longer dies with this process."""
+    socket.send_fds(keeper, [b"d"], [master])  # the keeper drains it from now on
+    keeper.settimeout(KEEPER_ACK_TIMEOUT_S)
+    try:
+        if keeper.recv(1) != b"k":
+            raise ContainerError("the exec's keeper went away: the command may have ended")
+    except TimeoutError:
+        raise ContainerError("the exec's keeper did not answer: the command may end with this process") from None
+
+
 def _wait_draining(helper: int, client: socket.socket) -> None:
     """Until ``helper`` exits: take the terminal's master when the client detaches, and read
     (and drop) the command's output from it."""
@@ -188,6 +200,7 @@ def _wait_draining(helper: int, client: socket.socket) -> None:
                 _, fds, _, _ = socket.recv_fds(client, 1, 1)
                 if fds:
                     linux.prctl(linux.PR_SET_PDEATHSIG, 0)
+                    client.sendall(b"k")  # only now may the client exit
                     master = fds[0]
                     watched.append(master)
         if master is not None and master in readable and not tty.read_master(master):

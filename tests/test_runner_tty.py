@@ -62,13 +62,14 @@ def test_exec_it_detaches_and_the_command_runs_on(lamina: Lamina, module_root: P
     sequence" (exit 1) and leaves the command running, its output drained; a killed ``exec``
     still takes its command with it."""
     assert lamina("run", "-d", "--name", "xdet", IMAGE, "sleep", "300").returncode == 0
-    writer = b"(i=0; while [ $i -lt 4000 ]; do echo line $i; i=$((i+1)); done; echo y > /tmp/drained) &\r"
+    # Output that starts once the client is gone (before, this test's terminal would have to read it).
+    writer = b"(sleep 2; i=0; while [ $i -lt 4000 ]; do echo line $i; i=$((i+1)); done; echo y > /tmp/drained) &\r"
     for keys, typed in ((None, b"\x10\x11"), ("ctrl-a,d", b"\x01d")):
         flags = ["--detach-keys", keys] if keys else []
         with on_pty(lamina_argv(module_root, "exec", "-it", *flags, "xdet", "sh"), cwd=REPO_ROOT) as (proc, m):
             read_until(m, b"# ")
-            os.write(m, b"echo $$ > /tmp/sh.pid; sleep 1; " + writer)
-            read_until(m, b"# ")
+            os.write(m, b"echo $$ > /tmp/sh.pid; echo ready-$((40+2)); " + writer)
+            read_until(m, b"ready-42")  # the output, not the echo of what was typed
             os.write(m, typed)
             assert proc.wait(timeout=20) == 1
             assert b"read escape sequence" in read_until(m, b"sequence")
@@ -80,8 +81,8 @@ def test_exec_it_detaches_and_the_command_runs_on(lamina: Lamina, module_root: P
         lamina("exec", "xdet", "sh", "-c", "kill -9 $(cat /tmp/sh.pid); rm /tmp/drained")
     with on_pty(lamina_argv(module_root, "exec", "-it", "xdet", "sh"), cwd=REPO_ROOT) as (proc, m):
         read_until(m, b"# ")
-        os.write(m, b"echo $$ > /tmp/sh.pid\r")
-        read_until(m, b"# ")
+        os.write(m, b"echo $$ > /tmp/sh.pid; echo ready-$((40+2))\r")
+        read_until(m, b"ready-42")
         proc.kill()
         proc.wait(timeout=20)
     deadline = time.monotonic() + 10
@@ -185,8 +186,8 @@ def test_terminal_detach_and_attach_unprivileged(unpriv) -> None:  # type: ignor
     assert "Up " in unpriv.lamina("ps").stdout
     with on_pty(["lamina", "exec", "-it", "ut", "sh"], **as_user) as (proc, m):  # exec detaches too
         read_until(m, b"# ")
-        os.write(m, b"echo $$ > /tmp/x.pid\r")
-        read_until(m, b"# ")
+        os.write(m, b"echo $$ > /tmp/x.pid; echo ready-$((40+2))\r")
+        read_until(m, b"ready-42")
         os.write(m, b"\x10\x11")
         assert proc.wait(timeout=30) == 1
     assert unpriv.lamina("exec", "ut", "sh", "-c", "kill -0 $(cat /tmp/x.pid)").returncode == 0
