@@ -55,18 +55,28 @@ DOCKERFILE = """\
 FROM {base}
 WORKDIR /app
 COPY deps.txt ./
-RUN sleep {pause} && dd if=/dev/urandom of=deps.bin bs=1M count={mib} 2>/dev/null
+RUN sleep {pause} && {fill_deps}
 COPY src/ src/
-RUN sleep {pause} && dd if=/dev/urandom of=build.bin bs=1M count={mib} 2>/dev/null && cat src/* > built.txt
+RUN sleep {pause} && {fill_build} && cat src/* > built.txt
 RUN sleep {pause} && echo tested > tested.txt
 CMD ["cat", "/app/built.txt"]
 """
 RUN_STEPS = 3
+# What two RUN steps write, about MIB MiB each: random bytes (nothing to compress), or copies of
+# the busybox executable (compiler output: gzip halves it).
+FILLS = {"random": "dd if=/dev/urandom of={out} bs=1M count={mib} 2>/dev/null",
+         "binary": "for i in $(seq {copies}); do cat /bin/busybox; done > {out}"}
 
 
-def write_context(path: Path, pause: float, mib: int, base: str) -> Path:
+def write_context(path: Path, pause: float, mib: int, base: str, data: str = "random") -> Path:
     (path / "src").mkdir(parents=True)
-    (path / "Dockerfile").write_text(DOCKERFILE.format(base=base, pause=pause, mib=mib))
+    copies = max(1, round(mib * (1 << 20) / 1_982_256))  # busybox-static 1.35's size
+
+    def fill(out: str) -> str:
+        return FILLS[data].format(out=out, mib=mib, copies=copies)
+
+    (path / "Dockerfile").write_text(DOCKERFILE.format(base=base, pause=pause, fill_deps=fill("deps.bin"),
+                                                       fill_build=fill("build.bin")))
     (path / "deps.txt").write_text("dependency list\n")
     for n in range(20):
         (path / "src" / f"module{n:02d}.txt").write_text(f"module {n}\n" * 100)
@@ -97,6 +107,21 @@ def registry(tmp: Path) -> Iterator[str]:
         yield running.address
 
 
+def cache_layer_bytes(cache: str, runner: LaminaRunner) -> tuple[int, int]:
+    """The bytes of the cache's layer blobs in the registry, and of the same layers as the plain
+    tars the exporting store keeps."""
+    from lamina.store import Reference, Store
+    from lamina.store.registry import RegistryClient
+
+    ref = Reference.parse(cache)
+    with RegistryClient(ref.registry, tls_verify=False) as client:
+        manifest = json.loads(client.get_manifest(ref.repository, ref.tag or "latest").data)
+    store = Store.open(runner.cli.root)
+    layers = manifest["layers"]
+    return (sum(layer["size"] for layer in layers),
+            sum(store.blobs.size(layer["annotations"]["containerd.io/uncompressed"]) for layer in layers))
+
+
 class LaminaRunner:
     def __init__(self, tmp: Path, name: str) -> None:
         self.cli = LaminaCli(tmp / name)
@@ -114,12 +139,15 @@ def lamina_round(tmp: Path, reg: str, base: str, rep: int, rows: dict[str, Row],
                  pause: float, mib: int) -> None:
     cache = f"{reg}/bench/app:cache-{rep}"
     image = f"{reg}/bench/app:built-{rep}"
-    ctx = write_context(tmp / f"ctx-{rep}", pause, mib, base)
+    ctx = write_context(tmp / f"ctx-{rep}", pause, mib, base, details["data"])
     first = LaminaRunner(tmp, f"lamina-1-{rep}")
     seconds, out = first.run("build", "-t", image, str(ctx))
     rows["cold"].add(LAMINA, seconds)
     seconds, out = first.run("build", "-t", image, "--cache-to", f"type=registry,ref={cache}", str(ctx))
     rows["export"].add(LAMINA, seconds)
+    sent, plain = cache_layer_bytes(cache, first)
+    details.setdefault("lamina_cache_layer_bytes", []).append(sent)
+    details.setdefault("lamina_cache_plain_layer_bytes", []).append(plain)
     first.run("push", image)
     seconds, _ = LaminaRunner(tmp, f"lamina-pull-{rep}").run("pull", image)
     rows["transfer"].add(LAMINA, seconds)
@@ -142,7 +170,7 @@ def lamina_round(tmp: Path, reg: str, base: str, rep: int, rows: dict[str, Row],
 def podman_round(tmp: Path, reg: str, base: str, rep: int, rows: dict[str, Row], details: dict[str, Any],
                  pause: float, mib: int) -> None:
     cache = f"{reg}/bench/podman-cache-{rep}"
-    ctx = write_context(tmp / f"pctx-{rep}", pause, mib, base)
+    ctx = write_context(tmp / f"pctx-{rep}", pause, mib, base, details["data"])
     flags = ["--layers", "--tls-verify=false", "--format", "oci"]
 
     def build(env: PodmanEnv, *extra: str) -> tuple[float, str]:
@@ -163,7 +191,8 @@ def podman_round(tmp: Path, reg: str, base: str, rep: int, rows: dict[str, Row],
         rows["changed"].add(PODMAN, seconds)
 
 
-def run_cache_suite(reps: int, pause: float, mib: int, podman: bool, workdir: Path | None) -> SuiteResult:
+def run_cache_suite(reps: int, pause: float, mib: int, podman: bool, workdir: Path | None,
+                    data: str = "random") -> SuiteResult:
     rows = {
         "cold": Row("cache", "cold", f"cold build, empty store ({RUN_STEPS} RUN steps of {pause:g} s)"),
         "export": Row("cache", "export", "export: the same build with --cache-to (all steps local hits)"),
@@ -173,7 +202,7 @@ def run_cache_suite(reps: int, pause: float, mib: int, podman: bool, workdir: Pa
         "changed": Row("cache", "changed", "second runner, one COPY'd file changed, --cache-from"),
     }
     systems = [LAMINA] + ([PODMAN] if podman else [])
-    details: dict[str, Any] = {"pause_s": pause, "mib_per_run_step": mib}
+    details: dict[str, Any] = {"pause_s": pause, "mib_per_run_step": mib, "data": data}
     with tempfile.TemporaryDirectory(prefix="bench-cache-", dir=workdir) as tmp_name:
         tmp = Path(tmp_name)
         tmp.chmod(0o755)
@@ -218,7 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.cache", description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--pause", type=float, default=7.0, help="seconds each RUN step sleeps (3 of them)")
-    parser.add_argument("--mib", type=int, default=8, help="MiB of random data two RUN steps write")
+    parser.add_argument("--mib", type=int, default=8, help="MiB of data two RUN steps write")
+    parser.add_argument("--data", choices=sorted(FILLS), default="random",
+                        help="what they write: random bytes (default) or copies of an executable")
     parser.add_argument("--no-podman", action="store_true")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="result prefix (default bench/results/<stamp>-cache)")
@@ -229,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     started = dt.datetime.now(dt.UTC)
     stamp = machine_stamp()
     stamp["started"] = started.strftime("%Y-%m-%d %H:%M UTC")
-    suite = run_cache_suite(args.reps, args.pause, args.mib, not args.no_podman, args.workdir)
+    suite = run_cache_suite(args.reps, args.pause, args.mib, not args.no_podman, args.workdir, args.data)
     verdict = target_verdict(suite)
     out = args.out or RESULTS_DIR / f"{started.strftime('%Y%m%d-%H%M')}-cache"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -73,6 +73,7 @@ class BuildOptions:
     no_cache: bool = False
     pull: bool = False
     network: str = "default"  # --network: RUN steps' default network (default, none or host)
+    ulimits: tuple[tuple[str, int, int], ...] = ()  # --ulimit: (name, soft, hard) of every RUN step
     labels: dict[str, str] = field(default_factory=dict)
     quiet: bool = False
     session: Session = field(default_factory=Session)  # --secret and --ssh
@@ -180,7 +181,7 @@ class Builder:
             context=self.context, cache=self.cache, workspace=self.workspace,
             downloads=Downloads(self.workspace), interruption=self.interruption, session=options.session,
             sources=self.source, run=_run_step, copy=copy_into_layer, make_workdir=make_workdir,
-            quiet=options.quiet, epoch=self.epoch, network=options.network)
+            quiet=options.quiet, epoch=self.epoch, network=options.network, ulimits=options.ulimits)
 
     # --- top level ---------------------------------------------------------------------------
     def build(self) -> Image:

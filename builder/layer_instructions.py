@@ -39,6 +39,7 @@ class RunStep(Step):
     network: str  # default, none or host
     exec_form: bool
     bind_digest: str = ""  # what the bind mounts show the command (their sources' content)
+    ulimits: tuple[tuple[str, int, int], ...] = ()  # build --ulimit: (name, soft, hard)
 
     def cache_text(self) -> str:
         # Secrets and agents by name and place only: BuildKit keeps their content out of the key.
@@ -49,7 +50,9 @@ class RunStep(Step):
         body = json.dumps(list(self.argv)) if self.argv else self.instruction.args
         heredocs = "".join(f"\n{d.name}:{d.raw_body}" for d in self.instruction.heredocs)
         binds = f" binds={self.bind_digest}" if self.bind_digest else ""
-        return f"RUN {network}{mounts} {body}{heredocs}{binds}"
+        # A command may read its limits (BuildKit keys them too); without --ulimit the key is as before.
+        ulimits = "".join(f" ulimit={name}={soft}:{hard}" for name, soft, hard in self.ulimits)
+        return f"RUN {network}{mounts} {body}{heredocs}{binds}{ulimits}"
 
     def binds_key(self, ctx: StepContext) -> str:
         """The content of what ``--mount=type=bind`` shows the command: the context files it names
@@ -144,7 +147,8 @@ class Run(Instruction):
         step = self.expand(ctx.scope, ctx.image)
         assert isinstance(step, RunStep)
         network = ctx.services.network if step.network == "default" else step.network
-        return dataclasses.replace(step, bind_digest=step.binds_key(ctx), network=network)
+        return dataclasses.replace(step, bind_digest=step.binds_key(ctx), network=network,
+                                   ulimits=ctx.services.ulimits)
 
 
 # --- COPY and ADD ---------------------------------------------------------------------------------

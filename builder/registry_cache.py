@@ -14,7 +14,11 @@ that is missing, unreachable or not a cache gives one warning line and the build
 it, as BuildKit's does; so does a layer that cannot be fetched (the step then runs).
 
 Export: after the image is recorded, the layers the chosen steps made are uploaded (those the
-registry lacks), then the metadata, then the manifest under the ref's tag. The registry replaces a
+registry lacks), then the metadata, then the manifest under the ref's tag. A layer the store keeps
+uncompressed (every layer a build makes) goes out gzipped, as a push sends it: the same blob a push
+of any image holding that layer sends, compressed once (:mod:`lamina.store.outbound`). Keys and the
+image built from the cache do not change (a record names its layer's diff_id, and an image's ID is
+its config's digest); only the blobs shrink. The registry replaces a
 tag's manifest in one write, so two builders exporting to one ref at once leave the cache of one of
 them, whole (last writer wins, as in BuildKit); blobs are content-addressed, so their uploads never
 conflict. ``mode=min`` (the default) exports the steps of the final stage and the stages it is
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import functools
 import json
 import logging
@@ -40,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 from builder.cache_config import (
     CACHE_CONFIG_TYPE,
     INLINE_KEY,
+    CachedLayer,
     CacheRecord,
     ImageLayers,
     canonical,
@@ -60,7 +66,7 @@ log = logging.getLogger(__name__)
 Warn = Callable[[str], None]
 
 # BuildKit's cache exporter options that change nothing here (lamina always writes OCI media types
-# and an image manifest, and keeps each layer's compression as the store has it).
+# and an image manifest, and sends its layers gzipped).
 _ACCEPTED_NOOPS = {"oci-mediatypes": "true", "image-manifest": "true"}
 # A cache registry is asked quickly: a builder waiting a minute for an unreachable cache is worse
 # than one that builds without it.
@@ -304,6 +310,24 @@ class ImportedCache:
         return True
 
 
+def _gzipped(store: Store, records: list[CacheRecord]) -> list[CacheRecord]:
+    """``records`` with each uncompressed layer replaced by its gzip blob."""
+    from lamina.store.outbound import GZIPPED_TYPE, gzipped_layer
+
+    outbound: dict[str, CachedLayer] = {}
+    result = []
+    for record in records:
+        layer = record.layer
+        if layer is not None and layer.media_type in GZIPPED_TYPE:
+            if layer.digest not in outbound:
+                digest, size = gzipped_layer(store, layer.digest)
+                outbound[layer.digest] = dataclasses.replace(layer, digest=digest, size=size,
+                                                             media_type=GZIPPED_TYPE[layer.media_type])
+            record = dataclasses.replace(record, layer=outbound[layer.digest])
+        result.append(record)
+    return result
+
+
 def _image_layers(config: dict[str, Any], manifest: ImageManifest) -> ImageLayers:
     """diff_id -> the image manifest's blob for it (the config's diff_ids and the manifest's layers
     go in the same order)."""
@@ -350,6 +374,7 @@ def export(store: Store, target: CacheTarget, records: list[CacheRecord]) -> str
 
     ref = Reference.parse(target.ref)
     repository = ref.repository
+    records = _gzipped(store, records)
     layers = layers_of(records)
     config = canonical(config_document(records))
     registries = Registries()

@@ -109,6 +109,7 @@ def _mounts(step: RunStep, ctx: StepContext, tmp: Path, env: dict[str, str]) -> 
 
 def _run_in_sandbox(step: RunStep, ctx: StepContext, tmp: Path, upper: Path, work: Path,
                     env: dict[str, str], mounts: list[Mount]) -> Layer | None:
+    from runner.runflags import ULIMITS
     from runner.sandbox import SandboxSpec
 
     services = ctx.services
@@ -125,6 +126,7 @@ def _run_in_sandbox(step: RunStep, ctx: StepContext, tmp: Path, upper: Path, wor
                 cwd=ctx.image.workdir,
                 user=ctx.image.user or "0",
                 network="none" if step.network == "none" else "host",
+                ulimits=[(ULIMITS[name], soft, hard) for name, soft, hard in step.ulimits],
                 mounts=mounts,
                 stdout=capture.fileno() if capture else None,
                 stderr=capture.fileno() if capture else None,

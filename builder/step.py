@@ -80,6 +80,7 @@ class BuildServices(Record):
     quiet: bool  # RUN's output is shown only when it fails
     epoch: int | None  # SOURCE_DATE_EPOCH
     network: str = "default"  # build --network: what RUN's own "default" means
+    ulimits: tuple[tuple[str, int, int], ...] = ()  # build --ulimit: (name, soft, hard) for RUN steps
 
 
 @record

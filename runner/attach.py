@@ -215,7 +215,7 @@ def send_exit(clients: list[socket.socket], code: int) -> None:
 # --- the client's side ----------------------------------------------------------------------------
 
 
-class _EscapeMatcher:
+class EscapeMatcher:
     """docker's escape proxy: bytes that may begin the detach keys are held back until they do
     (detach) or do not (they are sent after all)."""
 
@@ -269,13 +269,13 @@ def attach_terminal(sock: socket.socket, detach_keys: bytes, stdin_fd: int | Non
     raw = stdin_fd is not None and os.isatty(stdin_fd)
     try:
         with tty.raw_terminal(stdin_fd) if raw and stdin_fd is not None else contextlib.nullcontext():
-            return _relay(sock, _EscapeMatcher(detach_keys), stdin_fd, stdout_fd)
+            return _relay(sock, EscapeMatcher(detach_keys), stdin_fd, stdout_fd)
     finally:
         if previous is not None:
             signal.signal(signal.SIGWINCH, previous)
 
 
-def _relay(sock: socket.socket, matcher: _EscapeMatcher, stdin_fd: int | None, stdout_fd: int) -> int | None:
+def _relay(sock: socket.socket, matcher: EscapeMatcher, stdin_fd: int | None, stdout_fd: int) -> int | None:
     reader = FrameReader()
     inputs: list[int | socket.socket] = [sock] + ([stdin_fd] if stdin_fd is not None else [])
     while True:

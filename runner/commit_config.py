@@ -12,13 +12,13 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from lamina.errors import UsageError
+from lamina.errors import DockerfileError, UsageError
 from lamina.store.importer import apply_change
 from runner.state import Container
 
-# docker's validCommitCommands (HEALTHCHECK is not among lamina's config fields yet).
-COMMIT_CHANGES = ("CMD", "ENTRYPOINT", "ENV", "EXPOSE", "LABEL", "ONBUILD", "STOPSIGNAL", "USER", "VOLUME",
-                  "WORKDIR")
+# docker's validCommitCommands, and STOPSIGNAL, which podman accepts too (docker refuses it).
+COMMIT_CHANGES = ("CMD", "ENTRYPOINT", "ENV", "EXPOSE", "HEALTHCHECK", "LABEL", "ONBUILD", "STOPSIGNAL", "USER",
+                  "VOLUME", "WORKDIR")
 
 
 class ChangeError(UsageError):
@@ -41,6 +41,9 @@ def _apply(cfg: dict[str, Any], change: str) -> None:
     if instruction.upper() not in COMMIT_CHANGES:
         raise ChangeError(f"--change {change!r}: {instruction} is not a valid change command "
                           f"(valid: {', '.join(COMMIT_CHANGES)})")
+    if instruction.upper() == "HEALTHCHECK":
+        cfg["Healthcheck"] = healthcheck_config(change)
+        return
     if instruction.upper() == "ONBUILD":
         if not argument.strip():
             raise ChangeError("--change ONBUILD: missing instruction")
@@ -50,6 +53,21 @@ def _apply(cfg: dict[str, Any], change: str) -> None:
         apply_change(cfg, change)
     except UsageError as e:
         raise ChangeError(str(e)) from None
+
+
+def healthcheck_config(change: str) -> dict[str, Any]:
+    """``HEALTHCHECK [--interval=...] CMD ...|NONE`` as the image's Config.Healthcheck: the
+    Dockerfile's instruction, by the builder's own grammar (docker's commit dispatches --change as
+    its builder does)."""
+    from builder.dockerfile import parse_trigger  # the Dockerfile grammar is the builder's
+    from builder.instructions import Healthcheck
+
+    try:
+        instruction = parse_trigger(change.strip(), "--change", 1)
+    except DockerfileError as e:
+        raise ChangeError(str(e).removeprefix("--change:1: ")) from None
+    assert isinstance(instruction, Healthcheck)
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in instruction.check.items()}
 
 
 def committed_config(base_config: dict[str, Any], container: Container, changes: list[str], author: str | None,

@@ -10,6 +10,14 @@ The helper runs from a sealed copy of the interpreter with an empty environment,
 holding only the namespace descriptors, its status pipe, the terminal and 0, 1, 2 (see
 :mod:`runner.sealed`): the container sees neither the caller's environment nor a host binary nor a
 host descriptor while it prepares the command.
+
+``exec -it`` can be detached from, as docker's (``--detach-keys``, ctrl-p,ctrl-q by default): the
+command must outlive this process then, yet the helper and the command die with their parent
+(PR_SET_PDEATHSIG, so that a killed ``lamina exec`` leaves nothing behind). So an interactive
+terminal exec starts the helper from a keeper process of its own: the keeper dies with ``lamina
+exec`` until the user detaches; then ``lamina exec`` hands it the terminal's master, the keeper
+stops dying with its parent, drains the command's output (nobody reads it, as with docker) and
+waits for the helper; ``lamina exec`` exits 1 with docker's "read escape sequence".
 """
 
 from __future__ import annotations
@@ -17,14 +25,17 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import select
 import signal
 import socket
 import sys
 import termios
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from lamina.errors import ContainerError
 from runner import linux, sealed, tty
+from runner.attach import Detached, EscapeMatcher
 from runner.sandbox import _EventReader, _raise_event
 from runner.sandbox_init import (
     DEFAULT_PATH,
@@ -38,6 +49,7 @@ from runner.sandbox_init import (
 from runner.state import Container
 from runner.userdb import resolve_user
 
+KEEPER_ACK_TIMEOUT_S = 30.0
 NAMESPACES = (("user", linux.CLONE_NEWUSER), ("mnt", linux.CLONE_NEWNS), ("uts", linux.CLONE_NEWUTS),
               ("ipc", linux.CLONE_NEWIPC), ("net", linux.CLONE_NEWNET), ("pid", linux.CLONE_NEWPID))
 
@@ -58,8 +70,10 @@ def _open_namespaces(pid: int) -> list[tuple[int, int]]:
 
 
 def exec_in_container(container: Container, argv: list[str], env: dict[str, str], user: str,
-                      workdir: str, use_tty: bool, interactive: bool) -> int:
-    """Run ``argv`` in ``container`` and return its exit code (126/127 raised as docker does)."""
+                      workdir: str, use_tty: bool, interactive: bool, detach_keys: bytes | None = None) -> int:
+    """Run ``argv`` in ``container`` and return its exit code (126/127 raised as docker does).
+    With a terminal, input and ``detach_keys``, typing the keys leaves the command running and
+    raises :class:`Detached`."""
     if not container.running or not container.state.pid:
         raise ContainerError(f"container {container.name} is not running")
     sealed.sealed_interpreter()  # made once, here, rather than in the child (and can fail here)
@@ -72,6 +86,9 @@ def exec_in_container(container: Container, argv: list[str], env: dict[str, str]
         theirs = theirs_socket.detach()
         env.setdefault("TERM", "xterm")  # as docker: not the caller's
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
+    keeper = theirs_keeper = None
+    if use_tty and interactive and detach_keys:
+        keeper, theirs_keeper = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -81,7 +98,14 @@ def exec_in_container(container: Container, argv: list[str], env: dict[str, str]
             sealed.exec_sealed("exec-helper", job, {0, 1, 2, status_w, theirs, *(fd for fd, _ in ns_fds)})
 
         os.close(status_r)
-        child_main(status_w, start_helper)
+        if theirs_keeper is None:
+            child_main(status_w, start_helper)
+        assert keeper is not None
+        keeper.close()
+        _keep(os.getppid(), theirs_keeper, status_w, [theirs, *(fd for fd, _ in ns_fds)],
+              lambda: child_main(status_w, start_helper))
+    if theirs_keeper is not None:
+        theirs_keeper.close()
     os.close(status_w)
     for fd, _ in ns_fds:
         os.close(fd)
@@ -103,16 +127,85 @@ def exec_in_container(container: Container, argv: list[str], env: dict[str, str]
     try:
         if master is not None:
             stdin_fd = sys.stdin.fileno() if interactive else None
+            matcher = EscapeMatcher(detach_keys) if keeper is not None and detach_keys else None
             with tty.raw_terminal(sys.stdin.fileno()) if interactive else contextlib.nullcontext():
-                tty.relay(master, stdin_fd, sys.stdout.fileno(), lambda: False)
+                detached = tty.relay(master, stdin_fd, sys.stdout.fileno(), lambda: False,
+                                     input_filter=matcher.feed if matcher is not None else None)
+            if detached and keeper is not None:
+                _hand_over(keeper, master)
+                raise Detached()
             os.close(master)
         _, status = os.waitpid(pid, 0)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if keeper is not None:
+            keeper.close()
     if error is not None:
         _raise_event(error, "exec failed")
     return exit_code(status)
+
+
+def _keep(parent: int, client: socket.socket, status_w: int, close: list[int | None],
+          start_helper: Callable[[], NoReturn]) -> NoReturn:
+    """The keeper of a detachable exec (see the module's docstring): the helper's parent; its exit
+    code is the helper's."""
+    code = 125
+    try:
+        linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)  # until the user detaches
+        if os.getppid() != parent:
+            os._exit(code)
+        os.setsid()  # not in the caller's job: the shell may hang it up once it has detached
+        null = os.open(os.devnull, os.O_RDWR)
+        for target in (0, 1, 2):  # all the command's input and output go through its pty
+            os.dup2(null, target)
+        os.close(null)
+        helper = os.fork()
+        if helper == 0:
+            start_helper()
+        os.close(status_w)
+        for fd in close:
+            if fd is not None:
+                os.close(fd)
+        for sig in FORWARDED_SIGNALS:
+            signal.signal(sig, lambda signum, _f: _kill(helper, signum))
+        _wait_draining(helper, client)
+        _, status = os.waitpid(helper, 0)
+        code = exit_code(status)
+    finally:
+        os._exit(code)
+
+
+def _hand_over(keeper: socket.socket, master: int) -> None:
+    """Give the keeper the terminal's master, and wait until it no longer dies with this process."""
+    socket.send_fds(keeper, [b"d"], [master])  # the keeper drains it from now on
+    keeper.settimeout(KEEPER_ACK_TIMEOUT_S)
+    try:
+        if keeper.recv(1) != b"k":
+            raise ContainerError("the exec's keeper went away: the command may have ended")
+    except TimeoutError:
+        raise ContainerError("the exec's keeper did not answer: the command may end with this process") from None
+
+
+def _wait_draining(helper: int, client: socket.socket) -> None:
+    """Until ``helper`` exits: take the terminal's master when the client detaches, and read
+    (and drop) the command's output from it."""
+    helper_fd = os.pidfd_open(helper)
+    watched: list[int | socket.socket] = [helper_fd, client]
+    master = None
+    while helper_fd not in (readable := select.select(watched, [], [])[0]):
+        if client in readable:
+            watched.remove(client)
+            with contextlib.suppress(OSError):
+                _, fds, _, _ = socket.recv_fds(client, 1, 1)
+                if fds:
+                    linux.prctl(linux.PR_SET_PDEATHSIG, 0)
+                    client.sendall(b"k")  # only now may the client exit
+                    master = fds[0]
+                    watched.append(master)
+        if master is not None and master in readable and not tty.read_master(master):
+            watched.remove(master)
+    os.close(helper_fd)
 
 
 def _kill(pid: int, sig: int) -> None:

@@ -78,9 +78,12 @@ def raw_terminal(fd: int) -> Iterator[None]:
 
 
 def relay(master: int, stdin_fd: int | None, stdout_fd: int | None, finished: Callable[[], bool],
-          copy_to: Callable[[bytes], None] | None = None) -> None:
+          copy_to: Callable[[bytes], None] | None = None,
+          input_filter: Callable[[bytes], tuple[bytes, bool]] | None = None) -> bool:
     """Copy ``stdin_fd`` -> master and master -> ``stdout_fd`` until the pty's slave side is closed
-    (or nothing arrives and ``finished()`` says the container is gone).
+    (or nothing arrives and ``finished()`` says the container is gone); True when it stopped
+    because ``input_filter`` (what to send on of the input, and whether to stop: the detach keys)
+    said so, False otherwise.
 
     ``stdin_fd`` None means the container's input is not attached (``-t`` without ``-i``);
     ``stdout_fd`` None that nobody watches it live (``run -d``). When stdin is a terminal, its window
@@ -102,23 +105,30 @@ def relay(master: int, stdin_fd: int | None, stdout_fd: int | None, finished: Ca
             if master in readable:
                 data = read_master(master)
                 if not data:
-                    return
+                    return False
                 if stdout_fd is not None:
                     write_all(stdout_fd, data)
                 if copy_to is not None:
                     copy_to(data)
             if stdin_fd is not None and stdin_fd in readable:
                 data = os.read(stdin_fd, 65536)
+                stop = False
+                if data and input_filter is not None:
+                    data, stop = input_filter(data)
+                    if not data and not stop:
+                        continue  # held back: maybe the start of the detach keys
                 if data:
                     write_all(master, data)
-                else:
+                if stop:
+                    return True
+                if not data:
                     inputs.remove(stdin_fd)
                     # End of input: send EOF to the container's terminal, as docker does.
                     with contextlib.suppress(OSError):
                         write_all(master, b"\x04")
             if not readable:
                 if drained:
-                    return
+                    return False
                 # As in copy_output: output written just before the exit is still in the pty.
                 if finished():
                     drained = True

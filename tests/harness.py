@@ -367,3 +367,26 @@ def docker_error_code(argv: Sequence[str]) -> int:
     verb = words[1] if len(words) > 1 and words[0] in ("container", "image", "builder", "system") else \
         (words[0] if words else "")
     return 125 if verb in EXITING_125 else 1
+
+
+def run_with_a_terminal(argv: Sequence[str], stream: str = "stdout") -> tuple[subprocess.CompletedProcess[bytes], str]:
+    """Run ``argv`` with its ``stream`` ("stdout" or "stderr") on a pseudo-terminal and the other
+    one captured; returns the result and what the terminal showed (``\\r\\n`` as ``\\n``)."""
+    master, slave = os.openpty()
+    other = {"stdout": "stderr", "stderr": "stdout"}[stream]
+    try:
+        result = subprocess.run(list(argv), stdin=subprocess.DEVNULL, timeout=120,
+                                **{stream: slave, other: subprocess.PIPE})  # type: ignore[call-overload]
+    finally:
+        os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO once the terminal has no writer left
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    return result, b"".join(chunks).decode().replace("\r\n", "\n")

@@ -36,6 +36,14 @@ from pathlib import Path
 HOST = "127.0.0.1"
 
 
+def pulled_id(lamina_cmd, pulled: subprocess.CompletedProcess[str], root: Path | None = None) -> str:  # type: ignore[no-untyped-def]
+    """The ID of the image ``lamina pull`` printed last: docker prints the full reference it pulled,
+    and that reference must name the image in the store."""
+    reference = pulled.stdout.strip().splitlines()[-1]
+    shown = lamina_cmd("inspect", "--format", "{{.Id}}", reference, **({"root": root} if root else {}))
+    return str(shown.stdout.strip().removeprefix("sha256:"))
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((HOST, 0))

@@ -403,6 +403,15 @@ def test_from_registry_image_is_pulled(lamina: Lamina, ctx: Path, tmp_path: Path
         again = fresh("build", "--pull", "-t", "from-registry", str(ctx))
         assert again.stdout.count("--> CACHED") == 1
         assert manifest_gets() > manifests_before
+        # docker's --pull is a boolean (buildx's too): =true as bare, =false as absent.
+        manifests_before = manifest_gets()
+        fresh("build", "--pull=false", "-t", "from-registry", str(ctx))
+        assert manifest_gets() == manifests_before
+        fresh("build", "--pull=true", "-t", "from-registry", str(ctx))
+        assert manifest_gets() > manifests_before
+        for value in ("always", "missing"):  # podman's words, not docker's: a flag error, 125
+            bad = fresh("build", f"--pull={value}", "-t", "from-registry", str(ctx), check=False)
+            assert bad.returncode == 125 and bad.stderr.count("\n") == 1 and "--pull" in bad.stderr, bad.stderr
 
 
 def test_run_mounts_from_stage_and_persistent_cache(lamina: Lamina, ctx: Path, tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
 """docker's ``build`` flags that scripts use: ``--iidfile``, ``--output``, ``build -``, ``--network``,
-``--progress=quiet``.
+``--progress=quiet``, ``--ulimit``.
 
 References: podman 4.3 on the same base and Dockerfile where it implements the flag (``--output``
 local and tar, ``build -`` from a tar), else docker's documented behaviour (``docker build --help``
@@ -150,3 +150,43 @@ def test_network_flag_is_runs_default(tmp_path: Path) -> None:
     assert sorted(n.decode() for n in host) == sorted(os.listdir("/sys/class/net"))
     again = lamina(root, "build", "-t", "net", str(ctx)).stdout
     assert b"CACHED" not in again.split(b"STEP 3/3")[0]  # another network, another key
+
+
+ULIMITS = """\
+FROM {base}
+RUN (ulimit -n; ulimit -Hn; ulimit -u; ulimit -Hu; ulimit -c) > /report
+"""
+
+
+def test_ulimit_applies_to_run_steps_as_podman(builders: Builders, tmp_path: Path) -> None:
+    """``build --ulimit``: each RUN step starts with the limits, read from inside with ``ulimit``;
+    podman's build (which takes docker's flag) is the reference."""
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    flags = ("--ulimit", "nofile=100:200", "--ulimit", "nproc=300:400", "--ulimit", "core=0")
+    builders.build_lamina(ctx, ULIMITS, "limits", *flags)
+    ours = builders.lamina("run", "--rm", "--network", "none", "limits", "cat", "/report").stdout
+    builders.build_podman(ctx, ULIMITS, "limits", *flags)
+    theirs = builders.podman_cmd("run", "--rm", "--network=none", "limits", "cat", "/report").stdout
+    assert ours == theirs == "100\n200\n300\n400\n0\n"
+    # Other limits, another key: the step runs again (a command may write what it reads).
+    again = builders.build_lamina(ctx, ULIMITS, "limits", "--ulimit", "nofile=150:200").stdout
+    assert "CACHED" not in again
+    assert builders.lamina("run", "--rm", "--network", "none", "limits", "head", "-1", "/report").stdout == "150\n"
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("bogus=1", "invalid ulimit type: bogus"),
+    ("nofile", "invalid ulimit argument: nofile"),
+    ("nofile=200:100", "soft limit must be less than or equal to hard limit: 200 > 100"),
+    ("nofile=ten", "invalid ulimit argument: nofile=ten"),
+])
+def test_bad_ulimit_is_one_line_and_exit_125(tmp_path: Path, value: str, message: str) -> None:
+    """docker refuses a bad --ulimit as a flag error (exit 125), before anything runs."""
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text("FROM lamina/busybox\nRUN touch /ran\n")
+    root = tmp_path / "root"
+    result = lamina(root, "build", "--ulimit", value, str(ctx), check=False)
+    assert result.returncode == 125 and message in result.stderr.decode()
+    assert len(result.stderr.decode().strip().splitlines()) == 1 and b"STEP" not in result.stdout

@@ -12,6 +12,7 @@ is one warning while the build goes on.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import re
@@ -123,6 +124,7 @@ def test_second_machine_builds_from_the_registry_cache(registry: RunningRegistry
     cold = first("build", "--secret", secret, "--cache-to", f"type=registry,ref={ref}", "-t", "app", str(ctx1))
     assert "CACHED" not in cold.stdout
     assert f"Exporting cache to {ref}" in cold.stdout
+    assert_layers_go_out_gzipped(registry, ref, first)
 
     warm = second("build", "--secret", secret, "--cache-from", f"type=registry,ref={ref}", "-t", "app", str(ctx2))
     results = step_results(warm.stdout)
@@ -150,6 +152,27 @@ def test_second_machine_builds_from_the_registry_cache(registry: RunningRegistry
     assert all(results[s] == "CACHED" for s in steps[:first_run]), changed.stdout
     assert all(results[s] != "CACHED" for s in steps[first_run:]), changed.stdout
     assert third("run", "--rm", "app").stdout == "config\nlib a, changed\nmain\n"
+
+
+def assert_layers_go_out_gzipped(registry: RunningRegistry, ref: str, machine: Machine) -> None:
+    """The cache's layers are the gzip blobs a push sends (smaller than the plain tars the store
+    keeps), each annotated with the diff_id its records and keys name."""
+    from lamina.store import Reference, Store
+    from lamina.store.outbound import cached_gzip
+    from lamina.store.registry import RegistryClient
+
+    parsed = Reference.parse(ref)
+    with RegistryClient(registry.address, tls_verify=False) as client:
+        manifest = json.loads(client.get_manifest(parsed.repository, parsed.tag or "latest").data)
+    store = Store.open(machine.root)
+    assert manifest["layers"]
+    for layer in manifest["layers"]:
+        diff_id = layer["annotations"]["containerd.io/uncompressed"]
+        assert layer["mediaType"] == "application/vnd.oci.image.layer.v1.tar+gzip"
+        assert layer["digest"] == cached_gzip(store, diff_id)  # the blob a push of the image sends
+        assert layer["size"] < store.blobs.size(diff_id)
+        blob = registry.storage / "docker/registry/v2/blobs/sha256" / layer["digest"][7:9] / layer["digest"][7:] / "data"
+        assert f"sha256:{hashlib.sha256(gzip.decompress(blob.read_bytes())).hexdigest()}" == diff_id
 
 
 def test_missing_or_unreachable_cache_is_one_warning(registry: RunningRegistry, tmp_path: Path) -> None:

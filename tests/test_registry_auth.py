@@ -10,7 +10,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from registry_server import bcrypt_hash, run_registry
+from registry_server import bcrypt_hash, pulled_id, run_registry
 
 from lamina.errors import UsageError
 from lamina.store.registry_auth import (
@@ -102,7 +102,7 @@ def test_login_logout_cli(tmp_path: Path, lamina_cmd) -> None:  # type: ignore[n
                 client.upload_blob("carol/app", "sha256:" + hashlib.sha256(blob).hexdigest(), tmp_path / name)
             client.put_manifest("carol/app", "1", manifest, OCI_MANIFEST)
         pulled = lamina_cmd("pull", "--tls-verify=false", f"{registry.address}/carol/app:1", env=env)
-        assert pulled.stdout.strip().splitlines()[-1] == hashlib.sha256(config).hexdigest()
+        assert pulled_id(lamina_cmd, pulled) == hashlib.sha256(config).hexdigest()
 
         lamina_cmd("logout", registry.address, env=env)
         denied = lamina_cmd("pull", "--tls-verify=false", f"{registry.address}/carol/app:1", env=env, check=False)

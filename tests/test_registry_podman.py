@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from registry_server import RunningRegistry, run_registry
+from registry_server import RunningRegistry, pulled_id, run_registry
 from test_store_interop import Cli, lamina_image_with_two_layers, podman, run_podman
 
 pytestmark = [pytest.mark.root, pytest.mark.slow,
@@ -57,7 +57,7 @@ def test_lamina_pulls_what_podman_pushed(podman: object, registry: RunningRegist
 
     root = tmp_path / "lamina-root"
     out = lamina_cmd("pull", "--tls-verify=false", remote, root=root)
-    assert out.stdout.strip().splitlines()[-1] == podman_config["Id"].removeprefix("sha256:")
+    assert pulled_id(lamina_cmd, out, root=root) == podman_config["Id"].removeprefix("sha256:")
     got = json.loads(lamina_cmd("inspect", remote, root=root).stdout)[0]
     assert got["RootFS"]["Layers"] == podman_config["RootFS"]["Layers"]
     assert got["Config"]["Cmd"] == ["/bin/tool"]

@@ -7,7 +7,6 @@ import hashlib
 import io
 import json
 import os
-import pty
 import re
 import signal
 import shutil
@@ -19,7 +18,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from registry_server import FakeRegistry, RunningRegistry, bcrypt_hash, digest_of, layer_blob, oci_image, run_registry
+from harness import run_with_a_terminal
+from registry_server import (
+    FakeRegistry,
+    RunningRegistry,
+    bcrypt_hash,
+    digest_of,
+    layer_blob,
+    oci_image,
+    pulled_id,
+    run_registry,
+)
 
 from lamina.store.registry import RegistryClient
 from lamina.store.registry_manifest import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, host_platform
@@ -67,13 +76,13 @@ def test_pull_fetches_only_missing_layers(registry: RunningRegistry, tmp_path: P
         manifest2, config2 = upload_image(client, "app/two", "v1", [a, b, c], tmp_path)
 
     first = lamina_cmd("pull", "--tls-verify=false", f"{registry.address}/app/one:v1")
-    assert first.stdout.strip().splitlines()[-1] == config1[7:]
+    assert pulled_id(lamina_cmd, first) == config1[7:]
     assert "Copying" not in first.stderr  # not a terminal: no progress
     assert sorted(registry.blob_gets()) == sorted([digest_of(a), digest_of(b), config1])
 
     before = len(registry.blob_gets())
     second = lamina_cmd("pull", "--tls-verify=false", f"{registry.address}/app/two:v1")
-    assert second.stdout.strip().splitlines()[-1] == config2[7:]
+    assert pulled_id(lamina_cmd, second) == config2[7:]
     assert sorted(registry.blob_gets()[before:]) == sorted([digest_of(c), config2])
 
     store = open_store(tmp_path / "lamina-root")
@@ -86,7 +95,7 @@ def test_pull_fetches_only_missing_layers(registry: RunningRegistry, tmp_path: P
     before = len(registry.blob_gets())
     lamina_cmd("pull", "-q", "--tls-verify=false", f"{registry.address}/app/two:v1")
     by_digest = lamina_cmd("pull", "-q", "--tls-verify=false", f"{registry.address}/app/two@{manifest2}")
-    assert by_digest.stdout.strip().splitlines()[-1] == config2[7:]
+    assert pulled_id(lamina_cmd, by_digest) == config2[7:]
     assert registry.blob_gets()[before:] == []
     assert lamina_cmd("system", "check").stdout.strip().endswith("ok")
 
@@ -171,7 +180,7 @@ def test_push_then_pull_roundtrip_and_skopeo(registry: RunningRegistry, tmp_path
     archive = lamina_cmd("pull", "oci-archive:/tmp/x.tar", root=src_root, check=False)
     assert archive.returncode == 1 and "lamina save/load" in archive.stderr
     pulled = lamina_cmd("pull", "--tls-verify=false", f"docker://{dest}", root=dst_root)
-    assert pulled.stdout.strip().splitlines()[-1] == child.id
+    assert pulled_id(lamina_cmd, pulled, root=dst_root) == child.id
     copy = open_store(dst_root).resolve_image(dest)
     assert copy.config == child.config
     assert copy.manifest_digest == f"sha256:{hashlib.sha256(registry_manifest(dest)).hexdigest()}"
@@ -205,12 +214,12 @@ def test_pull_index_picks_host_platform(registry: RunningRegistry, tmp_path: Pat
                             "manifests": [e for e, _ in entries]}).encode()
         client.put_manifest("multi/app", "latest", index, OCI_INDEX)
     out = lamina_cmd("pull", "--tls-verify=false", f"{registry.address}/multi/app")
-    assert out.stdout.strip().splitlines()[-1] == entries[1][1][7:]
+    assert pulled_id(lamina_cmd, out) == entries[1][1][7:]
     image = open_store(tmp_path / "lamina-root").resolve_image(f"{registry.address}/multi/app:latest")
     assert image.config["architecture"] == host
     # Another platform on request (an image lamina could only run under emulation).
     out = lamina_cmd("pull", "--tls-verify=false", "--platform", f"linux/{other}", f"{registry.address}/multi/app")
-    assert out.stdout.strip().splitlines()[-1] == entries[0][1][7:]
+    assert pulled_id(lamina_cmd, out) == entries[0][1][7:]
     missing = lamina_cmd("pull", "--tls-verify=false", "--platform", "linux/mips64le", f"{registry.address}/multi/app",
                          check=False)
     assert missing.returncode == 1 and f"offers: linux/{other}, linux/{host}" in missing.stderr
@@ -258,7 +267,7 @@ def test_pull_with_basic_auth(tmp_path: Path, lamina_cmd) -> None:  # type: igno
         wrong = lamina_cmd("pull", "--tls-verify=false", "--creds", "dave:nope", ref, check=False)
         assert wrong.returncode == 1 and "credentials refused" in wrong.stderr
         ok = lamina_cmd("pull", "--tls-verify=false", "--creds", "dave:pw", ref)
-        assert ok.stdout.strip().splitlines()[-1] == config[7:]
+        assert pulled_id(lamina_cmd, ok) == config[7:]
 
 
 def test_pull_errors_are_one_line(tmp_path: Path, lamina_cmd) -> None:  # type: ignore[no-untyped-def]
@@ -279,12 +288,12 @@ def test_pull_as_unprivileged_user(registry: RunningRegistry, tmp_path: Path, un
     ref = f"{registry.address}/user/app:1"
     pulled = unpriv.lamina("pull", "--tls-verify=false", ref)
     assert pulled.returncode == 0, pulled.stderr
-    assert pulled.stdout.strip().splitlines()[-1] == config[7:]
+    assert pulled.stdout.strip().splitlines()[-1] == ref
     diff_id = digest_of(gzip.decompress(layer_blob({"etc/who": b"me\n"})))
     unpacked = unpriv.workdir / "root" / "layers" / diff_id[7:] / "diff" / "etc" / "who"
     assert unpacked.read_bytes() == b"me\n" and unpacked.stat().st_uid == unpriv.uid
     again = unpriv.lamina("pull", "-q", "--tls-verify=false", ref)
-    assert again.returncode == 0 and again.stdout.strip().splitlines()[-1] == config[7:]
+    assert again.returncode == 0 and again.stdout == f"{ref}\n"
     pushed = unpriv.lamina("push", "--tls-verify=false", ref, f"{registry.address}/user/copy:1")
     assert pushed.returncode == 0, pushed.stderr
     with RegistryClient(registry.address, tls_verify=False) as client:
@@ -320,29 +329,14 @@ def test_kill_during_pull_leaves_store_clean(tmp_path: Path, lamina_cmd) -> None
         assert list((root / "tmp").glob("*.pull")) == []
         fake.stall_after = None
         out = lamina_cmd("pull", "-q", "--tls-verify=false", ref_text, root=root)
-        assert out.stdout.strip().splitlines()[-1] == digest_of(config)[7:]
+        assert pulled_id(lamina_cmd, out, root=root) == digest_of(config)[7:]
     assert list((root / "tmp").glob("*.pull")) == []
 
 
 def run_on_terminal(argv: list[str]) -> tuple[subprocess.CompletedProcess[bytes], str]:
     """Run ``argv`` with stdout on a pseudo-terminal; returns the result (stderr captured) and what
     the terminal showed."""
-    master, slave = pty.openpty()
-    try:
-        result = subprocess.run(argv, stdout=slave, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=120)
-    finally:
-        os.close(slave)
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:  # EIO once the terminal has no writer left
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(master)
-    return result, b"".join(chunks).decode().replace("\r\n", "\n")
+    return run_with_a_terminal(argv, "stdout")
 
 
 def test_per_layer_progress_on_a_terminal(registry: RunningRegistry, tmp_path: Path) -> None:
@@ -358,7 +352,7 @@ def test_per_layer_progress_on_a_terminal(registry: RunningRegistry, tmp_path: P
     for layer in layers:  # each layer's line is rewritten where it stands, never added below
         assert shown.count(f"{layer}: Pulling fs layer") == 1
         assert re.search(rf"\x1b\[\dA\r\x1b\[2K{layer}: Pull complete\r\x1b\[\dB", shown), shown
-    assert shown.strip().splitlines()[-1] == config[7:]
+    assert shown.strip().splitlines()[-1] == f"{registry.address}/tty/app:1"
 
     result, shown = run_on_terminal([*lamina, "push", "--tls-verify=false", f"{registry.address}/tty/app:1",
                                      f"{registry.address}/tty/copy:1"])
@@ -392,7 +386,7 @@ def test_per_layer_progress_in_a_pipe(registry: RunningRegistry, tmp_path: Path,
             ["Pulling fs layer", "Verifying Checksum", "Download complete", "Extracting", "Pull complete"], out
         assert len(mine) <= 6
     manifest = open_store(tmp_path / "lamina-root").resolve_image(ref).manifest_digest
-    assert lines[-3:] == [f"Digest: {manifest}", f"Status: Downloaded newer image for {ref}", config[7:]]
+    assert lines[-3:] == [f"Digest: {manifest}", f"Status: Downloaded newer image for {ref}", ref]
     again = lamina_cmd("pull", "--tls-verify=false", ref).stdout.splitlines()
     assert [f"{layer}: Already exists" for layer in ids] == again[1:3]
     assert again[-2] == f"Status: Image is up to date for {ref}"
@@ -441,7 +435,7 @@ def test_pull_docker_format_written_by_skopeo(registry: RunningRegistry, tmp_pat
     with RegistryClient(registry.address, tls_verify=False) as client:
         assert client.get_manifest("docker/app", "1").media_type == DOCKER_MANIFEST
     out = lamina_cmd("pull", "--tls-verify=false", f"{registry.address}/docker/app:1")
-    assert out.stdout.strip().splitlines()[-1] == config[7:]
+    assert pulled_id(lamina_cmd, out) == config[7:]
     image = open_store(tmp_path / "lamina-root").resolve_image(f"{registry.address}/docker/app:1")
     assert (image.layers[0].path / "etc" / "x").read_bytes() == b"x\n"
     # Pushed back as stored: Docker's media types and the very same manifest digest.
@@ -470,16 +464,16 @@ def test_absurd_manifests_are_refused_before_downloading(tmp_path: Path, lamina_
             result = lamina_cmd("pull", "--tls-verify=false", f"{fake.address}/absurd/img:{tag}", check=False)
             assert result.returncode == 1 and expected in result.stderr, result.stderr
         assert not [path for _, path, _ in fake.requests if "/blobs/" in path]
-        assert lamina_cmd("pull", "-q", "--tls-verify=false", f"{fake.address}/absurd/img:ok").stdout.strip() \
+        assert pulled_id(lamina_cmd, lamina_cmd("pull", "-q", "--tls-verify=false", f"{fake.address}/absurd/img:ok")) \
             == digest_of(config)[7:]
 
 
 @pytest.mark.network
 def test_pull_from_docker_hub(tmp_path: Path, lamina_cmd) -> None:  # type: ignore[no-untyped-def]
     """The real thing: anonymous Bearer tokens, an image index, redirects to a CDN."""
-    out = lamina_cmd("pull", "-q", "docker.io/library/busybox:latest", timeout=600)
+    out = lamina_cmd("pull", "-q", "busybox", timeout=600)
     image = open_store(tmp_path / "lamina-root").resolve_image("busybox")
-    assert out.stdout.strip() == image.id
+    assert out.stdout == "docker.io/library/busybox:latest\n"  # docker's answer, word for word
     assert image.config["architecture"] == host_platform().architecture
     assert (image.layers[-1].path / "bin" / "busybox").exists()
 
@@ -494,7 +488,7 @@ def test_pull_zstd_and_plain_layers(tmp_path: Path, lamina_cmd) -> None:  # type
     assert [layer["mediaType"].rsplit(".", 1)[1] for layer in json.loads(manifest)["layers"]] == ["tar", "tar+zstd"]
     with fake.serve():
         out = lamina_cmd("pull", "--tls-verify=false", f"{fake.address}/mixed/img:1")
-    assert out.stdout.strip().splitlines()[-1] == digest_of(config)[7:]
+    assert pulled_id(lamina_cmd, out) == digest_of(config)[7:]
     image = open_store(tmp_path / "lamina-root").resolve_image(f"{fake.address}/mixed/img:1")
     assert (image.layers[0].path / "etc" / "plain").read_bytes() == b"plain\n"
     assert (image.layers[1].path / "etc" / "zstd").read_bytes() == b"zstd\n"
@@ -591,9 +585,10 @@ def test_concurrent_pulls_share_the_store(registry: RunningRegistry, tmp_path: P
     results = [p.communicate(timeout=120) for p in processes]
     for process, (out, err) in zip(processes, results, strict=True):
         assert process.returncode == 0, err.decode()
-        assert out.decode().strip() == config[7:]
+        assert out.decode() == f"{registry.address}/race/img:1\n"
     assert lamina_cmd("system", "check", root=root).stdout.strip().endswith("ok")
     image = open_store(root).resolve_image(f"{registry.address}/race/img:1")
+    assert image.id == config[7:]
     assert [layer.digest for layer in image.layers] == [digest_of(b) for b in layers]
 
 
@@ -605,7 +600,7 @@ def test_layers_download_in_parallel(tmp_path: Path, lamina_cmd) -> None:  # typ
     config, _ = fake.add_image("many/img", "1", layers)
     with fake.serve():
         out = lamina_cmd("pull", "--tls-verify=false", f"{fake.address}/many/img:1")
-    assert out.stdout.strip().splitlines()[-1] == digest_of(config)[7:]
+    assert pulled_id(lamina_cmd, out) == digest_of(config)[7:]
     assert fake.max_in_flight == PARALLEL_TRANSFERS
     image = open_store(tmp_path / "lamina-root").resolve_image(f"{fake.address}/many/img:1")
     assert [layer.digest for layer in image.layers] == [digest_of(b) for b in layers]
@@ -643,9 +638,9 @@ def test_pull_from_https_registry_with_cert_dir(tmp_path: Path, lamina_cmd) -> N
         cert_dir.mkdir()
         shutil.copy(registry.cert, cert_dir / "ca.crt")
         out = lamina_cmd("pull", "--cert-dir", str(cert_dir), ref)
-        assert out.stdout.strip().splitlines()[-1] == config[7:]
+        assert pulled_id(lamina_cmd, out) == config[7:]
         insecure = lamina_cmd("pull", "-q", "--tls-verify=false", ref)
-        assert insecure.stdout.strip().splitlines()[-1] == config[7:]
+        assert pulled_id(lamina_cmd, insecure) == config[7:]
 
 
 def test_mutated_manifests_fail_only_with_lamina_errors(tmp_path: Path) -> None:
@@ -737,3 +732,20 @@ def test_cut_downloads_resume_where_they_stopped(tmp_path: Path, ranges: bool) -
     blob_gets = [path for method, path, _ in fake.requests if method == "GET" and "/blobs/" in path]
     assert len(blob_gets) == 2
     assert list((tmp_path / "root" / "tmp").glob("*.pull")) == []
+
+
+def test_pull_prints_the_reference_as_docker(registry: RunningRegistry, tmp_path: Path, lamina_cmd) -> None:  # type: ignore[no-untyped-def]
+    """docker pull's last line is the full reference it pulled, and with -q its only one (docker/cli's
+    e2e TestPullQuiet: stdout "registry:5000/alpine:frozen\\n", stderr empty); a name without a tag
+    first says "Using default tag: latest"."""
+    with RegistryClient(registry.address, tls_verify=False) as client:
+        manifest, config = upload_image(client, "quiet/app", "latest", [layer_blob({"q": b"q"})], tmp_path)
+    quiet = lamina_cmd("pull", "--quiet", "--tls-verify=false", f"{registry.address}/quiet/app:latest")
+    assert (quiet.stdout, quiet.stderr) == (f"{registry.address}/quiet/app:latest\n", "")
+    untagged = lamina_cmd("pull", "--tls-verify=false", f"docker://{registry.address}/quiet/app").stdout.splitlines()
+    assert untagged[0] == "Using default tag: latest"
+    assert untagged[-2:] == [f"Status: Image is up to date for {registry.address}/quiet/app:latest",
+                             f"{registry.address}/quiet/app:latest"]
+    by_digest = lamina_cmd("pull", "-q", "--tls-verify=false", f"{registry.address}/quiet/app@{manifest}")
+    assert by_digest.stdout == f"{registry.address}/quiet/app@{manifest}\n"
+    assert pulled_id(lamina_cmd, by_digest) == config[7:]

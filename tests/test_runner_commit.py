@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import time
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -88,3 +89,45 @@ def test_commit_running_container_with_pause(lamina: Lamina) -> None:
     # the committed command is the container's
     config = json.loads(lamina("inspect", "--format", "{{json .Config}}", "live:p").stdout)
     assert config["Cmd"] == ["sh", "-c", "echo state > /state; exec sleep 60"]
+
+
+HEALTHCHECKS = ["HEALTHCHECK --interval=5s --timeout=3s --retries=2 --start-period=1s CMD cat /etc/passwd",
+                'HEALTHCHECK CMD ["/bin/test", "-e", "/etc/passwd"]', "HEALTHCHECK NONE"]
+
+
+def test_commit_change_healthcheck_as_a_dockerfile_gives_it(lamina: Lamina, podman: object, tmp_path: Path) -> None:
+    """docker's commit dispatches ``--change HEALTHCHECK ...`` through its builder, so the image gets
+    what the same line in a Dockerfile gives. podman 4.3 refuses HEALTHCHECK in commit --change, so
+    its build (docker format, which keeps health checks) is the reference."""
+    archive = tmp_path / "busybox.tar"
+    lamina("save", IMAGE, "-o", str(archive), check=True)
+    run_podman(podman, "load", "-i", str(archive))
+    assert lamina("run", "--name", "hc-src", IMAGE, "true").returncode == 0
+    for number, change in enumerate(HEALTHCHECKS):
+        (tmp_path / "Dockerfile").write_text(f"FROM {IMAGE}\n{change}\n")
+        run_podman(podman, "build", "--format", "docker", "-t", f"hc-{number}", str(tmp_path))
+        theirs = json.loads(run_podman(podman, "image", "inspect", "--format", "{{json .Config.Healthcheck}}",
+                                       f"hc-{number}").stdout)
+        r = lamina("commit", "--change", change, "hc-src", f"hc-{number}")
+        assert r.returncode == 0, r.stderr
+        ours = json.loads(lamina("inspect", "--format", "{{json .Config.Healthcheck}}", f"hc-{number}").stdout)
+        assert ours == theirs, change
+    assert theirs == {"Test": ["NONE"]}
+    # The committed check runs: a container of the image becomes healthy.
+    assert lamina("run", "-d", "--name", "hc-run", "hc-0", "sleep", "30").returncode == 0
+    try:
+        status = ""
+        for _ in range(100):
+            status = lamina("inspect", "--format", "{{.State.Health.Status}}", "hc-run").stdout.strip()
+            if status == "healthy":
+                break
+            time.sleep(0.1)
+        assert status == "healthy"
+    finally:
+        lamina("rm", "-f", "hc-run")
+    for bad, message in (("HEALTHCHECK FOO", "HEALTHCHECK requires NONE or CMD"),
+                         ("HEALTHCHECK --interval=1 CMD true", "invalid --interval=1"),
+                         ("HEALTHCHECK CMD", "HEALTHCHECK CMD requires a command")):
+        r = lamina("commit", "--change", bad, "hc-src", "hc-bad")
+        assert r.returncode == 1 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert "hc-bad" not in lamina("images").stdout

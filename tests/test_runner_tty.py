@@ -53,6 +53,47 @@ def test_exec_it_gives_a_terminal(lamina: Lamina, module_root: Path) -> None:
         assert proc.wait(timeout=20) == 4
 
 
+def _alive(lamina: Lamina, container: str, pid_file: str) -> bool:
+    return lamina("exec", container, "sh", "-c", f"kill -0 $(cat {pid_file})").returncode == 0
+
+
+def test_exec_it_detaches_and_the_command_runs_on(lamina: Lamina, module_root: Path) -> None:
+    """docker's exec: ctrl-p,ctrl-q (or --detach-keys) ends ``exec -it`` with "read escape
+    sequence" (exit 1) and leaves the command running, its output drained; a killed ``exec``
+    still takes its command with it."""
+    assert lamina("run", "-d", "--name", "xdet", IMAGE, "sleep", "300").returncode == 0
+    # Output that starts once the client is gone (before, this test's terminal would have to read it).
+    writer = b"(sleep 2; i=0; while [ $i -lt 4000 ]; do echo line $i; i=$((i+1)); done; echo y > /tmp/drained) &\r"
+    for keys, typed in ((None, b"\x10\x11"), ("ctrl-a,d", b"\x01d")):
+        flags = ["--detach-keys", keys] if keys else []
+        with on_pty(lamina_argv(module_root, "exec", "-it", *flags, "xdet", "sh"), cwd=REPO_ROOT) as (proc, m):
+            read_until(m, b"# ")
+            os.write(m, b"echo $$ > /tmp/sh.pid; echo ready-$((40+2)); " + writer)
+            read_until(m, b"ready-42")  # the output, not the echo of what was typed
+            os.write(m, typed)
+            assert proc.wait(timeout=20) == 1
+            assert b"read escape sequence" in read_until(m, b"sequence")
+        assert _alive(lamina, "xdet", "/tmp/sh.pid")
+        deadline = time.monotonic() + 30  # nobody reads the shell's terminal now: it must not block
+        while lamina("exec", "xdet", "cat", "/tmp/drained").returncode != 0:
+            assert time.monotonic() < deadline, "the detached command's output was not drained"
+            time.sleep(0.2)
+        lamina("exec", "xdet", "sh", "-c", "kill -9 $(cat /tmp/sh.pid); rm /tmp/drained")
+    with on_pty(lamina_argv(module_root, "exec", "-it", "xdet", "sh"), cwd=REPO_ROOT) as (proc, m):
+        read_until(m, b"# ")
+        os.write(m, b"echo $$ > /tmp/sh.pid; echo ready-$((40+2))\r")
+        read_until(m, b"ready-42")
+        proc.kill()
+        proc.wait(timeout=20)
+    deadline = time.monotonic() + 10
+    while _alive(lamina, "xdet", "/tmp/sh.pid"):
+        assert time.monotonic() < deadline, "a killed exec left its command running"
+        time.sleep(0.2)
+    r = lamina("exec", "--detach-keys", "ctrl-9", "xdet", "true")
+    assert r.returncode != 0 and "Invalid detach keys (ctrl-9) provided" in r.stderr
+    lamina("rm", "-f", "xdet")
+
+
 def test_it_without_a_terminal_is_refused(lamina: Lamina) -> None:
     for argv in (["run", "-it", "--rm", IMAGE, "true"], ["run", "-it", "--name", "never", IMAGE, "true"]):
         r = lamina(*argv)
@@ -98,14 +139,14 @@ def test_detach_and_attach_again(lamina: Lamina, module_root: Path) -> None:
 
 
 def test_detach_keys_as_docker_reads_them() -> None:
-    from runner.attach import DetachKeysError, _EscapeMatcher, parse_detach_keys
+    from runner.attach import DetachKeysError, EscapeMatcher, parse_detach_keys
 
     assert parse_detach_keys("ctrl-p,ctrl-q") == b"\x10\x11"
     assert parse_detach_keys("ctrl-@,ctrl-[,a,ctrl-_") == b"\x00\x1ba\x1f"
     for bad in ("ctrl-9", "ctrl-", "ab", ""):
         with pytest.raises(DetachKeysError):
             parse_detach_keys(bad)
-    matcher = _EscapeMatcher(b"\x10\x11")
+    matcher = EscapeMatcher(b"\x10\x11")
     assert matcher.feed(b"ab\x10") == (b"ab", False)  # held: it may begin the keys
     assert matcher.feed(b"x") == (b"\x10x", False)  # it did not: sent after all
     assert matcher.feed(b"\x10\x10") == (b"\x10", False)
@@ -143,6 +184,13 @@ def test_terminal_detach_and_attach_unprivileged(unpriv) -> None:  # type: ignor
         os.write(m, b"\x10\x11")
         assert proc.wait(timeout=30) == 0
     assert "Up " in unpriv.lamina("ps").stdout
+    with on_pty(["lamina", "exec", "-it", "ut", "sh"], **as_user) as (proc, m):  # exec detaches too
+        read_until(m, b"# ")
+        os.write(m, b"echo $$ > /tmp/x.pid; echo ready-$((40+2))\r")
+        read_until(m, b"ready-42")
+        os.write(m, b"\x10\x11")
+        assert proc.wait(timeout=30) == 1
+    assert unpriv.lamina("exec", "ut", "sh", "-c", "kill -0 $(cat /tmp/x.pid)").returncode == 0
     with on_pty(["lamina", "attach", "ut"], **as_user) as (proc, m):
         time.sleep(0.5)
         os.write(m, b"exit 2\r")

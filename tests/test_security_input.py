@@ -523,7 +523,7 @@ def test_registry_that_trickles_is_abandoned(tmp_path: Path, lamina_cmd: Lamina)
 
 
 def test_pull_follows_an_index_inside_an_index(tmp_path: Path, lamina_cmd: Lamina) -> None:
-    from registry_server import FakeRegistry, layer_blob
+    from registry_server import FakeRegistry, layer_blob, pulled_id
     from lamina.store.registry_manifest import OCI_INDEX, OCI_MANIFEST, host_platform
 
     fake = FakeRegistry()
@@ -538,7 +538,7 @@ def test_pull_follows_an_index_inside_an_index(tmp_path: Path, lamina_cmd: Lamin
     with fake.serve():
         result = lamina_cmd("pull", "--tls-verify=false", f"{fake.address}/nested/img", check=False)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1] == hashlib.sha256(config).hexdigest()
+    assert pulled_id(lamina_cmd, result) == hashlib.sha256(config).hexdigest()
 
 
 # --- CVE-2019-14271 class: no host process resolves users through the image's NSS ----------------
@@ -716,7 +716,7 @@ def test_load_ignores_index_entries_of_unknown_media_types(store: Store) -> None
 def test_pull_takes_an_index_entry_without_a_platform(tmp_path: Path, lamina_cmd: Lamina) -> None:
     """The image-index spec: platform "SHOULD be present if its target is platform-specific": an
     entry without one is for any platform (registries and archives choose alike)."""
-    from registry_server import FakeRegistry, layer_blob
+    from registry_server import FakeRegistry, layer_blob, pulled_id
     from lamina.store.registry_manifest import OCI_INDEX, OCI_MANIFEST
 
     fake = FakeRegistry()
@@ -727,7 +727,7 @@ def test_pull_takes_an_index_entry_without_a_platform(tmp_path: Path, lamina_cmd
     with fake.serve():
         result = lamina_cmd("pull", "--tls-verify=false", f"{fake.address}/anyplatform/img", check=False)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1] == hashlib.sha256(config).hexdigest()
+    assert pulled_id(lamina_cmd, result) == hashlib.sha256(config).hexdigest()
 
 
 def test_add_from_a_trickling_server_is_abandoned(store: Store) -> None:

@@ -101,3 +101,31 @@ def test_a_finished_count_is_shown_even_right_after_the_last_one() -> None:
     progress.counter(DIGEST, "Loading layer", 3000)(1000)
     progress.layer(DIGEST, "Loading layer", 3000, 3000)
     assert out.getvalue().splitlines() == ["abababababab: Loading layer  1kB/3kB", "abababababab: Loading layer  3kB/3kB"]
+
+
+def test_a_verb_docker_keeps_silent_is_silent_when_short_and_heard_of_when_long() -> None:
+    """save and import: nothing in a pipe for a short run (docker prints nothing), per-layer lines
+    once it has run longer than ``silent_for``."""
+    out, clock = io.StringIO(), FakeClock()
+    progress = LayerProgress(PlainRenderer(out, clock=clock, silent_for=3))
+    count = progress.counter(DIGEST, "Saving layer", 4_000_000)
+    count(1_000_000)
+    clock.now += 2.9
+    count(1_000_000)
+    assert out.getvalue() == ""
+    clock.now += 0.2
+    count(1_000_000)
+    progress.layer(DIGEST, "Saving layer", 4_000_000, 4_000_000)
+    assert out.getvalue().splitlines() == ["abababababab: Saving layer  3MB/4MB", "abababababab: Saving layer  4MB/4MB"]
+
+
+def test_a_step_of_the_whole_archive_is_shown_only_when_slow() -> None:
+    out, clock = io.StringIO(), FakeClock()
+    progress = LayerProgress(PlainRenderer(out, clock=clock))
+    fast = progress.counter("archive", "Decompressing", None, silent_for=3)
+    fast(1000)
+    assert out.getvalue() == ""
+    slow = progress.counter("archive", "Reading", None, silent_for=3)
+    clock.now += 3
+    slow(2000)
+    assert out.getvalue() == "archive: Reading  2kB\n"

@@ -27,6 +27,17 @@ def _key_value(flag: str, text: str) -> tuple[str, str]:
     return key, value if sep else ""
 
 
+def _ulimit(text: str) -> tuple[str, int, int]:
+    """``--ulimit NAME=SOFT[:HARD]`` as run's, refused while the flags are parsed (docker's 125)."""
+    from runner.runflags import parse_ulimit
+
+    try:
+        limit = parse_ulimit(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--ulimit {text}: ")) from None
+    return limit["Name"], limit["Soft"], limit["Hard"]
+
+
 def _read_dockerfile(args: argparse.Namespace, context: Path) -> tuple[str, Path | None, str]:
     """(text, path or None for stdin, name used in messages)."""
     if args.file == "-":
@@ -92,7 +103,7 @@ def _options(args: argparse.Namespace, context: Path, stdin_dockerfile: str | No
                         tags=list(args.tag), build_args=build_args, target=args.target,
                         no_cache=args.no_cache, pull=args.pull, labels=labels,
                         quiet=args.quiet or args.progress == "quiet", session=session,
-                        cache_from=cache_from, cache_to=cache_to, network=args.network)
+                        cache_from=cache_from, cache_to=cache_to, network=args.network, ulimits=tuple(args.ulimit))
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -184,6 +195,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="progress output style (lamina prints plain steps; quiet: only the image ID)")
     p.add_argument("--network", choices=["default", "none", "host"], default="default",
                    help="the network of RUN steps that do not name one (default: the host's)")
+    p.add_argument("--ulimit", action="append", default=[], type=_ulimit, metavar="NAME=SOFT[:HARD]",
+                   help="a resource limit of every RUN step, as run's (nofile=1024:2048; -1 unlimited)")
     p.add_argument("--iidfile", metavar="FILE", help="write the image ID to FILE")
     p.add_argument("-o", "--output", action="append", default=[], metavar="type=local,dest=DIR",
                    help="also write the image's files: type=local,dest=DIR or type=tar,dest=FILE|- (DIR, - for short)")

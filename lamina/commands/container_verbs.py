@@ -51,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("commit", help="make an image from a container's changes and config")
     p.add_argument("-a", "--author", help='the author ("A. Name <a@example.org>")')
     p.add_argument("-c", "--change", action="append", default=[], metavar="INSTRUCTION",
-                   help="apply a Dockerfile instruction: CMD, ENTRYPOINT, ENV, EXPOSE, LABEL, ONBUILD, "
+                   help="apply a Dockerfile instruction: CMD, ENTRYPOINT, ENV, EXPOSE, HEALTHCHECK, LABEL, ONBUILD, "
                         "STOPSIGNAL, USER, VOLUME, WORKDIR")
     p.add_argument("-m", "--message", default="", help="the commit message (in the image's history)")
     # A boolean as docker's: `--pause=false` goes through the parser's one rule (lamina.parser).

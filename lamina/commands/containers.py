@@ -160,6 +160,8 @@ def _register_inspection(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-e", "--env", action="append", default=[])
     p.add_argument("-u", "--user")
     p.add_argument("-w", "--workdir")
+    p.add_argument("--detach-keys", help='with -it: the keys that detach, leaving the command running '
+                                         '(default "ctrl-p,ctrl-q")')
     p.add_argument("container")
     p.add_argument("command", nargs=argparse.REMAINDER)
     p.set_defaults(handler=cmd_exec)
@@ -673,6 +675,9 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if not command:
         raise UsageError("exec: no command given")
     check_tty(args.interactive, args.tty)
+    from lamina.commands.container_verbs import detach_keys
+
+    keys = detach_keys(args)  # refused before anything runs, with or without a terminal
     if container.running and container.state.paused:
         raise ContainerError(f"Container {container.name} is paused, unpause the container before exec")
     env = dict(container.env)
@@ -684,7 +689,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
         raise ContainerError(f"container {container.name} is not running")
     try:
         return exec_in_container(container, command, env, args.user or container.user, workdir,
-                                 args.tty, args.interactive)
+                                 args.tty, args.interactive, keys)
     except ContainerError as e:
         # docker's daemon gives an exec that could not start (working directory, user) 126.
         from lamina.errors import CommandNotInvokable

@@ -14,7 +14,7 @@ import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from lamina.application import open_store
 from lamina.commands.formatting import (
@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 # lamina.store.archive's DOCKER_ARCHIVE and OCI_ARCHIVE (tests/test_cli.py checks): that module, with
 # every decompressor, is imported only by the verbs that read or write archives.
 ARCHIVE_FORMATS = ("docker-archive", "oci-archive")
+# docker's save and import print no progress: in a pipe lamina's stay silent this long, and a
+# longer one shows per-layer lines (on a terminal, bars at once).
+SILENT_FOR = 3.0
 
 
 def _open(args: argparse.Namespace) -> Store:
@@ -402,7 +405,9 @@ def cmd_import(args: argparse.Namespace) -> int:
         Reference.parse(tag)
     from lamina.store.importer import import_tarball
 
-    image = import_tarball(store, args.tarball, tags, args.change or [], args.message)
+    # Progress on stderr: standard output is the image ID, which scripts read.
+    progress = LayerProgress.to_stream(None if args.quiet else sys.stderr, silent_for=SILENT_FOR)
+    image = import_tarball(store, args.tarball, tags, args.change or [], args.message, progress)
     print(f"sha256:{image.id}")
     return 0
 
@@ -425,13 +430,15 @@ def cmd_save(args: argparse.Namespace) -> int:
         except UsageError:
             pass
         items.append(SaveItem(image, refs))
+    # On stderr, as standard output may be the archive.
+    progress = LayerProgress.to_stream(None if args.quiet else sys.stderr, silent_for=SILENT_FOR)
     if args.output:
-        save(store, items, Path(args.output), args.format)
+        save(store, items, Path(args.output), args.format, progress)
         return 0
     # To stdout (a pipe or a file): build it in the store's tmp, then stream it.
     tmp = temp_name(store.tmp_dir, "save")
     try:
-        save(store, items, tmp, args.format)
+        save(store, items, tmp, args.format, progress)
         with open(tmp, "rb") as f:
             shutil.copyfileobj(f, sys.stdout.buffer, CHUNK)
         sys.stdout.buffer.flush()
@@ -441,7 +448,7 @@ def cmd_save(args: argparse.Namespace) -> int:
 
 
 def cmd_load(args: argparse.Namespace) -> int:
-    from lamina.store.archive import load
+    from lamina.store.archive import ARCHIVE_IDENT, ARCHIVE_STEP_SILENCE, load
 
     store = _open(args)
     # docker's load shows a line per layer on stdout; -q only the names loaded.
@@ -454,7 +461,8 @@ def cmd_load(args: argparse.Namespace) -> int:
         tmp = temp_name(store.tmp_dir, "stdin")
         try:
             with open(tmp, "xb") as f:
-                shutil.copyfileobj(sys.stdin.buffer, f, CHUNK)
+                _copy_counting(sys.stdin.buffer, f,
+                               progress.counter(ARCHIVE_IDENT, "Reading", None, silent_for=ARCHIVE_STEP_SILENCE))
             loaded = load(store, tmp, progress)
         finally:
             tmp.unlink(missing_ok=True)
@@ -465,6 +473,12 @@ def cmd_load(args: argparse.Namespace) -> int:
         else:
             print(f"Loaded image ID: sha256:{image.id}")
     return 0
+
+
+def _copy_counting(source: BinaryIO, dest: BinaryIO, count: Callable[[int], None]) -> None:
+    while chunk := source.read(CHUNK):
+        dest.write(chunk)
+        count(len(chunk))
 
 
 # --- image prune --------------------------------------------------------------------------------
@@ -549,17 +563,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="apply a Dockerfile instruction (CMD, ENTRYPOINT, ENV, WORKDIR, USER, EXPOSE, "
                         "LABEL, VOLUME, STOPSIGNAL); repeatable")
     p.add_argument("-m", "--message", help="commit message for the history")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress on standard error")
     p.set_defaults(handler=cmd_import)
 
     p = subparsers.add_parser("save", help="write images to a docker-archive or oci-archive tar")
     p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress on standard error")
     p.add_argument("-o", "--output", metavar="FILE")
     p.add_argument("--format", default=ARCHIVE_FORMATS[0], choices=ARCHIVE_FORMATS)
     p.set_defaults(handler=cmd_save)
 
     p = subparsers.add_parser("load", help="load images from a docker-archive or oci-archive (maybe compressed)")
     p.add_argument("-i", "--input", metavar="FILE")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress, only the names (or IDs) loaded")
     p.set_defaults(handler=cmd_load)
 
     p = subparsers.add_parser("image prune", help="remove dangling images (-a: every image no container uses)")

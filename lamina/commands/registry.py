@@ -31,12 +31,23 @@ def _progress_stream(quiet: bool) -> TextIO | None:
     return None if quiet else sys.stdout
 
 
+def names_tag_or_digest(text: str) -> bool:
+    """Whether the reference ``text`` names a tag or a digest (rather than defaulting to latest)."""
+    return "@" in text or ":" in text.rsplit("/", 1)[-1]
+
+
 def cmd_pull(args: argparse.Namespace) -> int:
     store = open_store(args.layout)
     credentials = parse_creds(args.creds) if args.creds else None
-    image = pull(store, args.reference, tls_verify=args.tls_verify, credentials=credentials,
-                 platform=args.platform, progress_stream=_progress_stream(args.quiet), cert_dir=args.cert_dir)
-    print(image.id)
+    text = strip_transport(args.reference)
+    ref = Reference.parse(text)
+    if not args.quiet and not names_tag_or_digest(text):
+        print(f"Using default tag: {ref.tag}", flush=True)
+    pull(store, text, tls_verify=args.tls_verify, credentials=credentials,
+         platform=args.platform, progress_stream=_progress_stream(args.quiet), cert_dir=args.cert_dir)
+    # docker pull ends with the full reference it pulled (docker.io/library/busybox:latest), with
+    # -q as its only line; podman prints the image ID instead (see docs/docker-compatibility.md).
+    print(ref)
     return 0
 
 
@@ -147,7 +158,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pull = subparsers.add_parser("pull", help="download an image from a registry",
                                  description="Download an image (only the layers the store lacks).")
     pull.add_argument("reference", metavar="REF", help="[HOST[:PORT]/]NAME[:TAG|@DIGEST]")
-    _add_transfer_options(pull, quiet_help="no progress, only the image ID")
+    _add_transfer_options(pull, quiet_help="no progress, only the reference pulled")
     pull.add_argument("--platform", type=_platform, metavar="OS/ARCH[/VARIANT]",
                       help="which image of a multi-platform index (default: this host's)")
     pull.set_defaults(handler=cmd_pull)

@@ -22,7 +22,7 @@ import os
 import posixpath
 import re
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -43,7 +43,7 @@ from lamina.store.image_schema import (
 )
 from lamina.store.layer_unpack import Limits
 from lamina.store.platforms import choose_manifest, host_platform, offered
-from lamina.store.progress import LayerProgress, ProgressBar
+from lamina.store.progress import LayerProgress
 from lamina.store.reference import Reference
 from lamina.store.store import (
     OCI_CONFIG,
@@ -61,6 +61,9 @@ log = logging.getLogger(__name__)
 DOCKER_ARCHIVE = "docker-archive"
 OCI_ARCHIVE = "oci-archive"
 REF_NAME = "org.opencontainers.image.ref.name"
+SAVING = "Saving layer"  # a layer's status while save writes it, as load's "Loading layer"
+ARCHIVE_IDENT = "archive"  # what the progress of the whole archive (read, decompressed) is shown as
+ARCHIVE_STEP_SILENCE = 3.0  # seconds a step of the whole archive runs before it is shown
 CONTAINERD_NAME = "io.containerd.image.name"
 
 
@@ -74,17 +77,21 @@ class SaveItem:
 
 
 class _HashingReader:
-    """Reads from ``src`` and hashes what it returns; used to check a layer while it is copied."""
+    """Reads from ``src`` and hashes what it returns; used to check a layer while it is copied.
+    ``progress`` is told each read's byte count."""
 
-    def __init__(self, src: Any) -> None:
+    def __init__(self, src: Any, progress: Callable[[int], None] | None = None) -> None:
         self.src = src
         self.hasher = hashlib.sha256()
         self.size = 0
+        self.progress = progress
 
     def read(self, n: int = -1) -> bytes:
         data = self.src.read(n)
         self.hasher.update(data)
         self.size += len(data)
+        if self.progress is not None:
+            self.progress(len(data))
         return data
 
 
@@ -103,18 +110,23 @@ def _add_dir(tar: tarfile.TarFile, name: str) -> None:
     tar.addfile(info)
 
 
-def _add_blob(tar: tarfile.TarFile, store: Store, digest: str, name: str, progress: ProgressBar) -> None:
+def _add_blob(tar: tarfile.TarFile, store: Store, digest: str, name: str, progress: LayerProgress,
+              layer: bool = False) -> None:
     path = store.blob_path(digest)
     info = tar.gettarinfo(str(path), arcname=name)
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     info.mode = 0o644
     with open(path, "rb") as f:
-        tar.addfile(info, f)
-    progress(info.size)
+        if not layer:
+            tar.addfile(info, f)
+            return
+        count = progress.counter(digest, SAVING, info.size)
+        tar.addfile(info, _HashingReader(f, count))
+    progress.layer(digest, SAVING, info.size, info.size)
 
 
-def _add_plain_layer(tar: tarfile.TarFile, store: Store, layer: Any, name: str, progress: ProgressBar) -> None:
+def _add_plain_layer(tar: tarfile.TarFile, store: Store, layer: Any, name: str, progress: LayerProgress) -> None:
     """Add the layer as an uncompressed tar, decompressing its blob on the fly and checking diff_id."""
     info = tarfile.TarInfo(name)
     info.size = store.layer_tar_size(layer.diff_id)
@@ -123,18 +135,19 @@ def _add_plain_layer(tar: tarfile.TarFile, store: Store, layer: Any, name: str, 
         raise FormatError(f"layer {layer.diff_id}: size unknown (run `lamina system check`)")
     with open(store.blob_path(layer.digest), "rb") as f:
         stream, _kind = open_decompressed(f)
-        reader = _HashingReader(stream)
+        reader = _HashingReader(stream, progress.counter(layer.diff_id, SAVING, info.size))
         try:
             tar.addfile(info, reader)
         except OSError as e:
             raise FormatError(f"layer {layer.diff_id}: blob is shorter than its recorded size ({e})") from None
         if "sha256:" + reader.hasher.hexdigest() != layer.diff_id or stream.read(1):
             raise FormatError(f"layer {layer.diff_id}: stored blob does not match (run `lamina system check`)")
-    progress(info.size)
+    progress.layer(layer.diff_id, SAVING, info.size, info.size)
 
 
-def save(store: Store, items: list[SaveItem], out: Path, fmt: str) -> None:
-    """Write ``items`` as a ``docker-archive`` or ``oci-archive`` tar at ``out``.
+def save(store: Store, items: list[SaveItem], out: Path, fmt: str, progress: LayerProgress | None = None) -> None:
+    """Write ``items`` as a ``docker-archive`` or ``oci-archive`` tar at ``out``; ``progress`` of
+    each layer as load's (``<id>: Saving layer  X/Y``).
 
     Resource handling: writes a temporary file next to ``out`` and renames it at the end; removes
     it on any failure.
@@ -143,8 +156,7 @@ def save(store: Store, items: list[SaveItem], out: Path, fmt: str) -> None:
         raise UsageError(f"save: --format must be docker-archive or oci-archive, not {fmt!r}")
     out = out.absolute()
     tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
-    total = sum(item.image.size for item in items)
-    progress = ProgressBar(f"Saving {len(items)} image(s)", total)
+    progress = progress or LayerProgress(None)
     try:
         with open(tmp, "xb") as f, tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tar:
             if fmt == DOCKER_ARCHIVE:
@@ -158,10 +170,9 @@ def save(store: Store, items: list[SaveItem], out: Path, fmt: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-    progress.finish("done")
 
 
-def _save_docker(tar: tarfile.TarFile, store: Store, items: list[SaveItem], progress: ProgressBar) -> None:
+def _save_docker(tar: tarfile.TarFile, store: Store, items: list[SaveItem], progress: LayerProgress) -> None:
     manifest = []
     repositories: dict[str, dict[str, str]] = {}
     written: set[str] = set()
@@ -189,22 +200,22 @@ def _save_docker(tar: tarfile.TarFile, store: Store, items: list[SaveItem], prog
     _add_bytes(tar, "repositories", canonical_json(repositories))
 
 
-def _save_oci(tar: tarfile.TarFile, store: Store, items: list[SaveItem], progress: ProgressBar) -> None:
+def _save_oci(tar: tarfile.TarFile, store: Store, items: list[SaveItem], progress: LayerProgress) -> None:
     _add_bytes(tar, "oci-layout", canonical_json({"imageLayoutVersion": "1.0.0"}))
     _add_dir(tar, "blobs")
     _add_dir(tar, "blobs/sha256")
     written: set[str] = set()
     descriptors: list[dict[str, Any]] = []
 
-    def blob(digest: str) -> None:
+    def blob(digest: str, layer: bool = False) -> None:
         if digest not in written:
-            _add_blob(tar, store, digest, f"blobs/sha256/{digest_hex(digest)}", progress)
+            _add_blob(tar, store, digest, f"blobs/sha256/{digest_hex(digest)}", progress, layer)
             written.add(digest)
 
     for item in items:
         image = item.image
         for layer in image.layers:
-            blob(layer.digest)
+            blob(layer.digest, layer=True)
         blob(image.manifest["config"]["digest"])
         blob(image.manifest_digest)
         base = {"mediaType": image.manifest.get("mediaType", OCI_MANIFEST), "digest": image.manifest_digest,
@@ -224,7 +235,7 @@ def _save_oci(tar: tarfile.TarFile, store: Store, items: list[SaveItem], progres
 
 
 @contextlib.contextmanager
-def _open_archive(path: Path, store: Store) -> Iterator[tarfile.TarFile]:
+def _open_archive(path: Path, store: Store, progress: LayerProgress) -> Iterator[tarfile.TarFile]:
     """Open an archive for random access, decompressing it to a temporary file first if needed."""
     try:
         f = open(path, "rb")
@@ -236,8 +247,8 @@ def _open_archive(path: Path, store: Store) -> Iterator[tarfile.TarFile]:
         f.seek(0)
         if kind is not None:
             tmp = temp_name(store.tmp_dir, "archive")
-            progress = ProgressBar(f"Decompressing {path.name}", None)
-            decompress_file(f, tmp, Limits().max_total_bytes, str(path), progress)
+            count = progress.counter(ARCHIVE_IDENT, "Decompressing", None, silent_for=ARCHIVE_STEP_SILENCE)
+            decompress_file(f, tmp, Limits().max_total_bytes, str(path), count)
             f.close()
             f = open(tmp, "rb")
         try:
@@ -314,7 +325,7 @@ def load(store: Store, path: Path, progress: LayerProgress | None = None) -> lis
         # Shared from the first blob to the last image recorded, so a concurrent prune cannot
         # collect blobs and layers that no image names yet. Released before the cleanup below,
         # which needs the exclusive lock.
-        with store.lock(shared=True), _open_archive(path, store) as tar:
+        with store.lock(shared=True), _open_archive(path, store, progress or LayerProgress(None)) as tar:
             archive = _Archive(tar, path, progress)
             try:
                 if "manifest.json" in archive.members:

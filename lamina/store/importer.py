@@ -18,8 +18,10 @@ from lamina.errors import LayerError, UsageError
 from lamina.store.blobs import remove_tree, temp_name
 from lamina.store.compression import NoSpace
 from lamina.store.layer_unpack import unpack_layer
-from lamina.store.progress import ProgressBar
+from lamina.store.progress import LayerProgress
 from lamina.store.store import Image, Store, now_rfc3339
+
+IMPORT_IDENT = "import"  # the one layer's name in the progress lines (its digest is known at the end)
 
 # Instructions --change accepts, as in `docker import --change` (and what each sets in the config).
 CHANGE_INSTRUCTIONS = {
@@ -93,8 +95,10 @@ def apply_change(config: dict[str, Any], change: str) -> None:
         config[CHANGE_INSTRUCTIONS[instruction]] = arg
 
 
-def import_tarball(store: Store, source: str, tags: list[str], changes: list[str], message: str | None) -> Image:
-    """Unpack ``source`` (a path, or ``-`` for stdin) into a layer and record a one-layer image."""
+def import_tarball(store: Store, source: str, tags: list[str], changes: list[str], message: str | None,
+                   progress: LayerProgress | None = None) -> Image:
+    """Unpack ``source`` (a path, or ``-`` for stdin) into a layer and record a one-layer image;
+    ``progress`` as load's, for the one layer (``import: Importing  X/Y``, then its commit)."""
     image_config: dict[str, Any] = {}
     for change in changes:
         apply_change(image_config, change)
@@ -110,18 +114,20 @@ def import_tarball(store: Store, source: str, tags: list[str], changes: list[str
             if not path.is_file():
                 raise UsageError(f"import: {source}: no such file")
             stream, total = path, path.stat().st_size
-        bar = ProgressBar(f"Importing {source}", total)
+        progress = progress or LayerProgress(None)
         with store.lock(shared=True):
             try:
-                unpack_layer(stream, work / "rootfs", store.tmp_dir, progress=bar)
+                unpack_layer(stream, work / "rootfs", store.tmp_dir,
+                             progress=progress.counter(IMPORT_IDENT, "Importing", total))
             except LayerError as e:
                 raise LayerError(f"import: {source}: {e}") from None
             except OSError as e:
                 if e.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise NoSpace(store.tmp_dir, source, doing="importing") from None
                 raise
-            bar.finish("unpacked")
-            layer = store.commit_layer(work / "rootfs", adopt=True)
+            layer = store.commit_layer(work / "rootfs", adopt=True,
+                                       progress=progress.counter(IMPORT_IDENT, "Committing layer", None))
+            progress.layer(IMPORT_IDENT, "Import complete")
             created = now_rfc3339()
             history = {"created": created, "created_by": f"lamina import {source}"}
             if message:

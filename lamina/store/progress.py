@@ -1,5 +1,6 @@
 """Progress bars on stderr, shown only when stderr is a terminal (quiet in pipes, logs and tests),
-and heartbeat lines for long operations that have no bar."""
+heartbeat lines for long operations that have no bar, and per-layer progress (pull, push, load,
+save, import) on a terminal or in a pipe."""
 
 from __future__ import annotations
 
@@ -133,21 +134,31 @@ def progress_text(status: str, current: int | None, total: int | None, bar: bool
 
 
 class PlainRenderer:
-    """Line by line, for pipes and logs: a line per state change, a byte count every ``every`` s."""
+    """Line by line, for pipes and logs: a line per state change, a byte count every ``every`` s.
 
-    def __init__(self, stream: TextIO, clock: Clock = time.monotonic, every: float = 5.0) -> None:
+    With ``silent_for``, nothing at all is written in the first ``silent_for`` seconds: a verb that
+    docker keeps silent (save, import) stays so when it is short, and a long one still shows that it
+    is going."""
+
+    def __init__(self, stream: TextIO, clock: Clock = time.monotonic, every: float = 5.0,
+                 silent_for: float = 0.0) -> None:
         self.stream = stream
         self.clock = clock
         self.every = every
         self._shown: dict[str, tuple[str, float]] = {}
+        self._silent_until = clock() + silent_for if silent_for else 0.0
 
     def message(self, text: str) -> None:
+        if self._silent_until and self.clock() < self._silent_until:
+            return
         self.stream.write(f"{text}\n")
         self.stream.flush()
 
     def layer(self, ident: str, status: str, current: int | None, total: int | None,
               force: bool = False) -> None:
         now = self.clock()
+        if self._silent_until and now < self._silent_until:
+            return
         last = self._shown.get(ident)
         if not force and last is not None and last[0] == status and (current is None or now - last[1] < self.every):
             return
@@ -199,11 +210,12 @@ class LayerProgress:
         self._done: dict[str, int] = {}
 
     @classmethod
-    def to_stream(cls, stream: TextIO | None) -> LayerProgress:
-        """A terminal renderer if ``stream`` is a terminal, plain lines if not, nothing if None."""
+    def to_stream(cls, stream: TextIO | None, silent_for: float = 0.0) -> LayerProgress:
+        """A terminal renderer if ``stream`` is a terminal, plain lines if not (none at all in the
+        first ``silent_for`` seconds), nothing if None."""
         if stream is None:
             return cls(None)
-        return cls(TerminalRenderer(stream) if stream.isatty() else PlainRenderer(stream))
+        return cls(TerminalRenderer(stream) if stream.isatty() else PlainRenderer(stream, silent_for=silent_for))
 
     def line(self, text: str) -> None:
         if self.renderer is not None:
@@ -217,14 +229,18 @@ class LayerProgress:
             with self._lock:
                 self.renderer.layer(layer_id(digest), status, current, total, force=current is not None)
 
-    def counter(self, digest: str, status: str, total: int | None) -> Callable[[int], None]:
-        """A callback adding bytes to ``digest``'s ``status`` (a negative count restarts it)."""
+    def counter(self, digest: str, status: str, total: int | None, silent_for: float = 0.0) -> Callable[[int], None]:
+        """A callback adding bytes to ``digest``'s ``status`` (a negative count restarts it). With
+        ``silent_for``, the count is shown only once it has run that long: a step of the whole
+        archive (reading, decompressing) is heard of only when it is slow."""
         ident = layer_id(digest)
         self._done[ident] = 0
+        clock = self.renderer.clock if self.renderer is not None else time.monotonic
+        shown_after = clock() + silent_for
 
         def count(n: int) -> None:
             with self._lock:
                 self._done[ident] = 0 if n < 0 else self._done[ident] + n
-                if self.renderer is not None:
+                if self.renderer is not None and (not silent_for or clock() >= shown_after):
                     self.renderer.layer(ident, status, self._done[ident], total)
         return count

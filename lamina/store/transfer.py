@@ -275,7 +275,7 @@ def pull_image(store: Store, ref: Reference, client: RegistryClient, progress: P
             path.unlink(missing_ok=True)
     if image.manifest_digest:
         progress.line(f"Digest: {image.manifest_digest}")
-    progress.line(f"Status: {'Downloaded newer image' if downloaded else 'Image is up to date'} for {ref}")
+    progress.line(f"Status: {'Downloaded newer image' if downloaded else 'Image is up to date'} for {ref.familiar}")
     BlobLocations(store.layout.blob_locations).record(ref.registry, repository, [config_digest, *(d.digest for d in layers)])
     return image
 
