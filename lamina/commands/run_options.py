@@ -195,13 +195,15 @@ def _shm_size(text: str | None) -> int:
 
 def _resources(args: argparse.Namespace) -> dict[str, int]:
     resources: dict[str, int] = {}
-    if args.memory:
-        memory = mountflags.parse_bytes("--memory", args.memory)
-        if memory < 6 * 1024 * 1024:
-            raise UsageError(f"--memory {args.memory}: minimum memory limit allowed is 6MB")
+    # 0 is docker's "no limit" for both (its daemon checks the minimum and range of other values).
+    memory = mountflags.parse_bytes("--memory", args.memory) if args.memory else 0
+    if 0 < memory < 6 * 1024 * 1024:
+        raise UsageError(f"--memory {args.memory}: minimum memory limit allowed is 6MB")
+    if memory:
         resources["Memory"] = memory
-    if args.cpus:
-        resources["NanoCpus"] = runflags.parse_cpus(args.cpus)
+    nano_cpus = runflags.parse_cpus(args.cpus) if args.cpus else 0
+    if nano_cpus:
+        resources["NanoCpus"] = nano_cpus
     if args.pids_limit is not None:
         resources["PidsLimit"] = args.pids_limit
     if resources:
