@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lamina.errors import ContainerError, ContainerNotFound, LaminaError
 from lamina.layout import Layout
@@ -46,6 +47,22 @@ from runner.state import (
 log = logging.getLogger(__name__)
 
 
+def _sandbox_mount(m: dict[str, Any]) -> Mount:
+    """A mount record as the sandbox makes it. A volume mounted with nocopy is a plain bind, never
+    filled from the image; a volume made with driver options mounts what they say."""
+    kind = "bind" if m.get("kind") == "volume" and m.get("copy") is False else m.get("kind", "bind")
+    source = Path(m["source"]) if m.get("source") else None
+    readonly, options = bool(m.get("readonly")), m.get("options", "")
+    if m.get("kind") == "volume" and m.get("volume_options"):
+        from runner.volume_options import driver_mount
+
+        driven = driver_mount(m["volume_options"])
+        kind = {"tmpfs": "tmpfs-volume", "bind": kind}[driven.kind]
+        source = Path(driven.source) if driven.source else None
+        readonly, options = readonly or driven.readonly, driven.data
+    return Mount(target=m["target"], kind=kind, source=source, readonly=readonly, options=options)
+
+
 def build_spec(layout: Layout, container: Container) -> SandboxSpec:
     from lamina.store import Store
     from runner.runflags import rlimits
@@ -53,12 +70,7 @@ def build_spec(layout: Layout, container: Container) -> SandboxSpec:
     store = Store.open(layout)
     image = store.resolve_image(container.image_id)
     lowers = store.layer_stack(image)
-    # A volume mounted with nocopy is a plain bind: never filled from the image.
-    mounts = [Mount(target=m["target"],
-                    kind="bind" if m.get("kind") == "volume" and m.get("copy") is False else m.get("kind", "bind"),
-                    source=Path(m["source"]) if m.get("source") else None,
-                    readonly=bool(m.get("readonly")), options=m.get("options", ""))
-              for m in container.mounts]
+    mounts = [_sandbox_mount(m) for m in container.mounts]
     return SandboxSpec(
         argv=list(container.argv), lowers=lowers, upper=container.upper, work=container.work,
         env=dict(container.env), cwd=container.workdir, user=container.user, network=container.network,

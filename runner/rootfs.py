@@ -182,6 +182,9 @@ def _setup_user_mount(root: str, m: MountRequest) -> None:
         flags = linux.MS_NOSUID | linux.MS_NODEV | (linux.MS_RDONLY if m.readonly else 0)
         linux.mount("tmpfs", target, "tmpfs", flags, m.options or "mode=1777")
         return
+    if m.kind == "tmpfs-volume":
+        _mount_tmpfs_volume(root, m)
+        return
     assert m.source is not None
     if m.kind == "volume":
         target = make_dirs_in_root(root, m.target)
@@ -201,6 +204,25 @@ def _setup_user_mount(root: str, m: MountRequest) -> None:
     if target == root:
         raise ContainerError("invalid mount: destination can't be '/'")
     _bind(m.source, target, readonly=m.readonly)
+
+
+def _mount_tmpfs_volume(root: str, m: MountRequest) -> None:
+    """A volume of docker's local driver with ``type=tmpfs``: a new tmpfs, filled from the image
+    as an empty volume is. The image's directory is read through a descriptor opened before the
+    tmpfs covers it."""
+    target = make_dirs_in_root(root, m.target)
+    if target == root:
+        raise ContainerError("invalid mount: destination can't be '/'")
+    image_dir = os.open(target, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        linux.mount("tmpfs", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, m.options)
+        below = f"/proc/self/fd/{image_dir}"
+        if os.listdir(below):
+            _populate_volume(below, target)
+    finally:
+        os.close(image_dir)
+    if m.readonly:
+        remount_readonly(target)
 
 
 def _populate_volume(image_dir: str, volume: str) -> None:

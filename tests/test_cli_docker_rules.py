@@ -94,3 +94,62 @@ def test_zero_memory_and_cpus_mean_no_limit(lamina: Lamina) -> None:
     assert r.returncode == 125 and "minimum memory limit allowed is 6MB" in r.stderr
     r = lamina("run", "--rm", "--cpus", "-1", IMAGE, "true")
     assert r.returncode == 125 and "range of CPUs is from 0.01" in r.stderr
+
+
+def test_tmpfs_and_bind_volumes_of_the_local_driver(lamina: Lamina, tmp_path: Path) -> None:
+    """docker's documented example (``docker volume create``: "The built-in local driver on Linux
+    accepts options similar to the linux mount command") and the checks of its local driver."""
+    options = ["-o", "type=tmpfs", "-o", "device=tmpfs", "-o", "o=size=100m,uid=1000"]
+    assert lamina("volume", "create", *options, "tv").stdout == "tv\n"
+    inspected = json.loads(lamina("volume", "inspect", "tv").stdout)[0]
+    assert inspected["Options"] == {"type": "tmpfs", "device": "tmpfs", "o": "size=100m,uid=1000"}
+    r = lamina("run", "--rm", "-v", "tv:/vol", IMAGE, "sh", "-c",
+               "stat -f -c %T /vol; stat -c %u /vol; df -k /vol | tail -1; echo kept > /vol/f")
+    fs_type, owner, df_line, *_ = r.stdout.splitlines()
+    assert (r.returncode, fs_type, owner, df_line.split()[1]) == (0, "tmpfs", "1000", "102400"), r.stderr
+    # A tmpfs volume is filled from the image like any empty volume, and is gone once unused.
+    r = lamina("run", "--rm", "-v", "tv:/etc", IMAGE, "sh", "-c", "stat -f -c %T /etc; head -1 /etc/passwd")
+    assert r.stdout == "tmpfs\nroot:x:0:0:root:/root:/bin/sh\n", r.stderr
+    r = lamina("run", "--rm", "-v", "tv:/vol:ro", IMAGE, "sh", "-c", "ls /vol; touch /vol/x")
+    assert r.returncode != 0 and r.stdout == "" and "Read-only file system" in r.stderr
+    host = tmp_path / "host-dir"
+    host.mkdir()
+    (host / "f").write_text("from the host\n")
+    bind = ["-o", "type=none", "-o", "o=bind", "-o", f"device={host}"]
+    assert lamina("volume", "create", *bind, "bv").returncode == 0
+    r = lamina("run", "--rm", "-v", "bv:/b", IMAGE, "sh", "-c", "cat /b/f; echo back > /b/g")
+    assert r.stdout == "from the host\n" and (host / "g").read_text() == "back\n", r.stderr
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["-o", "foo=bar"], 'create bad: invalid option: "foo"'),
+    (["-o", "type=tmpfs"], 'create bad: missing required option: "device"'),
+    (["-o", "o=size=1m", "-o", "device=tmpfs"], 'create bad: missing required option: "type"'),
+    (["-o", "type=tmpfs", "-o", "device=tmpfs", "-o", "size=1g"], "quota size requested but no quota support"),
+    (["-o", "type=nfs", "-o", "device=:/export"], "rootless engine mounts only type=tmpfs"),
+    (["-o", "type=none", "-o", "o=bind", "-o", "device=relative"], "absolute host path"),
+])
+def test_volume_options_refused_as_docker(lamina: Lamina, options: list[str], message: str) -> None:
+    r = lamina("volume", "create", *options, "bad")
+    assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.splitlines()) == 1
+    assert lamina("volume", "ls", "-q").stdout == ""
+
+
+@pytest.mark.slow
+def test_tmpfs_volume_as_podman(lamina: Lamina, podman: object, tmp_path: Path) -> None:
+    """podman's bats "podman volume type=tmpfs", with the image's content as well."""
+    archive = tmp_path / "base.tar"
+    assert lamina("save", "-o", str(archive), IMAGE).returncode == 0
+    run_podman(podman, "load", "-i", str(archive))
+    create = ["volume", "create", "-o", "type=tmpfs", "-o", "device=tmpfs", "tmpvol"]
+    script = "stat -f -c %T /etc; ls /etc | head -3"
+    assert lamina(*create).returncode == 0
+    mine = lamina("run", "--rm", "-v", "tmpvol:/etc", IMAGE, "sh", "-c", script).stdout
+    run_podman(podman, *create)
+    try:
+        theirs = run_podman(podman, "run", "--rm", "-v", "tmpvol:/etc", f"localhost/{IMAGE}",
+                            "sh", "-c", script).stdout.decode()
+    finally:
+        run_podman(podman, "volume", "rm", "-f", "tmpvol", check=False)
+    assert mine == theirs and mine.startswith("tmpfs\n")

@@ -87,7 +87,7 @@ def make_volumes(layout: Layout, plans: list[MountPlan]) -> tuple[list[dict[str,
                 anonymous.append(made.name)
             else:
                 made = volumes.create(plan.volume, labels=plan.labels)
-            plan.volume, plan.source = made.name, str(made.data)
+            plan.volume, plan.source, plan.volume_options = made.name, str(made.data), made.options
     except BaseException:
         discard_volumes(layout, anonymous)
         raise
