@@ -38,9 +38,11 @@ _TIOCSPTLCK = 0x40045431
 ETC_FILES = ("hosts", "hostname", "resolv.conf")
 DEFAULT_SHM_SIZE = 64 << 20  # docker's
 HOST_DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
-READONLY_PROC_PATHS = ("sys", "sysrq-trigger", "irq", "bus")
-MASKED_PROC_FILES = ("kcore", "keys", "timer_list", "sched_debug")
-MASKED_PROC_DIRS = ("acpi", "scsi")
+# docker's defaults (moby oci/defaults.go: ReadonlyPaths, MaskedPaths; powercap since 25.0).
+READONLY_PROC_PATHS = ("sys", "sysrq-trigger", "irq", "bus", "fs")
+MASKED_PROC_FILES = ("kcore", "keys", "latency_stats", "timer_list", "timer_stats", "sched_debug")
+MASKED_PROC_DIRS = ("asound", "acpi", "scsi")
+MASKED_SYS_DIRS = ("firmware", "devices/virtual/powercap")
 
 # statvfs flag -> mount flag, for remounts that must repeat the flags the kernel locked.
 _STATVFS_TO_MS = ((os.ST_NOSUID, linux.MS_NOSUID), (os.ST_NODEV, linux.MS_NODEV),
@@ -107,9 +109,14 @@ def _setup_proc(root: str, unmask: bool, host_proc: bool = False) -> None:
                 _bind("/dev/null", path, recursive=False)
             except OSError as e:
                 log.debug("cannot mask %s: %s", path, e)
-    for name in MASKED_PROC_DIRS:
-        path = os.path.join(proc, name)
-        if os.path.isdir(path):
+    _mask_dirs(proc, MASKED_PROC_DIRS)
+
+
+def _mask_dirs(top: str, names: tuple[str, ...]) -> None:
+    """Cover each directory with an empty read-only tmpfs, as runc masks a directory."""
+    for name in names:
+        path = os.path.join(top, name)
+        if os.path.isdir(path) and not os.path.islink(path):
             try:
                 linux.mount("tmpfs", path, "tmpfs", linux.MS_RDONLY, "size=0")
             except OSError as e:
@@ -162,16 +169,20 @@ def open_console(root: str) -> tuple[int, int]:
     return master, slave
 
 
-def _setup_sys(root: str, own_netns: bool) -> None:
+def _setup_sys(root: str, own_netns: bool, unmask: bool = False) -> None:
     sys_dir = make_dirs_in_root(root, "/sys")
     flags = linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
+    mounted = False
     if own_netns:
         try:
             linux.mount("sysfs", sys_dir, "sysfs", flags)
-            return
+            mounted = True
         except OSError as e:
             log.debug("sysfs mount refused (%s), binding the host's /sys read-only", e)
-    _bind("/sys", sys_dir, readonly=True)
+    if not mounted:
+        _bind("/sys", sys_dir, readonly=True)
+    if not unmask:  # --privileged, --security-opt systempaths=unconfined leave them
+        _mask_dirs(sys_dir, MASKED_SYS_DIRS)
 
 
 def _setup_user_mount(root: str, m: MountRequest) -> None:
@@ -254,7 +265,7 @@ def prepare_root(root: str, *, cwd: str, create_cwd: bool, etc_files: dict[str, 
             raise ContainerError(f"cannot create working directory {cwd}: {e.strerror}") from e
     _setup_proc(root, unmask_proc, host_proc)
     _setup_dev(root, console, gid5_mapped, shm_size)
-    _setup_sys(root, own_netns)
+    _setup_sys(root, own_netns, unmask_proc)
     for name, host_file in etc_files.items():
         target = resolve_in_root(root, "/etc/" + name)
         if not os.path.isfile(target):

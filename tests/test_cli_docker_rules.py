@@ -7,6 +7,7 @@ The bats suite itself runs from tests/test_outside_podman_bats.py (opt-in)."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -153,3 +154,43 @@ def test_tmpfs_volume_as_podman(lamina: Lamina, podman: object, tmp_path: Path) 
     finally:
         run_podman(podman, "volume", "rm", "-f", "tmpvol", check=False)
     assert mine == theirs and mine.startswith("tmpfs\n")
+
+
+# docker's MaskedPaths (moby oci/defaults.go): empty read-only directories, /dev/null for files.
+MASKED = ("/proc/asound", "/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
+          "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware", "/sys/devices/virtual/powercap")
+STAT = "stat -c %n:%F:%h:%t:%T"
+
+
+@pytest.mark.parametrize("network", ["slirp4netns", "host"])  # sysfs of its own, or the host's bound
+def test_sensitive_paths_are_masked_as_docker(lamina: Lamina, network: str) -> None:
+    present = [p for p in MASKED if os.path.lexists(p)]
+    if "/sys/firmware" not in present:
+        pytest.skip("this host has no /sys/firmware")
+    r = lamina("run", "--rm", "--network", network, IMAGE, "sh", "-c", f"{STAT} /dev/null {' '.join(present)}")
+    lines = r.stdout.splitlines()
+    devnull = lines[0].split(":", 1)[1]
+    for line in lines[1:]:
+        path, kind = line.split(":")[:2]
+        if kind == "directory":
+            shown = lamina("run", "--rm", "--network", network, IMAGE, "ls", "-A", path).stdout
+            assert shown == "", path
+        else:
+            assert line.split(":", 1)[1] == devnull, line
+    assert len(lines) == len(present) + 1, r.stderr  # every one is still there, masked
+    # --privileged unmasks them (docker: "systempaths=unconfined" as well).
+    r = lamina("run", "--rm", "--privileged", "--network", network, IMAGE, "ls", "/sys/firmware")
+    assert r.stdout.split() == sorted(os.listdir("/sys/firmware")), r.stderr
+
+
+@pytest.mark.slow
+def test_sensitive_paths_are_masked_as_podman(lamina: Lamina, podman: object, tmp_path: Path) -> None:
+    """podman masks docker's list (and more): the same answers for docker's list."""
+    present = " ".join(p for p in MASKED if os.path.lexists(p))
+    archive = tmp_path / "base.tar"
+    assert lamina("save", "-o", str(archive), IMAGE).returncode == 0
+    run_podman(podman, "load", "-i", str(archive))
+    script = f"{STAT} /dev/null {present}; ls -A /sys/firmware /proc/acpi 2>&1"
+    mine = lamina("run", "--rm", IMAGE, "sh", "-c", script).stdout
+    theirs = run_podman(podman, "run", "--rm", f"localhost/{IMAGE}", "sh", "-c", script).stdout.decode()
+    assert mine == theirs
