@@ -84,6 +84,8 @@ def build_spec(layout: Layout, container: Container) -> SandboxSpec:
         dns=list(container.dns), dns_search=list(container.dns_search), dns_options=list(container.dns_options),
         cgroup=_limits_cgroup(container), join_network_of=_network_owner(layout, container),
         pid_host=container.pid_mode == "host",
+        ipc="" if container.ipc_mode.startswith("container:") else container.ipc_mode,
+        join_ipc_of=_ipc_owner(layout, container),
     )
 
 
@@ -93,15 +95,38 @@ def _network_owner(layout: Layout, container: Container) -> int | None:
     if not container.network.startswith("container:"):
         return None
     other_id = container.network.removeprefix("container:")
-    try:
-        other = ContainerStore(layout).get(other_id)
-    except ContainerNotFound:
-        raise ContainerError(f"cannot join network of container {other_id[:12]}: it no longer exists") from None
-    if not other.running or not other.state.pid:
-        raise ContainerError(f"cannot join network of a non running container: {other.id}")
+    other = _running_container(layout, other_id,
+                               f"cannot join network of container {other_id[:12]}: it no longer exists",
+                               "cannot join network of a non running container: {id}")
     for name in ("hosts", "resolv.conf"):
         with contextlib.suppress(OSError):
             shutil.copyfile(other.directory / name, container.directory / name)
+    return other.state.pid
+
+
+def _running_container(layout: Layout, container_id: str, missing: str, stopped: str) -> Container:
+    """The container ``container_id``, which must exist (else ``missing``) and run (else
+    ``stopped``, with ``{id}`` its id), with its init's pid known."""
+    try:
+        other = ContainerStore(layout).get(container_id)
+    except ContainerNotFound:
+        raise ContainerError(missing) from None
+    if not other.running or not other.state.pid:
+        raise ContainerError(stopped.format(id=other.id))
+    return other
+
+
+def _ipc_owner(layout: Layout, container: Container) -> int | None:
+    """``--ipc container:ID``: the pid of that container's init; as docker, it must be running
+    and made with ``--ipc shareable``."""
+    if not container.ipc_mode.startswith("container:"):
+        return None
+    other_id = container.ipc_mode.removeprefix("container:")
+    refused = f"can't join IPC of container {other_id}"
+    other = _running_container(layout, other_id, f"{refused}: no such container",
+                               refused + ": container {id} is not running")
+    if other.ipc_mode != "shareable":
+        raise ContainerError(f"{refused}: non-shareable IPC (hint: use IpcMode:shareable for the donor container)")
     return other.state.pid
 
 

@@ -123,7 +123,10 @@ def _mask_dirs(top: str, names: tuple[str, ...]) -> None:
                 log.debug("cannot mask %s: %s", path, e)
 
 
-def _setup_dev(root: str, console: str | None, gid5_mapped: bool, shm_size: int) -> None:
+def _setup_dev(root: str, console: str | None, gid5_mapped: bool, shm_size: int,
+               shm_source: str | None = "") -> None:
+    """``shm_source``: "" a new tmpfs on /dev/shm, None no /dev/shm (``--ipc none``), else the
+    directory to bind there (the host's, with its IPC namespace)."""
     dev = make_dirs_in_root(root, "/dev")
     linux.mount("tmpfs", dev, "tmpfs", linux.MS_NOSUID | linux.MS_STRICTATIME, "mode=755,size=65536k")
     for name in HOST_DEVICES:
@@ -136,9 +139,13 @@ def _setup_dev(root: str, console: str | None, gid5_mapped: bool, shm_size: int)
     linux.mount("devpts", pts, "devpts", linux.MS_NOSUID | linux.MS_NOEXEC, data)
     os.symlink("pts/ptmx", os.path.join(dev, "ptmx"))
     shm = os.path.join(dev, "shm")
-    os.mkdir(shm, 0o1777)
-    linux.mount("shm", shm, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC,
-                f"mode=1777,size={shm_size or DEFAULT_SHM_SIZE}")
+    if shm_source is not None:
+        os.mkdir(shm, 0o1777)
+    if shm_source:
+        _bind(shm_source, shm)
+    elif shm_source is not None:
+        linux.mount("shm", shm, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC,
+                    f"mode=1777,size={shm_size or DEFAULT_SHM_SIZE}")
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
                          ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
         os.symlink(target, os.path.join(dev, name))
@@ -255,7 +262,7 @@ def _populate_volume(image_dir: str, volume: str) -> None:
 def prepare_root(root: str, *, cwd: str, create_cwd: bool, etc_files: dict[str, str],
                  mounts: list[MountRequest], console: str | None, own_netns: bool,
                  readonly: bool, gid5_mapped: bool, shm_size: int = 0, unmask_proc: bool = False,
-                 host_proc: bool = False) -> None:
+                 host_proc: bool = False, shm_source: str | None = "") -> None:
     """Mount everything under ``root`` (the future ``/``); see the module docstring for the order."""
     linux.mount(root, root, None, linux.MS_BIND | linux.MS_REC)
     if create_cwd and cwd not in ("", "/"):
@@ -264,7 +271,7 @@ def prepare_root(root: str, *, cwd: str, create_cwd: bool, etc_files: dict[str, 
         except OSError as e:
             raise ContainerError(f"cannot create working directory {cwd}: {e.strerror}") from e
     _setup_proc(root, unmask_proc, host_proc)
-    _setup_dev(root, console, gid5_mapped, shm_size)
+    _setup_dev(root, console, gid5_mapped, shm_size, shm_source)
     _setup_sys(root, own_netns, unmask_proc)
     for name, host_file in etc_files.items():
         target = resolve_in_root(root, "/etc/" + name)

@@ -194,3 +194,35 @@ def test_sensitive_paths_are_masked_as_podman(lamina: Lamina, podman: object, tm
     mine = lamina("run", "--rm", IMAGE, "sh", "-c", script).stdout
     theirs = run_podman(podman, "run", "--rm", f"localhost/{IMAGE}", "sh", "-c", script).stdout.decode()
     assert mine == theirs
+
+
+def _ipc_ns(lamina: Lamina, *args: str) -> str:
+    r = lamina("run", "--rm", *args, IMAGE, "readlink", "/proc/self/ns/ipc")
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def test_ipc_modes_as_docker(lamina: Lamina) -> None:
+    """docker run --ipc (docs "IPC settings"): "" and private a namespace of its own, none the same
+    without /dev/shm, host the host's, container:NAME a shareable container's (podman's bats
+    190-run-ipcns checks the same relations)."""
+    host = os.readlink("/proc/self/ns/ipc")
+    own = {_ipc_ns(lamina), _ipc_ns(lamina), _ipc_ns(lamina, "--ipc", "private")}
+    assert host not in own and len(own) == 3
+    assert _ipc_ns(lamina, "--ipc=host") == host
+    assert _ipc_ns(lamina, "--ipc=none") != host
+    r = lamina("run", "--rm", "--ipc=none", IMAGE, "ls", "/dev/shm")
+    assert r.returncode == 1 and "/dev/shm: No such file or directory" in r.stderr
+    r = lamina("run", "--rm", "--ipc=host", IMAGE, "stat", "-c", "%i", "/dev/shm")
+    assert r.stdout.strip() == str(os.stat("/dev/shm").st_ino), r.stderr
+    assert lamina("run", "-d", "--ipc=shareable", "--name", "donor", IMAGE, "sleep", "60").returncode == 0
+    assert lamina("run", "-d", "--name", "private", IMAGE, "sleep", "60").returncode == 0
+    donor = lamina("exec", "donor", "readlink", "/proc/self/ns/ipc").stdout.strip()
+    assert donor not in (host, "") and _ipc_ns(lamina, "--ipc=container:donor") == donor
+    r = lamina("run", "--rm", "--ipc=container:private", IMAGE, "true")
+    assert r.returncode == 125 and "non-shareable IPC (hint: use IpcMode:shareable for the donor container)" in r.stderr
+    modes = lamina("inspect", "--format", "{{.HostConfig.IpcMode}}", "donor", "private").stdout.split()
+    assert modes == ["shareable", "private"]
+    r = lamina("run", "--rm", "--ipc=bogus", IMAGE, "true")
+    assert r.returncode == 125 and "--ipc bogus: invalid IPC mode" in r.stderr
+    assert lamina("run", "--rm", "--ipc=container:nosuch", IMAGE, "true").returncode == 125

@@ -52,6 +52,8 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     a("--health-start-period", metavar="DURATION", help="time during which failures do not count")
     a("--no-healthcheck", action="store_true", help="disable the image's HEALTHCHECK")
     a("--pid", default="", metavar="MODE", help="host: share the host's PID namespace")
+    a("--ipc", default="", metavar="MODE",
+      help="IPC namespace: private (default), shareable, none (no /dev/shm), host or container:NAME")
     a("-a", "--attach", action="append", default=[], metavar="STREAM",
       help="attach to stdin, stdout or stderr (default: stdout and stderr)")
 
@@ -131,7 +133,7 @@ def container_fields(args: argparse.Namespace, layout: Layout,
         "log_options": runflags.parse_log_opts(args.log_opt, args.log_driver),
         "resources": _resources(args), "platform": args.platform or "",
         "healthcheck": _healthcheck(args, image_config),
-        "pid_mode": _pid_mode(args.pid), "attach": _attach(args),
+        "pid_mode": _pid_mode(args.pid), "attach": _attach(args), "ipc_mode": _ipc_mode(args.ipc, layout),
     }
     if args.stop_signal:
         fields["stop_signal"] = runflags.signal_flag("--stop-signal", args.stop_signal)
@@ -144,6 +146,17 @@ def _pid_mode(text: str) -> str:
     if text not in ("", "host"):
         raise UsageError(f"--pid {text}: invalid PID mode (only host is supported)")
     return text
+
+
+def _ipc_mode(text: str, layout: Layout) -> str:
+    """docker's ``--ipc``: a mode, or ``container:NAME`` recorded as ``container:<id>``."""
+    if text in ("", "none", "private", "shareable", "host"):
+        return text
+    if not text.startswith("container:") or text == "container:":
+        raise UsageError(f"--ipc {text}: invalid IPC mode")
+    from runner.state import ContainerStore
+
+    return "container:" + ContainerStore(layout).get(text.removeprefix("container:")).id
 
 
 def _attach(args: argparse.Namespace) -> list[str]:
