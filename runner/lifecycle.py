@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lamina.errors import ContainerError, ContainerNotFound, LaminaError
 from lamina.layout import Layout
@@ -46,17 +47,28 @@ from runner.state import (
 log = logging.getLogger(__name__)
 
 
+def _sandbox_mount(m: dict[str, Any]) -> Mount:
+    """A mount record as the sandbox makes it. A volume mounted with nocopy is a plain bind, never
+    filled from the image; a volume made with driver options mounts what they say."""
+    kind = "bind" if m.get("kind") == "volume" and m.get("copy") is False else m.get("kind", "bind")
+    source = Path(m["source"]) if m.get("source") else None
+    readonly, options = bool(m.get("readonly")), m.get("options", "")
+    if m.get("kind") == "volume" and m.get("volume_options"):
+        from runner.volume_options import driver_mount
+
+        driven = driver_mount(m["volume_options"])
+        kind = {"tmpfs": "tmpfs-volume", "bind": kind}[driven.kind]
+        source = Path(driven.source) if driven.source else None
+        readonly, options = readonly or driven.readonly, driven.data
+    return Mount(target=m["target"], kind=kind, source=source, readonly=readonly, options=options)
+
+
 def build_spec(layout: Layout, container: Container) -> SandboxSpec:
     from lamina.lazy.lower import image_lowers
     from runner.runflags import rlimits
 
     lowers = image_lowers(layout, container.image_id)
-    # A volume mounted with nocopy is a plain bind: never filled from the image.
-    mounts = [Mount(target=m["target"],
-                    kind="bind" if m.get("kind") == "volume" and m.get("copy") is False else m.get("kind", "bind"),
-                    source=Path(m["source"]) if m.get("source") else None,
-                    readonly=bool(m.get("readonly")), options=m.get("options", ""))
-              for m in container.mounts]
+    mounts = [_sandbox_mount(m) for m in container.mounts]
     return SandboxSpec(
         argv=list(container.argv), lowers=lowers, upper=container.upper, work=container.work,
         env=_environment(container), cwd=container.workdir, user=container.user, network=container.network,
@@ -70,6 +82,8 @@ def build_spec(layout: Layout, container: Container) -> SandboxSpec:
         dns=list(container.dns), dns_search=list(container.dns_search), dns_options=list(container.dns_options),
         cgroup=_limits_cgroup(container), join_network_of=_network_owner(layout, container),
         pid_host=container.pid_mode == "host",
+        ipc="" if container.ipc_mode.startswith("container:") else container.ipc_mode,
+        join_ipc_of=_ipc_owner(layout, container),
     )
 
 
@@ -86,15 +100,38 @@ def _network_owner(layout: Layout, container: Container) -> int | None:
     if not container.network.startswith("container:"):
         return None
     other_id = container.network.removeprefix("container:")
-    try:
-        other = ContainerStore(layout).get(other_id)
-    except ContainerNotFound:
-        raise ContainerError(f"cannot join network of container {other_id[:12]}: it no longer exists") from None
-    if not other.running or not other.state.pid:
-        raise ContainerError(f"cannot join network of a non running container: {other.id}")
+    other = _running_container(layout, other_id,
+                               f"cannot join network of container {other_id[:12]}: it no longer exists",
+                               "cannot join network of a non running container: {id}")
     for name in ("hosts", "resolv.conf"):
         with contextlib.suppress(OSError):
             shutil.copyfile(other.directory / name, container.directory / name)
+    return other.state.pid
+
+
+def _running_container(layout: Layout, container_id: str, missing: str, stopped: str) -> Container:
+    """The container ``container_id``, which must exist (else ``missing``) and run (else
+    ``stopped``, with ``{id}`` its id), with its init's pid known."""
+    try:
+        other = ContainerStore(layout).get(container_id)
+    except ContainerNotFound:
+        raise ContainerError(missing) from None
+    if not other.running or not other.state.pid:
+        raise ContainerError(stopped.format(id=other.id))
+    return other
+
+
+def _ipc_owner(layout: Layout, container: Container) -> int | None:
+    """``--ipc container:ID``: the pid of that container's init; as docker, it must be running
+    and made with ``--ipc shareable``."""
+    if not container.ipc_mode.startswith("container:"):
+        return None
+    other_id = container.ipc_mode.removeprefix("container:")
+    refused = f"can't join IPC of container {other_id}"
+    other = _running_container(layout, other_id, f"{refused}: no such container",
+                               refused + ": container {id} is not running")
+    if other.ipc_mode != "shareable":
+        raise ContainerError(f"{refused}: non-shareable IPC (hint: use IpcMode:shareable for the donor container)")
     return other.state.pid
 
 

@@ -39,6 +39,7 @@ class MountPlan:
     volume: str | None = None
     copy: bool = True  # fill a new, empty volume from the image's content at target
     labels: dict[str, str] = field(default_factory=dict)
+    volume_options: dict[str, str] = field(default_factory=dict)  # the volume's driver options
 
     def record(self) -> dict[str, Any]:
         data: dict[str, Any] = {"target": self.target, "kind": self.kind, "source": self.source,
@@ -48,6 +49,8 @@ class MountPlan:
         if self.kind == "volume":
             data["volume"] = self.volume
             data["copy"] = self.copy
+            if self.volume_options:
+                data["volume_options"] = dict(self.volume_options)
         return data
 
 

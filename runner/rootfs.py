@@ -38,9 +38,11 @@ _TIOCSPTLCK = 0x40045431
 ETC_FILES = ("hosts", "hostname", "resolv.conf")
 DEFAULT_SHM_SIZE = 64 << 20  # docker's
 HOST_DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
-READONLY_PROC_PATHS = ("sys", "sysrq-trigger", "irq", "bus")
-MASKED_PROC_FILES = ("kcore", "keys", "timer_list", "sched_debug")
-MASKED_PROC_DIRS = ("acpi", "scsi")
+# docker's defaults (moby oci/defaults.go: ReadonlyPaths, MaskedPaths; powercap since 25.0).
+READONLY_PROC_PATHS = ("sys", "sysrq-trigger", "irq", "bus", "fs")
+MASKED_PROC_FILES = ("kcore", "keys", "latency_stats", "timer_list", "timer_stats", "sched_debug")
+MASKED_PROC_DIRS = ("asound", "acpi", "scsi")
+MASKED_SYS_DIRS = ("firmware", "devices/virtual/powercap")
 
 # statvfs flag -> mount flag, for remounts that must repeat the flags the kernel locked.
 _STATVFS_TO_MS = ((os.ST_NOSUID, linux.MS_NOSUID), (os.ST_NODEV, linux.MS_NODEV),
@@ -107,16 +109,24 @@ def _setup_proc(root: str, unmask: bool, host_proc: bool = False) -> None:
                 _bind("/dev/null", path, recursive=False)
             except OSError as e:
                 log.debug("cannot mask %s: %s", path, e)
-    for name in MASKED_PROC_DIRS:
-        path = os.path.join(proc, name)
-        if os.path.isdir(path):
+    _mask_dirs(proc, MASKED_PROC_DIRS)
+
+
+def _mask_dirs(top: str, names: tuple[str, ...]) -> None:
+    """Cover each directory with an empty read-only tmpfs, as runc masks a directory."""
+    for name in names:
+        path = os.path.join(top, name)
+        if os.path.isdir(path) and not os.path.islink(path):
             try:
                 linux.mount("tmpfs", path, "tmpfs", linux.MS_RDONLY, "size=0")
             except OSError as e:
                 log.debug("cannot mask %s: %s", path, e)
 
 
-def _setup_dev(root: str, console: str | None, gid5_mapped: bool, shm_size: int) -> None:
+def _setup_dev(root: str, console: str | None, gid5_mapped: bool, shm_size: int,
+               shm_source: str | None = "") -> None:
+    """``shm_source``: "" a new tmpfs on /dev/shm, None no /dev/shm (``--ipc none``), else the
+    directory to bind there (the host's, with its IPC namespace)."""
     dev = make_dirs_in_root(root, "/dev")
     linux.mount("tmpfs", dev, "tmpfs", linux.MS_NOSUID | linux.MS_STRICTATIME, "mode=755,size=65536k")
     for name in HOST_DEVICES:
@@ -129,9 +139,13 @@ def _setup_dev(root: str, console: str | None, gid5_mapped: bool, shm_size: int)
     linux.mount("devpts", pts, "devpts", linux.MS_NOSUID | linux.MS_NOEXEC, data)
     os.symlink("pts/ptmx", os.path.join(dev, "ptmx"))
     shm = os.path.join(dev, "shm")
-    os.mkdir(shm, 0o1777)
-    linux.mount("shm", shm, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC,
-                f"mode=1777,size={shm_size or DEFAULT_SHM_SIZE}")
+    if shm_source is not None:
+        os.mkdir(shm, 0o1777)
+    if shm_source:
+        _bind(shm_source, shm)
+    elif shm_source is not None:
+        linux.mount("shm", shm, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC,
+                    f"mode=1777,size={shm_size or DEFAULT_SHM_SIZE}")
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
                          ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
         os.symlink(target, os.path.join(dev, name))
@@ -162,16 +176,20 @@ def open_console(root: str) -> tuple[int, int]:
     return master, slave
 
 
-def _setup_sys(root: str, own_netns: bool) -> None:
+def _setup_sys(root: str, own_netns: bool, unmask: bool = False) -> None:
     sys_dir = make_dirs_in_root(root, "/sys")
     flags = linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
+    mounted = False
     if own_netns:
         try:
             linux.mount("sysfs", sys_dir, "sysfs", flags)
-            return
+            mounted = True
         except OSError as e:
             log.debug("sysfs mount refused (%s), binding the host's /sys read-only", e)
-    _bind("/sys", sys_dir, readonly=True)
+    if not mounted:
+        _bind("/sys", sys_dir, readonly=True)
+    if not unmask:  # --privileged, --security-opt systempaths=unconfined leave them
+        _mask_dirs(sys_dir, MASKED_SYS_DIRS)
 
 
 def _setup_user_mount(root: str, m: MountRequest) -> None:
@@ -181,6 +199,9 @@ def _setup_user_mount(root: str, m: MountRequest) -> None:
             raise ContainerError("invalid mount: destination can't be '/'")
         flags = linux.MS_NOSUID | linux.MS_NODEV | (linux.MS_RDONLY if m.readonly else 0)
         linux.mount("tmpfs", target, "tmpfs", flags, m.options or "mode=1777")
+        return
+    if m.kind == "tmpfs-volume":
+        _mount_tmpfs_volume(root, m)
         return
     assert m.source is not None
     if m.kind == "volume":
@@ -203,6 +224,25 @@ def _setup_user_mount(root: str, m: MountRequest) -> None:
     _bind(m.source, target, readonly=m.readonly)
 
 
+def _mount_tmpfs_volume(root: str, m: MountRequest) -> None:
+    """A volume of docker's local driver with ``type=tmpfs``: a new tmpfs, filled from the image
+    as an empty volume is. The image's directory is read through a descriptor opened before the
+    tmpfs covers it."""
+    target = make_dirs_in_root(root, m.target)
+    if target == root:
+        raise ContainerError("invalid mount: destination can't be '/'")
+    image_dir = os.open(target, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        linux.mount("tmpfs", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, m.options)
+        below = f"/proc/self/fd/{image_dir}"
+        if os.listdir(below):
+            _populate_volume(below, target)
+    finally:
+        os.close(image_dir)
+    if m.readonly:
+        remount_readonly(target)
+
+
 def _populate_volume(image_dir: str, volume: str) -> None:
     """As docker: a new volume starts as a copy of what the image has at its mount point."""
     shutil.copytree(image_dir, volume, symlinks=True, dirs_exist_ok=True)
@@ -222,7 +262,7 @@ def _populate_volume(image_dir: str, volume: str) -> None:
 def prepare_root(root: str, *, cwd: str, create_cwd: bool, etc_files: dict[str, str],
                  mounts: list[MountRequest], console: str | None, own_netns: bool,
                  readonly: bool, gid5_mapped: bool, shm_size: int = 0, unmask_proc: bool = False,
-                 host_proc: bool = False) -> None:
+                 host_proc: bool = False, shm_source: str | None = "") -> None:
     """Mount everything under ``root`` (the future ``/``); see the module docstring for the order."""
     linux.mount(root, root, None, linux.MS_BIND | linux.MS_REC)
     if create_cwd and cwd not in ("", "/"):
@@ -231,8 +271,8 @@ def prepare_root(root: str, *, cwd: str, create_cwd: bool, etc_files: dict[str, 
         except OSError as e:
             raise ContainerError(f"cannot create working directory {cwd}: {e.strerror}") from e
     _setup_proc(root, unmask_proc, host_proc)
-    _setup_dev(root, console, gid5_mapped, shm_size)
-    _setup_sys(root, own_netns)
+    _setup_dev(root, console, gid5_mapped, shm_size, shm_source)
+    _setup_sys(root, own_netns, unmask_proc)
     for name, host_file in etc_files.items():
         target = resolve_in_root(root, "/etc/" + name)
         if not os.path.isfile(target):

@@ -222,6 +222,8 @@ def parse_cpus(text: str) -> int:
     except ValueError:
         raise UsageError(f"--cpus {text}: failed to parse {text} as a rational number") from None
     count = os.cpu_count() or 1
+    if value == 0:
+        return 0  # docker's "no limit"
     if not (math.isfinite(value) and 0.01 <= value <= count):
         raise UsageError(f"--cpus {text}: range of CPUs is from 0.01 to {count}.00, as there are only {count} "
                          "CPUs available")

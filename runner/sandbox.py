@@ -155,6 +155,11 @@ class SandboxSpec:
     # namespaces the container joins (its id maps are that container's).
     join_network_of: int | None = None
     pid_host: bool = False  # --pid host: no PID namespace of its own
+    # --ipc: "" its own IPC namespace and /dev/shm, "none" its own namespace and no /dev/shm,
+    # "host" the host's namespace and /dev/shm; join_ipc_of: the pid of a process of a shareable
+    # container whose user and IPC namespaces it joins.
+    ipc: str = ""
+    join_ipc_of: int | None = None
     # Run in the container's root instead of ``argv``, as root of its namespace: ``worker(0)`` with
     # ``stdin`` on descriptor 0, its result the exit code (``cp`` on a stopped container).
     worker: Callable[[int], int] | None = None
@@ -301,7 +306,7 @@ def start_sandbox(spec: SandboxSpec, server: UnionServer | None = None,
         _raise_if_cancelled(cancel)
         if not startup.read_until("unshared"):
             _raise_event(startup.error, "the sandbox did not start")
-        if spec.join_network_of is None:
+        if spec.join_network_of is None and spec.join_ipc_of is None:
             apply_mapping(pid, mapping)
         log.debug("sandbox: namespaces made and id maps written")
         if spec.cgroup is not None:

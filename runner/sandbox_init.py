@@ -85,9 +85,14 @@ def keeper(spec: SandboxSpec, network: str, status_w: int, sync_r: int, go_r: in
     flags = linux.CLONE_NEWUSER | linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC
     if network != "host":
         flags |= linux.CLONE_NEWNET
+    if spec.ipc == "host":
+        flags &= ~linux.CLONE_NEWIPC
     if spec.join_network_of is not None:
         _join_network_of(spec.join_network_of)
         flags &= ~(linux.CLONE_NEWUSER | linux.CLONE_NEWNET)
+    if spec.join_ipc_of is not None:
+        _join_ipc_of(spec.join_ipc_of, user_joined=spec.join_network_of is not None)
+        flags &= ~(linux.CLONE_NEWUSER | linux.CLONE_NEWIPC)
     try:
         linux.unshare(flags)
     except OSError as e:
@@ -133,18 +138,42 @@ def keeper(spec: SandboxSpec, network: str, status_w: int, sync_r: int, go_r: in
     return exit_code(status)
 
 
+def _enter_namespaces(pid: int, names: tuple[str, ...]) -> None:
+    """setns into the namespaces ``names`` (``user`` first: we own it and get every capability
+    there) of the container process ``pid``."""
+    flags = {"user": linux.CLONE_NEWUSER, "net": linux.CLONE_NEWNET, "ipc": linux.CLONE_NEWIPC}
+    for name in names:
+        fd = os.open(f"/proc/{pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            linux.setns(fd, flags[name])
+        finally:
+            os.close(fd)
+
+
 def _join_network_of(pid: int) -> None:
-    """Enter the user namespace (we own it: we get every capability there) and then the network
-    namespace of the container process ``pid``."""
+    """Enter the user and then the network namespace of the container process ``pid``."""
     try:
-        for name, flag in (("user", linux.CLONE_NEWUSER), ("net", linux.CLONE_NEWNET)):
-            fd = os.open(f"/proc/{pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                linux.setns(fd, flag)
-            finally:
-                os.close(fd)
+        _enter_namespaces(pid, ("user", "net"))
     except OSError as e:
         raise ContainerError(f"cannot join the network of the container process {pid}: {e.strerror}") from e
+
+
+def _join_ipc_of(pid: int, user_joined: bool) -> None:
+    """Enter the user namespace of the container process ``pid`` (unless the network's owner's
+    was entered already: a second, different one cannot be) and then its IPC namespace."""
+    try:
+        _enter_namespaces(pid, ("ipc",) if user_joined else ("user", "ipc"))
+    except OSError as e:
+        raise ContainerError(f"cannot join the IPC namespace of the container process {pid}: {e.strerror}"
+                             + (" (its network is another container's)" if user_joined else "")) from e
+
+
+def _shm_source(spec: SandboxSpec) -> str | None:
+    """What /dev/shm is: "" a tmpfs of its own, None nothing, else the path to bind. A container
+    that joins another's IPC namespace keeps a /dev/shm of its own: the other's tmpfs lives in
+    that container's mount namespace, which a bind cannot reach (docker binds the donor's, which
+    it mounts on the host; a documented difference)."""
+    return {"none": None, "host": "/dev/shm"}.get(spec.ipc, "")
 
 
 def _wait_union_ready(ready_r: int) -> None:
@@ -183,7 +212,7 @@ def _container_init(spec: SandboxSpec, network: str, root: str, status_w: int, g
     prepare_root(root, cwd=spec.cwd, create_cwd=spec.create_cwd, etc_files=etc_files, mounts=user_mounts,
                  console=console, own_netns=network != "host", readonly=spec.readonly_rootfs,
                  gid5_mapped=is_mapped(5, "/proc/self/gid_map"), shm_size=spec.shm_size,
-                 unmask_proc=spec.unmask_proc, host_proc=spec.pid_host)
+                 unmask_proc=spec.unmask_proc, host_proc=spec.pid_host, shm_source=_shm_source(spec))
     if spec.console_socket is not None:
         spec.terminal = _hand_over_console(root, spec.console_socket)
     user = resolve_user(spec.user, _existing(root, "/etc/passwd"), _existing(root, "/etc/group"))

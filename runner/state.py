@@ -135,6 +135,7 @@ class Container:
     platform: str = ""
     healthcheck: dict[str, Any] | None = None  # docker's Config.Healthcheck (runner.health)
     pid_mode: str = ""  # "host": the host's PID namespace
+    ipc_mode: str = ""  # docker's --ipc: "" (private), none, private, shareable, host, container:<id>
     attach: list[str] = field(default_factory=list)  # run -a: the streams shown (empty: stdout, stderr)
     # Entrypoint and Cmd as run (argv is the two joined): what ``commit`` records. None in records
     # made before they were kept.
@@ -509,6 +510,7 @@ def _host_config(c: Container) -> dict[str, Any]:
     return {
         "NetworkMode": "bridge" if c.network == "slirp" else c.network, "ReadonlyRootfs": c.readonly,
         "AutoRemove": c.auto_remove, "Init": c.init, "PortBindings": _port_map(c.ports), "PidMode": c.pid_mode,
+        "IpcMode": c.ipc_mode or "private",
         "Binds": _binds(c),
         "CapAdd": None if caps is None else [x for x in caps if x not in default] or None,
         "CapDrop": None if caps is None else [x for x in default if x not in caps] or None,

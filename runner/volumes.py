@@ -153,8 +153,12 @@ class VolumeStore:
         """The volume ``name``, made when missing (docker's ``volume create`` of an existing name
         answers that volume); a random name makes an anonymous volume."""
         if options:
-            raise VolumeError(f"create {name or ''}: driver options are not supported by the local driver "
-                              f"here: {', '.join(sorted(options))}")
+            from runner.volume_options import VolumeOptionError, check_options
+
+            try:
+                check_options(options)
+            except VolumeOptionError as e:
+                raise VolumeError(f"create {name or ''}: {e}") from None
         anonymous = name is None
         name = name if name is not None else secrets.token_hex(32)
         check_name(name)
@@ -164,7 +168,8 @@ class VolumeStore:
             directory = self.dir / name
             directory.mkdir(mode=0o700)
             (directory / DATA).mkdir(mode=0o755)
-            volume = Volume(name, directory, created=_now(), labels=dict(labels or {}), anonymous=anonymous)
+            volume = Volume(name, directory, created=_now(), labels=dict(labels or {}), anonymous=anonymous,
+                            options=dict(options or {}))
             volume.save()
         return volume
 

@@ -22,6 +22,9 @@ set -eu
 . "$(dirname "$0")/common.sh"
 outside_usage $# 1 "SYSTEM_DIR [NAME.bats...]"
 outside_need_root "podman's system tests"
+# Mounts the run makes (containers' unions, `podman mount`) stay out of the namespaces other
+# programs create meanwhile, where an unmount here could not reach them.
+outside_in_private_namespace "$@"
 command -v bats >/dev/null || { echo "$0: bats is not installed (apt-get install bats)" >&2; exit 2; }
 system=$(cd "$1" && pwd)
 shift
@@ -114,6 +117,16 @@ run_bats() {  # CANDIDATE: the TAP output in $out/CANDIDATE.tap
         END { printf "podman-bats %s pass=%d fail=%d skip=%d\n", who, pass, fail, skip }' "$out/$1.tap"
 }
 
+clean_up_lamina() {  # what failing (or interrupted) tests left: containers, `podman mount`s under $out
+    [ -x "$out/bin-lamina/podman" ] || return 0
+    ids=$("$out/bin-lamina/podman" ps -aq 2>/dev/null) || ids=
+    if [ -n "$ids" ]; then "$out/bin-lamina/podman" rm -f $ids >/dev/null 2>&1 || true; fi
+    awk -v out="$out/" 'index($5, out) == 1 { print $5 }' /proc/self/mountinfo | sort -r |
+        while read -r mnt; do fusermount3 -u "$mnt" 2>/dev/null || fusermount3 -u -z "$mnt"; done
+}
+trap clean_up_lamina EXIT
+trap 'exit 130' INT TERM HUP
+
 for candidate in $candidates; do
     case "$candidate" in
     lamina)
@@ -123,11 +136,7 @@ for candidate in $candidates; do
         printf '#!/bin/sh\nexec %s -m lamina --root %s "$@"\n' "$python" "$out/lamina-root" >"$bin/podman"
         chmod 755 "$bin/podman"
         PODMAN=$bin/podman run_bats lamina
-        # What failing tests left: containers, and `podman mount`s (lamina mounts) under $out.
-        ids=$("$bin/podman" ps -aq 2>/dev/null) || ids=
-        if [ -n "$ids" ]; then "$bin/podman" rm -f $ids >/dev/null 2>&1 || true; fi
-        awk -v out="$out/" 'index($5, out) == 1 { print $5 }' /proc/self/mountinfo | sort -r |
-            while read -r mnt; do fusermount3 -u "$mnt" 2>/dev/null || fusermount3 -u -z "$mnt"; done
+        clean_up_lamina
         ;;
     podman)
         # podman in a private, throwaway environment (bench/podman_env.py) behind a wrapper.

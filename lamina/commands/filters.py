@@ -37,6 +37,21 @@ def parse_filters(texts: Iterable[str], known: tuple[str, ...]) -> dict[str, lis
     return grouped
 
 
+def name_matches(patterns: Iterable[str], name: str) -> bool:
+    """docker's ``filters.Args.Match`` (the ``name`` filters of ``ps`` and ``volume ls``): a
+    pattern equal to ``name``, or a regular expression found anywhere in it. A pattern that is not
+    a valid expression matches only itself, as docker skips it."""
+    for pattern in patterns:
+        if pattern == name:
+            return True
+        try:
+            if re.search(pattern, name):
+                return True
+        except re.error:
+            continue
+    return False
+
+
 def glob_pattern(pattern: str) -> re.Pattern[str]:
     """Go's ``path.Match`` pattern as a regex: ``*`` and ``?`` never match ``/``."""
     out, i = [], 0
@@ -124,7 +139,7 @@ def container_filter(texts: Iterable[str], containers: list[Container],
         exited = [int(v) for v in filters.get("exited", [])]
     except ValueError:
         raise UsageError(f"--filter exited={','.join(filters['exited'])}: expected an exit code") from None
-    names = [re.compile(v) for v in filters.get("name", [])]
+    names = filters.get("name", [])
     ancestors = [resolve_image(v) for v in filters.get("ancestor", [])]
 
     def created_of(reference: str) -> str:
@@ -148,7 +163,7 @@ def container_filter(texts: Iterable[str], containers: list[Container],
     def matches(c: Container) -> bool:
         if "id" in filters and not any(c.id.startswith(v) for v in filters["id"]):
             return False
-        if names and not any(n.search(c.name) or n.search("/" + c.name) for n in names):
+        if names and not (name_matches(names, c.name) or name_matches(names, "/" + c.name)):
             return False
         if "status" in filters and c.state.status not in filters["status"]:
             return False

@@ -52,6 +52,8 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     a("--health-start-period", metavar="DURATION", help="time during which failures do not count")
     a("--no-healthcheck", action="store_true", help="disable the image's HEALTHCHECK")
     a("--pid", default="", metavar="MODE", help="host: share the host's PID namespace")
+    a("--ipc", default="", metavar="MODE",
+      help="IPC namespace: private (default), shareable, none (no /dev/shm), host or container:NAME")
     a("-a", "--attach", action="append", default=[], metavar="STREAM",
       help="attach to stdin, stdout or stderr (default: stdout and stderr)")
 
@@ -87,7 +89,7 @@ def make_volumes(layout: Layout, plans: list[MountPlan]) -> tuple[list[dict[str,
                 anonymous.append(made.name)
             else:
                 made = volumes.create(plan.volume, labels=plan.labels)
-            plan.volume, plan.source = made.name, str(made.data)
+            plan.volume, plan.source, plan.volume_options = made.name, str(made.data), made.options
     except BaseException:
         discard_volumes(layout, anonymous)
         raise
@@ -131,7 +133,7 @@ def container_fields(args: argparse.Namespace, layout: Layout,
         "log_options": runflags.parse_log_opts(args.log_opt, args.log_driver),
         "resources": _resources(args), "platform": args.platform or "",
         "healthcheck": _healthcheck(args, image_config),
-        "pid_mode": _pid_mode(args.pid), "attach": _attach(args),
+        "pid_mode": _pid_mode(args.pid), "attach": _attach(args), "ipc_mode": _ipc_mode(args.ipc, layout),
     }
     if args.stop_signal:
         fields["stop_signal"] = runflags.signal_flag("--stop-signal", args.stop_signal)
@@ -144,6 +146,17 @@ def _pid_mode(text: str) -> str:
     if text not in ("", "host"):
         raise UsageError(f"--pid {text}: invalid PID mode (only host is supported)")
     return text
+
+
+def _ipc_mode(text: str, layout: Layout) -> str:
+    """docker's ``--ipc``: a mode, or ``container:NAME`` recorded as ``container:<id>``."""
+    if text in ("", "none", "private", "shareable", "host"):
+        return text
+    if not text.startswith("container:") or text == "container:":
+        raise UsageError(f"--ipc {text}: invalid IPC mode")
+    from runner.state import ContainerStore
+
+    return "container:" + ContainerStore(layout).get(text.removeprefix("container:")).id
 
 
 def _attach(args: argparse.Namespace) -> list[str]:
@@ -195,13 +208,15 @@ def _shm_size(text: str | None) -> int:
 
 def _resources(args: argparse.Namespace) -> dict[str, int]:
     resources: dict[str, int] = {}
-    if args.memory:
-        memory = mountflags.parse_bytes("--memory", args.memory)
-        if memory < 6 * 1024 * 1024:
-            raise UsageError(f"--memory {args.memory}: minimum memory limit allowed is 6MB")
+    # 0 is docker's "no limit" for both (its daemon checks the minimum and range of other values).
+    memory = mountflags.parse_bytes("--memory", args.memory) if args.memory else 0
+    if 0 < memory < 6 * 1024 * 1024:
+        raise UsageError(f"--memory {args.memory}: minimum memory limit allowed is 6MB")
+    if memory:
         resources["Memory"] = memory
-    if args.cpus:
-        resources["NanoCpus"] = runflags.parse_cpus(args.cpus)
+    nano_cpus = runflags.parse_cpus(args.cpus) if args.cpus else 0
+    if nano_cpus:
+        resources["NanoCpus"] = nano_cpus
     if args.pids_limit is not None:
         resources["PidsLimit"] = args.pids_limit
     if resources:

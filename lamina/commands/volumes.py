@@ -11,6 +11,7 @@ import json
 import sys
 from collections.abc import Callable
 
+from lamina.commands.filters import name_matches
 from lamina.errors import LaminaError, UsageError
 from runner.volumes import Volume, VolumeNotFound, VolumeStore, label_filter
 
@@ -101,25 +102,30 @@ def cmd_volume_create(args: argparse.Namespace) -> int:
 
 
 def _filters(filters: list[str], in_use: set[str]) -> Callable[[Volume], bool]:
-    tests: list[Callable[[Volume], bool]] = []
+    """docker's volume filters: values of one key are alternatives (``name`` a regular expression,
+    as its daemon's ``filters.Args.Match``), every ``label`` and ``dangling`` must hold."""
+    grouped: dict[str, list[str]] = {}
     for text in filters:
         key, sep, value = text.partition("=")
         if not sep:
             raise UsageError(f"--filter {text}: expected KEY=VALUE")
-        if key == "dangling":
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise UsageError(f"--filter {text}: invalid filter 'dangling={value}'")
-            dangling = value.lower() in ("true", "1")
-            tests.append(lambda v, d=dangling: (v.name not in in_use) == d)  # type: ignore[misc]
-        elif key == "name":
-            tests.append(lambda v, s=value: s in v.name)  # type: ignore[misc]
-        elif key == "label":
-            tests.append(lambda v, s=value: label_filter(v.labels, s))  # type: ignore[misc]
-        elif key == "driver":
-            tests.append(lambda v, s=value: s == "local")  # type: ignore[misc]
-        else:
+        if key not in ("dangling", "name", "label", "driver"):
             raise UsageError(f"--filter {text}: invalid filter '{key}'")
-    return lambda v: all(test(v) for test in tests)
+        if key == "dangling" and value.lower() not in ("true", "false", "1", "0"):
+            raise UsageError(f"--filter {text}: invalid filter 'dangling={value}'")
+        grouped.setdefault(key, []).append(value)
+    dangling = [value.lower() in ("true", "1") for value in grouped.get("dangling", [])]
+
+    def wanted(v: Volume) -> bool:
+        if not all((v.name not in in_use) == d for d in dangling):
+            return False
+        if "name" in grouped and not name_matches(grouped["name"], v.name):
+            return False
+        if "driver" in grouped and "local" not in grouped["driver"]:
+            return False
+        return all(label_filter(v.labels, s) for s in grouped.get("label", []))
+
+    return wanted
 
 
 def _row(volume: Volume) -> dict[str, str]:
