@@ -4,6 +4,10 @@ SPEC is a JSON file written by :mod:`lamina.lazy.mount`: the registry, the repos
 descriptors (from a verified manifest), the chunk cache directory and an optional trace file. The
 TOCs are all fetched and verified before the mount appears, so a mount that is up can answer every
 lookup and listing without the network. Exit status 1 with one line on stderr if they cannot be.
+
+Start-up is time to mount: the TOCs of all layers are fetched at once (a thread and a connection
+per layer), and trio and pyfuse3 are imported with unionfs's start-up tricks
+(:func:`unionfs.startup.import_fuse_stack`, off with ``LAMINA_NO_PATCHES=1``).
 """
 
 from __future__ import annotations
@@ -13,17 +17,21 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lamina.errors import LaminaError
 from lamina.lazy.remote import REQUEST_DEADLINE_S, ChunkCache, RemoteLayer, has_toc
 from lamina.lazy.tree import LazyTree
-from lamina.lazy.whole import WholeLayer
 from lamina.store.estargz import Toc
 from lamina.store.image_schema import Descriptor
 from lamina.store.registry import RegistryClient
 from lamina.store.registry_auth import lookup_credentials
+
+if TYPE_CHECKING:
+    from lamina.lazy.whole import WholeLayer
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +49,24 @@ def open_layers(spec: dict, trace: Callable[[str], None] | None) -> list[RemoteL
             if has_toc(descriptor):
                 layers.append(RemoteLayer(client.clone(), spec["repository"], descriptor, cache, trace))
             else:
+                from lamina.lazy.whole import WholeLayer  # only then: it imports the tar and codec stack
+
                 layers.append(WholeLayer(client.clone(), spec["repository"], descriptor, Path(spec["tars"]), trace))
     finally:
         client.close()
     return layers
+
+
+def open_tocs(layers: Sequence[RemoteLayer | WholeLayer]) -> list[Toc]:
+    """Every layer's TOC, fetched and verified concurrently (each layer has its own connection).
+
+    Error handling: the first layer's error (in layer order) is raised, once every fetch has ended.
+    """
+    if len(layers) <= 1:
+        return [layer.open_toc() for layer in layers]
+    with ThreadPoolExecutor(max_workers=min(len(layers), 8), thread_name_prefix="toc") as pool:
+        futures = [pool.submit(layer.open_toc) for layer in layers]
+    return [future.result() for future in futures]
 
 
 def start_prefetch(layers: list[RemoteLayer | WholeLayer], tocs: list[Toc], stop: threading.Event) -> None:
@@ -61,6 +83,9 @@ def start_prefetch(layers: list[RemoteLayer | WholeLayer], tocs: list[Toc], stop
 
 
 def serve(spec: dict, mountpoint: Path) -> None:
+    from unionfs.startup import import_fuse_stack
+
+    import_fuse_stack()
     import pyfuse3
     import trio
 
@@ -75,7 +100,7 @@ def serve(spec: dict, mountpoint: Path) -> None:
     layers = open_layers(spec, trace if trace_file else None)
     stop_prefetch = threading.Event()
     try:
-        tocs = [layer.open_toc() for layer in layers]
+        tocs = open_tocs(layers)
         tree = LazyTree(tocs, layers)
         pyfuse3.init(LazyOperations(tree), str(mountpoint), {"fsname=lamina-lazy", "subtype=lamina-lazy", "ro", "nodev", "nosuid"})
         try:

@@ -35,6 +35,7 @@ import hashlib
 import io
 import json
 import posixpath
+import re
 import struct
 import tarfile
 import zlib
@@ -420,7 +421,7 @@ class Toc:
 
 def _int(raw: dict[str, Any], key: str, where: str, default: int | None = 0) -> int:
     value = raw.get(key, default)
-    if value is None or isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if type(value) is not int or value < 0:  # not bool, not None
         raise FormatError(f"eStargz TOC: {where}: {key!r} is not a non-negative integer")
     return value
 
@@ -468,9 +469,12 @@ def entry_from_tar(info: tarfile.TarInfo) -> Entry:
     return _entry(_toc_entry(info, usable_name(info.name, "layer entry")), info.name)
 
 
+_SHA256_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+
 def _digest(raw: dict[str, Any], where: str) -> str:
     digest = _str(raw, "chunkDigest", where)
-    if len(digest) != 71 or not digest.startswith("sha256:") or any(c not in "0123456789abcdef" for c in digest[7:]):
+    if _SHA256_DIGEST.fullmatch(digest) is None:
         raise FormatError(f"eStargz TOC: {where}: no sha256 chunkDigest")
     return digest
 
