@@ -76,7 +76,13 @@ def _resolve(layout: Layout, reference: str) -> tuple[Any, Any]:
 
 
 def _load_image(layout: Layout, reference: str) -> LoadedImage:
-    """The layers of an image, or of a container's image plus its upper directory on top."""
+    """The layers of an image, or of a container's image plus its upper directory on top; for a
+    ``HOST/REPO:TAG`` in neither the store nor the containers, the image's TOCs in its registry."""
+    if _names_a_remote_image(layout, reference):
+        from lamina.inspector.toc_layers import remote_layer_inputs
+
+        remote, inputs = remote_layer_inputs(layout, reference)
+        return LoadedImage(reference, remote, inputs)
     image, container = _resolve(layout, reference)
     layers = list(image.layers)
     history = image.config.get("history") or []
@@ -98,6 +104,8 @@ def _analyze(loaded: LoadedImage) -> StackAnalysis:
     """
     from runner.sandbox import call_in_userns
 
+    if all(layer.scan is not None for layer in loaded.inputs):
+        return analyze(loaded.inputs, False)  # from TOCs: nothing on disk to read
     if not all(Path(layer.path).is_dir() for layer in loaded.inputs):
         missing = next(layer.path for layer in loaded.inputs if not Path(layer.path).is_dir())
         raise NotFoundError(f"{loaded.reference}: layer directory missing: {missing} "

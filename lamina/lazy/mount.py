@@ -31,15 +31,10 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from lamina.errors import MountError, RegistryError, UsageError
+from lamina.errors import MountError, RegistryError
 from lamina.inspector import mounts
 from lamina.layout import Layout
-from lamina.store.image_schema import Descriptor
-from lamina.store.reference import Reference
-from lamina.store.registry import RegistryClient
-from lamina.store.registry_auth import lookup_credentials
-from lamina.store.registry_manifest import IMAGE_MANIFEST_TYPES, MAX_CONFIG_BYTES
-from lamina.store.transfer import LAYER_TYPES, api_host, default_tls_verify
+from lamina.lazy.remote_image import client_for, fetch_config, fetch_manifest
 from unionfs.core.stack import LayerStack
 
 log = logging.getLogger(__name__)
@@ -64,35 +59,24 @@ def mount_lazy(layout: Layout, reference: str, mountpoint: Path | None, *, upto:
     Error handling: RegistryError (manifest, config or a TOC unavailable or not verified, a layer
     that is not eStargz), MountError, UsageError; then nothing is left mounted, running or recorded.
     """
-    ref = Reference.parse(reference)
-    verify = default_tls_verify(ref.registry, tls_verify)
-    with RegistryClient(api_host(ref.registry), tls_verify=verify,
-                        credentials=lookup_credentials(ref.registry)) as client:
-        manifest, _index = client.get_image_manifest(ref.repository, ref.digest or ref.tag or "latest")
-        if manifest.media_type not in IMAGE_MANIFEST_TYPES:
-            raise RegistryError(f"{ref}: unsupported manifest type {manifest.media_type}")
-        image = manifest.image()
-        layers = _chosen_layers(ref, image.layers, upto)
+    with client_for(reference, tls_verify) as client:
+        image = fetch_manifest(client, reference, tls_verify)
+        spec = image.layer_spec(layout, upto, trace)
+        layer_count = len(spec["layers"])
         lower_dir = layout.mounts / f"lazy-{os.urandom(6).hex()}"
         lower_mount = lower_dir / "layers"
         lower_mount.mkdir(parents=True, mode=0o700)
-        spec = {"registry": ref.registry, "api_host": api_host(ref.registry), "tls_verify": verify,
-                "repository": ref.repository, "cache": str(layout.lazy_chunks), "tars": str(layout.lazy_tars),
-                "trace": str(trace.absolute()) if trace else None,
-                "layers": [{"mediaType": layer.media_type, "digest": layer.digest, "size": layer.size,
-                            "annotations": layer.annotations} for layer in layers]}
         (lower_dir / "spec.json").write_text(json.dumps(spec))
         pid = None
         try:
             argv = [sys.executable, "-m", "lamina.lazy.serve", str(lower_dir / "spec.json"), str(lower_mount)]
             pid = _spawn(argv, lower_dir / "server.log")
             # Fetched (and verified) only to check it, while the servers start: the image ID is its digest.
-            client.fetch_small_blob(ref.repository, image.config.digest, layout.tmp,
-                                    size=image.config.size, max_size=MAX_CONFIG_BYTES)
+            fetch_config(client, layout, image)
             request = mounts.StackRequest(
-                lowers=LayerStack.from_bottom_up(lower_mount / str(i) for i in range(len(layers))),
-                upper=None, work=None, source=reference, image_id=image.config.digest.removeprefix("sha256:"),
-                container_id=None, layers=len(layers), trace=trace.absolute() if trace else None,
+                lowers=LayerStack.from_bottom_up(lower_mount / str(i) for i in range(layer_count)),
+                upper=None, work=None, source=reference, image_id=image.id,
+                container_id=None, layers=layer_count, trace=trace.absolute() if trace else None,
                 allow_other=allow_other, userns=False, lower_server=(pid, str(lower_mount)),
                 wrap_argv=lambda argv: _after_lower_mount(argv, lower_mount, pid))
             state = _mount_union(layout, request, mountpoint, lower_dir / "server.log")
@@ -103,18 +87,6 @@ def mount_lazy(layout: Layout, reference: str, mountpoint: Path | None, *, upto:
             raise
     log.debug("lazy mount %s", asdict(state))
     return state
-
-
-def _chosen_layers(ref: Reference, layers: list[Descriptor], upto: int | None) -> list[Descriptor]:
-    """The layers to mount (``--upto``), each of a type a lazy mount can read."""
-    if upto is not None and not 1 <= upto <= len(layers):
-        raise UsageError(f"--upto {upto}: the image has layers 1..{len(layers)}")
-    chosen = layers if upto is None else layers[:upto]
-    for index, layer in enumerate(chosen):
-        if layer.media_type not in LAYER_TYPES or layer.urls:
-            raise RegistryError(f"{ref}: layer {index + 1} ({layer.digest[7:19]}) has unsupported media type "
-                                f"{layer.media_type or None!r}")
-    return chosen
 
 
 def _after_lower_mount(unionfs_argv: list[str], lower_mount: Path, pid: int) -> list[str]:

@@ -1,0 +1,132 @@
+"""Showing a lazy image: ``which`` and ``layers`` from its TOCs (no file contents fetched, counted on
+the Distribution registry's side), compared with the same commands on the image pulled normally."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+from test_e2e_bad_input import tar_bytes
+from test_store_estargz import registry
+
+from lamina.inspector.analysis import LayerInput, analyze
+from lamina.inspector.toc_layers import scan_toc
+from lamina.store.estargz import FOOTER_SIZE, parse_footer, parse_toc, toc_json_from_member, write_estargz
+from lamina.store.registry import RegistryClient
+
+__all__ = ["registry"]  # the fixture
+
+_BLOB_GET = re.compile(r'"GET /v2/\S+/blobs/(sha256:[0-9a-f]{64}) HTTP/[\d.]+" (200|206) (\d+)')
+
+
+def blob_bytes(log_path: Path) -> list[tuple[str, int, int]]:
+    """``(digest, status, bytes)`` of every blob GET the registry answered."""
+    return [(m.group(1), int(m.group(2)), int(m.group(3)))
+            for m in _BLOB_GET.finditer(log_path.read_text(errors="replace"))]
+
+
+def toc_bytes(address: str, repository: str, tag: str) -> tuple[int, list[str]]:
+    """The bytes a reader needs for the image's TOCs (footer + TOC member per layer), and its layers."""
+    with RegistryClient(address, tls_verify=False) as client:
+        manifest = json.loads(client.get_manifest(repository, tag).data)
+        total = 0
+        for layer in manifest["layers"]:
+            size = layer["size"]
+            footer = client.fetch_blob_range(repository, layer["digest"], size - FOOTER_SIZE, size,
+                                             deadline=time.monotonic() + 30)
+            total += size - parse_footer(footer, size)
+    return total, [layer["digest"] for layer in manifest["layers"]]
+
+
+def _toc_of(tar: bytes):  # type: ignore[no-untyped-def]
+    out = io.BytesIO()
+    blob = write_estargz(io.BytesIO(tar), out, chunk_size=4096)
+    data = out.getvalue()
+    offset = parse_footer(data[-FOOTER_SIZE:], len(data))
+    return parse_toc(toc_json_from_member(data[offset:-FOOTER_SIZE]), blob.annotations()[
+        "containerd.io/snapshot/stargz/toc.digest"], offset)
+
+
+def _unpack(tar: bytes, into: Path) -> None:
+    into.mkdir()
+    with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
+        archive.extractall(into)  # our own tar: trusted
+
+
+def test_a_toc_scan_is_the_scan_of_the_unpacked_layer(tmp_path: Path) -> None:
+    """Whiteouts, opaque directories, implied parents, hard links and symlinks: the analysis of TOCs
+    equals the analysis of the same tars unpacked (the landmark eStargz adds is not counted)."""
+    lower = tar_bytes([("etc/", "dir", ""), ("etc/group", "file", b"root:x:0:\n"), ("etc/passwd", "file", b"root::0:0\n"),
+                       ("var/cache/a/b", "file", b"x" * 5000), ("var/cache/c", "file", b"y" * 300),
+                       ("bin/sh", "file", b"#!" + b"z" * 9000), ("bin/ln", "hardlink", "bin/sh")])
+    upper = tar_bytes([("etc/.wh.group", "file", b""), ("var/cache/.wh..wh..opq", "file", b""),
+                       ("var/cache/new", "file", b"n" * 10), ("bin/sh", "file", b"#!new"), ("bin/vi", "symlink", "busybox"),
+                       ("usr/deep/implied/file", "file", b"f" * 70)])
+    tars = [lower, upper]
+    dirs = []
+    for index, tar in enumerate(tars):
+        _unpack(tar, tmp_path / f"l{index}")
+        dirs.append(tmp_path / f"l{index}")
+    on_disk = analyze([LayerInput(d) for d in dirs])
+    from_tocs = analyze([LayerInput(d, scan=scan_toc(_toc_of(tar))) for d, tar in zip(dirs, tars, strict=True)])
+    for mine, theirs in zip(from_tocs.layers, on_disk.layers, strict=True):
+        fields = ("size", "files", "added", "changed", "deleted", "wasted", "whiteouts", "opaque_dirs")
+        assert {f: getattr(mine, f) for f in fields} == {f: getattr(theirs, f) for f in fields}
+    assert sorted(from_tocs.paths) == sorted(on_disk.paths)
+    for path, history in on_disk.paths.items():
+        other = from_tocs.paths[path]
+        assert (other.events, other.visible, [(c.layer, c.kind, c.size) for c in other.copies]) == \
+            (history.events, history.visible, [(c.layer, c.kind, c.size) for c in history.copies]), path
+
+
+@pytest.mark.slow
+def test_which_and_layers_of_a_registry_image_read_only_tocs(registry: object, lamina_cmd: object,
+                                                             tmp_path: Path) -> None:
+    """From an empty store, ``which`` and ``layers`` (and ``--html``) of an eStargz image fetch the
+    footer and TOC of each layer and the config, nothing else; they answer what the same commands
+    answer for the same image pulled normally."""
+    from test_store_interop import lamina_image_with_two_layers
+
+    run = lamina_cmd  # type: ignore[assignment]
+    address, log_path = registry.address, registry.log_path  # type: ignore[attr-defined]
+    lamina_image_with_two_layers(run, tmp_path)  # type: ignore[arg-type]
+    run("push", "--tls-verify=false", "--compression-format", "estargz", "interop/app:1", f"{address}/show/app:esgz")  # type: ignore[operator]
+    run("push", "--tls-verify=false", "interop/app:1", f"{address}/show/app:gzip")  # type: ignore[operator]
+    needed, layer_digests = toc_bytes(address, "show/app", "esgz")
+    pulled = tmp_path / "pulled"
+    run("pull", "--tls-verify=false", f"{address}/show/app:gzip", root=pulled)  # type: ignore[operator]
+
+    lazy = tmp_path / "empty-store"
+    before = len(blob_bytes(log_path))
+    remote = f"{address}/show/app:esgz"
+    layers = json.loads(run("layers", "--json", remote, root=lazy).stdout)  # type: ignore[operator]
+    which = {path: json.loads(run("which", "--json", remote, path, root=lazy).stdout)  # type: ignore[operator]
+             for path in ("/srv/hello", "/bin/sh", "/etc")}
+    gone = run("which", remote, "/etc/group", root=lazy).stdout  # type: ignore[operator]
+    run("layers", "--html", str(tmp_path / "layers.html"), remote, root=lazy)  # type: ignore[operator]
+    fetched = blob_bytes(log_path)[before:]
+    ranges = [(digest, size) for digest, status, size in fetched if status == 206]
+    whole = [digest for digest, status, _ in fetched if status == 200]
+    assert {digest for digest, _ in ranges} == set(layer_digests)
+    assert sum(size for _, size in ranges) == 6 * needed  # footer + TOC per layer, per command: no contents
+    assert not set(whole) & set(layer_digests)  # only the config came whole
+    assert not (lazy / "lazy" / "chunks").exists() or not list((lazy / "lazy" / "chunks").iterdir())
+
+    local = f"{address}/show/app:gzip"
+    expected = json.loads(run("layers", "--json", local, root=pulled).stdout)  # type: ignore[operator]
+    ignore = {"diff_id"}  # eStargz layers are other tars: other diff ids
+    assert [{k: v for k, v in layer.items() if k not in ignore} for layer in layers["layers"]] == \
+        [{k: v for k, v in layer.items() if k not in ignore} for layer in expected["layers"]]
+    assert (layers["total_bytes"], layers["wasted_bytes"], layers["dive"]) == \
+        (expected["total_bytes"], expected["wasted_bytes"], expected["dive"])
+    for path, answer in which.items():
+        theirs = json.loads(run("which", "--json", local, path, root=pulled).stdout)  # type: ignore[operator]
+        strip = json.loads(re.sub(r'"diff_id": "sha256:[0-9a-f]{64}"', '"diff_id": ""', json.dumps(answer)))
+        assert strip == json.loads(re.sub(r'"diff_id": "sha256:[0-9a-f]{64}"', '"diff_id": ""', json.dumps(theirs)))
+    assert "/etc/group: not in the image (deleted)" in gone
+    assert "srv" in (tmp_path / "layers.html").read_text()
