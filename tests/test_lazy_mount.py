@@ -127,7 +127,8 @@ def test_a_toc_that_does_not_match_the_annotation_is_refused(fake: FakeRegistry,
 
 
 def test_a_chunk_that_does_not_verify_is_fetched_twice_then_refused(fake: FakeRegistry, tmp_path: Path,
-                                                                   caplog: pytest.LogCaptureFixture) -> None:
+                                                                   caplog: pytest.LogCaptureFixture,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     data, descriptor = estargz_blob()
     fake.add_blob(data)
     layer = open_layer(fake, descriptor, tmp_path)
@@ -147,8 +148,13 @@ def test_a_chunk_that_does_not_verify_is_fetched_twice_then_refused(fake: FakeRe
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "fetched twice" in warnings[0], warnings
     caplog.clear()  # the warnings were expected
-    # Once the registry serves the right bytes again, the same read succeeds.
+    # Asked again at once (the kernel retries a failed read), it is refused without a fetch or a log.
+    with pytest.raises(ChunkUnavailable):
+        tree.read(sh.inode, 0, 100)
+    assert len(fake.range_requests) - before == 2 and not caplog.records
+    # Once the registry serves the right bytes again, the same read succeeds (after the hold).
     del fake.blob_override[descriptor.digest]
+    monkeypatch.setattr(remote, "REFUSED_CHUNK_HOLD_S", 0.0)
     assert tree.read(sh.inode, 0, 18) == b"#!/bin/busybox sh\n"
 
 

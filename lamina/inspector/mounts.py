@@ -350,6 +350,10 @@ def unmount(layout: Layout, directory: Path, lazy: bool = False) -> MountState:
         if state.lower_pid and state.lower_mountpoint:
             _stop_server(state.lower_pid, state.lower_mountpoint)
             shutil.rmtree(Path(state.lower_mountpoint).parent, ignore_errors=True)
+    elif state.lower_mountpoint and state.lower_mountpoint in fuse_mountpoints():
+        # The union still holds its lowers; detached too, the lower mount goes (and its server
+        # exits) when the union's server lets go of it.
+        _fusermount_unmount(state.lower_mountpoint, lazy=True)
     # A lazily detached mount stays usable by the processes inside it; the kernel tells the server
     # to exit when the last of them lets go, so it is not killed here.
     # The scratch upper and a mount point we made live in the state directory: all of it goes.

@@ -71,6 +71,7 @@ def mount_lazy(layout: Layout, reference: str, mountpoint: Path | None, *, upto:
         try:
             argv = [sys.executable, "-m", "lamina.lazy.serve", str(lower_dir / "spec.json"), str(lower_mount)]
             pid = _spawn(argv, lower_dir / "server.log")
+            (lower_dir / "server.pid").write_text(str(pid))  # what garbage collection asks (lamina.lazy.state)
             # Fetched (and verified) only to check it, while the servers start: the image ID is its digest.
             fetch_config(client, layout, image)
             request = mounts.StackRequest(

@@ -59,7 +59,8 @@ class RemoteImage:
                 raise RegistryError(f"{ref}: layer {index + 1} ({layer.digest[7:19]}) has unsupported media type "
                                     f"{layer.media_type or None!r}")
         return {"registry": ref.registry, "api_host": api_host(ref.registry), "tls_verify": self.tls_verify,
-                "repository": ref.repository, "cache": str(layout.lazy_chunks), "tars": str(layout.lazy_tars),
+                "repository": ref.repository, "cache": str(layout.lazy_chunks),
+                "tocs": str(layout.lazy_tocs), "tars": str(layout.lazy_tars),
                 "trace": str(trace.absolute()) if trace else None,
                 "layers": [{"mediaType": layer.media_type, "digest": layer.digest, "size": layer.size,
                             "annotations": layer.annotations} for layer in chosen]}

@@ -41,7 +41,7 @@ def open_layers(spec: dict, trace: Callable[[str], None] | None) -> list[RemoteL
     connection. The caller closes them."""
     client = RegistryClient(spec["api_host"], tls_verify=spec["tls_verify"],
                             credentials=lookup_credentials(spec["registry"]), timeout=REQUEST_DEADLINE_S)
-    cache = ChunkCache(Path(spec["cache"]))
+    cache = ChunkCache(Path(spec["cache"]), Path(spec["tocs"]) if spec.get("tocs") else None)
     layers: list[RemoteLayer | WholeLayer] = []
     try:
         for index, raw in enumerate(spec["layers"]):
