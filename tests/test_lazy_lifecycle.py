@@ -213,15 +213,9 @@ def test_a_lazy_mount_uses_the_credentials_of_login(lamina_cmd: object, tmp_path
 
 
 def _layer_server_pids(root: Path) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"lamina.lazy.serve" in cmdline and str(root).encode() in cmdline:
-                pids.append(int(entry))
+    """The layer servers of lazy mounts in the store at ``root`` (their records name them)."""
+    pids = [int(path.read_text()) for path in (root / "mounts").glob("lazy-*/server.pid")]
+    assert all(b"lamina.lazy.serve" in Path(f"/proc/{pid}/cmdline").read_bytes() for pid in pids)
     return pids
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from lamina.errors import MountError, RegistryError
 from lamina.inspector import mounts
 from lamina.layout import Layout
+from lamina.lazy import prefork
 from lamina.lazy.remote_image import client_for, fetch_config, fetch_manifest
 from unionfs.core.stack import LayerStack
 
@@ -69,8 +70,7 @@ def mount_lazy(layout: Layout, reference: str, mountpoint: Path | None, *, upto:
         (lower_dir / "spec.json").write_text(json.dumps(spec))
         pid = None
         try:
-            argv = [sys.executable, "-m", "lamina.lazy.serve", str(lower_dir / "spec.json"), str(lower_mount)]
-            pid = _spawn(argv, lower_dir / "server.log")
+            pid = _start_layer_server(lower_dir, lower_mount)
             (lower_dir / "server.pid").write_text(str(pid))  # what garbage collection asks (lamina.lazy.state)
             # Fetched (and verified) only to check it, while the servers start: the image ID is its digest.
             fetch_config(client, layout, image)
@@ -95,6 +95,19 @@ def _after_lower_mount(unionfs_argv: list[str], lower_mount: Path, pid: int) -> 
     python, dash_m, module, *args = unionfs_argv
     assert (dash_m, module) == ("-m", "unionfs"), unionfs_argv
     return [python, "-m", "lamina.lazy.unionfs_when_ready", str(lower_mount), str(pid), "--", *args]
+
+
+def _start_layer_server(lower_dir: Path, lower_mount: Path) -> int:
+    """The layer server for ``lower_dir/spec.json``: the one :mod:`lamina.lazy.prefork` started, if
+    it is still waiting, else a new one; its pid, at once (it mounts ``lower_mount`` when ready)."""
+    spec, log_path = lower_dir / "spec.json", lower_dir / "server.log"
+    preforked = prefork.take()
+    if preforked is not None:
+        try:
+            return prefork.start(preforked, spec, lower_mount, log_path)
+        except OSError:  # it died meanwhile
+            log.debug("the preforked layer server is gone; starting one", exc_info=True)
+    return _spawn([sys.executable, "-m", "lamina.lazy.serve", str(spec), str(lower_mount)], log_path)
 
 
 def _spawn(argv: list[str], log_path: Path) -> int:

@@ -17,6 +17,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from lamina.lazy.whole import WholeLayer
 
 log = logging.getLogger(__name__)
+STARTED = time.monotonic()  # for the log's start-up figure: imports included
 
 
 def open_layers(spec: dict, trace: Callable[[str], None] | None) -> list[RemoteLayer | WholeLayer]:
@@ -100,9 +102,13 @@ def serve(spec: dict, mountpoint: Path) -> None:
     layers = open_layers(spec, trace if trace_file else None)
     stop_prefetch = threading.Event()
     try:
+        began = time.monotonic()
         tocs = open_tocs(layers)
+        fetched = time.monotonic()
         tree = LazyTree(tocs, layers)
         pyfuse3.init(LazyOperations(tree), str(mountpoint), {"fsname=lamina-lazy", "subtype=lamina-lazy", "ro", "nodev", "nosuid"})
+        log.info("mounted %d layers, %d entries: TOCs %.3f s, tree and mount %.3f s (%.3f s after start)",
+                 len(layers), len(tree.nodes), fetched - began, time.monotonic() - fetched, time.monotonic() - STARTED)
         try:
             async def run() -> None:
                 async with trio.open_nursery() as nursery:
@@ -130,10 +136,40 @@ def serve(spec: dict, mountpoint: Path) -> None:
             trace_file.close()
 
 
+def _wait_for_work() -> list[str] | None:
+    """``--stdin`` (see :mod:`lamina.lazy.prefork`): import what serving needs, then wait for one
+    line ``{"spec", "mountpoint", "log"}``; from then on the output goes to the log. None at the end
+    of the input: the mount was not wanted after all."""
+    import os
+
+    from unionfs.startup import import_fuse_stack
+
+    import_fuse_stack()
+    import pyfuse3  # noqa: F401
+    import trio  # noqa: F401
+
+    import lamina.lazy.fs  # noqa: F401
+
+    line = sys.stdin.buffer.readline()
+    if not line:
+        return None
+    work = json.loads(line)
+    fd = os.open(work["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    return [work["spec"], work["mountpoint"]]
+
+
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if argv == ["--stdin"]:
+        work = _wait_for_work()
+        if work is None:
+            return 0
+        argv = work
     if len(argv) != 2:
-        print("usage: python -m lamina.lazy.serve SPEC MOUNTPOINT", file=sys.stderr)
+        print("usage: python -m lamina.lazy.serve SPEC MOUNTPOINT | --stdin", file=sys.stderr)
         return 2
     try:
         spec = json.loads(Path(argv[0]).read_text())
