@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
 import re
 import tarfile
 import time
@@ -131,3 +133,57 @@ def test_which_and_layers_of_a_registry_image_read_only_tocs(registry: object, l
         assert strip == json.loads(re.sub(r'"diff_id": "sha256:[0-9a-f]{64}"', '"diff_id": ""', json.dumps(theirs)))
     assert "/etc/group: not in the image (deleted)" in gone
     assert "srv" in (tmp_path / "layers.html").read_text()
+
+
+VERIFIER = os.environ.get("ESTARGZ_VERIFY")
+
+
+@pytest.mark.skipif(not VERIFIER, reason="ESTARGZ_VERIFY (stargz-snapshotter's estargz verifier) not set")
+def test_the_lazy_tree_and_the_toc_scan_agree_with_stargz_snapshotters_reader(tmp_path: Path) -> None:
+    """stargz-snapshotter's own reader lists each layer (type, path, permissions, owner, size, link
+    target; hard links as their target): the lazy filesystem's tree shows the same, and the
+    analysis's scan has the same files, with the ``.wh.`` markers decoded."""
+    from test_store_estargz import plain_tar
+
+    from lamina.lazy.tree import LazyTree
+
+    whiteouts = tar_bytes([("etc/.wh.group", "file", b""), ("var/cache/.wh..wh..opq", "file", b""),
+                           ("var/cache/new", "file", b"n" * 10), ("bin/vi", "symlink", "busybox"),
+                           ("usr/deep/implied/file", "file", b"f" * 70)])
+    for index, tar in enumerate([plain_tar(), whiteouts]):
+        out = io.BytesIO()
+        blob = write_estargz(io.BytesIO(tar), out, chunk_size=4096)
+        (tmp_path / f"{index}.esgz").write_bytes(out.getvalue())
+        assert VERIFIER is not None
+        listed = subprocess.run([VERIFIER, str(tmp_path / f"{index}.esgz"), blob.toc_digest], capture_output=True,
+                                text=True, timeout=60, check=True).stdout
+        theirs = {}
+        for line in listed.splitlines():
+            kind, name, mode, uid, gid, size, *link = line.split(" ")
+            if name and name not in (".no.prefetch.landmark", ".prefetch.landmark"):
+                theirs[name] = (kind, int(mode, 8) & 0o777, int(uid), int(gid), int(size) if kind == "reg" else 0,
+                                link[0] if kind == "symlink" else "")
+        toc = _toc_of(tar)
+        tree = LazyTree([toc], [])
+        mine = {}
+        pending = [("", tree.lookup(1, "0"))]
+        while pending:
+            path, node = pending.pop()
+            for name, child in tree.listing(node.inode):
+                child_path = f"{path}/{name}".lstrip("/")
+                a = child.attributes()
+                kind = {"reg": "reg", "dir": "dir", "symlink": "symlink", "char": "char", "block": "block",
+                        "fifo": "fifo"}[child.entry.type]
+                mine[child_path] = (kind, a.mode & 0o777, a.uid, a.gid, a.size if kind == "reg" else 0,
+                                    child.entry.link_name if kind == "symlink" else "")
+                if child.is_dir:
+                    pending.append((child_path, child))
+        assert mine == theirs
+        scan = scan_toc(toc)
+        markers = {name for name in theirs if name.rsplit("/", 1)[-1].startswith(".wh.")}
+        files = {path.lstrip("/"): (kind, size) for path, kind, size, _, _ in scan.entries}
+        expected = {name: ({"reg": "file", "dir": "dir", "symlink": "symlink"}.get(kind, "other"),
+                           size if kind == "reg" else len(link.encode()) if kind == "symlink" else 0)
+                    for name, (kind, _, _, _, size, link) in theirs.items() if name not in markers}
+        assert files == expected
+        assert len(scan.whiteouts) + len(scan.opaque_dirs) == len(markers)
