@@ -187,3 +187,30 @@ def test_the_lazy_tree_and_the_toc_scan_agree_with_stargz_snapshotters_reader(tm
                     for name, (kind, _, _, _, size, link) in theirs.items() if name not in markers}
         assert files == expected
         assert len(scan.whiteouts) + len(scan.opaque_dirs) == len(markers)
+
+
+@pytest.mark.unprivileged
+@pytest.mark.slow
+def test_which_layers_trace_and_prune_as_an_unprivileged_user(unpriv_nosubids: object, registry: object,
+                                                              lamina_cmd: object) -> None:
+    """Rootless: the TOC-based verbs, a traced lazy mount, its umount and the prune of its caches."""
+    remote = f"{registry.address}/show/bb:1"  # type: ignore[attr-defined]
+    lamina_cmd("push", "--tls-verify=false", "--compression-format", "estargz", "lamina/busybox", remote)  # type: ignore[operator]
+    user = unpriv_nosubids
+    layers = user.lamina("layers", "--json", remote)  # type: ignore[attr-defined]
+    assert layers.returncode == 0, layers.stderr
+    assert json.loads(layers.stdout)["layers"][0]["added"] > 200
+    which = user.lamina("which", remote, "/bin/busybox")  # type: ignore[attr-defined]
+    assert which.returncode == 0 and "provided by layer 1 of 1" in which.stdout, which.stderr
+    mnt, trace = user.workdir / "mnt", user.workdir / "trace"  # type: ignore[attr-defined]
+    user.run(["mkdir", str(mnt)])  # type: ignore[attr-defined]
+    mounted = user.lamina("mount", "--trace", str(trace), remote, str(mnt))  # type: ignore[attr-defined]
+    assert mounted.returncode == 0, mounted.stderr
+    try:
+        assert user.run(["sh", "-c", f"cat {mnt}/bin/busybox > /dev/null"]).returncode == 0  # type: ignore[attr-defined]
+    finally:
+        done = user.lamina("umount", str(mnt))  # type: ignore[attr-defined]
+    assert done.returncode == 0, done.stderr
+    assert "TOC from the store" in trace.read_text() and " bin/busybox bytes 0+" in trace.read_text()
+    pruned = user.lamina("system", "prune", "-f")  # type: ignore[attr-defined]
+    assert pruned.returncode == 0 and "cached lazy layer files" in pruned.stdout, pruned.stderr
