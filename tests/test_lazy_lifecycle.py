@@ -308,3 +308,40 @@ def test_prune_keeps_everything_when_a_live_record_cannot_be_read(tmp_path: Path
         server.wait()
     assert state.prune(layout)[0] == 1  # its server is gone: so is what it used
 
+
+
+def _waiting_layer_servers() -> list[int]:
+    """Preforked layer servers of this checkout still waiting for work."""
+    here = str(Path(__file__).resolve().parent.parent)
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+        except (OSError, ValueError):
+            continue
+        if cmdline[-3:-1] == [b"lamina.lazy.serve", b"--stdin"] and cwd == here and not _gone(int(entry)):
+            found.append(int(entry))
+    return found
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_a_mount_of_a_pulled_image_named_by_its_registry_leaves_no_layer_server(registry: object, lamina_cmd: object,
+                                                                                tmp_path: Path) -> None:
+    """The layer server started on a guess (the name looks like a registry's) goes when the image is
+    in the store after all: the mount is unionfs over the store's layers, and nothing waits."""
+    remote = f"{registry.address}/lazy/pulled:1"  # type: ignore[attr-defined]
+    lamina_cmd("push", "--tls-verify=false", "lamina/busybox", remote)  # type: ignore[operator]
+    lamina_cmd("pull", "--tls-verify=false", remote)  # type: ignore[operator]
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    lamina_cmd("mount", remote, str(mnt))  # type: ignore[operator]
+    try:
+        assert not list((tmp_path / "lamina-root" / "mounts").glob("lazy-*"))
+        deadline = time.monotonic() + 10
+        while _waiting_layer_servers() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _waiting_layer_servers()
+    finally:
+        lamina_cmd("umount", str(mnt))  # type: ignore[operator]

@@ -328,6 +328,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
         return 0
     if _names_a_remote_image(args.layout, args.target):
         return _mount_lazy(args)
+    from lamina.lazy import prefork
+
+    prefork.discard()  # a layer server started on a guess: not wanted (a forked server would keep it waiting)
     request = _mount_request(args)
     request.trace = args.trace.absolute() if args.trace else None
     request.allow_other = args.allow_other
