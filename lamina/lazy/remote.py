@@ -200,17 +200,27 @@ class RemoteLayer:
         size = self.descriptor.size
         if size <= FOOTER_SIZE:
             raise FormatError(f"layer {self.label}: {size} bytes is too small for eStargz")
-        toc_offset = parse_footer(self._range(size - FOOTER_SIZE, size), size)
-        if size - FOOTER_SIZE - toc_offset > MAX_TOC_BYTES:
-            raise FormatError(f"layer {self.label}: its TOC is more than {MAX_TOC_BYTES} bytes")
-        member = self._range(toc_offset, size - FOOTER_SIZE)
-        toc_json = toc_json_from_member(member)
-        toc = parse_toc(toc_json, expected, toc_offset)
-        self.cache.put_toc(self.descriptor.digest, toc_json, toc_offset)
-        if self.trace:
-            self.trace(f"layer {self.label}: TOC {len(member)} bytes at {toc_offset}, {len(toc.entries)} entries, "
-                       f"verified")
-        return toc
+        for attempt in (1, 2):
+            try:
+                toc_offset = parse_footer(self._range(size - FOOTER_SIZE, size), size)
+                if size - FOOTER_SIZE - toc_offset > MAX_TOC_BYTES:
+                    raise FormatError(f"layer {self.label}: its TOC is more than {MAX_TOC_BYTES} bytes")
+                member = self._range(toc_offset, size - FOOTER_SIZE)
+                toc_json = toc_json_from_member(member)
+                toc = parse_toc(toc_json, expected, toc_offset)
+            except FormatError as e:
+                # As for a chunk: once more (a flipped bit on the way), then refused.
+                self._narrate(f"layer {self.label}: TOC does not verify{': fetching again' if attempt == 1 else ' again'}")
+                if attempt == 1:
+                    log.info("layer %s: %s; fetching it again", self.label, e)
+                    continue
+                log.warning("layer %s: %s (fetched twice)", self.label, e)
+                raise
+            self.cache.put_toc(self.descriptor.digest, toc_json, toc_offset)
+            self._narrate(f"layer {self.label}: TOC {len(member)} bytes at {toc_offset}, {len(toc.entries)} entries, "
+                          f"verified")
+            return toc
+        raise AssertionError("unreachable")
 
     def _narrate(self, line: str) -> None:
         if self.trace:
