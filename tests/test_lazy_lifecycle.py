@@ -309,6 +309,25 @@ def test_prune_keeps_everything_when_a_live_record_cannot_be_read(tmp_path: Path
     assert state.prune(layout)[0] == 1  # its server is gone: so is what it used
 
 
+def test_prune_keeps_what_the_layer_server_of_a_lazy_container_uses(tmp_path: Path) -> None:
+    """Containers run from lazy images have layer servers of their own (``ROOT/lazy/run/*``)."""
+    from lamina.layout import Layout
+    from lamina.lazy import state
+
+    layout = Layout(tmp_path)
+    used, unused = "b" * 64, "c" * 64
+    layout.lazy_chunks.mkdir(parents=True)
+    for chunk in (used, unused):
+        (layout.lazy_chunks / chunk).write_bytes(b"x")
+    layout.lazy_tocs.mkdir(parents=True)
+    toc = {"version": 1, "entries": [{"name": "f", "type": "reg", "size": 1, "chunkDigest": f"sha256:{used}"}]}
+    (layout.lazy_tocs / ("d" * 64)).write_bytes(b"100\n" + json.dumps(toc).encode())
+    (tmp_path / "lazy" / "run" / "x").mkdir(parents=True)
+    (tmp_path / "lazy" / "run" / "x" / "spec.json").write_text(json.dumps({"layers": [{"digest": "sha256:" + "d" * 64}]}))
+    assert state.prune(layout)[0] == 1
+    assert sorted(os.listdir(layout.lazy_chunks)) == [used] and os.listdir(layout.lazy_tocs) == ["d" * 64]
+
+
 
 def _waiting_layer_servers() -> list[int]:
     """Preforked layer servers of this checkout still waiting for work."""

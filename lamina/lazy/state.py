@@ -6,7 +6,8 @@ again from the registry; what a live lazy mount reads is still worth keeping, si
 otherwise have to come over the network again (or fail, offline).
 
 In use: the layers of every lazy mount whose layer server is alive (``ROOT/mounts/lazy-*/spec.json``
-names them), so their TOCs and tars, and every chunk their TOCs name. When the TOC of such a layer
+names them; so do the layer servers of containers run from lazy images, ``ROOT/lazy/run/*``), so
+their TOCs and tars, and every chunk their TOCs name. When the TOC of such a layer
 is not kept (removed by hand), nothing can tell its chunks apart and every chunk is kept.
 Temporary files are removed only when the process that wrote them is gone.
 """
@@ -40,9 +41,8 @@ def _live_layer_digests(layout: Layout) -> set[str] | None:
     from lamina.inspector.mounts import _server_alive
 
     digests: set[str] = set()
-    if not layout.mounts.is_dir():
-        return digests
-    for directory in layout.mounts.glob("lazy-*"):
+    servers = [*layout.mounts.glob("lazy-*"), *(layout.root / "lazy" / "run").glob("*")]
+    for directory in servers:
         spec_path, pid_path = directory / "spec.json", directory / "server.pid"
         try:
             pid = int(pid_path.read_text())
