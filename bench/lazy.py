@@ -17,6 +17,12 @@ The run rows (``run --rm REF cat FILE`` lazily, or after a pull) are :mod:`bench
 Bytes are counted on the registry's side, from its access log (blob GETs, ranges included). The
 run writes ``bench/results/DATE-lazy.json`` and ``.md``. It needs root for podman and the
 ``docker-registry`` package; the tests' registry fixture starts the registry.
+
+The issue's target image (``--image big``, offline): busybox and a data layer of ``--files`` small
+files plus one large file, ``--size-mb`` in all (random bytes: as much compressed as not).
+``--image debian`` (network, opt-in) builds a Debian base with python3 by debootstrap from
+``--mirror`` instead of busybox, under the same data layer. For either, the ``ls -R`` row's bytes
+must be 0: a walk reads TOCs only, and they all came when the mount became ready.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import logging
 import os
 import random
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -68,6 +75,54 @@ def make_image(root: Path, files: int, scale: float, seed: int = 20261207) -> st
     config = json.loads(json.dumps(base.config))
     config["history"].append({"created_by": "bench data layer"})
     store.create_image(base.layers + [layer], config, tags=["bench/lazy:1"], base=base)
+    return "bench/lazy:1"
+
+
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+
+
+def _data_layer(store: Any, files: int, total_bytes: int, seed: int) -> Any:
+    """A layer of ``files`` small random files (1-32 KiB) and one large one, ``total_bytes`` in all."""
+    rng = random.Random(seed)
+    with tempfile.TemporaryDirectory(dir=store.root) as tmp:
+        upper = Path(tmp) / "upper"
+        written = 0
+        for i in range(files):
+            path = upper / "data" / f"d{i % 50:02d}" / f"f{i:05d}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            size = rng.randint(1024, 32 * 1024)
+            path.write_bytes(rng.randbytes(size))
+            written += size
+        with open(upper / "data" / "large.bin", "wb") as out:
+            left = max(total_bytes - written, 0)
+            while left > 0:
+                piece = min(left, 8 << 20)
+                out.write(rng.randbytes(piece))
+                left -= piece
+        return store.commit_layer(upper)
+
+
+def make_big_image(root: Path, files: int, size_mb: int, debian: bool, mirror: str,
+                   seed: int = 20261207) -> str:
+    """The issue's ~500 MB image in a new store at ``root``: a base (busybox, or Debian with
+    python3 built by debootstrap) and a data layer of ``size_mb`` MB; returns its tag."""
+    from lamina.store import Store
+
+    store = Store.open(root)
+    base = store.resolve_image("lamina/busybox")
+    config = json.loads(json.dumps(base.config))
+    layers = list(base.layers)
+    if debian:
+        rootfs = root.parent / "debian-rootfs"
+        subprocess.run(["debootstrap", "--variant=minbase", "--include=python3", "bookworm", str(rootfs), mirror],
+                       check=True, stdout=subprocess.DEVNULL)
+        layers = [store.commit_layer(rootfs)]
+        config["history"] = [{"created_by": f"debootstrap --variant=minbase --include=python3 bookworm {mirror}"}]
+        config["config"]["Env"] = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
+        config["config"]["Cmd"] = ["python3"]
+    layers.append(_data_layer(store, files, size_mb * 1_000_000, seed))
+    config["history"].append({"created_by": f"bench data layer ({files} files, {size_mb} MB)"})
+    store.create_image(layers, config, tags=["bench/lazy:1"], base=None if debian else base)
     return "bench/lazy:1"
 
 
@@ -151,12 +206,16 @@ def podman_round(m: Measure, podman: PodmanEnv, esgz_ref: str, small_file: str) 
         podman.run(["rmi", "-f", esgz_ref], check=False)
 
 
-def run(reps: int, files: int, scale: float, work: Path) -> SuiteResult:
+def run(reps: int, files: int, scale: float, work: Path, image: str = "small", size_mb: int = 500,
+        mirror: str = DEBIAN_MIRROR) -> SuiteResult:
     sys.path.insert(0, str(REPO_ROOT / "tests"))
     from registry_server import run_registry
 
     source = work / "source-root"
-    tag = make_image(source, files, scale)
+    if image == "small":
+        tag = make_image(source, files, scale)
+    else:
+        tag = make_big_image(source, files, size_mb, image == "debian", mirror)
     small_file = "data/d00/f00000"
     with run_registry(work / "registry") as registry, contextlib.ExitStack() as stack:
         gzip_ref, esgz_ref = f"{registry.address}/bench/lazy:gzip", f"{registry.address}/bench/lazy:esgz"
@@ -186,15 +245,23 @@ def run(reps: int, files: int, scale: float, work: Path) -> SuiteResult:
         sizes = json.loads(timed([*lamina_command(), "--root", str(source), "inspect", tag], cwd=REPO_ROOT)[1].stdout)
     systems = [LAZY, PULL, PODMAN]
     details: dict[str, Any] = {"files": files, "scale": scale, "reps": reps, "image_size": sizes[0].get("Size"),
-                               "bytes_from_registry": m.bytes}
+                               "image": image, "size_mb": size_mb if image != "small" else None,
+                               "bytes_from_registry": m.bytes, "load": os.getloadavg()}
     return SuiteResult("lazy", systems, list(m.rows.values()), details)
+
+
+def _image_line(details: dict[str, Any]) -> str:
+    if details.get("image", "small") == "small":
+        return f"{details['files']} files + one large file (scale {details['scale']})"
+    base = "Debian bookworm + python3 (debootstrap)" if details["image"] == "debian" else "busybox"
+    return f"{base} + a data layer of {details['files']} files and one large file, {details['size_mb']} MB"
 
 
 def render(suite: SuiteResult, stamp: dict[str, Any]) -> str:
     lines = [f"# Lazy mount from a registry ({time.strftime('%Y-%m-%d')})", "",
              f"commit {stamp['commit'][:12]}, kernel {stamp['kernel']}, {stamp['cpus']} CPUs, "
-             f"{suite.details['files']} files + one large file (scale {suite.details['scale']}), "
-             f"median of {suite.details['reps']}", "", markdown_table(suite), "",
+             f"{_image_line(suite.details)}, median of {suite.details['reps']}, "
+             f"load {suite.details.get('load', ('?',))[0]}", "", markdown_table(suite), "",
              "Bytes from the registry (median per step):", "",
              "| step | " + " | ".join(suite.systems) + " |", "|---|" + "---:|" * len(suite.systems)]
     for key, per_system in suite.details["bytes_from_registry"].items():
@@ -211,11 +278,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--files", type=int, default=1000)
     parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--image", choices=("small", "big", "debian"), default="small",
+                        help="small: --files and --scale; big: busybox + --size-mb of data (the issue's "
+                             "target, offline); debian: debootstrap's Debian + python3 + the data (network)")
+    parser.add_argument("--size-mb", type=int, default=500, help="the data layer of --image big/debian")
+    parser.add_argument("--mirror", default=DEBIAN_MIRROR, help="the Debian mirror of --image debian")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     with tempfile.TemporaryDirectory(prefix="lamina-bench-lazy-") as tmp:
-        suite = run(args.reps, args.files, args.scale, Path(tmp))
+        suite = run(args.reps, args.files, args.scale, Path(tmp), args.image, args.size_mb, args.mirror)
     stamp = machine_stamp()
     name = time.strftime("%Y%m%d-%H%M") + "-lazy"
     args.out.mkdir(parents=True, exist_ok=True)

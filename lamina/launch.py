@@ -15,10 +15,15 @@ from lamina.argv import requested_verb
 
 
 def main() -> int:
-    if requested_verb(sys.argv[1:]) == "run":
+    verb = requested_verb(sys.argv[1:])
+    if verb == "run":
         from runner.unionserver import maybe_prefork
 
         maybe_prefork(sys.argv[1:])
+    elif verb == "mount":  # of an image in a registry: the lazy layer server (lamina.lazy.prefork)
+        from lamina.lazy.prefork import maybe_prefork as maybe_prefork_lazy
+
+        maybe_prefork_lazy(sys.argv[1:])
     from lamina.cli import main as cli_main
 
     return cli_main()

@@ -126,6 +126,11 @@ class Layout:
         return self.root / "lazy" / "chunks"
 
     @property
+    def lazy_tocs(self) -> Path:
+        """Verified eStargz TOCs by blob digest (checked against the manifest again at each use)."""
+        return self.root / "lazy" / "tocs"
+
+    @property
     def lazy_tars(self) -> Path:
         """Layers of lazy images that are not eStargz: fetched whole, kept as plain tars by blob digest."""
         return self.root / "lazy" / "tars"

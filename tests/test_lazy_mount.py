@@ -117,17 +117,40 @@ def test_listing_fetches_no_contents_and_a_chunk_is_fetched_once(fake: FakeRegis
 # ----- hostile registries -----
 
 
-def test_a_toc_that_does_not_match_the_annotation_is_refused(fake: FakeRegistry, tmp_path: Path) -> None:
+def test_a_toc_that_does_not_match_the_annotation_is_refused(fake: FakeRegistry, tmp_path: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
     data, descriptor = estargz_blob()
     fake.add_blob(data)
     lying = Descriptor(descriptor.media_type, descriptor.digest, descriptor.size,
                        annotations={TOC_DIGEST_ANNOTATION: "sha256:" + "a" * 64})
     with pytest.raises(FormatError, match="TOC digest"):
         open_layer(fake, lying, tmp_path).open_toc()
+    assert len(fake.range_requests) == 4  # footer and TOC, twice: then refused
+    assert [r.levelname for r in caplog.records if r.levelname == "WARNING"] == ["WARNING"]
+    caplog.clear()  # the refusal's one line was expected
+
+
+def test_a_toc_damaged_once_on_the_way_is_fetched_again(fake: FakeRegistry, tmp_path: Path) -> None:
+    data, descriptor = estargz_blob()
+    fake.add_blob(data)
+    layer = open_layer(fake, descriptor, tmp_path)
+    fetch = layer._range
+    calls: list[int] = []
+
+    def flip_the_first_toc(start: int, end: int) -> bytes:
+        calls.append(start)
+        piece = fetch(start, end)
+        middle = len(piece) // 2
+        return piece[:middle] + bytes([piece[middle] ^ 1]) + piece[middle + 1:] if len(calls) == 2 else piece
+
+    layer._range = flip_the_first_toc  # type: ignore[method-assign]
+    assert "bin/sh" in layer.open_toc().entries
+    assert len(calls) == 4
 
 
 def test_a_chunk_that_does_not_verify_is_fetched_twice_then_refused(fake: FakeRegistry, tmp_path: Path,
-                                                                   caplog: pytest.LogCaptureFixture) -> None:
+                                                                   caplog: pytest.LogCaptureFixture,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     data, descriptor = estargz_blob()
     fake.add_blob(data)
     layer = open_layer(fake, descriptor, tmp_path)
@@ -147,8 +170,13 @@ def test_a_chunk_that_does_not_verify_is_fetched_twice_then_refused(fake: FakeRe
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "fetched twice" in warnings[0], warnings
     caplog.clear()  # the warnings were expected
-    # Once the registry serves the right bytes again, the same read succeeds.
+    # Asked again at once (the kernel retries a failed read), it is refused without a fetch or a log.
+    with pytest.raises(ChunkUnavailable):
+        tree.read(sh.inode, 0, 100)
+    assert len(fake.range_requests) - before == 2 and not caplog.records
+    # Once the registry serves the right bytes again, the same read succeeds (after the hold).
     del fake.blob_override[descriptor.digest]
+    monkeypatch.setattr(remote, "REFUSED_CHUNK_HOLD_S", 0.0)
     assert tree.read(sh.inode, 0, 18) == b"#!/bin/busybox sh\n"
 
 

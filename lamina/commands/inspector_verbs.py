@@ -76,7 +76,13 @@ def _resolve(layout: Layout, reference: str) -> tuple[Any, Any]:
 
 
 def _load_image(layout: Layout, reference: str) -> LoadedImage:
-    """The layers of an image, or of a container's image plus its upper directory on top."""
+    """The layers of an image, or of a container's image plus its upper directory on top; for a
+    ``HOST/REPO:TAG`` in neither the store nor the containers, the image's TOCs in its registry."""
+    if _names_a_remote_image(layout, reference):
+        from lamina.inspector.toc_layers import remote_layer_inputs
+
+        remote, inputs = remote_layer_inputs(layout, reference)
+        return LoadedImage(reference, remote, inputs)
     image, container = _resolve(layout, reference)
     layers = list(image.layers)
     history = image.config.get("history") or []
@@ -98,6 +104,8 @@ def _analyze(loaded: LoadedImage) -> StackAnalysis:
     """
     from runner.sandbox import call_in_userns
 
+    if all(layer.scan is not None for layer in loaded.inputs):
+        return analyze(loaded.inputs, False)  # from TOCs: nothing on disk to read
     if not all(Path(layer.path).is_dir() for layer in loaded.inputs):
         missing = next(layer.path for layer in loaded.inputs if not Path(layer.path).is_dir())
         raise NotFoundError(f"{loaded.reference}: layer directory missing: {missing} "
@@ -320,6 +328,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
         return 0
     if _names_a_remote_image(args.layout, args.target):
         return _mount_lazy(args)
+    from lamina.lazy import prefork
+
+    prefork.discard()  # a layer server started on a guess: not wanted (a forked server would keep it waiting)
     request = _mount_request(args)
     request.trace = args.trace.absolute() if args.trace else None
     request.allow_other = args.allow_other

@@ -240,6 +240,12 @@ def disk_usage_rows(layout: Layout) -> list[dict[str, str]]:
                     if m.get("kind") == "volume" and m.get("source")}
     volume_sizes = {str(v): disk_usage(v) for v in volumes}
     idle_volume_size = sum(size for v, size in volume_sizes.items() if v not in used_volumes)
+    # Lazy images' caches (chunks, TOCs, whole layers) are image content: counted with the images.
+    from lamina.lazy.state import usage as lazy_usage
+
+    lazy = lazy_usage(layout)
+    images_size += lazy.bytes
+    idle_size += lazy.unused_bytes
     steps = layout.build_cache / "steps"
     cache_entries = sum(1 for _ in steps.rglob("*.json")) if steps.is_dir() else 0
     cache_size = disk_usage(layout.build_cache)
@@ -290,8 +296,13 @@ def cmd_system_prune(args: argparse.Namespace) -> int:
             remove_build_cache(args.layout, store, mounts_too=False)
             print("Deleted build cache step entries")
         n_blobs, n_layers, freed = store.gc()
+        from lamina.lazy.state import prune as prune_lazy
+
+        lazy_files, lazy_bytes = prune_lazy(args.layout)
     print(f"Deleted {len(removed)} images, {n_layers} layers, {n_blobs} blobs")
-    print(f"Total reclaimed space: {human_size(container_bytes + layer_bytes + freed)}")
+    if lazy_files:
+        print(f"Deleted {lazy_files} cached lazy layer files (chunks, TOCs, tars)")
+    print(f"Total reclaimed space: {human_size(container_bytes + layer_bytes + freed + lazy_bytes)}")
     return 0
 
 

@@ -56,6 +56,7 @@ class LayerInput:
     path: Path
     digest: str = ""         # diff id ("sha256:...") or any identifier to show
     instruction: str = ""    # the history entry's ``created_by``, cleaned for display
+    scan: _LayerScan | None = None  # the layer's entries when they come from elsewhere (a TOC), not ``path``
 
 
 @dataclass
@@ -369,7 +370,7 @@ def analyze(layers: Sequence[LayerInput], top_is_container: bool = False) -> Sta
 
     for index, layer in enumerate(layers):
         report = reports[index]
-        scan = scan_layer(layer.path)
+        scan = layer.scan if layer.scan is not None else scan_layer(layer.path)
 
         # First what this layer removes from below, then what it adds (the OCI applier's order).
         for path in scan.whiteouts:

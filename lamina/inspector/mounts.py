@@ -34,6 +34,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -95,6 +96,7 @@ class StackRequest:
     allow_other: bool = False     # --allow-other: other users may enter (never the default)
     userns: bool = True           # serve a read-only mount from lamina's user namespace when it has one
     lower_server: tuple[int, str] | None = None  # (pid, mount point) of the lowers' own server, if any
+    wrap_argv: Callable[[list[str]], list[str]] | None = None  # the server's command line, rewritten
 
 
 class MountRecords:
@@ -132,8 +134,12 @@ def fuse_mountpoints() -> set[str]:
     return found
 
 
+# What a server's command line holds: unionfs, or the lazy layers' server under it.
+_SERVER_MARKERS = (b"unionfs", b"lamina.lazy.serve")
+
+
 def _server_alive(pid: int) -> bool:
-    """True when ``pid`` is still a unionfs server (guards against a recycled pid)."""
+    """True when ``pid`` is still a unionfs or lazy layer server (guards against a recycled pid)."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
@@ -144,7 +150,7 @@ def _server_alive(pid: int) -> bool:
             return False
     except (OSError, IndexError):
         return False
-    return b"unionfs" in cmdline
+    return any(marker in cmdline for marker in _SERVER_MARKERS)
 
 
 def mount_image_stack(layout: Layout, request: StackRequest, mountpoint: Path | None) -> MountState:
@@ -199,8 +205,9 @@ def _mount(state_dir: Path, mount_id: str, request: StackRequest, mountpoint: Pa
     options = [LAYER_XATTR_OPTION, *(SHARED_MOUNT_OPTIONS if request.allow_other else ())]
 
     def argv_for(target: Path) -> list[str]:
-        return command_line(MountSpec(lowers=lowers, upper=upper, work=work, mountpoint=target,
+        argv = command_line(MountSpec(lowers=lowers, upper=upper, work=work, mountpoint=target,
                                       options=options, trace=request.trace))
+        return request.wrap_argv(argv) if request.wrap_argv else argv
 
     log_path = state_dir / "unionfs.log"
     # Read-only mounts are served from lamina's user namespace (so subordinate-owned files are
@@ -343,6 +350,10 @@ def unmount(layout: Layout, directory: Path, lazy: bool = False) -> MountState:
         if state.lower_pid and state.lower_mountpoint:
             _stop_server(state.lower_pid, state.lower_mountpoint)
             shutil.rmtree(Path(state.lower_mountpoint).parent, ignore_errors=True)
+    elif state.lower_mountpoint and state.lower_mountpoint in fuse_mountpoints():
+        # The union still holds its lowers; detached too, the lower mount goes (and its server
+        # exits) when the union's server lets go of it.
+        _fusermount_unmount(state.lower_mountpoint, lazy=True)
     # A lazily detached mount stays usable by the processes inside it; the kernel tells the server
     # to exit when the last of them lets go, so it is not killed here.
     # The scratch upper and a mount point we made live in the state directory: all of it goes.

@@ -26,18 +26,16 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from lamina.errors import MountError, RegistryError, UsageError
+from lamina.errors import MountError, RegistryError
 from lamina.inspector import mounts
 from lamina.layout import Layout
-from lamina.store.reference import Reference
-from lamina.store.registry import RegistryClient
-from lamina.store.registry_auth import lookup_credentials
-from lamina.store.registry_manifest import IMAGE_MANIFEST_TYPES, MAX_CONFIG_BYTES
-from lamina.store.transfer import LAYER_TYPES, api_host, default_tls_verify
+from lamina.lazy import prefork
+from lamina.lazy.remote_image import client_for, fetch_config, fetch_manifest
 from unionfs.core.stack import LayerStack
 
 log = logging.getLogger(__name__)
@@ -54,62 +52,84 @@ def mount_lazy(layout: Layout, reference: str, mountpoint: Path | None, *, upto:
                tls_verify: bool | None = None) -> mounts.MountState:
     """Mount ``reference`` lazily; returns the mount's record (as :func:`mounts.mount_image_stack`).
 
+    Start-up is what the user waits for, so the work overlaps: once the manifest is verified, the
+    layer server (TOCs) and unionfs (:mod:`lamina.lazy.unionfs_when_ready`, which imports while the
+    TOCs come and mounts once the layers are up) start together, and the config is checked here
+    meanwhile.
+
     Error handling: RegistryError (manifest, config or a TOC unavailable or not verified, a layer
     that is not eStargz), MountError, UsageError; then nothing is left mounted, running or recorded.
     """
-    ref = Reference.parse(reference)
-    verify = default_tls_verify(ref.registry, tls_verify)
-    with RegistryClient(api_host(ref.registry), tls_verify=verify,
-                        credentials=lookup_credentials(ref.registry)) as client:
-        manifest, _index = client.get_image_manifest(ref.repository, ref.digest or ref.tag or "latest")
-        if manifest.media_type not in IMAGE_MANIFEST_TYPES:
-            raise RegistryError(f"{ref}: unsupported manifest type {manifest.media_type}")
-        image = manifest.image()
-        # Fetched (and verified) only to check it: the image ID is its digest.
-        client.fetch_small_blob(ref.repository, image.config.digest, layout.tmp,
-                                size=image.config.size, max_size=MAX_CONFIG_BYTES)
-    layers = image.layers if upto is None else image.layers[:upto]
-    if upto is not None and not 1 <= upto <= len(image.layers):
-        raise UsageError(f"--upto {upto}: the image has layers 1..{len(image.layers)}")
-    for index, layer in enumerate(layers):
-        if layer.media_type not in LAYER_TYPES or layer.urls:
-            raise RegistryError(f"{ref}: layer {index + 1} ({layer.digest[7:19]}) has unsupported media type "
-                                f"{layer.media_type or None!r}")
-    lower_dir = layout.mounts / f"lazy-{os.urandom(6).hex()}"
-    lower_mount = lower_dir / "layers"
-    lower_mount.mkdir(parents=True, mode=0o700)
-    spec = {"registry": ref.registry, "api_host": api_host(ref.registry), "tls_verify": verify,
-            "repository": ref.repository, "cache": str(layout.lazy_chunks), "tars": str(layout.lazy_tars),
-            "trace": str(trace.absolute()) if trace else None,
-            "layers": [{"mediaType": layer.media_type, "digest": layer.digest, "size": layer.size,
-                        "annotations": layer.annotations} for layer in layers]}
-    (lower_dir / "spec.json").write_text(json.dumps(spec))
-    pid = None
-    try:
-        argv = [sys.executable, "-m", "lamina.lazy.serve", str(lower_dir / "spec.json"), str(lower_mount)]
-        pid = _start_layer_server(argv, lower_mount, lower_dir / "server.log")
-        request = mounts.StackRequest(
-            lowers=LayerStack.from_bottom_up(lower_mount / str(i) for i in range(len(layers))),
-            upper=None, work=None, source=reference, image_id=image.config.digest.removeprefix("sha256:"),
-            container_id=None, layers=len(layers), trace=trace.absolute() if trace else None,
-            allow_other=allow_other, userns=False, lower_server=(pid, str(lower_mount)))
-        state = mounts.mount_image_stack(layout, request, mountpoint)
-    except BaseException:
-        if pid is not None:
-            mounts._stop_server(pid, lower_mount)
-        shutil.rmtree(lower_dir, ignore_errors=True)
-        raise
+    with client_for(reference, tls_verify) as client:
+        image = fetch_manifest(client, reference, tls_verify)
+        spec = image.layer_spec(layout, upto, trace)
+        layer_count = len(spec["layers"])
+        lower_dir = layout.mounts / f"lazy-{os.urandom(6).hex()}"
+        lower_mount = lower_dir / "layers"
+        lower_mount.mkdir(parents=True, mode=0o700)
+        (lower_dir / "spec.json").write_text(json.dumps(spec))
+        pid = None
+        try:
+            pid = _start_layer_server(lower_dir, lower_mount)
+            (lower_dir / "server.pid").write_text(str(pid))  # what garbage collection asks (lamina.lazy.state)
+            # Fetched (and verified) only to check it, while the servers start: the image ID is its digest.
+            fetch_config(client, layout, image)
+            request = mounts.StackRequest(
+                lowers=LayerStack.from_bottom_up(lower_mount / str(i) for i in range(layer_count)),
+                upper=None, work=None, source=reference, image_id=image.id,
+                container_id=None, layers=layer_count, trace=trace.absolute() if trace else None,
+                allow_other=allow_other, userns=False, lower_server=(pid, str(lower_mount)),
+                wrap_argv=lambda argv: _after_lower_mount(argv, lower_mount, pid))
+            state = _mount_union(layout, request, mountpoint, lower_dir / "server.log")
+        except BaseException:
+            if pid is not None:
+                mounts._stop_server(pid, lower_mount)
+            shutil.rmtree(lower_dir, ignore_errors=True)
+            raise
     log.debug("lazy mount %s", asdict(state))
     return state
 
 
-def _start_layer_server(argv: list[str], mountpoint: Path, log_path: Path) -> int:
-    """Start the lazy layer server; its one-line error (a TOC that does not verify...) if it fails."""
+def _after_lower_mount(unionfs_argv: list[str], lower_mount: Path, pid: int) -> list[str]:
+    """unionfs's command line, run by :mod:`lamina.lazy.unionfs_when_ready` (waits for the layers)."""
+    python, dash_m, module, *args = unionfs_argv
+    assert (dash_m, module) == ("-m", "unionfs"), unionfs_argv
+    return [python, "-m", "lamina.lazy.unionfs_when_ready", str(lower_mount), str(pid), "--", *args]
+
+
+def _start_layer_server(lower_dir: Path, lower_mount: Path) -> int:
+    """The layer server for ``lower_dir/spec.json``: the one :mod:`lamina.lazy.prefork` started, if
+    it is still waiting, else a new one; its pid, at once (it mounts ``lower_mount`` when ready)."""
+    spec, log_path = lower_dir / "spec.json", lower_dir / "server.log"
+    preforked = prefork.take()
+    if preforked is not None:
+        try:
+            return prefork.start(preforked, spec, lower_mount, log_path)
+        except OSError:  # it died meanwhile
+            log.debug("the preforked layer server is gone; starting one", exc_info=True)
+    return _spawn([sys.executable, "-m", "lamina.lazy.serve", str(spec), str(lower_mount)], log_path)
+
+
+def _spawn(argv: list[str], log_path: Path) -> int:
+    """Start a detached server (its own session, output to ``log_path``); its pid, at once."""
+    log.debug("starting %s", argv)
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                                   start_new_session=True, close_fds=True)
+    # Detached on purpose; stop Popen's finaliser from warning that it still runs.
+    process.returncode = 0
+    return process.pid
+
+
+def _mount_union(layout: Layout, request: mounts.StackRequest, mountpoint: Path | None,
+                 server_log: Path) -> mounts.MountState:
+    """unionfs over the lazy layers; the layer server's one-line error (a TOC that does not verify...)
+    when that is why it failed."""
     try:
-        return mounts._start_server(argv, mountpoint, log_path)
+        return mounts.mount_image_stack(layout, request, mountpoint)
     except MountError as e:
         try:
-            lines = log_path.read_text(errors="replace").splitlines()
+            lines = server_log.read_text(errors="replace").splitlines()
         except OSError:
             lines = []
         reason = next((line.removeprefix("lamina-lazy: ") for line in reversed(lines)
