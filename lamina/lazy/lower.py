@@ -136,7 +136,7 @@ def start_server(layout: Layout, image: LazyImage) -> LazyServer:
     mountpoint.mkdir(parents=True, mode=0o700)
     spec = {"root": str(layout.root), "image": image.id, "registry": image.registry, "api_host": image.api_host,
             "tls_verify": image.tls_verify, "repository": image.repository, "cache": str(layout.lazy_chunks),
-            "tars": str(layout.lazy_tars), "trace": None, "fill": FILL_ENABLED,
+            "tocs": str(layout.lazy_tocs), "tars": str(layout.lazy_tars), "trace": None, "fill": FILL_ENABLED,
             "layers": image.manifest["layers"]}
     (directory / "spec.json").write_text(json.dumps(spec))
     holder_r, holder_w = os.pipe2(os.O_CLOEXEC)
@@ -250,12 +250,15 @@ def _keeper(partial: PartialBlob, whole: Path) -> Callable[[int, bytes], None]:
 def serve(spec: dict, mountpoint: Path, holder: int) -> None:
     """Mount the lazy layers at ``mountpoint`` until ``holder`` reads EOF (or a stop signal); fill
     the image meanwhile, and finish the fill after the unmount."""
+    from unionfs.startup import import_fuse_stack
+
+    import_fuse_stack()
     import pyfuse3
     import trio
 
     from lamina.lazy import fill
     from lamina.lazy.remote import RemoteLayer
-    from lamina.lazy.serve import open_layers
+    from lamina.lazy.serve import open_layers, open_tocs
     from lamina.lazy.tree import LazyTree
 
     layout = Layout(Path(spec["root"]))
@@ -275,7 +278,7 @@ def serve(spec: dict, mountpoint: Path, holder: int) -> None:
             fill.fill_image(layout, spec["image"], stop)
 
     try:
-        tocs = [layer.open_toc() for layer in layers]
+        tocs = open_tocs(layers)  # verified TOCs kept from an earlier start: none fetched again
         tree = LazyTree(tocs, layers)
         pyfuse3.init(store_format_operations(tree), str(mountpoint),
                      {"fsname=lamina-lazy", "subtype=lamina-lazy", "ro", "nodev", "nosuid"})
