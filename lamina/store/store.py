@@ -289,7 +289,8 @@ class Store:
             if not final.exists():  # anything but losing a race to another writer
                 raise StoreError(f"cannot move layer into place: {e.strerror}") from None
 
-    def commit_layer(self, diff_dir: Path, progress: Any = None, adopt: bool = False) -> Layer:
+    def commit_layer(self, diff_dir: Path, progress: Any = None, adopt: bool = False,
+                     settle: bool = False) -> Layer:
         """Turn an upper directory (unionfs on-disk format) into a stored layer.
 
         The directory is written as a deterministic, uncompressed OCI layer tar (whiteouts as
@@ -300,13 +301,17 @@ class Store:
         ``adopt``: the caller then promises that ``diff_dir`` was made by
         :func:`store.layer_unpack.unpack_layer` in this store's ``tmp`` (so it already is what
         unpacking the tar would give) and hands it over; it is moved into place, not unpacked again.
+        ``settle`` (implies ``adopt``): ``diff_dir`` is a finished RUN step's upper, which the walk
+        that packs it also makes what unpacking the tar would give (:mod:`store.layer_settle`),
+        and which is then moved into place. Left where it was when the layer was already stored
+        (settled, so its user may remove it) or when packing failed (half settled: discard it).
         """
         from lamina.store.layer_pack import pack_layer
 
         with self.lock(shared=True):
             with self.blobs.writer() as w:
-                result = pack_layer(Path(diff_dir), w, compress=False, progress=progress)
-            if adopt and not self.has_layer(result.diff_id):
+                result = pack_layer(Path(diff_dir), w, compress=False, progress=progress, settle=settle)
+            if (adopt or settle) and not self.has_layer(result.diff_id):
                 work = temp_name(self.tmp_dir, "layer")
                 private.make_private_dir(work)
                 try:
