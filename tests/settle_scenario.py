@@ -58,6 +58,9 @@ def make_upper(root: Path) -> None:
         # cap_net_raw+ep; set after chown (chown drops it), as a RUN's setcap would leave it.
         os.setxattr(root / "owned/setcap", "security.capability",
                     bytes.fromhex("0100000200200000000000000000000000000000"))
+    # Hard links whose first name gets settled before the second is packed.
+    os.link(root / "owned/file", root / "owned/file-link")
+    os.link(root / "a/readonly", root / "a/readonly-link")
     (root / "ro").mkdir()
     (root / "ro/inside").write_text("x")
     os.chmod(root / "ro", 0o555)
