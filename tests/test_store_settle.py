@@ -131,3 +131,7 @@ def test_rootless_run_step_layer_is_what_its_blob_unpacks_to(unpriv: Unprivilege
     assert stored["d/link"]["hardlink_to"] == "d/f"
     assert unpriv.lamina("system", "check").returncode == 0
     assert os.listdir(root / "tmp") == []
+    # Its user can remove it outside the namespace (what garbage collection does), as any layer.
+    unpriv.run(["python3", "-c", "import sys; from pathlib import Path; from lamina.store.blobs import "
+                "remove_tree; remove_tree(Path(sys.argv[1]))", str(root / "layers" / hexdigest)], check=True)
+    assert not (root / "layers" / hexdigest).exists()
