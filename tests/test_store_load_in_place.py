@@ -1,5 +1,5 @@
 """``load`` of a docker-archive's plain layers: the blob is copied and the layer unpacked from the
-archive at once (Store.add_plain_layer), and the result must be what the old way gave: the blob,
+archive at once (lamina.store.load_in_place), and the result must be what the old way gave: the blob,
 then the layer unpacked from it."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from settle_scenario import make_upper, snapshot
 from test_store_cli import _archive
 
 from lamina.errors import LayerError
-from lamina.store import archive
+from lamina.store import archive, load_in_place
 from lamina.store.layer_pack import IdMap, pack_layer
 from lamina.store.layer_unpack import FileRegion, unpack_layer
 from lamina.store.store import Store
@@ -42,8 +42,8 @@ def test_loaded_layer_is_the_blob_unpacked(tmp_path: Path, monkeypatch: pytest.M
     layer = _scenario_layer(tmp_path)
     store = Store.open(tmp_path / "root")
     used = []
-    original = Store.add_plain_layer
-    monkeypatch.setattr(Store, "add_plain_layer", lambda self, *a, **k: used.append(a) or original(self, *a, **k))
+    original = load_in_place.add_plain_layer
+    monkeypatch.setattr(load_in_place, "add_plain_layer", lambda *a, **k: used.append(a) or original(*a, **k))
     [(image, tags)] = archive.load(store, _docker_archive(tmp_path / "a.tar", layer))
     assert used, "the plain layer was not loaded in place"
     assert tags == ["docker.io/library/loaded:1"]

@@ -29,6 +29,7 @@ from typing import IO, Any
 
 from lamina.bounded import ARCHIVE_MANIFEST_LIMIT, JSON_LIMIT, InputTooLarge, read_at_most
 from lamina.errors import FormatError, LaminaError, LayerError, UsageError
+from lamina.store import load_in_place
 from lamina.store.blobs import digest_hex, remove_tree, temp_name
 from lamina.store.compression import NoSpace, decompress_file, detect, open_decompressed
 from lamina.store.image_schema import (
@@ -370,7 +371,7 @@ def _ingest_member(store: Store, archive: _Archive, name: str, expected: str | N
 
 def _load_plain_layer(store: Store, archive: _Archive, name: str, diff_id: str) -> str | None:
     """Store a plain (uncompressed) layer member as blob and unpacked layer at once
-    (:meth:`Store.add_plain_layer`); None, having done nothing, for any other member."""
+    (:func:`lamina.store.load_in_place.add_plain_layer`); None, having done nothing, for any other member."""
     m = archive.member(name)
     fileno = getattr(archive.tar.fileobj, "fileno", None)
     if store.has_layer(diff_id) or m.sparse or fileno is None:
@@ -380,7 +381,7 @@ def _load_plain_layer(store: Store, archive: _Archive, name: str, diff_id: str) 
         return None
     ident = _layer_ident(name, None)
     count = archive.progress.counter(ident, "Loading layer", m.size)
-    digest = store.add_plain_layer(fd, m.offset_data, m.size, diff_id, progress=count)
+    digest = load_in_place.add_plain_layer(store, fd, m.offset_data, m.size, diff_id, progress=count)
     archive.progress.layer(ident, "Loading layer", m.size, m.size)
     return digest
 

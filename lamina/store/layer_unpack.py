@@ -660,7 +660,7 @@ def unpack_plain_in_place(fd: int, offset: int, size: int, dest: Path, diff_id: 
     member) into the new directory ``dest``, reading it in place.
 
     Nothing here hashes the tar: ``diff_id`` is what the caller expects, and the caller must check
-    the tar's digest against it (a blob ingested at the same time, :meth:`Store.add_plain_layer`)
+    the tar's digest against it (a blob ingested at the same time, :mod:`lamina.store.load_in_place`)
     before the directory is used. Resource handling and errors as :func:`unpack_layer`.
     """
     limits = limits or Limits()

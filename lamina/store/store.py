@@ -269,64 +269,15 @@ class Store:
                 result = unpack_layer(self.blobs.path(blob_digest), work / "diff", self.tmp_dir, Limits(),
                                       expected_diff_id=expected_diff_id, progress=progress,
                                       source_digest=blob_digest)
-                self._install_layer(work, result.diff_id, result.tar_size, result.content_size)
+                self.install_layer(work, result.diff_id, result.tar_size, result.content_size)
                 return result.diff_id, result.tar_size
             finally:
                 if work.exists():
                     remove_tree(work)
 
-    def add_plain_layer(self, fd: int, offset: int, size: int, diff_id: str, progress: Any = None) -> str:
-        """Store the plain layer tar at ``offset`` of the open file ``fd`` (a docker-archive's
-        member) as a blob and as an unpacked layer, both made from the same bytes at once; return
-        the blob's digest.
-
-        The blob is copied and hashed on a thread while this one unpacks the bytes in place (both
-        wait for the kernel, or hash, outside the GIL), instead of unpacking the blob once it is
-        copied. The directory is installed only once the blob's digest proves to be ``diff_id``.
-        Error handling: a hostile tar, or a digest other than ``diff_id``, raises
-        :class:`LayerError` and installs no layer (a blob stored under its real digest is left for
-        the caller's clean-up, or prune).
-        """
-        import io
-        import threading
-
-        from lamina.errors import LayerError
-        from lamina.store.blobs import CHUNK
-        from lamina.store.layer_unpack import FileRegion, unpack_plain_in_place
-
-        with self.lock(shared=True):
-            found: list[str | BaseException] = []
-
-            def ingest() -> None:
-                try:
-                    source = io.BufferedReader(FileRegion(fd, offset, offset + size), CHUNK)
-                    found.append(self.blobs.ingest(source, None, progress))
-                except BaseException as e:  # handed to the thread that waits for it
-                    found.append(e)
-
-            thread = threading.Thread(target=ingest, name="lamina-layer-ingest")
-            thread.start()
-            work = temp_name(self.tmp_dir, "layer")
-            try:
-                try:
-                    private.make_private_dir(work)
-                    result = unpack_plain_in_place(fd, offset, size, work / "diff", diff_id)
-                finally:
-                    thread.join()
-                digest = found[0]
-                if isinstance(digest, BaseException):
-                    raise digest
-                if digest != diff_id:
-                    raise LayerError(f"layer content does not match its diff_id: expected {diff_id}, "
-                                     f"got {digest}")
-                self._install_layer(work, diff_id, result.tar_size, result.content_size)
-                return digest
-            finally:
-                if work.exists():
-                    remove_tree(work)
-
-    def _install_layer(self, work: Path, diff_id: str, size: int, content_size: int) -> None:
-        """Publish ``work`` (holding a complete ``diff/``) as ``layers/<diffhex>`` by one rename."""
+    def install_layer(self, work: Path, diff_id: str, size: int, content_size: int) -> None:
+        """Publish ``work`` (a directory in ``tmp`` holding a complete ``diff/``) as
+        ``layers/<diffhex>`` by one rename."""
         info = {"diff_id": diff_id, "size": size, "content_size": content_size, "created": now_rfc3339()}
         (work / "layer.json").write_bytes(canonical_json(info))
         final = self.layers_dir / digest_hex(diff_id)
@@ -366,7 +317,7 @@ class Store:
                 private.make_private_dir(work)
                 try:
                     os.rename(diff_dir, work / "diff")
-                    self._install_layer(work, result.diff_id, result.tar_size, result.content_size)
+                    self.install_layer(work, result.diff_id, result.tar_size, result.content_size)
                 finally:
                     if work.exists():
                         remove_tree(work)
