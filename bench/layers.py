@@ -131,6 +131,11 @@ def run_measured(contestant: Contestant, args: list[str], timeout: float = 1800)
         assert contestant.podman is not None
         argv, kwargs = contestant.podman.argv(args), {"env": contestant.podman.environment(),
                                                       **_user_kwargs(contestant.podman)}
+    return measure_argv(argv, kwargs, timeout)
+
+
+def measure_argv(argv: list[str], kwargs: dict[str, Any], timeout: float = 1800) -> tuple[float, int]:
+    """Run ``argv`` (``kwargs`` for Popen); (seconds, peak RSS in KiB of the tree it waited for)."""
     start = time.perf_counter()
     with tempfile.TemporaryFile() as err:
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, **kwargs)

@@ -88,8 +88,8 @@ class Workspace:
         """Turn a RUN step's upper directory into a layer (None when the step changed nothing).
 
         Files the command made may belong to subordinate ids, which only root of lamina's user
-        namespace can read: the upper is cleaned up, packed into a blob and unpacked into the
-        store's layer there (see :func:`_finish_upper`)."""
+        namespace can read: the upper is cleaned up, packed into a blob and renamed into the
+        store as the layer's directory there (see :func:`_finish_upper`)."""
         from lamina.store import Layer
         from lamina.store.store import OCI_LAYER_TAR
         from runner.sandbox import call_in_userns
@@ -107,38 +107,32 @@ class Workspace:
 def _finish_upper(store: Store, lowers: LayerStack, upper: Path, work: Path,
                   targets: list[str], epoch: int | None) -> tuple[str, str] | None:
     """In lamina's user namespace: flatten redirects, drop scaffolding, pack the upper into a blob
-    and unpack that into the store's layer. Returns (blob digest, diff_id), or None for an empty
+    and make it the store's layer directory. Returns (blob digest, diff_id), or None for an empty
     upper.
 
-    The layer is unpacked here rather than by the caller so that removing the upper, which only
-    this namespace can do, overlaps with it: both are a syscall per file (unlink releases the
-    GIL). Files root of this namespace creates belong to the user, and it is not root of the
-    initial namespace, so the layer is the one the user would have unpacked (owner overrides).
+    The walk that packs the upper also settles it (:mod:`lamina.store.layer_settle`): every entry
+    becomes its user's, with owner overrides where the tar names another owner, exactly as
+    unpacking the tar here would have made it (root of this namespace is not root of the initial
+    one), and the upper is then renamed into the store instead of being unpacked again and
+    removed. What is left (the work directory, an upper whose layer was already stored, or one
+    a failure left half settled) is removed here, where files of subordinate ids can be.
     """
-    from lamina.store.layer_pack import pack_layer
     from unionfs.export import flatten_redirects
 
     # A directory renamed over a lower one carries an overlay redirect, which a layer tar cannot
     # express: give it a full copy of what it showed instead (a no-op when nothing was renamed).
     flatten_redirects(lowers, upper, work)
     prune_empty_dirs(str(upper), targets, LayerView(lowers))
-    remover = threading.Thread(target=_remove_scratch, args=(upper, work), name="lamina-upper-remover")
     try:
         if not any(upper.iterdir()) and not _is_opaque(upper):
             return None
         if epoch is not None:
             clamp_times(str(upper), epoch)
-        with store.lock(shared=True), store.blobs.writer() as writer:
-            result = pack_layer(upper, writer, compress=False)
-        # Packed into the blob: the directories are not needed any more.
-        remover.start()
         # A plain tar, as every local layer (lamina.store.outbound): its digest is its diff_id.
-        store.ensure_layer(result.diff_id, result.diff_id)
-        return result.diff_id, result.diff_id
+        layer = store.commit_layer(upper, adopt=True, settle=True)
+        return layer.digest, layer.diff_id
     finally:
-        if remover.ident is None:  # not started: packing failed or there was nothing to pack
-            remover.start()
-        remover.join()
+        _remove_scratch(upper, work)
 
 
 def _remove_scratch(*paths: Path) -> None:

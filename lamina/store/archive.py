@@ -29,6 +29,7 @@ from typing import IO, Any
 
 from lamina.bounded import ARCHIVE_MANIFEST_LIMIT, JSON_LIMIT, InputTooLarge, read_at_most
 from lamina.errors import FormatError, LaminaError, LayerError, UsageError
+from lamina.store import load_in_place
 from lamina.store.blobs import digest_hex, remove_tree, temp_name
 from lamina.store.compression import NoSpace, decompress_file, detect, open_decompressed
 from lamina.store.image_schema import (
@@ -371,14 +372,35 @@ def _ingest_member(store: Store, archive: _Archive, name: str, expected: str | N
     m = archive.member(name)
     if size is not None and m.size != size:
         raise FormatError(f"{archive.path}: {name} is {m.size} bytes, its descriptor says size {size}")
-    # docker names a layer by the hex in its archive name; so does lamina, where there is one.
-    found = re.search(r"[0-9a-f]{64}", expected or name)
-    ident = found.group() if found else hashlib.sha256(name.encode()).hexdigest()
+    ident = _layer_ident(name, expected)
     count = archive.progress.counter(ident, "Loading layer", m.size)
     with store.lock(shared=True):
         digest = store.blobs.ingest(archive.open(name), expected, progress=count)  # type: ignore[arg-type]
     archive.progress.layer(ident, "Loading layer", m.size, m.size)
     return digest
+
+
+def _load_plain_layer(store: Store, archive: _Archive, name: str, diff_id: str) -> str | None:
+    """Store a plain (uncompressed) layer member as blob and unpacked layer at once
+    (:func:`lamina.store.load_in_place.add_plain_layer`); None, having done nothing, for any other member."""
+    m = archive.member(name)
+    fileno = getattr(archive.tar.fileobj, "fileno", None)
+    if store.has_layer(diff_id) or m.sparse or fileno is None:
+        return None
+    fd = fileno()
+    if detect(os.pread(fd, 6, m.offset_data)) is not None:
+        return None
+    ident = _layer_ident(name, None)
+    count = archive.progress.counter(ident, "Loading layer", m.size)
+    digest = load_in_place.add_plain_layer(store, fd, m.offset_data, m.size, diff_id, progress=count)
+    archive.progress.layer(ident, "Loading layer", m.size, m.size)
+    return digest
+
+
+def _layer_ident(name: str, expected: str | None) -> str:
+    # docker names a layer by the hex in its archive name; so does lamina, where there is one.
+    found = re.search(r"[0-9a-f]{64}", expected or name)
+    return found.group() if found else hashlib.sha256(name.encode()).hexdigest()
 
 
 def _load_docker(store: Store, archive: _Archive) -> list[tuple[Image, list[str]]]:
@@ -394,7 +416,8 @@ def _load_docker(store: Store, archive: _Archive) -> list[tuple[Image, list[str]
         tags = [str(Reference.parse(t)) for t in entry.repo_tags]
         descs = []
         for name, diff_id in zip(entry.layers, diff_ids, strict=True):
-            digest = _ingest_member(store, archive, name, None)
+            digest = _load_plain_layer(store, archive, name, diff_id) or \
+                _ingest_member(store, archive, name, None)
             descs.append({"mediaType": _layer_media_type(store, digest), "digest": digest,
                           "size": store.blobs.size(digest)})
             if descs[-1]["mediaType"] == OCI_LAYER_TAR and digest != diff_id:

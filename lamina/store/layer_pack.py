@@ -40,6 +40,7 @@ from typing import BinaryIO
 from lamina.errors import LayerError
 from lamina.store import fdtree
 from lamina.store.blobs import HashingWriter
+from lamina.store.layer_settle import Entry, Settler
 from lamina.store.outbound import gzip_writer
 from unionfs.core import ondisk
 
@@ -129,6 +130,7 @@ class _Level:
     names: Iterator[str]
     owned: bool  # closed by the walk (the root's descriptor belongs to the caller)
     whiteouts: set[str] = field(default_factory=set)
+    settle: Callable[[], None] | None = None  # a directory is settled after its entries
 
 
 _OCTAL_LIMITS = {8: 8 ** 7, 12: 8 ** 11}
@@ -210,15 +212,19 @@ class _Packer:
     path that an entry could be swapped under, so what is packed comes from inside the tree.
     """
 
-    def __init__(self, tar: _TarStream, idmap: IdMap, progress: Progress | None) -> None:
+    def __init__(self, tar: _TarStream, idmap: IdMap, progress: Progress | None,
+                 settler: Settler | None = None) -> None:
         self.tar = tar
         self.idmap = idmap
         self.progress = progress
+        self.settler = settler  # makes each entry what unpacking it would (lamina.store.layer_settle)
         self.links: dict[tuple[int, int], str] = {}
         self.content_size = 0
+        self._pending_dir: Callable[[], None] | None = None
 
     def _header(self, name: str, kind: bytes, st: os.stat_result | None,
-                handle: XattrHandle | None) -> tarfile.TarInfo:
+                handle: XattrHandle | None, xattrs: list[str] | None = None) -> tarfile.TarInfo:
+        """The entry's header; ``xattrs``: the names ``listxattr`` gave for ``handle``, if read."""
         info = tarfile.TarInfo(name)
         info.type = kind
         info.uname = info.gname = ""
@@ -226,7 +232,11 @@ class _Packer:
             info.mode, info.uid, info.gid, info.mtime = _OPAQUE_ENTRY_MODE, 0, 0, 0
             return info
         assert handle is not None
-        override = None if stat.S_ISLNK(st.st_mode) else ondisk.read_owner_override(handle)
+        if not stat.S_ISLNK(st.st_mode) and xattrs is None:
+            xattrs = _xattr_names(handle)
+        override = None
+        if xattrs is None or ondisk.OWNER_OVERRIDE_XATTR in xattrs:
+            override = None if stat.S_ISLNK(st.st_mode) else ondisk.read_owner_override(handle)
         if override is None:
             # A real on-disk owner is a host id: map it back to the container's. An override
             # already holds container ids.
@@ -236,11 +246,11 @@ class _Packer:
         info.mode = stat.S_IMODE(mode)
         info.mtime = int(st.st_mtime)
         if not stat.S_ISLNK(st.st_mode):
-            xattrs = _public_xattrs(handle)
-            if xattrs:
+            public = _public_xattrs(handle, xattrs)
+            if public:
                 pax: dict[str, str] = {}
                 binary = False
-                for key, value in xattrs:
+                for key, value in public:
                     try:
                         text = value.decode("utf-8")
                     except UnicodeDecodeError:
@@ -272,13 +282,16 @@ class _Packer:
                 name = next(level.names, None)
                 if name is None:
                     stack.pop()
+                    if level.settle is not None:
+                        level.settle()
                     if level.owned:
                         os.close(level.fd)
                     continue
                 child = self._visit(level, name)
                 if child is not None:
                     rel = level.rel + name + "/"
-                    stack.append(_Level(child, rel, iter(()), owned=True))
+                    stack.append(_Level(child, rel, iter(()), owned=True, settle=self._pending_dir))
+                    self._pending_dir = None
                     if len(stack) > MAX_DEPTH:
                         raise LayerError(f"{rel}: directories nested deeper than {MAX_DEPTH} levels")
                     stack[-1].names = iter(fdtree.list_names(child))
@@ -290,6 +303,8 @@ class _Packer:
     def _visit(self, level: _Level, name: str) -> int | None:
         """Emit one entry of ``level``; an open descriptor when it is a directory to descend into."""
         if name == ondisk.OPAQUE_MARKER:
+            if self.settler is not None:
+                self.settler.remove(level.fd, name)
             return None  # exported with its directory, from either opaque format
         try:
             st = fdtree.lstat_in(level.fd, name)
@@ -302,6 +317,8 @@ class _Packer:
             if hidden not in level.whiteouts:  # both on-disk formats for one name give one entry
                 self._whiteout(level.rel, hidden)
                 level.whiteouts.add(hidden)
+            if self.settler is not None and hidden != name:
+                self.settler.whiteout_file(level.fd, name, hidden)
             return None
         return self._entry(level.fd, name, level.rel + name, st)
 
@@ -341,24 +358,36 @@ class _Packer:
                 if device is not None:
                     # A device node kept by an unprivileged user: the tar holds the real node again.
                     kind = tarfile.CHRTYPE if device[0] == stat.S_IFCHR else tarfile.BLKTYPE
-                    info = self._header(rel, kind, st, fd)
+                    xattrs = _xattr_names(fd)
+                    info = self._header(rel, kind, st, fd, xattrs)
                     info.devmajor, info.devminor = os.major(device[1]), os.minor(device[1])
                     self.tar.addfile(info)
+                    if self.settler is not None:
+                        self.settler.placeholder(rel)
+                        self.settler.settle(Entry(fd), st, xattrs or [], _logical(info), placeholder=True)
                 else:
                     self._file(fd, rel, st)
         elif stat.S_ISLNK(mode):
             info = self._header(rel, tarfile.SYMTYPE, st, fdtree.entry_path(dir_fd, name))
             info.linkname = os.readlink(name, dir_fd=dir_fd)
             self.tar.addfile(info)
-        elif stat.S_ISFIFO(mode):
-            self.tar.addfile(self._header(rel, tarfile.FIFOTYPE, st, fdtree.entry_path(dir_fd, name)))
-        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-            info = self._header(rel, tarfile.CHRTYPE if stat.S_ISCHR(mode) else tarfile.BLKTYPE, st,
-                                fdtree.entry_path(dir_fd, name))
-            info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+            if self.settler is not None:
+                self.settler.settle_symlink(dir_fd, name, st)
+        elif stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            kind = tarfile.FIFOTYPE if stat.S_ISFIFO(mode) else \
+                tarfile.CHRTYPE if stat.S_ISCHR(mode) else tarfile.BLKTYPE
+            path = fdtree.entry_path(dir_fd, name)
+            xattrs = _xattr_names(path)
+            info = self._header(rel, kind, st, path, xattrs)
+            if kind != tarfile.FIFOTYPE:
+                info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
             self.tar.addfile(info)
+            if self.settler is not None:
+                self.settler.settle(Entry(dir_fd=dir_fd, name=name), st, xattrs or [], _logical(info))
         else:
             log.debug("skipping socket %s: sockets are not part of images", rel)
+            if self.settler is not None:
+                self.settler.remove(dir_fd, name)
         return None
 
     def _directory(self, fd: int, rel: str) -> None:
@@ -367,9 +396,18 @@ class _Packer:
         if ondisk.read_redirect(fd) is not None:
             raise LayerError(f"{rel}: directory has an overlay redirect, which a layer tar cannot "
                              "express")
-        self.tar.addfile(self._header(rel, tarfile.DIRTYPE, st, fd))
-        if ondisk.is_opaque_dir(fd):
+        xattrs = _xattr_names(fd)
+        info = self._header(rel, tarfile.DIRTYPE, st, fd, xattrs)
+        self.tar.addfile(info)
+        opaque = ondisk.is_opaque_dir(fd)
+        if opaque:
             self.tar.addfile(self._header(rel + "/" + ondisk.OPAQUE_MARKER, tarfile.REGTYPE, None, None))
+        settler = self.settler
+        if settler is not None:
+            if opaque:
+                settler.mark_opaque(fd, xattrs or [])
+            logical = _logical(info)
+            self._pending_dir = lambda: settler.settle(Entry(fd), st, xattrs or [], logical, is_dir=True)
 
     def _file(self, fd: int, rel: str, st: os.stat_result) -> None:
         key = (st.st_dev, st.st_ino)
@@ -380,20 +418,36 @@ class _Packer:
             return
         if st.st_nlink > 1:
             self.links[key] = rel
-        info = self._header(rel, tarfile.REGTYPE, st, fd)
+        xattrs = _xattr_names(fd)
+        info = self._header(rel, tarfile.REGTYPE, st, fd, xattrs)
         info.size = st.st_size
         self.content_size += st.st_size
         self.tar.addfile(info, fdtree.ExactReader(fd, st.st_size))
+        if self.settler is not None:
+            self.settler.settle(Entry(fd), st, xattrs or [], _logical(info), read=st.st_size > 0)
         if self.progress is not None:
             self.progress(st.st_size)
 
 
-def _public_xattrs(handle: XattrHandle) -> list[tuple[str, bytes]]:
+def _logical(info: tarfile.TarInfo) -> tuple[int, int, int]:
+    """The owner and permission bits a header holds."""
+    return info.uid, info.gid, info.mode
+
+
+def _xattr_names(handle: XattrHandle) -> list[str] | None:
+    """The entry's xattr names; None when they cannot be listed."""
     # A descriptor is used as itself; a path's last component is never followed.
-    follow = isinstance(handle, int)
     try:
-        names = os.listxattr(handle, follow_symlinks=follow)
+        return os.listxattr(handle, follow_symlinks=isinstance(handle, int))
     except OSError:
+        return None
+
+
+def _public_xattrs(handle: XattrHandle, names: list[str] | None = None) -> list[tuple[str, bytes]]:
+    follow = isinstance(handle, int)
+    if names is None:
+        names = _xattr_names(handle)
+    if not names:
         return []
     result = []
     for name in sorted(names):
@@ -407,12 +461,17 @@ def _public_xattrs(handle: XattrHandle) -> list[tuple[str, bytes]]:
 
 
 def pack_layer(src_dir: Path, out: BinaryIO | HashingWriter | None, compress: bool = True,
-               idmap: IdMap | None = None, progress: Progress | None = None) -> PackResult:
+               idmap: IdMap | None = None, progress: Progress | None = None,
+               settle: bool = False) -> PackResult:
     """Write the layer directory ``src_dir`` as a tar (gzip-compressed when ``compress``) to ``out``.
 
     Returns the diff_id (sha256 of the plain tar) and, when compressing, the digest and size of the
     compressed stream. ``out`` may be None to compute the diff_id only.
-    Error handling: a redirected directory raises :class:`LayerError`; I/O errors propagate.
+    ``settle``: also make ``src_dir`` what unpacking the tar would give, entry by entry, so that it
+    can become the stored layer's directory (:mod:`lamina.store.layer_settle`); only for a
+    directory nothing else writes any more.
+    Error handling: a redirected directory raises :class:`LayerError`; I/O errors propagate (a
+    directory being settled is then half settled: the caller discards it).
     """
     if not src_dir.is_dir():
         raise LayerError(f"layer directory {src_dir} does not exist")
@@ -429,11 +488,15 @@ def pack_layer(src_dir: Path, out: BinaryIO | HashingWriter | None, compress: bo
     try:
         tar = _TarStream(plain)
         try:
-            packer = _Packer(tar, idmap, progress)
+            settler = Settler() if settle else None
+            packer = _Packer(tar, idmap, progress, settler)
             with fdtree.opened(fdtree.open_root(src_dir)) as root_fd:
-                if ondisk.is_opaque_dir(root_fd):
+                opaque = ondisk.is_opaque_dir(root_fd)
+                if opaque:
                     tar.addfile(packer._header(ondisk.OPAQUE_MARKER, tarfile.REGTYPE, None, None))
                 packer.pack_tree(root_fd)
+                if settler is not None:
+                    settler.finish_root(root_fd, opaque)
         finally:
             tar.close()
     finally:

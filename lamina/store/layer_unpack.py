@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import logging
 import os
 import shutil
@@ -38,7 +39,7 @@ import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from lamina.errors import LayerError
 from lamina.store.blobs import CHUNK, HashingWriter, remove_tree, temp_name
@@ -647,33 +648,95 @@ def unpack_layer(source: BinaryIO | Path, dest: Path, tmp_dir: Path, limits: Lim
         if expected_diff_id is not None and diff_id != expected_diff_id:
             raise LayerError(f"layer content does not match its diff_id: expected {expected_diff_id}, "
                              f"got {diff_id}")
+        with open(plain, "rb") as data:
+            entries, content_size = _unpack_plain(data.fileno(), 0, size, dest, limits)
+    return UnpackResult(diff_id=diff_id, tar_size=size, compression=kind, entries=entries,
+                        content_size=content_size)
+
+
+def unpack_plain_in_place(fd: int, offset: int, size: int, dest: Path, diff_id: str,
+                          limits: Limits | None = None) -> UnpackResult:
+    """Unpack the plain layer tar stored at ``offset`` in the open file ``fd`` (a docker-archive's
+    member) into the new directory ``dest``, reading it in place.
+
+    Nothing here hashes the tar: ``diff_id`` is what the caller expects, and the caller must check
+    the tar's digest against it (a blob ingested at the same time, :mod:`lamina.store.load_in_place`)
+    before the directory is used. Resource handling and errors as :func:`unpack_layer`.
+    """
+    limits = limits or Limits()
+    if size > limits.max_total_bytes:
+        raise LayerError(f"layer is larger than the limit of {limits.max_total_bytes} bytes")
+    entries, content_size = _unpack_plain(fd, offset, offset + size, dest, limits)
+    return UnpackResult(diff_id=diff_id, tar_size=size, compression=None, entries=entries,
+                        content_size=content_size)
+
+
+class FileRegion(io.RawIOBase):
+    """Bytes ``[start, end)`` of an open file, read with ``pread`` (so threads may share the
+    descriptor) and addressed by their offsets in the whole file: tarfile takes the position it
+    starts at as the archive's start, so its members' ``offset_data`` stay offsets in the file."""
+
+    def __init__(self, fd: int, start: int, end: int) -> None:
+        super().__init__()
+        self.fd, self.start, self.end, self.position = fd, start, end, start
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        wanted = min(len(buffer), self.end - self.position)
+        if wanted <= 0:
+            return 0
+        data = os.pread(self.fd, wanted, self.position)
+        buffer[:len(data)] = data
+        self.position += len(data)
+        return len(data)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self.position, os.SEEK_END: self.end}[whence]
+        if not self.start <= base + offset <= self.end:
+            # What a member whose size runs past the end makes tarfile do.
+            raise OSError(errno.EINVAL, "seek outside the layer's bytes")
+        self.position = base + offset
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+
+def _unpack_plain(data_fd: int, start: int, end: int, dest: Path, limits: Limits) -> tuple[int, int]:
+    """Validate and extract the plain tar at ``[start, end)`` of ``data_fd``; (entries, content bytes)."""
+    region = io.BufferedReader(FileRegion(data_fd, start, end))
+    region.seek(start)
+    try:
+        tar = tarfile.open(fileobj=region, mode="r:", errorlevel=2)
+    except tarfile.TarError as e:
+        raise LayerError(f"not a tar archive: {e}") from None
+    with tar:
         try:
-            tar = tarfile.open(plain, "r:", errorlevel=2)
-        except tarfile.TarError as e:
-            raise LayerError(f"not a tar archive: {e}") from None
-        with tar, open(plain, "rb") as data:
+            members = tar.getmembers()
+        except (tarfile.TarError, UnicodeError) as e:
+            raise LayerError(f"malformed tar: {e}") from None
+        except OSError as e:
+            # tarfile seeks to the next header: a size beyond the end makes that seek fail.
+            raise LayerError(f"malformed tar: a member's size runs past the end of the archive ({e})") from None
+        plan = validate(members, end, limits)
+        os.mkdir(dest, 0o700)
+        try:
+            root_fd = os.open(dest, _DIR_FLAGS)
+            extractor = _Extractor(root_fd, str(dest), tar, data_fd)
             try:
-                members = tar.getmembers()
-            except (tarfile.TarError, UnicodeError) as e:
-                raise LayerError(f"malformed tar: {e}") from None
-            except OSError as e:
-                # tarfile seeks to the next header: a size beyond the end makes that seek fail.
-                raise LayerError(f"malformed tar: a member's size runs past the end of the archive ({e})") from None
-            plan = validate(members, size, limits)
-            os.mkdir(dest, 0o700)
-            try:
-                root_fd = os.open(dest, _DIR_FLAGS)
-                extractor = _Extractor(root_fd, str(dest), tar, data.fileno())
-                try:
-                    extractor.run(plan)
-                finally:
-                    extractor.close()
-                    os.close(root_fd)
-                os.chmod(dest, 0o755)
-            except BaseException as e:
-                remove_tree(dest)
-                if isinstance(e, (tarfile.TarError, OSError)) and not isinstance(e, LayerError):
-                    raise LayerError(f"cannot unpack layer: {e}") from None
-                raise
-    return UnpackResult(diff_id=diff_id, tar_size=size, compression=kind, entries=len(members),
-                        content_size=plan.content_size)
+                extractor.run(plan)
+            finally:
+                extractor.close()
+                os.close(root_fd)
+            os.chmod(dest, 0o755)
+        except BaseException as e:
+            remove_tree(dest)
+            if isinstance(e, (tarfile.TarError, OSError)) and not isinstance(e, LayerError):
+                raise LayerError(f"cannot unpack layer: {e}") from None
+            raise
+    return len(members), plan.content_size

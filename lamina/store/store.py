@@ -269,14 +269,15 @@ class Store:
                 result = unpack_layer(self.blobs.path(blob_digest), work / "diff", self.tmp_dir, Limits(),
                                       expected_diff_id=expected_diff_id, progress=progress,
                                       source_digest=blob_digest)
-                self._install_layer(work, result.diff_id, result.tar_size, result.content_size)
+                self.install_layer(work, result.diff_id, result.tar_size, result.content_size)
                 return result.diff_id, result.tar_size
             finally:
                 if work.exists():
                     remove_tree(work)
 
-    def _install_layer(self, work: Path, diff_id: str, size: int, content_size: int) -> None:
-        """Publish ``work`` (holding a complete ``diff/``) as ``layers/<diffhex>`` by one rename."""
+    def install_layer(self, work: Path, diff_id: str, size: int, content_size: int) -> None:
+        """Publish ``work`` (a directory in ``tmp`` holding a complete ``diff/``) as
+        ``layers/<diffhex>`` by one rename."""
         info = {"diff_id": diff_id, "size": size, "content_size": content_size, "created": now_rfc3339()}
         (work / "layer.json").write_bytes(canonical_json(info))
         final = self.layers_dir / digest_hex(diff_id)
@@ -289,7 +290,8 @@ class Store:
             if not final.exists():  # anything but losing a race to another writer
                 raise StoreError(f"cannot move layer into place: {e.strerror}") from None
 
-    def commit_layer(self, diff_dir: Path, progress: Any = None, adopt: bool = False) -> Layer:
+    def commit_layer(self, diff_dir: Path, progress: Any = None, adopt: bool = False,
+                     settle: bool = False) -> Layer:
         """Turn an upper directory (unionfs on-disk format) into a stored layer.
 
         The directory is written as a deterministic, uncompressed OCI layer tar (whiteouts as
@@ -300,18 +302,22 @@ class Store:
         ``adopt``: the caller then promises that ``diff_dir`` was made by
         :func:`store.layer_unpack.unpack_layer` in this store's ``tmp`` (so it already is what
         unpacking the tar would give) and hands it over; it is moved into place, not unpacked again.
+        ``settle`` (implies ``adopt``): ``diff_dir`` is a finished RUN step's upper, which the walk
+        that packs it also makes what unpacking the tar would give (:mod:`store.layer_settle`),
+        and which is then moved into place. Left where it was when the layer was already stored
+        (settled, so its user may remove it) or when packing failed (half settled: discard it).
         """
         from lamina.store.layer_pack import pack_layer
 
         with self.lock(shared=True):
             with self.blobs.writer() as w:
-                result = pack_layer(Path(diff_dir), w, compress=False, progress=progress)
-            if adopt and not self.has_layer(result.diff_id):
+                result = pack_layer(Path(diff_dir), w, compress=False, progress=progress, settle=settle)
+            if (adopt or settle) and not self.has_layer(result.diff_id):
                 work = temp_name(self.tmp_dir, "layer")
                 private.make_private_dir(work)
                 try:
                     os.rename(diff_dir, work / "diff")
-                    self._install_layer(work, result.diff_id, result.tar_size, result.content_size)
+                    self.install_layer(work, result.diff_id, result.tar_size, result.content_size)
                 finally:
                     if work.exists():
                         remove_tree(work)
