@@ -117,6 +117,9 @@ def _run_in_sandbox(step: RunStep, ctx: StepContext, tmp: Path, upper: Path, wor
     # sandbox is gone: see builder.interruption.
     with services.interruption.deferred():
         capture = open(tmp / "output", "w+b") if services.quiet else None
+        # As docker's builders: a step reads nothing, and the input piped to `build` stays for
+        # whatever comes after it in the caller's pipeline.
+        no_input = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         try:
             spec = SandboxSpec(
                 argv=list(step.argv),
@@ -128,6 +131,7 @@ def _run_in_sandbox(step: RunStep, ctx: StepContext, tmp: Path, upper: Path, wor
                 network="none" if step.network == "none" else "host",
                 ulimits=[(ULIMITS[name], soft, hard) for name, soft, hard in step.ulimits],
                 mounts=mounts,
+                stdin=no_input,
                 stdout=capture.fileno() if capture else None,
                 stderr=capture.fileno() if capture else None,
                 state_dir=_sandbox_dir(tmp),  # in the store: a killed build's is swept
@@ -142,6 +146,7 @@ def _run_in_sandbox(step: RunStep, ctx: StepContext, tmp: Path, upper: Path, wor
                 raise BuildError(f"{inst.file}:{inst.line}: The command '{step.command_text()}' returned a "
                                  f"non-zero code: {code}")
         finally:
+            os.close(no_input)
             if capture is not None:
                 capture.close()
         # Mount points the sandbox created for --mount targets are scaffolding, not content.

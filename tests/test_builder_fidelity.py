@@ -413,3 +413,21 @@ def platform_arch() -> str:
     import platform
 
     return {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
+
+
+def test_build_leaves_piped_input_to_the_caller(builders: Builders, ctx: Path) -> None:
+    """A RUN step reads nothing (as podman's, since its #8092, and docker's builders), and what was
+    piped to ``build`` is still there for the next command of the caller's pipeline."""
+    dockerfile = "FROM {base}\nRUN cat > /seen; wc -c < /seen > /report\n"
+    (ctx / "Dockerfile").write_text(dockerfile.replace("{base}", "bb"))
+    script = (f"{sys.executable} -m lamina --root {builders.root} build -q -t stdin-probe {ctx} >/dev/null"
+              " && sed 's/^/after:/'")
+    shell = subprocess.run(["sh", "-c", script], input="piped\n", capture_output=True, text=True,
+                           timeout=300, cwd=REPO_ROOT)
+    assert shell.returncode == 0, shell.stderr
+    assert shell.stdout == "after:piped\n"
+    ours = builders.lamina("run", "--rm", "--network", "none", "stdin-probe", "cat", "/report").stdout
+    (ctx / "Dockerfile").write_text(dockerfile.replace("{base}", "localhost/bb"))
+    builders.podman.run(["build", "--layers", "-t", "stdin-probe", str(ctx)], input=b"piped\n")
+    theirs = builders.podman_cmd("run", "--rm", "--network=none", "stdin-probe", "cat", "/report").stdout
+    assert ours == theirs == "0\n"
