@@ -61,6 +61,7 @@ _SERVER_SCRIPT = textwrap.dedent("""
             "listing-cache-installed": bool(listing_cache._installed),
             "fallocate": lowlevel_ops.active(),
             "bare-entries": ops.cache.make_bare is not None,
+            "read-lock": type(pyfuse3.trio).__name__ == "_TrioForPyfuse3",
         })
         real_main = pyfuse3.main
 
@@ -95,7 +96,8 @@ _SERVER_SCRIPT = textwrap.dedent("""
 # What shows each trick on, and (when it differs from "not on") what shows it off.
 OBSERVED_ON = {"import-bundle": "import-bundle", "deferred-modules": "deferred-modules",
                "import-stand-ins": "import-stand-ins", "listing-cache": "listing-cache",
-               "fallocate": "fallocate", "bare-entries": "bare-entries", "session-loop": "session-loop"}
+               "fallocate": "fallocate", "bare-entries": "bare-entries", "session-loop": "session-loop",
+               "read-lock": "read-lock"}
 OBSERVED_OFF = {"deferred-modules": "deferred-modules-off", "import-stand-ins": "import-stand-ins-off",
                 "listing-cache": "listing-cache-off", "session-loop": "session-loop-off"}
 ELSEWHERE = {"one-verb-parser"}  # observed in test_one_verb_parser_follows_the_switch

@@ -145,7 +145,7 @@ def serve(opts: ServerOptions, ready: Callable[[], None] | None = None, *, detac
     import pyfuse3
     import trio
 
-    from unionfs import listing_cache, lowlevel_ops
+    from unionfs import listing_cache, lowlevel_ops, read_lock
     from unionfs.core import UnionFS
     from unionfs.fuse_ops import UnionOperations
 
@@ -161,6 +161,7 @@ def serve(opts: ServerOptions, ready: Callable[[], None] | None = None, *, detac
     ops = UnionOperations(core, enable_acl=opts.enable_acl)
     listing_cache.enable(ops.is_directory_handle)
     lowlevel_ops.install(ops.fallocate)
+    read_lock.install(pyfuse3)
     if opts.enable_acl:
         ops.enable_acl = True
     pyfuse3.init(ops, opts.mountpoint, opts.fuse_options())
