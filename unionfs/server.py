@@ -74,6 +74,7 @@ def _tune_garbage_collector() -> None:
 
     gc.freeze()  # no collection first: that would be ~10 ms more before the mount answers
     gc.set_threshold(20_000, 20, 20)
+    gc.enable()  # the command line turns it off for the start-up (unionfs.cli)
 
 
 def _lock_memory() -> None:
