@@ -42,7 +42,8 @@ class UncheckedLock:
 
 
 class _TrioForPyfuse3(types.ModuleType):
-    """trio as pyfuse3 sees it: trio's own attributes, but ``Lock`` is :class:`UncheckedLock`."""
+    """trio as pyfuse3 sees it: trio's own attributes (copied, so that the request loop's lookups
+    stay dictionary hits; others are asked of trio), but ``Lock`` is :class:`UncheckedLock`."""
 
     Lock = UncheckedLock
 
@@ -56,5 +57,8 @@ def install(pyfuse3_module: types.ModuleType) -> bool:
     on a pyfuse3 that does not name trio as a module global)."""
     if not startup.patches_enabled() or getattr(pyfuse3_module, "trio", None) is not trio:
         return False
-    pyfuse3_module.trio = _TrioForPyfuse3("trio")  # type: ignore[attr-defined]
+    view = _TrioForPyfuse3("trio")
+    view.__dict__.update({k: v for k, v in vars(trio).items() if not k.startswith("__")})
+    view.__dict__["Lock"] = UncheckedLock  # (the copy above brought trio's own)
+    pyfuse3_module.trio = view  # type: ignore[attr-defined]
     return True
