@@ -79,7 +79,7 @@ TRICKS: tuple[Trick, ...] = (
           "the node id inside pyfuse3 EntryAttributes objects (READDIRPLUS without attributes)",
           "a listed entry with attributes needs a stat the caller may never want",
           "a stat per listed entry: slower first listings; with the others off, a warm find 65 -> 103 ms"),
-    Trick("session-loop", "unionfs/server.py, serve()",
+    Trick("session-loop", "unionfs/server.py, _serve_with_spare_loops()",
           "pyfuse3's private _session_loop, started from lamina's nursery",
           "one request loop, and one more only for each handler that waits (a copy-up)",
           "pyfuse3.main()'s own pool of loops, started whenever all are busy (not measured apart)"),
