@@ -230,6 +230,29 @@ def rename_lower_directory(mnt: Path, manifest: Manifest) -> Measured:
     return out
 
 
+REQUESTS_N = 20_000
+
+
+def request_floor(mnt: Path, manifest: Manifest) -> Measured:
+    """getxattr of a name no file has, again and again on one file: every call is one request the
+    kernel cannot answer from its caches, and the answer costs the server one system call. What
+    a union spends per request beyond that is the floor under every request-bound row."""
+    out = Measured()
+    path = str(mnt / "big" / "A.bin")
+    os.lstat(path)  # the lookups are not what this measures
+    absent = 0
+    start = now()
+    for _ in range(REQUESTS_N):
+        try:
+            os.getxattr(path, "user.lamina-bench-absent", follow_symlinks=False)
+        except OSError as e:
+            absent += e.errno == errno.ENODATA
+    out.seconds["requests"] = now() - start
+    if absent != REQUESTS_N:
+        out.problems.append(f"requests: {REQUESTS_N - absent} of {REQUESTS_N} getxattr calls did not say ENODATA")
+    return out
+
+
 def read_tarball(manifest: Manifest) -> None:
     """Put the tarball in the page cache: untar measures writing through the union, not reading it."""
     with open(manifest.tarball, "rb", buffering=0) as f:
@@ -261,6 +284,7 @@ WORKLOADS = [
     Workload("delete", unlink_lower_files),
     Workload("rename", rename_lower_directory),
     Workload("untar", untar, prepare=read_tarball),
+    Workload("requests", request_floor),
 ]
 
 
@@ -288,4 +312,5 @@ def row_labels(manifest: Manifest) -> list[tuple[str, str, str]]:
         ("delete", "delete", f"unlink {len(manifest.delete)} lower files"),
         ("rename_dir", "rename", f"rename a lower directory of {manifest.mvdir_files} files"),
         ("untar", "untar", f"tar -x {manifest.tar_files} small files"),
+        ("requests", "requests", f"{REQUESTS_N} getxattr requests of an absent name (request floor)"),
     ]

@@ -61,6 +61,8 @@ _SERVER_SCRIPT = textwrap.dedent("""
             "listing-cache-installed": bool(listing_cache._installed),
             "fallocate": lowlevel_ops.active(),
             "bare-entries": ops.cache.make_bare is not None,
+            "read-lock": type(pyfuse3.trio).__name__ == "_TrioForPyfuse3",
+            "gc-off-during-start-up": not gc.isenabled(),
         })
         real_main = pyfuse3.main
 
@@ -74,6 +76,7 @@ _SERVER_SCRIPT = textwrap.dedent("""
                 report["session-loop"] = ops.spawn_session_loop is not None and kwargs == {
                     "min_tasks": 1, "max_tasks": 1}
                 report["session-loop-off"] = ops.spawn_session_loop is None and not args and not kwargs
+                report["gc-on-while-serving"] = gc.isenabled() and gc.get_threshold()[0] == 20_000
                 pyfuse3.terminate()
 
             async with trio.open_nursery() as nursery:
@@ -95,7 +98,8 @@ _SERVER_SCRIPT = textwrap.dedent("""
 # What shows each trick on, and (when it differs from "not on") what shows it off.
 OBSERVED_ON = {"import-bundle": "import-bundle", "deferred-modules": "deferred-modules",
                "import-stand-ins": "import-stand-ins", "listing-cache": "listing-cache",
-               "fallocate": "fallocate", "bare-entries": "bare-entries", "session-loop": "session-loop"}
+               "fallocate": "fallocate", "bare-entries": "bare-entries", "session-loop": "session-loop",
+               "read-lock": "read-lock"}
 OBSERVED_OFF = {"deferred-modules": "deferred-modules-off", "import-stand-ins": "import-stand-ins-off",
                 "listing-cache": "listing-cache-off", "session-loop": "session-loop-off"}
 ELSEWHERE = {"one-verb-parser"}  # observed in test_one_verb_parser_follows_the_switch
@@ -144,6 +148,14 @@ def test_each_trick_is_on_by_default_and_off_with_the_switch(
         assert off[OBSERVED_OFF[name]] is True, f"{name} is still in place with {startup.NO_PATCHES_ENV}=1: {off}"
     else:
         assert off[OBSERVED_ON[name]] is False, f"{name} is still in place with {startup.NO_PATCHES_ENV}=1: {off}"
+
+
+@pytest.mark.parametrize("tricks", [True, False])
+def test_garbage_collection_is_off_during_start_up_and_on_while_serving(
+        tricks: bool, reports: dict[bool, dict[str, Any]]) -> None:
+    """Not a trick (lamina's own process, either way): start-up makes objects that live for good."""
+    report = reports[tricks]
+    assert report["gc-off-during-start-up"] is True and report["gc-on-while-serving"] is True, report
 
 
 def test_a_server_whose_listing_cache_precondition_fails_serves_without_it(

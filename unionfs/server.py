@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from types import ModuleType
 from typing import IO, TYPE_CHECKING
 
 from unionfs.options import ServerOptions
@@ -73,6 +74,7 @@ def _tune_garbage_collector() -> None:
 
     gc.freeze()  # no collection first: that would be ~10 ms more before the mount answers
     gc.set_threshold(20_000, 20, 20)
+    gc.enable()  # the command line turns it off for the start-up (unionfs.cli)
 
 
 def _lock_memory() -> None:
@@ -108,6 +110,27 @@ def _open_detached(opts: ServerOptions) -> dict[str, int]:
     return detached_layers.open_directories(paths)
 
 
+async def _serve_with_spare_loops(pyfuse3: ModuleType, ops: UnionOperations) -> None:
+    """pyfuse3.main with one request loop, and more only for handlers that wait (copy-ups).
+
+    Trick "session-loop" of the inventory in unionfs.startup, off with the switch. pyfuse3 has no
+    public call for this: a spare is its own worker loop (min_tasks=max_tasks=1: it neither spawns
+    loops nor leaves while fewer than two others wait, so loops stay bounded by the handlers that
+    ever waited). A loop leaves when two others wait for requests, and pyfuse3.main's own loop is
+    no exception: main then returns while spares still serve. So main and every spare run in one
+    nursery, and serving ends when all of them have, which is when the session does (an unmount
+    or pyfuse3.terminate ends every loop; the last two never leave by the idle rule).
+    """
+    import trio
+
+    async with trio.open_nursery() as serving:
+        def spawn_session_loop() -> None:
+            serving.start_soon(pyfuse3._session_loop, serving, 1, 1)
+
+        ops.spawn_session_loop = spawn_session_loop
+        await pyfuse3.main(min_tasks=1, max_tasks=1)
+
+
 def serve(opts: ServerOptions, ready: Callable[[], None] | None = None, *, detach_layers: bool = False) -> None:
     """Mount and serve until unmounted (fusermount3 -u) or SIGTERM/SIGINT; then unmount and return.
 
@@ -123,7 +146,7 @@ def serve(opts: ServerOptions, ready: Callable[[], None] | None = None, *, detac
     import pyfuse3
     import trio
 
-    from unionfs import listing_cache, lowlevel_ops
+    from unionfs import listing_cache, lowlevel_ops, read_lock
     from unionfs.core import UnionFS
     from unionfs.fuse_ops import UnionOperations
 
@@ -139,6 +162,7 @@ def serve(opts: ServerOptions, ready: Callable[[], None] | None = None, *, detac
     ops = UnionOperations(core, enable_acl=opts.enable_acl)
     listing_cache.enable(ops.is_directory_handle)
     lowlevel_ops.install(ops.fallocate)
+    read_lock.install(pyfuse3)
     if opts.enable_acl:
         ops.enable_acl = True
     pyfuse3.init(ops, opts.mountpoint, opts.fuse_options())
@@ -160,17 +184,8 @@ def serve(opts: ServerOptions, ready: Callable[[], None] | None = None, *, detac
                 nursery.start_soon(watch_signals)
                 lowlevel_ops.start(nursery.start_soon)
 
-                def spawn_session_loop() -> None:
-                    # Trick "session-loop" of the inventory in unionfs.startup, off with the switch.
-                    # pyfuse3 has no public call for this: its own worker loop, run in our nursery.
-                    # min_tasks=max_tasks=1: it neither spawns loops nor leaves while fewer than
-                    # two others wait, so loops stay bounded by the handlers that ever waited.
-                    nursery.start_soon(pyfuse3._session_loop, nursery, 1, 1)  # type: ignore[attr-defined]
-
                 if patches_enabled():
-                    ops.spawn_session_loop = spawn_session_loop
-                    # One loop: handlers that await (copy-ups) start more (see unionfs.fuse_ops).
-                    await pyfuse3.main(min_tasks=1, max_tasks=1)
+                    await _serve_with_spare_loops(pyfuse3, ops)
                 else:  # pyfuse3 as it comes: its own loops, started when all are busy
                     await pyfuse3.main()
                 nursery.cancel_scope.cancel()
