@@ -179,25 +179,28 @@ def test_podman_gives_the_same_terminal(podman: object, lamina: Lamina, tmp_path
 def test_terminal_detach_and_attach_unprivileged(unpriv) -> None:  # type: ignore[no-untyped-def]
     as_user = {"env": unpriv.env(), "cwd": unpriv.workdir, "user": unpriv.uid, "group": unpriv.gid,
                "extra_groups": []}
-    with on_pty(["lamina", "run", "-it", "--name", "ut", "--network", "none", IMAGE, "sh"], **as_user) as (proc, m):
-        assert probe(m) == ["/dev/pts/0", "T=xterm", "c"]
-        os.write(m, b"\x10\x11")
-        assert proc.wait(timeout=30) == 0
-    assert "Up " in unpriv.lamina("ps").stdout
-    with on_pty(["lamina", "exec", "-it", "ut", "sh"], **as_user) as (proc, m):  # exec detaches too
-        read_until(m, b"# ")
-        os.write(m, b"echo $$ > /tmp/x.pid; echo ready-$((40+2))\r")
-        read_until(m, b"ready-42")
-        os.write(m, b"\x10\x11")
-        assert proc.wait(timeout=30) == 1
-    assert unpriv.lamina("exec", "ut", "sh", "-c", "kill -0 $(cat /tmp/x.pid)").returncode == 0
-    with on_pty(["lamina", "attach", "ut"], **as_user) as (proc, m):
-        time.sleep(0.5)
-        os.write(m, b"exit 2\r")
-        assert proc.wait(timeout=30) == 2
-    with on_pty(["lamina", "start", "-ai", "ut"], **as_user) as (proc, m):
-        os.write(m, b"\r")
-        assert probe(m)[0] == "/dev/pts/0"
-        os.write(m, b"exit 0\r")
-        assert proc.wait(timeout=30) == 0
-    assert unpriv.lamina("rm", "ut").returncode == 0
+    try:
+        with on_pty(["lamina", "run", "-it", "--name", "ut", "--network", "none", IMAGE, "sh"], **as_user) as (proc, m):
+            assert probe(m) == ["/dev/pts/0", "T=xterm", "c"]
+            os.write(m, b"\x10\x11")
+            assert proc.wait(timeout=30) == 0
+        assert "Up " in unpriv.lamina("ps").stdout
+        with on_pty(["lamina", "exec", "-it", "ut", "sh"], **as_user) as (proc, m):  # exec detaches too
+            read_until(m, b"# ")
+            os.write(m, b"echo $$ > /tmp/x.pid; echo ready-$((40+2))\r")
+            read_until(m, b"ready-42")
+            os.write(m, b"\x10\x11")
+            assert proc.wait(timeout=30) == 1
+        assert unpriv.lamina("exec", "ut", "sh", "-c", "kill -0 $(cat /tmp/x.pid)").returncode == 0
+        with on_pty(["lamina", "attach", "ut"], **as_user) as (proc, m):
+            time.sleep(0.5)
+            os.write(m, b"exit 2\r")
+            assert proc.wait(timeout=30) == 2
+        with on_pty(["lamina", "start", "-ai", "ut"], **as_user) as (proc, m):
+            os.write(m, b"\r")
+            assert probe(m)[0] == "/dev/pts/0"
+            os.write(m, b"exit 0\r")
+            assert proc.wait(timeout=30) == 0
+        assert unpriv.lamina("rm", "ut").returncode == 0
+    finally:  # a failure above must not leave the detached container running
+        unpriv.lamina("rm", "-f", "ut")
