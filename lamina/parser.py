@@ -85,6 +85,10 @@ class LaminaArgumentParser(argparse.ArgumentParser):
     def _parse_optional(self, arg_string: str) -> Any:
         found = super()._parse_optional(arg_string)
         if found is None:
+            if arg_string.startswith("--") and "=" in arg_string and " " in arg_string:
+                # argparse takes an unknown `--flag=a value` (with a space) for a positional: for
+                # `run` that made it the image's name. docker says the flag is unknown.
+                return None, arg_string, None
             return None
         action, option_string, text = found
         if text is not None and arg_string.partition("=")[2] == text and \

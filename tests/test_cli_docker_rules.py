@@ -228,3 +228,14 @@ def test_ipc_modes_as_docker(lamina: Lamina) -> None:
     r = lamina("run", "--rm", "--ipc=bogus", IMAGE, "true")
     assert r.returncode == 125 and "--ipc bogus: invalid IPC mode" in r.stderr
     assert lamina("run", "--rm", "--ipc=container:nosuch", IMAGE, "true").returncode == 125
+
+
+def test_an_unknown_flag_with_a_spaced_value_is_named(lamina: Lamina) -> None:
+    """docker (pflag) reports any unknown ``--flag=VALUE`` as an unknown flag; argparse alone takes
+    one whose value holds a space for a positional, and ``run`` then looked for an image of that
+    name. A known flag's spaced value, and the container command's own flags, are untouched."""
+    r = lamina("run", "--rm", "--device-cgroup-rule=c 1:3 r", IMAGE, "true")
+    assert r.returncode == 125 and "unrecognized arguments: --device-cgroup-rule=c 1:3 r" in r.stderr
+    assert "image" not in r.stderr
+    r = lamina("run", "--rm", "--network", "none", "--health-cmd=echo a b", IMAGE, "echo", "--x=a b")
+    assert (r.returncode, r.stdout) == (0, "--x=a b\n")
