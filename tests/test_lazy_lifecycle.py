@@ -300,6 +300,12 @@ def test_prune_keeps_everything_when_a_live_record_cannot_be_read(tmp_path: Path
     (layout.mounts / "lazy-x" / "spec.json").write_text("{not json")
     # A live process that looks like a layer server (its command line names the module).
     server = subprocess.Popen(["sh", "-c", "sleep 60", "lamina.lazy.serve"])
+    # Popen may return while the kernel is still building the new program's argv (vfork resumes
+    # the parent first): until then /proc/PID/cmdline is empty.
+    deadline = time.monotonic() + 10
+    while b"lamina.lazy.serve" not in Path(f"/proc/{server.pid}/cmdline").read_bytes():
+        assert time.monotonic() < deadline, "the stand-in server never showed its command line"
+        time.sleep(0.01)
     try:
         (layout.mounts / "lazy-x" / "server.pid").write_text(str(server.pid))
         assert state.prune(layout) == (0, 0)

@@ -16,7 +16,8 @@ __all__ = ["lamina", "module_root"]  # fixtures shared with other modules
 
 Lamina = Callable[..., "subprocess.CompletedProcess[str]"]
 IMAGE = "lamina/busybox"
-TICKER = "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done"
+# The count is replaced by a rename: `echo > FILE` truncates first, and a reader in between saw ''.
+TICKER = "i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.05; done"
 
 
 def process_states(pids: list[int]) -> set[str]:
