@@ -258,7 +258,7 @@ def serve(spec: dict, mountpoint: Path, holder: int) -> None:
 
     from lamina.lazy import fill
     from lamina.lazy.remote import RemoteLayer
-    from lamina.lazy.serve import open_layers, open_tocs
+    from lamina.lazy.serve import open_layers, open_tocs, prefetch_all
     from lamina.lazy.tree import LazyTree
 
     layout = Layout(Path(spec["root"]))
@@ -271,9 +271,7 @@ def serve(spec: dict, mountpoint: Path, holder: int) -> None:
             layer.keep = _keeper(partials[layer.descriptor.digest], layout.blobs / layer.descriptor.digest[7:])
 
     def background() -> None:
-        for layer, toc in zip(layers, tocs, strict=True):
-            if isinstance(layer, RemoteLayer):
-                layer.prefetch(toc, stop)
+        prefetch_all(layers, tocs, stop)
         if spec.get("fill") and not stop.is_set():
             fill.fill_image(layout, spec["image"], stop)
 

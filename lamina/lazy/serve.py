@@ -71,17 +71,20 @@ def open_tocs(layers: Sequence[RemoteLayer | WholeLayer]) -> list[Toc]:
     return [future.result() for future in futures]
 
 
+def prefetch_all(layers: Sequence[RemoteLayer | WholeLayer], tocs: Sequence[Toc], stop: threading.Event) -> None:
+    """Fetch the prioritized files of every eStargz layer, layer by layer (``stop`` ends it between
+    chunks)."""
+    for layer, toc in zip(layers, tocs, strict=True):
+        if isinstance(layer, RemoteLayer):
+            layer.prefetch(toc, stop)
+
+
 def start_prefetch(layers: list[RemoteLayer | WholeLayer], tocs: list[Toc], stop: threading.Event) -> None:
-    """Fetch the prioritized files of every eStargz layer in the background, once the mount is up.
+    """:func:`prefetch_all` in the background, once the mount is up.
 
-    A daemon thread: the server does not wait for it at exit (``stop`` ends it between chunks).
+    A daemon thread: the server does not wait for it at exit.
     """
-    def run() -> None:
-        for layer, toc in zip(layers, tocs, strict=True):
-            if isinstance(layer, RemoteLayer):
-                layer.prefetch(toc, stop)
-
-    threading.Thread(target=run, name="prefetch", daemon=True).start()
+    threading.Thread(target=prefetch_all, args=(layers, tocs, stop), name="prefetch", daemon=True).start()
 
 
 def serve(spec: dict, mountpoint: Path) -> None:
